@@ -1,0 +1,43 @@
+"""callbot: write Microsoft Teams / Microsoft Graph calling bots in Python.
+
+The public face is small: ``CallBot`` to register handlers and serve,
+``Call`` (the handle a handler receives), ``Operation`` (an awaitable Graph
+operation), ``events`` (the typed events), ``models`` (Graph resources),
+``Settings`` and the errors.
+"""
+
+from __future__ import annotations
+
+from . import events, models
+from ._bot import CallBot
+from ._config import Settings
+from ._errors import (
+    AuthenticationError,
+    CallbotError,
+    ConfigurationError,
+    GraphError,
+    KeysUnavailable,
+    MalformedNotification,
+    OperationFailed,
+    StoreUnavailable,
+)
+from .graph import Call, Operation
+
+__all__ = [
+    "AuthenticationError",
+    "Call",
+    "CallBot",
+    "CallbotError",
+    "ConfigurationError",
+    "GraphError",
+    "KeysUnavailable",
+    "MalformedNotification",
+    "Operation",
+    "OperationFailed",
+    "Settings",
+    "StoreUnavailable",
+    "events",
+    "models",
+]
+
+__version__ = "0.1.0"

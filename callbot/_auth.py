@@ -1,0 +1,442 @@
+"""Verification of the bearer tokens Graph signs its callbacks with.
+
+A callback carries ``Authorization: Bearer <JWT>``. The token is signed with one
+of the keys listed by the calling platform's OpenID configuration (its
+``jwks_uri``); :class:`Authenticator` keeps those keys fresh in the background,
+refetches them at once when a token names a key it does not know (key
+rotation), and checks algorithm, signature, issuer, audience, lifetime and
+tenant. Every refusal raises :class:`~callbot.AuthenticationError` with a
+stable ``reason`` word.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+import aiohttp
+import jwt
+import structlog
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey, RSAPublicKey
+from jwt.algorithms import RSAAlgorithm
+
+from ._errors import AuthenticationError, KeysUnavailable
+
+__all__ = [
+    "ALLOWED_ALGORITHMS",
+    "DEFAULT_ISSUERS",
+    "Authenticator",
+    "VerifiedToken",
+]
+
+log = structlog.get_logger("callbot.auth")
+
+ALLOWED_ALGORITHMS: frozenset[str] = frozenset({"RS256", "RS384", "RS512"})
+"""The only signature algorithms accepted on a callback token."""
+
+DEFAULT_ISSUERS: tuple[str, ...] = ("https://api.botframework.com", "https://graph.microsoft.com")
+"""Issuers always accepted, besides the OpenID configuration's own ``issuer``."""
+
+# Far larger than any real callback token; refuses absurd headers before parsing them.
+_MAX_TOKEN_LENGTH = 16 * 1024
+_CACHE_SIZE = 10_000
+_MIN_KEY_BITS = 2048
+_MAX_BACKOFF = 300.0
+
+
+@dataclass(frozen=True)
+class VerifiedToken:
+    """What a verified callback token said."""
+
+    tenant_id: str
+    """The ``tid`` claim: the tenant the call belongs to."""
+    issuer: str
+    """The ``iss`` claim."""
+    audience: str
+    """The ``aud`` claim; always the bot's app id."""
+    expires_at: float
+    """The ``exp`` claim, in seconds since the epoch."""
+    claims: Mapping[str, Any]
+    """Every claim of the token (read-only)."""
+
+
+@dataclass(frozen=True)
+class _CacheEntry:
+    token: VerifiedToken
+    kid: str
+
+
+def _check_token(
+    token: str,
+    key: RSAPublicKey,
+    *,
+    algorithm: str,
+    audience: str,
+    issuers: frozenset[str],
+    leeway: float,
+) -> dict[str, Any]:
+    """Check signature and standard claims of one token; the one costly step."""
+    return jwt.decode(
+        token,
+        key,
+        algorithms=[algorithm],
+        audience=audience,
+        issuer=issuers,
+        leeway=leeway,
+        options={"require": ["exp"], "strict_aud": True},
+    )
+
+
+def _reason_for(exc: jwt.PyJWTError) -> tuple[str, str]:
+    """Map a PyJWT refusal to a stable reason word and a short explanation."""
+    if isinstance(exc, jwt.InvalidSignatureError):
+        return "bad_signature", "signature verification failed"
+    if isinstance(exc, jwt.ExpiredSignatureError):
+        return "expired", "token has expired"
+    if isinstance(exc, jwt.ImmatureSignatureError):
+        return "not_yet_valid", str(exc)
+    if isinstance(exc, jwt.InvalidAudienceError):
+        return "bad_audience", "audience is not this bot's app id"
+    if isinstance(exc, jwt.InvalidIssuerError):
+        return "bad_issuer", "issuer is not accepted"
+    if isinstance(exc, jwt.MissingRequiredClaimError):
+        by_claim = {"exp": "missing_exp", "aud": "bad_audience", "iss": "bad_issuer"}
+        return by_claim.get(exc.claim, "malformed"), str(exc)
+    if isinstance(exc, jwt.InvalidAlgorithmError):
+        return "bad_algorithm", str(exc)
+    return "malformed", str(exc)
+
+
+def _parse_jwks(document: Any) -> dict[str, RSAPublicKey]:
+    """The usable RSA signing keys of a JWKS document, by kid."""
+    if not isinstance(document, Mapping) or not isinstance(document.get("keys"), list):
+        raise ValueError("JWKS document has no 'keys' list")
+    keys: dict[str, RSAPublicKey] = {}
+    for entry in document["keys"]:
+        if not isinstance(entry, Mapping):
+            log.warning("jwks_key_skipped", why="not an object")
+            continue
+        kid = entry.get("kid")
+        if not isinstance(kid, str) or not kid:
+            log.warning("jwks_key_skipped", why="no kid")
+            continue
+        if entry.get("kty") != "RSA":
+            log.warning("jwks_key_skipped", kid=kid, why=f"kty {entry.get('kty')!r} is not RSA")
+            continue
+        if entry.get("use") not in (None, "sig"):
+            log.warning("jwks_key_skipped", kid=kid, why=f"use {entry.get('use')!r}")
+            continue
+        alg = entry.get("alg")
+        if alg is not None and alg not in ALLOWED_ALGORITHMS:
+            log.warning("jwks_key_skipped", kid=kid, why=f"alg {alg!r} is not allowed")
+            continue
+        try:
+            parsed = RSAAlgorithm.from_jwk(dict(entry))
+        except (jwt.PyJWTError, ValueError, TypeError, KeyError) as exc:
+            log.warning("jwks_key_skipped", kid=kid, why=f"unparsable: {exc}")
+            continue
+        # A published private key still verifies through its public half.
+        public = parsed.public_key() if isinstance(parsed, RSAPrivateKey) else parsed
+        if public.key_size < _MIN_KEY_BITS:
+            log.warning("jwks_key_skipped", kid=kid, why=f"{public.key_size}-bit key is too short")
+            continue
+        if kid in keys:
+            log.warning("jwks_duplicate_kid", kid=kid)
+        keys[kid] = public
+    return keys
+
+
+class Authenticator:
+    """Verifies the bearer tokens on inbound callbacks.
+
+    Call :meth:`start` once (it loads the signing keys and keeps them fresh),
+    :meth:`verify` per request, and :meth:`close` on shutdown.
+
+    ``app_id`` is the required audience; ``openid_config_url`` points at the
+    calling platform's OpenID configuration; a non-empty ``allowed_tenants``
+    limits which ``tid`` values are accepted (compared case-insensitively);
+    ``leeway`` is the tolerated clock skew in seconds. Keys are refreshed every
+    ``refresh_interval`` seconds, and refetched at once for an unknown ``kid``
+    at most once per ``refetch_cooldown`` seconds. ``extra_issuers`` are
+    accepted besides :data:`DEFAULT_ISSUERS` and the configuration's own
+    ``issuer``. ``fetch_timeout`` bounds each HTTP request, including the first
+    key load in :meth:`start`.
+    """
+
+    key_fetches: int
+    """How many times the keys were (re)fetched, successfully or not."""
+
+    def __init__(
+        self,
+        *,
+        app_id: str,
+        openid_config_url: str,
+        allowed_tenants: frozenset[str] = frozenset(),
+        leeway: float = 60.0,
+        refresh_interval: float = 3600.0,
+        refetch_cooldown: float = 5.0,
+        extra_issuers: Iterable[str] = (),
+        fetch_timeout: float = 10.0,
+    ) -> None:
+        if not app_id:
+            raise ValueError("app_id is required")
+        if refresh_interval <= 0:
+            raise ValueError("refresh_interval must be positive")
+        self._app_id = app_id
+        self._openid_config_url = openid_config_url
+        self._allowed_tenants = frozenset(t.lower() for t in allowed_tenants)
+        self._leeway = leeway
+        self._refresh_interval = refresh_interval
+        self._refetch_cooldown = refetch_cooldown
+        self._fetch_timeout = fetch_timeout
+        self._static_issuers = frozenset(DEFAULT_ISSUERS) | frozenset(extra_issuers)
+        self._issuers = self._static_issuers
+        self._keys: dict[str, RSAPublicKey] = {}
+        self._loaded = asyncio.Event()
+        self._cache: dict[str, _CacheEntry] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._inflight: asyncio.Task[bool] | None = None
+        self._last_refetch = float("-inf")
+        self._last_ok = False
+        self.key_fetches = 0
+
+    # -- lifecycle -------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the keys once (bounded by ``fetch_timeout``) and start refreshing them.
+
+        Does not raise when the keys cannot be loaded: the background task keeps
+        retrying, and :meth:`verify` raises :class:`~callbot.KeysUnavailable`
+        meanwhile.
+        """
+        if self._session is not None:
+            return
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self._fetch_timeout)
+        )
+        await self._refresh()
+        self._task = asyncio.create_task(self._refresh_loop(), name="callbot-auth-keys")
+
+    async def close(self) -> None:
+        """Stop refreshing keys and release the HTTP session."""
+        for task in (self._task, self._inflight):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._task = None
+        self._inflight = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def ready(self) -> bool:
+        """True once signing keys have been loaded at least once."""
+        return self._loaded.is_set()
+
+    async def wait_ready(self, timeout: float) -> bool:  # noqa: ASYNC109 - a plain bound is simpler for callers
+        """Wait up to ``timeout`` seconds for the keys; return :attr:`ready`."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._loaded.wait(), timeout)
+        return self.ready
+
+    # -- verification ----------------------------------------------------
+
+    async def verify(self, authorization: str | None) -> VerifiedToken:
+        """Verify an ``Authorization`` header value and return what the token says.
+
+        Raises :class:`~callbot.AuthenticationError` (see its ``reason``) when the
+        token is refused, or :class:`~callbot.KeysUnavailable` when no signing
+        key could be loaded yet.
+        """
+        token = self._bearer_token(authorization)
+
+        cached = self._cache.get(token)
+        if cached is not None:
+            # Same rule as an uncached check: valid until exp plus leeway.
+            if time.time() < cached.token.expires_at + self._leeway:
+                return cached.token
+            del self._cache[token]
+            raise AuthenticationError("expired", "token has expired")
+
+        algorithm, kid = self._read_header(token)
+
+        if not self.ready:
+            await self._refetch_on_demand()
+            if not self.ready:
+                raise KeysUnavailable()
+        key = self._keys.get(kid)
+        if key is None:
+            await self._refetch_on_demand()
+            key = self._keys.get(kid)
+            if key is None:
+                raise AuthenticationError("unknown_key", f"no signing key with kid {kid!r}")
+
+        # One RSA verification takes microseconds, so it runs inline on the loop.
+        try:
+            claims = _check_token(
+                token,
+                key,
+                algorithm=algorithm,
+                audience=self._app_id,
+                issuers=self._issuers,
+                leeway=self._leeway,
+            )
+        except jwt.PyJWTError as exc:
+            reason, detail = _reason_for(exc)
+            raise AuthenticationError(reason, detail) from None
+
+        tenant = claims.get("tid")
+        if not isinstance(tenant, str) or not tenant:
+            raise AuthenticationError("missing_tenant", "token has no tid claim")
+        if self._allowed_tenants and tenant.lower() not in self._allowed_tenants:
+            raise AuthenticationError("tenant_not_allowed", f"tenant {tenant} is not allowed")
+
+        verified = VerifiedToken(
+            tenant_id=tenant,
+            issuer=str(claims["iss"]),
+            audience=str(claims["aud"]),
+            expires_at=float(claims["exp"]),
+            claims=MappingProxyType(claims),
+        )
+        self._remember(token, _CacheEntry(verified, kid))
+        return verified
+
+    @staticmethod
+    def _bearer_token(authorization: str | None) -> str:
+        if authorization is None or not authorization.strip():
+            raise AuthenticationError("missing", "no Authorization header")
+        parts = authorization.split()
+        if len(parts) != 2 or parts[0].lower() != "bearer":
+            raise AuthenticationError("bad_scheme", "expected 'Bearer <token>'")
+        return parts[1]
+
+    @staticmethod
+    def _read_header(token: str) -> tuple[str, str]:
+        """The allowed algorithm and the kid of a token, from its unverified header."""
+        if len(token) > _MAX_TOKEN_LENGTH:
+            raise AuthenticationError("malformed", "token is too long")
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError as exc:
+            raise AuthenticationError("malformed", f"not a JWT: {exc}") from None
+        algorithm = header.get("alg")
+        if not isinstance(algorithm, str) or algorithm not in ALLOWED_ALGORITHMS:
+            raise AuthenticationError("bad_algorithm", f"algorithm {algorithm!r} is not allowed")
+        kid = header.get("kid")
+        if not isinstance(kid, str) or not kid:
+            raise AuthenticationError("unknown_key", "token header has no kid")
+        return algorithm, kid
+
+    def _remember(self, token: str, entry: _CacheEntry) -> None:
+        if len(self._cache) >= _CACHE_SIZE:
+            now = time.time()
+            for stale in [
+                t for t, e in self._cache.items() if e.token.expires_at + self._leeway <= now
+            ]:
+                del self._cache[stale]
+            while len(self._cache) >= _CACHE_SIZE:
+                # dicts keep insertion order, so the first entry is the oldest.
+                del self._cache[next(iter(self._cache))]
+        self._cache[token] = entry
+
+    # -- keys ------------------------------------------------------------
+
+    async def _refetch_on_demand(self) -> None:
+        """Refetch keys for an unknown kid: shared by concurrent callers, then cooled down."""
+        if self._inflight is not None:
+            await asyncio.shield(self._inflight)
+            return
+        if time.monotonic() - self._last_refetch < self._refetch_cooldown:
+            return
+        try:
+            await self._refresh()
+        finally:
+            self._last_refetch = time.monotonic()
+
+    async def _refresh(self) -> bool:
+        """Fetch configuration and keys, joining a fetch already under way."""
+        if self._inflight is None:
+            self._inflight = asyncio.create_task(self._fetch_guarded(), name="callbot-auth-fetch")
+        # Shielded so that a cancelled request does not cancel the fetch others wait on.
+        return await asyncio.shield(self._inflight)
+
+    async def _fetch_guarded(self) -> bool:
+        self.key_fetches += 1
+        try:
+            await self._fetch()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning(
+                "jwks_fetch_failed",
+                url=self._openid_config_url,
+                error=f"{type(exc).__name__}: {exc}",
+                keys_cached=len(self._keys),
+            )
+            self._last_ok = False
+            return False
+        else:
+            self._last_ok = True
+            return True
+        finally:
+            self._inflight = None
+
+    async def _fetch(self) -> None:
+        session = self._session
+        if session is None:
+            raise RuntimeError("Authenticator.start() was not called")
+        config = await self._get_json(session, self._openid_config_url)
+        if not isinstance(config, Mapping):
+            raise ValueError("OpenID configuration is not an object")
+        jwks_uri = config.get("jwks_uri")
+        if not isinstance(jwks_uri, str) or not jwks_uri:
+            raise ValueError("OpenID configuration has no jwks_uri")
+        keys = _parse_jwks(await self._get_json(session, jwks_uri))
+        if not keys:
+            raise ValueError("JWKS document has no usable RSA signing key")
+
+        issuer = config.get("issuer")
+        issuers = self._static_issuers
+        if isinstance(issuer, str) and issuer:
+            issuers = issuers | {issuer}
+        removed = self._keys.keys() - keys.keys()
+        self._keys = keys
+        self._issuers = issuers
+        if removed:
+            # A withdrawn key no longer vouches for the tokens it signed.
+            self._cache = {t: e for t, e in self._cache.items() if e.kid not in removed}
+        if not self._loaded.is_set():
+            log.info("jwks_loaded", keys=len(keys), kids=sorted(keys))
+        self._loaded.set()
+
+    @staticmethod
+    async def _get_json(session: aiohttp.ClientSession, url: str) -> Any:
+        async with session.get(url, headers={"Accept": "application/json"}) as response:
+            response.raise_for_status()
+            body = await response.read()
+        return json.loads(body)
+
+    async def _refresh_loop(self) -> None:
+        retry_base = min(1.0, self._refresh_interval)
+        failures = 0
+        while True:
+            if self._last_ok:
+                failures = 0
+                delay = self._refresh_interval
+            else:
+                # Retry sooner while the endpoint is down; cached keys keep working.
+                cap = min(self._refresh_interval, _MAX_BACKOFF)
+                delay = min(retry_base * 2**failures, cap) * random.uniform(0.8, 1.0)
+                failures = min(failures + 1, 30)
+            await asyncio.sleep(delay)
+            await self._refresh()

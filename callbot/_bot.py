@@ -1,0 +1,294 @@
+"""CallBot: configuration, handler registration, lifecycle, the aiohttp app."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+from . import events
+from ._auth import Authenticator
+from ._config import Settings
+from ._dispatch import Dispatcher, ErrorHandler, HandlerRegistry
+from ._log import get_logger
+from ._metrics import Metrics
+from ._receiver import Receiver
+from ._sequencing import Sequencer
+from .graph import Call, CallServices
+
+__all__ = ["CallBot"]
+
+log = get_logger("callbot")
+
+E = TypeVar("E", bound=events.Event)
+H = TypeVar("H", bound=Callable[..., Awaitable[None]])
+BOT_KEY = web.AppKey("callbot", "CallBot")
+
+_KNOWN_STATES = frozenset(
+    {"incoming", "establishing", "established", "hold", "transferring", "transferAccepted",
+     "redirecting", "terminating", "terminated"}
+)
+
+
+class CallBot:
+    """A calling bot: register handlers with decorators, then serve it.
+
+    >>> bot = CallBot.from_env()
+    >>> @bot.on_incoming_call
+    ... async def answer(call: Call, event: events.IncomingCall) -> None:
+    ...     await call.answer()
+
+    Serve it with ``callbot run module:bot`` or mount ``bot.create_app()``.
+    """
+
+    def __init__(
+        self, settings: Settings | None = None, *, credential: Any = None, **options: Any
+    ) -> None:
+        """Configure from a ``Settings`` object or keyword arguments (see ``Settings``)."""
+        if settings is not None and options:
+            raise TypeError("pass either settings or keyword options, not both")
+        self.settings = settings if settings is not None else Settings(**options)
+        s = self.settings
+        self.metrics = Metrics()
+        self._registry = HandlerRegistry()
+        self.services = CallServices(s, credential=credential)
+        self.authenticator = Authenticator(
+            app_id=s.app_id,
+            openid_config_url=s.openid_config_url,
+            allowed_tenants=s.allowed_tenants,
+            leeway=s.token_leeway,
+            refresh_interval=s.key_refresh_interval,
+            refetch_cooldown=s.key_refetch_cooldown,
+        )
+        self._dispatcher = Dispatcher(
+            self._registry, self.services, max_concurrent=s.max_concurrent_handlers,
+            observe=self.metrics.observe_handler,
+        )
+        self._sequencer = Sequencer(
+            self._dispatcher.submit,
+            reorder_window=s.reorder_window,
+            termination_grace=s.termination_grace,
+            on_ended=self.services.on_ended,
+            on_operation=self.services.on_operation,
+        )
+        self.receiver = Receiver(
+            authenticator=self.authenticator,
+            ingest=self._ingest,
+            max_body_bytes=s.max_body_bytes,
+            max_json_depth=s.max_json_depth,
+            observe_ack=self.metrics.ack_seconds.observe,
+        )
+        sources = self.metrics.sources
+        sources.notifications.append(lambda: self.receiver.counts)
+        sources.dropped = lambda: self._sequencer.counts
+        sources.handled = lambda: self._dispatcher.counts
+        sources.gauges["callbot_active_calls"] = (
+            "Calls that have not ended", lambda: float(len(self._sequencer.active_records()))
+        )
+        sources.gauges["callbot_pending_operations"] = (
+            "Operations awaiting their outcome", lambda: float(self.services.pending_operations)
+        )
+        sources.gauges["callbot_queued_deliveries"] = (
+            "Events queued or running in handlers", lambda: float(self._dispatcher.queued)
+        )
+        self._started = False
+        self._stopped = False
+
+    @classmethod
+    def from_env(cls, *, credential: Any = None, **overrides: Any) -> CallBot:
+        """Configure from ``CALLBOT_*`` environment variables; keyword arguments win."""
+        return cls(Settings.from_env(**overrides), credential=credential)
+
+    # -- registration -------------------------------------------------------------
+
+    def on(
+        self, event_type: type[E], *, matches: Callable[[E], bool] | None = None
+    ) -> Callable[[H], H]:
+        """Run the decorated handler for every event of ``event_type`` (or a subclass).
+
+        ``@bot.on(events.Event)`` sees everything. ``matches`` narrows further.
+        """
+
+        def register(handler: H) -> H:
+            self._registry.add(event_type, handler, matches)  # type: ignore[arg-type]
+            return handler
+
+        return register
+
+    def on_incoming_call(self, handler: H) -> H:
+        """Run for each incoming call (answer, reject or redirect it within 15 s)."""
+        self._registry.add(events.IncomingCall, handler)
+        return handler
+
+    def on_state(self, *states: str) -> Callable[[H], H]:
+        """Run when a call reaches one of ``states`` (``"established"``, ...)."""
+        if not states:
+            raise TypeError("on_state needs at least one state, e.g. on_state('established')")
+        unknown = [s for s in states if s not in _KNOWN_STATES]
+        if unknown:
+            raise ValueError(f"unknown call state(s) {unknown}; known: {sorted(_KNOWN_STATES)}")
+        wanted = frozenset(states)
+
+        def register(handler: H) -> H:
+            self._registry.add(
+                events.CallStateChanged, handler,
+                lambda e: isinstance(e, events.CallStateChanged) and e.state in wanted,
+            )
+            return handler
+
+        return register
+
+    def on_tone(self, handler: H) -> H:
+        """Run for each DTMF tone the caller presses (after ``call.subscribe_to_tone()``)."""
+        self._registry.add(events.ToneReceived, handler)
+        return handler
+
+    def on_participants(self, handler: H) -> H:
+        """Run when the roster changes; the event lists who joined, left or changed."""
+        self._registry.add(events.ParticipantsUpdated, handler)
+        return handler
+
+    def on_operation(self, handler: H) -> H:
+        """Run when Graph reports an operation's progress or outcome."""
+        self._registry.add(events.OperationUpdated, handler)
+        return handler
+
+    def on_terminated(self, handler: H) -> H:
+        """Run once when a call has ended; ``event.result_info`` says why."""
+        self._registry.add(events.CallTerminated, handler)
+        return handler
+
+    def on_error(self, handler: ErrorHandler) -> ErrorHandler:
+        """Run with ``(call, event, exc)`` when a handler raises."""
+        self._registry.add_error_handler(handler)
+        return handler
+
+    # -- acting -------------------------------------------------------------------
+
+    async def create_call(self, *args: Any, **kwargs: Any) -> Call:
+        """Place an outgoing call or join a group call (see ``CallServices.create_call``)."""
+        return await self.services.create_call(*args, **kwargs)
+
+    async def join_meeting(self, *args: Any, **kwargs: Any) -> Call:
+        """Join a Teams meeting (see ``CallServices.join_meeting``)."""
+        return await self.services.join_meeting(*args, **kwargs)
+
+    async def log_device_quality(self, *args: Any, **kwargs: Any) -> None:
+        """Report teleconference device quality (see ``CallServices.log_device_quality``)."""
+        await self.services.log_device_quality(*args, **kwargs)
+
+    def active_calls(self) -> list[Call]:
+        """Handles of the calls that have not ended."""
+        return [self.services.call(r.call_id) for r in self._sequencer.active_records()]
+
+    # -- serving ------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """Keys are loaded and the bot is not draining."""
+        return self.authenticator.ready and not self.receiver.draining
+
+    def create_app(self) -> web.Application:
+        """The aiohttp application: the callback route, ``/healthz``, ``/readyz``, ``/metrics``.
+
+        Mount it in an existing app with ``app.add_subapp(prefix, bot.create_app())``.
+        """
+        app = web.Application(client_max_size=self.settings.max_body_bytes)
+        app[BOT_KEY] = self
+        app.router.add_post(self.settings.callback_path, self.receiver.handle)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._metrics)
+        app.cleanup_ctx.append(self._lifespan)
+        return app
+
+    async def _lifespan(self, app: web.Application) -> AsyncIterator[None]:
+        await self.start()
+        yield
+        await self.stop()
+
+    async def start(self) -> None:
+        """Load signing keys and the outbound token before the first callback."""
+        if self._started:
+            return
+        self._started = True
+        await self.authenticator.start()
+        await self.services.start()
+        log.info("bot_started", callback_path=self.settings.callback_path,
+                 keys_loaded=self.authenticator.ready)
+
+    async def drain(self) -> None:
+        """Refuse new callbacks (readyz fails), then let running handlers finish."""
+        if self.receiver.draining:
+            return
+        self.receiver.draining = True
+        log.info("draining", timeout=self.settings.shutdown_timeout)
+        self._sequencer.release_all()
+        abandoned = await self._dispatcher.join(self.settings.shutdown_timeout)
+        for delivery in abandoned:
+            log.error("notification_abandoned", call_id=delivery.event.call_id,
+                      event=type(delivery.event).__name__,
+                      reason="handlers did not finish before the shutdown deadline")
+
+    async def stop(self) -> None:
+        """Drain, then close every connection and timer."""
+        if self._stopped:
+            return
+        self._stopped = True
+        await self.drain()
+        self._sequencer.close()
+        await self.services.close()
+        await self.authenticator.close()
+        log.info("bot_stopped")
+
+    def run(self, host: str | None = None, port: int | None = None) -> None:
+        """Serve until SIGINT or SIGTERM (blocking)."""
+        asyncio.run(self.serve(host, port))
+
+    async def serve(
+        self, host: str | None = None, port: int | None = None,
+        *, stop: asyncio.Event | None = None,
+    ) -> None:
+        """Serve until ``stop`` is set, or SIGINT/SIGTERM; then drain and close."""
+        host = host or self.settings.host
+        port = self.settings.port if port is None else port
+        stop = stop or asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        runner = web.AppRunner(self.create_app(), handle_signals=False, access_log=None)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, host, port)
+            await site.start()
+            log.info("listening", host=host, port=port, callback_path=self.settings.callback_path)
+            await stop.wait()
+            log.info("shutdown_requested")
+            # Drain while still listening, so probes see readyz fail before the exit.
+            await self.drain()
+        finally:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(signum)
+            await runner.cleanup()
+
+    async def _ingest(self, batch: Sequence[events.Event]) -> None:
+        for event in batch:
+            self._sequencer.accept(event)
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        checks = {"keys_loaded": self.authenticator.ready, "draining": self.receiver.draining}
+        ready = self.ready
+        return web.json_response({"ready": ready, **checks}, status=200 if ready else 503)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(),
+                            content_type="text/plain", charset="utf-8",
+                            headers={"X-Content-Type-Options": "nosniff"})
+
+

@@ -1,0 +1,158 @@
+"""Settings, from keyword arguments or ``CALLBOT_*`` environment variables."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from ._errors import ConfigurationError
+
+__all__ = ["Settings"]
+
+DEFAULT_GRAPH_URL = "https://graph.microsoft.com/v1.0"
+DEFAULT_AUTHORITY_URL = "https://login.microsoftonline.com"
+DEFAULT_OPENID_CONFIG_URL = "https://api.aps.skype.com/v1/.well-known/OpenIdConfiguration"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Everything a bot can be configured with.
+
+    Each field ``name`` can also be given as the environment variable
+    ``CALLBOT_NAME`` (``CallBot.from_env()``). Durations are in seconds.
+    """
+
+    app_id: str
+    """The bot's application (client) id; inbound tokens must have it as audience."""
+    tenant_id: str | None = None
+    """Tenant the bot's outbound app-only token is requested for."""
+    app_secret: str | None = field(default=None, repr=False)
+    """Client secret for outbound tokens (or use ``certificate_path``)."""
+    certificate_path: str | None = None
+    """PEM file with the private key and certificate for a certificate credential."""
+    public_url: str | None = None
+    """Public https base URL Graph reaches the bot at; callbackUri = this + callback_path."""
+    allow_insecure_public_url: bool = False
+    """Accept an http public URL (for a local simulator only)."""
+    host: str = "127.0.0.1"
+    port: int = 8080
+    callback_path: str = "/api/calls"
+    graph_url: str = DEFAULT_GRAPH_URL
+    authority_url: str = DEFAULT_AUTHORITY_URL
+    openid_config_url: str = DEFAULT_OPENID_CONFIG_URL
+    allowed_tenants: frozenset[str] = frozenset()
+    """When not empty, only tokens whose ``tid`` is listed are accepted."""
+    token_leeway: float = 60.0
+    """Clock skew tolerated on ``exp``/``nbf``/``iat``."""
+    key_refresh_interval: float = 3600.0
+    key_refetch_cooldown: float = 5.0
+    """After a refetch for an unknown ``kid``, no other refetch for this long."""
+    reorder_window: float = 1.0
+    """How long a state that skipped its predecessor is held waiting for it."""
+    max_concurrent_handlers: int = 256
+    """How many calls' handlers may run at once."""
+    termination_grace: float = 30.0
+    """How long a terminated call's state is kept to drop stragglers."""
+    max_body_bytes: int = 1024 * 1024
+    max_json_depth: int = 64
+    answer_warning_after: float = 10.0
+    """Warn when an incoming call is not answered, rejected or redirected by then."""
+    keep_alive: bool = True
+    keep_alive_interval: float = 15 * 60.0
+    shutdown_timeout: float = 25.0
+    """On shutdown, how long running handlers may take to finish."""
+    store: str = "memory"
+    """``memory``, or a ``redis://`` URL."""
+    trusted_proxies: tuple[str, ...] = ()
+    """Networks whose Forwarded/X-Forwarded-* headers are believed (for logging)."""
+    log_format: str = "auto"
+    """``json``, ``console`` or ``auto`` (console on a terminal, JSON otherwise)."""
+    log_level: str = "info"
+    record_path: str | None = None
+    """When set, accepted notifications are appended to this JSON-lines file."""
+
+    def __post_init__(self) -> None:
+        if not self.app_id:
+            raise ConfigurationError("app_id is required (CALLBOT_APP_ID)")
+        if not self.callback_path.startswith("/"):
+            raise ConfigurationError("callback_path must start with '/' (CALLBOT_CALLBACK_PATH)")
+        if self.public_url is not None:
+            parts = urlsplit(self.public_url)
+            if parts.scheme not in ("https", "http") or not parts.netloc:
+                raise ConfigurationError(
+                    f"public_url must be an absolute URL, got {self.public_url!r} (CALLBOT_PUBLIC_URL)"
+                )
+            if parts.scheme != "https" and not self.allow_insecure_public_url:
+                raise ConfigurationError(
+                    "public_url must use https: Graph only calls back over TLS "
+                    "(set CALLBOT_ALLOW_INSECURE_PUBLIC_URL=1 for a local simulator)"
+                )
+        for name in ("reorder_window", "termination_grace", "token_leeway"):
+            if getattr(self, name) < 0:
+                raise ConfigurationError(f"{name} must not be negative")
+        if self.max_concurrent_handlers < 1:
+            raise ConfigurationError("max_concurrent_handlers must be at least 1")
+
+    @property
+    def callback_url(self) -> str:
+        """The callbackUri given to Graph."""
+        if self.public_url is None:
+            raise ConfigurationError(
+                "public_url is required to answer or place calls (CALLBOT_PUBLIC_URL)"
+            )
+        return self.public_url.rstrip("/") + self.callback_path
+
+    @property
+    def token_url(self) -> str:
+        """The OAuth 2.0 token endpoint for the bot's tenant."""
+        if not self.tenant_id:
+            raise ConfigurationError("tenant_id is required to call Graph (CALLBOT_TENANT_ID)")
+        return f"{self.authority_url.rstrip('/')}/{self.tenant_id}/oauth2/v2.0/token"
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, **overrides: Any
+    ) -> Settings:
+        """Read ``CALLBOT_*`` variables; keyword arguments win over the environment."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get("CALLBOT_" + f.name.upper())
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _convert(f.name, str(f.type), raw)
+        values.update(overrides)
+        if not values.get("app_id"):
+            raise ConfigurationError("CALLBOT_APP_ID is required: the bot's application id")
+        return cls(**values)
+
+
+def _convert(name: str, type_name: str, raw: str) -> Any:
+    env_name = "CALLBOT_" + name.upper()
+    try:
+        if type_name == "bool":
+            lowered = raw.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if type_name == "int":
+            return int(raw)
+        if type_name == "float":
+            return float(raw)
+        if type_name.startswith("frozenset"):
+            return frozenset(item.strip() for item in raw.split(",") if item.strip())
+        if type_name.startswith("tuple"):
+            return tuple(item.strip() for item in raw.split(",") if item.strip())
+    except ValueError:
+        raise ConfigurationError(f"{env_name}: cannot read {raw!r} as {type_name}") from None
+    return raw

@@ -1,0 +1,217 @@
+"""Handler registry and per-call workers.
+
+Each call with work to do has one worker task that runs its deliveries one
+after another, so one call's handlers never overlap; workers of different
+calls run concurrently, at most ``max_concurrent`` handler runs at a time. A
+worker exists only while its call has queued work, so idle calls cost no task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+import traceback
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import structlog
+
+from . import events
+from ._log import get_logger
+from ._sequencing import Delivery
+
+if TYPE_CHECKING:
+    from .graph import Call
+
+__all__ = ["Dispatcher", "ErrorHandler", "Handler", "HandlerRegistry", "CallHooks"]
+
+log = get_logger("callbot.dispatch")
+
+Handler = Callable[["Call", Any], Awaitable[None]]
+"""``async def handler(call, event) -> None``."""
+ErrorHandler = Callable[["Call", events.Event, BaseException], Awaitable[None]]
+"""``async def on_error(call, event, exc) -> None``."""
+
+
+class CallHooks(Protocol):
+    """What the dispatcher needs from the Graph side: handles and lifecycle hooks."""
+
+    def call(self, call_id: str) -> Call: ...
+    def on_incoming(self, call: Call) -> None: ...
+    def on_established(self, call: Call) -> None: ...
+    def release(self, call_key: str) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Registration:
+    event_type: type[events.Event]
+    handler: Handler
+    matches: Callable[[events.Event], bool] | None
+    name: str
+
+
+class HandlerRegistry:
+    """Handlers by event type, kept in registration order."""
+
+    def __init__(self) -> None:
+        self._registrations: list[_Registration] = []
+        self._error_handlers: list[ErrorHandler] = []
+        self._cache: dict[type[events.Event], list[_Registration]] = {}
+
+    def add(
+        self,
+        event_type: type[events.Event],
+        handler: Handler,
+        matches: Callable[[events.Event], bool] | None = None,
+    ) -> None:
+        """Register ``handler`` for ``event_type`` and its subclasses."""
+        _require_coroutine(handler)
+        if not (isinstance(event_type, type) and issubclass(event_type, events.Event)):
+            raise TypeError(f"{event_type!r} is not an event class from callbot.events")
+        name = getattr(handler, "__qualname__", repr(handler))
+        self._registrations.append(_Registration(event_type, handler, matches, name))
+        self._cache.clear()
+
+    def add_error_handler(self, handler: ErrorHandler) -> None:
+        """Register a handler for exceptions raised by other handlers."""
+        _require_coroutine(handler)
+        self._error_handlers.append(handler)
+
+    def matching(self, event: events.Event) -> list[_Registration]:
+        """The registrations that apply to ``event``, in registration order."""
+        by_type = self._cache.get(type(event))
+        if by_type is None:
+            by_type = [r for r in self._registrations if isinstance(event, r.event_type)]
+            self._cache[type(event)] = by_type
+        return [r for r in by_type if r.matches is None or r.matches(event)]
+
+    @property
+    def error_handlers(self) -> list[ErrorHandler]:
+        """Registered error handlers, in registration order."""
+        return list(self._error_handlers)
+
+
+def _require_coroutine(handler: Any) -> None:
+    if not inspect.iscoroutinefunction(handler):
+        raise TypeError(
+            f"{getattr(handler, '__qualname__', handler)!r} must be an 'async def' function"
+        )
+
+
+class Dispatcher:
+    """Runs deliveries through the matching handlers, per call in order."""
+
+    def __init__(
+        self,
+        registry: HandlerRegistry,
+        hooks: CallHooks,
+        *,
+        max_concurrent: int = 256,
+        observe: Callable[[str, str, float], None] | None = None,
+    ) -> None:
+        self._registry = registry
+        self._hooks = hooks
+        self._slots = asyncio.Semaphore(max_concurrent)
+        self._queues: dict[str, deque[Delivery]] = {}
+        self._workers: dict[str, asyncio.Task[None]] = {}
+        self._observe = observe
+        self.counts: Counter[str] = Counter()
+        """handled (deliveries run), handler_errors."""
+
+    @property
+    def queued(self) -> int:
+        """Deliveries waiting or running."""
+        return sum(len(q) for q in self._queues.values())
+
+    @property
+    def busy_calls(self) -> int:
+        """Calls with a running worker."""
+        return len(self._workers)
+
+    def submit(self, delivery: Delivery) -> None:
+        """Queue a delivery behind its call's earlier ones."""
+        key = delivery.event.call_key
+        queue = self._queues.get(key)
+        if queue is None:
+            queue = self._queues[key] = deque()
+        queue.append(delivery)
+        if key not in self._workers:
+            # Keep a reference: an unreferenced task can be collected mid-flight.
+            self._workers[key] = asyncio.get_running_loop().create_task(
+                self._work(key, queue), name=f"callbot-call-{key}"
+            )
+
+    async def join(self, timeout: float) -> list[Delivery]:
+        """Wait up to ``timeout`` for all work; cancel the rest and return it."""
+        deadline = time.monotonic() + timeout
+        while self._workers:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            await asyncio.wait(list(self._workers.values()), timeout=remaining)
+        abandoned = [d for q in self._queues.values() for d in q]
+        for task in list(self._workers.values()):
+            task.cancel()
+        if self._workers:
+            await asyncio.gather(*self._workers.values(), return_exceptions=True)
+        return abandoned
+
+    async def _work(self, key: str, queue: deque[Delivery]) -> None:
+        try:
+            while queue:
+                delivery = queue[0]
+                await self._run(delivery)
+                queue.popleft()
+        finally:
+            if not queue:
+                self._queues.pop(key, None)
+            del self._workers[key]
+
+    async def _run(self, delivery: Delivery) -> None:
+        event = delivery.event
+        call = self._hooks.call(event.call_id)
+        call._set_snapshot(delivery.snapshot)
+        call._set_roster(delivery.roster)
+        if isinstance(event, events.IncomingCall):
+            self._hooks.on_incoming(call)
+        elif isinstance(event, events.CallStateChanged) and event.state == "established":
+            self._hooks.on_established(call)
+        with structlog.contextvars.bound_contextvars(call_id=event.call_id):
+            async with self._slots:
+                for registration in self._registry.matching(event):
+                    await self._run_one(registration.name, registration.handler, call, event)
+        self.counts["handled"] += 1
+        if isinstance(event, events.CallTerminated):
+            self._hooks.release(event.call_key)
+
+    async def _run_one(self, name: str, handler: Handler, call: Call, event: events.Event) -> None:
+        started = time.perf_counter()
+        outcome = "ok"
+        try:
+            await handler(call, event)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            outcome = "error"
+            self.counts["handler_errors"] += 1
+            await self._report(name, call, event, exc)
+        finally:
+            if self._observe is not None:
+                self._observe(name, outcome, time.perf_counter() - started)
+
+    async def _report(self, name: str, call: Call, event: events.Event, exc: Exception) -> None:
+        handlers = self._registry.error_handlers
+        if not handlers:
+            log.error("handler_failed", handler=name, event=type(event).__name__,
+                      error=repr(exc), traceback="".join(traceback.format_exception(exc)))
+            return
+        for on_error in handlers:
+            try:
+                await on_error(call, event, exc)
+            except Exception as second:
+                log.error("error_handler_failed", handler=name, error=repr(exc),
+                          error_handler_error=repr(second),
+                          traceback="".join(traceback.format_exception(second)))

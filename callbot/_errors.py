@@ -1,0 +1,115 @@
+"""The errors a bot author can catch.
+
+    CallbotError
+    ├── ConfigurationError      a setting is missing or invalid
+    ├── AuthenticationError     an inbound callback's token was refused (.reason)
+    │   └── KeysUnavailable     no signing keys could be loaded yet
+    ├── MalformedNotification   an inbound body could not be understood (.reason)
+    ├── StoreUnavailable        the state store cannot be reached
+    ├── GraphError              Graph answered an outbound request with an error
+    └── OperationFailed         a Graph operation ended with status "failed"
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "AuthenticationError",
+    "CallbotError",
+    "ConfigurationError",
+    "GraphError",
+    "KeysUnavailable",
+    "MalformedNotification",
+    "OperationFailed",
+    "StoreUnavailable",
+]
+
+
+class CallbotError(Exception):
+    """Base class of every error callbot raises on purpose."""
+
+
+class ConfigurationError(CallbotError):
+    """A required setting is missing, or a setting has an invalid value."""
+
+
+class AuthenticationError(CallbotError):
+    """An inbound request's bearer token was refused.
+
+    ``reason`` is a short, stable, machine-readable word (``"expired"``,
+    ``"bad_audience"``, ...) used in logs and metrics; ``str(exc)`` explains it.
+    """
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(detail or reason)
+        self.reason = reason
+
+
+class KeysUnavailable(AuthenticationError):
+    """No signing keys have been loaded yet, so no token can be checked.
+
+    The receiver answers 503 so that Graph retries later.
+    """
+
+    def __init__(self, detail: str = "signing keys are not loaded") -> None:
+        super().__init__("keys_unavailable", detail)
+
+
+class MalformedNotification(CallbotError):
+    """An inbound body is not a notification callbot can understand."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(detail or reason)
+        self.reason = reason
+
+
+class StoreUnavailable(CallbotError):
+    """The state store cannot be reached; nothing was accepted."""
+
+
+class GraphError(CallbotError):
+    """Graph answered a request with an error status.
+
+    Carries the HTTP ``status``, Graph's error ``code`` and ``message``, and the
+    ``request_id`` Graph returned with the ``client_request_id`` callbot sent,
+    which Microsoft support asks for.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        code: str | None,
+        message: str,
+        *,
+        method: str = "",
+        url: str = "",
+        request_id: str | None = None,
+        client_request_id: str | None = None,
+        body: Any = None,
+    ) -> None:
+        super().__init__(f"{method} {url} -> {status} {code or ''}: {message}".strip())
+        self.status = status
+        self.code = code
+        self.message = message
+        self.method = method
+        self.url = url
+        self.request_id = request_id
+        self.client_request_id = client_request_id
+        self.body = body
+
+
+class OperationFailed(CallbotError):
+    """A Graph operation (prompt, recording, transfer, ...) reported ``failed``.
+
+    ``operation`` is the final typed operation; ``result_info`` its resultInfo.
+    """
+
+    def __init__(self, operation: Any, result_info: Any) -> None:
+        code = getattr(result_info, "code", None)
+        subcode = getattr(result_info, "subcode", None)
+        message = getattr(result_info, "message", None)
+        op_id = getattr(operation, "id", None)
+        super().__init__(f"operation {op_id} failed: {code}/{subcode} {message or ''}".strip())
+        self.operation = operation
+        self.result_info = result_info

@@ -1,0 +1,341 @@
+"""From the body Graph posts to the callback to typed :mod:`callbot.events`.
+
+Wire format. The body must be strict JSON (RFC 8259) in UTF-8. A leading UTF-8
+byte order mark is ignored, as RFC 8259 allows a parser to do; other encodings,
+``NaN``/``Infinity`` and invalid UTF-8 are refused. Several of Microsoft's
+documented example notifications carry ``//`` comments or trailing commas: those
+are documentation artefacts, Graph itself sends JSON, so such bodies are refused
+(reason ``not_json``) rather than guessed at.
+
+Errors. :class:`~callbot._errors.MalformedNotification` with a stable ``reason``:
+
+* ``not_json``  - not UTF-8, or not strict JSON;
+* ``too_deep``  - containers nested deeper than ``max_depth`` (checked by a linear
+  scan before decoding, so hostile nesting never reaches the recursive decoder);
+* ``bad_shape`` - the envelope is wrong: top level not an object, ``value``
+  missing or not a list, an item not an object, ``changeType`` missing or not a
+  string, neither ``resourceUrl`` nor ``resource``, or a path that is not under
+  ``/communications/calls/{id}`` (or the older ``/app/calls/{id}``);
+* ``empty``     - ``value`` is an empty list.
+
+Only the envelope can be malformed. ``resourceData`` that does not validate
+against the models never rejects a notification: it becomes an
+:class:`~callbot.events.UnknownNotification` carrying the data as received.
+
+Routing by the path after ``calls/{id}`` (segments compared without case):
+
+* nothing            -> a call event, decided in this order: ``created`` with state
+  ``incoming`` or no state -> IncomingCall; ``deleted`` or state ``terminated`` ->
+  CallTerminated (also without resourceData); ``toneInfo`` -> ToneReceived; any
+  other state -> CallStateChanged; no state -> UnknownNotification
+* ``participants``   -> ParticipantsUpdated
+* ``operations/{id}`` -> OperationUpdated (a documented roster was also posted on
+  ``operations/participants``: a list of ``#microsoft.graph.participant`` there is
+  a ParticipantsUpdated)
+* ``contentsharingsessions[/{id}]`` -> ContentSharingUpdated
+* anything else      -> UnknownNotification
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+from pydantic import ValidationError
+
+from . import models
+from ._errors import MalformedNotification
+from .events import (
+    CallStateChanged,
+    CallTerminated,
+    ContentSharingUpdated,
+    Event,
+    IncomingCall,
+    OperationUpdated,
+    ParticipantsUpdated,
+    ToneReceived,
+    UnknownNotification,
+)
+
+__all__ = ["DEFAULT_MAX_DEPTH", "parse_body", "parse_payload"]
+
+DEFAULT_MAX_DEPTH = 64
+
+_BOM = "\ufeff"
+# Escapes are matched as pairs so an escaped quote never toggles the string state.
+_TOKENS = re.compile(r'\\.|["\[\]{}]', re.DOTALL)
+_CALL_ROOTS = frozenset({("communications", "calls"), ("app", "calls")})
+_API_VERSIONS = frozenset({"v1.0", "beta"})
+
+
+def parse_body(body: bytes, *, max_depth: int = DEFAULT_MAX_DEPTH) -> list[Event]:
+    """Parse the raw body of a callback request into events, one per notification item.
+
+    Raises :class:`MalformedNotification` (``not_json``, ``too_deep``,
+    ``bad_shape`` or ``empty``); never raises a pydantic error.
+    """
+    try:
+        text = str(body, "utf-8")
+    except UnicodeDecodeError as exc:
+        raise MalformedNotification("not_json", f"body is not valid UTF-8: {exc}") from None
+    if text.startswith(_BOM):
+        text = text[1:]
+    if _text_too_deep(text, max_depth):
+        raise MalformedNotification("too_deep", f"JSON nested deeper than {max_depth} levels")
+    try:
+        payload = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise MalformedNotification(
+            "too_deep", f"JSON nested deeper than {max_depth} levels"
+        ) from None
+    except ValueError as exc:
+        raise MalformedNotification("not_json", f"body is not JSON: {exc}") from None
+    return _events_from(payload)
+
+
+def parse_payload(payload: Any, *, max_depth: int = DEFAULT_MAX_DEPTH) -> list[Event]:
+    """Like :func:`parse_body`, for a body already decoded from JSON (tests, replays)."""
+    if _object_too_deep(payload, max_depth):
+        raise MalformedNotification("too_deep", f"payload nested deeper than {max_depth} levels")
+    return _events_from(payload)
+
+
+# -- depth checks ----------------------------------------------------------------------------
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _text_too_deep(text: str, max_depth: int) -> bool:
+    # Fewer openers than the limit cannot nest past it; skips the scan for most bodies.
+    if text.count("[") + text.count("{") <= max_depth:
+        return False
+    depth = 0
+    in_string = False
+    for token in _TOKENS.findall(text):
+        if token == '"':
+            in_string = not in_string
+        elif in_string or token[0] == "\\":
+            continue
+        elif token in "[{":
+            depth += 1
+            if depth > max_depth:
+                return True
+        else:
+            depth -= 1
+    return False
+
+
+def _object_too_deep(payload: Any, max_depth: int) -> bool:
+    stack: list[tuple[Any, int]] = [(payload, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children: Any
+        if isinstance(node, Mapping):
+            children = node.values()
+        elif isinstance(node, list | tuple):
+            children = node
+        else:
+            continue
+        if depth > max_depth:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+# -- envelope --------------------------------------------------------------------------------
+
+
+def _events_from(payload: Any) -> list[Event]:
+    if not isinstance(payload, dict):
+        raise MalformedNotification(
+            "bad_shape", f"top level is {type(payload).__name__}, not an object"
+        )
+    items = payload.get("value")
+    if not isinstance(items, list):
+        raise MalformedNotification("bad_shape", "'value' is missing or not a list")
+    if not items:
+        raise MalformedNotification("empty", "'value' is an empty list")
+    return [_event_for(index, item, payload) for index, item in enumerate(items)]
+
+
+def _event_for(index: int, item: Any, envelope: dict[str, Any]) -> Event:
+    where = f"value[{index}]"
+    if not isinstance(item, dict):
+        raise MalformedNotification("bad_shape", f"{where} is not an object")
+    change_type = item.get("changeType")
+    if not isinstance(change_type, str):
+        raise MalformedNotification("bad_shape", f"{where}.changeType is missing or not a string")
+    path = _path_of(item)
+    if path is None:
+        raise MalformedNotification("bad_shape", f"{where} has neither resourceUrl nor resource")
+    split = _split_call_path(path)
+    if split is None:
+        raise MalformedNotification("bad_shape", f"{where} path {path!r} is not a call path")
+    call_id, rest = split
+    data = item.get("resourceData")
+    common: dict[str, Any] = {
+        "call_id": call_id,
+        "change_type": change_type,
+        "resource_url": "/communications/calls/" + "/".join([call_id, *rest]),
+        "raw": item,
+        "tenant_id": _tenant_of(data, item, envelope),
+    }
+    try:
+        return _route(rest, change_type, data, item, common)
+    except ValidationError:
+        return UnknownNotification(**common, resource_data=data)
+
+
+def _path_of(item: dict[str, Any]) -> str | None:
+    # resourceUrl is the current form; resource (/app/calls/...) is the older one.
+    for key in ("resourceUrl", "resource"):
+        value = item.get(key)
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+    return None
+
+
+def _split_call_path(path: str) -> tuple[str, list[str]] | None:
+    """``(call_id, segments after it)``, or ``None`` when ``path`` is not under a call."""
+    if "://" in path:
+        path = urlsplit(path).path
+    path = path.split("?", 1)[0]
+    segments = [segment for segment in path.split("/") if segment]
+    if segments and segments[0].lower() in _API_VERSIONS:
+        segments = segments[1:]
+    if len(segments) < 3 or (segments[0].lower(), segments[1].lower()) not in _CALL_ROOTS:
+        return None
+    return segments[2], segments[3:]
+
+
+def _tenant_of(data: Any, item: dict[str, Any], envelope: dict[str, Any]) -> str | None:
+    for source in (data, item, envelope):
+        if isinstance(source, dict):
+            tenant = source.get("tenantId")
+            if isinstance(tenant, str) and tenant:
+                return tenant
+    return None
+
+
+# -- routing ---------------------------------------------------------------------------------
+
+
+def _route(
+    rest: list[str], change_type: str, data: Any, item: dict[str, Any], common: dict[str, Any]
+) -> Event:
+    if not rest:
+        return _call_event(change_type, data, common)
+    kind = rest[0].lower()
+    if len(rest) <= 2:
+        if kind == "participants":
+            return _participants_event(data, item, common)
+        if kind == "operations":
+            if _is_roster(data):
+                return _participants_event(data, item, common)
+            return _operation_event(data, rest[1] if len(rest) == 2 else None, common)
+        if kind == "contentsharingsessions":
+            return _content_sharing_event(data, rest[1] if len(rest) == 2 else None, common)
+    return UnknownNotification(**common, resource_data=data)
+
+
+def _first_object(data: Any) -> dict[str, Any] | None:
+    if isinstance(data, dict):
+        return data
+    if isinstance(data, list):
+        return next((entry for entry in data if isinstance(entry, dict)), None)
+    return None
+
+
+def _call_event(change_type: str, data: Any, common: dict[str, Any]) -> Event:
+    change = change_type.lower()
+    body = _first_object(data)
+    if body is None:
+        if change == "deleted":
+            # The call is gone even when Graph says nothing more about it.
+            return CallTerminated(**common, state="terminated", call=models.Call())
+        return UnknownNotification(**common, resource_data=data)
+    call = models.Call.model_validate(body)
+    state = call.state.lower() if call.state is not None else None
+    if change == "created" and state in (None, "incoming"):
+        return IncomingCall(**common, call=call)
+    if change == "deleted" or state == "terminated":
+        return CallTerminated(**common, state="terminated", call=call, result_info=call.result_info)
+    if call.tone_info is not None and call.tone_info.tone is not None:
+        return ToneReceived(
+            **common, tone=call.tone_info.tone, sequence_id=call.tone_info.sequence_id, call=call
+        )
+    if call.state is None:
+        return UnknownNotification(**common, resource_data=data)
+    return CallStateChanged(**common, state=call.state, call=call, result_info=call.result_info)
+
+
+def _is_roster(data: Any) -> bool:
+    return (
+        isinstance(data, list)
+        and bool(data)
+        and all(models.type_name(entry) == "participant" for entry in data)
+    )
+
+
+def _participants_event(data: Any, item: dict[str, Any], common: dict[str, Any]) -> Event:
+    entries = data if isinstance(data, list) else [data] if isinstance(data, dict) else None
+    if entries is None or not all(isinstance(entry, dict) for entry in entries):
+        return UnknownNotification(**common, resource_data=data)
+    participants = [models.Participant.model_validate(entry) for entry in entries]
+    sequence = _as_int(item.get("sequenceNumber"))
+    if sequence is None:
+        numbers = [
+            p.roster_sequence_number for p in participants if p.roster_sequence_number is not None
+        ]
+        sequence = max(numbers) if numbers else None
+    return ParticipantsUpdated(**common, participants=participants, sequence_number=sequence)
+
+
+def _operation_event(data: Any, path_id: str | None, common: dict[str, Any]) -> Event:
+    body = _first_object(data)
+    if body is None:
+        return UnknownNotification(**common, resource_data=data)
+    operation = models.parse_operation(body)
+    operation_id = operation.id or path_id
+    if not operation_id or operation.status is None:
+        return UnknownNotification(**common, resource_data=data)
+    return OperationUpdated(
+        **common,
+        operation=operation,
+        operation_id=operation_id,
+        status=operation.status,
+        result_info=operation.result_info,
+        client_context=operation.client_context,
+    )
+
+
+def _content_sharing_event(data: Any, path_id: str | None, common: dict[str, Any]) -> Event:
+    entries: list[Any]
+    if data is None:
+        entries = []
+    elif isinstance(data, list):
+        entries = data
+    elif isinstance(data, dict):
+        entries = [data]
+    else:
+        return UnknownNotification(**common, resource_data=data)
+    if not all(isinstance(entry, dict) for entry in entries):
+        return UnknownNotification(**common, resource_data=data)
+    sessions = [models.ContentSharingSession.model_validate(entry) for entry in entries]
+    session_id = path_id or (sessions[0].id if len(sessions) == 1 else None)
+    return ContentSharingUpdated(**common, sessions=sessions, session_id=session_id)
+
+
+def _as_int(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    return None

@@ -1,0 +1,126 @@
+"""The callback endpoint: limits, authentication, parsing, queueing, the 202.
+
+Nothing here runs bot code. A request is answered as soon as its batch is
+authenticated, parsed and accepted by the sequencer; handlers run afterwards.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from aiohttp import web
+
+from . import events
+from ._auth import Authenticator
+from ._errors import AuthenticationError, KeysUnavailable, MalformedNotification, StoreUnavailable
+from ._log import get_logger
+from ._parse import parse_body
+
+__all__ = ["Receiver"]
+
+log = get_logger("callbot.receiver")
+
+Ingest = Callable[[Sequence[events.Event]], Awaitable[None]]
+
+
+class Receiver:
+    """Serves the callback URL for one bot."""
+
+    def __init__(
+        self,
+        *,
+        authenticator: Authenticator,
+        ingest: Ingest,
+        max_body_bytes: int,
+        max_json_depth: int,
+        observe_ack: Callable[[float], None] | None = None,
+        client_address: Callable[[web.Request], str | None] | None = None,
+    ) -> None:
+        self._auth = authenticator
+        self._ingest = ingest
+        self._max_body = max_body_bytes
+        self._max_depth = max_json_depth
+        self._observe_ack = observe_ack
+        self._client_address = client_address or (lambda request: request.remote)
+        self.draining = False
+        """While true, callbacks get 503 so that Graph retries against another instance."""
+        self.counts: Counter[tuple[str, str]] = Counter()
+        """(outcome, reason) -> count: accepted items, and refused requests by reason."""
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """Answer one callback POST."""
+        started = time.perf_counter()
+        context = {
+            "client": self._client_address(request),
+            "chain_id": request.headers.get("X-Microsoft-Skype-Chain-ID"),
+            "message_id": request.headers.get("X-Microsoft-Skype-Message-ID"),
+        }
+        if self.draining:
+            return self._refuse(503, "unavailable", "draining", "shutting down", context,
+                                headers={"Retry-After": "1"})
+        try:
+            token = await self._auth.verify(request.headers.get("Authorization"))
+        except KeysUnavailable as exc:
+            return self._refuse(503, "unavailable", exc.reason, str(exc), context,
+                                headers={"Retry-After": "5"})
+        except AuthenticationError as exc:
+            challenge = f'Bearer error="invalid_token", error_description="{exc.reason}"'
+            return self._refuse(401, "auth_failed", exc.reason, str(exc), context,
+                                headers={"WWW-Authenticate": challenge})
+        context["tenant_id"] = token.tenant_id
+        if request.content_type != "application/json":
+            return self._refuse(415, "malformed", "bad_content_type",
+                                f"expected application/json, got {request.content_type!r}",
+                                context)
+        body = await self._read_limited(request)
+        if body is None:
+            return self._refuse(413, "malformed", "too_large",
+                                f"body larger than {self._max_body} bytes", context)
+        try:
+            batch = parse_body(body, max_depth=self._max_depth)
+        except MalformedNotification as exc:
+            return self._refuse(400, "malformed", exc.reason, str(exc), context)
+        try:
+            await self._ingest(batch)
+        except StoreUnavailable as exc:
+            return self._refuse(503, "unavailable", "store_unavailable", str(exc), context,
+                                headers={"Retry-After": "1"})
+        self.counts["accepted", ""] += len(batch)
+        if self._observe_ack is not None:
+            self._observe_ack(time.perf_counter() - started)
+        return web.Response(status=202)
+
+    async def _read_limited(self, request: web.Request) -> bytes | None:
+        declared = request.content_length
+        if declared is not None and declared > self._max_body:
+            return None
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            chunk = await request.content.readany()
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > self._max_body:
+                return None
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _refuse(
+        self,
+        status: int,
+        outcome: str,
+        reason: str,
+        detail: str,
+        context: dict[str, Any],
+        *,
+        headers: dict[str, str] | None = None,
+    ) -> web.Response:
+        self.counts[outcome, reason] += 1
+        log.warning("callback_refused", status=status, outcome=outcome, reason=reason,
+                    detail=detail, **{k: v for k, v in context.items() if v is not None})
+        return web.json_response({"error": reason, "detail": detail}, status=status,
+                                 headers=headers)

@@ -1,0 +1,65 @@
+"""The ``callbot`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+
+from ._bot import CallBot
+from ._errors import CallbotError
+from ._log import configure_logging
+
+__all__ = ["load_bot", "main"]
+
+
+def load_bot(target: str) -> CallBot:
+    """Import ``module:attribute`` and return the CallBot it names (or a factory's result)."""
+    module_name, _, attribute = target.partition(":")
+    if not module_name:
+        raise CallbotError(f"expected MODULE:ATTRIBUTE, got {target!r}")
+    if os.getcwd() not in sys.path:
+        # A bot module next to where the command runs should import like a script.
+        sys.path.insert(0, os.getcwd())
+    module = importlib.import_module(module_name)
+    obj = getattr(module, attribute or "bot", None)
+    if obj is None:
+        raise CallbotError(f"{module_name} has no attribute {attribute or 'bot'!r}")
+    if not isinstance(obj, CallBot) and callable(obj):
+        obj = obj()
+    if not isinstance(obj, CallBot):
+        raise CallbotError(f"{target} is not a CallBot (got {type(obj).__name__})")
+    return obj
+
+
+def _run(args: argparse.Namespace) -> int:
+    configure_logging(os.environ.get("CALLBOT_LOG_FORMAT", "auto"),
+                      os.environ.get("CALLBOT_LOG_LEVEL", "info"))
+    bot = load_bot(args.target)
+    configure_logging(bot.settings.log_format, bot.settings.log_level)
+    bot.run(args.host, args.port)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``callbot`` command."""
+    parser = argparse.ArgumentParser(prog="callbot", description="Microsoft Graph calling bots")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="serve a bot: callbot run MODULE:ATTR")
+    run.add_argument("target", help="MODULE:ATTR naming a CallBot (or a function returning one)")
+    run.add_argument("--host", default=None, help="address to listen on (CALLBOT_HOST)")
+    run.add_argument("--port", type=int, default=None, help="port to listen on (CALLBOT_PORT)")
+    run.set_defaults(func=_run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``callbot`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except CallbotError as exc:
+        print(f"callbot: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,153 @@
+"""What a bot receives: one typed event per notification Graph posts to the callback.
+
+Every event is a frozen pydantic model derived from :class:`Event`::
+
+    Event
+    ├── IncomingCall            a call to the bot is ringing (answer, reject or redirect it)
+    ├── CallStateChanged        the call moved to another state (establishing, established, ...)
+    │   └── CallTerminated      the call ended (state ``terminated`` or the call was deleted)
+    ├── ToneReceived            a DTMF tone arrived (after ``subscribeToTone``)
+    ├── ParticipantsUpdated     the roster changed
+    ├── OperationUpdated        a long-running action (prompt, recording, ...) progressed or ended
+    ├── ContentSharingUpdated   screen sharing started, changed or ended
+    └── UnknownNotification     anything else about a call, kept verbatim
+
+``raw`` is always the notification item exactly as received, so events can be
+deduplicated, recorded and replayed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from . import models
+from ._ids import id_key
+
+__all__ = [
+    "CallStateChanged",
+    "CallTerminated",
+    "ContentSharingUpdated",
+    "Event",
+    "IncomingCall",
+    "OperationUpdated",
+    "ParticipantsUpdated",
+    "ToneReceived",
+    "UnknownNotification",
+]
+
+
+class Event(BaseModel):
+    """Base of every event: which call, what changed, and the notification as received.
+
+    ``call_id`` is the id as written in the resource path (its case and dashes
+    vary between notifications and responses: compare :attr:`call_key`).
+    ``resource_url`` is normalized to ``/communications/calls/...``, whichever
+    dialect (``resourceUrl`` or the older ``resource`` ``/app/calls/...``) Graph used.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    call_id: str
+    change_type: str
+    resource_url: str
+    raw: dict[str, Any]
+    tenant_id: str | None = None
+
+    @property
+    def call_key(self) -> str:
+        """The call id in the form ids are compared in (lower case, no dashes)."""
+        return id_key(self.call_id)
+
+
+class IncomingCall(Event):
+    """A call to the bot was created and is ringing; ``call`` has its source and targets."""
+
+    call: models.Call
+
+
+class CallStateChanged(Event):
+    """The call's ``state`` changed (values in :data:`callbot.models.CallState`).
+
+    ``previous_state`` is filled in by callbot from the call's history, not by Graph.
+    ``result_info`` explains the change when Graph gives a reason (for example a
+    failed transfer: ``state`` back to ``established`` with code 500).
+    """
+
+    state: str
+    previous_state: str | None = None
+    call: models.Call
+    result_info: models.ResultInfo | None = None
+
+
+class CallTerminated(CallStateChanged):
+    """The call ended; ``state`` is ``terminated`` and ``result_info`` says why, when known."""
+
+
+class ToneReceived(Event):
+    """A DTMF tone was received (``tone1``, ``star``, ``pound``, ...).
+
+    Graph sends it as a call update that also repeats ``state: established``; it
+    is a tone, not a state change.
+    """
+
+    tone: str
+    sequence_id: int | None = None
+    call: models.Call
+
+
+class ParticipantsUpdated(Event):
+    """The roster changed; ``participants`` is what Graph sent.
+
+    With delta rosters Graph sends only the participants that changed, ordered by
+    ``sequence_number``. ``joined``, ``left`` and ``updated`` are computed by
+    callbot against the roster it knew before this event.
+    """
+
+    participants: list[models.Participant]
+    joined: list[models.Participant] = Field(default_factory=list)
+    left: list[models.Participant] = Field(default_factory=list)
+    updated: list[models.Participant] = Field(default_factory=list)
+    sequence_number: int | None = None
+
+
+class OperationUpdated(Event):
+    """A long-running action progressed or ended (``status`` ``completed``/``failed``).
+
+    ``operation`` is typed by its ``@odata.type`` (a :class:`callbot.models.RecordOperation`
+    carries ``recording_location``, ...). ``operation_id`` is the body's ``id`` when
+    present, else the id in the resource path; the two forms differ in case and
+    dashes, so compare them with :func:`callbot._ids.id_key` (see :attr:`operation_key`).
+    """
+
+    operation: models.CommsOperation
+    operation_id: str
+    status: str
+    result_info: models.ResultInfo | None = None
+    client_context: str | None = None
+
+    @property
+    def operation_key(self) -> str:
+        """The operation id in the form ids are compared in (lower case, no dashes)."""
+        return id_key(self.operation_id)
+
+
+class ContentSharingUpdated(Event):
+    """Screen sharing started (created), changed (updated) or ended (deleted).
+
+    ``session_id`` comes from the resource path when it names one session, else
+    from the only session sent; Graph sometimes sends no session data at all.
+    """
+
+    sessions: list[models.ContentSharingSession] = Field(default_factory=list)
+    session_id: str | None = None
+
+
+class UnknownNotification(Event):
+    """A notification about a call that callbot does not model, or whose data did not validate.
+
+    ``resource_data`` is the item's ``resourceData`` as received (``None`` when absent).
+    """
+
+    resource_data: Any = None

@@ -1,0 +1,99 @@
+"""The base every Graph communications model derives from, and ``@odata.type`` helpers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+__all__ = ["GraphModel", "odata_discriminator", "odata_type_field", "type_name"]
+
+_GRAPH_PREFIX = "microsoft.graph."
+
+
+def odata_type_field(default: str | None = None) -> Any:
+    """The ``odata_type`` field, read from ``@odata.type`` and written back under that key."""
+    # validation/serialization aliases instead of alias= keep ``odata_type=`` a valid keyword
+    # for type checkers, which read alias= as the constructor's parameter name.
+    return Field(
+        default,
+        validation_alias=AliasChoices("@odata.type", "odata_type"),
+        serialization_alias="@odata.type",
+    )
+
+
+class GraphModel(BaseModel):
+    """Base of every Graph resource model.
+
+    Fields are snake_case in Python and camelCase on the wire (both accepted when
+    reading; ``model_dump(by_alias=True)`` writes the wire form). Properties Graph
+    adds that a model does not declare are kept in ``model_extra``, because Graph
+    types are open and grow. callbot never mutates a parsed model.
+    """
+
+    model_config = ConfigDict(
+        populate_by_name=True,
+        alias_generator=to_camel,
+        extra="allow",
+    )
+
+    odata_type: str | None = odata_type_field()
+
+
+def type_name(value: Any) -> str | None:
+    """The lower-case Graph type name of ``value``'s ``@odata.type``.
+
+    ``"#microsoft.graph.recordOperation"`` -> ``"recordoperation"``. Accepts a
+    mapping or a :class:`GraphModel`; ``None`` when there is no usable type.
+    """
+    raw: Any
+    if isinstance(value, Mapping):
+        raw = value.get("@odata.type")
+    elif isinstance(value, GraphModel):
+        raw = value.odata_type
+    else:
+        return None
+    if not isinstance(raw, str):
+        return None
+    name = raw.strip().lstrip("#").lower()
+    if name.startswith(_GRAPH_PREFIX):
+        name = name[len(_GRAPH_PREFIX) :]
+    return name or None
+
+
+def odata_discriminator(
+    variants: Mapping[str, type[GraphModel]],
+    *,
+    fallback: str,
+    hints: Mapping[str, str] | None = None,
+) -> Callable[[Any], str]:
+    """A pydantic ``Discriminator`` callable choosing a variant by ``@odata.type``.
+
+    ``variants`` maps a lower-case Graph type name (also used as the ``Tag``) to its
+    class, and includes ``fallback`` (the open base class). Input without a known
+    type falls back to the variant named by the first property listed in ``hints``
+    (property -> tag) that it carries, else to ``fallback``, so unknown or new
+    types still validate.
+    """
+    known = dict(variants)
+    key_hints = dict(hints or {})
+
+    def choose(value: Any) -> str:
+        if isinstance(value, GraphModel):
+            # an already-built model keeps its class: the most specific variant wins
+            for tag, cls in known.items():
+                if tag != fallback and isinstance(value, cls):
+                    return tag
+            return fallback
+        name = type_name(value)
+        if name in known:
+            return name
+        if isinstance(value, Mapping):
+            for key, tag in key_hints.items():
+                if key in value:
+                    return tag
+        return fallback
+
+    return choose

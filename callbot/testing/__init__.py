@@ -1,0 +1,7 @@
+"""Tools for testing callbot bots: a local token authority, and more."""
+
+from __future__ import annotations
+
+from ._tokens import TEST_TENANT_ID, TokenAuthority
+
+__all__ = ["TEST_TENANT_ID", "TokenAuthority"]

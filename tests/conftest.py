@@ -1,0 +1,139 @@
+"""Shared fixtures: a local token authority and a bot served on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import ClientResponse
+from aiohttp.test_utils import TestClient, TestServer
+
+from callbot import CallBot
+from callbot.testing import TEST_TENANT_ID, TokenAuthority
+
+FIXTURES = Path(__file__).parent / "fixtures"
+APP_ID = "6c4a7c4e-2b1a-4d7e-9a53-7a1bfb4c0d11"
+
+
+def load_notification_text(name: str) -> str:
+    """The documented body exactly as written (possibly not strict JSON)."""
+    return (FIXTURES / "notifications" / name).read_text(encoding="utf-8")
+
+
+def normalized_json(text: str) -> Any:
+    """Documented bodies with // comments and trailing commas removed, parsed."""
+    out: list[str] = []
+    in_string = escaped = False
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if in_string:
+            out.append(ch)
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+            out.append(ch)
+        elif text.startswith("//", i):
+            while i < len(text) and text[i] != "\n":
+                i += 1
+            continue
+        else:
+            out.append(ch)
+        i += 1
+    return json.loads(re.sub(r",(\s*[}\]])", r"\1", "".join(out)))
+
+
+async def until(predicate: Callable[[], bool], within: float = 5.0) -> None:
+    """Wait until ``predicate()`` holds; fail after ``within`` seconds."""
+    async with asyncio.timeout(within):
+        while not predicate():  # noqa: ASYNC110 - polling state that has no event to wait on
+            await asyncio.sleep(0.01)
+
+
+def notification_files() -> list[str]:
+    return sorted(p.name for p in (FIXTURES / "notifications").glob("*.json"))
+
+
+@pytest.fixture
+async def authority() -> AsyncIterator[TokenAuthority]:
+    issuer = TokenAuthority()
+    await issuer.start()
+    try:
+        yield issuer
+    finally:
+        await issuer.close()
+
+
+class BotServer:
+    """A bot served on 127.0.0.1, and a way to post signed notifications to it."""
+
+    def __init__(self, bot: CallBot, client: TestClient[Any, Any], authority: TokenAuthority):
+        self.bot = bot
+        self.client = client
+        self.authority = authority
+
+    def token(self, **claims: Any) -> str:
+        return self.authority.mint(audience=self.bot.settings.app_id, **claims)
+
+    async def post(
+        self,
+        body: Any,
+        *,
+        token: str | None = None,
+        headers: dict[str, str] | None = None,
+        raw: bytes | None = None,
+    ) -> ClientResponse:
+        data = raw if raw is not None else json.dumps(body).encode()
+        all_headers = {
+            "Content-Type": "application/json",
+            "Authorization": f"Bearer {token or self.token()}",
+        }
+        all_headers.update(headers or {})
+        return await self.client.post(self.bot.settings.callback_path, data=data,
+                                      headers=all_headers)
+
+
+BotFactory = Callable[..., "AsyncIterator[BotServer]"]
+
+
+def make_bot(authority: TokenAuthority, **options: Any) -> CallBot:
+    settings: dict[str, Any] = {
+        "app_id": APP_ID,
+        "tenant_id": TEST_TENANT_ID,
+        "openid_config_url": authority.openid_config_url,
+        "public_url": "https://bot.example.test",
+        "keep_alive": False,
+        "reorder_window": 0.2,
+        "termination_grace": 5.0,
+        "shutdown_timeout": 2.0,
+    }
+    settings.update(options)
+    return CallBot(**settings)
+
+
+@pytest.fixture
+async def serve(
+    authority: TokenAuthority,
+) -> AsyncIterator[Callable[..., Any]]:
+    """``await serve(bot)`` starts the bot's app on 127.0.0.1 and returns a BotServer."""
+    clients: list[TestClient[Any, Any]] = []
+
+    async def start(bot: CallBot) -> BotServer:
+        client: TestClient[Any, Any] = TestClient(TestServer(bot.create_app(), host="127.0.0.1"))
+        await client.start_server()
+        clients.append(client)
+        return BotServer(bot, client, authority)
+
+    yield start
+    for client in clients:
+        await client.close()

@@ -1,0 +1,376 @@
+"""The receiving pipeline end to end: a real server on 127.0.0.1, signed tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import random
+import re
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from callbot import Call, CallBot, events
+from callbot._parse import parse_payload
+from callbot.testing import _builders as b
+
+from .conftest import (
+    until,
+    BotServer,
+    load_notification_text,
+    make_bot,
+    normalized_json,
+    notification_files,
+)
+
+
+class Recorder:
+    """Records what handlers see, per call key, in order."""
+
+    def __init__(self) -> None:
+        self.seen: list[events.Event] = []
+        self.by_call: dict[str, list[str]] = {}
+        self.changed = asyncio.Event()
+
+    def add(self, event: events.Event) -> None:
+        self.seen.append(event)
+        self.by_call.setdefault(event.call_key, []).append(label(event))
+        self.changed.set()
+
+    async def wait_for(self, count: int, within: float = 10.0) -> None:
+        async with asyncio.timeout(within):
+            while len(self.seen) < count:
+                self.changed.clear()
+                await self.changed.wait()
+
+
+def label(event: events.Event) -> str:
+    if isinstance(event, events.ToneReceived):
+        return f"tone:{event.tone}"
+    if isinstance(event, events.CallStateChanged):
+        return event.state
+    return type(event).__name__
+
+
+def recording_bot(authority: Any, **options: Any) -> tuple[CallBot, Recorder]:
+    bot = make_bot(authority, **options)
+    recorder = Recorder()
+
+    @bot.on(events.Event)
+    async def everything(call: Call, event: events.Event) -> None:
+        recorder.add(event)
+
+    return bot, recorder
+
+
+def with_unique_calls(body: Any, suffix: str) -> Any:
+    """The same body, its call ids made unique so files do not share calls."""
+    body = copy.deepcopy(body)
+    for item in body["value"]:
+        for key in ("resourceUrl", "resource"):
+            if key in item:
+                item[key] = re.sub(r"(calls/)([^/]+)", rf"\g<1>\g<2>{suffix}", item[key])
+    return body
+
+
+@pytest.mark.parametrize("name", notification_files())
+async def test_every_documented_notification_reaches_a_handler(
+    authority: Any, serve: Any, name: str
+) -> None:
+    bot, recorder = recording_bot(authority, reorder_window=0.05)
+    server: BotServer = await serve(bot)
+    body = with_unique_calls(normalized_json(load_notification_text(name)), "-x")
+    expected = [type(e) for e in parse_payload(body)]
+    response = await server.post(body)
+    assert response.status == 202
+    await recorder.wait_for(len(expected))
+    assert [type(e) for e in recorder.seen] == expected
+
+
+async def test_documented_bodies_that_are_not_json_are_refused(
+    authority: Any, serve: Any
+) -> None:
+    bot, recorder = recording_bot(authority)
+    server = await serve(bot)
+    refused = 0
+    for name in notification_files():
+        text = load_notification_text(name)
+        try:
+            json.loads(text)
+        except ValueError:
+            response = await server.post(None, raw=text.encode())
+            assert response.status == 400
+            assert (await response.json())["error"] == "not_json"
+            refused += 1
+    assert refused == 7
+    assert recorder.seen == []
+
+
+@pytest.mark.parametrize(
+    ("raw", "content_type", "status", "reason"),
+    [
+        (b"not json", "application/json", 400, "not_json"),
+        (b"[1, 2]", "application/json", 400, "bad_shape"),
+        (b'{"value": {}}', "application/json", 400, "bad_shape"),
+        (b'{"value": []}', "application/json", 400, "empty"),
+        (b'{"value": [{"resourceUrl": "/communications/calls/a"}]}', "application/json", 400,
+         "bad_shape"),
+        (b'{"value": [{"changeType": "updated", "resourceUrl": "/users/a"}]}',
+         "application/json", 400, "bad_shape"),
+        (b"\xff\xfe{}", "application/json", 400, "not_json"),
+        (b'{"value": ' + b"[" * 500 + b"]" * 500 + b"}", "application/json", 400, "too_deep"),
+        (b"{}", "text/plain", 415, "bad_content_type"),
+        (b'{"value": ["' + b"x" * 70_000 + b'"]}', "application/json", 413, "too_large"),
+    ],
+)
+async def test_malformed_bodies_get_a_4xx_with_a_reason_and_one_log_line(
+    authority: Any, serve: Any, raw: bytes, content_type: str, status: int, reason: str
+) -> None:
+    bot, recorder = recording_bot(authority, max_body_bytes=64_000)
+    server = await serve(bot)
+    with capture_logs() as logs:
+        response = await server.post(None, raw=raw, headers={"Content-Type": content_type})
+    assert response.status == status
+    assert (await response.json())["error"] == reason
+    refusals = [entry for entry in logs if entry["event"] == "callback_refused"]
+    assert len(refusals) == 1
+    assert refusals[0]["reason"] == reason
+    assert recorder.seen == []
+    assert bot.receiver.counts["malformed", reason] == 1
+
+
+async def test_bad_tokens_get_401_with_a_bearer_challenge(authority: Any, serve: Any) -> None:
+    bot, recorder = recording_bot(authority)
+    server = await serve(bot)
+    body = b.notifications(b.incoming_call("c1"))
+    cases = {
+        "missing": {"Authorization": ""},
+        "expired": {"Authorization": "Bearer " + server.token(expires_in=-600)},
+        "bad_audience": {
+            "Authorization": "Bearer " + authority.mint(audience="someone-else")
+        },
+    }
+    for reason, headers in cases.items():
+        if not headers["Authorization"]:
+            response = await server.client.post(
+                bot.settings.callback_path, json=body
+            )
+        else:
+            response = await server.post(body, headers=headers)
+        assert response.status == 401, reason
+        assert response.headers["WWW-Authenticate"].startswith("Bearer")
+        assert (await response.json())["error"] == reason
+    assert recorder.seen == []
+
+
+async def test_ack_does_not_wait_for_a_blocked_handler(authority: Any, serve: Any) -> None:
+    bot = make_bot(authority)
+    release = asyncio.Event()
+    started: list[str] = []
+    other_calls: list[str] = []
+
+    @bot.on_incoming_call
+    async def slow(call: Call, event: events.IncomingCall) -> None:
+        started.append(call.id)
+        if call.id == "blocked":
+            await release.wait()
+        else:
+            other_calls.append(call.id)
+
+    server = await serve(bot)
+    response = await server.post(b.notifications(b.incoming_call("blocked")))
+    assert response.status == 202
+    # The blocked call's next notification is still acknowledged at once.
+    response = await server.post(b.notifications(b.call_state("blocked", "establishing")))
+    assert response.status == 202
+    for i in range(5):
+        response = await server.post(b.notifications(b.incoming_call(f"other-{i}")))
+        assert response.status == 202
+    await until(lambda: len(other_calls) >= 5)
+    assert "blocked" in started
+    release.set()
+
+
+async def test_out_of_order_and_duplicates_across_hundreds_of_calls(
+    authority: Any, serve: Any
+) -> None:
+    bot, recorder = recording_bot(authority, reorder_window=2.0, max_concurrent_handlers=64)
+    server = await serve(bot)
+    calls = [f"call-{i:03d}" for i in range(300)]
+    rng = random.Random(7)
+
+    async def lifecycle(call_id: str) -> None:
+        steps = [
+            [b.incoming_call(call_id)],
+            [b.call_state(call_id, "established"), b.call_state(call_id, "establishing")],
+            [b.tone(call_id, "tone1", 1), b.tone(call_id, "tone2", 2)],
+            [b.call_terminated(call_id)],
+        ]
+        for step in steps:
+            for item in step:
+                for _ in range(rng.choice((1, 2))):  # duplicated deliveries
+                    response = await server.post(b.notifications(item))
+                    assert response.status == 202
+
+    await asyncio.gather(*(lifecycle(c) for c in calls))
+    await recorder.wait_for(len(calls) * 6, within=30)
+    expected = ["IncomingCall", "establishing", "established", "tone:tone1", "tone:tone2",
+                "terminated"]
+    for call_id in calls:
+        assert recorder.by_call[call_id.replace("-", "").lower()] == expected, call_id
+    await asyncio.sleep(0.05)
+    assert len(recorder.seen) == len(calls) * 6
+
+
+async def test_a_batch_for_several_calls_is_split_per_call(authority: Any, serve: Any) -> None:
+    bot, recorder = recording_bot(authority)
+    server = await serve(bot)
+    body = b.notifications(
+        b.incoming_call("a"), b.incoming_call("b"), b.call_state("a", "establishing")
+    )
+    assert (await server.post(body)).status == 202
+    await recorder.wait_for(3)
+    assert recorder.by_call == {"a": ["IncomingCall", "establishing"], "b": ["IncomingCall"]}
+
+
+async def test_handler_errors_go_to_on_error_and_affect_nothing_else(
+    authority: Any, serve: Any
+) -> None:
+    bot = make_bot(authority)
+    errors: list[tuple[str, str, str]] = []
+    after: list[str] = []
+
+    @bot.on_incoming_call
+    async def broken(call: Call, event: events.IncomingCall) -> None:
+        if call.id == "bad":
+            raise RuntimeError("boom")
+
+    @bot.on_incoming_call
+    async def still_runs(call: Call, event: events.IncomingCall) -> None:
+        after.append(call.id)
+
+    @bot.on_error
+    async def report(call: Call, event: events.Event, exc: BaseException) -> None:
+        errors.append((call.id, type(event).__name__, str(exc)))
+
+    server = await serve(bot)
+    await server.post(b.notifications(b.incoming_call("bad"), b.incoming_call("good")))
+    await until(lambda: len(after) >= 2)
+    assert errors == [("bad", "IncomingCall", "boom")]
+    assert sorted(after) == ["bad", "good"]
+
+
+async def test_handler_error_without_on_error_is_logged_with_call_id(
+    authority: Any, serve: Any
+) -> None:
+    bot = make_bot(authority)
+    done = asyncio.Event()
+
+    @bot.on_incoming_call
+    async def broken(call: Call, event: events.IncomingCall) -> None:
+        done.set()
+        raise ValueError("nope")
+
+    server = await serve(bot)
+    with capture_logs() as logs:
+        await server.post(b.notifications(b.incoming_call("c-err")))
+        await asyncio.wait_for(done.wait(), 5)
+        await asyncio.sleep(0.05)
+    failures = [e for e in logs if e["event"] == "handler_failed"]
+    assert len(failures) == 1
+    assert failures[0]["call_id"] == "c-err"
+    assert "ValueError: nope" in failures[0]["traceback"]
+
+
+async def test_specific_and_catch_all_handlers_run_in_registration_order(
+    authority: Any, serve: Any
+) -> None:
+    bot = make_bot(authority)
+    order: list[str] = []
+
+    @bot.on(events.Event)
+    async def first(call: Call, event: events.Event) -> None:
+        order.append("catch-all")
+
+    @bot.on_state("establishing", "established")
+    async def second(call: Call, event: events.CallStateChanged) -> None:
+        order.append(f"state:{event.state}:{event.previous_state}")
+
+    @bot.on_tone
+    async def third(call: Call, event: events.ToneReceived) -> None:
+        order.append(f"tone:{event.tone}:{event.sequence_id}")
+
+    server = await serve(bot)
+    await server.post(b.notifications(b.call_state("c", "establishing")))
+    await server.post(b.notifications(b.call_state("c", "established")))
+    await server.post(b.notifications(b.tone("c", "star", 3)))
+    await until(lambda: len(order) >= 6)
+    assert order == [
+        "catch-all", "state:establishing:None",
+        "catch-all", "state:established:establishing",
+        "catch-all", "tone:star:3",
+    ]
+
+
+async def test_roster_joined_and_left_are_computed(authority: Any, serve: Any) -> None:
+    bot = make_bot(authority)
+    seen: list[tuple[list[str], list[str], list[str]]] = []
+
+    @bot.on_participants
+    async def roster(call: Call, event: events.ParticipantsUpdated) -> None:
+        seen.append((
+            [p.id or "" for p in event.joined],
+            [p.id or "" for p in event.left],
+            [p.id or "" for p in event.updated],
+        ))
+
+    server = await serve(bot)
+    alice, bob = b.participant("alice"), b.participant("bob")
+    bob_muted = b.participant("bob", muted=True)
+    for people in ([alice], [alice, bob], [alice, bob_muted], [bob_muted]):
+        await server.post(b.notifications(b.roster("meet", people)))
+    await until(lambda: len(seen) >= 4)
+    assert seen == [
+        (["alice"], [], []),
+        (["bob"], [], []),
+        ([], [], ["bob"]),
+        ([], ["alice"], []),
+    ]
+
+
+def test_registering_a_plain_function_fails_at_once(authority: Any) -> None:
+    bot = make_bot(authority)
+
+    def not_async(call: Call, event: events.Event) -> None:
+        return None
+
+    with pytest.raises(TypeError, match="async def"):
+        bot.on_incoming_call(not_async)
+    with pytest.raises(TypeError, match="async def"):
+        bot.on(events.Event)(not_async)
+    with pytest.raises(ValueError, match="unknown call state"):
+        bot.on_state("establised")
+
+
+async def test_health_readiness_and_metrics(authority: Any, serve: Any) -> None:
+    bot, recorder = recording_bot(authority)
+    server = await serve(bot)
+    assert (await server.client.get("/healthz")).status == 200
+    ready = await server.client.get("/readyz")
+    assert ready.status == 200
+    await server.post(b.notifications(b.incoming_call("m1")))
+    await server.post(b.notifications(b.incoming_call("m1")))  # exact repeat
+    await server.post(None, raw=b"nope")
+    await server.post(b.notifications(b.incoming_call("m2")), token="garbage")
+    await recorder.wait_for(1)
+    text = await (await server.client.get("/metrics")).text()
+    assert 'callbot_notifications_total{outcome="accepted",reason=""} 2.0' in text
+    assert 'callbot_notifications_total{outcome="dropped",reason="duplicate"} 1.0' in text
+    assert 'callbot_notifications_total{outcome="malformed",reason="not_json"} 1.0' in text
+    assert 'callbot_notifications_total{outcome="auth_failed",reason="malformed"} 1.0' in text
+    await bot.drain()
+    assert (await server.client.get("/readyz")).status == 503
+    refused = await server.post(b.notifications(b.incoming_call("m3")))
+    assert refused.status == 503

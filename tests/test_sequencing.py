@@ -1,0 +1,155 @@
+"""The sequencer alone: holds, releases, stale, duplicate and straggler drops."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from callbot import events
+from callbot._parse import parse_payload
+from callbot._sequencing import Delivery, Sequencer
+from callbot.testing import _builders as b
+
+
+def one(item: dict[str, Any]) -> events.Event:
+    (event,) = parse_payload(b.notifications(item))
+    return event
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.deliveries: list[Delivery] = []
+        self.ended: list[str] = []
+        self.operations: list[str] = []
+
+    @property
+    def labels(self) -> list[str]:
+        out = []
+        for d in self.deliveries:
+            e = d.event
+            if isinstance(e, events.ToneReceived):
+                out.append(f"tone:{e.tone}")
+            elif isinstance(e, events.CallStateChanged):
+                out.append(e.state)
+            else:
+                out.append(type(e).__name__)
+        return out
+
+    def sequencer(self, window: float = 0.05, grace: float = 0.05) -> Sequencer:
+        return Sequencer(
+            self.deliveries.append,
+            reorder_window=window,
+            termination_grace=grace,
+            on_ended=lambda key, info: self.ended.append(key),
+            on_operation=lambda e: self.operations.append(e.operation_id),
+        )
+
+
+async def test_established_first_is_held_until_establishing() -> None:
+    sink = Sink()
+    seq = sink.sequencer(window=5)
+    seq.accept(one(b.call_state("c", "established")))
+    assert sink.labels == []
+    seq.accept(one(b.call_state("c", "establishing")))
+    assert sink.labels == ["establishing", "established"]
+    assert seq.counts["held"] == 1
+    seq.close()
+
+
+async def test_held_state_goes_alone_when_the_window_closes() -> None:
+    sink = Sink()
+    seq = sink.sequencer(window=0.02)
+    seq.accept(one(b.call_state("c", "established")))
+    seq.accept(one(b.tone("c", "tone5", 1)))  # waits behind the held state
+    assert sink.labels == []
+    await asyncio.sleep(0.1)
+    assert sink.labels == ["established", "tone:tone5"]
+    assert seq.counts["released_alone"] == 1
+    # The late predecessor is now stale.
+    seq.accept(one(b.call_state("c", "establishing")))
+    assert sink.labels == ["established", "tone:tone5"]
+    assert seq.counts["stale"] == 1
+    seq.close()
+
+
+async def test_exact_repeats_are_dropped_but_new_tones_are_not() -> None:
+    sink = Sink()
+    seq = sink.sequencer()
+    for item in (b.tone("c", "tone1", 1), b.tone("c", "tone1", 1), b.tone("c", "tone1", 2)):
+        seq.accept(one(item))
+    assert sink.labels == ["tone:tone1", "tone:tone1"]
+    assert seq.counts["duplicate"] == 1
+    seq.close()
+
+
+async def test_stragglers_after_termination_are_dropped_then_state_released() -> None:
+    sink = Sink()
+    seq = sink.sequencer(grace=0.02)
+    seq.accept(one(b.call_state("c", "establishing")))
+    seq.accept(one(b.call_terminated("c")))
+    seq.accept(one(b.tone("c", "tone1", 1)))
+    seq.accept(one(b.call_state("c", "established")))
+    assert sink.labels == ["establishing", "terminated"]
+    assert seq.counts["after_end"] == 2
+    assert sink.ended == ["c"]
+    assert seq.active_records() == []
+    await asyncio.sleep(0.08)
+    assert seq.record("c") is None
+    seq.close()
+
+
+async def test_establishing_can_go_straight_to_terminating() -> None:
+    sink = Sink()
+    seq = sink.sequencer(window=5)
+    for state in ("establishing", "terminating"):
+        seq.accept(one(b.call_state("c", state)))
+    assert sink.labels == ["establishing", "terminating"]
+    seq.close()
+
+
+async def test_previous_state_and_snapshot_follow_delivery_order() -> None:
+    sink = Sink()
+    seq = sink.sequencer(window=5)
+    seq.accept(one(b.incoming_call("c", caller_name="Ann")))
+    seq.accept(one(b.call_state("c", "established")))
+    seq.accept(one(b.call_state("c", "establishing")))
+    states = [d.event for d in sink.deliveries if isinstance(d.event, events.CallStateChanged)]
+    assert [(e.state, e.previous_state) for e in states] == [
+        ("establishing", "incoming"), ("established", "establishing")
+    ]
+    last = sink.deliveries[-1].snapshot
+    assert last is not None
+    assert last.state == "established"
+    # Fields from the incoming call survive partial updates.
+    assert last.direction == "incoming"
+    seq.close()
+
+
+async def test_operation_outcomes_are_reported_at_once_even_while_held() -> None:
+    sink = Sink()
+    seq = sink.sequencer(window=5)
+    seq.accept(one(b.call_state("c", "established")))
+    seq.accept(one(b.operation_update("c", "op-1")))
+    assert sink.operations == ["op-1"]
+    assert sink.labels == []
+    seq.release_all()
+    assert sink.labels == ["established", "OperationUpdated"]
+    seq.close()
+
+
+async def test_failed_transfer_established_again_is_delivered() -> None:
+    sink = Sink()
+    seq = sink.sequencer()
+    seq.accept(one(b.call_state("c", "establishing")))
+    seq.accept(one(b.call_state("c", "established")))
+    seq.accept(one(b.call_state("c", "transferring")))
+    info = b.call_state("c", "established")
+    info["resourceData"]["resultInfo"] = {"code": 500, "subcode": 7000, "message": "failed"}
+    seq.accept(one(info))
+    assert sink.labels == ["establishing", "established", "transferring", "established"]
+    last = sink.deliveries[-1].event
+    assert isinstance(last, events.CallStateChanged)
+    assert last.previous_state == "transferring"
+    assert last.result_info is not None
+    assert last.result_info.subcode == 7000
+    seq.close()
