@@ -243,7 +243,7 @@ class Authenticator:
         """True once signing keys have been loaded at least once."""
         return self._loaded.is_set()
 
-    async def wait_ready(self, timeout: float) -> bool:  # noqa: ASYNC109 - a plain bound is simpler for callers
+    async def wait_ready(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for the keys; return :attr:`ready`."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._loaded.wait(), timeout)

@@ -25,12 +25,114 @@ log = get_logger("callbot")
 
 E = TypeVar("E", bound=events.Event)
 H = TypeVar("H", bound=Callable[..., Awaitable[None]])
-BOT_KEY = web.AppKey("callbot", "CallBot")
+BOT_KEY: web.AppKey[CallBot] = web.AppKey("callbot")
 
 _KNOWN_STATES = frozenset(
-    {"incoming", "establishing", "established", "hold", "transferring", "transferAccepted",
-     "redirecting", "terminating", "terminated"}
+    {
+        "incoming",
+        "establishing",
+        "established",
+        "hold",
+        "transferring",
+        "transferAccepted",
+        "redirecting",
+        "terminating",
+        "terminated",
+    }
 )
+
+
+class _Runtime:
+    """Everything a serving bot runs: built at start, discarded at stop."""
+
+    def __init__(self, settings: Settings, registry: HandlerRegistry, credential: Any) -> None:
+        s = settings
+        self.settings = settings
+        self.metrics = Metrics()
+        self.services = CallServices(s, credential=credential)
+        self.authenticator = Authenticator(
+            app_id=s.app_id,
+            openid_config_url=s.openid_config_url,
+            allowed_tenants=s.allowed_tenants,
+            leeway=s.token_leeway,
+            refresh_interval=s.key_refresh_interval,
+            refetch_cooldown=s.key_refetch_cooldown,
+        )
+        self.dispatcher = Dispatcher(
+            registry,
+            self.services,
+            max_concurrent=s.max_concurrent_handlers,
+            observe=self.metrics.observe_handler,
+        )
+        self.sequencer = Sequencer(
+            self.dispatcher.submit,
+            reorder_window=s.reorder_window,
+            termination_grace=s.termination_grace,
+            on_ended=self.services.on_ended,
+            on_operation=self.services.on_operation,
+        )
+        self.receiver = Receiver(
+            authenticator=self.authenticator,
+            ingest=self.ingest,
+            max_body_bytes=s.max_body_bytes,
+            max_json_depth=s.max_json_depth,
+            observe_ack=self.metrics.ack_seconds.observe,
+        )
+        sources = self.metrics.sources
+        sources.notifications.append(lambda: self.receiver.counts)
+        sources.dropped = lambda: self.sequencer.counts
+        sources.handled = lambda: self.dispatcher.counts
+        sources.gauges["callbot_active_calls"] = (
+            "Calls that have not ended",
+            lambda: float(len(self.sequencer.active_records())),
+        )
+        sources.gauges["callbot_pending_operations"] = (
+            "Operations awaiting their outcome",
+            lambda: float(self.services.pending_operations),
+        )
+        sources.gauges["callbot_queued_deliveries"] = (
+            "Events queued or running in handlers",
+            lambda: float(self.dispatcher.queued),
+        )
+
+    @property
+    def ready(self) -> bool:
+        return self.authenticator.ready and not self.receiver.draining
+
+    async def ingest(self, batch: Sequence[events.Event]) -> None:
+        for event in batch:
+            self.sequencer.accept(event)
+
+    async def start(self) -> None:
+        await self.authenticator.start()
+        await self.services.start()
+        log.info(
+            "bot_started",
+            callback_path=self.settings.callback_path,
+            keys_loaded=self.authenticator.ready,
+        )
+
+    async def drain(self) -> None:
+        if self.receiver.draining:
+            return
+        self.receiver.draining = True
+        log.info("draining", timeout=self.settings.shutdown_timeout)
+        self.sequencer.release_all()
+        abandoned = await self.dispatcher.join(self.settings.shutdown_timeout)
+        for delivery in abandoned:
+            log.error(
+                "notification_abandoned",
+                call_id=delivery.event.call_id,
+                kind=type(delivery.event).__name__,
+                reason="handlers did not finish before the shutdown deadline",
+            )
+
+    async def stop(self) -> None:
+        await self.drain()
+        self.sequencer.close()
+        await self.services.close()
+        await self.authenticator.close()
+        log.info("bot_stopped")
 
 
 class CallBot:
@@ -42,6 +144,8 @@ class CallBot:
     ...     await call.answer()
 
     Serve it with ``callbot run module:bot`` or mount ``bot.create_app()``.
+    The bot itself is a definition (settings and handlers); what runs is built
+    when it starts and discarded when it stops, so it can be served again.
     """
 
     def __init__(
@@ -50,57 +154,53 @@ class CallBot:
         """Configure from a ``Settings`` object or keyword arguments (see ``Settings``)."""
         if settings is not None and options:
             raise TypeError("pass either settings or keyword options, not both")
-        self.settings = settings if settings is not None else Settings(**options)
-        s = self.settings
-        self.metrics = Metrics()
+        self._settings = settings if settings is not None else Settings(**options)
+        self._credential = credential
         self._registry = HandlerRegistry()
-        self.services = CallServices(s, credential=credential)
-        self.authenticator = Authenticator(
-            app_id=s.app_id,
-            openid_config_url=s.openid_config_url,
-            allowed_tenants=s.allowed_tenants,
-            leeway=s.token_leeway,
-            refresh_interval=s.key_refresh_interval,
-            refetch_cooldown=s.key_refetch_cooldown,
-        )
-        self._dispatcher = Dispatcher(
-            self._registry, self.services, max_concurrent=s.max_concurrent_handlers,
-            observe=self.metrics.observe_handler,
-        )
-        self._sequencer = Sequencer(
-            self._dispatcher.submit,
-            reorder_window=s.reorder_window,
-            termination_grace=s.termination_grace,
-            on_ended=self.services.on_ended,
-            on_operation=self.services.on_operation,
-        )
-        self.receiver = Receiver(
-            authenticator=self.authenticator,
-            ingest=self._ingest,
-            max_body_bytes=s.max_body_bytes,
-            max_json_depth=s.max_json_depth,
-            observe_ack=self.metrics.ack_seconds.observe,
-        )
-        sources = self.metrics.sources
-        sources.notifications.append(lambda: self.receiver.counts)
-        sources.dropped = lambda: self._sequencer.counts
-        sources.handled = lambda: self._dispatcher.counts
-        sources.gauges["callbot_active_calls"] = (
-            "Calls that have not ended", lambda: float(len(self._sequencer.active_records()))
-        )
-        sources.gauges["callbot_pending_operations"] = (
-            "Operations awaiting their outcome", lambda: float(self.services.pending_operations)
-        )
-        sources.gauges["callbot_queued_deliveries"] = (
-            "Events queued or running in handlers", lambda: float(self._dispatcher.queued)
-        )
-        self._started = False
-        self._stopped = False
+        self._runtime: _Runtime | None = None
 
     @classmethod
     def from_env(cls, *, credential: Any = None, **overrides: Any) -> CallBot:
         """Configure from ``CALLBOT_*`` environment variables; keyword arguments win."""
         return cls(Settings.from_env(**overrides), credential=credential)
+
+    @property
+    def settings(self) -> Settings:
+        """The bot's settings (change them with ``configure`` while it is not running)."""
+        return self._settings
+
+    def configure(self, *, credential: Any = None, **changes: Any) -> None:
+        """Change settings (and the outbound credential) before the bot starts."""
+        if self._runtime is not None:
+            raise RuntimeError("configure() is only possible while the bot is not running")
+        self._settings = self._settings.replace(**changes)
+        if credential is not None:
+            self._credential = credential
+
+    def _running(self) -> _Runtime:
+        if self._runtime is None:
+            raise RuntimeError("the bot is not running: serve it, or start its app, first")
+        return self._runtime
+
+    @property
+    def services(self) -> CallServices:
+        """The Graph side of the running bot (calls, operations, tokens)."""
+        return self._running().services
+
+    @property
+    def receiver(self) -> Receiver:
+        """The running bot's callback endpoint (its ``counts`` say what it refused)."""
+        return self._running().receiver
+
+    @property
+    def metrics(self) -> Metrics:
+        """The running bot's metrics."""
+        return self._running().metrics
+
+    @property
+    def authenticator(self) -> Authenticator:
+        """The running bot's inbound token checker."""
+        return self._running().authenticator
 
     # -- registration -------------------------------------------------------------
 
@@ -134,7 +234,8 @@ class CallBot:
 
         def register(handler: H) -> H:
             self._registry.add(
-                events.CallStateChanged, handler,
+                events.CallStateChanged,
+                handler,
                 lambda e: isinstance(e, events.CallStateChanged) and e.state in wanted,
             )
             return handler
@@ -182,23 +283,24 @@ class CallBot:
 
     def active_calls(self) -> list[Call]:
         """Handles of the calls that have not ended."""
-        return [self.services.call(r.call_id) for r in self._sequencer.active_records()]
+        runtime = self._running()
+        return [runtime.services.call(r.call_id) for r in runtime.sequencer.active_records()]
 
     # -- serving ------------------------------------------------------------------
 
     @property
     def ready(self) -> bool:
-        """Keys are loaded and the bot is not draining."""
-        return self.authenticator.ready and not self.receiver.draining
+        """Running, keys loaded, and not draining."""
+        return self._runtime is not None and self._runtime.ready
 
     def create_app(self) -> web.Application:
         """The aiohttp application: the callback route, ``/healthz``, ``/readyz``, ``/metrics``.
 
         Mount it in an existing app with ``app.add_subapp(prefix, bot.create_app())``.
         """
-        app = web.Application(client_max_size=self.settings.max_body_bytes)
+        app = web.Application(client_max_size=self._settings.max_body_bytes)
         app[BOT_KEY] = self
-        app.router.add_post(self.settings.callback_path, self.receiver.handle)
+        app.router.add_post(self._settings.callback_path, self._callback)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
@@ -211,60 +313,54 @@ class CallBot:
         await self.stop()
 
     async def start(self) -> None:
-        """Load signing keys and the outbound token before the first callback."""
-        if self._started:
+        """Check settings, then load signing keys and the outbound token."""
+        if self._runtime is not None:
             return
-        self._started = True
-        await self.authenticator.start()
-        await self.services.start()
-        log.info("bot_started", callback_path=self.settings.callback_path,
-                 keys_loaded=self.authenticator.ready)
+        self._settings.check()
+        runtime = _Runtime(self._settings, self._registry, self._credential)
+        self._runtime = runtime
+        try:
+            await runtime.start()
+        except BaseException:
+            self._runtime = None
+            await runtime.stop()
+            raise
 
     async def drain(self) -> None:
         """Refuse new callbacks (readyz fails), then let running handlers finish."""
-        if self.receiver.draining:
-            return
-        self.receiver.draining = True
-        log.info("draining", timeout=self.settings.shutdown_timeout)
-        self._sequencer.release_all()
-        abandoned = await self._dispatcher.join(self.settings.shutdown_timeout)
-        for delivery in abandoned:
-            log.error("notification_abandoned", call_id=delivery.event.call_id,
-                      event=type(delivery.event).__name__,
-                      reason="handlers did not finish before the shutdown deadline")
+        if self._runtime is not None:
+            await self._runtime.drain()
 
     async def stop(self) -> None:
         """Drain, then close every connection and timer."""
-        if self._stopped:
-            return
-        self._stopped = True
-        await self.drain()
-        self._sequencer.close()
-        await self.services.close()
-        await self.authenticator.close()
-        log.info("bot_stopped")
+        runtime, self._runtime = self._runtime, None
+        if runtime is not None:
+            await runtime.stop()
 
     def run(self, host: str | None = None, port: int | None = None) -> None:
         """Serve until SIGINT or SIGTERM (blocking)."""
         asyncio.run(self.serve(host, port))
 
     async def serve(
-        self, host: str | None = None, port: int | None = None,
-        *, stop: asyncio.Event | None = None,
+        self,
+        host: str | None = None,
+        port: int | None = None,
+        *,
+        stop: asyncio.Event | None = None,
     ) -> None:
         """Serve until ``stop`` is set, or SIGINT/SIGTERM; then drain and close."""
-        host = host or self.settings.host
-        port = self.settings.port if port is None else port
+        host = host or self._settings.host
+        port = self._settings.port if port is None else port
         stop = stop or asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
         runner = web.AppRunner(self.create_app(), handle_signals=False, access_log=None)
-        await runner.setup()
         try:
+            await runner.setup()
             site = web.TCPSite(runner, host, port)
             await site.start()
-            log.info("listening", host=host, port=port, callback_path=self.settings.callback_path)
+            log.info("listening", host=host, port=port, callback_path=self._settings.callback_path)
             await stop.wait()
             log.info("shutdown_requested")
             # Drain while still listening, so probes see readyz fail before the exit.
@@ -274,21 +370,34 @@ class CallBot:
                 loop.remove_signal_handler(signum)
             await runner.cleanup()
 
-    async def _ingest(self, batch: Sequence[events.Event]) -> None:
-        for event in batch:
-            self._sequencer.accept(event)
+    async def _callback(self, request: web.Request) -> web.StreamResponse:
+        runtime = self._runtime
+        if runtime is None:
+            return web.json_response(
+                {"error": "not_running", "detail": "bot not started"},
+                status=503,
+                headers={"Retry-After": "1"},
+            )
+        return await runtime.receiver.handle(request)
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
     async def _readyz(self, request: web.Request) -> web.Response:
-        checks = {"keys_loaded": self.authenticator.ready, "draining": self.receiver.draining}
+        runtime = self._runtime
+        checks = {
+            "running": runtime is not None,
+            "keys_loaded": runtime is not None and runtime.authenticator.ready,
+            "draining": runtime is not None and runtime.receiver.draining,
+        }
         ready = self.ready
         return web.json_response({"ready": ready, **checks}, status=200 if ready else 503)
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=self.metrics.render(),
-                            content_type="text/plain", charset="utf-8",
-                            headers={"X-Content-Type-Options": "nosniff"})
-
-
+        body = self._runtime.metrics.render() if self._runtime is not None else b""
+        return web.Response(
+            body=body,
+            content_type="text/plain",
+            charset="utf-8",
+            headers={"X-Content-Type-Options": "nosniff"},
+        )

@@ -26,8 +26,11 @@ class Settings:
     ``CALLBOT_NAME`` (``CallBot.from_env()``). Durations are in seconds.
     """
 
-    app_id: str
-    """The bot's application (client) id; inbound tokens must have it as audience."""
+    app_id: str = ""
+    """The bot's application (client) id; inbound tokens must have it as audience.
+
+    Required to serve; checked when the bot starts, so a bot module can be
+    imported (and configured by a test) before it is set."""
     tenant_id: str | None = None
     """Tenant the bot's outbound app-only token is requested for."""
     app_secret: str | None = field(default=None, repr=False)
@@ -76,15 +79,14 @@ class Settings:
     """When set, accepted notifications are appended to this JSON-lines file."""
 
     def __post_init__(self) -> None:
-        if not self.app_id:
-            raise ConfigurationError("app_id is required (CALLBOT_APP_ID)")
         if not self.callback_path.startswith("/"):
             raise ConfigurationError("callback_path must start with '/' (CALLBOT_CALLBACK_PATH)")
         if self.public_url is not None:
             parts = urlsplit(self.public_url)
             if parts.scheme not in ("https", "http") or not parts.netloc:
                 raise ConfigurationError(
-                    f"public_url must be an absolute URL, got {self.public_url!r} (CALLBOT_PUBLIC_URL)"
+                    f"public_url must be an absolute URL, got {self.public_url!r} "
+                    "(CALLBOT_PUBLIC_URL)"
                 )
             if parts.scheme != "https" and not self.allow_insecure_public_url:
                 raise ConfigurationError(
@@ -96,6 +98,13 @@ class Settings:
                 raise ConfigurationError(f"{name} must not be negative")
         if self.max_concurrent_handlers < 1:
             raise ConfigurationError("max_concurrent_handlers must be at least 1")
+
+    def check(self) -> None:
+        """Fail with a message naming what is missing for serving callbacks."""
+        if not self.app_id:
+            raise ConfigurationError(
+                "CALLBOT_APP_ID is required: the bot's application id (the token audience)"
+            )
 
     @property
     def callback_url(self) -> str:
@@ -118,9 +127,7 @@ class Settings:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_env(
-        cls, environ: Mapping[str, str] | None = None, **overrides: Any
-    ) -> Settings:
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Read ``CALLBOT_*`` variables; keyword arguments win over the environment."""
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
@@ -130,8 +137,6 @@ class Settings:
                 continue
             values[f.name] = _convert(f.name, str(f.type), raw)
         values.update(overrides)
-        if not values.get("app_id"):
-            raise ConfigurationError("CALLBOT_APP_ID is required: the bot's application id")
         return cls(**values)
 
 

@@ -26,7 +26,7 @@ from ._sequencing import Delivery
 if TYPE_CHECKING:
     from .graph import Call
 
-__all__ = ["Dispatcher", "ErrorHandler", "Handler", "HandlerRegistry", "CallHooks"]
+__all__ = ["CallHooks", "Dispatcher", "ErrorHandler", "Handler", "HandlerRegistry"]
 
 log = get_logger("callbot.dispatch")
 
@@ -205,13 +205,24 @@ class Dispatcher:
     async def _report(self, name: str, call: Call, event: events.Event, exc: Exception) -> None:
         handlers = self._registry.error_handlers
         if not handlers:
-            log.error("handler_failed", handler=name, event=type(event).__name__,
-                      error=repr(exc), traceback="".join(traceback.format_exception(exc)))
+            log.error(
+                "handler_failed",
+                call_id=event.call_id,
+                handler=name,
+                kind=type(event).__name__,
+                error=repr(exc),
+                traceback="".join(traceback.format_exception(exc)),
+            )
             return
         for on_error in handlers:
             try:
                 await on_error(call, event, exc)
             except Exception as second:
-                log.error("error_handler_failed", handler=name, error=repr(exc),
-                          error_handler_error=repr(second),
-                          traceback="".join(traceback.format_exception(second)))
+                log.error(
+                    "error_handler_failed",
+                    call_id=event.call_id,
+                    handler=name,
+                    error=repr(exc),
+                    error_handler_error=repr(second),
+                    traceback="".join(traceback.format_exception(second)),
+                )

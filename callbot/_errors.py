@@ -1,13 +1,13 @@
 """The errors a bot author can catch.
 
-    CallbotError
-    ├── ConfigurationError      a setting is missing or invalid
-    ├── AuthenticationError     an inbound callback's token was refused (.reason)
-    │   └── KeysUnavailable     no signing keys could be loaded yet
-    ├── MalformedNotification   an inbound body could not be understood (.reason)
-    ├── StoreUnavailable        the state store cannot be reached
-    ├── GraphError              Graph answered an outbound request with an error
-    └── OperationFailed         a Graph operation ended with status "failed"
+CallbotError
+├── ConfigurationError      a setting is missing or invalid
+├── AuthenticationError     an inbound callback's token was refused (.reason)
+│   └── KeysUnavailable     no signing keys could be loaded yet
+├── MalformedNotification   an inbound body could not be understood (.reason)
+├── StoreUnavailable        the state store cannot be reached
+├── GraphError              Graph answered an outbound request with an error
+└── OperationFailed         a Graph operation ended with status "failed"
 """
 
 from __future__ import annotations

@@ -31,7 +31,8 @@ class _Sources(Collector):
 
     def collect(self) -> Iterator[Metric]:
         notes = CounterMetricFamily(
-            "callbot_notifications", "Notifications received, by outcome and reason",
+            "callbot_notifications",
+            "Notifications received, by outcome and reason",
             labels=["outcome", "reason"],
         )
         for source in self.notifications:
@@ -50,7 +51,8 @@ class _Sources(Collector):
             yield handled
         if self.graph is not None:
             graph = CounterMetricFamily(
-                "callbot_graph_requests", "Requests sent to Graph, by method and status",
+                "callbot_graph_requests",
+                "Requests sent to Graph, by method and status",
                 labels=["method", "status"],
             )
             for (method, status), value in sorted(self.graph().items()):
@@ -70,12 +72,17 @@ class Metrics:
         self.sources = _Sources()
         self.registry.register(self.sources)
         self.ack_seconds = Histogram(
-            "callbot_ack_seconds", "Time from request start to the 202",
-            buckets=_LATENCY_BUCKETS, registry=self.registry,
+            "callbot_ack_seconds",
+            "Time from request start to the 202",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
         )
         self.handler_seconds = Histogram(
-            "callbot_handler_seconds", "Handler run time, by handler and outcome",
-            labelnames=["handler", "outcome"], buckets=_HANDLER_BUCKETS, registry=self.registry,
+            "callbot_handler_seconds",
+            "Handler run time, by handler and outcome",
+            labelnames=["handler", "outcome"],
+            buckets=_HANDLER_BUCKETS,
+            registry=self.registry,
         )
 
     def observe_handler(self, handler: str, outcome: str, seconds: float) -> None:

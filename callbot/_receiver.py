@@ -59,26 +59,44 @@ class Receiver:
             "message_id": request.headers.get("X-Microsoft-Skype-Message-ID"),
         }
         if self.draining:
-            return self._refuse(503, "unavailable", "draining", "shutting down", context,
-                                headers={"Retry-After": "1"})
+            return self._refuse(
+                503,
+                "unavailable",
+                "draining",
+                "shutting down",
+                context,
+                headers={"Retry-After": "1"},
+            )
         try:
             token = await self._auth.verify(request.headers.get("Authorization"))
         except KeysUnavailable as exc:
-            return self._refuse(503, "unavailable", exc.reason, str(exc), context,
-                                headers={"Retry-After": "5"})
+            return self._refuse(
+                503, "unavailable", exc.reason, str(exc), context, headers={"Retry-After": "5"}
+            )
         except AuthenticationError as exc:
             challenge = f'Bearer error="invalid_token", error_description="{exc.reason}"'
-            return self._refuse(401, "auth_failed", exc.reason, str(exc), context,
-                                headers={"WWW-Authenticate": challenge})
+            return self._refuse(
+                401,
+                "auth_failed",
+                exc.reason,
+                str(exc),
+                context,
+                headers={"WWW-Authenticate": challenge},
+            )
         context["tenant_id"] = token.tenant_id
         if request.content_type != "application/json":
-            return self._refuse(415, "malformed", "bad_content_type",
-                                f"expected application/json, got {request.content_type!r}",
-                                context)
+            return self._refuse(
+                415,
+                "malformed",
+                "bad_content_type",
+                f"expected application/json, got {request.content_type!r}",
+                context,
+            )
         body = await self._read_limited(request)
         if body is None:
-            return self._refuse(413, "malformed", "too_large",
-                                f"body larger than {self._max_body} bytes", context)
+            return self._refuse(
+                413, "malformed", "too_large", f"body larger than {self._max_body} bytes", context
+            )
         try:
             batch = parse_body(body, max_depth=self._max_depth)
         except MalformedNotification as exc:
@@ -86,8 +104,14 @@ class Receiver:
         try:
             await self._ingest(batch)
         except StoreUnavailable as exc:
-            return self._refuse(503, "unavailable", "store_unavailable", str(exc), context,
-                                headers={"Retry-After": "1"})
+            return self._refuse(
+                503,
+                "unavailable",
+                "store_unavailable",
+                str(exc),
+                context,
+                headers={"Retry-After": "1"},
+            )
         self.counts["accepted", ""] += len(batch)
         if self._observe_ack is not None:
             self._observe_ack(time.perf_counter() - started)
@@ -120,7 +144,14 @@ class Receiver:
         headers: dict[str, str] | None = None,
     ) -> web.Response:
         self.counts[outcome, reason] += 1
-        log.warning("callback_refused", status=status, outcome=outcome, reason=reason,
-                    detail=detail, **{k: v for k, v in context.items() if v is not None})
-        return web.json_response({"error": reason, "detail": detail}, status=status,
-                                 headers=headers)
+        log.warning(
+            "callback_refused",
+            status=status,
+            outcome=outcome,
+            reason=reason,
+            detail=detail,
+            **{k: v for k, v in context.items() if v is not None},
+        )
+        return web.json_response(
+            {"error": reason, "detail": detail}, status=status, headers=headers
+        )

@@ -197,8 +197,9 @@ class Sequencer:
         phase = phase_of(event)
         if phase is not None:
             if phase < record.phase:
-                self._drop(event, "stale", state=getattr(event, "state", None),
-                           current_state=record.state)
+                self._drop(
+                    event, "stale", state=getattr(event, "state", None), current_state=record.state
+                )
                 return
             if not self._predecessor_done(record, event):
                 record.held = event
@@ -206,8 +207,12 @@ class Sequencer:
                     self._window, self._release_on_timer, record
                 )
                 self.counts["held"] += 1
-                log.debug("notification_held", call_id=record.call_id,
-                          state=getattr(event, "state", None), window=self._window)
+                log.debug(
+                    "notification_held",
+                    call_id=record.call_id,
+                    state=getattr(event, "state", None),
+                    window=self._window,
+                )
                 return
         self._deliver(record, event)
 
@@ -229,8 +234,12 @@ class Sequencer:
             record.hold_timer = None
         if why != "predecessor":
             self.counts["released_alone"] += 1
-            log.info("held_notification_released", call_id=record.call_id,
-                     state=getattr(held, "state", None), reason=why)
+            log.info(
+                "held_notification_released",
+                call_id=record.call_id,
+                state=getattr(held, "state", None),
+                reason=why,
+            )
         self._admit_released(record, held)
         backlog, record.backlog = record.backlog, []
         for event in backlog:
@@ -239,8 +248,9 @@ class Sequencer:
     def _admit_released(self, record: CallRecord, event: events.Event) -> None:
         phase = phase_of(event)
         if phase is not None and phase < record.phase:
-            self._drop(event, "stale", state=getattr(event, "state", None),
-                       current_state=record.state)
+            self._drop(
+                event, "stale", state=getattr(event, "state", None), current_state=record.state
+            )
             return
         self._deliver(record, event)
 
@@ -321,8 +331,13 @@ class Sequencer:
 
     def _drop(self, event: events.Event, reason: str, **details: Any) -> None:
         self.counts[reason] += 1
-        log.info("notification_dropped", call_id=event.call_id, reason=reason,
-                 event=type(event).__name__, **details)
+        log.info(
+            "notification_dropped",
+            call_id=event.call_id,
+            reason=reason,
+            kind=type(event).__name__,
+            **details,
+        )
 
 
 def _merge(old: CallResource | None, new: CallResource) -> CallResource:

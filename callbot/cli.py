@@ -35,8 +35,9 @@ def load_bot(target: str) -> CallBot:
 
 
 def _run(args: argparse.Namespace) -> int:
-    configure_logging(os.environ.get("CALLBOT_LOG_FORMAT", "auto"),
-                      os.environ.get("CALLBOT_LOG_LEVEL", "info"))
+    configure_logging(
+        os.environ.get("CALLBOT_LOG_FORMAT", "auto"), os.environ.get("CALLBOT_LOG_LEVEL", "info")
+    )
     bot = load_bot(args.target)
     configure_logging(bot.settings.log_format, bot.settings.log_level)
     bot.run(args.host, args.port)

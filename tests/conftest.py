@@ -99,8 +99,9 @@ class BotServer:
             "Authorization": f"Bearer {token or self.token()}",
         }
         all_headers.update(headers or {})
-        return await self.client.post(self.bot.settings.callback_path, data=data,
-                                      headers=all_headers)
+        return await self.client.post(
+            self.bot.settings.callback_path, data=data, headers=all_headers
+        )
 
 
 BotFactory = Callable[..., "AsyncIterator[BotServer]"]

@@ -17,12 +17,12 @@ from callbot._parse import parse_payload
 from callbot.testing import _builders as b
 
 from .conftest import (
-    until,
     BotServer,
     load_notification_text,
     make_bot,
     normalized_json,
     notification_files,
+    until,
 )
 
 
@@ -89,9 +89,7 @@ async def test_every_documented_notification_reaches_a_handler(
     assert [type(e) for e in recorder.seen] == expected
 
 
-async def test_documented_bodies_that_are_not_json_are_refused(
-    authority: Any, serve: Any
-) -> None:
+async def test_documented_bodies_that_are_not_json_are_refused(authority: Any, serve: Any) -> None:
     bot, recorder = recording_bot(authority)
     server = await serve(bot)
     refused = 0
@@ -115,10 +113,18 @@ async def test_documented_bodies_that_are_not_json_are_refused(
         (b"[1, 2]", "application/json", 400, "bad_shape"),
         (b'{"value": {}}', "application/json", 400, "bad_shape"),
         (b'{"value": []}', "application/json", 400, "empty"),
-        (b'{"value": [{"resourceUrl": "/communications/calls/a"}]}', "application/json", 400,
-         "bad_shape"),
-        (b'{"value": [{"changeType": "updated", "resourceUrl": "/users/a"}]}',
-         "application/json", 400, "bad_shape"),
+        (
+            b'{"value": [{"resourceUrl": "/communications/calls/a"}]}',
+            "application/json",
+            400,
+            "bad_shape",
+        ),
+        (
+            b'{"value": [{"changeType": "updated", "resourceUrl": "/users/a"}]}',
+            "application/json",
+            400,
+            "bad_shape",
+        ),
         (b"\xff\xfe{}", "application/json", 400, "not_json"),
         (b'{"value": ' + b"[" * 500 + b"]" * 500 + b"}", "application/json", 400, "too_deep"),
         (b"{}", "text/plain", 415, "bad_content_type"),
@@ -148,15 +154,11 @@ async def test_bad_tokens_get_401_with_a_bearer_challenge(authority: Any, serve:
     cases = {
         "missing": {"Authorization": ""},
         "expired": {"Authorization": "Bearer " + server.token(expires_in=-600)},
-        "bad_audience": {
-            "Authorization": "Bearer " + authority.mint(audience="someone-else")
-        },
+        "bad_audience": {"Authorization": "Bearer " + authority.mint(audience="someone-else")},
     }
     for reason, headers in cases.items():
         if not headers["Authorization"]:
-            response = await server.client.post(
-                bot.settings.callback_path, json=body
-            )
+            response = await server.client.post(bot.settings.callback_path, json=body)
         else:
             response = await server.post(body, headers=headers)
         assert response.status == 401, reason
@@ -216,8 +218,14 @@ async def test_out_of_order_and_duplicates_across_hundreds_of_calls(
 
     await asyncio.gather(*(lifecycle(c) for c in calls))
     await recorder.wait_for(len(calls) * 6, within=30)
-    expected = ["IncomingCall", "establishing", "established", "tone:tone1", "tone:tone2",
-                "terminated"]
+    expected = [
+        "IncomingCall",
+        "establishing",
+        "established",
+        "tone:tone1",
+        "tone:tone2",
+        "terminated",
+    ]
     for call_id in calls:
         assert recorder.by_call[call_id.replace("-", "").lower()] == expected, call_id
     await asyncio.sleep(0.05)
@@ -308,9 +316,12 @@ async def test_specific_and_catch_all_handlers_run_in_registration_order(
     await server.post(b.notifications(b.tone("c", "star", 3)))
     await until(lambda: len(order) >= 6)
     assert order == [
-        "catch-all", "state:establishing:None",
-        "catch-all", "state:established:establishing",
-        "catch-all", "tone:star:3",
+        "catch-all",
+        "state:establishing:None",
+        "catch-all",
+        "state:established:establishing",
+        "catch-all",
+        "tone:star:3",
     ]
 
 
@@ -320,11 +331,13 @@ async def test_roster_joined_and_left_are_computed(authority: Any, serve: Any) -
 
     @bot.on_participants
     async def roster(call: Call, event: events.ParticipantsUpdated) -> None:
-        seen.append((
-            [p.id or "" for p in event.joined],
-            [p.id or "" for p in event.left],
-            [p.id or "" for p in event.updated],
-        ))
+        seen.append(
+            (
+                [p.id or "" for p in event.joined],
+                [p.id or "" for p in event.left],
+                [p.id or "" for p in event.updated],
+            )
+        )
 
     server = await serve(bot)
     alice, bob = b.participant("alice"), b.participant("bob")
@@ -347,9 +360,9 @@ def test_registering_a_plain_function_fails_at_once(authority: Any) -> None:
         return None
 
     with pytest.raises(TypeError, match="async def"):
-        bot.on_incoming_call(not_async)
+        bot.on_incoming_call(not_async)  # type: ignore[type-var]
     with pytest.raises(TypeError, match="async def"):
-        bot.on(events.Event)(not_async)
+        bot.on(events.Event)(not_async)  # type: ignore[type-var]
     with pytest.raises(ValueError, match="unknown call state"):
         bot.on_state("establised")
 

@@ -115,7 +115,8 @@ async def test_previous_state_and_snapshot_follow_delivery_order() -> None:
     seq.accept(one(b.call_state("c", "establishing")))
     states = [d.event for d in sink.deliveries if isinstance(d.event, events.CallStateChanged)]
     assert [(e.state, e.previous_state) for e in states] == [
-        ("establishing", "incoming"), ("established", "establishing")
+        ("establishing", "incoming"),
+        ("established", "establishing"),
     ]
     last = sink.deliveries[-1].snapshot
     assert last is not None

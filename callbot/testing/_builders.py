@@ -102,8 +102,9 @@ def call_state(
     **fields: Any,
 ) -> dict[str, Any]:
     """An ``updated`` call in ``state``; extra call properties may be given by name."""
-    call = models.Call(odata_type="#microsoft.graph.call", state=state, result_info=result_info,
-                       **fields)
+    call = models.Call(
+        odata_type="#microsoft.graph.call", state=state, result_info=result_info, **fields
+    )
     return _item("updated", _call_path(call_id), _dump(call))
 
 
@@ -149,8 +150,13 @@ def participant(
             identity=_identity(kind, user_id or participant_id, display_name),
         ),
         media_streams=[
-            models.MediaStream(media_type="audio", label="main-audio", source_id="1",
-                               direction="sendReceive", server_muted=False)
+            models.MediaStream(
+                media_type="audio",
+                label="main-audio",
+                source_id="1",
+                direction="sendReceive",
+                server_muted=False,
+            )
         ],
         is_muted=muted,
         is_in_lobby=in_lobby,
@@ -159,9 +165,7 @@ def participant(
 
 def roster(call_id: str, participants: Iterable[models.Participant]) -> dict[str, Any]:
     """An ``updated`` participants collection: the whole roster as it now is."""
-    return _item(
-        "updated", _call_path(call_id) + "/participants", [_dump(p) for p in participants]
-    )
+    return _item("updated", _call_path(call_id) + "/participants", [_dump(p) for p in participants])
 
 
 def operation_update(
@@ -185,8 +189,12 @@ def operation_update(
         **{_camel(k): v for k, v in fields.items()},
     }
     if code is not None:
-        data["resultInfo"] = {"@odata.type": "#microsoft.graph.resultInfo", "code": code,
-                              "subcode": subcode, "message": message}
+        data["resultInfo"] = {
+            "@odata.type": "#microsoft.graph.resultInfo",
+            "code": code,
+            "subcode": subcode,
+            "message": message,
+        }
     operation = models.parse_operation(data)
     return _item("deleted", f"{_call_path(call_id)}/operations/{operation_id}", _dump(operation))
 
@@ -199,8 +207,9 @@ def content_sharing(
         models.ContentSharingSession(odata_type="#microsoft.graph.contentSharingSession", id=s)
         for s in session_ids
     ]
-    return _item(change_type, _call_path(call_id) + "/contentsharingsessions",
-                 [_dump(s) for s in sessions])
+    return _item(
+        change_type, _call_path(call_id) + "/contentsharingsessions", [_dump(s) for s in sessions]
+    )
 
 
 def _camel(name: str) -> str:
