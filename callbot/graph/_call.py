@@ -1,0 +1,697 @@
+"""The call handle a handler receives: the latest snapshot and every action Graph offers.
+
+Each action sends the documented request to ``/communications/calls/{id}/...``.
+Actions that start a Graph operation return an :class:`~callbot.Operation` to
+await; the others return once Graph has accepted the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import uuid
+from collections.abc import Mapping, Sequence
+from os import PathLike
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import quote
+
+import structlog
+
+from .. import models
+from .._ids import id_key
+from ._client import GraphResponse
+from ._operations import Operation
+from ._values import (
+    MediaInfoLike,
+    PromptLike,
+    TargetLike,
+    dump,
+    invitation_json,
+    media_info_json,
+    participant_info_json,
+    prompt_json,
+    prompts_json,
+)
+
+if TYPE_CHECKING:
+    from ._services import CallServices
+
+__all__ = [
+    "AudioRoutingGroups",
+    "Call",
+    "Participants",
+    "call_options_json",
+    "media_config_json",
+]
+
+log = structlog.get_logger("callbot.graph")
+
+OpT = TypeVar("OpT", bound=models.CommsOperation)
+
+_DTMF = {
+    **{str(d): f"tone{d}" for d in range(10)},
+    "*": "star",
+    "#": "pound",
+    "A": "a",
+    "B": "b",
+    "C": "c",
+    "D": "d",
+}
+
+MediaConfigLike = models.MediaConfig | Mapping[str, Any]
+CallOptionsLike = models.CallOptions | Mapping[str, Any]
+
+
+def media_config_json(
+    *,
+    media_config: MediaConfigLike | None,
+    app_hosted_media: str | None,
+    prefetch: Sequence[MediaInfoLike],
+    remove_from_default_audio_group: bool | None = None,
+) -> dict[str, Any]:
+    """The ``mediaConfig``: raw when given, app-hosted with a blob, else service-hosted."""
+    if media_config is not None:
+        return dump(media_config)
+    body: dict[str, Any]
+    if app_hosted_media is not None:
+        if prefetch:
+            raise ValueError("prefetch is for service-hosted media; app-hosted media has a blob")
+        body = {"@odata.type": "#microsoft.graph.appHostedMediaConfig", "blob": app_hosted_media}
+    else:
+        body = {"@odata.type": "#microsoft.graph.serviceHostedMediaConfig"}
+        if prefetch:
+            body["preFetchMedia"] = [media_info_json(p) for p in prefetch]
+    if remove_from_default_audio_group is not None:
+        body["removeFromDefaultAudioGroup"] = remove_from_default_audio_group
+    return body
+
+
+def call_options_json(
+    odata_type: str,
+    *,
+    call_options: CallOptionsLike | None,
+    content_sharing_notifications: bool | None = None,
+    delta_roster: bool | None = None,
+    interactive_roster: bool | None = None,
+    hide_bot_after_escalation: bool | None = None,
+) -> dict[str, Any] | None:
+    """The ``callOptions`` from keyword flags (merged over a raw value when both are given)."""
+    body: dict[str, Any] = dump(call_options) if call_options is not None else {}
+    for key, value in (
+        ("isContentSharingNotificationEnabled", content_sharing_notifications),
+        ("isDeltaRosterEnabled", delta_roster),
+        ("isInteractiveRosterEnabled", interactive_roster),
+        ("hideBotAfterEscalation", hide_bot_after_escalation),
+    ):
+        if value is not None:
+            body[key] = value
+    if not body:
+        return None
+    body.setdefault("@odata.type", odata_type)
+    return body
+
+
+def _tones(tones: str | Sequence[str]) -> list[str]:
+    if isinstance(tones, str):
+        try:
+            return [_DTMF[ch.upper()] for ch in tones if not ch.isspace()]
+        except KeyError as exc:
+            raise ValueError(f"not a DTMF key: {exc.args[0]!r} (use 0-9, *, #, A-D)") from None
+    return list(tones)
+
+
+class Call:
+    """A call the bot is in (or is being offered): its state, and every action on it.
+
+    ``snapshot`` is the call as callbot last saw it (merged from notifications);
+    ``roster`` the last known participants by id. ``participants`` and
+    ``audio_routing_groups`` act on those collections through Graph.
+    """
+
+    def __init__(
+        self, call_id: str, *, services: CallServices, scenario_id: str | None = None
+    ) -> None:
+        self.id = call_id
+        """The call id as Graph wrote it."""
+        self.scenario_id = scenario_id or str(uuid.uuid4())
+        """Sent as ``scenario-id`` with every request about this call (one per call flow)."""
+        self.snapshot: models.Call | None = None
+        """The call as last seen (``None`` before any notification or response)."""
+        self.state: str | None = None
+        """``snapshot.state``: ``incoming``, ``establishing``, ``established``, ..."""
+        self.roster: dict[str, models.Participant] = {}
+        """The participants last seen in a roster notification, by participant id."""
+        self.participants = Participants(self)
+        """The call's participants on Graph: list, invite, mute, remove, hold music."""
+        self.audio_routing_groups = AudioRoutingGroups(self)
+        """The call's audio routing groups on Graph."""
+        self._services = services
+        self._responded = False
+        self._ended = False
+
+    def __repr__(self) -> str:
+        return f"<Call {self.id} state={self.state!r}>"
+
+    @property
+    def key(self) -> str:
+        """The call id in the form ids are compared in (lower case, no dashes)."""
+        return id_key(self.id)
+
+    @property
+    def ended(self) -> bool:
+        """Whether callbot has seen the call end."""
+        return self._ended
+
+    @property
+    def path(self) -> str:
+        """The call's Graph path, ``/communications/calls/{id}``."""
+        return "/communications/calls/" + quote(self.id, safe="")
+
+    def _set_snapshot(self, snapshot: models.Call | None) -> None:
+        self.snapshot = snapshot
+        self.state = snapshot.state if snapshot is not None else None
+
+    def _set_roster(self, roster: Mapping[str, models.Participant]) -> None:
+        self.roster = dict(roster)
+
+    # -- plumbing -----------------------------------------------------------------
+
+    async def _request(self, method: str, subpath: str = "", json: Any = None) -> GraphResponse:
+        return await self._services.graph.request(
+            method, self.path + subpath, json=json, scenario_id=self.scenario_id, call_id=self.id
+        )
+
+    async def _operation(
+        self,
+        subpath: str,
+        body: dict[str, Any],
+        *,
+        action: str,
+        kind: type[OpT],
+        client_context: str | None,
+    ) -> Operation[OpT]:
+        context = client_context or str(uuid.uuid4())
+        body["clientContext"] = context
+        op = Operation(call_id=self.id, action=action, client_context=context, kind=kind)
+        registry = self._services.operations
+        # tracked before sending: Graph's outcome can arrive before its response does
+        registry.start(op)
+        try:
+            response = await self._request("POST", subpath, body)
+        except BaseException:
+            registry.abandon(op)
+            raise
+        registry.accepted(op, response.body, response.location)
+        log.info(
+            "graph_operation_started",
+            call_id=self.id,
+            action=action,
+            operation_id=op.id,
+            status=op.status,
+            client_context=context,
+        )
+        return op
+
+    def _callback(self, callback_uri: str | None) -> str:
+        return callback_uri or self._services.settings.callback_url
+
+    # -- answering ----------------------------------------------------------------
+
+    async def answer(
+        self,
+        *,
+        modalities: Sequence[str] = ("audio",),
+        prefetch: Sequence[MediaInfoLike] = (),
+        app_hosted_media: str | None = None,
+        media_config: MediaConfigLike | None = None,
+        participant_capacity: int | None = None,
+        content_sharing_notifications: bool | None = None,
+        delta_roster: bool | None = None,
+        call_options: CallOptionsLike | None = None,
+        callback_uri: str | None = None,
+    ) -> None:
+        """Answer an incoming call (within 15 seconds of it ringing).
+
+        Media is service-hosted unless ``app_hosted_media`` (the media platform's
+        session blob) or a raw ``media_config`` is given; ``prefetch`` lists media
+        Graph caches before the first prompt. ``callback_uri`` defaults to the
+        bot's ``settings.callback_url``.
+        """
+        body: dict[str, Any] = {
+            "callbackUri": self._callback(callback_uri),
+            "acceptedModalities": list(modalities),
+            "mediaConfig": media_config_json(
+                media_config=media_config, app_hosted_media=app_hosted_media, prefetch=prefetch
+            ),
+        }
+        options = call_options_json(
+            "#microsoft.graph.incomingCallOptions",
+            call_options=call_options,
+            content_sharing_notifications=content_sharing_notifications,
+            delta_roster=delta_roster,
+        )
+        if options is not None:
+            body["callOptions"] = options
+        if participant_capacity is not None:
+            body["participantCapacity"] = participant_capacity
+        await self._request("POST", "/answer", body)
+        self._services._responded(self)
+
+    async def reject(self, reason: str = "none", *, callback_uri: str | None = None) -> None:
+        """Reject an incoming call (``reason``: ``none``, ``busy`` or ``forbidden``)."""
+        body: dict[str, Any] = {"reason": reason}
+        if callback_uri is not None:
+            body["callbackUri"] = callback_uri
+        await self._request("POST", "/reject", body)
+        self._services._responded(self)
+
+    async def redirect(
+        self,
+        *targets: TargetLike,
+        timeout: int | None = None,
+        routing_policies: Sequence[str] | None = None,
+        callback_uri: str | None = None,
+    ) -> None:
+        """Forward an incoming call; several targets ring simultaneously.
+
+        ``timeout`` is how long (seconds) to ring; ``routing_policies`` e.g.
+        ``["disableForwarding"]``.
+        """
+        if not targets:
+            raise ValueError("redirect needs at least one target")
+        body: dict[str, Any] = {"targets": [invitation_json(t) for t in targets]}
+        if timeout is not None:
+            body["timeout"] = timeout
+        if routing_policies is not None:
+            body["routingPolicies"] = list(routing_policies)
+        if callback_uri is not None:
+            body["callbackUri"] = callback_uri
+        elif self._services.settings.public_url is not None:
+            body["callbackUri"] = self._services.settings.callback_url
+        await self._request("POST", "/redirect", body)
+        self._services._responded(self)
+
+    # -- call control -------------------------------------------------------------
+
+    async def transfer(
+        self,
+        target: TargetLike,
+        *,
+        replaces_call_id: str | None = None,
+        transferee: TargetLike | None = None,
+        client_context: str | None = None,
+    ) -> None:
+        """Transfer the call (blind; consultative with ``replaces_call_id``).
+
+        From a group call, ``transferee`` names the participant to transfer
+        (a :class:`~callbot.graph.Target` with ``participant_id=``). The outcome arrives as call
+        state changes (``transferring``, ``transferAccepted``, then ``terminated``,
+        or back to ``established`` with a ``resultInfo`` when it failed).
+        """
+        body: dict[str, Any] = {"transferTarget": invitation_json(target)}
+        if replaces_call_id is not None:
+            body["transferTarget"]["replacesCallId"] = replaces_call_id
+        if transferee is not None:
+            body["transferee"] = participant_info_json(transferee)
+        if client_context is not None:
+            body["clientContext"] = client_context
+        await self._request("POST", "/transfer", body)
+
+    async def hangup(self) -> None:
+        """Hang up: the bot leaves (``DELETE`` the call)."""
+        await self._request("DELETE")
+
+    async def keep_alive(self) -> None:
+        """Tell Graph the bot still holds the call (else it ends after 45 minutes)."""
+        await self._request("POST", "/keepAlive")
+
+    async def refresh(self) -> models.Call:
+        """Fetch the call from Graph; the result also becomes :attr:`snapshot`."""
+        response = await self._request("GET")
+        snapshot = models.Call.model_validate(response.body or {})
+        self._set_snapshot(snapshot)
+        return snapshot
+
+    async def get_operation(self, operation_id: str) -> models.CommsOperation:
+        """Fetch one of the call's operations from Graph."""
+        response = await self._request("GET", "/operations/" + quote(operation_id, safe=""))
+        return models.parse_operation(response.body or {})
+
+    # -- media --------------------------------------------------------------------
+
+    async def play_prompt(
+        self,
+        prompts: PromptLike | Sequence[PromptLike],
+        *,
+        loop: bool | None = None,
+        client_context: str | None = None,
+    ) -> Operation[models.PlayPromptOperation]:
+        """Play one prompt (a media URL) or several in order; ``loop`` repeats them."""
+        body: dict[str, Any] = {"prompts": prompts_json(prompts)}
+        if loop is not None:
+            body["loop"] = loop
+        return await self._operation(
+            "/playPrompt",
+            body,
+            action="playPrompt",
+            kind=models.PlayPromptOperation,
+            client_context=client_context,
+        )
+
+    async def record_response(
+        self,
+        *,
+        prompts: PromptLike | Sequence[PromptLike] = (),
+        barge_in_allowed: bool | None = None,
+        initial_silence_timeout: int | None = None,
+        max_silence_timeout: int | None = None,
+        max_record_duration: int | None = None,
+        play_beep: bool | None = None,
+        stop_tones: Sequence[str] | None = None,
+        client_context: str | None = None,
+    ) -> Operation[models.RecordOperation]:
+        """Record a short answer from the caller (durations in seconds).
+
+        The completed :class:`~callbot.models.RecordOperation` has
+        ``recording_location``; fetch it with :meth:`download_recording`.
+        """
+        body: dict[str, Any] = {}
+        prompt_list = prompts_json(prompts) if prompts else []
+        if prompt_list:
+            body["prompts"] = prompt_list
+        for key, value in (
+            ("bargeInAllowed", barge_in_allowed),
+            ("initialSilenceTimeoutInSeconds", initial_silence_timeout),
+            ("maxSilenceTimeoutInSeconds", max_silence_timeout),
+            ("maxRecordDurationInSeconds", max_record_duration),
+            ("playBeep", play_beep),
+        ):
+            if value is not None:
+                body[key] = value
+        if stop_tones is not None:
+            body["stopTones"] = list(stop_tones)
+        return await self._operation(
+            "/recordResponse",
+            body,
+            action="recordResponse",
+            kind=models.RecordOperation,
+            client_context=client_context,
+        )
+
+    async def cancel_media_processing(
+        self, *, client_context: str | None = None
+    ) -> Operation[models.CancelMediaProcessingOperation]:
+        """Stop the prompt or recording in progress (its operation then fails as canceled)."""
+        return await self._operation(
+            "/cancelMediaProcessing",
+            {},
+            action="cancelMediaProcessing",
+            kind=models.CancelMediaProcessingOperation,
+            client_context=client_context,
+        )
+
+    async def subscribe_to_tone(
+        self, *, client_context: str | None = None
+    ) -> Operation[models.SubscribeToToneOperation]:
+        """Receive the caller's DTMF tones (as ``ToneReceived`` events)."""
+        return await self._operation(
+            "/subscribeToTone",
+            {},
+            action="subscribeToTone",
+            kind=models.SubscribeToToneOperation,
+            client_context=client_context,
+        )
+
+    async def send_dtmf_tones(
+        self,
+        tones: str | Sequence[str],
+        *,
+        delay_between_tones_ms: int | None = None,
+        client_context: str | None = None,
+    ) -> Operation[models.SendDtmfTonesOperation]:
+        """Send DTMF tones: a string of keys (``"123#"``) or Graph tone names (``tone1``)."""
+        body: dict[str, Any] = {"tones": _tones(tones)}
+        if delay_between_tones_ms is not None:
+            body["delayBetweenTonesMs"] = delay_between_tones_ms
+        return await self._operation(
+            "/sendDtmfTones",
+            body,
+            action="sendDtmfTones",
+            kind=models.SendDtmfTonesOperation,
+            client_context=client_context,
+        )
+
+    async def download_recording(
+        self,
+        recording: Operation[Any] | models.RecordOperation | Mapping[str, Any],
+        path: str | PathLike[str] | None = None,
+    ) -> bytes:
+        """Fetch a finished recording with its ``recordingAccessToken``; also save it to ``path``.
+
+        Recordings are short-lived: download them when the record operation completes.
+        """
+        result: Any = recording.result if isinstance(recording, Operation) else recording
+        if isinstance(result, Mapping):
+            location = result.get("recordingLocation")
+            token = result.get("recordingAccessToken")
+        else:
+            location = getattr(result, "recording_location", None)
+            token = getattr(result, "recording_access_token", None)
+        if not location or not token:
+            raise ValueError("no recording: the record operation has no location or access token")
+        data = await self._services.graph.download(location, bearer=token, call_id=self.id)
+        if path is not None:
+            # writing a file can block: keep it off the event loop
+            await asyncio.to_thread(Path(path).write_bytes, data)
+        return data
+
+    # -- self participant -----------------------------------------------------------
+
+    async def mute(
+        self, *, client_context: str | None = None
+    ) -> Operation[models.MuteParticipantOperation]:
+        """Mute the bot itself."""
+        return await self._operation(
+            "/mute",
+            {},
+            action="mute",
+            kind=models.MuteParticipantOperation,
+            client_context=client_context,
+        )
+
+    async def unmute(
+        self, *, client_context: str | None = None
+    ) -> Operation[models.UnmuteParticipantOperation]:
+        """Unmute the bot itself."""
+        return await self._operation(
+            "/unmute",
+            {},
+            action="unmute",
+            kind=models.UnmuteParticipantOperation,
+            client_context=client_context,
+        )
+
+    async def change_screen_sharing_role(self, role: str) -> None:
+        """Start (``sharer``) or stop (``viewer``) sharing the bot's screen."""
+        await self._request("POST", "/changeScreenSharingRole", {"role": role})
+
+    async def update_recording_status(
+        self, status: str, *, client_context: str | None = None
+    ) -> Operation[models.UpdateRecordingStatusOperation]:
+        """Tell Teams the bot is recording (``recording``, ``notRecording``, ``failed``)."""
+        return await self._operation(
+            "/updateRecordingStatus",
+            {"status": status},
+            action="updateRecordingStatus",
+            kind=models.UpdateRecordingStatusOperation,
+            client_context=client_context,
+        )
+
+    async def add_large_gallery_view(
+        self, *, client_context: str | None = None
+    ) -> Operation[models.AddLargeGalleryViewOperation]:
+        """Add the large gallery view to the call (the bot then sees up to 49 videos)."""
+        return await self._operation(
+            "/addLargeGalleryView",
+            {},
+            action="addLargeGalleryView",
+            kind=models.AddLargeGalleryViewOperation,
+            client_context=client_context,
+        )
+
+
+class Participants:
+    """A call's participants on Graph (``call.participants``)."""
+
+    def __init__(self, call: Call) -> None:
+        self._call = call
+
+    def _path(self, participant_id: str | None = None, action: str = "") -> str:
+        path = "/participants"
+        if participant_id is not None:
+            path += "/" + quote(participant_id, safe="")
+        return path + action
+
+    async def get(self, participant_id: str) -> models.Participant:
+        """Fetch one participant."""
+        response = await self._call._request("GET", self._path(participant_id))
+        return models.Participant.model_validate(response.body or {})
+
+    async def invite(
+        self,
+        *targets: TargetLike,
+        replaces_call_id: str | None = None,
+        client_context: str | None = None,
+    ) -> Operation[models.InviteParticipantsOperation]:
+        """Invite one or more people (or bots, or phone numbers) into the call.
+
+        ``replaces_call_id`` (for every target that does not name its own) moves
+        a peer-to-peer call the bot holds with that person into this one.
+        """
+        if not targets:
+            raise ValueError("invite needs at least one target")
+        participants = []
+        for target in targets:
+            item = invitation_json(target)
+            if replaces_call_id is not None:
+                item.setdefault("replacesCallId", replaces_call_id)
+            participants.append(item)
+        return await self._call._operation(
+            self._path(action="/invite"),
+            {"participants": participants},
+            action="invite",
+            kind=models.InviteParticipantsOperation,
+            client_context=client_context,
+        )
+
+    async def mute(
+        self, participant_id: str, *, client_context: str | None = None
+    ) -> Operation[models.MuteParticipantOperation]:
+        """Mute another participant."""
+        return await self._call._operation(
+            self._path(participant_id, "/mute"),
+            {},
+            action="muteParticipant",
+            kind=models.MuteParticipantOperation,
+            client_context=client_context,
+        )
+
+    async def remove(self, participant_id: str) -> None:
+        """Remove a participant from the call (or cancel an invitation still ringing)."""
+        await self._call._request("DELETE", self._path(participant_id))
+
+    async def start_hold_music(
+        self,
+        participant_id: str,
+        *,
+        prompt: PromptLike | None = None,
+        client_context: str | None = None,
+    ) -> Operation[models.StartHoldMusicOperation]:
+        """Put a participant on hold, playing ``prompt`` (Graph's default music when none)."""
+        body: dict[str, Any] = {}
+        if prompt is not None:
+            body["customPrompt"] = prompt_json(prompt)
+        return await self._call._operation(
+            self._path(participant_id, "/startHoldMusic"),
+            body,
+            action="startHoldMusic",
+            kind=models.StartHoldMusicOperation,
+            client_context=client_context,
+        )
+
+    async def stop_hold_music(
+        self, participant_id: str, *, client_context: str | None = None
+    ) -> Operation[models.StopHoldMusicOperation]:
+        """Take a participant off hold."""
+        return await self._call._operation(
+            self._path(participant_id, "/stopHoldMusic"),
+            {},
+            action="stopHoldMusic",
+            kind=models.StopHoldMusicOperation,
+            client_context=client_context,
+        )
+
+    async def list(self) -> builtins.list[models.Participant]:
+        """Fetch the call's participants from Graph (following pages)."""
+        found: builtins.list[models.Participant] = []
+        response = await self._call._request("GET", self._path())
+        while True:
+            body = response.body if isinstance(response.body, Mapping) else {}
+            found.extend(models.Participant.model_validate(p) for p in body.get("value", []))
+            next_link = body.get("@odata.nextLink")
+            if not isinstance(next_link, str):
+                return found
+            response = await self._call._services.graph.request(
+                "GET", next_link, scenario_id=self._call.scenario_id, call_id=self._call.id
+            )
+
+
+class AudioRoutingGroups:
+    """A call's audio routing groups on Graph (``call.audio_routing_groups``).
+
+    Groups are returned as Graph's dicts: ``id``, ``routingMode``
+    (``oneToOne``/``multicast``), ``sources`` and ``receivers`` (participant ids).
+    """
+
+    def __init__(self, call: Call) -> None:
+        self._call = call
+
+    def _path(self, group_id: str | None = None) -> str:
+        path = "/audioRoutingGroups"
+        if group_id is not None:
+            path += "/" + quote(group_id, safe="")
+        return path
+
+    async def create(
+        self,
+        *,
+        sources: Sequence[str],
+        receivers: Sequence[str],
+        routing_mode: str = "oneToOne",
+        id: str | None = None,
+    ) -> dict[str, Any]:
+        """Create a group routing ``sources``' audio to ``receivers``."""
+        body: dict[str, Any] = {
+            "routingMode": routing_mode,
+            "sources": list(sources),
+            "receivers": list(receivers),
+        }
+        if id is not None:
+            body = {"id": id, **body}
+        response = await self._call._request("POST", self._path(), body)
+        return dict(response.body or {})
+
+    async def get(self, group_id: str) -> dict[str, Any]:
+        """Fetch one group."""
+        response = await self._call._request("GET", self._path(group_id))
+        return dict(response.body or {})
+
+    async def update(
+        self,
+        group_id: str,
+        *,
+        sources: Sequence[str] | None = None,
+        receivers: Sequence[str] | None = None,
+        routing_mode: str | None = None,
+    ) -> dict[str, Any]:
+        """Change a group's sources, receivers or routing mode."""
+        body: dict[str, Any] = {}
+        if routing_mode is not None:
+            body["routingMode"] = routing_mode
+        if sources is not None:
+            body["sources"] = list(sources)
+        if receivers is not None:
+            body["receivers"] = list(receivers)
+        response = await self._call._request("PATCH", self._path(group_id), body)
+        return dict(response.body or {})
+
+    async def delete(self, group_id: str) -> None:
+        """Delete a group."""
+        await self._call._request("DELETE", self._path(group_id))
+
+    async def list(self) -> builtins.list[dict[str, Any]]:
+        """Fetch the call's groups."""
+        response = await self._call._request("GET", self._path())
+        body = response.body if isinstance(response.body, Mapping) else {}
+        return [dict(g) for g in body.get("value", [])]

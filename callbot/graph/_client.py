@@ -1,0 +1,227 @@
+"""The Graph REST client: one shared session, app-only tokens, retries, request ids."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import structlog
+from multidict import CIMultiDictProxy
+
+from .._config import Settings
+from .._errors import ConfigurationError
+from ._credentials import (
+    AsyncTokenCredential,
+    CertificateCredential,
+    ClientSecretCredential,
+    TokenCache,
+    graph_scope,
+)
+from ._http import RawResponse, RetryPolicy, error_from, send
+
+__all__ = ["GraphClient", "GraphResponse"]
+
+log = structlog.get_logger("callbot.graph")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GraphResponse:
+    """A successful Graph answer: status, headers, parsed JSON body (``None`` when empty)."""
+
+    status: int
+    headers: CIMultiDictProxy[str]
+    body: Any
+    request_id: str | None
+    client_request_id: str
+
+    @property
+    def location(self) -> str | None:
+        """The ``Location`` header (created resources, started operations)."""
+        return self.headers.get("Location")
+
+
+class GraphClient:
+    """Sends requests to Graph on behalf of the app.
+
+    Paths are relative to ``settings.graph_url`` (``/communications/calls``);
+    absolute URLs are used as given. Every request carries a new
+    ``client-request-id``; ``scenario_id`` ties the requests of one call flow
+    together. Error statuses raise :class:`~callbot.GraphError`.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        credential: AsyncTokenCredential | None = None,
+        retry: RetryPolicy | None = None,
+        scope: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.retry = retry or RetryPolicy()
+        self.scope = scope or graph_scope(settings.graph_url)
+        self._credential = credential
+        self._owned_credential: ClientSecretCredential | CertificateCredential | None = None
+        self._tokens: TokenCache | None = (
+            TokenCache(credential, self.scope) if credential is not None else None
+        )
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def has_credentials(self) -> bool:
+        """Whether a credential was given or can be built from the settings."""
+        s = self.settings
+        return self._credential is not None or bool(s.app_secret or s.certificate_path)
+
+    @property
+    def tokens(self) -> TokenCache:
+        """The app token cache (built from the settings on first use)."""
+        if self._tokens is None:
+            self._tokens = TokenCache(self._build_credential(), self.scope)
+        return self._tokens
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The shared HTTP session (created on first use)."""
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession()
+        return self._session
+
+    def _build_credential(self) -> AsyncTokenCredential:
+        s = self.settings
+        if not s.tenant_id:
+            raise ConfigurationError("tenant_id is required to call Graph (CALLBOT_TENANT_ID)")
+        credential: ClientSecretCredential | CertificateCredential
+        if s.certificate_path:
+            credential = CertificateCredential(
+                s.tenant_id,
+                s.app_id,
+                s.certificate_path,
+                authority_url=s.authority_url,
+                session=self.session,
+                retry=self.retry,
+            )
+        elif s.app_secret:
+            credential = ClientSecretCredential(
+                s.tenant_id,
+                s.app_id,
+                s.app_secret,
+                authority_url=s.authority_url,
+                session=self.session,
+                retry=self.retry,
+            )
+        else:
+            raise ConfigurationError(
+                "no Graph credentials: set app_secret (CALLBOT_APP_SECRET) or certificate_path "
+                "(CALLBOT_CERTIFICATE_PATH), or pass credential="
+            )
+        self._owned_credential = credential
+        return credential
+
+    async def token(self) -> str:
+        """A valid app token (cached)."""
+        return await self.tokens.get()
+
+    async def close(self) -> None:
+        """Close the shared session."""
+        if self._owned_credential is not None:
+            await self._owned_credential.close()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def url(self, path: str) -> str:
+        """The absolute URL of a Graph path."""
+        if path.startswith(("http://", "https://")):
+            return path
+        return self.settings.graph_url.rstrip("/") + "/" + path.lstrip("/")
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        scenario_id: str | None = None,
+        call_id: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> GraphResponse:
+        """Send a request to Graph; returns the response or raises ``GraphError``."""
+        tokens = self.tokens
+        url = self.url(path)
+
+        async def authorization() -> str:
+            return "Bearer " + await tokens.get()
+
+        extra = dict(headers or {})
+        if scenario_id is not None:
+            extra["scenario-id"] = scenario_id
+        fields: dict[str, Any] = {"scenario_id": scenario_id}
+        if call_id is not None:
+            fields["call_id"] = call_id
+        raw = await send(
+            self.session,
+            method,
+            url,
+            policy=self.retry,
+            authorization=authorization,
+            on_unauthorized=tokens.invalidate,
+            json_body=json,
+            headers=extra,
+            log_fields=fields,
+        )
+        return self._result(raw, method=method, url=url, fields=fields)
+
+    async def download(self, url: str, *, bearer: str, call_id: str | None = None) -> bytes:
+        """GET a file that is not on Graph with its own bearer token (recordings)."""
+
+        async def authorization() -> str:
+            return "Bearer " + bearer
+
+        fields = {"call_id": call_id} if call_id is not None else {}
+        raw = await send(
+            self.session,
+            "GET",
+            url,
+            policy=self.retry,
+            authorization=authorization,
+            log_fields=fields,
+        )
+        self._result(raw, method="GET", url=url, fields=fields)
+        return raw.body
+
+    def _result(
+        self, raw: RawResponse, *, method: str, url: str, fields: Mapping[str, Any]
+    ) -> GraphResponse:
+        if raw.status >= 400:
+            error = error_from(raw, method=method, url=url)
+            log.warning(
+                "graph_request_failed",
+                method=method,
+                url=url,
+                status=raw.status,
+                code=error.code,
+                error=error.message,
+                request_id=raw.request_id,
+                client_request_id=raw.client_request_id,
+                **fields,
+            )
+            raise error
+        log.info(
+            "graph_request_ok",
+            method=method,
+            url=url,
+            status=raw.status,
+            request_id=raw.request_id,
+            client_request_id=raw.client_request_id,
+            **fields,
+        )
+        return GraphResponse(
+            status=raw.status,
+            headers=raw.headers,
+            body=raw.json(),
+            request_id=raw.request_id,
+            client_request_id=raw.client_request_id,
+        )

@@ -1,0 +1,342 @@
+"""App-only tokens for Graph: client secret, certificate, or any azure-identity style credential.
+
+:class:`TokenCache` sits in front of any credential: it keeps the token until
+shortly before it expires and lets one refresh serve every concurrent caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+from urllib.parse import urlsplit
+
+import aiohttp
+import jwt
+import structlog
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from .._config import DEFAULT_AUTHORITY_URL
+from .._errors import ConfigurationError, GraphError
+from ._http import RetryPolicy, error_from, send
+
+__all__ = [
+    "AccessToken",
+    "AsyncTokenCredential",
+    "CertificateCredential",
+    "ClientSecretCredential",
+    "TokenCache",
+    "TokenLike",
+    "graph_scope",
+]
+
+log = structlog.get_logger("callbot.graph")
+
+DEFAULT_SCOPE = "https://graph.microsoft.com/.default"
+CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+
+
+@runtime_checkable
+class TokenLike(Protocol):
+    """What a credential's ``get_token`` returns: azure-identity's ``AccessToken`` fits."""
+
+    @property
+    def token(self) -> str: ...
+
+    @property
+    def expires_on(self) -> int: ...
+
+
+@runtime_checkable
+class AsyncTokenCredential(Protocol):
+    """Any object with ``async get_token(*scopes)`` (azure-identity's async credentials fit)."""
+
+    async def get_token(self, *scopes: str) -> TokenLike: ...
+
+
+@dataclass(frozen=True)
+class AccessToken:
+    """An access token and when it expires (seconds since the epoch)."""
+
+    token: str
+    expires_on: int
+
+
+def graph_scope(graph_url: str) -> str:
+    """The ``.default`` scope for the Graph deployment behind ``graph_url``.
+
+    National clouds (``graph.microsoft.us``, ...) get their own scope; any other
+    host (a local fake, a proxy) gets the global one.
+    """
+    parts = urlsplit(graph_url)
+    host = (parts.hostname or "").lower()
+    if host.startswith("graph.") or host.startswith("dod-graph.") or "microsoftgraph" in host:
+        return f"https://{host}/.default"
+    return DEFAULT_SCOPE
+
+
+class _ClientCredentialsFlow:
+    """The OAuth 2.0 client credentials grant against a Microsoft identity platform tenant."""
+
+    def __init__(
+        self,
+        tenant_id: str,
+        client_id: str,
+        *,
+        authority_url: str,
+        session: aiohttp.ClientSession | None,
+        retry: RetryPolicy | None,
+    ) -> None:
+        if not tenant_id:
+            raise ConfigurationError("tenant_id is required for an app-only token")
+        if not client_id:
+            raise ConfigurationError("client_id (the app id) is required for an app-only token")
+        self.tenant_id = tenant_id
+        self.client_id = client_id
+        self.token_url = f"{authority_url.rstrip('/')}/{tenant_id}/oauth2/v2.0/token"
+        self._session = session
+        self._owns_session = session is None
+        self._retry = retry or RetryPolicy(total_time=10.0)
+
+    def _form(self) -> dict[str, str]:
+        raise NotImplementedError
+
+    async def get_token(self, *scopes: str) -> AccessToken:
+        """Request a token for ``scopes`` (default: Graph's ``.default`` scope)."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        form = {
+            "client_id": self.client_id,
+            "scope": " ".join(scopes) or DEFAULT_SCOPE,
+            "grant_type": "client_credentials",
+            **self._form(),
+        }
+        issued_at = time.time()
+        response = await send(
+            self._session,
+            "POST",
+            self.token_url,
+            policy=self._retry,
+            form=form,
+            log_fields={"client_id": self.client_id},
+        )
+        payload = response.json()
+        if response.status != 200 or not isinstance(payload, Mapping):
+            raise error_from(response, method="POST", url=self.token_url)
+        token = payload.get("access_token")
+        if not isinstance(token, str) or not token:
+            raise GraphError(
+                response.status,
+                "invalid_response",
+                "token response has no access_token",
+                method="POST",
+                url=self.token_url,
+                request_id=response.request_id,
+                client_request_id=response.client_request_id,
+                body=payload,
+            )
+        try:
+            lifetime = int(payload.get("expires_in", 3600))
+        except (TypeError, ValueError):
+            lifetime = 3600
+        log.info("graph_token_acquired", client_id=self.client_id, expires_in=lifetime)
+        return AccessToken(token, int(issued_at + lifetime))
+
+    async def close(self) -> None:
+        """Close the HTTP session if this credential created it."""
+        if self._owns_session and self._session is not None:
+            await self._session.close()
+        self._session = None
+
+
+class ClientSecretCredential(_ClientCredentialsFlow):
+    """App-only tokens with the app's client secret.
+
+    ``session`` is an aiohttp session to share (the credential makes and closes its
+    own when none is given).
+    """
+
+    def __init__(
+        self,
+        tenant_id: str,
+        client_id: str,
+        client_secret: str,
+        *,
+        authority_url: str = DEFAULT_AUTHORITY_URL,
+        session: aiohttp.ClientSession | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        super().__init__(
+            tenant_id, client_id, authority_url=authority_url, session=session, retry=retry
+        )
+        if not client_secret:
+            raise ConfigurationError("client_secret is empty")
+        self._secret = client_secret
+
+    def __repr__(self) -> str:
+        return f"ClientSecretCredential(tenant_id={self.tenant_id!r}, client_id={self.client_id!r})"
+
+    def _form(self) -> dict[str, str]:
+        return {"client_secret": self._secret}
+
+
+class CertificateCredential(_ClientCredentialsFlow):
+    """App-only tokens with a certificate: a client assertion JWT signed with its private key.
+
+    The PEM (``certificate_path`` or ``certificate_data``) holds the private key
+    and the certificate. The assertion carries the certificate's SHA-256
+    (``x5t#S256``) and SHA-1 (``x5t``) thumbprints; RSA keys sign with ``PS256``
+    (or ``RS256`` when asked), EC keys with ``ES256``.
+    """
+
+    def __init__(
+        self,
+        tenant_id: str,
+        client_id: str,
+        certificate_path: str | Path | None = None,
+        *,
+        certificate_data: bytes | None = None,
+        password: bytes | str | None = None,
+        algorithm: str | None = None,
+        authority_url: str = DEFAULT_AUTHORITY_URL,
+        session: aiohttp.ClientSession | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        super().__init__(
+            tenant_id, client_id, authority_url=authority_url, session=session, retry=retry
+        )
+        if certificate_data is None:
+            if certificate_path is None:
+                raise ConfigurationError("give certificate_path or certificate_data")
+            try:
+                certificate_data = Path(certificate_path).read_bytes()
+            except OSError as exc:
+                raise ConfigurationError(
+                    f"cannot read certificate {certificate_path}: {exc}"
+                ) from exc
+        secret = password.encode() if isinstance(password, str) else password
+        try:
+            key = serialization.load_pem_private_key(certificate_data, secret)
+            certificates = x509.load_pem_x509_certificates(certificate_data)
+        except (ValueError, TypeError) as exc:
+            raise ConfigurationError(
+                f"the certificate PEM needs a private key and a certificate: {exc}"
+            ) from exc
+        if isinstance(key, rsa.RSAPrivateKey):
+            self.algorithm = algorithm or "PS256"
+        elif isinstance(key, ec.EllipticCurvePrivateKey):
+            self.algorithm = algorithm or "ES256"
+        else:
+            raise ConfigurationError("the certificate key must be RSA or EC")
+        self._key = key
+        self.certificate = certificates[0]
+        der = self.certificate.public_bytes(serialization.Encoding.DER)
+        self.thumbprint_sha256 = _b64url(_digest(hashes.SHA256(), der))
+        # SHA-1 here only names the certificate (x5t), as older token endpoints expect
+        self.thumbprint_sha1 = _b64url(_digest(hashes.SHA1(), der))
+
+    def __repr__(self) -> str:
+        return (
+            f"CertificateCredential(tenant_id={self.tenant_id!r}, client_id={self.client_id!r}, "
+            f"x5t#S256={self.thumbprint_sha256!r})"
+        )
+
+    def client_assertion(self) -> str:
+        """A fresh signed client assertion for the token endpoint (valid 10 minutes)."""
+        now = int(time.time())
+        claims = {
+            "aud": self.token_url,
+            "iss": self.client_id,
+            "sub": self.client_id,
+            "jti": str(uuid.uuid4()),
+            "nbf": now,
+            "iat": now,
+            "exp": now + 600,
+        }
+        headers = {"typ": "JWT", "x5t#S256": self.thumbprint_sha256, "x5t": self.thumbprint_sha1}
+        return jwt.encode(claims, self._key, algorithm=self.algorithm, headers=headers)
+
+    def _form(self) -> dict[str, str]:
+        return {
+            "client_assertion_type": CLIENT_ASSERTION_TYPE,
+            "client_assertion": self.client_assertion(),
+        }
+
+
+def _consume(task: asyncio.Task[str]) -> None:
+    # every awaiter sees the failure; this only keeps an unawaited one out of the logs
+    if not task.cancelled():
+        task.exception()
+
+
+def _digest(algorithm: hashes.HashAlgorithm, data: bytes) -> bytes:
+    h = hashes.Hash(algorithm)
+    h.update(data)
+    return h.finalize()
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+class TokenCache:
+    """Caches one credential's token for one scope; one refresh serves all concurrent callers.
+
+    A token is used until ``refresh_margin`` seconds (at most half its lifetime)
+    before it expires. Failures are not cached: the next caller tries again.
+    """
+
+    def __init__(
+        self, credential: AsyncTokenCredential, scope: str, *, refresh_margin: float = 300.0
+    ) -> None:
+        self.credential = credential
+        self.scope = scope
+        self._margin = refresh_margin
+        self._token: str | None = None
+        self._refresh_at = 0.0
+        self._inflight: asyncio.Task[str] | None = None
+        self.fetches = 0
+        """How many times the credential was asked (for metrics and tests)."""
+
+    def invalidate(self) -> None:
+        """Forget the cached token (after Graph refused it)."""
+        self._token = None
+        self._refresh_at = 0.0
+
+    @property
+    def cached(self) -> bool:
+        """Whether a token is cached and fresh."""
+        return self._token is not None and time.time() < self._refresh_at
+
+    async def get(self) -> str:
+        """A valid token, fetched only when the cached one is missing or about to expire."""
+        if self._token is not None and time.time() < self._refresh_at:
+            return self._token
+        task = self._inflight
+        if task is None:
+            task = asyncio.ensure_future(self._fetch())
+            task.add_done_callback(_consume)
+            self._inflight = task
+        # shield: a caller that gives up must not cancel the refresh the others await
+        return await asyncio.shield(task)
+
+    async def _fetch(self) -> str:
+        try:
+            self.fetches += 1
+            fetched_at = time.time()
+            result: Any = await self.credential.get_token(self.scope)
+            token = result.token
+            expires_on = float(result.expires_on)
+            lifetime = max(0.0, expires_on - fetched_at)
+            self._token = token
+            self._refresh_at = expires_on - min(self._margin, lifetime / 2)
+            return str(token)
+        finally:
+            self._inflight = None

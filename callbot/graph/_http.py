@@ -1,0 +1,242 @@
+"""Outbound HTTP with retries: 429/503/504 and connection failures, within a time budget."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import aiohttp
+import structlog
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from .._errors import GraphError
+
+__all__ = ["RawResponse", "RetryPolicy", "parse_retry_after", "send"]
+
+log = structlog.get_logger("callbot.graph")
+
+RETRY_STATUSES = frozenset({429, 503, 504})
+USER_AGENT = "callbot/0.1"
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetryPolicy:
+    """How hard outbound requests try before giving up.
+
+    A request that gets 429, 503 or 504, or fails to connect, is sent again after
+    ``Retry-After`` (when Graph gives one) or an exponential backoff with jitter
+    starting at ``base_delay`` and capped at ``max_delay``; no retry is scheduled
+    past ``total_time`` seconds after the first attempt. ``request_timeout`` bounds
+    each single attempt.
+    """
+
+    total_time: float = 30.0
+    base_delay: float = 0.5
+    max_delay: float = 8.0
+    request_timeout: float = 30.0
+
+    def backoff(self, attempt: int) -> float:
+        """The delay before retry number ``attempt`` (1-based) when the server named none."""
+        ceiling: float = min(self.max_delay, self.base_delay * (2.0 ** (attempt - 1)))
+        # "equal jitter": spread retries of many clients without dropping to zero
+        return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RawResponse:
+    """A final answer to a request (after retries): status, headers and body."""
+
+    status: int
+    headers: CIMultiDictProxy[str]
+    body: bytes
+    client_request_id: str
+
+    @property
+    def request_id(self) -> str | None:
+        """Graph's ``request-id`` header, quoted by Microsoft support."""
+        return self.headers.get("request-id")
+
+    def json(self) -> Any:
+        """The body parsed as JSON, ``None`` when empty or not JSON."""
+        if not self.body.strip():
+            return None
+        try:
+            return json.loads(self.body)
+        except ValueError:
+            return None
+
+
+def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header: delta-seconds or an HTTP date."""
+    if value is None:
+        return None
+    text = value.strip()
+    if not text:
+        return None
+    try:
+        return max(0.0, float(text))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    current = now or datetime.now(UTC)
+    return max(0.0, (when - current).total_seconds())
+
+
+def error_from(response: RawResponse, *, method: str, url: str) -> GraphError:
+    """A :class:`GraphError` carrying Graph's ``{"error": {"code", "message"}}``."""
+    payload = response.json()
+    code: str | None = None
+    message = ""
+    if isinstance(payload, Mapping):
+        error = payload.get("error")
+        if isinstance(error, Mapping):
+            code = _str_or_none(error.get("code"))
+            message = _str_or_none(error.get("message")) or ""
+        elif isinstance(error, str):
+            # the token endpoint answers {"error": "invalid_client", "error_description": ...}
+            code = error
+            message = _str_or_none(payload.get("error_description")) or ""
+    if not message:
+        message = response.body.decode("utf-8", "replace")[:500] or f"HTTP {response.status}"
+    return GraphError(
+        response.status,
+        code,
+        message,
+        method=method,
+        url=url,
+        request_id=response.request_id,
+        client_request_id=response.client_request_id,
+        body=payload,
+    )
+
+
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+AuthHeader = Callable[[], Awaitable[str | None]]
+"""Gives the ``Authorization`` header value for one attempt (``None``: send none)."""
+
+
+async def send(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    *,
+    policy: RetryPolicy,
+    authorization: AuthHeader | None = None,
+    on_unauthorized: Callable[[], None] | None = None,
+    json_body: Any = None,
+    form: Mapping[str, str] | None = None,
+    headers: Mapping[str, str] | None = None,
+    log_fields: Mapping[str, Any] | None = None,
+) -> RawResponse:
+    """Send one request, retrying throttling, unavailability and connection failures.
+
+    Returns the first response that is not retried, whatever its status; a request
+    that never got a response raises :class:`GraphError` with status 0. A 401 is
+    retried once after ``on_unauthorized`` (which drops a cached token).
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + policy.total_time
+    fields = dict(log_fields or {})
+    attempt = 0
+    reauthenticated = False
+    while True:
+        attempt += 1
+        client_request_id = str(uuid.uuid4())
+        request_headers: CIMultiDict[str] = CIMultiDict({"client-request-id": client_request_id})
+        request_headers["User-Agent"] = USER_AGENT
+        request_headers.update(headers or {})
+        if authorization is not None:
+            value = await authorization()
+            if value is not None:
+                request_headers["Authorization"] = value
+        kwargs: dict[str, Any] = {}
+        if form is not None:
+            kwargs["data"] = dict(form)
+        elif json_body is not None:
+            kwargs["json"] = json_body
+        try:
+            async with session.request(
+                method,
+                url,
+                headers=request_headers,
+                timeout=aiohttp.ClientTimeout(total=policy.request_timeout),
+                **kwargs,
+            ) as resp:
+                body = await resp.read()
+                response = RawResponse(
+                    status=resp.status,
+                    headers=resp.headers,
+                    body=body,
+                    client_request_id=client_request_id,
+                )
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
+            delay = policy.backoff(attempt)
+            reason = str(exc) or type(exc).__name__
+            if loop.time() + delay > deadline:
+                log.warning(
+                    "graph_request_gave_up",
+                    method=method,
+                    url=url,
+                    attempt=attempt,
+                    client_request_id=client_request_id,
+                    error=reason,
+                    **fields,
+                )
+                raise GraphError(
+                    0,
+                    "connectionFailed",
+                    reason,
+                    method=method,
+                    url=url,
+                    client_request_id=client_request_id,
+                ) from exc
+            log.warning(
+                "graph_request_retry",
+                method=method,
+                url=url,
+                attempt=attempt,
+                client_request_id=client_request_id,
+                error=reason,
+                delay=round(delay, 3),
+                **fields,
+            )
+            await asyncio.sleep(delay)
+            continue
+        if response.status == 401 and on_unauthorized is not None and not reauthenticated:
+            # a cached token can be revoked before its expiry: fetch a new one once
+            reauthenticated = True
+            on_unauthorized()
+            continue
+        if response.status in RETRY_STATUSES:
+            named = parse_retry_after(response.headers.get("Retry-After"))
+            delay = named if named is not None else policy.backoff(attempt)
+            if loop.time() + delay <= deadline:
+                log.warning(
+                    "graph_request_retry",
+                    method=method,
+                    url=url,
+                    status=response.status,
+                    attempt=attempt,
+                    client_request_id=client_request_id,
+                    request_id=response.request_id,
+                    delay=round(delay, 3),
+                    **fields,
+                )
+                await asyncio.sleep(delay)
+                continue
+        return response

@@ -1,0 +1,324 @@
+"""Awaitable Graph operations, and matching Graph's operation notifications to them.
+
+An action such as ``playPrompt`` answers with an operation (``running``); Graph
+later posts its outcome to the callback. The registry pairs each outcome with
+the :class:`Operation` that started it, by operation id (compared with
+:func:`callbot._ids.id_key`) or else by ``clientContext``. An outcome that
+arrives before the action's own response is kept briefly so it is not lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import Generator, Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import structlog
+from pydantic import ValidationError
+
+from .. import models
+from .._errors import OperationFailed
+from .._ids import id_key
+from ..events import OperationUpdated
+
+__all__ = ["Operation", "OperationRegistry"]
+
+log = structlog.get_logger("callbot.graph")
+
+OpT = TypeVar("OpT", bound=models.CommsOperation)
+
+_TERMINAL = frozenset({"completed", "failed"})
+
+
+class Operation(Generic[OpT]):
+    """A Graph operation started by a call action (a prompt, a recording, a mute, ...).
+
+    ``await op.wait(timeout=...)`` (or simply ``await op``) returns the final typed
+    operation once Graph reports ``completed``, raises
+    :class:`~callbot.OperationFailed` when it reports ``failed`` or the call ends
+    first, and ``TimeoutError`` after ``timeout`` seconds (the operation keeps
+    running; wait again if you like).
+    """
+
+    def __init__(
+        self,
+        *,
+        call_id: str,
+        action: str,
+        client_context: str,
+        kind: type[OpT],
+    ) -> None:
+        self.call_id = call_id
+        """The call the operation belongs to."""
+        self.action = action
+        """The Graph action that started it (``playPrompt``, ``recordResponse``, ...)."""
+        self.client_context = client_context
+        """The ``clientContext`` sent with the action (generated when not given)."""
+        self.id: str | None = None
+        """Graph's operation id, known once the action has answered."""
+        self.status: str = "notStarted"
+        """``notStarted``, ``running``, ``completed`` or ``failed`` (lower-case first letter)."""
+        self.result: OpT | None = None
+        """The latest typed operation Graph sent (the final one once done)."""
+        self._kind = kind
+        self._future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._error: OperationFailed | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"<Operation {self.action} id={self.id!r} status={self.status!r} "
+            f"call_id={self.call_id!r}>"
+        )
+
+    @property
+    def call_key(self) -> str:
+        """The call id in its compared form."""
+        return id_key(self.call_id)
+
+    @property
+    def done(self) -> bool:
+        """Whether the outcome is known (completed, failed, or the call ended)."""
+        return self._future.done()
+
+    @property
+    def failed(self) -> bool:
+        """Whether the operation failed (or the call ended before it completed)."""
+        return self._error is not None
+
+    @property
+    def result_info(self) -> models.ResultInfo | None:
+        """The operation's ``resultInfo`` (or the call's, when the call ended first)."""
+        if self._error is not None:
+            info: Any = self._error.result_info
+            return info if isinstance(info, models.ResultInfo) else None
+        return self.result.result_info if self.result is not None else None
+
+    async def wait(self, timeout: float | None = None) -> OpT:
+        """Wait for the outcome: the final operation, or :class:`~callbot.OperationFailed`."""
+        if not self._future.done():
+            # shield: a timed-out wait must not cancel the operation's outcome
+            await asyncio.wait_for(asyncio.shield(self._future), timeout)
+        if self._error is not None:
+            raise self._error
+        assert self.result is not None
+        return self.result
+
+    def __await__(self) -> Generator[Any, None, OpT]:
+        return self.wait().__await__()
+
+    # -- driven by the registry ----------------------------------------------------
+
+    def _coerce(self, operation: models.CommsOperation) -> OpT:
+        if isinstance(operation, self._kind):
+            return operation
+        try:
+            return self._kind.model_validate(operation.model_dump(by_alias=True, exclude_none=True))
+        except ValidationError:
+            # keep what Graph sent; its type just is not the one the action promised
+            return operation  # type: ignore[return-value]
+
+    def _update(self, operation: models.CommsOperation, status: str | None) -> None:
+        if self.done:
+            return
+        self.result = self._coerce(operation)
+        if operation.id and self.id is None:
+            self.id = operation.id
+        if status:
+            self.status = _normal_status(status)
+
+    def _finish(
+        self,
+        operation: models.CommsOperation,
+        status: str,
+        result_info: models.ResultInfo | None,
+    ) -> None:
+        if self.done:
+            return
+        self._update(operation, status)
+        if self.status == "failed":
+            self._error = OperationFailed(self.result, result_info or operation.result_info)
+        self._future.set_result(None)
+
+    def _abort(self, result_info: Any) -> None:
+        if self.done:
+            return
+        self.status = "failed"
+        self._error = OperationFailed(self.result, result_info)
+        self._future.set_result(None)
+
+
+def _normal_status(status: str) -> str:
+    # Graph has written "Running"; keep the documented camelCase spelling
+    lowered = status.lower()
+    return {"notstarted": "notStarted"}.get(lowered, lowered)
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    operation: models.CommsOperation
+    status: str
+    result_info: models.ResultInfo | None
+    at: float
+
+
+class OperationRegistry:
+    """Pending operations, matched to their notifications.
+
+    ``recent_limit``/``recent_ttl`` bound the outcomes kept while no operation
+    matches them yet (an outcome can overtake the action's own response).
+    """
+
+    def __init__(self, *, recent_limit: int = 512, recent_ttl: float = 120.0) -> None:
+        self._by_id: dict[str, Operation[Any]] = {}
+        self._by_context: dict[tuple[str, str], Operation[Any]] = {}
+        self._by_call: dict[str, set[Operation[Any]]] = {}
+        self._recent: OrderedDict[str, _Outcome] = OrderedDict()
+        self._recent_limit = recent_limit
+        self._recent_ttl = recent_ttl
+
+    @property
+    def pending(self) -> int:
+        """How many operations are awaiting their outcome."""
+        return sum(len(ops) for ops in self._by_call.values())
+
+    def start(self, op: Operation[Any]) -> None:
+        """Track ``op`` before its action is sent, so an early outcome finds it by context."""
+        self._by_call.setdefault(op.call_key, set()).add(op)
+        self._by_context[(op.call_key, op.client_context)] = op
+        early = self._recent.pop(_context_key(op.call_key, op.client_context), None)
+        if early is not None:
+            self._settle(op, early)
+
+    def abandon(self, op: Operation[Any]) -> None:
+        """Forget ``op``: its action failed, so no outcome will come."""
+        self._forget(op)
+
+    def accepted(self, op: Operation[Any], body: Any, location: str | None = None) -> None:
+        """Record the action's response (the operation as it stands) and index it by id."""
+        if op.done:
+            # the outcome overtook this response; the response is older news but names the id
+            if op.id is None and isinstance(body, Mapping) and isinstance(body.get("id"), str):
+                op.id = body["id"]
+            self._forget(op)
+            return
+        operation: models.CommsOperation | None = None
+        if isinstance(body, Mapping) and body:
+            try:
+                operation = models.parse_operation(body)
+            except ValidationError as exc:
+                log.warning(
+                    "graph_operation_unreadable",
+                    call_id=op.call_id,
+                    action=op.action,
+                    error=str(exc),
+                )
+        op_id = operation.id if operation is not None and operation.id else None
+        if op_id is None and location:
+            # no body: the Location header still names the operation
+            op_id = location.rstrip("/").rsplit("/", 1)[-1] or None
+        if operation is None:
+            operation = op._kind(id=op_id, client_context=op.client_context, status="running")
+        status = operation.status or "running"
+        if op_id is not None:
+            op.id = op_id
+            self._by_id[id_key(op_id)] = op
+        if status.lower() in _TERMINAL:
+            op._finish(operation, status, operation.result_info)
+            self._forget(op)
+            return
+        op._update(operation, status)
+        if op_id is not None:
+            early = self._recent.pop(_id_key(op_id), None)
+            if early is not None:
+                self._settle(op, early)
+
+    def on_event(self, event: OperationUpdated) -> bool:
+        """Apply an operation notification; ``True`` when it matched a tracked operation."""
+        op = self._match(event)
+        status = event.status or event.operation.status or ""
+        terminal = status.lower() in _TERMINAL
+        if op is None:
+            if terminal:
+                self._remember(event, status)
+            return False
+        if terminal:
+            op._finish(event.operation, status, event.result_info)
+            self._forget(op)
+            log.debug(
+                "graph_operation_done",
+                call_id=op.call_id,
+                action=op.action,
+                operation_id=op.id,
+                status=op.status,
+            )
+        else:
+            op._update(event.operation, status)
+        return True
+
+    def fail_call(self, call_key: str, result_info: Any) -> int:
+        """Fail every pending operation of a call that ended; returns how many."""
+        ops = self._by_call.pop(call_key, set())
+        for op in ops:
+            self._unindex(op)
+            op._abort(result_info)
+        return len(ops)
+
+    def fail_all(self, result_info: Any = None) -> int:
+        """Fail every pending operation (shutdown)."""
+        return sum(self.fail_call(key, result_info) for key in list(self._by_call))
+
+    # -- internals --------------------------------------------------------------
+
+    def _match(self, event: OperationUpdated) -> Operation[Any] | None:
+        if event.operation_id:
+            op = self._by_id.get(id_key(event.operation_id))
+            if op is not None:
+                return op
+        context = event.client_context or event.operation.client_context
+        if context:
+            return self._by_context.get((event.call_key, context))
+        return None
+
+    def _settle(self, op: Operation[Any], outcome: _Outcome) -> None:
+        op._finish(outcome.operation, outcome.status, outcome.result_info)
+        self._forget(op)
+
+    def _forget(self, op: Operation[Any]) -> None:
+        ops = self._by_call.get(op.call_key)
+        if ops is not None:
+            ops.discard(op)
+            if not ops:
+                del self._by_call[op.call_key]
+        self._unindex(op)
+
+    def _unindex(self, op: Operation[Any]) -> None:
+        if op.id is not None and self._by_id.get(id_key(op.id)) is op:
+            del self._by_id[id_key(op.id)]
+        key = (op.call_key, op.client_context)
+        if self._by_context.get(key) is op:
+            del self._by_context[key]
+
+    def _remember(self, event: OperationUpdated, status: str) -> None:
+        now = time.monotonic()
+        while self._recent:
+            oldest = next(iter(self._recent.values()))
+            if now - oldest.at <= self._recent_ttl and len(self._recent) < self._recent_limit:
+                break
+            self._recent.popitem(last=False)
+        outcome = _Outcome(event.operation, status, event.result_info, now)
+        if event.operation_id:
+            self._recent[_id_key(event.operation_id)] = outcome
+        context = event.client_context or event.operation.client_context
+        if context:
+            self._recent[_context_key(event.call_key, context)] = outcome
+
+
+def _id_key(operation_id: str) -> str:
+    return "id:" + id_key(operation_id)
+
+
+def _context_key(call_key: str, client_context: str) -> str:
+    return f"ctx:{call_key}:{client_context}"

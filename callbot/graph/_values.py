@@ -1,0 +1,296 @@
+"""Small value objects bot authors pass to call actions, and their Graph wire form.
+
+Every action also accepts the raw Graph dict, or a :mod:`callbot.models` model,
+wherever it accepts one of these, for anything they do not model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeAlias, TypedDict, Unpack
+
+from pydantic import BaseModel
+
+from .. import models
+
+__all__ = [
+    "InvitationOptions",
+    "MediaInfoLike",
+    "PromptLike",
+    "Target",
+    "TargetLike",
+    "dump",
+    "identity_set_json",
+    "invitation_json",
+    "media_info",
+    "media_info_json",
+    "media_prompt",
+    "participant_info_json",
+    "prompt_json",
+    "prompts_json",
+]
+
+IDENTITY = "#microsoft.graph.identity"
+IDENTITY_SET = "#microsoft.graph.identitySet"
+INVITATION = "#microsoft.graph.invitationParticipantInfo"
+PARTICIPANT_INFO = "#microsoft.graph.participantInfo"
+MEDIA_PROMPT = "#microsoft.graph.mediaPrompt"
+MEDIA_INFO = "#microsoft.graph.mediaInfo"
+
+
+class InvitationOptions(TypedDict, total=False):
+    """How a target is invited (``invitationParticipantInfo`` properties besides identity)."""
+
+    replaces_call_id: str
+    """Consultative transfer / invite: the call this one replaces."""
+    participant_id: str
+    """Move an existing participant (from another meeting), or name the transferee."""
+    endpoint_type: str
+    """``default``, ``voicemail``, ``skypeForBusiness``, ``skypeForBusinessVoipPhone``."""
+    language_id: str
+    region: str
+    hidden: bool
+    remove_from_default_audio_routing_group: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class Target:
+    """Someone to call, invite, redirect or transfer to.
+
+    Build one with :meth:`user`, :meth:`phone`, :meth:`application`,
+    :meth:`application_instance` or :meth:`guest`::
+
+        Target.user("550fae72-...", display_name="Heidi Steen")
+        Target.phone("+12345678901")
+        Target.user(user_id, replaces_call_id=other_call.id)   # consultative transfer
+
+    ``kind`` is the ``identitySet`` property the identity goes under (``user``,
+    ``phone``, ``application``, ``applicationInstance``, ``guest``, ...).
+    """
+
+    kind: str
+    id: str
+    display_name: str | None = None
+    tenant_id: str | None = None
+    identity_provider: str | None = None
+    replaces_call_id: str | None = None
+    participant_id: str | None = None
+    endpoint_type: str | None = None
+    language_id: str | None = None
+    region: str | None = None
+    hidden: bool | None = None
+    remove_from_default_audio_routing_group: bool | None = None
+
+    @classmethod
+    def identity(
+        cls,
+        kind: str,
+        id: str,
+        display_name: str | None = None,
+        tenant_id: str | None = None,
+        *,
+        identity_provider: str | None = None,
+        **options: Unpack[InvitationOptions],
+    ) -> Target:
+        """A target of any identity kind (the ``identitySet`` property name)."""
+        if not id:
+            raise ValueError("a target needs an id")
+        return cls(
+            kind=kind,
+            id=id,
+            display_name=display_name,
+            tenant_id=tenant_id,
+            identity_provider=identity_provider,
+            **options,
+        )
+
+    @classmethod
+    def user(
+        cls,
+        id: str,
+        display_name: str | None = None,
+        tenant_id: str | None = None,
+        *,
+        identity_provider: str | None = None,
+        **options: Unpack[InvitationOptions],
+    ) -> Target:
+        """A Teams / Entra ID user by object id (``tenant_id`` for a user of another tenant)."""
+        return cls.identity(
+            "user", id, display_name, tenant_id, identity_provider=identity_provider, **options
+        )
+
+    @classmethod
+    def phone(
+        cls, number: str, display_name: str | None = None, **options: Unpack[InvitationOptions]
+    ) -> Target:
+        """A PSTN number in E.164 form (``+12345678901``)."""
+        return cls.identity("phone", number, display_name, **options)
+
+    @classmethod
+    def application(
+        cls, id: str, display_name: str | None = None, **options: Unpack[InvitationOptions]
+    ) -> Target:
+        """An application (another bot) by app id."""
+        return cls.identity("application", id, display_name, **options)
+
+    @classmethod
+    def application_instance(
+        cls,
+        id: str,
+        display_name: str | None = None,
+        tenant_id: str | None = None,
+        **options: Unpack[InvitationOptions],
+    ) -> Target:
+        """An application instance (a bot with a phone number) by object id.
+
+        Use it as the ``source`` of a call to a PSTN number.
+        """
+        return cls.identity("applicationInstance", id, display_name, tenant_id, **options)
+
+    @classmethod
+    def guest(
+        cls, id: str, display_name: str | None = None, **options: Unpack[InvitationOptions]
+    ) -> Target:
+        """A guest identity (for a bot joining a meeting as a guest): any unique id."""
+        return cls.identity("guest", id, display_name, **options)
+
+    def with_options(self, **options: Unpack[InvitationOptions]) -> Target:
+        """A copy with invitation options changed (``replaces_call_id=``, ...)."""
+        return dataclasses.replace(self, **options)
+
+    def identity_json(self) -> dict[str, Any]:
+        """The ``identity`` object."""
+        identity: dict[str, Any] = {"@odata.type": IDENTITY, "id": self.id}
+        if self.display_name is not None:
+            identity["displayName"] = self.display_name
+        if self.tenant_id is not None:
+            identity["tenantId"] = self.tenant_id
+        if self.identity_provider is not None:
+            identity["identityProvider"] = self.identity_provider
+        return identity
+
+    def identity_set_json(self) -> dict[str, Any]:
+        """The ``identitySet`` with this one identity."""
+        return {"@odata.type": IDENTITY_SET, self.kind: self.identity_json()}
+
+    def invitation_json(self) -> dict[str, Any]:
+        """The ``invitationParticipantInfo`` (call targets, invitees, transfer targets)."""
+        body: dict[str, Any] = {"@odata.type": INVITATION, "identity": self.identity_set_json()}
+        for key, value in (
+            ("endpointType", self.endpoint_type),
+            ("replacesCallId", self.replaces_call_id),
+            ("participantId", self.participant_id),
+            ("languageId", self.language_id),
+            ("region", self.region),
+            ("hidden", self.hidden),
+            ("removeFromDefaultAudioRoutingGroup", self.remove_from_default_audio_routing_group),
+        ):
+            if value is not None:
+                body[key] = value
+        return body
+
+    def participant_info_json(self) -> dict[str, Any]:
+        """The ``participantInfo`` (a call's source, a transfer's transferee)."""
+        body: dict[str, Any] = {
+            "@odata.type": PARTICIPANT_INFO,
+            "identity": self.identity_set_json(),
+        }
+        for key, value in (
+            ("endpointType", self.endpoint_type),
+            ("participantId", self.participant_id),
+            ("languageId", self.language_id),
+            ("region", self.region),
+        ):
+            if value is not None:
+                body[key] = value
+        return body
+
+
+TargetLike: TypeAlias = (
+    Target | models.InvitationParticipantInfo | models.ParticipantInfo | Mapping[str, Any]
+)
+"""A :class:`Target`, a model, or the raw Graph dict."""
+
+PromptLike: TypeAlias = str | models.Prompt | Mapping[str, Any]
+"""A media URL, a :class:`callbot.models.MediaPrompt` (see :func:`media_prompt`), or a dict."""
+
+MediaInfoLike: TypeAlias = str | models.MediaInfo | models.MediaPrompt | Mapping[str, Any]
+"""A media URL, a :class:`callbot.models.MediaInfo` (see :func:`media_info`), or a dict."""
+
+
+def dump(value: BaseModel | Mapping[str, Any]) -> dict[str, Any]:
+    """The wire form of a model (camelCase, ``@odata.type``, no nulls) or a copy of a dict."""
+    if isinstance(value, BaseModel):
+        dumped: dict[str, Any] = value.model_dump(mode="json", by_alias=True, exclude_none=True)
+        return dumped
+    return dict(value)
+
+
+def media_prompt(uri: str, *, resource_id: str | None = None) -> models.MediaPrompt:
+    """A prompt playing the media file at ``uri``.
+
+    ``resource_id`` is the key Graph caches the file under (pre-fetched media is
+    matched by it).
+    """
+    return models.MediaPrompt(
+        media_info=models.MediaInfo(odata_type=MEDIA_INFO, uri=uri, resource_id=resource_id)
+    )
+
+
+def media_info(uri: str, *, resource_id: str | None = None) -> models.MediaInfo:
+    """A media file for Graph to pre-fetch when the call starts."""
+    return models.MediaInfo(uri=uri, resource_id=resource_id)
+
+
+def prompt_json(prompt: PromptLike) -> dict[str, Any]:
+    """The ``mediaPrompt`` wire form of a URL, a model or a dict."""
+    if isinstance(prompt, str):
+        return dump(media_prompt(prompt))
+    return dump(prompt)
+
+
+def prompts_json(prompts: PromptLike | Sequence[PromptLike]) -> list[dict[str, Any]]:
+    """One prompt or several, as the ``prompts`` list."""
+    if isinstance(prompts, str | BaseModel | Mapping):
+        return [prompt_json(prompts)]
+    return [prompt_json(p) for p in prompts]
+
+
+def media_info_json(value: MediaInfoLike) -> dict[str, Any]:
+    """The ``mediaInfo`` wire form (pre-fetch entries)."""
+    if isinstance(value, str):
+        return {"uri": value}
+    if isinstance(value, models.MediaPrompt):
+        if value.media_info is None:
+            raise ValueError("a media prompt without mediaInfo cannot be pre-fetched")
+        return dump(value.media_info)
+    return dump(value)
+
+
+def identity_set_json(value: TargetLike | models.IdentitySet) -> dict[str, Any]:
+    """The ``identitySet`` of a target (or an identity set given as such)."""
+    if isinstance(value, Target):
+        return value.identity_set_json()
+    if isinstance(value, models.IdentitySet):
+        return dump(value)
+    if isinstance(value, models.InvitationParticipantInfo | models.ParticipantInfo):
+        return dump(value.identity) if value.identity is not None else {}
+    if "identity" in value:
+        return dict(value["identity"])
+    return dict(value)
+
+
+def invitation_json(value: TargetLike) -> dict[str, Any]:
+    """The ``invitationParticipantInfo`` wire form of a target."""
+    if isinstance(value, Target):
+        return value.invitation_json()
+    return dump(value)
+
+
+def participant_info_json(value: TargetLike) -> dict[str, Any]:
+    """The ``participantInfo`` wire form of a target."""
+    if isinstance(value, Target):
+        return value.participant_info_json()
+    return dump(value)

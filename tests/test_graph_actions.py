@@ -1,0 +1,529 @@
+"""Every documented call action, sent through the Pythonic API to FakeGraph.
+
+Each request is compared with the documented one in tests/fixtures/operations:
+method, path, and body. Documented values are passed in, so bodies compare
+exactly; the only difference tolerated is an ``@odata.type`` annotation that
+callbot sends and a documented example left out (Graph accepts both).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from itertools import zip_longest
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from callbot import models
+from callbot.graph import Call, CallServices, RetryPolicy, Target, media_info, media_prompt
+from callbot.testing import FakeGraph
+
+OPERATIONS = Path(__file__).parent / "fixtures" / "operations"
+CALL_ID = "57dab8b1-894c-409a-b240-bd8beae78896"
+PARTICIPANT_ID = "2765eb15-01f8-47c6-b12b-c32111a4a86f"
+
+
+def documented(name: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((OPERATIONS / f"{name}.json").read_text(encoding="utf-8"))
+    return data
+
+
+def conform(produced: Any, documented: Any) -> Any:
+    """``produced`` without the ``@odata.type`` keys the documented body leaves out."""
+    if isinstance(produced, dict) and isinstance(documented, dict):
+        return {
+            key: conform(value, documented.get(key))
+            for key, value in produced.items()
+            if key != "@odata.type" or key in documented
+        }
+    if isinstance(produced, list) and isinstance(documented, list):
+        return [conform(p, d) for p, d in zip_longest(produced, documented)]
+    return produced
+
+
+@pytest.fixture
+async def graph() -> AsyncIterator[FakeGraph]:
+    async with FakeGraph() as fake:
+        yield fake
+
+
+@pytest.fixture
+async def services(graph: FakeGraph) -> AsyncIterator[CallServices]:
+    settings = graph.settings(public_url="https://bot.contoso.com", callback_path="/api/calls")
+    svc = CallServices(settings, retry=RetryPolicy(total_time=2.0, base_delay=0.01))
+    await svc.start()
+    try:
+        yield svc
+    finally:
+        await svc.close()
+
+
+Action = Callable[[Call], Awaitable[Any]]
+
+CASES: list[tuple[str, Action]] = [
+    (
+        "answer",
+        lambda c: c.answer(
+            callback_uri="callbackUri-value",
+            app_hosted_media="<Media Session Configuration Blob>",
+            content_sharing_notifications=True,
+            participant_capacity=200,
+        ),
+    ),
+    (
+        "answer-service-hosted-media",
+        lambda c: c.answer(
+            prefetch=[
+                media_info(
+                    "https://cdn.contoso.com/beep.wav",
+                    resource_id="1D6DE2D4-CD51-4309-8DAA-70768651088E",
+                ),
+                media_info(
+                    "https://cdn.contoso.com/cool.wav",
+                    resource_id="1D6DE2D4-CD51-4309-8DAA-70768651088F",
+                ),
+            ]
+        ),
+    ),
+    (
+        "answer-app-hosted-media",
+        lambda c: c.answer(app_hosted_media="<Media Session Configuration Blob>"),
+    ),
+    ("reject", lambda c: c.reject("busy")),
+    ("reject-none-reason", lambda c: c.reject()),
+    (
+        "redirect",
+        lambda c: c.redirect(
+            Target.application("22bfd41f-550e-477d-8789-f6f7bd2a5e8b", "test bot 2"),
+            callback_uri="https://bot.contoso.com/api/calls/24701998-1a73-4d42-8085-bf46ed0ae039",
+        ),
+    ),
+    (
+        "redirect-simultaneous-ring",
+        lambda c: c.redirect(
+            Target.user("98da8a1a-1b87-452c-a713-65d3f10b1253", "test user"),
+            Target.user("bf5aae9a-d11d-47a8-93b1-782504c9c3f3", "test user 2"),
+            routing_policies=["disableForwarding"],
+            callback_uri="https://bot.contoso.com/api/calls/24701998-1a73-4d42-8085-bf46ed0ae039",
+        ),
+    ),
+    (
+        "redirect-pstn",
+        lambda c: c.redirect(
+            Target.phone("+12345678901"),
+            callback_uri="https://bot.contoso.com/api/calls/24701998-1a73-4d42-8085-bf46ed0ae039",
+        ),
+    ),
+    (
+        "transfer",
+        lambda c: c.transfer(
+            Target.user(
+                "550fae72-d251-43ec-868c-373732c2704f", "Heidi Steen", endpoint_type="default"
+            )
+        ),
+    ),
+    (
+        "transfer-consultative",
+        lambda c: c.transfer(
+            Target.user(
+                "550fae72-d251-43ec-868c-373732c2704f", "Heidi Steen", endpoint_type="default"
+            ),
+            replaces_call_id="e5d39592-99bd-4db8-bca8-30fb894ec51d",
+        ),
+    ),
+    (
+        "transfer-pstn",
+        lambda c: c.transfer(
+            Target.phone(
+                "+12345678901",
+                endpoint_type="default",
+                language_id="languageId-value",
+                region="region-value",
+            ),
+            client_context="9e90d1c1-f61e-43e7-9f75-d420159aae08",
+        ),
+    ),
+    (
+        "transfer-consultative-pstn",
+        lambda c: c.transfer(
+            Target.phone(
+                "+12345678901", endpoint_type="default", language_id="en-us", region="amer"
+            ),
+            replaces_call_id="e5d39592-99bd-4db8-bca8-30fb894ec51d",
+            client_context="9e90d1c1-f61e-43e7-9f75-d420159aae08",
+        ),
+    ),
+    (
+        "playPrompt",
+        lambda c: c.play_prompt(
+            media_prompt(
+                "https://cdn.contoso.com/beep.wav",
+                resource_id="1D6DE2D4-CD51-4309-8DAA-70768651088E",
+            ),
+            client_context="d45324c1-fcb5-430a-902c-f20af696537c",
+        ),
+    ),
+    (
+        "recordResponse",
+        lambda c: c.record_response(
+            prompts=[
+                media_prompt(
+                    "https://cdn.contoso.com/beep.wav",
+                    resource_id="1D6DE2D4-CD51-4309-8DAA-70768651088E",
+                )
+            ],
+            barge_in_allowed=True,
+            max_record_duration=10,
+            initial_silence_timeout=5,
+            max_silence_timeout=2,
+            play_beep=True,
+            stop_tones=["#", "1", "*"],
+            client_context="d45324c1-fcb5-430a-902c-f20af696537c",
+        ),
+    ),
+    (
+        "subscribeToTone",
+        lambda c: c.subscribe_to_tone(client_context="fd1c7836-4d84-4e24-b6aa-23188688cc54"),
+    ),
+    (
+        "sendDtmfTones",
+        lambda c: c.send_dtmf_tones(
+            "1234567890*#",
+            delay_between_tones_ms=1000,
+            client_context="e0be71f1-a14f-4cec-b65a-e7aba5db7c53",
+        ),
+    ),
+    (
+        "cancelMediaProcessing",
+        lambda c: c.cancel_media_processing(client_context="clientContext-value"),
+    ),
+    ("mute", lambda c: c.mute(client_context="clientContext-value")),
+    ("unmute", lambda c: c.unmute(client_context="clientContext-value")),
+    (
+        "participant-mute",
+        lambda c: c.participants.mute(
+            PARTICIPANT_ID, client_context="d45324c1-fcb5-430a-902c-f20af696537c"
+        ),
+    ),
+    (
+        "invite-participants",
+        lambda c: c.participants.invite(
+            Target.user(
+                "278405a3-f568-4b3e-b684-009193463064",
+                "string",
+                replaces_call_id="a7ebfb2d-871e-419c-87af-27290b22e8db",
+            ),
+            client_context="f2fa86af-3c51-4bc2-8fc0-475452d9764f",
+        ),
+    ),
+    (
+        "invite-participants-multiple",
+        lambda c: c.participants.invite(
+            Target.user("7e1b4346-85a6-4bdd-abe3-d11c5d420efe", "string"),
+            Target.user("1e126418-44a0-4a94-a6f8-0efe1ad71acb", "string"),
+            replaces_call_id="a7ebfb2d-871e-419c-87af-27290b22e8db",
+            client_context="f2fa86af-3c51-4bc2-8fc0-475452d9764f",
+        ),
+    ),
+    (
+        "invite-participants-replace-p2p-call",
+        lambda c: c.participants.invite(
+            Target.user("7e1b4346-85a6-4bdd-abe3-d11c5d420efe", "string"),
+            replaces_call_id="a7ebfb2d-871e-419c-87af-27290b22e8db",
+            client_context="f2fa86af-3c51-4bc2-8fc0-475452d9764f",
+        ),
+    ),
+    (
+        "invite-participants-pstn",
+        lambda c: c.participants.invite(
+            Target.phone("+12345678901"),
+            client_context="f2fa86af-3c51-4bc2-8fc0-475452d9764f",
+        ),
+    ),
+    (
+        "invite-participants-move-from-other-meeting",
+        lambda c: c.participants.invite(
+            Target.user(
+                "682b6c37-0729-4fab-ace6-d730d5d9137e",
+                identity_provider="AAD",
+                replaces_call_id="a7ebfb2d-871e-419c-87af-27290b22e8db",
+                participant_id="7d501bf1-5ee4-4605-ba92-0ae4513c611c",
+            ),
+            client_context="f2fa86af-3c51-4bc2-8fc0-475452d9764f",
+        ),
+    ),
+    (
+        "updateRecordingStatus",
+        lambda c: c.update_recording_status(
+            "notRecording | recording | failed", client_context="clientContext-value"
+        ),
+    ),
+    ("keepAlive", lambda c: c.keep_alive()),
+    ("changeScreenSharingRole", lambda c: c.change_screen_sharing_role("viewer")),
+    ("delete-call", lambda c: c.hangup()),
+    ("delete-participant", lambda c: c.participants.remove(PARTICIPANT_ID)),
+    (
+        "startHoldMusic",
+        lambda c: c.participants.start_hold_music(
+            PARTICIPANT_ID,
+            prompt=media_prompt("https://bot.contoso.com/onHold.wav"),
+            client_context="d45324c1-fcb5-430a-902c-f20af696537c",
+        ),
+    ),
+    (
+        "stopHoldMusic",
+        lambda c: c.participants.stop_hold_music(
+            PARTICIPANT_ID, client_context="d45324c1-fcb5-430a-902c-f20af696537c"
+        ),
+    ),
+    (
+        "addLargeGalleryView",
+        lambda c: c.add_large_gallery_view(client_context="785f4929-92ca-497b-863f-c778c77c9758"),
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "action"), CASES, ids=[name for name, _ in CASES])
+async def test_documented_request(
+    graph: FakeGraph, services: CallServices, name: str, action: Action
+) -> None:
+    doc = documented(name)
+    call = services.call(CALL_ID)
+    if name == "delete-participant":
+        graph.add_participant(CALL_ID, {"id": PARTICIPANT_ID})
+    result = await action(call)
+
+    sent = graph.requests[-1]
+    assert sent.method == doc["method"]
+    expected_path = doc["path"].replace("{id}", CALL_ID, 1).replace("{id}", PARTICIPANT_ID, 1)
+    assert sent.path == expected_path
+    if doc["request"] is None:
+        assert sent.body == b""
+    else:
+        assert conform(sent.json, doc["request"]) == doc["request"]
+        assert sent.headers["Content-Type"].startswith("application/json")
+    # FakeGraph answers with the documented status, and so callbot accepts it
+    assert graph.answer_to(sent).status == doc["response_status"]
+
+    assert sent.bearer in graph.tokens
+    assert uuid.UUID(sent.client_request_id or "").version == 4
+    assert sent.scenario_id == call.scenario_id
+    if doc["response"] is not None and "@odata.type" in doc["response"]:
+        # actions documented with an operation body return an Operation of that type
+        expected_type = models.parse_operation(doc["response"]).__class__
+        assert isinstance(result.result, expected_type)
+        assert result.client_context == sent.json["clientContext"]
+    else:
+        assert result is None
+
+
+async def test_transfer_from_group_call_names_the_transferee(
+    graph: FakeGraph, services: CallServices
+) -> None:
+    # the documented body is malformed (unbalanced braces); this is the shape it intends
+    call = services.call(CALL_ID)
+    await call.transfer(
+        Target.user("550fae72-d251-43ec-868c-373732c2704f", "Heidi Steen", endpoint_type="default"),
+        transferee=Target.user(
+            "751f6800-3180-414d-bd94-333364659951",
+            tenant_id="72f988bf-86f1-41af-91ab-2d7cd011db47",
+            participant_id="909c6581-5130-43e9-88f3-fcb3582cde37",
+        ),
+    )
+    sent = await graph.wait_for_request("transfer")
+    intended = {
+        "transferTarget": {
+            "endpointType": "default",
+            "identity": {
+                "user": {
+                    "id": "550fae72-d251-43ec-868c-373732c2704f",
+                    "displayName": "Heidi Steen",
+                }
+            },
+        },
+        "transferee": {
+            "identity": {
+                "user": {
+                    "id": "751f6800-3180-414d-bd94-333364659951",
+                    "tenantId": "72f988bf-86f1-41af-91ab-2d7cd011db47",
+                }
+            },
+            "participantId": "909c6581-5130-43e9-88f3-fcb3582cde37",
+        },
+    }
+    assert conform(sent.json, intended) == intended
+    assert "Heidi Steen" in documented("transfer-from-group-call")["request_raw"]
+
+
+async def test_generated_client_context_is_a_uuid4(
+    graph: FakeGraph, services: CallServices
+) -> None:
+    op = await services.call(CALL_ID).play_prompt("https://cdn.contoso.com/beep.wav")
+    sent = await graph.wait_for_request("playPrompt")
+    assert sent.json["clientContext"] == op.client_context
+    assert uuid.UUID(op.client_context).version == 4
+    assert sent.json["prompts"] == [
+        {
+            "@odata.type": "#microsoft.graph.mediaPrompt",
+            "mediaInfo": {
+                "@odata.type": "#microsoft.graph.mediaInfo",
+                "uri": "https://cdn.contoso.com/beep.wav",
+            },
+        }
+    ]
+
+
+async def test_raw_dicts_are_accepted_everywhere(graph: FakeGraph, services: CallServices) -> None:
+    call = services.call(CALL_ID)
+    raw_target = {"identity": {"user": {"id": "u1"}}, "endpointType": "default"}
+    await call.redirect(raw_target, callback_uri="https://bot.contoso.com/cb")
+    assert (await graph.wait_for_request("redirect")).json["targets"] == [raw_target]
+
+    raw_prompt = {"@odata.type": "#microsoft.graph.mediaPrompt", "mediaInfo": {"uri": "u"}}
+    await call.play_prompt([raw_prompt, "https://cdn.contoso.com/two.wav"], loop=True)
+    sent = await graph.wait_for_request("playPrompt")
+    assert sent.json["prompts"][0] == raw_prompt
+    assert sent.json["prompts"][1]["mediaInfo"]["uri"] == "https://cdn.contoso.com/two.wav"
+    assert sent.json["loop"] is True
+
+    model_target = models.InvitationParticipantInfo(
+        identity=models.IdentitySet(phone=models.Identity(id="+15550100"))
+    )
+    await call.participants.invite(model_target)
+    sent = await graph.wait_for_request("invite")
+    assert sent.json["participants"] == [{"identity": {"phone": {"id": "+15550100"}}}]
+
+    await call.answer(
+        media_config={"@odata.type": "#microsoft.graph.appHostedMediaConfig", "blob": "b"},
+        call_options={"isDeltaRosterEnabled": True},
+        modalities=["audio", "video"],
+    )
+    sent = await graph.wait_for_request("answer")
+    assert sent.json["mediaConfig"] == {
+        "@odata.type": "#microsoft.graph.appHostedMediaConfig",
+        "blob": "b",
+    }
+    assert sent.json["callOptions"] == {
+        "@odata.type": "#microsoft.graph.incomingCallOptions",
+        "isDeltaRosterEnabled": True,
+    }
+    assert sent.json["acceptedModalities"] == ["audio", "video"]
+
+
+async def test_answer_defaults_to_service_hosted_audio(
+    graph: FakeGraph, services: CallServices
+) -> None:
+    await services.call(CALL_ID).answer()
+    sent = await graph.wait_for_request("answer")
+    assert sent.json == {
+        "callbackUri": "https://bot.contoso.com/api/calls",
+        "acceptedModalities": ["audio"],
+        "mediaConfig": {"@odata.type": "#microsoft.graph.serviceHostedMediaConfig"},
+    }
+
+
+async def test_dtmf_keys_and_tone_names(graph: FakeGraph, services: CallServices) -> None:
+    call = services.call(CALL_ID)
+    await call.send_dtmf_tones(["tone1", "flash"])
+    assert (await graph.wait_for_request("sendDtmfTones")).json["tones"] == ["tone1", "flash"]
+    with pytest.raises(ValueError, match="DTMF"):
+        await call.send_dtmf_tones("12x")
+
+
+async def test_participants_list_get_and_refresh(graph: FakeGraph, services: CallServices) -> None:
+    graph.add_call(CALL_ID, state="established", myParticipantId="p-bot")
+    added = graph.add_participant(
+        CALL_ID,
+        {
+            "info": {"identity": {"user": {"id": "u1", "displayName": "John"}}},
+            "isMuted": True,
+            "isInLobby": False,
+        },
+    )
+    call = services.call(CALL_ID)
+    participants = await call.participants.list()
+    assert [p.id for p in participants] == [added["id"]]
+    assert participants[0].is_muted is True
+    one = await call.participants.get(added["id"])
+    assert one.info is not None
+    assert one.info.identity is not None
+    assert one.info.identity.user is not None
+    assert one.info.identity.user.display_name == "John"
+
+    snapshot = await call.refresh()
+    assert snapshot.state == "established"
+    assert call.snapshot is snapshot
+    assert call.state == "established"
+    assert snapshot.my_participant_id == "p-bot"
+
+
+async def test_audio_routing_groups(graph: FakeGraph, services: CallServices) -> None:
+    groups = services.call(CALL_ID).audio_routing_groups
+    created = await groups.create(
+        id="oneToOne",
+        routing_mode="oneToOne",
+        sources=["632899f8-2ea1-4604-8413-27bd2892079f"],
+        receivers=["550fae72-d251-43ec-868c-373732c2704f"],
+    )
+    sent = await graph.wait_for_request("createAudioRoutingGroup")
+    # the documented create request (call-post-audioroutinggroups, example 1)
+    assert sent.json == {
+        "id": "oneToOne",
+        "routingMode": "oneToOne",
+        "sources": ["632899f8-2ea1-4604-8413-27bd2892079f"],
+        "receivers": ["550fae72-d251-43ec-868c-373732c2704f"],
+    }
+    assert created["id"] == "oneToOne"
+    assert [g["id"] for g in await groups.list()] == ["oneToOne"]
+    updated = await groups.update("oneToOne", receivers=["a", "b"])
+    assert updated["receivers"] == ["a", "b"]
+    assert (await graph.wait_for_request("updateAudioRoutingGroup")).method == "PATCH"
+    assert (await groups.get("oneToOne"))["receivers"] == ["a", "b"]
+    await groups.delete("oneToOne")
+    assert await groups.list() == []
+
+
+async def test_log_device_quality(graph: FakeGraph, services: CallServices) -> None:
+    await services.log_device_quality(
+        call_chain_id="0622673d-9f69-49b2-9d4f-5ec64a5f8ac7",
+        participant_id="ea078c2c-da60-4d5c-bd9a-33d9a8f2e8c8",
+        media_leg_id="bd9ee398-4b9d-42c7-8b8d-4e8efad9435f",
+        device_name="Jackson's Device",
+        device_description="Jackson's Teleconference Device",
+        media_quality_list=[{"@odata.type": "#microsoft.graph.teleconferenceDeviceAudioQuality"}],
+        cloudServiceName="Contoso Cloud",
+    )
+    sent = await graph.wait_for_request("logTeleconferenceDeviceQuality")
+    assert sent.path == "/communications/calls/logTeleconferenceDeviceQuality"
+    assert sent.json == {
+        "quality": {
+            "callChainId": "0622673d-9f69-49b2-9d4f-5ec64a5f8ac7",
+            "participantId": "ea078c2c-da60-4d5c-bd9a-33d9a8f2e8c8",
+            "mediaLegId": "bd9ee398-4b9d-42c7-8b8d-4e8efad9435f",
+            "deviceName": "Jackson's Device",
+            "deviceDescription": "Jackson's Teleconference Device",
+            "mediaQualityList": [
+                {"@odata.type": "#microsoft.graph.teleconferenceDeviceAudioQuality"}
+            ],
+            "cloudServiceName": "Contoso Cloud",
+        }
+    }
+
+
+async def test_download_recording(graph: FakeGraph, services: CallServices, tmp_path: Path) -> None:
+    location, token = graph.add_recording(b"RIFF....WAVEfmt ")
+    record = models.RecordOperation(
+        id="op", status="completed", recording_location=location, recording_access_token=token
+    )
+    call = services.call(CALL_ID)
+    target = tmp_path / "answer.wav"
+    data = await call.download_recording(record, target)
+    assert data == b"RIFF....WAVEfmt "
+    assert target.read_bytes() == data
+    sent = await graph.wait_for_request("recording")
+    assert sent.bearer == token
+    with pytest.raises(ValueError, match="no recording"):
+        await call.download_recording(models.RecordOperation(id="x", status="failed"))

@@ -1,0 +1,199 @@
+"""Outbound requests: retries with Retry-After, GraphError, request ids, re-authentication."""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+
+import pytest
+from structlog.testing import capture_logs
+
+from callbot import GraphError
+from callbot.graph import CallServices, RetryPolicy
+from callbot.graph._http import parse_retry_after
+from callbot.testing import FakeGraph
+
+CALL_ID = "57dab8b1-894c-409a-b240-bd8beae78896"
+FAST = RetryPolicy(total_time=5.0, base_delay=0.001, max_delay=0.01, request_timeout=5.0)
+
+
+@pytest.fixture
+async def graph() -> AsyncIterator[FakeGraph]:
+    async with FakeGraph() as fake:
+        yield fake
+
+
+@pytest.fixture
+async def services(graph: FakeGraph) -> AsyncIterator[CallServices]:
+    svc = CallServices(graph.settings(), retry=FAST)
+    await svc.start()
+    try:
+        yield svc
+    finally:
+        await svc.close()
+
+
+async def test_429_and_503_are_retried_honouring_retry_after(
+    graph: FakeGraph, services: CallServices
+) -> None:
+    graph.fail_next("playPrompt", 429, headers={"Retry-After": "0"})
+    past = format_datetime(datetime.now(UTC) - timedelta(seconds=5), usegmt=True)
+    graph.fail_next("playPrompt", 503, headers={"Retry-After": past})
+    graph.fail_next("playPrompt", 504)
+    op = await services.call(CALL_ID).play_prompt("https://x/beep.wav")
+    attempts = graph.requests_for("playPrompt")
+    assert [graph.answer_to(r).status for r in attempts] == [429, 503, 504, 200]
+    # one operation, one clientContext, a fresh client-request-id per request
+    assert {r.json["clientContext"] for r in attempts} == {op.client_context}
+    assert len({r.client_request_id for r in attempts}) == 4
+    assert {r.scenario_id for r in attempts} == {services.call(CALL_ID).scenario_id}
+
+
+async def test_retry_after_beyond_the_budget_gives_up_at_once(graph: FakeGraph) -> None:
+    svc = CallServices(graph.settings(), retry=RetryPolicy(total_time=1.0, base_delay=0.001))
+    graph.fail_next("keepAlive", 429, headers={"Retry-After": "120"}, times=5)
+    try:
+        with pytest.raises(GraphError) as failure:
+            await svc.call(CALL_ID).keep_alive()
+    finally:
+        await svc.close()
+    assert failure.value.status == 429
+    assert failure.value.code == "TooManyRequests"
+    assert len(graph.requests_for("keepAlive")) == 1
+
+
+async def test_budget_bounds_repeated_retries(graph: FakeGraph) -> None:
+    policy = RetryPolicy(total_time=0.05, base_delay=0.01, max_delay=0.02)
+    svc = CallServices(graph.settings(), retry=policy)
+    graph.fail_next("keepAlive", 503, times=1000)
+    try:
+        with pytest.raises(GraphError) as failure:
+            await svc.call(CALL_ID).keep_alive()
+    finally:
+        await svc.close()
+    assert failure.value.status == 503
+    assert 1 <= len(graph.requests_for("keepAlive")) < 1000
+
+
+async def test_graph_error_fields(graph: FakeGraph, services: CallServices) -> None:
+    graph.fail_next(
+        "transfer",
+        403,
+        headers={"request-id": "0b7b3c2e-request"},
+        body={"error": {"code": "7505", "message": "Request denied: no permission."}},
+    )
+    with pytest.raises(GraphError) as failure:
+        await services.call(CALL_ID).transfer({"identity": {"user": {"id": "u"}}})
+    error = failure.value
+    sent = graph.requests_for("transfer")[-1]
+    assert error.status == 403
+    assert error.code == "7505"
+    assert error.message == "Request denied: no permission."
+    assert error.request_id == "0b7b3c2e-request"
+    assert error.client_request_id == sent.client_request_id
+    assert error.method == "POST"
+    assert error.url.endswith(f"/communications/calls/{CALL_ID}/transfer")
+    assert len(graph.requests_for("transfer")) == 1, "a 403 is not retried"
+    assert "7505" in str(error)
+
+
+async def test_not_found_is_not_retried(graph: FakeGraph, services: CallServices) -> None:
+    graph.end_call(CALL_ID)
+    with pytest.raises(GraphError) as failure:
+        await services.call(CALL_ID).keep_alive()
+    assert failure.value.status == 404
+    assert failure.value.code == "NotFound"
+    assert failure.value.request_id is not None
+    assert len(graph.requests_for("keepAlive")) == 1
+
+
+async def test_a_hung_request_times_out_and_is_retried(graph: FakeGraph) -> None:
+    policy = RetryPolicy(total_time=5.0, base_delay=0.001, max_delay=0.01, request_timeout=0.2)
+    svc = CallServices(graph.settings(), retry=policy)
+    graph.hang_next("keepAlive")
+    try:
+        await svc.call(CALL_ID).keep_alive()
+    finally:
+        await svc.close()
+    assert len(graph.requests_for("keepAlive")) == 2
+
+
+async def test_unreachable_graph_raises_status_zero(graph: FakeGraph) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    policy = RetryPolicy(total_time=0.05, base_delay=0.01, max_delay=0.02)
+    settings = graph.settings(graph_url=f"http://127.0.0.1:{port}/v1.0")
+    svc = CallServices(settings, retry=policy)
+    try:
+        with capture_logs() as logs, pytest.raises(GraphError) as failure:
+            await svc.call(CALL_ID).keep_alive()
+    finally:
+        await svc.close()
+    assert failure.value.status == 0
+    assert failure.value.code == "connectionFailed"
+    assert any(e["event"] == "graph_request_gave_up" and e["call_id"] == CALL_ID for e in logs)
+
+
+async def test_revoked_token_is_replaced_once(graph: FakeGraph, services: CallServices) -> None:
+    call = services.call(CALL_ID)
+    await call.keep_alive()
+    graph.revoke_tokens()
+    await call.keep_alive()
+    assert len(graph.token_requests) == 2
+    assert [graph.answer_to(r).status for r in graph.requests_for("keepAlive")] == [200, 401, 200]
+
+
+async def test_persistent_401_raises(graph: FakeGraph, services: CallServices) -> None:
+    graph.fail_next("keepAlive", 401, times=2)
+    with pytest.raises(GraphError) as failure:
+        await services.call(CALL_ID).keep_alive()
+    assert failure.value.status == 401
+    assert failure.value.code == "InvalidAuthenticationToken"
+
+
+async def test_request_ids_are_logged_with_the_call(
+    graph: FakeGraph, services: CallServices
+) -> None:
+    call = services.call(CALL_ID)
+    with capture_logs() as logs:
+        await call.keep_alive()
+    sent = graph.requests_for("keepAlive")[-1]
+    assert uuid.UUID(sent.client_request_id or "").version == 4
+    line = next(e for e in logs if e["event"] == "graph_request_ok")
+    assert line["call_id"] == CALL_ID
+    assert line["client_request_id"] == sent.client_request_id
+    assert line["scenario_id"] == call.scenario_id == sent.scenario_id
+    assert line["request_id"] == graph.answer_to(sent).headers["request-id"]
+
+
+async def test_each_call_has_its_own_scenario(graph: FakeGraph, services: CallServices) -> None:
+    one = services.call(CALL_ID)
+    two = services.call("2f1a1100-b174-40a0-aba7-0b405e01ed92")
+    await one.keep_alive()
+    await one.keep_alive()
+    await two.keep_alive()
+    ids = [r.scenario_id for r in graph.requests_for("keepAlive")]
+    assert ids[0] == ids[1] != ids[2]
+
+
+def test_parse_retry_after() -> None:
+    now = datetime(2024, 1, 1, 12, 0, 0, tzinfo=UTC)
+    assert parse_retry_after("3") == 3.0
+    assert parse_retry_after("0") == 0.0
+    assert parse_retry_after("-4") == 0.0
+    assert parse_retry_after("Mon, 01 Jan 2024 12:00:10 GMT", now=now) == 10.0
+    assert parse_retry_after("Mon, 01 Jan 2024 11:00:00 GMT", now=now) == 0.0
+    assert parse_retry_after("soon") is None
+    assert parse_retry_after("") is None
+    assert parse_retry_after(None) is None
+
+
+def test_backoff_grows_and_is_capped() -> None:
+    policy = RetryPolicy(base_delay=1.0, max_delay=4.0)
+    assert 0.5 <= policy.backoff(1) <= 1.0
+    assert 1.0 <= policy.backoff(2) <= 2.0
+    assert 2.0 <= policy.backoff(10) <= 4.0

@@ -1,0 +1,315 @@
+"""App-only tokens: client secret, certificate assertions, custom credentials, caching."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import jwt
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
+from structlog.testing import capture_logs
+
+from callbot import ConfigurationError, GraphError
+from callbot.graph import (
+    AccessToken,
+    CallServices,
+    CertificateCredential,
+    ClientSecretCredential,
+    RetryPolicy,
+    TokenCache,
+)
+from callbot.graph._credentials import graph_scope
+from callbot.testing import FakeGraph
+
+APP_ID = "6c4a7c4e-2b1a-4d7e-9a53-7a1bfb4c0d11"
+CALL_ID = "57dab8b1-894c-409a-b240-bd8beae78896"
+FAST = RetryPolicy(total_time=1.0, base_delay=0.001, max_delay=0.01)
+
+
+@pytest.fixture
+async def graph() -> AsyncIterator[FakeGraph]:
+    async with FakeGraph() as fake:
+        yield fake
+
+
+def self_signed(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> x509.Certificate:
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "callbot test")])
+    now = datetime.datetime.now(datetime.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+
+
+def write_pem(
+    path: Path, key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey, cert: x509.Certificate
+) -> Path:
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        + cert.public_bytes(serialization.Encoding.PEM)
+    )
+    return path
+
+
+async def test_client_secret_flow(graph: FakeGraph) -> None:
+    graph.register_client(APP_ID, secret="s3cret")
+    svc = CallServices(graph.settings(app_secret="s3cret"), retry=FAST)
+    await svc.start()
+    try:
+        await svc.call(CALL_ID).keep_alive()
+        await svc.call(CALL_ID).keep_alive()
+    finally:
+        await svc.close()
+    (request,) = graph.token_requests
+    assert request.path == f"/authority/{graph.tenant_id}/oauth2/v2.0/token"
+    assert request.form == {
+        "client_id": APP_ID,
+        "scope": "https://graph.microsoft.com/.default",
+        "grant_type": "client_credentials",
+        "client_secret": "s3cret",
+    }
+
+
+async def test_wrong_secret_is_a_graph_error(graph: FakeGraph) -> None:
+    graph.register_client(APP_ID, secret="right")
+    svc = CallServices(graph.settings(app_secret="wrong"), retry=FAST)
+    try:
+        with pytest.raises(GraphError) as failure:
+            await svc.call(CALL_ID).keep_alive()
+    finally:
+        await svc.close()
+    assert failure.value.status == 401
+    assert failure.value.code == "invalid_client"
+    assert "AADSTS7000215" in failure.value.message
+    assert graph.requests_for("keepAlive") == []
+
+
+@pytest.mark.parametrize("kind", ["rsa", "ec"])
+async def test_certificate_flow(graph: FakeGraph, tmp_path: Path, kind: str) -> None:
+    key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey = (
+        rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        if kind == "rsa"
+        else ec.generate_private_key(ec.SECP256R1())
+    )
+    cert = self_signed(key)
+    pem = write_pem(tmp_path / "bot.pem", key, cert)
+    graph.register_client(APP_ID, certificate=cert.public_bytes(serialization.Encoding.PEM))
+    settings = graph.settings(app_secret=None, certificate_path=str(pem))
+    svc = CallServices(settings, retry=FAST)
+    await svc.start()
+    try:
+        await svc.call(CALL_ID).keep_alive()
+    finally:
+        await svc.close()
+    (request,) = graph.token_requests
+    assert request.form["client_assertion_type"] == (
+        "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+    )
+    assert "client_secret" not in request.form
+    header = jwt.get_unverified_header(request.form["client_assertion"])
+    assert header["alg"] == ("PS256" if kind == "rsa" else "ES256")
+    assert "x5t#S256" in header
+    assert "x5t" in header
+    claims = jwt.decode(request.form["client_assertion"], options={"verify_signature": False})
+    assert claims["aud"] == graph.token_url
+    assert claims["iss"] == claims["sub"] == APP_ID
+    assert claims["exp"] > time.time()
+
+
+async def test_certificate_of_another_key_is_refused(graph: FakeGraph, tmp_path: Path) -> None:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    registered = self_signed(rsa.generate_private_key(public_exponent=65537, key_size=2048))
+    graph.register_client(APP_ID, certificate=registered)
+    pem = write_pem(tmp_path / "bot.pem", key, self_signed(key))
+    svc = CallServices(graph.settings(app_secret=None, certificate_path=str(pem)), retry=FAST)
+    try:
+        with pytest.raises(GraphError) as failure:
+            await svc.call(CALL_ID).keep_alive()
+    finally:
+        await svc.close()
+    assert failure.value.code == "invalid_client"
+    assert "another certificate" in failure.value.message
+
+
+async def test_rs256_assertion_also_verifies(graph: FakeGraph, tmp_path: Path) -> None:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    cert = self_signed(key)
+    graph.register_client(APP_ID, certificate=cert)
+    credential = CertificateCredential(
+        graph.tenant_id,
+        APP_ID,
+        write_pem(tmp_path / "bot.pem", key, cert),
+        algorithm="RS256",
+        authority_url=graph.authority_url,
+    )
+    try:
+        token = await credential.get_token("https://graph.microsoft.com/.default")
+    finally:
+        await credential.close()
+    assert token.token in graph.tokens
+    assert token.expires_on > time.time() + 3000
+
+
+def test_certificate_file_problems_are_configuration_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="cannot read"):
+        CertificateCredential("t", APP_ID, tmp_path / "missing.pem")
+    only_key = tmp_path / "key.pem"
+    only_key.write_bytes(
+        rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    with pytest.raises(ConfigurationError, match="certificate"):
+        CertificateCredential("t", APP_ID, only_key)
+    with pytest.raises(ConfigurationError):
+        ClientSecretCredential("", APP_ID, "s")
+
+
+@dataclass
+class _Token:
+    token: str
+    expires_on: int
+
+
+class CountingCredential:
+    """An azure-identity style credential: ``async get_token(*scopes)``."""
+
+    def __init__(self, lifetime: int = 3600, delay: float = 0.0) -> None:
+        self.lifetime = lifetime
+        self.delay = delay
+        self.calls: list[tuple[str, ...]] = []
+        self.fail_next = False
+
+    async def get_token(self, *scopes: str) -> _Token:
+        self.calls.append(scopes)
+        await asyncio.sleep(self.delay)
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("identity platform unavailable")
+        return _Token(f"custom-{len(self.calls)}", int(time.time()) + self.lifetime)
+
+
+async def test_custom_credential_object(graph: FakeGraph) -> None:
+    credential = CountingCredential()
+    svc = CallServices(graph.settings(app_secret=None), credential=credential, retry=FAST)
+    graph.tokens["custom-1"] = time.time() + 3600
+    await svc.start()
+    try:
+        await svc.call(CALL_ID).keep_alive()
+    finally:
+        await svc.close()
+    assert credential.calls == [("https://graph.microsoft.com/.default",)]
+    assert graph.requests_for("keepAlive")[0].bearer == "custom-1"
+    assert graph.token_requests == []
+
+
+async def test_concurrent_callers_share_one_refresh() -> None:
+    credential = CountingCredential(delay=0.01)
+    cache = TokenCache(credential, "scope/.default")
+    tokens = await asyncio.gather(*(cache.get() for _ in range(20)))
+    assert set(tokens) == {"custom-1"}
+    assert len(credential.calls) == 1
+    assert cache.fetches == 1
+    assert await cache.get() == "custom-1"
+    assert len(credential.calls) == 1
+
+
+async def test_token_refreshed_shortly_before_expiry() -> None:
+    # a token inside its refresh margin is replaced; a fresh one is reused
+    expiring = CountingCredential(lifetime=0)
+    cache = TokenCache(expiring, "scope/.default")
+    assert await cache.get() == "custom-1"
+    assert await cache.get() == "custom-2"
+    lasting = CountingCredential(lifetime=3600)
+    cache = TokenCache(lasting, "scope/.default", refresh_margin=300)
+    assert await cache.get() == await cache.get() == "custom-1"
+    assert cache.cached
+
+
+async def test_failures_are_not_cached() -> None:
+    credential = CountingCredential()
+    credential.fail_next = True
+    cache = TokenCache(credential, "scope/.default")
+    results = await asyncio.gather(cache.get(), cache.get(), return_exceptions=True)
+    assert all(isinstance(r, RuntimeError) for r in results)
+    assert len(credential.calls) == 1
+    assert await cache.get() == "custom-2"
+    cache.invalidate()
+    assert not cache.cached
+    assert await cache.get() == "custom-3"
+
+
+async def test_a_cancelled_caller_does_not_cancel_the_refresh() -> None:
+    credential = CountingCredential(delay=0.05)
+    cache = TokenCache(credential, "scope/.default")
+    first = asyncio.ensure_future(cache.get())
+    second = asyncio.ensure_future(cache.get())
+    await asyncio.sleep(0.01)
+    first.cancel()
+    assert await second == "custom-1"
+    assert len(credential.calls) == 1
+
+
+async def test_start_fetches_the_token_early(graph: FakeGraph) -> None:
+    svc = CallServices(graph.settings(), retry=FAST)
+    await svc.start()
+    assert len(graph.token_requests) == 1
+    await svc.call(CALL_ID).keep_alive()
+    await svc.close()
+    assert len(graph.token_requests) == 1
+
+
+async def test_start_survives_a_token_failure(graph: FakeGraph) -> None:
+    graph.fail_next("token", 500, times=50)
+    svc = CallServices(graph.settings(), retry=RetryPolicy(total_time=0.0))
+    with capture_logs() as logs:
+        await svc.start()
+    assert any(e["event"] == "graph_token_prefetch_failed" for e in logs)
+    # once the endpoint recovers, the first request fetches the token
+    graph.clear_faults()
+    await svc.call(CALL_ID).keep_alive()
+    await svc.close()
+
+
+async def test_no_credentials(graph: FakeGraph) -> None:
+    svc = CallServices(graph.settings(app_secret=None))
+    with capture_logs() as logs:
+        await svc.start()
+    assert any(e["event"] == "graph_no_credentials" for e in logs)
+    with pytest.raises(ConfigurationError, match="no Graph credentials"):
+        await svc.call(CALL_ID).keep_alive()
+    await svc.close()
+
+
+def test_scope_follows_the_graph_cloud() -> None:
+    assert graph_scope("https://graph.microsoft.com/v1.0") == "https://graph.microsoft.com/.default"
+    assert graph_scope("https://graph.microsoft.us/v1.0") == "https://graph.microsoft.us/.default"
+    assert graph_scope("https://dod-graph.microsoft.us/v1.0") == (
+        "https://dod-graph.microsoft.us/.default"
+    )
+    assert graph_scope("http://127.0.0.1:8080/v1.0") == "https://graph.microsoft.com/.default"
+
+
+def test_access_token_value() -> None:
+    token = AccessToken("abc", 123)
+    assert (token.token, token.expires_on) == ("abc", 123)

@@ -1,0 +1,427 @@
+"""Placing calls and joining meetings: every documented create-call shape, and join URLs."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+
+from callbot.graph import CallServices, Meeting, RetryPolicy, Target, media_info, parse_join_url
+from callbot.testing import FakeGraph
+
+OPERATIONS = Path(__file__).parent / "fixtures" / "operations"
+CALLBACK = "https://bot.contoso.com/callback"
+BEEP = media_info(
+    "https://cdn.contoso.com/beep.wav", resource_id="f8971b04-b53e-418c-9222-c82ce681a582"
+)
+COOL = media_info(
+    "https://cdn.contoso.com/cool.wav", resource_id="86dc814b-c172-4428-9112-60f8ecae1edb"
+)
+PREFETCHED = [
+    {
+        "uri": "https://cdn.contoso.com/beep.wav",
+        "resourceId": "f8971b04-b53e-418c-9222-c82ce681a582",
+    },
+    {
+        "uri": "https://cdn.contoso.com/cool.wav",
+        "resourceId": "86dc814b-c172-4428-9112-60f8ecae1edb",
+    },
+]
+# the join URL the call resource documentation uses as its example
+DOCS_JOIN_URL = (
+    "https://teams.microsoft.com/l/meetup-join/"
+    "19%3ameeting_NTg0NmQ3NTctZDVkZC00YzRhLThmNmEtOGQ3M2E0ODdmZDZk%40thread.v2/0"
+    "?context=%7b%22Tid%22%3a%2272f988bf-86f1-41af-91ab-2d7cd011db47%22%2c%22Oid%22%3a"
+    "%224b444206-207c-42f8-92a6-e332b41c88a2%22%7d"
+)
+
+
+def documented_request(name: str) -> dict[str, Any]:
+    data = json.loads((OPERATIONS / f"{name}.json").read_text(encoding="utf-8"))
+    request: dict[str, Any] = data["request"]
+    return request
+
+
+@pytest.fixture
+async def graph() -> AsyncIterator[FakeGraph]:
+    async with FakeGraph() as fake:
+        yield fake
+
+
+@pytest.fixture
+async def services(graph: FakeGraph) -> AsyncIterator[CallServices]:
+    settings = graph.settings(public_url="https://bot.contoso.com", callback_path="/callback")
+    svc = CallServices(settings, retry=RetryPolicy(total_time=1.0, base_delay=0.01))
+    await svc.start()
+    try:
+        yield svc
+    finally:
+        await svc.close()
+
+
+async def test_documented_peer_to_peer_call(graph: FakeGraph, services: CallServices) -> None:
+    call = await services.create_call(
+        Target.user("112f7296-5fa4-42ca-bae8-6a692b15d4b8", "John"),
+        content_sharing_notifications=True,
+    )
+    sent = await graph.wait_for_request("createCall")
+    assert sent.method == "POST"
+    assert sent.path == "/communications/calls"
+    assert sent.json == documented_request("create-call")
+    assert graph.answer_to(sent).status == 201
+    # the handle is the created call's, with its snapshot and its own scenario
+    assert call.id == graph.answer_to(sent).body["id"]
+    assert call.state == "establishing"
+    assert call.snapshot is not None
+    assert call.snapshot.direction == "outgoing"
+    assert services.call(call.id.upper()) is call
+    assert sent.scenario_id == call.scenario_id
+
+
+async def test_documented_scheduled_meeting_join(graph: FakeGraph, services: CallServices) -> None:
+    tenant = "86dc81db-c112-4228-9222-63f3esaa1edb"
+    await services.join_meeting(
+        Meeting.thread(
+            "19:meeting_Win6Ydo4wsMijFjZS00ZGVjLTk5MGUtOTRjNWY2NmNkYTFm@thread.v2",
+            organizer=Target.user("5810cede-f3cc-42eb-b2c1-e9bd5d53ec96", "Bob", tenant),
+            tenant_id=tenant,
+            allow_conversation_without_host=True,
+        ),
+        prefetch=[BEEP, COOL],
+    )
+    sent = await graph.wait_for_request("createCall")
+    assert sent.json == documented_request("create-call-join-scheduled-meeting")
+
+
+async def test_pstn_call_from_an_application_instance(
+    graph: FakeGraph, services: CallServices
+) -> None:
+    # application-post-calls, example 9 (nulls the example sends are left out)
+    await services.create_call(
+        Target.phone("+12345678901"),
+        source=Target.application_instance("3d913abb-aec0-4964-8fa6-3c6850c4f278", "Calling Bot"),
+        tenant_id="aa67bd4c-8475-432d-bd41-39f255720e0a",
+    )
+    sent = await graph.wait_for_request("createCall")
+    assert sent.json == {
+        "@odata.type": "#microsoft.graph.call",
+        "callbackUri": CALLBACK,
+        "source": {
+            "@odata.type": "#microsoft.graph.participantInfo",
+            "identity": {
+                "@odata.type": "#microsoft.graph.identitySet",
+                "applicationInstance": {
+                    "@odata.type": "#microsoft.graph.identity",
+                    "displayName": "Calling Bot",
+                    "id": "3d913abb-aec0-4964-8fa6-3c6850c4f278",
+                },
+            },
+        },
+        "targets": [
+            {
+                "@odata.type": "#microsoft.graph.invitationParticipantInfo",
+                "identity": {
+                    "@odata.type": "#microsoft.graph.identitySet",
+                    "phone": {"@odata.type": "#microsoft.graph.identity", "id": "+12345678901"},
+                },
+            }
+        ],
+        "requestedModalities": ["audio"],
+        "mediaConfig": {"@odata.type": "#microsoft.graph.serviceHostedMediaConfig"},
+        "tenantId": "aa67bd4c-8475-432d-bd41-39f255720e0a",
+    }
+
+
+async def test_group_call_with_app_hosted_media(graph: FakeGraph, services: CallServices) -> None:
+    # application-post-calls, example 4 (example 3 differs only in the media type)
+    await services.create_call(
+        Target.user("98da8a1a-1b87-452c-a713-65d3f10b5555", "user1"),
+        Target.user("bf5aae9a-d11d-47a8-93b1-782504c95555", "user2"),
+        source=Target.application("dd3885da-f9ab-486b-bfae-85de3d445555", "TestBot"),
+        subject="Create a group call with application hosted media",
+        media_config={
+            "@odata.type": "#microsoft.graph.appHostedMediaConfig",
+            "removeFromDefaultAudioGroup": False,
+        },
+        extra={"direction": "outgoing"},
+    )
+    sent = await graph.wait_for_request("createCall")
+
+    def user(user_id: str, name: str) -> dict[str, Any]:
+        return {
+            "@odata.type": "#microsoft.graph.invitationParticipantInfo",
+            "identity": {
+                "@odata.type": "#microsoft.graph.identitySet",
+                "user": {
+                    "@odata.type": "#microsoft.graph.identity",
+                    "displayName": name,
+                    "id": user_id,
+                },
+            },
+        }
+
+    assert sent.json == {
+        "@odata.type": "#microsoft.graph.call",
+        "direction": "outgoing",
+        "subject": "Create a group call with application hosted media",
+        "callbackUri": CALLBACK,
+        "source": {
+            "@odata.type": "#microsoft.graph.participantInfo",
+            "identity": {
+                "@odata.type": "#microsoft.graph.identitySet",
+                "application": {
+                    "@odata.type": "#microsoft.graph.identity",
+                    "displayName": "TestBot",
+                    "id": "dd3885da-f9ab-486b-bfae-85de3d445555",
+                },
+            },
+        },
+        "targets": [
+            user("98da8a1a-1b87-452c-a713-65d3f10b5555", "user1"),
+            user("bf5aae9a-d11d-47a8-93b1-782504c95555", "user2"),
+        ],
+        "requestedModalities": ["audio"],
+        "mediaConfig": {
+            "@odata.type": "#microsoft.graph.appHostedMediaConfig",
+            "removeFromDefaultAudioGroup": False,
+        },
+    }
+
+
+async def test_group_call_keyword_media_options(graph: FakeGraph, services: CallServices) -> None:
+    await services.create_call(
+        Target.user("u1"),
+        Target.user("u2"),
+        remove_from_default_audio_group=False,
+        modalities=["audio", "video"],
+        delta_roster=True,
+        hide_bot_after_escalation=True,
+    )
+    sent = await graph.wait_for_request("createCall")
+    assert sent.json["mediaConfig"] == {
+        "@odata.type": "#microsoft.graph.serviceHostedMediaConfig",
+        "removeFromDefaultAudioGroup": False,
+    }
+    assert sent.json["requestedModalities"] == ["audio", "video"]
+    assert sent.json["callOptions"] == {
+        "@odata.type": "#microsoft.graph.outgoingCallOptions",
+        "isDeltaRosterEnabled": True,
+        "hideBotAfterEscalation": True,
+    }
+
+
+async def test_peer_to_peer_app_hosted(graph: FakeGraph, services: CallServices) -> None:
+    # application-post-calls, example 2
+    await services.create_call(
+        Target.user("112f7296-5fa4-42ca-bae8-6a692b15d4b8", "John"),
+        source=Target.application("2891555a-92ff-42e6-80fa-6e1300c6b5c6", "Calling Bot"),
+        app_hosted_media="<Media Session Configuration>",
+    )
+    sent = await graph.wait_for_request("createCall")
+    assert sent.json["mediaConfig"] == {
+        "@odata.type": "#microsoft.graph.appHostedMediaConfig",
+        "blob": "<Media Session Configuration>",
+    }
+    assert sent.json["source"]["identity"]["application"]["id"] == (
+        "2891555a-92ff-42e6-80fa-6e1300c6b5c6"
+    )
+
+
+@pytest.mark.parametrize("passcode", ["psw123", None])
+async def test_join_by_meeting_id(
+    graph: FakeGraph, services: CallServices, passcode: str | None
+) -> None:
+    # application-post-calls, examples 7 and 8
+    await services.join_meeting(
+        Meeting.join_id("1234567", passcode, tenant_id="86dc81db-c112-4228-9222-63f3esaa1edb"),
+        prefetch=[BEEP, COOL],
+    )
+    sent = await graph.wait_for_request("createCall")
+    meeting_info: dict[str, Any] = {
+        "@odata.type": "#microsoft.graph.joinMeetingIdMeetingInfo",
+        "joinMeetingId": "1234567",
+    }
+    if passcode is not None:
+        meeting_info["passcode"] = passcode
+    assert sent.json == {
+        "@odata.type": "#microsoft.graph.call",
+        "callbackUri": CALLBACK,
+        "requestedModalities": ["audio"],
+        "mediaConfig": {
+            "@odata.type": "#microsoft.graph.serviceHostedMediaConfig",
+            "preFetchMedia": PREFETCHED,
+        },
+        "meetingInfo": meeting_info,
+        "tenantId": "86dc81db-c112-4228-9222-63f3esaa1edb",
+    }
+
+
+async def test_join_channel_meeting_as_guest(graph: FakeGraph, services: CallServices) -> None:
+    # beta application-post-calls, example 8 (channel meeting, guest identity)
+    await services.join_meeting(
+        Meeting.thread(
+            "19:cbee7c1c860e465f8258e3cebf7bee0d@thread.skype",
+            message_id="1533758867081",
+            organizer=Target.user(
+                "5810cede-f3cc-42eb-b2c1-e9bd5d53ec96",
+                "Bob",
+                "aa67bd4c-8475-432d-bd41-39f255720e0a",
+            ),
+            allow_conversation_without_host=True,
+        ),
+        source=Target.guest("d7a3b999-17ac-4bca-9e77-e6a730d2ec2e", "Guest User"),
+        prefetch=[BEEP, COOL],
+    )
+    sent = await graph.wait_for_request("createCall")
+    assert sent.json["source"] == {
+        "@odata.type": "#microsoft.graph.participantInfo",
+        "identity": {
+            "@odata.type": "#microsoft.graph.identitySet",
+            "guest": {
+                "@odata.type": "#microsoft.graph.identity",
+                "displayName": "Guest User",
+                "id": "d7a3b999-17ac-4bca-9e77-e6a730d2ec2e",
+            },
+        },
+    }
+    assert sent.json["chatInfo"] == {
+        "@odata.type": "#microsoft.graph.chatInfo",
+        "threadId": "19:cbee7c1c860e465f8258e3cebf7bee0d@thread.skype",
+        "messageId": "1533758867081",
+    }
+    assert "tenantId" not in sent.json
+
+
+async def test_join_from_a_teams_url(graph: FakeGraph, services: CallServices) -> None:
+    await services.join_meeting(DOCS_JOIN_URL)
+    sent = await graph.wait_for_request("createCall")
+    assert sent.json["chatInfo"] == {
+        "@odata.type": "#microsoft.graph.chatInfo",
+        "threadId": "19:meeting_NTg0NmQ3NTctZDVkZC00YzRhLThmNmEtOGQ3M2E0ODdmZDZk@thread.v2",
+        "messageId": "0",
+    }
+    assert sent.json["meetingInfo"] == {
+        "@odata.type": "#microsoft.graph.organizerMeetingInfo",
+        "organizer": {
+            "@odata.type": "#microsoft.graph.identitySet",
+            "user": {
+                "@odata.type": "#microsoft.graph.identity",
+                "id": "4b444206-207c-42f8-92a6-e332b41c88a2",
+                "tenantId": "72f988bf-86f1-41af-91ab-2d7cd011db47",
+            },
+        },
+    }
+    assert sent.json["tenantId"] == "72f988bf-86f1-41af-91ab-2d7cd011db47"
+
+
+async def test_join_with_raw_chat_and_meeting_info(
+    graph: FakeGraph, services: CallServices
+) -> None:
+    chat = {"threadId": "19:abc@thread.v2", "messageId": "0"}
+    meeting = {"@odata.type": "#microsoft.graph.tokenMeetingInfo", "token": "t0k3n"}
+    await services.join_meeting(chat_info=chat, meeting_info=meeting, tenant_id="t1")
+    sent = await graph.wait_for_request("createCall")
+    assert (sent.json["chatInfo"], sent.json["meetingInfo"]) == (chat, meeting)
+    assert sent.json["tenantId"] == "t1"
+    await services.join_meeting(Meeting.from_token("t0k3n"))
+    sent = await graph.wait_for_request("createCall")
+    assert sent.json["meetingInfo"] == meeting
+    assert "chatInfo" not in sent.json
+
+
+async def test_create_call_needs_someone(services: CallServices) -> None:
+    with pytest.raises(ValueError, match="target or a meeting"):
+        await services.create_call()
+    with pytest.raises(ValueError, match="join URL"):
+        await services.join_meeting()
+
+
+def test_parse_documented_join_url() -> None:
+    meeting = parse_join_url(DOCS_JOIN_URL)
+    assert meeting.thread_id == (
+        "19:meeting_NTg0NmQ3NTctZDVkZC00YzRhLThmNmEtOGQ3M2E0ODdmZDZk@thread.v2"
+    )
+    assert meeting.message_id == "0"
+    assert meeting.reply_chain_message_id is None
+    assert meeting.tenant_id == "72f988bf-86f1-41af-91ab-2d7cd011db47"
+    assert meeting.organizer == Target.user(
+        "4b444206-207c-42f8-92a6-e332b41c88a2", tenant_id="72f988bf-86f1-41af-91ab-2d7cd011db47"
+    )
+    assert Meeting.from_url(DOCS_JOIN_URL) == meeting
+
+
+def test_parse_channel_meeting_url() -> None:
+    context = json.dumps(
+        {
+            "Tid": "aa67bd4c-8475-432d-bd41-39f255720e0a",
+            "Oid": "5810cede-f3cc-42eb-b2c1-e9bd5d53ec96",
+            "MessageId": "1533758867081",
+        },
+        separators=(",", ":"),
+    )
+    url = (
+        "https://teams.microsoft.com/l/meetup-join/"
+        + quote("19:cbee7c1c860e465f8258e3cebf7bee0d@thread.skype", safe="")
+        + "/1533758867081?context="
+        + quote(context, safe="")
+        + "&anon=true"
+    )
+    meeting = parse_join_url(url)
+    assert meeting.thread_id == "19:cbee7c1c860e465f8258e3cebf7bee0d@thread.skype"
+    assert meeting.message_id == "1533758867081"
+    assert meeting.reply_chain_message_id == "1533758867081"
+    assert meeting.chat_info_json() == {
+        "@odata.type": "#microsoft.graph.chatInfo",
+        "threadId": "19:cbee7c1c860e465f8258e3cebf7bee0d@thread.skype",
+        "messageId": "1533758867081",
+        "replyChainMessageId": "1533758867081",
+    }
+
+
+def test_parse_other_url_shapes() -> None:
+    # upper-case escapes, as newer clients write them
+    upper = DOCS_JOIN_URL.replace("%3a", "%3A").replace("%40", "%40").replace("%7b", "%7B")
+    assert parse_join_url(upper).organizer is not None
+    # Safe Links wrapping in e-mail
+    wrapped = (
+        "https://nam06.safelinks.protection.outlook.com/?url="
+        + quote(DOCS_JOIN_URL, safe="")
+        + "&data=05%7C01&reserved=0"
+    )
+    assert parse_join_url(wrapped) == parse_join_url(DOCS_JOIN_URL)
+    # the short form with a meeting id and passcode
+    short = parse_join_url("https://teams.microsoft.com/meet/2487612934?p=Xk3hQ9")
+    assert (short.join_meeting_id, short.passcode) == ("2487612934", "Xk3hQ9")
+    assert short.meeting_info_json() == {
+        "@odata.type": "#microsoft.graph.joinMeetingIdMeetingInfo",
+        "joinMeetingId": "2487612934",
+        "passcode": "Xk3hQ9",
+    }
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://example.com/not/a/meeting",
+        "https://teams.microsoft.com/l/meetup-join/",
+        "https://teams.microsoft.com/l/meetup-join/19%3ameeting_x%40thread.v2/0",
+        "https://teams.microsoft.com/l/meetup-join/19%3ameeting_x%40thread.v2/0?context=nope",
+        "https://teams.microsoft.com/l/meetup-join/19%3ameeting_x%40thread.v2/0"
+        "?context=%7b%22Tid%22%3a%22t%22%7d",
+    ],
+)
+def test_bad_join_urls(url: str) -> None:
+    with pytest.raises(ValueError, match=r"join URL|Teams meeting"):
+        parse_join_url(url)
+
+
+def test_meeting_needs_a_name() -> None:
+    with pytest.raises(ValueError, match="organizer"):
+        Meeting().meeting_info_json()
+    assert Meeting.thread("19:x@thread.v2", organizer="o1", tenant_id="t1").organizer == (
+        Target.user("o1", tenant_id="t1")
+    )

@@ -1,0 +1,348 @@
+"""Awaiting operations: completion and failure from documented notifications, early
+completions, call end, timeouts, correlation by id and by clientContext."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from callbot import OperationFailed, models
+from callbot.events import OperationUpdated
+from callbot.graph import CallServices, Operation, RetryPolicy
+from callbot.graph._operations import OperationRegistry
+from callbot.testing import FakeGraph, FakeResponse, RecordedRequest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+# the call and operation of the documented playPrompt / recordResponse exchanges
+CALL_ID = "57dab8b1-894c-409a-b240-bd8beae78896"
+OPERATION_ID = "0fe0623f-d628-42ed-b4bd-8ac290072cc5"
+CONTEXT = "d45324c1-fcb5-430a-902c-f20af696537c"
+_OPERATION_PATH = re.compile(r"/?(?:communications|app)/calls/([^/]+)/operations/([^/]+)")
+
+
+def documented_response(name: str) -> dict[str, Any]:
+    data = json.loads((FIXTURES / "operations" / f"{name}.json").read_text(encoding="utf-8"))
+    response: dict[str, Any] = data["response"]
+    return response
+
+
+def operation_event(name: str, **changes: Any) -> OperationUpdated:
+    """The OperationUpdated event a documented operation notification becomes."""
+    body = json.loads((FIXTURES / "notifications" / name).read_text(encoding="utf-8"))
+    return event_from_item(body["value"][0], **changes)
+
+
+def event_from_item(item: dict[str, Any], **changes: Any) -> OperationUpdated:
+    url = item.get("resourceUrl") or item["resource"]
+    match = _OPERATION_PATH.match(url)
+    assert match is not None
+    data = dict(item["resourceData"])
+    data.update(changes)
+    operation = models.parse_operation(data)
+    return OperationUpdated(
+        call_id=match[1],
+        change_type=item["changeType"],
+        resource_url=url,
+        raw=item,
+        operation=operation,
+        operation_id=data.get("id") or match[2],
+        status=data["status"],
+        result_info=operation.result_info,
+        client_context=operation.client_context,
+    )
+
+
+@pytest.fixture
+async def graph() -> AsyncIterator[FakeGraph]:
+    async with FakeGraph() as fake:
+        yield fake
+
+
+@pytest.fixture
+async def services(graph: FakeGraph) -> AsyncIterator[CallServices]:
+    svc = CallServices(graph.settings(), retry=RetryPolicy(total_time=2.0, base_delay=0.01))
+    await svc.start()
+    try:
+        yield svc
+    finally:
+        await svc.close()
+
+
+def answer_documented(name: str) -> FakeResponse:
+    return FakeResponse(status=200, body=documented_response(name))
+
+
+async def test_play_prompt_completes_from_documented_notification(
+    graph: FakeGraph, services: CallServices
+) -> None:
+    graph.route("playPrompt", lambda _: answer_documented("playPrompt"))
+    op = await services.call(CALL_ID).play_prompt(
+        "https://cdn.contoso.com/beep.wav", client_context=CONTEXT
+    )
+    assert op.id == OPERATION_ID
+    assert op.status == "running"
+    assert not op.done
+    assert services.pending_operations == 1
+    # the notification names the operation as 0FE0623FD628... in its path only
+    event = operation_event("31-call-playprompt-operation-completed.json")
+    assert event.operation_id == "0FE0623FD62842EDB4BD8AC290072CC5"
+    services.on_operation(event)
+    final = await op.wait(timeout=1)
+    assert isinstance(final, models.PlayPromptOperation)
+    assert final.status == "completed"
+    assert final.result_info is not None
+    assert final.result_info.code == 200
+    assert op.status == "completed"
+    assert op.done
+    assert not op.failed
+    assert services.pending_operations == 0
+    assert await op == final
+
+
+async def test_record_response_completion_carries_the_recording(
+    graph: FakeGraph, services: CallServices
+) -> None:
+    graph.route("recordResponse", lambda _: answer_documented("recordResponse"))
+    call = services.call(CALL_ID)
+    op = await call.record_response(max_record_duration=10, client_context=CONTEXT)
+    location, token = graph.add_recording(b"caller said yes")
+    services.on_operation(
+        operation_event(
+            "32-call-record-recordresponse-completed.json",
+            recordingLocation=location,
+            recordingAccessToken=token,
+        )
+    )
+    final = await op.wait(timeout=1)
+    assert isinstance(final, models.RecordOperation)
+    assert final.recording_location == location
+    assert final.result_info is not None
+    assert final.result_info.subcode == 8515
+    assert await call.download_recording(op) == b"caller said yes"
+
+
+async def test_failed_operation_raises_with_result_info(
+    graph: FakeGraph, services: CallServices
+) -> None:
+    graph.route("recordResponse", lambda _: answer_documented("recordResponse"))
+    op = await services.call(CALL_ID).record_response(client_context=CONTEXT)
+    services.on_operation(
+        operation_event("37-call-cancelmediaprocessing-recordresponse-canceled.json")
+    )
+    with pytest.raises(OperationFailed) as failure:
+        await op.wait(timeout=1)
+    assert failure.value.result_info.code == 400
+    assert failure.value.result_info.subcode == 8508
+    assert isinstance(failure.value.operation, models.RecordOperation)
+    assert op.failed
+    assert op.status == "failed"
+    assert op.result_info is not None
+    assert op.result_info.subcode == 8508
+
+
+async def test_completed_in_the_response_resolves_at_once(
+    graph: FakeGraph, services: CallServices
+) -> None:
+    call = services.call(CALL_ID)
+    for start in (call.subscribe_to_tone, call.mute, call.unmute):
+        op = await start()
+        assert op.done
+        final = await op.wait(timeout=0)
+        assert final.status == "completed"
+    assert services.pending_operations == 0
+
+
+async def test_failed_in_the_response_raises(graph: FakeGraph, services: CallServices) -> None:
+    graph.route(
+        "mute",
+        lambda r: FakeResponse(
+            status=200,
+            body={
+                "@odata.type": "#microsoft.graph.muteParticipantOperation",
+                "id": "m1",
+                "status": "failed",
+                "clientContext": r.json["clientContext"],
+                "resultInfo": {"code": 403, "subcode": 7505, "message": "denied"},
+            },
+        ),
+    )
+    op = await services.call(CALL_ID).mute()
+    with pytest.raises(OperationFailed) as failure:
+        await op.wait()
+    assert failure.value.result_info.subcode == 7505
+
+
+async def test_falls_back_to_client_context(graph: FakeGraph, services: CallServices) -> None:
+    # an answer without an id (and no Location): only clientContext can match
+    graph.route(
+        "playPrompt",
+        lambda r: FakeResponse(
+            status=200,
+            body={"@odata.type": "#microsoft.graph.playPromptOperation", "status": "running"},
+        ),
+    )
+    op = await services.call(CALL_ID).play_prompt("https://x/beep.wav")
+    assert op.id is None
+    event = operation_event(
+        "31-call-playprompt-operation-completed.json", clientContext=op.client_context
+    )
+    services.on_operation(event)
+    final = await op.wait(timeout=1)
+    assert final.status == "completed"
+    assert final.client_context == op.client_context
+
+
+async def test_running_update_does_not_resolve(graph: FakeGraph, services: CallServices) -> None:
+    graph.route("playPrompt", lambda _: answer_documented("playPrompt"))
+    op = await services.call(CALL_ID).play_prompt("https://x/beep.wav", client_context=CONTEXT)
+    services.on_operation(
+        operation_event("31-call-playprompt-operation-completed.json", status="Running")
+    )
+    assert not op.done
+    assert op.status == "running"
+    with pytest.raises(TimeoutError):
+        await op.wait(timeout=0.01)
+    # a timed-out wait leaves the operation pending; its outcome still arrives
+    services.on_operation(operation_event("31-call-playprompt-operation-completed.json"))
+    assert (await op.wait(timeout=1)).status == "completed"
+
+
+async def test_completion_before_the_response_matched_by_context(
+    graph: FakeGraph, services: CallServices
+) -> None:
+    def early(request: RecordedRequest) -> FakeResponse:
+        # Graph's notification overtakes the action's response
+        services.on_operation(operation_event("31-call-playprompt-operation-completed.json"))
+        return answer_documented("playPrompt")
+
+    graph.route("playPrompt", early)
+    op = await services.call(CALL_ID).play_prompt("https://x/beep.wav", client_context=CONTEXT)
+    assert op.done
+    assert op.status == "completed"
+    assert op.id == OPERATION_ID
+    assert (await op.wait(timeout=0)).status == "completed"
+    assert services.pending_operations == 0
+
+
+async def test_completion_before_the_response_matched_by_id(
+    graph: FakeGraph, services: CallServices
+) -> None:
+    def early(request: RecordedRequest) -> FakeResponse:
+        # this time the notification carries no clientContext: only the id can match,
+        # and the id is only known once the response is read
+        services.on_operation(
+            operation_event("31-call-playprompt-operation-completed.json", clientContext=None)
+        )
+        return answer_documented("playPrompt")
+
+    graph.route("playPrompt", early)
+    op = await services.call(CALL_ID).play_prompt("https://x/beep.wav", client_context="mine")
+    assert op.done
+    assert (await op.wait(timeout=0)).status == "completed"
+
+
+async def test_fake_graph_posts_completions_through_a_listener(
+    graph: FakeGraph, services: CallServices
+) -> None:
+    # how a simulator plays Graph: after answering, post the operation's outcome
+    async def complete(request: RecordedRequest, answer: FakeResponse) -> None:
+        if request.action == "playPrompt":
+            body = graph.operation_notification(answer.body["id"])
+            services.on_operation(event_from_item(body["value"][0]))
+
+    graph.listeners.append(complete)
+    op = await services.call(CALL_ID).play_prompt("https://x/beep.wav")
+    final = await op.wait(timeout=2)
+    assert final.id == op.id
+    assert final.result_info is not None
+    assert final.result_info.code == 200
+
+
+async def test_call_end_fails_pending_waits(graph: FakeGraph, services: CallServices) -> None:
+    call = services.call(CALL_ID)
+    other = services.call("2f1a1100-b174-40a0-aba7-0b405e01ed92")
+    prompt = await call.play_prompt("https://x/beep.wav")
+    record = await call.record_response()
+    elsewhere = await other.play_prompt("https://x/beep.wav")
+    waiter = asyncio.ensure_future(prompt.wait())
+    await asyncio.sleep(0)
+    reason = models.ResultInfo(code=0, subcode=5001, message="Call ended.")
+    # the notification path writes the id without dashes in upper case
+    services.on_ended("57DAB8B1894C409AB240BD8BEAE78896", reason)
+    with pytest.raises(OperationFailed) as failure:
+        await waiter
+    assert failure.value.result_info is reason
+    with pytest.raises(OperationFailed):
+        await record.wait()
+    assert not elsewhere.done
+    assert services.pending_operations == 1
+    assert call.ended
+
+
+async def test_close_fails_pending_waits(graph: FakeGraph) -> None:
+    svc = CallServices(graph.settings())
+    op = await svc.call(CALL_ID).play_prompt("https://x/beep.wav")
+    await svc.close()
+    with pytest.raises(OperationFailed):
+        await op.wait()
+
+
+async def test_action_error_leaves_nothing_pending(
+    graph: FakeGraph, services: CallServices
+) -> None:
+    graph.fail_next("playPrompt", 400)
+    with pytest.raises(Exception, match="400"):
+        await services.call(CALL_ID).play_prompt("https://x/beep.wav")
+    assert services.pending_operations == 0
+
+
+async def test_operation_typing_and_repr(graph: FakeGraph, services: CallServices) -> None:
+    op: Operation[models.InviteParticipantsOperation] = await services.call(
+        CALL_ID
+    ).participants.invite({"identity": {"user": {"id": "u1"}}})
+    # Graph wrote "Running"; the operation reports it in one spelling
+    assert op.status == "running"
+    assert isinstance(op.result, models.InviteParticipantsOperation)
+    assert "invite" in repr(op)
+    assert op.call_key == "57dab8b1894c409ab240bd8beae78896"
+
+
+async def test_unmatched_completions_are_kept_only_briefly_and_bounded() -> None:
+    registry = OperationRegistry(recent_limit=3, recent_ttl=60.0)
+    item = json.loads(
+        (FIXTURES / "notifications" / "31-call-playprompt-operation-completed.json").read_text()
+    )["value"][0]
+    for n in range(10):
+        changed = dict(item, resourceUrl=f"/communications/calls/{CALL_ID}/operations/op{n}")
+        registry.on_event(event_from_item(changed, clientContext=f"ctx{n}"))
+    assert len(registry._recent) <= 4
+    # the newest one still matches an operation that starts afterwards
+    op = Operation(
+        call_id=CALL_ID,
+        action="playPrompt",
+        client_context="ctx9",
+        kind=models.PlayPromptOperation,
+    )
+    registry.start(op)
+    assert op.done
+    stale = Operation(
+        call_id=CALL_ID,
+        action="playPrompt",
+        client_context="ctx0",
+        kind=models.PlayPromptOperation,
+    )
+    registry.start(stale)
+    assert not stale.done
+
+    # a negative lifetime makes every kept outcome stale at once: only the newest stays
+    expiring = OperationRegistry(recent_ttl=-1.0)
+    expiring.on_event(event_from_item(item, clientContext="first"))
+    moved = dict(item, resourceUrl=f"/communications/calls/{CALL_ID}/operations/x")
+    expiring.on_event(event_from_item(moved, clientContext="second"))
+    assert sorted(expiring._recent) == [f"ctx:{CALL_ID.replace('-', '')}:second", "id:x"]
