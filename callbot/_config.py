@@ -64,12 +64,20 @@ class Settings:
     max_json_depth: int = 64
     answer_warning_after: float = 10.0
     """Warn when an incoming call is not answered, rejected or redirected by then."""
+    graph_retry_time: float = 30.0
+    """How long a throttled or failing Graph request is retried before it raises."""
+    graph_request_timeout: float = 30.0
+    """How long one Graph request attempt may take."""
     keep_alive: bool = True
     keep_alive_interval: float = 15 * 60.0
     shutdown_timeout: float = 25.0
     """On shutdown, how long running handlers may take to finish."""
     store: str = "memory"
-    """``memory``, or a ``redis://`` URL."""
+    """``memory``, or a ``redis://`` URL shared by every instance (see docs/scaling.md)."""
+    store_lease: float = 10.0
+    """Redis store: how long an instance's claim on a call outlives its last renewal.
+
+    A crashed instance's calls move to the others after this long."""
     trusted_proxies: tuple[str, ...] = ()
     """Networks whose Forwarded/X-Forwarded-* headers are believed (for logging)."""
     log_format: str = "auto"
@@ -98,6 +106,12 @@ class Settings:
                 raise ConfigurationError(f"{name} must not be negative")
         if self.max_concurrent_handlers < 1:
             raise ConfigurationError("max_concurrent_handlers must be at least 1")
+        if self.store_lease <= 0:
+            raise ConfigurationError("store_lease must be positive (CALLBOT_STORE_LEASE)")
+        if self.store != "memory" and not self.store.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigurationError(
+                f"store must be 'memory' or a redis:// URL, got {self.store!r} (CALLBOT_STORE)"
+            )
 
     def check(self) -> None:
         """Fail with a message naming what is missing for serving callbacks."""

@@ -476,12 +476,13 @@ async def test_audio_routing_groups(graph: FakeGraph, services: CallServices) ->
         "sources": ["632899f8-2ea1-4604-8413-27bd2892079f"],
         "receivers": ["550fae72-d251-43ec-868c-373732c2704f"],
     }
-    assert created["id"] == "oneToOne"
-    assert [g["id"] for g in await groups.list()] == ["oneToOne"]
+    assert created.id == "oneToOne"
+    assert created.routing_mode == "oneToOne"
+    assert [g.id for g in await groups.list()] == ["oneToOne"]
     updated = await groups.update("oneToOne", receivers=["a", "b"])
-    assert updated["receivers"] == ["a", "b"]
+    assert updated.receivers == ["a", "b"]
     assert (await graph.wait_for_request("updateAudioRoutingGroup")).method == "PATCH"
-    assert (await groups.get("oneToOne"))["receivers"] == ["a", "b"]
+    assert (await groups.get("oneToOne")).receivers == ["a", "b"]
     await groups.delete("oneToOne")
     assert await groups.list() == []
 

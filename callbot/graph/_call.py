@@ -630,7 +630,7 @@ class Participants:
 class AudioRoutingGroups:
     """A call's audio routing groups on Graph (``call.audio_routing_groups``).
 
-    Groups are returned as Graph's dicts: ``id``, ``routingMode``
+    Groups are ``models.AudioRoutingGroup``: ``id``, ``routing_mode``
     (``oneToOne``/``multicast``), ``sources`` and ``receivers`` (participant ids).
     """
 
@@ -650,7 +650,7 @@ class AudioRoutingGroups:
         receivers: Sequence[str],
         routing_mode: str = "oneToOne",
         id: str | None = None,
-    ) -> dict[str, Any]:
+    ) -> models.AudioRoutingGroup:
         """Create a group routing ``sources``' audio to ``receivers``."""
         body: dict[str, Any] = {
             "routingMode": routing_mode,
@@ -660,12 +660,12 @@ class AudioRoutingGroups:
         if id is not None:
             body = {"id": id, **body}
         response = await self._call._request("POST", self._path(), body)
-        return dict(response.body or {})
+        return models.AudioRoutingGroup.model_validate(response.body or {})
 
-    async def get(self, group_id: str) -> dict[str, Any]:
+    async def get(self, group_id: str) -> models.AudioRoutingGroup:
         """Fetch one group."""
         response = await self._call._request("GET", self._path(group_id))
-        return dict(response.body or {})
+        return models.AudioRoutingGroup.model_validate(response.body or {})
 
     async def update(
         self,
@@ -674,7 +674,7 @@ class AudioRoutingGroups:
         sources: Sequence[str] | None = None,
         receivers: Sequence[str] | None = None,
         routing_mode: str | None = None,
-    ) -> dict[str, Any]:
+    ) -> models.AudioRoutingGroup:
         """Change a group's sources, receivers or routing mode."""
         body: dict[str, Any] = {}
         if routing_mode is not None:
@@ -684,14 +684,14 @@ class AudioRoutingGroups:
         if receivers is not None:
             body["receivers"] = list(receivers)
         response = await self._call._request("PATCH", self._path(group_id), body)
-        return dict(response.body or {})
+        return models.AudioRoutingGroup.model_validate(response.body or {})
 
     async def delete(self, group_id: str) -> None:
         """Delete a group."""
         await self._call._request("DELETE", self._path(group_id))
 
-    async def list(self) -> builtins.list[dict[str, Any]]:
+    async def list(self) -> builtins.list[models.AudioRoutingGroup]:
         """Fetch the call's groups."""
         response = await self._call._request("GET", self._path())
         body = response.body if isinstance(response.body, Mapping) else {}
-        return [dict(g) for g in body.get("value", [])]
+        return [models.AudioRoutingGroup.model_validate(g) for g in body.get("value", [])]

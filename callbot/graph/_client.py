@@ -60,7 +60,9 @@ class GraphClient:
         scope: str | None = None,
     ) -> None:
         self.settings = settings
-        self.retry = retry or RetryPolicy()
+        self.retry = retry or RetryPolicy(
+            total_time=settings.graph_retry_time, request_timeout=settings.graph_request_timeout
+        )
         self.scope = scope or graph_scope(settings.graph_url)
         self._credential = credential
         self._owned_credential: ClientSecretCredential | CertificateCredential | None = None

@@ -171,6 +171,15 @@ AnyCallOptions: TypeAlias = Annotated[
 """A :class:`CallOptions` chosen by ``@odata.type``; unknown types stay :class:`CallOptions`."""
 
 
+class AudioRoutingGroup(GraphModel):
+    """Which participants hear which: ``routing_mode`` ``oneToOne`` or ``multicast``."""
+
+    id: str | None = None
+    routing_mode: str | None = None
+    sources: list[str] | None = None
+    receivers: list[str] | None = None
+
+
 class ContentSharingSession(GraphModel):
     """A screen-sharing session in a call (only its ``id`` is declared)."""
 

@@ -1,0 +1,187 @@
+"""Acting on calls end to end: notifications in through the receiver, requests out to Graph."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from callbot import Call, CallBot, OperationFailed, events, models
+from callbot.testing import FakeGraph, TokenAuthority
+from callbot.testing import _builders as b
+
+from .conftest import BotServer, until
+
+
+@pytest.fixture
+async def graph() -> AsyncIterator[FakeGraph]:
+    fake = FakeGraph()
+    await fake.start()
+    try:
+        yield fake
+    finally:
+        await fake.close()
+
+
+def graph_bot(graph: FakeGraph, authority: TokenAuthority, **options: Any) -> CallBot:
+    settings = graph.settings(openid_config_url=authority.openid_config_url, **options)
+    return CallBot(settings)
+
+
+def operation_id(graph: FakeGraph, request: Any) -> str:
+    body = graph.answer_to(request).body
+    assert isinstance(body, dict)
+    return str(body["id"])
+
+
+async def test_a_handler_awaits_its_own_prompt_then_hangs_up(
+    graph: FakeGraph, authority: TokenAuthority, serve: Any
+) -> None:
+    bot = graph_bot(graph, authority)
+    outcomes: list[Any] = []
+
+    @bot.on_incoming_call
+    async def answer(call: Call, event: events.IncomingCall) -> None:
+        await call.answer()
+
+    @bot.on_state("established")
+    async def greet(call: Call, event: events.CallStateChanged) -> None:
+        prompt = await call.play_prompt("https://cdn.example.test/welcome.wav")
+        outcomes.append(await prompt.wait(timeout=10))
+        await call.hangup()
+
+    seen_operations: list[str] = []
+
+    @bot.on_operation
+    async def operation(call: Call, event: events.OperationUpdated) -> None:
+        seen_operations.append(event.status)
+
+    server: BotServer = await serve(bot)
+    graph.add_call("call-1")
+    await server.post(b.notifications(b.incoming_call("call-1")))
+    answer_request = await graph.wait_for_request("answer")
+    assert answer_request.json["callbackUri"] == "https://bot.example.test/api/calls"
+    await server.post(b.notifications(b.call_state("call-1", "establishing")))
+    await server.post(b.notifications(b.call_state("call-1", "established")))
+    prompt_request = await graph.wait_for_request("playPrompt")
+    # The completion arrives while the handler that started the prompt is still running.
+    await server.post(graph.operation_notification(operation_id(graph, prompt_request)))
+    await graph.wait_for_request("deleteCall")
+    assert len(outcomes) == 1
+    assert isinstance(outcomes[0], models.PlayPromptOperation)
+    assert outcomes[0].status == "completed"
+    # The operation notification is also dispatched, after the running handler finished.
+    await until(lambda: seen_operations == ["completed"])
+
+
+async def test_the_same_across_100_concurrent_calls(
+    graph: FakeGraph, authority: TokenAuthority, serve: Any
+) -> None:
+    bot = graph_bot(graph, authority, max_concurrent_handlers=128)
+    hung_up: list[str] = []
+
+    @bot.on_state("established")
+    async def greet(call: Call, event: events.CallStateChanged) -> None:
+        prompt = await call.play_prompt("https://cdn.example.test/welcome.wav")
+        await prompt.wait(timeout=20)
+        await call.hangup()
+        hung_up.append(call.id)
+
+    server: BotServer = await serve(bot)
+    calls = [f"c{i:03d}" for i in range(100)]
+    for call_id in calls:
+        graph.add_call(call_id)
+
+    async def drive(call_id: str) -> None:
+        await server.post(b.notifications(b.call_state(call_id, "establishing")))
+        await server.post(b.notifications(b.call_state(call_id, "established")))
+
+    await asyncio.gather(*(drive(c) for c in calls))
+    prompts = [await graph.wait_for_request("playPrompt", timeout=20) for _ in calls]
+    await asyncio.gather(
+        *(server.post(graph.operation_notification(operation_id(graph, r))) for r in prompts)
+    )
+    await until(lambda: len(hung_up) == len(calls), within=20)
+    assert sorted(hung_up) == calls
+    assert len(graph.requests_for("deleteCall")) == len(calls)
+
+
+async def test_a_failed_operation_raises_with_its_result_info(
+    graph: FakeGraph, authority: TokenAuthority, serve: Any
+) -> None:
+    bot = graph_bot(graph, authority)
+    failures: list[OperationFailed] = []
+
+    @bot.on_state("established")
+    async def record(call: Call, event: events.CallStateChanged) -> None:
+        op = await call.record_response(max_record_duration=10)
+        try:
+            await op.wait(timeout=10)
+        except OperationFailed as exc:
+            failures.append(exc)
+
+    server: BotServer = await serve(bot)
+    graph.add_call("rec")
+    await server.post(b.notifications(b.call_state("rec", "establishing")))
+    await server.post(b.notifications(b.call_state("rec", "established")))
+    request = await graph.wait_for_request("recordResponse")
+    failed = graph.operation_notification(
+        operation_id(graph, request),
+        status="failed",
+        result_info={"code": 400, "subcode": 8508, "message": "Action failed, the lock is held."},
+    )
+    await server.post(failed)
+    await until(lambda: len(failures) == 1)
+    assert failures[0].result_info is not None
+    assert failures[0].result_info.subcode == 8508
+
+
+async def test_the_call_ending_fails_a_pending_wait(
+    graph: FakeGraph, authority: TokenAuthority, serve: Any
+) -> None:
+    bot = graph_bot(graph, authority)
+    failures: list[OperationFailed] = []
+
+    @bot.on_state("established")
+    async def play(call: Call, event: events.CallStateChanged) -> None:
+        op = await call.play_prompt("https://cdn.example.test/long.wav")
+        try:
+            await op.wait(timeout=10)
+        except OperationFailed as exc:
+            failures.append(exc)
+
+    server: BotServer = await serve(bot)
+    graph.add_call("gone")
+    await server.post(b.notifications(b.call_state("gone", "establishing")))
+    await server.post(b.notifications(b.call_state("gone", "established")))
+    await graph.wait_for_request("playPrompt")
+    await server.post(b.notifications(b.call_terminated("gone", code=0, subcode=5001)))
+    await until(lambda: len(failures) == 1)
+    assert failures[0].result_info is not None
+    assert failures[0].result_info.subcode == 5001
+
+
+async def test_a_created_call_reaches_the_handlers_like_any_other(
+    graph: FakeGraph, authority: TokenAuthority, serve: Any
+) -> None:
+    from callbot.graph import Target
+
+    bot = graph_bot(graph, authority)
+    states: list[tuple[str, str]] = []
+
+    @bot.on_state("establishing", "established")
+    async def state(call: Call, event: events.CallStateChanged) -> None:
+        states.append((call.id, event.state))
+
+    server: BotServer = await serve(bot)
+    call = await bot.create_call(Target.user("8d1e6ab6-26c5-4e22-a1bc-06ea7343958e"))
+    request = await graph.wait_for_request("createCall")
+    assert request.json["callbackUri"] == "https://bot.example.test/api/calls"
+    assert request.json["targets"][0]["identity"]["user"]["id"].startswith("8d1e6ab6")
+    await server.post(b.notifications(b.call_state(call.id, "establishing")))
+    await server.post(b.notifications(b.call_state(call.id, "established")))
+    await until(lambda: len(states) == 2)
+    assert states == [(call.id, "establishing"), (call.id, "established")]
+    assert bot.services.call(call.id.upper()) is call
