@@ -113,6 +113,12 @@ class Receiver:
                 headers={"Retry-After": "1"},
             )
         self.counts["accepted", ""] += len(batch)
+        log.debug(
+            "callback_accepted",
+            items=len(batch),
+            call_id=batch[0].call_id,
+            **{k: v for k, v in context.items() if v is not None},
+        )
         if self._observe_ack is not None:
             self._observe_ack(time.perf_counter() - started)
         return web.Response(status=202)

@@ -1,0 +1,72 @@
+"""Settings from keyword arguments and CALLBOT_* variables."""
+
+from __future__ import annotations
+
+import pytest
+
+from callbot import CallBot, ConfigurationError, Settings
+
+
+def test_environment_variables_are_read_and_converted() -> None:
+    env = {
+        "CALLBOT_APP_ID": "app",
+        "CALLBOT_TENANT_ID": "tenant",
+        "CALLBOT_PUBLIC_URL": "https://bot.example.test/",
+        "CALLBOT_PORT": "9000",
+        "CALLBOT_REORDER_WINDOW": "0.5",
+        "CALLBOT_KEEP_ALIVE": "false",
+        "CALLBOT_ALLOWED_TENANTS": "t1, t2,",
+    }
+    settings = Settings.from_env(env)
+    assert settings.app_id == "app"
+    assert settings.port == 9000
+    assert settings.reorder_window == 0.5
+    assert settings.keep_alive is False
+    assert settings.allowed_tenants == frozenset({"t1", "t2"})
+    assert settings.callback_url == "https://bot.example.test/api/calls"
+    assert settings.token_url == "https://login.microsoftonline.com/tenant/oauth2/v2.0/token"
+
+
+def test_keyword_arguments_win_over_the_environment() -> None:
+    settings = Settings.from_env({"CALLBOT_APP_ID": "from-env"}, app_id="from-code")
+    assert settings.app_id == "from-code"
+
+
+def test_a_value_that_cannot_be_read_names_the_variable() -> None:
+    with pytest.raises(ConfigurationError, match="CALLBOT_PORT"):
+        Settings.from_env({"CALLBOT_APP_ID": "a", "CALLBOT_PORT": "eighty"})
+    with pytest.raises(ConfigurationError, match="CALLBOT_KEEP_ALIVE"):
+        Settings.from_env({"CALLBOT_APP_ID": "a", "CALLBOT_KEEP_ALIVE": "maybe"})
+
+
+def test_public_url_must_be_https_unless_explicitly_allowed() -> None:
+    with pytest.raises(ConfigurationError, match="https"):
+        Settings(app_id="a", public_url="http://bot.example.test")
+    allowed = Settings(
+        app_id="a", public_url="http://127.0.0.1:8080", allow_insecure_public_url=True
+    )
+    assert allowed.callback_url == "http://127.0.0.1:8080/api/calls"
+    with pytest.raises(ConfigurationError, match="absolute"):
+        Settings(app_id="a", public_url="bot.example.test")
+
+
+def test_missing_settings_are_named_when_needed() -> None:
+    settings = Settings(app_id="a")
+    with pytest.raises(ConfigurationError, match="CALLBOT_PUBLIC_URL"):
+        _ = settings.callback_url
+    with pytest.raises(ConfigurationError, match="CALLBOT_TENANT_ID"):
+        _ = settings.token_url
+
+
+async def test_a_bot_without_app_id_fails_at_start_naming_it() -> None:
+    bot = CallBot.from_env()
+    with pytest.raises(ConfigurationError, match="CALLBOT_APP_ID"):
+        await bot.start()
+    assert not bot.ready
+
+
+def test_configure_changes_settings_before_start() -> None:
+    bot = CallBot(app_id="a")
+    bot.configure(app_id="b", reorder_window=0.1)
+    assert bot.settings.app_id == "b"
+    assert bot.settings.reorder_window == 0.1
