@@ -1,0 +1,139 @@
+"""Who sent a callback, when the bot sits behind a reverse proxy.
+
+Behind nginx or an ingress, every callback arrives from the proxy's address.
+The proxy says who its client was in ``X-Forwarded-For`` and
+``X-Forwarded-Proto``; those headers are believed only when the connection
+comes from a network listed in ``trusted_proxies`` (``CALLBOT_TRUSTED_PROXIES``),
+because anyone else can write them. They are read with aiohttp-remotes, and
+only for log lines: the request itself is not rewritten, a header that cannot
+be read never fails a callback, and nothing (least of all ``callbackUri``,
+which always comes from ``public_url``) is built from them.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from aiohttp import hdrs, web
+from aiohttp.typedefs import Handler, Middleware
+from aiohttp_remotes import XForwardedFiltered
+
+from ._errors import ConfigurationError
+from ._log import get_logger
+
+__all__ = [
+    "ForwardedClient",
+    "client_address",
+    "forwarded_client",
+    "parse_networks",
+    "proxy_middlewares",
+]
+
+log = get_logger("callbot.proxy")
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardedClient:
+    """Where a request came from, as far as the bot can tell."""
+
+    address: str | None
+    """The client's address: the peer's, or the one a trusted proxy forwarded."""
+    scheme: str
+    """``https`` when a trusted proxy terminated TLS for the client."""
+    peer: str | None
+    """The address of the connection itself (the proxy, when there is one)."""
+
+
+# Set for the request being handled; the receiver reads it in the same task.
+_current: contextvars.ContextVar[tuple[web.Request, ForwardedClient] | None] = (
+    contextvars.ContextVar("callbot_forwarded_client", default=None)
+)
+
+
+def parse_networks(entries: Iterable[str]) -> tuple[Network, ...]:
+    """Read ``trusted_proxies`` entries (addresses or CIDR networks)."""
+    networks: list[Network] = []
+    for entry in entries:
+        text = entry.strip()
+        if not text:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(text, strict=False))
+        except ValueError:
+            raise ConfigurationError(
+                f"trusted_proxies: {text!r} is not an IP address or network "
+                "(CALLBOT_TRUSTED_PROXIES takes comma-separated CIDRs, e.g. 10.0.0.0/8)"
+            ) from None
+    return tuple(networks)
+
+
+def _is_trusted(peer: str | None, networks: tuple[Network, ...]) -> bool:
+    if not peer:
+        return False
+    try:
+        address = ipaddress.ip_address(peer.split("%", 1)[0])
+    except ValueError:
+        return False
+    return any(address in network for network in networks)
+
+
+async def _read_headers(remotes: XForwardedFiltered, request: web.Request) -> ForwardedClient:
+    seen: list[web.Request] = []
+
+    async def capture(forwarded: web.Request) -> web.StreamResponse:
+        seen.append(forwarded)
+        return web.Response()
+
+    try:
+        await remotes.middleware(request, capture)
+    except (web.HTTPException, ValueError):
+        # aiohttp-remotes refuses unreadable headers; here they only cost the log detail.
+        log.debug("forwarded_headers_unreadable", peer=request.remote)
+    if not seen:
+        return ForwardedClient(request.remote, request.scheme, request.remote)
+    return ForwardedClient(seen[0].remote, seen[0].scheme, request.remote)
+
+
+def proxy_middlewares(trusted_proxies: Iterable[str]) -> list[Middleware]:
+    """The middleware that reads forwarded headers from trusted proxies (none if none).
+
+    Raises :class:`~callbot.ConfigurationError` for an entry that is not an
+    address or network.
+    """
+    networks = parse_networks(trusted_proxies)
+    if not networks:
+        return []
+    # Entries of X-Forwarded-For from these networks are proxies too, so the client is
+    # the right-most entry outside them.
+    remotes = XForwardedFiltered(networks)
+
+    @web.middleware
+    async def forwarded_for(request: web.Request, handler: Handler) -> web.StreamResponse:
+        client: ForwardedClient | None = None
+        if hdrs.X_FORWARDED_FOR in request.headers and _is_trusted(request.remote, networks):
+            client = await _read_headers(remotes, request)
+        token = _current.set(None if client is None else (request, client))
+        try:
+            return await handler(request)
+        finally:
+            _current.reset(token)
+
+    return [forwarded_for]
+
+
+def forwarded_client(request: web.Request) -> ForwardedClient:
+    """Where ``request`` came from: forwarded by a trusted proxy, or the peer itself."""
+    current = _current.get()
+    if current is not None and current[0] is request:
+        return current[1]
+    return ForwardedClient(request.remote, request.scheme, request.remote)
+
+
+def client_address(request: web.Request) -> str | None:
+    """The client address to log for ``request`` (see :func:`forwarded_client`)."""
+    return forwarded_client(request).address

@@ -1,0 +1,601 @@
+"""Hosting: metrics and probes, client addresses behind proxies, tunnels, shutdown.
+
+The shutdown tests serve ``tests.hosting_bot:bot`` with ``callbot run`` as a
+real process on 127.0.0.1 and signal it; everything else runs in-process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client.parser import text_string_to_metric_families
+from structlog.testing import capture_logs
+
+from callbot import Call, ConfigurationError, events
+from callbot._proxy import forwarded_client, proxy_middlewares
+from callbot._tunnel import TunnelError, devtunnel_public_url, ngrok_public_url
+from callbot.testing import TokenAuthority
+from callbot.testing import _builders as b
+
+from .conftest import APP_ID, BotServer, make_bot, until
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- metrics and probes ---------------------------------------------------------------
+
+
+def notification_counts(text: str) -> dict[tuple[str, str], float]:
+    """``callbot_notifications_total`` samples of a scrape, by (outcome, reason)."""
+    counts: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "callbot_notifications_total":
+                counts[sample.labels["outcome"], sample.labels["reason"]] = sample.value
+    return counts
+
+
+def sample_value(text: str, name: str, labels: Mapping[str, str] | None = None) -> float:
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(
+                sample.labels.get(k) == v for k, v in (labels or {}).items()
+            ):
+                return sample.value
+    raise AssertionError(f"no sample {name} {labels or ''} in the scrape")
+
+
+async def test_metrics_count_a_known_sequence_of_requests(
+    authority: TokenAuthority, serve: Any
+) -> None:
+    bot = make_bot(authority, max_body_bytes=4096)
+    handled: list[str] = []
+
+    @bot.on_incoming_call
+    async def record(call: Call, event: events.IncomingCall) -> None:
+        handled.append(event.call_id)
+
+    server: BotServer = await serve(bot)
+    # Accepted: 1 + 2 items, then the first again (accepted, then dropped as a duplicate).
+    accepted = [
+        await server.post(b.notifications(b.incoming_call("met-a"))),
+        await server.post(b.notifications(b.incoming_call("met-b"), b.incoming_call("met-c"))),
+        await server.post(b.notifications(b.incoming_call("met-a"))),
+    ]
+    # Rejected: no token, an expired one, one that is not a JWT.
+    rejected = [
+        await server.client.post(
+            bot.settings.callback_path,
+            data=json.dumps(b.notifications(b.incoming_call("met-x"))),
+            headers={"Content-Type": "application/json"},
+        ),
+        await server.post(
+            b.notifications(b.incoming_call("met-x")), token=server.token(expires_in=-3600)
+        ),
+        await server.post(b.notifications(b.incoming_call("met-x")), token="garbage"),
+    ]
+    # Malformed: not JSON, not JSON's content type, larger than max_body_bytes.
+    malformed = [
+        await server.post(None, raw=b"{not json"),
+        await server.post(None, raw=b"{}", headers={"Content-Type": "text/plain"}),
+        await server.post(None, raw=b'{"value": "' + b"x" * 5000 + b'"}'),
+    ]
+    assert [r.status for r in accepted] == [202, 202, 202]
+    assert [r.status for r in rejected] == [401, 401, 401]
+    assert [r.status for r in malformed] == [400, 415, 413]
+    await until(lambda: len(handled) == 3)
+
+    text = await (await server.client.get("/metrics")).text()
+    assert notification_counts(text) == {
+        ("accepted", ""): 4.0,
+        ("auth_failed", "missing"): 1.0,
+        ("auth_failed", "expired"): 1.0,
+        ("auth_failed", "malformed"): 1.0,
+        ("malformed", "not_json"): 1.0,
+        ("malformed", "bad_content_type"): 1.0,
+        ("malformed", "too_large"): 1.0,
+        ("dropped", "duplicate"): 1.0,
+        ("dropped", "stale"): 0.0,
+        ("dropped", "after_end"): 0.0,
+    }
+    assert sample_value(text, "callbot_deliveries_total") == 3.0
+    assert sample_value(text, "callbot_ack_seconds_count") == 3.0
+    assert sample_value(text, "callbot_handler_seconds_count", {"outcome": "ok"}) == 3.0
+    assert sorted(handled) == ["met-a", "met-b", "met-c"]
+
+
+async def test_readyz_needs_keys_and_fails_while_draining(
+    authority: TokenAuthority, serve: Any
+) -> None:
+    authority.available = False
+    bot = make_bot(authority, key_refresh_interval=0.2)
+    server: BotServer = await serve(bot)
+
+    health = await server.client.get("/healthz")
+    assert health.status == 200
+    not_ready = await server.client.get("/readyz")
+    assert not_ready.status == 503
+    assert await not_ready.json() == {
+        "ready": False,
+        "running": True,
+        "keys_loaded": False,
+        "draining": False,
+        "store_reachable": True,
+    }
+
+    authority.available = True
+    ready_status = 0
+
+    async def poll() -> bool:
+        nonlocal ready_status
+        ready_status = (await server.client.get("/readyz")).status
+        return ready_status == 200
+
+    async with asyncio.timeout(10):
+        while not await poll():  # noqa: ASYNC110 - polling an HTTP endpoint, no event to wait on
+            await asyncio.sleep(0.05)
+
+    await bot.drain()
+    draining = await server.client.get("/readyz")
+    assert draining.status == 503
+    assert (await draining.json())["draining"] is True
+    # Liveness is not readiness: a draining bot is alive.
+    assert (await server.client.get("/healthz")).status == 200
+
+
+# -- client addresses behind proxies --------------------------------------------------
+
+
+async def refused_client(server: BotServer, headers: dict[str, str]) -> Any:
+    """Post with a bad token and return the ``client`` the refusal was logged with."""
+    with capture_logs() as logs:
+        response = await server.post(
+            b.notifications(b.incoming_call("px")), token="garbage", headers=headers
+        )
+    assert response.status == 401
+    [refusal] = [entry for entry in logs if entry["event"] == "callback_refused"]
+    return refusal.get("client")
+
+
+@pytest.mark.parametrize(
+    ("trusted", "forwarded_for", "expected"),
+    [
+        # No proxy configured: the headers are ignored.
+        ((), "203.0.113.7", "127.0.0.1"),
+        # The peer is not a trusted proxy: not believed.
+        (("10.0.0.0/8",), "203.0.113.7", "127.0.0.1"),
+        # The peer is trusted: the forwarded client is logged.
+        (("127.0.0.1/32",), "203.0.113.7", "203.0.113.7"),
+        # The right-most address outside the trusted networks is the client.
+        (("127.0.0.1/32", "10.0.0.0/8"), "198.51.100.1, 203.0.113.7, 10.1.2.3", "203.0.113.7"),
+        # An unreadable header costs only the detail, never the request.
+        (("127.0.0.1/32",), "not-an-address", "127.0.0.1"),
+    ],
+)
+async def test_forwarded_for_is_believed_only_from_trusted_proxies(
+    authority: TokenAuthority,
+    serve: Any,
+    trusted: tuple[str, ...],
+    forwarded_for: str,
+    expected: str,
+) -> None:
+    server: BotServer = await serve(make_bot(authority, trusted_proxies=trusted))
+    assert await refused_client(server, {"X-Forwarded-For": forwarded_for}) == expected
+
+
+async def test_forwarded_scheme_and_address_without_rewriting_the_request() -> None:
+    seen: list[tuple[Any, ...]] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        client = forwarded_client(request)
+        seen.append((client.address, client.scheme, client.peer, request.remote, request.scheme))
+        return web.Response()
+
+    app = web.Application(middlewares=proxy_middlewares(["127.0.0.0/8"]))
+    app.router.add_get("/", handler)
+    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+        await client.get(
+            "/", headers={"X-Forwarded-For": "192.0.2.9", "X-Forwarded-Proto": "https"}
+        )
+        await client.get("/")
+    assert seen == [
+        ("192.0.2.9", "https", "127.0.0.1", "127.0.0.1", "http"),
+        ("127.0.0.1", "http", "127.0.0.1", "127.0.0.1", "http"),
+    ]
+
+
+def test_trusted_proxies_must_be_networks(authority: TokenAuthority) -> None:
+    with pytest.raises(ConfigurationError, match="CALLBOT_TRUSTED_PROXIES"):
+        make_bot(authority, trusted_proxies=("10.0.0.300/8",)).create_app()
+
+
+# -- tunnels ------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def fake_ngrok_agent(document: Any, status: int = 200) -> AsyncIterator[str]:
+    """A stand-in for the ngrok agent's local API on 127.0.0.1; yields its base URL."""
+    requests: list[str] = []
+
+    async def tunnels(request: web.Request) -> web.Response:
+        requests.append(request.path)
+        return web.json_response(document, status=status)
+
+    app = web.Application()
+    app.router.add_get("/api/tunnels", tunnels)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+    assert requests, "the agent's API was never asked"
+
+
+def ngrok_tunnel(public_url: str, addr: str, proto: str = "https") -> dict[str, Any]:
+    return {
+        "name": "command_line",
+        "uri": "/api/tunnels/command_line",
+        "public_url": public_url,
+        "proto": proto,
+        "config": {"addr": addr, "inspect": True},
+    }
+
+
+@pytest.mark.parametrize(
+    "addr",
+    ["http://localhost:8080", "localhost:8080", "127.0.0.1:8080", "8080", "https://[::1]:8080"],
+)
+async def test_ngrok_tunnel_to_the_bots_port_is_found(addr: str) -> None:
+    document = {
+        "tunnels": [
+            ngrok_tunnel("https://other.ngrok.example", "http://localhost:9090"),
+            ngrok_tunnel("http://plain.ngrok.example", addr, proto="http"),
+            ngrok_tunnel("https://bot.ngrok.example", addr),
+        ],
+        "uri": "/api/tunnels",
+    }
+    async with fake_ngrok_agent(document) as api:
+        assert await ngrok_public_url(8080, api_url=api) == "https://bot.ngrok.example"
+
+
+async def test_ngrok_without_tunnels_says_how_to_start_one() -> None:
+    async with fake_ngrok_agent({"tunnels": [], "uri": "/api/tunnels"}) as api:
+        with pytest.raises(
+            TunnelError, match=r"no tunnels running: start one with `ngrok http 8080`"
+        ):
+            await ngrok_public_url(8080, api_url=api)
+
+
+async def test_ngrok_with_tunnels_elsewhere_lists_them() -> None:
+    document = {"tunnels": [ngrok_tunnel("https://other.ngrok.example", "http://localhost:9090")]}
+    async with fake_ngrok_agent(document) as api:
+        with pytest.raises(TunnelError, match=r"no https ngrok tunnel points at port 8080") as info:
+            await ngrok_public_url(8080, api_url=api)
+    assert "https://other.ngrok.example -> http://localhost:9090" in str(info.value)
+
+
+async def test_ngrok_tunnel_to_another_machine_is_not_taken() -> None:
+    document = {"tunnels": [ngrok_tunnel("https://lan.ngrok.example", "http://192.0.2.10:8080")]}
+    async with fake_ngrok_agent(document) as api:
+        with pytest.raises(TunnelError, match="no https ngrok tunnel points at port 8080"):
+            await ngrok_public_url(8080, api_url=api)
+
+
+async def test_no_ngrok_agent_is_a_clear_error() -> None:
+    api = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(TunnelError, match=r"no ngrok agent answers at .*ngrok http 8080"):
+        await ngrok_public_url(8080, api_url=api)
+
+
+def write_fake_devtunnel(directory: Path, stdout: str, exit_code: int = 0) -> Path:
+    """A ``devtunnel`` program that records its arguments and prints ``stdout``."""
+    program = directory / "devtunnel"
+    program.write_text(
+        f"#!{sys.executable}\n"
+        "import json, pathlib, sys\n"
+        f"pathlib.Path({str(directory / 'argv.json')!r}).write_text(json.dumps(sys.argv[1:]))\n"
+        f"sys.stdout.write({stdout!r})\n"
+        f"sys.stderr.write('fake devtunnel error\\n' if {exit_code} else '')\n"
+        f"sys.exit({exit_code})\n"
+    )
+    program.chmod(0o755)
+    return directory / "argv.json"
+
+
+def test_devtunnel_port_url_is_found(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    shown = {
+        "tunnel": {
+            "tunnelId": "quiet-river-123.euw",
+            "ports": [
+                {
+                    "portNumber": 9090,
+                    "protocol": "auto",
+                    "portForwardingUris": ["https://x-9090.euw.devtunnels.ms/"],
+                },
+                {
+                    "portNumber": 8080,
+                    "protocol": "auto",
+                    "portForwardingUris": ["https://quiet-river-123-8080.euw.devtunnels.ms/"],
+                },
+            ],
+        }
+    }
+    argv = write_fake_devtunnel(tmp_path, json.dumps(shown))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    url = devtunnel_public_url(8080, tunnel_id="quiet-river-123")
+    assert url == "https://quiet-river-123-8080.euw.devtunnels.ms/"
+    assert json.loads(argv.read_text()) == ["show", "quiet-river-123", "--json"]
+
+
+def test_devtunnel_errors_are_clear(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(TunnelError, match="devtunnel CLI is not installed"):
+        devtunnel_public_url(8080)
+
+    write_fake_devtunnel(tmp_path, "Tunnel ID : quiet-river-123\n")
+    with pytest.raises(TunnelError, match=r"could not read the output .* as JSON"):
+        devtunnel_public_url(8080)
+
+    write_fake_devtunnel(tmp_path, json.dumps({"tunnel": {"ports": [{"portNumber": 9090}]}}))
+    with pytest.raises(TunnelError, match=r"has no port 8080 \(it lists ports \[9090\]\)"):
+        devtunnel_public_url(8080)
+
+    write_fake_devtunnel(tmp_path, "", exit_code=1)
+    with pytest.raises(TunnelError, match=r"failed \(fake devtunnel error\)"):
+        devtunnel_public_url(8080)
+
+
+# -- the bot as a process ---------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A port nothing listens on at the moment, on 127.0.0.1."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+class BotProcess:
+    """``callbot run tests.hosting_bot:bot`` on 127.0.0.1, its stderr read as it comes."""
+
+    def __init__(self, process: asyncio.subprocess.Process, port: int) -> None:
+        self.process = process
+        self.port = port
+        self.base_url = f"http://127.0.0.1:{port}"
+        self.lines: list[str] = []
+        self._reader = asyncio.ensure_future(self._read())
+
+    @classmethod
+    async def start(
+        cls, env: Mapping[str, str], *extra: str, port: int | None = None
+    ) -> BotProcess:
+        port = free_port() if port is None else port
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("CALLBOT_")}
+        clean.update(env)
+        clean.setdefault("CALLBOT_LOG_FORMAT", "json")
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "callbot",
+            "run",
+            "tests.hosting_bot:bot",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            *extra,
+            cwd=ROOT,
+            env=clean,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        return cls(process, port)
+
+    async def _read(self) -> None:
+        assert self.process.stderr is not None
+        async for raw in self.process.stderr:
+            self.lines.append(raw.decode(errors="replace").rstrip("\n"))
+
+    def events(self) -> list[dict[str, Any]]:
+        """The JSON log lines written so far."""
+        parsed = []
+        for line in self.lines:
+            with contextlib.suppress(ValueError):
+                entry = json.loads(line)
+                if isinstance(entry, dict):
+                    parsed.append(entry)
+        return parsed
+
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    async def wait_ready(self, session: aiohttp.ClientSession, within: float = 20.0) -> None:
+        async with asyncio.timeout(within):
+            while True:
+                if self.process.returncode is not None:
+                    await self._reader
+                    raise AssertionError(f"the bot exited early:\n{self.output()}")
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with session.get(self.base_url + "/readyz") as response:
+                        if response.status == 200:
+                            return
+                await asyncio.sleep(0.05)
+
+    async def wait_exit(self, within: float = 20.0) -> int:
+        async with asyncio.timeout(within):
+            code = await self.process.wait()
+            await self._reader
+        return code
+
+    async def close(self) -> None:
+        if self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._reader, 5)
+
+
+@pytest.fixture
+async def bot_processes() -> AsyncIterator[list[BotProcess]]:
+    """Processes started by a test; killed at teardown if still running."""
+    started: list[BotProcess] = []
+    yield started
+    for process in started:
+        await process.close()
+
+
+def bot_env(authority: TokenAuthority, output: Path, **extra: str) -> dict[str, str]:
+    return {
+        "CALLBOT_APP_ID": APP_ID,
+        "CALLBOT_OPENID_CONFIG_URL": authority.openid_config_url,
+        "CALLBOT_PUBLIC_URL": "https://bot.example.test",
+        "CALLBOT_KEEP_ALIVE": "0",
+        "HOSTING_BOT_OUTPUT": str(output),
+        **extra,
+    }
+
+
+async def post_signed(
+    session: aiohttp.ClientSession, bot: BotProcess, authority: TokenAuthority, call_id: str
+) -> int:
+    async with session.post(
+        bot.base_url + "/api/calls",
+        data=json.dumps(b.notifications(b.incoming_call(call_id))),
+        headers={
+            "Content-Type": "application/json",
+            "Authorization": f"Bearer {authority.mint(audience=APP_ID)}",
+        },
+    ) as response:
+        return response.status
+
+
+async def wait_for_line(path: Path, line: str, bot: BotProcess, within: float = 10.0) -> None:
+    def written() -> bool:
+        return path.exists() and line in path.read_text().splitlines()
+
+    try:
+        await until(written, within)
+    except TimeoutError:
+        raise AssertionError(f"{line!r} never written; bot output:\n{bot.output()}") from None
+
+
+async def poll_readyz_until_exit(
+    session: aiohttp.ClientSession, bot: BotProcess
+) -> list[int | str]:
+    """Ask /readyz as fast as possible until the process exits; return what it said."""
+    seen: list[int | str] = []
+    async with asyncio.timeout(30):
+        while bot.process.returncode is None:
+            try:
+                async with session.get(
+                    bot.base_url + "/readyz", timeout=aiohttp.ClientTimeout(total=2)
+                ) as response:
+                    seen.append(response.status)
+            except (aiohttp.ClientError, TimeoutError):
+                seen.append("no answer")
+            await asyncio.sleep(0.01)
+    return seen
+
+
+def client_session() -> aiohttp.ClientSession:
+    # A fresh connection per request: a kept-alive one may be closed under us by the exit.
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
+
+
+async def test_sigterm_drains_lets_the_handler_finish_and_exits_zero(
+    authority: TokenAuthority, bot_processes: list[BotProcess], tmp_path: Path
+) -> None:
+    output = tmp_path / "handled.txt"
+    bot = await BotProcess.start(bot_env(authority, output, HOSTING_BOT_SLEEP="1.5"))
+    bot_processes.append(bot)
+    async with client_session() as session:
+        await bot.wait_ready(session)
+        assert await post_signed(session, bot, authority, "drain-1") == 202
+        await wait_for_line(output, "start drain-1", bot)
+
+        bot.process.send_signal(signal.SIGTERM)
+        readyz = await poll_readyz_until_exit(session, bot)
+
+    assert await bot.wait_exit() == 0, bot.output()
+    assert output.read_text().splitlines() == ["start drain-1", "done drain-1"]
+    # Readiness failed after the signal, while the process still answered.
+    assert 503 in readyz, readyz
+    names = [entry.get("event") for entry in bot.events()]
+    assert names.index("shutdown_requested") < names.index("draining") < names.index("bot_stopped")
+    assert "notification_abandoned" not in names
+
+
+async def test_a_handler_outliving_the_shutdown_timeout_is_logged_as_abandoned(
+    authority: TokenAuthority, bot_processes: list[BotProcess], tmp_path: Path
+) -> None:
+    output = tmp_path / "handled.txt"
+    env = bot_env(authority, output, HOSTING_BOT_SLEEP="60", CALLBOT_SHUTDOWN_TIMEOUT="0.5")
+    bot = await BotProcess.start(env)
+    bot_processes.append(bot)
+    async with client_session() as session:
+        await bot.wait_ready(session)
+        assert await post_signed(session, bot, authority, "abandon-1") == 202
+        await wait_for_line(output, "start abandon-1", bot)
+        bot.process.send_signal(signal.SIGTERM)
+
+    assert await bot.wait_exit() == 0, bot.output()
+    assert output.read_text().splitlines() == ["start abandon-1"]
+    abandoned = [e for e in bot.events() if e.get("event") == "notification_abandoned"]
+    assert len(abandoned) == 1, bot.output()
+    assert abandoned[0]["call_id"] == "abandon-1"
+    assert abandoned[0]["level"] == "error"
+    assert abandoned[0]["kind"] == "IncomingCall"
+
+
+async def test_run_with_ngrok_takes_the_public_url_from_the_agent(
+    authority: TokenAuthority, bot_processes: list[BotProcess], tmp_path: Path
+) -> None:
+    env = bot_env(authority, tmp_path / "handled.txt")
+    del env["CALLBOT_PUBLIC_URL"]
+    # The fake agent needs the bot's port before the bot starts: pick it here.
+    port = free_port()
+    document = {
+        "tunnels": [ngrok_tunnel("https://dev-bot.ngrok.example", f"http://localhost:{port}")]
+    }
+    async with fake_ngrok_agent(document) as api, client_session() as session:
+        env["CALLBOT_NGROK_API"] = api
+        bot = await BotProcess.start(env, "--tunnel", "ngrok", port=port)
+        bot_processes.append(bot)
+        await bot.wait_ready(session)
+        bot.process.send_signal(signal.SIGTERM)
+        assert await bot.wait_exit() == 0, bot.output()
+    found = [e for e in bot.events() if e.get("event") == "tunnel_found"]
+    assert [(e["kind"], e["public_url"]) for e in found] == [
+        ("ngrok", "https://dev-bot.ngrok.example")
+    ]
+
+
+async def test_run_with_ngrok_but_no_agent_stops_with_a_message(
+    authority: TokenAuthority, bot_processes: list[BotProcess], tmp_path: Path
+) -> None:
+    env = bot_env(authority, tmp_path / "handled.txt")
+    env["CALLBOT_NGROK_API"] = f"http://127.0.0.1:{free_port()}"
+    bot = await BotProcess.start(env, "--tunnel", "ngrok")
+    bot_processes.append(bot)
+    assert await bot.wait_exit() == 2
+    assert "callbot: no ngrok agent answers at" in bot.output()
+    assert "ngrok http" in bot.output()
