@@ -13,11 +13,15 @@ from . import events
 from ._auth import Authenticator
 from ._config import Settings
 from ._dispatch import Dispatcher, ErrorHandler, HandlerRegistry
+from ._gc import tune_for_serving
 from ._log import get_logger
 from ._metrics import Metrics
+from ._proxy import client_address, proxy_middlewares
 from ._receiver import Receiver
+from ._recording import NotificationRecorder
 from ._sequencing import Sequencer
 from .graph import Call, CallServices
+from .store import Store, open_store
 
 __all__ = ["CallBot"]
 
@@ -64,27 +68,25 @@ class _Runtime:
             max_concurrent=s.max_concurrent_handlers,
             observe=self.metrics.observe_handler,
         )
-        self.sequencer = Sequencer(
-            self.dispatcher.submit,
-            reorder_window=s.reorder_window,
-            termination_grace=s.termination_grace,
-            on_ended=self.services.on_ended,
-            on_operation=self.services.on_operation,
-        )
+        # settings.store picks where accepted events wait: this process, or a shared Redis.
+        self.store: Store = open_store(s, dispatcher=self.dispatcher, hooks=self.services)
+        self.sequencer: Sequencer = self.store.sequencer
         self.receiver = Receiver(
             authenticator=self.authenticator,
             ingest=self.ingest,
             max_body_bytes=s.max_body_bytes,
             max_json_depth=s.max_json_depth,
             observe_ack=self.metrics.ack_seconds.observe,
+            client_address=client_address,
         )
+        self.recorder = NotificationRecorder(s.record_path) if s.record_path else None
         sources = self.metrics.sources
         sources.notifications.append(lambda: self.receiver.counts)
-        sources.dropped = lambda: self.sequencer.counts
+        sources.dropped = lambda: self.store.counts
         sources.handled = lambda: self.dispatcher.counts
         sources.gauges["callbot_active_calls"] = (
             "Calls that have not ended",
-            lambda: float(len(self.sequencer.active_records())),
+            lambda: float(len(self.store.active_records())),
         )
         sources.gauges["callbot_pending_operations"] = (
             "Operations awaiting their outcome",
@@ -97,15 +99,17 @@ class _Runtime:
 
     @property
     def ready(self) -> bool:
-        return self.authenticator.ready and not self.receiver.draining
+        return self.authenticator.ready and not self.receiver.draining and self.store.reachable
 
     async def ingest(self, batch: Sequence[events.Event]) -> None:
-        for event in batch:
-            self.sequencer.accept(event)
+        await self.store.ingest(batch)
+        if self.recorder is not None:
+            self.recorder.write(batch)
 
     async def start(self) -> None:
         await self.authenticator.start()
         await self.services.start()
+        await self.store.start()
         log.info(
             "bot_started",
             callback_path=self.settings.callback_path,
@@ -117,7 +121,7 @@ class _Runtime:
             return
         self.receiver.draining = True
         log.info("draining", timeout=self.settings.shutdown_timeout)
-        self.sequencer.release_all()
+        await self.store.drain()
         abandoned = await self.dispatcher.join(self.settings.shutdown_timeout)
         for delivery in abandoned:
             log.error(
@@ -129,9 +133,11 @@ class _Runtime:
 
     async def stop(self) -> None:
         await self.drain()
-        self.sequencer.close()
+        await self.store.close()
         await self.services.close()
         await self.authenticator.close()
+        if self.recorder is not None:
+            self.recorder.close()
         log.info("bot_stopped")
 
 
@@ -284,7 +290,7 @@ class CallBot:
     def active_calls(self) -> list[Call]:
         """Handles of the calls that have not ended."""
         runtime = self._running()
-        return [runtime.services.call(r.call_id) for r in runtime.sequencer.active_records()]
+        return [runtime.services.call(r.call_id) for r in runtime.store.active_records()]
 
     # -- serving ------------------------------------------------------------------
 
@@ -300,6 +306,8 @@ class CallBot:
         """
         app = web.Application(client_max_size=self._settings.max_body_bytes)
         app[BOT_KEY] = self
+        # Forwarded headers are read only from trusted proxies, and only for logging.
+        app.middlewares.extend(proxy_middlewares(self._settings.trusted_proxies))
         app.router.add_post(self._settings.callback_path, self._callback)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
@@ -355,6 +363,8 @@ class CallBot:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
+        # serve() owns the process, so it may tune the collector for many live calls.
+        tune_for_serving()
         runner = web.AppRunner(self.create_app(), handle_signals=False, access_log=None)
         try:
             await runner.setup()
@@ -389,6 +399,7 @@ class CallBot:
             "running": runtime is not None,
             "keys_loaded": runtime is not None and runtime.authenticator.ready,
             "draining": runtime is not None and runtime.receiver.draining,
+            "store_reachable": runtime is not None and runtime.store.reachable,
         }
         ready = self.ready
         return web.json_response({"ready": ready, **checks}, status=200 if ready else 503)

@@ -108,7 +108,8 @@ class Settings:
             raise ConfigurationError("max_concurrent_handlers must be at least 1")
         if self.store_lease <= 0:
             raise ConfigurationError("store_lease must be positive (CALLBOT_STORE_LEASE)")
-        if self.store != "memory" and not self.store.startswith(("redis://", "rediss://", "unix://")):
+        redis_schemes = ("redis://", "rediss://", "unix://")
+        if self.store != "memory" and not self.store.startswith(redis_schemes):
             raise ConfigurationError(
                 f"store must be 'memory' or a redis:// URL, got {self.store!r} (CALLBOT_STORE)"
             )

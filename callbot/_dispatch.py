@@ -111,6 +111,7 @@ class Dispatcher:
         *,
         max_concurrent: int = 256,
         observe: Callable[[str, str, float], None] | None = None,
+        on_done: Callable[[Delivery], None] | None = None,
     ) -> None:
         self._registry = registry
         self._hooks = hooks
@@ -118,6 +119,8 @@ class Dispatcher:
         self._queues: dict[str, deque[Delivery]] = {}
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._observe = observe
+        self.on_done = on_done
+        """Told of each delivery once all its handlers ran (a shared store acknowledges it)."""
         self.counts: Counter[str] = Counter()
         """handled (deliveries run), handler_errors."""
 
@@ -165,6 +168,8 @@ class Dispatcher:
                 delivery = queue[0]
                 await self._run(delivery)
                 queue.popleft()
+                if self.on_done is not None:
+                    self.on_done(delivery)
         finally:
             if not queue:
                 self._queues.pop(key, None)

@@ -25,6 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from . import events
 from ._ids import id_key
 from ._log import get_logger
@@ -90,8 +92,14 @@ class CallRecord:
 
 
 def _digest(raw: dict[str, Any]) -> bytes:
-    canonical = json.dumps(raw, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.blake2b(canonical.encode(), digest_size=16).digest()
+    try:
+        # orjson's sorted compact form is canonical too, at a tenth of json.dumps's cost.
+        canonical = orjson.dumps(raw, option=orjson.OPT_SORT_KEYS)
+    except TypeError:
+        # Integers beyond 64 bits, which orjson refuses, take the slower road.
+        text = json.dumps(raw, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        canonical = text.encode()
+    return hashlib.blake2b(canonical, digest_size=16).digest()
 
 
 def _participant_key(participant: Participant, index: int) -> str:
@@ -155,6 +163,22 @@ class Sequencer:
     def active_records(self) -> list[CallRecord]:
         """Records of calls that have not ended."""
         return [r for r in self._records.values() if not r.ended]
+
+    def adopt(self, record: CallRecord) -> None:
+        """Continue a call from a record loaded from a store, replacing what was known of it."""
+        key = id_key(record.call_id)
+        self.evict(key)
+        self._records[key] = record
+
+    def evict(self, call_key: str) -> CallRecord | None:
+        """Forget a call now (another process carries it on); a held event is discarded."""
+        record = self._records.pop(call_key, None)
+        if record is not None:
+            for timer in (record.hold_timer, record.forget_timer):
+                if timer is not None:
+                    timer.cancel()
+            record.hold_timer = record.forget_timer = None
+        return record
 
     def release_all(self) -> None:
         """Deliver every held event now (on shutdown: nothing waits for a window)."""

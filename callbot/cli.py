@@ -9,8 +9,10 @@ import sys
 from collections.abc import Sequence
 
 from ._bot import CallBot
+from ._cli_testing import add_testing_commands
 from ._errors import CallbotError
 from ._log import configure_logging
+from ._tunnel import TUNNEL_KINDS, discover_public_url
 
 __all__ = ["load_bot", "main"]
 
@@ -40,6 +42,10 @@ def _run(args: argparse.Namespace) -> int:
     )
     bot = load_bot(args.target)
     configure_logging(bot.settings.log_format, bot.settings.log_level)
+    if args.tunnel:
+        port = bot.settings.port if args.port is None else args.port
+        listen_host = args.host or bot.settings.host
+        bot.configure(public_url=discover_public_url(args.tunnel, port, listen_host=listen_host))
     bot.run(args.host, args.port)
     return 0
 
@@ -52,7 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("target", help="MODULE:ATTR naming a CallBot (or a function returning one)")
     run.add_argument("--host", default=None, help="address to listen on (CALLBOT_HOST)")
     run.add_argument("--port", type=int, default=None, help="port to listen on (CALLBOT_PORT)")
+    run.add_argument(
+        "--tunnel",
+        choices=TUNNEL_KINDS,
+        default=None,
+        help="development: take public_url from a running ngrok agent or dev tunnel",
+    )
     run.set_defaults(func=_run)
+    add_testing_commands(commands)
     return parser
 
 

@@ -23,6 +23,7 @@ __all__ = [
     "participant",
     "roster",
     "tone",
+    "unknown",
 ]
 
 
@@ -140,8 +141,12 @@ def participant(
     kind: str = "user",
     muted: bool = False,
     in_lobby: bool = False,
+    removed_reason: str | None = None,
 ) -> models.Participant:
-    """A roster participant (use with ``roster``)."""
+    """A roster participant (use with ``roster``).
+
+    ``removed_reason`` marks one who left (as delta rosters report it).
+    """
     return models.Participant(
         odata_type="#microsoft.graph.participant",
         id=participant_id,
@@ -160,6 +165,9 @@ def participant(
         ],
         is_muted=muted,
         is_in_lobby=in_lobby,
+        removed_state=(
+            models.RemovedState(reason=removed_reason) if removed_reason is not None else None
+        ),
     )
 
 
@@ -210,6 +218,21 @@ def content_sharing(
     return _item(
         change_type, _call_path(call_id) + "/contentsharingsessions", [_dump(s) for s in sessions]
     )
+
+
+def unknown(
+    call_id: str,
+    subpath: str = "",
+    *,
+    change_type: str = "updated",
+    resource_data: Any = None,
+) -> dict[str, Any]:
+    """A notification callbot does not model (it becomes an ``UnknownNotification``).
+
+    ``subpath`` follows the call's path (``"/someFutureResource"``);
+    ``resource_data`` is sent as given.
+    """
+    return _item(change_type, _call_path(call_id) + subpath, resource_data)
 
 
 def _camel(name: str) -> str:

@@ -272,14 +272,14 @@ class FakeGraph:
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
         return app
 
-    async def start(self) -> None:
-        """Serve on ``host`` and a free port."""
+    async def start(self, port: int = 0) -> None:
+        """Serve on ``host`` and ``port`` (0, the default, picks a free port)."""
         if self._runner is not None:
             raise RuntimeError("FakeGraph is already started")
         runner = web.AppRunner(self.create_app(), access_log=None, shutdown_timeout=1.0)
         await runner.setup()
         try:
-            site = web.TCPSite(runner, self.host, 0)
+            site = web.TCPSite(runner, self.host, port)
             await site.start()
             port = runner.addresses[0][1]
         except BaseException:

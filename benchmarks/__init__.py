@@ -1,0 +1,1 @@
+"""Benchmarks of callbot against the physical limit; ``python benchmarks/run.py`` runs them all."""

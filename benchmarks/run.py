@@ -1,0 +1,103 @@
+"""Run every benchmark and print one table of the figures against their targets.
+
+    python benchmarks/run.py            # about a minute
+    python benchmarks/run.py --quick    # about half of that
+    python benchmarks/run.py --uvloop   # servers on uvloop (needs uvloop installed)
+
+Each benchmark runs in a process of its own (they pin servers and load to
+cores, and measure memory); their own reports are printed as they finish.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # also run as a plain script
+
+from benchmarks._common import REPO, machine
+
+BENCHMARKS = ("throughput", "scaling", "latency")
+
+
+def _run(name: str, options: list[str]) -> dict[str, Any]:
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        completed = subprocess.run(
+            [sys.executable, "-m", f"benchmarks.{name}", *options, "--json", out.name],
+            cwd=REPO,
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        # The first line names the machine, printed once for the whole run.
+        print("\n".join(completed.stdout.splitlines()[1:]), end="\n\n", flush=True)
+        result: dict[str, Any] = json.loads(Path(out.name).read_text())
+        return result
+
+
+def table(results: dict[str, dict[str, Any]]) -> str:
+    """The summary: each figure, its target, and whether it is met."""
+    throughput, scaling, latency = (results[name] for name in BENCHMARKS)
+    full = throughput["kinds"]["full"]
+    saturated = latency["rows"][-1]
+    idle = latency["rows"][0]
+    rows: list[tuple[str, str, str, bool | None]] = [
+        ("full/bare (throughput)", f"{throughput['full/bare']:.2f}", ">= 0.80", None),
+        (
+            "full/handwritten (throughput)",
+            f"{throughput['full/handwritten']:.2f}",
+            "> 1.00",
+            None,
+        ),
+        ("callbot req/s", f"{full['rps']:.0f}", "", None),
+        ("cost 10000/10 active calls", f"{scaling['cost 10000/10']:.2f}", "<= 1.20", None),
+        ("memory per active call", f"{scaling['bytes_per_call'] / 1024:.1f} KB", "<= 10 KB", None),
+        (
+            "arrival->handler, 1 conn, p50/p99",
+            f"{idle['p50_us']:.0f}/{idle['p99_us']:.0f} us",
+            "",
+            None,
+        ),
+        (
+            "arrival->handler, 32 conn, p50/p99",
+            f"{saturated['p50_us']:.0f}/{saturated['p99_us']:.0f} us",
+            "",
+            None,
+        ),
+    ]
+    met = {
+        "full/bare (throughput)": throughput["full/bare"] >= 0.8,
+        "full/handwritten (throughput)": throughput["full/handwritten"] > 1.0,
+        "cost 10000/10 active calls": scaling["cost 10000/10"] <= 1.2,
+        "memory per active call": scaling["bytes_per_call"] <= 10 * 1024,
+    }
+    lines = [f"{'figure':<36} {'measured':>16} {'target':>9}  met"]
+    for name, value, target, _ in rows:
+        verdict = "" if name not in met else ("yes" if met[name] else "NO")
+        lines.append(f"{name:<36} {value:>16} {target:>9}  {verdict}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    """Run the benchmarks one after another, then print the table."""
+    parser = argparse.ArgumentParser(description="run all callbot benchmarks")
+    parser.add_argument("--quick", action="store_true", help="shorter runs, noisier figures")
+    parser.add_argument("--uvloop", action="store_true", help="run the servers on uvloop")
+    args = parser.parse_args()
+    print(machine(), end="\n\n", flush=True)
+    results: dict[str, dict[str, Any]] = {}
+    for name in BENCHMARKS:
+        options = ["--quick"] if args.quick else []
+        if args.uvloop and name != "scaling":
+            options.append("--uvloop")
+        results[name] = _run(name, options)
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""The ``demo``, ``simulate`` and ``replay`` subcommands of ``callbot``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+
+from ._display import FORMATS, TrafficPrinter
+from ._errors import CallbotError
+from ._log import configure_logging
+from .testing._scenarios import SCENARIOS, ScenarioOptions
+from .testing._tokens import TEST_TENANT_ID
+
+__all__ = ["add_testing_commands"]
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from ._demo import main
+
+    return main(fmt=args.format, pace=args.pace, verbose=args.verbose)
+
+
+def _remote(args: argparse.Namespace, url: str) -> object:
+    from ._simulate import RemoteBot
+
+    app_id = args.app_id or os.environ.get("CALLBOT_APP_ID")
+    if not app_id:
+        raise CallbotError("--app-id (or CALLBOT_APP_ID) is required: tokens are minted for it")
+    return RemoteBot(
+        url=url,
+        app_id=app_id,
+        tenant_id=args.tenant_id or os.environ.get("CALLBOT_TENANT_ID") or TEST_TENANT_ID,
+        keys_port=args.keys_port,
+        graph_port=args.graph_port,
+        wait=args.wait,
+    )
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from ._simulate import RemoteBot, simulate
+
+    remote = _remote(args, args.url)
+    assert isinstance(remote, RemoteBot)
+    options = ScenarioOptions(
+        blind=args.blind, timeout=args.timeout, hold=args.hold, keys=args.keys
+    )
+    printer = TrafficPrinter(sys.stdout, fmt=args.format)
+    return asyncio.run(
+        simulate(
+            remote,
+            args.scenario,
+            options=options,
+            printer=printer,
+            prompt_seconds=args.prompt_seconds,
+        )
+    )
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from ._simulate import RemoteBot, replay
+
+    printer = TrafficPrinter(sys.stdout, fmt=args.format)
+    if args.bot:
+        from .cli import load_bot
+
+        configure_logging(
+            os.environ.get("CALLBOT_LOG_FORMAT", "auto"),
+            os.environ.get("CALLBOT_LOG_LEVEL", "info"),
+        )
+        bot = load_bot(args.bot)
+        configure_logging(bot.settings.log_format, bot.settings.log_level)
+        return asyncio.run(
+            replay(
+                args.file,
+                printer=printer,
+                bot=bot,
+                speed=args.speed,
+                max_gap=args.max_gap,
+                settle=args.settle,
+            )
+        )
+    remote = _remote(args, args.url)
+    assert isinstance(remote, RemoteBot)
+    return asyncio.run(
+        replay(
+            args.file,
+            printer=printer,
+            remote=remote,
+            speed=args.speed,
+            max_gap=args.max_gap,
+            settle=args.settle,
+        )
+    )
+
+
+def _remote_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--app-id", default=None, help="the bot's app id (CALLBOT_APP_ID)")
+    parser.add_argument(
+        "--tenant-id", default=None, help="tenant of the tokens (CALLBOT_TENANT_ID)"
+    )
+    parser.add_argument(
+        "--keys-port", type=int, default=8765, help="port of the signing keys (default 8765)"
+    )
+    parser.add_argument(
+        "--graph-port", type=int, default=8766, help="port of the simulated Graph (default 8766)"
+    )
+    parser.add_argument(
+        "--wait", type=float, default=30.0, help="seconds to wait for the bot to come up"
+    )
+
+
+def add_testing_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``demo``, ``simulate`` and ``replay`` to the ``callbot`` command."""
+    demo = commands.add_parser(
+        "demo",
+        help="watch a sample IVR bot take calls from a simulated Graph (no account needed)",
+    )
+    demo.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="auto",
+        help="rich/plain text on a terminal, JSON lines otherwise (default: auto)",
+    )
+    demo.add_argument(
+        "--pace", type=float, default=0.3, help="seconds each prompt plays (default 0.3)"
+    )
+    demo.add_argument("--verbose", action="store_true", help="also show the bot's log on stderr")
+    demo.set_defaults(func=_demo)
+
+    simulate = commands.add_parser(
+        "simulate",
+        help="play a scripted call against a bot running elsewhere: callbot simulate URL SCENARIO",
+    )
+    simulate.add_argument(
+        "url", help="the bot's callback URL, e.g. http://127.0.0.1:8080/api/calls"
+    )
+    simulate.add_argument("scenario", choices=sorted(SCENARIOS), help="what happens in the call")
+    _remote_options(simulate)
+    simulate.add_argument(
+        "--blind",
+        action="store_true",
+        help="do not wait for the bot's Graph requests (answer, subscribeToTone)",
+    )
+    simulate.add_argument("--keys", default="1", help="keys the caller presses (dtmf)")
+    simulate.add_argument(
+        "--hold", type=float, default=1.0, help="seconds a call lasts before the caller hangs up"
+    )
+    simulate.add_argument(
+        "--timeout", type=float, default=15.0, help="seconds to wait for the bot to act"
+    )
+    simulate.add_argument(
+        "--prompt-seconds", type=float, default=1.0, help="seconds each prompt plays"
+    )
+    simulate.add_argument("--format", choices=FORMATS, default="auto")
+    simulate.set_defaults(func=_simulate)
+
+    replay = commands.add_parser(
+        "replay",
+        help="post recorded notifications (settings.record_path) to a bot again",
+    )
+    replay.add_argument("file", help="a JSON-lines recording")
+    target = replay.add_mutually_exclusive_group(required=True)
+    target.add_argument("--bot", help="MODULE:ATTR of a bot to load and serve here")
+    target.add_argument("--url", help="callback URL of a bot running elsewhere")
+    _remote_options(replay)
+    replay.add_argument(
+        "--speed",
+        type=float,
+        default=1.0,
+        help="1 keeps the recorded pauses, 2 halves them, 0 posts without pausing",
+    )
+    replay.add_argument(
+        "--max-gap", type=float, default=5.0, help="longest pause between batches (seconds)"
+    )
+    replay.add_argument(
+        "--settle", type=float, default=1.0, help="seconds to let handlers finish at the end"
+    )
+    replay.add_argument("--format", choices=FORMATS, default="auto")
+    replay.set_defaults(func=_replay)

@@ -1,0 +1,152 @@
+"""``callbot demo``: a sample IVR bot and the Graph simulator play three calls on 127.0.0.1.
+
+The bot is the IVR of ``samples/ivr`` in short: answer, welcome menu, 1 for an
+agent (transfer), 2 for voicemail (record, download, goodbye, hang up). It is
+shipped in the package so the demo runs on a fresh install, with no account
+and no network. Every notification and Graph request is printed as it happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import Any, TextIO
+
+from . import events
+from ._bot import CallBot
+from ._display import TrafficPrinter
+from ._errors import GraphError, OperationFailed
+from ._log import configure_logging
+from .graph import Call, Target
+from .testing._simulator import Simulator, SimulatorError, run_with_simulator
+
+__all__ = ["build_demo_bot", "run_demo"]
+
+DEMO_APP_ID = "0d3e0b07-0000-4000-8000-000000000001"
+PROMPTS = "https://contoso.example/prompts"
+WELCOME = f"{PROMPTS}/welcome.wav"
+INVALID_CHOICE = f"{PROMPTS}/invalid-choice.wav"
+TRANSFERRING = f"{PROMPTS}/transferring.wav"
+LEAVE_A_MESSAGE = f"{PROMPTS}/leave-a-message.wav"
+GOODBYE = f"{PROMPTS}/goodbye.wav"
+AGENT = Target.user("6e0b8a2d-5e8c-4a4f-9d1b-1f2e3d4c5b6a", "Agent")
+
+
+def build_demo_bot() -> CallBot:
+    """The demo IVR (a new bot each time: its state lives in the closure)."""
+    bot = CallBot(app_id=DEMO_APP_ID, shutdown_timeout=2.0)
+    chosen: set[str] = set()
+
+    @bot.on_incoming_call
+    async def answer(call: Call, event: events.IncomingCall) -> None:
+        await call.answer(prefetch=[WELCOME])
+
+    @bot.on_state("established")
+    async def greet(call: Call, event: events.CallStateChanged) -> None:
+        await call.subscribe_to_tone()
+        await call.play_prompt(WELCOME)
+
+    @bot.on_tone
+    async def menu(call: Call, event: events.ToneReceived) -> None:
+        if call.key in chosen:
+            return
+        if event.tone == "tone1":
+            chosen.add(call.key)
+            await (await call.play_prompt(TRANSFERRING)).wait(timeout=30)
+            await call.transfer(AGENT)
+        elif event.tone == "tone2":
+            chosen.add(call.key)
+            recording = await call.record_response(
+                prompts=[LEAVE_A_MESSAGE], play_beep=True, max_record_duration=60
+            )
+            try:
+                await recording.wait(timeout=90)
+                await call.download_recording(recording)
+                await (await call.play_prompt(GOODBYE)).wait(timeout=30)
+                await call.hangup()
+            except (OperationFailed, GraphError):
+                return  # the caller hung up first
+        else:
+            await call.play_prompt([INVALID_CHOICE, WELCOME])
+
+    @bot.on_terminated
+    async def forget(call: Call, event: events.CallTerminated) -> None:
+        chosen.discard(call.key)
+
+    return bot
+
+
+async def _script(printer: TrafficPrinter, sim: Simulator, wait: float) -> None:
+    printer.note("Call 1: Adele Vance calls, presses a wrong key, then 1 for an agent")
+    call = await sim.incoming_call(from_user="Adele Vance")
+    await call.wait_for_request("playPrompt", timeout=wait)
+    await call.listen(timeout=wait)
+    await call.press("7", timeout=wait)
+    await call.wait_for_request("playPrompt", timeout=wait)
+    await call.listen(timeout=wait)
+    await call.press("1", timeout=wait)
+    await call.wait_for_request("transfer", timeout=wait)
+    await call.wait_until_ended(timeout=wait)
+
+    printer.note("Call 2: a caller from +1 425 555 0100 presses 2 and leaves a voicemail")
+    call = await sim.incoming_call(from_phone="+14255550100")
+    await call.wait_for_request("playPrompt", timeout=wait)
+    await call.listen(timeout=wait)
+    await call.press("2", timeout=wait)
+    await call.wait_for_request("recordResponse", timeout=wait)
+    await call.wait_until_ended(timeout=wait)
+
+    printer.note("Call 3: Lee Gu calls and hangs up during the welcome menu")
+    call = await sim.incoming_call(from_user="Lee Gu")
+    await call.wait_for_request("playPrompt", timeout=wait)
+    await call.hang_up()
+
+
+async def run_demo(
+    stream: TextIO | None = None, *, fmt: str = "auto", pace: float = 0.3, verbose: bool = False
+) -> int:
+    """Play the demo calls; returns the exit status (0 when every call went as scripted)."""
+    printer = TrafficPrinter(stream or sys.stdout, fmt=fmt)
+    configure_logging(
+        "json" if printer.format == "json" else "console", "info" if verbose else "error"
+    )
+    bot = build_demo_bot()
+    options: dict[str, Any] = {
+        "prompt_duration": pace,
+        "record_duration": pace,
+        "transfer_duration": pace / 2,
+        "step_delay": pace / 10,
+        "bot_name": "Contoso IVR",
+    }
+    printer.note("callbot demo: a sample IVR bot and a simulated Microsoft Graph, all on 127.0.0.1")
+    async with run_with_simulator(bot, observers=[printer], **options) as sim:
+        printer.detail(f"bot callback  {sim.callback_url}")
+        printer.detail(f"Graph         {sim.graph_url}")
+        printer.detail(f"signing keys  {sim.openid_config_url}")
+        try:
+            await _script(printer, sim, 10.0 + 20 * pace)
+        except SimulatorError as exc:
+            printer.note(f"demo failed: {exc}")
+            return 1
+        refused = sim.failed_deliveries
+        errors = bot.metrics.sources.handled() if bot.metrics.sources.handled else None
+        handler_errors = int(errors["handler_errors"]) if errors is not None else 0
+        notifications = sum(1 for t in sim.traffic if t.kind == "notification")
+        requests = sum(1 for t in sim.traffic if t.kind == "request")
+    if refused or handler_errors:
+        printer.note(
+            f"demo failed: {len(refused)} notification(s) refused, "
+            f"{handler_errors} handler error(s)"
+        )
+        return 1
+    printer.note(
+        f"demo finished: 3 calls, {notifications} notifications to the bot, "
+        f"{requests} requests to Graph"
+    )
+    printer.detail("Next: copy samples/ivr, test it with pytest, run it with `callbot run`.")
+    return 0
+
+
+def main(fmt: str = "auto", pace: float = 0.3, verbose: bool = False) -> int:
+    """Run the demo in a fresh event loop."""
+    return asyncio.run(run_demo(fmt=fmt, pace=pace, verbose=verbose))

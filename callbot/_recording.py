@@ -1,0 +1,138 @@
+"""Recording accepted notifications to a JSON-lines file, and reading them back to replay.
+
+With ``settings.record_path`` set, each batch the receiver accepts becomes one
+line::
+
+    {"at": "2025-05-01T09:30:00.123456+00:00", "tenant_id": "...", "value": [...]}
+
+``value`` holds the notification items as received, except that every value
+under a key naming a token or a secret (``recordingAccessToken``, ``token``,
+...) is replaced by ``"[removed]"``. The bearer token of the request is never
+seen here. ``callbot replay FILE`` posts the batches again, in order.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+from . import events
+from ._errors import CallbotError
+from ._log import get_logger
+
+__all__ = ["REMOVED", "NotificationRecorder", "RecordedBatch", "read_recording", "scrub"]
+
+log = get_logger("callbot.recording")
+
+REMOVED = "[removed]"
+_SECRET_NAMES = frozenset({"authorization", "password", "secret", "clientsecret"})
+
+
+def _is_secret(key: str) -> bool:
+    lowered = key.lower().replace("_", "")
+    return lowered.endswith("token") or lowered in _SECRET_NAMES
+
+
+def scrub(value: Any) -> Any:
+    """A copy of ``value`` with every token or secret replaced by ``"[removed]"``."""
+    if isinstance(value, dict):
+        return {
+            k: (REMOVED if _is_secret(k) and v not in (None, "") else scrub(v))
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [scrub(v) for v in value]
+    return value
+
+
+class NotificationRecorder:
+    """Appends each accepted batch to a JSON-lines file (opened on first write)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._file: IO[str] | None = None
+        self._failed = False
+
+    def write(self, batch: Sequence[events.Event]) -> None:
+        """Append one line for the batch; a failure is logged once and recording stops."""
+        if not batch or self._failed:
+            return
+        tenant = next((e.tenant_id for e in batch if e.tenant_id), None)
+        line = {
+            "at": datetime.now(UTC).isoformat(),
+            "tenant_id": tenant,
+            "value": [scrub(event.raw) for event in batch],
+        }
+        try:
+            if self._file is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._file = self.path.open("a", encoding="utf-8")
+            # A small synchronous append: recording is a debugging aid, not a hot path.
+            self._file.write(json.dumps(line, separators=(",", ":"), ensure_ascii=False) + "\n")
+            self._file.flush()
+        except OSError as exc:
+            self._failed = True
+            log.error("recording_failed", path=str(self.path), error=str(exc))
+
+    def close(self) -> None:
+        """Close the file."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class RecordedBatch:
+    """One recorded batch: when it arrived, its tenant, and the body to post again."""
+
+    line: int
+    at: float | None
+    tenant_id: str | None
+    body: dict[str, Any]
+
+
+def read_recording(path: str | Path) -> Iterator[RecordedBatch]:
+    """The batches of a recording, in order.
+
+    Besides recorder lines, a line may be a bare ``commsNotifications`` body or
+    a single notification item. Raises ``CallbotError`` naming the bad line.
+    """
+    with Path(path).open(encoding="utf-8") as lines:
+        for number, text in enumerate(lines, start=1):
+            if not text.strip():
+                continue
+            try:
+                record = json.loads(text)
+            except ValueError as exc:
+                raise CallbotError(f"{path}:{number}: not JSON: {exc}") from None
+            if not isinstance(record, dict):
+                raise CallbotError(f"{path}:{number}: expected a JSON object")
+            if isinstance(record.get("value"), list):
+                body = {"value": record["value"]}
+            elif "changeType" in record:
+                body = {"value": [record]}
+            else:
+                raise CallbotError(f"{path}:{number}: no 'value' list and no notification item")
+            body["@odata.type"] = "#microsoft.graph.commsNotifications"
+            tenant = record.get("tenant_id")
+            yield RecordedBatch(
+                line=number,
+                at=_timestamp(record.get("at")),
+                tenant_id=tenant if isinstance(tenant, str) else None,
+                body=body,
+            )
+
+
+def _timestamp(value: Any) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value).timestamp()
+        except ValueError:
+            return None
+    return None

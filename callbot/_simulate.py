@@ -1,0 +1,218 @@
+"""``callbot simulate`` and ``callbot replay``: signed notifications for a bot running elsewhere.
+
+A bot running elsewhere trusts the simulator once started with the
+``CALLBOT_*`` variables printed at start (the signing keys' URL above all).
+The simulator listens on fixed ports (8765 for the keys, 8766 for Graph, by
+default), so a bot configured once keeps working across runs: each run signs
+with a new key, which the bot fetches when it first sees it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from ._bot import CallBot
+from ._display import TrafficPrinter
+from ._recording import RecordedBatch, read_recording
+from .testing._scenarios import SCENARIOS, ScenarioOptions
+from .testing._simulator import Simulator, SimulatorError, run_with_simulator
+
+__all__ = ["RemoteBot", "replay", "simulate"]
+
+_CALL_ID = re.compile(r"/calls/([^/?]+)", re.IGNORECASE)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RemoteBot:
+    """A bot served elsewhere: its callback URL, its app id, and the simulator's ports."""
+
+    url: str
+    app_id: str
+    tenant_id: str
+    keys_port: int = 8765
+    graph_port: int = 8766
+    wait: float = 30.0
+    """Seconds to wait for the bot to answer on ``/readyz``."""
+
+
+def _show_setup(sim: Simulator, bot: RemoteBot, stream: TextIO) -> None:
+    origin = _origin(bot.url)
+    lines = [
+        "callbot simulator: start (or restart) your bot with these settings:",
+        "",
+        *(f"  export {k}={v}" for k, v in sim.bot_environment(public_url=origin).items()),
+        "",
+        f"Notifications go to {bot.url}.",
+    ]
+    stream.write("\n".join(lines) + "\n")
+    stream.flush()
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+async def _wait_for_bot(bot: RemoteBot, stream: TextIO) -> bool:
+    """Wait for the bot's /readyz; ``True`` once it is ready, or reachable long enough."""
+    readyz = _origin(bot.url) + "/readyz"
+    deadline = time.monotonic() + bot.wait
+    reachable_since: float | None = None
+    said = False
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
+        while True:
+            try:
+                async with session.get(readyz) as response:
+                    if response.status in (200, 404):
+                        return True
+                    reachable_since = reachable_since or time.monotonic()
+            except (aiohttp.ClientError, TimeoutError):
+                reachable_since = None
+            now = time.monotonic()
+            # A bot not ready yet (keys not loaded) fetches them when the first token arrives.
+            if reachable_since is not None and now - reachable_since > 3.0:
+                return True
+            if now > deadline:
+                return reachable_since is not None
+            if not said:
+                stream.write(f"Waiting for the bot at {readyz} ...\n")
+                stream.flush()
+                said = True
+            await asyncio.sleep(0.5)
+
+
+async def simulate(
+    bot: RemoteBot,
+    scenario: str,
+    *,
+    options: ScenarioOptions,
+    printer: TrafficPrinter,
+    prompt_seconds: float = 1.0,
+    info: TextIO | None = None,
+) -> int:
+    """Play a scenario against a bot served elsewhere; returns the exit status."""
+    info = info or sys.stderr
+    play = SCENARIOS[scenario]
+    sim = Simulator(
+        app_id=bot.app_id,
+        tenant_id=bot.tenant_id,
+        callback_url=bot.url,
+        keys_port=bot.keys_port,
+        graph_port=bot.graph_port,
+        prompt_duration=prompt_seconds,
+        record_duration=prompt_seconds * 2,
+        transfer_duration=prompt_seconds / 2,
+        step_delay=0.05,
+        observers=[printer],
+    )
+    await sim.start()
+    try:
+        _show_setup(sim, bot, info)
+        if not await _wait_for_bot(bot, info):
+            info.write(f"callbot: no bot answers at {_origin(bot.url)} (waited {bot.wait} s)\n")
+            return 1
+        printer.note(f"scenario {scenario}")
+        try:
+            await play(sim, options)
+        except SimulatorError as exc:
+            printer.note(f"scenario failed: {exc}")
+            return 1
+        refused = sim.failed_deliveries
+        if refused:
+            printer.note(f"scenario failed: the bot refused {len(refused)} notification(s)")
+            return 1
+        printer.note(f"scenario {scenario} finished")
+        return 0
+    finally:
+        await sim.close()
+
+
+def _call_id(batch: RecordedBatch) -> str | None:
+    for item in batch.body.get("value", []):
+        if isinstance(item, dict):
+            path = item.get("resourceUrl") or item.get("resource")
+            match = _CALL_ID.search(path) if isinstance(path, str) else None
+            if match:
+                return match.group(1)
+    return None
+
+
+async def _post_all(
+    sim: Simulator, batches: Sequence[RecordedBatch], *, speed: float, max_gap: float
+) -> int:
+    previous: float | None = None
+    refused = 0
+    for batch in batches:
+        if speed > 0 and previous is not None and batch.at is not None:
+            # Keep the recorded rhythm (races depend on it), scaled, with long pauses cut.
+            await asyncio.sleep(min(max(batch.at - previous, 0.0) / speed, max_gap))
+        previous = batch.at if batch.at is not None else previous
+        status = await sim.post(batch.body, call_id=_call_id(batch), tenant_id=batch.tenant_id)
+        if not 200 <= status < 300:
+            refused += 1
+    return refused
+
+
+async def replay(
+    path: str | Path,
+    *,
+    printer: TrafficPrinter,
+    bot: CallBot | None = None,
+    remote: RemoteBot | None = None,
+    speed: float = 1.0,
+    max_gap: float = 5.0,
+    settle: float = 1.0,
+    info: TextIO | None = None,
+) -> int:
+    """Post a recording's batches to a bot (loaded here, or served elsewhere); exit status."""
+    info = info or sys.stderr
+    batches = list(read_recording(path))
+    if not batches:
+        info.write(f"callbot: {path} holds no notifications\n")
+        return 1
+    printer.note(f"replaying {len(batches)} batch(es) from {path}")
+    if bot is not None:
+        async with run_with_simulator(bot, drive=False, observers=[printer]) as sim:
+            refused = await _post_all(sim, batches, speed=speed, max_gap=max_gap)
+            # Let the bot's handlers act on the last notifications before it stops.
+            await asyncio.sleep(settle)
+            counts = bot.metrics.sources.handled() if bot.metrics.sources.handled else None
+            errors = int(counts["handler_errors"]) if counts is not None else 0
+        printer.note(
+            f"replay finished: {len(batches) - refused} accepted, {refused} refused, "
+            f"{errors} handler error(s)"
+        )
+        return 0 if not refused and not errors else 1
+    if remote is None:
+        raise ValueError("replay needs a bot or a remote bot")
+    sim = Simulator(
+        app_id=remote.app_id,
+        tenant_id=remote.tenant_id,
+        callback_url=remote.url,
+        keys_port=remote.keys_port,
+        graph_port=remote.graph_port,
+        drive=False,
+        observers=[printer],
+    )
+    await sim.start()
+    try:
+        _show_setup(sim, remote, info)
+        if not await _wait_for_bot(remote, info):
+            info.write(f"callbot: no bot answers at {_origin(remote.url)}\n")
+            return 1
+        refused = await _post_all(sim, batches, speed=speed, max_gap=max_gap)
+        await asyncio.sleep(settle)
+    finally:
+        await sim.close()
+    printer.note(f"replay finished: {len(batches) - refused} accepted, {refused} refused")
+    return 0 if not refused else 1

@@ -1,0 +1,14 @@
+"""Where a bot keeps what must survive: accepted notifications, calls, their order.
+
+``memory`` (the default) keeps everything in the bot's process. A Redis URL
+(``CALLBOT_STORE=redis://host:6379/0``) lets several instances behind a load
+balancer share calls, with per-call order and each notification's handlers run
+once across them. See docs/scaling.md.
+"""
+
+from __future__ import annotations
+
+from ._base import Store, StoreHooks, open_store
+from ._memory import MemoryStore
+
+__all__ = ["MemoryStore", "Store", "StoreHooks", "open_store"]

@@ -1,0 +1,92 @@
+"""The store interface, and choosing a store from the settings."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol
+
+from .. import events
+from .._config import Settings
+from .._errors import ConfigurationError
+from .._sequencing import CallRecord, Sequencer
+from ..models import ResultInfo
+
+if TYPE_CHECKING:
+    from .._dispatch import Dispatcher
+    from ..graph import Call
+
+__all__ = ["Store", "StoreHooks", "open_store"]
+
+
+class StoreHooks(Protocol):
+    """What a store needs from the Graph side (``CallServices`` provides it)."""
+
+    def call(self, call_id: str) -> Call: ...
+    def on_established(self, call: Call) -> None: ...
+    def on_operation(self, event: events.OperationUpdated) -> None: ...
+    def on_ended(self, call_key: str, result_info: ResultInfo | None) -> None: ...
+
+
+class Store(Protocol):
+    """Where accepted notifications wait for their handlers, and what is kept of each call.
+
+    The receiver hands every authenticated, parsed batch to :meth:`ingest`
+    before it answers 202: when ``ingest`` returns, the batch is kept (in
+    memory, or in Redis for every instance to see); when it raises
+    :class:`~callbot.StoreUnavailable`, nothing was accepted and the receiver
+    answers 503 so that Graph retries. Either way one set of ordering rules,
+    the :class:`~callbot._sequencing.Sequencer`, decides what each call's
+    handlers see.
+    """
+
+    @property
+    def sequencer(self) -> Sequencer:
+        """The ordering rules this process applies to the calls it runs."""
+        ...
+
+    @property
+    def reachable(self) -> bool:
+        """Whether the store answered lately (``/readyz`` fails while it does not)."""
+        ...
+
+    @property
+    def counts(self) -> Counter[str]:
+        """Sequencing outcomes so far: delivered, held, duplicate, stale, after_end, ..."""
+        ...
+
+    async def start(self) -> None:
+        """Connect, and take up what was kept of the calls that are still going on."""
+        ...
+
+    async def ingest(self, batch: Sequence[events.Event]) -> None:
+        """Keep a batch for its handlers, or raise ``StoreUnavailable``."""
+        ...
+
+    def active_records(self) -> list[CallRecord]:
+        """What is known of the calls that have not ended."""
+        ...
+
+    async def drain(self) -> None:
+        """Stop taking on work (on shutdown); what is kept is left for others or released."""
+        ...
+
+    async def close(self) -> None:
+        """Release timers, tasks and connections."""
+        ...
+
+
+def open_store(settings: Settings, *, dispatcher: Dispatcher, hooks: StoreHooks) -> Store:
+    """The store ``settings.store`` names: ``memory`` or a ``redis://`` URL."""
+    if settings.store == "memory":
+        from ._memory import MemoryStore
+
+        return MemoryStore(dispatcher.submit, settings=settings, hooks=hooks)
+    try:
+        from ._redis import RedisStore
+    except ImportError as exc:  # pragma: no cover - depends on the installation
+        raise ConfigurationError(
+            "CALLBOT_STORE is a Redis URL but the redis package is missing: "
+            "pip install 'callbot[redis]'"
+        ) from exc
+    return RedisStore(settings.store, settings=settings, dispatcher=dispatcher, hooks=hooks)

@@ -1,0 +1,101 @@
+"""How calls and notifications are written into a shared store, and read back.
+
+A notification is kept as Graph sent it (the item's raw JSON, in an envelope
+with its tenant), and is parsed again by whichever instance runs it: the
+parser stays the one authority on what an item means, and instances of
+different callbot versions read each other's entries.
+
+A call record keeps what the sequencer needs to go on ordering the call (its
+phase, state, roster, the digests of its last notifications, whether it
+ended) and the call's merged snapshot, which carries ``chatInfo`` and
+``meetingInfo`` so a bot can rejoin a meeting after a restart.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .. import events
+from .._parse import parse_payload
+from .._sequencing import CallRecord, _digest
+from ..models import Call as CallResource
+from ..models import Participant
+
+__all__ = [
+    "RECORD_VERSION",
+    "decode_entry",
+    "decode_record",
+    "digest_of",
+    "encode_entry",
+    "encode_record",
+]
+
+RECORD_VERSION = 1
+"""Written into each record; a record of another version is not trusted."""
+
+# Entries were checked against max_json_depth on arrival; the envelope adds two levels.
+_ENTRY_DEPTH = 1024
+
+
+def digest_of(event: events.Event) -> str:
+    """The hex digest two exactly repeated notifications share (as the sequencer computes it)."""
+    return _digest(event.raw).hex()
+
+
+def encode_entry(event: events.Event) -> str:
+    """An event as kept in a call's inbox: the raw item, in an envelope with its tenant."""
+    envelope: dict[str, Any] = {"value": [event.raw]}
+    if event.tenant_id is not None:
+        envelope["tenantId"] = event.tenant_id
+    return json.dumps(envelope, separators=(",", ":"), ensure_ascii=False)
+
+
+def decode_entry(text: str) -> events.Event:
+    """The event an inbox entry holds (parsed again, as the receiver parsed it)."""
+    (event,) = parse_payload(json.loads(text), max_depth=_ENTRY_DEPTH)
+    return event
+
+
+def _dump(model: Any) -> dict[str, Any]:
+    # exclude_unset keeps what Graph sent, nothing the models filled in by default.
+    data: dict[str, Any] = model.model_dump(mode="json", by_alias=True, exclude_unset=True)
+    return data
+
+
+def encode_record(record: CallRecord) -> str:
+    """A call record as JSON (what is held or backlogged is not kept: the inbox has it)."""
+    body = {
+        "version": RECORD_VERSION,
+        "call_id": record.call_id,
+        "phase": record.phase,
+        "state": record.state,
+        "ended": record.ended,
+        "snapshot": None if record.snapshot is None else _dump(record.snapshot),
+        "roster": {key: _dump(p) for key, p in record.roster.items()},
+        "roster_sequence": record.roster_sequence,
+        "seen": [digest.hex() for digest in record.seen],
+    }
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+
+
+def decode_record(text: str) -> CallRecord | None:
+    """The record ``encode_record`` wrote; ``None`` for one of another version."""
+    body = json.loads(text)
+    if not isinstance(body, dict) or body.get("version") != RECORD_VERSION:
+        return None
+    snapshot = body.get("snapshot")
+    record = CallRecord(
+        call_id=str(body["call_id"]),
+        phase=int(body["phase"]),
+        state=body.get("state"),
+        snapshot=None if snapshot is None else CallResource.model_validate(snapshot),
+        roster={
+            str(key): Participant.model_validate(value)
+            for key, value in (body.get("roster") or {}).items()
+        },
+        roster_sequence=body.get("roster_sequence"),
+        ended=bool(body.get("ended")),
+    )
+    record.seen.extend(bytes.fromhex(digest) for digest in body.get("seen") or ())
+    return record

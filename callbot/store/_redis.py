@@ -1,0 +1,648 @@
+"""The Redis store: several instances behind a load balancer, one truth.
+
+Graph posts a call's notifications to whichever instance the balancer picks.
+Every instance appends what it accepts to the call's inbox in Redis (a Lua
+script that also drops exact repeats), and answers 202 only once Redis has it.
+Whoever holds the call's lease runs the call: it feeds the inbox, in order,
+through the same :class:`~callbot._sequencing.Sequencer` the in-memory store
+uses, with the call's record loaded from Redis; runs the handlers; and
+acknowledges each entry, saving the record, once its handlers finished. A
+crashed instance's leases expire and its calls move to the others, which run
+the unacknowledged entries again. docs/scaling.md has the whole design.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import socket
+import time
+from collections import Counter, deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import NoScriptError, RedisError
+
+from .. import events
+from .._config import Settings
+from .._dispatch import Dispatcher
+from .._errors import StoreUnavailable
+from .._log import get_logger
+from .._sequencing import CallRecord, Delivery, Sequencer
+from . import _scripts
+from ._base import StoreHooks
+from ._codec import decode_entry, decode_record, digest_of, encode_entry, encode_record
+
+__all__ = ["RedisStore"]
+
+log = get_logger("callbot.store")
+
+_READ_BATCH = 64
+"""Inbox entries read at once."""
+_BLOCK_SECONDS = 1.0
+"""How long a blocking read waits; below the socket timeout, so a wait is never an error."""
+_SOCKET_TIMEOUT = 3.0
+_EVENTS_MAXLEN = 10_000
+"""Roughly how many operation outcomes and call ends the shared events stream keeps."""
+_ACTIVE_RECORD_MS = 24 * 3600 * 1000
+"""A record of a call that never ended is dropped after a day without notifications."""
+_MIN_DEDUPE_MS = 10 * 60 * 1000
+"""Exact repeats are dropped at least this long after the first copy (Graph's retries)."""
+_SYNC_SECONDS = 2.0
+"""How often the list of the cluster's active calls is refreshed."""
+_RETRY_PAUSE = 0.2
+_MAX_CONNECTIONS = 64
+
+
+@dataclass(eq=False)
+class _Owned:
+    """A call this instance holds the lease of."""
+
+    key: str
+    deadline: float
+    """Monotonic time after which the lease may have expired in Redis."""
+    outstanding: int = 0
+    """Deliveries handed to the dispatcher whose handlers have not finished."""
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    lost: bool = False
+    releasing: bool = False
+    """A release is on its way: a renewal refused meanwhile only means it went through."""
+    task: asyncio.Task[None] | None = None
+
+    def __post_init__(self) -> None:
+        self.idle.set()
+
+
+class _Keys:
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.runnable = prefix + "runnable"
+        self.pending = prefix + "pending"
+        self.active = prefix + "active"
+        self.events = prefix + "events"
+        self.reaper = prefix + "reaper"
+
+    def inbox(self, call: str) -> str:
+        return f"{self.prefix}inbox:{call}"
+
+    def seen(self, call: str) -> str:
+        return f"{self.prefix}seen:{call}"
+
+    def lease(self, call: str) -> str:
+        return f"{self.prefix}lease:{call}"
+
+    def record(self, call: str) -> str:
+        return f"{self.prefix}call:{call}"
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _after(entry_id: str) -> str:
+    """The smallest stream id greater than ``entry_id`` (XTRIM MINID keeps it and later)."""
+    millis, _, sequence = entry_id.partition("-")
+    return f"{millis}-{int(sequence or 0) + 1}"
+
+
+class RedisStore:
+    """Keeps calls and their accepted notifications in Redis, shared by every instance.
+
+    ``url`` is a ``redis://`` (or ``rediss://``, ``unix://``) URL. Keys start
+    with ``prefix`` (by default ``callbot:{app_id}:``, so bots can share a
+    server). ``settings.store_lease`` is how long a crashed instance's calls
+    wait before the others take them over.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        settings: Settings,
+        dispatcher: Dispatcher,
+        hooks: StoreHooks,
+        prefix: str | None = None,
+    ) -> None:
+        self._settings = settings
+        self._dispatcher = dispatcher
+        self._hooks = hooks
+        self._keys = _Keys(prefix if prefix is not None else f"callbot:{settings.app_id}:")
+        self.token = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        """This instance's name in the leases it holds."""
+        self._lease_ms = max(int(settings.store_lease * 1000), 100)
+        self._grace_ms = max(int(settings.termination_grace * 1000), 1000)
+        self._dedupe_ms = max(_MIN_DEDUPE_MS, self._grace_ms)
+        self._tick = min(settings.store_lease / 3, 1.0)
+        self._hold_poll = min(0.02, max(settings.reorder_window / 10, 0.002))
+        self._capacity = settings.max_concurrent_handlers
+        # Requests beyond the pool wait for a connection; one retry, then a 503 at once.
+        self._pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=_MAX_CONNECTIONS,
+            timeout=_SOCKET_TIMEOUT,
+            decode_responses=True,
+            protocol=2,
+            socket_timeout=_SOCKET_TIMEOUT,
+            socket_connect_timeout=_SOCKET_TIMEOUT,
+            retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 1),
+        )
+        self._redis: aioredis.Redis = aioredis.Redis(connection_pool=self._pool)
+        self._sequencer = Sequencer(
+            self._deliver,
+            reorder_window=settings.reorder_window,
+            termination_grace=settings.termination_grace,
+        )
+        dispatcher.on_done = self._delivered
+        self._owned: dict[str, _Owned] = {}
+        self._known: dict[str, CallRecord] = {}
+        self._own_counts: Counter[str] = Counter()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._claimer: asyncio.Task[None] | None = None
+        self._slot_freed = asyncio.Event()
+        self._reachable = False
+        self._rehydrated = False
+        self._draining = False
+
+    # -- the Store interface ------------------------------------------------------
+
+    @property
+    def sequencer(self) -> Sequencer:
+        """The ordering rules, applied to the calls this instance holds."""
+        return self._sequencer
+
+    @property
+    def reachable(self) -> bool:
+        """Whether Redis answered the last request."""
+        return self._reachable
+
+    @property
+    def counts(self) -> Counter[str]:
+        """Sequencing outcomes of this instance (repeats dropped on arrival included)."""
+        return self._sequencer.counts + self._own_counts
+
+    async def start(self) -> None:
+        """Load the scripts and the calls still going on; start claiming calls."""
+        try:
+            await self._load_scripts()
+            await self._rehydrate()
+            self._mark(True)
+        except RedisError as exc:
+            # Serve anyway: /readyz fails and callbacks get 503 until Redis is back.
+            self._mark(False, exc)
+        loop = asyncio.get_running_loop()
+        self._claimer = loop.create_task(self._claim_loop(), name="callbot-store-claim")
+        self._tasks = [
+            self._claimer,
+            loop.create_task(self._maintain_loop(), name="callbot-store-maintain"),
+            loop.create_task(self._events_loop(), name="callbot-store-events"),
+        ]
+        log.info("store_started", store="redis", token=self.token, lease=self._lease_ms / 1000)
+
+    async def ingest(self, batch: Sequence[events.Event]) -> None:
+        """Append each event to its call's inbox (repeats dropped), or raise StoreUnavailable."""
+        try:
+            try:
+                added = await self._append(batch)
+            except NoScriptError:
+                # Redis restarted or failed over: its script cache is empty.
+                await self._load_scripts()
+                added = await self._append(batch)
+        except RedisError as exc:
+            self._mark(False, exc)
+            raise StoreUnavailable(f"the Redis store cannot be reached: {exc}") from exc
+        self._mark(True)
+        for event, was_added in zip(batch, added, strict=True):
+            if not was_added:
+                self._own_counts["duplicate"] += 1
+                log.info(
+                    "notification_dropped",
+                    call_id=event.call_id,
+                    reason="duplicate",
+                    kind=type(event).__name__,
+                )
+
+    def active_records(self) -> list[CallRecord]:
+        """The calls of every instance that have not ended (refreshed every few seconds)."""
+        return [record for record in self._known.values() if not record.ended]
+
+    async def drain(self) -> None:
+        """Stop claiming; let each held call finish its running entry, then hand it over."""
+        self._draining = True
+        if self._claimer is not None:
+            self._claimer.cancel()
+        owners = [state.task for state in self._owned.values() if state.task is not None]
+        for state in self._owned.values():
+            state.changed.set()
+        if owners:
+            await asyncio.wait(owners, timeout=self._settings.shutdown_timeout)
+
+    async def close(self) -> None:
+        """Stop every task, hand the calls still held over to the others, disconnect."""
+        self._draining = True
+        owners = [state.task for state in self._owned.values() if state.task is not None]
+        tasks = [*self._tasks, *owners]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        left = list(self._owned.values())
+        self._owned.clear()
+        for state in left:
+            # Their entries were not acknowledged; another instance runs them again.
+            with contextlib.suppress(RedisError, OSError):
+                await self._release(state, handover=True)
+        self._sequencer.close()
+        await self._redis.aclose()
+        await self._pool.disconnect()
+        log.info("store_closed", store="redis", handed_over=len(left))
+
+    # -- accepting ----------------------------------------------------------------
+
+    async def _append(self, batch: Sequence[events.Event]) -> list[Any]:
+        keys = self._keys
+        pipe = self._redis.pipeline(transaction=False)
+        for event in batch:
+            call = event.call_key
+            broadcast = isinstance(event, events.OperationUpdated | events.CallTerminated)
+            pipe.evalsha(
+                _scripts.INGEST.sha,
+                6,
+                keys.seen(call),
+                keys.inbox(call),
+                keys.lease(call),
+                keys.runnable,
+                keys.pending,
+                keys.events,
+                digest_of(event),
+                encode_entry(event),
+                call,
+                self._dedupe_ms,
+                "1" if broadcast else "0",
+                _EVENTS_MAXLEN,
+            )
+        return list(await pipe.execute())
+
+    # -- claiming and running calls -------------------------------------------------
+
+    async def _claim_loop(self) -> None:
+        keys = self._keys
+        while not self._draining:
+            free = self._capacity - len(self._owned)
+            if free <= 0:
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
+                continue
+            try:
+                popped = await self._redis.bzpopmin(keys.runnable, timeout=_BLOCK_SECONDS)
+                if not popped:
+                    continue
+                calls = [str(popped[1])]
+                if free > 1:
+                    more: Any = await self._redis.zpopmin(keys.runnable, free - 1)
+                    calls.extend(str(member) for member, _score in more)
+                pipe = self._redis.pipeline(transaction=False)
+                for call in calls:
+                    pipe.set(keys.lease(call), self.token, nx=True, px=self._lease_ms)
+                started = time.monotonic()
+                won = await pipe.execute()
+            except RedisError as exc:
+                # A popped call is not lost: the reaper wakes it again.
+                self._mark(False, exc)
+                await asyncio.sleep(_RETRY_PAUSE)
+                continue
+            self._mark(True)
+            for call, ok in zip(calls, won, strict=True):
+                if ok:
+                    self._begin(call, started)
+
+    def _begin(self, call: str, started: float) -> None:
+        state = _Owned(call, deadline=started + self._lease_ms / 1000)
+        previous = self._owned.get(call)
+        if previous is not None:
+            # The old run lost its lease and is still winding down: let it, then go on.
+            state.task = asyncio.get_running_loop().create_task(
+                self._own_after(previous, state), name=f"callbot-store-call-{call}"
+            )
+        else:
+            state.task = asyncio.get_running_loop().create_task(
+                self._own(state), name=f"callbot-store-call-{call}"
+            )
+        self._owned[call] = state
+
+    async def _own_after(self, previous: _Owned, state: _Owned) -> None:
+        if previous.task is not None:
+            await asyncio.gather(previous.task, return_exceptions=True)
+        self._owned[state.key] = state
+        await self._own(state)
+
+    async def _own(self, state: _Owned) -> None:
+        try:
+            await self._run_call(state)
+        except RedisError as exc:
+            # The lease runs out; the reaper then hands the call to another instance.
+            self._mark(False, exc)
+            log.warning("call_run_interrupted", call_key=state.key, error=str(exc))
+        except Exception:
+            log.exception("call_run_failed", call_key=state.key)
+        finally:
+            self._sequencer.evict(state.key)
+            if self._owned.get(state.key) is state:
+                del self._owned[state.key]
+            self._slot_freed.set()
+
+    async def _run_call(self, state: _Owned) -> None:
+        """Feed the call's inbox through the sequencer, acknowledging as handlers finish."""
+        key = state.key
+        keys = self._keys
+        stored = await self._redis.get(keys.record(key))
+        record = decode_record(_text(stored)) if stored else None
+        if record is not None:
+            self._sequencer.adopt(record)
+        else:
+            self._sequencer.evict(key)
+        fed: str | None = None
+        acked: str | None = None
+        buffer: deque[tuple[str, dict[str, str]]] = deque()
+        while not state.lost:
+            if state.outstanding:
+                await state.idle.wait()
+                continue
+            holding = self._holding(key)
+            if not holding and fed is not None and fed != acked:
+                if not await self._checkpoint(state, fed):
+                    return
+                acked = fed
+            if self._draining:
+                await self._release(state, handover=True)
+                return
+            if not buffer:
+                start = "-" if fed is None else "(" + fed
+                read: Any = await self._redis.xrange(keys.inbox(key), start, "+", _READ_BATCH)
+                buffer.extend(read)
+            if buffer:
+                entry_id, fields = buffer.popleft()
+                fed = entry_id
+                self._feed(key, entry_id, fields)
+                continue
+            if holding:
+                # Wait for the window to close or for the missing predecessor to arrive.
+                state.changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(state.changed.wait(), self._hold_poll)
+                continue
+            released = await self._release(state, handover=False)
+            if released != 0:
+                return
+
+    def _holding(self, key: str) -> bool:
+        record = self._sequencer.record(key)
+        return record is not None and record.held is not None
+
+    def _feed(self, key: str, entry_id: str, fields: dict[str, str]) -> None:
+        try:
+            event = decode_entry(fields["e"])
+        except Exception as exc:
+            # Acknowledged with the next checkpoint: it can never be read.
+            log.error("inbox_entry_unreadable", call_key=key, entry=entry_id, error=repr(exc))
+            return
+        self._sequencer.accept(event)
+
+    def _deliver(self, delivery: Delivery) -> None:
+        state = self._owned.get(delivery.event.call_key)
+        if state is not None:
+            state.outstanding += 1
+            state.idle.clear()
+            state.changed.set()
+        self._dispatcher.submit(delivery)
+
+    def _delivered(self, delivery: Delivery) -> None:
+        state = self._owned.get(delivery.event.call_key)
+        if state is not None and state.outstanding > 0:
+            state.outstanding -= 1
+            if state.outstanding == 0:
+                state.idle.set()
+
+    async def _checkpoint(self, state: _Owned, entry_id: str) -> bool:
+        """Acknowledge entries up to ``entry_id`` with the record as it stands now."""
+        keys = self._keys
+        key = state.key
+        record = self._sequencer.record(key)
+        started = time.monotonic()
+        ok = await self._script(
+            _scripts.CHECKPOINT,
+            [keys.lease(key), keys.record(key), keys.inbox(key), keys.active, keys.seen(key)],
+            [
+                self.token,
+                _after(entry_id),
+                "" if record is None else encode_record(record),
+                "1" if record is not None and record.ended else "0",
+                self._grace_ms,
+                key,
+                self._lease_ms,
+                _ACTIVE_RECORD_MS,
+            ],
+        )
+        if not ok:
+            self._lose(state, "checkpoint_refused")
+            return False
+        state.deadline = started + self._lease_ms / 1000
+        if record is not None:
+            if record.ended:
+                self._known.pop(key, None)
+            else:
+                self._known[key] = record
+        return True
+
+    async def _release(self, state: _Owned, *, handover: bool) -> int:
+        keys = self._keys
+        state.releasing = True
+        try:
+            outcome = await self._script(
+                _scripts.RELEASE,
+                [keys.lease(state.key), keys.inbox(state.key), keys.pending, keys.runnable],
+                [self.token, state.key, "1" if handover else "0"],
+            )
+        finally:
+            state.releasing = False
+        if outcome == -1:
+            self._lose(state, "release_refused")
+        return int(outcome)
+
+    def _lose(self, state: _Owned, why: str) -> None:
+        if state.lost:
+            return
+        state.lost = True
+        state.changed.set()
+        log.warning(
+            "call_lease_lost",
+            call_key=state.key,
+            reason=why,
+            detail="another instance may run this call's unacknowledged notifications again",
+        )
+
+    # -- upkeep: leases, the reaper, the list of calls --------------------------------
+
+    async def _maintain_loop(self) -> None:
+        last_sync = time.monotonic()
+        while True:
+            try:
+                if not self._rehydrated:
+                    await self._load_scripts()
+                    await self._rehydrate()
+                await self._renew()
+                await self._reap()
+                if time.monotonic() - last_sync >= _SYNC_SECONDS:
+                    await self._sync_known()
+                    last_sync = time.monotonic()
+                self._mark(True)
+            except RedisError as exc:
+                self._mark(False, exc)
+            now = time.monotonic()
+            for state in list(self._owned.values()):
+                if now > state.deadline:
+                    self._lose(state, "not_renewed")
+            await asyncio.sleep(self._tick)
+
+    async def _renew(self) -> None:
+        held = [state for state in self._owned.values() if not state.lost]
+        if not held:
+            await self._redis.ping()
+            return
+        started = time.monotonic()
+        renewed = await self._script(
+            _scripts.RENEW,
+            [self._keys.lease(state.key) for state in held],
+            [self.token, self._lease_ms],
+        )
+        for state, ok in zip(held, renewed, strict=True):
+            if ok:
+                state.deadline = started + self._lease_ms / 1000
+            elif self._owned.get(state.key) is state and not state.releasing:
+                self._lose(state, "renewal_refused")
+
+    async def _reap(self) -> None:
+        keys = self._keys
+        # One instance reaps per round; the others would only repeat its work.
+        mine = await self._redis.set(
+            keys.reaper, self.token, nx=True, px=max(int(self._tick * 1000), 10)
+        )
+        if not mine:
+            return
+        cursor = "0"
+        woken = 0
+        while True:
+            cursor, count = await self._script(
+                _scripts.REAP, [keys.pending, keys.runnable], [cursor, keys.prefix, 200]
+            )
+            woken += int(count)
+            if str(cursor) == "0":
+                break
+        if woken:
+            log.info("calls_reclaimed", count=woken, detail="their owner's lease expired")
+
+    async def _load_records(self, calls: Sequence[str]) -> dict[str, CallRecord | None]:
+        found: dict[str, CallRecord | None] = {}
+        for start in range(0, len(calls), 500):
+            chunk = list(calls[start : start + 500])
+            values = await self._redis.mget([self._keys.record(call) for call in chunk])
+            for call, value in zip(chunk, values, strict=True):
+                found[call] = decode_record(_text(value)) if value else None
+        return found
+
+    async def _rehydrate(self) -> None:
+        """Know the calls that are going on again, with their snapshots; resume keep-alives."""
+        calls = sorted(_text(call) for call in await self._redis.smembers(self._keys.active))
+        records = await self._load_records(calls)
+        gone = [call for call, record in records.items() if record is None]
+        if gone:
+            await self._redis.srem(self._keys.active, *gone)
+        resumed = 0
+        for call, record in records.items():
+            if record is None or record.ended:
+                continue
+            self._known[call] = record
+            handle = self._hooks.call(record.call_id)
+            handle._set_snapshot(record.snapshot)
+            handle._set_roster(record.roster)
+            if record.phase == 2:
+                # established (or on hold, transferring, ...): Graph expects keep-alives
+                self._hooks.on_established(handle)
+                resumed += 1
+        self._rehydrated = True
+        log.info("calls_rehydrated", count=len(self._known), keep_alives=resumed)
+
+    async def _sync_known(self) -> None:
+        members = {_text(call) for call in await self._redis.smembers(self._keys.active)}
+        for call in list(self._known):
+            if call not in members and call not in self._owned:
+                del self._known[call]
+        new = [call for call in members if call not in self._known]
+        if new:
+            for call, record in (await self._load_records(new)).items():
+                if record is not None and not record.ended:
+                    self._known[call] = record
+
+    # -- operation outcomes and call ends, from every instance ----------------------
+
+    async def _events_loop(self) -> None:
+        stream = self._keys.events
+        last: str | None = None
+        while True:
+            try:
+                if last is None:
+                    # Start after what is there now: earlier outcomes have no waiter here.
+                    tail = await self._redis.xrevrange(stream, "+", "-", 1)
+                    last = str(tail[0][0]) if tail else "0-0"
+                answer: Any = await self._redis.xread(
+                    {stream: last}, count=256, block=int(_BLOCK_SECONDS * 1000)
+                )
+            except RedisError as exc:
+                self._mark(False, exc)
+                await asyncio.sleep(_RETRY_PAUSE)
+                continue
+            for _name, entries in answer or ():
+                for entry_id, fields in entries:
+                    last = str(entry_id)
+                    self._relay(fields)
+
+    def _relay(self, fields: dict[str, str]) -> None:
+        try:
+            event = decode_entry(fields["e"])
+        except Exception as exc:
+            log.error("store_event_unreadable", error=repr(exc))
+            return
+        if isinstance(event, events.OperationUpdated):
+            self._hooks.on_operation(event)
+        elif isinstance(event, events.CallTerminated):
+            self._hooks.on_ended(event.call_key, event.result_info)
+            known = self._known.get(event.call_key)
+            if known is not None and event.call_key not in self._owned:
+                del self._known[event.call_key]
+
+    # -- plumbing -------------------------------------------------------------------
+
+    async def _load_scripts(self) -> None:
+        for script in _scripts.ALL:
+            await self._redis.script_load(script.source)
+
+    async def _script(self, script: _scripts.Script, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return await self._redis.evalsha(script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            await self._redis.script_load(script.source)
+            return await self._redis.evalsha(script.sha, len(keys), *keys, *args)
+
+    def _mark(self, reachable: bool, error: BaseException | None = None) -> None:
+        if reachable == self._reachable:
+            return
+        self._reachable = reachable
+        if reachable:
+            log.info("store_reachable", store="redis")
+        else:
+            log.warning("store_unreachable", store="redis", error=str(error or ""))

@@ -1,0 +1,116 @@
+"""Scripted calls ``callbot simulate`` plays against a bot (or a test plays against its own).
+
+Each scenario is ``async def scenario(sim, options)``. Unless ``options.blind``,
+a scenario waits for the bot's Graph requests (its answer, its
+``subscribeToTone``), so the bot must send them to the simulator
+(``CALLBOT_GRAPH_URL``); ``blind`` scenarios post Graph's side regardless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from . import _builders as build
+from ._simulator import DeliveryOptions, SimulatedCall, Simulator, SimulatorError
+
+__all__ = ["SCENARIOS", "Scenario", "ScenarioOptions"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScenarioOptions:
+    """How a scenario plays: ``blind`` (do not wait for the bot), how long it
+    waits for the bot (``timeout``), how long calls last (``hold``), which
+    keys the caller presses (``keys``)."""
+
+    blind: bool = False
+    timeout: float = 15.0
+    hold: float = 1.0
+    keys: str = "1"
+
+
+Scenario = Callable[[Simulator, ScenarioOptions], Awaitable[None]]
+
+
+async def _connect(call: SimulatedCall, options: ScenarioOptions) -> bool:
+    """Get the call established; ``False`` when the bot rejected or redirected it."""
+    if options.blind:
+        await call.establish()
+        call.subscribed_to_tones = True
+        return True
+    response = await call.wait_for_answer(options.timeout)
+    if response != "answer":
+        await call.wait_until_ended(options.timeout)
+        return False
+    await call.wait_for_state("established", options.timeout)
+    return True
+
+
+async def _end(call: SimulatedCall) -> None:
+    if not call.ended:
+        await call.hang_up()
+
+
+async def incoming_call(sim: Simulator, options: ScenarioOptions) -> None:
+    """A caller calls, the bot answers (establishing, established, roster), the caller hangs up."""
+    call = await sim.incoming_call(from_user="Adele Vance")
+    if await _connect(call, options):
+        await asyncio.sleep(options.hold)
+        await _end(call)
+
+
+async def dtmf(sim: Simulator, options: ScenarioOptions) -> None:
+    """A caller calls and presses ``options.keys`` one by one (once the bot subscribed)."""
+    call = await sim.incoming_call(from_user="Adele Vance")
+    if not await _connect(call, options):
+        return
+    for key in options.keys:
+        if call.ended:
+            return
+        await call.press(key, timeout=options.timeout)
+        await asyncio.sleep(min(options.hold, 0.5))
+    await asyncio.sleep(options.hold)
+    await _end(call)
+
+
+async def meeting_roster(sim: Simulator, options: ScenarioOptions) -> None:
+    """The bot is in a meeting: people join, then everyone leaves; the meeting ends."""
+    sim.meeting_attendees = ["Megan Bowen"]
+    call = await sim.meeting_call()
+    pause = options.hold / 2
+    for name in ("Alice Smith", "Lee Gu"):
+        await asyncio.sleep(pause)
+        await call.join(name)
+    for name in ("Alice Smith", "Megan Bowen", "Lee Gu"):
+        await asyncio.sleep(pause)
+        await call.leave(name)
+    # A bot that leaves empty meetings hangs up now; otherwise the meeting ends.
+    try:
+        await call.wait_until_ended(max(options.hold, 2.0))
+    except SimulatorError:
+        await _end(call)
+
+
+async def out_of_order(sim: Simulator, options: ScenarioOptions) -> None:
+    """Graph at its worst: states swapped and doubled, a stale state, a straggler after the end."""
+    call = await sim.incoming_call(
+        from_user="Adele Vance", delivery=DeliveryOptions(out_of_order=True, duplicate=True)
+    )
+    if not await _connect(call, options):
+        return
+    await call.notify(build.call_state(call.id, "establishing"))
+    if call.subscribed_to_tones and not call.ended:
+        await call.press(options.keys[:1] or "1", timeout=options.timeout)
+    await asyncio.sleep(options.hold)
+    await _end(call)
+    await sim.post(build.notifications(build.call_state(call.id, "established")), call_id=call.id)
+
+
+SCENARIOS: dict[str, Scenario] = {
+    "incoming-call": incoming_call,
+    "dtmf": dtmf,
+    "meeting-roster": meeting_roster,
+    "out-of-order": out_of_order,
+}
+"""Scenario name -> scenario, as ``callbot simulate`` names them."""

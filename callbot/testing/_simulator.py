@@ -1,0 +1,1473 @@
+"""A Microsoft Graph simulator: Graph's calling API plus the notifications Graph would post.
+
+:class:`Simulator` plays Microsoft's side of a call on 127.0.0.1. It serves an
+OpenID configuration and signing keys (a :class:`TokenAuthority`), answers the
+token endpoint and the ``/communications/calls`` API (a :class:`FakeGraph`),
+and drives each call the way Graph does, by POSTing signed notifications to
+the bot's callback URL:
+
+* ``answer``            -> ``establishing``, ``established``, then the roster;
+* ``reject``/``redirect`` -> ``terminated``;
+* ``transfer``          -> ``transferring``, ``transferAccepted``, ``terminated`` (7015),
+  or back to ``established`` with code 500 when :attr:`Simulator.transfer_outcome`
+  is ``"failed"``;
+* ``playPrompt``        -> the operation's ``completed`` once the prompts would have played;
+* ``recordResponse``    -> ``completed`` with a ``recordingLocation`` the simulator
+  serves (only with the ``recordingAccessToken``);
+* ``cancelMediaProcessing`` -> the running prompt or recording ``failed`` (8508);
+* ``subscribeToTone``   -> from then on, tones the caller presses are sent;
+* ``sendDtmfTones``, ``invite``, hold music, ... -> their operation's ``completed``;
+* ``mute``/``unmute``, ``invite``, removing a participant -> a roster update;
+* ``DELETE`` the call   -> ``terminating``, ``terminated`` (5001);
+* ``createCall``/joining a meeting -> ``establishing``, ``established``, the roster
+  (or, for a callee who does not pick up, ``terminated`` with 408, see
+  :meth:`Simulator.queue_outgoing`).
+
+A scripted caller (:class:`SimulatedCall`) calls in, presses keys, joins and
+leaves a meeting's roster, and hangs up. Every notification and every request
+is kept in :attr:`Simulator.traffic` and shown to :attr:`Simulator.observers`.
+
+Example::
+
+    async with run_with_simulator(bot) as sim:
+        call = await sim.incoming_call(from_user="Adele Vance")
+        await call.press("1")
+        assert await sim.wait_for_request("transfer")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import io
+import json
+import socket
+import time
+import uuid
+import wave
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+from aiohttp import web
+
+from .. import events, models
+from .._config import Settings
+from .._errors import MalformedNotification
+from .._ids import id_key
+from .._log import get_logger
+from .._parse import parse_payload
+from ..graph import AccessToken
+from . import _builders as build
+from ._fake_graph import FakeGraph, FakeResponse, RecordedRequest
+from ._tokens import TEST_TENANT_ID, TokenAuthority
+
+if TYPE_CHECKING:
+    from .._bot import CallBot
+
+__all__ = [
+    "DEFAULT_APP_ID",
+    "DeliveryOptions",
+    "SimulatedCall",
+    "Simulator",
+    "SimulatorError",
+    "Traffic",
+    "run_with_simulator",
+]
+
+log = get_logger("callbot.simulator")
+
+DEFAULT_APP_ID = "5a8a7b1e-6c1d-4f0e-9b2a-3d4c5e6f7a8b"
+"""The app id the simulator's tokens are minted for when the bot has none."""
+
+KEY_TONES: dict[str, str] = {
+    **{str(d): f"tone{d}" for d in range(10)},
+    "*": "star",
+    "#": "pound",
+    "A": "a",
+    "B": "b",
+    "C": "c",
+    "D": "d",
+}
+"""Keypad keys and the Graph tone names Graph sends for them."""
+
+OUTGOING_OUTCOMES: dict[str, tuple[int, int, str] | None] = {
+    "answer": None,
+    "no_answer": (408, 0, "The callee did not answer."),
+    "busy": (486, 0, "The callee is busy."),
+    "decline": (603, 0, "The callee declined the call."),
+    "unavailable": (480, 0, "The callee is not available."),
+}
+"""What a callee does with a call the bot places, and the ``resultInfo`` Graph ends it with."""
+
+_MEDIA_ACTIONS = frozenset({"playPrompt", "recordResponse"})
+_OK = 200
+_CANCELED = {"code": 400, "subcode": 8508, "message": "Action failed, the operation was cancelled."}
+_DONE = {"code": 200, "subcode": 0, "message": "Action completed successfully."}
+
+
+class SimulatorError(Exception):
+    """Something a simulated call expected did not happen (a timeout, a refused notification)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeliveryOptions:
+    """How faithfully notifications arrive, to exercise the bot's ordering.
+
+    ``out_of_order`` posts ``established`` before ``establishing``; ``duplicate``
+    posts every notification twice; ``delay`` waits that many seconds before
+    each notification.
+    """
+
+    out_of_order: bool = False
+    duplicate: bool = False
+    delay: float = 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Traffic:
+    """One thing that happened between the bot and the simulated Graph.
+
+    ``kind`` is ``"notification"`` (Graph to bot; ``status`` is the bot's
+    answer), ``"request"`` (bot to Graph; ``status`` is Graph's answer) or
+    ``"caller"`` (what the scripted caller did). ``at`` is seconds since the
+    simulator started.
+    """
+
+    kind: str
+    at: float
+    summary: str
+    call_id: str | None = None
+    method: str | None = None
+    path: str | None = None
+    action: str | None = None
+    status: int | None = None
+    body: Any = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (``None`` fields left out)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclass(kw_only=True)
+class _Outgoing:
+    """A notification waiting in a call's outbox."""
+
+    items: list[dict[str, Any]]
+    delay: float = 0.0
+    state: str | None = None
+    final: bool = False
+    done: asyncio.Future[int] | None = None
+
+
+def silent_wav(seconds: float = 0.5, rate: int = 8000) -> bytes:
+    """A WAV file of silence (what a simulated recording contains)."""
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(b"\x00\x00" * int(seconds * rate))
+    return buffer.getvalue()
+
+
+def _tone_names(keys: str | Sequence[str]) -> list[str]:
+    if isinstance(keys, str):
+        names = []
+        for key in keys:
+            if key.isspace():
+                continue
+            tone = KEY_TONES.get(key.upper())
+            if tone is None:
+                raise ValueError(f"not a keypad key: {key!r} (use 0-9, *, #, A-D)")
+            names.append(tone)
+        return names
+    return list(keys)
+
+
+def _identity_name(info: Any) -> str | None:
+    """The display name (else the id) of the first identity in a participant info dict."""
+    if not isinstance(info, Mapping):
+        return None
+    identity = info.get("identity", info)
+    if not isinstance(identity, Mapping):
+        return None
+    for key, value in identity.items():
+        if key.startswith("@") or not isinstance(value, Mapping):
+            continue
+        name = value.get("displayName") or value.get("id")
+        if isinstance(name, str) and name:
+            return name
+    return None
+
+
+def _identity_kind_and_id(info: Any) -> tuple[str, str, str | None]:
+    if isinstance(info, Mapping):
+        identity = info.get("identity", info)
+        if isinstance(identity, Mapping):
+            for key, value in identity.items():
+                if key.startswith("@") or not isinstance(value, Mapping):
+                    continue
+                return key, str(value.get("id") or uuid.uuid4()), value.get("displayName")
+    return "user", str(uuid.uuid4()), None
+
+
+def _participant_name(participant: models.Participant) -> str:
+    identity = participant.info.identity if participant.info is not None else None
+    if identity is not None:
+        for kind in ("user", "phone", "application", "guest", "application_instance"):
+            value = getattr(identity, kind, None)
+            if value is not None:
+                return str(value.display_name or value.id or kind)
+    return participant.id or "someone"
+
+
+def describe_notification(body: Any) -> str:
+    """A one-line, human description of a notification body (for logs and the demo)."""
+    try:
+        found = parse_payload(body)
+    except MalformedNotification as exc:
+        return f"malformed notification ({exc.reason})"
+    return "; ".join(_describe_event(event) for event in found)
+
+
+def _describe_event(event: events.Event) -> str:
+    if isinstance(event, events.IncomingCall):
+        source = event.call.source
+        who = _identity_name(source.model_dump(by_alias=True)) if source is not None else None
+        return f"incoming call from {who or 'someone'}"
+    if isinstance(event, events.CallTerminated):
+        info = event.result_info
+        if info is None:
+            return "call terminated"
+        reason = f" {info.message}" if info.message else ""
+        return f"call terminated (code {info.code}/{info.subcode}{reason})"
+    if isinstance(event, events.CallStateChanged):
+        info = event.result_info
+        if info is not None and info.code not in (None, 0, 200):
+            return f"call {event.state} (code {info.code}/{info.subcode} {info.message or ''})"
+        return f"call {event.state}"
+    if isinstance(event, events.ToneReceived):
+        return f"DTMF {event.tone}"
+    if isinstance(event, events.ParticipantsUpdated):
+        names = ", ".join(_participant_name(p) for p in event.participants) or "nobody"
+        return f"roster: {names}"
+    if isinstance(event, events.OperationUpdated):
+        raw_type = event.operation.odata_type or "#microsoft.graph.operation"
+        kind = raw_type.rsplit(".", 1)[-1].removesuffix("Operation")
+        extra = ""
+        location = getattr(event.operation, "recording_location", None)
+        if location:
+            extra = f", recording at {location}"
+        return f"{kind} operation {event.status}{extra}"
+    if isinstance(event, events.ContentSharingUpdated):
+        return f"content sharing {event.change_type}"
+    return f"notification {event.change_type} {event.resource_url}"
+
+
+def _describe_request(request: RecordedRequest) -> str:
+    body = request.json if isinstance(request.json, Mapping) else {}
+    action = request.action
+    if action == "token":
+        return "app token request (client credentials)"
+    if action == "playPrompt":
+        uris = [
+            str(p.get("mediaInfo", {}).get("uri", "?")).rsplit("/", 1)[-1]
+            for p in body.get("prompts", [])
+            if isinstance(p, Mapping)
+        ]
+        return "playPrompt " + ", ".join(uris)
+    if action == "transfer":
+        return f"transfer to {_identity_name(body.get('transferTarget')) or 'someone'}"
+    if action == "redirect":
+        names = [_identity_name(t) or "someone" for t in body.get("targets", [])]
+        return "redirect to " + ", ".join(names)
+    if action == "createCall":
+        if body.get("meetingInfo") is not None:
+            return "join meeting"
+        names = [_identity_name(t) or "someone" for t in body.get("targets", [])]
+        return "place call to " + ", ".join(names)
+    if action == "deleteCall":
+        return "hang up"
+    if action == "recording":
+        return "download recording"
+    if action == "sendDtmfTones":
+        return "sendDtmfTones " + " ".join(str(t) for t in body.get("tones", []))
+    if action == "reject":
+        return f"reject ({body.get('reason', 'none')})"
+    return action
+
+
+class SimulatedCall:
+    """One call as the simulator plays it: Graph's notifications and the far end's actions.
+
+    Notifications of one call are posted one after another, in order, each
+    after the bot acknowledged the one before (as Graph does).
+    """
+
+    def __init__(
+        self,
+        simulator: Simulator,
+        call_id: str,
+        *,
+        direction: str,
+        remote: models.Participant | None,
+        delivery: DeliveryOptions,
+        meeting: bool = False,
+    ) -> None:
+        self.id = call_id
+        """The call id (as Graph writes it)."""
+        self.direction = direction
+        """``incoming`` (someone called the bot) or ``outgoing`` (the bot placed it)."""
+        self.meeting = meeting
+        """Whether the bot joined a meeting with this call."""
+        self.remote = remote
+        """The caller (incoming calls) or the first callee (outgoing calls)."""
+        self.delivery = delivery
+        """How this call's notifications arrive."""
+        self.states: list[str] = []
+        """The call states the bot has acknowledged, in order."""
+        self.subscribed_to_tones = False
+        """Whether the bot called ``subscribeToTone`` (Graph sends no tones before)."""
+        self.ended = False
+        """Whether the bot has been told the call terminated."""
+        self.roster: dict[str, models.Participant] = {}
+        """The participants, by participant id, as last posted (or about to be)."""
+        self.bot_participant_id = str(uuid.uuid4())
+        """The bot's own participant id in the roster."""
+        self._sim = simulator
+        self._tone_sequence = 0
+        self._roster_sequence = 0
+        self._media: dict[str, str] = {}
+        self._queue: asyncio.Queue[_Outgoing] = asyncio.Queue()
+        self._timers: set[asyncio.Task[None]] = set()
+        self._worker = asyncio.get_running_loop().create_task(
+            self._run(), name=f"callbot-sim-call-{id_key(call_id)[:8]}"
+        )
+
+    def __repr__(self) -> str:
+        return f"<SimulatedCall {self.id} {self.direction} state={self.state!r}>"
+
+    # -- what the test looks at ------------------------------------------------------
+
+    @property
+    def key(self) -> str:
+        """The call id in its compared form (lower case, no dashes)."""
+        return id_key(self.id)
+
+    @property
+    def state(self) -> str | None:
+        """The last call state the bot acknowledged (``None`` before any)."""
+        return self.states[-1] if self.states else None
+
+    @property
+    def remote_name(self) -> str:
+        """The caller's or callee's display name."""
+        return _participant_name(self.remote) if self.remote is not None else "caller"
+
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        """The bot's Graph requests about this call, in order."""
+        return [r for r in self._sim.graph.requests if r.call_id and id_key(r.call_id) == self.key]
+
+    def requests_for(self, action: str) -> list[RecordedRequest]:
+        """The bot's requests about this call for one action (``playPrompt``, ...)."""
+        return [r for r in self.requests if r.action == action]
+
+    async def wait_for_request(self, action: str, timeout: float = 5.0) -> RecordedRequest:
+        """The bot's next request about this call for ``action`` (see ``Simulator``'s)."""
+        return await self._sim.wait_for_request(action, call=self, timeout=timeout)
+
+    async def wait_for_state(self, state: str, timeout: float = 5.0) -> None:
+        """Wait until the bot has acknowledged the call reaching ``state``."""
+        await self._sim._until(
+            lambda: state in self.states,
+            timeout,
+            lambda: f"call {self.id} did not reach {state!r} (states so far: {self.states})",
+        )
+
+    async def wait_for_answer(self, timeout: float = 15.0) -> str:
+        """Wait until the bot answered, rejected or redirected the call; returns which.
+
+        Graph gives a bot 15 seconds to do so.
+        """
+        responses = ("answer", "reject", "redirect")
+
+        def response() -> str | None:
+            return next((r.action for r in self.requests if r.action in responses), None)
+
+        await self._sim._until(
+            lambda: response() is not None,
+            timeout,
+            lambda: (
+                f"the bot did not answer, reject or redirect call {self.id} within {timeout} s "
+                "(are its Graph requests reaching the simulator? CALLBOT_GRAPH_URL)"
+            ),
+        )
+        return response() or ""
+
+    async def listen(self, timeout: float = 10.0) -> None:
+        """The far end listens until the prompts and recordings playing now have finished."""
+        await self._sim._until(
+            lambda: self.ended or not self._media,
+            timeout,
+            lambda: f"call {self.id} still plays media after {timeout} s",
+        )
+
+    async def wait_until_ended(self, timeout: float = 5.0) -> None:
+        """Wait until the bot has been told the call terminated."""
+        await self._sim._until(
+            lambda: self.ended,
+            timeout,
+            lambda: f"call {self.id} did not end (states so far: {self.states})",
+        )
+
+    # -- what the far end does -------------------------------------------------------
+
+    async def press(self, keys: str | Sequence[str], *, timeout: float = 5.0) -> None:
+        """Press keypad keys (``"1"``, ``"123#"``) or send Graph tone names (``["tone1"]``).
+
+        Waits (up to ``timeout``) until the call is established and the bot has
+        subscribed to tones, because Graph sends no tone before that; then posts
+        one tone notification per key, each acknowledged before the next.
+        """
+        tones = _tone_names(keys)
+        await self._sim._until(
+            lambda: self.ended or (self.subscribed_to_tones and "established" in self.states),
+            timeout,
+            lambda: (
+                f"cannot press {keys!r} on call {self.id}: "
+                + (
+                    "the bot never subscribed to tones (call.subscribe_to_tone()); "
+                    "Graph sends no DTMF before that"
+                    if "established" in self.states
+                    else f"the call is not established (states so far: {self.states})"
+                )
+            ),
+        )
+        if self.ended:
+            raise SimulatorError(f"cannot press {keys!r}: call {self.id} has ended")
+        label = keys if isinstance(keys, str) else " ".join(keys)
+        self._sim._record(
+            Traffic(
+                kind="caller",
+                at=self._sim._now(),
+                call_id=self.id,
+                summary=f"{self.remote_name} presses {label}",
+            )
+        )
+        for tone in tones:
+            self._tone_sequence += 1
+            await self._send(build.tone(self.id, tone, self._tone_sequence))
+
+    async def hang_up(
+        self, *, code: int = 0, subcode: int = 0, message: str = "The caller hung up."
+    ) -> None:
+        """The far end hangs up: the bot is told the call terminated.
+
+        Nothing happens when the call is already over (or ending: the bot hung up).
+        """
+        if self.ended:
+            return
+        if self._ended_on_graph:
+            # Graph is already ending the call: its last notification is on its way.
+            await self.wait_until_ended(5.0 + 4 * self.delivery.delay)
+            return
+        self._sim._record(
+            Traffic(
+                kind="caller",
+                at=self._sim._now(),
+                call_id=self.id,
+                summary=f"{self.remote_name} hangs up",
+            )
+        )
+        self._end_on_graph()
+        await self._send(
+            build.call_terminated(self.id, code=code, subcode=subcode, message=message),
+            state="terminated",
+            final=True,
+        )
+
+    async def join(
+        self, display_name: str, *, user_id: str | None = None, kind: str = "user"
+    ) -> str:
+        """Someone joins the call (a meeting): the bot gets the new roster. Returns their id."""
+        participant_id = str(uuid.uuid4())
+        self.roster[participant_id] = build.participant(
+            participant_id,
+            user_id=user_id or str(uuid.uuid5(uuid.NAMESPACE_URL, display_name)),
+            display_name=display_name,
+            kind=kind,
+        )
+        self._sim._record(
+            Traffic(
+                kind="caller",
+                at=self._sim._now(),
+                call_id=self.id,
+                summary=f"{display_name} joins",
+            )
+        )
+        await self._send(self._roster_item())
+        return participant_id
+
+    async def leave(self, who: str) -> None:
+        """Someone (a participant id or display name) leaves: the bot gets the new roster."""
+        participant_id = self._find(who)
+        name = _participant_name(self.roster[participant_id])
+        del self.roster[participant_id]
+        self._sim._record(
+            Traffic(kind="caller", at=self._sim._now(), call_id=self.id, summary=f"{name} leaves")
+        )
+        await self._send(self._roster_item())
+
+    async def establish(self) -> None:
+        """Post ``establishing``, ``established`` and the roster as if the bot had answered.
+
+        For scenarios against a bot whose Graph requests do not reach the simulator.
+        """
+        self._established()
+        await self._sim._until(
+            lambda: self.ended or "established" in self.states,
+            5.0 + 4 * self.delivery.delay,
+            lambda: f"call {self.id} was not established",
+        )
+
+    async def notify(self, *items: Mapping[str, Any]) -> int:
+        """Post notification items (see :mod:`callbot.testing.builders`) about this call."""
+        return await self._send(*items)
+
+    # -- driven by the bot's requests ------------------------------------------------
+
+    def _roster_item(self) -> dict[str, Any]:
+        item = build.roster(self.id, list(self.roster.values()))
+        # Numbered like Graph's rosters, so a roster equal to an earlier one is not a duplicate.
+        self._roster_sequence += 1
+        item["sequenceNumber"] = self._roster_sequence
+        return item
+
+    def _find(self, who: str) -> str:
+        if who in self.roster:
+            return who
+        for participant_id, participant in self.roster.items():
+            if _participant_name(participant) == who:
+                return participant_id
+        raise SimulatorError(f"nobody called {who!r} is in call {self.id}")
+
+    def _add_bot(self) -> None:
+        self.roster.setdefault(
+            self.bot_participant_id,
+            build.participant(
+                self.bot_participant_id,
+                user_id=self._sim.app_id,
+                display_name=self._sim.bot_name,
+                kind="application",
+            ),
+        )
+
+    def _established(self) -> None:
+        """Queue what Graph posts once a call connects."""
+        self._add_bot()
+        if self.remote is not None and self.remote.id is not None:
+            self.roster.setdefault(self.remote.id, self.remote)
+        first = _Outgoing(items=[build.call_state(self.id, "establishing")], state="establishing")
+        second = _Outgoing(items=[build.call_state(self.id, "established")], state="established")
+        pair = [second, first] if self.delivery.out_of_order else [first, second]
+        for entry in pair:
+            self._queue_entry(entry)
+        self._queue_entry(_Outgoing(items=[self._roster_item()]))
+
+    def _queue_entry(self, entry: _Outgoing) -> None:
+        entry.delay += self._sim.step_delay + self.delivery.delay
+        self._queue.put_nowait(entry)
+
+    def _enqueue(
+        self,
+        *items: Mapping[str, Any],
+        state: str | None = None,
+        final: bool = False,
+        delay: float = 0.0,
+    ) -> asyncio.Future[int]:
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._queue_entry(
+            _Outgoing(
+                items=[dict(i) for i in items], state=state, final=final, delay=delay, done=done
+            )
+        )
+        return done
+
+    async def _send(
+        self, *items: Mapping[str, Any], state: str | None = None, final: bool = False
+    ) -> int:
+        status = await self._enqueue(*items, state=state, final=final)
+        if not 200 <= status < 300:
+            raise SimulatorError(
+                f"the bot answered {status} to a notification about call {self.id}: "
+                f"{describe_notification(build.notifications(*items))}"
+            )
+        return status
+
+    def _later(self, delay: float, action: Callable[[], object]) -> None:
+        async def run() -> None:
+            await asyncio.sleep(delay)
+            if not self.ended:
+                action()
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._timers.add(task)
+        task.add_done_callback(self._timers.discard)
+
+    @property
+    def _ended_on_graph(self) -> bool:
+        known = self._sim.graph.calls.get(self.key)
+        return known is not None and known.ended
+
+    def _end_on_graph(self) -> None:
+        known = self._sim.graph.calls.get(self.key)
+        if known is not None:
+            known.ended = True
+            known.resource["state"] = "terminated"
+        for task in list(self._timers):
+            task.cancel()
+
+    async def _run(self) -> None:
+        while True:
+            entry = await self._queue.get()
+            try:
+                if entry.delay > 0:
+                    await asyncio.sleep(entry.delay)
+                if self.ended:
+                    # Graph says nothing more about a call once it has ended.
+                    status = 0
+                else:
+                    body = build.notifications(*entry.items)
+                    status = await self._sim._deliver(body, call_id=self.id)
+                    if self.delivery.duplicate:
+                        await self._sim._deliver(body, call_id=self.id)
+                    if 200 <= status < 300:
+                        self._delivered(entry)
+                if entry.done is not None and not entry.done.done():
+                    entry.done.set_result(status)
+            except asyncio.CancelledError:
+                if entry.done is not None and not entry.done.done():
+                    entry.done.cancel()
+                raise
+            except Exception as exc:
+                log.exception("simulator_delivery_failed", call_id=self.id)
+                if entry.done is not None and not entry.done.done():
+                    entry.done.set_exception(exc)
+
+    def _delivered(self, entry: _Outgoing) -> None:
+        if entry.state is not None:
+            self.states.append(entry.state)
+            known = self._sim.graph.calls.get(self.key)
+            if known is not None and not known.ended:
+                known.resource["state"] = entry.state
+        if entry.final:
+            self.ended = True
+            self._end_on_graph()
+        self._sim._changed()
+
+    async def _close(self) -> None:
+        for task in [self._worker, *self._timers]:
+            task.cancel()
+        await asyncio.gather(self._worker, *self._timers, return_exceptions=True)
+        while not self._queue.empty():
+            entry = self._queue.get_nowait()
+            if entry.done is not None and not entry.done.done():
+                entry.done.cancel()
+
+    # -- reactions to the bot's requests ---------------------------------------------
+
+    def _on_request(self, request: RecordedRequest, answer: FakeResponse) -> None:
+        sim = self._sim
+        action = request.action
+        body = request.json if isinstance(request.json, Mapping) else {}
+        step = sim.step_delay
+        if action == "answer":
+            self._established()
+        elif action in ("reject", "redirect"):
+            message = "The call was rejected." if action == "reject" else "The call was redirected."
+            self._end_on_graph()
+            self._enqueue(
+                build.call_terminated(self.id, code=0, subcode=0, message=message),
+                state="terminated",
+                final=True,
+            )
+        elif action == "deleteCall":
+            self._end_on_graph()
+            self._enqueue(build.call_state(self.id, "terminating"), state="terminating")
+            self._enqueue(
+                build.call_terminated(
+                    self.id, code=200, subcode=5001, message="The conversation has ended."
+                ),
+                state="terminated",
+                final=True,
+            )
+        elif action == "transfer":
+            self._enqueue(build.call_state(self.id, "transferring"), state="transferring")
+            if sim.transfer_outcome == "failed":
+                failed = models.ResultInfo(code=500, subcode=7000, message="Transfer failed.")
+                self._enqueue(
+                    build.call_state(self.id, "established", result_info=failed),
+                    state="established",
+                    delay=sim.transfer_duration,
+                )
+            else:
+                self._enqueue(
+                    build.call_state(self.id, "transferAccepted"),
+                    state="transferAccepted",
+                    delay=sim.transfer_duration,
+                )
+                self._enqueue(
+                    build.call_terminated(
+                        self.id, code=0, subcode=7015, message="GracefulTransferCompleted"
+                    ),
+                    state="terminated",
+                    final=True,
+                )
+        elif action == "subscribeToTone":
+            self.subscribed_to_tones = True
+            sim._changed()
+        elif action in _MEDIA_ACTIONS or action in (
+            "sendDtmfTones",
+            "invite",
+            "startHoldMusic",
+            "stopHoldMusic",
+            "addLargeGalleryView",
+        ):
+            self._on_operation(request, answer, body)
+        elif action == "cancelMediaProcessing":
+            for operation_id, kind in list(self._media.items()):
+                del self._media[operation_id]
+                extra: dict[str, Any] = {}
+                if kind == "recordResponse":
+                    extra = {
+                        "recordingLocation": "",
+                        "recordingAccessToken": "",
+                        "completionReason": "operationCanceled",
+                    }
+                self._enqueue(
+                    self._operation_item(operation_id, "failed", _CANCELED, extra), delay=step
+                )
+        elif action in ("mute", "unmute"):
+            self._set_muted(self.bot_participant_id, action == "mute")
+        elif action == "muteParticipant" and request.item_id is not None:
+            self._set_muted(request.item_id, True)
+        elif action == "deleteParticipant" and request.item_id in self.roster:
+            del self.roster[str(request.item_id)]
+            self._enqueue(self._roster_item())
+
+    def _set_muted(self, participant_id: str, muted: bool) -> None:
+        current = self.roster.get(participant_id)
+        if current is None:
+            return
+        self.roster[participant_id] = current.model_copy(update={"is_muted": muted})
+        self._enqueue(self._roster_item())
+
+    def _operation_item(
+        self,
+        operation_id: str,
+        status: str,
+        result_info: Mapping[str, Any],
+        fields: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        body = self._sim.graph.operation_notification(
+            operation_id, status=status, result_info=result_info, **dict(fields or {})
+        )
+        item: dict[str, Any] = body["value"][0]
+        return item
+
+    def _on_operation(
+        self, request: RecordedRequest, answer: FakeResponse, body: Mapping[str, Any]
+    ) -> None:
+        sim = self._sim
+        operation = answer.body if isinstance(answer.body, Mapping) else {}
+        operation_id = operation.get("id")
+        if not isinstance(operation_id, str) or operation_id not in sim.graph.operations:
+            return
+        if str(operation.get("status", "")).lower() in ("completed", "failed"):
+            return
+        action = request.action
+        prompts = [p for p in body.get("prompts", []) if isinstance(p, Mapping)]
+        if action == "playPrompt":
+            if body.get("loop"):
+                self._media[operation_id] = action
+                return  # a looping prompt plays until it is canceled
+            self._media[operation_id] = action
+            duration = sim.prompt_duration * max(1, len(prompts))
+
+            def finished() -> None:
+                if self._media.pop(operation_id, None) is not None:
+                    self._enqueue(self._operation_item(operation_id, "completed", _DONE))
+
+            self._later(duration, finished)
+        elif action == "recordResponse":
+            self._media[operation_id] = action
+            duration = sim.prompt_duration * len(prompts) + sim.record_duration
+
+            def recorded() -> None:
+                if self._media.pop(operation_id, None) is None:
+                    return
+                location, token = sim.graph.add_recording(sim.recording)
+                self._enqueue(
+                    self._operation_item(
+                        operation_id,
+                        "completed",
+                        {
+                            "code": 200,
+                            "subcode": 8515,
+                            "message": "Action completed, max record duration reached.",
+                        },
+                        {
+                            "recordingLocation": location,
+                            "recordingAccessToken": token,
+                            "completionReason": "maxRecordDurationReached",
+                        },
+                    )
+                )
+
+            self._later(duration, recorded)
+        elif action == "sendDtmfTones":
+            tones = body.get("tones", [])
+            count = len(tones) if isinstance(tones, list) else 1
+            self._later(
+                sim.step_delay * max(1, count),
+                lambda: self._enqueue(
+                    self._operation_item(
+                        operation_id,
+                        "completed",
+                        _DONE,
+                        {"completionReason": "completedSuccessfully"},
+                    )
+                ),
+            )
+        elif action == "invite":
+            invitees = [p for p in body.get("participants", []) if isinstance(p, Mapping)]
+
+            def joined() -> None:
+                self._enqueue(self._operation_item(operation_id, "completed", _DONE))
+                for invitee in invitees:
+                    kind, ident, name = _identity_kind_and_id(invitee)
+                    participant_id = str(uuid.uuid4())
+                    self.roster[participant_id] = build.participant(
+                        participant_id, user_id=ident, display_name=name, kind=kind
+                    )
+                self._enqueue(self._roster_item())
+
+            self._later(sim.step_delay, joined)
+        else:
+            self._later(
+                sim.step_delay,
+                lambda: self._enqueue(self._operation_item(operation_id, "completed", _DONE)),
+            )
+
+
+class _SimulatorCredential:
+    """Outbound tokens the simulated Graph accepts, for bots built with their own credential."""
+
+    def __init__(self, graph: FakeGraph) -> None:
+        self._graph = graph
+
+    async def get_token(self, *scopes: str) -> AccessToken:
+        token = "simulator-" + uuid.uuid4().hex
+        expires = time.time() + self._graph.token_lifetime
+        self._graph.tokens[token] = expires
+        return AccessToken(token, int(expires))
+
+
+class Simulator:
+    """Plays Microsoft Graph for one bot on 127.0.0.1 (see the module documentation).
+
+    ``app_id`` is the bot's application id (the audience of the callback
+    tokens); ``callback_url`` is where notifications go (set it, or use
+    :func:`run_with_simulator`, which also configures and serves the bot).
+    ``prompt_duration`` is how long each prompt plays, ``record_duration`` how
+    long a recording lasts, ``transfer_duration`` how long a transfer target
+    takes to pick up, ``step_delay`` the pause before each notification (all
+    seconds). ``delivery`` makes notifications arrive out of order, twice, or
+    late. With ``drive=False`` the simulator only answers requests and posts
+    nothing by itself (for replays). ``observers`` see every :class:`Traffic`.
+    ``graph_port`` and ``keys_port`` fix the ports (0: any free port).
+    """
+
+    def __init__(
+        self,
+        *,
+        app_id: str = DEFAULT_APP_ID,
+        tenant_id: str = TEST_TENANT_ID,
+        callback_url: str | None = None,
+        bot_name: str = "Bot",
+        prompt_duration: float = 0.05,
+        record_duration: float = 0.05,
+        transfer_duration: float = 0.02,
+        step_delay: float = 0.0,
+        delivery: DeliveryOptions | None = None,
+        drive: bool = True,
+        observers: Sequence[Callable[[Traffic], None]] = (),
+        host: str = "127.0.0.1",
+        graph_port: int = 0,
+        keys_port: int = 0,
+    ) -> None:
+        self.app_id = app_id
+        self.tenant_id = tenant_id
+        self.callback_url = callback_url
+        """The bot's callback URL: where notifications are posted."""
+        self.bot_name = bot_name
+        self.prompt_duration = prompt_duration
+        self.record_duration = record_duration
+        self.transfer_duration = transfer_duration
+        self.step_delay = step_delay
+        self.delivery = delivery or DeliveryOptions()
+        """How notifications arrive, for calls that do not say otherwise."""
+        self.drive = drive
+        self.transfer_outcome = "completed"
+        """``completed`` (the target picks up: 7015) or ``failed`` (back to established, 500)."""
+        self.meeting_attendees: list[str] = ["Megan Bowen"]
+        """Who is already in a meeting the bot joins."""
+        self.recording: bytes = silent_wav()
+        """What a recording made by ``recordResponse`` contains."""
+        self.graph = FakeGraph(tenant_id=tenant_id, host=host)
+        """The fake Graph REST API (requests, tokens, fault injection)."""
+        self.authority = TokenAuthority()
+        """The token issuer whose keys the bot must trust (``openid_config_url``)."""
+        self.traffic: list[Traffic] = []
+        """Everything that happened, in order."""
+        self.observers: list[Callable[[Traffic], None]] = list(observers)
+        """Called with each :class:`Traffic` as it happens (the demo prints them)."""
+        self.calls: list[SimulatedCall] = []
+        """Every call, in the order it started."""
+        self._host = host
+        self._graph_port = graph_port
+        self._keys_port = keys_port
+        self._by_key: dict[str, SimulatedCall] = {}
+        self._outgoing: list[SimulatedCall] = []
+        self._outgoing_taken = 0
+        self._outgoing_outcomes: list[str] = []
+        self._waited: dict[tuple[str, str | None], int] = {}
+        self._signal = asyncio.Event()
+        self._session: aiohttp.ClientSession | None = None
+        self._started_at = time.monotonic()
+        self._notifying = True
+        self.graph.listeners.append(self._on_request)
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the token authority and the fake Graph."""
+        await self.authority.start(self._host, self._keys_port)
+        try:
+            await self.graph.start(port=self._graph_port)
+        except BaseException:
+            await self.authority.close()
+            raise
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+        self._started_at = time.monotonic()
+
+    async def stop_notifying(self) -> None:
+        """Post nothing more (before the bot stops): pending notifications are dropped."""
+        self._notifying = False
+        await asyncio.gather(*(call._close() for call in self.calls), return_exceptions=True)
+
+    async def close(self) -> None:
+        """Stop every call's notifications and both servers."""
+        await self.stop_notifying()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        await self.graph.close()
+        await self.authority.close()
+
+    async def __aenter__(self) -> Simulator:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # -- pointing a bot at it ---------------------------------------------------------
+
+    @property
+    def openid_config_url(self) -> str:
+        """The OpenID configuration the bot must trust (``CALLBOT_OPENID_CONFIG_URL``)."""
+        return self.authority.openid_config_url
+
+    @property
+    def graph_url(self) -> str:
+        """The Graph base URL for the bot (``CALLBOT_GRAPH_URL``)."""
+        return self.graph.graph_url
+
+    @property
+    def authority_url(self) -> str:
+        """The token authority for the bot (``CALLBOT_AUTHORITY_URL``)."""
+        return self.graph.authority_url
+
+    def bot_settings(self, *, public_url: str | None = None) -> dict[str, Any]:
+        """Settings that point a bot at this simulator (for ``bot.configure(**...)``)."""
+        values: dict[str, Any] = {
+            "app_id": self.app_id,
+            "tenant_id": self.tenant_id,
+            "app_secret": "simulator-secret",
+            "certificate_path": None,
+            "graph_url": self.graph_url,
+            "authority_url": self.authority_url,
+            "openid_config_url": self.openid_config_url,
+            "keep_alive": False,
+        }
+        if public_url is not None:
+            values["public_url"] = public_url
+            values["allow_insecure_public_url"] = True
+        return values
+
+    def bot_environment(self, *, public_url: str | None = None) -> dict[str, str]:
+        """The ``CALLBOT_*`` variables that point a bot process at this simulator."""
+        env = {
+            "CALLBOT_APP_ID": self.app_id,
+            "CALLBOT_TENANT_ID": self.tenant_id,
+            "CALLBOT_APP_SECRET": "simulator-secret",
+            "CALLBOT_GRAPH_URL": self.graph_url,
+            "CALLBOT_AUTHORITY_URL": self.authority_url,
+            "CALLBOT_OPENID_CONFIG_URL": self.openid_config_url,
+            "CALLBOT_KEEP_ALIVE": "0",
+        }
+        if public_url is not None:
+            env["CALLBOT_PUBLIC_URL"] = public_url
+            env["CALLBOT_ALLOW_INSECURE_PUBLIC_URL"] = "1"
+        return env
+
+    def credential(self) -> _SimulatorCredential:
+        """An outbound credential whose tokens the simulated Graph accepts."""
+        return _SimulatorCredential(self.graph)
+
+    def token(self, **claims: Any) -> str:
+        """A callback token for the bot, signed with the published key."""
+        claims.setdefault("tenant_id", self.tenant_id)
+        return self.authority.mint(audience=self.app_id, **claims)
+
+    # -- calls ---------------------------------------------------------------------
+
+    @property
+    def call(self) -> SimulatedCall:
+        """The most recent call."""
+        if not self.calls:
+            raise SimulatorError("no call yet: start one with sim.incoming_call()")
+        return self.calls[-1]
+
+    def find_call(self, call_id: str) -> SimulatedCall | None:
+        """The simulated call with this id (any case or dashes), if any."""
+        return self._by_key.get(id_key(call_id))
+
+    async def incoming_call(
+        self,
+        from_user: str | None = None,
+        *,
+        user_id: str | None = None,
+        from_phone: str | None = None,
+        call_id: str | None = None,
+        delivery: DeliveryOptions | None = None,
+    ) -> SimulatedCall:
+        """Someone calls the bot: post the ``incoming`` call and return the call.
+
+        ``from_user`` is the caller's display name (default ``"Adele Vance"``;
+        ``user_id`` their object id, derived from the name when not given);
+        ``from_phone`` makes it a PSTN caller with that number. The bot then
+        answers, rejects or redirects it.
+        """
+        call_id = call_id or str(uuid.uuid4())
+        name: str | None
+        if from_phone is not None:
+            kind, caller_id, name = "phone", from_phone, from_user
+        else:
+            kind, name = "user", from_user or "Adele Vance"
+            caller_id = user_id or str(uuid.uuid5(uuid.NAMESPACE_URL, name))
+        item = build.incoming_call(
+            call_id,
+            caller_id=caller_id,
+            caller_name=name,
+            caller_kind=kind,
+            bot_app_id=self.app_id,
+            bot_name=self.bot_name,
+            tenant_id=self.tenant_id,
+            callback_uri=self.callback_url,
+        )
+        self.graph.add_call(call_id, **item["resourceData"])
+        remote = build.participant(
+            str(uuid.uuid4()), user_id=caller_id, display_name=name, kind=kind
+        )
+        call = self._new_call(call_id, "incoming", remote, delivery)
+        await call._send(item, state="incoming")
+        return call
+
+    async def meeting_call(self, *, call_id: str | None = None) -> SimulatedCall:
+        """A meeting the bot is in without having asked (for scenarios against a remote bot).
+
+        Posts ``establishing``, ``established`` and the roster (the bot and
+        :attr:`meeting_attendees`), then returns the call.
+        """
+        call = self._new_call(call_id or str(uuid.uuid4()), "outgoing", None, None, meeting=True)
+        self.graph.add_call(call.id, state="establishing", direction="outgoing")
+        self._add_attendees(call)
+        await call.establish()
+        return call
+
+    def _add_attendees(self, call: SimulatedCall) -> None:
+        call._add_bot()
+        for name in self.meeting_attendees:
+            participant_id = str(uuid.uuid4())
+            call.roster[participant_id] = build.participant(
+                participant_id,
+                user_id=str(uuid.uuid5(uuid.NAMESPACE_URL, name)),
+                display_name=name,
+                kind="user",
+            )
+
+    def queue_outgoing(self, *outcomes: str) -> None:
+        """What the next callees do, in order: ``answer``, ``no_answer``, ``busy``, ``decline``.
+
+        Calls the bot places after the queue is empty are answered.
+        """
+        for outcome in outcomes:
+            if outcome not in OUTGOING_OUTCOMES:
+                raise ValueError(f"unknown outcome {outcome!r}; known: {sorted(OUTGOING_OUTCOMES)}")
+        self._outgoing_outcomes.extend(outcomes)
+
+    async def wait_for_outgoing_call(self, timeout: float = 5.0) -> SimulatedCall:
+        """The next call the bot placed (or meeting it joined) not returned before."""
+        await self._until(
+            lambda: len(self._outgoing) > self._outgoing_taken,
+            timeout,
+            lambda: f"the bot placed no call within {timeout} s",
+        )
+        self._outgoing_taken += 1
+        return self._outgoing[self._outgoing_taken - 1]
+
+    def _new_call(
+        self,
+        call_id: str,
+        direction: str,
+        remote: models.Participant | None,
+        delivery: DeliveryOptions | None,
+        *,
+        meeting: bool = False,
+    ) -> SimulatedCall:
+        call = SimulatedCall(
+            self,
+            call_id,
+            direction=direction,
+            remote=remote,
+            delivery=delivery or self.delivery,
+            meeting=meeting,
+        )
+        self.calls.append(call)
+        self._by_key[call.key] = call
+        return call
+
+    # -- shortcuts on the most recent call -----------------------------------------------
+
+    async def press(self, keys: str | Sequence[str], *, timeout: float = 5.0) -> None:
+        """The latest call's far end presses keys (see :meth:`SimulatedCall.press`)."""
+        await self.call.press(keys, timeout=timeout)
+
+    async def hang_up(self) -> None:
+        """The latest call's far end hangs up."""
+        await self.call.hang_up()
+
+    async def join(self, display_name: str, **options: Any) -> str:
+        """Someone joins the latest call (see :meth:`SimulatedCall.join`)."""
+        return await self.call.join(display_name, **options)
+
+    async def leave(self, who: str) -> None:
+        """Someone leaves the latest call."""
+        await self.call.leave(who)
+
+    # -- requests --------------------------------------------------------------------
+
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        """Every request the bot sent (token requests included), in order."""
+        return list(self.graph.requests)
+
+    def requests_for(self, action: str) -> list[RecordedRequest]:
+        """The bot's requests for one action (``answer``, ``playPrompt``, ``transfer``, ...)."""
+        return self.graph.requests_for(action)
+
+    async def wait_for_request(
+        self, action: str, *, call: SimulatedCall | None = None, timeout: float = 5.0
+    ) -> RecordedRequest:
+        """The bot's next request for ``action`` (about ``call``) not returned by an earlier wait.
+
+        Actions are FakeGraph's names: ``answer``, ``reject``, ``redirect``,
+        ``transfer``, ``playPrompt``, ``recordResponse``, ``subscribeToTone``,
+        ``createCall``, ``deleteCall``, ``invite``, ... Raises
+        :class:`SimulatorError` naming what the bot did send when none comes.
+        """
+        key = (action, call.key if call is not None else None)
+
+        def matching() -> list[RecordedRequest]:
+            found = self.graph.requests_for(action)
+            if call is not None:
+                found = [r for r in found if r.call_id and id_key(r.call_id) == call.key]
+            return found
+
+        def explain() -> str:
+            sent = [r.action for r in self.graph.requests if r.action != "token"]
+            where = f" about call {call.id}" if call is not None else ""
+            return f"the bot sent no {action!r} request{where} within {timeout} s (it sent: {sent})"
+
+        await self._until(lambda: len(matching()) > self._waited.get(key, 0), timeout, explain)
+        index = self._waited.get(key, 0)
+        self._waited[key] = index + 1
+        return matching()[index]
+
+    # -- posting -------------------------------------------------------------------
+
+    async def post(
+        self, body: Any, *, call_id: str | None = None, tenant_id: str | None = None
+    ) -> int:
+        """Sign and post a notification body to the bot; returns the bot's status.
+
+        ``tenant_id`` overrides the token's ``tid`` (replays keep the recorded tenant).
+        """
+        return await self._deliver(body, call_id=call_id, tenant_id=tenant_id)
+
+    @property
+    def failed_deliveries(self) -> list[Traffic]:
+        """Notifications the bot did not acknowledge with 2xx."""
+        return [
+            t
+            for t in self.traffic
+            if t.kind == "notification" and not (t.status is not None and 200 <= t.status < 300)
+        ]
+
+    async def _deliver(
+        self, body: Any, *, call_id: str | None, tenant_id: str | None = None
+    ) -> int:
+        if self.callback_url is None:
+            raise SimulatorError(
+                "no bot attached: set sim.callback_url (or use run_with_simulator)"
+            )
+        if self._session is None:
+            raise SimulatorError("the simulator is not started")
+        if not self._notifying:
+            return 0
+        data = json.dumps(body).encode()
+        status = 0
+        for attempt in range(4):
+            headers = {
+                "Authorization": "Bearer " + self.token(tenant_id=tenant_id or self.tenant_id),
+                "Content-Type": "application/json",
+                "X-Microsoft-Skype-Message-ID": str(uuid.uuid4()),
+            }
+            retry_after = 0.2
+            try:
+                async with self._session.post(
+                    self.callback_url, data=data, headers=headers
+                ) as response:
+                    status = response.status
+                    await response.read()
+                    retry_after = _retry_after(response.headers.get("Retry-After"), retry_after)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                status = 0
+                log.warning("simulator_post_failed", url=self.callback_url, error=repr(exc))
+            # Graph retries what a bot could not take yet; a refusal it does not retry.
+            if status not in (0, 429, 502, 503, 504) or attempt == 3 or not self._notifying:
+                break
+            await asyncio.sleep(retry_after)
+        self._record(
+            Traffic(
+                kind="notification",
+                at=self._now(),
+                call_id=call_id,
+                summary=describe_notification(body),
+                status=status,
+                body=body,
+            )
+        )
+        return status
+
+    # -- reacting to requests ----------------------------------------------------------
+
+    async def _on_request(self, request: RecordedRequest, answer: FakeResponse) -> None:
+        self._record(
+            Traffic(
+                kind="request",
+                at=self._now(),
+                call_id=request.call_id,
+                method=request.method,
+                path=request.path,
+                action=request.action,
+                status=answer.status,
+                summary=_describe_request(request),
+                body=request.json,
+            )
+        )
+        if not self.drive or not self._notifying or not 200 <= answer.status < 300:
+            return
+        if request.action == "createCall":
+            self._on_create_call(request, answer)
+            return
+        if request.call_id is None:
+            return
+        call = self.find_call(request.call_id)
+        if call is None:
+            # A call the simulator did not start (a replayed or scripted one): adopt it.
+            call = self._new_call(request.call_id, "incoming", None, None)
+        call._on_request(request, answer)
+
+    def _on_create_call(self, request: RecordedRequest, answer: FakeResponse) -> None:
+        created = answer.body if isinstance(answer.body, Mapping) else {}
+        body = request.json if isinstance(request.json, Mapping) else {}
+        call_id = created.get("id")
+        if not isinstance(call_id, str):
+            return
+        meeting = body.get("meetingInfo") is not None
+        targets = [t for t in body.get("targets", []) if isinstance(t, Mapping)]
+        remote: models.Participant | None = None
+        if targets:
+            kind, ident, name = _identity_kind_and_id(targets[0])
+            remote = build.participant(
+                str(uuid.uuid4()), user_id=ident, display_name=name, kind=kind
+            )
+        call = self._new_call(call_id, "outgoing", remote, None, meeting=meeting)
+        if meeting:
+            self._add_attendees(call)
+            call._established()
+        else:
+            for extra in targets[1:]:
+                kind, ident, name = _identity_kind_and_id(extra)
+                participant_id = str(uuid.uuid4())
+                call.roster[participant_id] = build.participant(
+                    participant_id, user_id=ident, display_name=name, kind=kind
+                )
+            outcome = self._outgoing_outcomes.pop(0) if self._outgoing_outcomes else "answer"
+            result = OUTGOING_OUTCOMES[outcome]
+            if result is None:
+                call._established()
+            else:
+                code, subcode, message = result
+                call._enqueue(build.call_state(call_id, "establishing"), state="establishing")
+                call._end_on_graph()
+                call._enqueue(
+                    build.call_terminated(call_id, code=code, subcode=subcode, message=message),
+                    state="terminated",
+                    final=True,
+                    delay=self.transfer_duration,
+                )
+        self._outgoing.append(call)
+        self._changed()
+
+    # -- plumbing ------------------------------------------------------------------
+
+    def _now(self) -> float:
+        return round(time.monotonic() - self._started_at, 3)
+
+    def _record(self, entry: Traffic) -> None:
+        self.traffic.append(entry)
+        for observer in list(self.observers):
+            try:
+                observer(entry)
+            except Exception:
+                log.exception("simulator_observer_failed")
+        self._changed()
+
+    def _changed(self) -> None:
+        self._signal.set()
+        self._signal = asyncio.Event()
+
+    async def _until(
+        self, predicate: Callable[[], bool], timeout: float, explain: Callable[[], str]
+    ) -> None:
+        try:
+            async with asyncio.timeout(timeout):
+                while not predicate():
+                    await self._signal.wait()
+        except TimeoutError:
+            message = explain()
+            refused = self.failed_deliveries
+            if refused:
+                message += "; notifications the bot refused: " + ", ".join(
+                    f"{t.summary} -> {t.status or 'no answer'}" for t in refused[:5]
+                )
+            raise SimulatorError(message) from None
+
+
+def _retry_after(value: str | None, default: float) -> float:
+    if value is None:
+        return default
+    try:
+        return min(max(float(value), 0.0), 6.0)
+    except ValueError:
+        return default
+
+
+async def _serve_bot(bot: CallBot, sim: Simulator) -> web.AppRunner:
+    # Bind first so the bot's public URL (its callbackUri) names the real port.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        bot.configure(**sim.bot_settings(public_url=f"http://127.0.0.1:{port}"))
+        runner = web.AppRunner(
+            bot.create_app(), handle_signals=False, access_log=None, shutdown_timeout=1.0
+        )
+        await runner.setup()
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        await web.SockSite(runner, sock).start()
+    except BaseException:
+        await runner.cleanup()
+        sock.close()
+        raise
+    return runner
+
+
+@asynccontextmanager
+async def run_with_simulator(
+    bot: CallBot, *, shutdown_timeout: float = 2.0, **options: Any
+) -> AsyncIterator[Simulator]:
+    """Start a :class:`Simulator`, point ``bot`` at it, serve the bot on 127.0.0.1.
+
+    ``options`` are :class:`Simulator` keyword arguments. The bot's own
+    settings (and credential) are restored when the block ends; the bot is
+    given at most ``shutdown_timeout`` seconds to finish its handlers.
+    """
+    saved = bot.settings
+    saved_credential = getattr(bot, "_credential", None)
+    options.setdefault("app_id", saved.app_id or DEFAULT_APP_ID)
+    # A bot that only accepts its own tenant gets tokens of that tenant.
+    allowed = sorted(saved.allowed_tenants)
+    options.setdefault("tenant_id", saved.tenant_id or (allowed[0] if allowed else TEST_TENANT_ID))
+    sim = Simulator(**options)
+    await sim.start()
+    runner: web.AppRunner | None = None
+    try:
+        if saved_credential is not None:
+            bot.configure(credential=sim.credential())
+        bot.configure(shutdown_timeout=min(saved.shutdown_timeout, shutdown_timeout))
+        runner = await _serve_bot(bot, sim)
+        sim.callback_url = bot.settings.callback_url
+        await bot.authenticator.wait_ready(5.0)
+        yield sim
+    finally:
+        await sim.stop_notifying()
+        if runner is not None:
+            await runner.cleanup()
+        await sim.close()
+        with contextlib.suppress(RuntimeError):
+            bot.configure(**_fields_of(saved))
+            if saved_credential is not None:
+                bot.configure(credential=saved_credential)
+
+
+def _fields_of(settings: Settings) -> dict[str, Any]:
+    return {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}

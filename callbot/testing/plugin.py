@@ -1,0 +1,162 @@
+"""pytest plugin: test a bot against the Graph simulator, no Teams needed.
+
+Installed with callbot and loaded by pytest automatically (entry point
+``pytest11``). Define a ``callbot_bot`` fixture returning your bot; the
+``sim`` fixture then points the bot at a fresh :class:`~callbot.testing.Simulator`,
+serves it on 127.0.0.1 for the test, and stops it afterwards::
+
+    import pytest
+    from callbot.testing import Simulator
+
+    from mybot import bot
+
+
+    @pytest.fixture
+    def callbot_bot():
+        return bot
+
+
+    @pytest.mark.asyncio
+    async def test_caller_is_transferred(sim: Simulator) -> None:
+        call = await sim.incoming_call(from_user="Adele Vance")
+        await call.press("1")
+        assert await sim.wait_for_request("transfer")
+        await sim.hang_up()
+
+Fixtures:
+
+* ``callbot_bot`` - yours to define: the :class:`~callbot.CallBot` under test.
+* ``callbot_simulator_options`` - keyword arguments for the simulator
+  (``prompt_duration``, ``delivery=DeliveryOptions(out_of_order=True)``, ...).
+* ``callbot_strict`` - ``True`` (default): a test that passed still fails when
+  a handler raised or the bot refused a notification. Override with ``False``.
+* ``callbot_simulator`` and its short name ``sim`` - the running simulator.
+
+The async fixtures need pytest-asyncio (``pip install 'callbot[testing]'``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Generator
+from typing import Any
+
+import pytest
+
+from .._bot import CallBot
+from ._simulator import Simulator, run_with_simulator
+
+__all__ = [
+    "callbot_bot",
+    "callbot_simulator",
+    "callbot_simulator_options",
+    "callbot_strict",
+    "pytest_runtest_makereport",
+    "sim",
+]
+
+try:
+    import pytest_asyncio
+except ImportError:  # the plugin loads in every pytest run; it must not break one without it
+    HAVE_PYTEST_ASYNCIO = False
+else:
+    HAVE_PYTEST_ASYNCIO = True
+
+_CALL_FAILED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Remember whether the test body failed, so teardown checks do not pile on."""
+    report = yield
+    if report.when == "call":
+        item.stash[_CALL_FAILED] = bool(report.failed)
+    return report
+
+
+@pytest.fixture
+def callbot_bot() -> CallBot:
+    """The bot under test. Define this fixture (in conftest.py) to return your CallBot."""
+    pytest.fail(
+        "define a `callbot_bot` fixture that returns the CallBot to test, e.g.\n\n"
+        "    @pytest.fixture\n"
+        "    def callbot_bot():\n"
+        "        from mybot import bot\n"
+        "        return bot\n",
+        pytrace=False,
+    )
+
+
+@pytest.fixture
+def callbot_simulator_options() -> dict[str, Any]:
+    """Keyword arguments for the :class:`~callbot.testing.Simulator` (override to change)."""
+    return {}
+
+
+@pytest.fixture
+def callbot_strict() -> bool:
+    """Whether a passing test fails when a handler raised or a notification was refused."""
+    return True
+
+
+def _handler_errors(bot: CallBot) -> int:
+    try:
+        source = bot.metrics.sources.handled
+    except (AttributeError, RuntimeError):
+        return 0
+    return int(source()["handler_errors"]) if source is not None else 0
+
+
+def _problems(bot: CallBot, sim: Simulator) -> list[str]:
+    problems = []
+    errors = _handler_errors(bot)
+    if errors:
+        problems.append(f"{errors} handler run(s) raised (see the handler_failed log lines)")
+    for refused in sim.failed_deliveries:
+        problems.append(
+            f"the bot answered {refused.status or 'nothing'} to a notification: {refused.summary}"
+        )
+    return problems
+
+
+if HAVE_PYTEST_ASYNCIO:
+
+    @pytest_asyncio.fixture
+    async def callbot_simulator(
+        request: pytest.FixtureRequest,
+        callbot_bot: CallBot,
+        callbot_simulator_options: dict[str, Any],
+        callbot_strict: bool,
+    ) -> AsyncIterator[Simulator]:
+        """A running simulator with ``callbot_bot`` served on 127.0.0.1 and pointed at it."""
+        if not isinstance(callbot_bot, CallBot):
+            pytest.fail(
+                f"callbot_bot must return a CallBot, got {type(callbot_bot).__name__}",
+                pytrace=False,
+            )
+        problems: list[str] = []
+        async with run_with_simulator(callbot_bot, **callbot_simulator_options) as simulator:
+            yield simulator
+            problems = _problems(callbot_bot, simulator)
+        if problems and callbot_strict and not request.node.stash.get(_CALL_FAILED, False):
+            pytest.fail(
+                "the bot misbehaved during the test:\n  - " + "\n  - ".join(problems),
+                pytrace=False,
+            )
+
+else:
+
+    @pytest.fixture
+    def callbot_simulator() -> Simulator:
+        """Needs pytest-asyncio."""
+        pytest.fail(
+            "callbot's simulator fixtures need pytest-asyncio: pip install 'callbot[testing]'",
+            pytrace=False,
+        )
+
+
+@pytest.fixture
+def sim(callbot_simulator: Simulator) -> Simulator:
+    """The running simulator (short for ``callbot_simulator``)."""
+    return callbot_simulator

@@ -1,0 +1,1 @@
+"""The IVR sample (a package only so its tests and the other samples' can share a test run)."""

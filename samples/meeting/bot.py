@@ -1,0 +1,104 @@
+"""A meeting bot: join a Teams meeting by its join URL, log who comes and goes, leave when alone.
+
+Run it with ``python bot.py "https://teams.microsoft.com/l/meetup-join/..."``
+(see README.md), or test it against the simulator with ``pytest``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+import structlog
+
+from callbot import Call, CallBot, GraphError, events, models
+
+log = structlog.get_logger("meeting")
+bot = CallBot.from_env()
+
+attendance: dict[str, list[tuple[str, str]]] = {}
+"""Per call (by ``call.key``): ``("joined" | "left", name)`` in the order it happened."""
+left_a_meeting = asyncio.Event()
+"""Set when the bot is out of a meeting (``main`` stops then)."""
+
+
+async def join(join_url: str) -> Call:
+    """Join the meeting a Teams join URL points to."""
+    call = await bot.join_meeting(join_url)
+    log.info("joining_meeting", call_id=call.id)
+    return call
+
+
+def is_bot(participant: models.Participant) -> bool:
+    """Whether a participant is an application (this bot, or another one)."""
+    identity = participant.info.identity if participant.info is not None else None
+    return identity is not None and (
+        identity.application is not None or identity.application_instance is not None
+    )
+
+
+def name_of(participant: models.Participant) -> str:
+    """A participant's display name, else their id."""
+    identity = participant.info.identity if participant.info is not None else None
+    for who in (
+        identity.user if identity else None,
+        identity.phone if identity else None,
+        identity.guest if identity else None,
+    ):
+        if who is not None:
+            return who.display_name or who.id or "someone"
+    return participant.id or "someone"
+
+
+@bot.on_participants
+async def roster_changed(call: Call, event: events.ParticipantsUpdated) -> None:
+    """Log joins and departures; hang up once the last person has left."""
+    record = attendance.setdefault(call.key, [])
+    for participant in event.joined:
+        if not is_bot(participant):
+            record.append(("joined", name_of(participant)))
+            log.info("participant_joined", call_id=call.id, name=name_of(participant))
+    for participant in event.left:
+        if not is_bot(participant):
+            record.append(("left", name_of(participant)))
+            log.info("participant_left", call_id=call.id, name=name_of(participant))
+    people = [p for p in call.roster.values() if not is_bot(p)]
+    if event.left and not people and not call.ended:
+        log.info("leaving_empty_meeting", call_id=call.id)
+        try:
+            await call.hangup()
+        except GraphError as exc:
+            if exc.status != 404:  # 404: the meeting already ended
+                raise
+
+
+@bot.on_terminated
+async def left(call: Call, event: events.CallTerminated) -> None:
+    """Log that the bot is out of the meeting."""
+    log.info("left_meeting", call_id=call.id, result=event.result_info)
+    left_a_meeting.set()
+
+
+async def main(join_url: str) -> None:
+    """Serve the bot, join the meeting, and stop once the bot has left it."""
+    stop = asyncio.Event()
+    server = asyncio.create_task(bot.serve(stop=stop))
+    try:
+        async with asyncio.timeout(30):
+            while not bot.ready:
+                if server.done():
+                    await server  # it failed to start: show why
+                await asyncio.sleep(0.1)
+        await join(join_url)
+        leaving = asyncio.ensure_future(left_a_meeting.wait())
+        await asyncio.wait({leaving, server}, return_when=asyncio.FIRST_COMPLETED)
+        leaving.cancel()
+    finally:
+        stop.set()
+        await server
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("join_url", help="the meeting's Teams join URL")
+    asyncio.run(main(parser.parse_args().join_url))

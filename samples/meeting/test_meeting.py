@@ -1,0 +1,68 @@
+"""The meeting bot against the Graph simulator, through callbot's pytest plugin."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import pytest
+
+from callbot import CallBot
+from callbot.testing import Simulator
+
+from . import bot as meeting
+
+pytestmark = pytest.mark.asyncio
+
+JOIN_URL = (
+    "https://teams.microsoft.com/l/meetup-join/"
+    "19%3ameeting_NTg0NmQ3NTctZDVkZC00YzRhLThmNmEtOGQ3M2E0ODdmZDZk%40thread.v2/0"
+    "?context=%7b%22Tid%22%3a%2272f988bf-86f1-41af-91ab-2d7cd011db47%22%2c%22Oid%22%3a"
+    "%224b444206-207c-42f8-92a6-e332b41c88a2%22%7d"
+)
+
+
+@pytest.fixture
+def callbot_bot() -> CallBot:
+    return meeting.bot
+
+
+async def eventually(condition: Callable[[], bool], within: float = 5.0) -> None:
+    async with asyncio.timeout(within):
+        while not condition():  # noqa: ASYNC110 - the bot's log has no event to wait on
+            await asyncio.sleep(0.01)
+
+
+async def test_joins_by_url_logs_the_roster_and_leaves_when_alone(sim: Simulator) -> None:
+    call = await meeting.join(JOIN_URL)
+    created = await sim.wait_for_request("createCall")
+    assert created.json["chatInfo"]["threadId"].startswith("19:meeting_")
+    assert created.json["meetingInfo"]["organizer"]["user"]["id"].startswith("4b444206")
+
+    in_meeting = await sim.wait_for_outgoing_call()
+    await in_meeting.wait_for_state("established")
+    await in_meeting.join("Alice Smith")
+    await in_meeting.leave("Megan Bowen")
+    await eventually(lambda: ("left", "Megan Bowen") in meeting.attendance[call.key])
+    assert not sim.requests_for("deleteCall")  # Alice is still there
+    await in_meeting.leave("Alice Smith")
+
+    assert await sim.wait_for_request("deleteCall")
+    await in_meeting.wait_until_ended()
+    assert meeting.attendance[call.key] == [
+        ("joined", "Megan Bowen"),
+        ("joined", "Alice Smith"),
+        ("left", "Megan Bowen"),
+        ("left", "Alice Smith"),
+    ]
+
+
+async def test_stays_while_someone_is_there(sim: Simulator) -> None:
+    sim.meeting_attendees = ["Megan Bowen", "Lee Gu"]
+    call = await meeting.join(JOIN_URL)
+    in_meeting = await sim.wait_for_outgoing_call()
+    await in_meeting.wait_for_state("established")
+    await in_meeting.leave("Lee Gu")
+    await eventually(lambda: ("left", "Lee Gu") in meeting.attendance[call.key])
+    await in_meeting.hang_up(message="The meeting ended.")
+    assert not sim.requests_for("deleteCall")

@@ -1,0 +1,136 @@
+"""An outbound notifier: call a Teams user or a phone number, play a message, retry on no answer.
+
+``python bot.py +14255550123`` (or a user's object id) serves the bot, places
+the call, and exits once the message was heard or every attempt went unanswered
+(see README.md). ``notify()`` does the same from your own code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+
+import structlog
+
+from callbot import Call, CallBot, GraphError, OperationFailed, events
+from callbot.graph import Target
+
+MESSAGE_URL = os.environ.get(
+    "NOTIFIER_MESSAGE_URL", "https://contoso.example/prompts/server-down.wav"
+)
+"""The message played to whoever picks up."""
+APP_INSTANCE_ID = os.environ.get("NOTIFIER_APP_INSTANCE_ID")
+"""The bot's application instance (resource account with a phone number), to call phones."""
+
+log = structlog.get_logger("notifier")
+bot = CallBot.from_env()
+
+# Each placed call's outcome, settled by whichever comes first: the message played,
+# or the call ending. notify() awaits it.
+_outcomes: dict[str, asyncio.Future[str]] = {}
+
+
+def _outcome(call: Call) -> asyncio.Future[str]:
+    return _outcomes.setdefault(call.key, asyncio.get_running_loop().create_future())
+
+
+def _settle(call: Call, result: str) -> None:
+    future = _outcome(call)
+    if not future.done():
+        future.set_result(result)
+
+
+def target_for(recipient: str) -> Target:
+    """A phone number (``+`` and digits) or a Teams user's object id."""
+    if recipient.startswith("+"):
+        return Target.phone(recipient)
+    return Target.user(recipient)
+
+
+@bot.on_state("established")
+async def play_message(call: Call, event: events.CallStateChanged) -> None:
+    """Someone picked up: play the message, then hang up."""
+    try:
+        await (await call.play_prompt(MESSAGE_URL)).wait(timeout=300)
+    except OperationFailed:
+        _settle(call, "interrupted")  # they hung up during the message
+        return
+    _settle(call, "delivered")
+    try:
+        await call.hangup()
+    except GraphError as exc:
+        if exc.status != 404:  # 404: they hung up first
+            raise
+
+
+@bot.on_terminated
+async def call_ended(call: Call, event: events.CallTerminated) -> None:
+    """The call ended; if nobody picked up, say why."""
+    info = event.result_info
+    _settle(call, f"not answered (code {info.code})" if info is not None else "not answered")
+    # notify() may still be about to look the outcome up: forget it a little later.
+    asyncio.get_running_loop().call_later(60.0, _outcomes.pop, call.key, None)
+
+
+async def notify(
+    recipient: str,
+    *,
+    attempts: int = 3,
+    retry_delay: float = 60.0,
+    timeout: float = 120.0,
+) -> bool:
+    """Call ``recipient`` until the message was played, at most ``attempts`` times.
+
+    Returns whether someone heard the whole message. ``retry_delay`` is the
+    pause between attempts, ``timeout`` how long one attempt may take.
+    """
+    target = target_for(recipient)
+    phone = target.kind == "phone"
+    for attempt in range(1, attempts + 1):
+        call = await bot.create_call(
+            target,
+            source=Target.application_instance(APP_INSTANCE_ID)
+            if phone and APP_INSTANCE_ID
+            else None,
+            tenant_id=bot.settings.tenant_id if phone else None,
+        )
+        try:
+            result = await asyncio.wait_for(asyncio.shield(_outcome(call)), timeout)
+        except TimeoutError:
+            result = "timed out"
+            if not call.ended:
+                await call.hangup()
+        log.info("notify_attempt", recipient=recipient, attempt=attempt, result=result)
+        if result == "delivered":
+            return True
+        if attempt < attempts:
+            await asyncio.sleep(retry_delay)
+    return False
+
+
+async def main(recipient: str, attempts: int, retry_delay: float) -> bool:
+    """Serve the bot just long enough to deliver one notification."""
+    stop = asyncio.Event()
+    server = asyncio.create_task(bot.serve(stop=stop))
+    try:
+        async with asyncio.timeout(30):
+            while not bot.ready:
+                if server.done():
+                    await server  # it failed to start: show why
+                await asyncio.sleep(0.1)
+        return await notify(recipient, attempts=attempts, retry_delay=retry_delay)
+    finally:
+        stop.set()
+        await server
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("recipient", help="a phone number (+14255550123) or a user's object id")
+    parser.add_argument("--attempts", type=int, default=3)
+    parser.add_argument("--retry-delay", type=float, default=60.0, help="seconds between attempts")
+    arguments = parser.parse_args()
+    delivered = asyncio.run(main(arguments.recipient, arguments.attempts, arguments.retry_delay))
+    sys.exit(0 if delivered else 1)

@@ -1,0 +1,151 @@
+"""The pytest plugin, used the way a bot author uses it: a project of their own, a test run."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+BOT = """
+from callbot import CallBot, events
+from callbot.graph import Target
+
+bot = CallBot.from_env()
+
+
+@bot.on_incoming_call
+async def answer(call, event):
+    await call.answer()
+
+
+@bot.on_state("established")
+async def menu(call, event):
+    await call.subscribe_to_tone()
+    await call.play_prompt("https://contoso.example/menu.wav")
+
+
+@bot.on_tone
+async def choose(call, event):
+    if event.tone == "tone1":
+        await call.transfer(Target.user("agent-id", "Agent"))
+    elif event.tone == "tone9":
+        raise RuntimeError("nobody thought of 9")
+"""
+
+CONFTEST = """
+import pytest
+
+from mybot import bot
+
+
+@pytest.fixture
+def callbot_bot():
+    return bot
+"""
+
+TESTS = """
+import pytest
+
+
+@pytest.mark.asyncio
+async def test_caller_reaches_an_agent(sim):
+    call = await sim.incoming_call(from_user="Adele Vance")
+    await sim.press("1")
+    transfer = await sim.wait_for_request("transfer")
+    assert transfer.json["transferTarget"]["identity"]["user"]["id"] == "agent-id"
+    await call.wait_until_ended()
+
+
+@pytest.mark.asyncio
+async def test_caller_hangs_up(sim):
+    await sim.incoming_call()
+    prompt = await sim.wait_for_request("playPrompt")
+    assert prompt.json["prompts"][0]["mediaInfo"]["uri"].endswith("menu.wav")
+    await sim.hang_up()
+
+
+@pytest.mark.asyncio
+async def test_a_handler_that_raises_fails_the_test(sim):
+    await sim.incoming_call()
+    await sim.press("9")
+    await sim.hang_up()
+
+
+@pytest.mark.asyncio
+async def test_options_reach_the_simulator(callbot_simulator):
+    assert callbot_simulator.prompt_duration == 0.01
+"""
+
+
+@pytest.fixture
+def bot_project(pytester: pytest.Pytester) -> pytest.Pytester:
+    """A throwaway project with a bot module, its conftest, and tests (no callbot config)."""
+    pytester.makepyfile(mybot=BOT)
+    pytester.makeconftest(
+        CONFTEST
+        + """
+
+@pytest.fixture
+def callbot_simulator_options():
+    return {"prompt_duration": 0.01}
+"""
+    )
+    pytester.makepyfile(test_mybot=TESTS)
+    return pytester
+
+
+def test_a_bot_author_tests_their_bot_with_the_installed_plugin(
+    bot_project: pytest.Pytester,
+) -> None:
+    result = bot_project.runpytest_subprocess("-p", "no:cacheprovider", timeout=120)
+    # The teardown of the test whose handler raised is an error; the test body passed.
+    result.assert_outcomes(passed=4, errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*test_a_handler_that_raises_fails_the_test*",
+            "*the bot misbehaved during the test*",
+            "*1 handler run(s) raised*",
+        ]
+    )
+
+
+def test_strictness_can_be_turned_off(bot_project: pytest.Pytester) -> None:
+    bot_project.makeconftest(
+        CONFTEST
+        + """
+
+@pytest.fixture
+def callbot_strict():
+    return False
+
+
+@pytest.fixture
+def callbot_simulator_options():
+    return {"prompt_duration": 0.01}
+"""
+    )
+    result = bot_project.runpytest_subprocess("-p", "no:cacheprovider", timeout=120)
+    result.assert_outcomes(passed=4)
+
+
+def test_forgetting_the_bot_fixture_says_what_to_write(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        test_nobot="""
+import pytest
+
+
+@pytest.mark.asyncio
+async def test_needs_a_bot(sim):
+    pass
+"""
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", timeout=120)
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*define a `callbot_bot` fixture*"])
+
+
+def test_the_plugin_is_registered_as_an_entry_point() -> None:
+    from importlib.metadata import entry_points
+
+    found = [ep for ep in entry_points(group="pytest11") if ep.name == "callbot"]
+    assert [ep.value for ep in found] == ["callbot.testing.plugin"]

@@ -1,0 +1,592 @@
+"""The Redis store against a real redis-server: several instances, one truth.
+
+Needs ``redis-server`` (``apt-get install -y redis-server``); without it these
+tests skip, unless ``CALLBOT_TEST_REQUIRE_SERVERS=1`` makes them fail. One
+server is started on 127.0.0.1 for the session (no persistence, a temporary
+directory) and emptied before each test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from callbot import Call, CallBot, events, models
+from callbot.testing import FakeGraph, TokenAuthority
+from callbot.testing import _builders as b
+
+from .conftest import APP_ID, BotServer, make_bot, until
+from .test_redis_bot import LOG_PREFIX, label
+
+pytestmark = pytest.mark.redis
+
+REPO = Path(__file__).resolve().parent.parent
+LIFECYCLE = [
+    "IncomingCall",
+    "establishing",
+    "established",
+    "tone:tone1",
+    "tone:tone2",
+    "terminated",
+]
+KEY_PREFIX = f"callbot:{APP_ID}:"
+
+
+# -- a redis-server of our own -------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def _redis_binary() -> str:
+    found = shutil.which("redis-server")
+    if found is None and os.access("/usr/bin/redis-server", os.X_OK):
+        found = "/usr/bin/redis-server"
+    if found is None:
+        if os.environ.get("CALLBOT_TEST_REQUIRE_SERVERS") == "1":
+            pytest.fail("redis-server is required here: apt-get install -y redis-server")
+        pytest.skip("redis-server is not installed (apt-get install -y redis-server)")
+    return found
+
+
+class RedisServer:
+    """A redis-server process on 127.0.0.1: no persistence, its files in ``directory``."""
+
+    def __init__(self, binary: str, directory: Path, port: int | None = None) -> None:
+        self.binary = binary
+        self.directory = directory
+        self.port = port or _free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        log = (self.directory / "redis.log").open("ab")
+        self.process = subprocess.Popen(
+            [
+                self.binary,
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.directory),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        deadline = time.monotonic() + 10
+        with redis.Redis(port=self.port, socket_timeout=1) as client:
+            while True:
+                try:
+                    client.ping()
+                    return
+                except redis.ConnectionError:
+                    if time.monotonic() > deadline or self.process.poll() is not None:
+                        self.stop()
+                        raise RuntimeError("redis-server did not start") from None
+                    time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+            self.process = None
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(_redis_binary(), tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    with redis.Redis(port=redis_server.port) as client:
+        client.flushall()
+    return redis_server.url
+
+
+@pytest.fixture
+async def rdb(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+def lifecycle_steps(call_id: str) -> list[list[dict[str, Any]]]:
+    """One call's notifications; ``established`` is sent before ``establishing``."""
+    return [
+        [b.incoming_call(call_id)],
+        [b.call_state(call_id, "established"), b.call_state(call_id, "establishing")],
+        [b.tone(call_id, "tone1", 1), b.tone(call_id, "tone2", 2)],
+        [b.call_terminated(call_id)],
+    ]
+
+
+def call_key(call_id: str) -> str:
+    return call_id.replace("-", "").lower()
+
+
+async def read_logs(rdb: aioredis.Redis, calls: list[str]) -> dict[str, list[dict[str, Any]]]:
+    pipe = rdb.pipeline(transaction=False)
+    for call_id in calls:
+        pipe.lrange(LOG_PREFIX + call_key(call_id), 0, -1)
+    lines = await pipe.execute()
+    return {c: [json.loads(x) for x in found] for c, found in zip(calls, lines, strict=True)}
+
+
+async def wait_for_logs(
+    rdb: aioredis.Redis, calls: list[str], *, within: float
+) -> dict[str, list[dict[str, Any]]]:
+    deadline = time.monotonic() + within
+    while True:
+        logs = await read_logs(rdb, calls)
+        if all(len(entries) >= len(LIFECYCLE) for entries in logs.values()):
+            await asyncio.sleep(0.5)  # anything extra would show up now
+            return await read_logs(rdb, calls)
+        if time.monotonic() > deadline:
+            short = {c: [e["label"] for e in v] for c, v in logs.items() if len(v) < 6}
+            raise AssertionError(f"{len(short)} calls not finished, e.g. {list(short.items())[:3]}")
+        await asyncio.sleep(0.1)
+
+
+# -- bots as separate processes ------------------------------------------------------
+
+
+class Cluster:
+    """``callbot run`` processes of tests/test_redis_bot.py sharing one Redis."""
+
+    def __init__(self, authority: TokenAuthority, redis_url: str, logs: Path) -> None:
+        self.authority = authority
+        self.redis_url = redis_url
+        self.logs = logs
+        self.ports: list[int] = []
+        self.processes: list[asyncio.subprocess.Process] = []
+        self.alive: list[int] = []
+        self.session: aiohttp.ClientSession | None = None
+        self.token = authority.mint(audience=APP_ID, expires_in=3600)
+
+    async def start(self, count: int, **env: str) -> None:
+        base = {
+            **os.environ,
+            "CALLBOT_STORE": self.redis_url,
+            "CALLBOT_APP_ID": APP_ID,
+            "CALLBOT_OPENID_CONFIG_URL": self.authority.openid_config_url,
+            "CALLBOT_PUBLIC_URL": "https://bot.example.test",
+            "CALLBOT_REORDER_WINDOW": "2.0",
+            "CALLBOT_KEEP_ALIVE": "0",
+            "CALLBOT_ANSWER_WARNING_AFTER": "3600",
+            "CALLBOT_SHUTDOWN_TIMEOUT": "2",
+            "CALLBOT_LOG_FORMAT": "json",
+            "CALLBOT_LOG_LEVEL": "warning",
+            **env,
+        }
+        for index in range(count):
+            port = _free_port()
+            with (self.logs / f"bot-{index}.log").open("ab") as out:
+                process = await asyncio.create_subprocess_exec(
+                    *(sys.executable, "-m", "callbot", "run", "tests.test_redis_bot:bot"),
+                    *("--port", str(port)),
+                    cwd=REPO,
+                    env=base,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
+            self.ports.append(port)
+            self.processes.append(process)
+            self.alive.append(index)
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64))
+        await asyncio.gather(*(self._ready(i) for i in range(count)))
+
+    async def _ready(self, index: int) -> None:
+        assert self.session is not None
+        url = f"http://127.0.0.1:{self.ports[index]}/readyz"
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(aiohttp.ClientError):
+                async with self.session.get(url) as response:
+                    if response.status == 200:
+                        return
+            if self.processes[index].returncode is not None or time.monotonic() > deadline:
+                raise AssertionError(f"bot {index} did not become ready; see {self.logs}")
+            await asyncio.sleep(0.1)
+
+    def pid(self, index: int) -> int:
+        return self.processes[index].pid
+
+    async def kill(self, index: int) -> None:
+        self.alive.remove(index)
+        self.processes[index].kill()
+        await self.processes[index].wait()
+
+    async def post(self, index: int, item: dict[str, Any]) -> int:
+        assert self.session is not None
+        async with self.session.post(
+            f"http://127.0.0.1:{self.ports[index]}/api/calls",
+            data=json.dumps(b.notifications(item)),
+            headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
+        ) as response:
+            return response.status
+
+    async def deliver(self, item: dict[str, Any], rng: random.Random) -> int:
+        """Post to a random live instance until one accepts it, as Graph retries; who did."""
+        for _ in range(100):
+            index = rng.choice(self.alive)
+            try:
+                if await self.post(index, item) == 202:
+                    return index
+            except aiohttp.ClientError:
+                pass  # killed under us: Graph would retry, the balancer would pick another
+            await asyncio.sleep(0.02)
+        raise AssertionError("no instance accepted the notification")
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+        for process in self.processes:
+            if process.returncode is None:
+                process.terminate()
+        for process in self.processes:
+            try:
+                await asyncio.wait_for(process.wait(), 8)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+
+
+@pytest.fixture
+async def cluster(
+    authority: TokenAuthority, redis_url: str, tmp_path: Path
+) -> AsyncIterator[Cluster]:
+    group = Cluster(authority, redis_url, tmp_path)
+    try:
+        yield group
+    finally:
+        await group.close()
+
+
+async def spray(
+    cluster: Cluster, calls: list[str], rng: random.Random
+) -> dict[tuple[str, str], int]:
+    """Each call's lifecycle to random instances, duplicated and partly out of order.
+
+    Returns which instance accepted each (call, label) first.
+    """
+    accepted: dict[tuple[str, str], int] = {}
+    # Bounded, so that one call's next notification follows its last within the window.
+    running = asyncio.Semaphore(32)
+
+    async def lifecycle(call_id: str) -> None:
+        async with running:
+            await steps(call_id)
+
+    async def steps(call_id: str) -> None:
+        sent: list[dict[str, Any]] = []
+        for step in lifecycle_steps(call_id):
+            for item in step:
+                copies = rng.choice((1, 2, 2, 3))
+                # copies go to different instances at the same moment
+                who = await asyncio.gather(*(cluster.deliver(item, rng) for _ in range(copies)))
+                event_label = label(_parse_one(item))
+                accepted.setdefault((call_id, event_label), who[0])
+                sent.append(item)
+            if rng.random() < 0.3:
+                await cluster.deliver(rng.choice(sent), rng)  # a late repeat
+
+    await asyncio.gather(*(lifecycle(call_id) for call_id in calls))
+    return accepted
+
+
+def _parse_one(item: dict[str, Any]) -> events.Event:
+    from callbot._parse import parse_payload
+
+    (event,) = parse_payload(b.notifications(item))
+    return event
+
+
+async def begun_and_unfinished(rdb: aioredis.Redis, pid: int) -> list[str]:
+    """Calls whose lease ``pid`` holds, with notifications waiting, some of them handled."""
+    found = []
+    async for lease in rdb.scan_iter(KEY_PREFIX + "lease:*"):
+        owner = await rdb.get(lease)
+        call = lease.rsplit(":", 1)[-1]
+        if not owner or f":{pid}:" not in owner:
+            continue
+        if await rdb.xlen(KEY_PREFIX + "inbox:" + call) == 0:
+            continue
+        handled = [json.loads(x) for x in await rdb.lrange(LOG_PREFIX + call, 0, -1)]
+        if any(e["pid"] == pid for e in handled):
+            found.append(call)
+    return found
+
+
+def without_rerun(entries: list[dict[str, Any]], victim_pid: int) -> list[str]:
+    """The labels of a call's log, less what the victim ran and another instance ran again.
+
+    The victim's last handler runs (those of one notification, or of a held state
+    and the predecessor that released it) may be finished yet not acknowledged
+    when it dies; the instance taking the call over runs them again, at once.
+    """
+    labels = [e["label"] for e in entries]
+    victim_runs = [n for n, e in enumerate(entries) if e["pid"] == victim_pid]
+    if not victim_runs:
+        return labels
+    end = victim_runs[-1] + 1
+    for overlap in range(min(end, len(labels) - end), 0, -1):
+        if labels[end - overlap : end] == labels[end : end + overlap]:
+            return labels[: end - overlap] + labels[end:]
+    return labels
+
+
+# -- the tests ---------------------------------------------------------------------
+
+
+async def test_three_processes_run_each_call_in_order_exactly_once(
+    cluster: Cluster, rdb: aioredis.Redis
+) -> None:
+    await cluster.start(3, CALLBOT_STORE_LEASE="5")
+    calls = [f"call-{i:03d}" for i in range(240)]
+    await spray(cluster, calls, random.Random(11))
+    logs = await wait_for_logs(rdb, calls, within=30)
+    pids: set[int] = set()
+    for call_id, entries in logs.items():
+        assert [e["label"] for e in entries] == LIFECYCLE, call_id
+        assert entries[2]["previous"] == "establishing", call_id
+        pids.update(e["pid"] for e in entries)
+    assert pids == {cluster.pid(i) for i in range(3)}  # every instance did its share
+    leftovers = await rdb.zcard(KEY_PREFIX + "runnable")
+    assert leftovers == 0
+
+
+async def test_a_killed_process_s_calls_are_taken_over_by_the_others(
+    cluster: Cluster, rdb: aioredis.Redis
+) -> None:
+    await cluster.start(3, CALLBOT_STORE_LEASE="1", CALLBOT_TEST_HANDLER_DELAY="0.03")
+    victim = 0
+    victim_pid = cluster.pid(victim)
+    calls = [f"kill-{i:03d}" for i in range(90)]
+    rng = random.Random(5)
+    sprayed = asyncio.create_task(spray(cluster, calls, rng))
+
+    # Kill the victim mid-call. It is frozen first, so what it holds cannot change
+    # between looking and killing.
+    in_hand: list[str] = []
+    async with asyncio.timeout(20):
+        while not in_hand:
+            await asyncio.sleep(0.01)
+            os.kill(victim_pid, signal.SIGSTOP)
+            in_hand = await begun_and_unfinished(rdb, victim_pid)
+            if not in_hand:
+                os.kill(victim_pid, signal.SIGCONT)
+    await cluster.kill(victim)
+    killed_at = time.time()
+
+    accepted = await sprayed
+    logs = await wait_for_logs(rdb, calls, within=30)
+    for call_id, entries in logs.items():
+        assert without_rerun(entries, victim_pid) == LIFECYCLE, (call_id, entries)
+    by_key = {call_key(c): logs[c] for c in calls}
+    for call in in_hand:
+        # begun by the victim, finished by the others once its lease expired
+        assert any(e["pid"] == victim_pid for e in by_key[call])
+        after_kill = [e for e in by_key[call] if e["pid"] != victim_pid and e["t"] > killed_at]
+        assert after_kill, f"{call} was in the victim's hands and nobody finished it"
+    from_victim = [(c, lab) for (c, lab), who in accepted.items() if who == victim]
+    handled_by_others = [
+        (c, lab)
+        for c, lab in from_victim
+        if any(e["label"] == lab and e["pid"] != victim_pid for e in logs[c])
+    ]
+    assert handled_by_others, "nothing the victim accepted was handled by another instance"
+
+
+async def test_a_restarted_instance_knows_its_calls_again(
+    authority: TokenAuthority, serve: Any, redis_url: str
+) -> None:
+    async with FakeGraph() as graph:
+        options: dict[str, Any] = {
+            "store": redis_url,
+            "store_lease": 1.0,
+            "reorder_window": 5.0,
+            "graph_url": graph.graph_url,
+            "authority_url": graph.authority_url,
+            "app_secret": "fake-graph-secret",
+            "keep_alive": False,
+        }
+        seen: list[tuple[str, str, str | None]] = []
+
+        def recording(**changes: Any) -> CallBot:
+            bot = make_bot(authority, **{**options, **changes})
+
+            @bot.on(events.Event)
+            async def record(call: Call, event: events.Event) -> None:
+                seen.append((call.key, label(event), getattr(event, "previous_state", None)))
+
+            return bot
+
+        first = recording()
+        server: BotServer = await serve(first)
+        meeting: dict[str, Any] = {
+            "chat_info": models.ChatInfo(thread_id="19:meeting_x@thread.v2", message_id="0"),
+            "meeting_info": models.OrganizerMeetingInfo(
+                organizer=models.IdentitySet.model_validate({"user": {"id": "org-1"}})
+            ),
+        }
+        for item in (
+            b.call_state("alpha", "establishing", **meeting),
+            b.call_state("alpha", "established"),
+            b.incoming_call("beta"),
+            b.call_state("beta", "establishing"),
+            b.call_state("gamma", "establishing"),
+            b.call_terminated("gamma"),
+        ):
+            assert (await server.post(b.notifications(item))).status == 202
+        await until(lambda: len(seen) == 6)
+        await until(lambda: {c.key for c in first.active_calls()} == {"alpha", "beta"})
+        await first.stop()
+
+        # The only instance comes back: a new process, the same Redis.
+        second = recording(keep_alive=True, keep_alive_interval=0.2)
+        server = await serve(second)
+        calls = {c.key: c for c in second.active_calls()}
+        assert set(calls) == {"alpha", "beta"}
+        alpha = calls["alpha"]
+        assert alpha.state == "established"
+        assert alpha.snapshot is not None
+        assert alpha.snapshot.chat_info is not None
+        assert alpha.snapshot.chat_info.thread_id == "19:meeting_x@thread.v2"
+        assert isinstance(alpha.snapshot.meeting_info, models.OrganizerMeetingInfo)
+        assert calls["beta"].state == "establishing"
+        # Keep-alives resume for the established call only.
+        request = await graph.wait_for_request("keepAlive")
+        assert request.call_id == "alpha"
+        await asyncio.sleep(0.3)
+        assert {r.call_id for r in graph.requests_for("keepAlive")} == {"alpha"}
+
+        # The next notifications are ordered against what was stored.
+        before = len(seen)
+        for item in (
+            b.call_state("alpha", "established"),  # an exact repeat
+            b.call_state("alpha", "establishing", subject="late"),  # stale
+            b.call_state("beta", "established"),  # its predecessor is known: not held
+            b.call_terminated("alpha"),
+        ):
+            assert (await server.post(b.notifications(item))).status == 202
+        await until(lambda: len(seen) == before + 2, within=2.0)
+        assert sorted(seen[before:]) == [
+            ("alpha", "terminated", "established"),
+            ("beta", "established", "establishing"),
+        ]
+        await until(lambda: {c.key for c in second.active_calls()} == {"beta"})
+        counts = second.metrics.render().decode()
+        assert 'outcome="dropped",reason="duplicate"} 1.0' in counts
+        assert 'outcome="dropped",reason="stale"} 1.0' in counts
+
+
+async def test_an_operation_resolves_when_its_outcome_lands_on_another_instance(
+    authority: TokenAuthority, serve: Any, redis_url: str
+) -> None:
+    async with FakeGraph() as graph:
+        waiting: dict[str, int] = {}
+        outcomes: list[tuple[int, str]] = []
+        servers: list[BotServer] = []
+        for index in range(2):
+            bot = make_bot(
+                authority,
+                store=redis_url,
+                graph_url=graph.graph_url,
+                authority_url=graph.authority_url,
+                app_secret="fake-graph-secret",
+            )
+
+            @bot.on_state("established")
+            async def play(call: Call, event: events.CallStateChanged, index: int = index) -> None:
+                op = await call.play_prompt("https://cdn.example.test/hello.wav")
+                waiting[call.key] = index
+                done = await op.wait(timeout=10)
+                outcomes.append((index, done.status or ""))
+
+            servers.append(await serve(bot))
+        for state in ("establishing", "established"):
+            item = b.call_state("op-call", state)
+            assert (await servers[0].post(b.notifications(item))).status == 202
+        await graph.wait_for_request("playPrompt")
+        await until(lambda: "opcall" in waiting)
+        owner = waiting["opcall"]
+        (operation_id,) = graph.operations
+        other = servers[1 - owner]
+        response = await other.post(graph.operation_notification(operation_id))
+        assert response.status == 202
+        await until(lambda: bool(outcomes), within=5)
+        assert outcomes == [(owner, "completed")]
+
+
+async def test_redis_down_means_503_then_recovery_by_itself(
+    authority: TokenAuthority, serve: Any, tmp_path: Path
+) -> None:
+    server_process = RedisServer(_redis_binary(), tmp_path)
+    server_process.start()
+    try:
+        handled: list[str] = []
+        bot = make_bot(authority, store=server_process.url, store_lease=1.0)
+
+        @bot.on(events.Event)
+        async def record(call: Call, event: events.Event) -> None:
+            handled.append(label(event))
+
+        server: BotServer = await serve(bot)
+        assert (await server.post(b.notifications(b.incoming_call("r1")))).status == 202
+        await until(lambda: handled == ["IncomingCall"])
+        assert (await server.client.get("/readyz")).status == 200
+
+        server_process.stop()
+        response = await server.post(b.notifications(b.call_state("r1", "establishing")))
+        assert response.status == 503
+        assert (await response.json())["error"] == "store_unavailable"
+        ready = await server.client.get("/readyz")
+        assert ready.status == 503
+        assert (await ready.json())["store_reachable"] is False
+
+        server_process.start()  # same port, empty: what was stored is gone with the server
+        await until(lambda: bot.ready, within=10)
+        response = await server.post(b.notifications(b.call_state("r2", "establishing")))
+        assert response.status == 202
+        await until(lambda: handled == ["IncomingCall", "establishing"], within=10)
+        assert (await server.client.get("/readyz")).status == 200
+    finally:
+        server_process.stop()

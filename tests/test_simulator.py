@@ -1,0 +1,454 @@
+"""The Graph simulator: what it posts back for each request, and its scripted far end."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from callbot import Call, CallBot, GraphError, OperationFailed, events
+from callbot._parse import parse_payload
+from callbot.graph import AccessToken, Target
+from callbot.testing import (
+    DeliveryOptions,
+    Simulator,
+    SimulatorError,
+    builders,
+    run_with_simulator,
+)
+
+from .conftest import APP_ID, until
+
+Seen = list[events.Event]
+
+
+def label(event: events.Event) -> str:
+    if isinstance(event, events.ToneReceived):
+        return f"tone:{event.tone}"
+    if isinstance(event, events.CallStateChanged):
+        return event.state
+    return type(event).__name__
+
+
+def recording_bot(**options: Any) -> tuple[CallBot, Seen]:
+    """A bot that records every event its handlers see."""
+    bot = CallBot(app_id=APP_ID, **options)
+    seen: Seen = []
+
+    @bot.on(events.Event)
+    async def record(call: Call, event: events.Event) -> None:
+        seen.append(event)
+
+    return bot, seen
+
+
+def answering_bot(*, subscribe: bool = True, **options: Any) -> tuple[CallBot, Seen]:
+    bot, seen = recording_bot(**options)
+
+    @bot.on_incoming_call
+    async def answer(call: Call, event: events.IncomingCall) -> None:
+        await call.answer()
+
+    if subscribe:
+
+        @bot.on_state("established")
+        async def subscribe_to_tones(call: Call, event: events.CallStateChanged) -> None:
+            if event.previous_state != "transferring":
+                await call.subscribe_to_tone()
+
+    return bot, seen
+
+
+def labels(seen: Seen, call_id: str | None = None) -> list[str]:
+    return [label(e) for e in seen if call_id is None or e.call_key == call_id.replace("-", "")]
+
+
+async def test_answer_brings_establishing_established_and_the_roster() -> None:
+    bot, seen = answering_bot()
+    async with run_with_simulator(bot) as sim:
+        call = await sim.incoming_call(from_user="Adele Vance")
+        await call.wait_for_state("established")
+        answer = await sim.wait_for_request("answer")
+        assert answer.json["callbackUri"] == sim.callback_url
+        await until(lambda: any(isinstance(e, events.ParticipantsUpdated) for e in seen))
+    assert labels(seen)[:4] == [
+        "IncomingCall",
+        "establishing",
+        "established",
+        "ParticipantsUpdated",
+    ]
+    incoming = seen[0]
+    assert isinstance(incoming, events.IncomingCall)
+    assert incoming.call.source is not None
+    assert incoming.call.source.identity is not None
+    assert incoming.call.source.identity.user is not None
+    assert incoming.call.source.identity.user.display_name == "Adele Vance"
+    roster = seen[3]
+    assert isinstance(roster, events.ParticipantsUpdated)
+    names = sorted(
+        (p.info.identity.user or p.info.identity.application).display_name or ""  # type: ignore[union-attr]
+        for p in roster.participants
+    )
+    assert names == ["Adele Vance", "Bot"]
+    assert call.states == ["incoming", "establishing", "established"]
+
+
+async def test_disorderly_delivery_still_reaches_handlers_once_and_in_order() -> None:
+    bot, seen = answering_bot()
+    async with run_with_simulator(
+        bot, delivery=DeliveryOptions(out_of_order=True, duplicate=True)
+    ) as sim:
+        call = await sim.incoming_call()
+        await call.wait_for_state("established")
+        await call.press("1")
+        await call.hang_up()
+        await until(lambda: "terminated" in labels(seen))
+        posted = [t.summary for t in sim.traffic if t.kind == "notification"]
+    assert posted.index("call established") < posted.index("call establishing")
+    assert posted.count("call established") == 2
+    assert labels(seen) == [
+        "IncomingCall",
+        "establishing",
+        "established",
+        "ParticipantsUpdated",
+        "tone:tone1",
+        "terminated",
+    ]
+
+
+async def test_a_prompt_completes_once_it_would_have_played() -> None:
+    bot, _ = answering_bot()
+    timings: list[float] = []
+
+    @bot.on_tone
+    async def play(call: Call, event: events.ToneReceived) -> None:
+        started = time.monotonic()
+        op = await call.play_prompt(["https://x.example/a.wav", "https://x.example/b.wav"])
+        result = await op.wait(timeout=5)
+        assert result.status == "completed"
+        timings.append(time.monotonic() - started)
+
+    async with run_with_simulator(bot, prompt_duration=0.15) as sim:
+        await sim.incoming_call()
+        await sim.press("5")
+        await until(lambda: bool(timings))
+    assert 0.3 <= timings[0] < 2.0
+
+
+async def test_a_recording_is_served_only_with_its_access_token() -> None:
+    bot, _ = answering_bot()
+    downloaded: list[bytes] = []
+    locations: list[str] = []
+
+    @bot.on_tone
+    async def record(call: Call, event: events.ToneReceived) -> None:
+        op = await call.record_response(max_record_duration=10)
+        result = await op.wait(timeout=5)
+        assert result.recording_location
+        assert result.recording_access_token
+        locations.append(result.recording_location)
+        downloaded.append(await call.download_recording(op))
+
+    async with run_with_simulator(bot) as sim:
+        await sim.incoming_call()
+        await sim.press("2")
+        await until(lambda: bool(downloaded))
+        assert downloaded[0] == sim.recording
+        assert downloaded[0].startswith(b"RIFF")
+        async with aiohttp.ClientSession() as session, session.get(locations[0]) as response:
+            assert response.status == 401
+
+
+async def test_cancel_media_processing_fails_the_running_prompt() -> None:
+    bot, _ = answering_bot()
+    failures: list[OperationFailed] = []
+
+    @bot.on_tone
+    async def loop_then_cancel(call: Call, event: events.ToneReceived) -> None:
+        op = await call.play_prompt("https://x.example/hold.wav", loop=True)
+        await call.cancel_media_processing()
+        try:
+            await op.wait(timeout=5)
+        except OperationFailed as exc:
+            failures.append(exc)
+
+    async with run_with_simulator(bot) as sim:
+        await sim.incoming_call()
+        await sim.press("1")
+        await until(lambda: bool(failures))
+    assert failures[0].result_info.code == 400
+    assert failures[0].result_info.subcode == 8508
+
+
+async def test_no_tones_before_the_bot_subscribes() -> None:
+    bot, _ = answering_bot(subscribe=False)
+    async with run_with_simulator(bot) as sim:
+        call = await sim.incoming_call()
+        with pytest.raises(SimulatorError, match="subscribe_to_tone"):
+            await call.press("1", timeout=0.3)
+        assert not [t for t in sim.traffic if "DTMF" in t.summary]
+        await call.hang_up()
+
+
+async def test_keys_become_tones_in_sequence() -> None:
+    bot, seen = answering_bot()
+    async with run_with_simulator(bot) as sim:
+        call = await sim.incoming_call()
+        await call.press("12*#")
+        await until(lambda: len([e for e in seen if isinstance(e, events.ToneReceived)]) == 4)
+    tones = [e for e in seen if isinstance(e, events.ToneReceived)]
+    assert [t.tone for t in tones] == ["tone1", "tone2", "star", "pound"]
+    assert [t.sequence_id for t in tones] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("outcome", ["completed", "failed"])
+async def test_transfer(outcome: str) -> None:
+    bot, seen = answering_bot()
+
+    @bot.on_tone
+    async def transfer(call: Call, event: events.ToneReceived) -> None:
+        await call.transfer(Target.user("agent-id", "Agent"))
+
+    async with run_with_simulator(bot) as sim:
+        sim.transfer_outcome = outcome
+        call = await sim.incoming_call()
+        await call.press("0")
+        request = await sim.wait_for_request("transfer")
+        assert request.json["transferTarget"]["identity"]["user"]["id"] == "agent-id"
+        if outcome == "completed":
+            await call.wait_until_ended()
+            await until(lambda: "terminated" in labels(seen))
+        else:
+            await until(lambda: labels(seen).count("established") == 2)
+    if outcome == "completed":
+        assert labels(seen)[-3:] == ["transferring", "transferAccepted", "terminated"]
+        ended = seen[-1]
+        assert isinstance(ended, events.CallTerminated)
+        assert ended.result_info is not None
+        assert ended.result_info.subcode == 7015
+    else:
+        back = seen[-1]
+        assert isinstance(back, events.CallStateChanged)
+        assert back.state == "established"
+        assert back.previous_state == "transferring"
+        assert back.result_info is not None
+        assert back.result_info.code == 500
+
+
+@pytest.mark.parametrize("action", ["reject", "redirect"])
+async def test_reject_and_redirect_end_the_call(action: str) -> None:
+    bot, seen = recording_bot()
+
+    @bot.on_incoming_call
+    async def refuse(call: Call, event: events.IncomingCall) -> None:
+        if action == "reject":
+            await call.reject("busy")
+        else:
+            await call.redirect(Target.user("someone-else"))
+
+    async with run_with_simulator(bot) as sim:
+        call = await sim.incoming_call()
+        await call.wait_until_ended()
+        await until(lambda: "terminated" in labels(seen))
+    assert call.states == ["incoming", "terminated"]
+    assert labels(seen) == ["IncomingCall", "terminated"]
+
+
+async def test_bot_hanging_up_brings_terminating_then_terminated() -> None:
+    bot, seen = answering_bot()
+
+    @bot.on_tone
+    async def hang_up(call: Call, event: events.ToneReceived) -> None:
+        await call.hangup()
+
+    async with run_with_simulator(bot) as sim:
+        call = await sim.incoming_call()
+        await call.press("9")
+        await call.wait_until_ended()
+        await until(lambda: "terminated" in labels(seen))
+    assert call.states[-2:] == ["terminating", "terminated"]
+    ended = seen[-1]
+    assert isinstance(ended, events.CallTerminated)
+    assert ended.result_info is not None
+    assert ended.result_info.subcode == 5001
+
+
+async def test_after_the_caller_hangs_up_graph_answers_404() -> None:
+    bot, _seen = answering_bot()
+    errors: list[GraphError] = []
+
+    @bot.on_terminated
+    async def too_late(call: Call, event: events.CallTerminated) -> None:
+        try:
+            await call.play_prompt("https://x.example/anyone.wav")
+        except GraphError as exc:
+            errors.append(exc)
+
+    async with run_with_simulator(bot) as sim:
+        call = await sim.incoming_call()
+        await call.wait_for_state("established")
+        await call.hang_up()
+        await until(lambda: bool(errors))
+    assert errors[0].status == 404
+
+
+async def test_outgoing_calls_ring_and_are_answered_or_not() -> None:
+    bot, seen = recording_bot()
+    async with run_with_simulator(bot) as sim:
+        sim.queue_outgoing("no_answer")
+        first = await bot.create_call(Target.phone("+14255550123"))
+        unanswered = await sim.wait_for_outgoing_call()
+        assert unanswered.id == first.id
+        await unanswered.wait_until_ended()
+        second = await bot.create_call(Target.user("user-1", "Lee Gu"))
+        answered = await sim.wait_for_outgoing_call()
+        await answered.wait_for_state("established")
+        await until(lambda: "ParticipantsUpdated" in labels(seen, second.id))
+    assert labels(seen, first.id) == ["establishing", "terminated"]
+    ended = next(e for e in seen if isinstance(e, events.CallTerminated))
+    assert ended.result_info is not None
+    assert ended.result_info.code == 408
+    assert labels(seen, second.id) == ["establishing", "established", "ParticipantsUpdated"]
+
+
+async def test_joining_a_meeting_and_people_coming_and_going() -> None:
+    bot, seen = recording_bot()
+    url = (
+        "https://teams.microsoft.com/l/meetup-join/19%3ameeting_abc%40thread.v2/0"
+        "?context=%7b%22Tid%22%3a%22t-1%22%2c%22Oid%22%3a%22o-1%22%7d"
+    )
+    async with run_with_simulator(bot) as sim:
+        sim.meeting_attendees = ["Megan Bowen"]
+        call = await bot.join_meeting(url)
+        meeting = await sim.wait_for_outgoing_call()
+        assert meeting.meeting
+        await meeting.wait_for_state("established")
+        alice = await meeting.join("Alice Smith")
+        await meeting.leave(alice)
+        await meeting.leave("Megan Bowen")
+        await until(lambda: labels(seen, call.id).count("ParticipantsUpdated") == 4)
+    rosters = [e for e in seen if isinstance(e, events.ParticipantsUpdated)]
+
+    def names(found: list[Any]) -> list[str]:
+        return sorted(
+            (p.info.identity.user or p.info.identity.application).display_name for p in found
+        )
+
+    assert names(rosters[0].joined) == ["Bot", "Megan Bowen"]
+    assert names(rosters[1].joined) == ["Alice Smith"]
+    assert names(rosters[2].left) == ["Alice Smith"]
+    assert names(rosters[3].left) == ["Megan Bowen"]
+
+
+async def test_mute_and_invite_change_the_roster() -> None:
+    bot, seen = answering_bot()
+
+    @bot.on_tone
+    async def mute_and_invite(call: Call, event: events.ToneReceived) -> None:
+        await call.mute()
+        op = await call.participants.invite(Target.user("user-2", "Lee Gu"))
+        await op.wait(timeout=5)
+
+    async with run_with_simulator(bot) as sim:
+        call = await sim.incoming_call()
+        await call.press("3")
+        await until(
+            lambda: len(call.roster) == 3 and labels(seen).count("ParticipantsUpdated") >= 3
+        )
+        await asyncio.sleep(0.05)
+    bot_participant = call.roster[call.bot_participant_id]
+    assert bot_participant.is_muted is True
+    last = [e for e in seen if isinstance(e, events.ParticipantsUpdated)][-1]
+    assert [p.info.identity.user.display_name for p in last.joined] == ["Lee Gu"]  # type: ignore[union-attr]
+
+
+async def test_waiting_for_a_request_that_never_comes_says_what_came() -> None:
+    bot, _ = answering_bot()
+    async with run_with_simulator(bot) as sim:
+        await sim.incoming_call()
+        with pytest.raises(SimulatorError, match=r"no 'transfer' request.*'answer'"):
+            await sim.wait_for_request("transfer", timeout=0.3)
+
+
+async def test_each_wait_returns_the_next_request() -> None:
+    bot, _ = answering_bot()
+    async with run_with_simulator(bot) as sim:
+        first = await sim.incoming_call()
+        second = await sim.incoming_call()
+        one = await sim.wait_for_request("answer")
+        two = await sim.wait_for_request("answer")
+        assert {one.call_id, two.call_id} == {first.id, second.id}
+        assert (await second.wait_for_request("answer")).call_id == second.id
+
+
+async def test_the_bot_is_restored_after_the_simulator() -> None:
+    class OwnCredential:
+        async def get_token(self, *scopes: str) -> AccessToken:
+            raise AssertionError("the simulator's credential is used while simulated")
+
+    own = OwnCredential()
+    bot, _ = answering_bot(public_url="https://bot.contoso.com", tenant_id="tenant-1")
+    bot.configure(credential=own)
+    before = bot.settings
+    async with run_with_simulator(bot) as sim:
+        assert bot.settings.graph_url == sim.graph_url
+        assert sim.tenant_id == "tenant-1"
+        call = await sim.incoming_call()
+        await call.wait_for_state("established")
+    assert bot.settings == before
+    assert bot._credential is own
+    assert not bot.ready
+
+
+async def test_a_refused_notification_is_reported() -> None:
+    bot, _ = answering_bot()
+    async with run_with_simulator(bot) as sim:
+        sim.app_id = "someone-else"  # tokens for another audience
+        with pytest.raises(SimulatorError, match="answered 401"):
+            await sim.incoming_call()
+        assert sim.failed_deliveries[0].status == 401
+
+
+@pytest.mark.parametrize(
+    ("item", "kind"),
+    [
+        (builders.incoming_call("c"), events.IncomingCall),
+        (builders.call_state("c", "established"), events.CallStateChanged),
+        (builders.call_terminated("c", code=0, subcode=7015), events.CallTerminated),
+        (builders.tone("c", "tone1", 1), events.ToneReceived),
+        (builders.roster("c", [builders.participant("p")]), events.ParticipantsUpdated),
+        (builders.operation_update("c", "op-1"), events.OperationUpdated),
+        (builders.content_sharing("c", ["s"]), events.ContentSharingUpdated),
+        (
+            builders.unknown("c", "/somethingNew", resource_data={"x": 1}),
+            events.UnknownNotification,
+        ),
+    ],
+)
+def test_a_builder_for_every_event_kind(item: dict[str, Any], kind: type[events.Event]) -> None:
+    (event,) = parse_payload(builders.notifications(item))
+    assert type(event) is kind
+
+
+def test_a_participant_who_left() -> None:
+    gone = builders.participant("p", display_name="Lee", removed_reason="left")
+    assert gone.removed_state is not None
+    assert gone.removed_state.reason == "left"
+
+
+@pytest.fixture
+async def bare_simulator() -> AsyncIterator[Simulator]:
+    async with Simulator() as sim:
+        yield sim
+
+
+async def test_a_simulator_without_a_bot_says_so(bare_simulator: Simulator) -> None:
+    with pytest.raises(SimulatorError, match="no bot attached"):
+        await bare_simulator.post(builders.notifications(builders.incoming_call("c")))
+    env = bare_simulator.bot_environment(public_url="http://127.0.0.1:8080")
+    assert env["CALLBOT_OPENID_CONFIG_URL"] == bare_simulator.openid_config_url
+    assert env["CALLBOT_ALLOW_INSECURE_PUBLIC_URL"] == "1"

@@ -1,0 +1,273 @@
+"""``callbot simulate`` and ``callbot replay``, and the recording replays read."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import socket
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+from aiohttp import web
+
+from callbot import Call, CallBot, Settings, events
+from callbot._display import TrafficPrinter
+from callbot._recording import REMOVED, read_recording, scrub
+from callbot._simulate import RemoteBot, replay, simulate
+from callbot.cli import build_parser, main
+from callbot.testing import builders, run_with_simulator
+from callbot.testing._scenarios import SCENARIOS, ScenarioOptions
+
+from .conftest import APP_ID, until
+from .test_simulator import answering_bot, labels, recording_bot
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def quiet_printer() -> TrafficPrinter:
+    return TrafficPrinter(io.StringIO(), fmt="json")
+
+
+def test_scrub_removes_tokens_and_secrets_only() -> None:
+    item = {
+        "resourceData": {
+            "recordingAccessToken": "secret-1",
+            "recordingLocation": "https://x/1",
+            "meetingInfo": {"@odata.type": "#microsoft.graph.tokenMeetingInfo", "token": "t"},
+            "list": [{"access_token": "a"}, {"id": "keep"}],
+            "emptyToken": "",
+        }
+    }
+    assert scrub(item) == {
+        "resourceData": {
+            "recordingAccessToken": REMOVED,
+            "recordingLocation": "https://x/1",
+            "meetingInfo": {"@odata.type": "#microsoft.graph.tokenMeetingInfo", "token": REMOVED},
+            "list": [{"access_token": REMOVED}, {"id": "keep"}],
+            "emptyToken": "",
+        }
+    }
+
+
+async def test_accepted_notifications_are_recorded_without_tokens_then_replayed(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "incident.jsonl"
+    bot, seen = answering_bot(record_path=str(path))
+
+    @bot.on_tone
+    async def voicemail(call: Call, event: events.ToneReceived) -> None:
+        await (await call.record_response(max_record_duration=5)).wait(timeout=5)
+        await call.hangup()
+
+    async with run_with_simulator(bot) as sim:
+        call = await sim.incoming_call()
+        await call.press("2")
+        await call.wait_until_ended()
+        await until(lambda: "terminated" in labels(seen))
+    text = path.read_text(encoding="utf-8")
+    assert "Bearer" not in text
+    assert "eyJ" not in text  # no JWT of any kind
+    batches = list(read_recording(path))
+    assert len(batches) == len([t for t in sim.traffic if t.kind == "notification"])
+    completed = [
+        item["resourceData"]
+        for batch in batches
+        for item in batch.body["value"]
+        if isinstance(item["resourceData"], dict)
+        and item["resourceData"].get("@odata.type") == "#microsoft.graph.recordOperation"
+    ]
+    assert completed[0]["recordingAccessToken"] == REMOVED
+    assert all(batch.at for batch in batches)
+    assert batches[0].tenant_id == sim.tenant_id  # the incoming call names its tenant
+
+    again, seen_again = recording_bot()
+    status = await replay(path, printer=quiet_printer(), bot=again, speed=0, settle=0.2)
+    assert status == 0
+    assert labels(seen_again) == labels(seen)
+
+
+def test_a_recording_may_hold_bare_bodies_and_items(tmp_path: Path) -> None:
+    path = tmp_path / "mixed.jsonl"
+    lines = [
+        builders.notifications(builders.incoming_call("c1")),
+        builders.call_state("c1", "established"),
+        {"at": 1700000000.5, "value": [builders.tone("c1", "tone1", 1)]},
+    ]
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n", encoding="utf-8")
+    batches = list(read_recording(path))
+    assert [len(b.body["value"]) for b in batches] == [1, 1, 1]
+    assert batches[2].at == 1700000000.5
+    path.write_text('{"nothing": 1}\n', encoding="utf-8")
+    with pytest.raises(Exception, match=r"mixed.jsonl:1"):
+        list(read_recording(path))
+
+
+def replay_bot_module(directory: Path) -> None:
+    (directory / "replaybot.py").write_text(
+        "from callbot import CallBot, events\n"
+        "seen = []\n"
+        "bot = CallBot(app_id='6c4a7c4e-2b1a-4d7e-9a53-7a1bfb4c0d11')\n"
+        "@bot.on(events.Event)\n"
+        "async def record(call, event):\n"
+        "    seen.append(type(event).__name__)\n",
+        encoding="utf-8",
+    )
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """The command configures logging to this test's captured stderr: undo that after."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_replay_command_posts_a_recording_into_a_bot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    replay_bot_module(tmp_path)
+    recording = tmp_path / "incident.jsonl"
+    batches = [
+        [builders.incoming_call("c1")],
+        [builders.call_state("c1", "establishing"), builders.call_state("c1", "established")],
+        [builders.tone("c1", "tone1", 1)],
+        [builders.call_terminated("c1")],
+    ]
+    recording.write_text(
+        "".join(
+            json.dumps({"at": 1700000000 + i, "value": b}) + "\n" for i, b in enumerate(batches)
+        ),
+        encoding="utf-8",
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CALLBOT_LOG_LEVEL", "warning")
+    try:
+        status = main(
+            ["replay", str(recording), "--bot", "replaybot:bot", "--speed", "0", "--format", "json"]
+        )
+        assert sys.modules["replaybot"].seen == [
+            "IncomingCall",
+            "CallStateChanged",
+            "CallStateChanged",
+            "ToneReceived",
+            "CallTerminated",
+        ]
+    finally:
+        sys.modules.pop("replaybot", None)
+    assert status == 0
+    out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    posted = [entry for entry in out if entry["kind"] == "notification"]
+    assert [entry["status"] for entry in posted] == [202, 202, 202, 202]
+    assert posted[0]["summary"] == "incoming call from Caller"
+
+
+def scenario_bot(settings: Settings) -> tuple[CallBot, list[events.Event]]:
+    """A bot as someone would run it elsewhere: answers, listens for keys, leaves empty meetings."""
+    bot = CallBot(settings)
+    seen: list[events.Event] = []
+
+    @bot.on(events.Event)
+    async def record(call: Call, event: events.Event) -> None:
+        seen.append(event)
+
+    @bot.on_incoming_call
+    async def answer(call: Call, event: events.IncomingCall) -> None:
+        await call.answer()
+
+    @bot.on_state("established")
+    async def listen(call: Call, event: events.CallStateChanged) -> None:
+        await call.subscribe_to_tone()
+
+    @bot.on_participants
+    async def leave_when_alone(call: Call, event: events.ParticipantsUpdated) -> None:
+        people = [
+            p for p in event.participants if p.info and p.info.identity and p.info.identity.user
+        ]
+        if event.left and not people:
+            await call.hangup()
+
+    return bot, seen
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+async def test_simulate_plays_a_scenario_against_a_bot_running_elsewhere(scenario: str) -> None:
+    bot_port = free_port()
+    remote = RemoteBot(
+        url=f"http://127.0.0.1:{bot_port}/api/calls",
+        app_id=APP_ID,
+        tenant_id="4f6c6a2e-3b1d-4e8a-9c57-2d0b8e1f7a63",
+        keys_port=free_port(),
+        graph_port=free_port(),
+        wait=10.0,
+    )
+    info = io.StringIO()
+    out = io.StringIO()
+    playing = asyncio.create_task(
+        simulate(
+            remote,
+            scenario,
+            options=ScenarioOptions(timeout=5.0, hold=0.1, keys="12"),
+            printer=TrafficPrinter(out, fmt="json"),
+            prompt_seconds=0.05,
+            info=info,
+        )
+    )
+    # Configure the bot the way a person would: from the variables the command printed.
+    await until(lambda: "Notifications go to" in info.getvalue() or playing.done())
+    environ = dict(
+        line.strip().removeprefix("export ").split("=", 1)
+        for line in info.getvalue().splitlines()
+        if line.strip().startswith("export ")
+    )
+    bot, seen = scenario_bot(Settings.from_env(environ, port=bot_port))
+    runner = web.AppRunner(bot.create_app(), access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", bot_port).start()
+        status = await asyncio.wait_for(playing, 30)
+    finally:
+        await runner.cleanup()
+    entries = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert status == 0, "; ".join(e["summary"] for e in entries)
+    assert entries[-1]["summary"] == f"scenario {scenario} finished"
+    kinds = {type(e) for e in seen}
+    if scenario == "meeting-roster":
+        assert events.ParticipantsUpdated in kinds
+        assert any(e.get("action") == "deleteCall" for e in entries)
+    else:
+        assert events.IncomingCall in kinds
+        assert events.CallTerminated in kinds
+    if scenario == "dtmf":
+        assert [e.tone for e in seen if isinstance(e, events.ToneReceived)] == ["tone1", "tone2"]
+
+
+def test_simulate_needs_the_bots_app_id(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("CALLBOT_APP_ID", raising=False)
+    assert main(["simulate", "http://127.0.0.1:9/api/calls", "dtmf"]) == 2
+    assert "--app-id" in capsys.readouterr().err
+
+
+def test_command_line_shapes() -> None:
+    parser = build_parser()
+    args: Any = parser.parse_args(["simulate", "http://127.0.0.1:8080/api/calls", "out-of-order"])
+    assert (args.scenario, args.keys_port, args.graph_port) == ("out-of-order", 8765, 8766)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["simulate", "http://127.0.0.1:8080/api/calls", "no-such-scenario"])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["replay", "calls.jsonl"])  # needs --bot or --url
+    args = parser.parse_args(["demo", "--format", "plain", "--pace", "0"])
+    assert (args.format, args.pace) == ("plain", 0.0)

@@ -1,0 +1,171 @@
+"""The store interface without a server: the memory store, the codec, the new hooks."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from callbot import ConfigurationError, Settings, events, models
+from callbot._dispatch import Dispatcher, HandlerRegistry
+from callbot._parse import parse_payload
+from callbot._sequencing import CallRecord, Delivery, Sequencer
+from callbot.graph import CallServices
+from callbot.store import MemoryStore, Store, open_store
+from callbot.store._codec import decode_entry, decode_record, encode_entry, encode_record
+from callbot.store._redis import _after
+from callbot.testing import _builders as b
+
+
+def one(item: dict[str, Any], tenant: str | None = None) -> events.Event:
+    body = b.notifications(item)
+    if tenant is not None:
+        body["tenantId"] = tenant
+    (event,) = parse_payload(body)
+    return event
+
+
+def test_settings_name_the_store_and_its_lease() -> None:
+    env = {"CALLBOT_STORE": "redis://127.0.0.1:6379/0", "CALLBOT_STORE_LEASE": "2.5"}
+    settings = Settings.from_env(env)
+    assert settings.store == "redis://127.0.0.1:6379/0"
+    assert settings.store_lease == 2.5
+    with pytest.raises(ConfigurationError, match="CALLBOT_STORE"):
+        Settings(store="postgres://db")
+    with pytest.raises(ConfigurationError, match="store_lease"):
+        Settings(store_lease=0)
+
+
+async def test_the_default_store_is_memory_and_behaves_as_before() -> None:
+    settings = Settings(app_id="a", reorder_window=5)
+    services = CallServices(settings)
+    delivered: list[Delivery] = []
+
+    class Capture(Dispatcher):
+        def submit(self, delivery: Delivery) -> None:
+            delivered.append(delivery)
+
+    dispatcher = Capture(HandlerRegistry(), services)
+    store: Store = open_store(settings, dispatcher=dispatcher, hooks=services)
+    assert isinstance(store, MemoryStore)
+    assert store.reachable
+    await store.start()
+    await store.ingest([one(b.call_state("c", "established"))])
+    assert delivered == []  # held, as the sequencer always did
+    await store.ingest([one(b.call_state("c", "establishing"))])
+    assert [getattr(d.event, "state", None) for d in delivered] == ["establishing", "established"]
+    assert [r.call_id for r in store.active_records()] == ["c"]
+    assert store.counts["held"] == 1
+    await store.drain()
+    await store.close()
+    await services.close()
+
+
+def test_a_record_survives_the_round_trip() -> None:
+    snapshot = models.Call.model_validate(
+        {
+            "@odata.type": "#microsoft.graph.call",
+            "state": "established",
+            "direction": "outgoing",
+            "chatInfo": {"threadId": "19:meeting_abc@thread.v2", "messageId": "0"},
+            "meetingInfo": {
+                "@odata.type": "#microsoft.graph.organizerMeetingInfo",
+                "organizer": {"user": {"id": "u1", "displayName": "Org"}},
+            },
+            "futureProperty": {"kept": True},
+        }
+    )
+    record = CallRecord(call_id="Call-1", phase=2, state="established", snapshot=snapshot)
+    record.roster = {"alice": b.participant("alice", muted=True)}
+    record.roster_sequence = 4
+    record.seen.extend([b"\x01" * 16, b"\x02" * 16])
+    copy = decode_record(encode_record(record))
+    assert copy is not None
+    assert (copy.call_id, copy.phase, copy.state, copy.ended) == ("Call-1", 2, "established", False)
+    assert copy.snapshot == snapshot
+    assert copy.snapshot is not None
+    assert copy.snapshot.chat_info is not None
+    assert copy.snapshot.chat_info.thread_id == "19:meeting_abc@thread.v2"
+    assert isinstance(copy.snapshot.meeting_info, models.OrganizerMeetingInfo)
+    assert copy.snapshot.model_extra == {"futureProperty": {"kept": True}}
+    assert copy.roster == record.roster
+    assert copy.roster_sequence == 4
+    assert list(copy.seen) == list(record.seen)
+    assert copy.seen.maxlen == record.seen.maxlen
+    assert decode_record('{"version": 999}') is None
+
+
+def test_an_entry_is_the_notification_as_received() -> None:
+    event = one(b.operation_update("c", "op-1", client_context="ctx"), tenant="t-1")
+    again = decode_entry(encode_entry(event))
+    assert again == event
+    assert again.tenant_id == "t-1"
+
+
+async def test_a_restored_record_orders_the_next_events() -> None:
+    first: list[Delivery] = []
+    seq = Sequencer(first.append, reorder_window=5)
+    for item in (b.call_state("c", "establishing"), b.roster("c", [b.participant("a")])):
+        seq.accept(one(item))
+    record = seq.record("c")
+    assert record is not None
+    stored = encode_record(record)
+    seq.close()
+
+    later: list[Delivery] = []
+    other = Sequencer(later.append, reorder_window=5)
+    restored = decode_record(stored)
+    assert restored is not None
+    other.adopt(restored)
+    other.accept(one(b.call_state("c", "establishing")))  # a repeat: dropped
+    other.accept(one(b.call_state("c", "established")))  # predecessor known: not held
+    other.accept(one(b.roster("c", [b.participant("a"), b.participant("b")])))
+    assert other.counts["duplicate"] == 1
+    assert [type(d.event).__name__ for d in later] == ["CallStateChanged", "ParticipantsUpdated"]
+    state = later[0].event
+    assert isinstance(state, events.CallStateChanged)
+    assert state.previous_state == "establishing"
+    roster = later[1].event
+    assert isinstance(roster, events.ParticipantsUpdated)
+    assert [p.id for p in roster.joined] == ["b"]
+    assert other.evict("c") is not None
+    assert other.record("c") is None
+    other.close()
+
+
+async def test_evicting_a_held_call_cancels_its_window() -> None:
+    out: list[Delivery] = []
+    seq = Sequencer(out.append, reorder_window=0.01)
+    seq.accept(one(b.call_state("c", "established")))
+    seq.evict("c")
+    await asyncio.sleep(0.05)
+    assert out == []
+    seq.close()
+
+
+async def test_the_dispatcher_says_when_a_delivery_is_done() -> None:
+    registry = HandlerRegistry()
+    ran: list[str] = []
+
+    async def handler(call: Any, event: events.Event) -> None:
+        await asyncio.sleep(0)
+        ran.append(call.id)
+
+    registry.add(events.Event, handler)
+    services = CallServices(Settings(app_id="a"))
+    done: list[str] = []
+    dispatcher = Dispatcher(registry, services, on_done=lambda d: done.append(d.event.call_id))
+    seq = Sequencer(dispatcher.submit)
+    seq.accept(one(b.incoming_call("x")))
+    assert done == []
+    await dispatcher.join(5)
+    assert ran == ["x"]
+    assert done == ["x"]
+    seq.close()
+    await services.close()
+
+
+def test_stream_ids_step_to_the_next_one() -> None:
+    assert _after("1700000000000-0") == "1700000000000-1"
+    assert _after("1700000000000-41") == "1700000000000-42"
