@@ -29,7 +29,6 @@ import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from types import TracebackType
 from typing import Any
 
 import jwt
@@ -40,6 +39,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from .._config import Settings
 from .._ids import id_key
+from ._server import LocalServer
 from ._tokens import TEST_TENANT_ID
 
 __all__ = ["FakeGraph", "FakeResponse", "RecordedRequest"]
@@ -211,7 +211,7 @@ class FakeCall:
     ended: bool = False
 
 
-class FakeGraph:
+class FakeGraph(LocalServer):
     """Plays Microsoft Graph (calls) and the Microsoft identity platform token endpoint.
 
     ``tenant_id`` is the tenant tokens are issued for; ``token_lifetime`` the
@@ -230,7 +230,7 @@ class FakeGraph:
     ) -> None:
         self.tenant_id = tenant_id
         self.token_lifetime = token_lifetime
-        self.host = host
+        super().__init__(host=host)
         self.requests: list[RecordedRequest] = []
         """Every request received, in order (token requests included)."""
         self.answers: list[tuple[RecordedRequest, FakeResponse]] = []
@@ -257,8 +257,6 @@ class FakeGraph:
         self._changed = asyncio.Event()
         self._release = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._runner: web.AppRunner | None = None
-        self._base_url: str | None = None
         self._routes = [
             (method, re.compile(pattern + r"/?$", re.IGNORECASE), action)
             for method, pattern, action in _ROUTES
@@ -272,53 +270,18 @@ class FakeGraph:
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
         return app
 
-    async def start(self, port: int = 0) -> None:
+    async def start(self, host: str | None = None, port: int = 0) -> None:
         """Serve on ``host`` and ``port`` (0, the default, picks a free port)."""
-        if self._runner is not None:
-            raise RuntimeError("FakeGraph is already started")
-        runner = web.AppRunner(self.create_app(), access_log=None, shutdown_timeout=1.0)
-        await runner.setup()
-        try:
-            site = web.TCPSite(runner, self.host, port)
-            await site.start()
-            port = runner.addresses[0][1]
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
+        await super().start(host, port)
         self._release.clear()
-        shown = f"[{self.host}]" if ":" in self.host else self.host
-        self._base_url = f"http://{shown}:{port}"
 
-    async def close(self) -> None:
-        """Release hung requests, finish listener tasks, stop serving."""
+    async def _before_close(self) -> None:
+        # Release hung requests and finish listener tasks before the server stops.
         self._release.set()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def __aenter__(self) -> FakeGraph:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
-    @property
-    def base_url(self) -> str:
-        """``http://host:port`` (after :meth:`start`)."""
-        if self._base_url is None:
-            raise RuntimeError("FakeGraph is not started")
-        return self._base_url
 
     @property
     def graph_url(self) -> str:

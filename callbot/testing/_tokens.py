@@ -22,13 +22,14 @@ import asyncio
 import secrets
 import time
 from collections.abc import Mapping
-from types import TracebackType
 from typing import Any
 
 import jwt
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
+
+from ._server import LocalServer
 
 __all__ = ["TEST_TENANT_ID", "TokenAuthority"]
 
@@ -43,7 +44,7 @@ def _new_key() -> tuple[str, rsa.RSAPrivateKey]:
     return secrets.token_urlsafe(16), rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
-class TokenAuthority:
+class TokenAuthority(LocalServer):
     """Plays the calling platform's token issuer on 127.0.0.1.
 
     It serves an OpenID configuration and a JWKS document, and mints callback
@@ -74,6 +75,7 @@ class TokenAuthority:
     """How many times the keys document was requested (including 503 answers)."""
 
     def __init__(self, *, issuer: str = "https://api.botframework.com") -> None:
+        super().__init__()
         self.issuer = issuer
         self.available = True
         self.delay = 0.0
@@ -81,8 +83,6 @@ class TokenAuthority:
         kid, key = _new_key()
         self._kid = kid
         self._keys: dict[str, rsa.RSAPrivateKey] = {kid: key}
-        self._runner: web.AppRunner | None = None
-        self._base_url: str | None = None
 
     # -- keys ------------------------------------------------------------
 
@@ -172,49 +172,6 @@ class TokenAuthority:
         app.router.add_get(OPENID_CONFIG_PATH, self._handle_config)
         app.router.add_get(JWKS_PATH, self._handle_jwks)
         return app
-
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        """Serve :meth:`create_app` on ``host``:``port`` (0 picks a free port)."""
-        if self._runner is not None:
-            raise RuntimeError("TokenAuthority is already started")
-        # A short grace keeps close() quick when a test left a slow request hanging.
-        runner = web.AppRunner(self.create_app(), access_log=None, shutdown_timeout=1.0)
-        await runner.setup()
-        try:
-            site = web.TCPSite(runner, host, port)
-            await site.start()
-            bound_port = runner.addresses[0][1]
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        shown_host = f"[{host}]" if ":" in host else host
-        self._base_url = f"http://{shown_host}:{bound_port}"
-
-    async def close(self) -> None:
-        """Stop serving."""
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def __aenter__(self) -> TokenAuthority:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
-    @property
-    def base_url(self) -> str:
-        """``http://host:port`` the authority listens on (after :meth:`start`)."""
-        if self._base_url is None:
-            raise RuntimeError("TokenAuthority is not started")
-        return self._base_url
 
     @property
     def openid_config_url(self) -> str:
