@@ -7,7 +7,7 @@ opens a new call with the documented incoming-call notification, so nothing
 is held for reordering. Measured with 1 connection (an idle bot) and with 32
 (saturated: handlers wait behind other requests on the loop).
 
-    python benchmarks/latency.py [--seconds 5] [--quick] [--uvloop]
+    python benchmarks/latency.py [--seconds 4] [--quick] [--uvloop]
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def report(results: dict[str, Any]) -> str:
 def main() -> None:
     """Parse the command line, measure, print."""
     parser = argparse.ArgumentParser(description="callbot dispatch latency")
-    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--quick", action="store_true", help="2 s per level")
     parser.add_argument("--uvloop", action="store_true", help="run the server on uvloop")
     parser.add_argument("--json", type=Path, help="also write the figures here")

@@ -8,14 +8,14 @@ process each, with the bot's default settings (keep-alive on):
   growth while the calls were opened, divided by their number;
 * cost per notification: wall time to authenticate, parse, sequence, dispatch
   and run a no-op handler for DTMF-tone notifications spread over the active
-  calls, garbage collection included.
+  calls, garbage collection included (the fastest of 8 rounds).
 
 Requests go through the bot's real receiver in-process (see
 :mod:`benchmarks._inproc`), so the HTTP stack, the same at any scale, does not
 dilute the ratio. Prints ``cost 10000/10: N.NN`` (target at most 1.2) and the
 bytes per call (target at most 10 KB).
 
-    python benchmarks/scaling.py [--notifications 20000] [--quick] [--untuned]
+    python benchmarks/scaling.py [--notifications 8000] [--quick] [--untuned]
 """
 
 from __future__ import annotations
@@ -50,8 +50,10 @@ from callbot._log import configure_logging
 
 SIZES = (10, 1_000, 10_000)
 TONE = "33-call-subscribetotone-dtmf-tone-received.json"
-# Requests in flight at once, as with a few dozen connections.
-BATCH = 32
+# Requests in flight at once; fewer than the smallest number of calls, so that a batch
+# never holds two notifications of one call and every size does the same work per item.
+BATCH = 8
+ROUNDS = 8
 
 
 def _rss() -> int:
@@ -130,48 +132,66 @@ async def scenario(
         ]
         clock = _GcClock()
         gc.callbacks.append(clock)
-        started = time.perf_counter()
-        await _run(bot, bodies)
-        seconds = time.perf_counter() - started
+        # The fastest of several rounds: other processes on the machine only ever add time.
+        rounds: list[float] = []
+        size = -(-notifications // ROUNDS)
+        for start in range(0, notifications, size):
+            chunk = bodies[start : start + size]
+            started = time.perf_counter()
+            await _run(bot, chunk)
+            rounds.append((time.perf_counter() - started) / len(chunk))
         gc.callbacks.remove(clock)
     return {
         "active": active,
-        "cost_us": seconds / notifications * 1e6,
+        "cost_us": min(rounds) * 1e6,
         "gc_us": sum(clock.seconds) / notifications * 1e6,
         "full_collections": clock.counts[2],
         "rss_bytes_per_call": rss / active,
     }
 
 
-def measure(notifications: int, untuned: bool = False) -> dict[str, Any]:
-    """Each size in a fresh process; the figures and the cost ratio."""
-    rows = []
+def _one(active: int, notifications: int, *options: str) -> dict[str, Any]:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.scaling",
+            "--one",
+            str(active),
+            "--notifications",
+            str(notifications),
+            *options,
+        ],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return result
+
+
+def measure(notifications: int, untuned: bool = False, repeats: int = 2) -> dict[str, Any]:
+    """Each size in fresh processes; the figures and the cost ratio.
+
+    The sizes take turns ``repeats`` times and each keeps its fastest run, so a
+    burst of other work on the machine cannot land on one size only.
+    """
+    extra = ["--untuned"] if untuned else []
+    rows: dict[int, dict[str, Any]] = {active: {} for active in SIZES}
+    for _ in range(repeats):
+        for active in SIZES:
+            run = _one(active, notifications, *extra)
+            best = rows[active]
+            if not best or run["cost_us"] < best["cost_us"]:
+                best.update(run)
     for active in SIZES:
-        row: dict[str, Any] = {}
-        for extra in ([], ["--traced"]):
-            extra += ["--untuned"] if untuned else []
-            out = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "benchmarks.scaling",
-                    "--one",
-                    str(active),
-                    "--notifications",
-                    str(notifications),
-                    *extra,
-                ],
-                cwd=REPO,
-                check=True,
-                capture_output=True,
-                text=True,
-            ).stdout
-            row.update(json.loads(out.strip().splitlines()[-1]))
-        rows.append(row)
+        rows[active].update(_one(active, notifications, "--traced", *extra))
+    ordered = [rows[active] for active in SIZES]
     return {
-        "rows": rows,
-        "cost 10000/10": rows[-1]["cost_us"] / rows[0]["cost_us"],
-        "bytes_per_call": rows[-1]["traced_bytes_per_call"],
+        "rows": ordered,
+        "cost 10000/10": ordered[-1]["cost_us"] / ordered[0]["cost_us"],
+        "bytes_per_call": ordered[-1]["traced_bytes_per_call"],
     }
 
 
@@ -196,8 +216,8 @@ def report(results: dict[str, Any], notifications: int) -> str:
 def main() -> None:
     """Parse the command line, measure, print."""
     parser = argparse.ArgumentParser(description="callbot scaling with active calls")
-    parser.add_argument("--notifications", type=int, default=20_000)
-    parser.add_argument("--quick", action="store_true", help="8,000 notifications")
+    parser.add_argument("--notifications", type=int, default=8_000)
+    parser.add_argument("--quick", action="store_true", help="5,000 notifications, one turn")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--traced", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
@@ -205,12 +225,12 @@ def main() -> None:
     )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
-    notifications = 8_000 if args.quick else args.notifications
+    notifications = 5_000 if args.quick else args.notifications
     if args.one is not None:
         print(json.dumps(asyncio.run(scenario(args.one, notifications, args.traced, args.untuned))))
         return
     print(machine())
-    results = measure(notifications, args.untuned)
+    results = measure(notifications, args.untuned, repeats=1 if args.quick else 2)
     print(report(results, notifications))
     if args.json is not None:
         args.json.write_text(json.dumps(results))

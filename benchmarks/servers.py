@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import contextlib
 import contextvars
+import gc
 import importlib
 import json
 import signal
@@ -52,6 +53,18 @@ class Stats:
         self.stamp = stamp
         self.handled = 0
         self.latencies: list[float] = []
+        self.gc_seconds = [0.0, 0.0, 0.0]
+        self.gc_max = 0.0
+        self._gc_started = 0.0
+        gc.callbacks.append(self._gc_clock)
+
+    def _gc_clock(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+            return
+        took = time.perf_counter() - self._gc_started
+        self.gc_seconds[info["generation"]] += took
+        self.gc_max = max(self.gc_max, took)
 
     def handler_started(self) -> None:
         """Count a handler run and, when stamping, how long after its request's arrival."""
@@ -71,12 +84,19 @@ class Stats:
 
     async def get(self, request: web.Request) -> web.Response:
         return web.json_response(
-            {"handled": self.handled, "latencies_us": [round(s * 1e6, 1) for s in self.latencies]}
+            {
+                "handled": self.handled,
+                "latencies_us": [round(s * 1e6, 1) for s in self.latencies],
+                "gc_ms": [round(s * 1e3, 1) for s in self.gc_seconds],
+                "gc_max_ms": round(self.gc_max * 1e3, 1),
+            }
         )
 
     async def reset(self, request: web.Request) -> web.Response:
         self.handled = 0
         self.latencies.clear()
+        self.gc_seconds = [0.0, 0.0, 0.0]
+        self.gc_max = 0.0
         return web.Response(status=204)
 
 

@@ -8,7 +8,7 @@ bearer token, as Graph reuses one within its lifetime. Prints requests/s and
 latency percentiles of each, then ``full/bare`` and ``full/handwritten``
 measured in this run.
 
-    python benchmarks/throughput.py [--seconds 5] [--connections 32] [--uvloop] [--untuned]
+    python benchmarks/throughput.py [--seconds 4] [--connections 32] [--uvloop] [--untuned]
 """
 
 from __future__ import annotations
@@ -82,6 +82,7 @@ async def measure(
                     srv.url, prefix=f"{kind}m", seconds=seconds, use_wrk=use_wrk, **common
                 )
                 handled = await _settle(srv.stats)
+                stats = await srv.stats()
             results["kinds"][label] = {
                 "rps": result.rps,
                 "p50_ms": result.p50_ms,
@@ -89,6 +90,8 @@ async def measure(
                 "requests": result.requests,
                 "errors": result.errors,
                 "handled": handled if kind != "bare" else None,
+                "gc_ms": sum(stats["gc_ms"]),
+                "gc_max_ms": stats["gc_max_ms"],
                 "tool": result.tool,
             }
     kinds = results["kinds"]
@@ -106,13 +109,14 @@ def report(results: dict[str, Any], seconds: float, connections: int) -> str:
     lines = [
         f"throughput: {connections} connections, {seconds:g} s per server, load by {tool}, "
         f"body {INCOMING} with a fresh call id per request",
-        f"{'server':<12} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'handled':>9}",
+        f"{'server':<12} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'handled':>9}"
+        f" {'GC ms':>7} {'longest':>8}",
     ]
     for kind, row in kinds.items():
         handled = "-" if row["handled"] is None else str(row["handled"])
         lines.append(
             f"{kind:<12} {row['rps']:>9.0f} {row['p50_ms']:>8.2f} {row['p99_ms']:>8.2f} "
-            f"{row['errors']:>7} {handled:>9}"
+            f"{row['errors']:>7} {handled:>9} {row['gc_ms']:>7.0f} {row['gc_max_ms']:>8.1f}"
         )
     lines.append(ratio_line("full/bare", results["full/bare"]))
     lines.append(ratio_line("full/handwritten", results["full/handwritten"]))
@@ -124,7 +128,7 @@ def report(results: dict[str, Any], seconds: float, connections: int) -> str:
 def main() -> None:
     """Parse the command line, measure, print."""
     parser = argparse.ArgumentParser(description="callbot throughput against the limit")
-    parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per server")
+    parser.add_argument("--seconds", type=float, default=4.0, help="measured seconds per server")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--quick", action="store_true", help="3 s per server")
     parser.add_argument("--uvloop", action="store_true", help="run the servers on uvloop")

@@ -6,9 +6,9 @@ collection every 700 container allocations, and each notification allocates
 hundreds, so live calls are traversed again and again while they age, and a
 full collection runs whenever the number of long-lived objects grew by a
 quarter. Collecting the young generations far less often lets short-lived
-objects die by reference counting before any collection sees them; it cut
-the cost of a notification by about 40% with tens of thousands of live calls
-(see benchmarks/README.md). Memory is unchanged except for cyclic garbage,
+objects die by reference counting before any collection sees them; it halved
+the cost of a notification with tens of thousands of live calls (see
+benchmarks/README.md). Memory is unchanged except for cyclic garbage,
 which waits a little longer to be collected.
 """
 

@@ -107,10 +107,11 @@ async def test_keys_down_at_start_means_503_with_retry_after_until_they_load(
     authority.available = True
 
     async def ready() -> bool:
-        return (await server.client.get("/readyz")).status == 200
+        status: int = (await server.client.get("/readyz")).status
+        return status == 200
 
     async with asyncio.timeout(15):
-        while not await ready():
+        while not await ready():  # noqa: ASYNC110 - polling a probe, as a load balancer does
             await asyncio.sleep(0.05)
     # Graph's retry of the same notification is accepted and handled once.
     assert (await server.post(body)).status == 202
@@ -142,7 +143,9 @@ async def test_keys_down_later_keeps_verifying_with_the_keys_already_loaded(
     assert refused.status == 401
     assert (await refused.json())["error"] == "unknown_key"
     assert any(e["event"] == "jwks_fetch_failed" for e in logs)
-    assert (await server.post(b.notifications(b.incoming_call("old-key")), token=old_token)).status == 202
+    assert (
+        await server.post(b.notifications(b.incoming_call("old-key")), token=old_token)
+    ).status == 202
 
     authority.available = True
     assert (await server.post(body, token=new_token)).status == 202
@@ -300,7 +303,9 @@ async def test_graph_hanging_times_out_into_on_error_and_frees_the_call(
     server = await serve(bot)
     await server.post(b.notifications(b.incoming_call("graph-hangs")))
     # Acknowledged at once, queued behind the hanging handler of the same call.
-    assert (await server.post(b.notifications(b.call_state("graph-hangs", "establishing")))).status == 202
+    assert (
+        await server.post(b.notifications(b.call_state("graph-hangs", "establishing")))
+    ).status == 202
     await until(lambda: len(errors.seen) == 1 and later == ["graph-hangs"], within=10)
     exc = errors.seen[0][2]
     assert isinstance(exc, GraphError)
@@ -370,7 +375,11 @@ async def test_a_hanging_handler_holds_only_its_call_and_is_reported_at_shutdown
         await bot.drain()
     abandoned = [e for e in logs if e["event"] == "notification_abandoned"]
     assert [e["call_id"] for e in abandoned] == ["stuck"] * len(stuck)
-    assert [e["kind"] for e in abandoned] == ["IncomingCall", "CallStateChanged", "CallStateChanged"]
+    assert [e["kind"] for e in abandoned] == [
+        "IncomingCall",
+        "CallStateChanged",
+        "CallStateChanged",
+    ]
     await assert_nothing_lost(server, abandoned=len(abandoned))
 
 
