@@ -84,6 +84,7 @@ class CallRecord:
     roster: dict[str, Participant] = field(default_factory=dict)
     roster_sequence: int | None = None
     seen: deque[bytes] = field(default_factory=lambda: deque(maxlen=_SEEN_DIGESTS))
+    roster_digest: bytes | None = None
     ended: bool = False
     held: events.Event | None = None
     hold_timer: asyncio.TimerHandle | None = None
@@ -148,10 +149,17 @@ class Sequencer:
         if record is None:
             record = self._records[key] = CallRecord(call_id=event.call_id)
         digest = _digest(event.raw)
-        if digest in record.seen:
+        if isinstance(event, events.ParticipantsUpdated):
+            # A roster is a snapshot: the same one after a different one is a real change.
+            if digest == record.roster_digest:
+                self._drop(event, "duplicate")
+                return
+            record.roster_digest = digest
+        elif digest in record.seen:
             self._drop(event, "duplicate")
             return
-        record.seen.append(digest)
+        else:
+            record.seen.append(digest)
         if isinstance(event, events.OperationUpdated) and self._on_operation is not None:
             self._on_operation(event)
         self._route(record, event)

@@ -154,3 +154,18 @@ async def test_failed_transfer_established_again_is_delivered() -> None:
     assert last.result_info is not None
     assert last.result_info.subcode == 7000
     seq.close()
+
+
+async def test_a_roster_that_comes_back_after_a_change_is_not_a_duplicate() -> None:
+    sink = Sink()
+    seq = sink.sequencer()
+    alice, bob = b.participant("alice"), b.participant("bob")
+    for people in ([alice], [alice], [alice, bob], [alice]):
+        seq.accept(one(b.roster("meet", people)))
+    rosters = [d.event for d in sink.deliveries]
+    assert len(rosters) == 3
+    last = rosters[-1]
+    assert isinstance(last, events.ParticipantsUpdated)
+    assert [p.id for p in last.left] == ["bob"]
+    assert seq.counts["duplicate"] == 1
+    seq.close()
