@@ -8,12 +8,31 @@ from typing import Any
 
 import structlog
 
-__all__ = ["configure_logging", "get_logger"]
+__all__ = ["configure_logging", "get_logger", "is_enabled"]
 
 
 def get_logger(name: str) -> Any:
     """A structlog logger; lines carry whatever ``call_id`` is bound in context."""
     return structlog.get_logger(name)
+
+
+# The level filters make_filtering_bound_logger builds (one class per level, created once).
+_FILTERING = frozenset(
+    structlog.make_filtering_bound_logger(level)
+    for level in (0, logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR, logging.CRITICAL)
+)
+
+
+def is_enabled(level: int) -> bool:
+    """Whether lines at ``level`` can pass structlog's configured level filter.
+
+    Lets hot paths skip building a line that would be dropped. True when the
+    configured wrapper is not one of structlog's level filters (it decides later).
+    """
+    wrapper: Any = structlog.get_config()["wrapper_class"]
+    if wrapper not in _FILTERING:
+        return True
+    return bool(level >= wrapper.get_effective_level(None))
 
 
 def configure_logging(log_format: str = "auto", level: str = "info") -> None:

@@ -84,10 +84,17 @@ class Metrics:
             buckets=_HANDLER_BUCKETS,
             registry=self.registry,
         )
+        # labels() validates and hashes its arguments on every call; each pair's child is kept.
+        self._handler_children: dict[tuple[str, str], Histogram] = {}
 
     def observe_handler(self, handler: str, outcome: str, seconds: float) -> None:
         """Record one handler run."""
-        self.handler_seconds.labels(handler, outcome).observe(seconds)
+        child = self._handler_children.get((handler, outcome))
+        if child is None:
+            child = self._handler_children[handler, outcome] = self.handler_seconds.labels(
+                handler, outcome
+            )
+        child.observe(seconds)
 
     def render(self) -> bytes:
         """The metrics in Prometheus text format."""

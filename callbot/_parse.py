@@ -86,7 +86,7 @@ def parse_body(body: bytes, *, max_depth: int = DEFAULT_MAX_DEPTH) -> list[Event
     if _text_too_deep(text, max_depth):
         raise MalformedNotification("too_deep", f"JSON nested deeper than {max_depth} levels")
     try:
-        payload = json.loads(text, parse_constant=_reject_constant)
+        payload = _DECODER.decode(text)
     except RecursionError:
         raise MalformedNotification(
             "too_deep", f"JSON nested deeper than {max_depth} levels"
@@ -108,6 +108,10 @@ def parse_payload(payload: Any, *, max_depth: int = DEFAULT_MAX_DEPTH) -> list[E
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
+
+
+# One decoder for every body: json.loads with an option builds a new one per call.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 
 
 def _text_too_deep(text: str, max_depth: int) -> bool:

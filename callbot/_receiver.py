@@ -6,6 +6,7 @@ authenticated, parsed and accepted by the sequencer; handlers run afterwards.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -16,7 +17,7 @@ from aiohttp import web
 from . import events
 from ._auth import Authenticator
 from ._errors import AuthenticationError, KeysUnavailable, MalformedNotification, StoreUnavailable
-from ._log import get_logger
+from ._log import get_logger, is_enabled
 from ._parse import parse_body
 
 __all__ = ["Receiver"]
@@ -53,25 +54,25 @@ class Receiver:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Answer one callback POST."""
         started = time.perf_counter()
-        context = {
-            "client": self._client_address(request),
-            "chain_id": request.headers.get("X-Microsoft-Skype-Chain-ID"),
-            "message_id": request.headers.get("X-Microsoft-Skype-Message-ID"),
-        }
         if self.draining:
             return self._refuse(
                 503,
                 "unavailable",
                 "draining",
                 "shutting down",
-                context,
+                self._context(request),
                 headers={"Retry-After": "1"},
             )
         try:
             token = await self._auth.verify(request.headers.get("Authorization"))
         except KeysUnavailable as exc:
             return self._refuse(
-                503, "unavailable", exc.reason, str(exc), context, headers={"Retry-After": "5"}
+                503,
+                "unavailable",
+                exc.reason,
+                str(exc),
+                self._context(request),
+                headers={"Retry-After": "5"},
             )
         except AuthenticationError as exc:
             challenge = f'Bearer error="invalid_token", error_description="{exc.reason}"'
@@ -80,27 +81,33 @@ class Receiver:
                 "auth_failed",
                 exc.reason,
                 str(exc),
-                context,
+                self._context(request),
                 headers={"WWW-Authenticate": challenge},
             )
-        context["tenant_id"] = token.tenant_id
+        tenant_id = token.tenant_id
         if request.content_type != "application/json":
             return self._refuse(
                 415,
                 "malformed",
                 "bad_content_type",
                 f"expected application/json, got {request.content_type!r}",
-                context,
+                self._context(request, tenant_id),
             )
         body = await self._read_limited(request)
         if body is None:
             return self._refuse(
-                413, "malformed", "too_large", f"body larger than {self._max_body} bytes", context
+                413,
+                "malformed",
+                "too_large",
+                f"body larger than {self._max_body} bytes",
+                self._context(request, tenant_id),
             )
         try:
             batch = parse_body(body, max_depth=self._max_depth)
         except MalformedNotification as exc:
-            return self._refuse(400, "malformed", exc.reason, str(exc), context)
+            return self._refuse(
+                400, "malformed", exc.reason, str(exc), self._context(request, tenant_id)
+            )
         try:
             await self._ingest(batch)
         except StoreUnavailable as exc:
@@ -109,19 +116,31 @@ class Receiver:
                 "unavailable",
                 "store_unavailable",
                 str(exc),
-                context,
+                self._context(request, tenant_id),
                 headers={"Retry-After": "1"},
             )
         self.counts["accepted", ""] += len(batch)
-        log.debug(
-            "callback_accepted",
-            items=len(batch),
-            call_id=batch[0].call_id,
-            **{k: v for k, v in context.items() if v is not None},
-        )
+        if is_enabled(logging.DEBUG):
+            # Built only when it can be written: the 202 path is hot.
+            log.debug(
+                "callback_accepted",
+                items=len(batch),
+                call_id=batch[0].call_id,
+                **self._context(request, tenant_id),
+            )
         if self._observe_ack is not None:
             self._observe_ack(time.perf_counter() - started)
         return web.Response(status=202)
+
+    def _context(self, request: web.Request, tenant_id: str | None = None) -> dict[str, Any]:
+        """Who sent a request, for its log line (unset values left out)."""
+        context = {
+            "client": self._client_address(request),
+            "chain_id": request.headers.get("X-Microsoft-Skype-Chain-ID"),
+            "message_id": request.headers.get("X-Microsoft-Skype-Message-ID"),
+            "tenant_id": tenant_id,
+        }
+        return {k: v for k, v in context.items() if v is not None}
 
     async def _read_limited(self, request: web.Request) -> bytes | None:
         declared = request.content_length
@@ -156,7 +175,7 @@ class Receiver:
             outcome=outcome,
             reason=reason,
             detail=detail,
-            **{k: v for k, v in context.items() if v is not None},
+            **context,
         )
         return web.json_response(
             {"error": reason, "detail": detail}, status=status, headers=headers

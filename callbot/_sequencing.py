@@ -54,6 +54,16 @@ _SEEN_DIGESTS = 128
 _MAX_BACKLOG = 1000
 
 
+def _state(event: events.Event) -> str | None:
+    return event.state if isinstance(event, events.CallStateChanged) else None
+
+
+def _call_of(event: events.Event) -> CallResource | None:
+    if isinstance(event, events.IncomingCall | events.CallStateChanged | events.ToneReceived):
+        return event.call
+    return None
+
+
 def phase_of(event: events.Event) -> int | None:
     """Where an event stands in the call lifecycle; ``None`` for events without a state."""
     if isinstance(event, events.IncomingCall):
@@ -230,7 +240,7 @@ class Sequencer:
         if phase is not None:
             if phase < record.phase:
                 self._drop(
-                    event, "stale", state=getattr(event, "state", None), current_state=record.state
+                    event, "stale", state=_state(event), current_state=record.state
                 )
                 return
             if not self._predecessor_done(record, event):
@@ -242,14 +252,14 @@ class Sequencer:
                 log.debug(
                     "notification_held",
                     call_id=record.call_id,
-                    state=getattr(event, "state", None),
+                    state=_state(event),
                     window=self._window,
                 )
                 return
         self._deliver(record, event)
 
     def _predecessor_done(self, record: CallRecord, event: events.Event) -> bool:
-        predecessor = _PREDECESSOR.get(getattr(event, "state", ""))
+        predecessor = _PREDECESSOR.get(_state(event) or "")
         return predecessor is None or record.phase >= _PHASES[predecessor]
 
     def _release_on_timer(self, record: CallRecord) -> None:
@@ -269,7 +279,7 @@ class Sequencer:
             log.info(
                 "held_notification_released",
                 call_id=record.call_id,
-                state=getattr(held, "state", None),
+                state=_state(held),
                 reason=why,
             )
         self._admit_released(record, held)
@@ -281,7 +291,7 @@ class Sequencer:
         phase = phase_of(event)
         if phase is not None and phase < record.phase:
             self._drop(
-                event, "stale", state=getattr(event, "state", None), current_state=record.state
+                event, "stale", state=_state(event), current_state=record.state
             )
             return
         self._deliver(record, event)
@@ -294,7 +304,7 @@ class Sequencer:
             if diffed is None:
                 return
             event = diffed
-        snapshot_source: CallResource | None = getattr(event, "call", None)
+        snapshot_source = _call_of(event)
         if snapshot_source is not None:
             record.snapshot = _merge(record.snapshot, snapshot_source)
         phase = phase_of(event)
@@ -306,7 +316,8 @@ class Sequencer:
             record.phase = max(record.phase, 0)
             record.state = "incoming"
         self.counts["delivered"] += 1
-        self._deliver_fn(Delivery(event, record.snapshot, dict(record.roster)))
+        # The roster dict is replaced, never changed in place, so it can be shared.
+        self._deliver_fn(Delivery(event, record.snapshot, record.roster))
         if isinstance(event, events.CallTerminated):
             self._end(record, event)
 
@@ -347,7 +358,7 @@ class Sequencer:
         updated: list[Participant] = []
         new = dict(old) if delta else {}
         for key, participant in incoming.items():
-            if getattr(participant, "removed_state", None) is not None:
+            if participant.removed_state is not None:
                 left.append(participant)
                 new.pop(key, None)
                 continue

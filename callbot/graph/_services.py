@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -70,7 +69,8 @@ class CallServices:
         self.operations = OperationRegistry()
         """Operations awaiting their outcome."""
         self._calls: dict[str, Call] = {}
-        self._keep_alives: dict[str, asyncio.Task[None]] = {}
+        # A call's keep-alive is a timer while it waits and a short task while it sends.
+        self._keep_alives: dict[str, asyncio.TimerHandle | asyncio.Task[None]] = {}
         self._deadlines: dict[str, asyncio.TimerHandle] = {}
         self._forget_timers: dict[str, asyncio.TimerHandle] = {}
         self._started = False
@@ -96,13 +96,14 @@ class CallServices:
 
     async def close(self) -> None:
         """Stop keep-alives and timers, fail pending waits, close the session."""
-        tasks = list(self._keep_alives.values())
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        pending = list(self._keep_alives.values())
         self._keep_alives.clear()
+        for pending_one in pending:
+            pending_one.cancel()
+        for pending_one in pending:
+            if isinstance(pending_one, asyncio.Task):
+                with contextlib.suppress(asyncio.CancelledError):
+                    await pending_one
         for timer in (*self._deadlines.values(), *self._forget_timers.values()):
             timer.cancel()
         self._deadlines.clear()
@@ -177,11 +178,7 @@ class CallServices:
         try:
             if not self.settings.keep_alive or call.ended or call.key in self._keep_alives:
                 return
-            task = asyncio.get_running_loop().create_task(
-                self._keep_alive_loop(call), name=f"callbot-keepalive-{call.key}"
-            )
-            self._keep_alives[call.key] = task
-            task.add_done_callback(functools.partial(self._keep_alive_done, call.key))
+            self._schedule_keep_alive(call)
         except Exception:
             log.exception("keep_alive_start_failed", call_id=getattr(call, "id", None))
 
@@ -189,20 +186,30 @@ class CallServices:
         """Whether the keep-alive loop of a call is running."""
         return id_key(call_id) in self._keep_alives
 
-    def _keep_alive_done(self, key: str, task: asyncio.Task[None]) -> None:
-        if self._keep_alives.get(key) is task:
-            del self._keep_alives[key]
+    def _schedule_keep_alive(self, call: Call) -> None:
+        # A timer per call costs a fraction of a sleeping task's memory.
+        loop = asyncio.get_running_loop()
+        self._keep_alives[call.key] = loop.call_later(
+            self.settings.keep_alive_interval, self._keep_alive_due, call
+        )
 
-    async def _keep_alive_loop(self, call: Call) -> None:
-        interval = self.settings.keep_alive_interval
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await call.keep_alive()
-            except GraphError as exc:
-                if exc.status == 404:
-                    log.info("keep_alive_call_gone", call_id=call.id)
-                    return
+    def _keep_alive_due(self, call: Call) -> None:
+        task = asyncio.get_running_loop().create_task(
+            self._keep_alive_once(call), name=f"callbot-keepalive-{call.key}"
+        )
+        self._keep_alives[call.key] = task
+
+    async def _keep_alive_once(self, call: Call) -> None:
+        key = call.key
+        again = False
+        try:
+            await call.keep_alive()
+            again = True
+        except GraphError as exc:
+            if exc.status == 404:
+                log.info("keep_alive_call_gone", call_id=call.id)
+            else:
+                again = True
                 log.warning(
                     "keep_alive_failed",
                     call_id=call.id,
@@ -210,8 +217,16 @@ class CallServices:
                     code=exc.code,
                     error=exc.message,
                 )
-            except Exception as exc:
-                log.warning("keep_alive_failed", call_id=call.id, error=repr(exc))
+        except Exception as exc:
+            again = True
+            log.warning("keep_alive_failed", call_id=call.id, error=repr(exc))
+        finally:
+            # Only the current keep-alive of a live call goes on; a stopped one is already gone.
+            if self._keep_alives.get(key) is asyncio.current_task():
+                if again:
+                    self._schedule_keep_alive(call)
+                else:
+                    del self._keep_alives[key]
 
     def on_ended(self, call_key: str, result_info: models.ResultInfo | None) -> None:
         """The call ended: stop its keep-alive and deadline watch, fail its pending waits."""
@@ -220,9 +235,9 @@ class CallServices:
             handle = self._calls.get(key)
             if handle is not None:
                 handle._ended = True
-            task = self._keep_alives.pop(key, None)
-            if task is not None:
-                task.cancel()
+            keep_alive = self._keep_alives.pop(key, None)
+            if keep_alive is not None:
+                keep_alive.cancel()
             timer = self._deadlines.pop(key, None)
             if timer is not None:
                 timer.cancel()
