@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # also run as a
 
 from benchmarks._common import machine, ratio_line
 from benchmarks._inproc import InProcessBot
+from callbot import Call, events
 from callbot._log import configure_logging
 from callbot.testing import _builders as b
 
@@ -48,8 +49,10 @@ def redis_server() -> Iterator[str]:
         port = probe.getsockname()[1]
     with tempfile.TemporaryDirectory() as directory:
         process = subprocess.Popen(
-            [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly"]
-            + ["no", "--dir", directory],
+            [
+                *(binary, "--bind", "127.0.0.1", "--port", str(port)),
+                *("--save", "", "--appendonly", "no", "--dir", directory),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -91,7 +94,16 @@ async def measure(store: str, round_id: str, calls: int, concurrency: int) -> fl
         options["store_lease"] = 5.0
     work = bodies(round_id, calls)
     total = sum(len(call) for call in work)
-    async with InProcessBot(**options) as bot:
+    counted = 0
+    all_handled = asyncio.Event()
+
+    async def count(call: Call, event: events.Event) -> None:
+        nonlocal counted
+        counted += 1
+        if counted == total:
+            all_handled.set()
+
+    async with InProcessBot(on_event=count, **options) as bot:
         queue = iter(work)
 
         async def caller() -> None:
@@ -103,8 +115,7 @@ async def measure(store: str, round_id: str, calls: int, concurrency: int) -> fl
 
         started = time.perf_counter()
         await asyncio.gather(*(caller() for _ in range(concurrency)))
-        while bot.handled < total:
-            await asyncio.sleep(0.001)
+        await all_handled.wait()
         elapsed = time.perf_counter() - started
     return total / elapsed
 

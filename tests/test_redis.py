@@ -556,6 +556,55 @@ async def test_an_operation_resolves_when_its_outcome_lands_on_another_instance(
         assert outcomes == [(owner, "completed")]
 
 
+async def test_rosters_are_diffed_against_the_stored_roster_on_any_instance(
+    authority: TokenAuthority, serve: Any, redis_url: str
+) -> None:
+    seen: list[tuple[list[str], list[str]]] = []
+    servers: list[BotServer] = []
+    for _ in range(2):
+        bot = make_bot(authority, store=redis_url)
+
+        @bot.on_participants
+        async def roster(call: Call, event: events.ParticipantsUpdated) -> None:
+            seen.append(([p.id or "" for p in event.joined], [p.id or "" for p in event.left]))
+
+        servers.append(await serve(bot))
+    alice, bob = b.participant("alice"), b.participant("bob")
+    # The same roster again after another one is a change; right after itself, a repeat.
+    for index, people in enumerate(([alice], [alice, bob], [alice], [alice])):
+        item = b.roster("meeting", people)
+        assert (await servers[index % 2].post(b.notifications(item))).status == 202
+        wanted = min(index + 1, 3)
+        await until(lambda: len(seen) >= wanted)  # noqa: B023 - awaited within the iteration
+    await asyncio.sleep(0.2)
+    assert seen == [(["alice"], []), (["bob"], []), ([], ["bob"])]
+
+
+async def test_a_held_state_survives_its_owner_stopping(
+    authority: TokenAuthority, serve: Any, redis_url: str
+) -> None:
+    seen: list[tuple[str, str | None, int]] = []
+    servers: list[BotServer] = []
+    for index in range(2):
+        bot = make_bot(authority, store=redis_url, reorder_window=30.0)
+
+        @bot.on(events.CallStateChanged)
+        async def record(call: Call, event: events.CallStateChanged, index: int = index) -> None:
+            seen.append((event.state, event.previous_state, index))
+
+        servers.append(await serve(bot))
+    first, second = servers
+    item = b.call_state("held", "established")
+    assert (await first.post(b.notifications(item))).status == 202
+    await asyncio.sleep(0.2)
+    assert seen == []  # held by the first instance, waiting for establishing
+    await first.bot.stop()  # hands the call over: the held entry is not acknowledged
+    item = b.call_state("held", "establishing")
+    assert (await second.post(b.notifications(item))).status == 202
+    await until(lambda: len(seen) == 2, within=5)
+    assert seen == [("establishing", None, 1), ("established", "establishing", 1)]
+
+
 async def test_redis_down_means_503_then_recovery_by_itself(
     authority: TokenAuthority, serve: Any, tmp_path: Path
 ) -> None:

@@ -80,6 +80,7 @@ def test_a_record_survives_the_round_trip() -> None:
     record.roster = {"alice": b.participant("alice", muted=True)}
     record.roster_sequence = 4
     record.seen.extend([b"\x01" * 16, b"\x02" * 16])
+    record.roster_digest = b"\x03" * 16
     copy = decode_record(encode_record(record))
     assert copy is not None
     assert (copy.call_id, copy.phase, copy.state, copy.ended) == ("Call-1", 2, "established", False)
@@ -92,6 +93,7 @@ def test_a_record_survives_the_round_trip() -> None:
     assert copy.roster == record.roster
     assert copy.roster_sequence == 4
     assert list(copy.seen) == list(record.seen)
+    assert copy.roster_digest == record.roster_digest
     assert copy.seen.maxlen == record.seen.maxlen
     assert decode_record('{"version": 999}') is None
 

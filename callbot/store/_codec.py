@@ -6,8 +6,8 @@ parser stays the one authority on what an item means, and instances of
 different callbot versions read each other's entries.
 
 A call record keeps what the sequencer needs to go on ordering the call (its
-phase, state, roster, the digests of its last notifications, whether it
-ended) and the call's merged snapshot, which carries ``chatInfo`` and
+phase, state, roster, the digests of its last notifications and of its latest
+roster, whether it ended) and the call's merged snapshot, which carries ``chatInfo`` and
 ``meetingInfo`` so a bot can rejoin a meeting after a restart.
 """
 
@@ -57,26 +57,29 @@ def decode_entry(text: str) -> events.Event:
     return event
 
 
-def _dump(model: Any) -> dict[str, Any]:
+def _json(model: Any) -> str:
     # exclude_unset keeps what Graph sent, nothing the models filled in by default.
-    data: dict[str, Any] = model.model_dump(mode="json", by_alias=True, exclude_unset=True)
-    return data
+    text: str = model.model_dump_json(by_alias=True, exclude_unset=True)
+    return text
 
 
 def encode_record(record: CallRecord) -> str:
     """A call record as JSON (what is held or backlogged is not kept: the inbox has it)."""
-    body = {
+    head = {
         "version": RECORD_VERSION,
         "call_id": record.call_id,
         "phase": record.phase,
         "state": record.state,
         "ended": record.ended,
-        "snapshot": None if record.snapshot is None else _dump(record.snapshot),
-        "roster": {key: _dump(p) for key, p in record.roster.items()},
         "roster_sequence": record.roster_sequence,
+        "roster_digest": None if record.roster_digest is None else record.roster_digest.hex(),
         "seen": [digest.hex() for digest in record.seen],
     }
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+    # Models serialize themselves (faster than going through Python dicts).
+    snapshot = "null" if record.snapshot is None else _json(record.snapshot)
+    roster = ",".join(f"{json.dumps(key)}:{_json(p)}" for key, p in record.roster.items())
+    opening = json.dumps(head, separators=(",", ":"))[:-1]  # without its closing brace
+    return f'{opening},"snapshot":{snapshot},"roster":{{{roster}}}}}'
 
 
 def decode_record(text: str) -> CallRecord | None:
@@ -95,6 +98,7 @@ def decode_record(text: str) -> CallRecord | None:
             for key, value in (body.get("roster") or {}).items()
         },
         roster_sequence=body.get("roster_sequence"),
+        roster_digest=bytes.fromhex(body["roster_digest"]) if body.get("roster_digest") else None,
         ended=bool(body.get("ended")),
     )
     record.seen.extend(bytes.fromhex(digest) for digest in body.get("seen") or ())

@@ -45,6 +45,11 @@ log = get_logger("callbot.store")
 
 _READ_BATCH = 64
 """Inbox entries read at once."""
+_CLAIM_BATCH = 32
+"""Calls taken in one step at most."""
+_PARSED_LIMIT = 10_000
+_RESTING_LIMIT = 10_000
+"""Bounds of the caches that spare parsing an entry or decoding a record again."""
 _BLOCK_SECONDS = 1.0
 """How long a blocking read waits; below the socket timeout, so a wait is never an error."""
 _SOCKET_TIMEOUT = 3.0
@@ -57,7 +62,9 @@ _MIN_DEDUPE_MS = 10 * 60 * 1000
 _SYNC_SECONDS = 2.0
 """How often the list of the cluster's active calls is refreshed."""
 _RETRY_PAUSE = 0.2
+"""How long a background loop waits after Redis failed it."""
 _MAX_CONNECTIONS = 64
+"""Connections to Redis per instance; requests beyond wait for one."""
 
 
 @dataclass(eq=False)
@@ -81,10 +88,11 @@ class _Owned:
 
 
 class _Keys:
+    """Key names (the scripts name the same keys from the prefix; see ``_scripts``)."""
+
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
         self.runnable = prefix + "runnable"
-        self.pending = prefix + "pending"
         self.active = prefix + "active"
         self.events = prefix + "events"
         self.reaper = prefix + "reaper"
@@ -92,18 +100,31 @@ class _Keys:
     def inbox(self, call: str) -> str:
         return f"{self.prefix}inbox:{call}"
 
-    def seen(self, call: str) -> str:
-        return f"{self.prefix}seen:{call}"
-
-    def lease(self, call: str) -> str:
-        return f"{self.prefix}lease:{call}"
-
     def record(self, call: str) -> str:
         return f"{self.prefix}call:{call}"
 
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _entries(raw: Any) -> list[tuple[str, str]]:
+    """``(id, entry)`` pairs from XRANGE, whether redis-py or a script answered it."""
+    out = []
+    for entry_id, fields in raw or ():
+        if not isinstance(fields, dict):
+            fields = dict(zip(fields[::2], fields[1::2], strict=True))
+        out.append((_text(entry_id), _text(fields.get("e", ""))))
+    return out
+
+
+def _decode_record(call: str, stored: str) -> CallRecord | None:
+    try:
+        return decode_record(stored)
+    except Exception as exc:
+        # The call goes on from a fresh record rather than not at all.
+        log.error("call_record_unreadable", call_key=call, error=repr(exc))
+        return None
 
 
 def _after(entry_id: str) -> str:
@@ -163,6 +184,14 @@ class RedisStore:
         self._owned: dict[str, _Owned] = {}
         self._known: dict[str, CallRecord] = {}
         self._own_counts: Counter[str] = Counter()
+        self._parsed: dict[tuple[str, str], events.Event] = {}
+        """Events this instance accepted for calls it runs, by call and inbox entry id."""
+        self._resting: dict[str, tuple[str, CallRecord]] = {}
+        """Records of calls this instance gave up, as stored, in case it takes them again."""
+        self._running: dict[str, _Owned] = {}
+        """The run feeding each call now (a new lease may wait for an old run to end)."""
+        self._in_flight: dict[int, _Owned] = {}
+        """The run that fed each delivery still in the dispatcher (by the delivery's id)."""
         self._tasks: list[asyncio.Task[None]] = []
         self._claimer: asyncio.Task[None] | None = None
         self._slot_freed = asyncio.Event()
@@ -206,20 +235,24 @@ class RedisStore:
         log.info("store_started", store="redis", token=self.token, lease=self._lease_ms / 1000)
 
     async def ingest(self, batch: Sequence[events.Event]) -> None:
-        """Append each event to its call's inbox (repeats dropped), or raise StoreUnavailable."""
+        """Append each event to its call's inbox (repeats dropped), or raise StoreUnavailable.
+
+        A call that nobody runs is taken on by this instance at once, when it has room.
+        """
+        started = time.monotonic()
         try:
             try:
-                added = await self._append(batch)
+                answers = await self._append(batch)
             except NoScriptError:
                 # Redis restarted or failed over: its script cache is empty.
                 await self._load_scripts()
-                added = await self._append(batch)
+                answers = await self._append(batch)
         except RedisError as exc:
             self._mark(False, exc)
             raise StoreUnavailable(f"the Redis store cannot be reached: {exc}") from exc
         self._mark(True)
-        for event, was_added in zip(batch, added, strict=True):
-            if not was_added:
+        for event, answer in zip(batch, answers, strict=True):
+            if not int(answer[0]):
                 self._own_counts["duplicate"] += 1
                 log.info(
                     "notification_dropped",
@@ -227,6 +260,18 @@ class RedisStore:
                     reason="duplicate",
                     kind=type(event).__name__,
                 )
+                continue
+            owner = int(answer[1])
+            if owner == 0:
+                continue
+            # This instance runs the call: it need not parse the entry again.
+            self._parsed[event.call_key, _text(answer[2])] = event
+            if owner == 2:
+                self._begin(event.call_key, started, _text(answer[3]), _entries(answer[4]))
+            else:
+                state = self._running.get(event.call_key)
+                if state is not None:
+                    state.changed.set()  # a held call need not wait for its next look
 
     def active_records(self) -> list[CallRecord]:
         """The calls of every instance that have not ended (refreshed every few seconds)."""
@@ -265,27 +310,37 @@ class RedisStore:
     # -- accepting ----------------------------------------------------------------
 
     async def _append(self, batch: Sequence[events.Event]) -> list[Any]:
-        keys = self._keys
-        pipe = self._redis.pipeline(transaction=False)
+        room = len(self._owned) < self._capacity and not self._draining
+        taking: set[str] = set()
+        calls: list[list[Any]] = []
         for event in batch:
             call = event.call_key
             broadcast = isinstance(event, events.OperationUpdated | events.CallTerminated)
-            pipe.evalsha(
-                _scripts.INGEST.sha,
-                6,
-                keys.seen(call),
-                keys.inbox(call),
-                keys.lease(call),
-                keys.runnable,
-                keys.pending,
-                keys.events,
-                digest_of(event),
-                encode_entry(event),
-                call,
-                self._dedupe_ms,
-                "1" if broadcast else "0",
-                _EVENTS_MAXLEN,
+            # Only the first item of a call in this batch may take it on.
+            take = room and call not in self._owned and call not in taking
+            if take:
+                taking.add(call)
+            calls.append(
+                [
+                    self._keys.prefix,
+                    call,
+                    # A roster repeated after another one is news: the sequencer decides.
+                    "" if isinstance(event, events.ParticipantsUpdated) else digest_of(event),
+                    encode_entry(event),
+                    self._dedupe_ms,
+                    "1" if broadcast else "0",
+                    _EVENTS_MAXLEN,
+                    self.token,
+                    self._lease_ms if take else "",
+                    _READ_BATCH,
+                ]
             )
+        sha = _scripts.INGEST.sha
+        if len(calls) == 1:
+            return [await self._redis.evalsha(sha, 0, *calls[0])]
+        pipe = self._redis.pipeline(transaction=False)
+        for args in calls:
+            pipe.evalsha(sha, 0, *args)
         return list(await pipe.execute())
 
     # -- claiming and running calls -------------------------------------------------
@@ -299,51 +354,57 @@ class RedisStore:
                 await self._slot_freed.wait()
                 continue
             try:
+                # Returns at once while calls wait; then take more of them in the same step.
                 popped = await self._redis.bzpopmin(keys.runnable, timeout=_BLOCK_SECONDS)
                 if not popped:
                     continue
-                calls = [str(popped[1])]
-                if free > 1:
-                    more: Any = await self._redis.zpopmin(keys.runnable, free - 1)
-                    calls.extend(str(member) for member, _score in more)
-                pipe = self._redis.pipeline(transaction=False)
-                for call in calls:
-                    pipe.set(keys.lease(call), self.token, nx=True, px=self._lease_ms)
                 started = time.monotonic()
-                won = await pipe.execute()
+                claimed: Any = await self._script(
+                    _scripts.CLAIM,
+                    keys.prefix,
+                    self.token,
+                    self._lease_ms,
+                    min(free, _CLAIM_BATCH) - 1,
+                    _READ_BATCH,
+                    str(popped[1]),
+                )
             except RedisError as exc:
                 # A popped call is not lost: the reaper wakes it again.
                 self._mark(False, exc)
                 await asyncio.sleep(_RETRY_PAUSE)
                 continue
+            except Exception:
+                log.exception("store_claim_failed")
+                await asyncio.sleep(_RETRY_PAUSE)
+                continue
             self._mark(True)
-            for call, ok in zip(calls, won, strict=True):
-                if ok:
-                    self._begin(call, started)
+            for call, stored, entries in claimed:
+                self._begin(str(call), started, str(stored), _entries(entries))
 
-    def _begin(self, call: str, started: float) -> None:
+    def _begin(
+        self, call: str, started: float, stored: str, entries: list[tuple[str, str]]
+    ) -> None:
         state = _Owned(call, deadline=started + self._lease_ms / 1000)
         previous = self._owned.get(call)
         if previous is not None:
             # The old run lost its lease and is still winding down: let it, then go on.
-            state.task = asyncio.get_running_loop().create_task(
-                self._own_after(previous, state), name=f"callbot-store-call-{call}"
-            )
+            runner = self._own_after(previous, state)
         else:
-            state.task = asyncio.get_running_loop().create_task(
-                self._own(state), name=f"callbot-store-call-{call}"
-            )
+            runner = self._own(state, stored, entries)
+        state.task = asyncio.get_running_loop().create_task(
+            runner, name=f"callbot-store-call-{call}"
+        )
         self._owned[call] = state
 
     async def _own_after(self, previous: _Owned, state: _Owned) -> None:
         if previous.task is not None:
             await asyncio.gather(previous.task, return_exceptions=True)
         self._owned[state.key] = state
-        await self._own(state)
+        await self._own(state, None, [])
 
-    async def _own(self, state: _Owned) -> None:
+    async def _own(self, state: _Owned, stored: str | None, entries: list[tuple[str, str]]) -> None:
         try:
-            await self._run_call(state)
+            await self._run_call(state, stored, entries)
         except RedisError as exc:
             # The lease runs out; the reaper then hands the call to another instance.
             self._mark(False, exc)
@@ -354,119 +415,174 @@ class RedisStore:
             self._sequencer.evict(state.key)
             if self._owned.get(state.key) is state:
                 del self._owned[state.key]
+            if self._running.get(state.key) is state:
+                del self._running[state.key]
+            if len(self._parsed) > _PARSED_LIMIT:
+                # entries another instance took over; parsing them again costs little
+                self._parsed.clear()
             self._slot_freed.set()
 
-    async def _run_call(self, state: _Owned) -> None:
+    async def _run_call(
+        self, state: _Owned, stored: str | None, first: list[tuple[str, str]]
+    ) -> None:
         """Feed the call's inbox through the sequencer, acknowledging as handlers finish."""
         key = state.key
-        keys = self._keys
-        stored = await self._redis.get(keys.record(key))
-        record = decode_record(_text(stored)) if stored else None
+        self._running[key] = state
+        if stored is None:
+            stored, first = await self._load_call(key)
+        record = self._resting_record(key, stored)
         if record is not None:
             self._sequencer.adopt(record)
+            if record.phase == 2 and not record.ended:
+                # Keep-alives follow the calls: the instance that kept this one may be gone.
+                self._hooks.on_established(self._hooks.call(record.call_id))
         else:
             self._sequencer.evict(key)
         fed: str | None = None
         acked: str | None = None
-        buffer: deque[tuple[str, dict[str, str]]] = deque()
+        buffer = deque(first)
         while not state.lost:
             if state.outstanding:
                 await state.idle.wait()
                 continue
             holding = self._holding(key)
             if not holding and fed is not None and fed != acked:
-                if not await self._checkpoint(state, fed):
+                outcome = await self._checkpoint(state, fed, read_on=not buffer)
+                if outcome is None:
                     return
                 acked = fed
+                released, more = outcome
+                if released:
+                    return
+                buffer.extend(more)
+                continue
             if self._draining:
                 await self._release(state, handover=True)
                 return
-            if not buffer:
-                start = "-" if fed is None else "(" + fed
-                read: Any = await self._redis.xrange(keys.inbox(key), start, "+", _READ_BATCH)
-                buffer.extend(read)
             if buffer:
-                entry_id, fields = buffer.popleft()
+                entry_id, text = buffer.popleft()
                 fed = entry_id
-                self._feed(key, entry_id, fields)
+                self._feed(key, entry_id, text)
                 continue
             if holding:
                 # Wait for the window to close or for the missing predecessor to arrive.
                 state.changed.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(state.changed.wait(), self._hold_poll)
+                buffer.extend(await self._read(key, after=fed))
                 continue
-            released = await self._release(state, handover=False)
-            if released != 0:
+            if await self._release(state, handover=False) != 0:
                 return
+            buffer.extend(await self._read(key, after=fed))
+
+    async def _load_call(self, key: str) -> tuple[str, list[tuple[str, str]]]:
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.get(self._keys.record(key))
+        pipe.xrange(self._keys.inbox(key), "-", "+", _READ_BATCH)
+        stored, entries = await pipe.execute()
+        return (_text(stored) if stored else ""), _entries(entries)
+
+    async def _read(self, key: str, *, after: str | None) -> list[tuple[str, str]]:
+        start = "-" if after is None else "(" + after
+        entries: Any = await self._redis.xrange(self._keys.inbox(key), start, "+", _READ_BATCH)
+        return _entries(entries)
 
     def _holding(self, key: str) -> bool:
         record = self._sequencer.record(key)
         return record is not None and record.held is not None
 
-    def _feed(self, key: str, entry_id: str, fields: dict[str, str]) -> None:
-        try:
-            event = decode_entry(fields["e"])
-        except Exception as exc:
-            # Acknowledged with the next checkpoint: it can never be read.
-            log.error("inbox_entry_unreadable", call_key=key, entry=entry_id, error=repr(exc))
-            return
+    def _feed(self, key: str, entry_id: str, text: str) -> None:
+        event = self._parsed.pop((key, entry_id), None)
+        if event is None:
+            try:
+                event = decode_entry(text)
+            except Exception as exc:
+                # Acknowledged with the next checkpoint: it can never be read.
+                log.error("inbox_entry_unreadable", call_key=key, entry=entry_id, error=repr(exc))
+                return
         self._sequencer.accept(event)
 
     def _deliver(self, delivery: Delivery) -> None:
-        state = self._owned.get(delivery.event.call_key)
+        state = self._running.get(delivery.event.call_key)
         if state is not None:
             state.outstanding += 1
             state.idle.clear()
             state.changed.set()
+            # The run that fed it is told, even if a newer run of the call has begun.
+            self._in_flight[id(delivery)] = state
         self._dispatcher.submit(delivery)
 
     def _delivered(self, delivery: Delivery) -> None:
-        state = self._owned.get(delivery.event.call_key)
-        if state is not None and state.outstanding > 0:
+        state = self._in_flight.pop(id(delivery), None)
+        if state is not None:
             state.outstanding -= 1
             if state.outstanding == 0:
                 state.idle.set()
 
-    async def _checkpoint(self, state: _Owned, entry_id: str) -> bool:
-        """Acknowledge entries up to ``entry_id`` with the record as it stands now."""
-        keys = self._keys
+    async def _checkpoint(
+        self, state: _Owned, entry_id: str, *, read_on: bool
+    ) -> tuple[bool, list[tuple[str, str]]] | None:
+        """Acknowledge entries up to ``entry_id`` with the record as it stands now.
+
+        With ``read_on``, also give the call up if nothing else waits (``(True, [])``),
+        else read what does (``(False, entries)``). ``None``: the lease was lost.
+        """
         key = state.key
         record = self._sequencer.record(key)
+        payload = "" if record is None else encode_record(record)
         started = time.monotonic()
-        ok = await self._script(
-            _scripts.CHECKPOINT,
-            [keys.lease(key), keys.record(key), keys.inbox(key), keys.active, keys.seen(key)],
-            [
+        state.releasing = read_on
+        try:
+            answer: Any = await self._script(
+                _scripts.CHECKPOINT,
+                self._keys.prefix,
+                key,
                 self.token,
                 _after(entry_id),
-                "" if record is None else encode_record(record),
+                payload,
                 "1" if record is not None and record.ended else "0",
                 self._grace_ms,
-                key,
                 self._lease_ms,
                 _ACTIVE_RECORD_MS,
-            ],
-        )
-        if not ok:
+                "1" if read_on else "0",
+                _READ_BATCH,
+            )
+        finally:
+            state.releasing = False
+        if not int(answer[0]):
             self._lose(state, "checkpoint_refused")
-            return False
+            return None
         state.deadline = started + self._lease_ms / 1000
         if record is not None:
             if record.ended:
                 self._known.pop(key, None)
             else:
                 self._known[key] = record
-        return True
+        released = len(answer) > 1 and bool(int(answer[1]))
+        if released and record is not None and not record.ended:
+            # Left exactly as stored: the next run here need not decode it again.
+            if len(self._resting) >= _RESTING_LIMIT:
+                self._resting.clear()
+            self._resting[key] = (payload, record)
+        return released, _entries(answer[2]) if len(answer) > 2 else []
+
+    def _resting_record(self, key: str, stored: str) -> CallRecord | None:
+        resting = self._resting.pop(key, None)
+        if not stored:
+            return None
+        if resting is not None and resting[0] == stored:
+            return resting[1]
+        return _decode_record(key, stored)
 
     async def _release(self, state: _Owned, *, handover: bool) -> int:
-        keys = self._keys
         state.releasing = True
         try:
             outcome = await self._script(
                 _scripts.RELEASE,
-                [keys.lease(state.key), keys.inbox(state.key), keys.pending, keys.runnable],
-                [self.token, state.key, "1" if handover else "0"],
+                self._keys.prefix,
+                state.key,
+                self.token,
+                "1" if handover else "0",
             )
         finally:
             state.releasing = False
@@ -503,6 +619,8 @@ class RedisStore:
                 self._mark(True)
             except RedisError as exc:
                 self._mark(False, exc)
+            except Exception:
+                log.exception("store_upkeep_failed")
             now = time.monotonic()
             for state in list(self._owned.values()):
                 if now > state.deadline:
@@ -517,8 +635,10 @@ class RedisStore:
         started = time.monotonic()
         renewed = await self._script(
             _scripts.RENEW,
-            [self._keys.lease(state.key) for state in held],
-            [self.token, self._lease_ms],
+            self._keys.prefix,
+            self.token,
+            self._lease_ms,
+            *(state.key for state in held),
         )
         for state, ok in zip(held, renewed, strict=True):
             if ok:
@@ -537,9 +657,7 @@ class RedisStore:
         cursor = "0"
         woken = 0
         while True:
-            cursor, count = await self._script(
-                _scripts.REAP, [keys.pending, keys.runnable], [cursor, keys.prefix, 200]
-            )
+            cursor, count = await self._script(_scripts.REAP, keys.prefix, cursor, 200)
             woken += int(count)
             if str(cursor) == "0":
                 break
@@ -552,7 +670,7 @@ class RedisStore:
             chunk = list(calls[start : start + 500])
             values = await self._redis.mget([self._keys.record(call) for call in chunk])
             for call, value in zip(chunk, values, strict=True):
-                found[call] = decode_record(_text(value)) if value else None
+                found[call] = _decode_record(call, _text(value)) if value else None
         return found
 
     async def _rehydrate(self) -> None:
@@ -609,7 +727,10 @@ class RedisStore:
             for _name, entries in answer or ():
                 for entry_id, fields in entries:
                     last = str(entry_id)
-                    self._relay(fields)
+                    try:
+                        self._relay(fields)
+                    except Exception:
+                        log.exception("store_event_failed", entry=last)
 
     def _relay(self, fields: dict[str, str]) -> None:
         try:
@@ -631,12 +752,12 @@ class RedisStore:
         for script in _scripts.ALL:
             await self._redis.script_load(script.source)
 
-    async def _script(self, script: _scripts.Script, keys: list[str], args: list[Any]) -> Any:
+    async def _script(self, script: _scripts.Script, *args: Any) -> Any:
         try:
-            return await self._redis.evalsha(script.sha, len(keys), *keys, *args)
+            return await self._redis.evalsha(script.sha, 0, *args)
         except NoScriptError:
             await self._redis.script_load(script.source)
-            return await self._redis.evalsha(script.sha, len(keys), *keys, *args)
+            return await self._redis.evalsha(script.sha, 0, *args)
 
     def _mark(self, reachable: bool, error: BaseException | None = None) -> None:
         if reachable == self._reachable:

@@ -15,7 +15,10 @@ Keys shared by every call:
 * ``{p}events``    stream: operation outcomes and call ends, read by every instance
 * ``{p}reaper``    string: which instance reaps this round (SET NX PX)
 
-Time comes from the server (``TIME``) so instances' clocks never matter.
+Time comes from the server (``TIME``) so instances' clocks never matter. Scripts
+name their keys from the prefix and the call key they are given (fewer arguments to
+send on every notification); the store therefore needs one Redis server (or a
+primary with replicas), not a Redis Cluster.
 """
 
 from __future__ import annotations
@@ -38,57 +41,77 @@ class Script:
         object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
 
 
-_NOW = """
+_PRELUDE = """
+local p = ARGV[1]
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 """
 
 INGEST = Script(
     "ingest",
-    _NOW
+    _PRELUDE
     + """
--- KEYS: seen, inbox, lease, runnable, pending, events
--- ARGV: digest, entry, call key, dedupe window (ms), broadcast (0/1), events max length
-if redis.call('ZADD', KEYS[1], 'NX', now, ARGV[1]) == 0 then
-  return 0
+-- ARGV: prefix, call key, digest ('' to leave repeats to the sequencer), entry,
+--       dedupe window (ms), broadcast (0/1),
+--       events max length, token, lease (ms) or '' to leave the call to others, read batch
+local call = ARGV[2]
+local seen, inbox, lease = p .. 'seen:' .. call, p .. 'inbox:' .. call, p .. 'lease:' .. call
+if ARGV[3] ~= '' then
+  if redis.call('ZADD', seen, 'NX', now, ARGV[3]) == 0 then
+    return {0}
+  end
+  local window = tonumber(ARGV[5])
+  redis.call('ZREMRANGEBYSCORE', seen, '-inf', now - window)
+  redis.call('PEXPIRE', seen, window)
 end
-local window = tonumber(ARGV[4])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
-redis.call('PEXPIRE', KEYS[1], window)
-redis.call('XADD', KEYS[2], '*', 'e', ARGV[2])
-redis.call('SADD', KEYS[5], ARGV[3])
-if redis.call('EXISTS', KEYS[3]) == 0 then
-  redis.call('ZADD', KEYS[4], 'NX', now, ARGV[3])
+local id = redis.call('XADD', inbox, '*', 'e', ARGV[4])
+redis.call('SADD', p .. 'pending', call)
+if ARGV[6] == '1' then
+  redis.call('XADD', p .. 'events', 'MAXLEN', '~', ARGV[7], '*', 'e', ARGV[4])
 end
-if ARGV[5] == '1' then
-  redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[6], '*', 'e', ARGV[2])
+local owner = redis.call('GET', lease)
+if owner then
+  if owner == ARGV[8] then
+    return {1, 1, id}
+  end
+  return {1, 0, id}
 end
-return 1
+if ARGV[9] ~= '' then
+  redis.call('SET', lease, ARGV[8], 'PX', ARGV[9])
+  local record = redis.call('GET', p .. 'call:' .. call) or ''
+  return {1, 2, id, record, redis.call('XRANGE', inbox, '-', '+', 'COUNT', ARGV[10])}
+end
+redis.call('ZADD', p .. 'runnable', 'NX', now, call)
+return {1, 0, id}
 """,
 )
-"""Accept one notification: drop an exact repeat, else append it and wake the call if unowned."""
+"""Accept one notification: drop an exact repeat ({0}); else append it (its id is the
+third answer) and say who runs the call: another instance ({1, 0, id}), this one already
+({1, 1, id}), or this one from now on, with the call's record and first inbox entries
+({1, 2, id, record, entries}). A call nobody runs and this instance cannot take is made
+runnable for the others."""
 
 CLAIM = Script(
     "claim",
-    """
--- KEYS: runnable
--- ARGV: token, lease (ms), key prefix, how many more to pop, read batch, calls already popped...
+    _PRELUDE
+    + """
+-- ARGV: prefix, token, lease (ms), how many more to pop, read batch, calls already popped...
 local calls = {}
 for i = 6, #ARGV do
   calls[#calls + 1] = ARGV[i]
 end
 local more = tonumber(ARGV[4])
 if more > 0 then
-  local popped = redis.call('ZPOPMIN', KEYS[1], more)
+  local popped = redis.call('ZPOPMIN', p .. 'runnable', more)
   for i = 1, #popped, 2 do
     calls[#calls + 1] = popped[i]
   end
 end
 local claimed = {}
 for _, call in ipairs(calls) do
-  if redis.call('SET', ARGV[3] .. 'lease:' .. call, ARGV[1], 'NX', 'PX', ARGV[2]) then
-    local record = redis.call('GET', ARGV[3] .. 'call:' .. call) or ''
-    local entries = redis.call('XRANGE', ARGV[3] .. 'inbox:' .. call, '-', '+', 'COUNT', ARGV[5])
+  if redis.call('SET', p .. 'lease:' .. call, ARGV[2], 'NX', 'PX', ARGV[3]) then
+    local record = redis.call('GET', p .. 'call:' .. call) or ''
+    local entries = redis.call('XRANGE', p .. 'inbox:' .. call, '-', '+', 'COUNT', ARGV[5])
     claimed[#claimed + 1] = {call, record, entries}
   end
 end
@@ -101,78 +124,83 @@ A call someone else leased meanwhile is skipped: its owner sees the new entries.
 
 CHECKPOINT = Script(
     "checkpoint",
-    """
--- KEYS: lease, record, inbox, active, pending
--- ARGV: token, first id to keep, record ('' keeps the stored one), ended (0/1),
---       grace (ms), call key, lease (ms), record lifetime while active (ms),
+    _PRELUDE
+    + """
+-- ARGV: prefix, call key, token, first id to keep, record ('' keeps the stored one),
+--       ended (0/1), grace (ms), lease (ms), record lifetime while active (ms),
 --       then release or read on (0/1), read batch
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+local call = ARGV[2]
+local lease, inbox, record = p .. 'lease:' .. call, p .. 'inbox:' .. call, p .. 'call:' .. call
+if redis.call('GET', lease) ~= ARGV[3] then
   return {0}
 end
-redis.call('XTRIM', KEYS[3], 'MINID', ARGV[2])
-if ARGV[3] ~= '' then
-  if ARGV[4] == '1' then
-    redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[5])
-    redis.call('SREM', KEYS[4], ARGV[6])
-    redis.call('PEXPIRE', KEYS[3], ARGV[5])
+redis.call('XTRIM', inbox, 'MINID', ARGV[4])
+if ARGV[5] ~= '' then
+  if ARGV[6] == '1' then
+    redis.call('SET', record, ARGV[5], 'PX', ARGV[7])
+    redis.call('SREM', p .. 'active', call)
+    redis.call('PEXPIRE', inbox, ARGV[7])
   else
-    redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[8])
-    redis.call('SADD', KEYS[4], ARGV[6])
+    redis.call('SET', record, ARGV[5], 'PX', ARGV[9])
+    redis.call('SADD', p .. 'active', call)
   end
 end
-if ARGV[9] ~= '1' then
-  redis.call('PEXPIRE', KEYS[1], ARGV[7])
+if ARGV[10] ~= '1' then
+  redis.call('PEXPIRE', lease, ARGV[8])
   return {1, 0}
 end
-if redis.call('XLEN', KEYS[3]) == 0 then
-  redis.call('DEL', KEYS[1])
-  redis.call('SREM', KEYS[5], ARGV[6])
+if redis.call('XLEN', inbox) == 0 then
+  redis.call('DEL', lease)
+  redis.call('SREM', p .. 'pending', call)
   return {1, 1}
 end
-redis.call('PEXPIRE', KEYS[1], ARGV[7])
-return {1, 0, redis.call('XRANGE', KEYS[3], '-', '+', 'COUNT', ARGV[10])}
+redis.call('PEXPIRE', lease, ARGV[8])
+return {1, 0, redis.call('XRANGE', inbox, '-', '+', 'COUNT', ARGV[11])}
 """,
 )
 """Acknowledge a call's entries up to one, with the record as it stands after them; then
-give the call up if nothing else waits, or read what does. Fenced by the lease: an
-instance that lost its lease acknowledges nothing ({0})."""
+give the call up if nothing else waits ({1, 1}), or read what does ({1, 0, entries}).
+Fenced by the lease: an instance that lost its lease acknowledges nothing ({0})."""
 
 RELEASE = Script(
     "release",
-    _NOW
+    _PRELUDE
     + """
--- KEYS: lease, inbox, pending, runnable
--- ARGV: token, call key, hand over (0/1)
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+-- ARGV: prefix, call key, token, hand over (0/1)
+local call = ARGV[2]
+local lease, inbox = p .. 'lease:' .. call, p .. 'inbox:' .. call
+if redis.call('GET', lease) ~= ARGV[3] then
   return -1
 end
-local left = redis.call('XLEN', KEYS[2])
-if left > 0 and ARGV[3] ~= '1' then
+local left = redis.call('XLEN', inbox)
+if left > 0 and ARGV[4] ~= '1' then
   return 0
 end
-redis.call('DEL', KEYS[1])
+redis.call('DEL', lease)
 if left > 0 then
-  redis.call('ZADD', KEYS[4], 'NX', now, ARGV[2])
+  redis.call('ZADD', p .. 'runnable', 'NX', now, call)
 else
-  redis.call('SREM', KEYS[3], ARGV[2])
+  redis.call('SREM', p .. 'pending', call)
 end
 return 1
 """,
 )
-"""Give a call up: only when its inbox is empty (0 = entries arrived, go on; -1 = not ours),
-or, handing it over, always (the call is made runnable for another instance)."""
+"""Give a call up: only when its inbox is empty (0 = entries arrived, go on; -1 = not
+ours), or, handing it over, always (the call is made runnable for another instance)."""
 
 RENEW = Script(
     "renew",
-    """
--- KEYS: leases; ARGV: token, lease (ms)
+    _PRELUDE
+    + """
+-- ARGV: prefix, token, lease (ms), call keys...
 local renewed = {}
-for i, key in ipairs(KEYS) do
-  if redis.call('GET', key) == ARGV[1] then
-    redis.call('PEXPIRE', key, ARGV[2])
-    renewed[i] = 1
+for i = 4, #ARGV do
+  local lease = p .. 'lease:' .. ARGV[i]
+  if redis.call('GET', lease) == ARGV[2] then
+    redis.call('PEXPIRE', lease, ARGV[3])
+    renewed[#renewed + 1] = 1
   else
-    renewed[i] = 0
+    renewed[#renewed + 1] = 0
   end
 end
 return renewed
@@ -182,17 +210,17 @@ return renewed
 
 REAP = Script(
     "reap",
-    _NOW
+    _PRELUDE
     + """
--- KEYS: pending, runnable; ARGV: cursor, key prefix, count
-local scan = redis.call('SSCAN', KEYS[1], ARGV[1], 'COUNT', ARGV[3])
+-- ARGV: prefix, cursor, count
+local scan = redis.call('SSCAN', p .. 'pending', ARGV[2], 'COUNT', ARGV[3])
 local woken = 0
 for _, call in ipairs(scan[2]) do
-  if redis.call('EXISTS', ARGV[2] .. 'lease:' .. call) == 0 then
-    if redis.call('XLEN', ARGV[2] .. 'inbox:' .. call) > 0 then
-      woken = woken + redis.call('ZADD', KEYS[2], 'NX', now, call)
+  if redis.call('EXISTS', p .. 'lease:' .. call) == 0 then
+    if redis.call('XLEN', p .. 'inbox:' .. call) > 0 then
+      woken = woken + redis.call('ZADD', p .. 'runnable', 'NX', now, call)
     else
-      redis.call('SREM', KEYS[1], call)
+      redis.call('SREM', p .. 'pending', call)
     end
   end
 end
