@@ -84,6 +84,7 @@ class _Runtime:
         sources.notifications.append(lambda: self.receiver.counts)
         sources.dropped = lambda: self.store.counts
         sources.handled = lambda: self.dispatcher.counts
+        sources.graph = lambda: self.services.graph.stats
         sources.gauges["callbot_active_calls"] = (
             "Calls that have not ended",
             lambda: float(len(self.store.active_records())),

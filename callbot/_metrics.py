@@ -15,6 +15,8 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .graph._http import RequestStats
+
 __all__ = ["Metrics"]
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -26,7 +28,7 @@ class _Sources(Collector):
         self.notifications: list[Callable[[], Counter[tuple[str, str]]]] = []
         self.dropped: Callable[[], Counter[str]] | None = None
         self.handled: Callable[[], Counter[str]] | None = None
-        self.graph: Callable[[], Counter[tuple[str, str]]] | None = None
+        self.graph: Callable[[], RequestStats] | None = None
         self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
 
     def collect(self) -> Iterator[Metric]:
@@ -50,14 +52,21 @@ class _Sources(Collector):
             handled.add_metric([], counts["handled"])
             yield handled
         if self.graph is not None:
+            stats = self.graph()
             graph = CounterMetricFamily(
                 "callbot_graph_requests",
-                "Requests sent to Graph, by method and status",
+                "Attempts of requests to Graph, by method and status",
                 labels=["method", "status"],
             )
-            for (method, status), value in sorted(self.graph().items()):
+            for (method, status), value in sorted(stats.outcomes.items()):
                 graph.add_metric([method, status], value)
             yield graph
+            retries = CounterMetricFamily(
+                "callbot_graph_retries",
+                "Requests to Graph sent again after 429/503/504 or no answer",
+            )
+            retries.add_metric([], stats.retries)
+            yield retries
         for name, (doc, read) in self.gauges.items():
             gauge = GaugeMetricFamily(name, doc)
             gauge.add_metric([], read())

@@ -185,3 +185,25 @@ async def test_a_created_call_reaches_the_handlers_like_any_other(
     await until(lambda: len(states) == 2)
     assert states == [(call.id, "establishing"), (call.id, "established")]
     assert bot.services.call(call.id.upper()) is call
+
+
+async def test_graph_requests_and_retries_are_counted_in_metrics(
+    graph: FakeGraph, authority: TokenAuthority, serve: Any
+) -> None:
+    bot = graph_bot(graph, authority)
+    answered: list[str] = []
+
+    @bot.on_incoming_call
+    async def answer(call: Call, event: events.IncomingCall) -> None:
+        await call.answer()
+        answered.append(call.id)
+
+    server: BotServer = await serve(bot)
+    graph.add_call("m")
+    graph.fail_next("answer", 429, headers={"Retry-After": "0"})
+    await server.post(b.notifications(b.incoming_call("m")))
+    await until(lambda: answered == ["m"])
+    text = await (await server.client.get("/metrics")).text()
+    assert 'callbot_graph_requests_total{method="POST",status="429"} 1.0' in text
+    assert 'callbot_graph_requests_total{method="POST",status="202"} 1.0' in text
+    assert "callbot_graph_retries_total 1.0" in text

@@ -19,7 +19,7 @@ from ._credentials import (
     TokenCache,
     graph_scope,
 )
-from ._http import RawResponse, RetryPolicy, error_from, send
+from ._http import RawResponse, RequestStats, RetryPolicy, error_from, send
 
 __all__ = ["GraphClient", "GraphResponse"]
 
@@ -64,6 +64,8 @@ class GraphClient:
             total_time=settings.graph_retry_time, request_timeout=settings.graph_request_timeout
         )
         self.scope = scope or graph_scope(settings.graph_url)
+        self.stats = RequestStats()
+        """Outcomes of requests sent so far (read by the metrics endpoint)."""
         self._credential = credential
         self._owned_credential: ClientSecretCredential | CertificateCredential | None = None
         self._tokens: TokenCache | None = (
@@ -173,6 +175,7 @@ class GraphClient:
             json_body=json,
             headers=extra,
             log_fields=fields,
+            stats=self.stats,
         )
         return self._result(raw, method=method, url=url, fields=fields)
 
@@ -190,6 +193,7 @@ class GraphClient:
             policy=self.retry,
             authorization=authorization,
             log_fields=fields,
+            stats=self.stats,
         )
         self._result(raw, method="GET", url=url, fields=fields)
         return raw.body

@@ -6,8 +6,9 @@ import asyncio
 import json
 import random
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -18,7 +19,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from .._errors import GraphError
 
-__all__ = ["RawResponse", "RetryPolicy", "parse_retry_after", "send"]
+__all__ = ["RawResponse", "RequestStats", "RetryPolicy", "parse_retry_after", "send"]
 
 log = structlog.get_logger("callbot.graph")
 
@@ -47,6 +48,15 @@ class RetryPolicy:
         ceiling: float = min(self.max_delay, self.base_delay * (2.0 ** (attempt - 1)))
         # "equal jitter": spread retries of many clients without dropping to zero
         return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+
+@dataclass
+class RequestStats:
+    """What outbound requests met: each attempt's outcome, and how many were retried."""
+
+    outcomes: Counter[tuple[str, str]] = field(default_factory=Counter)
+    """(method, status) -> attempts; status ``connection_error`` when none came back."""
+    retries: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -142,6 +152,7 @@ async def send(
     form: Mapping[str, str] | None = None,
     headers: Mapping[str, str] | None = None,
     log_fields: Mapping[str, Any] | None = None,
+    stats: RequestStats | None = None,
 ) -> RawResponse:
     """Send one request, retrying throttling, unavailability and connection failures.
 
@@ -154,6 +165,7 @@ async def send(
     fields = dict(log_fields or {})
     attempt = 0
     reauthenticated = False
+    stats = stats if stats is not None else RequestStats()
     while True:
         attempt += 1
         client_request_id = str(uuid.uuid4())
@@ -185,6 +197,7 @@ async def send(
                     client_request_id=client_request_id,
                 )
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
+            stats.outcomes[method, "connection_error"] += 1
             delay = policy.backoff(attempt)
             reason = str(exc) or type(exc).__name__
             if loop.time() + delay > deadline:
@@ -215,8 +228,10 @@ async def send(
                 delay=round(delay, 3),
                 **fields,
             )
+            stats.retries += 1
             await asyncio.sleep(delay)
             continue
+        stats.outcomes[method, str(response.status)] += 1
         if response.status == 401 and on_unauthorized is not None and not reauthenticated:
             # a cached token can be revoked before its expiry: fetch a new one once
             reauthenticated = True
@@ -237,6 +252,7 @@ async def send(
                     delay=round(delay, 3),
                     **fields,
                 )
+                stats.retries += 1
                 await asyncio.sleep(delay)
                 continue
         return response
