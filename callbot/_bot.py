@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -78,6 +79,7 @@ class _Runtime:
             max_json_depth=s.max_json_depth,
             observe_ack=self.metrics.ack_seconds.observe,
             client_address=client_address,
+            while_draining=self.outcomes_while_draining,
         )
         self.recorder = NotificationRecorder(s.record_path) if s.record_path else None
         sources = self.metrics.sources
@@ -102,6 +104,14 @@ class _Runtime:
     def ready(self) -> bool:
         return self.authenticator.ready and not self.receiver.draining and self.store.reachable
 
+    def outcomes_while_draining(self, batch: Sequence[events.Event]) -> None:
+        """Resolve waits of running handlers from a batch refused because of draining."""
+        for event in batch:
+            if isinstance(event, events.OperationUpdated):
+                self.services.on_operation(event)
+            elif isinstance(event, events.CallTerminated):
+                self.services.on_ended(event.call_key, event.result_info)
+
     async def ingest(self, batch: Sequence[events.Event]) -> None:
         await self.store.ingest(batch)
         if self.recorder is not None:
@@ -122,8 +132,10 @@ class _Runtime:
             return
         self.receiver.draining = True
         log.info("draining", timeout=self.settings.shutdown_timeout)
-        await self.store.drain()
-        abandoned = await self.dispatcher.join(self.settings.shutdown_timeout)
+        # One deadline for the whole drain, so the store's wait and the handlers' share it.
+        deadline = time.monotonic() + self.settings.shutdown_timeout
+        await self.store.drain(self.settings.shutdown_timeout)
+        abandoned = await self.dispatcher.join(max(0.0, deadline - time.monotonic()))
         for delivery in abandoned:
             log.error(
                 "notification_abandoned",

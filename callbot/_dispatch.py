@@ -205,8 +205,14 @@ class Dispatcher:
         outcome = "ok"
         try:
             await handler(call, event)
-        except asyncio.CancelledError:
-            raise
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            # The handler let a cancellation of its own escape: an error, not a stop.
+            outcome = "error"
+            self.counts["handler_errors"] += 1
+            await self._report(name, call, event, exc)
         except Exception as exc:
             outcome = "error"
             self.counts["handler_errors"] += 1
@@ -215,7 +221,7 @@ class Dispatcher:
             if self._observe is not None:
                 self._observe(name, outcome, time.perf_counter() - started)
 
-    async def _report(self, name: str, call: Call, event: events.Event, exc: Exception) -> None:
+    async def _report(self, name: str, call: Call, event: events.Event, exc: BaseException) -> None:
         handlers = self._registry.error_handlers
         if not handlers:
             log.error(

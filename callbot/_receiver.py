@@ -39,6 +39,7 @@ class Receiver:
         max_json_depth: int,
         observe_ack: Callable[[float], None] | None = None,
         client_address: Callable[[web.Request], str | None] | None = None,
+        while_draining: Callable[[Sequence[events.Event]], None] | None = None,
     ) -> None:
         self._auth = authenticator
         self._ingest = ingest
@@ -46,6 +47,7 @@ class Receiver:
         self._max_depth = max_json_depth
         self._observe_ack = observe_ack
         self._client_address = client_address or (lambda request: request.remote)
+        self._while_draining = while_draining
         self.draining = False
         """While true, callbacks get 503 so that Graph retries against another instance."""
         self.counts: Counter[tuple[str, str]] = Counter()
@@ -54,15 +56,6 @@ class Receiver:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Answer one callback POST."""
         started = time.perf_counter()
-        if self.draining:
-            return self._refuse(
-                503,
-                "unavailable",
-                "draining",
-                "shutting down",
-                self._context(request),
-                headers={"Retry-After": "1"},
-            )
         try:
             token = await self._auth.verify(request.headers.get("Authorization"))
         except KeysUnavailable as exc:
@@ -107,6 +100,24 @@ class Receiver:
         except MalformedNotification as exc:
             return self._refuse(
                 400, "malformed", exc.reason, str(exc), self._context(request, tenant_id)
+            )
+        except Exception as exc:
+            # A body the parser cannot cope with is still the sender's problem: 4xx, not 5xx.
+            log.exception("parser_failed", error=repr(exc))
+            return self._refuse(
+                400, "malformed", "unparseable", repr(exc), self._context(request, tenant_id)
+            )
+        if self.draining:
+            if self._while_draining is not None:
+                # Running handlers may be waiting for these outcomes to finish.
+                self._while_draining(batch)
+            return self._refuse(
+                503,
+                "unavailable",
+                "draining",
+                "shutting down",
+                self._context(request, tenant_id),
+                headers={"Retry-After": "1"},
             )
         try:
             await self._ingest(batch)

@@ -72,9 +72,9 @@ class NotificationRecorder:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 self._file = self.path.open("a", encoding="utf-8")
             # A small synchronous append: recording is a debugging aid, not a hot path.
-            self._file.write(json.dumps(line, separators=(",", ":"), ensure_ascii=False) + "\n")
+            self._file.write(json.dumps(line, separators=(",", ":")) + "\n")
             self._file.flush()
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             self._failed = True
             log.error("recording_failed", path=str(self.path), error=str(exc))
 

@@ -107,8 +107,9 @@ def _digest(raw: dict[str, Any]) -> bytes:
         # orjson's sorted compact form is canonical too, at a tenth of json.dumps's cost.
         canonical = orjson.dumps(raw, option=orjson.OPT_SORT_KEYS)
     except TypeError:
-        # Integers beyond 64 bits, which orjson refuses, take the slower road.
-        text = json.dumps(raw, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        # Integers beyond 64 bits and lone surrogates, which orjson refuses, take the slower
+        # road; ASCII escapes keep a lone surrogate encodable.
+        text = json.dumps(raw, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
         canonical = text.encode()
     return hashlib.blake2b(canonical, digest_size=16).digest()
 
@@ -239,9 +240,7 @@ class Sequencer:
         phase = phase_of(event)
         if phase is not None:
             if phase < record.phase:
-                self._drop(
-                    event, "stale", state=_state(event), current_state=record.state
-                )
+                self._drop(event, "stale", state=_state(event), current_state=record.state)
                 return
             if not self._predecessor_done(record, event):
                 record.held = event
@@ -290,9 +289,7 @@ class Sequencer:
     def _admit_released(self, record: CallRecord, event: events.Event) -> None:
         phase = phase_of(event)
         if phase is not None and phase < record.phase:
-            self._drop(
-                event, "stale", state=_state(event), current_state=record.state
-            )
+            self._drop(event, "stale", state=_state(event), current_state=record.state)
             return
         self._deliver(record, event)
 

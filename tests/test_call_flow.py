@@ -207,3 +207,28 @@ async def test_graph_requests_and_retries_are_counted_in_metrics(
     assert 'callbot_graph_requests_total{method="POST",status="429"} 1.0' in text
     assert 'callbot_graph_requests_total{method="POST",status="202"} 1.0' in text
     assert "callbot_graph_retries_total 1.0" in text
+
+
+async def test_outcomes_refused_while_draining_still_resolve_running_handlers(
+    graph: FakeGraph, authority: TokenAuthority, serve: Any
+) -> None:
+    bot = graph_bot(graph, authority, shutdown_timeout=10.0)
+    finished: list[str] = []
+
+    @bot.on_state("established")
+    async def play(call: Call, event: events.CallStateChanged) -> None:
+        prompt = await call.play_prompt("https://cdn.example.test/welcome.wav")
+        await prompt.wait(timeout=10)
+        finished.append(call.id)
+
+    server: BotServer = await serve(bot)
+    graph.add_call("d")
+    await server.post(b.notifications(b.call_state("d", "establishing")))
+    await server.post(b.notifications(b.call_state("d", "established")))
+    request = await graph.wait_for_request("playPrompt")
+    draining = asyncio.create_task(bot.drain())
+    await until(lambda: not bot.ready)
+    refused = await server.post(graph.operation_notification(operation_id(graph, request)))
+    assert refused.status == 503
+    await draining
+    assert finished == ["d"]

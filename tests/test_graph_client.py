@@ -197,3 +197,18 @@ def test_backoff_grows_and_is_capped() -> None:
     assert 0.5 <= policy.backoff(1) <= 1.0
     assert 1.0 <= policy.backoff(2) <= 2.0
     assert 2.0 <= policy.backoff(10) <= 4.0
+
+
+async def test_a_hung_post_that_may_have_reached_graph_is_not_sent_again(
+    graph: FakeGraph,
+) -> None:
+    policy = RetryPolicy(total_time=5.0, base_delay=0.001, max_delay=0.01, request_timeout=0.2)
+    svc = CallServices(graph.settings(), retry=policy)
+    graph.hang_next("playPrompt")
+    try:
+        with pytest.raises(GraphError) as failure:
+            await svc.call(CALL_ID).play_prompt("https://cdn.example.test/a.wav")
+    finally:
+        await svc.close()
+    assert failure.value.status == 0
+    assert len(graph.requests_for("playPrompt")) == 1

@@ -387,3 +387,40 @@ async def test_health_readiness_and_metrics(authority: Any, serve: Any) -> None:
     assert (await server.client.get("/readyz")).status == 503
     refused = await server.post(b.notifications(b.incoming_call("m3")))
     assert refused.status == 503
+
+
+async def test_a_handler_raising_cancelled_error_does_not_strand_its_call(
+    authority: Any, serve: Any
+) -> None:
+    bot = make_bot(authority)
+    seen: list[str] = []
+    errors: list[str] = []
+
+    @bot.on_state("establishing", "established")
+    async def state(call: Call, event: events.CallStateChanged) -> None:
+        seen.append(event.state)
+        if event.state == "establishing":
+            raise asyncio.CancelledError
+
+    @bot.on_error
+    async def report(call: Call, event: events.Event, exc: BaseException) -> None:
+        errors.append(type(exc).__name__)
+
+    server = await serve(bot)
+    await server.post(b.notifications(b.call_state("c", "establishing")))
+    await server.post(b.notifications(b.call_state("c", "established")))
+    await until(lambda: seen == ["establishing", "established"])
+    assert errors == ["CancelledError"]
+
+
+async def test_odd_but_valid_json_values_never_give_a_5xx(authority: Any, serve: Any) -> None:
+    bot, recorder = recording_bot(authority)
+    server = await serve(bot)
+    lone_surrogate = b.incoming_call("s1", caller_name="\ud83d")
+    raw = json.dumps(b.notifications(lone_surrogate)).encode()
+    assert (await server.post(None, raw=raw)).status == 202
+    odd_roster = b.roster("s2", [b.participant("p")])
+    odd_roster["sequenceNumber"] = "--5"
+    assert (await server.post(b.notifications(odd_roster))).status == 202
+    await recorder.wait_for(2)
+    assert [label(e) for e in recorder.seen] == ["IncomingCall", "ParticipantsUpdated"]

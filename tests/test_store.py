@@ -57,7 +57,7 @@ async def test_the_default_store_is_memory_and_behaves_as_before() -> None:
     assert [getattr(d.event, "state", None) for d in delivered] == ["establishing", "established"]
     assert [r.call_id for r in store.active_records()] == ["c"]
     assert store.counts["held"] == 1
-    await store.drain()
+    await store.drain(1.0)
     await store.close()
     await services.close()
 

@@ -177,9 +177,16 @@ class Call:
 
     # -- plumbing -----------------------------------------------------------------
 
-    async def _request(self, method: str, subpath: str = "", json: Any = None) -> GraphResponse:
+    async def _request(
+        self, method: str, subpath: str = "", json: Any = None, *, repeatable: bool | None = None
+    ) -> GraphResponse:
         return await self._services.graph.request(
-            method, self.path + subpath, json=json, scenario_id=self.scenario_id, call_id=self.id
+            method,
+            self.path + subpath,
+            json=json,
+            scenario_id=self.scenario_id,
+            call_id=self.id,
+            repeatable=repeatable,
         )
 
     async def _operation(
@@ -324,7 +331,8 @@ class Call:
 
     async def keep_alive(self) -> None:
         """Tell Graph the bot still holds the call (else it ends after 45 minutes)."""
-        await self._request("POST", "/keepAlive")
+        # Saying it twice does no harm, so a lost answer is retried.
+        await self._request("POST", "/keepAlive", repeatable=True)
 
     async def refresh(self) -> models.Call:
         """Fetch the call from Graph; the result also becomes :attr:`snapshot`."""

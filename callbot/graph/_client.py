@@ -151,8 +151,13 @@ class GraphClient:
         scenario_id: str | None = None,
         call_id: str | None = None,
         headers: Mapping[str, str] | None = None,
+        repeatable: bool | None = None,
     ) -> GraphResponse:
-        """Send a request to Graph; returns the response or raises ``GraphError``."""
+        """Send a request to Graph; returns the response or raises ``GraphError``.
+
+        ``repeatable`` says whether the request may be sent again after a failure
+        that could have happened once Graph had it (default: the method is idempotent).
+        """
         tokens = self.tokens
         url = self.url(path)
 
@@ -176,6 +181,7 @@ class GraphClient:
             headers=extra,
             log_fields=fields,
             stats=self.stats,
+            repeatable=repeatable,
         )
         return self._result(raw, method=method, url=url, fields=fields)
 

@@ -136,6 +136,8 @@ def _str_or_none(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+_IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
+
 AuthHeader = Callable[[], Awaitable[str | None]]
 """Gives the ``Authorization`` header value for one attempt (``None``: send none)."""
 
@@ -153,12 +155,15 @@ async def send(
     headers: Mapping[str, str] | None = None,
     log_fields: Mapping[str, Any] | None = None,
     stats: RequestStats | None = None,
+    repeatable: bool | None = None,
 ) -> RawResponse:
     """Send one request, retrying throttling, unavailability and connection failures.
 
     Returns the first response that is not retried, whatever its status; a request
     that never got a response raises :class:`GraphError` with status 0. A 401 is
-    retried once after ``on_unauthorized`` (which drops a cached token).
+    retried once after ``on_unauthorized`` (which drops a cached token). A request
+    that may have reached the server is sent again only when ``repeatable``
+    (default: the method is idempotent).
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + policy.total_time
@@ -200,7 +205,10 @@ async def send(
             stats.outcomes[method, "connection_error"] += 1
             delay = policy.backoff(attempt)
             reason = str(exc) or type(exc).__name__
-            if loop.time() + delay > deadline:
+            # A POST that may have reached Graph must not be sent twice (a second call placed).
+            safe = method in _IDEMPOTENT if repeatable is None else repeatable
+            unsafe = not safe and not isinstance(exc, aiohttp.ClientConnectorError)
+            if unsafe or loop.time() + delay > deadline:
                 log.warning(
                     "graph_request_gave_up",
                     method=method,

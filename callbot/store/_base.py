@@ -67,8 +67,11 @@ class Store(Protocol):
         """What is known of the calls that have not ended."""
         ...
 
-    async def drain(self) -> None:
-        """Stop taking on work (on shutdown); what is kept is left for others or released."""
+    async def drain(self, timeout: float) -> None:
+        """Stop taking on work (on shutdown), waiting at most ``timeout`` seconds.
+
+        What is kept is left for others or released.
+        """
         ...
 
     async def close(self) -> None:

@@ -48,7 +48,7 @@ def encode_entry(event: events.Event) -> str:
     envelope: dict[str, Any] = {"value": [event.raw]}
     if event.tenant_id is not None:
         envelope["tenantId"] = event.tenant_id
-    return json.dumps(envelope, separators=(",", ":"), ensure_ascii=False)
+    return json.dumps(envelope, separators=(",", ":"), ensure_ascii=True)
 
 
 def decode_entry(text: str) -> events.Event:

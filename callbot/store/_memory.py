@@ -54,7 +54,7 @@ class MemoryStore:
         """Records of the calls that have not ended."""
         return self.sequencer.active_records()
 
-    async def drain(self) -> None:
+    async def drain(self, timeout: float) -> None:
         """Held events go now: on shutdown nothing waits for a window."""
         self.sequencer.release_all()
 

@@ -277,7 +277,7 @@ class RedisStore:
         """The calls of every instance that have not ended (refreshed every few seconds)."""
         return [record for record in self._known.values() if not record.ended]
 
-    async def drain(self) -> None:
+    async def drain(self, timeout: float) -> None:
         """Stop claiming; let each held call finish its running entry, then hand it over."""
         self._draining = True
         if self._claimer is not None:
@@ -286,7 +286,7 @@ class RedisStore:
         for state in self._owned.values():
             state.changed.set()
         if owners:
-            await asyncio.wait(owners, timeout=self._settings.shutdown_timeout)
+            await asyncio.wait(owners, timeout=max(timeout, 0.001))
 
     async def close(self) -> None:
         """Stop every task, hand the calls still held over to the others, disconnect."""
