@@ -39,6 +39,8 @@ from . import _scripts
 from ._base import StoreHooks
 from ._codec import decode_entry, decode_record, digest_of, encode_entry, encode_record
 
+_NEVER = 1e9
+
 __all__ = ["RedisStore"]
 
 log = get_logger("callbot.store")
@@ -178,7 +180,9 @@ class RedisStore:
         self._sequencer = Sequencer(
             self._deliver,
             reorder_window=settings.reorder_window,
-            termination_grace=settings.termination_grace,
+            # Redis's expiry forgets ended calls and the owner evicts on release; a local
+            # forget could revive an ended call whose handlers are still running.
+            termination_grace=_NEVER,
         )
         dispatcher.on_done = self._delivered
         self._owned: dict[str, _Owned] = {}
