@@ -286,8 +286,6 @@ class RedisStore:
         self._draining = True
         if self._claimer is not None:
             self._claimer.cancel()
-        # Held states go now, so what overtook them is acknowledged before the handover.
-        self._sequencer.release_all()
         owners = [state.task for state in self._owned.values() if state.task is not None]
         for state in self._owned.values():
             state.changed.set()
