@@ -17,7 +17,7 @@ from ._dispatch import Dispatcher, ErrorHandler, HandlerRegistry
 from ._gc import tune_for_serving
 from ._log import get_logger
 from ._metrics import Metrics
-from ._proxy import client_address, proxy_middlewares
+from ._proxy import proxy_middlewares
 from ._receiver import Receiver
 from ._recording import NotificationRecorder
 from ._sequencing import Sequencer
@@ -78,7 +78,6 @@ class _Runtime:
             max_body_bytes=s.max_body_bytes,
             max_json_depth=s.max_json_depth,
             observe_ack=self.metrics.ack_seconds.observe,
-            client_address=client_address,
             while_draining=self.outcomes_while_draining,
         )
         self.recorder = NotificationRecorder(s.record_path) if s.record_path else None

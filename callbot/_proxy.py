@@ -26,7 +26,6 @@ from ._log import get_logger
 
 __all__ = [
     "ForwardedClient",
-    "client_address",
     "forwarded_client",
     "parse_networks",
     "proxy_middlewares",
@@ -133,7 +132,3 @@ def forwarded_client(request: web.Request) -> ForwardedClient:
         return current[1]
     return ForwardedClient(request.remote, request.scheme, request.remote)
 
-
-def client_address(request: web.Request) -> str | None:
-    """The client address to log for ``request`` (see :func:`forwarded_client`)."""
-    return forwarded_client(request).address

@@ -19,6 +19,7 @@ from ._auth import Authenticator
 from ._errors import AuthenticationError, KeysUnavailable, MalformedNotification, StoreUnavailable
 from ._log import get_logger, is_enabled
 from ._parse import parse_body
+from ._proxy import forwarded_client
 
 __all__ = ["Receiver"]
 
@@ -38,7 +39,6 @@ class Receiver:
         max_body_bytes: int,
         max_json_depth: int,
         observe_ack: Callable[[float], None] | None = None,
-        client_address: Callable[[web.Request], str | None] | None = None,
         while_draining: Callable[[Sequence[events.Event]], None] | None = None,
     ) -> None:
         self._auth = authenticator
@@ -46,7 +46,6 @@ class Receiver:
         self._max_body = max_body_bytes
         self._max_depth = max_json_depth
         self._observe_ack = observe_ack
-        self._client_address = client_address or (lambda request: request.remote)
         self._while_draining = while_draining
         self.draining = False
         """While true, callbacks get 503 so that Graph retries against another instance."""
@@ -145,8 +144,10 @@ class Receiver:
 
     def _context(self, request: web.Request, tenant_id: str | None = None) -> dict[str, Any]:
         """Who sent a request, for its log line (unset values left out)."""
+        client = forwarded_client(request)
         context = {
-            "client": self._client_address(request),
+            "client": client.address,
+            "scheme": client.scheme,
             "chain_id": request.headers.get("X-Microsoft-Skype-Chain-ID"),
             "message_id": request.headers.get("X-Microsoft-Skype-Message-ID"),
             "tenant_id": tenant_id,

@@ -599,3 +599,17 @@ async def test_run_with_ngrok_but_no_agent_stops_with_a_message(
     assert await bot.wait_exit() == 2
     assert "callbot: no ngrok agent answers at" in bot.output()
     assert "ngrok http" in bot.output()
+
+
+async def test_the_forwarded_scheme_is_logged_only_from_a_trusted_proxy(
+    authority: TokenAuthority, serve: Any
+) -> None:
+    headers = {"X-Forwarded-For": "203.0.113.7", "X-Forwarded-Proto": "https"}
+    for trusted, scheme in (((), "http"), (("127.0.0.1/32",), "https")):
+        server: BotServer = await serve(make_bot(authority, trusted_proxies=trusted))
+        with capture_logs() as logs:
+            await server.post(
+                b.notifications(b.incoming_call("s")), token="garbage", headers=headers
+            )
+        [refusal] = [e for e in logs if e["event"] == "callback_refused"]
+        assert refusal["scheme"] == scheme
