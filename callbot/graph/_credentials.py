@@ -6,6 +6,7 @@ shortly before it expires and lets one refresh serve every concurrent caller.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import base64
 import time
@@ -82,7 +83,7 @@ def graph_scope(graph_url: str) -> str:
     return DEFAULT_SCOPE
 
 
-class _ClientCredentialsFlow:
+class _ClientCredentialsFlow(abc.ABC):
     """The OAuth 2.0 client credentials grant against a Microsoft identity platform tenant."""
 
     def __init__(
@@ -105,8 +106,9 @@ class _ClientCredentialsFlow:
         self._owns_session = session is None
         self._retry = retry or RetryPolicy(total_time=10.0)
 
+    @abc.abstractmethod
     def _form(self) -> dict[str, str]:
-        raise NotImplementedError
+        """The grant's proof of the client: a secret, or a signed assertion."""
 
     async def get_token(self, *scopes: str) -> AccessToken:
         """Request a token for ``scopes`` (default: Graph's ``.default`` scope)."""
