@@ -35,7 +35,7 @@ from benchmarks._common import machine, ratio_line
 from benchmarks._inproc import InProcessBot
 from callbot import Call, events
 from callbot._log import configure_logging
-from callbot.testing import _builders as b
+from callbot.testing import builders as b
 
 
 @contextmanager

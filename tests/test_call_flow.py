@@ -10,7 +10,7 @@ import pytest
 
 from callbot import Call, CallBot, OperationFailed, events, models
 from callbot.testing import FakeGraph, TokenAuthority
-from callbot.testing import _builders as b
+from callbot.testing import builders as b
 
 from .conftest import BotServer, until
 

@@ -22,7 +22,7 @@ from structlog.testing import capture_logs
 
 from callbot import Call, CallBot, GraphError, events
 from callbot.testing import FakeGraph
-from callbot.testing import _builders as b
+from callbot.testing import builders as b
 
 from .conftest import BotServer, make_bot, until
 

@@ -28,7 +28,7 @@ from callbot import Call, ConfigurationError, events
 from callbot._proxy import forwarded_client, proxy_middlewares
 from callbot._tunnel import TunnelError, devtunnel_public_url, ngrok_public_url
 from callbot.testing import TokenAuthority
-from callbot.testing import _builders as b
+from callbot.testing import builders as b
 
 from .conftest import APP_ID, BotServer, make_bot, until
 

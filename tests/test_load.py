@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 
 from callbot import Call, events
-from callbot.testing import _builders as b
+from callbot.testing import builders as b
 
 from .conftest import BotServer, make_bot, until
 

@@ -22,7 +22,7 @@ from structlog.testing import capture_logs
 
 from callbot import Call, CallBot, events
 from callbot.testing import TokenAuthority
-from callbot.testing import _builders as b
+from callbot.testing import builders as b
 
 from .conftest import BotServer, make_bot, until
 from .nginx_support import find_nginx, nginx_command, write_nginx_config, write_self_signed

@@ -14,7 +14,7 @@ from structlog.testing import capture_logs
 
 from callbot import Call, CallBot, events
 from callbot._parse import parse_payload
-from callbot.testing import _builders as b
+from callbot.testing import builders as b
 
 from .conftest import (
     BotServer,

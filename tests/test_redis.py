@@ -30,7 +30,7 @@ import redis.asyncio as aioredis
 
 from callbot import Call, CallBot, events, models
 from callbot.testing import FakeGraph, TokenAuthority
-from callbot.testing import _builders as b
+from callbot.testing import builders as b
 
 from .conftest import APP_ID, BotServer, make_bot, until
 from .test_redis_bot import LOG_PREFIX, label

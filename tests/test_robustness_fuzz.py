@@ -24,7 +24,7 @@ from typing import Any
 from structlog.testing import capture_logs
 
 from callbot import Call, events
-from callbot.testing import _builders as b
+from callbot.testing import builders as b
 
 from .conftest import FIXTURES, BotServer, make_bot, until
 

@@ -27,7 +27,7 @@ from structlog.testing import capture_logs
 from callbot import events
 from callbot._parse import parse_payload
 from callbot._sequencing import Delivery, Sequencer, _digest, phase_of
-from callbot.testing import _builders as b
+from callbot.testing import builders as b
 
 WINDOW = 1.0
 # Far beyond any scenario's virtual duration, so no ended call is forgotten mid-scenario.

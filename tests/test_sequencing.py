@@ -8,7 +8,7 @@ from typing import Any
 from callbot import events
 from callbot._parse import parse_payload
 from callbot._sequencing import Delivery, Sequencer
-from callbot.testing import _builders as b
+from callbot.testing import builders as b
 
 
 def one(item: dict[str, Any]) -> events.Event:

@@ -15,7 +15,7 @@ from callbot.graph import CallServices
 from callbot.store import MemoryStore, Store, open_store
 from callbot.store._codec import decode_entry, decode_record, encode_entry, encode_record
 from callbot.store._redis import _after
-from callbot.testing import _builders as b
+from callbot.testing import builders as b
 
 
 def one(item: dict[str, Any], tenant: str | None = None) -> events.Event:

@@ -14,18 +14,6 @@
 from __future__ import annotations
 
 from . import builders
-from ._builders import (
-    call_state,
-    call_terminated,
-    content_sharing,
-    incoming_call,
-    notifications,
-    operation_update,
-    participant,
-    roster,
-    tone,
-    unknown,
-)
 from ._fake_graph import FakeGraph, FakeResponse, RecordedRequest
 from ._simulator import (
     DEFAULT_APP_ID,
@@ -51,15 +39,5 @@ __all__ = [
     "TokenAuthority",
     "Traffic",
     "builders",
-    "call_state",
-    "call_terminated",
-    "content_sharing",
-    "incoming_call",
-    "notifications",
-    "operation_update",
-    "participant",
-    "roster",
     "run_with_simulator",
-    "tone",
-    "unknown",
 ]

@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from . import _builders as build
+from . import builders as build
 from ._simulator import DeliveryOptions, SimulatedCall, Simulator, SimulatorError
 
 __all__ = ["SCENARIOS", "Scenario", "ScenarioOptions"]

@@ -62,7 +62,7 @@ from .._ids import id_key
 from .._log import get_logger
 from .._parse import parse_payload
 from ..graph import AccessToken
-from . import _builders as build
+from . import builders as build
 from ._fake_graph import FakeGraph, FakeResponse, RecordedRequest
 from ._tokens import TEST_TENANT_ID, TokenAuthority
 

@@ -25,18 +25,10 @@ envelope Graph POSTs::
 
 from __future__ import annotations
 
-from ._builders import (
-    call_state,
-    call_terminated,
-    content_sharing,
-    incoming_call,
-    notifications,
-    operation_update,
-    participant,
-    roster,
-    tone,
-    unknown,
-)
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from callbot import models
 
 __all__ = [
     "call_state",
@@ -50,3 +42,216 @@ __all__ = [
     "tone",
     "unknown",
 ]
+
+
+def _dump(model: models.GraphModel) -> dict[str, Any]:
+    return model.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def _item(change_type: str, path: str, resource_data: Any) -> dict[str, Any]:
+    item: dict[str, Any] = {
+        "@odata.type": "#microsoft.graph.commsNotification",
+        "changeType": change_type,
+        "resourceUrl": path,
+    }
+    if resource_data is not None:
+        item["resourceData"] = resource_data
+    return item
+
+
+def _call_path(call_id: str) -> str:
+    return f"/communications/calls/{call_id}"
+
+
+def notifications(*items: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``commsNotifications`` envelope around one or more items."""
+    return {"@odata.type": "#microsoft.graph.commsNotifications", "value": [dict(i) for i in items]}
+
+
+def _identity(kind: str, identity_id: str, display_name: str | None) -> models.IdentitySet:
+    identity = models.Identity(id=identity_id, display_name=display_name)
+    return models.IdentitySet.model_validate({kind: identity})
+
+
+def incoming_call(
+    call_id: str,
+    *,
+    caller_id: str = "8d1e6ab6-26c5-4e22-a1bc-06ea7343958e",
+    caller_name: str | None = "Caller",
+    caller_kind: str = "user",
+    bot_app_id: str = "00000000-0000-0000-0000-000000000000",
+    bot_name: str = "Bot",
+    tenant_id: str | None = None,
+    callback_uri: str | None = None,
+    modalities: Iterable[str] = ("audio",),
+) -> dict[str, Any]:
+    """A ``created`` call in state ``incoming``.
+
+    ``caller_kind`` is ``"user"``, or ``"phone"`` for a PSTN caller (then
+    ``caller_id`` is the phone number).
+    """
+    call = models.Call(
+        odata_type="#microsoft.graph.call",
+        id=call_id,
+        state="incoming",
+        direction="incoming",
+        callback_uri=callback_uri,
+        tenant_id=tenant_id,
+        source=models.ParticipantInfo(
+            odata_type="#microsoft.graph.participantInfo",
+            identity=_identity(caller_kind, caller_id, caller_name),
+        ),
+        targets=[
+            models.InvitationParticipantInfo(
+                odata_type="#microsoft.graph.invitationParticipantInfo",
+                identity=_identity("application", bot_app_id, bot_name),
+            )
+        ],
+        requested_modalities=list(modalities),
+    )
+    return _item("created", _call_path(call_id), _dump(call))
+
+
+def call_state(
+    call_id: str,
+    state: str,
+    *,
+    result_info: models.ResultInfo | None = None,
+    **fields: Any,
+) -> dict[str, Any]:
+    """An ``updated`` call in ``state``; extra call properties may be given by name."""
+    call = models.Call(
+        odata_type="#microsoft.graph.call", state=state, result_info=result_info, **fields
+    )
+    return _item("updated", _call_path(call_id), _dump(call))
+
+
+def call_terminated(
+    call_id: str, *, code: int = 0, subcode: int = 0, message: str = "Call ended."
+) -> dict[str, Any]:
+    """A ``deleted`` call in state ``terminated``, with its resultInfo."""
+    call = models.Call(
+        odata_type="#microsoft.graph.call",
+        state="terminated",
+        result_info=models.ResultInfo(code=code, subcode=subcode, message=message),
+    )
+    return _item("deleted", _call_path(call_id), _dump(call))
+
+
+def tone(call_id: str, tone_name: str, sequence_id: int) -> dict[str, Any]:
+    """A DTMF tone (``"tone1"``, ``"star"``, ``"pound"``, ...) as Graph sends it."""
+    call = models.Call(
+        odata_type="#microsoft.graph.call",
+        state="established",
+        tone_info=models.ToneInfo(
+            odata_type="#microsoft.graph.toneInfo", sequence_id=sequence_id, tone=tone_name
+        ),
+    )
+    return _item("updated", _call_path(call_id), _dump(call))
+
+
+def participant(
+    participant_id: str,
+    *,
+    user_id: str | None = None,
+    display_name: str | None = None,
+    kind: str = "user",
+    muted: bool = False,
+    in_lobby: bool = False,
+    removed_reason: str | None = None,
+) -> models.Participant:
+    """A roster participant (use with ``roster``).
+
+    ``removed_reason`` marks one who left (as delta rosters report it).
+    """
+    return models.Participant(
+        odata_type="#microsoft.graph.participant",
+        id=participant_id,
+        info=models.ParticipantInfo(
+            odata_type="#microsoft.graph.participantInfo",
+            identity=_identity(kind, user_id or participant_id, display_name),
+        ),
+        media_streams=[
+            models.MediaStream(
+                media_type="audio",
+                label="main-audio",
+                source_id="1",
+                direction="sendReceive",
+                server_muted=False,
+            )
+        ],
+        is_muted=muted,
+        is_in_lobby=in_lobby,
+        removed_state=(
+            models.RemovedState(reason=removed_reason) if removed_reason is not None else None
+        ),
+    )
+
+
+def roster(call_id: str, participants: Iterable[models.Participant]) -> dict[str, Any]:
+    """An ``updated`` participants collection: the whole roster as it now is."""
+    return _item("updated", _call_path(call_id) + "/participants", [_dump(p) for p in participants])
+
+
+def operation_update(
+    call_id: str,
+    operation_id: str,
+    *,
+    operation_type: str = "playPromptOperation",
+    status: str = "completed",
+    client_context: str | None = None,
+    code: int | None = 200,
+    subcode: int | None = 0,
+    message: str | None = "Action completed.",
+    **fields: Any,
+) -> dict[str, Any]:
+    """An operation's outcome: ``deleted`` on ``.../operations/{id}`` with its status."""
+    data = {
+        "@odata.type": f"#microsoft.graph.{operation_type}",
+        "id": operation_id,
+        "status": status,
+        "clientContext": client_context,
+        **{_camel(k): v for k, v in fields.items()},
+    }
+    if code is not None:
+        data["resultInfo"] = {
+            "@odata.type": "#microsoft.graph.resultInfo",
+            "code": code,
+            "subcode": subcode,
+            "message": message,
+        }
+    operation = models.parse_operation(data)
+    return _item("deleted", f"{_call_path(call_id)}/operations/{operation_id}", _dump(operation))
+
+
+def content_sharing(
+    call_id: str, session_ids: Iterable[str], *, change_type: str = "created"
+) -> dict[str, Any]:
+    """Content sharing sessions started (``created``), changed or ended (``deleted``)."""
+    sessions = [
+        models.ContentSharingSession(odata_type="#microsoft.graph.contentSharingSession", id=s)
+        for s in session_ids
+    ]
+    return _item(
+        change_type, _call_path(call_id) + "/contentsharingsessions", [_dump(s) for s in sessions]
+    )
+
+
+def unknown(
+    call_id: str,
+    subpath: str = "",
+    *,
+    change_type: str = "updated",
+    resource_data: Any = None,
+) -> dict[str, Any]:
+    """A notification callbot does not model (it becomes an ``UnknownNotification``).
+
+    ``subpath`` follows the call's path (``"/someFutureResource"``);
+    ``resource_data`` is sent as given.
+    """
+    return _item(change_type, _call_path(call_id) + subpath, resource_data)
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.title() for part in rest)
