@@ -72,6 +72,7 @@ class _Runtime:
         # settings.store picks where accepted events wait: this process, or a shared Redis.
         self.store: Store = open_store(s, dispatcher=self.dispatcher, hooks=self.services)
         self.sequencer: Sequencer = self.store.sequencer
+        self.services.on_call_gone = self.store.forget
         self.receiver = Receiver(
             authenticator=self.authenticator,
             ingest=self.ingest,

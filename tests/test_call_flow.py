@@ -232,3 +232,17 @@ async def test_outcomes_refused_while_draining_still_resolve_running_handlers(
     assert refused.status == 503
     await draining
     assert finished == ["d"]
+
+
+async def test_a_call_graph_has_forgotten_is_let_go_when_its_keep_alive_gets_404(
+    graph: FakeGraph, authority: TokenAuthority, serve: Any
+) -> None:
+    bot = graph_bot(graph, authority, keep_alive=True, keep_alive_interval=0.02)
+    server: BotServer = await serve(bot)
+    graph.add_call("lost")
+    await server.post(b.notifications(b.call_state("lost", "establishing")))
+    await server.post(b.notifications(b.call_state("lost", "established")))
+    await graph.wait_for_request("keepAlive")
+    assert [c.id for c in bot.active_calls()] == ["lost"]
+    graph.end_call("lost")  # its termination never reaches the bot
+    await until(lambda: bot.active_calls() == [])

@@ -119,6 +119,12 @@ async def test_keep_alive_loop_until_the_call_is_gone(
     graph: FakeGraph, make_services: Callable[..., CallServices]
 ) -> None:
     svc = make_services(keep_alive=True, keep_alive_interval=0.01)
+    gone: list[str] = []
+
+    async def call_gone(key: str) -> None:
+        gone.append(key)
+
+    svc.on_call_gone = call_gone
     call = svc.call(CALL_ID)
     svc.on_established(call)
     svc.on_established(call)  # a repeated "established" starts no second loop
@@ -131,6 +137,9 @@ async def test_keep_alive_loop_until_the_call_is_gone(
     with capture_logs() as logs:
         await eventually(lambda: not svc.is_keeping_alive(CALL_ID))
     assert {"event": "keep_alive_call_gone", "call_id": CALL_ID, "log_level": "info"} in logs
+    # Graph forgot the call: it ends here, and the store is told to let it go.
+    assert gone == [call.key]
+    assert call.ended
     sent = len(graph.requests_for("keepAlive"))
     await asyncio.sleep(0.05)
     assert len(graph.requests_for("keepAlive")) == sent

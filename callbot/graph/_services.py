@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import quote
 
@@ -74,6 +74,8 @@ class CallServices:
         self._deadlines: dict[str, asyncio.TimerHandle] = {}
         self._forget_timers: dict[str, asyncio.TimerHandle] = {}
         self._started = False
+        self.on_call_gone: Callable[[str], Awaitable[None]] | None = None
+        """Awaited with a call's key when Graph no longer knows the call (keep-alive 404)."""
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -208,6 +210,13 @@ class CallServices:
         except GraphError as exc:
             if exc.status == 404:
                 log.info("keep_alive_call_gone", call_id=call.id)
+                # No termination will come for a call Graph has forgotten: end it here
+                # (leaving this task out of the keep-alives that on_ended cancels).
+                if self._keep_alives.get(key) is asyncio.current_task():
+                    del self._keep_alives[key]
+                self.on_ended(key, None)
+                if self.on_call_gone is not None:
+                    await self.on_call_gone(key)
             else:
                 again = True
                 log.warning(

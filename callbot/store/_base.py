@@ -67,6 +67,10 @@ class Store(Protocol):
         """What is known of the calls that have not ended."""
         ...
 
+    async def forget(self, call_key: str) -> None:
+        """Graph no longer knows the call (a keep-alive got 404): stop counting it as active."""
+        ...
+
     async def drain(self, timeout: float) -> None:
         """Stop taking on work (on shutdown), waiting at most ``timeout`` seconds.
 

@@ -54,6 +54,10 @@ class MemoryStore:
         """Records of the calls that have not ended."""
         return self.sequencer.active_records()
 
+    async def forget(self, call_key: str) -> None:
+        """Drop the call's record; a late notification of it starts a new one."""
+        self.sequencer.evict(call_key)
+
     async def drain(self, timeout: float) -> None:
         """Held events go now: on shutdown nothing waits for a window."""
         self.sequencer.release_all()

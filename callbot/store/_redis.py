@@ -677,6 +677,15 @@ class RedisStore:
                 found[call] = _decode_record(call, _text(value)) if value else None
         return found
 
+    async def forget(self, call_key: str) -> None:
+        """Take the call off the active set, so no instance rehydrates it again."""
+        self._known.pop(call_key, None)
+        try:
+            await self._redis.srem(self._keys.active, call_key)
+        except (RedisError, OSError) as exc:
+            # Its record still expires a day after its last notification.
+            log.warning("forget_failed", call_key=call_key, error=str(exc))
+
     async def _rehydrate(self) -> None:
         """Know the calls that are going on again, with their snapshots; resume keep-alives."""
         calls = sorted(_text(call) for call in await self._redis.smembers(self._keys.active))
