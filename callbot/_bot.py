@@ -6,7 +6,7 @@ import asyncio
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from aiohttp import web
 
@@ -45,6 +45,21 @@ _KNOWN_STATES = frozenset(
         "terminated",
     }
 )
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _signature_of(
+    target: Callable[Concatenate[Any, P], R],
+) -> Callable[[Callable[..., Any]], Callable[Concatenate[Any, P], R]]:
+    """Type a delegating method with its target's parameters, so callers are checked."""
+
+    def typed(method: Callable[..., Any]) -> Callable[Concatenate[Any, P], R]:
+        return method
+
+    return typed
 
 
 class _Runtime:
@@ -288,10 +303,12 @@ class CallBot:
 
     # -- acting -------------------------------------------------------------------
 
+    @_signature_of(CallServices.create_call)
     async def create_call(self, *args: Any, **kwargs: Any) -> Call:
         """Place an outgoing call or join a group call (see ``CallServices.create_call``)."""
         return await self.services.create_call(*args, **kwargs)
 
+    @_signature_of(CallServices.join_meeting)
     async def join_meeting(self, *args: Any, **kwargs: Any) -> Call:
         """Join a Teams meeting (see ``CallServices.join_meeting``)."""
         return await self.services.join_meeting(*args, **kwargs)
