@@ -14,7 +14,7 @@ from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient, TestServer
 
 from callbot import CallBot
-from callbot.testing import TEST_TENANT_ID, TokenAuthority
+from callbot.testing import TEST_TENANT_ID, FakeGraph, TokenAuthority
 
 FIXTURES = Path(__file__).parent / "fixtures"
 APP_ID = "6c4a7c4e-2b1a-4d7e-9a53-7a1bfb4c0d11"
@@ -72,6 +72,13 @@ async def authority() -> AsyncIterator[TokenAuthority]:
         yield issuer
     finally:
         await issuer.close()
+
+
+@pytest.fixture
+async def graph() -> AsyncIterator[FakeGraph]:
+    """A FakeGraph on 127.0.0.1 for the test."""
+    async with FakeGraph() as fake:
+        yield fake
 
 
 class BotServer:

@@ -3,26 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
-
-import pytest
 
 from callbot import Call, CallBot, OperationFailed, events, models
 from callbot.testing import FakeGraph, TokenAuthority
 from callbot.testing import builders as b
 
 from .conftest import BotServer, until
-
-
-@pytest.fixture
-async def graph() -> AsyncIterator[FakeGraph]:
-    fake = FakeGraph()
-    await fake.start()
-    try:
-        yield fake
-    finally:
-        await fake.close()
 
 
 def graph_bot(graph: FakeGraph, authority: TokenAuthority, **options: Any) -> CallBot:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -46,12 +45,6 @@ async def assert_nothing_lost(server: BotServer, abandoned: int = 0) -> None:
     """Every accepted item was handled, dropped with a reason, or logged as abandoned."""
     accepted, handled, dropped = await accounted(server)
     assert accepted == handled + dropped + abandoned, (accepted, handled, dropped, abandoned)
-
-
-@pytest.fixture
-async def graph() -> AsyncIterator[FakeGraph]:
-    async with FakeGraph() as fake:
-        yield fake
 
 
 def graph_bot(authority: Any, graph: FakeGraph, **options: Any) -> CallBot:

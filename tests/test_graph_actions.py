@@ -45,12 +45,6 @@ def conform(produced: Any, documented: Any) -> Any:
 
 
 @pytest.fixture
-async def graph() -> AsyncIterator[FakeGraph]:
-    async with FakeGraph() as fake:
-        yield fake
-
-
-@pytest.fixture
 async def services(graph: FakeGraph) -> AsyncIterator[CallServices]:
     settings = graph.settings(public_url="https://bot.contoso.com", callback_path="/api/calls")
     svc = CallServices(settings, retry=RetryPolicy(total_time=2.0, base_delay=0.01))

@@ -21,12 +21,6 @@ FAST = RetryPolicy(total_time=5.0, base_delay=0.001, max_delay=0.01, request_tim
 
 
 @pytest.fixture
-async def graph() -> AsyncIterator[FakeGraph]:
-    async with FakeGraph() as fake:
-        yield fake
-
-
-@pytest.fixture
 async def services(graph: FakeGraph) -> AsyncIterator[CallServices]:
     svc = CallServices(graph.settings(), retry=FAST)
     await svc.start()

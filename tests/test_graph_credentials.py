@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import datetime
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,12 +31,6 @@ from callbot.testing import FakeGraph
 APP_ID = "6c4a7c4e-2b1a-4d7e-9a53-7a1bfb4c0d11"
 CALL_ID = "57dab8b1-894c-409a-b240-bd8beae78896"
 FAST = RetryPolicy(total_time=1.0, base_delay=0.001, max_delay=0.01)
-
-
-@pytest.fixture
-async def graph() -> AsyncIterator[FakeGraph]:
-    async with FakeGraph() as fake:
-        yield fake
 
 
 def self_signed(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> x509.Certificate:

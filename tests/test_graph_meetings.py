@@ -47,12 +47,6 @@ def documented_request(name: str) -> dict[str, Any]:
 
 
 @pytest.fixture
-async def graph() -> AsyncIterator[FakeGraph]:
-    async with FakeGraph() as fake:
-        yield fake
-
-
-@pytest.fixture
 async def services(graph: FakeGraph) -> AsyncIterator[CallServices]:
     settings = graph.settings(public_url="https://bot.contoso.com", callback_path="/callback")
     svc = CallServices(settings, retry=RetryPolicy(total_time=1.0, base_delay=0.01))

@@ -59,12 +59,6 @@ def event_from_item(item: dict[str, Any], **changes: Any) -> OperationUpdated:
 
 
 @pytest.fixture
-async def graph() -> AsyncIterator[FakeGraph]:
-    async with FakeGraph() as fake:
-        yield fake
-
-
-@pytest.fixture
 async def services(graph: FakeGraph) -> AsyncIterator[CallServices]:
     svc = CallServices(graph.settings(), retry=RetryPolicy(total_time=2.0, base_delay=0.01))
     await svc.start()

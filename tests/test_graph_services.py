@@ -15,14 +15,10 @@ from callbot import models
 from callbot.graph import CallServices, RetryPolicy
 from callbot.testing import FakeGraph
 
+from .conftest import until
+
 CALL_ID = "57dab8b1-894c-409a-b240-bd8beae78896"
 FAST = RetryPolicy(total_time=1.0, base_delay=0.001, max_delay=0.01)
-
-
-@pytest.fixture
-async def graph() -> AsyncIterator[FakeGraph]:
-    async with FakeGraph() as fake:
-        yield fake
 
 
 @pytest.fixture
@@ -37,13 +33,6 @@ async def make_services(graph: FakeGraph) -> AsyncIterator[Callable[..., CallSer
     yield make
     for svc in made:
         await svc.close()
-
-
-async def eventually(check: Callable[[], bool], timeout: float = 2.0) -> None:
-    """Wait until ``check()`` holds (polling: the conditions are in code under test)."""
-    async with asyncio.timeout(timeout):
-        while not check():  # noqa: ASYNC110 - nothing to wait on but the condition itself
-            await asyncio.sleep(0.005)
 
 
 def test_public_names() -> None:
@@ -112,7 +101,7 @@ async def test_ended_handle_is_forgotten_without_release(
     svc = make_services(termination_grace=0.0)
     call = svc.call(CALL_ID)
     svc.on_ended(call.key, None)
-    await eventually(lambda: svc.call(CALL_ID) is not call)
+    await until(lambda: svc.call(CALL_ID) is not call)
 
 
 async def test_keep_alive_loop_until_the_call_is_gone(
@@ -135,7 +124,7 @@ async def test_keep_alive_loop_until_the_call_is_gone(
     assert second.scenario_id == first.scenario_id == call.scenario_id
     graph.end_call(CALL_ID)
     with capture_logs() as logs:
-        await eventually(lambda: not svc.is_keeping_alive(CALL_ID))
+        await until(lambda: not svc.is_keeping_alive(CALL_ID))
     assert {"event": "keep_alive_call_gone", "call_id": CALL_ID, "log_level": "info"} in logs
     # Graph forgot the call: it ends here, and the store is told to let it go.
     assert gone == [call.key]
@@ -186,7 +175,7 @@ async def test_unanswered_incoming_call_is_warned_about(
     call = svc.call(CALL_ID)
     with capture_logs() as logs:
         svc.on_incoming(call)
-        await eventually(lambda: any(e["event"] == "incoming_call_not_answered" for e in logs))
+        await until(lambda: any(e["event"] == "incoming_call_not_answered" for e in logs))
     warning = next(e for e in logs if e["event"] == "incoming_call_not_answered")
     assert warning["call_id"] == CALL_ID
     assert warning["log_level"] == "warning"
