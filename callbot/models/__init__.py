@@ -27,6 +27,8 @@ from ._call import (
     TokenMeetingInfo,
 )
 from ._common import (
+    CALL_LIFECYCLE,
+    CALL_STATES,
     CallDirection,
     CallMediaState,
     CallRoute,
@@ -56,6 +58,7 @@ from ._common import (
     SendDtmfCompletionReason,
     Tone,
     ToneInfo,
+    canonical_call_state,
 )
 from ._operations import (
     AddLargeGalleryViewOperation,
@@ -82,6 +85,8 @@ from ._participant import (
 )
 
 __all__ = [
+    "CALL_LIFECYCLE",
+    "CALL_STATES",
     "AddLargeGalleryViewOperation",
     "AnyCallOptions",
     "AnyMediaConfig",
@@ -146,6 +151,7 @@ __all__ = [
     "ToneInfo",
     "UnmuteParticipantOperation",
     "UpdateRecordingStatusOperation",
+    "canonical_call_state",
     "parse_operation",
     "type_name",
 ]

@@ -6,14 +6,17 @@ field is a plain ``str``: an alias below names the known values, none is enforce
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
-from typing import TypeAlias
+from typing import Annotated, Any, Final, TypeAlias
 
-from pydantic import AliasChoices, Field
+from pydantic import AfterValidator, AliasChoices, Field
 
 from ._base import GraphModel, odata_type_field
 
 __all__ = [
+    "CALL_LIFECYCLE",
+    "CALL_STATES",
     "CallDirection",
     "CallMediaState",
     "CallRoute",
@@ -43,12 +46,52 @@ __all__ = [
     "SendDtmfCompletionReason",
     "Tone",
     "ToneInfo",
+    "canonical_call_state",
 ]
 
-CallState: TypeAlias = str
-"""``incoming``, ``establishing``, ``established``, ``hold``, ``transferring``,
-``transferAccepted``, ``redirecting``, ``terminating``, ``terminated``,
-``unknownFutureValue``."""
+CALL_LIFECYCLE: Final[tuple[tuple[str, ...], ...]] = (
+    ("incoming",),
+    ("establishing",),
+    ("ringing",),
+    # the states a live call moves between, in any order
+    (
+        "established",
+        "hold",
+        "transferring",
+        "transferAccepted",
+        "redirecting",
+        "unknownFutureValue",
+    ),
+    ("terminating",),
+    ("terminated",),
+)
+"""Every state of Graph's ``callState`` enum (beta and v1.0), grouped by lifecycle phase.
+
+A call only moves forward through the groups; within a group it moves freely.
+This is the one list of call states in callbot: the sequencer's order, the
+states ``on_state`` accepts and the parser's spelling all come from it.
+"""
+
+CALL_STATES: Final[tuple[str, ...]] = tuple(state for phase in CALL_LIFECYCLE for state in phase)
+"""The known call states, in lifecycle order."""
+
+_CALL_STATE_SPELLING: Final[Mapping[str, str]] = {state.lower(): state for state in CALL_STATES}
+
+
+def canonical_call_state(value: str) -> str:
+    """A known state in Graph's spelling whatever its case (``Established`` -> ``established``).
+
+    An unknown state (one Graph adds later) is returned as sent.
+    """
+    return _CALL_STATE_SPELLING.get(value.lower(), value)
+
+
+def _canonical_state(value: Any) -> Any:
+    return canonical_call_state(value) if isinstance(value, str) else value
+
+
+CallState: TypeAlias = Annotated[str, AfterValidator(_canonical_state)]
+"""One of :data:`CALL_STATES` in Graph's spelling, or a state Graph added later (as sent)."""
 
 CallDirection: TypeAlias = str
 """``incoming``, ``outgoing``."""
