@@ -906,6 +906,7 @@ def test_call_terminated_is_a_state_change() -> None:
         "IncomingCall",
         "CallStateChanged",
         "CallTerminated",
+        "CallUpdated",
         "ToneReceived",
         "ParticipantsUpdated",
         "OperationUpdated",
