@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from callbot import models
+from callbot import OperationFailed, models
 
 from .conftest import FIXTURES, normalized_json
 
@@ -267,6 +267,7 @@ def test_a_named_subcode_keeps_the_operation_valid(name: str, status: str, text:
     assert operation.result_info.subcode is None
     assert operation.result_info.subcode_text == text
     assert operation.result_info.code_text is None
+    assert f"200/{text}" in str(OperationFailed(operation, operation.result_info))
 
 
 def test_numeric_codes_stay_numbers() -> None:

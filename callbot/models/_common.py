@@ -339,19 +339,6 @@ class InvitationParticipantInfo(GraphModel):
     language_id: str | None = None
 
 
-def _text_codes(data: Any) -> Any:
-    # Older notifications put names in code/subCode ("transferring"): keep them as text.
-    if not isinstance(data, dict):
-        return data
-    moved = dict(data)
-    for keys, text_key in ((("code",), "codeText"), (("subcode", "subCode"), "subcodeText")):
-        for key in keys:
-            value = moved.get(key)
-            if isinstance(value, str) and not value.strip().lstrip("+-").isdigit():
-                moved[text_key] = moved.pop(key)
-    return moved
-
-
 class ResultInfo(GraphModel):
     """The outcome Graph attaches to a call or an operation (``code``/``subcode``/``message``).
 
@@ -372,7 +359,19 @@ class ResultInfo(GraphModel):
     code_text: str | None = None
     subcode_text: str | None = None
 
-    _move_text_codes = model_validator(mode="before")(_text_codes)
+    @model_validator(mode="before")
+    @classmethod
+    def _keep_names_as_text(cls, data: Any) -> Any:
+        # a name where a number belongs ("transferring") must not fail the whole resource
+        if not isinstance(data, dict):
+            return data
+        moved = dict(data)
+        for keys, text_key in ((("code",), "codeText"), (("subcode", "subCode"), "subcodeText")):
+            for key in keys:
+                value = moved.get(key)
+                if isinstance(value, str) and not value.strip().lstrip("+-").isdigit():
+                    moved[text_key] = moved.pop(key)
+        return moved
 
 
 class ToneInfo(GraphModel):
