@@ -149,6 +149,8 @@ def _digest(raw: dict[str, Any]) -> bytes:
 def _participant_key(participant: Participant, index: int) -> str:
     if participant.id:
         return id_key(participant.id)
+    if participant.odata_id:
+        return "odata:" + participant.odata_id.lower()
     # Some documented rosters omit the participant id; fall back to the identity.
     if participant.info is not None:
         return "info:" + json.dumps(participant.info.model_dump(mode="json"), sort_keys=True)
