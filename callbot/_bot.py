@@ -15,12 +15,13 @@ from ._auth import Authenticator
 from ._config import Settings
 from ._dispatch import Dispatcher, ErrorHandler, HandlerRegistry
 from ._gc import tune_for_serving
+from ._lifecycle import KeepAliveResult, Lifecycle
 from ._log import get_logger
 from ._metrics import Metrics
 from ._proxy import proxy_middlewares
 from ._receiver import Receiver
 from ._recording import NotificationRecorder
-from ._sequencing import Sequencer
+from ._sequencing import Delivery, Sequencer
 from .graph import Call, CallServices
 from .models import CALL_STATES, canonical_call_state
 from .store import Store, open_store
@@ -55,7 +56,13 @@ class _Runtime:
         s = settings
         self.settings = settings
         self.metrics = Metrics()
-        self.services = CallServices(s, credential=credential)
+        self.lifecycle = Lifecycle(
+            termination_grace=s.termination_grace,
+            answer_warning_after=s.answer_warning_after,
+            keep_alive_interval=s.keep_alive_interval if s.keep_alive else None,
+            send_keep_alive=self._keep_alive,
+        )
+        self.services = CallServices(s, credential=credential, lifecycle=self.lifecycle)
         self.authenticator = Authenticator(
             app_id=s.app_id,
             openid_config_url=s.openid_config_url,
@@ -66,14 +73,18 @@ class _Runtime:
         )
         self.dispatcher = Dispatcher(
             registry,
-            self.services,
+            self._handle,
             max_concurrent=s.max_concurrent_handlers,
             observe=self.metrics.observe_handler,
         )
         # settings.store picks where accepted events wait: this process, or a shared Redis.
-        self.store: Store = open_store(s, dispatcher=self.dispatcher, hooks=self.services)
+        self.store: Store = open_store(
+            s,
+            dispatcher=self.dispatcher,
+            lifecycle=self.lifecycle,
+            outcomes=self.services,
+        )
         self.sequencer: Sequencer = self.store.sequencer
-        self.services.on_call_gone = self.store.forget
         self.receiver = Receiver(
             authenticator=self.authenticator,
             ingest=self.ingest,
@@ -90,7 +101,7 @@ class _Runtime:
         sources.graph = lambda: self.services.graph.stats
         sources.gauges["callbot_active_calls"] = (
             "Calls that have not ended",
-            lambda: float(len(self.store.active_records())),
+            lambda: float(sum(1 for _ in self.lifecycle.active())),
         )
         sources.gauges["callbot_pending_operations"] = (
             "Operations awaiting their outcome",
@@ -105,13 +116,21 @@ class _Runtime:
     def ready(self) -> bool:
         return self.authenticator.ready and not self.receiver.draining and self.store.reachable
 
+    def _handle(self, delivery: Delivery) -> Call:
+        return self.services.call(
+            delivery.event.call_id, snapshot=delivery.snapshot, roster=delivery.roster
+        )
+
+    async def _keep_alive(self, call_id: str) -> KeepAliveResult:
+        return await self.services.keep_alive(call_id)
+
     def outcomes_while_draining(self, batch: Sequence[events.Event]) -> None:
         """Resolve waits of running handlers from a batch refused because of draining."""
         for event in batch:
             if isinstance(event, events.OperationUpdated):
                 self.services.on_operation(event)
             elif isinstance(event, events.CallTerminated):
-                self.services.on_ended(event.call_key, event.result_info)
+                self.lifecycle.end(event.call_id, event.result_info)
 
     async def ingest(self, batch: Sequence[events.Event]) -> None:
         await self.store.ingest(batch)
@@ -148,6 +167,7 @@ class _Runtime:
     async def stop(self) -> None:
         await self.drain()
         await self.store.close()
+        await self.lifecycle.close()
         await self.services.close()
         await self.authenticator.close()
         if self.recorder is not None:
@@ -318,7 +338,13 @@ class CallBot:
     def active_calls(self) -> list[Call]:
         """Handles of the calls that have not ended."""
         runtime = self._running()
-        return [runtime.services.call(r.call_id) for r in runtime.store.active_records()]
+        calls = []
+        for life in runtime.lifecycle.active():
+            record = runtime.store.known(life.key)
+            snapshot = record.snapshot if record is not None else None
+            roster = record.roster if record is not None else None
+            calls.append(runtime.services.call(life.call_id, snapshot=snapshot, roster=roster))
+        return calls
 
     # -- serving ------------------------------------------------------------------
 

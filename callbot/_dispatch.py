@@ -15,7 +15,7 @@ import traceback
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -26,7 +26,7 @@ from ._sequencing import Delivery
 if TYPE_CHECKING:
     from .graph import Call
 
-__all__ = ["CallHooks", "Dispatcher", "ErrorHandler", "Handler", "HandlerRegistry"]
+__all__ = ["Dispatcher", "ErrorHandler", "Handler", "HandlerRegistry"]
 
 log = get_logger("callbot.dispatch")
 
@@ -34,15 +34,7 @@ Handler = Callable[["Call", Any], Awaitable[None]]
 """``async def handler(call, event) -> None``."""
 ErrorHandler = Callable[["Call", events.Event, BaseException], Awaitable[None]]
 """``async def on_error(call, event, exc) -> None``."""
-
-
-class CallHooks(Protocol):
-    """What the dispatcher needs from the Graph side: handles and lifecycle hooks."""
-
-    def call(self, call_id: str) -> Call: ...
-    def on_incoming(self, call: Call) -> None: ...
-    def on_established(self, call: Call) -> None: ...
-    def release(self, call_key: str) -> None: ...
+Done = Callable[[Delivery], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,20 +103,17 @@ class Dispatcher:
     def __init__(
         self,
         registry: HandlerRegistry,
-        hooks: CallHooks,
+        handle: Callable[[Delivery], Call],
         *,
         max_concurrent: int = 256,
         observe: Callable[[str, str, float], None] | None = None,
-        on_done: Callable[[Delivery], None] | None = None,
     ) -> None:
         self._registry = registry
-        self._hooks = hooks
+        self._handle = handle
         self._slots = asyncio.Semaphore(max_concurrent)
-        self._queues: dict[str, deque[Delivery]] = {}
+        self._queues: dict[str, deque[tuple[Delivery, Done | None]]] = {}
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._observe = observe
-        self.on_done = on_done
-        """Told of each delivery once all its handlers ran (a shared store acknowledges it)."""
         self.counts: Counter[str] = Counter()
         """handled (deliveries run), handler_errors."""
 
@@ -138,13 +127,14 @@ class Dispatcher:
         """Calls with a running worker."""
         return len(self._workers)
 
-    def submit(self, delivery: Delivery) -> None:
-        """Queue a delivery behind its call's earlier ones."""
+    def submit(self, delivery: Delivery, done: Done | None = None) -> None:
+        """Queue a delivery behind its call's earlier ones; ``done(delivery)`` is told
+        once all its handlers ran (a shared store acknowledges it then)."""
         key = delivery.event.call_key
         queue = self._queues.get(key)
         if queue is None:
             queue = self._queues[key] = deque()
-        queue.append(delivery)
+        queue.append((delivery, done))
         if key not in self._workers:
             # Keep a reference: an unreferenced task can be collected mid-flight.
             self._workers[key] = asyncio.get_running_loop().create_task(
@@ -159,21 +149,21 @@ class Dispatcher:
             if remaining <= 0:
                 break
             await asyncio.wait(list(self._workers.values()), timeout=remaining)
-        abandoned = [d for q in self._queues.values() for d in q]
+        abandoned = [d for q in self._queues.values() for d, _ in q]
         for task in list(self._workers.values()):
             task.cancel()
         if self._workers:
             await asyncio.gather(*self._workers.values(), return_exceptions=True)
         return abandoned
 
-    async def _work(self, key: str, queue: deque[Delivery]) -> None:
+    async def _work(self, key: str, queue: deque[tuple[Delivery, Done | None]]) -> None:
         try:
             while queue:
-                delivery = queue[0]
+                delivery, done = queue[0]
                 await self._run(delivery)
                 queue.popleft()
-                if self.on_done is not None:
-                    self.on_done(delivery)
+                if done is not None:
+                    done(delivery)
         finally:
             if not queue:
                 self._queues.pop(key, None)
@@ -181,13 +171,7 @@ class Dispatcher:
 
     async def _run(self, delivery: Delivery) -> None:
         event = delivery.event
-        call = self._hooks.call(event.call_id)
-        call._set_snapshot(delivery.snapshot)
-        call._set_roster(delivery.roster)
-        if isinstance(event, events.IncomingCall):
-            self._hooks.on_incoming(call)
-        elif isinstance(event, events.CallStateChanged) and event.state == "established":
-            self._hooks.on_established(call)
+        call = self._handle(delivery)
         # Tokens restore the previous binding at a fraction of bound_contextvars' cost.
         tokens = structlog.contextvars.bind_contextvars(call_id=event.call_id)
         try:
@@ -197,8 +181,6 @@ class Dispatcher:
         finally:
             structlog.contextvars.reset_contextvars(**tokens)
         self.counts["handled"] += 1
-        if isinstance(event, events.CallTerminated):
-            self._hooks.release(event.call_key)
 
     async def _run_one(self, name: str, handler: Handler, call: Call, event: events.Event) -> None:
         started = time.perf_counter()

@@ -131,4 +131,3 @@ def forwarded_client(request: web.Request) -> ForwardedClient:
     if current is not None and current[0] is request:
         return current[1]
     return ForwardedClient(request.remote, request.scheme, request.remote)
-

@@ -35,19 +35,17 @@ import orjson
 
 from . import events
 from ._ids import id_key
+from ._lifecycle import CallLife, Lifecycle, phase_of_state
 from ._log import get_logger
-from .models import CALL_LIFECYCLE, Participant, ResultInfo
 from .models import Call as CallResource
+from .models import Participant
 
-__all__ = ["LIVE_PHASE", "CallRecord", "Delivery", "Sequencer", "phase_of"]
+__all__ = ["CallRecord", "Delivery", "Sequencer", "phase_of"]
 
 log = get_logger("callbot.sequencing")
 
-_PHASES = {state: phase for phase, states in enumerate(CALL_LIFECYCLE) for state in states}
-_ESTABLISHING = _PHASES["establishing"]
-LIVE_PHASE = _PHASES["established"]
-"""The phase of an established call (and of the states it moves between)."""
-_TERMINATING = _PHASES["terminating"]
+_ESTABLISHING = phase_of_state("establishing")
+_TERMINATING = phase_of_state("terminating")
 _SEEN_DIGESTS = 128
 _MAX_BACKLOG = 1000
 
@@ -70,8 +68,7 @@ def phase_of(event: events.Event) -> int | None:
     if isinstance(event, events.IncomingCall):
         return 0
     if isinstance(event, events.CallStateChanged):
-        # A state Graph adds later belongs to a live call.
-        return _PHASES.get(event.state, LIVE_PHASE)
+        return phase_of_state(event.state)
     return None
 
 
@@ -103,25 +100,38 @@ class Delivery:
     event: events.Event
     snapshot: CallResource | None
     roster: dict[str, Participant]
+    life: CallLife
+    """The call's life (read only): whether it has ended, its state now."""
 
 
 @dataclass(slots=True)
 class CallRecord:
-    """What the sequencer remembers of one call."""
+    """What the sequencer remembers of one call; its life belongs to the :class:`Lifecycle`."""
 
-    call_id: str
-    phase: int = -1
-    state: str | None = None
+    life: CallLife
     snapshot: CallResource | None = None
     roster: dict[str, Participant] = field(default_factory=dict)
     roster_sequence: int | None = None
     seen: deque[bytes] = field(default_factory=lambda: deque(maxlen=_SEEN_DIGESTS))
     roster_digest: bytes | None = None
-    ended: bool = False
     held: list[events.Event] = field(default_factory=list)
     """Events waiting for the window: the one that skipped ``establishing``, then later ones."""
     hold_timer: asyncio.TimerHandle | None = None
-    forget_timer: asyncio.TimerHandle | None = None
+    closed: bool = False
+    """The call's termination was delivered: what comes after it is dropped."""
+
+    @property
+    def call_id(self) -> str:
+        return self.life.call_id
+
+    @property
+    def phase(self) -> int:
+        return self.life.phase
+
+    @property
+    def state(self) -> str | None:
+        return self.life.state
+
 
     @property
     def holding(self) -> bool:
@@ -131,7 +141,7 @@ class CallRecord:
     @property
     def established(self) -> bool:
         """Whether the call is established (or in a state a live call moves between)."""
-        return self.phase == LIVE_PHASE and not self.ended
+        return self.life.established
 
 
 def _digest(raw: dict[str, Any]) -> bytes:
@@ -162,26 +172,27 @@ class Sequencer:
 
     ``accept`` is synchronous and never waits: the receiver calls it while the
     request is still open, so everything it accepts is queued before the 202.
-    ``on_ended`` is told at once when a call terminates (to fail operations that
-    handlers are waiting for), ``on_operation`` at once when an operation
-    notification is accepted (to resolve waits even while the call's handler runs).
+    Each state a delivered event moves the call into is told to ``lifecycle``,
+    which decides whether it is new and when the call has ended;
+    ``on_operation`` is told at once when an operation notification is accepted
+    (to resolve waits even while the call's handler runs).
     """
 
     def __init__(
         self,
         deliver: Callable[[Delivery], None],
+        lifecycle: Lifecycle,
         *,
         reorder_window: float = 1.0,
-        termination_grace: float = 30.0,
-        on_ended: Callable[[str, ResultInfo | None], None] | None = None,
         on_operation: Callable[[events.OperationUpdated], None] | None = None,
     ) -> None:
         self._deliver_fn = deliver
+        self.lifecycle = lifecycle
+        """The owner of the calls' lives this sequencer reports to."""
         self._window = reorder_window
-        self._grace = termination_grace
-        self._on_ended = on_ended
         self._on_operation = on_operation
         self._records: dict[str, CallRecord] = {}
+        lifecycle.when_forgotten(self._forgotten)
         self.counts: Counter[str] = Counter()
         """Outcomes so far: delivered, held, duplicate, stale, after_end, released_late."""
 
@@ -192,7 +203,7 @@ class Sequencer:
         key = event.call_key
         record = self._records.get(key)
         if record is None:
-            record = self._records[key] = CallRecord(call_id=event.call_id)
+            record = self._records[key] = CallRecord(self.lifecycle.life(event.call_id))
         digest = _digest(event.raw)
         if isinstance(event, events.ParticipantsUpdated):
             # A roster is a snapshot: the same one after a different one is a real change.
@@ -213,25 +224,31 @@ class Sequencer:
         """The record of a call, if it is known."""
         return self._records.get(call_key)
 
-    def active_records(self) -> list[CallRecord]:
-        """Records of calls that have not ended."""
-        return [r for r in self._records.values() if not r.ended]
-
     def adopt(self, record: CallRecord) -> None:
         """Continue a call from a record loaded from a store, replacing what was known of it."""
         key = id_key(record.call_id)
-        self.evict(key)
+        self._drop_record(key)
+        stored = record.life
+        record.life = self.lifecycle.adopt(
+            stored.call_id, phase=stored.phase, state=stored.state, ended=record.closed
+        )
         self._records[key] = record
 
     def evict(self, call_key: str) -> CallRecord | None:
-        """Forget a call now (another process carries it on); a held event is discarded."""
-        record = self._records.pop(call_key, None)
-        if record is not None:
-            for timer in (record.hold_timer, record.forget_timer):
-                if timer is not None:
-                    timer.cancel()
-            record.hold_timer = record.forget_timer = None
+        """Stop ordering a call here (another process carries it on); a held event is
+        discarded. Its life goes on: the lifecycle still keeps it alive."""
+        record = self._records.get(call_key)
+        self._drop_record(call_key)
         return record
+
+    def _forgotten(self, call_key: str, reason: str) -> None:
+        self._drop_record(call_key)
+
+    def _drop_record(self, call_key: str) -> None:
+        record = self._records.pop(call_key, None)
+        if record is not None and record.hold_timer is not None:
+            record.hold_timer.cancel()
+            record.hold_timer = None
 
     def release_all(self) -> None:
         """Deliver every held event now (on shutdown: nothing waits for a window)."""
@@ -240,17 +257,14 @@ class Sequencer:
                 self._release(record, "shutdown")
 
     def close(self) -> None:
-        """Cancel timers; held events are released first."""
+        """Held events are released first; then nothing is kept."""
         self.release_all()
-        for record in self._records.values():
-            if record.forget_timer is not None:
-                record.forget_timer.cancel()
         self._records.clear()
 
     # -- ordering ---------------------------------------------------------------
 
     def _route(self, record: CallRecord, event: events.Event) -> None:
-        if record.ended:
+        if record.closed:
             self._drop(event, "after_end")
             return
         if not record.held:
@@ -308,7 +322,7 @@ class Sequencer:
                 reason=why,
             )
         for event in _in_lifecycle_order(held):
-            if record.ended:
+            if record.closed:
                 self._drop(event, "after_end")
             else:
                 self._admit(record, event, may_hold=False)
@@ -327,34 +341,21 @@ class Sequencer:
             record.snapshot = _merge(previous, snapshot_source)
         state = "incoming" if isinstance(event, events.IncomingCall) else _state(event)
         if state is not None:
-            if state == record.state and not isinstance(event, events.CallTerminated):
+            info = event.result_info if isinstance(event, events.CallTerminated) else None
+            moved, previous_state = self.lifecycle.enter(record.life, state, info)
+            if not moved:
                 # The same state again only adds content: an update, not a transition.
                 event = _as_update(event, state, previous)
             elif isinstance(event, events.CallStateChanged):
-                event = event.model_copy(update={"previous_state": record.state})
-            record.phase = max(record.phase, _PHASES.get(state, LIVE_PHASE))
-            record.state = state
+                event = event.model_copy(update={"previous_state": previous_state})
         self.counts["delivered"] += 1
         # The roster dict is replaced, never changed in place, so it can be shared.
-        self._deliver_fn(Delivery(event, record.snapshot, record.roster))
+        self._deliver_fn(Delivery(event, record.snapshot, record.roster, record.life))
         if isinstance(event, events.CallTerminated):
-            self._end(record, event)
-
-    def _end(self, record: CallRecord, event: events.CallTerminated) -> None:
-        record.ended = True
-        stranded, record.held = record.held, []
-        for straggler in stranded:
-            self._drop(straggler, "after_end")
-        if self._on_ended is not None:
-            self._on_ended(event.call_key, event.result_info)
-        key = event.call_key
-        record.forget_timer = asyncio.get_running_loop().call_later(
-            self._grace, self._forget, key, record
-        )
-
-    def _forget(self, key: str, record: CallRecord) -> None:
-        if self._records.get(key) is record:
-            del self._records[key]
+            record.closed = True
+            stranded, record.held = record.held, []
+            for straggler in stranded:
+                self._drop(straggler, "after_end")
 
     def _diff_roster(
         self, record: CallRecord, event: events.ParticipantsUpdated

@@ -171,7 +171,7 @@ async def test_a_created_call_reaches_the_handlers_like_any_other(
     await server.post(b.notifications(b.call_state(call.id, "established")))
     await until(lambda: len(states) == 2)
     assert states == [(call.id, "establishing"), (call.id, "established")]
-    assert bot.services.call(call.id.upper()) is call
+    assert bot.services.call(call.id.upper()) == call
 
 
 async def test_graph_requests_and_retries_are_counted_in_metrics(

@@ -72,7 +72,7 @@ async def test_documented_peer_to_peer_call(graph: FakeGraph, services: CallServ
     assert call.state == "establishing"
     assert call.snapshot is not None
     assert call.snapshot.direction == "outgoing"
-    assert services.call(call.id.upper()) is call
+    assert services.call(call.id.upper()) == call
     assert sent.scenario_id == call.scenario_id
 
 

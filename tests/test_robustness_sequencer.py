@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from callbot import events, models
+from callbot._lifecycle import Lifecycle
 from callbot._parse import parse_payload
 from callbot._sequencing import Delivery, Sequencer, _digest, phase_of
 from callbot.testing import builders as b
@@ -163,7 +164,9 @@ async def _play(scenario: Scenario) -> Outcome:
             await asyncio.sleep(0)
 
     deliveries: list[Delivery] = []
-    sequencer = Sequencer(deliveries.append, reorder_window=WINDOW, termination_grace=GRACE)
+    sequencer = Sequencer(
+        deliveries.append, Lifecycle(termination_grace=GRACE), reorder_window=WINDOW
+    )
     with capture_logs() as logs:
         for gap, item in zip(scenario.gaps, scenario.arrivals, strict=True):
             await advance(gap)

@@ -6,9 +6,12 @@ import asyncio
 from typing import Any
 
 from callbot import events
+from callbot._lifecycle import Lifecycle
 from callbot._parse import parse_payload
 from callbot._sequencing import Delivery, Sequencer
 from callbot.testing import builders as b
+
+from .conftest import until
 
 
 def one(item: dict[str, Any]) -> events.Event:
@@ -36,11 +39,12 @@ class Sink:
         return out
 
     def sequencer(self, window: float = 0.05, grace: float = 0.05) -> Sequencer:
+        lifecycle = Lifecycle(termination_grace=grace)
+        lifecycle.when_ended(lambda key, info: self.ended.append(key))
         return Sequencer(
             self.deliveries.append,
+            lifecycle,
             reorder_window=window,
-            termination_grace=grace,
-            on_ended=lambda key, info: self.ended.append(key),
             on_operation=lambda e: self.operations.append(e.operation_id),
         )
 
@@ -92,9 +96,8 @@ async def test_stragglers_after_termination_are_dropped_then_state_released() ->
     assert sink.labels == ["establishing", "terminated"]
     assert seq.counts["after_end"] == 2
     assert sink.ended == ["c"]
-    assert seq.active_records() == []
-    await asyncio.sleep(0.08)
-    assert seq.record("c") is None
+    assert list(seq.lifecycle.active()) == []
+    await until(lambda: seq.record("c") is None)
     seq.close()
 
 

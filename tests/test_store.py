@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from callbot import ConfigurationError, Settings, events, models
+from callbot import Call, ConfigurationError, Settings, events, models
 from callbot._dispatch import Dispatcher, HandlerRegistry
+from callbot._lifecycle import CallLife, Lifecycle
 from callbot._parse import parse_payload
 from callbot._sequencing import CallRecord, Delivery, Sequencer
 from callbot.graph import CallServices
@@ -40,14 +42,17 @@ def test_settings_name_the_store_and_its_lease() -> None:
 async def test_the_default_store_is_memory_and_behaves_as_before() -> None:
     settings = Settings(app_id="a", reorder_window=5)
     services = CallServices(settings)
+    lifecycle = Lifecycle(termination_grace=settings.termination_grace)
     delivered: list[Delivery] = []
 
     class Capture(Dispatcher):
-        def submit(self, delivery: Delivery) -> None:
+        def submit(self, delivery: Delivery, done: object = None) -> None:
             delivered.append(delivery)
 
-    dispatcher = Capture(HandlerRegistry(), services)
-    store: Store = open_store(settings, dispatcher=dispatcher, hooks=services)
+    dispatcher = Capture(HandlerRegistry(), handle_for(services))
+    store: Store = open_store(
+        settings, dispatcher=dispatcher, lifecycle=lifecycle, outcomes=services
+    )
     assert isinstance(store, MemoryStore)
     assert store.reachable
     await store.start()
@@ -55,7 +60,7 @@ async def test_the_default_store_is_memory_and_behaves_as_before() -> None:
     assert delivered == []  # held, as the sequencer always did
     await store.ingest([one(b.call_state("c", "establishing"))])
     assert [getattr(d.event, "state", None) for d in delivered] == ["establishing", "established"]
-    assert [r.call_id for r in store.active_records()] == ["c"]
+    assert [life.call_id for life in lifecycle.active()] == ["c"]
     assert store.counts["held"] == 1
     await store.drain(1.0)
     await store.close()
@@ -76,14 +81,14 @@ def test_a_record_survives_the_round_trip() -> None:
             "futureProperty": {"kept": True},
         }
     )
-    record = CallRecord(call_id="Call-1", phase=2, state="established", snapshot=snapshot)
+    record = CallRecord(CallLife("Call-1", phase=3, state="established"), snapshot=snapshot)
     record.roster = {"alice": b.participant("alice", muted=True)}
     record.roster_sequence = 4
     record.seen.extend([b"\x01" * 16, b"\x02" * 16])
     record.roster_digest = b"\x03" * 16
     copy = decode_record(encode_record(record))
     assert copy is not None
-    assert (copy.call_id, copy.phase, copy.state, copy.ended) == ("Call-1", 2, "established", False)
+    assert (copy.call_id, copy.phase, copy.state, copy.closed) == ("Call-1", 3, "established", False)
     assert copy.snapshot == snapshot
     assert copy.snapshot is not None
     assert copy.snapshot.chat_info is not None
@@ -107,7 +112,7 @@ def test_an_entry_is_the_notification_as_received() -> None:
 
 async def test_a_restored_record_orders_the_next_events() -> None:
     first: list[Delivery] = []
-    seq = Sequencer(first.append, reorder_window=5)
+    seq = Sequencer(first.append, Lifecycle(termination_grace=30), reorder_window=5)
     for item in (b.call_state("c", "establishing"), b.roster("c", [b.participant("a")])):
         seq.accept(one(item))
     record = seq.record("c")
@@ -116,7 +121,7 @@ async def test_a_restored_record_orders_the_next_events() -> None:
     seq.close()
 
     later: list[Delivery] = []
-    other = Sequencer(later.append, reorder_window=5)
+    other = Sequencer(later.append, Lifecycle(termination_grace=30), reorder_window=5)
     restored = decode_record(stored)
     assert restored is not None
     other.adopt(restored)
@@ -138,7 +143,7 @@ async def test_a_restored_record_orders_the_next_events() -> None:
 
 async def test_evicting_a_held_call_cancels_its_window() -> None:
     out: list[Delivery] = []
-    seq = Sequencer(out.append, reorder_window=0.01)
+    seq = Sequencer(out.append, Lifecycle(termination_grace=30), reorder_window=0.01)
     seq.accept(one(b.call_state("c", "established")))
     seq.evict("c")
     await asyncio.sleep(0.05)
@@ -157,8 +162,11 @@ async def test_the_dispatcher_says_when_a_delivery_is_done() -> None:
     registry.add(events.Event, handler)
     services = CallServices(Settings(app_id="a"))
     done: list[str] = []
-    dispatcher = Dispatcher(registry, services, on_done=lambda d: done.append(d.event.call_id))
-    seq = Sequencer(dispatcher.submit)
+    dispatcher = Dispatcher(registry, handle_for(services))
+    seq = Sequencer(
+        lambda d: dispatcher.submit(d, done=lambda d: done.append(d.event.call_id)),
+        Lifecycle(termination_grace=30),
+    )
     seq.accept(one(b.incoming_call("x")))
     assert done == []
     await dispatcher.join(5)
@@ -166,6 +174,13 @@ async def test_the_dispatcher_says_when_a_delivery_is_done() -> None:
     assert done == ["x"]
     seq.close()
     await services.close()
+
+
+def handle_for(services: CallServices) -> Callable[[Delivery], Call]:
+    def handle(delivery: Delivery) -> Call:
+        return services.call(delivery.event.call_id, snapshot=delivery.snapshot)
+
+    return handle
 
 
 def test_stream_ids_step_to_the_next_one() -> None:

@@ -35,6 +35,7 @@ from ._values import (
 )
 
 if TYPE_CHECKING:
+    from .._lifecycle import CallLife
     from ._services import CallServices
 
 __all__ = [
@@ -112,6 +113,11 @@ def call_options_json(
     return body
 
 
+def scenario_of(call_id: str) -> str:
+    """The ``scenario-id`` of a call the bot did not place: the same in every process."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, "callbot:call:" + id_key(call_id)))
+
+
 def _tones(tones: str | Sequence[str]) -> list[str]:
     if isinstance(tones, str):
         try:
@@ -124,34 +130,46 @@ def _tones(tones: str | Sequence[str]) -> list[str]:
 class Call:
     """A call the bot is in (or is being offered): its state, and every action on it.
 
-    ``snapshot`` is the call as callbot last saw it (merged from notifications);
-    ``roster`` the last known participants by id. ``participants`` and
+    A handler's ``call`` is a handle made for its event: ``snapshot`` is the call
+    as callbot knew it right after that event (merged from notifications) and
+    ``roster`` the participants by id; ``ended`` is live (the call may end while
+    the handler runs). Handles of one call compare equal. ``participants`` and
     ``audio_routing_groups`` act on those collections through Graph.
     """
 
     def __init__(
-        self, call_id: str, *, services: CallServices, scenario_id: str | None = None
+        self,
+        call_id: str,
+        *,
+        services: CallServices,
+        snapshot: models.Call | None = None,
+        roster: Mapping[str, models.Participant] | None = None,
+        life: CallLife | None = None,
+        scenario_id: str | None = None,
     ) -> None:
         self.id = call_id
         """The call id as Graph wrote it."""
-        self.scenario_id = scenario_id or str(uuid.uuid4())
+        self.scenario_id = scenario_id or scenario_of(call_id)
         """Sent as ``scenario-id`` with every request about this call (one per call flow)."""
-        self.snapshot: models.Call | None = None
+        self.snapshot = snapshot
         """The call as last seen (``None`` before any notification or response)."""
-        self.state: str | None = None
-        """``snapshot.state``: ``incoming``, ``establishing``, ``established``, ..."""
-        self.roster: dict[str, models.Participant] = {}
+        self.roster: Mapping[str, models.Participant] = roster if roster is not None else {}
         """The participants last seen in a roster notification, by participant id."""
         self.participants = Participants(self)
         """The call's participants on Graph: list, invite, mute, remove, hold music."""
         self.audio_routing_groups = AudioRoutingGroups(self)
         """The call's audio routing groups on Graph."""
         self._services = services
-        self._responded = False
-        self._ended = False
+        self._life = life
 
     def __repr__(self) -> str:
         return f"<Call {self.id} state={self.state!r}>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Call) and other.key == self.key
+
+    def __hash__(self) -> int:
+        return hash(self.key)
 
     @property
     def key(self) -> str:
@@ -159,21 +177,19 @@ class Call:
         return id_key(self.id)
 
     @property
+    def state(self) -> str | None:
+        """``snapshot.state``: ``incoming``, ``establishing``, ``established``, ..."""
+        return self.snapshot.state if self.snapshot is not None else None
+
+    @property
     def ended(self) -> bool:
-        """Whether callbot has seen the call end."""
-        return self._ended
+        """Whether callbot has seen the call end (now, not when the handle was made)."""
+        return self._life is not None and self._life.ended
 
     @property
     def path(self) -> str:
         """The call's Graph path, ``/communications/calls/{id}``."""
         return "/communications/calls/" + quote(self.id, safe="")
-
-    def _set_snapshot(self, snapshot: models.Call | None) -> None:
-        self.snapshot = snapshot
-        self.state = snapshot.state if snapshot is not None else None
-
-    def _set_roster(self, roster: Mapping[str, models.Participant]) -> None:
-        self.roster = dict(roster)
 
     # -- plumbing -----------------------------------------------------------------
 
@@ -263,7 +279,6 @@ class Call:
         if participant_capacity is not None:
             body["participantCapacity"] = participant_capacity
         await self._request("POST", "/answer", body)
-        self._services._responded(self)
 
     async def reject(self, reason: str = "none", *, callback_uri: str | None = None) -> None:
         """Reject an incoming call (``reason``: ``none``, ``busy`` or ``forbidden``)."""
@@ -271,7 +286,6 @@ class Call:
         if callback_uri is not None:
             body["callbackUri"] = callback_uri
         await self._request("POST", "/reject", body)
-        self._services._responded(self)
 
     async def redirect(
         self,
@@ -297,7 +311,6 @@ class Call:
         elif self._services.settings.public_url is not None:
             body["callbackUri"] = self._services.settings.callback_url
         await self._request("POST", "/redirect", body)
-        self._services._responded(self)
 
     # -- call control -------------------------------------------------------------
 
@@ -338,7 +351,7 @@ class Call:
         """Fetch the call from Graph; the result also becomes :attr:`snapshot`."""
         response = await self._request("GET")
         snapshot = models.Call.model_validate(response.body or {})
-        self._set_snapshot(snapshot)
+        self.snapshot = snapshot
         return snapshot
 
     async def get_operation(self, operation_id: str) -> models.CommsOperation:

@@ -1,17 +1,15 @@
 """CallServices: everything on the Graph side of a bot, for the dispatcher and for bot code.
 
-It owns the Graph client (session, token, retries), the call handles (one per
-call), the operations awaiting their outcome, each established call's
-keep-alive loop, and the watch on the 15-second answer deadline.
+It owns the Graph client (session, token, retries), makes call handles, and
+keeps the operations awaiting their outcome. When a call's keep-alive is due
+or a call has ended is decided by the lifecycle (``callbot._lifecycle``).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import structlog
@@ -21,6 +19,7 @@ from .. import models
 from .._config import Settings
 from .._errors import GraphError
 from .._ids import id_key
+from .._lifecycle import KeepAliveResult
 from ..events import OperationUpdated
 from ._call import (
     Call,
@@ -36,23 +35,25 @@ from ._meetings import Meeting, parse_join_url
 from ._operations import OperationRegistry
 from ._values import MediaInfoLike, TargetLike, dump, invitation_json, participant_info_json
 
+if TYPE_CHECKING:
+    from .._lifecycle import Lifecycle
+
 __all__ = ["CallServices"]
 
 log = structlog.get_logger("callbot.graph")
-
-ANSWER_DEADLINE = 15.0
-"""Seconds Graph gives a bot to answer, reject or redirect an incoming call."""
 
 ChatInfoLike = models.ChatInfo | Mapping[str, Any]
 MeetingInfoLike = models.MeetingInfo | Mapping[str, Any]
 
 
 class CallServices:
-    """The Graph side of a bot: call handles, Graph requests, operations, keep-alives.
+    """The Graph side of a bot: call handles, Graph requests, operations.
 
     ``credential`` overrides the credential built from the settings (client
     secret or certificate); any azure-identity style async credential works.
-    ``retry`` bounds retries of throttled or failed requests.
+    ``retry`` bounds retries of throttled or failed requests. ``lifecycle``,
+    when given, is where handles read whether their call has ended, and ends
+    of calls fail the operations still awaited on them.
     """
 
     def __init__(
@@ -62,20 +63,20 @@ class CallServices:
         credential: AsyncTokenCredential | None = None,
         retry: RetryPolicy | None = None,
         scope: str | None = None,
+        lifecycle: Lifecycle | None = None,
     ) -> None:
         self.settings = settings
         self.graph = GraphClient(settings, credential=credential, retry=retry, scope=scope)
         """The Graph client, also for requests callbot does not model."""
         self.operations = OperationRegistry()
         """Operations awaiting their outcome."""
-        self._calls: dict[str, Call] = {}
-        # A call's keep-alive is a timer while it waits and a short task while it sends.
-        self._keep_alives: dict[str, asyncio.TimerHandle | asyncio.Task[None]] = {}
-        self._deadlines: dict[str, asyncio.TimerHandle] = {}
-        self._forget_timers: dict[str, asyncio.TimerHandle] = {}
+        self._lifecycle = lifecycle
+        # The scenario ids of calls this bot placed (others derive theirs from the call id).
+        self._scenarios: dict[str, str] = {}
         self._started = False
-        self.on_call_gone: Callable[[str], Awaitable[None]] | None = None
-        """Awaited with a call's key when Graph no longer knows the call (keep-alive 404)."""
+        if lifecycle is not None:
+            lifecycle.when_ended(self.fail_operations)
+            lifecycle.when_forgotten(self._forget_scenario)
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -97,19 +98,7 @@ class CallServices:
             log.warning("graph_token_prefetch_failed", error=str(exc) or type(exc).__name__)
 
     async def close(self) -> None:
-        """Stop keep-alives and timers, fail pending waits, close the session."""
-        pending = list(self._keep_alives.values())
-        self._keep_alives.clear()
-        for pending_one in pending:
-            pending_one.cancel()
-        for pending_one in pending:
-            if isinstance(pending_one, asyncio.Task):
-                with contextlib.suppress(asyncio.CancelledError):
-                    await pending_one
-        for timer in (*self._deadlines.values(), *self._forget_timers.values()):
-            timer.cancel()
-        self._deadlines.clear()
-        self._forget_timers.clear()
+        """Fail pending waits, close the session."""
         self.operations.fail_all(None)
         await self.graph.close()
         self._started = False
@@ -126,150 +115,57 @@ class CallServices:
         """How many operations are awaiting their outcome (for metrics)."""
         return self.operations.pending
 
+    def _forget_scenario(self, call_key: str, reason: str) -> None:
+        self._scenarios.pop(call_key, None)
+
     # -- handles ------------------------------------------------------------------
 
-    def call(self, call_id: str) -> Call:
-        """The handle of a call (one handle per call, whatever the id's case or dashes)."""
+    def call(
+        self,
+        call_id: str,
+        *,
+        snapshot: models.Call | None = None,
+        roster: Mapping[str, models.Participant] | None = None,
+    ) -> Call:
+        """A handle of a call (handles of one call compare equal, whatever the id's form)."""
         key = id_key(call_id)
-        handle = self._calls.get(key)
-        if handle is None:
-            handle = Call(call_id, services=self)
-            # a call that ended before its first handle was asked for is still ended
-            handle._ended = key in self._forget_timers
-            self._calls[key] = handle
-        return handle
-
-    def _adopt(self, call_id: str, scenario_id: str) -> Call:
-        handle = Call(call_id, services=self, scenario_id=scenario_id)
-        self._calls[handle.key] = handle
-        return handle
-
-    # -- hooks the dispatcher calls (they never raise) ------------------------------
-
-    def on_incoming(self, call: Call) -> None:
-        """An incoming call is ringing: warn if nobody answers it in time."""
-        try:
-            if call._responded or call.key in self._deadlines:
-                return
-            delay = self.settings.answer_warning_after
-            loop = asyncio.get_running_loop()
-            self._deadlines[call.key] = loop.call_later(delay, self._warn_unanswered, call)
-        except Exception:
-            log.exception("answer_deadline_watch_failed", call_id=getattr(call, "id", None))
-
-    def _responded(self, call: Call) -> None:
-        call._responded = True
-        timer = self._deadlines.pop(call.key, None)
-        if timer is not None:
-            timer.cancel()
-
-    def _warn_unanswered(self, call: Call) -> None:
-        self._deadlines.pop(call.key, None)
-        if call._responded or call.ended:
-            return
-        log.warning(
-            "incoming_call_not_answered",
-            call_id=call.id,
-            waited=self.settings.answer_warning_after,
-            deadline=ANSWER_DEADLINE,
-            detail="answer, reject or redirect within 15 seconds or Graph drops the call",
+        life = self._lifecycle.get(call_id) if self._lifecycle is not None else None
+        return Call(
+            call_id,
+            services=self,
+            snapshot=snapshot,
+            roster=roster,
+            life=life,
+            scenario_id=self._scenarios.get(key),
         )
 
-    def on_established(self, call: Call) -> None:
-        """The call is established: start its keep-alive loop (once, when enabled)."""
+    # -- what the rest of the bot tells (never raises) ------------------------------
+
+    async def keep_alive(self, call_id: str) -> KeepAliveResult:
+        """Send a call's keep-alive; ``GONE`` when Graph no longer knows the call."""
         try:
-            if not self.settings.keep_alive or call.ended or call.key in self._keep_alives:
-                return
-            self._schedule_keep_alive(call)
-        except Exception:
-            log.exception("keep_alive_start_failed", call_id=getattr(call, "id", None))
-
-    def is_keeping_alive(self, call_id: str) -> bool:
-        """Whether the keep-alive loop of a call is running."""
-        return id_key(call_id) in self._keep_alives
-
-    def _schedule_keep_alive(self, call: Call) -> None:
-        # A timer per call costs a fraction of a sleeping task's memory.
-        loop = asyncio.get_running_loop()
-        self._keep_alives[call.key] = loop.call_later(
-            self.settings.keep_alive_interval, self._keep_alive_due, call
-        )
-
-    def _keep_alive_due(self, call: Call) -> None:
-        task = asyncio.get_running_loop().create_task(
-            self._keep_alive_once(call), name=f"callbot-keepalive-{call.key}"
-        )
-        self._keep_alives[call.key] = task
-
-    async def _keep_alive_once(self, call: Call) -> None:
-        key = call.key
-        again = False
-        try:
-            await call.keep_alive()
-            again = True
+            await self.call(call_id).keep_alive()
         except GraphError as exc:
             if exc.status == 404:
-                log.info("keep_alive_call_gone", call_id=call.id)
-                # No termination will come for a call Graph has forgotten: end it here
-                # (leaving this task out of the keep-alives that on_ended cancels).
-                if self._keep_alives.get(key) is asyncio.current_task():
-                    del self._keep_alives[key]
-                self.on_ended(key, None)
-                if self.on_call_gone is not None:
-                    await self.on_call_gone(key)
-            else:
-                again = True
-                log.warning(
-                    "keep_alive_failed",
-                    call_id=call.id,
-                    status=exc.status,
-                    code=exc.code,
-                    error=exc.message,
-                )
-        except Exception as exc:
-            again = True
-            log.warning("keep_alive_failed", call_id=call.id, error=repr(exc))
-        finally:
-            # Only the current keep-alive of a live call goes on; a stopped one is already gone.
-            if self._keep_alives.get(key) is asyncio.current_task():
-                if again:
-                    self._schedule_keep_alive(call)
-                else:
-                    del self._keep_alives[key]
+                return KeepAliveResult.GONE
+            log.warning(
+                "keep_alive_failed",
+                call_id=call_id,
+                status=exc.status,
+                code=exc.code,
+                error=exc.message,
+            )
+            return KeepAliveResult.FAILED
+        return KeepAliveResult.OK
 
-    def on_ended(self, call_key: str, result_info: models.ResultInfo | None) -> None:
-        """The call ended: stop its keep-alive and deadline watch, fail its pending waits."""
+    def fail_operations(self, call_key: str, result_info: models.ResultInfo | None) -> None:
+        """The call ended: fail the operations still awaited on it."""
         try:
-            key = id_key(call_key)
-            handle = self._calls.get(key)
-            if handle is not None:
-                handle._ended = True
-            keep_alive = self._keep_alives.pop(key, None)
-            if keep_alive is not None:
-                keep_alive.cancel()
-            timer = self._deadlines.pop(key, None)
-            if timer is not None:
-                timer.cancel()
-            failed = self.operations.fail_call(key, result_info)
+            failed = self.operations.fail_call(id_key(call_key), result_info)
             if failed:
-                log.info("graph_operations_failed_call_ended", call_key=key, count=failed)
-            if key not in self._forget_timers:
-                # the dispatcher releases the handle after the last handler; this is a backstop
-                # for when it does not, timed like the sequencer's own forgetting of the call
-                loop = asyncio.get_running_loop()
-                self._forget_timers[key] = loop.call_later(
-                    self.settings.termination_grace, self.release, key
-                )
+                log.info("graph_operations_failed_call_ended", call_key=call_key, count=failed)
         except Exception:
             log.exception("call_end_cleanup_failed", call_key=call_key)
-
-    def release(self, call_key: str) -> None:
-        """Forget an ended call's handle (its handlers are done)."""
-        key = id_key(call_key)
-        timer = self._forget_timers.pop(key, None)
-        if timer is not None:
-            timer.cancel()
-        self._calls.pop(key, None)
 
     def on_operation(self, event: OperationUpdated) -> None:
         """An operation notification arrived: resolve whoever waits for it, at once."""
@@ -388,8 +284,8 @@ class CallServices:
                 client_request_id=response.client_request_id,
                 body=payload,
             )
-        handle = self._adopt(call_id, scenario_id)
-        handle._set_snapshot(models.Call.model_validate(payload))
+        self._scenarios[id_key(call_id)] = scenario_id
+        handle = self.call(call_id, snapshot=models.Call.model_validate(payload))
         log.info(
             "call_created",
             call_id=call_id,

@@ -8,7 +8,7 @@ once across them. See docs/scaling.md.
 
 from __future__ import annotations
 
-from ._base import Store, StoreHooks, open_store
+from ._base import Store, open_store
 from ._memory import MemoryStore
 
-__all__ = ["MemoryStore", "Store", "StoreHooks", "open_store"]
+__all__ = ["MemoryStore", "Store", "open_store"]

@@ -9,23 +9,20 @@ from typing import TYPE_CHECKING, Protocol
 from .. import events
 from .._config import Settings
 from .._errors import ConfigurationError
+from .._lifecycle import Lifecycle
 from .._sequencing import CallRecord, Sequencer
-from ..models import ResultInfo
 
 if TYPE_CHECKING:
     from .._dispatch import Dispatcher
-    from ..graph import Call
 
-__all__ = ["Store", "StoreHooks", "open_store"]
+__all__ = ["Outcomes", "Store", "open_store"]
 
 
-class StoreHooks(Protocol):
-    """What a store needs from the Graph side (``CallServices`` provides it)."""
+class Outcomes(Protocol):
+    """Outcomes handlers may be waiting for, told at once whichever instance accepted
+    them (``CallServices`` provides it). A call's end goes to the lifecycle."""
 
-    def call(self, call_id: str) -> Call: ...
-    def on_established(self, call: Call) -> None: ...
     def on_operation(self, event: events.OperationUpdated) -> None: ...
-    def on_ended(self, call_key: str, result_info: ResultInfo | None) -> None: ...
 
 
 class Store(Protocol):
@@ -63,12 +60,8 @@ class Store(Protocol):
         """Keep a batch for its handlers, or raise ``StoreUnavailable``."""
         ...
 
-    def active_records(self) -> list[CallRecord]:
-        """What is known of the calls that have not ended."""
-        ...
-
-    async def forget(self, call_key: str) -> None:
-        """Graph no longer knows the call (a keep-alive got 404): stop counting it as active."""
+    def known(self, call_key: str) -> CallRecord | None:
+        """What is kept of a call (its snapshot and roster), if anything."""
         ...
 
     async def drain(self, timeout: float) -> None:
@@ -83,12 +76,24 @@ class Store(Protocol):
         ...
 
 
-def open_store(settings: Settings, *, dispatcher: Dispatcher, hooks: StoreHooks) -> Store:
-    """The store ``settings.store`` names: ``memory`` or a ``redis://`` URL."""
+def open_store(
+    settings: Settings,
+    *,
+    dispatcher: Dispatcher,
+    lifecycle: Lifecycle,
+    outcomes: Outcomes,
+) -> Store:
+    """The store ``settings.store`` names: ``memory`` or a ``redis://`` URL.
+
+    Calls' lives belong to ``lifecycle``; ``outcomes`` is told at once of every
+    operation outcome and call end accepted, by any instance.
+    """
     if settings.store == "memory":
         from ._memory import MemoryStore
 
-        return MemoryStore(dispatcher.submit, settings=settings, hooks=hooks)
+        return MemoryStore(
+            dispatcher.submit, settings=settings, lifecycle=lifecycle, outcomes=outcomes
+        )
     try:
         from ._redis import RedisStore
     except ImportError as exc:  # pragma: no cover - depends on the installation
@@ -96,4 +101,10 @@ def open_store(settings: Settings, *, dispatcher: Dispatcher, hooks: StoreHooks)
             "CALLBOT_STORE is a Redis URL but the redis package is missing: "
             "pip install 'callbot[redis]'"
         ) from exc
-    return RedisStore(settings.store, settings=settings, dispatcher=dispatcher, hooks=hooks)
+    return RedisStore(
+        settings.store,
+        settings=settings,
+        dispatcher=dispatcher,
+        lifecycle=lifecycle,
+        outcomes=outcomes,
+    )

@@ -17,6 +17,7 @@ import json
 from typing import Any
 
 from .. import events
+from .._lifecycle import CallLife
 from .._parse import parse_payload
 from .._sequencing import CallRecord, _digest
 from ..models import Call as CallResource
@@ -70,7 +71,7 @@ def encode_record(record: CallRecord) -> str:
         "call_id": record.call_id,
         "phase": record.phase,
         "state": record.state,
-        "ended": record.ended,
+        "ended": record.closed,
         "roster_sequence": record.roster_sequence,
         "roster_digest": None if record.roster_digest is None else record.roster_digest.hex(),
         "seen": [digest.hex() for digest in record.seen],
@@ -89,9 +90,13 @@ def decode_record(text: str) -> CallRecord | None:
         return None
     snapshot = body.get("snapshot")
     record = CallRecord(
-        call_id=str(body["call_id"]),
-        phase=int(body["phase"]),
-        state=body.get("state"),
+        CallLife(
+            str(body["call_id"]),
+            phase=int(body["phase"]),
+            state=body.get("state"),
+            ended=bool(body.get("ended")),
+        ),
+        closed=bool(body.get("ended")),
         snapshot=None if snapshot is None else CallResource.model_validate(snapshot),
         roster={
             str(key): Participant.model_validate(value)
@@ -99,7 +104,6 @@ def decode_record(text: str) -> CallRecord | None:
         },
         roster_sequence=body.get("roster_sequence"),
         roster_digest=bytes.fromhex(body["roster_digest"]) if body.get("roster_digest") else None,
-        ended=bool(body.get("ended")),
     )
     record.seen.extend(bytes.fromhex(digest) for digest in body.get("seen") or ())
     return record

@@ -7,28 +7,33 @@ from collections.abc import Callable, Sequence
 
 from .. import events
 from .._config import Settings
+from .._lifecycle import Lifecycle
 from .._sequencing import CallRecord, Delivery, Sequencer
-from ._base import StoreHooks
+from ._base import Outcomes
 
 __all__ = ["MemoryStore"]
 
 
 class MemoryStore:
-    """Keeps every call's record in this process; accepted events go straight to the sequencer.
+    """Accepted events go straight to the sequencer in this process.
 
     This is the default and the fast path: ``ingest`` is the sequencer's
     synchronous ``accept``, so what it accepts is queued before the 202.
     """
 
     def __init__(
-        self, deliver: Callable[[Delivery], None], *, settings: Settings, hooks: StoreHooks
+        self,
+        deliver: Callable[[Delivery], None],
+        *,
+        settings: Settings,
+        lifecycle: Lifecycle,
+        outcomes: Outcomes,
     ) -> None:
         self.sequencer = Sequencer(
             deliver,
+            lifecycle,
             reorder_window=settings.reorder_window,
-            termination_grace=settings.termination_grace,
-            on_ended=hooks.on_ended,
-            on_operation=hooks.on_operation,
+            on_operation=outcomes.on_operation,
         )
 
     @property
@@ -50,18 +55,14 @@ class MemoryStore:
         for event in batch:
             accept(event)
 
-    def active_records(self) -> list[CallRecord]:
-        """Records of the calls that have not ended."""
-        return self.sequencer.active_records()
-
-    async def forget(self, call_key: str) -> None:
-        """Drop the call's record; a late notification of it starts a new one."""
-        self.sequencer.evict(call_key)
+    def known(self, call_key: str) -> CallRecord | None:
+        """The sequencer's record of the call."""
+        return self.sequencer.record(call_key)
 
     async def drain(self, timeout: float) -> None:
         """Held events go now: on shutdown nothing waits for a window."""
         self.sequencer.release_all()
 
     async def close(self) -> None:
-        """Cancel the sequencer's timers."""
+        """Nothing is kept past the process."""
         self.sequencer.close()

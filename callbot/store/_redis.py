@@ -33,13 +33,12 @@ from .. import events
 from .._config import Settings
 from .._dispatch import Dispatcher
 from .._errors import StoreUnavailable
+from .._lifecycle import Lifecycle
 from .._log import get_logger
 from .._sequencing import CallRecord, Delivery, Sequencer
 from . import _scripts
-from ._base import StoreHooks
+from ._base import Outcomes
 from ._codec import decode_entry, decode_record, digest_of, encode_entry, encode_record
-
-_NEVER = 1e9
 
 __all__ = ["RedisStore"]
 
@@ -150,12 +149,14 @@ class RedisStore:
         *,
         settings: Settings,
         dispatcher: Dispatcher,
-        hooks: StoreHooks,
+        lifecycle: Lifecycle,
+        outcomes: Outcomes,
         prefix: str | None = None,
     ) -> None:
         self._settings = settings
         self._dispatcher = dispatcher
-        self._hooks = hooks
+        self._lifecycle = lifecycle
+        self._outcomes = outcomes
         self._keys = _Keys(prefix if prefix is not None else f"callbot:{settings.app_id}:")
         self.token = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         """This instance's name in the leases it holds."""
@@ -178,13 +179,9 @@ class RedisStore:
         )
         self._redis: aioredis.Redis = aioredis.Redis(connection_pool=self._pool)
         self._sequencer = Sequencer(
-            self._deliver,
-            reorder_window=settings.reorder_window,
-            # Redis's expiry forgets ended calls and the owner evicts on release; a local
-            # forget could revive an ended call whose handlers are still running.
-            termination_grace=_NEVER,
+            self._deliver, lifecycle, reorder_window=settings.reorder_window
         )
-        dispatcher.on_done = self._delivered
+        lifecycle.when_forgotten(self._forgotten)
         self._owned: dict[str, _Owned] = {}
         self._known: dict[str, CallRecord] = {}
         self._own_counts: Counter[str] = Counter()
@@ -279,7 +276,7 @@ class RedisStore:
 
     def active_records(self) -> list[CallRecord]:
         """The calls of every instance that have not ended (refreshed every few seconds)."""
-        return [record for record in self._known.values() if not record.ended]
+        return [record for record in self._known.values() if not record.closed]
 
     async def drain(self, timeout: float) -> None:
         """Stop claiming; let each held call finish its running entry, then hand it over."""
@@ -436,10 +433,8 @@ class RedisStore:
             stored, first = await self._load_call(key)
         record = self._resting_record(key, stored)
         if record is not None:
+            # The lifecycle resumes its keep-alive: the instance that kept it may be gone.
             self._sequencer.adopt(record)
-            if record.established:
-                # Keep-alives follow the calls: the instance that kept this one may be gone.
-                self._hooks.on_established(self._hooks.call(record.call_id))
         else:
             self._sequencer.evict(key)
         fed: str | None = None
@@ -514,7 +509,7 @@ class RedisStore:
             state.changed.set()
             # The run that fed it is told, even if a newer run of the call has begun.
             self._in_flight[id(delivery)] = state
-        self._dispatcher.submit(delivery)
+        self._dispatcher.submit(delivery, done=self._delivered)
 
     def _delivered(self, delivery: Delivery) -> None:
         state = self._in_flight.pop(id(delivery), None)
@@ -544,7 +539,7 @@ class RedisStore:
                 self.token,
                 _after(entry_id),
                 payload,
-                "1" if record is not None and record.ended else "0",
+                "1" if record is not None and record.closed else "0",
                 self._grace_ms,
                 self._lease_ms,
                 _ACTIVE_RECORD_MS,
@@ -558,12 +553,12 @@ class RedisStore:
             return None
         state.deadline = started + self._lease_ms / 1000
         if record is not None:
-            if record.ended:
+            if record.closed:
                 self._known.pop(key, None)
             else:
                 self._known[key] = record
         released = len(answer) > 1 and bool(int(answer[1]))
-        if released and record is not None and not record.ended:
+        if released and record is not None and not record.closed:
             # Left exactly as stored: the next run here need not decode it again.
             if len(self._resting) >= _RESTING_LIMIT:
                 self._resting.clear()
@@ -677,6 +672,16 @@ class RedisStore:
                 found[call] = _decode_record(call, _text(value)) if value else None
         return found
 
+    def known(self, call_key: str) -> CallRecord | None:
+        """The record of a call this instance runs, or last read from Redis."""
+        return self._sequencer.record(call_key) or self._known.get(call_key)
+
+    def _forgotten(self, call_key: str, reason: str) -> None:
+        if reason == "gone":
+            # Graph no longer knows the call: no instance should count or rehydrate it.
+            task = asyncio.get_running_loop().create_task(self.forget(call_key))
+            self._tasks.append(task)
+
     async def forget(self, call_key: str) -> None:
         """Take the call off the active set, so no instance rehydrates it again."""
         self._known.pop(call_key, None)
@@ -695,16 +700,13 @@ class RedisStore:
             await self._redis.srem(self._keys.active, *gone)
         resumed = 0
         for call, record in records.items():
-            if record is None or record.ended:
+            if record is None or record.closed:
                 continue
             self._known[call] = record
-            handle = self._hooks.call(record.call_id)
-            handle._set_snapshot(record.snapshot)
-            handle._set_roster(record.roster)
-            if record.established:
-                # established (or on hold, transferring, ...): Graph expects keep-alives
-                self._hooks.on_established(handle)
-                resumed += 1
+            life = self._lifecycle.adopt(
+                record.call_id, phase=record.phase, state=record.state, ended=False
+            )
+            resumed += life.keeping_alive
         self._rehydrated = True
         log.info("calls_rehydrated", count=len(self._known), keep_alives=resumed)
 
@@ -716,7 +718,7 @@ class RedisStore:
         new = [call for call in members if call not in self._known]
         if new:
             for call, record in (await self._load_records(new)).items():
-                if record is not None and not record.ended:
+                if record is not None and not record.closed:
                     self._known[call] = record
 
     # -- operation outcomes and call ends, from every instance ----------------------
@@ -752,9 +754,10 @@ class RedisStore:
             log.error("store_event_unreadable", error=repr(exc))
             return
         if isinstance(event, events.OperationUpdated):
-            self._hooks.on_operation(event)
+            self._outcomes.on_operation(event)
         elif isinstance(event, events.CallTerminated):
-            self._hooks.on_ended(event.call_key, event.result_info)
+            # Waits and keep-alives here end now; the owner delivers the termination in order.
+            self._lifecycle.end(event.call_id, event.result_info)
             known = self._known.get(event.call_key)
             if known is not None and event.call_key not in self._owned:
                 del self._known[event.call_key]

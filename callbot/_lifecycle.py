@@ -1,0 +1,324 @@
+"""The one owner of every call's life: its phase, its end, when it is forgotten, and
+the timers that follow it (the answer-deadline warning and the keep-alive).
+
+The sequencer tells it, in delivery order, each state a call moves into
+(:meth:`Lifecycle.enter`); everything else asks it. Nothing else decides that
+a call has ended or may be forgotten: those who keep something per call
+(operation waits, the sequencer's record, a shared store) subscribe with
+:meth:`Lifecycle.when_ended` and :meth:`Lifecycle.when_forgotten`.
+
+A call's timers live in one heap under one event-loop timer, so a call costs
+no task and no timer of its own while it waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from enum import Enum
+from typing import Final
+
+from ._ids import id_key
+from ._log import get_logger
+from .models import CALL_LIFECYCLE, ResultInfo
+
+__all__ = [
+    "LIVE_PHASE",
+    "CallLife",
+    "KeepAliveResult",
+    "Lifecycle",
+    "phase_of_state",
+]
+
+log = get_logger("callbot.lifecycle")
+
+_PHASES: Final = {state: phase for phase, states in enumerate(CALL_LIFECYCLE) for state in states}
+LIVE_PHASE: Final = _PHASES["established"]
+"""The phase of an established call (and of the states it moves between)."""
+_ANSWER_DEADLINE = 15.0
+
+
+def phase_of_state(state: str) -> int:
+    """A state's lifecycle phase; a state Graph adds later belongs to a live call."""
+    return _PHASES.get(state, LIVE_PHASE)
+
+
+class KeepAliveResult(Enum):
+    """What a keep-alive request found."""
+
+    OK = "ok"
+    FAILED = "failed"
+    """Graph could not be reached or refused for another reason: try again later."""
+    GONE = "gone"
+    """Graph no longer knows the call (404): no termination will come for it."""
+
+
+SendKeepAlive = Callable[[str], Awaitable[KeepAliveResult]]
+
+
+@dataclass(slots=True, eq=False)
+class CallLife:
+    """One call's life as this process knows it (read it; :class:`Lifecycle` writes it)."""
+
+    call_id: str
+    phase: int = -1
+    """Index into :data:`callbot.models.CALL_LIFECYCLE`; -1 before any state."""
+    state: str | None = None
+    ended: bool = False
+    result_info: ResultInfo | None = None
+    """Why the call ended, when Graph said."""
+    keeping_alive: bool = False
+
+    @property
+    def key(self) -> str:
+        """The call id in the form ids are compared in."""
+        return id_key(self.call_id)
+
+    @property
+    def established(self) -> bool:
+        """Established (or in a state a live call moves between), and not ended."""
+        return self.phase == LIVE_PHASE and not self.ended
+
+
+_WARN, _KEEP_ALIVE, _FORGET, _FORGET_STATELESS = range(4)
+
+
+class Lifecycle:
+    """Every call's :class:`CallLife`, and the decisions about it.
+
+    ``send_keep_alive`` is called with a call id when its keep-alive is due
+    (``None``: no keep-alives). Times are seconds; ``stateless_ttl`` and
+    ``max_stateless`` bound calls that never reached a state (ids a sender
+    invented), which are forgotten after that long, oldest first past the bound.
+    """
+
+    def __init__(
+        self,
+        *,
+        termination_grace: float,
+        answer_warning_after: float = 10.0,
+        keep_alive_interval: float | None = None,
+        send_keep_alive: SendKeepAlive | None = None,
+        stateless_ttl: float = 300.0,
+        max_stateless: int = 10_000,
+    ) -> None:
+        self._grace = termination_grace
+        self._warn_after = answer_warning_after
+        self._keep_alive_interval = keep_alive_interval if send_keep_alive is not None else None
+        self._send_keep_alive = send_keep_alive
+        self._stateless_ttl = stateless_ttl
+        self._max_stateless = max_stateless
+        self._lives: dict[str, CallLife] = {}
+        self._stateless: OrderedDict[str, None] = OrderedDict()
+        self._heap: list[tuple[float, int, int, CallLife]] = []
+        self._order = itertools.count()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._ended_listeners: list[Callable[[str, ResultInfo | None], None]] = []
+        self._forgotten_listeners: list[Callable[[str, str], None]] = []
+
+    # -- who is told -------------------------------------------------------------------
+
+    def when_ended(self, listener: Callable[[str, ResultInfo | None], None]) -> None:
+        """Call ``listener(call_key, result_info)`` once, at the moment a call ends."""
+        self._ended_listeners.append(listener)
+
+    def when_forgotten(self, listener: Callable[[str, str], None]) -> None:
+        """Call ``listener(call_key, reason)`` when a call is forgotten: ``grace_over``
+        (it ended a while ago), ``gone`` (Graph no longer knows it),
+        ``never_reached_a_state`` or ``too_many_stateless_calls``."""
+        self._forgotten_listeners.append(listener)
+
+    # -- reading ------------------------------------------------------------------------
+
+    def get(self, call_id: str) -> CallLife | None:
+        """A known call's life (whatever the id's case or dashes)."""
+        return self._lives.get(id_key(call_id))
+
+    def __len__(self) -> int:
+        return len(self._lives)
+
+    def active(self) -> Iterator[CallLife]:
+        """The calls that reached a state and have not ended."""
+        return (life for life in self._lives.values() if life.phase >= 0 and not life.ended)
+
+    # -- what the sequencer tells -------------------------------------------------------
+
+    def life(self, call_id: str) -> CallLife:
+        """The life of a call, known from now on if it was not (a call with no state yet)."""
+        key = id_key(call_id)
+        life = self._lives.get(key)
+        if life is None:
+            life = self._lives[key] = CallLife(call_id)
+            self._stateless[key] = None
+            self._schedule(self._stateless_ttl, _FORGET_STATELESS, life)
+            while len(self._stateless) > self._max_stateless:
+                oldest, _ = self._stateless.popitem(last=False)
+                self._forget(oldest, "too_many_stateless_calls")
+        return life
+
+    def enter(
+        self, life: CallLife, state: str, result_info: ResultInfo | None = None
+    ) -> tuple[bool, str | None]:
+        """The call is now in ``state``: ``(True, previous)`` on a transition,
+        ``(False, state)`` when it was already in it (an update of the state).
+
+        ``result_info`` says why, for ``terminated``."""
+        previous = life.state
+        if state == previous:
+            return False, previous
+        first = life.phase < 0
+        life.phase = max(life.phase, phase_of_state(state))
+        life.state = state
+        if first:
+            self._stateless.pop(life.key, None)
+        if state == "incoming" and self._warn_after > 0:
+            self._schedule(self._warn_after, _WARN, life)
+        elif life.phase == LIVE_PHASE and not life.keeping_alive:
+            self._start_keep_alive(life)
+        elif state == "terminated":
+            self.end(life.call_id, result_info)
+        return True, previous
+
+    def end(self, call_id: str, result_info: ResultInfo | None) -> None:
+        """The call ended: its termination was delivered here, or accepted by another
+        instance (its ``state`` stays the last one delivered here)."""
+        life = self.life(call_id)
+        if life.ended:
+            return
+        life.ended = True
+        life.result_info = result_info if result_info is not None else life.result_info
+        life.keeping_alive = False
+        self._stateless.pop(life.key, None)
+        for listener in self._ended_listeners:
+            try:
+                listener(life.key, life.result_info)
+            except Exception:
+                log.exception("call_end_listener_failed", call_id=life.call_id)
+        self._schedule(self._grace, _FORGET, life)
+
+    def gone(self, call_id: str) -> None:
+        """Graph no longer knows the call (no termination will come): end and forget it now."""
+        self.end(call_id, None)
+        self._forget(id_key(call_id), "gone")
+
+    def adopt(self, call_id: str, *, phase: int, state: str | None, ended: bool) -> CallLife:
+        """Continue a call known from a shared store (after a restart or a takeover)."""
+        life = self.life(call_id)
+        if life.phase < 0 and phase >= 0:
+            self._stateless.pop(life.key, None)
+        life.phase = max(life.phase, phase)
+        life.state = state if state is not None else life.state
+        if ended and not life.ended:
+            self.end(call_id, None)
+        elif life.established and not life.keeping_alive:
+            # Keep-alives follow the calls: the instance that kept this one may be gone.
+            self._start_keep_alive(life)
+        return life
+
+    # -- running --------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Stop every timer and keep-alive in flight."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._heap.clear()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for life in self._lives.values():
+            life.keeping_alive = False
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _forget(self, key: str, why: str) -> None:
+        life = self._lives.pop(key, None)
+        self._stateless.pop(key, None)
+        if life is None:
+            return
+        life.keeping_alive = False
+        if why != "grace_over":
+            log.info("call_forgotten", call_id=life.call_id, reason=why)
+        for listener in self._forgotten_listeners:
+            try:
+                listener(key, why)
+            except Exception:
+                log.exception("call_forget_listener_failed", call_id=life.call_id)
+
+    def _start_keep_alive(self, life: CallLife) -> None:
+        if self._keep_alive_interval is None:
+            return
+        life.keeping_alive = True
+        self._schedule(self._keep_alive_interval, _KEEP_ALIVE, life)
+
+    def _schedule(self, delay: float, kind: int, life: CallLife) -> None:
+        loop = asyncio.get_running_loop()
+        due = loop.time() + delay
+        heapq.heappush(self._heap, (due, next(self._order), kind, life))
+        if self._timer is None or due < self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = due
+            self._timer = loop.call_at(due, self._run_due)
+
+    def _run_due(self) -> None:
+        self._timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        while self._heap and self._heap[0][0] <= now:
+            _, _, kind, life = heapq.heappop(self._heap)
+            try:
+                self._due(kind, life)
+            except Exception:
+                log.exception("call_timer_failed", call_id=life.call_id)
+        if self._heap and self._timer is None:
+            self._timer_at = self._heap[0][0]
+            self._timer = loop.call_at(self._timer_at, self._run_due)
+
+    def _due(self, kind: int, life: CallLife) -> None:
+        # A timer whose call was forgotten, or has moved on, does nothing.
+        if self._lives.get(life.key) is not life:
+            return
+        if kind == _FORGET:
+            self._forget(life.key, "grace_over")
+        elif kind == _FORGET_STATELESS:
+            if life.phase < 0:
+                self._forget(life.key, "never_reached_a_state")
+        elif kind == _WARN:
+            if life.state == "incoming" and not life.ended:
+                log.warning(
+                    "incoming_call_not_answered",
+                    call_id=life.call_id,
+                    waited=self._warn_after,
+                    deadline=_ANSWER_DEADLINE,
+                    detail="answer, reject or redirect within 15 seconds or Graph drops the call",
+                )
+        elif kind == _KEEP_ALIVE and life.keeping_alive and not life.ended:
+            task = asyncio.get_running_loop().create_task(
+                self._keep_alive(life), name=f"callbot-keepalive-{life.key}"
+            )
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _keep_alive(self, life: CallLife) -> None:
+        assert self._send_keep_alive is not None
+        try:
+            result = await self._send_keep_alive(life.call_id)
+        except Exception as exc:
+            log.warning("keep_alive_failed", call_id=life.call_id, error=repr(exc))
+            result = KeepAliveResult.FAILED
+        if self._lives.get(life.key) is not life or life.ended or not life.keeping_alive:
+            return
+        if result is KeepAliveResult.GONE:
+            log.info("keep_alive_call_gone", call_id=life.call_id)
+            self.gone(life.call_id)
+        else:
+            self._start_keep_alive(life)

@@ -1,0 +1,239 @@
+"""The lifecycle: one owner for when a call ends, is forgotten, is kept alive or warned about.
+
+Timers run on a virtual clock: a test moves time on and every timer due runs,
+so nothing here waits for real time to pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from callbot import OperationFailed, models
+from callbot._lifecycle import KeepAliveResult, Lifecycle
+from callbot.graph import CallServices, RetryPolicy
+from callbot.testing import FakeGraph
+
+from .conftest import until
+
+CALL_ID = "57dab8b1-894c-409a-b240-bd8beae78896"
+OTHER = "2f1a1100-b174-40a0-aba7-0b405e01ed92"
+
+
+class Clock:
+    """The running loop's clock, moved on by hand."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        asyncio.get_running_loop().time = lambda: self.now  # type: ignore[method-assign]
+
+    async def advance(self, seconds: float) -> None:
+        self.now += seconds
+        for _ in range(5):  # due timers, then the tasks they start
+            await asyncio.sleep(0)
+
+
+@pytest.fixture
+async def clock() -> AsyncIterator[Clock]:
+    loop = asyncio.get_running_loop()
+    real = loop.time
+    yield Clock()
+    loop.time = real  # type: ignore[method-assign]
+
+
+class KeepAlives:
+    """A keep-alive sender that answers what a test tells it to."""
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+        self.answer = KeepAliveResult.OK
+
+    async def __call__(self, call_id: str) -> KeepAliveResult:
+        self.sent.append(call_id)
+        return self.answer
+
+
+def lifecycle(
+    send: Callable[[str], Awaitable[KeepAliveResult]] | None = None, **options: Any
+) -> Lifecycle:
+    settings: dict[str, Any] = {
+        "termination_grace": 30.0,
+        "answer_warning_after": 10.0,
+        "keep_alive_interval": 900.0,
+        "send_keep_alive": send,
+    }
+    settings.update(options)
+    return Lifecycle(**settings)
+
+
+async def test_a_state_is_new_once(clock: Clock) -> None:
+    calls = lifecycle()
+    life = calls.life(CALL_ID)
+    assert calls.enter(life, "establishing") == (True, None)
+    assert calls.enter(life, "established") == (True, "establishing")
+    assert calls.enter(life, "established") == (False, "established")
+    assert calls.enter(life, "hold") == (True, "established")
+    assert calls.enter(life, "established") == (True, "hold")
+    assert (life.phase, life.state, life.ended) == (3, "established", False)
+    assert [c.call_id for c in calls.active()] == [CALL_ID]
+
+
+async def test_an_end_is_told_once_and_forgotten_after_the_grace(clock: Clock) -> None:
+    calls = lifecycle()
+    ended: list[tuple[str, models.ResultInfo | None]] = []
+    forgotten: list[tuple[str, str]] = []
+    calls.when_ended(lambda key, info: ended.append((key, info)))
+    calls.when_forgotten(lambda key, why: forgotten.append((key, why)))
+    life = calls.life(CALL_ID)
+    calls.enter(life, "established")
+    why = models.ResultInfo(code=200, subcode=5002)
+    calls.enter(life, "terminated", why)
+    calls.end(CALL_ID, None)  # told again by another instance: nothing more happens
+    assert ended == [(life.key, why)]
+    assert life.ended
+    assert list(calls.active()) == []
+    await clock.advance(29.0)
+    assert calls.get(CALL_ID) is life
+    await clock.advance(2.0)
+    assert calls.get(CALL_ID) is None
+    assert forgotten == [(life.key, "grace_over")]
+
+
+async def test_keep_alive_starts_on_the_transition_and_stops_at_the_end(clock: Clock) -> None:
+    send = KeepAlives()
+    calls = lifecycle(send, keep_alive_interval=60.0)
+    life = calls.life(CALL_ID)
+    calls.enter(life, "establishing")
+    calls.enter(life, "established")
+    calls.enter(life, "established")  # an update starts no second loop
+    await clock.advance(61.0)
+    assert send.sent == [CALL_ID]
+    send.answer = KeepAliveResult.FAILED  # Graph unreachable: tried again next time
+    await clock.advance(60.0)
+    await clock.advance(60.0)
+    assert send.sent == [CALL_ID] * 3
+    calls.enter(life, "terminated")
+    await clock.advance(600.0)
+    assert send.sent == [CALL_ID] * 3
+
+
+async def test_a_call_graph_forgot_is_ended_and_forgotten_at_once(clock: Clock) -> None:
+    send = KeepAlives()
+    send.answer = KeepAliveResult.GONE
+    calls = lifecycle(send, keep_alive_interval=60.0)
+    forgotten: list[str] = []
+    calls.when_forgotten(lambda key, why: forgotten.append(why))
+    life = calls.life(CALL_ID)
+    calls.enter(life, "established")
+    with capture_logs() as logs:
+        await clock.advance(61.0)
+    assert life.ended
+    assert forgotten == ["gone"]
+    assert any(e["event"] == "keep_alive_call_gone" for e in logs)
+    await clock.advance(600.0)
+    assert send.sent == [CALL_ID]
+
+
+async def test_no_keep_alive_without_a_sender(clock: Clock) -> None:
+    calls = lifecycle(None)
+    life = calls.life(CALL_ID)
+    calls.enter(life, "established")
+    assert not life.keeping_alive
+
+
+async def test_an_unanswered_incoming_call_is_warned_about(clock: Clock) -> None:
+    calls = lifecycle(answer_warning_after=10.0)
+    with capture_logs() as logs:
+        calls.enter(calls.life(CALL_ID), "incoming")
+        calls.enter(calls.life(OTHER), "incoming")
+        calls.enter(calls.life(OTHER), "establishing")  # answered: Graph says establishing
+        await clock.advance(11.0)
+    warnings = [e for e in logs if e["event"] == "incoming_call_not_answered"]
+    assert [w["call_id"] for w in warnings] == [CALL_ID]
+    assert warnings[0]["log_level"] == "warning"
+    assert warnings[0]["deadline"] == 15.0
+
+
+async def test_a_call_ending_unanswered_is_not_warned_about(clock: Clock) -> None:
+    calls = lifecycle(answer_warning_after=10.0)
+    with capture_logs() as logs:
+        life = calls.life(CALL_ID)
+        calls.enter(life, "incoming")
+        calls.enter(life, "terminated")  # rejected or redirected
+        await clock.advance(11.0)
+    assert not any(e["event"] == "incoming_call_not_answered" for e in logs)
+
+
+async def test_calls_that_never_reach_a_state_are_bounded(clock: Clock) -> None:
+    calls = lifecycle(stateless_ttl=60.0, max_stateless=3)
+    forgotten: list[tuple[str, str]] = []
+    calls.when_forgotten(lambda key, why: forgotten.append((key, why)))
+    kept = calls.life("kept")
+    calls.enter(kept, "establishing")
+    for n in range(5):
+        calls.life(f"invented-{n}")
+    # Past the bound the oldest go first; a call with a state is never counted.
+    assert len(calls) == 4
+    assert [why for _, why in forgotten] == ["too_many_stateless_calls"] * 2
+    await clock.advance(61.0)
+    assert len(calls) == 1
+    assert calls.get("kept") is kept
+    assert {why for _, why in forgotten[2:]} == {"never_reached_a_state"}
+
+
+async def test_an_adopted_call_keeps_being_kept_alive(clock: Clock) -> None:
+    send = KeepAlives()
+    calls = lifecycle(send, keep_alive_interval=60.0)
+    life = calls.adopt(CALL_ID, phase=3, state="established", ended=False)
+    assert life.keeping_alive
+    await clock.advance(61.0)
+    assert send.sent == [CALL_ID]
+    ended = calls.adopt(OTHER, phase=5, state="terminated", ended=True)
+    assert ended.ended
+    assert not ended.keeping_alive
+
+
+async def test_keep_alives_reach_graph_and_a_404_ends_the_call(graph: FakeGraph) -> None:
+    calls = Lifecycle(termination_grace=30.0)
+    services = CallServices(
+        graph.settings(), retry=RetryPolicy(total_time=1.0, base_delay=0.001), lifecycle=calls
+    )
+    try:
+        assert await services.keep_alive(CALL_ID) is KeepAliveResult.OK
+        request = await graph.wait_for_request("keepAlive")
+        assert request.path == f"/communications/calls/{CALL_ID}/keepAlive"
+        assert request.scenario_id == services.call(CALL_ID).scenario_id
+        graph.end_call(CALL_ID)
+        assert await services.keep_alive(CALL_ID) is KeepAliveResult.GONE
+        graph.fail_next("keepAlive", 500)
+        with capture_logs() as logs:
+            assert await services.keep_alive(OTHER) is KeepAliveResult.FAILED
+        assert any(e["event"] == "keep_alive_failed" and e["status"] == 500 for e in logs)
+    finally:
+        await services.close()
+        await calls.close()
+
+
+async def test_an_end_fails_the_operations_awaited_on_the_call(graph: FakeGraph) -> None:
+    calls = Lifecycle(termination_grace=30.0)
+    services = CallServices(graph.settings(), lifecycle=calls)
+    try:
+        life = calls.life(CALL_ID)
+        calls.enter(life, "established")
+        call = services.call(CALL_ID)
+        op = await call.play_prompt("https://cdn.contoso.com/beep.wav")
+        assert not call.ended
+        calls.enter(life, "terminated", models.ResultInfo(code=200, subcode=5002))
+        assert call.ended, "a handle sees the end while its handler runs"
+        with pytest.raises(OperationFailed) as failure:
+            await op.wait(timeout=5)
+        assert failure.value.result_info is not None
+        assert failure.value.result_info.subcode == 5002
+        await until(lambda: services.pending_operations == 0)
+    finally:
+        await services.close()
+        await calls.close()
