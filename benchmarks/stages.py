@@ -16,9 +16,13 @@ receiver without sockets (:mod:`benchmarks._inproc`), with the settings
   shares guide, the unprofiled figure measures.
 
 HTTP is not in these figures: ``throughput.py`` measures it as the CPU per
-request of the ``bare`` server.
+request of the ``bare`` server. With ``--server``, the ``full`` server of
+the throughput benchmark runs under cProfile instead, loaded with whole calls
+from 32 connections for 3 s, and the split is between aiohttp and the event
+loop on one side and callbot's receiver and worker tasks on the other.
 
     python benchmarks/stages.py [--calls 2000] [--out full.prof]
+    python benchmarks/stages.py --server [--out server.prof]
 """
 
 from __future__ import annotations
@@ -29,17 +33,19 @@ import cProfile
 import gc
 import pstats
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # also run as a plain script
 
-from benchmarks._common import call_script, machine
+from benchmarks._common import APP_ID, LoadGenerator, call_script, machine, server
 from benchmarks._inproc import InProcessBot
 from benchmarks.loadgen import bodies
 from callbot._gc import tune_for_serving
 from callbot._log import configure_logging
 from callbot._parse import parse_body
+from callbot.testing import TokenAuthority
 
 # Calls played at once, as the load generator's 32 connections would.
 AT_ONCE = 32
@@ -184,13 +190,70 @@ def stage_table(stats: pstats.Stats, notifications: int) -> list[tuple[str, floa
     return rows
 
 
+# stage -> (file suffix, function) whose cumulative time it is, in the served profile.
+SERVER_STAGES: dict[str, tuple[str, str]] = {
+    "aiohttp: the request, from parsed head to written response": (
+        "aiohttp/web_protocol.py",
+        "_handle_request",
+    ),
+    "  callbot's receiver (auth to 202)": ("callbot/_receiver.py", "handle"),
+    "  socket writes (the kernel's loopback included)": (
+        "~",
+        "<method 'send' of '_socket.socket' objects>",
+    ),
+    "aiohttp: reading and parsing requests": ("aiohttp/web_protocol.py", "data_received"),
+    "callbot's worker tasks (dispatch, handler included)": ("callbot/_dispatch.py", "_work"),
+}
+
+
+async def _served(out: Path) -> int:
+    """Run the ``full`` server under cProfile with 3 s of whole calls; the requests sent."""
+    async with TokenAuthority() as authority:
+        token = authority.mint(audience=APP_ID, expires_in=3600)
+        async with (
+            LoadGenerator(token) as load,
+            server("full", authority.openid_config_url, "--profile", str(out)) as srv,
+        ):
+            await load.run(srv.url, prefix="warm-", connections=32, seconds=0.5)
+            result = await load.run(srv.url, prefix="profiled-", connections=32, seconds=3.0)
+            return result.requests
+
+
+def served_table(out: Path) -> None:
+    """Print the served profile's split by stage."""
+    stats = pstats.Stats(str(out))
+    rows = stats.stats  # type: ignore[attr-defined]
+    total = sum(row[2] for row in rows.values())
+    print(f"{'stage':<58} {'share':>6}")
+    rest = total
+    for stage, (path, function) in SERVER_STAGES.items():
+        seconds = sum(
+            row[3]
+            for (filename, _, name), row in rows.items()
+            if name == function and (path == "~" or filename.endswith(path))
+        )
+        if not stage.startswith(" "):
+            rest -= seconds
+        print(f"{stage:<58} {seconds / total:>6.1%}")
+    print(f"{'the rest: the event loop, tasks, timers, the idle wait':<58} {rest / total:>6.1%}")
+
+
 def main() -> None:
     """Parse the command line, measure, print."""
     parser = argparse.ArgumentParser(description="callbot's cost per notification, by stage")
     parser.add_argument("--calls", type=int, default=2000, help="whole calls per round")
     parser.add_argument("--out", type=Path, help="also write the cProfile statistics here")
+    parser.add_argument("--server", action="store_true", help="profile the served full path")
     args = parser.parse_args()
     print(machine())
+    if args.server:
+        out = args.out or Path(tempfile.mkdtemp()) / "server.prof"
+        requests = asyncio.run(_served(out))
+        print(
+            f"the full server under cProfile, {requests} requests of whole calls, 32 connections:"
+        )
+        served_table(out)
+        return
     cost, collecting, alone, stats, notifications = asyncio.run(measure(args.calls, args.out))
     print(
         f"in-process, whole calls of {len(call_script())} notifications, {AT_ONCE} at once: "
