@@ -8,7 +8,6 @@ import json
 import os
 import platform
 import re
-import shutil
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -25,6 +24,10 @@ CALLBACK_PATH = "/api/calls"
 INCOMING = "09-call-answer-ex1-incoming-call-created.json"
 ESTABLISHING = "10-call-answer-call-establishing.json"
 ESTABLISHED = "11-call-answer-call-established.json"
+ROSTER = "48-participant-invite-ex1-roster-participant-added.json"
+TONE = "33-call-subscribetotone-dtmf-tone-received.json"
+TERMINATING = "40-call-delete-call-terminating.json"
+TERMINATED = "41-call-delete-call-terminated-5001.json"
 PLACEHOLDER = "{CALL_ID}"
 # The server gets one core, the load generator the other, so neither steals from the other.
 SERVER_CPU = 0
@@ -53,8 +56,12 @@ def machine() -> str:
 class Template:
     """A documented notification body whose call id can be replaced per request."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, replace: dict[str, str] | None = None) -> None:
         text = (NOTIFICATIONS / name).read_text(encoding="utf-8")
+        for old, new in (replace or {}).items():
+            if old not in text:
+                raise ValueError(f"{name} has no {old!r}")
+            text = text.replace(old, new)
         json.loads(text)  # only strict-JSON examples are useful here
         match = re.search(r"calls/([^/\"]+)", text)
         if match is None:
@@ -70,6 +77,20 @@ class Template:
     def render(self, call_id: str) -> bytes:
         """The body for ``call_id``."""
         return self.text.replace(PLACEHOLDER, call_id).encode()
+
+
+def call_script() -> list[Template]:
+    """One whole call as Graph reports it: offered, answered, a roster change, tones, hung up."""
+    tones = [Template(TONE, {'"sequenceId": 1': f'"sequenceId": {n}'}) for n in (1, 2, 3)]
+    return [
+        Template(INCOMING),
+        Template(ESTABLISHING),
+        Template(ESTABLISHED),
+        Template(ROSTER),
+        *tones,
+        Template(TERMINATING),
+        Template(TERMINATED),
+    ]
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -163,138 +184,82 @@ async def server(kind: str, openid_config_url: str, *options: str) -> AsyncItera
 
 @dataclass
 class LoadResult:
-    """What the load generator saw."""
+    """What the load generator saw during one command."""
 
     requests: int
     seconds: float
     p50_ms: float
     p99_ms: float
     errors: int
-    tool: str
+    cpu_seconds: float
 
     @property
     def rps(self) -> float:
         return self.requests / self.seconds if self.seconds else 0.0
 
-
-_WRK_SCRIPT = """
-local parts = {PARTS}
-local prefix = "{PREFIX}"
-local n = 0
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer {TOKEN}"
-request = function()
-  n = n + 1
-  local id = string.format("%s%09d", prefix, n)
-  return wrk.format(nil, nil, nil, table.concat(parts, id))
-end
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    "WRKJSON {{\\"requests\\": %d, \\"us\\": %d, \\"p50\\": %d, "
-    .. "\\"p99\\": %d, \\"errors\\": %d}}\\n",
-    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
-    e.connect + e.read + e.write + e.status + e.timeout))
-end
-"""
+    @property
+    def busy(self) -> float:
+        """The share of one core the generator used: near 1.0, it was the bottleneck."""
+        return self.cpu_seconds / self.seconds if self.seconds else 0.0
 
 
-def _lua_string(text: str) -> str:
-    # A JSON string literal without unicode escapes is a valid Lua string literal.
-    return json.dumps(text, ensure_ascii=False)
+class LoadGenerator:
+    """:mod:`benchmarks.loadgen` in a process of its own, pinned to its own core, kept up.
 
-
-def wrk_available() -> bool:
-    """Whether the wrk load generator is installed."""
-    return shutil.which("wrk") is not None
-
-
-async def load(
-    url: str,
-    *,
-    token: str,
-    template: Template,
-    prefix: str,
-    connections: int,
-    seconds: float,
-    use_wrk: bool = True,
-) -> LoadResult:
-    """POST ``template`` with a fresh call id per request to ``url`` for ``seconds``.
-
-    Uses wrk (one thread, pinned to its own core) when installed, else a
-    bounded aiohttp client in a process of its own.
+    ``async with LoadGenerator(token) as load: await load.run(url, ...)``.
     """
-    if use_wrk and wrk_available():
-        return await _wrk(url, token, template, prefix, connections, seconds)
-    return await _python_load(url, token, template, prefix, connections, seconds)
 
+    def __init__(self, token: str, calls_per_connection: int = 4) -> None:
+        self._argv = [
+            sys.executable,
+            "-m",
+            "benchmarks.loadgen",
+            "--token",
+            token,
+            "--calls-per-connection",
+            str(calls_per_connection),
+        ]
+        self._process: asyncio.subprocess.Process | None = None
 
-async def _wrk(
-    url: str, token: str, template: Template, prefix: str, connections: int, seconds: float
-) -> LoadResult:
-    parts = "{" + ", ".join(_lua_string(p) for p in template.parts) + "}"
-    script = _WRK_SCRIPT.replace("{{", "{").replace("}}", "}")
-    script = script.replace("{PARTS}", parts).replace("{PREFIX}", prefix).replace("{TOKEN}", token)
-    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as handle:
-        handle.write(script)
-    try:
-        process = await asyncio.create_subprocess_exec(
-            "wrk",
-            "-t1",
-            f"-c{connections}",
-            f"-d{max(1, round(seconds))}s",
-            "--timeout",
-            "10s",
-            "-s",
-            handle.name,
-            url,
+    async def __aenter__(self) -> LoadGenerator:
+        self._process = await asyncio.create_subprocess_exec(
+            *self._argv,
+            cwd=REPO,
+            stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
             preexec_fn=pin(LOAD_CPU),
         )
-        out, err = await process.communicate()
-    finally:
-        os.unlink(handle.name)
-    for line in out.decode().splitlines():
-        if line.startswith("WRKJSON "):
-            data = json.loads(line[len("WRKJSON ") :])
-            return LoadResult(
-                requests=data["requests"],
-                seconds=data["us"] / 1e6,
-                p50_ms=data["p50"] / 1000,
-                p99_ms=data["p99"] / 1000,
-                errors=data["errors"],
-                tool="wrk",
-            )
-    raise RuntimeError(f"wrk said: {out.decode()} {err.decode()}")
+        if await self._line() != "READY":
+            raise RuntimeError("the load generator did not start")
+        return self
 
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._process is not None and self._process.returncode is None:
+            assert self._process.stdin is not None
+            self._process.stdin.close()
+            try:
+                async with asyncio.timeout(10):
+                    await self._process.wait()
+            except TimeoutError:
+                self._process.kill()
+                await self._process.wait()
 
-async def _python_load(
-    url: str, token: str, template: Template, prefix: str, connections: int, seconds: float
-) -> LoadResult:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "benchmarks.loadgen",
-        url,
-        "--token",
-        token,
-        "--template",
-        template.name,
-        "--prefix",
-        prefix,
-        "--connections",
-        str(connections),
-        "--seconds",
-        str(seconds),
-        cwd=REPO,
-        stdout=asyncio.subprocess.PIPE,
-        preexec_fn=pin(LOAD_CPU),
-    )
-    out, _ = await process.communicate()
-    data = json.loads(out.decode().strip().splitlines()[-1])
-    return LoadResult(tool="aiohttp", **data)
+    async def _line(self) -> str:
+        assert self._process is not None
+        assert self._process.stdout is not None
+        line = (await self._process.stdout.readline()).decode().strip()
+        if not line:
+            raise RuntimeError("the load generator stopped")
+        return line
+
+    async def run(self, url: str, *, prefix: str, connections: int, seconds: float) -> LoadResult:
+        """Whole calls to ``url`` from ``connections`` connections for about ``seconds``."""
+        assert self._process is not None
+        assert self._process.stdin is not None
+        command = {"url": url, "prefix": prefix, "connections": connections, "seconds": seconds}
+        self._process.stdin.write(json.dumps(command).encode() + b"\n")
+        await self._process.stdin.drain()
+        return LoadResult(**json.loads(await self._line()))
 
 
 def untune() -> None:

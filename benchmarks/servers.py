@@ -4,15 +4,19 @@
 127.0.0.1 (a free port), prints ``LISTENING <port>`` once ready, and runs
 until SIGTERM. Kinds:
 
-* ``bare``: an aiohttp handler that answers 202 and does nothing else, the
-  practical limit of any aiohttp receiver on this machine;
-* ``handwritten``: :mod:`benchmarks.handwritten`, what an author writes without callbot;
+* ``bare``: an aiohttp handler that reads the body and answers 202, the
+  least any correct receiver does, so the practical limit on this machine;
+* ``bare-noread``: the same without reading the body (for reference only: a
+  receiver that ignores what it is sent is not one);
+* ``handwritten``: :mod:`benchmarks.handwritten`, what an author writes without
+  callbot, verifying the token of every request;
+* ``handwritten-cached``: the same remembering tokens it has verified;
 * ``full``: a :class:`callbot.CallBot` with one no-op handler for every event,
   served by ``CallBot.serve`` as ``callbot run`` serves it.
 
-Each also serves ``GET /bench/stats`` (notifications handled, and with
-``--stamp`` the time from request arrival to handler start of each) and
-``POST /bench/reset``.
+Each also serves ``GET /bench/stats`` (notifications handled, the process's
+own CPU time, and with ``--stamp`` the time from request arrival to handler
+start of each) and ``POST /bench/reset``.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from benchmarks.handwritten import HandwrittenReceiver
 from callbot import Call, CallBot, events
 from callbot._log import configure_logging
 
+KINDS = ("bare-noread", "bare", "handwritten", "handwritten-cached", "full")
 _ARRIVAL: contextvars.ContextVar[float] = contextvars.ContextVar("arrival")
 
 
@@ -89,6 +94,7 @@ class Stats:
                 "latencies_us": [round(s * 1e6, 1) for s in self.latencies],
                 "gc_ms": [round(s * 1e3, 1) for s in self.gc_seconds],
                 "gc_max_ms": round(self.gc_max * 1e3, 1),
+                "cpu_seconds": time.process_time(),
             }
         )
 
@@ -100,19 +106,23 @@ class Stats:
         return web.Response(status=204)
 
 
-def _bare_app() -> web.Application:
+def _bare_app(read: bool) -> web.Application:
     async def accept(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(status=202)
+
+    async def accept_unread(request: web.Request) -> web.Response:
         return web.Response(status=202)
 
     app = web.Application()
-    app.router.add_post(CALLBACK_PATH, accept)
+    app.router.add_post(CALLBACK_PATH, accept if read else accept_unread)
     return app
 
 
-def _handwritten_app(openid_config_url: str, stats: Stats) -> web.Application:
+def _handwritten_app(openid_config_url: str, stats: Stats, cache_tokens: bool) -> web.Application:
     with urllib.request.urlopen(openid_config_url, timeout=10) as response:
         jwks_uri = json.load(response)["jwks_uri"]
-    receiver = HandwrittenReceiver(app_id=APP_ID, jwks_url=jwks_uri)
+    receiver = HandwrittenReceiver(app_id=APP_ID, jwks_url=jwks_uri, cache_tokens=cache_tokens)
 
     async def on_notification(call_id: str, notification: Any) -> None:
         stats.handler_started()
@@ -161,11 +171,11 @@ def _add_bench_routes(app: web.Application, stats: Stats) -> None:
 
 
 def build(kind: str, openid_config_url: str, stats: Stats) -> web.Application:
-    """The application of ``bare`` or ``handwritten``, with the benchmark's routes."""
-    if kind == "bare":
-        app = _bare_app()
-    elif kind == "handwritten":
-        app = _handwritten_app(openid_config_url, stats)
+    """The application of every kind but ``full``, with the benchmark's routes."""
+    if kind in ("bare", "bare-noread"):
+        app = _bare_app(read=kind == "bare")
+    elif kind in ("handwritten", "handwritten-cached"):
+        app = _handwritten_app(openid_config_url, stats, cache_tokens=kind == "handwritten-cached")
     else:
         raise SystemExit(f"unknown server kind {kind!r}")
     _add_bench_routes(app, stats)
@@ -221,7 +231,7 @@ async def serve(kind: str, openid_config_url: str, stamp: bool) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Parse the command line and serve."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("kind", choices=["bare", "handwritten", "full"])
+    parser.add_argument("kind", choices=KINDS)
     parser.add_argument("--openid-config-url", required=True)
     parser.add_argument("--stamp", action="store_true", help="record arrival-to-handler times")
     parser.add_argument("--uvloop", action="store_true", help="run on uvloop")

@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 import structlog
+from structlog._config import _CONFIG
 
 __all__ = ["configure_logging", "get_logger", "is_enabled"]
 
@@ -16,11 +17,12 @@ def get_logger(name: str) -> Any:
     return structlog.get_logger(name)
 
 
-# The level filters make_filtering_bound_logger builds (one class per level, created once).
-_FILTERING = frozenset(
-    structlog.make_filtering_bound_logger(level)
+# Each level filter make_filtering_bound_logger builds (one class per level, created once),
+# with its level.
+_FILTERING: dict[Any, int] = {
+    structlog.make_filtering_bound_logger(level): level
     for level in (0, logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR, logging.CRITICAL)
-)
+}
 
 
 def is_enabled(level: int) -> bool:
@@ -29,10 +31,9 @@ def is_enabled(level: int) -> bool:
     Lets hot paths skip building a line that would be dropped. True when the
     configured wrapper is not one of structlog's level filters (it decides later).
     """
-    wrapper: Any = structlog.get_config()["wrapper_class"]
-    if wrapper not in _FILTERING:
-        return True
-    return bool(level >= wrapper.get_effective_level(None))
+    # The live setting: get_config() would copy the whole configuration into a new dict.
+    threshold = _FILTERING.get(_CONFIG.default_wrapper_class)
+    return threshold is None or level >= threshold
 
 
 def configure_logging(log_format: str = "auto", level: str = "info") -> None:

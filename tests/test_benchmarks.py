@@ -1,0 +1,66 @@
+"""The benchmarks' workload and the metrics' bucket arithmetic (no timing is asserted)."""
+
+from __future__ import annotations
+
+import itertools
+
+from benchmarks._common import call_script
+from benchmarks.loadgen import _content_length, bodies
+from callbot import events
+from callbot._metrics import Latencies, Metrics
+from callbot._parse import parse_body
+
+
+def test_the_benchmark_call_script_is_one_whole_call_in_order() -> None:
+    script = call_script()
+    kinds = [type(parse_body(t.render("bench-1"))[0]) for t in script]
+    assert kinds == [
+        events.IncomingCall,
+        events.CallStateChanged,
+        events.CallStateChanged,
+        events.ParticipantsUpdated,
+        events.ToneReceived,
+        events.ToneReceived,
+        events.ToneReceived,
+        events.CallStateChanged,
+        events.CallTerminated,
+    ]
+    tones = [parse_body(t.render("bench-1"))[0] for t in script[4:7]]
+    assert [t.sequence_id for t in tones if isinstance(t, events.ToneReceived)] == [1, 2, 3]
+
+
+def test_the_load_generator_interleaves_calls_step_by_step() -> None:
+    steps = len(call_script())
+    sent = list(itertools.islice(bodies(call_script(), "p", 2), steps * 2 + 1))
+    call_ids = [parse_body(body)[0].call_id for body in sent]
+    assert call_ids[: steps * 2] == ["p0000000x0", "p0000000x1"] * steps
+    assert call_ids[-1] == "p0000001x0"
+
+
+def test_content_length_is_read_from_a_response_head() -> None:
+    assert _content_length(b"http/1.1 202 accepted\r\ncontent-length: 0") == 0
+    assert _content_length(b"http/1.1 400 bad\r\ncontent-length: 42\r\nserver: x") == 42
+    assert _content_length(b"http/1.1 204 no content") == 0
+
+
+def test_latencies_count_a_duration_on_a_bound_in_that_bound() -> None:
+    latencies = Latencies((0.1, 1.0))
+    for seconds in (0.05, 0.1, 0.5, 1.0, 7.0):
+        latencies.observe(seconds)
+    assert latencies.counts == [2, 2, 1]
+
+
+def test_metrics_render_latencies_as_cumulative_histograms() -> None:
+    metrics = Metrics()
+    metrics.ack_seconds.observe(0.0007)
+    metrics.observe_handler("greet", "ok", 0.3)
+    metrics.observe_handler("greet", "ok", 20.0)
+    text = metrics.render().decode()
+    assert 'callbot_ack_seconds_bucket{le="0.0005"} 0.0' in text
+    assert 'callbot_ack_seconds_bucket{le="0.001"} 1.0' in text
+    assert 'callbot_ack_seconds_bucket{le="+Inf"} 1.0' in text
+    assert "callbot_ack_seconds_count 1.0" in text
+    assert 'callbot_handler_seconds_bucket{handler="greet",le="0.5",outcome="ok"} 1.0' in text
+    assert 'callbot_handler_seconds_bucket{handler="greet",le="+Inf",outcome="ok"} 2.0' in text
+    assert 'callbot_handler_seconds_count{handler="greet",outcome="ok"} 2.0' in text
+    assert 'callbot_handler_seconds_sum{handler="greet",outcome="ok"} 20.3' in text
