@@ -88,7 +88,12 @@ def test_a_record_survives_the_round_trip() -> None:
     record.roster_digest = b"\x03" * 16
     copy = decode_record(encode_record(record))
     assert copy is not None
-    assert (copy.call_id, copy.phase, copy.state, copy.closed) == ("Call-1", 3, "established", False)
+    assert (copy.call_id, copy.phase, copy.state, copy.closed) == (
+        "Call-1",
+        3,
+        "established",
+        False,
+    )
     assert copy.snapshot == snapshot
     assert copy.snapshot is not None
     assert copy.snapshot.chat_info is not None
