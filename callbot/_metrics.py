@@ -30,6 +30,8 @@ class _Sources(Collector):
         self.handled: Callable[[], Counter[str]] | None = None
         self.graph: Callable[[], RequestStats] | None = None
         self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
+        self.counters: dict[str, tuple[str, str, Callable[[], Counter[str]]]] = {}
+        """name -> (help, label name, counts by label value)."""
 
     def collect(self) -> Iterator[Metric]:
         notes = CounterMetricFamily(
@@ -71,6 +73,11 @@ class _Sources(Collector):
             gauge = GaugeMetricFamily(name, doc)
             gauge.add_metric([], read())
             yield gauge
+        for name, (doc, label, count) in self.counters.items():
+            family = CounterMetricFamily(name, doc, labels=[label])
+            for label_value, total in sorted(count().items()):
+                family.add_metric([label_value], total)
+            yield family
 
 
 class Metrics:

@@ -12,7 +12,6 @@ import contextlib
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
-from urllib.parse import quote
 
 import structlog
 from pydantic import BaseModel
@@ -482,6 +481,6 @@ class CallServices:
         body.update(extra)
         await self.graph.request(
             "POST",
-            "/communications/calls/" + quote("logTeleconferenceDeviceQuality", safe=""),
+            "/communications/calls/logTeleconferenceDeviceQuality",
             json={"quality": body},
         )
