@@ -362,13 +362,14 @@ async def test_no_secret_reaches_logs_recording_metrics_or_error_bodies(
         await until(lambda: len(steps) == 1)
         await until(lambda: any(e.get("event") == "handler_failed" for e in logs), within=10)
         graph.route("playPrompt", lambda _: FakeResponse(status=500, body={"error": {}}))
+
+        def failed() -> int:
+            return sum(e.get("event") == "handler_failed" for e in logs)
+
         for n in (1, 2, 3):
             await start_call(server, graph, f"secret-call-{n}")
-            await until(
-                lambda n=n: sum(e.get("event") == "handler_failed" for e in logs) == n + 1,
-                within=10,
-            )
-        # Inbound faults: bad schemes, a broken token, two headers.
+            await until(lambda: failed() == n + 1, within=10)  # noqa: B023 - awaited at once
+        # Inbound faults: a bad scheme, a broken token, two tokens in one header.
         for value in (f"Basic {inbound}", f"Bearer {inbound}x", f"Bearer {inbound} {inbound}"):
             response = await server.post(
                 b.notifications(b.incoming_call("x")), headers={"Authorization": value}
