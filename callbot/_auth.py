@@ -335,7 +335,7 @@ class Authenticator:
             expires_at=float(claims["exp"]),
             claims=MappingProxyType(claims),
         )
-        self._remember(token, _CacheEntry(verified, kid, _ENTRY_OVERHEAD + 3 * len(token)))
+        self._remember(token, _CacheEntry(verified, kid, _ENTRY_OVERHEAD + 2 * len(token)))
         return verified
 
     def _check_lifetime(self, claims: Mapping[str, Any]) -> None:

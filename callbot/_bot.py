@@ -414,7 +414,11 @@ class CallBot:
             header_timeout=self._settings.header_timeout,
             max_connections=self._settings.max_connections,
         )
-        loop.set_exception_handler(guard.exception_handler(_default_exception_handler))
+        guard.check_descriptor_limit()
+        previous_handler = loop.get_exception_handler()
+        loop.set_exception_handler(
+            guard.exception_handler(previous_handler or _default_exception_handler)
+        )
         listener: asyncio.Server | None = None
         try:
             await runner.setup()
@@ -435,7 +439,7 @@ class CallBot:
             if listener is not None:
                 listener.close()
             await runner.cleanup()
-            loop.set_exception_handler(None)
+            loop.set_exception_handler(previous_handler)
 
     def _watch_connections(self, guard: ConnectionGuard) -> None:
         sources = self._running().metrics.sources

@@ -73,7 +73,7 @@ class Settings:
     max_connections: int = 1000
     """Inbound connections open at once; a new one closes the longest-idle one."""
     token_cache_bytes: int = 16 * 1024 * 1024
-    """Memory the verified-token cache may use (about 3 bytes per token character)."""
+    """Memory the verified-token cache may use (counted as 2 bytes per token character + 1 KiB)."""
     max_token_lifetime: float = 24 * 3600.0
     """Longest accepted token lifetime (``exp`` - ``iat``) and time left (``exp`` - now)."""
     recording_hosts: frozenset[str] = frozenset({"*.skype.com", "*.microsoft.com"})

@@ -73,6 +73,22 @@ class ConnectionGuard:
         self._open: dict[_Connection, None] = {}
         self._log = _RateLimitedLog(log_interval)
 
+    def check_descriptor_limit(self) -> None:
+        """Warn when the connection bound cannot be reached before descriptors run out."""
+        try:
+            import resource
+        except ImportError:  # not on POSIX: nothing to compare with
+            return
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        # Keys, Graph, the store and the log need descriptors of their own.
+        if soft != resource.RLIM_INFINITY and self.max_connections > soft - 64:
+            log.warning(
+                "max_connections_above_descriptor_limit",
+                max_connections=self.max_connections,
+                descriptor_limit=soft,
+                hint="raise `ulimit -n` or lower CALLBOT_MAX_CONNECTIONS",
+            )
+
     @property
     def open_connections(self) -> int:
         """How many inbound connections are open now."""
@@ -90,7 +106,7 @@ class ConnectionGuard:
         return make
 
     def exception_handler(
-        self, fallback: Callable[[asyncio.AbstractEventLoop, dict[str, Any]], None]
+        self, fallback: Callable[[asyncio.AbstractEventLoop, dict[str, Any]], object]
     ) -> Callable[[asyncio.AbstractEventLoop, dict[str, Any]], None]:
         """A loop exception handler that turns accept failures into one counted line."""
 
