@@ -82,7 +82,7 @@ class Settings:
     The origin of ``graph_url`` is always allowed too (a simulator or a test Graph)."""
     recording_ca_file: str | None = None
     """PEM file of extra CAs trusted for recording downloads (default: the system's)."""
-    max_recording_bytes: int = 256 * 1024 * 1024
+    max_recording_bytes: int = 64 * 1024 * 1024
     """Largest recording ``download_recording`` accepts; a longer answer raises."""
     answer_warning_after: float = 10.0
     """Warn when an incoming call is not answered, rejected or redirected by then."""

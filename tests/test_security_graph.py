@@ -323,7 +323,13 @@ async def test_no_secret_reaches_logs_recording_metrics_or_error_bodies(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     record_path = tmp_path / "notifications.jsonl"
-    bot = graph_bot(graph, authority, record_path=str(record_path), graph_retry_time=0.5)
+    bot = graph_bot(
+        graph,
+        authority,
+        record_path=str(record_path),
+        graph_retry_time=0.5,
+        graph_request_timeout=0.5,
+    )
     location, recording_token = graph.add_recording(b"RIFF")
     steps: list[str] = []
 
@@ -348,6 +354,9 @@ async def test_no_secret_reaches_logs_recording_metrics_or_error_bodies(
                     "recordingAccessToken": recording_token,
                 }
             )
+        else:
+            # 4: Graph never answers; 5: the token is revoked and the token endpoint fails.
+            await call.play_prompt("https://cdn.example.test/unanswered.wav")
 
     def redirect_loop(request: Any) -> FakeResponse:
         return FakeResponse(status=307, headers={"Location": graph.graph_url + request.path})
@@ -366,7 +375,12 @@ async def test_no_secret_reaches_logs_recording_metrics_or_error_bodies(
         def failed() -> int:
             return sum(e.get("event") == "handler_failed" for e in logs)
 
-        for n in (1, 2, 3):
+        for n in (1, 2, 3, 4, 5):
+            if n == 4:
+                graph.hang_next("playPrompt")
+            if n == 5:
+                graph.revoke_tokens()
+                graph.fail_next("token", 500)
             await start_call(server, graph, f"secret-call-{n}")
             await until(lambda: failed() == n + 1, within=10)  # noqa: B023 - awaited at once
         # Inbound faults: a bad scheme, a broken token, two tokens in one header.
@@ -382,9 +396,9 @@ async def test_no_secret_reaches_logs_recording_metrics_or_error_bodies(
         "inbound token": inbound,
         "app secret": "fake-graph-secret",
         "recording access token": recording_token,
-        **{f"graph token {i}": token for i, token in enumerate(graph.tokens)},
+        **{f"bearer {i} Graph saw": r.bearer for i, r in enumerate(graph.requests) if r.bearer},
     }
-    assert len(secrets) >= 4
+    assert len(set(secrets.values())) >= 4
     places = {
         "structured log": "\n".join(json.dumps(e, default=repr) for e in logs),
         "stdlib log": caplog.text,
@@ -397,5 +411,7 @@ async def test_no_secret_reaches_logs_recording_metrics_or_error_bodies(
             assert secret not in text, f"{name} found in {place}"
     # The fault paths were really taken.
     failures = [e for e in logs if e.get("event") == "handler_failed"]
-    assert len(failures) == 4
+    assert len(failures) == 6
     assert "307" in failures[0]["error"]
+    assert "connectionFailed" in failures[4]["error"]
+    assert "token" in failures[5]["error"].lower()
