@@ -223,7 +223,10 @@ class _Connection(RequestHandler):
             # A bug in the bot, not the sender's fault: keep aiohttp's traceback.
             return super().handle_error(request, status, exc, message)
         # The parser's message quotes the offending line (a token, say): never repeat it.
-        phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else ""
+        try:
+            phrase = HTTPStatus(status).phrase
+        except ValueError:
+            phrase = ""
         self._guard._count(
             "bad_request",
             "the request could not be parsed as HTTP",
