@@ -12,9 +12,12 @@ stable ``reason`` word.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import json
 import random
+import re
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -47,6 +50,9 @@ DEFAULT_ISSUERS: tuple[str, ...] = ("https://api.botframework.com", "https://gra
 # Far larger than any real callback token; refuses absurd headers before parsing them.
 _MAX_TOKEN_LENGTH = 16 * 1024
 _CACHE_SIZE = 10_000
+# What one cached token costs beyond its characters: the entry, its claims dict, the key.
+_ENTRY_OVERHEAD = 1024
+_SEGMENT = re.compile(r"[A-Za-z0-9_-]*")
 _MIN_KEY_BITS = 2048
 _MAX_BACKOFF = 300.0
 
@@ -71,6 +77,14 @@ class VerifiedToken:
 class _CacheEntry:
     token: VerifiedToken
     kid: str
+    size: int
+
+
+@dataclass(frozen=True)
+class _Key:
+    public: RSAPublicKey
+    algorithm: str | None
+    """The JWK's ``alg`` when published: then the only algorithm the key verifies."""
 
 
 def _check_token(
@@ -114,11 +128,11 @@ def _reason_for(exc: jwt.PyJWTError) -> tuple[str, str]:
     return "malformed", str(exc)
 
 
-def _parse_jwks(document: Any) -> dict[str, RSAPublicKey]:
+def _parse_jwks(document: Any) -> dict[str, _Key]:
     """The usable RSA signing keys of a JWKS document, by kid."""
     if not isinstance(document, Mapping) or not isinstance(document.get("keys"), list):
         raise ValueError("JWKS document has no 'keys' list")
-    keys: dict[str, RSAPublicKey] = {}
+    keys: dict[str, _Key] = {}
     for entry in document["keys"]:
         if not isinstance(entry, Mapping):
             log.warning("jwks_key_skipped", why="not an object")
@@ -149,7 +163,7 @@ def _parse_jwks(document: Any) -> dict[str, RSAPublicKey]:
             continue
         if kid in keys:
             log.warning("jwks_duplicate_kid", kid=kid)
-        keys[kid] = public
+        keys[kid] = _Key(public, alg)
     return keys
 
 
@@ -162,7 +176,9 @@ class Authenticator:
     ``app_id`` is the required audience; ``openid_config_url`` points at the
     calling platform's OpenID configuration; a non-empty ``allowed_tenants``
     limits which ``tid`` values are accepted (compared case-insensitively);
-    ``leeway`` is the tolerated clock skew in seconds. Keys are refreshed every
+    ``leeway`` is the tolerated clock skew in seconds; a token may live at most
+    ``max_lifetime`` seconds (``exp - iat``, and ``exp`` - now). Verified tokens
+    are cached within about ``cache_bytes`` of memory. Keys are refreshed every
     ``refresh_interval`` seconds, and refetched at once for an unknown ``kid``
     at most once per ``refetch_cooldown`` seconds. ``extra_issuers`` are
     accepted besides :data:`DEFAULT_ISSUERS` and the configuration's own
@@ -180,6 +196,8 @@ class Authenticator:
         openid_config_url: str,
         allowed_tenants: frozenset[str] = frozenset(),
         leeway: float = 60.0,
+        max_lifetime: float = 24 * 3600.0,
+        cache_bytes: int = 16 * 1024 * 1024,
         refresh_interval: float = 3600.0,
         refetch_cooldown: float = 5.0,
         extra_issuers: Iterable[str] = (),
@@ -193,12 +211,15 @@ class Authenticator:
         self._openid_config_url = openid_config_url
         self._allowed_tenants = frozenset(t.lower() for t in allowed_tenants)
         self._leeway = leeway
+        self._max_lifetime = max_lifetime
+        self._cache_budget = cache_bytes
+        self._cache_bytes = 0
         self._refresh_interval = refresh_interval
         self._refetch_cooldown = refetch_cooldown
         self._fetch_timeout = fetch_timeout
         self._static_issuers = frozenset(DEFAULT_ISSUERS) | frozenset(extra_issuers)
         self._issuers = self._static_issuers
-        self._keys: dict[str, RSAPublicKey] = {}
+        self._keys: dict[str, _Key] = {}
         self._loaded = asyncio.Event()
         self._cache: dict[str, _CacheEntry] = {}
         self._session: aiohttp.ClientSession | None = None
@@ -265,7 +286,7 @@ class Authenticator:
             # Same rule as an uncached check: valid until exp plus leeway.
             if time.time() < cached.token.expires_at + self._leeway:
                 return cached.token
-            del self._cache[token]
+            self._forget(token)
             raise AuthenticationError("expired", "token has expired")
 
         algorithm, kid = self._read_header(token)
@@ -281,11 +302,16 @@ class Authenticator:
             if key is None:
                 raise AuthenticationError("unknown_key", f"no signing key with kid {kid!r}")
 
+        if key.algorithm is not None and key.algorithm != algorithm:
+            # A key published for one algorithm verifies that one only.
+            raise AuthenticationError(
+                "bad_algorithm", f"key {kid!r} is for {key.algorithm}, not {algorithm}"
+            )
         # One RSA verification takes microseconds, so it runs inline on the loop.
         try:
             claims = _check_token(
                 token,
-                key,
+                key.public,
                 algorithm=algorithm,
                 audience=self._app_id,
                 issuers=self._issuers,
@@ -301,6 +327,7 @@ class Authenticator:
         if self._allowed_tenants and tenant.lower() not in self._allowed_tenants:
             raise AuthenticationError("tenant_not_allowed", f"tenant {tenant} is not allowed")
 
+        self._check_lifetime(claims)
         verified = VerifiedToken(
             tenant_id=tenant,
             issuer=str(claims["iss"]),
@@ -308,8 +335,26 @@ class Authenticator:
             expires_at=float(claims["exp"]),
             claims=MappingProxyType(claims),
         )
-        self._remember(token, _CacheEntry(verified, kid))
+        self._remember(token, _CacheEntry(verified, kid, _ENTRY_OVERHEAD + 2 * len(token)))
         return verified
+
+    def _check_lifetime(self, claims: Mapping[str, Any]) -> None:
+        """Refuse tokens living longer than ``max_lifetime``: a stolen one would work for ever."""
+        expires = float(claims["exp"])
+        issued = claims.get("iat")
+        if isinstance(issued, int | float) and expires - float(issued) > self._max_lifetime:
+            raise AuthenticationError(
+                "lifetime_too_long", f"token lifetime exceeds {self._max_lifetime:.0f} s"
+            )
+        if expires - time.time() > self._max_lifetime + self._leeway:
+            raise AuthenticationError(
+                "lifetime_too_long", f"token expires more than {self._max_lifetime:.0f} s from now"
+            )
+
+    @property
+    def cache_bytes(self) -> int:
+        """Estimated memory held by the verified-token cache."""
+        return self._cache_bytes
 
     @staticmethod
     def _bearer_token(authorization: str | None) -> str:
@@ -325,6 +370,10 @@ class Authenticator:
         """The allowed algorithm and the kid of a token, from its unverified header."""
         if len(token) > _MAX_TOKEN_LENGTH:
             raise AuthenticationError("malformed", "token is too long")
+        segments = token.split(".")
+        if len(segments) != 3 or not all(_canonical_base64url(s) for s in segments):
+            # One token has one spelling: padding or stray bits would make copies to cache.
+            raise AuthenticationError("malformed", "not a JWT in unpadded canonical base64url")
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as exc:
@@ -338,16 +387,28 @@ class Authenticator:
         return algorithm, kid
 
     def _remember(self, token: str, entry: _CacheEntry) -> None:
-        if len(self._cache) >= _CACHE_SIZE:
+        if entry.size > self._cache_budget:
+            return
+        full = len(self._cache) >= _CACHE_SIZE
+        if full or self._cache_bytes + entry.size > self._cache_budget:
             now = time.time()
             for stale in [
                 t for t, e in self._cache.items() if e.token.expires_at + self._leeway <= now
             ]:
-                del self._cache[stale]
-            while len(self._cache) >= _CACHE_SIZE:
+                self._forget(stale)
+            while self._cache and (
+                len(self._cache) >= _CACHE_SIZE
+                or self._cache_bytes + entry.size > self._cache_budget
+            ):
                 # dicts keep insertion order, so the first entry is the oldest.
-                del self._cache[next(iter(self._cache))]
+                self._forget(next(iter(self._cache)))
         self._cache[token] = entry
+        self._cache_bytes += entry.size
+
+    def _forget(self, token: str) -> None:
+        entry = self._cache.pop(token, None)
+        if entry is not None:
+            self._cache_bytes -= entry.size
 
     # -- keys ------------------------------------------------------------
 
@@ -414,7 +475,8 @@ class Authenticator:
         self._issuers = issuers
         if removed:
             # A withdrawn key no longer vouches for the tokens it signed.
-            self._cache = {t: e for t, e in self._cache.items() if e.kid not in removed}
+            for token in [t for t, e in self._cache.items() if e.kid in removed]:
+                self._forget(token)
         if not self._loaded.is_set():
             log.info("jwks_loaded", keys=len(keys), kids=sorted(keys))
         self._loaded.set()
@@ -440,3 +502,14 @@ class Authenticator:
                 failures = min(failures + 1, 30)
             await asyncio.sleep(delay)
             await self._refresh()
+
+
+def _canonical_base64url(segment: str) -> bool:
+    """Whether ``segment`` is unpadded base64url that re-encodes to itself."""
+    if not _SEGMENT.fullmatch(segment) or len(segment) % 4 == 1:
+        return False
+    try:
+        raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    except (binascii.Error, ValueError):
+        return False
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode() == segment

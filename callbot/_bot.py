@@ -22,6 +22,7 @@ from ._proxy import proxy_middlewares
 from ._receiver import Receiver
 from ._recording import NotificationRecorder
 from ._sequencing import Delivery, Sequencer
+from ._serving import ConnectionGuard, connection_middleware
 from .graph import Call, CallServices
 from .models import CALL_STATES, canonical_call_state
 from .store import Store, open_store
@@ -68,6 +69,8 @@ class _Runtime:
             openid_config_url=s.openid_config_url,
             allowed_tenants=s.allowed_tenants,
             leeway=s.token_leeway,
+            max_lifetime=s.max_token_lifetime,
+            cache_bytes=s.token_cache_bytes,
             refresh_interval=s.key_refresh_interval,
             refetch_cooldown=s.key_refetch_cooldown,
         )
@@ -90,12 +93,15 @@ class _Runtime:
             ingest=self.ingest,
             max_body_bytes=s.max_body_bytes,
             max_json_depth=s.max_json_depth,
+            max_items=s.max_items_per_request,
+            body_timeout=s.body_timeout,
             observe_ack=self.metrics.ack_seconds.observe,
             while_draining=self.outcomes_while_draining,
         )
         self.recorder = NotificationRecorder(s.record_path) if s.record_path else None
         sources = self.metrics.sources
         sources.notifications.append(lambda: self.receiver.counts)
+        sources.notifications.append(lambda: self.services.operations.counts)
         sources.dropped = lambda: self.store.counts
         sources.handled = lambda: self.dispatcher.counts
         sources.graph = lambda: self.services.graph.stats
@@ -358,16 +364,24 @@ class CallBot:
 
         Mount it in an existing app with ``app.add_subapp(prefix, bot.create_app())``.
         """
-        app = web.Application(client_max_size=self._settings.max_body_bytes)
+        app = web.Application(
+            client_max_size=self._settings.max_body_bytes,
+            handler_args=self._connection_options(),
+        )
         app[BOT_KEY] = self
         # Forwarded headers are read only from trusted proxies, and only for logging.
         app.middlewares.extend(proxy_middlewares(self._settings.trusted_proxies))
+        app.middlewares.append(connection_middleware)
         app.router.add_post(self._settings.callback_path, self._callback)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
         app.cleanup_ctx.append(self._lifespan)
         return app
+
+    def _connection_options(self) -> dict[str, Any]:
+        # aiohttp's keep-alive timeout also applies to a connection that never sends a request.
+        return {"keepalive_timeout": self._settings.idle_timeout}
 
     async def _lifespan(self, app: web.Application) -> AsyncIterator[None]:
         await self.start()
@@ -420,10 +434,24 @@ class CallBot:
         # serve() owns the process, so it may tune the collector for many live calls.
         tune_for_serving()
         runner = web.AppRunner(self.create_app(), handle_signals=False, access_log=None)
+        guard = ConnectionGuard(
+            header_timeout=self._settings.header_timeout,
+            max_connections=self._settings.max_connections,
+        )
+        guard.check_descriptor_limit()
+        previous_handler = loop.get_exception_handler()
+        loop.set_exception_handler(
+            guard.exception_handler(previous_handler or _default_exception_handler)
+        )
+        listener: asyncio.Server | None = None
         try:
             await runner.setup()
-            site = web.TCPSite(runner, host, port)
-            await site.start()
+            self._watch_connections(guard)
+            assert runner.server is not None
+            factory = guard.protocol_factory(
+                runner.server, access_log=None, **self._connection_options()
+            )
+            listener = await loop.create_server(factory, host, port, backlog=1024)
             log.info("listening", host=host, port=port, callback_path=self._settings.callback_path)
             await stop.wait()
             log.info("shutdown_requested")
@@ -432,7 +460,22 @@ class CallBot:
         finally:
             for signum in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(signum)
+            if listener is not None:
+                listener.close()
             await runner.cleanup()
+            loop.set_exception_handler(previous_handler)
+
+    def _watch_connections(self, guard: ConnectionGuard) -> None:
+        sources = self._running().metrics.sources
+        sources.counters["callbot_connections_closed"] = (
+            "Inbound connections closed or requests refused before the app, by reason",
+            "reason",
+            lambda: guard.closed,
+        )
+        sources.gauges["callbot_open_connections"] = (
+            "Inbound connections open now",
+            lambda: float(guard.open_connections),
+        )
 
     async def _callback(self, request: web.Request) -> web.StreamResponse:
         runtime = self._runtime
@@ -466,3 +509,7 @@ class CallBot:
             charset="utf-8",
             headers={"X-Content-Type-Options": "nosniff"},
         )
+
+
+def _default_exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    loop.default_exception_handler(context)

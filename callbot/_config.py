@@ -62,6 +62,28 @@ class Settings:
     """How long a terminated call's state is kept to drop stragglers."""
     max_body_bytes: int = 1024 * 1024
     max_json_depth: int = 64
+    max_items_per_request: int = 200
+    """Notification items one callback may carry; more is refused (413) before parsing them."""
+    header_timeout: float = 10.0
+    """How long a request's headers may take to arrive, from their first byte."""
+    body_timeout: float = 30.0
+    """How long a callback's body may take to arrive once its headers are in."""
+    idle_timeout: float = 75.0
+    """How long a connection may stay open without a request (fresh or kept alive)."""
+    max_connections: int = 1000
+    """Inbound connections open at once; a new one closes the longest-idle one."""
+    token_cache_bytes: int = 16 * 1024 * 1024
+    """Memory the verified-token cache may use (counted as 2 bytes per token character + 1 KiB)."""
+    max_token_lifetime: float = 24 * 3600.0
+    """Longest accepted token lifetime (``exp`` - ``iat``) and time left (``exp`` - now)."""
+    recording_hosts: frozenset[str] = frozenset({"*.skype.com", "*.microsoft.com"})
+    """Hosts recordings are downloaded from (https only; ``*.`` matches subdomains).
+
+    The origin of ``graph_url`` is always allowed too (a simulator or a test Graph)."""
+    recording_ca_file: str | None = None
+    """PEM file of extra CAs trusted for recording downloads (default: the system's)."""
+    max_recording_bytes: int = 64 * 1024 * 1024
+    """Largest recording ``download_recording`` accepts; a longer answer raises."""
     answer_warning_after: float = 10.0
     """Warn when an incoming call is not answered, rejected or redirected by then."""
     graph_retry_time: float = 30.0
@@ -104,6 +126,12 @@ class Settings:
         for name in ("reorder_window", "termination_grace", "token_leeway"):
             if getattr(self, name) < 0:
                 raise ConfigurationError(f"{name} must not be negative")
+        for name in ("header_timeout", "body_timeout", "idle_timeout", "max_token_lifetime"):
+            if getattr(self, name) <= 0:
+                raise ConfigurationError(f"{name} must be positive (CALLBOT_{name.upper()})")
+        for name in ("max_items_per_request", "max_connections", "max_recording_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigurationError(f"{name} must be at least 1 (CALLBOT_{name.upper()})")
         if self.max_concurrent_handlers < 1:
             raise ConfigurationError("max_concurrent_handlers must be at least 1")
         if self.store_lease <= 0:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-__all__ = ["id_key"]
+from urllib.parse import quote
+
+__all__ = ["id_key", "path_segment"]
 
 
 def id_key(identifier: str) -> str:
@@ -12,3 +14,17 @@ def id_key(identifier: str) -> str:
     ``0FE0623FD628...`` in a notification path, so compare without case or dashes.
     """
     return identifier.replace("-", "").lower()
+
+
+def path_segment(identifier: str) -> str:
+    """``identifier`` as exactly one URL path segment, for every Graph path built from an id.
+
+    Everything outside the unreserved characters is percent-encoded (``/`` too), and
+    the empty id, ``.`` and ``..`` raise ``ValueError``: a URL resolver would drop or
+    climb them, so ``participants.remove("..")`` would address the call itself.
+    """
+    if not isinstance(identifier, str):
+        raise ValueError(f"an id must be a string, got {type(identifier).__name__}")
+    if identifier in ("", ".", ".."):
+        raise ValueError(f"{identifier!r} is not a usable id: it would not stay one path segment")
+    return quote(identifier, safe="")

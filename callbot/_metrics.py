@@ -77,6 +77,8 @@ class _Sources(Collector):
         self.graph: Callable[[], RequestStats] | None = None
         self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
         self.histograms: list[tuple[str, str, list[str], dict[tuple[str, ...], Latencies]]] = []
+        self.counters: dict[str, tuple[str, str, Callable[[], Counter[str]]]] = {}
+        """name -> (help, label name, counts by label value)."""
 
     def collect(self) -> Iterator[Metric]:
         notes = CounterMetricFamily(
@@ -123,6 +125,11 @@ class _Sources(Collector):
             for labels, latencies in list(series.items()):
                 latencies.add_to(family, labelnames, labels)
             yield family
+        for name, (doc, label, count) in self.counters.items():
+            counter = CounterMetricFamily(name, doc, labels=[label])
+            for label_value, total in sorted(count().items()):
+                counter.add_metric([label_value], total)
+            yield counter
 
 
 class Metrics:

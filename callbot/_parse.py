@@ -80,11 +80,13 @@ _CHANGE_TYPES = {name.lower(): name for name in ("created", "updated", "deleted"
 _API_VERSIONS = frozenset({"v1.0", "beta"})
 
 
-def parse_body(body: bytes, *, max_depth: int = DEFAULT_MAX_DEPTH) -> list[Event]:
+def parse_body(
+    body: bytes, *, max_depth: int = DEFAULT_MAX_DEPTH, max_items: int | None = None
+) -> list[Event]:
     """Parse the raw body of a callback request into events, one per notification item.
 
     Raises :class:`MalformedNotification` (``not_json``, ``too_deep``,
-    ``bad_shape`` or ``empty``); never raises a pydantic error.
+    ``bad_shape``, ``empty`` or ``too_many_items``); never raises a pydantic error.
     """
     try:
         text = str(body, "utf-8")
@@ -102,6 +104,12 @@ def parse_body(body: bytes, *, max_depth: int = DEFAULT_MAX_DEPTH) -> list[Event
         ) from None
     except ValueError as exc:
         raise MalformedNotification("not_json", f"body is not JSON: {exc}") from None
+    items = payload.get("value") if isinstance(payload, dict) else None
+    if max_items is not None and isinstance(items, list) and len(items) > max_items:
+        # Counted before any event is built: building them is the costly part.
+        raise MalformedNotification(
+            "too_many_items", f"{len(items)} items in one request, at most {max_items}"
+        )
     return _events_from(payload)
 
 

@@ -6,6 +6,7 @@ authenticated, parsed and accepted by the sequencer; handlers run afterwards.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import Counter
@@ -17,6 +18,7 @@ from aiohttp import web
 from . import events
 from ._auth import Authenticator
 from ._errors import AuthenticationError, KeysUnavailable, MalformedNotification, StoreUnavailable
+from ._ids import path_segment
 from ._log import get_logger, is_enabled
 from ._parse import parse_body
 from ._proxy import forwarded_client
@@ -38,6 +40,8 @@ class Receiver:
         ingest: Ingest,
         max_body_bytes: int,
         max_json_depth: int,
+        max_items: int | None = None,
+        body_timeout: float | None = None,
         observe_ack: Callable[[float], None] | None = None,
         while_draining: Callable[[Sequence[events.Event]], None] | None = None,
     ) -> None:
@@ -45,6 +49,8 @@ class Receiver:
         self._ingest = ingest
         self._max_body = max_body_bytes
         self._max_depth = max_json_depth
+        self._max_items = max_items
+        self._body_timeout = body_timeout
         self._observe_ack = observe_ack
         self._while_draining = while_draining
         self.draining = False
@@ -55,8 +61,19 @@ class Receiver:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Answer one callback POST."""
         started = time.perf_counter()
+        authorizations = request.headers.getall("Authorization", [])
+        if len(authorizations) > 1:
+            # Two headers would let a proxy and the bot each read a different one.
+            return self._refuse(
+                401,
+                "auth_failed",
+                "duplicate_header",
+                "more than one Authorization header",
+                self._context(request),
+                headers={"WWW-Authenticate": 'Bearer error="invalid_request"'},
+            )
         try:
-            token = await self._auth.verify(request.headers.get("Authorization"))
+            token = await self._auth.verify(authorizations[0] if authorizations else None)
         except KeysUnavailable as exc:
             return self._refuse(
                 503,
@@ -82,10 +99,23 @@ class Receiver:
                 415,
                 "malformed",
                 "bad_content_type",
-                f"expected application/json, got {request.content_type!r}",
+                "expected Content-Type: application/json",
                 self._context(request, tenant_id),
             )
-        body = await self._read_limited(request)
+        try:
+            async with asyncio.timeout(self._body_timeout):
+                body = await self._read_limited(request)
+        except TimeoutError:
+            # A sender that trickles its body would otherwise hold the connection open.
+            response = self._refuse(
+                408,
+                "malformed",
+                "body_timeout",
+                f"body not received within {self._body_timeout} s",
+                self._context(request, tenant_id),
+            )
+            response.force_close()
+            return response
         if body is None:
             return self._refuse(
                 413,
@@ -95,21 +125,33 @@ class Receiver:
                 self._context(request, tenant_id),
             )
         try:
-            batch = parse_body(body, max_depth=self._max_depth)
+            batch = parse_body(body, max_depth=self._max_depth, max_items=self._max_items)
         except MalformedNotification as exc:
             if exc.reason == "legacy_format":
                 # The calling platform resends a notification answered 204 in Graph's format.
                 self.counts["resend_requested", exc.reason] += 1
                 log.info("callback_resend_requested", reason=exc.reason, **self._context(request))
                 return web.Response(status=204)
+            status = 413 if exc.reason == "too_many_items" else 400
             return self._refuse(
-                400, "malformed", exc.reason, str(exc), self._context(request, tenant_id)
+                status, "malformed", exc.reason, str(exc), self._context(request, tenant_id)
             )
         except Exception as exc:
             # A body the parser cannot cope with is still the sender's problem: 4xx, not 5xx.
             log.exception("parser_failed", error=repr(exc))
             return self._refuse(
                 400, "malformed", "unparseable", repr(exc), self._context(request, tenant_id)
+            )
+        try:
+            batch = _bound_to(batch, tenant_id)
+        except MalformedNotification as exc:
+            mismatch = exc.reason == "tenant_mismatch"
+            return self._refuse(
+                403 if mismatch else 400,
+                "auth_failed" if mismatch else "malformed",
+                exc.reason,
+                str(exc),
+                self._context(request, tenant_id),
             )
         if self.draining:
             if self._while_draining is not None:
@@ -197,3 +239,38 @@ class Receiver:
         return web.json_response(
             {"error": reason, "detail": detail}, status=status, headers=headers
         )
+
+
+def _bound_to(batch: list[events.Event], tenant_id: str) -> list[events.Event]:
+    """The batch as the token vouches for it: its tenant, and call ids that stay one URL segment.
+
+    An item naming another tenant than the token's ``tid`` refuses the request; an
+    item naming none gets the token's.
+    """
+    bound: list[events.Event] = []
+    wanted = tenant_id.lower()
+    for event in batch:
+        try:
+            path_segment(event.call_id)
+        except ValueError:
+            raise MalformedNotification(
+                "bad_call_id", f"call id {event.call_id!r} is not a usable id"
+            ) from None
+        data = event.raw.get("resourceData")
+        named = {
+            t.lower()
+            for t in (
+                event.tenant_id,
+                event.raw.get("tenantId"),
+                data.get("tenantId") if isinstance(data, dict) else None,
+            )
+            if isinstance(t, str) and t
+        }
+        if named - {wanted}:
+            raise MalformedNotification(
+                "tenant_mismatch", "a notification names another tenant than its token"
+            )
+        if event.tenant_id != tenant_id:
+            event = event.model_copy(update={"tenant_id": tenant_id})
+        bound.append(event)
+    return bound

@@ -338,4 +338,5 @@ async def test_unmatched_completions_are_kept_only_briefly_and_bounded() -> None
     expiring.on_event(event_from_item(item, clientContext="first"))
     moved = dict(item, resourceUrl=f"/communications/calls/{CALL_ID}/operations/x")
     expiring.on_event(event_from_item(moved, clientContext="second"))
-    assert sorted(expiring._recent) == [f"ctx:{CALL_ID.replace('-', '')}:second", "id:x"]
+    key = CALL_ID.replace("-", "")
+    assert sorted(expiring._recent) == [f"ctx:{key}:second", f"id:{key}:x"]

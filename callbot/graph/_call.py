@@ -10,16 +10,15 @@ from __future__ import annotations
 import asyncio
 import builtins
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from os import PathLike
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import quote
 
 import structlog
 
 from .. import models
-from .._ids import id_key
+from .._ids import id_key, path_segment
 from ._client import GraphResponse
 from ._operations import Operation
 from ._values import (
@@ -189,7 +188,7 @@ class Call:
     @property
     def path(self) -> str:
         """The call's Graph path, ``/communications/calls/{id}``."""
-        return "/communications/calls/" + quote(self.id, safe="")
+        return "/communications/calls/" + path_segment(self.id)
 
     # -- plumbing -----------------------------------------------------------------
 
@@ -356,7 +355,7 @@ class Call:
 
     async def get_operation(self, operation_id: str) -> models.CommsOperation:
         """Fetch one of the call's operations from Graph."""
-        response = await self._request("GET", "/operations/" + quote(operation_id, safe=""))
+        response = await self._request("GET", "/operations/" + path_segment(operation_id))
         return models.parse_operation(response.body or {})
 
     # -- media --------------------------------------------------------------------
@@ -467,9 +466,15 @@ class Call:
         self,
         recording: Operation[Any] | models.RecordOperation | Mapping[str, Any],
         path: str | PathLike[str] | None = None,
+        *,
+        writer: Callable[[bytes], Awaitable[None]] | None = None,
     ) -> bytes:
-        """Fetch a finished recording with its ``recordingAccessToken``; also save it to ``path``.
+        """Fetch a finished recording with its ``recordingAccessToken``.
 
+        Returns the recording, also saved to ``path`` when given; with ``writer``
+        (an async function taking each chunk) it is streamed there instead and
+        ``b""`` is returned. Only https URLs on ``recording_hosts`` are fetched,
+        at most ``max_recording_bytes``; anything else raises ``ValueError``.
         Recordings are short-lived: download them when the record operation completes.
         """
         result: Any = recording.result if isinstance(recording, Operation) else recording
@@ -481,7 +486,17 @@ class Call:
             token = getattr(result, "recording_access_token", None)
         if not location or not token:
             raise ValueError("no recording: the record operation has no location or access token")
-        data = await self._services.graph.download(location, bearer=token, call_id=self.id)
+        graph = self._services.graph
+        if writer is not None:
+            await graph.download(location, bearer=token, write=writer, call_id=self.id)
+            return b""
+        chunks: list[bytes] = []
+
+        async def keep(chunk: bytes) -> None:
+            chunks.append(chunk)
+
+        await graph.download(location, bearer=token, write=keep, call_id=self.id)
+        data = b"".join(chunks)
         if path is not None:
             # writing a file can block: keep it off the event loop
             await asyncio.to_thread(Path(path).write_bytes, data)
@@ -551,7 +566,7 @@ class Participants:
     def _path(self, participant_id: str | None = None, action: str = "") -> str:
         path = "/participants"
         if participant_id is not None:
-            path += "/" + quote(participant_id, safe="")
+            path += "/" + path_segment(participant_id)
         return path + action
 
     async def get(self, participant_id: str) -> models.Participant:
@@ -661,7 +676,7 @@ class AudioRoutingGroups:
     def _path(self, group_id: str | None = None) -> str:
         path = "/audioRoutingGroups"
         if group_id is not None:
-            path += "/" + quote(group_id, safe="")
+            path += "/" + path_segment(group_id)
         return path
 
     async def create(

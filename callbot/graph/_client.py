@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import ssl
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import structlog
 from multidict import CIMultiDictProxy
+from yarl import URL
 
 from .._config import Settings
-from .._errors import ConfigurationError
+from .._errors import ConfigurationError, GraphError
 from ._credentials import (
     AsyncTokenCredential,
     CertificateCredential,
@@ -19,11 +22,34 @@ from ._credentials import (
     TokenCache,
     graph_scope,
 )
-from ._http import RawResponse, RequestStats, RetryPolicy, error_from, send
+from ._http import USER_AGENT, RawResponse, RequestStats, RetryPolicy, describe, error_from, send
 
-__all__ = ["GraphClient", "GraphResponse"]
+__all__ = ["GraphClient", "GraphResponse", "recording_url_refusal"]
 
 log = structlog.get_logger("callbot.graph")
+
+_MAX_REDIRECTS = 3
+_CHUNK = 64 * 1024
+
+
+def recording_url_refusal(url: str, settings: Settings) -> str | None:
+    """Why a recording may not be fetched from ``url`` (``None``: it may).
+
+    Allowed: https from a host on ``settings.recording_hosts`` (``*.example.com``
+    matches its subdomains), or the origin of ``settings.graph_url`` itself.
+    """
+    parts = urlsplit(url)
+    graph = urlsplit(settings.graph_url)
+    if (parts.scheme, parts.netloc.lower()) == (graph.scheme, graph.netloc.lower()):
+        return None
+    if parts.scheme != "https":
+        return f"scheme {parts.scheme or 'none'!r} is not https"
+    host = (parts.hostname or "").lower().rstrip(".")
+    for allowed in settings.recording_hosts:
+        pattern = allowed.lower()
+        if host == pattern or (pattern.startswith("*.") and host.endswith(pattern[1:])):
+            return None
+    return f"host {host!r} is not in recording_hosts (CALLBOT_RECORDING_HOSTS)"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,6 +98,7 @@ class GraphClient:
             TokenCache(credential, self.scope) if credential is not None else None
         )
         self._session: aiohttp.ClientSession | None = None
+        self._recording_context: ssl.SSLContext | None = None
 
     @property
     def has_credentials(self) -> bool:
@@ -185,29 +212,88 @@ class GraphClient:
         )
         return self._result(raw, method=method, url=url, fields=fields)
 
-    async def download(self, url: str, *, bearer: str, call_id: str | None = None) -> bytes:
-        """GET a file that is not on Graph with its own bearer token (recordings)."""
+    async def download(
+        self,
+        url: str,
+        *,
+        bearer: str,
+        write: Callable[[bytes], Awaitable[None]],
+        call_id: str | None = None,
+    ) -> int:
+        """Stream a recording to ``write`` with its own bearer token; returns its size.
 
-        async def authorization() -> str:
-            return "Bearer " + bearer
-
+        Only URLs :func:`recording_url_refusal` accepts are fetched, redirects
+        included; a refused URL or an answer larger than ``max_recording_bytes``
+        raises ``ValueError``, an HTTP failure :class:`~callbot.GraphError`.
+        """
+        limit = self.settings.max_recording_bytes
         fields = {"call_id": call_id} if call_id is not None else {}
-        raw = await send(
-            self.session,
-            "GET",
-            url,
-            policy=self.retry,
-            authorization=authorization,
-            log_fields=fields,
-            stats=self.stats,
+        timeout = aiohttp.ClientTimeout(
+            total=None, connect=self.retry.request_timeout, sock_read=self.retry.request_timeout
         )
-        self._result(raw, method="GET", url=url, fields=fields)
-        return raw.body
+        headers = {"Authorization": "Bearer " + bearer, "User-Agent": USER_AGENT}
+        current = url
+        for _ in range(_MAX_REDIRECTS + 1):
+            refusal = recording_url_refusal(current, self.settings)
+            if refusal is not None:
+                log.warning("recording_refused", url=current, reason=refusal, **fields)
+                raise ValueError(f"recording not fetched from {current}: {refusal}")
+            try:
+                async with self.session.get(
+                    current,
+                    headers=headers,
+                    allow_redirects=False,
+                    timeout=timeout,
+                    ssl=self._recording_ssl(),
+                ) as response:
+                    if response.status in (301, 302, 303, 307, 308):
+                        location = response.headers.get("Location", "")
+                        current = str(URL(current).join(URL(location)))
+                        continue
+                    if response.status >= 300:
+                        body = await response.content.read(4096)
+                        raw = RawResponse(
+                            status=response.status,
+                            headers=response.headers,
+                            body=body,
+                            client_request_id="",
+                        )
+                        self._result(raw, method="GET", url=current, fields=fields)
+                    declared = response.content_length
+                    if declared is not None and declared > limit:
+                        raise ValueError(
+                            f"recording is {declared} bytes, more than max_recording_bytes "
+                            f"({limit}, CALLBOT_MAX_RECORDING_BYTES)"
+                        )
+                    size = 0
+                    async for chunk in response.content.iter_chunked(_CHUNK):
+                        size += len(chunk)
+                        if size > limit:
+                            raise ValueError(
+                                f"recording is more than max_recording_bytes "
+                                f"({limit}, CALLBOT_MAX_RECORDING_BYTES)"
+                            )
+                        await write(chunk)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                reason = describe(exc)
+                log.warning("recording_download_failed", url=current, error=reason, **fields)
+                raise GraphError(0, "connectionFailed", reason, method="GET", url=current) from None
+            log.info("recording_downloaded", url=current, size=size, **fields)
+            return size
+        raise ValueError(f"recording not fetched from {url}: more than {_MAX_REDIRECTS} redirects")
+
+    def _recording_ssl(self) -> ssl.SSLContext | bool:
+        if self._recording_context is None and self.settings.recording_ca_file:
+            context = ssl.create_default_context()
+            context.load_verify_locations(cafile=self.settings.recording_ca_file)
+            self._recording_context = context
+        return self._recording_context if self._recording_context is not None else True
 
     def _result(
         self, raw: RawResponse, *, method: str, url: str, fields: Mapping[str, Any]
     ) -> GraphResponse:
-        if raw.status >= 400:
+        # Redirects are not followed (they would take the token along), so they fail too.
+        if raw.status >= 300:
             error = error_from(raw, method=method, url=url)
             log.warning(
                 "graph_request_failed",

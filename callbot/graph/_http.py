@@ -132,6 +132,14 @@ def error_from(response: RawResponse, *, method: str, url: str) -> GraphError:
     )
 
 
+def describe(exc: BaseException) -> str:
+    """What went wrong with a request, without its headers (``repr`` would show the token)."""
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return f"{type(exc).__name__}: {exc.status} {exc.message}".strip()
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def _str_or_none(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
@@ -192,6 +200,8 @@ async def send(
                 url,
                 headers=request_headers,
                 timeout=aiohttp.ClientTimeout(total=policy.request_timeout),
+                # A redirect would carry the bearer token to wherever Location points.
+                allow_redirects=False,
                 **kwargs,
             ) as resp:
                 body = await resp.read()
@@ -204,7 +214,7 @@ async def send(
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
             stats.outcomes[method, "connection_error"] += 1
             delay = policy.backoff(attempt)
-            reason = str(exc) or type(exc).__name__
+            reason = describe(exc)
             # A POST that may have reached Graph must not be sent twice (a second call placed).
             safe = method in _IDEMPOTENT if repeatable is None else repeatable
             unsafe = not safe and not isinstance(exc, aiohttp.ClientConnectorError)
@@ -218,6 +228,7 @@ async def send(
                     error=reason,
                     **fields,
                 )
+                # Not chained: aiohttp's exceptions hold the request headers (the token).
                 raise GraphError(
                     0,
                     "connectionFailed",
@@ -225,7 +236,7 @@ async def send(
                     method=method,
                     url=url,
                     client_request_id=client_request_id,
-                ) from exc
+                ) from None
             log.warning(
                 "graph_request_retry",
                 method=method,
@@ -239,6 +250,26 @@ async def send(
             stats.retries += 1
             await asyncio.sleep(delay)
             continue
+        except aiohttp.ClientError as exc:
+            stats.outcomes[method, "client_error"] += 1
+            reason = describe(exc)
+            log.warning(
+                "graph_request_gave_up",
+                method=method,
+                url=url,
+                attempt=attempt,
+                client_request_id=client_request_id,
+                error=reason,
+                **fields,
+            )
+            raise GraphError(
+                0,
+                "requestFailed",
+                reason,
+                method=method,
+                url=url,
+                client_request_id=client_request_id,
+            ) from None
         stats.outcomes[method, str(response.status)] += 1
         if response.status == 401 and on_unauthorized is not None and not reauthenticated:
             # a cached token can be revoked before its expiry: fetch a new one once

@@ -3,15 +3,17 @@
 An action such as ``playPrompt`` answers with an operation (``running``); Graph
 later posts its outcome to the callback. The registry pairs each outcome with
 the :class:`Operation` that started it, by operation id (compared with
-:func:`callbot._ids.id_key`) or else by ``clientContext``. An outcome that
-arrives before the action's own response is kept briefly so it is not lost.
+:func:`callbot._ids.id_key`) or else by ``clientContext``, and only within the
+call the notification names: an outcome posted under another call is ignored.
+An outcome that arrives before the action's own response is kept briefly so it
+is not lost.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Generator, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -178,6 +180,8 @@ class OperationRegistry:
         self._recent: OrderedDict[str, _Outcome] = OrderedDict()
         self._recent_limit = recent_limit
         self._recent_ttl = recent_ttl
+        self.counts: Counter[tuple[str, str]] = Counter()
+        """(outcome, reason) -> count of operation notifications ignored, for metrics."""
 
     @property
     def pending(self) -> int:
@@ -231,7 +235,7 @@ class OperationRegistry:
             return
         op._update(operation, status)
         if op_id is not None:
-            early = self._recent.pop(_id_key(op_id), None)
+            early = self._recent.pop(_id_key(op.call_key, op_id), None)
             if early is not None:
                 self._settle(op, early)
 
@@ -276,7 +280,18 @@ class OperationRegistry:
         if event.operation_id:
             op = self._by_id.get(id_key(event.operation_id))
             if op is not None:
-                return op
+                if op.call_key == event.call_key:
+                    return op
+                # Operation ids are only unique per call: another call's outcome is not ours.
+                self.counts["dropped", "operation_of_other_call"] += 1
+                log.warning(
+                    "graph_operation_other_call",
+                    call_id=event.call_id,
+                    operation_id=event.operation_id,
+                    operation_call_id=op.call_id,
+                    reason="the operation belongs to another call; outcome ignored",
+                )
+                return None
         context = event.client_context or event.operation.client_context
         if context:
             return self._by_context.get((event.call_key, context))
@@ -310,14 +325,14 @@ class OperationRegistry:
             self._recent.popitem(last=False)
         outcome = _Outcome(event.operation, status, event.result_info, now)
         if event.operation_id:
-            self._recent[_id_key(event.operation_id)] = outcome
+            self._recent[_id_key(event.call_key, event.operation_id)] = outcome
         context = event.client_context or event.operation.client_context
         if context:
             self._recent[_context_key(event.call_key, context)] = outcome
 
 
-def _id_key(operation_id: str) -> str:
-    return "id:" + id_key(operation_id)
+def _id_key(call_key: str, operation_id: str) -> str:
+    return f"id:{call_key}:{id_key(operation_id)}"
 
 
 def _context_key(call_key: str, client_context: str) -> str:

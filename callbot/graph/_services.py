@@ -10,7 +10,6 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
 
 import structlog
 from pydantic import BaseModel
@@ -378,6 +377,6 @@ class CallServices:
         body.update(extra)
         await self.graph.request(
             "POST",
-            "/communications/calls/" + quote("logTeleconferenceDeviceQuality", safe=""),
+            "/communications/calls/logTeleconferenceDeviceQuality",
             json={"quality": body},
         )

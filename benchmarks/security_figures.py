@@ -1,0 +1,103 @@
+"""The memory and loop-time figures of SECURITY.md's attack table.
+
+``python -m benchmarks.security_figures [TOKENS]`` serves a bot on 127.0.0.1 and
+reports: the memory kept after TOKENS distinct valid tokens (7 KB each) were
+each used once; what a 10,000-item body costs; how long the largest accepted
+body (1 MiB of roster items) takes to parse in one loop turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import sys
+import time
+import tracemalloc
+
+import aiohttp
+from aiohttp.test_utils import TestServer
+
+from callbot import CallBot
+from callbot._parse import parse_body
+from callbot.testing import TEST_TENANT_ID, TokenAuthority
+from callbot.testing import builders as b
+
+APP_ID = "6c4a7c4e-2b1a-4d7e-9a53-7a1bfb4c0d11"
+
+
+async def token_memory(url: str, authority: TokenAuthority, count: int) -> str:
+    tokens = [
+        authority.mint(audience=APP_ID, extra_claims={"pad": "x" * 5000, "n": i})
+        for i in range(count)
+    ]
+    body = json.dumps(b.notifications(b.call_state("cache-call", "establishing"))).encode()
+    async with aiohttp.ClientSession() as session:
+        gc.collect()
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        for token in tokens:
+            headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+            async with session.post(url, data=body, headers=headers) as response:
+                assert response.status == 202, response.status
+        size = len(tokens[0])
+        del tokens, token, headers
+        gc.collect()
+        kept = tracemalloc.get_traced_memory()[0] - before
+        tracemalloc.stop()
+    return f"{count} distinct tokens of {size} characters: {kept / 2**20:.1f} MiB kept"
+
+
+async def many_items(url: str, authority: TokenAuthority) -> str:
+    items = [
+        {"changeType": "updated", "resourceUrl": f"/communications/calls/many-{i}"}
+        for i in range(10_000)
+    ]
+    body = json.dumps({"value": items}).encode()
+    headers = {
+        "Authorization": f"Bearer {authority.mint(audience=APP_ID)}",
+        "Content-Type": "application/json",
+    }
+    async with aiohttp.ClientSession() as session:
+        started = time.perf_counter()
+        async with session.post(url, data=body, headers=headers) as response:
+            status = response.status
+        took = time.perf_counter() - started
+    return f"10,000 items ({len(body)} bytes): {status} in {took * 1000:.0f} ms"
+
+
+def largest_body() -> str:
+    roster = b.roster("call-1", [b.participant(f"p{i}", display_name="x" * 40) for i in range(20)])
+    count = min(200, (1024 * 1024 - 100) // len(json.dumps(roster)))
+    body = json.dumps(b.notifications(*[roster] * count)).encode()
+    started = time.perf_counter()
+    parse_body(body)
+    took = time.perf_counter() - started
+    return f"{count} roster items ({len(body)} bytes): parsed in {took * 1000:.0f} ms"
+
+
+async def main(count: int) -> None:
+    authority = TokenAuthority()
+    await authority.start()
+    bot = CallBot(
+        app_id=APP_ID,
+        tenant_id=TEST_TENANT_ID,
+        openid_config_url=authority.openid_config_url,
+        public_url="https://bot.example.test",
+        keep_alive=False,
+        log_level="error",
+    )
+    server = TestServer(bot.create_app(), host="127.0.0.1")
+    await server.start_server()
+    url = str(server.make_url("/api/calls"))
+    try:
+        print(await token_memory(url, authority, count))
+        print(await many_items(url, authority))
+        print(largest_body())
+    finally:
+        await server.close()
+        await authority.close()
+
+
+if __name__ == "__main__":
+    asyncio.run(main(int(sys.argv[1]) if len(sys.argv) > 1 else 3000))

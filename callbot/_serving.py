@@ -1,0 +1,255 @@
+"""Inbound connections: deadlines, a bound on how many are open, quiet refusals.
+
+aiohttp waits for request headers forever and writes a traceback (with the
+offending header, tokens included) for every malformed request. The bot's own
+listener (``CallBot.serve``) uses :class:`ConnectionGuard` instead:
+
+* request headers must arrive within ``header_timeout`` of their first byte;
+* an idle connection (fresh, or between requests) closes after ``idle_timeout``
+  (aiohttp's keep-alive timeout, set by ``CallBot.create_app``);
+* at most ``max_connections`` are open: a new one closes the longest-idle
+  connection, or is itself closed when every open one is busy with a request;
+* malformed requests get a bare ``400 Bad Request`` and accept errors (no file
+  descriptors left) one log line each, at most once per ``log_interval`` per
+  kind, counted in ``callbot_connections_closed_total``.
+
+The body deadline is the receiver's (``body_timeout``), since only it reads bodies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from http import HTTPStatus
+from typing import Any
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+from ._log import get_logger
+
+__all__ = ["ConnectionGuard", "connection_middleware"]
+
+log = get_logger("callbot.server")
+
+_ACCEPT_FAILED = "socket.accept() out of system resource"
+
+
+class _RateLimitedLog:
+    """One warning per event name per interval; the next one says how many were skipped."""
+
+    def __init__(self, interval: float) -> None:
+        self._interval = interval
+        self._last: dict[str, float] = {}
+        self._skipped: Counter[str] = Counter()
+
+    def warning(self, event: str, **fields: Any) -> None:
+        now = time.monotonic()
+        if now - self._last.get(event, float("-inf")) < self._interval:
+            self._skipped[event] += 1
+            return
+        self._last[event] = now
+        skipped = self._skipped.pop(event, 0)
+        log.warning(event, **fields, **({"suppressed": skipped} if skipped else {}))
+
+
+class ConnectionGuard:
+    """Keeps the bot's inbound connections bounded in number and in time."""
+
+    def __init__(
+        self,
+        *,
+        header_timeout: float,
+        max_connections: int,
+        log_interval: float = 1.0,
+    ) -> None:
+        self.header_timeout = header_timeout
+        self.max_connections = max_connections
+        self.closed: Counter[str] = Counter()
+        """reason -> connections closed or requests refused by the guard (for metrics)."""
+        # Insertion order is the order of last activity: the first idle one is the oldest.
+        self._open: dict[_Connection, None] = {}
+        self._log = _RateLimitedLog(log_interval)
+
+    def check_descriptor_limit(self) -> None:
+        """Warn when the connection bound cannot be reached before descriptors run out."""
+        try:
+            import resource
+        except ImportError:  # not on POSIX: nothing to compare with
+            return
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        # Keys, Graph, the store and the log need descriptors of their own.
+        if soft != resource.RLIM_INFINITY and self.max_connections > soft - 64:
+            log.warning(
+                "max_connections_above_descriptor_limit",
+                max_connections=self.max_connections,
+                descriptor_limit=soft,
+                hint="raise `ulimit -n` or lower CALLBOT_MAX_CONNECTIONS",
+            )
+
+    @property
+    def open_connections(self) -> int:
+        """How many inbound connections are open now."""
+        return len(self._open)
+
+    def protocol_factory(
+        self, server: web.Server, **handler_options: Any
+    ) -> Callable[[], RequestHandler]:
+        """What ``loop.create_server`` needs: one guarded aiohttp handler per connection."""
+        loop = asyncio.get_running_loop()
+
+        def make() -> RequestHandler:
+            return _Connection(server, guard=self, loop=loop, **handler_options)
+
+        return make
+
+    def exception_handler(
+        self, fallback: Callable[[asyncio.AbstractEventLoop, dict[str, Any]], object]
+    ) -> Callable[[asyncio.AbstractEventLoop, dict[str, Any]], None]:
+        """A loop exception handler that turns accept failures into one counted line."""
+
+        def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+            if context.get("message") == _ACCEPT_FAILED:
+                exc = context.get("exception")
+                self.closed["accept_failed"] += 1
+                self._log.warning(
+                    "connection_accept_failed",
+                    error=type(exc).__name__ if exc is not None else None,
+                    errno=getattr(exc, "errno", None),
+                    open_connections=len(self._open),
+                    reason="no file descriptors left; asyncio retries in one second",
+                )
+                return
+            fallback(loop, context)
+
+        return handle
+
+    # -- driven by the connections -------------------------------------------------
+
+    def _admit(self, conn: _Connection) -> bool:
+        if len(self._open) >= self.max_connections:
+            oldest_idle = next((c for c in self._open if not c.busy), None)
+            if oldest_idle is None:
+                self._count("refused", "every open connection is busy")
+                return False
+            self._count("evicted", "the connection bound was reached; oldest idle one closed")
+            self._drop(oldest_idle)
+        self._open[conn] = None
+        return True
+
+    def _touch(self, conn: _Connection) -> None:
+        if conn in self._open:
+            del self._open[conn]
+            self._open[conn] = None
+
+    def _drop(self, conn: _Connection) -> None:
+        self._open.pop(conn, None)
+        conn.force_close()
+
+    def _release(self, conn: _Connection) -> None:
+        self._open.pop(conn, None)
+
+    def _count(self, reason: str, why: str, **fields: Any) -> None:
+        self.closed[reason] += 1
+        self._log.warning(
+            "connection_closed",
+            reason=reason,
+            why=why,
+            open_connections=len(self._open),
+            **fields,
+        )
+
+
+class _Connection(RequestHandler):
+    """aiohttp's handler for one connection, with the guard's deadlines and quiet errors."""
+
+    def __init__(self, manager: web.Server, *, guard: ConnectionGuard, **options: Any) -> None:
+        super().__init__(manager, **options)
+        self._guard = guard
+        self.busy = False
+        self._awaiting_headers = False
+        self._header_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if not self._guard._admit(self):
+            self.force_close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._guard._release(self)
+        self._cancel_deadline()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if not self.busy and not self._awaiting_headers:
+            # The first byte of a request starts its header deadline.
+            self._awaiting_headers = True
+            self._header_deadline = asyncio.get_running_loop().call_later(
+                self._guard.header_timeout, self._headers_late
+            )
+        super().data_received(data)
+
+    def request_started(self) -> None:
+        self.busy = True
+        self._awaiting_headers = False
+        self._cancel_deadline()
+
+    def request_finished(self) -> None:
+        self.busy = False
+        self._guard._touch(self)
+
+    def _headers_late(self) -> None:
+        self._header_deadline = None
+        self._guard._count(
+            "header_timeout", f"request headers not complete within {self._guard.header_timeout} s"
+        )
+        self._guard._drop(self)
+
+    def _cancel_deadline(self) -> None:
+        if self._header_deadline is not None:
+            self._header_deadline.cancel()
+            self._header_deadline = None
+
+    def handle_error(
+        self,
+        request: Any,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status >= 500:
+            # A bug in the bot, not the sender's fault: keep aiohttp's traceback.
+            return super().handle_error(request, status, exc, message)
+        # The parser's message quotes the offending line (a token, say): never repeat it.
+        try:
+            phrase = HTTPStatus(status).phrase
+        except ValueError:
+            phrase = ""
+        self._guard._count(
+            "bad_request",
+            "the request could not be parsed as HTTP",
+            status=status,
+            error=type(exc).__name__ if exc is not None else None,
+            client=request.remote,
+        )
+        response = web.Response(status=status, text=f"{status} {phrase}".strip() + "\n")
+        response.force_close()
+        return response
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def connection_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Tell a guarded connection when its request's headers are in and when it is answered."""
+    protocol = request.protocol
+    if not isinstance(protocol, _Connection):
+        return await handler(request)
+    protocol.request_started()
+    try:
+        return await handler(request)
+    finally:
+        protocol.request_finished()

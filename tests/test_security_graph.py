@@ -1,0 +1,417 @@
+"""Attacks through notifications on a bot served on 127.0.0.1 that acts on a fake Graph.
+
+What a notification names (an operation id, a participant id, a recording URL)
+must not make the bot act on another call, another resource, another host; and
+no fault on the way out may put a secret into a log line, the recording file,
+the metrics or an error body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+import json
+import logging
+import ssl
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from structlog.testing import capture_logs
+
+from callbot import Call, CallBot, GraphError, events, models
+from callbot.testing import FakeGraph, TokenAuthority
+from callbot.testing import builders as b
+from callbot.testing._fake_graph import FakeResponse
+
+from .conftest import BotServer, until
+
+CALL = "4a1f0000-1111-2222-3333-444455556666"
+OTHER_CALL = "5b2e0000-1111-2222-3333-444455556666"
+
+
+def graph_bot(graph: FakeGraph, authority: TokenAuthority, **options: Any) -> CallBot:
+    return CallBot(graph.settings(openid_config_url=authority.openid_config_url, **options))
+
+
+async def start_call(server: BotServer, graph: FakeGraph, call_id: str) -> None:
+    graph.add_call(call_id)
+    assert (await server.post(b.notifications(b.incoming_call(call_id)))).status == 202
+    assert (await server.post(b.notifications(b.call_state(call_id, "established")))).status == 202
+
+
+async def notification_count(server: BotServer, outcome: str, reason: str) -> float:
+    text = await (await server.client.get("/metrics")).text()
+    wanted = f'callbot_notifications_total{{outcome="{outcome}",reason="{reason}"}} '
+    return next(
+        (float(line[len(wanted) :]) for line in text.splitlines() if line.startswith(wanted)), 0.0
+    )
+
+
+# -- 2. an operation outcome belongs to the call in its resourceUrl -------------------------
+
+
+async def test_an_outcome_posted_under_another_call_is_ignored_and_counted(
+    graph: FakeGraph, authority: TokenAuthority, serve: Any
+) -> None:
+    bot = graph_bot(graph, authority)
+    outcomes: list[str] = []
+
+    @bot.on_state("established")
+    async def prompt(call: Call, event: events.CallStateChanged) -> None:
+        if call.id == CALL:
+            op = await call.play_prompt("https://cdn.example.test/welcome.wav")
+            outcomes.append((await op.wait(timeout=20)).status or "")
+
+    server: BotServer = await serve(bot)
+    await start_call(server, graph, OTHER_CALL)
+    await start_call(server, graph, CALL)
+    request = await graph.wait_for_request("playPrompt")
+    body = graph.answer_to(request).body
+    assert isinstance(body, dict)
+    operation_id = str(body["id"])
+
+    # The attacker's copy: call CALL's operation id, under OTHER_CALL's path.
+    forged = b.notifications(b.operation_update(OTHER_CALL, operation_id, status="failed"))
+    assert (await server.post(forged)).status == 202
+    await until(lambda: bot.services.operations.counts["dropped", "operation_of_other_call"] == 1)
+    assert await notification_count(server, "dropped", "operation_of_other_call") == 1
+    assert outcomes == []
+
+    # The real outcome, under its own call, still settles the operation.
+    assert (await server.post(graph.operation_notification(operation_id))).status == 202
+    await until(lambda: outcomes == ["completed"])
+
+
+# -- 6. ids stay one URL path segment -------------------------------------------------------
+
+
+async def test_dot_ids_never_climb_out_of_their_path(
+    graph: FakeGraph, authority: TokenAuthority, serve: Any
+) -> None:
+    bot = graph_bot(graph, authority)
+    refused: list[str] = []
+
+    @bot.on_state("established")
+    async def climb(call: Call, event: events.CallStateChanged) -> None:
+        attempts = [
+            call.participants.remove(".."),
+            call.participants.get("."),
+            call.participants.mute(".."),
+            call.audio_routing_groups.get(".."),
+            call.audio_routing_groups.delete("."),
+            call.get_operation(".."),
+        ]
+        for attempt in attempts:
+            try:
+                await attempt
+            except ValueError as exc:
+                refused.append(str(exc))
+
+    server: BotServer = await serve(bot)
+    await start_call(server, graph, CALL)
+    await until(lambda: len(refused) == 6)
+    # Nothing reached Graph: above all not DELETE /communications/calls/{id}/ (a hang-up).
+    assert [r.action for r in graph.requests if r.action != "token"] == []
+
+    # A notification whose call id is '..' is refused before any handler could act on it.
+    for call_id in ("..", "."):
+        body = b.notifications(b.incoming_call(call_id))
+        response = await server.post(body)
+        assert response.status == 400
+        assert (await response.json())["error"] == "bad_call_id"
+
+
+# -- 3. recordings come only from allowed https hosts, bounded in size ----------------------
+
+
+def _certificate(
+    subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Certificate | None, signer: Any
+) -> x509.Certificate:
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+        .issuer_name(
+            issuer.subject
+            if issuer
+            else x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+        )
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+    )
+    if issuer is None:
+        builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=0), True)
+    else:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            False,
+        )
+    return builder.sign(signer, hashes.SHA256())
+
+
+class RecordingHosts:
+    """An https server on 127.0.0.1 (own CA) and a plain internal one that must stay unreached."""
+
+    def __init__(self, directory: Path) -> None:
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        ca = _certificate("callbot test CA", ca_key, None, ca_key)
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = _certificate("127.0.0.1", key, ca, ca_key)
+        self.ca_file = directory / "ca.pem"
+        self.ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+        cert_file, key_file = directory / "cert.pem", directory / "key.pem"
+        cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        key_file.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        self._tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self._tls.load_cert_chain(cert_file, key_file)
+        self.token = "recording-access-token-7f3c"
+        self.data = b"RIFF....WAVEfmt recording"
+        self.internal_hits = 0
+        self.endless_sent = 0
+        self.endless_done = asyncio.Event()
+        self._runners: list[web.AppRunner] = []
+        self.https = ""
+        self.internal = ""
+
+    async def start(self) -> None:
+        public = web.Application()
+        public.router.add_get("/ok", self._ok)
+        public.router.add_get("/loop", self._loop)
+        public.router.add_get("/to-internal", self._to_internal)
+        public.router.add_get("/endless", self._endless)
+        internal = web.Application()
+        internal.router.add_route("*", "/{tail:.*}", self._internal)
+        self.https = await self._serve(public, self._tls)
+        self.internal = await self._serve(internal, None)
+
+    async def _serve(self, app: web.Application, tls: ssl.SSLContext | None) -> str:
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=tls)
+        await site.start()
+        self._runners.append(runner)
+        return f"{'https' if tls else 'http'}://127.0.0.1:{site.port}"
+
+    async def close(self) -> None:
+        for runner in self._runners:
+            await runner.cleanup()
+
+    async def _ok(self, request: web.Request) -> web.Response:
+        if request.headers.get("Authorization") != f"Bearer {self.token}":
+            return web.Response(status=401)
+        return web.Response(body=self.data, content_type="audio/wav")
+
+    async def _loop(self, request: web.Request) -> web.Response:
+        raise web.HTTPFound(f"{self.https}/loop")
+
+    async def _to_internal(self, request: web.Request) -> web.Response:
+        raise web.HTTPFound(f"{self.internal}/admin")
+
+    async def _endless(self, request: web.Request) -> web.StreamResponse:
+        # A 1 GiB answer without Content-Length, sent until the client hangs up.
+        response = web.StreamResponse()
+        await response.prepare(request)
+        chunk = b"\0" * 65536
+        try:
+            # Over TLS a write after the peer left neither fails nor yields: watch the
+            # connection, and let the loop (which the bot shares) see the peer leave.
+            while self.endless_sent < 1024**3 and request.protocol.transport is not None:
+                await response.write(chunk)
+                await asyncio.sleep(0)
+                self.endless_sent += len(chunk)
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            self.endless_done.set()
+        return response
+
+    async def _internal(self, request: web.Request) -> web.Response:
+        self.internal_hits += 1
+        return web.Response(text="internal secrets")
+
+
+@pytest.fixture
+async def hosts(tmp_path: Path) -> AsyncIterator[RecordingHosts]:
+    servers = RecordingHosts(tmp_path)
+    await servers.start()
+    try:
+        yield servers
+    finally:
+        await servers.close()
+
+
+async def test_recordings_come_only_from_allowed_https_hosts_within_a_size_cap(
+    graph: FakeGraph, authority: TokenAuthority, serve: Any, hosts: RecordingHosts
+) -> None:
+    bot = graph_bot(
+        graph,
+        authority,
+        recording_hosts=frozenset({"127.0.0.1"}),
+        recording_ca_file=str(hosts.ca_file),
+        max_recording_bytes=1024 * 1024,
+    )
+    results: dict[str, Any] = {}
+
+    @bot.on_operation
+    async def download(call: Call, event: events.OperationUpdated) -> None:
+        assert isinstance(event.operation, models.RecordOperation)
+        try:
+            results[event.operation.id or ""] = await call.download_recording(event.operation)
+        except (ValueError, GraphError) as exc:
+            results[event.operation.id or ""] = exc
+
+    server: BotServer = await serve(bot)
+    await start_call(server, graph, CALL)
+    locations = {
+        "ok": f"{hosts.https}/ok",
+        "plain-http": f"{hosts.internal}/admin",
+        "loopback-http": f"http://localhost:{hosts.internal.rsplit(':', 1)[1]}/admin",
+        "other-host": "https://internal.example.test/recording",
+        "redirect-off-list": f"{hosts.https}/to-internal",
+        "redirect-loop": f"{hosts.https}/loop",
+        "endless": f"{hosts.https}/endless",
+    }
+    for name, location in locations.items():
+        update = b.operation_update(
+            CALL,
+            name,
+            operation_type="recordOperation",
+            recording_location=location,
+            recording_access_token=hosts.token,
+        )
+        assert (await server.post(b.notifications(update))).status == 202
+    await until(lambda: len(results) == len(locations), within=30)
+
+    assert results["ok"] == hosts.data
+    for name in ("plain-http", "loopback-http", "redirect-off-list"):
+        assert isinstance(results[name], ValueError), (name, results[name])
+        assert "not https" in str(results[name])
+    assert "not in recording_hosts" in str(results["other-host"])
+    assert "redirects" in str(results["redirect-loop"])
+    assert "max_recording_bytes" in str(results["endless"])
+    # The internal service was never reached, and the endless answer was cut short.
+    assert hosts.internal_hits == 0
+    async with asyncio.timeout(10):
+        await hosts.endless_done.wait()
+    assert hosts.endless_sent < 64 * 1024 * 1024
+
+
+# -- 5. no secret leaves through logs, recordings, metrics or error bodies ------------------
+
+
+async def test_no_secret_reaches_logs_recording_metrics_or_error_bodies(
+    graph: FakeGraph,
+    authority: TokenAuthority,
+    serve: Any,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    record_path = tmp_path / "notifications.jsonl"
+    bot = graph_bot(
+        graph,
+        authority,
+        record_path=str(record_path),
+        graph_retry_time=0.5,
+        graph_request_timeout=0.5,
+    )
+    location, recording_token = graph.add_recording(b"RIFF")
+    steps: list[str] = []
+
+    @bot.on_state("established")
+    async def act(call: Call, event: events.CallStateChanged) -> None:
+        # Each fault path in turn; the handler lets every error reach the dispatcher's log.
+        step = len(steps)
+        steps.append("started")
+        if step == 0:
+            await call.play_prompt("https://cdn.example.test/redirected.wav")
+        elif step == 1:
+            await call.play_prompt("https://cdn.example.test/failing.wav")
+        elif step == 2:
+            missing = location + "-missing"
+            await call.download_recording(
+                {"recordingLocation": missing, "recordingAccessToken": recording_token}
+            )
+        elif step == 3:
+            await call.download_recording(
+                {
+                    "recordingLocation": "http://169.254.169.254/latest",
+                    "recordingAccessToken": recording_token,
+                }
+            )
+        else:
+            # 4: Graph never answers; 5: the token is revoked and the token endpoint fails.
+            await call.play_prompt("https://cdn.example.test/unanswered.wav")
+
+    def redirect_loop(request: Any) -> FakeResponse:
+        return FakeResponse(status=307, headers={"Location": graph.graph_url + request.path})
+
+    server: BotServer = await serve(bot)
+    inbound = server.token()
+    bodies: list[str] = []
+    caplog.set_level(logging.DEBUG)
+    with capture_logs() as logs:
+        graph.route("playPrompt", redirect_loop)
+        await start_call(server, graph, "secret-call-0")
+        await until(lambda: len(steps) == 1)
+        await until(lambda: any(e.get("event") == "handler_failed" for e in logs), within=10)
+        graph.route("playPrompt", lambda _: FakeResponse(status=500, body={"error": {}}))
+
+        def failed() -> int:
+            return sum(e.get("event") == "handler_failed" for e in logs)
+
+        for n in (1, 2, 3, 4, 5):
+            if n == 4:
+                graph.hang_next("playPrompt")
+            if n == 5:
+                graph.revoke_tokens()
+                graph.fail_next("token", 500)
+            await start_call(server, graph, f"secret-call-{n}")
+            await until(lambda: failed() == n + 1, within=10)  # noqa: B023 - awaited at once
+        # Inbound faults: a bad scheme, a broken token, two tokens in one header.
+        for value in (f"Basic {inbound}", f"Bearer {inbound}x", f"Bearer {inbound} {inbound}"):
+            response = await server.post(
+                b.notifications(b.incoming_call("x")), headers={"Authorization": value}
+            )
+            assert response.status == 401
+            bodies.append(await response.text())
+        metrics = await (await server.client.get("/metrics")).text()
+
+    secrets = {
+        "inbound token": inbound,
+        "app secret": "fake-graph-secret",
+        "recording access token": recording_token,
+        **{f"bearer {i} Graph saw": r.bearer for i, r in enumerate(graph.requests) if r.bearer},
+    }
+    assert len(set(secrets.values())) >= 4
+    places = {
+        "structured log": "\n".join(json.dumps(e, default=repr) for e in logs),
+        "stdlib log": caplog.text,
+        "recording": record_path.read_text(encoding="utf-8"),
+        "metrics": metrics,
+        "error bodies": "\n".join(bodies),
+    }
+    for place, text in places.items():
+        for name, secret in secrets.items():
+            assert secret not in text, f"{name} found in {place}"
+    # The fault paths were really taken.
+    failures = [e for e in logs if e.get("event") == "handler_failed"]
+    assert len(failures) == 6
+    assert "307" in failures[0]["error"]
+    assert "connectionFailed" in failures[4]["error"]
+    assert "token" in failures[5]["error"].lower()

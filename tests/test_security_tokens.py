@@ -1,0 +1,203 @@
+"""Attacks with tokens on a bot served on 127.0.0.1: what a token proves, and how much it costs.
+
+Each test posts to the running bot over a real socket and would pass a request
+the old receiver let through (tenant not bound, tokens of any lifetime, a second
+algorithm per key, a second Authorization header, padded base64url) or would
+keep memory the old cache never gave back.
+"""
+
+from __future__ import annotations
+
+import gc
+import io
+import json
+import time
+import tracemalloc
+from typing import Any
+
+import aiohttp
+from aiohttp import ClientResponse
+from multidict import CIMultiDict
+
+from callbot import Call, CallBot, events
+from callbot.testing import TEST_TENANT_ID, TokenAuthority
+from callbot.testing import builders as b
+
+from .conftest import BotServer, make_bot, until
+
+OTHER_TENANT = "0b1f4c5e-7a2d-4e3b-9c8d-112233445566"
+
+
+def seeing_bot(authority: TokenAuthority, **options: Any) -> tuple[CallBot, list[events.Event]]:
+    bot = make_bot(authority, **options)
+    seen: list[events.Event] = []
+
+    @bot.on(events.Event)
+    async def record(call: Call, event: events.Event) -> None:
+        seen.append(event)
+
+    return bot, seen
+
+
+async def refusal(response: ClientResponse) -> tuple[int, str]:
+    body = await response.json()
+    return response.status, str(body["error"])
+
+
+async def metric(server: BotServer, outcome: str, reason: str) -> float:
+    response = await server.client.get("/metrics")
+    text = await response.text()
+    wanted = f'callbot_notifications_total{{outcome="{outcome}",reason="{reason}"}} '
+    for line in text.splitlines():
+        if line.startswith(wanted):
+            return float(line[len(wanted) :])
+    return 0.0
+
+
+# -- 4. the tenant a handler sees is the token's --------------------------------------------
+
+
+async def test_an_item_of_another_tenant_is_refused_and_counted(
+    authority: TokenAuthority, serve: Any
+) -> None:
+    bot, seen = seeing_bot(authority)
+    server: BotServer = await serve(bot)
+    body = b.notifications(b.incoming_call("tenant-call", tenant_id=OTHER_TENANT))
+    response = await server.post(body, token=server.token(tenant_id=TEST_TENANT_ID))
+    assert await refusal(response) == (403, "tenant_mismatch")
+    assert await metric(server, "auth_failed", "tenant_mismatch") == 1
+    # The same body with a token of its own tenant goes through, and handlers see that tenant.
+    response = await server.post(body, token=server.token(tenant_id=OTHER_TENANT))
+    assert response.status == 202
+    await until(lambda: len(seen) == 1)
+    assert seen[0].tenant_id == OTHER_TENANT
+
+
+async def test_an_item_naming_no_tenant_gets_the_tokens(
+    authority: TokenAuthority, serve: Any
+) -> None:
+    bot, seen = seeing_bot(authority)
+    server: BotServer = await serve(bot)
+    body = b.notifications(b.call_state("no-tenant", "establishing"))
+    for item in body["value"]:
+        item.pop("tenantId", None)
+        item["resourceData"].pop("tenantId", None)
+    response = await server.post(body, token=server.token(tenant_id=OTHER_TENANT))
+    assert response.status == 202
+    await until(lambda: len(seen) == 1)
+    assert seen[0].tenant_id == OTHER_TENANT
+
+
+# -- 8. token hygiene -----------------------------------------------------------------------
+
+
+async def test_a_key_published_for_rs256_does_not_verify_rs384(
+    authority: TokenAuthority, serve: Any
+) -> None:
+    bot, _ = seeing_bot(authority)
+    server: BotServer = await serve(bot)
+    body = b.notifications(b.incoming_call("alg-call"))
+    response = await server.post(body, token=server.token(algorithm="RS384"))
+    assert await refusal(response) == (401, "bad_algorithm")
+    assert (await server.post(body, token=server.token(algorithm="RS256"))).status == 202
+
+
+async def test_tokens_living_too_long_are_refused(authority: TokenAuthority, serve: Any) -> None:
+    bot, _ = seeing_bot(authority, max_token_lifetime=3600.0)
+    server: BotServer = await serve(bot)
+    body = b.notifications(b.incoming_call("lifetime-call"))
+    year_3000 = server.token(expires_in=32_503_680_000 - time.time())
+    assert await refusal(await server.post(body, token=year_3000)) == (401, "lifetime_too_long")
+    # Not expired yet, but issued two days before it expires.
+    long_lived = server.token(issued_at=time.time() - 2 * 86400, expires_in=300)
+    assert await refusal(await server.post(body, token=long_lived)) == (401, "lifetime_too_long")
+    assert await metric(server, "auth_failed", "lifetime_too_long") == 2
+    assert (await server.post(body, token=server.token(expires_in=3000))).status == 202
+
+
+async def test_two_authorization_headers_are_refused(authority: TokenAuthority, serve: Any) -> None:
+    bot, seen = seeing_bot(authority)
+    server: BotServer = await serve(bot)
+    headers: CIMultiDict[str] = CIMultiDict()
+    headers.add("Content-Type", "application/json")
+    headers.add("Authorization", f"Bearer {server.token()}")
+    headers.add("Authorization", "Bearer not-a-token")
+    body = json.dumps(b.notifications(b.incoming_call("two-headers"))).encode()
+    response = await server.client.post(bot.settings.callback_path, data=body, headers=headers)
+    assert await refusal(response) == (401, "duplicate_header")
+    assert seen == []
+
+
+async def test_padded_or_non_canonical_base64url_is_refused(
+    authority: TokenAuthority, serve: Any
+) -> None:
+    bot, _ = seeing_bot(authority)
+    server: BotServer = await serve(bot)
+    body = b.notifications(b.incoming_call("padding-call"))
+    token = server.token()
+    header, payload, signature = token.split(".")
+    padded = f"{header}.{payload}.{signature}" + "=" * (-len(signature) % 4 or 4)
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    # 342 characters carry 256 bytes and 4 spare bits: set one, the bytes stay the same.
+    last = alphabet[alphabet.index(signature[-1]) | 1]
+    stray_bits = f"{header}.{payload}.{signature[:-1]}{last}"
+    assert stray_bits != token
+    for variant in (padded, stray_bits):
+        assert await refusal(await server.post(body, token=variant)) == (401, "malformed")
+    assert (await server.post(body, token=token)).status == 202
+
+
+# -- 7. memory and work one token holder can cause ------------------------------------------
+
+
+async def test_the_verified_token_cache_stays_within_its_byte_budget(
+    authority: TokenAuthority, serve: Any
+) -> None:
+    budget = 256 * 1024
+    bot, _ = seeing_bot(authority, token_cache_bytes=budget)
+    server: BotServer = await serve(bot)
+    # Each token is about 7 KB: 400 of them are 2.8 MB of token text alone.
+    tokens = [server.token(extra_claims={"pad": "x" * 5000, "n": i}) for i in range(400)]
+    body = json.dumps(b.notifications(b.call_state("cache-call", "establishing"))).encode()
+    url = server.client.make_url(bot.settings.callback_path)
+    # A plain session: the test client keeps every response (and its token) alive.
+    async with aiohttp.ClientSession() as session:
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for token in tokens:
+                headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+                async with session.post(url, data=body, headers=headers) as response:
+                    assert response.status == 202
+            del token, headers
+            gc.collect()
+            growth = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+    assert bot.authenticator.cache_bytes <= budget
+    # The old cache kept every token (several MB); the budget plus request noise stays small.
+    assert growth < 2 * 1024 * 1024, growth
+
+
+async def test_a_request_with_too_many_items_is_refused_before_parsing(
+    authority: TokenAuthority, serve: Any
+) -> None:
+    bot, seen = seeing_bot(authority, max_items_per_request=200)
+    server: BotServer = await serve(bot)
+    # Small items, so that 10,000 of them fit in the 1 MiB body limit.
+    items = [
+        {"changeType": "updated", "resourceUrl": f"/communications/calls/many-{i}"}
+        for i in range(10_000)
+    ]
+    response = await server.client.post(
+        bot.settings.callback_path,
+        data=io.BytesIO(json.dumps({"value": items}).encode()),
+        headers={"Authorization": f"Bearer {server.token()}", "Content-Type": "application/json"},
+    )
+    assert await refusal(response) == (413, "too_many_items")
+    assert seen == []
+    # The health check and a normal request still answer.
+    assert (await server.client.get("/healthz")).status == 200
+    assert (await server.post({"value": items[:200]})).status == 202
+    await until(lambda: len(seen) == 200)
