@@ -61,6 +61,8 @@ def _simulate(args: argparse.Namespace) -> int:
 def _replay(args: argparse.Namespace) -> int:
     from ._simulate import RemoteBot, replay
 
+    if not os.path.isfile(args.file):
+        raise CallbotError(f"cannot replay {args.file!r}: no such file")
     printer = TrafficPrinter(sys.stdout, fmt=args.format)
     if args.bot:
         from .cli import load_bot

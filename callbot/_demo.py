@@ -99,7 +99,7 @@ async def _script(printer: TrafficPrinter, sim: Simulator, wait: float) -> None:
     printer.note("Call 3: Lee Gu calls and hangs up during the welcome menu")
     call = await sim.incoming_call(from_user="Lee Gu")
     await call.wait_for_request("playPrompt", timeout=wait)
-    await call.hang_up()
+    await call.hangup()
 
 
 async def run_demo(

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import structlog
 
 from . import events
+from ._errors import CallEnded
 from ._log import get_logger
 from ._sequencing import Delivery
 
@@ -126,7 +127,8 @@ class Dispatcher:
         self.on_done = on_done
         """Told of each delivery once all its handlers ran (a shared store acknowledges it)."""
         self.counts: Counter[str] = Counter()
-        """handled (deliveries run), handler_errors."""
+        """handled (deliveries run), handler_errors, unhandled_errors (no on_error took them),
+        call_ended (handlers stopped by :class:`~callbot.CallEnded`)."""
 
     @property
     def queued(self) -> int:
@@ -213,6 +215,11 @@ class Dispatcher:
             outcome = "error"
             self.counts["handler_errors"] += 1
             await self._report(name, call, event, exc)
+        except CallEnded:
+            # The caller hung up while the handler acted: not a bug in the handler.
+            outcome = "call_ended"
+            log.info("handler_stopped_call_ended", call_id=event.call_id, handler=name)
+            self.counts["call_ended"] += 1
         except Exception as exc:
             outcome = "error"
             self.counts["handler_errors"] += 1
@@ -224,6 +231,7 @@ class Dispatcher:
     async def _report(self, name: str, call: Call, event: events.Event, exc: BaseException) -> None:
         handlers = self._registry.error_handlers
         if not handlers:
+            self.counts["unhandled_errors"] += 1
             log.error(
                 "handler_failed",
                 call_id=event.call_id,
@@ -237,6 +245,7 @@ class Dispatcher:
             try:
                 await on_error(call, event, exc)
             except Exception as second:
+                self.counts["unhandled_errors"] += 1
                 log.error(
                     "error_handler_failed",
                     call_id=event.call_id,

@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from . import __version__
 from ._bot import CallBot
 from ._cli_testing import add_testing_commands
 from ._errors import CallbotError
@@ -25,7 +26,16 @@ def load_bot(target: str) -> CallBot:
     if os.getcwd() not in sys.path:
         # A bot module next to where the command runs should import like a script.
         sys.path.insert(0, os.getcwd())
-    module = importlib.import_module(module_name)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        # Only the named module being absent is a typo; a missing dependency inside it is a bug.
+        if exc.name is None or not (module_name + ".").startswith(exc.name + "."):
+            raise
+        raise CallbotError(
+            f"cannot import {module_name!r} (from {target!r}): no module named {exc.name!r} "
+            f"in {os.getcwd()} or on the Python path"
+        ) from None
     obj = getattr(module, attribute or "bot", None)
     if obj is None:
         raise CallbotError(f"{module_name} has no attribute {attribute or 'bot'!r}")
@@ -46,13 +56,22 @@ def _run(args: argparse.Namespace) -> int:
         port = bot.settings.port if args.port is None else args.port
         listen_host = args.host or bot.settings.host
         bot.configure(public_url=discover_public_url(args.tunnel, port, listen_host=listen_host))
-    bot.run(args.host, args.port)
+    try:
+        bot.run(args.host, args.port)
+    except OSError as exc:
+        host = args.host or bot.settings.host
+        port = bot.settings.port if args.port is None else args.port
+        raise CallbotError(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc} "
+            "(choose another with --port or CALLBOT_PORT)"
+        ) from None
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``callbot`` command."""
     parser = argparse.ArgumentParser(prog="callbot", description="Microsoft Graph calling bots")
+    parser.add_argument("--version", action="version", version=f"callbot {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="serve a bot: callbot run MODULE:ATTR")
     run.add_argument("target", help="MODULE:ATTR naming a CallBot (or a function returning one)")

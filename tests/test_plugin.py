@@ -61,14 +61,14 @@ async def test_caller_hangs_up(sim):
     await sim.incoming_call()
     prompt = await sim.wait_for_request("playPrompt")
     assert prompt.json["prompts"][0]["mediaInfo"]["uri"].endswith("menu.wav")
-    await sim.hang_up()
+    await sim.hangup()
 
 
 @pytest.mark.asyncio
 async def test_a_handler_that_raises_fails_the_test(sim):
     await sim.incoming_call()
     await sim.press("9")
-    await sim.hang_up()
+    await sim.hangup()
 
 
 @pytest.mark.asyncio

@@ -19,6 +19,8 @@ from urllib.parse import quote
 import structlog
 
 from .. import models
+from .._dtmf import tones_of
+from .._errors import CallEnded, GraphError
 from .._ids import id_key
 from ._client import GraphResponse
 from ._operations import Operation
@@ -48,16 +50,6 @@ __all__ = [
 log = structlog.get_logger("callbot.graph")
 
 OpT = TypeVar("OpT", bound=models.CommsOperation)
-
-_DTMF = {
-    **{str(d): f"tone{d}" for d in range(10)},
-    "*": "star",
-    "#": "pound",
-    "A": "a",
-    "B": "b",
-    "C": "c",
-    "D": "d",
-}
 
 MediaConfigLike = models.MediaConfig | Mapping[str, Any]
 CallOptionsLike = models.CallOptions | Mapping[str, Any]
@@ -114,10 +106,7 @@ def call_options_json(
 
 def _tones(tones: str | Sequence[str]) -> list[str]:
     if isinstance(tones, str):
-        try:
-            return [_DTMF[ch.upper()] for ch in tones if not ch.isspace()]
-        except KeyError as exc:
-            raise ValueError(f"not a DTMF key: {exc.args[0]!r} (use 0-9, *, #, A-D)") from None
+        return tones_of(tones)
     return list(tones)
 
 
@@ -180,14 +169,20 @@ class Call:
     async def _request(
         self, method: str, subpath: str = "", json: Any = None, *, repeatable: bool | None = None
     ) -> GraphResponse:
-        return await self._services.graph.request(
-            method,
-            self.path + subpath,
-            json=json,
-            scenario_id=self.scenario_id,
-            call_id=self.id,
-            repeatable=repeatable,
-        )
+        try:
+            return await self._services.graph.request(
+                method,
+                self.path + subpath,
+                json=json,
+                scenario_id=self.scenario_id,
+                call_id=self.id,
+                repeatable=repeatable,
+            )
+        except GraphError as exc:
+            # Graph no longer knows the call: it ended (usually the caller hung up).
+            if exc.status == 404 and not isinstance(exc, CallEnded):
+                raise CallEnded.from_graph_error(exc) from None
+            raise
 
     async def _operation(
         self,

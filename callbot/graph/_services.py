@@ -88,9 +88,16 @@ class CallServices:
             return
         self._started = True
         _ = self.graph.session
-        if not self.graph.has_credentials:
-            log.info("graph_no_credentials", detail="outbound Graph requests are not configured")
-            return
+        missing = _missing_for_acting(self.settings, self.graph.has_credentials)
+        if missing:
+            # Loud: such a bot accepts callbacks but cannot answer or act on any call.
+            log.warning(
+                "bot_cannot_act",
+                detail="calls will arrive but cannot be answered or acted on",
+                missing=missing,
+            )
+            if not self.graph.has_credentials:
+                return
         try:
             await self.graph.token()
         except Exception as exc:
@@ -485,3 +492,15 @@ class CallServices:
             "/communications/calls/" + quote("logTeleconferenceDeviceQuality", safe=""),
             json={"quality": body},
         )
+
+
+def _missing_for_acting(settings: Settings, has_credentials: bool) -> list[str]:
+    """The settings a bot still needs before it can call Graph, by variable name."""
+    missing = []
+    if not has_credentials:
+        missing.append("CALLBOT_APP_SECRET or CALLBOT_CERTIFICATE_PATH")
+    if not settings.tenant_id:
+        missing.append("CALLBOT_TENANT_ID")
+    if not settings.public_url:
+        missing.append("CALLBOT_PUBLIC_URL")
+    return missing

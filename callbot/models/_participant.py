@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 from ._base import GraphModel
-from ._common import IdentitySet, MediaDirection, Modality, ParticipantInfo, RecordingStatus
+from ._common import (
+    Identity,
+    IdentitySet,
+    MediaDirection,
+    Modality,
+    ParticipantInfo,
+    RecordingStatus,
+)
 
 __all__ = [
     "MediaStream",
@@ -63,3 +70,15 @@ class Participant(GraphModel):
     restricted_experience: OnlineMeetingRestricted | None = None
     roster_sequence_number: int | None = None
     meeting_role: str | None = None
+
+    @property
+    def display_name(self) -> str | None:
+        """The first display name among the participant's identities (user, phone, ...)."""
+        identities = self.info.identity if self.info is not None else None
+        if identities is None:
+            return None
+        for name in type(identities).model_fields:
+            identity = getattr(identities, name)
+            if isinstance(identity, Identity) and identity.display_name:
+                return identity.display_name
+        return None

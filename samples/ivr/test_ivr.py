@@ -26,7 +26,7 @@ async def test_answers_and_plays_the_menu(sim: Simulator) -> None:
     prompt = await call.wait_for_request("playPrompt")
     assert prompt.json["prompts"][0]["mediaInfo"]["uri"] == ivr.WELCOME
     assert call.requests_for("subscribeToTone")
-    await call.hang_up()
+    await call.hangup()
 
 
 async def test_pressing_1_transfers_to_the_agent(sim: Simulator) -> None:
@@ -55,7 +55,7 @@ async def test_other_keys_repeat_the_menu(sim: Simulator) -> None:
     again = await call.wait_for_request("playPrompt")
     uris = [p["mediaInfo"]["uri"] for p in again.json["prompts"]]
     assert uris == [ivr.INVALID_CHOICE, ivr.WELCOME]
-    await call.hang_up()
+    await call.hangup()
     assert not call.requests_for("transfer")
 
 

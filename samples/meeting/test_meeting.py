@@ -64,5 +64,5 @@ async def test_stays_while_someone_is_there(sim: Simulator) -> None:
     await in_meeting.wait_for_state("established")
     await in_meeting.leave("Lee Gu")
     await eventually(lambda: ("left", "Lee Gu") in meeting.attendance[call.key])
-    await in_meeting.hang_up(message="The meeting ended.")
+    await in_meeting.hangup(message="The meeting ended.")
     assert not sim.requests_for("deleteCall")

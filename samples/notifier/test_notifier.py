@@ -53,7 +53,7 @@ async def test_callee_hanging_up_during_the_message_is_not_delivered(sim: Simula
     async def hang_up_during_message() -> None:
         call = await sim.wait_for_outgoing_call()
         await call.wait_for_request("playPrompt")
-        await call.hang_up()
+        await call.hangup()
 
     hanging_up = asyncio.create_task(hang_up_during_message())
     assert await notifier.notify(USER_ID, attempts=1, retry_delay=0) is False
