@@ -130,7 +130,8 @@ class Sequencer:
     request is still open, so everything it accepts is queued before the 202.
     ``on_ended`` is told at once when a call terminates (to fail operations that
     handlers are waiting for), ``on_operation`` at once when an operation
-    notification is accepted (to resolve waits even while the call's handler runs).
+    notification is accepted (to resolve waits even while the call's handler runs),
+    ``on_tone`` at once when a tone is accepted (for a handler collecting digits).
     """
 
     def __init__(
@@ -141,12 +142,14 @@ class Sequencer:
         termination_grace: float = 30.0,
         on_ended: Callable[[str, ResultInfo | None], None] | None = None,
         on_operation: Callable[[events.OperationUpdated], None] | None = None,
+        on_tone: Callable[[events.ToneReceived], None] | None = None,
     ) -> None:
         self._deliver_fn = deliver
         self._window = reorder_window
         self._grace = termination_grace
         self._on_ended = on_ended
         self._on_operation = on_operation
+        self._on_tone = on_tone
         self._records: dict[str, CallRecord] = {}
         self.counts: Counter[str] = Counter()
         """Outcomes so far: delivered, held, duplicate, stale, after_end, released_late."""
@@ -173,6 +176,9 @@ class Sequencer:
             record.seen.append(digest)
         if isinstance(event, events.OperationUpdated) and self._on_operation is not None:
             self._on_operation(event)
+        elif isinstance(event, events.ToneReceived) and self._on_tone is not None:
+            # A handler collecting digits is still running: tones reach it now, not queued.
+            self._on_tone(event)
         self._route(record, event)
 
     def record(self, call_key: str) -> CallRecord | None:

@@ -22,6 +22,7 @@ from .. import models
 from .._dtmf import tones_of
 from .._errors import CallEnded, GraphError
 from .._ids import id_key
+from . import _digits
 from ._client import GraphResponse
 from ._operations import Operation
 from ._values import (
@@ -50,6 +51,7 @@ __all__ = [
 log = structlog.get_logger("callbot.graph")
 
 OpT = TypeVar("OpT", bound=models.CommsOperation)
+T = TypeVar("T")
 
 MediaConfigLike = models.MediaConfig | Mapping[str, Any]
 CallOptionsLike = models.CallOptions | Mapping[str, Any]
@@ -400,6 +402,49 @@ class Call:
             action="recordResponse",
             kind=models.RecordOperation,
             client_context=client_context,
+        )
+
+    async def collect_digits(
+        self,
+        prompt: PromptLike | Sequence[PromptLike] | None = None,
+        *,
+        max_digits: int = 1,
+        finish_on: str | None = "#",
+        timeout: float = 5.0,
+    ) -> str:
+        """Play ``prompt`` and return the keys the caller presses (``""`` when none).
+
+        Subscribes to tones once per call. A key pressed during the prompt stops
+        it. Collecting ends after ``max_digits`` keys, on a key in ``finish_on``
+        (not included), or ``timeout`` seconds after the prompt ended or the last
+        key. Raises :class:`~callbot.CallEnded` when the call ends meanwhile.
+        """
+        return await _digits.collect_digits(
+            self, prompt, max_digits=max_digits, finish_on=finish_on, timeout=timeout
+        )
+
+    async def menu(
+        self,
+        prompt: PromptLike | Sequence[PromptLike],
+        options: Mapping[str, T],
+        *,
+        retries: int = 2,
+        invalid_prompt: PromptLike | Sequence[PromptLike] | None = None,
+        timeout: float = 5.0,
+    ) -> T | None:
+        """Play ``prompt`` until the caller presses one of ``options``; return its value.
+
+        A key not in ``options``, or none within ``timeout``, plays
+        ``invalid_prompt`` (when given) and the menu again, up to ``retries``
+        more times; then ``None``. Keys longer than one digit end with ``#``.
+        """
+        return await _digits.menu(
+            self,
+            prompt,
+            options,
+            retries=retries,
+            invalid_prompt=invalid_prompt,
+            timeout=timeout,
         )
 
     async def cancel_media_processing(

@@ -21,7 +21,7 @@ from .. import models
 from .._config import Settings
 from .._errors import GraphError
 from .._ids import id_key
-from ..events import OperationUpdated
+from ..events import OperationUpdated, ToneReceived
 from ._call import (
     Call,
     CallOptionsLike,
@@ -31,6 +31,7 @@ from ._call import (
 )
 from ._client import GraphClient
 from ._credentials import AsyncTokenCredential
+from ._digits import ToneRouter
 from ._http import RetryPolicy
 from ._meetings import Meeting, parse_join_url
 from ._operations import OperationRegistry
@@ -67,6 +68,8 @@ class CallServices:
         self.graph = GraphClient(settings, credential=credential, retry=retry, scope=scope)
         """The Graph client, also for requests callbot does not model."""
         self.operations = OperationRegistry()
+        self.tones = ToneRouter()
+        """Tones for handlers collecting digits (``call.collect_digits``)."""
         """Operations awaiting their outcome."""
         self._calls: dict[str, Call] = {}
         # A call's keep-alive is a timer while it waits and a short task while it sends.
@@ -257,6 +260,7 @@ class CallServices:
             timer = self._deadlines.pop(key, None)
             if timer is not None:
                 timer.cancel()
+            self.tones.on_ended(key)
             failed = self.operations.fail_call(key, result_info)
             if failed:
                 log.info("graph_operations_failed_call_ended", call_key=key, count=failed)
@@ -277,6 +281,13 @@ class CallServices:
         if timer is not None:
             timer.cancel()
         self._calls.pop(key, None)
+
+    def on_tone(self, event: ToneReceived) -> None:
+        """A tone was accepted: hand it to a handler collecting digits, at once."""
+        try:
+            self.tones.on_tone(event)
+        except Exception:
+            log.exception("tone_routing_failed", call_id=getattr(event, "call_id", None))
 
     def on_operation(self, event: OperationUpdated) -> None:
         """An operation notification arrived: resolve whoever waits for it, at once."""

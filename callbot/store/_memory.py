@@ -29,6 +29,7 @@ class MemoryStore:
             termination_grace=settings.termination_grace,
             on_ended=hooks.on_ended,
             on_operation=hooks.on_operation,
+            on_tone=hooks.on_tone,
         )
 
     @property

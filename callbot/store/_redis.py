@@ -183,6 +183,8 @@ class RedisStore:
             # Redis's expiry forgets ended calls and the owner evicts on release; a local
             # forget could revive an ended call whose handlers are still running.
             termination_grace=_NEVER,
+            # Handlers run where the call is owned, so tones for collect_digits go there.
+            on_tone=hooks.on_tone,
         )
         dispatcher.on_done = self._delivered
         self._owned: dict[str, _Owned] = {}
