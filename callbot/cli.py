@@ -7,6 +7,8 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
 
 from . import __version__
 from ._bot import CallBot
@@ -15,7 +17,7 @@ from ._errors import CallbotError
 from ._log import configure_logging
 from ._tunnel import TUNNEL_KINDS, discover_public_url
 
-__all__ = ["load_bot", "main"]
+__all__ = ["build_parser", "load_bot", "main", "write_sample"]
 
 
 def load_bot(target: str) -> CallBot:
@@ -68,6 +70,37 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+SAMPLES = ("ivr", "meeting", "notifier")
+
+
+def write_sample(name: str, directory: str) -> list[Path]:
+    """Copy the sample bot ``name`` (its bot, tests and README) into a new ``directory``."""
+    if name not in SAMPLES:
+        raise CallbotError(f"no sample {name!r}; samples: {', '.join(SAMPLES)}")
+    target = Path(directory)
+    if target.exists() and any(target.iterdir()):
+        raise CallbotError(f"{directory} exists and is not empty: choose a new directory")
+    source = resources.files("callbot.samples").joinpath(name)
+    target.mkdir(parents=True, exist_ok=True)
+    written = []
+    for entry in sorted(source.iterdir(), key=lambda e: e.name):
+        if entry.is_file() and entry.name.endswith((".py", ".md")):
+            path = target / entry.name
+            path.write_bytes(entry.read_bytes())
+            written.append(path)
+    return written
+
+
+def _sample(args: argparse.Namespace) -> int:
+    directory = args.directory or args.name
+    written = write_sample(args.name, directory)
+    package = Path(directory).name
+    print(f"wrote the {args.name} sample to {directory}/ ({len(written)} files). Next:")
+    print(f"  python -m pytest {directory}          # its tests, against the simulator")
+    print(f"  callbot run {package}.bot:bot        # serve it (see {directory}/README.md)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``callbot`` command."""
     parser = argparse.ArgumentParser(prog="callbot", description="Microsoft Graph calling bots")
@@ -84,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="development: take public_url from a running ngrok agent or dev tunnel",
     )
     run.set_defaults(func=_run)
+    sample = commands.add_parser(
+        "sample", help="write a sample bot with its tests to start from: callbot sample ivr DIR"
+    )
+    sample.add_argument("name", choices=SAMPLES, help="which sample")
+    sample.add_argument("directory", nargs="?", help="where to write it (default: NAME)")
+    sample.set_defaults(func=_sample)
     add_testing_commands(commands)
     return parser
 

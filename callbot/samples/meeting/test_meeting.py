@@ -12,8 +12,6 @@ from callbot.testing import Simulator
 
 from . import bot as meeting
 
-pytestmark = pytest.mark.asyncio
-
 JOIN_URL = (
     "https://teams.microsoft.com/l/meetup-join/"
     "19%3ameeting_NTg0NmQ3NTctZDVkZC00YzRhLThmNmEtOGQ3M2E0ODdmZDZk%40thread.v2/0"

@@ -11,8 +11,6 @@ from callbot.testing import DeliveryOptions, SimulatedCall, Simulator
 
 from . import bot as ivr
 
-pytestmark = pytest.mark.asyncio
-
 
 @pytest.fixture
 def callbot_bot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> CallBot:

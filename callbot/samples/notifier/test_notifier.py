@@ -11,8 +11,6 @@ from callbot.testing import Simulator
 
 from . import bot as notifier
 
-pytestmark = pytest.mark.asyncio
-
 USER_ID = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"
 
 
