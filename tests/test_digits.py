@@ -168,7 +168,7 @@ async def test_a_menu_without_an_answer_gives_none_after_its_retries() -> None:
 async def test_bad_arguments_are_refused_before_anything_is_sent(
     options: dict[str, Any], message: str
 ) -> None:
-    bot, results = collecting_bot(**options)
+    bot, _ = collecting_bot(**options)
     errors: list[BaseException] = []
 
     @bot.on_error
