@@ -15,6 +15,7 @@ from typing import Any, TextIO
 
 from . import events
 from ._bot import CallBot
+from ._diagram import SequenceDiagram
 from ._display import TrafficPrinter
 from ._errors import CallEnded, OperationFailed
 from ._log import configure_logging
@@ -92,9 +93,17 @@ async def _script(printer: TrafficPrinter, sim: Simulator, wait: float) -> None:
 
 
 async def run_demo(
-    stream: TextIO | None = None, *, fmt: str = "auto", pace: float = 0.3, verbose: bool = False
+    stream: TextIO | None = None,
+    *,
+    fmt: str = "auto",
+    pace: float = 0.3,
+    verbose: bool = False,
+    diagram: SequenceDiagram | None = None,
 ) -> int:
-    """Play the demo calls; returns the exit status (0 when every call went as scripted)."""
+    """Play the demo calls; returns the exit status (0 when every call went as scripted).
+
+    ``diagram`` (when given) sees the traffic too, to draw the calls.
+    """
     printer = TrafficPrinter(stream or sys.stdout, fmt=fmt)
     configure_logging(
         "json" if printer.format == "json" else "console", "info" if verbose else "error"
@@ -108,7 +117,8 @@ async def run_demo(
         "bot_name": "Contoso IVR",
     }
     printer.note("callbot demo: a sample IVR bot and a simulated Microsoft Graph, all on 127.0.0.1")
-    async with run_with_simulator(bot, observers=[printer], **options) as sim:
+    observers: list[Any] = [printer] if diagram is None else [printer, diagram]
+    async with run_with_simulator(bot, observers=observers, **options) as sim:
         printer.detail(f"bot callback  {sim.callback_url}")
         printer.detail(f"Graph         {sim.graph_url}")
         printer.detail(f"signing keys  {sim.openid_config_url}")
@@ -139,6 +149,11 @@ async def run_demo(
     return 0
 
 
-def main(fmt: str = "auto", pace: float = 0.3, verbose: bool = False) -> int:
+def main(
+    fmt: str = "auto",
+    pace: float = 0.3,
+    verbose: bool = False,
+    diagram: SequenceDiagram | None = None,
+) -> int:
     """Run the demo in a fresh event loop."""
-    return asyncio.run(run_demo(fmt=fmt, pace=pace, verbose=verbose))
+    return asyncio.run(run_demo(fmt=fmt, pace=pace, verbose=verbose, diagram=diagram))

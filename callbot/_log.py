@@ -66,6 +66,11 @@ def configure_logging(log_format: str = "auto", level: str = "info") -> None:
 class _CallbotHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """The root handler configure_logging installs (found again to be replaced)."""
 
+    def emit(self, record: logging.LogRecord) -> None:
+        # Whatever stderr is now: a test runner may have swapped it since configuration.
+        self.stream = sys.stderr
+        super().emit(record)
+
 
 def _route_stdlib_logging(shared: list[Any], renderer: Any, level: int) -> None:
     formatter = structlog.stdlib.ProcessorFormatter(
@@ -76,7 +81,7 @@ def _route_stdlib_logging(shared: list[Any], renderer: Any, level: int) -> None:
             renderer,
         ],
     )
-    handler = _CallbotHandler(sys.stderr)
+    handler = _CallbotHandler()
     handler.setFormatter(formatter)
     root = logging.getLogger()
     for old in [h for h in root.handlers if isinstance(h, _CallbotHandler)]:
