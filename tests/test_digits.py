@@ -147,6 +147,22 @@ async def test_a_wrong_key_plays_the_invalid_prompt_and_the_menu_again() -> None
         await call.hangup()
 
 
+async def test_a_key_during_the_invalid_choice_prompt_answers_the_menu() -> None:
+    bot, chosen = menu_bot(invalid_prompt=AGAIN, retries=1)
+    async with run_with_simulator(bot, prompt_duration=5.0) as sim:
+        call = await sim.incoming_call()
+        await call.press("7")
+        await call.wait_for_request("playPrompt")  # the menu
+        await call.wait_for_request("playPrompt")  # the invalid-choice prompt, 5 s long
+        await call.press("2")
+        await until(lambda: bool(chosen))
+        assert chosen == ["support"]
+        # The menu is not played over a key already pressed; both prompts were cut short.
+        assert len(call.requests_for("playPrompt")) == 2
+        assert len(call.requests_for("cancelMediaProcessing")) == 2
+        await call.hangup()
+
+
 async def test_a_menu_without_an_answer_gives_none_after_its_retries() -> None:
     bot, chosen = menu_bot(retries=2, timeout=0.05)
     async with run_with_simulator(bot, prompt_duration=0.01) as sim:

@@ -159,6 +159,46 @@ async def _first_key(listener: ToneListener, prompt: Operation[Any]) -> None:
         log.info("prompt_failed_collecting_anyway", call_key=listener.call_key, error=str(failure))
 
 
+def _check(max_digits: int, finish_on: str | None, timeout: float) -> set[str]:
+    if max_digits < 1:
+        raise ValueError("max_digits must be at least 1")
+    finish = set(finish_on or "")
+    unknown = finish - set(TONE_OF_DIGIT)
+    if unknown:
+        raise ValueError(f"finish_on has keys that are not DTMF keys: {sorted(unknown)}")
+    if timeout <= 0:
+        raise ValueError("timeout must be positive")
+    return finish
+
+
+async def _collect(
+    call: Call,
+    listener: ToneListener,
+    prompt: PromptLike | Sequence[PromptLike] | None,
+    *,
+    max_digits: int,
+    finish: set[str],
+    timeout: float,
+) -> str:
+    playing: Operation[Any] | None = None
+    # Keys the caller typed ahead answer already: the prompt is not played over them.
+    if prompt is not None and not listener.pending():
+        playing = await call.play_prompt(prompt)
+        await _first_key(listener, playing)
+    digits = ""
+    while len(digits) < max_digits:
+        key = await listener.next(timeout)
+        if key is None:
+            break
+        if not digits:
+            await _stop_prompt(call, playing)
+        if key in finish:
+            break
+        digits += key
+    log.info("digits_collected", call_id=call.id, count=len(digits))
+    return digits
+
+
 async def collect_digits(
     call: Call,
     prompt: PromptLike | Sequence[PromptLike] | None = None,
@@ -168,35 +208,15 @@ async def collect_digits(
     timeout: float = 5.0,
 ) -> str:
     """Play ``prompt`` and collect the keys the caller presses (see ``Call.collect_digits``)."""
-    if max_digits < 1:
-        raise ValueError("max_digits must be at least 1")
-    finish = set(finish_on or "")
-    unknown = finish - set(TONE_OF_DIGIT)
-    if unknown:
-        raise ValueError(f"finish_on has keys that are not DTMF keys: {sorted(unknown)}")
-    if timeout <= 0:
-        raise ValueError("timeout must be positive")
+    finish = _check(max_digits, finish_on, timeout)
     router = call._services.tones
     if call.ended:
         raise _call_ended(call.key)
     with router.listen(call.key) as listener:
         await router.ensure_subscribed(call)
-        playing: Operation[Any] | None = None
-        if prompt is not None:
-            playing = await call.play_prompt(prompt)
-            await _first_key(listener, playing)
-        digits = ""
-        while len(digits) < max_digits:
-            key = await listener.next(timeout)
-            if key is None:
-                break
-            if not digits:
-                await _stop_prompt(call, playing)
-            if key in finish:
-                break
-            digits += key
-        log.info("digits_collected", call_id=call.id, count=len(digits))
-        return digits
+        return await _collect(
+            call, listener, prompt, max_digits=max_digits, finish=finish, timeout=timeout
+        )
 
 
 async def menu(
@@ -214,19 +234,25 @@ async def menu(
     if retries < 0:
         raise ValueError("retries must not be negative")
     longest = max(len(key) for key in options)
-    for attempt in range(retries + 1):
-        # One-key menus answer on the first key; longer keys end with "#" or the timeout.
-        finish = "#" if longest > 1 else None
-        keys = await collect_digits(
-            call, prompt, max_digits=longest, finish_on=finish, timeout=timeout
-        )
-        if keys in options:
-            return options[keys]
-        log.info("menu_no_match", call_id=call.id, attempt=attempt + 1, pressed=bool(keys))
-        if invalid_prompt is not None and attempt < retries:
-            try:
-                await (await call.play_prompt(invalid_prompt)).wait(timeout=120)
-            except OperationFailed:
-                if call.ended:
-                    raise _call_ended(call.key) from None
-    return None
+    # One-key menus answer on the first key; longer keys end with "#" or the timeout.
+    finish_on = "#" if longest > 1 else None
+    finish = _check(longest, finish_on, timeout)
+    router = call._services.tones
+    if call.ended:
+        raise _call_ended(call.key)
+    # One listener for every try: keys pressed during the invalid-choice prompt count.
+    with router.listen(call.key) as listener:
+        await router.ensure_subscribed(call)
+        for attempt in range(retries + 1):
+            keys = await _collect(
+                call, listener, prompt, max_digits=longest, finish=finish, timeout=timeout
+            )
+            if keys in options:
+                return options[keys]
+            log.info("menu_no_match", call_id=call.id, attempt=attempt + 1, pressed=bool(keys))
+            if invalid_prompt is not None and attempt < retries:
+                sorry = await call.play_prompt(invalid_prompt)
+                await _first_key(listener, sorry)
+                if listener.pending():
+                    await _stop_prompt(call, sorry)
+        return None
