@@ -157,17 +157,6 @@ def test_sample_writes_a_sample_that_passes_its_tests(tmp_path: Path) -> None:
     assert_one_clear_line(again, "not empty")
 
 
-@pytest.fixture
-def logging_restored() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    saved = structlog.get_config()
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    structlog.configure(**saved)
-
-
 @pytest.mark.usefixtures("logging_restored")
 def test_stdlib_lines_carry_the_bound_call_id_and_honour_the_level(
     capsys: pytest.CaptureFixture[str],

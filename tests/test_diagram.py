@@ -5,11 +5,14 @@ from __future__ import annotations
 import io
 import re
 
+import pytest
+
 from callbot._demo import run_demo
 from callbot._diagram import SequenceDiagram, mermaid
 from callbot.testing import Traffic
 
 
+@pytest.mark.usefixtures("logging_restored")
 async def test_the_demo_draws_each_call() -> None:
     diagram = SequenceDiagram()
     assert await run_demo(io.StringIO(), fmt="json", pace=0.02, diagram=diagram) == 0
