@@ -22,6 +22,7 @@ from ._receiver import Receiver
 from ._recording import NotificationRecorder
 from ._sequencing import Sequencer
 from .graph import Call, CallServices
+from .models import CALL_STATES, canonical_call_state
 from .store import Store, open_store
 
 __all__ = ["CallBot"]
@@ -31,21 +32,6 @@ log = get_logger("callbot")
 E = TypeVar("E", bound=events.Event)
 H = TypeVar("H", bound=Callable[..., Awaitable[None]])
 BOT_KEY: web.AppKey[CallBot] = web.AppKey("callbot")
-
-_KNOWN_STATES = frozenset(
-    {
-        "incoming",
-        "establishing",
-        "established",
-        "hold",
-        "transferring",
-        "transferAccepted",
-        "redirecting",
-        "terminating",
-        "terminated",
-    }
-)
-
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -258,13 +244,19 @@ class CallBot:
         return handler
 
     def on_state(self, *states: str) -> Callable[[H], H]:
-        """Run when a call reaches one of ``states`` (``"established"``, ...)."""
+        """Run when a call moves into one of ``states`` (``"established"``, ...).
+
+        Runs on the transition, once: a notification that repeats the state the
+        call is already in is a :class:`~callbot.events.CallUpdated` (see
+        :meth:`on_call_updated`). ``states`` are from :data:`callbot.models.CALL_STATES`,
+        in any case; a state Graph adds later reaches ``on(events.CallStateChanged)``.
+        """
         if not states:
             raise TypeError("on_state needs at least one state, e.g. on_state('established')")
-        unknown = [s for s in states if s not in _KNOWN_STATES]
+        wanted = frozenset(canonical_call_state(s) for s in states)
+        unknown = sorted(wanted - set(CALL_STATES))
         if unknown:
-            raise ValueError(f"unknown call state(s) {unknown}; known: {sorted(_KNOWN_STATES)}")
-        wanted = frozenset(states)
+            raise ValueError(f"unknown call state(s) {unknown}; known: {list(CALL_STATES)}")
 
         def register(handler: H) -> H:
             self._registry.add(
@@ -275,6 +267,12 @@ class CallBot:
             return handler
 
         return register
+
+    def on_call_updated(self, handler: H) -> H:
+        """Run when Graph repeats the call's state to add content (media state, chat or
+        meeting info, transcription, ...); ``event.changed`` names what changed."""
+        self._registry.add(events.CallUpdated, handler)
+        return handler
 
     def on_tone(self, handler: H) -> H:
         """Run for each DTMF tone the caller presses (after ``call.subscribe_to_tone()``)."""

@@ -123,6 +123,11 @@ class CallEnded(GraphError):
         )
 
 
+def _code(result_info: Any, name: str) -> Any:
+    number = getattr(result_info, name, None)
+    return number if number is not None else getattr(result_info, f"{name}_text", None)
+
+
 class OperationFailed(CallbotError):
     """A Graph operation (prompt, recording, transfer, ...) reported ``failed``.
 
@@ -130,8 +135,9 @@ class OperationFailed(CallbotError):
     """
 
     def __init__(self, operation: Any, result_info: Any) -> None:
-        code = getattr(result_info, "code", None)
-        subcode = getattr(result_info, "subcode", None)
+        # older notifications name the code instead of numbering it (ResultInfo.subcode_text)
+        code = _code(result_info, "code")
+        subcode = _code(result_info, "subcode")
         message = getattr(result_info, "message", None)
         op_id = getattr(operation, "id", None)
         super().__init__(f"operation {op_id} failed: {code}/{subcode} {message or ''}".strip())

@@ -16,7 +16,14 @@ Errors. :class:`~callbot._errors.MalformedNotification` with a stable ``reason``
   missing or not a list, an item not an object, ``changeType`` missing or not a
   string, neither ``resourceUrl`` nor ``resource``, or a path that is not under
   ``/communications/calls/{id}`` (or the older ``/app/calls/{id}``);
-* ``empty``     - ``value`` is an empty list.
+* ``empty``     - ``value`` is an empty list;
+* ``legacy_format`` - a body in the calling format that predates Graph (no
+  ``value``, a top-level ``callState``): the receiver answers it ``204``, which
+  asks the platform to send the notification again in Graph's format.
+
+Enum values arrive in more than one case (``"Established"``, ``"Updated"``):
+``changeType`` is normalised here and every enum-valued model field by the
+models, so handlers always see Graph's own spelling.
 
 Only the envelope can be malformed. ``resourceData`` that does not validate
 against the models never rejects a notification: it becomes an
@@ -28,7 +35,8 @@ Routing by the path after ``calls/{id}`` (segments compared without case):
   ``incoming`` or no state -> IncomingCall; ``deleted`` or state ``terminated`` ->
   CallTerminated (also without resourceData); ``toneInfo`` -> ToneReceived; any
   other state -> CallStateChanged; no state -> UnknownNotification
-* ``participants``   -> ParticipantsUpdated
+* ``participants``   -> ParticipantsUpdated (a ``deltaParticipants`` object, or a
+  ``created``/``deleted`` roster item, is a delta roster: only who changed)
 * ``operations/{id}`` -> OperationUpdated (a documented roster was also posted on
   ``operations/participants``: a list of ``#microsoft.graph.participant`` there is
   a ParticipantsUpdated)
@@ -68,6 +76,7 @@ _BOM = "\ufeff"
 # Escapes are matched as pairs so an escaped quote never toggles the string state.
 _TOKENS = re.compile(r'\\.|["\[\]{}]', re.DOTALL)
 _CALL_ROOTS = frozenset({("communications", "calls"), ("app", "calls")})
+_CHANGE_TYPES = {name.lower(): name for name in ("created", "updated", "deleted")}
 _API_VERSIONS = frozenset({"v1.0", "beta"})
 
 
@@ -160,6 +169,10 @@ def _events_from(payload: Any) -> list[Event]:
             "bad_shape", f"top level is {type(payload).__name__}, not an object"
         )
     items = payload.get("value")
+    if items is None and "callState" in payload:
+        raise MalformedNotification(
+            "legacy_format", "a notification in the calling format that predates Graph"
+        )
     if not isinstance(items, list):
         raise MalformedNotification("bad_shape", "'value' is missing or not a list")
     if not items:
@@ -174,6 +187,7 @@ def _event_for(index: int, item: Any, envelope: dict[str, Any]) -> Event:
     change_type = item.get("changeType")
     if not isinstance(change_type, str):
         raise MalformedNotification("bad_shape", f"{where}.changeType is missing or not a string")
+    change_type = _CHANGE_TYPES.get(change_type.lower(), change_type)
     path = _path_of(item)
     if path is None:
         raise MalformedNotification("bad_shape", f"{where} has neither resourceUrl nor resource")
@@ -256,18 +270,17 @@ def _first_object(data: Any) -> dict[str, Any] | None:
 
 
 def _call_event(change_type: str, data: Any, common: dict[str, Any]) -> Event:
-    change = change_type.lower()
     body = _first_object(data)
     if body is None:
-        if change == "deleted":
+        if change_type == "deleted":
             # The call is gone even when Graph says nothing more about it.
             return CallTerminated(**common, state="terminated", call=models.Call())
         return UnknownNotification(**common, resource_data=data)
     call = models.Call.model_validate(body)
-    state = call.state.lower() if call.state is not None else None
-    if change == "created" and state in (None, "incoming"):
+    state = call.state
+    if change_type == "created" and state in (None, "incoming"):
         return IncomingCall(**common, call=call)
-    if change == "deleted" or state == "terminated":
+    if change_type == "deleted" or state == "terminated":
         return CallTerminated(**common, state="terminated", call=call, result_info=call.result_info)
     if call.tone_info is not None and call.tone_info.tone is not None:
         return ToneReceived(
@@ -287,17 +300,28 @@ def _is_roster(data: Any) -> bool:
 
 
 def _participants_event(data: Any, item: dict[str, Any], common: dict[str, Any]) -> Event:
+    # A full roster is updated with everyone; a delta roster names who was added or removed.
+    delta = common["change_type"] in ("created", "deleted")
+    sequence = _as_int(item.get("sequenceNumber"))
+    if isinstance(data, dict) and (
+        models.type_name(data) == "deltaparticipants" or isinstance(data.get("participants"), list)
+    ):
+        delta = True
+        if sequence is None:
+            sequence = _as_int(data.get("sequenceNumber"))
+        data = data.get("participants")
     entries = data if isinstance(data, list) else [data] if isinstance(data, dict) else None
     if entries is None or not all(isinstance(entry, dict) for entry in entries):
-        return UnknownNotification(**common, resource_data=data)
+        return UnknownNotification(**common, resource_data=item.get("resourceData"))
     participants = [models.Participant.model_validate(entry) for entry in entries]
-    sequence = _as_int(item.get("sequenceNumber"))
     if sequence is None:
         numbers = [
             p.roster_sequence_number for p in participants if p.roster_sequence_number is not None
         ]
         sequence = max(numbers) if numbers else None
-    return ParticipantsUpdated(**common, participants=participants, sequence_number=sequence)
+    return ParticipantsUpdated(
+        **common, participants=participants, sequence_number=sequence, delta=delta
+    )
 
 
 def _operation_event(data: Any, path_id: str | None, common: dict[str, Any]) -> Event:

@@ -97,6 +97,11 @@ class Receiver:
         try:
             batch = parse_body(body, max_depth=self._max_depth)
         except MalformedNotification as exc:
+            if exc.reason == "legacy_format":
+                # The calling platform resends a notification answered 204 in Graph's format.
+                self.counts["resend_requested", exc.reason] += 1
+                log.info("callback_resend_requested", reason=exc.reason, **self._context(request))
+                return web.Response(status=204)
             return self._refuse(
                 400, "malformed", exc.reason, str(exc), self._context(request, tenant_id)
             )

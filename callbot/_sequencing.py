@@ -1,18 +1,24 @@
-"""Per-call order: lifecycle ranks, the reorder window, stale and duplicate drops.
+"""Per-call order: lifecycle phases, the reorder window, transitions and updates, drops.
 
 Graph may deliver ``established`` before ``establishing``, repeat a
-notification, or send stragglers after a call ended. The sequencer sees every
-accepted event of a call in arrival order and decides, for each, one of:
+notification, repeat a state only to add content, or send stragglers after a
+call ended. The sequencer sees every accepted event of a call in arrival order
+and decides, for each, one of:
 
-* deliver it now (and compute what only order can tell: ``previous_state``,
-  who joined or left the roster, the call's merged snapshot);
-* hold it, when it skipped its predecessor, for ``reorder_window`` seconds;
-  later events of that call wait behind it, except its predecessors;
+* deliver it now, computing what only order can tell: whether a state
+  notification is a *transition* (:class:`~callbot.events.CallStateChanged`, with
+  ``previous_state``) or an *update* of the state the call is already in
+  (:class:`~callbot.events.CallUpdated`, with what changed), who joined or left
+  the roster, and the call's merged snapshot;
+* hold it, when the call skipped ``establishing``, for ``reorder_window`` seconds:
+  later events of that call wait behind it, except its predecessors, which
+  overtake it; when the window closes the held events go in lifecycle order;
 * drop it, with a log line saying why: ``duplicate``, ``stale`` or ``after_end``.
 
-Lifecycle phases: incoming < establishing < established (and the states a
-live call moves between: hold, transferring, transferAccepted, redirecting)
-< terminating < terminated.
+Lifecycle phases come from :data:`callbot.models.CALL_LIFECYCLE`, the one list
+of call states: incoming < establishing < ringing < established (and the
+states a live call moves between, including states Graph adds later) <
+terminating < terminated.
 """
 
 from __future__ import annotations
@@ -30,26 +36,18 @@ import orjson
 from . import events
 from ._ids import id_key
 from ._log import get_logger
+from .models import CALL_LIFECYCLE, Participant, ResultInfo
 from .models import Call as CallResource
-from .models import Participant, ResultInfo
 
-__all__ = ["CallRecord", "Delivery", "Sequencer", "phase_of"]
+__all__ = ["LIVE_PHASE", "CallRecord", "Delivery", "Sequencer", "phase_of"]
 
 log = get_logger("callbot.sequencing")
 
-_PHASES = {
-    "incoming": 0,
-    "establishing": 1,
-    "established": 2,
-    "hold": 2,
-    "transferring": 2,
-    "transferAccepted": 2,
-    "redirecting": 2,
-    "terminating": 3,
-    "terminated": 4,
-}
-# A state listed here is held until its predecessor was delivered (or the window closes).
-_PREDECESSOR = {"established": "establishing"}
+_PHASES = {state: phase for phase, states in enumerate(CALL_LIFECYCLE) for state in states}
+_ESTABLISHING = _PHASES["establishing"]
+LIVE_PHASE = _PHASES["established"]
+"""The phase of an established call (and of the states it moves between)."""
+_TERMINATING = _PHASES["terminating"]
 _SEEN_DIGESTS = 128
 _MAX_BACKLOG = 1000
 
@@ -59,7 +57,10 @@ def _state(event: events.Event) -> str | None:
 
 
 def _call_of(event: events.Event) -> CallResource | None:
-    if isinstance(event, events.IncomingCall | events.CallStateChanged | events.ToneReceived):
+    if isinstance(
+        event,
+        events.IncomingCall | events.CallStateChanged | events.CallUpdated | events.ToneReceived,
+    ):
         return event.call
     return None
 
@@ -69,9 +70,30 @@ def phase_of(event: events.Event) -> int | None:
     if isinstance(event, events.IncomingCall):
         return 0
     if isinstance(event, events.CallStateChanged):
-        # Unknown future states belong to a live call.
-        return _PHASES.get(event.state, 2)
+        # A state Graph adds later belongs to a live call.
+        return _PHASES.get(event.state, LIVE_PHASE)
     return None
+
+
+def _skips_establishing(event: events.Event, record: CallRecord) -> bool:
+    """A state past ``establishing`` (not an ending) before the call was seen establishing."""
+    phase = phase_of(event)
+    return (
+        phase is not None and _ESTABLISHING < phase < _TERMINATING and record.phase < _ESTABLISHING
+    )
+
+
+def _in_lifecycle_order(held: list[events.Event]) -> list[events.Event]:
+    """Held events sorted by phase; an event without a state keeps the phase before it."""
+    keyed: list[tuple[int, int, events.Event]] = []
+    current = -1
+    for index, event in enumerate(held):
+        phase = phase_of(event)
+        if phase is not None:
+            current = phase
+        keyed.append((current, index, event))
+    keyed.sort(key=lambda entry: (entry[0], entry[1]))
+    return [event for _, _, event in keyed]
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,10 +118,20 @@ class CallRecord:
     seen: deque[bytes] = field(default_factory=lambda: deque(maxlen=_SEEN_DIGESTS))
     roster_digest: bytes | None = None
     ended: bool = False
-    held: events.Event | None = None
+    held: list[events.Event] = field(default_factory=list)
+    """Events waiting for the window: the one that skipped ``establishing``, then later ones."""
     hold_timer: asyncio.TimerHandle | None = None
-    backlog: list[events.Event] = field(default_factory=list)
     forget_timer: asyncio.TimerHandle | None = None
+
+    @property
+    def holding(self) -> bool:
+        """Whether events of this call wait for a predecessor (or the window to close)."""
+        return bool(self.held)
+
+    @property
+    def established(self) -> bool:
+        """Whether the call is established (or in a state a live call moves between)."""
+        return self.phase == LIVE_PHASE and not self.ended
 
 
 def _digest(raw: dict[str, Any]) -> bytes:
@@ -117,6 +149,8 @@ def _digest(raw: dict[str, Any]) -> bytes:
 def _participant_key(participant: Participant, index: int) -> str:
     if participant.id:
         return id_key(participant.id)
+    if participant.odata_id:
+        return "odata:" + participant.odata_id.lower()
     # Some documented rosters omit the participant id; fall back to the identity.
     if participant.info is not None:
         return "info:" + json.dumps(participant.info.model_dump(mode="json"), sort_keys=True)
@@ -208,7 +242,7 @@ class Sequencer:
     def release_all(self) -> None:
         """Deliver every held event now (on shutdown: nothing waits for a window)."""
         for record in list(self._records.values()):
-            if record.held is not None:
+            if record.held:
                 self._release(record, "shutdown")
 
     def close(self) -> None:
@@ -225,57 +259,49 @@ class Sequencer:
         if record.ended:
             self._drop(event, "after_end")
             return
-        if record.held is not None:
-            phase = phase_of(event)
-            held_phase = phase_of(record.held)
-            if phase is not None and held_phase is not None and phase < held_phase:
-                # A predecessor of the held state overtakes it.
-                self._admit(record, event)
-                if self._predecessor_done(record, record.held):
-                    self._release(record, "predecessor")
-                return
-            if len(record.backlog) >= _MAX_BACKLOG:
-                self._release(record, "backlog_full")
-                self._route(record, event)
-                return
-            record.backlog.append(event)
+        if not record.held:
+            self._admit(record, event)
             return
-        self._admit(record, event)
-
-    def _admit(self, record: CallRecord, event: events.Event) -> None:
         phase = phase_of(event)
-        if phase is not None:
-            if phase < record.phase:
-                self._drop(event, "stale", state=_state(event), current_state=record.state)
-                return
-            if not self._predecessor_done(record, event):
-                record.held = event
-                record.hold_timer = asyncio.get_running_loop().call_later(
-                    self._window, self._release_on_timer, record
-                )
-                self.counts["held"] += 1
-                log.debug(
-                    "notification_held",
-                    call_id=record.call_id,
-                    state=_state(event),
-                    window=self._window,
-                )
-                return
+        if phase is not None and phase <= _ESTABLISHING:
+            # A predecessor of the held state overtakes it.
+            self._admit(record, event)
+            if record.phase >= _ESTABLISHING:
+                self._release(record, "predecessor")
+            return
+        record.held.append(event)
+        if phase is not None and phase >= _TERMINATING:
+            # The call is ending: nothing is left to wait for.
+            self._release(record, "call_ending")
+        elif len(record.held) > _MAX_BACKLOG:
+            self._release(record, "backlog_full")
+
+    def _admit(self, record: CallRecord, event: events.Event, *, may_hold: bool = True) -> None:
+        phase = phase_of(event)
+        if phase is not None and phase < record.phase:
+            self._drop(event, "stale", state=_state(event), current_state=record.state)
+            return
+        if may_hold and _skips_establishing(event, record):
+            record.held.append(event)
+            record.hold_timer = asyncio.get_running_loop().call_later(
+                self._window, self._release_on_timer, record
+            )
+            self.counts["held"] += 1
+            log.debug(
+                "notification_held",
+                call_id=record.call_id,
+                state=_state(event),
+                window=self._window,
+            )
+            return
         self._deliver(record, event)
 
-    def _predecessor_done(self, record: CallRecord, event: events.Event) -> bool:
-        predecessor = _PREDECESSOR.get(_state(event) or "")
-        return predecessor is None or record.phase >= _PHASES[predecessor]
-
     def _release_on_timer(self, record: CallRecord) -> None:
-        if record.held is not None:
+        if record.held:
             self._release(record, "window_closed")
 
     def _release(self, record: CallRecord, why: str) -> None:
-        held = record.held
-        if held is None:
-            return
-        record.held = None
+        held, record.held = record.held, []
         if record.hold_timer is not None:
             record.hold_timer.cancel()
             record.hold_timer = None
@@ -284,20 +310,14 @@ class Sequencer:
             log.info(
                 "held_notification_released",
                 call_id=record.call_id,
-                state=_state(held),
+                state=_state(held[0]),
                 reason=why,
             )
-        self._admit_released(record, held)
-        backlog, record.backlog = record.backlog, []
-        for event in backlog:
-            self._route(record, event)
-
-    def _admit_released(self, record: CallRecord, event: events.Event) -> None:
-        phase = phase_of(event)
-        if phase is not None and phase < record.phase:
-            self._drop(event, "stale", state=_state(event), current_state=record.state)
-            return
-        self._deliver(record, event)
+        for event in _in_lifecycle_order(held):
+            if record.ended:
+                self._drop(event, "after_end")
+            else:
+                self._admit(record, event, may_hold=False)
 
     # -- delivery ---------------------------------------------------------------
 
@@ -307,17 +327,19 @@ class Sequencer:
             if diffed is None:
                 return
             event = diffed
+        previous = record.snapshot
         snapshot_source = _call_of(event)
         if snapshot_source is not None:
-            record.snapshot = _merge(record.snapshot, snapshot_source)
-        phase = phase_of(event)
-        if phase is not None and isinstance(event, events.CallStateChanged):
-            event = event.model_copy(update={"previous_state": record.state})
-            record.phase = max(record.phase, phase)
-            record.state = event.state
-        elif isinstance(event, events.IncomingCall):
-            record.phase = max(record.phase, 0)
-            record.state = "incoming"
+            record.snapshot = _merge(previous, snapshot_source)
+        state = "incoming" if isinstance(event, events.IncomingCall) else _state(event)
+        if state is not None:
+            if state == record.state and not isinstance(event, events.CallTerminated):
+                # The same state again only adds content: an update, not a transition.
+                event = _as_update(event, state, previous)
+            elif isinstance(event, events.CallStateChanged):
+                event = event.model_copy(update={"previous_state": record.state})
+            record.phase = max(record.phase, _PHASES.get(state, LIVE_PHASE))
+            record.state = state
         self.counts["delivered"] += 1
         # The roster dict is replaced, never changed in place, so it can be shared.
         self._deliver_fn(Delivery(event, record.snapshot, record.roster))
@@ -326,9 +348,9 @@ class Sequencer:
 
     def _end(self, record: CallRecord, event: events.CallTerminated) -> None:
         record.ended = True
-        for stranded in record.backlog:
-            self._drop(stranded, "after_end")
-        record.backlog = []
+        stranded, record.held = record.held, []
+        for straggler in stranded:
+            self._drop(straggler, "after_end")
         if self._on_ended is not None:
             self._on_ended(event.call_key, event.result_info)
         key = event.call_key
@@ -351,17 +373,15 @@ class Sequencer:
             record.roster_sequence = sequence
         old = record.roster
         incoming = {_participant_key(p, i): p for i, p in enumerate(event.participants)}
-        delta = bool(
-            record.snapshot is not None
-            and record.snapshot.call_options is not None
-            and getattr(record.snapshot.call_options, "is_delta_roster_enabled", False)
-        )
+        options = record.snapshot.call_options if record.snapshot is not None else None
+        delta = event.delta or bool(options is not None and options.is_delta_roster_enabled)
+        removed = delta and event.change_type == "deleted"
         joined: list[Participant] = []
         left: list[Participant] = []
         updated: list[Participant] = []
         new = dict(old) if delta else {}
         for key, participant in incoming.items():
-            if participant.removed_state is not None:
+            if removed or participant.removed_state is not None:
                 left.append(participant)
                 new.pop(key, None)
                 continue
@@ -384,6 +404,31 @@ class Sequencer:
             kind=type(event).__name__,
             **details,
         )
+
+
+def _as_update(event: events.Event, state: str, before: CallResource | None) -> events.CallUpdated:
+    call = _call_of(event)
+    assert call is not None  # every state-carrying event carries the call
+    return events.CallUpdated(
+        call_id=event.call_id,
+        change_type=event.change_type,
+        resource_url=event.resource_url,
+        raw=event.raw,
+        tenant_id=event.tenant_id,
+        state=state,
+        call=call,
+        changed=_changed(before, call),
+        result_info=call.result_info,
+    )
+
+
+def _changed(before: CallResource | None, call: CallResource) -> frozenset[str]:
+    """The properties ``call`` carries whose value differs from the call as known before."""
+    names = set(call.model_fields_set) - {"state", "odata_type"}
+    changed = {name for name in names if getattr(before, name, None) != getattr(call, name)}
+    old_extra = (before.model_extra if before is not None else None) or {}
+    changed.update(k for k, v in (call.model_extra or {}).items() if old_extra.get(k) != v)
+    return frozenset(changed)
 
 
 def _merge(old: CallResource | None, new: CallResource) -> CallResource:

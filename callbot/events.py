@@ -6,6 +6,7 @@ Every event is a frozen pydantic model derived from :class:`Event`::
     ├── IncomingCall            a call to the bot is ringing (answer, reject or redirect it)
     ├── CallStateChanged        the call moved to another state (establishing, established, ...)
     │   └── CallTerminated      the call ended (state ``terminated`` or the call was deleted)
+    ├── CallUpdated             the call changed but kept its state (media, chat, meeting info, ...)
     ├── ToneReceived            a DTMF tone arrived (after ``subscribeToTone``)
     ├── ParticipantsUpdated     the roster changed
     ├── OperationUpdated        a long-running action (prompt, recording, ...) progressed or ended
@@ -29,6 +30,7 @@ from ._ids import id_key
 __all__ = [
     "CallStateChanged",
     "CallTerminated",
+    "CallUpdated",
     "ContentSharingUpdated",
     "Event",
     "IncomingCall",
@@ -69,11 +71,14 @@ class IncomingCall(Event):
 
 
 class CallStateChanged(Event):
-    """The call's ``state`` changed (values in :data:`callbot.models.CallState`).
+    """The call moved to another state (one of :data:`callbot.models.CALL_STATES`, or
+    a state Graph added later).
 
-    ``previous_state`` is filled in by callbot from the call's history, not by Graph.
-    ``result_info`` explains the change when Graph gives a reason (for example a
-    failed transfer: ``state`` back to ``established`` with code 500).
+    This is a *transition*: ``state`` differs from ``previous_state``, which callbot
+    fills in from the call's history. A notification that repeats the state the call
+    is already in becomes a :class:`CallUpdated` instead. ``result_info`` explains the
+    change when Graph gives a reason (for example a failed transfer: ``state`` back
+    to ``established`` from ``transferring`` with code 500).
     """
 
     state: str
@@ -84,6 +89,23 @@ class CallStateChanged(Event):
 
 class CallTerminated(CallStateChanged):
     """The call ended; ``state`` is ``terminated`` and ``result_info`` says why, when known."""
+
+
+class CallUpdated(Event):
+    """The call changed without changing state: Graph repeats ``established`` (or
+    another state) to add media state, chat or meeting info, transcription, ...
+
+    ``call`` is the call as Graph sent it in this notification; ``changed`` names
+    the properties (snake_case, as on :class:`callbot.models.Call`) whose value
+    differs from what callbot knew of the call before this notification.
+    ``result_info`` is set when Graph gives a reason (a transfer that failed
+    without the call leaving ``established``).
+    """
+
+    state: str
+    call: models.Call
+    changed: frozenset[str] = frozenset()
+    result_info: models.ResultInfo | None = None
 
 
 class ToneReceived(Event):
@@ -106,9 +128,10 @@ class ToneReceived(Event):
 class ParticipantsUpdated(Event):
     """The roster changed; ``participants`` is what Graph sent.
 
-    With delta rosters Graph sends only the participants that changed, ordered by
-    ``sequence_number``. ``joined``, ``left`` and ``updated`` are computed by
-    callbot against the roster it knew before this event.
+    With delta rosters (``isDeltaRosterEnabled``) Graph sends only the
+    participants that changed, ordered by ``sequence_number``; ``delta`` says so.
+    ``joined``, ``left`` and ``updated`` are computed by callbot against the
+    roster it knew before this event, for full and delta rosters alike.
     """
 
     participants: list[models.Participant]
@@ -116,6 +139,8 @@ class ParticipantsUpdated(Event):
     left: list[models.Participant] = Field(default_factory=list)
     updated: list[models.Participant] = Field(default_factory=list)
     sequence_number: int | None = None
+    delta: bool = False
+    """Whether Graph sent only the participants that changed (a delta roster)."""
 
 
 class OperationUpdated(Event):

@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from callbot import events
+from callbot import events, models
 from callbot._parse import parse_payload
 from callbot._sequencing import Delivery, Sequencer, _digest, phase_of
 from callbot.testing import builders as b
@@ -84,7 +84,20 @@ def _rejected(call_id: str, tones: int) -> list[dict[str, Any]]:
     return [b.incoming_call(call_id), b.call_terminated(call_id, code=603, message="rejected")]
 
 
-SHAPES = (_answered, _transferred, _outgoing, _establishing_lost, _rejected)
+def _ringing_with_updates(call_id: str, tones: int) -> list[dict[str, Any]]:
+    # As recorded from Teams: an outgoing call rings, then established repeats to add content.
+    return [
+        b.call_state(call_id, "establishing"),
+        b.call_state(call_id, "ringing"),
+        b.call_state(call_id, "established"),
+        b.call_state(call_id, "established", media_state=models.CallMediaState(audio="active")),
+        *(b.tone(call_id, "tone2", n) for n in range(1, tones + 1)),
+        b.call_state(call_id, "established", subject="with chat info"),
+        b.call_terminated(call_id),
+    ]
+
+
+SHAPES = (_answered, _transferred, _outgoing, _establishing_lost, _rejected, _ringing_with_updates)
 
 
 @dataclass
@@ -184,6 +197,17 @@ def check_invariants(scenario: Scenario, outcome: Outcome) -> None:
     for call_id, seen in outcome.by_call():
         phases = [p for p in map(phase_of, seen) if p is not None]
         assert phases == sorted(phases), (call_id, [type(e).__name__ for e in seen])
+        # A state handler runs on transitions only; a repeat of the state is an update of it.
+        current = None
+        for event in seen:
+            if isinstance(event, events.CallStateChanged):
+                assert event.state != event.previous_state, call_id
+                assert event.previous_state == current, call_id
+                current = event.state
+            elif isinstance(event, events.IncomingCall):
+                current = "incoming"
+            elif isinstance(event, events.CallUpdated):
+                assert event.state == current, call_id
         terminated = [i for i, e in enumerate(seen) if isinstance(e, events.CallTerminated)]
         assert terminated == [len(seen) - 1], call_id
     assert {call_id for call_id, _ in outcome.by_call()} == set(scenario.lifecycles)

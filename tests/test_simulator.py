@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from callbot import Call, CallBot, GraphError, OperationFailed, events
+from callbot import Call, CallBot, GraphError, OperationFailed, events, models
 from callbot._parse import parse_payload
 from callbot.graph import AccessToken, Target
 from callbot.testing import (
@@ -67,7 +67,7 @@ def labels(seen: Seen, call_id: str | None = None) -> list[str]:
     return [label(e) for e in seen if call_id is None or e.call_key == call_id.replace("-", "")]
 
 
-async def test_answer_brings_establishing_established_and_the_roster() -> None:
+async def test_answer_brings_establishing_established_its_update_and_the_roster() -> None:
     bot, seen = answering_bot()
     async with run_with_simulator(bot) as sim:
         call = await sim.incoming_call(from_user="Adele Vance")
@@ -75,19 +75,24 @@ async def test_answer_brings_establishing_established_and_the_roster() -> None:
         answer = await sim.wait_for_request("answer")
         assert answer.json["callbackUri"] == sim.callback_url
         await until(lambda: any(isinstance(e, events.ParticipantsUpdated) for e in seen))
-    assert labels(seen)[:4] == [
+    # As recorded from Teams: established again once media flows, an update of the state.
+    assert labels(seen)[:5] == [
         "IncomingCall",
         "establishing",
         "established",
+        "CallUpdated",
         "ParticipantsUpdated",
     ]
+    update = seen[3]
+    assert isinstance(update, events.CallUpdated)
+    assert update.changed == {"media_state"}
     incoming = seen[0]
     assert isinstance(incoming, events.IncomingCall)
     assert incoming.call.source is not None
     assert incoming.call.source.identity is not None
     assert incoming.call.source.identity.user is not None
     assert incoming.call.source.identity.user.display_name == "Adele Vance"
-    roster = seen[3]
+    roster = seen[4]
     assert isinstance(roster, events.ParticipantsUpdated)
     names = sorted(
         (p.info.identity.user or p.info.identity.application).display_name or ""  # type: ignore[union-attr]
@@ -114,6 +119,7 @@ async def test_disorderly_delivery_still_reaches_handlers_once_and_in_order() ->
         "IncomingCall",
         "establishing",
         "established",
+        "CallUpdated",
         "ParticipantsUpdated",
         "tone:tone1",
         "terminated",
@@ -312,7 +318,13 @@ async def test_outgoing_calls_ring_and_are_answered_or_not() -> None:
     ended = next(e for e in seen if isinstance(e, events.CallTerminated))
     assert ended.result_info is not None
     assert ended.result_info.code == 408
-    assert labels(seen, second.id) == ["establishing", "established", "ParticipantsUpdated"]
+    assert labels(seen, second.id) == [
+        "establishing",
+        "ringing",
+        "established",
+        "CallUpdated",
+        "ParticipantsUpdated",
+    ]
 
 
 async def test_joining_a_meeting_and_people_coming_and_going() -> None:
@@ -452,3 +464,37 @@ async def test_a_simulator_without_a_bot_says_so(bare_simulator: Simulator) -> N
     env = bare_simulator.bot_environment(public_url="http://127.0.0.1:8080")
     assert env["CALLBOT_OPENID_CONFIG_URL"] == bare_simulator.openid_config_url
     assert env["CALLBOT_ALLOW_INSECURE_PUBLIC_URL"] == "1"
+
+
+async def test_a_bot_that_asks_for_delta_rosters_gets_them() -> None:
+    bot, seen = recording_bot()
+
+    @bot.on_incoming_call
+    async def answer(call: Call, event: events.IncomingCall) -> None:
+        await call.answer(delta_roster=True)
+
+    async with run_with_simulator(bot) as sim:
+        call = await sim.incoming_call(from_user="Adele Vance")
+        await call.wait_for_state("established")
+        assert call.delta_roster
+        await call.join("Lee Gu")
+        await call.leave("Adele Vance")
+        await until(lambda: len(rosters(seen)) == 3)
+        names = sorted(_name(p) for p in bot.active_calls()[0].roster.values())
+    first, joined, left = rosters(seen)
+    assert all(r.delta for r in (first, joined, left))
+    assert sorted(_name(p) for p in first.joined) == ["Adele Vance", "Bot"]
+    assert [_name(p) for p in joined.joined] == ["Lee Gu"]
+    assert (joined.left, joined.updated) == ([], [])
+    assert [_name(p) for p in left.left] == ["Adele Vance"]
+    assert names == ["Bot", "Lee Gu"]
+
+
+def rosters(seen: Seen) -> list[events.ParticipantsUpdated]:
+    return [e for e in seen if isinstance(e, events.ParticipantsUpdated)]
+
+
+def _name(participant: models.Participant) -> str:
+    identity = participant.info.identity if participant.info is not None else None
+    who = identity.user or identity.application if identity is not None else None
+    return (who.display_name if who is not None else None) or "?"

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, get_args
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, GetCoreSchemaHandler
 from pydantic.alias_generators import to_camel
+from pydantic_core import CoreSchema, core_schema
 
-__all__ = ["GraphModel", "odata_discriminator", "odata_type_field", "type_name"]
+__all__ = [
+    "GraphEnum",
+    "GraphModel",
+    "enum_members",
+    "odata_discriminator",
+    "odata_type_field",
+    "type_name",
+]
 
 _GRAPH_PREFIX = "microsoft.graph."
 
@@ -40,6 +48,53 @@ class GraphModel(BaseModel):
     )
 
     odata_type: str | None = odata_type_field()
+    odata_id: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("@odata.id", "odata_id"),
+        serialization_alias="@odata.id",
+    )
+    """The resource's path, which older notifications carry (``/app/calls/{id}/...``)."""
+    odata_etag: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("@odata.etag", "odata_etag"),
+        serialization_alias="@odata.etag",
+    )
+    """The resource's version tag, as sent."""
+
+
+class GraphEnum:
+    """``Annotated`` metadata of a ``str`` property whose Graph type is an enum.
+
+    A known member is read in Graph's spelling whatever its case (``Established``
+    -> ``established``), so code compares with ``==``; any other value is kept as
+    sent, because Graph adds members. ``members`` lists the known ones.
+    """
+
+    __slots__ = ("_spelling", "members")
+
+    def __init__(self, *members: str) -> None:
+        self.members: tuple[str, ...] = members
+        self._spelling: dict[str, str] = {member.lower(): member for member in members}
+
+    def canonical(self, value: str) -> str:
+        """``value`` in Graph's spelling when it is a known member, else as given."""
+        return self._spelling.get(value.lower(), value)
+
+    def __get_pydantic_core_schema__(
+        self, source: Any, handler: GetCoreSchemaHandler
+    ) -> CoreSchema:
+        return core_schema.no_info_after_validator_function(self.canonical, handler(source))
+
+    def __repr__(self) -> str:
+        return f"GraphEnum{self.members!r}"
+
+
+def enum_members(alias: Any) -> tuple[str, ...]:
+    """The known members of an enum alias such as ``models.Tone`` (``()`` for other types)."""
+    for meta in get_args(alias)[1:]:
+        if isinstance(meta, GraphEnum):
+            return meta.members
+    return ()
 
 
 def type_name(value: Any) -> str | None:

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Annotated, TypeAlias
+from typing import Annotated, Any, TypeAlias
 
-from pydantic import Discriminator, Tag
+from pydantic import AliasChoices, Discriminator, Field, Tag
 
 from ._base import GraphModel, odata_discriminator, odata_type_field
 from ._common import (
+    AutoAdmittedUsers,
     CallDirection,
     CallMediaState,
     CallRoute,
     CallState,
     CallTranscriptionInfo,
     ChatInfo,
+    Identity,
     IdentitySet,
     IncomingContext,
     InvitationParticipantInfo,
@@ -21,7 +23,10 @@ from ._common import (
     Modality,
     ParticipantInfo,
     ResultInfo,
+    RoutingMode,
+    RoutingPolicy,
     ToneInfo,
+    TranscriptionInfo,
 )
 
 __all__ = [
@@ -29,13 +34,17 @@ __all__ = [
     "AnyMediaConfig",
     "AnyMeetingInfo",
     "AppHostedMediaConfig",
+    "AudioRoutingGroup",
     "Call",
     "CallOptions",
     "ContentSharingSession",
     "IncomingCallOptions",
     "JoinMeetingIdMeetingInfo",
+    "LiveCaptionOptions",
     "MediaConfig",
+    "MeetingCapability",
     "MeetingInfo",
+    "MeetingProperties",
     "OrganizerMeetingInfo",
     "OutgoingCallOptions",
     "ServiceHostedMediaConfig",
@@ -44,7 +53,20 @@ __all__ = [
 
 
 class MeetingInfo(GraphModel):
-    """Base of the ways to name a meeting to join; also holds meeting info of unknown type."""
+    """Base of the ways to name a meeting to join; also holds meeting info of unknown type.
+
+    ``transcription_info`` is an older form Graph sent inside the meeting info
+    (``TranscriptionInfo``); newer calls carry :attr:`Call.transcription`.
+    """
+
+    allow_conversation_without_host: bool | None = None
+    transcription_info: TranscriptionInfo | None = Field(
+        default=None,
+        validation_alias=AliasChoices(
+            "transcriptionInfo", "TranscriptionInfo", "transcription_info"
+        ),
+        serialization_alias="transcriptionInfo",
+    )
 
 
 class OrganizerMeetingInfo(MeetingInfo):
@@ -52,7 +74,6 @@ class OrganizerMeetingInfo(MeetingInfo):
 
     odata_type: str | None = odata_type_field("#microsoft.graph.organizerMeetingInfo")
     organizer: IdentitySet | None = None
-    allow_conversation_without_host: bool | None = None
 
 
 class JoinMeetingIdMeetingInfo(MeetingInfo):
@@ -98,12 +119,21 @@ AnyMeetingInfo: TypeAlias = Annotated[
 class MediaConfig(GraphModel):
     """Base of the media configurations; also holds a configuration of unknown type."""
 
+    remove_from_default_audio_group: bool | None = None
+
+
+class LiveCaptionOptions(GraphModel):
+    """Where Graph streams live captions of a service-hosted call (beta)."""
+
+    stream_url: str | None = None
+
 
 class ServiceHostedMediaConfig(MediaConfig):
     """Graph hosts the media; ``pre_fetch_media`` lists prompts to cache in advance."""
 
     odata_type: str | None = odata_type_field("#microsoft.graph.serviceHostedMediaConfig")
     pre_fetch_media: list[MediaInfo] | None = None
+    live_caption_options: LiveCaptionOptions | None = None
 
 
 class AppHostedMediaConfig(MediaConfig):
@@ -175,23 +205,41 @@ class AudioRoutingGroup(GraphModel):
     """Which participants hear which: ``routing_mode`` ``oneToOne`` or ``multicast``."""
 
     id: str | None = None
-    routing_mode: str | None = None
+    routing_mode: RoutingMode | None = None
     sources: list[str] | None = None
     receivers: list[str] | None = None
 
 
 class ContentSharingSession(GraphModel):
-    """A screen-sharing session in a call (only its ``id`` is declared)."""
+    """A screen-sharing session in a call, and who presents it (beta)."""
 
     id: str | None = None
+    presenter_participant_id: str | None = None
+
+
+class MeetingCapability(GraphModel):
+    """What a meeting allows anonymous users to do, and who bypasses the lobby (beta)."""
+
+    allow_anonymous_users_to_dial_out: bool | None = None
+    allow_anonymous_users_to_start_meeting: bool | None = None
+    auto_admitted_users: AutoAdmittedUsers | None = None
+
+
+class MeetingProperties(GraphModel):
+    """Properties of the meeting a call belongs to, as Teams sends them (not in the schema)."""
+
+    meeting_label: str | None = None
 
 
 class Call(GraphModel):
     """The ``call`` resource, as sent in notifications and returned by ``POST /calls``.
 
     Every property is optional because notifications carry only what changed
-    (often just ``state``). ``termination_reason``, ``replaces_context`` and
-    ``ringing_timeout_in_seconds`` are not in the v1.0 schema but are documented.
+    (often just ``state``). ``termination_reason``, ``ringing_timeout_in_seconds``,
+    ``answered_by``, ``active_modalities``, ``meeting_capability`` and
+    ``routing_policies`` are in the beta schema; ``replaces_context``,
+    ``co_organizers``, ``meeting_properties`` and ``application_metadata`` (policy
+    recording's free-form ``botData``) are sent by Teams though in no schema.
     """
 
     id: str | None = None
@@ -220,3 +268,8 @@ class Call(GraphModel):
     termination_reason: str | None = None
     replaces_context: str | None = None
     ringing_timeout_in_seconds: int | None = None
+    meeting_capability: MeetingCapability | None = None
+    meeting_properties: MeetingProperties | None = None
+    co_organizers: list[Identity] | None = None
+    routing_policies: list[RoutingPolicy] | None = None
+    application_metadata: dict[str, Any] | None = None

@@ -1,19 +1,25 @@
-"""Small complex types shared by calls, participants and operations, and the enum-like aliases.
+"""Small complex types shared by calls, participants and operations, and the enum aliases.
 
-Graph enums grow (``unknownFutureValue`` and later members), so every enum-like
-field is a plain ``str``: an alias below names the known values, none is enforced.
+Every property whose Graph type is an enum is a ``str`` read through
+:class:`GraphEnum`: a known member arrives in Graph's spelling whatever case was
+sent, and a member Graph adds later is kept as sent. The members listed are those
+of Graph's schema, beta and v1.0 together.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import TypeAlias
+from typing import Annotated, Any, Final, TypeAlias
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Discriminator, Field, Tag, model_validator
 
-from ._base import GraphModel, odata_type_field
+from ._base import GraphEnum, GraphModel, odata_discriminator, odata_type_field
 
 __all__ = [
+    "CALL_LIFECYCLE",
+    "CALL_STATES",
+    "AnyPrompt",
+    "AutoAdmittedUsers",
     "CallDirection",
     "CallMediaState",
     "CallRoute",
@@ -22,6 +28,7 @@ __all__ = [
     "CallTranscriptionState",
     "ChangeType",
     "ChatInfo",
+    "ContentSharingDisabledReason",
     "EndpointType",
     "Identity",
     "IdentitySet",
@@ -31,69 +38,207 @@ __all__ = [
     "MediaInfo",
     "MediaPrompt",
     "MediaState",
+    "MeetingRole",
     "Modality",
     "OperationStatus",
     "ParticipantInfo",
+    "PlayPromptCompletionReason",
     "Prompt",
+    "RecordCompletionReason",
     "RecordingStatus",
     "RejectReason",
     "ResultInfo",
+    "RoutingMode",
+    "RoutingPolicy",
     "RoutingType",
     "ScreenSharingRole",
     "SendDtmfCompletionReason",
     "Tone",
     "ToneInfo",
+    "TranscriptionInfo",
+    "VideoDisabledReason",
+    "canonical_call_state",
 ]
 
-CallState: TypeAlias = str
-"""``incoming``, ``establishing``, ``established``, ``hold``, ``transferring``,
-``transferAccepted``, ``redirecting``, ``terminating``, ``terminated``,
-``unknownFutureValue``."""
+CALL_LIFECYCLE: Final[tuple[tuple[str, ...], ...]] = (
+    ("incoming",),
+    ("establishing",),
+    ("ringing",),
+    # the states a live call moves between, in any order
+    (
+        "established",
+        "hold",
+        "transferring",
+        "transferAccepted",
+        "redirecting",
+        "unknownFutureValue",
+    ),
+    ("terminating",),
+    ("terminated",),
+)
+"""Every state of Graph's ``callState`` enum (beta and v1.0), grouped by lifecycle phase.
 
-CallDirection: TypeAlias = str
-"""``incoming``, ``outgoing``."""
+A call only moves forward through the groups; within a group it moves freely.
+This is the one list of call states in callbot: the sequencer's order, the
+states ``on_state`` accepts and the parser's spelling all come from it.
+"""
 
-ChangeType: TypeAlias = str
-"""``created``, ``updated``, ``deleted``."""
+CALL_STATES: Final[tuple[str, ...]] = tuple(state for phase in CALL_LIFECYCLE for state in phase)
+"""The known call states, in lifecycle order."""
 
-Modality: TypeAlias = str
-"""``audio``, ``video``, ``videoBasedScreenSharing``, ``data``, ``unknownFutureValue``."""
+_CALL_STATE: Final = GraphEnum(*CALL_STATES)
 
-MediaDirection: TypeAlias = str
-"""``inactive``, ``sendOnly``, ``receiveOnly``, ``sendReceive``."""
 
-MediaState: TypeAlias = str
-"""``active``, ``inactive``, ``unknownFutureValue``."""
+def canonical_call_state(value: str) -> str:
+    """A known state in Graph's spelling whatever its case (``Established`` -> ``established``).
 
-EndpointType: TypeAlias = str
-"""``default``, ``voicemail``, ``skypeForBusiness``, ``skypeForBusinessVoipPhone``,
-``unknownFutureValue``."""
+    An unknown state (one Graph adds later) is returned as sent.
+    """
+    return _CALL_STATE.canonical(value)
 
-OperationStatus: TypeAlias = str
-"""``notStarted``, ``running``, ``completed``, ``failed`` (Graph has also sent
-``Running``: compare without case)."""
 
-Tone: TypeAlias = str
-"""``tone0`` ... ``tone9``, ``star``, ``pound``, ``a``, ``b``, ``c``, ``d``, ``flash``."""
+CallState: TypeAlias = Annotated[str, _CALL_STATE]
+"""One of :data:`CALL_STATES` in Graph's spelling, or a state Graph added later (as sent)."""
 
-RoutingType: TypeAlias = str
-"""``forwarded``, ``lookup``, ``selfFork``, ``unknownFutureValue``."""
+CallDirection: TypeAlias = Annotated[str, GraphEnum("incoming", "outgoing")]
+"""Graph's ``callDirection``."""
 
-RecordingStatus: TypeAlias = str
-"""``unknown``, ``notRecording``, ``recording``, ``failed``, ``unknownFutureValue``."""
+ChangeType: TypeAlias = Annotated[str, GraphEnum("created", "updated", "deleted")]
+"""Graph's ``changeType``: what a notification says happened to its resource."""
 
-RejectReason: TypeAlias = str
-"""``none``, ``busy``, ``forbidden``, ``unknownFutureValue``."""
+Modality: TypeAlias = Annotated[
+    str,
+    GraphEnum("unknown", "audio", "video", "videoBasedScreenSharing", "data", "unknownFutureValue"),
+]
+"""Graph's ``modality``."""
 
-ScreenSharingRole: TypeAlias = str
-"""``viewer``, ``sharer``."""
+MediaDirection: TypeAlias = Annotated[
+    str, GraphEnum("inactive", "sendOnly", "receiveOnly", "sendReceive")
+]
+"""Graph's ``mediaDirection``."""
 
-SendDtmfCompletionReason: TypeAlias = str
-"""``unknown``, ``completedSuccessfully``, ``mediaOperationCanceled``,
-``unknownFutureValue``."""
+MediaState: TypeAlias = Annotated[str, GraphEnum("active", "inactive", "unknownFutureValue")]
+"""Graph's ``mediaState``."""
 
-CallTranscriptionState: TypeAlias = str
-"""``notStarted``, ``active``, ``inactive``, ``unknownFutureValue``."""
+EndpointType: TypeAlias = Annotated[
+    str,
+    GraphEnum(
+        "default",
+        "voicemail",
+        "skypeForBusiness",
+        "skypeForBusinessVoipPhone",
+        "unknownFutureValue",
+    ),
+]
+"""Graph's ``endpointType``."""
+
+# The schema spells these NotStarted/Running/...; notifications and responses use
+# camelCase, so that is the spelling callbot gives them.
+OperationStatus: TypeAlias = Annotated[
+    str, GraphEnum("notStarted", "running", "completed", "failed")
+]
+"""Graph's ``operationStatus``."""
+
+Tone: TypeAlias = Annotated[
+    str,
+    GraphEnum(
+        *(f"tone{digit}" for digit in range(10)),
+        "star",
+        "pound",
+        "a",
+        "b",
+        "c",
+        "d",
+        "flash",
+    ),
+]
+"""Graph's ``tone``: a DTMF key (``tone0`` ... ``tone9``, ``star``, ``pound``, ...)."""
+
+RoutingType: TypeAlias = Annotated[
+    str, GraphEnum("forwarded", "lookup", "selfFork", "unknownFutureValue")
+]
+"""Graph's ``routingType``: how an incoming call reached the bot."""
+
+RoutingMode: TypeAlias = Annotated[str, GraphEnum("oneToOne", "multicast", "unknownFutureValue")]
+"""Graph's ``routingMode`` of an audio routing group."""
+
+RoutingPolicy: TypeAlias = Annotated[
+    str,
+    GraphEnum(
+        "none",
+        "noMissedCall",
+        "disableForwardingExceptPhone",
+        "disableForwarding",
+        "preferSkypeForBusiness",
+        "unknownFutureValue",
+    ),
+]
+"""Graph's ``routingPolicy`` (beta)."""
+
+RecordingStatus: TypeAlias = Annotated[
+    str, GraphEnum("unknown", "notRecording", "recording", "failed", "unknownFutureValue")
+]
+"""Graph's ``recordingStatus``."""
+
+RejectReason: TypeAlias = Annotated[
+    str, GraphEnum("none", "busy", "forbidden", "unknownFutureValue")
+]
+"""Graph's ``rejectReason``."""
+
+ScreenSharingRole: TypeAlias = Annotated[str, GraphEnum("viewer", "sharer")]
+"""Graph's ``screenSharingRole``."""
+
+SendDtmfCompletionReason: TypeAlias = Annotated[
+    str,
+    GraphEnum("unknown", "completedSuccessfully", "mediaOperationCanceled", "unknownFutureValue"),
+]
+"""Graph's ``sendDtmfCompletionReason``."""
+
+PlayPromptCompletionReason: TypeAlias = Annotated[
+    str,
+    GraphEnum("unknown", "completedSuccessfully", "mediaOperationCanceled", "unknownFutureValue"),
+]
+"""Graph's ``playPromptCompletionReason`` (beta)."""
+
+RecordCompletionReason: TypeAlias = Annotated[
+    str,
+    GraphEnum(
+        "operationCanceled",
+        "stopToneDetected",
+        "maxRecordDurationReached",
+        "initialSilenceTimeout",
+        "maxSilenceTimeout",
+        "playPromptFailed",
+        "playBeepFailed",
+        "mediaReceiveTimeout",
+        "unspecifiedError",
+    ),
+]
+"""Graph's ``recordCompletionReason`` (beta): why a ``recordResponse`` ended."""
+
+CallTranscriptionState: TypeAlias = Annotated[
+    str, GraphEnum("notStarted", "active", "inactive", "unknownFutureValue")
+]
+"""Graph's ``callTranscriptionState``."""
+
+MeetingRole: TypeAlias = Annotated[
+    str,
+    GraphEnum("attendee", "presenter", "producer", "coorganizer", "unknownFutureValue"),
+]
+"""Graph's ``onlineMeetingRole`` (Teams also sends ``none``, kept as sent)."""
+
+AutoAdmittedUsers: TypeAlias = Annotated[str, GraphEnum("everyoneInCompany", "everyone")]
+"""Graph's ``autoAdmittedUsersType`` (beta): who joins a meeting without the lobby."""
+
+ContentSharingDisabledReason: TypeAlias = Annotated[
+    str, GraphEnum("watermarkProtection", "unknownFutureValue")
+]
+"""Graph's ``onlineMeetingContentSharingDisabledReason``."""
+
+VideoDisabledReason: TypeAlias = Annotated[
+    str, GraphEnum("watermarkProtection", "unknownFutureValue")
+]
+"""Graph's ``onlineMeetingVideoDisabledReason``."""
 
 
 class Identity(GraphModel):
@@ -103,8 +248,15 @@ class Identity(GraphModel):
     display_name: str | None = None
     tenant_id: str | None = None
     identity_provider: str | None = None
-    application_type: str | None = None
+    # one documented roster spells it ApplicationType
+    application_type: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("applicationType", "ApplicationType", "application_type"),
+        serialization_alias="applicationType",
+    )
     hidden: bool | None = None
+    email: str | None = None
+    azure_communication_services_resource_id: str | None = None
 
 
 class IdentitySet(GraphModel):
@@ -123,21 +275,60 @@ class IdentitySet(GraphModel):
     acs_user: Identity | None = None
     endpoint_type: EndpointType | None = None
 
+    def identities(self) -> list[Identity]:
+        """The identities that are set, the most telling first (user, bot, phone, guest, ...)."""
+        ordered = (
+            self.user,
+            self.application_instance,
+            self.application,
+            self.phone,
+            self.guest,
+            self.azure_communication_services_user,
+            self.acs_user,
+            self.on_premises,
+            self.device,
+            self.encrypted,
+            self.asserted_identity,
+        )
+        return [identity for identity in ordered if identity is not None]
+
+    @property
+    def primary(self) -> Identity | None:
+        """The identity that is set (the first of :meth:`identities`), or ``None``."""
+        identities = self.identities()
+        return identities[0] if identities else None
+
+    @property
+    def display_name(self) -> str | None:
+        """The first display name among :meth:`identities`, or ``None``."""
+        return next((i.display_name for i in self.identities() if i.display_name), None)
+
 
 class ParticipantInfo(GraphModel):
-    """A call's source or a participant's description (``participantInfo``)."""
+    """A call's source or a participant's description (``participantInfo``).
 
+    ``endpoint_id``, ``client_version`` and ``replacement_link`` are not in Graph's
+    schema but Teams sends them in rosters; ``id`` appears in policy-recording calls.
+    """
+
+    id: str | None = None
     identity: IdentitySet | None = None
+    non_anonymized_identity: IdentitySet | None = None
     endpoint_type: EndpointType | None = None
+    endpoint_id: str | None = None
+    client_version: str | None = None
+    platform_id: str | None = None
     region: str | None = None
     language_id: str | None = None
     country_code: str | None = None
     participant_id: str | None = None
+    replacement_link: str | None = None
 
 
 class InvitationParticipantInfo(GraphModel):
     """A call target, or someone invited into / transferred to a call."""
 
+    id: str | None = None
     identity: IdentitySet | None = None
     endpoint_type: EndpointType | None = None
     hidden: bool | None = None
@@ -151,18 +342,36 @@ class InvitationParticipantInfo(GraphModel):
 class ResultInfo(GraphModel):
     """The outcome Graph attaches to a call or an operation (``code``/``subcode``/``message``).
 
-    ``code`` and ``subcode`` are read from numbers or numeric strings; ``subcode``
-    is read from ``subcode`` or ``subCode`` (Graph writes both) and written as
-    ``subcode``.
+    ``code`` and ``subcode`` are numbers (read from numbers or numeric strings);
+    ``subcode`` is read from ``subcode`` or ``subCode`` (Graph writes both) and
+    written as ``subcode``. Older notifications sent a name instead of a number
+    (``"subCode": "transferring"``): such a value is kept in ``code_text`` /
+    ``subcode_text`` and the number is then ``None``.
     """
 
     code: int | None = None
     subcode: int | None = Field(
-        None,
+        default=None,
         validation_alias=AliasChoices("subcode", "subCode"),
         serialization_alias="subcode",
     )
     message: str | None = None
+    code_text: str | None = None
+    subcode_text: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _keep_names_as_text(cls, data: Any) -> Any:
+        # a name where a number belongs ("transferring") must not fail the whole resource
+        if not isinstance(data, dict):
+            return data
+        moved = dict(data)
+        for keys, text_key in ((("code",), "codeText"), (("subcode", "subCode"), "subcodeText")):
+            for key in keys:
+                value = moved.get(key)
+                if isinstance(value, str) and not value.strip().lstrip("+-").isdigit():
+                    moved[text_key] = moved.pop(key)
+        return moved
 
 
 class ToneInfo(GraphModel):
@@ -192,10 +401,24 @@ class Prompt(GraphModel):
 
 
 class MediaPrompt(Prompt):
-    """A prompt that plays one media file."""
+    """A prompt that plays one media file (``loop`` times, beta)."""
 
     odata_type: str | None = odata_type_field("#microsoft.graph.mediaPrompt")
     media_info: MediaInfo | None = None
+    loop: int | None = None
+
+
+AnyPrompt: TypeAlias = Annotated[
+    Annotated[MediaPrompt, Tag("mediaprompt")] | Annotated[Prompt, Tag("prompt")],
+    Discriminator(
+        odata_discriminator(
+            {"mediaprompt": MediaPrompt, "prompt": Prompt},
+            fallback="prompt",
+            hints={"mediaInfo": "mediaprompt"},
+        )
+    ),
+]
+"""A :class:`Prompt` chosen by ``@odata.type``; unknown types stay :class:`Prompt`."""
 
 
 class CallRoute(GraphModel):
@@ -222,7 +445,14 @@ class CallMediaState(GraphModel):
 
 
 class CallTranscriptionInfo(GraphModel):
-    """Whether a call is being transcribed."""
+    """Whether a call is being transcribed (the call's ``transcription``)."""
 
     state: CallTranscriptionState | None = None
     last_modified_date_time: datetime | None = None
+
+
+class TranscriptionInfo(GraphModel):
+    """An older form of :class:`CallTranscriptionInfo`, once sent inside the meeting info."""
+
+    state: CallTranscriptionState | None = None
+    state_updated_time: datetime | None = None

@@ -5,25 +5,38 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from pydantic import AliasChoices, Field
+
 from ._base import GraphModel, odata_type_field, type_name
 from ._common import (
+    AnyPrompt,
     InvitationParticipantInfo,
     OperationStatus,
+    PlayPromptCompletionReason,
+    RecordCompletionReason,
     ResultInfo,
     SendDtmfCompletionReason,
 )
 
 __all__ = [
     "AddLargeGalleryViewOperation",
+    "AdmitAllFromLobbyOperation",
+    "AdmitFromLobbyOperation",
     "CancelMediaProcessingOperation",
     "CommsOperation",
     "InviteParticipantsOperation",
     "MuteParticipantOperation",
+    "MuteParticipantsOperation",
     "PlayPromptOperation",
     "RecordOperation",
+    "RemoveFromLobbyOperation",
     "SendDtmfTonesOperation",
     "StartHoldMusicOperation",
+    "StartRecordingOperation",
+    "StartTranscriptionOperation",
     "StopHoldMusicOperation",
+    "StopRecordingOperation",
+    "StopTranscriptionOperation",
     "SubscribeToToneOperation",
     "UnmuteParticipantOperation",
     "UpdateRecordingStatusOperation",
@@ -36,9 +49,10 @@ _TERMINAL = frozenset({"completed", "failed"})
 class CommsOperation(GraphModel):
     """A long-running call action (prompt, recording, ...); also any operation of unknown type.
 
-    ``status`` is ``notStarted``/``running``/``completed``/``failed`` as sent (Graph
-    has also written ``Running``); ``id`` may be absent or ``null`` in notifications,
-    where the operation id is in the resource path instead.
+    ``status`` is ``notStarted``/``running``/``completed``/``failed`` in that
+    spelling whatever case Graph sent (it has written ``Running``); ``id`` may be
+    absent or ``null`` in notifications, where the operation id is in the resource
+    path instead.
     """
 
     id: str | None = None
@@ -48,13 +62,25 @@ class CommsOperation(GraphModel):
 
     @property
     def is_terminal(self) -> bool:
-        """Whether the operation has ended (``completed`` or ``failed``, any case)."""
-        return (self.status or "").lower() in _TERMINAL
+        """Whether the operation has ended (``completed`` or ``failed``)."""
+        return self.status in _TERMINAL
 
     @property
     def is_failed(self) -> bool:
-        """Whether the operation ended with status ``failed`` (any case)."""
-        return (self.status or "").lower() == "failed"
+        """Whether the operation ended with status ``failed``."""
+        return self.status == "failed"
+
+
+class AdmitAllFromLobbyOperation(CommsOperation):
+    """Returned by admitting everyone waiting in a meeting's lobby (beta)."""
+
+    odata_type: str | None = odata_type_field("#microsoft.graph.admitAllFromLobbyOperation")
+
+
+class AdmitFromLobbyOperation(CommsOperation):
+    """Returned by admitting participants waiting in a meeting's lobby (beta)."""
+
+    odata_type: str | None = odata_type_field("#microsoft.graph.admitFromLobbyOperation")
 
 
 class AddLargeGalleryViewOperation(CommsOperation):
@@ -83,27 +109,56 @@ class MuteParticipantOperation(CommsOperation):
     odata_type: str | None = odata_type_field("#microsoft.graph.muteParticipantOperation")
 
 
+class MuteParticipantsOperation(CommsOperation):
+    """Returned by muting all participants of a meeting (beta); lists who was muted."""
+
+    odata_type: str | None = odata_type_field("#microsoft.graph.muteParticipantsOperation")
+    participants: list[str] | None = None
+
+
 class PlayPromptOperation(CommsOperation):
-    """Returned by ``playPrompt``; ``completion_reason`` is documented in beta only."""
+    """Returned by ``playPrompt``; its completion repeats the ``prompts`` played.
+
+    ``completion_reason`` is in the beta schema only.
+    """
 
     odata_type: str | None = odata_type_field("#microsoft.graph.playPromptOperation")
-    completion_reason: str | None = None
+    prompts: list[AnyPrompt] | None = None
+    completion_reason: PlayPromptCompletionReason | None = None
 
 
 class RecordOperation(CommsOperation):
     """Returned by ``recordResponse``; its completion carries where to fetch the recording.
 
     The recording at ``recording_location`` is short-lived and is fetched with
-    ``Authorization: Bearer <recording_access_token>``. ``completion_reason``
-    (``operationCanceled``, ``stopToneDetected``, ``maxRecordDurationReached``,
-    ``initialSilenceTimeout``, ``maxSilenceTimeout``, ...) is sent though not in the
-    v1.0 schema.
+    ``Authorization: Bearer <recording_access_token>``; both are also read from
+    their older names ``recordResourceLocation`` / ``recordResourceAccessToken``.
+    ``completion_reason`` (``operationCanceled``, ``stopToneDetected``,
+    ``maxRecordDurationReached``, ...) is in the beta schema only.
     """
 
     odata_type: str | None = odata_type_field("#microsoft.graph.recordOperation")
-    recording_location: str | None = None
-    recording_access_token: str | None = None
-    completion_reason: str | None = None
+    recording_location: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices(
+            "recordingLocation", "recordResourceLocation", "recording_location"
+        ),
+        serialization_alias="recordingLocation",
+    )
+    recording_access_token: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices(
+            "recordingAccessToken", "recordResourceAccessToken", "recording_access_token"
+        ),
+        serialization_alias="recordingAccessToken",
+    )
+    completion_reason: RecordCompletionReason | None = None
+
+
+class RemoveFromLobbyOperation(CommsOperation):
+    """Returned by removing participants from a meeting's lobby (beta)."""
+
+    odata_type: str | None = odata_type_field("#microsoft.graph.removeFromLobbyOperation")
 
 
 class SendDtmfTonesOperation(CommsOperation):
@@ -119,10 +174,34 @@ class StartHoldMusicOperation(CommsOperation):
     odata_type: str | None = odata_type_field("#microsoft.graph.startHoldMusicOperation")
 
 
+class StartRecordingOperation(CommsOperation):
+    """Returned by starting a call's recording (beta)."""
+
+    odata_type: str | None = odata_type_field("#microsoft.graph.startRecordingOperation")
+
+
+class StartTranscriptionOperation(CommsOperation):
+    """Returned by starting a call's transcription (beta)."""
+
+    odata_type: str | None = odata_type_field("#microsoft.graph.startTranscriptionOperation")
+
+
 class StopHoldMusicOperation(CommsOperation):
     """Returned by a participant's ``stopHoldMusic``."""
 
     odata_type: str | None = odata_type_field("#microsoft.graph.stopHoldMusicOperation")
+
+
+class StopRecordingOperation(CommsOperation):
+    """Returned by stopping a call's recording (beta)."""
+
+    odata_type: str | None = odata_type_field("#microsoft.graph.stopRecordingOperation")
+
+
+class StopTranscriptionOperation(CommsOperation):
+    """Returned by stopping a call's transcription (beta)."""
+
+    odata_type: str | None = odata_type_field("#microsoft.graph.stopTranscriptionOperation")
 
 
 class SubscribeToToneOperation(CommsOperation):
@@ -147,14 +226,22 @@ _OPERATION_TYPES: dict[str, type[CommsOperation]] = {
     cls.__name__.lower(): cls
     for cls in (
         AddLargeGalleryViewOperation,
+        AdmitAllFromLobbyOperation,
+        AdmitFromLobbyOperation,
         CancelMediaProcessingOperation,
         InviteParticipantsOperation,
         MuteParticipantOperation,
+        MuteParticipantsOperation,
         PlayPromptOperation,
         RecordOperation,
+        RemoveFromLobbyOperation,
         SendDtmfTonesOperation,
         StartHoldMusicOperation,
+        StartRecordingOperation,
+        StartTranscriptionOperation,
         StopHoldMusicOperation,
+        StopRecordingOperation,
+        StopTranscriptionOperation,
         SubscribeToToneOperation,
         UnmuteParticipantOperation,
         UpdateRecordingStatusOperation,
@@ -165,9 +252,10 @@ _OPERATION_TYPES: dict[str, type[CommsOperation]] = {
 def parse_operation(data: Mapping[str, Any]) -> CommsOperation:
     """Validate an operation body into the class its ``@odata.type`` names.
 
-    Unknown types (beta ``configureMixerOperation``, plain ``commsOperation``, or
-    no type at all) become a :class:`CommsOperation` whose undeclared properties
-    stay in ``model_extra``. Raises ``pydantic.ValidationError`` when a declared
+    The type is read with or without its ``#``. Unknown types (the older
+    ``configureMixerOperation``, plain ``commsOperation``, or no type at all)
+    become a :class:`CommsOperation` whose undeclared properties stay in
+    ``model_extra``. Raises ``pydantic.ValidationError`` when a declared
     property has the wrong shape.
     """
     cls = _OPERATION_TYPES.get(type_name(data) or "", CommsOperation)

@@ -1,22 +1,34 @@
-"""A call's participants (the roster) and their media streams."""
+"""A call's participants (the roster), their media streams, and policy-recording join/leave."""
 
 from __future__ import annotations
 
-from ._base import GraphModel
+from typing import Any
+
+from ._base import GraphModel, odata_type_field
+from ._call import Call
 from ._common import (
-    Identity,
+    ContentSharingDisabledReason,
     IdentitySet,
     MediaDirection,
+    MeetingRole,
     Modality,
     ParticipantInfo,
     RecordingStatus,
+    RejectReason,
+    VideoDisabledReason,
 )
 
 __all__ = [
+    "AcceptJoinResponse",
+    "InviteNewBotResponse",
     "MediaStream",
     "OnlineMeetingRestricted",
     "Participant",
+    "ParticipantJoiningNotification",
+    "ParticipantJoiningResponse",
+    "ParticipantLeftNotification",
     "RecordingInfo",
+    "RejectJoinResponse",
     "RemovedState",
 ]
 
@@ -35,6 +47,7 @@ class RecordingInfo(GraphModel):
     """Whether a participant records the call, and who started it."""
 
     initiator: IdentitySet | None = None
+    initiated_by: ParticipantInfo | None = None
     recording_status: RecordingStatus | None = None
 
 
@@ -47,16 +60,18 @@ class RemovedState(GraphModel):
 class OnlineMeetingRestricted(GraphModel):
     """Why video or content sharing is disabled for a participant."""
 
-    content_sharing_disabled: str | None = None
-    video_disabled: str | None = None
+    content_sharing_disabled: ContentSharingDisabledReason | None = None
+    video_disabled: VideoDisabledReason | None = None
 
 
 class Participant(GraphModel):
     """A participant in a call, as sent in roster notifications.
 
     ``id`` can be ``null`` in roster updates for a participant still being added.
-    ``meeting_role`` (``attendee``, ``presenter``, ``organizer``, ...) is not in the
-    v1.0 schema but is documented in rosters.
+    ``meeting_role``, ``replacement_link`` and ``published_states`` are sent by
+    Teams though in no schema (``published_states`` has only been seen empty, so
+    its entries are kept as sent); ``is_identity_anonymized`` and
+    ``preferred_display_name`` are beta.
     """
 
     id: str | None = None
@@ -64,21 +79,66 @@ class Participant(GraphModel):
     media_streams: list[MediaStream] | None = None
     is_muted: bool | None = None
     is_in_lobby: bool | None = None
+    is_identity_anonymized: bool | None = None
     metadata: str | None = None
+    preferred_display_name: str | None = None
     recording_info: RecordingInfo | None = None
     removed_state: RemovedState | None = None
     restricted_experience: OnlineMeetingRestricted | None = None
     roster_sequence_number: int | None = None
-    meeting_role: str | None = None
+    meeting_role: MeetingRole | None = None
+    replacement_link: str | None = None
+    published_states: list[Any] | None = None
 
     @property
     def display_name(self) -> str | None:
-        """The first display name among the participant's identities (user, phone, ...)."""
-        identities = self.info.identity if self.info is not None else None
-        if identities is None:
-            return None
-        for name in type(identities).model_fields:
-            identity = getattr(identities, name)
-            if isinstance(identity, Identity) and identity.display_name:
-                return identity.display_name
-        return None
+        """The name to show: ``preferred_display_name``, else the identity's display name."""
+        if self.preferred_display_name:
+            return self.preferred_display_name
+        identity = self.info.identity if self.info is not None else None
+        return identity.display_name if identity is not None else None
+
+
+class ParticipantJoiningNotification(GraphModel):
+    """Sent to a policy-recording bot before a participant under the policy joins a call.
+
+    The bot answers with a :class:`ParticipantJoiningResponse` (accept, reject or
+    invite another bot).
+    """
+
+    odata_type: str | None = odata_type_field("#microsoft.graph.participantJoiningNotification")
+    id: str | None = None
+    call: Call | None = None
+
+
+class ParticipantLeftNotification(GraphModel):
+    """Sent to a policy-recording bot when a participant under the policy left the meeting."""
+
+    odata_type: str | None = odata_type_field("#microsoft.graph.participantLeftNotification")
+    id: str | None = None
+    participant_id: str | None = None
+    call: Call | None = None
+
+
+class ParticipantJoiningResponse(GraphModel):
+    """Base of a bot's answer to a :class:`ParticipantJoiningNotification` (abstract in Graph)."""
+
+
+class AcceptJoinResponse(ParticipantJoiningResponse):
+    """Let the participant join, recorded by this bot."""
+
+    odata_type: str | None = odata_type_field("#microsoft.graph.acceptJoinResponse")
+
+
+class RejectJoinResponse(ParticipantJoiningResponse):
+    """Refuse the participant's join, with a reason."""
+
+    odata_type: str | None = odata_type_field("#microsoft.graph.rejectJoinResponse")
+    reason: RejectReason | None = None
+
+
+class InviteNewBotResponse(ParticipantJoiningResponse):
+    """Hand the participant to another bot instance at ``invite_uri``."""
+
+    odata_type: str | None = odata_type_field("#microsoft.graph.inviteNewBotResponse")
+    invite_uri: str | None = None

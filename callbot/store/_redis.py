@@ -439,7 +439,7 @@ class RedisStore:
         record = self._resting_record(key, stored)
         if record is not None:
             self._sequencer.adopt(record)
-            if record.phase == 2 and not record.ended:
+            if record.established:
                 # Keep-alives follow the calls: the instance that kept this one may be gone.
                 self._hooks.on_established(self._hooks.call(record.call_id))
         else:
@@ -495,7 +495,7 @@ class RedisStore:
 
     def _holding(self, key: str) -> bool:
         record = self._sequencer.record(key)
-        return record is not None and record.held is not None
+        return record is not None and record.holding
 
     def _feed(self, key: str, entry_id: str, text: str) -> None:
         event = self._parsed.pop((key, entry_id), None)
@@ -703,7 +703,7 @@ class RedisStore:
             handle = self._hooks.call(record.call_id)
             handle._set_snapshot(record.snapshot)
             handle._set_roster(record.roster)
-            if record.phase == 2:
+            if record.established:
                 # established (or on hold, transferring, ...): Graph expects keep-alives
                 self._hooks.on_established(handle)
                 resumed += 1

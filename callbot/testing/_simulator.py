@@ -243,6 +243,9 @@ def _describe_event(event: events.Event) -> str:
         info = event.result_info
         if info is not None and info.code not in (None, 0, 200):
             return f"call {event.state} (code {info.code}/{info.subcode} {info.message or ''})"
+        media = event.call.media_state
+        if media is not None and media.audio is not None:
+            return f"call {event.state} (audio {media.audio})"
         return f"call {event.state}"
     if isinstance(event, events.ToneReceived):
         return f"DTMF {event.tone}"
@@ -332,6 +335,8 @@ class SimulatedCall:
         """The participants, by participant id, as last posted (or about to be)."""
         self.bot_participant_id = str(uuid.uuid4())
         """The bot's own participant id in the roster."""
+        self.delta_roster = False
+        """Whether rosters are sent as deltas (the bot asked for ``isDeltaRosterEnabled``)."""
         self._sim = simulator
         self._tone_sequence = 0
         self._roster_sequence = 0
@@ -504,18 +509,18 @@ class SimulatedCall:
                 summary=f"{display_name} joins",
             )
         )
-        await self._send(self._roster_item())
+        await self._send(self._roster_item([self.roster[participant_id]], "created"))
         return participant_id
 
     async def leave(self, who: str) -> None:
         """Someone (a participant id or display name) leaves: the bot gets the new roster."""
         participant_id = self._find(who)
-        name = _participant_name(self.roster[participant_id])
-        del self.roster[participant_id]
+        gone = self.roster.pop(participant_id)
+        name = _participant_name(gone)
         self._sim._record(
             Traffic(kind="caller", at=self._sim._now(), call_id=self.id, summary=f"{name} leaves")
         )
-        await self._send(self._roster_item())
+        await self._send(self._roster_item([gone], "deleted"))
 
     async def establish(self) -> None:
         """Post ``establishing``, ``established`` and the roster as if the bot had answered.
@@ -535,10 +540,17 @@ class SimulatedCall:
 
     # -- driven by the bot's requests ------------------------------------------------
 
-    def _roster_item(self) -> dict[str, Any]:
-        item = build.roster(self.id, list(self.roster.values()))
+    def _roster_item(
+        self, changed: Sequence[models.Participant] = (), change_type: str = "updated"
+    ) -> dict[str, Any]:
+        """The roster as Graph posts it: whole, or (delta rosters) only who ``changed``."""
         # Numbered like Graph's rosters, so a roster equal to an earlier one is not a duplicate.
         self._roster_sequence += 1
+        if self.delta_roster:
+            return build.delta_roster(
+                self.id, changed, sequence_number=self._roster_sequence, change_type=change_type
+            )
+        item = build.roster(self.id, list(self.roster.values()))
         item["sequenceNumber"] = self._roster_sequence
         return item
 
@@ -561,17 +573,31 @@ class SimulatedCall:
             ),
         )
 
-    def _established(self) -> None:
-        """Queue what Graph posts once a call connects."""
+    def _established(self, *, ringing: bool = False) -> None:
+        """Queue what Graph posts once a call connects, as recorded from Teams.
+
+        ``establishing``, ``ringing`` (outgoing calls), ``established``, then
+        ``established`` again once media flows, then the roster.
+        """
         self._add_bot()
         if self.remote is not None and self.remote.id is not None:
             self.roster.setdefault(self.remote.id, self.remote)
-        first = _Outgoing(items=[build.call_state(self.id, "establishing")], state="establishing")
-        second = _Outgoing(items=[build.call_state(self.id, "established")], state="established")
-        pair = [second, first] if self.delivery.out_of_order else [first, second]
-        for entry in pair:
+        steps = (
+            ["establishing", "ringing", "established"]
+            if ringing
+            else ["establishing", "established"]
+        )
+        entries = [_Outgoing(items=[build.call_state(self.id, s)], state=s) for s in steps]
+        if self.delivery.out_of_order:
+            entries[0], entries[-1] = entries[-1], entries[0]
+        media = models.CallMediaState(odata_type="#microsoft.graph.callMediaState", audio="active")
+        # Teams repeats established once media flows: an update, not another state.
+        entries.append(
+            _Outgoing(items=[build.call_state(self.id, "established", media_state=media)])
+        )
+        entries.append(_Outgoing(items=[self._roster_item(list(self.roster.values()), "created")]))
+        for entry in entries:
             self._queue_entry(entry)
-        self._queue_entry(_Outgoing(items=[self._roster_item()]))
 
     def _queue_entry(self, entry: _Outgoing) -> None:
         entry.delay += self._sim.step_delay + self.delivery.delay
@@ -681,6 +707,7 @@ class SimulatedCall:
         body = request.json if isinstance(request.json, Mapping) else {}
         step = sim.step_delay
         if action == "answer":
+            self.delta_roster = _asks_for_delta_roster(body)
             self._established()
         elif action in ("reject", "redirect"):
             message = "The call was rejected." if action == "reject" else "The call was redirected."
@@ -751,15 +778,15 @@ class SimulatedCall:
         elif action == "muteParticipant" and request.item_id is not None:
             self._set_muted(request.item_id, True)
         elif action == "deleteParticipant" and request.item_id in self.roster:
-            del self.roster[str(request.item_id)]
-            self._enqueue(self._roster_item())
+            gone = self.roster.pop(str(request.item_id))
+            self._enqueue(self._roster_item([gone], "deleted"))
 
     def _set_muted(self, participant_id: str, muted: bool) -> None:
         current = self.roster.get(participant_id)
         if current is None:
             return
-        self.roster[participant_id] = current.model_copy(update={"is_muted": muted})
-        self._enqueue(self._roster_item())
+        changed = self.roster[participant_id] = current.model_copy(update={"is_muted": muted})
+        self._enqueue(self._roster_item([changed]))
 
     def _operation_item(
         self,
@@ -843,13 +870,15 @@ class SimulatedCall:
 
             def joined() -> None:
                 self._enqueue(self._operation_item(operation_id, "completed", _DONE))
+                added: list[models.Participant] = []
                 for invitee in invitees:
                     kind, ident, name = _identity_kind_and_id(invitee)
                     participant_id = str(uuid.uuid4())
                     self.roster[participant_id] = build.participant(
                         participant_id, user_id=ident, display_name=name, kind=kind
                     )
-                self._enqueue(self._roster_item())
+                    added.append(self.roster[participant_id])
+                self._enqueue(self._roster_item(added, "created"))
 
             self._later(sim.step_delay, joined)
         else:
@@ -1330,6 +1359,7 @@ class Simulator:
                 str(uuid.uuid4()), user_id=ident, display_name=name, kind=kind
             )
         call = self._new_call(call_id, "outgoing", remote, None, meeting=meeting)
+        call.delta_roster = _asks_for_delta_roster(body)
         if meeting:
             self._add_attendees(call)
             call._established()
@@ -1343,7 +1373,7 @@ class Simulator:
             outcome = self._outgoing_outcomes.pop(0) if self._outgoing_outcomes else "answer"
             result = OUTGOING_OUTCOMES[outcome]
             if result is None:
-                call._established()
+                call._established(ringing=True)
             else:
                 code, subcode, message = result
                 call._enqueue(build.call_state(call_id, "establishing"), state="establishing")
@@ -1390,6 +1420,11 @@ class Simulator:
                     f"{t.summary} -> {t.status or 'no answer'}" for t in refused[:5]
                 )
             raise SimulatorError(message) from None
+
+
+def _asks_for_delta_roster(body: Mapping[str, Any]) -> bool:
+    options = body.get("callOptions")
+    return isinstance(options, Mapping) and options.get("isDeltaRosterEnabled") is True
 
 
 def _retry_after(value: str | None, default: float) -> float:

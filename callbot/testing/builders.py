@@ -34,6 +34,7 @@ __all__ = [
     "call_state",
     "call_terminated",
     "content_sharing",
+    "delta_roster",
     "incoming_call",
     "notifications",
     "operation_update",
@@ -191,6 +192,27 @@ def participant(
 def roster(call_id: str, participants: Iterable[models.Participant]) -> dict[str, Any]:
     """An ``updated`` participants collection: the whole roster as it now is."""
     return _item("updated", _call_path(call_id) + "/participants", [_dump(p) for p in participants])
+
+
+def delta_roster(
+    call_id: str,
+    participants: Iterable[models.Participant],
+    *,
+    sequence_number: int,
+    change_type: str = "updated",
+) -> dict[str, Any]:
+    """A delta roster (``isDeltaRosterEnabled``): only the participants that changed.
+
+    ``change_type`` is ``created`` for participants who joined, ``updated`` for
+    those who changed and ``deleted`` for those who left; ``sequence_number``
+    orders the deltas of a call.
+    """
+    data = {
+        "@odata.type": "#microsoft.graph.deltaParticipants",
+        "sequenceNumber": sequence_number,
+        "participants": [_dump(p) for p in participants],
+    }
+    return _item(change_type, _call_path(call_id) + "/participants", data)
 
 
 def operation_update(
