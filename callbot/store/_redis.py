@@ -56,7 +56,7 @@ _BLOCK_SECONDS = 1.0
 """How long a blocking read waits; below the socket timeout, so a wait is never an error."""
 _SOCKET_TIMEOUT = 3.0
 _EVENTS_MAXLEN = 10_000
-"""Roughly how many operation outcomes and call ends the shared events stream keeps."""
+"""Roughly how many operation outcomes, tones and call ends the shared events stream keeps."""
 _ACTIVE_RECORD_MS = 24 * 3600 * 1000
 """A record of a call that never ended is dropped after a day without notifications."""
 _MIN_DEDUPE_MS = 10 * 60 * 1000
@@ -183,8 +183,6 @@ class RedisStore:
             # Redis's expiry forgets ended calls and the owner evicts on release; a local
             # forget could revive an ended call whose handlers are still running.
             termination_grace=_NEVER,
-            # Handlers run where the call is owned, so tones for collect_digits go there.
-            on_tone=hooks.on_tone,
         )
         dispatcher.on_done = self._delivered
         self._owned: dict[str, _Owned] = {}
@@ -321,7 +319,10 @@ class RedisStore:
         calls: list[list[Any]] = []
         for event in batch:
             call = event.call_key
-            broadcast = isinstance(event, events.OperationUpdated | events.CallTerminated)
+            # Whoever waits for these (op.wait, collect_digits, ...) may run on any instance.
+            broadcast = isinstance(
+                event, events.OperationUpdated | events.CallTerminated | events.ToneReceived
+            )
             # Only the first item of a call in this batch may take it on.
             take = room and call not in self._owned and call not in taking
             if take:
@@ -721,7 +722,7 @@ class RedisStore:
                 if record is not None and not record.ended:
                     self._known[call] = record
 
-    # -- operation outcomes and call ends, from every instance ----------------------
+    # -- operation outcomes, tones and call ends, from every instance ---------------
 
     async def _events_loop(self) -> None:
         stream = self._keys.events
@@ -755,6 +756,8 @@ class RedisStore:
             return
         if isinstance(event, events.OperationUpdated):
             self._hooks.on_operation(event)
+        elif isinstance(event, events.ToneReceived):
+            self._hooks.on_tone(event)
         elif isinstance(event, events.CallTerminated):
             self._hooks.on_ended(event.call_key, event.result_info)
             known = self._known.get(event.call_key)
