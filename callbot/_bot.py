@@ -110,6 +110,8 @@ class _Runtime:
         for event in batch:
             if isinstance(event, events.OperationUpdated):
                 self.services.on_operation(event)
+            elif isinstance(event, events.ToneReceived):
+                self.services.on_tone(event)
             elif isinstance(event, events.CallTerminated):
                 self.services.on_ended(event.call_key, event.result_info)
 
