@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from .support.snippets import ROOT, files_in
+
 pytest_plugins = ["pytester"]
 
 BOT = """
@@ -193,3 +195,13 @@ def test_errors_taken_by_on_error_do_not_fail_a_strict_test(pytester: pytest.Pyt
     # No asyncio mode, no mark, no loop scope: the plugin arranges them; no warning either.
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-W", "error", timeout=120)
     result.assert_outcomes(passed=1)
+
+
+def test_the_readme_bot_and_tests_pass_in_a_project_without_configuration(
+    pytester: pytest.Pytester,
+) -> None:
+    files = files_in(ROOT / "README.md")
+    pytester.makepyfile(**{name.removesuffix(".py"): source for name, source in files.items()})
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-W", "error", timeout=120)
+    result.assert_outcomes(passed=2)
+    assert "PytestDeprecationWarning" not in result.stdout.str()
