@@ -179,10 +179,11 @@ async def _collect(
     max_digits: int,
     finish: set[str],
     timeout: float,
+    typed_ahead: bool = False,
 ) -> str:
     playing: Operation[Any] | None = None
-    # Keys the caller typed ahead answer already: the prompt is not played over them.
-    if prompt is not None and not listener.pending():
+    # Keys typed during a menu's invalid-choice prompt answer already: no prompt over them.
+    if prompt is not None and not (typed_ahead and listener.pending()):
         playing = await call.play_prompt(prompt)
         await _first_key(listener, playing)
     digits = ""
@@ -245,7 +246,13 @@ async def menu(
         await router.ensure_subscribed(call)
         for attempt in range(retries + 1):
             keys = await _collect(
-                call, listener, prompt, max_digits=longest, finish=finish, timeout=timeout
+                call,
+                listener,
+                prompt,
+                max_digits=longest,
+                finish=finish,
+                timeout=timeout,
+                typed_ahead=attempt > 0,
             )
             if keys in options:
                 return options[keys]
