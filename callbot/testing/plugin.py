@@ -43,6 +43,7 @@ project leaves it unset.
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import AsyncIterator, Generator
 from typing import Any
 
@@ -83,6 +84,10 @@ def pytest_configure(config: pytest.Config) -> None:
     cache = getattr(config, "_inicache", None)
     if isinstance(cache, dict):
         cache[_LOOP_SCOPE_OPTION] = "function"
+    else:  # a pytest without that cache: at least keep the warning out of the run
+        warnings.filterwarnings(
+            "ignore", message=f".*{_LOOP_SCOPE_OPTION}.* is unset", category=DeprecationWarning
+        )
 
 
 @pytest.hookimpl(wrapper=True, trylast=True)
