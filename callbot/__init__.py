@@ -14,6 +14,7 @@ from ._config import Settings
 from ._errors import (
     AuthenticationError,
     CallbotError,
+    CallEnded,
     ConfigurationError,
     GraphError,
     KeysUnavailable,
@@ -21,12 +22,13 @@ from ._errors import (
     OperationFailed,
     StoreUnavailable,
 )
-from .graph import Call, Operation
+from .graph import Call, Operation, Target
 
 __all__ = [
     "AuthenticationError",
     "Call",
     "CallBot",
+    "CallEnded",
     "CallbotError",
     "ConfigurationError",
     "GraphError",
@@ -36,6 +38,7 @@ __all__ = [
     "OperationFailed",
     "Settings",
     "StoreUnavailable",
+    "Target",
     "events",
     "models",
 ]

@@ -135,6 +135,8 @@ class _Runtime:
         for event in batch:
             if isinstance(event, events.OperationUpdated):
                 self.services.on_operation(event)
+            elif isinstance(event, events.ToneReceived):
+                self.services.on_tone(event)
             elif isinstance(event, events.CallTerminated):
                 self.lifecycle.end(event.call_id, event.result_info)
 

@@ -7,6 +7,7 @@ import asyncio
 import os
 import sys
 
+from ._diagram import SequenceDiagram
 from ._display import FORMATS, TrafficPrinter
 from ._errors import CallbotError
 from ._log import configure_logging
@@ -19,7 +20,11 @@ __all__ = ["add_testing_commands"]
 def _demo(args: argparse.Namespace) -> int:
     from ._demo import main
 
-    return main(fmt=args.format, pace=args.pace, verbose=args.verbose)
+    diagram = SequenceDiagram() if args.diagram else None
+    status = main(fmt=args.format, pace=args.pace, verbose=args.verbose, diagram=diagram)
+    if diagram is not None:
+        diagram.write(args.diagram, "callbot demo")
+    return status
 
 
 def _remote(args: argparse.Namespace, url: str) -> object:
@@ -59,9 +64,21 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _replay(args: argparse.Namespace) -> int:
+    if not os.path.isfile(args.file):
+        raise CallbotError(f"cannot replay {args.file!r}: no such file")
+    printer = TrafficPrinter(sys.stdout, fmt=args.format)
+    diagram = SequenceDiagram()
+    status = _replay_into(args, printer, diagram)
+    if args.diagram:
+        diagram.write(args.diagram, f"callbot replay {os.path.basename(args.file)}")
+    return status
+
+
+def _replay_into(
+    args: argparse.Namespace, printer: TrafficPrinter, diagram: SequenceDiagram
+) -> int:
     from ._simulate import RemoteBot, replay
 
-    printer = TrafficPrinter(sys.stdout, fmt=args.format)
     if args.bot:
         from .cli import load_bot
 
@@ -79,6 +96,7 @@ def _replay(args: argparse.Namespace) -> int:
                 speed=args.speed,
                 max_gap=args.max_gap,
                 settle=args.settle,
+                observers=[diagram],
             )
         )
     remote = _remote(args, args.url)
@@ -91,6 +109,7 @@ def _replay(args: argparse.Namespace) -> int:
             speed=args.speed,
             max_gap=args.max_gap,
             settle=args.settle,
+            observers=[diagram],
         )
     )
 
@@ -127,6 +146,9 @@ def add_testing_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
         "--pace", type=float, default=0.3, help="seconds each prompt plays (default 0.3)"
     )
     demo.add_argument("--verbose", action="store_true", help="also show the bot's log on stderr")
+    demo.add_argument(
+        "--diagram", metavar="FILE.md", help="also write the calls as Mermaid sequence diagrams"
+    )
     demo.set_defaults(func=_demo)
 
     simulate = commands.add_parser(
@@ -178,4 +200,7 @@ def add_testing_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
         "--settle", type=float, default=1.0, help="seconds to let handlers finish at the end"
     )
     replay.add_argument("--format", choices=FORMATS, default="auto")
+    replay.add_argument(
+        "--diagram", metavar="FILE.md", help="also write the calls as Mermaid sequence diagrams"
+    )
     replay.set_defaults(func=_replay)

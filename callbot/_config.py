@@ -42,16 +42,23 @@ class Settings:
     allow_insecure_public_url: bool = False
     """Accept an http public URL (for a local simulator only)."""
     host: str = "127.0.0.1"
+    """Address to listen on (``0.0.0.0`` for every interface)."""
     port: int = 8080
+    """Port to listen on."""
     callback_path: str = "/api/calls"
+    """Path of the callback route Graph posts notifications to."""
     graph_url: str = DEFAULT_GRAPH_URL
+    """Root of the Graph API the bot calls (the simulator replaces it in tests)."""
     authority_url: str = DEFAULT_AUTHORITY_URL
+    """Token authority; outbound tokens come from ``{authority}/{tenant}/oauth2/v2.0/token``."""
     openid_config_url: str = DEFAULT_OPENID_CONFIG_URL
+    """The calling platform's OpenID configuration, where inbound tokens' signing keys are."""
     allowed_tenants: frozenset[str] = frozenset()
     """When not empty, only tokens whose ``tid`` is listed are accepted."""
     token_leeway: float = 60.0
     """Clock skew tolerated on ``exp``/``nbf``/``iat``."""
     key_refresh_interval: float = 3600.0
+    """How often the signing keys are fetched again."""
     key_refetch_cooldown: float = 5.0
     """After a refetch for an unknown ``kid``, no other refetch for this long."""
     reorder_window: float = 1.0
@@ -61,7 +68,9 @@ class Settings:
     termination_grace: float = 30.0
     """How long a terminated call's state is kept to drop stragglers."""
     max_body_bytes: int = 1024 * 1024
+    """Larger callback bodies are refused (413)."""
     max_json_depth: int = 64
+    """Callback bodies nested deeper are refused (400)."""
     max_items_per_request: int = 200
     """Notification items one callback may carry; more is refused (413) before parsing them."""
     header_timeout: float = 10.0
@@ -91,11 +100,13 @@ class Settings:
     graph_request_timeout: float = 30.0
     """How long one Graph request attempt may take."""
     keep_alive: bool = True
+    """Tell Graph the bot still holds each established call (else it ends after 45 minutes)."""
     keep_alive_interval: float = 15 * 60.0
+    """How often a call's keep-alive is sent."""
     shutdown_timeout: float = 25.0
     """On shutdown, how long running handlers may take to finish."""
     store: str = "memory"
-    """``memory``, or a ``redis://`` URL shared by every instance (see docs/scaling.md)."""
+    """``memory``, or a ``redis://`` URL shared by every instance (see the scaling guide)."""
     store_lease: float = 10.0
     """Redis store: how long an instance's claim on a call outlives its last renewal.
 
@@ -105,6 +116,7 @@ class Settings:
     log_format: str = "auto"
     """``json``, ``console`` or ``auto`` (console on a terminal, JSON otherwise)."""
     log_level: str = "info"
+    """``debug``, ``info``, ``warning`` or ``error``; the standard library's ``logging`` too."""
     record_path: str | None = None
     """When set, accepted notifications are appended to this JSON-lines file."""
 

@@ -1,7 +1,8 @@
 """``callbot demo``: a sample IVR bot and the Graph simulator play three calls on 127.0.0.1.
 
-The bot is the IVR of ``samples/ivr`` in short: answer, welcome menu, 1 for an
-agent (transfer), 2 for voicemail (record, download, goodbye, hang up). It is
+The bot is the IVR of ``callbot/samples/ivr`` in short: answer, a menu
+(``call.menu``), 1 for an agent (transfer), 2 for voicemail (record,
+download, goodbye, hang up). It is
 shipped in the package so the demo runs on a fresh install, with no account
 and no network. Every notification and Graph request is printed as it happens.
 """
@@ -14,8 +15,9 @@ from typing import Any, TextIO
 
 from . import events
 from ._bot import CallBot
+from ._diagram import SequenceDiagram
 from ._display import TrafficPrinter
-from ._errors import GraphError, OperationFailed
+from ._errors import CallEnded, OperationFailed
 from ._log import configure_logging
 from .graph import Call, Target
 from .testing._simulator import Simulator, SimulatorError, run_with_simulator
@@ -33,29 +35,22 @@ AGENT = Target.user("6e0b8a2d-5e8c-4a4f-9d1b-1f2e3d4c5b6a", "Agent")
 
 
 def build_demo_bot() -> CallBot:
-    """The demo IVR (a new bot each time: its state lives in the closure)."""
+    """The demo IVR (a new bot each time)."""
     bot = CallBot(app_id=DEMO_APP_ID, shutdown_timeout=2.0)
-    chosen: set[str] = set()
 
     @bot.on_incoming_call
     async def answer(call: Call, event: events.IncomingCall) -> None:
         await call.answer(prefetch=[WELCOME])
 
     @bot.on_state("established")
-    async def greet(call: Call, event: events.CallStateChanged) -> None:
-        await call.subscribe_to_tone()
-        await call.play_prompt(WELCOME)
-
-    @bot.on_tone
-    async def menu(call: Call, event: events.ToneReceived) -> None:
-        if call.key in chosen:
-            return
-        if event.tone == "tone1":
-            chosen.add(call.key)
+    async def main_menu(call: Call, event: events.CallStateChanged) -> None:
+        choice = await call.menu(
+            WELCOME, {"1": "agent", "2": "voicemail"}, invalid_prompt=INVALID_CHOICE
+        )
+        if choice == "agent":
             await (await call.play_prompt(TRANSFERRING)).wait(timeout=30)
             await call.transfer(AGENT)
-        elif event.tone == "tone2":
-            chosen.add(call.key)
+        elif choice == "voicemail":
             recording = await call.record_response(
                 prompts=[LEAVE_A_MESSAGE], play_beep=True, max_record_duration=60
             )
@@ -64,14 +59,8 @@ def build_demo_bot() -> CallBot:
                 await call.download_recording(recording)
                 await (await call.play_prompt(GOODBYE)).wait(timeout=30)
                 await call.hangup()
-            except (OperationFailed, GraphError):
+            except (OperationFailed, CallEnded):
                 return  # the caller hung up first
-        else:
-            await call.play_prompt([INVALID_CHOICE, WELCOME])
-
-    @bot.on_terminated
-    async def forget(call: Call, event: events.CallTerminated) -> None:
-        chosen.discard(call.key)
 
     return bot
 
@@ -82,7 +71,8 @@ async def _script(printer: TrafficPrinter, sim: Simulator, wait: float) -> None:
     await call.wait_for_request("playPrompt", timeout=wait)
     await call.listen(timeout=wait)
     await call.press("7", timeout=wait)
-    await call.wait_for_request("playPrompt", timeout=wait)
+    await call.wait_for_request("playPrompt", timeout=wait)  # that is not a choice
+    await call.wait_for_request("playPrompt", timeout=wait)  # the menu again
     await call.listen(timeout=wait)
     await call.press("1", timeout=wait)
     await call.wait_for_request("transfer", timeout=wait)
@@ -99,13 +89,21 @@ async def _script(printer: TrafficPrinter, sim: Simulator, wait: float) -> None:
     printer.note("Call 3: Lee Gu calls and hangs up during the welcome menu")
     call = await sim.incoming_call(from_user="Lee Gu")
     await call.wait_for_request("playPrompt", timeout=wait)
-    await call.hang_up()
+    await call.hangup()
 
 
 async def run_demo(
-    stream: TextIO | None = None, *, fmt: str = "auto", pace: float = 0.3, verbose: bool = False
+    stream: TextIO | None = None,
+    *,
+    fmt: str = "auto",
+    pace: float = 0.3,
+    verbose: bool = False,
+    diagram: SequenceDiagram | None = None,
 ) -> int:
-    """Play the demo calls; returns the exit status (0 when every call went as scripted)."""
+    """Play the demo calls; returns the exit status (0 when every call went as scripted).
+
+    ``diagram`` (when given) sees the traffic too, to draw the calls.
+    """
     printer = TrafficPrinter(stream or sys.stdout, fmt=fmt)
     configure_logging(
         "json" if printer.format == "json" else "console", "info" if verbose else "error"
@@ -119,7 +117,8 @@ async def run_demo(
         "bot_name": "Contoso IVR",
     }
     printer.note("callbot demo: a sample IVR bot and a simulated Microsoft Graph, all on 127.0.0.1")
-    async with run_with_simulator(bot, observers=[printer], **options) as sim:
+    observers: list[Any] = [printer] if diagram is None else [printer, diagram]
+    async with run_with_simulator(bot, observers=observers, **options) as sim:
         printer.detail(f"bot callback  {sim.callback_url}")
         printer.detail(f"Graph         {sim.graph_url}")
         printer.detail(f"signing keys  {sim.openid_config_url}")
@@ -143,10 +142,18 @@ async def run_demo(
         f"demo finished: 3 calls, {notifications} notifications to the bot, "
         f"{requests} requests to Graph"
     )
-    printer.detail("Next: copy samples/ivr, test it with pytest, run it with `callbot run`.")
+    printer.detail(
+        "Next: `callbot sample ivr my_ivr` writes this IVR with its tests to my_ivr/; "
+        "then `python -m pytest my_ivr` and `callbot run my_ivr.bot:bot`."
+    )
     return 0
 
 
-def main(fmt: str = "auto", pace: float = 0.3, verbose: bool = False) -> int:
+def main(
+    fmt: str = "auto",
+    pace: float = 0.3,
+    verbose: bool = False,
+    diagram: SequenceDiagram | None = None,
+) -> int:
     """Run the demo in a fresh event loop."""
-    return asyncio.run(run_demo(fmt=fmt, pace=pace, verbose=verbose))
+    return asyncio.run(run_demo(fmt=fmt, pace=pace, verbose=verbose, diagram=diagram))

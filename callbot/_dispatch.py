@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from . import events
+from ._errors import CallEnded
 from ._log import get_logger
 from ._sequencing import Delivery
 
@@ -115,7 +116,8 @@ class Dispatcher:
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._observe = observe
         self.counts: Counter[str] = Counter()
-        """handled (deliveries run), handler_errors."""
+        """handled (deliveries run), handler_errors, unhandled_errors (no on_error took them),
+        call_ended (handlers stopped by :class:`~callbot.CallEnded`)."""
 
     @property
     def queued(self) -> int:
@@ -195,6 +197,11 @@ class Dispatcher:
             outcome = "error"
             self.counts["handler_errors"] += 1
             await self._report(name, call, event, exc)
+        except CallEnded:
+            # The caller hung up while the handler acted: not a bug in the handler.
+            outcome = "call_ended"
+            log.info("handler_stopped_call_ended", call_id=event.call_id, handler=name)
+            self.counts["call_ended"] += 1
         except Exception as exc:
             outcome = "error"
             self.counts["handler_errors"] += 1
@@ -206,6 +213,7 @@ class Dispatcher:
     async def _report(self, name: str, call: Call, event: events.Event, exc: BaseException) -> None:
         handlers = self._registry.error_handlers
         if not handlers:
+            self.counts["unhandled_errors"] += 1
             log.error(
                 "handler_failed",
                 call_id=event.call_id,
@@ -219,6 +227,7 @@ class Dispatcher:
             try:
                 await on_error(call, event, exc)
             except Exception as second:
+                self.counts["unhandled_errors"] += 1
                 log.error(
                     "error_handler_failed",
                     call_id=event.call_id,

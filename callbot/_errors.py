@@ -7,6 +7,7 @@ CallbotError
 ├── MalformedNotification   an inbound body could not be understood (.reason)
 ├── StoreUnavailable        the state store cannot be reached
 ├── GraphError              Graph answered an outbound request with an error
+│   └── CallEnded           Graph no longer knows the call (404): it has ended
 └── OperationFailed         a Graph operation ended with status "failed"
 """
 
@@ -16,6 +17,7 @@ from typing import Any
 
 __all__ = [
     "AuthenticationError",
+    "CallEnded",
     "CallbotError",
     "ConfigurationError",
     "GraphError",
@@ -97,6 +99,28 @@ class GraphError(CallbotError):
         self.request_id = request_id
         self.client_request_id = client_request_id
         self.body = body
+
+
+class CallEnded(GraphError):
+    """An action on a call got 404: the call has ended (usually the caller hung up).
+
+    Catch it where a handler should stop quietly; a handler that lets it escape
+    is stopped without counting as a failure (it is logged at info level).
+    """
+
+    @classmethod
+    def from_graph_error(cls, exc: GraphError) -> CallEnded:
+        """The same answer from Graph, as a ``CallEnded``."""
+        return cls(
+            exc.status,
+            exc.code,
+            exc.message,
+            method=exc.method,
+            url=exc.url,
+            request_id=exc.request_id,
+            client_request_id=exc.client_request_id,
+            body=exc.body,
+        )
 
 
 def _code(result_info: Any, name: str) -> Any:

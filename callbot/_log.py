@@ -37,26 +37,55 @@ def is_enabled(level: int) -> bool:
 
 
 def configure_logging(log_format: str = "auto", level: str = "info") -> None:
-    """Set up structlog for a bot process.
+    """Set up structlog, and the standard library's ``logging``, for a bot process.
 
     ``log_format`` is ``json``, ``console`` or ``auto`` (console on a terminal,
-    JSON lines otherwise). Context bound with ``structlog.contextvars`` (such as
-    ``call_id``) is merged into every line.
+    JSON lines otherwise); ``level`` a level name (``debug``, ``info``, ...).
+    Context bound with ``structlog.contextvars`` (such as ``call_id``) is
+    merged into every line. Lines a bot writes with ``logging`` go through the
+    same processors and renderer, so they look like callbot's own.
     """
     use_console = log_format == "console" or (log_format == "auto" and sys.stderr.isatty())
     renderer: Any = (
         structlog.dev.ConsoleRenderer() if use_console else structlog.processors.JSONRenderer()
     )
     numeric_level = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
+        processors=[*shared, structlog.processors.format_exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
+    _route_stdlib_logging(shared, renderer, numeric_level)
+
+
+class _CallbotHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The root handler configure_logging installs (found again to be replaced)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # Whatever stderr is now: a test runner may have swapped it since configuration.
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+def _route_stdlib_logging(shared: list[Any], renderer: Any, level: int) -> None:
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+    )
+    handler = _CallbotHandler()
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _CallbotHandler)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)

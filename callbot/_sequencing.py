@@ -175,7 +175,8 @@ class Sequencer:
     Each state a delivered event moves the call into is told to ``lifecycle``,
     which decides whether it is new and when the call has ended;
     ``on_operation`` is told at once when an operation notification is accepted
-    (to resolve waits even while the call's handler runs).
+    (to resolve waits even while the call's handler runs), ``on_tone`` at once
+    when a tone is accepted (for a handler collecting digits).
     """
 
     def __init__(
@@ -185,12 +186,14 @@ class Sequencer:
         *,
         reorder_window: float = 1.0,
         on_operation: Callable[[events.OperationUpdated], None] | None = None,
+        on_tone: Callable[[events.ToneReceived], None] | None = None,
     ) -> None:
         self._deliver_fn = deliver
         self.lifecycle = lifecycle
         """The owner of the calls' lives this sequencer reports to."""
         self._window = reorder_window
         self._on_operation = on_operation
+        self._on_tone = on_tone
         self._records: dict[str, CallRecord] = {}
         lifecycle.when_forgotten(self._forgotten)
         self.counts: Counter[str] = Counter()
@@ -218,6 +221,9 @@ class Sequencer:
             record.seen.append(digest)
         if isinstance(event, events.OperationUpdated) and self._on_operation is not None:
             self._on_operation(event)
+        elif isinstance(event, events.ToneReceived) and self._on_tone is not None:
+            # A handler collecting digits is still running: tones reach it now, not queued.
+            self._on_tone(event)
         self._route(record, event)
 
     def record(self, call_key: str) -> CallRecord | None:

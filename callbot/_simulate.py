@@ -13,7 +13,7 @@ import asyncio
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -25,7 +25,7 @@ from ._bot import CallBot
 from ._display import TrafficPrinter
 from ._recording import RecordedBatch, read_recording
 from .testing._scenarios import SCENARIOS, ScenarioOptions
-from .testing._simulator import Simulator, SimulatorError, run_with_simulator
+from .testing._simulator import Simulator, SimulatorError, Traffic, run_with_simulator
 
 __all__ = ["RemoteBot", "replay", "simulate"]
 
@@ -173,8 +173,12 @@ async def replay(
     max_gap: float = 5.0,
     settle: float = 1.0,
     info: TextIO | None = None,
+    observers: Sequence[Callable[[Traffic], None]] = (),
 ) -> int:
-    """Post a recording's batches to a bot (loaded here, or served elsewhere); exit status."""
+    """Post a recording's batches to a bot (loaded here, or served elsewhere); exit status.
+
+    ``observers`` see the traffic too (a :class:`~callbot._diagram.SequenceDiagram`).
+    """
     info = info or sys.stderr
     batches = list(read_recording(path))
     if not batches:
@@ -182,7 +186,8 @@ async def replay(
         return 1
     printer.note(f"replaying {len(batches)} batch(es) from {path}")
     if bot is not None:
-        async with run_with_simulator(bot, drive=False, observers=[printer]) as sim:
+        watchers = [printer, *observers]
+        async with run_with_simulator(bot, drive=False, observers=watchers) as sim:
             refused = await _post_all(sim, batches, speed=speed, max_gap=max_gap)
             # Let the bot's handlers act on the last notifications before it stops.
             await asyncio.sleep(settle)
@@ -202,7 +207,7 @@ async def replay(
         keys_port=remote.keys_port,
         graph_port=remote.graph_port,
         drive=False,
-        observers=[printer],
+        observers=[printer, *observers],
     )
     await sim.start()
     try:

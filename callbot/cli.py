@@ -7,14 +7,17 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
 
+from . import __version__
 from ._bot import CallBot
 from ._cli_testing import add_testing_commands
 from ._errors import CallbotError
 from ._log import configure_logging
 from ._tunnel import TUNNEL_KINDS, discover_public_url
 
-__all__ = ["load_bot", "main"]
+__all__ = ["build_parser", "load_bot", "main", "write_sample"]
 
 
 def load_bot(target: str) -> CallBot:
@@ -25,7 +28,16 @@ def load_bot(target: str) -> CallBot:
     if os.getcwd() not in sys.path:
         # A bot module next to where the command runs should import like a script.
         sys.path.insert(0, os.getcwd())
-    module = importlib.import_module(module_name)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        # Only the named module being absent is a typo; a missing dependency inside it is a bug.
+        if exc.name is None or not (module_name + ".").startswith(exc.name + "."):
+            raise
+        raise CallbotError(
+            f"cannot import {module_name!r} (from {target!r}): no module named {exc.name!r} "
+            f"in {os.getcwd()} or on the Python path"
+        ) from None
     obj = getattr(module, attribute or "bot", None)
     if obj is None:
         raise CallbotError(f"{module_name} has no attribute {attribute or 'bot'!r}")
@@ -46,13 +58,53 @@ def _run(args: argparse.Namespace) -> int:
         port = bot.settings.port if args.port is None else args.port
         listen_host = args.host or bot.settings.host
         bot.configure(public_url=discover_public_url(args.tunnel, port, listen_host=listen_host))
-    bot.run(args.host, args.port)
+    try:
+        bot.run(args.host, args.port)
+    except OSError as exc:
+        host = args.host or bot.settings.host
+        port = bot.settings.port if args.port is None else args.port
+        raise CallbotError(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc} "
+            "(choose another with --port or CALLBOT_PORT)"
+        ) from None
+    return 0
+
+
+SAMPLES = ("ivr", "meeting", "notifier")
+
+
+def write_sample(name: str, directory: str) -> list[Path]:
+    """Copy the sample bot ``name`` (its bot, tests and README) into a new ``directory``."""
+    if name not in SAMPLES:
+        raise CallbotError(f"no sample {name!r}; samples: {', '.join(SAMPLES)}")
+    target = Path(directory)
+    if target.exists() and any(target.iterdir()):
+        raise CallbotError(f"{directory} exists and is not empty: choose a new directory")
+    source = resources.files("callbot.samples").joinpath(name)
+    target.mkdir(parents=True, exist_ok=True)
+    written = []
+    for entry in sorted(source.iterdir(), key=lambda e: e.name):
+        if entry.is_file() and entry.name.endswith((".py", ".md")):
+            path = target / entry.name
+            path.write_bytes(entry.read_bytes())
+            written.append(path)
+    return written
+
+
+def _sample(args: argparse.Namespace) -> int:
+    directory = args.directory or args.name
+    written = write_sample(args.name, directory)
+    package = Path(directory).name
+    print(f"wrote the {args.name} sample to {directory}/ ({len(written)} files). Next:")
+    print(f"  python -m pytest {directory}          # its tests, against the simulator")
+    print(f"  callbot run {package}.bot:bot        # serve it (see {directory}/README.md)")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``callbot`` command."""
     parser = argparse.ArgumentParser(prog="callbot", description="Microsoft Graph calling bots")
+    parser.add_argument("--version", action="version", version=f"callbot {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="serve a bot: callbot run MODULE:ATTR")
     run.add_argument("target", help="MODULE:ATTR naming a CallBot (or a function returning one)")
@@ -65,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="development: take public_url from a running ngrok agent or dev tunnel",
     )
     run.set_defaults(func=_run)
+    sample = commands.add_parser(
+        "sample", help="write a sample bot with its tests to start from: callbot sample ivr DIR"
+    )
+    sample.add_argument("name", choices=SAMPLES, help="which sample")
+    sample.add_argument("directory", nargs="?", help="where to write it (default: NAME)")
+    sample.set_defaults(func=_sample)
     add_testing_commands(commands)
     return parser
 

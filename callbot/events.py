@@ -24,6 +24,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from . import models
+from ._dtmf import digit_of
 from ._ids import id_key
 
 __all__ = [
@@ -117,6 +118,11 @@ class ToneReceived(Event):
     tone: str
     sequence_id: int | None = None
     call: models.Call
+
+    @property
+    def digit(self) -> str:
+        """The key pressed: ``"1"`` for ``tone1``, ``"#"`` for ``pound``, ``"*"`` for ``star``."""
+        return digit_of(self.tone)
 
 
 class ParticipantsUpdated(Event):

@@ -288,7 +288,9 @@ async def test_no_credentials(graph: FakeGraph) -> None:
     svc = CallServices(graph.settings(app_secret=None))
     with capture_logs() as logs:
         await svc.start()
-    assert any(e["event"] == "graph_no_credentials" for e in logs)
+    warning = next(e for e in logs if e["event"] == "bot_cannot_act")
+    assert warning["log_level"] == "warning"
+    assert "CALLBOT_APP_SECRET or CALLBOT_CERTIFICATE_PATH" in warning["missing"]
     with pytest.raises(ConfigurationError, match="no Graph credentials"):
         await svc.call(CALL_ID).keep_alive()
     await svc.close()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from .support.snippets import ROOT, files_in
+
 pytest_plugins = ["pytester"]
 
 BOT = """
@@ -61,14 +63,14 @@ async def test_caller_hangs_up(sim):
     await sim.incoming_call()
     prompt = await sim.wait_for_request("playPrompt")
     assert prompt.json["prompts"][0]["mediaInfo"]["uri"].endswith("menu.wav")
-    await sim.hang_up()
+    await sim.hangup()
 
 
 @pytest.mark.asyncio
 async def test_a_handler_that_raises_fails_the_test(sim):
     await sim.incoming_call()
     await sim.press("9")
-    await sim.hang_up()
+    await sim.hangup()
 
 
 @pytest.mark.asyncio
@@ -149,3 +151,57 @@ def test_the_plugin_is_registered_as_an_entry_point() -> None:
 
     found = [ep for ep in entry_points(group="pytest11") if ep.name == "callbot"]
     assert [ep.value for ep in found] == ["callbot.testing.plugin"]
+
+
+HANDLED_BOT = """
+from callbot import CallBot
+
+bot = CallBot.from_env()
+taken = []
+
+
+@bot.on_incoming_call
+async def answer(call, event):
+    await call.answer()
+
+
+@bot.on_state("established")
+async def menu(call, event):
+    await call.subscribe_to_tone()
+    raise LookupError("no menu configured")
+
+
+@bot.on_error
+async def take(call, event, exc):
+    taken.append(type(exc).__name__)
+"""
+
+HANDLED_TESTS = """
+from mybot import taken
+
+
+async def test_an_error_on_error_took_is_not_a_failure(sim):
+    call = await sim.incoming_call()
+    await call.wait_for_request("subscribeToTone")
+    await call.hangup()
+    assert taken == ["LookupError"]
+"""
+
+
+def test_errors_taken_by_on_error_do_not_fail_a_strict_test(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(mybot=HANDLED_BOT)
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(test_mybot=HANDLED_TESTS)
+    # No asyncio mode, no mark, no loop scope: the plugin arranges them; no warning either.
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-W", "error", timeout=120)
+    result.assert_outcomes(passed=1)
+
+
+def test_the_readme_bot_and_tests_pass_in_a_project_without_configuration(
+    pytester: pytest.Pytester,
+) -> None:
+    files = files_in(ROOT / "README.md")
+    pytester.makepyfile(**{name.removesuffix(".py"): source for name, source in files.items()})
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-W", "error", timeout=120)
+    result.assert_outcomes(passed=2)
+    assert "PytestDeprecationWarning" not in result.stdout.str()

@@ -13,6 +13,7 @@ def test_the_package_exports_exactly_the_public_names() -> None:
         "AuthenticationError",
         "Call",
         "CallBot",
+        "CallEnded",
         "CallbotError",
         "ConfigurationError",
         "GraphError",
@@ -22,6 +23,7 @@ def test_the_package_exports_exactly_the_public_names() -> None:
         "OperationFailed",
         "Settings",
         "StoreUnavailable",
+        "Target",
         "events",
         "models",
     ]

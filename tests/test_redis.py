@@ -639,3 +639,40 @@ async def test_redis_down_means_503_then_recovery_by_itself(
         assert (await server.client.get("/readyz")).status == 200
     finally:
         server_process.stop()
+
+
+async def test_keys_posted_to_another_instance_reach_a_handler_collecting_digits(
+    authority: TokenAuthority, serve: Any, redis_url: str
+) -> None:
+    async with FakeGraph() as graph:
+        collecting: dict[str, int] = {}
+        collected: list[tuple[int, str]] = []
+        servers: list[BotServer] = []
+        for index in range(2):
+            bot = make_bot(
+                authority,
+                store=redis_url,
+                graph_url=graph.graph_url,
+                authority_url=graph.authority_url,
+                app_secret="fake-graph-secret",
+            )
+
+            @bot.on_state("established")
+            async def pin(call: Call, event: events.CallStateChanged, index: int = index) -> None:
+                collecting[call.key] = index
+                digits = await call.collect_digits(max_digits=4, finish_on="#", timeout=10)
+                collected.append((index, digits))
+
+            servers.append(await serve(bot))
+        for state in ("establishing", "established"):
+            item = b.call_state("pin-call", state)
+            assert (await servers[0].post(b.notifications(item))).status == 202
+        await graph.wait_for_request("subscribeToTone")
+        await until(lambda: "pincall" in collecting)
+        owner = collecting["pincall"]
+        other = servers[1 - owner]
+        for sequence, tone in enumerate(("tone4", "tone2", "pound"), start=1):
+            response = await other.post(b.notifications(b.tone("pin-call", tone, sequence)))
+            assert response.status == 202
+        await until(lambda: bool(collected), within=5)
+        assert collected == [(owner, "42")]

@@ -110,7 +110,7 @@ async def test_disorderly_delivery_still_reaches_handlers_once_and_in_order() ->
         call = await sim.incoming_call()
         await call.wait_for_state("established")
         await call.press("1")
-        await call.hang_up()
+        await call.hangup()
         await until(lambda: "terminated" in labels(seen))
         posted = [t.summary for t in sim.traffic if t.kind == "notification"]
     assert posted.index("call established") < posted.index("call establishing")
@@ -197,7 +197,7 @@ async def test_no_tones_before_the_bot_subscribes() -> None:
         with pytest.raises(SimulatorError, match="subscribe_to_tone"):
             await call.press("1", timeout=0.3)
         assert not [t for t in sim.traffic if "DTMF" in t.summary]
-        await call.hang_up()
+        await call.hangup()
 
 
 async def test_keys_become_tones_in_sequence() -> None:
@@ -268,7 +268,7 @@ async def test_bot_hanging_up_brings_terminating_then_terminated() -> None:
     bot, seen = answering_bot()
 
     @bot.on_tone
-    async def hang_up(call: Call, event: events.ToneReceived) -> None:
+    async def hangup(call: Call, event: events.ToneReceived) -> None:
         await call.hangup()
 
     async with run_with_simulator(bot) as sim:
@@ -297,7 +297,7 @@ async def test_after_the_caller_hangs_up_graph_answers_404() -> None:
     async with run_with_simulator(bot) as sim:
         call = await sim.incoming_call()
         await call.wait_for_state("established")
-        await call.hang_up()
+        await call.hangup()
         await until(lambda: bool(errors))
     assert errors[0].status == 404
 

@@ -155,7 +155,18 @@ def test_replay_command_posts_a_recording_into_a_bot(
     monkeypatch.setenv("CALLBOT_LOG_LEVEL", "warning")
     try:
         status = main(
-            ["replay", str(recording), "--bot", "replaybot:bot", "--speed", "0", "--format", "json"]
+            [
+                "replay",
+                str(recording),
+                "--bot",
+                "replaybot:bot",
+                "--speed",
+                "0",
+                "--format",
+                "json",
+                "--diagram",
+                "incident.md",
+            ]
         )
         assert sys.modules["replaybot"].seen == [
             "IncomingCall",
@@ -171,6 +182,11 @@ def test_replay_command_posts_a_recording_into_a_bot(
     posted = [entry for entry in out if entry["kind"] == "notification"]
     assert [entry["status"] for entry in posted] == [202, 202, 202, 202]
     assert posted[0]["summary"] == "incoming call from Caller"
+    # The same call, drawn: one Mermaid sequence diagram, Graph's posts and the bot's answers.
+    diagram = (tmp_path / "incident.md").read_text(encoding="utf-8")
+    assert diagram.count("```mermaid\nsequenceDiagram\n") == 1
+    assert "Graph->>Bot: incoming call from Caller (202)" in diagram
+    assert "Graph->>Bot: DTMF tone1 (202)" in diagram
 
 
 def scenario_bot(settings: Settings) -> tuple[CallBot, list[events.Event]]:

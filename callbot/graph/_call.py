@@ -18,7 +18,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import structlog
 
 from .. import models
+from .._dtmf import tones_of
+from .._errors import CallEnded, GraphError
 from .._ids import id_key, path_segment
+from . import _digits
 from ._client import GraphResponse
 from ._operations import Operation
 from ._values import (
@@ -48,16 +51,7 @@ __all__ = [
 log = structlog.get_logger("callbot.graph")
 
 OpT = TypeVar("OpT", bound=models.CommsOperation)
-
-_DTMF = {
-    **{str(d): f"tone{d}" for d in range(10)},
-    "*": "star",
-    "#": "pound",
-    "A": "a",
-    "B": "b",
-    "C": "c",
-    "D": "d",
-}
+T = TypeVar("T")
 
 MediaConfigLike = models.MediaConfig | Mapping[str, Any]
 CallOptionsLike = models.CallOptions | Mapping[str, Any]
@@ -119,10 +113,7 @@ def scenario_of(call_id: str) -> str:
 
 def _tones(tones: str | Sequence[str]) -> list[str]:
     if isinstance(tones, str):
-        try:
-            return [_DTMF[ch.upper()] for ch in tones if not ch.isspace()]
-        except KeyError as exc:
-            raise ValueError(f"not a DTMF key: {exc.args[0]!r} (use 0-9, *, #, A-D)") from None
+        return tones_of(tones)
     return list(tones)
 
 
@@ -195,14 +186,20 @@ class Call:
     async def _request(
         self, method: str, subpath: str = "", json: Any = None, *, repeatable: bool | None = None
     ) -> GraphResponse:
-        return await self._services.graph.request(
-            method,
-            self.path + subpath,
-            json=json,
-            scenario_id=self.scenario_id,
-            call_id=self.id,
-            repeatable=repeatable,
-        )
+        try:
+            return await self._services.graph.request(
+                method,
+                self.path + subpath,
+                json=json,
+                scenario_id=self.scenario_id,
+                call_id=self.id,
+                repeatable=repeatable,
+            )
+        except GraphError as exc:
+            # Graph no longer knows the call: it ended (usually the caller hung up).
+            if exc.status == 404 and not isinstance(exc, CallEnded):
+                raise CallEnded.from_graph_error(exc) from None
+            raise
 
     async def _operation(
         self,
@@ -417,6 +414,49 @@ class Call:
             action="recordResponse",
             kind=models.RecordOperation,
             client_context=client_context,
+        )
+
+    async def collect_digits(
+        self,
+        prompt: PromptLike | Sequence[PromptLike] | None = None,
+        *,
+        max_digits: int = 1,
+        finish_on: str | None = "#",
+        timeout: float = 5.0,
+    ) -> str:
+        """Play ``prompt`` and return the keys the caller presses (``""`` when none).
+
+        Subscribes to tones once per call. A key pressed during the prompt stops
+        it. Collecting ends after ``max_digits`` keys, on a key in ``finish_on``
+        (not included), or ``timeout`` seconds after the prompt ended or the last
+        key. Raises :class:`~callbot.CallEnded` when the call ends meanwhile.
+        """
+        return await _digits.collect_digits(
+            self, prompt, max_digits=max_digits, finish_on=finish_on, timeout=timeout
+        )
+
+    async def menu(
+        self,
+        prompt: PromptLike | Sequence[PromptLike],
+        options: Mapping[str, T],
+        *,
+        retries: int = 2,
+        invalid_prompt: PromptLike | Sequence[PromptLike] | None = None,
+        timeout: float = 5.0,
+    ) -> T | None:
+        """Play ``prompt`` until the caller presses one of ``options``; return its value.
+
+        A key not in ``options``, or none within ``timeout``, plays
+        ``invalid_prompt`` (when given) and the menu again, up to ``retries``
+        more times; then ``None``. Keys longer than one digit end with ``#``.
+        """
+        return await _digits.menu(
+            self,
+            prompt,
+            options,
+            retries=retries,
+            invalid_prompt=invalid_prompt,
+            timeout=timeout,
         )
 
     async def cancel_media_processing(

@@ -19,7 +19,7 @@ from .._config import Settings
 from .._errors import GraphError
 from .._ids import id_key
 from .._lifecycle import KeepAliveResult
-from ..events import OperationUpdated
+from ..events import OperationUpdated, ToneReceived
 from ._call import (
     Call,
     CallOptionsLike,
@@ -29,6 +29,7 @@ from ._call import (
 )
 from ._client import GraphClient
 from ._credentials import AsyncTokenCredential
+from ._digits import ToneRouter
 from ._http import RetryPolicy
 from ._meetings import Meeting, parse_join_url
 from ._operations import OperationRegistry
@@ -69,6 +70,8 @@ class CallServices:
         """The Graph client, also for requests callbot does not model."""
         self.operations = OperationRegistry()
         """Operations awaiting their outcome."""
+        self.tones = ToneRouter()
+        """Tones for handlers collecting digits (``call.collect_digits``)."""
         self._lifecycle = lifecycle
         # The scenario ids of calls this bot placed (others derive theirs from the call id).
         self._scenarios: dict[str, str] = {}
@@ -88,9 +91,16 @@ class CallServices:
             return
         self._started = True
         _ = self.graph.session
-        if not self.graph.has_credentials:
-            log.info("graph_no_credentials", detail="outbound Graph requests are not configured")
-            return
+        missing = _missing_for_acting(self.settings, self.graph.has_credentials)
+        if missing:
+            # Loud: such a bot accepts callbacks but cannot answer or act on any call.
+            log.warning(
+                "bot_cannot_act",
+                detail="calls will arrive but cannot be answered or acted on",
+                missing=missing,
+            )
+            if not self.graph.has_credentials:
+                return
         try:
             await self.graph.token()
         except Exception as exc:
@@ -160,11 +170,20 @@ class CallServices:
     def fail_operations(self, call_key: str, result_info: models.ResultInfo | None) -> None:
         """The call ended: fail the operations still awaited on it."""
         try:
-            failed = self.operations.fail_call(id_key(call_key), result_info)
+            key = id_key(call_key)
+            self.tones.on_ended(key)
+            failed = self.operations.fail_call(key, result_info)
             if failed:
                 log.info("graph_operations_failed_call_ended", call_key=call_key, count=failed)
         except Exception:
             log.exception("call_end_cleanup_failed", call_key=call_key)
+
+    def on_tone(self, event: ToneReceived) -> None:
+        """A tone was accepted: hand it to a handler collecting digits, at once."""
+        try:
+            self.tones.on_tone(event)
+        except Exception:
+            log.exception("tone_routing_failed", call_id=getattr(event, "call_id", None))
 
     def on_operation(self, event: OperationUpdated) -> None:
         """An operation notification arrived: resolve whoever waits for it, at once."""
@@ -380,3 +399,15 @@ class CallServices:
             "/communications/calls/logTeleconferenceDeviceQuality",
             json={"quality": body},
         )
+
+
+def _missing_for_acting(settings: Settings, has_credentials: bool) -> list[str]:
+    """The settings a bot still needs before it can call Graph, by variable name."""
+    missing = []
+    if not has_credentials:
+        missing.append("CALLBOT_APP_SECRET or CALLBOT_CERTIFICATE_PATH")
+    if not settings.tenant_id:
+        missing.append("CALLBOT_TENANT_ID")
+    if not settings.public_url:
+        missing.append("CALLBOT_PUBLIC_URL")
+    return missing

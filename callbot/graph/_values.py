@@ -209,9 +209,10 @@ class Target:
 
 
 TargetLike: TypeAlias = (
-    Target | models.InvitationParticipantInfo | models.ParticipantInfo | Mapping[str, Any]
+    Target | str | models.InvitationParticipantInfo | models.ParticipantInfo | Mapping[str, Any]
 )
-"""A :class:`Target`, a model, or the raw Graph dict."""
+"""A :class:`Target`, a Teams user's id (``Target.user(id)``), a model, or the raw Graph dict."""
+
 
 PromptLike: TypeAlias = str | models.Prompt | Mapping[str, Any]
 """A media URL, a :class:`callbot.models.MediaPrompt` (see :func:`media_prompt`), or a dict."""
@@ -271,6 +272,8 @@ def media_info_json(value: MediaInfoLike) -> dict[str, Any]:
 
 def identity_set_json(value: TargetLike | models.IdentitySet) -> dict[str, Any]:
     """The ``identitySet`` of a target (or an identity set given as such)."""
+    if isinstance(value, str):
+        value = Target.user(value)
     if isinstance(value, Target):
         return value.identity_set_json()
     if isinstance(value, models.IdentitySet):
@@ -284,6 +287,8 @@ def identity_set_json(value: TargetLike | models.IdentitySet) -> dict[str, Any]:
 
 def invitation_json(value: TargetLike) -> dict[str, Any]:
     """The ``invitationParticipantInfo`` wire form of a target."""
+    if isinstance(value, str):
+        value = Target.user(value)
     if isinstance(value, Target):
         return value.invitation_json()
     return dump(value)
@@ -291,6 +296,8 @@ def invitation_json(value: TargetLike) -> dict[str, Any]:
 
 def participant_info_json(value: TargetLike) -> dict[str, Any]:
     """The ``participantInfo`` wire form of a target."""
+    if isinstance(value, str):
+        value = Target.user(value)
     if isinstance(value, Target):
         return value.participant_info_json()
     return dump(value)

@@ -23,6 +23,7 @@ class Outcomes(Protocol):
     them (``CallServices`` provides it). A call's end goes to the lifecycle."""
 
     def on_operation(self, event: events.OperationUpdated) -> None: ...
+    def on_tone(self, event: events.ToneReceived) -> None: ...
 
 
 class Store(Protocol):

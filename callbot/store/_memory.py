@@ -34,6 +34,7 @@ class MemoryStore:
             lifecycle,
             reorder_window=settings.reorder_window,
             on_operation=outcomes.on_operation,
+            on_tone=outcomes.on_tone,
         )
 
     @property

@@ -55,7 +55,7 @@ _BLOCK_SECONDS = 1.0
 """How long a blocking read waits; below the socket timeout, so a wait is never an error."""
 _SOCKET_TIMEOUT = 3.0
 _EVENTS_MAXLEN = 10_000
-"""Roughly how many operation outcomes and call ends the shared events stream keeps."""
+"""Roughly how many operation outcomes, tones and call ends the shared events stream keeps."""
 _ACTIVE_RECORD_MS = 24 * 3600 * 1000
 """A record of a call that never ended is dropped after a day without notifications."""
 _MIN_DEDUPE_MS = 10 * 60 * 1000
@@ -316,7 +316,10 @@ class RedisStore:
         calls: list[list[Any]] = []
         for event in batch:
             call = event.call_key
-            broadcast = isinstance(event, events.OperationUpdated | events.CallTerminated)
+            # Whoever waits for these (op.wait, collect_digits, ...) may run on any instance.
+            broadcast = isinstance(
+                event, events.OperationUpdated | events.CallTerminated | events.ToneReceived
+            )
             # Only the first item of a call in this batch may take it on.
             take = room and call not in self._owned and call not in taking
             if take:
@@ -721,7 +724,7 @@ class RedisStore:
                 if record is not None and not record.closed:
                     self._known[call] = record
 
-    # -- operation outcomes and call ends, from every instance ----------------------
+    # -- operation outcomes, tones and call ends, from every instance ---------------
 
     async def _events_loop(self) -> None:
         stream = self._keys.events
@@ -755,6 +758,8 @@ class RedisStore:
             return
         if isinstance(event, events.OperationUpdated):
             self._outcomes.on_operation(event)
+        elif isinstance(event, events.ToneReceived):
+            self._outcomes.on_tone(event)
         elif isinstance(event, events.CallTerminated):
             # Waits and keep-alives here end now; the owner delivers the termination in order.
             self._lifecycle.end(event.call_id, event.result_info)

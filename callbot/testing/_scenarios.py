@@ -49,7 +49,7 @@ async def _connect(call: SimulatedCall, options: ScenarioOptions) -> bool:
 
 async def _end(call: SimulatedCall) -> None:
     if not call.ended:
-        await call.hang_up()
+        await call.hangup()
 
 
 async def incoming_call(sim: Simulator, options: ScenarioOptions) -> None:

@@ -57,6 +57,7 @@ from aiohttp import web
 
 from .. import events, models
 from .._config import Settings
+from .._dtmf import TONE_OF_DIGIT
 from .._errors import MalformedNotification
 from .._ids import id_key
 from .._log import get_logger
@@ -84,16 +85,8 @@ log = get_logger("callbot.simulator")
 DEFAULT_APP_ID = "5a8a7b1e-6c1d-4f0e-9b2a-3d4c5e6f7a8b"
 """The app id the simulator's tokens are minted for when the bot has none."""
 
-KEY_TONES: dict[str, str] = {
-    **{str(d): f"tone{d}" for d in range(10)},
-    "*": "star",
-    "#": "pound",
-    "A": "a",
-    "B": "b",
-    "C": "c",
-    "D": "d",
-}
-"""Keypad keys and the Graph tone names Graph sends for them."""
+KEY_TONES = TONE_OF_DIGIT
+"""Keypad keys and the Graph tone names Graph sends for them (callbot's one map)."""
 
 OUTGOING_OUTCOMES: dict[str, tuple[int, int, str] | None] = {
     "answer": None,
@@ -469,7 +462,7 @@ class SimulatedCall:
             self._tone_sequence += 1
             await self._send(build.tone(self.id, tone, self._tone_sequence))
 
-    async def hang_up(
+    async def hangup(
         self, *, code: int = 0, subcode: int = 0, message: str = "The caller hung up."
     ) -> None:
         """The far end hangs up: the bot is told the call terminated.
@@ -1205,9 +1198,9 @@ class Simulator:
         """The latest call's far end presses keys (see :meth:`SimulatedCall.press`)."""
         await self.call.press(keys, timeout=timeout)
 
-    async def hang_up(self) -> None:
+    async def hangup(self) -> None:
         """The latest call's far end hangs up."""
-        await self.call.hang_up()
+        await self.call.hangup()
 
     async def join(self, display_name: str, **options: Any) -> str:
         """Someone joins the latest call (see :meth:`SimulatedCall.join`)."""

@@ -16,12 +16,11 @@ serves it on 127.0.0.1 for the test, and stops it afterwards::
         return bot
 
 
-    @pytest.mark.asyncio
     async def test_caller_is_transferred(sim: Simulator) -> None:
         call = await sim.incoming_call(from_user="Adele Vance")
         await call.press("1")
         assert await sim.wait_for_request("transfer")
-        await sim.hang_up()
+        await call.hangup()
 
 Fixtures:
 
@@ -29,14 +28,22 @@ Fixtures:
 * ``callbot_simulator_options`` - keyword arguments for the simulator
   (``prompt_duration``, ``delivery=DeliveryOptions(out_of_order=True)``, ...).
 * ``callbot_strict`` - ``True`` (default): a test that passed still fails when
-  a handler raised or the bot refused a notification. Override with ``False``.
+  a handler raised an error that no ``@bot.on_error`` handler took, or the bot
+  refused a notification. A handler stopped by :class:`~callbot.CallEnded` (the
+  caller hung up) is not a failure. Override with ``False``.
 * ``callbot_simulator`` and its short name ``sim`` - the running simulator.
 
-The async fixtures need pytest-asyncio (``pip install 'callbot[testing]'``).
+The async fixtures need pytest-asyncio (``pip install 'callbot[testing]'``). A
+project needs no pytest configuration of its own: an ``async def`` test that
+uses ``sim`` (or ``callbot_simulator``) runs on asyncio without a mark, and
+pytest-asyncio's default fixture loop scope is set to ``function`` when the
+project leaves it unset.
 """
 
 from __future__ import annotations
 
+import inspect
+import warnings
 from collections.abc import AsyncIterator, Generator
 from typing import Any
 
@@ -50,6 +57,8 @@ __all__ = [
     "callbot_simulator",
     "callbot_simulator_options",
     "callbot_strict",
+    "pytest_configure",
+    "pytest_pycollect_makeitem",
     "pytest_runtest_makereport",
     "sim",
 ]
@@ -62,6 +71,47 @@ else:
     HAVE_PYTEST_ASYNCIO = True
 
 _CALL_FAILED = pytest.StashKey[bool]()
+_SIMULATOR_FIXTURES = frozenset({"sim", "callbot_simulator"})
+_LOOP_SCOPE_OPTION = "asyncio_default_fixture_loop_scope"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """Give pytest-asyncio a fixture loop scope when the project sets none (else it warns)."""
+    if not HAVE_PYTEST_ASYNCIO or config.getini(_LOOP_SCOPE_OPTION):
+        return
+    # pytest has no public setter for an ini value; getini reads this cache first.
+    cache = getattr(config, "_inicache", None)
+    if isinstance(cache, dict):
+        cache[_LOOP_SCOPE_OPTION] = "function"
+    else:  # a pytest without that cache: at least keep the warning out of the run
+        warnings.filterwarnings(
+            "ignore", message=f".*{_LOOP_SCOPE_OPTION}.* is unset", category=DeprecationWarning
+        )
+
+
+@pytest.hookimpl(wrapper=True, trylast=True)
+def pytest_pycollect_makeitem(
+    collector: pytest.Module | pytest.Class, name: str, obj: object
+) -> Generator[None, Any, Any]:
+    """Mark ``async def`` tests that use the simulator as asyncio tests.
+
+    Runs inside pytest-asyncio's own collection wrapper, so the mark is there
+    when it decides which tests to run on a loop; a project then needs neither
+    ``asyncio_mode = "auto"`` nor ``@pytest.mark.asyncio``.
+    """
+    result = yield
+    if not HAVE_PYTEST_ASYNCIO or not inspect.iscoroutinefunction(obj):
+        return result
+    items = result if isinstance(result, list) else [result]
+    for item in items:
+        if (
+            isinstance(item, pytest.Function)
+            and _SIMULATOR_FIXTURES.intersection(item.fixturenames)
+            and item.get_closest_marker("asyncio") is None
+        ):
+            item.add_marker(pytest.mark.asyncio)
+    return result
 
 
 @pytest.hookimpl(wrapper=True)
@@ -105,14 +155,18 @@ def _handler_errors(bot: CallBot) -> int:
         source = bot.metrics.sources.handled
     except (AttributeError, RuntimeError):
         return 0
-    return int(source()["handler_errors"]) if source is not None else 0
+    # Errors an on_error handler took are the bot's own business, not a failure.
+    return int(source()["unhandled_errors"]) if source is not None else 0
 
 
 def _problems(bot: CallBot, sim: Simulator) -> list[str]:
     problems = []
     errors = _handler_errors(bot)
     if errors:
-        problems.append(f"{errors} handler run(s) raised (see the handler_failed log lines)")
+        problems.append(
+            f"{errors} handler run(s) raised and no on_error handler took the error "
+            "(see the handler_failed log lines)"
+        )
     for refused in sim.failed_deliveries:
         problems.append(
             f"the bot answered {refused.status or 'nothing'} to a notification: {refused.summary}"

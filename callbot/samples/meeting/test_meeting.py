@@ -12,8 +12,6 @@ from callbot.testing import Simulator
 
 from . import bot as meeting
 
-pytestmark = pytest.mark.asyncio
-
 JOIN_URL = (
     "https://teams.microsoft.com/l/meetup-join/"
     "19%3ameeting_NTg0NmQ3NTctZDVkZC00YzRhLThmNmEtOGQ3M2E0ODdmZDZk%40thread.v2/0"
@@ -64,5 +62,5 @@ async def test_stays_while_someone_is_there(sim: Simulator) -> None:
     await in_meeting.wait_for_state("established")
     await in_meeting.leave("Lee Gu")
     await eventually(lambda: ("left", "Lee Gu") in meeting.attendance[call.key])
-    await in_meeting.hang_up(message="The meeting ended.")
+    await in_meeting.hangup(message="The meeting ended.")
     assert not sim.requests_for("deleteCall")

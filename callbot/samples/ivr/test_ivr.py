@@ -7,11 +7,9 @@ from pathlib import Path
 import pytest
 
 from callbot import CallBot
-from callbot.testing import DeliveryOptions, Simulator
+from callbot.testing import DeliveryOptions, SimulatedCall, Simulator
 
 from . import bot as ivr
-
-pytestmark = pytest.mark.asyncio
 
 
 @pytest.fixture
@@ -26,7 +24,7 @@ async def test_answers_and_plays_the_menu(sim: Simulator) -> None:
     prompt = await call.wait_for_request("playPrompt")
     assert prompt.json["prompts"][0]["mediaInfo"]["uri"] == ivr.WELCOME
     assert call.requests_for("subscribeToTone")
-    await call.hang_up()
+    await call.hangup()
 
 
 async def test_pressing_1_transfers_to_the_agent(sim: Simulator) -> None:
@@ -48,14 +46,40 @@ async def test_pressing_2_takes_a_voicemail(sim: Simulator, tmp_path: Path) -> N
     assert call.requests_for("deleteCall")
 
 
+def _uris(call: SimulatedCall) -> list[str]:
+    return [r.json["prompts"][0]["mediaInfo"]["uri"] for r in call.requests_for("playPrompt")]
+
+
 async def test_other_keys_repeat_the_menu(sim: Simulator) -> None:
     call = await sim.incoming_call()
     await call.wait_for_request("playPrompt")
     await call.press("9")
+    invalid = await call.wait_for_request("playPrompt")
     again = await call.wait_for_request("playPrompt")
-    uris = [p["mediaInfo"]["uri"] for p in again.json["prompts"]]
-    assert uris == [ivr.INVALID_CHOICE, ivr.WELCOME]
-    await call.hang_up()
+    assert [
+        invalid.json["prompts"][0]["mediaInfo"]["uri"],
+        again.json["prompts"][0]["mediaInfo"]["uri"],
+    ] == [ivr.INVALID_CHOICE, ivr.WELCOME]
+    await call.press("1")
+    assert await call.wait_for_request("transfer")
+    await call.wait_until_ended()
+
+
+async def test_silence_plays_the_menu_three_times_then_goodbye(
+    sim: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ivr, "MENU_TIMEOUT", 0.1)
+    call = await sim.incoming_call()
+    await call.wait_until_ended(timeout=30)
+    assert _uris(call).count(ivr.WELCOME) == 3
+    assert _uris(call)[-1] == ivr.GOODBYE
+    assert not call.requests_for("transfer")
+
+
+async def test_a_caller_hanging_up_during_the_menu_is_no_error(sim: Simulator) -> None:
+    call = await sim.incoming_call()
+    await call.wait_for_request("playPrompt")
+    await call.hangup()
     assert not call.requests_for("transfer")
 
 
@@ -74,4 +98,4 @@ async def test_survives_notifications_out_of_order_and_twice(sim: Simulator) -> 
     await call.press("1")
     assert await sim.wait_for_request("transfer")
     await call.wait_until_ended()
-    assert len(sim.requests_for("playPrompt")) == 2
+    assert _uris(call) == [ivr.WELCOME, ivr.TRANSFERRING]

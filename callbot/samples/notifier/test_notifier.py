@@ -11,8 +11,6 @@ from callbot.testing import Simulator
 
 from . import bot as notifier
 
-pytestmark = pytest.mark.asyncio
-
 USER_ID = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"
 
 
@@ -53,7 +51,7 @@ async def test_callee_hanging_up_during_the_message_is_not_delivered(sim: Simula
     async def hang_up_during_message() -> None:
         call = await sim.wait_for_outgoing_call()
         await call.wait_for_request("playPrompt")
-        await call.hang_up()
+        await call.hangup()
 
     hanging_up = asyncio.create_task(hang_up_during_message())
     assert await notifier.notify(USER_ID, attempts=1, retry_delay=0) is False

@@ -1,0 +1,265 @@
+"""Digit collection and menus: prompts, tone subscription and tones routed to a waiting handler.
+
+One call's handlers run one at a time, so a ``ToneReceived`` event queued for
+the call cannot reach a handler that is itself waiting for digits. Tones are
+therefore routed here when the bot *accepts* them (``Sequencer(on_tone=...)``,
+after duplicates are dropped), the way operation outcomes resolve ``op.wait()``;
+they are still delivered to ``@bot.on_tone`` handlers afterwards, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import structlog
+
+from .. import events
+from .._dtmf import TONE_OF_DIGIT, digit_of
+from .._errors import CallEnded, OperationFailed
+from ._operations import Operation
+from ._values import PromptLike
+
+if TYPE_CHECKING:
+    from ._call import Call
+
+__all__ = ["ToneListener", "ToneRouter", "collect_digits", "menu"]
+
+log = structlog.get_logger("callbot.graph")
+
+T = TypeVar("T")
+
+
+class ToneListener:
+    """The tones of one call, from when it was opened, in ``sequence_id`` order."""
+
+    def __init__(self, call_key: str) -> None:
+        self.call_key = call_key
+        self._tones: list[tuple[int, int, str]] = []  # (sequence_id, arrival, digit)
+        self._arrivals = 0
+        self._changed = asyncio.Event()
+        self.ended = False
+
+    def put(self, event: events.ToneReceived) -> None:
+        """A tone was accepted for the call."""
+        self._arrivals += 1
+        sequence = event.sequence_id if event.sequence_id is not None else self._arrivals
+        bisect.insort(self._tones, (sequence, self._arrivals, digit_of(event.tone)))
+        self._changed.set()
+
+    def end(self) -> None:
+        """The call ended: whoever waits gets :class:`~callbot.CallEnded`."""
+        self.ended = True
+        self._changed.set()
+
+    def pending(self) -> bool:
+        """Whether a tone is waiting to be taken."""
+        return bool(self._tones)
+
+    async def next(self, timeout: float | None) -> str | None:
+        """The next key pressed, or ``None`` after ``timeout`` seconds without one."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while not self._tones:
+            if self.ended:
+                raise _call_ended(self.call_key)
+            self._changed.clear()
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                return None
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except TimeoutError:
+                return None
+        return self._tones.pop(0)[2]
+
+    async def changed(self) -> None:
+        """Return when a tone arrives or the call ends."""
+        if self._tones or self.ended:
+            return
+        self._changed.clear()
+        await self._changed.wait()
+
+
+class ToneRouter:
+    """Hands each accepted tone to the listeners open on its call."""
+
+    def __init__(self) -> None:
+        self._listeners: dict[str, list[ToneListener]] = {}
+        self._subscribed: set[str] = set()
+
+    def on_tone(self, event: events.ToneReceived) -> None:
+        """A tone was accepted (called by the sequencer, before handlers see it)."""
+        for listener in self._listeners.get(event.call_key, ()):
+            listener.put(event)
+
+    def on_ended(self, call_key: str) -> None:
+        """The call ended: wake its listeners and forget its subscription."""
+        self._subscribed.discard(call_key)
+        for listener in self._listeners.get(call_key, ()):
+            listener.end()
+
+    @contextlib.contextmanager
+    def listen(self, call_key: str) -> Iterator[ToneListener]:
+        """Receive the call's tones while the ``with`` block runs."""
+        listener = ToneListener(call_key)
+        self._listeners.setdefault(call_key, []).append(listener)
+        try:
+            yield listener
+        finally:
+            listeners = self._listeners.get(call_key, [])
+            if listener in listeners:
+                listeners.remove(listener)
+            if not listeners:
+                self._listeners.pop(call_key, None)
+
+    async def ensure_subscribed(self, call: Call) -> None:
+        """Ask Graph for the call's tones once (later calls return at once)."""
+        if call.key in self._subscribed:
+            return
+        self._subscribed.add(call.key)
+        try:
+            await call.subscribe_to_tone()
+        except BaseException:
+            self._subscribed.discard(call.key)
+            raise
+
+
+def _call_ended(call_key: str) -> CallEnded:
+    return CallEnded(404, "callEnded", f"call {call_key} ended while collecting digits")
+
+
+async def _stop_prompt(call: Call, prompt: Operation[Any] | None) -> None:
+    """Barge-in: the caller pressed a key, so the rest of the prompt is not played."""
+    if prompt is None or prompt.done:
+        return
+    try:
+        await call.cancel_media_processing()
+    except CallEnded:
+        raise
+    except Exception as exc:  # the prompt may have just ended; collecting goes on
+        log.debug("prompt_cancel_failed", call_id=call.id, error=repr(exc))
+
+
+async def _first_key(listener: ToneListener, prompt: Operation[Any]) -> None:
+    """Wait until the prompt ends or a key is pressed, whichever comes first."""
+    played = asyncio.ensure_future(prompt.wait())
+    pressed = asyncio.ensure_future(listener.changed())
+    try:
+        await asyncio.wait({played, pressed}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (played, pressed):
+            task.cancel()
+        results = await asyncio.gather(played, pressed, return_exceptions=True)
+    failure = results[0]
+    if isinstance(failure, OperationFailed) and not listener.ended:
+        log.info("prompt_failed_collecting_anyway", call_key=listener.call_key, error=str(failure))
+
+
+def _check(max_digits: int, finish_on: str | None, timeout: float) -> set[str]:
+    if max_digits < 1:
+        raise ValueError("max_digits must be at least 1")
+    finish = set(finish_on or "")
+    unknown = finish - set(TONE_OF_DIGIT)
+    if unknown:
+        raise ValueError(f"finish_on has keys that are not DTMF keys: {sorted(unknown)}")
+    if timeout <= 0:
+        raise ValueError("timeout must be positive")
+    return finish
+
+
+async def _collect(
+    call: Call,
+    listener: ToneListener,
+    prompt: PromptLike | Sequence[PromptLike] | None,
+    *,
+    max_digits: int,
+    finish: set[str],
+    timeout: float,
+    typed_ahead: bool = False,
+) -> str:
+    playing: Operation[Any] | None = None
+    # Keys typed during a menu's invalid-choice prompt answer already: no prompt over them.
+    if prompt is not None and not (typed_ahead and listener.pending()):
+        playing = await call.play_prompt(prompt)
+        await _first_key(listener, playing)
+    digits = ""
+    while len(digits) < max_digits:
+        key = await listener.next(timeout)
+        if key is None:
+            break
+        if not digits:
+            await _stop_prompt(call, playing)
+        if key in finish:
+            break
+        digits += key
+    log.info("digits_collected", call_id=call.id, count=len(digits))
+    return digits
+
+
+async def collect_digits(
+    call: Call,
+    prompt: PromptLike | Sequence[PromptLike] | None = None,
+    *,
+    max_digits: int = 1,
+    finish_on: str | None = "#",
+    timeout: float = 5.0,
+) -> str:
+    """Play ``prompt`` and collect the keys the caller presses (see ``Call.collect_digits``)."""
+    finish = _check(max_digits, finish_on, timeout)
+    router = call._services.tones
+    if call.ended:
+        raise _call_ended(call.key)
+    with router.listen(call.key) as listener:
+        await router.ensure_subscribed(call)
+        return await _collect(
+            call, listener, prompt, max_digits=max_digits, finish=finish, timeout=timeout
+        )
+
+
+async def menu(
+    call: Call,
+    prompt: PromptLike | Sequence[PromptLike],
+    options: Mapping[str, T],
+    *,
+    retries: int = 2,
+    invalid_prompt: PromptLike | Sequence[PromptLike] | None = None,
+    timeout: float = 5.0,
+) -> T | None:
+    """Play a menu until the caller picks an option (see ``Call.menu``)."""
+    if not options:
+        raise ValueError("a menu needs at least one option")
+    if retries < 0:
+        raise ValueError("retries must not be negative")
+    longest = max(len(key) for key in options)
+    # One-key menus answer on the first key; longer keys end with "#" or the timeout.
+    finish_on = "#" if longest > 1 else None
+    finish = _check(longest, finish_on, timeout)
+    router = call._services.tones
+    if call.ended:
+        raise _call_ended(call.key)
+    # One listener for every try: keys pressed during the invalid-choice prompt count.
+    with router.listen(call.key) as listener:
+        await router.ensure_subscribed(call)
+        for attempt in range(retries + 1):
+            keys = await _collect(
+                call,
+                listener,
+                prompt,
+                max_digits=longest,
+                finish=finish,
+                timeout=timeout,
+                typed_ahead=attempt > 0,
+            )
+            if keys in options:
+                return options[keys]
+            log.info("menu_no_match", call_id=call.id, attempt=attempt + 1, pressed=bool(keys))
+            if invalid_prompt is not None and attempt < retries:
+                sorry = await call.play_prompt(invalid_prompt)
+                await _first_key(listener, sorry)
+                if listener.pending():
+                    await _stop_prompt(call, sorry)
+        return None

@@ -1,0 +1,99 @@
+"""What a bot author reaches for first: plain ids, digits, names, and a call that has ended."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+import callbot
+from callbot import CallEnded, GraphError, Target, events, models
+from callbot.graph import CallServices, RetryPolicy
+from callbot.testing import FakeGraph
+
+CALL_ID = "57dab8b1-894c-409a-b240-bd8beae78896"
+USER_ID = "6e0b8a2d-5e8c-4a4f-9d1b-1f2e3d4c5b6a"
+
+
+@pytest.fixture
+async def services(graph: FakeGraph) -> AsyncIterator[CallServices]:
+    settings = graph.settings(public_url="https://bot.contoso.com")
+    svc = CallServices(settings, retry=RetryPolicy(total_time=1.0, base_delay=0.01))
+    await svc.start()
+    try:
+        yield svc
+    finally:
+        await svc.close()
+
+
+def test_target_is_importable_from_the_package() -> None:
+    assert callbot.Target is Target
+
+
+async def test_transfer_to_a_plain_user_id(graph: FakeGraph, services: CallServices) -> None:
+    await services.call(CALL_ID).transfer(USER_ID)
+    body = (await graph.wait_for_request("transfer")).json
+    assert body["transferTarget"] == Target.user(USER_ID).invitation_json()
+
+
+async def test_redirect_and_invite_take_plain_user_ids_too(
+    graph: FakeGraph, services: CallServices
+) -> None:
+    call = services.call(CALL_ID)
+    await call.redirect(USER_ID)
+    redirect = (await graph.wait_for_request("redirect")).json
+    assert redirect["targets"][0]["identity"]["user"]["id"] == USER_ID
+    await call.participants.invite(USER_ID)
+    invite = (await graph.wait_for_request("invite")).json
+    assert invite["participants"][0]["identity"]["user"]["id"] == USER_ID
+
+
+async def test_an_action_on_a_call_graph_no_longer_knows_raises_call_ended(
+    graph: FakeGraph, services: CallServices
+) -> None:
+    graph.fail_next("playPrompt", 404)
+    with pytest.raises(CallEnded) as raised:
+        await services.call(CALL_ID).play_prompt("https://contoso.example/a.wav")
+    assert isinstance(raised.value, GraphError)
+    assert raised.value.status == 404
+
+
+async def test_other_graph_errors_stay_graph_errors(
+    graph: FakeGraph, services: CallServices
+) -> None:
+    graph.fail_next("playPrompt", 403)
+    with pytest.raises(GraphError) as raised:
+        await services.call(CALL_ID).play_prompt("https://contoso.example/a.wav")
+    assert not isinstance(raised.value, CallEnded)
+
+
+@pytest.mark.parametrize(
+    ("tone", "digit"),
+    [("tone0", "0"), ("tone9", "9"), ("star", "*"), ("pound", "#"), ("a", "A"), ("d", "D")],
+)
+def test_a_tone_offers_the_key_pressed(tone: str, digit: str) -> None:
+    assert events.ToneReceived.model_construct(tone=tone).digit == digit
+
+
+async def test_keys_sent_and_keys_received_use_one_map(
+    graph: FakeGraph, services: CallServices
+) -> None:
+    await services.call(CALL_ID).send_dtmf_tones("19*#AD")
+    sent = (await graph.wait_for_request("sendDtmfTones")).json["tones"]
+    assert sent == ["tone1", "tone9", "star", "pound", "a", "d"]
+    digits = [events.ToneReceived.model_construct(tone=t).digit for t in sent]
+    assert "".join(digits) == "19*#AD"
+
+
+@pytest.mark.parametrize(
+    ("identity", "name"),
+    [
+        ({"user": {"id": USER_ID, "displayName": "Adele Vance"}}, "Adele Vance"),
+        ({"phone": {"id": "+14255550100", "displayName": "+1 425 555 0100"}}, "+1 425 555 0100"),
+        ({"user": {"id": USER_ID}}, None),
+    ],
+)
+def test_a_participant_has_a_display_name(identity: dict[str, object], name: str | None) -> None:
+    participant = models.Participant.model_validate({"id": "p1", "info": {"identity": identity}})
+    assert participant.display_name == name
+    assert models.Participant.model_validate({"id": "p2"}).display_name is None

@@ -1,0 +1,175 @@
+"""The ``callbot`` command as a person runs it: ordinary mistakes get one clear line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+
+import callbot
+from callbot._log import configure_logging
+
+BOT_MODULE = """
+import logging
+
+from callbot import CallBot
+
+logging.getLogger("mybot").info("mybot loaded")
+logging.getLogger("mybot").debug("mybot details")
+bot = CallBot.from_env()
+"""
+
+
+def run_callbot(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("CALLBOT_")}
+    environ.update(
+        {
+            "CALLBOT_OPENID_CONFIG_URL": "https://keys.invalid/openid",
+            "CALLBOT_GRAPH_URL": "https://graph.invalid/v1.0",
+            "CALLBOT_AUTHORITY_URL": "https://login.invalid",
+            **env,
+        }
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "callbot", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+        env=environ,
+        check=False,
+    )
+
+
+def assert_one_clear_line(result: subprocess.CompletedProcess[str], expected: str) -> None:
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("callbot: ")
+    assert expected in last
+
+
+def test_version(tmp_path: Path) -> None:
+    result = run_callbot("--version", cwd=tmp_path)
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"callbot {callbot.__version__}"
+
+
+def test_a_module_that_does_not_exist(tmp_path: Path) -> None:
+    result = run_callbot("run", "nosuch:bot", cwd=tmp_path, CALLBOT_APP_ID="x")
+    assert_one_clear_line(result, "cannot import 'nosuch'")
+
+
+def test_a_missing_dependency_inside_the_bot_is_not_hidden(tmp_path: Path) -> None:
+    (tmp_path / "brokenbot.py").write_text("import nosuchdependency\n")
+    result = run_callbot("run", "brokenbot:bot", cwd=tmp_path, CALLBOT_APP_ID="x")
+    assert result.returncode != 0
+    assert "nosuchdependency" in result.stderr
+    assert "Traceback" in result.stderr
+
+
+def test_a_recording_that_does_not_exist(tmp_path: Path) -> None:
+    (tmp_path / "mybot.py").write_text(BOT_MODULE)
+    result = run_callbot("replay", "missing.jsonl", "--bot", "mybot:bot", cwd=tmp_path)
+    assert_one_clear_line(result, "cannot replay 'missing.jsonl': no such file")
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        yield int(taken.getsockname()[1])
+
+
+def test_a_port_in_use_after_the_bot_started(tmp_path: Path, busy_port: int) -> None:
+    (tmp_path / "mybot.py").write_text(BOT_MODULE)
+    result = run_callbot(
+        "run",
+        "mybot:bot",
+        "--port",
+        str(busy_port),
+        cwd=tmp_path,
+        CALLBOT_APP_ID="x",
+        CALLBOT_LOG_FORMAT="json",
+    )
+    assert_one_clear_line(result, f"cannot listen on 127.0.0.1:{busy_port}")
+    assert "bot_started" in result.stderr
+
+
+def test_a_bot_that_cannot_act_says_so_loudly(tmp_path: Path, busy_port: int) -> None:
+    (tmp_path / "mybot.py").write_text(BOT_MODULE)
+    result = run_callbot(
+        "run",
+        "mybot:bot",
+        "--port",
+        str(busy_port),
+        cwd=tmp_path,
+        CALLBOT_APP_ID="x",
+        CALLBOT_LOG_FORMAT="json",
+    )
+    lines = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    warning = next(line for line in lines if line["event"] == "bot_cannot_act")
+    assert warning["level"] == "warning"
+    assert "CALLBOT_TENANT_ID" in warning["missing"]
+
+
+def test_stdlib_logging_shows_under_callbot_run(tmp_path: Path, busy_port: int) -> None:
+    (tmp_path / "mybot.py").write_text(BOT_MODULE)
+    result = run_callbot(
+        "run",
+        "mybot:bot",
+        "--port",
+        str(busy_port),
+        cwd=tmp_path,
+        CALLBOT_APP_ID="x",
+        CALLBOT_LOG_FORMAT="json",
+        CALLBOT_LOG_LEVEL="info",
+    )
+    lines = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    loaded = [line for line in lines if line["event"] == "mybot loaded"]
+    assert loaded
+    assert loaded[0]["level"] == "info"
+    assert loaded[0]["logger"] == "mybot"
+    assert "timestamp" in loaded[0]
+    assert not [line for line in lines if line["event"] == "mybot details"]
+
+
+def test_sample_writes_a_sample_that_passes_its_tests(tmp_path: Path) -> None:
+    result = run_callbot("sample", "ivr", "my_ivr", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "my_ivr").iterdir()) == [
+        "README.md",
+        "__init__.py",
+        "bot.py",
+        "test_ivr.py",
+    ]
+    again = run_callbot("sample", "ivr", "my_ivr", cwd=tmp_path)
+    assert_one_clear_line(again, "not empty")
+
+
+@pytest.mark.usefixtures("logging_restored")
+def test_stdlib_lines_carry_the_bound_call_id_and_honour_the_level(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    configure_logging("json", "warning")
+    configure_logging("json", "debug")  # configuring again replaces, never doubles
+    log = logging.getLogger("handlers")
+    with structlog.contextvars.bound_contextvars(call_id="call-1"):
+        log.debug("pressed %s", "1")
+    lines: list[dict[str, Any]] = [
+        json.loads(line) for line in capsys.readouterr().err.splitlines()
+    ]
+    assert len(lines) == 1
+    assert lines[0]["event"] == "pressed 1"
+    assert lines[0]["call_id"] == "call-1"
+    assert lines[0]["level"] == "debug"

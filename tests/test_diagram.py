@@ -1,0 +1,46 @@
+"""Calls drawn as Mermaid sequence diagrams, from the demo's traffic."""
+
+from __future__ import annotations
+
+import io
+import re
+
+import pytest
+
+from callbot._demo import run_demo
+from callbot._diagram import SequenceDiagram, mermaid
+from callbot.testing import Traffic
+
+
+@pytest.mark.usefixtures("logging_restored")
+async def test_the_demo_draws_each_call() -> None:
+    diagram = SequenceDiagram()
+    assert await run_demo(io.StringIO(), fmt="json", pace=0.02, diagram=diagram) == 0
+    page = diagram.markdown("callbot demo")
+    blocks = re.findall(r"```mermaid\n(.*?)```", page, re.S)
+    assert len(blocks) == 3
+    first = blocks[0]
+    assert first.startswith("sequenceDiagram\n")
+    for line in (
+        "Graph->>Bot: incoming call from Adele Vance (202)",
+        "Bot->>Graph: answer (202)",
+        "Caller->>Graph: Adele Vance presses 1",
+        "Bot->>Graph: transfer to Agent (202)",
+    ):
+        assert line in first
+    # Every message line is "A->>B: text", as Mermaid reads it.
+    for block in blocks:
+        for line in block.splitlines()[4:]:
+            assert re.fullmatch(r"    (Caller|Graph|Bot)->>(Graph|Bot): [^;\n]+", line), line
+
+
+def test_text_mermaid_would_misread_is_escaped() -> None:
+    entry = Traffic(kind="caller", at=0.0, summary="presses 1#; then <hangs up>", call_id="c")
+    assert "Caller->>Graph: presses 1#35;  then #lt;hangs up#gt;" in mermaid([entry])
+
+
+def test_a_refused_notification_is_marked() -> None:
+    entry = Traffic(
+        kind="notification", at=0.0, summary="call established", call_id="c", status=401
+    )
+    assert "Note over Bot: refused: 401" in mermaid([entry])

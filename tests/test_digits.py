@@ -1,0 +1,200 @@
+"""call.collect_digits and call.menu against the simulator: keys reach a handler that waits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from callbot import Call, CallBot, CallEnded, events
+from callbot.testing import DeliveryOptions, run_with_simulator
+
+from .conftest import APP_ID, until
+
+MENU = "https://contoso.example/menu.wav"
+AGAIN = "https://contoso.example/again.wav"
+
+
+def collecting_bot(**options: Any) -> tuple[CallBot, list[Any]]:
+    """A bot that answers, collects digits once connected and keeps what it got."""
+    bot = CallBot(app_id=APP_ID)
+    results: list[Any] = []
+
+    @bot.on_incoming_call
+    async def answer(call: Call, event: events.IncomingCall) -> None:
+        await call.answer()
+
+    @bot.on_state("established")
+    async def collect(call: Call, event: events.CallStateChanged) -> None:
+        try:
+            results.append(await call.collect_digits(**options))
+        except CallEnded as exc:
+            results.append(exc)
+
+    return bot, results
+
+
+async def test_keys_until_the_finish_key_while_the_handler_waits() -> None:
+    bot, results = collecting_bot(prompt=MENU, max_digits=6, finish_on="#", timeout=5)
+    async with run_with_simulator(bot, prompt_duration=0.05) as sim:
+        call = await sim.incoming_call()
+        await call.wait_for_request("playPrompt")
+        await call.press("42#9")
+        await until(lambda: bool(results))
+        assert results == ["42"]
+        assert len(call.requests_for("subscribeToTone")) == 1
+        await call.hangup()
+
+
+async def test_max_digits_ends_collection_and_a_key_stops_the_prompt() -> None:
+    bot, results = collecting_bot(prompt=MENU, max_digits=3, timeout=5)
+    # The prompt plays long enough for the key to come during it.
+    async with run_with_simulator(bot, prompt_duration=5.0) as sim:
+        call = await sim.incoming_call()
+        await call.wait_for_request("playPrompt")
+        await call.press("1234")
+        await until(lambda: bool(results))
+        assert results == ["123"]
+        assert call.requests_for("cancelMediaProcessing")
+        await call.hangup()
+
+
+async def test_no_key_within_the_timeout_gives_an_empty_string() -> None:
+    bot, results = collecting_bot(prompt=MENU, timeout=0.05)
+    async with run_with_simulator(bot, prompt_duration=0.01) as sim:
+        call = await sim.incoming_call()
+        await until(lambda: bool(results))
+        assert results == [""]
+        await call.hangup()
+
+
+async def test_digits_come_in_sequence_order_and_once() -> None:
+    bot, results = collecting_bot(max_digits=3, timeout=5)
+    delivery = DeliveryOptions(out_of_order=True, duplicate=True)
+    async with run_with_simulator(bot) as sim:
+        call = await sim.incoming_call(delivery=delivery)
+        await call.wait_for_request("subscribeToTone")
+        await call.press("987")
+        await until(lambda: bool(results))
+        assert results == ["987"]
+        await call.hangup()
+
+
+async def test_the_caller_hanging_up_raises_call_ended_in_the_waiting_handler() -> None:
+    bot, results = collecting_bot(prompt=MENU, timeout=30)
+    async with run_with_simulator(bot, prompt_duration=0.01) as sim:
+        call = await sim.incoming_call()
+        await call.wait_for_request("playPrompt")
+        await call.hangup()
+        await until(lambda: bool(results))
+        assert isinstance(results[0], CallEnded)
+
+
+async def test_tones_still_reach_on_tone_handlers() -> None:
+    bot, results = collecting_bot(max_digits=2, timeout=5)
+    seen: list[str] = []
+
+    @bot.on_tone
+    async def record(call: Call, event: events.ToneReceived) -> None:
+        seen.append(event.digit)
+
+    async with run_with_simulator(bot) as sim:
+        call = await sim.incoming_call()
+        await call.press("5*")
+        await until(lambda: seen == ["5", "*"])
+        assert results == ["5*"]
+        await call.hangup()
+
+
+def menu_bot(**options: Any) -> tuple[CallBot, list[Any]]:
+    bot = CallBot(app_id=APP_ID)
+    chosen: list[Any] = []
+
+    @bot.on_incoming_call
+    async def answer(call: Call, event: events.IncomingCall) -> None:
+        await call.answer()
+
+    @bot.on_state("established")
+    async def main_menu(call: Call, event: events.CallStateChanged) -> None:
+        chosen.append(await call.menu(MENU, {"1": "sales", "2": "support"}, **options))
+
+    return bot, chosen
+
+
+async def test_a_menu_returns_the_chosen_option() -> None:
+    bot, chosen = menu_bot()
+    async with run_with_simulator(bot) as sim:
+        call = await sim.incoming_call()
+        await call.press("2")
+        await until(lambda: bool(chosen))
+        assert chosen == ["support"]
+        await call.hangup()
+
+
+async def test_a_wrong_key_plays_the_invalid_prompt_and_the_menu_again() -> None:
+    bot, chosen = menu_bot(invalid_prompt=AGAIN, retries=1)
+    async with run_with_simulator(bot, prompt_duration=0.01) as sim:
+        call = await sim.incoming_call()
+        await call.wait_for_request("playPrompt")
+        await call.press("7")
+        again = await call.wait_for_request("playPrompt")
+        assert again.json["prompts"][0]["mediaInfo"]["uri"] == AGAIN
+        menu = await call.wait_for_request("playPrompt")
+        assert menu.json["prompts"][0]["mediaInfo"]["uri"] == MENU
+        await call.press("1")
+        await until(lambda: bool(chosen))
+        assert chosen == ["sales"]
+        await call.hangup()
+
+
+async def test_a_key_during_the_invalid_choice_prompt_answers_the_menu() -> None:
+    bot, chosen = menu_bot(invalid_prompt=AGAIN, retries=1)
+    async with run_with_simulator(bot, prompt_duration=5.0) as sim:
+        call = await sim.incoming_call()
+        await call.press("7")
+        await call.wait_for_request("playPrompt")  # the menu
+        await call.wait_for_request("playPrompt")  # the invalid-choice prompt, 5 s long
+        await call.press("2")
+        await until(lambda: bool(chosen))
+        assert chosen == ["support"]
+        # The menu is not played over a key already pressed; both prompts were cut short.
+        assert len(call.requests_for("playPrompt")) == 2
+        assert len(call.requests_for("cancelMediaProcessing")) == 2
+        await call.hangup()
+
+
+async def test_a_menu_without_an_answer_gives_none_after_its_retries() -> None:
+    bot, chosen = menu_bot(retries=2, timeout=0.05)
+    async with run_with_simulator(bot, prompt_duration=0.01) as sim:
+        call = await sim.incoming_call()
+        await until(lambda: bool(chosen))
+        assert chosen == [None]
+        assert len(call.requests_for("playPrompt")) == 3
+        await call.hangup()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"max_digits": 0}, "max_digits"),
+        ({"finish_on": "x"}, "finish_on"),
+        ({"timeout": 0}, "timeout"),
+    ],
+)
+async def test_bad_arguments_are_refused_before_anything_is_sent(
+    options: dict[str, Any], message: str
+) -> None:
+    bot, _ = collecting_bot(**options)
+    errors: list[BaseException] = []
+
+    @bot.on_error
+    async def keep(call: Call, event: events.Event, exc: BaseException) -> None:
+        errors.append(exc)
+
+    async with run_with_simulator(bot) as sim:
+        call = await sim.incoming_call()
+        await until(lambda: bool(errors))
+        assert isinstance(errors[0], ValueError)
+        assert message in str(errors[0])
+        assert not call.requests_for("subscribeToTone")
+        await call.hangup()

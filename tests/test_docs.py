@@ -1,0 +1,71 @@
+"""The documentation site's sources: every setting documented, every page reachable.
+
+CI builds the site itself with ``mkdocs build --strict``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import yaml
+
+from callbot import Settings
+from callbot._settings_doc import settings_descriptions, settings_table
+
+from .support.snippets import ROOT
+
+
+def _nav_pages(nav: object) -> list[str]:
+    if isinstance(nav, str):
+        return [nav]
+    if isinstance(nav, list):
+        return [page for entry in nav for page in _nav_pages(entry)]
+    if isinstance(nav, dict):
+        return [page for value in nav.values() for page in _nav_pages(value)]
+    return []
+
+
+def _mkdocs() -> dict[str, object]:
+    # mkdocs.yml names a Python function with a !!python tag; the nav is all this reads.
+    text = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
+    loaded: dict[str, object] = yaml.safe_load(re.sub(r"!!python/name:\S+", "null", text))
+    return loaded
+
+
+def test_every_setting_has_a_row_with_a_description() -> None:
+    table = settings_table()
+    descriptions = settings_descriptions()
+    rows = [line for line in table.splitlines() if line.startswith("| `CALLBOT_")]
+    fields = dataclasses.fields(Settings)
+    assert len(rows) == len(fields)
+    for field, row in zip(fields, rows, strict=True):
+        assert row.startswith(f"| `CALLBOT_{field.name.upper()}` | `{field.name}` |")
+        assert descriptions.get(field.name), f"Settings.{field.name} has no docstring"
+
+
+def test_the_settings_page_is_generated_at_build_time() -> None:
+    assert "<!-- settings-table -->" in (ROOT / "docs/reference/settings.md").read_text()
+    assert "docs/hooks/settings_table.py" in _mkdocs()["hooks"]  # type: ignore[operator]
+
+
+def test_every_page_is_in_the_navigation() -> None:
+    pages = {
+        str(path.relative_to(ROOT / "docs"))
+        for path in (ROOT / "docs").rglob("*.md")
+        if "hooks" not in path.parts
+    }
+    assert pages == set(_nav_pages(_mkdocs()["nav"]))
+
+
+def test_the_readme_links_the_docs_and_keeps_its_two_commands() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "(docs/index.md)" in readme
+    assert "CALLBOT_LOG_LEVEL" in readme
+    assert "CALLBOT_LOG_FORMAT" in readme
+    commands = re.findall(r"```sh\n(.*?)\n```", readme, re.S)
+    assert commands == [
+        "python3 -m venv .venv && .venv/bin/pip install -q -e . && .venv/bin/callbot demo",
+        "python3 -m venv .venv && .venv/bin/pip install -q -e '.[dev]' && "
+        ".venv/bin/python -m pytest -q",
+    ]
