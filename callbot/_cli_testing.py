@@ -80,7 +80,7 @@ def _replay_into(
     from ._simulate import RemoteBot, replay
 
     if args.bot:
-        from .cli import load_bot
+        from ._loading import load_bot
 
         configure_logging(
             os.environ.get("CALLBOT_LOG_FORMAT", "auto"),

@@ -132,7 +132,6 @@ class CallRecord:
     def state(self) -> str | None:
         return self.life.state
 
-
     @property
     def holding(self) -> bool:
         """Whether events of this call wait for a predecessor (or the window to close)."""

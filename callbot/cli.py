@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 from collections.abc import Sequence
@@ -11,41 +10,13 @@ from importlib import resources
 from pathlib import Path
 
 from . import __version__
-from ._bot import CallBot
 from ._cli_testing import add_testing_commands
 from ._errors import CallbotError
+from ._loading import load_bot
 from ._log import configure_logging
 from ._tunnel import TUNNEL_KINDS, discover_public_url
 
 __all__ = ["build_parser", "load_bot", "main", "write_sample"]
-
-
-def load_bot(target: str) -> CallBot:
-    """Import ``module:attribute`` and return the CallBot it names (or a factory's result)."""
-    module_name, _, attribute = target.partition(":")
-    if not module_name:
-        raise CallbotError(f"expected MODULE:ATTRIBUTE, got {target!r}")
-    if os.getcwd() not in sys.path:
-        # A bot module next to where the command runs should import like a script.
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        # Only the named module being absent is a typo; a missing dependency inside it is a bug.
-        if exc.name is None or not (module_name + ".").startswith(exc.name + "."):
-            raise
-        raise CallbotError(
-            f"cannot import {module_name!r} (from {target!r}): no module named {exc.name!r} "
-            f"in {os.getcwd()} or on the Python path"
-        ) from None
-    obj = getattr(module, attribute or "bot", None)
-    if obj is None:
-        raise CallbotError(f"{module_name} has no attribute {attribute or 'bot'!r}")
-    if not isinstance(obj, CallBot) and callable(obj):
-        obj = obj()
-    if not isinstance(obj, CallBot):
-        raise CallbotError(f"{target} is not a CallBot (got {type(obj).__name__})")
-    return obj
 
 
 def _run(args: argparse.Namespace) -> int:

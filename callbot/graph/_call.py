@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from os import PathLike
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import structlog
 
@@ -37,8 +37,24 @@ from ._values import (
 )
 
 if TYPE_CHECKING:
+    from .._config import Settings
     from .._lifecycle import CallLife
-    from ._services import CallServices
+    from ._client import GraphClient
+    from ._operations import OperationRegistry
+
+
+class CallServices(Protocol):
+    """What a call handle acts through (:class:`~callbot.graph.CallServices` provides it)."""
+
+    @property
+    def settings(self) -> Settings: ...
+    @property
+    def graph(self) -> GraphClient: ...
+    @property
+    def operations(self) -> OperationRegistry: ...
+    @property
+    def tones(self) -> _digits.ToneRouter: ...
+
 
 __all__ = [
     "AudioRoutingGroups",
@@ -432,7 +448,12 @@ class Call:
         key. Raises :class:`~callbot.CallEnded` when the call ends meanwhile.
         """
         return await _digits.collect_digits(
-            self, prompt, max_digits=max_digits, finish_on=finish_on, timeout=timeout
+            self,
+            self._services.tones,
+            prompt,
+            max_digits=max_digits,
+            finish_on=finish_on,
+            timeout=timeout,
         )
 
     async def menu(
@@ -452,6 +473,7 @@ class Call:
         """
         return await _digits.menu(
             self,
+            self._services.tones,
             prompt,
             options,
             retries=retries,

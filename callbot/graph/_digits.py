@@ -13,18 +13,32 @@ import asyncio
 import bisect
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import structlog
 
-from .. import events
+from .. import events, models
 from .._dtmf import TONE_OF_DIGIT, digit_of
 from .._errors import CallEnded, OperationFailed
 from ._operations import Operation
 from ._values import PromptLike
 
-if TYPE_CHECKING:
-    from ._call import Call
+
+class DigitCall(Protocol):
+    """What collecting digits needs of a call (a :class:`~callbot.Call` has it)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def key(self) -> str: ...
+    @property
+    def ended(self) -> bool: ...
+    async def subscribe_to_tone(self) -> Any: ...
+    async def cancel_media_processing(self) -> Any: ...
+    async def play_prompt(
+        self, prompts: PromptLike | Sequence[PromptLike]
+    ) -> Operation[models.PlayPromptOperation]: ...
+
 
 __all__ = ["ToneListener", "ToneRouter", "collect_digits", "menu"]
 
@@ -116,7 +130,7 @@ class ToneRouter:
             if not listeners:
                 self._listeners.pop(call_key, None)
 
-    async def ensure_subscribed(self, call: Call) -> None:
+    async def ensure_subscribed(self, call: DigitCall) -> None:
         """Ask Graph for the call's tones once (later calls return at once)."""
         if call.key in self._subscribed:
             return
@@ -132,7 +146,7 @@ def _call_ended(call_key: str) -> CallEnded:
     return CallEnded(404, "callEnded", f"call {call_key} ended while collecting digits")
 
 
-async def _stop_prompt(call: Call, prompt: Operation[Any] | None) -> None:
+async def _stop_prompt(call: DigitCall, prompt: Operation[Any] | None) -> None:
     """Barge-in: the caller pressed a key, so the rest of the prompt is not played."""
     if prompt is None or prompt.done:
         return
@@ -172,7 +186,7 @@ def _check(max_digits: int, finish_on: str | None, timeout: float) -> set[str]:
 
 
 async def _collect(
-    call: Call,
+    call: DigitCall,
     listener: ToneListener,
     prompt: PromptLike | Sequence[PromptLike] | None,
     *,
@@ -201,7 +215,8 @@ async def _collect(
 
 
 async def collect_digits(
-    call: Call,
+    call: DigitCall,
+    router: ToneRouter,
     prompt: PromptLike | Sequence[PromptLike] | None = None,
     *,
     max_digits: int = 1,
@@ -210,7 +225,6 @@ async def collect_digits(
 ) -> str:
     """Play ``prompt`` and collect the keys the caller presses (see ``Call.collect_digits``)."""
     finish = _check(max_digits, finish_on, timeout)
-    router = call._services.tones
     if call.ended:
         raise _call_ended(call.key)
     with router.listen(call.key) as listener:
@@ -221,7 +235,8 @@ async def collect_digits(
 
 
 async def menu(
-    call: Call,
+    call: DigitCall,
+    router: ToneRouter,
     prompt: PromptLike | Sequence[PromptLike],
     options: Mapping[str, T],
     *,
@@ -238,7 +253,6 @@ async def menu(
     # One-key menus answer on the first key; longer keys end with "#" or the timeout.
     finish_on = "#" if longest > 1 else None
     finish = _check(longest, finish_on, timeout)
-    router = call._services.tones
     if call.ended:
         raise _call_ended(call.key)
     # One listener for every try: keys pressed during the invalid-choice prompt count.

@@ -8,7 +8,8 @@ once across them. See docs/scaling.md.
 
 from __future__ import annotations
 
-from ._base import Store, open_store
+from ._base import Outcomes, Store
 from ._memory import MemoryStore
+from ._open import open_store
 
-__all__ = ["MemoryStore", "Store", "open_store"]
+__all__ = ["MemoryStore", "Outcomes", "Store", "open_store"]

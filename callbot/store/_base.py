@@ -4,18 +4,12 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from .. import events
-from .._config import Settings
-from .._errors import ConfigurationError
-from .._lifecycle import Lifecycle
 from .._sequencing import CallRecord, Sequencer
 
-if TYPE_CHECKING:
-    from .._dispatch import Dispatcher
-
-__all__ = ["Outcomes", "Store", "open_store"]
+__all__ = ["Outcomes", "Store"]
 
 
 class Outcomes(Protocol):
@@ -75,37 +69,3 @@ class Store(Protocol):
     async def close(self) -> None:
         """Release timers, tasks and connections."""
         ...
-
-
-def open_store(
-    settings: Settings,
-    *,
-    dispatcher: Dispatcher,
-    lifecycle: Lifecycle,
-    outcomes: Outcomes,
-) -> Store:
-    """The store ``settings.store`` names: ``memory`` or a ``redis://`` URL.
-
-    Calls' lives belong to ``lifecycle``; ``outcomes`` is told at once of every
-    operation outcome and call end accepted, by any instance.
-    """
-    if settings.store == "memory":
-        from ._memory import MemoryStore
-
-        return MemoryStore(
-            dispatcher.submit, settings=settings, lifecycle=lifecycle, outcomes=outcomes
-        )
-    try:
-        from ._redis import RedisStore
-    except ImportError as exc:  # pragma: no cover - depends on the installation
-        raise ConfigurationError(
-            "CALLBOT_STORE is a Redis URL but the redis package is missing: "
-            "pip install 'callbot[redis]'"
-        ) from exc
-    return RedisStore(
-        settings.store,
-        settings=settings,
-        dispatcher=dispatcher,
-        lifecycle=lifecycle,
-        outcomes=outcomes,
-    )

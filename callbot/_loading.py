@@ -1,0 +1,40 @@
+"""Finding the bot a command names (``module:attribute``)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+from ._bot import CallBot
+from ._errors import CallbotError
+
+__all__ = ["load_bot"]
+
+
+def load_bot(target: str) -> CallBot:
+    """Import ``module:attribute`` and return the CallBot it names (or a factory's result)."""
+    module_name, _, attribute = target.partition(":")
+    if not module_name:
+        raise CallbotError(f"expected MODULE:ATTRIBUTE, got {target!r}")
+    if os.getcwd() not in sys.path:
+        # A bot module next to where the command runs should import like a script.
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        # Only the named module being absent is a typo; a missing dependency inside it is a bug.
+        if exc.name is None or not (module_name + ".").startswith(exc.name + "."):
+            raise
+        raise CallbotError(
+            f"cannot import {module_name!r} (from {target!r}): no module named {exc.name!r} "
+            f"in {os.getcwd()} or on the Python path"
+        ) from None
+    obj = getattr(module, attribute or "bot", None)
+    if obj is None:
+        raise CallbotError(f"{module_name} has no attribute {attribute or 'bot'!r}")
+    if not isinstance(obj, CallBot) and callable(obj):
+        obj = obj()
+    if not isinstance(obj, CallBot):
+        raise CallbotError(f"{target} is not a CallBot (got {type(obj).__name__})")
+    return obj
