@@ -62,6 +62,8 @@ class _Runtime:
             answer_warning_after=s.answer_warning_after,
             keep_alive_interval=s.keep_alive_interval if s.keep_alive else None,
             send_keep_alive=self._keep_alive,
+            pending_ttl=s.pending_call_ttl,
+            max_pending=s.max_pending_calls,
         )
         self.services = CallServices(s, credential=credential, lifecycle=self.lifecycle)
         self.authenticator = Authenticator(
@@ -108,6 +110,10 @@ class _Runtime:
         sources.gauges["callbot_active_calls"] = (
             "Calls that have not ended",
             lambda: float(sum(1 for _ in self.lifecycle.active())),
+        )
+        sources.gauges["callbot_known_calls"] = (
+            "Calls this process keeps anything of (active, ending, or never established)",
+            lambda: float(len(self.lifecycle)),
         )
         sources.gauges["callbot_pending_operations"] = (
             "Operations awaiting their outcome",

@@ -67,6 +67,11 @@ class Settings:
     """How many calls' handlers may run at once."""
     termination_grace: float = 30.0
     """How long a terminated call's state is kept to drop stragglers."""
+    pending_call_ttl: float = 300.0
+    """How long a call never seen past ringing the bot (no state, or still ``incoming``) is
+    kept: Graph ends an unanswered call within 15 s, so only invented ids outlive this."""
+    max_pending_calls: int = 10_000
+    """Calls never seen past ringing the bot kept at once; past it the oldest is forgotten."""
     max_body_bytes: int = 1024 * 1024
     """Larger callback bodies are refused (413)."""
     max_json_depth: int = 64
@@ -138,10 +143,21 @@ class Settings:
         for name in ("reorder_window", "termination_grace", "token_leeway"):
             if getattr(self, name) < 0:
                 raise ConfigurationError(f"{name} must not be negative")
-        for name in ("header_timeout", "body_timeout", "idle_timeout", "max_token_lifetime"):
+        for name in (
+            "header_timeout",
+            "body_timeout",
+            "idle_timeout",
+            "max_token_lifetime",
+            "pending_call_ttl",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigurationError(f"{name} must be positive (CALLBOT_{name.upper()})")
-        for name in ("max_items_per_request", "max_connections", "max_recording_bytes"):
+        for name in (
+            "max_items_per_request",
+            "max_connections",
+            "max_recording_bytes",
+            "max_pending_calls",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"{name} must be at least 1 (CALLBOT_{name.upper()})")
         if self.max_concurrent_handlers < 1:

@@ -38,6 +38,7 @@ log = get_logger("callbot.lifecycle")
 
 _PHASES: Final = {state: phase for phase, states in enumerate(CALL_LIFECYCLE) for state in states}
 LIVE_PHASE: Final = _PHASES["established"]
+_ESTABLISHING: Final = _PHASES["establishing"]
 """The phase of an established call (and of the states it moves between)."""
 _ANSWER_DEADLINE = 15.0
 
@@ -84,15 +85,16 @@ class CallLife:
         return self.phase == LIVE_PHASE and not self.ended
 
 
-_WARN, _KEEP_ALIVE, _FORGET, _FORGET_STATELESS = range(4)
+_WARN, _KEEP_ALIVE, _FORGET, _FORGET_PENDING = range(4)
 
 
 class Lifecycle:
     """Every call's :class:`CallLife`, and the decisions about it.
 
     ``send_keep_alive`` is called with a call id when its keep-alive is due
-    (``None``: no keep-alives). Times are seconds; ``stateless_ttl`` and
-    ``max_stateless`` bound calls that never reached a state (ids a sender
+    (``None``: no keep-alives). Times are seconds; ``pending_ttl`` and
+    ``max_pending`` bound *pending* calls, never seen past ringing the bot (no
+    state, or still ``incoming``: ids a sender
     invented), which are forgotten after that long, oldest first past the bound.
     """
 
@@ -103,17 +105,17 @@ class Lifecycle:
         answer_warning_after: float = 10.0,
         keep_alive_interval: float | None = None,
         send_keep_alive: SendKeepAlive | None = None,
-        stateless_ttl: float = 300.0,
-        max_stateless: int = 10_000,
+        pending_ttl: float = 300.0,
+        max_pending: int = 10_000,
     ) -> None:
         self._grace = termination_grace
         self._warn_after = answer_warning_after
         self._keep_alive_interval = keep_alive_interval if send_keep_alive is not None else None
         self._send_keep_alive = send_keep_alive
-        self._stateless_ttl = stateless_ttl
-        self._max_stateless = max_stateless
+        self._pending_ttl = pending_ttl
+        self._max_pending = max_pending
         self._lives: dict[str, CallLife] = {}
-        self._stateless: OrderedDict[str, None] = OrderedDict()
+        self._pending: OrderedDict[str, None] = OrderedDict()
         self._heap: list[tuple[float, int, int, CallLife]] = []
         self._order = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
@@ -131,7 +133,7 @@ class Lifecycle:
     def when_forgotten(self, listener: Callable[[str, str], None]) -> None:
         """Call ``listener(call_key, reason)`` when a call is forgotten: ``grace_over``
         (it ended a while ago), ``gone`` (Graph no longer knows it),
-        ``never_reached_a_state`` or ``too_many_stateless_calls``."""
+        ``never_established`` or ``too_many_pending_calls``."""
         self._forgotten_listeners.append(listener)
 
     # -- reading ------------------------------------------------------------------------
@@ -155,11 +157,11 @@ class Lifecycle:
         life = self._lives.get(key)
         if life is None:
             life = self._lives[key] = CallLife(call_id)
-            self._stateless[key] = None
-            self._schedule(self._stateless_ttl, _FORGET_STATELESS, life)
-            while len(self._stateless) > self._max_stateless:
-                oldest, _ = self._stateless.popitem(last=False)
-                self._forget(oldest, "too_many_stateless_calls")
+            self._pending[key] = None
+            self._schedule(self._pending_ttl, _FORGET_PENDING, life)
+            while len(self._pending) > self._max_pending:
+                oldest, _ = self._pending.popitem(last=False)
+                self._forget(oldest, "too_many_pending_calls")
         return life
 
     def enter(
@@ -172,11 +174,10 @@ class Lifecycle:
         previous = life.state
         if state == previous:
             return False, previous
-        first = life.phase < 0
         life.phase = max(life.phase, phase_of_state(state))
         life.state = state
-        if first:
-            self._stateless.pop(life.key, None)
+        if life.phase >= _ESTABLISHING:
+            self._pending.pop(life.key, None)
         if state == "incoming" and self._warn_after > 0:
             self._schedule(self._warn_after, _WARN, life)
         elif life.phase == LIVE_PHASE and not life.keeping_alive:
@@ -194,7 +195,7 @@ class Lifecycle:
         life.ended = True
         life.result_info = result_info if result_info is not None else life.result_info
         life.keeping_alive = False
-        self._stateless.pop(life.key, None)
+        self._pending.pop(life.key, None)
         for listener in self._ended_listeners:
             try:
                 listener(life.key, life.result_info)
@@ -210,8 +211,8 @@ class Lifecycle:
     def adopt(self, call_id: str, *, phase: int, state: str | None, ended: bool) -> CallLife:
         """Continue a call known from a shared store (after a restart or a takeover)."""
         life = self.life(call_id)
-        if life.phase < 0 and phase >= 0:
-            self._stateless.pop(life.key, None)
+        if phase >= _ESTABLISHING:
+            self._pending.pop(life.key, None)
         life.phase = max(life.phase, phase)
         life.state = state if state is not None else life.state
         if ended and not life.ended:
@@ -241,7 +242,7 @@ class Lifecycle:
 
     def _forget(self, key: str, why: str) -> None:
         life = self._lives.pop(key, None)
-        self._stateless.pop(key, None)
+        self._pending.pop(key, None)
         if life is None:
             return
         life.keeping_alive = False
@@ -289,9 +290,9 @@ class Lifecycle:
             return
         if kind == _FORGET:
             self._forget(life.key, "grace_over")
-        elif kind == _FORGET_STATELESS:
-            if life.phase < 0:
-                self._forget(life.key, "never_reached_a_state")
+        elif kind == _FORGET_PENDING:
+            if life.phase < _ESTABLISHING and not life.ended:
+                self._forget(life.key, "never_established")
         elif kind == _WARN:
             if life.state == "incoming" and not life.ended:
                 log.warning(

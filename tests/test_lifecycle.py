@@ -168,21 +168,23 @@ async def test_a_call_ending_unanswered_is_not_warned_about(clock: Clock) -> Non
     assert not any(e["event"] == "incoming_call_not_answered" for e in logs)
 
 
-async def test_calls_that_never_reach_a_state_are_bounded(clock: Clock) -> None:
-    calls = lifecycle(stateless_ttl=60.0, max_stateless=3)
+async def test_calls_never_established_are_bounded(clock: Clock) -> None:
+    calls = lifecycle(pending_ttl=60.0, max_pending=3)
     forgotten: list[tuple[str, str]] = []
     calls.when_forgotten(lambda key, why: forgotten.append((key, why)))
     kept = calls.life("kept")
     calls.enter(kept, "establishing")
     for n in range(5):
-        calls.life(f"invented-{n}")
-    # Past the bound the oldest go first; a call with a state is never counted.
+        life = calls.life(f"invented-{n}")
+        if n % 2:
+            calls.enter(life, "incoming")  # ringing, and never answered
+    # Past the bound the oldest go first; a call that got further is never counted.
     assert len(calls) == 4
-    assert [why for _, why in forgotten] == ["too_many_stateless_calls"] * 2
+    assert [why for _, why in forgotten] == ["too_many_pending_calls"] * 2
     await clock.advance(61.0)
     assert len(calls) == 1
     assert calls.get("kept") is kept
-    assert {why for _, why in forgotten[2:]} == {"never_reached_a_state"}
+    assert {why for _, why in forgotten[2:]} == {"never_established"}
 
 
 async def test_an_adopted_call_keeps_being_kept_alive(clock: Clock) -> None:

@@ -201,3 +201,38 @@ async def test_a_request_with_too_many_items_is_refused_before_parsing(
     assert (await server.client.get("/healthz")).status == 200
     assert (await server.post({"value": items[:200]})).status == 202
     await until(lambda: len(seen) == 200)
+
+
+async def test_invented_call_ids_are_bounded_and_let_go(
+    authority: TokenAuthority, serve: Any
+) -> None:
+    # One valid token, 2,000 call ids nobody placed: calls that ring, and calls with no state.
+    bot, seen = seeing_bot(authority, max_pending_calls=300)
+    server: BotServer = await serve(bot)
+    for batch in range(40):
+        items = []
+        for n in range(50):
+            call_id = f"invented-{batch:02d}-{n:02d}"
+            if n % 2:
+                items.append(b.incoming_call(call_id))
+            else:
+                items.append(b.unknown(call_id, "/someFutureResource"))
+        assert (await server.post(b.notifications(*items))).status == 202
+    await until(lambda: len(seen) == 2000, within=30)
+    metrics = await (await server.client.get("/metrics")).text()
+    known = next(
+        float(line.split()[-1])
+        for line in metrics.splitlines()
+        if line.startswith("callbot_known_calls ")
+    )
+    assert known <= 300
+    assert len(bot.active_calls()) <= 300
+    # A call that got past ringing is never counted against the bound.
+    established = "real-call"
+    for state in ("establishing", "established"):
+        assert (await server.post(b.notifications(b.call_state(established, state)))).status == 202
+    for n in range(400):
+        item = b.incoming_call(f"more-{n}")
+        assert (await server.post(b.notifications(item))).status == 202
+    await until(lambda: len(seen) == 2402, within=30)
+    assert any(call.id == established for call in bot.active_calls())
