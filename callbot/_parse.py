@@ -56,6 +56,7 @@ from pydantic import ValidationError
 
 from . import models
 from ._errors import MalformedNotification
+from ._ids import path_segment
 from .events import (
     CallStateChanged,
     CallTerminated,
@@ -81,12 +82,20 @@ _API_VERSIONS = frozenset({"v1.0", "beta"})
 
 
 def parse_body(
-    body: bytes, *, max_depth: int = DEFAULT_MAX_DEPTH, max_items: int | None = None
+    body: bytes,
+    *,
+    max_depth: int = DEFAULT_MAX_DEPTH,
+    max_items: int | None = None,
+    tenant_id: str | None = None,
 ) -> list[Event]:
     """Parse the raw body of a callback request into events, one per notification item.
 
+    ``tenant_id`` is the tenant the request's token proves: every event carries
+    it, and an item that names another is refused (``tenant_mismatch``).
+
     Raises :class:`MalformedNotification` (``not_json``, ``too_deep``,
-    ``bad_shape``, ``empty`` or ``too_many_items``); never raises a pydantic error.
+    ``bad_shape``, ``empty``, ``too_many_items``, ``bad_call_id``,
+    ``tenant_mismatch`` or ``legacy_format``); never raises a pydantic error.
     """
     try:
         text = str(body, "utf-8")
@@ -110,14 +119,16 @@ def parse_body(
         raise MalformedNotification(
             "too_many_items", f"{len(items)} items in one request, at most {max_items}"
         )
-    return _events_from(payload)
+    return _events_from(payload, tenant_id)
 
 
-def parse_payload(payload: Any, *, max_depth: int = DEFAULT_MAX_DEPTH) -> list[Event]:
+def parse_payload(
+    payload: Any, *, max_depth: int = DEFAULT_MAX_DEPTH, tenant_id: str | None = None
+) -> list[Event]:
     """Like :func:`parse_body`, for a body already decoded from JSON (tests, replays)."""
     if _object_too_deep(payload, max_depth):
         raise MalformedNotification("too_deep", f"payload nested deeper than {max_depth} levels")
-    return _events_from(payload)
+    return _events_from(payload, tenant_id)
 
 
 # -- depth checks ----------------------------------------------------------------------------
@@ -171,7 +182,7 @@ def _object_too_deep(payload: Any, max_depth: int) -> bool:
 # -- envelope --------------------------------------------------------------------------------
 
 
-def _events_from(payload: Any) -> list[Event]:
+def _events_from(payload: Any, tenant_id: str | None = None) -> list[Event]:
     if not isinstance(payload, dict):
         raise MalformedNotification(
             "bad_shape", f"top level is {type(payload).__name__}, not an object"
@@ -185,10 +196,10 @@ def _events_from(payload: Any) -> list[Event]:
         raise MalformedNotification("bad_shape", "'value' is missing or not a list")
     if not items:
         raise MalformedNotification("empty", "'value' is an empty list")
-    return [_event_for(index, item, payload) for index, item in enumerate(items)]
+    return [_event_for(index, item, payload, tenant_id) for index, item in enumerate(items)]
 
 
-def _event_for(index: int, item: Any, envelope: dict[str, Any]) -> Event:
+def _event_for(index: int, item: Any, envelope: dict[str, Any], tenant_id: str | None) -> Event:
     where = f"value[{index}]"
     if not isinstance(item, dict):
         raise MalformedNotification("bad_shape", f"{where} is not an object")
@@ -203,13 +214,19 @@ def _event_for(index: int, item: Any, envelope: dict[str, Any]) -> Event:
     if split is None:
         raise MalformedNotification("bad_shape", f"{where} path {path!r} is not a call path")
     call_id, rest = split
+    try:
+        path_segment(call_id)
+    except ValueError:
+        raise MalformedNotification(
+            "bad_call_id", f"{where} call id {call_id!r} is not a usable id"
+        ) from None
     data = item.get("resourceData")
     common: dict[str, Any] = {
         "call_id": call_id,
         "change_type": change_type,
         "resource_url": "/communications/calls/" + "/".join([call_id, *rest]),
         "raw": item,
-        "tenant_id": _tenant_of(data, item, envelope),
+        "tenant_id": _tenant_of(data, item, envelope, tenant_id),
     }
     try:
         return _route(rest, change_type, data, item, common)
@@ -239,13 +256,21 @@ def _split_call_path(path: str) -> tuple[str, list[str]] | None:
     return segments[2], segments[3:]
 
 
-def _tenant_of(data: Any, item: dict[str, Any], envelope: dict[str, Any]) -> str | None:
+def _tenant_of(
+    data: Any, item: dict[str, Any], envelope: dict[str, Any], proven: str | None
+) -> str | None:
+    """The tenant the token proves (``proven``), else the first the notification names."""
+    named: str | None = None
     for source in (data, item, envelope):
-        if isinstance(source, dict):
-            tenant = source.get("tenantId")
-            if isinstance(tenant, str) and tenant:
-                return tenant
-    return None
+        tenant = source.get("tenantId") if isinstance(source, dict) else None
+        if not isinstance(tenant, str) or not tenant:
+            continue
+        if proven is not None and tenant.lower() != proven.lower():
+            raise MalformedNotification(
+                "tenant_mismatch", "a notification names another tenant than its token"
+            )
+        named = named or tenant
+    return proven if proven is not None else named
 
 
 # -- routing ---------------------------------------------------------------------------------

@@ -18,12 +18,14 @@ from aiohttp import web
 from . import events
 from ._auth import Authenticator
 from ._errors import AuthenticationError, KeysUnavailable, MalformedNotification, StoreUnavailable
-from ._ids import path_segment
 from ._log import get_logger, is_enabled
 from ._parse import parse_body
 from ._proxy import forwarded_client
 
 __all__ = ["Receiver"]
+
+# How a malformed body is answered, when not 400: too many items, or another tenant's.
+_REFUSALS = {"too_many_items": (413, "malformed"), "tenant_mismatch": (403, "auth_failed")}
 
 log = get_logger("callbot.receiver")
 
@@ -125,33 +127,24 @@ class Receiver:
                 self._context(request, tenant_id),
             )
         try:
-            batch = parse_body(body, max_depth=self._max_depth, max_items=self._max_items)
+            batch = parse_body(
+                body, max_depth=self._max_depth, max_items=self._max_items, tenant_id=tenant_id
+            )
         except MalformedNotification as exc:
             if exc.reason == "legacy_format":
                 # The calling platform resends a notification answered 204 in Graph's format.
                 self.counts["resend_requested", exc.reason] += 1
                 log.info("callback_resend_requested", reason=exc.reason, **self._context(request))
                 return web.Response(status=204)
-            status = 413 if exc.reason == "too_many_items" else 400
+            status, outcome = _REFUSALS.get(exc.reason, (400, "malformed"))
             return self._refuse(
-                status, "malformed", exc.reason, str(exc), self._context(request, tenant_id)
+                status, outcome, exc.reason, str(exc), self._context(request, tenant_id)
             )
         except Exception as exc:
             # A body the parser cannot cope with is still the sender's problem: 4xx, not 5xx.
             log.exception("parser_failed", error=repr(exc))
             return self._refuse(
                 400, "malformed", "unparseable", repr(exc), self._context(request, tenant_id)
-            )
-        try:
-            batch = _bound_to(batch, tenant_id)
-        except MalformedNotification as exc:
-            mismatch = exc.reason == "tenant_mismatch"
-            return self._refuse(
-                403 if mismatch else 400,
-                "auth_failed" if mismatch else "malformed",
-                exc.reason,
-                str(exc),
-                self._context(request, tenant_id),
             )
         if self.draining:
             if self._while_draining is not None:
@@ -239,38 +232,3 @@ class Receiver:
         return web.json_response(
             {"error": reason, "detail": detail}, status=status, headers=headers
         )
-
-
-def _bound_to(batch: list[events.Event], tenant_id: str) -> list[events.Event]:
-    """The batch as the token vouches for it: its tenant, and call ids that stay one URL segment.
-
-    An item naming another tenant than the token's ``tid`` refuses the request; an
-    item naming none gets the token's.
-    """
-    bound: list[events.Event] = []
-    wanted = tenant_id.lower()
-    for event in batch:
-        try:
-            path_segment(event.call_id)
-        except ValueError:
-            raise MalformedNotification(
-                "bad_call_id", f"call id {event.call_id!r} is not a usable id"
-            ) from None
-        data = event.raw.get("resourceData")
-        named = {
-            t.lower()
-            for t in (
-                event.tenant_id,
-                event.raw.get("tenantId"),
-                data.get("tenantId") if isinstance(data, dict) else None,
-            )
-            if isinstance(t, str) and t
-        }
-        if named - {wanted}:
-            raise MalformedNotification(
-                "tenant_mismatch", "a notification names another tenant than its token"
-            )
-        if event.tenant_id != tenant_id:
-            event = event.model_copy(update={"tenant_id": tenant_id})
-        bound.append(event)
-    return bound

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import functools
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from os import PathLike
@@ -155,18 +156,31 @@ class Call:
     ) -> None:
         self.id = call_id
         """The call id as Graph wrote it."""
-        self.scenario_id = scenario_id or scenario_of(call_id)
-        """Sent as ``scenario-id`` with every request about this call (one per call flow)."""
         self.snapshot = snapshot
         """The call as last seen (``None`` before any notification or response)."""
         self.roster: Mapping[str, models.Participant] = roster if roster is not None else {}
         """The participants last seen in a roster notification, by participant id."""
-        self.participants = Participants(self)
-        """The call's participants on Graph: list, invite, mute, remove, hold music."""
-        self.audio_routing_groups = AudioRoutingGroups(self)
-        """The call's audio routing groups on Graph."""
         self._services = services
         self._life = life
+        # Made on first use: most handlers of a notification never act through them.
+        self._scenario_id = scenario_id
+
+    @property
+    def scenario_id(self) -> str:
+        """Sent as ``scenario-id`` with every request about this call (one per call flow)."""
+        if self._scenario_id is None:
+            self._scenario_id = scenario_of(self.id)
+        return self._scenario_id
+
+    @functools.cached_property
+    def participants(self) -> Participants:
+        """The call's participants on Graph: list, invite, mute, remove, hold music."""
+        return Participants(self)
+
+    @functools.cached_property
+    def audio_routing_groups(self) -> AudioRoutingGroups:
+        """The call's audio routing groups on Graph."""
+        return AudioRoutingGroups(self)
 
     def __repr__(self) -> str:
         return f"<Call {self.id} state={self.state!r}>"
