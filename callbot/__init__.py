@@ -9,6 +9,7 @@ operation), ``events`` (the typed events), ``models`` (Graph resources),
 from __future__ import annotations
 
 from . import events, models
+from ._attempts import Attempt, current_attempt
 from ._bot import CallBot
 from ._config import Settings
 from ._errors import (
@@ -24,6 +25,7 @@ from ._errors import (
 from .graph import Call, Operation
 
 __all__ = [
+    "Attempt",
     "AuthenticationError",
     "Call",
     "CallBot",
@@ -36,6 +38,7 @@ __all__ = [
     "OperationFailed",
     "Settings",
     "StoreUnavailable",
+    "current_attempt",
     "events",
     "models",
 ]

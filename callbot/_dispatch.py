@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import structlog
 
 from . import events
+from ._attempts import _current as _current_attempt
 from ._log import get_logger
 from ._sequencing import Delivery
 
@@ -190,11 +191,13 @@ class Dispatcher:
             self._hooks.on_established(call)
         # Tokens restore the previous binding at a fraction of bound_contextvars' cost.
         tokens = structlog.contextvars.bind_contextvars(call_id=event.call_id)
+        attempt = _current_attempt.set(delivery.attempt)
         try:
             async with self._slots:
                 for registration in self._registry.matching(event):
                     await self._run_one(registration.name, registration.handler, call, event)
         finally:
+            _current_attempt.reset(attempt)
             structlog.contextvars.reset_contextvars(**tokens)
         self.counts["handled"] += 1
         if isinstance(event, events.CallTerminated):

@@ -28,6 +28,7 @@ from typing import Any
 import orjson
 
 from . import events
+from ._attempts import Attempt
 from ._ids import id_key
 from ._log import get_logger
 from .models import Call as CallResource
@@ -81,6 +82,8 @@ class Delivery:
     event: events.Event
     snapshot: CallResource | None
     roster: dict[str, Participant]
+    attempt: Attempt | None = None
+    """Set by a shared store: which run of the event's handlers this is."""
 
 
 @dataclass(slots=True)

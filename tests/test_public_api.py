@@ -10,6 +10,7 @@ from callbot import events
 
 def test_the_package_exports_exactly_the_public_names() -> None:
     assert sorted(callbot.__all__) == [
+        "Attempt",
         "AuthenticationError",
         "Call",
         "CallBot",
@@ -22,6 +23,7 @@ def test_the_package_exports_exactly_the_public_names() -> None:
         "OperationFailed",
         "Settings",
         "StoreUnavailable",
+        "current_attempt",
         "events",
         "models",
     ]
