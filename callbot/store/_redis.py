@@ -339,7 +339,8 @@ class RedisStore:
         self._in_flight: dict[int, _Owned] = {}
         """The run that fed each delivery still in the dispatcher (by the delivery's id)."""
         self._attempts: dict[int, tuple[events.Event, Attempt]] = {}
-        """The attempt of each event fed and not yet delivered or dropped."""
+        """The attempt of each event fed and not yet delivered or dropped, by the id of its
+        raw item (which the sequencer's copies of an event share)."""
         self._tasks: list[asyncio.Task[None]] = []
         self._claimer: asyncio.Task[None] | None = None
         self._slot_freed = asyncio.Event()
@@ -736,14 +737,14 @@ class RedisStore:
         redelivered = state.fed_before is not None and _stream_id(entry_id) <= state.fed_before
         if redelivered:
             log.info("notification_redelivered", call_key=key, entry=entry_id, epoch=state.epoch)
-        self._attempts[id(event)] = (event, Attempt(key, entry_id, state.epoch, redelivered))
+        self._attempts[id(event.raw)] = (event, Attempt(key, entry_id, state.epoch, redelivered))
         self._sequencer.accept(event)
         record = self._sequencer.record(key)
         if record is None or (record.held is not event and event not in record.backlog):
-            self._attempts.pop(id(event), None)  # delivered or dropped: nothing waits
+            self._attempts.pop(id(event.raw), None)  # delivered or dropped: nothing waits
 
     def _deliver(self, delivery: Delivery) -> None:
-        kept = self._attempts.pop(id(delivery.event), None)
+        kept = self._attempts.pop(id(delivery.event.raw), None)
         if kept is not None:
             delivery = Delivery(delivery.event, delivery.snapshot, delivery.roster, kept[1])
         state = self._running.get(delivery.event.call_key)
