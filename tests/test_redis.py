@@ -14,6 +14,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -28,6 +29,7 @@ import redis
 import redis.asyncio as aioredis
 
 from callbot import Call, CallBot, events, models
+from callbot.store._redis import follow_primary
 from callbot.testing import FakeGraph, TokenAuthority
 from callbot.testing import builders as b
 
@@ -70,12 +72,26 @@ def _redis_binary() -> str:
 
 
 class RedisServer:
-    """A redis-server process on 127.0.0.1: no persistence, its files in ``directory``."""
+    """A redis-server process on 127.0.0.1, its files in ``directory``.
 
-    def __init__(self, binary: str, directory: Path, port: int | None = None) -> None:
+    Without persistence unless ``persistent`` (then every write is in the
+    append-only file before Redis answers it); ``args`` adds options.
+    """
+
+    def __init__(
+        self,
+        binary: str,
+        directory: Path,
+        port: int | None = None,
+        *,
+        persistent: bool = False,
+        args: tuple[str, ...] = (),
+    ) -> None:
         self.binary = binary
         self.directory = directory
         self.port = port or _free_port()
+        self.persistent = persistent
+        self.args = args
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -83,20 +99,14 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        log = (self.directory / "redis.log").open("ab")
+        log = (self.directory / f"redis-{self.port}.log").open("ab")
+        persistence = ("--appendonly", "yes", "--appendfsync", "always", "--save", "")
         self.process = subprocess.Popen(
             [
-                self.binary,
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.directory),
+                *(self.binary, "--bind", "127.0.0.1", "--port", str(self.port)),
+                *(persistence if self.persistent else ("--save", "", "--appendonly", "no")),
+                *("--dir", str(self.directory)),
+                *self.args,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -108,11 +118,20 @@ class RedisServer:
                 try:
                     client.ping()
                     return
-                except redis.ConnectionError:
+                except (redis.ConnectionError, redis.exceptions.BusyLoadingError):
                     if time.monotonic() > deadline or self.process.poll() is not None:
                         self.stop()
                         raise RuntimeError("redis-server did not start") from None
                     time.sleep(0.05)
+
+    def shutdown(self) -> None:
+        """A graceful stop: Redis writes what it must and exits."""
+        if self.process is not None:
+            client = redis.Redis(port=self.port, socket_timeout=5)
+            with client, contextlib.suppress(redis.ConnectionError):
+                client.shutdown()
+            self.process.wait(timeout=30)
+            self.process = None
 
     def stop(self) -> None:
         if self.process is not None:
@@ -162,6 +181,7 @@ def call_key(call_id: str) -> str:
 
 
 async def read_logs(rdb: Any, calls: list[str]) -> dict[str, list[dict[str, Any]]]:
+    await follow_primary(rdb)
     pipe = rdb.pipeline(transaction=False)
     for call_id in calls:
         pipe.lrange(log_key(call_key(call_id)), 0, -1)
@@ -191,7 +211,16 @@ async def wait_for_logs(
             return await read_logs(rdb, calls)
         if time.monotonic() > deadline:
             short = {c: [e["label"] for e in v] for c, v in logs.items() if len(v) < 6}
-            raise AssertionError(f"{len(short)} calls not finished, e.g. {list(short.items())[:3]}")
+            example = next(iter(short), None)
+            late = (
+                []
+                if example is None
+                else await rdb.lrange(log_key(call_key(example), "late"), 0, -1)
+            )
+            raise AssertionError(
+                f"{len(short)} calls not finished, e.g. {list(short.items())[:3]}; "
+                f"late lines of {example}: {late}; settled: {await settled(rdb)}"
+            )
         await asyncio.sleep(0.1)
 
 
@@ -240,7 +269,9 @@ class Bots:
             self.ports.append(port)
             self.processes.append(process)
             self.alive.append(index)
-        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64))
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=64), timeout=aiohttp.ClientTimeout(total=10)
+        )
         await asyncio.gather(*(self._ready(i) for i in range(count)))
 
     async def _ready(self, index: int) -> None:
@@ -264,6 +295,15 @@ class Bots:
         self.processes[index].kill()
         await self.processes[index].wait()
 
+    def pause(self, index: int) -> None:
+        """SIGSTOP; the balancer stops sending it requests (its health checks fail)."""
+        self.alive.remove(index)
+        os.kill(self.pid(index), signal.SIGSTOP)
+
+    def resume(self, index: int) -> None:
+        os.kill(self.pid(index), signal.SIGCONT)
+        self.alive.append(index)
+
     async def post(self, index: int, item: dict[str, Any]) -> int:
         assert self.session is not None
         async with self.session.post(
@@ -275,12 +315,13 @@ class Bots:
 
     async def deliver(self, item: dict[str, Any], rng: random.Random) -> int:
         """Post to a random live instance until one accepts it, as Graph retries; who did."""
-        for _ in range(100):
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
             index = rng.choice(self.alive)
             try:
                 if await self.post(index, item) == 202:
                     return index
-            except aiohttp.ClientError:
+            except (aiohttp.ClientError, TimeoutError):
                 pass  # killed under us: Graph would retry, the balancer would pick another
             await asyncio.sleep(0.02)
         raise AssertionError("no instance accepted the notification")

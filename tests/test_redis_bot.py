@@ -24,7 +24,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from callbot import Call, CallBot, current_attempt, events
-from callbot.store._redis import connect
+from callbot.store._redis import connect, follow_primary
 
 __all__ = ["bot", "label", "log_key"]
 
@@ -92,6 +92,9 @@ async def log_every_event(call: Call, event: events.Event) -> None:
 async def _retry(step: Any, *args: Any) -> Any:
     while True:
         try:
+            await follow_primary(_client)
             return await step(*args)
-        except RedisError:
+        except (RedisError, OSError, AttributeError):
+            # Redis restarting or failing over (AttributeError: redis-py's cluster client
+            # while it reconnects); the write is idempotent, so it is tried again
             await asyncio.sleep(0.1)

@@ -20,6 +20,7 @@ import os
 import secrets
 import socket
 import time
+import weakref
 from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,8 +30,9 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 
 from .. import events
@@ -46,7 +48,7 @@ from ._codec import decode_entry, decode_record, digest_of, encode_entry, encode
 
 _NEVER = 1e9
 
-__all__ = ["RedisStore", "connect"]
+__all__ = ["RedisStore", "connect", "follow_primary"]
 
 log = get_logger("callbot.store")
 
@@ -132,6 +134,7 @@ def connect(url: str) -> tuple[Any, Any]:
     if not sep:
         raise ConfigurationError(f"the store URL must be one of {_SCHEMES}, got {url!r}")
     common: dict[str, Any] = {
+        "client_name": "callbot",  # in CLIENT LIST, to tell the bot's connections apart
         "decode_responses": True,
         "protocol": 2,
         "socket_timeout": _SOCKET_TIMEOUT,
@@ -184,6 +187,28 @@ def connect(url: str) -> tuple[Any, Any]:
     raise ConfigurationError(f"the store URL must be one of {_SCHEMES}, got {scheme}://...")
 
 
+_PRIMARIES: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+"""The primary each Sentinel-managed pool was last seen to talk to."""
+
+
+async def follow_primary(client: Any) -> None:
+    """With Sentinel: once it names a new primary, every connection to the old one goes.
+
+    An old primary keeps taking writes until Sentinel turns it into a replica; what it
+    takes meanwhile is lost. Called every lease tick, this bounds that window (redis-py
+    itself only drops the idle connections, and only if it notices the change first).
+    """
+    pool = getattr(client, "connection_pool", None)
+    if not isinstance(pool, SentinelConnectionPool):
+        return
+    primary = await pool.get_master_address()  # type: ignore[no-untyped-call]
+    known = _PRIMARIES.get(pool)
+    _PRIMARIES[pool] = primary
+    if known is not None and known != primary:
+        log.warning("store_primary_changed", primary=str(primary), previous=str(known))
+        await pool.disconnect()
+
+
 class _Batcher:
     """Sends commands in pipelines: what is issued while a round trip is in flight goes
     together in the next one (a few round trips may be in flight at once)."""
@@ -213,9 +238,14 @@ class _Batcher:
             try:
                 answers = await pipe.execute(raise_on_error=False)
             except Exception as exc:
+                failure = exc
+                if not isinstance(exc, RedisError):
+                    # the client's internals broke with the connection: the same for callers
+                    failure = RedisConnectionError(f"{type(exc).__name__}: {exc}")
+                    failure.__cause__ = exc
                 for _, future in batch:
                     if not future.done():
-                        future.set_exception(exc)
+                        future.set_exception(failure)
                 continue
             except BaseException:
                 for _, future in batch:
@@ -807,6 +837,7 @@ class RedisStore:
         if record is not None:
             await self._index(key, record)
         released = len(answer) > 1 and bool(int(answer[1]))
+        state.releasing = released  # a renewal refused from now on only means it is released
         if released and record is not None and not record.ended:
             # Left exactly as stored: the next run here need not decode it again.
             if len(self._resting) >= _RESTING_LIMIT:
@@ -893,6 +924,7 @@ class RedisStore:
         finally:
             state.releasing = False
         outcome = int(answer[0])
+        state.releasing = outcome > 0
         if outcome == -1:
             self._lose(state, "release_refused")
         elif outcome == 2:
@@ -923,6 +955,7 @@ class RedisStore:
                 if not self._rehydrated:
                     await self._load_scripts()
                     await self._rehydrate()
+                await self._follow_primary()
                 await self._renew()
                 await self._reap()
                 if time.monotonic() - last_sync >= _SYNC_SECONDS:
@@ -934,6 +967,10 @@ class RedisStore:
             except Exception:
                 log.exception("store_upkeep_failed")
             await asyncio.sleep(self._tick)
+
+    async def _follow_primary(self) -> None:
+        for client in (self._redis, self._blocking):
+            await follow_primary(client)
 
     async def _renew(self) -> None:
         held = [state for state in self._owned.values() if not state.lost]
