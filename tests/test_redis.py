@@ -195,9 +195,9 @@ async def settled(rdb: Any) -> bool:
     A run holds its call's lease until the call's inbox is empty and its handlers
     finished, so once no lease is left, no handler will run again.
     """
-    async for _ in rdb.scan_iter(match=KEY_PREFIX + "*:lease", count=1000):
-        return False
-    return int(await rdb.zcard(KEY_PREFIX + "runnable")) == 0
+    # Read to the end: an async iterator left midway keeps its connection.
+    leases = [key async for key in rdb.scan_iter(match=KEY_PREFIX + "*:lease", count=1000)]
+    return not leases and int(await rdb.zcard(KEY_PREFIX + "runnable")) == 0
 
 
 async def wait_for_logs(

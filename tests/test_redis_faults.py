@@ -30,12 +30,11 @@ from typing import Any
 
 import pytest
 import redis
-import redis.asyncio as aioredis
 
-from callbot.store._redis import connect
+from callbot.store._redis import connect, disconnect
 from callbot.testing import TokenAuthority
 
-from .test_redis import (  # the fixtures redis_server, redis_url and rdb are shared too
+from .test_redis import (  # the fixtures redis_server and redis_url too
     KEY_PREFIX,
     LIFECYCLE,
     Bots,
@@ -44,7 +43,6 @@ from .test_redis import (  # the fixtures redis_server, redis_url and rdb are sh
     _redis_binary,
     first_runs,
     lines_of,
-    rdb,
     read_logs,
     redis_server,
     redis_url,
@@ -54,7 +52,7 @@ from .test_redis import (  # the fixtures redis_server, redis_url and rdb are sh
 )
 
 pytestmark = pytest.mark.redis
-__all__ = ["rdb", "redis_server", "redis_url"]  # fixtures this module uses
+__all__ = ["redis_server", "redis_url"]  # fixtures this module uses
 
 CALLS = 60
 
@@ -90,10 +88,7 @@ async def client_for(url: str) -> AsyncIterator[Any]:
     try:
         yield client
     finally:
-        await client.aclose()
-        pool = getattr(client, "connection_pool", None)
-        if pool is not None:  # given to the client, so not closed with it
-            await pool.disconnect()
+        await disconnect(client)
 
 
 async def victim_ran(rdb: Any, calls: list[str], pid: int, count: int) -> bool:
@@ -101,12 +96,15 @@ async def victim_ran(rdb: Any, calls: list[str], pid: int, count: int) -> bool:
 
 
 async def test_an_instance_paused_past_its_lease_loses_its_calls_cleanly(
-    authority: TokenAuthority, redis_url: str, rdb: aioredis.Redis, tmp_path: Path
+    authority: TokenAuthority, redis_url: str, tmp_path: Path
 ) -> None:
     """Instance SIGSTOP past the lease. Kept, order, flagged: the others take its calls
     over; once it resumes, its stale runs are refused (checkpoints and fenced writes)."""
     env = {"CALLBOT_STORE_LEASE": "1", "CALLBOT_TEST_HANDLER_DELAY": "0.03"}
-    async with running_bots(authority, redis_url, tmp_path, 3, **env) as bots:
+    async with (
+        running_bots(authority, redis_url, tmp_path, 3, **env) as bots,
+        client_for(redis_url) as rdb,
+    ):
         victim_pid = bots.pid(0)
         calls = calls_named("stop")
         sprayed = asyncio.create_task(spray(bots, calls, random.Random(3)))
@@ -114,10 +112,9 @@ async def test_an_instance_paused_past_its_lease_loses_its_calls_cleanly(
         bots.pause(0)
 
         async def victim_holds_nothing() -> bool:
-            async for lease in rdb.scan_iter(match=KEY_PREFIX + "*:lease", count=1000):
-                if f":{victim_pid}:" in (await rdb.get(lease) or ""):
-                    return False
-            return True
+            leases = [key async for key in rdb.scan_iter(match=KEY_PREFIX + "*:lease")]
+            owners = [await rdb.get(lease) or "" for lease in leases]
+            return not any(f":{victim_pid}:" in owner for owner in owners)
 
         await sprayed
         await wait_for(victim_holds_nothing)
@@ -184,12 +181,15 @@ async def test_redis_restarted_without_persistence_recovers_by_itself(
 
 
 async def test_redis_paused_past_the_lease(
-    authority: TokenAuthority, redis_url: str, rdb: aioredis.Redis, tmp_path: Path
+    authority: TokenAuthority, redis_url: str, tmp_path: Path
 ) -> None:
     """CLIENT PAUSE longer than the lease. Kept, order, flagged: leases run out while
     nobody can take them; owners whose epoch is unchanged go on, unrepeated."""
     env = {"CALLBOT_STORE_LEASE": "1", "CALLBOT_TEST_HANDLER_DELAY": "0.01"}
-    async with running_bots(authority, redis_url, tmp_path, 3, **env) as bots:
+    async with (
+        running_bots(authority, redis_url, tmp_path, 3, **env) as bots,
+        client_for(redis_url) as rdb,
+    ):
         calls = calls_named("pause")
         sprayed = asyncio.create_task(spray(bots, calls, random.Random(10)))
         await wait_for(lambda: _handled(rdb, calls, 40))

@@ -48,7 +48,7 @@ from ._codec import decode_entry, decode_record, digest_of, encode_entry, encode
 
 _NEVER = 1e9
 
-__all__ = ["RedisStore", "connect", "follow_primary"]
+__all__ = ["RedisStore", "connect", "disconnect", "follow_primary"]
 
 log = get_logger("callbot.store")
 
@@ -187,6 +187,18 @@ def connect(url: str) -> tuple[Any, Any]:
     raise ConfigurationError(f"the store URL must be one of {_SCHEMES}, got {scheme}://...")
 
 
+async def disconnect(client: Any) -> None:
+    """Close a client of :func:`connect`, its pool, and its Sentinel connections."""
+    with contextlib.suppress(RedisError, OSError):
+        await client.aclose()
+        pool = getattr(client, "connection_pool", None)
+        if pool is not None:  # a pool the client was given is not closed with it
+            await pool.disconnect()
+        if isinstance(pool, SentinelConnectionPool):
+            for sentinel in pool.sentinel_manager.sentinels:
+                await sentinel.aclose()
+
+
 _PRIMARIES: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 """The primary each Sentinel-managed pool was last seen to talk to."""
 
@@ -284,6 +296,12 @@ class _Owned:
     """Deliveries handed to the dispatcher whose handlers have not finished."""
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    signals: int = 0
+    """Entries this instance appended while the run held the call."""
+    looked: int = 0
+    """``signals`` when the run last read the inbox."""
+    saved: tuple[str, CallRecord] | None = None
+    """The record as the last checkpoint stored it."""
     lost: bool = False
     releasing: bool = False
     """A release is on its way: a renewal refused meanwhile only means it went through."""
@@ -344,6 +362,7 @@ class RedisStore:
         self._dedupe_ms = max(_MIN_DEDUPE_MS, self._grace_ms)
         self._tick = min(settings.store_lease / 3, 1.0)
         self._hold_poll = min(0.02, max(settings.reorder_window / 10, 0.002))
+        self._linger = min(self._tick, 0.2)
         self._capacity = settings.max_concurrent_handlers
         self._redis, self._blocking = connect(url)
         self._batch = _Batcher(self._redis)
@@ -453,7 +472,8 @@ class RedisStore:
             else:
                 state = self._running.get(event.call_key)
                 if state is not None:
-                    state.changed.set()  # a held call need not wait for its next look
+                    state.signals += 1
+                    state.changed.set()  # a held or idle call need not wait for its next look
 
     def active_records(self) -> list[CallRecord]:
         """The calls of every instance that have not ended (refreshed every few seconds)."""
@@ -498,11 +518,7 @@ class RedisStore:
         self._sequencer.close()
         self._batch.close()
         for client in (self._redis, self._blocking):
-            with contextlib.suppress(RedisError, OSError):
-                await client.aclose()
-                pool = getattr(client, "connection_pool", None)
-                if pool is not None:  # a pool the client was given is not closed with it
-                    await pool.disconnect()
+            await disconnect(client)
         log.info("store_closed", store="redis", handed_over=len(left))
 
     # -- accepting ----------------------------------------------------------------
@@ -512,10 +528,10 @@ class RedisStore:
         keys = self._keys
         room = len(self._owned) < self._capacity and not self._draining
         taking: set[str] = set()
-        # The pending index first: the reaper finds a call whose owner dies from there.
-        commands: list[tuple[Any, ...]] = [
-            ("SADD", keys.pending, *{event.call_key for event in batch})
-        ]
+        # The pending index: the reaper finds a call whose owner dies from there. A call
+        # this instance runs is in it already (only a release takes it out).
+        unowned = {event.call_key for event in batch if not self._holds(event.call_key)}
+        commands: list[tuple[Any, ...]] = [("SADD", keys.pending, *unowned)] if unowned else []
         broadcasts: list[tuple[Any, ...]] = []
         for event in batch:
             call = event.call_key
@@ -545,7 +561,7 @@ class RedisStore:
                     ("XADD", keys.events, "MAXLEN", "~", _EVENTS_MAXLEN, "*", "e", entry)
                 )
         answers = await self._run_all([*commands, *broadcasts])
-        scripts = answers[1 : 1 + len(batch)]
+        scripts = answers[len(commands) - len(batch) : len(commands)]
         runnable: dict[str, int] = {}
         for event, answer in zip(batch, scripts, strict=True):
             if int(answer[1]) == 3:
@@ -555,6 +571,10 @@ class RedisStore:
             flat = [part for call, score in runnable.items() for part in (score, call)]
             await self._batch.run("ZADD", keys.runnable, "NX", *flat)
         return list(scripts)
+
+    def _holds(self, call: str) -> bool:
+        state = self._owned.get(call)
+        return state is not None and not state.lost and not state.releasing
 
     # -- claiming and running calls -------------------------------------------------
 
@@ -696,14 +716,12 @@ class RedisStore:
             holding = self._holding(key)
             if not holding and fed is not None and fed != acked:
                 following = buffer[0][0] if buffer else ""
-                outcome = await self._checkpoint(state, fed, read_on=not buffer, next_id=following)
-                if outcome is None:
+                if not buffer:
+                    state.looked = state.signals
+                more = await self._checkpoint(state, fed, read_on=not buffer, next_id=following)
+                if more is None:
                     return
                 acked = fed
-                released, more = outcome
-                if released:
-                    await self._unpend(key)
-                    return
                 buffer.extend(more)
                 continue
             if self._draining:
@@ -727,13 +745,22 @@ class RedisStore:
                 state.changed.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(state.changed.wait(), self._hold_poll)
+                state.looked = state.signals
                 buffer.extend(await self._steady(self._read, key, fed))
                 continue
-            gave_up = await self._release(state, handover=False)
-            if gave_up == 1:
-                await self._unpend(key)
-            if gave_up != 0:
-                return
+            if state.signals == state.looked:
+                # Nothing to do: keep the call a moment, as its next notification often
+                # follows at once (sparing a release, a pending-index update and a take).
+                state.changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(state.changed.wait(), self._linger)
+            if state.signals == state.looked and not self._draining:
+                gave_up = await self._release(state, handover=False)
+                if gave_up == 1:
+                    await self._unpend(key)
+                if gave_up != 0:
+                    return
+            state.looked = state.signals
             buffer.extend(await self._steady(self._read, key, fed))
 
     async def _load_call(self, key: str) -> tuple[str, list[tuple[str, str]]]:
@@ -795,11 +822,10 @@ class RedisStore:
 
     async def _checkpoint(
         self, state: _Owned, entry_id: str, *, read_on: bool, next_id: str
-    ) -> tuple[bool, list[tuple[str, str]]] | None:
+    ) -> list[tuple[str, str]] | None:
         """Acknowledge entries up to ``entry_id`` with the record as it stands now.
 
-        With ``read_on``, also give the call up if nothing else waits (``(True, [])``),
-        else read what does (``(False, entries)``). ``None``: the lease was lost.
+        With ``read_on``, also read the entries that wait. ``None``: the lease was lost.
         Retried across failures and reconnects: the script's fencing decides.
         """
         key = state.key
@@ -821,29 +847,19 @@ class RedisStore:
             _READ_BATCH,
             next_id,
         )
-        state.releasing = read_on
-        try:
-            started, answer = await self._steady(self._timed, command)
-        finally:
-            state.releasing = False
+        started, answer = await self._steady(self._timed, command)
         if not int(answer[0]):
             self._lose(state, "checkpoint_refused")
             return None
         state.deadline = started + self._lease_ms / 1000
-        entries = _entries(answer[2]) if len(answer) > 2 else []
+        entries = _entries(answer[1]) if len(answer) > 1 else []
         noted = next_id or (entries[0][0] if entries else "")
         if noted:
             state.marked = max(state.marked, _stream_id(noted))
         if record is not None:
+            state.saved = (payload, record)
             await self._index(key, record)
-        released = len(answer) > 1 and bool(int(answer[1]))
-        state.releasing = released  # a renewal refused from now on only means it is released
-        if released and record is not None and not record.ended:
-            # Left exactly as stored: the next run here need not decode it again.
-            if len(self._resting) >= _RESTING_LIMIT:
-                self._resting.clear()
-            self._resting[key] = (payload, record)
-        return released, entries
+        return entries
 
     async def _timed(self, command: tuple[Any, ...]) -> tuple[float, Any]:
         started = time.monotonic()
@@ -924,9 +940,14 @@ class RedisStore:
         finally:
             state.releasing = False
         outcome = int(answer[0])
-        state.releasing = outcome > 0
+        state.releasing = outcome > 0  # a renewal refused from now on only means it is released
         if outcome == -1:
             self._lose(state, "release_refused")
+        elif outcome == 1 and state.saved is not None and not state.saved[1].ended:
+            # Left exactly as stored: the next run here need not decode it again.
+            if len(self._resting) >= _RESTING_LIMIT:
+                self._resting.clear()
+            self._resting[state.key] = state.saved
         elif outcome == 2:
             score = _stream_id(_text(answer[1]))[0]
             with contextlib.suppress(RedisError):  # else the reaper wakes it

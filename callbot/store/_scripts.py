@@ -149,7 +149,7 @@ CHECKPOINT = Script(
 -- KEYS: inbox, lease, fence, record
 -- ARGV: lease value, epoch, first id to keep, record ('' keeps the stored one),
 --       ended (0/1), grace (ms), lease (ms), lifetime (ms),
---       release or read on (0/1), read batch, next id to feed ('' if unknown)
+--       read on (0/1), read batch, next id to feed ('' if unknown)
 local inbox, lease, fence, record = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 if not holds(lease, fence, ARGV[1], ARGV[2], ARGV[7]) then
   return {0}
@@ -165,23 +165,18 @@ end
 redis.call('PEXPIRE', inbox, life)
 redis.call('PEXPIRE', fence, life)
 mark(fence, ARGV[11])
-if ARGV[9] ~= '1' then
-  redis.call('PEXPIRE', lease, ARGV[7])
-  return {1, 0}
-end
-if redis.call('XLEN', inbox) == 0 then
-  redis.call('DEL', lease)
-  return {1, 1}
-end
 redis.call('PEXPIRE', lease, ARGV[7])
+if ARGV[9] ~= '1' then
+  return {1}
+end
 local entries = redis.call('XRANGE', inbox, '-', '+', 'COUNT', ARGV[10])
-if ARGV[11] == '' then mark(fence, entries[1][1]) end
-return {1, 0, entries}
+if ARGV[11] == '' and #entries > 0 then mark(fence, entries[1][1]) end
+return {1, entries}
 """,
 )
-"""Acknowledge a call's entries up to one, with the record as it stands after them; then
-give the call up if nothing else waits ({1, 1}), or read what does ({1, 0, entries}).
-Fenced: a run that lost its lease acknowledges nothing ({0})."""
+"""Acknowledge a call's entries up to one, with the record as it stands after them, and
+read what waits after them ({1, entries}) if asked. Fenced: a run that lost its lease
+acknowledges nothing ({0})."""
 
 MARK = Script(
     "mark",
