@@ -232,6 +232,10 @@ class _Batcher:
 
     async def run(self, *command: Any) -> Any:
         """One command's answer (its error raised), sent with whatever else is waiting."""
+        return await self.submit(command)
+
+    def submit(self, command: tuple[Any, ...]) -> asyncio.Future[Any]:
+        """Queue a command for the next round trip; the future of its answer."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._waiting.append((command, future))
@@ -239,7 +243,7 @@ class _Batcher:
             task = loop.create_task(self._send())
             self._senders.add(task)
             task.add_done_callback(self._senders.discard)
-        return await future
+        return future
 
     async def _send(self) -> None:
         while self._waiting:
@@ -300,6 +304,10 @@ class _Owned:
     """Entries this instance appended while the run held the call."""
     looked: int = 0
     """``signals`` when the run last read the inbox."""
+    buffer: deque[tuple[str, str]] = field(default_factory=deque)
+    """Entries read (or appended by this instance) and not fed yet, in order."""
+    tail: tuple[int, int] = (0, 0)
+    """The last entry id the run knows of (fed or in ``buffer``)."""
     saved: tuple[str, CallRecord] | None = None
     """The record as the last checkpoint stored it."""
     lost: bool = False
@@ -397,6 +405,8 @@ class RedisStore:
         self._rehydrated = False
         self._draining = False
         self._closing = False
+        self._lingering = 0
+        """Held calls with nothing to do, waiting a moment for their next notification."""
 
     # -- the Store interface ------------------------------------------------------
 
@@ -445,7 +455,7 @@ class RedisStore:
             self._mark(False, exc)
             raise StoreUnavailable(f"the Redis store cannot be reached: {exc}") from exc
         self._mark(True)
-        for event, answer in zip(batch, answers, strict=True):
+        for event, (answer, text) in zip(batch, answers, strict=True):
             fresh, who, entry = int(answer[0]), int(answer[1]), _text(answer[2])
             if not fresh:
                 self._own_counts["duplicate"] += 1
@@ -471,9 +481,16 @@ class RedisStore:
                 )
             else:
                 state = self._running.get(event.call_key)
-                if state is not None:
+                if state is None:
+                    continue
+                before = _text(answer[3]) if fresh else None
+                if before is not None and (not before or _stream_id(before) <= state.tail):
+                    # Nothing came between what the run knows and this entry: it need not
+                    # read the inbox to see it.
+                    self._take(state, [(entry, text)])
+                else:
                     state.signals += 1
-                    state.changed.set()  # a held or idle call need not wait for its next look
+                state.changed.set()  # a held or idle call need not wait for its next look
 
     def active_records(self) -> list[CallRecord]:
         """The calls of every instance that have not ended (refreshed every few seconds)."""
@@ -523,11 +540,12 @@ class RedisStore:
 
     # -- accepting ----------------------------------------------------------------
 
-    async def _append(self, batch: Sequence[events.Event]) -> list[Any]:
+    async def _append(self, batch: Sequence[events.Event]) -> list[tuple[Any, str]]:
         """One round trip for the whole batch (two when a call must be made runnable)."""
         keys = self._keys
-        room = len(self._owned) < self._capacity and not self._draining
+        room = len(self._owned) - self._lingering < self._capacity and not self._draining
         taking: set[str] = set()
+        texts: list[str] = []
         # The pending index: the reaper finds a call whose owner dies from there. A call
         # this instance runs is in it already (only a release takes it out).
         unowned = {event.call_key for event in batch if not self._holds(event.call_key)}
@@ -540,6 +558,7 @@ class RedisStore:
             if take:
                 taking.add(call)
             entry = encode_entry(event)
+            texts.append(entry)
             commands.append(
                 _cmd(
                     _scripts.INGEST,
@@ -570,7 +589,7 @@ class RedisStore:
         if runnable:
             flat = [part for call, score in runnable.items() for part in (score, call)]
             await self._batch.run("ZADD", keys.runnable, "NX", *flat)
-        return list(scripts)
+        return list(zip(scripts, texts, strict=True))
 
     def _holds(self, call: str) -> bool:
         state = self._owned.get(call)
@@ -582,7 +601,7 @@ class RedisStore:
         keys = self._keys
         pause = _RETRY_PAUSE
         while not self._draining:
-            free = self._capacity - len(self._owned)
+            free = self._capacity - len(self._owned) + self._lingering
             if free <= 0:
                 self._slot_freed.clear()
                 await self._slot_freed.wait()
@@ -708,7 +727,8 @@ class RedisStore:
             self._sequencer.evict(key)
         fed: str | None = None
         acked: str | None = None
-        buffer = deque(first)
+        buffer = state.buffer
+        self._take(state, first)
         while not state.lost:
             if state.outstanding:
                 await state.idle.wait()
@@ -722,7 +742,7 @@ class RedisStore:
                 if more is None:
                     return
                 acked = fed
-                buffer.extend(more)
+                self._take(state, more)
                 continue
             if self._draining:
                 await self._release(state, handover=True)
@@ -746,22 +766,38 @@ class RedisStore:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(state.changed.wait(), self._hold_poll)
                 state.looked = state.signals
-                buffer.extend(await self._steady(self._read, key, fed))
+                self._take(state, await self._steady(self._read, key, fed))
                 continue
-            if state.signals == state.looked:
+            ended = state.saved is not None and state.saved[1].ended
+            if state.signals == state.looked and not ended:
                 # Nothing to do: keep the call a moment, as its next notification often
                 # follows at once (sparing a release, a pending-index update and a take).
+                # Meanwhile it does not count against this instance's room for calls.
                 state.changed.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(state.changed.wait(), self._linger)
+                self._lingering += 1
+                try:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(state.changed.wait(), self._linger)
+                finally:
+                    self._lingering -= 1
+            if buffer:
+                continue
             if state.signals == state.looked and not self._draining:
                 gave_up = await self._release(state, handover=False)
                 if gave_up == 1:
-                    await self._unpend(key)
+                    await self._unpend(key, ended=ended)
                 if gave_up != 0:
                     return
             state.looked = state.signals
-            buffer.extend(await self._steady(self._read, key, fed))
+            self._take(state, await self._steady(self._read, key, fed))
+
+    def _take(self, state: _Owned, entries: list[tuple[str, str]]) -> None:
+        """Buffer entries the run does not know yet (a read may repeat what it has)."""
+        for entry_id, text in entries:
+            number = _stream_id(entry_id)
+            if number > state.tail:
+                state.buffer.append((entry_id, text))
+                state.tail = number
 
     async def _load_call(self, key: str) -> tuple[str, list[tuple[str, str]]]:
         inbox = self._keys.of(key, "inbox")[0]
@@ -897,10 +933,12 @@ class RedisStore:
         except RedisError as exc:
             log.warning("active_index_failed", call_key=key, error=str(exc))
 
-    async def _unpend(self, key: str) -> None:
+    async def _unpend(self, key: str, *, ended: bool = False) -> None:
         """Take a call whose inbox was empty off the pending index, unless work came back."""
         try:
             await self._batch.run("SREM", self._keys.pending, key)
+            if ended:
+                return  # what still comes is dropped as after the end: no need to look again
             # Looked at again after the removal: an entry appended meanwhile was indexed
             # before its script ran, so it is either seen here or indexed after the SREM.
             probe = await self._script_run(
@@ -1151,13 +1189,13 @@ class RedisStore:
         """
         if not commands:
             return []
-        run = self._batch.run
-        outcomes = await asyncio.gather(*(run(*c) for c in commands), return_exceptions=True)
+        submit = self._batch.submit
+        outcomes = await asyncio.gather(*(submit(c) for c in commands), return_exceptions=True)
         missing = [n for n, outcome in enumerate(outcomes) if isinstance(outcome, NoScriptError)]
         if missing:
             await self._load_scripts()
             again = await asyncio.gather(
-                *(run(*commands[n]) for n in missing), return_exceptions=True
+                *(submit(commands[n]) for n in missing), return_exceptions=True
             )
             for n, outcome in zip(missing, again, strict=True):
                 outcomes[n] = outcome

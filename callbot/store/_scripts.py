@@ -88,10 +88,12 @@ INGEST = Script(
 --       token, lease (ms) or '' to leave the call to others, read batch, lifetime (ms)
 local inbox, seen, lease, fence = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local digest, token = ARGV[1], ARGV[4]
-local fresh, id = 1, ''
+local fresh, id, before = 1, '', ''
 if digest ~= '' and redis.call('ZSCORE', seen, digest) then
   fresh = 0
 else
+  local last = redis.call('XREVRANGE', inbox, '+', '-', 'COUNT', 1)
+  if #last > 0 then before = last[1][1] end
   -- appended first: a repeat is only ever recognised once its first copy is kept
   id = redis.call('XADD', inbox, '*', 'e', ARGV[2])
   redis.call('PEXPIRE', inbox, ARGV[7])
@@ -106,7 +108,7 @@ end
 local owner = redis.call('GET', lease)
 if owner then
   if string.sub(owner, 1, #token + 1) == token .. '/' then
-    return {fresh, 1, id}
+    return {fresh, 1, id, before}
   end
   return {fresh, 0, id}
 end
@@ -123,9 +125,9 @@ return {fresh, 3, id, first[1][1]}
 )
 """Accept one notification: append it unless it repeats one kept in the dedupe window
 (``fresh`` 1 or 0, and its entry id), and say who runs the call: another instance (0),
-this one already (1), this one from now on (2, with the epoch, the record, the first
-entries and the previous ``fed`` mark), or nobody (3, with the oldest entry id: the
-store makes the call runnable)."""
+this one already (1, with the id of the entry before it, if any), this one from now on
+(2, with the epoch, the record, the first entries and the previous ``fed`` mark), or
+nobody (3, with the oldest entry id: the store makes the call runnable)."""
 
 CLAIM = Script(
     "claim",
