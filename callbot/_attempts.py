@@ -19,7 +19,11 @@ run (``redelivered`` is false, ``epoch`` 0).
 from __future__ import annotations
 
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._journal import ActionJournal
 
 __all__ = ["Attempt", "current_attempt"]
 
@@ -36,6 +40,10 @@ class Attempt:
     redelivered: bool
     """The notification was handed to handlers before, by a run that then lost the call:
     they may have run, entirely, in part, or (rarely) not at all."""
+    journal: ActionJournal | None = field(default=None, compare=False, repr=False)
+    """Where the Graph actions of this run's handlers are recorded (see ``_journal``)."""
+    steps: list[int] = field(default_factory=lambda: [0], compare=False, repr=False)
+    """How many journaled actions the handlers sent so far (a counter shared by them)."""
 
 
 _current: ContextVar[Attempt | None] = ContextVar("callbot_attempt", default=None)

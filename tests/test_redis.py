@@ -28,7 +28,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from callbot import Call, CallBot, events, models
+from callbot import Call, CallBot, current_attempt, events, models
 from callbot.store._redis import follow_primary
 from callbot.testing import FakeGraph, TokenAuthority
 from callbot.testing import builders as b
@@ -691,3 +691,47 @@ async def test_redis_down_means_503_then_recovery_by_itself(
         assert (await server.client.get("/readyz")).status == 200
     finally:
         server_process.stop()
+
+
+async def test_a_re_run_handler_does_not_repeat_graph_actions_its_first_run_completed(
+    authority: TokenAuthority, serve: Any, redis_url: str
+) -> None:
+    """Instance stopped mid-handler: the next owner runs the handler again, flagged as a
+    re-run, and its first action is served from the journal instead of sent again."""
+    async with FakeGraph() as graph:
+        runs: list[tuple[int, bool, str | None]] = []
+        first_run_acted = asyncio.Event()
+        servers: list[BotServer] = []
+        for index in range(2):
+            bot = make_bot(
+                authority,
+                store=redis_url,
+                store_lease=1.0,
+                shutdown_timeout=0.2,
+                graph_url=graph.graph_url,
+                authority_url=graph.authority_url,
+                app_secret="fake-graph-secret",
+            )
+
+            @bot.on_state("established")
+            async def play(call: Call, event: events.CallStateChanged, index: int = index) -> None:
+                attempt = current_attempt()
+                assert attempt is not None
+                op = await call.play_prompt("https://cdn.example.test/hello.wav")
+                runs.append((index, attempt.redelivered, op.id))
+                if index == 0:
+                    first_run_acted.set()
+                    await asyncio.Event().wait()  # never finishes: the instance stops
+
+            servers.append(await serve(bot))
+        first = servers[0]
+        for state in ("establishing", "established"):
+            item = b.call_state("journal-call", state)
+            assert (await first.post(b.notifications(item))).status == 202
+        await asyncio.wait_for(first_run_acted.wait(), 10)
+        await first.bot.stop()  # the handler is abandoned: its entry is not acknowledged
+        await until(lambda: len(runs) == 2, within=10)
+        (_, first_flag, first_op), (index, again, second_op) = runs
+        assert (first_flag, index, again) == (False, 1, True)
+        assert second_op == first_op  # the recorded answer, not a new operation
+        assert len(graph.requests_for("playPrompt")) == 1

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import secrets
 import socket
@@ -310,6 +311,8 @@ class _Owned:
     """The last entry id the run knows of (fed or in ``buffer``)."""
     saved: tuple[str, CallRecord] | None = None
     """The record as the last checkpoint stored it."""
+    journaled: list[str] = field(default_factory=list)
+    """Journal fields this run recorded, deleted once their entries are acknowledged."""
     lost: bool = False
     releasing: bool = False
     """A release is on its way: a renewal refused meanwhile only means it went through."""
@@ -405,6 +408,7 @@ class RedisStore:
         self._rehydrated = False
         self._draining = False
         self._closing = False
+        self._journal = _Journal(self)
         self._lingering = 0
         """Held calls with nothing to do, waiting a moment for their next notification."""
 
@@ -830,7 +834,8 @@ class RedisStore:
         redelivered = state.fed_before is not None and _stream_id(entry_id) <= state.fed_before
         if redelivered:
             log.info("notification_redelivered", call_key=key, entry=entry_id, epoch=state.epoch)
-        self._attempts[id(event.raw)] = (event, Attempt(key, entry_id, state.epoch, redelivered))
+        attempt = Attempt(key, entry_id, state.epoch, redelivered, journal=self._journal)
+        self._attempts[id(event.raw)] = (event, attempt)
         self._sequencer.accept(event)
         record = self._sequencer.record(key)
         if record is None or (record.held is not event and event not in record.backlog):
@@ -868,9 +873,13 @@ class RedisStore:
         record = self._sequencer.record(key)
         payload = "" if record is None else encode_record(record)
         ended = record is not None and record.ended
+        done = [
+            f for f in state.journaled if _stream_id(f.partition("/")[0]) <= _stream_id(entry_id)
+        ]
+        state.journaled = [f for f in state.journaled if f not in done]
         command = _cmd(
             _scripts.CHECKPOINT,
-            self._keys.of(key, "inbox", "lease", "fence", "call"),
+            self._keys.of(key, "inbox", "lease", "fence", "call", "journal"),
             state.lease,
             state.epoch,
             _after(entry_id),
@@ -882,6 +891,7 @@ class RedisStore:
             "1" if read_on else "0",
             _READ_BATCH,
             next_id,
+            *done,
         )
         started, answer = await self._steady(self._timed, command)
         if not int(answer[0]):
@@ -1229,6 +1239,47 @@ class RedisStore:
             log.info("store_reachable", store="redis")
         else:
             log.warning("store_unreachable", store="redis", error=str(error or ""))
+
+
+class _Journal:
+    """The action journal (``callbot._journal``) kept in each call's ``journal`` hash."""
+
+    def __init__(self, store: RedisStore) -> None:
+        self._store = store
+
+    def superseded(self, attempt: Attempt) -> bool:
+        state = self._store._running.get(attempt.call_key)
+        return state is None or state.epoch != attempt.epoch or state.lost
+
+    async def recall(self, attempt: Attempt, step: int) -> dict[str, Any] | None:
+        store = self._store
+        journal = store._keys.of(attempt.call_key, "journal")[0]
+        found = await store._batch.run("HGET", journal, f"{attempt.entry}/{step}")
+        return None if found is None else dict(json.loads(found))
+
+    async def record(self, attempt: Attempt, step: int, outcome: dict[str, Any]) -> None:
+        store = self._store
+        name = f"{attempt.entry}/{step}"
+        try:
+            kept = await store._script_run(
+                _cmd(
+                    _scripts.RECORD,
+                    store._keys.of(attempt.call_key, "fence", "journal"),
+                    attempt.epoch,
+                    name,
+                    json.dumps(outcome, separators=(",", ":")),
+                    _LIFETIME_MS,
+                )
+            )
+        except RedisError as exc:
+            # The action went out; a re-run would send it again.
+            log.warning("graph_action_not_recorded", call_key=attempt.call_key, error=str(exc))
+            return
+        state = store._running.get(attempt.call_key)
+        if int(kept) and state is not None and state.epoch == attempt.epoch:
+            state.journaled.append(name)
+        elif not int(kept):
+            log.warning("graph_action_after_takeover", call_key=attempt.call_key, step=step)
 
 
 def _members(popped: Any) -> list[str]:

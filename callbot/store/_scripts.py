@@ -10,6 +10,8 @@ one slot. Keys of one call (``{p}`` is the store's prefix):
 * ``fence``  hash: ``n``, the epoch (incremented on every acquisition of the lease);
   ``fed``, the last entry id an owner may have handed to its handlers
 * ``call``   string: the call's record (JSON, see ``_codec``)
+* ``journal`` hash: outcomes of Graph actions of handler runs, by entry and step
+  (see ``callbot._journal``)
 
 Each of them has a TTL. Indexes shared by every call live in slots of their own and
 are written by the store next to the scripts, never inside them (see ``_redis``).
@@ -27,7 +29,10 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-__all__ = ["ALL", "CHECKPOINT", "CLAIM", "INGEST", "MARK", "PROBE", "RELEASE", "RENEW", "Script"]
+__all__ = [
+    *("ALL", "CHECKPOINT", "CLAIM", "INGEST", "MARK", "PROBE", "RECORD", "RELEASE", "RENEW"),
+    "Script",
+]
 
 
 @dataclass(frozen=True)
@@ -148,10 +153,11 @@ CHECKPOINT = Script(
     "checkpoint",
     _HELPERS
     + """
--- KEYS: inbox, lease, fence, record
+-- KEYS: inbox, lease, fence, record, journal
 -- ARGV: lease value, epoch, first id to keep, record ('' keeps the stored one),
 --       ended (0/1), grace (ms), lease (ms), lifetime (ms),
---       read on (0/1), read batch, next id to feed ('' if unknown)
+--       read on (0/1), read batch, next id to feed ('' if unknown),
+--       journal fields of the acknowledged entries...
 local inbox, lease, fence, record = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 if not holds(lease, fence, ARGV[1], ARGV[2], ARGV[7]) then
   return {0}
@@ -167,6 +173,9 @@ end
 redis.call('PEXPIRE', inbox, life)
 redis.call('PEXPIRE', fence, life)
 mark(fence, ARGV[11])
+for i = 12, #ARGV do
+  redis.call('HDEL', KEYS[5], ARGV[i])
+end
 redis.call('PEXPIRE', lease, ARGV[7])
 if ARGV[9] ~= '1' then
   return {1}
@@ -247,4 +256,18 @@ return {0}
 """What the reaper needs of a call: leased (2), waiting with nobody on it (1, oldest
 id), or idle (0)."""
 
-ALL = (INGEST, CLAIM, CHECKPOINT, MARK, RELEASE, RENEW, PROBE)
+RECORD = Script(
+    "record",
+    """
+-- KEYS: fence, journal;  ARGV: epoch, field, outcome, lifetime (ms)
+if redis.call('HGET', KEYS[1], 'n') ~= ARGV[1] then
+  return 0
+end
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+return 1
+""",
+)
+"""Keep the outcome of a handler's Graph action, unless its run's epoch is over (0)."""
+
+ALL = (INGEST, CLAIM, CHECKPOINT, MARK, RELEASE, RENEW, PROBE, RECORD)
