@@ -735,3 +735,73 @@ async def test_a_re_run_handler_does_not_repeat_graph_actions_its_first_run_comp
         assert (first_flag, index, again) == (False, 1, True)
         assert second_op == first_op  # the recorded answer, not a new operation
         assert len(graph.requests_for("playPrompt")) == 1
+
+
+def _certificates(directory: Path) -> tuple[Path, Path, Path]:
+    """A throw-away CA and a server certificate for 127.0.0.1 (with openssl)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        if os.environ.get("CALLBOT_TEST_REQUIRE_SERVERS") == "1":
+            pytest.fail("openssl is required here")
+        pytest.skip("openssl is not installed")
+    ca, ca_key = directory / "ca.pem", directory / "ca.key"
+    cert, key = directory / "server.pem", directory / "server.key"
+    csr, ext = directory / "server.csr", directory / "ext.cnf"
+    ext.write_text("subjectAltName=IP:127.0.0.1\n")
+    steps = [
+        (
+            *("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key)),
+            *("-out", str(ca), "-days", "2", "-subj", "/CN=callbot-test-ca"),
+        ),
+        (
+            *("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key)),
+            *("-out", str(csr), "-subj", "/CN=127.0.0.1"),
+        ),
+        (
+            *("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key)),
+            *("-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(ext)),
+        ),
+    ]
+    for step in steps:
+        subprocess.run([openssl, *step], check=True, capture_output=True, timeout=60)
+    return ca, cert, key
+
+
+@pytest.mark.parametrize("kind", ["tls", "acl"])
+async def test_tls_and_acl_users(
+    authority: TokenAuthority, serve: Any, tmp_path: Path, kind: str
+) -> None:
+    """The store over TLS (``rediss://``, the server's certificate checked against a CA)
+    and as an ACL user (``redis://user:password@``)."""
+    if kind == "tls":
+        ca, cert, key = await asyncio.to_thread(_certificates, tmp_path)
+        port = _free_port()
+        args: tuple[str, ...] = (
+            *("--tls-port", str(port), "--tls-cert-file", str(cert)),
+            *("--tls-key-file", str(key), "--tls-ca-cert-file", str(ca)),
+            *("--tls-auth-clients", "no"),
+        )
+        url = f"rediss://127.0.0.1:{port}/0?ssl_cert_reqs=required&ssl_ca_certs={ca}"
+    else:
+        args = ("--user", "bot", "on", ">s3cret", "~*", "&*", "+@all")
+    server = RedisServer(_redis_binary(), tmp_path, args=args)
+    await asyncio.to_thread(server.start)
+    if kind == "acl":
+        url = f"redis://bot:s3cret@127.0.0.1:{server.port}/0"
+    try:
+        handled: list[tuple[str, bool]] = []
+        bot = make_bot(authority, store=url, store_lease=1.0)
+
+        @bot.on(events.Event)
+        async def record(call: Call, event: events.Event) -> None:
+            attempt = current_attempt()
+            handled.append((label(event), attempt is not None and attempt.redelivered))
+
+        served: BotServer = await serve(bot)
+        for item in lifecycle_steps("secure-call"):
+            for notification in item:
+                assert (await served.post(b.notifications(notification))).status == 202
+        await until(lambda: len(handled) == len(LIFECYCLE), within=10)
+        assert handled == [(step, False) for step in LIFECYCLE]
+    finally:
+        server.stop()
