@@ -141,7 +141,9 @@ def connect(url: str) -> tuple[Any, Any]:
         "socket_timeout": _SOCKET_TIMEOUT,
         "socket_connect_timeout": _SOCKET_TIMEOUT,
     }
-    retry = Retry(ExponentialBackoff(cap=0.1, base=0.01), 1)
+    # A script is never sent twice by the client: a claim answered into a dropped
+    # connection would be lost to its sender. The store's own loops retry instead.
+    retry = Retry(ExponentialBackoff(cap=0.1, base=0.01), 0)
     if scheme in ("redis", "rediss", "unix"):
         commands = aioredis.BlockingConnectionPool.from_url(
             url, max_connections=_MAX_CONNECTIONS, timeout=_SOCKET_TIMEOUT, retry=retry, **common
@@ -155,7 +157,7 @@ def connect(url: str) -> tuple[Any, Any]:
         if parts.query:
             plain += "?" + parts.query
         return (
-            RedisCluster.from_url(plain, retry=retry, **common),
+            RedisCluster.from_url(plain, **common),
             RedisCluster.from_url(plain, **common),
         )
     if scheme in ("redis+sentinel", "rediss+sentinel"):
