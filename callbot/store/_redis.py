@@ -411,6 +411,10 @@ class RedisStore:
         self._draining = False
         self._closing = False
         self._journal = _Journal(self)
+        self._index_changes: dict[str, bool] = {}
+        """Calls to add to (True) or take off (False) the ``active`` index."""
+        self._ended_pending: set[str] = set()
+        """Ended calls given up, to take off the ``pending`` index."""
         self._lingering = 0
         """Held calls with nothing to do, waiting a moment for their next notification."""
 
@@ -534,6 +538,8 @@ class RedisStore:
         await asyncio.gather(*tasks, return_exceptions=True)
         left = list(self._owned.values())
         self._owned.clear()
+        with contextlib.suppress(RedisError, OSError):
+            await self._flush_indexes()
         for state in left:
             # Their entries were not acknowledged; another instance runs them again.
             with contextlib.suppress(RedisError, OSError):
@@ -931,26 +937,50 @@ class RedisStore:
         return True
 
     async def _index(self, key: str, record: CallRecord) -> None:
-        """Keep the ``active`` index (outside the scripts: it lives in a slot of its own)."""
+        """Keep the ``active`` index (outside the scripts: it lives in a slot of its own).
+
+        Written with the next upkeep round, many calls in one command: the index only
+        serves listing calls and taking them up again after a restart.
+        """
+        if record.ended:
+            self._known.pop(key, None)
+            self._indexed.discard(key)
+            self._index_changes[key] = False
+        else:
+            self._known[key] = record
+            if key not in self._indexed:
+                self._indexed.add(key)
+                self._index_changes[key] = True
+
+    async def _flush_indexes(self) -> None:
+        changes, self._index_changes = self._index_changes, {}
+        ended, self._ended_pending = self._ended_pending, set()
+        added = [call for call, active in changes.items() if active]
+        removed = [call for call, active in changes.items() if not active]
+        commands: list[tuple[Any, ...]] = []
+        if added:
+            commands.append(("SADD", self._keys.active, *added))
+        if removed:
+            commands.append(("SREM", self._keys.active, *removed))
+        if ended:
+            commands.append(("SREM", self._keys.pending, *ended))
         try:
-            if record.ended:
-                self._known.pop(key, None)
-                await self._batch.run("SREM", self._keys.active, key)
-                self._indexed.discard(key)
-            else:
-                self._known[key] = record
-                if key not in self._indexed:
-                    await self._batch.run("SADD", self._keys.active, key)
-                    self._indexed.add(key)
-        except RedisError as exc:
-            log.warning("active_index_failed", call_key=key, error=str(exc))
+            await self._run_all(commands)
+        except RedisError:
+            # Written with the next round; a newer change of a call wins.
+            self._index_changes = {**changes, **self._index_changes}
+            self._ended_pending |= ended
+            raise
 
     async def _unpend(self, key: str, *, ended: bool = False) -> None:
         """Take a call whose inbox was empty off the pending index, unless work came back."""
+        if ended:
+            # What still comes is dropped as after the end: no need to look again, and
+            # the removal can wait for the next upkeep round.
+            self._ended_pending.add(key)
+            return
         try:
             await self._batch.run("SREM", self._keys.pending, key)
-            if ended:
-                return  # what still comes is dropped as after the end: no need to look again
             # Looked at again after the removal: an entry appended meanwhile was indexed
             # before its script ran, so it is either seen here or indexed after the SREM.
             probe = await self._script_run(
@@ -1027,6 +1057,7 @@ class RedisStore:
                     await self._load_scripts()
                     await self._rehydrate()
                 await self._follow_primary()
+                await self._flush_indexes()
                 await self._renew()
                 await self._reap()
                 if time.monotonic() - last_sync >= _SYNC_SECONDS:
