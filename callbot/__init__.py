@@ -22,6 +22,7 @@ from ._errors import (
     OperationFailed,
     StoreUnavailable,
 )
+from ._journal import RunSuperseded
 from .graph import Call, Operation
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "MalformedNotification",
     "Operation",
     "OperationFailed",
+    "RunSuperseded",
     "Settings",
     "StoreUnavailable",
     "current_attempt",

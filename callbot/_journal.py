@@ -19,8 +19,10 @@ It stays narrow on purpose:
 * an action whose answer was not recorded (the instance died while Graph
   handled it) is sent again: the journal narrows the window, it cannot close it;
 * a run that has lost its call (another instance took it over) sends nothing
-  more: its POSTs raise :class:`RunSuperseded`; the recording itself is fenced
-  by the run's epoch.
+  more: its POSTs raise :class:`RunSuperseded` (checked against Redis when the
+  run's lease may have run out, e.g. after the process was paused); the
+  recording itself is fenced by the run's epoch. An action already on its way
+  when the call is taken over still goes out.
 """
 
 from __future__ import annotations
@@ -41,8 +43,9 @@ class RunSuperseded(CallbotError):
 class ActionJournal(Protocol):
     """What a store offers to record and recall the Graph actions of handler runs."""
 
-    def superseded(self, attempt: Attempt) -> bool:
-        """Whether the run lost its call (its actions must not be sent any more)."""
+    async def admits(self, attempt: Attempt) -> bool:
+        """Whether the run still holds its call (asking the store when its lease may have
+        run out); a run that lost it sends no further action."""
         ...
 
     async def recall(self, attempt: Attempt, step: int) -> dict[str, Any] | None:
@@ -77,7 +80,7 @@ class Step:
         await self.journal.record(self.attempt, self.number, outcome)
 
 
-def step_for(method: str, path: str) -> Step | None:
+async def step_for(method: str, path: str) -> Step | None:
     """The journal step of a request about to be sent, or ``None`` if it is not journaled.
 
     Raises :class:`RunSuperseded` when the running handler's run lost its call.
@@ -87,7 +90,7 @@ def step_for(method: str, path: str) -> Step | None:
     attempt = current_attempt()
     if attempt is None or attempt.journal is None:
         return None
-    if attempt.journal.superseded(attempt):
+    if not await attempt.journal.admits(attempt):
         raise RunSuperseded(
             f"the call {attempt.call_key} is run by another instance now; "
             "this handler's action is not sent"

@@ -21,6 +21,7 @@ def test_the_package_exports_exactly_the_public_names() -> None:
         "MalformedNotification",
         "Operation",
         "OperationFailed",
+        "RunSuperseded",
         "Settings",
         "StoreUnavailable",
         "current_attempt",

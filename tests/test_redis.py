@@ -28,7 +28,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from callbot import Call, CallBot, current_attempt, events, models
+from callbot import Call, CallBot, RunSuperseded, current_attempt, events, models
 from callbot.store._redis import follow_primary
 from callbot.testing import FakeGraph, TokenAuthority
 from callbot.testing import builders as b
@@ -805,3 +805,47 @@ async def test_tls_and_acl_users(
         assert handled == [(step, False) for step in LIFECYCLE]
     finally:
         server.stop()
+
+
+async def test_a_run_that_lost_its_call_sends_no_further_graph_action(
+    authority: TokenAuthority, serve: Any, redis_url: str, rdb: aioredis.Redis
+) -> None:
+    """Instance paused past its lease, then resumed mid-handler (simulated: another
+    instance's acquisition is written into Redis and the run's lease deadline passes):
+    the handler's next Graph action is refused, not sent."""
+    async with FakeGraph() as graph:
+        started, go = asyncio.Event(), asyncio.Event()
+        outcome: list[str] = []
+        bot = make_bot(
+            authority,
+            store=redis_url,
+            store_lease=5.0,
+            graph_url=graph.graph_url,
+            authority_url=graph.authority_url,
+            app_secret="fake-graph-secret",
+        )
+
+        @bot.on_state("established")
+        async def play(call: Call, event: events.CallStateChanged) -> None:
+            started.set()
+            await go.wait()
+            try:
+                await call.play_prompt("https://cdn.example.test/hello.wav")
+                outcome.append("sent")
+            except RunSuperseded:
+                outcome.append("refused")
+
+        server: BotServer = await serve(bot)
+        for state in ("establishing", "established"):
+            item = b.call_state("fenced-call", state)
+            assert (await server.post(b.notifications(item))).status == 202
+        await asyncio.wait_for(started.wait(), 10)
+        key = call_key("fenced-call")
+        await rdb.set(f"{KEY_PREFIX}{{{key}}}:lease", "another-instance/99")
+        await rdb.hincrby(f"{KEY_PREFIX}{{{key}}}:fence", "n", 1)
+        run = bot._running().store._running[key]  # type: ignore[attr-defined]
+        run.deadline = 0.0  # as after a pause longer than the lease
+        go.set()
+        await until(lambda: bool(outcome), within=10)
+        assert outcome == ["refused"]
+        assert graph.requests_for("playPrompt") == []

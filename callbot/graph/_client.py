@@ -162,7 +162,7 @@ class GraphClient:
         tokens = self.tokens
         url = self.url(path)
         # A handler run again after a takeover is served what its first run got.
-        step = _journal.step_for(method, url)
+        step = await _journal.step_for(method, url)
         if step is not None:
             recorded = await step.recall()
             if recorded is not None:

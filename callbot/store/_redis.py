@@ -1074,6 +1074,22 @@ class RedisStore:
         for client in (self._redis, self._blocking):
             await follow_primary(client)
 
+    async def _renew_one(self, state: _Owned) -> bool:
+        """Whether the run still holds its call, extending its lease if so."""
+        command = _cmd(
+            _scripts.RENEW,
+            self._keys.of(state.key, "lease", "fence"),
+            state.lease,
+            state.epoch,
+            self._lease_ms,
+        )
+        started, renewed = await self._steady(self._timed, command)
+        if not int(renewed):
+            self._lose(state, "renewal_refused")
+            return False
+        state.deadline = max(state.deadline, started + self._lease_ms / 1000)
+        return True
+
     async def _renew(self) -> None:
         held = [state for state in self._owned.values() if not state.lost]
         if not held:
@@ -1280,9 +1296,15 @@ class _Journal:
     def __init__(self, store: RedisStore) -> None:
         self._store = store
 
-    def superseded(self, attempt: Attempt) -> bool:
-        state = self._store._running.get(attempt.call_key)
-        return state is None or state.epoch != attempt.epoch or state.lost
+    async def admits(self, attempt: Attempt) -> bool:
+        store = self._store
+        state = store._running.get(attempt.call_key)
+        if state is None or state.epoch != attempt.epoch or state.lost:
+            return False
+        if time.monotonic() < state.deadline:
+            return True
+        # The lease may have run out (the process was paused, Redis was away): ask.
+        return await store._renew_one(state)
 
     async def recall(self, attempt: Attempt, step: int) -> dict[str, Any] | None:
         store = self._store
