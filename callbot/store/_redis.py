@@ -73,6 +73,9 @@ _SYNC_SECONDS = 2.0
 """How often the list of the cluster's active calls is refreshed."""
 _RETRY_PAUSE = 0.2
 """How long a loop waits after Redis failed it (doubled up to a second while it fails)."""
+_STEADY_PAUSE = 0.05
+"""How long an owner waits before it tries a step Redis failed again (up to 5 times as
+long while it keeps failing)."""
 _MAX_CONNECTIONS = 16
 """Connections to Redis per instance for commands (blocking reads have their own)."""
 _MAX_PIPELINE = 512
@@ -1057,8 +1060,8 @@ class RedisStore:
                     await self._load_scripts()
                     await self._rehydrate()
                 await self._follow_primary()
+                await self._renew()  # first: once Redis is back, owners keep their calls
                 await self._flush_indexes()
-                await self._renew()
                 await self._reap()
                 if time.monotonic() - last_sync >= _SYNC_SECONDS:
                     await self._sync_known()
@@ -1068,7 +1071,7 @@ class RedisStore:
                 self._mark(False, exc)
             except Exception:
                 log.exception("store_upkeep_failed")
-            await asyncio.sleep(self._tick)
+            await asyncio.sleep(self._tick if self._reachable else _STEADY_PAUSE)
 
     async def _follow_primary(self) -> None:
         for client in (self._redis, self._blocking):
@@ -1265,8 +1268,11 @@ class RedisStore:
 
     async def _steady(self, step: Any, *args: Any) -> Any:
         """``step(*args)``, retried while Redis fails (the lease may still hold; scripts
-        are fenced, so a late attempt can do no harm). Only closing stops it."""
-        pause = _RETRY_PAUSE
+        are fenced, so a late attempt can do no harm). Only closing stops it.
+
+        Tried again soon: once Redis is back, the first instance to reach a call whose
+        lease ran out meanwhile takes it over, and the owner had better be first."""
+        pause = _STEADY_PAUSE
         while True:
             try:
                 result = await step(*args)
@@ -1275,7 +1281,7 @@ class RedisStore:
                 if self._closing:
                     raise
                 await asyncio.sleep(pause)
-                pause = min(pause * 2, 1.0)
+                pause = min(pause * 2, _STEADY_PAUSE * 5)
                 continue
             self._mark(True)
             return result
