@@ -240,7 +240,13 @@ async def test_a_sentinel_failover(authority: TokenAuthority, tmp_path: Path) ->
         ):
             await _until_sync(lambda: follower.info("replication")["master_link_status"] == "up")
             await _until_sync(lambda: _replicas_known(watcher) >= 1)
-            env = {"CALLBOT_STORE_LEASE": "2", "CALLBOT_TEST_HANDLER_DELAY": "0.01"}
+            # The usual window: a call that lost its `establishing` in the failover
+            # should not hold its `established` (and its lease) for long.
+            env = {
+                "CALLBOT_STORE_LEASE": "2",
+                "CALLBOT_TEST_HANDLER_DELAY": "0.01",
+                "CALLBOT_REORDER_WINDOW": "2",
+            }
             async with (
                 running_bots(authority, url, tmp_path, 2, **env) as bots,
                 client_for(url) as rdb,
