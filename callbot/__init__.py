@@ -22,9 +22,11 @@ from ._errors import (
     OperationFailed,
     StoreUnavailable,
 )
+from ._journal import Attempt, RunSuperseded, current_attempt
 from .graph import Call, Operation, Target
 
 __all__ = [
+    "Attempt",
     "AuthenticationError",
     "Call",
     "CallBot",
@@ -36,9 +38,11 @@ __all__ = [
     "MalformedNotification",
     "Operation",
     "OperationFailed",
+    "RunSuperseded",
     "Settings",
     "StoreUnavailable",
     "Target",
+    "current_attempt",
     "events",
     "models",
 ]

@@ -111,7 +111,8 @@ class Settings:
     shutdown_timeout: float = 25.0
     """On shutdown, how long running handlers may take to finish."""
     store: str = "memory"
-    """``memory``, or a ``redis://`` URL shared by every instance (see the scaling guide)."""
+    """``memory``, or a Redis URL shared by every instance: ``redis://``, ``rediss://``,
+    ``unix://``, ``redis+cluster://``, ``redis+sentinel://`` (see docs/scaling.md)."""
     store_lease: float = 10.0
     """Redis store: how long an instance's claim on a call outlives its last renewal.
 
@@ -164,7 +165,10 @@ class Settings:
             raise ConfigurationError("max_concurrent_handlers must be at least 1")
         if self.store_lease <= 0:
             raise ConfigurationError("store_lease must be positive (CALLBOT_STORE_LEASE)")
-        redis_schemes = ("redis://", "rediss://", "unix://")
+        redis_schemes = (
+            *("redis://", "rediss://", "unix://"),
+            *("redis+cluster://", "rediss+cluster://", "redis+sentinel://", "rediss+sentinel://"),
+        )
         if self.store != "memory" and not self.store.startswith(redis_schemes):
             raise ConfigurationError(
                 f"store must be 'memory' or a redis:// URL, got {self.store!r} (CALLBOT_STORE)"

@@ -21,6 +21,7 @@ import structlog
 
 from . import events
 from ._errors import CallEnded
+from ._journal import _current as _current_attempt
 from ._log import get_logger
 from ._sequencing import Delivery
 
@@ -176,11 +177,13 @@ class Dispatcher:
         call = self._handle(delivery)
         # Tokens restore the previous binding at a fraction of bound_contextvars' cost.
         tokens = structlog.contextvars.bind_contextvars(call_id=event.call_id)
+        attempt = _current_attempt.set(delivery.attempt)
         try:
             async with self._slots:
                 for registration in self._registry.matching(event):
                     await self._run_one(registration.name, registration.handler, call, event)
         finally:
+            _current_attempt.reset(attempt)
             structlog.contextvars.reset_contextvars(**tokens)
         self.counts["handled"] += 1
 

@@ -35,6 +35,7 @@ import orjson
 
 from . import events
 from ._ids import id_key
+from ._journal import Attempt
 from ._lifecycle import CallLife, Lifecycle, phase_of_state
 from ._log import get_logger
 from .models import Call as CallResource
@@ -102,6 +103,8 @@ class Delivery:
     roster: dict[str, Participant]
     life: CallLife
     """The call's life (read only): whether it has ended, its state now."""
+    attempt: Attempt | None = None
+    """Set by a shared store: which run of the event's handlers this is."""
 
 
 @dataclass(slots=True)

@@ -10,6 +10,7 @@ from callbot import events
 
 def test_the_package_exports_exactly_the_public_names() -> None:
     assert sorted(callbot.__all__) == [
+        "Attempt",
         "AuthenticationError",
         "Call",
         "CallBot",
@@ -21,9 +22,11 @@ def test_the_package_exports_exactly_the_public_names() -> None:
         "MalformedNotification",
         "Operation",
         "OperationFailed",
+        "RunSuperseded",
         "Settings",
         "StoreUnavailable",
         "Target",
+        "current_attempt",
         "events",
         "models",
     ]

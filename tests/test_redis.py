@@ -28,12 +28,13 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from callbot import Call, CallBot, events, models
+from callbot import Call, CallBot, RunSuperseded, current_attempt, events, models
+from callbot.store._redis import follow_primary
 from callbot.testing import FakeGraph, TokenAuthority
 from callbot.testing import builders as b
 
 from .conftest import APP_ID, BotServer, make_bot, until
-from .test_redis_bot import LOG_PREFIX, label
+from .test_redis_bot import label, log_key
 
 pytestmark = pytest.mark.redis
 
@@ -71,12 +72,26 @@ def _redis_binary() -> str:
 
 
 class RedisServer:
-    """A redis-server process on 127.0.0.1: no persistence, its files in ``directory``."""
+    """A redis-server process on 127.0.0.1, its files in ``directory``.
 
-    def __init__(self, binary: str, directory: Path, port: int | None = None) -> None:
+    Without persistence unless ``persistent`` (then every write is in the
+    append-only file before Redis answers it); ``args`` adds options.
+    """
+
+    def __init__(
+        self,
+        binary: str,
+        directory: Path,
+        port: int | None = None,
+        *,
+        persistent: bool = False,
+        args: tuple[str, ...] = (),
+    ) -> None:
         self.binary = binary
         self.directory = directory
         self.port = port or _free_port()
+        self.persistent = persistent
+        self.args = args
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -84,20 +99,14 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        log = (self.directory / "redis.log").open("ab")
+        log = (self.directory / f"redis-{self.port}.log").open("ab")
+        persistence = ("--appendonly", "yes", "--appendfsync", "always", "--save", "")
         self.process = subprocess.Popen(
             [
-                self.binary,
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.directory),
+                *(self.binary, "--bind", "127.0.0.1", "--port", str(self.port)),
+                *(persistence if self.persistent else ("--save", "", "--appendonly", "no")),
+                *("--dir", str(self.directory)),
+                *self.args,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -109,11 +118,20 @@ class RedisServer:
                 try:
                     client.ping()
                     return
-                except redis.ConnectionError:
+                except (redis.ConnectionError, redis.exceptions.BusyLoadingError):
                     if time.monotonic() > deadline or self.process.poll() is not None:
                         self.stop()
                         raise RuntimeError("redis-server did not start") from None
                     time.sleep(0.05)
+
+    def shutdown(self) -> None:
+        """A graceful stop: Redis writes what it must and exits."""
+        if self.process is not None:
+            client = redis.Redis(port=self.port, socket_timeout=5)
+            with client, contextlib.suppress(redis.ConnectionError):
+                client.shutdown()
+            self.process.wait(timeout=30)
+            self.process = None
 
     def stop(self) -> None:
         if self.process is not None:
@@ -162,33 +180,54 @@ def call_key(call_id: str) -> str:
     return call_id.replace("-", "").lower()
 
 
-async def read_logs(rdb: aioredis.Redis, calls: list[str]) -> dict[str, list[dict[str, Any]]]:
+async def read_logs(rdb: Any, calls: list[str]) -> dict[str, list[dict[str, Any]]]:
+    await follow_primary(rdb)
     pipe = rdb.pipeline(transaction=False)
     for call_id in calls:
-        pipe.lrange(LOG_PREFIX + call_key(call_id), 0, -1)
+        pipe.lrange(log_key(call_key(call_id)), 0, -1)
     lines = await pipe.execute()
     return {c: [json.loads(x) for x in found] for c, found in zip(calls, lines, strict=True)}
 
 
+async def settled(rdb: Any) -> bool:
+    """Nothing runs and nothing waits: no call is leased, none is runnable.
+
+    A run holds its call's lease until the call's inbox is empty and its handlers
+    finished, so once no lease is left, no handler will run again.
+    """
+    # Read to the end: an async iterator left midway keeps its connection.
+    leases = [key async for key in rdb.scan_iter(match=KEY_PREFIX + "*:lease", count=1000)]
+    return not leases and int(await rdb.zcard(KEY_PREFIX + "runnable")) == 0
+
+
 async def wait_for_logs(
-    rdb: aioredis.Redis, calls: list[str], *, within: float
+    rdb: Any, calls: list[str], *, within: float
 ) -> dict[str, list[dict[str, Any]]]:
+    """Every call's log once each has its whole lifecycle and the store settled."""
     deadline = time.monotonic() + within
     while True:
         logs = await read_logs(rdb, calls)
-        if all(len(entries) >= len(LIFECYCLE) for entries in logs.values()):
-            await asyncio.sleep(0.5)  # anything extra would show up now
+        if all(len(entries) >= len(LIFECYCLE) for entries in logs.values()) and await settled(rdb):
             return await read_logs(rdb, calls)
         if time.monotonic() > deadline:
             short = {c: [e["label"] for e in v] for c, v in logs.items() if len(v) < 6}
-            raise AssertionError(f"{len(short)} calls not finished, e.g. {list(short.items())[:3]}")
+            example = next(iter(short), None)
+            late = (
+                []
+                if example is None
+                else await rdb.lrange(log_key(call_key(example), "late"), 0, -1)
+            )
+            raise AssertionError(
+                f"{len(short)} calls not finished, e.g. {list(short.items())[:3]}; "
+                f"late lines of {example}: {late}; settled: {await settled(rdb)}"
+            )
         await asyncio.sleep(0.1)
 
 
 # -- bots as separate processes ------------------------------------------------------
 
 
-class Cluster:
+class Bots:
     """``callbot run`` processes of tests/test_redis_bot.py sharing one Redis."""
 
     def __init__(self, authority: TokenAuthority, redis_url: str, logs: Path) -> None:
@@ -230,7 +269,9 @@ class Cluster:
             self.ports.append(port)
             self.processes.append(process)
             self.alive.append(index)
-        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64))
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=64), timeout=aiohttp.ClientTimeout(total=10)
+        )
         await asyncio.gather(*(self._ready(i) for i in range(count)))
 
     async def _ready(self, index: int) -> None:
@@ -254,6 +295,15 @@ class Cluster:
         self.processes[index].kill()
         await self.processes[index].wait()
 
+    def pause(self, index: int) -> None:
+        """SIGSTOP; the balancer stops sending it requests (its health checks fail)."""
+        self.alive.remove(index)
+        os.kill(self.pid(index), signal.SIGSTOP)
+
+    def resume(self, index: int) -> None:
+        os.kill(self.pid(index), signal.SIGCONT)
+        self.alive.append(index)
+
     async def post(self, index: int, item: dict[str, Any]) -> int:
         assert self.session is not None
         async with self.session.post(
@@ -265,12 +315,13 @@ class Cluster:
 
     async def deliver(self, item: dict[str, Any], rng: random.Random) -> int:
         """Post to a random live instance until one accepts it, as Graph retries; who did."""
-        for _ in range(100):
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
             index = rng.choice(self.alive)
             try:
                 if await self.post(index, item) == 202:
                     return index
-            except aiohttp.ClientError:
+            except (aiohttp.ClientError, TimeoutError):
                 pass  # killed under us: Graph would retry, the balancer would pick another
             await asyncio.sleep(0.02)
         raise AssertionError("no instance accepted the notification")
@@ -290,19 +341,15 @@ class Cluster:
 
 
 @pytest.fixture
-async def cluster(
-    authority: TokenAuthority, redis_url: str, tmp_path: Path
-) -> AsyncIterator[Cluster]:
-    group = Cluster(authority, redis_url, tmp_path)
+async def bots(authority: TokenAuthority, redis_url: str, tmp_path: Path) -> AsyncIterator[Bots]:
+    group = Bots(authority, redis_url, tmp_path)
     try:
         yield group
     finally:
         await group.close()
 
 
-async def spray(
-    cluster: Cluster, calls: list[str], rng: random.Random
-) -> dict[tuple[str, str], int]:
+async def spray(bots: Bots, calls: list[str], rng: random.Random) -> dict[tuple[str, str], int]:
     """Each call's lifecycle to random instances, duplicated and partly out of order.
 
     Returns which instance accepted each (call, label) first.
@@ -321,12 +368,12 @@ async def spray(
             for item in step:
                 copies = rng.choice((1, 2, 2, 3))
                 # copies go to different instances at the same moment
-                who = await asyncio.gather(*(cluster.deliver(item, rng) for _ in range(copies)))
+                who = await asyncio.gather(*(bots.deliver(item, rng) for _ in range(copies)))
                 event_label = label(_parse_one(item))
                 accepted.setdefault((call_id, event_label), who[0])
                 sent.append(item)
             if rng.random() < 0.3:
-                await cluster.deliver(rng.choice(sent), rng)  # a late repeat
+                await bots.deliver(rng.choice(sent), rng)  # a late repeat
 
     await asyncio.gather(*(lifecycle(call_id) for call_id in calls))
     return accepted
@@ -339,93 +386,98 @@ def _parse_one(item: dict[str, Any]) -> events.Event:
     return event
 
 
-async def begun_and_unfinished(rdb: aioredis.Redis, pid: int) -> list[str]:
-    """Calls whose lease ``pid`` holds, with notifications waiting, some of them handled."""
-    found = []
-    async for lease in rdb.scan_iter(KEY_PREFIX + "lease:*"):
-        owner = await rdb.get(lease)
-        call = lease.rsplit(":", 1)[-1]
-        if not owner or f":{pid}:" not in owner:
-            continue
-        if await rdb.xlen(KEY_PREFIX + "inbox:" + call) == 0:
-            continue
-        handled = [json.loads(x) for x in await rdb.lrange(LOG_PREFIX + call, 0, -1)]
-        if any(e["pid"] == pid for e in handled):
-            found.append(call)
-    return found
+def first_runs(entries: list[dict[str, Any]]) -> list[str]:
+    """A call's labels less its re-runs, checking that every re-run was flagged as one.
 
-
-def without_rerun(entries: list[dict[str, Any]], victim_pid: int) -> list[str]:
-    """The labels of a call's log, less what the victim ran and another instance ran again.
-
-    The victim's last handler runs (those of one notification, or of a held state
-    and the predecessor that released it) may be finished yet not acknowledged
-    when it dies; the instance taking the call over runs them again, at once.
+    An instance that loses a call (killed, paused past its lease) may have run a
+    notification's handlers without acknowledging it; the next owner runs them
+    again, and ``current_attempt().redelivered`` says so.
     """
-    labels = [e["label"] for e in entries]
-    victim_runs = [n for n, e in enumerate(entries) if e["pid"] == victim_pid]
-    if not victim_runs:
-        return labels
-    end = victim_runs[-1] + 1
-    for overlap in range(min(end, len(labels) - end), 0, -1):
-        if labels[end - overlap : end] == labels[end : end + overlap]:
-            return labels[: end - overlap] + labels[end:]
+    labels: list[str] = []
+    for entry in entries:
+        if entry["label"] in labels:
+            assert entry["redelivered"], f"{entry['label']} ran twice, unflagged: {entries}"
+            continue
+        labels.append(entry["label"])
     return labels
+
+
+async def wait_for(predicate: Any, *, within: float = 30.0) -> None:
+    """Wait until the awaitable ``predicate()`` holds; fail after ``within`` seconds."""
+    async with asyncio.timeout(within):
+        while not await predicate():  # noqa: ASYNC110 - state in Redis or other processes
+            await asyncio.sleep(0.05)
+
+
+async def lines_of(rdb: Any, calls: list[str], pid: int) -> list[dict[str, Any]]:
+    logs = await read_logs(rdb, calls)
+    return [entry for entries in logs.values() for entry in entries if entry["pid"] == pid]
 
 
 # -- the tests ---------------------------------------------------------------------
 
 
 async def test_three_processes_run_each_call_in_order_exactly_once(
-    cluster: Cluster, rdb: aioredis.Redis
+    bots: Bots, rdb: aioredis.Redis
 ) -> None:
-    await cluster.start(3, CALLBOT_STORE_LEASE="5")
+    await bots.start(3, CALLBOT_STORE_LEASE="5")
     calls = [f"call-{i:03d}" for i in range(240)]
-    await spray(cluster, calls, random.Random(11))
+    await spray(bots, calls, random.Random(11))
     logs = await wait_for_logs(rdb, calls, within=30)
     pids: set[int] = set()
     for call_id, entries in logs.items():
         assert [e["label"] for e in entries] == LIFECYCLE, call_id
         assert entries[2]["previous"] == "establishing", call_id
+        assert not any(e["redelivered"] for e in entries), call_id
         pids.update(e["pid"] for e in entries)
-    assert pids == {cluster.pid(i) for i in range(3)}  # every instance did its share
+    assert pids == {bots.pid(i) for i in range(3)}  # every instance did its share
     leftovers = await rdb.zcard(KEY_PREFIX + "runnable")
     assert leftovers == 0
 
 
 async def test_a_killed_process_s_calls_are_taken_over_by_the_others(
-    cluster: Cluster, rdb: aioredis.Redis
+    bots: Bots, rdb: aioredis.Redis
 ) -> None:
-    await cluster.start(3, CALLBOT_STORE_LEASE="1", CALLBOT_TEST_HANDLER_DELAY="0.03")
+    """Instance SIGKILL. Checks: no accepted notification lost; order per call kept;
+    what the killed instance had in hand runs again elsewhere, flagged as a re-run.
+
+    The victim is frozen first (its handlers stop returning once ``test:freeze:{pid}``
+    exists), so that what it holds is stable whatever the machine's load: the test
+    waits on conditions only.
+    """
+    await bots.start(
+        3, CALLBOT_STORE_LEASE="1", CALLBOT_TEST_HANDLER_DELAY="0.03", CALLBOT_TEST_FREEZE="1"
+    )
     victim = 0
-    victim_pid = cluster.pid(victim)
+    victim_pid = bots.pid(victim)
     calls = [f"kill-{i:03d}" for i in range(90)]
     rng = random.Random(5)
-    sprayed = asyncio.create_task(spray(cluster, calls, rng))
+    sprayed = asyncio.create_task(spray(bots, calls, rng))
 
-    # Kill the victim mid-call. It is frozen first, so what it holds cannot change
-    # between looking and killing.
-    in_hand: list[str] = []
-    async with asyncio.timeout(20):
-        while not in_hand:
-            await asyncio.sleep(0.01)
-            os.kill(victim_pid, signal.SIGSTOP)
-            in_hand = await begun_and_unfinished(rdb, victim_pid)
-            if not in_hand:
-                os.kill(victim_pid, signal.SIGCONT)
-    await cluster.kill(victim)
-    killed_at = time.time()
+    async def victim_ran(count: int, frozen: bool) -> bool:
+        lines = await lines_of(rdb, calls, victim_pid)
+        return sum(1 for line in lines if line["frozen"] == frozen) >= count
+
+    await wait_for(lambda: victim_ran(10, False))
+    await rdb.set(f"test:freeze:{victim_pid}", "1")
+    await wait_for(lambda: victim_ran(3, True))
+    await bots.kill(victim)
+    in_hand = {call_key(c) for c in calls for e in (await read_logs(rdb, [c]))[c] if e["frozen"]}
 
     accepted = await sprayed
-    logs = await wait_for_logs(rdb, calls, within=30)
+    logs = await wait_for_logs(rdb, calls, within=60)
     for call_id, entries in logs.items():
-        assert without_rerun(entries, victim_pid) == LIFECYCLE, (call_id, entries)
+        assert first_runs(entries) == LIFECYCLE, (call_id, entries)
     by_key = {call_key(c): logs[c] for c in calls}
+    assert in_hand
     for call in in_hand:
-        # begun by the victim, finished by the others once its lease expired
-        assert any(e["pid"] == victim_pid for e in by_key[call])
-        after_kill = [e for e in by_key[call] if e["pid"] != victim_pid and e["t"] > killed_at]
-        assert after_kill, f"{call} was in the victim's hands and nobody finished it"
+        # frozen in the victim's hands: run again by the others, flagged
+        frozen = [e for e in by_key[call] if e["frozen"]]
+        assert len(frozen) == 1
+        again = [e for e in by_key[call] if e["label"] == frozen[0]["label"] and not e["frozen"]]
+        assert again, call
+        assert again[0]["redelivered"], again
+        assert again[0]["pid"] != victim_pid
     from_victim = [(c, lab) for (c, lab), who in accepted.items() if who == victim]
     handled_by_others = [
         (c, lab)
@@ -639,6 +691,164 @@ async def test_redis_down_means_503_then_recovery_by_itself(
         assert (await server.client.get("/readyz")).status == 200
     finally:
         server_process.stop()
+
+
+async def test_a_re_run_handler_does_not_repeat_graph_actions_its_first_run_completed(
+    authority: TokenAuthority, serve: Any, redis_url: str
+) -> None:
+    """Instance stopped mid-handler: the next owner runs the handler again, flagged as a
+    re-run, and its first action is served from the journal instead of sent again."""
+    async with FakeGraph() as graph:
+        runs: list[tuple[int, bool, str | None]] = []
+        first_run_acted = asyncio.Event()
+        servers: list[BotServer] = []
+        for index in range(2):
+            bot = make_bot(
+                authority,
+                store=redis_url,
+                store_lease=1.0,
+                shutdown_timeout=0.2,
+                graph_url=graph.graph_url,
+                authority_url=graph.authority_url,
+                app_secret="fake-graph-secret",
+            )
+
+            @bot.on_state("established")
+            async def play(call: Call, event: events.CallStateChanged, index: int = index) -> None:
+                attempt = current_attempt()
+                assert attempt is not None
+                op = await call.play_prompt("https://cdn.example.test/hello.wav")
+                runs.append((index, attempt.redelivered, op.id))
+                if index == 0:
+                    first_run_acted.set()
+                    await asyncio.Event().wait()  # never finishes: the instance stops
+
+            servers.append(await serve(bot))
+        first = servers[0]
+        for state in ("establishing", "established"):
+            item = b.call_state("journal-call", state)
+            assert (await first.post(b.notifications(item))).status == 202
+        await asyncio.wait_for(first_run_acted.wait(), 10)
+        await first.bot.stop()  # the handler is abandoned: its entry is not acknowledged
+        await until(lambda: len(runs) == 2, within=10)
+        (_, first_flag, first_op), (index, again, second_op) = runs
+        assert (first_flag, index, again) == (False, 1, True)
+        assert second_op == first_op  # the recorded answer, not a new operation
+        assert len(graph.requests_for("playPrompt")) == 1
+
+
+def _certificates(directory: Path) -> tuple[Path, Path, Path]:
+    """A throw-away CA and a server certificate for 127.0.0.1 (with openssl)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        if os.environ.get("CALLBOT_TEST_REQUIRE_SERVERS") == "1":
+            pytest.fail("openssl is required here")
+        pytest.skip("openssl is not installed")
+    ca, ca_key = directory / "ca.pem", directory / "ca.key"
+    cert, key = directory / "server.pem", directory / "server.key"
+    csr, ext = directory / "server.csr", directory / "ext.cnf"
+    ext.write_text("subjectAltName=IP:127.0.0.1\n")
+    steps = [
+        (
+            *("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key)),
+            *("-out", str(ca), "-days", "2", "-subj", "/CN=callbot-test-ca"),
+        ),
+        (
+            *("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key)),
+            *("-out", str(csr), "-subj", "/CN=127.0.0.1"),
+        ),
+        (
+            *("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key)),
+            *("-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(ext)),
+        ),
+    ]
+    for step in steps:
+        subprocess.run([openssl, *step], check=True, capture_output=True, timeout=60)
+    return ca, cert, key
+
+
+@pytest.mark.parametrize("kind", ["tls", "acl"])
+async def test_tls_and_acl_users(
+    authority: TokenAuthority, serve: Any, tmp_path: Path, kind: str
+) -> None:
+    """The store over TLS (``rediss://``, the server's certificate checked against a CA)
+    and as an ACL user (``redis://user:password@``)."""
+    if kind == "tls":
+        ca, cert, key = await asyncio.to_thread(_certificates, tmp_path)
+        port = _free_port()
+        args: tuple[str, ...] = (
+            *("--tls-port", str(port), "--tls-cert-file", str(cert)),
+            *("--tls-key-file", str(key), "--tls-ca-cert-file", str(ca)),
+            *("--tls-auth-clients", "no"),
+        )
+        url = f"rediss://127.0.0.1:{port}/0?ssl_cert_reqs=required&ssl_ca_certs={ca}"
+    else:
+        args = ("--user", "bot", "on", ">s3cret", "~*", "&*", "+@all")
+    server = RedisServer(_redis_binary(), tmp_path, args=args)
+    await asyncio.to_thread(server.start)
+    if kind == "acl":
+        url = f"redis://bot:s3cret@127.0.0.1:{server.port}/0"
+    try:
+        handled: list[tuple[str, bool]] = []
+        bot = make_bot(authority, store=url, store_lease=1.0)
+
+        @bot.on(events.Event)
+        async def record(call: Call, event: events.Event) -> None:
+            attempt = current_attempt()
+            handled.append((label(event), attempt is not None and attempt.redelivered))
+
+        served: BotServer = await serve(bot)
+        for item in lifecycle_steps("secure-call"):
+            for notification in item:
+                assert (await served.post(b.notifications(notification))).status == 202
+        await until(lambda: len(handled) == len(LIFECYCLE), within=10)
+        assert handled == [(step, False) for step in LIFECYCLE]
+    finally:
+        server.stop()
+
+
+async def test_a_run_that_lost_its_call_sends_no_further_graph_action(
+    authority: TokenAuthority, serve: Any, redis_url: str, rdb: aioredis.Redis
+) -> None:
+    """Instance paused past its lease, then resumed mid-handler (simulated: another
+    instance's acquisition is written into Redis and the run's lease deadline passes):
+    the handler's next Graph action is refused, not sent."""
+    async with FakeGraph() as graph:
+        started, go = asyncio.Event(), asyncio.Event()
+        outcome: list[str] = []
+        bot = make_bot(
+            authority,
+            store=redis_url,
+            store_lease=5.0,
+            graph_url=graph.graph_url,
+            authority_url=graph.authority_url,
+            app_secret="fake-graph-secret",
+        )
+
+        @bot.on_state("established")
+        async def play(call: Call, event: events.CallStateChanged) -> None:
+            started.set()
+            await go.wait()
+            try:
+                await call.play_prompt("https://cdn.example.test/hello.wav")
+                outcome.append("sent")
+            except RunSuperseded:
+                outcome.append("refused")
+
+        server: BotServer = await serve(bot)
+        for state in ("establishing", "established"):
+            item = b.call_state("fenced-call", state)
+            assert (await server.post(b.notifications(item))).status == 202
+        await asyncio.wait_for(started.wait(), 10)
+        key = call_key("fenced-call")
+        await rdb.set(f"{KEY_PREFIX}{{{key}}}:lease", "another-instance/99")
+        await rdb.hincrby(f"{KEY_PREFIX}{{{key}}}:fence", "n", 1)
+        run = bot._running().store._running[key]  # type: ignore[attr-defined]
+        run.deadline = 0.0  # as after a pause longer than the lease
+        go.set()
+        await until(lambda: bool(outcome), within=10)
+        assert outcome == ["refused"]
+        assert graph.requests_for("playPrompt") == []
 
 
 async def test_keys_posted_to_another_instance_reach_a_handler_collecting_digits(

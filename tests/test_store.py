@@ -191,3 +191,42 @@ def handle_for(services: CallServices) -> Callable[[Delivery], Call]:
 def test_stream_ids_step_to_the_next_one() -> None:
     assert _after("1700000000000-0") == "1700000000000-1"
     assert _after("1700000000000-41") == "1700000000000-42"
+
+
+def test_every_key_of_a_call_is_in_one_cluster_slot() -> None:
+    from redis.crc import key_slot
+
+    from callbot.store._redis import _Keys
+
+    keys = _Keys("callbot:app:")
+    names = keys.of("1f2e3d4c", "inbox", "seen", "lease", "fence", "call", "journal")
+    assert {key_slot(name.encode()) for name in names} == {key_slot(b"1f2e3d4c")}
+    assert keys.record("1f2e3d4c") in names
+
+
+def test_store_urls_name_a_deployment_or_are_refused_with_the_choices() -> None:
+    from redis.asyncio.cluster import RedisCluster
+    from redis.asyncio.sentinel import SentinelConnectionPool
+
+    from callbot.store._redis import connect
+
+    for url in ("redis+cluster://127.0.0.1:7000", "rediss+cluster://127.0.0.1:7000"):
+        assert Settings(store=url).store == url
+        assert all(isinstance(client, RedisCluster) for client in connect(url))
+    url = "redis+sentinel://alice:pw@10.0.0.1:26379,10.0.0.2/primary/2"
+    commands, _ = connect(url)
+    pool = commands.connection_pool
+    assert isinstance(pool, SentinelConnectionPool)
+    assert pool.service_name == "primary"
+    assert [
+        s.connection_pool.connection_kwargs["port"] for s in pool.sentinel_manager.sentinels
+    ] == [
+        26379,
+        26379,
+    ]
+    assert pool.connection_kwargs["db"] == 2
+    assert pool.connection_kwargs["username"] == "alice"
+    with pytest.raises(ConfigurationError, match="redis\\+sentinel://"):
+        connect("memcached://127.0.0.1")
+    with pytest.raises(ConfigurationError, match="CALLBOT_STORE"):
+        Settings(store="redis+proxy://127.0.0.1")

@@ -8,31 +8,40 @@ through the same :class:`~callbot._sequencing.Sequencer` the in-memory store
 uses, with the call's record loaded from Redis; runs the handlers; and
 acknowledges each entry, saving the record, once its handlers finished. A
 crashed instance's leases expire and its calls move to the others, which run
-the unacknowledged entries again. docs/scaling.md has the whole design.
+the unacknowledged entries again, flagged as re-runs (each acquisition of a
+lease is a new fencing epoch). docs/scaling.md has the whole design.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import json
 import os
 import secrets
 import socket
 import time
+import weakref
 from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 
 from .. import events
 from .._config import Settings
 from .._dispatch import Dispatcher
-from .._errors import StoreUnavailable
+from .._errors import ConfigurationError, StoreUnavailable
+from .._journal import Attempt
 from .._lifecycle import Lifecycle
 from .._log import get_logger
 from .._sequencing import CallRecord, Delivery, Sequencer
@@ -40,7 +49,7 @@ from . import _scripts
 from ._base import Outcomes
 from ._codec import decode_entry, decode_record, digest_of, encode_entry, encode_record
 
-__all__ = ["RedisStore"]
+__all__ = ["RedisStore", "connect", "disconnect", "follow_primary"]
 
 log = get_logger("callbot.store")
 
@@ -56,53 +65,23 @@ _BLOCK_SECONDS = 1.0
 _SOCKET_TIMEOUT = 3.0
 _EVENTS_MAXLEN = 10_000
 """Roughly how many operation outcomes, tones and call ends the shared events stream keeps."""
-_ACTIVE_RECORD_MS = 24 * 3600 * 1000
-"""A record of a call that never ended is dropped after a day without notifications."""
+_LIFETIME_MS = 24 * 3600 * 1000
+"""Keys of a call that never ended, and the shared indexes, expire after a day unused."""
 _MIN_DEDUPE_MS = 10 * 60 * 1000
 """Exact repeats are dropped at least this long after the first copy (Graph's retries)."""
 _SYNC_SECONDS = 2.0
 """How often the list of the cluster's active calls is refreshed."""
 _RETRY_PAUSE = 0.2
-"""How long a background loop waits after Redis failed it."""
-_MAX_CONNECTIONS = 64
-"""Connections to Redis per instance; requests beyond wait for one."""
-
-
-@dataclass(eq=False)
-class _Owned:
-    """A call this instance holds the lease of."""
-
-    key: str
-    deadline: float
-    """Monotonic time after which the lease may have expired in Redis."""
-    outstanding: int = 0
-    """Deliveries handed to the dispatcher whose handlers have not finished."""
-    idle: asyncio.Event = field(default_factory=asyncio.Event)
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
-    lost: bool = False
-    releasing: bool = False
-    """A release is on its way: a renewal refused meanwhile only means it went through."""
-    task: asyncio.Task[None] | None = None
-
-    def __post_init__(self) -> None:
-        self.idle.set()
-
-
-class _Keys:
-    """Key names (the scripts name the same keys from the prefix; see ``_scripts``)."""
-
-    def __init__(self, prefix: str) -> None:
-        self.prefix = prefix
-        self.runnable = prefix + "runnable"
-        self.active = prefix + "active"
-        self.events = prefix + "events"
-        self.reaper = prefix + "reaper"
-
-    def inbox(self, call: str) -> str:
-        return f"{self.prefix}inbox:{call}"
-
-    def record(self, call: str) -> str:
-        return f"{self.prefix}call:{call}"
+"""How long a loop waits after Redis failed it (doubled up to a second while it fails)."""
+_STEADY_PAUSE = 0.05
+"""How long an owner waits before it tries a step Redis failed again (up to 5 times as
+long while it keeps failing)."""
+_MAX_CONNECTIONS = 16
+"""Connections to Redis per instance for commands (blocking reads have their own)."""
+_MAX_PIPELINE = 512
+"""Commands sent in one round trip at most."""
+_SENDERS = 4
+"""Round trips in flight at once."""
 
 
 def _text(value: bytes | str) -> str:
@@ -119,6 +98,17 @@ def _entries(raw: Any) -> list[tuple[str, str]]:
     return out
 
 
+def _stream_id(entry_id: str) -> tuple[int, int]:
+    millis, _, sequence = entry_id.partition("-")
+    return int(millis), int(sequence or 0)
+
+
+def _after(entry_id: str) -> str:
+    """The smallest stream id greater than ``entry_id`` (XTRIM MINID keeps it and later)."""
+    millis, sequence = _stream_id(entry_id)
+    return f"{millis}-{sequence + 1}"
+
+
 def _decode_record(call: str, stored: str) -> CallRecord | None:
     try:
         return decode_record(stored)
@@ -128,19 +118,244 @@ def _decode_record(call: str, stored: str) -> CallRecord | None:
         return None
 
 
-def _after(entry_id: str) -> str:
-    """The smallest stream id greater than ``entry_id`` (XTRIM MINID keeps it and later)."""
-    millis, _, sequence = entry_id.partition("-")
-    return f"{millis}-{int(sequence or 0) + 1}"
+# -- connecting ------------------------------------------------------------------------
+
+_SCHEMES = "redis://, rediss://, unix://, redis+cluster://, rediss+cluster://, redis+sentinel://"
+
+
+def connect(url: str) -> tuple[Any, Any]:
+    """Two clients for a store URL: one for commands, one for blocking reads.
+
+    * ``redis://``, ``rediss://`` (TLS), ``unix://``: one server (users and
+      passwords as in redis-py's URLs: ``redis://user:secret@host:6379/0``);
+    * ``redis+cluster://host:port`` (or ``rediss+cluster://``): a Redis Cluster,
+      any of its nodes;
+    * ``redis+sentinel://host:port,host:port/service[/db]`` (or
+      ``rediss+sentinel://``): the primary Sentinel names for ``service``,
+      followed across failovers.
+    """
+    scheme, sep, _ = url.partition("://")
+    if not sep:
+        raise ConfigurationError(f"the store URL must be one of {_SCHEMES}, got {url!r}")
+    common: dict[str, Any] = {
+        "client_name": "callbot",  # in CLIENT LIST, to tell the bot's connections apart
+        "decode_responses": True,
+        "protocol": 2,
+        "socket_timeout": _SOCKET_TIMEOUT,
+        "socket_connect_timeout": _SOCKET_TIMEOUT,
+    }
+    # A script is never sent twice by the client: a claim answered into a dropped
+    # connection would be lost to its sender. The store's own loops retry instead.
+    retry = Retry(ExponentialBackoff(cap=0.1, base=0.01), 0)
+    if scheme in ("redis", "rediss", "unix"):
+        commands = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=_MAX_CONNECTIONS, timeout=_SOCKET_TIMEOUT, retry=retry, **common
+        )
+        blocking = aioredis.ConnectionPool.from_url(url, max_connections=4, **common)
+        return aioredis.Redis(connection_pool=commands), aioredis.Redis(connection_pool=blocking)
+    if scheme in ("redis+cluster", "rediss+cluster"):
+        parts = urlsplit(url)
+        # A path (a database number) means nothing to a cluster: it has only database 0.
+        plain = f"{scheme.removesuffix('+cluster')}://{parts.netloc}"
+        if parts.query:
+            plain += "?" + parts.query
+        return (
+            RedisCluster.from_url(plain, **common),
+            RedisCluster.from_url(plain, **common),
+        )
+    if scheme in ("redis+sentinel", "rediss+sentinel"):
+        parts = urlsplit(url)
+        hosts = []
+        for host in parts.netloc.rpartition("@")[2].split(","):
+            name, _, port = host.rpartition(":")
+            hosts.append((name or host, int(port) if name else 26379))
+        path = [unquote(p) for p in parts.path.split("/") if p]
+        if not path:
+            raise ConfigurationError(f"a Sentinel URL names its service: {_SCHEMES}")
+        options: dict[str, Any] = {**common, "db": int(path[1]) if len(path) > 1 else 0}
+        if parts.username:
+            options["username"] = unquote(parts.username)
+        if parts.password:
+            options["password"] = unquote(parts.password)
+        if scheme == "rediss+sentinel":
+            options["ssl"] = True
+        query = parse_qs(parts.query)
+        sentinel_options: dict[str, Any] = {"socket_timeout": _SOCKET_TIMEOUT}
+        if "sentinel_password" in query:
+            sentinel_options["password"] = query["sentinel_password"][0]
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            hosts, sentinel_kwargs=sentinel_options, **options
+        )
+        return (
+            sentinel.master_for(path[0], retry=retry),
+            sentinel.master_for(path[0]),
+        )
+    raise ConfigurationError(f"the store URL must be one of {_SCHEMES}, got {scheme}://...")
+
+
+async def disconnect(client: Any) -> None:
+    """Close a client of :func:`connect`, its pool, and its Sentinel connections."""
+    with contextlib.suppress(RedisError, OSError):
+        await client.aclose()
+        pool = getattr(client, "connection_pool", None)
+        if pool is not None:  # a pool the client was given is not closed with it
+            await pool.disconnect()
+        if isinstance(pool, SentinelConnectionPool):
+            for sentinel in pool.sentinel_manager.sentinels:
+                await sentinel.aclose()
+
+
+_PRIMARIES: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+"""The primary each Sentinel-managed pool was last seen to talk to."""
+
+
+async def follow_primary(client: Any) -> None:
+    """With Sentinel: once it names a new primary, every connection to the old one goes.
+
+    An old primary keeps taking writes until Sentinel turns it into a replica; what it
+    takes meanwhile is lost. Called every lease tick, this bounds that window (redis-py
+    itself only drops the idle connections, and only if it notices the change first).
+    """
+    pool = getattr(client, "connection_pool", None)
+    if not isinstance(pool, SentinelConnectionPool):
+        return
+    primary = await pool.get_master_address()  # type: ignore[no-untyped-call]
+    known = _PRIMARIES.get(pool)
+    _PRIMARIES[pool] = primary
+    if known is not None and known != primary:
+        log.warning("store_primary_changed", primary=str(primary), previous=str(known))
+        await pool.disconnect()
+
+
+class _Batcher:
+    """Sends commands in pipelines: what is issued while a round trip is in flight goes
+    together in the next one (a few round trips may be in flight at once)."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self._waiting: deque[tuple[tuple[Any, ...], asyncio.Future[Any]]] = deque()
+        self._senders: set[asyncio.Task[None]] = set()
+
+    async def run(self, *command: Any) -> Any:
+        """One command's answer (its error raised), sent with whatever else is waiting."""
+        return await self.submit(command)
+
+    def submit(self, command: tuple[Any, ...]) -> asyncio.Future[Any]:
+        """Queue a command for the next round trip; the future of its answer."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._waiting.append((command, future))
+        if len(self._senders) < _SENDERS:
+            task = loop.create_task(self._send())
+            self._senders.add(task)
+            task.add_done_callback(self._senders.discard)
+        return future
+
+    async def _send(self) -> None:
+        while self._waiting:
+            batch = [self._waiting.popleft() for _ in range(min(len(self._waiting), _MAX_PIPELINE))]
+            pipe = self._client.pipeline(transaction=False)
+            for command, _ in batch:
+                pipe.execute_command(*command)
+            try:
+                answers = await pipe.execute(raise_on_error=False)
+            except Exception as exc:
+                failure = exc
+                if not isinstance(exc, RedisError):
+                    # the client's internals broke with the connection: the same for callers
+                    failure = RedisConnectionError(f"{type(exc).__name__}: {exc}")
+                    failure.__cause__ = exc
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(failure)
+                continue
+            except BaseException:
+                for _, future in batch:
+                    future.cancel()
+                raise
+            for (_, future), answer in zip(batch, answers, strict=True):
+                if future.done():
+                    continue
+                if isinstance(answer, Exception):
+                    future.set_exception(answer)
+                else:
+                    future.set_result(answer)
+
+    def close(self) -> None:
+        for task in self._senders:
+            task.cancel()
+        while self._waiting:
+            self._waiting.popleft()[1].cancel()
+
+
+@dataclass(eq=False)
+class _Owned:
+    """One run of a call under a lease this instance acquired (one fencing epoch)."""
+
+    key: str
+    epoch: int
+    lease: str
+    """The lease's value while this run holds it: ``{token}/{epoch}``."""
+    deadline: float
+    """Monotonic time after which the lease may have expired in Redis."""
+    fed_before: tuple[int, int] | None
+    """Entries up to this id were handed to handlers by an earlier run: re-runs."""
+    marked: tuple[int, int] = (0, 0)
+    """Entries up to this id are noted in Redis as handed to handlers (by this run)."""
+    outstanding: int = 0
+    """Deliveries handed to the dispatcher whose handlers have not finished."""
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    signals: int = 0
+    """Entries this instance appended while the run held the call."""
+    looked: int = 0
+    """``signals`` when the run last read the inbox."""
+    buffer: deque[tuple[str, str]] = field(default_factory=deque)
+    """Entries read (or appended by this instance) and not fed yet, in order."""
+    tail: tuple[int, int] = (0, 0)
+    """The last entry id the run knows of (fed or in ``buffer``)."""
+    saved: tuple[str, CallRecord] | None = None
+    """The record as the last checkpoint stored it."""
+    journaled: list[str] = field(default_factory=list)
+    """Journal fields this run recorded, deleted once their entries are acknowledged."""
+    lost: bool = False
+    releasing: bool = False
+    """A release is on its way: a renewal refused meanwhile only means it went through."""
+    task: asyncio.Task[None] | None = None
+
+    def __post_init__(self) -> None:
+        self.idle.set()
+
+
+class _Keys:
+    """Key names. A call's keys share the call key as hash tag: one slot in a Cluster."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.runnable = prefix + "runnable"
+        self.pending = prefix + "pending"
+        self.active = prefix + "active"
+        self.events = prefix + "events"
+        self.reaper = prefix + "reaper"
+
+    def of(self, call: str, *names: str) -> list[str]:
+        return [f"{self.prefix}{{{call}}}:{name}" for name in names]
+
+    def record(self, call: str) -> str:
+        return f"{self.prefix}{{{call}}}:call"
+
+
+def _cmd(script: _scripts.Script, keys: Sequence[str], *args: Any) -> tuple[Any, ...]:
+    return ("EVALSHA", script.sha, len(keys), *keys, *args)
 
 
 class RedisStore:
     """Keeps calls and their accepted notifications in Redis, shared by every instance.
 
-    ``url`` is a ``redis://`` (or ``rediss://``, ``unix://``) URL. Keys start
-    with ``prefix`` (by default ``callbot:{app_id}:``, so bots can share a
-    server). ``settings.store_lease`` is how long a crashed instance's calls
-    wait before the others take them over.
+    ``url`` is a Redis URL (see :func:`connect`: one server, a Cluster or Sentinel).
+    Keys start with ``prefix`` (by default ``callbot:{app_id}:``, so bots can share a
+    server). ``settings.store_lease`` is how long a crashed instance's calls wait
+    before the others take them over.
     """
 
     def __init__(
@@ -159,31 +374,24 @@ class RedisStore:
         self._outcomes = outcomes
         self._keys = _Keys(prefix if prefix is not None else f"callbot:{settings.app_id}:")
         self.token = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-        """This instance's name in the leases it holds."""
+        """This instance's name in the leases it holds (followed by ``/{epoch}``)."""
         self._lease_ms = max(int(settings.store_lease * 1000), 100)
         self._grace_ms = max(int(settings.termination_grace * 1000), 1000)
         self._dedupe_ms = max(_MIN_DEDUPE_MS, self._grace_ms)
         self._tick = min(settings.store_lease / 3, 1.0)
         self._hold_poll = min(0.02, max(settings.reorder_window / 10, 0.002))
+        self._linger = min(self._tick, 0.2)
         self._capacity = settings.max_concurrent_handlers
-        # Requests beyond the pool wait for a connection; one retry, then a 503 at once.
-        self._pool = aioredis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=_MAX_CONNECTIONS,
-            timeout=_SOCKET_TIMEOUT,
-            decode_responses=True,
-            protocol=2,
-            socket_timeout=_SOCKET_TIMEOUT,
-            socket_connect_timeout=_SOCKET_TIMEOUT,
-            retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 1),
-        )
-        self._redis: aioredis.Redis = aioredis.Redis(connection_pool=self._pool)
+        self._redis, self._blocking = connect(url)
+        self._batch = _Batcher(self._redis)
         self._sequencer = Sequencer(
             self._deliver, lifecycle, reorder_window=settings.reorder_window
         )
         lifecycle.when_forgotten(self._forgotten)
         self._owned: dict[str, _Owned] = {}
         self._known: dict[str, CallRecord] = {}
+        self._indexed: set[str] = set()
+        """Calls this instance put in the ``active`` index."""
         self._own_counts: Counter[str] = Counter()
         self._parsed: dict[tuple[str, str], events.Event] = {}
         """Events this instance accepted for calls it runs, by call and inbox entry id."""
@@ -193,12 +401,23 @@ class RedisStore:
         """The run feeding each call now (a new lease may wait for an old run to end)."""
         self._in_flight: dict[int, _Owned] = {}
         """The run that fed each delivery still in the dispatcher (by the delivery's id)."""
+        self._attempts: dict[int, tuple[events.Event, Attempt]] = {}
+        """The attempt of each event fed and not yet delivered or dropped, by the id of its
+        raw item (which the sequencer's copies of an event share)."""
         self._tasks: list[asyncio.Task[None]] = []
         self._claimer: asyncio.Task[None] | None = None
         self._slot_freed = asyncio.Event()
         self._reachable = False
         self._rehydrated = False
         self._draining = False
+        self._closing = False
+        self._journal = _Journal(self)
+        self._index_changes: dict[str, bool] = {}
+        """Calls to add to (True) or take off (False) the ``active`` index."""
+        self._ended_pending: set[str] = set()
+        """Ended calls given up, to take off the ``pending`` index."""
+        self._lingering = 0
+        """Held calls with nothing to do, waiting a moment for their next notification."""
 
     # -- the Store interface ------------------------------------------------------
 
@@ -242,18 +461,14 @@ class RedisStore:
         """
         started = time.monotonic()
         try:
-            try:
-                answers = await self._append(batch)
-            except NoScriptError:
-                # Redis restarted or failed over: its script cache is empty.
-                await self._load_scripts()
-                answers = await self._append(batch)
+            answers = await self._append(batch)
         except RedisError as exc:
             self._mark(False, exc)
             raise StoreUnavailable(f"the Redis store cannot be reached: {exc}") from exc
         self._mark(True)
-        for event, answer in zip(batch, answers, strict=True):
-            if not int(answer[0]):
+        for event, (answer, text) in zip(batch, answers, strict=True):
+            fresh, who, entry = int(answer[0]), int(answer[1]), _text(answer[2])
+            if not fresh:
                 self._own_counts["duplicate"] += 1
                 log.info(
                     "notification_dropped",
@@ -261,22 +476,46 @@ class RedisStore:
                     reason="duplicate",
                     kind=type(event).__name__,
                 )
+            if who not in (1, 2):
                 continue
-            owner = int(answer[1])
-            if owner == 0:
-                continue
-            # This instance runs the call: it need not parse the entry again.
-            self._parsed[event.call_key, _text(answer[2])] = event
-            if owner == 2:
-                self._begin(event.call_key, started, _text(answer[3]), _entries(answer[4]))
+            if fresh:
+                # This instance runs the call: it need not parse the entry again.
+                self._parsed[event.call_key, entry] = event
+            if who == 2:
+                self._begin(
+                    event.call_key,
+                    started,
+                    epoch=int(answer[3]),
+                    stored=_text(answer[4]),
+                    entries=_entries(answer[5]),
+                    fed=_text(answer[6]),
+                )
             else:
                 state = self._running.get(event.call_key)
-                if state is not None:
-                    state.changed.set()  # a held call need not wait for its next look
+                if state is None:
+                    continue
+                before = _text(answer[3]) if fresh else None
+                if before is not None and (not before or _stream_id(before) <= state.tail):
+                    # Nothing came between what the run knows and this entry: it need not
+                    # read the inbox to see it.
+                    self._take(state, [(entry, text)])
+                else:
+                    state.signals += 1
+                state.changed.set()  # a held or idle call need not wait for its next look
 
     def active_records(self) -> list[CallRecord]:
         """The calls of every instance that have not ended (refreshed every few seconds)."""
         return [record for record in self._known.values() if not record.closed]
+
+    async def forget(self, call_key: str) -> None:
+        """Take the call off the active set, so no instance rehydrates it again."""
+        self._known.pop(call_key, None)
+        self._indexed.discard(call_key)
+        try:
+            await self._batch.run("SREM", self._keys.active, call_key)
+        except (RedisError, OSError) as exc:
+            # Its record still expires a day after its last notification.
+            log.warning("forget_failed", call_key=call_key, error=str(exc))
 
     async def drain(self, timeout: float) -> None:
         """Stop claiming; let each held call finish its running entry, then hand it over."""
@@ -292,6 +531,7 @@ class RedisStore:
     async def close(self) -> None:
         """Stop every task, hand the calls still held over to the others, disconnect."""
         self._draining = True
+        self._closing = True
         owners = [state.task for state in self._owned.values() if state.task is not None]
         tasks = [*self._tasks, *owners]
         for task in tasks:
@@ -299,96 +539,156 @@ class RedisStore:
         await asyncio.gather(*tasks, return_exceptions=True)
         left = list(self._owned.values())
         self._owned.clear()
+        with contextlib.suppress(RedisError, OSError):
+            await self._flush_indexes()
         for state in left:
             # Their entries were not acknowledged; another instance runs them again.
             with contextlib.suppress(RedisError, OSError):
                 await self._release(state, handover=True)
         self._sequencer.close()
-        await self._redis.aclose()
-        await self._pool.disconnect()
+        self._batch.close()
+        for client in (self._redis, self._blocking):
+            await disconnect(client)
         log.info("store_closed", store="redis", handed_over=len(left))
 
     # -- accepting ----------------------------------------------------------------
 
-    async def _append(self, batch: Sequence[events.Event]) -> list[Any]:
-        room = len(self._owned) < self._capacity and not self._draining
+    async def _append(self, batch: Sequence[events.Event]) -> list[tuple[Any, str]]:
+        """One round trip for the whole batch (two when a call must be made runnable)."""
+        keys = self._keys
+        room = len(self._owned) - self._lingering < self._capacity and not self._draining
         taking: set[str] = set()
-        calls: list[list[Any]] = []
+        texts: list[str] = []
+        # The pending index: the reaper finds a call whose owner dies from there. A call
+        # this instance runs is in it already (only a release takes it out).
+        unowned = {event.call_key for event in batch if not self._holds(event.call_key)}
+        commands: list[tuple[Any, ...]] = [("SADD", keys.pending, *unowned)] if unowned else []
+        broadcasts: list[tuple[Any, ...]] = []
         for event in batch:
             call = event.call_key
-            # Whoever waits for these (op.wait, collect_digits, ...) may run on any instance.
-            broadcast = isinstance(
-                event, events.OperationUpdated | events.CallTerminated | events.ToneReceived
-            )
             # Only the first item of a call in this batch may take it on.
             take = room and call not in self._owned and call not in taking
             if take:
                 taking.add(call)
-            calls.append(
-                [
-                    self._keys.prefix,
-                    call,
+            entry = encode_entry(event)
+            texts.append(entry)
+            commands.append(
+                _cmd(
+                    _scripts.INGEST,
+                    keys.of(call, "inbox", "seen", "lease", "fence", "call"),
                     # A roster repeated after another one is news: the sequencer decides.
                     "" if isinstance(event, events.ParticipantsUpdated) else digest_of(event),
-                    encode_entry(event),
+                    entry,
                     self._dedupe_ms,
-                    "1" if broadcast else "0",
-                    _EVENTS_MAXLEN,
                     self.token,
                     self._lease_ms if take else "",
                     _READ_BATCH,
-                ]
+                    _LIFETIME_MS,
+                )
             )
-        sha = _scripts.INGEST.sha
-        if len(calls) == 1:
-            return [await self._redis.evalsha(sha, 0, *calls[0])]
-        pipe = self._redis.pipeline(transaction=False)
-        for args in calls:
-            pipe.evalsha(sha, 0, *args)
-        return list(await pipe.execute())
+            # Whoever waits for these (op.wait, collect_digits, ...) may run on any instance.
+            if isinstance(
+                event, events.OperationUpdated | events.CallTerminated | events.ToneReceived
+            ):
+                # Every copy goes out (waiters ignore a repeat): a copy retried after a
+                # failed first attempt is a repeat here, yet may never have gone out.
+                broadcasts.append(
+                    ("XADD", keys.events, "MAXLEN", "~", _EVENTS_MAXLEN, "*", "e", entry)
+                )
+        answers = await self._run_all([*commands, *broadcasts])
+        scripts = answers[len(commands) - len(batch) : len(commands)]
+        runnable: dict[str, int] = {}
+        for event, answer in zip(batch, scripts, strict=True):
+            if int(answer[1]) == 3:
+                # Nobody runs the call and this instance has no room: the oldest entry waits.
+                runnable.setdefault(event.call_key, _stream_id(_text(answer[3]))[0])
+        if runnable:
+            flat = [part for call, score in runnable.items() for part in (score, call)]
+            await self._batch.run("ZADD", keys.runnable, "NX", *flat)
+        return list(zip(scripts, texts, strict=True))
+
+    def _holds(self, call: str) -> bool:
+        state = self._owned.get(call)
+        return state is not None and not state.lost and not state.releasing
 
     # -- claiming and running calls -------------------------------------------------
 
     async def _claim_loop(self) -> None:
         keys = self._keys
+        pause = _RETRY_PAUSE
         while not self._draining:
-            free = self._capacity - len(self._owned)
+            free = self._capacity - len(self._owned) + self._lingering
             if free <= 0:
                 self._slot_freed.clear()
                 await self._slot_freed.wait()
                 continue
             try:
                 # Returns at once while calls wait; then take more of them in the same step.
-                popped = await self._redis.bzpopmin(keys.runnable, timeout=_BLOCK_SECONDS)
+                popped = await self._blocking.bzpopmin(keys.runnable, timeout=_BLOCK_SECONDS)
                 if not popped:
                     continue
                 started = time.monotonic()
-                claimed: Any = await self._script(
-                    _scripts.CLAIM,
-                    keys.prefix,
-                    self.token,
-                    self._lease_ms,
-                    min(free, _CLAIM_BATCH) - 1,
-                    _READ_BATCH,
-                    str(popped[1]),
+                calls = [_text(popped[1])]
+                if free > 1:
+                    more = await self._batch.run(
+                        "ZPOPMIN", keys.runnable, min(free, _CLAIM_BATCH) - 1
+                    )
+                    calls += _members(more)
+                answers = await self._run_all(
+                    [
+                        _cmd(
+                            _scripts.CLAIM,
+                            keys.of(call, "inbox", "lease", "fence", "call"),
+                            self.token,
+                            self._lease_ms,
+                            _READ_BATCH,
+                            _LIFETIME_MS,
+                        )
+                        for call in calls
+                    ]
                 )
             except RedisError as exc:
-                # A popped call is not lost: the reaper wakes it again.
+                # A popped call is not lost: the reaper finds it again in the pending index.
                 self._mark(False, exc)
-                await asyncio.sleep(_RETRY_PAUSE)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 1.0)
                 continue
             except Exception:
                 log.exception("store_claim_failed")
                 await asyncio.sleep(_RETRY_PAUSE)
                 continue
+            pause = _RETRY_PAUSE
             self._mark(True)
-            for call, stored, entries in claimed:
-                self._begin(str(call), started, str(stored), _entries(entries))
+            for call, answer in zip(calls, answers, strict=True):
+                if answer:
+                    self._begin(
+                        call,
+                        started,
+                        epoch=int(answer[0]),
+                        stored=_text(answer[1]),
+                        entries=_entries(answer[2]),
+                        fed=_text(answer[3]),
+                    )
 
     def _begin(
-        self, call: str, started: float, stored: str, entries: list[tuple[str, str]]
+        self,
+        call: str,
+        started: float,
+        *,
+        epoch: int,
+        stored: str,
+        entries: list[tuple[str, str]],
+        fed: str,
     ) -> None:
-        state = _Owned(call, deadline=started + self._lease_ms / 1000)
+        state = _Owned(
+            call,
+            epoch=epoch,
+            lease=f"{self.token}/{epoch}",
+            deadline=started + self._lease_ms / 1000,
+            fed_before=_stream_id(fed) if fed else None,
+        )
+        if entries:
+            state.marked = _stream_id(entries[0][0])  # the acquisition noted the first one
         previous = self._owned.get(call)
         if previous is not None:
             # The old run lost its lease and is still winding down: let it, then go on.
@@ -410,8 +710,7 @@ class RedisStore:
         try:
             await self._run_call(state, stored, entries)
         except RedisError as exc:
-            # The lease runs out; the reaper then hands the call to another instance.
-            self._mark(False, exc)
+            # Only while closing: until then every step is retried while the lease may hold.
             log.warning("call_run_interrupted", call_key=state.key, error=str(exc))
         except Exception:
             log.exception("call_run_failed", call_key=state.key)
@@ -433,7 +732,7 @@ class RedisStore:
         key = state.key
         self._running[key] = state
         if stored is None:
-            stored, first = await self._load_call(key)
+            stored, first = await self._steady(self._load_call, key)
         record = self._resting_record(key, stored)
         if record is not None:
             # The lifecycle resumes its keep-alive: the instance that kept it may be gone.
@@ -442,58 +741,98 @@ class RedisStore:
             self._sequencer.evict(key)
         fed: str | None = None
         acked: str | None = None
-        buffer = deque(first)
+        buffer = state.buffer
+        self._take(state, first)
         while not state.lost:
             if state.outstanding:
                 await state.idle.wait()
                 continue
             holding = self._holding(key)
             if not holding and fed is not None and fed != acked:
-                outcome = await self._checkpoint(state, fed, read_on=not buffer)
-                if outcome is None:
+                following = buffer[0][0] if buffer else ""
+                if not buffer:
+                    state.looked = state.signals
+                more = await self._checkpoint(state, fed, read_on=not buffer, next_id=following)
+                if more is None:
                     return
                 acked = fed
-                released, more = outcome
-                if released:
-                    return
-                buffer.extend(more)
+                self._take(state, more)
                 continue
             if self._draining:
                 await self._release(state, handover=True)
                 return
             if buffer:
-                entry_id, text = buffer.popleft()
+                entry_id, text = buffer[0]
+                unnoted = _stream_id(entry_id) > state.marked
+                # Noted before its handlers run, so a takeover knows it is a re-run; and
+                # nothing new is fed on a lease that may have run out without a renewal.
+                if (unnoted or time.monotonic() > state.deadline) and not await self._note_fed(
+                    state, buffer[-1][0]
+                ):
+                    return
+                buffer.popleft()
                 fed = entry_id
-                self._feed(key, entry_id, text)
+                self._feed(state, entry_id, text)
                 continue
             if holding:
                 # Wait for the window to close or for the missing predecessor to arrive.
                 state.changed.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(state.changed.wait(), self._hold_poll)
-                buffer.extend(await self._read(key, after=fed))
+                state.looked = state.signals
+                self._take(state, await self._steady(self._read, key, fed))
                 continue
-            if await self._release(state, handover=False) != 0:
-                return
-            buffer.extend(await self._read(key, after=fed))
+            ended = state.saved is not None and state.saved[1].closed
+            if state.signals == state.looked and not ended:
+                # Nothing to do: keep the call a moment, as its next notification often
+                # follows at once (sparing a release, a pending-index update and a take).
+                # Meanwhile it does not count against this instance's room for calls.
+                state.changed.clear()
+                self._lingering += 1
+                try:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(state.changed.wait(), self._linger)
+                finally:
+                    self._lingering -= 1
+            if buffer:
+                continue
+            if state.signals == state.looked and not self._draining:
+                gave_up = await self._release(state, handover=False)
+                if gave_up == 1:
+                    await self._unpend(key, ended=ended)
+                if gave_up != 0:
+                    return
+            state.looked = state.signals
+            self._take(state, await self._steady(self._read, key, fed))
+
+    def _take(self, state: _Owned, entries: list[tuple[str, str]]) -> None:
+        """Buffer entries the run does not know yet (a read may repeat what it has)."""
+        for entry_id, text in entries:
+            number = _stream_id(entry_id)
+            if number > state.tail:
+                state.buffer.append((entry_id, text))
+                state.tail = number
 
     async def _load_call(self, key: str) -> tuple[str, list[tuple[str, str]]]:
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.get(self._keys.record(key))
-        pipe.xrange(self._keys.inbox(key), "-", "+", _READ_BATCH)
-        stored, entries = await pipe.execute()
+        inbox = self._keys.of(key, "inbox")[0]
+        stored, entries = await asyncio.gather(
+            self._batch.run("GET", self._keys.record(key)),
+            self._batch.run("XRANGE", inbox, "-", "+", "COUNT", _READ_BATCH),
+        )
         return (_text(stored) if stored else ""), _entries(entries)
 
-    async def _read(self, key: str, *, after: str | None) -> list[tuple[str, str]]:
+    async def _read(self, key: str, after: str | None) -> list[tuple[str, str]]:
         start = "-" if after is None else "(" + after
-        entries: Any = await self._redis.xrange(self._keys.inbox(key), start, "+", _READ_BATCH)
+        inbox = self._keys.of(key, "inbox")[0]
+        entries = await self._batch.run("XRANGE", inbox, start, "+", "COUNT", _READ_BATCH)
         return _entries(entries)
 
     def _holding(self, key: str) -> bool:
         record = self._sequencer.record(key)
         return record is not None and record.holding
 
-    def _feed(self, key: str, entry_id: str, text: str) -> None:
+    def _feed(self, state: _Owned, entry_id: str, text: str) -> None:
+        key = state.key
         event = self._parsed.pop((key, entry_id), None)
         if event is None:
             try:
@@ -502,9 +841,20 @@ class RedisStore:
                 # Acknowledged with the next checkpoint: it can never be read.
                 log.error("inbox_entry_unreadable", call_key=key, entry=entry_id, error=repr(exc))
                 return
+        redelivered = state.fed_before is not None and _stream_id(entry_id) <= state.fed_before
+        if redelivered:
+            log.info("notification_redelivered", call_key=key, entry=entry_id, epoch=state.epoch)
+        attempt = Attempt(key, entry_id, state.epoch, redelivered, journal=self._journal)
+        self._attempts[id(event.raw)] = (event, attempt)
         self._sequencer.accept(event)
+        record = self._sequencer.record(key)
+        if record is None or not any(held is event for held in record.held):
+            self._attempts.pop(id(event.raw), None)  # delivered or dropped: nothing waits
 
     def _deliver(self, delivery: Delivery) -> None:
+        kept = self._attempts.pop(id(delivery.event.raw), None)
+        if kept is not None:
+            delivery = dataclasses.replace(delivery, attempt=kept[1])
         state = self._running.get(delivery.event.call_key)
         if state is not None:
             state.outstanding += 1
@@ -522,51 +872,130 @@ class RedisStore:
                 state.idle.set()
 
     async def _checkpoint(
-        self, state: _Owned, entry_id: str, *, read_on: bool
-    ) -> tuple[bool, list[tuple[str, str]]] | None:
+        self, state: _Owned, entry_id: str, *, read_on: bool, next_id: str
+    ) -> list[tuple[str, str]] | None:
         """Acknowledge entries up to ``entry_id`` with the record as it stands now.
 
-        With ``read_on``, also give the call up if nothing else waits (``(True, [])``),
-        else read what does (``(False, entries)``). ``None``: the lease was lost.
+        With ``read_on``, also read the entries that wait. ``None``: the lease was lost.
+        Retried across failures and reconnects: the script's fencing decides.
         """
         key = state.key
         record = self._sequencer.record(key)
         payload = "" if record is None else encode_record(record)
-        started = time.monotonic()
-        state.releasing = read_on
-        try:
-            answer: Any = await self._script(
-                _scripts.CHECKPOINT,
-                self._keys.prefix,
-                key,
-                self.token,
-                _after(entry_id),
-                payload,
-                "1" if record is not None and record.closed else "0",
-                self._grace_ms,
-                self._lease_ms,
-                _ACTIVE_RECORD_MS,
-                "1" if read_on else "0",
-                _READ_BATCH,
-            )
-        finally:
-            state.releasing = False
+        ended = record is not None and record.closed
+        done = [
+            f for f in state.journaled if _stream_id(f.partition("/")[0]) <= _stream_id(entry_id)
+        ]
+        state.journaled = [f for f in state.journaled if f not in done]
+        command = _cmd(
+            _scripts.CHECKPOINT,
+            self._keys.of(key, "inbox", "lease", "fence", "call", "journal"),
+            state.lease,
+            state.epoch,
+            _after(entry_id),
+            payload,
+            "1" if ended else "0",
+            self._grace_ms,
+            self._lease_ms,
+            _LIFETIME_MS,
+            "1" if read_on else "0",
+            _READ_BATCH,
+            next_id,
+            *done,
+        )
+        started, answer = await self._steady(self._timed, command)
         if not int(answer[0]):
             self._lose(state, "checkpoint_refused")
             return None
         state.deadline = started + self._lease_ms / 1000
+        entries = _entries(answer[1]) if len(answer) > 1 else []
+        noted = next_id or (entries[0][0] if entries else "")
+        if noted:
+            state.marked = max(state.marked, _stream_id(noted))
         if record is not None:
-            if record.closed:
-                self._known.pop(key, None)
-            else:
-                self._known[key] = record
-        released = len(answer) > 1 and bool(int(answer[1]))
-        if released and record is not None and not record.closed:
-            # Left exactly as stored: the next run here need not decode it again.
-            if len(self._resting) >= _RESTING_LIMIT:
-                self._resting.clear()
-            self._resting[key] = (payload, record)
-        return released, _entries(answer[2]) if len(answer) > 2 else []
+            state.saved = (payload, record)
+            await self._index(key, record)
+        return entries
+
+    async def _timed(self, command: tuple[Any, ...]) -> tuple[float, Any]:
+        started = time.monotonic()
+        return started, await self._script_run(command)
+
+    async def _note_fed(self, state: _Owned, entry_id: str) -> bool:
+        command = _cmd(
+            _scripts.MARK,
+            self._keys.of(state.key, "lease", "fence"),
+            state.lease,
+            state.epoch,
+            self._lease_ms,
+            entry_id,
+        )
+        started, answer = await self._steady(self._timed, command)
+        if not int(answer):
+            self._lose(state, "mark_refused")
+            return False
+        state.deadline = started + self._lease_ms / 1000
+        state.marked = max(state.marked, _stream_id(entry_id))
+        return True
+
+    async def _index(self, key: str, record: CallRecord) -> None:
+        """Keep the ``active`` index (outside the scripts: it lives in a slot of its own).
+
+        Written with the next upkeep round, many calls in one command: the index only
+        serves listing calls and taking them up again after a restart.
+        """
+        if record.closed:
+            self._known.pop(key, None)
+            self._indexed.discard(key)
+            self._index_changes[key] = False
+        else:
+            self._known[key] = record
+            if key not in self._indexed:
+                self._indexed.add(key)
+                self._index_changes[key] = True
+
+    async def _flush_indexes(self) -> None:
+        changes, self._index_changes = self._index_changes, {}
+        ended, self._ended_pending = self._ended_pending, set()
+        added = [call for call, active in changes.items() if active]
+        removed = [call for call, active in changes.items() if not active]
+        commands: list[tuple[Any, ...]] = []
+        if added:
+            commands.append(("SADD", self._keys.active, *added))
+        if removed:
+            commands.append(("SREM", self._keys.active, *removed))
+        if ended:
+            commands.append(("SREM", self._keys.pending, *ended))
+        try:
+            await self._run_all(commands)
+        except RedisError:
+            # Written with the next round; a newer change of a call wins.
+            self._index_changes = {**changes, **self._index_changes}
+            self._ended_pending |= ended
+            raise
+
+    async def _unpend(self, key: str, *, ended: bool = False) -> None:
+        """Take a call whose inbox was empty off the pending index, unless work came back."""
+        if ended:
+            # What still comes is dropped as after the end: no need to look again, and
+            # the removal can wait for the next upkeep round.
+            self._ended_pending.add(key)
+            return
+        try:
+            await self._batch.run("SREM", self._keys.pending, key)
+            # Looked at again after the removal: an entry appended meanwhile was indexed
+            # before its script ran, so it is either seen here or indexed after the SREM.
+            probe = await self._script_run(
+                _cmd(_scripts.PROBE, self._keys.of(key, "inbox", "lease"))
+            )
+            if int(probe[0]):
+                await self._batch.run("SADD", self._keys.pending, key)
+                if int(probe[0]) == 1:
+                    score = _stream_id(_text(probe[1]))[0]
+                    await self._batch.run("ZADD", self._keys.runnable, "NX", score, key)
+        except RedisError as exc:
+            # Left in (or out of) the index: the reaper looks again.
+            log.info("pending_index_deferred", call_key=key, error=str(exc))
 
     def _resting_record(self, key: str, stored: str) -> CallRecord | None:
         resting = self._resting.pop(key, None)
@@ -579,18 +1008,33 @@ class RedisStore:
     async def _release(self, state: _Owned, *, handover: bool) -> int:
         state.releasing = True
         try:
-            outcome = await self._script(
-                _scripts.RELEASE,
-                self._keys.prefix,
-                state.key,
-                self.token,
-                "1" if handover else "0",
+            answer = await self._steady(
+                self._script_run,
+                _cmd(
+                    _scripts.RELEASE,
+                    self._keys.of(state.key, "inbox", "lease", "fence"),
+                    state.lease,
+                    state.epoch,
+                    self._lease_ms,
+                    "1" if handover else "0",
+                ),
             )
         finally:
             state.releasing = False
+        outcome = int(answer[0])
+        state.releasing = outcome > 0  # a renewal refused from now on only means it is released
         if outcome == -1:
             self._lose(state, "release_refused")
-        return int(outcome)
+        elif outcome == 1 and state.saved is not None and not state.saved[1].closed:
+            # Left exactly as stored: the next run here need not decode it again.
+            if len(self._resting) >= _RESTING_LIMIT:
+                self._resting.clear()
+            self._resting[state.key] = state.saved
+        elif outcome == 2:
+            score = _stream_id(_text(answer[1]))[0]
+            with contextlib.suppress(RedisError):  # else the reaper wakes it
+                await self._batch.run("ZADD", self._keys.runnable, "NX", score, state.key)
+        return outcome
 
     def _lose(self, state: _Owned, why: str) -> None:
         if state.lost:
@@ -601,7 +1045,8 @@ class RedisStore:
             "call_lease_lost",
             call_key=state.key,
             reason=why,
-            detail="another instance may run this call's unacknowledged notifications again",
+            epoch=state.epoch,
+            detail="another instance runs this call's unacknowledged notifications again",
         )
 
     # -- upkeep: leases, the reaper, the list of calls --------------------------------
@@ -613,7 +1058,9 @@ class RedisStore:
                 if not self._rehydrated:
                     await self._load_scripts()
                     await self._rehydrate()
-                await self._renew()
+                await self._follow_primary()
+                await self._renew()  # first: once Redis is back, owners keep their calls
+                await self._flush_indexes()
                 await self._reap()
                 if time.monotonic() - last_sync >= _SYNC_SECONDS:
                     await self._sync_known()
@@ -623,56 +1070,90 @@ class RedisStore:
                 self._mark(False, exc)
             except Exception:
                 log.exception("store_upkeep_failed")
-            now = time.monotonic()
-            for state in list(self._owned.values()):
-                if now > state.deadline:
-                    self._lose(state, "not_renewed")
-            await asyncio.sleep(self._tick)
+            await asyncio.sleep(self._tick if self._reachable else _STEADY_PAUSE)
+
+    async def _follow_primary(self) -> None:
+        for client in (self._redis, self._blocking):
+            await follow_primary(client)
+
+    async def _renew_one(self, state: _Owned) -> bool:
+        """Whether the run still holds its call, extending its lease if so."""
+        command = _cmd(
+            _scripts.RENEW,
+            self._keys.of(state.key, "lease", "fence"),
+            state.lease,
+            state.epoch,
+            self._lease_ms,
+        )
+        started, renewed = await self._steady(self._timed, command)
+        if not int(renewed):
+            self._lose(state, "renewal_refused")
+            return False
+        state.deadline = max(state.deadline, started + self._lease_ms / 1000)
+        return True
 
     async def _renew(self) -> None:
         held = [state for state in self._owned.values() if not state.lost]
         if not held:
-            await self._redis.ping()
+            await self._batch.run("PING")
             return
         started = time.monotonic()
-        renewed = await self._script(
-            _scripts.RENEW,
-            self._keys.prefix,
-            self.token,
-            self._lease_ms,
-            *(state.key for state in held),
+        renewed = await self._run_all(
+            [
+                _cmd(
+                    _scripts.RENEW,
+                    self._keys.of(state.key, "lease", "fence"),
+                    state.lease,
+                    state.epoch,
+                    self._lease_ms,
+                )
+                for state in held
+            ]
         )
         for state, ok in zip(held, renewed, strict=True):
-            if ok:
-                state.deadline = started + self._lease_ms / 1000
+            if int(ok):
+                state.deadline = max(state.deadline, started + self._lease_ms / 1000)
             elif self._owned.get(state.key) is state and not state.releasing:
                 self._lose(state, "renewal_refused")
 
     async def _reap(self) -> None:
         keys = self._keys
         # One instance reaps per round; the others would only repeat its work.
-        mine = await self._redis.set(
-            keys.reaper, self.token, nx=True, px=max(int(self._tick * 1000), 10)
+        mine = await self._batch.run(
+            "SET", keys.reaper, self.token, "NX", "PX", max(int(self._tick * 1000), 10)
         )
         if not mine:
             return
-        cursor = "0"
+        cursor: Any = 0
         woken = 0
         while True:
-            cursor, count = await self._script(_scripts.REAP, keys.prefix, cursor, 200)
-            woken += int(count)
-            if str(cursor) == "0":
+            cursor, calls = await self._batch.run("SSCAN", keys.pending, cursor, "COUNT", 200)
+            calls = [_text(call) for call in calls]
+            probes = await self._run_all(
+                [_cmd(_scripts.PROBE, keys.of(call, "inbox", "lease")) for call in calls]
+            )
+            waiting: list[Any] = []
+            for call, probe in zip(calls, probes, strict=True):
+                if int(probe[0]) == 1:
+                    waiting += [_stream_id(_text(probe[1]))[0], call]
+                elif int(probe[0]) == 0:
+                    await self._unpend(call)
+            if waiting:
+                woken += int(await self._batch.run("ZADD", keys.runnable, "NX", *waiting))
+            if int(cursor) == 0:
                 break
+        # The shared indexes expire too, a day after every instance stopped.
+        await self._run_all(
+            [("PEXPIRE", key, _LIFETIME_MS) for key in (keys.pending, keys.active, keys.events)]
+        )
         if woken:
             log.info("calls_reclaimed", count=woken, detail="their owner's lease expired")
 
     async def _load_records(self, calls: Sequence[str]) -> dict[str, CallRecord | None]:
         found: dict[str, CallRecord | None] = {}
-        for start in range(0, len(calls), 500):
-            chunk = list(calls[start : start + 500])
-            values = await self._redis.mget([self._keys.record(call) for call in chunk])
-            for call, value in zip(chunk, values, strict=True):
-                found[call] = _decode_record(call, _text(value)) if value else None
+        values = await self._run_all([("GET", self._keys.record(call)) for call in calls])
+        for call, value in zip(calls, values, strict=True):
+            found[call] = _decode_record(call, _text(value)) if value else None
         return found
 
     def known(self, call_key: str) -> CallRecord | None:
@@ -685,22 +1166,14 @@ class RedisStore:
             task = asyncio.get_running_loop().create_task(self.forget(call_key))
             self._tasks.append(task)
 
-    async def forget(self, call_key: str) -> None:
-        """Take the call off the active set, so no instance rehydrates it again."""
-        self._known.pop(call_key, None)
-        try:
-            await self._redis.srem(self._keys.active, call_key)
-        except (RedisError, OSError) as exc:
-            # Its record still expires a day after its last notification.
-            log.warning("forget_failed", call_key=call_key, error=str(exc))
-
     async def _rehydrate(self) -> None:
         """Know the calls that are going on again, with their snapshots; resume keep-alives."""
-        calls = sorted(_text(call) for call in await self._redis.smembers(self._keys.active))
+        members = await self._batch.run("SMEMBERS", self._keys.active)
+        calls = sorted(_text(call) for call in members)
         records = await self._load_records(calls)
         gone = [call for call, record in records.items() if record is None]
         if gone:
-            await self._redis.srem(self._keys.active, *gone)
+            await self._batch.run("SREM", self._keys.active, *gone)
         resumed = 0
         for call, record in records.items():
             if record is None or record.closed:
@@ -714,7 +1187,7 @@ class RedisStore:
         log.info("calls_rehydrated", count=len(self._known), keep_alives=resumed)
 
     async def _sync_known(self) -> None:
-        members = {_text(call) for call in await self._redis.smembers(self._keys.active)}
+        members = {_text(call) for call in await self._batch.run("SMEMBERS", self._keys.active)}
         for call in list(self._known):
             if call not in members and call not in self._owned:
                 del self._known[call]
@@ -729,19 +1202,22 @@ class RedisStore:
     async def _events_loop(self) -> None:
         stream = self._keys.events
         last: str | None = None
+        pause = _RETRY_PAUSE
         while True:
             try:
                 if last is None:
                     # Start after what is there now: earlier outcomes have no waiter here.
-                    tail = await self._redis.xrevrange(stream, "+", "-", 1)
+                    tail = await self._blocking.xrevrange(stream, "+", "-", 1)
                     last = str(tail[0][0]) if tail else "0-0"
-                answer: Any = await self._redis.xread(
+                answer: Any = await self._blocking.xread(
                     {stream: last}, count=256, block=int(_BLOCK_SECONDS * 1000)
                 )
             except RedisError as exc:
                 self._mark(False, exc)
-                await asyncio.sleep(_RETRY_PAUSE)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 1.0)
                 continue
+            pause = _RETRY_PAUSE
             for _name, entries in answer or ():
                 for entry_id, fields in entries:
                     last = str(entry_id)
@@ -773,12 +1249,51 @@ class RedisStore:
         for script in _scripts.ALL:
             await self._redis.script_load(script.source)
 
-    async def _script(self, script: _scripts.Script, *args: Any) -> Any:
-        try:
-            return await self._redis.evalsha(script.sha, 0, *args)
-        except NoScriptError:
-            await self._redis.script_load(script.source)
-            return await self._redis.evalsha(script.sha, 0, *args)
+    async def _script_run(self, command: tuple[Any, ...]) -> Any:
+        return (await self._run_all([command]))[0]
+
+    async def _run_all(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """The answers of commands sent together; the first error is raised.
+
+        Scripts missing from the server (it restarted or failed over) are loaded and
+        those commands sent again.
+        """
+        if not commands:
+            return []
+        submit = self._batch.submit
+        outcomes = await asyncio.gather(*(submit(c) for c in commands), return_exceptions=True)
+        missing = [n for n, outcome in enumerate(outcomes) if isinstance(outcome, NoScriptError)]
+        if missing:
+            await self._load_scripts()
+            again = await asyncio.gather(
+                *(submit(commands[n]) for n in missing), return_exceptions=True
+            )
+            for n, outcome in zip(missing, again, strict=True):
+                outcomes[n] = outcome
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return list(outcomes)
+
+    async def _steady(self, step: Any, *args: Any) -> Any:
+        """``step(*args)``, retried while Redis fails (the lease may still hold; scripts
+        are fenced, so a late attempt can do no harm). Only closing stops it.
+
+        Tried again soon: once Redis is back, the first instance to reach a call whose
+        lease ran out meanwhile takes it over, and the owner had better be first."""
+        pause = _STEADY_PAUSE
+        while True:
+            try:
+                result = await step(*args)
+            except RedisError as exc:
+                self._mark(False, exc)
+                if self._closing:
+                    raise
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, _STEADY_PAUSE * 5)
+                continue
+            self._mark(True)
+            return result
 
     def _mark(self, reachable: bool, error: BaseException | None = None) -> None:
         if reachable == self._reachable:
@@ -788,3 +1303,57 @@ class RedisStore:
             log.info("store_reachable", store="redis")
         else:
             log.warning("store_unreachable", store="redis", error=str(error or ""))
+
+
+class _Journal:
+    """The action journal (``callbot._journal``) kept in each call's ``journal`` hash."""
+
+    def __init__(self, store: RedisStore) -> None:
+        self._store = store
+
+    async def admits(self, attempt: Attempt) -> bool:
+        store = self._store
+        state = store._running.get(attempt.call_key)
+        if state is None or state.epoch != attempt.epoch or state.lost:
+            return False
+        if time.monotonic() < state.deadline:
+            return True
+        # The lease may have run out (the process was paused, Redis was away): ask.
+        return await store._renew_one(state)
+
+    async def recall(self, attempt: Attempt, step: int) -> dict[str, Any] | None:
+        store = self._store
+        journal = store._keys.of(attempt.call_key, "journal")[0]
+        found = await store._batch.run("HGET", journal, f"{attempt.entry}/{step}")
+        return None if found is None else dict(json.loads(found))
+
+    async def record(self, attempt: Attempt, step: int, outcome: dict[str, Any]) -> None:
+        store = self._store
+        name = f"{attempt.entry}/{step}"
+        try:
+            kept = await store._script_run(
+                _cmd(
+                    _scripts.RECORD,
+                    store._keys.of(attempt.call_key, "fence", "journal"),
+                    attempt.epoch,
+                    name,
+                    json.dumps(outcome, separators=(",", ":")),
+                    _LIFETIME_MS,
+                )
+            )
+        except RedisError as exc:
+            # The action went out; a re-run would send it again.
+            log.warning("graph_action_not_recorded", call_key=attempt.call_key, error=str(exc))
+            return
+        state = store._running.get(attempt.call_key)
+        if int(kept) and state is not None and state.epoch == attempt.epoch:
+            state.journaled.append(name)
+        elif not int(kept):
+            log.warning("graph_action_after_takeover", call_key=attempt.call_key, step=step)
+
+
+def _members(popped: Any) -> list[str]:
+    """Members from ZPOPMIN, as pairs or as a flat list."""
+    if popped and isinstance(popped[0], list | tuple):
+        return [_text(member) for member, _score in popped]
+    return [_text(member) for member in popped[::2]]

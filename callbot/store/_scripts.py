@@ -1,24 +1,27 @@
 """The Lua scripts of the Redis store: each step that must not interleave runs in one.
 
-Keys of one call (``{p}`` is the store's prefix, ``{call}`` the call key):
+Every script touches the keys of one call only, all named with the call key as
+their hash tag (``{p}{call}:inbox`` ...), so that on a Redis Cluster they share
+one slot. Keys of one call (``{p}`` is the store's prefix):
 
-* ``{p}inbox:{call}``  stream: the call's accepted notifications not yet acknowledged
-* ``{p}seen:{call}``   sorted set: digests of its recent notifications (score: when)
-* ``{p}lease:{call}``  string: the token of the instance running the call (SET NX PX)
-* ``{p}call:{call}``   string: the call's record (JSON, see ``_codec``)
+* ``inbox``  stream: the call's accepted notifications not yet acknowledged
+* ``seen``   sorted set: digests of its recent notifications (score: when)
+* ``lease``  string: ``{token}/{epoch}`` of the run holding the call (SET NX PX)
+* ``fence``  hash: ``n``, the epoch (incremented on every acquisition of the lease);
+  ``fed``, the last entry id an owner may have handed to its handlers
+* ``call``   string: the call's record (JSON, see ``_codec``)
+* ``journal`` hash: outcomes of Graph actions of handler runs, by entry and step
+  (see ``callbot._journal``)
 
-Keys shared by every call:
+Each of them has a TTL. Indexes shared by every call live in slots of their own and
+are written by the store next to the scripts, never inside them (see ``_redis``).
 
-* ``{p}runnable``  sorted set: calls with work and no owner, oldest first
-* ``{p}pending``   set: calls whose inbox may hold entries (scanned by the reaper)
-* ``{p}active``    set: calls that have not ended (read back on start)
-* ``{p}events``    stream: operation outcomes and call ends, read by every instance
-* ``{p}reaper``    string: which instance reaps this round (SET NX PX)
+Time comes from the server (``TIME``, stream ids), so instances' clocks never matter.
 
-Time comes from the server (``TIME``) so instances' clocks never matter. Scripts
-name their keys from the prefix and the call key they are given (fewer arguments to
-send on every notification); the store therefore needs one Redis server (or a
-primary with replicas), not a Redis Cluster.
+Fencing: a run holds the lease value ``{token}/{epoch}``; a checkpoint, renewal or
+release is accepted only while the lease is that value, or while nobody holds the
+lease and the epoch is still the run's (nobody acquired the call since: the lease
+only expired, as when Redis was paused or the owner was cut off for a while).
 """
 
 from __future__ import annotations
@@ -26,7 +29,10 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-__all__ = ["ALL", "CHECKPOINT", "CLAIM", "INGEST", "REAP", "RELEASE", "RENEW", "Script"]
+__all__ = [
+    *("ALL", "CHECKPOINT", "CLAIM", "INGEST", "MARK", "PROBE", "RECORD", "RELEASE", "RENEW"),
+    "Script",
+]
 
 
 @dataclass(frozen=True)
@@ -41,192 +47,227 @@ class Script:
         object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
 
 
-_PRELUDE = """
-local p = ARGV[1]
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+_HELPERS = """
+local function later(a, b)
+  -- stream id a > stream id b ('' is before everything)
+  if b == false or b == '' then return a ~= '' end
+  if a == '' then return false end
+  local am, as = string.match(a, '(%d+)-(%d+)')
+  local bm, bs = string.match(b, '(%d+)-(%d+)')
+  am, bm = tonumber(am), tonumber(bm)
+  if am ~= bm then return am > bm end
+  return tonumber(as) > tonumber(bs)
+end
+local function mark(fence, id)
+  if id ~= '' and later(id, redis.call('HGET', fence, 'fed')) then
+    redis.call('HSET', fence, 'fed', id)
+  end
+end
+local function holds(lease, fence, mine, epoch, lease_ms)
+  local current = redis.call('GET', lease)
+  if current == mine then return true end
+  if current == false and redis.call('HGET', fence, 'n') == epoch then
+    -- only expired: nobody took the call since, the run may go on
+    redis.call('SET', lease, mine, 'PX', lease_ms)
+    return true
+  end
+  return false
+end
+local function acquire(inbox, lease, fence, record, token, lease_ms, batch, ttl)
+  local epoch = redis.call('HINCRBY', fence, 'n', 1)
+  redis.call('SET', lease, token .. '/' .. epoch, 'PX', lease_ms)
+  redis.call('PEXPIRE', fence, ttl)
+  local fed = redis.call('HGET', fence, 'fed') or ''
+  local entries = redis.call('XRANGE', inbox, '-', '+', 'COUNT', batch)
+  if #entries > 0 then mark(fence, entries[1][1]) end
+  return {epoch, redis.call('GET', record) or '', entries, fed}
+end
 """
 
 INGEST = Script(
     "ingest",
-    _PRELUDE
+    _HELPERS
     + """
--- ARGV: prefix, call key, digest ('' to leave repeats to the sequencer), entry,
---       dedupe window (ms), broadcast (0/1),
---       events max length, token, lease (ms) or '' to leave the call to others, read batch
-local call = ARGV[2]
-local seen, inbox, lease = p .. 'seen:' .. call, p .. 'inbox:' .. call, p .. 'lease:' .. call
-if ARGV[3] ~= '' then
-  if redis.call('ZADD', seen, 'NX', now, ARGV[3]) == 0 then
-    return {0}
+-- KEYS: inbox, seen, lease, fence, record
+-- ARGV: digest ('' leaves repeats to the sequencer), entry, dedupe window (ms),
+--       token, lease (ms) or '' to leave the call to others, read batch, lifetime (ms)
+local inbox, seen, lease, fence = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local digest, token = ARGV[1], ARGV[4]
+local fresh, id, before = 1, '', ''
+if digest ~= '' and redis.call('ZSCORE', seen, digest) then
+  fresh = 0
+else
+  local last = redis.call('XREVRANGE', inbox, '+', '-', 'COUNT', 1)
+  if #last > 0 then before = last[1][1] end
+  -- appended first: a repeat is only ever recognised once its first copy is kept
+  id = redis.call('XADD', inbox, '*', 'e', ARGV[2])
+  redis.call('PEXPIRE', inbox, ARGV[7])
+  if digest ~= '' then
+    local now = tonumber(string.match(id, '(%d+)-'))
+    local window = tonumber(ARGV[3])
+    redis.call('ZADD', seen, now, digest)
+    redis.call('ZREMRANGEBYSCORE', seen, '-inf', now - window)
+    redis.call('PEXPIRE', seen, window)
   end
-  local window = tonumber(ARGV[5])
-  redis.call('ZREMRANGEBYSCORE', seen, '-inf', now - window)
-  redis.call('PEXPIRE', seen, window)
-end
-local id = redis.call('XADD', inbox, '*', 'e', ARGV[4])
-redis.call('SADD', p .. 'pending', call)
-if ARGV[6] == '1' then
-  redis.call('XADD', p .. 'events', 'MAXLEN', '~', ARGV[7], '*', 'e', ARGV[4])
 end
 local owner = redis.call('GET', lease)
 if owner then
-  if owner == ARGV[8] then
-    return {1, 1, id}
+  if string.sub(owner, 1, #token + 1) == token .. '/' then
+    return {fresh, 1, id, before}
   end
-  return {1, 0, id}
+  return {fresh, 0, id}
 end
-if ARGV[9] ~= '' then
-  redis.call('SET', lease, ARGV[8], 'PX', ARGV[9])
-  local record = redis.call('GET', p .. 'call:' .. call) or ''
-  return {1, 2, id, record, redis.call('XRANGE', inbox, '-', '+', 'COUNT', ARGV[10])}
+local first = redis.call('XRANGE', inbox, '-', '+', 'COUNT', 1)
+if #first == 0 then
+  return {fresh, 0, id}
 end
-redis.call('ZADD', p .. 'runnable', 'NX', now, call)
-return {1, 0, id}
+if ARGV[5] ~= '' then
+  local taken = acquire(inbox, lease, fence, KEYS[5], token, ARGV[5], ARGV[6], ARGV[7])
+  return {fresh, 2, id, taken[1], taken[2], taken[3], taken[4]}
+end
+return {fresh, 3, id, first[1][1]}
 """,
 )
-"""Accept one notification: drop an exact repeat ({0}); else append it (its id is the
-third answer) and say who runs the call: another instance ({1, 0, id}), this one already
-({1, 1, id}), or this one from now on, with the call's record and first inbox entries
-({1, 2, id, record, entries}). A call nobody runs and this instance cannot take is made
-runnable for the others."""
+"""Accept one notification: append it unless it repeats one kept in the dedupe window
+(``fresh`` 1 or 0, and its entry id), and say who runs the call: another instance (0),
+this one already (1, with the id of the entry before it, if any), this one from now on
+(2, with the epoch, the record, the first entries and the previous ``fed`` mark), or
+nobody (3, with the oldest entry id: the store makes the call runnable)."""
 
 CLAIM = Script(
     "claim",
-    _PRELUDE
+    _HELPERS
     + """
--- ARGV: prefix, token, lease (ms), how many more to pop, read batch, calls already popped...
-local calls = {}
-for i = 6, #ARGV do
-  calls[#calls + 1] = ARGV[i]
+-- KEYS: inbox, lease, fence, record
+-- ARGV: token, lease (ms), read batch, lifetime (ms)
+if redis.call('EXISTS', KEYS[2]) == 1 or redis.call('XLEN', KEYS[1]) == 0 then
+  return {}
 end
-local more = tonumber(ARGV[4])
-if more > 0 then
-  local popped = redis.call('ZPOPMIN', p .. 'runnable', more)
-  for i = 1, #popped, 2 do
-    calls[#calls + 1] = popped[i]
-  end
-end
-local claimed = {}
-for _, call in ipairs(calls) do
-  if redis.call('SET', p .. 'lease:' .. call, ARGV[2], 'NX', 'PX', ARGV[3]) then
-    local record = redis.call('GET', p .. 'call:' .. call) or ''
-    local entries = redis.call('XRANGE', p .. 'inbox:' .. call, '-', '+', 'COUNT', ARGV[5])
-    claimed[#claimed + 1] = {call, record, entries}
-  end
-end
-return claimed
+return acquire(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
 """,
 )
-"""Take runnable calls: lease each (SET NX PX), with its record and first inbox entries.
-
-A call someone else leased meanwhile is skipped: its owner sees the new entries."""
+"""Take a runnable call: a new epoch and lease, the record, the first entries and the
+previous ``fed`` mark; ``{}`` when someone holds it or nothing waits."""
 
 CHECKPOINT = Script(
     "checkpoint",
-    _PRELUDE
+    _HELPERS
     + """
--- ARGV: prefix, call key, token, first id to keep, record ('' keeps the stored one),
---       ended (0/1), grace (ms), lease (ms), record lifetime while active (ms),
---       then release or read on (0/1), read batch
-local call = ARGV[2]
-local lease, inbox, record = p .. 'lease:' .. call, p .. 'inbox:' .. call, p .. 'call:' .. call
-if redis.call('GET', lease) ~= ARGV[3] then
+-- KEYS: inbox, lease, fence, record, journal
+-- ARGV: lease value, epoch, first id to keep, record ('' keeps the stored one),
+--       ended (0/1), grace (ms), lease (ms), lifetime (ms),
+--       read on (0/1), read batch, next id to feed ('' if unknown),
+--       journal fields of the acknowledged entries...
+local inbox, lease, fence, record = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+if not holds(lease, fence, ARGV[1], ARGV[2], ARGV[7]) then
   return {0}
 end
-redis.call('XTRIM', inbox, 'MINID', ARGV[4])
-if ARGV[5] ~= '' then
-  if ARGV[6] == '1' then
-    redis.call('SET', record, ARGV[5], 'PX', ARGV[7])
-    redis.call('SREM', p .. 'active', call)
-    redis.call('PEXPIRE', inbox, ARGV[7])
-  else
-    redis.call('SET', record, ARGV[5], 'PX', ARGV[9])
-    redis.call('SADD', p .. 'active', call)
-  end
+redis.call('XTRIM', inbox, 'MINID', ARGV[3])
+local life = ARGV[8]
+if ARGV[5] == '1' then
+  life = ARGV[6]
 end
-if ARGV[10] ~= '1' then
-  redis.call('PEXPIRE', lease, ARGV[8])
-  return {1, 0}
+if ARGV[4] ~= '' then
+  redis.call('SET', record, ARGV[4], 'PX', life)
 end
-if redis.call('XLEN', inbox) == 0 then
-  redis.call('DEL', lease)
-  redis.call('SREM', p .. 'pending', call)
-  return {1, 1}
+redis.call('PEXPIRE', inbox, life)
+redis.call('PEXPIRE', fence, life)
+mark(fence, ARGV[11])
+for i = 12, #ARGV do
+  redis.call('HDEL', KEYS[5], ARGV[i])
 end
-redis.call('PEXPIRE', lease, ARGV[8])
-return {1, 0, redis.call('XRANGE', inbox, '-', '+', 'COUNT', ARGV[11])}
+redis.call('PEXPIRE', lease, ARGV[7])
+if ARGV[9] ~= '1' then
+  return {1}
+end
+local entries = redis.call('XRANGE', inbox, '-', '+', 'COUNT', ARGV[10])
+if ARGV[11] == '' and #entries > 0 then mark(fence, entries[1][1]) end
+return {1, entries}
 """,
 )
-"""Acknowledge a call's entries up to one, with the record as it stands after them; then
-give the call up if nothing else waits ({1, 1}), or read what does ({1, 0, entries}).
-Fenced by the lease: an instance that lost its lease acknowledges nothing ({0})."""
+"""Acknowledge a call's entries up to one, with the record as it stands after them, and
+read what waits after them ({1, entries}) if asked. Fenced: a run that lost its lease
+acknowledges nothing ({0})."""
 
-RELEASE = Script(
-    "release",
-    _PRELUDE
+MARK = Script(
+    "mark",
+    _HELPERS
     + """
--- ARGV: prefix, call key, token, hand over (0/1)
-local call = ARGV[2]
-local lease, inbox = p .. 'lease:' .. call, p .. 'inbox:' .. call
-if redis.call('GET', lease) ~= ARGV[3] then
-  return -1
-end
-local left = redis.call('XLEN', inbox)
-if left > 0 and ARGV[4] ~= '1' then
+-- KEYS: lease, fence;  ARGV: lease value, epoch, lease (ms), entry id
+if not holds(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3]) then
   return 0
 end
-redis.call('DEL', lease)
-if left > 0 then
-  redis.call('ZADD', p .. 'runnable', 'NX', now, call)
-else
-  redis.call('SREM', p .. 'pending', call)
-end
+mark(KEYS[2], ARGV[4])
 return 1
 """,
 )
-"""Give a call up: only when its inbox is empty (0 = entries arrived, go on; -1 = not
-ours), or, handing it over, always (the call is made runnable for another instance)."""
+"""Note that the run is about to hand entries up to one to its handlers (0: not ours)."""
+
+RELEASE = Script(
+    "release",
+    _HELPERS
+    + """
+-- KEYS: inbox, lease, fence;  ARGV: lease value, epoch, lease (ms), hand over (0/1)
+if not holds(KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3]) then
+  return {-1}
+end
+local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
+if #first > 0 and ARGV[4] ~= '1' then
+  return {0}
+end
+redis.call('DEL', KEYS[2])
+if #first > 0 then
+  return {2, first[1][1]}
+end
+return {1}
+""",
+)
+"""Give a call up: only when its inbox is empty ({1}; {0}: entries arrived, go on; {-1}:
+not ours), or, handing it over, always ({2, oldest id}: the store makes it runnable)."""
 
 RENEW = Script(
     "renew",
-    _PRELUDE
+    _HELPERS
     + """
--- ARGV: prefix, token, lease (ms), call keys...
-local renewed = {}
-for i = 4, #ARGV do
-  local lease = p .. 'lease:' .. ARGV[i]
-  if redis.call('GET', lease) == ARGV[2] then
-    redis.call('PEXPIRE', lease, ARGV[3])
-    renewed[#renewed + 1] = 1
-  else
-    renewed[#renewed + 1] = 0
-  end
+-- KEYS: lease, fence;  ARGV: lease value, epoch, lease (ms)
+if holds(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3]) then
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  return 1
 end
-return renewed
+return 0
 """,
 )
-"""Extend this instance's leases; 0 for each one it no longer holds."""
+"""Extend a run's lease; 0 when it no longer holds it."""
 
-REAP = Script(
-    "reap",
-    _PRELUDE
-    + """
--- ARGV: prefix, cursor, count
-local scan = redis.call('SSCAN', p .. 'pending', ARGV[2], 'COUNT', ARGV[3])
-local woken = 0
-for _, call in ipairs(scan[2]) do
-  if redis.call('EXISTS', p .. 'lease:' .. call) == 0 then
-    if redis.call('XLEN', p .. 'inbox:' .. call) > 0 then
-      woken = woken + redis.call('ZADD', p .. 'runnable', 'NX', now, call)
-    else
-      redis.call('SREM', p .. 'pending', call)
-    end
-  end
+PROBE = Script(
+    "probe",
+    """
+-- KEYS: inbox, lease
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  return {2}
 end
-return {scan[1], woken}
+local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
+if #first > 0 then
+  return {1, first[1][1]}
+end
+return {0}
 """,
 )
-"""Make calls with entries and no live lease runnable again (their owner crashed)."""
+"""What the reaper needs of a call: leased (2), waiting with nobody on it (1, oldest
+id), or idle (0)."""
 
-ALL = (INGEST, CLAIM, CHECKPOINT, RELEASE, RENEW, REAP)
+RECORD = Script(
+    "record",
+    """
+-- KEYS: fence, journal;  ARGV: epoch, field, outcome, lifetime (ms)
+if redis.call('HGET', KEYS[1], 'n') ~= ARGV[1] then
+  return 0
+end
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+return 1
+""",
+)
+"""Keep the outcome of a handler's Graph action, unless its run's epoch is over (0)."""
+
+ALL = (INGEST, CLAIM, CHECKPOINT, MARK, RELEASE, RENEW, PROBE, RECORD)

@@ -1,0 +1,365 @@
+"""Faults of a several-instance deployment, with real processes on 127.0.0.1.
+
+Each test starts its own redis-server processes (one server, a primary with a
+replica and a Sentinel, or a three-master Cluster) and ``callbot run`` processes
+of tests/test_redis_bot.py, sends calls' lifecycles to random instances as Graph
+would (retrying whatever is not answered 202), injects one fault, and checks the
+guarantees docs/scaling.md states for it:
+
+* **kept**: no notification answered 202 is lost (every call's handlers all run);
+* **order**: each call's handlers run in lifecycle order (the bot's appends are
+  fenced by the run's epoch, as an author would fence their own writes);
+* **flagged**: a handler run again after a takeover knows it
+  (``current_attempt().redelivered``); a run that was not flagged never repeats.
+
+Every wait is on a condition, bounded; no test sleeps for a fault to pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from callbot.store._redis import connect, disconnect
+from callbot.testing import TokenAuthority
+
+from .test_redis import (  # the fixtures redis_server and redis_url too
+    KEY_PREFIX,
+    LIFECYCLE,
+    Bots,
+    RedisServer,
+    _free_port,
+    _redis_binary,
+    first_runs,
+    lines_of,
+    read_logs,
+    redis_server,
+    redis_url,
+    spray,
+    wait_for,
+    wait_for_logs,
+)
+
+pytestmark = pytest.mark.redis
+__all__ = ["redis_server", "redis_url"]  # fixtures this module uses
+
+CALLS = 60
+
+
+def calls_named(prefix: str, count: int = CALLS) -> list[str]:
+    return [f"{prefix}-{i:03d}" for i in range(count)]
+
+
+def check(logs: dict[str, list[dict[str, Any]]]) -> int:
+    """Kept, order, flagged (see the module's docstring); how many runs were re-runs."""
+    for call_id, entries in logs.items():
+        assert first_runs(entries) == LIFECYCLE, (call_id, entries)
+    again = sum(1 for entries in logs.values() for e in entries if e["redelivered"])
+    print(f"{len(logs)} calls, {again} flagged re-runs")  # shown with pytest -s
+    return again
+
+
+@contextlib.asynccontextmanager
+async def running_bots(
+    authority: TokenAuthority, url: str, logs: Path, count: int, **env: str
+) -> AsyncIterator[Bots]:
+    group = Bots(authority, url, logs)
+    try:
+        # A held `established` waits for its `establishing` however long a fault delays
+        # it: a late `establishing` would otherwise be stale, as the ordering rules say.
+        await group.start(count, **{"CALLBOT_REORDER_WINDOW": "30", **env})
+        yield group
+    finally:
+        await group.close()
+
+
+@contextlib.asynccontextmanager
+async def client_for(url: str) -> AsyncIterator[Any]:
+    client = connect(url)[0]
+    try:
+        yield client
+    finally:
+        await disconnect(client)
+
+
+async def victim_ran(rdb: Any, calls: list[str], pid: int, count: int) -> bool:
+    return len(await lines_of(rdb, calls, pid)) >= count
+
+
+async def test_an_instance_paused_past_its_lease_loses_its_calls_cleanly(
+    authority: TokenAuthority, redis_url: str, tmp_path: Path
+) -> None:
+    """Instance SIGSTOP past the lease. Kept, order, flagged: the others take its calls
+    over; once it resumes, its stale runs are refused (checkpoints and fenced writes)."""
+    env = {"CALLBOT_STORE_LEASE": "1", "CALLBOT_TEST_HANDLER_DELAY": "0.03"}
+    async with (
+        running_bots(authority, redis_url, tmp_path, 3, **env) as bots,
+        client_for(redis_url) as rdb,
+    ):
+        victim_pid = bots.pid(0)
+        calls = calls_named("stop")
+        sprayed = asyncio.create_task(spray(bots, calls, random.Random(3)))
+        await wait_for(lambda: victim_ran(rdb, calls, victim_pid, 10))
+        bots.pause(0)
+
+        async def victim_holds_nothing() -> bool:
+            leases = [key async for key in rdb.scan_iter(match=KEY_PREFIX + "*:lease")]
+            owners = [await rdb.get(lease) or "" for lease in leases]
+            return not any(f":{victim_pid}:" in owner for owner in owners)
+
+        await sprayed
+        await wait_for(victim_holds_nothing)
+        bots.resume(0)
+        logs = await wait_for_logs(rdb, calls, within=60)
+        check(logs)
+        # it serves again: calls sent now are run, some of them by it
+        more = calls_named("after-stop", 30)
+        await spray(bots, more, random.Random(4))
+        assert check(await wait_for_logs(rdb, more, within=60)) == 0
+
+
+@pytest.mark.parametrize("how", ["shutdown", "kill"])
+async def test_redis_restarted_with_persistence_loses_nothing(
+    authority: TokenAuthority, tmp_path: Path, how: str
+) -> None:
+    """Redis restart with persistence (appendfsync always): a graceful SHUTDOWN, or a
+    SIGKILL. Kept, order, flagged: owners retry their checkpoints while Redis is away
+    and, their epoch unchanged, go on where they were."""
+    server = RedisServer(_redis_binary(), tmp_path, persistent=True)
+    server.start()
+    try:
+        env = {"CALLBOT_STORE_LEASE": "2", "CALLBOT_TEST_HANDLER_DELAY": "0.01"}
+        async with (
+            running_bots(authority, server.url, tmp_path, 2, **env) as bots,
+            client_for(server.url) as rdb,
+        ):
+            calls = calls_named("aof")
+            sprayed = asyncio.create_task(spray(bots, calls, random.Random(7)))
+            await wait_for(lambda: _handled(rdb, calls, 40))
+            if how == "shutdown":
+                await asyncio.to_thread(server.shutdown)
+            else:
+                await asyncio.to_thread(server.stop)
+            await asyncio.to_thread(server.start)
+            await sprayed
+            check(await wait_for_logs(rdb, calls, within=60))
+    finally:
+        server.stop()
+
+
+async def test_redis_restarted_without_persistence_recovers_by_itself(
+    authority: TokenAuthority, tmp_path: Path
+) -> None:
+    """Redis restart without persistence: what it held is gone (documented), and the
+    instances recover by themselves. Kept, order, flagged for the calls after it."""
+    server = RedisServer(_redis_binary(), tmp_path)
+    server.start()
+    try:
+        env = {"CALLBOT_STORE_LEASE": "1"}
+        async with running_bots(authority, server.url, tmp_path, 2, **env) as bots:
+            async with client_for(server.url) as rdb:
+                before = calls_named("before", 20)
+                await spray(bots, before, random.Random(8))
+                assert check(await wait_for_logs(rdb, before, within=60)) == 0
+            await asyncio.to_thread(server.stop)
+            await asyncio.to_thread(server.start)
+            async with client_for(server.url) as rdb:
+                after = calls_named("after", 40)
+                await spray(bots, after, random.Random(9))
+                assert check(await wait_for_logs(rdb, after, within=60)) == 0
+    finally:
+        server.stop()
+
+
+async def test_redis_paused_past_the_lease(
+    authority: TokenAuthority, redis_url: str, tmp_path: Path
+) -> None:
+    """CLIENT PAUSE longer than the lease. Kept, order, flagged: leases run out while
+    nobody can take them; owners whose epoch is unchanged go on, unrepeated."""
+    env = {"CALLBOT_STORE_LEASE": "1", "CALLBOT_TEST_HANDLER_DELAY": "0.01"}
+    async with (
+        running_bots(authority, redis_url, tmp_path, 3, **env) as bots,
+        client_for(redis_url) as rdb,
+    ):
+        calls = calls_named("pause")
+        sprayed = asyncio.create_task(spray(bots, calls, random.Random(10)))
+        await wait_for(lambda: _handled(rdb, calls, 40))
+        async with client_for(redis_url) as pauser:
+            await pauser.execute_command("CLIENT", "PAUSE", 2500, "ALL")
+        await sprayed
+        check(await wait_for_logs(rdb, calls, within=60))
+
+
+async def test_a_sentinel_failover(authority: TokenAuthority, tmp_path: Path) -> None:
+    """Sentinel failover (``redis+sentinel://``): the instances follow the new primary,
+    nothing stays 503. Kept, order, flagged for calls after the failover; order and
+    flagged for those around it (replication is asynchronous: what the old primary
+    took after the promotion, until the instances left it, is lost, as docs/scaling.md
+    says)."""
+    binary = _redis_binary()
+    primary = RedisServer(binary, tmp_path / "primary", persistent=True)
+    replica = RedisServer(binary, tmp_path / "replica", persistent=True)
+    for server in (primary, replica):
+        server.directory.mkdir()
+    primary.args = ("--repl-diskless-sync-delay", "0")
+    replica.args = ("--replicaof", "127.0.0.1", str(primary.port))
+    primary.start()
+    replica.start()
+    sentinel_port = _free_port()
+    config = tmp_path / "sentinel.conf"
+    config.write_text(
+        f"port {sentinel_port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+        f"sentinel monitor callbot 127.0.0.1 {primary.port} 1\n"
+        "sentinel down-after-milliseconds callbot 1000\n"
+        "sentinel failover-timeout callbot 10000\n"
+    )
+    with (tmp_path / "sentinel.log").open("ab") as out:
+        sentinel = await asyncio.to_thread(
+            subprocess.Popen,
+            [binary, str(config), "--sentinel"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"redis+sentinel://127.0.0.1:{sentinel_port}/callbot"
+    try:
+        with (
+            redis.Redis(port=sentinel_port, socket_timeout=1) as watcher,
+            redis.Redis(port=replica.port, socket_timeout=1) as follower,
+        ):
+            await _until_sync(lambda: follower.info("replication")["master_link_status"] == "up")
+            await _until_sync(lambda: _replicas_known(watcher) >= 1)
+            # The usual window: a call that lost its `establishing` in the failover
+            # should not hold its `established` (and its lease) for long.
+            env = {
+                "CALLBOT_STORE_LEASE": "2",
+                "CALLBOT_TEST_HANDLER_DELAY": "0.01",
+                "CALLBOT_REORDER_WINDOW": "2",
+            }
+            async with (
+                running_bots(authority, url, tmp_path, 2, **env) as bots,
+                client_for(url) as rdb,
+            ):
+                around = calls_named("failover")
+                sprayed = asyncio.create_task(spray(bots, around, random.Random(12)))
+                await wait_for(lambda: _handled(rdb, around, 40))
+                watcher.sentinel_failover("callbot")
+                await _until_sync(lambda: _primary_port(watcher) == replica.port)
+                await sprayed
+                # The instances left the old primary (as they do within a lease tick).
+                with redis.Redis(port=primary.port, socket_timeout=1) as old:
+                    await _until_sync(
+                        lambda: not any(c["name"] == "callbot" for c in old.client_list())
+                    )
+                after = calls_named("after-failover", 40)
+                await spray(bots, after, random.Random(14))
+                check(await wait_for_logs(rdb, after, within=60))
+                for entries in (await read_logs(rdb, around)).values():
+                    labels = first_runs(entries)
+                    assert labels == [step for step in LIFECYCLE if step in labels]
+    finally:
+        sentinel.kill()
+        sentinel.wait()
+        primary.stop()
+        replica.stop()
+
+
+async def test_a_three_master_cluster(authority: TokenAuthority, tmp_path: Path) -> None:
+    """A 3-master Redis Cluster (``redis+cluster://``). Kept, order, flagged, and run
+    once: every script stays in one call's slot."""
+    binary = _redis_binary()
+    cli = shutil.which("redis-cli")
+    if cli is None:
+        if os.environ.get("CALLBOT_TEST_REQUIRE_SERVERS") == "1":
+            pytest.fail("redis-cli is required here (it comes with redis-server)")
+        pytest.skip("redis-cli is not installed")
+    nodes = []
+    for n in range(3):
+        directory = tmp_path / f"node{n}"
+        directory.mkdir()
+        node = RedisServer(binary, directory, _cluster_port())
+        node.args = (
+            *("--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{node.port}.conf"),
+        )
+        node.start()
+        nodes.append(node)
+    try:
+        create = [cli, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in nodes)]
+        await asyncio.to_thread(
+            subprocess.run,
+            [*create, "--cluster-replicas", "0", "--cluster-yes"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        for node in nodes:
+            with redis.Redis(port=node.port, socket_timeout=1) as client:
+                await _until_sync(lambda c=client: c.cluster("info")["cluster_state"] == "ok")
+        url = f"redis+cluster://127.0.0.1:{nodes[0].port}"
+        env = {"CALLBOT_STORE_LEASE": "2"}
+        async with (
+            client_for(url) as rdb,
+            running_bots(authority, url, tmp_path, 3, **env) as bots,
+        ):
+            calls = calls_named("slot", 80)
+            await spray(bots, calls, random.Random(13))
+            logs = await wait_for_logs(rdb, calls, within=60)
+            assert check(logs) == 0
+            for entries in logs.values():
+                assert [e["label"] for e in entries] == LIFECYCLE
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+# -- helpers --------------------------------------------------------------------------
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (10000 above) is free too."""
+    while True:
+        port = _free_port()
+        if port + 10000 > 65535:
+            continue
+        try:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", port + 10000))
+        except OSError:
+            continue
+        return port
+
+
+async def _handled(rdb: Any, calls: list[str], count: int) -> bool:
+    logs = await read_logs(rdb, calls)
+    return sum(len(entries) for entries in logs.values()) >= count
+
+
+async def _until_sync(predicate: Any, within: float = 30.0) -> None:
+    deadline = time.monotonic() + within
+    while True:
+        with contextlib.suppress(redis.RedisError):
+            if predicate():
+                return
+        if time.monotonic() > deadline:
+            raise AssertionError("the Redis deployment did not reach the expected state")
+        await asyncio.sleep(0.05)
+
+
+def _replicas_known(watcher: redis.Redis) -> int:
+    return len(watcher.sentinel_slaves("callbot") or [])
+
+
+def _primary_port(watcher: redis.Redis) -> int:
+    address: Any = watcher.sentinel_get_master_addr_by_name("callbot")
+    return int(address[1])
