@@ -515,10 +515,11 @@ async def test_download_recording(graph: FakeGraph, services: CallServices, tmp_
     )
     call = services.call(CALL_ID)
     target = tmp_path / "answer.wav"
-    data = await call.download_recording(record, target)
-    assert data == b"RIFF....WAVEfmt "
-    assert target.read_bytes() == data
+    assert await call.download_recording(record) == b"RIFF....WAVEfmt "
+    assert await call.download_recording(record, target) == len(b"RIFF....WAVEfmt ")
+    assert target.read_bytes() == b"RIFF....WAVEfmt "
     sent = await graph.wait_for_request("recording")
     assert sent.bearer == token
+    assert len(graph.requests_for("recording")) == 2
     with pytest.raises(ValueError, match="no recording"):
         await call.download_recording(models.RecordOperation(id="x", status="failed"))

@@ -257,7 +257,11 @@ async def hosts(tmp_path: Path) -> AsyncIterator[RecordingHosts]:
 
 
 async def test_recordings_come_only_from_allowed_https_hosts_within_a_size_cap(
-    graph: FakeGraph, authority: TokenAuthority, serve: Any, hosts: RecordingHosts
+    graph: FakeGraph,
+    authority: TokenAuthority,
+    serve: Any,
+    hosts: RecordingHosts,
+    tmp_path: Path,
 ) -> None:
     bot = graph_bot(
         graph,
@@ -271,10 +275,14 @@ async def test_recordings_come_only_from_allowed_https_hosts_within_a_size_cap(
     @bot.on_operation
     async def download(call: Call, event: events.OperationUpdated) -> None:
         assert isinstance(event.operation, models.RecordOperation)
+        name = event.operation.id or ""
         try:
-            results[event.operation.id or ""] = await call.download_recording(event.operation)
+            if name == "endless-to-file":
+                results[name] = await call.download_recording(event.operation, tmp_path / name)
+            else:
+                results[name] = await call.download_recording(event.operation)
         except (ValueError, GraphError) as exc:
-            results[event.operation.id or ""] = exc
+            results[name] = exc
 
     server: BotServer = await serve(bot)
     await start_call(server, graph, CALL)
@@ -286,6 +294,7 @@ async def test_recordings_come_only_from_allowed_https_hosts_within_a_size_cap(
         "redirect-off-list": f"{hosts.https}/to-internal",
         "redirect-loop": f"{hosts.https}/loop",
         "endless": f"{hosts.https}/endless",
+        "endless-to-file": f"{hosts.https}/endless",
     }
     for name, location in locations.items():
         update = b.operation_update(
@@ -305,6 +314,9 @@ async def test_recordings_come_only_from_allowed_https_hosts_within_a_size_cap(
     assert "not in recording_hosts" in str(results["other-host"])
     assert "redirects" in str(results["redirect-loop"])
     assert "max_recording_bytes" in str(results["endless"])
+    # Streamed to a file, the same answer is cut at the cap and leaves no partial file.
+    assert "max_recording_bytes" in str(results["endless-to-file"])
+    assert not (tmp_path / "endless-to-file").exists()
     # The internal service was never reached, and the endless answer was cut short.
     assert hosts.internal_hits == 0
     async with asyncio.timeout(10):

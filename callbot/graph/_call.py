@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from os import PathLike
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
 import structlog
 
@@ -121,6 +121,25 @@ def call_options_json(
         return None
     body.setdefault("@odata.type", odata_type)
     return body
+
+
+async def _download_to_file(
+    graph: GraphClient, location: str, token: str, path: Path, call_id: str
+) -> int:
+    # Each write runs in a thread: a file write can block the event loop.
+    file = await asyncio.to_thread(path.open, "wb")
+    try:
+
+        async def write(chunk: bytes) -> None:
+            await asyncio.to_thread(file.write, chunk)
+
+        size = await graph.download(location, bearer=token, write=write, call_id=call_id)
+    except BaseException:
+        await asyncio.to_thread(file.close)
+        await asyncio.to_thread(path.unlink, missing_ok=True)
+        raise
+    await asyncio.to_thread(file.close)
+    return size
 
 
 def scenario_of(call_id: str) -> str:
@@ -538,19 +557,40 @@ class Call:
             client_context=client_context,
         )
 
+    @overload
+    async def download_recording(
+        self, recording: Operation[Any] | models.RecordOperation | Mapping[str, Any]
+    ) -> bytes: ...
+
+    @overload
+    async def download_recording(
+        self,
+        recording: Operation[Any] | models.RecordOperation | Mapping[str, Any],
+        path: str | PathLike[str],
+    ) -> int: ...
+
+    @overload
+    async def download_recording(
+        self,
+        recording: Operation[Any] | models.RecordOperation | Mapping[str, Any],
+        *,
+        writer: Callable[[bytes], Awaitable[None]],
+    ) -> int: ...
+
     async def download_recording(
         self,
         recording: Operation[Any] | models.RecordOperation | Mapping[str, Any],
         path: str | PathLike[str] | None = None,
         *,
         writer: Callable[[bytes], Awaitable[None]] | None = None,
-    ) -> bytes:
+    ) -> bytes | int:
         """Fetch a finished recording with its ``recordingAccessToken``.
 
-        Returns the recording, also saved to ``path`` when given; with ``writer``
-        (an async function taking each chunk) it is streamed there instead and
-        ``b""`` is returned. Only https URLs on ``recording_hosts`` are fetched,
-        at most ``max_recording_bytes``; anything else raises ``ValueError``.
+        Returns the recording; with ``path`` it is streamed to that file instead,
+        and with ``writer`` (an async function taking each chunk) to the writer,
+        and the number of bytes is returned. Only https URLs on
+        ``recording_hosts`` are fetched, at most ``max_recording_bytes``; anything
+        else raises ``ValueError`` (a partly written file is removed).
         Recordings are short-lived: download them when the record operation completes.
         """
         result: Any = recording.result if isinstance(recording, Operation) else recording
@@ -564,19 +604,16 @@ class Call:
             raise ValueError("no recording: the record operation has no location or access token")
         graph = self._services.graph
         if writer is not None:
-            await graph.download(location, bearer=token, write=writer, call_id=self.id)
-            return b""
+            return await graph.download(location, bearer=token, write=writer, call_id=self.id)
+        if path is not None:
+            return await _download_to_file(graph, location, token, Path(path), self.id)
         chunks: list[bytes] = []
 
         async def keep(chunk: bytes) -> None:
             chunks.append(chunk)
 
         await graph.download(location, bearer=token, write=keep, call_id=self.id)
-        data = b"".join(chunks)
-        if path is not None:
-            # writing a file can block: keep it off the event loop
-            await asyncio.to_thread(Path(path).write_bytes, data)
-        return data
+        return b"".join(chunks)
 
     # -- self participant -----------------------------------------------------------
 

@@ -89,8 +89,8 @@ async def take_voicemail(call: Call, *, greeting: str) -> None:
     else:
         await asyncio.to_thread(VOICEMAIL_DIR.mkdir, parents=True, exist_ok=True)
         path = VOICEMAIL_DIR / f"{call.id}.wav"
-        data = await call.download_recording(recording, path)
-        log.info("voicemail_saved", call_id=call.id, path=str(path), size=len(data))
+        size = await call.download_recording(recording, path)
+        log.info("voicemail_saved", call_id=call.id, path=str(path), size=size)
     await say_goodbye(call)
 
 
