@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -69,7 +69,7 @@ from .events import (
     UnknownNotification,
 )
 
-__all__ = ["DEFAULT_MAX_DEPTH", "parse_body", "parse_payload"]
+__all__ = ["DEFAULT_MAX_DEPTH", "parse_body", "parse_body_in_parts", "parse_payload"]
 
 DEFAULT_MAX_DEPTH = 64
 
@@ -89,6 +89,28 @@ def parse_body(
     tenant_id: str | None = None,
 ) -> list[Event]:
     """Parse the raw body of a callback request into events, one per notification item.
+
+    See :func:`parse_body_in_parts` for the errors.
+    """
+    return [
+        event
+        for part in parse_body_in_parts(
+            body, max_depth=max_depth, max_items=max_items, tenant_id=tenant_id
+        )
+        for event in part
+    ]
+
+
+def parse_body_in_parts(
+    body: bytes,
+    *,
+    max_depth: int = DEFAULT_MAX_DEPTH,
+    max_items: int | None = None,
+    tenant_id: str | None = None,
+    part_size: int = 32,
+) -> Iterator[list[Event]]:
+    """:func:`parse_body` in parts of ``part_size`` events, so a caller can let the event
+    loop run between them; an error may come with any part (accept none before the last).
 
     ``tenant_id`` is the tenant the request's token proves: every event carries
     it, and an item that names another is refused (``tenant_mismatch``).
@@ -119,7 +141,7 @@ def parse_body(
         raise MalformedNotification(
             "too_many_items", f"{len(items)} items in one request, at most {max_items}"
         )
-    return _events_from(payload, tenant_id)
+    yield from _events_in_parts(payload, tenant_id, part_size)
 
 
 def parse_payload(
@@ -183,6 +205,10 @@ def _object_too_deep(payload: Any, max_depth: int) -> bool:
 
 
 def _events_from(payload: Any, tenant_id: str | None = None) -> list[Event]:
+    return [event for part in _events_in_parts(payload, tenant_id, 1 << 30) for event in part]
+
+
+def _events_in_parts(payload: Any, tenant_id: str | None, size: int) -> Iterator[list[Event]]:
     if not isinstance(payload, dict):
         raise MalformedNotification(
             "bad_shape", f"top level is {type(payload).__name__}, not an object"
@@ -196,7 +222,11 @@ def _events_from(payload: Any, tenant_id: str | None = None) -> list[Event]:
         raise MalformedNotification("bad_shape", "'value' is missing or not a list")
     if not items:
         raise MalformedNotification("empty", "'value' is an empty list")
-    return [_event_for(index, item, payload, tenant_id) for index, item in enumerate(items)]
+    for start in range(0, len(items), size):
+        yield [
+            _event_for(index, item, payload, tenant_id)
+            for index, item in enumerate(items[start : start + size], start)
+        ]
 
 
 def _event_for(index: int, item: Any, envelope: dict[str, Any], tenant_id: str | None) -> Event:

@@ -19,7 +19,7 @@ from . import events
 from ._auth import Authenticator
 from ._errors import AuthenticationError, KeysUnavailable, MalformedNotification, StoreUnavailable
 from ._log import get_logger, is_enabled
-from ._parse import parse_body
+from ._parse import parse_body_in_parts
 from ._proxy import forwarded_client
 
 __all__ = ["Receiver"]
@@ -127,9 +127,14 @@ class Receiver:
                 self._context(request, tenant_id),
             )
         try:
-            batch = parse_body(
+            batch: list[events.Event] = []
+            for part in parse_body_in_parts(
                 body, max_depth=self._max_depth, max_items=self._max_items, tenant_id=tenant_id
-            )
+            ):
+                if batch:
+                    # A large batch is built in parts: health checks and other calls go between.
+                    await asyncio.sleep(0)
+                batch.extend(part)
         except MalformedNotification as exc:
             if exc.reason == "legacy_format":
                 # The calling platform resends a notification answered 204 in Graph's format.

@@ -16,10 +16,11 @@ import tracemalloc
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import ClientResponse
 from multidict import CIMultiDict
 
-from callbot import Call, CallBot, events
+from callbot import Call, CallBot, MalformedNotification, events
 from callbot.testing import TEST_TENANT_ID, TokenAuthority
 from callbot.testing import builders as b
 
@@ -236,3 +237,26 @@ async def test_invented_call_ids_are_bounded_and_let_go(
         assert (await server.post(b.notifications(item))).status == 202
     await until(lambda: len(seen) == 2402, within=30)
     assert any(call.id == established for call in bot.active_calls())
+
+
+def test_a_large_batch_is_built_in_parts_and_refused_whole() -> None:
+    from callbot._parse import parse_body, parse_body_in_parts
+
+    items = [b.tone(f"call-{n}", "tone1", n) for n in range(200)]
+    body = json.dumps(b.notifications(*items)).encode()
+    parts = list(parse_body_in_parts(body, max_items=200, part_size=32))
+    # The receiver lets the event loop run between parts (health checks, other calls).
+    assert [len(part) for part in parts] == [32] * 6 + [8]
+    assert [e.raw for part in parts for e in part] == [e.raw for e in parse_body(body)]
+    # A bad item late in the batch refuses it before its last part is handed over.
+    items[150] = {"changeType": "updated", "resourceUrl": "/communications/calls/../x"}
+    body = json.dumps(b.notifications(*items)).encode()
+    handed: list[int] = []
+
+    def hand_over() -> None:
+        for part in parse_body_in_parts(body, max_items=200, part_size=32):
+            handed.append(len(part))
+
+    with pytest.raises(MalformedNotification, match="not a usable id"):
+        hand_over()
+    assert handed == [32] * 4
