@@ -13,7 +13,7 @@ from aiohttp import web
 from . import events
 from ._auth import Authenticator
 from ._config import Settings
-from ._dispatch import Dispatcher, ErrorHandler, HandlerRegistry
+from ._dispatch import Dispatcher, ErrorHandler, HandlerRegistry, HandlerWatcher
 from ._gc import tune_for_serving
 from ._lifecycle import KeepAliveResult, Lifecycle
 from ._log import get_logger
@@ -327,6 +327,12 @@ class CallBot:
         """Run once when a call has ended; ``event.result_info`` says why."""
         self._registry.add(events.CallTerminated, handler)
         return handler
+
+    def watch_handlers(self, watcher: HandlerWatcher) -> Callable[[], None]:
+        """Call ``watcher(handler_name, event, outcome)`` after every handler run (tools
+        such as the simulator's diagrams use it); returns a function that stops it."""
+        self._registry.watchers.append(watcher)
+        return lambda: self._registry.watchers.remove(watcher)
 
     def on_error(self, handler: ErrorHandler) -> ErrorHandler:
         """Run with ``(call, event, exc)`` when a handler raises."""

@@ -2,8 +2,8 @@
 
 A :class:`SequenceDiagram` watches the simulator's traffic (it is an observer,
 like the printer) and writes one diagram per call: the caller's actions, each
-notification Graph posted and the bot's answer to it, each request the bot
-sent to Graph with Graph's answer, and how each operation ended.
+notification Graph posted and the bot's answer to it, the handlers it ran, each
+request the bot sent to Graph with Graph's answer, and how each operation ended.
 """
 
 from __future__ import annotations
@@ -44,6 +44,9 @@ def mermaid(entries: Iterable[Traffic]) -> str:
         "    participant Bot as bot",
     ]
     for entry in entries:
+        if entry.kind == "handler":
+            lines.append(f"    Note over Bot: {_text(entry.summary)}")
+            continue
         arrow = _ARROWS.get(entry.kind)
         if arrow is None:
             continue

@@ -37,6 +37,8 @@ Handler = Callable[["Call", Any], Awaitable[None]]
 ErrorHandler = Callable[["Call", events.Event, BaseException], Awaitable[None]]
 """``async def on_error(call, event, exc) -> None``."""
 Done = Callable[[Delivery], None]
+HandlerWatcher = Callable[[str, events.Event, str], None]
+"""``watch(handler_name, event, outcome)``; outcome ``ok``, ``error`` or ``call_ended``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +55,8 @@ class HandlerRegistry:
     def __init__(self) -> None:
         self._registrations: list[_Registration] = []
         self._error_handlers: list[ErrorHandler] = []
+        self.watchers: list[HandlerWatcher] = []
+        """Told of every handler run once it finished (the testing kit draws them)."""
         # Per event type: its registrations, and whether any of them has a ``matches`` filter.
         self._cache: dict[type[events.Event], tuple[list[_Registration], bool]] = {}
 
@@ -212,6 +216,8 @@ class Dispatcher:
         finally:
             if self._observe is not None:
                 self._observe(name, outcome, time.perf_counter() - started)
+            for watch in self._registry.watchers:
+                watch(name, event, outcome)
 
     async def _report(self, name: str, call: Call, event: events.Event, exc: BaseException) -> None:
         handlers = self._registry.error_handlers

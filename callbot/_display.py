@@ -18,8 +18,9 @@ _WHO = {
     "notification": "Graph -> bot",
     "request": "bot -> Graph",
     "caller": "caller",
+    "handler": "bot handler",
 }
-_STYLE = {"notification": "cyan", "request": "magenta", "caller": "yellow"}
+_STYLE = {"notification": "cyan", "request": "magenta", "caller": "yellow", "handler": "green"}
 
 
 def choose_format(requested: str, stream: TextIO) -> str:

@@ -26,12 +26,17 @@ async def test_the_demo_draws_each_call() -> None:
         "Bot->>Graph: answer (202)",
         "Caller->>Graph: Adele Vance presses 1",
         "Bot->>Graph: transfer to Agent (202)",
+        # The handlers the bot ran, where they ran.
+        "Note over Bot: answer ran on IncomingCall",
     ):
         assert line in first
-    # Every message line is "A->>B: text", as Mermaid reads it.
+    assert first.index("Graph->>Bot: incoming call") < first.index("Note over Bot: answer ran")
+    # Every line is "A->>B: text" or a note over the bot, as Mermaid reads them.
     for block in blocks:
         for line in block.splitlines()[4:]:
-            assert re.fullmatch(r"    (Caller|Graph|Bot)->>(Graph|Bot): [^;\n]+", line), line
+            assert re.fullmatch(
+                r"    ((Caller|Graph|Bot)->>(Graph|Bot)|Note over Bot): [^;\n]+", line
+            ), line
 
 
 def test_text_mermaid_would_misread_is_escaped() -> None:

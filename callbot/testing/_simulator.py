@@ -126,8 +126,9 @@ class Traffic:
     """One thing that happened between the bot and the simulated Graph.
 
     ``kind`` is ``"notification"`` (Graph to bot; ``status`` is the bot's
-    answer), ``"request"`` (bot to Graph; ``status`` is Graph's answer) or
-    ``"caller"`` (what the scripted caller did). ``at`` is seconds since the
+    answer), ``"request"`` (bot to Graph; ``status`` is Graph's answer),
+    ``"caller"`` (what the scripted caller did) or ``"handler"`` (a handler of a
+    bot served with :func:`run_with_simulator` ran). ``at`` is seconds since the
     simulator started.
     """
 
@@ -1392,6 +1393,14 @@ class Simulator:
     def _now(self) -> float:
         return round(time.monotonic() - self._started_at, 3)
 
+    def _handler_ran(self, name: str, event: events.Event, outcome: str) -> None:
+        summary = f"{name.rsplit('.', 1)[-1]} ran on {type(event).__name__}"
+        if outcome != "ok":
+            summary += f" ({outcome})"
+        self._record(
+            Traffic(kind="handler", at=self._now(), summary=summary, call_id=event.call_id)
+        )
+
     def _record(self, entry: Traffic) -> None:
         self.traffic.append(entry)
         for observer in list(self.observers):
@@ -1478,6 +1487,7 @@ async def run_with_simulator(
     sim = Simulator(**options)
     await sim.start()
     runner: web.AppRunner | None = None
+    unwatch = bot.watch_handlers(sim._handler_ran)
     try:
         if saved_credential is not None:
             bot.configure(credential=sim.credential())
@@ -1490,6 +1500,7 @@ async def run_with_simulator(
         await sim.stop_notifying()
         if runner is not None:
             await runner.cleanup()
+        unwatch()
         await sim.close()
         with contextlib.suppress(RuntimeError):
             bot.configure(**_fields_of(saved))
