@@ -70,7 +70,7 @@ class Settings:
     pending_call_ttl: float = 300.0
     """How long a call never seen past ringing the bot (no state, or still ``incoming``) is
     kept: Graph ends an unanswered call within 15 s, so only invented ids outlive this."""
-    max_pending_calls: int = 10_000
+    max_pending_calls: int = 2_000
     """Calls never seen past ringing the bot kept at once; past it the oldest is forgotten."""
     max_body_bytes: int = 1024 * 1024
     """Larger callback bodies are refused (413)."""

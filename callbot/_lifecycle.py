@@ -106,7 +106,7 @@ class Lifecycle:
         keep_alive_interval: float | None = None,
         send_keep_alive: SendKeepAlive | None = None,
         pending_ttl: float = 300.0,
-        max_pending: int = 10_000,
+        max_pending: int = 2_000,
     ) -> None:
         self._grace = termination_grace
         self._warn_after = answer_warning_after
@@ -264,6 +264,12 @@ class Lifecycle:
         loop = asyncio.get_running_loop()
         due = loop.time() + delay
         heapq.heappush(self._heap, (due, next(self._order), kind, life))
+        if len(self._heap) > 4 * len(self._lives) + 1024:
+            # Timers of forgotten calls would keep them in memory until due: drop them.
+            self._heap = [
+                entry for entry in self._heap if self._lives.get(entry[3].key) is entry[3]
+            ]
+            heapq.heapify(self._heap)
         if self._timer is None or due < self._timer_at:
             if self._timer is not None:
                 self._timer.cancel()
