@@ -55,7 +55,7 @@ ROUNDS = 5
 STAGES: dict[str, list[tuple[str, str]]] = {
     "authentication (cached token)": [("callbot/_auth.py", "verify")],
     "reading the body": [("callbot/_receiver.py", "_read_limited")],
-    "parsing, all of it": [("callbot/_parse.py", "parse_body")],
+    "parsing, all of it": [("callbot/_parse.py", "parse_body_in_parts")],
     "  of which JSON decoding (stdlib)": [("json/decoder.py", "decode")],
     "  of which building the typed events": [("callbot/_parse.py", "_event_for")],
     "sequencing (store.ingest, up to the hand-off)": [("callbot/store/_memory.py", "ingest")],
