@@ -356,7 +356,8 @@ class CallBot:
         await self.services.log_device_quality(*args, **kwargs)
 
     def active_calls(self) -> list[Call]:
-        """Handles of the calls that have not ended."""
+        """Handles of the calls that have not ended (with a shared store, of every instance:
+        calls run elsewhere appear within a few seconds)."""
         runtime = self._running()
         calls = []
         for life in runtime.lifecycle.active():
@@ -364,6 +365,15 @@ class CallBot:
             snapshot = record.snapshot if record is not None else None
             roster = record.roster if record is not None else None
             calls.append(runtime.services.call(life.call_id, snapshot=snapshot, roster=roster))
+        here = {call.key for call in calls}
+        for record in runtime.store.elsewhere():
+            known = runtime.lifecycle.get(record.call_id)
+            if record.life.key not in here and (known is None or not known.ended):
+                calls.append(
+                    runtime.services.call(
+                        record.call_id, snapshot=record.snapshot, roster=record.roster
+                    )
+                )
         return calls
 
     # -- serving ------------------------------------------------------------------

@@ -886,3 +886,23 @@ async def test_keys_posted_to_another_instance_reach_a_handler_collecting_digits
             assert response.status == 202
         await until(lambda: bool(collected), within=5)
         assert collected == [(owner, "42")]
+
+
+async def test_every_instance_lists_the_calls_of_every_instance(
+    authority: TokenAuthority, serve: Any, redis_url: str
+) -> None:
+    bots = [make_bot(authority, store=redis_url) for _ in range(2)]
+    servers: list[BotServer] = [await serve(bot) for bot in bots]
+    for state in ("establishing", "established"):
+        item = b.call_state("listed-call", state)
+        assert (await servers[0].post(b.notifications(item))).status == 202
+
+    # The other instance ran nothing of the call: it learns of it from the shared store.
+    def listed_everywhere(keys: list[str]) -> bool:
+        return all([c.key for c in bot.active_calls()] == keys for bot in bots)
+
+    await until(lambda: listed_everywhere(["listedcall"]), 10)
+    listed = bots[1].active_calls()[0]
+    assert listed.state == "established"
+    assert (await servers[1].post(b.notifications(b.call_terminated("listed-call")))).status == 202
+    await until(lambda: listed_everywhere([]), 10)

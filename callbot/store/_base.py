@@ -59,6 +59,10 @@ class Store(Protocol):
         """What is kept of a call (its snapshot and roster), if anything."""
         ...
 
+    def elsewhere(self) -> list[CallRecord]:
+        """Calls other instances run that have not ended (a shared store), else none."""
+        ...
+
     async def drain(self, timeout: float) -> None:
         """Stop taking on work (on shutdown), waiting at most ``timeout`` seconds.
 

@@ -60,6 +60,10 @@ class MemoryStore:
         """The sequencer's record of the call."""
         return self.sequencer.record(call_key)
 
+    def elsewhere(self) -> list[CallRecord]:
+        """None: this process is the only one."""
+        return []
+
     async def drain(self, timeout: float) -> None:
         """Held events go now: on shutdown nothing waits for a window."""
         self.sequencer.release_all()

@@ -503,7 +503,7 @@ class RedisStore:
                     state.signals += 1
                 state.changed.set()  # a held or idle call need not wait for its next look
 
-    def active_records(self) -> list[CallRecord]:
+    def elsewhere(self) -> list[CallRecord]:
         """The calls of every instance that have not ended (refreshed every few seconds)."""
         return [record for record in self._known.values() if not record.closed]
 
