@@ -134,6 +134,7 @@ class _Runtime:
         )
 
     async def _keep_alive(self, call_id: str) -> KeepAliveResult:
+        # The lifecycle is made before the services that send keep-alives (they subscribe to it).
         return await self.services.keep_alive(call_id)
 
     def outcomes_while_draining(self, batch: Sequence[events.Event]) -> None:
