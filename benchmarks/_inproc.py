@@ -26,6 +26,12 @@ class _Content:
         self._body = body
 
     async def readany(self) -> bytes:
+        return self.read_nowait()
+
+    def is_eof(self) -> bool:
+        return True  # the whole body is here, as it usually is when a request is handled
+
+    def read_nowait(self) -> bytes:
         body, self._body = self._body, b""
         return body
 

@@ -29,6 +29,9 @@ _REFUSALS = {"too_many_items": (413, "malformed"), "tenant_mismatch": (403, "aut
 
 log = get_logger("callbot.receiver")
 
+# What _buffered_body returns while the body is still on its way.
+_NOT_BUFFERED = b"\0not buffered"
+
 Ingest = Callable[[Sequence[events.Event]], Awaitable[None]]
 
 
@@ -105,8 +108,10 @@ class Receiver:
                 self._context(request, tenant_id),
             )
         try:
-            async with asyncio.timeout(self._body_timeout):
-                body = await self._read_limited(request)
+            body = self._buffered_body(request)
+            if body is _NOT_BUFFERED:
+                async with asyncio.timeout(self._body_timeout):
+                    body = await self._read_limited(request)
         except TimeoutError:
             # A sender that trickles its body would otherwise hold the connection open.
             response = self._refuse(
@@ -198,6 +203,18 @@ class Receiver:
             "tenant_id": tenant_id,
         }
         return {k: v for k, v in context.items() if v is not None}
+
+    def _buffered_body(self, request: web.Request) -> bytes | None:
+        """The body when all of it has arrived (the usual case: no deadline to keep), else
+        ``_NOT_BUFFERED``; ``None`` when it is too large."""
+        declared = request.content_length
+        if declared is not None and declared > self._max_body:
+            return None
+        content = request.content
+        if not content.is_eof():
+            return _NOT_BUFFERED
+        body = content.read_nowait()
+        return body if len(body) <= self._max_body else None
 
     async def _read_limited(self, request: web.Request) -> bytes | None:
         declared = request.content_length
