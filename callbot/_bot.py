@@ -130,7 +130,10 @@ class _Runtime:
 
     def _handle(self, delivery: Delivery) -> Call:
         return self.services.call(
-            delivery.event.call_id, snapshot=delivery.snapshot, roster=delivery.roster
+            delivery.event.call_id,
+            snapshot=delivery.snapshot,
+            roster=delivery.roster,
+            life=delivery.life,
         )
 
     async def _keep_alive(self, call_id: str) -> KeepAliveResult:

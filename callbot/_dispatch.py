@@ -143,10 +143,9 @@ class Dispatcher:
             queue = self._queues[key] = deque()
         queue.append((delivery, done))
         if key not in self._workers:
-            # Keep a reference: an unreferenced task can be collected mid-flight.
-            self._workers[key] = asyncio.get_running_loop().create_task(
-                self._work(key, queue), name=f"callbot-call-{key}"
-            )
+            # Keep a reference: an unreferenced task can be collected mid-flight. Unnamed: a
+            # name costs as much as the rest of creating the task.
+            self._workers[key] = asyncio.get_running_loop().create_task(self._work(key, queue))
 
     async def join(self, timeout: float) -> list[Delivery]:
         """Wait up to ``timeout`` for all work; cancel the rest and return it."""
@@ -164,6 +163,8 @@ class Dispatcher:
         return abandoned
 
     async def _work(self, key: str, queue: deque[tuple[Delivery, Done | None]]) -> None:
+        # The task's context is its own: bound once for all its deliveries, never reset.
+        structlog.contextvars.bind_contextvars(call_id=queue[0][0].event.call_id)
         try:
             while queue:
                 delivery, done = queue[0]
@@ -179,16 +180,10 @@ class Dispatcher:
     async def _run(self, delivery: Delivery) -> None:
         event = delivery.event
         call = self._handle(delivery)
-        # Tokens restore the previous binding at a fraction of bound_contextvars' cost.
-        tokens = structlog.contextvars.bind_contextvars(call_id=event.call_id)
-        attempt = _current_attempt.set(delivery.attempt)
-        try:
-            async with self._slots:
-                for registration in self._registry.matching(event):
-                    await self._run_one(registration.name, registration.handler, call, event)
-        finally:
-            _current_attempt.reset(attempt)
-            structlog.contextvars.reset_contextvars(**tokens)
+        _current_attempt.set(delivery.attempt)
+        async with self._slots:
+            for registration in self._registry.matching(event):
+                await self._run_one(registration.name, registration.handler, call, event)
         self.counts["handled"] += 1
 
     async def _run_one(self, name: str, handler: Handler, call: Call, event: events.Event) -> None:

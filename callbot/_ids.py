@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from urllib.parse import quote
 
-__all__ = ["id_key", "path_segment"]
+__all__ = ["id_key", "path_segment", "usable_id"]
+
+# Ids a URL resolver would drop or climb instead of keeping as one segment.
+_UNUSABLE = frozenset({"", ".", ".."})
 
 
 def id_key(identifier: str) -> str:
@@ -25,6 +28,11 @@ def path_segment(identifier: str) -> str:
     """
     if not isinstance(identifier, str):
         raise ValueError(f"an id must be a string, got {type(identifier).__name__}")
-    if identifier in ("", ".", ".."):
+    if not usable_id(identifier):
         raise ValueError(f"{identifier!r} is not a usable id: it would not stay one path segment")
     return quote(identifier, safe="")
+
+
+def usable_id(identifier: str) -> bool:
+    """Whether :func:`path_segment` accepts ``identifier`` (checked without encoding it)."""
+    return identifier not in _UNUSABLE

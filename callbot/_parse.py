@@ -57,7 +57,7 @@ from pydantic import ValidationError
 
 from . import models
 from ._errors import MalformedNotification
-from ._ids import path_segment
+from ._ids import usable_id
 from .events import (
     CallStateChanged,
     CallTerminated,
@@ -253,12 +253,10 @@ def _event_for(index: int, item: Any, envelope: dict[str, Any], tenant_id: str |
     if split is None:
         raise MalformedNotification("bad_shape", f"{where} path {path!r} is not a call path")
     call_id, rest = split
-    try:
-        path_segment(call_id)
-    except ValueError:
+    if not usable_id(call_id):
         raise MalformedNotification(
             "bad_call_id", f"{where} call id {call_id!r} is not a usable id"
-        ) from None
+        )
     data = item.get("resourceData")
     common: dict[str, Any] = {
         "call_id": call_id,

@@ -18,7 +18,7 @@ from .. import models
 from .._config import Settings
 from .._errors import GraphError
 from .._ids import id_key
-from .._lifecycle import KeepAliveResult
+from .._lifecycle import CallLife, KeepAliveResult
 from ..events import OperationUpdated, ToneReceived
 from ._call import (
     Call,
@@ -135,10 +135,13 @@ class CallServices:
         *,
         snapshot: models.Call | None = None,
         roster: Mapping[str, models.Participant] | None = None,
+        life: CallLife | None = None,
     ) -> Call:
-        """A handle of a call (handles of one call compare equal, whatever the id's form)."""
+        """A handle of a call (handles of one call compare equal, whatever the id's form);
+        ``life`` is the call's, when the caller has it at hand."""
         key = id_key(call_id)
-        life = self._lifecycle.get(call_id) if self._lifecycle is not None else None
+        if life is None and self._lifecycle is not None:
+            life = self._lifecycle.get(call_id)
         return Call(
             call_id,
             services=self,
