@@ -140,6 +140,10 @@ class Dispatcher:
         key = delivery.event.call_key
         queue = self._queues.get(key)
         if queue is None:
+            if done is None and not self._registry.matching(delivery.event):
+                # No handler and nothing queued before it: no task, no call handle.
+                self.counts["handled"] += 1
+                return
             queue = self._queues[key] = deque()
         queue.append((delivery, done))
         if key not in self._workers:

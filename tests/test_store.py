@@ -181,6 +181,38 @@ async def test_the_dispatcher_says_when_a_delivery_is_done() -> None:
     await services.close()
 
 
+async def test_an_event_no_handler_wants_costs_no_task_and_no_handle() -> None:
+    registry = HandlerRegistry()
+    tones: list[str] = []
+
+    async def on_tone(call: Any, event: events.ToneReceived) -> None:
+        tones.append(event.tone)
+
+    registry.add(events.ToneReceived, on_tone)
+    services = CallServices(Settings(app_id="a"))
+    handles: list[str] = []
+
+    def handle(delivery: Delivery) -> Call:
+        handles.append(type(delivery.event).__name__)
+        return services.call(delivery.event.call_id, snapshot=delivery.snapshot)
+
+    dispatcher = Dispatcher(registry, handle)
+    seq = Sequencer(dispatcher.submit, Lifecycle(termination_grace=30))
+    seq.accept(one(b.incoming_call("x")))
+    seq.accept(one(b.call_state("x", "establishing")))
+    assert dispatcher.busy_calls == 0
+    assert dispatcher.counts["handled"] == 2
+    seq.accept(one(b.call_state("x", "established")))
+    seq.accept(one(b.tone("x", "tone5", 1)))
+    assert dispatcher.busy_calls == 1
+    await dispatcher.join(5)
+    assert tones == ["tone5"]
+    assert handles == ["ToneReceived"]
+    assert dispatcher.counts["handled"] == 4
+    seq.close()
+    await services.close()
+
+
 def handle_for(services: CallServices) -> Callable[[Delivery], Call]:
     def handle(delivery: Delivery) -> Call:
         return services.call(delivery.event.call_id, snapshot=delivery.snapshot)
