@@ -366,6 +366,10 @@ class Sequencer:
         self._deliver_fn(Delivery(event, record.snapshot, record.roster, record.life))
         if isinstance(event, events.CallTerminated):
             record.closed = True
+            # Nothing reads an ended call's state but its last delivery, which has it: the
+            # record lingers only to drop stragglers, and the collector need not walk the rest.
+            record.snapshot = None
+            record.roster = {}
             stranded, record.held = record.held, []
             for straggler in stranded:
                 self._drop(straggler, "after_end")
