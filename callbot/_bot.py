@@ -22,7 +22,7 @@ from ._proxy import proxy_middlewares
 from ._receiver import Receiver
 from ._recording import NotificationRecorder
 from ._sequencing import Delivery, Sequencer
-from ._serving import ConnectionGuard, connection_middleware
+from ._serving import ConnectionGuard
 from .graph import Call, CallServices
 from .models import CALL_STATES, canonical_call_state
 from .store import Store, open_store
@@ -399,7 +399,6 @@ class CallBot:
         app[BOT_KEY] = self
         # Forwarded headers are read only from trusted proxies, and only for logging.
         app.middlewares.extend(proxy_middlewares(self._settings.trusted_proxies))
-        app.middlewares.append(connection_middleware)
         app.router.add_post(self._settings.callback_path, self._callback)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)

@@ -32,7 +32,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from ._log import get_logger
 
-__all__ = ["ConnectionGuard", "connection_middleware"]
+__all__ = ["ConnectionGuard"]
 
 log = get_logger("callbot.server")
 
@@ -101,8 +101,15 @@ class ConnectionGuard:
     def protocol_factory(
         self, server: web.Server, **handler_options: Any
     ) -> Callable[[], RequestHandler]:
-        """What ``loop.create_server`` needs: one guarded aiohttp handler per connection."""
+        """What ``loop.create_server`` needs: one guarded aiohttp handler per connection.
+
+        ``server``'s request handler is wrapped so that each connection knows when its
+        request's headers are in and when it was answered.
+        """
         loop = asyncio.get_running_loop()
+        if not isinstance(server.request_handler, _Guarded):
+            # Around the app, not a middleware: aiohttp's middleware chain costs more per request.
+            server.request_handler = _Guarded(server.request_handler)
 
         def make() -> RequestHandler:
             return _Connection(server, guard=self, loop=loop, **handler_options)
@@ -258,17 +265,23 @@ class _Connection(RequestHandler):
         return response
 
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+RequestHandlerFunction = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
-@web.middleware
-async def connection_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Tell a guarded connection when its request's headers are in and when it is answered."""
-    protocol = request.protocol
-    if not isinstance(protocol, _Connection):
-        return await handler(request)
-    protocol.request_started()
-    try:
-        return await handler(request)
-    finally:
-        protocol.request_finished()
+class _Guarded:
+    """A server's request handler, telling the connection when a request starts and ends."""
+
+    __slots__ = ("_inner",)
+
+    def __init__(self, inner: RequestHandlerFunction) -> None:
+        self._inner = inner
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        protocol = request.protocol
+        if not isinstance(protocol, _Connection):
+            return await self._inner(request)
+        protocol.request_started()
+        try:
+            return await self._inner(request)
+        finally:
+            protocol.request_finished()
