@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import secrets
 import socket
@@ -35,7 +36,7 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from .. import events
 from .._config import Settings
@@ -227,12 +228,35 @@ async def follow_primary(client: Any) -> None:
         await pool.disconnect()
 
 
+def _pack(commands: Sequence[tuple[Any, ...]]) -> bytes:
+    """Commands in the Redis protocol, as one write."""
+    out: list[bytes] = []
+    add = out.append
+    for command in commands:
+        add(b"*%d\r\n" % len(command))
+        for arg in command:
+            if isinstance(arg, str):
+                data = arg.encode()
+            elif isinstance(arg, bytes):
+                data = arg
+            elif isinstance(arg, int):
+                data = b"%d" % arg
+            else:
+                data = repr(arg).encode()  # a float, as redis-py writes it
+            add(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
 class _Batcher:
     """Sends commands in pipelines: what is issued while a round trip is in flight goes
     together in the next one (a few round trips may be in flight at once)."""
 
     def __init__(self, client: Any) -> None:
         self._client = client
+        # One server (or Sentinel's primary): packed and read here, one timeout per round
+        # trip, as redis-py's own packing costs more than the rest of a command. A Cluster
+        # routes each command to its node: its pipeline does that.
+        self._pool = None if isinstance(client, RedisCluster) else client.connection_pool
         self._waiting: deque[tuple[tuple[Any, ...], asyncio.Future[Any]]] = deque()
         self._senders: set[asyncio.Task[None]] = set()
 
@@ -254,11 +278,15 @@ class _Batcher:
     async def _send(self) -> None:
         while self._waiting:
             batch = [self._waiting.popleft() for _ in range(min(len(self._waiting), _MAX_PIPELINE))]
-            pipe = self._client.pipeline(transaction=False)
-            for command, _ in batch:
-                pipe.execute_command(*command)
+            commands = [command for command, _ in batch]
             try:
-                answers = await pipe.execute(raise_on_error=False)
+                if self._pool is not None:
+                    answers = await _round_trip(self._pool, commands)
+                else:
+                    pipe = self._client.pipeline(transaction=False)
+                    for command in commands:
+                        pipe.execute_command(*command)
+                    answers = await pipe.execute(raise_on_error=False)
             except Exception as exc:
                 failure = exc
                 if not isinstance(exc, RedisError):
@@ -286,6 +314,33 @@ class _Batcher:
             task.cancel()
         while self._waiting:
             self._waiting.popleft()[1].cancel()
+
+
+async def _round_trip(pool: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
+    """The answers of commands written at once on one pooled connection (errors
+    answered by Redis as values)."""
+    try:
+        connection = await pool.get_connection()
+    except TypeError:  # redis-py before 5.3 wants a command name
+        connection = await pool.get_connection("PIPELINE")
+    answers: list[Any] = []
+    try:
+        async with asyncio.timeout(_SOCKET_TIMEOUT):
+            await connection.send_packed_command(_pack(commands))
+            read = connection.read_response
+            for _ in commands:
+                try:
+                    # no timeout of its own: the round trip has one
+                    answers.append(await read(timeout=math.inf))
+                except ResponseError as exc:
+                    answers.append(exc)
+    except BaseException:
+        # Replies may still be on their way: the connection cannot serve again.
+        await connection.disconnect(nowait=True)
+        raise
+    finally:
+        await pool.release(connection)
+    return answers
 
 
 @dataclass(eq=False)
