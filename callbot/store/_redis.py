@@ -56,6 +56,9 @@ log = get_logger("callbot.store")
 
 _READ_BATCH = 64
 """Inbox entries read at once."""
+_ACK_EVERY = 32
+"""Entries an owner feeds at most before it acknowledges them (a checkpoint serves a
+burst; a takeover repeats at most this many)."""
 _CLAIM_BATCH = 32
 """Calls taken in one step at most."""
 _PARSED_LIMIT = 10_000
@@ -83,6 +86,10 @@ _MAX_PIPELINE = 512
 """Commands sent in one round trip at most."""
 _SENDERS = 4
 """Round trips in flight at once."""
+
+
+_SHARED = (events.OperationUpdated, events.CallTerminated, events.ToneReceived)
+"""What every instance is told of through the events stream (waiters may be anywhere)."""
 
 
 def _text(value: bytes | str) -> str:
@@ -522,6 +529,9 @@ class RedisStore:
             raise StoreUnavailable(f"the Redis store cannot be reached: {exc}") from exc
         self._mark(True)
         for event, (answer, text) in zip(batch, answers, strict=True):
+            if isinstance(event, _SHARED):
+                # in the events stream for the others; here without reading it back
+                self._tell(event)
             fresh, who, entry = int(answer[0]), int(answer[1]), _text(answer[2])
             if not fresh:
                 self._own_counts["duplicate"] += 1
@@ -546,10 +556,19 @@ class RedisStore:
                     fed=_text(answer[6]),
                 )
             else:
+                lease = _text(answer[4])
                 state = self._running.get(event.call_key)
-                if state is None:
+                if state is None or state.lease != lease:
+                    # A run about to start (perhaps after an older one, still winding down):
+                    # it reads the inbox rather than linger first.
+                    state = self._owned.get(event.call_key)
+                    if state is not None and state.lease == lease:
+                        state.signals += 1
+                        state.changed.set()
                     continue
                 before = _text(answer[3]) if fresh else None
+                if fresh:
+                    state.marked = max(state.marked, _stream_id(entry))  # the script noted it
                 if before is not None and (not before or _stream_id(before) <= state.tail):
                     # Nothing came between what the run knows and this entry: it need not
                     # read the inbox to see it.
@@ -642,13 +661,14 @@ class RedisStore:
                 )
             )
             # Whoever waits for these (op.wait, collect_digits, ...) may run on any instance.
-            if isinstance(
-                event, events.OperationUpdated | events.CallTerminated | events.ToneReceived
-            ):
+            if isinstance(event, _SHARED):
                 # Every copy goes out (waiters ignore a repeat): a copy retried after a
                 # failed first attempt is a repeat here, yet may never have gone out.
                 broadcasts.append(
-                    ("XADD", keys.events, "MAXLEN", "~", _EVENTS_MAXLEN, "*", "e", entry)
+                    (
+                        *("XADD", keys.events, "MAXLEN", "~", _EVENTS_MAXLEN, "*"),
+                        *("e", entry, "o", self.token),
+                    )
                 )
         answers = await self._run_all([*commands, *broadcasts])
         scripts = answers[len(commands) - len(batch) : len(commands)]
@@ -796,6 +816,11 @@ class RedisStore:
             self._sequencer.evict(key)
         fed: str | None = None
         acked: str | None = None
+        owed = 0  # entries fed since the last checkpoint
+        # A call with no record stored gets one at its first entry, not at the end of the
+        # burst: were that one write lost (a failover), a re-run would start from no state
+        # while this process's lifecycle remembers the last one.
+        unsaved = not stored
         buffer = state.buffer
         self._take(state, first)
         while not state.lost:
@@ -803,14 +828,20 @@ class RedisStore:
                 await state.idle.wait()
                 continue
             holding = self._holding(key)
-            if not holding and fed is not None and fed != acked:
-                following = buffer[0][0] if buffer else ""
-                if not buffer:
+            owing = not holding and fed is not None and fed != acked
+            if (
+                fed is not None
+                and owing
+                and (unsaved or self._draining or (buffer and owed >= _ACK_EVERY))
+            ):
+                coming = buffer[-1][0] if buffer else ""
+                read_on = not buffer and not self._draining
+                if read_on:
                     state.looked = state.signals
-                more = await self._checkpoint(state, fed, read_on=not buffer, next_id=following)
-                if more is None:
+                outcome, more = await self._checkpoint(state, fed, read_on=read_on, next_id=coming)
+                if not outcome:
                     return
-                acked = fed
+                acked, owed, unsaved = fed, 0, False
                 self._take(state, more)
                 continue
             if self._draining:
@@ -827,6 +858,7 @@ class RedisStore:
                     return
                 buffer.popleft()
                 fed = entry_id
+                owed += 1
                 self._feed(state, entry_id, text)
                 continue
             if holding:
@@ -837,11 +869,15 @@ class RedisStore:
                 state.looked = state.signals
                 self._take(state, await self._steady(self._read, key, fed))
                 continue
-            ended = state.saved is not None and state.saved[1].closed
+            if owing:
+                record = self._sequencer.record(key)
+                ended = record is not None and record.closed
+            else:
+                ended = state.saved is not None and state.saved[1].closed
             if state.signals == state.looked and not ended:
                 # Nothing to do: keep the call a moment, as its next notification often
-                # follows at once (sparing a release, a pending-index update and a take).
-                # Meanwhile it does not count against this instance's room for calls.
+                # follows at once (sparing a checkpoint, a release, a pending-index update
+                # and a take). Meanwhile it does not count against this instance's room.
                 state.changed.clear()
                 self._lingering += 1
                 try:
@@ -849,9 +885,23 @@ class RedisStore:
                         await asyncio.wait_for(state.changed.wait(), self._linger)
                 finally:
                     self._lingering -= 1
-            if buffer:
+            if buffer or self._draining:
                 continue
-            if state.signals == state.looked and not self._draining:
+            if fed is not None and owing:
+                # Acknowledged, and the call given up in the same step unless entries wait.
+                state.looked = state.signals
+                outcome, more = await self._checkpoint(
+                    state, fed, read_on=True, next_id="", release=True
+                )
+                if not outcome:
+                    return
+                if outcome == 2:
+                    await self._unpend(key, ended=ended)
+                    return
+                acked, owed = fed, 0
+                self._take(state, more)
+                continue
+            if state.signals == state.looked:
                 gave_up = await self._release(state, handover=False)
                 if gave_up == 1:
                     await self._unpend(key, ended=ended)
@@ -927,12 +977,14 @@ class RedisStore:
                 state.idle.set()
 
     async def _checkpoint(
-        self, state: _Owned, entry_id: str, *, read_on: bool, next_id: str
-    ) -> list[tuple[str, str]] | None:
+        self, state: _Owned, entry_id: str, *, read_on: bool, next_id: str, release: bool = False
+    ) -> tuple[int, list[tuple[str, str]]]:
         """Acknowledge entries up to ``entry_id`` with the record as it stands now.
 
-        With ``read_on``, also read the entries that wait. ``None``: the lease was lost.
-        Retried across failures and reconnects: the script's fencing decides.
+        With ``read_on``, also read the entries that wait; with ``release`` too, give the
+        call up if none does. The outcome: 0, the lease was lost; 1, acknowledged (with
+        what was read); 2, acknowledged and given up. Retried across failures and
+        reconnects: the script's fencing decides.
         """
         key = state.key
         record = self._sequencer.record(key)
@@ -941,7 +993,8 @@ class RedisStore:
         done = [
             f for f in state.journaled if _stream_id(f.partition("/")[0]) <= _stream_id(entry_id)
         ]
-        state.journaled = [f for f in state.journaled if f not in done]
+        if done:
+            state.journaled = [f for f in state.journaled if f not in done]
         command = _cmd(
             _scripts.CHECKPOINT,
             self._keys.of(key, "inbox", "lease", "fence", "call", "journal"),
@@ -956,13 +1009,19 @@ class RedisStore:
             "1" if read_on else "0",
             _READ_BATCH,
             next_id,
+            "1" if release else "0",
             *done,
         )
-        started, answer = await self._steady(self._timed, command)
-        if not int(answer[0]):
+        # Given up, ingests here index the call as pending again (see _append).
+        state.releasing = release
+        try:
+            started, answer = await self._steady(self._timed, command)
+        finally:
+            state.releasing = False
+        outcome = int(answer[0])
+        if not outcome:
             self._lose(state, "checkpoint_refused")
-            return None
-        state.deadline = started + self._lease_ms / 1000
+            return 0, []
         entries = _entries(answer[1]) if len(answer) > 1 else []
         noted = next_id or (entries[0][0] if entries else "")
         if noted:
@@ -970,7 +1029,12 @@ class RedisStore:
         if record is not None:
             state.saved = (payload, record)
             await self._index(key, record)
-        return entries
+        if outcome == 2:
+            state.releasing = True  # a renewal refused from now on only means it is released
+            self._rest(state)
+        else:
+            state.deadline = started + self._lease_ms / 1000
+        return outcome, entries
 
     async def _timed(self, command: tuple[Any, ...]) -> tuple[float, Any]:
         started = time.monotonic()
@@ -1080,16 +1144,21 @@ class RedisStore:
         state.releasing = outcome > 0  # a renewal refused from now on only means it is released
         if outcome == -1:
             self._lose(state, "release_refused")
-        elif outcome == 1 and state.saved is not None and not state.saved[1].closed:
-            # Left exactly as stored: the next run here need not decode it again.
-            if len(self._resting) >= _RESTING_LIMIT:
-                self._resting.clear()
-            self._resting[state.key] = state.saved
+        elif outcome == 1:
+            self._rest(state)
         elif outcome == 2:
             score = _stream_id(_text(answer[1]))[0]
             with contextlib.suppress(RedisError):  # else the reaper wakes it
                 await self._batch.run("ZADD", self._keys.runnable, "NX", score, state.key)
         return outcome
+
+    def _rest(self, state: _Owned) -> None:
+        """Keep the record of a call given up, as stored: the next run here need not
+        decode it again."""
+        if state.saved is not None and not state.saved[1].closed:
+            if len(self._resting) >= _RESTING_LIMIT:
+                self._resting.clear()
+            self._resting[state.key] = state.saved
 
     def _lose(self, state: _Owned, why: str) -> None:
         if state.lost:
@@ -1148,7 +1217,8 @@ class RedisStore:
         return True
 
     async def _renew(self) -> None:
-        held = [state for state in self._owned.values() if not state.lost]
+        # A run giving its call up is not renewed: its lease is going.
+        held = [state for state in self._owned.values() if not state.lost and not state.releasing]
         if not held:
             await self._batch.run("PING")
             return
@@ -1282,11 +1352,17 @@ class RedisStore:
                         log.exception("store_event_failed", entry=last)
 
     def _relay(self, fields: dict[str, str]) -> None:
+        if fields.get("o") == self.token:
+            return  # this instance told itself when it accepted it (see ingest)
         try:
             event = decode_entry(fields["e"])
         except Exception as exc:
             log.error("store_event_unreadable", error=repr(exc))
             return
+        self._tell(event)
+
+    def _tell(self, event: events.Event) -> None:
+        """Resolve what waits here for an operation outcome, a tone or a call's end."""
         if isinstance(event, events.OperationUpdated):
             self._outcomes.on_operation(event)
         elif isinstance(event, events.ToneReceived):
@@ -1305,7 +1381,12 @@ class RedisStore:
             await self._redis.script_load(script.source)
 
     async def _script_run(self, command: tuple[Any, ...]) -> Any:
-        return (await self._run_all([command]))[0]
+        """One command's answer; a script the server lost (a restart) is loaded again."""
+        try:
+            return await self._batch.submit(command)
+        except NoScriptError:
+            await self._load_scripts()
+            return await self._batch.submit(command)
 
     async def _run_all(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
         """The answers of commands sent together; the first error is raised.
@@ -1316,19 +1397,17 @@ class RedisStore:
         if not commands:
             return []
         submit = self._batch.submit
-        outcomes = await asyncio.gather(*(submit(c) for c in commands), return_exceptions=True)
+        outcomes = await _settle([submit(c) for c in commands])
         missing = [n for n, outcome in enumerate(outcomes) if isinstance(outcome, NoScriptError)]
         if missing:
             await self._load_scripts()
-            again = await asyncio.gather(
-                *(submit(commands[n]) for n in missing), return_exceptions=True
-            )
+            again = await _settle([submit(commands[n]) for n in missing])
             for n, outcome in zip(missing, again, strict=True):
                 outcomes[n] = outcome
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
-        return list(outcomes)
+        return outcomes
 
     async def _steady(self, step: Any, *args: Any) -> Any:
         """``step(*args)``, retried while Redis fails (the lease may still hold; scripts
@@ -1405,6 +1484,17 @@ class _Journal:
             state.journaled.append(name)
         elif not int(kept):
             log.warning("graph_action_after_takeover", call_key=attempt.call_key, step=step)
+
+
+async def _settle(futures: list[asyncio.Future[Any]]) -> list[Any]:
+    """Each future's answer or error, in order (plain futures need no gather)."""
+    out: list[Any] = []
+    for future in futures:
+        try:
+            out.append(await future)
+        except Exception as exc:
+            out.append(exc)
+    return out
 
 
 def _members(popped: Any) -> list[str]:
