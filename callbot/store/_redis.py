@@ -864,8 +864,7 @@ class RedisStore:
             if holding:
                 # Wait for the window to close or for the missing predecessor to arrive.
                 state.changed.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(state.changed.wait(), self._hold_poll)
+                await _until(state.changed, self._hold_poll)
                 state.looked = state.signals
                 self._take(state, await self._steady(self._read, key, fed))
                 continue
@@ -881,8 +880,7 @@ class RedisStore:
                 state.changed.clear()
                 self._lingering += 1
                 try:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(state.changed.wait(), self._linger)
+                    await _until(state.changed, self._linger)
                 finally:
                     self._lingering -= 1
             if buffer or self._draining:
@@ -1484,6 +1482,13 @@ class _Journal:
             state.journaled.append(name)
         elif not int(kept):
             log.warning("graph_action_after_takeover", call_key=attempt.call_key, step=step)
+
+
+async def _until(event: asyncio.Event, seconds: float) -> None:
+    """Wait for ``event`` at most ``seconds`` (no task of its own, unlike wait_for)."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await event.wait()
 
 
 async def _settle(futures: list[asyncio.Future[Any]]) -> list[Any]:
