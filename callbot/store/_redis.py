@@ -235,7 +235,7 @@ async def follow_primary(client: Any) -> None:
         await pool.disconnect()
 
 
-def _pack(commands: Sequence[tuple[Any, ...]]) -> bytes:
+def _pack_python(commands: Sequence[tuple[Any, ...]]) -> bytes:
     """Commands in the Redis protocol, as one write."""
     out: list[bytes] = []
     add = out.append
@@ -254,6 +254,19 @@ def _pack(commands: Sequence[tuple[Any, ...]]) -> bytes:
     return b"".join(out)
 
 
+def _pack_hiredis(commands: Sequence[tuple[Any, ...]]) -> bytes:
+    """The same, packed in C."""
+    return b"".join([_pack_command(command) for command in commands])
+
+
+try:
+    from hiredis import pack_command as _pack_command
+except ImportError:  # pragma: no cover - depends on the installation
+    _pack = _pack_python
+else:
+    _pack = _pack_hiredis
+
+
 class _Batcher:
     """Sends commands in pipelines: what is issued while a round trip is in flight goes
     together in the next one (a few round trips may be in flight at once)."""
@@ -264,18 +277,22 @@ class _Batcher:
         # trip, as redis-py's own packing costs more than the rest of a command. A Cluster
         # routes each command to its node: its pipeline does that.
         self._pool = None if isinstance(client, RedisCluster) else client.connection_pool
-        self._waiting: deque[tuple[tuple[Any, ...], asyncio.Future[Any]]] = deque()
+        self._waiting: deque[tuple[Sequence[tuple[Any, ...]], asyncio.Future[list[Any]]]] = deque()
         self._senders: set[asyncio.Task[None]] = set()
 
     async def run(self, *command: Any) -> Any:
         """One command's answer (its error raised), sent with whatever else is waiting."""
-        return await self.submit(command)
+        (answer,) = await self.submit((command,))
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
 
-    def submit(self, command: tuple[Any, ...]) -> asyncio.Future[Any]:
-        """Queue a command for the next round trip; the future of its answer."""
+    def submit(self, commands: Sequence[tuple[Any, ...]]) -> asyncio.Future[list[Any]]:
+        """Queue commands for one round trip; the future of their answers (an error Redis
+        answers is one of them; a round trip that failed fails the future)."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        self._waiting.append((command, future))
+        future: asyncio.Future[list[Any]] = loop.create_future()
+        self._waiting.append((commands, future))
         if len(self._senders) < _SENDERS:
             task = loop.create_task(self._send())
             self._senders.add(task)
@@ -283,9 +300,14 @@ class _Batcher:
         return future
 
     async def _send(self) -> None:
-        while self._waiting:
-            batch = [self._waiting.popleft() for _ in range(min(len(self._waiting), _MAX_PIPELINE))]
-            commands = [command for command, _ in batch]
+        waiting = self._waiting
+        while waiting:
+            batch = [waiting.popleft()]
+            size = len(batch[0][0])
+            while waiting and size + len(waiting[0][0]) <= _MAX_PIPELINE:
+                batch.append(waiting.popleft())
+                size += len(batch[-1][0])
+            commands = [command for group, _ in batch for command in group]
             try:
                 if self._pool is not None:
                     answers = await _round_trip(self._pool, commands)
@@ -308,13 +330,12 @@ class _Batcher:
                 for _, future in batch:
                     future.cancel()
                 raise
-            for (_, future), answer in zip(batch, answers, strict=True):
-                if future.done():
-                    continue
-                if isinstance(answer, Exception):
-                    future.set_exception(answer)
-                else:
-                    future.set_result(answer)
+            start = 0
+            for group, future in batch:
+                end = start + len(group)
+                if not future.done():
+                    future.set_result(answers[start:end])
+                start = end
 
     def close(self) -> None:
         for task in self._senders:
@@ -378,6 +399,15 @@ class _Owned:
     """The last entry id the run knows of (fed or in ``buffer``)."""
     saved: tuple[str, CallRecord] | None = None
     """The record as the last checkpoint stored it."""
+    fed: str | None = None
+    """The last entry handed to the sequencer."""
+    acked: str | None = None
+    """The last entry acknowledged."""
+    owed: int = 0
+    """Entries fed since the last checkpoint."""
+    waiting: bool = False
+    """The run waits for its next entry, with nothing fed outstanding or held: an entry
+    accepted here meanwhile is fed at once by the ingest (see ``_hand``)."""
     journaled: list[str] = field(default_factory=list)
     """Journal fields this run recorded, deleted once their entries are acknowledged."""
     lost: bool = False
@@ -572,6 +602,9 @@ class RedisStore:
                 if before is not None and (not before or _stream_id(before) <= state.tail):
                     # Nothing came between what the run knows and this entry: it need not
                     # read the inbox to see it.
+                    if self._may_hand(state):
+                        self._hand(state, entry, text)
+                        continue
                     self._take(state, [(entry, text)])
                 else:
                     state.signals += 1
@@ -814,9 +847,6 @@ class RedisStore:
             self._sequencer.adopt(record)
         else:
             self._sequencer.evict(key)
-        fed: str | None = None
-        acked: str | None = None
-        owed = 0  # entries fed since the last checkpoint
         # A call with no record stored gets one at its first entry, not at the end of the
         # burst: were that one write lost (a failover), a re-run would start from no state
         # while this process's lifecycle remembers the last one.
@@ -828,11 +858,12 @@ class RedisStore:
                 await state.idle.wait()
                 continue
             holding = self._holding(key)
-            owing = not holding and fed is not None and fed != acked
+            fed = state.fed
+            owing = not holding and fed is not None and fed != state.acked
             if (
                 fed is not None
                 and owing
-                and (unsaved or self._draining or (buffer and owed >= _ACK_EVERY))
+                and (unsaved or self._draining or state.owed >= _ACK_EVERY)
             ):
                 coming = buffer[-1][0] if buffer else ""
                 read_on = not buffer and not self._draining
@@ -841,7 +872,7 @@ class RedisStore:
                 outcome, more = await self._checkpoint(state, fed, read_on=read_on, next_id=coming)
                 if not outcome:
                     return
-                acked, owed, unsaved = fed, 0, False
+                unsaved = False
                 self._take(state, more)
                 continue
             if self._draining:
@@ -857,8 +888,6 @@ class RedisStore:
                 ):
                     return
                 buffer.popleft()
-                fed = entry_id
-                owed += 1
                 self._feed(state, entry_id, text)
                 continue
             if holding:
@@ -876,14 +905,19 @@ class RedisStore:
             if state.signals == state.looked and not ended:
                 # Nothing to do: keep the call a moment, as its next notification often
                 # follows at once (sparing a checkpoint, a release, a pending-index update
-                # and a take). Meanwhile it does not count against this instance's room.
+                # and a take). Meanwhile it does not count against this instance's room,
+                # and what this instance accepts for it is fed by the ingest (_hand).
                 state.changed.clear()
                 self._lingering += 1
+                state.waiting = True
                 try:
                     await _until(state.changed, self._linger)
                 finally:
+                    state.waiting = False
                     self._lingering -= 1
-            if buffer or self._draining:
+                if state.fed != fed:
+                    continue  # fed meanwhile: acknowledged once it rests (or the bound hits)
+            if buffer or self._draining or state.outstanding:
                 continue
             if fed is not None and owing:
                 # Acknowledged, and the call given up in the same step unless entries wait.
@@ -896,7 +930,6 @@ class RedisStore:
                 if outcome == 2:
                     await self._unpend(key, ended=ended)
                     return
-                acked, owed = fed, 0
                 self._take(state, more)
                 continue
             if state.signals == state.looked:
@@ -918,9 +951,8 @@ class RedisStore:
 
     async def _load_call(self, key: str) -> tuple[str, list[tuple[str, str]]]:
         inbox = self._keys.of(key, "inbox")[0]
-        stored, entries = await asyncio.gather(
-            self._batch.run("GET", self._keys.record(key)),
-            self._batch.run("XRANGE", inbox, "-", "+", "COUNT", _READ_BATCH),
+        stored, entries = await self._run_all(
+            [("GET", self._keys.record(key)), ("XRANGE", inbox, "-", "+", "COUNT", _READ_BATCH)]
         )
         return (_text(stored) if stored else ""), _entries(entries)
 
@@ -934,8 +966,33 @@ class RedisStore:
         record = self._sequencer.record(key)
         return record is not None and record.holding
 
+    def _may_hand(self, state: _Owned) -> bool:
+        """Whether an entry that follows all the run knows may be fed by the ingest: the
+        run waits for it with nothing outstanding, and its lease surely holds."""
+        return (
+            state.waiting
+            and not state.buffer
+            and not state.outstanding
+            and not state.lost
+            and not state.releasing
+            and not self._draining
+            and state.owed < _ACK_EVERY
+            and time.monotonic() < state.deadline
+            and not self._holding(state.key)
+        )
+
+    def _hand(self, state: _Owned, entry_id: str, text: str) -> None:
+        """Feed an entry as the run would, without waking it: the ingest noted it as fed."""
+        state.tail = max(state.tail, _stream_id(entry_id))
+        self._feed(state, entry_id, text)
+        record = self._sequencer.record(state.key)
+        if state.owed >= _ACK_EVERY or record is None or record.closed or record.holding:
+            state.changed.set()  # the run acknowledges, gives the call up or waits out a hold
+
     def _feed(self, state: _Owned, entry_id: str, text: str) -> None:
         key = state.key
+        state.fed = entry_id
+        state.owed += 1
         event = self._parsed.pop((key, entry_id), None)
         if event is None:
             try:
@@ -962,7 +1019,8 @@ class RedisStore:
         if state is not None:
             state.outstanding += 1
             state.idle.clear()
-            state.changed.set()
+            if not state.waiting:  # else fed by the ingest (_hand), which wakes it if need be
+                state.changed.set()
             # The run that fed it is told, even if a newer run of the call has begun.
             self._in_flight[id(delivery)] = state
         self._dispatcher.submit(delivery, done=self._delivered)
@@ -1020,6 +1078,9 @@ class RedisStore:
         if not outcome:
             self._lose(state, "checkpoint_refused")
             return 0, []
+        state.acked = entry_id
+        if state.fed == entry_id:
+            state.owed = 0
         entries = _entries(answer[1]) if len(answer) > 1 else []
         noted = next_id or (entries[0][0] if entries else "")
         if noted:
@@ -1379,12 +1440,8 @@ class RedisStore:
             await self._redis.script_load(script.source)
 
     async def _script_run(self, command: tuple[Any, ...]) -> Any:
-        """One command's answer; a script the server lost (a restart) is loaded again."""
-        try:
-            return await self._batch.submit(command)
-        except NoScriptError:
-            await self._load_scripts()
-            return await self._batch.submit(command)
+        """One command's answer (its error raised)."""
+        return (await self._run_all((command,)))[0]
 
     async def _run_all(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
         """The answers of commands sent together; the first error is raised.
@@ -1394,18 +1451,17 @@ class RedisStore:
         """
         if not commands:
             return []
-        submit = self._batch.submit
-        outcomes = await _settle([submit(c) for c in commands])
-        missing = [n for n, outcome in enumerate(outcomes) if isinstance(outcome, NoScriptError)]
+        answers = await self._batch.submit(commands)
+        missing = [n for n, answer in enumerate(answers) if isinstance(answer, NoScriptError)]
         if missing:
             await self._load_scripts()
-            again = await _settle([submit(commands[n]) for n in missing])
-            for n, outcome in zip(missing, again, strict=True):
-                outcomes[n] = outcome
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome
-        return outcomes
+            again = await self._batch.submit([commands[n] for n in missing])
+            for n, answer in zip(missing, again, strict=True):
+                answers[n] = answer
+        for answer in answers:
+            if isinstance(answer, Exception):
+                raise answer
+        return answers
 
     async def _steady(self, step: Any, *args: Any) -> Any:
         """``step(*args)``, retried while Redis fails (the lease may still hold; scripts
@@ -1489,17 +1545,6 @@ async def _until(event: asyncio.Event, seconds: float) -> None:
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(seconds):
             await event.wait()
-
-
-async def _settle(futures: list[asyncio.Future[Any]]) -> list[Any]:
-    """Each future's answer or error, in order (plain futures need no gather)."""
-    out: list[Any] = []
-    for future in futures:
-        try:
-            out.append(await future)
-        except Exception as exc:
-            out.append(exc)
-    return out
 
 
 def _members(popped: Any) -> list[str]:
