@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import orjson
+
 from .. import events
 from .._lifecycle import CallLife
 from .._parse import parse_payload
@@ -44,12 +46,26 @@ def digest_of(event: events.Event) -> str:
     return _digest(event.raw).hex()
 
 
+def _dumps(value: Any) -> str:
+    """Compact JSON that reads back as ``value``: orjson's, at a tenth of json.dumps's cost
+    (every notification is encoded), where it is exact."""
+    try:
+        data = orjson.dumps(value)
+    except TypeError:
+        data = b"null"  # integers beyond 64 bits and lone surrogates, which orjson refuses
+    if b"null" in data:
+        # orjson writes an infinite float (a literal like 1e400) as null: json keeps it, and
+        # its ASCII escapes keep a lone surrogate encodable.
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=True)
+    return data.decode()
+
+
 def encode_entry(event: events.Event) -> str:
     """An event as kept in a call's inbox: the raw item, in an envelope with its tenant."""
     envelope: dict[str, Any] = {"value": [event.raw]}
     if event.tenant_id is not None:
         envelope["tenantId"] = event.tenant_id
-    return json.dumps(envelope, separators=(",", ":"), ensure_ascii=True)
+    return _dumps(envelope)
 
 
 def decode_entry(text: str) -> events.Event:

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import secrets
 import socket
@@ -35,7 +36,7 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from .. import events
 from .._config import Settings
@@ -55,6 +56,9 @@ log = get_logger("callbot.store")
 
 _READ_BATCH = 64
 """Inbox entries read at once."""
+_ACK_EVERY = 32
+"""Entries an owner feeds at most before it acknowledges them (a checkpoint serves a
+burst; a takeover repeats at most this many)."""
 _CLAIM_BATCH = 32
 """Calls taken in one step at most."""
 _PARSED_LIMIT = 10_000
@@ -82,6 +86,10 @@ _MAX_PIPELINE = 512
 """Commands sent in one round trip at most."""
 _SENDERS = 4
 """Round trips in flight at once."""
+
+
+_SHARED = (events.OperationUpdated, events.CallTerminated, events.ToneReceived)
+"""What every instance is told of through the events stream (waiters may be anywhere)."""
 
 
 def _text(value: bytes | str) -> str:
@@ -227,24 +235,64 @@ async def follow_primary(client: Any) -> None:
         await pool.disconnect()
 
 
+def _pack_python(commands: Sequence[tuple[Any, ...]]) -> bytes:
+    """Commands in the Redis protocol, as one write."""
+    out: list[bytes] = []
+    add = out.append
+    for command in commands:
+        add(b"*%d\r\n" % len(command))
+        for arg in command:
+            if isinstance(arg, str):
+                data = arg.encode()
+            elif isinstance(arg, bytes):
+                data = arg
+            elif isinstance(arg, int):
+                data = b"%d" % arg
+            else:
+                data = repr(arg).encode()  # a float, as redis-py writes it
+            add(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+def _pack_hiredis(commands: Sequence[tuple[Any, ...]]) -> bytes:
+    """The same, packed in C."""
+    return b"".join([_pack_command(command) for command in commands])
+
+
+try:
+    from hiredis import pack_command as _pack_command
+except ImportError:  # pragma: no cover - depends on the installation
+    _pack = _pack_python
+else:
+    _pack = _pack_hiredis
+
+
 class _Batcher:
     """Sends commands in pipelines: what is issued while a round trip is in flight goes
     together in the next one (a few round trips may be in flight at once)."""
 
     def __init__(self, client: Any) -> None:
         self._client = client
-        self._waiting: deque[tuple[tuple[Any, ...], asyncio.Future[Any]]] = deque()
+        # One server (or Sentinel's primary): packed and read here, one timeout per round
+        # trip, as redis-py's own packing costs more than the rest of a command. A Cluster
+        # routes each command to its node: its pipeline does that.
+        self._pool = None if isinstance(client, RedisCluster) else client.connection_pool
+        self._waiting: deque[tuple[Sequence[tuple[Any, ...]], asyncio.Future[list[Any]]]] = deque()
         self._senders: set[asyncio.Task[None]] = set()
 
     async def run(self, *command: Any) -> Any:
         """One command's answer (its error raised), sent with whatever else is waiting."""
-        return await self.submit(command)
+        (answer,) = await self.submit((command,))
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
 
-    def submit(self, command: tuple[Any, ...]) -> asyncio.Future[Any]:
-        """Queue a command for the next round trip; the future of its answer."""
+    def submit(self, commands: Sequence[tuple[Any, ...]]) -> asyncio.Future[list[Any]]:
+        """Queue commands for one round trip; the future of their answers (an error Redis
+        answers is one of them; a round trip that failed fails the future)."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        self._waiting.append((command, future))
+        future: asyncio.Future[list[Any]] = loop.create_future()
+        self._waiting.append((commands, future))
         if len(self._senders) < _SENDERS:
             task = loop.create_task(self._send())
             self._senders.add(task)
@@ -252,13 +300,22 @@ class _Batcher:
         return future
 
     async def _send(self) -> None:
-        while self._waiting:
-            batch = [self._waiting.popleft() for _ in range(min(len(self._waiting), _MAX_PIPELINE))]
-            pipe = self._client.pipeline(transaction=False)
-            for command, _ in batch:
-                pipe.execute_command(*command)
+        waiting = self._waiting
+        while waiting:
+            batch = [waiting.popleft()]
+            size = len(batch[0][0])
+            while waiting and size + len(waiting[0][0]) <= _MAX_PIPELINE:
+                batch.append(waiting.popleft())
+                size += len(batch[-1][0])
+            commands = [command for group, _ in batch for command in group]
             try:
-                answers = await pipe.execute(raise_on_error=False)
+                if self._pool is not None:
+                    answers = await _round_trip(self._pool, commands)
+                else:
+                    pipe = self._client.pipeline(transaction=False)
+                    for command in commands:
+                        pipe.execute_command(*command)
+                    answers = await pipe.execute(raise_on_error=False)
             except Exception as exc:
                 failure = exc
                 if not isinstance(exc, RedisError):
@@ -273,19 +330,45 @@ class _Batcher:
                 for _, future in batch:
                     future.cancel()
                 raise
-            for (_, future), answer in zip(batch, answers, strict=True):
-                if future.done():
-                    continue
-                if isinstance(answer, Exception):
-                    future.set_exception(answer)
-                else:
-                    future.set_result(answer)
+            start = 0
+            for group, future in batch:
+                end = start + len(group)
+                if not future.done():
+                    future.set_result(answers[start:end])
+                start = end
 
     def close(self) -> None:
         for task in self._senders:
             task.cancel()
         while self._waiting:
             self._waiting.popleft()[1].cancel()
+
+
+async def _round_trip(pool: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
+    """The answers of commands written at once on one pooled connection (errors
+    answered by Redis as values)."""
+    try:
+        connection = await pool.get_connection()
+    except TypeError:  # redis-py before 5.3 wants a command name
+        connection = await pool.get_connection("PIPELINE")
+    answers: list[Any] = []
+    try:
+        async with asyncio.timeout(_SOCKET_TIMEOUT):
+            await connection.send_packed_command(_pack(commands))
+            read = connection.read_response
+            for _ in commands:
+                try:
+                    # no timeout of its own: the round trip has one
+                    answers.append(await read(timeout=math.inf))
+                except ResponseError as exc:
+                    answers.append(exc)
+    except BaseException:
+        # Replies may still be on their way: the connection cannot serve again.
+        await connection.disconnect(nowait=True)
+        raise
+    finally:
+        await pool.release(connection)
+    return answers
 
 
 @dataclass(eq=False)
@@ -316,6 +399,15 @@ class _Owned:
     """The last entry id the run knows of (fed or in ``buffer``)."""
     saved: tuple[str, CallRecord] | None = None
     """The record as the last checkpoint stored it."""
+    fed: str | None = None
+    """The last entry handed to the sequencer."""
+    acked: str | None = None
+    """The last entry acknowledged."""
+    owed: int = 0
+    """Entries fed since the last checkpoint."""
+    waiting: bool = False
+    """The run waits for its next entry, with nothing fed outstanding or held: an entry
+    accepted here meanwhile is fed at once by the ingest (see ``_hand``)."""
     journaled: list[str] = field(default_factory=list)
     """Journal fields this run recorded, deleted once their entries are acknowledged."""
     lost: bool = False
@@ -467,6 +559,9 @@ class RedisStore:
             raise StoreUnavailable(f"the Redis store cannot be reached: {exc}") from exc
         self._mark(True)
         for event, (answer, text) in zip(batch, answers, strict=True):
+            if isinstance(event, _SHARED):
+                # in the events stream for the others; here without reading it back
+                self._tell(event)
             fresh, who, entry = int(answer[0]), int(answer[1]), _text(answer[2])
             if not fresh:
                 self._own_counts["duplicate"] += 1
@@ -491,13 +586,25 @@ class RedisStore:
                     fed=_text(answer[6]),
                 )
             else:
+                lease = _text(answer[4])
                 state = self._running.get(event.call_key)
-                if state is None:
+                if state is None or state.lease != lease:
+                    # A run about to start (perhaps after an older one, still winding down):
+                    # it reads the inbox rather than linger first.
+                    state = self._owned.get(event.call_key)
+                    if state is not None and state.lease == lease:
+                        state.signals += 1
+                        state.changed.set()
                     continue
                 before = _text(answer[3]) if fresh else None
+                if fresh:
+                    state.marked = max(state.marked, _stream_id(entry))  # the script noted it
                 if before is not None and (not before or _stream_id(before) <= state.tail):
                     # Nothing came between what the run knows and this entry: it need not
                     # read the inbox to see it.
+                    if self._may_hand(state):
+                        self._hand(state, entry, text)
+                        continue
                     self._take(state, [(entry, text)])
                 else:
                     state.signals += 1
@@ -587,13 +694,14 @@ class RedisStore:
                 )
             )
             # Whoever waits for these (op.wait, collect_digits, ...) may run on any instance.
-            if isinstance(
-                event, events.OperationUpdated | events.CallTerminated | events.ToneReceived
-            ):
+            if isinstance(event, _SHARED):
                 # Every copy goes out (waiters ignore a repeat): a copy retried after a
                 # failed first attempt is a repeat here, yet may never have gone out.
                 broadcasts.append(
-                    ("XADD", keys.events, "MAXLEN", "~", _EVENTS_MAXLEN, "*", "e", entry)
+                    (
+                        *("XADD", keys.events, "MAXLEN", "~", _EVENTS_MAXLEN, "*"),
+                        *("e", entry, "o", self.token),
+                    )
                 )
         answers = await self._run_all([*commands, *broadcasts])
         scripts = answers[len(commands) - len(batch) : len(commands)]
@@ -739,8 +847,10 @@ class RedisStore:
             self._sequencer.adopt(record)
         else:
             self._sequencer.evict(key)
-        fed: str | None = None
-        acked: str | None = None
+        # A call with no record stored gets one at its first entry, not at the end of the
+        # burst: were that one write lost (a failover), a re-run would start from no state
+        # while this process's lifecycle remembers the last one.
+        unsaved = not stored
         buffer = state.buffer
         self._take(state, first)
         while not state.lost:
@@ -748,14 +858,21 @@ class RedisStore:
                 await state.idle.wait()
                 continue
             holding = self._holding(key)
-            if not holding and fed is not None and fed != acked:
-                following = buffer[0][0] if buffer else ""
-                if not buffer:
+            fed = state.fed
+            owing = not holding and fed is not None and fed != state.acked
+            if (
+                fed is not None
+                and owing
+                and (unsaved or self._draining or state.owed >= _ACK_EVERY)
+            ):
+                coming = buffer[-1][0] if buffer else ""
+                read_on = not buffer and not self._draining
+                if read_on:
                     state.looked = state.signals
-                more = await self._checkpoint(state, fed, read_on=not buffer, next_id=following)
-                if more is None:
+                outcome, more = await self._checkpoint(state, fed, read_on=read_on, next_id=coming)
+                if not outcome:
                     return
-                acked = fed
+                unsaved = False
                 self._take(state, more)
                 continue
             if self._draining:
@@ -771,32 +888,51 @@ class RedisStore:
                 ):
                     return
                 buffer.popleft()
-                fed = entry_id
                 self._feed(state, entry_id, text)
                 continue
             if holding:
                 # Wait for the window to close or for the missing predecessor to arrive.
                 state.changed.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(state.changed.wait(), self._hold_poll)
+                await _until(state.changed, self._hold_poll)
                 state.looked = state.signals
                 self._take(state, await self._steady(self._read, key, fed))
                 continue
-            ended = state.saved is not None and state.saved[1].closed
+            if owing:
+                record = self._sequencer.record(key)
+                ended = record is not None and record.closed
+            else:
+                ended = state.saved is not None and state.saved[1].closed
             if state.signals == state.looked and not ended:
                 # Nothing to do: keep the call a moment, as its next notification often
-                # follows at once (sparing a release, a pending-index update and a take).
-                # Meanwhile it does not count against this instance's room for calls.
+                # follows at once (sparing a checkpoint, a release, a pending-index update
+                # and a take). Meanwhile it does not count against this instance's room,
+                # and what this instance accepts for it is fed by the ingest (_hand).
                 state.changed.clear()
                 self._lingering += 1
+                state.waiting = True
                 try:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(state.changed.wait(), self._linger)
+                    await _until(state.changed, self._linger)
                 finally:
+                    state.waiting = False
                     self._lingering -= 1
-            if buffer:
+                if state.fed != fed:
+                    continue  # fed meanwhile: acknowledged once it rests (or the bound hits)
+            if buffer or self._draining or state.outstanding:
                 continue
-            if state.signals == state.looked and not self._draining:
+            if fed is not None and owing:
+                # Acknowledged, and the call given up in the same step unless entries wait.
+                state.looked = state.signals
+                outcome, more = await self._checkpoint(
+                    state, fed, read_on=True, next_id="", release=True
+                )
+                if not outcome:
+                    return
+                if outcome == 2:
+                    await self._unpend(key, ended=ended)
+                    return
+                self._take(state, more)
+                continue
+            if state.signals == state.looked:
                 gave_up = await self._release(state, handover=False)
                 if gave_up == 1:
                     await self._unpend(key, ended=ended)
@@ -815,9 +951,8 @@ class RedisStore:
 
     async def _load_call(self, key: str) -> tuple[str, list[tuple[str, str]]]:
         inbox = self._keys.of(key, "inbox")[0]
-        stored, entries = await asyncio.gather(
-            self._batch.run("GET", self._keys.record(key)),
-            self._batch.run("XRANGE", inbox, "-", "+", "COUNT", _READ_BATCH),
+        stored, entries = await self._run_all(
+            [("GET", self._keys.record(key)), ("XRANGE", inbox, "-", "+", "COUNT", _READ_BATCH)]
         )
         return (_text(stored) if stored else ""), _entries(entries)
 
@@ -831,8 +966,33 @@ class RedisStore:
         record = self._sequencer.record(key)
         return record is not None and record.holding
 
+    def _may_hand(self, state: _Owned) -> bool:
+        """Whether an entry that follows all the run knows may be fed by the ingest: the
+        run waits for it with nothing outstanding, and its lease surely holds."""
+        return (
+            state.waiting
+            and not state.buffer
+            and not state.outstanding
+            and not state.lost
+            and not state.releasing
+            and not self._draining
+            and state.owed < _ACK_EVERY
+            and time.monotonic() < state.deadline
+            and not self._holding(state.key)
+        )
+
+    def _hand(self, state: _Owned, entry_id: str, text: str) -> None:
+        """Feed an entry as the run would, without waking it: the ingest noted it as fed."""
+        state.tail = max(state.tail, _stream_id(entry_id))
+        self._feed(state, entry_id, text)
+        record = self._sequencer.record(state.key)
+        if state.owed >= _ACK_EVERY or record is None or record.closed or record.holding:
+            state.changed.set()  # the run acknowledges, gives the call up or waits out a hold
+
     def _feed(self, state: _Owned, entry_id: str, text: str) -> None:
         key = state.key
+        state.fed = entry_id
+        state.owed += 1
         event = self._parsed.pop((key, entry_id), None)
         if event is None:
             try:
@@ -859,7 +1019,8 @@ class RedisStore:
         if state is not None:
             state.outstanding += 1
             state.idle.clear()
-            state.changed.set()
+            if not state.waiting:  # else fed by the ingest (_hand), which wakes it if need be
+                state.changed.set()
             # The run that fed it is told, even if a newer run of the call has begun.
             self._in_flight[id(delivery)] = state
         self._dispatcher.submit(delivery, done=self._delivered)
@@ -872,12 +1033,14 @@ class RedisStore:
                 state.idle.set()
 
     async def _checkpoint(
-        self, state: _Owned, entry_id: str, *, read_on: bool, next_id: str
-    ) -> list[tuple[str, str]] | None:
+        self, state: _Owned, entry_id: str, *, read_on: bool, next_id: str, release: bool = False
+    ) -> tuple[int, list[tuple[str, str]]]:
         """Acknowledge entries up to ``entry_id`` with the record as it stands now.
 
-        With ``read_on``, also read the entries that wait. ``None``: the lease was lost.
-        Retried across failures and reconnects: the script's fencing decides.
+        With ``read_on``, also read the entries that wait; with ``release`` too, give the
+        call up if none does. The outcome: 0, the lease was lost; 1, acknowledged (with
+        what was read); 2, acknowledged and given up. Retried across failures and
+        reconnects: the script's fencing decides.
         """
         key = state.key
         record = self._sequencer.record(key)
@@ -886,7 +1049,8 @@ class RedisStore:
         done = [
             f for f in state.journaled if _stream_id(f.partition("/")[0]) <= _stream_id(entry_id)
         ]
-        state.journaled = [f for f in state.journaled if f not in done]
+        if done:
+            state.journaled = [f for f in state.journaled if f not in done]
         command = _cmd(
             _scripts.CHECKPOINT,
             self._keys.of(key, "inbox", "lease", "fence", "call", "journal"),
@@ -901,13 +1065,22 @@ class RedisStore:
             "1" if read_on else "0",
             _READ_BATCH,
             next_id,
+            "1" if release else "0",
             *done,
         )
-        started, answer = await self._steady(self._timed, command)
-        if not int(answer[0]):
+        # Given up, ingests here index the call as pending again (see _append).
+        state.releasing = release
+        try:
+            started, answer = await self._steady(self._timed, command)
+        finally:
+            state.releasing = False
+        outcome = int(answer[0])
+        if not outcome:
             self._lose(state, "checkpoint_refused")
-            return None
-        state.deadline = started + self._lease_ms / 1000
+            return 0, []
+        state.acked = entry_id
+        if state.fed == entry_id:
+            state.owed = 0
         entries = _entries(answer[1]) if len(answer) > 1 else []
         noted = next_id or (entries[0][0] if entries else "")
         if noted:
@@ -915,7 +1088,12 @@ class RedisStore:
         if record is not None:
             state.saved = (payload, record)
             await self._index(key, record)
-        return entries
+        if outcome == 2:
+            state.releasing = True  # a renewal refused from now on only means it is released
+            self._rest(state)
+        else:
+            state.deadline = started + self._lease_ms / 1000
+        return outcome, entries
 
     async def _timed(self, command: tuple[Any, ...]) -> tuple[float, Any]:
         started = time.monotonic()
@@ -1025,16 +1203,21 @@ class RedisStore:
         state.releasing = outcome > 0  # a renewal refused from now on only means it is released
         if outcome == -1:
             self._lose(state, "release_refused")
-        elif outcome == 1 and state.saved is not None and not state.saved[1].closed:
-            # Left exactly as stored: the next run here need not decode it again.
-            if len(self._resting) >= _RESTING_LIMIT:
-                self._resting.clear()
-            self._resting[state.key] = state.saved
+        elif outcome == 1:
+            self._rest(state)
         elif outcome == 2:
             score = _stream_id(_text(answer[1]))[0]
             with contextlib.suppress(RedisError):  # else the reaper wakes it
                 await self._batch.run("ZADD", self._keys.runnable, "NX", score, state.key)
         return outcome
+
+    def _rest(self, state: _Owned) -> None:
+        """Keep the record of a call given up, as stored: the next run here need not
+        decode it again."""
+        if state.saved is not None and not state.saved[1].closed:
+            if len(self._resting) >= _RESTING_LIMIT:
+                self._resting.clear()
+            self._resting[state.key] = state.saved
 
     def _lose(self, state: _Owned, why: str) -> None:
         if state.lost:
@@ -1093,7 +1276,8 @@ class RedisStore:
         return True
 
     async def _renew(self) -> None:
-        held = [state for state in self._owned.values() if not state.lost]
+        # A run giving its call up is not renewed: its lease is going.
+        held = [state for state in self._owned.values() if not state.lost and not state.releasing]
         if not held:
             await self._batch.run("PING")
             return
@@ -1227,11 +1411,17 @@ class RedisStore:
                         log.exception("store_event_failed", entry=last)
 
     def _relay(self, fields: dict[str, str]) -> None:
+        if fields.get("o") == self.token:
+            return  # this instance told itself when it accepted it (see ingest)
         try:
             event = decode_entry(fields["e"])
         except Exception as exc:
             log.error("store_event_unreadable", error=repr(exc))
             return
+        self._tell(event)
+
+    def _tell(self, event: events.Event) -> None:
+        """Resolve what waits here for an operation outcome, a tone or a call's end."""
         if isinstance(event, events.OperationUpdated):
             self._outcomes.on_operation(event)
         elif isinstance(event, events.ToneReceived):
@@ -1250,7 +1440,8 @@ class RedisStore:
             await self._redis.script_load(script.source)
 
     async def _script_run(self, command: tuple[Any, ...]) -> Any:
-        return (await self._run_all([command]))[0]
+        """One command's answer (its error raised)."""
+        return (await self._run_all((command,)))[0]
 
     async def _run_all(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
         """The answers of commands sent together; the first error is raised.
@@ -1260,20 +1451,17 @@ class RedisStore:
         """
         if not commands:
             return []
-        submit = self._batch.submit
-        outcomes = await asyncio.gather(*(submit(c) for c in commands), return_exceptions=True)
-        missing = [n for n, outcome in enumerate(outcomes) if isinstance(outcome, NoScriptError)]
+        answers = await self._batch.submit(commands)
+        missing = [n for n, answer in enumerate(answers) if isinstance(answer, NoScriptError)]
         if missing:
             await self._load_scripts()
-            again = await asyncio.gather(
-                *(submit(commands[n]) for n in missing), return_exceptions=True
-            )
-            for n, outcome in zip(missing, again, strict=True):
-                outcomes[n] = outcome
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome
-        return list(outcomes)
+            again = await self._batch.submit([commands[n] for n in missing])
+            for n, answer in zip(missing, again, strict=True):
+                answers[n] = answer
+        for answer in answers:
+            if isinstance(answer, Exception):
+                raise answer
+        return answers
 
     async def _steady(self, step: Any, *args: Any) -> Any:
         """``step(*args)``, retried while Redis fails (the lease may still hold; scripts
@@ -1350,6 +1538,13 @@ class _Journal:
             state.journaled.append(name)
         elif not int(kept):
             log.warning("graph_action_after_takeover", call_key=attempt.call_key, step=step)
+
+
+async def _until(event: asyncio.Event, seconds: float) -> None:
+    """Wait for ``event`` at most ``seconds`` (no task of its own, unlike wait_for)."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await event.wait()
 
 
 def _members(popped: Any) -> list[str]:

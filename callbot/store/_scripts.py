@@ -8,7 +8,8 @@ one slot. Keys of one call (``{p}`` is the store's prefix):
 * ``seen``   sorted set: digests of its recent notifications (score: when)
 * ``lease``  string: ``{token}/{epoch}`` of the run holding the call (SET NX PX)
 * ``fence``  hash: ``n``, the epoch (incremented on every acquisition of the lease);
-  ``fed``, the last entry id an owner may have handed to its handlers
+  ``fed``, the last entry id an owner may have handed to its handlers; ``r``, the last
+  epoch whose run gave the call up
 * ``call``   string: the call's record (JSON, see ``_codec``)
 * ``journal`` hash: outcomes of Graph actions of handler runs, by entry and step
   (see ``callbot._journal``)
@@ -66,12 +67,23 @@ end
 local function holds(lease, fence, mine, epoch, lease_ms)
   local current = redis.call('GET', lease)
   if current == mine then return true end
-  if current == false and redis.call('HGET', fence, 'n') == epoch then
-    -- only expired: nobody took the call since, the run may go on
+  if current == false and redis.call('HGET', fence, 'n') == epoch
+      and redis.call('HGET', fence, 'r') ~= epoch then
+    -- only expired: nobody took the call since, the run may go on (unless it gave it up:
+    -- a renewal overtaken by the release must not bring the lease back)
     redis.call('SET', lease, mine, 'PX', lease_ms)
     return true
   end
   return false
+end
+local function give_up(lease, fence, epoch)
+  redis.call('DEL', lease)
+  redis.call('HSET', fence, 'r', epoch)
+end
+local function gave_up(lease, fence, epoch)
+  -- the run gave the call up already: this is a retry whose first answer was lost
+  return redis.call('EXISTS', lease) == 0 and redis.call('HGET', fence, 'n') == epoch
+    and redis.call('HGET', fence, 'r') == epoch
 end
 local function acquire(inbox, lease, fence, record, token, lease_ms, batch, ttl)
   local epoch = redis.call('HINCRBY', fence, 'n', 1)
@@ -113,7 +125,9 @@ end
 local owner = redis.call('GET', lease)
 if owner then
   if string.sub(owner, 1, #token + 1) == token .. '/' then
-    return {fresh, 1, id, before}
+    -- the owner is handed it at once: noted as fed now, spared a MARK of its own
+    mark(fence, id)
+    return {fresh, 1, id, before, owner}
   end
   return {fresh, 0, id}
 end
@@ -130,7 +144,9 @@ return {fresh, 3, id, first[1][1]}
 )
 """Accept one notification: append it unless it repeats one kept in the dedupe window
 (``fresh`` 1 or 0, and its entry id), and say who runs the call: another instance (0),
-this one already (1, with the id of the entry before it, if any), this one from now on
+this one already (1, with the id of the entry before it, if any, and the lease; the
+entry is noted as fed, since the run holding that lease is handed it with the answer),
+this one from now on
 (2, with the epoch, the record, the first entries and the previous ``fed`` mark), or
 nobody (3, with the oldest entry id: the store makes the call runnable)."""
 
@@ -156,9 +172,13 @@ CHECKPOINT = Script(
 -- KEYS: inbox, lease, fence, record, journal
 -- ARGV: lease value, epoch, first id to keep, record ('' keeps the stored one),
 --       ended (0/1), grace (ms), lease (ms), lifetime (ms),
---       read on (0/1), read batch, next id to feed ('' if unknown),
+--       read on (0/1), read batch, last id about to be fed ('' if unknown),
+--       give the call up if nothing waits (0/1),
 --       journal fields of the acknowledged entries...
 local inbox, lease, fence, record = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+if ARGV[12] == '1' and gave_up(lease, fence, ARGV[2]) then
+  return {2}
+end
 if not holds(lease, fence, ARGV[1], ARGV[2], ARGV[7]) then
   return {0}
 end
@@ -173,21 +193,26 @@ end
 redis.call('PEXPIRE', inbox, life)
 redis.call('PEXPIRE', fence, life)
 mark(fence, ARGV[11])
-for i = 12, #ARGV do
+for i = 13, #ARGV do
   redis.call('HDEL', KEYS[5], ARGV[i])
 end
-redis.call('PEXPIRE', lease, ARGV[7])
 if ARGV[9] ~= '1' then
+  redis.call('PEXPIRE', lease, ARGV[7])
   return {1}
 end
 local entries = redis.call('XRANGE', inbox, '-', '+', 'COUNT', ARGV[10])
+if #entries == 0 and ARGV[12] == '1' then
+  give_up(lease, fence, ARGV[2])
+  return {2}
+end
+redis.call('PEXPIRE', lease, ARGV[7])
 if ARGV[11] == '' and #entries > 0 then mark(fence, entries[1][1]) end
 return {1, entries}
 """,
 )
 """Acknowledge a call's entries up to one, with the record as it stands after them, and
-read what waits after them ({1, entries}) if asked. Fenced: a run that lost its lease
-acknowledges nothing ({0})."""
+read what waits after them ({1, entries}) if asked; asked to, give the call up when
+nothing waits ({2}). Fenced: a run that lost its lease acknowledges nothing ({0})."""
 
 MARK = Script(
     "mark",
@@ -208,14 +233,15 @@ RELEASE = Script(
     _HELPERS
     + """
 -- KEYS: inbox, lease, fence;  ARGV: lease value, epoch, lease (ms), hand over (0/1)
-if not holds(KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3]) then
+local again = gave_up(KEYS[2], KEYS[3], ARGV[2])
+if not again and not holds(KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3]) then
   return {-1}
 end
 local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
-if #first > 0 and ARGV[4] ~= '1' then
+if #first > 0 and ARGV[4] ~= '1' and not again then
   return {0}
 end
-redis.call('DEL', KEYS[2])
+give_up(KEYS[2], KEYS[3], ARGV[2])
 if #first > 0 then
   return {2, first[1][1]}
 end

@@ -1,0 +1,111 @@
+"""The Redis store's cheaper paths: packing, entry encoding, acknowledging bursts, and
+fencing a run that gave its call up (one redis-server on 127.0.0.1, in process)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from benchmarks.bench_store import measure
+from callbot._parse import parse_payload
+from callbot.store import _redis, _scripts
+from callbot.store._codec import decode_entry, encode_entry
+from callbot.testing import builders as b
+
+from .test_redis import KEY_PREFIX, rdb, redis_server, redis_url, wait_for
+
+__all__ = ["rdb", "redis_server", "redis_url"]  # fixtures this module uses
+
+
+def test_commands_are_packed_alike_in_c_and_in_python() -> None:
+    pytest.importorskip("hiredis")
+    commands = [
+        ("EVALSHA", "a" * 40, 2, "p:{c}:inbox", "p:{c}:lease", "", "é" * 3, 600_000, -1),
+        ("ZADD", "p:runnable", "NX", 1.5, "c", b"\x00raw"),
+        ("PING",),
+    ]
+    assert _redis._pack_hiredis(commands) == _redis._pack_python(commands)
+
+
+def test_an_entry_reads_back_exactly_whatever_json_it_holds() -> None:
+    item = b.call_state("c", "established")
+    item["resourceData"]["futureProperty"] = {
+        "huge": 2**70,  # beyond 64 bits
+        "overflow": math.inf,  # what a literal like 1e400 parses to
+        "lone": "\ud800",
+        "accents": "éà",
+        "nothing": None,
+    }
+    (event,) = parse_payload(b.notifications(item))
+    again = decode_entry(encode_entry(event))
+    assert again.raw == event.raw
+    plain = b.call_state("c", "establishing")
+    plain["resourceData"]["note"] = "éà"
+    (event,) = parse_payload(b.notifications(plain))
+    assert decode_entry(encode_entry(event)).raw == event.raw
+
+
+async def _script(
+    client: aioredis.Redis, script: _scripts.Script, keys: list[str], *args: Any
+) -> Any:
+    return await client.evalsha(script.sha, len(keys), *keys, *args)
+
+
+async def test_a_run_that_gave_its_call_up_cannot_renew_it_back(rdb: aioredis.Redis) -> None:
+    """A renewal sent before a release may reach Redis after it: refused, the lease stays
+    gone. The release itself, sent again (its answer lost), answers the same."""
+    for script in _scripts.ALL:
+        await rdb.script_load(script.source)
+    keys = _redis._Keys("t:")
+    inbox, lease, fence, record, journal = keys.of(
+        "c", "inbox", "lease", "fence", "call", "journal"
+    )
+    entry = str(await rdb.xadd(inbox, {"e": "{}"}))
+    epoch, _, entries, _ = await _script(
+        rdb, _scripts.CLAIM, [inbox, lease, fence, record], "me", 5000, 64, 60_000
+    )
+    assert [e[0] for e in entries] == [entry]
+    mine = f"me/{epoch}"
+    checkpoint = [
+        *(mine, epoch, _redis._after(entry), "", "0", 1000, 5000, 60_000),
+        *("1", 64, "", "1"),  # read on, nothing about to be fed, give the call up
+    ]
+    keys5 = [inbox, lease, fence, record, journal]
+    assert await _script(rdb, _scripts.CHECKPOINT, keys5, *checkpoint) == [2]
+    assert not await rdb.exists(lease)
+    assert await _script(rdb, _scripts.RENEW, [lease, fence], mine, epoch, 5000) == 0
+    assert not await rdb.exists(lease)
+    assert await _script(rdb, _scripts.CHECKPOINT, keys5, *checkpoint) == [2]
+    assert await _script(rdb, _scripts.RELEASE, [inbox, lease, fence], mine, epoch, 5000, "0") == [
+        1
+    ]
+    assert not await rdb.exists(lease)
+    # The next acquisition is a new epoch, which renews as usual.
+    await rdb.xadd(inbox, {"e": "{}"})
+    again = await _script(
+        rdb, _scripts.CLAIM, [inbox, lease, fence, record], "me", 5000, 64, 60_000
+    )
+    assert int(again[0]) == int(epoch) + 1
+    assert await _script(rdb, _scripts.RENEW, [lease, fence], f"me/{again[0]}", again[0], 5000) == 1
+
+
+async def test_bursts_run_once_and_leave_nothing_leased_or_waiting(
+    redis_url: str, rdb: aioredis.Redis
+) -> None:
+    """Calls whose notifications follow one another on one instance (fed by the ingest,
+    acknowledged a burst at a time, given up with the last checkpoint): every handler
+    runs once, and every call ends acknowledged and released."""
+    _, repeated = await measure(redis_url, "burst", calls=40, concurrency=8)
+    assert repeated == 0
+
+    async def settled() -> bool:
+        leases = [key async for key in rdb.scan_iter(match=KEY_PREFIX + "*:lease")]
+        inboxes = [key async for key in rdb.scan_iter(match=KEY_PREFIX + "*:inbox")]
+        waiting = [await rdb.xlen(inbox) for inbox in inboxes]
+        return not leases and not any(waiting) and len(inboxes) == 40
+
+    await wait_for(settled)
+    assert await rdb.zcard(KEY_PREFIX + "runnable") == 0
