@@ -95,7 +95,12 @@ def encode_record(record: CallRecord) -> str:
     # Models serialize themselves (faster than going through Python dicts).
     snapshot = "null" if record.snapshot is None else _json(record.snapshot)
     roster = ",".join(f"{json.dumps(key)}:{_json(p)}" for key, p in record.roster.items())
-    opening = json.dumps(head, separators=(",", ":"))[:-1]  # without its closing brace
+    try:
+        # no floats in the head: orjson's null is always None here
+        opened = orjson.dumps(head).decode()
+    except TypeError:  # a lone surrogate in an id or state, which orjson refuses
+        opened = json.dumps(head, separators=(",", ":"), ensure_ascii=True)
+    opening = opened[:-1]  # without its closing brace
     return f'{opening},"snapshot":{snapshot},"roster":{{{roster}}}}}'
 
 
