@@ -54,9 +54,12 @@ ROUNDS = 5
 # stage -> the functions (file suffix, name) whose cumulative time is that stage's.
 STAGES: dict[str, list[tuple[str, str]]] = {
     "authentication (cached token)": [("callbot/_auth.py", "verify")],
-    "reading the body": [("callbot/_receiver.py", "_read_limited")],
+    "reading the body": [
+        ("callbot/_receiver.py", "_buffered_body"),
+        ("callbot/_receiver.py", "_read_limited"),
+    ],
     "parsing, all of it": [("callbot/_parse.py", "parse_body_in_parts")],
-    "  of which JSON decoding (stdlib)": [("json/decoder.py", "decode")],
+    "  of which JSON decoding (orjson)": [("callbot/_parse.py", "_decode")],
     "  of which building the typed events": [("callbot/_parse.py", "_event_for")],
     "sequencing (store.ingest, up to the hand-off)": [("callbot/store/_memory.py", "ingest")],
     "  of which the duplicate digest": [("callbot/_sequencing.py", "_digest")],
@@ -67,9 +70,8 @@ STAGES: dict[str, list[tuple[str, str]]] = {
     "  of which the call handle": [("callbot/graph/_services.py", "call")],
     "  of which the handler (a no-op)": [("benchmarks/_inproc.py", "count")],
     "  of which the handler metric": [("callbot/_metrics.py", "observe_handler")],
-    "  of which the log context (bind + reset)": [
+    "  of which the log context (bound once per worker)": [
         ("structlog/contextvars.py", "bind_contextvars"),
-        ("structlog/contextvars.py", "reset_contextvars"),
     ],
     "ack metric": [("callbot/_metrics.py", "observe")],
     "log level check": [("callbot/_log.py", "is_enabled")],

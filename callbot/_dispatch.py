@@ -79,13 +79,20 @@ class HandlerRegistry:
         _require_coroutine(handler)
         self._error_handlers.append(handler)
 
+    def wants(self, event_type: type[events.Event]) -> bool:
+        """Whether any handler is registered for events of ``event_type``."""
+        return bool(self._by_type(event_type)[0])
+
+    def _by_type(self, event_type: type[events.Event]) -> tuple[list[_Registration], bool]:
+        cached = self._cache.get(event_type)
+        if cached is None:
+            by_type = [r for r in self._registrations if issubclass(event_type, r.event_type)]
+            cached = self._cache[event_type] = (by_type, any(r.matches for r in by_type))
+        return cached
+
     def matching(self, event: events.Event) -> list[_Registration]:
         """The registrations that apply to ``event``, in registration order."""
-        cached = self._cache.get(type(event))
-        if cached is None:
-            by_type = [r for r in self._registrations if isinstance(event, r.event_type)]
-            cached = self._cache[type(event)] = (by_type, any(r.matches for r in by_type))
-        by_type, filtered = cached
+        by_type, filtered = self._by_type(type(event))
         if not filtered:
             return list(by_type)
         return [r for r in by_type if r.matches is None or r.matches(event)]
@@ -140,8 +147,9 @@ class Dispatcher:
         key = delivery.event.call_key
         queue = self._queues.get(key)
         if queue is None:
-            if done is None and not self._registry.matching(delivery.event):
-                # No handler and nothing queued before it: no task, no call handle.
+            if done is None and not self._registry.wants(type(delivery.event)):
+                # No handler and nothing queued before it: no task, no call handle. (Only the
+                # type is looked at: a handler's ``matches`` never runs inside the request.)
                 self.counts["handled"] += 1
                 return
             queue = self._queues[key] = deque()
@@ -167,8 +175,6 @@ class Dispatcher:
         return abandoned
 
     async def _work(self, key: str, queue: deque[tuple[Delivery, Done | None]]) -> None:
-        # The task's context is its own: bound once for all its deliveries, never reset.
-        structlog.contextvars.bind_contextvars(call_id=queue[0][0].event.call_id)
         try:
             while queue:
                 delivery, done = queue[0]
@@ -184,9 +190,19 @@ class Dispatcher:
     async def _run(self, delivery: Delivery) -> None:
         event = delivery.event
         call = self._handle(delivery)
+        # The worker task's context is its own: set per delivery, never reset.
+        structlog.contextvars.bind_contextvars(call_id=event.call_id)
         _current_attempt.set(delivery.attempt)
+        try:
+            registrations = self._registry.matching(event)
+        except Exception as exc:
+            # A handler's ``matches`` failed: an error of that bot's, not the end of the call's
+            # worker (later deliveries of the call still run).
+            self.counts["handler_errors"] += 1
+            await self._report("matches", call, event, exc)
+            registrations = []
         async with self._slots:
-            for registration in self._registry.matching(event):
+            for registration in registrations:
                 await self._run_one(registration.name, registration.handler, call, event)
         self.counts["handled"] += 1
 

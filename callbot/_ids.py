@@ -34,5 +34,12 @@ def path_segment(identifier: str) -> str:
 
 
 def usable_id(identifier: str) -> bool:
-    """Whether :func:`path_segment` accepts ``identifier`` (checked without encoding it)."""
-    return identifier not in _UNUSABLE
+    """Whether :func:`path_segment` accepts ``identifier`` (checked without percent-encoding)."""
+    if identifier in _UNUSABLE:
+        return False
+    try:
+        identifier.encode()
+    except UnicodeEncodeError:
+        # A lone surrogate has no UTF-8 form: no URL (nor Redis key) can carry it.
+        return False
+    return True

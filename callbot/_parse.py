@@ -150,16 +150,19 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-# The stdlib decoder, for what orjson refuses: lone surrogates, integers beyond 64 bits.
+# The stdlib decoder, for what orjson refuses (lone surrogates) or reads inexactly.
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+# orjson reads an integer outside 64 bits as a float: 19 digits in a row go to the stdlib.
+_LONG_NUMBER = re.compile(rb"\d{19}")
 
 
 def _decode(body: bytes) -> Any:
-    try:
-        # orjson is strict JSON in UTF-8 at a fraction of the stdlib's cost.
-        return orjson.loads(body)
-    except orjson.JSONDecodeError:
-        pass
+    if _LONG_NUMBER.search(body) is None:
+        try:
+            # orjson is strict JSON in UTF-8 at a fraction of the stdlib's cost.
+            return orjson.loads(body)
+        except orjson.JSONDecodeError:
+            pass
     try:
         text = str(body, "utf-8")
     except UnicodeDecodeError as exc:

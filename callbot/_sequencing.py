@@ -169,8 +169,8 @@ def _participant_key(participant: Participant, index: int) -> str:
         return "odata:" + participant.odata_id.lower()
     # Some documented rosters omit the participant id; fall back to the identity.
     if participant.info is not None:
-        info = participant.info.model_dump(mode="json", exclude_none=True)
-        return "info:" + _canonical(info).decode()
+        # The form shared stores keep in their records: changing it would re-join everyone.
+        return "info:" + json.dumps(participant.info.model_dump(mode="json"), sort_keys=True)
     return f"#{index}"
 
 

@@ -1021,3 +1021,19 @@ def test_create_call_response_parses() -> None:
         assert call.state == "establishing"
         assert call.direction == "outgoing"
         assert isinstance(call.media_config, models.ServiceHostedMediaConfig)
+
+
+def test_integers_beyond_64_bits_are_read_exactly() -> None:
+    # Graph never sends them, but a reader that turned them into floats would merge
+    # distinct sequence numbers (and their digests) into one.
+    for number in (2**64 + 5, -(2**63) - 1, 10**30):
+        event = _one(
+            {
+                "changeType": "updated",
+                "resourceUrl": CALL_PATH + "/participants",
+                "resourceData": [{"id": "p1"}],
+                "sequenceNumber": number,
+            }
+        )
+        assert isinstance(event, events.ParticipantsUpdated)
+        assert event.sequence_number == number

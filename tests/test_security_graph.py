@@ -122,7 +122,8 @@ async def test_dot_ids_never_climb_out_of_their_path(
     assert [r.action for r in graph.requests if r.action != "token"] == []
 
     # A notification whose call id is '..' is refused before any handler could act on it.
-    for call_id in ("..", "."):
+    # So is one no URL can carry (a lone surrogate: valid JSON, no UTF-8 form).
+    for call_id in ("..", ".", "a\ud800b"):
         body = b.notifications(b.incoming_call(call_id))
         response = await server.post(body)
         assert response.status == 400

@@ -213,6 +213,36 @@ async def test_an_event_no_handler_wants_costs_no_task_and_no_handle() -> None:
     await services.close()
 
 
+async def test_a_failing_matches_is_a_handler_error_outside_the_request() -> None:
+    registry = HandlerRegistry()
+    ran: list[str] = []
+
+    def broken(event: events.Event) -> bool:
+        raise AttributeError("tone_info")
+
+    async def on_tone(call: Any, event: events.ToneReceived) -> None:
+        ran.append("tone")
+
+    async def on_end(call: Any, event: events.CallTerminated) -> None:
+        ran.append("end")
+
+    registry.add(events.ToneReceived, on_tone, matches=broken)
+    registry.add(events.CallTerminated, on_end)
+    services = CallServices(Settings(app_id="a"))
+    dispatcher = Dispatcher(registry, handle_for(services))
+    seq = Sequencer(dispatcher.submit, Lifecycle(termination_grace=30))
+    seq.accept(one(b.incoming_call("x")))
+    seq.accept(one(b.call_state("x", "established")))
+    # Accepting never runs a handler's filter: it cannot fail the request.
+    seq.accept(one(b.tone("x", "tone1", 1)))
+    seq.accept(one(b.call_terminated("x")))
+    await dispatcher.join(5)
+    assert ran == ["end"]
+    assert dispatcher.counts["handler_errors"] == 1
+    seq.close()
+    await services.close()
+
+
 def handle_for(services: CallServices) -> Callable[[Delivery], Call]:
     def handle(delivery: Delivery) -> Call:
         return services.call(delivery.event.call_id, snapshot=delivery.snapshot)
