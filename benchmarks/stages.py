@@ -70,7 +70,7 @@ STAGES: dict[str, list[tuple[str, str]]] = {
     "  of which the call handle": [("callbot/graph/_services.py", "call")],
     "  of which the handler (a no-op)": [("benchmarks/_inproc.py", "count")],
     "  of which the handler metric": [("callbot/_metrics.py", "observe_handler")],
-    "  of which the log context (bound once per worker)": [
+    "  of which the log context (bound per delivery)": [
         ("structlog/contextvars.py", "bind_contextvars"),
     ],
     "ack metric": [("callbot/_metrics.py", "observe")],
