@@ -310,15 +310,15 @@ class _Batcher:
             while waiting and size + len(waiting[0][0]) <= _MAX_PIPELINE:
                 batch.append(waiting.popleft())
                 size += len(batch[-1][0])
-            commands = [command for group, _ in batch for command in group]
             try:
                 if self._pool is not None:
-                    answers = await self._round_trip(commands)
-                else:
-                    pipe = self._client.pipeline(transaction=False)
-                    for command in commands:
+                    await self._round_trip(batch)
+                    continue
+                pipe = self._client.pipeline(transaction=False)
+                for group, _ in batch:
+                    for command in group:
                         pipe.execute_command(*command)
-                    answers = await pipe.execute(raise_on_error=False)
+                answers = await pipe.execute(raise_on_error=False)
             except Exception as exc:
                 failure = exc
                 if not isinstance(exc, RedisError):
@@ -340,9 +340,12 @@ class _Batcher:
                     future.set_result(answers[start:end])
                 start = end
 
-    async def _round_trip(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        """The answers of commands written at once on one connection (errors answered by
-        Redis as values)."""
+    async def _round_trip(
+        self, batch: list[tuple[Sequence[tuple[Any, ...]], asyncio.Future[list[Any]]]]
+    ) -> None:
+        """Write the commands of a batch at once on one connection; each group's future
+        gets its answers (errors answered by Redis as values) as soon as they are read, so
+        its caller goes on while Redis still runs the rest."""
         pool = self._pool
         connection = self._spare.pop() if self._spare else None
         reused = connection is not None
@@ -351,21 +354,26 @@ class _Batcher:
                 connection = await pool.get_connection()
             except TypeError:  # redis-py before 5.3 wants a command name
                 connection = await pool.get_connection("PIPELINE")
-        answers: list[Any] = []
         try:
             async with asyncio.timeout(_SOCKET_TIMEOUT):
                 if reused:
                     # checked as the pool checks what it hands out: reconnected if the
                     # server closed it meanwhile (or Sentinel named another primary)
                     await pool.ensure_connection(connection)
-                await connection.send_packed_command(_pack(commands))
+                await connection.send_packed_command(
+                    _pack([command for group, _ in batch for command in group])
+                )
                 read = connection.read_response
-                for _ in commands:
-                    try:
-                        # no timeout of its own: the round trip has one
-                        answers.append(await read(timeout=math.inf))
-                    except ResponseError as exc:
-                        answers.append(exc)
+                for group, future in batch:
+                    answers: list[Any] = []
+                    for _ in group:
+                        try:
+                            # no timeout of its own: the round trip has one
+                            answers.append(await read(timeout=math.inf))
+                        except ResponseError as exc:
+                            answers.append(exc)
+                    if not future.done():
+                        future.set_result(answers)
         except BaseException:
             # Replies may still be on their way: the connection cannot serve again.
             await connection.disconnect(nowait=True)
@@ -376,7 +384,6 @@ class _Batcher:
             self._spare.append(connection)
         else:
             await pool.release(connection)
-        return answers
 
     def close(self) -> None:
         for task in self._senders:
@@ -1116,7 +1123,7 @@ class RedisStore:
         # Given up, ingests here index the call as pending again (see _append).
         state.releasing = release
         try:
-            started, answer = await self._steady(self._timed, command)
+            started, answer = await self._steady_script(command)
         finally:
             state.releasing = False
         outcome = int(answer[0])
@@ -1132,7 +1139,7 @@ class RedisStore:
             state.marked = max(state.marked, _stream_id(noted))
         if record is not None:
             state.saved = (payload, record)
-            await self._index(key, record)
+            self._index(key, record)
         if outcome == 2:
             state.releasing = True  # a renewal refused from now on only means it is released
             self._rest(state)
@@ -1140,9 +1147,23 @@ class RedisStore:
             state.deadline = started + self._lease_ms / 1000
         return outcome, entries
 
-    async def _timed(self, command: tuple[Any, ...]) -> tuple[float, Any]:
-        started = time.monotonic()
-        return started, await self._script_run(command)
+    async def _steady_script(self, command: tuple[Any, ...]) -> tuple[float, Any]:
+        """When a script was sent, and its answer: as ``_steady`` retries it, without two
+        coroutines more per command."""
+        pause = _STEADY_PAUSE
+        while True:
+            started = time.monotonic()
+            try:
+                (answer,) = await self._run_all((command,))
+            except RedisError as exc:
+                self._mark(False, exc)
+                if self._closing:
+                    raise
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, _STEADY_PAUSE * 5)
+                continue
+            self._mark(True)
+            return started, answer
 
     async def _note_fed(self, state: _Owned, entry_id: str) -> bool:
         command = _cmd(
@@ -1153,7 +1174,7 @@ class RedisStore:
             self._lease_ms,
             entry_id,
         )
-        started, answer = await self._steady(self._timed, command)
+        started, answer = await self._steady_script(command)
         if not int(answer):
             self._lose(state, "mark_refused")
             return False
@@ -1161,7 +1182,7 @@ class RedisStore:
         state.marked = max(state.marked, _stream_id(entry_id))
         return True
 
-    async def _index(self, key: str, record: CallRecord) -> None:
+    def _index(self, key: str, record: CallRecord) -> None:
         """Keep the ``active`` index (outside the scripts: it lives in a slot of its own).
 
         Written with the next upkeep round, many calls in one command: the index only
@@ -1313,7 +1334,7 @@ class RedisStore:
             state.epoch,
             self._lease_ms,
         )
-        started, renewed = await self._steady(self._timed, command)
+        started, renewed = await self._steady_script(command)
         if not int(renewed):
             self._lose(state, "renewal_refused")
             return False
