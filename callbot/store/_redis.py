@@ -403,7 +403,9 @@ async def _one_command(pool: Any, command: tuple[Any, ...]) -> Any:
         connection = await pool.get_connection(command[0])
     try:
         await connection.send_packed_command(_pack((command,)))
-        return await connection.read_response(timeout=_SOCKET_TIMEOUT)
+        # the socket timeout: raised, and the connection dropped (an explicit timeout
+        # would answer None and leave the late reply to the next command)
+        return await connection.read_response()
     except BaseException:
         # a reply may still be on its way: the connection cannot serve again
         await connection.disconnect(nowait=True)
