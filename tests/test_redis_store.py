@@ -109,3 +109,25 @@ async def test_bursts_run_once_and_leave_nothing_leased_or_waiting(
 
     await wait_for(settled)
     assert await rdb.zcard(KEY_PREFIX + "runnable") == 0
+
+
+async def test_a_group_is_answered_before_the_rest_of_its_round_trip(
+    redis_url: str, rdb: aioredis.Redis
+) -> None:
+    """Groups of commands sent in one round trip: the first one's caller has its answer
+    while Redis still blocks on the second."""
+    commands, blocking = _redis.connect(redis_url)
+    batch = _redis._Batcher(commands)
+    try:
+        first = batch.submit([("PING",), ("ECHO", "one")])
+        second = batch.submit([("BLPOP", "t:wake", 0)])
+        assert await first == ["PONG", "one"]
+        assert not second.done()
+        await rdb.lpush("t:wake", "go")
+        assert await second == [["t:wake", "go"]]
+        # the connection kept from that round trip serves the next one
+        assert await batch.run("ECHO", "again") == "again"
+    finally:
+        batch.close()
+        await _redis.disconnect(commands)
+        await _redis.disconnect(blocking)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -62,6 +61,7 @@ burst; a takeover repeats at most this many)."""
 _CLAIM_BATCH = 32
 """Calls taken in one step at most."""
 _PARSED_LIMIT = 10_000
+_KEYS_LIMIT = 20_000
 _RESTING_LIMIT = 10_000
 """Bounds of the caches that spare parsing an entry or decoding a record again."""
 _BLOCK_SECONDS = 1.0
@@ -276,9 +276,12 @@ class _Batcher:
         # One server (or Sentinel's primary): packed and read here, one timeout per round
         # trip, as redis-py's own packing costs more than the rest of a command. A Cluster
         # routes each command to its node: its pipeline does that.
-        self._pool = None if isinstance(client, RedisCluster) else client.connection_pool
+        self._pool: Any = None if isinstance(client, RedisCluster) else client.connection_pool
         self._waiting: deque[tuple[Sequence[tuple[Any, ...]], asyncio.Future[list[Any]]]] = deque()
         self._senders: set[asyncio.Task[None]] = set()
+        # Connections kept between round trips: taking one from the pool and giving it back
+        # (its lock, condition and timeout) cost more than the packing of a round trip.
+        self._spare: list[Any] = []
 
     async def run(self, *command: Any) -> Any:
         """One command's answer (its error raised), sent with whatever else is waiting."""
@@ -307,15 +310,15 @@ class _Batcher:
             while waiting and size + len(waiting[0][0]) <= _MAX_PIPELINE:
                 batch.append(waiting.popleft())
                 size += len(batch[-1][0])
-            commands = [command for group, _ in batch for command in group]
             try:
                 if self._pool is not None:
-                    answers = await _round_trip(self._pool, commands)
-                else:
-                    pipe = self._client.pipeline(transaction=False)
-                    for command in commands:
+                    await self._round_trip(batch)
+                    continue
+                pipe = self._client.pipeline(transaction=False)
+                for group, _ in batch:
+                    for command in group:
                         pipe.execute_command(*command)
-                    answers = await pipe.execute(raise_on_error=False)
+                answers = await pipe.execute(raise_on_error=False)
             except Exception as exc:
                 failure = exc
                 if not isinstance(exc, RedisError):
@@ -337,38 +340,78 @@ class _Batcher:
                     future.set_result(answers[start:end])
                 start = end
 
+    async def _round_trip(
+        self, batch: list[tuple[Sequence[tuple[Any, ...]], asyncio.Future[list[Any]]]]
+    ) -> None:
+        """Write the commands of a batch at once on one connection; each group's future
+        gets its answers (errors answered by Redis as values) as soon as they are read, so
+        its caller goes on while Redis still runs the rest."""
+        pool = self._pool
+        connection = self._spare.pop() if self._spare else None
+        reused = connection is not None
+        if connection is None:
+            try:
+                connection = await pool.get_connection()
+            except TypeError:  # redis-py before 5.3 wants a command name
+                connection = await pool.get_connection("PIPELINE")
+        try:
+            async with asyncio.timeout(_SOCKET_TIMEOUT):
+                if reused:
+                    # checked as the pool checks what it hands out: reconnected if the
+                    # server closed it meanwhile (or Sentinel named another primary)
+                    await pool.ensure_connection(connection)
+                await connection.send_packed_command(
+                    _pack([command for group, _ in batch for command in group])
+                )
+                read = connection.read_response
+                for group, future in batch:
+                    answers: list[Any] = []
+                    for _ in group:
+                        try:
+                            # no timeout of its own: the round trip has one
+                            answers.append(await read(timeout=math.inf))
+                        except ResponseError as exc:
+                            answers.append(exc)
+                    if not future.done():
+                        future.set_result(answers)
+        except BaseException:
+            # Replies may still be on their way: the connection cannot serve again.
+            await connection.disconnect(nowait=True)
+            await pool.release(connection)
+            raise
+        # (redis-py before 5.0.1 has no ensure_connection: every connection goes back)
+        if len(self._spare) < _SENDERS and hasattr(pool, "ensure_connection"):
+            self._spare.append(connection)
+        else:
+            await pool.release(connection)
+
     def close(self) -> None:
         for task in self._senders:
             task.cancel()
         while self._waiting:
             self._waiting.popleft()[1].cancel()
+        # the pool's disconnect closes them (it counts them in use)
+        self._spare.clear()
 
 
-async def _round_trip(pool: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
-    """The answers of commands written at once on one pooled connection (errors
-    answered by Redis as values)."""
+async def _one_command(pool: Any, command: tuple[Any, ...]) -> Any:
+    """One command's raw answer on a pooled connection (a blocking one: its reply may take
+    up to its BLOCK time, below the socket timeout)."""
     try:
         connection = await pool.get_connection()
     except TypeError:  # redis-py before 5.3 wants a command name
-        connection = await pool.get_connection("PIPELINE")
-    answers: list[Any] = []
+        connection = await pool.get_connection(command[0])
     try:
-        async with asyncio.timeout(_SOCKET_TIMEOUT):
-            await connection.send_packed_command(_pack(commands))
-            read = connection.read_response
-            for _ in commands:
-                try:
-                    # no timeout of its own: the round trip has one
-                    answers.append(await read(timeout=math.inf))
-                except ResponseError as exc:
-                    answers.append(exc)
+        await connection.send_packed_command(_pack((command,)))
+        # the socket timeout: raised, and the connection dropped (an explicit timeout
+        # would answer None and leave the late reply to the next command)
+        return await connection.read_response()
     except BaseException:
-        # Replies may still be on their way: the connection cannot serve again.
+        # a reply may still be on its way: the connection cannot serve again
         await connection.disconnect(nowait=True)
         raise
     finally:
         await pool.release(connection)
-    return answers
 
 
 @dataclass(eq=False)
@@ -429,9 +472,17 @@ class _Keys:
         self.active = prefix + "active"
         self.events = prefix + "events"
         self.reaper = prefix + "reaper"
+        self._made: dict[tuple[str, tuple[str, ...]], tuple[str, ...]] = {}
 
-    def of(self, call: str, *names: str) -> list[str]:
-        return [f"{self.prefix}{{{call}}}:{name}" for name in names]
+    def of(self, call: str, *names: str) -> tuple[str, ...]:
+        # kept: a call's keys are asked for at each of its notifications and checkpoints
+        made = self._made.get((call, names))
+        if made is None:
+            if len(self._made) >= _KEYS_LIMIT:
+                self._made.clear()
+            made = tuple([f"{self.prefix}{{{call}}}:{name}" for name in names])
+            self._made[call, names] = made
+        return made
 
     def record(self, call: str) -> str:
         return f"{self.prefix}{{{call}}}:call"
@@ -558,7 +609,7 @@ class RedisStore:
             self._mark(False, exc)
             raise StoreUnavailable(f"the Redis store cannot be reached: {exc}") from exc
         self._mark(True)
-        for event, (answer, text) in zip(batch, answers, strict=True):
+        for event, (answer, text, call) in zip(batch, answers, strict=True):
             if isinstance(event, _SHARED):
                 # in the events stream for the others; here without reading it back
                 self._tell(event)
@@ -575,10 +626,10 @@ class RedisStore:
                 continue
             if fresh:
                 # This instance runs the call: it need not parse the entry again.
-                self._parsed[event.call_key, entry] = event
+                self._parsed[call, entry] = event
             if who == 2:
                 self._begin(
-                    event.call_key,
+                    call,
                     started,
                     epoch=int(answer[3]),
                     stored=_text(answer[4]),
@@ -587,11 +638,11 @@ class RedisStore:
                 )
             else:
                 lease = _text(answer[4])
-                state = self._running.get(event.call_key)
+                state = self._running.get(call)
                 if state is None or state.lease != lease:
                     # A run about to start (perhaps after an older one, still winding down):
                     # it reads the inbox rather than linger first.
-                    state = self._owned.get(event.call_key)
+                    state = self._owned.get(call)
                     if state is not None and state.lease == lease:
                         state.signals += 1
                         state.changed.set()
@@ -660,7 +711,7 @@ class RedisStore:
 
     # -- accepting ----------------------------------------------------------------
 
-    async def _append(self, batch: Sequence[events.Event]) -> list[tuple[Any, str]]:
+    async def _append(self, batch: Sequence[events.Event]) -> list[tuple[Any, str, str]]:
         """One round trip for the whole batch (two when a call must be made runnable)."""
         keys = self._keys
         room = len(self._owned) - self._lingering < self._capacity and not self._draining
@@ -668,11 +719,11 @@ class RedisStore:
         texts: list[str] = []
         # The pending index: the reaper finds a call whose owner dies from there. A call
         # this instance runs is in it already (only a release takes it out).
-        unowned = {event.call_key for event in batch if not self._holds(event.call_key)}
+        calls = [event.call_key for event in batch]
+        unowned = {call for call in calls if not self._holds(call)}
         commands: list[tuple[Any, ...]] = [("SADD", keys.pending, *unowned)] if unowned else []
         broadcasts: list[tuple[Any, ...]] = []
-        for event in batch:
-            call = event.call_key
+        for event, call in zip(batch, calls, strict=True):
             # Only the first item of a call in this batch may take it on.
             take = room and call not in self._owned and call not in taking
             if take:
@@ -706,14 +757,14 @@ class RedisStore:
         answers = await self._run_all([*commands, *broadcasts])
         scripts = answers[len(commands) - len(batch) : len(commands)]
         runnable: dict[str, int] = {}
-        for event, answer in zip(batch, scripts, strict=True):
+        for call, answer in zip(calls, scripts, strict=True):
             if int(answer[1]) == 3:
                 # Nobody runs the call and this instance has no room: the oldest entry waits.
-                runnable.setdefault(event.call_key, _stream_id(_text(answer[3]))[0])
+                runnable.setdefault(call, _stream_id(_text(answer[3]))[0])
         if runnable:
             flat = [part for call, score in runnable.items() for part in (score, call)]
             await self._batch.run("ZADD", keys.runnable, "NX", *flat)
-        return list(zip(scripts, texts, strict=True))
+        return list(zip(scripts, texts, calls, strict=True))
 
     def _holds(self, call: str) -> bool:
         state = self._owned.get(call)
@@ -1014,7 +1065,10 @@ class RedisStore:
     def _deliver(self, delivery: Delivery) -> None:
         kept = self._attempts.pop(id(delivery.event.raw), None)
         if kept is not None:
-            delivery = dataclasses.replace(delivery, attempt=kept[1])
+            # built directly: dataclasses.replace looks the fields up at every call
+            delivery = Delivery(
+                delivery.event, delivery.snapshot, delivery.roster, delivery.life, kept[1]
+            )
         state = self._running.get(delivery.event.call_key)
         if state is not None:
             state.outstanding += 1
@@ -1071,7 +1125,7 @@ class RedisStore:
         # Given up, ingests here index the call as pending again (see _append).
         state.releasing = release
         try:
-            started, answer = await self._steady(self._timed, command)
+            started, answer = await self._steady_script(command)
         finally:
             state.releasing = False
         outcome = int(answer[0])
@@ -1087,7 +1141,7 @@ class RedisStore:
             state.marked = max(state.marked, _stream_id(noted))
         if record is not None:
             state.saved = (payload, record)
-            await self._index(key, record)
+            self._index(key, record)
         if outcome == 2:
             state.releasing = True  # a renewal refused from now on only means it is released
             self._rest(state)
@@ -1095,9 +1149,23 @@ class RedisStore:
             state.deadline = started + self._lease_ms / 1000
         return outcome, entries
 
-    async def _timed(self, command: tuple[Any, ...]) -> tuple[float, Any]:
-        started = time.monotonic()
-        return started, await self._script_run(command)
+    async def _steady_script(self, command: tuple[Any, ...]) -> tuple[float, Any]:
+        """When a script was sent, and its answer: as ``_steady`` retries it, without two
+        coroutines more per command."""
+        pause = _STEADY_PAUSE
+        while True:
+            started = time.monotonic()
+            try:
+                (answer,) = await self._run_all((command,))
+            except RedisError as exc:
+                self._mark(False, exc)
+                if self._closing:
+                    raise
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, _STEADY_PAUSE * 5)
+                continue
+            self._mark(True)
+            return started, answer
 
     async def _note_fed(self, state: _Owned, entry_id: str) -> bool:
         command = _cmd(
@@ -1108,7 +1176,7 @@ class RedisStore:
             self._lease_ms,
             entry_id,
         )
-        started, answer = await self._steady(self._timed, command)
+        started, answer = await self._steady_script(command)
         if not int(answer):
             self._lose(state, "mark_refused")
             return False
@@ -1116,7 +1184,7 @@ class RedisStore:
         state.marked = max(state.marked, _stream_id(entry_id))
         return True
 
-    async def _index(self, key: str, record: CallRecord) -> None:
+    def _index(self, key: str, record: CallRecord) -> None:
         """Keep the ``active`` index (outside the scripts: it lives in a slot of its own).
 
         Written with the next upkeep round, many calls in one command: the index only
@@ -1268,7 +1336,7 @@ class RedisStore:
             state.epoch,
             self._lease_ms,
         )
-        started, renewed = await self._steady(self._timed, command)
+        started, renewed = await self._steady_script(command)
         if not int(renewed):
             self._lose(state, "renewal_refused")
             return False
@@ -1393,9 +1461,16 @@ class RedisStore:
                     # Start after what is there now: earlier outcomes have no waiter here.
                     tail = await self._blocking.xrevrange(stream, "+", "-", 1)
                     last = str(tail[0][0]) if tail else "0-0"
-                answer: Any = await self._blocking.xread(
-                    {stream: last}, count=256, block=int(_BLOCK_SECONDS * 1000)
-                )
+                block = int(_BLOCK_SECONDS * 1000)
+                if isinstance(self._blocking, RedisCluster):
+                    answer: Any = await self._blocking.xread({stream: last}, count=256, block=block)
+                else:
+                    # sent and read as the batcher does: redis-py's packing and reply
+                    # callbacks cost more than the entries themselves
+                    answer = await _one_command(
+                        self._blocking.connection_pool,
+                        ("XREAD", "COUNT", 256, "BLOCK", block, "STREAMS", stream, last),
+                    )
             except RedisError as exc:
                 self._mark(False, exc)
                 await asyncio.sleep(pause)
@@ -1410,7 +1485,9 @@ class RedisStore:
                     except Exception:
                         log.exception("store_event_failed", entry=last)
 
-    def _relay(self, fields: dict[str, str]) -> None:
+    def _relay(self, fields: Any) -> None:
+        if not isinstance(fields, dict):
+            fields = dict(zip(fields[::2], fields[1::2], strict=True))
         if fields.get("o") == self.token:
             return  # this instance told itself when it accepted it (see ingest)
         try:
