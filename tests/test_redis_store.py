@@ -3,6 +3,7 @@ fencing a run that gave its call up (one redis-server on 127.0.0.1, in process).
 
 from __future__ import annotations
 
+import asyncio
 import math
 from typing import Any
 
@@ -131,3 +132,20 @@ async def test_a_group_is_answered_before_the_rest_of_its_round_trip(
         batch.close()
         await _redis.disconnect(commands)
         await _redis.disconnect(blocking)
+
+
+async def test_closing_cancels_again_a_task_that_took_its_cancellation_for_a_timeout() -> None:
+    swallowed = asyncio.Event()
+
+    async def reads_on() -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            swallowed.set()  # as a timeout expiring at the same moment would
+        await asyncio.Event().wait()
+
+    task = asyncio.get_running_loop().create_task(reads_on())
+    await asyncio.sleep(0)
+    await _redis._cancelled([task])
+    assert swallowed.is_set()
+    assert task.cancelled()

@@ -692,9 +692,7 @@ class RedisStore:
         self._closing = True
         owners = [state.task for state in self._owned.values() if state.task is not None]
         tasks = [*self._tasks, *owners]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await _cancelled(tasks)
         left = list(self._owned.values())
         self._owned.clear()
         with contextlib.suppress(RedisError, OSError):
@@ -1622,6 +1620,25 @@ async def _until(event: asyncio.Event, seconds: float) -> None:
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(seconds):
             await event.wait()
+
+
+async def _cancelled(tasks: Sequence[asyncio.Task[Any]]) -> None:
+    """Cancel ``tasks`` and wait for them, cancelling again those that go on.
+
+    On Python 3.11 a cancellation that arrives as an ``asyncio.timeout`` inside
+    redis-py expires can be taken for that timeout, and the task reads on.
+    """
+    pending = set(tasks)
+    for _ in range(20):
+        if not pending:
+            return
+        for task in pending:
+            task.cancel()
+        done, pending = await asyncio.wait(pending, timeout=0.5)
+        for task in done:
+            if not task.cancelled():
+                task.exception()  # retrieved: a task that failed on the way out says nothing
+    log.warning("store_tasks_left_running", tasks=len(pending))
 
 
 def _members(popped: Any) -> list[str]:
