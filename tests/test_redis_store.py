@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from benchmarks._inproc import InProcessBot
 from benchmarks.bench_store import measure
 from callbot._parse import parse_payload
 from callbot.store import _redis, _scripts
@@ -149,3 +150,27 @@ async def test_closing_cancels_again_a_task_that_took_its_cancellation_for_a_tim
     await _redis._cancelled([task])
     assert swallowed.is_set()
     assert task.cancelled()
+
+
+async def test_a_call_taken_off_the_pending_index_comes_back_when_the_second_look_fails(
+    redis_url: str, rdb: aioredis.Redis
+) -> None:
+    """The reaper only looks at indexed calls: one whose removal could not be checked
+    (Redis went away between the two steps) is indexed again with the next round."""
+    async with InProcessBot(store=redis_url, keep_alive=False) as bot:
+        assert bot.bot is not None
+        store = bot.bot._running().store
+        assert isinstance(store, _redis.RedisStore)
+        pending = KEY_PREFIX + "pending"
+        await rdb.sadd(pending, "somecall")
+        real = store._script_run
+
+        async def unreachable(command: Any) -> Any:
+            raise aioredis.ConnectionError("gone between the two steps")
+
+        store._script_run = unreachable  # type: ignore[method-assign]
+        await store._unpend("somecall")
+        store._script_run = real  # type: ignore[method-assign]
+        assert not await rdb.sismember(pending, "somecall")
+        await store._flush_indexes()
+        assert await rdb.sismember(pending, "somecall")

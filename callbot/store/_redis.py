@@ -558,6 +558,9 @@ class RedisStore:
         self._index_changes: dict[str, bool] = {}
         """Calls to add to (True) or take off (False) the ``active`` index."""
         self._ended_pending: set[str] = set()
+        # Calls taken off the pending index whose second look failed: indexed again with
+        # the next round, so the reaper looks at them (it only looks at indexed calls).
+        self._repend: set[str] = set()
         """Ended calls given up, to take off the ``pending`` index."""
         self._lingering = 0
         """Held calls with nothing to do, waiting a moment for their next notification."""
@@ -1201,6 +1204,7 @@ class RedisStore:
     async def _flush_indexes(self) -> None:
         changes, self._index_changes = self._index_changes, {}
         ended, self._ended_pending = self._ended_pending, set()
+        repend, self._repend = self._repend, set()
         added = [call for call, active in changes.items() if active]
         removed = [call for call, active in changes.items() if not active]
         commands: list[tuple[Any, ...]] = []
@@ -1208,6 +1212,9 @@ class RedisStore:
             commands.append(("SADD", self._keys.active, *added))
         if removed:
             commands.append(("SREM", self._keys.active, *removed))
+        if repend:
+            # before the removal of ended calls: an ended call stays out
+            commands.append(("SADD", self._keys.pending, *repend))
         if ended:
             commands.append(("SREM", self._keys.pending, *ended))
         try:
@@ -1216,6 +1223,7 @@ class RedisStore:
             # Written with the next round; a newer change of a call wins.
             self._index_changes = {**changes, **self._index_changes}
             self._ended_pending |= ended
+            self._repend |= repend
             raise
 
     async def _unpend(self, key: str, *, ended: bool = False) -> None:
@@ -1238,7 +1246,9 @@ class RedisStore:
                     score = _stream_id(_text(probe[1]))[0]
                     await self._batch.run("ZADD", self._keys.runnable, "NX", score, key)
         except RedisError as exc:
-            # Left in (or out of) the index: the reaper looks again.
+            # Perhaps out of the index with work coming: indexed again next round, where
+            # the reaper looks again (a call out of it would wait for nobody).
+            self._repend.add(key)
             log.info("pending_index_deferred", call_key=key, error=str(exc))
 
     def _resting_record(self, key: str, stored: str) -> CallRecord | None:
