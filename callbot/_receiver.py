@@ -217,9 +217,7 @@ class Receiver:
         return body if len(body) <= self._max_body else None
 
     async def _read_limited(self, request: web.Request) -> bytes | None:
-        declared = request.content_length
-        if declared is not None and declared > self._max_body:
-            return None
+        # The declared length was checked by _buffered_body, which always runs first.
         chunks: list[bytes] = []
         size = 0
         while True:

@@ -146,20 +146,16 @@ class CallRecord:
         return self.life.established
 
 
-def _canonical(value: Any) -> bytes:
-    """``value`` as sorted, compact JSON: equal values give equal bytes."""
+def _digest(raw: dict[str, Any]) -> bytes:
     try:
         # orjson's sorted compact form is canonical too, at a tenth of json.dumps's cost.
-        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+        canonical = orjson.dumps(raw, option=orjson.OPT_SORT_KEYS)
     except TypeError:
         # Integers beyond 64 bits and lone surrogates, which orjson refuses, take the slower
         # road; ASCII escapes keep a lone surrogate encodable.
-        text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-        return text.encode()
-
-
-def _digest(raw: dict[str, Any]) -> bytes:
-    return hashlib.blake2b(_canonical(raw), digest_size=16).digest()
+        text = json.dumps(raw, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+        canonical = text.encode()
+    return hashlib.blake2b(canonical, digest_size=16).digest()
 
 
 def _participant_key(participant: Participant, index: int) -> str:
