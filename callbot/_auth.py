@@ -97,15 +97,19 @@ def _check_token(
     leeway: float,
 ) -> dict[str, Any]:
     """Check signature and standard claims of one token; the one costly step."""
-    return jwt.decode(
+    claims: dict[str, Any] = jwt.decode(
         token,
         key,
         algorithms=[algorithm],
         audience=audience,
-        issuer=issuers,
         leeway=leeway,
-        options={"require": ["exp"], "strict_aud": True},
+        options={"require": ["exp", "iss"], "strict_aud": True},
     )
+    # Checked here, not by PyJWT: before 2.10 it compares a set of issuers with ``==``.
+    issuer = claims["iss"]
+    if not isinstance(issuer, str) or issuer not in issuers:
+        raise jwt.InvalidIssuerError("Invalid issuer")
+    return claims
 
 
 def _reason_for(exc: jwt.PyJWTError) -> tuple[str, str]:

@@ -14,8 +14,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from callbot import _auth
 from callbot._auth import Authenticator
@@ -181,6 +181,23 @@ async def test_wrong_audience(auth: Authenticator, authority: TokenAuthority) ->
 
 async def test_wrong_issuer(auth: Authenticator, authority: TokenAuthority) -> None:
     token = authority.mint(audience=APP_ID, issuer="https://evil.example.test")
+    assert await reason_of(auth, bearer(token)) == "bad_issuer"
+
+
+@pytest.mark.parametrize(
+    "issuer", [["https://api.botframework.com"], {"https://api.botframework.com": 1}, 7, None]
+)
+async def test_an_issuer_that_is_not_one_string_is_refused(
+    auth: Authenticator, authority: TokenAuthority, issuer: Any
+) -> None:
+    """An accepted issuer inside a list or an object is no issuer; neither is a number or null."""
+    # Signed by hand: PyJWT itself refuses to write an ``iss`` that is not a string.
+    head = b64json({"alg": "RS256", "typ": "JWT", "kid": authority.kid})
+    body = b64json({**valid_claims(), "iss": issuer})
+    signature = authority.private_key.sign(
+        f"{head}.{body}".encode(), padding.PKCS1v15(), hashes.SHA256()
+    )
+    token = f"{head}.{body}.{b64url(signature)}"
     assert await reason_of(auth, bearer(token)) == "bad_issuer"
 
 

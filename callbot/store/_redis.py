@@ -350,10 +350,7 @@ class _Batcher:
         connection = self._spare.pop() if self._spare else None
         reused = connection is not None
         if connection is None:
-            try:
-                connection = await pool.get_connection()
-            except TypeError:  # redis-py before 5.3 wants a command name
-                connection = await pool.get_connection("PIPELINE")
+            connection = await pool.get_connection()
         try:
             async with asyncio.timeout(_SOCKET_TIMEOUT):
                 if reused:
@@ -379,8 +376,7 @@ class _Batcher:
             await connection.disconnect(nowait=True)
             await pool.release(connection)
             raise
-        # (redis-py before 5.0.1 has no ensure_connection: every connection goes back)
-        if len(self._spare) < _SENDERS and hasattr(pool, "ensure_connection"):
+        if len(self._spare) < _SENDERS:
             self._spare.append(connection)
         else:
             await pool.release(connection)
@@ -397,10 +393,7 @@ class _Batcher:
 async def _one_command(pool: Any, command: tuple[Any, ...]) -> Any:
     """One command's raw answer on a pooled connection (a blocking one: its reply may take
     up to its BLOCK time, below the socket timeout)."""
-    try:
-        connection = await pool.get_connection()
-    except TypeError:  # redis-py before 5.3 wants a command name
-        connection = await pool.get_connection(command[0])
+    connection = await pool.get_connection()
     try:
         await connection.send_packed_command(_pack((command,)))
         # the socket timeout: raised, and the connection dropped (an explicit timeout
