@@ -1439,7 +1439,12 @@ class RedisStore:
         if waiting:
             commands.append(("ZADD", keys.runnable, "NX", *waiting))
         answers = await self._run_all(commands)
-        return int(answers[-1]) if waiting else 0
+        added = int(answers[0]) if indexed else 0
+        woken = int(answers[-1]) if waiting else 0
+        if added:
+            # A fault left these out of the index (woken: nothing else would have run them).
+            log.warning("pending_index_repaired", count=added, woken=woken)
+        return woken
 
     async def _scan_inboxes(self) -> list[str]:
         """The inbox keys of one SCAN step (on one primary of a Cluster at a time)."""
