@@ -4,6 +4,7 @@ fencing a run that gave its call up (one redis-server on 127.0.0.1, in process).
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 from typing import Any
 
@@ -12,6 +13,7 @@ import redis.asyncio as aioredis
 
 from benchmarks._inproc import InProcessBot
 from benchmarks.bench_store import measure
+from callbot import events
 from callbot._parse import parse_payload
 from callbot.store import _redis, _scripts
 from callbot.store._codec import decode_entry, encode_entry
@@ -174,3 +176,140 @@ async def test_a_call_taken_off_the_pending_index_comes_back_when_the_second_loo
         assert not await rdb.sismember(pending, "somecall")
         await store._flush_indexes()
         assert await rdb.sismember(pending, "somecall")
+
+
+def _quiet(store: _redis.RedisStore) -> None:
+    """Stop the store's claim and upkeep loops: the test plays their steps itself."""
+    for task in store._tasks:
+        if task.get_name() in ("callbot-store-claim", "callbot-store-maintain"):
+            task.cancel()
+
+
+async def _reap_now(store: _redis.RedisStore, rdb: aioredis.Redis) -> None:
+    """One upkeep round of the reaper, as whichever instance holds the role would run it."""
+    await rdb.delete(KEY_PREFIX + "reaper")
+    await store._reap()
+
+
+def _body(item: dict[str, Any]) -> bytes:
+    return json.dumps(b.notifications(item)).encode()
+
+
+async def test_a_call_its_owner_indexed_nowhere_is_found_again_by_the_reaper(
+    redis_url: str, rdb: aioredis.Redis
+) -> None:
+    """Redis away past the lease: the owner's call, idle, is taken off the pending index by
+    the reaper; the owner takes its lease back and accepts the next entry itself, which
+    skips the index (the call is its own). Then the owner is lost (its lease runs out):
+    the reaper must still find the entry."""
+    tone_started = asyncio.Event()
+    go_on = asyncio.Event()
+
+    async def on_event(call: Any, event: Any) -> None:
+        if isinstance(event, events.ToneReceived):
+            tone_started.set()
+            await go_on.wait()
+
+    async with InProcessBot(
+        store=redis_url, keep_alive=False, store_lease=30, on_event=on_event
+    ) as bot:
+        assert bot.bot is not None
+        store = bot.bot._running().store
+        assert isinstance(store, _redis.RedisStore)
+        store._linger = 3600.0  # the owner keeps its idle call: it waits for the next entry
+        try:
+            assert await bot.post(_body(b.incoming_call("strand-1"))) == 202
+            call = "strand1"
+            inbox, lease = store._keys.of(call, "inbox", "lease")
+            pending, runnable = KEY_PREFIX + "pending", KEY_PREFIX + "runnable"
+
+            async def idle_and_waiting() -> bool:
+                state = store._owned.get(call)
+                return state is not None and state.waiting and await rdb.xlen(inbox) == 0
+
+            await wait_for(idle_and_waiting)
+            _quiet(store)
+            await rdb.delete(lease)  # it expired while Redis was away
+            await _reap_now(store, rdb)  # idle, nobody on it: off the index
+            assert not await rdb.sismember(pending, call)
+            await store._renew()  # the owner's epoch is unchanged: it goes on
+            assert await rdb.exists(lease)
+            assert await bot.post(_body(b.tone("strand-1", "tone1", 1))) == 202
+            await asyncio.wait_for(tone_started.wait(), 10)
+            assert await rdb.xlen(inbox) == 1
+            assert not await rdb.sismember(pending, call)  # the window: indexed nowhere
+            await rdb.delete(lease)  # the owner is lost: nobody renews its lease
+            await _reap_now(store, rdb)
+            assert await rdb.zscore(runnable, call) is not None
+        finally:
+            go_on.set()
+
+
+async def test_an_entry_whose_index_went_ahead_of_its_ingest_is_found_again(
+    redis_url: str, rdb: aioredis.Redis
+) -> None:
+    """After a restart Redis has no scripts: an ingest's SADD to the pending index is
+    answered, its script is sent again once the scripts are loaded. A call given up in
+    between is taken off the index before its entry lands; the entry, made runnable, is
+    then popped by an instance that dies before it claims the call (or while it holds
+    it). The reaper must still find the entry."""
+    async with InProcessBot(store=redis_url, keep_alive=False, store_lease=30) as bot:
+        assert bot.bot is not None
+        store = bot.bot._running().store
+        assert isinstance(store, _redis.RedisStore)
+        _quiet(store)
+        call = "strand2"
+        pending, runnable = KEY_PREFIX + "pending", KEY_PREFIX + "runnable"
+        inbox, lease = store._keys.of(call, "inbox", "lease")
+        await rdb.sadd(pending, call)  # the call was given up: its removal is on its way
+        store._capacity = 0  # this instance takes nothing on: the call is made runnable
+        await rdb.script_flush()  # as a restart leaves Redis
+        real = store._load_scripts
+
+        async def load_then_unpend() -> None:
+            await real()
+            await store._unpend(call)  # the removal lands between the two round trips
+
+        store._load_scripts = load_then_unpend  # type: ignore[method-assign]
+        assert await bot.post(_body(b.incoming_call("strand-2"))) == 202
+        store._load_scripts = real  # type: ignore[method-assign]
+        assert await rdb.xlen(inbox) == 1
+        assert not await rdb.sismember(pending, call)  # the window: off the index
+        assert await rdb.zscore(runnable, call) is not None
+        # popped by an instance that dies at once (its claim taken or not)
+        assert await rdb.zpopmin(runnable)
+        await _reap_now(store, rdb)
+        assert await rdb.zscore(runnable, call) is not None
+        assert not await rdb.exists(lease)
+
+
+async def test_a_call_whose_unindexing_instance_died_midway_is_found_again(
+    redis_url: str, rdb: aioredis.Redis
+) -> None:
+    """An instance gives a call up and takes it off the pending index; an entry accepted
+    meanwhile (made runnable) is seen by the second look, unless the instance dies between
+    the two steps. The entry is then popped by an instance that dies too: the reaper must
+    still find it."""
+    async with InProcessBot(store=redis_url, keep_alive=False, store_lease=30) as bot:
+        assert bot.bot is not None
+        store = bot.bot._running().store
+        assert isinstance(store, _redis.RedisStore)
+        _quiet(store)
+        call = "strand3"
+        pending, runnable = KEY_PREFIX + "pending", KEY_PREFIX + "runnable"
+        store._capacity = 0
+        assert await bot.post(_body(b.incoming_call("strand-3"))) == 202
+        assert await rdb.sismember(pending, call)
+        real = store._script_run
+
+        async def dies(command: Any) -> Any:
+            raise asyncio.CancelledError  # the process ends here: nothing more is sent
+
+        store._script_run = dies  # type: ignore[method-assign]
+        with pytest.raises(asyncio.CancelledError):
+            await store._unpend(call)  # its give-up came just before the entry
+        store._script_run = real  # type: ignore[method-assign]
+        assert not await rdb.sismember(pending, call)
+        assert await rdb.zpopmin(runnable)
+        await _reap_now(store, rdb)
+        assert await rdb.zscore(runnable, call) is not None
