@@ -196,7 +196,7 @@ def _body(item: dict[str, Any]) -> bytes:
 
 
 async def test_a_call_its_owner_indexed_nowhere_is_found_again_by_the_reaper(
-    redis_url: str, rdb: aioredis.Redis
+    redis_url: str, rdb: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Redis away past the lease: the owner's call, idle, is taken off the pending index by
     the reaper; the owner takes its lease back and accepts the next entry itself, which
@@ -217,6 +217,9 @@ async def test_a_call_its_owner_indexed_nowhere_is_found_again_by_the_reaper(
         store = bot.bot._running().store
         assert isinstance(store, _redis.RedisStore)
         store._linger = 3600.0  # the owner keeps its idle call: it waits for the next entry
+        # Each entry acknowledged at once (as the 32nd of a burst is): the idle owner's
+        # inbox is then empty.
+        monkeypatch.setattr(_redis, "_ACK_EVERY", 1)
         try:
             assert await bot.post(_body(b.incoming_call("strand-1"))) == 202
             call = "strand1"
@@ -313,3 +316,68 @@ async def test_a_call_whose_unindexing_instance_died_midway_is_found_again(
         assert await rdb.zpopmin(runnable)
         await _reap_now(store, rdb)
         assert await rdb.zscore(runnable, call) is not None
+
+
+@pytest.mark.parametrize("stored", ["first entry", "nothing"])
+async def test_a_run_after_a_lost_burst_starts_again_from_the_stored_state(
+    redis_url: str, rdb: aioredis.Redis, stored: str
+) -> None:
+    """A failover loses what the primary took after a call's first entry was acknowledged
+    (or all its checkpoints): its record goes back to that entry (or is gone), and the later
+    entries wait again. The same process, which ran them before and saw the call end, runs
+    them again from the stored state: each a transition again, the last one the call's
+    end, none dropped as stale."""
+    seen: list[tuple[str, str | None]] = []
+    hold = asyncio.Event()
+    hold.set()
+
+    async def on_event(call: Any, event: Any) -> None:
+        await hold.wait()
+        if isinstance(event, events.CallStateChanged):
+            seen.append((type(event).__name__, event.state))
+
+    async with InProcessBot(
+        store=redis_url, keep_alive=False, store_lease=30, on_event=on_event
+    ) as bot:
+        assert bot.bot is not None
+        store = bot.bot._running().store
+        assert isinstance(store, _redis.RedisStore)
+        call = "rerun1"
+        inbox, record, lease = store._keys.of(call, "inbox", "call", "lease")
+        assert await bot.post(_body(b.incoming_call("rerun-1"))) == 202
+        await wait_for(lambda: _acknowledged(rdb, inbox, record))
+        first_record = await rdb.dump(record)
+        assert first_record is not None
+        hold.clear()  # nothing after the first entry is acknowledged until the dump below
+        for state in ("establishing", "established", "terminated"):
+            assert await bot.post(_body(b.call_state("rerun-1", state))) == 202
+        assert await rdb.xlen(inbox) == 3
+        later_entries = await rdb.dump(inbox)
+        assert later_entries is not None
+        hold.set()
+        await wait_for(lambda: _ended(rdb, inbox, lease, seen))
+        assert seen == [
+            ("CallStateChanged", "establishing"),
+            ("CallStateChanged", "established"),
+            ("CallTerminated", "terminated"),
+        ]
+        # The failover: the new primary has the entries, not what acknowledged them.
+        if stored == "nothing":
+            await rdb.delete(record)
+        else:
+            await rdb.restore(record, 0, first_record, replace=True)
+        await rdb.restore(inbox, 0, later_entries, replace=True)
+        await rdb.sadd(KEY_PREFIX + "pending", call)
+        await rdb.zadd(KEY_PREFIX + "runnable", {call: 0})
+        await wait_for(lambda: _ended(rdb, inbox, lease, seen, runs=2))
+        assert seen[3:] == seen[:3]
+
+
+async def _acknowledged(rdb: aioredis.Redis, inbox: str, record: str) -> bool:
+    return bool(await rdb.exists(record)) and await rdb.xlen(inbox) == 0
+
+
+async def _ended(
+    rdb: aioredis.Redis, inbox: str, lease: str, seen: list[Any], runs: int = 1
+) -> bool:
+    return len(seen) >= 3 * runs and await rdb.xlen(inbox) == 0 and not await rdb.exists(lease)

@@ -898,10 +898,11 @@ class RedisStore:
             self._sequencer.adopt(record)
         else:
             self._sequencer.evict(key)
-        # A call with no record stored gets one at its first entry, not at the end of the
-        # burst: were that one write lost (a failover), a re-run would start from no state
-        # while this process's lifecycle remembers the last one.
-        unsaved = not stored
+            life = self._lifecycle.get(key)
+            if life is not None:
+                # Nothing stored (a failover lost it): the run starts from no state, whatever
+                # this process saw of the call before.
+                self._lifecycle.adopt(life.call_id, phase=-1, state=None, ended=False)
         buffer = state.buffer
         self._take(state, first)
         while not state.lost:
@@ -911,11 +912,7 @@ class RedisStore:
             holding = self._holding(key)
             fed = state.fed
             owing = not holding and fed is not None and fed != state.acked
-            if (
-                fed is not None
-                and owing
-                and (unsaved or self._draining or state.owed >= _ACK_EVERY)
-            ):
+            if fed is not None and owing and (self._draining or state.owed >= _ACK_EVERY):
                 coming = buffer[-1][0] if buffer else ""
                 read_on = not buffer and not self._draining
                 if read_on:
@@ -923,7 +920,6 @@ class RedisStore:
                 outcome, more = await self._checkpoint(state, fed, read_on=read_on, next_id=coming)
                 if not outcome:
                     return
-                unsaved = False
                 self._take(state, more)
                 continue
             if self._draining:
