@@ -407,7 +407,8 @@ class CallBot:
         return app
 
     def _connection_options(self) -> dict[str, Any]:
-        # aiohttp's keep-alive timeout also applies to a connection that never sends a request.
+        # aiohttp's keep-alive timeout also applies to a connection that never sends a request
+        # (since aiohttp 3.14.4, hence callbot's floor).
         return {"keepalive_timeout": self._settings.idle_timeout}
 
     async def _lifespan(self, app: web.Application) -> AsyncIterator[None]:
