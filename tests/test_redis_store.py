@@ -154,15 +154,21 @@ async def test_closing_cancels_again_a_task_that_took_its_cancellation_for_a_tim
     assert task.cancelled()
 
 
+def _store_of(bot: InProcessBot) -> _redis.RedisStore:
+    """The running bot's Redis store."""
+    assert bot.bot is not None
+    store = bot.bot._running().store
+    assert isinstance(store, _redis.RedisStore)
+    return store
+
+
 async def test_a_call_taken_off_the_pending_index_comes_back_when_the_second_look_fails(
     redis_url: str, rdb: aioredis.Redis
 ) -> None:
     """The reaper only looks at indexed calls: one whose removal could not be checked
     (Redis went away between the two steps) is indexed again with the next round."""
     async with InProcessBot(store=redis_url, keep_alive=False) as bot:
-        assert bot.bot is not None
-        store = bot.bot._running().store
-        assert isinstance(store, _redis.RedisStore)
+        store = _store_of(bot)
         pending = KEY_PREFIX + "pending"
         await rdb.sadd(pending, "somecall")
         real = store._script_run
@@ -213,9 +219,7 @@ async def test_a_call_its_owner_indexed_nowhere_is_found_again_by_the_reaper(
     async with InProcessBot(
         store=redis_url, keep_alive=False, store_lease=30, on_event=on_event
     ) as bot:
-        assert bot.bot is not None
-        store = bot.bot._running().store
-        assert isinstance(store, _redis.RedisStore)
+        store = _store_of(bot)
         store._linger = 3600.0  # the owner keeps its idle call: it waits for the next entry
         # Each entry acknowledged at once (as the 32nd of a burst is): the idle owner's
         # inbox is then empty.
@@ -257,9 +261,7 @@ async def test_an_entry_whose_index_went_ahead_of_its_ingest_is_found_again(
     then popped by an instance that dies before it claims the call (or while it holds
     it). The reaper must still find the entry."""
     async with InProcessBot(store=redis_url, keep_alive=False, store_lease=30) as bot:
-        assert bot.bot is not None
-        store = bot.bot._running().store
-        assert isinstance(store, _redis.RedisStore)
+        store = _store_of(bot)
         _quiet(store)
         call = "strand2"
         pending, runnable = KEY_PREFIX + "pending", KEY_PREFIX + "runnable"
@@ -294,9 +296,7 @@ async def test_a_call_whose_unindexing_instance_died_midway_is_found_again(
     the two steps. The entry is then popped by an instance that dies too: the reaper must
     still find it."""
     async with InProcessBot(store=redis_url, keep_alive=False, store_lease=30) as bot:
-        assert bot.bot is not None
-        store = bot.bot._running().store
-        assert isinstance(store, _redis.RedisStore)
+        store = _store_of(bot)
         _quiet(store)
         call = "strand3"
         pending, runnable = KEY_PREFIX + "pending", KEY_PREFIX + "runnable"
@@ -339,9 +339,7 @@ async def test_a_run_after_a_lost_burst_starts_again_from_the_stored_state(
     async with InProcessBot(
         store=redis_url, keep_alive=False, store_lease=30, on_event=on_event
     ) as bot:
-        assert bot.bot is not None
-        store = bot.bot._running().store
-        assert isinstance(store, _redis.RedisStore)
+        store = _store_of(bot)
         call = "rerun1"
         inbox, record, lease = store._keys.of(call, "inbox", "call", "lease")
         assert await bot.post(_body(b.incoming_call("rerun-1"))) == 202
