@@ -4,7 +4,6 @@ fencing a run that gave its call up (one redis-server on 127.0.0.1, in process).
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 from typing import Any
 
@@ -13,7 +12,6 @@ import redis.asyncio as aioredis
 
 from benchmarks._inproc import InProcessBot
 from benchmarks.bench_store import measure
-from callbot import events
 from callbot._parse import parse_payload
 from callbot.store import _redis, _scripts
 from callbot.store._codec import decode_entry, encode_entry
@@ -154,21 +152,15 @@ async def test_closing_cancels_again_a_task_that_took_its_cancellation_for_a_tim
     assert task.cancelled()
 
 
-def _store_of(bot: InProcessBot) -> _redis.RedisStore:
-    """The running bot's Redis store."""
-    assert bot.bot is not None
-    store = bot.bot._running().store
-    assert isinstance(store, _redis.RedisStore)
-    return store
-
-
 async def test_a_call_taken_off_the_pending_index_comes_back_when_the_second_look_fails(
     redis_url: str, rdb: aioredis.Redis
 ) -> None:
     """The reaper only looks at indexed calls: one whose removal could not be checked
     (Redis went away between the two steps) is indexed again with the next round."""
     async with InProcessBot(store=redis_url, keep_alive=False) as bot:
-        store = _store_of(bot)
+        assert bot.bot is not None
+        store = bot.bot._running().store
+        assert isinstance(store, _redis.RedisStore)
         pending = KEY_PREFIX + "pending"
         await rdb.sadd(pending, "somecall")
         real = store._script_run
@@ -182,200 +174,3 @@ async def test_a_call_taken_off_the_pending_index_comes_back_when_the_second_loo
         assert not await rdb.sismember(pending, "somecall")
         await store._flush_indexes()
         assert await rdb.sismember(pending, "somecall")
-
-
-def _quiet(store: _redis.RedisStore) -> None:
-    """Stop the store's claim and upkeep loops: the test plays their steps itself."""
-    for task in store._tasks:
-        if task.get_name() in ("callbot-store-claim", "callbot-store-maintain"):
-            task.cancel()
-
-
-async def _reap_now(store: _redis.RedisStore, rdb: aioredis.Redis) -> None:
-    """One upkeep round of the reaper, as whichever instance holds the role would run it."""
-    await rdb.delete(KEY_PREFIX + "reaper")
-    await store._reap()
-
-
-def _body(item: dict[str, Any]) -> bytes:
-    return json.dumps(b.notifications(item)).encode()
-
-
-async def test_a_call_its_owner_indexed_nowhere_is_found_again_by_the_reaper(
-    redis_url: str, rdb: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Redis away past the lease: the owner's call, idle, is taken off the pending index by
-    the reaper; the owner takes its lease back and accepts the next entry itself, which
-    skips the index (the call is its own). Then the owner is lost (its lease runs out):
-    the reaper must still find the entry."""
-    tone_started = asyncio.Event()
-    go_on = asyncio.Event()
-
-    async def on_event(call: Any, event: Any) -> None:
-        if isinstance(event, events.ToneReceived):
-            tone_started.set()
-            await go_on.wait()
-
-    async with InProcessBot(
-        store=redis_url, keep_alive=False, store_lease=30, on_event=on_event
-    ) as bot:
-        store = _store_of(bot)
-        store._linger = 3600.0  # the owner keeps its idle call: it waits for the next entry
-        # Each entry acknowledged at once (as the 32nd of a burst is): the idle owner's
-        # inbox is then empty.
-        monkeypatch.setattr(_redis, "_ACK_EVERY", 1)
-        try:
-            assert await bot.post(_body(b.incoming_call("strand-1"))) == 202
-            call = "strand1"
-            inbox, lease = store._keys.of(call, "inbox", "lease")
-            pending, runnable = KEY_PREFIX + "pending", KEY_PREFIX + "runnable"
-
-            async def idle_and_waiting() -> bool:
-                state = store._owned.get(call)
-                return state is not None and state.waiting and await rdb.xlen(inbox) == 0
-
-            await wait_for(idle_and_waiting)
-            _quiet(store)
-            await rdb.delete(lease)  # it expired while Redis was away
-            await _reap_now(store, rdb)  # idle, nobody on it: off the index
-            assert not await rdb.sismember(pending, call)
-            await store._renew()  # the owner's epoch is unchanged: it goes on
-            assert await rdb.exists(lease)
-            assert await bot.post(_body(b.tone("strand-1", "tone1", 1))) == 202
-            await asyncio.wait_for(tone_started.wait(), 10)
-            assert await rdb.xlen(inbox) == 1
-            assert not await rdb.sismember(pending, call)  # the window: indexed nowhere
-            await rdb.delete(lease)  # the owner is lost: nobody renews its lease
-            await _reap_now(store, rdb)
-            assert await rdb.zscore(runnable, call) is not None
-        finally:
-            go_on.set()
-
-
-async def test_an_entry_whose_index_went_ahead_of_its_ingest_is_found_again(
-    redis_url: str, rdb: aioredis.Redis
-) -> None:
-    """After a restart Redis has no scripts: an ingest's SADD to the pending index is
-    answered, its script is sent again once the scripts are loaded. A call given up in
-    between is taken off the index before its entry lands; the entry, made runnable, is
-    then popped by an instance that dies before it claims the call (or while it holds
-    it). The reaper must still find the entry."""
-    async with InProcessBot(store=redis_url, keep_alive=False, store_lease=30) as bot:
-        store = _store_of(bot)
-        _quiet(store)
-        call = "strand2"
-        pending, runnable = KEY_PREFIX + "pending", KEY_PREFIX + "runnable"
-        inbox, lease = store._keys.of(call, "inbox", "lease")
-        await rdb.sadd(pending, call)  # the call was given up: its removal is on its way
-        store._capacity = 0  # this instance takes nothing on: the call is made runnable
-        await rdb.script_flush()  # as a restart leaves Redis
-        real = store._load_scripts
-
-        async def load_then_unpend() -> None:
-            await real()
-            await store._unpend(call)  # the removal lands between the two round trips
-
-        store._load_scripts = load_then_unpend  # type: ignore[method-assign]
-        assert await bot.post(_body(b.incoming_call("strand-2"))) == 202
-        store._load_scripts = real  # type: ignore[method-assign]
-        assert await rdb.xlen(inbox) == 1
-        assert not await rdb.sismember(pending, call)  # the window: off the index
-        assert await rdb.zscore(runnable, call) is not None
-        # popped by an instance that dies at once (its claim taken or not)
-        assert await rdb.zpopmin(runnable)
-        await _reap_now(store, rdb)
-        assert await rdb.zscore(runnable, call) is not None
-        assert not await rdb.exists(lease)
-
-
-async def test_a_call_whose_unindexing_instance_died_midway_is_found_again(
-    redis_url: str, rdb: aioredis.Redis
-) -> None:
-    """An instance gives a call up and takes it off the pending index; an entry accepted
-    meanwhile (made runnable) is seen by the second look, unless the instance dies between
-    the two steps. The entry is then popped by an instance that dies too: the reaper must
-    still find it."""
-    async with InProcessBot(store=redis_url, keep_alive=False, store_lease=30) as bot:
-        store = _store_of(bot)
-        _quiet(store)
-        call = "strand3"
-        pending, runnable = KEY_PREFIX + "pending", KEY_PREFIX + "runnable"
-        store._capacity = 0
-        assert await bot.post(_body(b.incoming_call("strand-3"))) == 202
-        assert await rdb.sismember(pending, call)
-        real = store._script_run
-
-        async def dies(command: Any) -> Any:
-            raise asyncio.CancelledError  # the process ends here: nothing more is sent
-
-        store._script_run = dies  # type: ignore[method-assign]
-        with pytest.raises(asyncio.CancelledError):
-            await store._unpend(call)  # its give-up came just before the entry
-        store._script_run = real  # type: ignore[method-assign]
-        assert not await rdb.sismember(pending, call)
-        assert await rdb.zpopmin(runnable)
-        await _reap_now(store, rdb)
-        assert await rdb.zscore(runnable, call) is not None
-
-
-@pytest.mark.parametrize("stored", ["first entry", "nothing"])
-async def test_a_run_after_a_lost_burst_starts_again_from_the_stored_state(
-    redis_url: str, rdb: aioredis.Redis, stored: str
-) -> None:
-    """A failover loses what the primary took after a call's first entry was acknowledged
-    (or all its checkpoints): its record goes back to that entry (or is gone), and the later
-    entries wait again. The same process, which ran them before and saw the call end, runs
-    them again from the stored state: each a transition again, the last one the call's
-    end, none dropped as stale."""
-    seen: list[tuple[str, str | None]] = []
-    hold = asyncio.Event()
-    hold.set()
-
-    async def on_event(call: Any, event: Any) -> None:
-        await hold.wait()
-        if isinstance(event, events.CallStateChanged):
-            seen.append((type(event).__name__, event.state))
-
-    async with InProcessBot(
-        store=redis_url, keep_alive=False, store_lease=30, on_event=on_event
-    ) as bot:
-        store = _store_of(bot)
-        call = "rerun1"
-        inbox, record, lease = store._keys.of(call, "inbox", "call", "lease")
-        assert await bot.post(_body(b.incoming_call("rerun-1"))) == 202
-        await wait_for(lambda: _acknowledged(rdb, inbox, record))
-        first_record = await rdb.dump(record)
-        assert first_record is not None
-        hold.clear()  # nothing after the first entry is acknowledged until the dump below
-        for state in ("establishing", "established", "terminated"):
-            assert await bot.post(_body(b.call_state("rerun-1", state))) == 202
-        assert await rdb.xlen(inbox) == 3
-        later_entries = await rdb.dump(inbox)
-        assert later_entries is not None
-        hold.set()
-        await wait_for(lambda: _ended(rdb, inbox, lease, seen))
-        assert seen == [
-            ("CallStateChanged", "establishing"),
-            ("CallStateChanged", "established"),
-            ("CallTerminated", "terminated"),
-        ]
-        # The failover: the new primary has the entries, not what acknowledged them.
-        if stored == "nothing":
-            await rdb.delete(record)
-        else:
-            await rdb.restore(record, 0, first_record, replace=True)
-        await rdb.restore(inbox, 0, later_entries, replace=True)
-        await rdb.sadd(KEY_PREFIX + "pending", call)
-        await rdb.zadd(KEY_PREFIX + "runnable", {call: 0})
-        await wait_for(lambda: _ended(rdb, inbox, lease, seen, runs=2))
-        assert seen[3:] == seen[:3]
-
-
-async def _acknowledged(rdb: aioredis.Redis, inbox: str, record: str) -> bool:
-    return bool(await rdb.exists(record)) and await rdb.xlen(inbox) == 0
-
-
-async def _ended(
-    rdb: aioredis.Redis, inbox: str, lease: str, seen: list[Any], runs: int = 1
-) -> bool:
-    return len(seen) >= 3 * runs and await rdb.xlen(inbox) == 0 and not await rdb.exists(lease)

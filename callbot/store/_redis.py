@@ -86,9 +86,6 @@ _MAX_PIPELINE = 512
 """Commands sent in one round trip at most."""
 _SENDERS = 4
 """Round trips in flight at once."""
-_SWEEP_COUNT = 500
-"""Keys the reaper's sweep over the calls' inboxes looks through per upkeep round (one SCAN
-step): a bounded cost per round, a whole sweep every ``keys / 500`` rounds."""
 
 
 _SHARED = (events.OperationUpdated, events.CallTerminated, events.ToneReceived)
@@ -560,9 +557,6 @@ class RedisStore:
         """Ended calls given up, to take off the ``pending`` index."""
         self._lingering = 0
         """Held calls with nothing to do, waiting a moment for their next notification."""
-        self._sweep_cursor = 0
-        self._sweep_node = 0
-        """Where the reaper's sweep over the inboxes goes on (a Cluster's primaries in turn)."""
 
     # -- the Store interface ------------------------------------------------------
 
@@ -807,7 +801,7 @@ class RedisStore:
                     ]
                 )
             except RedisError as exc:
-                # A popped call is not lost: the reaper finds it again (pending index, sweep).
+                # A popped call is not lost: the reaper finds it again in the pending index.
                 self._mark(False, exc)
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 1.0)
@@ -898,11 +892,10 @@ class RedisStore:
             self._sequencer.adopt(record)
         else:
             self._sequencer.evict(key)
-            life = self._lifecycle.get(key)
-            if life is not None:
-                # Nothing stored (a failover lost it): the run starts from no state, whatever
-                # this process saw of the call before.
-                self._lifecycle.adopt(life.call_id, phase=-1, state=None, ended=False)
+        # A call with no record stored gets one at its first entry, not at the end of the
+        # burst: were that one write lost (a failover), a re-run would start from no state
+        # while this process's lifecycle remembers the last one.
+        unsaved = not stored
         buffer = state.buffer
         self._take(state, first)
         while not state.lost:
@@ -912,7 +905,11 @@ class RedisStore:
             holding = self._holding(key)
             fed = state.fed
             owing = not holding and fed is not None and fed != state.acked
-            if fed is not None and owing and (self._draining or state.owed >= _ACK_EVERY):
+            if (
+                fed is not None
+                and owing
+                and (unsaved or self._draining or state.owed >= _ACK_EVERY)
+            ):
                 coming = buffer[-1][0] if buffer else ""
                 read_on = not buffer and not self._draining
                 if read_on:
@@ -920,6 +917,7 @@ class RedisStore:
                 outcome, more = await self._checkpoint(state, fed, read_on=read_on, next_id=coming)
                 if not outcome:
                     return
+                unsaved = False
                 self._take(state, more)
                 continue
             if self._draining:
@@ -1397,69 +1395,12 @@ class RedisStore:
                 woken += int(await self._batch.run("ZADD", keys.runnable, "NX", *waiting))
             if int(cursor) == 0:
                 break
-        # The pending index can miss a call with entries after faults (an owner's own entry is
-        # not indexed, an index write overtaken by a removal): the inboxes are the truth.
-        woken += await self._sweep()
         # The shared indexes expire too, a day after every instance stopped.
         await self._run_all(
             [("PEXPIRE", key, _LIFETIME_MS) for key in (keys.pending, keys.active, keys.events)]
         )
         if woken:
             log.info("calls_reclaimed", count=woken, detail="their owner's lease expired")
-
-    async def _sweep(self) -> int:
-        """One step through the calls' inboxes: a call whose inbox holds entries is indexed
-        as pending again, and made runnable if nobody holds it; how many were woken."""
-        keys = self._keys
-        found = await self._scan_inboxes()
-        head, tail = len(keys.prefix) + 1, -len("}:inbox")
-        calls = [key[head:tail] for key in found if key.startswith(keys.prefix + "{")]
-        if not calls:
-            return 0
-        probes = await self._run_all(
-            [_cmd(_scripts.PROBE, keys.of(call, "inbox", "lease")) for call in calls]
-        )
-        indexed = [call for call, probe in zip(calls, probes, strict=True) if int(probe[0])]
-        waiting: list[Any] = []
-        for call, probe in zip(calls, probes, strict=True):
-            if int(probe[0]) == 1:
-                waiting += [_stream_id(_text(probe[1]))[0], call]
-        commands: list[tuple[Any, ...]] = [("SADD", keys.pending, *indexed)] if indexed else []
-        if waiting:
-            commands.append(("ZADD", keys.runnable, "NX", *waiting))
-        answers = await self._run_all(commands)
-        added = int(answers[0]) if indexed else 0
-        woken = int(answers[-1]) if waiting else 0
-        if added:
-            # A fault left these out of the index (woken: nothing else would have run them).
-            log.warning("pending_index_repaired", count=added, woken=woken)
-        return woken
-
-    async def _scan_inboxes(self) -> list[str]:
-        """The inbox keys of one SCAN step (on one primary of a Cluster at a time)."""
-        pattern = _glob_escape(self._keys.prefix) + "{*}:inbox"
-        if isinstance(self._redis, RedisCluster):
-            nodes = self._redis.get_primaries()
-            node = nodes[self._sweep_node % len(nodes)]
-            # with one target node: ({its name: its cursor}, keys)
-            answer: Any = await self._redis.scan(
-                self._sweep_cursor,
-                match=pattern,
-                count=_SWEEP_COUNT,
-                _type="stream",
-                target_nodes=node,
-            )
-            cursors, found = answer
-            self._sweep_cursor = int(next(iter(cursors.values()), 0))
-            if not self._sweep_cursor:
-                self._sweep_node += 1
-        else:
-            cursor, found = await self._batch.run(
-                *("SCAN", self._sweep_cursor, "MATCH", pattern),
-                *("COUNT", _SWEEP_COUNT, "TYPE", "stream"),
-            )
-            self._sweep_cursor = int(cursor)
-        return [_text(key) for key in found]
 
     async def _load_records(self, calls: Sequence[str]) -> dict[str, CallRecord | None]:
         found: dict[str, CallRecord | None] = {}
@@ -1701,11 +1642,6 @@ async def _cancelled(tasks: Sequence[asyncio.Task[Any]]) -> None:
             if not task.cancelled():
                 task.exception()  # retrieved: a task that failed on the way out says nothing
     log.warning("store_tasks_left_running", tasks=len(pending))
-
-
-def _glob_escape(text: str) -> str:
-    """``text`` matched literally by a SCAN pattern."""
-    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 def _members(popped: Any) -> list[str]:
