@@ -94,7 +94,9 @@ async def _retry(step: Any, *args: Any) -> Any:
         try:
             await follow_primary(_client)
             return await step(*args)
-        except (RedisError, OSError, AttributeError):
+        except (RedisError, OSError, AttributeError, TypeError):
             # Redis restarting or failing over (AttributeError: redis-py's cluster client
-            # while it reconnects); the write is idempotent, so it is tried again
+            # while it reconnects; TypeError: from Python 3.12 on, asyncio's writelines on
+            # a connection that was closed meanwhile); the write is idempotent, so it is
+            # tried again
             await asyncio.sleep(0.1)

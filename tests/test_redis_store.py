@@ -174,3 +174,30 @@ async def test_a_call_taken_off_the_pending_index_comes_back_when_the_second_loo
         assert not await rdb.sismember(pending, "somecall")
         await store._flush_indexes()
         assert await rdb.sismember(pending, "somecall")
+
+
+async def test_the_events_loop_reads_on_after_redis_py_breaks_with_an_odd_error(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From Python 3.12 on, asyncio's writelines on a connection closed meanwhile raises
+    TypeError, which redis-py passes on: the loop relaying other instances' outcomes reads
+    on instead of ending."""
+    async with InProcessBot(store=redis_url, keep_alive=False) as bot:
+        assert bot.bot is not None
+        store = bot.bot._running().store
+        assert isinstance(store, _redis.RedisStore)
+        (relay,) = [t for t in store._tasks if t.get_name() == "callbot-store-events"]
+        real = _redis._one_command
+        broke, read_again = asyncio.Event(), asyncio.Event()
+
+        async def breaks_once(pool: Any, command: tuple[Any, ...]) -> Any:
+            if not broke.is_set():
+                broke.set()
+                raise TypeError("'NoneType' object is not callable")
+            read_again.set()
+            return await real(pool, command)
+
+        monkeypatch.setattr(_redis, "_one_command", breaks_once)
+        async with asyncio.timeout(30):
+            await read_again.wait()
+        assert not relay.done()

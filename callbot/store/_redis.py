@@ -1477,6 +1477,14 @@ class RedisStore:
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 1.0)
                 continue
+            except Exception:
+                # redis-py's internals broke with the connection (from Python 3.12 on,
+                # asyncio's writelines on a connection closed meanwhile raises TypeError):
+                # read again rather than stop relaying for good.
+                log.exception("store_events_failed")
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 1.0)
+                continue
             pause = _RETRY_PAUSE
             for _name, entries in answer or ():
                 for entry_id, fields in entries:
