@@ -209,17 +209,26 @@ class Lifecycle:
         self._forget(id_key(call_id), "gone")
 
     def adopt(self, call_id: str, *, phase: int, state: str | None, ended: bool) -> CallLife:
-        """Continue a call known from a shared store (after a restart or a takeover)."""
+        """Continue a call from the state a shared store holds (after a restart, a takeover,
+        or a failover that lost later checkpoints): that state, not what this process saw
+        before, is where the call's next run starts, even when it is an earlier one."""
         life = self.life(call_id)
         if phase >= _ESTABLISHING:
             self._pending.pop(life.key, None)
-        life.phase = max(life.phase, phase)
-        life.state = state if state is not None else life.state
-        if ended and not life.ended:
+        life.phase = phase
+        life.state = state
+        if ended:
             self.end(call_id, None)
-        elif life.established and not life.keeping_alive:
+            return life
+        if life.ended:
+            # The run goes through the call's end again, and the end is told again then.
+            life.ended = False
+            life.result_info = None
+        if life.established and not life.keeping_alive:
             # Keep-alives follow the calls: the instance that kept this one may be gone.
             self._start_keep_alive(life)
+        elif not life.established:
+            life.keeping_alive = False
         return life
 
     # -- running --------------------------------------------------------------------------
@@ -295,7 +304,8 @@ class Lifecycle:
         if self._lives.get(life.key) is not life:
             return
         if kind == _FORGET:
-            self._forget(life.key, "grace_over")
+            if life.ended:  # (a call a run took back from its end is not forgotten)
+                self._forget(life.key, "grace_over")
         elif kind == _FORGET_PENDING:
             if life.phase < _ESTABLISHING and not life.ended:
                 self._forget(life.key, "never_established")

@@ -199,6 +199,28 @@ async def test_an_adopted_call_keeps_being_kept_alive(clock: Clock) -> None:
     assert not ended.keeping_alive
 
 
+async def test_a_call_adopted_back_from_its_end_runs_to_its_end_again(clock: Clock) -> None:
+    """A store whose later checkpoints were lost gives an earlier state than this process
+    saw: the call goes back to it (and is not forgotten at the first end's grace), and its
+    end, delivered again, is told again."""
+    calls = lifecycle()
+    ended: list[str] = []
+    calls.when_ended(lambda key, info: ended.append(key))
+    life = calls.life(CALL_ID)
+    calls.enter(life, "established")
+    calls.enter(life, "terminated")
+    again = calls.adopt(CALL_ID, phase=1, state="establishing", ended=False)
+    assert again is life
+    assert (life.phase, life.state, life.ended) == (1, "establishing", False)
+    await clock.advance(31.0)  # the first end's grace is over
+    assert calls.get(CALL_ID) is life
+    assert calls.enter(life, "established") == (True, "establishing")
+    assert calls.enter(life, "terminated") == (True, "established")
+    assert ended == [life.key, life.key]
+    await clock.advance(31.0)
+    assert calls.get(CALL_ID) is None
+
+
 async def test_keep_alives_reach_graph_and_a_404_ends_the_call(graph: FakeGraph) -> None:
     calls = Lifecycle(termination_grace=30.0)
     services = CallServices(

@@ -4,6 +4,7 @@ fencing a run that gave its call up (one redis-server on 127.0.0.1, in process).
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 from typing import Any
 
@@ -12,6 +13,7 @@ import redis.asyncio as aioredis
 
 from benchmarks._inproc import InProcessBot
 from benchmarks.bench_store import measure
+from callbot import events
 from callbot._parse import parse_payload
 from callbot.store import _redis, _scripts
 from callbot.store._codec import decode_entry, encode_entry
@@ -201,3 +203,72 @@ async def test_the_events_loop_reads_on_after_redis_py_breaks_with_an_odd_error(
         async with asyncio.timeout(30):
             await read_again.wait()
         assert not relay.done()
+
+
+def _body(item: dict[str, Any]) -> bytes:
+    return json.dumps(b.notifications(item)).encode()
+
+
+@pytest.mark.parametrize("stored", ["first entry", "nothing"])
+async def test_a_run_after_a_lost_burst_starts_again_from_the_stored_state(
+    redis_url: str, rdb: aioredis.Redis, stored: str
+) -> None:
+    """A failover loses what the primary took after a call's first entry was acknowledged
+    (or all its checkpoints): its record goes back to that entry (or is gone), and the later
+    entries wait again. The same process, which ran them before and saw the call end, runs
+    them again from the stored state: each a transition again, the last one the call's
+    end, none dropped as stale."""
+    seen: list[tuple[str, str | None]] = []
+    hold = asyncio.Event()
+    hold.set()
+
+    async def on_event(call: Any, event: Any) -> None:
+        await hold.wait()
+        if isinstance(event, events.CallStateChanged):
+            seen.append((type(event).__name__, event.state))
+
+    async with InProcessBot(
+        store=redis_url, keep_alive=False, store_lease=30, on_event=on_event
+    ) as bot:
+        assert bot.bot is not None
+        store = bot.bot._running().store
+        assert isinstance(store, _redis.RedisStore)
+        call = "rerun1"
+        inbox, record, lease = store._keys.of(call, "inbox", "call", "lease")
+        assert await bot.post(_body(b.incoming_call("rerun-1"))) == 202
+        await wait_for(lambda: _acknowledged(rdb, inbox, record))
+        first_record = await rdb.dump(record)
+        assert first_record is not None
+        hold.clear()  # nothing after the first entry is acknowledged until the dump below
+        for state in ("establishing", "established", "terminated"):
+            assert await bot.post(_body(b.call_state("rerun-1", state))) == 202
+        assert await rdb.xlen(inbox) == 3
+        later_entries = await rdb.dump(inbox)
+        assert later_entries is not None
+        hold.set()
+        await wait_for(lambda: _ended(rdb, inbox, lease, seen))
+        assert seen == [
+            ("CallStateChanged", "establishing"),
+            ("CallStateChanged", "established"),
+            ("CallTerminated", "terminated"),
+        ]
+        # The failover: the new primary has the entries, not what acknowledged them.
+        if stored == "nothing":
+            await rdb.delete(record)
+        else:
+            await rdb.restore(record, 0, first_record, replace=True)
+        await rdb.restore(inbox, 0, later_entries, replace=True)
+        await rdb.sadd(KEY_PREFIX + "pending", call)
+        await rdb.zadd(KEY_PREFIX + "runnable", {call: 0})
+        await wait_for(lambda: _ended(rdb, inbox, lease, seen, runs=2))
+        assert seen[3:] == seen[:3]
+
+
+async def _acknowledged(rdb: aioredis.Redis, inbox: str, record: str) -> bool:
+    return bool(await rdb.exists(record)) and await rdb.xlen(inbox) == 0
+
+
+async def _ended(
+    rdb: aioredis.Redis, inbox: str, lease: str, seen: list[Any], runs: int = 1
+) -> bool:
+    return len(seen) >= 3 * runs and await rdb.xlen(inbox) == 0 and not await rdb.exists(lease)

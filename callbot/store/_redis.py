@@ -892,9 +892,13 @@ class RedisStore:
             self._sequencer.adopt(record)
         else:
             self._sequencer.evict(key)
-        # A call with no record stored gets one at its first entry, not at the end of the
-        # burst: were that one write lost (a failover), a re-run would start from no state
-        # while this process's lifecycle remembers the last one.
+            life = self._lifecycle.get(key)
+            if life is not None:
+                # Nothing stored (a failover lost it): the run starts from no state, whatever
+                # this process saw of the call before.
+                self._lifecycle.adopt(life.call_id, phase=-1, state=None, ended=False)
+        # A call with no record stored gets one at its first entry: an instance taking it
+        # over then starts from its snapshot, not from nothing.
         unsaved = not stored
         buffer = state.buffer
         self._take(state, first)
