@@ -243,6 +243,14 @@ class Sequencer:
         )
         self._records[key] = record
 
+    def start_over(self, call_key: str) -> None:
+        """Continue a call of which a store holds nothing: no record, and its life back to no
+        state, whatever this process saw of it before."""
+        self._drop_record(call_key)
+        life = self.lifecycle.get(call_key)
+        if life is not None:
+            self.lifecycle.adopt(life.call_id, phase=-1, state=None, ended=False)
+
     def evict(self, call_key: str) -> CallRecord | None:
         """Stop ordering a call here (another process carries it on); a held event is
         discarded. Its life goes on: the lifecycle still keeps it alive."""

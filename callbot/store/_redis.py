@@ -891,12 +891,8 @@ class RedisStore:
             # The lifecycle resumes its keep-alive: the instance that kept it may be gone.
             self._sequencer.adopt(record)
         else:
-            self._sequencer.evict(key)
-            life = self._lifecycle.get(key)
-            if life is not None:
-                # Nothing stored (a failover lost it): the run starts from no state, whatever
-                # this process saw of the call before.
-                self._lifecycle.adopt(life.call_id, phase=-1, state=None, ended=False)
+            # Nothing stored (a failover lost it): the run starts from no state.
+            self._sequencer.start_over(key)
         # A call with no record stored gets one at its first entry: an instance taking it
         # over then starts from its snapshot, not from nothing.
         unsaved = not stored
@@ -1156,11 +1152,7 @@ class RedisStore:
             try:
                 (answer,) = await self._run_all((command,))
             except RedisError as exc:
-                self._mark(False, exc)
-                if self._closing:
-                    raise
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, _STEADY_PAUSE * 5)
+                pause = await self._wait_after(exc, pause)
                 continue
             self._mark(True)
             return started, answer
@@ -1476,16 +1468,14 @@ class RedisStore:
                         self._blocking.connection_pool,
                         ("XREAD", "COUNT", 256, "BLOCK", block, "STREAMS", stream, last),
                     )
-            except RedisError as exc:
-                self._mark(False, exc)
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, 1.0)
-                continue
-            except Exception:
-                # redis-py's internals broke with the connection (from Python 3.12 on,
-                # asyncio's writelines on a connection closed meanwhile raises TypeError):
-                # read again rather than stop relaying for good.
-                log.exception("store_events_failed")
+            except Exception as exc:
+                if isinstance(exc, RedisError):
+                    self._mark(False, exc)
+                else:
+                    # redis-py's internals broke with the connection (from Python 3.12 on,
+                    # asyncio's writelines on a connection closed meanwhile raises TypeError):
+                    # read again rather than stop relaying for good.
+                    log.exception("store_events_failed")
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 1.0)
                 continue
@@ -1564,14 +1554,19 @@ class RedisStore:
             try:
                 result = await step(*args)
             except RedisError as exc:
-                self._mark(False, exc)
-                if self._closing:
-                    raise
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, _STEADY_PAUSE * 5)
+                pause = await self._wait_after(exc, pause)
                 continue
             self._mark(True)
             return result
+
+    async def _wait_after(self, failure: RedisError, pause: float) -> float:
+        """A steady step failed: raised again when closing, else waited ``pause`` for; the
+        pause before the next attempt."""
+        self._mark(False, failure)
+        if self._closing:
+            raise failure
+        await asyncio.sleep(pause)
+        return min(pause * 2, _STEADY_PAUSE * 5)
 
     def _mark(self, reachable: bool, error: BaseException | None = None) -> None:
         if reachable == self._reachable:
