@@ -154,28 +154,151 @@ async def test_closing_cancels_again_a_task_that_took_its_cancellation_for_a_tim
     assert task.cancelled()
 
 
-async def test_a_call_taken_off_the_pending_index_comes_back_when_the_second_look_fails(
+def _store(bot: InProcessBot) -> _redis.RedisStore:
+    assert bot.bot is not None
+    store = bot.bot._running().store
+    assert isinstance(store, _redis.RedisStore)
+    return store
+
+
+def _quiet(store: _redis.RedisStore) -> None:
+    """Stop the store's claim and upkeep loops: the test plays their steps itself."""
+    for task in store._tasks:
+        if task.get_name() in ("callbot-store-claim", "callbot-store-maintain"):
+            task.cancel()
+
+
+def _bystander(bot: InProcessBot) -> _redis.RedisStore:
+    """The store of a bot whose loops the test plays, and which takes no call on: what it
+    accepts is made runnable for others."""
+    store = _store(bot)
+    _quiet(store)
+    store._capacity = 0
+    return store
+
+
+async def _reap_now(store: _redis.RedisStore, rdb: aioredis.Redis) -> None:
+    """One upkeep round of the reaper, as whichever instance holds the role would run it."""
+    await rdb.delete(KEY_PREFIX + "reaper")
+    await store._reap()
+
+
+async def test_an_owner_that_takes_its_lapsed_lease_back_indexes_what_it_accepts(
     redis_url: str, rdb: aioredis.Redis
 ) -> None:
-    """The reaper only looks at indexed calls: one whose removal could not be checked
-    (Redis went away between the two steps) is indexed again with the next round."""
-    async with InProcessBot(store=redis_url, keep_alive=False) as bot:
-        assert bot.bot is not None
-        store = bot.bot._running().store
-        assert isinstance(store, _redis.RedisStore)
-        pending = KEY_PREFIX + "pending"
-        await rdb.sadd(pending, "somecall")
-        real = store._script_run
+    """Redis away past the lease: the owner's call, idle, is taken off the pending index by
+    the reaper; the owner takes its lease back (its epoch is unchanged) and accepts the
+    next entry itself. If the owner is then lost, the reaper must still find the entry."""
+    tone_started = asyncio.Event()
+    go_on = asyncio.Event()
 
-        async def unreachable(command: Any) -> Any:
-            raise aioredis.ConnectionError("gone between the two steps")
+    async def on_event(call: Any, event: Any) -> None:
+        if isinstance(event, events.ToneReceived):
+            tone_started.set()
+            await go_on.wait()
 
-        store._script_run = unreachable  # type: ignore[method-assign]
-        await store._unpend("somecall")
-        store._script_run = real  # type: ignore[method-assign]
-        assert not await rdb.sismember(pending, "somecall")
-        await store._flush_indexes()
-        assert await rdb.sismember(pending, "somecall")
+    async with InProcessBot(
+        store=redis_url, keep_alive=False, store_lease=30, on_event=on_event
+    ) as bot:
+        store = _store(bot)
+        store._linger = 3600.0  # the owner keeps its idle call: it waits for the next entry
+        try:
+            assert await bot.post(_body(b.incoming_call("strand-1"))) == 202
+            call = "strand1"
+            inbox, lease = store._keys.of(call, "inbox", "lease")
+            pending, runnable = KEY_PREFIX + "pending", KEY_PREFIX + "runnable"
+
+            async def idle_and_waiting() -> bool:
+                state = store._owned.get(call)
+                return state is not None and state.waiting and await rdb.xlen(inbox) == 0
+
+            await wait_for(idle_and_waiting)
+            _quiet(store)
+            await rdb.delete(lease)  # it expired while Redis was away
+            await _reap_now(store, rdb)  # idle, nobody on it: off the index
+            assert not await rdb.sismember(pending, call)
+            await store._renew()  # the owner's epoch is unchanged: it goes on
+            assert await rdb.exists(lease)
+            assert await bot.post(_body(b.tone("strand-1", "tone1", 1))) == 202
+            await asyncio.wait_for(tone_started.wait(), 10)
+            assert await rdb.xlen(inbox) == 1
+            assert await rdb.sismember(pending, call)
+            await rdb.delete(lease)  # the owner is lost: nobody renews its lease
+            await _reap_now(store, rdb)
+            assert await rdb.zscore(runnable, call) is not None
+        finally:
+            go_on.set()
+
+
+async def test_an_ingest_sent_again_after_a_restart_indexes_its_call_after_its_entry(
+    redis_url: str, rdb: aioredis.Redis
+) -> None:
+    """After a restart Redis has no scripts: an ingest's script is sent again once they are
+    loaded. A call given up in between (taken off the index and looked at again) must be
+    indexed after the entry lands; the entry, made runnable, is then popped by an instance
+    that dies before it claims the call. The reaper must still find the entry."""
+    async with InProcessBot(store=redis_url, keep_alive=False, store_lease=30) as bot:
+        store = _bystander(bot)
+        call = "strand2"
+        pending, runnable = KEY_PREFIX + "pending", KEY_PREFIX + "runnable"
+        inbox, lease = store._keys.of(call, "inbox", "lease")
+        await rdb.sadd(pending, call)  # the call was given up: its removal is on its way
+        await rdb.script_flush()  # as a restart leaves Redis
+        real = store._load_scripts
+
+        async def load_then_unpend() -> None:
+            await real()
+            await store._unpend(call)  # the removal lands between the two round trips
+            assert not await rdb.sismember(pending, call)
+
+        store._load_scripts = load_then_unpend  # type: ignore[method-assign]
+        assert await bot.post(_body(b.incoming_call("strand-2"))) == 202
+        store._load_scripts = real  # type: ignore[method-assign]
+        assert await rdb.xlen(inbox) == 1
+        assert await rdb.sismember(pending, call)
+        # popped by an instance that dies at once (its claim taken or not)
+        assert await rdb.zpopmin(runnable)
+        await _reap_now(store, rdb)
+        assert await rdb.zscore(runnable, call) is not None
+        assert not await rdb.exists(lease)
+
+
+@pytest.mark.parametrize("stop", ["dies", "unreachable"])
+async def test_a_call_whose_second_look_never_came_is_looked_at_by_the_reaper(
+    redis_url: str, rdb: aioredis.Redis, stop: str
+) -> None:
+    """A run gives its call up with nothing waiting; an entry comes just after, and the
+    run's instance takes the call off the pending index, then dies (or Redis goes away)
+    before its second look. The entry, made runnable, is popped by an instance that dies
+    too: the reaper must still find it."""
+    async with InProcessBot(store=redis_url, keep_alive=False, store_lease=30) as bot:
+        store = _bystander(bot)
+        call = "strand3"
+        pending, runnable = KEY_PREFIX + "pending", KEY_PREFIX + "runnable"
+        assert await bot.post(_body(b.incoming_call("strand-3"))) == 202
+        assert await rdb.sismember(pending, call)
+        real = store._run_all
+
+        async def stops_at_the_second_look(commands: Any, **options: Any) -> Any:
+            if commands[0][:2] == ("EVALSHA", _scripts.PROBE.sha):
+                if stop == "dies":
+                    raise asyncio.CancelledError  # the process ends: nothing more is sent
+                raise aioredis.ConnectionError("gone between the two steps")
+            return await real(commands, **options)
+
+        store._run_all = stops_at_the_second_look  # type: ignore[method-assign]
+        try:
+            await store._unpend(call)
+        except asyncio.CancelledError:
+            assert stop == "dies"
+        finally:
+            store._run_all = real  # type: ignore[method-assign]
+        assert not await rdb.sismember(pending, call)
+        assert await rdb.zpopmin(runnable)
+        await _reap_now(store, rdb)
+        assert await rdb.zscore(runnable, call) is not None
+        assert await rdb.sismember(pending, call)
+        assert not await rdb.exists(store._keys.unpending)
 
 
 async def test_the_events_loop_reads_on_after_redis_py_breaks_with_an_odd_error(
@@ -185,9 +308,7 @@ async def test_the_events_loop_reads_on_after_redis_py_breaks_with_an_odd_error(
     TypeError, which redis-py passes on: the loop relaying other instances' outcomes reads
     on instead of ending."""
     async with InProcessBot(store=redis_url, keep_alive=False) as bot:
-        assert bot.bot is not None
-        store = bot.bot._running().store
-        assert isinstance(store, _redis.RedisStore)
+        store = _store(bot)
         (relay,) = [t for t in store._tasks if t.get_name() == "callbot-store-events"]
         real = _redis._one_command
         broke, read_again = asyncio.Event(), asyncio.Event()
@@ -230,9 +351,7 @@ async def test_a_run_after_a_lost_burst_starts_again_from_the_stored_state(
     async with InProcessBot(
         store=redis_url, keep_alive=False, store_lease=30, on_event=on_event
     ) as bot:
-        assert bot.bot is not None
-        store = bot.bot._running().store
-        assert isinstance(store, _redis.RedisStore)
+        store = _store(bot)
         call = "rerun1"
         inbox, record, lease = store._keys.of(call, "inbox", "call", "lease")
         assert await bot.post(_body(b.incoming_call("rerun-1"))) == 202

@@ -24,7 +24,7 @@ import socket
 import time
 import weakref
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -277,6 +277,9 @@ class _Batcher:
         # trip, as redis-py's own packing costs more than the rest of a command. A Cluster
         # routes each command to its node: its pipeline does that.
         self._pool: Any = None if isinstance(client, RedisCluster) else client.connection_pool
+        self.ordered = self._pool is not None
+        """Whether the commands of one round trip take effect in their order (one server
+        runs them so; a Cluster's pipeline sends each node its own)."""
         self._waiting: deque[tuple[Sequence[tuple[Any, ...]], asyncio.Future[list[Any]]]] = deque()
         self._senders: set[asyncio.Task[None]] = set()
         # Connections kept between round trips: taking one from the pool and giving it back
@@ -462,6 +465,11 @@ class _Keys:
         self.prefix = prefix
         self.runnable = prefix + "runnable"
         self.pending = prefix + "pending"
+        # Where a call taken off ``pending`` waits for its second look: in the same slot,
+        # so that one SMOVE moves it (a key's hash tag is the whole name when it has none).
+        self.unpending = (
+            prefix + "unpending" if _hash_tag(self.pending) else f"{{{self.pending}}}:unpending"
+        )
         self.active = prefix + "active"
         self.events = prefix + "events"
         self.reaper = prefix + "reaper"
@@ -479,6 +487,13 @@ class _Keys:
 
     def record(self, call: str) -> str:
         return f"{self.prefix}{{{call}}}:call"
+
+
+def _hash_tag(key: str) -> str:
+    """The part of a key a Redis Cluster hashes, when it is not the whole key."""
+    opening = key.find("{")
+    closing = key.find("}", opening + 1)
+    return key[opening + 1 : closing] if opening >= 0 and closing > opening + 1 else ""
 
 
 def _cmd(script: _scripts.Script, keys: Sequence[str], *args: Any) -> tuple[Any, ...]:
@@ -551,9 +566,6 @@ class RedisStore:
         self._index_changes: dict[str, bool] = {}
         """Calls to add to (True) or take off (False) the ``active`` index."""
         self._ended_pending: set[str] = set()
-        # Calls taken off the pending index whose second look failed: indexed again with
-        # the next round, so the reaper looks at them (it only looks at indexed calls).
-        self._repend: set[str] = set()
         """Ended calls given up, to take off the ``pending`` index."""
         self._lingering = 0
         """Held calls with nothing to do, waiting a moment for their next notification."""
@@ -711,11 +723,8 @@ class RedisStore:
         room = len(self._owned) - self._lingering < self._capacity and not self._draining
         taking: set[str] = set()
         texts: list[str] = []
-        # The pending index: the reaper finds a call whose owner dies from there. A call
-        # this instance runs is in it already (only a release takes it out).
         calls = [event.call_key for event in batch]
-        unowned = {call for call in calls if not self._holds(call)}
-        commands: list[tuple[Any, ...]] = [("SADD", keys.pending, *unowned)] if unowned else []
+        commands: list[tuple[Any, ...]] = []
         broadcasts: list[tuple[Any, ...]] = []
         for event, call in zip(batch, calls, strict=True):
             # Only the first item of a call in this batch may take it on.
@@ -748,8 +757,12 @@ class RedisStore:
                         *("e", entry, "o", self.token),
                     )
                 )
-        answers = await self._run_all([*commands, *broadcasts])
-        scripts = answers[len(commands) - len(batch) : len(commands)]
+        # The pending index, where the reaper finds a call whose owner is lost: written
+        # after the entries, for every call, its own too. A removal either comes after
+        # it, and its second look sees the entries (see _unpend), or before it.
+        index = ("SADD", keys.pending, *dict.fromkeys(calls))
+        answers = await self._run_all([*commands, *broadcasts], then=index)
+        scripts = answers[: len(batch)]
         runnable: dict[str, int] = {}
         for call, answer in zip(calls, scripts, strict=True):
             if int(answer[1]) == 3:
@@ -759,10 +772,6 @@ class RedisStore:
             flat = [part for call, score in runnable.items() for part in (score, call)]
             await self._batch.run("ZADD", keys.runnable, "NX", *flat)
         return list(zip(scripts, texts, calls, strict=True))
-
-    def _holds(self, call: str) -> bool:
-        state = self._owned.get(call)
-        return state is not None and not state.lost and not state.releasing
 
     # -- claiming and running calls -------------------------------------------------
 
@@ -1193,7 +1202,6 @@ class RedisStore:
     async def _flush_indexes(self) -> None:
         changes, self._index_changes = self._index_changes, {}
         ended, self._ended_pending = self._ended_pending, set()
-        repend, self._repend = self._repend, set()
         added = [call for call, active in changes.items() if active]
         removed = [call for call, active in changes.items() if not active]
         commands: list[tuple[Any, ...]] = []
@@ -1201,9 +1209,6 @@ class RedisStore:
             commands.append(("SADD", self._keys.active, *added))
         if removed:
             commands.append(("SREM", self._keys.active, *removed))
-        if repend:
-            # before the removal of ended calls: an ended call stays out
-            commands.append(("SADD", self._keys.pending, *repend))
         if ended:
             commands.append(("SREM", self._keys.pending, *ended))
         try:
@@ -1212,7 +1217,6 @@ class RedisStore:
             # Written with the next round; a newer change of a call wins.
             self._index_changes = {**changes, **self._index_changes}
             self._ended_pending |= ended
-            self._repend |= repend
             raise
 
     async def _unpend(self, key: str, *, ended: bool = False) -> None:
@@ -1222,23 +1226,38 @@ class RedisStore:
             # the removal can wait for the next upkeep round.
             self._ended_pending.add(key)
             return
+        keys = self._keys
         try:
-            await self._batch.run("SREM", self._keys.pending, key)
-            # Looked at again after the removal: an entry appended meanwhile was indexed
-            # before its script ran, so it is either seen here or indexed after the SREM.
-            probe = await self._script_run(
-                _cmd(_scripts.PROBE, self._keys.of(key, "inbox", "lease"))
+            # Moved aside, not dropped: should this instance stop before its second look,
+            # the reaper looks in its place.
+            moved = await self._script_run(
+                _cmd(_scripts.UNPEND, (keys.pending, keys.unpending), key)
             )
-            if int(probe[0]):
-                await self._batch.run("SADD", self._keys.pending, key)
-                if int(probe[0]) == 1:
-                    score = _stream_id(_text(probe[1]))[0]
-                    await self._batch.run("ZADD", self._keys.runnable, "NX", score, key)
+            if int(moved):
+                await self._settle([(key, _text(moved))])
         except RedisError as exc:
-            # Perhaps out of the index with work coming: indexed again next round, where
-            # the reaper looks again (a call out of it would wait for nobody).
-            self._repend.add(key)
             log.info("pending_index_deferred", call_key=key, error=str(exc))
+
+    async def _settle(self, calls: Sequence[tuple[str, str]]) -> int:
+        """The second look at calls taken off the pending index (with the generation of
+        that move): an entry appended before the removal is seen here, one appended
+        after it indexed the call again itself. How many calls it made runnable."""
+        keys = self._keys
+        probes = await self._run_all(
+            [_cmd(_scripts.PROBE, keys.of(call, "inbox", "lease")) for call, _ in calls]
+        )
+        waiting: list[Any] = []
+        settled: list[Any] = []
+        for (call, generation), probe in zip(calls, probes, strict=True):
+            if int(probe[0]) == 1:
+                waiting += [_stream_id(_text(probe[1]))[0], call]
+            settled += [call, generation, "1" if int(probe[0]) else "0"]
+        # A call with work goes back into ``pending`` in the step that takes it out of
+        # ``unpending``: stopped at any point, the reaper still finds it.
+        commands = [("ZADD", keys.runnable, "NX", *waiting)] if waiting else []
+        commands.append(_cmd(_scripts.SETTLE, (keys.pending, keys.unpending), *settled))
+        answers = await self._run_all(commands)
+        return int(answers[0]) if waiting else 0
 
     def _resting_record(self, key: str, stored: str) -> CallRecord | None:
         resting = self._resting.pop(key, None)
@@ -1373,30 +1392,52 @@ class RedisStore:
         )
         if not mine:
             return
-        cursor: Any = 0
         woken = 0
-        while True:
-            cursor, calls = await self._batch.run("SSCAN", keys.pending, cursor, "COUNT", 200)
-            calls = [_text(call) for call in calls]
+        async for calls in self._scan("SSCAN", keys.pending):
             probes = await self._run_all(
                 [_cmd(_scripts.PROBE, keys.of(call, "inbox", "lease")) for call in calls]
             )
             waiting: list[Any] = []
+            idle: list[str] = []
             for call, probe in zip(calls, probes, strict=True):
                 if int(probe[0]) == 1:
                     waiting += [_stream_id(_text(probe[1]))[0], call]
                 elif int(probe[0]) == 0:
-                    await self._unpend(call)
+                    idle.append(call)
             if waiting:
                 woken += int(await self._batch.run("ZADD", keys.runnable, "NX", *waiting))
-            if int(cursor) == 0:
-                break
+            if idle:
+                moved = await self._run_all(
+                    [_cmd(_scripts.UNPEND, (keys.pending, keys.unpending), call) for call in idle]
+                )
+                aside = [(call, _text(n)) for call, n in zip(idle, moved, strict=True) if int(n)]
+                if aside:
+                    woken += await self._settle(aside)
+        # Calls an instance took off the index and stopped before looking at them again.
+        async for pairs in self._scan("HSCAN", keys.unpending):
+            woken += await self._settle(list(zip(pairs[::2], pairs[1::2], strict=True)))
         # The shared indexes expire too, a day after every instance stopped.
         await self._run_all(
-            [("PEXPIRE", key, _LIFETIME_MS) for key in (keys.pending, keys.active, keys.events)]
+            [
+                ("PEXPIRE", key, _LIFETIME_MS)
+                for key in (keys.pending, keys.unpending, keys.active, keys.events)
+            ]
         )
         if woken:
             log.info("calls_reclaimed", count=woken, detail="their owner's lease expired")
+
+    async def _scan(self, command: str, key: str) -> AsyncIterator[list[str]]:
+        """A set's members (``SSCAN``) or a hash's fields and values, flat (``HSCAN``), a
+        few hundred at a time (one may come twice)."""
+        cursor: Any = 0
+        while True:
+            cursor, found = await self._batch.run(command, key, cursor, "COUNT", 200)
+            if isinstance(found, dict):  # a hash's answer, as redis-py shapes it
+                found = [part for pair in found.items() for part in pair]
+            if found:
+                yield [_text(member) for member in found]
+            if int(cursor) == 0:
+                return
 
     async def _load_records(self, calls: Sequence[str]) -> dict[str, CallRecord | None]:
         found: dict[str, CallRecord | None] = {}
@@ -1523,25 +1564,37 @@ class RedisStore:
         """One command's answer (its error raised)."""
         return (await self._run_all((command,)))[0]
 
-    async def _run_all(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+    async def _run_all(
+        self, commands: Sequence[tuple[Any, ...]], *, then: tuple[Any, ...] | None = None
+    ) -> list[Any]:
         """The answers of commands sent together; the first error is raised.
 
         Scripts missing from the server (it restarted or failed over) are loaded and
-        those commands sent again.
+        those commands sent again. ``then`` takes effect after every one of ``commands``
+        has, those sent again included (its answer is not returned).
         """
         if not commands:
             return []
-        answers = await self._batch.submit(commands)
-        missing = [n for n, answer in enumerate(answers) if isinstance(answer, NoScriptError)]
+        # One server runs a round trip's commands in order; a Cluster's nodes do not.
+        last = [then] if then is not None and self._batch.ordered else []
+        answers = await self._batch.submit([*commands, *last])
+        missing = [
+            n
+            for n, answer in enumerate(answers[: len(commands)])
+            if isinstance(answer, NoScriptError)
+        ]
         if missing:
             await self._load_scripts()
-            again = await self._batch.submit([commands[n] for n in missing])
-            for n, answer in zip(missing, again, strict=True):
+            again = await self._batch.submit([*(commands[n] for n in missing), *last])
+            for n, answer in zip(missing, again, strict=False):
                 answers[n] = answer
+            answers[len(commands) :] = again[len(missing) :]
         for answer in answers:
             if isinstance(answer, Exception):
                 raise answer
-        return answers
+        if then is not None and not last:
+            await self._batch.run(*then)
+        return answers[: len(commands)]
 
     async def _steady(self, step: Any, *args: Any) -> Any:
         """``step(*args)``, retried while Redis fails (the lease may still hold; scripts

@@ -15,7 +15,10 @@ one slot. Keys of one call (``{p}`` is the store's prefix):
   (see ``callbot._journal``)
 
 Each of them has a TTL. Indexes shared by every call live in slots of their own and
-are written by the store next to the scripts, never inside them (see ``_redis``).
+are written by the store next to the scripts of a call, never inside them (see
+``_redis``). Two of them share a slot, and two scripts of their own: ``pending`` (a
+set: calls whose inbox may hold entries, where the reaper looks) and ``unpending`` (a
+hash: calls taken off ``pending`` and not looked at again yet, with a generation).
 
 Time comes from the server (``TIME``, stream ids), so instances' clocks never matter.
 
@@ -32,6 +35,7 @@ from dataclasses import dataclass, field
 
 __all__ = [
     *("ALL", "CHECKPOINT", "CLAIM", "INGEST", "MARK", "PROBE", "RECORD", "RELEASE", "RENEW"),
+    *("SETTLE", "UNPEND"),
     "Script",
 ]
 
@@ -296,4 +300,35 @@ return 1
 )
 """Keep the outcome of a handler's Graph action, unless its run's epoch is over (0)."""
 
-ALL = (INGEST, CLAIM, CHECKPOINT, MARK, RELEASE, RENEW, PROBE, RECORD)
+UNPEND = Script(
+    "unpend",
+    """
+-- KEYS: pending, unpending;  ARGV: call
+if redis.call('SREM', KEYS[1], ARGV[1]) == 1 then
+  return redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
+end
+return 0
+""",
+)
+"""Take a call off the pending index, into ``unpending`` until it is looked at again:
+the generation of that move (0: it was not indexed)."""
+
+SETTLE = Script(
+    "settle",
+    """
+-- KEYS: pending, unpending;  ARGV: call, generation, back (0/1), call, generation, ...
+for i = 1, #ARGV, 3 do
+  if ARGV[i + 2] == '1' then
+    redis.call('SADD', KEYS[1], ARGV[i])
+  end
+  if redis.call('HGET', KEYS[2], ARGV[i]) == ARGV[i + 1] then
+    redis.call('HDEL', KEYS[2], ARGV[i])
+  end
+end
+return 0
+""",
+)
+"""Calls looked at again after they were taken off the pending index: indexed again
+when work came back (``back``); out of ``unpending`` unless taken off again since."""
+
+ALL = (INGEST, CLAIM, CHECKPOINT, MARK, RELEASE, RENEW, PROBE, RECORD, UNPEND, SETTLE)
