@@ -422,6 +422,9 @@ class _Owned:
     """Monotonic time after which the lease may have expired in Redis."""
     fed_before: tuple[int, int] | None
     """Entries up to this id were handed to handlers by an earlier run: re-runs."""
+    lapsed: bool = False
+    """The lease may have expired during the run (it was extended after its deadline):
+    the reaper may then have taken the call off the pending index."""
     marked: tuple[int, int] = (0, 0)
     """Entries up to this id are noted in Redis as handed to handlers (by this run)."""
     outstanding: int = 0
@@ -758,9 +761,11 @@ class RedisStore:
                     )
                 )
         # The pending index, where the reaper finds a call whose owner is lost: written
-        # after the entries, for every call, its own too. A removal either comes after
-        # it, and its second look sees the entries (see _unpend), or before it.
-        index = ("SADD", keys.pending, *dict.fromkeys(calls))
+        # after the entries. A removal either comes after it, and its second look sees
+        # the entries (see _unpend), or before it.
+        now = time.monotonic()
+        unsure = [call for call in dict.fromkeys(calls) if not self._keeps_indexed(call, now)]
+        index = ("SADD", keys.pending, *unsure) if unsure else None
         answers = await self._run_all([*commands, *broadcasts], then=index)
         scripts = answers[: len(batch)]
         runnable: dict[str, int] = {}
@@ -1149,7 +1154,7 @@ class RedisStore:
             state.releasing = True  # a renewal refused from now on only means it is released
             self._rest(state)
         else:
-            state.deadline = started + self._lease_ms / 1000
+            self._extend(state, started)
         return outcome, entries
 
     async def _steady_script(self, command: tuple[Any, ...]) -> tuple[float, Any]:
@@ -1179,7 +1184,7 @@ class RedisStore:
         if not int(answer):
             self._lose(state, "mark_refused")
             return False
-        state.deadline = started + self._lease_ms / 1000
+        self._extend(state, started)
         state.marked = max(state.marked, _stream_id(entry_id))
         return True
 
@@ -1303,6 +1308,22 @@ class RedisStore:
                 self._resting.clear()
             self._resting[state.key] = state.saved
 
+    def _extend(self, state: _Owned, started: float) -> None:
+        """A step of the run sent at ``started`` was accepted: its lease holds from then."""
+        if started > state.deadline:
+            state.lapsed = True
+        state.deadline = max(state.deadline, started + self._lease_ms / 1000)
+
+    def _keeps_indexed(self, call: str, now: float) -> bool:
+        """Whether the call is surely in the pending index: this instance runs it, and its
+        lease never lapsed (only the reaper takes a leased call off, finding no lease)."""
+        state = self._owned.get(call)
+        return (
+            state is not None
+            and not (state.lost or state.releasing or state.lapsed)
+            and now < state.deadline
+        )
+
     def _lose(self, state: _Owned, why: str) -> None:
         if state.lost:
             return
@@ -1356,7 +1377,7 @@ class RedisStore:
         if not int(renewed):
             self._lose(state, "renewal_refused")
             return False
-        state.deadline = max(state.deadline, started + self._lease_ms / 1000)
+        self._extend(state, started)
         return True
 
     async def _renew(self) -> None:
@@ -1380,7 +1401,7 @@ class RedisStore:
         )
         for state, ok in zip(held, renewed, strict=True):
             if int(ok):
-                state.deadline = max(state.deadline, started + self._lease_ms / 1000)
+                self._extend(state, started)
             elif self._owned.get(state.key) is state and not state.releasing:
                 self._lose(state, "renewal_refused")
 
