@@ -117,6 +117,11 @@ class Settings:
     """Redis store: how long an instance's claim on a call outlives its last renewal.
 
     A crashed instance's calls move to the others after this long."""
+    store_replicas: int = 0
+    """Redis store: how many replicas must hold each write before callbot relies on it
+    (answers 202, runs a handler). With ``1`` under Sentinel, a failover loses nothing
+    answered and re-runs stay flagged; while fewer replicas keep up, callbacks get 503.
+    One server or Sentinel only (``redis://``, ``redis+sentinel://``)."""
     trusted_proxies: tuple[str, ...] = ()
     """Networks whose Forwarded/X-Forwarded-* headers are believed (for logging)."""
     log_format: str = "auto"
@@ -172,6 +177,14 @@ class Settings:
         if self.store != "memory" and not self.store.startswith(redis_schemes):
             raise ConfigurationError(
                 f"store must be 'memory' or a redis:// URL, got {self.store!r} (CALLBOT_STORE)"
+            )
+        if self.store_replicas < 0:
+            raise ConfigurationError("store_replicas must not be negative (CALLBOT_STORE_REPLICAS)")
+        if self.store_replicas and self.store.startswith(("redis+cluster://", "rediss+cluster://")):
+            # WAIT answers for one node's writes: a Cluster spreads a request over several
+            raise ConfigurationError(
+                "store_replicas works with one server or Sentinel, not a Cluster "
+                "(CALLBOT_STORE_REPLICAS)"
             )
 
     def check(self) -> None:

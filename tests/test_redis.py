@@ -693,6 +693,49 @@ async def test_redis_down_means_503_then_recovery_by_itself(
         server_process.stop()
 
 
+async def test_with_store_replicas_nothing_is_relied_on_before_a_replica_holds_it(
+    authority: TokenAuthority, serve: Any, tmp_path: Path
+) -> None:
+    """``store_replicas=1``: while the primary has no replica, callbacks get 503 (Graph
+    retries them) and /readyz fails; once a replica holds the writes again, 202."""
+    binary = _redis_binary()
+    primary = RedisServer(binary, tmp_path / "primary")
+    replica = RedisServer(binary, tmp_path / "replica")
+    for node in (primary, replica):
+        node.directory.mkdir()
+    replica.args = ("--replicaof", "127.0.0.1", str(primary.port))
+    primary.start()
+    replica.start()
+    try:
+        handled: list[str] = []
+        bot = make_bot(authority, store=primary.url, store_lease=1.0, store_replicas=1)
+
+        @bot.on(events.Event)
+        async def record(call: Call, event: events.Event) -> None:
+            handled.append(label(event))
+
+        server: BotServer = await serve(bot)
+        await until(lambda: bot.ready, within=10)  # once the replica is in sync
+        assert (await server.post(b.notifications(b.incoming_call("w1")))).status == 202
+        await until(lambda: handled == ["IncomingCall"])
+
+        replica.stop()
+        response = await server.post(b.notifications(b.call_state("w1", "establishing")))
+        assert response.status == 503
+        assert (await response.json())["error"] == "store_unavailable"
+        assert (await server.client.get("/readyz")).status == 503
+        assert handled == ["IncomingCall"]
+
+        replica.start()
+        await until(lambda: bot.ready, within=10)
+        response = await server.post(b.notifications(b.call_state("w1", "establishing")))
+        assert response.status == 202
+        await until(lambda: handled == ["IncomingCall", "establishing"], within=10)
+    finally:
+        replica.stop()
+        primary.stop()
+
+
 async def test_a_re_run_handler_does_not_repeat_graph_actions_its_first_run_completed(
     authority: TokenAuthority, serve: Any, redis_url: str
 ) -> None:

@@ -5,7 +5,8 @@ on the store's server: what the event was, which process ran it, and whether it
 was a re-run (``callbot.current_attempt()``). The append is fenced by the run's
 epoch, as a bot author would fence a write of their own: a run that lost its call
 to another instance appends to ``test:late:{call_key}`` instead. A failed append
-is retried (Redis may be restarting), as a careful handler would.
+is retried (Redis may be restarting), as a careful handler would; with
+``CALLBOT_STORE_REPLICAS`` set, until that many replicas hold it.
 
 With ``CALLBOT_TEST_HANDLER_DELAY`` set, each run first sleeps that long, so that a
 process killed mid-flight has work in hand. With ``CALLBOT_TEST_FREEZE=1``, once
@@ -84,9 +85,23 @@ async def log_every_event(call: Call, event: events.Event) -> None:
     keys = (fence, *(log_key(event.call_key, kind) for kind in ("log", "late", "ids")))
     entry = attempt.entry if attempt is not None else ""
     line_id = f"{os.getpid()}/{line['epoch']}/{entry}/{line['label']}"
-    await _retry(_client.eval, _FENCED_APPEND, 4, *keys, line["epoch"], json.dumps(line), line_id)
+    await _retry(_append, keys, line["epoch"], json.dumps(line), line_id)
     if frozen:
         await asyncio.Event().wait()
+
+
+async def _append(keys: tuple[str, ...], *args: Any) -> None:
+    """The fenced append, held by as many replicas as the store's own writes."""
+    replicas = bot.settings.store_replicas
+    if not replicas:
+        await _client.eval(_FENCED_APPEND, len(keys), *keys, *args)
+        return
+    async with _client.pipeline(transaction=False) as pipe:  # WAIT: this connection's writes
+        pipe.eval(_FENCED_APPEND, len(keys), *keys, *args)
+        pipe.wait(replicas, 1000)
+        _, held = await pipe.execute()
+    if held < replicas:
+        raise RedisError(f"{held} of {replicas} replicas hold the line")  # written again
 
 
 async def _retry(step: Any, *args: Any) -> Any:

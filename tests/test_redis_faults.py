@@ -202,12 +202,16 @@ async def test_redis_paused_past_the_lease(
         check(await wait_for_logs(rdb, calls, within=60))
 
 
-async def test_a_sentinel_failover(authority: TokenAuthority, tmp_path: Path) -> None:
+@pytest.mark.parametrize("replicas", [0, 1])
+async def test_a_sentinel_failover(
+    authority: TokenAuthority, tmp_path: Path, replicas: int
+) -> None:
     """Sentinel failover (``redis+sentinel://``): the instances follow the new primary,
-    nothing stays 503. Kept, order, flagged for calls after the failover; order and
-    flagged for those around it (replication is asynchronous: what the old primary
-    took after the promotion, until the instances left it, is lost, as docs/scaling.md
-    says)."""
+    nothing stays 503. Kept, order, flagged for calls after the failover. For those
+    around it: with ``store_replicas=1``, kept, order, flagged too (nothing is relied on
+    before the replica holds it); without, order only (replication is asynchronous: what
+    the old primary took after the promotion, until the instances left it, is lost, as
+    docs/scaling.md says)."""
     binary = _redis_binary()
     primary = RedisServer(binary, tmp_path / "primary", persistent=True)
     replica = RedisServer(binary, tmp_path / "replica", persistent=True)
@@ -240,13 +244,15 @@ async def test_a_sentinel_failover(authority: TokenAuthority, tmp_path: Path) ->
         ):
             await _until_sync(lambda: follower.info("replication")["master_link_status"] == "up")
             await _until_sync(lambda: _replicas_known(watcher) >= 1)
-            # The usual window: a call that lost its `establishing` in the failover
-            # should not hold its `established` (and its lease) for long.
             env = {
                 "CALLBOT_STORE_LEASE": "2",
                 "CALLBOT_TEST_HANDLER_DELAY": "0.01",
-                "CALLBOT_REORDER_WINDOW": "2",
+                "CALLBOT_STORE_REPLICAS": str(replicas),
             }
+            if not replicas:
+                # The usual window: a call that lost its `establishing` in the failover
+                # should not hold its `established` (and its lease) for long.
+                env["CALLBOT_REORDER_WINDOW"] = "2"
             async with (
                 running_bots(authority, url, tmp_path, 2, **env) as bots,
                 client_for(url) as rdb,
@@ -265,6 +271,8 @@ async def test_a_sentinel_failover(authority: TokenAuthority, tmp_path: Path) ->
                 after = calls_named("after-failover", 40)
                 await spray(bots, after, random.Random(14))
                 check(await wait_for_logs(rdb, after, within=60))
+                if replicas:
+                    check(await wait_for_logs(rdb, around, within=60))
                 for entries in (await read_logs(rdb, around)).values():
                     labels = first_runs(entries)
                     assert labels == [step for step in LIFECYCLE if step in labels]

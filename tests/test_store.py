@@ -37,6 +37,11 @@ def test_settings_name_the_store_and_its_lease() -> None:
         Settings(store="postgres://db")
     with pytest.raises(ConfigurationError, match="store_lease"):
         Settings(store_lease=0)
+    assert Settings.from_env({"CALLBOT_STORE_REPLICAS": "1"}).store_replicas == 1
+    with pytest.raises(ConfigurationError, match="CALLBOT_STORE_REPLICAS"):
+        Settings(store_replicas=-1)
+    with pytest.raises(ConfigurationError, match="not a Cluster"):
+        Settings(store="redis+cluster://127.0.0.1:7000", store_replicas=1)
 
 
 async def test_the_default_store_is_memory_and_behaves_as_before() -> None:

@@ -88,6 +88,15 @@ _SENDERS = 4
 """Round trips in flight at once."""
 
 
+_REPLICA_WAIT_MS = 1000
+"""With ``store_replicas``: how long a round trip waits for replicas to hold its writes
+(a primary cut off from its replicas, as one is after a failover, answers 503 then)."""
+
+
+class NotReplicated(RedisError):
+    """The primary took the writes, but not enough replicas hold them yet."""
+
+
 _SHARED = (events.OperationUpdated, events.CallTerminated, events.ToneReceived)
 """What every instance is told of through the events stream (waiters may be anywhere)."""
 
@@ -271,8 +280,9 @@ class _Batcher:
     """Sends commands in pipelines: what is issued while a round trip is in flight goes
     together in the next one (a few round trips may be in flight at once)."""
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, *, replicas: int = 0) -> None:
         self._client = client
+        self._replicas = replicas
         # One server (or Sentinel's primary): packed and read here, one timeout per round
         # trip, as redis-py's own packing costs more than the rest of a command. A Cluster
         # routes each command to its node: its pipeline does that.
@@ -354,16 +364,19 @@ class _Batcher:
         reused = connection is not None
         if connection is None:
             connection = await pool.get_connection()
+        commands = [command for group, _ in batch for command in group]
+        if self._replicas:
+            # answered once replicas hold every write of this connection so far
+            commands.append(("WAIT", self._replicas, _REPLICA_WAIT_MS))
         try:
             async with asyncio.timeout(_SOCKET_TIMEOUT):
                 if reused:
                     # checked as the pool checks what it hands out: reconnected if the
                     # server closed it meanwhile (or Sentinel named another primary)
                     await pool.ensure_connection(connection)
-                await connection.send_packed_command(
-                    _pack([command for group, _ in batch for command in group])
-                )
+                await connection.send_packed_command(_pack(commands))
                 read = connection.read_response
+                answered: list[tuple[asyncio.Future[list[Any]], list[Any]]] = []
                 for group, future in batch:
                     answers: list[Any] = []
                     for _ in group:
@@ -372,8 +385,25 @@ class _Batcher:
                             answers.append(await read(timeout=math.inf))
                         except ResponseError as exc:
                             answers.append(exc)
-                    if not future.done():
+                    if self._replicas:
+                        answered.append((future, answers))
+                    elif not future.done():
                         future.set_result(answers)
+                if self._replicas:
+                    held = await read(timeout=math.inf)
+                    failure = None
+                    if int(held) < self._replicas:
+                        failure = NotReplicated(
+                            f"{held} of {self._replicas} replicas hold the writes after "
+                            f"{_REPLICA_WAIT_MS} ms"
+                        )
+                    for future, answers in answered:
+                        if future.done():
+                            continue
+                        if failure is None:
+                            future.set_result(answers)
+                        else:
+                            future.set_exception(failure)
         except BaseException:
             # Replies may still be on their way: the connection cannot serve again.
             await connection.disconnect(nowait=True)
@@ -537,7 +567,7 @@ class RedisStore:
         self._linger = min(self._tick, 0.2)
         self._capacity = settings.max_concurrent_handlers
         self._redis, self._blocking = connect(url)
-        self._batch = _Batcher(self._redis)
+        self._batch = _Batcher(self._redis, replicas=settings.store_replicas)
         self._sequencer = Sequencer(
             self._deliver, lifecycle, reorder_window=settings.reorder_window
         )
@@ -618,7 +648,7 @@ class RedisStore:
             answers = await self._append(batch)
         except RedisError as exc:
             self._mark(False, exc)
-            raise StoreUnavailable(f"the Redis store cannot be reached: {exc}") from exc
+            raise StoreUnavailable(f"the Redis store cannot take notifications now: {exc}") from exc
         self._mark(True)
         for event, (answer, text, call) in zip(batch, answers, strict=True):
             if isinstance(event, _SHARED):
