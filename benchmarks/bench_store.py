@@ -9,6 +9,10 @@ process, as :mod:`benchmarks._inproc` does. A round ends when every handler
 ran. Rounds alternate between the two stores; the best of each is kept.
 
     python benchmarks/bench_store.py [--calls 1500] [--concurrency 64] [--rounds 3]
+                                     [--replicas N]
+
+With ``--replicas N``, the server has N replicas and the bot ``store_replicas=N``:
+the cost of waiting for them (they share the machine's cores too).
 
 Prints both rates, ``redis/memory: 0.NN`` and how many handler runs repeated. Needs
 ``redis-server``.
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import shutil
 import socket
@@ -40,8 +45,8 @@ from callbot.testing import builders as b
 
 
 @contextmanager
-def redis_server() -> Iterator[str]:
-    """A throw-away redis-server on 127.0.0.1; its URL."""
+def redis_server(*options: str) -> Iterator[str]:
+    """A throw-away redis-server on 127.0.0.1 (with extra ``options``); its URL."""
     binary = shutil.which("redis-server")
     if binary is None:
         sys.exit("bench_store needs redis-server (apt-get install -y redis-server)")
@@ -53,6 +58,7 @@ def redis_server() -> Iterator[str]:
             [
                 *(binary, "--bind", "127.0.0.1", "--port", str(port)),
                 *("--save", "", "--appendonly", "no", "--dir", directory),
+                *options,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -88,11 +94,14 @@ def bodies(round_id: str, calls: int) -> list[list[bytes]]:
     return out
 
 
-async def measure(store: str, round_id: str, calls: int, concurrency: int) -> tuple[float, int]:
+async def measure(
+    store: str, round_id: str, calls: int, concurrency: int, replicas: int = 0
+) -> tuple[float, int]:
     """Notifications per second through a fresh bot using ``store``; repeated handler runs."""
     options: dict[str, Any] = {"store": store, "keep_alive": False, "reorder_window": 1.0}
     if store != "memory":
         options["store_lease"] = 5.0
+        options["store_replicas"] = replicas
     work = bodies(round_id, calls)
     total = sum(len(call) for call in work)
     counted = 0
@@ -128,18 +137,20 @@ async def measure(store: str, round_id: str, calls: int, concurrency: int) -> tu
     return total / elapsed, repeated
 
 
-async def run(calls: int, concurrency: int, rounds: int, url: str) -> None:
+async def run(calls: int, concurrency: int, rounds: int, url: str, replicas: int) -> None:
     best = {"memory": 0.0, "redis": 0.0}
     repeated = {"memory": 0, "redis": 0}
     await measure("memory", "warm-m", min(calls, 200), concurrency)
-    await measure(url, "warm-r", min(calls, 200), concurrency)
+    await measure(url, "warm-r", min(calls, 200), concurrency, replicas)
     for n in range(rounds):
         for name, store in (("memory", "memory"), ("redis", url)):
-            rate, again = await measure(store, f"{name}-{n}", calls, concurrency)
+            rate, again = await measure(store, f"{name}-{n}", calls, concurrency, replicas)
             best[name] = max(best[name], rate)
             repeated[name] += again
     print(machine())
     print(f"calls per round: {calls}, 4 notifications each, {concurrency} at a time")
+    if replicas:
+        print(f"redis: a primary and {replicas} replica(s), store_replicas={replicas}")
     print(f"memory: {best['memory']:.0f} notifications/s")
     print(f"redis:  {best['redis']:.0f} notifications/s")
     print(f"repeated handler runs: memory {repeated['memory']}, redis {repeated['redis']}")
@@ -152,10 +163,29 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=1500)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--replicas", type=int, default=0, help="replicas of the server, and store_replicas"
+    )
     args = parser.parse_args()
     configure_logging("json", "error")
-    with redis_server() as url:
-        asyncio.run(run(args.calls, args.concurrency, args.rounds, url))
+    with contextlib.ExitStack() as servers:
+        url = servers.enter_context(redis_server())
+        port = url.rsplit(":", 1)[1].split("/")[0]
+        for _ in range(args.replicas):
+            replica = servers.enter_context(redis_server("--replicaof", "127.0.0.1", port))
+            _until_in_sync(replica)
+        asyncio.run(run(args.calls, args.concurrency, args.rounds, url, args.replicas))
+
+
+def _until_in_sync(url: str) -> None:
+    import redis
+
+    deadline = time.monotonic() + 10
+    with redis.Redis.from_url(url, socket_timeout=1) as client:
+        while client.info("replication").get("master_link_status") != "up":
+            if time.monotonic() > deadline:
+                sys.exit("the replica did not sync with its primary")
+            time.sleep(0.05)
 
 
 if __name__ == "__main__":
