@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import time
 from typing import Any
 
 import pytest
@@ -178,6 +177,24 @@ def _bystander(bot: InProcessBot) -> _redis.RedisStore:
     return store
 
 
+async def _owner_waiting(bot: InProcessBot, rdb: aioredis.Redis, call_id: str) -> _redis.RedisStore:
+    """The store of a bot that took on the call ``call_id`` begins and keeps it idle,
+    waiting for its next entry (the test then plays the store's loops)."""
+    store = _store(bot)
+    store._linger = 3600.0
+    assert await bot.post(_body(b.incoming_call(call_id))) == 202
+    call = call_id.replace("-", "")
+    inbox = store._keys.of(call, "inbox")[0]
+
+    async def idle_and_waiting() -> bool:
+        state = store._owned.get(call)
+        return state is not None and state.waiting and await rdb.xlen(inbox) == 0
+
+    await wait_for(idle_and_waiting)
+    _quiet(store)
+    return store
+
+
 async def _reap_now(store: _redis.RedisStore, rdb: aioredis.Redis) -> None:
     """One upkeep round of the reaper, as whichever instance holds the role would run it."""
     await rdb.delete(KEY_PREFIX + "reaper")
@@ -201,23 +218,12 @@ async def test_an_owner_that_takes_its_lapsed_lease_back_indexes_what_it_accepts
     async with InProcessBot(
         store=redis_url, keep_alive=False, store_lease=30, on_event=on_event
     ) as bot:
-        store = _store(bot)
-        store._linger = 3600.0  # the owner keeps its idle call: it waits for the next entry
         try:
-            assert await bot.post(_body(b.incoming_call("strand-1"))) == 202
+            store = await _owner_waiting(bot, rdb, "strand-1")
             call = "strand1"
             inbox, lease = store._keys.of(call, "inbox", "lease")
             pending, runnable = KEY_PREFIX + "pending", KEY_PREFIX + "runnable"
-
-            async def idle_and_waiting() -> bool:
-                state = store._owned.get(call)
-                return state is not None and state.waiting and await rdb.xlen(inbox) == 0
-
-            await wait_for(idle_and_waiting)
-            _quiet(store)
-            # Redis was away past the lease: it expired, and the owner's own count of it ran out
-            await rdb.delete(lease)
-            store._owned[call].deadline = time.monotonic() - 1
+            await rdb.delete(lease)  # it expired while Redis was away
             await _reap_now(store, rdb)  # idle, nobody on it: off the index
             assert not await rdb.sismember(pending, call)
             await store._renew()  # the owner's epoch is unchanged: it goes on
@@ -264,6 +270,61 @@ async def test_an_ingest_sent_again_after_a_restart_indexes_its_call_after_its_e
         await _reap_now(store, rdb)
         assert await rdb.zscore(runnable, call) is not None
         assert not await rdb.exists(lease)
+
+
+async def test_an_ingest_overtaken_by_its_own_run_s_release_indexes_its_call(
+    redis_url: str, rdb: aioredis.Redis
+) -> None:
+    """This instance runs the call, so its ingest leaves the index alone; but its run gives
+    the call up (and takes it off the index) before the ingest's script lands, as round
+    trips on different connections may. The ingest sees nobody runs the call: it indexes
+    it after its entry, which the reaper must then find."""
+    async with InProcessBot(store=redis_url, keep_alive=False, store_lease=30) as bot:
+        store = await _owner_waiting(bot, rdb, "strand-4")
+        call = "strand4"
+        inbox = store._keys.of(call, "inbox")[0]
+        pending, runnable = KEY_PREFIX + "pending", KEY_PREFIX + "runnable"
+        state = store._owned[call]
+        real = store._run_all
+
+        async def release_first(commands: Any, **options: Any) -> Any:
+            if commands and commands[0][:2] == ("EVALSHA", _scripts.INGEST.sha):
+                store._run_all = real  # type: ignore[method-assign]
+                assert await store._release(state, handover=False) == 1
+                await store._unpend(call)
+                assert not await rdb.sismember(pending, call)
+            return await real(commands, **options)
+
+        store._capacity = 0  # the instance takes nothing on: the call is made runnable
+        store._run_all = release_first  # type: ignore[method-assign]
+        assert await bot.post(_body(b.tone("strand-4", "tone1", 1))) == 202
+        assert await rdb.xlen(inbox) == 1
+        assert await rdb.sismember(pending, call)
+        assert await rdb.zpopmin(runnable)  # popped by an instance that dies at once
+        await _reap_now(store, rdb)
+        assert await rdb.zscore(runnable, call) is not None
+
+
+async def test_a_late_second_look_leaves_a_newer_removal_for_the_reaper(
+    redis_url: str, rdb: aioredis.Redis
+) -> None:
+    """Two instances take the same call off the pending index one after the other; the
+    first one's second look comes last: it must not clear the second removal, whose own
+    look may never come (its instance died)."""
+    async with InProcessBot(store=redis_url, keep_alive=False) as bot:
+        store = _bystander(bot)
+        keys = store._keys
+        pending, unpending = keys.pending, keys.unpending
+        moves = []
+        for _ in range(2):
+            await rdb.sadd(pending, "somecall")
+            generation = store._generation()
+            assert await _script(rdb, _scripts.UNPEND, [pending, unpending], "somecall", generation)
+            moves.append(generation)
+        await store._settle([("somecall", moves[0])])  # the first look, late: nothing waits
+        assert await rdb.hget(unpending, "somecall") == moves[1]
+        await store._settle([("somecall", moves[1])])
+        assert not await rdb.exists(unpending)
 
 
 @pytest.mark.parametrize("stop", ["dies", "unreachable"])

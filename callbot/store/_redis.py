@@ -280,9 +280,12 @@ class _Batcher:
     """Sends commands in pipelines: what is issued while a round trip is in flight goes
     together in the next one (a few round trips may be in flight at once)."""
 
-    def __init__(self, client: Any, *, replicas: int = 0) -> None:
+    def __init__(self, client: Any, *, replicas: int = 0, witness: str = "") -> None:
         self._client = client
         self._replicas = replicas
+        # A write before each WAIT: WAIT answers for the connection's last write, and the
+        # primary's offset after this one covers every write before it, on any connection.
+        self._witness = ("SET", witness, "1", "PX", 60_000)
         # One server (or Sentinel's primary): packed and read here, one timeout per round
         # trip, as redis-py's own packing costs more than the rest of a command. A Cluster
         # routes each command to its node: its pipeline does that.
@@ -366,8 +369,8 @@ class _Batcher:
             connection = await pool.get_connection()
         commands = [command for group, _ in batch for command in group]
         if self._replicas:
-            # answered once replicas hold every write of this connection so far
-            commands.append(("WAIT", self._replicas, _REPLICA_WAIT_MS))
+            # answered once replicas hold every write the primary took so far
+            commands += [self._witness, ("WAIT", self._replicas, _REPLICA_WAIT_MS)]
         try:
             async with asyncio.timeout(_SOCKET_TIMEOUT):
                 if reused:
@@ -390,6 +393,7 @@ class _Batcher:
                     elif not future.done():
                         future.set_result(answers)
                 if self._replicas:
+                    await read(timeout=math.inf)  # the witness's OK
                     held = await read(timeout=math.inf)
                     failure = None
                     if int(held) < self._replicas:
@@ -452,9 +456,6 @@ class _Owned:
     """Monotonic time after which the lease may have expired in Redis."""
     fed_before: tuple[int, int] | None
     """Entries up to this id were handed to handlers by an earlier run: re-runs."""
-    lapsed: bool = False
-    """The lease may have expired during the run (it was extended after its deadline):
-    the reaper may then have taken the call off the pending index."""
     marked: tuple[int, int] = (0, 0)
     """Entries up to this id are noted in Redis as handed to handlers (by this run)."""
     outstanding: int = 0
@@ -499,10 +500,9 @@ class _Keys:
         self.runnable = prefix + "runnable"
         self.pending = prefix + "pending"
         # Where a call taken off ``pending`` waits for its second look: in the same slot,
-        # so that one SMOVE moves it (a key's hash tag is the whole name when it has none).
-        self.unpending = (
-            prefix + "unpending" if _hash_tag(self.pending) else f"{{{self.pending}}}:unpending"
-        )
+        # so that one script moves it (a key without braces hashes as a whole, as its
+        # hash tag would).
+        self.unpending = f"{{{self.pending}}}:unpending"
         self.active = prefix + "active"
         self.events = prefix + "events"
         self.reaper = prefix + "reaper"
@@ -520,13 +520,6 @@ class _Keys:
 
     def record(self, call: str) -> str:
         return f"{self.prefix}{{{call}}}:call"
-
-
-def _hash_tag(key: str) -> str:
-    """The part of a key a Redis Cluster hashes, when it is not the whole key."""
-    opening = key.find("{")
-    closing = key.find("}", opening + 1)
-    return key[opening + 1 : closing] if opening >= 0 and closing > opening + 1 else ""
 
 
 def _cmd(script: _scripts.Script, keys: Sequence[str], *args: Any) -> tuple[Any, ...]:
@@ -556,7 +549,11 @@ class RedisStore:
         self._dispatcher = dispatcher
         self._lifecycle = lifecycle
         self._outcomes = outcomes
-        self._keys = _Keys(prefix if prefix is not None else f"callbot:{settings.app_id}:")
+        prefix = prefix if prefix is not None else f"callbot:{settings.app_id}:"
+        if "{" in prefix or "}" in prefix:
+            # a call's keys take the call key as hash tag: braces of the prefix would win
+            raise ConfigurationError(f"a Redis key prefix cannot hold braces, got {prefix!r}")
+        self._keys = _Keys(prefix)
         self.token = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         """This instance's name in the leases it holds (followed by ``/{epoch}``)."""
         self._lease_ms = max(int(settings.store_lease * 1000), 100)
@@ -567,7 +564,9 @@ class RedisStore:
         self._linger = min(self._tick, 0.2)
         self._capacity = settings.max_concurrent_handlers
         self._redis, self._blocking = connect(url)
-        self._batch = _Batcher(self._redis, replicas=settings.store_replicas)
+        self._batch = _Batcher(
+            self._redis, replicas=settings.store_replicas, witness=self._keys.prefix + "written"
+        )
         self._sequencer = Sequencer(
             self._deliver, lifecycle, reorder_window=settings.reorder_window
         )
@@ -602,6 +601,8 @@ class RedisStore:
         """Ended calls given up, to take off the ``pending`` index."""
         self._lingering = 0
         """Held calls with nothing to do, waiting a moment for their next notification."""
+        self._moves = 0
+        """Moves of calls off the pending index this instance made (see _generation)."""
 
     # -- the Store interface ------------------------------------------------------
 
@@ -792,21 +793,34 @@ class RedisStore:
                 )
         # The pending index, where the reaper finds a call whose owner is lost: written
         # after the entries. A removal either comes after it, and its second look sees
-        # the entries (see _unpend), or before it.
-        now = time.monotonic()
-        unsure = [call for call in dict.fromkeys(calls) if not self._keeps_indexed(call, now)]
+        # the entries (see _unpend), or before it. A call this instance runs is in it
+        # already, unless its run ended meanwhile or its lease was taken back after it
+        # expired (the reaper may have taken it off): the answers say, and it is then
+        # indexed after them.
+        held = {call for call in calls if self._holds(call)}
+        unsure = [call for call in dict.fromkeys(calls) if call not in held]
         index = ("SADD", keys.pending, *unsure) if unsure else None
         answers = await self._run_all([*commands, *broadcasts], then=index)
         scripts = answers[: len(batch)]
         runnable: dict[str, int] = {}
+        late: dict[str, None] = {}
         for call, answer in zip(calls, scripts, strict=True):
-            if int(answer[1]) == 3:
+            who = int(answer[1])
+            if who == 3:
                 # Nobody runs the call and this instance has no room: the oldest entry waits.
                 runnable.setdefault(call, _stream_id(_text(answer[3]))[0])
+            if call in held and (who != 1 or int(answer[5])):
+                late[call] = None
+        commands = [("SADD", keys.pending, *late)] if late else []
         if runnable:
             flat = [part for call, score in runnable.items() for part in (score, call)]
-            await self._batch.run("ZADD", keys.runnable, "NX", *flat)
+            commands.append(("ZADD", keys.runnable, "NX", *flat))
+        await self._run_all(commands)
         return list(zip(scripts, texts, calls, strict=True))
+
+    def _holds(self, call: str) -> bool:
+        state = self._owned.get(call)
+        return state is not None and not state.lost and not state.releasing
 
     # -- claiming and running calls -------------------------------------------------
 
@@ -1265,13 +1279,19 @@ class RedisStore:
         try:
             # Moved aside, not dropped: should this instance stop before its second look,
             # the reaper looks in its place.
+            generation = self._generation()
             moved = await self._script_run(
-                _cmd(_scripts.UNPEND, (keys.pending, keys.unpending), key)
+                _cmd(_scripts.UNPEND, (keys.pending, keys.unpending), key, generation)
             )
             if int(moved):
-                await self._settle([(key, _text(moved))])
+                await self._settle([(key, generation)])
         except RedisError as exc:
             log.info("pending_index_deferred", call_key=key, error=str(exc))
+
+    def _generation(self) -> str:
+        """A name for one move of a call off the pending index, used by no other move."""
+        self._moves += 1
+        return f"{self.token}/{self._moves}"
 
     async def _settle(self, calls: Sequence[tuple[str, str]]) -> int:
         """The second look at calls taken off the pending index (with the generation of
@@ -1340,19 +1360,7 @@ class RedisStore:
 
     def _extend(self, state: _Owned, started: float) -> None:
         """A step of the run sent at ``started`` was accepted: its lease holds from then."""
-        if started > state.deadline:
-            state.lapsed = True
         state.deadline = max(state.deadline, started + self._lease_ms / 1000)
-
-    def _keeps_indexed(self, call: str, now: float) -> bool:
-        """Whether the call is surely in the pending index: this instance runs it, and its
-        lease never lapsed (only the reaper takes a leased call off, finding no lease)."""
-        state = self._owned.get(call)
-        return (
-            state is not None
-            and not (state.lost or state.releasing or state.lapsed)
-            and now < state.deadline
-        )
 
     def _lose(self, state: _Owned, why: str) -> None:
         if state.lost:
@@ -1458,10 +1466,14 @@ class RedisStore:
             if waiting:
                 woken += int(await self._batch.run("ZADD", keys.runnable, "NX", *waiting))
             if idle:
+                moves = [(call, self._generation()) for call in idle]
                 moved = await self._run_all(
-                    [_cmd(_scripts.UNPEND, (keys.pending, keys.unpending), call) for call in idle]
+                    [
+                        _cmd(_scripts.UNPEND, (keys.pending, keys.unpending), call, generation)
+                        for call, generation in moves
+                    ]
                 )
-                aside = [(call, _text(n)) for call, n in zip(idle, moved, strict=True) if int(n)]
+                aside = [move for move, done in zip(moves, moved, strict=True) if int(done)]
                 if aside:
                     woken += await self._settle(aside)
         # Calls an instance took off the index and stopped before looking at them again.
@@ -1625,9 +1637,21 @@ class RedisStore:
         has, those sent again included (its answer is not returned).
         """
         if not commands:
+            if then is not None:
+                await self._batch.run(*then)
             return []
-        # One server runs a round trip's commands in order; a Cluster's nodes do not.
-        last = [then] if then is not None and self._batch.ordered else []
+        if then is not None and not self._batch.ordered:
+            # A Cluster's nodes run a pipeline in no common order: ``then`` goes after the
+            # answers, also after a failure (what landed is covered all the same).
+            try:
+                answers = await self._run_all(commands)
+            except RedisError:
+                with contextlib.suppress(RedisError):  # the first failure is the one raised
+                    await self._batch.run(*then)
+                raise
+            await self._batch.run(*then)
+            return answers
+        last = [then] if then is not None else []
         answers = await self._batch.submit([*commands, *last])
         missing = [
             n
@@ -1643,8 +1667,6 @@ class RedisStore:
         for answer in answers:
             if isinstance(answer, Exception):
                 raise answer
-        if then is not None and not last:
-            await self._batch.run(*then)
         return answers[: len(commands)]
 
     async def _steady(self, step: Any, *args: Any) -> Any:

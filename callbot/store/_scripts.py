@@ -9,7 +9,8 @@ one slot. Keys of one call (``{p}`` is the store's prefix):
 * ``lease``  string: ``{token}/{epoch}`` of the run holding the call (SET NX PX)
 * ``fence``  hash: ``n``, the epoch (incremented on every acquisition of the lease);
   ``fed``, the last entry id an owner may have handed to its handlers; ``r``, the last
-  epoch whose run gave the call up
+  epoch whose run gave the call up; ``v``, the last epoch whose lease was taken back
+  after it expired
 * ``call``   string: the call's record (JSON, see ``_codec``)
 * ``journal`` hash: outcomes of Graph actions of handler runs, by entry and step
   (see ``callbot._journal``)
@@ -74,8 +75,10 @@ local function holds(lease, fence, mine, epoch, lease_ms)
   if current == false and redis.call('HGET', fence, 'n') == epoch
       and redis.call('HGET', fence, 'r') ~= epoch then
     -- only expired: nobody took the call since, the run may go on (unless it gave it up:
-    -- a renewal overtaken by the release must not bring the lease back)
+    -- a renewal overtaken by the release must not bring the lease back). Noted: the
+    -- reaper may have taken the call off the pending index meanwhile.
     redis.call('SET', lease, mine, 'PX', lease_ms)
+    redis.call('HSET', fence, 'v', epoch)
     return true
   end
   return false
@@ -131,7 +134,8 @@ if owner then
   if string.sub(owner, 1, #token + 1) == token .. '/' then
     -- the owner is handed it at once: noted as fed now, spared a MARK of its own
     mark(fence, id)
-    return {fresh, 1, id, before, owner}
+    local revived = redis.call('HGET', fence, 'v') == string.match(owner, '/(%d+)$') and 1 or 0
+    return {fresh, 1, id, before, owner, revived}
   end
   return {fresh, 0, id}
 end
@@ -148,8 +152,9 @@ return {fresh, 3, id, first[1][1]}
 )
 """Accept one notification: append it unless it repeats one kept in the dedupe window
 (``fresh`` 1 or 0, and its entry id), and say who runs the call: another instance (0),
-this one already (1, with the id of the entry before it, if any, and the lease; the
-entry is noted as fed, since the run holding that lease is handed it with the answer),
+this one already (1, with the id of the entry before it, if any, the lease, and 1 if
+that lease was taken back after it expired; the entry is noted as fed, since the run
+holding that lease is handed it with the answer),
 this one from now on
 (2, with the epoch, the record, the first entries and the previous ``fed`` mark), or
 nobody (3, with the oldest entry id: the store makes the call runnable)."""
@@ -303,15 +308,16 @@ return 1
 UNPEND = Script(
     "unpend",
     """
--- KEYS: pending, unpending;  ARGV: call
+-- KEYS: pending, unpending;  ARGV: call, generation (never used before)
 if redis.call('SREM', KEYS[1], ARGV[1]) == 1 then
-  return redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
+  redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+  return 1
 end
 return 0
 """,
 )
-"""Take a call off the pending index, into ``unpending`` until it is looked at again:
-the generation of that move (0: it was not indexed)."""
+"""Take a call off the pending index, into ``unpending`` (with the generation of that
+move) until it is looked at again; 0 when it was not indexed."""
 
 SETTLE = Script(
     "settle",
