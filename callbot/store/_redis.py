@@ -1275,18 +1275,26 @@ class RedisStore:
             # the removal can wait for the next upkeep round.
             self._ended_pending.add(key)
             return
-        keys = self._keys
         try:
-            # Moved aside, not dropped: should this instance stop before its second look,
-            # the reaper looks in its place.
-            generation = self._generation()
-            moved = await self._script_run(
-                _cmd(_scripts.UNPEND, (keys.pending, keys.unpending), key, generation)
-            )
-            if int(moved):
-                await self._settle([(key, generation)])
+            await self._take_off([key])
         except RedisError as exc:
             log.info("pending_index_deferred", call_key=key, error=str(exc))
+
+    async def _take_off(self, calls: Sequence[str]) -> int:
+        """Take calls off the pending index and look at them again; how many of them it
+        made runnable."""
+        keys = self._keys
+        # Moved aside, not dropped: should this instance stop before its second look,
+        # the reaper looks in its place.
+        moves = [(call, self._generation()) for call in calls]
+        moved = await self._run_all(
+            [
+                _cmd(_scripts.UNPEND, (keys.pending, keys.unpending), call, generation)
+                for call, generation in moves
+            ]
+        )
+        aside = [move for move, done in zip(moves, moved, strict=True) if int(done)]
+        return await self._settle(aside) if aside else 0
 
     def _generation(self) -> str:
         """A name for one move of a call off the pending index, used by no other move."""
@@ -1466,16 +1474,7 @@ class RedisStore:
             if waiting:
                 woken += int(await self._batch.run("ZADD", keys.runnable, "NX", *waiting))
             if idle:
-                moves = [(call, self._generation()) for call in idle]
-                moved = await self._run_all(
-                    [
-                        _cmd(_scripts.UNPEND, (keys.pending, keys.unpending), call, generation)
-                        for call, generation in moves
-                    ]
-                )
-                aside = [move for move, done in zip(moves, moved, strict=True) if int(done)]
-                if aside:
-                    woken += await self._settle(aside)
+                woken += await self._take_off(idle)
         # Calls an instance took off the index and stopped before looking at them again.
         async for pairs in self._scan("HSCAN", keys.unpending):
             woken += await self._settle(list(zip(pairs[::2], pairs[1::2], strict=True)))
