@@ -21,8 +21,16 @@ the throughput benchmark runs under cProfile instead, loaded with whole calls
 from 32 connections for 3 s, and the split is between aiohttp and the event
 loop on one side and callbot's receiver and worker tasks on the other.
 
+With ``--server --sampled``, the ``full`` server runs without a profiler and
+py-spy (``pip install py-spy``; it reads the process from outside, which
+needs ptrace rights) samples it under the same load: each stage's share of
+the samples that were busy, and that share of the CPU per request the server
+measured itself, in µs. Sampling charges nothing per call, so these shares
+are the served path as it runs.
+
     python benchmarks/stages.py [--calls 2000] [--out full.prof]
     python benchmarks/stages.py --server [--out server.prof]
+    python benchmarks/stages.py --server --sampled
 """
 
 from __future__ import annotations
@@ -32,6 +40,9 @@ import asyncio
 import cProfile
 import gc
 import pstats
+import re
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -208,6 +219,76 @@ SERVER_STAGES: dict[str, tuple[str, str]] = {
 }
 
 
+# stage -> (file suffix, function) of its entry point, as py-spy names frames.
+SAMPLED_STAGES: dict[str, tuple[str, str]] = {
+    "aiohttp: a request, from parsed head to written response": (
+        "aiohttp/web_protocol.py",
+        "_handle_request",
+    ),
+    "  callbot's receiver (auth to 202)": ("callbot/_receiver.py", "handle"),
+    "    of which authentication (cached token)": ("callbot/_auth.py", "verify"),
+    "    of which parsing into typed events": ("callbot/_parse.py", "parse_body_in_parts"),
+    "    of which sequencing and queueing (the store's ingest)": (
+        "callbot/store/_memory.py",
+        "ingest",
+    ),
+    "  writing the response": ("aiohttp/web_protocol.py", "finish_response"),
+    "aiohttp: reading and parsing requests": ("aiohttp/web_protocol.py", "data_received"),
+    "callbot's worker tasks (dispatch, handler included)": ("callbot/_dispatch.py", "_work"),
+}
+# A py-spy frame: "Qualified.name (path/to/file.py:line)".
+_FRAME = re.compile(r"^(?P<name>.*) \((?P<file>[^()]*?)(?::\d+)?\)$")
+
+
+async def _sampled(samples: Path, seconds: float) -> tuple[int, float]:
+    """Sample the ``full`` server with py-spy for ``seconds`` of whole calls; the requests
+    answered meanwhile and the server's CPU seconds over them."""
+    spy = shutil.which("py-spy")
+    if spy is None:
+        raise SystemExit("--sampled needs py-spy on PATH: pip install py-spy")
+    async with TokenAuthority() as authority:
+        token = authority.mint(audience=APP_ID, expires_in=3600)
+        async with (
+            LoadGenerator(token) as load,
+            server("full", authority.openid_config_url) as srv,
+        ):
+            await load.run(srv.url, prefix="warm-", connections=32, seconds=1.0)
+            before = (await srv.stats())["cpu_seconds"]
+            command = [spy, "record", "--pid", str(srv.process.pid), "--rate", "2000"]
+            command += ["--duration", str(int(seconds)), "--format", "raw"]
+            # Blocking mode: the process is paused for each sample, so every stack is whole.
+            command += ["--output", str(samples)]
+            sampler = await asyncio.create_subprocess_exec(
+                *command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            )
+            result = await load.run(srv.url, prefix="sampled-", connections=32, seconds=seconds)
+            cpu = (await srv.stats())["cpu_seconds"] - before
+            _, said = await sampler.communicate()
+            if sampler.returncode != 0:
+                raise SystemExit(f"py-spy failed: {said.decode(errors='replace')[-500:]}")
+            return result.requests, cpu
+
+
+def sampled_table(samples: Path, us_per_request: float) -> list[tuple[str, float, float]]:
+    """(stage, µs per request, share of busy samples), from py-spy's raw output."""
+    busy = 0
+    counts = dict.fromkeys(SAMPLED_STAGES, 0)
+    for line in samples.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        busy += int(count)
+        frames = []
+        for frame in stack.split(";"):
+            match = _FRAME.match(frame)
+            if match is not None:
+                frames.append((match["file"], match["name"].rpartition(".")[2]))
+        for stage, (path, function) in SAMPLED_STAGES.items():
+            if any(name == function and file.endswith(path) for file, name in frames):
+                counts[stage] += int(count)
+    return [(stage, us_per_request * count / busy, count / busy) for stage, count in counts.items()]
+
+
 async def _served(out: Path) -> int:
     """Run the ``full`` server under cProfile with 3 s of whole calls; the requests sent."""
     async with TokenAuthority() as authority:
@@ -246,8 +327,23 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=2000, help="whole calls per round")
     parser.add_argument("--out", type=Path, help="also write the cProfile statistics here")
     parser.add_argument("--server", action="store_true", help="profile the served full path")
+    parser.add_argument(
+        "--sampled", action="store_true", help="with --server: sample it with py-spy instead"
+    )
     args = parser.parse_args()
     print(machine())
+    if args.server and args.sampled:
+        samples = Path(tempfile.mkdtemp()) / "server.samples"
+        requests, cpu = asyncio.run(_sampled(samples, seconds=5.0))
+        us_per_request = cpu / requests * 1e6
+        print(
+            f"the full server sampled by py-spy, {requests} requests of whole calls, "
+            f"32 connections, {us_per_request:.1f} us of CPU per request:"
+        )
+        print(f"{'stage':<58} {'us/req':>7} {'share':>6}")
+        for stage, micros, share in sampled_table(samples, us_per_request):
+            print(f"{stage:<58} {micros:>7.1f} {share:>6.1%}")
+        return
     if args.server:
         out = args.out or Path(tempfile.mkdtemp()) / "server.prof"
         requests = asyncio.run(_served(out))

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
+
+import pytest
 
 from benchmarks._common import call_script
 from benchmarks.loadgen import _content_length, bodies
+from benchmarks.stages import sampled_table
 from callbot import events
 from callbot._metrics import Latencies, Metrics
 from callbot._parse import parse_body
@@ -64,3 +68,32 @@ def test_metrics_render_latencies_as_cumulative_histograms() -> None:
     assert 'callbot_handler_seconds_bucket{handler="greet",le="+Inf",outcome="ok"} 2.0' in text
     assert 'callbot_handler_seconds_count{handler="greet",outcome="ok"} 2.0' in text
     assert 'callbot_handler_seconds_sum{handler="greet",outcome="ok"} 20.3' in text
+
+
+def test_a_sampled_profile_is_split_by_the_stages_on_each_stack(tmp_path: Path) -> None:
+    loop = "BaseEventLoop._run_once (asyncio/base_events.py:1922)"
+    request = f"{loop};RequestHandler._handle_request (aiohttp/web_protocol.py:577)"
+    receiver = f"{request};Receiver.handle (callbot/_receiver.py:172)"
+    parse = "parse_body_in_parts (callbot/_parse.py:120);_decode (callbot/_parse.py:170)"
+    samples = tmp_path / "server.samples"
+    samples.write_text(
+        f"{receiver};{parse} 3\n"
+        f"{receiver};MemoryStore.ingest (callbot/store/_memory.py:57) 2\n"
+        f"{request};RequestHandler.finish_response (aiohttp/web_protocol.py:700) 4\n"
+        f"{loop};Dispatcher._work (callbot/_dispatch.py:190) 1\n"
+    )
+    # 10 samples, 50 us per request: a stage on 3 of them is 15 us.
+    table = {stage.strip(): (us, share) for stage, us, share in sampled_table(samples, 50.0)}
+    expected = {
+        "aiohttp: a request, from parsed head to written response": (45.0, 0.9),
+        "callbot's receiver (auth to 202)": (25.0, 0.5),
+        "of which authentication (cached token)": (0.0, 0.0),
+        "of which parsing into typed events": (15.0, 0.3),
+        "of which sequencing and queueing (the store's ingest)": (10.0, 0.2),
+        "writing the response": (20.0, 0.4),
+        "aiohttp: reading and parsing requests": (0.0, 0.0),
+        "callbot's worker tasks (dispatch, handler included)": (5.0, 0.1),
+    }
+    assert table.keys() == expected.keys()
+    for stage, figures in expected.items():
+        assert table[stage] == pytest.approx(figures), stage
