@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
 import gc
 import pstats
@@ -46,11 +47,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # also run as a plain script
 
-from benchmarks._common import APP_ID, LoadGenerator, call_script, machine, server
+from benchmarks._common import APP_ID, LoadGenerator, Server, call_script, machine, server
 from benchmarks._inproc import InProcessBot
 from benchmarks.loadgen import bodies
 from callbot._gc import tune_for_serving
@@ -246,27 +248,21 @@ async def _sampled(samples: Path, seconds: float) -> tuple[int, float]:
     spy = shutil.which("py-spy")
     if spy is None:
         raise SystemExit("--sampled needs py-spy on PATH: pip install py-spy")
-    async with TokenAuthority() as authority:
-        token = authority.mint(audience=APP_ID, expires_in=3600)
-        async with (
-            LoadGenerator(token) as load,
-            server("full", authority.openid_config_url) as srv,
-        ):
-            await load.run(srv.url, prefix="warm-", connections=32, seconds=1.0)
-            before = (await srv.stats())["cpu_seconds"]
-            command = [spy, "record", "--pid", str(srv.process.pid), "--rate", "2000"]
-            command += ["--duration", str(int(seconds)), "--format", "raw"]
-            # Blocking mode: the process is paused for each sample, so every stack is whole.
-            command += ["--output", str(samples)]
-            sampler = await asyncio.create_subprocess_exec(
-                *command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-            )
-            result = await load.run(srv.url, prefix="sampled-", connections=32, seconds=seconds)
-            cpu = (await srv.stats())["cpu_seconds"] - before
-            _, said = await sampler.communicate()
-            if sampler.returncode != 0:
-                raise SystemExit(f"py-spy failed: {said.decode(errors='replace')[-500:]}")
-            return result.requests, cpu
+    async with _warm_full_server() as (load, srv):
+        before = (await srv.stats())["cpu_seconds"]
+        command = [spy, "record", "--pid", str(srv.process.pid), "--rate", "2000"]
+        command += ["--duration", str(int(seconds)), "--format", "raw"]
+        # Blocking mode: the process is paused for each sample, so every stack is whole.
+        command += ["--output", str(samples)]
+        sampler = await asyncio.create_subprocess_exec(
+            *command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        result = await load.run(srv.url, prefix="sampled-", connections=32, seconds=seconds)
+        cpu = (await srv.stats())["cpu_seconds"] - before
+        _, said = await sampler.communicate()
+        if sampler.returncode != 0:
+            raise SystemExit(f"py-spy failed: {said.decode(errors='replace')[-500:]}")
+        return result.requests, cpu
 
 
 def sampled_table(samples: Path, us_per_request: float) -> list[tuple[str, float, float]]:
@@ -286,20 +282,29 @@ def sampled_table(samples: Path, us_per_request: float) -> list[tuple[str, float
         for stage, (path, function) in SAMPLED_STAGES.items():
             if any(name == function and file.endswith(path) for file, name in frames):
                 counts[stage] += int(count)
+    if busy == 0:
+        raise SystemExit(f"no samples in {samples}")
     return [(stage, us_per_request * count / busy, count / busy) for stage, count in counts.items()]
 
 
-async def _served(out: Path) -> int:
-    """Run the ``full`` server under cProfile with 3 s of whole calls; the requests sent."""
+@contextlib.asynccontextmanager
+async def _warm_full_server(*options: str) -> AsyncIterator[tuple[LoadGenerator, Server]]:
+    """The ``full`` server and a load generator, after half a second of whole calls."""
     async with TokenAuthority() as authority:
         token = authority.mint(audience=APP_ID, expires_in=3600)
         async with (
             LoadGenerator(token) as load,
-            server("full", authority.openid_config_url, "--profile", str(out)) as srv,
+            server("full", authority.openid_config_url, *options) as srv,
         ):
             await load.run(srv.url, prefix="warm-", connections=32, seconds=0.5)
-            result = await load.run(srv.url, prefix="profiled-", connections=32, seconds=3.0)
-            return result.requests
+            yield load, srv
+
+
+async def _served(out: Path) -> int:
+    """Run the ``full`` server under cProfile with 3 s of whole calls; the requests sent."""
+    async with _warm_full_server("--profile", str(out)) as (load, srv):
+        result = await load.run(srv.url, prefix="profiled-", connections=32, seconds=3.0)
+        return result.requests
 
 
 def served_table(out: Path) -> None:
