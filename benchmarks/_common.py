@@ -274,8 +274,8 @@ def untune() -> None:
     import callbot._bot
     import callbot._sequencing
 
-    def stdlib_digest(raw: dict[str, Any]) -> bytes:
-        text = json.dumps(raw, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    def stdlib_digest(value: Any) -> bytes:
+        text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         return hashlib.blake2b(text.encode(), digest_size=16).digest()
 
     callbot._bot.tune_for_serving = lambda: False  # type: ignore[attr-defined]

@@ -41,7 +41,7 @@ from ._log import get_logger
 from .models import Call as CallResource
 from .models import Participant
 
-__all__ = ["CallRecord", "Delivery", "Sequencer", "phase_of"]
+__all__ = ["CallRecord", "Delivery", "Sequencer", "notification_digest", "phase_of"]
 
 log = get_logger("callbot.sequencing")
 
@@ -146,14 +146,27 @@ class CallRecord:
         return self.life.established
 
 
-def _digest(raw: dict[str, Any]) -> bytes:
+_CALL_PATH = "/communications/calls/"
+
+
+def notification_digest(event: events.Event) -> bytes:
+    """What two copies of one notification share, however Graph wrote it: the call (by
+    key), the path under it, the change and the resource data. ``resource`` or
+    ``resourceUrl``, ``v1.0``/``beta`` or absolute, the id's case and dashes, and the order
+    of keys do not count."""
+    prefix, url = _CALL_PATH + event.call_id, event.resource_url
+    under_call = (url[len(prefix) :] if url.startswith(prefix) else url).lower()
+    return _digest([event.call_key, under_call, event.change_type, event.raw.get("resourceData")])
+
+
+def _digest(value: Any) -> bytes:
     try:
         # orjson's sorted compact form is canonical too, at a tenth of json.dumps's cost.
-        canonical = orjson.dumps(raw, option=orjson.OPT_SORT_KEYS)
+        canonical = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
     except TypeError:
         # Integers beyond 64 bits and lone surrogates, which orjson refuses, take the slower
         # road; ASCII escapes keep a lone surrogate encodable.
-        text = json.dumps(raw, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+        text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
         canonical = text.encode()
     return hashlib.blake2b(canonical, digest_size=16).digest()
 
@@ -210,7 +223,7 @@ class Sequencer:
         record = self._records.get(key)
         if record is None:
             record = self._records[key] = CallRecord(self.lifecycle.life(event.call_id))
-        digest = _digest(event.raw)
+        digest = notification_digest(event)
         if isinstance(event, events.ParticipantsUpdated):
             # A roster is a snapshot: the same one after a different one is a real change.
             if digest == record.roster_digest:

@@ -7,7 +7,10 @@ from typing import Any
 import pytest
 
 from callbot import Call, CallBot, CallEnded, events
+from callbot._parse import parse_payload
+from callbot.graph._digits import ToneListener
 from callbot.testing import DeliveryOptions, run_with_simulator
+from callbot.testing import builders as b
 
 from .conftest import APP_ID, until
 
@@ -198,3 +201,16 @@ async def test_bad_arguments_are_refused_before_anything_is_sent(
         assert message in str(errors[0])
         assert not call.requests_for("subscribeToTone")
         await call.hangup()
+
+
+async def test_a_listener_takes_each_tone_once_however_often_it_is_told() -> None:
+    # A shared store tells every copy of a tone to every instance; the digits must not repeat.
+    (first,) = parse_payload(b.notifications(b.tone("c", "tone4", 1)))
+    (again,) = parse_payload(b.notifications({**b.tone("c", "tone4", 1), "changeType": "Updated"}))
+    (second,) = parse_payload(b.notifications(b.tone("c", "tone2", 2)))
+    listener = ToneListener("c")
+    for event in (first, again, second, first):
+        assert isinstance(event, events.ToneReceived)
+        listener.put(event)
+    assert [await listener.next(timeout=0), await listener.next(timeout=0)] == ["4", "2"]
+    assert not listener.pending()

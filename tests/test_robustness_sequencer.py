@@ -27,7 +27,7 @@ from structlog.testing import capture_logs
 from callbot import events, models
 from callbot._lifecycle import Lifecycle
 from callbot._parse import parse_payload
-from callbot._sequencing import Delivery, Sequencer, _digest, phase_of
+from callbot._sequencing import Delivery, Sequencer, notification_digest, phase_of
 from callbot.testing import builders as b
 
 WINDOW = 1.0
@@ -111,7 +111,7 @@ class Scenario:
 
     @property
     def unique(self) -> int:
-        return len({_digest(item) for item in self.arrivals})
+        return len({notification_digest(one(item)) for item in self.arrivals})
 
 
 @st.composite
@@ -185,7 +185,7 @@ def play(scenario: Scenario) -> Outcome:
 
 def check_invariants(scenario: Scenario, outcome: Outcome) -> None:
     """The properties that hold for any arrival order."""
-    delivered = [_digest(d.event.raw) for d in outcome.deliveries]
+    delivered = [notification_digest(d.event) for d in outcome.deliveries]
     # Nothing is delivered twice.
     assert len(delivered) == len(set(delivered))
     # Every unique notification is delivered once or dropped with a counted reason, and

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from callbot import events
 from callbot._lifecycle import Lifecycle
 from callbot._parse import parse_payload
@@ -83,6 +85,57 @@ async def test_exact_repeats_are_dropped_but_new_tones_are_not() -> None:
         seq.accept(one(item))
     assert sink.labels == ["tone:tone1", "tone:tone1"]
     assert seq.counts["duplicate"] == 1
+    seq.close()
+
+
+def _rewritten(item: dict[str, Any], form: str) -> dict[str, Any]:
+    """``item`` as Graph may write the same notification another time."""
+    copy = {key: item[key] for key in reversed(item)}  # keys in another order
+    path = copy["resourceUrl"]
+    if form == "resource":
+        copy["resource"] = path.replace("/communications/", "/app/")
+        del copy["resourceUrl"]
+    elif form == "absolute":
+        copy["resourceUrl"] = "https://graph.microsoft.com/v1.0" + path
+    elif form == "beta":
+        copy["resourceUrl"] = "/beta" + path
+    elif form == "id_case":
+        call_id = path.rsplit("/", 1)[1]
+        copy["resourceUrl"] = path.replace(call_id, call_id.upper().replace("-", ""))
+    elif form == "change_case":
+        copy["changeType"] = copy["changeType"].capitalize()
+    data = copy.get("resourceData")
+    if isinstance(data, dict):
+        copy["resourceData"] = {key: data[key] for key in reversed(data)}
+    return copy
+
+
+FORMS = ("keys", "resource", "absolute", "beta", "id_case", "change_case")
+
+
+@pytest.mark.parametrize("form", FORMS)
+async def test_a_retry_written_another_way_is_still_a_duplicate(form: str) -> None:
+    sink = Sink()
+    seq = sink.sequencer()
+    call_id = "6f1f5c00-8c1b-47f1-be9d-660c501041a9"
+    tone = b.tone(call_id, "tone1", 6)
+    for item in (b.call_state(call_id, "establishing"), tone, _rewritten(tone, form)):
+        seq.accept(one(item))
+    assert sink.labels == ["establishing", "tone:tone1"]
+    assert seq.counts["duplicate"] == 1
+    seq.close()
+
+
+async def test_the_same_words_about_another_call_or_path_are_not_a_duplicate() -> None:
+    sink = Sink()
+    seq = sink.sequencer()
+    tone = b.tone("c", "tone1", 1)
+    other_call = b.tone("d", "tone1", 1)
+    other_change = {**tone, "changeType": "created"}
+    for item in (tone, other_call, other_change):
+        seq.accept(one(item))
+    assert sink.labels == ["tone:tone1", "tone:tone1", "tone:tone1"]
+    assert seq.counts["duplicate"] == 0
     seq.close()
 
 

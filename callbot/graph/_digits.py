@@ -20,6 +20,7 @@ import structlog
 from .. import events, models
 from .._dtmf import TONE_OF_DIGIT, digit_of
 from .._errors import CallEnded, OperationFailed
+from .._sequencing import notification_digest
 from ._operations import Operation
 from ._values import PromptLike
 
@@ -54,11 +55,17 @@ class ToneListener:
         self.call_key = call_key
         self._tones: list[tuple[int, int, str]] = []  # (sequence_id, arrival, digit)
         self._arrivals = 0
+        self._seen: set[bytes] = set()
         self._changed = asyncio.Event()
         self.ended = False
 
     def put(self, event: events.ToneReceived) -> None:
-        """A tone was accepted for the call."""
+        """A tone was accepted for the call; a repeat of one it had is ignored."""
+        digest = notification_digest(event)
+        if digest in self._seen:
+            # A shared store tells every copy: one retried after a failed attempt may be new.
+            return
+        self._seen.add(digest)
         self._arrivals += 1
         sequence = event.sequence_id if event.sequence_id is not None else self._arrivals
         bisect.insort(self._tones, (sequence, self._arrivals, digit_of(event.tone)))

@@ -21,7 +21,7 @@ import orjson
 from .. import events
 from .._lifecycle import CallLife
 from .._parse import parse_payload
-from .._sequencing import CallRecord, _digest
+from .._sequencing import CallRecord, notification_digest
 from ..models import Call as CallResource
 from ..models import Participant
 
@@ -42,8 +42,8 @@ _ENTRY_DEPTH = 1024
 
 
 def digest_of(event: events.Event) -> str:
-    """The hex digest two exactly repeated notifications share (as the sequencer computes it)."""
-    return _digest(event.raw).hex()
+    """The hex digest two copies of one notification share (the sequencer's, in hex)."""
+    return notification_digest(event).hex()
 
 
 def _dumps(value: Any) -> str:

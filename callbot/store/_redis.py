@@ -2,7 +2,7 @@
 
 Graph posts a call's notifications to whichever instance the balancer picks.
 Every instance appends what it accepts to the call's inbox in Redis (a Lua
-script that also drops exact repeats), and answers 202 only once Redis has it.
+script that also drops repeats), and answers 202 only once Redis has it.
 Whoever holds the call's lease runs the call: it feeds the inbox, in order,
 through the same :class:`~callbot._sequencing.Sequencer` the in-memory store
 uses, with the call's record loaded from Redis; runs the handlers; and
