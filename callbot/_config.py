@@ -66,7 +66,8 @@ class Settings:
     max_concurrent_handlers: int = 256
     """How many calls' handlers may run at once."""
     termination_grace: float = 30.0
-    """How long a terminated call's state is kept to drop stragglers."""
+    """How long a terminated call's state is kept; that it ended is kept for 10 minutes more,
+    so stragglers are dropped."""
     pending_call_ttl: float = 300.0
     """How long a call never seen past ringing the bot (no state, or still ``incoming``) is
     kept: Graph ends an unanswered call within 15 s, so only invented ids outlive this."""

@@ -41,6 +41,11 @@ LIVE_PHASE: Final = _PHASES["established"]
 _ESTABLISHING: Final = _PHASES["establishing"]
 """The phase of an established call (and of the states it moves between)."""
 _ANSWER_DEADLINE = 15.0
+# How long, and for how many calls, an ended call is remembered after it is forgotten: a
+# notification Graph retries or sends late must not start it over (a shared store keeps its
+# dedupe as long).
+ENDED_MEMORY: Final = 600.0
+_MAX_ENDED: Final = 50_000
 
 
 def phase_of_state(state: str) -> int:
@@ -116,6 +121,8 @@ class Lifecycle:
         self._max_pending = max_pending
         self._lives: dict[str, CallLife] = {}
         self._pending: OrderedDict[str, None] = OrderedDict()
+        # Calls forgotten after their end: key -> when, oldest first.
+        self._ended: OrderedDict[str, float] = OrderedDict()
         self._heap: list[tuple[float, int, int, CallLife]] = []
         self._order = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
@@ -152,10 +159,16 @@ class Lifecycle:
     # -- what the sequencer tells -------------------------------------------------------
 
     def life(self, call_id: str) -> CallLife:
-        """The life of a call, known from now on if it was not (a call with no state yet)."""
+        """The life of a call, known from now on if it was not (a call with no state yet,
+        or, if it ended within :data:`ENDED_MEMORY`, an ended one again)."""
         key = id_key(call_id)
         life = self._lives.get(key)
-        if life is None:
+        if life is None and self._ended_lately(key):
+            life = self._lives[key] = CallLife(
+                call_id, phase=_PHASES["terminated"], state="terminated", ended=True
+            )
+            self._schedule(self._grace, _FORGET, life)
+        elif life is None:
             life = self._lives[key] = CallLife(call_id)
             self._pending[key] = None
             self._schedule(self._pending_ttl, _FORGET_PENDING, life)
@@ -231,6 +244,14 @@ class Lifecycle:
             life.keeping_alive = False
         return life
 
+    def start_over(self, call_key: str) -> None:
+        """Continue a call from no state, whatever this process saw of it before (its end
+        included): a shared store holds nothing of it, and its run starts from there."""
+        self._ended.pop(call_key, None)
+        life = self._lives.get(call_key)
+        if life is not None:
+            self.adopt(life.call_id, phase=-1, state=None, ended=False)
+
     # -- running --------------------------------------------------------------------------
 
     async def close(self) -> None:
@@ -255,6 +276,8 @@ class Lifecycle:
         if life is None:
             return
         life.keeping_alive = False
+        if life.ended:
+            self._remember_ended(key)
         if why != "grace_over":
             log.info("call_forgotten", call_id=life.call_id, reason=why)
         for listener in self._forgotten_listeners:
@@ -262,6 +285,23 @@ class Lifecycle:
                 listener(key, why)
             except Exception:
                 log.exception("call_forget_listener_failed", call_id=life.call_id)
+
+    def _remember_ended(self, key: str) -> None:
+        now = asyncio.get_running_loop().time()
+        self._ended[key] = now
+        self._ended.move_to_end(key)
+        ended, oldest_kept = self._ended, now - ENDED_MEMORY
+        while ended and (len(ended) > _MAX_ENDED or next(iter(ended.values())) < oldest_kept):
+            ended.popitem(last=False)
+
+    def _ended_lately(self, key: str) -> bool:
+        when = self._ended.get(key)
+        if when is None:
+            return False
+        if when < asyncio.get_running_loop().time() - ENDED_MEMORY:
+            del self._ended[key]
+            return False
+        return True
 
     def _start_keep_alive(self, life: CallLife) -> None:
         if self._keep_alive_interval is None:

@@ -222,7 +222,9 @@ class Sequencer:
         key = event.call_key
         record = self._records.get(key)
         if record is None:
-            record = self._records[key] = CallRecord(self.lifecycle.life(event.call_id))
+            life = self.lifecycle.life(event.call_id)
+            # A call that ended (and was forgotten since) takes nothing more.
+            record = self._records[key] = CallRecord(life, closed=life.ended)
         digest = notification_digest(event)
         if isinstance(event, events.ParticipantsUpdated):
             # A roster is a snapshot: the same one after a different one is a real change.
@@ -260,9 +262,7 @@ class Sequencer:
         """Continue a call of which a store holds nothing: no record, and its life back to no
         state, whatever this process saw of it before."""
         self._drop_record(call_key)
-        life = self.lifecycle.get(call_key)
-        if life is not None:
-            self.lifecycle.adopt(life.call_id, phase=-1, state=None, ended=False)
+        self.lifecycle.start_over(call_key)
 
     def evict(self, call_key: str) -> CallRecord | None:
         """Stop ordering a call here (another process carries it on); a held event is

@@ -13,10 +13,14 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from callbot import OperationFailed, models
-from callbot._lifecycle import KeepAliveResult, Lifecycle
+from callbot import OperationFailed, events, models
+from callbot._ids import id_key
+from callbot._lifecycle import ENDED_MEMORY, KeepAliveResult, Lifecycle
+from callbot._parse import parse_payload
+from callbot._sequencing import Sequencer
 from callbot.graph import CallServices, RetryPolicy
 from callbot.testing import FakeGraph
+from callbot.testing import builders as b
 
 from .conftest import until
 
@@ -261,3 +265,48 @@ async def test_an_end_fails_the_operations_awaited_on_the_call(graph: FakeGraph)
     finally:
         await services.close()
         await calls.close()
+
+
+async def test_an_ended_call_stays_ended_after_it_is_forgotten(clock: Clock) -> None:
+    calls = lifecycle()
+    ended: list[str] = []
+    calls.when_ended(lambda key, info: ended.append(key))
+    delivered: list[str] = []
+    sequencer = Sequencer(lambda d: delivered.append(type(d.event).__name__), calls)
+    established, terminated = b.call_state(CALL_ID, "established"), b.call_terminated(CALL_ID)
+    for item in (b.call_state(CALL_ID, "establishing"), established, terminated):
+        sequencer.accept(_event(item))
+    await clock.advance(31.0)
+    assert calls.get(CALL_ID) is None
+    with capture_logs() as logs:
+        # Graph sends the end again, and a straggler, once the call is forgotten.
+        for item in (terminated, established, b.tone(CALL_ID, "tone1", 1)):
+            sequencer.accept(_event(item))
+    assert delivered == ["CallStateChanged", "CallStateChanged", "CallTerminated"]
+    assert [e["reason"] for e in logs if e["event"] == "notification_dropped"] == ["after_end"] * 3
+    assert ended == [id_key(CALL_ID)]
+    assert list(calls.active()) == []
+    # Remembered for a while after the last word of it, not for ever.
+    await clock.advance(31.0)
+    await clock.advance(ENDED_MEMORY + 1.0)
+    sequencer.accept(_event(b.call_state(CALL_ID, "establishing")))
+    assert delivered[-1] == "CallStateChanged"
+    sequencer.close()
+
+
+async def test_a_run_started_over_goes_through_a_forgotten_end_again(clock: Clock) -> None:
+    calls = lifecycle()
+    delivered: list[str] = []
+    sequencer = Sequencer(lambda d: delivered.append(type(d.event).__name__), calls)
+    sequencer.accept(_event(b.call_terminated(CALL_ID)))
+    await clock.advance(31.0)
+    # A shared store holds nothing of the call and hands this process its entries again.
+    sequencer.start_over(id_key(CALL_ID))
+    sequencer.accept(_event(b.call_terminated(CALL_ID)))
+    assert delivered == ["CallTerminated", "CallTerminated"]
+    sequencer.close()
+
+
+def _event(item: dict[str, Any]) -> events.Event:
+    (event,) = parse_payload(b.notifications(item))
+    return event
