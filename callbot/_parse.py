@@ -14,8 +14,9 @@ Errors. :class:`~callbot._errors.MalformedNotification` with a stable ``reason``
   scan before decoding, so hostile nesting never reaches the recursive decoder);
 * ``bad_shape`` - the envelope is wrong: top level not an object, ``value``
   missing or not a list, an item not an object, ``changeType`` missing or not a
-  string, neither ``resourceUrl`` nor ``resource``, or a path that is not under
-  ``/communications/calls/{id}`` (or the older ``/app/calls/{id}``);
+  string, neither ``resourceUrl`` nor ``resource``, a path that is not under
+  ``/communications/calls/{id}`` (or the older ``/app/calls/{id}``), or a segment
+  after the call id that is ``.`` or ``..`` (percent-encoded or not);
 * ``empty``     - ``value`` is an empty list;
 * ``legacy_format`` - a body in the calling format that predates Graph (no
   ``value``, a top-level ``callState``): the receiver answers it ``204``, which
@@ -50,7 +51,7 @@ import json
 import re
 from collections.abc import Iterator, Mapping
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import orjson
 from pydantic import ValidationError
@@ -258,9 +259,13 @@ def _event_for(index: int, item: Any, envelope: dict[str, Any], tenant_id: str |
     if split is None:
         raise MalformedNotification("bad_shape", f"{where} path {path!r} is not a call path")
     call_id, rest = split
-    if not usable_id(call_id):
+    if not _one_segment(call_id):
         raise MalformedNotification(
             "bad_call_id", f"{where} call id {call_id!r} is not a usable id"
+        )
+    if not all(_one_segment(segment) for segment in rest):
+        raise MalformedNotification(
+            "bad_shape", f"{where} path {path!r} has a segment that is not a usable id"
         )
     data = item.get("resourceData")
     common: dict[str, Any] = {
@@ -296,6 +301,11 @@ def _split_call_path(path: str) -> tuple[str, list[str]] | None:
     if len(segments) < 3 or (segments[0].lower(), segments[1].lower()) not in _CALL_ROOTS:
         return None
     return segments[2], segments[3:]
+
+
+def _one_segment(segment: str) -> bool:
+    # resource_url is a path handlers may request: '%2e%2e' would climb out of the call too.
+    return usable_id(segment) and (("%" not in segment) or usable_id(unquote(segment)))
 
 
 def _tenant_of(
