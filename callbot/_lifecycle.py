@@ -78,6 +78,8 @@ class CallLife:
     result_info: ResultInfo | None = None
     """Why the call ended, when Graph said."""
     keeping_alive: bool = False
+    tenant_id: str | None = None
+    """The tenant the call was first seen with (lower case): the call belongs to it."""
 
     @property
     def key(self) -> str:
@@ -151,6 +153,13 @@ class Lifecycle:
 
     def __len__(self) -> int:
         return len(self._lives)
+
+    def belongs_elsewhere(self, call_id: str, tenant_id: str | None) -> bool:
+        """Whether a known call belongs to another tenant than ``tenant_id``: a token proves
+        its tenant, not that the call named is that tenant's."""
+        life = self._lives.get(id_key(call_id))
+        bound = life.tenant_id if life is not None else None
+        return bound is not None and tenant_id is not None and bound != tenant_id.lower()
 
     def active(self) -> Iterator[CallLife]:
         """The calls that reached a state and have not ended."""

@@ -170,6 +170,11 @@ class Receiver:
             )
         try:
             await self._ingest(batch)
+        except MalformedNotification as exc:
+            status, outcome = _REFUSALS.get(exc.reason, (400, "malformed"))
+            return self._refuse(
+                status, outcome, exc.reason, str(exc), self._context(request, tenant_id)
+            )
         except StoreUnavailable as exc:
             return self._refuse(
                 503,

@@ -27,13 +27,14 @@ import asyncio
 import hashlib
 import json
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
 from . import events
+from ._errors import MalformedNotification
 from ._ids import id_key
 from ._journal import Attempt
 from ._lifecycle import CallLife, Lifecycle, phase_of_state
@@ -225,6 +226,8 @@ class Sequencer:
             life = self.lifecycle.life(event.call_id)
             # A call that ended (and was forgotten since) takes nothing more.
             record = self._records[key] = CallRecord(life, closed=life.ended)
+        if record.life.tenant_id is None and event.tenant_id is not None:
+            record.life.tenant_id = event.tenant_id.lower()
         digest = notification_digest(event)
         if isinstance(event, events.ParticipantsUpdated):
             # A roster is a snapshot: the same one after a different one is a real change.
@@ -243,6 +246,15 @@ class Sequencer:
             # A handler collecting digits is still running: tones reach it now, not queued.
             self._on_tone(event)
         self._route(record, event)
+
+    def refuse_other_tenants(self, batch: Sequence[events.Event]) -> None:
+        """Raise ``MalformedNotification`` (``tenant_mismatch``) when an event names a call
+        that belongs to another tenant than its token's; called before any is accepted."""
+        for event in batch:
+            if self.lifecycle.belongs_elsewhere(event.call_id, event.tenant_id):
+                raise MalformedNotification(
+                    "tenant_mismatch", "a notification names a call of another tenant"
+                )
 
     def record(self, call_key: str) -> CallRecord | None:
         """The record of a call, if it is known."""

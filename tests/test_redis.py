@@ -28,13 +28,15 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from callbot import Call, CallBot, RunSuperseded, current_attempt, events, models
+from callbot import Call, CallBot, CallEnded, RunSuperseded, current_attempt, events, models
 from callbot.store._redis import follow_primary
 from callbot.testing import FakeGraph, TokenAuthority
 from callbot.testing import builders as b
 
 from .conftest import APP_ID, BotServer, make_bot, until
 from .test_redis_bot import label, log_key
+from .test_security_tokens import OTHER_TENANT as OTHER
+from .test_security_tokens import without_tenant
 
 pytestmark = pytest.mark.redis
 
@@ -952,3 +954,47 @@ async def test_every_instance_lists_the_calls_of_every_instance(
     assert listed.state == "established"
     assert (await servers[1].post(b.notifications(b.call_terminated("listed-call")))).status == 202
     await until(lambda: listed_everywhere([]), 10)
+
+
+async def test_a_call_is_its_tenants_on_every_instance(
+    authority: TokenAuthority, serve: Any, redis_url: str
+) -> None:
+    async with FakeGraph() as graph:
+        collecting: dict[str, int] = {}
+        collected: list[tuple[int, str]] = []
+        servers: list[BotServer] = []
+        for index in range(2):
+            bot = make_bot(
+                authority,
+                store=redis_url,
+                graph_url=graph.graph_url,
+                authority_url=graph.authority_url,
+                app_secret="fake-graph-secret",
+            )
+
+            @bot.on_state("established")
+            async def pin(call: Call, event: events.CallStateChanged, index: int = index) -> None:
+                collecting[call.key] = index
+                try:
+                    collected.append((index, await call.collect_digits(max_digits=1, timeout=10)))
+                except CallEnded:
+                    collected.append((index, "ended"))
+
+            servers.append(await serve(bot))
+        for state in ("establishing", "established"):
+            item = b.call_state("tenant-call", state)
+            assert (await servers[0].post(b.notifications(item))).status == 202
+        await graph.wait_for_request("subscribeToTone")
+        await until(lambda: "tenantcall" in collecting)
+        owner = collecting["tenantcall"]
+        other = servers[1 - owner]
+        # Another tenant's token, at the instance that does not run the call: refused there,
+        # and the copy every instance is told of does not end the call where it runs.
+        forged = without_tenant(b.call_terminated("tenant-call"))
+        response = await other.post(b.notifications(forged), token=other.token(tenant_id=OTHER))
+        assert (response.status, (await response.json())["error"]) == (403, "tenant_mismatch")
+        # Told after the forged end: the handler would have seen that first.
+        response = await other.post(b.notifications(b.tone("tenant-call", "tone2", 1)))
+        assert response.status == 202
+        await until(lambda: bool(collected), within=5)
+        assert collected == [(owner, "2")]

@@ -89,6 +89,43 @@ async def test_an_item_naming_no_tenant_gets_the_tokens(
     assert seen[0].tenant_id == OTHER_TENANT
 
 
+def without_tenant(item: dict[str, Any]) -> dict[str, Any]:
+    """``item`` naming no tenant: it gets its token's."""
+    item = {key: value for key, value in item.items() if key != "tenantId"}
+    data = item.get("resourceData")
+    if isinstance(data, dict):
+        item["resourceData"] = {key: value for key, value in data.items() if key != "tenantId"}
+    return item
+
+
+async def test_a_call_belongs_to_the_tenant_it_was_first_seen_with(
+    authority: TokenAuthority, serve: Any
+) -> None:
+    bot, seen = seeing_bot(authority)
+    server: BotServer = await serve(bot)
+    theirs, mine = server.token(tenant_id=OTHER_TENANT), server.token(tenant_id=TEST_TENANT_ID)
+    call_id = "7c1e2f90-5b4d-4a8e-9f3c-2d6b8a1e4f70"
+    for state in ("establishing", "established"):
+        item = without_tenant(b.call_state(call_id, state))
+        assert (await server.post(b.notifications(item), token=theirs)).status == 202
+    # Another tenant's valid token cannot end the call, nor type into it.
+    for item in (b.call_terminated(call_id), b.tone(call_id, "tone9", 1)):
+        response = await server.post(b.notifications(without_tenant(item)), token=mine)
+        assert await refusal(response) == (403, "tenant_mismatch")
+    assert await metric(server, "auth_failed", "tenant_mismatch") == 2
+    # The call's own tenant goes on; had the refused ones been taken, they would come first.
+    tone = without_tenant(b.tone(call_id, "tone2", 2))
+    assert (await server.post(b.notifications(tone), token=theirs)).status == 202
+    await until(lambda: len(seen) == 3)
+    assert [type(e).__name__ for e in seen] == [
+        "CallStateChanged",
+        "CallStateChanged",
+        "ToneReceived",
+    ]
+    assert {e.tenant_id for e in seen} == {OTHER_TENANT}
+    assert [call.id for call in bot.active_calls()] == [call_id]
+
+
 # -- 8. token hygiene -----------------------------------------------------------------------
 
 

@@ -51,7 +51,9 @@ class MemoryStore:
         """Nothing to connect to."""
 
     async def ingest(self, batch: Sequence[events.Event]) -> None:
-        """Hand each event to the sequencer (deliver, hold or drop it)."""
+        """Hand each event to the sequencer (deliver, hold or drop it); none when one names
+        a call of another tenant (``MalformedNotification``)."""
+        self.sequencer.refuse_other_tenants(batch)
         accept = self.sequencer.accept
         for event in batch:
             accept(event)

@@ -40,7 +40,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from .. import events
 from .._config import Settings
 from .._dispatch import Dispatcher
-from .._errors import ConfigurationError, StoreUnavailable
+from .._errors import ConfigurationError, MalformedNotification, StoreUnavailable
 from .._journal import Attempt
 from .._lifecycle import Lifecycle
 from .._log import get_logger
@@ -651,7 +651,11 @@ class RedisStore:
             self._mark(False, exc)
             raise StoreUnavailable(f"the Redis store cannot take notifications now: {exc}") from exc
         self._mark(True)
+        refused = 0
         for event, (answer, text, call) in zip(batch, answers, strict=True):
+            if int(answer[0]) < 0:
+                refused += 1
+                continue
             if isinstance(event, _SHARED):
                 # in the events stream for the others; here without reading it back
                 self._tell(event)
@@ -702,6 +706,10 @@ class RedisStore:
                 else:
                     state.signals += 1
                 state.changed.set()  # a held or idle call need not wait for its next look
+        if refused:
+            raise MalformedNotification(
+                "tenant_mismatch", f"{refused} notification(s) name a call of another tenant"
+            )
 
     def elsewhere(self) -> list[CallRecord]:
         """The calls of every instance that have not ended (refreshed every few seconds)."""
@@ -770,7 +778,7 @@ class RedisStore:
             commands.append(
                 _cmd(
                     _scripts.INGEST,
-                    keys.of(call, "inbox", "seen", "lease", "fence", "call"),
+                    keys.of(call, "inbox", "seen", "lease", "fence", "call", "tenant"),
                     # A roster repeated after another one is news: the sequencer decides.
                     "" if isinstance(event, events.ParticipantsUpdated) else digest_of(event),
                     entry,
@@ -779,6 +787,7 @@ class RedisStore:
                     self._lease_ms if take else "",
                     _READ_BATCH,
                     _LIFETIME_MS,
+                    (event.tenant_id or "").lower(),
                 )
             )
             # Whoever waits for these (op.wait, collect_digits, ...) may run on any instance.
@@ -805,6 +814,8 @@ class RedisStore:
         runnable: dict[str, int] = {}
         late: dict[str, None] = {}
         for call, answer in zip(calls, scripts, strict=True):
+            if int(answer[0]) < 0:
+                continue  # refused: the call is another tenant's
             who = int(answer[1])
             if who == 3:
                 # Nobody runs the call and this instance has no room: the oldest entry waits.
@@ -1605,6 +1616,9 @@ class RedisStore:
 
     def _tell(self, event: events.Event) -> None:
         """Resolve what waits here for an operation outcome, a tone or a call's end."""
+        if self._lifecycle.belongs_elsewhere(event.call_id, event.tenant_id):
+            # Told before the store refused it: what waits here is the call's own tenant's.
+            return
         if isinstance(event, events.OperationUpdated):
             self._outcomes.on_operation(event)
         elif isinstance(event, events.ToneReceived):

@@ -107,12 +107,19 @@ INGEST = Script(
     "ingest",
     _HELPERS
     + """
--- KEYS: inbox, seen, lease, fence, record
+-- KEYS: inbox, seen, lease, fence, record, tenant
 -- ARGV: digest ('' leaves repeats to the sequencer), entry, dedupe window (ms),
---       token, lease (ms) or '' to leave the call to others, read batch, lifetime (ms)
+--       token, lease (ms) or '' to leave the call to others, read batch, lifetime (ms),
+--       the tenant the request's token proves (lower case) or ''
 local inbox, seen, lease, fence = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local digest, token = ARGV[1], ARGV[4]
 local fresh, id, before = 1, '', ''
+if ARGV[8] ~= '' then
+  -- a call belongs to the tenant it was first seen with
+  local bound = redis.call('GET', KEYS[6])
+  if bound and bound ~= ARGV[8] then return {-1} end
+  redis.call('SET', KEYS[6], ARGV[8], 'PX', ARGV[7])
+end
 if digest ~= '' and redis.call('ZSCORE', seen, digest) then
   fresh = 0
 else
@@ -150,7 +157,8 @@ end
 return {fresh, 3, id, first[1][1]}
 """,
 )
-"""Accept one notification: append it unless it repeats one kept in the dedupe window
+"""Accept one notification: refuse it (``-1``) if its call was first seen with another
+tenant, else append it unless it repeats one kept in the dedupe window
 (``fresh`` 1 or 0, and its entry id), and say who runs the call: another instance (0),
 this one already (1, with the id of the entry before it, if any, the lease, and 1 if
 that lease was taken back after it expired; the entry is noted as fed, since the run
