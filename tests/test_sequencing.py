@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from callbot import events
+from callbot import events, models
 from callbot._lifecycle import Lifecycle
 from callbot._parse import parse_payload
 from callbot._sequencing import Delivery, Sequencer
@@ -171,4 +171,25 @@ async def test_a_roster_that_comes_back_after_a_change_is_not_a_duplicate() -> N
     assert isinstance(last, events.ParticipantsUpdated)
     assert [p.id for p in last.left] == ["bob"]
     assert seq.counts["duplicate"] == 1
+    seq.close()
+
+
+def rosters(sink: Sink) -> list[events.ParticipantsUpdated]:
+    return [d.event for d in sink.deliveries if isinstance(d.event, events.ParticipantsUpdated)]
+
+
+def names(people: list[models.Participant]) -> list[str | None]:
+    return [p.display_name or p.id for p in people]
+
+
+async def test_a_leave_is_seen_when_the_participant_who_changed_last_leaves() -> None:
+    # rosterSequenceNumber is when each participant last changed: bob joined last, at 2.
+    sink = Sink()
+    seq = sink.sequencer()
+    alice = b.participant("alice").model_copy(update={"roster_sequence_number": 1})
+    bob = b.participant("bob").model_copy(update={"roster_sequence_number": 2})
+    seq.accept(one(b.roster("meet", [alice, bob])))
+    seq.accept(one(b.roster("meet", [alice])))
+    assert [names(r.left) for r in rosters(sink)] == [[], ["bob"]]
+    assert seq.counts["stale"] == 0
     seq.close()
