@@ -456,7 +456,9 @@ class Sequencer:
                 renamed.add(was)
                 new.pop(was, None)
             if removed or participant.removed_state is not None:
-                left.append(participant)
+                # Only someone in the roster can leave it: a repeated removal is no news.
+                if was is not None:
+                    left.append(participant)
                 new.pop(key, None)
                 continue
             new[key] = participant

@@ -281,3 +281,20 @@ async def test_a_participant_without_an_id_stays_while_its_details_change() -> N
         ([], [], ["Ann", "Bob"]),
     ]
     seq.close()
+
+
+async def test_only_someone_in_the_roster_can_leave_it() -> None:
+    sink = Sink()
+    seq = sink.sequencer()
+    ann, bob, cat = (b.participant(n, display_name=n.title()) for n in ("ann", "bob", "cat"))
+    # As the documented 2018 roster: created and deleted items, no sequence numbers.
+    added, removal, later = b.roster("c", [ann, bob]), b.roster("c", [ann]), b.roster("c", [cat])
+    added["changeType"] = later["changeType"] = "created"
+    removal["changeType"] = "deleted"
+    for item in (added, removal, later, removal):  # the removal again, after another roster
+        seq.accept(one(item))
+    dan = b.participant("dan", display_name="Dan", removed_reason="left")
+    seq.accept(one(b.roster("c", [bob, cat, dan])))  # a full roster: dan never was in it
+    assert [names(r.left) for r in rosters(sink)] == [[], ["Ann"], [], [], []]
+    assert [names(r.joined) for r in rosters(sink)][-1] == []
+    seq.close()
