@@ -387,6 +387,7 @@ def _is_roster(data: Any) -> bool:
 def _participants_event(data: Any, item: dict[str, Any], common: dict[str, Any]) -> Event:
     # A full roster is updated with everyone; a delta roster names who was added or removed.
     delta = common["change_type"] in ("created", "deleted")
+    # Only the notification's number orders rosters: participants' highest falls as one leaves.
     sequence = _as_int(item.get("sequenceNumber"))
     if isinstance(data, dict) and (
         models.type_name(data) == "deltaparticipants" or isinstance(data.get("participants"), list)
@@ -399,11 +400,6 @@ def _participants_event(data: Any, item: dict[str, Any], common: dict[str, Any])
     if entries is None or not all(isinstance(entry, dict) for entry in entries):
         return UnknownNotification(**common, resource_data=item.get("resourceData"))
     participants = [models.Participant.model_validate(entry) for entry in entries]
-    if sequence is None:
-        numbers = [
-            p.roster_sequence_number for p in participants if p.roster_sequence_number is not None
-        ]
-        sequence = max(numbers) if numbers else None
     return ParticipantsUpdated(
         **common,
         participants=participants,

@@ -40,9 +40,9 @@ from ._journal import Attempt
 from ._lifecycle import CallLife, Lifecycle, phase_of_state
 from ._log import get_logger
 from .models import Call as CallResource
-from .models import Participant
+from .models import Identity, Participant
 
-__all__ = ["CallRecord", "Delivery", "Sequencer", "notification_digest", "phase_of"]
+__all__ = ["CallRecord", "Delivery", "Sequencer", "notification_digest", "phase_of", "roster_key"]
 
 log = get_logger("callbot.sequencing")
 
@@ -173,15 +173,68 @@ def _digest(value: Any) -> bytes:
 
 
 def _participant_key(participant: Participant, index: int) -> str:
+    """The key of a participant in a roster: its id, else who it is, else its place."""
+    return roster_key(participant) or f"#{index}"
+
+
+def roster_key(participant: Participant) -> str | None:
+    """The key of a participant in a roster, or ``None`` when nothing names it."""
     if participant.id:
         return id_key(participant.id)
-    if participant.odata_id:
-        return "odata:" + participant.odata_id.lower()
-    # Some documented rosters omit the participant id; fall back to the identity.
-    if participant.info is not None:
-        # The form shared stores keep in their records: changing it would re-join everyone.
-        return "info:" + json.dumps(participant.info.model_dump(mode="json"), sort_keys=True)
-    return f"#{index}"
+    path_id = _path_id(participant.odata_id) if participant.odata_id else None
+    if path_id:
+        return id_key(path_id)
+    return _identity_key(participant)
+
+
+def _path_id(odata_id: str) -> str | None:
+    """The id ending ``/app/calls/{call}/participants/{id}`` (or ``/communications/...``)."""
+    head, _, last = odata_id.rstrip("/").rpartition("/")
+    return last if head.rpartition("/")[2].lower() == "participants" else None
+
+
+def _identity_key(participant: Participant) -> str | None:
+    """Who a participant sent without an id is: the ids of its identities, else their names.
+
+    Other properties (language, region, ...) change while the participant stays.
+    """
+    identity_set = participant.info.identity if participant.info is not None else None
+    if identity_set is None:
+        return None
+    found: list[tuple[str, Any, Any]] = [
+        (kind, value.id, value.display_name)
+        for kind, value in vars(identity_set).items()
+        if isinstance(value, Identity)
+    ]
+    # An identity kind Graph added after these models is kept as sent.
+    found += [
+        (kind, value.get("id"), value.get("displayName"))
+        for kind, value in (identity_set.model_extra or {}).items()
+        if isinstance(value, dict)
+    ]
+    ids = {kind: id_key(id_) for kind, id_, _ in found if isinstance(id_, str) and id_}
+    if ids:
+        return "identity:" + _canonical(ids)
+    names = {kind: name for kind, _, name in found if isinstance(name, str) and name}
+    return "name:" + _canonical(names) if names else None
+
+
+def _canonical(value: dict[str, str]) -> str:
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+    except TypeError:  # a lone surrogate, which orjson refuses
+        return json.dumps(value, sort_keys=True, ensure_ascii=True)
+
+
+def _known_without_id(
+    roster: dict[str, Participant], incoming: dict[str, Participant], participant: Participant
+) -> str | None:
+    """The key of the roster's entry for ``participant`` from before Graph gave it an id
+    (an invitee is sent with ``"id": null`` until it is added), or ``None``."""
+    if not roster:
+        return None
+    key = _identity_key(participant)
+    return key if key is not None and key in roster and key not in incoming else None
 
 
 class Sequencer:
@@ -421,18 +474,25 @@ class Sequencer:
         left: list[Participant] = []
         updated: list[Participant] = []
         new = dict(old) if delta else {}
+        renamed: set[str] = set()
         for key, participant in incoming.items():
+            was = key if key in old else _known_without_id(old, incoming, participant)
+            if was is not None and was != key:
+                renamed.add(was)
+                new.pop(was, None)
             if removed or participant.removed_state is not None:
-                left.append(participant)
+                # Only someone in the roster can leave it: a repeated removal is no news.
+                if was is not None:
+                    left.append(participant)
                 new.pop(key, None)
                 continue
             new[key] = participant
-            if key not in old:
+            if was is None:
                 joined.append(participant)
-            elif old[key] != participant:
+            elif was != key or old[was] != participant:
                 updated.append(participant)
         if not delta:
-            left.extend(p for key, p in old.items() if key not in incoming)
+            left.extend(p for key, p in old.items() if key not in incoming and key not in renamed)
         record.roster = new
         return event.model_copy(update={"joined": joined, "left": left, "updated": updated})
 

@@ -635,16 +635,19 @@ def test_single_participant_path_and_sequence_number() -> None:
     assert event.sequence_number == 12
 
 
-def test_roster_sequence_number_from_participants() -> None:
-    event = _one(
-        {
-            "changeType": "updated",
-            "resourceUrl": CALL_PATH + "/participants",
-            "resourceData": [{"id": "a", "rosterSequenceNumber": 3}, {"id": "b"}],
-        }
-    )
+def test_participants_roster_sequence_numbers_do_not_number_the_roster() -> None:
+    # Each says when that participant last changed: the highest falls when they leave.
+    item: dict[str, Any] = {
+        "changeType": "updated",
+        "resourceUrl": CALL_PATH + "/participants",
+        "resourceData": [{"id": "a", "rosterSequenceNumber": 3}, {"id": "b"}],
+    }
+    event = _one(item)
     assert isinstance(event, events.ParticipantsUpdated)
-    assert event.sequence_number == 3
+    assert event.sequence_number is None
+    event = _one({**item, "sequenceNumber": 2})
+    assert isinstance(event, events.ParticipantsUpdated)
+    assert event.sequence_number == 2
 
 
 def test_content_sharing_segment_is_case_insensitive() -> None:

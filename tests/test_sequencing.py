@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import copy
+import json
 from typing import Any
 
 import pytest
 
-from callbot import events
+from callbot import events, models
+from callbot._ids import id_key
 from callbot._lifecycle import Lifecycle
 from callbot._parse import parse_payload
 from callbot._sequencing import Delivery, Sequencer
 from callbot.testing import builders as b
 
-from .conftest import until
+from .conftest import FIXTURES, until
 
 
 def one(item: dict[str, Any]) -> events.Event:
@@ -224,4 +227,127 @@ async def test_a_roster_that_comes_back_after_a_change_is_not_a_duplicate() -> N
     assert isinstance(last, events.ParticipantsUpdated)
     assert [p.id for p in last.left] == ["bob"]
     assert seq.counts["duplicate"] == 1
+    seq.close()
+
+
+def rosters(sink: Sink) -> list[events.ParticipantsUpdated]:
+    return [d.event for d in sink.deliveries if isinstance(d.event, events.ParticipantsUpdated)]
+
+
+def names(people: list[models.Participant]) -> list[str | None]:
+    return [p.display_name or p.id for p in people]
+
+
+def recorded_item(name: str) -> dict[str, Any]:
+    item: dict[str, Any] = json.loads((FIXTURES / "recorded" / name).read_text())["value"][0]
+    return item
+
+
+async def test_a_leave_is_seen_when_the_participant_who_changed_last_leaves() -> None:
+    # rosterSequenceNumber is when each participant last changed: bob joined last, at 2.
+    sink = Sink()
+    seq = sink.sequencer()
+    alice = b.participant("alice").model_copy(update={"roster_sequence_number": 1})
+    bob = b.participant("bob").model_copy(update={"roster_sequence_number": 2})
+    seq.accept(one(b.roster("meet", [alice, bob])))
+    seq.accept(one(b.roster("meet", [alice])))
+    assert [names(r.left) for r in rosters(sink)] == [[], ["bob"]]
+    assert seq.counts["stale"] == 0
+    seq.close()
+
+
+async def test_a_participant_named_by_its_path_is_the_one_named_by_its_id() -> None:
+    sink = Sink()
+    seq = sink.sequencer()
+    by_id = recorded_item("gdh11-beta-participant-mute-2018.json")  # the 2018 mute roster
+    bot_id = by_id["resourceData"][1]["id"]
+    seq.accept(one(by_id))
+    # The same call's invite roster names participants by path only, in both dialects.
+    for name in (
+        "gdh10-beta-participant-invite-2018.json",
+        "gdh30-beta-participant-invite-2019.json",
+    ):
+        seq.accept(one(recorded_item(name)))
+    app, communications = rosters(sink)[1:]
+    # The two documents give Test User two participant ids: only the bot is the same one.
+    assert bot_id not in [p.id for p in app.joined + app.left]
+    assert "Test Bot" not in names(app.joined + app.left)
+    assert (communications.joined, communications.left) == ([], [])
+    assert bot_id.lower() in sink.deliveries[-1].roster
+    seq.close()
+
+
+async def test_an_invitee_sent_without_an_id_keeps_its_entry_once_it_has_one() -> None:
+    sink = Sink()
+    seq = sink.sequencer()
+    joined = recorded_item("sb16-groupcalls-groupcalluserjoin.json")  # Sam2 and the bot
+    pending = copy.deepcopy(joined)
+    sam = pending["resourceData"][0]
+    sam["id"] = None  # as Graph documents an invitee still being added
+    del sam["info"]["participantId"]
+    for item in (recorded_item("sb15-groupcalls-groupcallbotjoin.json"), pending, joined):
+        seq.accept(one(item))
+    assert [(names(r.joined), names(r.left), names(r.updated)) for r in rosters(sink)] == [
+        (["CallAndRedirectBot"], [], []),
+        (["Sam2"], [], []),
+        ([], [], ["Sam2"]),
+    ]
+    assert sorted(sink.deliveries[-1].roster) == sorted(
+        id_key(p["id"]) for p in joined["resourceData"]
+    )
+    seq.close()
+
+
+async def test_a_delta_removal_finds_an_invitee_added_without_an_id() -> None:
+    sink = Sink()
+    seq = sink.sequencer()
+    invitee = b.participant("sam", display_name="Sam").model_copy(update={"id": None})
+    added = b.participant("sam", display_name="Sam").model_copy(update={"id": "P-1"})
+    seq.accept(one(b.delta_roster("c", [invitee], sequence_number=1, change_type="created")))
+    seq.accept(one(b.delta_roster("c", [added], sequence_number=2, change_type="deleted")))
+    assert [(names(r.joined), names(r.left)) for r in rosters(sink)] == [
+        (["Sam"], []),
+        ([], ["Sam"]),
+    ]
+    assert sink.deliveries[-1].roster == {}
+    seq.close()
+
+
+async def test_a_participant_without_an_id_stays_while_its_details_change() -> None:
+    sink = Sink()
+    seq = sink.sequencer()
+    people = [
+        b.participant(n, display_name=n.title()).model_copy(update={"id": None})
+        for n in ("ann", "bob")
+    ]
+    seq.accept(one(b.roster("c", people)))
+    moved = [
+        p.model_copy(
+            update={"info": p.info.model_copy(update={"region": "westus", "language_id": "de-DE"})}
+        )
+        for p in people
+        if p.info is not None
+    ]
+    seq.accept(one(b.roster("c", moved)))
+    assert [(names(r.joined), names(r.left), names(r.updated)) for r in rosters(sink)] == [
+        (["Ann", "Bob"], [], []),
+        ([], [], ["Ann", "Bob"]),
+    ]
+    seq.close()
+
+
+async def test_only_someone_in_the_roster_can_leave_it() -> None:
+    sink = Sink()
+    seq = sink.sequencer()
+    ann, bob, cat = (b.participant(n, display_name=n.title()) for n in ("ann", "bob", "cat"))
+    # As the documented 2018 roster: created and deleted items, no sequence numbers.
+    added, removal, later = b.roster("c", [ann, bob]), b.roster("c", [ann]), b.roster("c", [cat])
+    added["changeType"] = later["changeType"] = "created"
+    removal["changeType"] = "deleted"
+    for item in (added, removal, later, removal):  # the removal again, after another roster
+        seq.accept(one(item))
+    dan = b.participant("dan", display_name="Dan", removed_reason="left")
+    seq.accept(one(b.roster("c", [bob, cat, dan])))  # a full roster: dan never was in it
+    assert [names(r.left) for r in rosters(sink)] == [[], ["Ann"], [], [], []]
+    assert [names(r.joined) for r in rosters(sink)][-1] == []
     seq.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -149,6 +150,46 @@ async def test_a_restored_record_orders_the_next_events() -> None:
     assert other.evict("c") is not None
     assert other.record("c") is None
     other.close()
+
+
+async def test_a_record_written_with_older_roster_keys_diffs_as_before() -> None:
+    ann = {"id": "ann", "info": {"identity": {"user": {"id": "u1", "displayName": "Ann"}}}}
+    bob = {
+        "@odata.id": "/app/calls/c/participants/P-2",
+        "info": {"identity": {"user": {"id": "u2", "displayName": "Bob"}}},
+    }
+    cat_info = {"identity": {"user": {"id": "u3", "displayName": "Cat"}}, "languageId": "en-US"}
+    dump = models.ParticipantInfo.model_validate(cat_info).model_dump(mode="json")
+    stored = {
+        "version": 1,
+        "call_id": "c",
+        "phase": 3,
+        "state": "established",
+        "ended": False,
+        "roster_sequence": None,
+        "roster_digest": None,
+        "seen": [],
+        "snapshot": None,
+        # Keys as earlier versions wrote them: by id, by path, by the whole info.
+        "roster": {
+            "ann": ann,
+            "odata:/app/calls/c/participants/p-2": bob,
+            "info:" + json.dumps(dump, sort_keys=True): {"info": cat_info},
+        },
+    }
+    record = decode_record(json.dumps(stored))
+    assert record is not None
+    out: list[Delivery] = []
+    seq = Sequencer(out.append, Lifecycle(termination_grace=30), reorder_window=5)
+    seq.adopt(record)
+    now = [ann, {**bob, "id": "P-2"}, {"info": {**cat_info, "languageId": "de-DE"}}]
+    seq.accept(one(b.roster("c", [models.Participant.model_validate(p) for p in now])))
+    (delivery,) = out
+    roster = delivery.event
+    assert isinstance(roster, events.ParticipantsUpdated)
+    assert (roster.joined, roster.left) == ([], [])
+    assert [p.display_name for p in roster.updated] == ["Bob", "Cat"]
+    seq.close()
 
 
 async def test_evicting_a_held_call_cancels_its_window() -> None:

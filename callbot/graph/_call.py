@@ -178,7 +178,8 @@ class Call:
         self.snapshot = snapshot
         """The call as last seen (``None`` before any notification or response)."""
         self.roster: Mapping[str, models.Participant] = roster if roster is not None else {}
-        """The participants last seen in a roster notification, by participant id."""
+        """The participants last seen in a roster notification, by participant id (lower
+        case, no dashes); one Graph sent without an id is keyed by who it is."""
         self._services = services
         self._life = life
         # Made on first use: most handlers of a notification never act through them.

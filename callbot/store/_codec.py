@@ -8,7 +8,9 @@ different callbot versions read each other's entries.
 A call record keeps what the sequencer needs to go on ordering the call (its
 phase, state, roster, the digests of its last notifications and of its latest
 roster, whether it ended) and the call's merged snapshot, which carries ``chatInfo`` and
-``meetingInfo`` so a bot can rejoin a meeting after a restart.
+``meetingInfo`` so a bot can rejoin a meeting after a restart. The roster's keys
+are made again from its participants when a record is read, so a record written
+by a version that keyed participants otherwise is diffed as if written by this one.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import orjson
 from .. import events
 from .._lifecycle import CallLife
 from .._parse import parse_payload
-from .._sequencing import CallRecord, notification_digest
+from .._sequencing import CallRecord, notification_digest, roster_key
 from ..models import Call as CallResource
 from ..models import Participant
 
@@ -119,12 +121,19 @@ def decode_record(text: str) -> CallRecord | None:
         ),
         closed=bool(body.get("ended")),
         snapshot=None if snapshot is None else CallResource.model_validate(snapshot),
-        roster={
-            str(key): Participant.model_validate(value)
-            for key, value in (body.get("roster") or {}).items()
-        },
+        roster=_roster(body.get("roster") or {}),
         roster_sequence=body.get("roster_sequence"),
         roster_digest=bytes.fromhex(body["roster_digest"]) if body.get("roster_digest") else None,
     )
     record.seen.extend(bytes.fromhex(digest) for digest in body.get("seen") or ())
     return record
+
+
+def _roster(stored: dict[str, Any]) -> dict[str, Participant]:
+    """A stored roster keyed again as the sequencer keys it now, whatever form wrote it."""
+    roster: dict[str, Participant] = {}
+    for key, value in stored.items():
+        participant = Participant.model_validate(value)
+        # One named by nothing keeps its stored key: its place in the roster it came in.
+        roster[roster_key(participant) or str(key)] = participant
+    return roster
