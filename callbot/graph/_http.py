@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 import structlog
 from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from .._errors import GraphError
 
@@ -167,6 +168,7 @@ async def send(
 ) -> RawResponse:
     """Send one request, retrying throttling, unavailability and connection failures.
 
+    ``url`` is sent as written, so it must already be percent-encoded.
     Returns the first response that is not retried, whatever its status; a request
     that never got a response raises :class:`GraphError` with status 0. A 401 is
     retried once after ``on_unauthorized`` (which drops a cached token). A request
@@ -197,7 +199,8 @@ async def send(
         try:
             async with session.request(
                 method,
-                url,
+                # As built: yarl would decode what path_segment encoded (%3B to ;, %40 to @).
+                URL(url, encoded=True),
                 headers=request_headers,
                 timeout=aiohttp.ClientTimeout(total=policy.request_timeout),
                 # A redirect would carry the bearer token to wherever Location points.
