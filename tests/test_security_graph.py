@@ -91,6 +91,61 @@ async def test_an_outcome_posted_under_another_call_is_ignored_and_counted(
     await until(lambda: outcomes == ["completed"])
 
 
+async def test_an_outcome_posted_before_the_action_does_not_settle_it(
+    graph: FakeGraph, authority: TokenAuthority, serve: Any
+) -> None:
+    bot = graph_bot(graph, authority)
+    go = asyncio.Event()
+    started: list[Any] = []
+    results: list[str | None] = []
+
+    @bot.on_state("established")
+    async def ask(call: Call, event: events.CallStateChanged) -> None:
+        await go.wait()
+        op = await call.record_response(client_context="ask-name")  # a fixed context
+        started.append(op)
+        results.append((await op.wait(timeout=20)).recording_location)
+
+    def running(request: RecordedRequest) -> FakeResponse:
+        body = {"@odata.type": "#microsoft.graph.recordOperation", "id": "genuine-op"}
+        return FakeResponse(status=200, body=dict(body, status="running"))
+
+    graph.route("recordResponse", running)
+    server: BotServer = await serve(bot)
+    await start_call(server, graph, CALL)
+
+    def outcome(operation_id: str, location: str) -> dict[str, Any]:
+        update = b.operation_update(
+            CALL,
+            operation_id,
+            operation_type="recordOperation",
+            client_context="ask-name",
+            recording_location=location,
+            recording_access_token="t",
+        )
+        return b.notifications(update)
+
+    # Posted before the action is even sent: same clientContext, another id.
+    forged = outcome("forged-op", "https://attacker.example/rec.wav")
+    assert (await server.post(forged)).status == 202
+    go.set()
+    await until(lambda: bool(started))
+    assert not started[0].done
+    assert started[0].id == "genuine-op"
+
+    # Once the id is known, the context alone settles nothing either: ignored, counted.
+    again = outcome("forged-again", "https://attacker.example/rec.wav")
+    assert (await server.post(again)).status == 202
+    counts = bot.services.operations.counts
+    await until(lambda: counts["dropped", "operation_id_mismatch"] == 1)
+    assert not started[0].done
+
+    genuine = outcome("genuine-op", "https://graph.example/rec.wav")
+    assert (await server.post(genuine)).status == 202
+    await until(lambda: bool(results))
+    assert results == ["https://graph.example/rec.wav"]
+
+
 # -- 6. ids stay one URL path segment -------------------------------------------------------
 
 
