@@ -230,10 +230,11 @@ async def test_ids_reach_the_wire_as_path_segment_encoded_them(graph: FakeGraph)
     try:
         for participant in ids:
             await services.call(CALL_ID).participants.get(participant)
+        # What a URL cannot hold at all is still encoded.
+        await services.graph.request("GET", "/communications/calls?$filter=name eq 'caf\u00e9'")
     finally:
         await services.close()
         await runner.cleanup()
-    call = path_segment(CALL_ID)
-    assert paths == [
-        f"/v1.0/communications/calls/{call}/participants/{path_segment(i)}" for i in ids
-    ]
+    participants = f"/v1.0/communications/calls/{path_segment(CALL_ID)}/participants/"
+    assert paths[:-1] == [participants + path_segment(i) for i in ids]
+    assert paths[-1] == "/v1.0/communications/calls?$filter=name%20eq%20'caf%C3%A9'"
