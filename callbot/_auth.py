@@ -97,6 +97,12 @@ def _check_token(
     leeway: float,
 ) -> dict[str, Any]:
     """Check signature and standard claims of one token; the one costly step."""
+    # Before PyJWT reads them: it takes "exp": "1234" and true as times (RFC 7519: a number).
+    unverified = jwt.decode(token, options={"verify_signature": False})
+    for name in ("exp", "nbf", "iat"):
+        value = unverified.get(name)
+        if name in unverified and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise jwt.DecodeError(f"the {name} claim is not a number")
     claims: dict[str, Any] = jwt.decode(
         token,
         key,

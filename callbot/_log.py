@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -47,7 +48,9 @@ def configure_logging(log_format: str = "auto", level: str = "info") -> None:
     """
     use_console = log_format == "console" or (log_format == "auto" and sys.stderr.isatty())
     renderer: Any = (
-        structlog.dev.ConsoleRenderer() if use_console else structlog.processors.JSONRenderer()
+        _Encodable(structlog.dev.ConsoleRenderer())
+        if use_console
+        else structlog.processors.JSONRenderer()
     )
     numeric_level = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
     shared: list[Any] = [
@@ -62,6 +65,29 @@ def configure_logging(log_format: str = "auto", level: str = "info") -> None:
         cache_logger_on_first_use=False,
     )
     _route_stdlib_logging(shared, renderer, numeric_level)
+
+
+class _Encodable:
+    """A renderer whose lines always encode to stderr: unencodable text comes out escaped.
+
+    A lone surrogate (``"\\udc00"``, valid in JSON) has no UTF-8 form, and a strict
+    stream would raise in the middle of the code that logged it. JSON lines escape
+    it already; console lines print text as it is.
+    """
+
+    def __init__(self, renderer: Callable[..., str]) -> None:
+        self._renderer = renderer
+
+    def __call__(self, logger: Any, method_name: str, event_dict: Any) -> str:
+        line = self._renderer(logger, method_name, event_dict)
+        encoding = getattr(sys.stderr, "encoding", None) or "utf-8"
+        try:
+            line.encode(encoding)
+        except UnicodeEncodeError:
+            return line.encode(encoding, "backslashreplace").decode(encoding)
+        except LookupError:
+            return line.encode("ascii", "backslashreplace").decode("ascii")
+        return line
 
 
 class _CallbotHandler(logging.StreamHandler):  # type: ignore[type-arg]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -173,3 +174,19 @@ def test_stdlib_lines_carry_the_bound_call_id_and_honour_the_level(
     assert lines[0]["event"] == "pressed 1"
     assert lines[0]["call_id"] == "call-1"
     assert lines[0]["level"] == "debug"
+
+
+@pytest.mark.usefixtures("logging_restored")
+def test_console_lines_escape_what_stderr_cannot_encode(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A pipe or a file opened strictly, as a service manager may give a bot.
+    stream = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")
+    monkeypatch.setattr(sys, "stderr", stream)
+    configure_logging("console", "debug")
+    structlog.get_logger("callbot.graph").info("graph_operation_started", operation_id="\udc00")
+    logging.getLogger("handlers").warning("caller named %s", "caf\u00e9 \ud83d")
+    stream.flush()
+    assert isinstance(stream.buffer, io.BytesIO)
+    text = stream.buffer.getvalue().decode("utf-8")
+    assert "graph_operation_started" in text
+    assert "\\udc00" in text
+    assert "caller named caf\u00e9 \\ud83d" in text

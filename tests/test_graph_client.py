@@ -9,9 +9,11 @@ from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
 import pytest
+from aiohttp import web
 from structlog.testing import capture_logs
 
 from callbot import GraphError
+from callbot._ids import path_segment
 from callbot.graph import CallServices, RetryPolicy
 from callbot.graph._http import parse_retry_after
 from callbot.testing import FakeGraph
@@ -206,3 +208,33 @@ async def test_a_hung_post_that_may_have_reached_graph_is_not_sent_again(
         await svc.close()
     assert failure.value.status == 0
     assert len(graph.requests_for("playPrompt")) == 1
+
+
+async def test_ids_reach_the_wire_as_path_segment_encoded_them(graph: FakeGraph) -> None:
+    paths: list[str] = []
+
+    async def record(request: web.Request) -> web.Response:
+        paths.append(request.raw_path)
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", record)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    base = f"http://127.0.0.1:{runner.addresses[0][1]}/v1.0"
+    services = CallServices(graph.settings(graph_url=base), retry=FAST)
+    # Every sub-delimiter, and characters yarl would otherwise decode or re-quote.
+    ids = ["a;b=c", "x:y@z", "a,b", "a+b", "a$b", "a!b", "a'b", "a(b)", "a&b", "a*b", "%41", "é"]
+    try:
+        for participant in ids:
+            await services.call(CALL_ID).participants.get(participant)
+        # What a URL cannot hold at all is still encoded.
+        await services.graph.request("GET", "/communications/calls?$filter=name eq 'caf\u00e9'")
+    finally:
+        await services.close()
+        await runner.cleanup()
+    participants = f"/v1.0/communications/calls/{path_segment(CALL_ID)}/participants/"
+    assert paths[:-1] == [participants + path_segment(i) for i in ids]
+    assert paths[-1] == "/v1.0/communications/calls?$filter=name%20eq%20'caf%C3%A9'"

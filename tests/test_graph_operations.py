@@ -241,6 +241,60 @@ async def test_completion_before_the_response_matched_by_id(
     assert (await op.wait(timeout=0)).status == "completed"
 
 
+async def test_an_outcome_before_the_response_settles_only_under_the_id_it_names(
+    graph: FakeGraph, services: CallServices
+) -> None:
+    def early(request: RecordedRequest) -> FakeResponse:
+        # an outcome with this action's clientContext but another operation's id
+        services.on_operation(
+            operation_event("31-call-playprompt-operation-completed.json", id="another-op")
+        )
+        return answer_documented("playPrompt")
+
+    graph.route("playPrompt", early)
+    op = await services.call(CALL_ID).play_prompt("https://x/beep.wav", client_context=CONTEXT)
+    assert op.id == OPERATION_ID
+    assert not op.done
+    assert op.status == "running"
+    services.on_operation(operation_event("31-call-playprompt-operation-completed.json"))
+    assert (await op.wait(timeout=0)).status == "completed"
+
+
+async def test_an_outcome_before_an_answer_naming_no_id_is_matched_by_context(
+    graph: FakeGraph, services: CallServices
+) -> None:
+    def early(request: RecordedRequest) -> FakeResponse:
+        services.on_operation(operation_event("31-call-playprompt-operation-completed.json"))
+        body = {"@odata.type": "#microsoft.graph.playPromptOperation", "status": "running"}
+        return FakeResponse(status=200, body=body)
+
+    graph.route("playPrompt", early)
+    op = await services.call(CALL_ID).play_prompt("https://x/beep.wav", client_context=CONTEXT)
+    assert op.done
+    assert (await op.wait(timeout=0)).status == "completed"
+    assert services.pending_operations == 0
+
+
+async def test_two_calls_with_the_same_operation_id_keep_their_own_operations(
+    graph: FakeGraph, services: CallServices
+) -> None:
+    # Operation ids are only unique per call: Graph may name the same one in two calls.
+    body = {"@odata.type": "#microsoft.graph.playPromptOperation", "id": OPERATION_ID}
+    graph.route("playPrompt", lambda r: FakeResponse(status=200, body=dict(body, status="running")))
+    other_call = "2f1a1100-b174-40a0-aba7-0b405e01ed92"
+    first = await services.call(CALL_ID).play_prompt("https://x/beep.wav")
+    second = await services.call(other_call).play_prompt("https://x/beep.wav")
+    item = json.loads(
+        (FIXTURES / "notifications" / "31-call-playprompt-operation-completed.json").read_text()
+    )["value"][0]
+    services.on_operation(event_from_item(item, clientContext=None))
+    assert (await first.wait(timeout=0)).status == "completed"
+    assert not second.done
+    moved = dict(item, resourceUrl=f"/communications/calls/{other_call}/operations/{OPERATION_ID}")
+    services.on_operation(event_from_item(moved, clientContext=None))
+    assert (await second.wait(timeout=0)).status == "completed"
+
+
 async def test_fake_graph_posts_completions_through_a_listener(
     graph: FakeGraph, services: CallServices
 ) -> None:
@@ -314,8 +368,12 @@ async def test_unmatched_completions_are_kept_only_briefly_and_bounded() -> None
     for n in range(10):
         changed = dict(item, resourceUrl=f"/communications/calls/{CALL_ID}/operations/op{n}")
         registry.on_event(event_from_item(changed, clientContext=f"ctx{n}"))
-    assert len(registry._recent) <= 4
-    # the newest one still matches an operation that starts afterwards
+    assert len(registry._recent) <= 3
+
+    def running(operation_id: str) -> dict[str, Any]:
+        return {"@odata.type": "#microsoft.graph.playPromptOperation", "id": operation_id}
+
+    # the newest one still settles an operation whose response names its id
     op = Operation(
         call_id=CALL_ID,
         action="playPrompt",
@@ -323,6 +381,8 @@ async def test_unmatched_completions_are_kept_only_briefly_and_bounded() -> None
         kind=models.PlayPromptOperation,
     )
     registry.start(op)
+    assert not op.done
+    registry.accepted(op, running("op9"))
     assert op.done
     stale = Operation(
         call_id=CALL_ID,
@@ -331,6 +391,7 @@ async def test_unmatched_completions_are_kept_only_briefly_and_bounded() -> None
         kind=models.PlayPromptOperation,
     )
     registry.start(stale)
+    registry.accepted(stale, running("op0"))
     assert not stale.done
 
     # a negative lifetime makes every kept outcome stale at once: only the newest stays
@@ -339,4 +400,4 @@ async def test_unmatched_completions_are_kept_only_briefly_and_bounded() -> None
     moved = dict(item, resourceUrl=f"/communications/calls/{CALL_ID}/operations/x")
     expiring.on_event(event_from_item(moved, clientContext="second"))
     key = CALL_ID.replace("-", "")
-    assert sorted(expiring._recent) == [f"ctx:{key}:second", f"id:{key}:x"]
+    assert sorted(expiring._recent) == [f"id:{key}:x"]

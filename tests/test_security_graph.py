@@ -27,7 +27,8 @@ from cryptography.x509.oid import NameOID
 from structlog.testing import capture_logs
 
 from callbot import Call, CallBot, GraphError, events, models
-from callbot.testing import FakeGraph, TokenAuthority
+from callbot.graph import CallServices, RetryPolicy
+from callbot.testing import FakeGraph, RecordedRequest, TokenAuthority
 from callbot.testing import builders as b
 from callbot.testing._fake_graph import FakeResponse
 
@@ -88,6 +89,61 @@ async def test_an_outcome_posted_under_another_call_is_ignored_and_counted(
     # The real outcome, under its own call, still settles the operation.
     assert (await server.post(graph.operation_notification(operation_id))).status == 202
     await until(lambda: outcomes == ["completed"])
+
+
+async def test_an_outcome_posted_before_the_action_does_not_settle_it(
+    graph: FakeGraph, authority: TokenAuthority, serve: Any
+) -> None:
+    bot = graph_bot(graph, authority)
+    go = asyncio.Event()
+    started: list[Any] = []
+    results: list[str | None] = []
+
+    @bot.on_state("established")
+    async def ask(call: Call, event: events.CallStateChanged) -> None:
+        await go.wait()
+        op = await call.record_response(client_context="ask-name")  # a fixed context
+        started.append(op)
+        results.append((await op.wait(timeout=20)).recording_location)
+
+    def running(request: RecordedRequest) -> FakeResponse:
+        body = {"@odata.type": "#microsoft.graph.recordOperation", "id": "genuine-op"}
+        return FakeResponse(status=200, body=dict(body, status="running"))
+
+    graph.route("recordResponse", running)
+    server: BotServer = await serve(bot)
+    await start_call(server, graph, CALL)
+
+    def outcome(operation_id: str, location: str) -> dict[str, Any]:
+        update = b.operation_update(
+            CALL,
+            operation_id,
+            operation_type="recordOperation",
+            client_context="ask-name",
+            recording_location=location,
+            recording_access_token="t",
+        )
+        return b.notifications(update)
+
+    # Posted before the action is even sent: same clientContext, another id.
+    forged = outcome("forged-op", "https://attacker.example/rec.wav")
+    assert (await server.post(forged)).status == 202
+    go.set()
+    await until(lambda: bool(started))
+    assert not started[0].done
+    assert started[0].id == "genuine-op"
+
+    # Once the id is known, the context alone settles nothing either: ignored, counted.
+    again = outcome("forged-again", "https://attacker.example/rec.wav")
+    assert (await server.post(again)).status == 202
+    counts = bot.services.operations.counts
+    await until(lambda: counts["dropped", "operation_id_mismatch"] == 1)
+    assert not started[0].done
+
+    genuine = outcome("genuine-op", "https://graph.example/rec.wav")
+    assert (await server.post(genuine)).status == 202
+    await until(lambda: bool(results))
+    assert results == ["https://graph.example/rec.wav"]
 
 
 # -- 6. ids stay one URL path segment -------------------------------------------------------
@@ -462,3 +518,136 @@ async def test_no_secret_reaches_logs_recording_metrics_or_error_bodies(
     assert "307" in failures[0]["error"]
     assert "connectionFailed" in failures[4]["error"]
     assert "token" in failures[5]["error"].lower()
+
+
+# -- 7. the app token goes to Graph's origin and nowhere else --------------------------------
+
+
+@pytest.fixture
+async def elsewhere() -> AsyncIterator[tuple[str, list[str]]]:
+    """A plain server on 127.0.0.1 (another port than Graph's): its URL and the tokens it got."""
+    tokens: list[str] = []
+
+    async def anything(request: web.Request) -> web.Response:
+        tokens.append(request.headers.get("Authorization", ""))
+        return web.json_response({"value": []})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", anything)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        yield f"http://127.0.0.1:{port}", tokens
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_next_link_off_graph_is_refused_before_the_token_is_sent(
+    graph: FakeGraph,
+    authority: TokenAuthority,
+    serve: Any,
+    elsewhere: tuple[str, list[str]],
+) -> None:
+    base, tokens = elsewhere
+    graph.route(
+        "listParticipants",
+        lambda r: FakeResponse(
+            status=200, body={"value": [], "@odata.nextLink": base + "/v1.0/participants"}
+        ),
+    )
+    bot = graph_bot(graph, authority)
+    errors: list[GraphError] = []
+
+    @bot.on_state("established")
+    async def listing(call: Call, event: events.CallStateChanged) -> None:
+        try:
+            await call.participants.list()
+        except GraphError as exc:
+            errors.append(exc)
+
+    server: BotServer = await serve(bot)
+    with capture_logs() as logs:
+        await start_call(server, graph, CALL)
+        await until(lambda: bool(errors))
+    assert errors[0].code == "urlNotOnGraph"
+    assert tokens == []
+    refused = [line for line in logs if line["event"] == "graph_url_refused"]
+    assert len(refused) == 1
+    assert refused[0]["url"] == base + "/v1.0/participants"
+    assert refused[0]["call_id"] == CALL
+
+
+async def test_only_absolute_urls_on_graphs_origin_carry_the_token(
+    graph: FakeGraph, elsewhere: tuple[str, list[str]]
+) -> None:
+    base, tokens = elsewhere
+    services = CallServices(graph.settings(), retry=RetryPolicy(total_time=1.0))
+    graph_origin = graph.graph_url.split("/v1.0")[0]
+    port = graph_origin.rsplit(":", 1)[1]
+    off_graph = [
+        base + "/v1.0/communications/calls",  # same host, another port
+        graph_origin.replace("http://", "https://") + "/v1.0/communications/calls",
+        f"http://localhost:{port}/v1.0/communications/calls",  # same address, another host
+        f"http://user@127.0.0.1:{port}/v1.0/communications/calls",
+    ]
+    try:
+        for url in off_graph:
+            with pytest.raises(GraphError) as refused:
+                await services.graph.request("GET", url)
+            assert refused.value.code == "urlNotOnGraph", url
+            assert refused.value.status == 0
+        # An absolute URL on Graph's own origin is sent.
+        graph.add_call(CALL, state="established")
+        on_graph = f"{graph.graph_url}/communications/calls/{CALL}"
+        assert (await services.graph.request("GET", on_graph)).body["id"] == CALL
+    finally:
+        await services.close()
+    assert tokens == []
+    assert [r.action for r in graph.requests if r.action != "token"] == ["getCall"]
+
+
+async def test_participant_pages_are_followed_on_graph_and_bounded(graph: FakeGraph) -> None:
+    services = CallServices(graph.settings(), retry=RetryPolicy(total_time=1.0))
+    graph.add_call(CALL, state="established")
+    first = graph.add_participant(CALL, {"info": {"identity": {"user": {"id": "u1"}}}})
+    pages_url = f"{graph.graph_url}/communications/calls/{CALL}/participants"
+
+    def paged(request: RecordedRequest) -> FakeResponse:
+        page = int(request.query.get("$skiptoken", "1"))
+        return FakeResponse(
+            status=200,
+            body={"value": [dict(first, id=f"p{page}")], "@odata.nextLink": next_link(page)},
+        )
+
+    try:
+        # Three pages, the last with no next link.
+        def next_link(page: int) -> str | None:
+            return f"{pages_url}?$skiptoken={page + 1}" if page < 3 else None
+
+        graph.route("listParticipants", paged)
+        listed = await services.call(CALL).participants.list()
+        assert [p.id for p in listed] == ["p1", "p2", "p3"]
+
+        # A next link that comes back to a page already read.
+        def next_link(page: int) -> str | None:  # noqa: F811
+            return f"{pages_url}?$skiptoken=2"
+
+        with pytest.raises(GraphError, match="repeats a page") as looped:
+            await services.call(CALL).participants.list()
+        assert looped.value.code == "tooManyPages"
+
+        # A chain that never ends stops at max_pages.
+        def next_link(page: int) -> str | None:  # noqa: F811
+            return f"{pages_url}?$skiptoken={page + 1}"
+
+        services.graph.max_pages = 5
+        before = len(graph.requests)
+        with pytest.raises(GraphError, match="past 5 pages") as endless:
+            await services.call(CALL).participants.list()
+        assert endless.value.code == "tooManyPages"
+        assert [r.action for r in graph.requests[before:]] == ["listParticipants"] * 5
+    finally:
+        await services.close()

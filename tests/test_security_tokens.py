@@ -185,6 +185,29 @@ async def test_padded_or_non_canonical_base64url_is_refused(
     assert (await server.post(body, token=token)).status == 202
 
 
+async def test_times_that_are_not_json_numbers_are_refused(
+    authority: TokenAuthority, serve: Any
+) -> None:
+    bot, seen = seeing_bot(authority)
+    server: BotServer = await serve(bot)
+    body = b.notifications(b.incoming_call("numeric-date-call"))
+    now = int(time.time())
+    for claims in (
+        {"exp": str(now + 300)},
+        {"exp": True},
+        {"nbf": str(now)},
+        {"nbf": False},
+        {"iat": str(now)},
+    ):
+        token = server.token(extra_claims=claims)
+        assert await refusal(await server.post(body, token=token)) == (401, "malformed"), claims
+    assert await metric(server, "auth_failed", "malformed") == 5
+    assert seen == []
+    assert (
+        await server.post(body, token=server.token(extra_claims={"exp": now + 300.5}))
+    ).status == 202
+
+
 # -- 7. memory and work one token holder can cause ------------------------------------------
 
 

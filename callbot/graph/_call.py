@@ -764,17 +764,11 @@ class Participants:
 
     async def list(self) -> builtins.list[models.Participant]:
         """Fetch the call's participants from Graph (following pages)."""
-        found: builtins.list[models.Participant] = []
-        response = await self._call._request("GET", self._path())
-        while True:
-            body = response.body if isinstance(response.body, Mapping) else {}
-            found.extend(models.Participant.model_validate(p) for p in body.get("value", []))
-            next_link = body.get("@odata.nextLink")
-            if not isinstance(next_link, str):
-                return found
-            response = await self._call._services.graph.request(
-                "GET", next_link, scenario_id=self._call.scenario_id, call_id=self._call.id
-            )
+        first = await self._call._request("GET", self._path())
+        pages = self._call._services.graph.pages(
+            first, scenario_id=self._call.scenario_id, call_id=self._call.id
+        )
+        return [models.Participant.model_validate(p) async for p in pages]
 
 
 class AudioRoutingGroups:

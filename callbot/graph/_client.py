@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ssl
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -31,6 +31,13 @@ log = structlog.get_logger("callbot.graph")
 
 _MAX_REDIRECTS = 3
 _CHUNK = 64 * 1024
+MAX_PAGES = 1000
+"""How many pages :meth:`GraphClient.pages` follows before giving up (a chain that never ends)."""
+
+
+def _origin(url: URL) -> tuple[str, str, int | None]:
+    """Scheme, host and port (the default port when none is written), compared without case."""
+    return (url.scheme.lower(), (url.host or "").lower().rstrip("."), url.port)
 
 
 def recording_url_refusal(url: str, settings: Settings) -> str | None:
@@ -73,7 +80,10 @@ class GraphClient:
     """Sends requests to Graph on behalf of the app.
 
     Paths are relative to ``settings.graph_url`` (``/communications/calls``);
-    absolute URLs are used as given. Every request carries a new
+    an absolute URL (an ``@odata.nextLink``) is sent only when it is on the origin
+    of ``graph_url`` (same scheme, host and port), since every request carries the
+    app token; any other raises :class:`~callbot.GraphError` (code
+    ``urlNotOnGraph``) before anything is sent. Every request carries a new
     ``client-request-id``; ``scenario_id`` ties the requests of one call flow
     together. Error statuses raise :class:`~callbot.GraphError`.
     """
@@ -100,6 +110,9 @@ class GraphClient:
         )
         self._session: aiohttp.ClientSession | None = None
         self._recording_context: ssl.SSLContext | None = None
+        self._graph_origin = _origin(URL(settings.graph_url))
+        self.max_pages = MAX_PAGES
+        """How many pages :meth:`pages` follows before raising ``GraphError``."""
 
     @property
     def has_credentials(self) -> bool:
@@ -165,10 +178,24 @@ class GraphClient:
             self._session = None
 
     def url(self, path: str) -> str:
-        """The absolute URL of a Graph path."""
+        """The absolute URL of a Graph path (an absolute URL is returned as it is)."""
         if path.startswith(("http://", "https://")):
             return path
         return self.settings.graph_url.rstrip("/") + "/" + path.lstrip("/")
+
+    def url_refusal(self, url: str) -> str | None:
+        """Why the app token may not be sent to ``url`` (``None``: it is on Graph's origin)."""
+        try:
+            target = URL(url, encoded=True)
+        except ValueError as exc:
+            return f"not a URL: {exc}"
+        if not target.absolute:
+            return "not an absolute URL"
+        if target.raw_user is not None or target.raw_password is not None:
+            return "the URL carries user info"
+        if _origin(target) != self._graph_origin:
+            return f"{target.origin()} is not the origin of graph_url (CALLBOT_GRAPH_URL)"
+        return None
 
     async def request(
         self,
@@ -186,8 +213,22 @@ class GraphClient:
         ``repeatable`` says whether the request may be sent again after a failure
         that could have happened once Graph had it (default: the method is idempotent).
         """
-        tokens = self.tokens
         url = self.url(path)
+        fields: dict[str, Any] = {"scenario_id": scenario_id}
+        if call_id is not None:
+            fields["call_id"] = call_id
+        # Every request carries the app token: it goes to Graph's own origin or nowhere.
+        refusal = self.url_refusal(url)
+        if refusal is not None:
+            log.warning("graph_url_refused", method=method, url=url, reason=refusal, **fields)
+            raise GraphError(
+                0,
+                "urlNotOnGraph",
+                f"the app token is only sent to graph_url's origin: {refusal}",
+                method=method,
+                url=url,
+            )
+        tokens = self.tokens
         # A handler run again after a takeover is served what its first run got.
         step = await _journal.step_for(method, url)
         if step is not None:
@@ -202,9 +243,6 @@ class GraphClient:
         extra = dict(headers or {})
         if scenario_id is not None:
             extra["scenario-id"] = scenario_id
-        fields: dict[str, Any] = {"scenario_id": scenario_id}
-        if call_id is not None:
-            fields["call_id"] = call_id
         raw = await send(
             self.session,
             method,
@@ -222,6 +260,48 @@ class GraphClient:
         if step is not None:
             await step.record(result.status, result.location, result.body)
         return result
+
+    async def pages(
+        self,
+        first: GraphResponse,
+        *,
+        scenario_id: str | None = None,
+        call_id: str | None = None,
+    ) -> AsyncIterator[Any]:
+        """The ``value`` items of ``first`` and of each page its ``@odata.nextLink`` leads to.
+
+        A next link is fetched like any request (so only from Graph's origin); a link
+        seen before, or more than :attr:`max_pages` pages, raises ``GraphError``.
+        """
+        response = first
+        followed: set[str] = set()
+        while True:
+            body = response.body if isinstance(response.body, Mapping) else {}
+            items = body.get("value")
+            for item in items if isinstance(items, list) else []:
+                yield item
+            next_link = body.get("@odata.nextLink")
+            if not isinstance(next_link, str):
+                return
+            # A loop or an endless chain would hold the handler for ever.
+            why = None
+            if next_link in followed:
+                why = "repeats a page"
+            elif len(followed) + 1 >= self.max_pages:
+                why = f"leads past {self.max_pages} pages"
+            if why is not None:
+                log.warning("graph_pages_refused", url=next_link, reason=why, call_id=call_id)
+                raise GraphError(
+                    0,
+                    "tooManyPages",
+                    f"@odata.nextLink {why}; pages not followed further",
+                    method="GET",
+                    url=next_link,
+                )
+            followed.add(next_link)
+            response = await self.request(
+                "GET", next_link, scenario_id=scenario_id, call_id=call_id
+            )
 
     async def download(
         self,

@@ -12,10 +12,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import structlog
 from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from .._errors import GraphError
 
@@ -144,6 +146,9 @@ def _str_or_none(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+# Reserved characters, and "%" so that escapes stay: quote() leaves these as they are.
+_URL_CHARACTERS = "%:/?#[]@!$&'()*+,;="
+
 _IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 
 AuthHeader = Callable[[], Awaitable[str | None]]
@@ -167,6 +172,8 @@ async def send(
 ) -> RawResponse:
     """Send one request, retrying throttling, unavailability and connection failures.
 
+    ``url`` is sent as written: escapes and reserved characters stay as they are,
+    and only what a URL cannot hold (a space, non-ASCII text) is percent-encoded.
     Returns the first response that is not retried, whatever its status; a request
     that never got a response raises :class:`GraphError` with status 0. A 401 is
     retried once after ``on_unauthorized`` (which drops a cached token). A request
@@ -197,7 +204,8 @@ async def send(
         try:
             async with session.request(
                 method,
-                url,
+                # yarl would decode what path_segment encoded (%3B to ;): quote the rest only.
+                URL(quote(url, safe=_URL_CHARACTERS), encoded=True),
                 headers=request_headers,
                 timeout=aiohttp.ClientTimeout(total=policy.request_timeout),
                 # A redirect would carry the bearer token to wherever Location points.

@@ -3,10 +3,11 @@
 An action such as ``playPrompt`` answers with an operation (``running``); Graph
 later posts its outcome to the callback. The registry pairs each outcome with
 the :class:`Operation` that started it, by operation id (compared with
-:func:`callbot._ids.id_key`) or else by ``clientContext``, and only within the
-call the notification names: an outcome posted under another call is ignored.
-An outcome that arrives before the action's own response is kept briefly so it
-is not lost.
+:func:`callbot._ids.id_key`), and only within the call the notification names:
+an outcome posted under another call is ignored. An outcome that arrives before
+the action's own response is kept briefly, and settles the operation only if
+the response names the same id. ``clientContext`` alone matches only an
+operation whose id Graph never named.
 """
 
 from __future__ import annotations
@@ -169,14 +170,21 @@ class _Outcome:
 class OperationRegistry:
     """Pending operations, matched to their notifications.
 
+    An outcome settles an operation when it names the operation's call and id. Until
+    the action's response names the id, an outcome that overtook the response is
+    kept, and settles the operation only if the response then names the same id;
+    ``clientContext`` alone matches only an operation whose id Graph never named.
     ``recent_limit``/``recent_ttl`` bound the outcomes kept while no operation
-    matches them yet (an outcome can overtake the action's own response).
+    matches them yet.
     """
 
     def __init__(self, *, recent_limit: int = 512, recent_ttl: float = 120.0) -> None:
-        self._by_id: dict[str, Operation[Any]] = {}
+        # Operation ids are only unique per call: operation id key -> call key -> operation.
+        self._by_id: dict[str, dict[str, Operation[Any]]] = {}
         self._by_context: dict[tuple[str, str], Operation[Any]] = {}
         self._by_call: dict[str, set[Operation[Any]]] = {}
+        self._unanswered: set[Operation[Any]] = set()
+        self._early_by_context: dict[Operation[Any], _Outcome] = {}
         self._recent: OrderedDict[str, _Outcome] = OrderedDict()
         self._recent_limit = recent_limit
         self._recent_ttl = recent_ttl
@@ -189,12 +197,10 @@ class OperationRegistry:
         return sum(len(ops) for ops in self._by_call.values())
 
     def start(self, op: Operation[Any]) -> None:
-        """Track ``op`` before its action is sent, so an early outcome finds it by context."""
+        """Track ``op`` before its action is sent, so an outcome overtaking the response is kept."""
         self._by_call.setdefault(op.call_key, set()).add(op)
         self._by_context[(op.call_key, op.client_context)] = op
-        early = self._recent.pop(_context_key(op.call_key, op.client_context), None)
-        if early is not None:
-            self._settle(op, early)
+        self._unanswered.add(op)
 
     def abandon(self, op: Operation[Any]) -> None:
         """Forget ``op``: its action failed, so no outcome will come."""
@@ -202,10 +208,10 @@ class OperationRegistry:
 
     def accepted(self, op: Operation[Any], body: Any, location: str | None = None) -> None:
         """Record the action's response (the operation as it stands) and index it by id."""
+        self._unanswered.discard(op)
+        early_by_context = self._early_by_context.pop(op, None)
         if op.done:
-            # the outcome overtook this response; the response is older news but names the id
-            if op.id is None and isinstance(body, Mapping) and isinstance(body.get("id"), str):
-                op.id = body["id"]
+            # the call ended while the action was on its way
             self._forget(op)
             return
         operation: models.CommsOperation | None = None
@@ -228,16 +234,20 @@ class OperationRegistry:
         status = operation.status or "running"
         if op_id is not None:
             op.id = op_id
-            self._by_id[id_key(op_id)] = op
+            self._by_id.setdefault(id_key(op_id), {})[op.call_key] = op
         if status.lower() in _TERMINAL:
             op._finish(operation, status, operation.result_info)
             self._forget(op)
             return
         op._update(operation, status)
-        if op_id is not None:
-            early = self._recent.pop(_id_key(op.call_key, op_id), None)
-            if early is not None:
-                self._settle(op, early)
+        # An outcome that overtook this response settles it only under the id it names.
+        early = (
+            self._recent.pop(_id_key(op.call_key, op_id), None)
+            if op_id is not None
+            else early_by_context
+        )
+        if early is not None:
+            self._settle(op, early)
 
     def on_event(self, event: OperationUpdated) -> bool:
         """Apply an operation notification; ``True`` when it matched a tracked operation."""
@@ -248,6 +258,12 @@ class OperationRegistry:
             if terminal:
                 self._remember(event, status)
             return False
+        if op in self._unanswered:
+            # Matched by context before the response named the id: kept, not applied.
+            if terminal:
+                self._remember(event, status)
+                self._early_by_context[op] = self._outcome(event, status)
+            return True
         if terminal:
             op._finish(event.operation, status, event.result_info)
             self._forget(op)
@@ -278,23 +294,40 @@ class OperationRegistry:
 
     def _match(self, event: OperationUpdated) -> Operation[Any] | None:
         if event.operation_id:
-            op = self._by_id.get(id_key(event.operation_id))
+            calls = self._by_id.get(id_key(event.operation_id), {})
+            op = calls.get(event.call_key)
             if op is not None:
-                if op.call_key == event.call_key:
-                    return op
+                return op
+            if calls:
                 # Operation ids are only unique per call: another call's outcome is not ours.
                 self.counts["dropped", "operation_of_other_call"] += 1
                 log.warning(
                     "graph_operation_other_call",
                     call_id=event.call_id,
                     operation_id=event.operation_id,
-                    operation_call_id=op.call_id,
+                    operation_call_id=next(iter(calls.values())).call_id,
                     reason="the operation belongs to another call; outcome ignored",
                 )
                 return None
         context = event.client_context or event.operation.client_context
-        if context:
-            return self._by_context.get((event.call_key, context))
+        if not context:
+            return None
+        op = self._by_context.get((event.call_key, context))
+        if op is None or op.id is None:
+            return op
+        # The id is known: the context alone proves nothing.
+        if event.operation_id and id_key(event.operation_id) == id_key(op.id):
+            return op
+        if event.operation_id:
+            self.counts["dropped", "operation_id_mismatch"] += 1
+            log.warning(
+                "graph_operation_id_mismatch",
+                call_id=event.call_id,
+                operation_id=event.operation_id,
+                expected_operation_id=op.id,
+                client_context=context,
+                reason="the clientContext is another operation's; outcome ignored",
+            )
         return None
 
     def _settle(self, op: Operation[Any], outcome: _Outcome) -> None:
@@ -310,30 +343,33 @@ class OperationRegistry:
         self._unindex(op)
 
     def _unindex(self, op: Operation[Any]) -> None:
-        if op.id is not None and self._by_id.get(id_key(op.id)) is op:
-            del self._by_id[id_key(op.id)]
+        if op.id is not None:
+            calls = self._by_id.get(id_key(op.id))
+            if calls is not None and calls.get(op.call_key) is op:
+                del calls[op.call_key]
+                if not calls:
+                    del self._by_id[id_key(op.id)]
         key = (op.call_key, op.client_context)
         if self._by_context.get(key) is op:
             del self._by_context[key]
+        self._unanswered.discard(op)
+        self._early_by_context.pop(op, None)
+
+    @staticmethod
+    def _outcome(event: OperationUpdated, status: str) -> _Outcome:
+        return _Outcome(event.operation, status, event.result_info, time.monotonic())
 
     def _remember(self, event: OperationUpdated, status: str) -> None:
+        if not event.operation_id:
+            return  # only the id can pair it with a response still to come
         now = time.monotonic()
         while self._recent:
             oldest = next(iter(self._recent.values()))
             if now - oldest.at <= self._recent_ttl and len(self._recent) < self._recent_limit:
                 break
             self._recent.popitem(last=False)
-        outcome = _Outcome(event.operation, status, event.result_info, now)
-        if event.operation_id:
-            self._recent[_id_key(event.call_key, event.operation_id)] = outcome
-        context = event.client_context or event.operation.client_context
-        if context:
-            self._recent[_context_key(event.call_key, context)] = outcome
+        self._recent[_id_key(event.call_key, event.operation_id)] = self._outcome(event, status)
 
 
 def _id_key(call_key: str, operation_id: str) -> str:
     return f"id:{call_key}:{id_key(operation_id)}"
-
-
-def _context_key(call_key: str, client_context: str) -> str:
-    return f"ctx:{call_key}:{client_context}"
