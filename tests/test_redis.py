@@ -29,6 +29,7 @@ import redis
 import redis.asyncio as aioredis
 
 from callbot import Call, CallBot, CallEnded, RunSuperseded, current_attempt, events, models
+from callbot._ids import id_key
 from callbot.store._redis import follow_primary
 from callbot.testing import FakeGraph, TokenAuthority
 from callbot.testing import builders as b
@@ -899,13 +900,17 @@ async def test_a_run_that_lost_its_call_sends_no_further_graph_action(
         assert graph.requests_for("playPrompt") == []
 
 
-async def test_keys_posted_to_another_instance_reach_a_handler_collecting_digits(
-    authority: TokenAuthority, serve: Any, redis_url: str
-) -> None:
-    async with FakeGraph() as graph:
-        collecting: dict[str, int] = {}
-        collected: list[tuple[int, str]] = []
-        servers: list[BotServer] = []
+class Collecting:
+    """Two instances sharing Redis, each collecting digits once its call is established."""
+
+    def __init__(self) -> None:
+        self.servers: list[BotServer] = []
+        self.collecting: dict[str, int] = {}
+        self.collected: list[tuple[int, str]] = []
+
+    async def start(
+        self, authority: TokenAuthority, serve: Any, redis_url: str, graph: FakeGraph, **ask: Any
+    ) -> None:
         for index in range(2):
             bot = make_bot(
                 authority,
@@ -917,23 +922,38 @@ async def test_keys_posted_to_another_instance_reach_a_handler_collecting_digits
 
             @bot.on_state("established")
             async def pin(call: Call, event: events.CallStateChanged, index: int = index) -> None:
-                collecting[call.key] = index
-                digits = await call.collect_digits(max_digits=4, finish_on="#", timeout=10)
-                collected.append((index, digits))
+                self.collecting[call.key] = index
+                try:
+                    self.collected.append((index, await call.collect_digits(**ask)))
+                except CallEnded:
+                    self.collected.append((index, "ended"))
 
-            servers.append(await serve(bot))
+            self.servers.append(await serve(bot))
+
+    async def establish(self, graph: FakeGraph, call_id: str) -> tuple[int, BotServer]:
+        """Establish ``call_id`` at the first instance: the owner's index, and the other."""
         for state in ("establishing", "established"):
-            item = b.call_state("pin-call", state)
-            assert (await servers[0].post(b.notifications(item))).status == 202
+            item = b.call_state(call_id, state)
+            assert (await self.servers[0].post(b.notifications(item))).status == 202
         await graph.wait_for_request("subscribeToTone")
-        await until(lambda: "pincall" in collecting)
-        owner = collecting["pincall"]
-        other = servers[1 - owner]
+        await until(lambda: id_key(call_id) in self.collecting)
+        owner = self.collecting[id_key(call_id)]
+        return owner, self.servers[1 - owner]
+
+
+async def test_keys_posted_to_another_instance_reach_a_handler_collecting_digits(
+    authority: TokenAuthority, serve: Any, redis_url: str
+) -> None:
+    async with FakeGraph() as graph:
+        bots = Collecting()
+        ask = {"max_digits": 4, "finish_on": "#", "timeout": 10}
+        await bots.start(authority, serve, redis_url, graph, **ask)
+        owner, other = await bots.establish(graph, "pin-call")
         for sequence, tone in enumerate(("tone4", "tone2", "pound"), start=1):
             response = await other.post(b.notifications(b.tone("pin-call", tone, sequence)))
             assert response.status == 202
-        await until(lambda: bool(collected), within=5)
-        assert collected == [(owner, "42")]
+        await until(lambda: bool(bots.collected), within=5)
+        assert bots.collected == [(owner, "42")]
 
 
 async def test_every_instance_lists_the_calls_of_every_instance(
@@ -960,34 +980,9 @@ async def test_a_call_is_its_tenants_on_every_instance(
     authority: TokenAuthority, serve: Any, redis_url: str
 ) -> None:
     async with FakeGraph() as graph:
-        collecting: dict[str, int] = {}
-        collected: list[tuple[int, str]] = []
-        servers: list[BotServer] = []
-        for index in range(2):
-            bot = make_bot(
-                authority,
-                store=redis_url,
-                graph_url=graph.graph_url,
-                authority_url=graph.authority_url,
-                app_secret="fake-graph-secret",
-            )
-
-            @bot.on_state("established")
-            async def pin(call: Call, event: events.CallStateChanged, index: int = index) -> None:
-                collecting[call.key] = index
-                try:
-                    collected.append((index, await call.collect_digits(max_digits=1, timeout=10)))
-                except CallEnded:
-                    collected.append((index, "ended"))
-
-            servers.append(await serve(bot))
-        for state in ("establishing", "established"):
-            item = b.call_state("tenant-call", state)
-            assert (await servers[0].post(b.notifications(item))).status == 202
-        await graph.wait_for_request("subscribeToTone")
-        await until(lambda: "tenantcall" in collecting)
-        owner = collecting["tenantcall"]
-        other = servers[1 - owner]
+        bots = Collecting()
+        await bots.start(authority, serve, redis_url, graph, max_digits=1, timeout=10)
+        owner, other = await bots.establish(graph, "tenant-call")
         # Another tenant's token, at the instance that does not run the call: refused there,
         # and the copy every instance is told of does not end the call where it runs.
         forged = without_tenant(b.call_terminated("tenant-call"))
@@ -996,5 +991,5 @@ async def test_a_call_is_its_tenants_on_every_instance(
         # Told after the forged end: the handler would have seen that first.
         response = await other.post(b.notifications(b.tone("tenant-call", "tone2", 1)))
         assert response.status == 202
-        await until(lambda: bool(collected), within=5)
-        assert collected == [(owner, "2")]
+        await until(lambda: bool(bots.collected), within=5)
+        assert bots.collected == [(owner, "2")]
