@@ -36,8 +36,9 @@ Routing by the path after ``calls/{id}`` (segments compared without case):
   ``incoming`` or no state -> IncomingCall; ``deleted`` or state ``terminated`` ->
   CallTerminated (also without resourceData); ``toneInfo`` -> ToneReceived; any
   other state -> CallStateChanged; no state -> UnknownNotification
-* ``participants``   -> ParticipantsUpdated (a ``deltaParticipants`` object, or a
-  ``created``/``deleted`` roster item, is a delta roster: only who changed)
+* ``participants[/{id}]`` -> ParticipantsUpdated (a ``deltaParticipants`` object, a
+  ``created``/``deleted`` roster item, or a path naming one participant is a delta
+  roster: only who changed)
 * ``operations/{id}`` -> OperationUpdated (a documented roster was also posted on
   ``operations/participants``: a list of ``#microsoft.graph.participant`` there is
   a ParticipantsUpdated)
@@ -336,7 +337,8 @@ def _route(
     kind = rest[0].lower()
     if len(rest) <= 2:
         if kind == "participants":
-            return _participants_event(data, item, common)
+            # A path naming one participant is about that one, never the whole roster.
+            return _participants_event(data, item, common, one=len(rest) == 2)
         if kind == "operations":
             if _is_roster(data):
                 return _participants_event(data, item, common)
@@ -384,9 +386,11 @@ def _is_roster(data: Any) -> bool:
     )
 
 
-def _participants_event(data: Any, item: dict[str, Any], common: dict[str, Any]) -> Event:
+def _participants_event(
+    data: Any, item: dict[str, Any], common: dict[str, Any], *, one: bool = False
+) -> Event:
     # A full roster is updated with everyone; a delta roster names who was added or removed.
-    delta = common["change_type"] in ("created", "deleted")
+    delta = one or common["change_type"] in ("created", "deleted")
     # Only the notification's number orders rosters: participants' highest falls as one leaves.
     sequence = _as_int(item.get("sequenceNumber"))
     if isinstance(data, dict) and (

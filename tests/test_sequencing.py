@@ -351,3 +351,20 @@ async def test_only_someone_in_the_roster_can_leave_it() -> None:
     assert [names(r.left) for r in rosters(sink)] == [[], ["Ann"], [], [], []]
     assert [names(r.joined) for r in rosters(sink)][-1] == []
     seq.close()
+
+
+async def test_a_notification_about_one_participant_is_not_the_whole_roster() -> None:
+    sink = Sink()
+    seq = sink.sequencer()
+    alice, bob = b.participant("p-alice"), b.participant("p-bob")
+    seq.accept(one(b.roster("c", [alice, bob])))
+    muted = b.participant("p-bob", muted=True)
+    item = b.roster("c", [muted])
+    item["resourceUrl"] += "/p-bob"
+    item["resourceData"] = item["resourceData"][0]
+    seq.accept(one(item))
+    update = sink.deliveries[-1].event
+    assert isinstance(update, events.ParticipantsUpdated)
+    assert (update.joined, update.left, update.updated) == ([], [], [muted])
+    assert set(sink.deliveries[-1].roster) == {"palice", "pbob"}
+    seq.close()
