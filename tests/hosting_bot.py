@@ -2,14 +2,16 @@
 
 Settings come from ``CALLBOT_*`` variables. Its one handler, for incoming
 calls, appends ``start CALL_ID`` to the file named by ``HOSTING_BOT_OUTPUT``,
-sleeps ``HOSTING_BOT_SLEEP`` seconds, then appends ``done CALL_ID``; so a test
-can signal the process while a handler runs and see whether it finished.
+waits for SIGUSR1 when ``HOSTING_BOT_RELEASE`` is set (else sleeps
+``HOSTING_BOT_SLEEP`` seconds), then appends ``done CALL_ID``; so a test can
+signal the process while a handler runs and see whether it finished.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import signal
 from pathlib import Path
 
 from callbot import Call, CallBot, events
@@ -30,5 +32,10 @@ def _append(line: str) -> None:
 async def slow_handler(call: Call, event: events.IncomingCall) -> None:
     """Take a while, writing down when it starts and when it is done."""
     _append(f"start {event.call_id}")
-    await asyncio.sleep(float(os.environ.get("HOSTING_BOT_SLEEP", "1.5")))
+    if os.environ.get("HOSTING_BOT_RELEASE"):
+        released = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, released.set)
+        await released.wait()
+    else:
+        await asyncio.sleep(float(os.environ.get("HOSTING_BOT_SLEEP", "1.5")))
     _append(f"done {event.call_id}")

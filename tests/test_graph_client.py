@@ -106,15 +106,25 @@ async def test_not_found_is_not_retried(graph: FakeGraph, services: CallServices
     assert len(graph.requests_for("keepAlive")) == 1
 
 
-async def test_a_hung_request_times_out_and_is_retried(graph: FakeGraph) -> None:
-    policy = RetryPolicy(total_time=5.0, base_delay=0.001, max_delay=0.01, request_timeout=0.2)
+async def test_a_request_cut_off_after_reaching_graph_is_retried_when_repeatable(
+    graph: FakeGraph, services: CallServices
+) -> None:
+    graph.drop_next("keepAlive")
+    await services.call(CALL_ID).keep_alive()
+    assert len(graph.requests_for("keepAlive")) == 2
+
+
+async def test_a_request_graph_never_answers_times_out(graph: FakeGraph) -> None:
+    # However slow the machine, every attempt hangs: the request gives up, whatever the count.
+    policy = RetryPolicy(total_time=0.3, base_delay=0.001, max_delay=0.01, request_timeout=0.05)
     svc = CallServices(graph.settings(), retry=policy)
-    graph.hang_next("keepAlive")
+    graph.hang_next("keepAlive", times=1000)
     try:
-        await svc.call(CALL_ID).keep_alive()
+        with pytest.raises(GraphError) as failure:
+            await svc.call(CALL_ID).keep_alive()
     finally:
         await svc.close()
-    assert len(graph.requests_for("keepAlive")) == 2
+    assert (failure.value.status, failure.value.code) == (0, "connectionFailed")
 
 
 async def test_unreachable_graph_raises_status_zero(graph: FakeGraph) -> None:
@@ -195,17 +205,12 @@ def test_backoff_grows_and_is_capped() -> None:
     assert 2.0 <= policy.backoff(10) <= 4.0
 
 
-async def test_a_hung_post_that_may_have_reached_graph_is_not_sent_again(
-    graph: FakeGraph,
+async def test_a_post_that_may_have_reached_graph_is_not_sent_again(
+    graph: FakeGraph, services: CallServices
 ) -> None:
-    policy = RetryPolicy(total_time=5.0, base_delay=0.001, max_delay=0.01, request_timeout=0.2)
-    svc = CallServices(graph.settings(), retry=policy)
-    graph.hang_next("playPrompt")
-    try:
-        with pytest.raises(GraphError) as failure:
-            await svc.call(CALL_ID).play_prompt("https://cdn.example.test/a.wav")
-    finally:
-        await svc.close()
+    graph.drop_next("playPrompt")
+    with pytest.raises(GraphError) as failure:
+        await services.call(CALL_ID).play_prompt("https://cdn.example.test/a.wav")
     assert failure.value.status == 0
     assert len(graph.requests_for("playPrompt")) == 1
 

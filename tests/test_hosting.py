@@ -499,9 +499,11 @@ async def wait_for_line(path: Path, line: str, bot: BotProcess, within: float = 
 
 
 async def poll_readyz_until_exit(
-    session: aiohttp.ClientSession, bot: BotProcess
+    session: aiohttp.ClientSession, bot: BotProcess, *, release: bool = False
 ) -> list[int | str]:
-    """Ask /readyz as fast as possible until the process exits; return what it said."""
+    """Ask /readyz as fast as possible until the process exits; return what it said.
+
+    With ``release``, the handler is let go (SIGUSR1) once /readyz said 503."""
     seen: list[int | str] = []
     async with asyncio.timeout(30):
         while bot.process.returncode is None:
@@ -512,6 +514,9 @@ async def poll_readyz_until_exit(
                     seen.append(response.status)
             except (aiohttp.ClientError, TimeoutError):
                 seen.append("no answer")
+            if release and 503 in seen:
+                release = False
+                bot.process.send_signal(signal.SIGUSR1)
             await asyncio.sleep(0.01)
     return seen
 
@@ -525,7 +530,7 @@ async def test_sigterm_drains_lets_the_handler_finish_and_exits_zero(
     authority: TokenAuthority, bot_processes: list[BotProcess], tmp_path: Path
 ) -> None:
     output = tmp_path / "handled.txt"
-    bot = await BotProcess.start(bot_env(authority, output, HOSTING_BOT_SLEEP="1.5"))
+    bot = await BotProcess.start(bot_env(authority, output, HOSTING_BOT_RELEASE="1"))
     bot_processes.append(bot)
     async with client_session() as session:
         await bot.wait_ready(session)
@@ -533,7 +538,8 @@ async def test_sigterm_drains_lets_the_handler_finish_and_exits_zero(
         await wait_for_line(output, "start drain-1", bot)
 
         bot.process.send_signal(signal.SIGTERM)
-        readyz = await poll_readyz_until_exit(session, bot)
+        # The handler finishes only once readiness has failed: no race with the drain.
+        readyz = await poll_readyz_until_exit(session, bot, release=True)
 
     assert await bot.wait_exit() == 0, bot.output()
     assert output.read_text().splitlines() == ["start drain-1", "done drain-1"]

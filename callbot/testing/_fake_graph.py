@@ -186,6 +186,9 @@ class FakeResponse:
     """Bytes to send as is (recordings), instead of ``body``."""
 
 
+# What _answer gives for a request whose connection is to be closed unanswered.
+_DROPPED = FakeResponse(status=502)
+
 Handler = Callable[[RecordedRequest], "FakeResponse | Awaitable[FakeResponse]"]
 Listener = Callable[[RecordedRequest, FakeResponse], Coroutine[Any, Any, None]]
 
@@ -198,6 +201,7 @@ class _Fault:
     body: Any
     remaining: int
     hang: bool = False
+    drop: bool = False
 
 
 @dataclass(kw_only=True)
@@ -370,6 +374,17 @@ class FakeGraph(LocalServer):
             )
         )
 
+    def drop_next(self, action_or_path: str, *, times: int = 1) -> None:
+        """Close the connection of the next ``times`` matching requests once they are
+        recorded, answering nothing: the client cannot tell whether Graph acted on them.
+
+        Unlike :meth:`hang_next`, this does not depend on the client's timeout."""
+        self._faults.append(
+            _Fault(
+                match=action_or_path, status=None, headers={}, body=None, remaining=times, drop=True
+            )
+        )
+
     def clear_faults(self) -> None:
         """Forget the failures and hangs not yet used."""
         self._faults.clear()
@@ -503,6 +518,10 @@ class FakeGraph(LocalServer):
         self._changed.set()
         self._changed = asyncio.Event()
         answer = await self._answer(recorded)
+        if answer is _DROPPED:
+            if request.transport is not None:
+                request.transport.close()
+            return web.Response(status=answer.status)  # never written: the connection is gone
         self.answers.append((recorded, answer))
         for listener in self.listeners:
             task = asyncio.get_running_loop().create_task(listener(recorded, answer))
@@ -532,6 +551,8 @@ class FakeGraph(LocalServer):
     async def _answer(self, request: RecordedRequest) -> FakeResponse:
         fault = self._take_fault(request)
         if fault is not None:
+            if fault.drop:
+                return _DROPPED
             if fault.hang:
                 await self._release.wait()
                 return self._error(request, 503, "ServiceUnavailable", "released on close")
