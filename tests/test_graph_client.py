@@ -18,6 +18,8 @@ from callbot.graph import CallServices, RetryPolicy
 from callbot.graph._http import parse_retry_after
 from callbot.testing import FakeGraph
 
+from .conftest import plain_server
+
 CALL_ID = "57dab8b1-894c-409a-b240-bd8beae78896"
 FAST = RetryPolicy(total_time=5.0, base_delay=0.001, max_delay=0.01, request_timeout=5.0)
 
@@ -222,24 +224,17 @@ async def test_ids_reach_the_wire_as_path_segment_encoded_them(graph: FakeGraph)
         paths.append(request.raw_path)
         return web.json_response({})
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", record)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    base = f"http://127.0.0.1:{runner.addresses[0][1]}/v1.0"
-    services = CallServices(graph.settings(graph_url=base), retry=FAST)
     # Every sub-delimiter, and characters yarl would otherwise decode or re-quote.
     ids = ["a;b=c", "x:y@z", "a,b", "a+b", "a$b", "a!b", "a'b", "a(b)", "a&b", "a*b", "%41", "é"]
-    try:
-        for participant in ids:
-            await services.call(CALL_ID).participants.get(participant)
-        # What a URL cannot hold at all is still encoded.
-        await services.graph.request("GET", "/communications/calls?$filter=name eq 'caf\u00e9'")
-    finally:
-        await services.close()
-        await runner.cleanup()
+    async with plain_server(record) as base:
+        services = CallServices(graph.settings(graph_url=base + "/v1.0"), retry=FAST)
+        try:
+            for participant in ids:
+                await services.call(CALL_ID).participants.get(participant)
+            # What a URL cannot hold at all is still encoded.
+            await services.graph.request("GET", "/communications/calls?$filter=name eq 'caf\u00e9'")
+        finally:
+            await services.close()
     participants = f"/v1.0/communications/calls/{path_segment(CALL_ID)}/participants/"
     assert paths[:-1] == [participants + path_segment(i) for i in ids]
     assert paths[-1] == "/v1.0/communications/calls?$filter=name%20eq%20'caf%C3%A9'"

@@ -30,7 +30,7 @@ from callbot._tunnel import TunnelError, devtunnel_public_url, ngrok_public_url
 from callbot.testing import TokenAuthority
 from callbot.testing import builders as b
 
-from .conftest import APP_ID, BotServer, make_bot, until
+from .conftest import APP_ID, BotServer, make_bot, plain_server, until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -231,20 +231,13 @@ async def fake_ngrok_agent(document: Any, status: int = 200) -> AsyncIterator[st
     requests: list[str] = []
 
     async def tunnels(request: web.Request) -> web.Response:
+        if (request.method, request.path) != ("GET", "/api/tunnels"):
+            return web.Response(status=404)
         requests.append(request.path)
         return web.json_response(document, status=status)
 
-    app = web.Application()
-    app.router.add_get("/api/tunnels", tunnels)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
+    async with plain_server(tunnels) as base:
+        yield base
     assert requests, "the agent's API was never asked"
 
 

@@ -32,7 +32,7 @@ from callbot.testing import FakeGraph, RecordedRequest, TokenAuthority
 from callbot.testing import builders as b
 from callbot.testing._fake_graph import FakeResponse
 
-from .conftest import BotServer, until
+from .conftest import BotServer, plain_server, until
 
 CALL = "4a1f0000-1111-2222-3333-444455556666"
 OTHER_CALL = "5b2e0000-1111-2222-3333-444455556666"
@@ -532,17 +532,8 @@ async def elsewhere() -> AsyncIterator[tuple[str, list[str]]]:
         tokens.append(request.headers.get("Authorization", ""))
         return web.json_response({"value": []})
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", anything)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
-        yield f"http://127.0.0.1:{port}", tokens
-    finally:
-        await runner.cleanup()
+    async with plain_server(anything) as base:
+        yield base, tokens
 
 
 async def test_a_next_link_off_graph_is_refused_before_the_token_is_sent(
