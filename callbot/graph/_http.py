@@ -186,6 +186,8 @@ async def send(
     attempt = 0
     reauthenticated = False
     stats = stats if stats is not None else RequestStats()
+    # yarl would decode what path_segment encoded (%3B to ;): quote the rest only.
+    target = URL(quote(url, safe=_URL_CHARACTERS), encoded=True)
     while True:
         attempt += 1
         client_request_id = str(uuid.uuid4())
@@ -204,8 +206,7 @@ async def send(
         try:
             async with session.request(
                 method,
-                # yarl would decode what path_segment encoded (%3B to ;): quote the rest only.
-                URL(quote(url, safe=_URL_CHARACTERS), encoded=True),
+                target,
                 headers=request_headers,
                 timeout=aiohttp.ClientTimeout(total=policy.request_timeout),
                 # A redirect would carry the bearer token to wherever Location points.
