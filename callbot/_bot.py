@@ -480,7 +480,9 @@ class CallBot:
                 runner.server, access_log=None, **self._connection_options()
             )
             listener = await loop.create_server(factory, host, port, backlog=1024)
-            log.info("listening", host=host, port=port, callback_path=self._settings.callback_path)
+            # The port bound, not the one asked for: with port 0 the system picks it.
+            bound = listener.sockets[0].getsockname()[1]
+            log.info("listening", host=host, port=bound, callback_path=self._settings.callback_path)
             await stop.wait()
             log.info("shutdown_requested")
             # Drain while still listening, so probes see readyz fail before the exit.

@@ -44,7 +44,7 @@ class Settings:
     host: str = "127.0.0.1"
     """Address to listen on (``0.0.0.0`` for every interface)."""
     port: int = 8080
-    """Port to listen on."""
+    """Port to listen on (``0``: a free one, named in the ``listening`` log line)."""
     callback_path: str = "/api/calls"
     """Path of the callback route Graph posts notifications to."""
     graph_url: str = DEFAULT_GRAPH_URL

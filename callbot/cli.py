@@ -27,6 +27,8 @@ def _run(args: argparse.Namespace) -> int:
     configure_logging(bot.settings.log_format, bot.settings.log_level)
     if args.tunnel:
         port = bot.settings.port if args.port is None else args.port
+        if port == 0:
+            raise CallbotError("a tunnel forwards to a fixed port: give --port a number, not 0")
         listen_host = args.host or bot.settings.host
         bot.configure(public_url=discover_public_url(args.tunnel, port, listen_host=listen_host))
     try:
@@ -80,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="serve a bot: callbot run MODULE:ATTR")
     run.add_argument("target", help="MODULE:ATTR naming a CallBot (or a function returning one)")
     run.add_argument("--host", default=None, help="address to listen on (CALLBOT_HOST)")
-    run.add_argument("--port", type=int, default=None, help="port to listen on (CALLBOT_PORT)")
+    run.add_argument(
+        "--port", type=int, default=None, help="port to listen on, 0 for a free one (CALLBOT_PORT)"
+    )
     run.add_argument(
         "--tunnel",
         choices=TUNNEL_KINDS,

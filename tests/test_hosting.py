@@ -371,16 +371,29 @@ class BotProcess:
 
     def __init__(self, process: asyncio.subprocess.Process, port: int) -> None:
         self.process = process
-        self.port = port
-        self.base_url = f"http://127.0.0.1:{port}"
+        self._port = port
         self.lines: list[str] = []
         self._reader = asyncio.ensure_future(self._read())
+
+    @property
+    def port(self) -> int:
+        """The port the bot listens on: with none asked for, the one its ``listening`` line
+        names (the system picked it, so no other process can have taken it meanwhile)."""
+        if self._port == 0:
+            bound = [e["port"] for e in self.events() if e.get("event") == "listening"]
+            assert bound, f"the bot has not said where it listens yet:\n{self.output()}"
+            self._port = int(bound[0])
+        return self._port
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
     @classmethod
     async def start(
         cls, env: Mapping[str, str], *extra: str, port: int | None = None
     ) -> BotProcess:
-        port = free_port() if port is None else port
+        port = 0 if port is None else port
         clean = {k: v for k, v in os.environ.items() if not k.startswith("CALLBOT_")}
         clean.update(env)
         clean.setdefault("CALLBOT_LOG_FORMAT", "json")
@@ -421,12 +434,18 @@ class BotProcess:
     def output(self) -> str:
         return "\n".join(self.lines)
 
+    def _says_where(self) -> bool:
+        return any(e.get("event") == "listening" for e in self.events())
+
     async def wait_ready(self, session: aiohttp.ClientSession, within: float = 20.0) -> None:
         async with asyncio.timeout(within):
             while True:
                 if self.process.returncode is not None:
                     await self._reader
                     raise AssertionError(f"the bot exited early:\n{self.output()}")
+                if self._port == 0 and not self._says_where():
+                    await asyncio.sleep(0.05)
+                    continue
                 with contextlib.suppress(aiohttp.ClientError):
                     async with session.get(self.base_url + "/readyz") as response:
                         if response.status == 200:
@@ -593,11 +612,33 @@ async def test_run_with_ngrok_but_no_agent_stops_with_a_message(
 ) -> None:
     env = bot_env(authority, tmp_path / "handled.txt")
     env["CALLBOT_NGROK_API"] = f"http://127.0.0.1:{free_port()}"
-    bot = await BotProcess.start(env, "--tunnel", "ngrok")
+    bot = await BotProcess.start(env, "--tunnel", "ngrok", port=8080)
     bot_processes.append(bot)
     assert await bot.wait_exit() == 2
     assert "callbot: no ngrok agent answers at" in bot.output()
-    assert "ngrok http" in bot.output()
+    assert "ngrok http 8080" in bot.output()
+
+
+async def test_a_tunnel_needs_a_fixed_port(
+    authority: TokenAuthority, bot_processes: list[BotProcess], tmp_path: Path
+) -> None:
+    bot = await BotProcess.start(bot_env(authority, tmp_path / "handled.txt"), "--tunnel", "ngrok")
+    bot_processes.append(bot)
+    assert await bot.wait_exit() == 2
+    assert bot.output() == "callbot: a tunnel forwards to a fixed port: give --port a number, not 0"
+
+
+async def test_port_0_listens_on_a_free_port_and_says_which(
+    authority: TokenAuthority, bot_processes: list[BotProcess], tmp_path: Path
+) -> None:
+    bot = await BotProcess.start(bot_env(authority, tmp_path / "handled.txt"))
+    bot_processes.append(bot)
+    async with client_session() as session:
+        await bot.wait_ready(session)
+    listening = [e for e in bot.events() if e.get("event") == "listening"]
+    assert len(listening) == 1
+    assert listening[0]["port"] == bot.port != 0
+    assert listening[0]["host"] == "127.0.0.1"
 
 
 async def test_the_forwarded_scheme_is_logged_only_from_a_trusted_proxy(

@@ -54,24 +54,29 @@ async def running_nginx(prefix: Path, upstream_port: int) -> AsyncIterator[int]:
     """nginx with the rendered deploy template, proxying to the bot; yields its TLS port."""
     binary = find_nginx()
     certificate, key = write_self_signed(prefix)
-    port = free_port()
-    config = write_nginx_config(
-        prefix,
-        {
-            "CALLBOT_UPSTREAM": f"127.0.0.1:{upstream_port}",
-            "NGINX_LISTEN": f"127.0.0.1:{port}",
-            "SERVER_NAME": "localhost",
-            "TLS_CERTIFICATE": str(certificate),
-            "TLS_CERTIFICATE_KEY": str(key),
-        },
-    )
-    with (prefix / "stderr.log").open("wb") as stderr:
-        process = await asyncio.create_subprocess_exec(
-            *nginx_command(binary, prefix, config),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=stderr,
+    # The port picked may be taken by another process before nginx binds it: try another.
+    for _ in range(4):
+        port = free_port()
+        config = write_nginx_config(
+            prefix,
+            {
+                "CALLBOT_UPSTREAM": f"127.0.0.1:{upstream_port}",
+                "NGINX_LISTEN": f"127.0.0.1:{port}",
+                "SERVER_NAME": "localhost",
+                "TLS_CERTIFICATE": str(certificate),
+                "TLS_CERTIFICATE_KEY": str(key),
+            },
         )
+        (prefix / "nginx.pid").unlink(missing_ok=True)
+        with (prefix / "stderr.log").open("wb") as stderr:
+            process = await asyncio.create_subprocess_exec(
+                *nginx_command(binary, prefix, config),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=stderr,
+            )
+        if not await port_was_taken(process, prefix):
+            break
     try:
         await wait_listening(process, port, prefix)
         yield port
@@ -83,6 +88,18 @@ async def running_nginx(prefix: Path, upstream_port: int) -> AsyncIterator[int]:
             except TimeoutError:
                 process.kill()
                 await process.wait()
+
+
+async def port_was_taken(process: asyncio.subprocess.Process, prefix: Path) -> bool:
+    """Whether nginx exited because its port was in use, once it has started (its pid file
+    written) or exited."""
+    async with asyncio.timeout(10):
+        while process.returncode is None and not (prefix / "nginx.pid").exists():  # noqa: ASYNC110 - a file another process writes
+            await asyncio.sleep(0.02)
+    if process.returncode is None:
+        return False
+    logs = [prefix / name for name in ("stderr.log", "error.log")]
+    return any("Address already in use" in log.read_text() for log in logs if log.exists())
 
 
 async def wait_listening(process: asyncio.subprocess.Process, port: int, prefix: Path) -> None:

@@ -93,6 +93,9 @@ class RedisServer:
         self.binary = binary
         self.directory = directory
         self.port = port or _free_port()
+        # A port picked here may be taken by another process before Redis binds it: the first
+        # start may then try another. A restart keeps its port, which clients already know.
+        self._may_move = port is None
         self.persistent = persistent
         self.args = args
         self.process: subprocess.Popen[bytes] | None = None
@@ -102,6 +105,16 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
+        for _ in range(4 if self._may_move else 1):
+            if self._start_once():
+                self._may_move = False
+                return
+            self.port = _free_port()
+        raise RuntimeError("redis-server did not start")
+
+    def _start_once(self) -> bool:
+        """Start on ``self.port``; False when Redis exited at once (its port was taken) and
+        another may be tried."""
         log = (self.directory / f"redis-{self.port}.log").open("ab")
         persistence = ("--appendonly", "yes", "--appendfsync", "always", "--save", "")
         self.process = subprocess.Popen(
@@ -120,8 +133,11 @@ class RedisServer:
             while True:
                 try:
                     client.ping()
-                    return
+                    return True
                 except (redis.ConnectionError, redis.exceptions.BusyLoadingError):
+                    if self.process.poll() is not None and self._may_move:
+                        self.process = None
+                        return False
                     if time.monotonic() > deadline or self.process.poll() is not None:
                         self.stop()
                         raise RuntimeError("redis-server did not start") from None
@@ -255,21 +271,21 @@ class Bots:
             "CALLBOT_ANSWER_WARNING_AFTER": "3600",
             "CALLBOT_SHUTDOWN_TIMEOUT": "2",
             "CALLBOT_LOG_FORMAT": "json",
-            "CALLBOT_LOG_LEVEL": "warning",
+            # Info, for the line that says which port the system picked (--port 0).
+            "CALLBOT_LOG_LEVEL": "info",
             **env,
         }
         for index in range(count):
-            port = _free_port()
             with (self.logs / f"bot-{index}.log").open("ab") as out:
                 process = await asyncio.create_subprocess_exec(
                     *(sys.executable, "-m", "callbot", "run", "tests.test_redis_bot:bot"),
-                    *("--port", str(port)),
+                    *("--port", "0"),
                     cwd=REPO,
                     env=base,
                     stdout=out,
                     stderr=subprocess.STDOUT,
                 )
-            self.ports.append(port)
+            self.ports.append(0)
             self.processes.append(process)
             self.alive.append(index)
         self.session = aiohttp.ClientSession(
@@ -277,15 +293,28 @@ class Bots:
         )
         await asyncio.gather(*(self._ready(i) for i in range(count)))
 
+    def _listening_port(self, index: int) -> int:
+        """The port bot ``index`` said it listens on, 0 before it said so."""
+        with contextlib.suppress(FileNotFoundError):
+            for line in (self.logs / f"bot-{index}.log").read_text().splitlines():
+                with contextlib.suppress(ValueError):
+                    entry = json.loads(line)
+                    if isinstance(entry, dict) and entry.get("event") == "listening":
+                        return int(entry["port"])
+        return 0
+
     async def _ready(self, index: int) -> None:
         assert self.session is not None
-        url = f"http://127.0.0.1:{self.ports[index]}/readyz"
         deadline = time.monotonic() + 30
         while True:
+            if self.ports[index] == 0:
+                self.ports[index] = self._listening_port(index)
             with contextlib.suppress(aiohttp.ClientError):
-                async with self.session.get(url) as response:
-                    if response.status == 200:
-                        return
+                if self.ports[index]:
+                    url = f"http://127.0.0.1:{self.ports[index]}/readyz"
+                    async with self.session.get(url) as response:
+                        if response.status == 200:
+                            return
             if self.processes[index].returncode is not None or time.monotonic() > deadline:
                 raise AssertionError(f"bot {index} did not become ready; see {self.logs}")
             await asyncio.sleep(0.1)
@@ -706,8 +735,8 @@ async def test_with_store_replicas_nothing_is_relied_on_before_a_replica_holds_i
     replica = RedisServer(binary, tmp_path / "replica")
     for node in (primary, replica):
         node.directory.mkdir()
-    replica.args = ("--replicaof", "127.0.0.1", str(primary.port))
     primary.start()
+    replica.args = ("--replicaof", "127.0.0.1", str(primary.port))
     replica.start()
     try:
         handled: list[str] = []

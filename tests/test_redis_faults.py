@@ -218,8 +218,8 @@ async def test_a_sentinel_failover(
     for server in (primary, replica):
         server.directory.mkdir()
     primary.args = ("--repl-diskless-sync-delay", "0")
-    replica.args = ("--replicaof", "127.0.0.1", str(primary.port))
     primary.start()
+    replica.args = ("--replicaof", "127.0.0.1", str(primary.port))
     replica.start()
     sentinel_port = _free_port()
     config = tmp_path / "sentinel.conf"

@@ -26,7 +26,7 @@ from callbot import Settings
 from callbot.testing import TokenAuthority
 
 from .conftest import APP_ID
-from .test_hosting import ROOT, BotProcess, bot_env, free_port
+from .test_hosting import ROOT, BotProcess, bot_env
 
 SECRET = "eyJsecret.token.value"
 
@@ -207,7 +207,6 @@ async def test_malformed_requests_get_a_bare_400_and_one_counted_line(
 async def test_running_out_of_file_descriptors_is_one_counted_line(
     authority: TokenAuthority, tmp_path: Path, session: aiohttp.ClientSession
 ) -> None:
-    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CALLBOT_")}
     env.update(bot_env(authority, tmp_path / "handled.txt", CALLBOT_LOG_FORMAT="json"))
 
@@ -223,7 +222,7 @@ async def test_running_out_of_file_descriptors_is_one_counted_line(
         "--host",
         "127.0.0.1",
         "--port",
-        str(port),
+        "0",
         cwd=ROOT,
         env=env,
         stdin=asyncio.subprocess.DEVNULL,
@@ -231,14 +230,14 @@ async def test_running_out_of_file_descriptors_is_one_counted_line(
         stderr=asyncio.subprocess.PIPE,
         preexec_fn=few_descriptors,
     )
-    bot = BotProcess(process, port)
+    bot = BotProcess(process, 0)
     held: list[Any] = []
     try:
         await bot.wait_ready(session)
         await session.close()
         # More connections than the bot has descriptors: the kernel queues them, accept fails.
         for _ in range(100):
-            held.append(await asyncio.open_connection("127.0.0.1", port))
+            held.append(await asyncio.open_connection("127.0.0.1", bot.port))
         async with asyncio.timeout(20):
 
             def refused() -> bool:
