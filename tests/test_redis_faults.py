@@ -323,6 +323,7 @@ async def test_a_call_id_with_braces_stays_in_its_own_slot_of_a_cluster(tmp_path
             body = json.dumps(b.notifications(b.call_state(call_id, "establishing"))).encode()
             assert await bot.post(body) == 202, call_id
             assert bot.bot.ready
+
         async def all_ran() -> bool:
             return len(seen) == len(hostile) + 1
 
