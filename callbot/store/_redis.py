@@ -580,7 +580,10 @@ class RedisStore:
             self._redis, replicas=settings.store_replicas, witness=self._keys.prefix + "written"
         )
         self._sequencer = Sequencer(
-            self._deliver, lifecycle, reorder_window=settings.reorder_window
+            self._deliver,
+            lifecycle,
+            reorder_window=settings.reorder_window,
+            max_roster=settings.max_roster_size,
         )
         lifecycle.when_forgotten(self._forgotten)
         self._owned: dict[str, _Owned] = {}
