@@ -429,6 +429,9 @@ class Authenticator:
             return
         if time.monotonic() - self._last_refetch < self._refetch_cooldown:
             return
+        # Marked as it starts too: a request arriving between the fetch's end and this
+        # caller's wake-up would otherwise start another one at once.
+        self._last_refetch = time.monotonic()
         try:
             await self._refresh()
         finally:

@@ -96,6 +96,7 @@ class _Runtime:
             max_body_bytes=s.max_body_bytes,
             max_json_depth=s.max_json_depth,
             max_items=s.max_items_per_request,
+            max_participants=s.max_roster_size,
             body_timeout=s.body_timeout,
             observe_ack=self.metrics.ack_seconds.observe,
             while_draining=self.outcomes_while_draining,

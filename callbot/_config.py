@@ -79,6 +79,9 @@ class Settings:
     """Callback bodies nested deeper are refused (400)."""
     max_items_per_request: int = 200
     """Notification items one callback may carry; more is refused (413) before parsing them."""
+    max_roster_size: int = 5_000
+    """Participants a call's roster holds at most: a notification listing more is refused
+    (413) before parsing them, and a change that would grow a roster past it is dropped."""
     header_timeout: float = 10.0
     """How long a request's headers may take to arrive, from their first byte."""
     body_timeout: float = 30.0
@@ -164,6 +167,7 @@ class Settings:
             "max_connections",
             "max_recording_bytes",
             "max_pending_calls",
+            "max_roster_size",
         ):
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"{name} must be at least 1 (CALLBOT_{name.upper()})")

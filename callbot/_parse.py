@@ -18,6 +18,9 @@ Errors. :class:`~callbot._errors.MalformedNotification` with a stable ``reason``
   ``/communications/calls/{id}`` (or the older ``/app/calls/{id}``), or a segment
   after the call id that is ``.`` or ``..`` (percent-encoded or not);
 * ``empty``     - ``value`` is an empty list;
+* ``too_many_items`` - more items than ``max_items``; ``too_many_participants`` -
+  an item listing more participants (entries of its ``resourceData``) than
+  ``max_participants``; both counted before any event is built;
 * ``legacy_format`` - a body in the calling format that predates Graph (no
   ``value``, a top-level ``callState``): the receiver answers it ``204``, which
   asks the platform to send the notification again in Graph's format.
@@ -82,6 +85,8 @@ _TOKENS = re.compile(rb'\\.|["\[\]{}]', re.DOTALL)
 _CALL_ROOTS = frozenset({("communications", "calls"), ("app", "calls")})
 _CHANGE_TYPES = {name.lower(): name for name in ("created", "updated", "deleted")}
 _API_VERSIONS = frozenset({"v1.0", "beta"})
+# Participants built in one part at most (about 20 ms): a part ends at 32 items or these.
+_PART_ENTRIES = 1_000
 
 
 def parse_body(
@@ -89,6 +94,7 @@ def parse_body(
     *,
     max_depth: int = DEFAULT_MAX_DEPTH,
     max_items: int | None = None,
+    max_participants: int | None = None,
     tenant_id: str | None = None,
 ) -> list[Event]:
     """Parse the raw body of a callback request into events, one per notification item.
@@ -98,7 +104,11 @@ def parse_body(
     return [
         event
         for part in parse_body_in_parts(
-            body, max_depth=max_depth, max_items=max_items, tenant_id=tenant_id
+            body,
+            max_depth=max_depth,
+            max_items=max_items,
+            max_participants=max_participants,
+            tenant_id=tenant_id,
         )
         for event in part
     ]
@@ -109,17 +119,21 @@ def parse_body_in_parts(
     *,
     max_depth: int = DEFAULT_MAX_DEPTH,
     max_items: int | None = None,
+    max_participants: int | None = None,
     tenant_id: str | None = None,
     part_size: int = 32,
 ) -> Iterator[list[Event]]:
-    """:func:`parse_body` in parts of ``part_size`` events, so a caller can let the event
-    loop run between them; an error may come with any part (accept none before the last).
+    """:func:`parse_body` in parts of at most ``part_size`` events (fewer when they list
+    many participants), so a caller can let the event loop run between them; an error
+    may come with any part (accept none before the last).
 
     ``tenant_id`` is the tenant the request's token proves: every event carries
-    it, and an item that names another is refused (``tenant_mismatch``).
+    it, and an item that names another is refused (``tenant_mismatch``). An item
+    listing more than ``max_participants`` participants is refused
+    (``too_many_participants``): no roster may hold them.
 
     Raises :class:`MalformedNotification` (``not_json``, ``too_deep``,
-    ``bad_shape``, ``empty``, ``too_many_items``, ``bad_call_id``,
+    ``bad_shape``, ``empty``, ``too_many_items``, ``too_many_participants``, ``bad_call_id``,
     ``tenant_mismatch`` or ``legacy_format``); never raises a pydantic error.
     """
     if body.startswith(_BOM_BYTES):
@@ -133,7 +147,7 @@ def parse_body_in_parts(
         raise MalformedNotification(
             "too_many_items", f"{len(items)} items in one request, at most {max_items}"
         )
-    yield from _events_in_parts(payload, tenant_id, part_size)
+    yield from _events_in_parts(payload, tenant_id, part_size, max_participants)
 
 
 def parse_payload(
@@ -224,7 +238,9 @@ def _events_from(payload: Any, tenant_id: str | None = None) -> list[Event]:
     return [event for part in _events_in_parts(payload, tenant_id, 1 << 30) for event in part]
 
 
-def _events_in_parts(payload: Any, tenant_id: str | None, size: int) -> Iterator[list[Event]]:
+def _events_in_parts(
+    payload: Any, tenant_id: str | None, size: int, max_entries: int | None = None
+) -> Iterator[list[Event]]:
     if not isinstance(payload, dict):
         raise MalformedNotification(
             "bad_shape", f"top level is {type(payload).__name__}, not an object"
@@ -238,11 +254,33 @@ def _events_in_parts(payload: Any, tenant_id: str | None, size: int) -> Iterator
         raise MalformedNotification("bad_shape", "'value' is missing or not a list")
     if not items:
         raise MalformedNotification("empty", "'value' is an empty list")
-    for start in range(0, len(items), size):
-        yield [
-            _event_for(index, item, payload, tenant_id)
-            for index, item in enumerate(items[start : start + size], start)
-        ]
+    # Counted before any event is built: building participants is the costly part.
+    entries = [_entries_in(item) for item in items]
+    if max_entries is not None:
+        for index, count in enumerate(entries):
+            if count > max_entries:
+                raise MalformedNotification(
+                    "too_many_participants",
+                    f"value[{index}] lists {count} participants, at most {max_entries}",
+                )
+    part: list[Event] = []
+    weight = 0
+    for index, item in enumerate(items):
+        part.append(_event_for(index, item, payload, tenant_id))
+        weight += entries[index]
+        if len(part) >= size or weight >= _PART_ENTRIES:
+            yield part
+            part, weight = [], 0
+    if part:
+        yield part
+
+
+def _entries_in(item: Any) -> int:
+    """How many participants (or other entries) an item's ``resourceData`` lists."""
+    data = item.get("resourceData") if isinstance(item, dict) else None
+    if isinstance(data, dict):
+        data = data.get("participants")
+    return len(data) if isinstance(data, list) else 0
 
 
 def _event_for(index: int, item: Any, envelope: dict[str, Any], tenant_id: str | None) -> Event:

@@ -25,7 +25,11 @@ from ._proxy import forwarded_client
 __all__ = ["Receiver"]
 
 # How a malformed body is answered, when not 400: too many items, or another tenant's.
-_REFUSALS = {"too_many_items": (413, "malformed"), "tenant_mismatch": (403, "auth_failed")}
+_REFUSALS = {
+    "too_many_items": (413, "malformed"),
+    "too_many_participants": (413, "malformed"),
+    "tenant_mismatch": (403, "auth_failed"),
+}
 
 log = get_logger("callbot.receiver")
 
@@ -46,6 +50,7 @@ class Receiver:
         max_body_bytes: int,
         max_json_depth: int,
         max_items: int | None = None,
+        max_participants: int | None = None,
         body_timeout: float | None = None,
         observe_ack: Callable[[float], None] | None = None,
         while_draining: Callable[[Sequence[events.Event]], None] | None = None,
@@ -55,6 +60,7 @@ class Receiver:
         self._max_body = max_body_bytes
         self._max_depth = max_json_depth
         self._max_items = max_items
+        self._max_participants = max_participants
         self._body_timeout = body_timeout
         self._observe_ack = observe_ack
         self._while_draining = while_draining
@@ -134,7 +140,11 @@ class Receiver:
         try:
             batch: list[events.Event] = []
             for part in parse_body_in_parts(
-                body, max_depth=self._max_depth, max_items=self._max_items, tenant_id=tenant_id
+                body,
+                max_depth=self._max_depth,
+                max_items=self._max_items,
+                max_participants=self._max_participants,
+                tenant_id=tenant_id,
             ):
                 if batch:
                     # A large batch is built in parts: health checks and other calls go between.

@@ -34,6 +34,7 @@ from typing import Any
 import orjson
 
 from . import events
+from ._config import Settings
 from ._errors import MalformedNotification
 from ._ids import id_key
 from ._journal import Attempt
@@ -50,6 +51,8 @@ _ESTABLISHING = phase_of_state("establishing")
 _TERMINATING = phase_of_state("terminating")
 _SEEN_DIGESTS = 128
 _MAX_BACKLOG = 1000
+# Unknown properties a call's snapshot keeps across notifications (Graph's call has ~40).
+_MAX_EXTRA_PROPERTIES = 256
 
 
 def _state(event: events.Event) -> str | None:
@@ -243,7 +246,8 @@ class Sequencer:
     ``accept`` is synchronous and never waits: the receiver calls it while the
     request is still open, so everything it accepts is queued before the 202.
     Each state a delivered event moves the call into is told to ``lifecycle``,
-    which decides whether it is new and when the call has ended;
+    which decides whether it is new and when the call has ended; a roster change that
+    would grow a roster past ``max_roster`` participants is dropped (``roster_full``);
     ``on_operation`` is told at once when an operation notification is accepted
     (to resolve waits even while the call's handler runs), ``on_tone`` at once
     when a tone is accepted (for a handler collecting digits).
@@ -255,6 +259,7 @@ class Sequencer:
         lifecycle: Lifecycle,
         *,
         reorder_window: float = 1.0,
+        max_roster: int = Settings.max_roster_size,
         on_operation: Callable[[events.OperationUpdated], None] | None = None,
         on_tone: Callable[[events.ToneReceived], None] | None = None,
     ) -> None:
@@ -262,6 +267,7 @@ class Sequencer:
         self.lifecycle = lifecycle
         """The owner of the calls' lives this sequencer reports to."""
         self._window = reorder_window
+        self._max_roster = max_roster
         self._on_operation = on_operation
         self._on_tone = on_tone
         self._records: dict[str, CallRecord] = {}
@@ -460,11 +466,11 @@ class Sequencer:
         self, record: CallRecord, event: events.ParticipantsUpdated
     ) -> events.ParticipantsUpdated | None:
         sequence = event.sequence_number
-        if sequence is not None:
-            if record.roster_sequence is not None and sequence <= record.roster_sequence:
-                self._drop(event, "stale", roster_sequence=sequence)
-                return None
-            record.roster_sequence = sequence
+        if sequence is not None and (
+            record.roster_sequence is not None and sequence <= record.roster_sequence
+        ):
+            self._drop(event, "stale", roster_sequence=sequence)
+            return None
         old = record.roster
         incoming = {_participant_key(p, i): p for i, p in enumerate(event.participants)}
         options = record.snapshot.call_options if record.snapshot is not None else None
@@ -491,8 +497,14 @@ class Sequencer:
                 joined.append(participant)
             elif was != key or old[was] != participant:
                 updated.append(participant)
+        if len(new) > self._max_roster and len(new) > len(old):
+            # Deltas naming new ids each time would grow the call's record for ever.
+            self._drop(event, "roster_full", participants=len(new), limit=self._max_roster)
+            return None
         if not delta:
             left.extend(p for key, p in old.items() if key not in incoming and key not in renamed)
+        if sequence is not None:
+            record.roster_sequence = sequence
         record.roster = new
         return event.model_copy(update={"joined": joined, "left": left, "updated": updated})
 
@@ -537,6 +549,13 @@ def _merge(old: CallResource | None, new: CallResource) -> CallResource:
     if old is None:
         return new
     changes: dict[str, Any] = {name: getattr(new, name) for name in new.model_fields_set}
-    if new.model_extra:
-        changes.update(new.model_extra)
+    extra = new.model_extra
+    if extra:
+        changes.update(extra)
+        kept = old.model_extra
+        if kept and len(kept) + len(extra) > _MAX_EXTRA_PROPERTIES:
+            # Invented properties each time would grow the call's record for ever: past the
+            # bound, only the latest notification's unknown properties are kept.
+            old = old.model_copy()
+            old.__pydantic_extra__ = {}
     return old.model_copy(update=changes)

@@ -296,6 +296,35 @@ async def test_unknown_kid_flood_is_coalesced(
     assert 1 <= authority.jwks_fetches - served <= 2
 
 
+async def test_a_request_arriving_as_a_refetch_ends_does_not_start_another(
+    auth: Authenticator, authority: TokenAuthority, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between the end of a refetch and the wake-up of the request that started it, an
+    unknown kid found no fetch under way and no cooldown yet: it fetched again at once,
+    and with a slow key endpoint the cooldown never held."""
+    fetches, served = auth.key_fetches, authority.jwks_fetches
+    fetch = auth._fetch
+    late: list[asyncio.Task[Any]] = []
+
+    def verify_late() -> None:
+        token = authority.mint(audience=APP_ID, kid=secrets.token_hex(8))
+        late.append(asyncio.ensure_future(auth.verify(bearer(token))))
+
+    async def fetch_then_a_request_arrives() -> None:
+        await fetch()
+        # Runs before the starter's wake-up, after the fetch is no longer under way.
+        asyncio.get_running_loop().call_soon(verify_late)
+
+    monkeypatch.setattr(auth, "_fetch", fetch_then_a_request_arrives)
+    first = authority.mint(audience=APP_ID, kid=secrets.token_hex(8))
+    assert await reason_of(auth, bearer(first)) == "unknown_key"
+    await wait_until(lambda: bool(late) and late[0].done())
+    with pytest.raises(AuthenticationError):
+        late[0].result()
+    assert auth.key_fetches == fetches + 1
+    assert authority.jwks_fetches == served + 1
+
+
 async def test_key_endpoint_down_after_start_keeps_cached_keys(
     make_auth: MakeAuth, authority: TokenAuthority
 ) -> None:

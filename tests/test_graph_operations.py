@@ -400,4 +400,21 @@ async def test_unmatched_completions_are_kept_only_briefly_and_bounded() -> None
     moved = dict(item, resourceUrl=f"/communications/calls/{CALL_ID}/operations/x")
     expiring.on_event(event_from_item(moved, clientContext="second"))
     key = CALL_ID.replace("-", "")
-    assert sorted(expiring._recent) == [f"id:{key}:x"]
+    assert sorted(expiring._recent) == [(key, "x")]
+
+
+async def test_an_early_outcome_is_kept_under_its_own_call_and_id_only() -> None:
+    """Kept outcomes were found by ``id:{call}:{operation}``: one posted under call
+    ``a:b`` for operation ``c`` settled call ``a``'s operation ``b:c``."""
+    registry = OperationRegistry()
+    item = json.loads(
+        (FIXTURES / "notifications" / "31-call-playprompt-operation-completed.json").read_text()
+    )["value"][0]
+    posted = dict(item, resourceUrl="/communications/calls/a:b/operations/c")
+    registry.on_event(event_from_item(posted, id="c", clientContext="theirs"))
+    op = Operation(
+        call_id="a", action="playPrompt", client_context="mine", kind=models.PlayPromptOperation
+    )
+    registry.start(op)
+    registry.accepted(op, {"@odata.type": "#microsoft.graph.playPromptOperation", "id": "b:c"})
+    assert not op.done

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import random
 import shutil
@@ -32,8 +33,11 @@ from typing import Any
 import pytest
 import redis
 
+from benchmarks._inproc import InProcessBot
+from callbot import Call, events
 from callbot.store._redis import connect, disconnect
 from callbot.testing import TokenAuthority
+from callbot.testing import builders as b
 
 from .test_redis import (  # the fixtures redis_server and redis_url too
     KEY_PREFIX,
@@ -286,6 +290,50 @@ async def test_a_sentinel_failover(
 async def test_a_three_master_cluster(authority: TokenAuthority, tmp_path: Path) -> None:
     """A 3-master Redis Cluster (``redis+cluster://``). Kept, order, flagged, and run
     once: every script stays in one call's slot."""
+    env = {"CALLBOT_STORE_LEASE": "2"}
+    async with (
+        _cluster(tmp_path) as url,
+        client_for(url) as rdb,
+        running_bots(authority, url, tmp_path, 3, **env) as bots,
+    ):
+        calls = calls_named("slot", 80)
+        await spray(bots, calls, random.Random(13))
+        logs = await wait_for_logs(rdb, calls, within=60)
+        assert check(logs) == 0
+        for entries in logs.values():
+            assert [e["label"] for e in entries] == LIFECYCLE
+
+
+async def test_a_call_id_with_braces_stays_in_its_own_slot_of_a_cluster(tmp_path: Path) -> None:
+    """A call id is the hash tag of the call's keys: ``}x`` (an empty tag, so each key in
+    another slot) or ``-`` (an empty call key) made every notification of that call a
+    503 and the store unreachable. Each is accepted and run, like any other call."""
+    hostile = ["}x", "}", "-", "{a}", "a}b{c", "%7Bx%7D", "x{"]
+    seen: list[str] = []
+
+    async def record(call: Call, event: events.Event) -> None:
+        seen.append(event.call_id)
+
+    async with (
+        _cluster(tmp_path) as url,
+        InProcessBot(store=url, on_event=record) as bot,
+    ):
+        assert bot.bot is not None
+        for call_id in ["plain", *hostile]:
+            body = json.dumps(b.notifications(b.call_state(call_id, "establishing"))).encode()
+            assert await bot.post(body) == 202, call_id
+            assert bot.bot.ready
+
+        async def all_ran() -> bool:
+            return len(seen) == len(hostile) + 1
+
+        await wait_for(all_ran)
+        assert sorted(seen) == sorted(["plain", *hostile])
+
+
+@contextlib.asynccontextmanager
+async def _cluster(tmp_path: Path) -> AsyncIterator[str]:
+    """A 3-master Redis Cluster on 127.0.0.1; its ``redis+cluster://`` URL."""
     binary = _redis_binary()
     cli = shutil.which("redis-cli")
     if cli is None:
@@ -293,16 +341,16 @@ async def test_a_three_master_cluster(authority: TokenAuthority, tmp_path: Path)
             pytest.fail("redis-cli is required here (it comes with redis-server)")
         pytest.skip("redis-cli is not installed")
     nodes = []
-    for n in range(3):
-        directory = tmp_path / f"node{n}"
-        directory.mkdir()
-        node = RedisServer(binary, directory, _cluster_port())
-        node.args = (
-            *("--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{node.port}.conf"),
-        )
-        node.start()
-        nodes.append(node)
     try:
+        for n in range(3):
+            directory = tmp_path / f"node{n}"
+            directory.mkdir()
+            node = RedisServer(binary, directory, _cluster_port())
+            node.args = (
+                *("--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{node.port}.conf"),
+            )
+            node.start()
+            nodes.append(node)
         create = [cli, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in nodes)]
         await asyncio.to_thread(
             subprocess.run,
@@ -314,18 +362,7 @@ async def test_a_three_master_cluster(authority: TokenAuthority, tmp_path: Path)
         for node in nodes:
             with redis.Redis(port=node.port, socket_timeout=1) as client:
                 await _until_sync(lambda c=client: c.cluster("info")["cluster_state"] == "ok")
-        url = f"redis+cluster://127.0.0.1:{nodes[0].port}"
-        env = {"CALLBOT_STORE_LEASE": "2"}
-        async with (
-            client_for(url) as rdb,
-            running_bots(authority, url, tmp_path, 3, **env) as bots,
-        ):
-            calls = calls_named("slot", 80)
-            await spray(bots, calls, random.Random(13))
-            logs = await wait_for_logs(rdb, calls, within=60)
-            assert check(logs) == 0
-            for entries in logs.values():
-                assert [e["label"] for e in entries] == LIFECYCLE
+        yield f"redis+cluster://127.0.0.1:{nodes[0].port}"
     finally:
         for node in nodes:
             node.stop()

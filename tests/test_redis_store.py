@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from redis.crc import key_slot
 
 from benchmarks._inproc import InProcessBot
 from benchmarks.bench_store import measure
@@ -50,6 +51,21 @@ def test_an_entry_reads_back_exactly_whatever_json_it_holds() -> None:
     plain["resourceData"]["note"] = "éà"
     (event,) = parse_payload(b.notifications(plain))
     assert decode_entry(encode_entry(event)).raw == event.raw
+
+
+def test_every_key_of_a_call_is_in_one_slot_and_no_two_calls_share_one() -> None:
+    """The call key is the keys' hash tag: braces, an empty key or escapes in it never
+    spread a call over several Cluster slots, nor make two calls' keys meet."""
+    keys = _redis._Keys("callbot:app:")
+    names = ("inbox", "seen", "lease", "fence", "call", "tenant", "journal")
+    calls = ["abc", "}x", "}", "", "{a}", "a}b{c", "x{", "%", "%7B", "{", "%7Bx%7D", "{x}", "%25"]
+    made: dict[str, str] = {}
+    for call in calls:
+        found = keys.of(call, *names)
+        assert len({key_slot(key.encode()) for key in found}) == 1, call
+        assert keys.record(call) == found[names.index("call")]
+        for key in found:
+            assert made.setdefault(key, call) == call, (key, call, made[key])
 
 
 async def _script(

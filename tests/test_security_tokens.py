@@ -320,3 +320,66 @@ def test_a_large_batch_is_built_in_parts_and_refused_whole() -> None:
     with pytest.raises(MalformedNotification, match="not a usable id"):
         hand_over()
     assert handed == [32] * 4
+    # Parts are cut by the participants they build too: 12 rosters of 500 are not one part.
+    rosters = [
+        b.roster(f"call-{n}", [b.participant(f"p-{n}-{i}") for i in range(500)]) for n in range(12)
+    ]
+    body = json.dumps(b.notifications(*rosters)).encode()
+    sizes = [len(part) for part in parse_body_in_parts(body, max_items=200, part_size=32)]
+    assert sizes == [2] * 6
+
+
+# -- what one call keeps stays bounded --------------------------------------------------------
+
+
+async def test_a_call_s_roster_and_snapshot_stay_bounded(
+    authority: TokenAuthority, serve: Any
+) -> None:
+    """Deltas naming new participants each time, and states inventing new properties each
+    time, grew one call's record (14 MiB per 1 MiB request) for as long as the call lived."""
+    bot = make_bot(authority, max_roster_size=50)
+    rosters: list[int] = []
+    extras: list[int] = []
+
+    @bot.on(events.ParticipantsUpdated)
+    async def roster(call: Call, event: events.ParticipantsUpdated) -> None:
+        rosters.append(len(call.roster))
+
+    @bot.on(events.CallUpdated)
+    async def updated(call: Call, event: events.CallUpdated) -> None:
+        assert call.snapshot is not None
+        extras.append(len(call.snapshot.model_extra or {}))
+
+    server: BotServer = await serve(bot)
+    call_id = "bounded-call"
+    for state in ("establishing", "established"):
+        assert (await server.post(b.notifications(b.call_state(call_id, state)))).status == 202
+
+    def joining(sequence: int, count: int) -> dict[str, Any]:
+        people = [b.participant(f"p-{sequence}-{n}") for n in range(count)]
+        return b.delta_roster(call_id, people, sequence_number=sequence, change_type="created")
+
+    # More participants than a roster may hold, in one notification: refused before parsing.
+    response = await server.post(b.notifications(joining(1, 51)))
+    assert await refusal(response) == (413, "too_many_participants")
+    # Each delta fits; the sixth would take the roster past its bound and is dropped.
+    for sequence in range(1, 7):
+        assert (await server.post(b.notifications(joining(sequence, 10)))).status == 202
+    await until(lambda: len(rosters) == 5)
+    assert rosters == [10, 20, 30, 40, 50]
+    assert await metric(server, "dropped", "roster_full") == 1
+    # Who leaves still leaves, and then there is room again.
+    leaving = b.delta_roster(
+        call_id, [b.participant("p-1-0")], sequence_number=7, change_type="deleted"
+    )
+    assert (await server.post(b.notifications(leaving))).status == 202
+    assert (await server.post(b.notifications(joining(8, 1)))).status == 202
+    await until(lambda: rosters[-2:] == [49, 50])
+
+    for n in range(6):
+        item = b.call_state(call_id, "established")
+        item["resourceData"].update({f"invented{n}x{i}": i for i in range(100)})
+        assert (await server.post(b.notifications(item))).status == 202
+    await until(lambda: len(extras) == 6)
+    assert max(extras) <= 256
+    assert extras[:2] == [100, 200]

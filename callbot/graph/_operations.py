@@ -185,7 +185,7 @@ class OperationRegistry:
         self._by_call: dict[str, set[Operation[Any]]] = {}
         self._unanswered: set[Operation[Any]] = set()
         self._early_by_context: dict[Operation[Any], _Outcome] = {}
-        self._recent: OrderedDict[str, _Outcome] = OrderedDict()
+        self._recent: OrderedDict[tuple[str, str], _Outcome] = OrderedDict()
         self._recent_limit = recent_limit
         self._recent_ttl = recent_ttl
         self.counts: Counter[tuple[str, str]] = Counter()
@@ -371,5 +371,6 @@ class OperationRegistry:
         self._recent[_id_key(event.call_key, event.operation_id)] = self._outcome(event, status)
 
 
-def _id_key(call_key: str, operation_id: str) -> str:
-    return f"id:{call_key}:{id_key(operation_id)}"
+def _id_key(call_key: str, operation_id: str) -> tuple[str, str]:
+    # A pair, not a joined string: call "a:b" with operation "c" is not call "a" with "b:c".
+    return call_key, id_key(operation_id)

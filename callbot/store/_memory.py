@@ -33,6 +33,7 @@ class MemoryStore:
             deliver,
             lifecycle,
             reorder_window=settings.reorder_window,
+            max_roster=settings.max_roster_size,
             on_operation=outcomes.on_operation,
             on_tone=outcomes.on_tone,
         )

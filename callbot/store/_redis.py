@@ -492,6 +492,17 @@ class _Owned:
         self.idle.set()
 
 
+def _hash_tag(call: str) -> str:
+    """``call`` as it stands between a key's braces: never empty and free of braces, so a
+    Cluster hashes every key of the call by all of it; escaped one to one, so two calls
+    never share a key (Graph's ids need no escaping)."""
+    if not call:
+        return "%"  # an escaped call always has two hex digits after its '%'
+    if "%" in call or "{" in call or "}" in call:
+        return call.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
+    return call
+
+
 class _Keys:
     """Key names. A call's keys share the call key as hash tag: one slot in a Cluster."""
 
@@ -514,12 +525,13 @@ class _Keys:
         if made is None:
             if len(self._made) >= _KEYS_LIMIT:
                 self._made.clear()
-            made = tuple([f"{self.prefix}{{{call}}}:{name}" for name in names])
+            tag = _hash_tag(call)
+            made = tuple([f"{self.prefix}{{{tag}}}:{name}" for name in names])
             self._made[call, names] = made
         return made
 
     def record(self, call: str) -> str:
-        return f"{self.prefix}{{{call}}}:call"
+        return self.of(call, "call")[0]
 
 
 def _cmd(script: _scripts.Script, keys: Sequence[str], *args: Any) -> tuple[Any, ...]:
@@ -568,7 +580,10 @@ class RedisStore:
             self._redis, replicas=settings.store_replicas, witness=self._keys.prefix + "written"
         )
         self._sequencer = Sequencer(
-            self._deliver, lifecycle, reorder_window=settings.reorder_window
+            self._deliver,
+            lifecycle,
+            reorder_window=settings.reorder_window,
+            max_roster=settings.max_roster_size,
         )
         lifecycle.when_forgotten(self._forgotten)
         self._owned: dict[str, _Owned] = {}
