@@ -74,6 +74,29 @@ async def _script(
     return await client.evalsha(script.sha, len(keys), *keys, *args)
 
 
+async def test_a_call_s_duplicate_digests_stay_bounded(rdb: aioredis.Redis) -> None:
+    """A flood of distinct notifications for one call keeps the newest 1,024 digests of
+    its dedupe window, not all of them; a repeat of a recent one is still recognised."""
+    await rdb.script_load(_scripts.INGEST.source)
+    keys = _redis._Keys("t:").of("flood", "inbox", "seen", "lease", "fence", "call", "tenant")
+
+    def args(digest: str) -> tuple[Any, ...]:
+        # digest, entry, dedupe window, token, no lease, read batch, lifetime, no tenant
+        return (digest, "{}", 600_000, "me", "", 64, 600_000, "")
+
+    async def ingest(digest: str) -> int:
+        fresh: int = (await _script(rdb, _scripts.INGEST, list(keys), *args(digest)))[0]
+        return fresh
+
+    pipe = rdb.pipeline(transaction=False)
+    for n in range(1200):
+        pipe.evalsha(_scripts.INGEST.sha, len(keys), *keys, *args(f"d{n}"))
+    await pipe.execute()
+    assert await rdb.zcard(keys[1]) == 1024
+    assert await ingest("d1199") == 0
+    assert await ingest("d1") == 1  # forgotten: long before the newest 1,024
+
+
 async def test_a_run_that_gave_its_call_up_cannot_renew_it_back(rdb: aioredis.Redis) -> None:
     """A renewal sent before a release may reach Redis after it: refused, the lease stays
     gone. The release itself, sent again (its answer lost), answers the same."""

@@ -5,7 +5,8 @@ their hash tag (``{p}{call}:inbox`` ...), so that on a Redis Cluster they share
 one slot. Keys of one call (``{p}`` is the store's prefix):
 
 * ``inbox``  stream: the call's accepted notifications not yet acknowledged
-* ``seen``   sorted set: digests of its recent notifications (score: when)
+* ``seen``   sorted set: digests of its recent notifications (score: when), the
+  newest 1,024 of the dedupe window at most
 * ``lease``  string: ``{token}/{epoch}`` of the run holding the call (SET NX PX)
 * ``fence``  hash: ``n``, the epoch (incremented on every acquisition of the lease);
   ``fed``, the last entry id an owner may have handed to its handlers; ``r``, the last
@@ -133,6 +134,8 @@ else
     local window = tonumber(ARGV[3])
     redis.call('ZADD', seen, now, digest)
     redis.call('ZREMRANGEBYSCORE', seen, '-inf', now - window)
+    -- and the newest 1024 only: a flood of distinct notifications cannot grow it for ever
+    redis.call('ZREMRANGEBYRANK', seen, 0, -1025)
     redis.call('PEXPIRE', seen, window)
   end
 end
