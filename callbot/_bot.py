@@ -16,7 +16,7 @@ from ._config import Settings
 from ._dispatch import Dispatcher, ErrorHandler, HandlerRegistry, HandlerWatcher
 from ._gc import tune_for_serving
 from ._lifecycle import KeepAliveResult, Lifecycle
-from ._log import get_logger
+from ._log import configure_logging, get_logger
 from ._metrics import Metrics
 from ._proxy import proxy_middlewares
 from ._receiver import Receiver
@@ -453,7 +453,14 @@ class CallBot:
         *,
         stop: asyncio.Event | None = None,
     ) -> None:
-        """Serve until ``stop`` is set, or SIGINT/SIGTERM; then drain and close."""
+        """Serve until ``stop`` is set, or SIGINT/SIGTERM; then drain and close.
+
+        Logging follows ``log_format`` and ``log_level`` from here on, the standard
+        library's ``logging`` included (a bot mounted with ``create_app()`` keeps the
+        application's own logging).
+        """
+        # serve() owns the process, so the bot's settings decide how it logs.
+        configure_logging(self._settings.log_format, self._settings.log_level)
         host = host or self._settings.host
         port = self._settings.port if port is None else port
         stop = stop or asyncio.Event()

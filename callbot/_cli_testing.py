@@ -114,6 +114,9 @@ def _replay_into(
     )
 
 
+_FORMAT_HELP = "rich/plain text on a terminal, JSON lines otherwise (default: auto)"
+
+
 def _remote_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--app-id", default=None, help="the bot's app id (CALLBOT_APP_ID)")
     parser.add_argument(
@@ -140,7 +143,7 @@ def add_testing_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
         "--format",
         choices=FORMATS,
         default="auto",
-        help="rich/plain text on a terminal, JSON lines otherwise (default: auto)",
+        help=_FORMAT_HELP,
     )
     demo.add_argument(
         "--pace", type=float, default=0.3, help="seconds each prompt plays (default 0.3)"
@@ -175,7 +178,7 @@ def add_testing_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
     simulate.add_argument(
         "--prompt-seconds", type=float, default=1.0, help="seconds each prompt plays"
     )
-    simulate.add_argument("--format", choices=FORMATS, default="auto")
+    simulate.add_argument("--format", choices=FORMATS, default="auto", help=_FORMAT_HELP)
     simulate.set_defaults(func=_simulate)
 
     replay = commands.add_parser(
@@ -199,7 +202,7 @@ def add_testing_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
     replay.add_argument(
         "--settle", type=float, default=1.0, help="seconds to let handlers finish at the end"
     )
-    replay.add_argument("--format", choices=FORMATS, default="auto")
+    replay.add_argument("--format", choices=FORMATS, default="auto", help=_FORMAT_HELP)
     replay.add_argument(
         "--diagram", metavar="FILE.md", help="also write the calls as Mermaid sequence diagrams"
     )

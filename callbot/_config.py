@@ -129,9 +129,11 @@ class Settings:
     trusted_proxies: tuple[str, ...] = ()
     """Networks whose Forwarded/X-Forwarded-* headers are believed (for logging)."""
     log_format: str = "auto"
-    """``json``, ``console`` or ``auto`` (console on a terminal, JSON otherwise)."""
+    """``json``, ``console`` or ``auto`` (console on a terminal, JSON otherwise); applied
+    when the bot serves itself (``callbot run``, ``bot.run()``, ``bot.serve()``)."""
     log_level: str = "info"
-    """``debug``, ``info``, ``warning`` or ``error``; the standard library's ``logging`` too."""
+    """``debug``, ``info``, ``warning`` or ``error``; the standard library's ``logging`` too
+    (applied like ``log_format``)."""
     record_path: str | None = None
     """When set, accepted notifications are appended to this JSON-lines file."""
 

@@ -6,7 +6,7 @@ CallbotError
 │   └── KeysUnavailable     no signing keys could be loaded yet
 ├── MalformedNotification   an inbound body could not be understood (.reason)
 ├── StoreUnavailable        the state store cannot be reached
-├── GraphError              Graph answered an outbound request with an error
+├── GraphError              an outbound request failed (an error status, or no answer)
 │   └── CallEnded           Graph no longer knows the call (404): it has ended
 └── OperationFailed         a Graph operation ended with status "failed"
 """
@@ -71,11 +71,16 @@ class StoreUnavailable(CallbotError):
 
 
 class GraphError(CallbotError):
-    """Graph answered a request with an error status.
+    """Graph answered a request with an error status, or gave no usable answer.
 
     Carries the HTTP ``status``, Graph's error ``code`` and ``message``, and the
     ``request_id`` Graph returned with the ``client_request_id`` callbot sent,
-    which Microsoft support asks for.
+    which Microsoft support asks for. ``status`` is 0 when there was no answer:
+    ``code`` is then ``connectionFailed`` (no connection, a timeout, or a
+    connection closed once the request was sent; a ``POST`` that may have
+    reached Graph is not sent again), ``requestFailed`` (another client error),
+    ``urlNotOnGraph`` (a URL off ``graph_url``'s origin, never sent) or
+    ``tooManyPages`` (a next link repeated, or past ``GraphClient.max_pages``).
     """
 
     def __init__(

@@ -57,6 +57,7 @@ class Event(BaseModel):
     resource_url: str
     raw: dict[str, Any]
     tenant_id: str | None = None
+    """The tenant the callback's token proves (an item naming another is refused)."""
 
     @property
     def call_key(self) -> str:
@@ -153,7 +154,7 @@ class OperationUpdated(Event):
     ``operation`` is typed by its ``@odata.type`` (a :class:`callbot.models.RecordOperation`
     carries ``recording_location``, ...). ``operation_id`` is the body's ``id`` when
     present, else the id in the resource path; the two forms differ in case and
-    dashes, so compare them with :func:`callbot._ids.id_key` (see :attr:`operation_key`).
+    dashes, so compare :attr:`operation_key` (lower case, no dashes) instead.
     """
 
     operation: models.CommsOperation

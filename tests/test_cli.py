@@ -145,6 +145,37 @@ def test_stdlib_logging_shows_under_callbot_run(tmp_path: Path, busy_port: int) 
     assert not [line for line in lines if line["event"] == "mybot details"]
 
 
+def test_a_bot_serving_itself_logs_as_its_settings_say(tmp_path: Path, busy_port: int) -> None:
+    # `python bot.py` (bot.run() or bot.serve()), as the meeting and notifier samples do.
+    (tmp_path / "selfserved.py").write_text(
+        "import logging\n"
+        "from callbot import CallBot\n"
+        "bot = CallBot(app_id='x', log_format='json', log_level='warning',\n"
+        f"              openid_config_url='https://keys.invalid/openid', port={busy_port})\n"
+        "try:\n"
+        "    bot.run()\n"
+        "except OSError:\n"
+        "    logging.getLogger('mybot').warning('port taken')\n"
+    )
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("CALLBOT_")}
+    result = subprocess.run(
+        [sys.executable, "selfserved.py"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env=environ,
+        check=False,
+    )
+    lines = result.stderr.strip().splitlines()
+    assert lines, result.stderr
+    assert all(line.startswith("{") for line in lines), result.stderr
+    events = [json.loads(line)["event"] for line in lines]
+    assert "bot_cannot_act" in events
+    assert "port taken" in events
+    assert "bot_started" not in events  # info, below the bot's level
+
+
 def test_sample_writes_a_sample_that_passes_its_tests(tmp_path: Path) -> None:
     result = run_callbot("sample", "ivr", "my_ivr", cwd=tmp_path)
     assert result.returncode == 0, result.stderr

@@ -179,7 +179,8 @@ class Call:
         """The call as last seen (``None`` before any notification or response)."""
         self.roster: Mapping[str, models.Participant] = roster if roster is not None else {}
         """The participants last seen in a roster notification, by participant id (lower
-        case, no dashes); one Graph sent without an id is keyed by who it is."""
+        case, no dashes), or the id ending its ``@odata.id`` path; one Graph sent with
+        neither (an invitee being added) is keyed by who it is."""
         self._services = services
         self._life = life
         # Made on first use: most handlers of a notification never act through them.

@@ -4,7 +4,7 @@ Callers hear "Welcome to Contoso. Press 1 to talk to an agent, press 2 to leave
 a message." Pressing 1 transfers the call to the agent (``IVR_AGENT_USER_ID``);
 pressing 2 records a message, saves it in ``IVR_VOICEMAIL_DIR`` and hangs up.
 Another key, or none, plays the menu again (twice at most), then goodbye.
-When the agent does not pick up, the caller is offered the voicemail instead.
+When the agent does not pick up, the caller goes to the voicemail instead.
 
 The menu is one ``await call.menu(...)``: callbot subscribes to tones, plays
 the prompt, stops it when a key is pressed and hands the key back.
