@@ -27,9 +27,12 @@ import aiohttp
 import pytest
 import redis
 import redis.asyncio as aioredis
+from structlog.testing import capture_logs
 
 from callbot import Call, CallBot, CallEnded, RunSuperseded, current_attempt, events, models
 from callbot._ids import id_key
+from callbot._lifecycle import ENDED_MEMORY
+from callbot.store import _redis
 from callbot.store._redis import follow_primary
 from callbot.testing import FakeGraph, TokenAuthority
 from callbot.testing import builders as b
@@ -1022,3 +1025,48 @@ async def test_a_call_is_its_tenants_on_every_instance(
         assert response.status == 202
         await until(lambda: bool(bots.collected), within=5)
         assert bots.collected == [(owner, "2")]
+
+
+async def test_an_ended_call_stays_ended_after_its_grace_on_any_instance(
+    authority: TokenAuthority, serve: Any, redis_url: str, rdb: aioredis.Redis
+) -> None:
+    """Past ``termination_grace`` the call's record stays for the 10 minutes a process
+    remembers an end: a late state posted to an instance that never saw the call is
+    dropped, not taken for a new call whose handlers run again."""
+    seen: list[tuple[int, str]] = []
+    servers: list[BotServer] = []
+    for index in range(2):
+        bot = make_bot(authority, store=redis_url, termination_grace=1.0)
+
+        @bot.on(events.Event)
+        async def record(call: Call, event: events.Event, index: int = index) -> None:
+            seen.append((index, label(event)))
+
+        servers.append(await serve(bot))
+    first, second = servers
+    for item in (
+        b.incoming_call("late-call"),
+        b.call_state("late-call", "established"),
+        b.call_terminated("late-call"),
+    ):
+        assert (await first.post(b.notifications(item))).status == 202
+    await until(lambda: len(seen) == 3)
+    record_key = _redis._Keys(KEY_PREFIX).record(id_key("late-call"))
+
+    async def grace_over() -> bool:
+        # The record's time to live shows the grace period spent (or the record gone).
+        return await rdb.pttl(record_key) < ENDED_MEMORY * 1000
+
+    await wait_for(grace_over)
+    await until(lambda: first.bot._running().lifecycle.get("late-call") is None)
+    with capture_logs() as logs:
+        late = b.tone("late-call", "tone1", 1)
+        assert (await second.post(b.notifications(late))).status == 202
+
+        def decided() -> bool:
+            dropped = [e for e in logs if e.get("event") == "notification_dropped"]
+            return bool(dropped) or len(seen) > 3
+
+        await until(decided, within=10)
+    assert [e["reason"] for e in logs if e.get("event") == "notification_dropped"] == ["after_end"]
+    assert [label for _, label in seen] == ["IncomingCall", "established", "terminated"]

@@ -42,7 +42,7 @@ from .._config import Settings
 from .._dispatch import Dispatcher
 from .._errors import ConfigurationError, MalformedNotification, StoreUnavailable
 from .._journal import Attempt
-from .._lifecycle import Lifecycle
+from .._lifecycle import ENDED_MEMORY, Lifecycle
 from .._log import get_logger
 from .._sequencing import CallRecord, Delivery, Sequencer
 from . import _scripts
@@ -569,8 +569,11 @@ class RedisStore:
         self.token = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         """This instance's name in the leases it holds (followed by ``/{epoch}``)."""
         self._lease_ms = max(int(settings.store_lease * 1000), 100)
-        self._grace_ms = max(int(settings.termination_grace * 1000), 1000)
-        self._dedupe_ms = max(_MIN_DEDUPE_MS, self._grace_ms)
+        grace_ms = max(int(settings.termination_grace * 1000), 1000)
+        self._dedupe_ms = max(_MIN_DEDUPE_MS, grace_ms)
+        # An ended call's record stays as long as a process remembers the end: a straggler
+        # after the grace period is dropped, not taken for a new call.
+        self._ended_ms = grace_ms + int(ENDED_MEMORY * 1000)
         self._tick = min(settings.store_lease / 3, 1.0)
         self._hold_poll = min(0.02, max(settings.reorder_window / 10, 0.002))
         self._linger = min(self._tick, 0.2)
@@ -1191,7 +1194,7 @@ class RedisStore:
             _after(entry_id),
             payload,
             "1" if ended else "0",
-            self._grace_ms,
+            self._ended_ms,
             self._lease_ms,
             _LIFETIME_MS,
             "1" if read_on else "0",

@@ -191,7 +191,7 @@ CHECKPOINT = Script(
     + """
 -- KEYS: inbox, lease, fence, record, journal
 -- ARGV: lease value, epoch, first id to keep, record ('' keeps the stored one),
---       ended (0/1), grace (ms), lease (ms), lifetime (ms),
+--       ended (0/1), how long an ended call's keys stay (ms), lease (ms), lifetime (ms),
 --       read on (0/1), read batch, last id about to be fed ('' if unknown),
 --       give the call up if nothing waits (0/1),
 --       journal fields of the acknowledged entries...
