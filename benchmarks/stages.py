@@ -75,7 +75,7 @@ STAGES: dict[str, list[tuple[str, str]]] = {
     "  of which JSON decoding (orjson)": [("callbot/_parse.py", "_decode")],
     "  of which building the typed events": [("callbot/_parse.py", "_event_for")],
     "sequencing (store.ingest, up to the hand-off)": [("callbot/store/_memory.py", "ingest")],
-    "  of which the duplicate digest": [("callbot/_sequencing.py", "notification_digest")],
+    "  of which the duplicate digest": [("callbot/_sequencing.py", "_digest_of")],
     "  of which the merged call snapshot": [("callbot/_sequencing.py", "_merge")],
     "  of which event copies (model_copy)": [("pydantic/main.py", "model_copy")],
     "  of which queueing for dispatch (a task per call)": [("callbot/_dispatch.py", "submit")],

@@ -59,13 +59,17 @@ def _state(event: events.Event) -> str | None:
     return event.state if isinstance(event, events.CallStateChanged) else None
 
 
+# A tuple: a union written in the call would be built again on every notification.
+_CALL_EVENTS = (
+    events.IncomingCall,
+    events.CallStateChanged,
+    events.CallUpdated,
+    events.ToneReceived,
+)
+
+
 def _call_of(event: events.Event) -> CallResource | None:
-    if isinstance(
-        event,
-        events.IncomingCall | events.CallStateChanged | events.CallUpdated | events.ToneReceived,
-    ):
-        return event.call
-    return None
+    return event.call if isinstance(event, _CALL_EVENTS) else None
 
 
 def phase_of(event: events.Event) -> int | None:
@@ -77,9 +81,9 @@ def phase_of(event: events.Event) -> int | None:
     return None
 
 
-def _skips_establishing(event: events.Event, record: CallRecord) -> bool:
-    """A state past ``establishing`` (not an ending) before the call was seen establishing."""
-    phase = phase_of(event)
+def _skips_establishing(phase: int | None, record: CallRecord) -> bool:
+    """A state past ``establishing`` (not an ending) before the call was seen establishing;
+    ``phase`` is the event's (:func:`phase_of`)."""
     return (
         phase is not None and _ESTABLISHING < phase < _TERMINATING and record.phase < _ESTABLISHING
     )
@@ -158,9 +162,14 @@ def notification_digest(event: events.Event) -> bytes:
     key), the path under it, the change and the resource data. ``resource`` or
     ``resourceUrl``, ``v1.0``/``beta`` or absolute, the id's case and dashes, and the order
     of keys do not count."""
+    return _digest_of(event, event.call_key)
+
+
+def _digest_of(event: events.Event, call_key: str) -> bytes:
+    """:func:`notification_digest`, for a caller that has the event's ``call_key`` at hand."""
     prefix, url = _CALL_PATH + event.call_id, event.resource_url
     under_call = (url[len(prefix) :] if url.startswith(prefix) else url).lower()
-    return _digest([event.call_key, under_call, event.change_type, event.raw.get("resourceData")])
+    return _digest([call_key, under_call, event.change_type, event.raw.get("resourceData")])
 
 
 def _digest(value: Any) -> bytes:
@@ -287,7 +296,7 @@ class Sequencer:
             record = self._records[key] = CallRecord(life, closed=life.ended)
         if record.life.tenant_id is None and event.tenant_id is not None:
             record.life.tenant_id = event.tenant_id.lower()
-        digest = notification_digest(event)
+        digest = _digest_of(event, key)
         if isinstance(event, events.ParticipantsUpdated):
             # A roster is a snapshot: the same one after a different one is a real change.
             if digest == record.roster_digest:
@@ -390,7 +399,7 @@ class Sequencer:
         if phase is not None and phase < record.phase:
             self._drop(event, "stale", state=_state(event), current_state=record.state)
             return
-        if may_hold and _skips_establishing(event, record):
+        if may_hold and _skips_establishing(phase, record):
             record.held.append(event)
             record.hold_timer = asyncio.get_running_loop().call_later(
                 self._window, self._release_on_timer, record
