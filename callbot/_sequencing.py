@@ -458,6 +458,11 @@ class Sequencer:
                 event = _as_update(event, state, previous)
             elif isinstance(event, events.CallStateChanged):
                 event = event.model_copy(update={"previous_state": previous_state})
+        snapshot, life_state = record.snapshot, record.life.state
+        if snapshot is not None and life_state is not None and snapshot.state != life_state:
+            # The lifecycle decides the call's state: a deletion naming no state (or an old
+            # one), or a tone repeating "established", must not leave the snapshot behind.
+            record.snapshot = snapshot.model_copy(update={"state": life_state})
         self.counts["delivered"] += 1
         # The roster dict is replaced, never changed in place, so it can be shared.
         self._deliver_fn(Delivery(event, record.snapshot, record.roster, record.life))

@@ -368,3 +368,40 @@ async def test_a_notification_about_one_participant_is_not_the_whole_roster() ->
     assert (update.joined, update.left, update.updated) == ([], [], [muted])
     assert set(sink.deliveries[-1].roster) == {"palice", "pbob"}
     seq.close()
+
+
+@pytest.mark.parametrize(
+    "ending",
+    [
+        # As the documented 2018 reject: deleted, the call named but no state.
+        {"changeType": "deleted", "resourceData": {"@odata.type": "#microsoft.graph.call"}},
+        {"changeType": "deleted", "resourceData": None},
+        # Deleted, still naming the state the call was in.
+        {"changeType": "deleted", "resourceData": {"state": "established"}},
+    ],
+)
+async def test_the_snapshot_is_in_the_state_the_lifecycle_entered(ending: dict[str, Any]) -> None:
+    sink = Sink()
+    seq = sink.sequencer()
+    for state in ("establishing", "established"):
+        seq.accept(one(b.call_state("c", state)))
+    seq.accept(one({**b.call_state("c", "established"), **ending}))
+    last = sink.deliveries[-1]
+    assert isinstance(last.event, events.CallTerminated)
+    assert last.life.state == "terminated"
+    # A handler's call.state reads the snapshot: it must not say the call is still up.
+    assert last.snapshot is not None and last.snapshot.state == "terminated"
+    seq.close()
+
+
+async def test_a_tone_does_not_move_the_snapshot_out_of_the_call_s_state() -> None:
+    sink = Sink()
+    seq = sink.sequencer()
+    for state in ("establishing", "established", "hold"):
+        seq.accept(one(b.call_state("c", state)))
+    # Graph's tone notifications repeat "established" whatever the call is in.
+    seq.accept(one(b.tone("c", "tone1", 1)))
+    last = sink.deliveries[-1]
+    assert isinstance(last.event, events.ToneReceived)
+    assert last.snapshot is not None and last.snapshot.state == last.life.state == "hold"
+    seq.close()
