@@ -502,3 +502,35 @@ def _name(participant: models.Participant) -> str:
     identity = participant.info.identity if participant.info is not None else None
     who = identity.user or identity.application if identity is not None else None
     return (who.display_name if who is not None else None) or "?"
+
+
+async def test_a_participant_named_in_any_id_form_is_found_removed_and_muted() -> None:
+    bot, seen = recording_bot()
+    done: list[str] = []
+
+    @bot.on_participants
+    async def act(call: Call, event: events.ParticipantsUpdated) -> None:
+        if done:
+            return
+        done.append("acting")
+        # The roster's keys are ids as callbot compares them (no dashes): Graph takes either.
+        by_name = {_name(p): key for key, p in call.roster.items()}
+        lee, megan = by_name["Lee Gu"], by_name["Megan Bowen"]
+        await call.participants.mute(lee)
+        found = await call.participants.get(megan.upper())
+        await call.participants.remove(megan)
+        done.append(_name(found))
+
+    async with run_with_simulator(bot) as sim:
+        sim.meeting_attendees = ["Megan Bowen", "Lee Gu"]
+        await bot.join_meeting(
+            "https://teams.microsoft.com/l/meetup-join/19%3ameeting_abc%40thread.v2/0"
+            "?context=%7b%22Tid%22%3a%22t-1%22%2c%22Oid%22%3a%22o-1%22%7d"
+        )
+        meeting = await sim.wait_for_outgoing_call()
+        await until(lambda: len(rosters(seen)) >= 3)
+    assert done == ["acting", "Megan Bowen"]
+    left = [_name(p) for r in rosters(seen) for p in r.left]
+    muted = [_name(p) for r in rosters(seen) for p in r.updated if p.is_muted]
+    assert (left, muted) == (["Megan Bowen"], ["Lee Gu"])
+    assert sorted(_name(p) for p in meeting.roster.values()) == ["Bot", "Lee Gu"]

@@ -664,13 +664,15 @@ class FakeGraph(LocalServer):
         if action == "listParticipants":
             return FakeResponse(status=200, body={"value": list(call.participants.values())})
         if action in ("getParticipant", "deleteParticipant"):
-            participant = call.participants.get(request.item_id or "")
-            if participant is None:
+            # Graph takes an id in any of its forms (case, dashes), as callbot compares them.
+            key = id_key(request.item_id or "")
+            found = next((k for k in call.participants if id_key(k) == key), None)
+            if found is None:
                 return self._error(request, 404, "NotFound", "Participant not found.")
             if action == "deleteParticipant":
-                del call.participants[str(participant["id"])]
+                del call.participants[found]
                 return FakeResponse(status=204)
-            return FakeResponse(status=200, body=participant)
+            return FakeResponse(status=200, body=call.participants[found])
         return self._audio_routing(request, call)
 
     def _apply(self, request: RecordedRequest) -> None:

@@ -547,6 +547,13 @@ class SimulatedCall:
         """The roster as Graph posts it: whole, or (delta rosters) only who ``changed``."""
         # Numbered like Graph's rosters, so a roster equal to an earlier one is not a duplicate.
         self._roster_sequence += 1
+        known = self._sim.graph.calls.get(self.key)
+        if known is not None:
+            # Graph's participants are the roster it posts: requests about them find them.
+            known.participants = {
+                participant_id: participant.model_dump(mode="json", by_alias=True, exclude_none=True)
+                for participant_id, participant in self.roster.items()
+            }
         if self.delta_roster:
             return build.delta_roster(
                 self.id, changed, sequence_number=self._roster_sequence, change_type=change_type
@@ -556,12 +563,18 @@ class SimulatedCall:
         return item
 
     def _find(self, who: str) -> str:
-        if who in self.roster:
-            return who
+        participant_id = self._roster_id(who)
+        if participant_id is not None:
+            return participant_id
         for participant_id, participant in self.roster.items():
             if _participant_name(participant) == who:
                 return participant_id
         raise SimulatorError(f"nobody called {who!r} is in call {self.id}")
+
+    def _roster_id(self, given: str | None) -> str | None:
+        """The roster's key for a participant id written in any form (case, dashes)."""
+        key = id_key(given or "")
+        return next((pid for pid in self.roster if id_key(pid) == key), None)
 
     def _add_bot(self) -> None:
         self.roster.setdefault(
@@ -776,11 +789,15 @@ class SimulatedCall:
                 )
         elif action in ("mute", "unmute"):
             self._set_muted(self.bot_participant_id, action == "mute")
-        elif action == "muteParticipant" and request.item_id is not None:
-            self._set_muted(request.item_id, True)
-        elif action == "deleteParticipant" and request.item_id in self.roster:
-            gone = self.roster.pop(str(request.item_id))
-            self._enqueue(self._roster_item([gone], "deleted"))
+        elif action == "muteParticipant":
+            participant_id = self._roster_id(request.item_id)
+            if participant_id is not None:
+                self._set_muted(participant_id, True)
+        elif action == "deleteParticipant":
+            participant_id = self._roster_id(request.item_id)
+            if participant_id is not None:
+                gone = self.roster.pop(participant_id)
+                self._enqueue(self._roster_item([gone], "deleted"))
 
     def _set_muted(self, participant_id: str, muted: bool) -> None:
         current = self.roster.get(participant_id)
