@@ -1,8 +1,14 @@
-"""DTMF: the keys a caller presses and the tone names Graph uses for them."""
+"""DTMF: the keys a caller presses and the tone names Graph uses for them.
+
+The one owner of what a key is: keys are read whatever their case (``"a"`` is key
+``A``), whitespace between them is ignored, and anything else is refused.
+"""
 
 from __future__ import annotations
 
-__all__ = ["DIGIT_OF_TONE", "TONE_OF_DIGIT", "digit_of", "tones_of"]
+from collections.abc import Sequence
+
+__all__ = ["DIGIT_OF_TONE", "TONE_OF_DIGIT", "digit_of", "keys_of", "tones_of"]
 
 TONE_OF_DIGIT: dict[str, str] = {
     **{str(d): f"tone{d}" for d in range(10)},
@@ -24,9 +30,23 @@ def digit_of(tone: str) -> str:
     return DIGIT_OF_TONE.get(tone, DIGIT_OF_TONE.get(tone.lower(), tone))
 
 
-def tones_of(keys: str) -> list[str]:
-    """Graph tone names for keys such as ``"12#"`` (whitespace ignored)."""
-    try:
-        return [TONE_OF_DIGIT[ch.upper()] for ch in keys if not ch.isspace()]
-    except KeyError as exc:
-        raise ValueError(f"not a DTMF key: {exc.args[0]!r} (use 0-9, *, #, A-D)") from None
+def keys_of(keys: str) -> str:
+    """``keys`` as the keys :func:`digit_of` gives (``"12 a#"`` -> ``"12A#"``).
+
+    Raises ``ValueError`` naming a character that is no key.
+    """
+    found = ""
+    for ch in keys:
+        if ch.isspace():
+            continue
+        if ch.upper() not in TONE_OF_DIGIT:
+            raise ValueError(f"not a DTMF key: {ch!r} (use 0-9, *, #, A-D)")
+        found += ch.upper()
+    return found
+
+
+def tones_of(keys: str | Sequence[str]) -> list[str]:
+    """Graph tone names for keys such as ``"12#"``; a list is tone names, sent as given."""
+    if not isinstance(keys, str):
+        return list(keys)
+    return [TONE_OF_DIGIT[key] for key in keys_of(keys)]

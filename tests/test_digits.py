@@ -214,3 +214,40 @@ async def test_a_listener_takes_each_tone_once_however_often_it_is_told() -> Non
         listener.put(event)
     assert [await listener.next(timeout=0), await listener.next(timeout=0)] == ["4", "2"]
     assert not listener.pending()
+
+
+async def test_keys_are_read_alike_whatever_their_case() -> None:
+    # send_dtmf_tones("d") sends key D: finish_on and a menu's options read keys the same way.
+    bot, results = collecting_bot(max_digits=6, finish_on="d", timeout=5)
+
+    @bot.on_tone
+    async def choose(call: Call, event: events.ToneReceived) -> None:
+        if event.digit == "D":
+            results.append(await call.menu(MENU, {"a": "first", "b ": "second"}, retries=0))
+
+    async with run_with_simulator(bot) as sim:
+        call = await sim.incoming_call()
+        await call.press("42D")
+        await until(lambda: results == ["42"])
+        await call.wait_for_request("playPrompt")
+        await call.press("b")
+        await until(lambda: len(results) == 2)
+        assert results == ["42", "second"]
+        await call.hangup()
+
+
+async def test_a_menu_option_no_caller_can_press_is_refused() -> None:
+    bot = CallBot(app_id=APP_ID)
+    errors: list[BaseException] = []
+
+    @bot.on_incoming_call
+    async def ask(call: Call, event: events.IncomingCall) -> None:
+        try:
+            await call.menu(MENU, {"1": "yes", "x": "never"})
+        except ValueError as exc:
+            errors.append(exc)
+
+    async with run_with_simulator(bot) as sim:
+        await sim.incoming_call()
+        await until(lambda: bool(errors))
+    assert "'x'" in str(errors[0])

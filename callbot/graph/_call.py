@@ -147,12 +147,6 @@ def scenario_of(call_id: str) -> str:
     return str(uuid.uuid5(uuid.NAMESPACE_URL, "callbot:call:" + id_key(call_id)))
 
 
-def _tones(tones: str | Sequence[str]) -> list[str]:
-    if isinstance(tones, str):
-        return tones_of(tones)
-    return list(tones)
-
-
 class Call:
     """A call the bot is in (or is being offered): its state, and every action on it.
 
@@ -504,7 +498,9 @@ class Call:
 
         A key not in ``options``, or none within ``timeout``, plays
         ``invalid_prompt`` (when given) and the menu again, up to ``retries``
-        more times; then ``None``. Keys longer than one digit end with ``#``.
+        more times; then ``None``. Keys longer than one digit end with ``#``. Option
+        keys are read as pressed keys are (``"a"`` is key ``A``); one that is no key
+        raises ``ValueError``.
         """
         return await _digits.menu(
             self,
@@ -548,7 +544,7 @@ class Call:
         client_context: str | None = None,
     ) -> Operation[models.SendDtmfTonesOperation]:
         """Send DTMF tones: a string of keys (``"123#"``) or Graph tone names (``tone1``)."""
-        body: dict[str, Any] = {"tones": _tones(tones)}
+        body: dict[str, Any] = {"tones": tones_of(tones)}
         if delay_between_tones_ms is not None:
             body["delayBetweenTonesMs"] = delay_between_tones_ms
         return await self._operation(

@@ -18,7 +18,7 @@ from typing import Any, Protocol, TypeVar
 import structlog
 
 from .. import events, models
-from .._dtmf import TONE_OF_DIGIT, digit_of
+from .._dtmf import digit_of, keys_of
 from .._errors import CallEnded, OperationFailed
 from .._sequencing import notification_digest
 from ._operations import Operation
@@ -183,10 +183,10 @@ async def _first_key(listener: ToneListener, prompt: Operation[Any]) -> None:
 def _check(max_digits: int, finish_on: str | None, timeout: float) -> set[str]:
     if max_digits < 1:
         raise ValueError("max_digits must be at least 1")
-    finish = set(finish_on or "")
-    unknown = finish - set(TONE_OF_DIGIT)
-    if unknown:
-        raise ValueError(f"finish_on has keys that are not DTMF keys: {sorted(unknown)}")
+    try:
+        finish = set(keys_of(finish_on or ""))
+    except ValueError as exc:
+        raise ValueError(f"finish_on: {exc}") from None
     if timeout <= 0:
         raise ValueError("timeout must be positive")
     return finish
@@ -256,7 +256,12 @@ async def menu(
         raise ValueError("a menu needs at least one option")
     if retries < 0:
         raise ValueError("retries must not be negative")
-    longest = max(len(key) for key in options)
+    try:
+        # Options are read as the keys pressed are: "a" is key A.
+        choices = {keys_of(keys): value for keys, value in options.items()}
+    except ValueError as exc:
+        raise ValueError(f"a menu option: {exc}") from None
+    longest = max(len(key) for key in choices)
     # One-key menus answer on the first key; longer keys end with "#" or the timeout.
     finish_on = "#" if longest > 1 else None
     finish = _check(longest, finish_on, timeout)
@@ -275,8 +280,8 @@ async def menu(
                 timeout=timeout,
                 typed_ahead=attempt > 0,
             )
-            if keys in options:
-                return options[keys]
+            if keys in choices:
+                return choices[keys]
             log.info("menu_no_match", call_id=call.id, attempt=attempt + 1, pressed=bool(keys))
             if invalid_prompt is not None and attempt < retries:
                 sorry = await call.play_prompt(invalid_prompt)

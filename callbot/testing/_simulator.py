@@ -57,7 +57,7 @@ from aiohttp import web
 
 from .. import events, models
 from .._config import Settings
-from .._dtmf import TONE_OF_DIGIT
+from .._dtmf import TONE_OF_DIGIT, tones_of
 from .._errors import MalformedNotification
 from .._ids import id_key
 from .._log import get_logger
@@ -167,20 +167,6 @@ def silent_wav(seconds: float = 0.5, rate: int = 8000) -> bytes:
         out.setframerate(rate)
         out.writeframes(b"\x00\x00" * int(seconds * rate))
     return buffer.getvalue()
-
-
-def _tone_names(keys: str | Sequence[str]) -> list[str]:
-    if isinstance(keys, str):
-        names = []
-        for key in keys:
-            if key.isspace():
-                continue
-            tone = KEY_TONES.get(key.upper())
-            if tone is None:
-                raise ValueError(f"not a keypad key: {key!r} (use 0-9, *, #, A-D)")
-            names.append(tone)
-        return names
-    return list(keys)
 
 
 def _identity_name(info: Any) -> str | None:
@@ -434,7 +420,7 @@ class SimulatedCall:
         subscribed to tones, because Graph sends no tone before that; then posts
         one tone notification per key, each acknowledged before the next.
         """
-        tones = _tone_names(keys)
+        tones = tones_of(keys)
         await self._sim._until(
             lambda: self.ended or (self.subscribed_to_tones and "established" in self.states),
             timeout,
