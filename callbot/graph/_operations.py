@@ -25,6 +25,8 @@ from pydantic import ValidationError
 from .. import models
 from .._errors import OperationFailed
 from .._ids import id_key
+from ..models._common import canonical_operation_status
+from ..models._operations import is_settled
 from ..events import OperationUpdated
 
 __all__ = ["Operation", "OperationRegistry"]
@@ -32,8 +34,6 @@ __all__ = ["Operation", "OperationRegistry"]
 log = structlog.get_logger("callbot.graph")
 
 OpT = TypeVar("OpT", bound=models.CommsOperation)
-
-_TERMINAL = frozenset({"completed", "failed"})
 
 
 class Operation(Generic[OpT]):
@@ -130,7 +130,8 @@ class Operation(Generic[OpT]):
         if operation.id and self.id is None:
             self.id = operation.id
         if status:
-            self.status = _normal_status(status)
+            # Graph has written "Running": a known status keeps its documented spelling.
+            self.status = canonical_operation_status(status)
 
     def _finish(
         self,
@@ -151,12 +152,6 @@ class Operation(Generic[OpT]):
         self.status = "failed"
         self._error = OperationFailed(self.result, result_info)
         self._future.set_result(None)
-
-
-def _normal_status(status: str) -> str:
-    # Graph has written "Running"; keep the documented camelCase spelling
-    lowered = status.lower()
-    return {"notstarted": "notStarted"}.get(lowered, lowered)
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,7 +230,7 @@ class OperationRegistry:
         if op_id is not None:
             op.id = op_id
             self._by_id.setdefault(id_key(op_id), {})[op.call_key] = op
-        if status.lower() in _TERMINAL:
+        if is_settled(status):
             op._finish(operation, status, operation.result_info)
             self._forget(op)
             return
@@ -253,7 +248,7 @@ class OperationRegistry:
         """Apply an operation notification; ``True`` when it matched a tracked operation."""
         op = self._match(event)
         status = event.status or event.operation.status or ""
-        terminal = status.lower() in _TERMINAL
+        terminal = is_settled(status)
         if op is None:
             if terminal:
                 self._remember(event, status)

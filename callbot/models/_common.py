@@ -134,10 +134,16 @@ EndpointType: TypeAlias = Annotated[
 
 # The schema spells these NotStarted/Running/...; notifications and responses use
 # camelCase, so that is the spelling callbot gives them.
-OperationStatus: TypeAlias = Annotated[
-    str, GraphEnum("notStarted", "running", "completed", "failed")
-]
+_OPERATION_STATUS: Final = GraphEnum("notStarted", "running", "completed", "failed")
+
+OperationStatus: TypeAlias = Annotated[str, _OPERATION_STATUS]
 """Graph's ``operationStatus``."""
+
+
+def canonical_operation_status(value: str) -> str:
+    """A known operation status in its documented spelling whatever its case
+    (``Running`` -> ``running``); an unknown one as sent."""
+    return _OPERATION_STATUS.canonical(value)
 
 Tone: TypeAlias = Annotated[
     str,

@@ -16,6 +16,7 @@ from ._common import (
     RecordCompletionReason,
     ResultInfo,
     SendDtmfCompletionReason,
+    canonical_operation_status,
 )
 
 __all__ = [
@@ -46,6 +47,13 @@ __all__ = [
 _TERMINAL = frozenset({"completed", "failed"})
 
 
+def is_settled(status: str | None) -> bool:
+    """Whether an operation ``status`` (in any case) is its outcome: ``completed`` or
+    ``failed``. The one rule for it: the models, the operation registry and the testing
+    kit ask here."""
+    return status is not None and canonical_operation_status(status) in _TERMINAL
+
+
 class CommsOperation(GraphModel):
     """A long-running call action (prompt, recording, ...); also any operation of unknown type.
 
@@ -63,7 +71,7 @@ class CommsOperation(GraphModel):
     @property
     def is_terminal(self) -> bool:
         """Whether the operation has ended (``completed`` or ``failed``)."""
-        return self.status in _TERMINAL
+        return is_settled(self.status)
 
     @property
     def is_failed(self) -> bool:

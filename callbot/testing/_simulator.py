@@ -62,6 +62,7 @@ from .._errors import MalformedNotification
 from .._ids import id_key
 from .._log import get_logger
 from .._parse import parse_payload
+from ..models._operations import is_settled
 from ..graph import AccessToken
 from . import builders as build
 from ._fake_graph import FakeGraph, FakeResponse, RecordedRequest
@@ -813,7 +814,7 @@ class SimulatedCall:
         operation_id = operation.get("id")
         if not isinstance(operation_id, str) or operation_id not in sim.graph.operations:
             return
-        if str(operation.get("status", "")).lower() in ("completed", "failed"):
+        if is_settled(str(operation.get("status", ""))):
             return
         action = request.action
         prompts = [p for p in body.get("prompts", []) if isinstance(p, Mapping)]
