@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey, RSAPubl
 from jwt.algorithms import RSAAlgorithm
 
 from ._errors import AuthenticationError, KeysUnavailable
+from ._ids import tenant_key
 
 __all__ = [
     "ALLOWED_ALGORITHMS",
@@ -219,7 +220,7 @@ class Authenticator:
             raise ValueError("refresh_interval must be positive")
         self._app_id = app_id
         self._openid_config_url = openid_config_url
-        self._allowed_tenants = frozenset(t.lower() for t in allowed_tenants)
+        self._allowed_tenants = frozenset(tenant_key(t) for t in allowed_tenants)
         self._leeway = leeway
         self._max_lifetime = max_lifetime
         self._cache_budget = cache_bytes
@@ -334,7 +335,7 @@ class Authenticator:
         tenant = claims.get("tid")
         if not isinstance(tenant, str) or not tenant:
             raise AuthenticationError("missing_tenant", "token has no tid claim")
-        if self._allowed_tenants and tenant.lower() not in self._allowed_tenants:
+        if self._allowed_tenants and tenant_key(tenant) not in self._allowed_tenants:
             raise AuthenticationError("tenant_not_allowed", f"tenant {tenant} is not allowed")
 
         self._check_lifetime(claims)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from urllib.parse import quote
 
-__all__ = ["id_key", "path_segment", "usable_id"]
+__all__ = ["id_key", "path_segment", "tenant_key", "usable_id"]
 
 # Ids a URL resolver would drop or climb instead of keeping as one segment.
 _UNUSABLE = frozenset({"", ".", ".."})
@@ -17,6 +17,12 @@ def id_key(identifier: str) -> str:
     ``0FE0623FD628...`` in a notification path, so compare without case or dashes.
     """
     return identifier.replace("-", "").lower()
+
+
+def tenant_key(tenant_id: str) -> str:
+    """The form two tenant ids are compared in (a token's ``tid``, a notification's
+    ``tenantId``, ``allowed_tenants``, the tenant a call belongs to): without case."""
+    return tenant_id.lower()
 
 
 def path_segment(identifier: str) -> str:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Final
 
-from ._ids import id_key
+from ._ids import id_key, tenant_key
 from ._log import get_logger
 from .models import CALL_LIFECYCLE, ResultInfo
 
@@ -79,7 +79,7 @@ class CallLife:
     """Why the call ended, when Graph said."""
     keeping_alive: bool = False
     tenant_id: str | None = None
-    """The tenant the call was first seen with (lower case): the call belongs to it."""
+    """The tenant the call was first seen with (its :func:`tenant_key`): the call belongs to it."""
 
     @property
     def key(self) -> str:
@@ -159,7 +159,7 @@ class Lifecycle:
         its tenant, not that the call named is that tenant's."""
         life = self._lives.get(id_key(call_id))
         bound = life.tenant_id if life is not None else None
-        return bound is not None and tenant_id is not None and bound != tenant_id.lower()
+        return bound is not None and tenant_id is not None and bound != tenant_key(tenant_id)
 
     def active(self) -> Iterator[CallLife]:
         """The calls that reached a state and have not ended."""

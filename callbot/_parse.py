@@ -62,7 +62,7 @@ from pydantic import ValidationError
 
 from . import models
 from ._errors import MalformedNotification
-from ._ids import usable_id
+from ._ids import tenant_key, usable_id
 from .events import (
     CallStateChanged,
     CallTerminated,
@@ -356,7 +356,7 @@ def _tenant_of(
         tenant = source.get("tenantId") if isinstance(source, dict) else None
         if not isinstance(tenant, str) or not tenant:
             continue
-        if proven is not None and tenant.lower() != proven.lower():
+        if proven is not None and tenant_key(tenant) != tenant_key(proven):
             raise MalformedNotification(
                 "tenant_mismatch", "a notification names another tenant than its token"
             )

@@ -390,7 +390,8 @@ async def test_the_snapshot_is_in_the_state_the_lifecycle_entered(ending: dict[s
     assert isinstance(last.event, events.CallTerminated)
     assert last.life.state == "terminated"
     # A handler's call.state reads the snapshot: it must not say the call is still up.
-    assert last.snapshot is not None and last.snapshot.state == "terminated"
+    assert last.snapshot is not None
+    assert last.snapshot.state == "terminated"
     seq.close()
 
 
@@ -403,5 +404,6 @@ async def test_a_tone_does_not_move_the_snapshot_out_of_the_call_s_state() -> No
     seq.accept(one(b.tone("c", "tone1", 1)))
     last = sink.deliveries[-1]
     assert isinstance(last.event, events.ToneReceived)
-    assert last.snapshot is not None and last.snapshot.state == last.life.state == "hold"
+    assert last.snapshot is not None
+    assert last.snapshot.state == last.life.state == "hold"
     seq.close()

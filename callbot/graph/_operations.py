@@ -25,9 +25,9 @@ from pydantic import ValidationError
 from .. import models
 from .._errors import OperationFailed
 from .._ids import id_key
+from ..events import OperationUpdated
 from ..models._common import canonical_operation_status
 from ..models._operations import is_settled
-from ..events import OperationUpdated
 
 __all__ = ["Operation", "OperationRegistry"]
 

@@ -145,6 +145,7 @@ def canonical_operation_status(value: str) -> str:
     (``Running`` -> ``running``); an unknown one as sent."""
     return _OPERATION_STATUS.canonical(value)
 
+
 Tone: TypeAlias = Annotated[
     str,
     GraphEnum(

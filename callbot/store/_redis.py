@@ -41,6 +41,7 @@ from .. import events
 from .._config import Settings
 from .._dispatch import Dispatcher
 from .._errors import ConfigurationError, MalformedNotification, StoreUnavailable
+from .._ids import tenant_key
 from .._journal import Attempt
 from .._lifecycle import ENDED_MEMORY, Lifecycle
 from .._log import get_logger
@@ -805,7 +806,7 @@ class RedisStore:
                     self._lease_ms if take else "",
                     _READ_BATCH,
                     _LIFETIME_MS,
-                    (event.tenant_id or "").lower(),
+                    tenant_key(event.tenant_id or ""),
                 )
             )
             # Whoever waits for these (op.wait, collect_digits, ...) may run on any instance.

@@ -111,7 +111,7 @@ INGEST = Script(
 -- KEYS: inbox, seen, lease, fence, record, tenant
 -- ARGV: digest ('' leaves repeats to the sequencer), entry, dedupe window (ms),
 --       token, lease (ms) or '' to leave the call to others, read batch, lifetime (ms),
---       the tenant the request's token proves (lower case) or ''
+--       the tenant the request's token proves (its tenant_key) or ''
 local inbox, seen, lease, fence = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local digest, token = ARGV[1], ARGV[4]
 local fresh, id, before = 1, '', ''

@@ -62,8 +62,8 @@ from .._errors import MalformedNotification
 from .._ids import id_key
 from .._log import get_logger
 from .._parse import parse_payload
-from ..models._operations import is_settled
 from ..graph import AccessToken
+from ..models._operations import is_settled
 from . import builders as build
 from ._fake_graph import FakeGraph, FakeResponse, RecordedRequest
 from ._tokens import TEST_TENANT_ID, TokenAuthority
@@ -538,8 +538,8 @@ class SimulatedCall:
         if known is not None:
             # Graph's participants are the roster it posts: requests about them find them.
             known.participants = {
-                participant_id: participant.model_dump(mode="json", by_alias=True, exclude_none=True)
-                for participant_id, participant in self.roster.items()
+                pid: p.model_dump(mode="json", by_alias=True, exclude_none=True)
+                for pid, p in self.roster.items()
             }
         if self.delta_roster:
             return build.delta_roster(
