@@ -8,6 +8,7 @@ import os
 import sys
 from typing import Any, TextIO
 
+from ._ids import id_key
 from .testing._simulator import Traffic
 
 __all__ = ["FORMATS", "TrafficPrinter", "choose_format"]
@@ -43,7 +44,8 @@ def _have_rich() -> bool:
 
 
 def _short(call_id: str | None) -> str:
-    return call_id.replace("-", "")[:8] if call_id else "-"
+    # One call shows as one id, whichever form (case, dashes) a line got it in.
+    return id_key(call_id)[:8] if call_id else "-"
 
 
 def _status(entry: Traffic) -> str:

@@ -47,6 +47,7 @@ __all__ = ["CallRecord", "Delivery", "Sequencer", "notification_digest", "phase_
 
 log = get_logger("callbot.sequencing")
 
+_INCOMING = phase_of_state("incoming")
 _ESTABLISHING = phase_of_state("establishing")
 _TERMINATING = phase_of_state("terminating")
 _SEEN_DIGESTS = 128
@@ -75,7 +76,7 @@ def _call_of(event: events.Event) -> CallResource | None:
 def phase_of(event: events.Event) -> int | None:
     """Where an event stands in the call lifecycle; ``None`` for events without a state."""
     if isinstance(event, events.IncomingCall):
-        return 0
+        return _INCOMING
     if isinstance(event, events.CallStateChanged):
         return phase_of_state(event.state)
     return None
