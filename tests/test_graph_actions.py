@@ -523,3 +523,17 @@ async def test_download_recording(graph: FakeGraph, services: CallServices, tmp_
     assert len(graph.requests_for("recording")) == 2
     with pytest.raises(ValueError, match="no recording"):
         await call.download_recording(models.RecordOperation(id="x", status="failed"))
+
+
+async def test_the_fake_graph_finds_an_item_by_its_id_in_any_form(
+    graph: FakeGraph, services: CallServices
+) -> None:
+    # callbot compares ids without case or dashes (id_key), and so does Graph's resolver.
+    call = services.call(CALL_ID)
+    op = await call.play_prompt("https://cdn.contoso.com/beep.wav")
+    assert op.id is not None
+    found = await call.get_operation(op.id.replace("-", "").upper())
+    assert found.id == op.id
+    added = graph.add_participant(CALL_ID, {"isMuted": False})
+    participant = await call.participants.get(str(added["id"]).replace("-", "").upper())
+    assert participant.id == added["id"]

@@ -534,3 +534,11 @@ async def test_a_participant_named_in_any_id_form_is_found_removed_and_muted() -
     muted = [_name(p) for r in rosters(seen) for p in r.updated if p.is_muted]
     assert (left, muted) == (["Megan Bowen"], ["Lee Gu"])
     assert sorted(_name(p) for p in meeting.roster.values()) == ["Bot", "Lee Gu"]
+
+
+async def test_a_state_is_waited_for_in_any_case_as_on_state_takes_it() -> None:
+    bot, _ = answering_bot(subscribe=False)
+    async with run_with_simulator(bot) as sim:
+        call = await sim.incoming_call()
+        await call.wait_for_state("Established", timeout=5)
+        assert call.state == "established"

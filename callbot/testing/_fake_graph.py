@@ -664,9 +664,7 @@ class FakeGraph(LocalServer):
         if action == "listParticipants":
             return FakeResponse(status=200, body={"value": list(call.participants.values())})
         if action in ("getParticipant", "deleteParticipant"):
-            # Graph takes an id in any of its forms (case, dashes), as callbot compares them.
-            key = id_key(request.item_id or "")
-            found = next((k for k in call.participants if id_key(k) == key), None)
+            found = _find(call.participants, request.item_id)
             if found is None:
                 return self._error(request, 404, "NotFound", "Participant not found.")
             if action == "deleteParticipant":
@@ -740,11 +738,12 @@ class FakeGraph(LocalServer):
         if action == "listAudioRoutingGroups":
             return FakeResponse(status=200, body={"value": list(groups.values())})
         if action == "getOperation":
-            operation = self.operations.get(request.item_id or "")
-            if operation is None:
+            operation_id = _find(self.operations, request.item_id)
+            if operation_id is None:
                 return self._error(request, 404, "NotFound", "Operation not found.")
-            return FakeResponse(status=200, body=operation)
-        group = groups.get(request.item_id or "")
+            return FakeResponse(status=200, body=self.operations[operation_id])
+        group_id = _find(groups, request.item_id)
+        group = groups[group_id] if group_id is not None else None
         if group is None:
             return self._error(request, 404, "NotFound", "Audio routing group not found.")
         if action == "updateAudioRoutingGroup":
@@ -812,6 +811,13 @@ class FakeGraph(LocalServer):
 
     def _token_url_of(self, request: RecordedRequest) -> str:
         return self.base_url + request.path
+
+
+def _find(items: Mapping[str, Any], item_id: str | None) -> str | None:
+    """The key of ``items`` naming ``item_id`` in any of its forms (case, dashes): Graph
+    takes an id as callbot compares ids."""
+    key = id_key(item_id or "")
+    return next((found for found in items if id_key(found) == key), None)
 
 
 def _oauth_error(status: int, error: str, description: str) -> FakeResponse:

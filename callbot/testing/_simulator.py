@@ -369,7 +369,9 @@ class SimulatedCall:
         return await self._sim.wait_for_request(action, call=self, timeout=timeout)
 
     async def wait_for_state(self, state: str, timeout: float = 5.0) -> None:
-        """Wait until the bot has acknowledged the call reaching ``state``."""
+        """Wait until the bot has acknowledged the call reaching ``state`` (in any case, as
+        ``on_state`` takes it)."""
+        state = models.canonical_call_state(state)
         await self._sim._until(
             lambda: state in self.states,
             timeout,
