@@ -75,9 +75,11 @@ from .events import (
     UnknownNotification,
 )
 
-__all__ = ["DEFAULT_MAX_DEPTH", "parse_body", "parse_body_in_parts", "parse_payload"]
+__all__ = ["CALL_PATH", "DEFAULT_MAX_DEPTH", "parse_body", "parse_body_in_parts", "parse_payload"]
 
 DEFAULT_MAX_DEPTH = 64
+CALL_PATH = "/communications/calls/"
+"""Every event's ``resource_url`` starts with this, then the call id as the path wrote it."""
 
 _BOM_BYTES = "\ufeff".encode()
 # Escapes are matched as pairs so an escaped quote never toggles the string state.
@@ -310,7 +312,7 @@ def _event_for(index: int, item: Any, envelope: dict[str, Any], tenant_id: str |
     common: dict[str, Any] = {
         "call_id": call_id,
         "change_type": change_type,
-        "resource_url": "/communications/calls/" + "/".join([call_id, *rest]),
+        "resource_url": CALL_PATH + "/".join([call_id, *rest]),
         "raw": item,
         "tenant_id": _tenant_of(data, item, envelope, tenant_id),
     }

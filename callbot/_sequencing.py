@@ -40,6 +40,7 @@ from ._ids import id_key, tenant_key
 from ._journal import Attempt
 from ._lifecycle import CallLife, Lifecycle, phase_of_state
 from ._log import get_logger
+from ._parse import CALL_PATH
 from .models import Call as CallResource
 from .models import Identity, Participant
 
@@ -155,9 +156,6 @@ class CallRecord:
         return self.life.established
 
 
-_CALL_PATH = "/communications/calls/"
-
-
 def notification_digest(event: events.Event) -> bytes:
     """What two copies of one notification share, however Graph wrote it: the call (by
     key), the path under it, the change and the resource data. ``resource`` or
@@ -168,7 +166,7 @@ def notification_digest(event: events.Event) -> bytes:
 
 def _digest_of(event: events.Event, call_key: str) -> bytes:
     """:func:`notification_digest`, for a caller that has the event's ``call_key`` at hand."""
-    prefix, url = _CALL_PATH + event.call_id, event.resource_url
+    prefix, url = CALL_PATH + event.call_id, event.resource_url
     under_call = (url[len(prefix) :] if url.startswith(prefix) else url).lower()
     return _digest([call_key, under_call, event.change_type, event.raw.get("resourceData")])
 
