@@ -542,3 +542,23 @@ async def test_a_state_is_waited_for_in_any_case_as_on_state_takes_it() -> None:
         call = await sim.incoming_call()
         await call.wait_for_state("Established", timeout=5)
         assert call.state == "established"
+
+
+async def test_what_a_scripted_notification_says_the_simulated_call_knows_too() -> None:
+    bot, seen = answering_bot(subscribe=False)
+    async with run_with_simulator(bot) as sim:
+        call = await sim.incoming_call()
+        await call.wait_for_state("established")
+        await call.notify(builders.call_state(call.id, "hold"))
+        # Graph's reject of 2018: deleted, naming no state. The bot's parser says it ended.
+        await call.notify(
+            {
+                "changeType": "deleted",
+                "resourceUrl": f"/communications/calls/{call.id}",
+                "resourceData": {"@odata.type": "#microsoft.graph.call"},
+            }
+        )
+        await call.wait_until_ended(timeout=5)
+        await call.hangup()  # over already: nothing more is posted
+    assert call.states == ["incoming", "establishing", "established", "hold", "terminated"]
+    assert labels(seen).count("terminated") == 1

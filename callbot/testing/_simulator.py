@@ -154,8 +154,6 @@ class _Outgoing:
 
     items: list[dict[str, Any]]
     delay: float = 0.0
-    state: str | None = None
-    final: bool = False
     done: asyncio.Future[int] | None = None
 
 
@@ -476,8 +474,6 @@ class SimulatedCall:
         self._end_on_graph()
         await self._send(
             build.call_terminated(self.id, code=code, subcode=subcode, message=message),
-            state="terminated",
-            final=True,
         )
 
     async def join(
@@ -590,7 +586,7 @@ class SimulatedCall:
             if ringing
             else ["establishing", "established"]
         )
-        entries = [_Outgoing(items=[build.call_state(self.id, s)], state=s) for s in steps]
+        entries = [_Outgoing(items=[build.call_state(self.id, s)]) for s in steps]
         if self.delivery.out_of_order:
             entries[0], entries[-1] = entries[-1], entries[0]
         media = models.CallMediaState(odata_type="#microsoft.graph.callMediaState", audio="active")
@@ -606,25 +602,13 @@ class SimulatedCall:
         entry.delay += self._sim.step_delay + self.delivery.delay
         self._queue.put_nowait(entry)
 
-    def _enqueue(
-        self,
-        *items: Mapping[str, Any],
-        state: str | None = None,
-        final: bool = False,
-        delay: float = 0.0,
-    ) -> asyncio.Future[int]:
+    def _enqueue(self, *items: Mapping[str, Any], delay: float = 0.0) -> asyncio.Future[int]:
         done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._queue_entry(
-            _Outgoing(
-                items=[dict(i) for i in items], state=state, final=final, delay=delay, done=done
-            )
-        )
+        self._queue_entry(_Outgoing(items=[dict(i) for i in items], delay=delay, done=done))
         return done
 
-    async def _send(
-        self, *items: Mapping[str, Any], state: str | None = None, final: bool = False
-    ) -> int:
-        status = await self._enqueue(*items, state=state, final=final)
+    async def _send(self, *items: Mapping[str, Any]) -> int:
+        status = await self._enqueue(*items)
         if not 200 <= status < 300:
             raise SimulatorError(
                 f"the bot answered {status} to a notification about call {self.id}: "
@@ -683,14 +667,24 @@ class SimulatedCall:
                     entry.done.set_exception(exc)
 
     def _delivered(self, entry: _Outgoing) -> None:
-        if entry.state is not None:
-            self.states.append(entry.state)
-            known = self._sim.graph.calls.get(self.key)
-            if known is not None and not known.ended:
-                known.resource["state"] = entry.state
-        if entry.final:
-            self.ended = True
-            self._end_on_graph()
+        # What the bot was told is read with the bot's own parser: a state is the call's
+        # when it moves there (a repeat is an update), and a termination ends it.
+        for event in parse_payload(build.notifications(*entry.items)):
+            state: str
+            if isinstance(event, events.IncomingCall):
+                state = "incoming"
+            elif isinstance(event, events.CallStateChanged):
+                state = event.state
+            else:
+                continue
+            if state != self.state:
+                self.states.append(state)
+                known = self._sim.graph.calls.get(self.key)
+                if known is not None and not known.ended:
+                    known.resource["state"] = state
+            if isinstance(event, events.CallTerminated):
+                self.ended = True
+                self._end_on_graph()
         self._sim._changed()
 
     async def _close(self) -> None:
@@ -717,40 +711,32 @@ class SimulatedCall:
             self._end_on_graph()
             self._enqueue(
                 build.call_terminated(self.id, code=0, subcode=0, message=message),
-                state="terminated",
-                final=True,
             )
         elif action == "deleteCall":
             self._end_on_graph()
-            self._enqueue(build.call_state(self.id, "terminating"), state="terminating")
+            self._enqueue(build.call_state(self.id, "terminating"))
             self._enqueue(
                 build.call_terminated(
                     self.id, code=200, subcode=5001, message="The conversation has ended."
                 ),
-                state="terminated",
-                final=True,
             )
         elif action == "transfer":
-            self._enqueue(build.call_state(self.id, "transferring"), state="transferring")
+            self._enqueue(build.call_state(self.id, "transferring"))
             if sim.transfer_outcome == "failed":
                 failed = models.ResultInfo(code=500, subcode=7000, message="Transfer failed.")
                 self._enqueue(
                     build.call_state(self.id, "established", result_info=failed),
-                    state="established",
                     delay=sim.transfer_duration,
                 )
             else:
                 self._enqueue(
                     build.call_state(self.id, "transferAccepted"),
-                    state="transferAccepted",
                     delay=sim.transfer_duration,
                 )
                 self._enqueue(
                     build.call_terminated(
                         self.id, code=0, subcode=7015, message="GracefulTransferCompleted"
                     ),
-                    state="terminated",
-                    final=True,
                 )
         elif action == "subscribeToTone":
             self.subscribed_to_tones = True
@@ -1132,7 +1118,7 @@ class Simulator:
             str(uuid.uuid4()), user_id=caller_id, display_name=name, kind=kind
         )
         call = self._new_call(call_id, "incoming", remote, delivery)
-        await call._send(item, state="incoming")
+        await call._send(item)
         return call
 
     async def meeting_call(self, *, call_id: str | None = None) -> SimulatedCall:
@@ -1383,12 +1369,10 @@ class Simulator:
                 call._established(ringing=True)
             else:
                 code, subcode, message = result
-                call._enqueue(build.call_state(call_id, "establishing"), state="establishing")
+                call._enqueue(build.call_state(call_id, "establishing"))
                 call._end_on_graph()
                 call._enqueue(
                     build.call_terminated(call_id, code=code, subcode=subcode, message=message),
-                    state="terminated",
-                    final=True,
                     delay=self.transfer_duration,
                 )
         self._outgoing.append(call)
