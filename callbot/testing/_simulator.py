@@ -312,7 +312,8 @@ class SimulatedCall:
         self.delivery = delivery
         """How this call's notifications arrive."""
         self.states: list[str] = []
-        """The call states the bot has acknowledged, in order."""
+        """The states the bot acknowledged the call moving to, in order (read from what was
+        posted with the bot's parser: a repeat of the state the call is in is no move)."""
         self.subscribed_to_tones = False
         """Whether the bot called ``subscribeToTone`` (Graph sends no tones before)."""
         self.ended = False
