@@ -708,3 +708,17 @@ async def test_the_documented_examples_perturbed(parity: Any, seed: int) -> None
     groups: Parity = await parity()
     await groups.run(steps)
     groups.check()
+
+
+async def test_another_tenants_token_after_the_termination_grace(parity: Any) -> None:
+    steps: list[Step] = [
+        *lifecycle_of("ended"),
+        GraceOver("ended"),
+        post(b.call_terminated("ended"), tenant=OTHER_TENANT),
+        post(b.tone("ended", "tone1", 1)),
+    ]
+    groups: Parity = await parity(termination_grace=1.0)
+    await groups.run(steps)
+    groups.check()
+    # Still its tenant's once forgotten: another tenant is refused, its own straggler dropped.
+    assert groups.groups[0].statuses[-2:] == [403, 202]
