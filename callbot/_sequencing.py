@@ -43,7 +43,15 @@ from ._log import get_logger
 from .models import Call as CallResource
 from .models import Identity, Participant
 
-__all__ = ["CallRecord", "Delivery", "Sequencer", "notification_digest", "phase_of", "roster_key"]
+__all__ = [
+    "CallRecord",
+    "Delivery",
+    "Sequencer",
+    "notification_digest",
+    "phase_of",
+    "roster_key",
+    "tenant_mismatch",
+]
 
 log = get_logger("callbot.sequencing")
 
@@ -315,14 +323,18 @@ class Sequencer:
             self._on_tone(event)
         self._route(record, event)
 
-    def refuse_other_tenants(self, batch: Sequence[events.Event]) -> None:
-        """Raise ``MalformedNotification`` (``tenant_mismatch``) when an event names a call
-        that belongs to another tenant than its token's; called before any is accepted."""
+    def accept_batch(self, batch: Sequence[events.Event]) -> None:
+        """``accept`` each event of a request but those naming a call of another tenant than
+        their token's; then, if there were such, raise :func:`tenant_mismatch`."""
+        refused = 0
+        belongs_elsewhere = self.lifecycle.belongs_elsewhere
         for event in batch:
-            if self.lifecycle.belongs_elsewhere(event.call_id, event.tenant_id):
-                raise MalformedNotification(
-                    "tenant_mismatch", "a notification names a call of another tenant"
-                )
+            if belongs_elsewhere(event.call_id, event.tenant_id):
+                refused += 1
+            else:
+                self.accept(event)
+        if refused:
+            raise tenant_mismatch(refused)
 
     def record(self, call_key: str) -> CallRecord | None:
         """The record of a call, if it is known."""
@@ -526,6 +538,14 @@ class Sequencer:
             kind=type(event).__name__,
             **details,
         )
+
+
+def tenant_mismatch(refused: int) -> MalformedNotification:
+    """The refusal (403) of a request of which ``refused`` notifications name a call of
+    another tenant; every store keeps the request's other notifications."""
+    return MalformedNotification(
+        "tenant_mismatch", f"{refused} notification(s) name a call of another tenant"
+    )
 
 
 def _as_update(event: events.Event, state: str, before: CallResource | None) -> events.CallUpdated:

@@ -722,3 +722,25 @@ async def test_another_tenants_token_after_the_termination_grace(parity: Any) ->
     groups.check()
     # Still its tenant's once forgotten: another tenant is refused, its own straggler dropped.
     assert groups.groups[0].statuses[-2:] == [403, 202]
+
+
+async def test_another_tenants_token_on_a_batch_of_two_calls(parity: Any) -> None:
+    steps: list[Step] = [
+        post(b.call_state("bound", "establishing")),
+        post(b.call_state("other", "establishing"), tenant=OTHER_TENANT),
+        post(
+            b.call_state("fresh", "establishing"),
+            b.call_state("bound", "established"),
+            tenant=OTHER_TENANT,
+        ),
+        post(b.call_terminated("bound"), b.call_terminated("fresh"), b.call_terminated("other")),
+        post(b.call_terminated("fresh"), b.call_terminated("other"), tenant=OTHER_TENANT),
+    ]
+    groups: Parity = await parity()
+    await groups.run(steps)
+    groups.check()
+    # Only the items naming another tenant's call are refused: the others run, in memory too.
+    memory = groups.groups[0]
+    assert memory.statuses == [202, 202, 403, 403, 202]
+    assert [e["type"] for e in memory.seen["bound"]] == ["CallStateChanged", "CallTerminated"]
+    assert [e["type"] for e in memory.seen["fresh"]] == ["CallStateChanged", "CallTerminated"]
