@@ -44,6 +44,7 @@ from .models import Call as CallResource
 from .models import Identity, Participant
 
 __all__ = [
+    "SEEN_DIGESTS",
     "CallRecord",
     "Delivery",
     "Sequencer",
@@ -57,7 +58,8 @@ log = get_logger("callbot.sequencing")
 
 _ESTABLISHING = phase_of_state("establishing")
 _TERMINATING = phase_of_state("terminating")
-_SEEN_DIGESTS = 128
+SEEN_DIGESTS = 128
+"""How many of a call's latest notifications a repeat is recognised among (every store)."""
 _MAX_BACKLOG = 1000
 # Unknown properties a call's snapshot keeps across notifications (Graph's call has ~40).
 _MAX_EXTRA_PROPERTIES = 256
@@ -131,7 +133,7 @@ class CallRecord:
     snapshot: CallResource | None = None
     roster: dict[str, Participant] = field(default_factory=dict)
     roster_sequence: int | None = None
-    seen: deque[bytes] = field(default_factory=lambda: deque(maxlen=_SEEN_DIGESTS))
+    seen: deque[bytes] = field(default_factory=lambda: deque(maxlen=SEEN_DIGESTS))
     roster_digest: bytes | None = None
     held: list[events.Event] = field(default_factory=list)
     """Events waiting for the window: the one that skipped ``establishing``, then later ones."""

@@ -744,3 +744,16 @@ async def test_another_tenants_token_on_a_batch_of_two_calls(parity: Any) -> Non
     assert memory.statuses == [202, 202, 403, 403, 202]
     assert [e["type"] for e in memory.seen["bound"]] == ["CallStateChanged", "CallTerminated"]
     assert [e["type"] for e in memory.seen["fresh"]] == ["CallStateChanged", "CallTerminated"]
+
+
+async def test_a_repeat_after_many_other_notifications(parity: Any) -> None:
+    tones = [b.tone("many", "tone1", n) for n in range(1, 141)]
+    steps = lifecycle_of("many", *tones, tones[0], recased(tones[-1]))
+    groups: Parity = await parity()
+    await groups.run(steps)
+    groups.check()
+    # A repeat is recognised among the call's last 128 notifications, in every store.
+    sequences = [
+        e["sequence"] for e in groups.groups[0].seen["many"] if e["type"] == "ToneReceived"
+    ]
+    assert sequences == [*range(1, 141), 1]

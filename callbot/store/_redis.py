@@ -44,7 +44,7 @@ from .._errors import ConfigurationError, StoreUnavailable
 from .._journal import Attempt
 from .._lifecycle import ENDED_MEMORY, Lifecycle
 from .._log import get_logger
-from .._sequencing import CallRecord, Delivery, Sequencer, tenant_mismatch
+from .._sequencing import SEEN_DIGESTS, CallRecord, Delivery, Sequencer, tenant_mismatch
 from . import _scripts
 from ._base import Outcomes
 from ._codec import decode_entry, decode_record, digest_of, encode_entry, encode_record
@@ -804,6 +804,7 @@ class RedisStore:
                     _READ_BATCH,
                     _LIFETIME_MS,
                     (event.tenant_id or "").lower(),
+                    SEEN_DIGESTS,
                 )
             )
             # Whoever waits for these (op.wait, collect_digits, ...) may run on any instance.
