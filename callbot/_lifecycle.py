@@ -123,8 +123,8 @@ class Lifecycle:
         self._max_pending = max_pending
         self._lives: dict[str, CallLife] = {}
         self._pending: OrderedDict[str, None] = OrderedDict()
-        # Calls forgotten after their end: key -> when, oldest first.
-        self._ended: OrderedDict[str, float] = OrderedDict()
+        # Calls forgotten after their end: key -> (when, its tenant), oldest first.
+        self._ended: OrderedDict[str, tuple[float, str | None]] = OrderedDict()
         self._heap: list[tuple[float, int, int, CallLife]] = []
         self._order = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
@@ -155,10 +155,16 @@ class Lifecycle:
         return len(self._lives)
 
     def belongs_elsewhere(self, call_id: str, tenant_id: str | None) -> bool:
-        """Whether a known call belongs to another tenant than ``tenant_id``: a token proves
-        its tenant, not that the call named is that tenant's."""
-        life = self._lives.get(id_key(call_id))
-        bound = life.tenant_id if life is not None else None
+        """Whether a known call (or one that ended within :data:`ENDED_MEMORY`) belongs to
+        another tenant than ``tenant_id``: a token proves its tenant, not that the call named
+        is that tenant's."""
+        key = id_key(call_id)
+        life = self._lives.get(key)
+        if life is not None:
+            bound = life.tenant_id
+        else:
+            ended = self._ended_lately(key)  # forgotten, but still its tenant's
+            bound = ended[1] if ended is not None else None
         return bound is not None and tenant_id is not None and bound != tenant_key(tenant_id)
 
     def active(self) -> Iterator[CallLife]:
@@ -172,9 +178,15 @@ class Lifecycle:
         or, if it ended within :data:`ENDED_MEMORY`, an ended one again)."""
         key = id_key(call_id)
         life = self._lives.get(key)
-        if life is None and self._ended_lately(key):
+        ended = self._ended_lately(key) if life is None else None
+        if ended is not None:
+            # Still its tenant's: another tenant's token cannot take the ended call over.
             life = self._lives[key] = CallLife(
-                call_id, phase=_PHASES["terminated"], state="terminated", ended=True
+                call_id,
+                phase=_PHASES["terminated"],
+                state="terminated",
+                ended=True,
+                tenant_id=ended[1],
             )
             self._schedule(self._grace, _FORGET, life)
         elif life is None:
@@ -286,7 +298,7 @@ class Lifecycle:
             return
         life.keeping_alive = False
         if life.ended:
-            self._remember_ended(key)
+            self._remember_ended(key, life.tenant_id)
         if why != "grace_over":
             log.info("call_forgotten", call_id=life.call_id, reason=why)
         for listener in self._forgotten_listeners:
@@ -295,22 +307,23 @@ class Lifecycle:
             except Exception:
                 log.exception("call_forget_listener_failed", call_id=life.call_id)
 
-    def _remember_ended(self, key: str) -> None:
+    def _remember_ended(self, key: str, tenant_id: str | None) -> None:
         now = asyncio.get_running_loop().time()
-        self._ended[key] = now
+        self._ended[key] = (now, tenant_id)
         self._ended.move_to_end(key)
         ended, oldest_kept = self._ended, now - ENDED_MEMORY
-        while ended and (len(ended) > _MAX_ENDED or next(iter(ended.values())) < oldest_kept):
+        while ended and (len(ended) > _MAX_ENDED or next(iter(ended.values()))[0] < oldest_kept):
             ended.popitem(last=False)
 
-    def _ended_lately(self, key: str) -> bool:
-        when = self._ended.get(key)
-        if when is None:
-            return False
-        if when < asyncio.get_running_loop().time() - ENDED_MEMORY:
+    def _ended_lately(self, key: str) -> tuple[float, str | None] | None:
+        """When the call ended and its tenant, if it ended within :data:`ENDED_MEMORY`."""
+        ended = self._ended.get(key)
+        if ended is None:
+            return None
+        if ended[0] < asyncio.get_running_loop().time() - ENDED_MEMORY:
             del self._ended[key]
-            return False
-        return True
+            return None
+        return ended
 
     def _start_keep_alive(self, life: CallLife) -> None:
         if self._keep_alive_interval is None:

@@ -44,14 +44,24 @@ from ._parse import CALL_PATH
 from .models import Call as CallResource
 from .models import Identity, Participant
 
-__all__ = ["CallRecord", "Delivery", "Sequencer", "notification_digest", "phase_of", "roster_key"]
+__all__ = [
+    "SEEN_DIGESTS",
+    "CallRecord",
+    "Delivery",
+    "Sequencer",
+    "notification_digest",
+    "phase_of",
+    "roster_key",
+    "tenant_mismatch",
+]
 
 log = get_logger("callbot.sequencing")
 
 _INCOMING = phase_of_state("incoming")
 _ESTABLISHING = phase_of_state("establishing")
 _TERMINATING = phase_of_state("terminating")
-_SEEN_DIGESTS = 128
+SEEN_DIGESTS = 128
+"""How many of a call's latest notifications a repeat is recognised among (every store)."""
 _MAX_BACKLOG = 1000
 # Unknown properties a call's snapshot keeps across notifications (Graph's call has ~40).
 _MAX_EXTRA_PROPERTIES = 256
@@ -125,7 +135,7 @@ class CallRecord:
     snapshot: CallResource | None = None
     roster: dict[str, Participant] = field(default_factory=dict)
     roster_sequence: int | None = None
-    seen: deque[bytes] = field(default_factory=lambda: deque(maxlen=_SEEN_DIGESTS))
+    seen: deque[bytes] = field(default_factory=lambda: deque(maxlen=SEEN_DIGESTS))
     roster_digest: bytes | None = None
     held: list[events.Event] = field(default_factory=list)
     """Events waiting for the window: the one that skipped ``establishing``, then later ones."""
@@ -314,14 +324,18 @@ class Sequencer:
             self._on_tone(event)
         self._route(record, event)
 
-    def refuse_other_tenants(self, batch: Sequence[events.Event]) -> None:
-        """Raise ``MalformedNotification`` (``tenant_mismatch``) when an event names a call
-        that belongs to another tenant than its token's; called before any is accepted."""
+    def accept_batch(self, batch: Sequence[events.Event]) -> None:
+        """``accept`` each event of a request but those naming a call of another tenant than
+        their token's; then, if there were such, raise :func:`tenant_mismatch`."""
+        refused = 0
+        belongs_elsewhere = self.lifecycle.belongs_elsewhere
         for event in batch:
-            if self.lifecycle.belongs_elsewhere(event.call_id, event.tenant_id):
-                raise MalformedNotification(
-                    "tenant_mismatch", "a notification names a call of another tenant"
-                )
+            if belongs_elsewhere(event.call_id, event.tenant_id):
+                refused += 1
+            else:
+                self.accept(event)
+        if refused:
+            raise tenant_mismatch(refused)
 
     def record(self, call_key: str) -> CallRecord | None:
         """The record of a call, if it is known."""
@@ -530,6 +544,14 @@ class Sequencer:
             kind=type(event).__name__,
             **details,
         )
+
+
+def tenant_mismatch(refused: int) -> MalformedNotification:
+    """The refusal (403) of a request of which ``refused`` notifications name a call of
+    another tenant; every store keeps the request's other notifications."""
+    return MalformedNotification(
+        "tenant_mismatch", f"{refused} notification(s) name a call of another tenant"
+    )
 
 
 def _as_update(event: events.Event, state: str, before: CallResource | None) -> events.CallUpdated:

@@ -16,6 +16,7 @@ from benchmarks._inproc import InProcessBot
 from benchmarks.bench_store import measure
 from callbot import events
 from callbot._parse import parse_payload
+from callbot._sequencing import SEEN_DIGESTS
 from callbot.store import _redis, _scripts
 from callbot.store._codec import decode_entry, encode_entry
 from callbot.testing import builders as b
@@ -75,14 +76,15 @@ async def _script(
 
 
 async def test_a_call_s_duplicate_digests_stay_bounded(rdb: aioredis.Redis) -> None:
-    """A flood of distinct notifications for one call keeps the newest 1,024 digests of
-    its dedupe window, not all of them; a repeat of a recent one is still recognised."""
+    """A flood of distinct notifications for one call keeps the newest digests of its
+    dedupe window, as many as the sequencer recognises repeats among; a repeat of a recent
+    one is still recognised, one of an older one is news (as in memory)."""
     await rdb.script_load(_scripts.INGEST.source)
     keys = _redis._Keys("t:").of("flood", "inbox", "seen", "lease", "fence", "call", "tenant")
 
     def args(digest: str) -> tuple[Any, ...]:
-        # digest, entry, dedupe window, token, no lease, read batch, lifetime, no tenant
-        return (digest, "{}", 600_000, "me", "", 64, 600_000, "")
+        # digest, entry, dedupe window, token, no lease, read batch, lifetime, no tenant, kept
+        return (digest, "{}", 600_000, "me", "", 64, 600_000, "", SEEN_DIGESTS)
 
     async def ingest(digest: str) -> int:
         fresh: int = (await _script(rdb, _scripts.INGEST, list(keys), *args(digest)))[0]
@@ -92,9 +94,10 @@ async def test_a_call_s_duplicate_digests_stay_bounded(rdb: aioredis.Redis) -> N
     for n in range(1200):
         pipe.evalsha(_scripts.INGEST.sha, len(keys), *keys, *args(f"d{n}"))
     await pipe.execute()
-    assert await rdb.zcard(keys[1]) == 1024
+    assert await rdb.zcard(keys[1]) == SEEN_DIGESTS
     assert await ingest("d1199") == 0
-    assert await ingest("d1") == 1  # forgotten: long before the newest 1,024
+    assert await ingest(f"d{1200 - SEEN_DIGESTS}") == 0  # the oldest kept
+    assert await ingest(f"d{1199 - SEEN_DIGESTS}") == 1  # forgotten: before the newest
 
 
 async def test_a_run_that_gave_its_call_up_cannot_renew_it_back(rdb: aioredis.Redis) -> None:

@@ -53,8 +53,8 @@ class Store(Protocol):
 
     async def ingest(self, batch: Sequence[events.Event]) -> None:
         """Keep a batch for its handlers, or raise ``StoreUnavailable``; raise
-        ``MalformedNotification`` (``tenant_mismatch``) for a notification naming a call
-        first seen with another tenant (in a shared store, the others are still kept)."""
+        ``MalformedNotification`` (``tenant_mismatch``) when notifications name a call first
+        seen with another tenant (those only: the batch's others are kept)."""
         ...
 
     def known(self, call_key: str) -> CallRecord | None:

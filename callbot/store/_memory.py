@@ -52,12 +52,10 @@ class MemoryStore:
         """Nothing to connect to."""
 
     async def ingest(self, batch: Sequence[events.Event]) -> None:
-        """Hand each event to the sequencer (deliver, hold or drop it); none when one names
-        a call of another tenant (``MalformedNotification``)."""
-        self.sequencer.refuse_other_tenants(batch)
-        accept = self.sequencer.accept
-        for event in batch:
-            accept(event)
+        """Hand each event to the sequencer (deliver, hold or drop it); then raise
+        ``MalformedNotification`` if some named a call of another tenant (those only are
+        refused, as in a shared store)."""
+        self.sequencer.accept_batch(batch)
 
     def known(self, call_key: str) -> CallRecord | None:
         """The sequencer's record of the call."""

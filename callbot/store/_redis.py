@@ -40,12 +40,12 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from .. import events
 from .._config import Settings
 from .._dispatch import Dispatcher
-from .._errors import ConfigurationError, MalformedNotification, StoreUnavailable
+from .._errors import ConfigurationError, StoreUnavailable
 from .._ids import tenant_key
 from .._journal import Attempt
 from .._lifecycle import ENDED_MEMORY, Lifecycle
 from .._log import get_logger
-from .._sequencing import CallRecord, Delivery, Sequencer
+from .._sequencing import SEEN_DIGESTS, CallRecord, Delivery, Sequencer, tenant_mismatch
 from . import _scripts
 from ._base import Outcomes
 from ._codec import decode_entry, decode_record, digest_of, encode_entry, encode_record
@@ -726,9 +726,7 @@ class RedisStore:
                     state.signals += 1
                 state.changed.set()  # a held or idle call need not wait for its next look
         if refused:
-            raise MalformedNotification(
-                "tenant_mismatch", f"{refused} notification(s) name a call of another tenant"
-            )
+            raise tenant_mismatch(refused)
 
     def elsewhere(self) -> list[CallRecord]:
         """The calls of every instance that have not ended (refreshed every few seconds)."""
@@ -807,6 +805,7 @@ class RedisStore:
                     _READ_BATCH,
                     _LIFETIME_MS,
                     tenant_key(event.tenant_id or ""),
+                    SEEN_DIGESTS,
                 )
             )
             # Whoever waits for these (op.wait, collect_digits, ...) may run on any instance.

@@ -5,8 +5,9 @@ their hash tag (``{p}{call}:inbox`` ...), so that on a Redis Cluster they share
 one slot. Keys of one call (``{p}`` is the store's prefix):
 
 * ``inbox``  stream: the call's accepted notifications not yet acknowledged
-* ``seen``   sorted set: digests of its recent notifications (score: when), the
-  newest 1,024 of the dedupe window at most
+* ``seen``   sorted set: digests of its recent notifications (score: when, in 1/1024
+  ms, so that those of one millisecond keep their order), as many of the newest of
+  the dedupe window as the sequencer recognises repeats among
 * ``lease``  string: ``{token}/{epoch}`` of the run holding the call (SET NX PX)
 * ``fence``  hash: ``n``, the epoch (incremented on every acquisition of the lease);
   ``fed``, the last entry id an owner may have handed to its handlers; ``r``, the last
@@ -111,7 +112,7 @@ INGEST = Script(
 -- KEYS: inbox, seen, lease, fence, record, tenant
 -- ARGV: digest ('' leaves repeats to the sequencer), entry, dedupe window (ms),
 --       token, lease (ms) or '' to leave the call to others, read batch, lifetime (ms),
---       the tenant the request's token proves (its tenant_key) or ''
+--       the tenant the request's token proves (its tenant_key) or '', digests kept
 local inbox, seen, lease, fence = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local digest, token = ARGV[1], ARGV[4]
 local fresh, id, before = 1, '', ''
@@ -130,12 +131,16 @@ else
   id = redis.call('XADD', inbox, '*', 'e', ARGV[2])
   redis.call('PEXPIRE', inbox, ARGV[7])
   if digest ~= '' then
-    local now = tonumber(string.match(id, '(%d+)-'))
+    -- scored in the order appended, within a millisecond too (exact below 2^53): the
+    -- newest are kept, not those whose digests sort last
+    local ms, seq = string.match(id, '(%d+)-(%d+)')
+    local now = tonumber(ms) * 1024 + math.min(tonumber(seq), 1023)
     local window = tonumber(ARGV[3])
     redis.call('ZADD', seen, now, digest)
-    redis.call('ZREMRANGEBYSCORE', seen, '-inf', now - window)
-    -- and the newest 1024 only: a flood of distinct notifications cannot grow it for ever
-    redis.call('ZREMRANGEBYRANK', seen, 0, -1025)
+    redis.call('ZREMRANGEBYSCORE', seen, '-inf', now - window * 1024)
+    -- and the newest only, as many as the sequencer's: a repeat of an older one is news in
+    -- memory too, and a flood of distinct notifications cannot grow it for ever
+    redis.call('ZREMRANGEBYRANK', seen, 0, -1 - tonumber(ARGV[9]))
     redis.call('PEXPIRE', seen, window)
   end
 end
