@@ -21,6 +21,7 @@ import structlog
 
 from . import events
 from ._errors import CallEnded
+from ._journal import Attempt
 from ._journal import _current as _current_attempt
 from ._log import get_logger
 from ._sequencing import Delivery
@@ -103,6 +104,13 @@ class HandlerRegistry:
         return list(self._error_handlers)
 
 
+async def _still_held(attempt: Attempt) -> bool:
+    """Whether a handler of this run may start: a run that lost its call (its process was
+    paused or its loop blocked past the lease) starts nothing more."""
+    journal = attempt.journal
+    return journal is None or await journal.admits(attempt)
+
+
 def _require_coroutine(handler: Any) -> None:
     if not inspect.iscoroutinefunction(handler):
         raise TypeError(
@@ -129,7 +137,8 @@ class Dispatcher:
         self._observe = observe
         self.counts: Counter[str] = Counter()
         """handled (deliveries run), handler_errors, unhandled_errors (no on_error took them),
-        call_ended (handlers stopped by :class:`~callbot.CallEnded`)."""
+        call_ended (handlers stopped by :class:`~callbot.CallEnded`), superseded (deliveries
+        not started because their run lost its call to another instance)."""
 
     @property
     def queued(self) -> int:
@@ -201,8 +210,21 @@ class Dispatcher:
             self.counts["handler_errors"] += 1
             await self._report("matches", call, event, exc)
             registrations = []
+        attempt = delivery.attempt
         async with self._slots:
             for registration in registrations:
+                if attempt is not None and not await _still_held(attempt):
+                    # Another instance took the call over: it runs this delivery again.
+                    self.counts["superseded"] += 1
+                    log.warning(
+                        "delivery_superseded",
+                        call_id=event.call_id,
+                        handler=registration.name,
+                        kind=type(event).__name__,
+                        epoch=attempt.epoch,
+                        detail="the call is run by another instance now; not started here",
+                    )
+                    break
                 await self._run_one(registration.name, registration.handler, call, event)
         self.counts["handled"] += 1
 

@@ -932,6 +932,104 @@ async def test_a_run_that_lost_its_call_sends_no_further_graph_action(
         assert graph.requests_for("playPrompt") == []
 
 
+async def test_a_run_that_lost_its_call_starts_no_further_handler(
+    authority: TokenAuthority, serve: Any, redis_url: str, rdb: aioredis.Redis
+) -> None:
+    """Instance paused (SIGSTOP) or its loop blocked past its lease with deliveries of the
+    call still queued: here `established`, held, released behind its late `establishing`,
+    whose handler is running (after a pause, a hold whose window closed meanwhile is
+    released the same way). Once another instance took the call over (simulated as above),
+    the queued delivery does not start on the old instance, unflagged: the new owner runs
+    it, flagged as a re-run."""
+    started, go = asyncio.Event(), asyncio.Event()
+    seen: list[str] = []
+    bot = make_bot(authority, store=redis_url, store_lease=5.0, reorder_window=30.0)
+
+    @bot.on(events.CallStateChanged)
+    async def record(call: Call, event: events.CallStateChanged) -> None:
+        seen.append(event.state)
+        if event.state == "establishing":
+            started.set()
+            await go.wait()
+
+    server: BotServer = await serve(bot)
+    for state in ("established", "establishing"):
+        item = b.call_state("queued-call", state)
+        assert (await server.post(b.notifications(item))).status == 202
+    await asyncio.wait_for(started.wait(), 10)
+    key = call_key("queued-call")
+    await rdb.set(f"{KEY_PREFIX}{{{key}}}:lease", "another-instance/99")
+    await rdb.hincrby(f"{KEY_PREFIX}{{{key}}}:fence", "n", 1)
+    runtime = bot._running()
+    run = runtime.store._running[key]  # type: ignore[attr-defined]
+    run.deadline = 0.0  # as after a pause longer than the lease
+    with capture_logs() as logs:
+        go.set()
+        await until(lambda: runtime.dispatcher.queued == 0, within=10)
+    assert seen == ["establishing"]
+    superseded = [e for e in logs if e.get("event") == "delivery_superseded"]
+    assert [(e["kind"], e["epoch"]) for e in superseded] == [("CallStateChanged", run.epoch)]
+
+
+async def test_a_graph_action_is_recorded_once_redis_takes_the_write(
+    authority: TokenAuthority, serve: Any, redis_url: str, rdb: aioredis.Redis
+) -> None:
+    """Redis fails the journal write just as Graph answers a handler's action (here the
+    call's journal key is made unwritable; a dropped connection or a restart does the
+    same): the write is retried until Redis takes it, so a re-run after a takeover replays
+    the action instead of sending it again."""
+    key = call_key("record-call")
+    journal = f"{KEY_PREFIX}{{{key}}}:journal"
+    async with FakeGraph() as graph:
+        runs: list[tuple[int, bool, str | None]] = []
+        acted = asyncio.Event()
+
+        async def answer_then_fail(request: Any) -> Any:
+            await rdb.set(journal, "not a hash")  # HSET into it fails (WRONGTYPE)
+            acted.set()
+            return graph._default(request)
+
+        graph.route("playPrompt", answer_then_fail)
+        servers: list[BotServer] = []
+        for index in range(2):
+            bot = make_bot(
+                authority,
+                store=redis_url,
+                store_lease=1.0,
+                shutdown_timeout=0.2,
+                graph_url=graph.graph_url,
+                authority_url=graph.authority_url,
+                app_secret="fake-graph-secret",
+            )
+
+            @bot.on_state("established")
+            async def play(call: Call, event: events.CallStateChanged, index: int = index) -> None:
+                attempt = current_attempt()
+                assert attempt is not None
+                op = await call.play_prompt("https://cdn.example.test/hello.wav")
+                runs.append((index, attempt.redelivered, op.id))
+                if index == 0:
+                    await asyncio.Event().wait()  # never finishes: the instance stops
+
+            servers.append(await serve(bot))
+        first = servers[0]
+        for state in ("establishing", "established"):
+            item = b.call_state("record-call", state)
+            assert (await first.post(b.notifications(item))).status == 202
+        await asyncio.wait_for(acted.wait(), 10)
+        store = first.bot._running().store
+        # The journal write failed once: the handler went on, or the store retries it.
+        await until(lambda: bool(runs) or not store.reachable, within=10)
+        await rdb.delete(journal)
+        await until(lambda: bool(runs), within=10)
+        await first.bot.stop()  # the handler is abandoned: its entry is not acknowledged
+        await until(lambda: len(runs) == 2, within=10)
+        (_, first_flag, first_op), (index, again, second_op) = runs
+        assert (first_flag, index, again) == (False, 1, True)
+        assert second_op == first_op  # the recorded answer, not a new operation
+        assert len(graph.requests_for("playPrompt")) == 1
+
+
 class Collecting:
     """Two instances sharing Redis, each collecting digits once its call is established."""
 

@@ -1760,19 +1760,20 @@ class _Journal:
     async def record(self, attempt: Attempt, step: int, outcome: dict[str, Any]) -> None:
         store = self._store
         name = f"{attempt.entry}/{step}"
+        command = _cmd(
+            _scripts.RECORD,
+            store._keys.of(attempt.call_key, "fence", "journal"),
+            attempt.epoch,
+            name,
+            json.dumps(outcome, separators=(",", ":")),
+            _LIFETIME_MS,
+        )
         try:
-            kept = await store._script_run(
-                _cmd(
-                    _scripts.RECORD,
-                    store._keys.of(attempt.call_key, "fence", "journal"),
-                    attempt.epoch,
-                    name,
-                    json.dumps(outcome, separators=(",", ":")),
-                    _LIFETIME_MS,
-                )
-            )
+            # Retried while Redis is away, as the run's other steps: an action Graph carried
+            # out and left unrecorded would be sent again by a later re-run. Fenced by epoch.
+            _, kept = await store._steady_script(command)
         except RedisError as exc:
-            # The action went out; a re-run would send it again.
+            # Only while closing: the action went out, a re-run would send it again.
             log.warning("graph_action_not_recorded", call_key=attempt.call_key, error=str(exc))
             return
         state = store._running.get(attempt.call_key)
