@@ -1168,3 +1168,31 @@ async def test_an_ended_call_stays_ended_after_its_grace_on_any_instance(
         await until(decided, within=10)
     assert [e["reason"] for e in logs if e.get("event") == "notification_dropped"] == ["after_end"]
     assert [label for _, label in seen] == ["IncomingCall", "established", "terminated"]
+
+
+async def test_a_handler_abandoned_at_shutdown_is_handed_over_at_once(
+    authority: TokenAuthority, serve: Any, redis_url: str
+) -> None:
+    """A handler still running at the shutdown deadline is abandoned, and its call handed
+    over as the instance closes: the other instance runs it again, told, without waiting
+    for the lease (a minute here) to run out."""
+    runs: list[tuple[int, bool]] = []
+    stuck = asyncio.Event()
+    servers: list[BotServer] = []
+    for index in range(2):
+        bot = make_bot(authority, store=redis_url, store_lease=60.0, shutdown_timeout=0.5)
+
+        @bot.on_incoming_call
+        async def ring(call: Call, event: events.IncomingCall, index: int = index) -> None:
+            attempt = current_attempt()
+            runs.append((index, attempt is not None and attempt.redelivered))
+            if index == 0:
+                await stuck.wait()  # never set: outlives the shutdown deadline
+
+        servers.append(await serve(bot))
+    first = servers[0]
+    assert (await first.post(b.notifications(b.incoming_call("abandoned")))).status == 202
+    await until(lambda: runs == [(0, False)])
+    await first.bot.stop()
+    await until(lambda: len(runs) == 2, within=20)
+    assert runs == [(0, False), (1, True)]

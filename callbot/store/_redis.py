@@ -757,10 +757,11 @@ class RedisStore:
         """Stop every task, hand the calls still held over to the others, disconnect."""
         self._draining = True
         self._closing = True
-        owners = [state.task for state in self._owned.values() if state.task is not None]
+        # Taken before the runs are cancelled: each removes its call from _owned as it ends.
+        left = list(self._owned.values())
+        owners = [state.task for state in left if state.task is not None]
         tasks = [*self._tasks, *owners]
         await _cancelled(tasks)
-        left = list(self._owned.values())
         self._owned.clear()
         with contextlib.suppress(RedisError, OSError):
             await self._flush_indexes()
