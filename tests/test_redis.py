@@ -771,6 +771,41 @@ async def test_with_store_replicas_nothing_is_relied_on_before_a_replica_holds_i
         primary.stop()
 
 
+async def _two_players(
+    authority: TokenAuthority,
+    serve: Any,
+    redis_url: str,
+    graph: FakeGraph,
+    runs: list[tuple[int, bool, str | None]],
+) -> BotServer:
+    """Two instances sharing Redis whose ``established`` handler plays a prompt and notes
+    (instance, re-run, operation id) in ``runs``; the first one's then never finishes.
+    Returns the first."""
+    servers: list[BotServer] = []
+    for index in range(2):
+        bot = make_bot(
+            authority,
+            store=redis_url,
+            store_lease=1.0,
+            shutdown_timeout=0.2,
+            graph_url=graph.graph_url,
+            authority_url=graph.authority_url,
+            app_secret="fake-graph-secret",
+        )
+
+        @bot.on_state("established")
+        async def play(call: Call, event: events.CallStateChanged, index: int = index) -> None:
+            attempt = current_attempt()
+            assert attempt is not None
+            op = await call.play_prompt("https://cdn.example.test/hello.wav")
+            runs.append((index, attempt.redelivered, op.id))
+            if index == 0:
+                await asyncio.Event().wait()  # never finishes: the instance stops
+
+        servers.append(await serve(bot))
+    return servers[0]
+
+
 async def test_a_re_run_handler_does_not_repeat_graph_actions_its_first_run_completed(
     authority: TokenAuthority, serve: Any, redis_url: str
 ) -> None:
@@ -778,35 +813,11 @@ async def test_a_re_run_handler_does_not_repeat_graph_actions_its_first_run_comp
     re-run, and its first action is served from the journal instead of sent again."""
     async with FakeGraph() as graph:
         runs: list[tuple[int, bool, str | None]] = []
-        first_run_acted = asyncio.Event()
-        servers: list[BotServer] = []
-        for index in range(2):
-            bot = make_bot(
-                authority,
-                store=redis_url,
-                store_lease=1.0,
-                shutdown_timeout=0.2,
-                graph_url=graph.graph_url,
-                authority_url=graph.authority_url,
-                app_secret="fake-graph-secret",
-            )
-
-            @bot.on_state("established")
-            async def play(call: Call, event: events.CallStateChanged, index: int = index) -> None:
-                attempt = current_attempt()
-                assert attempt is not None
-                op = await call.play_prompt("https://cdn.example.test/hello.wav")
-                runs.append((index, attempt.redelivered, op.id))
-                if index == 0:
-                    first_run_acted.set()
-                    await asyncio.Event().wait()  # never finishes: the instance stops
-
-            servers.append(await serve(bot))
-        first = servers[0]
+        first = await _two_players(authority, serve, redis_url, graph, runs)
         for state in ("establishing", "established"):
             item = b.call_state("journal-call", state)
             assert (await first.post(b.notifications(item))).status == 202
-        await asyncio.wait_for(first_run_acted.wait(), 10)
+        await until(lambda: bool(runs), within=10)
         await first.bot.stop()  # the handler is abandoned: its entry is not acknowledged
         await until(lambda: len(runs) == 2, within=10)
         (_, first_flag, first_op), (index, again, second_op) = runs
@@ -990,29 +1001,7 @@ async def test_a_graph_action_is_recorded_once_redis_takes_the_write(
             return graph._default(request)
 
         graph.route("playPrompt", answer_then_fail)
-        servers: list[BotServer] = []
-        for index in range(2):
-            bot = make_bot(
-                authority,
-                store=redis_url,
-                store_lease=1.0,
-                shutdown_timeout=0.2,
-                graph_url=graph.graph_url,
-                authority_url=graph.authority_url,
-                app_secret="fake-graph-secret",
-            )
-
-            @bot.on_state("established")
-            async def play(call: Call, event: events.CallStateChanged, index: int = index) -> None:
-                attempt = current_attempt()
-                assert attempt is not None
-                op = await call.play_prompt("https://cdn.example.test/hello.wav")
-                runs.append((index, attempt.redelivered, op.id))
-                if index == 0:
-                    await asyncio.Event().wait()  # never finishes: the instance stops
-
-            servers.append(await serve(bot))
-        first = servers[0]
+        first = await _two_players(authority, serve, redis_url, graph, runs)
         for state in ("establishing", "established"):
             item = b.call_state("record-call", state)
             assert (await first.post(b.notifications(item))).status == 202
