@@ -683,7 +683,8 @@ async def test_a_held_state_survives_its_owner_stopping(
     first, second = servers
     item = b.call_state("held", "established")
     assert (await first.post(b.notifications(item))).status == 202
-    await asyncio.sleep(0.2)
+    store = first.bot._running().store
+    await until(lambda: store._holding(id_key("held")))  # type: ignore[attr-defined]
     assert seen == []  # held by the first instance, waiting for establishing
     await first.bot.stop()  # hands the call over: the held entry is not acknowledged
     item = b.call_state("held", "establishing")
