@@ -278,7 +278,8 @@ async def test_a_504_to_a_post_is_not_sent_again(graph: FakeGraph, services: Cal
 async def test_a_huge_or_decompression_bomb_body_is_cut_off(encoding: str | None) -> None:
     limit = 1024 * 1024
     plain = b"[" + b" " * (8 * limit) + b"]"
-    body = {"gzip": gzip.compress, "deflate": zlib.compress, None: bytes}[encoding](plain)
+    body = gzip.compress(plain) if encoding == "gzip" else plain
+    body = zlib.compress(plain) if encoding == "deflate" else body
 
     async def bomb(request: web.Request) -> web.Response:
         headers = {"Content-Type": "application/json"}
@@ -293,7 +294,9 @@ async def test_a_huge_or_decompression_bomb_body_is_cut_off(encoding: str | None
     assert [e["limit"] for e in logs if e["event"] == "graph_response_too_large"] == [limit]
 
 
-async def test_graph_requests_are_capped_at_16_mib(graph: FakeGraph, services: CallServices) -> None:
+async def test_graph_requests_are_capped_at_16_mib(
+    graph: FakeGraph, services: CallServices
+) -> None:
     big = {"value": [], "pad": "x" * (16 * 1024 * 1024)}
     graph.route("listParticipants", lambda request: FakeResponse(status=200, body=big))
     with pytest.raises(GraphError) as failure:

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import jwt
 import pytest
+from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from aiohttp import web
 from cryptography.x509.oid import NameOID
 from structlog.testing import capture_logs
 
@@ -343,9 +343,7 @@ async def test_a_token_error_echoing_the_secret_does_not_carry_it_on(graph: Fake
         return web.json_response({"error": "invalid_client", "error_description": said}, status=401)
 
     async with token_endpoint(echo) as (base, _):
-        svc = CallServices(
-            graph.settings(app_secret=secret, authority_url=base), retry=FAST
-        )
+        svc = CallServices(graph.settings(app_secret=secret, authority_url=base), retry=FAST)
         with capture_logs() as logs:
             await svc.start()
             with pytest.raises(GraphError) as failure:
