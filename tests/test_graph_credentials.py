@@ -415,3 +415,23 @@ async def test_a_504_from_the_token_endpoint_is_retried() -> None:
         assert (await credential.get_token("scope/.default")).token == "tok"
         await credential.close()
     assert len(forms) == 2
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+async def test_a_token_endpoint_redirect_is_not_followed(status: int) -> None:
+    # Following it would post the client secret to wherever Location points.
+    async with token_endpoint(lambda form: web.json_response({"access_token": "x"})) as (
+        elsewhere,
+        stolen,
+    ):
+        location = {"Location": elsewhere + "/steal"}
+        async with token_endpoint(lambda form: web.Response(status=status, headers=location)) as (
+            base,
+            _,
+        ):
+            credential = ClientSecretCredential("t", APP_ID, "secret", authority_url=base)
+            with pytest.raises(GraphError) as failure:
+                await credential.get_token("scope/.default")
+            await credential.close()
+    assert failure.value.status == status
+    assert stolen == []
