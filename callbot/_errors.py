@@ -79,7 +79,8 @@ class GraphError(CallbotError):
     ``code`` is then ``connectionFailed`` (no connection, a timeout, or a
     connection closed once the request was sent; a ``POST`` that may have
     reached Graph is not sent again), ``requestFailed`` (another client error),
-    ``urlNotOnGraph`` (a URL off ``graph_url``'s origin, never sent) or
+    ``urlNotOnGraph`` (a URL off ``graph_url``'s origin, never sent),
+    ``responseTooLarge`` (a body past 16 MiB once decompressed) or
     ``tooManyPages`` (a next link repeated, or past ``GraphClient.max_pages``).
     """
 

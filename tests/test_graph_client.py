@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import gzip
 import socket
 import uuid
+import zlib
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
+import aiohttp
 import pytest
 from aiohttp import web
 from structlog.testing import capture_logs
@@ -15,8 +18,9 @@ from structlog.testing import capture_logs
 from callbot import GraphError
 from callbot._ids import path_segment
 from callbot.graph import CallServices, RetryPolicy
-from callbot.graph._http import parse_retry_after
+from callbot.graph._http import parse_retry_after, send
 from callbot.testing import FakeGraph
+from callbot.testing._fake_graph import FakeResponse
 
 from .conftest import plain_server
 
@@ -40,13 +44,12 @@ async def test_429_and_503_are_retried_honouring_retry_after(
     graph.fail_next("playPrompt", 429, headers={"Retry-After": "0"})
     past = format_datetime(datetime.now(UTC) - timedelta(seconds=5), usegmt=True)
     graph.fail_next("playPrompt", 503, headers={"Retry-After": past})
-    graph.fail_next("playPrompt", 504)
     op = await services.call(CALL_ID).play_prompt("https://x/beep.wav")
     attempts = graph.requests_for("playPrompt")
-    assert [graph.answer_to(r).status for r in attempts] == [429, 503, 504, 200]
+    assert [graph.answer_to(r).status for r in attempts] == [429, 503, 200]
     # one operation, one clientContext, a fresh client-request-id per request
     assert {r.json["clientContext"] for r in attempts} == {op.client_context}
-    assert len({r.client_request_id for r in attempts}) == 4
+    assert len({r.client_request_id for r in attempts}) == 3
     assert {r.scenario_id for r in attempts} == {services.call(CALL_ID).scenario_id}
 
 
@@ -238,3 +241,64 @@ async def test_ids_reach_the_wire_as_path_segment_encoded_them(graph: FakeGraph)
     participants = f"/v1.0/communications/calls/{path_segment(CALL_ID)}/participants/"
     assert paths[:-1] == [participants + path_segment(i) for i in ids]
     assert paths[-1] == "/v1.0/communications/calls?$filter=name%20eq%20'caf%C3%A9'"
+
+
+# -- a hostile or broken Graph -----------------------------------------------------------
+
+
+async def test_retry_after_zero_on_every_answer_still_backs_off() -> None:
+    # Retry-After: 0 forever: each wait is still at least half the backoff, so few attempts.
+    attempts = 0
+
+    async def throttle(request: web.Request) -> web.Response:
+        nonlocal attempts
+        attempts += 1
+        return web.Response(status=429, headers={"Retry-After": "0"})
+
+    policy = RetryPolicy(total_time=0.5, base_delay=0.05, max_delay=0.05)
+    async with plain_server(throttle) as base, aiohttp.ClientSession() as session:
+        response = await send(session, "GET", base + "/x", policy=policy)
+    assert response.status == 429
+    assert 2 <= attempts <= 1 + 0.5 / 0.025
+
+
+async def test_a_504_to_a_post_is_not_sent_again(graph: FakeGraph, services: CallServices) -> None:
+    # The gateway timed out: Graph may be playing the prompt (or placing the call) already.
+    graph.fail_next("playPrompt", 504)
+    with pytest.raises(GraphError) as failure:
+        await services.call(CALL_ID).play_prompt("https://cdn.example.test/a.wav")
+    assert failure.value.status == 504
+    assert len(graph.requests_for("playPrompt")) == 1
+    graph.fail_next("keepAlive", 504)
+    await services.call(CALL_ID).keep_alive()
+    assert len(graph.requests_for("keepAlive")) == 2
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", None])
+async def test_a_huge_or_decompression_bomb_body_is_cut_off(encoding: str | None) -> None:
+    limit = 1024 * 1024
+    plain = b"[" + b" " * (8 * limit) + b"]"
+    body = gzip.compress(plain) if encoding == "gzip" else plain
+    body = zlib.compress(plain) if encoding == "deflate" else body
+
+    async def bomb(request: web.Request) -> web.Response:
+        headers = {"Content-Type": "application/json"}
+        if encoding:
+            headers["Content-Encoding"] = encoding
+        return web.Response(body=body, headers=headers)
+
+    async with plain_server(bomb) as base, aiohttp.ClientSession() as session:
+        with capture_logs() as logs, pytest.raises(GraphError) as failure:
+            await send(session, "GET", base + "/x", policy=FAST, max_body=limit)
+    assert (failure.value.status, failure.value.code) == (0, "responseTooLarge")
+    assert [e["limit"] for e in logs if e["event"] == "graph_response_too_large"] == [limit]
+
+
+async def test_graph_requests_are_capped_at_16_mib(
+    graph: FakeGraph, services: CallServices
+) -> None:
+    big = {"value": [], "pad": "x" * (16 * 1024 * 1024)}
+    graph.route("listParticipants", lambda request: FakeResponse(status=200, body=big))
+    with pytest.raises(GraphError) as failure:
+        await services.call(CALL_ID).participants.list()
+    assert failure.value.code == "responseTooLarge"

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import json
 import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import jwt
 import pytest
+from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -27,6 +31,8 @@ from callbot.graph import (
 )
 from callbot.graph._credentials import graph_scope
 from callbot.testing import FakeGraph
+
+from .conftest import plain_server
 
 APP_ID = "6c4a7c4e-2b1a-4d7e-9a53-7a1bfb4c0d11"
 CALL_ID = "57dab8b1-894c-409a-b240-bd8beae78896"
@@ -308,3 +314,124 @@ def test_scope_follows_the_graph_cloud() -> None:
 def test_access_token_value() -> None:
     token = AccessToken("abc", 123)
     assert (token.token, token.expires_on) == ("abc", 123)
+
+
+# -- a hostile or broken token endpoint -----------------------------------------------------
+
+
+@asynccontextmanager
+async def token_endpoint(
+    answer: Callable[[dict[str, str]], web.Response],
+) -> AsyncIterator[tuple[str, list[dict[str, str]]]]:
+    """A token endpoint on 127.0.0.1 answering each form with ``answer``: its base URL, forms."""
+    forms: list[dict[str, str]] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        form = {k: str(v) for k, v in (await request.post()).items()}
+        forms.append(form)
+        return answer(form)
+
+    async with plain_server(handler) as base:
+        yield base, forms
+
+
+async def test_a_token_error_echoing_the_secret_does_not_carry_it_on(graph: FakeGraph) -> None:
+    secret = "s3cret~value.of_the-app"
+
+    def echo(form: dict[str, str]) -> web.Response:
+        said = f"bad client_secret={form['client_secret']}"
+        return web.json_response({"error": "invalid_client", "error_description": said}, status=401)
+
+    async with token_endpoint(echo) as (base, _):
+        svc = CallServices(graph.settings(app_secret=secret, authority_url=base), retry=FAST)
+        with capture_logs() as logs:
+            await svc.start()
+            with pytest.raises(GraphError) as failure:
+                await svc.call(CALL_ID).keep_alive()
+        await svc.close()
+    assert failure.value.code == "invalid_client"
+    assert "[redacted]" in failure.value.message
+    assert secret not in str(failure.value) + repr(failure.value.body)
+    assert secret not in repr(logs)
+
+
+async def test_a_token_response_echoing_the_assertion_does_not_carry_it_on(
+    tmp_path: Path,
+) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    pem = write_pem(tmp_path / "app.pem", key, self_signed(key))
+
+    def echo(form: dict[str, str]) -> web.Response:
+        return web.json_response({"token_type": "Bearer", "echo": [form["client_assertion"]]})
+
+    async with token_endpoint(echo) as (base, forms):
+        credential = CertificateCredential("tenant", APP_ID, pem, authority_url=base, retry=FAST)
+        with pytest.raises(GraphError) as failure:
+            await credential.get_token("scope/.default")
+        await credential.close()
+    assert failure.value.code == "invalid_response"
+    assert failure.value.body == {"token_type": "Bearer", "echo": ["[redacted]"]}
+    assert forms[0]["client_assertion"] not in str(failure.value)
+
+
+@pytest.mark.parametrize(
+    ("expires_in", "lifetime"),
+    [
+        (-100, 3600),
+        (0, 3600),
+        ("soon", 3600),
+        (None, 3600),
+        (1e400, 3600),
+        (10**12, 24 * 3600),
+        ("1800", 1800),
+    ],
+)
+async def test_an_unusable_expires_in_gets_a_bounded_lifetime(
+    expires_in: object, lifetime: int
+) -> None:
+    def issue(form: dict[str, str]) -> web.Response:
+        body = json.dumps({"access_token": "tok", "expires_in": expires_in})
+        return web.Response(text=body, content_type="application/json")
+
+    async with token_endpoint(issue) as (base, forms):
+        credential = ClientSecretCredential("tenant", APP_ID, "secret", authority_url=base)
+        before = time.time()
+        token = await credential.get_token("scope/.default")
+        cache = TokenCache(credential, "scope/.default")
+        for _ in range(3):
+            await cache.get()
+        await credential.close()
+    assert int(before) + lifetime <= token.expires_on <= time.time() + lifetime
+    # zero or negative would have every request fetch a token of its own
+    assert len(forms) == 2
+
+
+async def test_a_504_from_the_token_endpoint_is_retried() -> None:
+    answers = iter([web.Response(status=504), web.json_response({"access_token": "tok"})])
+    async with token_endpoint(lambda form: next(answers)) as (base, forms):
+        credential = ClientSecretCredential(
+            "tenant", APP_ID, "secret", authority_url=base, retry=FAST
+        )
+        assert (await credential.get_token("scope/.default")).token == "tok"
+        await credential.close()
+    assert len(forms) == 2
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+async def test_a_token_endpoint_redirect_is_not_followed(status: int) -> None:
+    # Following it would post the client secret to wherever Location points.
+    async with token_endpoint(lambda form: web.json_response({"access_token": "x"})) as (
+        elsewhere,
+        stolen,
+    ):
+        location = {"Location": elsewhere + "/steal"}
+        async with token_endpoint(lambda form: web.Response(status=status, headers=location)) as (
+            base,
+            _,
+        ):
+            credential = ClientSecretCredential("t", APP_ID, "secret", authority_url=base)
+            with pytest.raises(GraphError) as failure:
+                await credential.get_token("scope/.default")
+            await credential.close()
+    assert failure.value.status == status
+    assert stolen == []

@@ -128,13 +128,17 @@ class _ClientCredentialsFlow(abc.ABC):
             policy=self._retry,
             form=form,
             log_fields={"client_id": self.client_id},
+            # asking twice only mints a second token
+            repeatable=True,
         )
         payload = response.json()
+        # A token endpoint may echo the form back: the error must not carry the proof on.
+        proofs = [value for key, value in form.items() if key in _PROOFS]
         if response.status != 200 or not isinstance(payload, Mapping):
-            raise error_from(response, method="POST", url=self.token_url)
+            raise _redacted(error_from(response, method="POST", url=self.token_url), proofs)
         token = payload.get("access_token")
         if not isinstance(token, str) or not token:
-            raise GraphError(
+            error = GraphError(
                 response.status,
                 "invalid_response",
                 "token response has no access_token",
@@ -144,10 +148,8 @@ class _ClientCredentialsFlow(abc.ABC):
                 client_request_id=response.client_request_id,
                 body=payload,
             )
-        try:
-            lifetime = int(payload.get("expires_in", 3600))
-        except (TypeError, ValueError):
-            lifetime = 3600
+            raise _redacted(error, proofs)
+        lifetime = _lifetime(payload.get("expires_in"))
         log.info("graph_token_acquired", client_id=self.client_id, expires_in=lifetime)
         return AccessToken(token, int(issued_at + lifetime))
 
@@ -270,6 +272,49 @@ class CertificateCredential(_ClientCredentialsFlow):
             "client_assertion_type": CLIENT_ASSERTION_TYPE,
             "client_assertion": self.client_assertion(),
         }
+
+
+_PROOFS = frozenset({"client_secret", "client_assertion"})
+DEFAULT_LIFETIME = 3600
+MAX_LIFETIME = 24 * 3600
+
+
+def _lifetime(value: Any) -> int:
+    """Seconds a token lasts from ``expires_in``: 1 hour when missing or unusable, at most 24 h.
+
+    A lifetime of zero or less would have every request fetch a new token.
+    """
+    try:
+        seconds = int(value)
+    except (TypeError, ValueError, OverflowError):
+        return DEFAULT_LIFETIME
+    return min(seconds, MAX_LIFETIME) if seconds > 0 else DEFAULT_LIFETIME
+
+
+def _redacted(error: GraphError, secrets: list[str]) -> GraphError:
+    """``error`` with every occurrence of ``secrets`` in its message and body replaced."""
+    return GraphError(
+        error.status,
+        error.code,
+        _scrub(error.message, secrets),
+        method=error.method,
+        url=error.url,
+        request_id=error.request_id,
+        client_request_id=error.client_request_id,
+        body=_scrub(error.body, secrets),
+    )
+
+
+def _scrub(value: Any, secrets: list[str]) -> Any:
+    if isinstance(value, str):
+        for secret in secrets:
+            value = value.replace(secret, "[redacted]")
+        return value
+    if isinstance(value, Mapping):
+        return {_scrub(k, secrets): _scrub(v, secrets) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrub(item, secrets) for item in value]
+    return value
 
 
 def _consume(task: asyncio.Task[str]) -> None:

@@ -26,18 +26,24 @@ __all__ = ["RawResponse", "RequestStats", "RetryPolicy", "parse_retry_after", "s
 log = structlog.get_logger("callbot.graph")
 
 RETRY_STATUSES = frozenset({429, 503, 504})
+# A gateway that timed out may have handed the request on: resent only when repeatable.
+_MAYBE_DONE = frozenset({504})
 USER_AGENT = "callbot/0.1"
+MAX_RESPONSE_BYTES = 16 * 1024 * 1024
+"""The largest response body :func:`send` reads (after decompression); a longer one raises."""
+_CHUNK = 64 * 1024
 
 
 @dataclass(frozen=True, kw_only=True)
 class RetryPolicy:
     """How hard outbound requests try before giving up.
 
-    A request that gets 429, 503 or 504, or fails to connect, is sent again after
-    ``Retry-After`` (when Graph gives one) or an exponential backoff with jitter
-    starting at ``base_delay`` and capped at ``max_delay``; no retry is scheduled
-    past ``total_time`` seconds after the first attempt. ``request_timeout`` bounds
-    each single attempt.
+    A request that gets 429, 503 or 504, or fails to connect, is sent again (a 504,
+    or a connection lost once sent, only when the request is repeatable) after
+    an exponential backoff with jitter starting at ``base_delay`` and capped at
+    ``max_delay``, or after ``Retry-After`` when Graph names a longer wait; no
+    retry is scheduled past ``total_time`` seconds after the first attempt.
+    ``request_timeout`` bounds each single attempt.
     """
 
     total_time: float = 30.0
@@ -142,6 +148,20 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+async def _read_body(resp: aiohttp.ClientResponse, limit: int) -> bytes | None:
+    """The body, or ``None`` past ``limit`` bytes (a huge or decompression-bomb answer)."""
+    if resp.content_length is not None and resp.content_length > limit:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_chunked(_CHUNK):
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _str_or_none(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
@@ -169,16 +189,19 @@ async def send(
     log_fields: Mapping[str, Any] | None = None,
     stats: RequestStats | None = None,
     repeatable: bool | None = None,
+    max_body: int = MAX_RESPONSE_BYTES,
 ) -> RawResponse:
     """Send one request, retrying throttling, unavailability and connection failures.
 
     ``url`` is sent as written: escapes and reserved characters stay as they are,
     and only what a URL cannot hold (a space, non-ASCII text) is percent-encoded.
-    Returns the first response that is not retried, whatever its status; a request
+    Returns the first response that is not retried, whatever its status (a 504 to a
+    request that is not repeatable is returned as it is); a request
     that never got a response raises :class:`GraphError` with status 0. A 401 is
     retried once after ``on_unauthorized`` (which drops a cached token). A request
     that may have reached the server is sent again only when ``repeatable``
-    (default: the method is idempotent).
+    (default: the method is idempotent). A body longer than ``max_body`` bytes
+    (once decompressed) raises :class:`GraphError` with status 0.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + policy.total_time
@@ -186,6 +209,8 @@ async def send(
     attempt = 0
     reauthenticated = False
     stats = stats if stats is not None else RequestStats()
+    # A POST that may have reached Graph must not be sent twice (a second call placed).
+    safe = method in _IDEMPOTENT if repeatable is None else repeatable
     # yarl would decode what path_segment encoded (%3B to ;): quote the rest only.
     target = URL(quote(url, safe=_URL_CHARACTERS), encoded=True)
     while True:
@@ -213,7 +238,26 @@ async def send(
                 allow_redirects=False,
                 **kwargs,
             ) as resp:
-                body = await resp.read()
+                body = await _read_body(resp, max_body)
+                if body is None:
+                    stats.outcomes[method, "too_large"] += 1
+                    log.warning(
+                        "graph_response_too_large",
+                        method=method,
+                        url=url,
+                        status=resp.status,
+                        limit=max_body,
+                        client_request_id=client_request_id,
+                        **fields,
+                    )
+                    raise GraphError(
+                        0,
+                        "responseTooLarge",
+                        f"the response body is more than {max_body} bytes",
+                        method=method,
+                        url=url,
+                        client_request_id=client_request_id,
+                    )
                 response = RawResponse(
                     status=resp.status,
                     headers=resp.headers,
@@ -224,8 +268,6 @@ async def send(
             stats.outcomes[method, "connection_error"] += 1
             delay = policy.backoff(attempt)
             reason = describe(exc)
-            # A POST that may have reached Graph must not be sent twice (a second call placed).
-            safe = method in _IDEMPOTENT if repeatable is None else repeatable
             unsafe = not safe and not isinstance(exc, aiohttp.ClientConnectorError)
             if unsafe or loop.time() + delay > deadline:
                 log.warning(
@@ -285,9 +327,10 @@ async def send(
             reauthenticated = True
             on_unauthorized()
             continue
-        if response.status in RETRY_STATUSES:
+        if response.status in RETRY_STATUSES and (safe or response.status not in _MAYBE_DONE):
             named = parse_retry_after(response.headers.get("Retry-After"))
-            delay = named if named is not None else policy.backoff(attempt)
+            # Retry-After: 0 on every answer would have us hammer Graph until the budget ends.
+            delay = max(named or 0.0, policy.backoff(attempt))
             if loop.time() + delay <= deadline:
                 log.warning(
                     "graph_request_retry",
