@@ -135,6 +135,10 @@ async def test_by_default_items_carry_resource_resource_url_and_the_call_chain_i
     calls = [d for d in data if isinstance(d, dict) and d["@odata.type"] == "#microsoft.graph.call"]
     chains = {d["callChainId"] for d in calls}
     assert len(chains) == 1
+    played = next(
+        d for d in data if isinstance(d, dict) and "/operations/" in d.get("@odata.id", "")
+    )
+    assert played["completionReason"] == "completedSuccessfully"
 
 
 async def test_compact_ids_write_the_paths_ids_upper_case_without_dashes() -> None:

@@ -857,7 +857,9 @@ class SimulatedCall:
 
             def finished() -> None:
                 if self._media.pop(operation_id, None) is not None:
-                    self._enqueue(self._operation_item(operation_id, "completed", _DONE))
+                    # As recorded from Teams: the reason comes with the outcome.
+                    reason = {"completionReason": "completedSuccessfully"}
+                    self._enqueue(self._operation_item(operation_id, "completed", _DONE, reason))
 
             self._later(duration, finished)
         elif action == "recordResponse":
