@@ -93,10 +93,9 @@ async def meeting_roster(sim: Simulator, options: ScenarioOptions) -> None:
 
 
 async def out_of_order(sim: Simulator, options: ScenarioOptions) -> None:
-    """Graph at its worst: states swapped and doubled, a stale state, a straggler after the end."""
-    call = await sim.incoming_call(
-        from_user="Adele Vance", delivery=DeliveryOptions(out_of_order=True, duplicate=True)
-    )
+    """Graph at its worst: every quirk of :meth:`DeliveryOptions.realistic`, a stale state,
+    a straggler after the end."""
+    call = await sim.incoming_call(from_user="Adele Vance", delivery=DeliveryOptions.realistic())
     if not await _connect(call, options):
         return
     await call.notify(build.call_state(call.id, "establishing"))

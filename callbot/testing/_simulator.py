@@ -42,6 +42,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import re
 import socket
 import time
 import uuid
@@ -102,6 +103,9 @@ _MEDIA_ACTIONS = frozenset({"playPrompt", "recordResponse"})
 _OK = 200
 _CANCELED = {"code": 400, "subcode": 8508, "message": "Action failed, the operation was cancelled."}
 _DONE = {"code": 200, "subcode": 0, "message": "Action completed successfully."}
+_CALLS = "/communications/calls/"
+_LEGACY_CALLS = "/app/calls/"
+_GUID = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
 
 
 class SimulatorError(Exception):
@@ -110,16 +114,29 @@ class SimulatorError(Exception):
 
 @dataclass(frozen=True, kw_only=True)
 class DeliveryOptions:
-    """How faithfully notifications arrive, to exercise the bot's ordering.
+    """Graph's quirks to post notifications with, to test a bot against them.
 
     ``out_of_order`` posts ``established`` before ``establishing``; ``duplicate``
-    posts every notification twice; ``delay`` waits that many seconds before
-    each notification.
+    posts every notification twice; ``resource_only`` names each item's
+    resource only the older way (``resource``: ``/app/calls/...``, no
+    ``resourceUrl``); ``compact_ids`` writes the ids in resource paths upper
+    case without dashes (as Graph writes some, unlike its responses); ``delay``
+    waits that many seconds before each notification. :meth:`realistic` turns
+    every quirk on.
     """
 
     out_of_order: bool = False
     duplicate: bool = False
+    resource_only: bool = False
+    compact_ids: bool = False
     delay: float = 0.0
+
+    @classmethod
+    def realistic(cls, *, delay: float = 0.0) -> DeliveryOptions:
+        """Every quirk at once: swapped, repeated, ``resource`` only, compact ids."""
+        return cls(
+            out_of_order=True, duplicate=True, resource_only=True, compact_ids=True, delay=delay
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -324,6 +341,8 @@ class SimulatedCall:
         """The bot's own participant id in the roster."""
         self.delta_roster = False
         """Whether rosters are sent as deltas (the bot asked for ``isDeltaRosterEnabled``)."""
+        self.chain_id = str(uuid.uuid4())
+        """The call's ``callChainId``, on every call notification (as Teams sends it)."""
         self._sim = simulator
         self._tone_sequence = 0
         self._roster_sequence = 0
@@ -650,7 +669,7 @@ class SimulatedCall:
                     # Graph says nothing more about a call once it has ended.
                     status = 0
                 else:
-                    body = build.notifications(*entry.items)
+                    body = build.notifications(*(self._as_graph_writes(i) for i in entry.items))
                     status = await self._sim._deliver(body, call_id=self.id)
                     if self.delivery.duplicate:
                         await self._sim._deliver(body, call_id=self.id)
@@ -666,6 +685,28 @@ class SimulatedCall:
                 log.exception("simulator_delivery_failed", call_id=self.id)
                 if entry.done is not None and not entry.done.done():
                     entry.done.set_exception(exc)
+
+    def _as_graph_writes(self, item: Mapping[str, Any]) -> dict[str, Any]:
+        """An item as live Teams traffic has it (recorded 2023), with this call's quirks:
+        ``resource`` beside ``resourceUrl``, and the call's ``callChainId`` on the call."""
+        shaped = dict(item)
+        data = shaped.get("resourceData")
+        if (
+            isinstance(data, Mapping)
+            and data.get("@odata.type") == "#microsoft.graph.call"
+            and "callChainId" not in data
+        ):
+            shaped["resourceData"] = {**data, "callChainId": self.chain_id}
+        url = shaped.get("resourceUrl")
+        if not isinstance(url, str) or not url.startswith(_CALLS) or "resource" in shaped:
+            return shaped  # an item a test wrote its own way is posted as written
+        del shaped["resourceUrl"]
+        if self.delivery.compact_ids:
+            url = _GUID.sub(lambda found: id_key(found.group()).upper(), url)
+        shaped["resource"] = _LEGACY_CALLS + url[len(_CALLS) :]
+        if not self.delivery.resource_only:
+            shaped["resourceUrl"] = url
+        return shaped
 
     def _delivered(self, entry: _Outgoing) -> None:
         # What the bot was told is read with the bot's own parser: a state is the call's
@@ -816,7 +857,9 @@ class SimulatedCall:
 
             def finished() -> None:
                 if self._media.pop(operation_id, None) is not None:
-                    self._enqueue(self._operation_item(operation_id, "completed", _DONE))
+                    # As recorded from Teams: the reason comes with the outcome.
+                    reason = {"completionReason": "completedSuccessfully"}
+                    self._enqueue(self._operation_item(operation_id, "completed", _DONE, reason))
 
             self._later(duration, finished)
         elif action == "recordResponse":
@@ -904,9 +947,10 @@ class Simulator:
     ``prompt_duration`` is how long each prompt plays, ``record_duration`` how
     long a recording lasts, ``transfer_duration`` how long a transfer target
     takes to pick up, ``step_delay`` the pause before each notification (all
-    seconds). ``delivery`` makes notifications arrive out of order, twice, or
-    late. With ``drive=False`` the simulator only answers requests and posts
-    nothing by itself (for replays). ``observers`` see every :class:`Traffic`.
+    seconds). ``delivery`` posts notifications with Graph's quirks (out of order,
+    twice, ``resource`` only, compact ids, late: :class:`DeliveryOptions`). With
+    ``drive=False`` the simulator only answers requests and posts nothing by
+    itself (for replays). ``observers`` see every :class:`Traffic`.
     ``graph_port`` and ``keys_port`` fix the ports (0: any free port).
     """
 

@@ -26,7 +26,7 @@ Fixtures:
 
 * ``callbot_bot`` - yours to define: the :class:`~callbot.CallBot` under test.
 * ``callbot_simulator_options`` - keyword arguments for the simulator
-  (``prompt_duration``, ``delivery=DeliveryOptions(out_of_order=True)``, ...).
+  (``prompt_duration``, ``delivery=DeliveryOptions.realistic()``, ...).
 * ``callbot_strict`` - ``True`` (default): a test that passed still fails when
   a handler raised an error that no ``@bot.on_error`` handler took, or the bot
   refused a notification. A handler stopped by :class:`~callbot.CallEnded` (the

@@ -1,0 +1,150 @@
+"""Graph's quirks in the simulator: a bot sees the same events with them as without."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from callbot import Call, CallBot, events
+from callbot.graph import Target
+from callbot.testing import DeliveryOptions, run_with_simulator
+
+from .conftest import APP_ID, until
+
+PLAIN = DeliveryOptions()
+QUIRKS = [
+    pytest.param(DeliveryOptions(out_of_order=True), id="out_of_order"),
+    pytest.param(DeliveryOptions(duplicate=True), id="duplicate"),
+    pytest.param(DeliveryOptions(resource_only=True), id="resource_only"),
+    pytest.param(DeliveryOptions(compact_ids=True), id="compact_ids"),
+    pytest.param(DeliveryOptions.realistic(), id="realistic"),
+]
+
+
+def label(event: events.Event) -> str:
+    if isinstance(event, events.ToneReceived):
+        return f"tone:{event.tone}"
+    if isinstance(event, events.CallStateChanged):
+        return f"{event.previous_state}->{event.state}"
+    if isinstance(event, events.OperationUpdated):
+        return f"operation:{event.status}"
+    if isinstance(event, events.ParticipantsUpdated):
+        return f"roster:+{len(event.joined)}-{len(event.left)}"
+    if isinstance(event, events.CallUpdated):
+        return "updated:" + ",".join(sorted(event.changed))
+    return type(event).__name__
+
+
+def recording_bot() -> tuple[CallBot, list[str]]:
+    bot = CallBot(app_id=APP_ID)
+    seen: list[str] = []
+
+    @bot.on(events.Event)
+    async def record(call: Call, event: events.Event) -> None:
+        seen.append(label(event))
+
+    return bot, seen
+
+
+async def answered_call_with_a_prompt(delivery: DeliveryOptions) -> tuple[list[str], Any]:
+    """Someone calls, the bot answers and plays a prompt on a key, the caller hangs up."""
+    bot, seen = recording_bot()
+    outcomes: list[str] = []
+
+    @bot.on_incoming_call
+    async def answer(call: Call, event: events.IncomingCall) -> None:
+        await call.answer()
+
+    @bot.on_state("established")
+    async def subscribe(call: Call, event: events.CallStateChanged) -> None:
+        await call.subscribe_to_tone()
+
+    @bot.on_tone
+    async def play(call: Call, event: events.ToneReceived) -> None:
+        op = await call.play_prompt(["https://x.example/a.wav"])
+        outcomes.append(str((await op.wait(timeout=5)).status))
+
+    async with run_with_simulator(bot, delivery=delivery) as sim:
+        call = await sim.incoming_call(from_user="Adele Vance")
+        await call.press("1")
+        await until(lambda: bool(outcomes))
+        await call.hangup()
+        await until(lambda: "established->terminated" in seen)
+        posted = [t.body for t in sim.traffic if t.kind == "notification"]
+    return [*seen, *outcomes], posted
+
+
+async def placed_call_into_a_meeting(delivery: DeliveryOptions) -> tuple[list[str], Any]:
+    """The bot places a call, someone joins and leaves, the bot hangs up."""
+    bot, seen = recording_bot()
+    async with run_with_simulator(bot, delivery=delivery) as sim:
+        placed = await bot.create_call(Target.user("user-1", "Lee Gu"))
+        call = await sim.wait_for_outgoing_call()
+        await call.wait_for_state("established")
+        await until(lambda: "roster:+2-0" in seen)
+        who = await call.join("Alice Smith")
+        await call.leave(who)
+        await until(lambda: "roster:+0-1" in seen)
+        await placed.hangup()
+        await call.wait_until_ended()
+        await until(lambda: "terminating->terminated" in seen)
+        posted = [t.body for t in sim.traffic if t.kind == "notification"]
+    return seen, posted
+
+
+def items(posted: list[Any]) -> list[dict[str, Any]]:
+    return [item for body in posted for item in body["value"]]
+
+
+@pytest.mark.parametrize("quirks", QUIRKS)
+async def test_an_answered_call_sees_the_same_events_with_graphs_quirks(
+    quirks: DeliveryOptions,
+) -> None:
+    plain, _ = await answered_call_with_a_prompt(PLAIN)
+    quirky, posted = await answered_call_with_a_prompt(quirks)
+    assert quirky == plain
+    assert plain[:4] == [
+        "IncomingCall",
+        "incoming->establishing",
+        "establishing->established",
+        "updated:media_state",
+    ]
+    assert "operation:completed" in plain
+    if quirks.resource_only:
+        assert all("resourceUrl" not in item for item in items(posted))
+
+
+@pytest.mark.parametrize("quirks", QUIRKS)
+async def test_a_placed_call_sees_the_same_events_with_graphs_quirks(
+    quirks: DeliveryOptions,
+) -> None:
+    plain, _ = await placed_call_into_a_meeting(PLAIN)
+    quirky, _ = await placed_call_into_a_meeting(quirks)
+    assert quirky == plain
+    assert "established->terminating" in plain
+
+
+async def test_by_default_items_carry_resource_resource_url_and_the_call_chain_id() -> None:
+    _, posted = await answered_call_with_a_prompt(PLAIN)
+    for item in items(posted):
+        url = item["resourceUrl"]
+        assert url.startswith("/communications/calls/")
+        assert item["resource"] == "/app/calls/" + url.removeprefix("/communications/calls/")
+    data = [item.get("resourceData") for item in items(posted)]
+    calls = [d for d in data if isinstance(d, dict) and d["@odata.type"] == "#microsoft.graph.call"]
+    chains = {d["callChainId"] for d in calls}
+    assert len(chains) == 1
+    played = next(
+        d for d in data if isinstance(d, dict) and "/operations/" in d.get("@odata.id", "")
+    )
+    assert played["completionReason"] == "completedSuccessfully"
+
+
+async def test_compact_ids_write_the_paths_ids_upper_case_without_dashes() -> None:
+    _, posted = await answered_call_with_a_prompt(DeliveryOptions(compact_ids=True))
+    paths = [item["resourceUrl"] for item in items(posted)]
+    operation = next(p for p in paths if "/operations/" in p)
+    for path in (paths[0], operation):
+        ids = path.removeprefix("/communications/calls/").split("/")[::2]
+        assert all(i == i.upper() and "-" not in i and len(i) == 32 for i in ids)
