@@ -933,15 +933,22 @@ async def test_a_run_that_lost_its_call_sends_no_further_graph_action(
             item = b.call_state("fenced-call", state)
             assert (await server.post(b.notifications(item))).status == 202
         await asyncio.wait_for(started.wait(), 10)
-        key = call_key("fenced-call")
-        await rdb.set(f"{KEY_PREFIX}{{{key}}}:lease", "another-instance/99")
-        await rdb.hincrby(f"{KEY_PREFIX}{{{key}}}:fence", "n", 1)
-        run = bot._running().store._running[key]  # type: ignore[attr-defined]
-        run.deadline = 0.0  # as after a pause longer than the lease
+        await _taken_over(bot, rdb, "fenced-call")
         go.set()
         await until(lambda: bool(outcome), within=10)
         assert outcome == ["refused"]
         assert graph.requests_for("playPrompt") == []
+
+
+async def _taken_over(bot: CallBot, rdb: aioredis.Redis, call_id: str) -> Any:
+    """Another instance takes the call over while this one's run is paused past its lease
+    (its lease and epoch moved on in Redis, its own deadline gone); the run is returned."""
+    key = call_key(call_id)
+    await rdb.set(f"{KEY_PREFIX}{{{key}}}:lease", "another-instance/99")
+    await rdb.hincrby(f"{KEY_PREFIX}{{{key}}}:fence", "n", 1)
+    run = bot._running().store._running[key]  # type: ignore[attr-defined]
+    run.deadline = 0.0  # as after a pause longer than the lease
+    return run
 
 
 async def test_a_run_that_lost_its_call_starts_no_further_handler(
@@ -969,12 +976,8 @@ async def test_a_run_that_lost_its_call_starts_no_further_handler(
         item = b.call_state("queued-call", state)
         assert (await server.post(b.notifications(item))).status == 202
     await asyncio.wait_for(started.wait(), 10)
-    key = call_key("queued-call")
-    await rdb.set(f"{KEY_PREFIX}{{{key}}}:lease", "another-instance/99")
-    await rdb.hincrby(f"{KEY_PREFIX}{{{key}}}:fence", "n", 1)
+    run = await _taken_over(bot, rdb, "queued-call")
     runtime = bot._running()
-    run = runtime.store._running[key]  # type: ignore[attr-defined]
-    run.deadline = 0.0  # as after a pause longer than the lease
     with capture_logs() as logs:
         go.set()
         await until(lambda: runtime.dispatcher.queued == 0, within=10)
