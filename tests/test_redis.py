@@ -807,6 +807,19 @@ async def _two_players(
     return servers[0]
 
 
+async def _replayed_after_stopping(
+    first: BotServer, graph: FakeGraph, runs: list[tuple[int, bool, str | None]]
+) -> None:
+    """Stop the first of :func:`_two_players` mid-handler: the other runs the handler again,
+    flagged, and gets the recorded prompt instead of sending it to Graph again."""
+    await first.bot.stop()  # the handler is abandoned: its entry is not acknowledged
+    await until(lambda: len(runs) == 2, within=10)
+    (_, first_flag, first_op), (index, again, second_op) = runs
+    assert (first_flag, index, again) == (False, 1, True)
+    assert second_op == first_op  # the recorded answer, not a new operation
+    assert len(graph.requests_for("playPrompt")) == 1
+
+
 async def test_a_re_run_handler_does_not_repeat_graph_actions_its_first_run_completed(
     authority: TokenAuthority, serve: Any, redis_url: str
 ) -> None:
@@ -819,12 +832,7 @@ async def test_a_re_run_handler_does_not_repeat_graph_actions_its_first_run_comp
             item = b.call_state("journal-call", state)
             assert (await first.post(b.notifications(item))).status == 202
         await until(lambda: bool(runs), within=10)
-        await first.bot.stop()  # the handler is abandoned: its entry is not acknowledged
-        await until(lambda: len(runs) == 2, within=10)
-        (_, first_flag, first_op), (index, again, second_op) = runs
-        assert (first_flag, index, again) == (False, 1, True)
-        assert second_op == first_op  # the recorded answer, not a new operation
-        assert len(graph.requests_for("playPrompt")) == 1
+        await _replayed_after_stopping(first, graph, runs)
 
 
 def _certificates(directory: Path) -> tuple[Path, Path, Path]:
@@ -1015,12 +1023,7 @@ async def test_a_graph_action_is_recorded_once_redis_takes_the_write(
         await until(lambda: bool(runs) or not store.reachable, within=10)
         await rdb.delete(journal)
         await until(lambda: bool(runs), within=10)
-        await first.bot.stop()  # the handler is abandoned: its entry is not acknowledged
-        await until(lambda: len(runs) == 2, within=10)
-        (_, first_flag, first_op), (index, again, second_op) = runs
-        assert (first_flag, index, again) == (False, 1, True)
-        assert second_op == first_op  # the recorded answer, not a new operation
-        assert len(graph.requests_for("playPrompt")) == 1
+        await _replayed_after_stopping(first, graph, runs)
 
 
 class Collecting:
