@@ -143,11 +143,15 @@ class Server:
 
 
 @contextlib.asynccontextmanager
-async def server(kind: str, openid_config_url: str, *options: str) -> AsyncIterator[Server]:
-    """Run ``python -m benchmarks.servers kind`` pinned to its own core until the block ends."""
+async def server(
+    kind: str, openid_config_url: str, *options: str, wrapper: Sequence[str] = ()
+) -> AsyncIterator[Server]:
+    """Run ``python -m benchmarks.servers kind`` pinned to its own core until the block ends;
+    ``wrapper`` is a command that runs it (valgrind, say)."""
     descriptor, log = tempfile.mkstemp(prefix=f"callbot-bench-{kind}-", suffix=".log")
     try:
         process = await asyncio.create_subprocess_exec(
+            *wrapper,
             sys.executable,
             "-m",
             "benchmarks.servers",
@@ -164,7 +168,8 @@ async def server(kind: str, openid_config_url: str, *options: str) -> AsyncItera
         os.close(descriptor)
     try:
         assert process.stdout is not None
-        async with asyncio.timeout(30):
+        # Under a wrapper such as valgrind, starting takes minutes rather than seconds.
+        async with asyncio.timeout(600 if wrapper else 30):
             line = (await process.stdout.readline()).decode()
         if not line.startswith("LISTENING "):
             said = await asyncio.to_thread(Path(log).read_text)

@@ -18,7 +18,7 @@ import heapq
 import itertools
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Final
 
@@ -80,11 +80,11 @@ class CallLife:
     keeping_alive: bool = False
     tenant_id: str | None = None
     """The tenant the call was first seen with (its :func:`tenant_key`): the call belongs to it."""
+    key: str = field(init=False)
+    """The call id in the form ids are compared in."""
 
-    @property
-    def key(self) -> str:
-        """The call id in the form ids are compared in."""
-        return id_key(self.call_id)
+    def __post_init__(self) -> None:
+        self.key = id_key(self.call_id)
 
     @property
     def established(self) -> bool:
@@ -126,6 +126,7 @@ class Lifecycle:
         # Calls forgotten after their end: key -> (when, its tenant), oldest first.
         self._ended: OrderedDict[str, tuple[float, str | None]] = OrderedDict()
         self._heap: list[tuple[float, int, int, CallLife]] = []
+        self._heap_kept = 0  # timers left by the last sweep of forgotten calls' timers
         self._order = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
@@ -281,6 +282,7 @@ class Lifecycle:
             self._timer.cancel()
             self._timer = None
         self._heap.clear()
+        self._heap_kept = 0
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
@@ -335,12 +337,13 @@ class Lifecycle:
         loop = asyncio.get_running_loop()
         due = loop.time() + delay
         heapq.heappush(self._heap, (due, next(self._order), kind, life))
-        if len(self._heap) > 4 * len(self._lives) + 1024:
-            # Timers of forgotten calls would keep them in memory until due: drop them.
-            self._heap = [
-                entry for entry in self._heap if self._lives.get(entry[3].key) is entry[3]
-            ]
+        if len(self._heap) > 2 * self._heap_kept + 1024:
+            # Timers of forgotten calls would keep them in memory until due: drop them, once
+            # the heap has doubled since the last time, so that a timer costs O(1) on average.
+            lives = self._lives
+            self._heap = [entry for entry in self._heap if lives.get(entry[3].key) is entry[3]]
             heapq.heapify(self._heap)
+            self._heap_kept = len(self._heap)
         if self._timer is None or due < self._timer_at:
             if self._timer is not None:
                 self._timer.cancel()

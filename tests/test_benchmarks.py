@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks._common import call_script
+from benchmarks.instructions import by_place, instructions_by_object
 from benchmarks.loadgen import _content_length, bodies
 from benchmarks.stages import sampled_table
 from callbot import events
@@ -97,3 +98,35 @@ def test_a_sampled_profile_is_split_by_the_stages_on_each_stack(tmp_path: Path) 
     assert table.keys() == expected.keys()
     for stage, figures in expected.items():
         assert table[stage] == pytest.approx(figures), stage
+
+
+def test_instructions_are_counted_where_they_were_executed(tmp_path: Path) -> None:
+    # callgrind's format: names compressed to "(n)" after first use (in ob= or cob=), and
+    # the line after calls= is the call's inclusive cost, which belongs to the callee.
+    profile = tmp_path / "callgrind.out"
+    profile.write_text(
+        "events: Ir\n"
+        "ob=(1) /lib/libpython3.11.so.1.0\n"
+        "fn=(1) _PyEval_EvalFrameDefault\n"
+        "10 100\n"
+        "cob=(2) /site-packages/pydantic_core/_pydantic_core.so\n"
+        "cfn=(2) validate\n"
+        "calls=1 0\n"
+        "11 40\n"
+        "+1 5\n"
+        "ob=(2)\n"
+        "fn=(2)\n"
+        "0 40\n"
+        "ob=(3) /usr/lib/x86_64-linux-gnu/libc.so.6\n"
+        "fn=(3) memcpy\n"
+        "* 7\n"
+    )
+    totals = instructions_by_object(profile)
+    assert totals == {
+        "/lib/libpython3.11.so.1.0": 105,
+        "/site-packages/pydantic_core/_pydantic_core.so": 40,
+        "/usr/lib/x86_64-linux-gnu/libc.so.6": 7,
+    }
+    places = by_place(totals)
+    assert (places["interpreter"], places["pydantic-core"], places["C library"]) == (105, 40, 7)
+    assert places["the rest"] == 0

@@ -7,13 +7,16 @@ so nothing here waits for real time to pass.
 from __future__ import annotations
 
 import asyncio
+import heapq
 from collections.abc import AsyncIterator, Awaitable, Callable
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
 
 from callbot import OperationFailed, events, models
+from callbot import _lifecycle as lifecycle_module
 from callbot._ids import id_key
 from callbot._lifecycle import ENDED_MEMORY, KeepAliveResult, Lifecycle
 from callbot._parse import parse_payload
@@ -305,6 +308,37 @@ async def test_a_run_started_over_goes_through_a_forgotten_end_again(clock: Cloc
     sequencer.accept(_event(b.call_terminated(CALL_ID)))
     assert delivered == ["CallTerminated", "CallTerminated"]
     sequencer.close()
+
+
+async def test_a_steady_stream_of_calls_costs_the_timers_o1_each(
+    clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Calls ending within the grace keep four timers each; forgotten ones leave theirs
+    # behind until due. Sweeping those out must not rescan the live ones every few calls.
+    pushed, swept = 0, 0
+
+    def push(heap: list[Any], entry: Any) -> None:
+        nonlocal pushed
+        pushed += 1
+        heapq.heappush(heap, entry)
+
+    def heapify(heap: list[Any]) -> None:
+        nonlocal swept
+        swept += len(heap)
+        heapq.heapify(heap)
+
+    counting = SimpleNamespace(heappush=push, heappop=heapq.heappop, heapify=heapify)
+    monkeypatch.setattr(lifecycle_module, "heapq", counting)
+    calls = lifecycle(KeepAlives(), answer_warning_after=3600.0)
+    for second in range(120):
+        for n in range(100):
+            life = calls.life(f"call-{second}-{n}")
+            for state in ("incoming", "establishing", "established", "terminated"):
+                calls.enter(life, state)
+        await clock.advance(1.0)
+    assert 2_900 <= len(calls) <= 3_200  # the last 30 s of calls, within their grace
+    # Each sweep keeps what it finds alive, and the next waits until the heap has doubled.
+    assert swept <= 2 * pushed, (swept, pushed)
 
 
 def _event(item: dict[str, Any]) -> events.Event:
