@@ -102,6 +102,9 @@ class Settings:
     """PEM file of extra CAs trusted for recording downloads (default: the system's)."""
     max_recording_bytes: int = 64 * 1024 * 1024
     """Largest recording ``download_recording`` accepts; a longer answer raises."""
+    recording_download_timeout: float = 600.0
+    """Longest ``download_recording`` may take in all, redirects included (each read may
+    also wait at most ``graph_request_timeout``); past it the download raises."""
     answer_warning_after: float = 10.0
     """Warn when an incoming call is not answered, rejected or redirected by then."""
     graph_retry_time: float = 30.0
@@ -161,6 +164,7 @@ class Settings:
             "idle_timeout",
             "max_token_lifetime",
             "pending_call_ttl",
+            "recording_download_timeout",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigurationError(f"{name} must be positive (CALLBOT_{name.upper()})")

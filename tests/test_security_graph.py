@@ -9,6 +9,7 @@ the metrics or an error body.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import ipaddress
 import json
@@ -276,6 +277,7 @@ class RecordingHosts:
         self.internal_hits = 0
         self.endless_sent = 0
         self.endless_done = asyncio.Event()
+        self.trickle_done = asyncio.Event()
         self._runners: list[web.AppRunner] = []
         self.https = ""
         self.internal = ""
@@ -286,6 +288,7 @@ class RecordingHosts:
         public.router.add_get("/loop", self._loop)
         public.router.add_get("/to-internal", self._to_internal)
         public.router.add_get("/endless", self._endless)
+        public.router.add_get("/trickle", self._trickle)
         internal = web.Application()
         internal.router.add_route("*", "/{tail:.*}", self._internal)
         self.https = await self._serve(public, self._tls)
@@ -330,6 +333,19 @@ class RecordingHosts:
             pass
         finally:
             self.endless_done.set()
+        return response
+
+    async def _trickle(self, request: web.Request) -> web.StreamResponse:
+        # A byte at a time, each well within the read timeout, for at most 60 s.
+        response = web.StreamResponse()
+        await response.prepare(request)
+        with contextlib.suppress(ConnectionError, asyncio.CancelledError):
+            for _ in range(600):
+                if request.protocol.transport is None:
+                    break
+                await response.write(b"\0")
+                await asyncio.sleep(0.1)
+        self.trickle_done.set()
         return response
 
     async def _internal(self, request: web.Request) -> web.Response:
@@ -642,3 +658,53 @@ async def test_participant_pages_are_followed_on_graph_and_bounded(graph: FakeGr
         assert [r.action for r in graph.requests[before:]] == ["listParticipants"] * 5
     finally:
         await services.close()
+
+
+async def test_a_recording_trickled_past_the_download_deadline_raises(
+    graph: FakeGraph,
+    authority: TokenAuthority,
+    serve: Any,
+    hosts: RecordingHosts,
+    tmp_path: Path,
+) -> None:
+    # Every read arrives within graph_request_timeout; only the deadline in all stops it.
+    bot = graph_bot(
+        graph,
+        authority,
+        recording_hosts=frozenset({"127.0.0.1"}),
+        recording_ca_file=str(hosts.ca_file),
+        recording_download_timeout=1.0,
+    )
+    results: dict[str, Any] = {}
+
+    @bot.on_operation
+    async def download(call: Call, event: events.OperationUpdated) -> None:
+        assert isinstance(event.operation, models.RecordOperation)
+        try:
+            results["file"] = await call.download_recording(event.operation, tmp_path / "r")
+        except GraphError as exc:
+            results["file"] = exc
+
+    server: BotServer = await serve(bot)
+    await start_call(server, graph, CALL)
+    update = b.operation_update(
+        CALL,
+        "trickled",
+        operation_type="recordOperation",
+        recording_location=f"{hosts.https}/trickle",
+        recording_access_token=hosts.token,
+    )
+    with capture_logs() as logs:
+        assert (await server.post(b.notifications(update))).status == 202
+        await until(lambda: "file" in results, within=30)
+    error = results["file"]
+    assert isinstance(error, GraphError), error
+    assert (error.status, error.code) == (0, "connectionFailed")
+    assert "recording_download_timeout" in error.message
+    assert [e["event"] for e in logs if e["event"] == "recording_download_failed"] == [
+        "recording_download_failed"
+    ]
+    assert not (tmp_path / "r").exists()
+    # The sender saw the bot hang up, long before its own 60 s were over.
+    async with asyncio.timeout(30):
+        await hosts.trickle_done.wait()

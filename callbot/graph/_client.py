@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -315,10 +316,29 @@ class GraphClient:
 
         Only URLs :func:`recording_url_refusal` accepts are fetched, redirects
         included; a refused URL or an answer larger than ``max_recording_bytes``
-        raises ``ValueError``, an HTTP failure :class:`~callbot.GraphError`.
+        raises ``ValueError``, an HTTP failure or a download not finished within
+        ``recording_download_timeout`` :class:`~callbot.GraphError`.
         """
-        limit = self.settings.max_recording_bytes
         fields = {"call_id": call_id} if call_id is not None else {}
+        deadline = self.settings.recording_download_timeout
+        try:
+            # A sender trickling bytes would otherwise hold the handler for as long as it likes.
+            async with asyncio.timeout(deadline):
+                return await self._download(url, bearer=bearer, write=write, fields=fields)
+        except TimeoutError:
+            reason = f"recording not received within recording_download_timeout ({deadline} s)"
+            log.warning("recording_download_failed", url=url, error=reason, **fields)
+            raise GraphError(0, "connectionFailed", reason, method="GET", url=url) from None
+
+    async def _download(
+        self,
+        url: str,
+        *,
+        bearer: str,
+        write: Callable[[bytes], Awaitable[None]],
+        fields: Mapping[str, Any],
+    ) -> int:
+        limit = self.settings.max_recording_bytes
         timeout = aiohttp.ClientTimeout(
             total=None, connect=self.retry.request_timeout, sock_read=self.retry.request_timeout
         )
