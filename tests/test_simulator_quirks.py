@@ -18,6 +18,7 @@ QUIRKS = [
     pytest.param(DeliveryOptions(duplicate=True), id="duplicate"),
     pytest.param(DeliveryOptions(resource_only=True), id="resource_only"),
     pytest.param(DeliveryOptions(compact_ids=True), id="compact_ids"),
+    pytest.param(DeliveryOptions(first_tone_sequence=6), id="first_tone_sequence"),
     pytest.param(DeliveryOptions.realistic(), id="realistic"),
 ]
 
@@ -148,3 +149,44 @@ async def test_compact_ids_write_the_paths_ids_upper_case_without_dashes() -> No
     for path in (paths[0], operation):
         ids = path.removeprefix("/communications/calls/").split("/")[::2]
         assert all(i == i.upper() and "-" not in i and len(i) == 32 for i in ids)
+
+
+async def digits_collected(delivery: DeliveryOptions) -> tuple[list[str], list[int | None]]:
+    """A caller keys a number and then a menu choice; what the bot collected, and the
+    tones' sequence ids as posted."""
+    bot = CallBot(app_id=APP_ID)
+    collected: list[str] = []
+
+    @bot.on_incoming_call
+    async def answer(call: Call, event: events.IncomingCall) -> None:
+        await call.answer()
+
+    @bot.on_state("established")
+    async def ask(call: Call, event: events.CallStateChanged) -> None:
+        collected.append(await call.collect_digits(max_digits=4, timeout=10))
+        collected.append(await call.collect_digits(max_digits=1, timeout=10))
+
+    async with run_with_simulator(bot, delivery=delivery) as sim:
+        call = await sim.incoming_call(from_user="Adele Vance")
+        await call.press("2468")
+        await call.press("9")
+        await until(lambda: len(collected) == 2)
+        await call.hangup()
+        posted = [t.body for t in sim.traffic if t.kind == "notification"]
+    sequence = [
+        item["resourceData"]["toneInfo"].get("sequenceId")
+        for item in items(posted)
+        if "toneInfo" in (item.get("resourceData") or {})
+    ]
+    return collected, sequence
+
+
+@pytest.mark.parametrize("quirks", QUIRKS)
+async def test_digits_are_collected_the_same_with_graphs_quirks(quirks: DeliveryOptions) -> None:
+    collected, sequence = await digits_collected(quirks)
+    assert collected == ["2468", "9"]
+    first = quirks.first_tone_sequence
+    expected = list(range(first, first + 5))
+    if quirks.duplicate:
+        expected = [n for n in expected for _ in (1, 2)]
+    assert sequence == expected

@@ -120,7 +120,9 @@ class DeliveryOptions:
     posts every notification twice; ``resource_only`` names each item's
     resource only the older way (``resource``: ``/app/calls/...``, no
     ``resourceUrl``); ``compact_ids`` writes the ids in resource paths upper
-    case without dashes (as Graph writes some, unlike its responses); ``delay``
+    case without dashes (as Graph writes some, unlike its responses);
+    ``first_tone_sequence`` is the ``sequenceId`` of a call's first tone (the
+    first key pressed in a recorded Teams call carried 6, not 1); ``delay``
     waits that many seconds before each notification. :meth:`realistic` turns
     every quirk on.
     """
@@ -129,13 +131,20 @@ class DeliveryOptions:
     duplicate: bool = False
     resource_only: bool = False
     compact_ids: bool = False
+    first_tone_sequence: int = 1
     delay: float = 0.0
 
     @classmethod
     def realistic(cls, *, delay: float = 0.0) -> DeliveryOptions:
-        """Every quirk at once: swapped, repeated, ``resource`` only, compact ids."""
+        """Every quirk at once: swapped, repeated, ``resource`` only, compact ids, tones
+        numbered from 6."""
         return cls(
-            out_of_order=True, duplicate=True, resource_only=True, compact_ids=True, delay=delay
+            out_of_order=True,
+            duplicate=True,
+            resource_only=True,
+            compact_ids=True,
+            first_tone_sequence=6,
+            delay=delay,
         )
 
 
@@ -344,7 +353,7 @@ class SimulatedCall:
         self.chain_id = str(uuid.uuid4())
         """The call's ``callChainId``, on every call notification (as Teams sends it)."""
         self._sim = simulator
-        self._tone_sequence = 0
+        self._tone_sequence = delivery.first_tone_sequence - 1
         self._roster_sequence = 0
         self._media: dict[str, str] = {}
         self._queue: asyncio.Queue[_Outgoing] = asyncio.Queue()
