@@ -27,13 +27,6 @@ from .conftest import APP_ID, until
 from .test_simulator import answering_bot, labels, recording_bot
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 def quiet_printer() -> TrafficPrinter:
     return TrafficPrinter(io.StringIO(), fmt="json")
 
@@ -219,13 +212,16 @@ def scenario_bot(settings: Settings) -> tuple[CallBot, list[events.Event]]:
 
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 async def test_simulate_plays_a_scenario_against_a_bot_running_elsewhere(scenario: str) -> None:
-    bot_port = free_port()
+    # The bot's socket is bound before its URL is given out: no other process can take it.
+    listening = socket.socket()
+    listening.bind(("127.0.0.1", 0))
+    bot_port = listening.getsockname()[1]
     remote = RemoteBot(
         url=f"http://127.0.0.1:{bot_port}/api/calls",
         app_id=APP_ID,
         tenant_id="4f6c6a2e-3b1d-4e8a-9c57-2d0b8e1f7a63",
-        keys_port=free_port(),
-        graph_port=free_port(),
+        keys_port=0,
+        graph_port=0,
         wait=10.0,
     )
     info = io.StringIO()
@@ -251,10 +247,11 @@ async def test_simulate_plays_a_scenario_against_a_bot_running_elsewhere(scenari
     runner = web.AppRunner(bot.create_app(), access_log=None)
     await runner.setup()
     try:
-        await web.TCPSite(runner, "127.0.0.1", bot_port).start()
+        await web.SockSite(runner, listening).start()
         status = await asyncio.wait_for(playing, 30)
     finally:
         await runner.cleanup()
+        listening.close()
     entries = [json.loads(line) for line in out.getvalue().splitlines()]
     assert status == 0, "; ".join(e["summary"] for e in entries)
     assert entries[-1]["summary"] == f"scenario {scenario} finished"
