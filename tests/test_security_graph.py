@@ -363,19 +363,21 @@ async def hosts(tmp_path: Path) -> AsyncIterator[RecordingHosts]:
         await servers.close()
 
 
-async def test_recordings_come_only_from_allowed_https_hosts_within_a_size_cap(
+def downloading_bot(
     graph: FakeGraph,
     authority: TokenAuthority,
-    serve: Any,
     hosts: RecordingHosts,
-    tmp_path: Path,
-) -> None:
+    to_files: Path,
+    **settings: Any,
+) -> tuple[CallBot, dict[str, Any]]:
+    """A bot that downloads each finished recording (named by its operation id) and keeps
+    what it got or raised; a name ending ``-to-file`` goes to a file in ``to_files``."""
     bot = graph_bot(
         graph,
         authority,
         recording_hosts=frozenset({"127.0.0.1"}),
         recording_ca_file=str(hosts.ca_file),
-        max_recording_bytes=1024 * 1024,
+        **settings,
     )
     results: dict[str, Any] = {}
 
@@ -384,13 +386,39 @@ async def test_recordings_come_only_from_allowed_https_hosts_within_a_size_cap(
         assert isinstance(event.operation, models.RecordOperation)
         name = event.operation.id or ""
         try:
-            if name == "endless-to-file":
-                results[name] = await call.download_recording(event.operation, tmp_path / name)
+            if name.endswith("-to-file"):
+                results[name] = await call.download_recording(event.operation, to_files / name)
             else:
                 results[name] = await call.download_recording(event.operation)
         except (ValueError, GraphError) as exc:
             results[name] = exc
 
+    return bot, results
+
+
+def recording_done(hosts: RecordingHosts, name: str, location: str) -> dict[str, Any]:
+    """The notification of a finished recording at ``location``."""
+    return b.notifications(
+        b.operation_update(
+            CALL,
+            name,
+            operation_type="recordOperation",
+            recording_location=location,
+            recording_access_token=hosts.token,
+        )
+    )
+
+
+async def test_recordings_come_only_from_allowed_https_hosts_within_a_size_cap(
+    graph: FakeGraph,
+    authority: TokenAuthority,
+    serve: Any,
+    hosts: RecordingHosts,
+    tmp_path: Path,
+) -> None:
+    bot, results = downloading_bot(
+        graph, authority, hosts, tmp_path, max_recording_bytes=1024 * 1024
+    )
     server: BotServer = await serve(bot)
     await start_call(server, graph, CALL)
     locations = {
@@ -404,14 +432,7 @@ async def test_recordings_come_only_from_allowed_https_hosts_within_a_size_cap(
         "endless-to-file": f"{hosts.https}/endless",
     }
     for name, location in locations.items():
-        update = b.operation_update(
-            CALL,
-            name,
-            operation_type="recordOperation",
-            recording_location=location,
-            recording_access_token=hosts.token,
-        )
-        assert (await server.post(b.notifications(update))).status == 202
+        assert (await server.post(recording_done(hosts, name, location))).status == 202
     await until(lambda: len(results) == len(locations), within=30)
 
     assert results["ok"] == hosts.data
@@ -668,43 +689,23 @@ async def test_a_recording_trickled_past_the_download_deadline_raises(
     tmp_path: Path,
 ) -> None:
     # Every read arrives within graph_request_timeout; only the deadline in all stops it.
-    bot = graph_bot(
-        graph,
-        authority,
-        recording_hosts=frozenset({"127.0.0.1"}),
-        recording_ca_file=str(hosts.ca_file),
-        recording_download_timeout=1.0,
+    bot, results = downloading_bot(
+        graph, authority, hosts, tmp_path, recording_download_timeout=1.0
     )
-    results: dict[str, Any] = {}
-
-    @bot.on_operation
-    async def download(call: Call, event: events.OperationUpdated) -> None:
-        assert isinstance(event.operation, models.RecordOperation)
-        try:
-            results["file"] = await call.download_recording(event.operation, tmp_path / "r")
-        except GraphError as exc:
-            results["file"] = exc
-
     server: BotServer = await serve(bot)
     await start_call(server, graph, CALL)
-    update = b.operation_update(
-        CALL,
-        "trickled",
-        operation_type="recordOperation",
-        recording_location=f"{hosts.https}/trickle",
-        recording_access_token=hosts.token,
-    )
+    trickled = recording_done(hosts, "trickled-to-file", f"{hosts.https}/trickle")
     with capture_logs() as logs:
-        assert (await server.post(b.notifications(update))).status == 202
-        await until(lambda: "file" in results, within=30)
-    error = results["file"]
+        assert (await server.post(trickled)).status == 202
+        await until(lambda: "trickled-to-file" in results, within=30)
+    error = results["trickled-to-file"]
     assert isinstance(error, GraphError), error
     assert (error.status, error.code) == (0, "connectionFailed")
     assert "recording_download_timeout" in error.message
     assert [e["event"] for e in logs if e["event"] == "recording_download_failed"] == [
         "recording_download_failed"
     ]
-    assert not (tmp_path / "r").exists()
+    assert not (tmp_path / "trickled-to-file").exists()
     # The sender saw the bot hang up, long before its own 60 s were over.
     async with asyncio.timeout(30):
         await hosts.trickle_done.wait()
