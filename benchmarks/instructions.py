@@ -14,8 +14,10 @@ Prints, per server, instructions per request in all and by where they were
 executed (the interpreter, pydantic-core, orjson, aiohttp's C parts, the C
 library, the rest), and the ratios ``full/bare (instructions)`` and
 ``full/handwritten-cached (instructions)``. Instructions are not time (a
-cache miss costs more than an addition) but they track it: in the run quoted
-in README.md the instruction ratio was within 0.06 of the CPU-time one.
+cache miss costs more than an addition) but they track it: in the runs quoted
+in README.md the instruction ratios were 0.07 and 0.09 above the CPU-time
+ones: an instruction of callbot's takes a little longer, on average, than one
+of a bare reader's.
 
 Needs valgrind (``apt-get install valgrind``). Each server takes about a
 minute: the interpreter runs twenty to fifty times slower under valgrind.
