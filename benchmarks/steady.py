@@ -37,14 +37,14 @@ GRACE = Settings.termination_grace
 CONNECTIONS = 32
 
 
-async def measure(window: float) -> dict[str, Any]:
+async def measure(window: float, *options: str) -> dict[str, Any]:
     """CPU per request in consecutive windows, and the ratio after/before the grace."""
     windows: list[dict[str, float]] = []
     async with TokenAuthority() as authority:
         token = authority.mint(audience=APP_ID, expires_in=3600)
         async with (
             LoadGenerator(token) as load,
-            server("full", authority.openid_config_url) as srv,
+            server("full", authority.openid_config_url, *options) as srv,
         ):
             started = 0.0
             while started < GRACE + 25.0:
@@ -73,12 +73,13 @@ def main() -> None:
     """Parse the command line, measure, print."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--window", type=float, default=5.0, help="seconds per window")
-    parser.add_argument("--quick", action="store_true", help="accepted for run.py; no change")
-    parser.add_argument("--uvloop", action="store_true", help="accepted for run.py; no change")
+    # The grace sets the length: --quick cannot shorten it and is accepted for run.py only.
+    parser.add_argument("--quick", action="store_true", help="accepted; the same length")
+    parser.add_argument("--uvloop", action="store_true", help="run the server on uvloop")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     print(machine(), flush=True)
-    result = asyncio.run(measure(args.window))
+    result = asyncio.run(measure(args.window, *(["--uvloop"] if args.uvloop else [])))
     print(
         f"the full server, whole calls, {CONNECTIONS} connections; ended calls are forgotten "
         f"{GRACE:.0f} s after their end"
