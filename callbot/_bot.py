@@ -143,7 +143,11 @@ class _Runtime:
 
     def outcomes_while_draining(self, batch: Sequence[events.Event]) -> None:
         """Resolve waits of running handlers from a batch refused because of draining."""
+        belongs_elsewhere = self.lifecycle.belongs_elsewhere
         for event in batch:
+            if belongs_elsewhere(event.call_id, event.tenant_id):
+                # Refused anyway; and another tenant's token proves nothing about this call.
+                continue
             if isinstance(event, events.OperationUpdated):
                 self.services.on_operation(event)
             elif isinstance(event, events.ToneReceived):
@@ -289,6 +293,9 @@ class CallBot:
         call is already in is a :class:`~callbot.events.CallUpdated` (see
         :meth:`on_call_updated`). ``states`` are from :data:`callbot.models.CALL_STATES`,
         in any case; a state Graph adds later reaches ``on(events.CallStateChanged)``.
+        A call enters ``incoming`` as an :class:`~callbot.events.IncomingCall` (with
+        ``state`` ``"incoming"`` and ``previous_state`` ``None``, as a move would have):
+        ``on_state("incoming")`` runs with that event.
         """
         if not states:
             raise TypeError("on_state needs at least one state, e.g. on_state('established')")
@@ -303,6 +310,9 @@ class CallBot:
                 handler,
                 lambda e: isinstance(e, events.CallStateChanged) and e.state in wanted,
             )
+            if "incoming" in wanted:
+                # The move into "incoming" is the IncomingCall, not a CallStateChanged.
+                self._registry.add(events.IncomingCall, handler)
             return handler
 
         return register

@@ -42,9 +42,11 @@ Routing by the path after ``calls/{id}`` (segments compared without case):
 * ``participants[/{id}]`` -> ParticipantsUpdated (a ``deltaParticipants`` object, a
   ``created``/``deleted`` roster item, or a path naming one participant is a delta
   roster: only who changed)
-* ``operations/{id}`` -> OperationUpdated (a documented roster was also posted on
-  ``operations/participants``: a list of ``#microsoft.graph.participant`` there is
-  a ParticipantsUpdated)
+* ``operations/{id}`` -> OperationUpdated, when the operation has a status (its id is
+  the body's, else the path's; ``operations/participants``, where Graph posts the
+  outcome of inviting several participants with ``"id": null``, names none). A
+  documented roster was also posted on ``operations/participants``: a list of
+  ``#microsoft.graph.participant`` there is a ParticipantsUpdated.
 * ``contentsharingsessions[/{id}]`` -> ContentSharingUpdated
 * anything else      -> UnknownNotification
 """
@@ -84,6 +86,8 @@ CALL_PATH = "/communications/calls/"
 _BOM_BYTES = "\ufeff".encode()
 # Escapes are matched as pairs so an escaped quote never toggles the string state.
 _TOKENS = re.compile(rb'\\.|["\[\]{}]', re.DOTALL)
+# What ends or splits a URL path segment, or has no place in one: no Graph id holds these.
+_SEGMENT_BREAKER = re.compile(r"[/\\?#\x00-\x20\x7f]")
 _CALL_ROOTS = frozenset({("communications", "calls"), ("app", "calls")})
 _CHANGE_TYPES = {name.lower(): name for name in ("created", "updated", "deleted")}
 _API_VERSIONS = frozenset({"v1.0", "beta"})
@@ -334,7 +338,10 @@ def _path_of(item: dict[str, Any]) -> str | None:
 def _split_call_path(path: str) -> tuple[str, list[str]] | None:
     """``(call_id, segments after it)``, or ``None`` when ``path`` is not under a call."""
     if "://" in path:
-        path = urlsplit(path).path
+        try:
+            path = urlsplit(path).path
+        except ValueError:  # an unreadable host ("https://[/...")
+            return None
     path = path.split("?", 1)[0]
     segments = [segment for segment in path.split("/") if segment]
     if segments and segments[0].lower() in _API_VERSIONS:
@@ -345,8 +352,14 @@ def _split_call_path(path: str) -> tuple[str, list[str]] | None:
 
 
 def _one_segment(segment: str) -> bool:
-    # resource_url is a path handlers may request: '%2e%2e' would climb out of the call too.
-    return usable_id(segment) and (("%" not in segment) or usable_id(unquote(segment)))
+    # resource_url is a path handlers may request: it must stay one segment however a
+    # server reads it, raw or decoded ('#x' would be dropped, '%2e%2e' or '%2F' climb).
+    if not usable_id(segment) or _SEGMENT_BREAKER.search(segment):
+        return False
+    if "%" not in segment:
+        return True
+    decoded = unquote(segment)
+    return usable_id(decoded) and not _SEGMENT_BREAKER.search(decoded)
 
 
 def _tenant_of(
@@ -382,7 +395,9 @@ def _route(
         if kind == "operations":
             if _is_roster(data):
                 return _participants_event(data, item, common)
-            return _operation_event(data, rest[1] if len(rest) == 2 else None, common)
+            # ``operations/participants`` names an invitation's invitees, not an operation.
+            named = len(rest) == 2 and rest[1].lower() != "participants"
+            return _operation_event(data, rest[1] if named else None, common)
         if kind == "contentsharingsessions":
             return _content_sharing_event(data, rest[1] if len(rest) == 2 else None, common)
     return UnknownNotification(**common, resource_data=data)
@@ -458,7 +473,7 @@ def _operation_event(data: Any, path_id: str | None, common: dict[str, Any]) -> 
         return UnknownNotification(**common, resource_data=data)
     operation = models.parse_operation(body)
     operation_id = operation.id or path_id
-    if not operation_id or operation.status is None:
+    if operation.status is None:
         return UnknownNotification(**common, resource_data=data)
     return OperationUpdated(
         **common,

@@ -66,9 +66,24 @@ class Event(BaseModel):
 
 
 class IncomingCall(Event):
-    """A call to the bot was created and is ringing; ``call`` has its source and targets."""
+    """A call to the bot was created and is ringing; ``call`` has its source and targets.
+
+    It is the call's move into its first state: ``state`` is ``"incoming"`` and
+    ``previous_state`` ``None``, as on a :class:`CallStateChanged`, so
+    ``on_state("incoming")`` handlers run with it too.
+    """
 
     call: models.Call
+
+    @property
+    def state(self) -> str:
+        """``"incoming"``: the state this event moves the call into."""
+        return "incoming"
+
+    @property
+    def previous_state(self) -> None:
+        """``None``: a call has no state before it comes in."""
+        return None
 
 
 class CallStateChanged(Event):
@@ -154,19 +169,22 @@ class OperationUpdated(Event):
     ``operation`` is typed by its ``@odata.type`` (a :class:`callbot.models.RecordOperation`
     carries ``recording_location``, ...). ``operation_id`` is the body's ``id`` when
     present, else the id in the resource path; the two forms differ in case and
-    dashes, so compare :attr:`operation_key` (lower case, no dashes) instead.
+    dashes, so compare :attr:`operation_key` (lower case, no dashes) instead. It is
+    ``None`` when Graph names no operation: the outcome of an invitation of several
+    participants comes on ``operations/participants`` with ``"id": null``, and only its
+    ``client_context`` says which action it ends.
     """
 
     operation: models.CommsOperation
-    operation_id: str
+    operation_id: str | None
     status: str
     result_info: models.ResultInfo | None = None
     client_context: str | None = None
 
     @property
-    def operation_key(self) -> str:
+    def operation_key(self) -> str | None:
         """The operation id in the form ids are compared in (lower case, no dashes)."""
-        return id_key(self.operation_id)
+        return id_key(self.operation_id) if self.operation_id is not None else None
 
 
 class ContentSharingUpdated(Event):

@@ -324,10 +324,10 @@ def test_unknown_operation_type_is_a_comms_operation() -> None:
     assert event.operation_id == "0fe0623f-d628-42ed-b4bd-8ac290072cc5"
 
 
-def test_invite_operation_without_id_uses_path() -> None:
+def test_invite_operation_on_operations_participants_names_no_id() -> None:
     event = _single("49", events.OperationUpdated)
     assert isinstance(event.operation, models.InviteParticipantsOperation)
-    assert event.operation_id == "participants"
+    assert event.operation_id is None
     assert event.operation.participants is not None
     assert len(event.operation.participants) == 2
 
@@ -762,6 +762,18 @@ def _deep_body(depth: int) -> bytes:
             b' {"changeType": "updated", "resource": "/users/me"}]}',
             "bad_shape",
             id="one-bad-item",
+        ),
+        pytest.param(
+            b'{"value": [{"changeType": "updated",'
+            b' "resourceUrl": "https://[/communications/calls/a"}]}',
+            "bad_shape",
+            id="unreadable-host",
+        ),
+        pytest.param(
+            '{"value": [{"changeType": "updated",'
+            ' "resourceUrl": "https://h\uff0f/communications/calls/a"}]}'.encode(),
+            "bad_shape",
+            id="host-failing-normalisation",
         ),
     ],
 )

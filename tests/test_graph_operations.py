@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from callbot import OperationFailed, models
+from callbot._parse import parse_payload
 from callbot.events import OperationUpdated
 from callbot.graph import CallServices, Operation, RetryPolicy
 from callbot.graph._operations import OperationRegistry
@@ -418,3 +419,80 @@ async def test_an_early_outcome_is_kept_under_its_own_call_and_id_only() -> None
     registry.start(op)
     registry.accepted(op, {"@odata.type": "#microsoft.graph.playPromptOperation", "id": "b:c"})
     assert not op.done
+
+
+# -- outcomes that name no operation id -------------------------------------------------------
+
+INVITEES = (
+    {"identity": {"user": {"id": "7e1b4346-85a6-4bdd-abe3-d11c5d420efe"}}},
+    {"identity": {"user": {"id": "1e126418-44a0-4a94-a6f8-0efe1ad71acb"}}},
+)
+
+
+def invitation_outcome(client_context: str) -> OperationUpdated:
+    """Graph's documented outcome of inviting several participants, for ``CALL_ID``: posted
+    on ``operations/participants`` with ``"id": null``, through the real parser."""
+    text = FIXTURES / "notifications" / "49-participant-invite-ex2-operation-completed.json"
+    body = json.loads(text.read_text(encoding="utf-8").replace(DOCUMENTED_INVITE_CALL, CALL_ID))
+    body["value"][0]["resourceData"]["clientContext"] = client_context
+    (event,) = parse_payload(body)
+    assert isinstance(event, OperationUpdated)
+    return event
+
+
+DOCUMENTED_INVITE_CALL = "7531d31f-d10d-44de-802f-c569dbca451c"
+
+
+def invitation_running(request: RecordedRequest) -> FakeResponse:
+    """Graph's documented answer to the invitation, naming its id, with the context sent."""
+    body = dict(documented_response("invite-participants-multiple"))
+    body["clientContext"] = request.json["clientContext"]
+    return FakeResponse(status=200, body=body)
+
+
+def test_an_outcome_on_operations_participants_names_no_operation() -> None:
+    event = invitation_outcome("ctx")
+    assert event.operation_id is None
+    assert event.operation_key is None
+    assert event.status == "completed"
+    assert event.client_context == "ctx"
+    assert isinstance(event.operation, models.InviteParticipantsOperation)
+
+
+@pytest.mark.parametrize("overtakes_the_answer", [False, True])
+async def test_an_outcome_naming_no_id_settles_by_the_context_callbot_generated(
+    graph: FakeGraph, services: CallServices, overtakes_the_answer: bool
+) -> None:
+    """Graph names the invitation's id in its answer, then posts the outcome without one:
+    the context callbot generated (no one else knows it) says which operation it ends."""
+
+    def answer(request: RecordedRequest) -> FakeResponse:
+        if overtakes_the_answer:
+            services.on_operation(invitation_outcome(request.json["clientContext"]))
+        return invitation_running(request)
+
+    graph.route("invite", answer)
+    op = await services.call(CALL_ID).participants.invite(*INVITEES)
+    assert op.id == "eec3812a-fdc3-4fb4-825c-a06c9f35414e"
+    if not overtakes_the_answer:
+        assert not op.done
+        services.on_operation(invitation_outcome(op.client_context))
+    done = await op.wait(timeout=0)
+    assert done.status == "completed"
+    assert done.participants is not None
+    assert len(done.participants) == 2
+    assert services.pending_operations == 0
+
+
+async def test_an_outcome_naming_no_id_settles_nothing_by_a_context_the_bot_chose(
+    graph: FakeGraph, services: CallServices
+) -> None:
+    """A context the bot chose may be known to others: with the id known, an outcome that
+    names none is ignored, counted and logged."""
+    graph.route("invite", invitation_running)
+    op = await services.call(CALL_ID).participants.invite(*INVITEES, client_context="mine")
+    services.on_operation(invitation_outcome("mine"))
+    assert not op.done
+    assert services.operations.counts["dropped", "operation_unproven"] == 1
+    services.on_operation(invitation_outcome("mine").model_copy(update={"operation_id": op.id}))
+    assert (await op.wait(timeout=0)).status == "completed"

@@ -180,13 +180,22 @@ async def test_dot_ids_never_climb_out_of_their_path(
 
     # A notification whose call id is '..' is refused before any handler could act on it.
     # So is one no URL can carry (a lone surrogate: valid JSON, no UTF-8 form).
-    for call_id in ("..", ".", "a\ud800b", "%2e%2e", "%2E."):
+    # Nor one that a server would read as more or less than one segment: a '#' ends the
+    # path (so 'victim#x' would address call 'victim'), a decoded '%2F' splits it.
+    unsegmented = ("victim#x", "a%2F..%2F..%2Fusers", "a%23b", "a b", "a%5Cb", "a\tb")
+    for call_id in ("..", ".", "a\ud800b", "%2e%2e", "%2E.", *unsegmented):
         body = b.notifications(b.incoming_call(call_id))
         response = await server.post(body)
         assert response.status == 400
         assert (await response.json())["error"] == "bad_call_id"
     # Nor may a path climb out of its call after the id: handlers may request resource_url.
-    for under in ("%2e%2e/%2e%2e/%2e%2e/users/victim", "operations/..", "participants/%2E"):
+    for under in (
+        "%2e%2e/%2e%2e/%2e%2e/users/victim",
+        "operations/..",
+        "participants/%2E",
+        "operations/x#y",
+        "participants/a%2Fb",
+    ):
         item = {
             **b.call_state(CALL, "established"),
             "resourceUrl": f"/communications/calls/{CALL}/{under}",

@@ -8,6 +8,7 @@ keep memory the old cache never gave back.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import io
 import json
@@ -20,8 +21,8 @@ import pytest
 from aiohttp import ClientResponse
 from multidict import CIMultiDict
 
-from callbot import Call, CallBot, MalformedNotification, events
-from callbot.testing import TEST_TENANT_ID, TokenAuthority
+from callbot import Call, CallBot, MalformedNotification, OperationFailed, events
+from callbot.testing import TEST_TENANT_ID, FakeGraph, TokenAuthority
 from callbot.testing import builders as b
 
 from .conftest import BotServer, make_bot, until
@@ -124,6 +125,48 @@ async def test_a_call_belongs_to_the_tenant_it_was_first_seen_with(
     ]
     assert {e.tenant_id for e in seen} == {OTHER_TENANT}
     assert [call.id for call in bot.active_calls()] == [call_id]
+
+
+async def test_while_draining_another_tenant_cannot_end_a_call_either(
+    authority: TokenAuthority, graph: FakeGraph, serve: Any
+) -> None:
+    """Refused with 503 while draining, a batch still resolves running handlers' waits:
+    only for calls of its token's tenant."""
+    bot = CallBot(
+        graph.settings(openid_config_url=authority.openid_config_url, shutdown_timeout=60.0)
+    )
+    outcome: list[str] = []
+
+    @bot.on_state("established")
+    async def play(call: Call, event: events.CallStateChanged) -> None:
+        prompt = await call.play_prompt("https://cdn.example.test/welcome.wav")
+        try:
+            await prompt.wait()
+            outcome.append("completed")
+        except OperationFailed:
+            outcome.append("failed: the call ended")
+
+    server: BotServer = await serve(bot)
+    theirs, mine = server.token(tenant_id=OTHER_TENANT), server.token(tenant_id=TEST_TENANT_ID)
+    call_id = "7c1e2f90-5b4d-4a8e-9f3c-2d6b8a1e4f70"
+    graph.add_call(call_id)
+    for state in ("establishing", "established"):
+        item = without_tenant(b.call_state(call_id, state))
+        assert (await server.post(b.notifications(item), token=theirs)).status == 202
+    await graph.wait_for_request("playPrompt")
+    draining = asyncio.create_task(bot.drain())
+    await until(lambda: not bot.ready)
+    for item in (b.call_terminated(call_id), b.tone(call_id, "tone9", 1)):
+        response = await server.post(b.notifications(without_tenant(item)), token=mine)
+        assert await refusal(response) == (503, "draining")
+    assert [call.id for call in bot.active_calls()] == [call_id]
+    assert outcome == []
+    # The call's own tenant still ends it, and the waiting prompt learns so at once.
+    ended = without_tenant(b.call_terminated(call_id))
+    assert (await server.post(b.notifications(ended), token=theirs)).status == 503
+    await draining
+    assert outcome == ["failed: the call ended"]
+    assert bot.active_calls() == []
 
 
 # -- 8. token hygiene -----------------------------------------------------------------------

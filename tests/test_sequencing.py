@@ -28,7 +28,7 @@ class Sink:
     def __init__(self) -> None:
         self.deliveries: list[Delivery] = []
         self.ended: list[str] = []
-        self.operations: list[str] = []
+        self.operations: list[str | None] = []
 
     @property
     def labels(self) -> list[str]:

@@ -11,7 +11,7 @@ from structlog.testing import capture_logs
 from callbot import Call, CallBot, events, models
 from callbot.testing import builders as b
 
-from .conftest import BotServer, make_bot
+from .conftest import BotServer, make_bot, until
 
 # A window no test reaches: a held state is only ever released by its predecessor or an end.
 NEVER = 300.0
@@ -75,6 +75,28 @@ def test_on_state_accepts_every_call_state_in_any_case(authority: Any) -> None:
 
     with pytest.raises(ValueError, match="unknown call state"):
         bot.on_state("ringin")
+
+
+async def test_on_state_incoming_runs_once_with_the_incoming_call(
+    authority: Any, serve: Any
+) -> None:
+    """The move into ``incoming`` is the IncomingCall: ``on_state("incoming")`` runs with it
+    (``state`` and ``previous_state`` read as on a move), once, however often Graph sends it."""
+    bot = make_bot(authority)
+    moves: list[tuple[str, str | None, str]] = []
+
+    @bot.on_state("Incoming", "established")
+    async def moved(call: Call, event: events.CallStateChanged) -> None:
+        moves.append((type(event).__name__, event.previous_state, event.state))
+
+    server: BotServer = await serve(bot)
+    incoming = b.incoming_call("arriving-call")
+    await post_all(server, incoming, incoming, b.call_state("arriving-call", "established"))
+    await until(lambda: len(moves) == 2)
+    assert moves == [
+        ("IncomingCall", None, "incoming"),
+        ("CallStateChanged", "incoming", "established"),
+    ]
 
 
 def test_the_call_states_are_one_list_in_lifecycle_order() -> None:

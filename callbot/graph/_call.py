@@ -257,7 +257,13 @@ class Call:
     ) -> Operation[OpT]:
         context = client_context or str(uuid.uuid4())
         body["clientContext"] = context
-        op = Operation(call_id=self.id, action=action, client_context=context, kind=kind)
+        op = Operation(
+            call_id=self.id,
+            action=action,
+            client_context=context,
+            kind=kind,
+            context_generated=client_context is None,
+        )
         registry = self._services.operations
         # tracked before sending: Graph's outcome can arrive before its response does
         registry.start(op)

@@ -53,6 +53,7 @@ class Operation(Generic[OpT]):
         action: str,
         client_context: str,
         kind: type[OpT],
+        context_generated: bool = False,
     ) -> None:
         self.call_id = call_id
         """The call the operation belongs to."""
@@ -60,6 +61,8 @@ class Operation(Generic[OpT]):
         """The Graph action that started it (``playPrompt``, ``recordResponse``, ...)."""
         self.client_context = client_context
         """The ``clientContext`` sent with the action (generated when not given)."""
+        self.context_generated = context_generated
+        """Whether callbot generated ``client_context``: a random value no one else knows."""
         self.id: str | None = None
         """Graph's operation id, known once the action has answered."""
         self.status: str = "notStarted"
@@ -160,6 +163,8 @@ class _Outcome:
     status: str
     result_info: models.ResultInfo | None
     at: float
+    names_id: bool
+    """Whether the notification named an operation id."""
 
 
 class OperationRegistry:
@@ -168,7 +173,8 @@ class OperationRegistry:
     An outcome settles an operation when it names the operation's call and id. Until
     the action's response names the id, an outcome that overtook the response is
     kept, and settles the operation only if the response then names the same id;
-    ``clientContext`` alone matches only an operation whose id Graph never named.
+    ``clientContext`` alone matches only an operation whose id Graph never named, or, for
+    an outcome that names no id, one whose context callbot generated (no one else knows it).
     ``recent_limit``/``recent_ttl`` bound the outcomes kept while no operation
     matches them yet.
     """
@@ -235,12 +241,13 @@ class OperationRegistry:
             self._forget(op)
             return
         op._update(operation, status)
-        # An outcome that overtook this response settles it only under the id it names.
-        early = (
-            self._recent.pop(_id_key(op.call_key, op_id), None)
-            if op_id is not None
-            else early_by_context
-        )
+        # An outcome that overtook this response settles it only under the id it names, or
+        # naming none, under a context callbot generated (see _match).
+        early = early_by_context
+        if op_id is not None:
+            early = self._recent.pop(_id_key(op.call_key, op_id), None)
+            if early is None and early_by_context is not None and op.context_generated:
+                early = None if early_by_context.names_id else early_by_context
         if early is not None:
             self._settle(op, early)
 
@@ -310,19 +317,34 @@ class OperationRegistry:
         op = self._by_context.get((event.call_key, context))
         if op is None or op.id is None:
             return op
-        # The id is known: the context alone proves nothing.
-        if event.operation_id and id_key(event.operation_id) == id_key(op.id):
-            return op
-        if event.operation_id:
-            self.counts["dropped", "operation_id_mismatch"] += 1
+        if not event.operation_id:
+            # Graph names no id for some outcomes (an invitation of several participants):
+            # then a context only callbot and Graph know is proof, one the bot chose is not.
+            if op.context_generated:
+                return op
+            self.counts["dropped", "operation_unproven"] += 1
             log.warning(
-                "graph_operation_id_mismatch",
+                "graph_operation_unproven",
                 call_id=event.call_id,
-                operation_id=event.operation_id,
                 expected_operation_id=op.id,
                 client_context=context,
-                reason="the clientContext is another operation's; outcome ignored",
+                reason="the outcome names no operation id and the clientContext was chosen by"
+                " the bot, so anyone could name it; outcome ignored (leave client_context"
+                " unset for callbot to generate one)",
             )
+            return None
+        # The id is known: the context alone proves nothing.
+        if id_key(event.operation_id) == id_key(op.id):
+            return op
+        self.counts["dropped", "operation_id_mismatch"] += 1
+        log.warning(
+            "graph_operation_id_mismatch",
+            call_id=event.call_id,
+            operation_id=event.operation_id,
+            expected_operation_id=op.id,
+            client_context=context,
+            reason="the clientContext is another operation's; outcome ignored",
+        )
         return None
 
     def _settle(self, op: Operation[Any], outcome: _Outcome) -> None:
@@ -352,7 +374,9 @@ class OperationRegistry:
 
     @staticmethod
     def _outcome(event: OperationUpdated, status: str) -> _Outcome:
-        return _Outcome(event.operation, status, event.result_info, time.monotonic())
+        return _Outcome(
+            event.operation, status, event.result_info, time.monotonic(), bool(event.operation_id)
+        )
 
     def _remember(self, event: OperationUpdated, status: str) -> None:
         if not event.operation_id:
