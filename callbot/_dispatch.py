@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from . import events
-from ._errors import CallEnded
+from ._errors import CallEnded, OperationFailed
 from ._journal import Attempt
 from ._journal import _current as _current_attempt
 from ._log import get_logger
@@ -241,15 +241,16 @@ class Dispatcher:
             outcome = "error"
             self.counts["handler_errors"] += 1
             await self._report(name, call, event, exc)
-        except CallEnded:
-            # The caller hung up while the handler acted: not a bug in the handler.
-            outcome = "call_ended"
-            log.info("handler_stopped_call_ended", call_id=event.call_id, handler=name)
-            self.counts["call_ended"] += 1
         except Exception as exc:
-            outcome = "error"
-            self.counts["handler_errors"] += 1
-            await self._report(name, call, event, exc)
+            if isinstance(exc, CallEnded) or (isinstance(exc, OperationFailed) and exc.call_ended):
+                # The caller hung up while the handler acted: not a bug in the handler.
+                outcome = "call_ended"
+                log.info("handler_stopped_call_ended", call_id=event.call_id, handler=name)
+                self.counts["call_ended"] += 1
+            else:
+                outcome = "error"
+                self.counts["handler_errors"] += 1
+                await self._report(name, call, event, exc)
         finally:
             if self._observe is not None:
                 self._observe(name, outcome, time.perf_counter() - started)

@@ -8,7 +8,7 @@ CallbotError
 ├── StoreUnavailable        the state store cannot be reached
 ├── GraphError              an outbound request failed (an error status, or no answer)
 │   └── CallEnded           Graph no longer knows the call (404): it has ended
-└── OperationFailed         a Graph operation ended with status "failed"
+└── OperationFailed         a Graph operation ended with status "failed" (or its call first)
 """
 
 from __future__ import annotations
@@ -135,12 +135,15 @@ def _code(result_info: Any, name: str) -> Any:
 
 
 class OperationFailed(CallbotError):
-    """A Graph operation (prompt, recording, transfer, ...) reported ``failed``.
+    """A Graph operation (prompt, recording, transfer, ...) reported ``failed``, or its
+    call ended first (``call_ended``; usually the caller hung up).
 
-    ``operation`` is the final typed operation; ``result_info`` its resultInfo.
+    ``operation`` is the final typed operation; ``result_info`` its resultInfo. Like
+    :class:`CallEnded`, one with ``call_ended`` set that escapes a handler stops it
+    quietly.
     """
 
-    def __init__(self, operation: Any, result_info: Any) -> None:
+    def __init__(self, operation: Any, result_info: Any, *, call_ended: bool = False) -> None:
         # older notifications name the code instead of numbering it (ResultInfo.subcode_text)
         code = _code(result_info, "code")
         subcode = _code(result_info, "subcode")
@@ -149,3 +152,5 @@ class OperationFailed(CallbotError):
         super().__init__(f"operation {op_id} failed: {code}/{subcode} {message or ''}".strip())
         self.operation = operation
         self.result_info = result_info
+        self.call_ended = call_ended
+        """Whether the operation failed because its call ended before it did."""

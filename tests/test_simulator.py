@@ -305,6 +305,32 @@ async def test_after_the_caller_hangs_up_graph_answers_404() -> None:
     assert errors[0].status == 404
 
 
+async def test_a_caller_hanging_up_during_an_awaited_prompt_stops_the_handler_quietly() -> None:
+    """The prompt's wait fails because the call ended: like ``CallEnded``, that is no bug
+    of the handler's, so letting it escape is no handler error."""
+    bot, _seen = answering_bot(subscribe=False)
+    failures: list[OperationFailed] = []
+
+    @bot.on_state("established")
+    async def welcome(call: Call, event: events.CallStateChanged) -> None:
+        prompt = await call.play_prompt("https://x.example/welcome.wav")
+        try:
+            await prompt.wait()
+        except OperationFailed as exc:
+            failures.append(exc)
+            raise
+
+    async with run_with_simulator(bot, prompt_duration=600.0) as sim:
+        call = await sim.incoming_call()
+        await call.wait_for_request("playPrompt")
+        await call.hangup()
+        handled = bot.metrics.sources.handled
+        assert handled is not None
+        await until(lambda: handled()["call_ended"] == 1)
+    assert [exc.call_ended for exc in failures] == [True]
+    assert handled()["handler_errors"] == 0
+
+
 async def test_outgoing_calls_ring_and_are_answered_or_not() -> None:
     bot, seen = recording_bot()
     async with run_with_simulator(bot) as sim:

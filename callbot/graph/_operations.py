@@ -149,11 +149,11 @@ class Operation(Generic[OpT]):
             self._error = OperationFailed(self.result, result_info or operation.result_info)
         self._future.set_result(None)
 
-    def _abort(self, result_info: Any) -> None:
+    def _abort(self, result_info: Any, *, call_ended: bool) -> None:
         if self.done:
             return
         self.status = "failed"
-        self._error = OperationFailed(self.result, result_info)
+        self._error = OperationFailed(self.result, result_info, call_ended=call_ended)
         self._future.set_result(None)
 
 
@@ -280,17 +280,19 @@ class OperationRegistry:
             op._update(event.operation, status)
         return True
 
-    def fail_call(self, call_key: str, result_info: Any) -> int:
+    def fail_call(self, call_key: str, result_info: Any, *, call_ended: bool = True) -> int:
         """Fail every pending operation of a call that ended; returns how many."""
         ops = self._by_call.pop(call_key, set())
         for op in ops:
             self._unindex(op)
-            op._abort(result_info)
+            op._abort(result_info, call_ended=call_ended)
         return len(ops)
 
     def fail_all(self, result_info: Any = None) -> int:
-        """Fail every pending operation (shutdown)."""
-        return sum(self.fail_call(key, result_info) for key in list(self._by_call))
+        """Fail every pending operation (shutdown: their calls go on)."""
+        return sum(
+            self.fail_call(key, result_info, call_ended=False) for key in list(self._by_call)
+        )
 
     # -- internals --------------------------------------------------------------
 
