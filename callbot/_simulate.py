@@ -3,8 +3,9 @@
 A bot running elsewhere trusts the simulator once started with the
 ``CALLBOT_*`` variables printed at start (the signing keys' URL above all).
 The simulator listens on fixed ports (8765 for the keys, 8766 for Graph, by
-default), so a bot configured once keeps working across runs: each run signs
-with a new key, which the bot fetches when it first sees it.
+default) and signs with one key kept for those ports in the system's temporary
+directory, so a bot configured once keeps working across runs: a new key in
+each run would be refused until the bot's key refetch cooldown had passed.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import re
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -43,6 +45,13 @@ class RemoteBot:
     graph_port: int = 8766
     wait: float = 30.0
     """Seconds to wait for the bot to answer on ``/readyz``."""
+
+    @property
+    def key_file(self) -> Path | None:
+        """Where the signing key for these ports is kept across runs (none for port 0)."""
+        if not self.keys_port:
+            return None
+        return Path(tempfile.gettempdir()) / f"callbot-simulator-{self.keys_port}.pem"
 
 
 def _show_setup(sim: Simulator, bot: RemoteBot, stream: TextIO) -> None:
@@ -109,6 +118,7 @@ async def simulate(
         callback_url=bot.url,
         keys_port=bot.keys_port,
         graph_port=bot.graph_port,
+        key_file=bot.key_file,
         prompt_duration=prompt_seconds,
         record_duration=prompt_seconds * 2,
         transfer_duration=prompt_seconds / 2,
@@ -206,6 +216,7 @@ async def replay(
         callback_url=remote.url,
         keys_port=remote.keys_port,
         graph_port=remote.graph_port,
+        key_file=remote.key_file,
         drive=False,
         observers=[printer, *observers],
     )

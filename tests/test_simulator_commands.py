@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 import socket
+import stat
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,11 +17,12 @@ import structlog
 from aiohttp import web
 
 from callbot import Call, CallBot, Settings, events
+from callbot._auth import Authenticator
 from callbot._display import TrafficPrinter
 from callbot._recording import REMOVED, read_recording, scrub
 from callbot._simulate import RemoteBot, replay, simulate
 from callbot.cli import build_parser, main
-from callbot.testing import builders, run_with_simulator
+from callbot.testing import TokenAuthority, builders, run_with_simulator
 from callbot.testing._scenarios import SCENARIOS, ScenarioOptions
 
 from .conftest import APP_ID, until
@@ -284,3 +286,29 @@ def test_command_line_shapes() -> None:
         parser.parse_args(["replay", "calls.jsonl"])  # needs --bot or --url
     args = parser.parse_args(["demo", "--format", "plain", "--pace", "0"])
     assert (args.format, args.pace) == ("plain", 0.0)
+
+
+async def test_runs_of_the_simulator_on_one_port_sign_with_one_key(tmp_path: Path) -> None:
+    """A bot configured once trusts every later run at once: a new key each run would be
+    refused (401 unknown_key) until the bot's key refetch cooldown had passed."""
+    key_file = tmp_path / "callbot-simulator-8765.pem"
+    first = TokenAuthority(key_file=key_file)
+    await first.start()
+    bot_side = Authenticator(app_id=APP_ID, openid_config_url=first.openid_config_url)
+    try:
+        await bot_side.start()
+        await bot_side.verify(f"Bearer {first.mint(audience=APP_ID)}")
+        fetched = first.jwks_fetches
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+        again = TokenAuthority(key_file=key_file)
+        assert again.kid == first.kid
+        # The keys the bot fetched from the first run verify the next run's tokens at once.
+        await bot_side.verify(f"Bearer {again.mint(audience=APP_ID)}")
+        assert first.jwks_fetches == fetched
+    finally:
+        await bot_side.close()
+        await first.close()
+    assert TokenAuthority(key_file=tmp_path / "another.pem").kid != first.kid
+    assert TokenAuthority().kid != TokenAuthority().kid
+    assert RemoteBot(url="", app_id=APP_ID, tenant_id="t").key_file is not None
+    assert RemoteBot(url="", app_id=APP_ID, tenant_id="t", keys_port=0).key_file is None

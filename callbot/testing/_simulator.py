@@ -50,6 +50,7 @@ import wave
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -960,7 +961,8 @@ class Simulator:
     twice, ``resource`` only, compact ids, late: :class:`DeliveryOptions`). With
     ``drive=False`` the simulator only answers requests and posts nothing by
     itself (for replays). ``observers`` see every :class:`Traffic`.
-    ``graph_port`` and ``keys_port`` fix the ports (0: any free port).
+    ``graph_port`` and ``keys_port`` fix the ports (0: any free port), and
+    ``key_file`` the signing key (see :class:`TokenAuthority`).
     """
 
     def __init__(
@@ -980,6 +982,7 @@ class Simulator:
         host: str = "127.0.0.1",
         graph_port: int = 0,
         keys_port: int = 0,
+        key_file: Path | None = None,
     ) -> None:
         self.app_id = app_id
         self.tenant_id = tenant_id
@@ -1001,7 +1004,7 @@ class Simulator:
         """What a recording made by ``recordResponse`` contains."""
         self.graph = FakeGraph(tenant_id=tenant_id, host=host)
         """The fake Graph REST API (requests, tokens, fault injection)."""
-        self.authority = TokenAuthority()
+        self.authority = TokenAuthority(key_file=key_file)
         """The token issuer whose keys the bot must trust (``openid_config_url``)."""
         self.traffic: list[Traffic] = []
         """Everything that happened, in order."""

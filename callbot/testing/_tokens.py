@@ -19,13 +19,18 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import os
 import secrets
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import jwt
 from aiohttp import web
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
@@ -44,6 +49,38 @@ def _new_key() -> tuple[str, rsa.RSAPrivateKey]:
     return secrets.token_urlsafe(16), rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
+def _kept_key(path: Path) -> tuple[str, rsa.RSAPrivateKey]:
+    """The key kept in ``path`` (made and written there, readable by its owner only, when
+    there is none), with a ``kid`` drawn from its public half: the same key, the same kid."""
+    key: rsa.RSAPrivateKey | None = None
+    try:
+        loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        key = loaded if isinstance(loaded, rsa.RSAPrivateKey) else None
+    except (OSError, ValueError):
+        pass
+    if key is None:
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        try:
+            descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(descriptor, "wb") as out:
+                out.write(pem)
+            # Renamed into place whole: a run starting meanwhile never reads half a key.
+            os.replace(partial, path)
+        except OSError:
+            partial.unlink(missing_ok=True)  # unwritable: this run's key is its own
+    public = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    kid = base64.urlsafe_b64encode(hashlib.sha256(public).digest()[:16]).rstrip(b"=").decode()
+    return kid, key
+
+
 class TokenAuthority(LocalServer):
     """Plays the calling platform's token issuer on 127.0.0.1.
 
@@ -52,7 +89,9 @@ class TokenAuthority(LocalServer):
 
     ``issuer`` is the ``iss`` of minted tokens and the ``issuer`` of the served
     OpenID configuration. A fresh RSA 2048 key with a random ``kid`` is the
-    signing key from the start.
+    signing key from the start; with ``key_file``, the key kept in that file (made
+    and written there the first time), so that a bot that fetched it once trusts
+    every later authority started with the same file.
 
     Endpoints (see :meth:`create_app`):
 
@@ -74,13 +113,15 @@ class TokenAuthority(LocalServer):
     jwks_fetches: int
     """How many times the keys document was requested (including 503 answers)."""
 
-    def __init__(self, *, issuer: str = "https://api.botframework.com") -> None:
+    def __init__(
+        self, *, issuer: str = "https://api.botframework.com", key_file: Path | None = None
+    ) -> None:
         super().__init__()
         self.issuer = issuer
         self.available = True
         self.delay = 0.0
         self.jwks_fetches = 0
-        kid, key = _new_key()
+        kid, key = _new_key() if key_file is None else _kept_key(key_file)
         self._kid = kid
         self._keys: dict[str, rsa.RSAPrivateKey] = {kid: key}
 
