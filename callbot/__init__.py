@@ -3,7 +3,8 @@
 The public face is small: ``CallBot`` to register handlers and serve,
 ``Call`` (the handle a handler receives), ``Operation`` (an awaitable Graph
 operation), ``events`` (the typed events), ``models`` (Graph resources),
-``Settings`` and the errors.
+``Settings``, the errors, and ``configure_logging`` for a bot mounted in another
+application.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ._errors import (
     StoreUnavailable,
 )
 from ._journal import Attempt, RunSuperseded, current_attempt
+from ._log import configure_logging
 from .graph import Call, Operation, Target
 
 __all__ = [
@@ -42,6 +44,7 @@ __all__ = [
     "Settings",
     "StoreUnavailable",
     "Target",
+    "configure_logging",
     "current_attempt",
     "events",
     "models",

@@ -44,6 +44,9 @@ def _default(field: dataclasses.Field[object]) -> str:
         return ""
     if isinstance(value, bool):
         return "`1`" if value else "`0`"
+    if isinstance(value, frozenset | tuple):
+        # As the variable takes it: comma-separated.
+        return "`" + ",".join(sorted(value) if isinstance(value, frozenset) else value) + "`"
     return f"`{value}`"
 
 

@@ -69,3 +69,21 @@ def test_the_readme_links_the_docs_and_keeps_its_two_commands() -> None:
         "python3 -m venv .venv && .venv/bin/pip install -q -e '.[dev]' && "
         ".venv/bin/python -m pytest -q",
     ]
+
+
+def test_every_default_in_the_settings_table_reads_back_as_that_default() -> None:
+    """A default is shown as its variable takes it (``*.microsoft.com,*.skype.com``, not a
+    Python ``frozenset``): set to what the table shows, each variable gives the default."""
+    fields = {field.name: field for field in dataclasses.fields(Settings)}
+    checked = 0
+    for row in settings_table().splitlines():
+        if not row.startswith("| `CALLBOT_"):
+            continue
+        cells = [cell.strip() for cell in row.strip("|").split(" | ")]
+        variable, keyword, shown = cells[0].strip("`"), cells[1].strip("`"), cells[-1]
+        if not shown:
+            continue
+        settings = Settings.from_env({"CALLBOT_APP_ID": "app", variable: shown.strip("`")})
+        assert getattr(settings, keyword) == fields[keyword].default, variable
+        checked += 1
+    assert checked > 20

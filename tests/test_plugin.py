@@ -177,6 +177,7 @@ async def take(call, event, exc):
 """
 
 HANDLED_TESTS = """
+from callbot.testing import builders
 from mybot import taken
 
 
@@ -185,6 +186,13 @@ async def test_an_error_on_error_took_is_not_a_failure(sim):
     await call.wait_for_request("subscribeToTone")
     await call.hangup()
     assert taken == ["LookupError"]
+
+
+async def test_a_refusal_the_test_posted_and_expected_is_not_a_failure(sim):
+    call = await sim.incoming_call()
+    tone = builders.notifications(builders.tone(call.id, "tone5", 7))
+    assert await sim.post(tone, tenant_id="0b1f4c5e-7a2d-4e3b-9c8d-112233445566") == 403
+    await call.hangup()
 """
 
 
@@ -194,7 +202,7 @@ def test_errors_taken_by_on_error_do_not_fail_a_strict_test(pytester: pytest.Pyt
     pytester.makepyfile(test_mybot=HANDLED_TESTS)
     # No asyncio mode, no mark, no loop scope: the plugin arranges them; no warning either.
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-W", "error", timeout=120)
-    result.assert_outcomes(passed=1)
+    result.assert_outcomes(passed=2)
 
 
 def test_the_readme_bot_and_tests_pass_in_a_project_without_configuration(

@@ -26,6 +26,7 @@ def test_the_package_exports_exactly_the_public_names() -> None:
         "Settings",
         "StoreUnavailable",
         "Target",
+        "configure_logging",
         "current_attempt",
         "events",
         "models",

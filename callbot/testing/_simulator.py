@@ -1007,6 +1007,8 @@ class Simulator:
         self.authority = TokenAuthority(key_file=key_file)
         """The token issuer whose keys the bot must trust (``openid_config_url``)."""
         self.traffic: list[Traffic] = []
+        # Notifications posted with post(): their status went back to whoever posted them.
+        self._answered_to_poster: set[int] = set()
         """Everything that happened, in order."""
         self.observers: list[Callable[[Traffic], None]] = list(observers)
         """Called with each :class:`Traffic` as it happens (the demo prints them)."""
@@ -1307,20 +1309,30 @@ class Simulator:
         """Sign and post a notification body to the bot; returns the bot's status.
 
         ``tenant_id`` overrides the token's ``tid`` (replays keep the recorded tenant).
+        The status is the caller's to judge: a refusal is not one of
+        :attr:`failed_deliveries` (a test may expect a 403).
         """
-        return await self._deliver(body, call_id=call_id, tenant_id=tenant_id)
+        return await self._deliver(body, call_id=call_id, tenant_id=tenant_id, by_poster=True)
 
     @property
     def failed_deliveries(self) -> list[Traffic]:
-        """Notifications the bot did not acknowledge with 2xx."""
+        """Notifications the simulator posted on its own that the bot did not acknowledge
+        with 2xx (what :meth:`post` sent is left to its caller)."""
         return [
             t
             for t in self.traffic
-            if t.kind == "notification" and not (t.status is not None and 200 <= t.status < 300)
+            if t.kind == "notification"
+            and not (t.status is not None and 200 <= t.status < 300)
+            and id(t) not in self._answered_to_poster
         ]
 
     async def _deliver(
-        self, body: Any, *, call_id: str | None, tenant_id: str | None = None
+        self,
+        body: Any,
+        *,
+        call_id: str | None,
+        tenant_id: str | None = None,
+        by_poster: bool = False,
     ) -> int:
         if self.callback_url is None:
             raise SimulatorError(
@@ -1353,16 +1365,17 @@ class Simulator:
             if status not in (0, 429, 502, 503, 504) or attempt == 3 or not self._notifying:
                 break
             await asyncio.sleep(retry_after)
-        self._record(
-            Traffic(
-                kind="notification",
-                at=self._now(),
-                call_id=call_id,
-                summary=describe_notification(body),
-                status=status,
-                body=body,
-            )
+        delivered = Traffic(
+            kind="notification",
+            at=self._now(),
+            call_id=call_id,
+            summary=describe_notification(body),
+            status=status,
+            body=body,
         )
+        if by_poster:
+            self._answered_to_poster.add(id(delivered))
+        self._record(delivered)
         return status
 
     # -- reacting to requests ----------------------------------------------------------
