@@ -73,15 +73,17 @@ class Settings:
     kept: Graph ends an unanswered call within 15 s, so only invented ids outlive this."""
     max_pending_calls: int = 2_000
     """Calls never seen past ringing the bot kept at once; past it the oldest is forgotten."""
-    max_body_bytes: int = 1024 * 1024
-    """Larger callback bodies are refused (413)."""
+    max_body_bytes: int = 4 * 1024 * 1024
+    """Larger callback bodies are refused (413). A full roster takes about 2.2 KB per
+    person (as recorded from Teams): 4 MiB holds one of about 1,900."""
     max_json_depth: int = 64
     """Callback bodies nested deeper are refused (400)."""
     max_items_per_request: int = 200
     """Notification items one callback may carry; more is refused (413) before parsing them."""
     max_roster_size: int = 5_000
-    """Participants a call's roster holds at most: a notification listing more is refused
-    (413) before parsing them, and a change that would grow a roster past it is dropped."""
+    """Participants a call's roster holds at most: a request listing more (in one item or
+    in all) is refused (413) before parsing them, and a change that would grow a roster
+    past it is dropped."""
     header_timeout: float = 10.0
     """How long a request's headers may take to arrive, from their first byte."""
     body_timeout: float = 30.0

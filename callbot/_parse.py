@@ -19,8 +19,8 @@ Errors. :class:`~callbot._errors.MalformedNotification` with a stable ``reason``
   after the call id that is ``.`` or ``..`` (percent-encoded or not);
 * ``empty``     - ``value`` is an empty list;
 * ``too_many_items`` - more items than ``max_items``; ``too_many_participants`` -
-  an item listing more participants (entries of its ``resourceData``) than
-  ``max_participants``; both counted before any event is built;
+  an item, or the items together, listing more participants (entries of their
+  ``resourceData``) than ``max_participants``; both counted before any event is built;
 * ``legacy_format`` - a body in the calling format that predates Graph (no
   ``value``, a top-level ``callState``): the receiver answers it ``204``, which
   asks the platform to send the notification again in Graph's format.
@@ -134,9 +134,10 @@ def parse_body_in_parts(
     may come with any part (accept none before the last).
 
     ``tenant_id`` is the tenant the request's token proves: every event carries
-    it, and an item that names another is refused (``tenant_mismatch``). An item
-    listing more than ``max_participants`` participants is refused
-    (``too_many_participants``): no roster may hold them.
+    it, and an item that names another is refused (``tenant_mismatch``). A request
+    listing more than ``max_participants`` participants, in one item or in all, is
+    refused (``too_many_participants``): no roster may hold them, and building them
+    is the costly part.
 
     Raises :class:`MalformedNotification` (``not_json``, ``too_deep``,
     ``bad_shape``, ``empty``, ``too_many_items``, ``too_many_participants``, ``bad_call_id``,
@@ -269,6 +270,12 @@ def _events_in_parts(
                     "too_many_participants",
                     f"value[{index}] lists {count} participants, at most {max_entries}",
                 )
+        if sum(entries) > max_entries:
+            # Items of empty participants ({}: 3 bytes each) would build a million per body.
+            raise MalformedNotification(
+                "too_many_participants",
+                f"the request lists {sum(entries)} participants, at most {max_entries} in all",
+            )
     part: list[Event] = []
     weight = 0
     for index, item in enumerate(items):

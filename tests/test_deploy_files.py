@@ -156,7 +156,7 @@ def test_kubernetes_manifest_has_probes_prestop_and_grace() -> None:
 
     ingress = by_kind["Ingress"]
     annotations = ingress["metadata"]["annotations"]
-    assert annotations["nginx.ingress.kubernetes.io/proxy-body-size"] == "1m"
+    assert annotations["nginx.ingress.kubernetes.io/proxy-body-size"] == "4m"
     [rule] = ingress["spec"]["rules"]
     [path] = rule["http"]["paths"]
     assert path["path"] == DEFAULTS.callback_path

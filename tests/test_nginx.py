@@ -31,7 +31,8 @@ pytestmark = pytest.mark.nginx
 
 CLIENT_SOURCE = "127.0.0.2"
 """The address test requests come from, so that the real client differs from nginx's."""
-ONE_MIB = 1024 * 1024
+BODY_LIMIT = 4 * 1024 * 1024
+"""The bot's default max_body_bytes, and the template's client_max_body_size."""
 
 
 def free_port() -> int:
@@ -197,7 +198,7 @@ async def test_nginx_refuses_a_body_over_the_bots_limit_before_the_bot_sees_it(
 ) -> None:
     require_client_source()
     bot, handled = recording_bot(authority)
-    assert bot.settings.max_body_bytes == ONE_MIB
+    assert bot.settings.max_body_bytes == BODY_LIMIT
     server: BotServer = await serve(bot)
     async with (
         running_nginx(tmp_path, upstream_port(server)) as port,
@@ -206,7 +207,7 @@ async def test_nginx_refuses_a_body_over_the_bots_limit_before_the_bot_sees_it(
         url = f"https://127.0.0.1:{port}/api/calls"
         before = dict(server.bot.receiver.counts)
         async with session.post(
-            url, data=io.BytesIO(b"x" * (ONE_MIB + 1)), headers=signed_headers(server.token())
+            url, data=io.BytesIO(b"x" * (BODY_LIMIT + 1)), headers=signed_headers(server.token())
         ) as response:
             assert response.status == 413
             assert "nginx" in await response.text()
@@ -214,7 +215,7 @@ async def test_nginx_refuses_a_body_over_the_bots_limit_before_the_bot_sees_it(
 
         # Exactly the limit passes nginx and reaches the bot (refused there for its token).
         async with session.post(
-            url, data=io.BytesIO(b"x" * ONE_MIB), headers=signed_headers("bad")
+            url, data=io.BytesIO(b"x" * BODY_LIMIT), headers=signed_headers("bad")
         ) as response:
             assert response.status == 401
         assert server.bot.receiver.counts["auth_failed", "malformed"] == (

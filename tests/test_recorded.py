@@ -10,6 +10,7 @@ outcomes, once.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import random
 import re
@@ -413,3 +414,34 @@ async def test_updates_say_what_changed(authority: Any, serve: Any) -> None:
     assert more.changed  # tokenMeetingInfo, meeting capability, ...
     # Each update is delivered with the call as it stands after it.
     assert seen.states == ["establishing", "established", "terminated"]
+
+
+async def test_a_meeting_roster_of_a_thousand_people_fits_the_default_limits(
+    authority: Any, serve: Any
+) -> None:
+    """A full roster of 1,000 people, each as the recorded Teams user was sent (about 2.2 KB),
+    is accepted with the default settings: at 1 MiB the body limit refused it (413), and
+    Graph's retries could not deliver it."""
+    bot, seen = watching_bot(authority)
+    server: BotServer = await serve(bot)
+    body = recorded_body("sb16-groupcalls-groupcalluserjoin.json")
+    item = body["value"][0]
+    user = next(p for p in item["resourceData"] if p["info"]["identity"].get("user"))
+    people = []
+    for n in range(1000):
+        person = json.loads(json.dumps(user))
+        person["id"] = f"{n:08d}-0000-4000-8000-000000000000"
+        person["info"]["identity"]["user"]["id"] = f"{n:08d}-1111-4000-8000-000000000000"
+        people.append(person)
+    roster = {"value": [dict(item, resourceData=people)]}
+    posted = json.dumps(roster, separators=(",", ":")).encode()
+    assert 2_000_000 < len(posted) < bot.settings.max_body_bytes
+    # A file-like body: aiohttp warns about large raw bytes on the client side.
+    response = await server.client.post(
+        bot.settings.callback_path,
+        data=io.BytesIO(posted),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {server.token()}"},
+    )
+    assert response.status == 202
+    await seen.until(lambda: len(seen.rosters) == 1)
+    assert len(seen.rosters[0].joined) == 1000

@@ -426,3 +426,30 @@ async def test_a_call_s_roster_and_snapshot_stay_bounded(
     await until(lambda: len(extras) == 6)
     assert max(extras) <= 256
     assert extras[:2] == [100, 200]
+
+
+async def test_a_request_lists_at_most_a_roster_of_participants_in_all(
+    authority: TokenAuthority, serve: Any
+) -> None:
+    """Items of empty participants (``{}``, 3 bytes each) under the per-item limit built a
+    million participants from one body (seconds of ingest, hundreds of MiB): a request may
+    list no more participants in all than one roster may hold."""
+    bot, seen = seeing_bot(authority, max_roster_size=100)
+    server: BotServer = await serve(bot)
+
+    def rosters(count: int, size: int) -> dict[str, Any]:
+        items = [
+            {
+                "changeType": "updated",
+                "resourceUrl": f"/communications/calls/roster-{n}/participants",
+                "resourceData": [{}] * size,
+            }
+            for n in range(count)
+        ]
+        return {"value": items}
+
+    assert await refusal(await server.post(rosters(3, 40))) == (413, "too_many_participants")
+    assert await metric(server, "malformed", "too_many_participants") == 1
+    assert (await server.post(rosters(2, 50))).status == 202
+    await until(lambda: len(seen) == 2)
+    assert sorted(e.call_id for e in seen) == ["roster-0", "roster-1"]

@@ -309,6 +309,21 @@ async def test_runs_of_the_simulator_on_one_port_sign_with_one_key(tmp_path: Pat
         await bot_side.close()
         await first.close()
     assert TokenAuthority(key_file=tmp_path / "another.pem").kid != first.kid
+    # A key file others could have written or read is not trusted: a new key replaces it.
+    key_file.chmod(0o644)
+    replaced = TokenAuthority(key_file=key_file)
+    assert replaced.kid != first.kid
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert TokenAuthority(key_file=key_file).kid == replaced.kid
+    # Nor is one reached through a symbolic link.
+    linked = tmp_path / "linked.pem"
+    linked.symlink_to(key_file)
+    assert TokenAuthority(key_file=linked).kid != replaced.kid
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "another.pem",
+        "callbot-simulator-8765.pem",
+        "linked.pem",
+    ]
     assert TokenAuthority().kid != TokenAuthority().kid
     assert RemoteBot(url="", app_id=APP_ID, tenant_id="t").key_file is not None
     assert RemoteBot(url="", app_id=APP_ID, tenant_id="t", keys_port=0).key_file is None

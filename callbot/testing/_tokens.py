@@ -23,6 +23,7 @@ import base64
 import hashlib
 import os
 import secrets
+import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -49,15 +50,28 @@ def _new_key() -> tuple[str, rsa.RSAPrivateKey]:
     return secrets.token_urlsafe(16), rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
+def _read_own_key(path: Path) -> rsa.RSAPrivateKey | None:
+    """The key in ``path`` if this user wrote it: a file someone else could have placed or
+    read (another owner, group or world bits, a symbolic link) is not trusted."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return None
+    with os.fdopen(descriptor, "rb") as kept:
+        status = os.fstat(descriptor)
+        if status.st_uid != os.getuid() or status.st_mode & 0o077:
+            return None
+        try:
+            loaded = serialization.load_pem_private_key(kept.read(), password=None)
+        except (OSError, ValueError):
+            return None
+    return loaded if isinstance(loaded, rsa.RSAPrivateKey) else None
+
+
 def _kept_key(path: Path) -> tuple[str, rsa.RSAPrivateKey]:
     """The key kept in ``path`` (made and written there, readable by its owner only, when
     there is none), with a ``kid`` drawn from its public half: the same key, the same kid."""
-    key: rsa.RSAPrivateKey | None = None
-    try:
-        loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
-        key = loaded if isinstance(loaded, rsa.RSAPrivateKey) else None
-    except (OSError, ValueError):
-        pass
+    key = _read_own_key(path)
     if key is None:
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         pem = key.private_bytes(
@@ -65,15 +79,18 @@ def _kept_key(path: Path) -> tuple[str, rsa.RSAPrivateKey]:
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        partial: str | None = None
         try:
-            descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            # A new file of a name no one can foresee (0600), renamed into place whole: a
+            # run starting meanwhile never reads half a key.
+            descriptor, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
             with os.fdopen(descriptor, "wb") as out:
                 out.write(pem)
-            # Renamed into place whole: a run starting meanwhile never reads half a key.
             os.replace(partial, path)
         except OSError:
-            partial.unlink(missing_ok=True)  # unwritable: this run's key is its own
+            # Not writable here (another user's file, say): this run's key is its own.
+            if partial is not None:
+                Path(partial).unlink(missing_ok=True)
     public = key.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
