@@ -426,6 +426,12 @@ def _call_event(change_type: str, data: Any, common: dict[str, Any]) -> Event:
             return CallTerminated(**common, state="terminated", call=models.Call())
         return UnknownNotification(**common, resource_data=data)
     call = models.Call.model_validate(body)
+    claimed, proven = call.tenant_id, common["tenant_id"]
+    if claimed and proven and tenant_key(claimed) != tenant_key(proven):
+        # However the body spelled it (in a list, as "tenant_id"): the call's tenant is one.
+        raise MalformedNotification(
+            "tenant_mismatch", "a notification names another tenant than its token"
+        )
     state = call.state
     if change_type == "created" and state in (None, "incoming"):
         return IncomingCall(**common, call=call)

@@ -11,6 +11,7 @@ each run would be refused until the bot's key refetch cooldown had passed.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import sys
 import tempfile
@@ -51,7 +52,9 @@ class RemoteBot:
         """Where the signing key for these ports is kept across runs (none for port 0)."""
         if not self.keys_port:
             return None
-        return Path(tempfile.gettempdir()) / f"callbot-simulator-{self.keys_port}.pem"
+        # Named for its user too: in a shared temporary directory, others keep their own.
+        owner = f"{os.getuid()}-" if hasattr(os, "getuid") else ""
+        return Path(tempfile.gettempdir()) / f"callbot-simulator-{owner}{self.keys_port}.pem"
 
 
 def _show_setup(sim: Simulator, bot: RemoteBot, stream: TextIO) -> None:

@@ -68,9 +68,9 @@ class Event(BaseModel):
 class IncomingCall(Event):
     """A call to the bot was created and is ringing; ``call`` has its source and targets.
 
-    It is the call's move into its first state: ``state`` is ``"incoming"`` and
-    ``previous_state`` ``None``, as on a :class:`CallStateChanged`, so
-    ``on_state("incoming")`` handlers run with it too.
+    It is the call's move into its first state, and reads as a :class:`CallStateChanged`
+    does (``state`` ``"incoming"``, ``previous_state`` ``None``, ``result_info`` the
+    call's), so ``on_state("incoming")`` handlers run with it too.
     """
 
     call: models.Call
@@ -84,6 +84,11 @@ class IncomingCall(Event):
     def previous_state(self) -> None:
         """``None``: a call has no state before it comes in."""
         return None
+
+    @property
+    def result_info(self) -> models.ResultInfo | None:
+        """The call's ``resultInfo``, as on a state change (Graph sends none with a new call)."""
+        return self.call.result_info
 
 
 class CallStateChanged(Event):

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from callbot import OperationFailed, models
 from callbot._parse import parse_payload
@@ -479,20 +480,48 @@ async def test_an_outcome_naming_no_id_settles_by_the_context_callbot_generated(
         services.on_operation(invitation_outcome(op.client_context))
     done = await op.wait(timeout=0)
     assert done.status == "completed"
+    assert done.id == op.id  # Graph's outcome named none: still this operation's
     assert done.participants is not None
     assert len(done.participants) == 2
     assert services.pending_operations == 0
 
 
-async def test_an_outcome_naming_no_id_settles_nothing_by_a_context_the_bot_chose(
+async def test_a_failed_outcome_naming_no_id_says_which_operation_failed(
     graph: FakeGraph, services: CallServices
 ) -> None:
-    """A context the bot chose may be known to others: with the id known, an outcome that
-    names none is ignored, counted and logged."""
     graph.route("invite", invitation_running)
-    op = await services.call(CALL_ID).participants.invite(*INVITEES, client_context="mine")
-    services.on_operation(invitation_outcome("mine"))
+    op = await services.call(CALL_ID).participants.invite(*INVITEES)
+    failed = invitation_outcome(op.client_context)
+    failed = failed.model_copy(
+        update={
+            "status": "failed",
+            "operation": failed.operation.model_copy(update={"status": "failed"}),
+        }
+    )
+    services.on_operation(failed)
+    with pytest.raises(OperationFailed, match="eec3812a-fdc3-4fb4-825c-a06c9f35414e"):
+        await op.wait(timeout=0)
+
+
+@pytest.mark.parametrize("overtakes_the_answer", [False, True])
+async def test_an_outcome_naming_no_id_settles_nothing_by_a_context_the_bot_chose(
+    graph: FakeGraph, services: CallServices, overtakes_the_answer: bool
+) -> None:
+    """A context the bot chose may be known to others: with the id known, an outcome that
+    names none is ignored, counted and logged, before or after the action's answer."""
+
+    def answer(request: RecordedRequest) -> FakeResponse:
+        if overtakes_the_answer:
+            services.on_operation(invitation_outcome("mine"))
+        return invitation_running(request)
+
+    graph.route("invite", answer)
+    with capture_logs() as logs:
+        op = await services.call(CALL_ID).participants.invite(*INVITEES, client_context="mine")
+        if not overtakes_the_answer:
+            services.on_operation(invitation_outcome("mine"))
     assert not op.done
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["graph_operation_unproven"]
     assert services.operations.counts["dropped", "operation_unproven"] == 1
     services.on_operation(invitation_outcome("mine").model_copy(update={"operation_id": op.id}))
     assert (await op.wait(timeout=0)).status == "completed"

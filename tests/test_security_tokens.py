@@ -75,6 +75,30 @@ async def test_an_item_of_another_tenant_is_refused_and_counted(
     assert seen[0].tenant_id == OTHER_TENANT
 
 
+async def test_a_call_names_no_other_tenant_however_the_body_spells_it(
+    authority: TokenAuthority, serve: Any
+) -> None:
+    """The tenant check read ``tenantId`` of an object ``resourceData`` only: a call sent in
+    a list, or with ``tenant_id`` (the models read either spelling), reached handlers
+    with another tenant's id on ``event.call``."""
+    bot, seen = seeing_bot(authority)
+    server: BotServer = await serve(bot)
+    token = server.token(tenant_id=TEST_TENANT_ID)
+    listed = without_tenant(b.call_state("listed-call", "establishing"))
+    listed["resourceData"] = [{**listed["resourceData"], "tenantId": OTHER_TENANT}]
+    snake = without_tenant(b.call_state("snake-call", "establishing"))
+    snake["resourceData"]["tenant_id"] = OTHER_TENANT
+    for item in (listed, snake):
+        response = await server.post(b.notifications(item), token=token)
+        assert await refusal(response) == (403, "tenant_mismatch")
+    # Naming the token's own tenant either way is accepted.
+    snake["resourceData"]["tenant_id"] = TEST_TENANT_ID
+    assert (await server.post(b.notifications(snake), token=token)).status == 202
+    await until(lambda: len(seen) == 1)
+    assert isinstance(seen[0], events.CallStateChanged)
+    assert seen[0].call.tenant_id == TEST_TENANT_ID
+
+
 async def test_an_item_naming_no_tenant_gets_the_tokens(
     authority: TokenAuthority, serve: Any
 ) -> None:
@@ -289,7 +313,7 @@ async def test_a_request_with_too_many_items_is_refused_before_parsing(
 ) -> None:
     bot, seen = seeing_bot(authority, max_items_per_request=200)
     server: BotServer = await serve(bot)
-    # Small items, so that 10,000 of them fit in the 1 MiB body limit.
+    # Small items, so that 10,000 of them fit in a 1 MiB body.
     items = [
         {"changeType": "updated", "resourceUrl": f"/communications/calls/many-{i}"}
         for i in range(10_000)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import socket
 import stat
 import sys
@@ -315,14 +316,18 @@ async def test_runs_of_the_simulator_on_one_port_sign_with_one_key(tmp_path: Pat
     assert replaced.kid != first.kid
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
     assert TokenAuthority(key_file=key_file).kid == replaced.kid
-    # Nor is one reached through a symbolic link.
+    # Nor is one reached through a symbolic link, nor a pipe (whose open would block).
     linked = tmp_path / "linked.pem"
     linked.symlink_to(key_file)
     assert TokenAuthority(key_file=linked).kid != replaced.kid
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
+    piped = tmp_path / "piped.pem"
+    os.mkfifo(piped)
+    assert TokenAuthority(key_file=piped).kid != replaced.kid
+    assert sorted(os.listdir(tmp_path)) == [
         "another.pem",
         "callbot-simulator-8765.pem",
         "linked.pem",
+        "piped.pem",
     ]
     assert TokenAuthority().kid != TokenAuthority().kid
     assert RemoteBot(url="", app_id=APP_ID, tenant_id="t").key_file is not None

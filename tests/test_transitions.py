@@ -83,19 +83,19 @@ async def test_on_state_incoming_runs_once_with_the_incoming_call(
     """The move into ``incoming`` is the IncomingCall: ``on_state("incoming")`` runs with it
     (``state`` and ``previous_state`` read as on a move), once, however often Graph sends it."""
     bot = make_bot(authority)
-    moves: list[tuple[str, str | None, str]] = []
+    moves: list[tuple[str, str | None, str, models.ResultInfo | None]] = []
 
     @bot.on_state("Incoming", "established")
     async def moved(call: Call, event: events.CallStateChanged) -> None:
-        moves.append((type(event).__name__, event.previous_state, event.state))
+        moves.append((type(event).__name__, event.previous_state, event.state, event.result_info))
 
     server: BotServer = await serve(bot)
     incoming = b.incoming_call("arriving-call")
     await post_all(server, incoming, incoming, b.call_state("arriving-call", "established"))
     await until(lambda: len(moves) == 2)
     assert moves == [
-        ("IncomingCall", None, "incoming"),
-        ("CallStateChanged", "incoming", "established"),
+        ("IncomingCall", None, "incoming", None),
+        ("CallStateChanged", "incoming", "established", None),
     ]
 
 

@@ -129,9 +129,12 @@ class Operation(Generic[OpT]):
     def _update(self, operation: models.CommsOperation, status: str | None) -> None:
         if self.done:
             return
-        self.result = self._coerce(operation)
         if operation.id and self.id is None:
             self.id = operation.id
+        elif not operation.id and self.id is not None:
+            # An outcome naming no id (an invitation's) is still this operation's.
+            operation = operation.model_copy(update={"id": self.id})
+        self.result = self._coerce(operation)
         if status:
             # Graph has written "Running": a known status keeps its documented spelling.
             self.status = canonical_operation_status(status)
@@ -246,8 +249,11 @@ class OperationRegistry:
         early = early_by_context
         if op_id is not None:
             early = self._recent.pop(_id_key(op.call_key, op_id), None)
-            if early is None and early_by_context is not None and op.context_generated:
-                early = None if early_by_context.names_id else early_by_context
+            if early is None and early_by_context is not None and not early_by_context.names_id:
+                if op.context_generated:
+                    early = early_by_context
+                else:
+                    self._unproven(op, op.client_context)
         if early is not None:
             self._settle(op, early)
 
@@ -324,16 +330,7 @@ class OperationRegistry:
             # then a context only callbot and Graph know is proof, one the bot chose is not.
             if op.context_generated:
                 return op
-            self.counts["dropped", "operation_unproven"] += 1
-            log.warning(
-                "graph_operation_unproven",
-                call_id=event.call_id,
-                expected_operation_id=op.id,
-                client_context=context,
-                reason="the outcome names no operation id and the clientContext was chosen by"
-                " the bot, so anyone could name it; outcome ignored (leave client_context"
-                " unset for callbot to generate one)",
-            )
+            self._unproven(op, context)
             return None
         # The id is known: the context alone proves nothing.
         if id_key(event.operation_id) == id_key(op.id):
@@ -348,6 +345,18 @@ class OperationRegistry:
             reason="the clientContext is another operation's; outcome ignored",
         )
         return None
+
+    def _unproven(self, op: Operation[Any], context: str) -> None:
+        self.counts["dropped", "operation_unproven"] += 1
+        log.warning(
+            "graph_operation_unproven",
+            call_id=op.call_id,
+            expected_operation_id=op.id,
+            client_context=context,
+            reason="the outcome names no operation id and the clientContext was chosen by"
+            " the bot, so anyone could name it; outcome ignored (leave client_context"
+            " unset for callbot to generate one)",
+        )
 
     def _settle(self, op: Operation[Any], outcome: _Outcome) -> None:
         op._finish(outcome.operation, outcome.status, outcome.result_info)

@@ -169,6 +169,9 @@ class Traffic:
     action: str | None = None
     status: int | None = None
     body: Any = None
+    sent_by_post: bool | None = None
+    """``True`` for a notification sent with :meth:`Simulator.post`: its status went back to
+    whoever posted it (not one of :attr:`Simulator.failed_deliveries`)."""
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (``None`` fields left out)."""
@@ -1007,8 +1010,6 @@ class Simulator:
         self.authority = TokenAuthority(key_file=key_file)
         """The token issuer whose keys the bot must trust (``openid_config_url``)."""
         self.traffic: list[Traffic] = []
-        # Notifications posted with post(): their status went back to whoever posted them.
-        self._answered_to_poster: set[int] = set()
         """Everything that happened, in order."""
         self.observers: list[Callable[[Traffic], None]] = list(observers)
         """Called with each :class:`Traffic` as it happens (the demo prints them)."""
@@ -1312,7 +1313,7 @@ class Simulator:
         The status is the caller's to judge: a refusal is not one of
         :attr:`failed_deliveries` (a test may expect a 403).
         """
-        return await self._deliver(body, call_id=call_id, tenant_id=tenant_id, by_poster=True)
+        return await self._deliver(body, call_id=call_id, tenant_id=tenant_id, by_post=True)
 
     @property
     def failed_deliveries(self) -> list[Traffic]:
@@ -1323,7 +1324,7 @@ class Simulator:
             for t in self.traffic
             if t.kind == "notification"
             and not (t.status is not None and 200 <= t.status < 300)
-            and id(t) not in self._answered_to_poster
+            and not t.sent_by_post
         ]
 
     async def _deliver(
@@ -1332,7 +1333,7 @@ class Simulator:
         *,
         call_id: str | None,
         tenant_id: str | None = None,
-        by_poster: bool = False,
+        by_post: bool = False,
     ) -> int:
         if self.callback_url is None:
             raise SimulatorError(
@@ -1365,17 +1366,17 @@ class Simulator:
             if status not in (0, 429, 502, 503, 504) or attempt == 3 or not self._notifying:
                 break
             await asyncio.sleep(retry_after)
-        delivered = Traffic(
-            kind="notification",
-            at=self._now(),
-            call_id=call_id,
-            summary=describe_notification(body),
-            status=status,
-            body=body,
+        self._record(
+            Traffic(
+                kind="notification",
+                at=self._now(),
+                call_id=call_id,
+                summary=describe_notification(body),
+                status=status,
+                body=body,
+                sent_by_post=True if by_post else None,
+            )
         )
-        if by_poster:
-            self._answered_to_poster.add(id(delivered))
-        self._record(delivered)
         return status
 
     # -- reacting to requests ----------------------------------------------------------

@@ -23,6 +23,7 @@ import base64
 import hashlib
 import os
 import secrets
+import stat
 import tempfile
 import time
 from collections.abc import Mapping
@@ -51,15 +52,20 @@ def _new_key() -> tuple[str, rsa.RSAPrivateKey]:
 
 
 def _read_own_key(path: Path) -> rsa.RSAPrivateKey | None:
-    """The key in ``path`` if this user wrote it: a file someone else could have placed or
-    read (another owner, group or world bits, a symbolic link) is not trusted."""
+    """The key in ``path`` if this user wrote it: anything someone else could have placed or
+    read (another owner, group or world bits, a symbolic link, a pipe) is not trusted."""
+    # Not blocking: a pipe placed there would hold the open for as long as it liked.
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
-        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        descriptor = os.open(path, flags)
     except OSError:
         return None
     with os.fdopen(descriptor, "rb") as kept:
         status = os.fstat(descriptor)
-        if status.st_uid != os.getuid() or status.st_mode & 0o077:
+        if not stat.S_ISREG(status.st_mode):
+            return None
+        # Where there are owners (not Windows, whose temporary directory is per user).
+        if hasattr(os, "getuid") and (status.st_uid != os.getuid() or status.st_mode & 0o077):
             return None
         try:
             loaded = serialization.load_pem_private_key(kept.read(), password=None)
