@@ -125,6 +125,9 @@ class Lifecycle:
         self._pending: OrderedDict[str, None] = OrderedDict()
         # Calls forgotten after their end: key -> (when, its tenant), oldest first.
         self._ended: OrderedDict[str, tuple[float, str | None]] = OrderedDict()
+        # Calls of a tenant forgotten before their end (a pending call let go): kept apart,
+        # so that invented calls never push an ended one out of its memory.
+        self._bound: OrderedDict[str, tuple[float, str | None]] = OrderedDict()
         self._heap: list[tuple[float, int, int, CallLife]] = []
         self._heap_kept = 0  # timers left by the last sweep of forgotten calls' timers
         self._order = itertools.count()
@@ -164,8 +167,9 @@ class Lifecycle:
         if life is not None:
             bound = life.tenant_id
         else:
-            ended = self._ended_lately(key)  # forgotten, but still its tenant's
-            bound = ended[1] if ended is not None else None
+            # Forgotten, but still its tenant's (as long as a shared store would know).
+            forgotten = self._recall(self._ended, key) or self._recall(self._bound, key)
+            bound = forgotten[1] if forgotten is not None else None
         return bound is not None and tenant_id is not None and bound != tenant_key(tenant_id)
 
     def active(self) -> Iterator[CallLife]:
@@ -191,7 +195,8 @@ class Lifecycle:
             )
             self._schedule(self._grace, _FORGET, life)
         elif life is None:
-            life = self._lives[key] = CallLife(call_id)
+            bound = self._bound.pop(key, None)
+            life = self._lives[key] = CallLife(call_id, tenant_id=bound[1] if bound else None)
             self._pending[key] = None
             self._schedule(self._pending_ttl, _FORGET_PENDING, life)
             while len(self._pending) > self._max_pending:
@@ -270,6 +275,7 @@ class Lifecycle:
         """Continue a call from no state, whatever this process saw of it before (its end
         included): a shared store holds nothing of it, and its run starts from there."""
         self._ended.pop(call_key, None)
+        self._bound.pop(call_key, None)
         life = self._lives.get(call_key)
         if life is not None:
             self.adopt(life.call_id, phase=-1, state=None, ended=False)
@@ -300,7 +306,9 @@ class Lifecycle:
             return
         life.keeping_alive = False
         if life.ended:
-            self._remember_ended(key, life.tenant_id)
+            self._remember(self._ended, key, life.tenant_id)
+        elif life.tenant_id is not None:
+            self._remember(self._bound, key, life.tenant_id)
         if why != "grace_over":
             log.info("call_forgotten", call_id=life.call_id, reason=why)
         for listener in self._forgotten_listeners:
@@ -309,23 +317,33 @@ class Lifecycle:
             except Exception:
                 log.exception("call_forget_listener_failed", call_id=life.call_id)
 
-    def _remember_ended(self, key: str, tenant_id: str | None) -> None:
+    @staticmethod
+    def _remember(
+        memory: OrderedDict[str, tuple[float, str | None]], key: str, tenant_id: str | None
+    ) -> None:
         now = asyncio.get_running_loop().time()
-        self._ended[key] = (now, tenant_id)
-        self._ended.move_to_end(key)
-        ended, oldest_kept = self._ended, now - ENDED_MEMORY
-        while ended and (len(ended) > _MAX_ENDED or next(iter(ended.values()))[0] < oldest_kept):
-            ended.popitem(last=False)
+        memory[key] = (now, tenant_id)
+        memory.move_to_end(key)
+        oldest_kept = now - ENDED_MEMORY
+        while memory and (len(memory) > _MAX_ENDED or next(iter(memory.values()))[0] < oldest_kept):
+            memory.popitem(last=False)
+
+    @staticmethod
+    def _recall(
+        memory: OrderedDict[str, tuple[float, str | None]], key: str
+    ) -> tuple[float, str | None] | None:
+        """When the call was forgotten and its tenant, if within :data:`ENDED_MEMORY`."""
+        kept = memory.get(key)
+        if kept is None:
+            return None
+        if kept[0] < asyncio.get_running_loop().time() - ENDED_MEMORY:
+            del memory[key]
+            return None
+        return kept
 
     def _ended_lately(self, key: str) -> tuple[float, str | None] | None:
         """When the call ended and its tenant, if it ended within :data:`ENDED_MEMORY`."""
-        ended = self._ended.get(key)
-        if ended is None:
-            return None
-        if ended[0] < asyncio.get_running_loop().time() - ENDED_MEMORY:
-            del self._ended[key]
-            return None
-        return ended
+        return self._recall(self._ended, key)
 
     def _start_keep_alive(self, life: CallLife) -> None:
         if self._keep_alive_interval is None:

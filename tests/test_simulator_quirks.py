@@ -190,3 +190,26 @@ async def test_digits_are_collected_the_same_with_graphs_quirks(quirks: Delivery
     if quirks.duplicate:
         expected = [n for n in expected for _ in (1, 2)]
     assert sequence == expected
+
+
+@pytest.mark.parametrize("quirks", QUIRKS)
+async def test_the_simulators_call_states_follow_the_lifecycle_with_graphs_quirks(
+    quirks: DeliveryOptions,
+) -> None:
+    """``established`` delivered before ``establishing`` made the simulator's call go back to
+    ``establishing`` (its ``state``, and the state Graph's API reported) once the bot had
+    both; its states are the lifecycle's, whatever order they were delivered in."""
+    bot, seen = recording_bot()
+
+    @bot.on_incoming_call
+    async def answer(call: Call, event: events.IncomingCall) -> None:
+        await call.answer()
+
+    async with run_with_simulator(bot, delivery=quirks) as sim:
+        call = await sim.incoming_call()
+        await until(lambda: "establishing->established" in seen)
+        assert call.state == "established"
+        assert sim.graph.calls[call.key].resource["state"] == "established"
+        await call.hangup()
+        await call.wait_until_ended()
+    assert call.states == ["incoming", "establishing", "established", "terminated"]

@@ -651,6 +651,44 @@ async def test_stragglers_after_the_termination_grace(parity: Any) -> None:
     groups.check()
 
 
+async def test_terminations_of_calls_forgotten_while_ringing(parity: Any) -> None:
+    """With the Redis store, a termination told to the lifecycle on arrival (to wake what
+    waits) made the sequencer's fresh record of a forgotten call closed: the termination
+    itself was dropped as after_end, and on_terminated never ran."""
+    steps: list[Step] = [
+        post(b.incoming_call("first")),
+        post(b.incoming_call("second")),  # one pending call at most: "first" is forgotten
+        post(b.call_terminated("first")),
+        post(b.call_terminated("second")),
+    ]
+    groups: Parity = await parity(max_pending_calls=1)
+    await groups.run(steps)
+    # Not whole parity: a forgotten call's record is gone from memory, not from Redis (so
+    # the termination's previous state and snapshot differ), but every store delivers it.
+    for group in groups.groups:
+        for call in ("first", "second"):
+            kinds = [entry["type"] for entry in group.seen.get(call, [])]
+            assert kinds == ["IncomingCall", "CallTerminated"], (group.name, call, kinds)
+
+
+async def test_another_tenants_token_on_a_call_forgotten_while_ringing(parity: Any) -> None:
+    """A ringing call the memory store let go (too many pending calls) lost its tenant: any
+    tenant could then take it over, and its own tenant's termination got 403. Redis keeps
+    the binding; so does the lifecycle now, as long as it remembers ended calls."""
+    steps: list[Step] = [
+        post(b.incoming_call("first")),
+        post(b.incoming_call("second")),  # one pending call at most: "first" is forgotten
+        post(b.call_state("first", "establishing"), tenant=OTHER_TENANT),
+        post(b.call_terminated("first")),
+    ]
+    groups: Parity = await parity(max_pending_calls=1)
+    await groups.run(steps)
+    for group in groups.groups:
+        assert group.statuses == [202, 202, 403, 202], group.name
+        kinds = [entry["type"] for entry in group.seen.get("first", [])]
+        assert kinds == ["IncomingCall", "CallTerminated"], (group.name, kinds)
+
+
 async def test_another_tenants_token(parity: Any) -> None:
     def theirs(*items: dict[str, Any]) -> Post:
         return post(*items, tenant=OTHER_TENANT)

@@ -62,6 +62,7 @@ from .._config import Settings
 from .._dtmf import TONE_OF_DIGIT, tones_of
 from .._errors import MalformedNotification
 from .._ids import id_key
+from .._lifecycle import phase_of_state
 from .._log import get_logger
 from .._parse import parse_payload
 from ..graph import AccessToken
@@ -722,8 +723,10 @@ class SimulatedCall:
         return shaped
 
     def _delivered(self, entry: _Outgoing) -> None:
-        # What the bot was told is read with the bot's own parser: a state is the call's
-        # when it moves there (a repeat is an update), and a termination ends it.
+        # What the bot was told is read with the bot's own parser, in the lifecycle's order:
+        # a state is the call's when it moves there (a repeat is an update), one of an
+        # earlier phase delivered late takes its place before the later ones (the call went
+        # through it first), and a termination ends it.
         for event in parse_payload(build.notifications(*entry.items)):
             state: str
             if isinstance(event, events.IncomingCall):
@@ -732,11 +735,16 @@ class SimulatedCall:
                 state = event.state
             else:
                 continue
-            if state != self.state:
-                self.states.append(state)
-                known = self._sim.graph.calls.get(self.key)
-                if known is not None and not known.ended:
-                    known.resource["state"] = state
+            phase = phase_of_state(state)
+            if self.state is None or phase >= phase_of_state(self.state):
+                if state != self.state:
+                    self.states.append(state)
+            elif state not in self.states:
+                later = next(i for i, s in enumerate(self.states) if phase_of_state(s) > phase)
+                self.states.insert(later, state)
+            known = self._sim.graph.calls.get(self.key)
+            if known is not None and not known.ended and self.state is not None:
+                known.resource["state"] = self.state
             if isinstance(event, events.CallTerminated):
                 self.ended = True
                 self._end_on_graph()
