@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -157,6 +158,16 @@ class Settings:
                     "public_url must use https: Graph only calls back over TLS "
                     "(set CALLBOT_ALLOW_INSECURE_PUBLIC_URL=1 for a local simulator)"
                 )
+        for setting in dataclasses.fields(self):
+            value = getattr(self, setting.name)
+            # NaN passes every comparison below: a NaN leeway accepted any expired token.
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigurationError(
+                    f"{setting.name} must be a finite number, got {value!r} "
+                    f"(CALLBOT_{setting.name.upper()})"
+                )
+        if not 0 <= self.port <= 65535:
+            raise ConfigurationError(f"port must be 0 to 65535, got {self.port} (CALLBOT_PORT)")
         for name in ("reorder_window", "termination_grace", "token_leeway"):
             if getattr(self, name) < 0:
                 raise ConfigurationError(f"{name} must not be negative")

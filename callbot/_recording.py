@@ -14,6 +14,7 @@ seen here. ``callbot replay FILE`` posts the batches again, in order.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -101,12 +102,18 @@ def read_recording(path: str | Path) -> Iterator[RecordedBatch]:
     Besides recorder lines, a line may be a bare ``commsNotifications`` body or
     a single notification item. Raises ``CallbotError`` naming the bad line.
     """
-    with Path(path).open(encoding="utf-8") as lines:
-        for number, text in enumerate(lines, start=1):
+    with Path(path).open("rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise CallbotError(f"{path}:{number}: not UTF-8: {exc}") from None
             if not text.strip():
                 continue
             try:
                 record = json.loads(text)
+            except RecursionError:
+                raise CallbotError(f"{path}:{number}: JSON nested too deeply") from None
             except ValueError as exc:
                 raise CallbotError(f"{path}:{number}: not JSON: {exc}") from None
             if not isinstance(record, dict):
@@ -128,11 +135,14 @@ def read_recording(path: str | Path) -> Iterator[RecordedBatch]:
 
 
 def _timestamp(value: Any) -> float | None:
+    """When a batch was recorded, or ``None`` (a replay then keeps no pause before it)."""
+    stamp: float | None = None
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):
+        stamp = float(value)
+    elif isinstance(value, str):
         try:
-            return datetime.fromisoformat(value).timestamp()
+            stamp = datetime.fromisoformat(value).timestamp()
         except ValueError:
             return None
-    return None
+    # NaN or infinity would make the pause before the batch endless.
+    return stamp if stamp is not None and math.isfinite(stamp) else None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from callbot import CallBot, ConfigurationError, Settings
@@ -37,6 +39,25 @@ def test_a_value_that_cannot_be_read_names_the_variable() -> None:
         Settings.from_env({"CALLBOT_APP_ID": "a", "CALLBOT_PORT": "eighty"})
     with pytest.raises(ConfigurationError, match="CALLBOT_KEEP_ALIVE"):
         Settings.from_env({"CALLBOT_APP_ID": "a", "CALLBOT_KEEP_ALIVE": "maybe"})
+
+
+@pytest.mark.parametrize("value", ["nan", "NaN", "inf", "-inf", "1e400"])
+def test_every_number_setting_must_be_finite(value: str) -> None:
+    """``float("nan")`` passed every range check: a NaN ``token_leeway`` or
+    ``max_token_lifetime`` accepted expired and year-3000 tokens."""
+    floats = [f.name for f in dataclasses.fields(Settings) if f.type in ("float", "float | None")]
+    assert {"token_leeway", "max_token_lifetime", "header_timeout"} <= set(floats)
+    for name in floats:
+        with pytest.raises(ConfigurationError, match=f"CALLBOT_{name.upper()}"):
+            Settings.from_env({"CALLBOT_APP_ID": "a", f"CALLBOT_{name.upper()}": value})
+    with pytest.raises(ConfigurationError, match="finite"):
+        Settings(app_id="a", token_leeway=float("nan"))
+
+
+@pytest.mark.parametrize("port", ["-1", "65536", "99999"])
+def test_a_port_outside_the_range_names_the_variable(port: str) -> None:
+    with pytest.raises(ConfigurationError, match="CALLBOT_PORT"):
+        Settings.from_env({"CALLBOT_APP_ID": "a", "CALLBOT_PORT": port})
 
 
 def test_public_url_must_be_https_unless_explicitly_allowed() -> None:

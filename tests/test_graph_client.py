@@ -17,7 +17,7 @@ from structlog.testing import capture_logs
 
 from callbot import GraphError
 from callbot._ids import path_segment
-from callbot.graph import CallServices, RetryPolicy
+from callbot.graph import CallServices, RetryPolicy, Target
 from callbot.graph._http import parse_retry_after, send
 from callbot.testing import FakeGraph
 from callbot.testing._fake_graph import FakeResponse
@@ -302,3 +302,58 @@ async def test_graph_requests_are_capped_at_16_mib(
     with pytest.raises(GraphError) as failure:
         await services.call(CALL_ID).participants.list()
     assert failure.value.code == "responseTooLarge"
+
+
+async def test_graph_answers_that_do_not_fit_raise_graph_errors(
+    graph: FakeGraph, services: CallServices
+) -> None:
+    """Answers nested past the decoder, or not fitting the models, raised RecursionError or
+    pydantic's ValidationError: handlers catching GraphError missed them."""
+    graph.add_call(CALL_ID, state="established")
+    graph.route("getCall", lambda _: FakeResponse(status=200, raw=b"[" * 5000 + b"]" * 5000))
+    call = services.call(CALL_ID)
+    snapshot = await call.refresh()  # not JSON that can be read: no body, as Graph sent none
+    assert snapshot.id is None
+    graph.route("getCall", lambda _: FakeResponse(status=200, body={"mediaState": {"audio": 1}}))
+    with pytest.raises(GraphError) as unfit:
+        await call.refresh()
+    assert unfit.value.code == "invalid_response"
+    assert "Call" in unfit.value.message
+    graph.route(
+        "listParticipants", lambda _: FakeResponse(status=200, body={"value": [{"isMuted": 5}]})
+    )
+    with pytest.raises(GraphError, match="Participant"):
+        await call.participants.list()
+
+
+async def test_a_created_call_graph_describes_oddly_keeps_its_handle(
+    graph: FakeGraph, services: CallServices
+) -> None:
+    """Graph had made the call, but its answer did not fit the models: the id was lost with
+    the ValidationError, and the bot could not even hang up."""
+    graph.route(
+        "createCall",
+        lambda _: FakeResponse(status=201, body={"id": "new-call-1", "mediaState": {"audio": 1}}),
+    )
+    with capture_logs() as logs:
+        call = await services.create_call(Target.user("u1"))
+    assert call.id == "new-call-1"
+    assert [line["event"] for line in logs if line["log_level"] == "warning"] == [
+        "call_created_unreadable"
+    ]
+
+
+async def test_an_access_token_no_header_may_carry_is_refused_not_kept(
+    graph: FakeGraph, services: CallServices
+) -> None:
+    """Cached, a token with a line break failed every request before any left (so no 401
+    ever refreshed it) until it expired."""
+    graph.add_call(CALL_ID, state="established")
+    assert (await services.call(CALL_ID).refresh()).id == CALL_ID
+    graph.revoke_tokens()  # the next request gets 401, and a new token is fetched
+    bad = {"access_token": "a\r\nX: 1", "expires_in": 3600, "token_type": "Bearer"}
+    graph.fail_next("token", 200, body=bad)
+    with pytest.raises(GraphError) as refused:
+        await services.call(CALL_ID).refresh()
+    assert refused.value.code == "invalid_response"
+    assert (await services.call(CALL_ID).refresh()).id == CALL_ID  # the next token is good

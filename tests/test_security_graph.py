@@ -14,6 +14,7 @@ import datetime
 import ipaddress
 import json
 import logging
+import os
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -439,7 +440,10 @@ async def test_recordings_come_only_from_allowed_https_hosts_within_a_size_cap(
         "redirect-loop": f"{hosts.https}/loop",
         "endless": f"{hosts.https}/endless",
         "endless-to-file": f"{hosts.https}/endless",
+        "refused-to-file": f"{hosts.internal}/admin",
     }
+    # A file the bot wrote before: a refused download used to truncate, then delete it.
+    (tmp_path / "refused-to-file").write_bytes(b"an earlier recording")
     for name, location in locations.items():
         assert (await server.post(recording_done(hosts, name, location))).status == 202
     await until(lambda: len(results) == len(locations), within=30)
@@ -454,6 +458,9 @@ async def test_recordings_come_only_from_allowed_https_hosts_within_a_size_cap(
     # Streamed to a file, the same answer is cut at the cap and leaves no partial file.
     assert "max_recording_bytes" in str(results["endless-to-file"])
     assert not (tmp_path / "endless-to-file").exists()
+    assert "not https" in str(results["refused-to-file"])
+    assert (tmp_path / "refused-to-file").read_bytes() == b"an earlier recording"
+    assert not [name for name in os.listdir(tmp_path) if name.endswith(".part")]
     # The internal service was never reached, and the endless answer was cut short.
     assert hosts.internal_hits == 0
     async with asyncio.timeout(10):
@@ -629,6 +636,9 @@ async def test_only_absolute_urls_on_graphs_origin_carry_the_token(
         graph_origin.replace("http://", "https://") + "/v1.0/communications/calls",
         f"http://localhost:{port}/v1.0/communications/calls",  # same address, another host
         f"http://user@127.0.0.1:{port}/v1.0/communications/calls",
+        # Unreadable ones raised ValueError or UnicodeError from deep in the URL parser.
+        "http://127.0.0.1:x/v1.0/next",
+        "https://evil.com\u3002graph.microsoft.com/v1.0/next",
     ]
     try:
         for url in off_graph:

@@ -17,7 +17,7 @@ import pytest
 import structlog
 from aiohttp import web
 
-from callbot import Call, CallBot, Settings, events
+from callbot import Call, CallBot, CallbotError, Settings, events
 from callbot._auth import Authenticator
 from callbot._display import TrafficPrinter
 from callbot._recording import REMOVED, read_recording, scrub
@@ -107,6 +107,28 @@ def test_a_recording_may_hold_bare_bodies_and_items(tmp_path: Path) -> None:
     path.write_text('{"nothing": 1}\n', encoding="utf-8")
     with pytest.raises(Exception, match=r"mixed.jsonl:1"):
         list(read_recording(path))
+
+
+def test_a_hostile_recording_is_refused_line_by_line_and_never_pauses_for_ever(
+    tmp_path: Path,
+) -> None:
+    """A line nested deeper than the decoder goes, or not UTF-8, escaped as RecursionError or
+    UnicodeDecodeError; a NaN or infinite time made ``replay`` wait for ever before it."""
+    path = tmp_path / "hostile.jsonl"
+    tone = json.dumps(builders.notifications(builders.tone("c1", "tone1", 1))).encode()
+    for bad, why in (
+        (b"[" * 100_000 + b"]" * 100_000, "JSON nested too deeply"),
+        (b'{"value": "\xff"}'.replace(b"\\xff", b"\xff"), "not UTF-8"),
+    ):
+        path.write_bytes(tone + b"\n" + bad + b"\n")
+        with pytest.raises(CallbotError, match=f"hostile.jsonl:2: {why}"):
+            list(read_recording(path))
+    stamped = [
+        {"at": at, **builders.notifications(builders.tone("c1", "tone1", n))}
+        for n, at in enumerate([1.0, float("nan"), float("inf"), "1e400", 2.0])
+    ]
+    path.write_text("\n".join(json.dumps(line) for line in stamped), encoding="utf-8")
+    assert [batch.at for batch in read_recording(path)] == [1.0, None, None, None, 2.0]
 
 
 def replay_bot_module(directory: Path) -> None:

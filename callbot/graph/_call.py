@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import builtins
 import functools
+import os
+import tempfile
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from os import PathLike
@@ -126,19 +128,25 @@ def call_options_json(
 async def _download_to_file(
     graph: GraphClient, location: str, token: str, path: Path, call_id: str
 ) -> int:
-    # Each write runs in a thread: a file write can block the event loop.
-    file = await asyncio.to_thread(path.open, "wb")
+    # Into a new file beside ``path`` (its owner's only), put in place once whole: a refused
+    # or failed download leaves whatever ``path`` held. Each write runs in a thread: a file
+    # write can block the event loop.
+    descriptor, partial = await asyncio.to_thread(
+        tempfile.mkstemp, dir=path.parent, prefix=f".{path.name}.", suffix=".part"
+    )
+    file = os.fdopen(descriptor, "wb")
     try:
 
         async def write(chunk: bytes) -> None:
             await asyncio.to_thread(file.write, chunk)
 
         size = await graph.download(location, bearer=token, write=write, call_id=call_id)
+        await asyncio.to_thread(file.close)
+        await asyncio.to_thread(os.replace, partial, path)
     except BaseException:
         await asyncio.to_thread(file.close)
-        await asyncio.to_thread(path.unlink, missing_ok=True)
+        await asyncio.to_thread(Path(partial).unlink, missing_ok=True)
         raise
-    await asyncio.to_thread(file.close)
     return size
 
 
@@ -397,7 +405,7 @@ class Call:
     async def refresh(self) -> models.Call:
         """Fetch the call from Graph; the result also becomes :attr:`snapshot`."""
         response = await self._request("GET")
-        snapshot = models.Call.model_validate(response.body or {})
+        snapshot = response.model(models.Call)
         self.snapshot = snapshot
         return snapshot
 
@@ -594,7 +602,9 @@ class Call:
         and with ``writer`` (an async function taking each chunk) to the writer,
         and the number of bytes is returned. Only https URLs on
         ``recording_hosts`` are fetched, at most ``max_recording_bytes``; anything
-        else raises ``ValueError`` (a partly written file is removed).
+        else raises ``ValueError``. A file is written beside ``path`` (readable by its
+        owner only) and put in its place once whole: a download that fails leaves
+        whatever ``path`` held.
         Recordings are short-lived: download them when the record operation completes.
         """
         result: Any = recording.result if isinstance(recording, Operation) else recording
@@ -689,7 +699,7 @@ class Participants:
     async def get(self, participant_id: str) -> models.Participant:
         """Fetch one participant."""
         response = await self._call._request("GET", self._path(participant_id))
-        return models.Participant.model_validate(response.body or {})
+        return response.model(models.Participant)
 
     async def invite(
         self,
@@ -771,7 +781,7 @@ class Participants:
         pages = self._call._services.graph.pages(
             first, scenario_id=self._call.scenario_id, call_id=self._call.id
         )
-        return [models.Participant.model_validate(p) async for p in pages]
+        return [first.model(models.Participant, p) async for p in pages]
 
 
 class AudioRoutingGroups:
@@ -807,12 +817,12 @@ class AudioRoutingGroups:
         if id is not None:
             body = {"id": id, **body}
         response = await self._call._request("POST", self._path(), body)
-        return models.AudioRoutingGroup.model_validate(response.body or {})
+        return response.model(models.AudioRoutingGroup)
 
     async def get(self, group_id: str) -> models.AudioRoutingGroup:
         """Fetch one group."""
         response = await self._call._request("GET", self._path(group_id))
-        return models.AudioRoutingGroup.model_validate(response.body or {})
+        return response.model(models.AudioRoutingGroup)
 
     async def update(
         self,
@@ -831,7 +841,7 @@ class AudioRoutingGroups:
         if receivers is not None:
             body["receivers"] = list(receivers)
         response = await self._call._request("PATCH", self._path(group_id), body)
-        return models.AudioRoutingGroup.model_validate(response.body or {})
+        return response.model(models.AudioRoutingGroup)
 
     async def delete(self, group_id: str) -> None:
         """Delete a group."""
@@ -841,4 +851,4 @@ class AudioRoutingGroups:
         """Fetch the call's groups."""
         response = await self._call._request("GET", self._path())
         body = response.body if isinstance(response.body, Mapping) else {}
-        return [models.AudioRoutingGroup.model_validate(g) for g in body.get("value", [])]
+        return [response.model(models.AudioRoutingGroup, g) for g in body.get("value", [])]

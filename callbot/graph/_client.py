@@ -6,12 +6,13 @@ import asyncio
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
 import structlog
 from multidict import CIMultiDict, CIMultiDictProxy
+from pydantic import BaseModel, ValidationError
 from yarl import URL
 
 from .. import _journal
@@ -47,8 +48,13 @@ def recording_url_refusal(url: str, settings: Settings) -> str | None:
     Allowed: https from a host on ``settings.recording_hosts`` (``*.example.com``
     matches its subdomains), or the origin of ``settings.graph_url`` itself.
     """
-    parts = urlsplit(url)
-    graph = urlsplit(settings.graph_url)
+    if any(ord(char) < 0x21 or ord(char) == 0x7F for char in url):
+        return "the URL has spaces or control characters"
+    try:
+        parts = urlsplit(url)
+        graph = urlsplit(settings.graph_url)
+    except ValueError as exc:
+        return f"not a URL: {exc!r}"
     if (parts.scheme, parts.netloc.lower()) == (graph.scheme, graph.netloc.lower()):
         return None
     if parts.scheme != "https":
@@ -59,6 +65,10 @@ def recording_url_refusal(url: str, settings: Settings) -> str | None:
         if host == pattern or (pattern.startswith("*.") and host.endswith(pattern[1:])):
             return None
     return f"host {host!r} is not in recording_hosts (CALLBOT_RECORDING_HOSTS)"
+
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+_WHOLE_BODY: Any = object()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,6 +85,23 @@ class GraphResponse:
     def location(self) -> str | None:
         """The ``Location`` header (created resources, started operations)."""
         return self.headers.get("Location")
+
+    def model(self, kind: type[ModelT], data: Any = _WHOLE_BODY) -> ModelT:
+        """``data`` (the whole body by default) read as ``kind``: a :class:`GraphError`
+        (``invalid_response``) when Graph's answer does not fit it, never a pydantic error."""
+        if data is _WHOLE_BODY:
+            data = self.body if self.body is not None else {}
+        try:
+            return kind.model_validate(data)
+        except ValidationError as exc:
+            raise GraphError(
+                self.status,
+                "invalid_response",
+                f"Graph's answer does not fit {kind.__name__}: {exc.error_count()} error(s)",
+                request_id=self.request_id,
+                client_request_id=self.client_request_id,
+                body=self.body,
+            ) from None
 
 
 class GraphClient:
@@ -187,15 +214,17 @@ class GraphClient:
     def url_refusal(self, url: str) -> str | None:
         """Why the app token may not be sent to ``url`` (``None``: it is on Graph's origin)."""
         try:
+            # yarl reads the port and the host's punycode lazily: all of it is read here.
             target = URL(url, encoded=True)
-        except ValueError as exc:
-            return f"not a URL: {exc}"
-        if not target.absolute:
-            return "not an absolute URL"
-        if target.raw_user is not None or target.raw_password is not None:
-            return "the URL carries user info"
-        if _origin(target) != self._graph_origin:
-            return f"{target.origin()} is not the origin of graph_url (CALLBOT_GRAPH_URL)"
+            if not target.absolute:
+                return "not an absolute URL"
+            if target.raw_user is not None or target.raw_password is not None:
+                return "the URL carries user info"
+            origin = _origin(target)
+        except (ValueError, UnicodeError) as exc:
+            return f"not a URL: {exc!r}"
+        if origin != self._graph_origin:
+            return f"{url!r} is not on the origin of graph_url (CALLBOT_GRAPH_URL)"
         return None
 
     async def request(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import base64
+import re
 import time
 import uuid
 from collections.abc import Mapping
@@ -39,6 +40,8 @@ __all__ = [
 ]
 
 log = structlog.get_logger("callbot.graph")
+# What a bearer token may hold (RFC 6750's b64token): nothing a header would refuse.
+_HEADER_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 
 DEFAULT_SCOPE = "https://graph.microsoft.com/.default"
 CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
@@ -380,6 +383,14 @@ class TokenCache:
             fetched_at = time.time()
             result: Any = await self.credential.get_token(self.scope)
             token = result.token
+            if not isinstance(token, str) or not _HEADER_TOKEN.fullmatch(token):
+                # Cached, it would fail every request before any left (no 401 to refetch on).
+                raise GraphError(
+                    0,
+                    "invalid_response",
+                    "the credential's access token is empty or has characters no"
+                    " Authorization header may carry",
+                )
             expires_on = float(result.expires_on)
             lifetime = max(0.0, expires_on - fetched_at)
             self._token = token

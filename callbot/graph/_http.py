@@ -87,7 +87,7 @@ class RawResponse:
             return None
         try:
             return json.loads(self.body)
-        except ValueError:
+        except (ValueError, RecursionError):  # nested too deeply for the decoder
             return None
 
 

@@ -306,7 +306,13 @@ class CallServices:
                 body=payload,
             )
         self._scenarios[id_key(call_id)] = scenario_id
-        handle = self.call(call_id, snapshot=models.Call.model_validate(payload))
+        try:
+            snapshot = response.model(models.Call)
+        except GraphError as exc:
+            # Graph made the call: the bot keeps its handle (to hang up, at least).
+            log.warning("call_created_unreadable", call_id=call_id, error=exc.message)
+            snapshot = models.Call(id=call_id)
+        handle = self.call(call_id, snapshot=snapshot)
         log.info(
             "call_created",
             call_id=call_id,
