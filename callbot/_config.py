@@ -166,6 +166,12 @@ class Settings:
                     f"{setting.name} must be a finite number, got {value!r} "
                     f"(CALLBOT_{setting.name.upper()})"
                 )
+            # Every number setting is a duration, a size or a count: none can be negative.
+            if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
+                raise ConfigurationError(
+                    f"{setting.name} must not be negative, got {value!r} "
+                    f"(CALLBOT_{setting.name.upper()})"
+                )
         if not 0 <= self.port <= 65535:
             raise ConfigurationError(f"port must be 0 to 65535, got {self.port} (CALLBOT_PORT)")
         for name in ("reorder_window", "termination_grace", "token_leeway"):
@@ -178,6 +184,10 @@ class Settings:
             "max_token_lifetime",
             "pending_call_ttl",
             "recording_download_timeout",
+            # Zero would make them due at once, again and again.
+            "keep_alive_interval",
+            "key_refresh_interval",
+            "graph_request_timeout",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigurationError(f"{name} must be positive (CALLBOT_{name.upper()})")
@@ -187,6 +197,7 @@ class Settings:
             "max_recording_bytes",
             "max_pending_calls",
             "max_roster_size",
+            "max_json_depth",
         ):
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"{name} must be at least 1 (CALLBOT_{name.upper()})")

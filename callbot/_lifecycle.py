@@ -91,6 +91,12 @@ class CallLife:
         """Established (or in a state a live call moves between), and not ended."""
         return self.phase == LIVE_PHASE and not self.ended
 
+    @property
+    def terminated(self) -> bool:
+        """Its end was delivered here (or Graph no longer knows it), not only told by another
+        instance: what comes after it is a straggler."""
+        return self.ended and self.state == "terminated"
+
 
 _WARN, _KEEP_ALIVE, _FORGET, _FORGET_PENDING = range(4)
 
@@ -245,6 +251,8 @@ class Lifecycle:
 
     def gone(self, call_id: str) -> None:
         """Graph no longer knows the call (no termination will come): end and forget it now."""
+        life = self.life(call_id)
+        life.state = "terminated"  # as good as delivered: nothing is to come after it
         self.end(call_id, None)
         self._forget(id_key(call_id), "gone")
 
@@ -305,9 +313,10 @@ class Lifecycle:
         if life is None:
             return
         life.keeping_alive = False
-        if life.ended:
+        if life.terminated:
             self._remember(self._ended, key, life.tenant_id)
         elif life.tenant_id is not None:
+            # Its end, if told, is still to be delivered: a new life of it must take it.
             self._remember(self._bound, key, life.tenant_id)
         if why != "grace_over":
             log.info("call_forgotten", call_id=life.call_id, reason=why)

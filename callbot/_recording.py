@@ -138,7 +138,10 @@ def _timestamp(value: Any) -> float | None:
     """When a batch was recorded, or ``None`` (a replay then keeps no pause before it)."""
     stamp: float | None = None
     if isinstance(value, int | float) and not isinstance(value, bool):
-        stamp = float(value)
+        try:
+            stamp = float(value)
+        except OverflowError:  # an integer of hundreds of digits
+            return None
     elif isinstance(value, str):
         try:
             stamp = datetime.fromisoformat(value).timestamp()

@@ -303,8 +303,7 @@ class Sequencer:
             life = self.lifecycle.life(event.call_id)
             # A call whose termination was delivered (and forgotten since) takes nothing more;
             # an end only told by another instance still has its termination to deliver.
-            closed = life.ended and life.state == "terminated"
-            record = self._records[key] = CallRecord(life, closed=closed)
+            record = self._records[key] = CallRecord(life, closed=life.terminated)
         if record.life.tenant_id is None and event.tenant_id is not None:
             record.life.tenant_id = tenant_key(event.tenant_id)
         digest = _digest_of(event, key)

@@ -91,3 +91,23 @@ def test_configure_changes_settings_before_start() -> None:
     bot.configure(app_id="b", reorder_window=0.1)
     assert bot.settings.app_id == "b"
     assert bot.settings.reorder_window == 0.1
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("CALLBOT_KEEP_ALIVE_INTERVAL", "-5"),  # every keep-alive due at once, back to back
+        ("CALLBOT_KEEP_ALIVE_INTERVAL", "0"),
+        ("CALLBOT_KEY_REFRESH_INTERVAL", "0"),
+        ("CALLBOT_GRAPH_REQUEST_TIMEOUT", "0"),
+        ("CALLBOT_SHUTDOWN_TIMEOUT", "-1"),
+        ("CALLBOT_GRAPH_RETRY_TIME", "-1"),
+        ("CALLBOT_TOKEN_CACHE_BYTES", "-1"),
+        ("CALLBOT_MAX_JSON_DEPTH", "0"),
+    ],
+)
+def test_durations_sizes_and_counts_are_never_negative_and_some_never_zero(
+    variable: str, value: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=variable):
+        Settings.from_env({"CALLBOT_APP_ID": "a", variable: value})

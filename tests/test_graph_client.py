@@ -324,6 +324,12 @@ async def test_graph_answers_that_do_not_fit_raise_graph_errors(
     )
     with pytest.raises(GraphError, match="Participant"):
         await call.participants.list()
+    odd_operation = {"@odata.type": "#microsoft.graph.playPromptOperation", "status": 5}
+    graph.route("getOperation", lambda _: FakeResponse(status=200, body=odd_operation))
+    with pytest.raises(GraphError, match="operation"):
+        await call.get_operation("op-1")
+    graph.route("listAudioRoutingGroups", lambda _: FakeResponse(status=200, body={"value": 5}))
+    assert await call.audio_routing_groups.list() == []  # no list of groups: none
 
 
 async def test_a_created_call_graph_describes_oddly_keeps_its_handle(

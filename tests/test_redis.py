@@ -1192,3 +1192,38 @@ async def test_a_handler_abandoned_at_shutdown_is_handed_over_at_once(
     await first.bot.stop()
     await until(lambda: len(runs) == 2, within=20)
     assert runs == [(0, False), (1, True)]
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"])
+async def test_a_termination_told_early_is_delivered_after_a_handler_outlasting_the_grace(
+    authority: TokenAuthority, serve: Any, redis_url: str, store: str
+) -> None:
+    """The Redis store tells the lifecycle of a termination on arrival (to wake waiters);
+    when the call's handler outlasted ``termination_grace``, the call was forgotten as if
+    its end had been delivered, and the termination itself was then dropped as after_end."""
+    options: dict[str, Any] = {"termination_grace": 0.2}
+    if store == "redis":
+        options["store"] = redis_url
+    bot = make_bot(authority, **options)
+    release = asyncio.Event()
+    seen: list[str] = []
+
+    @bot.on_incoming_call
+    async def slow(call: Call, event: events.IncomingCall) -> None:
+        seen.append("incoming")
+        await release.wait()
+
+    @bot.on_terminated
+    async def ended(call: Call, event: events.CallTerminated) -> None:
+        seen.append("terminated")
+
+    server: BotServer = await serve(bot)
+    assert (await server.post(b.notifications(b.incoming_call("slow-call")))).status == 202
+    await until(lambda: seen == ["incoming"])
+    assert (await server.post(b.notifications(b.call_terminated("slow-call")))).status == 202
+    if store == "redis":
+        # Told at once, forgotten once the grace is over, while the handler still runs.
+        lifecycle = bot._running().lifecycle
+        await until(lambda: lifecycle.get("slow-call") is None)
+    release.set()
+    await until(lambda: seen == ["incoming", "terminated"])

@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import builtins
 import functools
-import os
-import tempfile
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from os import PathLike
@@ -128,25 +126,21 @@ def call_options_json(
 async def _download_to_file(
     graph: GraphClient, location: str, token: str, path: Path, call_id: str
 ) -> int:
-    # Into a new file beside ``path`` (its owner's only), put in place once whole: a refused
-    # or failed download leaves whatever ``path`` held. Each write runs in a thread: a file
-    # write can block the event loop.
-    descriptor, partial = await asyncio.to_thread(
-        tempfile.mkstemp, dir=path.parent, prefix=f".{path.name}.", suffix=".part"
-    )
-    file = os.fdopen(descriptor, "wb")
+    # Checked before the file is opened: a refused location leaves whatever ``path`` held.
+    graph.check_recording_url(location, call_id=call_id)
+    # Each write runs in a thread: a file write can block the event loop.
+    file = await asyncio.to_thread(path.open, "wb")
     try:
 
         async def write(chunk: bytes) -> None:
             await asyncio.to_thread(file.write, chunk)
 
         size = await graph.download(location, bearer=token, write=write, call_id=call_id)
-        await asyncio.to_thread(file.close)
-        await asyncio.to_thread(os.replace, partial, path)
     except BaseException:
         await asyncio.to_thread(file.close)
-        await asyncio.to_thread(Path(partial).unlink, missing_ok=True)
+        await asyncio.to_thread(path.unlink, missing_ok=True)
         raise
+    await asyncio.to_thread(file.close)
     return size
 
 
@@ -412,7 +406,7 @@ class Call:
     async def get_operation(self, operation_id: str) -> models.CommsOperation:
         """Fetch one of the call's operations from Graph."""
         response = await self._request("GET", "/operations/" + path_segment(operation_id))
-        return models.parse_operation(response.body or {})
+        return response.read(models.parse_operation, "an operation")
 
     # -- media --------------------------------------------------------------------
 
@@ -602,9 +596,8 @@ class Call:
         and with ``writer`` (an async function taking each chunk) to the writer,
         and the number of bytes is returned. Only https URLs on
         ``recording_hosts`` are fetched, at most ``max_recording_bytes``; anything
-        else raises ``ValueError``. A file is written beside ``path`` (readable by its
-        owner only) and put in its place once whole: a download that fails leaves
-        whatever ``path`` held.
+        else raises ``ValueError``. A refused location leaves ``path`` as it was; a
+        download that fails once under way removes the partly written file.
         Recordings are short-lived: download them when the record operation completes.
         """
         result: Any = recording.result if isinstance(recording, Operation) else recording
@@ -849,6 +842,8 @@ class AudioRoutingGroups:
 
     async def list(self) -> builtins.list[models.AudioRoutingGroup]:
         """Fetch the call's groups."""
-        response = await self._call._request("GET", self._path())
-        body = response.body if isinstance(response.body, Mapping) else {}
-        return [response.model(models.AudioRoutingGroup, g) for g in body.get("value", [])]
+        first = await self._call._request("GET", self._path())
+        pages = self._call._services.graph.pages(
+            first, scenario_id=self._call.scenario_id, call_id=self._call.id
+        )
+        return [first.model(models.AudioRoutingGroup, group) async for group in pages]

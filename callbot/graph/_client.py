@@ -68,6 +68,7 @@ def recording_url_refusal(url: str, settings: Settings) -> str | None:
 
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
+ReadT = TypeVar("ReadT")
 _WHOLE_BODY: Any = object()
 
 
@@ -89,15 +90,20 @@ class GraphResponse:
     def model(self, kind: type[ModelT], data: Any = _WHOLE_BODY) -> ModelT:
         """``data`` (the whole body by default) read as ``kind``: a :class:`GraphError`
         (``invalid_response``) when Graph's answer does not fit it, never a pydantic error."""
+        return self.read(kind.model_validate, kind.__name__, data)
+
+    def read(self, parse: Callable[[Any], ReadT], what: str, data: Any = _WHOLE_BODY) -> ReadT:
+        """``parse(data)`` (the whole body by default), its pydantic error a :class:`GraphError`
+        (``invalid_response``) saying the answer does not fit ``what``."""
         if data is _WHOLE_BODY:
             data = self.body if self.body is not None else {}
         try:
-            return kind.model_validate(data)
+            return parse(data)
         except ValidationError as exc:
             raise GraphError(
                 self.status,
                 "invalid_response",
-                f"Graph's answer does not fit {kind.__name__}: {exc.error_count()} error(s)",
+                f"Graph's answer does not fit {what}: {exc.error_count()} error(s)",
                 request_id=self.request_id,
                 client_request_id=self.client_request_id,
                 body=self.body,
@@ -333,6 +339,14 @@ class GraphClient:
                 "GET", next_link, scenario_id=scenario_id, call_id=call_id
             )
 
+    def check_recording_url(self, url: str, **fields: Any) -> None:
+        """Raise ``ValueError`` (and log why) unless a recording may be fetched from ``url``
+        (see :func:`recording_url_refusal`)."""
+        refusal = recording_url_refusal(url, self.settings)
+        if refusal is not None:
+            log.warning("recording_refused", url=url, reason=refusal, **fields)
+            raise ValueError(f"recording not fetched from {url}: {refusal}")
+
     async def download(
         self,
         url: str,
@@ -374,10 +388,7 @@ class GraphClient:
         headers = {"Authorization": "Bearer " + bearer, "User-Agent": USER_AGENT}
         current = url
         for _ in range(_MAX_REDIRECTS + 1):
-            refusal = recording_url_refusal(current, self.settings)
-            if refusal is not None:
-                log.warning("recording_refused", url=current, reason=refusal, **fields)
-                raise ValueError(f"recording not fetched from {current}: {refusal}")
+            self.check_recording_url(current, **fields)
             try:
                 async with self.session.get(
                     current,

@@ -388,8 +388,8 @@ class TokenCache:
                 raise GraphError(
                     0,
                     "invalid_response",
-                    "the credential's access token is empty or has characters no"
-                    " Authorization header may carry",
+                    "the credential's access token is empty or not a bearer token"
+                    " (RFC 6750: letters, digits and -._~+/ then '=')",
                 )
             expires_on = float(result.expires_on)
             lifetime = max(0.0, expires_on - fetched_at)
