@@ -60,7 +60,7 @@ def test_demo_plays_whole_calls_and_exits_0_printing_json_lines_to_a_pipe() -> N
         "call terminated (code 0/7015 GracefulTransferCompleted)",
         "DTMF tone2",
         "call terminating",
-        "call terminated (code 0/0 The caller hung up.)",
+        "call terminated (code 200/5002 The conversation has ended. DiagCode: 0#5002.@)",
     ):
         assert expected in posted, expected
 

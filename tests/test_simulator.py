@@ -347,9 +347,9 @@ async def test_outgoing_calls_ring_and_are_answered_or_not() -> None:
     ended = next(e for e in seen if isinstance(e, events.CallTerminated))
     assert ended.result_info is not None
     assert ended.result_info.code == 408
+    # As recorded from Teams (sb01, sb02): an outgoing call rings without a ringing state.
     assert labels(seen, second.id) == [
         "establishing",
-        "ringing",
         "established",
         "CallUpdated",
         "ParticipantsUpdated",
@@ -588,3 +588,23 @@ async def test_what_a_scripted_notification_says_the_simulated_call_knows_too() 
         await call.hangup()  # over already: nothing more is posted
     assert call.states == ["incoming", "establishing", "established", "hold", "terminated"]
     assert labels(seen).count("terminated") == 1
+
+
+async def test_the_simulator_posts_what_a_recorded_teams_call_posted() -> None:
+    """Shapes a live Teams call was recorded with (sb06, sb15, sb16): the caller's hang-up is
+    200/5002 (the simulator said 0/0), and whole rosters carry no ``sequenceNumber`` (the
+    simulator numbered them, so stale whole rosters were dropped only under test)."""
+    bot, seen = answering_bot(subscribe=False)
+    async with run_with_simulator(bot) as sim:
+        call = await sim.incoming_call()
+        await until(lambda: "ParticipantsUpdated" in labels(seen, call.id))
+        await call.hangup()
+        await call.wait_until_ended()
+        await until(lambda: "terminated" in labels(seen, call.id))
+        posted = [item for t in sim.traffic if t.kind == "notification" for item in t.body["value"]]
+    ended = next(e for e in seen if isinstance(e, events.CallTerminated))
+    assert ended.result_info is not None
+    assert (ended.result_info.code, ended.result_info.subcode) == (200, 5002)
+    rosters = [item for item in posted if item["resourceUrl"].endswith("/participants")]
+    assert rosters
+    assert all("sequenceNumber" not in item for item in rosters)

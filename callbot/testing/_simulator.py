@@ -485,9 +485,14 @@ class SimulatedCall:
             await self._send(build.tone(self.id, tone, self._tone_sequence))
 
     async def hangup(
-        self, *, code: int = 0, subcode: int = 0, message: str = "The caller hung up."
+        self,
+        *,
+        code: int = 200,
+        subcode: int = 5002,
+        message: str = "The conversation has ended. DiagCode: 0#5002.@",
     ) -> None:
-        """The far end hangs up: the bot is told the call terminated.
+        """The far end hangs up: the bot is told the call terminated, with the resultInfo a
+        live Teams call was recorded with (200/5002; the bot hanging up gets 200/5001).
 
         Nothing happens when the call is already over (or ending: the bot hung up).
         """
@@ -564,7 +569,7 @@ class SimulatedCall:
         self, changed: Sequence[models.Participant] = (), change_type: str = "updated"
     ) -> dict[str, Any]:
         """The roster as Graph posts it: whole, or (delta rosters) only who ``changed``."""
-        # Numbered like Graph's rosters, so a roster equal to an earlier one is not a duplicate.
+        # Only delta rosters are numbered (recorded whole rosters carry no sequenceNumber).
         self._roster_sequence += 1
         known = self._sim.graph.calls.get(self.key)
         if known is not None:
@@ -577,9 +582,7 @@ class SimulatedCall:
             return build.delta_roster(
                 self.id, changed, sequence_number=self._roster_sequence, change_type=change_type
             )
-        item = build.roster(self.id, list(self.roster.values()))
-        item["sequenceNumber"] = self._roster_sequence
-        return item
+        return build.roster(self.id, list(self.roster.values()))
 
     def _find(self, who: str) -> str:
         participant_id = self._roster_id(who)
@@ -606,20 +609,15 @@ class SimulatedCall:
             ),
         )
 
-    def _established(self, *, ringing: bool = False) -> None:
-        """Queue what Graph posts once a call connects, as recorded from Teams.
-
-        ``establishing``, ``ringing`` (outgoing calls), ``established``, then
+    def _established(self) -> None:
+        """Queue what Graph posts once a call connects, as recorded from Teams (incoming and
+        outgoing calls alike: no ``ringing``): ``establishing``, ``established``, then
         ``established`` again once media flows, then the roster.
         """
         self._add_bot()
         if self.remote is not None and self.remote.id is not None:
             self.roster.setdefault(self.remote.id, self.remote)
-        steps = (
-            ["establishing", "ringing", "established"]
-            if ringing
-            else ["establishing", "established"]
-        )
+        steps = ["establishing", "established"]
         entries = [_Outgoing(items=[build.call_state(self.id, s)]) for s in steps]
         if self.delivery.out_of_order:
             entries[0], entries[-1] = entries[-1], entries[0]
@@ -1445,7 +1443,7 @@ class Simulator:
             outcome = self._outgoing_outcomes.pop(0) if self._outgoing_outcomes else "answer"
             result = OUTGOING_OUTCOMES[outcome]
             if result is None:
-                call._established(ringing=True)
+                call._established()
             else:
                 code, subcode, message = result
                 call._enqueue(build.call_state(call_id, "establishing"))
