@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from callbot import Call, CallBot, GraphError, OperationFailed, events, models
+from callbot import Call, CallBot, CallEnded, GraphError, OperationFailed, events, models
 from callbot._parse import parse_payload
 from callbot.graph import AccessToken, Target
 from callbot.testing import (
@@ -608,3 +608,30 @@ async def test_the_simulator_posts_what_a_recorded_teams_call_posted() -> None:
     rosters = [item for item in posted if item["resourceUrl"].endswith("/participants")]
     assert rosters
     assert all("sequenceNumber" not in item for item in rosters)
+
+
+async def test_an_incoming_call_not_taken_in_time_is_ended_by_graph() -> None:
+    """Graph ends a call the bot does not answer, reject or redirect within 15 s (408/1106);
+    the simulator waited for ever, so a bot too slow to answer passed its tests."""
+    bot, seen = recording_bot()
+    late: list[BaseException] = []
+    go = asyncio.Event()
+
+    @bot.on_incoming_call
+    async def answer_too_late(call: Call, event: events.IncomingCall) -> None:
+        await go.wait()
+        try:
+            await call.answer()
+        except GraphError as exc:
+            late.append(exc)
+
+    async with run_with_simulator(bot, answer_deadline=0.2) as sim:
+        call = await sim.incoming_call()
+        await call.wait_until_ended()
+        go.set()
+        await until(lambda: bool(late))
+        await until(lambda: any(isinstance(e, events.CallTerminated) for e in seen))
+    ended = next(e for e in seen if isinstance(e, events.CallTerminated))
+    assert ended.result_info is not None
+    assert (ended.result_info.code, ended.result_info.subcode) == (408, 1106)
+    assert isinstance(late[0], CallEnded)

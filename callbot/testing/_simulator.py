@@ -658,6 +658,17 @@ class SimulatedCall:
         self._timers.add(task)
         task.add_done_callback(self._timers.discard)
 
+    def _missed(self) -> None:
+        """Graph ends an incoming call the bot did not take in time (408/1106)."""
+        if any(self.requests_for(action) for action in ("answer", "reject", "redirect")):
+            return
+        self._end_on_graph()
+        self._enqueue(
+            build.call_terminated(
+                self.id, code=408, subcode=1106, message="The call was not answered in time."
+            )
+        )
+
     @property
     def _ended_on_graph(self) -> bool:
         known = self._sim.graph.calls.get(self.key)
@@ -965,9 +976,11 @@ class Simulator:
     :func:`run_with_simulator`, which also configures and serves the bot).
     ``prompt_duration`` is how long each prompt plays, ``record_duration`` how
     long a recording lasts, ``transfer_duration`` how long a transfer target
-    takes to pick up, ``step_delay`` the pause before each notification (all
-    seconds). ``delivery`` posts notifications with Graph's quirks (out of order,
-    twice, ``resource`` only, compact ids, late: :class:`DeliveryOptions`). With
+    takes to pick up, ``step_delay`` the pause before each notification,
+    ``answer_deadline`` how long an incoming call waits for the bot to answer,
+    reject or redirect it before Graph ends it with 408/1106 (all seconds).
+    ``delivery`` posts notifications with Graph's quirks (out of order, twice,
+    ``resource`` only, compact ids, late: :class:`DeliveryOptions`). With
     ``drive=False`` the simulator only answers requests and posts nothing by
     itself (for replays). ``observers`` see every :class:`Traffic`.
     ``graph_port`` and ``keys_port`` fix the ports (0: any free port), and
@@ -984,6 +997,7 @@ class Simulator:
         prompt_duration: float = 0.05,
         record_duration: float = 0.05,
         transfer_duration: float = 0.02,
+        answer_deadline: float = 15.0,
         step_delay: float = 0.0,
         delivery: DeliveryOptions | None = None,
         drive: bool = True,
@@ -1001,6 +1015,7 @@ class Simulator:
         self.prompt_duration = prompt_duration
         self.record_duration = record_duration
         self.transfer_duration = transfer_duration
+        self.answer_deadline = answer_deadline
         self.step_delay = step_delay
         self.delivery = delivery or DeliveryOptions()
         """How notifications arrive, for calls that do not say otherwise."""
@@ -1185,6 +1200,7 @@ class Simulator:
         )
         call = self._new_call(call_id, "incoming", remote, delivery)
         await call._send(item)
+        call._later(self.answer_deadline, call._missed)
         return call
 
     async def meeting_call(self, *, call_id: str | None = None) -> SimulatedCall:
