@@ -635,3 +635,31 @@ async def test_an_incoming_call_not_taken_in_time_is_ended_by_graph() -> None:
     assert ended.result_info is not None
     assert (ended.result_info.code, ended.result_info.subcode) == (408, 1106)
     assert isinstance(late[0], CallEnded)
+
+
+async def test_inviting_several_people_ends_as_graph_documents_it() -> None:
+    """Graph posts the end of an invitation of several participants on
+    ``operations/participants`` with ``"id": null``: the simulator does too, and the
+    operation still ends for the bot that sent it (by the context callbot generated)."""
+    bot, _seen = answering_bot(subscribe=False)
+    done: list[Any] = []
+
+    @bot.on_state("established")
+    async def invite(call: Call, event: events.CallStateChanged) -> None:
+        op = await call.participants.invite(
+            Target.user("user-2", "Lee Gu"), Target.user("user-3", "Megan Bowen")
+        )
+        done.append((op.id, await op.wait(timeout=10)))
+
+    async with run_with_simulator(bot) as sim:
+        call = await sim.incoming_call()
+        await until(lambda: bool(done))
+        await until(lambda: len(call.roster) == 4)
+        posted = [item for t in sim.traffic if t.kind == "notification" for item in t.body["value"]]
+    ((operation_id, final),) = done
+    assert final.status == "completed"
+    assert final.id == operation_id
+    outcome = next(
+        item for item in posted if item["resourceUrl"].endswith("/operations/participants")
+    )
+    assert outcome["resourceData"]["id"] is None

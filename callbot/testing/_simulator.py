@@ -936,7 +936,14 @@ class SimulatedCall:
             invitees = [p for p in body.get("participants", []) if isinstance(p, Mapping)]
 
             def joined() -> None:
-                self._enqueue(self._operation_item(operation_id, "completed", _DONE))
+                outcome = self._operation_item(operation_id, "completed", _DONE)
+                if len(invitees) > 1:
+                    # As documented for several invitees: on operations/participants, with
+                    # "id": null, only its clientContext saying which invitation it ends.
+                    path = f"{_CALLS}{self.id}/operations/participants"
+                    data = {k: v for k, v in outcome["resourceData"].items() if k != "@odata.id"}
+                    outcome = {**outcome, "resourceUrl": path, "resourceData": {**data, "id": None}}
+                self._enqueue(outcome)
                 added: list[models.Participant] = []
                 for invitee in invitees:
                     kind, ident, name = _identity_kind_and_id(invitee)
