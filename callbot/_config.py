@@ -174,9 +174,6 @@ class Settings:
                 )
         if not 0 <= self.port <= 65535:
             raise ConfigurationError(f"port must be 0 to 65535, got {self.port} (CALLBOT_PORT)")
-        for name in ("reorder_window", "termination_grace", "token_leeway"):
-            if getattr(self, name) < 0:
-                raise ConfigurationError(f"{name} must not be negative")
         for name in (
             "header_timeout",
             "body_timeout",
@@ -213,8 +210,6 @@ class Settings:
             raise ConfigurationError(
                 f"store must be 'memory' or a redis:// URL, got {self.store!r} (CALLBOT_STORE)"
             )
-        if self.store_replicas < 0:
-            raise ConfigurationError("store_replicas must not be negative (CALLBOT_STORE_REPLICAS)")
         if self.store_replicas and self.store.startswith(("redis+cluster://", "rediss+cluster://")):
             # WAIT answers for one node's writes: a Cluster spreads a request over several
             raise ConfigurationError(
