@@ -16,7 +16,7 @@ Errors. :class:`~callbot._errors.MalformedNotification` with a stable ``reason``
   missing or not a list, an item not an object, ``changeType`` missing or not a
   string, neither ``resourceUrl`` nor ``resource``, a path that is not under
   ``/communications/calls/{id}`` (or the older ``/app/calls/{id}``), or a segment
-  after the call id that is ``.`` or ``..`` (percent-encoded or not);
+  after the call id that is ``.`` or ``..`` or holds a character no Graph id has;
 * ``empty``     - ``value`` is an empty list;
 * ``too_many_items`` - more items than ``max_items``; ``too_many_participants`` -
   an item, or the items together, listing more participants (entries of their
@@ -57,7 +57,7 @@ import json
 import re
 from collections.abc import Iterator, Mapping
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 import orjson
 from pydantic import ValidationError
@@ -86,8 +86,10 @@ CALL_PATH = "/communications/calls/"
 _BOM_BYTES = "\ufeff".encode()
 # Escapes are matched as pairs so an escaped quote never toggles the string state.
 _TOKENS = re.compile(rb'\\.|["\[\]{}]', re.DOTALL)
-# What ends or splits a URL path segment, or has no place in one: no Graph id holds these.
-_SEGMENT_BREAKER = re.compile(r"[/\\?#\x00-\x20\x7f]")
+# What ends, splits or escapes a URL path segment, or has no place in one: no Graph id holds
+# these. An escape ('%61' for 'a') would spell a known call's id another way: another call
+# here, the same one on a server that decodes the path.
+_SEGMENT_BREAKER = re.compile(r"[/\\?#%\x00-\x20\x7f]")
 _CALL_ROOTS = frozenset({("communications", "calls"), ("app", "calls")})
 _CHANGE_TYPES = {name.lower(): name for name in ("created", "updated", "deleted")}
 _API_VERSIONS = frozenset({"v1.0", "beta"})
@@ -359,14 +361,9 @@ def _split_call_path(path: str) -> tuple[str, list[str]] | None:
 
 
 def _one_segment(segment: str) -> bool:
-    # resource_url is a path handlers may request: it must stay one segment however a
-    # server reads it, raw or decoded ('#x' would be dropped, '%2e%2e' or '%2F' climb).
-    if not usable_id(segment) or _SEGMENT_BREAKER.search(segment):
-        return False
-    if "%" not in segment:
-        return True
-    decoded = unquote(segment)
-    return usable_id(decoded) and not _SEGMENT_BREAKER.search(decoded)
+    # resource_url is a path handlers may request: it must stay one segment, naming one call,
+    # however a server reads it ('#x' would be dropped, '%2e%2e' or '%2F' climb).
+    return usable_id(segment) and not _SEGMENT_BREAKER.search(segment)
 
 
 def _tenant_of(
