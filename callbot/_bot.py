@@ -299,6 +299,9 @@ class CallBot:
         """
         if not states:
             raise TypeError("on_state needs at least one state, e.g. on_state('established')")
+        if not all(isinstance(state, str) for state in states):
+            # @bot.on_state written without its states hands over the handler itself.
+            raise TypeError("on_state takes the states to run on: @bot.on_state('established')")
         wanted = frozenset(canonical_call_state(s) for s in states)
         unknown = sorted(wanted - set(CALL_STATES))
         if unknown:

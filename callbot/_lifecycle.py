@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
@@ -128,7 +128,10 @@ class Lifecycle:
         self._pending_ttl = pending_ttl
         self._max_pending = max_pending
         self._lives: dict[str, CallLife] = {}
-        self._pending: OrderedDict[str, None] = OrderedDict()
+        # Pending calls (key -> the tenant first seen with it), oldest first, and how many
+        # each tenant has: past the bound, the tenant with the most gives up its oldest.
+        self._pending: OrderedDict[str, str | None] = OrderedDict()
+        self._pending_per_tenant: Counter[str | None] = Counter()
         # Calls forgotten after their end: key -> (when, its tenant), oldest first.
         self._ended: OrderedDict[str, tuple[float, str | None]] = OrderedDict()
         # Calls of a tenant forgotten before their end (a pending call let go): kept apart,
@@ -142,6 +145,7 @@ class Lifecycle:
         self._tasks: set[asyncio.Task[None]] = set()
         self._ended_listeners: list[Callable[[str, ResultInfo | None], None]] = []
         self._forgotten_listeners: list[Callable[[str, str], None]] = []
+        self._delivering: Callable[[str], bool] = lambda call_key: False
 
     # -- who is told -------------------------------------------------------------------
 
@@ -154,6 +158,11 @@ class Lifecycle:
         (it ended a while ago), ``gone`` (Graph no longer knows it),
         ``never_established`` or ``too_many_pending_calls``."""
         self._forgotten_listeners.append(listener)
+
+    def keep_while(self, delivering: Callable[[str], bool]) -> None:
+        """A call whose end another instance told is not forgotten while
+        ``delivering(call_key)``: this process still delivers what came before the end."""
+        self._delivering = delivering
 
     # -- reading ------------------------------------------------------------------------
 
@@ -184,9 +193,10 @@ class Lifecycle:
 
     # -- what the sequencer tells -------------------------------------------------------
 
-    def life(self, call_id: str) -> CallLife:
+    def life(self, call_id: str, tenant_id: str | None = None) -> CallLife:
         """The life of a call, known from now on if it was not (a call with no state yet,
-        or, if it ended within :data:`ENDED_MEMORY`, an ended one again)."""
+        or, if it ended within :data:`ENDED_MEMORY`, an ended one again); a new call is
+        ``tenant_id``'s, unless a forgotten one of that id is still bound to its tenant."""
         key = id_key(call_id)
         life = self._lives.get(key)
         ended = self._ended_lately(key) if life is None else None
@@ -202,13 +212,30 @@ class Lifecycle:
             self._schedule(self._grace, _FORGET, life)
         elif life is None:
             bound = self._bound.pop(key, None)
-            life = self._lives[key] = CallLife(call_id, tenant_id=bound[1] if bound else None)
-            self._pending[key] = None
+            if bound is not None:
+                tenant_id = bound[1]
+            elif tenant_id is not None:
+                tenant_id = tenant_key(tenant_id)
+            life = self._lives[key] = CallLife(call_id, tenant_id=tenant_id)
+            self._pending[key] = tenant_id
+            self._pending_per_tenant[tenant_id] += 1
             self._schedule(self._pending_ttl, _FORGET_PENDING, life)
             while len(self._pending) > self._max_pending:
-                oldest, _ = self._pending.popitem(last=False)
-                self._forget(oldest, "too_many_pending_calls")
+                self._forget(self._evictee(), "too_many_pending_calls")
         return life
+
+    def _evictee(self) -> str:
+        """The pending call to let go: the oldest of the tenant with the most, so that calls
+        one tenant's token invents never push another tenant's ringing calls out."""
+        most = max(self._pending_per_tenant, key=self._pending_per_tenant.__getitem__)
+        return next(key for key, tenant in self._pending.items() if tenant == most)
+
+    def _unpend(self, key: str) -> None:
+        if key in self._pending:
+            tenant = self._pending.pop(key)
+            self._pending_per_tenant[tenant] -= 1
+            if not self._pending_per_tenant[tenant]:
+                del self._pending_per_tenant[tenant]
 
     def enter(
         self, life: CallLife, state: str, result_info: ResultInfo | None = None
@@ -223,7 +250,7 @@ class Lifecycle:
         life.phase = max(life.phase, phase_of_state(state))
         life.state = state
         if life.phase >= _ESTABLISHING:
-            self._pending.pop(life.key, None)
+            self._unpend(life.key)
         if state == "incoming" and self._warn_after > 0:
             self._schedule(self._warn_after, _WARN, life)
         elif life.phase == LIVE_PHASE and not life.keeping_alive:
@@ -241,7 +268,7 @@ class Lifecycle:
         life.ended = True
         life.result_info = result_info if result_info is not None else life.result_info
         life.keeping_alive = False
-        self._pending.pop(life.key, None)
+        self._unpend(life.key)
         for listener in self._ended_listeners:
             try:
                 listener(life.key, life.result_info)
@@ -262,7 +289,7 @@ class Lifecycle:
         before, is where the call's next run starts, even when it is an earlier one."""
         life = self.life(call_id)
         if phase >= _ESTABLISHING:
-            self._pending.pop(life.key, None)
+            self._unpend(life.key)
         life.phase = phase
         life.state = state
         if ended:
@@ -309,7 +336,7 @@ class Lifecycle:
 
     def _forget(self, key: str, why: str) -> None:
         life = self._lives.pop(key, None)
-        self._pending.pop(key, None)
+        self._unpend(key)
         if life is None:
             return
         life.keeping_alive = False
@@ -396,7 +423,12 @@ class Lifecycle:
         if self._lives.get(life.key) is not life:
             return
         if kind == _FORGET:
-            if life.ended:  # (a call a run took back from its end is not forgotten)
+            if not life.ended:
+                return  # a run took the call back from its end
+            if not life.terminated and self._delivering(life.key):
+                # Its end was told, and the states before it are still being delivered here.
+                self._schedule(self._grace, _FORGET, life)
+            else:
                 self._forget(life.key, "grace_over")
         elif kind == _FORGET_PENDING:
             if life.phase < _ESTABLISHING and not life.ended:

@@ -90,7 +90,7 @@ class _Sources(Collector):
             for (outcome, reason), value in sorted(source().items()):
                 notes.add_metric([outcome, reason], value)
         if self.dropped is not None:
-            for reason in ("duplicate", "stale", "after_end", "roster_full"):
+            for reason in ("duplicate", "stale", "after_end", "roster_full", "call_forgotten"):
                 notes.add_metric(["dropped", reason], self.dropped()[reason])
         yield notes
         if self.handled is not None:

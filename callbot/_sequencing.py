@@ -49,6 +49,7 @@ __all__ = [
     "CallRecord",
     "Delivery",
     "Sequencer",
+    "digest_decides",
     "notification_digest",
     "phase_of",
     "roster_key",
@@ -60,6 +61,7 @@ log = get_logger("callbot.sequencing")
 _INCOMING = phase_of_state("incoming")
 _ESTABLISHING = phase_of_state("establishing")
 _TERMINATING = phase_of_state("terminating")
+_LIVE = phase_of_state("established")
 SEEN_DIGESTS = 128
 """How many of a call's latest notifications a repeat is recognised among (every store)."""
 _MAX_BACKLOG = 1000
@@ -166,6 +168,30 @@ class CallRecord:
         return self.life.established
 
 
+def _enters_again(record: CallRecord, event: events.Event) -> bool:
+    """Whether ``event``, a copy of a notification the call had before, moves it back into a
+    state it has left since: Graph writes each entry into a state alike (a transfer tried
+    again fails with the very notification the first failure had)."""
+    state = _state(event)
+    # The phase, not ``established``: an end told early by another instance ends no state.
+    return (
+        state is not None
+        and state != record.state
+        and record.phase == _LIVE
+        and phase_of_state(state) == _LIVE
+    )
+
+
+def digest_decides(event: events.Event) -> bool:
+    """Whether a copy of an earlier notification of the call is a repeat whatever came between
+    (a store may drop it on arrival). Not so for a whole roster (the same one after another
+    is a change) nor for a state a live call moves between (it may enter it again)."""
+    if isinstance(event, events.ParticipantsUpdated):
+        return False
+    state = _state(event)
+    return state is None or phase_of_state(state) != _LIVE
+
+
 def notification_digest(event: events.Event) -> bytes:
     """What two copies of one notification share, however Graph wrote it: the call (by
     key), the path under it, the change and the resource data. ``resource`` or
@@ -268,7 +294,8 @@ class Sequencer:
     would grow a roster past ``max_roster`` participants is dropped (``roster_full``);
     ``on_operation`` is told at once when an operation notification is accepted
     (to resolve waits even while the call's handler runs), ``on_tone`` at once
-    when a tone is accepted (for a handler collecting digits).
+    when a tone is accepted (for a handler collecting digits), ``on_drop`` of every
+    event dropped (with its log line).
     """
 
     def __init__(
@@ -280,6 +307,7 @@ class Sequencer:
         max_roster: int = Settings.max_roster_size,
         on_operation: Callable[[events.OperationUpdated], None] | None = None,
         on_tone: Callable[[events.ToneReceived], None] | None = None,
+        on_drop: Callable[[events.Event], None] | None = None,
     ) -> None:
         self._deliver_fn = deliver
         self.lifecycle = lifecycle
@@ -288,10 +316,12 @@ class Sequencer:
         self._max_roster = max_roster
         self._on_operation = on_operation
         self._on_tone = on_tone
+        self._on_drop = on_drop
         self._records: dict[str, CallRecord] = {}
         lifecycle.when_forgotten(self._forgotten)
         self.counts: Counter[str] = Counter()
-        """Outcomes so far: delivered, held, duplicate, stale, after_end, released_late."""
+        """Outcomes so far: delivered, held, duplicate, stale, after_end, roster_full,
+        call_forgotten (held when its call was let go), released_alone."""
 
     # -- public -----------------------------------------------------------------
 
@@ -300,7 +330,7 @@ class Sequencer:
         key = event.call_key
         record = self._records.get(key)
         if record is None:
-            life = self.lifecycle.life(event.call_id)
+            life = self.lifecycle.life(event.call_id, event.tenant_id)
             # A call whose termination was delivered (and forgotten since) takes nothing more;
             # an end only told by another instance still has its termination to deliver.
             record = self._records[key] = CallRecord(life, closed=life.terminated)
@@ -313,11 +343,11 @@ class Sequencer:
                 self._drop(event, "duplicate")
                 return
             record.roster_digest = digest
-        elif digest in record.seen:
+        elif digest not in record.seen:
+            record.seen.append(digest)
+        elif not _enters_again(record, event):
             self._drop(event, "duplicate")
             return
-        else:
-            record.seen.append(digest)
         if isinstance(event, events.OperationUpdated) and self._on_operation is not None:
             self._on_operation(event)
         elif isinstance(event, events.ToneReceived) and self._on_tone is not None:
@@ -366,6 +396,10 @@ class Sequencer:
         return record
 
     def _forgotten(self, call_key: str, reason: str) -> None:
+        record = self._records.get(call_key)
+        for event in record.held if record is not None else ():
+            # Still waiting for its window when the call was let go: said, not lost silently.
+            self._drop(event, "call_forgotten", why=reason)
         self._drop_record(call_key)
 
     def _drop_record(self, call_key: str) -> None:
@@ -537,6 +571,8 @@ class Sequencer:
         return event.model_copy(update={"joined": joined, "left": left, "updated": updated})
 
     def _drop(self, event: events.Event, reason: str, **details: Any) -> None:
+        if self._on_drop is not None:
+            self._on_drop(event)
         self.counts[reason] += 1
         log.info(
             "notification_dropped",

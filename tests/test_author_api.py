@@ -36,6 +36,25 @@ async def test_transfer_to_a_plain_user_id(graph: FakeGraph, services: CallServi
     assert body["transferTarget"] == Target.user(USER_ID).invitation_json()
 
 
+@pytest.mark.parametrize(
+    ("given", "hint"),
+    [
+        ("+14255550100", "Target.phone"),
+        ("1 425 555 0100", "Target.phone"),
+        ("alice@contoso.com", "object id"),
+    ],
+)
+async def test_a_plain_string_that_is_no_user_id_is_refused_before_graph(
+    graph: FakeGraph, services: CallServices, given: str, hint: str
+) -> None:
+    """Graph would look a number or a sign-in name up as a user's id: nobody would ring."""
+    call = services.call(CALL_ID)
+    for action in (call.transfer(given), call.redirect(given), call.participants.invite(given)):
+        with pytest.raises(ValueError, match=hint):
+            await action
+    assert [r.action for r in graph.requests if r.action != "token"] == []
+
+
 async def test_redirect_and_invite_take_plain_user_ids_too(
     graph: FakeGraph, services: CallServices
 ) -> None:

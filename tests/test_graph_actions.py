@@ -523,6 +523,10 @@ async def test_download_recording(graph: FakeGraph, services: CallServices, tmp_
     assert len(graph.requests_for("recording")) == 2
     with pytest.raises(ValueError, match="no recording"):
         await call.download_recording(models.RecordOperation(id="x", status="failed"))
+    # Asked for before its outcome came, a recording says what to do.
+    running = await call.record_response()
+    with pytest.raises(ValueError, match=r"the record operation is \w+; await op.wait\(\) first"):
+        await call.download_recording(running)
 
 
 async def test_the_fake_graph_finds_an_item_by_its_id_in_any_form(

@@ -111,6 +111,7 @@ async def test_metrics_count_a_known_sequence_of_requests(
         ("dropped", "stale"): 0.0,
         ("dropped", "after_end"): 0.0,
         ("dropped", "roster_full"): 0.0,
+        ("dropped", "call_forgotten"): 0.0,
     }
     assert sample_value(text, "callbot_deliveries_total") == 3.0
     assert sample_value(text, "callbot_ack_seconds_count") == 3.0

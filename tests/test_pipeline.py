@@ -369,6 +369,12 @@ def test_registering_a_plain_function_fails_at_once(authority: Any) -> None:
     with pytest.raises(ValueError, match="unknown call state"):
         bot.on_state("establised")
 
+    async def established(call: Call, event: events.CallStateChanged) -> None:
+        return None
+
+    with pytest.raises(TypeError, match=r"@bot.on_state\('established'\)"):
+        bot.on_state(established)  # type: ignore[arg-type]  # written without its states
+
 
 async def test_health_readiness_and_metrics(authority: Any, serve: Any) -> None:
     bot, recorder = recording_bot(authority)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import random
@@ -31,7 +32,7 @@ from structlog.testing import capture_logs
 
 from callbot import Call, CallBot, CallEnded, RunSuperseded, current_attempt, events, models
 from callbot._ids import id_key
-from callbot._lifecycle import ENDED_MEMORY
+from callbot._lifecycle import ENDED_MEMORY, Lifecycle
 from callbot.store import _redis
 from callbot.store._redis import follow_primary
 from callbot.testing import FakeGraph, TokenAuthority
@@ -1121,6 +1122,103 @@ async def test_a_call_is_its_tenants_on_every_instance(
         assert bots.collected == [(owner, "2")]
 
 
+async def test_what_an_instance_refuses_reaches_no_other_instance(
+    authority: TokenAuthority, serve: Any, redis_url: str
+) -> None:
+    """Another tenant's end and outcome, posted to the instance that runs the call and
+    refused there (403), are told to no other instance: an action awaited on another one,
+    which does not know the call's tenant, gets the genuine outcome posted after them."""
+    async with FakeGraph() as graph:
+        bots = Collecting()
+        await bots.start(authority, serve, redis_url, graph, max_digits=1, timeout=10)
+        owner, other = await bots.establish(graph, "refused-call")
+        assert other.bot._running().lifecycle.get("refused-call") is None
+        op = await other.bot.services.call("refused-call").play_prompt("https://cdn.example/a.wav")
+        waiting = asyncio.create_task(op.wait(timeout=10))
+        assert op.id is not None
+        forged = [
+            without_tenant(b.call_terminated("refused-call", code=666, message="forged")),
+            without_tenant(b.operation_update("refused-call", op.id, status="failed", code=666)),
+        ]
+        runner = bots.servers[owner]
+        for item in forged:
+            response = await runner.post(b.notifications(item), token=runner.token(tenant_id=OTHER))
+            assert (response.status, (await response.json())["error"]) == (403, "tenant_mismatch")
+        # The others hear of outcomes in the order they were accepted: the forged ones first.
+        genuine = b.operation_update("refused-call", op.id)
+        assert (await runner.post(b.notifications(genuine))).status == 202
+        done = await waiting
+        assert (done.status, done.result_info and done.result_info.code) == ("completed", 200)
+
+
+def timers_due_ran(lifecycle: Lifecycle, by: float) -> bool:
+    """Whether the loop's clock passed ``by`` and every timer the lifecycle had due since ran."""
+    now = asyncio.get_running_loop().time()
+    return now > by and all(due > now for due, *_ in lifecycle._heap)
+
+
+async def test_a_call_whose_end_is_accepted_stays_known_while_its_run_delivers_what_came_first(
+    authority: TokenAuthority, serve: Any, redis_url: str
+) -> None:
+    """The termination is accepted (and told to the lifecycle at once) while a handler of an
+    earlier state still runs past ``termination_grace``: the call's record stays until its
+    end is delivered, so the tone and the end come with the call's snapshot and history."""
+    seen: list[tuple[str, str | None, bool]] = []
+    release = asyncio.Event()
+    bot = make_bot(authority, store=redis_url, termination_grace=0.2)
+
+    @bot.on(events.Event)
+    async def record(call: Call, event: events.Event) -> None:
+        if isinstance(event, events.CallStateChanged) and event.state == "established":
+            await release.wait()
+        previous = event.previous_state if isinstance(event, events.CallStateChanged) else None
+        seen.append((label(event), previous, call.snapshot is not None))
+
+    server: BotServer = await serve(bot)
+    for item in (
+        b.incoming_call("slow-end"),
+        b.call_state("slow-end", "establishing"),
+        b.call_state("slow-end", "established"),
+        b.tone("slow-end", "tone1", 1),
+        b.call_terminated("slow-end"),
+    ):
+        assert (await server.post(b.notifications(item))).status == 202
+    lifecycle = bot._running().lifecycle
+    life = lifecycle.get("slow-end")
+    assert life is not None
+    assert life.ended  # told on arrival: waits end now
+    grace_over = asyncio.get_running_loop().time() + 0.2
+    await until(functools.partial(timers_due_ran, lifecycle, grace_over))
+    assert lifecycle.get("slow-end") is life  # still known: its end is not delivered yet
+    release.set()
+    await until(lambda: len(seen) == 5)
+    assert seen[3:] == [("tone:tone1", None, True), ("terminated", "established", True)]
+    await until(lambda: lifecycle.get("slow-end") is None)  # then forgotten after its grace
+
+
+async def test_every_key_expires_when_the_last_instance_stops_mid_handler(
+    authority: TokenAuthority, serve: Any, redis_url: str, rdb: aioredis.Redis
+) -> None:
+    """The only instance stops while a handler runs: its call is handed over (made runnable
+    for an instance that may never come), and every key it leaves expires in a day."""
+    started = asyncio.Event()
+    bot = make_bot(authority, store=redis_url, shutdown_timeout=0.1)
+
+    @bot.on(events.Event)
+    async def stuck(call: Call, event: events.Event) -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    server: BotServer = await serve(bot)
+    assert (await server.post(b.notifications(b.incoming_call("last-one")))).status == 202
+    await asyncio.wait_for(started.wait(), 10)
+    await server.client.close()
+    assert await rdb.zcard(f"{KEY_PREFIX}runnable") == 1  # handed over, as a stopped run is
+    left = {key: await rdb.pttl(key) async for key in rdb.scan_iter(f"{KEY_PREFIX}*")}
+    assert left
+    assert all(ttl > 0 for ttl in left.values()), left
+
+
 async def test_an_ended_call_stays_ended_after_its_grace_on_any_instance(
     authority: TokenAuthority, serve: Any, redis_url: str, rdb: aioredis.Redis
 ) -> None:
@@ -1222,8 +1320,10 @@ async def test_a_termination_told_early_is_delivered_after_a_handler_outlasting_
     await until(lambda: seen == ["incoming"])
     assert (await server.post(b.notifications(b.call_terminated("slow-call")))).status == 202
     if store == "redis":
-        # Told at once, forgotten once the grace is over, while the handler still runs.
+        # Told at once; kept past the grace while its run still has the end to deliver.
         lifecycle = bot._running().lifecycle
-        await until(lambda: lifecycle.get("slow-call") is None)
+        grace_over = asyncio.get_running_loop().time() + 0.2
+        await until(functools.partial(timers_due_ran, lifecycle, grace_over))
+        assert lifecycle.get("slow-call") is not None
     release.set()
     await until(lambda: seen == ["incoming", "terminated"])

@@ -308,7 +308,7 @@ async def test_a_call_id_with_braces_stays_in_its_own_slot_of_a_cluster(tmp_path
     """A call id is the hash tag of the call's keys: ``}x`` (an empty tag, so each key in
     another slot) or ``-`` (an empty call key) made every notification of that call a
     503 and the store unreachable. Each is accepted and run, like any other call."""
-    hostile = ["}x", "}", "-", "{a}", "a}b{c", "%7Bx%7D", "x{"]
+    hostile = ["}x", "}", "-", "{a}", "a}b{c", "{}", "x{"]
     seen: list[str] = []
 
     async def record(call: Call, event: events.Event) -> None:

@@ -20,6 +20,7 @@ import aiohttp
 import pytest
 from aiohttp import ClientResponse
 from multidict import CIMultiDict
+from structlog.testing import capture_logs
 
 from callbot import Call, CallBot, MalformedNotification, OperationFailed, events
 from callbot.testing import TEST_TENANT_ID, FakeGraph, TokenAuthority
@@ -364,6 +365,55 @@ async def test_invented_call_ids_are_bounded_and_let_go(
         assert (await server.post(b.notifications(item))).status == 202
     await until(lambda: len(seen) == 2402, within=30)
     assert any(call.id == established for call in bot.active_calls())
+
+
+async def test_another_tenant_s_invented_calls_push_out_only_its_own(
+    authority: TokenAuthority, serve: Any
+) -> None:
+    """Past ``max_pending_calls`` the tenant with the most pending calls lets its oldest go: a
+    flood from another tenant's token neither forgets this tenant's ringing call (whose
+    repeat stays a repeat) nor loses the state held for its other call."""
+    bot, seen = seeing_bot(authority, max_pending_calls=50, reorder_window=300.0)
+    server: BotServer = await serve(bot)
+    for item in (
+        b.incoming_call("ours-ringing"),
+        b.incoming_call("ours-held"),
+        b.call_state("ours-held", "established"),  # held: its predecessor is missing
+    ):
+        assert (await server.post(b.notifications(item))).status == 202
+    theirs = server.token(tenant_id=OTHER_TENANT)
+    for batch in range(4):
+        flood = [without_tenant(b.incoming_call(f"theirs-{batch}-{n}")) for n in range(50)]
+        assert (await server.post(b.notifications(*flood), token=theirs)).status == 202
+    for item in (b.incoming_call("ours-ringing"), b.call_state("ours-held", "establishing")):
+        assert (await server.post(b.notifications(item))).status == 202
+    await until(lambda: len(seen) == 2 + 200 + 2)
+
+    def of(call_id: str) -> list[str]:
+        return [getattr(e, "state", type(e).__name__) for e in seen if e.call_id == call_id]
+
+    assert of("ours-ringing") == ["incoming"]
+    assert of("ours-held") == ["incoming", "establishing", "established"]
+    counts = bot._running().store.counts
+    assert counts["duplicate"] == 1
+    assert counts["call_forgotten"] == 0
+
+
+async def test_a_state_held_when_its_call_is_let_go_is_said_dropped(
+    authority: TokenAuthority, serve: Any
+) -> None:
+    bot, _seen = seeing_bot(authority, max_pending_calls=2, reorder_window=300.0)
+    server: BotServer = await serve(bot)
+    with capture_logs() as logs:
+        held = b.call_state("first", "established")  # held: its predecessor is missing
+        assert (await server.post(b.notifications(held))).status == 202
+        more = [b.incoming_call(f"later-{n}") for n in range(2)]
+        assert (await server.post(b.notifications(*more))).status == 202
+    dropped = [e for e in logs if e["event"] == "notification_dropped"]
+    assert [(e["call_id"], e["reason"], e["why"]) for e in dropped] == [
+        ("first", "call_forgotten", "too_many_pending_calls")
+    ]
+    assert bot._running().store.counts["call_forgotten"] == 1
 
 
 def test_a_large_batch_is_built_in_parts_and_refused_whole() -> None:

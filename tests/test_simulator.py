@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -61,6 +62,10 @@ def answering_bot(*, subscribe: bool = True, **options: Any) -> tuple[CallBot, S
                 await call.subscribe_to_tone()
 
     return bot, seen
+
+
+def _counted(seen: Seen, name: str, count: int) -> bool:
+    return labels(seen).count(name) == count
 
 
 def labels(seen: Seen, call_id: str | None = None) -> list[str]:
@@ -248,6 +253,25 @@ async def test_transfer(outcome: str) -> None:
         assert back.result_info.code == 500
 
 
+async def test_a_transfer_tried_again_after_a_failure_is_heard_failing_again() -> None:
+    """Graph's notifications for a second attempt are those of the first: both are news."""
+    bot, seen = answering_bot()
+
+    @bot.on_tone
+    async def transfer(call: Call, event: events.ToneReceived) -> None:
+        await call.transfer(Target.user("agent-id", "Agent"))
+
+    async with run_with_simulator(bot) as sim:
+        sim.transfer_outcome = "failed"
+        call = await sim.incoming_call()
+        for established in (2, 3):  # answered, then back after each failed attempt
+            await call.press("0")
+            await until(functools.partial(_counted, seen, "established", established))
+        assert len(sim.requests_for("transfer")) == 2
+    moves = [(e.state, e.previous_state) for e in seen if isinstance(e, events.CallStateChanged)]
+    assert moves[-4:] == [("transferring", "established"), ("established", "transferring")] * 2
+
+
 @pytest.mark.parametrize("action", ["reject", "redirect"])
 async def test_reject_and_redirect_end_the_call(action: str) -> None:
     bot, seen = recording_bot()
@@ -265,6 +289,10 @@ async def test_reject_and_redirect_end_the_call(action: str) -> None:
         await until(lambda: "terminated" in labels(seen))
     assert call.states == ["incoming", "terminated"]
     assert labels(seen) == ["IncomingCall", "terminated"]
+    # Graph says only that the call is gone (documents 17 and 21): no reason to read.
+    ended = seen[-1]
+    assert isinstance(ended, events.CallTerminated)
+    assert ended.result_info is None
 
 
 async def test_bot_hanging_up_brings_terminating_then_terminated() -> None:

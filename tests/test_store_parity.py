@@ -32,7 +32,7 @@ from callbot._ids import id_key
 from callbot._lifecycle import ENDED_MEMORY
 from callbot._sequencing import roster_key
 from callbot.store import _redis
-from callbot.testing import TokenAuthority
+from callbot.testing import TEST_TENANT_ID, TokenAuthority
 from callbot.testing import builders as b
 
 from .conftest import (
@@ -601,6 +601,51 @@ async def test_states_moving_back_and_forth(parity: Any) -> None:
     groups.check()
 
 
+async def test_a_transfer_tried_again_fails_again(parity: Any) -> None:
+    """Graph writes each entry into a state alike: a transfer tried again after a failure
+    brings the same two notifications (documents 24 and 27). Both are news; a copy of one
+    while the call is still in its state is a repeat."""
+    transferring, failed = (
+        normalized_json(load_notification_text(name))["value"][0]
+        for name in (
+            "24-call-transfer-transferring.json",
+            "27-call-transfer-transfer-failed-7000.json",
+        )
+    )
+    call = call_of(transferring)
+    steps = [
+        post(b.call_state(call, "establishing")),
+        post(b.call_state(call, "established")),
+        post(transferring),
+        post(failed),
+        post(failed),  # a repeat: the call is still back in "established"
+        post(transferring),
+        post(transferring),  # a repeat
+        post(failed),
+        post(ending_of(call)),
+    ]
+    groups: Parity = await parity()
+    await groups.run(steps)
+    groups.check()
+    for group in groups.groups:
+        seen = [
+            (entry["type"], entry.get("state"), entry.get("previous"))
+            for entry in group.seen[id_key(call)]
+        ]
+        moves = [
+            ("CallStateChanged", state, previous)
+            for state, previous in (
+                ("establishing", None),
+                ("established", "establishing"),
+                ("transferring", "established"),
+                ("established", "transferring"),
+                ("transferring", "established"),
+                ("established", "transferring"),
+            )
+        ]
+        assert seen == [*moves, ("CallTerminated", "terminated", "established")], group.name
+
+
 async def test_updates_with_properties_the_models_do_not_know(parity: Any) -> None:
     first = {f"future{n}": n for n in range(200)}
     second = {f"later{n}": {"n": n} for n in range(100)}
@@ -707,6 +752,31 @@ async def test_another_tenants_token(parity: Any) -> None:
     groups: Parity = await parity()
     await groups.run(steps)
     groups.check()
+
+
+async def test_a_tenant_named_in_another_case_than_the_token_s(parity: Any) -> None:
+    """An item may spell its tenant in another case than its token's ``tid``: every store
+    gives handlers the token's spelling (Redis once gave the item's, read back)."""
+    token_s = TEST_TENANT_ID.lower()
+
+    def shouted(item: dict[str, Any]) -> dict[str, Any]:
+        data = item.get("resourceData")
+        if isinstance(data, dict):
+            data = {**data, "tenantId": token_s.upper()}
+        return {**item, "tenantId": token_s.upper(), "resourceData": data}
+
+    steps: list[Step] = [
+        post(shouted(b.incoming_call("loud")), tenant=token_s),
+        post(shouted(b.call_state("loud", "established")), tenant=token_s),
+        post(shouted(b.tone("loud", "tone1", 1)), tenant=token_s),
+        post(shouted(b.call_terminated("loud")), tenant=token_s),
+    ]
+    groups: Parity = await parity()
+    await groups.run(steps)
+    groups.check()
+    for group in groups.groups:
+        tenants = {entry["tenant"] for entry in group.seen.get("loud", [])}
+        assert tenants == {token_s}, (group.name, tenants)
 
 
 async def test_many_calls_in_large_batches(parity: Any) -> None:

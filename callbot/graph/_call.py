@@ -608,6 +608,11 @@ class Call:
             location = getattr(result, "recording_location", None)
             token = getattr(result, "recording_access_token", None)
         if not location or not token:
+            if isinstance(recording, Operation) and not recording.done:
+                raise ValueError(
+                    f"no recording yet: the record operation is {recording.status}; "
+                    "await op.wait() first"
+                )
             raise ValueError("no recording: the record operation has no location or access token")
         graph = self._services.graph
         if writer is not None:

@@ -270,10 +270,23 @@ def media_info_json(value: MediaInfoLike) -> dict[str, Any]:
     return dump(value)
 
 
+def _user(value: str) -> Target:
+    """A target given as a plain string: a Teams user's object id, never a number or a
+    sign-in name (Graph would look either up as a user's id, and fail or ring nobody)."""
+    digits = value.removeprefix("+").replace(" ", "").replace("-", "")
+    if digits.isdigit():
+        raise ValueError(f"{value!r} looks like a phone number: pass Target.phone({value!r})")
+    if "@" in value:
+        raise ValueError(
+            f"{value!r} is a sign-in name: Graph names a user by its object id (Target.user(id))"
+        )
+    return Target.user(value)
+
+
 def identity_set_json(value: TargetLike | models.IdentitySet) -> dict[str, Any]:
     """The ``identitySet`` of a target (or an identity set given as such)."""
     if isinstance(value, str):
-        value = Target.user(value)
+        value = _user(value)
     if isinstance(value, Target):
         return value.identity_set_json()
     if isinstance(value, models.IdentitySet):
@@ -288,7 +301,7 @@ def identity_set_json(value: TargetLike | models.IdentitySet) -> dict[str, Any]:
 def invitation_json(value: TargetLike) -> dict[str, Any]:
     """The ``invitationParticipantInfo`` wire form of a target."""
     if isinstance(value, str):
-        value = Target.user(value)
+        value = _user(value)
     if isinstance(value, Target):
         return value.invitation_json()
     return dump(value)
@@ -297,7 +310,7 @@ def invitation_json(value: TargetLike) -> dict[str, Any]:
 def participant_info_json(value: TargetLike) -> dict[str, Any]:
     """The ``participantInfo`` wire form of a target."""
     if isinstance(value, str):
-        value = Target.user(value)
+        value = _user(value)
     if isinstance(value, Target):
         return value.participant_info_json()
     return dump(value)

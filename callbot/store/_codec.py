@@ -71,8 +71,12 @@ def encode_entry(event: events.Event) -> str:
 
 
 def decode_entry(text: str) -> events.Event:
-    """The event an inbox entry holds (parsed again, as the receiver parsed it)."""
-    (event,) = parse_payload(json.loads(text), max_depth=_ENTRY_DEPTH)
+    """The event an inbox entry holds (parsed again, as the receiver parsed it: with the
+    tenant its token proved, whatever spelling the item gave it)."""
+    envelope = json.loads(text)
+    tenant = envelope.get("tenantId") if isinstance(envelope, dict) else None
+    proven = tenant if isinstance(tenant, str) and tenant else None
+    (event,) = parse_payload(envelope, max_depth=_ENTRY_DEPTH, tenant_id=proven)
     return event
 
 

@@ -45,7 +45,14 @@ from .._ids import tenant_key
 from .._journal import Attempt
 from .._lifecycle import ENDED_MEMORY, Lifecycle
 from .._log import get_logger
-from .._sequencing import SEEN_DIGESTS, CallRecord, Delivery, Sequencer, tenant_mismatch
+from .._sequencing import (
+    SEEN_DIGESTS,
+    CallRecord,
+    Delivery,
+    Sequencer,
+    digest_decides,
+    tenant_mismatch,
+)
 from . import _scripts
 from ._base import Outcomes
 from ._codec import decode_entry, decode_record, digest_of, encode_entry, encode_record
@@ -588,8 +595,11 @@ class RedisStore:
             lifecycle,
             reorder_window=settings.reorder_window,
             max_roster=settings.max_roster_size,
+            on_drop=self._dropped,
         )
         lifecycle.when_forgotten(self._forgotten)
+        # A call whose end was told stays while this instance runs it (its end is yet to come).
+        lifecycle.keep_while(lambda call_key: call_key in self._owned)
         self._owned: dict[str, _Owned] = {}
         self._known: dict[str, CallRecord] = {}
         self._indexed: set[str] = set()
@@ -778,14 +788,14 @@ class RedisStore:
     # -- accepting ----------------------------------------------------------------
 
     async def _append(self, batch: Sequence[events.Event]) -> list[tuple[Any, str, str]]:
-        """One round trip for the whole batch (two when a call must be made runnable)."""
+        """The batch's scripts in one round trip; a second when a call must be made runnable
+        or accepted outcomes, tones or ends go out to the other instances."""
         keys = self._keys
         room = len(self._owned) - self._lingering < self._capacity and not self._draining
         taking: set[str] = set()
         texts: list[str] = []
         calls = [event.call_key for event in batch]
         commands: list[tuple[Any, ...]] = []
-        broadcasts: list[tuple[Any, ...]] = []
         for event, call in zip(batch, calls, strict=True):
             # Only the first item of a call in this batch may take it on.
             take = room and call not in self._owned and call not in taking
@@ -797,8 +807,9 @@ class RedisStore:
                 _cmd(
                     _scripts.INGEST,
                     keys.of(call, "inbox", "seen", "lease", "fence", "call", "tenant"),
-                    # A roster repeated after another one is news: the sequencer decides.
-                    "" if isinstance(event, events.ParticipantsUpdated) else digest_of(event),
+                    # A roster, or a live state, repeated after another one may be news: the
+                    # call's sequencer decides.
+                    digest_of(event) if digest_decides(event) else "",
                     entry,
                     self._dedupe_ms,
                     self.token,
@@ -809,6 +820,22 @@ class RedisStore:
                     SEEN_DIGESTS,
                 )
             )
+        # The pending index, where the reaper finds a call whose owner is lost: written
+        # after the entries. A removal either comes after it, and its second look sees
+        # the entries (see _unpend), or before it. A call this instance runs is in it
+        # already, unless its run ended meanwhile or its lease was taken back after it
+        # expired (the reaper may have taken it off): the answers say, and it is then
+        # indexed after them.
+        held = {call for call in calls if self._holds(call)}
+        unsure = [call for call in dict.fromkeys(calls) if call not in held]
+        index = ("SADD", keys.pending, *unsure) if unsure else None
+        scripts = await self._run_all(commands, then=index)
+        runnable: dict[str, int] = {}
+        late: dict[str, None] = {}
+        broadcasts: list[tuple[Any, ...]] = []
+        for event, call, entry, answer in zip(batch, calls, texts, scripts, strict=True):
+            if int(answer[0]) < 0:
+                continue  # refused: the call is another tenant's, and nobody is told of it
             # Whoever waits for these (op.wait, collect_digits, ...) may run on any instance.
             if isinstance(event, _SHARED):
                 # Every copy goes out (waiters ignore a repeat): a copy retried after a
@@ -819,22 +846,6 @@ class RedisStore:
                         *("e", entry, "o", self.token),
                     )
                 )
-        # The pending index, where the reaper finds a call whose owner is lost: written
-        # after the entries. A removal either comes after it, and its second look sees
-        # the entries (see _unpend), or before it. A call this instance runs is in it
-        # already, unless its run ended meanwhile or its lease was taken back after it
-        # expired (the reaper may have taken it off): the answers say, and it is then
-        # indexed after them.
-        held = {call for call in calls if self._holds(call)}
-        unsure = [call for call in dict.fromkeys(calls) if call not in held]
-        index = ("SADD", keys.pending, *unsure) if unsure else None
-        answers = await self._run_all([*commands, *broadcasts], then=index)
-        scripts = answers[: len(batch)]
-        runnable: dict[str, int] = {}
-        late: dict[str, None] = {}
-        for call, answer in zip(calls, scripts, strict=True):
-            if int(answer[0]) < 0:
-                continue  # refused: the call is another tenant's
             who = int(answer[1])
             if who == 3:
                 # Nobody runs the call and this instance has no room: the oldest entry waits.
@@ -845,7 +856,8 @@ class RedisStore:
         if runnable:
             flat = [part for call, score in runnable.items() for part in (score, call)]
             commands.append(("ZADD", keys.runnable, "NX", *flat))
-        await self._run_all(commands)
+        # Sent once the scripts decided: a refused notification must not reach the others.
+        await self._run_all([*commands, *broadcasts])
         return list(zip(scripts, texts, calls, strict=True))
 
     def _holds(self, call: str) -> bool:
@@ -956,7 +968,9 @@ class RedisStore:
         except Exception:
             log.exception("call_run_failed", call_key=state.key)
         finally:
-            self._sequencer.evict(state.key)
+            record = self._sequencer.evict(state.key)
+            for held in record.held if record is not None else ():
+                self._dropped(held)  # the inbox keeps it for the call's next run
             if self._owned.get(state.key) is state:
                 del self._owned[state.key]
             if self._running.get(state.key) is state:
@@ -1143,6 +1157,9 @@ class RedisStore:
         record = self._sequencer.record(key)
         if record is None or not any(held is event for held in record.held):
             self._attempts.pop(id(event.raw), None)  # delivered or dropped: nothing waits
+
+    def _dropped(self, event: events.Event) -> None:
+        self._attempts.pop(id(event.raw), None)
 
     def _deliver(self, delivery: Delivery) -> None:
         kept = self._attempts.pop(id(delivery.event.raw), None)
@@ -1384,8 +1401,15 @@ class RedisStore:
             self._rest(state)
         elif outcome == 2:
             score = _stream_id(_text(answer[1]))[0]
+            runnable = self._keys.runnable
             with contextlib.suppress(RedisError):  # else the reaper wakes it
-                await self._batch.run("ZADD", self._keys.runnable, "NX", score, state.key)
+                # Expiring as the other indexes do: this may be the last instance to stop.
+                await self._run_all(
+                    [
+                        ("ZADD", runnable, "NX", score, state.key),
+                        ("PEXPIRE", runnable, _LIFETIME_MS),
+                    ]
+                )
         return outcome
 
     def _rest(self, state: _Owned) -> None:
@@ -1512,7 +1536,7 @@ class RedisStore:
         await self._run_all(
             [
                 ("PEXPIRE", key, _LIFETIME_MS)
-                for key in (keys.pending, keys.unpending, keys.active, keys.events)
+                for key in (keys.pending, keys.unpending, keys.active, keys.events, keys.runnable)
             ]
         )
         if woken:

@@ -47,6 +47,12 @@ async def _connect(call: SimulatedCall, options: ScenarioOptions) -> bool:
     return True
 
 
+_ONLY_ONE_LEFT = (
+    "This conversation has ended as only one participant was remaining in the conversation.. "
+    "DiagCode: 0#5010.@"
+)
+
+
 async def _end(call: SimulatedCall) -> None:
     if not call.ended:
         await call.hangup()
@@ -85,11 +91,13 @@ async def meeting_roster(sim: Simulator, options: ScenarioOptions) -> None:
     for name in ("Alice Smith", "Megan Bowen", "Lee Gu"):
         await asyncio.sleep(pause)
         await call.leave(name)
-    # A bot that leaves empty meetings hangs up now; otherwise the meeting ends.
+    # A bot that leaves empty meetings hangs up now; otherwise the meeting ends, as a
+    # recorded Teams group call did when only the bot was left (200/5010).
     try:
         await call.wait_until_ended(max(options.hold, 2.0))
     except SimulatorError:
-        await _end(call)
+        if not call.ended:
+            await call.hangup(subcode=5010, message=_ONLY_ONE_LEFT)
 
 
 async def out_of_order(sim: Simulator, options: ScenarioOptions) -> None:

@@ -779,11 +779,9 @@ class SimulatedCall:
             self.delta_roster = _asks_for_delta_roster(body)
             self._established()
         elif action in ("reject", "redirect"):
-            message = "The call was rejected." if action == "reject" else "The call was redirected."
             self._end_on_graph()
-            self._enqueue(
-                build.call_terminated(self.id, code=0, subcode=0, message=message),
-            )
+            # Graph says no more than that the call is gone (documents 17 and 21): no resultInfo.
+            self._enqueue(build.call_terminated(self.id, code=None))
         elif action == "deleteCall":
             self._end_on_graph()
             self._enqueue(build.call_state(self.id, "terminating"))
