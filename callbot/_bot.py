@@ -129,6 +129,11 @@ class _Runtime:
     def ready(self) -> bool:
         return self.authenticator.ready and not self.receiver.draining and self.store.reachable
 
+    def settled(self, call_key: str) -> bool:
+        """Whether nothing of the call waits in its reorder window or for its handlers."""
+        record = self.store.known(call_key)
+        return not self.dispatcher.busy_with(call_key) and not (record and record.holding)
+
     def _handle(self, delivery: Delivery) -> Call:
         return self.services.call(
             delivery.event.call_id,

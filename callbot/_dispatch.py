@@ -135,10 +135,21 @@ class Dispatcher:
         self._queues: dict[str, deque[tuple[Delivery, Done | None]]] = {}
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._observe = observe
+        self._idle_listeners: list[Callable[[str], None]] = []
         self.counts: Counter[str] = Counter()
         """handled (deliveries run), handler_errors, unhandled_errors (no on_error took them),
         call_ended (handlers stopped by :class:`~callbot.CallEnded`), superseded (deliveries
         not started because their run lost its call to another instance)."""
+
+    def busy_with(self, call_key: str) -> bool:
+        """Whether deliveries of the call wait or run."""
+        return call_key in self._queues
+
+    def when_idle(self, listener: Callable[[str], None]) -> Callable[[], None]:
+        """Call ``listener(call_key)`` each time a call has no delivery left to run (the
+        testing kit waits on it); returns a function that stops it."""
+        self._idle_listeners.append(listener)
+        return lambda: self._idle_listeners.remove(listener)
 
     @property
     def queued(self) -> int:
@@ -195,6 +206,9 @@ class Dispatcher:
             if not queue:
                 self._queues.pop(key, None)
             del self._workers[key]
+            if not queue:
+                for listener in self._idle_listeners:
+                    listener(key)
 
     async def _run(self, delivery: Delivery) -> None:
         event = delivery.event

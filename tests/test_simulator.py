@@ -413,6 +413,52 @@ async def test_joining_a_meeting_and_people_coming_and_going() -> None:
     assert names(rosters[3].left) == ["Megan Bowen"]
 
 
+async def test_settled_waits_for_the_handlers_of_what_was_posted() -> None:
+    """A roster handler that acts on Graph before it notes who came: right after ``join``
+    (which returns on the 202) it has not noted them yet; after ``settled()`` it has, and so
+    has the handler of the notification Graph posted in answer to its action."""
+    bot, _seen = answering_bot()
+    greeted: list[str] = []
+    blocked = asyncio.Event()
+
+    @bot.on_participants
+    async def greet(call: Call, event: events.ParticipantsUpdated) -> None:
+        for person in event.joined:
+            identity = person.info.identity if person.info is not None else None
+            name = identity.user.display_name if identity and identity.user else None
+            if name:
+                op = await call.play_prompt(f"https://cdn.example/hello-{len(greeted)}.wav")
+                await op.wait(timeout=5)
+                greeted.append(name)
+
+    async with run_with_simulator(bot, prompt_duration=0.01) as sim:
+        call = await sim.incoming_call(from_user="Adele Vance")
+        await call.settled()
+        assert greeted == ["Adele Vance"]
+        await call.join("Alice Smith")
+        await call.settled()
+        assert greeted == ["Adele Vance", "Alice Smith"]
+        # The answer's states, its roster and the prompts' outcomes: all handled.
+        assert call.state == "established"
+        await sim.settled()
+
+        @bot.on_tone
+        async def stuck(call: Call, event: events.ToneReceived) -> None:
+            await blocked.wait()
+
+        await call.press("1")
+        with pytest.raises(SimulatorError, match="the bot still works on call"):
+            await call.settled(timeout=0.2)
+        blocked.set()
+        await call.settled()
+
+
+async def test_settled_needs_the_bot_in_this_process() -> None:
+    async with Simulator() as sim:
+        with pytest.raises(SimulatorError, match="needs the bot in this process"):
+            await sim.settled()
+
+
 async def test_mute_and_invite_change_the_roster() -> None:
     bot, seen = answering_bot()
 

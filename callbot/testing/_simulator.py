@@ -362,6 +362,7 @@ class SimulatedCall:
         self._roster_sequence = 0
         self._media: dict[str, str] = {}
         self._queue: asyncio.Queue[_Outgoing] = asyncio.Queue()
+        self._unposted = 0  # notifications queued or being posted
         self._timers: set[asyncio.Task[None]] = set()
         self._worker = asyncio.get_running_loop().create_task(
             self._run(), name=f"callbot-sim-call-{id_key(call_id)[:8]}"
@@ -436,6 +437,18 @@ class SimulatedCall:
             lambda: self.ended or not self._media,
             timeout,
             lambda: f"call {self.id} still plays media after {timeout} s",
+        )
+
+    async def settled(self, timeout: float = 5.0) -> None:
+        """Wait until the bot has run its handlers for everything posted about this call so
+        far (and what those handlers made Graph post in turn): nothing left to post, held in
+        the reorder window, queued or running. Needs the bot in this process
+        (:func:`run_with_simulator`, the ``sim`` fixture)."""
+        self._sim._in_process_bot()
+        await self._sim._until(
+            lambda: self._unposted == 0 and self._sim._bot_settled(self.key),
+            timeout,
+            lambda: f"the bot still works on call {self.id} after {timeout} s",
         )
 
     async def wait_until_ended(self, timeout: float = 5.0) -> None:
@@ -632,6 +645,7 @@ class SimulatedCall:
 
     def _queue_entry(self, entry: _Outgoing) -> None:
         entry.delay += self._sim.step_delay + self.delivery.delay
+        self._unposted += 1
         self._queue.put_nowait(entry)
 
     def _enqueue(self, *items: Mapping[str, Any], delay: float = 0.0) -> asyncio.Future[int]:
@@ -708,6 +722,9 @@ class SimulatedCall:
                 log.exception("simulator_delivery_failed", call_id=self.id)
                 if entry.done is not None and not entry.done.done():
                     entry.done.set_exception(exc)
+            finally:
+                self._unposted -= 1
+                self._sim._changed()
 
     def _as_graph_writes(self, item: Mapping[str, Any]) -> dict[str, Any]:
         """An item as live Teams traffic has it (recorded 2023), with this call's quirks:
@@ -1050,6 +1067,8 @@ class Simulator:
         self._outgoing_outcomes: list[str] = []
         self._waited: dict[tuple[str, str | None], int] = {}
         self._signal = asyncio.Event()
+        self._bot: CallBot | None = None
+        """The bot served in this process (``run_with_simulator``), if any."""
         self._session: aiohttp.ClientSession | None = None
         self._started_at = time.monotonic()
         self._notifying = True
@@ -1300,6 +1319,30 @@ class Simulator:
     def requests_for(self, action: str) -> list[RecordedRequest]:
         """The bot's requests for one action (``answer``, ``playPrompt``, ``transfer``, ...)."""
         return self.graph.requests_for(action)
+
+    async def settled(self, timeout: float = 5.0) -> None:
+        """:meth:`SimulatedCall.settled` for every call so far."""
+        self._in_process_bot()
+
+        def busy() -> list[str]:
+            return [c.id for c in self.calls if c._unposted or not self._bot_settled(c.key)]
+
+        await self._until(
+            lambda: not busy(),
+            timeout,
+            lambda: f"the bot still works on call(s) {', '.join(busy())} after {timeout} s",
+        )
+
+    def _in_process_bot(self) -> CallBot:
+        if self._bot is None:
+            raise SimulatorError(
+                "settled() needs the bot in this process: run_with_simulator(bot) or the "
+                "sim fixture (a bot in another process: wait for its requests instead)"
+            )
+        return self._bot
+
+    def _bot_settled(self, call_key: str) -> bool:
+        return self._in_process_bot()._running().settled(call_key)
 
     async def wait_for_request(
         self, action: str, *, call: SimulatedCall | None = None, timeout: float = 5.0
@@ -1582,9 +1625,14 @@ async def run_with_simulator(
         bot.configure(shutdown_timeout=min(saved.shutdown_timeout, shutdown_timeout))
         runner = await _serve_bot(bot, sim)
         sim.callback_url = bot.settings.callback_url
+        sim._bot = bot
+        # A call whose handlers finished is news to those waiting for it to settle (the
+        # dispatcher goes with the bot's runtime when it stops).
+        bot._running().dispatcher.when_idle(lambda call_key: sim._changed())
         await bot.authenticator.wait_ready(5.0)
         yield sim
     finally:
+        sim._bot = None
         await sim.stop_notifying()
         if runner is not None:
             await runner.cleanup()

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable
-
 import pytest
 
 from callbot import CallBot
@@ -25,12 +22,6 @@ def callbot_bot() -> CallBot:
     return meeting.bot
 
 
-async def eventually(condition: Callable[[], bool], within: float = 5.0) -> None:
-    async with asyncio.timeout(within):
-        while not condition():  # noqa: ASYNC110 - the bot's log has no event to wait on
-            await asyncio.sleep(0.01)
-
-
 async def test_joins_by_url_logs_the_roster_and_leaves_when_alone(sim: Simulator) -> None:
     call = await meeting.join(JOIN_URL)
     created = await sim.wait_for_request("createCall")
@@ -41,7 +32,8 @@ async def test_joins_by_url_logs_the_roster_and_leaves_when_alone(sim: Simulator
     await in_meeting.wait_for_state("established")
     await in_meeting.join("Alice Smith")
     await in_meeting.leave("Megan Bowen")
-    await eventually(lambda: ("left", "Megan Bowen") in meeting.attendance[call.key])
+    await in_meeting.settled()  # the bot's handlers ran for all of that
+    assert ("left", "Megan Bowen") in meeting.attendance[call.key]
     assert not sim.requests_for("deleteCall")  # Alice is still there
     await in_meeting.leave("Alice Smith")
 
@@ -61,6 +53,7 @@ async def test_stays_while_someone_is_there(sim: Simulator) -> None:
     in_meeting = await sim.wait_for_outgoing_call()
     await in_meeting.wait_for_state("established")
     await in_meeting.leave("Lee Gu")
-    await eventually(lambda: ("left", "Lee Gu") in meeting.attendance[call.key])
+    await in_meeting.settled()
+    assert ("left", "Lee Gu") in meeting.attendance[call.key]
     await in_meeting.hangup(message="The meeting ended.")
     assert not sim.requests_for("deleteCall")
