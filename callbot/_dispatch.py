@@ -139,7 +139,8 @@ class Dispatcher:
         self.counts: Counter[str] = Counter()
         """handled (deliveries run), handler_errors, unhandled_errors (no on_error took them),
         call_ended (handlers stopped by :class:`~callbot.CallEnded`), superseded (deliveries
-        not started because their run lost its call to another instance)."""
+        not started because their run lost its call to another instance), abandoned (still
+        queued or running when the bot stopped)."""
 
     def busy_with(self, call_key: str) -> bool:
         """Whether deliveries of the call wait or run."""
@@ -188,6 +189,7 @@ class Dispatcher:
                 break
             await asyncio.wait(list(self._workers.values()), timeout=remaining)
         abandoned = [d for q in self._queues.values() for d, _ in q]
+        self.counts["abandoned"] += len(abandoned)
         for task in list(self._workers.values()):
             task.cancel()
         if self._workers:

@@ -9,6 +9,8 @@ from .support.snippets import ROOT, files_in
 pytest_plugins = ["pytester"]
 
 BOT = """
+import asyncio
+
 from callbot import CallBot, events
 from callbot.graph import Target
 
@@ -32,6 +34,8 @@ async def choose(call, event):
         await call.transfer(Target.user("agent-id", "Agent"))
     elif event.tone == "tone9":
         raise RuntimeError("nobody thought of 9")
+    elif event.tone == "tone5":
+        await asyncio.Event().wait()  # waits for something that never comes
 """
 
 CONFTEST = """
@@ -74,6 +78,12 @@ async def test_a_handler_that_raises_fails_the_test(sim):
 
 
 @pytest.mark.asyncio
+async def test_a_test_that_leaves_a_handler_running_fails(sim):
+    await sim.incoming_call()
+    await sim.press("5")
+
+
+@pytest.mark.asyncio
 async def test_options_reach_the_simulator(callbot_simulator):
     assert callbot_simulator.prompt_duration == 0.01
 """
@@ -100,13 +110,20 @@ def test_a_bot_author_tests_their_bot_with_the_installed_plugin(
     bot_project: pytest.Pytester,
 ) -> None:
     result = bot_project.runpytest_subprocess("-p", "no:cacheprovider", timeout=120)
-    # The teardown of the test whose handler raised is an error; the test body passed.
-    result.assert_outcomes(passed=4, errors=1)
+    # The teardowns of the test whose handler raised and of the test that left a handler
+    # running are errors; the test bodies passed.
+    result.assert_outcomes(passed=5, errors=2)
     result.stdout.fnmatch_lines(
         [
             "*test_a_handler_that_raises_fails_the_test*",
             "*the bot misbehaved during the test*",
             "*1 handler run(s) raised*",
+        ]
+    )
+    result.stdout.fnmatch_lines(
+        [
+            "*test_a_test_that_leaves_a_handler_running_fails*",
+            "*1 notification(s) still waited for or ran in their handlers when the test ended*",
         ]
     )
 
@@ -127,7 +144,7 @@ def callbot_simulator_options():
 """
     )
     result = bot_project.runpytest_subprocess("-p", "no:cacheprovider", timeout=120)
-    result.assert_outcomes(passed=4)
+    result.assert_outcomes(passed=5)
 
 
 def test_forgetting_the_bot_fixture_says_what_to_write(pytester: pytest.Pytester) -> None:

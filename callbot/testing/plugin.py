@@ -28,9 +28,11 @@ Fixtures:
 * ``callbot_simulator_options`` - keyword arguments for the simulator
   (``prompt_duration``, ``delivery=DeliveryOptions.realistic()``, ...).
 * ``callbot_strict`` - ``True`` (default): a test that passed still fails when
-  a handler raised an error that no ``@bot.on_error`` handler took, or the bot
-  refused a notification. A handler stopped by :class:`~callbot.CallEnded` (the
-  caller hung up) is not a failure. Override with ``False``.
+  a handler raised an error that no ``@bot.on_error`` handler took (until the bot
+  stopped), the bot refused a notification, or handlers still ran when the test
+  ended (the bot abandoned them when it stopped). A handler stopped by
+  :class:`~callbot.CallEnded` (the caller hung up) is not a failure. Override with
+  ``False``.
 * ``callbot_simulator`` and its short name ``sim`` - the running simulator.
 
 The async fixtures need pytest-asyncio (``pip install 'callbot[testing]'``). A
@@ -44,6 +46,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from collections import Counter
 from collections.abc import AsyncIterator, Generator
 from typing import Any
 
@@ -146,26 +149,29 @@ def callbot_simulator_options() -> dict[str, Any]:
 
 @pytest.fixture
 def callbot_strict() -> bool:
-    """Whether a passing test fails when a handler raised or a notification was refused."""
+    """Whether a passing test fails when a handler raised, a notification was refused, or
+    handlers still ran when it ended."""
     return True
 
 
-def _handler_errors(bot: CallBot) -> int:
-    try:
-        source = bot.metrics.sources.handled
-    except (AttributeError, RuntimeError):
-        return 0
-    # Errors an on_error handler took are the bot's own business, not a failure.
-    return int(source()["unhandled_errors"]) if source is not None else 0
-
-
-def _problems(bot: CallBot, sim: Simulator) -> list[str]:
+def _problems(handled: Counter[str], sim: Simulator) -> list[str]:
+    """What went wrong until the bot stopped (its shutdown included): ``handled`` is its
+    dispatcher's counts, read after the stop."""
     problems = []
-    errors = _handler_errors(bot)
+    # Errors an on_error handler took are the bot's own business, not a failure.
+    errors = handled["unhandled_errors"]
     if errors:
         problems.append(
             f"{errors} handler run(s) raised and no on_error handler took the error "
             "(see the handler_failed log lines)"
+        )
+    abandoned = handled["abandoned"]
+    if abandoned:
+        problems.append(
+            f"{abandoned} notification(s) still waited for or ran in their handlers when the "
+            "test ended, and were abandoned when the bot stopped: end the test's calls "
+            "(await call.hangup()) or wait for the bot (await call.settled(), "
+            "call.wait_until_ended()) first"
         )
     for refused in sim.failed_deliveries:
         problems.append(
@@ -189,10 +195,11 @@ if HAVE_PYTEST_ASYNCIO:
                 f"callbot_bot must return a CallBot, got {type(callbot_bot).__name__}",
                 pytrace=False,
             )
-        problems: list[str] = []
         async with run_with_simulator(callbot_bot, **callbot_simulator_options) as simulator:
+            # Read once the bot stopped: what its handlers did while it shut down counts too.
+            handled = callbot_bot._running().dispatcher.counts
             yield simulator
-            problems = _problems(callbot_bot, simulator)
+        problems = _problems(handled, simulator)
         if problems and callbot_strict and not request.node.stash.get(_CALL_FAILED, False):
             pytest.fail(
                 "the bot misbehaved during the test:\n  - " + "\n  - ".join(problems),
