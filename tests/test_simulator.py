@@ -175,6 +175,32 @@ async def test_a_recording_is_served_only_with_its_access_token() -> None:
             assert response.status == 401
 
 
+async def test_a_stop_tone_ends_a_recording_without_a_tone_subscription() -> None:
+    """As Graph documents it (document 69): the key a recording's ``stopTones`` names ends
+    it with ``stopToneDetected``; the bot needs no ``subscribeToTone`` for it."""
+    bot = CallBot(app_id=APP_ID)
+    reasons: list[str | None] = []
+
+    @bot.on_incoming_call
+    async def answer(call: Call, event: events.IncomingCall) -> None:
+        await call.answer()
+
+    @bot.on_state("established")
+    async def record(call: Call, event: events.CallStateChanged) -> None:
+        op = await call.record_response(max_record_duration=60, stop_tones=["#"])
+        done = await op.wait(timeout=10)
+        reasons.append(done.completion_reason)
+        assert await call.download_recording(op)
+
+    async with run_with_simulator(bot, record_duration=60.0) as sim:
+        call = await sim.incoming_call()
+        await call.wait_for_request("recordResponse")
+        await call.press("#")
+        await call.settled()
+        assert not call.requests_for("subscribeToTone")
+    assert reasons == ["stopToneDetected"]
+
+
 async def test_cancel_media_processing_fails_the_running_prompt() -> None:
     bot, _ = answering_bot()
     failures: list[OperationFailed] = []

@@ -59,7 +59,7 @@ from aiohttp import web
 
 from .. import events, models
 from .._config import Settings
-from .._dtmf import TONE_OF_DIGIT, tones_of
+from .._dtmf import TONE_OF_DIGIT, digit_of, tones_of
 from .._errors import MalformedNotification
 from .._ids import id_key
 from .._lifecycle import phase_of_state
@@ -361,6 +361,8 @@ class SimulatedCall:
         self._tone_sequence = delivery.first_tone_sequence - 1
         self._roster_sequence = 0
         self._media: dict[str, str] = {}
+        # Running recordings that a key ends (recordResponse's stopTones): id -> the keys.
+        self._stop_keys: dict[str, frozenset[str]] = {}
         self._queue: asyncio.Queue[_Outgoing] = asyncio.Queue()
         self._unposted = 0  # notifications queued or being posted
         self._timers: set[asyncio.Task[None]] = set()
@@ -466,11 +468,17 @@ class SimulatedCall:
 
         Waits (up to ``timeout``) until the call is established and the bot has
         subscribed to tones, because Graph sends no tone before that; then posts
-        one tone notification per key, each acknowledged before the next.
+        one tone notification per key, each acknowledged before the next. A key that
+        is a stop tone of a running recording ends it (``stopToneDetected``), with no
+        subscription needed.
         """
         tones = tones_of(keys)
         await self._sim._until(
-            lambda: self.ended or (self.subscribed_to_tones and "established" in self.states),
+            lambda: (
+                self.ended
+                or bool(self._stop_keys)
+                or (self.subscribed_to_tones and "established" in self.states)
+            ),
             timeout,
             lambda: (
                 f"cannot press {keys!r} on call {self.id}: "
@@ -494,8 +502,33 @@ class SimulatedCall:
             )
         )
         for tone in tones:
+            if self._stopped_recording(digit_of(tone)) and not self.subscribed_to_tones:
+                continue
             self._tone_sequence += 1
             await self._send(build.tone(self.id, tone, self._tone_sequence))
+
+    def _stopped_recording(self, key: str) -> bool:
+        """End the recordings ``key`` is a stop tone of, as Graph does (document 69: the
+        recording completes with ``stopToneDetected``); whether there was one."""
+        stopped = [op for op, keys in self._stop_keys.items() if key in keys]
+        for operation_id in stopped:
+            del self._stop_keys[operation_id]
+            if self._media.pop(operation_id, None) is None:
+                continue
+            location, token = self._sim.graph.add_recording(self._sim.recording)
+            self._enqueue(
+                self._operation_item(
+                    operation_id,
+                    "completed",
+                    _DONE,
+                    {
+                        "recordingLocation": location,
+                        "recordingAccessToken": token,
+                        "completionReason": "stopToneDetected",
+                    },
+                )
+            )
+        return bool(stopped)
 
     async def hangup(
         self,
@@ -837,6 +870,7 @@ class SimulatedCall:
         ):
             self._on_operation(request, answer, body)
         elif action == "cancelMediaProcessing":
+            self._stop_keys.clear()
             for operation_id, kind in list(self._media.items()):
                 del self._media[operation_id]
                 extra: dict[str, Any] = {}
@@ -909,9 +943,13 @@ class SimulatedCall:
             self._later(duration, finished)
         elif action == "recordResponse":
             self._media[operation_id] = action
+            stop = body.get("stopTones")
+            if isinstance(stop, list) and stop:
+                self._stop_keys[operation_id] = frozenset(str(key) for key in stop)
             duration = sim.prompt_duration * len(prompts) + sim.record_duration
 
             def recorded() -> None:
+                self._stop_keys.pop(operation_id, None)
                 if self._media.pop(operation_id, None) is None:
                     return
                 location, token = sim.graph.add_recording(sim.recording)
