@@ -200,7 +200,11 @@ def add_testing_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
         "--max-gap", type=float, default=5.0, help="longest pause between batches (seconds)"
     )
     replay.add_argument(
-        "--settle", type=float, default=1.0, help="seconds to let handlers finish at the end"
+        "--settle",
+        type=float,
+        default=1.0,
+        help="at most this many seconds to let the bot start an operation whose outcome is "
+        "next, and to let handlers finish at the end",
     )
     replay.add_argument("--format", choices=FORMATS, default="auto", help=_FORMAT_HELP)
     replay.add_argument(

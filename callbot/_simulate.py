@@ -11,6 +11,7 @@ each run would be refused until the bot's key refetch cooldown had passed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import sys
@@ -19,13 +20,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 from urllib.parse import urlsplit
 
 import aiohttp
 
 from ._bot import CallBot
 from ._display import TrafficPrinter
+from ._ids import id_key
 from ._recording import RecordedBatch, read_recording
 from .testing._scenarios import SCENARIOS, ScenarioOptions
 from .testing._simulator import Simulator, SimulatorError, Traffic, run_with_simulator
@@ -160,8 +162,89 @@ def _call_id(batch: RecordedBatch) -> str | None:
     return None
 
 
+_OPERATION_PATH = re.compile(r"(/calls/[^/?]+/operations/)([^/?]+)$", re.IGNORECASE)
+
+
+class _Outcomes:
+    """Recorded operation outcomes, told under the replayed bot's own operations: its actions
+    got new ids (and contexts) from the simulator, so the n-th recorded outcome of a kind on
+    a call goes to the n-th such operation the bot started on it."""
+
+    def __init__(self, sim: Simulator) -> None:
+        self._sim = sim
+        self._graph = sim.graph
+        self._names: dict[str, str] = {}  # recorded id (its key) -> the bot's operation id
+        self.unmatched = 0
+
+    async def ready(self, body: dict[str, Any], within: float) -> None:
+        """Wait (up to ``within``) until the bot started an operation for each recorded
+        outcome in ``body``: the replay may run ahead of the handler that starts it."""
+        wanted = [found for found in map(self._outcome, body.get("value") or ()) if found]
+        with contextlib.suppress(SimulatorError):  # then told as recorded, and counted
+            await self._sim._until(
+                lambda: all(self._ours(*found) is not None for found in wanted),
+                within,
+                lambda: "no operation to tell the outcome of",
+            )
+
+    def _outcome(self, item: Any) -> tuple[str, str, Any] | None:
+        """(recorded operation id, call id, operation kind) of an operation outcome item."""
+        if not isinstance(item, dict):
+            return None
+        path, data = item.get("resourceUrl"), item.get("resourceData")
+        if not isinstance(path, str) or not isinstance(data, dict):
+            return None
+        found, call = _OPERATION_PATH.search(path), _CALL_ID.search(path)
+        if found is None or call is None or found.group(2).lower() == "participants":
+            return None
+        return found.group(2), call.group(1), data.get("@odata.type")
+
+    def rewrite(self, body: dict[str, Any]) -> dict[str, Any]:
+        """``body`` with each recorded outcome under the bot's operation (when it has one)."""
+        items = body.get("value")
+        if not isinstance(items, list):
+            return body
+        return {**body, "value": [self._item(item) for item in items]}
+
+    def _item(self, item: Any) -> Any:
+        found = self._outcome(item)
+        if found is None:
+            return item
+        ours = self._ours(*found)
+        if ours is None:
+            self.unmatched += 1
+            return item
+        self._names[id_key(found[0])] = ours
+        path, data = item["resourceUrl"], item["resourceData"]
+        new_path = _OPERATION_PATH.sub(lambda m: m.group(1) + ours, path)
+        context = self._graph.operations[ours].get("clientContext")
+        rewritten = {**data, "id": ours, "clientContext": context}
+        if "@odata.id" in data:
+            rewritten["@odata.id"] = new_path
+        return {**item, "resourceUrl": new_path, "resourceData": rewritten}
+
+    def _ours(self, recorded: str, call_id: str, kind: Any) -> str | None:
+        """The bot's operation a recorded outcome goes to: the one it went to before, else the
+        first of its kind the bot started on the call that none went to yet."""
+        key = id_key(recorded)
+        if key in self._names:
+            return self._names[key]
+        taken = set(self._names.values())
+        for op, started_on in self._graph.operation_calls.items():
+            same_kind = self._graph.operations[op].get("@odata.type") == kind
+            if op not in taken and same_kind and id_key(started_on) == id_key(call_id):
+                return op
+        return None
+
+
 async def _post_all(
-    sim: Simulator, batches: Sequence[RecordedBatch], *, speed: float, max_gap: float
+    sim: Simulator,
+    batches: Sequence[RecordedBatch],
+    *,
+    speed: float,
+    max_gap: float,
+    outcomes: _Outcomes | None = None,
+    settle: float = 1.0,
 ) -> int:
     previous: float | None = None
     refused = 0
@@ -170,10 +253,23 @@ async def _post_all(
             # Keep the recorded rhythm (races depend on it), scaled, with long pauses cut.
             await asyncio.sleep(min(max(batch.at - previous, 0.0) / speed, max_gap))
         previous = batch.at if batch.at is not None else previous
-        status = await sim.post(batch.body, call_id=_call_id(batch), tenant_id=batch.tenant_id)
+        body = batch.body
+        if outcomes is not None:
+            await outcomes.ready(body, within=settle)
+            body = outcomes.rewrite(body)
+        status = await sim.post(body, call_id=_call_id(batch), tenant_id=batch.tenant_id)
         if not 200 <= status < 300:
             refused += 1
     return refused
+
+
+def _unmatched_note(outcomes: _Outcomes) -> str:
+    if not outcomes.unmatched:
+        return ""
+    return (
+        f"; {outcomes.unmatched} operation outcome(s) matched no operation the bot started "
+        "(its handlers acted otherwise than in the recording)"
+    )
 
 
 async def replay(
@@ -201,14 +297,21 @@ async def replay(
     if bot is not None:
         watchers = [printer, *observers]
         async with run_with_simulator(bot, drive=False, observers=watchers) as sim:
-            refused = await _post_all(sim, batches, speed=speed, max_gap=max_gap)
-            # Let the bot's handlers act on the last notifications before it stops.
-            await asyncio.sleep(settle)
+            outcomes = _Outcomes(sim)
+            refused = await _post_all(
+                sim, batches, speed=speed, max_gap=max_gap, outcomes=outcomes, settle=settle
+            )
+            # The bot's handlers act on the last notifications before it stops (at most
+            # ``settle`` seconds: a handler waiting for what the recording never sends).
+            with contextlib.suppress(SimulatorError):
+                await sim._until(
+                    lambda: not bot._running().dispatcher.queued, settle, lambda: "busy"
+                )
             counts = bot.metrics.sources.handled() if bot.metrics.sources.handled else None
             errors = int(counts["handler_errors"]) if counts is not None else 0
         printer.note(
             f"replay finished: {len(batches) - refused} accepted, {refused} refused, "
-            f"{errors} handler error(s)"
+            f"{errors} handler error(s){_unmatched_note(outcomes)}"
         )
         return 0 if not refused and not errors else 1
     if remote is None:
@@ -229,9 +332,15 @@ async def replay(
         if not await _wait_for_bot(remote, info):
             info.write(f"callbot: no bot answers at {_origin(remote.url)}\n")
             return 1
-        refused = await _post_all(sim, batches, speed=speed, max_gap=max_gap)
+        outcomes = _Outcomes(sim)
+        refused = await _post_all(
+            sim, batches, speed=speed, max_gap=max_gap, outcomes=outcomes, settle=settle
+        )
         await asyncio.sleep(settle)
     finally:
         await sim.close()
-    printer.note(f"replay finished: {len(batches) - refused} accepted, {refused} refused")
+    printer.note(
+        f"replay finished: {len(batches) - refused} accepted, {refused} refused"
+        f"{_unmatched_note(outcomes)}"
+    )
     return 0 if not refused else 1

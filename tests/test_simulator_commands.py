@@ -34,6 +34,12 @@ def quiet_printer() -> TrafficPrinter:
     return TrafficPrinter(io.StringIO(), fmt="json")
 
 
+def printer_text(printer: TrafficPrinter) -> str:
+    stream = printer.stream
+    assert isinstance(stream, io.StringIO)
+    return stream.getvalue()
+
+
 def test_scrub_removes_tokens_and_secrets_only() -> None:
     item = {
         "resourceData": {
@@ -88,9 +94,47 @@ async def test_accepted_notifications_are_recorded_without_tokens_then_replayed(
     assert batches[0].tenant_id == sim.tenant_id  # the incoming call names its tenant
 
     again, seen_again = recording_bot()
-    status = await replay(path, printer=quiet_printer(), bot=again, speed=0, settle=0.2)
+    printer = quiet_printer()
+    status = await replay(path, printer=printer, bot=again, speed=0, settle=0.2)
     assert status == 0
     assert labels(seen_again) == labels(seen)
+    # This bot started no recording: the recorded outcome went to no operation, and says so.
+    assert "1 operation outcome(s) matched no operation the bot started" in printer_text(printer)
+
+
+async def test_a_replayed_bot_gets_the_recorded_outcomes_of_its_own_operations(
+    tmp_path: Path,
+) -> None:
+    """Replayed, the bot's actions get new ids and contexts: each recorded outcome goes to
+    the operation of its kind the replayed bot started on the call, so its waits end as in
+    the recording (the voicemail is recorded, then the bot hangs up)."""
+    path = tmp_path / "incident.jsonl"
+
+    def voicemail_bot(**options: Any) -> tuple[CallBot, list[events.Event], list[str]]:
+        bot, seen = answering_bot(**options)
+        reasons: list[str] = []
+
+        @bot.on_tone
+        async def voicemail(call: Call, event: events.ToneReceived) -> None:
+            done = await (await call.record_response(max_record_duration=5)).wait(timeout=5)
+            reasons.append(str(done.completion_reason))
+            await call.hangup()
+
+        return bot, seen, reasons
+
+    bot, seen, reasons = voicemail_bot(record_path=str(path))
+    async with run_with_simulator(bot) as sim:
+        call = await sim.incoming_call()
+        await call.press("2")
+        await call.wait_until_ended()
+        await until(lambda: "terminated" in labels(seen))
+    again, seen_again, reasons_again = voicemail_bot()
+    printer = quiet_printer()
+    status = await replay(path, printer=printer, bot=again, speed=0, settle=10.0)
+    assert status == 0
+    assert reasons_again == reasons == ["maxRecordDurationReached"]
+    assert labels(seen_again) == labels(seen)
+    assert "matched no operation" not in printer_text(printer)
 
 
 def test_a_recording_may_hold_bare_bodies_and_items(tmp_path: Path) -> None:
