@@ -479,6 +479,15 @@ async def test_settled_waits_for_the_handlers_of_what_was_posted() -> None:
         await call.settled()
 
 
+async def test_a_wait_on_a_call_the_bot_never_took_says_so() -> None:
+    bot, _seen = recording_bot()  # no on_incoming_call handler: nobody answers
+    async with run_with_simulator(bot) as sim:
+        call = await sim.incoming_call()
+        with pytest.raises(SimulatorError, match="the bot never answered, rejected or redirected"):
+            await call.wait_until_ended(timeout=0.2)
+        await call.hangup()
+
+
 async def test_settled_needs_the_bot_in_this_process() -> None:
     async with Simulator() as sim:
         with pytest.raises(SimulatorError, match="needs the bot in this process"):

@@ -453,12 +453,23 @@ class SimulatedCall:
             lambda: f"the bot still works on call {self.id} after {timeout} s",
         )
 
+    def _why_not(self) -> str:
+        """A hint for a wait that timed out on a call the bot never took."""
+        if self.direction == "incoming" and not any(
+            self.requests_for(action) for action in ("answer", "reject", "redirect")
+        ):
+            return (
+                "; the bot never answered, rejected or redirected it (is a handler registered "
+                "with @bot.on_incoming_call, and do its Graph requests reach the simulator?)"
+            )
+        return ""
+
     async def wait_until_ended(self, timeout: float = 5.0) -> None:
         """Wait until the bot has been told the call terminated."""
         await self._sim._until(
             lambda: self.ended,
             timeout,
-            lambda: f"call {self.id} did not end (states so far: {self.states})",
+            lambda: f"call {self.id} did not end (states so far: {self.states})" + self._why_not(),
         )
 
     # -- what the far end does -------------------------------------------------------
