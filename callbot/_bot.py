@@ -296,8 +296,11 @@ class CallBot:
 
         Runs on the transition, once: a notification that repeats the state the
         call is already in is a :class:`~callbot.events.CallUpdated` (see
-        :meth:`on_call_updated`). ``states`` are from :data:`callbot.models.CALL_STATES`,
-        in any case; a state Graph adds later reaches ``on(events.CallStateChanged)``.
+        :meth:`on_call_updated`). A call may enter a state again (``established`` after
+        a failed transfer, or after ``hold``): the handler runs each time, and
+        ``event.previous_state`` says where the call comes from. ``states`` are from
+        :data:`callbot.models.CALL_STATES`, in any case; a state Graph adds later reaches
+        ``on(events.CallStateChanged)``.
         A call enters ``incoming`` as an :class:`~callbot.events.IncomingCall` (with
         ``state`` ``"incoming"`` and ``previous_state`` ``None``, as a move would have):
         ``on_state("incoming")`` runs with that event.

@@ -221,13 +221,32 @@ class Lifecycle:
             self._pending_per_tenant[tenant_id] += 1
             self._schedule(self._pending_ttl, _FORGET_PENDING, life)
             while len(self._pending) > self._max_pending:
-                self._forget(self._evictee(), "too_many_pending_calls")
+                self._forget(self._evictee(tenant_id), "too_many_pending_calls")
         return life
 
-    def _evictee(self) -> str:
-        """The pending call to let go: the oldest of the tenant with the most, so that calls
-        one tenant's token invents never push another tenant's ringing calls out."""
-        most = max(self._pending_per_tenant, key=self._pending_per_tenant.__getitem__)
+    def bind(self, life: CallLife, tenant_id: str) -> None:
+        """The call is ``tenant_id``'s from now on, if it was nobody's yet (a call first known
+        without a tenant: taken over from a shared store, ended by another instance)."""
+        if life.tenant_id is not None:
+            return
+        life.tenant_id = tenant_key(tenant_id)
+        if life.key in self._pending and self._pending[life.key] is None:
+            # Counted as the tenant's from now on, in its place in line.
+            self._pending[life.key] = life.tenant_id
+            self._pending_per_tenant[None] -= 1
+            if not self._pending_per_tenant[None]:
+                del self._pending_per_tenant[None]
+            self._pending_per_tenant[life.tenant_id] += 1
+
+    def _evictee(self, adding: str | None) -> str:
+        """The pending call to let go as a call of ``adding`` comes: the oldest of the tenant
+        with the most (``adding`` itself when tied). A tenant whose token invents calls lets
+        its own go first, and leaves another tenant at least as many as it keeps itself
+        (with k such tenants, a share of the bound over k + 1)."""
+        counts = self._pending_per_tenant
+        most = max(counts, key=counts.__getitem__)
+        if counts.get(adding, 0) == counts[most]:
+            most = adding
         return next(key for key, tenant in self._pending.items() if tenant == most)
 
     def _unpend(self, key: str) -> None:

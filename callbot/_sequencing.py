@@ -36,7 +36,7 @@ import orjson
 from . import events
 from ._config import Settings
 from ._errors import MalformedNotification
-from ._ids import id_key, tenant_key
+from ._ids import id_key
 from ._journal import Attempt
 from ._lifecycle import CallLife, Lifecycle, phase_of_state
 from ._log import get_logger
@@ -335,7 +335,7 @@ class Sequencer:
             # an end only told by another instance still has its termination to deliver.
             record = self._records[key] = CallRecord(life, closed=life.terminated)
         if record.life.tenant_id is None and event.tenant_id is not None:
-            record.life.tenant_id = tenant_key(event.tenant_id)
+            self.lifecycle.bind(record.life, event.tenant_id)
         digest = _digest_of(event, key)
         if isinstance(event, events.ParticipantsUpdated):
             # A roster is a snapshot: the same one after a different one is a real change.

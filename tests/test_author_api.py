@@ -41,6 +41,7 @@ async def test_transfer_to_a_plain_user_id(graph: FakeGraph, services: CallServi
     [
         ("+14255550100", "Target.phone"),
         ("1 425 555 0100", "Target.phone"),
+        ("(425) 555-0100", "Target.phone"),
         ("alice@contoso.com", "object id"),
     ],
 )
@@ -53,6 +54,15 @@ async def test_a_plain_string_that_is_no_user_id_is_refused_before_graph(
         with pytest.raises(ValueError, match=hint):
             await action
     assert [r.action for r in graph.requests if r.action != "token"] == []
+
+
+async def test_an_object_id_of_digits_only_is_still_a_user(
+    graph: FakeGraph, services: CallServices
+) -> None:
+    digits_only = "11111111-2222-3333-4444-555555555555"
+    await services.call(CALL_ID).transfer(digits_only)
+    body = (await graph.wait_for_request("transfer")).json
+    assert body["transferTarget"]["identity"]["user"]["id"] == digits_only
 
 
 async def test_redirect_and_invite_take_plain_user_ids_too(

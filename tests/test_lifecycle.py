@@ -89,6 +89,27 @@ async def test_a_state_is_new_once(clock: Clock) -> None:
     assert [c.call_id for c in calls.active()] == [CALL_ID]
 
 
+async def test_past_the_bound_the_tenant_with_the_most_pending_calls_lets_go(
+    clock: Clock,
+) -> None:
+    """A flood from one tenant's token lets its own calls go: another tenant keeps as many
+    as the flooder (a tie goes against the tenant adding); a call first known without a
+    tenant counts as its tenant's once bound, in its place in line."""
+    calls = lifecycle(max_pending=4)
+    first = calls.life("a-first")  # as a call taken over from a shared store: no tenant yet
+    calls.bind(first, "Tenant-A")
+    assert first.tenant_id == "tenant-a"
+    calls.life("a-second", "tenant-a")
+    for n in range(20):
+        calls.life(f"b-{n}", "tenant-b")
+    kept = sorted(life.call_id for life in calls._lives.values())
+    assert kept == ["a-first", "a-second", "b-18", "b-19"]
+    # Once tenant A has more than its share, it lets its own oldest go too.
+    calls.life("a-third", "tenant-a")
+    assert calls.get("a-first") is None
+    assert calls.get("b-18") is not None
+
+
 async def test_an_end_is_told_once_and_forgotten_after_the_grace(clock: Clock) -> None:
     calls = lifecycle()
     ended: list[tuple[str, models.ResultInfo | None]] = []

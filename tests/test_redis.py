@@ -1222,6 +1222,40 @@ async def test_every_key_expires_when_the_last_instance_stops_mid_handler(
     assert all(ttl > 0 for ttl in left.values()), left
 
 
+async def test_a_failure_after_the_scripts_leaves_no_call_unrun(
+    authority: TokenAuthority, serve: Any, redis_url: str
+) -> None:
+    """Redis fails on the round trip after the ingest scripts (the one telling the other
+    instances of a tone): the request gets 503, yet the call the scripts gave this instance
+    runs now, and Graph's retry (a repeat) is dropped, not run again or left waiting."""
+    seen: list[str] = []
+    bot = make_bot(authority, store=redis_url, store_lease=300.0)
+
+    @bot.on(events.Event)
+    async def record(call: Call, event: events.Event) -> None:
+        seen.append(label(event))
+
+    server: BotServer = await serve(bot)
+    store = bot._running().store
+    assert isinstance(store, _redis.RedisStore)
+    real = store._run_all
+    failed: list[tuple[Any, ...]] = []
+
+    async def failing_once(commands: Any, *, then: Any = None) -> Any:
+        if not failed and any(command[0] == "XADD" for command in commands):
+            failed.extend(commands)
+            raise redis.exceptions.ConnectionError("connection reset between the round trips")
+        return await real(commands, then=then)
+
+    store._run_all = failing_once  # type: ignore[method-assign]
+    body = b.notifications(b.incoming_call("trip-call"), b.tone("trip-call", "tone1", 1))
+    assert (await server.post(body)).status == 503
+    await until(lambda: seen == ["IncomingCall", "tone:tone1"])  # not after the 300-s lease
+    assert (await server.post(body)).status == 202  # the retry: both items are repeats
+    assert (await server.post(b.notifications(b.call_terminated("trip-call")))).status == 202
+    await until(lambda: seen == ["IncomingCall", "tone:tone1", "terminated"])
+
+
 async def test_an_ended_call_stays_ended_after_its_grace_on_any_instance(
     authority: TokenAuthority, serve: Any, redis_url: str, rdb: aioredis.Redis
 ) -> None:

@@ -249,6 +249,37 @@ def test_any_arrival_order_keeps_order_and_exactly_once(scenario: Scenario) -> N
     check_invariants(scenario, play(scenario))
 
 
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(st.sampled_from(("established", "hold", "transferring")), min_size=1, max_size=10),
+    st.data(),
+)
+def test_a_live_state_entered_again_is_delivered_each_time_and_its_repeats_never(
+    states: list[str], data: st.DataObject
+) -> None:
+    """Graph writes every entry into a state alike: the same notification once the call
+    moved to another state is the call entering it again; while it is still in it, a
+    repeat. (``_retried_together`` keeps the other properties' copies apart from this.)"""
+    arrivals = [b.incoming_call("c"), b.call_state("c", "establishing")]
+    for state in states:
+        arrivals += [b.call_state("c", state)] * data.draw(st.integers(1, 3))
+    arrivals.append(b.call_terminated("c"))
+    outcome = play(Scenario({"c": arrivals}, arrivals, [0.0] * len(arrivals)))
+    moves, current = [("establishing", "incoming")], "establishing"
+    for state in states:
+        if state != current:
+            moves.append((state, current))
+            current = state
+    seen = [
+        (e.state, e.previous_state)
+        for _, delivered in outcome.by_call()
+        for e in delivered
+        if isinstance(e, events.CallStateChanged)
+    ]
+    assert seen == [*moves, ("terminated", current)]
+    assert outcome.counts["duplicate"] == len(arrivals) - len(moves) - 2
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenarios(shuffle=False))
 def test_in_order_arrivals_are_all_delivered_whatever_the_repeats_and_gaps(

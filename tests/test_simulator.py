@@ -195,9 +195,10 @@ async def test_a_stop_tone_ends_a_recording_without_a_tone_subscription() -> Non
     async with run_with_simulator(bot, record_duration=60.0) as sim:
         call = await sim.incoming_call()
         await call.wait_for_request("recordResponse")
-        await call.press("#")
+        await call.press("1#")  # '1' ends nothing; with no subscription no tone is posted
         await call.settled()
         assert not call.requests_for("subscribeToTone")
+        assert not [t for t in sim.traffic if "DTMF" in t.summary]
     assert reasons == ["stopToneDetected"]
 
 
@@ -440,9 +441,8 @@ async def test_joining_a_meeting_and_people_coming_and_going() -> None:
 
 
 async def test_settled_waits_for_the_handlers_of_what_was_posted() -> None:
-    """A roster handler that acts on Graph before it notes who came: right after ``join``
-    (which returns on the 202) it has not noted them yet; after ``settled()`` it has, and so
-    has the handler of the notification Graph posted in answer to its action."""
+    """A roster handler that awaits a prompt before it notes who came: right after ``join``
+    (which returns on the 202) it has not noted them yet; after ``settled()`` it has."""
     bot, _seen = answering_bot()
     greeted: list[str] = []
     blocked = asyncio.Event()

@@ -7,6 +7,7 @@ wherever it accepts one of these, for anything they do not model.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias, TypedDict, Unpack
@@ -270,11 +271,18 @@ def media_info_json(value: MediaInfoLike) -> dict[str, Any]:
     return dump(value)
 
 
+# An Entra ID object id (a GUID); a phone number as people write one (digits, maybe a
+# leading '+', spaces, dashes, dots or parentheses between them).
+_OBJECT_ID = re.compile(r"[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
+_PHONE_NUMBER = re.compile(r"\+?\(?[0-9][0-9 ().-]*[0-9]")
+
+
 def _user(value: str) -> Target:
     """A target given as a plain string: a Teams user's object id, never a number or a
     sign-in name (Graph would look either up as a user's id, and fail or ring nobody)."""
-    digits = value.removeprefix("+").replace(" ", "").replace("-", "")
-    if digits.isdigit():
+    if _OBJECT_ID.fullmatch(value):
+        return Target.user(value)  # an object id, even one whose hex digits are all 0-9
+    if _PHONE_NUMBER.fullmatch(value):
         raise ValueError(f"{value!r} looks like a phone number: pass Target.phone({value!r})")
     if "@" in value:
         raise ValueError(

@@ -675,7 +675,7 @@ class RedisStore:
         """
         started = time.monotonic()
         try:
-            answers = await self._append(batch)
+            answers, follow_up = await self._append(batch)
         except RedisError as exc:
             self._mark(False, exc)
             raise StoreUnavailable(f"the Redis store cannot take notifications now: {exc}") from exc
@@ -735,6 +735,14 @@ class RedisStore:
                 else:
                     state.signals += 1
                 state.changed.set()  # a held or idle call need not wait for its next look
+        try:
+            # Once the answers are acted on, so that a failure here leaves no call this
+            # instance took unrun: the request still gets 503, and Graph's retry (a repeat
+            # here) sends these again.
+            await self._run_all(follow_up)
+        except RedisError as exc:
+            self._mark(False, exc)
+            raise StoreUnavailable(f"the Redis store cannot take notifications now: {exc}") from exc
         if refused:
             raise tenant_mismatch(refused)
 
@@ -787,9 +795,12 @@ class RedisStore:
 
     # -- accepting ----------------------------------------------------------------
 
-    async def _append(self, batch: Sequence[events.Event]) -> list[tuple[Any, str, str]]:
-        """The batch's scripts in one round trip; a second when a call must be made runnable
-        or accepted outcomes, tones or ends go out to the other instances."""
+    async def _append(
+        self, batch: Sequence[events.Event]
+    ) -> tuple[list[tuple[Any, str, str]], list[tuple[Any, ...]]]:
+        """The batch's scripts in one round trip: their answers (with each entry and call),
+        and what to send once they are acted on (calls to make runnable or index again,
+        accepted outcomes, tones and ends for the other instances)."""
         keys = self._keys
         room = len(self._owned) - self._lingering < self._capacity and not self._draining
         taking: set[str] = set()
@@ -852,13 +863,13 @@ class RedisStore:
                 runnable.setdefault(call, _stream_id(_text(answer[3]))[0])
             if call in held and (who != 1 or int(answer[5])):
                 late[call] = None
-        commands = [("SADD", keys.pending, *late)] if late else []
+        follow_up: list[tuple[Any, ...]] = [("SADD", keys.pending, *late)] if late else []
         if runnable:
             flat = [part for call, score in runnable.items() for part in (score, call)]
-            commands.append(("ZADD", keys.runnable, "NX", *flat))
+            follow_up.append(("ZADD", keys.runnable, "NX", *flat))
         # Sent once the scripts decided: a refused notification must not reach the others.
-        await self._run_all([*commands, *broadcasts])
-        return list(zip(scripts, texts, calls, strict=True))
+        follow_up += broadcasts
+        return list(zip(scripts, texts, calls, strict=True)), follow_up
 
     def _holds(self, call: str) -> bool:
         state = self._owned.get(call)

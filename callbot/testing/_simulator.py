@@ -443,9 +443,10 @@ class SimulatedCall:
 
     async def settled(self, timeout: float = 5.0) -> None:
         """Wait until the bot has run its handlers for everything posted about this call so
-        far (and what those handlers made Graph post in turn): nothing left to post, held in
-        the reorder window, queued or running. Needs the bot in this process
-        (:func:`run_with_simulator`, the ``sim`` fixture)."""
+        far: nothing left to post, held in the reorder window, queued or running. A handler
+        awaiting an operation runs until its outcome came; an outcome still to come of one
+        nobody awaits (a prompt playing) is not waited for (:meth:`listen` is). Needs the
+        bot in this process (:func:`run_with_simulator`, the ``sim`` fixture)."""
         self._sim._in_process_bot()
         await self._sim._until(
             lambda: self._unposted == 0 and self._sim._bot_settled(self.key),
@@ -513,14 +514,15 @@ class SimulatedCall:
             )
         )
         for tone in tones:
-            if self._stopped_recording(digit_of(tone)) and not self.subscribed_to_tones:
-                continue
+            self._stopped_recording(digit_of(tone))
+            if not self.subscribed_to_tones:
+                continue  # Graph tells a bot of tones only once it subscribed
             self._tone_sequence += 1
             await self._send(build.tone(self.id, tone, self._tone_sequence))
 
-    def _stopped_recording(self, key: str) -> bool:
+    def _stopped_recording(self, key: str) -> None:
         """End the recordings ``key`` is a stop tone of, as Graph does (document 69: the
-        recording completes with ``stopToneDetected``); whether there was one."""
+        recording completes with ``stopToneDetected``)."""
         stopped = [op for op, keys in self._stop_keys.items() if key in keys]
         for operation_id in stopped:
             del self._stop_keys[operation_id]
@@ -539,7 +541,6 @@ class SimulatedCall:
                     },
                 )
             )
-        return bool(stopped)
 
     async def hangup(
         self,
