@@ -679,7 +679,15 @@ class RedisStore:
         except RedisError as exc:
             self._mark(False, exc)
             raise StoreUnavailable(f"the Redis store cannot take notifications now: {exc}") from exc
-        self._mark(True)
+        failure: RedisError | None = None
+        try:
+            await self._run_all(follow_up)
+        except RedisError as exc:
+            # The scripts' answers are acted on all the same (a call they gave this instance
+            # runs now, not after its lease); the request gets 503, and Graph's retry (a
+            # repeat here) sends these again.
+            failure = exc
+        self._mark(failure is None, failure)
         refused = 0
         for event, (answer, text, call) in zip(batch, answers, strict=True):
             if int(answer[0]) < 0:
@@ -735,14 +743,10 @@ class RedisStore:
                 else:
                     state.signals += 1
                 state.changed.set()  # a held or idle call need not wait for its next look
-        try:
-            # Once the answers are acted on, so that a failure here leaves no call this
-            # instance took unrun: the request still gets 503, and Graph's retry (a repeat
-            # here) sends these again.
-            await self._run_all(follow_up)
-        except RedisError as exc:
-            self._mark(False, exc)
-            raise StoreUnavailable(f"the Redis store cannot take notifications now: {exc}") from exc
+        if failure is not None:
+            raise StoreUnavailable(
+                f"the Redis store cannot take notifications now: {failure}"
+            ) from failure
         if refused:
             raise tenant_mismatch(refused)
 
@@ -799,8 +803,8 @@ class RedisStore:
         self, batch: Sequence[events.Event]
     ) -> tuple[list[tuple[Any, str, str]], list[tuple[Any, ...]]]:
         """The batch's scripts in one round trip: their answers (with each entry and call),
-        and what to send once they are acted on (calls to make runnable or index again,
-        accepted outcomes, tones and ends for the other instances)."""
+        and what to send next, before they are acted on (calls to make runnable or index
+        again, accepted outcomes, tones and ends for the other instances)."""
         keys = self._keys
         room = len(self._owned) - self._lingering < self._capacity and not self._draining
         taking: set[str] = set()
