@@ -179,6 +179,114 @@ async def test_a_group_is_answered_before_the_rest_of_its_round_trip(
         await _redis.disconnect(blocking)
 
 
+async def test_commands_submitted_as_every_sender_finishes_are_still_sent(
+    redis_url: str,
+) -> None:
+    """Every sender's answer comes in one turn of the loop, and a caller woken by the first
+    submits at once (as the ingest does its second round trip): its commands were queued
+    while the finished senders still counted, and nothing sent them until some unrelated
+    submit came (in a burst of calls, never: every caller waited on that queue)."""
+    commands, blocking = _redis.connect(redis_url)
+    batch = _redis._Batcher(commands)
+    pool = commands.connection_pool
+    answers_held = asyncio.Event()
+    get_connection = pool.get_connection
+
+    async def holding(*args: Any, **kwargs: Any) -> Any:
+        connection = await get_connection(*args, **kwargs)
+        if not getattr(connection, "held_by_test", False):
+            read = connection.read_response
+
+            async def read_when_let(*a: Any, **k: Any) -> Any:
+                await answers_held.wait()
+                return await read(*a, **k)
+
+            connection.read_response = read_when_let
+            connection.held_by_test = True
+        return connection
+
+    pool.get_connection = holding
+    try:
+        firsts = []
+        for n in range(_redis._SENDERS):
+            firsts.append(batch.submit([("ECHO", f"first-{n}")]))
+            await wait_for(_nothing_waiting(batch))  # a sender took it and reads its answer
+        assert len(batch._senders) == _redis._SENDERS
+
+        async def next_round_trip() -> list[Any]:
+            await firsts[0]
+            return await batch.submit([("ECHO", "next")])
+
+        follower = asyncio.create_task(next_round_trip())
+        answers_held.set()  # the four answers come in together
+        assert await asyncio.wait_for(follower, 10) == ["next"]
+    finally:
+        batch.close()
+        await _redis.disconnect(commands)
+        await _redis.disconnect(blocking)
+
+
+def _nothing_waiting(batch: Any) -> Any:
+    async def check() -> bool:
+        return not batch._waiting
+
+    return check
+
+
+async def test_an_entry_the_run_read_while_its_request_awaited_redis_is_fed_once(
+    redis_url: str,
+) -> None:
+    """The request's second round trip (a tone told to the other instances) is slow; the
+    call's lingering run reads the new entry from the inbox meanwhile and feeds it. The
+    request, answered, does not feed it a second time."""
+    handled: list[str] = []
+
+    async def count(call: Any, event: events.Event) -> None:
+        handled.append(type(event).__name__)
+
+    async with InProcessBot(on_event=count, store=redis_url, keep_alive=False) as bot:
+        assert bot.bot is not None
+        store = bot.bot._running().store
+        assert isinstance(store, _redis.RedisStore)
+        fed: list[str] = []
+        feed, run_all = store._feed, store._run_all
+        second_trip_held = asyncio.Event()
+        let_it_go = asyncio.Event()
+
+        def feeding(state: Any, entry_id: str, text: str) -> None:
+            fed.append(entry_id)
+            feed(state, entry_id, text)
+
+        async def slow_broadcast(commands: Any, *, then: Any = None) -> Any:
+            if any(command[0] == "XADD" for command in commands) and not let_it_go.is_set():
+                second_trip_held.set()
+                await let_it_go.wait()
+            return await run_all(commands, then=then)
+
+        store._feed = feeding  # type: ignore[method-assign]
+        store._run_all = slow_broadcast  # type: ignore[method-assign]
+        body = json.dumps(b.notifications(b.incoming_call("fed-once"))).encode()
+        assert await bot.post(body) == 202
+        await _until(lambda: handled == ["IncomingCall"])
+        (state,) = store._owned.values()
+        tone = json.dumps(b.notifications(b.tone("fed-once", "tone1", 1))).encode()
+        request = asyncio.create_task(bot.post(tone))
+        await second_trip_held.wait()
+        # The run's linger ends: it reads the inbox, feeds the tone, and lingers again.
+        await _until(lambda: len(fed) == 2 and state.waiting and not state.outstanding)
+        let_it_go.set()
+        assert await request == 202
+        await _until(lambda: handled == ["IncomingCall", "ToneReceived"])
+        assert len(fed) == len(set(fed)) == 2
+        assert store.counts["duplicate"] == 0
+
+
+async def _until(predicate: Any) -> None:
+    async with asyncio.timeout(30):
+        while not predicate():  # noqa: ASYNC110 - the store's state has no event to wait on
+            await asyncio.sleep(0.01)
+
+
 async def test_closing_cancels_again_a_task_that_took_its_cancellation_for_a_timeout() -> None:
     swallowed = asyncio.Event()
 

@@ -327,6 +327,16 @@ class _Batcher:
         return future
 
     async def _send(self) -> None:
+        try:
+            await self._send_waiting()
+        finally:
+            # Off the count in the very step that found nothing waiting: the done callback
+            # runs an iteration later, and a submit in between would start no sender.
+            task = asyncio.current_task()
+            if task is not None:
+                self._senders.discard(task)
+
+    async def _send_waiting(self) -> None:
         waiting = self._waiting
         while waiting:
             batch = [waiting.popleft()]
@@ -733,6 +743,8 @@ class RedisStore:
                 before = _text(answer[3]) if fresh else None
                 if fresh:
                     state.marked = max(state.marked, _stream_id(entry))  # the script noted it
+                    if _stream_id(entry) <= state.tail:
+                        continue  # the run read it from the inbox while this awaited Redis
                 if before is not None and (not before or _stream_id(before) <= state.tail):
                     # Nothing came between what the run knows and this entry: it need not
                     # read the inbox to see it.
