@@ -1203,7 +1203,8 @@ async def test_every_key_expires_when_the_last_instance_stops_mid_handler(
     authority: TokenAuthority, serve: Any, redis_url: str, rdb: aioredis.Redis
 ) -> None:
     """The only instance stops while a handler runs: its call is handed over (made runnable
-    for an instance that may never come), and every key it leaves expires in a day."""
+    for an instance that may never come), and every key it leaves expires in a day, even
+    when its reaper never set the shared indexes' expiry after they were written."""
     started = asyncio.Event()
     bot = make_bot(authority, store=redis_url, shutdown_timeout=0.1)
 
@@ -1215,6 +1216,11 @@ async def test_every_key_expires_when_the_last_instance_stops_mid_handler(
     server: BotServer = await serve(bot)
     assert (await server.post(b.notifications(b.incoming_call("last-one")))).status == 202
     await asyncio.wait_for(started.wait(), 10)
+    # As if the reaper last set the shared indexes' expiry before they were written (a call
+    # indexed as pending since, say).
+    await rdb.sadd(f"{KEY_PREFIX}pending", "indexed-since")
+    for index in ("pending", "unpending", "active", "events", "runnable"):
+        await rdb.persist(f"{KEY_PREFIX}{index}")
     await server.client.close()
     assert await rdb.zcard(f"{KEY_PREFIX}runnable") == 1  # handed over, as a stopped run is
     left = {key: await rdb.pttl(key) async for key in rdb.scan_iter(f"{KEY_PREFIX}*")}

@@ -803,6 +803,9 @@ class RedisStore:
             # Their entries were not acknowledged; another instance runs them again.
             with contextlib.suppress(RedisError, OSError):
                 await self._release(state, handover=True)
+        with contextlib.suppress(RedisError, OSError):
+            # This may be the last instance, stopping before its reaper ever ran.
+            await self._expire_indexes()
         self._sequencer.close()
         self._batch.close()
         for client in (self._redis, self._blocking):
@@ -1322,6 +1325,12 @@ class RedisStore:
                 self._indexed.add(key)
                 self._index_changes[key] = True
 
+    async def _expire_indexes(self) -> None:
+        """The shared indexes expire a day after the last instance that touched them."""
+        keys = self._keys
+        shared = (keys.pending, keys.unpending, keys.active, keys.events, keys.runnable)
+        await self._run_all([("PEXPIRE", key, _LIFETIME_MS) for key in shared])
+
     async def _flush_indexes(self) -> None:
         changes, self._index_changes = self._index_changes, {}
         ended, self._ended_pending = self._ended_pending, set()
@@ -1428,15 +1437,8 @@ class RedisStore:
             self._rest(state)
         elif outcome == 2:
             score = _stream_id(_text(answer[1]))[0]
-            runnable = self._keys.runnable
             with contextlib.suppress(RedisError):  # else the reaper wakes it
-                # Expiring as the other indexes do: this may be the last instance to stop.
-                await self._run_all(
-                    [
-                        ("ZADD", runnable, "NX", score, state.key),
-                        ("PEXPIRE", runnable, _LIFETIME_MS),
-                    ]
-                )
+                await self._batch.run("ZADD", self._keys.runnable, "NX", score, state.key)
         return outcome
 
     def _rest(self, state: _Owned) -> None:
@@ -1559,13 +1561,7 @@ class RedisStore:
         # Calls an instance took off the index and stopped before looking at them again.
         async for pairs in self._scan("HSCAN", keys.unpending):
             woken += await self._settle(list(zip(pairs[::2], pairs[1::2], strict=True)))
-        # The shared indexes expire too, a day after every instance stopped.
-        await self._run_all(
-            [
-                ("PEXPIRE", key, _LIFETIME_MS)
-                for key in (keys.pending, keys.unpending, keys.active, keys.events, keys.runnable)
-            ]
-        )
+        await self._expire_indexes()
         if woken:
             log.info("calls_reclaimed", count=woken, detail="their owner's lease expired")
 
