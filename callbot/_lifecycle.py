@@ -218,7 +218,7 @@ class Lifecycle:
                 tenant_id = tenant_key(tenant_id)
             life = self._lives[key] = CallLife(call_id, tenant_id=tenant_id)
             self._pending[key] = tenant_id
-            self._pending_per_tenant[tenant_id] += 1
+            self._count_pending(tenant_id, +1)
             self._schedule(self._pending_ttl, _FORGET_PENDING, life)
             while len(self._pending) > self._max_pending:
                 self._forget(self._evictee(tenant_id), "too_many_pending_calls")
@@ -233,10 +233,8 @@ class Lifecycle:
         if life.key in self._pending and self._pending[life.key] is None:
             # Counted as the tenant's from now on, in its place in line.
             self._pending[life.key] = life.tenant_id
-            self._pending_per_tenant[None] -= 1
-            if not self._pending_per_tenant[None]:
-                del self._pending_per_tenant[None]
-            self._pending_per_tenant[life.tenant_id] += 1
+            self._count_pending(None, -1)
+            self._count_pending(life.tenant_id, +1)
 
     def _evictee(self, adding: str | None) -> str:
         """The pending call to let go as a call of ``adding`` comes: the oldest of the tenant
@@ -251,10 +249,13 @@ class Lifecycle:
 
     def _unpend(self, key: str) -> None:
         if key in self._pending:
-            tenant = self._pending.pop(key)
-            self._pending_per_tenant[tenant] -= 1
-            if not self._pending_per_tenant[tenant]:
-                del self._pending_per_tenant[tenant]
+            self._count_pending(self._pending.pop(key), -1)
+
+    def _count_pending(self, tenant: str | None, change: int) -> None:
+        counts = self._pending_per_tenant
+        counts[tenant] += change
+        if not counts[tenant]:
+            del counts[tenant]  # only tenants with pending calls compete for the most
 
     def enter(
         self, life: CallLife, state: str, result_info: ResultInfo | None = None

@@ -449,10 +449,15 @@ class SimulatedCall:
         bot in this process (:func:`run_with_simulator`, the ``sim`` fixture)."""
         self._sim._in_process_bot()
         await self._sim._until(
-            lambda: self._unposted == 0 and self._sim._bot_settled(self.key),
+            lambda: self._settled,
             timeout,
             lambda: f"the bot still works on call {self.id} after {timeout} s",
         )
+
+    @property
+    def _settled(self) -> bool:
+        """Nothing left to post about the call, and nothing of it left in the bot."""
+        return not self._unposted and self._sim._bot_settled(self.key)
 
     def _why_not(self) -> str:
         """A hint for a wait that timed out on a call the bot never took."""
@@ -1375,7 +1380,7 @@ class Simulator:
         self._in_process_bot()
 
         def busy() -> list[str]:
-            return [c.id for c in self.calls if c._unposted or not self._bot_settled(c.key)]
+            return [c.id for c in self.calls if not c._settled]
 
         await self._until(
             lambda: not busy(),
