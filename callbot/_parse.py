@@ -306,7 +306,7 @@ def _event_for(index: int, item: Any, envelope: dict[str, Any], tenant_id: str |
     if not isinstance(change_type, str):
         raise MalformedNotification("bad_shape", f"{where}.changeType is missing or not a string")
     change_type = _CHANGE_TYPES.get(change_type.lower(), change_type)
-    path = _path_of(item)
+    path = path_of(item)
     if path is None:
         raise MalformedNotification("bad_shape", f"{where} has neither resourceUrl nor resource")
     split = _split_call_path(path)
@@ -335,8 +335,9 @@ def _event_for(index: int, item: Any, envelope: dict[str, Any], tenant_id: str |
         return UnknownNotification(**common, resource_data=data)
 
 
-def _path_of(item: dict[str, Any]) -> str | None:
-    # resourceUrl is the current form; resource (/app/calls/...) is the older one.
+def path_of(item: dict[str, Any]) -> str | None:
+    """The path a notification names: ``resourceUrl``, the current form, else ``resource``
+    (``/app/calls/...``, the older one)."""
     for key in ("resourceUrl", "resource"):
         value = item.get(key)
         if isinstance(value, str) and value.strip():

@@ -138,7 +138,8 @@ class CallRecord:
     roster: dict[str, Participant] = field(default_factory=dict)
     roster_sequence: int | None = None
     seen: deque[bytes] = field(default_factory=lambda: deque(maxlen=SEEN_DIGESTS))
-    roster_digest: bytes | None = None
+    latest: dict[str, bytes] = field(default_factory=dict)
+    """The digest of the call's latest roster and latest content-sharing notification."""
     held: list[events.Event] = field(default_factory=list)
     """Events waiting for the window: the one that skipped ``establishing``, then later ones."""
     hold_timer: asyncio.TimerHandle | None = None
@@ -168,25 +169,38 @@ class CallRecord:
         return self.life.established
 
 
-def _enters_again(record: CallRecord, event: events.Event) -> bool:
-    """Whether ``event``, a copy of a notification the call had before, moves it back into a
-    state it has left since: Graph writes each entry into a state alike (a transfer tried
-    again fails with the very notification the first failure had)."""
+def _changes_call(record: CallRecord, event: events.Event) -> bool:
+    """Whether ``event``, a copy of a notification the call had before, would change the call
+    as known now: a copy of a state a live call moves between is news when the call has left
+    that state (a transfer tried again fails with the very notification the first failure
+    had) or no longer has the values it carries (audio ``active``, ``inactive``, then
+    ``active`` again: Teams writes each update alike). A copy that changes nothing is a
+    repeat."""
     state = _state(event)
     # The phase, not ``established``: an end told early by another instance ends no state.
-    return (
-        state is not None
-        and state != record.state
-        and record.phase == _LIVE
-        and phase_of_state(state) == _LIVE
-    )
+    if state is None or record.phase != _LIVE or phase_of_state(state) != _LIVE:
+        return False
+    if state != record.state:
+        return True
+    call = _call_of(event)
+    return call is not None and bool(_changed(record.snapshot, call))
+
+
+# Notifications telling how a part of the call stands now: the same one after another of
+# its kind is a change back (a roster, a presenter who stops and shares again). By exact
+# type: the parser builds no subclass of them.
+_WHOLE: dict[type[events.Event], str] = {
+    events.ParticipantsUpdated: "roster",
+    events.ContentSharingUpdated: "sharing",
+}
 
 
 def digest_decides(event: events.Event) -> bool:
     """Whether a copy of an earlier notification of the call is a repeat whatever came between
-    (a store may drop it on arrival). Not so for a whole roster (the same one after another
-    is a change) nor for a state a live call moves between (it may enter it again)."""
-    if isinstance(event, events.ParticipantsUpdated):
+    (a store may drop it on arrival). Not so for a roster or content sharing (the same one
+    after another is a change) nor for a state a live call moves between (a copy may change
+    the call again)."""
+    if type(event) in _WHOLE:
         return False
     state = _state(event)
     return state is None or phase_of_state(state) != _LIVE
@@ -337,15 +351,16 @@ class Sequencer:
         if record.life.tenant_id is None and event.tenant_id is not None:
             self.lifecycle.bind(record.life, event.tenant_id)
         digest = _digest_of(event, key)
-        if isinstance(event, events.ParticipantsUpdated):
-            # A roster is a snapshot: the same one after a different one is a real change.
-            if digest == record.roster_digest:
+        whole = _WHOLE.get(type(event))
+        if whole is not None:
+            # A repeat only of the latest of its kind: one that came before is a change back.
+            if digest == record.latest.get(whole):
                 self._drop(event, "duplicate")
                 return
-            record.roster_digest = digest
+            record.latest[whole] = digest
         elif digest not in record.seen:
             record.seen.append(digest)
-        elif not _enters_again(record, event):
+        elif not _changes_call(record, event):
             self._drop(event, "duplicate")
             return
         if isinstance(event, events.OperationUpdated) and self._on_operation is not None:

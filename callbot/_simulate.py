@@ -28,6 +28,7 @@ import aiohttp
 from ._bot import CallBot
 from ._display import TrafficPrinter
 from ._ids import id_key
+from ._parse import path_of
 from ._recording import RecordedBatch, read_recording
 from .testing._scenarios import SCENARIOS, ScenarioOptions
 from .testing._simulator import Simulator, SimulatorError, Traffic, run_with_simulator
@@ -191,8 +192,8 @@ class _Outcomes:
         """(recorded operation id, call id, operation kind) of an operation outcome item."""
         if not isinstance(item, dict):
             return None
-        path, data = item.get("resourceUrl"), item.get("resourceData")
-        if not isinstance(path, str) or not isinstance(data, dict):
+        path, data = path_of(item), item.get("resourceData")
+        if path is None or not isinstance(data, dict):
             return None
         found, call = _OPERATION_PATH.search(path), _CALL_ID.search(path)
         if found is None or call is None or found.group(2).lower() == "participants":
@@ -215,13 +216,22 @@ class _Outcomes:
             self.unmatched += 1
             return item
         self._names[id_key(found[0])] = ours
-        path, data = item["resourceUrl"], item["resourceData"]
-        new_path = _OPERATION_PATH.sub(lambda m: m.group(1) + ours, path)
+
+        def moved(path: str) -> str:
+            return _OPERATION_PATH.sub(lambda m: m.group(1) + ours, path)
+
+        data = item["resourceData"]
         context = self._graph.operations[ours].get("clientContext")
         rewritten = {**data, "id": ours, "clientContext": context}
-        if "@odata.id" in data:
-            rewritten["@odata.id"] = new_path
-        return {**item, "resourceUrl": new_path, "resourceData": rewritten}
+        if isinstance(data.get("@odata.id"), str):
+            rewritten["@odata.id"] = moved(data["@odata.id"])
+        # Either form of the path, or both, as recorded (older Graph wrote ``resource`` only).
+        paths = {
+            key: moved(item[key])
+            for key in ("resourceUrl", "resource")
+            if isinstance(item.get(key), str)
+        }
+        return {**item, **paths, "resourceData": rewritten}
 
     def _ours(self, recorded: str, call_id: str, kind: Any) -> str | None:
         """The bot's operation a recorded outcome goes to: the one it went to before, else the

@@ -27,6 +27,7 @@ from callbot.testing import TokenAuthority, builders, run_with_simulator
 from callbot.testing._scenarios import SCENARIOS, ScenarioOptions
 
 from .conftest import APP_ID, until
+from .test_recorded import recorded_body
 from .test_simulator import answering_bot, labels, recording_bot
 
 
@@ -134,6 +135,35 @@ async def test_a_replayed_bot_gets_the_recorded_outcomes_of_its_own_operations(
     assert status == 0
     assert reasons_again == reasons == ["maxRecordDurationReached"]
     assert labels(seen_again) == labels(seen)
+    assert "matched no operation" not in printer_text(printer)
+
+
+async def test_a_recorded_outcome_naming_its_path_in_resource_only_is_told_to_the_bot(
+    tmp_path: Path,
+) -> None:
+    """Older Graph named the path in ``resource`` only (the beta Create call page, the 2019
+    playPrompt outcome): replayed, such an outcome still ends the bot's own wait."""
+    names = [
+        "seed001-beta-create-call-establishing.json",
+        "seed001-beta-create-call-ringing.json",
+        "seed001-beta-create-call-established.json",
+        "gdh26-beta-call-playprompt-2019.json",
+        "gdh08-beta-call-delete-2018.json",
+    ]
+    path = tmp_path / "legacy.jsonl"
+    path.write_text("".join(json.dumps(recorded_body(name)) + "\n" for name in names))
+    bot = CallBot(app_id=APP_ID)
+    outcomes: list[str] = []
+
+    @bot.on_state("established")
+    async def prompt(call: Call, event: events.CallStateChanged) -> None:
+        op = await call.play_prompt("https://cdn.contoso.com/hello.wav")
+        outcomes.append(str((await op.wait(timeout=10)).status))
+
+    printer = quiet_printer()
+    status = await replay(path, printer=printer, bot=bot, speed=0, settle=10.0)
+    assert status == 0
+    assert outcomes == ["completed"]
     assert "matched no operation" not in printer_text(printer)
 
 

@@ -13,7 +13,7 @@ from callbot import Call, ConfigurationError, Settings, events, models
 from callbot._dispatch import Dispatcher, HandlerRegistry
 from callbot._lifecycle import CallLife, Lifecycle
 from callbot._parse import parse_payload
-from callbot._sequencing import CallRecord, Delivery, Sequencer
+from callbot._sequencing import CallRecord, Delivery, Sequencer, notification_digest
 from callbot.graph import CallServices
 from callbot.store import MemoryStore, Store, open_store
 from callbot.store._codec import decode_entry, decode_record, encode_entry, encode_record
@@ -91,7 +91,7 @@ def test_a_record_survives_the_round_trip() -> None:
     record.roster = {"alice": b.participant("alice", muted=True)}
     record.roster_sequence = 4
     record.seen.extend([b"\x01" * 16, b"\x02" * 16])
-    record.roster_digest = b"\x03" * 16
+    record.latest = {"roster": b"\x03" * 16, "sharing": b"\x04" * 16}
     copy = decode_record(encode_record(record))
     assert copy is not None
     assert (copy.call_id, copy.phase, copy.state, copy.closed) == (
@@ -109,7 +109,7 @@ def test_a_record_survives_the_round_trip() -> None:
     assert copy.roster == record.roster
     assert copy.roster_sequence == 4
     assert list(copy.seen) == list(record.seen)
-    assert copy.roster_digest == record.roster_digest
+    assert copy.latest == record.latest
     assert copy.seen.maxlen == record.seen.maxlen
     assert decode_record('{"version": 999}') is None
 
@@ -189,6 +189,24 @@ async def test_a_record_written_with_older_roster_keys_diffs_as_before() -> None
     assert isinstance(roster, events.ParticipantsUpdated)
     assert (roster.joined, roster.left) == ([], [])
     assert [p.display_name for p in roster.updated] == ["Bob", "Cat"]
+    seq.close()
+
+
+async def test_a_record_written_with_a_roster_digest_still_knows_its_latest_roster() -> None:
+    roster = b.roster("c", [b.participant("ann")])
+    event = one(roster)
+    stored = json.loads(encode_record(CallRecord(CallLife("c", phase=3, state="established"))))
+    del stored["latest"]
+    stored["roster_digest"] = notification_digest(event).hex()
+    record = decode_record(json.dumps(stored))
+    assert record is not None
+    assert record.latest == {"roster": notification_digest(event)}
+    out: list[Delivery] = []
+    seq = Sequencer(out.append, Lifecycle(termination_grace=30))
+    seq.adopt(record)
+    seq.accept(one(roster))
+    assert out == []
+    assert seq.counts["duplicate"] == 1
     seq.close()
 
 

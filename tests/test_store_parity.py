@@ -646,6 +646,77 @@ async def test_a_transfer_tried_again_fails_again(parity: Any) -> None:
         assert seen == [*moves, ("CallTerminated", "terminated", "established")], group.name
 
 
+def with_audio(item: dict[str, Any], audio: str) -> dict[str, Any]:
+    data = item["resourceData"]
+    return {**item, "resourceData": {**data, "mediaState": {**data["mediaState"], "audio": audio}}}
+
+
+async def test_an_update_bringing_a_value_back(parity: Any) -> None:
+    """Teams writes each update alike (sb09: audio active): audio going inactive and then
+    active again brings sb09's very notification back. It changes the call again, so it is
+    news; a copy of it while audio is still active is a repeat."""
+    establishing, established, active = (
+        recorded_body(name)["value"][0]
+        for name in (
+            "sb07-p2p-callupdates-p2ptest2event1establishing.json",
+            "sb08-p2p-callupdates-p2ptest2event2established.json",
+            "sb09-p2p-callupdates-p2ptest2event3updatedwithmediastate.json",
+        )
+    )
+    call = call_of(active)
+    steps = [
+        post(establishing),
+        post(established),
+        post(active),
+        post(with_audio(active, "inactive")),
+        post(active),  # audio back
+        post(active),  # a repeat: audio is still active
+        post(ending_of(call)),
+    ]
+    groups: Parity = await parity()
+    await groups.run(steps)
+    groups.check()
+    for group in groups.groups:
+        seen = group.seen[id_key(call)]
+        audio = [
+            entry["snapshot"]["mediaState"]["audio"]
+            for entry in seen
+            if entry["type"] == "CallUpdated"
+        ]
+        assert audio == ["active", "inactive", "active"], group.name
+        assert seen[-1]["type"] == "CallTerminated"
+
+
+async def test_content_sharing_started_again(parity: Any) -> None:
+    """Documents 13 and 14: a session starts and ends as ``created`` and ``deleted`` on its
+    path, with no data. The presenter sharing again brings the same two notifications; a
+    copy of the latest is a repeat."""
+    started, ended = (
+        normalized_json(load_notification_text(name))["value"][0]
+        for name in (
+            "13-call-answer-ex2-contentsharing-started-no-resourcedata.json",
+            "14-call-answer-ex2-contentsharing-ended-no-resourcedata.json",
+        )
+    )
+    call = call_of(started)
+    steps = [
+        post(b.call_state(call, "establishing")),
+        post(b.call_state(call, "established")),
+        *(post(item) for item in (started, started, ended, started, ended, ended)),
+        post(ending_of(call)),
+    ]
+    groups: Parity = await parity()
+    await groups.run(steps)
+    groups.check()
+    for group in groups.groups:
+        sharing = [
+            entry["change_type"]
+            for entry in group.seen[id_key(call)]
+            if entry["type"] == "ContentSharingUpdated"
+        ]
+        assert sharing == ["created", "deleted", "created", "deleted"], group.name
+
+
 async def test_updates_with_properties_the_models_do_not_know(parity: Any) -> None:
     first = {f"future{n}": n for n in range(200)}
     second = {f"later{n}": {"n": n} for n in range(100)}

@@ -95,7 +95,7 @@ def encode_record(record: CallRecord) -> str:
         "state": record.state,
         "ended": record.closed,
         "roster_sequence": record.roster_sequence,
-        "roster_digest": None if record.roster_digest is None else record.roster_digest.hex(),
+        "latest": {kind: digest.hex() for kind, digest in record.latest.items()},
         "seen": [digest.hex() for digest in record.seen],
     }
     # Models serialize themselves (faster than going through Python dicts).
@@ -127,10 +127,20 @@ def decode_record(text: str) -> CallRecord | None:
         snapshot=None if snapshot is None else CallResource.model_validate(snapshot),
         roster=_roster(body.get("roster") or {}),
         roster_sequence=body.get("roster_sequence"),
-        roster_digest=bytes.fromhex(body["roster_digest"]) if body.get("roster_digest") else None,
+        latest={kind: bytes.fromhex(digest) for kind, digest in _latest(body).items()},
     )
     record.seen.extend(bytes.fromhex(digest) for digest in body.get("seen") or ())
     return record
+
+
+def _latest(body: dict[str, Any]) -> dict[str, str]:
+    """The latest digests by kind; a record written before content sharing had one keeps
+    its roster's under ``roster_digest``."""
+    latest = body.get("latest")
+    if isinstance(latest, dict):
+        return latest
+    roster = body.get("roster_digest")
+    return {"roster": roster} if roster else {}
 
 
 def _roster(stored: dict[str, Any]) -> dict[str, Participant]:
