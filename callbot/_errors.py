@@ -111,7 +111,9 @@ class CallEnded(GraphError):
     """An action on a call got 404: the call has ended (usually the caller hung up).
 
     Catch it where a handler should stop quietly; a handler that lets it escape
-    is stopped without counting as a failure (it is logged at info level).
+    is stopped without counting as a failure (it is logged at info level). A 404
+    about one participant, operation or group of a call not known to have ended
+    is a plain :class:`GraphError`: only that one is gone.
     """
 
     @classmethod

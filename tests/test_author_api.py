@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 
 import callbot
-from callbot import CallEnded, GraphError, Target, events, models
+from callbot import Call, CallEnded, GraphError, Target, events, models
+from callbot._lifecycle import CallLife
 from callbot.graph import CallServices, RetryPolicy
 from callbot.testing import FakeGraph
 
@@ -85,6 +87,46 @@ async def test_an_action_on_a_call_graph_no_longer_knows_raises_call_ended(
         await services.call(CALL_ID).play_prompt("https://contoso.example/a.wav")
     assert isinstance(raised.value, GraphError)
     assert raised.value.status == 404
+
+
+GONE = "2765eb15-01f8-47c6-b12b-c32111a4a86f"
+ITEM_ACTIONS: dict[str, Callable[[Call], Awaitable[Any]]] = {
+    "participants.get": lambda call: call.participants.get(GONE),
+    "participants.remove": lambda call: call.participants.remove(GONE),
+    "participants.mute": lambda call: call.participants.mute(GONE),
+    "participants.start_hold_music": lambda call: call.participants.start_hold_music(GONE),
+    "participants.stop_hold_music": lambda call: call.participants.stop_hold_music(GONE),
+    "get_operation": lambda call: call.get_operation(GONE),
+    "audio_routing_groups.get": lambda call: call.audio_routing_groups.get(GONE),
+    "audio_routing_groups.update": lambda call: call.audio_routing_groups.update(GONE),
+    "audio_routing_groups.delete": lambda call: call.audio_routing_groups.delete(GONE),
+}
+
+
+@pytest.mark.parametrize("action", sorted(ITEM_ACTIONS))
+async def test_a_404_about_one_item_of_a_call_still_going_is_not_call_ended(
+    graph: FakeGraph, services: CallServices, action: str
+) -> None:
+    """Removing a participant who has just left: Graph answers 404 for the participant,
+    and the call goes on (a handler letting CallEnded escape would stop quietly)."""
+    graph.add_call(CALL_ID, state="established")
+    for fake_knows_no_participant in ("muteParticipant", "startHoldMusic", "stopHoldMusic"):
+        graph.fail_next(fake_knows_no_participant, 404)
+    call = services.call(CALL_ID)
+    with pytest.raises(GraphError) as raised:
+        await ITEM_ACTIONS[action](call)
+    assert raised.value.status == 404
+    assert not isinstance(raised.value, CallEnded)
+    assert (await call.refresh()).state == "established"
+
+
+async def test_a_404_about_one_item_of_a_call_that_ended_is_call_ended(
+    graph: FakeGraph, services: CallServices
+) -> None:
+    graph.add_call(CALL_ID, state="established")
+    call = services.call(CALL_ID, life=CallLife(CALL_ID, ended=True))
+    with pytest.raises(CallEnded):
+        await call.participants.remove(GONE)
 
 
 async def test_other_graph_errors_stay_graph_errors(

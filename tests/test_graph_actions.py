@@ -8,6 +8,8 @@ callbot sends and a documented example left out (Graph accepts both).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -17,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from callbot import models
+from callbot import GraphError, models
 from callbot.graph import Call, CallServices, RetryPolicy, Target, media_info, media_prompt
 from callbot.testing import FakeGraph
 
@@ -296,6 +298,7 @@ async def test_documented_request(
     assert sent.path == expected_path
     if doc["request"] is None:
         assert sent.body == b""
+        assert "Content-Type" not in sent.headers  # documented with no headers
     else:
         assert conform(sent.json, doc["request"]) == doc["request"]
         assert sent.headers["Content-Type"].startswith("application/json")
@@ -370,6 +373,31 @@ async def test_generated_client_context_is_a_uuid4(
     ]
 
 
+async def test_a_looping_prompt_needs_graph_beta(graph: FakeGraph, services: CallServices) -> None:
+    """Graph v1.0's playPrompt has no ``loop`` (its schema: prompts and clientContext); sent
+    there, the prompt plays once. Only beta loops."""
+    call = services.call(CALL_ID)
+    with pytest.raises(ValueError, match="beta"):
+        await call.play_prompt("https://cdn.contoso.com/hold.wav", loop=True)
+    await call.play_prompt("https://cdn.contoso.com/once.wav", loop=False)
+    assert "loop" not in (await graph.wait_for_request("playPrompt")).json
+    assert len(graph.requests_for("playPrompt")) == 1
+    beta_url = graph.graph_url.removesuffix("/v1.0") + "/beta"
+    beta = CallServices(
+        dataclasses.replace(services.settings, graph_url=beta_url),
+        retry=RetryPolicy(total_time=0.5, base_delay=0.01),
+    )
+    await beta.start()
+    try:
+        with contextlib.suppress(GraphError):  # the fake serves v1.0 only
+            await beta.call(CALL_ID).play_prompt("https://cdn.contoso.com/hold.wav", loop=True)
+    finally:
+        await beta.close()
+    (sent,) = [r for r in graph.requests if r.path.startswith("/beta/")]
+    assert sent.path.endswith("/playPrompt")
+    assert sent.json["loop"] is True
+
+
 async def test_raw_dicts_are_accepted_everywhere(graph: FakeGraph, services: CallServices) -> None:
     call = services.call(CALL_ID)
     raw_target = {"identity": {"user": {"id": "u1"}}, "endpointType": "default"}
@@ -377,11 +405,10 @@ async def test_raw_dicts_are_accepted_everywhere(graph: FakeGraph, services: Cal
     assert (await graph.wait_for_request("redirect")).json["targets"] == [raw_target]
 
     raw_prompt = {"@odata.type": "#microsoft.graph.mediaPrompt", "mediaInfo": {"uri": "u"}}
-    await call.play_prompt([raw_prompt, "https://cdn.contoso.com/two.wav"], loop=True)
+    await call.play_prompt([raw_prompt, "https://cdn.contoso.com/two.wav"])
     sent = await graph.wait_for_request("playPrompt")
     assert sent.json["prompts"][0] == raw_prompt
     assert sent.json["prompts"][1]["mediaInfo"]["uri"] == "https://cdn.contoso.com/two.wav"
-    assert sent.json["loop"] is True
 
     model_target = models.InvitationParticipantInfo(
         identity=models.IdentitySet(phone=models.Identity(id="+15550100"))

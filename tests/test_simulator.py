@@ -207,15 +207,16 @@ async def test_cancel_media_processing_fails_the_running_prompt() -> None:
     failures: list[OperationFailed] = []
 
     @bot.on_tone
-    async def loop_then_cancel(call: Call, event: events.ToneReceived) -> None:
-        op = await call.play_prompt("https://x.example/hold.wav", loop=True)
+    async def play_then_cancel(call: Call, event: events.ToneReceived) -> None:
+        op = await call.play_prompt("https://x.example/hold.wav")
         await call.cancel_media_processing()
         try:
             await op.wait(timeout=5)
         except OperationFailed as exc:
             failures.append(exc)
 
-    async with run_with_simulator(bot) as sim:
+    # A prompt far longer than the test: the cancel always finds it playing.
+    async with run_with_simulator(bot, prompt_duration=600) as sim:
         await sim.incoming_call()
         await sim.press("1")
         await until(lambda: bool(failures))

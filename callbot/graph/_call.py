@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from os import PathLike
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
+from urllib.parse import urlsplit
 
 import structlog
 
@@ -149,6 +150,11 @@ def scenario_of(call_id: str) -> str:
     return str(uuid.uuid5(uuid.NAMESPACE_URL, "callbot:call:" + id_key(call_id)))
 
 
+def _on_beta(graph_url: str) -> bool:
+    """Whether ``graph_url`` is Graph's beta endpoint (``.../beta``)."""
+    return urlsplit(graph_url).path.rstrip("/").lower().endswith("/beta")
+
+
 class Call:
     """A call the bot is in (or is being offered): its state, and every action on it.
 
@@ -231,8 +237,15 @@ class Call:
     # -- plumbing -----------------------------------------------------------------
 
     async def _request(
-        self, method: str, subpath: str = "", json: Any = None, *, repeatable: bool | None = None
+        self,
+        method: str,
+        subpath: str = "",
+        json: Any = None,
+        *,
+        repeatable: bool | None = None,
+        item: bool = False,
     ) -> GraphResponse:
+        """``item``: ``subpath`` names one participant, operation or group of the call."""
         try:
             return await self._services.graph.request(
                 method,
@@ -243,8 +256,9 @@ class Call:
                 repeatable=repeatable,
             )
         except GraphError as exc:
-            # Graph no longer knows the call: it ended (usually the caller hung up).
-            if exc.status == 404 and not isinstance(exc, CallEnded):
+            # Graph no longer knows the call: it ended (usually the caller hung up). About one
+            # item, a 404 says only that it is gone (a participant who has just left).
+            if exc.status == 404 and not isinstance(exc, CallEnded) and (self.ended or not item):
                 raise CallEnded.from_graph_error(exc) from None
             raise
 
@@ -256,6 +270,7 @@ class Call:
         action: str,
         kind: type[OpT],
         client_context: str | None,
+        item: bool = False,
     ) -> Operation[OpT]:
         context = client_context or str(uuid.uuid4())
         body["clientContext"] = context
@@ -270,7 +285,7 @@ class Call:
         # tracked before sending: Graph's outcome can arrive before its response does
         registry.start(op)
         try:
-            response = await self._request("POST", subpath, body)
+            response = await self._request("POST", subpath, body, item=item)
         except BaseException:
             registry.abandon(op)
             raise
@@ -405,7 +420,9 @@ class Call:
 
     async def get_operation(self, operation_id: str) -> models.CommsOperation:
         """Fetch one of the call's operations from Graph."""
-        response = await self._request("GET", "/operations/" + path_segment(operation_id))
+        response = await self._request(
+            "GET", "/operations/" + path_segment(operation_id), item=True
+        )
         return response.read(models.parse_operation, "an operation")
 
     # -- media --------------------------------------------------------------------
@@ -417,10 +434,20 @@ class Call:
         loop: bool | None = None,
         client_context: str | None = None,
     ) -> Operation[models.PlayPromptOperation]:
-        """Play one prompt (a media URL) or several in order; ``loop`` repeats them."""
+        """Play one prompt (a media URL) or several in order.
+
+        ``loop`` repeats them until ``cancel_media_processing``: Graph's beta has it, v1.0
+        does not (it would play them once), so it needs ``graph_url`` on ``/beta``.
+        """
         body: dict[str, Any] = {"prompts": prompts_json(prompts)}
-        if loop is not None:
+        if loop is not None and _on_beta(self._services.settings.graph_url):
             body["loop"] = loop
+        elif loop:
+            raise ValueError(
+                "playPrompt's loop is Graph beta's only: v1.0 plays the prompts once."
+                " List the prompt again, play it again when its operation completes,"
+                " or set graph_url (CALLBOT_GRAPH_URL) to https://graph.microsoft.com/beta"
+            )
         return await self._operation(
             "/playPrompt",
             body,
@@ -696,7 +723,7 @@ class Participants:
 
     async def get(self, participant_id: str) -> models.Participant:
         """Fetch one participant."""
-        response = await self._call._request("GET", self._path(participant_id))
+        response = await self._call._request("GET", self._path(participant_id), item=True)
         return response.model(models.Participant)
 
     async def invite(
@@ -736,11 +763,12 @@ class Participants:
             action="muteParticipant",
             kind=models.MuteParticipantOperation,
             client_context=client_context,
+            item=True,
         )
 
     async def remove(self, participant_id: str) -> None:
         """Remove a participant from the call (or cancel an invitation still ringing)."""
-        await self._call._request("DELETE", self._path(participant_id))
+        await self._call._request("DELETE", self._path(participant_id), item=True)
 
     async def start_hold_music(
         self,
@@ -759,6 +787,7 @@ class Participants:
             action="startHoldMusic",
             kind=models.StartHoldMusicOperation,
             client_context=client_context,
+            item=True,
         )
 
     async def stop_hold_music(
@@ -771,6 +800,7 @@ class Participants:
             action="stopHoldMusic",
             kind=models.StopHoldMusicOperation,
             client_context=client_context,
+            item=True,
         )
 
     async def list(self) -> builtins.list[models.Participant]:
@@ -819,7 +849,7 @@ class AudioRoutingGroups:
 
     async def get(self, group_id: str) -> models.AudioRoutingGroup:
         """Fetch one group."""
-        response = await self._call._request("GET", self._path(group_id))
+        response = await self._call._request("GET", self._path(group_id), item=True)
         return response.model(models.AudioRoutingGroup)
 
     async def update(
@@ -838,12 +868,12 @@ class AudioRoutingGroups:
             body["sources"] = list(sources)
         if receivers is not None:
             body["receivers"] = list(receivers)
-        response = await self._call._request("PATCH", self._path(group_id), body)
+        response = await self._call._request("PATCH", self._path(group_id), body, item=True)
         return response.model(models.AudioRoutingGroup)
 
     async def delete(self, group_id: str) -> None:
         """Delete a group."""
-        await self._call._request("DELETE", self._path(group_id))
+        await self._call._request("DELETE", self._path(group_id), item=True)
 
     async def list(self) -> builtins.list[models.AudioRoutingGroup]:
         """Fetch the call's groups."""

@@ -228,6 +228,9 @@ async def send(
             kwargs["data"] = dict(form)
         elif json_body is not None:
             kwargs["json"] = json_body
+        else:
+            # No body (keepAlive, DELETE), no Content-Type: as Graph documents those requests.
+            kwargs["skip_auto_headers"] = ("Content-Type",)
         try:
             async with session.request(
                 method,

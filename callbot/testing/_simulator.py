@@ -945,9 +945,6 @@ class SimulatedCall:
         action = request.action
         prompts = [p for p in body.get("prompts", []) if isinstance(p, Mapping)]
         if action == "playPrompt":
-            if body.get("loop"):
-                self._media[operation_id] = action
-                return  # a looping prompt plays until it is canceled
             self._media[operation_id] = action
             duration = sim.prompt_duration * max(1, len(prompts))
 
