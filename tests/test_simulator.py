@@ -202,6 +202,31 @@ async def test_a_stop_tone_ends_a_recording_without_a_tone_subscription() -> Non
     assert reasons == ["stopToneDetected"]
 
 
+async def test_prompts_and_recordings_play_one_after_another_in_order() -> None:
+    """Graph queues a call's media operations ("queued to process in order"): a recording
+    asked for while a prompt plays starts once the prompt has played, however short."""
+    bot, _ = answering_bot()
+    finished: list[str] = []
+
+    @bot.on_tone
+    async def greet_then_record(call: Call, event: events.ToneReceived) -> None:
+        prompt = await call.play_prompt("https://cdn.contoso.com/welcome.wav")
+        record = await call.record_response(max_record_duration=5)
+
+        async def note(name: str, op: Any) -> None:
+            await op.wait(timeout=30)
+            finished.append(name)
+
+        await asyncio.gather(note("prompt", prompt), note("record", record))
+
+    async with run_with_simulator(bot, prompt_duration=0.3, record_duration=0.0) as sim:
+        call = await sim.incoming_call()
+        await call.press("1")
+        await call.listen(timeout=30)
+        await call.settled(timeout=30)
+    assert finished == ["prompt", "record"]
+
+
 async def test_cancel_media_processing_fails_the_running_prompt() -> None:
     bot, _ = answering_bot()
     failures: list[OperationFailed] = []

@@ -47,6 +47,7 @@ import socket
 import time
 import uuid
 import wave
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -360,7 +361,9 @@ class SimulatedCall:
         self._sim = simulator
         self._tone_sequence = delivery.first_tone_sequence - 1
         self._roster_sequence = 0
-        self._media: dict[str, str] = {}
+        self._media: dict[str, str] = {}  # prompts and recordings playing or queued: id -> kind
+        self._media_waiting: deque[tuple[str, float, Callable[[], None]]] = deque()
+        self._media_playing: str | None = None
         # Running recordings that a key ends (recordResponse's stopTones): id -> the keys.
         self._stop_keys: dict[str, frozenset[str]] = {}
         self._queue: asyncio.Queue[_Outgoing] = asyncio.Queue()
@@ -533,6 +536,7 @@ class SimulatedCall:
             del self._stop_keys[operation_id]
             if self._media.pop(operation_id, None) is None:
                 continue
+            self._media_ended(operation_id)
             location, token = self._sim.graph.add_recording(self._sim.recording)
             self._enqueue(
                 self._operation_item(
@@ -712,6 +716,38 @@ class SimulatedCall:
             )
         return status
 
+    def _play_media(
+        self, operation_id: str, kind: str, duration: float, done: Callable[[], None]
+    ) -> None:
+        """Graph plays a call's prompts and recordings one after another, in the order they
+        were asked for ("queued to process in order"); ``done`` ends one that played."""
+        self._media[operation_id] = kind
+        self._media_waiting.append((operation_id, duration, done))
+        if self._media_playing is None:
+            self._play_next_media()
+
+    def _play_next_media(self) -> None:
+        """Start the next queued prompt or recording still wanted (none was canceled)."""
+        self._media_playing = None
+        while self._media_waiting:
+            operation_id, duration, done = self._media_waiting.popleft()
+            if operation_id not in self._media:
+                continue
+
+            def played(operation_id: str = operation_id, done: Callable[[], None] = done) -> None:
+                done()
+                if self._media_playing == operation_id:
+                    self._play_next_media()
+
+            self._media_playing = operation_id
+            self._later(duration, played)
+            return
+
+    def _media_ended(self, operation_id: str) -> None:
+        """A prompt or recording ended before its time (a stop tone): the next one starts."""
+        if self._media_playing == operation_id:
+            self._play_next_media()
+
     def _later(self, delay: float, action: Callable[[], object]) -> None:
         async def run() -> None:
             await asyncio.sleep(delay)
@@ -887,7 +923,10 @@ class SimulatedCall:
         ):
             self._on_operation(request, answer, body)
         elif action == "cancelMediaProcessing":
+            # The prompt or recording playing and every one queued behind it.
             self._stop_keys.clear()
+            self._media_waiting.clear()
+            self._media_playing = None
             for operation_id, kind in list(self._media.items()):
                 del self._media[operation_id]
                 extra: dict[str, Any] = {}
@@ -945,8 +984,6 @@ class SimulatedCall:
         action = request.action
         prompts = [p for p in body.get("prompts", []) if isinstance(p, Mapping)]
         if action == "playPrompt":
-            self._media[operation_id] = action
-            duration = sim.prompt_duration * max(1, len(prompts))
 
             def finished() -> None:
                 if self._media.pop(operation_id, None) is not None:
@@ -954,9 +991,10 @@ class SimulatedCall:
                     reason = {"completionReason": "completedSuccessfully"}
                     self._enqueue(self._operation_item(operation_id, "completed", _DONE, reason))
 
-            self._later(duration, finished)
+            self._play_media(
+                operation_id, action, sim.prompt_duration * max(1, len(prompts)), finished
+            )
         elif action == "recordResponse":
-            self._media[operation_id] = action
             stop = body.get("stopTones")
             if isinstance(stop, list) and stop:
                 self._stop_keys[operation_id] = frozenset(str(key) for key in stop)
@@ -984,7 +1022,7 @@ class SimulatedCall:
                     )
                 )
 
-            self._later(duration, recorded)
+            self._play_media(operation_id, action, duration, recorded)
         elif action == "sendDtmfTones":
             tones = body.get("tones", [])
             count = len(tones) if isinstance(tones, list) else 1
