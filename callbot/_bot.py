@@ -148,10 +148,16 @@ class _Runtime:
 
     def outcomes_while_draining(self, batch: Sequence[events.Event]) -> None:
         """Resolve waits of running handlers from a batch refused because of draining."""
-        belongs_elsewhere = self.lifecycle.belongs_elsewhere
         for event in batch:
-            if belongs_elsewhere(event.call_id, event.tenant_id):
+            life = self.lifecycle.get(event.call_id)
+            if (
+                life is None
+                or life.tenant_id is None
+                or self.lifecycle.belongs_elsewhere(event.call_id, event.tenant_id)
+            ):
                 # Refused anyway; and another tenant's token proves nothing about this call.
+                # A call whose tenant is not known here (a shared store: another instance runs
+                # it) is not acted on either: its own instance tells this one what it accepts.
                 continue
             if isinstance(event, events.OperationUpdated):
                 self.services.on_operation(event)

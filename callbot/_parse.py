@@ -20,7 +20,10 @@ Errors. :class:`~callbot._errors.MalformedNotification` with a stable ``reason``
 * ``empty``     - ``value`` is an empty list;
 * ``too_many_items`` - more items than ``max_items``; ``too_many_participants`` -
   an item, or the items together, listing more participants (entries of their
-  ``resourceData``) than ``max_participants``; both counted before any event is built;
+  ``resourceData``) than ``max_participants``; ``too_many_values`` - an item holding
+  more JSON objects and arrays than the participants it lists may (16 each, and 1,000
+  more), or a request more than a full roster's worth; all counted before any event is
+  built;
 * ``legacy_format`` - a body in the calling format that predates Graph (no
   ``value``, a top-level ``callState``): the receiver answers it ``204``, which
   asks the platform to send the notification again in Graph's format.
@@ -93,8 +96,15 @@ _SEGMENT_BREAKER = re.compile(r"[/\\?#%\x00-\x20\x7f]")
 _CALL_ROOTS = frozenset({("communications", "calls"), ("app", "calls")})
 _CHANGE_TYPES = {name.lower(): name for name in ("created", "updated", "deleted")}
 _API_VERSIONS = frozenset({"v1.0", "beta"})
-# Participants built in one part at most (about 20 ms): a part ends at 32 items or these.
-_PART_ENTRIES = 1_000
+# Objects and arrays built in one part at most (500 Teams participants, about 10 ms; 4,000
+# empty call targets, about 40 ms): a part ends at 32 items or these.
+_PART_CONTAINERS = 4_000
+# JSON objects and arrays per participant listed: a Teams participant has 7-10 (recorded
+# rosters). Anything else listing many (a call's ``targets`` or ``callRoutes``) would be
+# built in one part, and kept, unbounded: an item may hold this many per participant it
+# lists, and _ITEM_CONTAINERS more (a recorded call item holds fewer than 50).
+_CONTAINERS_PER_PARTICIPANT = 16
+_ITEM_CONTAINERS = 1_000
 
 
 def parse_body(
@@ -141,14 +151,22 @@ def parse_body_in_parts(
     refused (``too_many_participants``): no roster may hold them, and building them
     is the costly part.
 
-    Raises :class:`MalformedNotification` (``not_json``, ``too_deep``,
-    ``bad_shape``, ``empty``, ``too_many_items``, ``too_many_participants``, ``bad_call_id``,
+    Raises :class:`MalformedNotification` (``not_json``, ``too_deep``, ``bad_shape``,
+    ``empty``, ``too_many_items``, ``too_many_participants``, ``too_many_values``, ``bad_call_id``,
     ``tenant_mismatch`` or ``legacy_format``); never raises a pydantic error.
     """
     if body.startswith(_BOM_BYTES):
         body = body[len(_BOM_BYTES) :]
-    if _too_deep(body, max_depth):
+    # Objects and arrays, and brackets in strings: an upper bound that skips the scans below.
+    openers = body.count(b"[") + body.count(b"{")
+    if openers > max_depth and _too_deep(body, max_depth):
         raise MalformedNotification("too_deep", f"JSON nested deeper than {max_depth} levels")
+    if max_participants is not None:
+        limit = max_participants * _CONTAINERS_PER_PARTICIPANT + _ITEM_CONTAINERS
+        if openers > limit and _containers(body) > limit:
+            raise MalformedNotification(
+                "too_many_values", f"more than {limit} JSON objects and arrays in one request"
+            )
     payload = _decode(body)
     items = payload.get("value") if isinstance(payload, dict) else None
     if max_items is not None and isinstance(items, list) and len(items) > max_items:
@@ -156,7 +174,13 @@ def parse_body_in_parts(
         raise MalformedNotification(
             "too_many_items", f"{len(items)} items in one request, at most {max_items}"
         )
-    yield from _events_in_parts(payload, tenant_id, part_size, max_participants)
+    sizes = None
+    if openers > _ITEM_CONTAINERS and isinstance(items, list):
+        # A body this small cannot need more than one part, nor hold an item too large.
+        sizes = [_size(item) for item in items]
+        if max_participants is not None:
+            _check_item_sizes(items, sizes)
+    yield from _events_in_parts(payload, tenant_id, part_size, max_participants, sizes)
 
 
 def parse_payload(
@@ -203,9 +227,6 @@ def _decode(body: bytes) -> Any:
 
 
 def _too_deep(body: bytes, max_depth: int) -> bool:
-    # Fewer openers than the limit cannot nest past it; skips the scan for most bodies.
-    if body.count(b"[") + body.count(b"{") <= max_depth:
-        return False
     depth = 0
     in_string = False
     for token in _TOKENS.findall(body):
@@ -220,6 +241,45 @@ def _too_deep(body: bytes, max_depth: int) -> bool:
         else:
             depth -= 1
     return False
+
+
+def _containers(body: bytes) -> int:
+    """How many objects and arrays ``body`` holds (brackets in strings do not count)."""
+    count = 0
+    in_string = False
+    for token in _TOKENS.findall(body):
+        if token == b'"':
+            in_string = not in_string
+        elif not in_string and token in b"[{":
+            count += 1
+    return count
+
+
+def _size(node: Any) -> int:
+    """How many objects and arrays a decoded value holds, itself included."""
+    count = 0
+    stack = [node]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+        else:
+            continue
+        count += 1
+    return count
+
+
+def _check_item_sizes(items: list[Any], sizes: list[int]) -> None:
+    """Refuse an item holding more objects and arrays than the participants it lists may."""
+    for index, (item, size) in enumerate(zip(items, sizes, strict=True)):
+        allowed = _entries_in(item) * _CONTAINERS_PER_PARTICIPANT + _ITEM_CONTAINERS
+        if size > allowed:
+            raise MalformedNotification(
+                "too_many_values",
+                f"value[{index}] holds {size} JSON objects and arrays, at most {allowed}",
+            )
 
 
 def _object_too_deep(payload: Any, max_depth: int) -> bool:
@@ -248,8 +308,14 @@ def _events_from(payload: Any, tenant_id: str | None = None) -> list[Event]:
 
 
 def _events_in_parts(
-    payload: Any, tenant_id: str | None, size: int, max_entries: int | None = None
+    payload: Any,
+    tenant_id: str | None,
+    size: int,
+    max_entries: int | None = None,
+    sizes: list[int] | None = None,
 ) -> Iterator[list[Event]]:
+    """Events in parts of at most ``size`` items and about ``_PART_CONTAINERS`` objects and
+    arrays (``sizes``: each item's, when the body is large enough to need them)."""
     if not isinstance(payload, dict):
         raise MalformedNotification(
             "bad_shape", f"top level is {type(payload).__name__}, not an object"
@@ -282,8 +348,8 @@ def _events_in_parts(
     weight = 0
     for index, item in enumerate(items):
         part.append(_event_for(index, item, payload, tenant_id))
-        weight += entries[index]
-        if len(part) >= size or weight >= _PART_ENTRIES:
+        weight += sizes[index] if sizes is not None else 0
+        if len(part) >= size or weight >= _PART_CONTAINERS:
             yield part
             part, weight = [], 0
     if part:

@@ -28,6 +28,7 @@ __all__ = ["Receiver"]
 _REFUSALS = {
     "too_many_items": (413, "malformed"),
     "too_many_participants": (413, "malformed"),
+    "too_many_values": (413, "malformed"),
     "tenant_mismatch": (403, "auth_failed"),
 }
 

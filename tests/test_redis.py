@@ -1154,6 +1154,32 @@ async def test_what_an_instance_refuses_reaches_no_other_instance(
         assert (done.status, done.result_info and done.result_info.code) == ("completed", 200)
 
 
+async def test_a_draining_instance_acts_on_no_end_of_another_tenant_for_a_call_it_does_not_run(
+    authority: TokenAuthority, serve: Any, redis_url: str
+) -> None:
+    """While an instance drains, a refused request (503) still settles waits, but only for
+    calls of its token's tenant. This instance does not know the tenant of a call another
+    instance runs: another tenant's forged end, posted to it, must not fail its wait."""
+    async with FakeGraph() as graph:
+        bots = Collecting()
+        await bots.start(authority, serve, redis_url, graph, max_digits=1, timeout=10)
+        owner, other = await bots.establish(graph, "drained-call")
+        op = await other.bot.services.call("drained-call").play_prompt("https://cdn.example/a.wav")
+        waiting = asyncio.create_task(op.wait(timeout=10))
+        assert op.id is not None
+        draining = asyncio.create_task(other.bot.drain())
+        await until(lambda: not other.bot.ready)
+        forged = without_tenant(b.call_terminated("drained-call", code=666, message="forged"))
+        response = await other.post(b.notifications(forged), token=other.token(tenant_id=OTHER))
+        assert response.status == 503
+        runner = bots.servers[owner]
+        genuine = b.operation_update("drained-call", op.id)
+        assert (await runner.post(b.notifications(genuine))).status == 202
+        done = await waiting
+        await draining
+        assert (done.status, done.result_info and done.result_info.code) == ("completed", 200)
+
+
 def timers_due_ran(lifecycle: Lifecycle, by: float) -> bool:
     """Whether the loop's clock passed ``by`` and every timer the lifecycle had due since ran."""
     now = asyncio.get_running_loop().time()

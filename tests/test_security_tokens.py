@@ -502,6 +502,37 @@ async def test_a_call_s_roster_and_snapshot_stay_bounded(
     assert extras[:2] == [100, 200]
 
 
+async def test_a_request_holds_at_most_a_full_roster_s_worth_of_objects(
+    authority: TokenAuthority, serve: Any
+) -> None:
+    """Only participants were counted before building: one call item whose ``targets``
+    listed a million empty objects (4 MiB) was built in one part (5.6 s of event loop) and
+    kept as the call's snapshot (933 MiB). A request may hold no more JSON objects and arrays
+    than a full roster of Teams participants (7-10 each, recorded) would."""
+    bot, seen = seeing_bot(authority, max_roster_size=100)
+    server: BotServer = await serve(bot)
+    item = b.call_state("fat-call", "establishing")
+    item["resourceData"]["targets"] = [{}] * 2_000
+    with capture_logs() as logs:
+        assert await refusal(await server.post(b.notifications(item))) == (
+            413,
+            "too_many_values",
+        )
+    assert [line["event"] for line in logs] == ["callback_refused"]
+    assert await metric(server, "malformed", "too_many_values") == 1
+    # Items each under the bound, more than a full roster's worth together.
+    items = []
+    for n in range(3):
+        other = b.call_state(f"fat-call-{n}", "establishing")
+        other["resourceData"]["targets"] = [{}] * 990
+        items.append(other)
+    assert await refusal(await server.post(b.notifications(*items))) == (413, "too_many_values")
+    # Braces inside strings are no objects: a prompt's text may hold any.
+    item["resourceData"]["targets"] = [{"note": "{[" * 1_000}]
+    assert (await server.post(b.notifications(item))).status == 202
+    await until(lambda: len(seen) == 1)
+
+
 async def test_a_request_lists_at_most_a_roster_of_participants_in_all(
     authority: TokenAuthority, serve: Any
 ) -> None:
