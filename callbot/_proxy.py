@@ -4,7 +4,7 @@ Behind nginx or an ingress, every callback arrives from the proxy's address.
 The proxy says who its client was in ``X-Forwarded-For`` and
 ``X-Forwarded-Proto``; those headers are believed only when the connection
 comes from a network listed in ``trusted_proxies`` (``CALLBOT_TRUSTED_PROXIES``),
-because anyone else can write them. They are read with aiohttp-remotes, and
+because anyone else can write them. They are read here, from the right, and
 only for log lines: the request itself is not rewritten, a header that cannot
 be read never fails a callback, and nothing (least of all ``callbackUri``,
 which always comes from ``public_url``) is built from them.
@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
-from aiohttp_remotes import XForwardedFiltered
 
 from ._errors import ConfigurationError
 from ._log import get_logger
@@ -72,30 +71,60 @@ def parse_networks(entries: Iterable[str]) -> tuple[Network, ...]:
 
 
 def _is_trusted(peer: str | None, networks: tuple[Network, ...]) -> bool:
-    if not peer:
-        return False
-    try:
-        address = ipaddress.ip_address(peer.split("%", 1)[0])
-    except ValueError:
-        return False
+    address = _address(peer) if peer else None
+    return address is not None and _within(address, networks)
+
+
+def _within(
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address, networks: tuple[Network, ...]
+) -> bool:
     return any(address in network for network in networks)
 
 
-async def _read_headers(remotes: XForwardedFiltered, request: web.Request) -> ForwardedClient:
-    seen: list[web.Request] = []
-
-    async def capture(forwarded: web.Request) -> web.StreamResponse:
-        seen.append(forwarded)
-        return web.Response()
-
+def _address(entry: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An address as proxies write it: ``1.2.3.4``, ``1.2.3.4:port`` (Azure Application
+    Gateway), ``::1``, ``[::1]:port``, a zone after ``%``; ``None`` for anything else."""
+    text = entry.strip()
+    if text.startswith("[") and "]" in text:
+        text = text[1 : text.index("]")]
+    elif text.count(":") == 1:
+        text = text.split(":", 1)[0]
     try:
-        await remotes.middleware(request, capture)
-    except (web.HTTPException, ValueError):
-        # aiohttp-remotes refuses unreadable headers; here they only cost the log detail.
-        log.debug("forwarded_headers_unreadable", peer=request.remote)
-    if not seen:
+        return ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return None
+
+
+def _listed(request: web.Request, name: str) -> list[str]:
+    """A header's entries, its lines joined: two lines of a header are one list."""
+    return ",".join(request.headers.getall(name, [])).split(",")
+
+
+def _read_headers(request: web.Request, networks: tuple[Network, ...]) -> ForwardedClient:
+    """The right-most ``X-Forwarded-For`` entry outside ``networks``, read from the right:
+    entries left of it were written by the client, so nothing there (junk included)
+    changes the answer. The first unreadable entry ends the reading."""
+    client: str | None = None
+    hops = 0
+    for entry in reversed(_listed(request, hdrs.X_FORWARDED_FOR)):
+        address = _address(entry)
+        if address is None:
+            log.debug("forwarded_headers_unreadable", peer=request.remote)
+            break
+        client = str(address)
+        hops += 1
+        if not _within(address, networks):
+            break
+    if client is None:
         return ForwardedClient(request.remote, request.scheme, request.remote)
-    return ForwardedClient(seen[0].remote, seen[0].scheme, request.remote)
+    scheme = request.scheme
+    protos = [p.strip().lower() for p in _listed(request, hdrs.X_FORWARDED_PROTO) if p.strip()]
+    if protos:
+        # Proxies that append a scheme per hop put the client's as far from the right as its
+        # address; one that writes a single scheme gives it for every hop.
+        proto = protos[-hops] if hops <= len(protos) else protos[0]
+        scheme = proto if proto in ("http", "https") else scheme
+    return ForwardedClient(client, scheme, request.remote)
 
 
 def proxy_middlewares(trusted_proxies: Iterable[str]) -> list[Middleware]:
@@ -107,15 +136,12 @@ def proxy_middlewares(trusted_proxies: Iterable[str]) -> list[Middleware]:
     networks = parse_networks(trusted_proxies)
     if not networks:
         return []
-    # Entries of X-Forwarded-For from these networks are proxies too, so the client is
-    # the right-most entry outside them.
-    remotes = XForwardedFiltered(networks)
 
     @web.middleware
     async def forwarded_for(request: web.Request, handler: Handler) -> web.StreamResponse:
         client: ForwardedClient | None = None
         if hdrs.X_FORWARDED_FOR in request.headers and _is_trusted(request.remote, networks):
-            client = await _read_headers(remotes, request)
+            client = _read_headers(request, networks)
         token = _current.set(None if client is None else (request, client))
         try:
             return await handler(request)

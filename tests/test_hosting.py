@@ -21,6 +21,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
@@ -185,6 +186,14 @@ async def refused_client(server: BotServer, headers: dict[str, str]) -> Any:
         (("127.0.0.1/32", "10.0.0.0/8"), "198.51.100.1, 203.0.113.7, 10.1.2.3", "203.0.113.7"),
         # An unreadable header costs only the detail, never the request.
         (("127.0.0.1/32",), "not-an-address", "127.0.0.1"),
+        # What the client wrote left of the address its proxy appended changes nothing.
+        (("127.0.0.1/32",), "junk, 203.0.113.7", "203.0.113.7"),
+        (("127.0.0.1/32",), ", 203.0.113.7", "203.0.113.7"),
+        (("127.0.0.1/32", "10.0.0.0/8"), "junk, 203.0.113.7, 10.1.2.3", "203.0.113.7"),
+        # Addresses with a port, as some proxies write them (Azure Application Gateway).
+        (("127.0.0.1/32",), "203.0.113.7:443", "203.0.113.7"),
+        (("127.0.0.1/32",), "[2001:db8::7]:443", "2001:db8::7"),
+        (("127.0.0.1/32",), "2001:db8::7", "2001:db8::7"),
     ],
 )
 async def test_forwarded_for_is_believed_only_from_trusted_proxies(
@@ -196,6 +205,32 @@ async def test_forwarded_for_is_believed_only_from_trusted_proxies(
 ) -> None:
     server: BotServer = await serve(make_bot(authority, trusted_proxies=trusted))
     assert await refused_client(server, {"X-Forwarded-For": forwarded_for}) == expected
+
+
+async def test_forwarded_headers_sent_twice_are_read_as_one_list(
+    authority: TokenAuthority, serve: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two lines of a header are one list (RFC 9110, 5.3): the client is still found, with
+    no error line of any logger."""
+    bot = make_bot(authority, trusted_proxies=("127.0.0.1/32",))
+    server: BotServer = await serve(bot)
+    headers = CIMultiDict(
+        [
+            ("Content-Type", "application/json"),
+            ("Authorization", "Bearer garbage"),
+            ("X-Forwarded-For", "198.51.100.1"),
+            ("X-Forwarded-For", "203.0.113.7"),
+            ("X-Forwarded-Proto", "http"),
+            ("X-Forwarded-Proto", "https"),
+        ]
+    )
+    body = json.dumps(b.notifications(b.incoming_call("px")))
+    with caplog.at_level("WARNING"), capture_logs() as logs:
+        response = await server.client.post(bot.settings.callback_path, data=body, headers=headers)
+    assert response.status == 401
+    [refusal] = [entry for entry in logs if entry["event"] == "callback_refused"]
+    assert (refusal["client"], refusal["scheme"]) == ("203.0.113.7", "https")
+    assert [record.getMessage() for record in caplog.records] == []
 
 
 async def test_forwarded_scheme_and_address_without_rewriting_the_request() -> None:

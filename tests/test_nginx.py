@@ -182,6 +182,10 @@ async def test_callbacks_through_nginx_reach_handlers_and_log_the_real_client(
         assert await logged_client(session, proxied_url, **{"X-Forwarded-For": "203.0.113.7"}) == (
             CLIENT_SOURCE
         )
+        # Nor does junk, an empty entry or a port written before it hide the client.
+        for junk in ("junk", "", "203.0.113.7:443"):
+            forged = {"X-Forwarded-For": junk}
+            assert await logged_client(session, proxied_url, **forged) == CLIENT_SOURCE, junk
         # The same forgery sent straight to the bot from an untrusted peer is not believed.
         assert await logged_client(session, bot_url, **{"X-Forwarded-For": "203.0.113.7"}) == (
             CLIENT_SOURCE
