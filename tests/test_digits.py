@@ -8,7 +8,7 @@ import pytest
 
 from callbot import Call, CallBot, CallEnded, events
 from callbot._parse import parse_payload
-from callbot.graph._digits import ToneListener
+from callbot.graph._digits import ToneListener, ToneRouter
 from callbot.testing import DeliveryOptions, run_with_simulator
 from callbot.testing import builders as b
 
@@ -214,6 +214,63 @@ async def test_a_listener_takes_each_tone_once_however_often_it_is_told() -> Non
         listener.put(event)
     assert [await listener.next(timeout=0), await listener.next(timeout=0)] == ["4", "2"]
     assert not listener.pending()
+
+
+def tone_event(tone: str, sequence: int, call_id: str = "c") -> events.ToneReceived:
+    (event,) = parse_payload(b.notifications(b.tone(call_id, tone, sequence)))
+    assert isinstance(event, events.ToneReceived)
+    return event
+
+
+async def test_the_finish_key_after_a_full_collection_ends_that_one_only() -> None:
+    """Four digits, the caller pressing 1234#: the collection stops at the fourth key, and
+    the "#" after it ends that collection, not the next (already waiting, or opened later)."""
+    router = ToneRouter()
+    with router.listen("c") as listener:
+        for sequence, tone in enumerate(["tone1", "tone2", "pound", "tone3"], start=1):
+            router.on_tone(tone_event(tone, sequence))
+        assert [await listener.next(timeout=0) for _ in range(2)] == ["1", "2"]
+        listener.full(frozenset("#"))  # the "#" was there already
+        assert await listener.next(timeout=0) == "3"
+        listener.full(frozenset("#"))  # the next key has not come yet
+    with router.listen("c") as following:
+        router.on_tone(tone_event("pound", 5))
+        router.on_tone(tone_event("pound", 6))  # a "#" of its own
+        router.on_tone(tone_event("tone7", 7))
+        assert [await following.next(timeout=0) for _ in range(2)] == ["#", "7"]
+        assert not following.pending()
+    with router.listen("c") as listener:
+        for sequence, tone in enumerate(["tone1", "tone2", "tone9"], start=8):
+            router.on_tone(tone_event(tone, sequence))
+        assert [await listener.next(timeout=0) for _ in range(2)] == ["1", "2"]
+        listener.full(frozenset("#"))  # another key came next: it is the caller's next
+        assert await listener.next(timeout=0) == "9"
+
+
+async def test_pressing_the_finish_key_after_a_full_collection_reaches_no_later_one() -> None:
+    bot = CallBot(app_id=APP_ID)
+    results: list[str] = []
+
+    @bot.on_incoming_call
+    async def answer(call: Call, event: events.IncomingCall) -> None:
+        await call.answer()
+
+    @bot.on_state("established")
+    async def pin_then_choice(call: Call, event: events.CallStateChanged) -> None:
+        results.append(await call.collect_digits(max_digits=4, timeout=30))
+        results.append(await call.collect_digits(max_digits=2, timeout=30))
+
+    async with run_with_simulator(bot) as sim:
+        call = await sim.incoming_call()
+        await call.wait_for_request("subscribeToTone")
+        await call.press("1234")
+        await until(lambda: results == ["1234"])
+        tones = bot._running().services.tones
+        await until(lambda: bool(tones._listeners.get(call.key)))  # the second one waits
+        await call.press("#56#")
+        await until(lambda: len(results) == 2)
+        assert results == ["1234", "56"]
+        await call.hangup()
 
 
 async def test_keys_are_read_alike_whatever_their_case() -> None:

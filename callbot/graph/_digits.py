@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+import functools
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 import structlog
@@ -51,10 +52,17 @@ T = TypeVar("T")
 class ToneListener:
     """The tones of one call, from when it was opened, in ``sequence_id`` order."""
 
-    def __init__(self, call_key: str) -> None:
+    def __init__(
+        self,
+        call_key: str,
+        after_full: Callable[[int, frozenset[str]], None] | None = None,
+    ) -> None:
         self.call_key = call_key
-        self._tones: list[tuple[int, int, str]] = []  # (sequence_id, arrival, digit)
+        # (sequence_id, or the arrival when Graph sent none; arrival; digit; Graph's sequence_id)
+        self._tones: list[tuple[int, int, str, int | None]] = []
         self._arrivals = 0
+        self._after_full = after_full
+        self._last_taken: int | None = None  # Graph's sequence_id of the last key taken
         self._seen: set[bytes] = set()
         self._changed = asyncio.Event()
         self.ended = False
@@ -68,7 +76,8 @@ class ToneListener:
         self._seen.add(digest)
         self._arrivals += 1
         sequence = event.sequence_id if event.sequence_id is not None else self._arrivals
-        bisect.insort(self._tones, (sequence, self._arrivals, digit_of(event.tone)))
+        tone = (sequence, self._arrivals, digit_of(event.tone), event.sequence_id)
+        bisect.insort(self._tones, tone)
         self._changed.set()
 
     def end(self) -> None:
@@ -95,7 +104,22 @@ class ToneListener:
                 await asyncio.wait_for(self._changed.wait(), remaining)
             except TimeoutError:
                 return None
-        return self._tones.pop(0)[2]
+        _, _, digit, self._last_taken = self._tones.pop(0)
+        return digit
+
+    def full(self, finish: frozenset[str]) -> None:
+        """A collection stopped at ``max_digits``: the caller may still press the key that
+        would have ended it ("1234#" for four digits). That key, right after the last one
+        taken, ends that collection and no other: dropped here, or when it comes."""
+        if not finish or self._last_taken is None:
+            return  # without Graph's sequence_id, no key can be told to come right after
+        expected = self._last_taken + 1
+        if self._tones and self._tones[0][3] == expected:
+            if self._tones[0][2] in finish:
+                self._tones.pop(0)
+            return
+        if self._after_full is not None:
+            self._after_full(expected, finish)
 
     async def changed(self) -> None:
         """Return when a tone arrives or the call ends."""
@@ -111,22 +135,36 @@ class ToneRouter:
     def __init__(self) -> None:
         self._listeners: dict[str, list[ToneListener]] = {}
         self._subscribed: set[str] = set()
+        # Per call: the sequence_id of a key that would end a collection already full, if
+        # it is one of these keys (ToneListener.full).
+        self._finishing: dict[str, tuple[int, frozenset[str]]] = {}
 
     def on_tone(self, event: events.ToneReceived) -> None:
         """A tone was accepted (called by the sequencer, before handlers see it)."""
+        finishing = self._finishing.get(event.call_key)
+        if finishing is not None and event.sequence_id is not None:
+            expected, keys = finishing
+            if event.sequence_id >= expected:
+                del self._finishing[event.call_key]
+            if event.sequence_id == expected and digit_of(event.tone) in keys:
+                return  # it ended a collection that had all its digits already
         for listener in self._listeners.get(event.call_key, ()):
             listener.put(event)
+
+    def _expect_finish(self, call_key: str, sequence_id: int, keys: frozenset[str]) -> None:
+        self._finishing[call_key] = (sequence_id, keys)
 
     def on_ended(self, call_key: str) -> None:
         """The call ended: wake its listeners and forget its subscription."""
         self._subscribed.discard(call_key)
+        self._finishing.pop(call_key, None)
         for listener in self._listeners.get(call_key, ()):
             listener.end()
 
     @contextlib.contextmanager
     def listen(self, call_key: str) -> Iterator[ToneListener]:
         """Receive the call's tones while the ``with`` block runs."""
-        listener = ToneListener(call_key)
+        listener = ToneListener(call_key, functools.partial(self._expect_finish, call_key))
         self._listeners.setdefault(call_key, []).append(listener)
         try:
             yield listener
@@ -217,6 +255,8 @@ async def _collect(
         if key in finish:
             break
         digits += key
+    else:
+        listener.full(frozenset(finish))
     log.info("digits_collected", call_id=call.id, count=len(digits))
     return digits
 
