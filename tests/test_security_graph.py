@@ -703,6 +703,32 @@ async def test_participant_pages_are_followed_on_graph_and_bounded(graph: FakeGr
         await services.close()
 
 
+async def test_an_item_that_does_not_fit_names_the_page_it_came_in(graph: FakeGraph) -> None:
+    """Graph's request-id is what its support asks for: the error of an item on the second
+    page names that page's, not the first's."""
+    services = CallServices(graph.settings(), retry=RetryPolicy(total_time=1.0))
+    graph.add_call(CALL, state="established")
+    pages_url = f"{graph.graph_url}/communications/calls/{CALL}/participants"
+    request_ids = ["first-page", "second-page"]
+
+    def paged(request: RecordedRequest) -> FakeResponse:
+        if "$skiptoken" not in request.query:
+            body = {"value": [{"id": "p1"}], "@odata.nextLink": f"{pages_url}?$skiptoken=2"}
+            return FakeResponse(status=200, body=body, headers={"request-id": request_ids[0]})
+        # "info" must be an object.
+        body = {"value": [{"id": "p2", "info": "not an object"}]}
+        return FakeResponse(status=200, body=body, headers={"request-id": request_ids[1]})
+
+    graph.route("listParticipants", paged)
+    try:
+        with pytest.raises(GraphError) as refused:
+            await services.call(CALL).participants.list()
+    finally:
+        await services.close()
+    assert refused.value.code == "invalid_response"
+    assert refused.value.request_id == "second-page"
+
+
 async def test_a_recording_trickled_past_the_download_deadline_raises(
     graph: FakeGraph,
     authority: TokenAuthority,

@@ -807,9 +807,9 @@ class Participants:
         """Fetch the call's participants from Graph (following pages)."""
         first = await self._call._request("GET", self._path())
         pages = self._call._services.graph.pages(
-            first, scenario_id=self._call.scenario_id, call_id=self._call.id
+            first, models.Participant, scenario_id=self._call.scenario_id, call_id=self._call.id
         )
-        return [first.model(models.Participant, p) async for p in pages]
+        return [p async for p in pages]
 
 
 class AudioRoutingGroups:
@@ -879,6 +879,9 @@ class AudioRoutingGroups:
         """Fetch the call's groups."""
         first = await self._call._request("GET", self._path())
         pages = self._call._services.graph.pages(
-            first, scenario_id=self._call.scenario_id, call_id=self._call.id
+            first,
+            models.AudioRoutingGroup,
+            scenario_id=self._call.scenario_id,
+            call_id=self._call.id,
         )
-        return [first.model(models.AudioRoutingGroup, group) async for group in pages]
+        return [group async for group in pages]

@@ -300,11 +300,13 @@ class GraphClient:
     async def pages(
         self,
         first: GraphResponse,
+        kind: type[ModelT],
         *,
         scenario_id: str | None = None,
         call_id: str | None = None,
-    ) -> AsyncIterator[Any]:
-        """The ``value`` items of ``first`` and of each page its ``@odata.nextLink`` leads to.
+    ) -> AsyncIterator[ModelT]:
+        """The ``value`` items of ``first`` and of each page its ``@odata.nextLink`` leads to,
+        each read as ``kind`` (an item that does not fit is the error of its own page).
 
         A next link is fetched like any request (so only from Graph's origin); a link
         seen before, or more than :attr:`max_pages` pages, raises ``GraphError``.
@@ -315,7 +317,7 @@ class GraphClient:
             body = response.body if isinstance(response.body, Mapping) else {}
             items = body.get("value")
             for item in items if isinstance(items, list) else []:
-                yield item
+                yield response.model(kind, item)
             next_link = body.get("@odata.nextLink")
             if not isinstance(next_link, str):
                 return
