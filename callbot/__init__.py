@@ -25,7 +25,7 @@ from ._errors import (
 )
 from ._journal import Attempt, RunSuperseded, current_attempt
 from ._log import configure_logging
-from .graph import Call, Operation, Target
+from .graph import Call, Meeting, Operation, Roster, Target
 
 __all__ = [
     "Attempt",
@@ -38,8 +38,10 @@ __all__ = [
     "GraphError",
     "KeysUnavailable",
     "MalformedNotification",
+    "Meeting",
     "Operation",
     "OperationFailed",
+    "Roster",
     "RunSuperseded",
     "Settings",
     "StoreUnavailable",

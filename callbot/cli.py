@@ -59,8 +59,14 @@ def write_sample(name: str, directory: str) -> list[Path]:
     for entry in sorted(source.iterdir(), key=lambda e: e.name):
         if entry.is_file() and entry.name.endswith((".py", ".md")):
             path = target / entry.name
-            path.write_bytes(entry.read_bytes())
+            data = entry.read_bytes()
+            if entry.name == "README.md":
+                data = data.replace(b"](../README.md", b"](SAMPLES.md")
+            path.write_bytes(data)
             written.append(path)
+    common = target / "SAMPLES.md"
+    common.write_bytes(resources.files("callbot.samples").joinpath("README.md").read_bytes())
+    written.append(common)
     return written
 
 

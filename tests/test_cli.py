@@ -181,10 +181,15 @@ def test_sample_writes_a_sample_that_passes_its_tests(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in (tmp_path / "my_ivr").iterdir()) == [
         "README.md",
+        "SAMPLES.md",
         "__init__.py",
         "bot.py",
         "test_ivr.py",
     ]
+    # The sample's README links to the common steps, which come with it.
+    readme = (tmp_path / "my_ivr" / "README.md").read_text(encoding="utf-8")
+    assert "](SAMPLES.md" in readme
+    assert "../" not in readme
     again = run_callbot("sample", "ivr", "my_ivr", cwd=tmp_path)
     assert_one_clear_line(again, "not empty")
 

@@ -6,8 +6,9 @@ from typing import Any
 
 import pytest
 
-from callbot import Call, CallBot, CallEnded, events
+from callbot import Call, CallBot, CallEnded, Settings, events
 from callbot._parse import parse_payload
+from callbot.graph import CallServices
 from callbot.graph._digits import ToneListener, ToneRouter
 from callbot.testing import DeliveryOptions, run_with_simulator
 from callbot.testing import builders as b
@@ -271,6 +272,13 @@ async def test_pressing_the_finish_key_after_a_full_collection_reaches_no_later_
         await until(lambda: len(results) == 2)
         assert results == ["1234", "56"]
         await call.hangup()
+
+
+async def test_a_menu_keyed_by_numbers_says_to_key_it_by_strings() -> None:
+    call = CallServices(Settings(app_id=APP_ID)).call("c")
+    options: dict[Any, str] = {1: "sales", 2: "support"}
+    with pytest.raises(TypeError, match=r"strings, e\.g\. \{'1': \.\.\.\}"):
+        await call.menu(MENU, options)
 
 
 async def test_keys_are_read_alike_whatever_their_case() -> None:

@@ -18,11 +18,12 @@ from callbot.testing import (
     DeliveryOptions,
     Simulator,
     SimulatorError,
+    TokenAuthority,
     builders,
     run_with_simulator,
 )
 
-from .conftest import APP_ID, until
+from .conftest import APP_ID, make_bot, until
 
 Seen = list[events.Event]
 
@@ -456,14 +457,62 @@ async def test_joining_a_meeting_and_people_coming_and_going() -> None:
     rosters = [e for e in seen if isinstance(e, events.ParticipantsUpdated)]
 
     def names(found: list[Any]) -> list[str]:
-        return sorted(
-            (p.info.identity.user or p.info.identity.application).display_name for p in found
-        )
+        return sorted(p.display_name or "?" for p in found)
 
     assert names(rosters[0].joined) == ["Bot", "Megan Bowen"]
     assert names(rosters[1].joined) == ["Alice Smith"]
     assert names(rosters[2].left) == ["Alice Smith"]
     assert names(rosters[3].left) == ["Megan Bowen"]
+    # As in the recorded Teams group call (sb15, sb16): the bot is an applicationInstance.
+    (me,) = [p for p in rosters[0].joined if p.display_name == "Bot"]
+    assert me.info is not None
+    assert me.info.identity is not None
+    assert me.info.identity.application_instance is not None
+    assert me.info.identity.application is None
+
+
+async def test_a_request_returned_by_one_wait_is_not_returned_by_another() -> None:
+    """The simulator's wait and the call's take turns over one list: each request once."""
+    bot, _ = answering_bot()
+
+    @bot.on_state("established")
+    async def two_prompts(call: Call, event: events.CallStateChanged) -> None:
+        await call.play_prompt("https://contoso.example/welcome.wav")
+        await call.play_prompt("https://contoso.example/menu.wav")
+
+    async with run_with_simulator(bot) as sim:
+        call = await sim.incoming_call()
+        first = await sim.wait_for_request("playPrompt")
+        second = await call.wait_for_request("playPrompt")
+        assert [r.json["prompts"][0]["mediaInfo"]["uri"] for r in (first, second)] == [
+            "https://contoso.example/welcome.wav",
+            "https://contoso.example/menu.wav",
+        ]
+        await call.hangup()
+
+
+async def test_a_participant_is_found_in_the_roster_by_its_id_as_graph_wrote_it() -> None:
+    bot = CallBot(app_id=APP_ID)
+    found: list[bool] = []
+
+    @bot.on_participants
+    async def look_up(call: Call, event: events.ParticipantsUpdated) -> None:
+        for participant in event.joined:
+            assert participant.id is not None
+            found.append(participant.id in call.roster)
+            found.append(call.roster[participant.id.upper()] == participant)
+
+    url = (
+        "https://teams.microsoft.com/l/meetup-join/19%3ameeting_abc%40thread.v2/0"
+        "?context=%7b%22Tid%22%3a%22t-1%22%2c%22Oid%22%3a%22o-1%22%7d"
+    )
+    async with run_with_simulator(bot) as sim:
+        await bot.join_meeting(url)
+        meeting = await sim.wait_for_outgoing_call()
+        await meeting.join("Alice Smith")
+        await meeting.settled()
+    assert found
+    assert all(found)
 
 
 async def test_settled_waits_for_the_handlers_of_what_was_posted() -> None:
@@ -514,6 +563,21 @@ async def test_a_wait_on_a_call_the_bot_never_took_says_so() -> None:
         await call.hangup()
 
 
+async def test_a_refused_notification_says_why_and_what_to_check(
+    authority: TokenAuthority, serve: Any
+) -> None:
+    """A bot set up with another app id than the simulator's refuses its tokens: the error
+    names the bot's reason and the settings to check."""
+    server = await serve(make_bot(authority))
+    async with Simulator(app_id="11111111-2222-4333-8444-555555555555") as sim:
+        sim.callback_url = str(server.client.make_url("/api/calls"))
+        with pytest.raises(SimulatorError) as refused:
+            await sim.incoming_call()
+    message = str(refused.value)
+    assert "the bot answered 401 (" in message
+    assert "CALLBOT_APP_ID" in message
+
+
 async def test_settled_needs_the_bot_in_this_process() -> None:
     async with Simulator() as sim:
         with pytest.raises(SimulatorError, match="needs the bot in this process"):
@@ -559,7 +623,9 @@ async def test_each_wait_returns_the_next_request() -> None:
         one = await sim.wait_for_request("answer")
         two = await sim.wait_for_request("answer")
         assert {one.call_id, two.call_id} == {first.id, second.id}
-        assert (await second.wait_for_request("answer")).call_id == second.id
+        # Returned once, whichever wait took it: the call has no answer left to return.
+        with pytest.raises(SimulatorError, match="sent no 'answer' request"):
+            await second.wait_for_request("answer", timeout=0.1)
 
 
 async def test_the_bot_is_restored_after_the_simulator() -> None:
@@ -660,9 +726,7 @@ def rosters(seen: Seen) -> list[events.ParticipantsUpdated]:
 
 
 def _name(participant: models.Participant) -> str:
-    identity = participant.info.identity if participant.info is not None else None
-    who = identity.user or identity.application if identity is not None else None
-    return (who.display_name if who is not None else None) or "?"
+    return participant.display_name or "?"
 
 
 async def test_a_participant_named_in_any_id_form_is_found_removed_and_muted() -> None:

@@ -8,7 +8,7 @@ bookkeeping; ``CallBot`` creates one.
 
 from __future__ import annotations
 
-from ._call import AudioRoutingGroups, Call, Participants
+from ._call import AudioRoutingGroups, Call, Participants, Roster
 from ._client import GraphClient, GraphResponse
 from ._credentials import (
     AccessToken,
@@ -38,6 +38,7 @@ __all__ = [
     "Operation",
     "Participants",
     "RetryPolicy",
+    "Roster",
     "Target",
     "TokenCache",
     "media_info",

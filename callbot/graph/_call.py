@@ -11,7 +11,7 @@ import asyncio
 import builtins
 import functools
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from os import PathLike
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
@@ -150,6 +150,39 @@ def scenario_of(call_id: str) -> str:
     return str(uuid.uuid5(uuid.NAMESPACE_URL, "callbot:call:" + id_key(call_id)))
 
 
+class Roster(Mapping[str, models.Participant]):
+    """A call's participants by id: looked up by an id in any form Graph writes it
+    (``participant.id`` as it came, upper case, without dashes); kept in the form the
+    ids are compared in (lower case, no dashes)."""
+
+    __slots__ = ("_by_key",)
+
+    def __init__(self, by_key: Mapping[str, models.Participant]) -> None:
+        self._by_key = by_key
+
+    def __getitem__(self, participant_id: str) -> models.Participant:
+        found = self._by_key.get(participant_id)
+        if found is None:
+            found = self._by_key.get(id_key(participant_id))
+        if found is None:
+            raise KeyError(participant_id)
+        return found
+
+    def __contains__(self, participant_id: object) -> bool:
+        if not isinstance(participant_id, str):
+            return False
+        return participant_id in self._by_key or id_key(participant_id) in self._by_key
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._by_key)
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+    def __repr__(self) -> str:
+        return f"Roster({dict(self._by_key)!r})"
+
+
 def _on_beta(graph_url: str) -> bool:
     """Whether ``graph_url`` is Graph's beta endpoint (``.../beta``)."""
     return urlsplit(graph_url).path.rstrip("/").lower().endswith("/beta")
@@ -179,9 +212,10 @@ class Call:
         """The call id as Graph wrote it."""
         self.snapshot = snapshot
         """The call as last seen (``None`` before any notification or response)."""
-        self.roster: Mapping[str, models.Participant] = roster if roster is not None else {}
-        """The participants last seen in a roster notification, by participant id (lower
-        case, no dashes), or the id ending its ``@odata.id`` path; one Graph sent with
+        self.roster = Roster(roster if roster is not None else {})
+        """The participants last seen in a roster notification, by participant id (found
+        by ``participant.id`` in any case, with or without dashes; listed lower case,
+        without dashes), or the id ending its ``@odata.id`` path; one Graph sent with
         neither (an invitee being added) is keyed by who it is."""
         self._services = services
         self._life = life

@@ -296,6 +296,9 @@ async def menu(
         raise ValueError("a menu needs at least one option")
     if retries < 0:
         raise ValueError("retries must not be negative")
+    wrong = [keys for keys in options if not isinstance(keys, str)]
+    if wrong:
+        raise TypeError(f"menu options are keys as strings, e.g. {{'1': ...}}; got {wrong[0]!r}")
     try:
         # Options are read as the keys pressed are: "a" is key A.
         choices = {keys_of(keys): value for keys, value in options.items()}

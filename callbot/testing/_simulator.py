@@ -151,6 +151,16 @@ class DeliveryOptions:
         )
 
 
+_REFUSAL_HINTS = {
+    0: " (is the bot served at the simulator's callback URL?)",
+    401: (
+        " (is the bot's CALLBOT_APP_ID the simulator's app id, and its"
+        " CALLBOT_OPENID_CONFIG_URL the simulator's?)"
+    ),
+    403: " (does the bot allow the simulator's tenant, CALLBOT_ALLOWED_TENANTS?)",
+}
+
+
 @dataclass(frozen=True, kw_only=True)
 class Traffic:
     """One thing that happened between the bot and the simulated Graph.
@@ -174,6 +184,14 @@ class Traffic:
     sent_by_post: bool | None = None
     """``True`` for a notification sent with :meth:`Simulator.post`: its status went back to
     whoever posted it (not one of :attr:`Simulator.failed_deliveries`)."""
+    reason: str | None = None
+    """Why the bot refused a notification, as its answer said (``bad_audience``, ...)."""
+
+    def refusal(self) -> str:
+        """The bot's answer to a notification it refused, with what to check."""
+        said = f"{self.status or 'nothing'}" + (f" ({self.reason})" if self.reason else "")
+        hint = _REFUSAL_HINTS.get(self.status or 0, "")
+        return f"the bot answered {said} to a notification: {self.summary}{hint}"
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (``None`` fields left out)."""
@@ -225,6 +243,18 @@ def _identity_kind_and_id(info: Any) -> tuple[str, str, str | None]:
                     continue
                 return key, str(value.get("id") or uuid.uuid4()), value.get("displayName")
     return "user", str(uuid.uuid4()), None
+
+
+def _refusal_reason(status: int, answer: bytes) -> str | None:
+    """The ``error`` a bot's refusal names (callbot's answers carry one), if any."""
+    if status < 400:
+        return None
+    try:
+        body = json.loads(answer)
+    except ValueError:
+        return None
+    reason = body.get("error") if isinstance(body, dict) else None
+    return reason if isinstance(reason, str) else None
 
 
 def _participant_name(participant: models.Participant) -> str:
@@ -672,7 +702,9 @@ class SimulatedCall:
                 self.bot_participant_id,
                 user_id=self._sim.app_id,
                 display_name=self._sim.bot_name,
-                kind="application",
+                # As recorded: a P2P call names the bot `application` (sb12), a group call
+                # `applicationInstance` (sb15, sb16).
+                kind="applicationInstance" if self.meeting else "application",
             ),
         )
 
@@ -710,9 +742,19 @@ class SimulatedCall:
     async def _send(self, *items: Mapping[str, Any]) -> int:
         status = await self._enqueue(*items)
         if not 200 <= status < 300:
+            refused = next(
+                (
+                    t
+                    for t in reversed(self._sim.traffic)
+                    if t.kind == "notification" and t.call_id == self.id
+                ),
+                None,
+            )
+            summary = describe_notification(build.notifications(*items))
             raise SimulatorError(
-                f"the bot answered {status} to a notification about call {self.id}: "
-                f"{describe_notification(build.notifications(*items))}"
+                refused.refusal()
+                if refused is not None and refused.status == status
+                else f"the bot answered {status} to a notification about call {self.id}: {summary}"
             )
         return status
 
@@ -1155,7 +1197,8 @@ class Simulator:
         self._outgoing: list[SimulatedCall] = []
         self._outgoing_taken = 0
         self._outgoing_outcomes: list[str] = []
-        self._waited: dict[tuple[str, str | None], int] = {}
+        # id() of each request a wait returned (graph.requests keeps them alive)
+        self._returned: set[int] = set()
         self._signal = asyncio.Event()
         self._bot: CallBot | None = None
         """The bot served in this process (``run_with_simulator``), if any."""
@@ -1444,10 +1487,10 @@ class Simulator:
         ``createCall``, ``deleteCall``, ``invite``, ... Raises
         :class:`SimulatorError` naming what the bot did send when none comes.
         """
-        key = (action, call.key if call is not None else None)
 
         def matching() -> list[RecordedRequest]:
-            found = self.graph.requests_for(action)
+            # Whether asked of the simulator or of the call, a request is returned once.
+            found = [r for r in self.graph.requests_for(action) if id(r) not in self._returned]
             if call is not None:
                 found = [r for r in found if r.call_id and id_key(r.call_id) == call.key]
             return found
@@ -1457,10 +1500,10 @@ class Simulator:
             where = f" about call {call.id}" if call is not None else ""
             return f"the bot sent no {action!r} request{where} within {timeout} s (it sent: {sent})"
 
-        await self._until(lambda: len(matching()) > self._waited.get(key, 0), timeout, explain)
-        index = self._waited.get(key, 0)
-        self._waited[key] = index + 1
-        return matching()[index]
+        await self._until(lambda: bool(matching()), timeout, explain)
+        request = matching()[0]
+        self._returned.add(id(request))
+        return request
 
     # -- posting -------------------------------------------------------------------
 
@@ -1505,6 +1548,7 @@ class Simulator:
             return 0
         data = json.dumps(body).encode()
         status = 0
+        reason: str | None = None
         for attempt in range(4):
             headers = {
                 "Authorization": "Bearer " + self.token(tenant_id=tenant_id or self.tenant_id),
@@ -1517,8 +1561,9 @@ class Simulator:
                     self.callback_url, data=data, headers=headers
                 ) as response:
                     status = response.status
-                    await response.read()
+                    answer = await response.read()
                     retry_after = _retry_after(response.headers.get("Retry-After"), retry_after)
+                    reason = _refusal_reason(status, answer)
             except (aiohttp.ClientError, TimeoutError) as exc:
                 status = 0
                 log.warning("simulator_post_failed", url=self.callback_url, error=repr(exc))
@@ -1535,6 +1580,7 @@ class Simulator:
                 status=status,
                 body=body,
                 sent_by_post=True if by_post else None,
+                reason=reason,
             )
         )
         return status

@@ -173,10 +173,7 @@ def _problems(handled: Counter[str], sim: Simulator) -> list[str]:
             "(await call.hangup()) or wait for the bot (await call.settled(), "
             "call.wait_until_ended()) first"
         )
-    for refused in sim.failed_deliveries:
-        problems.append(
-            f"the bot answered {refused.status or 'nothing'} to a notification: {refused.summary}"
-        )
+    problems.extend(refused.refusal() for refused in sim.failed_deliveries)
     return problems
 
 
