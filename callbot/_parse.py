@@ -20,10 +20,10 @@ Errors. :class:`~callbot._errors.MalformedNotification` with a stable ``reason``
 * ``empty``     - ``value`` is an empty list;
 * ``too_many_items`` - more items than ``max_items``; ``too_many_participants`` -
   an item, or the items together, listing more participants (entries of their
-  ``resourceData``) than ``max_participants``; ``too_many_values`` - an item holding
-  more JSON objects and arrays than the participants it lists may (16 each, and 1,000
-  more), or a request more than a full roster's worth; all counted before any event is
-  built;
+  ``resourceData``) than ``max_participants``; ``too_many_values`` - an item's list of
+  participants holding more than 16 JSON objects and arrays each, the rest of an item
+  more than 1,000, or a request more than a full roster's worth; all counted before any
+  event is built;
 * ``legacy_format`` - a body in the calling format that predates Graph (no
   ``value``, a top-level ``callState``): the receiver answers it ``204``, which
   asks the platform to send the notification again in Graph's format.
@@ -101,8 +101,9 @@ _API_VERSIONS = frozenset({"v1.0", "beta"})
 _PART_CONTAINERS = 4_000
 # JSON objects and arrays per participant listed: a Teams participant has 7-10 (recorded
 # rosters). Anything else listing many (a call's ``targets`` or ``callRoutes``) would be
-# built in one part, and kept, unbounded: an item may hold this many per participant it
-# lists, and _ITEM_CONTAINERS more (a recorded call item holds fewer than 50).
+# built in one part, and kept, unbounded: an item's list of participants may hold this
+# many per participant, the rest of the item _ITEM_CONTAINERS (a recorded call item
+# holds fewer than 50).
 _CONTAINERS_PER_PARTICIPANT = 16
 _ITEM_CONTAINERS = 1_000
 
@@ -274,11 +275,16 @@ def _size(node: Any) -> int:
 def _check_item_sizes(items: list[Any], sizes: list[int]) -> None:
     """Refuse an item holding more objects and arrays than the participants it lists may."""
     for index, (item, size) in enumerate(zip(items, sizes, strict=True)):
-        allowed = _entries_in(item) * _CONTAINERS_PER_PARTICIPANT + _ITEM_CONTAINERS
-        if size > allowed:
+        # The allowance per participant is for the participants: what the item holds
+        # besides them (a call's targets, an invented list) gets _ITEM_CONTAINERS at most.
+        listed = _listed(item)
+        in_list = 0 if listed is None else _size(listed)
+        allowed = len(listed or ()) * _CONTAINERS_PER_PARTICIPANT + 1
+        if in_list > allowed or size - in_list > _ITEM_CONTAINERS:
             raise MalformedNotification(
                 "too_many_values",
-                f"value[{index}] holds {size} JSON objects and arrays, at most {allowed}",
+                f"value[{index}] holds {size} JSON objects and arrays, at most "
+                f"{_ITEM_CONTAINERS} besides {_CONTAINERS_PER_PARTICIPANT} per participant",
             )
 
 
@@ -356,12 +362,17 @@ def _events_in_parts(
         yield part
 
 
-def _entries_in(item: Any) -> int:
-    """How many participants (or other entries) an item's ``resourceData`` lists."""
+def _listed(item: Any) -> list[Any] | None:
+    """The participants (or other entries) an item's ``resourceData`` lists, if any."""
     data = item.get("resourceData") if isinstance(item, dict) else None
     if isinstance(data, dict):
         data = data.get("participants")
-    return len(data) if isinstance(data, list) else 0
+    return data if isinstance(data, list) else None
+
+
+def _entries_in(item: Any) -> int:
+    """How many participants (or other entries) an item's ``resourceData`` lists."""
+    return len(_listed(item) or ())
 
 
 def _event_for(index: int, item: Any, envelope: dict[str, Any], tenant_id: str | None) -> Event:

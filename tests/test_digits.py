@@ -9,7 +9,7 @@ import pytest
 from callbot import Call, CallBot, CallEnded, Settings, events
 from callbot._parse import parse_payload
 from callbot.graph import CallServices
-from callbot.graph._digits import ToneListener, ToneRouter
+from callbot.graph._digits import ToneRouter
 from callbot.testing import DeliveryOptions, run_with_simulator
 from callbot.testing import builders as b
 
@@ -204,17 +204,24 @@ async def test_bad_arguments_are_refused_before_anything_is_sent(
         await call.hangup()
 
 
-async def test_a_listener_takes_each_tone_once_however_often_it_is_told() -> None:
-    # A shared store tells every copy of a tone to every instance; the digits must not repeat.
+async def test_a_collection_takes_each_tone_once_however_often_it_is_told() -> None:
+    """A shared store tells every copy of a tone to every instance; the digits must not
+    repeat, nor may a copy of a tone told before a collection opened reach it."""
     (first,) = parse_payload(b.notifications(b.tone("c", "tone4", 1)))
     (again,) = parse_payload(b.notifications({**b.tone("c", "tone4", 1), "changeType": "Updated"}))
     (second,) = parse_payload(b.notifications(b.tone("c", "tone2", 2)))
-    listener = ToneListener("c")
-    for event in (first, again, second, first):
-        assert isinstance(event, events.ToneReceived)
-        listener.put(event)
-    assert [await listener.next(timeout=0), await listener.next(timeout=0)] == ["4", "2"]
-    assert not listener.pending()
+    router = ToneRouter()
+    with router.listen("c") as listener:
+        for event in (first, again, second, first):
+            assert isinstance(event, events.ToneReceived)
+            router.on_tone(event)
+        assert [await listener.next(timeout=0), await listener.next(timeout=0)] == ["4", "2"]
+        assert not listener.pending()
+    with router.listen("c") as later:
+        for event in (again, second):
+            assert isinstance(event, events.ToneReceived)
+            router.on_tone(event)
+        assert not later.pending()
 
 
 def tone_event(tone: str, sequence: int, call_id: str = "c") -> events.ToneReceived:
@@ -246,6 +253,23 @@ async def test_the_finish_key_after_a_full_collection_ends_that_one_only() -> No
         assert [await listener.next(timeout=0) for _ in range(2)] == ["1", "2"]
         listener.full(frozenset("#"))  # another key came next: it is the caller's next
         assert await listener.next(timeout=0) == "9"
+
+
+async def test_the_finish_key_after_a_full_collection_ends_it_however_it_arrives() -> None:
+    """Its copy (a shared store tells every copy) and a later key overtaking it (tones may
+    arrive out of order) still leave the next collection the caller's own keys."""
+    router = ToneRouter()
+    with router.listen("c") as first:
+        for sequence, tone in enumerate(["tone1", "tone2", "tone3", "tone4"], start=1):
+            router.on_tone(tone_event(tone, sequence))
+        assert [await first.next(timeout=0) for _ in range(4)] == list("1234")
+        first.full(frozenset("#"))  # the "#" has not come yet
+    with router.listen("c") as following:
+        router.on_tone(tone_event("tone5", 6))  # overtakes the "#"
+        router.on_tone(tone_event("pound", 5))
+        router.on_tone(tone_event("pound", 5))  # told again
+        assert await following.next(timeout=0) == "5"
+        assert not following.pending()
 
 
 async def test_pressing_the_finish_key_after_a_full_collection_reaches_no_later_one() -> None:

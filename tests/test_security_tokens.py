@@ -527,6 +527,11 @@ async def test_a_request_holds_at_most_a_full_roster_s_worth_of_objects(
         other["resourceData"]["targets"] = [{}] * 990
         items.append(other)
     assert await refusal(await server.post(b.notifications(*items))) == (413, "too_many_values")
+    # Participants written into a call item buy no room for anything else it holds.
+    invented = b.call_state("fat-call", "establishing")
+    invented["resourceData"]["participants"] = [{}] * 100
+    invented["resourceData"]["targets"] = [{}] * 2_400
+    assert await refusal(await server.post(b.notifications(invented))) == (413, "too_many_values")
     # Braces inside strings are no objects: a prompt's text may hold any.
     item["resourceData"]["targets"] = [{"note": "{[" * 1_000}]
     assert (await server.post(b.notifications(item))).status == 202

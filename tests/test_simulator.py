@@ -228,6 +228,27 @@ async def test_prompts_and_recordings_play_one_after_another_in_order() -> None:
     assert finished == ["prompt", "record"]
 
 
+async def test_a_queued_recording_is_not_ended_by_its_stop_tone_before_it_starts() -> None:
+    bot, _ = answering_bot()
+    ops: dict[str, Any] = {}
+
+    @bot.on_tone
+    async def greet_then_record(call: Call, event: events.ToneReceived) -> None:
+        if event.digit == "1":
+            ops["prompt"] = await call.play_prompt("https://cdn.contoso.com/welcome.wav")
+            ops["record"] = await call.record_response(max_record_duration=5, stop_tones=["#"])
+
+    # A prompt far longer than the test: the recording stays queued behind it.
+    async with run_with_simulator(bot, prompt_duration=600) as sim:
+        call = await sim.incoming_call()
+        await call.press("1")
+        await until(lambda: "record" in ops)
+        await call.press("#")  # acknowledged: what the simulator sent before it was too
+        assert not ops["prompt"].done
+        assert not ops["record"].done
+        await call.hangup()
+
+
 async def test_cancel_media_processing_fails_the_running_prompt() -> None:
     bot, _ = answering_bot()
     failures: list[OperationFailed] = []

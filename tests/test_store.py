@@ -110,6 +110,8 @@ def test_a_record_survives_the_round_trip() -> None:
     assert copy.roster_sequence == 4
     assert list(copy.seen) == list(record.seen)
     assert copy.latest == record.latest
+    # An instance of the previous release reads the roster's under its old name.
+    assert json.loads(encode_record(record))["roster_digest"] == (b"\x03" * 16).hex()
     assert copy.seen.maxlen == record.seen.maxlen
     assert decode_record('{"version": 999}') is None
 

@@ -13,6 +13,7 @@ import asyncio
 import bisect
 import contextlib
 import functools
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
@@ -47,6 +48,7 @@ __all__ = ["ToneListener", "ToneRouter", "collect_digits", "menu"]
 log = structlog.get_logger("callbot.graph")
 
 T = TypeVar("T")
+_TOLD = 128  # the latest tones of a call a copy is recognised among, as the sequencer does
 
 
 class ToneListener:
@@ -63,17 +65,11 @@ class ToneListener:
         self._arrivals = 0
         self._after_full = after_full
         self._last_taken: int | None = None  # Graph's sequence_id of the last key taken
-        self._seen: set[bytes] = set()
         self._changed = asyncio.Event()
         self.ended = False
 
     def put(self, event: events.ToneReceived) -> None:
-        """A tone was accepted for the call; a repeat of one it had is ignored."""
-        digest = notification_digest(event)
-        if digest in self._seen:
-            # A shared store tells every copy: one retried after a failed attempt may be new.
-            return
-        self._seen.add(digest)
+        """A tone was accepted for the call (once: its router drops copies)."""
         self._arrivals += 1
         sequence = event.sequence_id if event.sequence_id is not None else self._arrivals
         tone = (sequence, self._arrivals, digit_of(event.tone), event.sequence_id)
@@ -136,19 +132,31 @@ class ToneRouter:
         self._listeners: dict[str, list[ToneListener]] = {}
         self._subscribed: set[str] = set()
         # Per call: the sequence_id of a key that would end a collection already full, if
-        # it is one of these keys (ToneListener.full).
+        # it is one of these keys (ToneListener.full); kept until the next full collection
+        # or the call's end, so that neither a copy nor a key overtaking it undoes it.
         self._finishing: dict[str, tuple[int, frozenset[str]]] = {}
+        # Per call collecting digits: the tones told so far. A shared store tells every
+        # copy of a tone, and one told before a collection opened must not reach it.
+        self._told: dict[str, deque[bytes]] = {}
 
     def on_tone(self, event: events.ToneReceived) -> None:
         """A tone was accepted (called by the sequencer, before handlers see it)."""
-        finishing = self._finishing.get(event.call_key)
-        if finishing is not None and event.sequence_id is not None:
-            expected, keys = finishing
-            if event.sequence_id >= expected:
-                del self._finishing[event.call_key]
-            if event.sequence_id == expected and digit_of(event.tone) in keys:
-                return  # it ended a collection that had all its digits already
-        for listener in self._listeners.get(event.call_key, ()):
+        key = event.call_key
+        listeners = self._listeners.get(key)
+        if key not in self._subscribed and not listeners:
+            return  # no digits are collected on this call
+        told = self._told.get(key)
+        if told is None:
+            told = self._told[key] = deque(maxlen=_TOLD)
+        digest = notification_digest(event)
+        if digest in told:
+            return
+        told.append(digest)
+        finishing = self._finishing.get(key)
+        expected, keys = finishing if finishing is not None else (None, frozenset[str]())
+        if event.sequence_id == expected and digit_of(event.tone) in keys:
+            return  # it ended a collection that had all its digits already
+        for listener in listeners or ():
             listener.put(event)
 
     def _expect_finish(self, call_key: str, sequence_id: int, keys: frozenset[str]) -> None:
@@ -158,6 +166,7 @@ class ToneRouter:
         """The call ended: wake its listeners and forget its subscription."""
         self._subscribed.discard(call_key)
         self._finishing.pop(call_key, None)
+        self._told.pop(call_key, None)
         for listener in self._listeners.get(call_key, ()):
             listener.end()
 

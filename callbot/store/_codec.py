@@ -96,6 +96,8 @@ def encode_record(record: CallRecord) -> str:
         "ended": record.closed,
         "roster_sequence": record.roster_sequence,
         "latest": {kind: digest.hex() for kind, digest in record.latest.items()},
+        # Read by instances of the previous release during a rolling upgrade.
+        "roster_digest": digest.hex() if (digest := record.latest.get("roster")) else None,
         "seen": [digest.hex() for digest in record.seen],
     }
     # Models serialize themselves (faster than going through Python dicts).

@@ -526,7 +526,7 @@ class SimulatedCall:
         await self._sim._until(
             lambda: (
                 self.ended
-                or bool(self._stop_keys)
+                or self._media_playing in self._stop_keys
                 or (self.subscribed_to_tones and "established" in self.states)
             ),
             timeout,
@@ -561,7 +561,10 @@ class SimulatedCall:
     def _stopped_recording(self, key: str) -> None:
         """End the recordings ``key`` is a stop tone of, as Graph does (document 69: the
         recording completes with ``stopToneDetected``)."""
-        stopped = [op for op, keys in self._stop_keys.items() if key in keys]
+        # Only the one playing: a recording queued behind a prompt has not started yet.
+        stopped = [
+            op for op, keys in self._stop_keys.items() if key in keys and op == self._media_playing
+        ]
         for operation_id in stopped:
             del self._stop_keys[operation_id]
             if self._media.pop(operation_id, None) is None:
