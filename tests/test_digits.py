@@ -272,8 +272,9 @@ async def test_the_finish_key_after_a_full_collection_ends_it_however_it_arrives
         assert not following.pending()
 
 
-async def test_pressing_the_finish_key_after_a_full_collection_reaches_no_later_one() -> None:
-    bot = CallBot(app_id=APP_ID)
+async def pin_then_choice(bot: CallBot, **simulator: Any) -> list[str]:
+    """A PIN of four digits, then a choice of two: the caller presses "1234", and once the
+    second collection waits, "#56#". Returns what the two collections gave."""
     results: list[str] = []
 
     @bot.on_incoming_call
@@ -281,11 +282,11 @@ async def test_pressing_the_finish_key_after_a_full_collection_reaches_no_later_
         await call.answer()
 
     @bot.on_state("established")
-    async def pin_then_choice(call: Call, event: events.CallStateChanged) -> None:
+    async def collect(call: Call, event: events.CallStateChanged) -> None:
         results.append(await call.collect_digits(max_digits=4, timeout=30))
         results.append(await call.collect_digits(max_digits=2, timeout=30))
 
-    async with run_with_simulator(bot) as sim:
+    async with run_with_simulator(bot, **simulator) as sim:
         call = await sim.incoming_call()
         await call.wait_for_request("subscribeToTone")
         await call.press("1234")
@@ -294,8 +295,12 @@ async def test_pressing_the_finish_key_after_a_full_collection_reaches_no_later_
         await until(lambda: bool(tones._listeners.get(call.key)))  # the second one waits
         await call.press("#56#")
         await until(lambda: len(results) == 2)
-        assert results == ["1234", "56"]
         await call.hangup()
+    return results
+
+
+async def test_pressing_the_finish_key_after_a_full_collection_reaches_no_later_one() -> None:
+    assert await pin_then_choice(CallBot(app_id=APP_ID)) == ["1234", "56"]
 
 
 async def test_a_menu_keyed_by_numbers_says_to_key_it_by_strings() -> None:

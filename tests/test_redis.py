@@ -35,10 +35,11 @@ from callbot._ids import id_key
 from callbot._lifecycle import ENDED_MEMORY, Lifecycle
 from callbot.store import _redis
 from callbot.store._redis import follow_primary
-from callbot.testing import DeliveryOptions, FakeGraph, TokenAuthority, run_with_simulator
+from callbot.testing import DeliveryOptions, FakeGraph, TokenAuthority
 from callbot.testing import builders as b
 
 from .conftest import APP_ID, BotServer, make_bot, until
+from .test_digits import pin_then_choice
 from .test_redis_bot import label, log_key
 from .test_security_tokens import OTHER_TENANT as OTHER
 from .test_security_tokens import without_tenant
@@ -1184,31 +1185,11 @@ async def test_a_collection_after_a_full_one_gets_the_callers_keys_when_every_co
     redis_url: str,
 ) -> None:
     """The Redis store tells the tone router every copy of a tone, and Graph retries (the
-    simulator posting each notification twice): a PIN of four digits pressed as "1234",
-    then "#56#", gives the next two-digit collection "56", not "" nor a repeated "4"."""
+    simulator posting each notification twice): the next collection gets "56", not "" nor
+    a repeated "4"."""
     bot = CallBot(app_id=APP_ID, store=redis_url)
-    results: list[str] = []
-
-    @bot.on_incoming_call
-    async def answer(call: Call, event: events.IncomingCall) -> None:
-        await call.answer()
-
-    @bot.on_state("established")
-    async def pin_then_choice(call: Call, event: events.CallStateChanged) -> None:
-        results.append(await call.collect_digits(max_digits=4, timeout=30))
-        results.append(await call.collect_digits(max_digits=2, timeout=30))
-
-    async with run_with_simulator(bot, delivery=DeliveryOptions(duplicate=True)) as sim:
-        call = await sim.incoming_call()
-        await call.wait_for_request("subscribeToTone")
-        await call.press("1234")
-        await until(lambda: results == ["1234"])
-        tones = bot._running().services.tones
-        await until(lambda: bool(tones._listeners.get(call.key)))  # the second one waits
-        await call.press("#56#")
-        await until(lambda: len(results) == 2)
-        assert results == ["1234", "56"]
-        await call.hangup()
+    delivery = DeliveryOptions(duplicate=True)
+    assert await pin_then_choice(bot, delivery=delivery) == ["1234", "56"]
 
 
 def timers_due_ran(lifecycle: Lifecycle, by: float) -> bool:
