@@ -48,6 +48,7 @@ def test_public_names() -> None:
         "Operation",
         "Participants",
         "RetryPolicy",
+        "Roster",
         "Target",
         "TokenCache",
         "media_info",
@@ -56,6 +57,8 @@ def test_public_names() -> None:
     }
     assert callbot.Call is callbot.graph.Call
     assert callbot.Operation is callbot.graph.Operation
+    assert callbot.Roster is callbot.graph.Roster
+    assert callbot.Meeting is callbot.graph.Meeting
 
 
 async def test_handles_of_one_call_are_equal(make_services: Callable[..., CallServices]) -> None:
