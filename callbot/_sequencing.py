@@ -118,7 +118,10 @@ def _in_lifecycle_order(held: list[events.Event]) -> list[events.Event]:
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
-    """An event released for its handlers, with the call as it stands after it."""
+    """An event released for its handlers, with the call as it stands after it.
+
+    ``event.raw`` is the very item the sequencer accepted (never a copy), however the event
+    was rewritten: a shared store finds the delivery's attempt by it."""
 
     event: events.Event
     snapshot: CallResource | None
@@ -609,7 +612,9 @@ def tenant_mismatch(refused: int) -> MalformedNotification:
 def _as_update(event: events.Event, state: str, before: CallResource | None) -> events.CallUpdated:
     call = _call_of(event)
     assert call is not None  # every state-carrying event carries the call
-    return events.CallUpdated(
+    # Built from values validated already, without validating them again: validation would
+    # copy ``raw``, and a shared store finds a delivery's attempt by the very item.
+    return events.CallUpdated.model_construct(
         call_id=event.call_id,
         change_type=event.change_type,
         resource_url=event.resource_url,

@@ -913,12 +913,18 @@ async def test_tls_and_acl_users(
         server.stop()
 
 
+@pytest.mark.parametrize("kind", [events.CallStateChanged, events.CallUpdated])
 async def test_a_run_that_lost_its_call_sends_no_further_graph_action(
-    authority: TokenAuthority, serve: Any, redis_url: str, rdb: aioredis.Redis
+    authority: TokenAuthority,
+    serve: Any,
+    redis_url: str,
+    rdb: aioredis.Redis,
+    kind: type[events.Event],
 ) -> None:
     """Instance paused past its lease, then resumed mid-handler (simulated: another
     instance's acquisition is written into Redis and the run's lease deadline passes):
-    the handler's next Graph action is refused, not sent."""
+    the handler's next Graph action is refused, not sent. Also for an update (Teams sends
+    ``established`` again with media state: sb09), which the sequencer rewrites."""
     async with FakeGraph() as graph:
         started, go = asyncio.Event(), asyncio.Event()
         outcome: list[str] = []
@@ -931,8 +937,10 @@ async def test_a_run_that_lost_its_call_sends_no_further_graph_action(
             app_secret="fake-graph-secret",
         )
 
-        @bot.on_state("established")
-        async def play(call: Call, event: events.CallStateChanged) -> None:
+        @bot.on(kind)
+        async def play(call: Call, event: events.Event) -> None:
+            if isinstance(event, events.CallStateChanged) and event.state != "established":
+                return
             started.set()
             await go.wait()
             try:
@@ -942,8 +950,10 @@ async def test_a_run_that_lost_its_call_sends_no_further_graph_action(
                 outcome.append("refused")
 
         server: BotServer = await serve(bot)
-        for state in ("establishing", "established"):
+        audio = {"mediaState": {"audio": "active"}}
+        for state, extra in (("establishing", {}), ("established", {}), ("established", audio)):
             item = b.call_state("fenced-call", state)
+            item["resourceData"].update(extra)
             assert (await server.post(b.notifications(item))).status == 202
         await asyncio.wait_for(started.wait(), 10)
         await _taken_over(bot, rdb, "fenced-call")

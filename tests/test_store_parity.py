@@ -248,6 +248,8 @@ class Group:
     seen: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     statuses: list[int] = field(default_factory=list)
     reruns: list[str] = field(default_factory=list)
+    unattempted: list[str] = field(default_factory=list)
+    """Events a shared store ran without their run's attempt (no journal, no fencing)."""
     client: aioredis.Redis | None = None
     posted: int = 0
 
@@ -260,6 +262,8 @@ class Group:
                 attempt = current_attempt()
                 if attempt is not None and attempt.redelivered:
                     self.reruns.append(event.call_id)
+                if attempt is None and self.client is not None:
+                    self.unattempted.append(type(event).__name__)
 
     async def post(self, step: Post) -> None:
         server = self.servers[self.posted % len(self.servers)]
@@ -350,6 +354,7 @@ class Parity:
                 mine, theirs = group.seen.get(call, []), reference.seen.get(call, [])
                 assert mine == theirs, _difference(group.name, call, theirs, mine)
             assert not group.reruns, (group.name, group.reruns)
+            assert not group.unattempted, (group.name, group.unattempted)
             assert group.drops() == reference.drops(), group.name
 
 
