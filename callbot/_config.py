@@ -65,7 +65,8 @@ class Settings:
     reorder_window: float = 1.0
     """How long a state that skipped its predecessor is held waiting for it."""
     max_concurrent_handlers: int = 256
-    """How many calls' handlers may run at once."""
+    """How many calls' handlers may run at once (a handler waiting inside its call counts);
+    handlers of an incoming call never wait for one, so that it is answered in time."""
     termination_grace: float = 30.0
     """How long a terminated call's state is kept; that it ended is kept for 10 minutes more,
     so stragglers are dropped."""

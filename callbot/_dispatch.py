@@ -9,6 +9,7 @@ worker exists only while its call has queued work, so idle calls cost no task.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import time
 import traceback
@@ -227,7 +228,11 @@ class Dispatcher:
             await self._report("matches", call, event, exc)
             registrations = []
         attempt = delivery.attempt
-        async with self._slots:
+        # An incoming call must be answered within 15 s: its handlers never wait for a slot
+        # that handlers waiting inside their own calls (a prompt, digits) may hold for minutes.
+        # (Pending incoming calls are bounded by max_pending_calls.)
+        slots = contextlib.nullcontext() if isinstance(event, events.IncomingCall) else self._slots
+        async with slots:
             for registration in registrations:
                 if attempt is not None and not await _still_held(attempt):
                     # Another instance took the call over: it runs this delivery again.

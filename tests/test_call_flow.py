@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from callbot import Call, CallBot, OperationFailed, events, models
+from callbot import Call, CallBot, OperationFailed, Target, events, models
 from callbot.testing import FakeGraph, TokenAuthority
 from callbot.testing import builders as b
 
@@ -233,3 +233,27 @@ async def test_a_call_graph_has_forgotten_is_let_go_when_its_keep_alive_gets_404
     assert [c.id for c in bot.active_calls()] == ["lost"]
     graph.end_call("lost")  # its termination never reaches the bot
     await until(lambda: bot.active_calls() == [])
+
+
+async def test_the_handle_create_call_returns_sees_its_call_end(
+    graph: FakeGraph, authority: TokenAuthority, serve: Any
+) -> None:
+    """``call.ended`` is live on every handle: also on the one ``create_call`` returned,
+    which a bot keeps to act on the call from outside its handlers."""
+    bot = graph_bot(graph, authority)
+    ended: list[str] = []
+
+    @bot.on_state("terminated")
+    async def done(call: Call, event: events.CallStateChanged) -> None:
+        ended.append(call.id)
+
+    server = await serve(bot)
+    call = await bot.create_call(Target.user("8d1e6ab6-26c5-4e22-a1bc-06ea7343958e"))
+    for item in (
+        b.call_state(call.id, "establishing"),
+        b.call_state(call.id, "established"),
+        b.call_terminated(call.id, code=0, subcode=5001),
+    ):
+        assert (await server.post(b.notifications(item))).status == 202
+    await until(lambda: ended == [call.id])
+    assert call.ended

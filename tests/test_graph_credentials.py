@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 from structlog.testing import capture_logs
 
-from callbot import ConfigurationError, GraphError
+from callbot import ConfigurationError, GraphError, Settings
 from callbot.graph import (
     AccessToken,
     CallServices,
@@ -32,7 +32,7 @@ from callbot.graph import (
 from callbot.graph._credentials import graph_scope
 from callbot.testing import FakeGraph
 
-from .conftest import plain_server
+from .conftest import plain_server, until
 
 APP_ID = "6c4a7c4e-2b1a-4d7e-9a53-7a1bfb4c0d11"
 CALL_ID = "57dab8b1-894c-409a-b240-bd8beae78896"
@@ -435,3 +435,42 @@ async def test_a_token_endpoint_redirect_is_not_followed(status: int) -> None:
             await credential.close()
     assert failure.value.status == status
     assert stolen == []
+
+
+async def test_a_late_401_leaves_the_token_fetched_since_alone() -> None:
+    """Requests in flight when a token is revoked each get 401: the first fetches a new
+    token; the refusals that come after it must not throw the new one away (a fetch per
+    call in progress, a burst the token endpoint may throttle)."""
+    valid = {"custom-1"}
+    release_second = asyncio.Event()
+    seen: list[tuple[str, str]] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        bearer = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        which = request.path.rsplit("/", 2)[-2]  # the call id: a, b or c
+        seen.append((which, bearer))
+        if which == "b" and bearer == "custom-1":
+            await release_second.wait()
+        if bearer not in valid:
+            error = {"error": {"code": "InvalidAuthenticationToken"}}
+            return web.json_response(error, status=401)
+        return web.Response(status=200)
+
+    credential = CountingCredential()
+    async with plain_server(handler) as base:
+        settings = Settings(app_id="app", tenant_id="t", graph_url=base + "/v1.0")
+        svc = CallServices(settings, credential=credential, retry=RetryPolicy(total_time=5.0))
+        await svc.start()  # custom-1 cached
+        try:
+            valid.clear()
+            valid.update({"custom-2", "custom-3"})  # custom-1 revoked
+            second = asyncio.create_task(svc.call("b").keep_alive())
+            await until(lambda: ("b", "custom-1") in seen)
+            await svc.call("a").keep_alive()  # 401, fetches custom-2, succeeds
+            assert len(credential.calls) == 2
+            release_second.set()
+            await second  # 401 for custom-1, then custom-2
+            await svc.call("c").keep_alive()
+        finally:
+            await svc.close()
+    assert len(credential.calls) == 2, seen

@@ -525,3 +525,38 @@ async def test_an_outcome_naming_no_id_settles_nothing_by_a_context_the_bot_chos
     assert services.operations.counts["dropped", "operation_unproven"] == 1
     services.on_operation(invitation_outcome("mine").model_copy(update={"operation_id": op.id}))
     assert (await op.wait(timeout=0)).status == "completed"
+
+
+async def test_a_cancel_answered_with_the_cancelled_operation_s_id_leaves_it_waiting(
+    graph: FakeGraph, services: CallServices
+) -> None:
+    """Graph's documented cancelMediaProcessing response carries the id of the operation it
+    cancels (the recording's; its Location names another). The recording keeps its place:
+    its outcome (document 37) still ends its wait, though the bot reused its context."""
+    graph.route(
+        "recordResponse",
+        lambda _: FakeResponse(status=200, body=documented_response("recordResponse")),
+    )
+    graph.route(
+        "cancelMediaProcessing",
+        lambda _: FakeResponse(status=200, body=documented_response("cancelMediaProcessing")),
+    )
+    call = services.call(CALL_ID)
+    recording = await call.record_response(client_context="voicemail")
+    await call.cancel_media_processing()
+    again = {
+        "@odata.type": "#microsoft.graph.recordOperation",
+        "id": "11111111-2222-3333-4444-555555555555",
+        "status": "running",
+    }
+    graph.route("recordResponse", lambda _: FakeResponse(status=200, body=again))
+    await call.record_response(client_context="voicemail")  # starts over, the same context
+    services.on_operation(
+        operation_event(
+            "37-call-cancelmediaprocessing-recordresponse-canceled.json",
+            clientContext="voicemail",
+        )
+    )
+    with pytest.raises(OperationFailed) as failed:
+        await recording.wait(timeout=5)
+    assert failed.value.result_info.subcode == 8508

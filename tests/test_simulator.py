@@ -249,6 +249,29 @@ async def test_a_queued_recording_is_not_ended_by_its_stop_tone_before_it_starts
         await call.hangup()
 
 
+async def test_a_call_is_answered_while_every_handler_slot_waits_inside_its_call() -> None:
+    """A handler awaiting its own prompt holds a slot as long as it waits: with every slot
+    held so, the next incoming call is still answered within Graph's 15 s."""
+    bot = CallBot(app_id=APP_ID, max_concurrent_handlers=1)
+
+    @bot.on_incoming_call
+    async def answer(call: Call, event: events.IncomingCall) -> None:
+        await call.answer()
+
+    @bot.on_state("established")
+    async def greet(call: Call, event: events.CallStateChanged) -> None:
+        prompt = await call.play_prompt("https://cdn.contoso.com/hold-music.wav")
+        await prompt.wait()
+
+    async with run_with_simulator(bot, prompt_duration=600.0) as sim:
+        first = await sim.incoming_call()
+        await first.wait_for_request("playPrompt")
+        second = await sim.incoming_call()
+        await second.wait_for_request("answer", timeout=10)
+        await first.hangup()
+        await second.hangup()
+
+
 async def test_cancel_media_processing_fails_the_running_prompt() -> None:
     bot, _ = answering_bot()
     failures: list[OperationFailed] = []

@@ -273,8 +273,16 @@ class GraphClient:
                 log.info("graph_action_replayed", method=method, url=url, call_id=call_id)
                 return _replayed(recorded)
 
+        sent: list[str] = []
+
         async def authorization() -> str:
-            return "Bearer " + await tokens.get()
+            token = await tokens.get()
+            sent.append(token)
+            return "Bearer " + token
+
+        def unauthorized() -> None:
+            # Only the token Graph refused: another request may have replaced it already.
+            tokens.invalidate(sent[-1] if sent else None)
 
         extra = dict(headers or {})
         if scenario_id is not None:
@@ -285,7 +293,7 @@ class GraphClient:
             url,
             policy=self.retry,
             authorization=authorization,
-            on_unauthorized=tokens.invalidate,
+            on_unauthorized=unauthorized,
             json_body=json,
             headers=extra,
             log_fields=fields,

@@ -355,8 +355,11 @@ class TokenCache:
         self.fetches = 0
         """How many times the credential was asked (for metrics and tests)."""
 
-    def invalidate(self) -> None:
-        """Forget the cached token (after Graph refused it)."""
+    def invalidate(self, token: str | None = None) -> None:
+        """Forget the cached token (after Graph refused it); given ``token``, only if it is
+        still the one cached (a refusal of an older token leaves a newer one alone)."""
+        if token is not None and token != self._token:
+            return
         self._token = None
         self._refresh_at = 0.0
 

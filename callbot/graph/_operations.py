@@ -238,7 +238,12 @@ class OperationRegistry:
         status = operation.status or "running"
         if op_id is not None:
             op.id = op_id
-            self._by_id.setdefault(id_key(op_id), {})[op.call_key] = op
+            calls = self._by_id.setdefault(id_key(op_id), {})
+            holder = calls.get(op.call_key)
+            # cancelMediaProcessing answers with the id of the operation it cancels: that
+            # operation keeps its place (its outcome is still to come), the cancel does not.
+            if holder is None or holder.done:
+                calls[op.call_key] = op
         if is_settled(status):
             op._finish(operation, status, operation.result_info)
             self._forget(op)

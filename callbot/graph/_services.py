@@ -312,7 +312,10 @@ class CallServices:
             # Graph made the call: the bot keeps its handle (to hang up, at least).
             log.warning("call_created_unreadable", call_id=call_id, error=exc.message)
             snapshot = models.Call(id=call_id)
-        handle = self.call(call_id, snapshot=snapshot)
+        # Known to the lifecycle from now on (its tenant bound by its first notification), so
+        # the handle returned sees the call end, as handlers' handles do.
+        life = self._lifecycle.life(call_id) if self._lifecycle is not None else None
+        handle = self.call(call_id, snapshot=snapshot, life=life)
         log.info(
             "call_created",
             call_id=call_id,
