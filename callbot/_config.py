@@ -11,6 +11,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ._errors import ConfigurationError
+from ._log import LOG_FORMATS, level_number
 
 __all__ = ["Settings"]
 
@@ -154,6 +155,19 @@ class Settings:
                     f"public_url must be an absolute URL, got {self.public_url!r} "
                     "(CALLBOT_PUBLIC_URL)"
                 )
+            try:
+                parts.port  # noqa: B018 - raises for a port that is not a number 0-65535
+            except ValueError:
+                bad = True
+            else:
+                bad = any(c.isspace() for c in self.public_url) or bool(
+                    parts.query or parts.fragment or not parts.hostname
+                )
+            if bad:
+                raise ConfigurationError(
+                    f"public_url must be scheme://host[:port][/path], with no spaces, query or "
+                    f"fragment, got {self.public_url!r} (CALLBOT_PUBLIC_URL)"
+                )
             if parts.scheme != "https" and not self.allow_insecure_public_url:
                 raise ConfigurationError(
                     "public_url must use https: Graph only calls back over TLS "
@@ -173,6 +187,16 @@ class Settings:
                     f"{setting.name} must not be negative, got {value!r} "
                     f"(CALLBOT_{setting.name.upper()})"
                 )
+        if self.log_format not in LOG_FORMATS:
+            raise ConfigurationError(
+                f"log_format must be {', '.join(LOG_FORMATS)}, got {self.log_format!r} "
+                "(CALLBOT_LOG_FORMAT)"
+            )
+        if level_number(self.log_level) is None:
+            raise ConfigurationError(
+                f"log_level must be debug, info, warning, error or critical, got "
+                f"{self.log_level!r} (CALLBOT_LOG_LEVEL)"
+            )
         if not 0 <= self.port <= 65535:
             raise ConfigurationError(f"port must be 0 to 65535, got {self.port} (CALLBOT_PORT)")
         for name in (
@@ -252,6 +276,8 @@ class Settings:
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             raw = env.get("CALLBOT_" + f.name.upper())
+            # A value from a file or a Secret often ends in a newline: never part of a setting.
+            raw = raw.strip() if raw is not None else None
             if raw is None or raw == "":
                 continue
             values[f.name] = _convert(f.name, str(f.type), raw)

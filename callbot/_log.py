@@ -37,6 +37,15 @@ def is_enabled(level: int) -> bool:
     return threshold is None or level >= threshold
 
 
+LOG_FORMATS = ("json", "console", "auto")
+"""What ``log_format`` (``CALLBOT_LOG_FORMAT``) may be."""
+
+
+def level_number(level: str) -> int | None:
+    """The ``logging`` level a name stands for (``debug``, ``INFO``, ...), or ``None``."""
+    return logging.getLevelNamesMapping().get(level.strip().upper())
+
+
 def configure_logging(log_format: str = "auto", level: str = "info") -> None:
     """Set up structlog, and the standard library's ``logging``, for a bot process.
 
@@ -52,7 +61,7 @@ def configure_logging(log_format: str = "auto", level: str = "info") -> None:
         if use_console
         else structlog.processors.JSONRenderer()
     )
-    numeric_level = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
+    numeric_level = level_number(level) or logging.INFO
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,

@@ -105,7 +105,7 @@ async def ngrok_public_url(
             f"no ngrok agent answers at {base} ({type(exc).__name__}): {start_hint}, "
             "or set CALLBOT_NGROK_API to its web_addr"
         ) from None
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the decoder goes
         raise TunnelError(f"the ngrok agent at {base} did not answer JSON on {url}") from None
     tunnels = document.get("tunnels") if isinstance(document, dict) else None
     if not isinstance(tunnels, list):
@@ -188,7 +188,7 @@ def devtunnel_public_url(
         )
     try:
         document = json.loads(completed.stdout)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the decoder goes
         raise TunnelError(
             f"could not read the output of `{shown}` as JSON; this devtunnel version "
             "prints another format: set CALLBOT_PUBLIC_URL to the tunnel's https URL instead"

@@ -226,3 +226,21 @@ def test_console_lines_escape_what_stderr_cannot_encode(monkeypatch: pytest.Monk
     assert "graph_operation_started" in text
     assert "\\udc00" in text
     assert "caller named caf\u00e9 \\ud83d" in text
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:abc/0",
+        "redis://127.0.0.1:99999/0",
+        "redis://127.0.0.1:6379/0?socket_timeout=abc",
+        "redis+sentinel://127.0.0.1:2637x/mymaster",
+        "redis+sentinel://127.0.0.1:26379/mymaster/x",
+    ],
+)
+def test_a_malformed_store_url_is_one_clear_line(tmp_path: Path, url: str) -> None:
+    (tmp_path / "mybot.py").write_text(BOT_MODULE)
+    result = run_callbot(
+        "run", "mybot:bot", "--port", "0", cwd=tmp_path, CALLBOT_APP_ID="x", CALLBOT_STORE=url
+    )
+    assert_one_clear_line(result, "CALLBOT_STORE")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import pytest
 
@@ -111,3 +112,42 @@ def test_durations_sizes_and_counts_are_never_negative_and_some_never_zero(
 ) -> None:
     with pytest.raises(ConfigurationError, match=variable):
         Settings.from_env({"CALLBOT_APP_ID": "a", variable: value})
+
+
+def test_a_value_ending_in_a_newline_is_read_without_it() -> None:
+    """A value from a file or a Kubernetes Secret (``echo $ID | base64``) ends in a newline:
+    kept, the app id matched no token's audience and every callback got 401."""
+    settings = Settings.from_env(
+        {"CALLBOT_APP_ID": "app-id\n", "CALLBOT_PUBLIC_URL": " https://bot.example.test\n"}
+    )
+    assert settings.app_id == "app-id"
+    assert settings.callback_url == "https://bot.example.test/api/calls"
+
+
+@pytest.mark.parametrize(
+    "public_url",
+    [
+        "https://bot.example.test /",
+        "https://bot.example.test?x=1",
+        "https://bot.example.test/#top",
+        "https://bot.example.test:99999",
+        "https:///api",
+    ],
+)
+def test_a_public_url_that_makes_no_callback_uri_is_refused(public_url: str) -> None:
+    with pytest.raises(ConfigurationError, match="public_url"):
+        Settings(public_url=public_url)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), [("log_level", "verbose"), ("log_format", "xml"), ("log_level", "")]
+)
+def test_an_unknown_log_setting_is_refused(name: str, value: str) -> None:
+    changes: dict[str, Any] = {name: value}
+    with pytest.raises(ConfigurationError, match=name):
+        Settings(**changes)
+
+
+@pytest.mark.parametrize("level", ["debug", "INFO", "Warning", "warn", "error", "critical"])
+def test_every_level_logging_knows_is_taken(level: str) -> None:
+    assert Settings(log_level=level).log_level == level

@@ -80,6 +80,9 @@ def test_dockerfile_runs_callbot_as_a_non_root_user_with_a_healthcheck() -> None
 
     stages = [i for i, (keyword, _) in enumerate(instructions) if keyword == "FROM"]
     assert stages, "no FROM"
+    # The wheel is built with the license file pyproject.toml names.
+    copied = [a for keyword, a in instructions[: stages[-1]] if keyword == "COPY"]
+    assert "LICENSE" in " ".join(copied).split()
     final = instructions[stages[-1] :]
     base = final[0][1].split()[0]
     assert re.fullmatch(r"python:3\.\d+-slim", base), base

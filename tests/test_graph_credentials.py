@@ -272,7 +272,7 @@ async def test_a_cancelled_caller_does_not_cancel_the_refresh() -> None:
 async def test_start_fetches_the_token_early(graph: FakeGraph) -> None:
     svc = CallServices(graph.settings(), retry=FAST)
     await svc.start()
-    assert len(graph.token_requests) == 1
+    await until(lambda: len(graph.token_requests) == 1)  # fetched in the background
     await svc.call(CALL_ID).keep_alive()
     await svc.close()
     assert len(graph.token_requests) == 1
@@ -283,7 +283,7 @@ async def test_start_survives_a_token_failure(graph: FakeGraph) -> None:
     svc = CallServices(graph.settings(), retry=RetryPolicy(total_time=0.0))
     with capture_logs() as logs:
         await svc.start()
-    assert any(e["event"] == "graph_token_prefetch_failed" for e in logs)
+        await until(lambda: any(e["event"] == "graph_token_prefetch_failed" for e in logs))
     # once the endpoint recovers, the first request fetches the token
     graph.clear_faults()
     await svc.call(CALL_ID).keep_alive()

@@ -690,3 +690,91 @@ async def test_the_forwarded_scheme_is_logged_only_from_a_trusted_proxy(
             )
         [refusal] = [e for e in logs if e["event"] == "callback_refused"]
         assert refusal["scheme"] == scheme
+
+
+def unused_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def test_redis_unreachable_at_start_is_logged(authority: TokenAuthority) -> None:
+    bot = make_bot(authority, store=f"redis://127.0.0.1:{unused_port()}/0")
+    with capture_logs() as logs:
+        await bot.start()
+        try:
+            assert not bot.ready
+        finally:
+            await bot.stop()
+    assert [e["event"] for e in logs if e["event"] == "store_unreachable"] == ["store_unreachable"]
+
+
+async def test_an_unreadable_certificate_stops_the_start(
+    authority: TokenAuthority, tmp_path: Path
+) -> None:
+    """It was a warning, then a bot ready for callbacks that could answer no call."""
+    bot = make_bot(authority, certificate_path=str(tmp_path / "missing.pem"))
+    try:
+        with pytest.raises(ConfigurationError, match="certificate"):
+            await bot.start()
+    finally:
+        await bot.stop()
+
+
+async def test_the_bot_listens_and_obeys_stop_while_the_token_endpoint_hangs(
+    authority: TokenAuthority, logging_restored: None
+) -> None:
+    """The app token is fetched in the background: a token endpoint that never answers
+    keeps the bot neither from listening (liveness probes, Graph) nor from stopping."""
+    asked, released = asyncio.Event(), asyncio.Event()
+
+    async def hang(request: web.Request) -> web.Response:
+        asked.set()
+        await released.wait()
+        return web.Response(status=503)
+
+    async with plain_server(hang) as url:
+        bot = make_bot(
+            authority,
+            app_secret="secret",
+            authority_url=url,
+            graph_request_timeout=3600.0,
+            graph_retry_time=3600.0,
+        )
+        port = unused_port()
+        stop = asyncio.Event()
+        serving = asyncio.create_task(bot.serve("127.0.0.1", port, stop=stop))
+
+        async def healthy() -> bool:
+            try:
+                async with (
+                    aiohttp.ClientSession() as session,
+                    session.get(f"http://127.0.0.1:{port}/healthz") as response,
+                ):
+                    return response.status == 200
+            except aiohttp.ClientError:
+                return False
+
+        try:
+            await asyncio.wait_for(asked.wait(), 30)  # the token request is in flight
+            async with asyncio.timeout(30):  # bounded: before the fix it never listened
+                while not await healthy():  # noqa: ASYNC110 - another process's socket
+                    await asyncio.sleep(0.05)
+            stop.set()
+            await asyncio.wait_for(asyncio.shield(serving), 30)
+        finally:
+            released.set()
+            stop.set()
+            serving.cancel()
+            with contextlib.suppress(BaseException):
+                await serving
+            await bot.stop()
+
+
+async def test_deeply_nested_junk_from_the_ngrok_agent_is_a_tunnel_error() -> None:
+    async def junk(request: web.Request) -> web.Response:
+        return web.Response(text="[" * 100_000 + "]" * 100_000)
+
+    async with plain_server(junk) as url:
+        with pytest.raises(TunnelError, match="did not answer JSON"):
+            await ngrok_public_url(8080, api_url=url)

@@ -191,9 +191,10 @@ async def test_callbacks_through_nginx_reach_handlers_and_log_the_real_client(
             CLIENT_SOURCE
         )
 
-        # The metrics path is not exposed through the proxy.
-        async with session.get(f"https://127.0.0.1:{port}/metrics") as response:
-            assert response.status == 404
+        # Metrics and probes are not exposed through the proxy.
+        for path in ("/metrics", "/readyz", "/healthz"):
+            async with session.get(f"https://127.0.0.1:{port}{path}") as response:
+                assert response.status == 404, path
     assert handled == ["via-nginx"]
 
 

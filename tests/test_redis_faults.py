@@ -23,6 +23,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -32,6 +33,7 @@ from typing import Any
 
 import pytest
 import redis
+from structlog.testing import capture_logs
 
 from benchmarks._inproc import InProcessBot
 from callbot import Call, events
@@ -39,6 +41,7 @@ from callbot.store._redis import connect, disconnect
 from callbot.testing import TokenAuthority
 from callbot.testing import builders as b
 
+from .conftest import make_bot, until
 from .test_redis import (  # the fixtures redis_server and redis_url too
     KEY_PREFIX,
     LIFECYCLE,
@@ -408,3 +411,39 @@ def _replicas_known(watcher: redis.Redis) -> int:
 def _primary_port(watcher: redis.Redis) -> int:
     address: Any = watcher.sentinel_get_master_addr_by_name("callbot")
     return int(address[1])
+
+
+async def test_stopping_with_a_hung_redis_hands_over_no_further_after_a_failure(
+    authority: TokenAuthority, serve: Any, tmp_path: Path
+) -> None:
+    """Each held call's hand-over waited out the socket timeout (3 s) when Redis hung: ten
+    calls took 30 s past shutdown_timeout, beyond systemd's and Kubernetes' grace. The
+    first failure ends the hand-over; the calls go to others when their leases run out."""
+    server = RedisServer(_redis_binary(), tmp_path)
+    server.start()
+    assert server.process is not None
+    try:
+        bot = make_bot(authority, store=server.url, shutdown_timeout=0.5)
+        started: set[str] = set()
+
+        @bot.on_incoming_call
+        async def hold(call: Call, event: events.IncomingCall) -> None:
+            started.add(event.call_id)
+            await asyncio.Event().wait()
+
+        bot_server = await serve(bot)
+        calls = [f"held-{i}" for i in range(10)]
+        for call_id in calls:
+            response = await bot_server.post(b.notifications(b.incoming_call(call_id)))
+            assert response.status == 202
+        await until(lambda: started == set(calls), within=30)
+        os.kill(server.process.pid, signal.SIGSTOP)  # Redis hangs: no answers, no refusals
+        try:
+            with capture_logs() as logs:
+                await bot.stop()
+        finally:
+            os.kill(server.process.pid, signal.SIGCONT)
+        incomplete = [e for e in logs if e["event"] == "store_handover_incomplete"]
+        assert len(incomplete) == 1
+    finally:
+        server.stop()

@@ -7,6 +7,8 @@ or a call has ended is decided by the lifecycle (``callbot._lifecycle``).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -76,6 +78,7 @@ class CallServices:
         # The scenario ids of calls this bot placed (others derive theirs from the call id).
         self._scenarios: dict[str, str] = {}
         self._started = False
+        self._prefetch: asyncio.Task[None] | None = None
         if lifecycle is not None:
             lifecycle.when_ended(self.fail_operations)
             lifecycle.when_forgotten(self._forget_scenario)
@@ -101,6 +104,15 @@ class CallServices:
             )
             if not self.graph.has_credentials:
                 return
+        if self.settings.tenant_id and self.graph.has_credentials:
+            # Builds the credential: an unreadable certificate is a configuration error now,
+            # not a warning followed by a ready bot that can answer no call.
+            _ = self.graph.tokens
+        # In the background: a token endpoint that does not answer must not keep the bot
+        # from listening (liveness probes) or from obeying SIGTERM.
+        self._prefetch = asyncio.get_running_loop().create_task(self._prefetch_token())
+
+    async def _prefetch_token(self) -> None:
         try:
             await self.graph.token()
         except Exception as exc:
@@ -108,6 +120,11 @@ class CallServices:
 
     async def close(self) -> None:
         """Fail pending waits, close the session."""
+        prefetch, self._prefetch = self._prefetch, None
+        if prefetch is not None and not prefetch.done():
+            prefetch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await prefetch
         self.operations.fail_all(None)
         await self.graph.close()
         self._started = False

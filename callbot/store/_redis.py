@@ -149,6 +149,15 @@ _SCHEMES = "redis://, rediss://, unix://, redis+cluster://, rediss+cluster://, r
 
 
 def connect(url: str) -> tuple[Any, Any]:
+    """Two clients for a store URL (see :func:`_connect`); a malformed one is a
+    :class:`ConfigurationError` (its message never repeats the URL: it may hold a password)."""
+    try:
+        return _connect(url)
+    except ValueError as exc:
+        raise ConfigurationError(f"CALLBOT_STORE is not a usable Redis URL: {exc}") from None
+
+
+def _connect(url: str) -> tuple[Any, Any]:
     """Two clients for a store URL: one for commands, one for blocking reads.
 
     * ``redis://``, ``rediss://`` (TLS), ``unix://``: one server (users and
@@ -668,6 +677,8 @@ class RedisStore:
             self._mark(True)
         except RedisError as exc:
             # Serve anyway: /readyz fails and callbacks get 503 until Redis is back.
+            # Unreachable is the initial state, so _mark alone would say nothing.
+            log.warning("store_unreachable", store="redis", error=str(exc))
             self._mark(False, exc)
         loop = asyncio.get_running_loop()
         self._claimer = loop.create_task(self._claim_loop(), name="callbot-store-claim")
@@ -797,15 +808,18 @@ class RedisStore:
         tasks = [*self._tasks, *owners]
         await _cancelled(tasks)
         self._owned.clear()
-        with contextlib.suppress(RedisError, OSError):
+        # One failure (a socket timeout when Redis hangs) ends the hand-over: trying each
+        # call would take a timeout per call, past any grace period. The calls not handed
+        # over go to the others when their leases run out, as a crashed instance's do.
+        try:
             await self._flush_indexes()
-        for state in left:
-            # Their entries were not acknowledged; another instance runs them again.
-            with contextlib.suppress(RedisError, OSError):
+            for state in left:
+                # Their entries were not acknowledged; another instance runs them again.
                 await self._release(state, handover=True)
-        with contextlib.suppress(RedisError, OSError):
             # This may be the last instance, stopping before its reaper ever ran.
             await self._expire_indexes()
+        except (RedisError, OSError) as exc:
+            log.warning("store_handover_incomplete", store="redis", error=str(exc))
         self._sequencer.close()
         self._batch.close()
         for client in (self._redis, self._blocking):
