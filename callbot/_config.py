@@ -11,6 +11,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ._errors import ConfigurationError
+from ._lifecycle import KEEP_ALIVE_LIMIT
 from ._log import LOG_FORMATS, level_number
 
 __all__ = ["Settings"]
@@ -119,7 +120,8 @@ class Settings:
     keep_alive: bool = True
     """Tell Graph the bot still holds each established call (else it ends after 45 minutes)."""
     keep_alive_interval: float = 15 * 60.0
-    """How often a call's keep-alive is sent."""
+    """How often a call's keep-alive is sent (Graph ends a call with none for 45 minutes;
+    one that failed is tried again a minute later)."""
     shutdown_timeout: float = 25.0
     """On shutdown, how long running handlers may take to finish."""
     store: str = "memory"
@@ -196,6 +198,12 @@ class Settings:
             raise ConfigurationError(
                 f"log_level must be debug, info, warning, error or critical, got "
                 f"{self.log_level!r} (CALLBOT_LOG_LEVEL)"
+            )
+        if self.keep_alive_interval >= KEEP_ALIVE_LIMIT:
+            raise ConfigurationError(
+                f"keep_alive_interval must be under 45 minutes (2700 s), got "
+                f"{self.keep_alive_interval!r}: Graph ends a call with no keep-alive for that "
+                "long (CALLBOT_KEEP_ALIVE_INTERVAL)"
             )
         if not 0 <= self.port <= 65535:
             raise ConfigurationError(f"port must be 0 to 65535, got {self.port} (CALLBOT_PORT)")

@@ -46,6 +46,10 @@ _ANSWER_DEADLINE = 15.0
 # dedupe as long).
 ENDED_MEMORY: Final = 600.0
 _MAX_ENDED: Final = 50_000
+KEEP_ALIVE_LIMIT: Final = 45 * 60.0
+"""Graph ends a call it had no keep-alive for within this long (408/8537)."""
+KEEP_ALIVE_RETRY: Final = 60.0
+"""How soon a keep-alive that failed (Graph unreachable, 5xx) is tried again."""
 
 
 def phase_of_state(state: str) -> int:
@@ -401,11 +405,15 @@ class Lifecycle:
         """When the call ended and its tenant, if it ended within :data:`ENDED_MEMORY`."""
         return self._recall(self._ended, key)
 
-    def _start_keep_alive(self, life: CallLife) -> None:
+    def _start_keep_alive(self, life: CallLife, *, after_failure: bool = False) -> None:
         if self._keep_alive_interval is None:
             return
         life.keeping_alive = True
-        self._schedule(self._keep_alive_interval, _KEEP_ALIVE, life)
+        interval = self._keep_alive_interval
+        # Graph ends a call with no keep-alive for 45 minutes: a failed one is tried again
+        # soon, not a whole interval later (two failures at 15 minutes would reach it).
+        delay = min(interval, KEEP_ALIVE_RETRY) if after_failure else interval
+        self._schedule(delay, _KEEP_ALIVE, life)
 
     def _schedule(self, delay: float, kind: int, life: CallLife) -> None:
         loop = asyncio.get_running_loop()
@@ -482,4 +490,4 @@ class Lifecycle:
             log.info("keep_alive_call_gone", call_id=life.call_id)
             self.gone(life.call_id)
         else:
-            self._start_keep_alive(life)
+            self._start_keep_alive(life, after_failure=result is KeepAliveResult.FAILED)

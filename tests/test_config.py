@@ -151,3 +151,9 @@ def test_an_unknown_log_setting_is_refused(name: str, value: str) -> None:
 @pytest.mark.parametrize("level", ["debug", "INFO", "Warning", "warn", "error", "critical"])
 def test_every_level_logging_knows_is_taken(level: str) -> None:
     assert Settings(log_level=level).log_level == level
+
+
+def test_a_keep_alive_interval_graph_would_not_wait_for_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match="45 minutes"):
+        Settings(keep_alive_interval=45 * 60.0)
+    assert Settings(keep_alive_interval=40 * 60.0).keep_alive_interval == 2400.0

@@ -149,6 +149,29 @@ async def test_keep_alive_starts_on_the_transition_and_stops_at_the_end(clock: C
     assert send.sent == [CALL_ID] * 3
 
 
+async def test_a_failed_keep_alive_is_tried_again_within_a_minute(clock: Clock) -> None:
+    """Graph ends a call with no keep-alive for 45 minutes: at the 15-minute default, two
+    failures in a row waited for the next interval would reach it."""
+    send = KeepAlives()
+    calls = lifecycle(send, keep_alive_interval=900.0)
+    life = calls.life(CALL_ID)
+    calls.enter(life, "establishing")
+    calls.enter(life, "established")
+    send.answer = KeepAliveResult.FAILED
+    await clock.advance(901.0)
+    assert send.sent == [CALL_ID]
+    await clock.advance(61.0)  # tried again a minute later, and fails again
+    assert send.sent == [CALL_ID] * 2
+    send.answer = KeepAliveResult.OK
+    await clock.advance(61.0)  # taken: the next one a whole interval later
+    assert send.sent == [CALL_ID] * 3
+    await clock.advance(800.0)
+    assert send.sent == [CALL_ID] * 3
+    await clock.advance(101.0)
+    assert send.sent == [CALL_ID] * 4
+    calls.enter(life, "terminated")
+
+
 async def test_a_call_graph_forgot_is_ended_and_forgotten_at_once(clock: Clock) -> None:
     send = KeepAlives()
     send.answer = KeepAliveResult.GONE
