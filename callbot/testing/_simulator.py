@@ -189,9 +189,7 @@ class Traffic:
 
     def refusal(self) -> str:
         """The bot's answer to a notification it refused, with what to check."""
-        said = f"{self.status or 'nothing'}" + (f" ({self.reason})" if self.reason else "")
-        hint = _REFUSAL_HINTS.get(self.status or 0, "")
-        return f"the bot answered {said} to a notification: {self.summary}{hint}"
+        return _refusal(self.status, self.reason, self.summary)
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (``None`` fields left out)."""
@@ -204,7 +202,8 @@ class _Outgoing:
 
     items: list[dict[str, Any]]
     delay: float = 0.0
-    done: asyncio.Future[int] | None = None
+    done: asyncio.Future[tuple[int, str | None]] | None = None
+    """Told the bot's answer: its status, and the reason it gave for a refusal."""
 
 
 def silent_wav(seconds: float = 0.5, rate: int = 8000) -> bytes:
@@ -243,6 +242,12 @@ def _identity_kind_and_id(info: Any) -> tuple[str, str, str | None]:
                     continue
                 return key, str(value.get("id") or uuid.uuid4()), value.get("displayName")
     return "user", str(uuid.uuid4()), None
+
+
+def _refusal(status: int | None, reason: str | None, summary: str) -> str:
+    said = f"{status or 'nothing'}" + (f" ({reason})" if reason else "")
+    hint = _REFUSAL_HINTS.get(status or 0, "")
+    return f"the bot answered {said} to a notification: {summary}{hint}"
 
 
 def _refusal_reason(status: int, answer: bytes) -> str | None:
@@ -737,28 +742,18 @@ class SimulatedCall:
         self._unposted += 1
         self._queue.put_nowait(entry)
 
-    def _enqueue(self, *items: Mapping[str, Any], delay: float = 0.0) -> asyncio.Future[int]:
-        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    def _enqueue(
+        self, *items: Mapping[str, Any], delay: float = 0.0
+    ) -> asyncio.Future[tuple[int, str | None]]:
+        done: asyncio.Future[tuple[int, str | None]] = asyncio.get_running_loop().create_future()
         self._queue_entry(_Outgoing(items=[dict(i) for i in items], delay=delay, done=done))
         return done
 
     async def _send(self, *items: Mapping[str, Any]) -> int:
-        status = await self._enqueue(*items)
+        status, reason = await self._enqueue(*items)
         if not 200 <= status < 300:
-            refused = next(
-                (
-                    t
-                    for t in reversed(self._sim.traffic)
-                    if t.kind == "notification" and t.call_id == self.id
-                ),
-                None,
-            )
-            summary = describe_notification(build.notifications(*items))
-            raise SimulatorError(
-                refused.refusal()
-                if refused is not None and refused.status == status
-                else f"the bot answered {status} to a notification about call {self.id}: {summary}"
-            )
+            summary = f"{describe_notification(build.notifications(*items))} (call {self.id})"
+            raise SimulatorError(_refusal(status, reason, summary))
         return status
 
     def _play_media(
@@ -833,18 +828,16 @@ class SimulatedCall:
             try:
                 if entry.delay > 0:
                     await asyncio.sleep(entry.delay)
-                if self.ended:
-                    # Graph says nothing more about a call once it has ended.
-                    status = 0
-                else:
+                status, reason = 0, None
+                if not self.ended:  # Graph says nothing more about a call once it has ended
                     body = build.notifications(*(self._as_graph_writes(i) for i in entry.items))
-                    status = await self._sim._deliver(body, call_id=self.id)
+                    status, reason = await self._sim._deliver(body, call_id=self.id)
                     if self.delivery.duplicate:
                         await self._sim._deliver(body, call_id=self.id)
                     if 200 <= status < 300:
                         self._delivered(entry)
                 if entry.done is not None and not entry.done.done():
-                    entry.done.set_result(status)
+                    entry.done.set_result((status, reason))
             except asyncio.CancelledError:
                 if entry.done is not None and not entry.done.done():
                     entry.done.cancel()
@@ -1519,7 +1512,8 @@ class Simulator:
         The status is the caller's to judge: a refusal is not one of
         :attr:`failed_deliveries` (a test may expect a 403).
         """
-        return await self._deliver(body, call_id=call_id, tenant_id=tenant_id, by_post=True)
+        status, _ = await self._deliver(body, call_id=call_id, tenant_id=tenant_id, by_post=True)
+        return status
 
     @property
     def failed_deliveries(self) -> list[Traffic]:
@@ -1540,7 +1534,8 @@ class Simulator:
         call_id: str | None,
         tenant_id: str | None = None,
         by_post: bool = False,
-    ) -> int:
+    ) -> tuple[int, str | None]:
+        """Post ``body`` (retrying as Graph does); the bot's status and refusal reason."""
         if self.callback_url is None:
             raise SimulatorError(
                 "no bot attached: set sim.callback_url (or use run_with_simulator)"
@@ -1548,7 +1543,7 @@ class Simulator:
         if self._session is None:
             raise SimulatorError("the simulator is not started")
         if not self._notifying:
-            return 0
+            return 0, None
         data = json.dumps(body).encode()
         status = 0
         reason: str | None = None
@@ -1586,7 +1581,7 @@ class Simulator:
                 reason=reason,
             )
         )
-        return status
+        return status, reason
 
     # -- reacting to requests ----------------------------------------------------------
 
