@@ -144,7 +144,7 @@ async def run_demo(
     )
     printer.detail(
         "Next: `callbot sample ivr my_ivr` writes this IVR with its tests to my_ivr/; "
-        "then `python -m pytest my_ivr` and `callbot run my_ivr.bot:bot`."
+        "then `python -m pytest my_ivr` and, in my_ivr/, `callbot run bot:bot`."
     )
     return 0
 

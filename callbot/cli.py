@@ -43,7 +43,12 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-SAMPLES = ("ivr", "meeting", "notifier")
+# Each sample and how its README runs it for real, from the sample's folder.
+SAMPLES = {
+    "ivr": "callbot run bot:bot",
+    "meeting": 'python bot.py "<meeting join URL>"',
+    "notifier": "python bot.py <user id or +phone number>",
+}
 
 
 def write_sample(name: str, directory: str) -> list[Path]:
@@ -73,10 +78,9 @@ def write_sample(name: str, directory: str) -> list[Path]:
 def _sample(args: argparse.Namespace) -> int:
     directory = args.directory or args.name
     written = write_sample(args.name, directory)
-    package = Path(directory).name
     print(f"wrote the {args.name} sample to {directory}/ ({len(written)} files). Next:")
     print(f"  python -m pytest {directory}          # its tests, against the simulator")
-    print(f"  callbot run {package}.bot:bot        # serve it (see {directory}/README.md)")
+    print(f"  cd {directory} && {SAMPLES[args.name]}    # for real: {directory}/README.md")
     return 0
 
 

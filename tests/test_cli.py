@@ -194,6 +194,17 @@ def test_sample_writes_a_sample_that_passes_its_tests(tmp_path: Path) -> None:
     assert_one_clear_line(again, "not empty")
 
 
+@pytest.mark.parametrize("name", ["ivr", "meeting", "notifier"])
+def test_sample_next_steps_name_the_command_its_readme_gives(tmp_path: Path, name: str) -> None:
+    result = run_callbot("sample", name, "mine", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    readme = (tmp_path / "mine" / "README.md").read_text(encoding="utf-8")
+    hint = next(line for line in result.stdout.splitlines() if "cd mine && " in line)
+    command = hint.split("cd mine && ", 1)[1].split("  #", 1)[0].strip()
+    # The words before any placeholder are what the README runs in the sample's folder.
+    assert command.split("<", 1)[0].rstrip(' "') in readme, (command, name)
+
+
 @pytest.mark.usefixtures("logging_restored")
 def test_stdlib_lines_carry_the_bound_call_id_and_honour_the_level(
     capsys: pytest.CaptureFixture[str],
