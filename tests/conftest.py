@@ -72,6 +72,33 @@ async def plain_server(
         await runner.cleanup()
 
 
+class Clock:
+    """The running loop's clock, stopped where it stands and moved on by hand.
+
+    Real servers on 127.0.0.1 still answer; only what reads the loop's time (timers,
+    sleeps, timeouts, back-offs) waits for :meth:`advance`. ``until`` would wait for ever.
+    """
+
+    def __init__(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.now = loop.time()
+        loop.time = lambda: self.now  # type: ignore[method-assign]
+
+    async def advance(self, seconds: float) -> None:
+        self.now += seconds
+        for _ in range(5):  # due timers, then the tasks they start
+            await asyncio.sleep(0)
+
+
+@pytest.fixture
+async def clock() -> AsyncIterator[Clock]:
+    """The loop's clock, moved by hand (see :class:`Clock`); request it after servers."""
+    loop = asyncio.get_running_loop()
+    real = loop.time
+    yield Clock()
+    loop.time = real  # type: ignore[method-assign]
+
+
 async def until(predicate: Callable[[], bool], within: float = 5.0) -> None:
     """Wait until ``predicate()`` holds; fail after ``within`` seconds."""
     async with asyncio.timeout(within):

@@ -22,7 +22,7 @@ from callbot.graph._http import parse_retry_after, send
 from callbot.testing import FakeGraph
 from callbot.testing._fake_graph import FakeResponse
 
-from .conftest import plain_server
+from .conftest import Clock, plain_server
 
 CALL_ID = "57dab8b1-894c-409a-b240-bd8beae78896"
 FAST = RetryPolicy(total_time=5.0, base_delay=0.001, max_delay=0.01, request_timeout=5.0)
@@ -352,7 +352,7 @@ async def test_a_created_call_graph_describes_oddly_keeps_its_handle(
 
 
 async def test_an_access_token_no_header_may_carry_is_refused_not_kept(
-    graph: FakeGraph, services: CallServices
+    graph: FakeGraph, services: CallServices, clock: Clock
 ) -> None:
     """Cached, a token with a line break failed every request before any left (so no 401
     ever refreshed it) until it expired."""
@@ -364,4 +364,5 @@ async def test_an_access_token_no_header_may_carry_is_refused_not_kept(
     with pytest.raises(GraphError) as refused:
         await services.call(CALL_ID).refresh()
     assert refused.value.code == "invalid_response"
+    await clock.advance(1.0)  # the token endpoint is not asked again before then
     assert (await services.call(CALL_ID).refresh()).id == CALL_ID  # the next token is good

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import jwt
 import pytest
@@ -32,11 +34,13 @@ from callbot.graph import (
 from callbot.graph._credentials import graph_scope
 from callbot.testing import FakeGraph
 
-from .conftest import plain_server, until
+from .conftest import Clock, plain_server, until
 
 APP_ID = "6c4a7c4e-2b1a-4d7e-9a53-7a1bfb4c0d11"
 CALL_ID = "57dab8b1-894c-409a-b240-bd8beae78896"
 FAST = RetryPolicy(total_time=1.0, base_delay=0.001, max_delay=0.01)
+# With the loop's clock stopped, a retry's sleep would never end.
+NO_RETRY = RetryPolicy(total_time=0.0)
 
 
 def self_signed(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> x509.Certificate:
@@ -245,13 +249,17 @@ async def test_token_refreshed_shortly_before_expiry() -> None:
     assert cache.cached
 
 
-async def test_failures_are_not_cached() -> None:
+async def test_a_failure_is_answered_until_the_backoff_ends(clock: Clock) -> None:
     credential = CountingCredential()
     credential.fail_next = True
     cache = TokenCache(credential, "scope/.default")
     results = await asyncio.gather(cache.get(), cache.get(), return_exceptions=True)
     assert all(isinstance(r, RuntimeError) for r in results)
     assert len(credential.calls) == 1
+    with pytest.raises(RuntimeError, match="identity platform unavailable"):
+        await cache.get()  # backing off: the same failure, the credential not asked
+    assert len(credential.calls) == 1
+    await clock.advance(1.0)
     assert await cache.get() == "custom-2"
     cache.invalidate()
     assert not cache.cached
@@ -278,16 +286,23 @@ async def test_start_fetches_the_token_early(graph: FakeGraph) -> None:
     assert len(graph.token_requests) == 1
 
 
-async def test_start_survives_a_token_failure(graph: FakeGraph) -> None:
+async def test_start_survives_a_token_failure(graph: FakeGraph, clock: Clock) -> None:
     graph.fail_next("token", 500, times=50)
-    svc = CallServices(graph.settings(), retry=RetryPolicy(total_time=0.0))
-    with capture_logs() as logs:
-        await svc.start()
-        await until(lambda: any(e["event"] == "graph_token_prefetch_failed" for e in logs))
-    # once the endpoint recovers, the first request fetches the token
-    graph.clear_faults()
-    await svc.call(CALL_ID).keep_alive()
-    await svc.close()
+    svc = CallServices(graph.settings(), retry=NO_RETRY)
+    try:
+        with capture_logs() as logs:
+            await svc.start()
+            with pytest.raises(GraphError):
+                await svc.graph.token()  # joins the background fetch
+            await clock.advance(0)
+        assert any(e["event"] == "graph_token_prefetch_failed" for e in logs)
+        # once the endpoint recovers, the first request after the backoff fetches the token
+        graph.clear_faults()
+        await clock.advance(1.0)
+        await svc.call(CALL_ID).keep_alive()
+    finally:
+        await svc.close()
+    assert len(graph.token_requests) == 2
 
 
 async def test_no_credentials(graph: FakeGraph) -> None:
@@ -474,3 +489,147 @@ async def test_a_late_401_leaves_the_token_fetched_since_alone() -> None:
         finally:
             await svc.close()
     assert len(credential.calls) == 2, seen
+
+
+# -- a token endpoint that keeps failing ----------------------------------------------------
+
+
+def events_named(logs: list[MutableMapping[str, Any]], name: str) -> list[MutableMapping[str, Any]]:
+    return [e for e in logs if e["event"] == name]
+
+
+async def test_a_refused_secret_is_asked_once_per_backoff_and_logged_once(
+    graph: FakeGraph, clock: Clock
+) -> None:
+    """With the secret refused, every Graph request of every call asked the token
+    endpoint again and logged nothing: a storm against the identity platform."""
+    graph.register_client(APP_ID, secret="right")
+    svc = CallServices(graph.settings(app_secret="wrong"), retry=NO_RETRY)
+    try:
+        with capture_logs() as logs:
+            results = await asyncio.gather(
+                *(svc.call(f"call-{n}").keep_alive() for n in range(100)),
+                return_exceptions=True,
+            )
+            assert len(graph.token_requests) == 1  # one fetch for every call at once
+            first = results[0]
+            assert isinstance(first, GraphError)
+            assert (first.status, first.code) == (401, "invalid_client")
+            assert "AADSTS7000215" in first.message
+            assert all(isinstance(r, GraphError) and str(r) == str(first) for r in results)
+            for n in range(100):
+                with pytest.raises(GraphError) as again:
+                    await svc.call(f"later-{n}").keep_alive()
+                assert str(again.value) == str(first)
+            assert len(graph.token_requests) == 1
+            (refused,) = events_named(logs, "graph_token_refused")
+            assert refused["log_level"] == "error"
+            assert (refused["status"], refused["code"], refused["retry_in"]) == (
+                401,
+                "invalid_client",
+                1.0,
+            )
+            assert "AADSTS7000215" in refused["error"]
+
+            await clock.advance(1.0)  # asked again, refused again: the backoff doubles
+            with pytest.raises(GraphError):
+                await svc.call(CALL_ID).keep_alive()
+            await clock.advance(1.5)
+            with pytest.raises(GraphError):
+                await svc.call(CALL_ID).keep_alive()
+            assert len(graph.token_requests) == 2
+            await clock.advance(0.5)
+            with pytest.raises(GraphError):
+                await svc.call(CALL_ID).keep_alive()
+            assert len(graph.token_requests) == 3
+            retries = [e["retry_in"] for e in events_named(logs, "graph_token_refused")]
+            assert retries == [1.0, 2.0, 4.0]
+
+            graph.register_client(APP_ID, secret="wrong")  # the new secret has reached it
+            await clock.advance(4.0)
+            await svc.call(CALL_ID).keep_alive()
+        assert len(graph.token_requests) == 4
+        assert len(graph.requests_for("keepAlive")) == 1
+        assert events_named(logs, "graph_token_failed") == []
+    finally:
+        await svc.close()
+
+
+@pytest.mark.parametrize("failure", ["unavailable", "unreachable"])
+async def test_a_token_endpoint_down_is_asked_once_per_backoff(
+    graph: FakeGraph, clock: Clock, failure: str
+) -> None:
+    settings = graph.settings()
+    if failure == "unavailable":
+        graph.fail_next("token", 500, times=1000)
+    else:
+        async with token_endpoint(lambda form: web.Response(status=500)) as (closed, _):
+            pass  # nothing listens there any more
+        settings = graph.settings(authority_url=closed)
+    svc = CallServices(settings, retry=NO_RETRY)
+    try:
+        with capture_logs() as logs:
+            for n in range(50):
+                with pytest.raises(GraphError) as raised:
+                    await svc.call(f"call-{n}").keep_alive()
+                assert raised.value.url.endswith("/oauth2/v2.0/token")
+                if failure == "unavailable":
+                    assert raised.value.status == 500
+                else:
+                    assert (raised.value.status, raised.value.code) == (0, "connectionFailed")
+        assert svc.graph.tokens.fetches == 1
+        (logged,) = events_named(logs, "graph_token_failed")
+        assert logged["log_level"] == "warning"
+        assert logged["status"] == raised.value.status
+        assert events_named(logs, "graph_token_refused") == []
+        if failure == "unavailable":
+            graph.clear_faults()
+            await clock.advance(1.0)
+            await svc.call(CALL_ID).keep_alive()  # it answers again: the next request gets on
+            assert len(graph.token_requests) == 2
+    finally:
+        await svc.close()
+
+
+async def test_the_backoff_doubles_up_to_a_cap_and_a_success_resets_it(clock: Clock) -> None:
+    up = False
+
+    def answer(form: dict[str, str]) -> web.Response:
+        if up:
+            return web.json_response({"access_token": "tok", "expires_in": 3600})
+        return web.json_response({"error": "temporarily_unavailable"}, status=500)
+
+    async with token_endpoint(answer) as (base, forms):
+        credential = ClientSecretCredential(
+            "tenant", APP_ID, "secret", authority_url=base, retry=NO_RETRY
+        )
+        cache = TokenCache(credential, "scope/.default", backoff=1.0, max_backoff=10.0)
+
+        async def waited_for_a_fetch(most: float) -> float:
+            """How long after the last failure the cache asked again (in halves of a second)."""
+            waited = 0.0
+            asked = len(forms)
+            while len(forms) == asked:
+                assert waited <= most, "the credential was not asked again"
+                with contextlib.suppress(GraphError):
+                    await cache.get()
+                if len(forms) == asked:
+                    waited += 0.5
+                    await clock.advance(0.5)
+            return waited
+
+        try:
+            with contextlib.suppress(GraphError):
+                await cache.get()
+            waits = [await waited_for_a_fetch(most=20.0) for _ in range(6)]
+            assert waits == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
+            up = True
+            await clock.advance(10.0)
+            assert await cache.get() == "tok"
+            up = False
+            cache.invalidate()
+            with pytest.raises(GraphError):
+                await cache.get()  # a failure after a success waits the shortest backoff again
+            assert await waited_for_a_fetch(most=20.0) == 1.0
+        finally:
+            await credential.close()

@@ -6,9 +6,8 @@ so nothing here waits for real time to pass.
 
 from __future__ import annotations
 
-import asyncio
 import heapq
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -25,31 +24,10 @@ from callbot.graph import CallServices, RetryPolicy
 from callbot.testing import FakeGraph
 from callbot.testing import builders as b
 
-from .conftest import until
+from .conftest import Clock, until
 
 CALL_ID = "57dab8b1-894c-409a-b240-bd8beae78896"
 OTHER = "2f1a1100-b174-40a0-aba7-0b405e01ed92"
-
-
-class Clock:
-    """The running loop's clock, moved on by hand."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-        asyncio.get_running_loop().time = lambda: self.now  # type: ignore[method-assign]
-
-    async def advance(self, seconds: float) -> None:
-        self.now += seconds
-        for _ in range(5):  # due timers, then the tasks they start
-            await asyncio.sleep(0)
-
-
-@pytest.fixture
-async def clock() -> AsyncIterator[Clock]:
-    loop = asyncio.get_running_loop()
-    real = loop.time
-    yield Clock()
-    loop.time = real  # type: ignore[method-assign]
 
 
 class KeepAlives:

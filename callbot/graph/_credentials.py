@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
@@ -278,6 +279,8 @@ class CertificateCredential(_ClientCredentialsFlow):
 
 
 _PROOFS = frozenset({"client_secret", "client_assertion"})
+# The token endpoint's answers to credentials it will not take: configuration, not an outage.
+_REFUSALS = frozenset({"invalid_client", "unauthorized_client"})
 DEFAULT_LIFETIME = 3600
 MAX_LIFETIME = 24 * 3600
 
@@ -340,18 +343,38 @@ class TokenCache:
     """Caches one credential's token for one scope; one refresh serves all concurrent callers.
 
     A token is used until ``refresh_margin`` seconds (at most half its lifetime)
-    before it expires. Failures are not cached: the next caller tries again.
+    before it expires. A failed fetch is not asked again at once: for ``backoff``
+    seconds, doubled after each failure in a row up to ``max_backoff``, every
+    caller gets the fetch's own exception (for the built-in credentials a
+    :class:`~callbot.GraphError` with what the token endpoint answered) without
+    the credential being asked. The first caller after that fetches again; a
+    success starts the count over. Each failed fetch writes one log line:
+    ``graph_token_refused`` (error) when the token endpoint refused the app's
+    credentials (``invalid_client``, ``unauthorized_client``), else
+    ``graph_token_failed`` (warning).
     """
 
     def __init__(
-        self, credential: AsyncTokenCredential, scope: str, *, refresh_margin: float = 300.0
+        self,
+        credential: AsyncTokenCredential,
+        scope: str,
+        *,
+        refresh_margin: float = 300.0,
+        backoff: float = 1.0,
+        max_backoff: float = 30.0,
     ) -> None:
         self.credential = credential
         self.scope = scope
         self._margin = refresh_margin
+        self._backoff = backoff
+        self._max_backoff = max(backoff, max_backoff)
         self._token: str | None = None
         self._refresh_at = 0.0
         self._inflight: asyncio.Task[str] | None = None
+        self._failure: Exception | None = None
+        self._failure_tb: TracebackType | None = None
+        self._failures = 0
+        self._retry_at = 0.0
         self.fetches = 0
         """How many times the credential was asked (for metrics and tests)."""
 
@@ -369,11 +392,19 @@ class TokenCache:
         return self._token is not None and time.time() < self._refresh_at
 
     async def get(self) -> str:
-        """A valid token, fetched only when the cached one is missing or about to expire."""
+        """A valid token, fetched only when the cached one is missing or about to expire.
+
+        Raises the last fetch's exception while backing off after it.
+        """
         if self._token is not None and time.time() < self._refresh_at:
             return self._token
         task = self._inflight
         if task is None:
+            failure = self._failure
+            # The loop's clock: monotonic, and one tests can move.
+            if failure is not None and asyncio.get_running_loop().time() < self._retry_at:
+                # What asyncio does for every awaiter of one failed task: the same exception.
+                raise failure.with_traceback(self._failure_tb)
             task = asyncio.ensure_future(self._fetch())
             task.add_done_callback(_consume)
             self._inflight = task
@@ -398,6 +429,36 @@ class TokenCache:
             lifetime = max(0.0, expires_on - fetched_at)
             self._token = token
             self._refresh_at = expires_on - min(self._margin, lifetime / 2)
+            self._failure = self._failure_tb = None
+            self._failures = 0
             return str(token)
+        except Exception as exc:
+            self._back_off(exc)
+            raise
         finally:
             self._inflight = None
+
+    def _back_off(self, failure: Exception) -> None:
+        self._failures += 1
+        # the exponent is bounded: 2.0 ** n overflows long before failures stop counting
+        delay = min(self._max_backoff, self._backoff * 2.0 ** min(self._failures - 1, 32))
+        self._failure = failure
+        self._failure_tb = failure.__traceback__
+        self._retry_at = asyncio.get_running_loop().time() + delay
+        fields: dict[str, Any] = {
+            "scope": self.scope,
+            "error": str(failure) or type(failure).__name__,
+            "failures": self._failures,
+            "retry_in": delay,
+        }
+        if isinstance(failure, GraphError):
+            fields.update(status=failure.status, code=failure.code, url=failure.url)
+            if failure.code in _REFUSALS:
+                log.error(
+                    "graph_token_refused",
+                    detail="the token endpoint refused the app's credentials: check app_id,"
+                    " tenant_id and app_secret or certificate_path",
+                    **fields,
+                )
+                return
+        log.warning("graph_token_failed", **fields)
