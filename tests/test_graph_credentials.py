@@ -633,3 +633,31 @@ async def test_the_backoff_doubles_up_to_a_cap_and_a_success_resets_it(clock: Cl
             assert await waited_for_a_fetch(most=20.0) == 1.0
         finally:
             await credential.close()
+
+
+async def test_a_token_due_for_refresh_is_used_while_its_refresh_fails(clock: Clock) -> None:
+    wall = [1_000_000.0]
+    issued: list[str] = []
+    failing = [False]
+
+    class Credential:
+        async def get_token(self, *scopes: str) -> _Token:
+            if failing[0]:
+                raise RuntimeError("identity platform unavailable")
+            issued.append(f"t{len(issued) + 1}")
+            return _Token(issued[-1], int(wall[0]) + 3600)
+
+    cache = TokenCache(Credential(), "scope/.default", wall_clock=lambda: wall[0])
+    assert await cache.get() == "t1"
+    failing[0] = True
+    wall[0] += 3600 - 200  # inside the 300-s refresh margin, 200 s before expiry
+    assert not cache.cached
+    assert await cache.get() == "t1"  # the refresh failed: the token still valid is sent
+    assert await cache.get() == "t1"  # backing off: the same, the credential not asked
+    wall[0] += 150  # 50 s before expiry: Graph could see it expired
+    with pytest.raises(RuntimeError, match="identity platform unavailable"):
+        await cache.get()
+    failing[0] = False
+    await clock.advance(30.0)
+    assert await cache.get() == "t2"
+    assert cache.cached

@@ -12,7 +12,7 @@ import base64
 import re
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -282,6 +282,9 @@ _PROOFS = frozenset({"client_secret", "client_assertion"})
 # The token endpoint's answers to credentials it will not take: configuration, not an outage.
 _REFUSALS = frozenset({"invalid_client", "unauthorized_client"})
 DEFAULT_LIFETIME = 3600
+# A cached token is still sent while its refresh fails, until this long before it expires
+# (clocks differ: Graph must not see it expired).
+_EXPIRY_SKEW = 60.0
 MAX_LIFETIME = 24 * 3600
 
 
@@ -351,7 +354,8 @@ class TokenCache:
     success starts the count over. Each failed fetch writes one log line:
     ``graph_token_refused`` (error) when the token endpoint refused the app's
     credentials (``invalid_client``, ``unauthorized_client``), else
-    ``graph_token_failed`` (warning).
+    ``graph_token_failed`` (warning). Meanwhile a token due for refresh that
+    has not expired is still used.
     """
 
     def __init__(
@@ -362,14 +366,18 @@ class TokenCache:
         refresh_margin: float = 300.0,
         backoff: float = 1.0,
         max_backoff: float = 30.0,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.credential = credential
         self.scope = scope
         self._margin = refresh_margin
         self._backoff = backoff
         self._max_backoff = max(backoff, max_backoff)
+        # Expiry is a wall-clock time (the token's own); tests pass a clock they move.
+        self._now = wall_clock
         self._token: str | None = None
         self._refresh_at = 0.0
+        self._usable_until = 0.0
         self._inflight: asyncio.Task[str] | None = None
         self._failure: Exception | None = None
         self._failure_tb: TracebackType | None = None
@@ -385,36 +393,47 @@ class TokenCache:
             return
         self._token = None
         self._refresh_at = 0.0
+        self._usable_until = 0.0
 
     @property
     def cached(self) -> bool:
         """Whether a token is cached and fresh."""
-        return self._token is not None and time.time() < self._refresh_at
+        return self._token is not None and self._now() < self._refresh_at
 
     async def get(self) -> str:
         """A valid token, fetched only when the cached one is missing or about to expire.
 
-        Raises the last fetch's exception while backing off after it.
+        Raises the last fetch's exception while backing off after it, unless the cached
+        token, due for refresh, has not expired yet: that one is used meanwhile.
         """
-        if self._token is not None and time.time() < self._refresh_at:
+        if self._token is not None and self._now() < self._refresh_at:
             return self._token
         task = self._inflight
         if task is None:
             failure = self._failure
             # The loop's clock: monotonic, and one tests can move.
             if failure is not None and asyncio.get_running_loop().time() < self._retry_at:
-                # What asyncio does for every awaiter of one failed task: the same exception.
-                raise failure.with_traceback(self._failure_tb)
+                return self._still_usable(failure)
             task = asyncio.ensure_future(self._fetch())
             task.add_done_callback(_consume)
             self._inflight = task
-        # shield: a caller that gives up must not cancel the refresh the others await
-        return await asyncio.shield(task)
+        try:
+            # shield: a caller that gives up must not cancel the refresh the others await
+            return await asyncio.shield(task)
+        except Exception as exc:
+            return self._still_usable(exc)
+
+    def _still_usable(self, failure: Exception) -> str:
+        """The cached token if it has not expired, else ``failure`` raised."""
+        if self._token is not None and self._now() < self._usable_until:
+            return self._token
+        # What asyncio does for every awaiter of one failed task: the same exception.
+        raise failure.with_traceback(self._failure_tb or failure.__traceback__)
 
     async def _fetch(self) -> str:
         try:
             self.fetches += 1
-            fetched_at = time.time()
+            fetched_at = self._now()
             result: Any = await self.credential.get_token(self.scope)
             token = result.token
             if not isinstance(token, str) or not _HEADER_TOKEN.fullmatch(token):
@@ -429,6 +448,7 @@ class TokenCache:
             lifetime = max(0.0, expires_on - fetched_at)
             self._token = token
             self._refresh_at = expires_on - min(self._margin, lifetime / 2)
+            self._usable_until = expires_on - _EXPIRY_SKEW
             self._failure = self._failure_tb = None
             self._failures = 0
             return str(token)
