@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import socket
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from callbot import Call, CallBot, CallEnded, GraphError, OperationFailed, events, models
 from callbot._parse import parse_payload
@@ -23,7 +25,7 @@ from callbot.testing import (
     run_with_simulator,
 )
 
-from .conftest import APP_ID, make_bot, until
+from .conftest import APP_ID, make_bot, plain_server, until
 
 Seen = list[events.Event]
 
@@ -391,6 +393,121 @@ async def test_reject_and_redirect_end_the_call(action: str) -> None:
     ended = seen[-1]
     assert isinstance(ended, events.CallTerminated)
     assert ended.result_info is None
+
+
+Posted = list[tuple[str, list[str]]]
+
+
+@pytest.fixture
+async def elsewhere() -> AsyncIterator[tuple[str, Posted]]:
+    """Another endpoint, for a bot to name as a call's callbackUri: its base URL, and each
+    post's path and query with the events it carried."""
+    posted: Posted = []
+
+    async def keep(request: web.Request) -> web.Response:
+        posted.append((request.path_qs, [label(e) for e in parse_payload(await request.json())]))
+        return web.Response(status=202)
+
+    async with plain_server(keep) as base:
+        yield base, posted
+
+
+def posted_to(sim: Simulator) -> list[str | None]:
+    return [t.url for t in sim.traffic if t.kind == "notification"]
+
+
+async def test_an_answered_call_is_told_at_the_callback_uri_it_was_answered_with(
+    elsewhere: tuple[str, Posted],
+) -> None:
+    """Graph posts what follows an answer to the callbackUri given with it (a route per
+    tenant, say); the bot's own callback URL only heard the call ring."""
+    base, posted = elsewhere
+    route = f"{base}/calls/contoso?tenant=contoso"
+    bot, _ = recording_bot()
+
+    @bot.on_incoming_call
+    async def answer(call: Call, event: events.IncomingCall) -> None:
+        await call.answer(callback_uri=route)
+
+    async with run_with_simulator(bot) as sim:
+        call = await sim.incoming_call()
+        await call.wait_for_state("established")
+        await call.hangup()
+        assert {path for path, _ in posted} == {"/calls/contoso?tenant=contoso"}
+        told = [name for _, found in posted for name in found]
+        # Read one by one (no sequencer): the update once media flows is another established.
+        assert told == [
+            "establishing",
+            "established",
+            "established",
+            "ParticipantsUpdated",
+            "terminated",
+        ]
+        assert call.callback_url == route
+        assert posted_to(sim) == [sim.callback_url, *[route] * len(told)]
+
+
+async def test_a_placed_call_is_told_at_the_callback_uri_it_was_placed_with(
+    elsewhere: tuple[str, Posted],
+) -> None:
+    base, posted = elsewhere
+    route = f"{base}/calls?route=7"
+    bot, seen = recording_bot()
+    async with run_with_simulator(bot) as sim:
+        await bot.create_call(Target.user("user-1", "Lee Gu"), callback_uri=route)
+        call = await sim.wait_for_outgoing_call()
+        await call.wait_for_state("established")
+        await call.hangup()
+    assert [name for _, found in posted for name in found] == [
+        "establishing",
+        "established",
+        "established",
+        "ParticipantsUpdated",
+        "terminated",
+    ]
+    assert {path for path, _ in posted} == {"/calls?route=7"}
+    assert seen == []
+
+
+async def test_a_redirected_call_ends_at_the_callback_uri_the_redirect_gave(
+    elsewhere: tuple[str, Posted],
+) -> None:
+    base, posted = elsewhere
+    bot, _ = recording_bot()
+
+    @bot.on_incoming_call
+    async def forward(call: Call, event: events.IncomingCall) -> None:
+        await call.redirect(Target.user("someone-else"), callback_uri=f"{base}/forwarded")
+
+    async with run_with_simulator(bot) as sim:
+        call = await sim.incoming_call()
+        await call.wait_until_ended()
+    assert posted == [("/forwarded", ["terminated"])]
+
+
+async def test_a_callback_uri_nobody_serves_is_a_refusal_that_names_it() -> None:
+    """A bot that answers with a callbackUri it does not serve misses the rest of the call,
+    as it would with Graph: the simulator says where it posted."""
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+    route = f"http://127.0.0.1:{closed.getsockname()[1]}/api/calls"
+    bot, _ = recording_bot()
+
+    @bot.on_incoming_call
+    async def answer(call: Call, event: events.IncomingCall) -> None:
+        await call.answer(callback_uri=route)
+
+    try:
+        async with run_with_simulator(bot) as sim:
+            await sim.incoming_call()
+            await until(lambda: bool(sim.failed_deliveries))
+            refused = sim.failed_deliveries[0]
+    finally:
+        closed.close()
+    assert refused.url == route
+    assert f"the bot answered nothing to a notification posted to {route}: call establishing" in (
+        refused.refusal()
+    )
 
 
 async def test_bot_hanging_up_brings_terminating_then_terminated() -> None:

@@ -677,8 +677,11 @@ class FakeGraph(LocalServer):
         call = self._call(request.call_id or "")
         if request.action == "answer":
             call.resource["state"] = "establishing"
-            if isinstance(request.json, Mapping):
-                call.resource["callbackUri"] = request.json.get("callbackUri")
+        if request.action in ("answer", "reject", "redirect") and isinstance(request.json, Mapping):
+            # Graph posts the call's later notifications there; without one, where it did.
+            uri = request.json.get("callbackUri")
+            if isinstance(uri, str) and uri:
+                call.resource["callbackUri"] = uri
 
     def _on_create_call(self, request: RecordedRequest) -> FakeResponse:
         body = dict(request.json) if isinstance(request.json, Mapping) else {}

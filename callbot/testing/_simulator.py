@@ -4,7 +4,8 @@
 OpenID configuration and signing keys (a :class:`TokenAuthority`), answers the
 token endpoint and the ``/communications/calls`` API (a :class:`FakeGraph`),
 and drives each call the way Graph does, by POSTing signed notifications to
-the bot's callback URL:
+the ``callbackUri`` the bot gave for the call (placing, answering, rejecting or
+redirecting it), else to the bot's callback URL:
 
 * ``answer``            -> ``establishing``, ``established``, then the roster;
 * ``reject``/``redirect`` -> ``terminated``;
@@ -152,7 +153,7 @@ class DeliveryOptions:
 
 
 _REFUSAL_HINTS = {
-    0: " (is the bot served at the simulator's callback URL?)",
+    0: " (is the bot served there?)",
     401: (
         " (is the bot's CALLBOT_APP_ID the simulator's app id, and its"
         " CALLBOT_OPENID_CONFIG_URL the simulator's?)"
@@ -186,10 +187,12 @@ class Traffic:
     whoever posted it (not one of :attr:`Simulator.failed_deliveries`)."""
     reason: str | None = None
     """Why the bot refused a notification, as its answer said (``bad_audience``, ...)."""
+    url: str | None = None
+    """Where a notification was posted (the call's ``callbackUri``, else the bot's)."""
 
     def refusal(self) -> str:
         """The bot's answer to a notification it refused, with what to check."""
-        return _refusal(self.status, self.reason, self.summary)
+        return _refusal(self.status, self.reason, self.summary, self.url)
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (``None`` fields left out)."""
@@ -244,10 +247,11 @@ def _identity_kind_and_id(info: Any) -> tuple[str, str, str | None]:
     return "user", str(uuid.uuid4()), None
 
 
-def _refusal(status: int | None, reason: str | None, summary: str) -> str:
+def _refusal(status: int | None, reason: str | None, summary: str, url: str | None) -> str:
     said = f"{status or 'nothing'}" + (f" ({reason})" if reason else "")
+    where = f" posted to {url}" if url else ""
     hint = _REFUSAL_HINTS.get(status or 0, "")
-    return f"the bot answered {said} to a notification: {summary}{hint}"
+    return f"the bot answered {said} to a notification{where}: {summary}{hint}"
 
 
 def _refusal_reason(status: int, answer: bytes) -> str | None:
@@ -422,6 +426,11 @@ class SimulatedCall:
     def state(self) -> str | None:
         """The last call state the bot acknowledged (``None`` before any)."""
         return self.states[-1] if self.states else None
+
+    @property
+    def callback_url(self) -> str | None:
+        """Where Graph posts this call's notifications (see :meth:`Simulator.callback_url_for`)."""
+        return self._sim.callback_url_for(self.id)
 
     @property
     def remote_name(self) -> str:
@@ -753,7 +762,7 @@ class SimulatedCall:
         status, reason = await self._enqueue(*items)
         if not 200 <= status < 300:
             summary = f"{describe_notification(build.notifications(*items))} (call {self.id})"
-            raise SimulatorError(_refusal(status, reason, summary))
+            raise SimulatorError(_refusal(status, reason, summary, self.callback_url))
         return status
 
     def _play_media(
@@ -1160,7 +1169,8 @@ class Simulator:
         self.app_id = app_id
         self.tenant_id = tenant_id
         self.callback_url = callback_url
-        """The bot's callback URL: where notifications are posted."""
+        """The bot's callback URL: where incoming calls are announced, and a call's
+        notifications go when the bot named no ``callbackUri`` for it."""
         self.bot_name = bot_name
         self.prompt_duration = prompt_duration
         self.record_duration = record_duration
@@ -1309,6 +1319,14 @@ class Simulator:
         if not self.calls:
             raise SimulatorError("no call yet: start one with sim.incoming_call()")
         return self.calls[-1]
+
+    def callback_url_for(self, call_id: str | None) -> str | None:
+        """Where Graph posts notifications about ``call_id``: the ``callbackUri`` the bot gave
+        for that call (placing, answering, rejecting or redirecting it), else
+        :attr:`callback_url` (where Graph announces incoming calls)."""
+        known = self.graph.calls.get(id_key(call_id)) if call_id is not None else None
+        given = known.resource.get("callbackUri") if known is not None else None
+        return given if isinstance(given, str) and given else self.callback_url
 
     def find_call(self, call_id: str) -> SimulatedCall | None:
         """The simulated call with this id (any case or dashes), if any."""
@@ -1508,6 +1526,7 @@ class Simulator:
     ) -> int:
         """Sign and post a notification body to the bot; returns the bot's status.
 
+        It goes where Graph would post about ``call_id`` (:meth:`callback_url_for`).
         ``tenant_id`` overrides the token's ``tid`` (replays keep the recorded tenant).
         The status is the caller's to judge: a refusal is not one of
         :attr:`failed_deliveries` (a test may expect a 403).
@@ -1536,7 +1555,8 @@ class Simulator:
         by_post: bool = False,
     ) -> tuple[int, str | None]:
         """Post ``body`` (retrying as Graph does); the bot's status and refusal reason."""
-        if self.callback_url is None:
+        url = self.callback_url_for(call_id)
+        if url is None:
             raise SimulatorError(
                 "no bot attached: set sim.callback_url (or use run_with_simulator)"
             )
@@ -1555,16 +1575,14 @@ class Simulator:
             }
             retry_after = 0.2
             try:
-                async with self._session.post(
-                    self.callback_url, data=data, headers=headers
-                ) as response:
+                async with self._session.post(url, data=data, headers=headers) as response:
                     status = response.status
                     answer = await response.read()
                     retry_after = _retry_after(response.headers.get("Retry-After"), retry_after)
                     reason = _refusal_reason(status, answer)
             except (aiohttp.ClientError, TimeoutError) as exc:
                 status = 0
-                log.warning("simulator_post_failed", url=self.callback_url, error=repr(exc))
+                log.warning("simulator_post_failed", url=url, error=repr(exc))
             # Graph retries what a bot could not take yet; a refusal it does not retry.
             if status not in (0, 429, 502, 503, 504) or attempt == 3 or not self._notifying:
                 break
@@ -1579,6 +1597,7 @@ class Simulator:
                 body=body,
                 sent_by_post=True if by_post else None,
                 reason=reason,
+                url=url,
             )
         )
         return status, reason
