@@ -510,6 +510,38 @@ async def test_a_callback_uri_nobody_serves_is_a_refusal_that_names_it() -> None
     )
 
 
+def _screen_sharing(event: events.ParticipantsUpdated) -> list[tuple[str | None, str | None]]:
+    return [
+        (p.display_name, stream.direction)
+        for p in event.participants
+        for stream in p.media_streams or []
+        if stream.media_type == "videoBasedScreenSharing"
+    ]
+
+
+async def test_a_screen_sharing_role_change_is_told_in_the_roster() -> None:
+    """Graph accepts changeScreenSharingRole (202), then posts the roster with the bot's
+    screen-sharing stream: sending as a sharer (document 42), receiving as a viewer."""
+    bot, seen = answering_bot(subscribe=False)
+
+    @bot.on_state("established")
+    async def share(call: Call, event: events.CallStateChanged) -> None:
+        await call.change_screen_sharing_role("sharer")
+        await call.change_screen_sharing_role("viewer")
+
+    async with run_with_simulator(bot) as sim:
+        call = await sim.incoming_call()
+        await until(lambda: len(rosters(seen)) == 3)
+        requests = sim.requests_for("changeScreenSharingRole")
+        assert [sim.graph.answer_to(r).status for r in requests] == [202, 202]
+    first, sharing, viewing = rosters(seen)
+    assert _screen_sharing(first) == []
+    assert _screen_sharing(sharing) == [("Bot", "sendOnly")]
+    assert _screen_sharing(viewing) == [("Bot", "receiveOnly")]
+    me = call.roster[call.bot_participant_id]
+    assert [s.media_type for s in me.media_streams or []] == ["audio", "videoBasedScreenSharing"]
+
+
 async def test_bot_hanging_up_brings_terminating_then_terminated() -> None:
     bot, seen = answering_bot()
 

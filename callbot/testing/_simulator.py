@@ -19,6 +19,7 @@ redirecting it), else to the bot's callback URL:
 * ``subscribeToTone``   -> from then on, tones the caller presses are sent;
 * ``sendDtmfTones``, ``invite``, hold music, ... -> their operation's ``completed``;
 * ``mute``/``unmute``, ``invite``, removing a participant -> a roster update;
+* ``changeScreenSharingRole`` -> a roster update with the bot's screen-sharing stream;
 * ``DELETE`` the call   -> ``terminating``, ``terminated`` (5001);
 * ``createCall``/joining a meeting -> ``establishing``, ``established``, the roster
   (or, for a callee who does not pick up, ``terminated`` with 408, see
@@ -987,23 +988,47 @@ class SimulatedCall:
                     self._operation_item(operation_id, "failed", _CANCELED, extra), delay=step
                 )
         elif action in ("mute", "unmute"):
-            self._set_muted(self.bot_participant_id, action == "mute")
+            self._update_participant(self.bot_participant_id, is_muted=action == "mute")
         elif action == "muteParticipant":
             participant_id = self._roster_id(request.item_id)
             if participant_id is not None:
-                self._set_muted(participant_id, True)
+                self._update_participant(participant_id, is_muted=True)
+        elif action == "changeScreenSharingRole":
+            self._share_screen(str(body.get("role", "")))
         elif action == "deleteParticipant":
             participant_id = self._roster_id(request.item_id)
             if participant_id is not None:
                 gone = self.roster.pop(participant_id)
                 self._enqueue(self._roster_item([gone], "deleted"))
 
-    def _set_muted(self, participant_id: str, muted: bool) -> None:
+    def _update_participant(self, participant_id: str, **update: Any) -> None:
+        """Change a participant's fields and post the roster, as Graph does after ``mute``."""
         current = self.roster.get(participant_id)
         if current is None:
             return
-        changed = self.roster[participant_id] = current.model_copy(update={"is_muted": muted})
+        changed = self.roster[participant_id] = current.model_copy(update=update)
         self._enqueue(self._roster_item([changed]))
+
+    def _share_screen(self, role: str) -> None:
+        """The bot's screen-sharing stream after ``changeScreenSharingRole``, in the roster
+        update Graph documents (document 42: a ``videoBasedScreenSharing`` stream ``sendOnly``)."""
+        me = self.roster.get(self.bot_participant_id)
+        if me is None:
+            return
+        # Documented for a sharer only; a viewer takes the stream in, the other way.
+        direction = "sendOnly" if role == "sharer" else "receiveOnly"
+        shared = models.MediaStream(
+            media_type="videoBasedScreenSharing",
+            label="applicationsharing-video",
+            source_id="1",
+            direction=direction,
+        )
+        streams = [
+            stream
+            for stream in me.media_streams or []
+            if stream.media_type != "videoBasedScreenSharing"
+        ]
+        self._update_participant(self.bot_participant_id, media_streams=[*streams, shared])
 
     def _operation_item(
         self,
