@@ -170,7 +170,7 @@ def add_testing_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
     )
     simulate.add_argument("--keys", default="1", help="keys the caller presses (dtmf)")
     simulate.add_argument(
-        "--hold", type=float, default=1.0, help="seconds a call lasts before the caller hangs up"
+        "--hold", type=float, default=1.0, help="seconds a call lasts before the far end hangs up"
     )
     simulate.add_argument(
         "--timeout", type=float, default=15.0, help="seconds to wait for the bot to act"

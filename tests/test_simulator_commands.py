@@ -23,7 +23,14 @@ from callbot._display import TrafficPrinter
 from callbot._recording import REMOVED, read_recording, scrub
 from callbot._simulate import RemoteBot, replay, simulate
 from callbot.cli import build_parser, main
-from callbot.testing import TokenAuthority, builders, run_with_simulator
+from callbot.graph import Target
+from callbot.testing import (
+    Simulator,
+    SimulatorError,
+    TokenAuthority,
+    builders,
+    run_with_simulator,
+)
 from callbot.testing._scenarios import SCENARIOS, ScenarioOptions
 
 from .conftest import APP_ID, until
@@ -347,6 +354,8 @@ async def test_simulate_plays_a_scenario_against_a_bot_running_elsewhere(scenari
     await runner.setup()
     try:
         await web.SockSite(runner, listening).start()
+        if scenario == "outgoing-call":
+            await bot.create_call(Target.user("user-1", "Lee Gu"))
         status = await asyncio.wait_for(playing, 30)
     finally:
         await runner.cleanup()
@@ -358,11 +367,21 @@ async def test_simulate_plays_a_scenario_against_a_bot_running_elsewhere(scenari
     if scenario == "meeting-roster":
         assert events.ParticipantsUpdated in kinds
         assert any(e.get("action") == "deleteCall" for e in entries)
+    elif scenario == "outgoing-call":
+        assert labels(seen)[:3] == ["establishing", "established", "CallUpdated"]
+        assert events.CallTerminated in kinds
     else:
         assert events.IncomingCall in kinds
         assert events.CallTerminated in kinds
     if scenario == "dtmf":
         assert [e.tone for e in seen if isinstance(e, events.ToneReceived)] == ["tone1", "tone2"]
+
+
+async def test_an_outgoing_call_cannot_be_played_blind() -> None:
+    """Without the bot's createCall the simulator knows of no call to play."""
+    async with Simulator() as sim:
+        with pytest.raises(SimulatorError, match="cannot be blind"):
+            await SCENARIOS["outgoing-call"](sim, ScenarioOptions(blind=True))
 
 
 def test_simulate_needs_the_bots_app_id(

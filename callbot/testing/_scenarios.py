@@ -2,8 +2,9 @@
 
 Each scenario is ``async def scenario(sim, options)``. Unless ``options.blind``,
 a scenario waits for the bot's Graph requests (its answer, its
-``subscribeToTone``), so the bot must send them to the simulator
-(``CALLBOT_GRAPH_URL``); ``blind`` scenarios post Graph's side regardless.
+``subscribeToTone``, the call it places), so the bot must send them to the
+simulator (``CALLBOT_GRAPH_URL``); ``blind`` scenarios post Graph's side
+regardless (``outgoing-call`` has none without the bot's request).
 """
 
 from __future__ import annotations
@@ -100,6 +101,18 @@ async def meeting_roster(sim: Simulator, options: ScenarioOptions) -> None:
             await call.hangup(subcode=5010, message=_ONLY_ONE_LEFT)
 
 
+async def outgoing_call(sim: Simulator, options: ScenarioOptions) -> None:
+    """The bot places a call or joins a meeting (within ``options.timeout``): the callee
+    picks up (establishing, established, roster) and hangs up ``options.hold`` later."""
+    if options.blind:
+        # Only the bot's createCall names the call: there is nothing to play without it.
+        raise SimulatorError("outgoing-call waits for the bot's createCall: it cannot be blind")
+    call = await sim.wait_for_outgoing_call(options.timeout)
+    await call.wait_for_state("established", options.timeout)
+    await asyncio.sleep(options.hold)
+    await _end(call)
+
+
 async def out_of_order(sim: Simulator, options: ScenarioOptions) -> None:
     """Graph at its worst: every quirk of :meth:`DeliveryOptions.realistic`, a stale state,
     a straggler after the end."""
@@ -122,6 +135,7 @@ SCENARIOS: dict[str, Scenario] = {
     "incoming-call": incoming_call,
     "dtmf": dtmf,
     "meeting-roster": meeting_roster,
+    "outgoing-call": outgoing_call,
     "out-of-order": out_of_order,
 }
 """Scenario name -> scenario, as ``callbot simulate`` names them."""
