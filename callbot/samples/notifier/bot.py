@@ -27,9 +27,11 @@ APP_INSTANCE_ID = os.environ.get("NOTIFIER_APP_INSTANCE_ID")
 log = structlog.get_logger("notifier")
 bot = CallBot.from_env()
 
-# Each placed call's outcome, settled by whichever comes first: the message played,
-# or the call ending. notify() awaits it.
+# Each placed call's outcome, settled when the call has ended (so that the bot stops only
+# after Graph's last notification about it). notify() awaits it.
 _outcomes: dict[str, asyncio.Future[str]] = {}
+# What became of the message, noted while the call was up.
+_heard: dict[str, str] = {}
 
 
 def _outcome(call: Call) -> asyncio.Future[str]:
@@ -55,9 +57,9 @@ async def play_message(call: Call, event: events.CallStateChanged) -> None:
     try:
         await (await call.play_prompt(MESSAGE_URL)).wait(timeout=300)
     except OperationFailed:
-        _settle(call, "interrupted")  # they hung up during the message
+        _heard[call.key] = "interrupted"  # they hung up during the message
         return
-    _settle(call, "delivered")
+    _heard[call.key] = "delivered"
     try:
         await call.hangup()
     except GraphError as exc:
@@ -67,9 +69,10 @@ async def play_message(call: Call, event: events.CallStateChanged) -> None:
 
 @bot.on_terminated
 async def call_ended(call: Call, event: events.CallTerminated) -> None:
-    """The call ended; if nobody picked up, say why."""
+    """The call ended: settle its outcome (if nobody picked up, say why)."""
     info = event.result_info
-    _settle(call, f"not answered (code {info.code})" if info is not None else "not answered")
+    unanswered = f"not answered (code {info.code})" if info is not None else "not answered"
+    _settle(call, _heard.pop(call.key, unanswered))
     # notify() may still be about to look the outcome up: forget it a little later.
     asyncio.get_running_loop().call_later(60.0, _outcomes.pop, call.key, None)
 
