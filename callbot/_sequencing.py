@@ -10,9 +10,11 @@ and decides, for each, one of:
   ``previous_state``) or an *update* of the state the call is already in
   (:class:`~callbot.events.CallUpdated`, with what changed), who joined or left
   the roster, and the call's merged snapshot;
-* hold it, when the call skipped ``establishing``, for ``reorder_window`` seconds:
-  later events of that call wait behind it, except its predecessors, which
-  overtake it; when the window closes the held events go in lifecycle order;
+* hold it, when it arrives before the state it follows (a state past ``establishing``
+  before the call was seen establishing, a tone before the call was seen established),
+  for ``reorder_window`` seconds: later events of that call wait behind it, except its
+  predecessors, which overtake it; when they have come, or the window closes, the held
+  events go in lifecycle order;
 * drop it, with a log line saying why: ``duplicate``, ``stale`` or ``after_end``.
 
 Lifecycle phases come from :data:`callbot.models.CALL_LIFECYCLE`, the one list
@@ -95,25 +97,55 @@ def phase_of(event: events.Event) -> int | None:
     return None
 
 
-def _skips_establishing(phase: int | None, record: CallRecord) -> bool:
-    """A state past ``establishing`` (not an ending) before the call was seen establishing;
-    ``phase`` is the event's (:func:`phase_of`)."""
-    return (
-        phase is not None and _ESTABLISHING < phase < _TERMINATING and record.phase < _ESTABLISHING
-    )
+def _follows(event: events.Event) -> int | None:
+    """The phase a call must have reached before ``event`` is delivered, if any: a state past
+    ``establishing`` (not an ending) follows ``establishing``, and a tone follows
+    ``established`` (Graph sends it on an established call)."""
+    if isinstance(event, events.ToneReceived):
+        return _LIVE
+    phase = phase_of(event)
+    if phase is not None and _ESTABLISHING < phase < _TERMINATING:
+        return _ESTABLISHING
+    return None
+
+
+def _early(event: events.Event, record: CallRecord) -> bool:
+    """Whether ``event`` arrived before the state it follows (:func:`_follows`)."""
+    follows = _follows(event)
+    return follows is not None and record.phase < follows
+
+
+def _awaited(held: list[events.Event]) -> int:
+    """The latest phase a held event waits for: states up to it overtake what is held."""
+    return max((phase for phase in map(_follows, held) if phase is not None), default=-1)
 
 
 def _in_lifecycle_order(held: list[events.Event]) -> list[events.Event]:
-    """Held events sorted by phase; an event without a state keeps the phase before it."""
-    keyed: list[tuple[int, int, events.Event]] = []
-    current = -1
+    """Held events sorted by phase; an event without a state keeps its place after the state
+    before it, but a tone held before its call was established goes right after the first
+    ``established`` (or other live state) held after it, with what came behind it."""
+    next_live: list[int | None] = [None] * len(held)
+    following: int | None = None
+    for index in range(len(held) - 1, -1, -1):
+        next_live[index] = following
+        if phase_of(held[index]) == _LIVE:
+            following = index
+    keyed: list[tuple[int, int, int, int, events.Event]] = []
+    # Where an event goes: (phase, index of the state it goes after, 1 past that state's
+    # own followers); the event's own index breaks ties.
+    place = (-1, -1, 0)
     for index, event in enumerate(held):
         phase = phase_of(event)
         if phase is not None:
-            current = phase
-        keyed.append((current, index, event))
-    keyed.sort(key=lambda entry: (entry[0], entry[1]))
-    return [event for _, _, event in keyed]
+            place = (phase, index, 0)
+        else:
+            follows = _follows(event)
+            if follows is not None and place[0] < follows:
+                anchor = next_live[index]
+                place = (follows, index if anchor is None else anchor, 1)
+        keyed.append((*place, index, event))
+    keyed.sort(key=lambda entry: entry[:4])
+    return [entry[4] for entry in keyed]
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,7 +176,8 @@ class CallRecord:
     latest: dict[str, bytes] = field(default_factory=dict)
     """The digest of the call's latest roster and latest content-sharing notification."""
     held: list[events.Event] = field(default_factory=list)
-    """Events waiting for the window: the one that skipped ``establishing``, then later ones."""
+    """Events waiting for the window: one that came before the state it follows (a state
+    past ``establishing``, a tone), then later ones."""
     hold_timer: asyncio.TimerHandle | None = None
     closed: bool = False
     """The call's termination was delivered: what comes after it is dropped."""
@@ -447,11 +480,10 @@ class Sequencer:
             self._admit(record, event)
             return
         phase = phase_of(event)
-        if phase is not None and phase <= _ESTABLISHING:
-            # A predecessor of the held state overtakes it.
+        if phase is not None and phase <= _awaited(record.held):
+            # A predecessor of what is held overtakes it.
             self._admit(record, event)
-            if record.phase >= _ESTABLISHING:
-                self._release(record, "predecessor")
+            self._release_ready(record)
             return
         record.held.append(event)
         if phase is not None and phase >= _TERMINATING:
@@ -465,15 +497,18 @@ class Sequencer:
         if phase is not None and phase < record.phase:
             self._drop(event, "stale", state=_state(event), current_state=record.state)
             return
-        if may_hold and _skips_establishing(phase, record):
+        if may_hold and _early(event, record):
             record.held.append(event)
-            record.hold_timer = asyncio.get_running_loop().call_later(
-                self._window, self._release_on_timer, record
-            )
+            if record.hold_timer is None:
+                # One window from the first hold: a predecessor held behind it waits no longer.
+                record.hold_timer = asyncio.get_running_loop().call_later(
+                    self._window, self._release_on_timer, record
+                )
             self.counts["held"] += 1
             log.debug(
                 "notification_held",
                 call_id=record.call_id,
+                kind=type(event).__name__,
                 state=_state(event),
                 window=self._window,
             )
@@ -484,19 +519,32 @@ class Sequencer:
         if record.held:
             self._release(record, "window_closed")
 
+    def _release_ready(self, record: CallRecord) -> None:
+        """Deliver, in lifecycle order, the held events whose predecessors have come; from
+        the first still early on, they wait on (within the same window)."""
+        ordered, record.held = _in_lifecycle_order(record.held), []
+        for index, event in enumerate(ordered):
+            if _early(event, record):
+                record.held = ordered[index:]
+                return
+            self._admit(record, event, may_hold=False)
+        if record.hold_timer is not None:
+            record.hold_timer.cancel()
+            record.hold_timer = None
+
     def _release(self, record: CallRecord, why: str) -> None:
         held, record.held = record.held, []
         if record.hold_timer is not None:
             record.hold_timer.cancel()
             record.hold_timer = None
-        if why != "predecessor":
-            self.counts["released_alone"] += 1
-            log.info(
-                "held_notification_released",
-                call_id=record.call_id,
-                state=_state(held[0]),
-                reason=why,
-            )
+        self.counts["released_alone"] += 1
+        log.info(
+            "held_notification_released",
+            call_id=record.call_id,
+            kind=type(held[0]).__name__,
+            state=_state(held[0]),
+            reason=why,
+        )
         for event in _in_lifecycle_order(held):
             if record.closed:
                 self._drop(event, "after_end")

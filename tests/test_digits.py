@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -9,7 +10,7 @@ import pytest
 from callbot import Call, CallBot, CallEnded, Settings, events
 from callbot._parse import parse_payload
 from callbot.graph import CallServices
-from callbot.graph._digits import ToneRouter
+from callbot.graph._digits import ToneListener, ToneRouter
 from callbot.testing import DeliveryOptions, run_with_simulator
 from callbot.testing import builders as b
 
@@ -19,9 +20,11 @@ MENU = "https://contoso.example/menu.wav"
 AGAIN = "https://contoso.example/again.wav"
 
 
-def collecting_bot(**options: Any) -> tuple[CallBot, list[Any]]:
+def collecting_bot(
+    *, settings: Settings | None = None, **options: Any
+) -> tuple[CallBot, list[Any]]:
     """A bot that answers, collects digits once connected and keeps what it got."""
-    bot = CallBot(app_id=APP_ID)
+    bot = CallBot(settings or Settings(app_id=APP_ID))
     results: list[Any] = []
 
     @bot.on_incoming_call
@@ -270,6 +273,72 @@ async def test_the_finish_key_after_a_full_collection_ends_it_however_it_arrives
         router.on_tone(tone_event("pound", 5))  # told again
         assert await following.next(timeout=0) == "5"
         assert not following.pending()
+
+
+async def taken(listener: ToneListener) -> None:
+    """Wait until the collection took every key passed on to it."""
+    await until(lambda: not listener.pending())
+
+
+async def test_a_key_overtaken_by_the_next_one_is_still_taken_first() -> None:
+    """Keys numbered from 6, as in the recorded Teams call: 8 arrives before 7 while the
+    collection waits, and waits for 7 (the window never closes in this test)."""
+    router = ToneRouter(reorder_window=300)
+    with router.listen("c") as listener:
+
+        async def three_keys() -> list[str | None]:
+            return [await listener.next(timeout=30) for _ in range(3)]
+
+        collecting = asyncio.create_task(three_keys())
+        router.on_tone(tone_event("tone1", 6))
+        await taken(listener)
+        router.on_tone(tone_event("tone3", 8))
+        await taken(listener)
+        router.on_tone(tone_event("tone2", 7))
+        assert await collecting == ["1", "2", "3"]
+
+
+async def test_a_key_whose_predecessor_never_comes_is_taken_when_the_window_closes() -> None:
+    router = ToneRouter(reorder_window=0.05)
+    with router.listen("c") as listener:
+        router.on_tone(tone_event("tone1", 6))
+        router.on_tone(tone_event("tone3", 8))
+        router.on_tone(tone_event("tone4", 9))
+        assert await listener.next(timeout=0) == "1"
+        assert not listener.pending()  # 8 and 9 wait for 7
+        assert [await listener.next(timeout=30) for _ in range(2)] == ["3", "4"]
+        router.on_tone(tone_event("tone5", 10))  # the count goes on after them
+        assert await listener.next(timeout=0) == "5"
+
+
+async def test_keys_waiting_for_their_predecessor_are_taken_before_the_call_ends() -> None:
+    router = ToneRouter(reorder_window=300)
+    with router.listen("c") as listener:
+        router.on_tone(tone_event("tone1", 6))
+        router.on_tone(tone_event("tone3", 8))
+        router.on_ended("c")
+        assert [await listener.next(timeout=0) for _ in range(2)] == ["1", "3"]
+        with pytest.raises(CallEnded):
+            await listener.next(timeout=0)
+
+
+async def test_keys_arriving_swapped_are_collected_in_graph_s_order() -> None:
+    bot, results = collecting_bot(
+        settings=Settings(app_id=APP_ID, reorder_window=300), max_digits=3, timeout=30
+    )
+    async with run_with_simulator(bot) as sim:
+        call = await sim.incoming_call(delivery=DeliveryOptions(first_tone_sequence=6))
+        await call.press("1")  # sequenceId 6
+        tones = bot._running().services.tones
+        await until(lambda: bool(tones._listeners.get(call.key)))
+        (listener,) = tones._listeners[call.key]
+        await taken(listener)
+        await call.notify(b.tone(call.id, "tone3", 8))  # overtakes 7
+        await taken(listener)
+        await call.notify(b.tone(call.id, "tone2", 7))
+        await until(lambda: bool(results))
+        assert results == ["123"]
+        await call.hangup()
 
 
 async def pin_then_choice(bot: CallBot, **simulator: Any) -> list[str]:

@@ -1044,7 +1044,8 @@ async def test_a_graph_action_is_recorded_once_redis_takes_the_write(
 class Collecting:
     """Two instances sharing Redis, each collecting digits once its call is established."""
 
-    def __init__(self) -> None:
+    def __init__(self, reorder_window: float = 1.0) -> None:
+        self.reorder_window = reorder_window
         self.servers: list[BotServer] = []
         self.collecting: dict[str, int] = {}
         self.collected: list[tuple[int, str]] = []
@@ -1059,6 +1060,7 @@ class Collecting:
                 graph_url=graph.graph_url,
                 authority_url=graph.authority_url,
                 app_secret="fake-graph-secret",
+                reorder_window=self.reorder_window,
             )
 
             @bot.on_state("established")
@@ -1095,6 +1097,32 @@ async def test_keys_posted_to_another_instance_reach_a_handler_collecting_digits
             assert response.status == 202
         await until(lambda: bool(bots.collected), within=5)
         assert bots.collected == [(owner, "42")]
+
+
+async def test_keys_arriving_swapped_at_two_instances_are_collected_in_graph_s_order(
+    authority: TokenAuthority, serve: Any, redis_url: str
+) -> None:
+    async with FakeGraph() as graph:
+        bots = Collecting(reorder_window=300)  # never closes here: 8 is released by 7 alone
+        await bots.start(authority, serve, redis_url, graph, max_digits=3, timeout=30)
+        owner, other = await bots.establish(graph, "swap-call")
+        tones = bots.servers[owner].bot._running().services.tones
+        key = id_key("swap-call")
+        (listener,) = tones._listeners[key]
+
+        async def told_and_taken(count: int) -> None:
+            await until(lambda: len(tones._told.get(key, ())) == count, within=10)
+            await until(lambda: not listener.pending(), within=10)
+
+        # Numbered from 6 as in the recorded Teams call; 8 overtakes 7 at the other instance.
+        for count, (sequence, tone) in enumerate(((6, "tone1"), (8, "tone3")), start=1):
+            response = await other.post(b.notifications(b.tone("swap-call", tone, sequence)))
+            assert response.status == 202
+            await told_and_taken(count)
+        response = await bots.servers[owner].post(b.notifications(b.tone("swap-call", "tone2", 7)))
+        assert response.status == 202
+        await until(lambda: bool(bots.collected), within=10)
+        assert bots.collected == [(owner, "123")]
 
 
 async def test_every_instance_lists_the_calls_of_every_instance(

@@ -315,3 +315,21 @@ def test_established_before_establishing_is_put_back_in_order_within_the_window(
     if sum(gaps[arrivals.index(lifecycle[2]) + 1 : arrivals.index(lifecycle[1]) + 1]) < WINDOW:
         assert delivered == lifecycle
         assert outcome.counts["held"] == 1
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_tones_before_their_call_is_established_follow_it_within_the_window(
+    data: st.DataObject,
+) -> None:
+    # Tones overtaking establishing and established, in any order, all within the window.
+    lifecycle = _answered("c", data.draw(st.integers(1, 3)))
+    incoming, early, rest = lifecycle[0], lifecycle[1:-2], lifecycle[-2:]
+    arrivals = [incoming, *data.draw(st.permutations(early)), *rest]
+    gaps = [0.0] * len(arrivals)
+    outcome = play(Scenario({"c": lifecycle}, arrivals, gaps))
+    check_invariants(Scenario({"c": lifecycle}, arrivals, gaps), outcome)
+    tones = [item for item in arrivals if item in early[2:]]
+    delivered = [e.raw for _, seen in outcome.by_call() for e in seen]
+    assert delivered == [*lifecycle[:3], *tones, *rest]
+    assert outcome.counts["released_alone"] == 0

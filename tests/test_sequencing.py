@@ -81,12 +81,20 @@ async def test_held_state_goes_alone_when_the_window_closes() -> None:
     seq.close()
 
 
+def establish(seq: Sequencer, *call_ids: str) -> None:
+    """Take each call to ``established``: a tone before that would wait for it."""
+    for call_id in call_ids:
+        for state in ("establishing", "established"):
+            seq.accept(one(b.call_state(call_id, state)))
+
+
 async def test_exact_repeats_are_dropped_but_new_tones_are_not() -> None:
     sink = Sink()
     seq = sink.sequencer()
+    establish(seq, "c")
     for item in (b.tone("c", "tone1", 1), b.tone("c", "tone1", 1), b.tone("c", "tone1", 2)):
         seq.accept(one(item))
-    assert sink.labels == ["tone:tone1", "tone:tone1"]
+    assert sink.labels == ["establishing", "established", "tone:tone1", "tone:tone1"]
     assert seq.counts["duplicate"] == 1
     seq.close()
 
@@ -122,9 +130,10 @@ async def test_a_retry_written_another_way_is_still_a_duplicate(form: str) -> No
     seq = sink.sequencer()
     call_id = "6f1f5c00-8c1b-47f1-be9d-660c501041a9"
     tone = b.tone(call_id, "tone1", 6)
-    for item in (b.call_state(call_id, "establishing"), tone, _rewritten(tone, form)):
+    establish(seq, call_id)
+    for item in (tone, _rewritten(tone, form)):
         seq.accept(one(item))
-    assert sink.labels == ["establishing", "tone:tone1"]
+    assert sink.labels == ["establishing", "established", "tone:tone1"]
     assert seq.counts["duplicate"] == 1
     seq.close()
 
@@ -135,9 +144,10 @@ async def test_the_same_words_about_another_call_or_path_are_not_a_duplicate() -
     tone = b.tone("c", "tone1", 1)
     other_call = b.tone("d", "tone1", 1)
     other_change = {**tone, "changeType": "created"}
+    establish(seq, "c", "d")
     for item in (tone, other_call, other_change):
         seq.accept(one(item))
-    assert sink.labels == ["tone:tone1", "tone:tone1", "tone:tone1"]
+    assert sink.labels[4:] == ["tone:tone1", "tone:tone1", "tone:tone1"]
     assert seq.counts["duplicate"] == 0
     seq.close()
 
@@ -406,4 +416,61 @@ async def test_a_tone_does_not_move_the_snapshot_out_of_the_call_s_state() -> No
     assert isinstance(last.event, events.ToneReceived)
     assert last.snapshot is not None
     assert last.snapshot.state == last.life.state == "hold"
+    seq.close()
+
+
+# The recorded Teams call whose caller pressed 1 (toneInfo sequenceId 6).
+ESTABLISHING = "sb01-p2p-simpletest-p2ptest1event1callestablishing.json"
+ESTABLISHED = "sb02-p2p-simpletest-p2ptest1event2callestablished.json"
+TONE = "sb04-p2p-simpletest-p2ptest1event4tonepress.json"
+
+
+@pytest.mark.parametrize(
+    "arrivals",
+    [
+        [TONE, ESTABLISHING, ESTABLISHED],
+        [TONE, ESTABLISHED, ESTABLISHING],
+        [ESTABLISHING, TONE, ESTABLISHED],
+        [ESTABLISHED, TONE, ESTABLISHING],
+    ],
+    ids=["before-both", "before-both-swapped", "between", "behind-held-established"],
+)
+async def test_a_tone_before_its_call_is_established_waits_for_it(arrivals: list[str]) -> None:
+    sink = Sink()
+    seq = sink.sequencer(window=300)  # released by its predecessors, never by the clock
+    for name in arrivals:
+        seq.accept(one(recorded_item(name)))
+    assert sink.labels == ["establishing", "established", "tone:tone1"]
+    assert seq.counts["released_alone"] == 0
+    seq.close()
+
+
+async def test_a_tone_waits_behind_states_it_does_not_follow_and_goes_before_the_end() -> None:
+    sink = Sink()
+    seq = sink.sequencer(window=300)
+    call_id = "6f1f5c00-8c1b-47f1-be9d-660c501041a9"
+    seq.accept(one(recorded_item(TONE)))
+    seq.accept(one(b.roster(call_id, [b.participant("alice")])))  # waits behind the tone
+    seq.accept(one(b.call_state(call_id, "ringing")))
+    seq.accept(one(recorded_item(ESTABLISHING)))
+    # ringing went: the tone still waits for the call to be established, the roster behind it
+    assert sink.labels == ["establishing", "ringing"]
+    seq.accept(one(b.call_terminated(call_id)))
+    assert sink.labels == [
+        "establishing",
+        "ringing",
+        "tone:tone1",
+        "ParticipantsUpdated",
+        "terminated",
+    ]
+    seq.close()
+
+
+async def test_a_tone_whose_call_is_never_seen_established_goes_when_the_window_closes() -> None:
+    sink = Sink()
+    seq = sink.sequencer(window=0.05)
+    seq.accept(one(recorded_item(TONE)))
+    assert sink.labels == []
+    await until(lambda: sink.labels == ["tone:tone1"])
+    assert seq.counts["released_alone"] == 1
     seq.close()

@@ -50,6 +50,12 @@ __all__ = ["redis_server", "redis_url"]  # fixtures this module uses
 
 pytestmark = pytest.mark.redis
 
+# The recorded call's establishing, established and tone (sequenceId 6).
+SIMPLE = (
+    "sb01-p2p-simpletest-p2ptest1event1callestablishing.json",
+    "sb02-p2p-simpletest-p2ptest1event2callestablished.json",
+    "sb04-p2p-simpletest-p2ptest1event4tonepress.json",
+)
 # A window no test reaches: a held state is released by its predecessor or the call's end,
 # whatever the machine's load, so the outcome never depends on timing.
 NEVER = 300.0
@@ -535,6 +541,37 @@ async def test_tones_out_of_order_repeated_and_late(parity: Any) -> None:
     groups: Parity = await parity()
     await groups.run(steps)
     groups.check()
+
+
+async def test_a_tone_before_its_call_is_established(parity: Any) -> None:
+    """The recorded call's tone overtaking both states, and another call's tone overtaking
+    only ``established``: each follows ``established`` in every store."""
+    recorded = dict(
+        zip(
+            ("establishing", "established", "tone"),
+            items_of(*map(recorded_body, SIMPLE)),
+            strict=True,
+        )
+    )
+    steps = [
+        post(recorded["tone"]),
+        post(recorded["established"]),
+        post(recorded["tone"]),  # a repeat, while held
+        post(recorded["establishing"]),
+        post(b.call_state("late", "establishing")),
+        post(b.tone("late", "tone2", 1), b.roster("late", [b.participant("alice")])),
+        post(b.call_state("late", "established")),
+        post(b.call_terminated("late")),
+        post(ending_of(call_of(recorded["tone"]))),
+    ]
+    groups: Parity = await parity()
+    await groups.run(steps)
+    groups.check()
+    seen = groups.groups[0].seen
+    for call in seen.values():
+        kinds = [(entry["type"], entry.get("state")) for entry in call]
+        live = kinds.index(("CallStateChanged", "established"))
+        assert kinds[live + 1] == ("ToneReceived", None), kinds
 
 
 async def test_operation_outcomes_before_during_and_after(parity: Any) -> None:

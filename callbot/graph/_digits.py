@@ -5,6 +5,7 @@ the call cannot reach a handler that is itself waiting for digits. Tones are
 therefore routed here when the bot *accepts* them (``Sequencer(on_tone=...)``,
 after duplicates are dropped), the way operation outcomes resolve ``op.wait()``;
 they are still delivered to ``@bot.on_tone`` handlers afterwards, in order.
+The router passes a call's tones on in Graph's ``sequenceId`` order (:class:`_ToneOrder`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import asyncio
 import bisect
 import contextlib
 import functools
+import itertools
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
@@ -52,7 +54,8 @@ _TOLD = 128  # the latest tones of a call a copy is recognised among, as the seq
 
 
 class ToneListener:
-    """The tones of one call, from when it was opened, in ``sequence_id`` order."""
+    """The tones of one call, from when it was opened, in the order its router passes them
+    on (Graph's ``sequence_id`` order)."""
 
     def __init__(
         self,
@@ -60,20 +63,15 @@ class ToneListener:
         after_full: Callable[[int, frozenset[str]], None] | None = None,
     ) -> None:
         self.call_key = call_key
-        # (sequence_id, or the arrival when Graph sent none; arrival; digit; Graph's sequence_id)
-        self._tones: list[tuple[int, int, str, int | None]] = []
-        self._arrivals = 0
+        self._tones: deque[tuple[str, int | None]] = deque()  # (digit, Graph's sequence_id)
         self._after_full = after_full
         self._last_taken: int | None = None  # Graph's sequence_id of the last key taken
         self._changed = asyncio.Event()
         self.ended = False
 
     def put(self, event: events.ToneReceived) -> None:
-        """A tone was accepted for the call (once: its router drops copies)."""
-        self._arrivals += 1
-        sequence = event.sequence_id if event.sequence_id is not None else self._arrivals
-        tone = (sequence, self._arrivals, digit_of(event.tone), event.sequence_id)
-        bisect.insort(self._tones, tone)
+        """A tone was passed on for the call (once, in order: its router sees to both)."""
+        self._tones.append((digit_of(event.tone), event.sequence_id))
         self._changed.set()
 
     def end(self) -> None:
@@ -100,7 +98,7 @@ class ToneListener:
                 await asyncio.wait_for(self._changed.wait(), remaining)
             except TimeoutError:
                 return None
-        _, _, digit, self._last_taken = self._tones.pop(0)
+        digit, self._last_taken = self._tones.popleft()
         return digit
 
     def full(self, finish: frozenset[str]) -> None:
@@ -110,9 +108,9 @@ class ToneListener:
         if not finish or self._last_taken is None:
             return  # without Graph's sequence_id, no key can be told to come right after
         expected = self._last_taken + 1
-        if self._tones and self._tones[0][3] == expected:
-            if self._tones[0][2] in finish:
-                self._tones.pop(0)
+        if self._tones and self._tones[0][1] == expected:
+            if self._tones[0][0] in finish:
+                self._tones.popleft()
             return
         if self._after_full is not None:
             self._after_full(expected, finish)
@@ -125,10 +123,60 @@ class ToneListener:
         await self._changed.wait()
 
 
-class ToneRouter:
-    """Hands each accepted tone to the listeners open on its call."""
+class _ToneOrder:
+    """One call's tones in Graph's ``sequenceId`` order, the one place that order is kept.
+
+    A tone whose predecessor (its ``sequenceId`` less one) has not come waits for it, for
+    at most the reorder window. The first tone seen has no known predecessor (a call's
+    count need not start at 1: a recorded Teams call's first tone was 6), nor has a tone
+    without a ``sequenceId``: those go at once, as does one coming after a later one went.
+    """
 
     def __init__(self) -> None:
+        self.expected: int | None = None
+        """The ``sequenceId`` after the last tone passed on."""
+        self.waiting: list[tuple[int, int, events.ToneReceived]] = []
+        """Tones waiting for a predecessor: (``sequenceId``, arrival, tone), sorted."""
+        self.timer: asyncio.TimerHandle | None = None
+        self._arrivals = itertools.count()
+
+    def arrive(self, event: events.ToneReceived) -> list[events.ToneReceived]:
+        """The tones that may go now that ``event`` came, in order."""
+        sequence = event.sequence_id
+        if sequence is None:
+            return [event]
+        if self.expected is not None and sequence > self.expected:
+            bisect.insort(self.waiting, (sequence, next(self._arrivals), event))
+            return []
+        if self.expected is None or sequence == self.expected:
+            self.expected = sequence + 1
+        ready = [event]
+        while self.waiting and self.waiting[0][0] <= self.expected:
+            waited, _, tone = self.waiting.pop(0)
+            self.expected = max(self.expected, waited + 1)
+            ready.append(tone)
+        return ready
+
+    def release(self) -> list[events.ToneReceived]:
+        """Every waiting tone, in order: its predecessor is not coming (or no longer matters)."""
+        waiting, self.waiting = self.waiting, []
+        if waiting:
+            self.expected = max(self.expected or 0, waiting[-1][0] + 1)
+        self.stop()
+        return [tone for _, _, tone in waiting]
+
+    def stop(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+
+class ToneRouter:
+    """Hands each accepted tone to the listeners open on its call, in ``sequenceId`` order
+    (a tone waits at most ``reorder_window`` seconds for its predecessor)."""
+
+    def __init__(self, reorder_window: float = 1.0) -> None:
+        self._window = reorder_window
         self._listeners: dict[str, list[ToneListener]] = {}
         self._subscribed: set[str] = set()
         # Per call: the sequence_id of a key that would end a collection already full, if
@@ -138,12 +186,12 @@ class ToneRouter:
         # Per call collecting digits: the tones told so far. A shared store tells every
         # copy of a tone, and one told before a collection opened must not reach it.
         self._told: dict[str, deque[bytes]] = {}
+        self._order: dict[str, _ToneOrder] = {}
 
     def on_tone(self, event: events.ToneReceived) -> None:
         """A tone was accepted (called by the sequencer, before handlers see it)."""
         key = event.call_key
-        listeners = self._listeners.get(key)
-        if key not in self._subscribed and not listeners:
+        if key not in self._subscribed and not self._listeners.get(key):
             return  # no digits are collected on this call
         told = self._told.get(key)
         if told is None:
@@ -152,18 +200,47 @@ class ToneRouter:
         if digest in told:
             return
         told.append(digest)
-        finishing = self._finishing.get(key)
+        order = self._order.get(key)
+        if order is None:
+            order = self._order[key] = _ToneOrder()
+        for tone in order.arrive(event):
+            self._pass_on(key, tone)
+        if not order.waiting:
+            order.stop()
+        elif order.timer is None:
+            order.timer = asyncio.get_running_loop().call_later(
+                self._window, self._release, key, "window_closed"
+            )
+
+    def _release(self, call_key: str, why: str) -> None:
+        order = self._order.get(call_key)
+        tones = order.release() if order is not None else []
+        if tones:
+            log.info(
+                "tones_released_without_predecessor",
+                call_key=call_key,
+                count=len(tones),
+                reason=why,
+            )
+        for tone in tones:
+            self._pass_on(call_key, tone)
+
+    def _pass_on(self, call_key: str, event: events.ToneReceived) -> None:
+        finishing = self._finishing.get(call_key)
         expected, keys = finishing if finishing is not None else (None, frozenset[str]())
         if event.sequence_id == expected and digit_of(event.tone) in keys:
             return  # it ended a collection that had all its digits already
-        for listener in listeners or ():
+        for listener in self._listeners.get(call_key, ()):
             listener.put(event)
 
     def _expect_finish(self, call_key: str, sequence_id: int, keys: frozenset[str]) -> None:
         self._finishing[call_key] = (sequence_id, keys)
 
     def on_ended(self, call_key: str) -> None:
-        """The call ended: wake its listeners and forget its subscription."""
+        """The call ended: pass on the tones still waiting for a predecessor, wake its
+        listeners and forget its subscription."""
+        self._release(call_key, "call_ended")
+        self._order.pop(call_key, None)
         self._subscribed.discard(call_key)
         self._finishing.pop(call_key, None)
         self._told.pop(call_key, None)

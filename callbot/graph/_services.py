@@ -72,7 +72,7 @@ class CallServices:
         """The Graph client, also for requests callbot does not model."""
         self.operations = OperationRegistry()
         """Operations awaiting their outcome."""
-        self.tones = ToneRouter()
+        self.tones = ToneRouter(settings.reorder_window)
         """Tones for handlers collecting digits (``call.collect_digits``)."""
         self._lifecycle = lifecycle
         # The scenario ids of calls this bot placed (others derive theirs from the call id).
