@@ -137,6 +137,7 @@ class Dispatcher:
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._observe = observe
         self._idle_listeners: list[Callable[[str], None]] = []
+        self._delivery_listeners: list[Callable[[events.Event], None]] = []
         self.counts: Counter[str] = Counter()
         """handled (deliveries run), handler_errors, unhandled_errors (no on_error took them),
         call_ended (handlers stopped by :class:`~callbot.CallEnded`), superseded (deliveries
@@ -153,6 +154,13 @@ class Dispatcher:
         self._idle_listeners.append(listener)
         return lambda: self._idle_listeners.remove(listener)
 
+    def when_delivered(self, listener: Callable[[events.Event], None]) -> Callable[[], None]:
+        """Call ``listener(event)`` with each event handed to its call's handlers, in the order
+        they get it, handlers or not (the testing kit's record of what a call was told, as the
+        sequencer decided it); returns a function that stops it."""
+        self._delivery_listeners.append(listener)
+        return lambda: self._delivery_listeners.remove(listener)
+
     @property
     def queued(self) -> int:
         """Deliveries waiting or running."""
@@ -166,6 +174,8 @@ class Dispatcher:
     def submit(self, delivery: Delivery, done: Done | None = None) -> None:
         """Queue a delivery behind its call's earlier ones; ``done(delivery)`` is told
         once all its handlers ran (a shared store acknowledges it then)."""
+        for listener in self._delivery_listeners:
+            listener(delivery.event)
         key = delivery.event.call_key
         queue = self._queues.get(key)
         if queue is None:

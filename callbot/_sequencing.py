@@ -345,7 +345,7 @@ class Sequencer:
     ``on_operation`` is told at once when an operation notification is accepted
     (to resolve waits even while the call's handler runs), ``on_tone`` at once
     when a tone is accepted (for a handler collecting digits), ``on_drop`` of every
-    event dropped (with its log line).
+    event dropped (with its log line). ``logger`` takes those lines (the module's by default).
     """
 
     def __init__(
@@ -358,8 +358,10 @@ class Sequencer:
         on_operation: Callable[[events.OperationUpdated], None] | None = None,
         on_tone: Callable[[events.ToneReceived], None] | None = None,
         on_drop: Callable[[events.Event], None] | None = None,
+        logger: Any = None,
     ) -> None:
         self._deliver_fn = deliver
+        self._log = logger if logger is not None else log
         self.lifecycle = lifecycle
         """The owner of the calls' lives this sequencer reports to."""
         self._window = reorder_window
@@ -505,7 +507,7 @@ class Sequencer:
                     self._window, self._release_on_timer, record
                 )
             self.counts["held"] += 1
-            log.debug(
+            self._log.debug(
                 "notification_held",
                 call_id=record.call_id,
                 kind=type(event).__name__,
@@ -538,7 +540,7 @@ class Sequencer:
             record.hold_timer.cancel()
             record.hold_timer = None
         self.counts["released_alone"] += 1
-        log.info(
+        self._log.info(
             "held_notification_released",
             call_id=record.call_id,
             kind=type(held[0]).__name__,
@@ -640,7 +642,7 @@ class Sequencer:
         if self._on_drop is not None:
             self._on_drop(event)
         self.counts[reason] += 1
-        log.info(
+        self._log.info(
             "notification_dropped",
             call_id=event.call_id,
             reason=reason,

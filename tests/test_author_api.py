@@ -11,7 +11,7 @@ import callbot
 from callbot import Call, CallEnded, GraphError, Target, events, models
 from callbot._lifecycle import CallLife
 from callbot.graph import CallServices, RetryPolicy
-from callbot.testing import FakeGraph
+from callbot.testing import FakeGraph, FakeResponse
 
 CALL_ID = "57dab8b1-894c-409a-b240-bd8beae78896"
 USER_ID = "6e0b8a2d-5e8c-4a4f-9d1b-1f2e3d4c5b6a"
@@ -19,6 +19,7 @@ USER_ID = "6e0b8a2d-5e8c-4a4f-9d1b-1f2e3d4c5b6a"
 
 @pytest.fixture
 async def services(graph: FakeGraph) -> AsyncIterator[CallServices]:
+    graph.add_call(CALL_ID, state="established")  # the call the tests act on, offered
     settings = graph.settings(public_url="https://bot.contoso.com")
     svc = CallServices(settings, retry=RetryPolicy(total_time=1.0, base_delay=0.01))
     await svc.start()
@@ -127,6 +128,67 @@ async def test_a_404_about_one_item_of_a_call_that_ended_is_call_ended(
     call = services.call(CALL_ID, life=CallLife(CALL_ID, ended=True))
     with pytest.raises(CallEnded):
         await call.participants.remove(GONE)
+
+
+NEVER_OFFERED = "0c5e3f1a-7b2d-4e8f-9a6c-1d2e3f4a5b6c"
+CALL_ACTIONS: dict[str, Callable[[Call], Awaitable[Any]]] = {
+    "answer": lambda call: call.answer(),
+    "play_prompt": lambda call: call.play_prompt("https://contoso.example/a.wav"),
+    "subscribe_to_tone": lambda call: call.subscribe_to_tone(),
+    "transfer": lambda call: call.transfer(Target.user(USER_ID)),
+    "mute": lambda call: call.mute(),
+    "keep_alive": lambda call: call.keep_alive(),
+    "refresh": lambda call: call.refresh(),
+    "hangup": lambda call: call.hangup(),
+    "participants.list": lambda call: call.participants.list(),
+    "participants.invite": lambda call: call.participants.invite(Target.user(USER_ID)),
+    "audio_routing_groups.list": lambda call: call.audio_routing_groups.list(),
+}
+
+
+@pytest.mark.parametrize("action", sorted(CALL_ACTIONS))
+@pytest.mark.parametrize("gone", ["never offered", "ended"])
+async def test_fake_graph_answers_about_a_call_it_does_not_have_as_graph_does(
+    graph: FakeGraph, services: CallServices, action: str, gone: str
+) -> None:
+    """FakeGraph took a call it was never offered as known on first use and answered 2xx
+    (and an ended one with a body of its own): a bot's test of acting on a call that is
+    gone passed where Graph answers 404 ``Call not found.`` and callbot raises CallEnded."""
+    call_id = NEVER_OFFERED
+    if gone == "ended":
+        call_id = graph.add_call(state="established").id
+        await services.call(call_id).hangup()
+    with pytest.raises(CallEnded) as raised:
+        await CALL_ACTIONS[action](services.call(call_id))
+    error = raised.value
+    assert (error.status, error.code, error.message) == (404, "8522", "Call not found.")
+    inner = error.body["error"]["innerError"]
+    assert inner["client-request-id"] == error.client_request_id
+    assert {"date", "request-id"} <= inner.keys()
+    assert graph.calls.get(NEVER_OFFERED.replace("-", "")) is None, "nothing became known"
+
+
+@pytest.mark.parametrize("action", sorted(ITEM_ACTIONS))
+async def test_an_item_of_a_call_graph_does_not_have_is_a_plain_404(
+    graph: FakeGraph, services: CallServices, action: str
+) -> None:
+    """FakeGraph answered about a participant, operation or group of a call it was never
+    offered as if the call were there: Graph says the call is not found, and (the call not
+    known to have ended) callbot raises a plain GraphError."""
+    with pytest.raises(GraphError) as raised:
+        await ITEM_ACTIONS[action](services.call(NEVER_OFFERED))
+    assert not isinstance(raised.value, CallEnded)
+    assert (raised.value.status, raised.value.code) == (404, "8522")
+
+
+async def test_a_call_fake_graph_was_routed_to_create_is_known(
+    graph: FakeGraph, services: CallServices
+) -> None:
+    """A created call is Graph's, however the test answered ``createCall``."""
+    created = {"@odata.type": "#microsoft.graph.call", "id": NEVER_OFFERED, "state": "establishing"}
+    graph.route("createCall", lambda _: FakeResponse(status=201, body=created))
+    call = await services.create_call(Target.user(USER_ID))
+    assert (await call.refresh()).state == "establishing"
 
 
 async def test_other_graph_errors_stay_graph_errors(

@@ -218,6 +218,7 @@ async def test_token_endpoint_unavailable_for_a_moment_is_retried(
         await call.answer()
 
     server = await serve(bot)
+    graph.add_call("late-token")  # Graph offers the call it posts
     await server.post(b.notifications(b.incoming_call("late-token")))
     request = await graph.wait_for_request("answer")
     assert request.call_id == "late-token"
@@ -242,6 +243,7 @@ async def test_graph_throttling_or_unavailable_is_retried_until_it_answers(
         answered.append(call.id)
 
     server = await serve(bot)
+    graph.add_call(f"busy-{status}")  # Graph offers the call it posts
     await server.post(b.notifications(b.incoming_call(f"busy-{status}")))
     await until(lambda: answered == [f"busy-{status}"])
     assert [graph.answer_to(r).status for r in graph.requests_for("answer")] == [

@@ -48,6 +48,7 @@ def conform(produced: Any, documented: Any) -> Any:
 
 @pytest.fixture
 async def services(graph: FakeGraph) -> AsyncIterator[CallServices]:
+    graph.add_call(CALL_ID, state="established")  # the call the tests act on, offered
     settings = graph.settings(public_url="https://bot.contoso.com", callback_path="/api/calls")
     svc = CallServices(settings, retry=RetryPolicy(total_time=2.0, base_delay=0.01))
     await svc.start()

@@ -30,6 +30,7 @@ FAST = RetryPolicy(total_time=5.0, base_delay=0.001, max_delay=0.01, request_tim
 
 @pytest.fixture
 async def services(graph: FakeGraph) -> AsyncIterator[CallServices]:
+    graph.add_call(CALL_ID, state="established")  # the call the tests act on, offered
     svc = CallServices(graph.settings(), retry=FAST)
     await svc.start()
     try:
@@ -106,7 +107,7 @@ async def test_not_found_is_not_retried(graph: FakeGraph, services: CallServices
     with pytest.raises(GraphError) as failure:
         await services.call(CALL_ID).keep_alive()
     assert failure.value.status == 404
-    assert failure.value.code == "NotFound"
+    assert (failure.value.code, failure.value.message) == ("8522", "Call not found.")
     assert failure.value.request_id is not None
     assert len(graph.requests_for("keepAlive")) == 1
 
@@ -183,7 +184,7 @@ async def test_request_ids_are_logged_with_the_call(
 
 async def test_each_call_has_its_own_scenario(graph: FakeGraph, services: CallServices) -> None:
     one = services.call(CALL_ID)
-    two = services.call("2f1a1100-b174-40a0-aba7-0b405e01ed92")
+    two = services.call(graph.add_call("2f1a1100-b174-40a0-aba7-0b405e01ed92").id)
     await one.keep_alive()
     await one.keep_alive()
     await two.keep_alive()

@@ -43,6 +43,13 @@ FAST = RetryPolicy(total_time=1.0, base_delay=0.001, max_delay=0.01)
 NO_RETRY = RetryPolicy(total_time=0.0)
 
 
+@pytest.fixture
+def graph(graph: FakeGraph) -> FakeGraph:
+    """The FakeGraph of every test, offering the call these tests act on."""
+    graph.add_call(CALL_ID, state="established")
+    return graph
+
+
 def self_signed(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> x509.Certificate:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "callbot test")])
     now = datetime.datetime.now(datetime.UTC)

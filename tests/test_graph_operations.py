@@ -62,6 +62,7 @@ def event_from_item(item: dict[str, Any], **changes: Any) -> OperationUpdated:
 
 @pytest.fixture
 async def services(graph: FakeGraph) -> AsyncIterator[CallServices]:
+    graph.add_call(CALL_ID, state="established")  # the call the tests act on, offered
     svc = CallServices(graph.settings(), retry=RetryPolicy(total_time=2.0, base_delay=0.01))
     await svc.start()
     try:
@@ -283,7 +284,7 @@ async def test_two_calls_with_the_same_operation_id_keep_their_own_operations(
     # Operation ids are only unique per call: Graph may name the same one in two calls.
     body = {"@odata.type": "#microsoft.graph.playPromptOperation", "id": OPERATION_ID}
     graph.route("playPrompt", lambda r: FakeResponse(status=200, body=dict(body, status="running")))
-    other_call = "2f1a1100-b174-40a0-aba7-0b405e01ed92"
+    other_call = graph.add_call("2f1a1100-b174-40a0-aba7-0b405e01ed92").id
     first = await services.call(CALL_ID).play_prompt("https://x/beep.wav")
     second = await services.call(other_call).play_prompt("https://x/beep.wav")
     item = json.loads(
@@ -316,7 +317,7 @@ async def test_fake_graph_posts_completions_through_a_listener(
 
 async def test_call_end_fails_pending_waits(graph: FakeGraph, services: CallServices) -> None:
     call = services.call(CALL_ID)
-    other = services.call("2f1a1100-b174-40a0-aba7-0b405e01ed92")
+    other = services.call(graph.add_call("2f1a1100-b174-40a0-aba7-0b405e01ed92").id)
     prompt = await call.play_prompt("https://x/beep.wav")
     record = await call.record_response()
     elsewhere = await other.play_prompt("https://x/beep.wav")
@@ -335,6 +336,7 @@ async def test_call_end_fails_pending_waits(graph: FakeGraph, services: CallServ
 
 
 async def test_close_fails_pending_waits(graph: FakeGraph) -> None:
+    graph.add_call(CALL_ID, state="established")
     svc = CallServices(graph.settings())
     op = await svc.call(CALL_ID).play_prompt("https://x/beep.wav")
     await svc.close()

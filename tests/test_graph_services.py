@@ -19,6 +19,13 @@ FAST = RetryPolicy(total_time=1.0, base_delay=0.001, max_delay=0.01)
 
 
 @pytest.fixture
+def graph(graph: FakeGraph) -> FakeGraph:
+    """The FakeGraph of every test, offering the call these tests act on."""
+    graph.add_call(CALL_ID, state="established")
+    return graph
+
+
+@pytest.fixture
 async def make_services(graph: FakeGraph) -> AsyncIterator[Callable[..., CallServices]]:
     made: list[CallServices] = []
 

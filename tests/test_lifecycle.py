@@ -255,6 +255,7 @@ async def test_keep_alives_reach_graph_and_a_404_ends_the_call(graph: FakeGraph)
     services = CallServices(
         graph.settings(), retry=RetryPolicy(total_time=1.0, base_delay=0.001), lifecycle=calls
     )
+    graph.add_call(CALL_ID, state="established")
     try:
         assert await services.keep_alive(CALL_ID) is KeepAliveResult.OK
         request = await graph.wait_for_request("keepAlive")
@@ -274,6 +275,7 @@ async def test_keep_alives_reach_graph_and_a_404_ends_the_call(graph: FakeGraph)
 async def test_an_end_fails_the_operations_awaited_on_the_call(graph: FakeGraph) -> None:
     calls = Lifecycle(termination_grace=30.0)
     services = CallServices(graph.settings(), lifecycle=calls)
+    graph.add_call(CALL_ID, state="established")
     try:
         life = calls.life(CALL_ID)
         calls.enter(life, "established")

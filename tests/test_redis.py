@@ -556,6 +556,8 @@ async def test_a_restarted_instance_knows_its_calls_again(
                 organizer=models.IdentitySet.model_validate({"user": {"id": "org-1"}})
             ),
         }
+        for call_id in ("alpha", "beta"):  # the calls Graph posts about, still going
+            graph.add_call(call_id, state="establishing")
         for item in (
             b.call_state("alpha", "establishing", **meeting),
             b.call_state("alpha", "established"),
@@ -634,6 +636,7 @@ async def test_an_operation_resolves_when_its_outcome_lands_on_another_instance(
                 outcomes.append((index, done.status or ""))
 
             servers.append(await serve(bot))
+        graph.add_call("op-call", state="establishing")  # the call Graph posts about
         for state in ("establishing", "established"):
             item = b.call_state("op-call", state)
             assert (await servers[0].post(b.notifications(item))).status == 202
@@ -833,6 +836,7 @@ async def test_a_re_run_handler_does_not_repeat_graph_actions_its_first_run_comp
     async with FakeGraph() as graph:
         runs: list[tuple[int, bool, str | None]] = []
         first = await _two_players(authority, serve, redis_url, graph, runs)
+        graph.add_call("journal-call", state="establishing")  # the call Graph posts about
         for state in ("establishing", "established"):
             item = b.call_state("journal-call", state)
             assert (await first.post(b.notifications(item))).status == 202
@@ -1029,6 +1033,7 @@ async def test_a_graph_action_is_recorded_once_redis_takes_the_write(
 
         graph.route("playPrompt", answer_then_fail)
         first = await _two_players(authority, serve, redis_url, graph, runs)
+        graph.add_call("record-call", state="establishing")  # the call Graph posts about
         for state in ("establishing", "established"):
             item = b.call_state("record-call", state)
             assert (await first.post(b.notifications(item))).status == 202
@@ -1075,6 +1080,7 @@ class Collecting:
 
     async def establish(self, graph: FakeGraph, call_id: str) -> tuple[int, BotServer]:
         """Establish ``call_id`` at the first instance: the owner's index, and the other."""
+        graph.add_call(call_id, state="establishing")  # the call Graph posts about
         for state in ("establishing", "established"):
             item = b.call_state(call_id, state)
             assert (await self.servers[0].post(b.notifications(item))).status == 202

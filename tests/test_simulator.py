@@ -580,6 +580,26 @@ async def test_after_the_caller_hangs_up_graph_answers_404() -> None:
     assert errors[0].status == 404
 
 
+async def test_graph_has_the_calls_the_simulator_posts_about_until_it_posts_their_end() -> None:
+    """What the simulator posts without playing the call (a replay, a test's own post) left
+    Graph's API behind: a posted termination did not end the call there, so the bot's next
+    action on it was answered 2xx where Graph answers 404."""
+    bot, _seen = recording_bot()
+
+    @bot.on_incoming_call
+    async def answer(call: Call, event: events.IncomingCall) -> None:
+        await call.answer()
+
+    async with run_with_simulator(bot, drive=False) as sim:
+        await sim.post(builders.notifications(builders.incoming_call("posted-call")))
+        await until(lambda: any(r.action == "answer" for r, _ in sim.graph.answers))
+        assert [a.status for r, a in sim.graph.answers if r.action == "answer"] == [202]
+        await sim.post(builders.notifications(builders.call_terminated("posted-call")))
+        with pytest.raises(CallEnded) as late:
+            await bot.services.call("posted-call").keep_alive()
+    assert (late.value.status, late.value.code) == (404, "8522")
+
+
 async def test_a_caller_hanging_up_during_an_awaited_prompt_stops_the_handler_quietly() -> None:
     """The prompt's wait fails because the call ended: like ``CallEnded``, that is no bug
     of the handler's, so letting it escape is no handler error."""

@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from aiohttp.test_utils import TestServer
 
-from callbot import Call, CallBot, events
+from callbot import Call, CallBot, events, models
 from callbot.graph import Target
-from callbot.testing import DeliveryOptions, run_with_simulator
+from callbot.testing import DeliveryOptions, Simulator, builders, run_with_simulator
 
 from .conftest import APP_ID, until
 
@@ -213,3 +214,71 @@ async def test_the_simulators_call_states_follow_the_lifecycle_with_graphs_quirk
         await call.hangup()
         await call.wait_until_ended()
     assert call.states == ["incoming", "establishing", "established", "terminated"]
+
+
+def state_telling_bot(**options: Any) -> tuple[CallBot, list[str]]:
+    """A bot that answers nothing itself and notes each state its handlers are told."""
+    bot = CallBot(**{"app_id": APP_ID, **options})
+    told: list[str] = []
+
+    @bot.on_state(*models.CALL_STATES)  # "incoming" included: the IncomingCall
+    async def moved(call: Call, event: events.CallStateChanged | events.IncomingCall) -> None:
+        told.append(event.state)
+
+    return bot, told
+
+
+async def test_a_state_held_for_its_predecessor_is_the_calls_once_the_handlers_are_told() -> None:
+    """The simulator listed ``established`` as soon as the bot acknowledged it, while the bot
+    held it for ``establishing`` and had told its handlers nothing."""
+    bot, told = state_telling_bot(reorder_window=300.0)
+    async with run_with_simulator(bot) as sim:
+        call = await sim.incoming_call()
+        await call.notify(builders.call_state(call.id, "established"))
+        assert call.states == ["incoming"]
+        await call.notify(builders.call_state(call.id, "establishing"))
+        await call.settled()
+        assert call.states == ["incoming", "establishing", "established"]
+        await call.hangup()
+        await call.settled()
+    assert call.states == told == ["incoming", "establishing", "established", "terminated"]
+
+
+async def test_a_late_state_the_bot_drops_as_stale_is_not_one_the_call_went_through() -> None:
+    """``established`` told alone once its reorder window closed, then a late ``establishing``:
+    the bot drops it as stale and tells no handler, yet the simulator listed it before
+    ``established`` (and the call's history in a different order than its handlers saw)."""
+    bot, told = state_telling_bot(reorder_window=0.05)
+    async with run_with_simulator(bot) as sim:
+        call = await sim.incoming_call()
+        await call.notify(builders.call_state(call.id, "established"))
+        await call.settled()  # the window closed: established was told alone
+        await call.notify(builders.call_state(call.id, "establishing"))
+        await call.settled()
+        assert call.states == ["incoming", "established"]
+        assert sim.graph.calls[call.key].resource["state"] == "established"
+        await call.hangup()
+        await call.settled()
+    assert call.states == told == ["incoming", "established", "terminated"]
+
+
+async def test_a_ringing_after_established_is_not_listed_for_a_bot_in_another_server() -> None:
+    """A bot the simulator does not run: what it acknowledged goes through callbot's own
+    sequencer, so a ``ringing`` after ``established`` (the beta Create call page posts one)
+    is dropped as the bot drops it, not slotted in before ``established``."""
+    async with Simulator(app_id=APP_ID) as sim:
+        bot, told = state_telling_bot(**sim.bot_settings(public_url="https://bot.example.test"))
+        server = TestServer(bot.create_app())
+        await server.start_server()
+        try:
+            sim.callback_url = str(server.make_url("/api/calls"))
+            await bot.authenticator.wait_ready(5.0)
+            call = await sim.incoming_call()
+            await call.notify(builders.call_state(call.id, "establishing"))
+            await call.notify(builders.call_state(call.id, "established"))
+            await call.notify(builders.call_state(call.id, "ringing"))
+            await call.hangup()
+            await until(lambda: "terminated" in told)
+        finally:
+            await server.close()
+    assert call.states == told == ["incoming", "establishing", "established", "terminated"]

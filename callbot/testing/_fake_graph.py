@@ -9,7 +9,8 @@ Example::
 
     async with FakeGraph() as graph:
         services = CallServices(graph.settings(app_id=APP_ID))
-        call = services.call("57dab8b1-894c-409a-b240-bd8beae78896")
+        offered = graph.add_call(state="established")  # Graph knows the calls it offered
+        call = services.call(offered.id)
         op = await call.play_prompt("https://cdn.contoso.com/beep.wav")
         request = await graph.wait_for_request("playPrompt")
         assert request.json["prompts"][0]["mediaInfo"]["uri"].endswith("beep.wav")
@@ -120,6 +121,10 @@ ACCEPTED: dict[str, int] = {
     "logTeleconferenceDeviceQuality": 200,
 }
 
+# Graph's error code for a call it does not have (never created or offered, or ended), as
+# live bots have reported it with 404 and "Call not found.".
+_CALL_NOT_FOUND = "8522"
+
 _ERROR_CODES = {
     400: "BadRequest",
     401: "InvalidAuthenticationToken",
@@ -220,9 +225,11 @@ class FakeGraph(LocalServer):
 
     ``tenant_id`` is the tenant tokens are issued for; ``token_lifetime`` the
     seconds an issued token lives. Graph endpoints answer 401 unless they get a
-    bearer token FakeGraph issued and still considers valid. Calls are known on
-    first use (or :meth:`add_call`); after ``DELETE`` or :meth:`end_call` every
-    request about a call answers 404, as Graph does for ended calls.
+    bearer token FakeGraph issued and still considers valid. A call is known once
+    created (``POST /communications/calls``) or offered (:meth:`add_call`); every
+    request about a call it does not know, or about one that ended (``DELETE``,
+    :meth:`end_call`), answers 404 with Graph's error body (code ``8522``,
+    ``Call not found.``).
     """
 
     def __init__(
@@ -403,11 +410,13 @@ class FakeGraph(LocalServer):
         return call
 
     def end_call(self, call_id: str) -> None:
-        """The call is gone: later requests about it answer 404."""
-        self._call(call_id).ended = True
+        """The call (a known one) is gone: later requests about it answer 404."""
+        call = self._call(call_id)
+        call.ended = True
+        call.resource["state"] = "terminated"
 
     def add_participant(self, call_id: str, participant: Mapping[str, Any]) -> dict[str, Any]:
-        """Add a participant (a ``participant`` resource) to a call's roster."""
+        """Add a participant (a ``participant`` resource) to a known call's roster."""
         item = {"@odata.type": "#microsoft.graph.participant", "id": str(uuid.uuid4())}
         item.update(participant)
         self._call(call_id).participants[str(item["id"])] = item
@@ -581,15 +590,25 @@ class FakeGraph(LocalServer):
                 )
         if request.call_id is not None and request.action != "logTeleconferenceDeviceQuality":
             known = self.calls.get(id_key(request.call_id))
-            if known is not None and known.ended:
-                return self._error(request, 404, "NotFound", "Call not found.")
+            if known is None or known.ended:
+                # Graph has no call it never created or offered, and forgets one that ended.
+                return self._error(request, 404, _CALL_NOT_FOUND, "Call not found.")
         handler = self._handlers.get(request.action)
         if handler is not None:
             result = handler(request)
-            if isinstance(result, Awaitable):
-                return await result
-            return result
+            answer = await result if isinstance(result, Awaitable) else result
+            if request.action == "createCall":
+                self._created(answer)
+            return answer
         return self._default(request)
+
+    def _created(self, answer: FakeResponse) -> None:
+        """A call a routed ``createCall`` answered it made is Graph's from then on."""
+        body = answer.body
+        if 200 <= answer.status < 300 and isinstance(body, Mapping):
+            call_id = body.get("id")
+            if isinstance(call_id, str) and id_key(call_id) not in self.calls:
+                self.add_call(call_id, **body)
 
     def _take_fault(self, request: RecordedRequest) -> _Fault | None:
         for fault in self._faults:
@@ -635,10 +654,9 @@ class FakeGraph(LocalServer):
         )
 
     def _call(self, call_id: str) -> FakeCall:
-        key = id_key(call_id)
-        call = self.calls.get(key)
+        call = self.calls.get(id_key(call_id))
         if call is None:
-            call = self.add_call(call_id, state="established")
+            raise LookupError(f"FakeGraph knows no call {call_id}: add_call() it first")
         return call
 
     # -- default answers ------------------------------------------------------------

@@ -65,9 +65,10 @@ from .._config import Settings
 from .._dtmf import TONE_OF_DIGIT, digit_of, tones_of
 from .._errors import MalformedNotification
 from .._ids import id_key
-from .._lifecycle import phase_of_state
+from .._lifecycle import Lifecycle
 from .._log import get_logger
 from .._parse import parse_payload
+from .._sequencing import Sequencer
 from ..graph import AccessToken
 from ..models._operations import is_settled
 from . import builders as build
@@ -109,6 +110,7 @@ _OK = 200
 _CANCELED = {"code": 400, "subcode": 8508, "message": "Action failed, the operation was cancelled."}
 _DONE = {"code": 200, "subcode": 0, "message": "Action completed successfully."}
 _CALLS = "/communications/calls/"
+_CALL_TYPE = "#microsoft.graph.call"
 _LEGACY_CALLS = "/app/calls/"
 _GUID = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
 
@@ -384,12 +386,15 @@ class SimulatedCall:
         self.delivery = delivery
         """How this call's notifications arrive."""
         self.states: list[str] = []
-        """The states the bot acknowledged the call moving to, in order (read from what was
-        posted with the bot's parser: a repeat of the state the call is in is no move)."""
+        """The states the bot's handlers were told the call moved to, in the order they were
+        told: what the bot's sequencer delivered (a repeat of the state the call is in is an
+        update, a late earlier state is stale, neither is a move). A bot in another process
+        cannot be watched: what it acknowledged goes through callbot's own sequencer (with
+        the default settings) instead."""
         self.subscribed_to_tones = False
         """Whether the bot called ``subscribeToTone`` (Graph sends no tones before)."""
         self.ended = False
-        """Whether the bot has been told the call terminated."""
+        """Whether the bot's handlers have been told the call terminated."""
         self.roster: dict[str, models.Participant] = {}
         """The participants, by participant id, as last posted (or about to be)."""
         self.bot_participant_id = str(uuid.uuid4())
@@ -425,7 +430,7 @@ class SimulatedCall:
 
     @property
     def state(self) -> str | None:
-        """The last call state the bot acknowledged (``None`` before any)."""
+        """The last call state the bot's handlers were told (``None`` before any)."""
         return self.states[-1] if self.states else None
 
     @property
@@ -844,8 +849,6 @@ class SimulatedCall:
                     status, reason = await self._sim._deliver(body, call_id=self.id)
                     if self.delivery.duplicate:
                         await self._sim._deliver(body, call_id=self.id)
-                    if 200 <= status < 300:
-                        self._delivered(entry)
                 if entry.done is not None and not entry.done.done():
                     entry.done.set_result((status, reason))
             except asyncio.CancelledError:
@@ -867,7 +870,7 @@ class SimulatedCall:
         data = shaped.get("resourceData")
         if (
             isinstance(data, Mapping)
-            and data.get("@odata.type") == "#microsoft.graph.call"
+            and data.get("@odata.type") == _CALL_TYPE
             and "callChainId" not in data
         ):
             shaped["resourceData"] = {**data, "callChainId": self.chain_id}
@@ -882,32 +885,16 @@ class SimulatedCall:
             shaped["resourceUrl"] = url
         return shaped
 
-    def _delivered(self, entry: _Outgoing) -> None:
-        # What the bot was told is read with the bot's own parser, in the lifecycle's order:
-        # a state is the call's when it moves there (a repeat is an update), one of an
-        # earlier phase delivered late takes its place before the later ones (the call went
-        # through it first), and a termination ends it.
-        for event in parse_payload(build.notifications(*entry.items)):
-            state: str
-            if isinstance(event, events.IncomingCall):
-                state = "incoming"
-            elif isinstance(event, events.CallStateChanged):
-                state = event.state
-            else:
-                continue
-            phase = phase_of_state(state)
-            if self.state is None or phase >= phase_of_state(self.state):
-                if state != self.state:
-                    self.states.append(state)
-            elif state not in self.states:
-                later = next(i for i, s in enumerate(self.states) if phase_of_state(s) > phase)
-                self.states.insert(later, state)
-            known = self._sim.graph.calls.get(self.key)
-            if known is not None and not known.ended and self.state is not None:
-                known.resource["state"] = self.state
-            if isinstance(event, events.CallTerminated):
-                self.ended = True
-                self._end_on_graph()
+    def _told(self, event: events.IncomingCall | events.CallStateChanged) -> None:
+        """The bot's handlers were told the call moved to a state (its sequencer decided the
+        move): the call is in it, on Graph's side too, and a termination ends it."""
+        self.states.append(event.state)
+        known = self._sim.graph.calls.get(self.key)
+        if known is not None and not known.ended:
+            known.resource["state"] = event.state
+        if isinstance(event, events.CallTerminated):
+            self.ended = True
+            self._end_on_graph()
         self._sim._changed()
 
     async def _close(self) -> None:
@@ -1139,6 +1126,45 @@ class SimulatedCall:
             )
 
 
+class _Unwritten:
+    """A logger whose lines go nowhere: a bot elsewhere writes its own."""
+
+    def debug(self, *args: Any, **fields: Any) -> None:
+        pass
+
+    def info(self, *args: Any, **fields: Any) -> None:
+        pass
+
+
+class _BotElsewhere:
+    """What a bot in another process told its handlers, as near as the simulator can know:
+    what it acknowledged, through callbot's own sequencer with the default settings."""
+
+    def __init__(self, told: Callable[[events.Event], None]) -> None:
+        # No answer-deadline warning, and no call left pending long enough to be let go.
+        self._lifecycle = Lifecycle(
+            termination_grace=Settings.termination_grace,
+            answer_warning_after=0.0,
+            pending_ttl=24 * 3600.0,
+        )
+        self._sequencer = Sequencer(
+            lambda delivery: told(delivery.event),
+            self._lifecycle,
+            reorder_window=Settings.reorder_window,
+            logger=_Unwritten(),
+        )
+
+    def accepted(self, body: Any, tenant_id: str) -> None:
+        """The bot acknowledged ``body`` (as the bot does, a call of another tenant is not
+        taken)."""
+        with contextlib.suppress(MalformedNotification):
+            self._sequencer.accept_batch(parse_payload(body, tenant_id=tenant_id))
+
+    async def close(self) -> None:
+        self._sequencer.close()
+        await self._lifecycle.close()
+
+
 class _SimulatorCredential:
     """Outbound tokens the simulated Graph accepts, for bots built with their own credential."""
 
@@ -1236,6 +1262,7 @@ class Simulator:
         self._session: aiohttp.ClientSession | None = None
         self._started_at = time.monotonic()
         self._notifying = True
+        self._elsewhere: _BotElsewhere | None = None
         self.graph.listeners.append(self._on_request)
 
     # -- lifecycle ----------------------------------------------------------------
@@ -1255,6 +1282,9 @@ class Simulator:
         """Post nothing more (before the bot stops): pending notifications are dropped."""
         self._notifying = False
         await asyncio.gather(*(call._close() for call in self.calls), return_exceptions=True)
+        if self._elsewhere is not None:
+            await self._elsewhere.close()
+            self._elsewhere = None
 
     async def close(self) -> None:
         """Stop every call's notifications and both servers."""
@@ -1554,7 +1584,9 @@ class Simulator:
         It goes where Graph would post about ``call_id`` (:meth:`callback_url_for`).
         ``tenant_id`` overrides the token's ``tid`` (replays keep the recorded tenant).
         The status is the caller's to judge: a refusal is not one of
-        :attr:`failed_deliveries` (a test may expect a 403).
+        :attr:`failed_deliveries` (a test may expect a 403). As Graph's own, a posted
+        notification makes the calls it names known to :attr:`graph`, and a termination
+        ends its call there.
         """
         status, _ = await self._deliver(body, call_id=call_id, tenant_id=tenant_id, by_post=True)
         return status
@@ -1589,6 +1621,7 @@ class Simulator:
             raise SimulatorError("the simulator is not started")
         if not self._notifying:
             return 0, None
+        self._graph_side(body)
         data = json.dumps(body).encode()
         status = 0
         reason: str | None = None
@@ -1625,7 +1658,39 @@ class Simulator:
                 url=url,
             )
         )
+        if self._bot is None and self._notifying and status in (200, 202):
+            if self._elsewhere is None:
+                self._elsewhere = _BotElsewhere(self._told)
+            self._elsewhere.accepted(body, tenant_id or self.tenant_id)
         return status, reason
+
+    def _graph_side(self, body: Any) -> None:
+        """Graph tells a bot only of calls it has: its API knows each call a notification it
+        posts names from then on, and none that it says terminated."""
+        try:
+            told = parse_payload(body)
+        except MalformedNotification:
+            return  # not a notification (a test's own body): it names no call
+        for event in told:
+            if self.graph.calls.get(event.call_key) is None:
+                data = event.raw.get("resourceData")
+                is_call = isinstance(data, Mapping) and data.get("@odata.type") == _CALL_TYPE
+                resource = dict(data) if is_call and isinstance(data, Mapping) else {}
+                if isinstance(event, events.IncomingCall | events.CallStateChanged):
+                    resource["state"] = event.state
+                else:  # told of by a tone, a roster, an operation: a call in progress
+                    resource["state"] = "established"
+                self.graph.add_call(event.call_id, **resource)
+            if isinstance(event, events.CallTerminated):
+                self.graph.end_call(event.call_id)
+
+    def _told(self, event: events.Event) -> None:
+        """The bot's handlers were handed ``event`` (as its sequencer decided): a move of a
+        call the simulator plays is that call's."""
+        if isinstance(event, events.IncomingCall | events.CallStateChanged):
+            call = self.find_call(event.call_id)
+            if call is not None:
+                call._told(event)
 
     # -- reacting to requests ----------------------------------------------------------
 
@@ -1807,6 +1872,8 @@ async def run_with_simulator(
         # A call whose handlers finished is news to those waiting for it to settle (the
         # dispatcher goes with the bot's runtime when it stops).
         bot._running().dispatcher.when_idle(lambda call_key: sim._changed())
+        # What the bot's sequencer hands its handlers is what each call went through.
+        bot._running().dispatcher.when_delivered(sim._told)
         await bot.authenticator.wait_ready(5.0)
         yield sim
     finally:
