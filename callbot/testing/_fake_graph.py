@@ -218,6 +218,16 @@ class FakeCall:
     participants: dict[str, dict[str, Any]] = field(default_factory=dict)
     audio_routing_groups: dict[str, dict[str, Any]] = field(default_factory=dict)
     ended: bool = False
+    callback_uri: str | None = None
+    """The ``callbackUri`` the bot gave for the call (placing, answering, rejecting or
+    redirecting it): where Graph posts the call's notifications. A notification's own
+    copy of the resource does not set it (a replay must not post to a recorded URL)."""
+
+
+def _callback_uri(request: RecordedRequest) -> str | None:
+    """The ``callbackUri`` a request from the bot gives, if any."""
+    uri = request.json.get("callbackUri") if isinstance(request.json, Mapping) else None
+    return uri if isinstance(uri, str) and uri else None
 
 
 class FakeGraph(LocalServer):
@@ -598,17 +608,17 @@ class FakeGraph(LocalServer):
             result = handler(request)
             answer = await result if isinstance(result, Awaitable) else result
             if request.action == "createCall":
-                self._created(answer)
+                self._created(answer, _callback_uri(request))
             return answer
         return self._default(request)
 
-    def _created(self, answer: FakeResponse) -> None:
+    def _created(self, answer: FakeResponse, callback_uri: str | None) -> None:
         """A call a routed ``createCall`` answered it made is Graph's from then on."""
         body = answer.body
         if 200 <= answer.status < 300 and isinstance(body, Mapping):
             call_id = body.get("id")
             if isinstance(call_id, str) and id_key(call_id) not in self.calls:
-                self.add_call(call_id, **body)
+                self.add_call(call_id, **body).callback_uri = callback_uri
 
     def _take_fault(self, request: RecordedRequest) -> _Fault | None:
         for fault in self._faults:
@@ -695,11 +705,11 @@ class FakeGraph(LocalServer):
         call = self._call(request.call_id or "")
         if request.action == "answer":
             call.resource["state"] = "establishing"
-        if request.action in ("answer", "reject", "redirect") and isinstance(request.json, Mapping):
+        if request.action in ("answer", "reject", "redirect"):
             # Graph posts the call's later notifications there; without one, where it did.
-            uri = request.json.get("callbackUri")
-            if isinstance(uri, str) and uri:
-                call.resource["callbackUri"] = uri
+            uri = _callback_uri(request)
+            if uri is not None:
+                call.resource["callbackUri"] = call.callback_uri = uri
 
     def _on_create_call(self, request: RecordedRequest) -> FakeResponse:
         body = dict(request.json) if isinstance(request.json, Mapping) else {}
@@ -714,7 +724,9 @@ class FakeGraph(LocalServer):
             "myParticipantId": str(uuid.uuid4()),
         }
         resource.setdefault("targets", [])
-        self.calls[id_key(call_id)] = FakeCall(id=call_id, resource=resource)
+        self.calls[id_key(call_id)] = FakeCall(
+            id=call_id, resource=resource, callback_uri=_callback_uri(request)
+        )
         return FakeResponse(
             status=201,
             body=resource,
