@@ -11,7 +11,9 @@ and decides, for each, one of:
   (:class:`~callbot.events.CallUpdated`, with what changed), who joined or left
   the roster, and the call's merged snapshot;
 * hold it, when it arrives before the state it follows (a state past ``establishing``
-  before the call was seen establishing, a tone before the call was seen established),
+  before the call was seen establishing, a tone before the call was seen established,
+  a roster or other news without a state of a call seen being set up but not yet
+  established),
   for ``reorder_window`` seconds: later events of that call wait behind it, except its
   predecessors, which overtake it; when they have come, or the window closes, the held
   events go in lifecycle order;
@@ -97,33 +99,40 @@ def phase_of(event: events.Event) -> int | None:
     return None
 
 
-def _follows(event: events.Event) -> int | None:
-    """The phase a call must have reached before ``event`` is delivered, if any: a state past
-    ``establishing`` (not an ending) follows ``establishing``, and a tone follows
-    ``established`` (Graph sends it on an established call)."""
+def _follows(event: events.Event, reached: int) -> int | None:
+    """The phase a call that has reached phase ``reached`` must reach before ``event`` is
+    delivered, if any: a state past ``establishing`` (not an ending) follows
+    ``establishing``; a tone follows ``established`` (Graph sends it on an established
+    call); so does news without a state (a roster, content sharing) of a call seen being
+    set up, which Graph may deliver before ``established`` as it may ``established``
+    before ``establishing``."""
     if isinstance(event, events.ToneReceived):
         return _LIVE
     phase = phase_of(event)
-    if phase is not None and _ESTABLISHING < phase < _TERMINATING:
+    if phase is None:
+        return _LIVE if _INCOMING <= reached < _LIVE else None
+    if _ESTABLISHING < phase < _TERMINATING:
         return _ESTABLISHING
     return None
 
 
 def _early(event: events.Event, record: CallRecord) -> bool:
     """Whether ``event`` arrived before the state it follows (:func:`_follows`)."""
-    follows = _follows(event)
+    follows = _follows(event, record.phase)
     return follows is not None and record.phase < follows
 
 
-def _awaited(held: list[events.Event]) -> int:
+def _awaited(held: list[events.Event], reached: int) -> int:
     """The latest phase a held event waits for: states up to it overtake what is held."""
-    return max((phase for phase in map(_follows, held) if phase is not None), default=-1)
+    follows = (_follows(event, reached) for event in held)
+    return max((phase for phase in follows if phase is not None), default=-1)
 
 
-def _in_lifecycle_order(held: list[events.Event]) -> list[events.Event]:
-    """Held events sorted by phase; an event without a state keeps its place after the state
-    before it, but a tone held before its call was established goes right after the first
-    ``established`` (or other live state) held after it, with what came behind it."""
+def _in_lifecycle_order(held: list[events.Event], reached: int) -> list[events.Event]:
+    """Held events (of a call that has reached phase ``reached``) sorted by phase; an event
+    without a state keeps its place after the state before it, but one held until its call
+    is established (a tone, a roster) goes right after the first ``established`` (or other
+    live state) held after it, with what came behind it."""
     next_live: list[int | None] = [None] * len(held)
     following: int | None = None
     for index in range(len(held) - 1, -1, -1):
@@ -139,7 +148,7 @@ def _in_lifecycle_order(held: list[events.Event]) -> list[events.Event]:
         if phase is not None:
             place = (phase, index, 0)
         else:
-            follows = _follows(event)
+            follows = _follows(event, reached)
             if follows is not None and place[0] < follows:
                 anchor = next_live[index]
                 place = (follows, index if anchor is None else anchor, 1)
@@ -177,7 +186,7 @@ class CallRecord:
     """The digest of the call's latest roster and latest content-sharing notification."""
     held: list[events.Event] = field(default_factory=list)
     """Events waiting for the window: one that came before the state it follows (a state
-    past ``establishing``, a tone), then later ones."""
+    past ``establishing``, a tone, a roster of a call being set up), then later ones."""
     hold_timer: asyncio.TimerHandle | None = None
     closed: bool = False
     """The call's termination was delivered: what comes after it is dropped."""
@@ -482,7 +491,7 @@ class Sequencer:
             self._admit(record, event)
             return
         phase = phase_of(event)
-        if phase is not None and phase <= _awaited(record.held):
+        if phase is not None and phase <= _awaited(record.held, record.phase):
             # A predecessor of what is held overtakes it.
             self._admit(record, event)
             self._release_ready(record)
@@ -524,7 +533,7 @@ class Sequencer:
     def _release_ready(self, record: CallRecord) -> None:
         """Deliver, in lifecycle order, the held events whose predecessors have come; from
         the first still early on, they wait on (within the same window)."""
-        ordered, record.held = _in_lifecycle_order(record.held), []
+        ordered, record.held = _in_lifecycle_order(record.held, record.phase), []
         for index, event in enumerate(ordered):
             if _early(event, record):
                 record.held = ordered[index:]
@@ -547,7 +556,7 @@ class Sequencer:
             state=_state(held[0]),
             reason=why,
         )
-        for event in _in_lifecycle_order(held):
+        for event in _in_lifecycle_order(held, record.phase):
             if record.closed:
                 self._drop(event, "after_end")
             else:

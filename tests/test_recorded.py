@@ -402,6 +402,36 @@ async def test_a_recorded_call_shuffled_and_duplicated(
     assert len(seen.terminated) == 1
 
 
+async def test_the_group_call_s_first_roster_delivered_before_established(
+    authority: Any, serve: Any
+) -> None:
+    """The recorded group call with the bot's own roster delivered between ``establishing``
+    and ``established`` (Graph swaps them as it swaps those two): handlers see the call
+    established before its roster, and the roster with the call established."""
+    bot, seen = watching_bot(authority)
+    states_at_roster: list[str | None] = []
+
+    @bot.on_participants
+    async def roster(call: Call, event: events.ParticipantsUpdated) -> None:
+        states_at_roster.append(call.state)
+
+    server: BotServer = await serve(bot)
+    establishing, established, bot_joins, user_joins, end = CALLS["group"].bodies()
+    await replay(server, seen, [establishing, bot_joins, established, user_joins, end])
+    kinds = [
+        event.state if isinstance(event, events.CallStateChanged) else type(event).__name__
+        for event in seen.everything
+    ]
+    assert kinds == [
+        "establishing",
+        "established",
+        "ParticipantsUpdated",
+        "ParticipantsUpdated",
+        "terminated",
+    ]
+    assert states_at_roster == ["established", "established"]
+
+
 async def test_updates_say_what_changed(authority: Any, serve: Any) -> None:
     bot, seen = watching_bot(authority)
     server: BotServer = await serve(bot)

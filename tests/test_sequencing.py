@@ -65,6 +65,76 @@ async def test_established_first_is_held_until_establishing() -> None:
     seq.close()
 
 
+async def test_a_roster_before_established_waits_for_it() -> None:
+    """Graph may deliver a joined call's first roster before the ``established`` it follows,
+    as it delivers ``established`` before ``establishing``: the roster waits for it."""
+    sink = Sink()
+    seq = sink.sequencer(window=5)
+    seq.accept(one(b.call_state("c", "establishing")))
+    seq.accept(one(b.roster("c", [b.participant("bot")])))
+    seq.accept(one(b.tone("c", "tone1", 1)))
+    assert sink.labels == ["establishing"]
+    seq.accept(one(b.call_state("c", "established")))
+    assert sink.labels == ["establishing", "established", "ParticipantsUpdated", "tone:tone1"]
+    # Each handler sees the call established.
+    states = [d.snapshot.state if d.snapshot else None for d in sink.deliveries]
+    assert states == ["establishing", "established", "established", "established"]
+    seq.close()
+
+
+@pytest.mark.parametrize(
+    ("arrivals", "delivered"),
+    [
+        # ringing overtakes the roster, which still waits for established
+        (
+            ["establishing", "roster", "ringing", "established"],
+            ["establishing", "ringing", "established", "ParticipantsUpdated"],
+        ),
+        # established before establishing too: it waits for establishing, the roster for it
+        (
+            ["incoming", "roster", "established", "establishing"],
+            ["incoming", "establishing", "established", "ParticipantsUpdated"],
+        ),
+        # a call that ends instead: the roster goes before its end
+        (
+            ["establishing", "roster", "terminated"],
+            ["establishing", "ParticipantsUpdated", "terminated"],
+        ),
+        # a call known by nothing else yet holds nothing
+        (["roster", "establishing"], ["ParticipantsUpdated", "establishing"]),
+    ],
+)
+async def test_what_waits_for_established(arrivals: list[str], delivered: list[str]) -> None:
+    sink = Sink()
+    seq = sink.sequencer(window=5)
+    for arrival in arrivals:
+        if arrival == "roster":
+            item = b.roster("c", [b.participant("bot")])
+        elif arrival == "incoming":
+            item = b.incoming_call("c")
+        elif arrival == "terminated":
+            item = b.call_terminated("c")
+        else:
+            item = b.call_state("c", arrival)
+        seq.accept(one(item))
+    labels = ["incoming" if label == "IncomingCall" else label for label in sink.labels]
+    assert labels == delivered
+    seq.close()
+
+
+async def test_a_roster_waits_for_established_until_the_window_closes() -> None:
+    sink = Sink()
+    seq = sink.sequencer(window=0.02)
+    seq.accept(one(b.call_state("c", "establishing")))
+    seq.accept(one(b.roster("c", [b.participant("bot")])))
+    await until(lambda: len(sink.deliveries) == 2)
+    assert sink.labels == ["establishing", "ParticipantsUpdated"]
+    assert seq.counts["released_alone"] == 1
+    seq.accept(one(b.call_state("c", "established")))
+    assert sink.labels == ["establishing", "ParticipantsUpdated", "established"]
+    seq.close()
+
+
 async def test_held_state_goes_alone_when_the_window_closes() -> None:
     sink = Sink()
     seq = sink.sequencer(window=0.02)
