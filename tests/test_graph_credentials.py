@@ -668,3 +668,27 @@ async def test_a_token_due_for_refresh_is_used_while_its_refresh_fails(clock: Cl
     await clock.advance(30.0)
     assert await cache.get() == "t2"
     assert cache.cached
+
+
+async def test_nobody_waits_for_the_refresh_of_a_token_still_valid() -> None:
+    wall = [1_000_000.0]
+    answering = asyncio.Event()
+    issued: list[str] = []
+
+    class SlowCredential:
+        async def get_token(self, *scopes: str) -> _Token:
+            if issued:
+                await answering.wait()  # the identity platform is slow to answer a refresh
+            issued.append(f"t{len(issued) + 1}")
+            return _Token(issued[-1], int(wall[0]) + 3600)
+
+    cache = TokenCache(SlowCredential(), "scope/.default", wall_clock=lambda: wall[0])
+    assert await cache.get() == "t1"
+    wall[0] += 3600 - 200  # due for refresh, 200 s before expiry
+    # The refresh started; these requests do not wait for it (bounded: a wait would hang).
+    assert await asyncio.wait_for(cache.get(), 10) == "t1"
+    assert await asyncio.wait_for(cache.get(), 10) == "t1"
+    answering.set()
+    await until(lambda: cache.cached)
+    assert await cache.get() == "t2"
+    assert cache.fetches == 2

@@ -354,8 +354,9 @@ class TokenCache:
     success starts the count over. Each failed fetch writes one log line:
     ``graph_token_refused`` (error) when the token endpoint refused the app's
     credentials (``invalid_client``, ``unauthorized_client``), else
-    ``graph_token_failed`` (warning). Meanwhile a token due for refresh that
-    has not expired is still used.
+    ``graph_token_failed`` (warning). A token due for refresh that has not
+    expired is still used while the refresh runs or fails: callers never wait
+    for a refresh while they hold a valid token.
     """
 
     def __init__(
@@ -403,8 +404,9 @@ class TokenCache:
     async def get(self) -> str:
         """A valid token, fetched only when the cached one is missing or about to expire.
 
-        Raises the last fetch's exception while backing off after it, unless the cached
-        token, due for refresh, has not expired yet: that one is used meanwhile.
+        A token due for refresh that has not expired yet is returned at once while the
+        refresh runs (and while it fails). Otherwise raises the last fetch's exception while
+        backing off after it.
         """
         if self._token is not None and self._now() < self._refresh_at:
             return self._token
@@ -417,6 +419,8 @@ class TokenCache:
             task = asyncio.ensure_future(self._fetch())
             task.add_done_callback(_consume)
             self._inflight = task
+        if self._token is not None and self._now() < self._usable_until:
+            return self._token  # still valid: nobody waits for its refresh
         try:
             # shield: a caller that gives up must not cancel the refresh the others await
             return await asyncio.shield(task)
