@@ -118,6 +118,8 @@ def _follows(event: events.Event, reached: int) -> int | None:
 
 def _early(event: events.Event, record: CallRecord) -> bool:
     """Whether ``event`` arrived before the state it follows (:func:`_follows`)."""
+    if record.phase >= _LIVE:
+        return False  # nothing follows a later phase than established: the usual case, first
     follows = _follows(event, record.phase)
     return follows is not None and record.phase < follows
 
