@@ -126,8 +126,14 @@ def _early(event: events.Event, record: CallRecord) -> bool:
 
 def _awaited(held: list[events.Event], reached: int) -> int:
     """The latest phase a held event waits for: states up to it overtake what is held."""
-    follows = (_follows(event, reached) for event in held)
-    return max((phase for phase in follows if phase is not None), default=-1)
+    awaited = -1
+    for event in held:
+        follows = _follows(event, reached)
+        if follows is not None and follows > awaited:
+            awaited = follows
+            if awaited >= _LIVE:
+                break  # nothing waits for a later phase: the rest need not be looked at
+    return awaited
 
 
 def _in_lifecycle_order(held: list[events.Event], reached: int) -> list[events.Event]:
@@ -495,8 +501,12 @@ class Sequencer:
         phase = phase_of(event)
         if phase is not None and phase <= _awaited(record.held, record.phase):
             # A predecessor of what is held overtakes it.
+            reached, waiting = record.phase, len(record.held)
             self._admit(record, event)
-            self._release_ready(record)
+            if record.phase != reached or len(record.held) != waiting:
+                # The call moved on, or the predecessor waits too: what may go now goes.
+                # (An update or a stale copy changes nothing held: no walk of the backlog.)
+                self._release_ready(record)
             return
         record.held.append(event)
         if phase is not None and phase >= _TERMINATING:

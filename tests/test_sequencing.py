@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import sys
+from collections import Counter
 from typing import Any
 
 import pytest
 
+from callbot import _sequencing as sequencing
 from callbot import events, models
 from callbot._ids import id_key
 from callbot._lifecycle import Lifecycle
@@ -543,4 +546,46 @@ async def test_a_tone_whose_call_is_never_seen_established_goes_when_the_window_
     assert sink.labels == []
     await until(lambda: sink.labels == ["tone:tone1"])
     assert seq.counts["released_alone"] == 1
+    seq.close()
+
+
+async def test_a_state_while_news_waits_for_established_does_not_walk_the_backlog() -> None:
+    """While a roster waits for ``established`` (up to ``_MAX_BACKLOG`` events behind it), a
+    token holder sending updates of ``ringing`` or stale copies of ``establishing`` (each a
+    little different, so no repeat) must not make the sequencer sort and walk every waiting
+    event for each: that runs inside the request, on the event loop every call shares."""
+    sink = Sink()
+    seq = sink.sequencer(window=300)
+    seq.accept(one(b.call_state("c", "establishing")))
+    waiting = 500
+    for n in range(waiting):  # each a different roster: none is a repeat
+        seq.accept(one(b.roster("c", [b.participant(f"p{n}")])))
+    states = [one(b.call_state("c", "ringing", subject=f"r{n}")) for n in range(200)]
+    states += [one(b.call_state("c", "establishing", subject=f"e{n}")) for n in range(200)]
+    codes = {
+        sequencing._follows.__code__: "follows",
+        sequencing._in_lifecycle_order.__code__: "sorted",
+    }
+    calls: Counter[str] = Counter()
+
+    def count(frame: Any, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code in codes:
+            calls[codes[frame.f_code]] += 1
+
+    sys.setprofile(count)
+    try:
+        for event in states:
+            seq.accept(event)
+    finally:
+        sys.setprofile(None)
+    assert sink.labels == ["establishing", "ringing"] + ["CallUpdated"] * 199
+    assert seq.counts["stale"] == 200
+    record = seq.record(id_key("c"))
+    assert record is not None
+    assert len(record.held) == waiting  # still waiting for established
+    # The first ringing moves the call on: what waits is looked at once, not per state.
+    assert calls["sorted"] <= 1, calls
+    assert calls["follows"] <= 4 * len(states) + 2 * waiting, calls
+    seq.accept(one(b.call_state("c", "established")))
+    assert sink.labels[-waiting - 1 :] == ["established"] + ["ParticipantsUpdated"] * waiting
     seq.close()
