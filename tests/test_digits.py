@@ -414,3 +414,23 @@ async def test_a_menu_option_no_caller_can_press_is_refused() -> None:
         await sim.incoming_call()
         await until(lambda: bool(errors))
     assert "'x'" in str(errors[0])
+
+
+async def test_a_tone_told_after_the_call_ended_reaches_no_collection_and_is_not_kept() -> None:
+    """A tone right behind the call's termination (in the same request, or overtaken by
+    it) is dropped by the sequencer as after the end, but the router is told at acceptance:
+    the collection waiting on the ended call must get CallEnded, not the key, and the router
+    must keep nothing of the call (its end was already told: nothing would drop it again)."""
+    bot, results = collecting_bot(max_digits=1, timeout=30)
+    async with run_with_simulator(bot) as sim:
+        call = await sim.incoming_call()
+        await call.wait_for_request("subscribeToTone")
+        tones = bot._running().services.tones
+        await until(lambda: bool(tones._listeners.get(call.key)))
+        ending = b.notifications(b.call_terminated(call.id), b.tone(call.id, "tone1", 9))
+        assert await sim.post(ending, call_id=call.id) == 202
+        await until(lambda: bool(results))
+        await until(lambda: not tones._listeners.get(call.key))
+        assert isinstance(results[0], CallEnded), results
+        assert call.key not in tones._order
+        assert call.key not in tones._told

@@ -191,8 +191,13 @@ class ToneRouter:
     def on_tone(self, event: events.ToneReceived) -> None:
         """A tone was accepted (called by the sequencer, before handlers see it)."""
         key = event.call_key
-        if key not in self._subscribed and not self._listeners.get(key):
-            return  # no digits are collected on this call
+        listeners = self._listeners.get(key)
+        if key not in self._subscribed and (
+            not listeners or all(listener.ended for listener in listeners)
+        ):
+            # No digits are collected on this call, or it ended (on_ended forgot it: a tone
+            # told after that must neither reach a collection nor be kept for ever).
+            return
         told = self._told.get(key)
         if told is None:
             told = self._told[key] = deque(maxlen=_TOLD)
