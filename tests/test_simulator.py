@@ -1075,3 +1075,26 @@ async def test_inviting_several_people_ends_as_graph_documents_it() -> None:
         item for item in posted if item["resourceUrl"].endswith("/operations/participants")
     )
     assert outcome["resourceData"]["id"] is None
+
+
+async def test_a_bot_naming_its_own_endpoint_by_another_loopback_name_is_told_each_move_once() -> (
+    None
+):
+    """A bot whose callbackUri is its own endpoint spelled ``localhost`` instead of
+    ``127.0.0.1`` is still the bot in this process: its dispatcher says what its handlers
+    were told, and the simulator must not count each move a second time as if a bot
+    elsewhere had been told it too."""
+    bot, _ = recording_bot()
+
+    @bot.on_incoming_call
+    async def answer(call: Call, event: events.IncomingCall) -> None:
+        own = bot.settings.callback_url.replace("://127.0.0.1:", "://localhost:")
+        await call.answer(callback_uri=own)
+
+    async with run_with_simulator(bot) as sim:
+        call = await sim.incoming_call()
+        await call.wait_for_state("established")
+        assert call.callback_url != sim.callback_url  # the same bot, by another name
+        await call.hangup()  # posted after everything before it
+        await call.settled()
+        assert call.states == ["incoming", "establishing", "established", "terminated"]

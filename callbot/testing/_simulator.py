@@ -1127,6 +1127,20 @@ class SimulatedCall:
             )
 
 
+def _endpoint(url: str) -> tuple[str, str, int | None, str]:
+    """Where ``url`` posts to: its scheme, host (loopback names alike: the bot is served on
+    127.0.0.1, which ``localhost`` reaches too), port and path."""
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    if host == "localhost" or host.startswith("127."):
+        host = "loopback"
+    try:
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
+    except ValueError:
+        port = None
+    return parts.scheme.lower(), host, port, parts.path
+
+
 class _Unwritten:
     """A logger whose lines go nowhere: a bot elsewhere writes its own."""
 
@@ -1670,8 +1684,7 @@ class Simulator:
         dispatcher tells what its handlers were handed); a query string does not matter."""
         if self._bot is None or self.callback_url is None:
             return False
-        ours, theirs = urlsplit(self.callback_url), urlsplit(url)
-        return (ours.scheme, ours.netloc, ours.path) == (theirs.scheme, theirs.netloc, theirs.path)
+        return _endpoint(self.callback_url) == _endpoint(url)
 
     def _graph_side(self, body: Any) -> None:
         """Graph tells a bot only of calls it has: its API knows each call a notification it
