@@ -102,7 +102,9 @@ async def notify(
         try:
             result = await asyncio.wait_for(asyncio.shield(_outcome(call)), timeout)
         except TimeoutError:
-            result = "timed out"
+            # No termination came (the hang-up after the message failed, say): what the
+            # call got to is what was noted while it was up.
+            result = _heard.get(call.key, "timed out")
             if not call.ended:
                 await call.hangup()
         log.info("notify_attempt", recipient=recipient, attempt=attempt, result=result)
