@@ -434,3 +434,20 @@ async def test_a_tone_told_after_the_call_ended_reaches_no_collection_and_is_not
         assert isinstance(results[0], CallEnded), results
         assert call.key not in tones._order
         assert call.key not in tones._told
+
+
+async def test_tones_waiting_for_predecessors_are_bounded_per_call() -> None:
+    """A flood of tones each missing its predecessor (a token holder's, not a caller's) is
+    passed on once more wait than any caller could press in a window, not kept and sorted."""
+    router = ToneRouter(reorder_window=300)  # the window never closes in this test
+    with router.listen("c") as listener:
+        router.on_tone(tone_event("tone1", 1))
+        assert await listener.next(timeout=0) == "1"
+        for sequence in range(3, 3 + 2 * 200, 2):  # every other number: each waits
+            router.on_tone(tone_event("tone2", sequence))
+        taken = []
+        while listener.pending():
+            taken.append(await listener.next(timeout=0))
+        assert taken == ["2"] * 129  # passed on once 129 waited
+        router.on_tone(tone_event("tone3", 1000))
+        assert not listener.pending()  # what comes next waits again, for one window

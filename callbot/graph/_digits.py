@@ -212,6 +212,9 @@ class ToneRouter:
             self._pass_on(key, tone)
         if not order.waiting:
             order.stop()
+        elif len(order.waiting) > _TOLD:
+            # No caller presses this many keys within a window: a flood waits for nothing.
+            self._release(key, "too_many_waiting")
         elif order.timer is None:
             order.timer = asyncio.get_running_loop().call_later(
                 self._window, self._release, key, "window_closed"
