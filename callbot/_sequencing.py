@@ -58,6 +58,8 @@ __all__ = [
     "phase_of",
     "roster_key",
     "tenant_mismatch",
+    "tone_after",
+    "tone_waits",
 ]
 
 log = get_logger("callbot.sequencing")
@@ -99,6 +101,23 @@ def phase_of(event: events.Event) -> int | None:
     return None
 
 
+def tone_waits(sequence: int | None, expected: int | None) -> bool:
+    """Whether a tone numbered ``sequence`` (Graph's ``sequenceId``) waits for its
+    predecessor, ``expected`` being the number after the last tone passed on. The first tone
+    has no known predecessor (a call's count need not start at 1: a recorded Teams call's
+    first tone was 6), nor has a tone without a number: those go at once, as does one coming
+    after a later one went. The one rule of tone order, kept by the sequencer (handlers) and
+    the tone router (digit collection) alike."""
+    return sequence is not None and expected is not None and sequence > expected
+
+
+def tone_after(sequence: int | None, expected: int | None) -> int | None:
+    """The number expected next once a tone numbered ``sequence`` was passed on."""
+    if sequence is None:
+        return expected
+    return sequence + 1 if expected is None else max(expected, sequence + 1)
+
+
 def _follows(event: events.Event, reached: int) -> int | None:
     """The phase a call that has reached phase ``reached`` must reach before ``event`` is
     delivered, if any: a state past ``establishing`` (not an ending) follows
@@ -117,11 +136,23 @@ def _follows(event: events.Event, reached: int) -> int | None:
 
 
 def _early(event: events.Event, record: CallRecord) -> bool:
-    """Whether ``event`` arrived before the state it follows (:func:`_follows`)."""
+    """Whether ``event`` arrived before what it follows: the state (:func:`_follows`), or
+    for a tone of an established call, the tone before it (:func:`tone_waits`)."""
     if record.phase >= _LIVE:
-        return False  # nothing follows a later phase than established: the usual case, first
+        # The usual case, first: nothing follows a later phase than established.
+        if not isinstance(event, events.ToneReceived):
+            return False
+        return tone_waits(event.sequence_id, record.tone_next)
     follows = _follows(event, record.phase)
     return follows is not None and record.phase < follows
+
+
+def _unblocks(event: events.Event, record: CallRecord) -> bool:
+    """Whether ``event`` is a numbered tone that need not wait: the one a held tone of the
+    established call waits for, or one later than that already went."""
+    if not isinstance(event, events.ToneReceived) or event.sequence_id is None:
+        return False
+    return not tone_waits(event.sequence_id, record.tone_next)
 
 
 def _awaited(held: list[events.Event], reached: int) -> int:
@@ -140,7 +171,8 @@ def _in_lifecycle_order(held: list[events.Event], reached: int) -> list[events.E
     """Held events (of a call that has reached phase ``reached``) sorted by phase; an event
     without a state keeps its place after the state before it, but one held until its call
     is established (a tone, a roster) goes right after the first ``established`` (or other
-    live state) held after it, with what came behind it."""
+    live state) held after it, with what came behind it. Tones then take the places of the
+    tones among them in Graph's ``sequenceId`` order."""
     next_live: list[int | None] = [None] * len(held)
     following: int | None = None
     for index in range(len(held) - 1, -1, -1):
@@ -162,7 +194,25 @@ def _in_lifecycle_order(held: list[events.Event], reached: int) -> list[events.E
                 place = (follows, index if anchor is None else anchor, 1)
         keyed.append((*place, index, event))
     keyed.sort(key=lambda entry: entry[:4])
-    return [entry[4] for entry in keyed]
+    ordered = [entry[4] for entry in keyed]
+    slots = [
+        i
+        for i, e in enumerate(ordered)
+        if isinstance(e, events.ToneReceived) and e.sequence_id is not None
+    ]
+    if len(slots) > 1:
+        tones = sorted((ordered[i] for i in slots), key=_sequence_of)
+        for slot, tone in zip(slots, tones, strict=True):
+            ordered[slot] = tone
+    return ordered
+
+
+def _sequence_of(event: events.Event) -> int:
+    return (
+        event.sequence_id
+        if isinstance(event, events.ToneReceived) and event.sequence_id is not None
+        else -1
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +246,8 @@ class CallRecord:
     """Events waiting for the window: one that came before the state it follows (a state
     past ``establishing``, a tone, a roster of a call being set up), then later ones."""
     hold_timer: asyncio.TimerHandle | None = None
+    tone_next: int | None = None
+    """The ``sequenceId`` after the call's last tone delivered (:func:`tone_waits`)."""
     closed: bool = False
     """The call's termination was delivered: what comes after it is dropped."""
 
@@ -498,6 +550,11 @@ class Sequencer:
         if not record.held:
             self._admit(record, event)
             return
+        if record.phase >= _LIVE and _unblocks(event, record):
+            # The tone a held one waits for (or a late one): it goes, then what it let go.
+            self._admit(record, event)
+            self._release_ready(record)
+            return
         phase = phase_of(event)
         if phase is not None and phase <= _awaited(record.held, record.phase):
             # A predecessor of what is held overtakes it.
@@ -577,7 +634,9 @@ class Sequencer:
     # -- delivery ---------------------------------------------------------------
 
     def _deliver(self, record: CallRecord, event: events.Event) -> None:
-        if isinstance(event, events.ParticipantsUpdated):
+        if isinstance(event, events.ToneReceived):
+            record.tone_next = tone_after(event.sequence_id, record.tone_next)
+        elif isinstance(event, events.ParticipantsUpdated):
             diffed = self._diff_roster(record, event)
             if diffed is None:
                 return

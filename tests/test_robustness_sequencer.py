@@ -322,14 +322,43 @@ def test_established_before_establishing_is_put_back_in_order_within_the_window(
 def test_tones_before_their_call_is_established_follow_it_within_the_window(
     data: st.DataObject,
 ) -> None:
-    # Tones overtaking establishing and established, in any order, all within the window.
+    # Tones overtaking establishing and established, and each other, in any order, all
+    # within the window: they follow established in Graph's sequenceId order.
     lifecycle = _answered("c", data.draw(st.integers(1, 3)))
     incoming, early, rest = lifecycle[0], lifecycle[1:-2], lifecycle[-2:]
     arrivals = [incoming, *data.draw(st.permutations(early)), *rest]
     gaps = [0.0] * len(arrivals)
     outcome = play(Scenario({"c": lifecycle}, arrivals, gaps))
     check_invariants(Scenario({"c": lifecycle}, arrivals, gaps), outcome)
-    tones = [item for item in arrivals if item in early[2:]]
     delivered = [e.raw for _, seen in outcome.by_call() for e in seen]
-    assert delivered == [*lifecycle[:3], *tones, *rest]
+    # The call is established once both of its states came: tones before wait for that.
+    established = max(arrivals.index(lifecycle[1]), arrivals.index(lifecycle[2]))
+    held = sorted((i for i in arrivals[:established] if i in early[2:]), key=_sequence_id)
+    after = [item for item in arrivals[established:] if item in early[2:]]
+    assert delivered == [*lifecycle[:3], *_by_sequence_rule([*held, *after]), *rest]
     assert outcome.counts["released_alone"] == 0
+
+
+def _sequence_id(item: dict[str, Any]) -> int:
+    number: int = item["resourceData"]["toneInfo"]["sequenceId"]
+    return number
+
+
+def _by_sequence_rule(tones: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Tones in the order handlers get them when they come in this order with no window
+    closing: each goes once the one numbered before it went, but the first goes at once
+    and one numbered below the next expected goes at once; the call's end lets the rest go."""
+    out: list[dict[str, Any]] = []
+    waiting: list[dict[str, Any]] = []
+    expected: int | None = None
+    for tone in tones:
+        if expected is not None and _sequence_id(tone) > expected:
+            waiting.append(tone)
+            continue
+        out.append(tone)
+        expected = max(expected or 0, _sequence_id(tone) + 1)
+        while waiting and min(map(_sequence_id, waiting)) <= expected:
+            waiting.sort(key=_sequence_id)
+            out.append(waiting.pop(0))
+            expected = max(expected, _sequence_id(out[-1]) + 1)
+    return out + sorted(waiting, key=_sequence_id)

@@ -549,6 +549,99 @@ async def test_a_tone_whose_call_is_never_seen_established_goes_when_the_window_
     seq.close()
 
 
+def _established(seq: Sequencer, call_id: str = "c") -> None:
+    seq.accept(one(b.call_state(call_id, "establishing")))
+    seq.accept(one(b.call_state(call_id, "established")))
+
+
+async def test_tones_of_an_established_call_go_in_sequence_order() -> None:
+    """A tone whose predecessor (its ``sequenceId`` less one) has not come waits for it, and
+    news arriving behind it (a roster) waits behind it; a state of the call does not: a
+    state of an established call is never held (its copies are told from news by the state
+    delivered)."""
+    sink = Sink()
+    seq = sink.sequencer(window=300)  # released by the tone awaited, never by the clock
+    _established(seq)
+    seq.accept(one(b.tone("c", "tone5", 5)))  # the first: nothing known before it
+    seq.accept(one(b.tone("c", "tone7", 7)))
+    seq.accept(one(b.roster("c", [b.participant("alice")])))
+    seq.accept(one(b.call_state("c", "established", media_state={"audio": "active"})))
+    seq.accept(one(b.tone("c", "tone8", 8)))
+    assert sink.labels == ["establishing", "established", "tone:tone5", "CallUpdated"]
+    seq.accept(one(b.tone("c", "tone6", 6)))
+    assert sink.labels == [
+        "establishing",
+        "established",
+        "tone:tone5",
+        "CallUpdated",
+        "tone:tone6",
+        "tone:tone7",
+        "ParticipantsUpdated",
+        "tone:tone8",
+    ]
+    assert seq.counts["released_alone"] == 0
+    record = seq.record(id_key("c"))
+    assert record is not None
+    assert not record.held
+    assert record.hold_timer is None
+    seq.close()
+
+
+async def test_tones_held_for_established_go_after_it_in_sequence_order() -> None:
+    sink = Sink()
+    seq = sink.sequencer(window=300)
+    seq.accept(one(b.call_state("c", "establishing")))
+    for n in (4, 2, 3):
+        seq.accept(one(b.tone("c", f"tone{n}", n)))
+    seq.accept(one(b.call_state("c", "established")))
+    assert sink.labels == ["establishing", "established", "tone:tone2", "tone:tone3", "tone:tone4"]
+    seq.close()
+
+
+async def test_a_tone_whose_predecessor_never_comes_goes_when_the_window_closes() -> None:
+    sink = Sink()
+    seq = sink.sequencer(window=0.05)
+    _established(seq)
+    seq.accept(one(b.tone("c", "tone1", 1)))
+    seq.accept(one(b.tone("c", "tone3", 3)))
+    seq.accept(one(b.tone("c", "tone4", 4)))
+    assert sink.labels[-1] == "tone:tone1"
+    await until(lambda: sink.labels[-2:] == ["tone:tone3", "tone:tone4"])
+    assert seq.counts["released_alone"] == 1
+    # The one it waited for, late: it goes at once, and the next waits for no one.
+    seq.accept(one(b.tone("c", "tone2", 2)))
+    seq.accept(one(b.tone("c", "tone5", 5)))
+    assert sink.labels[-2:] == ["tone:tone2", "tone:tone5"]
+    seq.close()
+
+
+async def test_a_state_copy_while_a_tone_waits_is_a_repeat() -> None:
+    """A copy of a live state that came while a tone waits is judged against the state it
+    brought, not the one before it: the state went at once, so its copy is a repeat."""
+    sink = Sink()
+    seq = sink.sequencer(window=300)
+    _established(seq)
+    seq.accept(one(b.tone("c", "tone1", 1)))
+    seq.accept(one(b.tone("c", "tone3", 3)))
+    seq.accept(one(b.call_state("c", "transferring")))
+    seq.accept(one(b.call_state("c", "transferring")))
+    seq.accept(one(b.tone("c", "tone2", 2)))
+    assert sink.labels[2:] == ["tone:tone1", "transferring", "tone:tone2", "tone:tone3"]
+    assert seq.counts["duplicate"] == 1
+    seq.close()
+
+
+async def test_the_call_s_end_lets_a_waiting_tone_go_first() -> None:
+    sink = Sink()
+    seq = sink.sequencer(window=300)
+    _established(seq)
+    seq.accept(one(b.tone("c", "tone1", 1)))
+    seq.accept(one(b.tone("c", "tone3", 3)))
+    seq.accept(one(b.call_terminated("c")))
+    assert sink.labels[-3:] == ["tone:tone1", "tone:tone3", "terminated"]
+    seq.close()
+
+
 async def test_a_state_while_news_waits_for_established_does_not_walk_the_backlog() -> None:
     """While a roster waits for ``established`` (up to ``_MAX_BACKLOG`` events behind it), a
     token holder sending updates of ``ringing`` or stale copies of ``establishing`` (each a

@@ -90,6 +90,7 @@ def test_a_record_survives_the_round_trip() -> None:
     record = CallRecord(CallLife("Call-1", phase=3, state="established"), snapshot=snapshot)
     record.roster = {"alice": b.participant("alice", muted=True)}
     record.roster_sequence = 4
+    record.tone_next = 8
     record.seen.extend([b"\x01" * 16, b"\x02" * 16])
     record.latest = {"roster": b"\x03" * 16, "sharing": b"\x04" * 16}
     copy = decode_record(encode_record(record))
@@ -108,6 +109,7 @@ def test_a_record_survives_the_round_trip() -> None:
     assert copy.snapshot.model_extra == {"futureProperty": {"kept": True}}
     assert copy.roster == record.roster
     assert copy.roster_sequence == 4
+    assert copy.tone_next == 8
     assert list(copy.seen) == list(record.seen)
     assert copy.latest == record.latest
     # An instance of the previous release reads the roster's under its old name.
@@ -192,6 +194,20 @@ async def test_a_record_written_with_older_roster_keys_diffs_as_before() -> None
     assert isinstance(roster, events.ParticipantsUpdated)
     assert (roster.joined, roster.left) == ([], [])
     assert [p.display_name for p in roster.updated] == ["Bob", "Cat"]
+    seq.close()
+
+
+async def test_a_record_written_before_tones_were_counted_lets_the_next_tone_go() -> None:
+    stored = json.loads(encode_record(CallRecord(CallLife("c", phase=3, state="established"))))
+    del stored["tone_next"]
+    record = decode_record(json.dumps(stored))
+    assert record is not None
+    assert record.tone_next is None
+    out: list[Delivery] = []
+    seq = Sequencer(out.append, Lifecycle(termination_grace=30), reorder_window=300)
+    seq.adopt(record)
+    seq.accept(one(b.tone("c", "tone5", 5)))  # no count kept: nothing it could wait for
+    assert [type(d.event) for d in out] == [events.ToneReceived]
     seq.close()
 
 

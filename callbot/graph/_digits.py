@@ -5,7 +5,8 @@ the call cannot reach a handler that is itself waiting for digits. Tones are
 therefore routed here when the bot *accepts* them (``Sequencer(on_tone=...)``,
 after duplicates are dropped), the way operation outcomes resolve ``op.wait()``;
 they are still delivered to ``@bot.on_tone`` handlers afterwards, in order.
-The router passes a call's tones on in Graph's ``sequenceId`` order (:class:`_ToneOrder`).
+The router passes a call's tones on in Graph's ``sequenceId`` order (:class:`_ToneOrder`),
+by the rule the sequencer orders them by for handlers.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import structlog
 from .. import events, models
 from .._dtmf import digit_of, keys_of
 from .._errors import CallEnded, OperationFailed
-from .._sequencing import notification_digest
+from .._sequencing import notification_digest, tone_after, tone_waits
 from ._operations import Operation
 from ._values import PromptLike
 
@@ -124,13 +125,10 @@ class ToneListener:
 
 
 class _ToneOrder:
-    """One call's tones in Graph's ``sequenceId`` order, the one place that order is kept.
-
-    A tone whose predecessor (its ``sequenceId`` less one) has not come waits for it, for
-    at most the reorder window. The first tone seen has no known predecessor (a call's
-    count need not start at 1: a recorded Teams call's first tone was 6), nor has a tone
-    without a ``sequenceId``: those go at once, as does one coming after a later one went.
-    """
+    """One call's tones in Graph's ``sequenceId`` order, by the sequencer's rule
+    (:func:`~callbot._sequencing.tone_waits`): a tone whose predecessor has not come waits
+    for it, for at most the reorder window. The router keeps its own count because it is
+    told each tone when it is accepted, by any instance, before the sequencer orders it."""
 
     def __init__(self) -> None:
         self.expected: int | None = None
@@ -143,17 +141,14 @@ class _ToneOrder:
     def arrive(self, event: events.ToneReceived) -> list[events.ToneReceived]:
         """The tones that may go now that ``event`` came, in order."""
         sequence = event.sequence_id
-        if sequence is None:
-            return [event]
-        if self.expected is not None and sequence > self.expected:
+        if sequence is not None and tone_waits(sequence, self.expected):
             bisect.insort(self.waiting, (sequence, next(self._arrivals), event))
             return []
-        if self.expected is None or sequence == self.expected:
-            self.expected = sequence + 1
+        self.expected = tone_after(sequence, self.expected)
         ready = [event]
-        while self.waiting and self.waiting[0][0] <= self.expected:
+        while self.waiting and not tone_waits(self.waiting[0][0], self.expected):
             waited, _, tone = self.waiting.pop(0)
-            self.expected = max(self.expected, waited + 1)
+            self.expected = tone_after(waited, self.expected)
             ready.append(tone)
         return ready
 
@@ -161,7 +156,7 @@ class _ToneOrder:
         """Every waiting tone, in order: its predecessor is not coming (or no longer matters)."""
         waiting, self.waiting = self.waiting, []
         if waiting:
-            self.expected = max(self.expected or 0, waiting[-1][0] + 1)
+            self.expected = tone_after(waiting[-1][0], self.expected)
         self.stop()
         return [tone for _, _, tone in waiting]
 

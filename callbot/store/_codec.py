@@ -7,8 +7,9 @@ different callbot versions read each other's entries.
 
 A call record keeps what the sequencer needs to go on ordering the call (its
 phase, state, roster, the digests of its last notifications and of its latest
-roster, whether it ended) and the call's merged snapshot, which carries ``chatInfo`` and
-``meetingInfo`` so a bot can rejoin a meeting after a restart. The roster's keys
+roster, the number of the tone it expects next, whether it ended) and the
+call's merged snapshot, which carries ``chatInfo`` and ``meetingInfo`` so a
+bot can rejoin a meeting after a restart. The roster's keys
 are made again from its participants when a record is read, so a record written
 by a version that keyed participants otherwise is diffed as if written by this one.
 """
@@ -95,6 +96,7 @@ def encode_record(record: CallRecord) -> str:
         "state": record.state,
         "ended": record.closed,
         "roster_sequence": record.roster_sequence,
+        "tone_next": record.tone_next,
         "latest": {kind: digest.hex() for kind, digest in record.latest.items()},
         # Read by instances of the previous release during a rolling upgrade.
         "roster_digest": digest.hex() if (digest := record.latest.get("roster")) else None,
@@ -129,10 +131,16 @@ def decode_record(text: str) -> CallRecord | None:
         snapshot=None if snapshot is None else CallResource.model_validate(snapshot),
         roster=_roster(body.get("roster") or {}),
         roster_sequence=body.get("roster_sequence"),
+        tone_next=_number(body.get("tone_next")),
         latest={kind: bytes.fromhex(digest) for kind, digest in _latest(body).items()},
     )
     record.seen.extend(bytes.fromhex(digest) for digest in body.get("seen") or ())
     return record
+
+
+def _number(value: Any) -> int | None:
+    """An integer the record kept; ``None`` for one written before it was kept."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _latest(body: dict[str, Any]) -> dict[str, str]:
