@@ -20,7 +20,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,10 +61,22 @@ KEY_PREFIX = f"callbot:{APP_ID}:"
 # -- a redis-server of our own -------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
+def _free_port(also: int = 0) -> int:
+    """A port free now on 127.0.0.1 (another process may take it before it is bound); with
+    ``also``, one whose port ``also`` above is free too."""
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port: int = probe.getsockname()[1]
+        if not also:
+            return port
+        if port + also > 65535:
+            continue
+        try:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", port + also))
+        except OSError:
+            continue
         return port
 
 
@@ -83,7 +95,9 @@ class RedisServer:
     """A redis-server process on 127.0.0.1, its files in ``directory``.
 
     Without persistence unless ``persistent`` (then every write is in the
-    append-only file before Redis answers it); ``args`` adds options.
+    append-only file before Redis answers it); ``args`` adds options, or makes them
+    for the port Redis is started on (a cluster's file, a second port); ``spare``
+    is how far above that port a second one it binds lies (0: none).
     """
 
     def __init__(
@@ -93,11 +107,13 @@ class RedisServer:
         port: int | None = None,
         *,
         persistent: bool = False,
-        args: tuple[str, ...] = (),
+        args: tuple[str, ...] | Callable[[int], tuple[str, ...]] = (),
+        spare: int = 0,
     ) -> None:
         self.binary = binary
         self.directory = directory
-        self.port = port or _free_port()
+        self._spare = spare
+        self.port = port or _free_port(spare)
         # A port picked here may be taken by another process before Redis binds it: the first
         # start may then try another. A restart keeps its port, which clients already know.
         self._may_move = port is None
@@ -114,7 +130,7 @@ class RedisServer:
             if self._start_once():
                 self._may_move = False
                 return
-            self.port = _free_port()
+            self.port = _free_port(self._spare)
         raise RuntimeError("redis-server did not start")
 
     def _start_once(self) -> bool:
@@ -127,7 +143,7 @@ class RedisServer:
                 *(self.binary, "--bind", "127.0.0.1", "--port", str(self.port)),
                 *(persistence if self.persistent else ("--save", "", "--appendonly", "no")),
                 *("--dir", str(self.directory)),
-                *self.args,
+                *(self.args(self.port) if callable(self.args) else self.args),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -885,18 +901,23 @@ async def test_tls_and_acl_users(
     and as an ACL user (``redis://user:password@``)."""
     if kind == "tls":
         ca, cert, key = await asyncio.to_thread(_certificates, tmp_path)
-        port = _free_port()
-        args: tuple[str, ...] = (
-            *("--tls-port", str(port), "--tls-cert-file", str(cert)),
-            *("--tls-key-file", str(key), "--tls-ca-cert-file", str(ca)),
-            *("--tls-auth-clients", "no"),
+        server = RedisServer(
+            _redis_binary(),
+            tmp_path,
+            # the TLS port right above the plain one, both picked again if either is taken
+            args=lambda port: (
+                *("--tls-port", str(port + 1), "--tls-cert-file", str(cert)),
+                *("--tls-key-file", str(key), "--tls-ca-cert-file", str(ca)),
+                *("--tls-auth-clients", "no"),
+            ),
+            spare=1,
         )
-        url = f"rediss://127.0.0.1:{port}/0?ssl_cert_reqs=required&ssl_ca_certs={ca}"
+        await asyncio.to_thread(server.start)
+        url = f"rediss://127.0.0.1:{server.port + 1}/0?ssl_cert_reqs=required&ssl_ca_certs={ca}"
     else:
         args = ("--user", "bot", "on", ">s3cret", "~*", "&*", "+@all")
-    server = RedisServer(_redis_binary(), tmp_path, args=args)
-    await asyncio.to_thread(server.start)
-    if kind == "acl":
+        server = RedisServer(_redis_binary(), tmp_path, args=args)
+        await asyncio.to_thread(server.start)
         url = f"redis://bot:s3cret@127.0.0.1:{server.port}/0"
     try:
         handled: list[tuple[str, bool]] = []

@@ -24,7 +24,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator
@@ -228,21 +227,9 @@ async def test_a_sentinel_failover(
     primary.start()
     replica.args = ("--replicaof", "127.0.0.1", str(primary.port))
     replica.start()
-    sentinel_port = _free_port()
-    config = tmp_path / "sentinel.conf"
-    config.write_text(
-        f"port {sentinel_port}\nbind 127.0.0.1\ndir {tmp_path}\n"
-        f"sentinel monitor callbot 127.0.0.1 {primary.port} 1\n"
-        "sentinel down-after-milliseconds callbot 1000\n"
-        "sentinel failover-timeout callbot 10000\n"
+    sentinel, sentinel_port = await asyncio.to_thread(
+        _start_sentinel, binary, tmp_path, primary.port
     )
-    with (tmp_path / "sentinel.log").open("ab") as out:
-        sentinel = await asyncio.to_thread(
-            subprocess.Popen,
-            [binary, str(config), "--sentinel"],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
     url = f"redis+sentinel://127.0.0.1:{sentinel_port}/callbot"
     try:
         with (
@@ -348,9 +335,13 @@ async def _cluster(tmp_path: Path) -> AsyncIterator[str]:
         for n in range(3):
             directory = tmp_path / f"node{n}"
             directory.mkdir()
-            node = RedisServer(binary, directory, _cluster_port())
-            node.args = (
-                *("--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{node.port}.conf"),
+            node = RedisServer(
+                binary,
+                directory,
+                args=lambda port: (
+                    *("--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf"),
+                ),
+                spare=10000,  # the cluster bus port
             )
             node.start()
             nodes.append(node)
@@ -374,18 +365,37 @@ async def _cluster(tmp_path: Path) -> AsyncIterator[str]:
 # -- helpers --------------------------------------------------------------------------
 
 
-def _cluster_port() -> int:
-    """A free port whose cluster bus port (10000 above) is free too."""
-    while True:
+def _start_sentinel(
+    binary: str, directory: Path, primary_port: int
+) -> tuple[subprocess.Popen[bytes], int]:
+    """A Sentinel on 127.0.0.1 watching the primary, and its port: another port is tried
+    when the one picked was taken before the Sentinel bound it."""
+    for _ in range(4):
         port = _free_port()
-        if port + 10000 > 65535:
-            continue
-        try:
-            with socket.socket() as probe:
-                probe.bind(("127.0.0.1", port + 10000))
-        except OSError:
-            continue
-        return port
+        config = directory / f"sentinel-{port}.conf"
+        config.write_text(
+            f"port {port}\nbind 127.0.0.1\ndir {directory}\n"
+            f"sentinel monitor callbot 127.0.0.1 {primary_port} 1\n"
+            "sentinel down-after-milliseconds callbot 1000\n"
+            "sentinel failover-timeout callbot 10000\n"
+        )
+        with (directory / "sentinel.log").open("ab") as out:
+            process = subprocess.Popen(
+                [binary, str(config), "--sentinel"], stdout=out, stderr=subprocess.STDOUT
+            )
+        deadline = time.monotonic() + 10
+        with redis.Redis(port=port, socket_timeout=1) as client:
+            while process.poll() is None:
+                try:
+                    client.sentinel_masters()  # only a Sentinel answers this
+                    return process, port
+                except redis.RedisError:
+                    if time.monotonic() > deadline:
+                        process.kill()
+                        process.wait()
+                        raise RuntimeError("redis-sentinel did not start") from None
+                    time.sleep(0.05)
+    raise RuntimeError("redis-sentinel did not start: each port tried was taken")
 
 
 async def _handled(rdb: Any, calls: list[str], count: int) -> bool:
