@@ -289,8 +289,8 @@ async def test_documented_request(
 ) -> None:
     doc = documented(name)
     call = services.call(CALL_ID)
-    if name == "delete-participant":
-        graph.add_participant(CALL_ID, {"id": PARTICIPANT_ID})
+    if name in ("delete-participant", "participant-mute", "startHoldMusic", "stopHoldMusic"):
+        graph.add_participant(CALL_ID, {"id": PARTICIPANT_ID})  # Graph acts on who is there
     result = await action(call)
 
     sent = graph.requests[-1]
@@ -569,3 +569,29 @@ async def test_the_fake_graph_finds_an_item_by_its_id_in_any_form(
     added = graph.add_participant(CALL_ID, {"isMuted": False})
     participant = await call.participants.get(str(added["id"]).replace("-", "").upper())
     assert participant.id == added["id"]
+
+
+@pytest.mark.parametrize(
+    "act",
+    [
+        lambda c, who: c.participants.mute(who),
+        lambda c, who: c.participants.start_hold_music(who),
+        lambda c, who: c.participants.stop_hold_music(who),
+        lambda c, who: c.participants.get(who),
+        lambda c, who: c.participants.remove(who),
+    ],
+    ids=["mute", "startHoldMusic", "stopHoldMusic", "get", "remove"],
+)
+async def test_the_fake_graph_acts_only_on_someone_in_the_call(
+    graph: FakeGraph, services: CallServices, act: Callable[[Call, str], Awaitable[Any]]
+) -> None:
+    """A request naming a participant who is not in the call gets Graph's 404, as one about
+    a call it does not have does; it used to be answered 2xx, so a test passed that would
+    fail against Graph."""
+    call = services.call(CALL_ID)
+    graph.add_participant(CALL_ID, {"id": PARTICIPANT_ID})
+    with pytest.raises(GraphError) as refused:
+        await act(call, str(uuid.uuid4()))
+    assert refused.value.status == 404
+    assert refused.value.code == "NotFound"
+    await act(call, PARTICIPANT_ID.upper())  # someone in the call, in any form of the id

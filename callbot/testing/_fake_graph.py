@@ -121,6 +121,11 @@ ACCEPTED: dict[str, int] = {
     "logTeleconferenceDeviceQuality": 200,
 }
 
+# Requests naming one participant of the call (``participants/{id}...``).
+_ABOUT_A_PARTICIPANT = frozenset(
+    {"getParticipant", "deleteParticipant", "muteParticipant", "startHoldMusic", "stopHoldMusic"}
+)
+
 # Graph's error code for a call it does not have (never created or offered, or ended), as
 # live bots have reported it with 404 and "Call not found.".
 _CALL_NOT_FOUND = "8522"
@@ -603,6 +608,11 @@ class FakeGraph(LocalServer):
             if known is None or known.ended:
                 # Graph has no call it never created or offered, and forgets one that ended.
                 return self._error(request, 404, _CALL_NOT_FOUND, "Call not found.")
+            if request.action in _ABOUT_A_PARTICIPANT and (
+                _find(known.participants, request.item_id) is None
+            ):
+                # Graph acts only on someone in the call: its roster, or one added by a test.
+                return self._error(request, 404, "NotFound", "Participant not found.")
         handler = self._handlers.get(request.action)
         if handler is not None:
             result = handler(request)
@@ -693,8 +703,7 @@ class FakeGraph(LocalServer):
             return FakeResponse(status=200, body={"value": list(call.participants.values())})
         if action in ("getParticipant", "deleteParticipant"):
             found = _find(call.participants, request.item_id)
-            if found is None:
-                return self._error(request, 404, "NotFound", "Participant not found.")
+            assert found is not None  # answered 404 before any route otherwise
             if action == "deleteParticipant":
                 del call.participants[found]
                 return FakeResponse(status=204)
