@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import sys
 
@@ -33,6 +34,12 @@ def load_bot(target: str) -> CallBot:
     obj = getattr(module, attribute or "bot", None)
     if obj is None:
         raise CallbotError(f"{module_name} has no attribute {attribute or 'bot'!r}")
+    if inspect.iscoroutinefunction(obj):
+        # Calling it would fail with a TypeError, or leave a coroutine no one awaits.
+        raise CallbotError(
+            f"{target} is an async function (a handler?), not a CallBot or a function "
+            f"returning one: name the bot, e.g. {module_name}:bot"
+        )
     if not isinstance(obj, CallBot) and callable(obj):
         obj = obj()
     if not isinstance(obj, CallBot):

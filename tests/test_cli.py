@@ -70,6 +70,15 @@ def test_a_module_that_does_not_exist(tmp_path: Path) -> None:
     assert_one_clear_line(result, "cannot import 'nosuch'")
 
 
+def test_a_handler_named_instead_of_the_bot(tmp_path: Path) -> None:
+    (tmp_path / "mybot.py").write_text(
+        BOT_MODULE + "\n\n@bot.on_incoming_call\nasync def answer(call, event):\n"
+        "    await call.answer()\n"
+    )
+    result = run_callbot("run", "mybot:answer", cwd=tmp_path, CALLBOT_APP_ID="x")
+    assert_one_clear_line(result, "mybot:answer is an async function (a handler?)")
+
+
 def test_a_missing_dependency_inside_the_bot_is_not_hidden(tmp_path: Path) -> None:
     (tmp_path / "brokenbot.py").write_text("import nosuchdependency\n")
     result = run_callbot("run", "brokenbot:bot", cwd=tmp_path, CALLBOT_APP_ID="x")
