@@ -77,6 +77,8 @@ async def _script(printer: TrafficPrinter, sim: Simulator, wait: float) -> None:
     await call.press("1", timeout=wait)
     await call.wait_for_request("transfer", timeout=wait)
     await call.wait_until_ended(timeout=wait)
+    # Ended means the bot was told, before its 202 came back and was printed; settled waits.
+    await call.settled(timeout=wait)
 
     printer.note("Call 2: a caller from +1 425 555 0100 presses 2 and leaves a voicemail")
     call = await sim.incoming_call(from_phone="+14255550100")
@@ -85,11 +87,13 @@ async def _script(printer: TrafficPrinter, sim: Simulator, wait: float) -> None:
     await call.press("2", timeout=wait)
     await call.wait_for_request("recordResponse", timeout=wait)
     await call.wait_until_ended(timeout=wait)
+    await call.settled(timeout=wait)
 
     printer.note("Call 3: Lee Gu calls and hangs up during the welcome menu")
     call = await sim.incoming_call(from_user="Lee Gu")
     await call.wait_for_request("playPrompt", timeout=wait)
     await call.hangup()
+    await call.settled(timeout=wait)
 
 
 async def run_demo(

@@ -89,6 +89,18 @@ def test_demo_plays_whole_calls_and_exits_0_printing_json_lines_to_a_pipe() -> N
     ]
 
 
+def test_each_call_is_printed_whole_before_the_next_one_is_announced() -> None:
+    result = run_demo()
+    assert result.returncode == 0, result.stderr
+    lines: list[dict[str, Any]] = [json.loads(line) for line in result.stdout.splitlines()]
+    announced = [i for i, line in enumerate(lines) if line["summary"].startswith("Call ")]
+    assert len(announced) == 3
+    ends = [*announced[1:], len(lines)]
+    for number, (start, end) in enumerate(zip(announced, ends, strict=True), 1):
+        ids = {line.get("call_id") for line in lines[start + 1 : end]} - {None}
+        assert len(ids) == 1, f"call {number}'s section shows calls {ids}"
+
+
 def test_demo_in_plain_text_reads_like_a_call() -> None:
     result = run_demo("--format", "plain")
     assert result.returncode == 0, result.stderr
