@@ -21,6 +21,7 @@ from callbot.testing import (
     Simulator,
     SimulatorError,
     TokenAuthority,
+    Traffic,
     builders,
     run_with_simulator,
 )
@@ -317,6 +318,37 @@ async def test_keys_become_tones_in_sequence() -> None:
     tones = [e for e in seen if isinstance(e, events.ToneReceived)]
     assert [t.tone for t in tones] == ["tone1", "tone2", "star", "pound"]
     assert [t.sequence_id for t in tones] == [1, 2, 3, 4]
+
+
+async def test_keys_left_when_the_call_ends_during_a_press_go_nowhere() -> None:
+    bot, seen = answering_bot()
+    async with run_with_simulator(bot) as sim:
+        call = await sim.incoming_call()
+        hanging_up: list[asyncio.Task[None]] = []
+
+        def hang_up_after_the_first_key(entry: Traffic) -> None:
+            # Queued before the press sends its second key: the call ends between the two.
+            if entry.kind == "notification" and entry.summary == "DTMF tone1" and not hanging_up:
+                hanging_up.append(asyncio.get_running_loop().create_task(call.hangup()))
+
+        sim.observers.append(hang_up_after_the_first_key)
+        await call.press("123")
+        await hanging_up[0]
+        await call.wait_until_ended()
+        await call.settled()
+        with pytest.raises(SimulatorError, match="has ended"):
+            await call.press("4")
+    assert [e.tone for e in seen if isinstance(e, events.ToneReceived)] == ["tone1"]
+
+
+async def test_a_notification_about_an_ended_call_says_so() -> None:
+    bot, _ = answering_bot()
+    async with run_with_simulator(bot) as sim:
+        call = await sim.incoming_call()
+        await call.wait_for_request("subscribeToTone")
+        await call.hangup()
+        with pytest.raises(SimulatorError, match=f"call {call.id} has ended: Graph posts nothing"):
+            await call.notify(builders.tone(call.id, "tone5", 1))
 
 
 @pytest.mark.parametrize("outcome", ["completed", "failed"])

@@ -156,6 +156,15 @@ class DeliveryOptions:
         )
 
 
+_NOT_POSTED = "not posted: the call had ended"
+"""The reason given for a notification a call's outbox dropped (Graph says nothing more
+about an ended call); no bot's answer carries it."""
+
+
+class _CallOver(SimulatorError):
+    """A notification was not posted because its call had ended."""
+
+
 _REFUSAL_HINTS = {
     0: " (is the bot served there?)",
     401: (
@@ -541,7 +550,8 @@ class SimulatedCall:
         subscribed to tones, because Graph sends no tone before that; then posts
         one tone notification per key, each acknowledged before the next. A key that
         is a stop tone of a running recording ends it (``stopToneDetected``), with no
-        subscription needed.
+        subscription needed. Keys left when the call ends meanwhile (the bot hung up
+        after the keys it wanted) go nowhere; pressing on a call that has ended raises.
         """
         tones = tones_of(keys)
         await self._sim._until(
@@ -577,7 +587,10 @@ class SimulatedCall:
             if not self.subscribed_to_tones:
                 continue  # Graph tells a bot of tones only once it subscribed
             self._tone_sequence += 1
-            await self._send(build.tone(self.id, tone, self._tone_sequence))
+            try:
+                await self._send(build.tone(self.id, tone, self._tone_sequence))
+            except _CallOver:
+                return  # the call ended between two keys (the bot hung up): the rest go nowhere
 
     def _stopped_recording(self, key: str) -> None:
         """End the recordings ``key`` is a stop tone of, as Graph does (document 69: the
@@ -769,6 +782,8 @@ class SimulatedCall:
         status, reason = await self._enqueue(*items)
         if not 200 <= status < 300:
             summary = f"{describe_notification(build.notifications(*items))} (call {self.id})"
+            if status == 0 and reason == _NOT_POSTED:
+                raise _CallOver(f"call {self.id} has ended: Graph posts nothing more ({summary})")
             raise SimulatorError(_refusal(status, reason, summary, self.callback_url))
         return status
 
@@ -844,7 +859,8 @@ class SimulatedCall:
             try:
                 if entry.delay > 0:
                     await asyncio.sleep(entry.delay)
-                status, reason = 0, None
+                status = 0
+                reason: str | None = _NOT_POSTED
                 if not self.ended:  # Graph says nothing more about a call once it has ended
                     body = build.notifications(*(self._as_graph_writes(i) for i in entry.items))
                     status, reason = await self._sim._deliver(body, call_id=self.id)
