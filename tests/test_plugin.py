@@ -230,3 +230,55 @@ def test_the_readme_bot_and_tests_pass_in_a_project_without_configuration(
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-W", "error", timeout=120)
     result.assert_outcomes(passed=2)
     assert "PytestDeprecationWarning" not in result.stdout.str()
+
+
+def test_simulated_calls_stay_out_of_the_recording_the_environment_names(
+    bot_project: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A developer keeps ``CALLBOT_RECORD_PATH`` set for the calls of their tenant: running
+    the tests must not append the simulator's calls to that file (``callbot replay`` would
+    play them as real ones). A test that configures a recording of its own gets it."""
+    real = bot_project.path / "calls.jsonl"
+    real.write_text("")
+    monkeypatch.setenv("CALLBOT_RECORD_PATH", str(real))
+    bot_project.makepyfile(
+        test_recording="""
+import json
+
+import pytest
+
+from mybot import bot
+
+
+async def test_a_call(sim):
+    call = await sim.incoming_call()
+    await call.hangup()
+    await call.wait_until_ended()
+
+
+@pytest.fixture
+def own(tmp_path):
+    path = tmp_path / "own.jsonl"
+    saved = bot.settings.record_path
+    bot.configure(record_path=str(path))
+    yield path
+    bot.configure(record_path=saved)
+
+
+async def test_a_recording_of_its_own(own, sim):
+    call = await sim.incoming_call()
+    await call.hangup()
+    await call.wait_until_ended()
+    await call.settled()
+
+
+def test_the_own_recording_was_written(tmp_path_factory):
+    written = list(tmp_path_factory.getbasetemp().glob("test_a_recording_of_its_own*/own.jsonl"))
+    assert written and written[0].read_text().strip()
+"""
+    )
+    result = bot_project.runpytest_subprocess(
+        "-p", "no:cacheprovider", "test_recording.py", timeout=120
+    )
+    result.assert_outcomes(passed=3)
+    assert real.read_text() == ""

@@ -33,7 +33,9 @@ Fixtures:
   ended (the bot abandoned them when it stopped). A handler stopped by
   :class:`~callbot.CallEnded` (the caller hung up) is not a failure. Override with
   ``False``.
-* ``callbot_simulator`` and its short name ``sim`` - the running simulator.
+* ``callbot_simulator`` and its short name ``sim`` - the running simulator. A
+  recording file named by ``CALLBOT_RECORD_PATH`` (kept for real calls) is not
+  written during the test; one the bot was configured with otherwise is.
 
 The async fixtures need pytest-asyncio (``pip install 'callbot[testing]'``). A
 project needs no pytest configuration of its own: an ``async def`` test that
@@ -44,7 +46,9 @@ project leaves it unset.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import os
 import warnings
 from collections import Counter
 from collections.abc import AsyncIterator, Generator
@@ -192,10 +196,21 @@ if HAVE_PYTEST_ASYNCIO:
                 f"callbot_bot must return a CallBot, got {type(callbot_bot).__name__}",
                 pytrace=False,
             )
-        async with run_with_simulator(callbot_bot, **callbot_simulator_options) as simulator:
-            # Read once the bot stopped: what its handlers did while it shut down counts too.
-            handled = callbot_bot._running().dispatcher.counts
-            yield simulator
+        # The recording file the environment names is the developer's record of real calls:
+        # simulated ones are not appended to it (one a test configures itself is written).
+        recording = callbot_bot.settings.record_path
+        kept_out = recording is not None and recording == os.environ.get("CALLBOT_RECORD_PATH")
+        if kept_out:
+            callbot_bot.configure(record_path=None)
+        try:
+            async with run_with_simulator(callbot_bot, **callbot_simulator_options) as simulator:
+                # Read once the bot stopped: what its handlers did while it shut down counts.
+                handled = callbot_bot._running().dispatcher.counts
+                yield simulator
+        finally:
+            if kept_out:
+                with contextlib.suppress(RuntimeError):  # a bot still running keeps None
+                    callbot_bot.configure(record_path=recording)
         problems = _problems(handled, simulator)
         if problems and callbot_strict and not request.node.stash.get(_CALL_FAILED, False):
             pytest.fail(
