@@ -28,6 +28,7 @@ terminating < terminated.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import hashlib
 import json
 from collections import Counter, deque
@@ -207,6 +208,12 @@ def _in_lifecycle_order(held: list[events.Event], reached: int) -> list[events.E
     return ordered
 
 
+def _note_held(record: CallRecord, event: events.Event) -> None:
+    """Keep the number of a tone being held (:attr:`CallRecord.waiting_tones`)."""
+    if isinstance(event, events.ToneReceived) and event.sequence_id is not None:
+        bisect.insort(record.waiting_tones, event.sequence_id)
+
+
 def _sequence_of(event: events.Event) -> int:
     return (
         event.sequence_id
@@ -248,6 +255,9 @@ class CallRecord:
     hold_timer: asyncio.TimerHandle | None = None
     tone_next: int | None = None
     """The ``sequenceId`` after the call's last tone delivered (:func:`tone_waits`)."""
+    waiting_tones: list[int] = field(default_factory=list)
+    """The ``sequenceId`` of each tone held, in order: a tone passed on lets none of them go
+    unless it reaches the first."""
     closed: bool = False
     """The call's termination was delivered: what comes after it is dropped."""
 
@@ -553,7 +563,9 @@ class Sequencer:
         if record.phase >= _LIVE and _unblocks(event, record):
             # The tone a held one waits for (or a late one): it goes, then what it let go.
             self._admit(record, event)
-            self._release_ready(record)
+            first = record.waiting_tones[0] if record.waiting_tones else None
+            if not tone_waits(first, record.tone_next):
+                self._release_ready(record)  # else it lets none go: no walk for it
             return
         phase = phase_of(event)
         if phase is not None and phase <= _awaited(record.held, record.phase):
@@ -566,6 +578,7 @@ class Sequencer:
                 self._release_ready(record)
             return
         record.held.append(event)
+        _note_held(record, event)
         if phase is not None and phase >= _TERMINATING:
             # The call is ending: nothing is left to wait for.
             self._release(record, "call_ending")
@@ -579,6 +592,7 @@ class Sequencer:
             return
         if may_hold and _early(event, record):
             record.held.append(event)
+            _note_held(record, event)
             if record.hold_timer is None:
                 # One window from the first hold: a predecessor held behind it waits no longer.
                 record.hold_timer = asyncio.get_running_loop().call_later(
@@ -603,9 +617,16 @@ class Sequencer:
         """Deliver, in lifecycle order, the held events whose predecessors have come; from
         the first still early on, they wait on (within the same window)."""
         ordered, record.held = _in_lifecycle_order(record.held, record.phase), []
+        record.waiting_tones = []
         for index, event in enumerate(ordered):
             if _early(event, record):
                 record.held = ordered[index:]
+                # Numbered tones are in sequenceId order among what is held.
+                record.waiting_tones = [
+                    e.sequence_id
+                    for e in record.held
+                    if isinstance(e, events.ToneReceived) and e.sequence_id is not None
+                ]
                 return
             self._admit(record, event, may_hold=False)
         if record.hold_timer is not None:
@@ -613,7 +634,7 @@ class Sequencer:
             record.hold_timer = None
 
     def _release(self, record: CallRecord, why: str) -> None:
-        held, record.held = record.held, []
+        held, record.held, record.waiting_tones = record.held, [], []
         if record.hold_timer is not None:
             record.hold_timer.cancel()
             record.hold_timer = None
@@ -668,7 +689,7 @@ class Sequencer:
             # record lingers only to drop stragglers, and the collector need not walk the rest.
             record.snapshot = None
             record.roster = {}
-            stranded, record.held = record.held, []
+            stranded, record.held, record.waiting_tones = record.held, [], []
             for straggler in stranded:
                 self._drop(straggler, "after_end")
 

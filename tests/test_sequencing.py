@@ -642,6 +642,50 @@ async def test_the_call_s_end_lets_a_waiting_tone_go_first() -> None:
     seq.close()
 
 
+def _sorts_while(accepting: list[events.Event], seq: Sequencer) -> int:
+    """How many times the sequencer sorted what it holds while taking ``accepting``."""
+    code = sequencing._in_lifecycle_order.__code__
+    sorts = 0
+
+    def count(frame: Any, event: str, arg: Any) -> None:
+        nonlocal sorts
+        if event == "call" and frame.f_code is code:
+            sorts += 1
+
+    sys.setprofile(count)
+    try:
+        for event in accepting:
+            seq.accept(event)
+    finally:
+        sys.setprofile(None)
+    return sorts
+
+
+async def test_a_tone_that_lets_no_waiting_tone_go_does_not_walk_the_backlog() -> None:
+    """While tones wait for their predecessors, a tone that goes at once without letting any
+    of them go (a late one, or the next of a run far below them) must not make the sequencer
+    sort and walk every waiting event for each: that runs inside the request."""
+    sink = Sink()
+    seq = sink.sequencer(window=300)
+    _established(seq)
+    seq.accept(one(b.tone("c", "tone1", 1)))
+    waiting = 100
+    for n in range(waiting):  # every other number after 202: each waits
+        seq.accept(one(b.tone("c", "tone9", 203 + 2 * n)))
+    late = [one(b.tone("c", "tone0", -n)) for n in range(100)]
+    run = [one(b.tone("c", "tone2", n)) for n in range(2, 202)]
+    assert _sorts_while([*late, *run], seq) == 0
+    assert sink.labels[3:] == ["tone:tone0"] * 100 + ["tone:tone2"] * 200
+    record = seq.record(id_key("c"))
+    assert record is not None
+    assert len(record.held) == waiting
+    # The one the first waits for lets it go, and only it: the next waits for its own.
+    assert _sorts_while([one(b.tone("c", "tone8", 202))], seq) == 1
+    assert sink.labels[-2:] == ["tone:tone8", "tone:tone9"]
+    assert len(record.held) == waiting - 1
+    seq.close()
+
+
 async def test_a_state_while_news_waits_for_established_does_not_walk_the_backlog() -> None:
     """While a roster waits for ``established`` (up to ``_MAX_BACKLOG`` events behind it), a
     token holder sending updates of ``ringing`` or stale copies of ``establishing`` (each a
