@@ -50,6 +50,7 @@ from .models import Call as CallResource
 from .models import Identity, Participant
 
 __all__ = [
+    "MAX_WAITING_TONES",
     "SEEN_DIGESTS",
     "CallRecord",
     "Delivery",
@@ -72,6 +73,10 @@ _LIVE = phase_of_state("established")
 SEEN_DIGESTS = 128
 """How many of a call's latest notifications a repeat is recognised among (every store)."""
 _MAX_BACKLOG = 1000
+MAX_WAITING_TONES = 128
+"""How many tones of a call may wait for their predecessors (the sequencer's and digit
+collection's bound): no caller presses this many keys within a window, so a flood beyond
+goes on at once rather than be kept and sorted."""
 # Unknown properties a call's snapshot keeps across notifications (Graph's call has ~40).
 _MAX_EXTRA_PROPERTIES = 256
 
@@ -584,6 +589,8 @@ class Sequencer:
             self._release(record, "call_ending")
         elif len(record.held) > _MAX_BACKLOG:
             self._release(record, "backlog_full")
+        elif record.phase >= _LIVE and len(record.waiting_tones) > MAX_WAITING_TONES:
+            self._release(record, "too_many_waiting")
 
     def _admit(self, record: CallRecord, event: events.Event, *, may_hold: bool = True) -> None:
         phase = phase_of(event)

@@ -686,6 +686,25 @@ async def test_a_tone_that_lets_no_waiting_tone_go_does_not_walk_the_backlog() -
     seq.close()
 
 
+async def test_tones_waiting_for_predecessors_are_bounded_per_call() -> None:
+    """A flood of tones of an established call each missing its predecessor (a token
+    holder's, not a caller's) goes on once more wait than any caller could press in a
+    window, as digit collection lets it, rather than be kept and sorted at each arrival."""
+    sink = Sink()
+    seq = sink.sequencer(window=300)  # the window never closes in this test
+    _established(seq)
+    seq.accept(one(b.tone("c", "tone1", 1)))
+    for sequence in range(3, 3 + 2 * 200, 2):  # every other number: each waits
+        seq.accept(one(b.tone("c", "tone2", sequence)))
+    tones = [d.event for d in sink.deliveries if isinstance(d.event, events.ToneReceived)]
+    assert [t.sequence_id for t in tones] == [1, *range(3, 3 + 2 * 129, 2)]  # 129 waited
+    assert seq.counts["released_alone"] == 1
+    record = seq.record(id_key("c"))
+    assert record is not None
+    assert len(record.held) == 200 - 129  # what came next waits again, for one window
+    seq.close()
+
+
 async def test_a_state_while_news_waits_for_established_does_not_walk_the_backlog() -> None:
     """While a roster waits for ``established`` (up to ``_MAX_BACKLOG`` events behind it), a
     token holder sending updates of ``ringing`` or stale copies of ``establishing`` (each a

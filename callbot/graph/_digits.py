@@ -25,7 +25,7 @@ import structlog
 from .. import events, models
 from .._dtmf import digit_of, keys_of
 from .._errors import CallEnded, OperationFailed
-from .._sequencing import notification_digest, tone_after, tone_waits
+from .._sequencing import MAX_WAITING_TONES, notification_digest, tone_after, tone_waits
 from ._operations import Operation
 from ._values import PromptLike
 
@@ -207,7 +207,7 @@ class ToneRouter:
             self._pass_on(key, tone)
         if not order.waiting:
             order.stop()
-        elif len(order.waiting) > _TOLD:
+        elif len(order.waiting) > MAX_WAITING_TONES:
             # No caller presses this many keys within a window: a flood waits for nothing.
             self._release(key, "too_many_waiting")
         elif order.timer is None:
