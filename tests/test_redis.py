@@ -717,6 +717,45 @@ async def test_a_held_state_survives_its_owner_stopping(
     assert seen == [("establishing", None, 1), ("established", "establishing", 1)]
 
 
+async def test_a_held_tone_gets_its_predecessor_while_a_handler_of_the_call_runs(
+    authority: TokenAuthority, serve: Any, redis_url: str
+) -> None:
+    """A state overtakes a held tone and its handler runs past the window: the tone the held
+    one waits for, arriving meanwhile, still reaches the sequencer within the window (as in
+    the memory store), so handlers get the tones in order, not the held one alone first."""
+    bot = make_bot(authority, store=redis_url, reorder_window=30.0)
+    tones: list[int | None] = []
+    running, go_on = asyncio.Event(), asyncio.Event()
+
+    @bot.on_tone
+    async def tone(call: Call, event: events.ToneReceived) -> None:
+        tones.append(event.sequence_id)
+
+    @bot.on_call_updated
+    async def updated(call: Call, event: events.CallUpdated) -> None:
+        running.set()
+        await go_on.wait()
+
+    server = await serve(bot)
+    for item in (b.call_state("k", "establishing"), b.call_state("k", "established")):
+        assert (await server.post(b.notifications(item))).status == 202
+    assert (await server.post(b.notifications(b.tone("k", "tone1", 1)))).status == 202
+    await until(lambda: tones == [1])
+    assert (await server.post(b.notifications(b.tone("k", "tone3", 3)))).status == 202
+    store = bot._running().store
+    await until(lambda: store._holding(id_key("k")))  # type: ignore[attr-defined]
+    media = b.call_state("k", "established", media_state={"audio": "inactive"})
+    assert (await server.post(b.notifications(media))).status == 202
+    await asyncio.wait_for(running.wait(), 5)
+    assert (await server.post(b.notifications(b.tone("k", "tone2", 2)))).status == 202
+    # Released by tone 2, not by the window (which a failure waits out).
+    await until(lambda: not store._holding(id_key("k")), within=60)  # type: ignore[attr-defined]
+    go_on.set()
+    await until(lambda: len(tones) == 3)
+    assert tones == [1, 2, 3]
+    assert store.counts["released_alone"] == 0
+
+
 async def test_redis_down_means_503_then_recovery_by_itself(
     authority: TokenAuthority, serve: Any, tmp_path: Path
 ) -> None:

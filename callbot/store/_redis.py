@@ -1006,6 +1006,10 @@ class RedisStore:
     async def _own(self, state: _Owned, stored: str | None, entries: list[tuple[str, str]]) -> None:
         try:
             await self._run_call(state, stored, entries)
+            if state.outstanding:
+                # A run may end (its lease lost) while it fed handlers past a held event: the
+                # call's next run here waits for them, so a call's handlers never overlap.
+                await state.idle.wait()
         except RedisError as exc:
             # Only while closing: until then every step is retried while the lease may hold.
             log.warning("call_run_interrupted", call_key=state.key, error=str(exc))
@@ -1045,10 +1049,12 @@ class RedisStore:
         buffer = state.buffer
         self._take(state, first)
         while not state.lost:
-            if state.outstanding:
+            holding = self._holding(key)
+            if state.outstanding and (self._draining or not holding):
+                # While events are held, entries go on being fed as handlers run: the one a
+                # held event waits for must reach the sequencer within its window.
                 await state.idle.wait()
                 continue
-            holding = self._holding(key)
             fed = state.fed
             owing = not holding and fed is not None and fed != state.acked
             if (
