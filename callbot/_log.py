@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -50,14 +51,17 @@ def configure_logging(log_format: str = "auto", level: str = "info") -> None:
     """Set up structlog, and the standard library's ``logging``, for a bot process.
 
     ``log_format`` is ``json``, ``console`` or ``auto`` (console on a terminal,
-    JSON lines otherwise); ``level`` a level name (``debug``, ``info``, ...).
+    JSON lines otherwise; console lines are coloured only on a terminal, and never
+    with ``NO_COLOR`` set); ``level`` a level name (``debug``, ``info``, ...).
     Context bound with ``structlog.contextvars`` (such as ``call_id``) is
     merged into every line. Lines a bot writes with ``logging`` go through the
     same processors and renderer, so they look like callbot's own.
     """
     use_console = log_format == "console" or (log_format == "auto" and sys.stderr.isatty())
     renderer: Any = (
-        _Encodable(structlog.dev.ConsoleRenderer())
+        # Colour codes only for a terminal (and never under NO_COLOR): a file or a pipe of
+        # console lines should read as plain text.
+        _Encodable(structlog.dev.ConsoleRenderer(colors=_colours_wanted()))
         if use_console
         else structlog.processors.JSONRenderer()
     )
@@ -74,6 +78,11 @@ def configure_logging(log_format: str = "auto", level: str = "info") -> None:
         cache_logger_on_first_use=False,
     )
     _route_stdlib_logging(shared, renderer, numeric_level)
+
+
+def _colours_wanted() -> bool:
+    isatty = getattr(sys.stderr, "isatty", None)
+    return bool(isatty is not None and isatty()) and not os.environ.get("NO_COLOR")
 
 
 class _Encodable:

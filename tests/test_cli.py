@@ -248,6 +248,34 @@ def test_console_lines_escape_what_stderr_cannot_encode(monkeypatch: pytest.Monk
     assert "caller named caf\u00e9 \\ud83d" in text
 
 
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.usefixtures("logging_restored")
+@pytest.mark.parametrize(
+    ("stream", "no_color", "coloured"),
+    [(io.StringIO, None, False), (_Terminal, None, True), (_Terminal, "1", False)],
+    ids=["file", "terminal", "terminal-NO_COLOR"],
+)
+def test_console_lines_are_coloured_only_on_a_terminal(
+    monkeypatch: pytest.MonkeyPatch, stream: type[io.StringIO], no_color: str | None, coloured: bool
+) -> None:
+    """``CALLBOT_LOG_FORMAT=console`` with stderr sent to a file wrote colour codes into it."""
+    out = stream()
+    monkeypatch.setattr(sys, "stderr", out)
+    if no_color is None:
+        monkeypatch.delenv("NO_COLOR", raising=False)
+    else:
+        monkeypatch.setenv("NO_COLOR", no_color)
+    configure_logging("console", "info")
+    structlog.get_logger("callbot.bot").info("bot_started", callback_path="/api/calls")
+    text = out.getvalue()
+    assert "bot_started" in text
+    assert ("\x1b[" in text) is coloured
+
+
 @pytest.mark.parametrize(
     "url",
     [
