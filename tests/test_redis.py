@@ -1477,6 +1477,47 @@ async def test_a_handler_abandoned_at_shutdown_is_handed_over_at_once(
     assert runs == [(0, False), (1, True)]
 
 
+async def test_entries_left_at_a_graceful_shutdown_are_not_flagged_as_re_runs(
+    authority: TokenAuthority, serve: Any, redis_url: str
+) -> None:
+    """An instance that drains lets the running handler finish, then hands the call over:
+    the entries it accepted for the call meanwhile never ran, so the instance taking the
+    call runs them as first runs (``redelivered`` false), not as re-runs."""
+    runs: list[tuple[int, str, bool]] = []
+    go_on = asyncio.Event()
+    servers: list[BotServer] = []
+    for index in range(2):
+        bot = make_bot(authority, store=redis_url, store_lease=60.0, shutdown_timeout=30.0)
+
+        @bot.on_incoming_call
+        async def ring(call: Call, event: events.IncomingCall, index: int = index) -> None:
+            attempt = current_attempt()
+            runs.append((index, "incoming", attempt is not None and attempt.redelivered))
+            await go_on.wait()
+
+        @bot.on_state("establishing")
+        async def establishing(
+            call: Call, event: events.CallStateChanged, index: int = index
+        ) -> None:
+            attempt = current_attempt()
+            runs.append((index, "establishing", attempt is not None and attempt.redelivered))
+
+        servers.append(await serve(bot))
+    first = servers[0]
+    assert (await first.post(b.notifications(b.incoming_call("drained")))).status == 202
+    await until(lambda: runs == [(0, "incoming", False)])
+    # Accepted by the call's owner while its handler runs: it waits in the inbox.
+    body = b.notifications(b.call_state("drained", "establishing"))
+    assert (await first.post(body)).status == 202
+    receiver = first.bot._running().receiver
+    stopping = asyncio.create_task(first.bot.stop())
+    await until(lambda: receiver.draining)
+    go_on.set()  # the running handler finishes within the drain
+    await stopping
+    await until(lambda: len(runs) == 2, within=20)
+    assert runs == [(0, "incoming", False), (1, "establishing", False)]
+
+
 @pytest.mark.parametrize("store", ["memory", "redis"])
 async def test_a_termination_told_early_is_delivered_after_a_handler_outlasting_the_grace(
     authority: TokenAuthority, serve: Any, redis_url: str, store: str

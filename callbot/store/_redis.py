@@ -519,6 +519,13 @@ class _Owned:
         self.idle.set()
 
 
+def _last_handed(state: _Owned) -> str:
+    """The last entry of the call that may have run: acknowledged by this run, or handed to
+    handlers by an earlier one (``0-0``: none)."""
+    ran = max(_stream_id(state.acked) if state.acked else (0, 0), state.fed_before or (0, 0))
+    return f"{ran[0]}-{ran[1]}"
+
+
 def _hash_tag(call: str) -> str:
     """``call`` as it stands between a key's braces: never empty and free of braces, so a
     Cluster hashes every key of the call by all of it; escaped one to one, so two calls
@@ -1073,7 +1080,10 @@ class RedisStore:
                 self._take(state, more)
                 continue
             if self._draining:
-                await self._release(state, handover=True)
+                # Nothing of the call runs here now: unless a state is held (entries past it
+                # may have run), what this run did not feed goes to the next owner as news.
+                ran = None if holding else _last_handed(state)
+                await self._release(state, handover=True, ran=ran)
                 return
             if buffer:
                 entry_id, text = buffer[0]
@@ -1433,7 +1443,7 @@ class RedisStore:
             return resting[1]
         return _decode_record(key, stored)
 
-    async def _release(self, state: _Owned, *, handover: bool) -> int:
+    async def _release(self, state: _Owned, *, handover: bool, ran: str | None = None) -> int:
         state.releasing = True
         try:
             answer = await self._steady(
@@ -1445,6 +1455,7 @@ class RedisStore:
                     state.epoch,
                     self._lease_ms,
                     "1" if handover else "0",
+                    ran or "",
                 ),
             )
         finally:

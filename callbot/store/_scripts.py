@@ -257,7 +257,8 @@ RELEASE = Script(
     "release",
     _HELPERS
     + """
--- KEYS: inbox, lease, fence;  ARGV: lease value, epoch, lease (ms), hand over (0/1)
+-- KEYS: inbox, lease, fence;  ARGV: lease value, epoch, lease (ms), hand over (0/1),
+--       the last entry handed to handlers, to note as fed instead ('' or none: kept)
 local again = gave_up(KEYS[2], KEYS[3], ARGV[2])
 if not again and not holds(KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3]) then
   return {-1}
@@ -265,6 +266,10 @@ end
 local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
 if #first > 0 and ARGV[4] ~= '1' and not again then
   return {0}
+end
+if ARGV[5] and ARGV[5] ~= '' then
+  -- entries noted as fed on their way in, but left unrun: not re-runs for the next owner
+  redis.call('HSET', KEYS[3], 'fed', ARGV[5])
 end
 give_up(KEYS[2], KEYS[3], ARGV[2])
 if #first > 0 then
@@ -274,7 +279,9 @@ return {1}
 """,
 )
 """Give a call up: only when its inbox is empty ({1}; {0}: entries arrived, go on; {-1}:
-not ours), or, handing it over, always ({2, oldest id}: the store makes it runnable)."""
+not ours), or, handing it over, always ({2, oldest id}: the store makes it runnable).
+A run that stops with nothing of the call running names the last entry handed to
+handlers, so that the ``fed`` mark no longer covers entries it was told of and never ran."""
 
 RENEW = Script(
     "renew",
