@@ -385,6 +385,33 @@ async def test_transfer(outcome: str) -> None:
         assert back.result_info.code == 500
 
 
+async def test_a_caller_hanging_up_while_the_transfer_completes_is_no_failure() -> None:
+    """The transfer's end is already on its way when the caller hangs up: the hang-up
+    comes to nothing, as on a call that is over, instead of raising (the dtmf scenario
+    against a bot that transfers failed this way)."""
+    bot, seen = answering_bot()
+
+    @bot.on_tone
+    async def transfer(call: Call, event: events.ToneReceived) -> None:
+        await call.transfer(Target.user("agent-id", "Agent"))
+
+    async with run_with_simulator(bot) as sim:
+        call = await sim.incoming_call()
+        hanging_up: list[asyncio.Task[None]] = []
+
+        def on_transferring(entry: Traffic) -> None:
+            # Before Graph posts transferAccepted and the call's end, which are queued.
+            if entry.kind == "notification" and entry.summary == "call transferring":
+                hanging_up.append(asyncio.get_running_loop().create_task(call.hangup()))
+
+        sim.observers.append(on_transferring)
+        await call.press("0")
+        await until(lambda: len(hanging_up) == 1)
+        await hanging_up[0]
+        await call.wait_until_ended()
+    assert labels(seen)[-3:] == ["transferring", "transferAccepted", "terminated"]
+
+
 async def test_a_transfer_tried_again_after_a_failure_is_heard_failing_again() -> None:
     """Graph's notifications for a second attempt are those of the first: both are news."""
     bot, seen = answering_bot()

@@ -628,7 +628,8 @@ class SimulatedCall:
         """The far end hangs up: the bot is told the call terminated, with the resultInfo a
         live Teams call was recorded with (200/5002; the bot hanging up gets 200/5001).
 
-        Nothing happens when the call is already over (or ending: the bot hung up).
+        Nothing happens when the call is already over (or ending: the bot hung up, or a
+        transfer's end is queued before this one).
         """
         if self.ended:
             return
@@ -645,9 +646,12 @@ class SimulatedCall:
             )
         )
         self._end_on_graph()
-        await self._send(
-            build.call_terminated(self.id, code=code, subcode=subcode, message=message),
-        )
+        try:
+            await self._send(
+                build.call_terminated(self.id, code=code, subcode=subcode, message=message),
+            )
+        except _CallOver:
+            return  # a completed transfer ended the call first: its end was queued ahead
 
     async def join(
         self, display_name: str, *, user_id: str | None = None, kind: str = "user"
