@@ -193,7 +193,7 @@ class _Runtime:
         for delivery in abandoned:
             log.error(
                 "notification_abandoned",
-                call_id=delivery.event.call_id,
+                call_id=delivery.life.call_id,
                 kind=type(delivery.event).__name__,
                 reason="handlers did not finish before the shutdown deadline",
             )

@@ -227,7 +227,9 @@ class Dispatcher:
         event = delivery.event
         call = self._handle(delivery)
         # The worker task's context is its own: set per delivery, never reset.
-        structlog.contextvars.bind_contextvars(call_id=event.call_id)
+        # The form the call was first seen in: every line of the call carries the same id.
+        call_id = delivery.life.call_id
+        structlog.contextvars.bind_contextvars(call_id=call_id)
         _current_attempt.set(delivery.attempt)
         try:
             registrations = self._registry.matching(event)
@@ -235,7 +237,7 @@ class Dispatcher:
             # A handler's ``matches`` failed: an error of that bot's, not the end of the call's
             # worker (later deliveries of the call still run).
             self.counts["handler_errors"] += 1
-            await self._report("matches", call, event, exc)
+            await self._report("matches", call, event, exc, call_id)
             registrations = []
         attempt = delivery.attempt
         # An incoming call must be answered within 15 s: its handlers never wait for a slot
@@ -249,17 +251,19 @@ class Dispatcher:
                     self.counts["superseded"] += 1
                     log.warning(
                         "delivery_superseded",
-                        call_id=event.call_id,
+                        call_id=call_id,
                         handler=registration.name,
                         kind=type(event).__name__,
                         epoch=attempt.epoch,
                         detail="the call is run by another instance now; not started here",
                     )
                     break
-                await self._run_one(registration.name, registration.handler, call, event)
+                await self._run_one(registration.name, registration.handler, call, event, call_id)
         self.counts["handled"] += 1
 
-    async def _run_one(self, name: str, handler: Handler, call: Call, event: events.Event) -> None:
+    async def _run_one(
+        self, name: str, handler: Handler, call: Call, event: events.Event, call_id: str
+    ) -> None:
         started = time.perf_counter()
         outcome = "ok"
         try:
@@ -271,30 +275,32 @@ class Dispatcher:
             # The handler let a cancellation of its own escape: an error, not a stop.
             outcome = "error"
             self.counts["handler_errors"] += 1
-            await self._report(name, call, event, exc)
+            await self._report(name, call, event, exc, call_id)
         except Exception as exc:
             if isinstance(exc, CallEnded) or (isinstance(exc, OperationFailed) and exc.call_ended):
                 # The caller hung up while the handler acted: not a bug in the handler.
                 outcome = "call_ended"
-                log.info("handler_stopped_call_ended", call_id=event.call_id, handler=name)
+                log.info("handler_stopped_call_ended", call_id=call_id, handler=name)
                 self.counts["call_ended"] += 1
             else:
                 outcome = "error"
                 self.counts["handler_errors"] += 1
-                await self._report(name, call, event, exc)
+                await self._report(name, call, event, exc, call_id)
         finally:
             if self._observe is not None:
                 self._observe(name, outcome, time.perf_counter() - started)
             for watch in self._registry.watchers:
                 watch(name, event, outcome)
 
-    async def _report(self, name: str, call: Call, event: events.Event, exc: BaseException) -> None:
+    async def _report(
+        self, name: str, call: Call, event: events.Event, exc: BaseException, call_id: str
+    ) -> None:
         handlers = self._registry.error_handlers
         if not handlers:
             self.counts["unhandled_errors"] += 1
             log.error(
                 "handler_failed",
-                call_id=event.call_id,
+                call_id=call_id,
                 handler=name,
                 kind=type(event).__name__,
                 error=repr(exc),
@@ -308,7 +314,7 @@ class Dispatcher:
                 self.counts["unhandled_errors"] += 1
                 log.error(
                     "error_handler_failed",
-                    call_id=event.call_id,
+                    call_id=call_id,
                     handler=name,
                     error=repr(exc),
                     error_handler_error=repr(second),

@@ -177,6 +177,12 @@ class Lifecycle:
     def __len__(self) -> int:
         return len(self._lives)
 
+    def named(self, call_id: str) -> str:
+        """The id a call's log lines carry: the form it was first seen in, whatever form a
+        later notification wrote it in (so one grep finds all of a call's lines)."""
+        life = self._lives.get(id_key(call_id))
+        return life.call_id if life is not None else call_id
+
     def belongs_elsewhere(self, call_id: str, tenant_id: str | None) -> bool:
         """Whether a known call (or one that ended within :data:`ENDED_MEMORY`) belongs to
         another tenant than ``tenant_id``: a token proves its tenant, not that the call named

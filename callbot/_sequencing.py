@@ -752,7 +752,7 @@ class Sequencer:
         self.counts[reason] += 1
         self._log.info(
             "notification_dropped",
-            call_id=event.call_id,
+            call_id=self.lifecycle.named(event.call_id),
             reason=reason,
             kind=type(event).__name__,
             **details,

@@ -1553,3 +1553,46 @@ async def test_a_termination_told_early_is_delivered_after_a_handler_outlasting_
         assert lifecycle.get("slow-call") is not None
     release.set()
     await until(lambda: seen == ["incoming", "terminated"])
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"])
+async def test_every_line_about_a_call_names_it_as_first_seen(
+    authority: TokenAuthority, serve: Any, redis_url: str, store: str
+) -> None:
+    """Graph writes one call's id in more than one form (upper case without dashes in some
+    paths): the lines about the call (a handler's failure, a repeat dropped, a straggler
+    dropped) all carry the id as first seen, so one search finds them all."""
+    call_id = "3f2a1b7c-9d4e-4f6a-8b1c-2d3e4f5a6b7c"
+    compact = call_id.replace("-", "").upper()
+    options: dict[str, Any] = {"store": redis_url} if store == "redis" else {}
+    bot = make_bot(authority, **options)
+    ran: list[str] = []
+
+    @bot.on_state("establishing")
+    async def fail(call: Call, event: events.CallStateChanged) -> None:
+        ran.append(event.state)
+        raise RuntimeError("a bug of the handler's")
+
+    @bot.on_terminated
+    async def ended(call: Call, event: events.CallTerminated) -> None:
+        ran.append("terminated")
+
+    server = await serve(bot)
+    with capture_logs() as logs:
+        steps = [
+            b.call_state(call_id, "establishing"),
+            b.call_state(compact, "establishing"),  # a repeat, written in the other form
+            b.call_terminated(compact),
+            b.call_state(compact, "established"),  # a straggler
+        ]
+        for item in steps:
+            assert (await server.post(b.notifications(item))).status == 202
+        await until(lambda: ran == ["establishing", "terminated"])
+        await until(lambda: sum(e["event"] == "notification_dropped" for e in logs) == 2)
+    about = [e for e in logs if e["event"] in ("handler_failed", "notification_dropped")]
+    assert sorted(e.get("reason", e["event"]) for e in about) == [
+        "after_end",
+        "duplicate",
+        "handler_failed",
+    ]
+    assert {e["call_id"] for e in about} == {call_id}

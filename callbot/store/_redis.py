@@ -729,7 +729,7 @@ class RedisStore:
                 self._own_counts["duplicate"] += 1
                 log.info(
                     "notification_dropped",
-                    call_id=event.call_id,
+                    call_id=self._lifecycle.named(event.call_id),
                     reason="duplicate",
                     kind=type(event).__name__,
                 )
