@@ -126,8 +126,12 @@ async def scenario(
         assert bot.bot is not None
         if len(bot.bot.active_calls()) != active + 20:
             raise RuntimeError("calls did not all become active")
+        # Each call's tones numbered 1, 2, 3, ... as Graph numbers a call's tones (a number
+        # skipped would hold the next tone for the reorder window).
         bodies = [
-            tone_text.replace("{CALL_ID}", ids[n % active]).replace("{SEQ}", str(n + 2)).encode()
+            tone_text.replace("{CALL_ID}", ids[n % active])
+            .replace("{SEQ}", str(n // active + 1))
+            .encode()
             for n in range(notifications)
         ]
         clock = _GcClock()

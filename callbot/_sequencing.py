@@ -52,6 +52,7 @@ from .models import Identity, Participant
 __all__ = [
     "MAX_WAITING_TONES",
     "SEEN_DIGESTS",
+    "TONES_UNORDERED",
     "CallRecord",
     "Delivery",
     "Sequencer",
@@ -107,6 +108,13 @@ def phase_of(event: events.Event) -> int | None:
     return None
 
 
+TONES_UNORDERED = -1
+"""The number expected next of a call whose tones skipped a number that never came within
+the window: Graph numbers a call's tones one by one (its docs: an incremental identifier for
+ordering them), so such a call's numbering is not that, or it lost a tone, and its tones go on
+as they arrive instead of each waiting a window for a number that will not come."""
+
+
 def tone_waits(sequence: int | None, expected: int | None) -> bool:
     """Whether a tone numbered ``sequence`` (Graph's ``sequenceId``) waits for its
     predecessor, ``expected`` being the number after the last tone passed on. The first tone
@@ -114,12 +122,12 @@ def tone_waits(sequence: int | None, expected: int | None) -> bool:
     first tone was 6), nor has a tone without a number: those go at once, as does one coming
     after a later one went. The one rule of tone order, kept by the sequencer (handlers) and
     the tone router (digit collection) alike."""
-    return sequence is not None and expected is not None and sequence > expected
+    return sequence is not None and expected is not None and 0 <= expected < sequence
 
 
 def tone_after(sequence: int | None, expected: int | None) -> int | None:
     """The number expected next once a tone numbered ``sequence`` was passed on."""
-    if sequence is None:
+    if sequence is None or expected == TONES_UNORDERED:
         return expected
     return sequence + 1 if expected is None else max(expected, sequence + 1)
 
@@ -641,6 +649,8 @@ class Sequencer:
             record.hold_timer = None
 
     def _release(self, record: CallRecord, why: str) -> None:
+        # Tones of the live call waited for a number the window did not bring.
+        skipped = why == "window_closed" and record.phase >= _LIVE and bool(record.waiting_tones)
         held, record.held, record.waiting_tones = record.held, [], []
         if record.hold_timer is not None:
             record.hold_timer.cancel()
@@ -658,6 +668,9 @@ class Sequencer:
                 self._drop(event, "after_end")
             else:
                 self._admit(record, event, may_hold=False)
+        if skipped and not record.closed:
+            record.tone_next = TONES_UNORDERED
+            self._log.info("tone_order_given_up", call_id=record.call_id, reason="number_skipped")
 
     # -- delivery ---------------------------------------------------------------
 

@@ -612,6 +612,15 @@ async def test_a_tone_whose_predecessor_never_comes_goes_when_the_window_closes(
     seq.accept(one(b.tone("c", "tone2", 2)))
     seq.accept(one(b.tone("c", "tone5", 5)))
     assert sink.labels[-2:] == ["tone:tone2", "tone:tone5"]
+    # A number skipped for good: the call's tones are not numbered one by one (or one was
+    # lost), so a later gap holds nothing rather than each key for a window.
+    seq.accept(one(b.tone("c", "tone8", 8)))
+    seq.accept(one(b.tone("c", "tone7", 7)))
+    assert sink.labels[-2:] == ["tone:tone8", "tone:tone7"]
+    assert seq.counts["released_alone"] == 1
+    record = seq.record(id_key("c"))
+    assert record is not None
+    assert record.tone_next == sequencing.TONES_UNORDERED
     seq.close()
 
 

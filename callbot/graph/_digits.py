@@ -25,7 +25,13 @@ import structlog
 from .. import events, models
 from .._dtmf import digit_of, keys_of
 from .._errors import CallEnded, OperationFailed
-from .._sequencing import MAX_WAITING_TONES, notification_digest, tone_after, tone_waits
+from .._sequencing import (
+    MAX_WAITING_TONES,
+    TONES_UNORDERED,
+    notification_digest,
+    tone_after,
+    tone_waits,
+)
 from ._operations import Operation
 from ._values import PromptLike
 
@@ -152,11 +158,15 @@ class _ToneOrder:
             ready.append(tone)
         return ready
 
-    def release(self) -> list[events.ToneReceived]:
-        """Every waiting tone, in order: its predecessor is not coming (or no longer matters)."""
+    def release(self, *, skipped: bool = False) -> list[events.ToneReceived]:
+        """Every waiting tone, in order: its predecessor is not coming (or no longer matters).
+        ``skipped``: the window closed on them, and the call's tones go on unordered
+        (:data:`~callbot._sequencing.TONES_UNORDERED`)."""
         waiting, self.waiting = self.waiting, []
         if waiting:
             self.expected = tone_after(waiting[-1][0], self.expected)
+            if skipped:
+                self.expected = TONES_UNORDERED
         self.stop()
         return [tone for _, _, tone in waiting]
 
@@ -217,7 +227,7 @@ class ToneRouter:
 
     def _release(self, call_key: str, why: str) -> None:
         order = self._order.get(call_key)
-        tones = order.release() if order is not None else []
+        tones = order.release(skipped=why == "window_closed") if order is not None else []
         if tones:
             log.info(
                 "tones_released_without_predecessor",
