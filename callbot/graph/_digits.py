@@ -27,6 +27,7 @@ from .._dtmf import digit_of, keys_of
 from .._errors import CallEnded, OperationFailed
 from .._sequencing import (
     MAX_WAITING_TONES,
+    SEEN_DIGESTS,
     TONES_UNORDERED,
     notification_digest,
     tone_after,
@@ -57,7 +58,6 @@ __all__ = ["ToneListener", "ToneRouter", "collect_digits", "menu"]
 log = structlog.get_logger("callbot.graph")
 
 T = TypeVar("T")
-_TOLD = 128  # the latest tones of a call a copy is recognised among, as the sequencer does
 
 
 class ToneListener:
@@ -205,7 +205,8 @@ class ToneRouter:
             return
         told = self._told.get(key)
         if told is None:
-            told = self._told[key] = deque(maxlen=_TOLD)
+            # As many as the sequencer recognises a copy among.
+            told = self._told[key] = deque(maxlen=SEEN_DIGESTS)
         digest = notification_digest(event)
         if digest in told:
             return
