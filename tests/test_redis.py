@@ -694,10 +694,11 @@ async def test_rosters_are_diffed_against_the_stored_roster_on_any_instance(
 async def test_a_held_state_survives_its_owner_stopping(
     authority: TokenAuthority, serve: Any, redis_url: str
 ) -> None:
+    """A hold outlasting the drain: the call is handed over with the held entry."""
     seen: list[tuple[str, str | None, int]] = []
     servers: list[BotServer] = []
     for index in range(2):
-        bot = make_bot(authority, store=redis_url, reorder_window=30.0)
+        bot = make_bot(authority, store=redis_url, reorder_window=30.0, shutdown_timeout=0.3)
 
         @bot.on(events.CallStateChanged)
         async def record(call: Call, event: events.CallStateChanged, index: int = index) -> None:
@@ -715,6 +716,64 @@ async def test_a_held_state_survives_its_owner_stopping(
     assert (await second.post(b.notifications(item))).status == 202
     await until(lambda: len(seen) == 2, within=5)
     assert seen == [("establishing", None, 1), ("established", "establishing", 1)]
+
+
+@pytest.mark.parametrize("held", ["state", "tone"])
+async def test_a_hold_is_waited_out_at_a_graceful_shutdown(
+    authority: TokenAuthority, serve: Any, redis_url: str, held: str
+) -> None:
+    """An instance draining while an event of a call waits for its predecessor goes on
+    feeding the call until the hold ends (here the predecessor, accepted by the other
+    instance), then hands it over acknowledged: the next instance runs only what is new.
+    Handing it over at once, entries past the held one that had run were run again."""
+    runs: list[tuple[int, str, bool]] = []
+    servers: list[BotServer] = []
+    for index in range(2):
+        bot = make_bot(
+            authority,
+            store=redis_url,
+            store_lease=60.0,
+            reorder_window=30.0,
+            shutdown_timeout=30.0,
+        )
+
+        def ran(what: str, index: int = index) -> None:
+            attempt = current_attempt()
+            runs.append((index, what, attempt is not None and attempt.redelivered))
+
+        @bot.on(events.CallStateChanged)
+        async def state(call: Call, event: events.CallStateChanged, ran: Any = ran) -> None:
+            ran(event.state)
+
+        @bot.on_tone
+        async def tone(call: Call, event: events.ToneReceived, ran: Any = ran) -> None:
+            ran(f"tone{event.sequence_id}")
+
+        servers.append(await serve(bot))
+    first, second = servers
+    if held == "state":
+        before = [b.call_state("k", "established")]
+        missing, after, news = b.call_state("k", "establishing"), b.tone("k", "tone1", 1), "tone1"
+        expected = [(0, "establishing", False), (0, "established", False)]
+    else:
+        before = [b.call_state("k", s) for s in ("establishing", "established")]
+        before += [b.tone("k", "tone1", 1), b.tone("k", "tone3", 3)]
+        missing, after, news = b.tone("k", "tone2", 2), b.tone("k", "tone4", 4), "tone4"
+        expected = [(0, what, False) for what in ("establishing", "established", "tone1")]
+        expected += [(0, "tone2", False), (0, "tone3", False)]
+    for item in before:
+        assert (await first.post(b.notifications(item))).status == 202
+    store = first.bot._running().store
+    await until(lambda: store._holding(id_key("k")))  # type: ignore[attr-defined]
+    receiver = first.bot._running().receiver
+    stopping = asyncio.create_task(first.bot.stop())
+    await until(lambda: receiver.draining)
+    assert (await second.post(b.notifications(missing))).status == 202
+    await stopping
+    assert runs == expected
+    assert (await second.post(b.notifications(after))).status == 202
+    await until(lambda: len(runs) > len(expected), within=20)
+    assert runs == [*expected, (1, news, False)]
 
 
 async def test_a_held_tone_gets_its_predecessor_while_a_handler_of_the_call_runs(

@@ -1057,9 +1057,9 @@ class RedisStore:
         self._take(state, first)
         while not state.lost:
             holding = self._holding(key)
-            if state.outstanding and (self._draining or not holding):
-                # While events are held, entries go on being fed as handlers run: the one a
-                # held event waits for must reach the sequencer within its window.
+            if state.outstanding and not holding:
+                # While events are held, entries go on being fed as handlers run (draining
+                # too): the one a held event waits for must reach the sequencer in its window.
                 await state.idle.wait()
                 continue
             fed = state.fed
@@ -1079,11 +1079,11 @@ class RedisStore:
                 unsaved = False
                 self._take(state, more)
                 continue
-            if self._draining:
-                # Nothing of the call runs here now: unless a state is held (entries past it
-                # may have run), what this run did not feed goes to the next owner as news.
-                ran = None if holding else _last_handed(state)
-                await self._release(state, handover=True, ran=ran)
+            if self._draining and not holding:
+                # A hold is waited out first (its predecessor or its window): entries past a
+                # held one may have run, so only a call holding nothing is handed over
+                # acknowledged, and what this run did not feed goes on as news.
+                await self._release(state, handover=True, ran=_last_handed(state))
                 return
             if buffer:
                 entry_id, text = buffer[0]
