@@ -46,9 +46,12 @@ from __future__ import annotations
 
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ._errors import CallbotError
+
+if TYPE_CHECKING:
+    from .events import ToneReceived
 
 __all__ = ["ActionJournal", "Attempt", "RunSuperseded", "Step", "current_attempt", "step_for"]
 
@@ -97,6 +100,11 @@ class ActionJournal(Protocol):
 
     async def record(self, attempt: Attempt, step: int, outcome: dict[str, Any]) -> None:
         """Keep a step's outcome (refused, silently, once the run lost its call)."""
+        ...
+
+    async def tones_after(self, attempt: Attempt) -> list[ToneReceived]:
+        """The tones accepted for the call after the run's notification, in the order they
+        were accepted: what the caller pressed while an earlier run of it went on."""
         ...
 
 

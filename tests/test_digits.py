@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from callbot import Call, CallBot, CallEnded, Settings, events
+from callbot._journal import Attempt, _current
 from callbot._parse import parse_payload
 from callbot.graph import CallServices
 from callbot.graph._digits import ToneListener, ToneRouter
@@ -273,6 +274,63 @@ async def test_the_finish_key_after_a_full_collection_ends_it_however_it_arrives
         router.on_tone(tone_event("pound", 5))  # told again
         assert await following.next(timeout=0) == "5"
         assert not following.pending()
+
+
+class _Inbox:
+    """A shared store's journal as a handler run again sees it: the tones accepted after
+    its notification, read while ``meanwhile`` (tones told live) happens."""
+
+    def __init__(self, tones: list[events.ToneReceived], meanwhile: Any) -> None:
+        self.tones, self.meanwhile, self.reads = tones, meanwhile, 0
+
+    async def admits(self, attempt: Attempt) -> bool:
+        return True
+
+    async def recall(self, attempt: Attempt, step: int) -> dict[str, Any] | None:
+        return None
+
+    async def record(self, attempt: Attempt, step: int, outcome: dict[str, Any]) -> None:
+        return None
+
+    async def tones_after(self, attempt: Attempt) -> list[events.ToneReceived]:
+        self.reads += 1
+        self.meanwhile()
+        return self.tones
+
+
+async def test_a_re_run_hears_the_earlier_tones_first_once_and_in_order() -> None:
+    """A handler run again after a takeover hears the tones its first run heard before the
+    ones told live meanwhile (accepted after the takeover), each once, in Graph's order;
+    a later collection of the same run gets the earlier ones the first left, and reads the
+    inbox no second time."""
+    router = ToneRouter(reorder_window=300)
+    earlier = [tone_event("tone1", 6), tone_event("tone2", 7), tone_event("tone2", 7)]
+    earlier += [tone_event("tone3", 8), tone_event("tone9", 10)]
+
+    def told_live() -> None:
+        router.on_tone(tone_event("tone4", 9))  # told first, taken after 8
+        router.on_tone(tone_event("tone9", 10))  # read from the inbox as well: once
+
+    inbox = _Inbox(earlier, told_live)
+    run = Attempt("c", "5-0", 2, redelivered=True, journal=inbox)
+    token = _current.set(run)
+    try:
+        with router.listen("c") as listener:
+            await router.hear_earlier("c", listener)
+            assert [await listener.next(timeout=0) for _ in range(4)] == ["1", "2", "3", "4"]
+        with router.listen("c") as following:
+            await router.hear_earlier("c", following)
+            router.on_tone(tone_event("tone3", 8))  # a copy told late
+            router.on_tone(tone_event("star", 11))
+            assert [await following.next(timeout=0) for _ in range(2)] == ["9", "*"]
+            assert not following.pending()
+        assert inbox.reads == 1
+    finally:
+        _current.reset(token)
+    # A first run collects from when it starts.
+    with router.listen("c") as first_run:
+        await router.hear_earlier("c", first_run)
+        assert not first_run.pending()
 
 
 async def taken(listener: ToneListener) -> None:

@@ -1250,6 +1250,56 @@ async def test_keys_arriving_swapped_at_two_instances_are_collected_in_graph_s_o
         assert bots.collected == [(owner, "123")]
 
 
+async def test_a_handler_collecting_digits_run_again_hears_the_keys_its_first_run_heard(
+    authority: TokenAuthority, serve: Any, redis_url: str
+) -> None:
+    """The instance collecting a PIN then a choice stops mid-handler (abandoned): the
+    handler run again elsewhere hears the keys pressed during the first run, from the
+    call's inbox, in order; what its first collection leaves goes to the next one, as the
+    caller typed ahead. It used to collect from when it started, and wait for keys the
+    caller had pressed already."""
+    async with FakeGraph() as graph:
+        results: list[tuple[int, bool, str]] = []
+        servers: list[BotServer] = []
+        for index in range(2):
+            bot = make_bot(
+                authority,
+                store=redis_url,
+                store_lease=60.0,
+                shutdown_timeout=0.3,
+                graph_url=graph.graph_url,
+                authority_url=graph.authority_url,
+                app_secret="fake-graph-secret",
+            )
+
+            @bot.on_state("established")
+            async def collect(
+                call: Call, event: events.CallStateChanged, index: int = index
+            ) -> None:
+                attempt = current_attempt()
+                again = attempt is not None and attempt.redelivered
+                results.append((index, again, await call.collect_digits(max_digits=4, timeout=5)))
+                if index == 0:
+                    await asyncio.Event().wait()  # never set: the instance stops meanwhile
+                results.append((index, again, await call.collect_digits(max_digits=2, timeout=5)))
+
+            servers.append(await serve(bot))
+        first = servers[0]
+        graph.add_call("pin-call", state="establishing")  # the call Graph posts about
+        for state in ("establishing", "established"):
+            item = b.call_state("pin-call", state)
+            assert (await first.post(b.notifications(item))).status == 202
+        await graph.wait_for_request("subscribeToTone")
+        for sequence, key in enumerate("1234#56", start=1):
+            tone = b.tone("pin-call", f"tone{key}" if key.isdigit() else "pound", sequence)
+            assert (await first.post(b.notifications(tone))).status == 202
+        await until(lambda: results == [(0, False, "1234")])
+        await first.bot.stop()  # the handler is abandoned: the other instance runs it again
+        await until(lambda: len(results) == 3, within=20)
+        assert results == [(0, False, "1234"), (1, True, "1234"), (1, True, "56")]
+        assert len(graph.requests_for("subscribeToTone")) == 1  # replayed from the journal
+
+
 async def test_every_instance_lists_the_calls_of_every_instance(
     authority: TokenAuthority, serve: Any, redis_url: str
 ) -> None:

@@ -25,6 +25,7 @@ import structlog
 from .. import events, models
 from .._dtmf import digit_of, keys_of
 from .._errors import CallEnded, OperationFailed
+from .._journal import current_attempt
 from .._sequencing import (
     MAX_WAITING_TONES,
     SEEN_DIGESTS,
@@ -70,7 +71,7 @@ class ToneListener:
         after_full: Callable[[int, frozenset[str]], None] | None = None,
     ) -> None:
         self.call_key = call_key
-        self._tones: deque[tuple[str, int | None]] = deque()  # (digit, Graph's sequence_id)
+        self._tones: deque[events.ToneReceived] = deque()
         self._after_full = after_full
         self._last_taken: int | None = None  # Graph's sequence_id of the last key taken
         self._changed = asyncio.Event()
@@ -78,7 +79,7 @@ class ToneListener:
 
     def put(self, event: events.ToneReceived) -> None:
         """A tone was passed on for the call (once, in order: its router sees to both)."""
-        self._tones.append((digit_of(event.tone), event.sequence_id))
+        self._tones.append(event)
         self._changed.set()
 
     def end(self) -> None:
@@ -89,6 +90,19 @@ class ToneListener:
     def pending(self) -> bool:
         """Whether a tone is waiting to be taken."""
         return bool(self._tones)
+
+    def untaken(self) -> list[events.ToneReceived]:
+        """The tones passed on and not taken, in order."""
+        return list(self._tones)
+
+    def put_before(self, earlier: Sequence[events.ToneReceived]) -> None:
+        """Tones pressed before those passed on so far (a re-run hears what its earlier
+        run heard): ahead of them, or in Graph's ``sequence_id`` order where each has one."""
+        tones = [*earlier, *self._tones]
+        if all(tone.sequence_id is not None for tone in tones):
+            tones.sort(key=lambda tone: tone.sequence_id or 0)
+        self._tones = deque(tones)
+        self._changed.set()
 
     async def next(self, timeout: float | None) -> str | None:
         """The next key pressed, or ``None`` after ``timeout`` seconds without one."""
@@ -105,8 +119,9 @@ class ToneListener:
                 await asyncio.wait_for(self._changed.wait(), remaining)
             except TimeoutError:
                 return None
-        digit, self._last_taken = self._tones.popleft()
-        return digit
+        tone = self._tones.popleft()
+        self._last_taken = tone.sequence_id
+        return digit_of(tone.tone)
 
     def full(self, finish: frozenset[str]) -> None:
         """A collection stopped at ``max_digits``: the caller may still press the key that
@@ -115,8 +130,8 @@ class ToneListener:
         if not finish or self._last_taken is None:
             return  # without Graph's sequence_id, no key can be told to come right after
         expected = self._last_taken + 1
-        if self._tones and self._tones[0][1] == expected:
-            if self._tones[0][0] in finish:
+        if self._tones and self._tones[0].sequence_id == expected:
+            if digit_of(self._tones[0].tone) in finish:
                 self._tones.popleft()
             return
         if self._after_full is not None:
@@ -150,8 +165,13 @@ class _ToneOrder:
         if sequence is not None and tone_waits(sequence, self.expected):
             bisect.insort(self.waiting, (sequence, next(self._arrivals), event))
             return []
+        return [event, *self.passed(sequence)]
+
+    def passed(self, sequence: int | None) -> list[events.ToneReceived]:
+        """The waiting tones that may go, in order, once the tone numbered ``sequence``
+        was passed on."""
         self.expected = tone_after(sequence, self.expected)
-        ready = [event]
+        ready = []
         while self.waiting and not tone_waits(self.waiting[0][0], self.expected):
             waited, _, tone = self.waiting.pop(0)
             self.expected = tone_after(waited, self.expected)
@@ -192,6 +212,11 @@ class ToneRouter:
         # copy of a tone, and one told before a collection opened must not reach it.
         self._told: dict[str, deque[bytes]] = {}
         self._order: dict[str, _ToneOrder] = {}
+        # Per call whose handler runs again after a takeover: the run (its entry and epoch),
+        # the digests of the tones its earlier run heard, and those of them no collection of
+        # this run took yet (the next collection starts with them, as the first run's did).
+        self._heard: dict[str, tuple[tuple[str, int], set[bytes]]] = {}
+        self._carried: dict[str, tuple[tuple[str, int], list[events.ToneReceived]]] = {}
 
     def on_tone(self, event: events.ToneReceived) -> None:
         """A tone was accepted (called by the sequencer, before handlers see it)."""
@@ -258,6 +283,8 @@ class ToneRouter:
         self._subscribed.discard(call_key)
         self._finishing.pop(call_key, None)
         self._told.pop(call_key, None)
+        self._heard.pop(call_key, None)
+        self._carried.pop(call_key, None)
         for listener in self._listeners.get(call_key, ()):
             listener.end()
 
@@ -265,6 +292,11 @@ class ToneRouter:
     def listen(self, call_key: str) -> Iterator[ToneListener]:
         """Receive the call's tones while the ``with`` block runs."""
         listener = ToneListener(call_key, functools.partial(self._expect_finish, call_key))
+        run = _rerun(call_key)
+        carried = self._carried.pop(call_key, None)
+        if carried is not None and carried[0] == run:
+            for tone in carried[1]:
+                listener.put(tone)
         self._listeners.setdefault(call_key, []).append(listener)
         try:
             yield listener
@@ -274,6 +306,52 @@ class ToneRouter:
                 listeners.remove(listener)
             if not listeners:
                 self._listeners.pop(call_key, None)
+            heard = self._heard.get(call_key)
+            if heard is not None and heard[0] == run:
+                left = [t for t in listener.untaken() if notification_digest(t) in heard[1]]
+                if left:
+                    self._carried[call_key] = (heard[0], left)
+
+    async def hear_earlier(self, call_key: str, listener: ToneListener) -> None:
+        """In a handler run again after a takeover, give ``listener`` the tones accepted
+        since the run's notification first: the keys the caller pressed while the earlier
+        run collected them, which reached that run's instance. Once per run; a first run
+        collects from when it starts."""
+        run = _rerun(call_key)
+        attempt = current_attempt()
+        if run is None or attempt is None or attempt.journal is None:
+            return
+        heard = self._heard.get(call_key)
+        if heard is not None and heard[0] == run:
+            return
+        digests: set[bytes] = set()
+        self._heard[call_key] = (run, digests)
+        tones = await attempt.journal.tones_after(attempt)
+        # Told live since the listener opened (accepted after the takeover): not twice.
+        live = {notification_digest(tone) for tone in listener.untaken()}
+        told = self._told.setdefault(call_key, deque(maxlen=SEEN_DIGESTS))
+        earlier: list[events.ToneReceived] = []
+        for tone in tones:
+            digest = notification_digest(tone)
+            if digest in digests:
+                continue  # a copy, in the inbox twice
+            digests.add(digest)
+            if digest not in live:
+                earlier.append(tone)
+            if digest not in told:
+                told.append(digest)  # a copy told later is not news
+        if not earlier:
+            return
+        log.info("tones_heard_again", call_key=call_key, count=len(earlier), entry=attempt.entry)
+        listener.put_before(earlier)
+        order = self._order.get(call_key)
+        if order is None:
+            order = self._order[call_key] = _ToneOrder()
+        numbers = [tone.sequence_id for tone in earlier if tone.sequence_id is not None]
+        for tone in order.passed(max(numbers)) if numbers else ():
+            self._pass_on(call_key, tone)  # a live tone that waited for one of them
+        if not order.waiting:
+            order.stop()
 
     async def ensure_subscribed(self, call: DigitCall) -> None:
         """Ask Graph for the call's tones once (later calls return at once)."""
@@ -285,6 +363,14 @@ class ToneRouter:
         except BaseException:
             self._subscribed.discard(call.key)
             raise
+
+
+def _rerun(call_key: str) -> tuple[str, int] | None:
+    """The handler run going on, if it runs a notification of the call again."""
+    attempt = current_attempt()
+    if attempt is None or not attempt.redelivered or attempt.call_key != call_key:
+        return None
+    return attempt.entry, attempt.epoch
 
 
 def _call_ended(call_key: str) -> CallEnded:
@@ -376,6 +462,7 @@ async def collect_digits(
         raise _call_ended(call.key)
     with router.listen(call.key) as listener:
         await router.ensure_subscribed(call)
+        await router.hear_earlier(call.key, listener)
         return await _collect(
             call, listener, prompt, max_digits=max_digits, finish=finish, timeout=timeout
         )
@@ -413,6 +500,7 @@ async def menu(
     # One listener for every try: keys pressed during the invalid-choice prompt count.
     with router.listen(call.key) as listener:
         await router.ensure_subscribed(call)
+        await router.hear_earlier(call.key, listener)
         for attempt in range(retries + 1):
             keys = await _collect(
                 call,

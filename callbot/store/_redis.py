@@ -63,6 +63,8 @@ log = get_logger("callbot.store")
 
 _READ_BATCH = 64
 """Inbox entries read at once."""
+_EARLIER_BATCHES = 16
+"""Batches a handler run again reads at most for the tones its earlier run heard."""
 _ACK_EVERY = 32
 """Entries an owner feeds at most before it acknowledges them (a checkpoint serves a
 burst; a takeover repeats at most this many)."""
@@ -1860,6 +1862,31 @@ class _Journal:
             state.journaled.append(name)
         elif not int(kept):
             log.warning("graph_action_after_takeover", call_key=attempt.call_key, step=step)
+
+    async def tones_after(self, attempt: Attempt) -> list[events.ToneReceived]:
+        # The entries after the run's own were never acknowledged (acknowledgement goes in
+        # order), so the inbox still has every one of them.
+        store, key = self._store, attempt.call_key
+        tones: list[events.ToneReceived] = []
+        after = attempt.entry
+        for _ in range(_EARLIER_BATCHES):
+            try:
+                entries = await store._steady(store._read, key, after)
+            except RedisError as exc:
+                # Only while closing: the collection goes on with the keys pressed from now.
+                log.warning("earlier_tones_unread", call_key=key, error=str(exc))
+                break
+            for entry_id, text in entries:
+                event = store._parsed.get((key, entry_id))
+                if event is None:
+                    with contextlib.suppress(Exception):  # the run logs it when it feeds it
+                        event = decode_entry(text)
+                if isinstance(event, events.ToneReceived) and len(tones) < SEEN_DIGESTS:
+                    tones.append(event)
+            if len(entries) < _READ_BATCH:
+                break
+            after = entries[-1][0]
+        return tones
 
 
 async def _until(event: asyncio.Event, seconds: float) -> None:
