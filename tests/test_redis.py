@@ -776,6 +776,53 @@ async def test_a_hold_is_waited_out_at_a_graceful_shutdown(
     assert runs == [*expected, (1, news, False)]
 
 
+async def test_a_hold_ending_after_the_drain_is_run_by_the_next_instance(
+    authority: TokenAuthority, serve: Any, redis_url: str
+) -> None:
+    """A hold outlasting the drain may still end before the instance closes (serve() closes
+    its connections first; here the predecessor, accepted by the other instance, is read
+    meanwhile): what it releases is left to the call's next owner, not run on the stopping
+    instance after its dispatcher was joined, where nothing waits for it or cancels it."""
+    runs: list[tuple[int, int | None, bool]] = []
+    servers: list[BotServer] = []
+    for index in range(2):
+        bot = make_bot(
+            authority,
+            store=redis_url,
+            store_lease=60.0,
+            reorder_window=30.0,
+            shutdown_timeout=0.3,
+        )
+
+        @bot.on_tone
+        async def tone(call: Call, event: events.ToneReceived, index: int = index) -> None:
+            attempt = current_attempt()
+            runs.append((index, event.sequence_id, attempt is not None and attempt.redelivered))
+
+        servers.append(await serve(bot))
+    first, second = servers
+    for item in (
+        b.call_state("k", "establishing"),
+        b.call_state("k", "established"),
+        b.tone("k", "tone1", 1),
+        b.tone("k", "tone3", 3),
+    ):
+        assert (await first.post(b.notifications(item))).status == 202
+    runtime = first.bot._running()
+    store = runtime.store
+    await until(lambda: store._holding(id_key("k")))  # type: ignore[attr-defined]
+    await first.bot.drain()  # its window outlasts the drain: tone 3 is still held
+    assert (await second.post(b.notifications(b.tone("k", "tone2", 2)))).status == 202
+    await until(lambda: not store._holding(id_key("k")))  # type: ignore[attr-defined]
+    await first.bot.stop()
+    await until(lambda: runtime.dispatcher.busy_calls == 0)
+    assert [sequence for index, sequence, _ in runs if index == 0] == [1]
+    await until(lambda: {s for i, s, _ in runs if i == 1} >= {2, 3}, within=20)
+    # tone 1 runs there again, flagged, unless it was acknowledged before the hold began
+    assert [s for i, s, _ in runs if i == 1 and s != 1] == [2, 3]
+    assert all(again for i, s, again in runs if i == 1 and s == 1)
+
+
 async def test_a_held_tone_gets_its_predecessor_while_a_handler_of_the_call_runs(
     authority: TokenAuthority, serve: Any, redis_url: str
 ) -> None:

@@ -650,6 +650,8 @@ class RedisStore:
         self._reachable = False
         self._rehydrated = False
         self._draining = False
+        self._drained = False
+        """The drain's wait is over: nothing more of any call is handed to handlers here."""
         self._closing = False
         self._journal = _Journal(self)
         self._index_changes: dict[str, bool] = {}
@@ -806,6 +808,7 @@ class RedisStore:
             state.changed.set()
         if owners:
             await asyncio.wait(owners, timeout=max(timeout, 0.001))
+        self._drained = True
 
     async def close(self) -> None:
         """Stop every task, hand the calls still held over to the others, disconnect."""
@@ -1238,6 +1241,15 @@ class RedisStore:
                 state.changed.set()
             # The run that fed it is told, even if a newer run of the call has begun.
             self._in_flight[id(delivery)] = state
+        if self._drained:
+            # The dispatcher was joined: left unfinished (unacknowledged), the next owner runs it.
+            log.warning(
+                "notification_handed_over",
+                call_id=delivery.life.call_id,
+                kind=type(delivery.event).__name__,
+                reason="released after the shutdown deadline",
+            )
+            return
         self._dispatcher.submit(delivery, done=self._delivered)
 
     def _delivered(self, delivery: Delivery) -> None:
