@@ -49,7 +49,8 @@ Routing by the path after ``calls/{id}`` (segments compared without case):
   the body's, else the path's; ``operations/participants``, where Graph posts the
   outcome of inviting several participants with ``"id": null``, names none). A
   documented roster was also posted on ``operations/participants``: a list of
-  ``#microsoft.graph.participant`` there is a ParticipantsUpdated.
+  ``#microsoft.graph.participant`` there is a ParticipantsUpdated, a delta roster
+  (it names the invitees, not everyone in the call).
 * ``contentsharingsessions[/{id}]`` -> ContentSharingUpdated
 * anything else      -> UnknownNotification
 """
@@ -473,10 +474,11 @@ def _route(
     if len(rest) <= 2:
         if kind == "participants":
             # A path naming one participant is about that one, never the whole roster.
-            return _participants_event(data, item, common, one=len(rest) == 2)
+            return _participants_event(data, item, common, partial=len(rest) == 2)
         if kind == "operations":
             if _is_roster(data):
-                return _participants_event(data, item, common)
+                # The invitation's participants, not the call's roster: the others stay.
+                return _participants_event(data, item, common, partial=True)
             # ``operations/participants`` names an invitation's invitees, not an operation.
             named = len(rest) == 2 and rest[1].lower() != "participants"
             return _operation_event(data, rest[1] if named else None, common)
@@ -530,10 +532,11 @@ def _is_roster(data: Any) -> bool:
 
 
 def _participants_event(
-    data: Any, item: dict[str, Any], common: dict[str, Any], *, one: bool = False
+    data: Any, item: dict[str, Any], common: dict[str, Any], *, partial: bool = False
 ) -> Event:
     # A full roster is updated with everyone; a delta roster names who was added or removed.
-    delta = one or common["change_type"] in ("created", "deleted")
+    # ``partial``: the path names some participants only (one, or an invitation's invitees).
+    delta = partial or common["change_type"] in ("created", "deleted")
     # Only the notification's number orders rosters: participants' highest falls as one leaves.
     sequence = _as_int(item.get("sequenceNumber"))
     if isinstance(data, dict) and (

@@ -754,3 +754,22 @@ async def test_a_state_while_news_waits_for_established_does_not_walk_the_backlo
     seq.accept(one(b.call_state("c", "established")))
     assert sink.labels[-waiting - 1 :] == ["established"] + ["ParticipantsUpdated"] * waiting
     seq.close()
+
+
+async def test_the_invitees_roster_of_an_invitation_is_not_the_whole_roster() -> None:
+    """Graph posts the participants an invitation of several added on the invitation's path
+    (``operations/participants``, document 50): they join, and the rest of the call stays."""
+    sink = Sink()
+    seq = sink.sequencer()
+    name = "50-participant-invite-ex2-roster-participants-added.json"
+    item = json.loads((FIXTURES / "notifications" / name).read_text())["value"][0]
+    call_id = item["resourceUrl"].split("/")[3]
+    organizer, bot = b.participant("p-organizer"), b.participant("p-bot", kind="application")
+    seq.accept(one(b.roster(call_id, [organizer, bot])))
+    seq.accept(one(item))
+    added = rosters(sink)[-1]
+    assert len(added.participants) == 2
+    assert (added.joined, added.left, added.updated) == (added.participants, [], [])
+    assert {"porganizer", "pbot"} < set(sink.deliveries[-1].roster)
+    assert len(sink.deliveries[-1].roster) == 4
+    seq.close()
