@@ -743,6 +743,36 @@ async def test_joining_a_meeting_and_people_coming_and_going() -> None:
     assert me.info.identity.application is None
 
 
+async def test_the_bot_finds_itself_in_the_roster_by_its_my_participant_id() -> None:
+    """Graph names the bot's own participant ``myParticipantId`` (the join's response and
+    the roster of document 08 agree): the simulator's roster gives the bot that id."""
+    bot, seen = answering_bot(subscribe=False)
+    url = (
+        "https://teams.microsoft.com/l/meetup-join/19%3ameeting_abc%40thread.v2/0"
+        "?context=%7b%22Tid%22%3a%22t-1%22%2c%22Oid%22%3a%22o-1%22%7d"
+    )
+    async with run_with_simulator(bot) as sim:
+        joined = await bot.join_meeting(url)
+        meeting = await sim.wait_for_outgoing_call()
+        answered = await sim.incoming_call()
+        await until(
+            lambda: all(
+                labels(seen, call.id).count("ParticipantsUpdated") == 1
+                for call in (meeting, answered)
+            )
+        )
+        assert joined.snapshot is not None
+        mine = {
+            joined.key: joined.snapshot.my_participant_id,
+            answered.key: (await bot.services.call(answered.id).refresh()).my_participant_id,
+        }
+    rosters = [e for e in seen if isinstance(e, events.ParticipantsUpdated)]
+    assert {roster.call_key for roster in rosters} == set(mine)
+    for roster in rosters:
+        me = [p for p in roster.participants if p.id == mine[roster.call_key]]
+        assert [p.display_name for p in me] == ["Bot"]
+
+
 async def test_a_request_returned_by_one_wait_is_not_returned_by_another() -> None:
     """The simulator's wait and the call's take turns over one list: each request once."""
     bot, _ = answering_bot()

@@ -407,8 +407,13 @@ class SimulatedCall:
         """Whether the bot's handlers have been told the call terminated."""
         self.roster: dict[str, models.Participant] = {}
         """The participants, by participant id, as last posted (or about to be)."""
-        self.bot_participant_id = str(uuid.uuid4())
-        """The bot's own participant id in the roster."""
+        known = simulator.graph.calls.get(id_key(call_id))
+        mine = known.resource.get("myParticipantId") if known is not None else None
+        self.bot_participant_id = mine if isinstance(mine, str) and mine else str(uuid.uuid4())
+        """The bot's own participant id in the roster: the call's ``myParticipantId`` on
+        Graph, as Graph documents it (a joined meeting's response and roster, documents 08)."""
+        if known is not None:
+            known.resource["myParticipantId"] = self.bot_participant_id
         self.delta_roster = False
         """Whether rosters are sent as deltas (the bot asked for ``isDeltaRosterEnabled``)."""
         self.chain_id = str(uuid.uuid4())
@@ -1471,7 +1476,12 @@ class Simulator:
         :attr:`meeting_attendees`), then returns the call.
         """
         call = self._new_call(call_id or str(uuid.uuid4()), "outgoing", None, None, meeting=True)
-        self.graph.add_call(call.id, state="establishing", direction="outgoing")
+        self.graph.add_call(
+            call.id,
+            state="establishing",
+            direction="outgoing",
+            myParticipantId=call.bot_participant_id,
+        )
         self._add_attendees(call)
         await call.establish()
         return call
