@@ -773,6 +773,74 @@ async def test_the_bot_finds_itself_in_the_roster_by_its_my_participant_id() -> 
         assert [p.display_name for p in me] == ["Bot"]
 
 
+async def test_a_roster_a_test_posts_is_the_call_s_roster_from_then_on() -> None:
+    """Someone a test brings in with a roster of its own (a guest waiting in the lobby, as
+    document 65 shows one) is in the call: Graph finds them to mute, and the simulator's next
+    roster keeps them, as the bot would expect."""
+    bot, seen = recording_bot()
+    url = (
+        "https://teams.microsoft.com/l/meetup-join/19%3ameeting_abc%40thread.v2/0"
+        "?context=%7b%22Tid%22%3a%22t-1%22%2c%22Oid%22%3a%22o-1%22%7d"
+    )
+    async with run_with_simulator(bot) as sim:
+        call = await bot.join_meeting(url)
+        meeting = await sim.wait_for_outgoing_call()
+        await meeting.wait_for_state("established")
+        guest = builders.participant(
+            "05491616-385f-44a8-9974-18cc5f9933c1",
+            display_name="Guest User",
+            kind="guest",
+            in_lobby=True,
+        )
+        await meeting.notify(builders.roster(meeting.id, [*meeting.roster.values(), guest]))
+        muted = await call.participants.mute(guest.id or "")
+        await muted.wait(timeout=5)
+        await meeting.join("Alice Smith")
+        await until(lambda: labels(seen, call.id).count("ParticipantsUpdated") == 4)
+    rosters = [e for e in seen if isinstance(e, events.ParticipantsUpdated)]
+    assert [p.display_name for p in rosters[1].joined] == ["Guest User"]
+    assert [(p.display_name, p.is_muted) for p in rosters[2].updated] == [("Guest User", True)]
+    assert [p.display_name for p in rosters[3].joined] == ["Alice Smith"]
+    assert rosters[3].left == []
+
+
+async def test_a_delta_roster_a_test_posts_is_numbered_on_from() -> None:
+    """With delta rosters, the simulator's next delta follows the number of one a test
+    posted (one numbered below would be dropped as stale), and it changes only who it names."""
+    bot, seen = recording_bot()
+    url = (
+        "https://teams.microsoft.com/l/meetup-join/19%3ameeting_abc%40thread.v2/0"
+        "?context=%7b%22Tid%22%3a%22t-1%22%2c%22Oid%22%3a%22o-1%22%7d"
+    )
+    async with run_with_simulator(bot) as sim:
+        call = await bot.join_meeting(url, delta_roster=True)
+        meeting = await sim.wait_for_outgoing_call()
+        await meeting.wait_for_state("established")
+        guest = builders.participant("p-guest", display_name="Guest User", kind="guest")
+        joins = builders.delta_roster(
+            meeting.id, [guest], sequence_number=50, change_type="created"
+        )
+        await meeting.notify(joins)
+        await meeting.join("Alice Smith")
+        await until(lambda: labels(seen, call.id).count("ParticipantsUpdated") == 3)
+        gone = builders.delta_roster(meeting.id, [guest], sequence_number=60, change_type="deleted")
+        await meeting.notify(gone)
+        await meeting.leave("Alice Smith")
+        await until(lambda: labels(seen, call.id).count("ParticipantsUpdated") == 5)
+    rosters = [e for e in seen if isinstance(e, events.ParticipantsUpdated)]
+    assert [[p.display_name for p in r.joined] for r in rosters[1:]] == [
+        ["Guest User"],
+        ["Alice Smith"],
+        [],
+        [],
+    ]
+    assert [[p.display_name for p in r.left] for r in rosters[3:]] == [
+        ["Guest User"],
+        ["Alice Smith"],
+    ]
+    assert "p-guest" not in meeting.roster
+
+
 async def test_a_request_returned_by_one_wait_is_not_returned_by_another() -> None:
     """The simulator's wait and the call's take turns over one list: each request once."""
     bot, _ = answering_bot()

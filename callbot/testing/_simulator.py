@@ -703,8 +703,33 @@ class SimulatedCall:
         )
 
     async def notify(self, *items: Mapping[str, Any]) -> int:
-        """Post notification items (see :mod:`callbot.testing.builders`) about this call."""
+        """Post notification items (see :mod:`callbot.testing.builders`) about this call.
+
+        A roster among them is this call's roster from then on, as one the simulator makes
+        itself: Graph finds its participants (to mute or remove them), and the simulator's
+        next roster (someone joins, ...) starts from it.
+        """
+        for roster in _rosters_in(build.notifications(*items)):
+            if roster.call_key == self.key:
+                self._take_roster(roster)
         return await self._send(*items)
+
+    def _take_roster(self, event: events.ParticipantsUpdated) -> None:
+        """Make a roster a test posts about this call the call's own."""
+        if event.sequence_number is not None:
+            # The simulator's next delta goes after it: one numbered below would be stale.
+            self._roster_sequence = max(self._roster_sequence, event.sequence_number)
+        if not (event.delta or self.delta_roster):
+            self.roster = {}
+        for participant in event.participants:
+            if not participant.id:
+                continue  # Graph finds nobody by an id it has not given yet
+            key = self._roster_id(participant.id) or participant.id
+            if event.change_type == "deleted" or participant.removed_state is not None:
+                self.roster.pop(key, None)
+            else:
+                self.roster[key] = participant
+        self._publish_roster()
 
     # -- driven by the bot's requests ------------------------------------------------
 
@@ -714,6 +739,14 @@ class SimulatedCall:
         """The roster as Graph posts it: whole, or (delta rosters) only who ``changed``."""
         # Only delta rosters are numbered (recorded whole rosters carry no sequenceNumber).
         self._roster_sequence += 1
+        self._publish_roster()
+        if self.delta_roster:
+            return build.delta_roster(
+                self.id, changed, sequence_number=self._roster_sequence, change_type=change_type
+            )
+        return build.roster(self.id, list(self.roster.values()))
+
+    def _publish_roster(self) -> None:
         known = self._sim.graph.calls.get(self.key)
         if known is not None:
             # Graph's participants are the roster it posts: requests about them find them.
@@ -721,11 +754,6 @@ class SimulatedCall:
                 pid: p.model_dump(mode="json", by_alias=True, exclude_none=True)
                 for pid, p in self.roster.items()
             }
-        if self.delta_roster:
-            return build.delta_roster(
-                self.id, changed, sequence_number=self._roster_sequence, change_type=change_type
-            )
-        return build.roster(self.id, list(self.roster.values()))
 
     def _find(self, who: str) -> str:
         participant_id = self._roster_id(who)
@@ -1631,8 +1659,13 @@ class Simulator:
         The status is the caller's to judge: a refusal is not one of
         :attr:`failed_deliveries` (a test may expect a 403). As Graph's own, a posted
         notification makes the calls it names known to :attr:`graph`, and a termination
-        ends its call there.
+        ends its call there; a roster about a simulated call is that call's roster from then
+        on (see :meth:`SimulatedCall.notify`).
         """
+        for roster in _rosters_in(body):
+            played = self.find_call(roster.call_id)
+            if played is not None:
+                played._take_roster(roster)
         status, _ = await self._deliver(body, call_id=call_id, tenant_id=tenant_id, by_post=True)
         return status
 
@@ -1855,6 +1888,15 @@ class Simulator:
                     f"{t.summary} -> {t.status or 'no answer'}" for t in refused[:5]
                 )
             raise SimulatorError(message) from None
+
+
+def _rosters_in(body: Any) -> list[events.ParticipantsUpdated]:
+    """The rosters a body a test posts tells, as the bot reads them."""
+    try:
+        told = parse_payload(body)
+    except MalformedNotification:
+        return []  # not a notification the bot could read: it changes nobody
+    return [event for event in told if isinstance(event, events.ParticipantsUpdated)]
 
 
 def _asks_for_delta_roster(body: Mapping[str, Any]) -> bool:
