@@ -148,6 +148,42 @@ async def test_an_outcome_posted_before_the_action_does_not_settle_it(
     assert results == ["https://graph.example/rec.wav"]
 
 
+async def test_another_tenants_outcomes_cannot_push_out_one_waiting_for_its_response(
+    graph: FakeGraph, authority: TokenAuthority, serve: Any
+) -> None:
+    """An outcome that overtook its action's response was kept only among the last 512
+    outcomes of every call: another tenant's token posting 600 of its own calls' pushed it
+    out, and the action never settled."""
+    bot = graph_bot(graph, authority)
+    respond = asyncio.Event()
+    results: list[str] = []
+
+    @bot.on_state("established")
+    async def prompt(call: Call, event: events.CallStateChanged) -> None:
+        op = await call.play_prompt("https://cdn.example.test/welcome.wav")
+        results.append((await op.wait(timeout=20)).status or "")
+
+    async def late(request: RecordedRequest) -> FakeResponse:
+        await respond.wait()
+        context = request.json["clientContext"]
+        body = {"@odata.type": "#microsoft.graph.playPromptOperation", "id": "genuine-op"}
+        return FakeResponse(status=200, body=dict(body, status="running", clientContext=context))
+
+    graph.route("playPrompt", late)
+    server: BotServer = await serve(bot)
+    await start_call(server, graph, CALL)
+    request = await graph.wait_for_request("playPrompt")
+    genuine = b.operation_update(CALL, "genuine-op", client_context=request.json["clientContext"])
+    assert (await server.post(b.notifications(genuine))).status == 202
+
+    theirs = server.token(tenant_id="0b1f4c5e-7a2d-4e3b-9c8d-112233445566")
+    for batch in range(3):
+        flood = [b.operation_update(f"theirs-{batch}-{n}", f"op-{n}") for n in range(200)]
+        assert (await server.post(b.notifications(*flood), token=theirs)).status == 202
+    respond.set()
+    await until(lambda: results == ["completed"])
+
+
 # -- 6. ids stay one URL path segment -------------------------------------------------------
 
 

@@ -166,8 +166,8 @@ class _Outcome:
     status: str
     result_info: models.ResultInfo | None
     at: float
-    names_id: bool
-    """Whether the notification named an operation id."""
+    operation_id: str | None
+    """The operation id the notification named, if any."""
 
 
 class OperationRegistry:
@@ -254,8 +254,12 @@ class OperationRegistry:
         early = early_by_context
         if op_id is not None:
             early = self._recent.pop(_id_key(op.call_key, op_id), None)
-            if early is None and early_by_context is not None and not early_by_context.names_id:
-                if op.context_generated:
+            if early is None and early_by_context is not None:
+                if early_by_context.operation_id:
+                    # Kept with the operation too: other calls' outcomes push it out of _recent.
+                    if id_key(early_by_context.operation_id) == id_key(op_id):
+                        early = early_by_context
+                elif op.context_generated:
                     early = early_by_context
                 else:
                     self._unproven(op, op.client_context)
@@ -391,7 +395,7 @@ class OperationRegistry:
     @staticmethod
     def _outcome(event: OperationUpdated, status: str) -> _Outcome:
         return _Outcome(
-            event.operation, status, event.result_info, time.monotonic(), bool(event.operation_id)
+            event.operation, status, event.result_info, time.monotonic(), event.operation_id
         )
 
     def _remember(self, event: OperationUpdated, status: str) -> None:
