@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import json
 import os
 import random
@@ -32,8 +33,9 @@ from structlog.testing import capture_logs
 
 from callbot import Call, CallBot, CallEnded, RunSuperseded, current_attempt, events, models
 from callbot._ids import id_key
+from callbot._journal import Attempt
 from callbot._lifecycle import ENDED_MEMORY, Lifecycle
-from callbot.store import _redis
+from callbot.store import _codec, _redis
 from callbot.store._redis import follow_primary
 from callbot.testing import DeliveryOptions, FakeGraph, TokenAuthority
 from callbot.testing import builders as b
@@ -1345,6 +1347,70 @@ async def test_a_handler_collecting_digits_run_again_hears_the_keys_its_first_ru
         await until(lambda: len(results) == 3, within=20)
         assert results == [(0, False, "1234"), (1, True, "1234"), (1, True, "56")]
         assert len(graph.requests_for("subscribeToTone")) == 1  # replayed from the journal
+
+
+async def test_a_re_run_builds_only_the_entries_that_may_be_tones_one_per_turn(
+    authority: TokenAuthority,
+    serve: Any,
+    redis_url: str,
+    rdb: aioredis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Reading back the keys an earlier run heard built every entry after the run's, 64
+    in one turn of the event loop: 64 rosters of a meeting of 1,900 held an instance's loop
+    5.5 s, every call on it waiting. Entries without a tone are not built now, and each
+    one built lets the loop run before the next."""
+    release = asyncio.Event()
+    holding: list[str] = []
+    bots = [make_bot(authority, store=redis_url, store_lease=60.0) for _ in range(2)]
+
+    @bots[0].on_state("established")
+    async def hold(call: Call, event: events.CallStateChanged) -> None:
+        holding.append(call.id)
+        await release.wait()  # the entries after this one wait in the inbox
+
+    servers = [await serve(bot) for bot in bots]
+    try:
+        for state in ("establishing", "established"):
+            item = b.call_state("meeting-call", state)
+            assert (await servers[0].post(b.notifications(item))).status == 202
+        await until(lambda: bool(holding))
+        for sequence in range(1, 21):
+            # Posted to the instance not running the call: it never parsed them.
+            joined = [b.participant(f"p-{sequence}")]
+            roster = b.delta_roster("meeting-call", joined, sequence_number=sequence)
+            tone = b.tone("meeting-call", "tone1", sequence)
+            assert (await servers[1].post(b.notifications(roster, tone))).status == 202
+        (inbox,) = _redis._Keys(KEY_PREFIX).of("meetingcall", "inbox")
+        entries: Any = await rdb.xrange(inbox)
+        entry = next(i for i, fields in entries if '"established"' in fields["e"])
+
+        turns = 0
+
+        async def count_turns() -> None:
+            nonlocal turns
+            while True:
+                turns += 1
+                await asyncio.sleep(0)
+
+        built: list[int] = []  # the loop turns counted as each entry was built
+        decode = _codec.decode_entry
+
+        def counting(text: str) -> events.Event:
+            built.append(turns)
+            return decode(text)
+
+        monkeypatch.setattr(_redis, "decode_entry", counting)
+        ticker = asyncio.create_task(count_turns())
+        journal = bots[1]._running().store._journal  # type: ignore[attr-defined]
+        attempt = Attempt("meetingcall", entry, 1, True, journal=journal)
+        tones = await journal.tones_after(attempt)
+        ticker.cancel()
+        assert [tone.sequence_id for tone in tones] == list(range(1, 21))
+        assert len(built) == 20  # the rosters were never built
+        assert all(later > earlier for earlier, later in itertools.pairwise(built))
+    finally:
+        release.set()
 
 
 async def test_every_instance_lists_the_calls_of_every_instance(

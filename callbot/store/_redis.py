@@ -65,6 +65,9 @@ _READ_BATCH = 64
 """Inbox entries read at once."""
 _EARLIER_BATCHES = 16
 """Batches a handler run again reads at most for the tones its earlier run heard."""
+_TONE_KEYS = ('"toneInfo"', '"tone_info"')
+"""How an inbox entry holding a tone names it (``encode_entry`` writes keys as received;
+the models read either spelling)."""
 _ACK_EVERY = 32
 """Entries an owner feeds at most before it acknowledges them (a checkpoint serves a
 burst; a takeover repeats at most this many)."""
@@ -1891,8 +1894,11 @@ class _Journal:
             for entry_id, text in entries:
                 event = store._parsed.get((key, entry_id))
                 if event is None:
+                    if not any(name in text for name in _TONE_KEYS):
+                        continue  # no tone: not built (a roster of a large meeting takes 100 ms)
                     with contextlib.suppress(Exception):  # the run logs it when it feeds it
                         event = decode_entry(text)
+                    await asyncio.sleep(0)  # one entry built per turn of the loop
                 if isinstance(event, events.ToneReceived) and len(tones) < SEEN_DIGESTS:
                     tones.append(event)
             if len(entries) < _READ_BATCH:
