@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from urllib.parse import quote
 
-__all__ = ["id_key", "path_segment", "tenant_key", "usable_id"]
+__all__ = ["MAX_ID_LENGTH", "id_key", "path_segment", "quoted", "tenant_key", "usable_id"]
 
 # Ids a URL resolver would drop or climb instead of keeping as one segment.
 _UNUSABLE = frozenset({"", ".", ".."})
+
+MAX_ID_LENGTH = 256
+"""The longest id callbot takes: Graph's are GUIDs (36 characters). A longer one would be
+carried into every log line, store key and Graph URL of its call."""
 
 
 def id_key(identifier: str) -> str:
@@ -35,13 +39,16 @@ def path_segment(identifier: str) -> str:
     if not isinstance(identifier, str):
         raise ValueError(f"an id must be a string, got {type(identifier).__name__}")
     if not usable_id(identifier):
-        raise ValueError(f"{identifier!r} is not a usable id: it would not stay one path segment")
+        raise ValueError(
+            f"{quoted(identifier)} is not a usable id: empty, '.', '..', longer than"
+            f" {MAX_ID_LENGTH} characters or not UTF-8, it would not stay one path segment"
+        )
     return quote(identifier, safe="")
 
 
 def usable_id(identifier: str) -> bool:
     """Whether :func:`path_segment` accepts ``identifier`` (checked without percent-encoding)."""
-    if identifier in _UNUSABLE:
+    if identifier in _UNUSABLE or len(identifier) > MAX_ID_LENGTH:
         return False
     try:
         identifier.encode()
@@ -49,3 +56,10 @@ def usable_id(identifier: str) -> bool:
         # A lone surrogate has no UTF-8 form: no URL (nor Redis key) can carry it.
         return False
     return True
+
+
+def quoted(text: str) -> str:
+    """``text`` (an id, a path) as an error message shows it: quoted, cut short if long."""
+    if len(text) <= 64:
+        return repr(text)
+    return f"{text[:64]!r}... ({len(text)} characters)"

@@ -68,7 +68,7 @@ from pydantic import ValidationError
 
 from . import models
 from ._errors import MalformedNotification
-from ._ids import tenant_key, usable_id
+from ._ids import quoted, tenant_key, usable_id
 from .events import (
     CallStateChanged,
     CallTerminated,
@@ -389,15 +389,15 @@ def _event_for(index: int, item: Any, envelope: dict[str, Any], tenant_id: str |
         raise MalformedNotification("bad_shape", f"{where} has neither resourceUrl nor resource")
     split = _split_call_path(path)
     if split is None:
-        raise MalformedNotification("bad_shape", f"{where} path {path!r} is not a call path")
+        raise MalformedNotification("bad_shape", f"{where} path {quoted(path)} is not a call path")
     call_id, rest = split
     if not _one_segment(call_id):
         raise MalformedNotification(
-            "bad_call_id", f"{where} call id {call_id!r} is not a usable id"
+            "bad_call_id", f"{where} call id {quoted(call_id)} is not a usable id"
         )
     if not all(_one_segment(segment) for segment in rest):
         raise MalformedNotification(
-            "bad_shape", f"{where} path {path!r} has a segment that is not a usable id"
+            "bad_shape", f"{where} path {quoted(path)} has a segment that is not a usable id"
         )
     data = item.get("resourceData")
     common: dict[str, Any] = {

@@ -29,6 +29,7 @@ from cryptography.x509.oid import NameOID
 from structlog.testing import capture_logs
 
 from callbot import Call, CallBot, GraphError, events, models
+from callbot._ids import MAX_ID_LENGTH
 from callbot.graph import CallServices, RetryPolicy
 from callbot.testing import FakeGraph, RecordedRequest, TokenAuthority
 from callbot.testing import builders as b
@@ -243,6 +244,34 @@ async def test_dot_ids_never_climb_out_of_their_path(
         response = await server.post(b.notifications(item))
         assert response.status == 400
         assert (await response.json())["error"] == "bad_shape"
+
+
+async def test_an_id_longer_than_any_graph_gives_is_refused_and_not_echoed(
+    authority: TokenAuthority, serve: Any, graph: FakeGraph
+) -> None:
+    """A call id of any length was taken: it went into every log line, store key and Graph
+    URL of its call, and the call kept five times its size in memory. Ids are at most
+    256 characters (Graph's are GUIDs): a longer one is refused at the door, with a short
+    message, and no Graph path is built from one."""
+    bot = graph_bot(graph, authority)
+    server: BotServer = await serve(bot)
+    longest, too_long = "a" * MAX_ID_LENGTH, "a" * (MAX_ID_LENGTH + 1)
+    assert (await server.post(b.notifications(b.incoming_call(longest)))).status == 202
+    huge = "b" * 50_000
+    with capture_logs() as logs:
+        for call_id in (too_long, huge):
+            response = await server.post(b.notifications(b.incoming_call(call_id)))
+            assert response.status == 400
+            answer = await response.json()
+            assert answer["error"] == "bad_call_id"
+            assert len(json.dumps(answer)) < 400
+        under = {**b.call_state(CALL, "established")}
+        under["resourceUrl"] = f"/communications/calls/{CALL}/participants/{huge}"
+        response = await server.post(b.notifications(under))
+        assert (response.status, (await response.json())["error"]) == (400, "bad_shape")
+    assert all(len(json.dumps(line, default=str)) < 1000 for line in logs)
+    with pytest.raises(ValueError, match="longer than 256"):
+        await bot.services.call(CALL).participants.mute(too_long)
 
 
 # -- 3. recordings come only from allowed https hosts, bounded in size ----------------------
