@@ -56,6 +56,10 @@ _ENTRY_OVERHEAD = 1024
 _SEGMENT = re.compile(r"[A-Za-z0-9_-]*")
 _MIN_KEY_BITS = 2048
 _MAX_BACKOFF = 300.0
+MAX_KEY_WAITERS = 32
+"""Requests that may wait at once for a key fetch they asked for (an unknown ``kid``, no
+keys yet): more are answered 503 at once, or tokens naming invented kids, no valid token
+needed, would hold every connection for as long as the key endpoint takes."""
 
 
 @dataclass(frozen=True)
@@ -236,6 +240,7 @@ class Authenticator:
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
         self._inflight: asyncio.Task[bool] | None = None
+        self._key_waiters = 0
         self._last_refetch = float("-inf")
         self._last_ok = False
         self.key_fetches = 0
@@ -424,18 +429,22 @@ class Authenticator:
     # -- keys ------------------------------------------------------------
 
     async def _refetch_on_demand(self) -> None:
-        """Refetch keys for an unknown kid: shared by concurrent callers, then cooled down."""
-        if self._inflight is not None:
-            await asyncio.shield(self._inflight)
-            return
-        if time.monotonic() - self._last_refetch < self._refetch_cooldown:
-            return
-        # Marked as it starts too: a request arriving between the fetch's end and this
-        # caller's wake-up would otherwise start another one at once.
-        self._last_refetch = time.monotonic()
+        """Refetch keys for an unknown kid: shared by concurrent callers, then cooled down.
+        Raises :class:`~callbot.KeysUnavailable` when ``MAX_KEY_WAITERS`` wait already."""
+        if self._inflight is None:
+            if time.monotonic() - self._last_refetch < self._refetch_cooldown:
+                return
+            # Marked as it starts too: a request arriving between the fetch's end and this
+            # caller's wake-up would otherwise start another one at once.
+            self._last_refetch = time.monotonic()
+        elif self._key_waiters >= MAX_KEY_WAITERS:
+            log.warning("key_fetch_waiters_full", waiting=self._key_waiters)
+            raise KeysUnavailable("too many requests wait for the signing keys to be fetched")
+        self._key_waiters += 1
         try:
             await self._refresh()
         finally:
+            self._key_waiters -= 1
             self._last_refetch = time.monotonic()
 
     async def _refresh(self) -> bool:

@@ -10,6 +10,7 @@ import json
 import secrets
 import time
 import types
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -18,7 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from callbot import _auth
-from callbot._auth import Authenticator
+from callbot._auth import MAX_KEY_WAITERS, Authenticator
 from callbot._errors import AuthenticationError, KeysUnavailable
 from callbot.testing import TEST_TENANT_ID, TokenAuthority
 
@@ -291,7 +292,9 @@ async def test_unknown_kid_flood_is_coalesced(
         *(auth.verify(bearer(token)) for token in tokens), return_exceptions=True
     )
     assert all(isinstance(r, AuthenticationError) for r in results)
-    assert {r.reason for r in results if isinstance(r, AuthenticationError)} == {"unknown_key"}
+    reasons = Counter(r.reason for r in results if isinstance(r, AuthenticationError))
+    # The first MAX_KEY_WAITERS wait for the one fetch; the others are answered at once.
+    assert reasons == {"unknown_key": MAX_KEY_WAITERS, "keys_unavailable": 100 - MAX_KEY_WAITERS}
     assert 1 <= auth.key_fetches - fetches <= 2
     assert 1 <= authority.jwks_fetches - served <= 2
 
@@ -323,6 +326,34 @@ async def test_a_request_arriving_as_a_refetch_ends_does_not_start_another(
         late[0].result()
     assert auth.key_fetches == fetches + 1
     assert authority.jwks_fetches == served + 1
+
+
+async def test_requests_waiting_for_a_key_fetch_are_bounded(
+    auth: Authenticator, authority: TokenAuthority, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tokens naming invented kids (no valid token needed) each waited for the key fetch
+    they asked for, holding their connections for as long as the key endpoint took: with
+    MAX_KEY_WAITERS waiting, the next is answered at once (keys_unavailable, a 503)."""
+    fetch, release = auth._fetch, asyncio.Event()
+
+    async def slow_fetch() -> None:
+        await release.wait()
+        await fetch()
+
+    monkeypatch.setattr(auth, "_fetch", slow_fetch)
+
+    def invented() -> str:
+        return bearer(authority.mint(audience=APP_ID, kid=secrets.token_hex(8)))
+
+    waiting = [asyncio.ensure_future(auth.verify(invented())) for _ in range(MAX_KEY_WAITERS)]
+    await wait_until(lambda: auth._key_waiters == MAX_KEY_WAITERS)
+    with pytest.raises(KeysUnavailable):
+        await asyncio.wait_for(auth.verify(invented()), 10)
+    release.set()
+    results = await asyncio.gather(*waiting, return_exceptions=True)
+    assert {getattr(r, "reason", r) for r in results} == {"unknown_key"}
+    assert auth._key_waiters == 0
+    assert (await auth.verify(bearer(authority.mint(audience=APP_ID)))).tenant_id
 
 
 async def test_key_endpoint_down_after_start_keeps_cached_keys(
