@@ -12,6 +12,9 @@ path, the recorded answer is returned and nothing is sent.
 It stays narrow on purpose:
 
 * only POSTs (Graph's actions); GET, PATCH and DELETE are idempotent or reads;
+  a collection of digits (``call.collect_digits``, ``call.menu``) is recorded
+  too, numbered apart: a re-run returns what it returned without its prompts,
+  whose number depends on when the caller pressed the keys (``graph._digits``);
 * only inside a handler run by a shared store (:func:`callbot.current_attempt`
   carries the journal); the in-memory store has no re-runs;
 * a step whose path differs from what was recorded (the handler took another
@@ -72,6 +75,8 @@ class Attempt:
     """Where the Graph actions of this run's handlers are recorded (see ``_journal``)."""
     steps: list[int] = field(default_factory=lambda: [0], compare=False, repr=False)
     """How many journaled actions the handlers sent so far (a counter shared by them)."""
+    collections: list[int] = field(default_factory=lambda: [0], compare=False, repr=False)
+    """How many digit collections the handlers opened so far (journaled apart from actions)."""
 
 
 _current: ContextVar[Attempt | None] = ContextVar("callbot_attempt", default=None)

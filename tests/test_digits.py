@@ -10,6 +10,7 @@ import pytest
 from callbot import Call, CallBot, CallEnded, Settings, events
 from callbot._journal import Attempt, _current
 from callbot._parse import parse_payload
+from callbot._sequencing import notification_digest
 from callbot.graph import CallServices
 from callbot.graph._digits import ToneListener, ToneRouter
 from callbot.testing import DeliveryOptions, run_with_simulator
@@ -277,60 +278,129 @@ async def test_the_finish_key_after_a_full_collection_ends_it_however_it_arrives
 
 
 class _Inbox:
-    """A shared store's journal as a handler run again sees it: the tones accepted after
-    its notification, read while ``meanwhile`` (tones told live) happens."""
+    """A shared store's journal as a handler run again sees it: what its first run recorded,
+    and the tones accepted after its notification, read while ``meanwhile`` (tones told
+    live, the call's end) happens."""
 
-    def __init__(self, tones: list[events.ToneReceived], meanwhile: Any) -> None:
+    def __init__(self, tones: list[events.ToneReceived], meanwhile: Any = None) -> None:
         self.tones, self.meanwhile, self.reads = tones, meanwhile, 0
+        self.recorded: dict[int, dict[str, Any]] = {}
 
     async def admits(self, attempt: Attempt) -> bool:
         return True
 
     async def recall(self, attempt: Attempt, step: int) -> dict[str, Any] | None:
-        return None
+        return self.recorded.get(step)
 
     async def record(self, attempt: Attempt, step: int, outcome: dict[str, Any]) -> None:
-        return None
+        self.recorded[step] = outcome
 
     async def tones_after(self, attempt: Attempt) -> list[events.ToneReceived]:
         self.reads += 1
-        self.meanwhile()
+        if self.meanwhile is not None:
+            self.meanwhile()
         return self.tones
 
 
-async def test_a_re_run_hears_the_earlier_tones_first_once_and_in_order() -> None:
-    """A handler run again after a takeover hears the tones its first run heard before the
-    ones told live meanwhile (accepted after the takeover), each once, in Graph's order;
-    a later collection of the same run gets the earlier ones the first left, and reads the
-    inbox no second time."""
-    router = ToneRouter(reorder_window=300)
-    earlier = [tone_event("tone1", 6), tone_event("tone2", 7), tone_event("tone2", 7)]
-    earlier += [tone_event("tone3", 8), tone_event("tone9", 10)]
-
-    def told_live() -> None:
-        router.on_tone(tone_event("tone4", 9))  # told first, taken after 8
-        router.on_tone(tone_event("tone9", 10))  # read from the inbox as well: once
-
-    inbox = _Inbox(earlier, told_live)
-    run = Attempt("c", "5-0", 2, redelivered=True, journal=inbox)
+async def _open(router: ToneRouter, listener: ToneListener, run: Attempt) -> Any:
+    """Open a collection in ``run``, as collect_digits does: its journal entry."""
     token = _current.set(run)
     try:
-        with router.listen("c") as listener:
-            await router.hear_earlier("c", listener)
-            assert [await listener.next(timeout=0) for _ in range(4)] == ["1", "2", "3", "4"]
-        with router.listen("c") as following:
-            await router.hear_earlier("c", following)
-            router.on_tone(tone_event("tone3", 8))  # a copy told late
-            router.on_tone(tone_event("star", 11))
-            assert [await following.next(timeout=0) for _ in range(2)] == ["9", "*"]
-            assert not following.pending()
-        assert inbox.reads == 1
+        collection = await router.opened("c")
+        await router.hear_earlier("c", listener, collection)
+        return collection
     finally:
         _current.reset(token)
-    # A first run collects from when it starts.
-    with router.listen("c") as first_run:
-        await router.hear_earlier("c", first_run)
-        assert not first_run.pending()
+
+
+async def test_a_re_run_hears_what_its_first_run_s_collection_heard_first_once_in_order() -> None:
+    """The collection a handler's first run was in when its instance was lost hears, run
+    again, the tones accepted after the one told last before it opened, ahead of those
+    told live meanwhile, each once, in Graph's order; not that one nor any before it (no
+    collection heard them). A collection its first run never opened hears none of them,
+    and reads the inbox no second time."""
+    tones = [tone_event("tone1", 4), tone_event("tone2", 5), tone_event("tone3", 6)]
+    tones += [tone_event("tone4", 7), tone_event("tone4", 7), tone_event("tone5", 8)]
+    tones += [tone_event("tone7", 10)]
+    inbox = _Inbox(tones)
+    first_run = ToneRouter(reorder_window=300)
+    with first_run.listen("c"):
+        for tone in tones[:2]:
+            first_run.on_tone(tone)  # told to an earlier collection
+    with first_run.listen("c") as listener:
+        await _open(first_run, listener, Attempt("c", "3-0", 1, False, journal=inbox))
+        first_run.on_tone(tones[2])  # the instance is lost with the collection open
+
+    router = ToneRouter(reorder_window=300)
+
+    def told_live() -> None:
+        router.on_tone(tone_event("tone6", 9))  # told first, taken after 8
+        router.on_tone(tone_event("tone7", 10))  # read from the inbox as well: once
+
+    inbox.meanwhile = told_live
+    run = Attempt("c", "3-0", 2, redelivered=True, journal=inbox)
+    with router.listen("c") as listener:
+        await _open(router, listener, run)
+        assert [await listener.next(timeout=0) for _ in range(5)] == list("34567")
+        assert not listener.pending()
+    with router.listen("c") as following:
+        await _open(router, following, run)
+        router.on_tone(tone_event("tone4", 7))  # a copy told late
+        router.on_tone(tone_event("star", 11))
+        assert [await following.next(timeout=0)] == ["*"]
+        assert not following.pending()
+    assert inbox.reads == 1
+
+
+async def test_a_re_run_returns_what_its_first_run_s_collection_returned() -> None:
+    """A collection the first run finished returns, run again, what it returned, its Graph
+    actions (subscribing, a prompt, its barge-in) counted as sent; a finish key pressed
+    after its last key, which the first run dropped, ends no later collection."""
+    inbox = _Inbox([tone_event(f"tone{n}", n) for n in range(1, 5)])
+    inbox.tones += [tone_event("pound", 5), tone_event("tone6", 6)]
+    inbox.recorded[-1] = {"path": "digits", "after": "", "keys": "1234", "steps": 3}
+    inbox.recorded[-1]["finish"] = [5, "#"]
+    inbox.recorded[-2] = {"path": "digits", "after": notification_digest(inbox.tones[3]).hex()}
+    router = ToneRouter()
+    run = Attempt("c", "0-1", 2, redelivered=True, journal=inbox)
+    with router.listen("c") as listener:
+        collection = await _open(router, listener, run)
+        assert router.replay(collection) == "1234"
+    assert run.steps == [3]
+    with router.listen("c") as following:
+        await _open(router, following, run)
+        assert [await following.next(timeout=0)] == ["6"]
+        assert not following.pending()
+
+
+async def test_a_menu_run_again_returns_the_choice_its_first_run_made() -> None:
+    """A menu its first run finished gives the same option again, or none if it gave none,
+    without playing its prompt again."""
+    call = CallServices(Settings(app_id=APP_ID)).call("c")
+    inbox = _Inbox([])
+    inbox.recorded[-1] = {"path": "digits", "after": "", "keys": "2", "steps": 2}
+    inbox.recorded[-2] = {"path": "digits", "after": "", "keys": None, "steps": 5}
+    run = Attempt("c", "0-1", 2, redelivered=True, journal=inbox)
+    token = _current.set(run)
+    try:
+        assert await call.menu(MENU, {"1": "sales", "2": "support"}) == "support"
+        assert await call.menu(MENU, {"1": "sales", "2": "support"}) is None
+    finally:
+        _current.reset(token)
+    assert run.steps == [5]
+
+
+async def test_a_re_run_whose_call_ends_while_it_reads_the_inbox_keeps_nothing_of_it() -> None:
+    """The call ends while a re-run reads the keys its first run heard: the collection
+    raises CallEnded, and the router keeps nothing of the call."""
+    router = ToneRouter()
+    inbox = _Inbox([tone_event("tone1", 1)], lambda: router.on_ended("c"))
+    inbox.recorded[-1] = {"path": "digits", "after": ""}
+    with router.listen("c") as listener:
+        await _open(router, listener, Attempt("c", "0-1", 2, True, journal=inbox))
+        with pytest.raises(CallEnded):
+            await listener.next(timeout=0)
+    assert (router._told, router._order) == ({}, {})
 
 
 async def taken(listener: ToneListener) -> None:

@@ -41,7 +41,7 @@ from callbot.testing import DeliveryOptions, FakeGraph, TokenAuthority
 from callbot.testing import builders as b
 
 from .conftest import APP_ID, BotServer, make_bot, until
-from .test_digits import pin_then_choice
+from .test_digits import MENU, pin_then_choice
 from .test_redis_bot import label, log_key
 from .test_security_tokens import OTHER_TENANT as OTHER
 from .test_security_tokens import without_tenant
@@ -58,6 +58,7 @@ LIFECYCLE = [
     "terminated",
 ]
 KEY_PREFIX = f"callbot:{APP_ID}:"
+THANKS = "https://cdn.example.test/thanks.wav"
 
 
 # -- a redis-server of our own -------------------------------------------------------
@@ -1299,51 +1300,77 @@ async def test_keys_arriving_swapped_at_two_instances_are_collected_in_graph_s_o
         assert bots.collected == [(owner, "123")]
 
 
+async def _abandoning(
+    authority: TokenAuthority,
+    serve: Any,
+    redis_url: str,
+    graph: FakeGraph,
+    install: Callable[[CallBot, int], None],
+) -> list[BotServer]:
+    """Two instances sharing Redis with the handlers ``install(bot, index)`` adds; the
+    first one's stop abandons a handler still running (the other runs it again at once)."""
+    servers: list[BotServer] = []
+    for index in range(2):
+        bot = make_bot(
+            authority,
+            store=redis_url,
+            store_lease=60.0,
+            shutdown_timeout=0.3,
+            graph_url=graph.graph_url,
+            authority_url=graph.authority_url,
+            app_secret="fake-graph-secret",
+        )
+        install(bot, index)
+        servers.append(await serve(bot))
+    return servers
+
+
+def _again() -> bool:
+    attempt = current_attempt()
+    return attempt is not None and attempt.redelivered
+
+
+async def _press(server: BotServer, call_id: str, sequence: int, tone: str) -> None:
+    assert (await server.post(b.notifications(b.tone(call_id, tone, sequence)))).status == 202
+
+
 async def test_a_handler_collecting_digits_run_again_hears_the_keys_its_first_run_heard(
     authority: TokenAuthority, serve: Any, redis_url: str
 ) -> None:
-    """The instance collecting a PIN then a choice stops mid-handler (abandoned): the
-    handler run again elsewhere hears the keys pressed during the first run, from the
-    call's inbox, in order; what its first collection leaves goes to the next one, as the
-    caller typed ahead. It used to collect from when it started, and wait for keys the
-    caller had pressed already."""
+    """The instance collecting a PIN, then a choice, stops mid-choice (abandoned): the
+    handler run again elsewhere gets the PIN its first run collected, and its choice hears
+    the key the first run's choice heard, read back from the call's inbox, before the one
+    pressed since; not the "9" pressed between the two, which no collection heard. It used
+    to give the choice that "9": a re-run heard every key pressed after its notification."""
+    between = asyncio.Event()
+    results: list[tuple[int, bool, str]] = []
+
+    def install(bot: CallBot, index: int) -> None:
+        @bot.on_state("established")
+        async def collect(call: Call, event: events.CallStateChanged) -> None:
+            results.append((index, _again(), await call.collect_digits(max_digits=4, timeout=30)))
+            await between.wait()
+            results.append((index, _again(), await call.collect_digits(max_digits=2, timeout=30)))
+
     async with FakeGraph() as graph:
-        results: list[tuple[int, bool, str]] = []
-        servers: list[BotServer] = []
-        for index in range(2):
-            bot = make_bot(
-                authority,
-                store=redis_url,
-                store_lease=60.0,
-                shutdown_timeout=0.3,
-                graph_url=graph.graph_url,
-                authority_url=graph.authority_url,
-                app_secret="fake-graph-secret",
-            )
-
-            @bot.on_state("established")
-            async def collect(
-                call: Call, event: events.CallStateChanged, index: int = index
-            ) -> None:
-                attempt = current_attempt()
-                again = attempt is not None and attempt.redelivered
-                results.append((index, again, await call.collect_digits(max_digits=4, timeout=5)))
-                if index == 0:
-                    await asyncio.Event().wait()  # never set: the instance stops meanwhile
-                results.append((index, again, await call.collect_digits(max_digits=2, timeout=5)))
-
-            servers.append(await serve(bot))
-        first = servers[0]
+        first, second = await _abandoning(authority, serve, redis_url, graph, install)
         graph.add_call("pin-call", state="establishing")  # the call Graph posts about
         for state in ("establishing", "established"):
             item = b.call_state("pin-call", state)
             assert (await first.post(b.notifications(item))).status == 202
         await graph.wait_for_request("subscribeToTone")
-        for sequence, key in enumerate("1234#56", start=1):
-            tone = b.tone("pin-call", f"tone{key}" if key.isdigit() else "pound", sequence)
-            assert (await first.post(b.notifications(tone))).status == 202
+        key, tones = id_key("pin-call"), first.bot._running().services.tones
+        for sequence, digit in enumerate("1234", start=1):
+            await _press(first, "pin-call", sequence, f"tone{digit}")
         await until(lambda: results == [(0, False, "1234")])
+        await _press(first, "pin-call", 5, "tone9")
+        await until(lambda: len(tones._told.get(key, ())) == 5)  # told while none listens
+        between.set()
+        await until(lambda: bool(tones._listeners.get(key)))
+        await _press(first, "pin-call", 6, "tone5")
+        await until(lambda: not tones._listeners[key][0].pending())  # the choice took it
         await first.bot.stop()  # the handler is abandoned: the other instance runs it again
+        await _press(second, "pin-call", 7, "tone6")  # before or after the choice reopens
         await until(lambda: len(results) == 3, within=20)
         assert results == [(0, False, "1234"), (1, True, "1234"), (1, True, "56")]
         assert len(graph.requests_for("subscribeToTone")) == 1  # replayed from the journal
@@ -1411,6 +1438,86 @@ async def test_a_re_run_builds_only_the_entries_that_may_be_tones_one_per_turn(
         assert all(later > earlier for earlier, later in itertools.pairwise(built))
     finally:
         release.set()
+
+
+async def test_a_re_run_sends_no_action_again_after_a_collection_its_first_run_finished(
+    authority: TokenAuthority, serve: Any, redis_url: str
+) -> None:
+    """The caller pressed a key during the PIN's prompt (cancelled: a barge-in), and the
+    prompt's outcome reached the other instance too; the handler then thanked the caller
+    and its instance stopped. Run again, the handler gets the same PIN, and neither the
+    prompts nor the barge-in go to Graph again. It used to send the thanks again: the
+    replayed prompt had ended, so the re-run sent no cancel, and the thanks took its step."""
+    results: list[tuple[int, bool, str]] = []
+
+    def install(bot: CallBot, index: int) -> None:
+        @bot.on_state("established")
+        async def collect(call: Call, event: events.CallStateChanged) -> None:
+            pin = await call.collect_digits(MENU, max_digits=4, timeout=30)
+            await call.play_prompt(THANKS)
+            results.append((index, _again(), pin))
+            if index == 0:
+                await asyncio.Event().wait()  # never set: the instance stops meanwhile
+
+    async with FakeGraph() as graph:
+        first, second = await _abandoning(authority, serve, redis_url, graph, install)
+        graph.add_call("barge-call", state="establishing")  # the call Graph posts about
+        for state in ("establishing", "established"):
+            item = b.call_state("barge-call", state)
+            assert (await first.post(b.notifications(item))).status == 202
+        await graph.wait_for_request("playPrompt")
+        await _press(first, "barge-call", 1, "tone1")
+        await graph.wait_for_request("cancelMediaProcessing")
+        (prompt,) = [op for op, body in graph.operations.items() if "PromptOperation" in str(body)]
+        assert (await first.post(graph.operation_notification(prompt))).status == 202
+        await until(lambda: bool(second.bot._running().services.operations._recent))
+        for sequence, digit in enumerate("234", start=2):
+            await _press(first, "barge-call", sequence, f"tone{digit}")
+        await until(lambda: results == [(0, False, "1234")])
+        await first.bot.stop()  # the handler is abandoned: the other instance runs it again
+        await until(lambda: len(results) == 2, within=20)
+        assert results == [(0, False, "1234"), (1, True, "1234")]
+        prompts = [r.json["prompts"][0] for r in graph.requests_for("playPrompt")]
+        assert [p["mediaInfo"]["uri"] for p in prompts] == [MENU, THANKS]
+        assert len(graph.requests_for("cancelMediaProcessing")) == 1
+
+
+async def test_a_re_run_handler_its_first_run_never_started_hears_no_key_taken_before(
+    authority: TokenAuthority, serve: Any, redis_url: str
+) -> None:
+    """A tone handler collecting after "*" waited behind the PIN's handler, which took the
+    "*" and the keys after it, when the instance stopped: both run again elsewhere, flagged
+    (the tones were fed), the PIN as before, and the tone handler, as its first run would
+    have, collects from when it starts. It used to be given the keys the PIN had taken."""
+    results: list[tuple[int, str, bool, str]] = []
+
+    def install(bot: CallBot, index: int) -> None:
+        @bot.on_state("established")
+        async def pin(call: Call, event: events.CallStateChanged) -> None:
+            keys = await call.collect_digits(max_digits=4, timeout=30)
+            results.append((index, "pin", _again(), keys))
+            if index == 0:
+                await asyncio.Event().wait()  # never set: the instance stops meanwhile
+
+        @bot.on_tone
+        async def star(call: Call, event: events.ToneReceived) -> None:
+            if event.digit == "*":
+                keys = await call.collect_digits(max_digits=2, timeout=0.2)
+                results.append((index, "star", _again(), keys))
+
+    async with FakeGraph() as graph:
+        first, _ = await _abandoning(authority, serve, redis_url, graph, install)
+        graph.add_call("star-call", state="establishing")  # the call Graph posts about
+        for state in ("establishing", "established"):
+            item = b.call_state("star-call", state)
+            assert (await first.post(b.notifications(item))).status == 202
+        await graph.wait_for_request("subscribeToTone")
+        for sequence, tone in enumerate(["tone1", "star", "tone3", "tone4"], start=1):
+            await _press(first, "star-call", sequence, tone)
+        await until(lambda: results == [(0, "pin", False, "1*34")])
+        await first.bot.stop()  # the handler is abandoned: the other instance runs it again
+        await until(lambda: len(results) == 3, within=20)
+        assert results[1:] == [(1, "pin", True, "1*34"), (1, "star", True, "")]
 
 
 async def test_every_instance_lists_the_calls_of_every_instance(

@@ -18,6 +18,7 @@ import functools
 import itertools
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import structlog
@@ -25,7 +26,7 @@ import structlog
 from .. import events, models
 from .._dtmf import digit_of, keys_of
 from .._errors import CallEnded, OperationFailed
-from .._journal import current_attempt
+from .._journal import ActionJournal, Attempt, current_attempt
 from .._sequencing import (
     MAX_WAITING_TONES,
     SEEN_DIGESTS,
@@ -212,11 +213,6 @@ class ToneRouter:
         # copy of a tone, and one told before a collection opened must not reach it.
         self._told: dict[str, deque[bytes]] = {}
         self._order: dict[str, _ToneOrder] = {}
-        # Per call whose handler runs again after a takeover: the run (its entry and epoch),
-        # the digests of the tones its earlier run heard, and those of them no collection of
-        # this run took yet (the next collection starts with them, as the first run's did).
-        self._heard: dict[str, tuple[tuple[str, int], set[bytes]]] = {}
-        self._carried: dict[str, tuple[tuple[str, int], list[events.ToneReceived]]] = {}
 
     def on_tone(self, event: events.ToneReceived) -> None:
         """A tone was accepted (called by the sequencer, before handlers see it)."""
@@ -283,8 +279,6 @@ class ToneRouter:
         self._subscribed.discard(call_key)
         self._finishing.pop(call_key, None)
         self._told.pop(call_key, None)
-        self._heard.pop(call_key, None)
-        self._carried.pop(call_key, None)
         for listener in self._listeners.get(call_key, ()):
             listener.end()
 
@@ -292,11 +286,6 @@ class ToneRouter:
     def listen(self, call_key: str) -> Iterator[ToneListener]:
         """Receive the call's tones while the ``with`` block runs."""
         listener = ToneListener(call_key, functools.partial(self._expect_finish, call_key))
-        run = _rerun(call_key)
-        carried = self._carried.pop(call_key, None)
-        if carried is not None and carried[0] == run:
-            for tone in carried[1]:
-                listener.put(tone)
         self._listeners.setdefault(call_key, []).append(listener)
         try:
             yield listener
@@ -306,40 +295,84 @@ class ToneRouter:
                 listeners.remove(listener)
             if not listeners:
                 self._listeners.pop(call_key, None)
-            heard = self._heard.get(call_key)
-            if heard is not None and heard[0] == run:
-                left = [t for t in listener.untaken() if notification_digest(t) in heard[1]]
-                if left:
-                    self._carried[call_key] = (heard[0], left)
 
-    async def hear_earlier(self, call_key: str, listener: ToneListener) -> None:
-        """In a handler run again after a takeover, give ``listener`` the tones accepted
-        since the run's notification first: the keys the caller pressed while the earlier
-        run collected them, which reached that run's instance. Once per run; a first run
-        collects from when it starts."""
-        run = _rerun(call_key)
+    async def opened(self, call_key: str) -> _Collection | None:
+        """A collection of the call opened (its listener just added) in a handler run with a
+        journal: its place there. A first run notes which tone came last before it opened;
+        a re-run finds what the first run's collection noted, or returned."""
         attempt = current_attempt()
-        if run is None or attempt is None or attempt.journal is None:
+        if attempt is None or attempt.journal is None or attempt.call_key != call_key:
+            return None
+        journal = attempt.journal
+        told = self._told.get(call_key)
+        after = told[-1].hex() if told else ""
+        attempt.collections[0] += 1
+        # Numbered apart (-1, -2, ...): the actions' steps stay those a run without it numbered.
+        collection = _Collection(attempt, journal, -attempt.collections[0], after)
+        found = await journal.recall(attempt, collection.step) if attempt.redelivered else None
+        if found is not None and found.get("path") == _COLLECTION:
+            # The first run opened it: what came after its last tone then, it heard.
+            collection.after, collection.heard = str(found.get("after", "")), True
+            collection.returned = found if "steps" in found else None
+            return collection
+        await journal.record(attempt, collection.step, collection.outcome())
+        return collection
+
+    def replay(self, collection: _Collection) -> str | None:
+        """What the first run's collection returned, as it left the call's tones: subscribed,
+        a finish key after its last key still expected. Its Graph actions are not sent."""
+        returned, attempt = collection.returned or {}, collection.attempt
+        self._subscribed.add(attempt.call_key)
+        finishing = returned.get("finish")
+        if finishing:
+            self._finishing[attempt.call_key] = (int(finishing[0]), frozenset(finishing[1]))
+        attempt.steps[0] = max(attempt.steps[0], int(returned["steps"]))
+        keys = returned.get("keys")
+        log.info("digits_replayed", call_key=attempt.call_key, step=collection.step)
+        return None if keys is None else str(keys)
+
+    async def closed(self, collection: _Collection | None, keys: str | None) -> None:
+        """The collection returned ``keys`` (``None``: a menu without a choice): a re-run
+        returns them without collecting again, nor sending its Graph actions again."""
+        if collection is None:
             return
-        heard = self._heard.get(call_key)
-        if heard is not None and heard[0] == run:
+        finishing = self._finishing.get(collection.attempt.call_key)
+        finish = None if finishing is None else [finishing[0], "".join(sorted(finishing[1]))]
+        steps = collection.attempt.steps[0]
+        outcome = collection.outcome(keys=keys, steps=steps, finish=finish)
+        await collection.journal.record(collection.attempt, collection.step, outcome)
+
+    async def hear_earlier(
+        self, call_key: str, listener: ToneListener, collection: _Collection | None
+    ) -> None:
+        """In a handler run again after a takeover, give ``listener`` first the tones its
+        first run's collection heard: those accepted after the tone that came last before it
+        opened (read back from the call's inbox). A collection its first run never opened
+        collects from when it starts, as a first run's does."""
+        if collection is None or not collection.heard:
             return
-        digests: set[bytes] = set()
-        self._heard[call_key] = (run, digests)
-        tones = await attempt.journal.tones_after(attempt)
+        attempt = collection.attempt
+        tones = await collection.journal.tones_after(attempt)
+        if listener.ended:
+            return  # the call ended meanwhile: nothing is collected on it
+        digests = [notification_digest(tone) for tone in tones]
+        marker = bytes.fromhex(collection.after) if collection.after else None
+        start = digests.index(marker) + 1 if marker in digests else 0
         # Told live since the listener opened (accepted after the takeover): not twice.
         live = {notification_digest(tone) for tone in listener.untaken()}
         told = self._told.setdefault(call_key, deque(maxlen=SEEN_DIGESTS))
+        expected, keys = self._finishing.get(call_key, (None, frozenset[str]()))
         earlier: list[events.ToneReceived] = []
-        for tone in tones:
-            digest = notification_digest(tone)
-            if digest in digests:
+        seen: set[bytes] = set()
+        for number, (tone, digest) in enumerate(zip(tones, digests, strict=True)):
+            if digest in seen:
                 continue  # a copy, in the inbox twice
-            digests.add(digest)
-            if digest not in live:
-                earlier.append(tone)
+            seen.add(digest)
             if digest not in told:
                 told.append(digest)  # a copy told later is not news
+            finishes = tone.sequence_id == expected and digit_of(tone.tone) in keys
+            if number >= start and digest not in live and not finishes:
+                earlier.append(tone)
         if not earlier:
             return
         log.info("tones_heard_again", call_key=call_key, count=len(earlier), entry=attempt.entry)
@@ -365,12 +398,26 @@ class ToneRouter:
             raise
 
 
-def _rerun(call_key: str) -> tuple[str, int] | None:
-    """The handler run going on, if it runs a notification of the call again."""
-    attempt = current_attempt()
-    if attempt is None or not attempt.redelivered or attempt.call_key != call_key:
-        return None
-    return attempt.entry, attempt.epoch
+_COLLECTION = "digits"
+"""A collection's path in its run's journal (Graph actions are recorded under URLs)."""
+
+
+@dataclass(slots=True)
+class _Collection:
+    """One collection of digits in a handler run's journal (``callbot._journal``)."""
+
+    attempt: Attempt
+    journal: ActionJournal
+    step: int
+    after: str
+    """The digest (hex) of the tone told last before the first run's collection opened."""
+    heard: bool = False
+    """Whether the first run opened it (a re-run hears what it heard)."""
+    returned: dict[str, Any] | None = None
+    """What the first run's collection returned, if it did."""
+
+    def outcome(self, **returned: Any) -> dict[str, Any]:
+        return {"path": _COLLECTION, "after": self.after, **returned}
 
 
 def _call_ended(call_key: str) -> CallEnded:
@@ -461,11 +508,16 @@ async def collect_digits(
     if call.ended:
         raise _call_ended(call.key)
     with router.listen(call.key) as listener:
+        collection = await router.opened(call.key)
+        if collection is not None and collection.returned is not None:
+            return router.replay(collection) or ""
         await router.ensure_subscribed(call)
-        await router.hear_earlier(call.key, listener)
-        return await _collect(
+        await router.hear_earlier(call.key, listener, collection)
+        digits = await _collect(
             call, listener, prompt, max_digits=max_digits, finish=finish, timeout=timeout
         )
+        await router.closed(collection, digits)
+        return digits
 
 
 async def menu(
@@ -499,8 +551,12 @@ async def menu(
         raise _call_ended(call.key)
     # One listener for every try: keys pressed during the invalid-choice prompt count.
     with router.listen(call.key) as listener:
+        collection = await router.opened(call.key)
+        if collection is not None and collection.returned is not None:
+            chosen = router.replay(collection)
+            return None if chosen is None else choices.get(chosen)
         await router.ensure_subscribed(call)
-        await router.hear_earlier(call.key, listener)
+        await router.hear_earlier(call.key, listener, collection)
         for attempt in range(retries + 1):
             keys = await _collect(
                 call,
@@ -512,6 +568,7 @@ async def menu(
                 typed_ahead=attempt > 0,
             )
             if keys in choices:
+                await router.closed(collection, keys)
                 return choices[keys]
             log.info("menu_no_match", call_id=call.id, attempt=attempt + 1, pressed=bool(keys))
             if invalid_prompt is not None and attempt < retries:
@@ -519,4 +576,5 @@ async def menu(
                 await _first_key(listener, sorry)
                 if listener.pending():
                     await _stop_prompt(call, sorry)
+        await router.closed(collection, None)
         return None
