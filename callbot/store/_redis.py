@@ -1876,7 +1876,9 @@ class _Journal:
         if int(kept) and state is not None and state.epoch == attempt.epoch:
             state.journaled.append(name)
         elif not int(kept):
-            log.warning("graph_action_after_takeover", call_key=attempt.call_key, step=step)
+            # A negative step is a collection of digits (graph._digits), not a Graph action.
+            what = "digits_after_takeover" if step < 0 else "graph_action_after_takeover"
+            log.warning(what, call_key=attempt.call_key, step=step)
 
     async def tones_after(self, attempt: Attempt) -> list[events.ToneReceived]:
         # The entries after the run's own were never acknowledged (acknowledgement goes in
