@@ -111,6 +111,29 @@ async def test_answer_brings_establishing_established_its_update_and_the_roster(
     assert call.states == ["incoming", "establishing", "established"]
 
 
+async def test_keep_alives_can_be_tested_with_a_short_interval() -> None:
+    """A bot served by the simulator sends no keep-alive unless asked to: with
+    ``keep_alive=True`` it sends them for each established call every interval it was
+    configured with, and a test sees them as Graph requests."""
+    bot, _seen = answering_bot()
+    bot.configure(keep_alive_interval=0.05)
+    async with run_with_simulator(bot) as sim:
+        call = await sim.incoming_call()
+        await call.wait_for_state("established")
+        await call.hangup()
+        await call.wait_until_ended()
+        assert sim.graph.requests_for("keepAlive") == []
+    async with run_with_simulator(bot, keep_alive=True) as sim:
+        call = await sim.incoming_call()
+        await call.wait_for_state("established")
+        await until(lambda: len(sim.graph.requests_for("keepAlive")) >= 2)
+        assert {r.path for r in sim.graph.requests_for("keepAlive")} == {
+            f"/communications/calls/{call.id}/keepAlive"
+        }
+        await call.hangup()
+    assert bot.settings.keep_alive_interval == 0.05  # the bot's own settings come back
+
+
 async def test_disorderly_delivery_still_reaches_handlers_once_and_in_order() -> None:
     bot, seen = answering_bot()
     async with run_with_simulator(

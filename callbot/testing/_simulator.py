@@ -1913,13 +1913,15 @@ def _retry_after(value: str | None, default: float) -> float:
         return default
 
 
-async def _serve_bot(bot: CallBot, sim: Simulator) -> web.AppRunner:
+async def _serve_bot(bot: CallBot, sim: Simulator, *, keep_alive: bool = False) -> web.AppRunner:
     # Bind first so the bot's public URL (its callbackUri) names the real port.
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
         bot.configure(**sim.bot_settings(public_url=f"http://127.0.0.1:{port}"))
+        if keep_alive:
+            bot.configure(keep_alive=True)
         runner = web.AppRunner(
             bot.create_app(), handle_signals=False, access_log=None, shutdown_timeout=1.0
         )
@@ -1938,13 +1940,16 @@ async def _serve_bot(bot: CallBot, sim: Simulator) -> web.AppRunner:
 
 @asynccontextmanager
 async def run_with_simulator(
-    bot: CallBot, *, shutdown_timeout: float = 2.0, **options: Any
+    bot: CallBot, *, shutdown_timeout: float = 2.0, keep_alive: bool = False, **options: Any
 ) -> AsyncIterator[Simulator]:
     """Start a :class:`Simulator`, point ``bot`` at it, serve the bot on 127.0.0.1.
 
     ``options`` are :class:`Simulator` keyword arguments. The bot's own
     settings (and credential) are restored when the block ends; the bot is
-    given at most ``shutdown_timeout`` seconds to finish its handlers.
+    given at most ``shutdown_timeout`` seconds to finish its handlers. It sends
+    no keep-alive unless ``keep_alive`` is true: then every ``keep_alive_interval``
+    (its own setting; a test shortens it) for each established call, as with Graph
+    (``sim.graph.requests_for("keepAlive")`` lists them).
     """
     saved = bot.settings
     saved_credential = getattr(bot, "_credential", None)
@@ -1960,7 +1965,7 @@ async def run_with_simulator(
         if saved_credential is not None:
             bot.configure(credential=sim.credential())
         bot.configure(shutdown_timeout=min(saved.shutdown_timeout, shutdown_timeout))
-        runner = await _serve_bot(bot, sim)
+        runner = await _serve_bot(bot, sim, keep_alive=keep_alive)
         sim.callback_url = bot.settings.callback_url
         sim._bot = bot
         # A call whose handlers finished is news to those waiting for it to settle (the
