@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
@@ -105,6 +105,73 @@ class CallLife:
 _WARN, _KEEP_ALIVE, _FORGET, _FORGET_PENDING = range(4)
 
 
+class _ByTenant:
+    """Call keys kept oldest first, each with when it was kept and its tenant. Past a bound,
+    the tenant keeping the most gives up its oldest (the one adding, when tied): a tenant
+    whose token invents calls pushes out only its own, and leaves another tenant at least as
+    many as it keeps itself (with k such tenants, a share of the bound over k + 1)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._kept: OrderedDict[str, tuple[float, str | None]] = OrderedDict()
+        self._of: dict[str | None, OrderedDict[str, None]] = {}
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._kept
+
+    def get(self, key: str) -> tuple[float, str | None] | None:
+        return self._kept.get(key)
+
+    def add(self, key: str, when: float, tenant: str | None) -> None:
+        self.pop(key)
+        self._kept[key] = (when, tenant)
+        self._of.setdefault(tenant, OrderedDict())[key] = None
+
+    def pop(self, key: str) -> tuple[float, str | None] | None:
+        kept = self._kept.pop(key, None)
+        if kept is not None:
+            own = self._of[kept[1]]
+            del own[key]
+            if not own:
+                del self._of[kept[1]]  # only tenants keeping calls compete for the most
+        return kept
+
+    def bind(self, key: str, tenant: str) -> None:
+        """Count a key kept for no tenant as ``tenant``'s from now on, in its place in line."""
+        kept = self._kept.get(key)
+        if kept is None or kept[1] is not None:
+            return
+        self._kept[key] = (kept[0], tenant)
+        del self._of[None][key]
+        if not self._of[None]:
+            del self._of[None]
+        own = self._of.setdefault(tenant, OrderedDict())
+        own[key] = None
+        # Rare (a call first known without a tenant): the tenant's keys put back in age order.
+        for older in sorted(own, key=lambda k: self._kept[k][0]):
+            own.move_to_end(older)
+
+    def over(self, adding: str | None) -> str | None:
+        """Past the bound, the key to give up as ``adding``'s was kept; else ``None``."""
+        if len(self._kept) <= self.limit:
+            return None
+        most = max(self._of, key=lambda tenant: len(self._of[tenant]))
+        if len(self._of.get(adding, ())) == len(self._of[most]):
+            most = adding
+        return next(iter(self._of[most]))
+
+    def expire(self, before: float) -> None:
+        """Give up every key kept before ``before``."""
+        while self._kept:
+            key, (when, _) = next(iter(self._kept.items()))
+            if when >= before:
+                return
+            self.pop(key)
+
+
 class Lifecycle:
     """Every call's :class:`CallLife`, and the decisions about it.
 
@@ -130,17 +197,14 @@ class Lifecycle:
         self._keep_alive_interval = keep_alive_interval if send_keep_alive is not None else None
         self._send_keep_alive = send_keep_alive
         self._pending_ttl = pending_ttl
-        self._max_pending = max_pending
         self._lives: dict[str, CallLife] = {}
-        # Pending calls (key -> the tenant first seen with it), oldest first, and how many
-        # each tenant has: past the bound, the tenant with the most gives up its oldest.
-        self._pending: OrderedDict[str, str | None] = OrderedDict()
-        self._pending_per_tenant: Counter[str | None] = Counter()
-        # Calls forgotten after their end: key -> (when, its tenant), oldest first.
-        self._ended: OrderedDict[str, tuple[float, str | None]] = OrderedDict()
+        # Pending calls, with the tenant first seen with each.
+        self._pending = _ByTenant(max_pending)
+        # Calls forgotten after their end, remembered ENDED_MEMORY with their tenant.
+        self._ended = _ByTenant(_MAX_ENDED)
         # Calls of a tenant forgotten before their end (a pending call let go): kept apart,
         # so that invented calls never push an ended one out of its memory.
-        self._bound: OrderedDict[str, tuple[float, str | None]] = OrderedDict()
+        self._bound = _ByTenant(_MAX_ENDED)
         self._heap: list[tuple[float, int, int, CallLife]] = []
         self._heap_kept = 0  # timers left by the last sweep of forgotten calls' timers
         self._order = itertools.count()
@@ -221,17 +285,16 @@ class Lifecycle:
             )
             self._schedule(self._grace, _FORGET, life)
         elif life is None:
-            bound = self._bound.pop(key, None)
+            bound = self._bound.pop(key)
             if bound is not None:
                 tenant_id = bound[1]
             elif tenant_id is not None:
                 tenant_id = tenant_key(tenant_id)
             life = self._lives[key] = CallLife(call_id, tenant_id=tenant_id)
-            self._pending[key] = tenant_id
-            self._count_pending(tenant_id, +1)
+            self._pending.add(key, asyncio.get_running_loop().time(), tenant_id)
             self._schedule(self._pending_ttl, _FORGET_PENDING, life)
-            while len(self._pending) > self._max_pending:
-                self._forget(self._evictee(tenant_id), "too_many_pending_calls")
+            while (let_go := self._pending.over(tenant_id)) is not None:
+                self._forget(let_go, "too_many_pending_calls")
         return life
 
     def bind(self, life: CallLife, tenant_id: str) -> None:
@@ -240,32 +303,7 @@ class Lifecycle:
         if life.tenant_id is not None:
             return
         life.tenant_id = tenant_key(tenant_id)
-        if life.key in self._pending and self._pending[life.key] is None:
-            # Counted as the tenant's from now on, in its place in line.
-            self._pending[life.key] = life.tenant_id
-            self._count_pending(None, -1)
-            self._count_pending(life.tenant_id, +1)
-
-    def _evictee(self, adding: str | None) -> str:
-        """The pending call to let go as a call of ``adding`` comes: the oldest of the tenant
-        with the most (``adding`` itself when tied). A tenant whose token invents calls lets
-        its own go first, and leaves another tenant at least as many as it keeps itself
-        (with k such tenants, a share of the bound over k + 1)."""
-        counts = self._pending_per_tenant
-        most = max(counts, key=counts.__getitem__)
-        if counts.get(adding, 0) == counts[most]:
-            most = adding
-        return next(key for key, tenant in self._pending.items() if tenant == most)
-
-    def _unpend(self, key: str) -> None:
-        if key in self._pending:
-            self._count_pending(self._pending.pop(key), -1)
-
-    def _count_pending(self, tenant: str | None, change: int) -> None:
-        counts = self._pending_per_tenant
-        counts[tenant] += change
-        if not counts[tenant]:
-            del counts[tenant]  # only tenants with pending calls compete for the most
+        self._pending.bind(life.key, life.tenant_id)
 
     def enter(
         self, life: CallLife, state: str, result_info: ResultInfo | None = None
@@ -280,7 +318,7 @@ class Lifecycle:
         life.phase = max(life.phase, phase_of_state(state))
         life.state = state
         if life.phase >= _ESTABLISHING:
-            self._unpend(life.key)
+            self._pending.pop(life.key)
         if state == "incoming" and self._warn_after > 0:
             self._schedule(self._warn_after, _WARN, life)
         elif life.phase == LIVE_PHASE and not life.keeping_alive:
@@ -298,7 +336,7 @@ class Lifecycle:
         life.ended = True
         life.result_info = result_info if result_info is not None else life.result_info
         life.keeping_alive = False
-        self._unpend(life.key)
+        self._pending.pop(life.key)
         for listener in self._ended_listeners:
             try:
                 listener(life.key, life.result_info)
@@ -319,7 +357,7 @@ class Lifecycle:
         before, is where the call's next run starts, even when it is an earlier one."""
         life = self.life(call_id)
         if phase >= _ESTABLISHING:
-            self._unpend(life.key)
+            self._pending.pop(life.key)
         life.phase = phase
         life.state = state
         if ended:
@@ -339,8 +377,8 @@ class Lifecycle:
     def start_over(self, call_key: str) -> None:
         """Continue a call from no state, whatever this process saw of it before (its end
         included): a shared store holds nothing of it, and its run starts from there."""
-        self._ended.pop(call_key, None)
-        self._bound.pop(call_key, None)
+        self._ended.pop(call_key)
+        self._bound.pop(call_key)
         life = self._lives.get(call_key)
         if life is not None:
             self.adopt(life.call_id, phase=-1, state=None, ended=False)
@@ -366,7 +404,7 @@ class Lifecycle:
 
     def _forget(self, key: str, why: str) -> None:
         life = self._lives.pop(key, None)
-        self._unpend(key)
+        self._pending.pop(key)
         if life is None:
             return
         life.keeping_alive = False
@@ -384,26 +422,21 @@ class Lifecycle:
                 log.exception("call_forget_listener_failed", call_id=life.call_id)
 
     @staticmethod
-    def _remember(
-        memory: OrderedDict[str, tuple[float, str | None]], key: str, tenant_id: str | None
-    ) -> None:
+    def _remember(memory: _ByTenant, key: str, tenant_id: str | None) -> None:
         now = asyncio.get_running_loop().time()
-        memory[key] = (now, tenant_id)
-        memory.move_to_end(key)
-        oldest_kept = now - ENDED_MEMORY
-        while memory and (len(memory) > _MAX_ENDED or next(iter(memory.values()))[0] < oldest_kept):
-            memory.popitem(last=False)
+        memory.add(key, now, tenant_id)
+        memory.expire(now - ENDED_MEMORY)
+        while (let_go := memory.over(tenant_id)) is not None:
+            memory.pop(let_go)
 
     @staticmethod
-    def _recall(
-        memory: OrderedDict[str, tuple[float, str | None]], key: str
-    ) -> tuple[float, str | None] | None:
+    def _recall(memory: _ByTenant, key: str) -> tuple[float, str | None] | None:
         """When the call was forgotten and its tenant, if within :data:`ENDED_MEMORY`."""
         kept = memory.get(key)
         if kept is None:
             return None
         if kept[0] < asyncio.get_running_loop().time() - ENDED_MEMORY:
-            del memory[key]
+            memory.pop(key)
             return None
         return kept
 

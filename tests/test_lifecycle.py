@@ -88,6 +88,34 @@ async def test_past_the_bound_the_tenant_with_the_most_pending_calls_lets_go(
     assert calls.get("b-18") is not None
 
 
+async def test_ended_calls_are_remembered_fairly_between_tenants(
+    clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ended calls are remembered for ENDED_MEMORY, as many as a bound for every tenant
+    together: one tenant's token ending invented calls used to push another tenant's out
+    first (oldest first across tenants), so a late retry of one started it again as a new
+    call, nobody's. Now the tenant remembering the most gives up its own oldest."""
+    monkeypatch.setattr(lifecycle_module, "_MAX_ENDED", 4)
+    calls = lifecycle(termination_grace=1.0)
+
+    async def end(call_id: str, tenant: str) -> None:
+        life = calls.life(call_id, tenant)
+        calls.enter(life, "established")
+        calls.enter(life, "terminated")
+        await clock.advance(1.5)  # past the grace: forgotten, and remembered as ended
+
+    for call_id in ("a-first", "a-second"):
+        await end(call_id, "tenant-a")
+    for n in range(20):
+        await end(f"b-{n}", "tenant-b")
+    for call_id in ("a-first", "a-second"):
+        again = calls.life(call_id, "tenant-a")  # a late retry of one of its notifications
+        assert (again.ended, again.tenant_id) == (True, "tenant-a")
+    assert calls.belongs_elsewhere("a-first", "tenant-b")
+    assert calls.life("b-19", "tenant-b").ended
+    assert not calls.life("b-0", "tenant-b").ended  # the flooder's oldest went first
+
+
 async def test_an_end_is_told_once_and_forgotten_after_the_grace(clock: Clock) -> None:
     calls = lifecycle()
     ended: list[tuple[str, models.ResultInfo | None]] = []
