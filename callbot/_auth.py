@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey, RSAPubl
 from jwt.algorithms import RSAAlgorithm
 
 from ._errors import AuthenticationError, KeysUnavailable
-from ._ids import tenant_key
+from ._ids import quoted, tenant_key
 
 __all__ = [
     "ALLOWED_ALGORITHMS",
@@ -316,7 +316,8 @@ class Authenticator:
             await self._refetch_on_demand()
             key = self._keys.get(kid)
             if key is None:
-                raise AuthenticationError("unknown_key", f"no signing key with kid {kid!r}")
+                # Cut short: an unauthenticated request chooses it, up to the token's length.
+                raise AuthenticationError("unknown_key", f"no signing key with kid {quoted(kid)}")
 
         if key.algorithm is not None and key.algorithm != algorithm:
             # A key published for one algorithm verifies that one only.

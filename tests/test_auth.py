@@ -218,6 +218,18 @@ async def test_tenant_not_in_allow_list(make_auth: MakeAuth, authority: TokenAut
     assert await reason_of(auth, bearer(token)) == "tenant_not_allowed"
 
 
+async def test_an_unknown_kid_is_cut_short_in_the_refusal(
+    auth: Authenticator, authority: TokenAuthority
+) -> None:
+    """The kid of a token is the sender's to choose, unauthenticated: the refusal, which is
+    logged and answered, names at most its first 64 characters."""
+    token = authority.mint(audience=APP_ID, kid="k" * 3_000)
+    with pytest.raises(AuthenticationError) as info:
+        await auth.verify(bearer(token))
+    assert info.value.reason == "unknown_key"
+    assert len(str(info.value)) < 200
+
+
 async def test_unknown_key(auth: Authenticator, authority: TokenAuthority) -> None:
     token = authority.mint(audience=APP_ID, kid="no-such-kid")
     assert await reason_of(auth, bearer(token)) == "unknown_key"
