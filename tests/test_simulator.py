@@ -733,6 +733,43 @@ async def test_outgoing_calls_ring_and_are_answered_or_not() -> None:
     ]
 
 
+async def test_the_bot_is_in_the_roster_under_the_id_graph_names_as_its_own() -> None:
+    """Graph names the bot's own participant (``myParticipantId``) in an incoming call
+    (documents 15, 18, 20, 22) and in a placed call's answer (Create call): a bot finding the
+    caller among the participants (to put them on hold music) leaves that one out."""
+    bot = CallBot(app_id=APP_ID)
+    told: dict[str, str | None] = {}
+    in_roster: dict[str, list[str | None]] = {}
+
+    @bot.on_incoming_call
+    async def answer(call: Call, event: events.IncomingCall) -> None:
+        told[call.key] = event.call.my_participant_id
+        await call.answer()
+
+    @bot.on_participants
+    async def roster(call: Call, event: events.ParticipantsUpdated) -> None:
+        in_roster[call.key] = [
+            p.id
+            for p in event.participants
+            if p.info is not None
+            and p.info.identity is not None
+            and p.info.identity.application is not None
+        ]
+
+    async with run_with_simulator(bot) as sim:
+        incoming = await sim.incoming_call()
+        await incoming.wait_for_state("established")
+        await incoming.settled()
+        placed = await bot.create_call(Target.user("0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"))
+        told[placed.key] = placed.snapshot.my_participant_id if placed.snapshot else None
+        outgoing = await sim.wait_for_outgoing_call()
+        await outgoing.wait_for_state("established")
+        await outgoing.settled()
+    for key in (incoming.key, placed.key):
+        assert told[key] is not None
+        assert in_roster[key] == [told[key]]
+
+
 async def test_joining_a_meeting_and_people_coming_and_going() -> None:
     bot, seen = recording_bot()
     url = (

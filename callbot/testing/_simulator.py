@@ -1478,6 +1478,10 @@ class Simulator:
         else:
             kind, name = "user", from_user or "Adele Vance"
             caller_id = user_id or str(uuid.uuid5(uuid.NAMESPACE_URL, name))
+        remote = build.participant(
+            str(uuid.uuid4()), user_id=caller_id, display_name=name, kind=kind
+        )
+        call = self._new_call(call_id, "incoming", remote, delivery)
         item = build.incoming_call(
             call_id,
             caller_id=caller_id,
@@ -1487,12 +1491,10 @@ class Simulator:
             bot_name=self.bot_name,
             tenant_id=self.tenant_id,
             callback_uri=self.callback_url,
+            # As documented incoming calls carry it: the bot's own id in the roster to come.
+            my_participant_id=call.bot_participant_id,
         )
         self.graph.add_call(call_id, **item["resourceData"])
-        remote = build.participant(
-            str(uuid.uuid4()), user_id=caller_id, display_name=name, kind=kind
-        )
-        call = self._new_call(call_id, "incoming", remote, delivery)
         await call._send(item)
         call._later(self.answer_deadline, call._missed)
         return call
@@ -1804,6 +1806,10 @@ class Simulator:
         if call is None:
             # A call the simulator did not start (a replayed or scripted one): adopt it.
             call = self._new_call(request.call_id, "incoming", None, None)
+            known = self.graph.calls.get(call.key)
+            mine = known.resource.get("myParticipantId") if known is not None else None
+            if isinstance(mine, str) and mine:
+                call.bot_participant_id = mine
         call._on_request(request, answer)
 
     def _on_create_call(self, request: RecordedRequest, answer: FakeResponse) -> None:
@@ -1821,6 +1827,10 @@ class Simulator:
                 str(uuid.uuid4()), user_id=ident, display_name=name, kind=kind
             )
         call = self._new_call(call_id, "outgoing", remote, None, meeting=meeting)
+        mine = created.get("myParticipantId")
+        if isinstance(mine, str) and mine:
+            # The bot is in the roster under the id Graph's answer gave it.
+            call.bot_participant_id = mine
         call.delta_roster = _asks_for_delta_roster(body)
         if meeting:
             self._add_attendees(call)

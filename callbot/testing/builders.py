@@ -85,11 +85,14 @@ def incoming_call(
     tenant_id: str | None = None,
     callback_uri: str | None = None,
     modalities: Iterable[str] = ("audio",),
+    my_participant_id: str | None = None,
 ) -> dict[str, Any]:
     """A ``created`` call in state ``incoming``.
 
     ``caller_kind`` is ``"user"``, or ``"phone"`` for a PSTN caller (then
-    ``caller_id`` is the phone number).
+    ``caller_id`` is the phone number). ``my_participant_id`` is the bot's own
+    participant id in the call (``myParticipantId``, as Graph's documented incoming
+    calls carry it).
     """
     call = models.Call(
         odata_type="#microsoft.graph.call",
@@ -109,6 +112,7 @@ def incoming_call(
             )
         ],
         requested_modalities=list(modalities),
+        my_participant_id=my_participant_id,
     )
     return _item("created", _call_path(call_id), _dump(call))
 
