@@ -1806,10 +1806,6 @@ class Simulator:
         if call is None:
             # A call the simulator did not start (a replayed or scripted one): adopt it.
             call = self._new_call(request.call_id, "incoming", None, None)
-            known = self.graph.calls.get(call.key)
-            mine = known.resource.get("myParticipantId") if known is not None else None
-            if isinstance(mine, str) and mine:
-                call.bot_participant_id = mine
         call._on_request(request, answer)
 
     def _on_create_call(self, request: RecordedRequest, answer: FakeResponse) -> None:
@@ -1829,7 +1825,7 @@ class Simulator:
         call = self._new_call(call_id, "outgoing", remote, None, meeting=meeting)
         mine = created.get("myParticipantId")
         if isinstance(mine, str) and mine:
-            # The bot is in the roster under the id Graph's answer gave it.
+            # The id the answer gave, even one a test's own route for createCall made up.
             call.bot_participant_id = mine
         call.delta_roster = _asks_for_delta_roster(body)
         if meeting:
