@@ -770,6 +770,36 @@ async def test_the_bot_is_in_the_roster_under_the_id_graph_names_as_its_own() ->
         assert in_roster[key] == [told[key]]
 
 
+async def test_a_bot_on_graph_beta_stays_on_beta_and_the_calls_it_places_ring() -> None:
+    """A bot written for Graph's beta (``playPrompt``'s ``loop`` is beta's only) is served
+    on the simulator's beta, not moved to v1.0 (where its loop raises ``ValueError``); the
+    calls it places go ``establishing``, ``ringing``, then on, as the beta Create call page
+    documents them (seed001)."""
+    bot, seen = recording_bot(graph_url="https://graph.microsoft.com/beta")
+    hold_music = "https://contoso.example/hold.wav"
+
+    @bot.on_state("established")
+    async def hold(call: Call, event: events.CallStateChanged) -> None:
+        await call.play_prompt(hold_music, loop=True)
+
+    async with run_with_simulator(bot) as sim:
+        sim.queue_outgoing("no_answer")
+        first = await bot.create_call(Target.phone("+14255550123"))
+        unanswered = await sim.wait_for_outgoing_call()
+        await unanswered.wait_until_ended()
+        second = await bot.create_call(Target.user("0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"))
+        answered = await sim.wait_for_outgoing_call()
+        prompt = await answered.wait_for_request("playPrompt")
+        await answered.hangup()
+        assert bot.settings.graph_url == sim.graph.beta_url
+    assert prompt.version == "beta"
+    assert prompt.json["loop"] is True
+    assert prompt.json["prompts"][0]["mediaInfo"]["uri"] == hold_music
+    assert labels(seen, first.id) == ["establishing", "ringing", "terminated"]
+    assert labels(seen, second.id)[:3] == ["establishing", "ringing", "established"]
+    assert bot.settings.graph_url == "https://graph.microsoft.com/beta"
+
+
 async def test_joining_a_meeting_and_people_coming_and_going() -> None:
     bot, seen = recording_bot()
     url = (

@@ -183,7 +183,7 @@ class Roster(Mapping[str, models.Participant]):
         return f"Roster({dict(self._by_key)!r})"
 
 
-def _on_beta(graph_url: str) -> bool:
+def on_beta(graph_url: str) -> bool:
     """Whether ``graph_url`` is Graph's beta endpoint (``.../beta``)."""
     return urlsplit(graph_url).path.rstrip("/").lower().endswith("/beta")
 
@@ -474,7 +474,7 @@ class Call:
         does not (it would play them once), so it needs ``graph_url`` on ``/beta``.
         """
         body: dict[str, Any] = {"prompts": prompts_json(prompts)}
-        if loop is not None and _on_beta(self._services.settings.graph_url):
+        if loop is not None and on_beta(self._services.settings.graph_url):
             body["loop"] = loop
         elif loop:
             raise ValueError(

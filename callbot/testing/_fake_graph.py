@@ -46,6 +46,7 @@ from ._tokens import TEST_TENANT_ID
 __all__ = ["FakeGraph", "FakeResponse", "RecordedRequest"]
 
 GRAPH_ROOT = "/v1.0"
+BETA_ROOT = "/beta"
 AUTHORITY_ROOT = "/authority"
 RECORDINGS_ROOT = "/recordings"
 CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
@@ -167,6 +168,8 @@ class RecordedRequest:
     item_id: str | None = None
     """The participant, audio routing group, operation or recording id in the path."""
     at: float = 0.0
+    version: str | None = None
+    """The Graph version a Graph request named: ``v1.0`` or ``beta``."""
 
     @property
     def client_request_id(self) -> str | None:
@@ -239,12 +242,13 @@ class FakeGraph(LocalServer):
     """Plays Microsoft Graph (calls) and the Microsoft identity platform token endpoint.
 
     ``tenant_id`` is the tenant tokens are issued for; ``token_lifetime`` the
-    seconds an issued token lives. Graph endpoints answer 401 unless they get a
-    bearer token FakeGraph issued and still considers valid. A call is known once
-    created (``POST /communications/calls``) or offered (:meth:`add_call`); every
-    request about a call it does not know, or about one that ended (``DELETE``,
-    :meth:`end_call`), answers 404 with Graph's error body (code ``8522``,
-    ``Call not found.``).
+    seconds an issued token lives. The API is served under ``v1.0``
+    (:attr:`graph_url`) and ``beta`` (:attr:`beta_url`) alike. Graph endpoints
+    answer 401 unless they get a bearer token FakeGraph issued and still considers
+    valid. A call is known once created (``POST /communications/calls``) or
+    offered (:meth:`add_call`); every request about a call it does not know, or
+    about one that ended (``DELETE``, :meth:`end_call`), answers 404 with Graph's
+    error body (code ``8522``, ``Call not found.``).
     """
 
     def __init__(
@@ -313,6 +317,11 @@ class FakeGraph(LocalServer):
     def graph_url(self) -> str:
         """The Graph base URL to configure (``settings.graph_url``)."""
         return self.base_url + GRAPH_ROOT
+
+    @property
+    def beta_url(self) -> str:
+        """The base URL of Graph's beta, for a bot that uses it (the same API is served)."""
+        return self.base_url + BETA_ROOT
 
     @property
     def authority_url(self) -> str:
@@ -513,8 +522,10 @@ class FakeGraph(LocalServer):
         raw = await request.read()
         path = request.path
         graph_path: str | None = None
-        if path.startswith(GRAPH_ROOT + "/"):
-            graph_path = path[len(GRAPH_ROOT) :]
+        version: str | None = None
+        for root in (GRAPH_ROOT, BETA_ROOT):
+            if path.startswith(root + "/"):
+                graph_path, version = path[len(root) :], root[1:]
         action, call_id, item_id = self._classify(request.method, path, graph_path)
         body: Any = None
         form: dict[str, str] = {}
@@ -537,6 +548,7 @@ class FakeGraph(LocalServer):
             call_id=call_id,
             item_id=item_id,
             at=time.time(),
+            version=version,
         )
         self.requests.append(recorded)
         self._changed.set()
@@ -739,7 +751,7 @@ class FakeGraph(LocalServer):
         return FakeResponse(
             status=201,
             body=resource,
-            headers={"Location": f"{self.graph_url}/communications/calls/{call_id}"},
+            headers={"Location": f"{self._root_of(request)}/communications/calls/{call_id}"},
         )
 
     def _on_operation(self, request: RecordedRequest) -> FakeResponse:
@@ -764,10 +776,14 @@ class FakeGraph(LocalServer):
             status=status_code,
             body=operation,
             headers={
-                "Location": f"{self.graph_url}/communications/calls/{call.id}/operations/"
+                "Location": f"{self._root_of(request)}/communications/calls/{call.id}/operations/"
                 f"{operation_id}"
             },
         )
+
+    def _root_of(self, request: RecordedRequest) -> str:
+        """The version root the request named: Graph answers in the version it was asked."""
+        return self.beta_url if request.version == "beta" else self.graph_url
 
     def _audio_routing(self, request: RecordedRequest, call: FakeCall) -> FakeResponse:
         groups = call.audio_routing_groups

@@ -23,7 +23,8 @@ redirecting it), else to the bot's callback URL:
 * ``DELETE`` the call   -> ``terminating``, ``terminated`` (5001);
 * ``createCall``/joining a meeting -> ``establishing``, ``established``, the roster
   (or, for a callee who does not pick up, ``terminated`` with 408, see
-  :meth:`Simulator.queue_outgoing`).
+  :meth:`Simulator.queue_outgoing`); a call placed through Graph's beta ``ringing``
+  after ``establishing``.
 
 A scripted caller (:class:`SimulatedCall`) calls in, presses keys, joins and
 leaves a meeting's roster, and hangs up. Every notification and every request
@@ -71,6 +72,7 @@ from .._log import get_logger
 from .._parse import parse_payload
 from .._sequencing import Sequencer
 from ..graph import AccessToken
+from ..graph._call import on_beta
 from ..models._operations import is_settled
 from . import builders as build
 from ._fake_graph import FakeGraph, FakeResponse, RecordedRequest
@@ -782,15 +784,20 @@ class SimulatedCall:
             ),
         )
 
-    def _established(self) -> None:
+    def _established(self, *, ringing: bool = False) -> None:
         """Queue what Graph posts once a call connects, as recorded from Teams (incoming and
         outgoing calls alike: no ``ringing``): ``establishing``, ``established``, then
-        ``established`` again once media flows, then the roster.
+        ``established`` again once media flows, then the roster. ``ringing``: a call placed
+        through Graph's beta rings first, as its Create call page documents it.
         """
         self._add_bot()
         if self.remote is not None and self.remote.id is not None:
             self.roster.setdefault(self.remote.id, self.remote)
-        steps = ["establishing", "established"]
+        steps = (
+            ["establishing", "ringing", "established"]
+            if ringing
+            else ["establishing", "established"]
+        )
         entries = [_Outgoing(items=[build.call_state(self.id, s)]) for s in steps]
         if self.delivery.out_of_order:
             entries[0], entries[-1] = entries[-1], entries[0]
@@ -1392,14 +1399,15 @@ class Simulator:
         """The token authority for the bot (``CALLBOT_AUTHORITY_URL``)."""
         return self.graph.authority_url
 
-    def bot_settings(self, *, public_url: str | None = None) -> dict[str, Any]:
-        """Settings that point a bot at this simulator (for ``bot.configure(**...)``)."""
+    def bot_settings(self, *, public_url: str | None = None, beta: bool = False) -> dict[str, Any]:
+        """Settings that point a bot at this simulator (for ``bot.configure(**...)``);
+        ``beta``: at its Graph beta endpoint, for a bot that uses Graph's beta."""
         values: dict[str, Any] = {
             "app_id": self.app_id,
             "tenant_id": self.tenant_id,
             "app_secret": "simulator-secret",
             "certificate_path": None,
-            "graph_url": self.graph_url,
+            "graph_url": self.graph.beta_url if beta else self.graph_url,
             "authority_url": self.authority_url,
             "openid_config_url": self.openid_config_url,
             "keep_alive": False,
@@ -1409,13 +1417,16 @@ class Simulator:
             values["allow_insecure_public_url"] = True
         return values
 
-    def bot_environment(self, *, public_url: str | None = None) -> dict[str, str]:
-        """The ``CALLBOT_*`` variables that point a bot process at this simulator."""
+    def bot_environment(
+        self, *, public_url: str | None = None, beta: bool = False
+    ) -> dict[str, str]:
+        """The ``CALLBOT_*`` variables that point a bot process at this simulator (``beta``:
+        at its Graph beta endpoint)."""
         env = {
             "CALLBOT_APP_ID": self.app_id,
             "CALLBOT_TENANT_ID": self.tenant_id,
             "CALLBOT_APP_SECRET": "simulator-secret",
-            "CALLBOT_GRAPH_URL": self.graph_url,
+            "CALLBOT_GRAPH_URL": self.graph.beta_url if beta else self.graph_url,
             "CALLBOT_AUTHORITY_URL": self.authority_url,
             "CALLBOT_OPENID_CONFIG_URL": self.openid_config_url,
             "CALLBOT_KEEP_ALIVE": "0",
@@ -1815,6 +1826,8 @@ class Simulator:
         if not isinstance(call_id, str):
             return
         meeting = body.get("meetingInfo") is not None
+        # The beta Create call page documents ringing; the v1.0 calls recorded from Teams have none.
+        rings = request.version == "beta" and not meeting
         targets = [t for t in body.get("targets", []) if isinstance(t, Mapping)]
         remote: models.Participant | None = None
         if targets:
@@ -1841,10 +1854,12 @@ class Simulator:
             outcome = self._outgoing_outcomes.pop(0) if self._outgoing_outcomes else "answer"
             result = OUTGOING_OUTCOMES[outcome]
             if result is None:
-                call._established()
+                call._established(ringing=rings)
             else:
                 code, subcode, message = result
                 call._enqueue(build.call_state(call_id, "establishing"))
+                if rings:
+                    call._enqueue(build.call_state(call_id, "ringing"))
                 call._end_on_graph()
                 call._enqueue(
                     build.call_terminated(call_id, code=code, subcode=subcode, message=message),
@@ -1925,7 +1940,9 @@ async def _serve_bot(bot: CallBot, sim: Simulator, *, keep_alive: bool = False) 
     try:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-        bot.configure(**sim.bot_settings(public_url=f"http://127.0.0.1:{port}"))
+        # A bot written for Graph's beta (playPrompt's loop, ringing) stays on beta.
+        beta = on_beta(bot.settings.graph_url)
+        bot.configure(**sim.bot_settings(public_url=f"http://127.0.0.1:{port}", beta=beta))
         if keep_alive:
             bot.configure(keep_alive=True)
         runner = web.AppRunner(
