@@ -1014,6 +1014,26 @@ async def test_settled_waits_for_the_handlers_of_what_was_posted() -> None:
         await call.settled()
 
 
+async def test_settled_waits_for_the_handlers_of_a_call_a_test_posted_itself() -> None:
+    """``sim.settled()`` waits for everything posted so far: the calls a test posts about with
+    ``sim.post`` too, not only those the simulator plays."""
+    bot = CallBot(app_id=APP_ID)
+    played: list[str] = []
+
+    @bot.on_state("established")
+    async def welcome(call: Call, event: events.CallStateChanged) -> None:
+        await (await call.play_prompt("https://cdn.example/welcome.wav")).wait(timeout=5)
+        played.append(call.key)
+
+    call_id = "2b8d7a3e-5c1f-4d0a-9e6b-7f3c2a1d0e9b"
+    async with run_with_simulator(bot, prompt_duration=0.01) as sim:
+        for state in ("establishing", "established"):
+            body = builders.notifications(builders.call_state(call_id, state))
+            assert await sim.post(body, call_id=call_id) == 202
+        await sim.settled()
+        assert played == [call_id.replace("-", "")]
+
+
 async def test_a_wait_on_a_call_the_bot_never_took_says_so() -> None:
     bot, _seen = recording_bot()  # no on_incoming_call handler: nobody answers
     async with run_with_simulator(bot) as sim:

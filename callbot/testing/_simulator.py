@@ -1338,6 +1338,8 @@ class Simulator:
         self._started_at = time.monotonic()
         self._notifying = True
         self._elsewhere: _BotElsewhere | None = None
+        # Calls notified about (key -> id), a test's own posts too: settled() waits for each.
+        self._notified: dict[str, str] = {}
         self.graph.listeners.append(self._on_request)
 
     # -- lifecycle ----------------------------------------------------------------
@@ -1609,11 +1611,18 @@ class Simulator:
         return self.graph.requests_for(action)
 
     async def settled(self, timeout: float = 5.0) -> None:
-        """:meth:`SimulatedCall.settled` for every call so far."""
+        """:meth:`SimulatedCall.settled` for every call so far, and the bot's handlers done
+        with every call a notification was posted about (:meth:`post`, a replay)."""
         self._in_process_bot()
 
         def busy() -> list[str]:
-            return [c.id for c in self.calls if not c._settled]
+            played = [c.id for c in self.calls if not c._settled]
+            posted = [
+                call_id
+                for key, call_id in self._notified.items()
+                if key not in self._by_key and not self._bot_settled(key)
+            ]
+            return played + posted
 
         await self._until(
             lambda: not busy(),
@@ -1770,6 +1779,7 @@ class Simulator:
         except MalformedNotification:
             return  # not a notification (a test's own body): it names no call
         for event in told:
+            self._notified.setdefault(event.call_key, event.call_id)
             if self.graph.calls.get(event.call_key) is None:
                 data = event.raw.get("resourceData")
                 is_call = isinstance(data, Mapping) and data.get("@odata.type") == _CALL_TYPE
