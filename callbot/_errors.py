@@ -28,6 +28,11 @@ __all__ = [
 ]
 
 
+CALL_NOT_FOUND = "8522"
+"""Graph's error code for a call it does not have (never created or offered, or ended),
+answered with 404 and ``Call not found.``, whatever part of the call was asked about."""
+
+
 class CallbotError(Exception):
     """Base class of every error callbot raises on purpose."""
 
@@ -113,7 +118,8 @@ class CallEnded(GraphError):
     Catch it where a handler should stop quietly; a handler that lets it escape
     is stopped without counting as a failure (it is logged at info level). A 404
     about one participant, operation or group of a call not known to have ended
-    is a plain :class:`GraphError`: only that one is gone.
+    is a plain :class:`GraphError`: only that one is gone; unless Graph's error
+    says the call is not found (code ``8522``) and the bot is in that call.
     """
 
     @classmethod

@@ -130,6 +130,23 @@ async def test_a_404_about_one_item_of_a_call_that_ended_is_call_ended(
         await call.participants.remove(GONE)
 
 
+@pytest.mark.parametrize("action", sorted(ITEM_ACTIONS))
+async def test_a_404_saying_the_call_is_not_found_is_call_ended_before_the_end_is_told(
+    graph: FakeGraph, services: CallServices, action: str
+) -> None:
+    """The caller hangs up as the bot takes them off hold music: Graph answers the request
+    about the participant with its code for a call it does not have (8522, ``Call not
+    found.``) before its notification of the end has reached the bot. The call the bot is
+    in has ended, so CallEnded, which a handler may let escape."""
+    graph.add_call(CALL_ID, state="established")
+    graph.end_call(CALL_ID)
+    call = services.call(CALL_ID, life=CallLife(CALL_ID))
+    assert not call.ended
+    with pytest.raises(CallEnded) as raised:
+        await ITEM_ACTIONS[action](call)
+    assert (raised.value.status, raised.value.code) == (404, "8522")
+
+
 NEVER_OFFERED = "0c5e3f1a-7b2d-4e8f-9a6c-1d2e3f4a5b6c"
 CALL_ACTIONS: dict[str, Callable[[Call], Awaitable[Any]]] = {
     "answer": lambda call: call.answer(),

@@ -21,7 +21,7 @@ import structlog
 
 from .. import models
 from .._dtmf import tones_of
-from .._errors import CallEnded, GraphError
+from .._errors import CALL_NOT_FOUND, CallEnded, GraphError
 from .._ids import id_key, path_segment
 from . import _digits
 from ._client import GraphResponse
@@ -292,7 +292,9 @@ class Call:
         except GraphError as exc:
             # Graph no longer knows the call: it ended (usually the caller hung up). About one
             # item, a 404 says only that it is gone (a participant who has just left).
-            if exc.status == 404 and not isinstance(exc, CallEnded) and (self.ended or not item):
+            # Unless its code says the call is not found: a call the bot is in ended, untold yet.
+            gone = self.ended or not item or (self._life is not None and exc.code == CALL_NOT_FOUND)
+            if exc.status == 404 and not isinstance(exc, CallEnded) and gone:
                 raise CallEnded.from_graph_error(exc) from None
             raise
 

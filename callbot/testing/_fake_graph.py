@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from .._config import Settings
+from .._errors import CALL_NOT_FOUND
 from .._ids import id_key
 from ._server import LocalServer
 from ._tokens import TEST_TENANT_ID
@@ -129,7 +130,7 @@ _ABOUT_A_PARTICIPANT = frozenset(
 
 # Graph's error code for a call it does not have (never created or offered, or ended), as
 # live bots have reported it with 404 and "Call not found.".
-_CALL_NOT_FOUND = "8522"
+_CALL_NOT_FOUND = CALL_NOT_FOUND
 
 _ERROR_CODES = {
     400: "BadRequest",
