@@ -408,6 +408,44 @@ async def test_transfer(outcome: str) -> None:
         assert back.result_info.code == 500
 
 
+@pytest.mark.parametrize("outcome", ["completed", "failed"])
+async def test_a_consultative_transfer_ends_as_graph_documents_it(outcome: str) -> None:
+    """Graph's consultative transfer examples (2 and 4) end otherwise than a blind one: the
+    call terminated with ``terminationReason`` ``AppTransferred`` and no resultInfo
+    (document 28), or back to ``established`` with 500/7700 (documents 29, 30). The
+    simulator ended it as a blind one (0/7015, 500/7000): a bot telling a completed
+    transfer by 7015 passed under test and took every consultative transfer live for a
+    hang-up."""
+    bot, seen = answering_bot()
+    agent_call_id = "e5d39592-99bd-4db8-bca8-30fb894ec51d"
+
+    @bot.on_tone
+    async def transfer(call: Call, event: events.ToneReceived) -> None:
+        await call.transfer(Target.user("agent-id", "Agent"), replaces_call_id=agent_call_id)
+
+    async with run_with_simulator(bot) as sim:
+        sim.transfer_outcome = outcome
+        call = await sim.incoming_call()
+        await call.press("0")
+        request = await sim.wait_for_request("transfer")
+        assert request.json["transferTarget"]["replacesCallId"] == agent_call_id
+        if outcome == "completed":
+            await call.wait_until_ended()
+        else:
+            await until(lambda: labels(seen).count("established") == 2)
+        await call.settled()
+    last = seen[-1]
+    assert isinstance(last, events.CallStateChanged)
+    if outcome == "completed":
+        assert labels(seen)[-3:] == ["transferring", "transferAccepted", "terminated"]
+        assert last.result_info is None
+        assert last.call.termination_reason == "AppTransferred"
+    else:
+        assert (last.state, last.previous_state) == ("established", "transferring")
+        assert last.result_info is not None
+        assert (last.result_info.code, last.result_info.subcode) == (500, 7700)
+
+
 async def test_a_caller_hanging_up_while_the_transfer_completes_is_no_failure() -> None:
     """The transfer's end is already on its way when the caller hangs up: the hang-up
     comes to nothing, as on a call that is over, instead of raising (the dtmf scenario

@@ -11,7 +11,7 @@ redirecting it), else to the bot's callback URL:
 * ``reject``/``redirect`` -> ``terminated``;
 * ``transfer``          -> ``transferring``, ``transferAccepted``, ``terminated`` (7015),
   or back to ``established`` with code 500 when :attr:`Simulator.transfer_outcome`
-  is ``"failed"``;
+  is ``"failed"`` (a consultative one: ``terminationReason`` ``AppTransferred``, or 7700);
 * ``playPrompt``        -> the operation's ``completed`` once the prompts would have played;
 * ``recordResponse``    -> ``completed`` with a ``recordingLocation`` the simulator
   serves (only with the ``recordingAccessToken``);
@@ -990,9 +990,14 @@ class SimulatedCall:
                 ),
             )
         elif action == "transfer":
+            target = body.get("transferTarget")
+            # Graph documents a consultative transfer ending otherwise (AppTransferred, 7700).
+            consultative = isinstance(target, Mapping) and bool(target.get("replacesCallId"))
             self._enqueue(build.call_state(self.id, "transferring"))
             if sim.transfer_outcome == "failed":
-                failed = models.ResultInfo(code=500, subcode=7000, message="Transfer failed.")
+                failed = models.ResultInfo(
+                    code=500, subcode=7700 if consultative else 7000, message="Transfer failed."
+                )
                 self._enqueue(
                     build.call_state(self.id, "established", result_info=failed),
                     delay=sim.transfer_duration,
@@ -1003,7 +1008,9 @@ class SimulatedCall:
                     delay=sim.transfer_duration,
                 )
                 self._enqueue(
-                    build.call_terminated(
+                    build.call_terminated(self.id, code=None, termination_reason="AppTransferred")
+                    if consultative
+                    else build.call_terminated(
                         self.id, code=0, subcode=7015, message="GracefulTransferCompleted"
                     ),
                 )

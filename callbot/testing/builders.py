@@ -132,12 +132,23 @@ def call_state(
 
 
 def call_terminated(
-    call_id: str, *, code: int | None = 0, subcode: int = 0, message: str = "Call ended."
+    call_id: str,
+    *,
+    code: int | None = 0,
+    subcode: int = 0,
+    message: str = "Call ended.",
+    termination_reason: str | None = None,
 ) -> dict[str, Any]:
     """A ``deleted`` call in state ``terminated``, with its resultInfo (none when ``code`` is
-    ``None``, as Graph ends a call the bot rejected or redirected)."""
+    ``None``, as Graph ends a call the bot rejected or redirected) and its
+    ``terminationReason`` when given (``AppTransferred``: a consultative transfer completed)."""
     info = None if code is None else models.ResultInfo(code=code, subcode=subcode, message=message)
-    call = models.Call(odata_type="#microsoft.graph.call", state="terminated", result_info=info)
+    call = models.Call(
+        odata_type="#microsoft.graph.call",
+        state="terminated",
+        result_info=info,
+        termination_reason=termination_reason,
+    )
     return _item("deleted", _call_path(call_id), _dump(call))
 
 
