@@ -82,6 +82,9 @@ class CallLife:
     result_info: ResultInfo | None = None
     """Why the call ended, when Graph said."""
     keeping_alive: bool = False
+    transfers: int = 0
+    """Transfers the bot asked Graph for on this call: a failure worded as the one before
+    it is news once another transfer was asked since."""
     tenant_id: str | None = None
     """The tenant the call was first seen with (its :func:`tenant_key`): the call belongs to it."""
     key: str = field(init=False)
@@ -296,6 +299,13 @@ class Lifecycle:
             while (let_go := self._pending.over(tenant_id)) is not None:
                 self._forget(let_go, "too_many_pending_calls")
         return life
+
+    def transfer_asked(self, call_id: str) -> None:
+        """The bot asked Graph to transfer the call (its outcome, even worded as the last
+        one, is news)."""
+        life = self._lives.get(id_key(call_id))
+        if life is not None:
+            life.transfers += 1
 
     def bind(self, life: CallLife, tenant_id: str) -> None:
         """The call is ``tenant_id``'s from now on, if it was nobody's yet (a call first known

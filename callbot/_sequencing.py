@@ -273,6 +273,9 @@ class CallRecord:
     unless it reaches the first."""
     closed: bool = False
     """The call's termination was delivered: what comes after it is dropped."""
+    transfers_told: int = 0
+    """The life's ``transfers`` when the call's last state with a ``resultInfo`` was
+    delivered: a copy of it after another transfer was asked is that transfer's failure."""
 
     @property
     def call_id(self) -> str:
@@ -311,7 +314,12 @@ def _changes_call(record: CallRecord, event: events.Event) -> bool:
     if state != record.state:
         return True
     call = _call_of(event)
-    return call is not None and bool(_changed(record.snapshot, call))
+    if call is None:
+        return False
+    if call.result_info is not None and record.life.transfers != record.transfers_told:
+        # Graph may tell a failed transfer by this update alone: tried again, it fails alike.
+        return True
+    return bool(_changed(record.snapshot, call))
 
 
 # Notifications telling how a part of the call stands now: the same one after another of
@@ -686,6 +694,8 @@ class Sequencer:
         snapshot_source = _call_of(event)
         if snapshot_source is not None:
             record.snapshot = _merge(previous, snapshot_source)
+            if snapshot_source.result_info is not None:
+                record.transfers_told = record.life.transfers
         state = "incoming" if isinstance(event, events.IncomingCall) else _state(event)
         if state is not None:
             info = event.result_info if isinstance(event, events.CallTerminated) else None

@@ -257,3 +257,46 @@ async def test_the_handle_create_call_returns_sees_its_call_end(
         assert (await server.post(b.notifications(item))).status == 202
     await until(lambda: ended == [call.id])
     assert call.ended
+
+
+async def test_a_transfer_failing_again_by_an_update_alone_is_heard_again(
+    graph: FakeGraph, authority: TokenAuthority, serve: Any
+) -> None:
+    """Graph may tell a failed transfer by an update alone: ``established`` again with a
+    ``resultInfo`` (no ``transferring`` first). A bot trying a second target then gets the
+    very same notification when that fails too: it was dropped as a repeat of the first,
+    and the bot never heard its second transfer fail. A copy with no transfer asked in
+    between is still a repeat."""
+    bot = graph_bot(graph, authority)
+    failures: list[int] = []
+    targets = [Target.user("agent-id", "Agent"), Target.phone("+14255550100")]
+
+    @bot.on_call_updated
+    async def failed(call: Call, event: events.CallUpdated) -> None:
+        if event.result_info is None:
+            return
+        failures.append(event.result_info.subcode or 0)
+        if len(failures) < len(targets):
+            await call.transfer(targets[len(failures)])
+
+    @bot.on_terminated
+    async def over(call: Call, event: events.CallTerminated) -> None:
+        failures.append(-1)
+
+    server: BotServer = await serve(bot)
+    graph.add_call("xfer-call")
+    for state in ("establishing", "established"):
+        assert (await server.post(b.notifications(b.call_state("xfer-call", state)))).status == 202
+    why = models.ResultInfo(code=500, subcode=7000, message="Transfer failed.")
+    failure = b.call_state("xfer-call", "established", result_info=why)
+    await bot.services.call("xfer-call").transfer(targets[0])
+    assert (await server.post(b.notifications(failure))).status == 202
+    await until(lambda: failures == [7000])
+    await until(lambda: len(graph.requests_for("transfer")) == 2)
+    assert (await server.post(b.notifications(failure))).status == 202  # the second fails
+    await until(lambda: failures == [7000, 7000])
+    assert (await server.post(b.notifications(failure))).status == 202  # Graph sent it twice
+    ended = b.call_terminated("xfer-call")
+    assert (await server.post(b.notifications(ended))).status == 202
+    await until(lambda: failures[-1:] == [-1])  # the end comes after the copy, in order
+    assert failures == [7000, 7000, -1]

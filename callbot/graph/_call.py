@@ -56,6 +56,7 @@ class CallServices(Protocol):
     def operations(self) -> OperationRegistry: ...
     @property
     def tones(self) -> _digits.ToneRouter: ...
+    def transfer_asked(self, call_id: str) -> None: ...
 
 
 __all__ = [
@@ -437,6 +438,7 @@ class Call:
         if client_context is not None:
             body["clientContext"] = client_context
         await self._request("POST", "/transfer", body)
+        self._services.transfer_asked(self.id)
 
     async def hangup(self) -> None:
         """Hang up: the bot leaves (``DELETE`` the call)."""

@@ -144,6 +144,11 @@ class CallServices:
     def _forget_scenario(self, call_key: str, reason: str) -> None:
         self._scenarios.pop(call_key, None)
 
+    def transfer_asked(self, call_id: str) -> None:
+        """Graph took a transfer of the call: the lifecycle counts it."""
+        if self._lifecycle is not None:
+            self._lifecycle.transfer_asked(call_id)
+
     # -- handles ------------------------------------------------------------------
 
     def call(
