@@ -122,6 +122,10 @@ class CallEnded(GraphError):
     says the call is not found (code ``8522``) and the bot is in that call.
     """
 
+    result_info: Any = None
+    """Why the call ended, when Graph said (a :class:`~callbot.models.ResultInfo`): set
+    when a wait for the call to be established (``Call.wait_until_established``) ends."""
+
     @classmethod
     def from_graph_error(cls, exc: GraphError) -> CallEnded:
         """The same answer from Graph, as a ``CallEnded``."""

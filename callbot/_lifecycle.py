@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Final
 
+from ._errors import CallEnded
 from ._ids import id_key, tenant_key
 from ._log import get_logger
 from .models import CALL_LIFECYCLE, ResultInfo
@@ -215,6 +216,8 @@ class Lifecycle:
         self._timer_at = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
         self._ended_listeners: list[Callable[[str, ResultInfo | None], None]] = []
+        # Per call: who waits for it to be established (Call.wait_until_established).
+        self._established_waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._forgotten_listeners: list[Callable[[str, str], None]] = []
         self._delivering: Callable[[str], bool] = lambda call_key: False
 
@@ -335,7 +338,46 @@ class Lifecycle:
             self._start_keep_alive(life)
         elif state == "terminated":
             self.end(life.call_id, result_info)
+        if self._established_waiters and life.established:
+            self._wake(life.key, None)
         return True, previous
+
+    def told_established(self, call_id: str) -> None:
+        """Another instance accepted the call's ``established``: who waits for it here goes
+        on (the instance running the call delivers it in order)."""
+        if self._established_waiters:
+            self._wake(id_key(call_id), None)
+
+    async def until_established(self, call_id: str, timeout: float | None = None) -> None:
+        """Return once the call is established (at once if it is). Raises
+        :class:`~callbot.CallEnded` if it ends first (or has ended), ``TimeoutError`` after
+        ``timeout`` seconds."""
+        key = id_key(call_id)
+        life = self._lives.get(key)
+        if life is not None and life.established:
+            return
+        if (life is not None and life.ended) or self._ended_lately(key) is not None:
+            raise _never_established(call_id, life.result_info if life is not None else None)
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._established_waiters.setdefault(key, []).append(waiter)
+        try:
+            async with asyncio.timeout(timeout):
+                await waiter
+        finally:
+            waiting = self._established_waiters.get(key)
+            if waiting is not None and waiter in waiting:
+                waiting.remove(waiter)
+                if not waiting:
+                    del self._established_waiters[key]
+
+    def _wake(self, key: str, ended: CallEnded | None) -> None:
+        for waiter in self._established_waiters.pop(key, ()):
+            if waiter.done():
+                continue
+            if ended is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(ended)
 
     def end(self, call_id: str, result_info: ResultInfo | None) -> None:
         """The call ended: its termination was delivered here, or accepted by another
@@ -347,6 +389,8 @@ class Lifecycle:
         life.result_info = result_info if result_info is not None else life.result_info
         life.keeping_alive = False
         self._pending.pop(life.key)
+        if self._established_waiters:
+            self._wake(life.key, _never_established(life.call_id, life.result_info))
         for listener in self._ended_listeners:
             try:
                 listener(life.key, life.result_info)
@@ -540,3 +584,14 @@ class Lifecycle:
             self.gone(life.call_id)
         else:
             self._start_keep_alive(life, after_failure=result is KeepAliveResult.FAILED)
+
+
+def _never_established(call_id: str, result_info: ResultInfo | None) -> CallEnded:
+    """What a wait for a call to be established raises when it ended first (the callee did
+    not pick up, declined, was busy, or the call was hung up): ``result_info`` says why."""
+    why = ""
+    if result_info is not None:
+        why = f" ({result_info.code}/{result_info.subcode}: {result_info.message or ''})"
+    ended = CallEnded(404, "callEnded", f"call {call_id} ended before it was established{why}")
+    ended.result_info = result_info
+    return ended

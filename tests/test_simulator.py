@@ -771,6 +771,29 @@ async def test_outgoing_calls_ring_and_are_answered_or_not() -> None:
     ]
 
 
+async def test_a_placed_call_can_be_awaited_until_established_or_not_answered() -> None:
+    """A bot placing a call waits for the callee to pick up: ``wait_until_established``
+    returns once Graph says the call is established (at once after that), and raises
+    ``CallEnded`` with Graph's reason when the call ends first (and for an ended call)."""
+    bot, _seen = recording_bot()
+    async with run_with_simulator(bot) as sim:
+        sim.queue_outgoing("busy", "answer")
+        busy = await bot.create_call(Target.phone("+14255550123"))
+        with pytest.raises(CallEnded) as info:
+            await busy.wait_until_established(timeout=30)
+        assert info.value.result_info is not None
+        assert info.value.result_info.code == 486
+        with pytest.raises(CallEnded):
+            await busy.wait_until_established(timeout=30)  # it ended: at once
+        answered = await bot.create_call(Target.user("user-1", "Lee Gu"))
+        await answered.wait_until_established(timeout=30)
+        assert bot.services.call(answered.id).ended is False
+        await answered.wait_until_established(timeout=0.001)  # established: at once
+        lifecycle = bot._running().lifecycle
+        assert lifecycle._established_waiters == {}
+        await answered.hangup()
+
+
 async def test_the_bot_is_in_the_roster_under_the_id_graph_names_as_its_own() -> None:
     """Graph names the bot's own participant (``myParticipantId``) in an incoming call
     (documents 15, 18, 20, 22) and in a placed call's answer (Create call): a bot finding the

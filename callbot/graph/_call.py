@@ -57,6 +57,7 @@ class CallServices(Protocol):
     @property
     def tones(self) -> _digits.ToneRouter: ...
     def transfer_asked(self, call_id: str) -> None: ...
+    async def until_established(self, call_id: str, timeout: float | None) -> None: ...
 
 
 __all__ = [
@@ -443,6 +444,17 @@ class Call:
     async def hangup(self) -> None:
         """Hang up: the bot leaves (``DELETE`` the call)."""
         await self._request("DELETE")
+
+    async def wait_until_established(self, timeout: float | None = None) -> None:
+        """Wait until the call is established: a call the bot placed (``bot.create_call``,
+        ``bot.join_meeting``) once the callee picked up (at once if it is established).
+
+        Raises :class:`~callbot.CallEnded` if the call ends first, or has ended (the callee
+        did not pick up, declined, was busy): its ``result_info`` says why when Graph said.
+        Raises ``TimeoutError`` after ``timeout`` seconds; the call goes on (hang it up if
+        it should not). With the Redis store, it returns whichever instance Graph told.
+        """
+        await self._services.until_established(self.id, timeout)
 
     async def keep_alive(self) -> None:
         """Tell Graph the bot still holds the call (else it ends after 45 minutes)."""

@@ -149,6 +149,12 @@ class CallServices:
         if self._lifecycle is not None:
             self._lifecycle.transfer_asked(call_id)
 
+    async def until_established(self, call_id: str, timeout: float | None) -> None:
+        """See :meth:`Call.wait_until_established` (the lifecycle knows the call's states)."""
+        if self._lifecycle is None:
+            raise RuntimeError("waiting for a call's state needs the bot running (bot.services)")
+        await self._lifecycle.until_established(call_id, timeout)
+
     # -- handles ------------------------------------------------------------------
 
     def call(

@@ -114,6 +114,14 @@ _SHARED = (events.OperationUpdated, events.CallTerminated, events.ToneReceived)
 """What every instance is told of through the events stream (waiters may be anywhere)."""
 
 
+def _shared(event: events.Event) -> bool:
+    """Whether every instance is told of ``event``: an outcome, a tone, an end, or the call
+    established (``Call.wait_until_established`` may wait on any instance)."""
+    if isinstance(event, _SHARED):
+        return True
+    return isinstance(event, events.CallStateChanged) and event.state == "established"
+
+
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -728,7 +736,7 @@ class RedisStore:
             if int(answer[0]) < 0:
                 refused += 1
                 continue
-            if isinstance(event, _SHARED):
+            if _shared(event):
                 # in the events stream for the others; here without reading it back
                 self._tell(event)
             fresh, who, entry = int(answer[0]), int(answer[1]), _text(answer[2])
@@ -896,7 +904,7 @@ class RedisStore:
             if int(answer[0]) < 0:
                 continue  # refused: the call is another tenant's, and nobody is told of it
             # Whoever waits for these (op.wait, collect_digits, ...) may run on any instance.
-            if isinstance(event, _SHARED):
+            if _shared(event):
                 # Every copy goes out (waiters ignore a repeat): a copy retried after a
                 # failed first attempt is a repeat here, yet may never have gone out.
                 broadcasts.append(
@@ -1729,7 +1737,8 @@ class RedisStore:
         self._tell(event)
 
     def _tell(self, event: events.Event) -> None:
-        """Resolve what waits here for an operation outcome, a tone or a call's end."""
+        """Resolve what waits here for an operation outcome, a tone, a call established or
+        its end."""
         if self._lifecycle.belongs_elsewhere(event.call_id, event.tenant_id):
             # Told before the store refused it: what waits here is the call's own tenant's.
             return
@@ -1743,6 +1752,8 @@ class RedisStore:
             known = self._known.get(event.call_key)
             if known is not None and event.call_key not in self._owned:
                 del self._known[event.call_key]
+        elif isinstance(event, events.CallStateChanged):
+            self._lifecycle.told_established(event.call_id)
 
     # -- plumbing -------------------------------------------------------------------
 
