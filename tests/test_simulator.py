@@ -1147,6 +1147,34 @@ async def test_mute_and_invite_change_the_roster() -> None:
     assert [p.info.identity.user.display_name for p in last.joined] == ["Lee Gu"]  # type: ignore[union-attr]
 
 
+async def test_an_invitation_can_be_made_to_fail() -> None:
+    """``sim.invite_outcome = "failed"``: the invitation's operation fails (the simulator's
+    own 408: Graph documents no failed invitation), and nobody joins the roster."""
+    bot, seen = answering_bot()
+    outcomes: list[tuple[str, int | None]] = []
+
+    @bot.on_tone
+    async def invite(call: Call, event: events.ToneReceived) -> None:
+        op = await call.participants.invite(Target.user("user-2", "Lee Gu"))
+        try:
+            await op.wait(timeout=30)
+            outcomes.append(("completed", None))
+        except OperationFailed as exc:
+            outcomes.append(("failed", exc.result_info.code if exc.result_info else None))
+
+    async with run_with_simulator(bot) as sim:
+        sim.invite_outcome = "failed"
+        call = await sim.incoming_call()
+        await call.press("3")
+        await until(lambda: bool(outcomes))
+        await call.hangup()
+        await sim.settled()
+    assert outcomes == [("failed", 408)]
+    assert len(call.roster) == 2  # the caller and the bot
+    rosters = [e for e in seen if isinstance(e, events.ParticipantsUpdated)]
+    assert all(not roster.left and len(roster.joined) <= 2 for roster in rosters)
+
+
 async def test_waiting_for_a_request_that_never_comes_says_what_came() -> None:
     bot, _ = answering_bot()
     async with run_with_simulator(bot) as sim:

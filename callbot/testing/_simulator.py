@@ -112,6 +112,8 @@ _MEDIA_ACTIONS = frozenset({"playPrompt", "recordResponse"})
 _OK = 200
 _CANCELED = {"code": 400, "subcode": 8508, "message": "Action failed, the operation was cancelled."}
 _DONE = {"code": 200, "subcode": 0, "message": "Action completed successfully."}
+# The simulator's own: Graph documents no failed invitation.
+_INVITE_FAILED = {"code": 408, "subcode": 0, "message": "The invitee did not answer."}
 _CALLS = "/communications/calls/"
 _CALL_TYPE = "#microsoft.graph.call"
 _LEGACY_CALLS = "/app/calls/"
@@ -1168,7 +1170,12 @@ class SimulatedCall:
             invitees = [p for p in body.get("participants", []) if isinstance(p, Mapping)]
 
             def joined() -> None:
-                outcome = self._operation_item(operation_id, "completed", _DONE)
+                failed = sim.invite_outcome == "failed"
+                outcome = (
+                    self._operation_item(operation_id, "failed", _INVITE_FAILED)
+                    if failed
+                    else self._operation_item(operation_id, "completed", _DONE)
+                )
                 if len(invitees) > 1:
                     # As documented for several invitees: on operations/participants, with
                     # "id": null, only its clientContext saying which invitation it ends.
@@ -1176,6 +1183,8 @@ class SimulatedCall:
                     data = {k: v for k, v in outcome["resourceData"].items() if k != "@odata.id"}
                     outcome = {**outcome, "resourceUrl": path, "resourceData": {**data, "id": None}}
                 self._enqueue(outcome)
+                if failed:
+                    return  # nobody joined
                 added: list[models.Participant] = []
                 for invitee in invitees:
                     kind, ident, name = _identity_kind_and_id(invitee)
@@ -1315,6 +1324,9 @@ class Simulator:
         self.drive = drive
         self.transfer_outcome = "completed"
         """``completed`` (the target picks up: 7015) or ``failed`` (back to established, 500)."""
+        self.invite_outcome = "completed"
+        """``completed`` (the invitees join the roster) or ``failed`` (the invitation's
+        operation fails with the simulator's own 408, and nobody joins)."""
         self.meeting_attendees: list[str] = ["Megan Bowen"]
         """Who is already in a meeting the bot joins."""
         self.recording: bytes = silent_wav()
