@@ -67,6 +67,7 @@ def _show_setup(sim: Simulator, bot: RemoteBot, stream: TextIO) -> None:
         "",
         *(f"  export {k}={v}" for k, v in sim.bot_environment(public_url=origin).items()),
         "",
+        f"(A bot using Graph's beta: CALLBOT_GRAPH_URL={sim.graph.beta_url}, served too.)",
         f"Notifications go to {bot.url}.",
     ]
     stream.write("\n".join(lines) + "\n")

@@ -349,6 +349,8 @@ async def test_simulate_plays_a_scenario_against_a_bot_running_elsewhere(scenari
         for line in info.getvalue().splitlines()
         if line.strip().startswith("export ")
     )
+    beta = environ["CALLBOT_GRAPH_URL"].removesuffix("/v1.0") + "/beta"
+    assert f"CALLBOT_GRAPH_URL={beta}, served too" in info.getvalue()  # for a bot on beta
     bot, seen = scenario_bot(Settings.from_env(environ, port=bot_port))
     runner = web.AppRunner(bot.create_app(), access_log=None)
     await runner.setup()
