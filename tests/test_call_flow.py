@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 from callbot import Call, CallBot, OperationFailed, Target, events, models
-from callbot.testing import FakeGraph, TokenAuthority
+from callbot.testing import FakeGraph, FakeResponse, RecordedRequest, TokenAuthority
 from callbot.testing import builders as b
 
 from .conftest import BotServer, until
@@ -300,3 +300,52 @@ async def test_a_transfer_failing_again_by_an_update_alone_is_heard_again(
     assert (await server.post(b.notifications(ended))).status == 202
     await until(lambda: failures[-1:] == [-1])  # the end comes after the copy, in order
     assert failures == [7000, 7000, -1]
+
+
+async def test_a_transfer_failure_posted_before_the_transfer_is_answered_is_heard_once(
+    graph: FakeGraph, authority: TokenAuthority, serve: Any
+) -> None:
+    """Graph may post a transfer's failure before it answers the transfer request. The
+    transfer was counted only once answered: its failure, worded as the one before, was then
+    dropped as a repeat of it, and a copy Graph sent again of the first failure was heard as
+    a second one."""
+    bot = graph_bot(graph, authority)
+    heard: list[str] = []
+
+    @bot.on_call_updated
+    async def failed(call: Call, event: events.CallUpdated) -> None:
+        if event.result_info is not None:
+            heard.append(f"failed {event.result_info.subcode}")
+
+    @bot.on_tone
+    async def pressed(call: Call, event: events.ToneReceived) -> None:
+        heard.append(event.tone)
+
+    @bot.on_terminated
+    async def over(call: Call, event: events.CallTerminated) -> None:
+        heard.append("ended")
+
+    server: BotServer = await serve(bot)
+    graph.add_call("xfer-call")
+    for state in ("establishing", "established"):
+        assert (await server.post(b.notifications(b.call_state("xfer-call", state)))).status == 202
+    why = models.ResultInfo(code=500, subcode=7000, message="Transfer failed.")
+    failure = b.notifications(b.call_state("xfer-call", "established", result_info=why))
+
+    async def fails_before_answering(request: RecordedRequest) -> FakeResponse:
+        assert (await server.post(failure)).status == 202
+        return FakeResponse(status=202)
+
+    graph.route("transfer", fails_before_answering)
+    call = bot.services.call("xfer-call")
+    await call.transfer(Target.user("agent-id", "Agent"))
+    await until(lambda: heard == ["failed 7000"])
+    assert (await server.post(failure)).status == 202  # Graph sent the first failure twice
+    tone = b.notifications(b.tone("xfer-call", "tone1", 1))
+    assert (await server.post(tone)).status == 202  # handled after the copy, in order
+    await until(lambda: heard[-1:] == ["tone1"])
+    await call.transfer(Target.phone("+14255550100"))  # it fails as the first did
+    ended = b.call_terminated("xfer-call")
+    assert (await server.post(b.notifications(ended))).status == 202
+    await until(lambda: heard[-1:] == ["ended"])
+    assert heard == ["failed 7000", "tone1", "failed 7000", "ended"]

@@ -438,8 +438,9 @@ class Call:
             body["transferee"] = participant_info_json(transferee)
         if client_context is not None:
             body["clientContext"] = client_context
-        await self._request("POST", "/transfer", body)
+        # Counted before it is sent: Graph may post its failure before answering the request.
         self._services.transfer_asked(self.id)
+        await self._request("POST", "/transfer", body)
 
     async def hangup(self) -> None:
         """Hang up: the bot leaves (``DELETE`` the call)."""
