@@ -533,6 +533,8 @@ class Sequencer:
         record.life = self.lifecycle.adopt(
             stored.call_id, phase=stored.phase, state=stored.state, ended=record.closed
         )
+        # A transfer asked by the call's last run, whose failure is still to come, is news then.
+        record.life.transfers = max(record.life.transfers, stored.transfers)
         self._records[key] = record
 
     def start_over(self, call_key: str) -> None:

@@ -157,6 +157,37 @@ async def test_a_restored_record_orders_the_next_events() -> None:
     other.close()
 
 
+async def test_a_restored_record_knows_the_transfer_its_last_run_asked() -> None:
+    """A handler hearing a transfer fail tries another target; that transfer fails as the
+    first did (an update alone). The instance taking the call over next did not know the
+    transfer was asked (the count was not stored): it dropped the failure as a repeat."""
+    first: list[Delivery] = []
+    calls = Lifecycle(termination_grace=30)
+    seq = Sequencer(first.append, calls, reorder_window=5)
+    why = models.ResultInfo(code=500, subcode=7000, message="Transfer failed.")
+    failure = b.call_state("c", "established", result_info=why)
+    for item in (b.call_state("c", "establishing"), b.call_state("c", "established")):
+        seq.accept(one(item))
+    calls.transfer_asked("c")
+    seq.accept(one(failure))
+    calls.transfer_asked("c")  # its handler tries another target
+    record = seq.record("c")
+    assert record is not None
+    stored = encode_record(record)
+    seq.close()
+
+    later: list[Delivery] = []
+    other = Sequencer(later.append, Lifecycle(termination_grace=30), reorder_window=5)
+    restored = decode_record(stored)
+    assert restored is not None
+    other.adopt(restored)
+    other.accept(one(failure))  # the second transfer's failure
+    other.accept(one(failure))  # Graph sent it twice
+    assert [type(d.event) for d in later] == [events.CallUpdated]
+    assert other.counts["duplicate"] == 1
+    other.close()
+
+
 async def test_a_record_written_with_older_roster_keys_diffs_as_before() -> None:
     ann = {"id": "ann", "info": {"identity": {"user": {"id": "u1", "displayName": "Ann"}}}}
     bob = {

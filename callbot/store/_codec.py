@@ -97,6 +97,8 @@ def encode_record(record: CallRecord) -> str:
         "ended": record.closed,
         "roster_sequence": record.roster_sequence,
         "tone_next": record.tone_next,
+        "transfers": record.life.transfers,
+        "transfers_told": record.transfers_told,
         "latest": {kind: digest.hex() for kind, digest in record.latest.items()},
         # Read by instances of the previous release during a rolling upgrade.
         "roster_digest": digest.hex() if (digest := record.latest.get("roster")) else None,
@@ -126,12 +128,14 @@ def decode_record(text: str) -> CallRecord | None:
             phase=int(body["phase"]),
             state=body.get("state"),
             ended=bool(body.get("ended")),
+            transfers=_number(body.get("transfers")) or 0,
         ),
         closed=bool(body.get("ended")),
         snapshot=None if snapshot is None else CallResource.model_validate(snapshot),
         roster=_roster(body.get("roster") or {}),
         roster_sequence=body.get("roster_sequence"),
         tone_next=_number(body.get("tone_next")),
+        transfers_told=_number(body.get("transfers_told")) or 0,
         latest={kind: bytes.fromhex(digest) for kind, digest in _latest(body).items()},
     )
     record.seen.extend(bytes.fromhex(digest) for digest in body.get("seen") or ())
