@@ -218,6 +218,9 @@ class Lifecycle:
         self._ended_listeners: list[Callable[[str, ResultInfo | None], None]] = []
         # Per call: who waits for it to be established (Call.wait_until_established).
         self._established_waiters: dict[str, list[asyncio.Future[None]]] = {}
+        # Calls a shared store told established (any instance may run them), until they end:
+        # a wait started after that returns at once, as for a call established here.
+        self._established_elsewhere = _ByTenant(_MAX_ENDED)
         self._forgotten_listeners: list[Callable[[str, str], None]] = []
         self._delivering: Callable[[str], bool] = lambda call_key: False
 
@@ -342,11 +345,19 @@ class Lifecycle:
             self._wake(life.key, None)
         return True, previous
 
-    def told_established(self, call_id: str) -> None:
+    def told_established(self, call_id: str, tenant_id: str | None) -> None:
         """Another instance accepted the call's ``established``: who waits for it here goes
-        on (the instance running the call delivers it in order)."""
+        on (the instance running the call delivers it in order), now or later."""
+        key = id_key(call_id)
+        life = self._lives.get(key)
+        if (life is not None and life.ended) or self._ended_lately(key) is not None:
+            return  # a copy sent late: the call's end was told first
+        tenant = tenant_key(tenant_id) if tenant_id is not None else None
+        self._established_elsewhere.add(key, asyncio.get_running_loop().time(), tenant)
+        while (let_go := self._established_elsewhere.over(tenant)) is not None:
+            self._established_elsewhere.pop(let_go)
         if self._established_waiters:
-            self._wake(id_key(call_id), None)
+            self._wake(key, None)
 
     async def until_established(self, call_id: str, timeout: float | None = None) -> None:
         """Return once the call is established (at once if it is). Raises
@@ -358,6 +369,8 @@ class Lifecycle:
             return
         if (life is not None and life.ended) or self._ended_lately(key) is not None:
             raise _never_established(call_id, life.result_info if life is not None else None)
+        if key in self._established_elsewhere:
+            return
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._established_waiters.setdefault(key, []).append(waiter)
         try:
@@ -389,6 +402,7 @@ class Lifecycle:
         life.result_info = result_info if result_info is not None else life.result_info
         life.keeping_alive = False
         self._pending.pop(life.key)
+        self._established_elsewhere.pop(life.key)
         if self._established_waiters:
             self._wake(life.key, _never_established(life.call_id, life.result_info))
         for listener in self._ended_listeners:
@@ -426,6 +440,8 @@ class Lifecycle:
             self._start_keep_alive(life)
         elif not life.established:
             life.keeping_alive = False
+        if self._established_waiters and life.established:
+            self._wake(life.key, None)
         return life
 
     def start_over(self, call_key: str) -> None:

@@ -6,6 +6,7 @@ so nothing here waits for real time to pass.
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 from collections.abc import Awaitable, Callable
 from types import SimpleNamespace
@@ -14,10 +15,10 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from callbot import OperationFailed, events, models
+from callbot import CallEnded, OperationFailed, events, models
 from callbot import _lifecycle as lifecycle_module
 from callbot._ids import id_key
-from callbot._lifecycle import ENDED_MEMORY, KeepAliveResult, Lifecycle
+from callbot._lifecycle import ENDED_MEMORY, LIVE_PHASE, KeepAliveResult, Lifecycle
 from callbot._parse import parse_payload
 from callbot._sequencing import Sequencer
 from callbot.graph import CallServices, RetryPolicy
@@ -396,3 +397,23 @@ async def test_a_steady_stream_of_calls_costs_the_timers_o1_each(
 def _event(item: dict[str, Any]) -> events.Event:
     (event,) = parse_payload(b.notifications(item))
     return event
+
+
+async def test_a_wait_for_a_call_established_returns_however_it_is_learnt() -> None:
+    """A wait returns once the call is established: delivered here, taken over established
+    from a shared store, or told established by another instance, before the wait started
+    or while it runs; after the call's end it raises, a copy of ``established`` sent late
+    or not. A wait on a call taken over established went on until its timeout, as did one
+    started after another instance told the call established."""
+    calls = lifecycle()
+    taken_over = asyncio.create_task(calls.until_established(CALL_ID))
+    await until(lambda: bool(calls._established_waiters))
+    calls.adopt(CALL_ID, phase=LIVE_PHASE, state="established", ended=False)
+    await asyncio.wait_for(taken_over, 5)
+    calls.told_established(OTHER, "tenant-a")
+    await asyncio.wait_for(calls.until_established(OTHER), 5)  # started after: at once
+    calls.end(OTHER, None)  # told by the instance running it
+    calls.told_established(OTHER, "tenant-a")  # a copy sent late
+    with pytest.raises(CallEnded):
+        await calls.until_established(OTHER)
+    await calls.close()

@@ -31,7 +31,7 @@ import redis
 import redis.asyncio as aioredis
 from structlog.testing import capture_logs
 
-from callbot import Call, CallBot, CallEnded, RunSuperseded, current_attempt, events, models
+from callbot import Call, CallBot, CallEnded, RunSuperseded, Target, current_attempt, events, models
 from callbot._ids import id_key
 from callbot._journal import Attempt
 from callbot._lifecycle import ENDED_MEMORY, Lifecycle
@@ -1543,6 +1543,38 @@ async def test_a_call_placed_on_one_instance_is_awaited_established_there(
         await asyncio.wait_for(declined, 10)
     assert info.value.result_info is not None
     assert info.value.result_info.code == 603
+
+
+async def test_a_wait_started_after_another_instance_was_told_established_returns_at_once(
+    authority: TokenAuthority, serve: Any, redis_url: str
+) -> None:
+    """A bot places a call, and only later waits for it to be established: Graph told the
+    other instance meanwhile. The wait went on until its timeout (the instance that placed
+    the call was told only while someone waited); with the memory store it returns at once."""
+    async with FakeGraph() as graph:
+        options: dict[str, Any] = {
+            "store": redis_url,
+            "graph_url": graph.graph_url,
+            "authority_url": graph.authority_url,
+            "app_secret": "fake-graph-secret",
+        }
+        bots = [make_bot(authority, **options) for _ in range(2)]
+        servers = [await serve(bot) for bot in bots]
+        placed = await bots[0].create_call(Target.user("user-1", "Lee Gu"))
+        # Told after the placed call's, in the same stream: once this wait returns, that was.
+        later = asyncio.create_task(bots[0].services.call("later").wait_until_established(30))
+        await until(lambda: bool(bots[0]._running().lifecycle._established_waiters))
+        for call_id in (placed.id, "later"):
+            for state in ("establishing", "established"):
+                item = b.call_state(call_id, state)
+                assert (await servers[1].post(b.notifications(item))).status == 202
+        await asyncio.wait_for(later, 10)
+        await asyncio.wait_for(placed.wait_until_established(30), 10)
+        ended = b.call_terminated(placed.id, code=200, subcode=5002, message="Hung up")
+        assert (await servers[1].post(b.notifications(ended))).status == 202
+        await until(lambda: placed.ended)
+        with pytest.raises(CallEnded):
+            await placed.wait_until_established(30)
 
 
 async def test_every_instance_lists_the_calls_of_every_instance(

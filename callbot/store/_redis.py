@@ -1753,7 +1753,7 @@ class RedisStore:
             if known is not None and event.call_key not in self._owned:
                 del self._known[event.call_key]
         elif isinstance(event, events.CallStateChanged):
-            self._lifecycle.told_established(event.call_id)
+            self._lifecycle.told_established(event.call_id, event.tenant_id)
 
     # -- plumbing -------------------------------------------------------------------
 
