@@ -148,15 +148,17 @@ class _ByTenant:
         kept = self._kept.get(key)
         if kept is None or kept[1] is not None:
             return
-        self._kept[key] = (kept[0], tenant)
+        when = kept[0]
+        self._kept[key] = (when, tenant)
         del self._of[None][key]
         if not self._of[None]:
             del self._of[None]
         own = self._of.setdefault(tenant, OrderedDict())
+        # Back in age order by moving only the keys kept after it, not sorting a flood's worth.
+        after = list(itertools.takewhile(lambda k: self._kept[k][0] > when, reversed(own)))
         own[key] = None
-        # Rare (a call first known without a tenant): the tenant's keys put back in age order.
-        for older in sorted(own, key=lambda k: self._kept[k][0]):
-            own.move_to_end(older)
+        for later in reversed(after):
+            own.move_to_end(later)
 
     def over(self, adding: str | None) -> str | None:
         """Past the bound, the key to give up as ``adding``'s was kept; else ``None``."""

@@ -89,6 +89,39 @@ async def test_past_the_bound_the_tenant_with_the_most_pending_calls_lets_go(
     assert calls.get("b-18") is not None
 
 
+class _Compared(float):
+    """A time that counts how often it is compared."""
+
+    count = 0
+
+    def __lt__(self, other: float, /) -> bool:
+        _Compared.count += 1
+        return float(self) < float(other)
+
+    def __gt__(self, other: float, /) -> bool:
+        _Compared.count += 1
+        return float(self) > float(other)
+
+
+def test_a_call_bound_to_its_tenant_moves_only_the_tenant_s_calls_kept_after_it() -> None:
+    """A call known without a tenant (placed by the bot, or taken over from a shared store
+    while it still rings) takes its place in its tenant's line once bound. All of the
+    tenant's calls were sorted for it: with a flood of that tenant's invented calls pending,
+    every such call cost a sort of the whole bound."""
+    kept = lifecycle_module._ByTenant(10_000)
+    for n in range(1_000):
+        kept.add(f"a-{n}", _Compared(n), "tenant-a")
+    kept.add("taken-over", _Compared(1_000), None)
+    kept.add("a-late", _Compared(1_001), "tenant-a")
+    _Compared.count = 0
+    kept.bind("taken-over", "tenant-a")
+    assert _Compared.count <= 2
+    assert list(kept._of["tenant-a"])[-3:] == ["a-999", "taken-over", "a-late"]
+    assert None not in kept._of
+    kept.limit = 1_001
+    assert kept.over("tenant-a") == "a-0"
+
+
 async def test_ended_calls_are_remembered_fairly_between_tenants(
     clock: Clock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
