@@ -354,6 +354,8 @@ class Lifecycle:
         life = self._lives.get(key)
         if (life is not None and life.ended) or self._ended_lately(key) is not None:
             return  # a copy sent late: the call's end was told first
+        if life is not None:
+            self._pending.pop(key)  # past ringing, wherever it runs
         tenant = tenant_key(tenant_id) if tenant_id is not None else None
         self._established_elsewhere.add(key, asyncio.get_running_loop().time(), tenant)
         while (let_go := self._established_elsewhere.over(tenant)) is not None:
@@ -570,7 +572,10 @@ class Lifecycle:
             else:
                 self._forget(life.key, "grace_over")
         elif kind == _FORGET_PENDING:
-            if life.phase < _ESTABLISHING and not life.ended:
+            if life.key in self._established_elsewhere:
+                # Established where another instance runs it: kept until told its end.
+                self._pending.pop(life.key)
+            elif life.phase < _ESTABLISHING and not life.ended:
                 self._forget(life.key, "never_established")
         elif kind == _WARN:
             if life.state == "incoming" and not life.ended:

@@ -450,3 +450,27 @@ async def test_a_wait_for_a_call_established_returns_however_it_is_learnt() -> N
     with pytest.raises(CallEnded):
         await calls.until_established(OTHER)
     await calls.close()
+
+
+async def test_a_placed_call_another_instance_runs_is_kept_until_its_end(clock: Clock) -> None:
+    """The instance that placed a call keeps it while another instance runs it (Graph posts
+    to either) and tells it established: the call is no longer let go as never established
+    after ``pending_ttl``, so the handle ``create_call`` returned sees the end the running
+    instance tells. It was let go (a ``never_established`` line for an established call),
+    and that handle never saw the call end."""
+    calls = lifecycle(pending_ttl=60.0)
+    forgotten: list[str] = []
+    calls.when_forgotten(lambda key, why: forgotten.append(why))
+    placed = calls.life(CALL_ID)  # as create_call knows it
+    calls.told_established(CALL_ID, "tenant-a")
+    calls.told_established(OTHER, "tenant-a")  # told before Graph's answer to placing it
+    answered_late = calls.life(OTHER)
+    await clock.advance(61.0)
+    assert forgotten == []
+    assert (calls.get(CALL_ID), calls.get(OTHER)) == (placed, answered_late)
+    assert len(calls._pending) == 0
+    calls.end(CALL_ID, models.ResultInfo(code=200, subcode=5002))
+    assert placed.ended
+    await clock.advance(31.0)  # past the grace
+    assert forgotten == ["grace_over"]
+    await calls.close()
