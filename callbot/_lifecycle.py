@@ -615,6 +615,6 @@ def _never_established(call_id: str, result_info: ResultInfo | None) -> CallEnde
     why = ""
     if result_info is not None:
         why = f" ({result_info.code}/{result_info.subcode}: {result_info.message or ''})"
-    ended = CallEnded(404, "callEnded", f"call {call_id} ended before it was established{why}")
+    ended = CallEnded(404, "callEnded", f"call {call_id} ended{why}: it will not be established")
     ended.result_info = result_info
     return ended
