@@ -631,6 +631,20 @@ async def test_a_restarted_instance_knows_its_calls_again(
         assert 'outcome="dropped",reason="stale"} 1.0' in counts
 
 
+def graph_instance(
+    authority: TokenAuthority, redis_url: str, graph: FakeGraph, **options: Any
+) -> CallBot:
+    """An instance sharing Redis whose Graph is ``graph``."""
+    return make_bot(
+        authority,
+        store=redis_url,
+        graph_url=graph.graph_url,
+        authority_url=graph.authority_url,
+        app_secret="fake-graph-secret",
+        **options,
+    )
+
+
 async def test_an_operation_resolves_when_its_outcome_lands_on_another_instance(
     authority: TokenAuthority, serve: Any, redis_url: str
 ) -> None:
@@ -639,12 +653,10 @@ async def test_an_operation_resolves_when_its_outcome_lands_on_another_instance(
         outcomes: list[tuple[int, str]] = []
         servers: list[BotServer] = []
         for index in range(2):
-            bot = make_bot(
+            bot = graph_instance(
                 authority,
-                store=redis_url,
-                graph_url=graph.graph_url,
-                authority_url=graph.authority_url,
-                app_secret="fake-graph-secret",
+                redis_url,
+                graph,
             )
 
             @bot.on_state("established")
@@ -956,14 +968,12 @@ async def _two_players(
     Returns the first."""
     servers: list[BotServer] = []
     for index in range(2):
-        bot = make_bot(
+        bot = graph_instance(
             authority,
-            store=redis_url,
+            redis_url,
+            graph,
             store_lease=1.0,
             shutdown_timeout=0.2,
-            graph_url=graph.graph_url,
-            authority_url=graph.authority_url,
-            app_secret="fake-graph-secret",
         )
 
         @bot.on_state("established")
@@ -1101,13 +1111,11 @@ async def test_a_run_that_lost_its_call_sends_no_further_graph_action(
     async with FakeGraph() as graph:
         started, go = asyncio.Event(), asyncio.Event()
         outcome: list[str] = []
-        bot = make_bot(
+        bot = graph_instance(
             authority,
-            store=redis_url,
+            redis_url,
+            graph,
             store_lease=5.0,
-            graph_url=graph.graph_url,
-            authority_url=graph.authority_url,
-            app_secret="fake-graph-secret",
         )
 
         @bot.on(kind)
@@ -1228,12 +1236,10 @@ class Collecting:
         self, authority: TokenAuthority, serve: Any, redis_url: str, graph: FakeGraph, **ask: Any
     ) -> None:
         for index in range(2):
-            bot = make_bot(
+            bot = graph_instance(
                 authority,
-                store=redis_url,
-                graph_url=graph.graph_url,
-                authority_url=graph.authority_url,
-                app_secret="fake-graph-secret",
+                redis_url,
+                graph,
                 reorder_window=self.reorder_window,
             )
 
@@ -1311,14 +1317,12 @@ async def _abandoning(
     first one's stop abandons a handler still running (the other runs it again at once)."""
     servers: list[BotServer] = []
     for index in range(2):
-        bot = make_bot(
+        bot = graph_instance(
             authority,
-            store=redis_url,
+            redis_url,
+            graph,
             store_lease=60.0,
             shutdown_timeout=0.3,
-            graph_url=graph.graph_url,
-            authority_url=graph.authority_url,
-            app_secret="fake-graph-secret",
         )
         install(bot, index)
         servers.append(await serve(bot))

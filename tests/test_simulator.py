@@ -31,6 +31,13 @@ from .conftest import APP_ID, make_bot, plain_server, until
 Seen = list[events.Event]
 
 
+MEETING_URL = (
+    "https://teams.microsoft.com/l/meetup-join/19%3ameeting_abc%40thread.v2/0"
+    "?context=%7b%22Tid%22%3a%22t-1%22%2c%22Oid%22%3a%22o-1%22%7d"
+)
+"""A Teams meeting's join URL (the tenant and organizer in its context)."""
+
+
 def label(event: events.Event) -> str:
     if isinstance(event, events.ToneReceived):
         return f"tone:{event.tone}"
@@ -863,13 +870,9 @@ async def test_a_bot_on_graph_beta_stays_on_beta_and_the_calls_it_places_ring() 
 
 async def test_joining_a_meeting_and_people_coming_and_going() -> None:
     bot, seen = recording_bot()
-    url = (
-        "https://teams.microsoft.com/l/meetup-join/19%3ameeting_abc%40thread.v2/0"
-        "?context=%7b%22Tid%22%3a%22t-1%22%2c%22Oid%22%3a%22o-1%22%7d"
-    )
     async with run_with_simulator(bot) as sim:
         sim.meeting_attendees = ["Megan Bowen"]
-        call = await bot.join_meeting(url)
+        call = await bot.join_meeting(MEETING_URL)
         meeting = await sim.wait_for_outgoing_call()
         assert meeting.meeting
         await meeting.wait_for_state("established")
@@ -898,12 +901,8 @@ async def test_the_bot_finds_itself_in_the_roster_by_its_my_participant_id() -> 
     """Graph names the bot's own participant ``myParticipantId`` (the join's response and
     the roster of document 08 agree): the simulator's roster gives the bot that id."""
     bot, seen = answering_bot(subscribe=False)
-    url = (
-        "https://teams.microsoft.com/l/meetup-join/19%3ameeting_abc%40thread.v2/0"
-        "?context=%7b%22Tid%22%3a%22t-1%22%2c%22Oid%22%3a%22o-1%22%7d"
-    )
     async with run_with_simulator(bot) as sim:
-        joined = await bot.join_meeting(url)
+        joined = await bot.join_meeting(MEETING_URL)
         meeting = await sim.wait_for_outgoing_call()
         answered = await sim.incoming_call()
         await until(
@@ -929,12 +928,8 @@ async def test_a_roster_a_test_posts_is_the_call_s_roster_from_then_on() -> None
     document 65 shows one) is in the call: Graph finds them to mute, and the simulator's next
     roster keeps them, as the bot would expect."""
     bot, seen = recording_bot()
-    url = (
-        "https://teams.microsoft.com/l/meetup-join/19%3ameeting_abc%40thread.v2/0"
-        "?context=%7b%22Tid%22%3a%22t-1%22%2c%22Oid%22%3a%22o-1%22%7d"
-    )
     async with run_with_simulator(bot) as sim:
-        call = await bot.join_meeting(url)
+        call = await bot.join_meeting(MEETING_URL)
         meeting = await sim.wait_for_outgoing_call()
         await meeting.wait_for_state("established")
         guest = builders.participant(
@@ -959,12 +954,8 @@ async def test_a_delta_roster_a_test_posts_is_numbered_on_from() -> None:
     """With delta rosters, the simulator's next delta follows the number of one a test
     posted (one numbered below would be dropped as stale), and it changes only who it names."""
     bot, seen = recording_bot()
-    url = (
-        "https://teams.microsoft.com/l/meetup-join/19%3ameeting_abc%40thread.v2/0"
-        "?context=%7b%22Tid%22%3a%22t-1%22%2c%22Oid%22%3a%22o-1%22%7d"
-    )
     async with run_with_simulator(bot) as sim:
-        call = await bot.join_meeting(url, delta_roster=True)
+        call = await bot.join_meeting(MEETING_URL, delta_roster=True)
         meeting = await sim.wait_for_outgoing_call()
         await meeting.wait_for_state("established")
         guest = builders.participant("p-guest", display_name="Guest User", kind="guest")
@@ -1023,12 +1014,8 @@ async def test_a_participant_is_found_in_the_roster_by_its_id_as_graph_wrote_it(
             found.append(participant.id in call.roster)
             found.append(call.roster[participant.id.upper()] == participant)
 
-    url = (
-        "https://teams.microsoft.com/l/meetup-join/19%3ameeting_abc%40thread.v2/0"
-        "?context=%7b%22Tid%22%3a%22t-1%22%2c%22Oid%22%3a%22o-1%22%7d"
-    )
     async with run_with_simulator(bot) as sim:
-        await bot.join_meeting(url)
+        await bot.join_meeting(MEETING_URL)
         meeting = await sim.wait_for_outgoing_call()
         await meeting.join("Alice Smith")
         await meeting.settled()
@@ -1317,10 +1304,7 @@ async def test_a_participant_named_in_any_id_form_is_found_removed_and_muted() -
 
     async with run_with_simulator(bot) as sim:
         sim.meeting_attendees = ["Megan Bowen", "Lee Gu"]
-        await bot.join_meeting(
-            "https://teams.microsoft.com/l/meetup-join/19%3ameeting_abc%40thread.v2/0"
-            "?context=%7b%22Tid%22%3a%22t-1%22%2c%22Oid%22%3a%22o-1%22%7d"
-        )
+        await bot.join_meeting(MEETING_URL)
         meeting = await sim.wait_for_outgoing_call()
         await until(lambda: len(rosters(seen)) >= 3)
     assert done == ["acting", "Megan Bowen"]

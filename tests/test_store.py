@@ -125,22 +125,28 @@ def test_an_entry_is_the_notification_as_received() -> None:
     assert again.tenant_id == "t-1"
 
 
+def taken_over(seq: Sequencer, call_key: str) -> tuple[Sequencer, list[Delivery]]:
+    """Another sequencer (another instance) adopting the call's record as stored, and what
+    it delivers; ``seq`` is closed."""
+    record = seq.record(call_key)
+    assert record is not None
+    stored = encode_record(record)
+    seq.close()
+    later: list[Delivery] = []
+    other = Sequencer(later.append, Lifecycle(termination_grace=30), reorder_window=5)
+    restored = decode_record(stored)
+    assert restored is not None
+    other.adopt(restored)
+    return other, later
+
+
 async def test_a_restored_record_orders_the_next_events() -> None:
     first: list[Delivery] = []
     seq = Sequencer(first.append, Lifecycle(termination_grace=30), reorder_window=5)
     # The roster first: one of a call establishing would wait for it to be established.
     for item in (b.roster("c", [b.participant("a")]), b.call_state("c", "establishing")):
         seq.accept(one(item))
-    record = seq.record("c")
-    assert record is not None
-    stored = encode_record(record)
-    seq.close()
-
-    later: list[Delivery] = []
-    other = Sequencer(later.append, Lifecycle(termination_grace=30), reorder_window=5)
-    restored = decode_record(stored)
-    assert restored is not None
-    other.adopt(restored)
+    other, later = taken_over(seq, "c")
     other.accept(one(b.call_state("c", "establishing")))  # a repeat: dropped
     other.accept(one(b.call_state("c", "established")))  # predecessor known: not held
     other.accept(one(b.roster("c", [b.participant("a"), b.participant("b")])))
@@ -171,16 +177,7 @@ async def test_a_restored_record_knows_the_transfer_its_last_run_asked() -> None
     calls.transfer_asked("c")
     seq.accept(one(failure))
     calls.transfer_asked("c")  # its handler tries another target
-    record = seq.record("c")
-    assert record is not None
-    stored = encode_record(record)
-    seq.close()
-
-    later: list[Delivery] = []
-    other = Sequencer(later.append, Lifecycle(termination_grace=30), reorder_window=5)
-    restored = decode_record(stored)
-    assert restored is not None
-    other.adopt(restored)
+    other, later = taken_over(seq, "c")
     other.accept(one(failure))  # the second transfer's failure
     other.accept(one(failure))  # Graph sent it twice
     assert [type(d.event) for d in later] == [events.CallUpdated]
