@@ -109,16 +109,57 @@ class CallLife:
 _WARN, _KEEP_ALIVE, _FORGET, _FORGET_PENDING = range(4)
 
 
+class _Tied:
+    """The tenants keeping one same number of keys, by the numbers they were given when they
+    started keeping: ``first`` is a heap of them, where a number no longer among them is let
+    go once on top."""
+
+    __slots__ = ("first", "members")
+
+    def __init__(self) -> None:
+        self.members: set[int] = set()
+        self.first: list[int] = []
+
+    def add(self, number: int) -> None:
+        self.members.add(number)
+        heapq.heappush(self.first, number)
+        self._compact()
+
+    def discard(self, number: int) -> None:
+        self.members.discard(number)
+        self._compact()
+
+    def earliest(self) -> int:
+        while self.first[0] not in self.members:
+            heapq.heappop(self.first)
+        return self.first[0]
+
+    def _compact(self) -> None:
+        # Rebuilt once mostly numbers let go: each rebuild drops more than it makes.
+        if len(self.first) > 2 * len(self.members) + 8:
+            self.first = list(self.members)
+            heapq.heapify(self.first)
+
+
 class _ByTenant:
     """Call keys kept oldest first, each with when it was kept and its tenant. Past a bound,
-    the tenant keeping the most gives up its oldest (the one adding, when tied): a tenant
-    whose token invents calls pushes out only its own, and leaves another tenant at least as
-    many as it keeps itself (with k such tenants, a share of the bound over k + 1)."""
+    the tenant keeping the most gives up its oldest (the one adding, when tied; else the one
+    that has been keeping calls the longest without a break): a tenant whose token invents
+    calls pushes out only its own, and leaves another tenant at least as many as it keeps
+    itself (with k such tenants, a share of the bound over k + 1)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._kept: OrderedDict[str, tuple[float, str | None]] = OrderedDict()
         self._of: dict[str | None, OrderedDict[str, None]] = {}
+        # Tenants by how many keys they keep, and the most any keeps (a count moves by one at a
+        # time, and so does the most): who gives up a key is found without looking at every tenant.
+        self._keeping: dict[int, _Tied] = {}
+        self._most = 0
+        # Each tenant keeping keys, numbered in the order it started: the first wins a tie.
+        self._number: dict[str | None, int] = {}
+        self._tenant: dict[int, str | None] = {}
+        self._numbers = itertools.count()
 
     def __len__(self) -> int:
         return len(self._kept)
@@ -132,7 +173,9 @@ class _ByTenant:
     def add(self, key: str, when: float, tenant: str | None) -> None:
         self.pop(key)
         self._kept[key] = (when, tenant)
-        self._of.setdefault(tenant, OrderedDict())[key] = None
+        own = self._of.setdefault(tenant, OrderedDict())
+        own[key] = None
+        self._counted(tenant, len(own) - 1)
 
     def pop(self, key: str) -> tuple[float, str | None] | None:
         kept = self._kept.pop(key, None)
@@ -141,6 +184,7 @@ class _ByTenant:
             del own[key]
             if not own:
                 del self._of[kept[1]]  # only tenants keeping calls compete for the most
+            self._counted(kept[1], len(own) + 1)
         return kept
 
     def bind(self, key: str, tenant: str) -> None:
@@ -150,24 +194,57 @@ class _ByTenant:
             return
         when = kept[0]
         self._kept[key] = (when, tenant)
-        del self._of[None][key]
-        if not self._of[None]:
+        unbound = self._of[None]
+        del unbound[key]
+        if not unbound:
             del self._of[None]
+        self._counted(None, len(unbound) + 1)
         own = self._of.setdefault(tenant, OrderedDict())
         # Back in age order by moving only the keys kept after it, not sorting a flood's worth.
         after = list(itertools.takewhile(lambda k: self._kept[k][0] > when, reversed(own)))
         own[key] = None
         for later in reversed(after):
             own.move_to_end(later)
+        self._counted(tenant, len(own) - 1)
+
+    def _counted(self, tenant: str | None, was: int) -> None:
+        """Move ``tenant``, which kept ``was`` keys, among the tenants keeping as many as now."""
+        own = self._of.get(tenant)
+        now = len(own) if own is not None else 0
+        keeping = self._keeping
+        if was:
+            number = self._number[tenant]
+            tied = keeping[was]
+            if len(tied.members) == 1:
+                del keeping[was]
+                if self._most == was:
+                    self._most = now  # a count moves by one: the most moves with it
+                if now and now not in keeping:
+                    keeping[now] = tied  # alone before and after: its group moves with it
+                    return
+            else:
+                tied.discard(number)
+        else:
+            number = next(self._numbers)
+            self._number[tenant] = number
+            self._tenant[number] = tenant
+        if not now:
+            del self._number[tenant], self._tenant[number]
+            return
+        if now not in keeping:
+            keeping[now] = _Tied()
+        keeping[now].add(number)
+        if now > self._most:
+            self._most = now
 
     def over(self, adding: str | None) -> str | None:
         """Past the bound, the key to give up as ``adding``'s was kept; else ``None``."""
         if len(self._kept) <= self.limit:
             return None
-        most = max(self._of, key=lambda tenant: len(self._of[tenant]))
-        if len(self._of.get(adding, ())) == len(self._of[most]):
-            most = adding
-        return next(iter(self._of[most]))
+        own = self._of.get(adding)
+        if own is None or len(own) != self._most:
+            own = self._of[self._tenant[self._keeping[self._most].earliest()]]
+        return next(iter(own))
 
     def expire(self, before: float) -> None:
         """Give up every key kept before ``before``."""

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import random
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from types import SimpleNamespace
 from typing import Any
@@ -120,6 +122,160 @@ def test_a_call_bound_to_its_tenant_moves_only_the_tenant_s_calls_kept_after_it(
     assert None not in kept._of
     kept.limit = 1_001
     assert kept.over("tenant-a") == "a-0"
+
+
+class _PlainByTenant:
+    """The rule of :class:`_ByTenant` written plainly: each time past the bound, every
+    tenant is looked at to find those keeping the most."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.kept: OrderedDict[str, tuple[float, str | None]] = OrderedDict()
+        self.of: dict[str | None, list[str]] = {}  # in the order tenants started keeping
+        self.ties_to_adding = 0  # several keep the most, the one adding among them
+        self.ties_to_first = 0  # several keep the most, the one adding not among them
+
+    def add(self, key: str, when: float, tenant: str | None) -> None:
+        self.pop(key)
+        self.kept[key] = (when, tenant)
+        self.of.setdefault(tenant, []).append(key)
+
+    def pop(self, key: str) -> None:
+        kept = self.kept.pop(key, None)
+        if kept is not None:
+            self.of[kept[1]].remove(key)
+            if not self.of[kept[1]]:
+                del self.of[kept[1]]
+
+    def bind(self, key: str, tenant: str) -> None:
+        kept = self.kept.get(key)
+        if kept is None or kept[1] is not None:
+            return
+        self.kept[key] = (kept[0], tenant)
+        self.of[None].remove(key)
+        if not self.of[None]:
+            del self.of[None]
+        own = self.of.setdefault(tenant, [])
+        own.append(key)
+        own.sort(key=lambda k: self.kept[k][0])  # stable: after those kept at the same time
+
+    def expire(self, before: float) -> None:
+        while self.kept and next(iter(self.kept.values()))[0] < before:
+            self.pop(next(iter(self.kept)))
+
+    def over(self, adding: str | None) -> str | None:
+        if len(self.kept) <= self.limit:
+            return None
+        most = max(len(own) for own in self.of.values())
+        tied = [tenant for tenant, own in self.of.items() if len(own) == most]
+        if len(tied) > 1:
+            if adding in tied:
+                self.ties_to_adding += 1
+            else:
+                self.ties_to_first += 1
+        giving_up = adding if adding in tied else tied[0]
+        return self.of[giving_up][0]
+
+
+@pytest.mark.parametrize("limit", [1, 6, 40, 150])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_tenant_giving_up_a_key_is_the_one_a_look_at_every_tenant_finds(
+    seed: int, limit: int
+) -> None:
+    """Past the bound, the tenant keeping the most is tracked as counts move instead of
+    found by looking at every tenant: the same random adds, pops, binds and expiries, across
+    many tenants, give up the same key as the plain rule at every step, ties included."""
+    rng = random.Random(seed)
+    kept, plain = lifecycle_module._ByTenant(limit), _PlainByTenant(limit)
+    tenants: list[str | None] = [f"tenant-{n}" for n in range(40)] + [None]
+    weights = [rng.choice([1, 1, 1, 5, 20]) for _ in tenants]  # a few flood
+    keys = [f"call-{n}" for n in range(limit * 3 + 10)]
+    given_up = 0
+    for step in range(3_000):
+        when = float(step // 3)  # some keys kept at the same time
+        tenant = rng.choices(tenants, weights)[0]
+        action = rng.random()
+        if action < 0.55:
+            key = rng.choice(keys)
+            kept.add(key, when, tenant)
+            plain.add(key, when, tenant)
+            while (let_go := plain.over(tenant)) is not None:
+                assert kept.over(tenant) == let_go
+                kept.pop(let_go)
+                plain.pop(let_go)
+                given_up += 1
+            assert kept.over(tenant) is None
+        elif action < 0.75:
+            key = rng.choice(keys)
+            assert kept.pop(key) == plain.kept.get(key)
+            plain.pop(key)
+        elif action < 0.9:
+            key, bound = rng.choice(keys), rng.choice(tenants[:-1])
+            assert bound is not None
+            kept.bind(key, bound)
+            plain.bind(key, bound)
+        elif action < 0.92:
+            before = when - rng.randrange(300, 600)
+            kept.expire(before)
+            plain.expire(before)
+        else:
+            # Whoever would add next, past a bound just lowered, gives up the same key.
+            kept.limit = plain.limit = rng.randrange(limit + 1)
+            assert kept.over(tenant) == plain.over(tenant)
+            kept.limit = plain.limit = limit
+        assert list(kept._kept.items()) == list(plain.kept.items())
+        assert [(t, list(own)) for t, own in kept._of.items()] == list(plain.of.items())
+    assert given_up > 300
+    assert plain.ties_to_adding > 100
+    assert plain.ties_to_first > 50 or limit == 1  # with one key kept, the one adding is tied
+
+
+def test_tenants_moving_between_counts_leave_no_growing_trace() -> None:
+    """Each tenant's count moving up and down leaves its number in the heap of the tenants it
+    left: those are dropped as they pile up, so 100,000 moves between two counts take no more
+    room than the tenants themselves."""
+    kept = lifecycle_module._ByTenant(1_000)
+    tenants = [f"tenant-{n}" for n in range(50)]
+    for n in range(1_000):
+        kept.add(f"call-{n}", float(n), tenants[n % 50])
+    rng = random.Random(0)
+    for n in range(1_000, 101_000):
+        tenant = rng.choice(tenants)
+        kept.add(f"call-{n}", float(n), tenant)
+        kept.pop(next(iter(kept._of[tenant])))  # up a key then down, as a popped call does
+    tied = kept._keeping.values()
+    assert sum(len(t.first) for t in tied) <= sum(2 * len(t.members) + 8 for t in tied)
+
+
+class _Hashed(str):
+    """A tenant id that counts how often it is looked up."""
+
+    lookups = 0
+
+    def __hash__(self) -> int:
+        _Hashed.lookups += 1
+        return str.__hash__(self)
+
+
+def test_the_tenant_giving_up_a_key_is_found_without_looking_at_every_tenant() -> None:
+    """With 500 tenants each keeping its share, every key added past the bound looked up all
+    500 to find the one keeping the most (504 look-ups of tenant ids each): with a token of
+    each tenant, every call added cost as much. Now the tenants keeping the most are known
+    as counts move, whether the one adding is among them or not."""
+    tenants = [_Hashed(f"tenant-{n}") for n in range(500)]
+    kept = lifecycle_module._ByTenant(2_000)
+    for n in range(2_000):
+        kept.add(f"call-{n}", float(n), tenants[n % 500])
+    looked_up = []
+    for n in range(2_000, 3_000):
+        tenant = tenants[n % 500] if n % 2 else _Hashed("newcomer")
+        kept.add(f"call-{n}", float(n), tenant)
+        _Hashed.lookups = 0
+        let_go = kept.over(tenant)
+        looked_up.append(_Hashed.lookups)
+        assert let_go is not None
+        kept.pop(let_go)
+    assert max(looked_up) <= 4
 
 
 async def test_ended_calls_are_remembered_fairly_between_tenants(
