@@ -4,7 +4,9 @@
 reports: the memory kept after TOKENS distinct valid tokens (7 KB each) were
 each used once; what a 10,000-item body costs; how long the largest accepted
 body (``max_body_bytes`` of roster items, 4 MiB by default) takes to parse in one
-loop turn, and the longest the loop waits between its parts when the bot serves it.
+loop turn, and the longest the loop waits between its parts when the bot serves it;
+what remembering an ended call costs once the memory store's bound is reached, with
+the bound shared by 500 tenants against kept by one.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import aiohttp
 from aiohttp.test_utils import TestServer
 
 from callbot import CallBot, Settings
+from callbot._lifecycle import _MAX_ENDED, Lifecycle, _ByTenant
 from callbot._parse import parse_body, parse_body_in_parts
 from callbot.testing import TEST_TENANT_ID, TokenAuthority
 from callbot.testing import builders as b
@@ -97,6 +100,35 @@ def largest_body() -> str:
     )
 
 
+def remembered_past_the_bound(tenants: int, adds: int) -> float:
+    """CPU seconds per ended call remembered once ``tenants`` tenants keep the bound of
+    ended calls between them, each call ended by the next tenant in turn (so each is at the
+    bound, and gives up its own oldest)."""
+    names = [f"tenant-{n}" for n in range(tenants)]
+    memory = _ByTenant(_MAX_ENDED)
+    now = asyncio.get_running_loop().time()
+    for n in range(_MAX_ENDED):
+        memory.add(f"filled-{n}", now, names[n % tenants])
+    started = time.process_time()
+    for n in range(adds):
+        Lifecycle._remember(memory, f"call-{n}", names[n % tenants])
+    return (time.process_time() - started) / adds
+
+
+def many_tenants_at_the_bound(rounds: int = 5, adds: int = 20_000) -> str:
+    """Tokens of many tenants each ending invented calls: who gives up a call was found by
+    looking at every tenant, at each call remembered past the bound."""
+    fastest = {1: float("inf"), 500: float("inf")}
+    for _ in range(rounds):  # the two sizes in turns, the fastest of each
+        for tenants in fastest:
+            fastest[tenants] = min(fastest[tenants], remembered_past_the_bound(tenants, adds))
+    return (
+        f"ended calls remembered past the bound ({_MAX_ENDED:,}): {fastest[500] * 1e6:.2f} µs"
+        f" each with 500 tenants at it, {fastest[1] * 1e6:.2f} µs with one;"
+        f" 500 tenants/1 tenant: {fastest[500] / fastest[1]:.2f}"
+    )
+
+
 async def main(count: int) -> None:
     authority = TokenAuthority()
     await authority.start()
@@ -115,6 +147,7 @@ async def main(count: int) -> None:
         print(await token_memory(url, authority, count))
         print(await many_items(url, authority))
         print(largest_body())
+        print(many_tenants_at_the_bound())
     finally:
         await server.close()
         await authority.close()
