@@ -23,6 +23,7 @@ from aiohttp.test_utils import TestServer
 
 from callbot import CallBot, Settings
 from callbot._lifecycle import _MAX_ENDED, Lifecycle, _ByTenant
+from callbot._log import configure_logging
 from callbot._parse import parse_body, parse_body_in_parts
 from callbot.testing import TEST_TENANT_ID, TokenAuthority
 from callbot.testing import builders as b
@@ -130,6 +131,8 @@ def many_tenants_at_the_bound(rounds: int = 5, adds: int = 20_000) -> str:
 
 
 async def main(count: int) -> None:
+    # create_app() leaves logging to its host: here, this script.
+    configure_logging("json", "error")
     authority = TokenAuthority()
     await authority.start()
     bot = CallBot(
