@@ -13,7 +13,7 @@ and decides, for each, one of:
 * hold it, when it arrives before the state it follows (a state past ``establishing``
   before the call was seen establishing, a tone before the call was seen established,
   a roster or other news without a state of a call seen being set up but not yet
-  established),
+  established, a transfer's failure before that transfer's ``transferring``),
   for ``reorder_window`` seconds: later events of that call wait behind it, except its
   predecessors, which overtake it; when they have come, or the window closes, the held
   events go in lifecycle order;
@@ -149,13 +149,29 @@ def _follows(event: events.Event, reached: int) -> int | None:
     return None
 
 
+def _awaits_transferring(event: events.Event, record: CallRecord) -> bool:
+    """Whether ``event`` reports the failure of the transfer the bot asked last before that
+    transfer's ``transferring`` came: a state of the live call (not ``transferring``) with a
+    ``resultInfo``, while neither that ``transferring`` nor a failure came since the ask.
+    Each notification is a request of its own: Graph's two can arrive swapped."""
+    transfers = record.life.transfers
+    if transfers <= record.transferring_told or transfers <= record.transfers_told:
+        return False  # the usual case, first: no transfer waits for its news
+    state = _state(event)
+    if state is None or state == "transferring" or phase_of_state(state) != _LIVE:
+        return False
+    call = _call_of(event)
+    return record.phase == _LIVE and call is not None and call.result_info is not None
+
+
 def _early(event: events.Event, record: CallRecord) -> bool:
-    """Whether ``event`` arrived before what it follows: the state (:func:`_follows`), or
-    for a tone of an established call, the tone before it (:func:`tone_waits`)."""
+    """Whether ``event`` arrived before what it follows: the state (:func:`_follows`); for a
+    tone of an established call, the tone before it (:func:`tone_waits`); for a transfer's
+    failure, that transfer's ``transferring`` (:func:`_awaits_transferring`)."""
     if record.phase >= _LIVE:
         # The usual case, first: nothing follows a later phase than established.
         if not isinstance(event, events.ToneReceived):
-            return False
+            return _awaits_transferring(event, record)
         return tone_waits(event.sequence_id, record.tone_next)
     follows = _follows(event, record.phase)
     return follows is not None and record.phase < follows
@@ -276,6 +292,9 @@ class CallRecord:
     transfers_told: int = 0
     """The life's ``transfers`` when the call's last state with a ``resultInfo`` was
     delivered: a copy of it after another transfer was asked is that transfer's failure."""
+    transferring_told: int = 0
+    """The life's ``transfers`` when the call last entered ``transferring``: a failure of a
+    transfer asked since waits for its ``transferring`` (:func:`_awaits_transferring`)."""
 
     @property
     def call_id(self) -> str:
@@ -317,8 +336,9 @@ def _changes_call(record: CallRecord, event: events.Event) -> bool:
     if call is None:
         return False
     if call.result_info is not None and record.life.transfers != record.transfers_told:
-        # Graph may tell a failed transfer by this update alone: tried again, it fails alike.
-        return True
+        # Graph may tell a failed transfer by this update alone: tried again, it fails alike
+        # (but while that failure waits for its transferring, a copy is that one again).
+        return not any(_awaits_transferring(held, record) for held in record.held)
     return bool(_changed(record.snapshot, call))
 
 
@@ -583,21 +603,31 @@ class Sequencer:
         if not record.held:
             self._admit(record, event)
             return
-        if record.phase >= _LIVE and _unblocks(event, record):
+        if record.waiting_tones and record.phase >= _LIVE and _unblocks(event, record):
             # The tone a held one waits for (or a late one): it goes, then what it let go.
+            # (With no tone held, a tone waits behind what is: a transfer's failure.)
             self._admit(record, event)
             first = record.waiting_tones[0] if record.waiting_tones else None
             if not tone_waits(first, record.tone_next):
                 self._release_ready(record)  # else it lets none go: no walk for it
             return
         phase = phase_of(event)
-        if phase is not None and phase <= _awaited(record.held, record.phase):
-            # A predecessor of what is held overtakes it.
-            reached, waiting = record.phase, len(record.held)
+        if phase is not None and (
+            phase <= _awaited(record.held, record.phase)
+            or (record.phase == _LIVE and _state(event) == "transferring")
+        ):
+            # A predecessor of what is held overtakes it (a transfer's failure may wait for
+            # its transferring).
+            reached, waiting, told = record.phase, len(record.held), record.transferring_told
             self._admit(record, event)
-            if record.phase != reached or len(record.held) != waiting:
-                # The call moved on, or the predecessor waits too: what may go now goes.
-                # (An update or a stale copy changes nothing held: no walk of the backlog.)
+            if (
+                record.phase != reached
+                or len(record.held) != waiting
+                or record.transferring_told != told
+            ):
+                # The call moved on, the predecessor waits too, or a transfer's failure may
+                # follow it now: what may go now goes. (An update or a stale copy changes
+                # nothing held: no walk of the backlog.)
                 self._release_ready(record)
             return
         record.held.append(event)
@@ -702,6 +732,8 @@ class Sequencer:
         if state is not None:
             info = event.result_info if isinstance(event, events.CallTerminated) else None
             moved, previous_state = self.lifecycle.enter(record.life, state, info)
+            if state == "transferring":
+                record.transferring_told = record.life.transfers
             if not moved:
                 # The same state again only adds content: an update, not a transition.
                 event = _as_update(event, state, previous)

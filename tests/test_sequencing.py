@@ -298,6 +298,111 @@ async def test_failed_transfer_established_again_is_delivered() -> None:
     seq.close()
 
 
+TRANSFER_FAILED = models.ResultInfo(code=500, subcode=7000, message="Transfer failed.")
+
+
+def _failed_transfer(call_id: str = "c") -> dict[str, Any]:
+    return b.call_state(call_id, "established", result_info=TRANSFER_FAILED)
+
+
+async def test_a_transfer_failure_before_its_transferring_waits_for_it() -> None:
+    """Each notification is a request of its own: the failure of a transfer (``established``
+    with a ``resultInfo``) may arrive before that transfer's ``transferring``. It went at
+    once, and ``transferring`` after it left the call transferring, though it is back in
+    ``established``. It waits for ``transferring``; a copy of it meanwhile is a repeat, and
+    what comes behind it waits behind it."""
+    sink = Sink()
+    seq = sink.sequencer(window=300)
+    _established(seq)
+    seq.lifecycle.transfer_asked("c")
+    seq.accept(one(_failed_transfer()))
+    seq.accept(one(_failed_transfer()))  # Graph sent it twice
+    seq.accept(one(b.tone("c", "tone1", 1)))
+    assert sink.labels == ["establishing", "established"]
+    seq.accept(one(b.call_state("c", "transferring")))
+    assert sink.labels[2:] == ["transferring", "established", "tone:tone1"]
+    back = sink.deliveries[3]
+    assert isinstance(back.event, events.CallStateChanged)
+    assert back.event.previous_state == "transferring"
+    assert back.event.result_info == TRANSFER_FAILED
+    assert back.snapshot is not None
+    assert back.snapshot.state == "established"
+    assert back.life.state == "established"  # and it stays there
+    assert seq.counts["held"] == 1
+    assert seq.counts["duplicate"] == 1
+    # Tried again, it fails alike, in Graph's order this time: nothing waits.
+    seq.lifecycle.transfer_asked("c")
+    seq.accept(one(b.call_state("c", "transferring")))
+    seq.accept(one(_failed_transfer()))
+    assert sink.labels[5:] == ["transferring", "established"]
+    assert seq.counts["held"] == 1
+    seq.close()
+
+
+async def test_a_transfer_failure_whose_transferring_never_comes_goes_with_the_window() -> None:
+    """Graph may tell a failed transfer by the update alone: it waits the window, then goes
+    as it is (an update), once; a later update with a ``resultInfo`` and no transfer asked
+    since waits for nothing."""
+    sink = Sink()
+    seq = sink.sequencer(window=0.05)
+    _established(seq)
+    seq.lifecycle.transfer_asked("c")
+    seq.accept(one(_failed_transfer()))
+    assert sink.labels == ["establishing", "established"]
+    await until(lambda: len(sink.deliveries) == 3)
+    failed = sink.deliveries[2].event
+    assert isinstance(failed, events.CallUpdated)
+    assert failed.result_info == TRANSFER_FAILED
+    assert seq.counts["released_alone"] == 1
+    seq.accept(one(_failed_transfer()))  # a repeat
+    other = models.ResultInfo(code=500, subcode=7001, message="Something else.")
+    seq.accept(one(b.call_state("c", "established", result_info=other)))
+    assert sink.labels[3:] == ["CallUpdated"]
+    assert seq.counts["duplicate"] == 1
+    assert seq.counts["held"] == 1
+    seq.close()
+
+
+async def test_nothing_waits_for_a_transferring_unless_a_transfer_is_on_its_way() -> None:
+    """A ``resultInfo`` with no transfer asked, an update without one while a transfer is on
+    its way, and a transfer Graph completes go at once."""
+    sink = Sink()
+    seq = sink.sequencer(window=300)
+    _established(seq)
+    seq.accept(one(_failed_transfer()))
+    seq.lifecycle.transfer_asked("c")
+    seq.accept(one(b.call_state("c", "established", subject="again")))
+    seq.accept(one(b.call_state("c", "hold")))
+    seq.accept(one(b.call_state("c", "established")))
+    seq.accept(one(b.call_state("c", "transferring")))
+    seq.accept(one(b.call_state("c", "transferAccepted")))
+    seq.accept(one(b.call_terminated("c", code=0, subcode=7015, message="transferred")))
+    assert sink.labels == [
+        "establishing",
+        "established",
+        "CallUpdated",
+        "CallUpdated",
+        "hold",
+        "established",
+        "transferring",
+        "transferAccepted",
+        "terminated",
+    ]
+    assert seq.counts["held"] == 0
+    seq.close()
+
+
+async def test_a_call_ending_lets_a_transfer_failure_go_first() -> None:
+    sink = Sink()
+    seq = sink.sequencer(window=300)
+    _established(seq)
+    seq.lifecycle.transfer_asked("c")
+    seq.accept(one(_failed_transfer()))
+    seq.accept(one(b.call_terminated("c")))
+    assert sink.labels[2:] == ["CallUpdated", "terminated"]
+    seq.close()
+
+
 async def test_a_roster_that_comes_back_after_a_change_is_not_a_duplicate() -> None:
     sink = Sink()
     seq = sink.sequencer()

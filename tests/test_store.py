@@ -175,14 +175,47 @@ async def test_a_restored_record_knows_the_transfer_its_last_run_asked() -> None
     for item in (b.call_state("c", "establishing"), b.call_state("c", "established")):
         seq.accept(one(item))
     calls.transfer_asked("c")
+    seq.accept(one(b.call_state("c", "transferring")))
     seq.accept(one(failure))
     calls.transfer_asked("c")  # its handler tries another target
     other, later = taken_over(seq, "c")
-    other.accept(one(failure))  # the second transfer's failure
+    other.accept(one(failure))  # the second transfer's failure, by the update alone
     other.accept(one(failure))  # Graph sent it twice
+    other.release_all()  # its transferring never came within the window
     assert [type(d.event) for d in later] == [events.CallUpdated]
     assert other.counts["duplicate"] == 1
     other.close()
+
+
+async def test_a_restored_record_knows_the_transferring_its_last_run_saw() -> None:
+    """A transfer's failure waits for that transfer's ``transferring``: the instance taking
+    the call over between the two must know the ``transferring`` came, or the failure waits
+    a window for it. A record written without it waits for none (as before it was kept)."""
+    first: list[Delivery] = []
+    seq = Sequencer(first.append, Lifecycle(termination_grace=30), reorder_window=300)
+    for item in (b.call_state("c", "establishing"), b.call_state("c", "established")):
+        seq.accept(one(item))
+    seq.lifecycle.transfer_asked("c")
+    seq.accept(one(b.call_state("c", "transferring")))
+    record = seq.record("c")
+    assert record is not None
+    stored = encode_record(record)
+    older = json.loads(stored)
+    del older["transferring_told"]
+    why = models.ResultInfo(code=500, subcode=7000, message="Transfer failed.")
+    failure = b.call_state("c", "established", result_info=why)
+    for text in (stored, json.dumps(older)):
+        later: list[Delivery] = []
+        other = Sequencer(later.append, Lifecycle(termination_grace=30), reorder_window=300)
+        restored = decode_record(text)
+        assert restored is not None
+        other.adopt(restored)
+        other.accept(one(failure))
+        (back,) = later
+        assert isinstance(back.event, events.CallStateChanged)
+        assert back.event.previous_state == "transferring"
+        other.close()
+    seq.close()
 
 
 async def test_a_record_written_with_older_roster_keys_diffs_as_before() -> None:

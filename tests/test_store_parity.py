@@ -27,12 +27,12 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from callbot import Call, CallBot, current_attempt, events, models
+from callbot import Call, CallBot, Target, current_attempt, events, models
 from callbot._ids import id_key
 from callbot._lifecycle import ENDED_MEMORY
 from callbot._sequencing import roster_key
 from callbot.store import _redis
-from callbot.testing import TEST_TENANT_ID, TokenAuthority
+from callbot.testing import TEST_TENANT_ID, FakeGraph, TokenAuthority
 from callbot.testing import builders as b
 
 from .conftest import (
@@ -690,6 +690,55 @@ async def test_a_transfer_tried_again_fails_again(parity: Any) -> None:
             )
         ]
         assert seen == [*moves, ("CallTerminated", "terminated", "established")], group.name
+
+
+async def test_a_transfer_failure_arriving_before_its_transferring(parity: Any) -> None:
+    """Graph posts a transfer's ``transferring`` and its failure (documents 24 and 27) as
+    requests of their own: they may arrive swapped. The failure went at once, and the
+    ``transferring`` after it left the call transferring, though the transfer had failed.
+    In every store the failure waits for the ``transferring`` the bot's transfer brings
+    (a copy of it meanwhile is a repeat), and the call is back in ``established``."""
+    transferring, failed = (
+        normalized_json(load_notification_text(name))["value"][0]
+        for name in (
+            "24-call-transfer-transferring.json",
+            "27-call-transfer-transfer-failed-7000.json",
+        )
+    )
+    call = call_of(transferring)
+    async with FakeGraph() as graph:
+        graph.add_call(call)
+        groups: Parity = await parity(
+            graph_url=graph.graph_url,
+            authority_url=graph.authority_url,
+            app_secret="fake-graph-secret",
+        )
+        for group in groups.groups:
+            for bot in group.bots:
+
+                @bot.on_state("established")
+                async def transfer(call: Call, event: events.CallStateChanged) -> None:
+                    if event.previous_state == "establishing":
+                        await call.transfer(Target.user("agent-id", "Agent"))
+
+        await groups.run(
+            [post(b.call_state(call, "establishing")), post(b.call_state(call, "established"))]
+        )
+        assert len(graph.requests_for("transfer")) == len(groups.groups)  # each group asked
+        await groups.run([post(failed), post(failed), post(transferring), post(ending_of(call))])
+    groups.check()
+    for group in groups.groups:
+        seen = [
+            (entry["type"], entry.get("state"), entry.get("previous"), entry["state_now"])
+            for entry in group.seen[id_key(call)]
+        ]
+        assert seen == [
+            ("CallStateChanged", "establishing", None, "establishing"),
+            ("CallStateChanged", "established", "establishing", "established"),
+            ("CallStateChanged", "transferring", "established", "transferring"),
+            ("CallStateChanged", "established", "transferring", "established"),
+            ("CallTerminated", "terminated", "established", "terminated"),
+        ], group.name
 
 
 def with_audio(item: dict[str, Any], audio: str) -> dict[str, Any]:

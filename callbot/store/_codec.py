@@ -99,6 +99,7 @@ def encode_record(record: CallRecord) -> str:
         "tone_next": record.tone_next,
         "transfers": record.life.transfers,
         "transfers_told": record.transfers_told,
+        "transferring_told": record.transferring_told,
         "latest": {kind: digest.hex() for kind, digest in record.latest.items()},
         # Read by instances of the previous release during a rolling upgrade.
         "roster_digest": digest.hex() if (digest := record.latest.get("roster")) else None,
@@ -122,13 +123,16 @@ def decode_record(text: str) -> CallRecord | None:
     if not isinstance(body, dict) or body.get("version") != RECORD_VERSION:
         return None
     snapshot = body.get("snapshot")
+    transfers = _number(body.get("transfers")) or 0
+    # Written without it: the transfers asked are taken as seen, so no failure waits.
+    transferring_told = _number(body.get("transferring_told"))
     record = CallRecord(
         CallLife(
             str(body["call_id"]),
             phase=int(body["phase"]),
             state=body.get("state"),
             ended=bool(body.get("ended")),
-            transfers=_number(body.get("transfers")) or 0,
+            transfers=transfers,
         ),
         closed=bool(body.get("ended")),
         snapshot=None if snapshot is None else CallResource.model_validate(snapshot),
@@ -136,6 +140,7 @@ def decode_record(text: str) -> CallRecord | None:
         roster_sequence=body.get("roster_sequence"),
         tone_next=_number(body.get("tone_next")),
         transfers_told=_number(body.get("transfers_told")) or 0,
+        transferring_told=transfers if transferring_told is None else transferring_told,
         latest={kind: bytes.fromhex(digest) for kind, digest in _latest(body).items()},
     )
     record.seen.extend(bytes.fromhex(digest) for digest in body.get("seen") or ())
