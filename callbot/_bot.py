@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -11,10 +12,12 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 from aiohttp import web
 
 from . import events
+from ._affinity import DeploymentChooser, RegionAffinity
 from ._auth import Authenticator
 from ._config import Settings
 from ._dispatch import Dispatcher, ErrorHandler, HandlerRegistry, HandlerWatcher
 from ._gc import tune_for_serving
+from ._ids import id_key
 from ._lifecycle import KeepAliveResult, Lifecycle
 from ._log import configure_logging, get_logger
 from ._metrics import Metrics
@@ -33,6 +36,7 @@ log = get_logger("callbot")
 
 E = TypeVar("E", bound=events.Event)
 H = TypeVar("H", bound=Callable[..., Awaitable[None]])
+C = TypeVar("C", bound=DeploymentChooser)
 BOT_KEY: web.AppKey[CallBot] = web.AppKey("callbot")
 
 P = ParamSpec("P")
@@ -90,6 +94,11 @@ class _Runtime:
             outcomes=self.services,
         )
         self.sequencer: Sequencer = self.store.sequencer
+        self.affinity = RegionAffinity(
+            lambda: registry.deployment_chooser,
+            known_here=self.knows_call,
+            own_url=s.callback_url if s.public_url is not None else None,
+        )
         self.receiver = Receiver(
             authenticator=self.authenticator,
             ingest=self.ingest,
@@ -100,6 +109,7 @@ class _Runtime:
             body_timeout=s.body_timeout,
             observe_ack=self.metrics.ack_seconds.observe,
             while_draining=self.outcomes_while_draining,
+            redirect=self.affinity.location_for,
         )
         self.recorder = NotificationRecorder(s.record_path) if s.record_path else None
         sources = self.metrics.sources
@@ -108,6 +118,12 @@ class _Runtime:
         sources.dropped = lambda: self.store.counts
         sources.handled = lambda: self.dispatcher.counts
         sources.graph = lambda: self.services.graph.stats
+        sources.counters["callbot_redirects"] = (
+            "Incoming calls the deployment chooser sent elsewhere (redirected), or that ran "
+            "here because its choice failed (bad_location, chooser_failed)",
+            "outcome",
+            lambda: self.affinity.counts,
+        )
         sources.gauges["callbot_active_calls"] = (
             "Calls that have not ended",
             lambda: float(sum(1 for _ in self.lifecycle.active())),
@@ -133,6 +149,11 @@ class _Runtime:
         """Whether nothing of the call waits in its reorder window or for its handlers."""
         record = self.store.known(call_key)
         return not self.dispatcher.busy_with(call_key) and not (record and record.holding)
+
+    def knows_call(self, call_id: str) -> bool:
+        """Whether this deployment knows the call (runs it, ended it lately, or, with a shared
+        store, another instance runs it)."""
+        return self.lifecycle.knows(call_id) or self.store.known(id_key(call_id)) is not None
 
     def _handle(self, delivery: Delivery) -> Call:
         return self.services.call(
@@ -370,6 +391,47 @@ class CallBot:
         """Run with ``(call, event, exc)`` when a handler raises."""
         self._registry.add_error_handler(handler)
         return handler
+
+    def choose_deployment(self, chooser: C) -> C:
+        """Send a new call to the deployment of this bot that should run it (region affinity).
+
+        ``chooser(event)`` gets each call's incoming-call notification (the
+        :class:`~callbot.events.IncomingCall`) once its request is authenticated, and
+        returns the callback URL of the deployment that should run the call, such as
+        ``"https://bot-eu.contoso.com/api/calls"``, or ``None`` to run it here. The bot then
+        answers Graph ``302 Found`` with that URL as ``Location``, and Graph posts the
+        call's notifications there: nothing of the call is kept here, and no handler runs
+        here for it.
+
+        It runs inside the request, before the answer, so it must be fast and do no I/O:
+        a plain ``def`` deciding from the event (``event.tenant_id``, the caller in
+        ``event.call.source``, ``event.raw``) and what the process already holds in memory.
+
+        Only a request that is one new call's incoming-call notification is asked about;
+        any other request (a later notification, or one carrying something else beside the
+        incoming call) is accepted here, as is a call this deployment already knows. This
+        bot's own callback URL means here. A URL that is not absolute ``https`` (plain
+        ``http`` only for 127.0.0.1 or localhost) or has a control character, and an
+        exception from ``chooser``, are logged (``deployment_choice_failed``) and the call
+        runs here. ``callbot_redirects_total{outcome}`` counts them.
+
+        >>> EU = "https://bot-eu.contoso.com/api/calls"
+        >>> @bot.choose_deployment
+        ... def by_tenant(event: events.IncomingCall) -> str | None:
+        ...     return EU if event.tenant_id in EU_TENANTS else None
+        """
+        if inspect.iscoroutinefunction(chooser) or not callable(chooser):
+            raise TypeError(
+                f"{getattr(chooser, '__qualname__', chooser)!r} must be a plain 'def' function: "
+                "it runs inside the request, before Graph gets its answer"
+            )
+        if self._registry.deployment_chooser is not None:
+            raise ValueError(
+                "the bot already has a deployment chooser "
+                f"({getattr(self._registry.deployment_chooser, '__qualname__', '?')})"
+            )
+        self._registry.deployment_chooser = chooser
+        return chooser
 
     # -- acting -------------------------------------------------------------------
 

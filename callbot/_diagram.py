@@ -53,7 +53,9 @@ def mermaid(entries: Iterable[Traffic]) -> str:
         source, target, line = arrow
         refused = entry.kind == "notification" and entry.status not in (None, 202)
         lines.append(f"    {source}{line}{target}: {_text(entry.summary)}{_status(entry)}")
-        if refused:
+        if entry.redirected_to is not None:
+            lines.append(f"    Note over Bot: sent to {_text(entry.redirected_to)}")
+        elif refused:
             lines.append(f"    Note over Bot: refused: {entry.status or 'no answer'}")
     return "\n".join(lines) + "\n"
 

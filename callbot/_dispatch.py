@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from . import events
+from ._affinity import DeploymentChooser
 from ._errors import CallEnded, OperationFailed
 from ._journal import Attempt
 from ._journal import _current as _current_attempt
@@ -59,6 +60,8 @@ class HandlerRegistry:
         self._error_handlers: list[ErrorHandler] = []
         self.watchers: list[HandlerWatcher] = []
         """Told of every handler run once it finished (the testing kit draws them)."""
+        self.deployment_chooser: DeploymentChooser | None = None
+        """Where a new call should run (``CallBot.choose_deployment``); ``None``: here."""
         # Per event type: its registrations, and whether any of them has a ``matches`` filter.
         self._cache: dict[type[events.Event], tuple[list[_Registration], bool]] = {}
 

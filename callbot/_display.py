@@ -51,6 +51,8 @@ def _short(call_id: str | None) -> str:
 def _status(entry: Traffic) -> str:
     if entry.status is None:
         return ""
+    if entry.redirected_to is not None:
+        return f"({entry.status} to {entry.redirected_to})"
     return f"({entry.status})" if entry.status else "(no answer)"
 
 
@@ -95,6 +97,7 @@ class TrafficPrinter:
             line.append(f" {entry.summary}")
             if status:
                 failed = entry.status is not None and not 200 <= entry.status < 300
+                failed = failed and entry.redirected_to is None
                 line.append(f" {status}", style="bold red" if failed else "green")
             self._print(line)
             return

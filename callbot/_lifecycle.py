@@ -335,6 +335,16 @@ class Lifecycle:
         life = self._lives.get(id_key(call_id))
         return life.call_id if life is not None else call_id
 
+    def knows(self, call_id: str) -> bool:
+        """Whether the call is known here: going on, pending, or forgotten within
+        :data:`ENDED_MEMORY` (ended, or let go while still its tenant's)."""
+        key = id_key(call_id)
+        return (
+            key in self._lives
+            or self._recall(self._ended, key) is not None
+            or self._recall(self._bound, key) is not None
+        )
+
     def belongs_elsewhere(self, call_id: str, tenant_id: str | None) -> bool:
         """Whether a known call (or one that ended within :data:`ENDED_MEMORY`) belongs to
         another tenant than ``tenant_id``: a token proves its tenant, not that the call named

@@ -1,7 +1,9 @@
 """The callback endpoint: limits, authentication, parsing, queueing, the 202.
 
-Nothing here runs bot code. A request is answered as soon as its batch is
-authenticated, parsed and accepted by the sequencer; handlers run afterwards.
+Nothing here runs bot code but the deployment chooser (a plain function, see
+``callbot._affinity``): a request is answered as soon as its batch is
+authenticated, parsed and accepted by the sequencer, or sent to another
+deployment with a 302; handlers run afterwards.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ log = get_logger("callbot.receiver")
 _NOT_BUFFERED = b"\0not buffered"
 
 Ingest = Callable[[Sequence[events.Event]], Awaitable[None]]
+Redirect = Callable[[Sequence[events.Event]], str | None]
+"""The other deployment's callback URL a parsed batch goes to, or ``None`` to accept it."""
 
 
 class Receiver:
@@ -55,6 +59,7 @@ class Receiver:
         body_timeout: float | None = None,
         observe_ack: Callable[[float], None] | None = None,
         while_draining: Callable[[Sequence[events.Event]], None] | None = None,
+        redirect: Redirect | None = None,
     ) -> None:
         self._auth = authenticator
         self._ingest = ingest
@@ -65,6 +70,7 @@ class Receiver:
         self._body_timeout = body_timeout
         self._observe_ack = observe_ack
         self._while_draining = while_draining
+        self._redirect = redirect
         self.draining = False
         """While true, callbacks get 503 so that Graph retries against another instance."""
         self.counts: Counter[tuple[str, str]] = Counter()
@@ -167,6 +173,18 @@ class Receiver:
             return self._refuse(
                 400, "malformed", "unparseable", repr(exc), self._context(request, tenant_id)
             )
+        if self._redirect is not None:
+            # After authentication: a stranger never learns where the other deployments are.
+            location = self._redirect(batch)
+            if location is not None:
+                log.info(
+                    "callback_redirected",
+                    call_id=batch[0].call_id,
+                    location=location,
+                    **self._context(request, tenant_id),
+                )
+                # Nothing of the call is kept: Graph posts it, and what follows, to location.
+                return web.Response(status=302, headers={"Location": location})
         if self.draining:
             if self._while_draining is not None:
                 # Running handlers may be waiting for these outcomes to finish.

@@ -164,8 +164,12 @@ class BotServer:
             "Authorization": f"Bearer {token or self.token()}",
         }
         all_headers.update(headers or {})
+        # Graph does not follow a 302 as a browser would: the test reads the bot's answer.
         return await self.client.post(
-            self.bot.settings.callback_path, data=data, headers=all_headers
+            self.bot.settings.callback_path,
+            data=data,
+            headers=all_headers,
+            allow_redirects=False,
         )
 
 

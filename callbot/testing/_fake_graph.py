@@ -229,7 +229,8 @@ class FakeCall:
     ended: bool = False
     callback_uri: str | None = None
     """The ``callbackUri`` the bot gave for the call (placing, answering, rejecting or
-    redirecting it): where Graph posts the call's notifications. A notification's own
+    redirecting it), or the ``Location`` a bot's ``302 Found`` moved the call to: where
+    Graph posts the call's notifications. A notification's own
     copy of the resource does not set it (a replay must not post to a recorded URL)."""
 
 

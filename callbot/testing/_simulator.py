@@ -5,7 +5,9 @@ OpenID configuration and signing keys (a :class:`TokenAuthority`), answers the
 token endpoint and the ``/communications/calls`` API (a :class:`FakeGraph`),
 and drives each call the way Graph does, by POSTing signed notifications to
 the ``callbackUri`` the bot gave for the call (placing, answering, rejecting or
-redirecting it), else to the bot's callback URL:
+redirecting it), else to the bot's callback URL. A bot answering ``302 Found`` (see
+``CallBot.choose_deployment``) has the notification posted again to its ``Location``,
+and the call's later notifications go there too:
 
 * ``answer``            -> ``establishing``, ``established``, then the roster;
 * ``reject``/``redirect`` -> ``terminated``;
@@ -57,7 +59,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 from aiohttp import web
@@ -107,6 +109,9 @@ OUTGOING_OUTCOMES: dict[str, tuple[int, int, str] | None] = {
     "unavailable": (480, 0, "The callee is not available."),
 }
 """What a callee does with a call the bot places, and the ``resultInfo`` Graph ends it with."""
+
+MAX_REDIRECTS = 5
+"""How many ``302 Found`` in a row the simulator follows for one notification (a loop ends)."""
 
 _MEDIA_ACTIONS = frozenset({"playPrompt", "recordResponse"})
 _OK = 200
@@ -175,6 +180,7 @@ _REFUSAL_HINTS = {
         " (is the bot's CALLBOT_APP_ID the simulator's app id, and its"
         " CALLBOT_OPENID_CONFIG_URL the simulator's?)"
     ),
+    302: " (a redirect without a Location, or one redirect too many: a loop?)",
     403: " (does the bot allow the simulator's tenant, CALLBOT_ALLOWED_TENANTS?)",
 }
 
@@ -206,6 +212,10 @@ class Traffic:
     """Why the bot refused a notification, as its answer said (``bad_audience``, ...)."""
     url: str | None = None
     """Where a notification was posted (the call's ``callbackUri``, else the bot's)."""
+    redirected_to: str | None = None
+    """Where the bot's ``302 Found`` sent a notification on (region affinity): the simulator
+    posted it there next, and posts the call's later notifications there (the call runs at
+    that deployment from then on)."""
 
     def refusal(self) -> str:
         """The bot's answer to a notification it refused, with what to check."""
@@ -1353,6 +1363,8 @@ class Simulator:
         self._signal = asyncio.Event()
         self._bot: CallBot | None = None
         """The bot served in this process (``run_with_simulator``), if any."""
+        # Other bots served in this process (serve()), by callback URL: other deployments.
+        self._others: dict[str, CallBot] = {}
         self._session: aiohttp.ClientSession | None = None
         self._started_at = time.monotonic()
         self._notifying = True
@@ -1465,6 +1477,25 @@ class Simulator:
         """A callback token for the bot, signed with the published key."""
         claims.setdefault("tenant_id", self.tenant_id)
         return self.authority.mint(audience=self.app_id, **claims)
+
+    @asynccontextmanager
+    async def serve(self, bot: CallBot, *, shutdown_timeout: float = 2.0) -> AsyncIterator[str]:
+        """Serve another bot against this simulator on 127.0.0.1 while the block runs, and
+        yield its callback URL: another deployment of the same app, which the bot of
+        :func:`run_with_simulator` sends calls to with ``choose_deployment``.
+
+        As for that bot, its settings (and credential) point at the simulator until the
+        block ends, :attr:`traffic` shows its handlers, a call's ``states`` what its
+        handlers were told, and ``settled()`` waits for its handlers too.
+        """
+        async with _serving(
+            bot, self, shutdown_timeout=shutdown_timeout, keep_alive=False
+        ) as callback_url:
+            self._others[callback_url] = bot
+            try:
+                yield callback_url
+            finally:
+                del self._others[callback_url]
 
     # -- calls ---------------------------------------------------------------------
 
@@ -1658,7 +1689,8 @@ class Simulator:
         return self._bot
 
     def _bot_settled(self, call_key: str) -> bool:
-        return self._in_process_bot()._running().settled(call_key)
+        bots = [self._in_process_bot(), *self._others.values()]
+        return all(bot._running().settled(call_key) for bot in bots)
 
     async def wait_for_request(
         self, action: str, *, call: SimulatedCall | None = None, timeout: float = 5.0
@@ -1695,7 +1727,9 @@ class Simulator:
     ) -> int:
         """Sign and post a notification body to the bot; returns the bot's status.
 
-        It goes where Graph would post about ``call_id`` (:meth:`callback_url_for`).
+        It goes where Graph would post about ``call_id`` (:meth:`callback_url_for`). A
+        ``302 Found`` is followed as Graph follows it (region affinity): the same notification
+        is posted to its ``Location``, and the calls it names are posted there from then on.
         ``tenant_id`` overrides the token's ``tid`` (replays keep the recorded tenant).
         The status is the caller's to judge: a refusal is not one of
         :attr:`failed_deliveries` (a test may expect a 403). As Graph's own, a posted
@@ -1720,6 +1754,7 @@ class Simulator:
             if t.kind == "notification"
             and not (t.status is not None and 200 <= t.status < 300)
             and not t.sent_by_post
+            and t.redirected_to is None
         ]
 
     async def _deliver(
@@ -1744,25 +1779,50 @@ class Simulator:
         data = json.dumps(body).encode()
         status = 0
         reason: str | None = None
-        for attempt in range(4):
+        attempt = hops = 0
+        while True:
             headers = {
                 "Authorization": "Bearer " + self.token(tenant_id=tenant_id or self.tenant_id),
                 "Content-Type": "application/json",
                 "X-Microsoft-Skype-Message-ID": str(uuid.uuid4()),
             }
             retry_after = 0.2
+            location: str | None = None
             try:
-                async with self._session.post(url, data=data, headers=headers) as response:
+                # A 302 is Graph's to follow (below), not the HTTP client's: it keeps the POST.
+                async with self._session.post(
+                    url, data=data, headers=headers, allow_redirects=False
+                ) as response:
                     status = response.status
                     answer = await response.read()
                     retry_after = _retry_after(response.headers.get("Retry-After"), retry_after)
                     reason = _refusal_reason(status, answer)
+                    location = response.headers.get("Location")
             except (aiohttp.ClientError, TimeoutError) as exc:
                 status = 0
                 log.warning("simulator_post_failed", url=url, error=repr(exc))
+            if status == 302 and location and hops < MAX_REDIRECTS and self._notifying:
+                moved_to = urljoin(url, location)
+                self._record(
+                    Traffic(
+                        kind="notification",
+                        at=self._now(),
+                        call_id=call_id,
+                        summary=describe_notification(body),
+                        status=status,
+                        body=body,
+                        sent_by_post=True if by_post else None,
+                        url=url,
+                        redirected_to=moved_to,
+                    )
+                )
+                self._move_calls(body, moved_to)
+                url, hops, attempt = moved_to, hops + 1, 0
+                continue
             # Graph retries what a bot could not take yet; a refusal it does not retry.
             if status not in (0, 429, 502, 503, 504) or attempt == 3 or not self._notifying:
                 break
+            attempt += 1
             await asyncio.sleep(retry_after)
         self._record(
             Traffic(
@@ -1783,12 +1843,25 @@ class Simulator:
             self._elsewhere.accepted(body, tenant_id or self.tenant_id)
         return status, reason
 
+    def _move_calls(self, body: Any, callback_url: str) -> None:
+        """A bot's 302 moved the calls ``body`` names (region affinity): Graph posts their
+        notifications to ``callback_url`` from then on."""
+        try:
+            told = parse_payload(body)
+        except MalformedNotification:
+            return
+        for key in {event.call_key for event in told}:
+            known = self.graph.calls.get(key)
+            if known is not None:
+                known.resource["callbackUri"] = known.callback_uri = callback_url
+
     def _reaches_bot(self, url: str) -> bool:
-        """Whether ``url`` is the callback endpoint of the bot served in this process (whose
+        """Whether ``url`` is the callback endpoint of a bot served in this process (whose
         dispatcher tells what its handlers were handed); a query string does not matter."""
-        if self._bot is None or self.callback_url is None:
-            return False
-        return _endpoint(self.callback_url) == _endpoint(url)
+        served = list(self._others)
+        if self._bot is not None and self.callback_url is not None:
+            served.append(self.callback_url)
+        return any(_endpoint(callback_url) == _endpoint(url) for callback_url in served)
 
     def _graph_side(self, body: Any) -> None:
         """Graph tells a bot only of calls it has: its API knows each call a notification it
@@ -2004,13 +2077,35 @@ async def run_with_simulator(
     (``sim.graph.requests_for("keepAlive")`` lists them).
     """
     saved = bot.settings
-    saved_credential = getattr(bot, "_credential", None)
     options.setdefault("app_id", saved.app_id or DEFAULT_APP_ID)
     # A bot that only accepts its own tenant gets tokens of that tenant.
     allowed = sorted(saved.allowed_tenants)
     options.setdefault("tenant_id", saved.tenant_id or (allowed[0] if allowed else TEST_TENANT_ID))
     sim = Simulator(**options)
     await sim.start()
+    try:
+        async with _serving(
+            bot, sim, shutdown_timeout=shutdown_timeout, keep_alive=keep_alive
+        ) as callback_url:
+            sim.callback_url = callback_url
+            sim._bot = bot
+            try:
+                yield sim
+            finally:
+                sim._bot = None
+                await sim.stop_notifying()
+    finally:
+        await sim.close()
+
+
+@asynccontextmanager
+async def _serving(
+    bot: CallBot, sim: Simulator, *, shutdown_timeout: float, keep_alive: bool
+) -> AsyncIterator[str]:
+    """Serve ``bot`` on 127.0.0.1, pointed at ``sim``, which watches its handlers; yields its
+    callback URL once it is ready. Its settings (and credential) are restored after."""
+    saved = bot.settings
+    saved_credential = getattr(bot, "_credential", None)
     runner: web.AppRunner | None = None
     unwatch = bot.watch_handlers(sim._handler_ran)
     try:
@@ -2018,22 +2113,17 @@ async def run_with_simulator(
             bot.configure(credential=sim.credential())
         bot.configure(shutdown_timeout=min(saved.shutdown_timeout, shutdown_timeout))
         runner = await _serve_bot(bot, sim, keep_alive=keep_alive)
-        sim.callback_url = bot.settings.callback_url
-        sim._bot = bot
         # A call whose handlers finished is news to those waiting for it to settle (the
         # dispatcher goes with the bot's runtime when it stops).
         bot._running().dispatcher.when_idle(lambda call_key: sim._changed())
         # What the bot's sequencer hands its handlers is what each call went through.
         bot._running().dispatcher.when_delivered(sim._told)
         await bot.authenticator.wait_ready(5.0)
-        yield sim
+        yield bot.settings.callback_url
     finally:
-        sim._bot = None
-        await sim.stop_notifying()
         if runner is not None:
             await runner.cleanup()
         unwatch()
-        await sim.close()
         with contextlib.suppress(RuntimeError):
             bot.configure(**_fields_of(saved))
             if saved_credential is not None:
