@@ -55,7 +55,8 @@ def configure_logging(log_format: str = "auto", level: str = "info") -> None:
     with ``NO_COLOR`` set); ``level`` a level name (``debug``, ``info``, ...).
     Context bound with ``structlog.contextvars`` (such as ``call_id``) is
     merged into every line. Lines a bot writes with ``logging`` go through the
-    same processors and renderer, so they look like callbot's own.
+    same processors and renderer, so they look like callbot's own, and so do Python's
+    warnings (a coroutine never awaited, say), as lines of the ``py.warnings`` logger.
     """
     use_console = log_format == "console" or (log_format == "auto" and sys.stderr.isatty())
     renderer: Any = (
@@ -78,6 +79,8 @@ def configure_logging(log_format: str = "auto", level: str = "info") -> None:
         cache_logger_on_first_use=False,
     )
     _route_stdlib_logging(shared, renderer, numeric_level)
+    # Else each warning is two raw lines of stderr in the middle of the JSON ones.
+    logging.captureWarnings(True)
 
 
 def _colours_wanted() -> bool:

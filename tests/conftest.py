@@ -116,6 +116,7 @@ def logging_restored() -> Iterator[None]:
     root.handlers[:] = handlers
     root.setLevel(level)
     structlog.configure(**saved)
+    logging.captureWarnings(False)
 
 
 def notification_files() -> list[str]:

@@ -154,6 +154,35 @@ def test_stdlib_logging_shows_under_callbot_run(tmp_path: Path, busy_port: int) 
     assert not [line for line in lines if line["event"] == "mybot details"]
 
 
+def test_python_warnings_under_callbot_run_are_json_lines_too(
+    tmp_path: Path, busy_port: int
+) -> None:
+    """A coroutine a bot forgot to await made Python write its warning as two raw lines in
+    the middle of the JSON ones, which a log shipper reads as two malformed events."""
+    (tmp_path / "mybot.py").write_text(
+        "from callbot import CallBot\n"
+        "async def greet() -> None: ...\n"
+        "greet()  # never awaited\n"
+        "bot = CallBot.from_env()\n"
+    )
+    result = run_callbot(
+        "run",
+        "mybot:bot",
+        "--port",
+        str(busy_port),
+        cwd=tmp_path,
+        CALLBOT_APP_ID="x",
+        CALLBOT_LOG_FORMAT="json",
+    )
+    *logged, last = result.stderr.strip().splitlines()
+    assert last.startswith("callbot: cannot listen"), result.stderr
+    lines = [json.loads(line) for line in logged]
+    assert all(isinstance(line, dict) for line in lines), result.stderr
+    [warning] = [line for line in lines if line.get("logger") == "py.warnings"]
+    assert "coroutine 'greet' was never awaited" in warning["event"]
+    assert warning["level"] == "warning"
+
+
 def test_a_bot_serving_itself_logs_as_its_settings_say(tmp_path: Path, busy_port: int) -> None:
     # `python bot.py` (bot.run() or bot.serve()), as the meeting and notifier samples do.
     (tmp_path / "selfserved.py").write_text(

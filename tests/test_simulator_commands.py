@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 import os
 import socket
 import stat
@@ -228,8 +229,13 @@ def replay_bot_module(directory: Path) -> None:
 def restore_logging() -> Iterator[None]:
     """The command configures logging to this test's captured stderr: undo that after."""
     saved = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
     yield
     structlog.configure(**saved)
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    logging.captureWarnings(False)
 
 
 @pytest.mark.usefixtures("restore_logging")
