@@ -27,6 +27,14 @@ def _demo(args: argparse.Namespace) -> int:
     return status
 
 
+def _log_to_stderr() -> None:
+    """Log lines (the simulator's failed posts) to stderr: stdout is the traffic, which
+    ``--format json`` promises as JSON lines only."""
+    configure_logging(
+        os.environ.get("CALLBOT_LOG_FORMAT", "auto"), os.environ.get("CALLBOT_LOG_LEVEL", "info")
+    )
+
+
 def _remote(args: argparse.Namespace, url: str) -> object:
     from ._simulate import RemoteBot
 
@@ -48,6 +56,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
     remote = _remote(args, args.url)
     assert isinstance(remote, RemoteBot)
+    _log_to_stderr()
     options = ScenarioOptions(
         blind=args.blind, timeout=args.timeout, hold=args.hold, keys=args.keys
     )
@@ -82,10 +91,7 @@ def _replay_into(
     if args.bot:
         from ._loading import load_bot
 
-        configure_logging(
-            os.environ.get("CALLBOT_LOG_FORMAT", "auto"),
-            os.environ.get("CALLBOT_LOG_LEVEL", "info"),
-        )
+        _log_to_stderr()
         bot = load_bot(args.bot)
         configure_logging(bot.settings.log_format, bot.settings.log_level)
         return asyncio.run(
@@ -101,6 +107,7 @@ def _replay_into(
         )
     remote = _remote(args, args.url)
     assert isinstance(remote, RemoteBot)
+    _log_to_stderr()
     return asyncio.run(
         replay(
             args.file,

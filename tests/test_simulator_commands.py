@@ -400,6 +400,52 @@ def test_simulate_needs_the_bots_app_id(
     assert "--app-id" in capsys.readouterr().err
 
 
+async def test_simulate_in_json_writes_only_json_lines_to_stdout() -> None:
+    """The simulator's own log lines (here: posts the bot never answered) went to stdout in
+    structlog's console format, between the JSON lines ``--format json`` promises."""
+
+    async def ready_but_drops_callbacks(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        if (await reader.readline()).startswith(b"GET /readyz "):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(ready_but_drops_callbacks, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("CALLBOT_")}
+    async with server:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "callbot",
+            "simulate",
+            f"http://127.0.0.1:{port}/api/calls",
+            "incoming-call",
+            "--app-id",
+            APP_ID,
+            "--keys-port",
+            "0",
+            "--graph-port",
+            "0",
+            "--format",
+            "json",
+            env={**environ, "CALLBOT_LOG_FORMAT": "json"},
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        async with asyncio.timeout(60):
+            out, err = await process.communicate()
+    assert process.returncode == 1, err.decode()
+    printed = [json.loads(line) for line in out.decode().splitlines()]
+    assert all(isinstance(entry, dict) for entry in printed)
+    assert printed[-1]["summary"].startswith("scenario failed: the bot answered nothing")
+    logged = [json.loads(line) for line in err.decode().splitlines() if line.startswith("{")]
+    assert "simulator_post_failed" in [line["event"] for line in logged]
+
+
 def test_command_line_shapes() -> None:
     parser = build_parser()
     args: Any = parser.parse_args(["simulate", "http://127.0.0.1:8080/api/calls", "out-of-order"])
