@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 from ._cli_testing import add_testing_commands
+from ._config import _convert
 from ._errors import CallbotError
 from ._loading import load_bot
 from ._log import configure_logging
@@ -24,6 +26,8 @@ def _run(args: argparse.Namespace) -> int:
         os.environ.get("CALLBOT_LOG_FORMAT", "auto"), os.environ.get("CALLBOT_LOG_LEVEL", "info")
     )
     bot = load_bot(args.target)
+    # Where to listen is the deployment's choice (an image sets it), also for a bot built in code.
+    bot.configure(**_listen_from_env(os.environ))
     configure_logging(bot.settings.log_format, bot.settings.log_level)
     if args.tunnel:
         port = bot.settings.port if args.port is None else args.port
@@ -41,6 +45,17 @@ def _run(args: argparse.Namespace) -> int:
             "(choose another with --port or CALLBOT_PORT)"
         ) from None
     return 0
+
+
+def _listen_from_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    """``host`` and ``port`` from ``CALLBOT_HOST`` and ``CALLBOT_PORT`` when set: ``callbot run``
+    applies them to any bot, not only one made with ``CallBot.from_env()``."""
+    listen: dict[str, Any] = {}
+    for name, type_name in (("host", "str"), ("port", "int")):
+        raw = environ.get("CALLBOT_" + name.upper(), "").strip()
+        if raw:
+            listen[name] = _convert(name, type_name, raw)
+    return listen
 
 
 # Each sample and how its README runs it for real, from the sample's folder.

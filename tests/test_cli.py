@@ -116,6 +116,38 @@ def test_a_port_in_use_after_the_bot_started(tmp_path: Path, busy_port: int) -> 
     assert "bot_started" in result.stderr
 
 
+CODE_BOT_MODULE = """
+from callbot import CallBot
+
+bot = CallBot(app_id="x", host="0.0.0.0", port={port})
+"""
+
+
+def test_callbot_run_listens_where_the_environment_says_for_a_bot_built_in_code(
+    tmp_path: Path, busy_port: int
+) -> None:
+    # A container image sets CALLBOT_HOST and CALLBOT_PORT; the bot's code names other ones.
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        (tmp_path / "mybot.py").write_text(CODE_BOT_MODULE.format(port=other.getsockname()[1]))
+        result = run_callbot(
+            "run",
+            "mybot:bot",
+            cwd=tmp_path,
+            CALLBOT_HOST="127.0.0.1",
+            CALLBOT_PORT=str(busy_port),
+            CALLBOT_LOG_FORMAT="json",
+        )
+    assert_one_clear_line(result, f"cannot listen on 127.0.0.1:{busy_port}")
+
+
+def test_a_port_in_the_environment_that_is_not_a_number_is_one_clear_line(tmp_path: Path) -> None:
+    (tmp_path / "mybot.py").write_text(CODE_BOT_MODULE.format(port=8080))
+    result = run_callbot("run", "mybot:bot", cwd=tmp_path, CALLBOT_PORT="eighty")
+    assert_one_clear_line(result, "CALLBOT_PORT: cannot read 'eighty' as int")
+
+
 def test_a_bot_that_cannot_act_says_so_loudly(tmp_path: Path, busy_port: int) -> None:
     (tmp_path / "mybot.py").write_text(BOT_MODULE)
     result = run_callbot(
