@@ -383,7 +383,9 @@ class CallBot:
 
     def watch_handlers(self, watcher: HandlerWatcher) -> Callable[[], None]:
         """Call ``watcher(handler_name, event, outcome)`` after every handler run (tools
-        such as the simulator's diagrams use it); returns a function that stops it."""
+        such as the simulator's diagrams use it); returns a function that stops it. The
+        outcome (also the label of ``callbot_handler_seconds``) is ``ok``, ``error``,
+        ``call_ended`` (it stopped on the call's end) or ``abandoned`` (stopped at shutdown)."""
         self._registry.watchers.append(watcher)
         return lambda: self._registry.watchers.remove(watcher)
 

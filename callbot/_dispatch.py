@@ -274,6 +274,7 @@ class Dispatcher:
         except asyncio.CancelledError as exc:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
+                outcome = "abandoned"  # stopped at shutdown: neither finished nor failed
                 raise
             # The handler let a cancellation of its own escape: an error, not a stop.
             outcome = "error"

@@ -24,6 +24,7 @@ from callbot.testing import FakeGraph
 from callbot.testing import builders as b
 
 from .conftest import BotServer, make_bot, until
+from .test_hosting import sample_value
 
 
 def _metric(text: str, line_start: str) -> float:
@@ -355,6 +356,8 @@ async def test_a_hanging_handler_holds_only_its_call_and_is_reported_at_shutdown
             await asyncio.Event().wait()  # never returns
         others.append(call.id)
 
+    outcomes: list[tuple[str, str]] = []
+    bot.watch_handlers(lambda name, event, outcome: outcomes.append((event.call_id, outcome)))
     server = await serve(bot)
     stuck = [
         b.incoming_call("stuck"),
@@ -375,6 +378,14 @@ async def test_a_hanging_handler_holds_only_its_call_and_is_reported_at_shutdown
         "CallStateChanged",
         "CallStateChanged",
     ]
+    # The handler stopped mid-run is told as abandoned, not as a run that went well.
+    assert [outcome for call_id, outcome in outcomes if call_id == "stuck"] == ["abandoned"]
+    assert (
+        sample_value(
+            bot.metrics.render().decode(), "callbot_handler_seconds_count", {"outcome": "abandoned"}
+        )
+        == 1
+    )
     await assert_nothing_lost(server, abandoned=len(abandoned))
 
 
