@@ -99,6 +99,8 @@ class _Runtime:
             known_here=self.knows_call,
             own_url=s.callback_url if s.public_url is not None else None,
         )
+        # The bot's own participant id in a call it placed reaches the call's snapshot there.
+        self.services.when_placed(self.store.placed)
         self.receiver = Receiver(
             authenticator=self.authenticator,
             ingest=self.ingest,

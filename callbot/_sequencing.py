@@ -502,10 +502,7 @@ class Sequencer:
         key = event.call_key
         record = self._records.get(key)
         if record is None:
-            life = self.lifecycle.life(event.call_id, event.tenant_id)
-            # A call whose termination was delivered (and forgotten since) takes nothing more;
-            # an end only told by another instance still has its termination to deliver.
-            record = self._records[key] = CallRecord(life, closed=life.terminated)
+            record = self._new_record(key, event.call_id, event.tenant_id)
         if record.life.tenant_id is None and event.tenant_id is not None:
             self.lifecycle.bind(record.life, event.tenant_id)
         digest = _digest_of(event, key)
@@ -527,6 +524,29 @@ class Sequencer:
             # A handler collecting digits is still running: tones reach it now, not queued.
             self._on_tone(event)
         self._route(record, event)
+
+    def placed(self, call_id: str, my_participant_id: str) -> None:
+        """Graph's answer to the request that placed the call named the bot's own participant
+        (``myParticipantId``), which its notifications of a placed call never carry: the
+        call's snapshot has it from now on, whatever a later notification says."""
+        key = id_key(call_id)
+        record = self._records.get(key)
+        if record is None:
+            record = self._new_record(key, call_id, None)
+        if record.closed:
+            return
+        snapshot = record.snapshot
+        if snapshot is None:
+            # Nothing delivered yet: what comes first (a roster, even) is merged into it.
+            snapshot = CallResource(id=call_id)
+        record.snapshot = snapshot.model_copy(update={"my_participant_id": my_participant_id})
+
+    def _new_record(self, key: str, call_id: str, tenant_id: str | None) -> CallRecord:
+        life = self.lifecycle.life(call_id, tenant_id)
+        # A call whose termination was delivered (and forgotten since) takes nothing more;
+        # an end only told by another instance still has its termination to deliver.
+        record = self._records[key] = CallRecord(life, closed=life.terminated)
+        return record
 
     def accept_batch(self, batch: Sequence[events.Event]) -> None:
         """``accept`` each event of a request but those naming a call of another tenant than
@@ -845,6 +865,8 @@ def _as_update(event: events.Event, state: str, before: CallResource | None) -> 
 def _changed(before: CallResource | None, call: CallResource) -> frozenset[str]:
     """The properties ``call`` carries whose value differs from the call as known before."""
     names = set(call.model_fields_set) - {"state", "odata_type"}
+    if before is not None and before.my_participant_id is not None:
+        names.discard("my_participant_id")  # kept as first named (see _merge)
     changed = {name for name in names if getattr(before, name, None) != getattr(call, name)}
     old_extra = (before.model_extra if before is not None else None) or {}
     changed.update(k for k, v in (call.model_extra or {}).items() if old_extra.get(k) != v)
@@ -852,10 +874,15 @@ def _changed(before: CallResource | None, call: CallResource) -> frozenset[str]:
 
 
 def _merge(old: CallResource | None, new: CallResource) -> CallResource:
-    """The call as last known: fields a notification carries replace the old ones."""
+    """The call as last known: fields a notification carries replace the old ones, but for
+    the bot's own participant id, which stays as first named (Graph's answer to the request
+    placing the call, or the incoming call): a later notification naming none or another
+    does not take it away."""
     if old is None:
         return new
     changes: dict[str, Any] = {name: getattr(new, name) for name in new.model_fields_set}
+    if old.my_participant_id is not None:
+        changes.pop("my_participant_id", None)
     extra = new.model_extra
     if extra:
         changes.update(extra)

@@ -1601,6 +1601,58 @@ async def test_every_instance_lists_the_calls_of_every_instance(
     await until(lambda: listed_everywhere([]), 10)
 
 
+async def test_a_placed_call_is_listed_once_graph_tells_a_state_of_it(
+    authority: TokenAuthority, serve: Any, redis_url: str
+) -> None:
+    """What Graph answered placing a call is kept in the call's record before any
+    notification of it: the call is not listed meanwhile (as with the memory store, where
+    only a call that reached a state is), then is, with the bot's own participant id."""
+    async with FakeGraph() as graph:
+        bot = graph_instance(authority, redis_url, graph)
+        server = await serve(bot)
+        placed = await bot.create_call(Target.user("user-1", "Lee Gu"))
+        store = bot._running().store
+        assert isinstance(store, _redis.RedisStore)
+        await until(lambda: placed.key in store._known, within=10)
+        assert bot.active_calls() == []
+        item = b.call_state(placed.id, "establishing")
+        assert (await server.post(b.notifications(item))).status == 202
+        await until(lambda: [c.key for c in bot.active_calls()] == [placed.key], within=10)
+        (listed,) = bot.active_calls()
+        assert listed.snapshot is not None
+        assert placed.snapshot is not None
+        assert listed.snapshot.my_participant_id == placed.snapshot.my_participant_id
+
+
+async def test_a_call_placed_by_a_draining_instance_has_the_bot_s_id_where_it_runs(
+    authority: TokenAuthority, serve: Any, redis_url: str
+) -> None:
+    """An instance shutting down places a call (a handler finishing meanwhile): it takes on
+    no call, and leaves this one to the others, which run its notifications with the bot's
+    own participant id that the answer to the request named."""
+    async with FakeGraph() as graph:
+        draining = graph_instance(authority, redis_url, graph)
+        other = graph_instance(authority, redis_url, graph)
+        seen: list[tuple[str, str | None]] = []
+
+        @other.on(events.CallStateChanged)
+        async def record(call: Call, event: events.CallStateChanged) -> None:
+            seen.append((event.state, call.snapshot.my_participant_id if call.snapshot else None))
+
+        await serve(draining)
+        server = await serve(other)
+        await draining._running().drain()
+        placed = await draining.create_call(Target.user("user-1", "Lee Gu"))
+        assert placed.snapshot is not None
+        mine = placed.snapshot.my_participant_id
+        assert mine is not None
+        for state in ("establishing", "established"):
+            item = b.call_state(placed.id, state)
+            assert (await server.post(b.notifications(item))).status == 202
+        await until(lambda: len(seen) == 2, within=10)
+    assert seen == [("establishing", mine), ("established", mine)]
+
+
 async def test_a_call_is_its_tenants_on_every_instance(
     authority: TokenAuthority, serve: Any, redis_url: str
 ) -> None:

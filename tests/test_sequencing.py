@@ -878,3 +878,71 @@ async def test_the_invitees_roster_of_an_invitation_is_not_the_whole_roster() ->
     assert {"porganizer", "pbot"} < set(sink.deliveries[-1].roster)
     assert len(sink.deliveries[-1].roster) == 4
     seq.close()
+
+
+def naming_me(item: dict[str, Any], participant_id: str | None) -> dict[str, Any]:
+    """A call notification naming ``participant_id`` as the bot's own (``null``: none)."""
+    item["resourceData"]["myParticipantId"] = participant_id
+    return item
+
+
+async def test_a_placed_call_s_snapshot_has_the_bot_s_own_participant_id_from_the_answer() -> None:
+    """Graph names the bot's participant in its answer to the request placing a call, never
+    in the call's notifications: each delivery's snapshot has it, a roster delivered before
+    any state too, and a notification naming another or none leaves it as Graph answered."""
+    sink = Sink()
+    seq = sink.sequencer(window=5)
+    seq.placed("placed-call", "me-1")
+    seq.accept(one(b.roster("placed-call", [b.participant("me-1"), b.participant("alice")])))
+    seq.accept(one(b.call_state("placed-call", "establishing")))
+    seq.accept(one(naming_me(b.call_state("placed-call", "established"), "someone-else")))
+    seq.accept(one(naming_me(b.call_state("placed-call", "established", subject="x"), None)))
+    seq.accept(one(b.call_terminated("placed-call")))
+    assert sink.labels == [
+        "ParticipantsUpdated",
+        "establishing",
+        "established",
+        "CallUpdated",
+        "terminated",
+    ]
+    assert [d.snapshot.my_participant_id if d.snapshot else None for d in sink.deliveries] == [
+        "me-1"
+    ] * 5
+    update = sink.deliveries[3].event
+    assert isinstance(update, events.CallUpdated)
+    assert update.changed == {"subject"}  # the id it named is not what the call now has
+    seq.close()
+
+
+async def test_the_answer_placing_a_call_counts_when_notifications_came_first() -> None:
+    """Graph may post a placed call's first notifications before the bot reads its answer to
+    the request: the deliveries after the answer have the bot's id, the answer's."""
+    sink = Sink()
+    seq = sink.sequencer(window=5)
+    seq.accept(one(naming_me(b.call_state("c", "establishing"), "from-a-notification")))
+    seq.placed("c", "me-1")
+    seq.accept(one(b.call_state("c", "established")))
+    ids = [d.snapshot.my_participant_id if d.snapshot else None for d in sink.deliveries]
+    assert ids == ["from-a-notification", "me-1"]
+    record = seq.record(id_key("c"))
+    assert record is not None
+    assert record.snapshot is not None
+    assert record.snapshot.state == "established"
+    seq.accept(one(b.call_terminated("c")))
+    seq.placed("c", "late")  # an answer read after the call's end changes nothing
+    assert record.closed
+    assert record.snapshot is None
+    seq.close()
+
+
+async def test_an_incoming_call_keeps_the_bot_s_own_participant_id_it_came_with() -> None:
+    """Documented incoming calls name the bot's participant (``myParticipantId``): a later
+    notification of the call naming none does not take it away."""
+    sink = Sink()
+    seq = sink.sequencer(window=5)
+    seq.accept(one(b.incoming_call("in", my_participant_id="me-in")))
+    seq.accept(one(naming_me(b.call_state("in", "establishing"), None)))
+    seq.accept(one(b.call_state("in", "established")))
+    ids = [d.snapshot.my_participant_id if d.snapshot else None for d in sink.deliveries]
+    assert ids == ["me-in"] * 3
+    seq.close()

@@ -923,6 +923,33 @@ async def test_the_bot_finds_itself_in_the_roster_by_its_my_participant_id() -> 
         assert [p.display_name for p in me] == ["Bot"]
 
 
+async def test_a_bot_in_a_meeting_it_joined_finds_itself_in_the_roster_in_its_handlers() -> None:
+    """Graph's notifications of a call the bot placed never name the bot's participant; the
+    answer to the join does, and the handlers of the call have it in its snapshot: a bot
+    leaving with the last person counts everyone but itself (and hangs up)."""
+    bot = CallBot(app_id=APP_ID)
+    counted: list[tuple[str | None, int]] = []
+
+    @bot.on_participants
+    async def roster(call: Call, event: events.ParticipantsUpdated) -> None:
+        me = call.snapshot.my_participant_id if call.snapshot is not None else None
+        others = [p for p in call.roster.values() if p.id != me]
+        counted.append((me, len(others)))
+        if event.left and not others:
+            await call.hangup()
+
+    async with run_with_simulator(bot) as sim:
+        sim.meeting_attendees = ["Megan Bowen"]
+        await bot.join_meeting(MEETING_URL)
+        meeting = await sim.wait_for_outgoing_call()
+        await meeting.wait_for_state("established")
+        await meeting.leave("Megan Bowen")
+        await meeting.wait_until_ended()
+    assert meeting.requests_for("deleteCall")
+    # The roster posted once the join was answered: the bot is in it, and alone.
+    assert counted[-1] == (meeting.bot_participant_id, 0)
+
+
 async def test_a_roster_a_test_posts_is_the_call_s_roster_from_then_on() -> None:
     """Someone a test brings in with a roster of its own (a guest waiting in the lobby, as
     document 65 shows one) is in the call: Graph finds them to mute, and the simulator's next

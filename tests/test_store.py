@@ -16,7 +16,14 @@ from callbot._parse import parse_payload
 from callbot._sequencing import CallRecord, Delivery, Sequencer, notification_digest
 from callbot.graph import CallServices
 from callbot.store import MemoryStore, Store, open_store
-from callbot.store._codec import decode_entry, decode_record, encode_entry, encode_record
+from callbot.store._codec import (
+    decode_entry,
+    decode_placed,
+    decode_record,
+    encode_entry,
+    encode_placed,
+    encode_record,
+)
 from callbot.store._redis import _after
 from callbot.testing import builders as b
 
@@ -125,6 +132,15 @@ def test_an_entry_is_the_notification_as_received() -> None:
     assert again.tenant_id == "t-1"
 
 
+def test_what_placing_a_call_answered_is_kept_apart_from_notifications() -> None:
+    """Graph's answer naming the bot's participant in a call it placed goes into the call's
+    inbox beside its notifications, and is never taken for one."""
+    text = encode_placed("c-1", "me-1")
+    assert decode_placed(text) == ("c-1", "me-1")
+    event = one(b.incoming_call("c-1", my_participant_id="me-1"), tenant="t-1")
+    assert decode_placed(encode_entry(event)) is None
+
+
 def taken_over(seq: Sequencer, call_key: str) -> tuple[Sequencer, list[Delivery]]:
     """Another sequencer (another instance) adopting the call's record as stored, and what
     it delivers; ``seq`` is closed."""
@@ -138,6 +154,23 @@ def taken_over(seq: Sequencer, call_key: str) -> tuple[Sequencer, list[Delivery]
     assert restored is not None
     other.adopt(restored)
     return other, later
+
+
+async def test_the_bot_s_own_participant_id_in_a_placed_call_survives_a_takeover() -> None:
+    """Kept in the stored snapshot: whoever takes the call over delivers it, before any
+    notification of the call was delivered (nothing but the answer placing it) or after."""
+    for before in ((), (b.call_state("c", "establishing"),)):
+        first: list[Delivery] = []
+        seq = Sequencer(first.append, Lifecycle(termination_grace=30), reorder_window=5)
+        seq.placed("c", "me-1")
+        for item in before:
+            seq.accept(one(item))
+        other, later = taken_over(seq, "c")
+        other.accept(one(b.call_state("c", "establishing")))
+        other.accept(one(b.call_state("c", "established")))
+        assert [d.snapshot.my_participant_id for d in later if d.snapshot] == ["me-1"] * len(later)
+        assert len(later) == 2 - len(before)
+        other.close()
 
 
 async def test_a_restored_record_orders_the_next_events() -> None:

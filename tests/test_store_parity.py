@@ -32,7 +32,7 @@ from callbot._ids import id_key
 from callbot._lifecycle import ENDED_MEMORY
 from callbot._sequencing import roster_key
 from callbot.store import _redis
-from callbot.testing import TEST_TENANT_ID, FakeGraph, TokenAuthority
+from callbot.testing import TEST_TENANT_ID, FakeGraph, FakeResponse, TokenAuthority
 from callbot.testing import builders as b
 
 from .conftest import (
@@ -41,10 +41,12 @@ from .conftest import (
     make_bot,
     normalized_json,
     notification_files,
+    until,
 )
 from .test_recorded import CALLS, EXPECTED, recorded_body
 from .test_redis import KEY_PREFIX, RedisServer, redis_server, redis_url
 from .test_security_tokens import OTHER_TENANT
+from .test_simulator import MEETING_URL
 
 __all__ = ["redis_server", "redis_url"]  # fixtures this module uses
 
@@ -1031,3 +1033,107 @@ async def test_a_repeat_after_many_other_notifications(parity: Any) -> None:
         e["sequence"] for e in groups.groups[0].seen["many"] if e["type"] == "ToneReceived"
     ]
     assert sequences == [*range(1, 141), 1]
+
+
+@pytest.mark.parametrize("stores", ["memory", "redis", "redis-pair", "redis-placer-stopped"])
+async def test_handlers_of_a_placed_call_find_the_bot_in_the_roster_in_every_store(
+    authority: TokenAuthority, serve: Any, redis_url: str, stores: str
+) -> None:
+    """Graph names the bot's own participant in its answer to the join, never in the
+    notifications of a call the bot placed: every handler of the call has it in the call's
+    snapshot (a notification later naming another or none takes nothing away), on whichever
+    instance runs the call, the one that placed it being gone too, and finds the bot alone
+    in the roster once everyone else left."""
+    async with FakeGraph() as graph:
+        options: dict[str, Any] = {
+            "graph_url": graph.graph_url,
+            "authority_url": graph.authority_url,
+            "app_secret": "fake-graph-secret",
+        }
+        if stores != "memory":
+            options["store"] = redis_url
+        count = 2 if stores in ("redis-pair", "redis-placer-stopped") else 1
+        bots = [make_bot(authority, **options) for _ in range(count)]
+        seen: list[tuple[str, str | None, list[str]]] = []
+        for bot in bots:
+
+            @bot.on(events.Event)
+            async def record(call: Call, event: events.Event) -> None:
+                mine = call.snapshot.my_participant_id if call.snapshot is not None else None
+                others = [p.id or "" for p in call.roster.values() if p.id != mine]
+                seen.append((type(event).__name__, mine, others))
+
+        servers = [await serve(bot) for bot in bots]
+        placed = await bots[0].join_meeting(MEETING_URL)
+        assert placed.snapshot is not None
+        mine = placed.snapshot.my_participant_id
+        assert mine is not None
+        if stores == "redis-placer-stopped":
+            await bots[0].stop()
+        me = b.participant(mine, display_name="Bot", kind="applicationInstance")
+        alice = b.participant("alice", display_name="Alice Smith")
+        someone_else = b.call_state(placed.id, "established", subject="renamed")
+        someone_else["resourceData"]["myParticipantId"] = "someone-else"
+        nobody = b.call_state(placed.id, "established", subject="again")
+        nobody["resourceData"]["myParticipantId"] = None
+        items = [
+            b.call_state(placed.id, "establishing"),
+            b.call_state(placed.id, "established"),
+            b.roster(placed.id, [me, alice]),
+            someone_else,
+            nobody,
+            b.roster(placed.id, [me]),
+            b.call_terminated(placed.id),
+        ]
+        for item in items:
+            assert (await servers[-1].post(b.notifications(item))).status == 202
+        await until(lambda: len(seen) == len(items), within=SETTLE_WITHIN)
+    assert [mine_then for _, mine_then, _ in seen] == [mine] * len(items)
+    rosters = [others for kind, _, others in seen if kind == "ParticipantsUpdated"]
+    assert rosters == [["alice"], []]
+
+
+@pytest.mark.parametrize("stores", ["memory", "redis"])
+async def test_the_answer_placing_a_call_counts_for_what_comes_after_it_in_every_store(
+    authority: TokenAuthority, serve: Any, redis_url: str, stores: str
+) -> None:
+    """Graph may post a placed call's first notification before the bot reads its answer to
+    the request: the handler of that one runs without the bot's participant id (nothing
+    named it yet), the handlers of what comes after the answer with it, the run of the call
+    holding it meanwhile (with Redis: the instance that placed it runs it already)."""
+    async with FakeGraph() as graph:
+        graph.route(
+            "createCall",
+            lambda request: FakeResponse(
+                status=201,
+                body={"id": "early-call", "state": "establishing", "myParticipantId": "me-1"},
+            ),
+        )
+        options: dict[str, Any] = {
+            "graph_url": graph.graph_url,
+            "authority_url": graph.authority_url,
+            "app_secret": "fake-graph-secret",
+        }
+        if stores != "memory":
+            options["store"] = redis_url
+        bot = make_bot(authority, **options)
+        running = asyncio.Event()
+        go_on = asyncio.Event()
+        seen: list[tuple[str | None, str | None]] = []
+
+        @bot.on(events.CallStateChanged)
+        async def record(call: Call, event: events.CallStateChanged) -> None:
+            seen.append((event.state, call.snapshot.my_participant_id if call.snapshot else None))
+            running.set()
+            await go_on.wait()  # the call's run is busy with it as Graph's answer is read
+
+        server = await serve(bot)
+        first = b.call_state("early-call", "establishing")
+        assert (await server.post(b.notifications(first))).status == 202
+        await asyncio.wait_for(running.wait(), SETTLE_WITHIN)
+        placed = await bot.create_call(Target.user("user-1", "Lee Gu"))
+        go_on.set()
+        for item in (b.call_state(placed.id, "established"), b.call_terminated(placed.id)):
+            assert (await server.post(b.notifications(item))).status == 202
+        await until(lambda: len(seen) == 3, within=SETTLE_WITHIN)
+    assert seen == [("establishing", None), ("established", "me-1"), ("terminated", "me-1")]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -18,7 +18,7 @@ from pydantic import BaseModel
 
 from .. import models
 from .._config import Settings
-from .._errors import GraphError
+from .._errors import GraphError, StoreUnavailable
 from .._ids import id_key
 from .._lifecycle import CallLife, KeepAliveResult
 from ..events import OperationUpdated, ToneReceived
@@ -77,6 +77,7 @@ class CallServices:
         self._lifecycle = lifecycle
         # The scenario ids of calls this bot placed (others derive theirs from the call id).
         self._scenarios: dict[str, str] = {}
+        self._placed: Callable[[str, str], Awaitable[None]] | None = None
         self._started = False
         self._prefetch: asyncio.Task[None] | None = None
         if lifecycle is not None:
@@ -143,6 +144,12 @@ class CallServices:
 
     def _forget_scenario(self, call_key: str, reason: str) -> None:
         self._scenarios.pop(call_key, None)
+
+    def when_placed(self, keep: Callable[[str, str], Awaitable[None]]) -> None:
+        """Await ``keep(call_id, my_participant_id)`` when Graph's answer to a call the bot
+        placed names the bot's own participant (the store keeps it for the call's handlers:
+        Graph's notifications of a placed call never carry it)."""
+        self._placed = keep
 
     def transfer_asked(self, call_id: str) -> None:
         """Graph took a transfer of the call: the lifecycle counts it."""
@@ -265,7 +272,9 @@ class CallServices:
         Media is service-hosted (``prefetch`` media to cache) unless
         ``app_hosted_media`` (the media platform's blob) or ``media_config`` is
         given. ``extra`` adds raw ``call`` properties. Returns the call's handle,
-        with the created call as its snapshot.
+        with the created call as its snapshot. The bot's own participant id that Graph's
+        answer names (``my_participant_id``, which the call's notifications never carry)
+        is in the snapshot of the call's handlers too, from the next notification on.
         """
         body: dict[str, Any] = {
             "@odata.type": "#microsoft.graph.call",
@@ -343,6 +352,18 @@ class CallServices:
         # Known to the lifecycle from now on (its tenant bound by its first notification), so
         # the handle returned sees the call end, as handlers' handles do.
         life = self._lifecycle.life(call_id) if self._lifecycle is not None else None
+        mine = snapshot.my_participant_id
+        if mine and self._placed is not None:
+            try:
+                await self._placed(call_id, mine)
+            except StoreUnavailable as exc:
+                # Graph made the call: the handle is returned all the same.
+                log.warning(
+                    "own_participant_id_not_kept",
+                    call_id=call_id,
+                    error=str(exc),
+                    detail="the call's handlers will not see snapshot.my_participant_id",
+                )
         handle = self.call(call_id, snapshot=snapshot, life=life)
         log.info(
             "call_created",

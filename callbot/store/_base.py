@@ -57,12 +57,20 @@ class Store(Protocol):
         seen with another tenant (those only: the batch's others are kept)."""
         ...
 
+    async def placed(self, call_id: str, my_participant_id: str) -> None:
+        """Keep the bot's own participant id that Graph's answer to the request placing the
+        call named (its notifications of a placed call never do), for the call's snapshot
+        from the next notification accepted on (on whichever instance runs the call), or
+        raise ``StoreUnavailable``."""
+        ...
+
     def known(self, call_key: str) -> CallRecord | None:
         """What is kept of a call (its snapshot and roster), if anything."""
         ...
 
     def elsewhere(self) -> list[CallRecord]:
-        """Calls other instances run that have not ended (a shared store), else none."""
+        """Calls other instances run that reached a state and have not ended (a shared
+        store), else none."""
         ...
 
     async def drain(self, timeout: float) -> None:

@@ -31,9 +31,11 @@ from ..models import Participant
 __all__ = [
     "RECORD_VERSION",
     "decode_entry",
+    "decode_placed",
     "decode_record",
     "digest_of",
     "encode_entry",
+    "encode_placed",
     "encode_record",
 ]
 
@@ -79,6 +81,25 @@ def decode_entry(text: str) -> events.Event:
     proven = tenant if isinstance(tenant, str) and tenant else None
     (event,) = parse_payload(envelope, max_depth=_ENTRY_DEPTH, tenant_id=proven)
     return event
+
+
+_PLACED = '{"placed":'
+
+
+def encode_placed(call_id: str, my_participant_id: str) -> str:
+    """What Graph's answer to the request placing a call said of the bot's own participant,
+    as kept in the call's inbox: in line with its notifications, so that whoever runs the
+    call knows it before any notification appended after it."""
+    return _dumps({"placed": {"callId": call_id, "myParticipantId": my_participant_id}})
+
+
+def decode_placed(text: str) -> tuple[str, str] | None:
+    """``(call_id, my_participant_id)`` from an entry ``encode_placed`` wrote; ``None`` for
+    a notification."""
+    if not text.startswith(_PLACED):
+        return None
+    placed = json.loads(text)["placed"]
+    return str(placed["callId"]), str(placed["myParticipantId"])
 
 
 def _json(model: Any) -> str:

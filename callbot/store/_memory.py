@@ -57,6 +57,10 @@ class MemoryStore:
         refused, as in a shared store)."""
         self.sequencer.accept_batch(batch)
 
+    async def placed(self, call_id: str, my_participant_id: str) -> None:
+        """The sequencer keeps it in the call's snapshot."""
+        self.sequencer.placed(call_id, my_participant_id)
+
     def known(self, call_key: str) -> CallRecord | None:
         """The sequencer's record of the call."""
         return self.sequencer.record(call_key)

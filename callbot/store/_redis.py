@@ -41,7 +41,7 @@ from .. import events
 from .._config import Settings
 from .._dispatch import Dispatcher
 from .._errors import ConfigurationError, StoreUnavailable
-from .._ids import tenant_key
+from .._ids import id_key, tenant_key
 from .._journal import Attempt
 from .._lifecycle import ENDED_MEMORY, Lifecycle
 from .._log import get_logger
@@ -55,7 +55,15 @@ from .._sequencing import (
 )
 from . import _scripts
 from ._base import Outcomes
-from ._codec import decode_entry, decode_record, digest_of, encode_entry, encode_record
+from ._codec import (
+    decode_entry,
+    decode_placed,
+    decode_record,
+    digest_of,
+    encode_entry,
+    encode_placed,
+    encode_record,
+)
 
 __all__ = ["RedisStore", "connect", "disconnect", "follow_primary"]
 
@@ -796,8 +804,61 @@ class RedisStore:
             raise tenant_mismatch(refused)
 
     def elsewhere(self) -> list[CallRecord]:
-        """The calls of every instance that have not ended (refreshed every few seconds)."""
-        return [record for record in self._known.values() if not record.closed]
+        """The calls of every instance that reached a state and have not ended (refreshed
+        every few seconds)."""
+        # A call placed, of which only the answer to the request is known yet, is not
+        # listed (nor is it in memory).
+        return [r for r in self._known.values() if r.phase >= 0 and not r.closed]
+
+    async def placed(self, call_id: str, my_participant_id: str) -> None:
+        """Append the fact to the call's inbox, as a notification is: the run of the call
+        (on any instance, now or after a takeover) feeds it to the sequencer before what
+        comes after it, and the call's record keeps it from then on."""
+        keys = self._keys
+        call = id_key(call_id)
+        started = time.monotonic()
+        room = len(self._owned) - self._lingering < self._capacity and not self._draining
+        take = room and call not in self._owned
+        command = _cmd(
+            _scripts.INGEST,
+            keys.of(call, "inbox", "seen", "lease", "fence", "call", "tenant"),
+            "",  # never a repeat
+            encode_placed(call_id, my_participant_id),
+            self._dedupe_ms,
+            self.token,
+            self._lease_ms if take else "",
+            _READ_BATCH,
+            _LIFETIME_MS,
+            "",  # the call's tenant is bound by its first notification
+            SEEN_DIGESTS,
+        )
+        try:
+            # Indexed as pending after the entry, as an ingest does: the reaper finds it.
+            (answer,) = await self._run_all([command], then=("SADD", keys.pending, call))
+        except RedisError as exc:
+            self._mark(False, exc)
+            raise StoreUnavailable(f"the Redis store cannot keep the placed call: {exc}") from exc
+        self._mark(True)
+        who = int(answer[1])
+        if who == 3:
+            score = _stream_id(_text(answer[3]))[0]
+            with contextlib.suppress(RedisError):  # else the reaper wakes it
+                await self._batch.run("ZADD", keys.runnable, "NX", score, call)
+        elif who == 2:
+            self._begin(
+                call,
+                started,
+                epoch=int(answer[3]),
+                stored=_text(answer[4]),
+                entries=_entries(answer[5]),
+                fed=_text(answer[6]),
+            )
+        elif who == 1:
+            state = self._owned.get(call)
+            if state is not None:
+                # Its run reads the inbox on its next look rather than linger first.
+                state.signals += 1
+                state.changed.set()
 
     async def forget(self, call_key: str) -> None:
         """Take the call off the active set, so no instance rehydrates it again."""
@@ -1219,6 +1280,11 @@ class RedisStore:
         event = self._parsed.pop((key, entry_id), None)
         if event is None:
             try:
+                placed = decode_placed(text)
+                if placed is not None:
+                    # No handler runs for it: acknowledged with the next checkpoint.
+                    self._sequencer.placed(*placed)
+                    return
                 event = decode_entry(text)
             except Exception as exc:
                 # Acknowledged with the next checkpoint: it can never be read.
