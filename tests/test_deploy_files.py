@@ -115,6 +115,13 @@ def test_compose_runs_the_bot_with_redis_and_time_to_drain() -> None:
     assert bot["build"]["dockerfile"] == "deploy/Dockerfile"
     assert bot["environment"]["CALLBOT_STORE"].startswith("redis://redis:")
     assert bot["depends_on"]["redis"]["condition"] == "service_healthy"
+    # What the bot accepted survives a restart of Redis: persisted, on a volume of its own.
+    redis = services["redis"]
+    command = redis["command"]
+    assert command[command.index("--appendonly") + 1] == "yes"
+    assert command[command.index("--appendfsync") + 1] == "always"
+    [data] = [v for v in redis["volumes"] if v.endswith(":/data")]
+    assert data.split(":")[0] in compose["volumes"]
     shutdown = float(bot["environment"]["CALLBOT_SHUTDOWN_TIMEOUT"])
     assert seconds(bot["stop_grace_period"]) > shutdown
     # nginx is the trusted proxy: its network is the one the bot trusts.
