@@ -66,9 +66,11 @@ class KeysUnavailable(AuthenticationError):
 class MalformedNotification(CallbotError):
     """An inbound body is not a notification callbot can understand."""
 
-    def __init__(self, reason: str, detail: str = "") -> None:
+    def __init__(self, reason: str, detail: str = "", *, kept: int = 0) -> None:
         super().__init__(detail or reason)
         self.reason = reason
+        self.kept = kept
+        """Items of the refused request kept all the same (its other tenant's items aside)."""
 
 
 class StoreUnavailable(CallbotError):

@@ -201,6 +201,7 @@ class Receiver:
             await self._ingest(batch)
         except MalformedNotification as exc:
             status, outcome = _REFUSALS.get(exc.reason, (400, "malformed"))
+            self.counts["accepted", ""] += exc.kept  # the request's items of its own tenant
             return self._refuse(
                 status, outcome, exc.reason, str(exc), self._context(request, tenant_id)
             )

@@ -559,7 +559,7 @@ class Sequencer:
             else:
                 self.accept(event)
         if refused:
-            raise tenant_mismatch(refused)
+            raise tenant_mismatch(refused, len(batch))
 
     def record(self, call_key: str) -> CallRecord | None:
         """The record of a call, if it is known."""
@@ -836,11 +836,13 @@ class Sequencer:
         )
 
 
-def tenant_mismatch(refused: int) -> MalformedNotification:
-    """The refusal (403) of a request of which ``refused`` notifications name a call of
-    another tenant; every store keeps the request's other notifications."""
+def tenant_mismatch(refused: int, items: int) -> MalformedNotification:
+    """The refusal (403) of a request of ``items`` notifications, ``refused`` of which name a
+    call of another tenant; every store keeps the request's other notifications."""
     return MalformedNotification(
-        "tenant_mismatch", f"{refused} notification(s) name a call of another tenant"
+        "tenant_mismatch",
+        f"{refused} notification(s) name a call of another tenant",
+        kept=items - refused,
     )
 
 

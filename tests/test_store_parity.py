@@ -1020,6 +1020,10 @@ async def test_another_tenants_token_on_a_batch_of_two_calls(parity: Any) -> Non
     assert memory.statuses == [202, 202, 403, 403, 202]
     assert [e["type"] for e in memory.seen["bound"]] == ["CallStateChanged", "CallTerminated"]
     assert [e["type"] for e in memory.seen["fresh"]] == ["CallStateChanged", "CallTerminated"]
+    # The items kept of a refused request count as accepted, in every store.
+    for group in groups.groups:
+        accepted = sum(bot.receiver.counts["accepted", ""] for bot in group.bots)
+        assert accepted == 6, (group, accepted)
 
 
 async def test_a_repeat_after_many_other_notifications(parity: Any) -> None:

@@ -801,7 +801,7 @@ class RedisStore:
                 f"the Redis store cannot take notifications now: {failure}"
             ) from failure
         if refused:
-            raise tenant_mismatch(refused)
+            raise tenant_mismatch(refused, len(batch))
 
     def elsewhere(self) -> list[CallRecord]:
         """The calls of every instance that reached a state and have not ended (refreshed
