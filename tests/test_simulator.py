@@ -637,6 +637,36 @@ async def test_a_callback_uri_nobody_serves_is_a_refusal_that_names_it() -> None
     )
 
 
+async def test_a_connection_lost_after_a_refusal_is_not_told_as_that_refusal() -> None:
+    """A callback URL that first answered 503 (draining) and then dropped every connection
+    answered nothing the last time: the failed delivery does not repeat the old reason."""
+    answered: list[int] = []
+
+    async def draining_then_gone(request: web.Request) -> web.StreamResponse:
+        answered.append(len(answered))
+        if len(answered) == 1:
+            return web.json_response({"error": "draining"}, status=503)
+        assert request.transport is not None
+        request.transport.close()  # the connection goes without an answer
+        return web.Response(status=202)
+
+    bot, _ = recording_bot()
+    async with plain_server(draining_then_gone) as base:
+        route = f"{base}/api/calls"
+
+        @bot.on_incoming_call
+        async def answer(call: Call, event: events.IncomingCall) -> None:
+            await call.answer(callback_uri=route)
+
+        async with run_with_simulator(bot) as sim:
+            await sim.incoming_call()
+            await until(lambda: bool(sim.failed_deliveries))
+            refused = sim.failed_deliveries[0]
+    assert len(answered) > 1
+    assert refused.status == 0
+    assert refused.refusal().startswith("the bot answered nothing to a notification posted")
+
+
 def _screen_sharing(event: events.ParticipantsUpdated) -> list[tuple[str | None, str | None]]:
     return [
         (p.display_name, stream.direction)

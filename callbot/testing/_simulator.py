@@ -1799,7 +1799,7 @@ class Simulator:
                     reason = _refusal_reason(status, answer)
                     location = response.headers.get("Location")
             except (aiohttp.ClientError, TimeoutError) as exc:
-                status = 0
+                status, reason = 0, None  # not what an earlier attempt was told
                 log.warning("simulator_post_failed", url=url, error=repr(exc))
             if status == 302 and location and hops < MAX_REDIRECTS and self._notifying:
                 moved_to = urljoin(url, location)
