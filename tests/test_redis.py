@@ -2038,3 +2038,115 @@ async def test_every_line_about_a_call_names_it_as_first_seen(
         "handler_failed",
     ]
     assert {e["call_id"] for e in about} == {call_id}
+
+
+class PatientClaims:
+    """An instance's wait for a runnable call, made to last until one comes (as ``BZPOPMIN``
+    without a timeout would): the room the instance had when the wait began is then as old
+    as the wait, however the machine's timing goes. Counts the waits and the calls popped."""
+
+    def __init__(self, store: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.waits = 0
+        self.popped: list[str] = []
+        self._pop = store._blocking.bzpopmin
+        monkeypatch.setattr(store._blocking, "bzpopmin", self._wait)
+
+    async def _wait(self, *keys: str, timeout: float) -> Any:
+        self.waits += 1
+        while True:
+            popped = await self._pop(*keys, timeout=timeout)
+            if popped:
+                self.popped.append(popped[1])
+                return popped
+
+
+async def is_runnable(rdb: Any, call: str) -> bool:
+    return await rdb.zscore(KEY_PREFIX + "runnable", call) is not None
+
+
+async def test_an_instance_that_filled_up_while_waiting_for_a_call_leaves_it_to_one_with_room(
+    authority: TokenAuthority,
+    serve: Any,
+    redis_url: str,
+    rdb: aioredis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An instance began waiting for a runnable call with a slot free; a call it accepted
+    meanwhile took that slot. The call it popped next was claimed all the same, and its
+    handlers waited there for the busy handler while another instance had room. It is left
+    for that instance now; and with every instance full, a runnable call runs once a slot
+    frees."""
+    release = asyncio.Event()
+    ran: list[tuple[str, int]] = []
+    bots = [make_bot(authority, store=redis_url, max_concurrent_handlers=1) for _ in range(2)]
+    for index, bot in enumerate(bots):
+
+        @bot.on_state("establishing")
+        async def work(call: Call, event: events.CallStateChanged, index: int = index) -> None:
+            ran.append((call.key, index))
+            await release.wait()  # holds the instance's one slot
+
+    first = await serve(bots[0])
+    store: Any = bots[0]._running().store
+    claims = PatientClaims(store, monkeypatch)
+    await until(lambda: claims.waits > 0)  # waiting for a runnable call, a slot free
+    try:
+        busy = b.notifications(b.call_state("busy", "establishing"))
+        assert (await first.post(busy)).status == 202
+        await until(lambda: ran == [("busy", 0)])  # taken on at acceptance: now full
+        late = b.notifications(b.call_state("late", "establishing"))
+        assert (await first.post(late)).status == 202  # runnable: nobody may take it here
+        await until(lambda: claims.popped == ["late"])  # the wait begun with room returns it
+        second = await serve(bots[1])
+        await until(lambda: len(ran) == 2 or "late" in store._owned, within=10)
+        assert "late" not in store._owned, "the full instance claimed the call"
+        assert ran == [("busy", 0), ("late", 1)]
+
+        # Both instances full: the call waits in runnable until a handler returns.
+        third = b.notifications(b.call_state("third", "establishing"))
+        assert (await second.post(third)).status == 202
+        assert await is_runnable(rdb, "third")
+        assert len(ran) == 2
+        release.set()
+        await until(lambda: len(ran) == 3, within=10)
+        await wait_for(lambda: settled(rdb))
+        assert sorted(call for call, _ in ran) == ["busy", "late", "third"]
+    finally:
+        release.set()
+
+
+async def test_a_lone_instance_at_capacity_runs_the_call_it_left_once_a_slot_frees(
+    authority: TokenAuthority,
+    serve: Any,
+    redis_url: str,
+    rdb: aioredis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A call an instance popped while full goes back to runnable; with no other instance,
+    the same one runs it as soon as its busy handler returns: nothing is lost or starved."""
+    release = asyncio.Event()
+    ran: list[str] = []
+    bot = make_bot(authority, store=redis_url, max_concurrent_handlers=1)
+
+    @bot.on_state("establishing")
+    async def work(call: Call, event: events.CallStateChanged) -> None:
+        ran.append(call.key)
+        await release.wait()  # holds the instance's one slot
+
+    server = await serve(bot)
+    claims = PatientClaims(bot._running().store, monkeypatch)
+    await until(lambda: claims.waits > 0)
+    try:
+        busy = b.notifications(b.call_state("busy", "establishing"))
+        assert (await server.post(busy)).status == 202
+        await until(lambda: ran == ["busy"])
+        late = b.notifications(b.call_state("late", "establishing"))
+        assert (await server.post(late)).status == 202
+        await until(lambda: claims.popped == ["late"])
+        await wait_for(lambda: is_runnable(rdb, "late"), within=10)  # put back, not claimed
+        release.set()
+        await until(lambda: ran == ["busy", "late"], within=10)
+        await wait_for(lambda: settled(rdb))
+        assert ran == ["busy", "late"]
+    finally:
+        release.set()

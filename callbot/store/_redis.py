@@ -988,6 +988,12 @@ class RedisStore:
         follow_up += broadcasts
         return list(zip(scripts, texts, calls, strict=True)), follow_up
 
+    def _free_slots(self) -> int:
+        """How many more calls this instance may take on now (none while draining)."""
+        if self._draining:
+            return 0
+        return self._capacity - len(self._owned) + self._lingering
+
     def _holds(self, call: str) -> bool:
         state = self._owned.get(call)
         return state is not None and not state.lost and not state.releasing
@@ -998,8 +1004,7 @@ class RedisStore:
         keys = self._keys
         pause = _RETRY_PAUSE
         while not self._draining:
-            free = self._capacity - len(self._owned) + self._lingering
-            if free <= 0:
+            if self._free_slots() <= 0:
                 self._slot_freed.clear()
                 await self._slot_freed.wait()
                 continue
@@ -1009,6 +1014,12 @@ class RedisStore:
                 if not popped:
                     continue
                 started = time.monotonic()
+                # Counted again: calls this instance accepted during the wait may have filled
+                # it, and a call taken now would wait for a slot while another instance has one.
+                free = self._free_slots()
+                if free <= 0:
+                    await self._batch.run("ZADD", keys.runnable, "NX", popped[2], popped[1])
+                    continue
                 calls = [_text(popped[1])]
                 if free > 1:
                     more = await self._batch.run(
