@@ -2115,6 +2115,40 @@ async def test_an_instance_that_filled_up_while_waiting_for_a_call_leaves_it_to_
         release.set()
 
 
+@pytest.mark.parametrize("requests", ["one", "two at once"])
+async def test_an_instance_takes_on_no_more_calls_at_once_than_it_has_room_for(
+    authority: TokenAuthority, serve: Any, redis_url: str, rdb: aioredis.Redis, requests: str
+) -> None:
+    """Calls accepted together (one request naming two new calls, or two requests at once)
+    are taken on only as far as the instance has room: with one slot, the second call is
+    left runnable for an instance with room, and runs there at once."""
+    release = asyncio.Event()
+    ran: list[tuple[str, int]] = []
+    bots = [make_bot(authority, store=redis_url, max_concurrent_handlers=1) for _ in range(2)]
+    for index, bot in enumerate(bots):
+
+        @bot.on_state("establishing")
+        async def work(call: Call, event: events.CallStateChanged, index: int = index) -> None:
+            ran.append((call.key, index))
+            await release.wait()  # holds the instance's one slot
+
+    first = await serve(bots[0])
+    await serve(bots[1])
+    try:
+        calls = [b.call_state("one", "establishing"), b.call_state("two", "establishing")]
+        if requests == "one":
+            assert (await first.post(b.notifications(*calls))).status == 202
+        else:
+            answers = await asyncio.gather(*(first.post(b.notifications(c)) for c in calls))
+            assert [answer.status for answer in answers] == [202, 202]
+        await until(lambda: len(ran) == 2, within=10)  # each on an instance with room
+        assert sorted(index for _, index in ran) == [0, 1]
+        release.set()
+        await wait_for(lambda: settled(rdb))
+    finally:
+        release.set()
+
+
 async def test_a_lone_instance_at_capacity_runs_the_call_it_left_once_a_slot_frees(
     authority: TokenAuthority,
     serve: Any,

@@ -679,6 +679,8 @@ class RedisStore:
         """Ended calls given up, to take off the ``pending`` index."""
         self._lingering = 0
         """Held calls with nothing to do, waiting a moment for their next notification."""
+        self._taking = 0
+        """Calls asked for by a round trip still under way: counted against the room."""
         self._moves = 0
         """Moves of calls off the pending index this instance made (see _generation)."""
 
@@ -726,10 +728,23 @@ class RedisStore:
         """
         started = time.monotonic()
         try:
-            answers, follow_up = await self._append(batch)
+            answers, follow_up, asked = await self._append(batch)
         except RedisError as exc:
             self._mark(False, exc)
             raise StoreUnavailable(f"the Redis store cannot take notifications now: {exc}") from exc
+        try:
+            await self._accepted(batch, answers, follow_up, started)
+        finally:
+            self._taking -= asked  # each call taken is owned by now
+
+    async def _accepted(
+        self,
+        batch: Sequence[events.Event],
+        answers: list[tuple[Any, str, str]],
+        follow_up: list[tuple[Any, ...]],
+        started: float,
+    ) -> None:
+        """Send what follows the scripts, then act on their answers: runs begun or told."""
         failure: RedisError | None = None
         try:
             await self._run_all(follow_up)
@@ -817,8 +832,7 @@ class RedisStore:
         keys = self._keys
         call = id_key(call_id)
         started = time.monotonic()
-        room = len(self._owned) - self._lingering < self._capacity and not self._draining
-        take = room and call not in self._owned
+        take = self._free_slots() > 0 and call not in self._owned
         command = _cmd(
             _scripts.INGEST,
             keys.of(call, "inbox", "seen", "lease", "fence", "call", "tenant"),
@@ -832,12 +846,15 @@ class RedisStore:
             "",  # the call's tenant is bound by its first notification
             SEEN_DIGESTS,
         )
+        self._taking += take
         try:
             # Indexed as pending after the entry, as an ingest does: the reaper finds it.
             (answer,) = await self._run_all([command], then=("SADD", keys.pending, call))
         except RedisError as exc:
             self._mark(False, exc)
             raise StoreUnavailable(f"the Redis store cannot keep the placed call: {exc}") from exc
+        finally:
+            self._taking -= take  # owned, if taken, once the answer below is acted on
         self._mark(True)
         who = int(answer[1])
         if who == 3:
@@ -914,19 +931,21 @@ class RedisStore:
 
     async def _append(
         self, batch: Sequence[events.Event]
-    ) -> tuple[list[tuple[Any, str, str]], list[tuple[Any, ...]]]:
+    ) -> tuple[list[tuple[Any, str, str]], list[tuple[Any, ...]], int]:
         """The batch's scripts in one round trip: their answers (with each entry and call),
-        and what to send next, before they are acted on (calls to make runnable or index
-        again, accepted outcomes, tones and ends for the other instances)."""
+        what to send next, before they are acted on (calls to make runnable or index
+        again, accepted outcomes, tones and ends for the other instances), and how many
+        calls it asked to take on (counted in ``_taking`` until the caller lets them go)."""
         keys = self._keys
-        room = len(self._owned) - self._lingering < self._capacity and not self._draining
+        room = self._free_slots()
         taking: set[str] = set()
         texts: list[str] = []
         calls = [event.call_key for event in batch]
         commands: list[tuple[Any, ...]] = []
         for event, call in zip(batch, calls, strict=True):
-            # Only the first item of a call in this batch may take it on.
-            take = room and call not in self._owned and call not in taking
+            # Only the first item of a call in this batch may take it on, and only as many
+            # calls as there is room for.
+            take = len(taking) < room and call not in self._owned and call not in taking
             if take:
                 taking.add(call)
             entry = encode_entry(event)
@@ -957,7 +976,12 @@ class RedisStore:
         held = {call for call in calls if self._holds(call)}
         unsure = [call for call in dict.fromkeys(calls) if call not in held]
         index = ("SADD", keys.pending, *unsure) if unsure else None
-        scripts = await self._run_all(commands, then=index)
+        self._taking += len(taking)
+        try:
+            scripts = await self._run_all(commands, then=index)
+        except BaseException:
+            self._taking -= len(taking)
+            raise
         runnable: dict[str, int] = {}
         late: dict[str, None] = {}
         broadcasts: list[tuple[Any, ...]] = []
@@ -986,13 +1010,14 @@ class RedisStore:
             follow_up.append(("ZADD", keys.runnable, "NX", *flat))
         # Sent once the scripts decided: a refused notification must not reach the others.
         follow_up += broadcasts
-        return list(zip(scripts, texts, calls, strict=True)), follow_up
+        return list(zip(scripts, texts, calls, strict=True)), follow_up, len(taking)
 
     def _free_slots(self) -> int:
-        """How many more calls this instance may take on now (none while draining)."""
+        """How many more calls this instance may take on now (none while draining): calls
+        asked for by an ingest still awaiting Redis count as taken."""
         if self._draining:
             return 0
-        return self._capacity - len(self._owned) + self._lingering
+        return self._capacity - len(self._owned) + self._lingering - self._taking
 
     def _holds(self, call: str) -> bool:
         state = self._owned.get(call)
