@@ -38,6 +38,19 @@ log = get_logger("callbot.receiver")
 
 # What _buffered_body returns while the body is still on its way.
 _NOT_BUFFERED = b"\0not buffered"
+_UTF8 = frozenset({"utf-8", "utf8"})
+
+
+def as_utf8(body: bytes, charset: str) -> bytes:
+    """``body`` in UTF-8: as it is when it is UTF-8 already (a mislabelled body, or plain
+    ASCII), else decoded as ``charset`` says (``LookupError`` for a charset Python does not
+    know; bytes that charset cannot read become U+FFFD, and the JSON check decides)."""
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError:
+        return body.decode(charset, errors="replace").encode("utf-8")
+    return body
+
 
 Ingest = Callable[[Sequence[events.Event]], Awaitable[None]]
 Redirect = Callable[[Sequence[events.Event]], str | None]
@@ -144,6 +157,19 @@ class Receiver:
                 f"body larger than {self._max_body} bytes",
                 self._context(request, tenant_id),
             )
+        charset = request.charset
+        if charset is not None and charset.lower() not in _UTF8:
+            # Graph has labelled bodies Windows-1252: one that is not UTF-8 is read as labelled.
+            try:
+                body = as_utf8(body, charset)
+            except LookupError:
+                return self._refuse(
+                    415,
+                    "malformed",
+                    "bad_content_type",
+                    f"unknown charset {charset[:64]!r}",
+                    self._context(request, tenant_id),
+                )
         try:
             batch: list[events.Event] = []
             for part in parse_body_in_parts(

@@ -150,6 +150,61 @@ async def test_malformed_bodies_get_a_4xx_with_a_reason_and_one_log_line(
     assert bot.receiver.counts["malformed", reason] == 1
 
 
+@pytest.mark.parametrize(
+    ("encoding", "charset"),
+    [
+        ("cp1252", "Windows-1252"),  # as a captured Graph request was labelled
+        ("utf-8", "Windows-1252"),  # labelled so, written in UTF-8 all the same
+        ("latin-1", "ISO-8859-1"),
+        ("utf-8", "utf-8"),
+    ],
+)
+async def test_a_body_in_the_charset_its_content_type_names_reads_as_written(
+    authority: Any, serve: Any, encoding: str, charset: str
+) -> None:
+    """A captured Graph callback was labelled ``application/json; charset=Windows-1252``:
+    a caller's name outside ASCII reaches handlers as written, whether the bytes are in that
+    charset or in UTF-8."""
+    bot, recorder = recording_bot(authority)
+    server = await serve(bot)
+    body = json.dumps(
+        b.notifications(b.incoming_call("accents", caller_name="José Müller")), ensure_ascii=False
+    )
+    response = await server.post(
+        None,
+        raw=body.encode().decode("utf-8").encode(encoding)
+        if encoding != "utf-8"
+        else body.encode(),
+        headers={"Content-Type": f"application/json; charset={charset}"},
+    )
+    assert response.status == 202
+    await until(lambda: len(recorder.seen) == 1)
+    [event] = recorder.seen
+    assert isinstance(event, events.IncomingCall)
+    assert event.call.source is not None
+    assert event.call.source.identity is not None
+    assert event.call.source.identity.display_name == "José Müller"
+
+
+async def test_a_body_that_is_not_utf8_in_an_unknown_charset_is_refused(
+    authority: Any, serve: Any
+) -> None:
+    bot, recorder = recording_bot(authority)
+    server = await serve(bot)
+    body = json.dumps(b.notifications(b.incoming_call("x", caller_name="José")), ensure_ascii=False)
+    with capture_logs() as logs:
+        response = await server.post(
+            None,
+            raw=body.encode("cp1252"),
+            headers={"Content-Type": "application/json; charset=x-no-such-charset"},
+        )
+    assert response.status == 415
+    assert (await response.json())["error"] == "bad_content_type"
+    [refusal] = [entry for entry in logs if entry["event"] == "callback_refused"]
+    assert "x-no-such-charset" in refusal["detail"]
+    assert recorder.seen == []
+
+
 async def test_bad_tokens_get_401_with_a_bearer_challenge(authority: Any, serve: Any) -> None:
     bot, recorder = recording_bot(authority)
     server = await serve(bot)
