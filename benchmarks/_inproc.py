@@ -40,6 +40,7 @@ class _Request:
     """The parts of ``aiohttp.web.Request`` the receiver reads."""
 
     content_type = "application/json"
+    charset: str | None = None  # the receiver reads it: no charset named, as JSON is UTF-8
     remote = "127.0.0.1"
     scheme = "https"
 
