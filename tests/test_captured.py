@@ -2,12 +2,14 @@
 
 ``fixtures/captured/MANIFEST.md`` names the issue, who posted it and when. Each capture
 is fed as it was pasted: a whole body through the real HTTP path with the headers it
-came with, a header block with a recorded body of the same kind. Nothing a capture
-carries may be refused, lost, or left untyped.
+came with, a header block with a recorded body of the same kind, and the tail of a body
+(all an issue's text showed of it) through the models. Nothing a capture carries may be
+refused, lost, or left untyped.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -27,6 +29,8 @@ _NOT_REPLAYED = frozenset({"authorization", "content-length"})
 # The SDK's request log labels the request line and the header block so; neither is a header.
 _LOG_LABELS = frozenset({"request", "headers"})
 _HEADER_LINE = re.compile(r"\s*([A-Za-z][A-Za-z0-9-]*):\s+(.*)")
+_PROPERTY_NAME = re.compile(r'\s*"([^"]+)"\s*:\s*')
+_SEPARATOR = re.compile(r"\s*,?")
 
 
 def captured_headers(name: str) -> dict[str, str]:
@@ -39,6 +43,26 @@ def captured_headers(name: str) -> dict[str, str]:
         if match and match.group(1).lower() not in _NOT_REPLAYED | _LOG_LABELS:
             headers[match.group(1)] = match.group(2)
     return headers
+
+
+def call_tail(name: str) -> dict[str, Any]:
+    """The call properties a captured body's tail holds, read one by one as pasted up to the
+    brace that closes the call."""
+    text = (CAPTURED / name).read_text(encoding="utf-8")
+    decoder = json.JSONDecoder()
+    properties: dict[str, Any] = {}
+    position = 0
+    while True:
+        match = _PROPERTY_NAME.match(text, position)
+        if match is None:
+            break
+        value, position = decoder.raw_decode(text, match.end())
+        properties[match.group(1)] = value
+        separator = _SEPARATOR.match(text, position)
+        assert separator is not None  # it matches the empty string
+        position = separator.end()
+    assert text[position:].lstrip().startswith("}"), "the tail must end with the call"
+    return properties
 
 
 def watching_bot(authority: Any, **options: Any) -> tuple[CallBot, list[events.Event]]:
@@ -205,6 +229,95 @@ async def test_a_captured_header_block_is_accepted(
     ):
         assert accepted.get(field) == headers.get(header)
     assert accepted["client"] == "127.0.0.1"
+
+
+# -- the tails of bodies ----------------------------------------------------------------------
+
+TAILS = [
+    "gh-comms-samples-664-2023-call-tail.txt",
+    "gh-msteams-docs-9170-2023-call-tail.txt",
+]
+
+
+def test_every_tail_is_read() -> None:
+    assert set(TAILS) == {p.name for p in CAPTURED.glob("*.txt")}
+
+
+@pytest.mark.parametrize("name", TAILS)
+def test_no_property_of_a_captured_call_is_left_untyped(name: str) -> None:
+    """Policy-recording calls (2023) carry properties in no schema, one of them in
+    PascalCase (``MeetingUrl``); each is read into a typed field."""
+    call = models.Call.model_validate(call_tail(name))
+    assert _extras(call, "call") == []
+    metadata = call.application_metadata
+    assert metadata is not None
+    assert metadata["botData"]["inviteReasons"] == ["ComplianceRecording"]
+
+
+def test_the_meeting_url_teams_sends_in_pascal_case_is_read() -> None:
+    call = models.Call.model_validate(call_tail("gh-comms-samples-664-2023-call-tail.txt"))
+    assert call.meeting_url is not None
+    assert call.meeting_url.startswith("https://teams.microsoft.com/l/meetup-join/19%3a")
+    # Written back in Graph's camelCase, and read again from it.
+    dumped = call.model_dump(by_alias=True, exclude_unset=True)
+    assert dumped["meetingUrl"] == call.meeting_url
+    assert models.Call.model_validate(dumped) == call
+
+
+def test_the_region_hosting_a_recorded_calls_media_is_read() -> None:
+    call = models.Call.model_validate(call_tail("gh-msteams-docs-9170-2023-call-tail.txt"))
+    assert call.media_hosted_region == "JPEA"
+    assert call.id == "471f5a00-4b90-4b1b-89be-4918359e9ab5"
+    assert call.tenant_id == "ca7c802e-0077-43ad-bbb6-3258279978cc"
+    # The logger that printed the capture masked it; kept as sent.
+    assert call.termination_reason == "(Generic: BSkofoO1)"
+    assert call.meeting_capability is not None
+
+
+def _graph_models() -> list[type[models.GraphModel]]:
+    found = []
+    for name in models.__all__:
+        value = getattr(models, name)
+        if isinstance(value, type) and issubclass(value, models.GraphModel):
+            found.append(value)
+    return found
+
+
+@pytest.mark.parametrize("model", _graph_models(), ids=lambda m: m.__name__)
+def test_every_declared_property_is_read_from_its_pascal_case_name(
+    model: type[models.GraphModel],
+) -> None:
+    """Teams has sent ``MeetingUrl``, ``TranscriptionInfo`` and ``ApplicationType`` with a
+    capital letter: any declared property written so is read into its field, never left
+    untyped."""
+    for field, info in model.model_fields.items():
+        wire = info.serialization_alias or info.alias or field
+        if wire.startswith("@"):
+            continue
+        pascal = wire[0].upper() + wire[1:]
+        parsed = model.model_validate({pascal: None})
+        assert field in parsed.model_fields_set, (model.__name__, pascal)
+        assert not parsed.model_extra, (model.__name__, pascal)
+
+
+def test_pascal_case_names_keep_their_meaning() -> None:
+    """What a camelCase name means, its PascalCase spelling means too: a result code sent as
+    a name is kept as text, a meeting info without a type is told by its organizer."""
+    result = models.ResultInfo.model_validate({"Code": "200", "SubCode": "transferring"})
+    assert (result.code, result.subcode, result.subcode_text) == (200, None, "transferring")
+    call = models.Call.model_validate(
+        {"MeetingInfo": {"Organizer": {"User": {"Id": "organizer"}}}, "State": "Established"}
+    )
+    assert call.state == "established"
+    assert isinstance(call.meeting_info, models.OrganizerMeetingInfo)
+    assert call.meeting_info.organizer is not None
+    assert call.meeting_info.organizer.user is not None
+    assert call.meeting_info.organizer.user.id == "organizer"
+    record = models.parse_operation(
+        {"@odata.type": "#microsoft.graph.recordOperation", "RecordResourceLocation": "https://r"}
+    )
+    assert isinstance(record, models.RecordOperation)
+    assert record.recording_location == "https://r"
 
 
 def test_every_captured_file_is_described_in_the_manifest() -> None:

@@ -5,7 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, get_args
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, GetCoreSchemaHandler
+from pydantic import (
+    AliasChoices,
+    AliasGenerator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+)
 from pydantic.alias_generators import to_camel
 from pydantic_core import CoreSchema, core_schema
 
@@ -16,9 +23,26 @@ __all__ = [
     "odata_discriminator",
     "odata_type_field",
     "type_name",
+    "wire_names",
 ]
 
 _GRAPH_PREFIX = "microsoft.graph."
+
+
+def _capitalised(name: str) -> str:
+    return name[:1].upper() + name[1:]
+
+
+def wire_names(*names: str) -> AliasChoices:
+    """Where a property is read from: each of ``names``, then each with a capital first
+    letter, since Teams has sent properties so (``MeetingUrl``, ``TranscriptionInfo``,
+    ``ApplicationType``)."""
+    pascal = [_capitalised(name) for name in names if _capitalised(name) not in names]
+    return AliasChoices(*names, *pascal)
+
+
+def _property_names(field: str) -> AliasChoices:
+    return wire_names(to_camel(field))
 
 
 def odata_type_field(default: str | None = None) -> Any:
@@ -36,14 +60,17 @@ class GraphModel(BaseModel):
     """Base of every Graph resource model.
 
     Fields are snake_case in Python and camelCase on the wire (both accepted when
-    reading; ``model_dump(by_alias=True)`` writes the wire form). Properties Graph
+    reading, and the wire name with a capital first letter too, as Teams has sent some;
+    ``model_dump(by_alias=True)`` writes the camelCase form). Properties Graph
     adds that a model does not declare are kept in ``model_extra``, because Graph
     types are open and grow. callbot never mutates a parsed model.
     """
 
     model_config = ConfigDict(
         populate_by_name=True,
-        alias_generator=to_camel,
+        alias_generator=AliasGenerator(
+            validation_alias=_property_names, serialization_alias=to_camel
+        ),
         extra="allow",
     )
 
@@ -147,7 +174,7 @@ def odata_discriminator(
             return name
         if isinstance(value, Mapping):
             for key, tag in key_hints.items():
-                if key in value:
+                if key in value or _capitalised(key) in value:
                     return tag
         return fallback
 

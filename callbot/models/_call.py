@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, TypeAlias
 
-from pydantic import AliasChoices, Discriminator, Field, Tag
+from pydantic import Discriminator, Tag
 
 from ._base import GraphModel, odata_discriminator, odata_type_field
 from ._common import (
@@ -55,18 +55,12 @@ __all__ = [
 class MeetingInfo(GraphModel):
     """Base of the ways to name a meeting to join; also holds meeting info of unknown type.
 
-    ``transcription_info`` is an older form Graph sent inside the meeting info
-    (``TranscriptionInfo``); newer calls carry :attr:`Call.transcription`.
+    ``transcription_info`` is an older form Graph sent inside the meeting info (spelled
+    ``TranscriptionInfo``); newer calls carry :attr:`Call.transcription`.
     """
 
     allow_conversation_without_host: bool | None = None
-    transcription_info: TranscriptionInfo | None = Field(
-        default=None,
-        validation_alias=AliasChoices(
-            "transcriptionInfo", "TranscriptionInfo", "transcription_info"
-        ),
-        serialization_alias="transcriptionInfo",
-    )
+    transcription_info: TranscriptionInfo | None = None
 
 
 class OrganizerMeetingInfo(MeetingInfo):
@@ -238,8 +232,9 @@ class Call(GraphModel):
     (often just ``state``). ``termination_reason``, ``ringing_timeout_in_seconds``,
     ``answered_by``, ``active_modalities``, ``meeting_capability`` and
     ``routing_policies`` are in the beta schema; ``replaces_context``,
-    ``co_organizers``, ``meeting_properties`` and ``application_metadata`` (policy
-    recording's free-form ``botData``) are sent by Teams though in no schema.
+    ``co_organizers``, ``meeting_properties``, and for policy recording
+    ``application_metadata`` (the free-form ``botData``), ``meeting_url`` (sent as
+    ``MeetingUrl``) and ``media_hosted_region`` are sent by Teams though in no schema.
     """
 
     id: str | None = None
@@ -273,3 +268,5 @@ class Call(GraphModel):
     co_organizers: list[Identity] | None = None
     routing_policies: list[RoutingPolicy] | None = None
     application_metadata: dict[str, Any] | None = None
+    meeting_url: str | None = None
+    media_hosted_region: str | None = None

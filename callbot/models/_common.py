@@ -11,9 +11,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Final, TypeAlias
 
-from pydantic import AliasChoices, Discriminator, Field, Tag, model_validator
+from pydantic import Discriminator, Field, Tag, model_validator
 
-from ._base import GraphEnum, GraphModel, odata_discriminator, odata_type_field
+from ._base import GraphEnum, GraphModel, odata_discriminator, odata_type_field, wire_names
 
 __all__ = [
     "CALL_LIFECYCLE",
@@ -255,12 +255,7 @@ class Identity(GraphModel):
     display_name: str | None = None
     tenant_id: str | None = None
     identity_provider: str | None = None
-    # one documented roster spells it ApplicationType
-    application_type: str | None = Field(
-        default=None,
-        validation_alias=AliasChoices("applicationType", "ApplicationType", "application_type"),
-        serialization_alias="applicationType",
-    )
+    application_type: str | None = None
     hidden: bool | None = None
     email: str | None = None
     azure_communication_services_resource_id: str | None = None
@@ -346,6 +341,9 @@ class InvitationParticipantInfo(GraphModel):
     language_id: str | None = None
 
 
+_SUBCODE_NAMES = ("subcode", "subCode")
+
+
 class ResultInfo(GraphModel):
     """The outcome Graph attaches to a call or an operation (``code``/``subcode``/``message``).
 
@@ -359,7 +357,7 @@ class ResultInfo(GraphModel):
     code: int | None = None
     subcode: int | None = Field(
         default=None,
-        validation_alias=AliasChoices("subcode", "subCode"),
+        validation_alias=wire_names(*_SUBCODE_NAMES),
         serialization_alias="subcode",
     )
     message: str | None = None
@@ -373,8 +371,8 @@ class ResultInfo(GraphModel):
         if not isinstance(data, dict):
             return data
         moved = dict(data)
-        for keys, text_key in ((("code",), "codeText"), (("subcode", "subCode"), "subcodeText")):
-            for key in keys:
+        for names, text_key in ((("code",), "codeText"), (_SUBCODE_NAMES, "subcodeText")):
+            for key in wire_names(*names).choices:
                 value = moved.get(key)
                 if isinstance(value, str) and not value.strip().lstrip("+-").isdigit():
                     moved[text_key] = moved.pop(key)

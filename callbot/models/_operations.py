@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import AliasChoices, Field
+from pydantic import Field
 
-from ._base import GraphModel, odata_type_field, type_name
+from ._base import GraphModel, odata_type_field, type_name, wire_names
 from ._common import (
     AnyPrompt,
     InvitationParticipantInfo,
@@ -148,16 +148,12 @@ class RecordOperation(CommsOperation):
     odata_type: str | None = odata_type_field("#microsoft.graph.recordOperation")
     recording_location: str | None = Field(
         default=None,
-        validation_alias=AliasChoices(
-            "recordingLocation", "recordResourceLocation", "recording_location"
-        ),
+        validation_alias=wire_names("recordingLocation", "recordResourceLocation"),
         serialization_alias="recordingLocation",
     )
     recording_access_token: str | None = Field(
         default=None,
-        validation_alias=AliasChoices(
-            "recordingAccessToken", "recordResourceAccessToken", "recording_access_token"
-        ),
+        validation_alias=wire_names("recordingAccessToken", "recordResourceAccessToken"),
         serialization_alias="recordingAccessToken",
     )
     completion_reason: RecordCompletionReason | None = None
