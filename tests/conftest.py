@@ -90,6 +90,19 @@ class Clock:
             await asyncio.sleep(0)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def current_event_loop() -> Iterator[None]:
+    """A current event loop for the session, closed at its end. pytest-asyncio asks for the
+    current loop around each async test, and where none is set (a synchronous test ran
+    first) makes one it never closes, whose ResourceWarning then fails a later test
+    (pytest-asyncio issue 724): ``pytest tests/test_recorded.py`` failed so."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    yield
+    asyncio.set_event_loop(None)
+    loop.close()
+
+
 @pytest.fixture
 async def clock() -> AsyncIterator[Clock]:
     """The loop's clock, moved by hand (see :class:`Clock`); request it after servers."""
