@@ -261,6 +261,8 @@ class Receiver:
             "scheme": client.scheme,
             "chain_id": request.headers.get("X-Microsoft-Skype-Chain-ID"),
             "message_id": request.headers.get("X-Microsoft-Skype-Message-ID"),
+            # Set on a notification Graph sends again: the message id of its first sending.
+            "original_message_id": request.headers.get("X-Microsoft-Skype-Original-Message-ID"),
             "tenant_id": tenant_id,
         }
         return {k: v for k, v in context.items() if v is not None}

@@ -206,7 +206,8 @@ async def test_a_captured_header_block_is_accepted(
 ) -> None:
     """Every header a captured request carried, the charset its Content-Type named and the
     ``(redacted)`` forwarding headers of a logging proxy included: the body is accepted, its
-    event delivered, and Graph's chain and message ids reach the log line. Behind a
+    event delivered, and Graph's chain and message ids (and a resent one's first) reach the
+    log line. Behind a
     trusted proxy, forwarding headers that name no address leave the peer as the client."""
     recorded, kind = HEADER_BLOCKS[name]
     headers = captured_headers(name)
@@ -226,6 +227,7 @@ async def test_a_captured_header_block_is_accepted(
     for header, field in (
         ("X-Microsoft-Skype-Chain-ID", "chain_id"),
         ("X-Microsoft-Skype-Message-ID", "message_id"),
+        ("X-Microsoft-Skype-Original-Message-ID", "original_message_id"),
     ):
         assert accepted.get(field) == headers.get(header)
     assert accepted["client"] == "127.0.0.1"
