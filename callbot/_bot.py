@@ -99,8 +99,9 @@ class _Runtime:
             known_here=self.knows_call,
             own_url=s.callback_url if s.public_url is not None else None,
         )
-        # The bot's own participant id in a call it placed reaches the call's snapshot there.
-        self.services.when_placed(self.store.placed)
+        # What the bot knows of a call that no notification says (its own participant id, a
+        # transfer asked) reaches the call's run, in line with the call's notifications.
+        self.services.note_with(self.store.note)
         self.receiver = Receiver(
             authenticator=self.authenticator,
             ingest=self.ingest,

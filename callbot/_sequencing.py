@@ -55,7 +55,10 @@ __all__ = [
     "TONES_UNORDERED",
     "CallRecord",
     "Delivery",
+    "OwnFact",
+    "Placed",
     "Sequencer",
+    "TransferAsked",
     "digest_decides",
     "notification_digest",
     "phase_of",
@@ -249,6 +252,29 @@ def _sequence_of(event: events.Event) -> int:
         if isinstance(event, events.ToneReceived) and event.sequence_id is not None
         else -1
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Placed:
+    """Graph's answer to the request that placed the call named the bot's own participant
+    (``myParticipantId``), which its notifications of a placed call never carry."""
+
+    call_id: str
+    my_participant_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class TransferAsked:
+    """The bot is about to ask Graph to transfer the call: its outcome, even worded as the
+    last one, is news."""
+
+    call_id: str
+
+
+OwnFact = Placed | TransferAsked
+"""What the bot itself knows of a call and no notification of it says. A store puts it in
+line with the call's notifications (:meth:`Sequencer.note`), so that it counts for what is
+accepted after it, on whichever process runs the call."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -525,6 +551,15 @@ class Sequencer:
             self._on_tone(event)
         self._route(record, event)
 
+    def note(self, fact: OwnFact) -> None:
+        """Take in what the bot itself knows of a call (:data:`OwnFact`), in its place among
+        the call's notifications: what is accepted after it is ordered knowing it."""
+        if isinstance(fact, TransferAsked):
+            # The call's life keeps the count; the call's record stores it for the next run.
+            self.lifecycle.transfer_asked(fact.call_id)
+        else:
+            self.placed(fact.call_id, fact.my_participant_id)
+
     def placed(self, call_id: str, my_participant_id: str) -> None:
         """Graph's answer to the request that placed the call named the bot's own participant
         (``myParticipantId``), which its notifications of a placed call never carry: the
@@ -573,8 +608,9 @@ class Sequencer:
         record.life = self.lifecycle.adopt(
             stored.call_id, phase=stored.phase, state=stored.state, ended=record.closed
         )
-        # A transfer asked by the call's last run, whose failure is still to come, is news then.
-        record.life.transfers = max(record.life.transfers, stored.transfers)
+        # The record counts the transfers fed up to its checkpoint, and the inbox holds those
+        # asked since: a count this process kept from an earlier run would count them twice.
+        record.life.transfers = stored.transfers
         self._records[key] = record
 
     def start_over(self, call_key: str) -> None:

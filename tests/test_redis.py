@@ -31,7 +31,17 @@ import redis
 import redis.asyncio as aioredis
 from structlog.testing import capture_logs
 
-from callbot import Call, CallBot, CallEnded, RunSuperseded, Target, current_attempt, events, models
+from callbot import (
+    Call,
+    CallBot,
+    CallEnded,
+    RunSuperseded,
+    StoreUnavailable,
+    Target,
+    current_attempt,
+    events,
+    models,
+)
 from callbot._ids import id_key
 from callbot._journal import Attempt
 from callbot._lifecycle import ENDED_MEMORY, Lifecycle
@@ -1651,6 +1661,75 @@ async def test_a_call_placed_by_a_draining_instance_has_the_bot_s_id_where_it_ru
             assert (await server.post(b.notifications(item))).status == 202
         await until(lambda: len(seen) == 2, within=10)
     assert seen == [("establishing", mine), ("established", mine)]
+
+
+async def test_a_transfer_redis_cannot_count_is_not_asked(
+    authority: TokenAuthority, serve: Any, redis_url: str
+) -> None:
+    """The transfer is counted in the call's inbox before it is sent. When Redis cannot take
+    that, ``transfer`` raises StoreUnavailable and sends nothing: no transfer was asked, and
+    none is counted. The next one, Redis back, is asked and counted."""
+    async with FakeGraph() as graph:
+        bot = graph_instance(authority, redis_url, graph)
+        heard: list[int] = []
+
+        @bot.on_call_updated
+        async def failed(call: Call, event: events.CallUpdated) -> None:
+            if event.result_info is not None:
+                heard.append(event.result_info.subcode or 0)
+
+        server = await serve(bot)
+        graph.add_call("xfer-call")
+        for state in ("establishing", "established"):
+            item = b.notifications(b.call_state("xfer-call", state))
+            assert (await server.post(item)).status == 202
+        store = bot._running().store
+        assert isinstance(store, _redis.RedisStore)
+        real = store._run_all
+
+        async def refusing_facts(commands: Any, *, then: Any = None) -> Any:
+            if any('{"fact":' in str(part) for command in commands for part in command):
+                raise redis.exceptions.ConnectionError("connection reset")
+            return await real(commands, then=then)
+
+        store._run_all = refusing_facts  # type: ignore[method-assign]
+        call = bot.services.call("xfer-call")
+        with pytest.raises(StoreUnavailable):
+            await call.transfer(Target.user("agent-id", "Agent"))
+        assert graph.requests_for("transfer") == []
+        store._run_all = real  # type: ignore[method-assign]
+        why = models.ResultInfo(code=500, subcode=7000, message="Transfer failed.")
+        failure = b.notifications(b.call_state("xfer-call", "established", result_info=why))
+        assert (await server.post(failure)).status == 202  # a failure of no transfer asked
+        await until(lambda: heard == [7000])
+        await call.transfer(Target.user("agent-id", "Agent"))
+        assert (await server.post(failure)).status == 202  # the one asked, worded alike
+        await until(lambda: heard == [7000, 7000])
+
+
+async def test_an_inbox_fact_of_a_later_kind_is_logged_and_skipped(
+    authority: TokenAuthority, serve: Any, redis_url: str, rdb: aioredis.Redis
+) -> None:
+    """An instance of a later release may keep a fact of a call of a kind this one does not
+    know in the call's inbox (during a rolling upgrade): the run of the call logs it and goes
+    on with the notifications after it."""
+    seen: list[str] = []
+    bot = make_bot(authority, store=redis_url)
+
+    @bot.on(events.CallStateChanged)
+    async def record(call: Call, event: events.CallStateChanged) -> None:
+        seen.append(event.state)
+
+    server = await serve(bot)
+    later = '{"fact":"somethingLater","callId":"later-call"}'
+    await rdb.xadd(f"{KEY_PREFIX}{{{call_key('later-call')}}}:inbox", {"e": later})
+    with capture_logs() as logs:
+        for state in ("establishing", "established"):
+            item = b.notifications(b.call_state("later-call", state))
+            assert (await server.post(item)).status == 202
+        await until(lambda: seen == ["establishing", "established"])
+    (unreadable,) = [e for e in logs if e.get("event") == "inbox_entry_unreadable"]
+    assert "somethingLater" in unreadable["error"]
 
 
 async def test_a_call_is_its_tenants_on_every_instance(

@@ -11,17 +11,25 @@ import pytest
 
 from callbot import Call, ConfigurationError, Settings, events, models
 from callbot._dispatch import Dispatcher, HandlerRegistry
+from callbot._errors import MalformedNotification
 from callbot._lifecycle import CallLife, Lifecycle
 from callbot._parse import parse_payload
-from callbot._sequencing import CallRecord, Delivery, Sequencer, notification_digest
+from callbot._sequencing import (
+    CallRecord,
+    Delivery,
+    Placed,
+    Sequencer,
+    TransferAsked,
+    notification_digest,
+)
 from callbot.graph import CallServices
 from callbot.store import MemoryStore, Store, open_store
 from callbot.store._codec import (
     decode_entry,
-    decode_placed,
+    decode_fact,
     decode_record,
     encode_entry,
-    encode_placed,
+    encode_fact,
     encode_record,
 )
 from callbot.store._redis import _after
@@ -132,13 +140,25 @@ def test_an_entry_is_the_notification_as_received() -> None:
     assert again.tenant_id == "t-1"
 
 
-def test_what_placing_a_call_answered_is_kept_apart_from_notifications() -> None:
-    """Graph's answer naming the bot's participant in a call it placed goes into the call's
-    inbox beside its notifications, and is never taken for one."""
-    text = encode_placed("c-1", "me-1")
-    assert decode_placed(text) == ("c-1", "me-1")
+def test_what_the_bot_knows_of_a_call_is_kept_apart_from_notifications() -> None:
+    """The bot's own facts about a call (Graph's answer naming its participant in a call it
+    placed, a transfer asked) go into the call's inbox beside its notifications, each as one
+    tagged object, and are never taken for one; an instance of an earlier release, reading
+    every entry as a notification, refuses them (and logs and skips them) rather than
+    misreading them."""
+    for fact in (Placed("c-1", "me-1"), TransferAsked("c-1")):
+        text = encode_fact(fact)
+        assert json.loads(text)["fact"] in ("placed", "transferAsked")
+        assert decode_fact(text) == fact
+        with pytest.raises(MalformedNotification):
+            decode_entry(text)
     event = one(b.incoming_call("c-1", my_participant_id="me-1"), tenant="t-1")
-    assert decode_placed(encode_entry(event)) is None
+    assert decode_fact(encode_entry(event)) is None
+    # The form the answer placing a call was kept in before facts were tagged.
+    untagged = '{"placed":{"callId":"c-1","myParticipantId":"me-1"}}'
+    assert decode_fact(untagged) == Placed("c-1", "me-1")
+    with pytest.raises(ValueError, match="does not know"):
+        decode_fact('{"fact":"somethingLater","callId":"c-1"}')
 
 
 def taken_over(seq: Sequencer, call_key: str) -> tuple[Sequencer, list[Delivery]]:
@@ -248,6 +268,44 @@ async def test_a_restored_record_knows_the_transferring_its_last_run_saw() -> No
         assert isinstance(back.event, events.CallStateChanged)
         assert back.event.previous_state == "transferring"
         other.close()
+    seq.close()
+
+
+async def test_a_call_back_in_the_process_that_lost_it_counts_each_transfer_once() -> None:
+    """With a shared store a transfer asked is a fact in the call's inbox, counted as the
+    call's run feeds it. A run that fed some past its last checkpoint, then lost the call,
+    feeds them again when the call comes back to the same process: its life kept the count
+    it had reached, and the transfers were counted twice. The first transfer's failure then
+    waited for a ``transferring`` that had come."""
+    delivered: list[Delivery] = []
+    seq = Sequencer(delivered.append, Lifecycle(termination_grace=30), reorder_window=300)
+    for item in (b.call_state("c", "establishing"), b.call_state("c", "established")):
+        seq.accept(one(item))
+    seq.note(TransferAsked("c"))
+    seq.accept(one(b.call_state("c", "transferring")))
+    record = seq.record("c")
+    assert record is not None
+    checkpoint = encode_record(record)
+    why = models.ResultInfo(code=500, subcode=7000, message="Transfer failed.")
+    failure = b.call_state("c", "established", result_info=why)
+    # Fed past the checkpoint, never acknowledged: the run lost the call here.
+    seq.accept(one(failure))
+    seq.note(TransferAsked("c"))
+    seq.evict("c")
+    delivered.clear()
+    restored = decode_record(checkpoint)
+    assert restored is not None
+    seq.adopt(restored)  # the same process runs the call again, from the checkpoint
+    seq.accept(one(failure))
+    assert [d.event.state for d in delivered if isinstance(d.event, events.CallStateChanged)] == [
+        "established"
+    ]  # at once: its transferring came before the checkpoint
+    seq.note(TransferAsked("c"))
+    seq.accept(one(failure))  # the second transfer fails as the first did, by the update alone
+    seq.release_all()  # its transferring never came
+    seq.accept(one(failure))  # Graph sent it twice
+    assert [type(d.event) for d in delivered] == [events.CallStateChanged, events.CallUpdated]
+    assert seq.counts["duplicate"] == 1
     seq.close()
 
 

@@ -1141,3 +1141,105 @@ async def test_the_answer_placing_a_call_counts_for_what_comes_after_it_in_every
             assert (await server.post(b.notifications(item))).status == 202
         await until(lambda: len(seen) == 3, within=SETTLE_WITHIN)
     assert seen == [("establishing", None), ("established", "me-1"), ("terminated", "me-1")]
+
+
+@pytest.mark.parametrize("stores", ["memory", "redis-running", "redis-idle"])
+async def test_a_transfer_asked_from_another_call_s_handler_counts_where_the_call_runs(
+    authority: TokenAuthority, serve: Any, redis_url: str, stores: str
+) -> None:
+    """A consultative transfer is asked from the consult call's handler, through the handle
+    of the caller's call: with Redis, on an instance that does not run the caller's call
+    (another one runs it, or none does at that moment). The transfer was counted where it
+    was asked, not where the call runs next: Graph told the second transfer's failure by an
+    update alone, worded as the first, and it was dropped there as a repeat. The ask is now
+    in the call's inbox: every store tells both failures (a copy of the second is a
+    repeat), then the call's end."""
+    caller = "caller-call"
+    async with FakeGraph() as graph:
+        graph.add_call(caller)
+        options: dict[str, Any] = {
+            "graph_url": graph.graph_url,
+            "authority_url": graph.authority_url,
+            "app_secret": "fake-graph-secret",
+        }
+        if stores != "memory":
+            options["store"] = redis_url
+        bots = [make_bot(authority, **options) for _ in range(1 if stores == "memory" else 2)]
+        # The caller's call's run is busy with a handler of it while the transfer is asked.
+        busy = stores != "redis-idle"
+        handling = [asyncio.Event(), asyncio.Event()]
+        go_on = [asyncio.Event(), asyncio.Event()]
+        heard: list[str] = []
+        asked: list[tuple[int, bool, bool]] = []
+
+        def running_caller(bot: CallBot) -> bool:
+            store = bot._running().store
+            return isinstance(store, _redis.RedisStore) and id_key(caller) in store._owned
+
+        for index, bot in enumerate(bots):
+
+            @bot.on_state("established")
+            async def established(
+                call: Call, event: events.CallStateChanged, bot: CallBot = bot, index: int = index
+            ) -> None:
+                if call.id == caller:
+                    if busy:
+                        handling[0].set()
+                        await go_on[0].wait()
+                    return
+                # The agent on a consult call answered: the caller goes to the agent.
+                asked.append((index, running_caller(bot), running_caller(bots[0])))
+                transferred = bot.services.call(caller)
+                await transferred.transfer(
+                    Target.user("agent-id", "Agent"), replaces_call_id=call.id
+                )
+
+            @bot.on_call_updated
+            async def failed(call: Call, event: events.CallUpdated) -> None:
+                if call.id == caller and event.result_info is not None:
+                    heard.append(f"failed {event.result_info.subcode}")
+                    if busy and len(heard) == 1:
+                        handling[1].set()
+                        await go_on[1].wait()
+
+            @bot.on_terminated
+            async def over(call: Call, event: events.CallTerminated) -> None:
+                if call.id == caller:
+                    heard.append("ended")
+
+        def heard_failures(count: int) -> bool:
+            return len(heard) == count
+
+        def transfers_asked(count: int) -> bool:
+            return len(graph.requests_for("transfer")) == count
+
+        servers = [await serve(bot) for bot in bots]
+        for state in ("establishing", "established"):
+            item = b.notifications(b.call_state(caller, state))
+            assert (await servers[0].post(item)).status == 202
+        why = models.ResultInfo(code=500, subcode=7000, message="Transfer failed.")
+        failure = b.notifications(b.call_state(caller, "established", result_info=why))
+        for attempt in range(2):
+            if busy:
+                await asyncio.wait_for(handling[attempt].wait(), SETTLE_WITHIN)
+            else:
+                await until(functools.partial(heard_failures, attempt), within=SETTLE_WITHIN)
+                # Given up by its run after a moment with nothing to do: nobody runs it.
+                await until(lambda: not any(map(running_caller, bots)), within=SETTLE_WITHIN)
+            # A consult call of its own each time, in one request: the last instance, which
+            # nobody else runs it on, takes it on and runs both.
+            consult = f"consult-{attempt}"
+            setup = [b.call_state(consult, "establishing"), b.call_state(consult, "established")]
+            assert (await servers[-1].post(b.notifications(*setup))).status == 202
+            await until(functools.partial(transfers_asked, attempt + 1), within=SETTLE_WITHIN)
+            assert (await servers[0].post(failure)).status == 202
+            go_on[attempt].set()
+        assert (await servers[0].post(failure)).status == 202  # Graph sent the second twice
+        ended = b.notifications(b.call_terminated(caller))
+        assert (await servers[0].post(ended)).status == 202
+        await until(lambda: heard[-1:] == ["ended"], within=SETTLE_WITHIN)
+    assert heard == ["failed 7000", "failed 7000", "ended"]
+    if stores == "redis-running":
+        assert asked == [(1, False, True)] * 2  # asked on the instance not running the call
+    elif stores == "redis-idle":
+        assert asked == [(1, False, False)] * 2  # asked while no instance ran it

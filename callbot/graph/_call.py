@@ -56,7 +56,7 @@ class CallServices(Protocol):
     def operations(self) -> OperationRegistry: ...
     @property
     def tones(self) -> _digits.ToneRouter: ...
-    def transfer_asked(self, call_id: str) -> None: ...
+    async def transfer_asked(self, call_id: str) -> None: ...
     async def until_established(self, call_id: str, timeout: float | None) -> None: ...
 
 
@@ -430,6 +430,11 @@ class Call:
         (a :class:`~callbot.graph.Target` with ``participant_id=``). The outcome arrives as call
         state changes (``transferring``, ``transferAccepted``, then ``terminated``,
         or back to ``established`` with a ``resultInfo`` when it failed).
+
+        The transfer is counted for the call's handlers before it is sent (a failure worded
+        as the last one is then news); with the Redis store, in the call's inbox, for
+        whichever instance runs the call. When Redis cannot take it, this raises
+        :class:`~callbot.StoreUnavailable` and nothing is sent: no transfer was asked.
         """
         body: dict[str, Any] = {"transferTarget": invitation_json(target)}
         if replaces_call_id is not None:
@@ -439,7 +444,7 @@ class Call:
         if client_context is not None:
             body["clientContext"] = client_context
         # Counted before it is sent: Graph may post its failure before answering the request.
-        self._services.transfer_asked(self.id)
+        await self._services.transfer_asked(self.id)
         await self._request("POST", "/transfer", body)
 
     async def hangup(self) -> None:

@@ -21,6 +21,7 @@ from .._config import Settings
 from .._errors import GraphError, StoreUnavailable
 from .._ids import id_key
 from .._lifecycle import CallLife, KeepAliveResult
+from .._sequencing import OwnFact, Placed, TransferAsked
 from ..events import OperationUpdated, ToneReceived
 from ._call import (
     Call,
@@ -77,7 +78,7 @@ class CallServices:
         self._lifecycle = lifecycle
         # The scenario ids of calls this bot placed (others derive theirs from the call id).
         self._scenarios: dict[str, str] = {}
-        self._placed: Callable[[str, str], Awaitable[None]] | None = None
+        self._note: Callable[[OwnFact], Awaitable[None]] | None = None
         self._started = False
         self._prefetch: asyncio.Task[None] | None = None
         if lifecycle is not None:
@@ -145,15 +146,19 @@ class CallServices:
     def _forget_scenario(self, call_key: str, reason: str) -> None:
         self._scenarios.pop(call_key, None)
 
-    def when_placed(self, keep: Callable[[str, str], Awaitable[None]]) -> None:
-        """Await ``keep(call_id, my_participant_id)`` when Graph's answer to a call the bot
-        placed names the bot's own participant (the store keeps it for the call's handlers:
-        Graph's notifications of a placed call never carry it)."""
-        self._placed = keep
+    def note_with(self, note: Callable[[OwnFact], Awaitable[None]]) -> None:
+        """Await ``note(fact)`` for what the bot itself knows of a call and Graph's
+        notifications of it never say: the bot's own participant id in a call it placed, a
+        transfer about to be asked (the store keeps it in line with the call's
+        notifications, for whichever instance runs the call)."""
+        self._note = note
 
-    def transfer_asked(self, call_id: str) -> None:
-        """Graph took a transfer of the call: the lifecycle counts it."""
-        if self._lifecycle is not None:
+    async def transfer_asked(self, call_id: str) -> None:
+        """The bot is about to ask Graph to transfer the call: counted for the call's run
+        (through the store, else by the lifecycle), or ``StoreUnavailable`` is raised."""
+        if self._note is not None:
+            await self._note(TransferAsked(call_id))
+        elif self._lifecycle is not None:
             self._lifecycle.transfer_asked(call_id)
 
     async def until_established(self, call_id: str, timeout: float | None) -> None:
@@ -353,9 +358,9 @@ class CallServices:
         # the handle returned sees the call end, as handlers' handles do.
         life = self._lifecycle.life(call_id) if self._lifecycle is not None else None
         mine = snapshot.my_participant_id
-        if mine and self._placed is not None:
+        if mine and self._note is not None:
             try:
-                await self._placed(call_id, mine)
+                await self._note(Placed(call_id, mine))
             except StoreUnavailable as exc:
                 # Graph made the call: the handle is returned all the same.
                 log.warning(

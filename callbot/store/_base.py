@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from .. import events
-from .._sequencing import CallRecord, Sequencer
+from .._sequencing import CallRecord, OwnFact, Sequencer
 
 __all__ = ["Outcomes", "Store"]
 
@@ -57,11 +57,12 @@ class Store(Protocol):
         seen with another tenant (those only: the batch's others are kept)."""
         ...
 
-    async def placed(self, call_id: str, my_participant_id: str) -> None:
-        """Keep the bot's own participant id that Graph's answer to the request placing the
-        call named (its notifications of a placed call never do), for the call's snapshot
-        from the next notification accepted on (on whichever instance runs the call), or
-        raise ``StoreUnavailable``."""
+    async def note(self, fact: OwnFact) -> None:
+        """Keep what the bot itself knows of a call and no notification says (the bot's own
+        participant id Graph's answer to the request placing it named, a transfer about to be
+        asked), for the call's sequencer, in line with the call's notifications: it counts
+        for those accepted after it, on whichever instance runs the call. Or raise
+        ``StoreUnavailable``: then nothing was kept."""
         ...
 
     def known(self, call_key: str) -> CallRecord | None:

@@ -3,11 +3,15 @@
 A notification is kept as Graph sent it (the item's raw JSON, in an envelope
 with its tenant), and is parsed again by whichever instance runs it: the
 parser stays the one authority on what an item means, and instances of
-different callbot versions read each other's entries.
+different callbot versions read each other's entries. Beside them, the inbox
+holds what the bot itself knows of the call (the bot's own participant id in a
+call it placed, a transfer it asked), each as one tagged object
+(``{"fact": kind, "callId": ...}``), fed in its place among the notifications.
 
 A call record keeps what the sequencer needs to go on ordering the call (its
 phase, state, roster, the digests of its last notifications and of its latest
-roster, the number of the tone it expects next, whether it ended) and the
+roster, the number of the tone it expects next, whether it ended, the transfers
+asked and up to which of them a ``transferring`` or a failure came) and the
 call's merged snapshot, which carries ``chatInfo`` and ``meetingInfo`` so a
 bot can rejoin a meeting after a restart. The roster's keys
 are made again from its participants when a record is read, so a record written
@@ -24,18 +28,25 @@ import orjson
 from .. import events
 from .._lifecycle import CallLife
 from .._parse import parse_payload
-from .._sequencing import CallRecord, notification_digest, roster_key
+from .._sequencing import (
+    CallRecord,
+    OwnFact,
+    Placed,
+    TransferAsked,
+    notification_digest,
+    roster_key,
+)
 from ..models import Call as CallResource
 from ..models import Participant
 
 __all__ = [
     "RECORD_VERSION",
     "decode_entry",
-    "decode_placed",
+    "decode_fact",
     "decode_record",
     "digest_of",
     "encode_entry",
-    "encode_placed",
+    "encode_fact",
     "encode_record",
 ]
 
@@ -83,23 +94,38 @@ def decode_entry(text: str) -> events.Event:
     return event
 
 
-_PLACED = '{"placed":'
+_FACT = '{"fact":'
+_PLACED_UNTAGGED = '{"placed":'
+"""How the answer placing a call was kept before facts had one tagged form."""
 
 
-def encode_placed(call_id: str, my_participant_id: str) -> str:
-    """What Graph's answer to the request placing a call said of the bot's own participant,
-    as kept in the call's inbox: in line with its notifications, so that whoever runs the
-    call knows it before any notification appended after it."""
-    return _dumps({"placed": {"callId": call_id, "myParticipantId": my_participant_id}})
+def encode_fact(fact: OwnFact) -> str:
+    """A fact the bot itself knows of a call, as kept in the call's inbox: in line with its
+    notifications, so that whoever runs the call knows it before any notification appended
+    after it. ``fact`` names its kind; a notification's envelope never starts with it."""
+    body: dict[str, Any]
+    if isinstance(fact, Placed):
+        body = {"fact": "placed", "callId": fact.call_id, "myParticipantId": fact.my_participant_id}
+    else:
+        body = {"fact": "transferAsked", "callId": fact.call_id}
+    return _dumps(body)
 
 
-def decode_placed(text: str) -> tuple[str, str] | None:
-    """``(call_id, my_participant_id)`` from an entry ``encode_placed`` wrote; ``None`` for
-    a notification."""
-    if not text.startswith(_PLACED):
-        return None
-    placed = json.loads(text)["placed"]
-    return str(placed["callId"]), str(placed["myParticipantId"])
+def decode_fact(text: str) -> OwnFact | None:
+    """The fact an entry ``encode_fact`` wrote; ``None`` for a notification. Raises
+    ``ValueError`` for a kind this version does not know (a later one wrote it)."""
+    if text.startswith(_FACT):
+        body = json.loads(text)
+        kind, call_id = body["fact"], str(body["callId"])
+        if kind == "placed":
+            return Placed(call_id, str(body["myParticipantId"]))
+        if kind == "transferAsked":
+            return TransferAsked(call_id)
+        raise ValueError(f"an inbox fact of a kind this version does not know: {kind!r}")
+    if text.startswith(_PLACED_UNTAGGED):
+        placed = json.loads(text)["placed"]
+        return Placed(str(placed["callId"]), str(placed["myParticipantId"]))
+    return None
 
 
 def _json(model: Any) -> str:

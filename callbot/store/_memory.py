@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from .. import events
 from .._config import Settings
 from .._lifecycle import Lifecycle
-from .._sequencing import CallRecord, Delivery, Sequencer
+from .._sequencing import CallRecord, Delivery, OwnFact, Sequencer
 from ._base import Outcomes
 
 __all__ = ["MemoryStore"]
@@ -57,9 +57,9 @@ class MemoryStore:
         refused, as in a shared store)."""
         self.sequencer.accept_batch(batch)
 
-    async def placed(self, call_id: str, my_participant_id: str) -> None:
-        """The sequencer keeps it in the call's snapshot."""
-        self.sequencer.placed(call_id, my_participant_id)
+    async def note(self, fact: OwnFact) -> None:
+        """The sequencer takes it in at once, in line with what was accepted so far."""
+        self.sequencer.note(fact)
 
     def known(self, call_key: str) -> CallRecord | None:
         """The sequencer's record of the call."""

@@ -49,6 +49,7 @@ from .._sequencing import (
     SEEN_DIGESTS,
     CallRecord,
     Delivery,
+    OwnFact,
     Sequencer,
     digest_decides,
     tenant_mismatch,
@@ -57,11 +58,11 @@ from . import _scripts
 from ._base import Outcomes
 from ._codec import (
     decode_entry,
-    decode_placed,
+    decode_fact,
     decode_record,
     digest_of,
     encode_entry,
-    encode_placed,
+    encode_fact,
     encode_record,
 )
 
@@ -825,19 +826,20 @@ class RedisStore:
         # listed (nor is it in memory).
         return [r for r in self._known.values() if r.phase >= 0 and not r.closed]
 
-    async def placed(self, call_id: str, my_participant_id: str) -> None:
-        """Append the fact to the call's inbox, as a notification is: the run of the call
-        (on any instance, now or after a takeover) feeds it to the sequencer before what
-        comes after it, and the call's record keeps it from then on."""
+    async def note(self, fact: OwnFact) -> None:
+        """Append the fact to the call's inbox, as a notification is (one round trip): the
+        run of the call (on any instance, now or after a takeover) feeds it to the sequencer
+        before what comes after it, and the call's record keeps what it changed from then
+        on."""
         keys = self._keys
-        call = id_key(call_id)
+        call = id_key(fact.call_id)
         started = time.monotonic()
         take = self._free_slots() > 0 and call not in self._owned
         command = _cmd(
             _scripts.INGEST,
             keys.of(call, "inbox", "seen", "lease", "fence", "call", "tenant"),
             "",  # never a repeat
-            encode_placed(call_id, my_participant_id),
+            encode_fact(fact),
             self._dedupe_ms,
             self.token,
             self._lease_ms if take else "",
@@ -852,7 +854,7 @@ class RedisStore:
             (answer,) = await self._run_all([command], then=("SADD", keys.pending, call))
         except RedisError as exc:
             self._mark(False, exc)
-            raise StoreUnavailable(f"the Redis store cannot keep the placed call: {exc}") from exc
+            raise StoreUnavailable(f"the Redis store cannot keep a call's fact: {exc}") from exc
         finally:
             self._taking -= take  # owned, if taken, once the answer below is acted on
         self._mark(True)
@@ -1316,10 +1318,10 @@ class RedisStore:
         event = self._parsed.pop((key, entry_id), None)
         if event is None:
             try:
-                placed = decode_placed(text)
-                if placed is not None:
+                fact = decode_fact(text)
+                if fact is not None:
                     # No handler runs for it: acknowledged with the next checkpoint.
-                    self._sequencer.placed(*placed)
+                    self._sequencer.note(fact)
                     return
                 event = decode_entry(text)
             except Exception as exc:
