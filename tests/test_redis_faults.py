@@ -268,7 +268,12 @@ async def test_a_sentinel_failover(
                 if replicas:
                     check(await wait_for_logs(rdb, around, within=60))
                 for entries in (await read_logs(rdb, around)).values():
-                    labels = first_runs(entries)
+                    # Without a replica holding each write, a run's note may be lost with the
+                    # old primary: a re-run unflagged, as docs/scaling.md says; order holds.
+                    if replicas:
+                        labels = first_runs(entries)
+                    else:
+                        labels = list(dict.fromkeys(entry["label"] for entry in entries))
                     assert labels == [step for step in LIFECYCLE if step in labels]
     finally:
         sentinel.kill()
