@@ -30,6 +30,7 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey, RSAPublicKey
 from jwt.algorithms import RSAAlgorithm
 
+from ._clock import loop_time
 from ._errors import AuthenticationError, KeysUnavailable
 from ._ids import quoted, tenant_key
 
@@ -433,11 +434,11 @@ class Authenticator:
         """Refetch keys for an unknown kid: shared by concurrent callers, then cooled down.
         Raises :class:`~callbot.KeysUnavailable` when ``MAX_KEY_WAITERS`` wait already."""
         if self._inflight is None:
-            if time.monotonic() - self._last_refetch < self._refetch_cooldown:
+            if loop_time() - self._last_refetch < self._refetch_cooldown:
                 return
             # Marked as it starts too: a request arriving between the fetch's end and this
             # caller's wake-up would otherwise start another one at once.
-            self._last_refetch = time.monotonic()
+            self._last_refetch = loop_time()
         elif self._key_waiters >= MAX_KEY_WAITERS:
             log.warning("key_fetch_waiters_full", waiting=self._key_waiters)
             raise KeysUnavailable("too many requests wait for the signing keys to be fetched")
@@ -446,7 +447,7 @@ class Authenticator:
             await self._refresh()
         finally:
             self._key_waiters -= 1
-            self._last_refetch = time.monotonic()
+            self._last_refetch = loop_time()
 
     async def _refresh(self) -> bool:
         """Fetch configuration and keys, joining a fetch already under way."""

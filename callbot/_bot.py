@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import signal
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -14,6 +13,7 @@ from aiohttp import web
 from . import events
 from ._affinity import DeploymentChooser, RegionAffinity
 from ._auth import Authenticator
+from ._clock import loop_time
 from ._config import Settings
 from ._dispatch import Dispatcher, ErrorHandler, HandlerRegistry, HandlerWatcher
 from ._gc import tune_for_serving
@@ -211,9 +211,9 @@ class _Runtime:
         self.receiver.draining = True
         log.info("draining", timeout=self.settings.shutdown_timeout)
         # One deadline for the whole drain, so the store's wait and the handlers' share it.
-        deadline = time.monotonic() + self.settings.shutdown_timeout
+        deadline = loop_time() + self.settings.shutdown_timeout
         await self.store.drain(self.settings.shutdown_timeout)
-        abandoned = await self.dispatcher.join(max(0.0, deadline - time.monotonic()))
+        abandoned = await self.dispatcher.join(max(0.0, deadline - loop_time()))
         for delivery in abandoned:
             log.error(
                 "notification_abandoned",

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Final
 
+from ._clock import loop_time
 from ._errors import CallEnded
 from ._ids import id_key, tenant_key
 from ._log import get_logger
@@ -389,7 +390,7 @@ class Lifecycle:
             elif tenant_id is not None:
                 tenant_id = tenant_key(tenant_id)
             life = self._lives[key] = CallLife(call_id, tenant_id=tenant_id)
-            self._pending.add(key, asyncio.get_running_loop().time(), tenant_id)
+            self._pending.add(key, loop_time(), tenant_id)
             self._schedule(self._pending_ttl, _FORGET_PENDING, life)
             while (let_go := self._pending.over(tenant_id)) is not None:
                 self._forget(let_go, "too_many_pending_calls")
@@ -444,7 +445,7 @@ class Lifecycle:
         if life is not None:
             self._pending.pop(key)  # past ringing, wherever it runs
         tenant = tenant_key(tenant_id) if tenant_id is not None else None
-        self._established_elsewhere.add(key, asyncio.get_running_loop().time(), tenant)
+        self._established_elsewhere.add(key, loop_time(), tenant)
         while (let_go := self._established_elsewhere.over(tenant)) is not None:
             self._established_elsewhere.pop(let_go)
         if self._established_waiters:
@@ -584,7 +585,7 @@ class Lifecycle:
 
     @staticmethod
     def _remember(memory: _ByTenant, key: str, tenant_id: str | None) -> None:
-        now = asyncio.get_running_loop().time()
+        now = loop_time()
         memory.add(key, now, tenant_id)
         memory.expire(now - ENDED_MEMORY)
         while (let_go := memory.over(tenant_id)) is not None:
@@ -596,7 +597,7 @@ class Lifecycle:
         kept = memory.get(key)
         if kept is None:
             return None
-        if kept[0] < asyncio.get_running_loop().time() - ENDED_MEMORY:
+        if kept[0] < loop_time() - ENDED_MEMORY:
             memory.pop(key)
             return None
         return kept

@@ -21,7 +21,6 @@ The body deadline is the receiver's (``body_timeout``), since only it reads bodi
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
@@ -30,6 +29,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
+from ._clock import loop_time
 from ._log import get_logger
 
 __all__ = ["ConnectionGuard"]
@@ -48,7 +48,7 @@ class _RateLimitedLog:
         self._skipped: Counter[str] = Counter()
 
     def warning(self, event: str, **fields: Any) -> None:
-        now = time.monotonic()
+        now = loop_time()
         if now - self._last.get(event, float("-inf")) < self._interval:
             self._skipped[event] += 1
             return
@@ -159,7 +159,7 @@ class ConnectionGuard:
 
     def _sweep_headers(self) -> None:
         self._sweep = None
-        now = time.monotonic()
+        now = loop_time()
         waiting = False
         for conn in list(self._open):
             since = conn.headers_since
@@ -218,7 +218,7 @@ class _Connection(RequestHandler):
     def data_received(self, data: bytes) -> None:
         if not self.busy and self.headers_since is None:
             # The first byte of a request starts its header deadline.
-            self.headers_since = time.monotonic()
+            self.headers_since = loop_time()
             self._guard._watch_headers()
         super().data_received(data)
 

@@ -82,6 +82,7 @@ def _origin(url: str) -> str:
 async def _wait_for_bot(bot: RemoteBot, stream: TextIO) -> bool:
     """Wait for the bot's /readyz; ``True`` once it is ready, or reachable long enough."""
     readyz = _origin(bot.url) + "/readyz"
+    # The real clock: the bot is another process, which no loop's simulated time moves.
     deadline = time.monotonic() + bot.wait
     reachable_since: float | None = None
     said = False

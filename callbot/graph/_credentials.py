@@ -26,6 +26,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from .._clock import loop_time
 from .._config import DEFAULT_AUTHORITY_URL
 from .._errors import ConfigurationError, GraphError
 from ._http import RetryPolicy, error_from, send
@@ -413,8 +414,7 @@ class TokenCache:
         task = self._inflight
         if task is None:
             failure = self._failure
-            # The loop's clock: monotonic, and one tests can move.
-            if failure is not None and asyncio.get_running_loop().time() < self._retry_at:
+            if failure is not None and loop_time() < self._retry_at:
                 return self._still_usable(failure)
             task = asyncio.ensure_future(self._fetch())
             task.add_done_callback(_consume)
@@ -468,7 +468,7 @@ class TokenCache:
         delay = min(self._max_backoff, self._backoff * 2.0 ** min(self._failures - 1, 32))
         self._failure = failure
         self._failure_tb = failure.__traceback__
-        self._retry_at = asyncio.get_running_loop().time() + delay
+        self._retry_at = loop_time() + delay
         fields: dict[str, Any] = {
             "scope": self.scope,
             "error": str(failure) or type(failure).__name__,

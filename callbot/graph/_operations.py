@@ -13,7 +13,6 @@ operation whose id Graph never named.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import Counter, OrderedDict
 from collections.abc import Generator, Mapping
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import structlog
 from pydantic import ValidationError
 
 from .. import models
+from .._clock import loop_time
 from .._errors import OperationFailed
 from .._ids import id_key
 from ..events import OperationUpdated
@@ -394,14 +394,12 @@ class OperationRegistry:
 
     @staticmethod
     def _outcome(event: OperationUpdated, status: str) -> _Outcome:
-        return _Outcome(
-            event.operation, status, event.result_info, time.monotonic(), event.operation_id
-        )
+        return _Outcome(event.operation, status, event.result_info, loop_time(), event.operation_id)
 
     def _remember(self, event: OperationUpdated, status: str) -> None:
         if not event.operation_id:
             return  # only the id can pair it with a response still to come
-        now = time.monotonic()
+        now = loop_time()
         while self._recent:
             oldest = next(iter(self._recent.values()))
             if now - oldest.at <= self._recent_ttl and len(self._recent) < self._recent_limit:

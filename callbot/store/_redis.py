@@ -1611,6 +1611,8 @@ class RedisStore:
 
     def _extend(self, state: _Owned, started: float) -> None:
         """A step of the run sent at ``started`` was accepted: its lease holds from then."""
+        # Leases are timed on the real clock (time.monotonic), not the loop's: Redis expires
+        # them in real time, whatever a test's simulated time says.
         state.deadline = max(state.deadline, started + self._lease_ms / 1000)
 
     def _lose(self, state: _Owned, why: str) -> None:

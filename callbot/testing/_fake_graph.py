@@ -38,6 +38,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from .._clock import loop_time
 from .._config import Settings
 from .._errors import CALL_NOT_FOUND
 from .._ids import id_key
@@ -169,6 +170,8 @@ class RecordedRequest:
     item_id: str | None = None
     """The participant, audio routing group, operation or recording id in the path."""
     at: float = 0.0
+    """When FakeGraph received it, on the event loop's clock (``loop.time()``: simulated
+    time in a test on looptime)."""
     version: str | None = None
     """The Graph version a Graph request named: ``v1.0`` or ``beta``."""
 
@@ -549,7 +552,7 @@ class FakeGraph(LocalServer):
             query=dict(request.query),
             call_id=call_id,
             item_id=item_id,
-            at=time.time(),
+            at=loop_time(),
             version=version,
         )
         self.requests.append(recorded)

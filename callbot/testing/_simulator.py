@@ -65,6 +65,7 @@ import aiohttp
 from aiohttp import web
 
 from .. import events, models
+from .._clock import loop_time
 from .._config import Settings
 from .._dtmf import TONE_OF_DIGIT, digit_of, tones_of
 from .._errors import MalformedNotification
@@ -193,7 +194,7 @@ class Traffic:
     answer), ``"request"`` (bot to Graph; ``status`` is Graph's answer),
     ``"caller"`` (what the scripted caller did) or ``"handler"`` (a handler of a
     bot served with :func:`run_with_simulator` ran). ``at`` is seconds since the
-    simulator started.
+    simulator started, on the event loop's clock (simulated time in a test on looptime).
     """
 
     kind: str
@@ -1274,7 +1275,7 @@ class _SimulatorCredential:
 
     async def get_token(self, *scopes: str) -> AccessToken:
         token = "simulator-" + uuid.uuid4().hex
-        expires = time.time() + self._graph.token_lifetime
+        expires = time.time() + self._graph.token_lifetime  # a token's expiry: the wall clock
         self._graph.tokens[token] = expires
         return AccessToken(token, int(expires))
 
@@ -1366,7 +1367,7 @@ class Simulator:
         # Other bots served in this process (serve()), by callback URL: other deployments.
         self._others: dict[str, CallBot] = {}
         self._session: aiohttp.ClientSession | None = None
-        self._started_at = time.monotonic()
+        self._started_at: float | None = None  # on the loop's clock, set by start()
         self._notifying = True
         self._elsewhere: _BotElsewhere | None = None
         # Calls notified about (key -> id), a test's own posts too: settled() waits for each.
@@ -1384,7 +1385,7 @@ class Simulator:
             await self.authority.close()
             raise
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
-        self._started_at = time.monotonic()
+        self._started_at = loop_time()
 
     async def stop_notifying(self) -> None:
         """Post nothing more (before the bot stops): pending notifications are dropped."""
@@ -1973,7 +1974,9 @@ class Simulator:
     # -- plumbing ------------------------------------------------------------------
 
     def _now(self) -> float:
-        return round(time.monotonic() - self._started_at, 3)
+        """Seconds since the simulator started, on the loop's clock (``Traffic.at``)."""
+        now = loop_time()
+        return round(now - (now if self._started_at is None else self._started_at), 3)
 
     def _handler_ran(self, name: str, event: events.Event, outcome: str) -> None:
         summary = f"{name.rsplit('.', 1)[-1]} ran on {type(event).__name__}"

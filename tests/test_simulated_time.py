@@ -1,0 +1,260 @@
+"""Simulated time (looptime): Graph's deadlines and the bot's own, in no real time.
+
+Each test runs on looptime's fast-forwarded clock: sleeps, timeouts and timers take no
+real time, and the loop's clock (``loop.time()``) says how much simulated time passed.
+The tests assert on that clock and on outcomes, never on the wall clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from callbot import AuthenticationError, Call, CallBot, CallEnded, events, models
+from callbot._auth import Authenticator
+from callbot._serving import ConnectionGuard
+from callbot.graph._operations import OperationRegistry
+from callbot.testing import TokenAuthority, builders, run_with_simulator
+
+from .conftest import APP_ID, FIXTURES
+from .test_graph_operations import event_from_item
+
+pytestmark = pytest.mark.looptime
+
+MENU = "https://cdn.contoso.com/menu.wav"
+
+
+def answering_bot(**options: Any) -> CallBot:
+    bot = CallBot(app_id=APP_ID, **options)
+
+    @bot.on_incoming_call
+    async def answer(call: Call, event: events.IncomingCall) -> None:
+        await call.answer()
+
+    return bot
+
+
+def ended_with(call_events: list[events.Event]) -> tuple[int | None, int | None]:
+    ended = next(e for e in call_events if isinstance(e, events.CallTerminated))
+    assert ended.result_info is not None
+    return ended.result_info.code, ended.result_info.subcode
+
+
+async def test_an_incoming_call_nobody_takes_ends_after_15_seconds() -> None:
+    """Graph ends an incoming call the bot does not answer, reject or redirect within 15 s
+    (408/1106): with the simulator's own deadline, in simulated seconds."""
+    bot = CallBot(app_id=APP_ID)
+    seen: list[events.Event] = []
+
+    @bot.on(events.CallTerminated)
+    async def ended(call: Call, event: events.CallTerminated) -> None:
+        seen.append(event)
+
+    loop = asyncio.get_running_loop()
+    async with run_with_simulator(bot) as sim:
+        started = loop.time()
+        call = await sim.incoming_call()
+        await call.wait_until_ended(timeout=60)
+        assert loop.time() - started == pytest.approx(15.0)
+        await call.settled()
+        terminated = [t for t in sim.traffic if t.summary.startswith("call terminated")]
+    assert ended_with(seen) == (408, 1106)
+    assert call.states == ["incoming", "terminated"]
+    # Traffic is timed on the same clock: the end came 15 s after the call was offered.
+    assert terminated[0].at - sim.traffic[0].at == pytest.approx(15.0)
+
+
+Collected = list[tuple[str | BaseException, float, float]]
+
+
+def digit_bot(collected: Collected, **collect: Any) -> CallBot:
+    """A bot that collects digits once the call is up, noting what it got, and when it
+    started and stopped collecting on the loop's clock."""
+    bot = answering_bot()
+
+    @bot.on_state("established")
+    async def collect_pin(call: Call, event: events.CallStateChanged) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            digits: str | BaseException = await call.collect_digits(MENU, **collect)
+        except CallEnded as exc:
+            digits = exc
+        collected.append((digits, started, loop.time()))
+
+    return bot
+
+
+async def test_collect_digits_returns_nothing_once_its_timeout_passed_in_silence() -> None:
+    """``collect_digits`` returns ``""`` ``timeout`` seconds after its prompt ended with no
+    key pressed (here a 4-second prompt and a 10-second timeout)."""
+    collected: Collected = []
+    bot = digit_bot(collected, max_digits=4, timeout=10)
+    async with run_with_simulator(bot, prompt_duration=4.0) as sim:
+        call = await sim.incoming_call()
+        await call.settled(timeout=60)
+        [(digits, started, stopped)] = collected
+        assert digits == ""
+        assert stopped - started == pytest.approx(14.0)
+        await call.hangup()
+        await call.settled()
+
+
+async def test_collect_digits_times_out_after_the_last_key() -> None:
+    """Keys pressed, then silence: the keys so far, ``timeout`` seconds after the last one."""
+    collected: Collected = []
+    bot = digit_bot(collected, max_digits=4, timeout=10)
+    loop = asyncio.get_running_loop()
+    async with run_with_simulator(bot, prompt_duration=4.0) as sim:
+        call = await sim.incoming_call()
+        await call.wait_for_request("playPrompt")
+        await asyncio.sleep(1.0)
+        await call.press("12")  # during the prompt, which stops
+        pressed = loop.time()
+        await call.settled(timeout=60)
+        [(digits, _, stopped)] = collected
+        assert digits == "12"
+        assert stopped - pressed == pytest.approx(10.0)
+        await call.hangup()
+        await call.settled()
+
+
+async def test_collect_digits_raises_call_ended_when_the_caller_hangs_up_in_silence() -> None:
+    collected: Collected = []
+    bot = digit_bot(collected, timeout=10)
+    async with run_with_simulator(bot, prompt_duration=4.0) as sim:
+        call = await sim.incoming_call()
+        await call.wait_for_request("playPrompt")
+        await asyncio.sleep(6.0)  # the prompt ended 2 s ago: 8 s of the timeout are left
+        await call.hangup()
+        await call.settled()
+    [(raised, started, stopped)] = collected
+    assert isinstance(raised, CallEnded)
+    assert stopped - started == pytest.approx(6.0)
+
+
+async def test_a_state_held_for_its_predecessor_is_released_when_the_window_closes() -> None:
+    """``established`` before ``establishing`` is held for the reorder window (1 s by
+    default), then handed to the handlers alone."""
+    bot = CallBot(app_id=APP_ID)
+    told: list[tuple[str, float]] = []
+    loop = asyncio.get_running_loop()
+
+    @bot.on_state(*models.CALL_STATES)
+    async def moved(call: Call, event: events.CallStateChanged | events.IncomingCall) -> None:
+        told.append((event.state, loop.time()))
+
+    async with run_with_simulator(bot) as sim:
+        call = await sim.incoming_call()
+        await call.settled()
+        await call.notify(builders.call_state(call.id, "established"))
+        held = loop.time()
+        await asyncio.sleep(0.999)
+        assert [state for state, _ in told] == ["incoming"]
+        await call.settled()
+        assert [state for state, _ in told] == ["incoming", "established"]
+        assert told[1][1] - held == pytest.approx(1.0)
+        await call.hangup()
+        await call.settled()
+
+
+async def test_a_handler_still_running_at_shutdown_is_given_the_shutdown_timeout() -> None:
+    """The shutdown deadline was read from the real clock while the wait ran on the loop's:
+    on simulated time, a stuck handler kept the bot stopping for hours of it."""
+    bot = answering_bot()
+    stuck = asyncio.Event()
+
+    @bot.on_state("established")
+    async def wait_for_ever(call: Call, event: events.CallStateChanged) -> None:
+        stuck.set()
+        await asyncio.Event().wait()
+
+    loop = asyncio.get_running_loop()
+    async with run_with_simulator(bot, shutdown_timeout=2.0) as sim:
+        await sim.incoming_call()
+        await stuck.wait()
+        running = bot._running()
+        started = loop.time()
+        await running.drain()
+        assert loop.time() - started == pytest.approx(2.0)
+        assert running.dispatcher.counts["abandoned"] == 1
+
+
+async def test_a_connection_whose_headers_never_end_is_closed_at_the_header_deadline() -> None:
+    """The header deadline was read from the real clock and checked by a loop timer: on
+    simulated time the connection was never closed."""
+    loop = asyncio.get_running_loop()
+    runner = web.AppRunner(web.Application(), access_log=None)
+    await runner.setup()
+    guard = ConnectionGuard(header_timeout=10.0, max_connections=8)
+    assert runner.server is not None
+    server = await loop.create_server(
+        guard.protocol_factory(runner.server, access_log=None), "127.0.0.1", 0
+    )
+    try:
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /api/calls HTTP/1.1\r\nHost: bot\r\nX-Padding: ")
+        await writer.drain()
+        started = loop.time()
+        async with asyncio.timeout(60):
+            with contextlib.suppress(ConnectionError):
+                while await reader.read(65536):
+                    pass
+        writer.close()
+        assert loop.time() - started == pytest.approx(10.0)
+        assert guard.closed["header_timeout"] == 1
+    finally:
+        server.close()
+        await runner.cleanup()
+
+
+async def test_an_unknown_key_is_fetched_again_once_the_cooldown_passed(
+    authority: TokenAuthority,
+) -> None:
+    """The refetch cooldown was timed on the real clock: on simulated time it never passed."""
+    auth = Authenticator(
+        app_id=APP_ID, openid_config_url=authority.openid_config_url, refetch_cooldown=30.0
+    )
+    await auth.start()
+    try:
+        fetched = authority.jwks_fetches
+
+        async def verify_an_unknown_kid() -> None:
+            token = authority.mint(audience=APP_ID, kid=secrets.token_hex(8))
+            with pytest.raises(AuthenticationError) as refused:
+                await auth.verify("Bearer " + token)
+            assert refused.value.reason == "unknown_key"
+
+        await verify_an_unknown_kid()
+        assert authority.jwks_fetches == fetched + 1
+        await verify_an_unknown_kid()  # within the cooldown: no fetch
+        assert authority.jwks_fetches == fetched + 1
+        await asyncio.sleep(30.0)
+        await verify_an_unknown_kid()
+        assert authority.jwks_fetches == fetched + 2
+    finally:
+        await auth.close()
+
+
+async def test_an_early_operation_outcome_is_kept_for_its_lifetime_of_loop_time() -> None:
+    """Outcomes that came before the response naming their operation are kept
+    ``recent_ttl`` seconds, on the loop's clock."""
+    registry = OperationRegistry(recent_ttl=60.0)
+    item = json.loads(
+        (FIXTURES / "notifications" / "31-call-playprompt-operation-completed.json").read_text()
+    )["value"][0]
+    calls = "/communications/calls/a1b2c3d4-0000-4000-8000-000000000001/operations/"
+    registry.on_event(event_from_item(dict(item, resourceUrl=calls + "first")))
+    await asyncio.sleep(59.0)
+    registry.on_event(event_from_item(dict(item, resourceUrl=calls + "second")))
+    assert [operation for _, operation in registry._recent] == ["first", "second"]
+    await asyncio.sleep(2.0)
+    registry.on_event(event_from_item(dict(item, resourceUrl=calls + "third")))
+    assert [operation for _, operation in registry._recent] == ["second", "third"]
