@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import secrets
 from typing import Any
@@ -68,6 +69,56 @@ async def test_an_incoming_call_nobody_takes_ends_after_15_seconds() -> None:
     assert call.states == ["incoming", "terminated"]
     # Traffic is timed on the same clock: the end came 15 s after the call was offered.
     assert terminated[0].at - sim.traffic[0].at == pytest.approx(15.0)
+
+
+async def test_keep_alives_keep_a_call_up_for_two_hours() -> None:
+    """A bot sending keep-alives (every 15 minutes, its default) keeps its call: eight in two
+    hours, 15 minutes apart on the loop's clock, and Graph never ends the call."""
+    bot = answering_bot()
+    async with run_with_simulator(bot, keep_alive=True) as sim:
+        call = await sim.incoming_call()
+        await call.wait_for_state("established")
+        await asyncio.sleep(2 * 60 * 60 + 60)
+        assert not call.ended
+        sent = [request.at for request in call.requests_for("keepAlive")]
+        assert len(sent) == 8
+        gaps = [later - earlier for earlier, later in itertools.pairwise(sent)]
+        assert gaps == pytest.approx([15 * 60.0] * 7)
+        await call.hangup()
+        await call.wait_until_ended()
+
+
+async def test_a_call_without_keep_alives_ends_after_45_minutes() -> None:
+    """Graph ends a call that had no keep-alive for 45 minutes (408/8537); the simulator kept
+    such a call up for ever."""
+    bot = answering_bot()
+    seen: list[events.Event] = []
+
+    @bot.on(events.CallTerminated)
+    async def ended(call: Call, event: events.CallTerminated) -> None:
+        seen.append(event)
+
+    loop = asyncio.get_running_loop()
+    async with run_with_simulator(bot) as sim:  # served with keep-alives off
+        call = await sim.incoming_call()
+        await call.wait_for_state("established")
+        established = loop.time()
+        await call.wait_until_ended(timeout=2 * 60 * 60)
+        assert loop.time() - established == pytest.approx(45 * 60.0)
+        await call.settled()
+        assert sim.graph.requests_for("keepAlive") == []
+    assert ended_with(seen) == (408, 8537)
+
+
+async def test_the_keep_alive_deadline_can_be_turned_off() -> None:
+    bot = answering_bot()
+    async with run_with_simulator(bot, keep_alive_deadline=None) as sim:
+        call = await sim.incoming_call()
+        await call.wait_for_state("established")
+        await asyncio.sleep(2 * 60 * 60)
+        assert not call.ended
+        await call.hangup()
+        await call.wait_until_ended()
 
 
 Collected = list[tuple[str | BaseException, float, float]]

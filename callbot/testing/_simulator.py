@@ -70,7 +70,7 @@ from .._config import Settings
 from .._dtmf import TONE_OF_DIGIT, digit_of, tones_of
 from .._errors import MalformedNotification
 from .._ids import id_key
-from .._lifecycle import Lifecycle
+from .._lifecycle import KEEP_ALIVE_LIMIT, Lifecycle
 from .._log import get_logger
 from .._parse import parse_payload
 from .._sequencing import Sequencer
@@ -444,6 +444,7 @@ class SimulatedCall:
         self._queue: asyncio.Queue[_Outgoing] = asyncio.Queue()
         self._unposted = 0  # notifications queued or being posted
         self._timers: set[asyncio.Task[None]] = set()
+        self._keep_alive_deadline: asyncio.Task[None] | None = None
         self._worker = asyncio.get_running_loop().create_task(
             self._run(), name=f"callbot-sim-call-{id_key(call_id)[:8]}"
         )
@@ -822,6 +823,7 @@ class SimulatedCall:
         entries.append(_Outgoing(items=[self._roster_item(list(self.roster.values()), "created")]))
         for entry in entries:
             self._queue_entry(entry)
+        self._expect_keep_alive()
 
     def _queue_entry(self, entry: _Outgoing) -> None:
         entry.delay += self._sim.step_delay + self.delivery.delay
@@ -876,7 +878,7 @@ class SimulatedCall:
         if self._media_playing == operation_id:
             self._play_next_media()
 
-    def _later(self, delay: float, action: Callable[[], object]) -> None:
+    def _later(self, delay: float, action: Callable[[], object]) -> asyncio.Task[None]:
         async def run() -> None:
             await asyncio.sleep(delay)
             if not self.ended:
@@ -885,6 +887,7 @@ class SimulatedCall:
         task = asyncio.get_running_loop().create_task(run())
         self._timers.add(task)
         task.add_done_callback(self._timers.discard)
+        return task
 
     def _missed(self) -> None:
         """Graph ends an incoming call the bot did not take in time (408/1106)."""
@@ -894,6 +897,38 @@ class SimulatedCall:
         self._enqueue(
             build.call_terminated(
                 self.id, code=408, subcode=1106, message="The call was not answered in time."
+            )
+        )
+
+    def _expect_keep_alive(self) -> None:
+        """Graph ends a call that goes ``keep_alive_deadline`` without a ``keepAlive``: counted
+        from when it connected, and again from each ``keepAlive``."""
+        deadline = self._sim.keep_alive_deadline
+        if deadline is None or self._ended_on_graph:
+            return
+        if self._keep_alive_deadline is not None:
+            self._keep_alive_deadline.cancel()
+        self._keep_alive_deadline = self._later(deadline, self._not_kept_alive)
+
+    def _not_kept_alive(self) -> None:
+        """Graph ends a call it had no keep-alive for in time (408/8537)."""
+        if self._ended_on_graph:
+            return
+        bot = self._sim._bot
+        log.warning(
+            "simulator_call_not_kept_alive",
+            call_id=self.id,
+            waited=self._sim.keep_alive_deadline,
+            **(
+                {"hint": "served with keep-alives off: run_with_simulator(bot, keep_alive=True)"}
+                if bot is not None and not bot.settings.keep_alive
+                else {}
+            ),
+        )
+        self._end_on_graph()
+        self._enqueue(
+            build.call_terminated(
+                self.id, code=408, subcode=8537, message="The call was not kept alive."
             )
         )
 
@@ -990,6 +1025,8 @@ class SimulatedCall:
         if action == "answer":
             self.delta_roster = _asks_for_delta_roster(body)
             self._established()
+        elif action == "keepAlive":
+            self._expect_keep_alive()
         elif action in ("reject", "redirect"):
             self._end_on_graph()
             # Graph says no more than that the call is gone (documents 17 and 21): no resultInfo.
@@ -1290,7 +1327,9 @@ class Simulator:
     long a recording lasts, ``transfer_duration`` how long a transfer target
     takes to pick up, ``step_delay`` the pause before each notification,
     ``answer_deadline`` how long an incoming call waits for the bot to answer,
-    reject or redirect it before Graph ends it with 408/1106 (all seconds).
+    reject or redirect it before Graph ends it with 408/1106, ``keep_alive_deadline``
+    how long a connected call goes without a ``keepAlive`` before Graph ends it with
+    408/8537 (all seconds, as Graph's by default, on the event loop's clock; ``None``: never).
     ``delivery`` posts notifications with Graph's quirks (out of order, twice,
     ``resource`` only, compact ids, late: :class:`DeliveryOptions`). With
     ``drive=False`` the simulator only answers requests and posts nothing by
@@ -1309,7 +1348,8 @@ class Simulator:
         prompt_duration: float = 0.05,
         record_duration: float = 0.05,
         transfer_duration: float = 0.02,
-        answer_deadline: float = 15.0,
+        answer_deadline: float | None = 15.0,
+        keep_alive_deadline: float | None = KEEP_ALIVE_LIMIT,
         step_delay: float = 0.0,
         delivery: DeliveryOptions | None = None,
         drive: bool = True,
@@ -1329,6 +1369,7 @@ class Simulator:
         self.record_duration = record_duration
         self.transfer_duration = transfer_duration
         self.answer_deadline = answer_deadline
+        self.keep_alive_deadline = keep_alive_deadline
         self.step_delay = step_delay
         self.delivery = delivery or DeliveryOptions()
         """How notifications arrive, for calls that do not say otherwise."""
@@ -1560,7 +1601,8 @@ class Simulator:
         )
         self.graph.add_call(call_id, **item["resourceData"])
         await call._send(item)
-        call._later(self.answer_deadline, call._missed)
+        if self.answer_deadline is not None:
+            call._later(self.answer_deadline, call._missed)
         return call
 
     async def meeting_call(self, *, call_id: str | None = None) -> SimulatedCall:
