@@ -282,3 +282,66 @@ def test_the_own_recording_was_written(tmp_path_factory):
     )
     result.assert_outcomes(passed=3)
     assert real.read_text() == ""
+
+
+MENU_BOT = """
+from callbot import CallBot
+
+bot = CallBot.from_env()
+
+
+@bot.on_incoming_call
+async def answer(call, event):
+    await call.answer()
+
+
+@bot.on_state("established")
+async def menu(call, event):
+    team = await call.menu("https://contoso.example/menu.wav", {"1": "sales"}, timeout=10)
+    if team is None:
+        await call.hangup()
+"""
+
+SIMULATED_TIME_TESTS = """
+import asyncio
+
+import pytest
+
+
+@pytest.fixture
+def callbot_simulator_options():
+    return {"prompt_duration": 2.0, "keep_alive": True}
+
+
+@pytest.mark.looptime
+async def test_the_menu_repeats_after_ten_silent_seconds(sim):
+    call = await sim.incoming_call()
+    await call.wait_until_ended(timeout=60)
+    offered = sim.traffic[0].at
+    assert 0.0 <= offered < 1.0  # the simulator started on the clock the test runs on
+    menus = [t.at - offered for t in sim.traffic if t.action == "playPrompt"]
+    assert menus == pytest.approx([0.0, 12.0, 24.0])
+
+
+@pytest.mark.looptime
+async def test_a_caller_who_chose_stays_on_the_line_for_two_hours(sim):
+    call = await sim.incoming_call()
+    await call.press("1")
+    await asyncio.sleep(2 * 60 * 60 + 60)
+    assert not call.ended
+    assert len(call.requests_for("keepAlive")) == 8
+    await call.hangup()
+"""
+
+
+def test_a_test_on_simulated_time_runs_the_simulator_and_the_bot_on_it(
+    pytester: pytest.Pytester,
+) -> None:
+    """looptime moves the clock for the test function only: the simulator and the bot,
+    started by the fixture before it, had their times on the real clock (the traffic's
+    times went negative) and their timers set on one clock fired on the other."""
+    pytester.makepyfile(mybot=MENU_BOT)
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(test_mybot=SIMULATED_TIME_TESTS)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-W", "error", timeout=120)
+    result.assert_outcomes(passed=2)

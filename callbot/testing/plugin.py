@@ -42,16 +42,23 @@ project needs no pytest configuration of its own: an ``async def`` test that
 uses ``sim`` (or ``callbot_simulator``) runs on asyncio without a mark, and
 pytest-asyncio's default fixture loop scope is set to ``function`` when the
 project leaves it unset.
+
+Simulated time: a test marked ``@pytest.mark.looptime`` (or every test, with
+``pytest --looptime``) runs on looptime's fast-forwarded clock, and so do the
+simulator and the bot of its ``sim`` fixture, from the fixture's setup to its
+teardown: a 10-second timeout or a 2-hour call passes in milliseconds.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import inspect
 import os
 import warnings
 from collections import Counter
-from collections.abc import AsyncIterator, Generator
+from collections.abc import AsyncIterator, Generator, Iterator
+from types import TracebackType
 from typing import Any
 
 import pytest
@@ -66,6 +73,7 @@ __all__ = [
     "callbot_strict",
     "pytest_configure",
     "pytest_pycollect_makeitem",
+    "pytest_pyfunc_call",
     "pytest_runtest_makereport",
     "sim",
 ]
@@ -77,7 +85,15 @@ except ImportError:  # the plugin loads in every pytest run; it must not break o
 else:
     HAVE_PYTEST_ASYNCIO = True
 
+try:
+    from looptime import LoopTimeEventLoop
+except ImportError:  # simulated time is optional (callbot[testing] brings looptime)
+    HAVE_LOOPTIME = False
+else:
+    HAVE_LOOPTIME = True
+
 _CALL_FAILED = pytest.StashKey[bool]()
+_SIMULATED_TIME = pytest.StashKey["_SimulatedTime"]()
 _SIMULATOR_FIXTURES = frozenset({"sim", "callbot_simulator"})
 _LOOP_SCOPE_OPTION = "asyncio_default_fixture_loop_scope"
 
@@ -119,6 +135,17 @@ def pytest_pycollect_makeitem(
         ):
             item.add_marker(pytest.mark.asyncio)
     return result
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Generator[None, object, object]:
+    """Around looptime's own wrapper: lend it the loop the ``sim`` fixture keeps on simulated
+    time, so that it puts the test function on that clock itself."""
+    clock = pyfuncitem.stash.get(_SIMULATED_TIME, None)
+    if clock is None:
+        return (yield)
+    with clock.lent():
+        return (yield)
 
 
 @pytest.hookimpl(wrapper=True)
@@ -181,6 +208,69 @@ def _problems(handled: Counter[str], sim: Simulator) -> list[str]:
     return problems
 
 
+def _looptime_options(item: pytest.Item) -> dict[str, Any] | None:
+    """The options looptime runs this test with, or ``None`` when it runs on the real clock.
+
+    looptime's own rule, which its plugin keeps private: its marks (the closest one last)
+    and ``--looptime`` / ``--no-looptime``.
+    """
+    flag = item.config.getoption("looptime", None)
+    marks = list(item.iter_markers("looptime"))
+    enabled = bool((marks or flag is True) and flag is not False)
+    options: dict[str, Any] = {}
+    for mark in reversed(marks):
+        options.update(mark.kwargs)
+        if mark.args:
+            enabled = bool(mark.args[0])
+    return options if enabled else None
+
+
+class _SimulatedTime:
+    """looptime's clock for the simulator's whole life, its setup and teardown included.
+
+    looptime fast-forwards the loop's clock only while the test function runs; the bot and
+    the simulator, started before it and stopped after it, would have their timers set on
+    one clock and fired on the other (every timer set in simulated time falls due at once
+    when the loop next turns on the real clock). With the test on simulated time, the loop
+    stays on it from the fixture's setup to its teardown: :func:`pytest_pyfunc_call` lends
+    it to looptime's own plugin for the test function, between two turns of the loop.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, item: pytest.Item) -> None:
+        self._loop: LoopTimeEventLoop | None = None
+        self._on: contextlib.AbstractContextManager[None] | None = None
+        options = _looptime_options(item) if HAVE_LOOPTIME else None
+        if options is None or not isinstance(loop, LoopTimeEventLoop) or loop.looptime_on:
+            return  # the real clock (or looptime is not patching pytest-asyncio's loops)
+        loop.setup_looptime(**options)
+        self._loop = loop
+
+    def __enter__(self) -> None:
+        if self._loop is not None:
+            self._on = self._loop.looptime_enabled()
+            self._on.__enter__()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None = None,
+        exc: BaseException | None = None,
+        tb: TracebackType | None = None,
+    ) -> None:
+        on, self._on = self._on, None
+        if on is not None:
+            on.__exit__(None, None, None)
+
+    @contextlib.contextmanager
+    def lent(self) -> Iterator[None]:
+        """For the test function: looptime's plugin puts the loop on the same clock itself
+        (and refuses a loop already on it)."""
+        self.__exit__()
+        try:
+            yield
+        finally:
+            self.__enter__()
+
+
 if HAVE_PYTEST_ASYNCIO:
 
     @pytest_asyncio.fixture
@@ -202,12 +292,18 @@ if HAVE_PYTEST_ASYNCIO:
         kept_out = recording is not None and recording == os.environ.get("CALLBOT_RECORD_PATH")
         if kept_out:
             callbot_bot.configure(record_path=None)
+        clock = _SimulatedTime(asyncio.get_running_loop(), request.node)
+        request.node.stash[_SIMULATED_TIME] = clock
         try:
-            async with run_with_simulator(callbot_bot, **callbot_simulator_options) as simulator:
-                # Read once the bot stopped: what its handlers did while it shut down counts.
-                handled = callbot_bot._running().dispatcher.counts
-                yield simulator
+            with clock:
+                async with run_with_simulator(
+                    callbot_bot, **callbot_simulator_options
+                ) as simulator:
+                    # Read once the bot stopped: what its handlers did while it shut down counts.
+                    handled = callbot_bot._running().dispatcher.counts
+                    yield simulator
         finally:
+            del request.node.stash[_SIMULATED_TIME]
             if kept_out:
                 with contextlib.suppress(RuntimeError):  # a bot still running keeps None
                     callbot_bot.configure(record_path=recording)
