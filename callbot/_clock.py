@@ -4,7 +4,7 @@
 deadline read from it agrees with the timer that enforces it; a test on simulated time
 (looptime) moves that clock, and every deadline moves with it. The few readings of the
 wall clock (token expiry, Graph's datetimes, log timestamps, metrics of real latency,
-leases Redis expires in real time) say where they are why they are.
+leases Redis expires in real time) each say why, where they are.
 """
 
 from __future__ import annotations
