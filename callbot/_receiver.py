@@ -199,7 +199,8 @@ class Receiver:
             return self._refuse(
                 400, "malformed", "unparseable", repr(exc), self._context(request, tenant_id)
             )
-        if self._redirect is not None:
+        # Only a new call's incoming call may be sent elsewhere: the usual request asks nothing.
+        if self._redirect is not None and isinstance(batch[0], events.IncomingCall):
             # After authentication: a stranger never learns where the other deployments are.
             location = self._redirect(batch)
             if location is not None:

@@ -371,12 +371,20 @@ class ResultInfo(GraphModel):
         if not isinstance(data, dict):
             return data
         moved = dict(data)
-        for names, text_key in ((("code",), "codeText"), (_SUBCODE_NAMES, "subcodeText")):
-            for key in wire_names(*names).choices:
-                value = moved.get(key)
-                if isinstance(value, str) and not value.strip().lstrip("+-").isdigit():
-                    moved[text_key] = moved.pop(key)
+        for key, text_key in _TEXT_KEYS:
+            value = moved.get(key)
+            if isinstance(value, str) and not value.strip().lstrip("+-").isdigit():
+                moved[text_key] = moved.pop(key)
         return moved
+
+
+# Where a code or subcode may be written, and where it goes when it is a name, not a number.
+_TEXT_KEYS: Final = tuple(
+    (key, text_key)
+    for names, text_key in ((("code",), "codeText"), (_SUBCODE_NAMES, "subcodeText"))
+    for key in wire_names(*names).choices
+    if isinstance(key, str)
+)
 
 
 class ToneInfo(GraphModel):
