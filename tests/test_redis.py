@@ -45,7 +45,7 @@ from callbot import (
 from callbot._ids import id_key
 from callbot._journal import Attempt
 from callbot._lifecycle import ENDED_MEMORY, Lifecycle
-from callbot.store import _codec, _redis
+from callbot.store import _codec, _redis, _scripts
 from callbot.store._redis import follow_primary
 from callbot.testing import DeliveryOptions, FakeGraph, TokenAuthority
 from callbot.testing import builders as b
@@ -2224,6 +2224,106 @@ async def test_an_instance_takes_on_no_more_calls_at_once_than_it_has_room_for(
         assert sorted(index for _, index in ran) == [0, 1]
         release.set()
         await wait_for(lambda: settled(rdb))
+    finally:
+        release.set()
+
+
+def paused_before(store: Any, script: Any, go: asyncio.Event, reached: asyncio.Event) -> None:
+    """Hold ``store``'s next round trip running ``script`` until ``go`` is set (``reached``
+    is set when it is held), as a slow Redis would."""
+    real = store._run_all
+
+    async def paused(commands: Any, **options: Any) -> Any:
+        if commands and commands[0][:2] == ("EVALSHA", script.sha):
+            store._run_all = real
+            reached.set()
+            await go.wait()
+        return await real(commands, **options)
+
+    store._run_all = paused
+
+
+async def test_an_instance_waiting_for_room_looks_again_once_a_round_trip_took_nothing(
+    authority: TokenAuthority, serve: Any, redis_url: str
+) -> None:
+    """A notification of a call another instance runs asks for its lease in the round trip,
+    which counts against the room meanwhile; an instance with no room left waits for a slot.
+    Taking nothing frees that room again: the instance, running nothing, claims a call a
+    full instance left runnable."""
+    release = asyncio.Event()
+    ran: list[tuple[str, int]] = []
+    bots = [make_bot(authority, store=redis_url, max_concurrent_handlers=1) for _ in range(2)]
+    for index, bot in enumerate(bots):
+
+        @bot.on_state("establishing")
+        async def work(call: Call, event: events.CallStateChanged, index: int = index) -> None:
+            ran.append((call.key, index))
+            await release.wait()  # holds the instance's one slot
+
+    first = await serve(bots[0])
+    second = await serve(bots[1])
+    store: Any = bots[0]._running().store
+    try:
+        assert (
+            await second.post(b.notifications(b.call_state("busy", "establishing")))
+        ).status == 202
+        await until(lambda: ran == [("busy", 1)])
+        go, held = asyncio.Event(), asyncio.Event()
+        paused_before(store, _scripts.INGEST, go, held)
+        post = asyncio.ensure_future(
+            first.post(b.notifications(b.call_state("busy", "established")))
+        )
+        await until(held.is_set)
+        await until(lambda: len(store._slot_freed._waiters) > 0, within=10)  # waits for room
+        go.set()
+        assert (await post).status == 202
+        assert not store._owned
+        # The second instance is full: a new call it accepts is runnable, for the first.
+        assert (
+            await second.post(b.notifications(b.call_state("late", "establishing")))
+        ).status == 202
+        await until(lambda: len(ran) == 2, within=10)
+        assert ran[1] == ("late", 0)
+    finally:
+        release.set()
+
+
+async def test_a_claim_under_way_counts_against_the_room(
+    authority: TokenAuthority, serve: Any, redis_url: str
+) -> None:
+    """Calls an instance is claiming count against its room until they are its own: a call
+    it accepts meanwhile is left runnable, not taken on past max_concurrent_handlers."""
+    release = asyncio.Event()
+    ran: list[tuple[str, int]] = []
+    bots = [make_bot(authority, store=redis_url, max_concurrent_handlers=1) for _ in range(2)]
+    for index, bot in enumerate(bots):
+
+        @bot.on_state("establishing")
+        async def work(call: Call, event: events.CallStateChanged, index: int = index) -> None:
+            ran.append((call.key, index))
+            await release.wait()  # holds the instance's one slot
+
+    first = await serve(bots[0])
+    second = await serve(bots[1])
+    store: Any = bots[0]._running().store
+    try:
+        assert (
+            await second.post(b.notifications(b.call_state("busy", "establishing")))
+        ).status == 202
+        await until(lambda: ran == [("busy", 1)])
+        go, claiming = asyncio.Event(), asyncio.Event()
+        paused_before(store, _scripts.CLAIM, go, claiming)
+        # The second instance is full: the call is runnable, and the first claims it.
+        assert (
+            await second.post(b.notifications(b.call_state("late", "establishing")))
+        ).status == 202
+        await until(claiming.is_set, within=10)
+        assert (
+            await first.post(b.notifications(b.call_state("new", "establishing")))
+        ).status == 202
+        go.set()
+        await until(lambda: "late" in store._owned, within=10)
+        assert sorted(store._owned) == ["late"]
     finally:
         release.set()
 

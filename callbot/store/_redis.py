@@ -736,7 +736,7 @@ class RedisStore:
         try:
             await self._accepted(batch, answers, follow_up, started)
         finally:
-            self._taking -= asked  # each call taken is owned by now
+            self._taken(asked)  # each call taken is owned by now
 
     async def _accepted(
         self,
@@ -778,14 +778,7 @@ class RedisStore:
                 # This instance runs the call: it need not parse the entry again.
                 self._parsed[call, entry] = event
             if who == 2:
-                self._begin(
-                    call,
-                    started,
-                    epoch=int(answer[3]),
-                    stored=_text(answer[4]),
-                    entries=_entries(answer[5]),
-                    fed=_text(answer[6]),
-                )
+                self._begin_taken(call, started, answer)
             else:
                 lease = _text(answer[4])
                 state = self._running.get(call)
@@ -856,7 +849,7 @@ class RedisStore:
             self._mark(False, exc)
             raise StoreUnavailable(f"the Redis store cannot keep a call's fact: {exc}") from exc
         finally:
-            self._taking -= take  # owned, if taken, once the answer below is acted on
+            self._taken(take)  # owned, if taken, once the answer below is acted on
         self._mark(True)
         who = int(answer[1])
         if who == 3:
@@ -864,14 +857,7 @@ class RedisStore:
             with contextlib.suppress(RedisError):  # else the reaper wakes it
                 await self._batch.run("ZADD", keys.runnable, "NX", score, call)
         elif who == 2:
-            self._begin(
-                call,
-                started,
-                epoch=int(answer[3]),
-                stored=_text(answer[4]),
-                entries=_entries(answer[5]),
-                fed=_text(answer[6]),
-            )
+            self._begin_taken(call, started, answer)
         elif who == 1:
             state = self._owned.get(call)
             if state is not None:
@@ -982,7 +968,7 @@ class RedisStore:
         try:
             scripts = await self._run_all(commands, then=index)
         except BaseException:
-            self._taking -= len(taking)
+            self._taken(len(taking))
             raise
         runnable: dict[str, int] = {}
         late: dict[str, None] = {}
@@ -1014,6 +1000,13 @@ class RedisStore:
         follow_up += broadcasts
         return list(zip(scripts, texts, calls, strict=True)), follow_up, len(taking)
 
+    def _taken(self, count: int) -> None:
+        """``count`` calls asked for are owned now, or were not taken: they no longer count
+        against the room as asked for."""
+        if count:
+            self._taking -= count
+            self._slot_freed.set()  # a claim loop waiting for room looks again
+
     def _free_slots(self) -> int:
         """How many more calls this instance may take on now (none while draining): calls
         asked for by an ingest still awaiting Redis count as taken."""
@@ -1035,6 +1028,7 @@ class RedisStore:
                 self._slot_freed.clear()
                 await self._slot_freed.wait()
                 continue
+            reserved = 0
             try:
                 # Returns at once while calls wait; then take more of them in the same step.
                 popped = await self._blocking.bzpopmin(keys.runnable, timeout=_BLOCK_SECONDS)
@@ -1047,11 +1041,12 @@ class RedisStore:
                 if free <= 0:
                     await self._batch.run("ZADD", keys.runnable, "NX", popped[2], popped[1])
                     continue
+                # Counted against the room until owned, as an ingest's are: none taken twice.
+                reserved = min(free, _CLAIM_BATCH)
+                self._taking += reserved
                 calls = [_text(popped[1])]
-                if free > 1:
-                    more = await self._batch.run(
-                        "ZPOPMIN", keys.runnable, min(free, _CLAIM_BATCH) - 1
-                    )
+                if reserved > 1:
+                    more = await self._batch.run("ZPOPMIN", keys.runnable, reserved - 1)
                     calls += _members(more)
                 answers = await self._run_all(
                     [
@@ -1076,6 +1071,9 @@ class RedisStore:
                 log.exception("store_claim_failed")
                 await asyncio.sleep(_RETRY_PAUSE)
                 continue
+            finally:
+                # Nothing awaits between this and the runs begun below.
+                self._taken(reserved)
             pause = _RETRY_PAUSE
             self._mark(True)
             for call, answer in zip(calls, answers, strict=True):
@@ -1088,6 +1086,18 @@ class RedisStore:
                         entries=_entries(answer[2]),
                         fed=_text(answer[3]),
                     )
+
+    def _begin_taken(self, call: str, started: float, answer: Any) -> None:
+        """Run a call the INGEST script gave this instance (its answer: fresh, who, entry,
+        then what the acquisition read)."""
+        self._begin(
+            call,
+            started,
+            epoch=int(answer[3]),
+            stored=_text(answer[4]),
+            entries=_entries(answer[5]),
+            fed=_text(answer[6]),
+        )
 
     def _begin(
         self,
