@@ -44,7 +44,8 @@ _UTF8 = frozenset({"utf-8", "utf8"})
 def as_utf8(body: bytes, charset: str) -> bytes:
     """``body`` in UTF-8: as it is when it is UTF-8 already (a mislabelled body, or plain
     ASCII), else decoded as ``charset`` says (``LookupError`` for a charset Python does not
-    know; bytes that charset cannot read become U+FFFD, and the JSON check decides)."""
+    know, ``UnicodeError`` for a codec that refuses to replace what it cannot read; bytes
+    a charset cannot read become U+FFFD otherwise, and the JSON check decides)."""
     try:
         body.decode("utf-8")
     except UnicodeDecodeError:
@@ -162,7 +163,8 @@ class Receiver:
             # Graph has labelled bodies Windows-1252: one that is not UTF-8 is read as labelled.
             try:
                 body = as_utf8(body, charset)
-            except LookupError:
+            except (LookupError, UnicodeError):
+                # Unknown, or a codec that is no text encoding (idna refuses what it cannot read).
                 return self._refuse(
                     415,
                     "malformed",
