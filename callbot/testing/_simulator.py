@@ -1823,6 +1823,21 @@ class Simulator:
         status = 0
         reason: str | None = None
         attempt = hops = 0
+
+        def delivered(posted_to: str, **outcome: Any) -> Traffic:
+            """The traffic entry of this notification's delivery to ``posted_to``."""
+            return Traffic(
+                kind="notification",
+                at=self._now(),
+                call_id=call_id,
+                summary=describe_notification(body),
+                status=status,
+                body=body,
+                sent_by_post=True if by_post else None,
+                url=posted_to,
+                **outcome,
+            )
+
         while True:
             headers = {
                 "Authorization": "Bearer " + self.token(tenant_id=tenant_id or self.tenant_id),
@@ -1846,19 +1861,7 @@ class Simulator:
                 log.warning("simulator_post_failed", url=url, error=repr(exc))
             if status == 302 and location and hops < MAX_REDIRECTS and self._notifying:
                 moved_to = urljoin(url, location)
-                self._record(
-                    Traffic(
-                        kind="notification",
-                        at=self._now(),
-                        call_id=call_id,
-                        summary=describe_notification(body),
-                        status=status,
-                        body=body,
-                        sent_by_post=True if by_post else None,
-                        url=url,
-                        redirected_to=moved_to,
-                    )
-                )
+                self._record(delivered(url, redirected_to=moved_to))
                 self._move_calls(body, moved_to)
                 url, hops, attempt = moved_to, hops + 1, 0
                 continue
@@ -1867,19 +1870,7 @@ class Simulator:
                 break
             attempt += 1
             await asyncio.sleep(retry_after)
-        self._record(
-            Traffic(
-                kind="notification",
-                at=self._now(),
-                call_id=call_id,
-                summary=describe_notification(body),
-                status=status,
-                body=body,
-                sent_by_post=True if by_post else None,
-                reason=reason,
-                url=url,
-            )
-        )
+        self._record(delivered(url, reason=reason))
         if self._notifying and status in (200, 202) and not self._reaches_bot(url):
             if self._elsewhere is None:
                 self._elsewhere = _BotElsewhere(self._told)
