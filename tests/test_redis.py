@@ -2143,6 +2143,24 @@ async def is_runnable(rdb: Any, call: str) -> bool:
     return await rdb.zscore(KEY_PREFIX + "runnable", call) is not None
 
 
+def one_slot_each(
+    authority: TokenAuthority, redis_url: str
+) -> tuple[list[CallBot], list[tuple[str, int]], asyncio.Event]:
+    """Two instances with one handler slot each, whose ``establishing`` handler notes
+    (call, instance) and holds its slot until the event returned is set."""
+    release = asyncio.Event()
+    ran: list[tuple[str, int]] = []
+    bots = [make_bot(authority, store=redis_url, max_concurrent_handlers=1) for _ in range(2)]
+    for index, bot in enumerate(bots):
+
+        @bot.on_state("establishing")
+        async def work(call: Call, event: events.CallStateChanged, index: int = index) -> None:
+            ran.append((call.key, index))
+            await release.wait()  # holds the instance's one slot
+
+    return bots, ran, release
+
+
 async def test_an_instance_that_filled_up_while_waiting_for_a_call_leaves_it_to_one_with_room(
     authority: TokenAuthority,
     serve: Any,
@@ -2155,15 +2173,7 @@ async def test_an_instance_that_filled_up_while_waiting_for_a_call_leaves_it_to_
     handlers waited there for the busy handler while another instance had room. It is left
     for that instance now; and with every instance full, a runnable call runs once a slot
     frees."""
-    release = asyncio.Event()
-    ran: list[tuple[str, int]] = []
-    bots = [make_bot(authority, store=redis_url, max_concurrent_handlers=1) for _ in range(2)]
-    for index, bot in enumerate(bots):
-
-        @bot.on_state("establishing")
-        async def work(call: Call, event: events.CallStateChanged, index: int = index) -> None:
-            ran.append((call.key, index))
-            await release.wait()  # holds the instance's one slot
+    bots, ran, release = one_slot_each(authority, redis_url)
 
     first = await serve(bots[0])
     store: Any = bots[0]._running().store
@@ -2201,15 +2211,7 @@ async def test_an_instance_takes_on_no_more_calls_at_once_than_it_has_room_for(
     """Calls accepted together (one request naming two new calls, or two requests at once)
     are taken on only as far as the instance has room: with one slot, the second call is
     left runnable for an instance with room, and runs there at once."""
-    release = asyncio.Event()
-    ran: list[tuple[str, int]] = []
-    bots = [make_bot(authority, store=redis_url, max_concurrent_handlers=1) for _ in range(2)]
-    for index, bot in enumerate(bots):
-
-        @bot.on_state("establishing")
-        async def work(call: Call, event: events.CallStateChanged, index: int = index) -> None:
-            ran.append((call.key, index))
-            await release.wait()  # holds the instance's one slot
+    bots, ran, release = one_slot_each(authority, redis_url)
 
     first = await serve(bots[0])
     await serve(bots[1])
@@ -2250,15 +2252,7 @@ async def test_an_instance_waiting_for_room_looks_again_once_a_round_trip_took_n
     which counts against the room meanwhile; an instance with no room left waits for a slot.
     Taking nothing frees that room again: the instance, running nothing, claims a call a
     full instance left runnable."""
-    release = asyncio.Event()
-    ran: list[tuple[str, int]] = []
-    bots = [make_bot(authority, store=redis_url, max_concurrent_handlers=1) for _ in range(2)]
-    for index, bot in enumerate(bots):
-
-        @bot.on_state("establishing")
-        async def work(call: Call, event: events.CallStateChanged, index: int = index) -> None:
-            ran.append((call.key, index))
-            await release.wait()  # holds the instance's one slot
+    bots, ran, release = one_slot_each(authority, redis_url)
 
     first = await serve(bots[0])
     second = await serve(bots[1])
@@ -2293,15 +2287,7 @@ async def test_a_claim_under_way_counts_against_the_room(
 ) -> None:
     """Calls an instance is claiming count against its room until they are its own: a call
     it accepts meanwhile is left runnable, not taken on past max_concurrent_handlers."""
-    release = asyncio.Event()
-    ran: list[tuple[str, int]] = []
-    bots = [make_bot(authority, store=redis_url, max_concurrent_handlers=1) for _ in range(2)]
-    for index, bot in enumerate(bots):
-
-        @bot.on_state("establishing")
-        async def work(call: Call, event: events.CallStateChanged, index: int = index) -> None:
-            ran.append((call.key, index))
-            await release.wait()  # holds the instance's one slot
+    bots, ran, release = one_slot_each(authority, redis_url)
 
     first = await serve(bots[0])
     second = await serve(bots[1])
