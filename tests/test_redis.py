@@ -2230,6 +2230,17 @@ async def test_an_instance_takes_on_no_more_calls_at_once_than_it_has_room_for(
         release.set()
 
 
+async def second_full(
+    serve: Any, bots: list[CallBot], ran: list[tuple[str, int]]
+) -> tuple[BotServer, BotServer]:
+    """Serve both instances of :func:`one_slot_each`; the second's slot taken by a call."""
+    first = await serve(bots[0])
+    second = await serve(bots[1])
+    assert (await second.post(b.notifications(b.call_state("busy", "establishing")))).status == 202
+    await until(lambda: ran == [("busy", 1)])
+    return first, second
+
+
 def paused_before(store: Any, script: Any, go: asyncio.Event, reached: asyncio.Event) -> None:
     """Hold ``store``'s next round trip running ``script`` until ``go`` is set (``reached``
     is set when it is held), as a slow Redis would."""
@@ -2253,15 +2264,9 @@ async def test_an_instance_waiting_for_room_looks_again_once_a_round_trip_took_n
     Taking nothing frees that room again: the instance, running nothing, claims a call a
     full instance left runnable."""
     bots, ran, release = one_slot_each(authority, redis_url)
-
-    first = await serve(bots[0])
-    second = await serve(bots[1])
-    store: Any = bots[0]._running().store
     try:
-        assert (
-            await second.post(b.notifications(b.call_state("busy", "establishing")))
-        ).status == 202
-        await until(lambda: ran == [("busy", 1)])
+        first, second = await second_full(serve, bots, ran)
+        store: Any = bots[0]._running().store
         go, held = asyncio.Event(), asyncio.Event()
         paused_before(store, _scripts.INGEST, go, held)
         post = asyncio.ensure_future(
@@ -2288,15 +2293,9 @@ async def test_a_claim_under_way_counts_against_the_room(
     """Calls an instance is claiming count against its room until they are its own: a call
     it accepts meanwhile is left runnable, not taken on past max_concurrent_handlers."""
     bots, ran, release = one_slot_each(authority, redis_url)
-
-    first = await serve(bots[0])
-    second = await serve(bots[1])
-    store: Any = bots[0]._running().store
     try:
-        assert (
-            await second.post(b.notifications(b.call_state("busy", "establishing")))
-        ).status == 202
-        await until(lambda: ran == [("busy", 1)])
+        first, second = await second_full(serve, bots, ran)
+        store: Any = bots[0]._running().store
         go, claiming = asyncio.Event(), asyncio.Event()
         paused_before(store, _scripts.CLAIM, go, claiming)
         # The second instance is full: the call is runnable, and the first claims it.
