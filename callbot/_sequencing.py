@@ -59,6 +59,7 @@ __all__ = [
     "Placed",
     "Sequencer",
     "TransferAsked",
+    "TransferRefused",
     "digest_decides",
     "notification_digest",
     "phase_of",
@@ -271,7 +272,15 @@ class TransferAsked:
     call_id: str
 
 
-OwnFact = Placed | TransferAsked
+@dataclass(frozen=True, slots=True)
+class TransferRefused:
+    """Graph refused the transfer the bot asked last (a 4xx answer): no news of it will
+    come, and a copy of the call's last failure is not that transfer's."""
+
+    call_id: str
+
+
+OwnFact = Placed | TransferAsked | TransferRefused
 """What the bot itself knows of a call and no notification of it says. A store puts it in
 line with the call's notifications (:meth:`Sequencer.note`), so that it counts for what is
 accepted after it, on whichever process runs the call."""
@@ -557,8 +566,19 @@ class Sequencer:
         if isinstance(fact, TransferAsked):
             # The call's life keeps the count; the call's record stores it for the next run.
             self.lifecycle.transfer_asked(fact.call_id)
+        elif isinstance(fact, TransferRefused):
+            self._transfer_refused(fact.call_id)
         else:
             self.placed(fact.call_id, fact.my_participant_id)
+
+    def _transfer_refused(self, call_id: str) -> None:
+        record = self._records.get(id_key(call_id))
+        if record is None:
+            return  # nothing of the call is kept here: nothing waits for the transfer
+        # Told, as if its news had come: a failure now is news only of a transfer asked later.
+        record.transfers_told = record.transferring_told = record.life.transfers
+        if record.held:
+            self._release_ready(record)  # a failure held for its transferring goes now
 
     def placed(self, call_id: str, my_participant_id: str) -> None:
         """Graph's answer to the request that placed the call named the bot's own participant

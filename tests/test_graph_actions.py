@@ -18,7 +18,9 @@ from typing import Any
 
 import pytest
 
-from callbot import GraphError, models
+from callbot import GraphError, events, models
+from callbot._journal import Attempt, _current
+from callbot._sequencing import OwnFact, TransferAsked, TransferRefused
 from callbot.graph import Call, CallServices, RetryPolicy, Target, media_info, media_prompt
 from callbot.testing import FakeGraph
 
@@ -592,3 +594,52 @@ async def test_the_fake_graph_acts_only_on_someone_in_the_call(
     assert refused.value.status == 404
     assert refused.value.code == "NotFound"
     await act(call, PARTICIPANT_ID.upper())  # someone in the call, in any form of the id
+
+
+class _FirstRun:
+    """A shared store's journal: what a handler's first run recorded, for its re-run."""
+
+    def __init__(self) -> None:
+        self.recorded: dict[int, dict[str, Any]] = {}
+
+    async def admits(self, attempt: Attempt) -> bool:
+        return True
+
+    async def recall(self, attempt: Attempt, step: int) -> dict[str, Any] | None:
+        return self.recorded.get(step)
+
+    async def record(self, attempt: Attempt, step: int, outcome: dict[str, Any]) -> None:
+        self.recorded[step] = outcome
+
+    async def tones_after(self, attempt: Attempt) -> list[events.ToneReceived]:
+        return []
+
+
+async def test_a_transfer_is_counted_only_when_it_is_sent(
+    graph: FakeGraph, services: CallServices
+) -> None:
+    """A handler run again after a takeover asks its transfer again: the journal answers
+    from the first run, which sent and counted it. The re-run counted it a second time, so
+    a copy of that transfer's failure reached handlers as news. A transfer is counted only
+    when it goes to Graph; one Graph refuses (a 4xx) is settled, so nothing waits for it."""
+    noted: list[OwnFact] = []
+
+    async def note(fact: OwnFact) -> None:
+        noted.append(fact)
+
+    services.note_with(note)
+    journal = _FirstRun()
+    agent = Target.user("agent-id", "Agent")
+    for redelivered in (False, True):
+        token = _current.set(Attempt("c", "1-0", 1, redelivered, journal=journal))
+        try:
+            await services.call(CALL_ID).transfer(agent)
+        finally:
+            _current.reset(token)
+    assert len(graph.requests_for("transfer")) == 1  # the re-run is answered from the journal
+    assert noted == [TransferAsked(CALL_ID)]
+
+    graph.fail_next("transfer", 400)
+    with pytest.raises(GraphError):
+        await services.call(CALL_ID).transfer(agent)
+    assert noted[1:] == [TransferAsked(CALL_ID), TransferRefused(CALL_ID)]

@@ -20,6 +20,7 @@ from callbot._sequencing import (
     Placed,
     Sequencer,
     TransferAsked,
+    TransferRefused,
     notification_digest,
 )
 from callbot.graph import CallServices
@@ -142,13 +143,13 @@ def test_an_entry_is_the_notification_as_received() -> None:
 
 def test_what_the_bot_knows_of_a_call_is_kept_apart_from_notifications() -> None:
     """The bot's own facts about a call (Graph's answer naming its participant in a call it
-    placed, a transfer asked) go into the call's inbox beside its notifications, each as one
-    tagged object, and are never taken for one; an instance of an earlier release, reading
-    every entry as a notification, refuses them (and logs and skips them) rather than
-    misreading them."""
-    for fact in (Placed("c-1", "me-1"), TransferAsked("c-1")):
+    placed, a transfer asked or refused) go into the call's inbox beside its notifications,
+    each as one tagged object, and are never taken for one; an instance of an earlier
+    release, reading every entry as a notification, refuses them (and logs and skips them)
+    rather than misreading them."""
+    for fact in (Placed("c-1", "me-1"), TransferAsked("c-1"), TransferRefused("c-1")):
         text = encode_fact(fact)
-        assert json.loads(text)["fact"] in ("placed", "transferAsked")
+        assert json.loads(text)["fact"] in ("placed", "transferAsked", "transferRefused")
         assert decode_fact(text) == fact
         with pytest.raises(MalformedNotification):
             decode_entry(text)

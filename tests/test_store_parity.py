@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from callbot import Call, CallBot, Target, current_attempt, events, models
+from callbot import Call, CallBot, GraphError, Target, current_attempt, events, models
 from callbot._ids import id_key
 from callbot._lifecycle import ENDED_MEMORY
 from callbot._sequencing import roster_key
@@ -740,6 +740,57 @@ async def test_a_transfer_failure_arriving_before_its_transferring(parity: Any) 
             ("CallStateChanged", "transferring", "established", "transferring"),
             ("CallStateChanged", "established", "transferring", "established"),
             ("CallTerminated", "terminated", "established", "terminated"),
+        ], group.name
+
+
+async def test_a_transfer_graph_refuses_waits_for_no_news(parity: Any) -> None:
+    """A transfer failed (documents 24 and 27), and the bot asked it again: Graph refused
+    the request (400). No news of that transfer can come, yet it stayed counted: a copy of
+    the first failure was held for the refused transfer's ``transferring``, then told as
+    its failure. In every store the refusal settles the transfer: the copy is a repeat."""
+    transferring, failed = (
+        normalized_json(load_notification_text(name))["value"][0]
+        for name in (
+            "24-call-transfer-transferring.json",
+            "27-call-transfer-transfer-failed-7000.json",
+        )
+    )
+    call = call_of(transferring)
+    refusals: list[int] = []
+    async with FakeGraph() as graph:
+        graph.add_call(call)
+        groups: Parity = await parity(
+            graph_url=graph.graph_url,
+            authority_url=graph.authority_url,
+            app_secret="fake-graph-secret",
+        )
+        for group in groups.groups:
+            for bot in group.bots:
+
+                @bot.on_state("established")
+                async def transfer(call: Call, event: events.CallStateChanged) -> None:
+                    try:
+                        await call.transfer(Target.user("agent-id", "Agent"))
+                    except GraphError as exc:
+                        refusals.append(exc.status)
+
+        await groups.run(
+            [post(b.call_state(call, "establishing")), post(b.call_state(call, "established"))]
+        )
+        assert len(graph.requests_for("transfer")) == len(groups.groups)  # each group asked
+        graph.fail_next("transfer", 400, times=len(groups.groups))
+        await groups.run([post(transferring), post(failed)])
+        assert refusals == [400] * len(groups.groups)  # each group asked again, refused
+        await groups.run([post(failed), post(ending_of(call))])
+    groups.check()
+    for group in groups.groups:
+        seen = [(entry["type"], entry.get("state")) for entry in group.seen[id_key(call)]]
+        assert seen == [
+            ("CallStateChanged", "establishing"),
+            ("CallStateChanged", "established"),
+            ("CallStateChanged", "transferring"),
+            ("CallStateChanged", "established"),
+            ("CallTerminated", "terminated"),
         ], group.name
 
 

@@ -57,6 +57,7 @@ class CallServices(Protocol):
     @property
     def tones(self) -> _digits.ToneRouter: ...
     async def transfer_asked(self, call_id: str) -> None: ...
+    async def transfer_refused(self, call_id: str) -> None: ...
     async def until_established(self, call_id: str, timeout: float | None) -> None: ...
 
 
@@ -150,6 +151,12 @@ async def _download_to_file(
 def scenario_of(call_id: str) -> str:
     """The ``scenario-id`` of a call the bot did not place: the same in every process."""
     return str(uuid.uuid5(uuid.NAMESPACE_URL, "callbot:call:" + id_key(call_id)))
+
+
+def _refused(exc: GraphError) -> bool:
+    """Whether Graph answered that it did not act on the request: a 4xx (but a 408, which
+    says only that Graph gave up waiting for it)."""
+    return 400 <= exc.status < 500 and exc.status != 408
 
 
 class Roster(Mapping[str, models.Participant]):
@@ -280,8 +287,10 @@ class Call:
         *,
         repeatable: bool | None = None,
         item: bool = False,
+        before_send: Callable[[], Awaitable[None]] | None = None,
     ) -> GraphResponse:
-        """``item``: ``subpath`` names one participant, operation or group of the call."""
+        """``item``: ``subpath`` names one participant, operation or group of the call;
+        ``before_send``: see :meth:`GraphClient.request`."""
         try:
             return await self._services.graph.request(
                 method,
@@ -290,6 +299,7 @@ class Call:
                 scenario_id=self.scenario_id,
                 call_id=self.id,
                 repeatable=repeatable,
+                before_send=before_send,
             )
         except GraphError as exc:
             # Graph no longer knows the call: it ended (usually the caller hung up). About one
@@ -435,6 +445,8 @@ class Call:
         as the last one is then news); with the Redis store, in the call's inbox, for
         whichever instance runs the call. When Redis cannot take it, this raises
         :class:`~callbot.StoreUnavailable` and nothing is sent: no transfer was asked.
+        When Graph refuses the request (a 4xx answer, raised as
+        :class:`~callbot.GraphError`), the transfer is settled: nothing waits for its news.
         """
         body: dict[str, Any] = {"transferTarget": invitation_json(target)}
         if replaces_call_id is not None:
@@ -443,9 +455,22 @@ class Call:
             body["transferee"] = participant_info_json(transferee)
         if client_context is not None:
             body["clientContext"] = client_context
-        # Counted before it is sent: Graph may post its failure before answering the request.
-        await self._services.transfer_asked(self.id)
-        await self._request("POST", "/transfer", body)
+        asked = False
+
+        async def count() -> None:
+            # Counted before it is sent: Graph may post its failure before answering it. Not
+            # when a re-run handler is answered from the journal: its first run counted it.
+            nonlocal asked
+            await self._services.transfer_asked(self.id)
+            asked = True
+
+        try:
+            await self._request("POST", "/transfer", body, before_send=count)
+        except GraphError as exc:
+            if asked and _refused(exc):
+                # Graph refused the request: no news of this transfer will come.
+                await self._services.transfer_refused(self.id)
+            raise
 
     async def hangup(self) -> None:
         """Hang up: the bot leaves (``DELETE`` the call)."""

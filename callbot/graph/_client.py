@@ -243,11 +243,14 @@ class GraphClient:
         call_id: str | None = None,
         headers: Mapping[str, str] | None = None,
         repeatable: bool | None = None,
+        before_send: Callable[[], Awaitable[None]] | None = None,
     ) -> GraphResponse:
         """Send a request to Graph; returns the response or raises ``GraphError``.
 
         ``repeatable`` says whether the request may be sent again after a failure
         that could have happened once Graph had it (default: the method is idempotent).
+        ``before_send`` is awaited right before the request goes out: not for a request
+        refused here, nor for one a re-run handler is answered from the journal.
         """
         url = self.url(path)
         fields: dict[str, Any] = {"scenario_id": scenario_id}
@@ -272,6 +275,8 @@ class GraphClient:
             if recorded is not None:
                 log.info("graph_action_replayed", method=method, url=url, call_id=call_id)
                 return _replayed(recorded)
+        if before_send is not None:
+            await before_send()
 
         sent: list[str] = []
 

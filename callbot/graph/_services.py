@@ -21,7 +21,7 @@ from .._config import Settings
 from .._errors import GraphError, StoreUnavailable
 from .._ids import id_key
 from .._lifecycle import CallLife, KeepAliveResult
-from .._sequencing import OwnFact, Placed, TransferAsked
+from .._sequencing import OwnFact, Placed, TransferAsked, TransferRefused
 from ..events import OperationUpdated, ToneReceived
 from ._call import (
     Call,
@@ -160,6 +160,17 @@ class CallServices:
             await self._note(TransferAsked(call_id))
         elif self._lifecycle is not None:
             self._lifecycle.transfer_asked(call_id)
+
+    async def transfer_refused(self, call_id: str) -> None:
+        """Graph refused the transfer just asked: no news of it will come, so the call's run
+        stops waiting for it (a failure of the call now is not that transfer's). Logged, not
+        raised, when the store cannot take it: then its wait ends with the window."""
+        if self._note is None:
+            return  # no run of the call waits for its news: nothing to settle
+        try:
+            await self._note(TransferRefused(call_id))
+        except StoreUnavailable as exc:
+            log.warning("transfer_refusal_not_kept", call_id=call_id, error=str(exc))
 
     async def until_established(self, call_id: str, timeout: float | None) -> None:
         """See :meth:`Call.wait_until_established` (the lifecycle knows the call's states)."""

@@ -33,6 +33,7 @@ from .._sequencing import (
     OwnFact,
     Placed,
     TransferAsked,
+    TransferRefused,
     notification_digest,
     roster_key,
 )
@@ -106,8 +107,10 @@ def encode_fact(fact: OwnFact) -> str:
     body: dict[str, Any]
     if isinstance(fact, Placed):
         body = {"fact": "placed", "callId": fact.call_id, "myParticipantId": fact.my_participant_id}
-    else:
+    elif isinstance(fact, TransferAsked):
         body = {"fact": "transferAsked", "callId": fact.call_id}
+    else:
+        body = {"fact": "transferRefused", "callId": fact.call_id}
     return _dumps(body)
 
 
@@ -121,6 +124,8 @@ def decode_fact(text: str) -> OwnFact | None:
             return Placed(call_id, str(body["myParticipantId"]))
         if kind == "transferAsked":
             return TransferAsked(call_id)
+        if kind == "transferRefused":
+            return TransferRefused(call_id)
         raise ValueError(f"an inbox fact of a kind this version does not know: {kind!r}")
     if text.startswith(_PLACED_UNTAGGED):
         placed = json.loads(text)["placed"]
