@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["DIGIT_OF_TONE", "TONE_OF_DIGIT", "digit_of", "keys_of", "tones_of"]
+__all__ = ["DIGIT_OF_TONE", "TONE_OF_DIGIT", "digit_of", "key_of", "keys_of", "tones_of"]
 
 TONE_OF_DIGIT: dict[str, str] = {
     **{str(d): f"tone{d}" for d in range(10)},
@@ -27,7 +27,15 @@ DIGIT_OF_TONE: dict[str, str] = {tone: digit for digit, tone in TONE_OF_DIGIT.it
 
 def digit_of(tone: str) -> str:
     """The key for a Graph tone name (``"tone1"`` -> ``"1"``); unknown names come back as is."""
-    return DIGIT_OF_TONE.get(tone, DIGIT_OF_TONE.get(tone.lower(), tone))
+    key = key_of(tone)
+    return tone if key is None else key
+
+
+def key_of(tone: str) -> str | None:
+    """The keypad key a Graph tone name stands for (``"tone1"`` -> ``"1"``), or ``None`` for a
+    tone that is no key: ``flash`` (a hook flash, in Graph's ``tone`` enum) or a tone Graph
+    adds later."""
+    return DIGIT_OF_TONE.get(tone, DIGIT_OF_TONE.get(tone.lower()))
 
 
 def keys_of(keys: str) -> str:

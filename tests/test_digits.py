@@ -172,6 +172,28 @@ async def test_a_key_during_the_invalid_choice_prompt_answers_the_menu() -> None
         await call.hangup()
 
 
+async def test_a_hook_flash_is_no_digit() -> None:
+    """Graph's ``tone`` enum has ``flash`` (a phone's hook flash) beside the keypad keys
+    (schema: tone member 16): pressed amid a PIN it is none of its digits (collected as
+    "12flash"), and pressed during a menu it neither stops the prompt nor is a wrong choice."""
+    bot, results = collecting_bot(max_digits=4, timeout=5)
+    async with run_with_simulator(bot) as sim:
+        call = await sim.incoming_call()
+        await call.press(["tone1", "tone2", "flash", "tone3", "tone4"])
+        await until(lambda: bool(results))
+        assert results == ["1234"]
+        await call.hangup()
+    bot, chosen = menu_bot(retries=0)
+    async with run_with_simulator(bot, prompt_duration=5.0) as sim:
+        call = await sim.incoming_call()
+        await call.wait_for_request("playPrompt")
+        await call.press(["flash", "tone2"])
+        await until(lambda: bool(chosen))
+        assert chosen == ["support"]
+        assert len(call.requests_for("cancelMediaProcessing")) == 1
+        await call.hangup()
+
+
 async def test_a_menu_without_an_answer_gives_none_after_its_retries() -> None:
     bot, chosen = menu_bot(retries=2, timeout=0.05)
     async with run_with_simulator(bot, prompt_duration=0.01) as sim:

@@ -590,7 +590,8 @@ class Call:
         Subscribes to tones once per call. A key pressed during the prompt stops
         it. Collecting ends after ``max_digits`` keys, on a key in ``finish_on``
         (not included), or ``timeout`` seconds after the prompt ended or the last
-        key. Raises :class:`~callbot.CallEnded` when the call ends meanwhile.
+        key. A tone that is no key (a hook ``flash``) is not collected. Raises
+        :class:`~callbot.CallEnded` when the call ends meanwhile.
         """
         return await _digits.collect_digits(
             self,

@@ -24,7 +24,7 @@ from typing import Any, Protocol, TypeVar
 import structlog
 
 from .. import events, models
-from .._dtmf import digit_of, keys_of
+from .._dtmf import digit_of, key_of, keys_of
 from .._errors import CallEnded, OperationFailed
 from .._journal import ActionJournal, Attempt, current_attempt
 from .._sequencing import (
@@ -80,6 +80,8 @@ class ToneListener:
 
     def put(self, event: events.ToneReceived) -> None:
         """A tone was passed on for the call (once, in order: its router sees to both)."""
+        if key_of(event.tone) is None:
+            return  # a hook flash is no digit: it neither counts, ends, nor stops the prompt
         self._tones.append(event)
         self._changed.set()
 
@@ -99,7 +101,7 @@ class ToneListener:
     def put_before(self, earlier: Sequence[events.ToneReceived]) -> None:
         """Tones pressed before those passed on so far (a re-run hears what its earlier
         run heard): ahead of them, or in Graph's ``sequence_id`` order where each has one."""
-        tones = [*earlier, *self._tones]
+        tones = [*(tone for tone in earlier if key_of(tone.tone) is not None), *self._tones]
         if all(tone.sequence_id is not None for tone in tones):
             tones.sort(key=lambda tone: tone.sequence_id or 0)
         self._tones = deque(tones)
