@@ -57,13 +57,15 @@ Routing by the path after ``calls/{id}`` (segments compared without case):
 
 from __future__ import annotations
 
+import copy
 import json
 import re
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import orjson
+import structlog
 from pydantic import ValidationError
 
 from . import models
@@ -82,6 +84,10 @@ from .events import (
 )
 
 __all__ = ["CALL_PATH", "DEFAULT_MAX_DEPTH", "parse_body", "parse_body_in_parts", "parse_payload"]
+
+log = structlog.get_logger("callbot.parse")
+
+_M = TypeVar("_M")
 
 DEFAULT_MAX_DEPTH = 64
 CALL_PATH = "/communications/calls/"
@@ -495,6 +501,87 @@ def _first_object(data: Any) -> dict[str, Any] | None:
     return None
 
 
+_TRIMS = 3
+"""Rounds of leaving out properties that do not fit, at most, before an item is unknown."""
+
+
+def _typed(
+    validate: Callable[[dict[str, Any]], _M], bodies: list[dict[str, Any]], common: dict[str, Any]
+) -> list[_M]:
+    """``validate`` each body; a property that does not fit its model is left out of the
+    typed result (it stays in the event's ``raw``), with one log line for the item, rather
+    than the whole item becoming unknown: one odd property must not lose a call's end, state
+    or outcome. Raises ``ValidationError`` when what is left still does not fit."""
+    try:
+        return [validate(body) for body in bodies]
+    except ValidationError:
+        pass  # the rare case, apart: the usual one costs nothing more
+    left_out: list[str] = []
+    typed = [_fitting(validate, body, left_out) for body in bodies]
+    if left_out:
+        log.warning(
+            "notification_properties_left_out",
+            call_id=common["call_id"],
+            change_type=common["change_type"],
+            properties=sorted(set(left_out)),
+            detail="they do not fit callbot's model; the event's raw item has them",
+        )
+    return typed
+
+
+def _fitting(
+    validate: Callable[[dict[str, Any]], _M], body: dict[str, Any], left_out: list[str]
+) -> _M:
+    try:
+        return validate(body)
+    except ValidationError as exc:
+        failure = exc
+    body = copy.deepcopy(body)  # the item itself is the event's raw: never changed
+    for _ in range(_TRIMS):
+        removed: list[str] = []
+        gone: list[tuple[int | str, ...]] = []
+        for error in failure.errors():
+            where = error["loc"]
+            if any(where[: len(done)] == done for done in gone):
+                continue  # inside what was left out already
+            name = _drop(body, where)
+            if name is not None:
+                removed.append(name)
+                gone.append(where)
+        if not removed:
+            break
+        left_out += removed
+        try:
+            return validate(body)
+        except ValidationError as exc:
+            failure = exc
+    raise failure
+
+
+def _drop(body: dict[str, Any], where: tuple[int | str, ...]) -> str | None:
+    """Delete from ``body`` the object property an error's location leads to (the last one
+    on the way, when the location goes on into a list); its dotted path, or ``None`` when
+    the location names none."""
+    node: Any = body
+    owner: dict[str, Any] | None = None
+    key = ""
+    path: list[str] = []
+    named = 0
+    for part in where:
+        if isinstance(node, dict) and isinstance(part, str) and part in node:
+            owner, key, node = node, part, node[part]
+            path.append(part)
+            named = len(path)
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+            path.append(str(part))
+        # Else a union member's or a validator's name: not in the data.
+    if owner is None:
+        return None
+    del owner[key]
+    return ".".join(path[:named])
+
+
 def _call_event(change_type: str, data: Any, common: dict[str, Any]) -> Event:
     body = _first_object(data)
     if body is None:
@@ -502,7 +589,7 @@ def _call_event(change_type: str, data: Any, common: dict[str, Any]) -> Event:
             # The call is gone even when Graph says nothing more about it.
             return CallTerminated(**common, state="terminated", call=models.Call())
         return UnknownNotification(**common, resource_data=data)
-    call = models.Call.model_validate(body)
+    (call,) = _typed(models.Call.model_validate, [body], common)
     claimed, proven = call.tenant_id, common["tenant_id"]
     if claimed and proven and tenant_key(claimed) != tenant_key(proven):
         # However the body spelled it (in a list, as "tenant_id"): the call's tenant is one.
@@ -549,7 +636,7 @@ def _participants_event(
     entries = data if isinstance(data, list) else [data] if isinstance(data, dict) else None
     if entries is None or not all(isinstance(entry, dict) for entry in entries):
         return UnknownNotification(**common, resource_data=item.get("resourceData"))
-    participants = [models.Participant.model_validate(entry) for entry in entries]
+    participants = _typed(models.Participant.model_validate, entries, common)
     return ParticipantsUpdated(
         **common,
         participants=participants,
@@ -562,7 +649,7 @@ def _operation_event(data: Any, path_id: str | None, common: dict[str, Any]) -> 
     body = _first_object(data)
     if body is None:
         return UnknownNotification(**common, resource_data=data)
-    operation = models.parse_operation(body)
+    (operation,) = _typed(models.parse_operation, [body], common)
     operation_id = operation.id or path_id
     if operation.status is None:
         return UnknownNotification(**common, resource_data=data)
@@ -588,7 +675,7 @@ def _content_sharing_event(data: Any, path_id: str | None, common: dict[str, Any
         return UnknownNotification(**common, resource_data=data)
     if not all(isinstance(entry, dict) for entry in entries):
         return UnknownNotification(**common, resource_data=data)
-    sessions = [models.ContentSharingSession.model_validate(entry) for entry in entries]
+    sessions = _typed(models.ContentSharingSession.model_validate, entries, common)
     session_id = path_id or (sessions[0].id if len(sessions) == 1 else None)
     return ContentSharingUpdated(**common, sessions=sessions, session_id=session_id)
 
