@@ -257,11 +257,14 @@ def _sequence_of(event: events.Event) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Placed:
-    """Graph's answer to the request that placed the call named the bot's own participant
-    (``myParticipantId``), which its notifications of a placed call never carry."""
+    """Graph answered the request that placed the call: the call is ``tenant_id``'s (the
+    tenant the bot's token acts in, which Graph placed it in), and the answer may name the
+    bot's own participant (``myParticipantId``), which its notifications of a placed call
+    never carry."""
 
     call_id: str
-    my_participant_id: str
+    my_participant_id: str | None = None
+    tenant_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -569,7 +572,7 @@ class Sequencer:
         elif isinstance(fact, TransferRefused):
             self._transfer_refused(fact.call_id)
         else:
-            self.placed(fact.call_id, fact.my_participant_id)
+            self.placed(fact.call_id, fact.my_participant_id, fact.tenant_id)
 
     def _transfer_refused(self, call_id: str) -> None:
         record = self._records.get(id_key(call_id))
@@ -580,15 +583,21 @@ class Sequencer:
         if record.held:
             self._release_ready(record)  # a failure held for its transferring goes now
 
-    def placed(self, call_id: str, my_participant_id: str) -> None:
-        """Graph's answer to the request that placed the call named the bot's own participant
-        (``myParticipantId``), which its notifications of a placed call never carry: the
-        call's snapshot has it from now on, whatever a later notification says."""
+    def placed(
+        self, call_id: str, my_participant_id: str | None, tenant_id: str | None = None
+    ) -> None:
+        """Graph answered the request that placed the call: the call is ``tenant_id``'s unless
+        a notification bound it first, and the bot's own participant id the answer named
+        (``myParticipantId``, which its notifications of a placed call never carry) is in the
+        call's snapshot from now on, whatever a later notification says."""
         key = id_key(call_id)
         record = self._records.get(key)
         if record is None:
-            record = self._new_record(key, call_id, None)
-        if record.closed:
+            record = self._new_record(key, call_id, tenant_id)
+        if record.life.tenant_id is None and tenant_id is not None:
+            # Bound now, not by its first notification: another tenant's token cannot claim it.
+            self.lifecycle.bind(record.life, tenant_id)
+        if record.closed or my_participant_id is None:
             return
         snapshot = record.snapshot
         if snapshot is None:

@@ -1663,6 +1663,46 @@ async def test_a_call_placed_by_a_draining_instance_has_the_bot_s_id_where_it_ru
     assert seen == [("establishing", mine), ("established", mine)]
 
 
+async def test_a_call_placed_while_redis_cannot_take_its_fact_is_placed_all_the_same(
+    authority: TokenAuthority, serve: Any, redis_url: str
+) -> None:
+    """Graph made the call: when Redis cannot take the fact of its placing, the handle is
+    returned and a warning says what the call misses (its tenant is then the one its first
+    notification's token proves, and its handlers lack the bot's participant id). Its
+    notifications still run."""
+    async with FakeGraph() as graph:
+        bot = graph_instance(authority, redis_url, graph)
+        seen: list[tuple[str, str | None]] = []
+
+        @bot.on(events.CallStateChanged)
+        async def record(call: Call, event: events.CallStateChanged) -> None:
+            seen.append((event.state, call.snapshot.my_participant_id if call.snapshot else None))
+
+        server = await serve(bot)
+        store = bot._running().store
+        assert isinstance(store, _redis.RedisStore)
+        real = store._run_all
+
+        async def refusing_facts(commands: Any, *, then: Any = None) -> Any:
+            if any('{"fact":' in str(part) for command in commands for part in command):
+                raise redis.exceptions.ConnectionError("connection reset")
+            return await real(commands, then=then)
+
+        store._run_all = refusing_facts  # type: ignore[method-assign]
+        with capture_logs() as logs:
+            placed = await bot.create_call(Target.user("user-1", "Lee Gu"))
+        store._run_all = real  # type: ignore[method-assign]
+        (warning,) = [e for e in logs if e.get("event") == "placed_call_not_kept"]
+        assert warning["call_id"] == placed.id
+        assert "first notification" in warning["detail"]
+        assert "my_participant_id" in warning["detail"]
+        for state in ("establishing", "established"):
+            item = b.call_state(placed.id, state)
+            assert (await server.post(b.notifications(item))).status == 202
+        await until(lambda: len(seen) == 2, within=10)
+    assert seen == [("establishing", None), ("established", None)]
+
+
 async def test_a_transfer_redis_cannot_count_is_not_asked(
     authority: TokenAuthority, serve: Any, redis_url: str
 ) -> None:

@@ -83,8 +83,9 @@ async def test_a_call_s_duplicate_digests_stay_bounded(rdb: aioredis.Redis) -> N
     keys = _redis._Keys("t:").of("flood", "inbox", "seen", "lease", "fence", "call", "tenant")
 
     def args(digest: str) -> tuple[Any, ...]:
-        # digest, entry, dedupe window, token, no lease, read batch, lifetime, no tenant, kept
-        return (digest, "{}", 600_000, "me", "", 64, 600_000, "", SEEN_DIGESTS)
+        # digest, entry, dedupe window, token, no lease, read batch, lifetime, no tenant, kept,
+        # placed in no tenant
+        return (digest, "{}", 600_000, "me", "", 64, 600_000, "", SEEN_DIGESTS, "")
 
     async def ingest(digest: str) -> int:
         fresh: int = (await _script(rdb, _scripts.INGEST, list(keys), *args(digest)))[0]

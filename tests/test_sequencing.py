@@ -13,6 +13,7 @@ import pytest
 
 from callbot import _sequencing as sequencing
 from callbot import events, models
+from callbot._errors import MalformedNotification
 from callbot._ids import id_key
 from callbot._lifecycle import Lifecycle
 from callbot._parse import parse_payload
@@ -932,6 +933,32 @@ async def test_the_answer_placing_a_call_counts_when_notifications_came_first() 
     seq.placed("c", "late")  # an answer read after the call's end changes nothing
     assert record.closed
     assert record.snapshot is None
+    seq.close()
+
+
+def told_by(item: dict[str, Any], tenant: str) -> events.Event:
+    """The event ``item`` is, posted with a token proving ``tenant``."""
+    (event,) = parse_payload(b.notifications(item), tenant_id=tenant)
+    return event
+
+
+async def test_a_placed_call_is_the_tenant_s_it_was_placed_in_before_any_notification() -> None:
+    """The answer placing a call binds it to the tenant it was placed in, whether or not it
+    names the bot's participant: another tenant's notification naming the call is refused,
+    the call's own go on. A call a notification bound first keeps that tenant."""
+    sink = Sink()
+    seq = sink.sequencer(window=5)
+    seq.placed("placed-call", None, "Tenant-A")
+    with pytest.raises(MalformedNotification) as refused:
+        seq.accept_batch([told_by(b.call_state("placed-call", "establishing"), "tenant-b")])
+    assert refused.value.reason == "tenant_mismatch"
+    seq.accept_batch([told_by(b.call_state("placed-call", "establishing"), "tenant-a")])
+    assert sink.labels == ["establishing"]
+    assert sink.deliveries[0].snapshot is not None
+    assert sink.deliveries[0].snapshot.my_participant_id is None
+    seq.accept_batch([told_by(b.call_state("told-first", "establishing"), "tenant-b")])
+    seq.placed("told-first", "me-1", "tenant-a")
+    assert seq.lifecycle.belongs_elsewhere("told-first", "tenant-a")
     seq.close()
 
 

@@ -142,12 +142,18 @@ def test_an_entry_is_the_notification_as_received() -> None:
 
 
 def test_what_the_bot_knows_of_a_call_is_kept_apart_from_notifications() -> None:
-    """The bot's own facts about a call (Graph's answer naming its participant in a call it
-    placed, a transfer asked or refused) go into the call's inbox beside its notifications,
-    each as one tagged object, and are never taken for one; an instance of an earlier
-    release, reading every entry as a notification, refuses them (and logs and skips them)
-    rather than misreading them."""
-    for fact in (Placed("c-1", "me-1"), TransferAsked("c-1"), TransferRefused("c-1")):
+    """The bot's own facts about a call (Graph's answer placing it, with its tenant and the
+    bot's participant when it names one; a transfer asked or refused) go into the call's
+    inbox beside its notifications, each as one tagged object, and are never taken for one;
+    an instance of an earlier release, reading every entry as a notification, refuses them
+    (and logs and skips them) rather than misreading them."""
+    facts = (
+        Placed("c-1", "me-1", "t-1"),
+        Placed("c-1", None, "t-1"),
+        TransferAsked("c-1"),
+        TransferRefused("c-1"),
+    )
+    for fact in facts:
         text = encode_fact(fact)
         assert json.loads(text)["fact"] in ("placed", "transferAsked", "transferRefused")
         assert decode_fact(text) == fact

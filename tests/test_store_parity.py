@@ -45,7 +45,7 @@ from .conftest import (
 )
 from .test_recorded import CALLS, EXPECTED, recorded_body
 from .test_redis import KEY_PREFIX, RedisServer, redis_server, redis_url
-from .test_security_tokens import OTHER_TENANT
+from .test_security_tokens import OTHER_TENANT, without_tenant
 from .test_simulator import MEETING_URL
 
 __all__ = ["redis_server", "redis_url"]  # fixtures this module uses
@@ -1192,6 +1192,56 @@ async def test_the_answer_placing_a_call_counts_for_what_comes_after_it_in_every
             assert (await server.post(b.notifications(item))).status == 202
         await until(lambda: len(seen) == 3, within=SETTLE_WITHIN)
     assert seen == [("establishing", None), ("established", "me-1"), ("terminated", "me-1")]
+
+
+@pytest.mark.parametrize("answer", ["naming-the-bot", "naming-no-participant"])
+@pytest.mark.parametrize("stores", ["memory", "redis", "redis-pair"])
+async def test_a_placed_call_is_its_tenant_s_before_graph_posts_anything_of_it_in_every_store(
+    authority: TokenAuthority, serve: Any, redis_url: str, stores: str, answer: str
+) -> None:
+    """Graph places a call in the tenant the bot's token acts in. Between its answer and its
+    first notification, another tenant's token naming the call was taken as the call's
+    tenant: the call became that tenant's, and its own notifications were refused. It is
+    its tenant's from the answer on, whether or not the answer names the bot's participant,
+    on every instance (with Redis, the other one too): the other tenant's is refused, and
+    the call's own reach its handlers."""
+    async with FakeGraph() as graph:
+        if answer == "naming-no-participant":
+            graph.route(
+                "createCall",
+                lambda request: FakeResponse(
+                    status=201, body={"id": "placed-call", "state": "establishing"}
+                ),
+            )
+        options: dict[str, Any] = {
+            "graph_url": graph.graph_url,
+            "authority_url": graph.authority_url,
+            "app_secret": "fake-graph-secret",
+        }
+        if stores != "memory":
+            options["store"] = redis_url
+        bots = [make_bot(authority, **options) for _ in range(2 if stores == "redis-pair" else 1)]
+        seen: list[tuple[str, str | None]] = []
+        for bot in bots:
+
+            @bot.on(events.CallStateChanged)
+            async def record(call: Call, event: events.CallStateChanged) -> None:
+                seen.append((event.state, event.tenant_id))
+
+        servers = [await serve(bot) for bot in bots]
+        placed = await bots[0].create_call(Target.user("user-1", "Lee Gu"))
+        server = servers[-1]
+        # Naming no tenant itself: the parser would refuse it for that alone.
+        claim = without_tenant(b.call_state(placed.id, "establishing"))
+        response = await server.post(
+            b.notifications(claim), token=server.token(tenant_id=OTHER_TENANT)
+        )
+        assert (response.status, (await response.json())["error"]) == (403, "tenant_mismatch")
+        for state in ("establishing", "established"):
+            item = b.call_state(placed.id, state)
+            assert (await server.post(b.notifications(item))).status == 202
+        await until(lambda: len(seen) == 2, within=SETTLE_WITHIN)
+    assert seen == [("establishing", TEST_TENANT_ID), ("established", TEST_TENANT_ID)]
 
 
 @pytest.mark.parametrize("stores", ["memory", "redis-running", "redis-idle"])

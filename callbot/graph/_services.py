@@ -44,6 +44,9 @@ if TYPE_CHECKING:
 __all__ = ["CallServices"]
 
 log = structlog.get_logger("callbot.graph")
+# What the call misses when the store cannot take the fact of its placing.
+_NOT_KEPT = "the call's tenant is the one its first notification's token proves"
+_NOR_MINE = ", and its handlers will not see snapshot.my_participant_id"
 
 ChatInfoLike = models.ChatInfo | Mapping[str, Any]
 MeetingInfoLike = models.MeetingInfo | Mapping[str, Any]
@@ -290,7 +293,9 @@ class CallServices:
         given. ``extra`` adds raw ``call`` properties. Returns the call's handle,
         with the created call as its snapshot. The bot's own participant id that Graph's
         answer names (``my_participant_id``, which the call's notifications never carry)
-        is in the snapshot of the call's handlers too, from the next notification on.
+        is in the snapshot of the call's handlers too, from the next notification on. From
+        that answer on, the call is the bot's ``tenant_id``'s: a notification naming it under
+        another tenant's token is refused, though Graph has posted nothing of it yet.
         """
         body: dict[str, Any] = {
             "@odata.type": "#microsoft.graph.call",
@@ -365,20 +370,23 @@ class CallServices:
             # Graph made the call: the bot keeps its handle (to hang up, at least).
             log.warning("call_created_unreadable", call_id=call_id, error=exc.message)
             snapshot = models.Call(id=call_id)
-        # Known to the lifecycle from now on (its tenant bound by its first notification), so
+        # Known to the lifecycle from now on (its tenant bound by the fact noted below), so
         # the handle returned sees the call end, as handlers' handles do.
         life = self._lifecycle.life(call_id) if self._lifecycle is not None else None
-        mine = snapshot.my_participant_id
-        if mine and self._note is not None:
+        mine = snapshot.my_participant_id or None
+        # Graph placed it in the tenant the bot's token acts in: it refuses a request naming
+        # another (7505, "Request authorization tenant mismatch").
+        tenant = self.settings.tenant_id or None
+        if (mine or tenant) and self._note is not None:
             try:
-                await self._note(Placed(call_id, mine))
+                await self._note(Placed(call_id, mine, tenant))
             except StoreUnavailable as exc:
                 # Graph made the call: the handle is returned all the same.
                 log.warning(
-                    "own_participant_id_not_kept",
+                    "placed_call_not_kept",
                     call_id=call_id,
                     error=str(exc),
-                    detail="the call's handlers will not see snapshot.my_participant_id",
+                    detail=_NOT_KEPT + (_NOR_MINE if mine else ""),
                 )
         handle = self.call(call_id, snapshot=snapshot, life=life)
         log.info(

@@ -4,9 +4,10 @@ A notification is kept as Graph sent it (the item's raw JSON, in an envelope
 with its tenant), and is parsed again by whichever instance runs it: the
 parser stays the one authority on what an item means, and instances of
 different callbot versions read each other's entries. Beside them, the inbox
-holds what the bot itself knows of the call (the bot's own participant id in a
-call it placed, a transfer it asked), each as one tagged object
-(``{"fact": kind, "callId": ...}``), fed in its place among the notifications.
+holds what the bot itself knows of the call (that it placed the call, in which
+tenant, and the bot's own participant id Graph's answer named; a transfer it
+asked), each as one tagged object (``{"fact": kind, "callId": ...}``), fed in
+its place among the notifications.
 
 A call record keeps what the sequencer needs to go on ordering the call (its
 phase, state, roster, the digests of its last notifications and of its latest
@@ -106,7 +107,11 @@ def encode_fact(fact: OwnFact) -> str:
     after it. ``fact`` names its kind; a notification's envelope never starts with it."""
     body: dict[str, Any]
     if isinstance(fact, Placed):
-        body = {"fact": "placed", "callId": fact.call_id, "myParticipantId": fact.my_participant_id}
+        body = {"fact": "placed", "callId": fact.call_id}
+        if fact.my_participant_id is not None:
+            body["myParticipantId"] = fact.my_participant_id
+        if fact.tenant_id is not None:
+            body["tenantId"] = fact.tenant_id
     elif isinstance(fact, TransferAsked):
         body = {"fact": "transferAsked", "callId": fact.call_id}
     else:
@@ -121,7 +126,11 @@ def decode_fact(text: str) -> OwnFact | None:
         body = json.loads(text)
         kind, call_id = body["fact"], str(body["callId"])
         if kind == "placed":
-            return Placed(call_id, str(body["myParticipantId"]))
+            return Placed(
+                call_id,
+                _text_or_none(body.get("myParticipantId")),
+                _text_or_none(body.get("tenantId")),
+            )
         if kind == "transferAsked":
             return TransferAsked(call_id)
         if kind == "transferRefused":
@@ -131,6 +140,11 @@ def decode_fact(text: str) -> OwnFact | None:
         placed = json.loads(text)["placed"]
         return Placed(str(placed["callId"]), str(placed["myParticipantId"]))
     return None
+
+
+def _text_or_none(value: Any) -> str | None:
+    """A fact's optional id: ``None`` when the fact was written without it."""
+    return None if value is None else str(value)
 
 
 def _json(model: Any) -> str:

@@ -50,6 +50,7 @@ from .._sequencing import (
     CallRecord,
     Delivery,
     OwnFact,
+    Placed,
     Sequencer,
     digest_decides,
     tenant_mismatch,
@@ -838,8 +839,10 @@ class RedisStore:
             self._lease_ms if take else "",
             _READ_BATCH,
             _LIFETIME_MS,
-            "",  # the call's tenant is bound by its first notification
+            "",  # a fact is no notification: no token proves a tenant
             SEEN_DIGESTS,
+            # The call is the tenant's it was placed in, unless a notification bound it first.
+            tenant_key(fact.tenant_id) if isinstance(fact, Placed) and fact.tenant_id else "",
         )
         self._taking += take
         try:
@@ -953,6 +956,7 @@ class RedisStore:
                     _LIFETIME_MS,
                     tenant_key(event.tenant_id or ""),
                     SEEN_DIGESTS,
+                    "",  # only the fact of a placed call names the tenant it was placed in
                 )
             )
         # The pending index, where the reaper finds a call whose owner is lost: written

@@ -112,7 +112,8 @@ INGEST = Script(
 -- KEYS: inbox, seen, lease, fence, record, tenant
 -- ARGV: digest ('' leaves repeats to the sequencer), entry, dedupe window (ms),
 --       token, lease (ms) or '' to leave the call to others, read batch, lifetime (ms),
---       the tenant the request's token proves (its tenant_key) or '', digests kept
+--       the tenant the request's token proves (its tenant_key) or '', digests kept,
+--       the tenant a call the bot placed was placed in (its tenant_key) or ''
 local inbox, seen, lease, fence = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local digest, token = ARGV[1], ARGV[4]
 local fresh, id, before = 1, '', ''
@@ -121,6 +122,10 @@ if ARGV[8] ~= '' then
   local bound = redis.call('GET', KEYS[6])
   if bound and bound ~= ARGV[8] then return {-1} end
   redis.call('SET', KEYS[6], ARGV[8], 'PX', ARGV[7])
+end
+if ARGV[10] ~= '' then
+  -- seen first with the tenant it was placed in, unless a notification came before
+  redis.call('SET', KEYS[6], ARGV[10], 'PX', ARGV[7], 'NX')
 end
 if digest ~= '' and redis.call('ZSCORE', seen, digest) then
   fresh = 0
@@ -166,8 +171,10 @@ return {fresh, 3, id, first[1][1]}
 """,
 )
 """Accept one notification: refuse it (``-1``) if its call was first seen with another
-tenant, else append it unless it repeats one kept in the dedupe window
-(``fresh`` 1 or 0, and its entry id), and say who runs the call: another instance (0),
+tenant (a call the bot placed: the tenant it was placed in, when the fact of its placing
+came before any notification of it), else append it unless it repeats one kept in the
+dedupe window (``fresh`` 1 or 0, and its entry id), and say who runs the call:
+another instance (0),
 this one already (1, with the id of the entry before it, if any, the lease, and 1 if
 that lease was taken back after it expired; the entry is noted as fed, since the run
 holding that lease is handed it with the answer),
