@@ -607,7 +607,10 @@ def test_a_property_that_does_not_fit_is_left_out_not_the_notification() -> None
         ("notification_properties_left_out", ["requestedModalities"])
     ]
 
-    data = {"state": "established", "toneInfo": {"tone": "tone1", "sequenceId": "first"}}
+    data: dict[str, Any] = {
+        "state": "established",
+        "toneInfo": {"tone": "tone1", "sequenceId": "first"},
+    }
     tone = _one({"changeType": "updated", "resourceUrl": CALL_PATH, "resourceData": data})
     assert isinstance(tone, events.ToneReceived)
     assert (tone.tone, tone.sequence_id) == ("tone1", None)
@@ -616,6 +619,7 @@ def test_a_property_that_does_not_fit_is_left_out_not_the_notification() -> None
     assert isinstance(update, events.CallStateChanged)
     assert update.state == "established"
     assert update.call.tone_info is None
+    assert update.call.targets is not None
     assert update.call.targets[0].identity is None
 
     with capture_logs() as logs:
