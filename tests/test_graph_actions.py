@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from itertools import zip_longest
@@ -20,8 +21,9 @@ import pytest
 
 from callbot import GraphError, events, models
 from callbot._journal import Attempt, _current
-from callbot._sequencing import OwnFact, TransferAsked, TransferRefused
+from callbot._sequencing import OwnFact, Placed, TransferAsked, TransferRefused
 from callbot.graph import Call, CallServices, RetryPolicy, Target, media_info, media_prompt
+from callbot.graph._credentials import AccessToken
 from callbot.testing import FakeGraph
 
 OPERATIONS = Path(__file__).parent / "fixtures" / "operations"
@@ -643,3 +645,39 @@ async def test_a_transfer_is_counted_only_when_it_is_sent(
     with pytest.raises(GraphError):
         await services.call(CALL_ID).transfer(agent)
     assert noted[1:] == [TransferAsked(CALL_ID), TransferRefused(CALL_ID)]
+
+
+class _OwnCredential:
+    """A credential given in code: its tenant is its own (callbot cannot know it)."""
+
+    def __init__(self, graph: FakeGraph) -> None:
+        self._graph = graph
+
+    async def get_token(self, *scopes: str) -> AccessToken:
+        token = "own-" + uuid.uuid4().hex
+        self._graph.tokens[token] = time.time() + 3600  # FakeGraph checks the wall clock
+        return AccessToken(token, int(self._graph.tokens[token]))
+
+
+async def test_a_placed_call_is_bound_to_the_tenant_its_token_acts_in_when_that_is_known(
+    graph: FakeGraph,
+) -> None:
+    """Graph places a call in the tenant of the token that asked: the settings' tenant_id
+    when callbot builds the credential. A credential given in code acts in a tenant of its
+    own; binding its calls to tenant_id would refuse their own notifications (403)."""
+    settings = graph.settings(public_url="https://bot.contoso.com", callback_path="/api/calls")
+    placed: list[str | None] = []
+
+    async def note(fact: OwnFact) -> None:
+        assert isinstance(fact, Placed)
+        placed.append(fact.tenant_id)
+
+    for credential in (None, _OwnCredential(graph)):
+        svc = CallServices(settings, credential=credential)
+        svc.note_with(note)
+        await svc.start()
+        try:
+            await svc.create_call(Target.user("callee-id"))
+        finally:
+            await svc.close()
+    assert placed == [settings.tenant_id, None]

@@ -155,6 +155,13 @@ class GraphClient:
         return self._credential is not None or bool(s.app_secret or s.certificate_path)
 
     @property
+    def acting_tenant(self) -> str | None:
+        """The tenant the app token acts in: the settings' ``tenant_id`` when the credential
+        is built from the settings; ``None`` for a credential given in code (its tenant is
+        its own)."""
+        return None if self._credential is not None else self.settings.tenant_id or None
+
+    @property
     def tokens(self) -> TokenCache:
         """The app token cache (built from the settings on first use)."""
         if self._tokens is None:

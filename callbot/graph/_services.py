@@ -375,8 +375,9 @@ class CallServices:
         life = self._lifecycle.life(call_id) if self._lifecycle is not None else None
         mine = snapshot.my_participant_id or None
         # Graph placed it in the tenant the bot's token acts in: it refuses a request naming
-        # another (7505, "Request authorization tenant mismatch").
-        tenant = self.settings.tenant_id or None
+        # another (7505, "Request authorization tenant mismatch"). A credential given in code
+        # acts in a tenant of its own: its call is bound by its first notification then.
+        tenant = self.graph.acting_tenant
         if (mine or tenant) and self._note is not None:
             try:
                 await self._note(Placed(call_id, mine, tenant))
