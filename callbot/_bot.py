@@ -504,7 +504,11 @@ class CallBot:
     def _connection_options(self) -> dict[str, Any]:
         # aiohttp's keep-alive timeout also applies to a connection that never sends a request
         # (since aiohttp 3.14.4, hence callbot's floor).
-        return {"keepalive_timeout": self._settings.idle_timeout}
+        return {
+            "keepalive_timeout": self._settings.idle_timeout,
+            # aiohttp would inflate a stranger's body, unchecked, for the 10 s it drains a refusal.
+            "auto_decompress": False,
+        }
 
     async def _lifespan(self, app: web.Application) -> AsyncIterator[None]:
         await self.start()

@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from . import events
 from ._auth import Authenticator
@@ -132,6 +132,17 @@ class Receiver:
                 "malformed",
                 "bad_content_type",
                 "expected Content-Type: application/json",
+                self._context(request, tenant_id),
+            )
+        codings = ",".join(request.headers.getall(hdrs.CONTENT_ENCODING, [])).lower().split(",")
+        coding = next((c.strip() for c in codings if c.strip() not in ("", "identity")), None)
+        if coding is not None:
+            # Graph does not compress callbacks, and the bot never inflates (CallBot.create_app).
+            return self._refuse(
+                415,
+                "malformed",
+                "bad_content_encoding",
+                f"Content-Encoding {coding[:64]!r} is not accepted: send the body as it is",
                 self._context(request, tenant_id),
             )
         try:
