@@ -9,6 +9,7 @@ deployment with a 302; handlers run afterwards.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import logging
 import time
 from collections import Counter
@@ -39,16 +40,21 @@ log = get_logger("callbot.receiver")
 # What _buffered_body returns while the body is still on its way.
 _NOT_BUFFERED = b"\0not buffered"
 _UTF8 = frozenset({"utf-8", "utf8"})
+# Codecs of host names and string literals, not documents (punycode's decoder is quadratic).
+_NOT_CHARSETS = frozenset({"punycode", "idna", "unicode-escape", "raw-unicode-escape"})
 
 
 def as_utf8(body: bytes, charset: str) -> bytes:
     """``body`` in UTF-8: as it is when it is UTF-8 already (a mislabelled body, or plain
     ASCII), else decoded as ``charset`` says (``LookupError`` for a charset Python does not
-    know, ``UnicodeError`` for a codec that refuses to replace what it cannot read; bytes
-    a charset cannot read become U+FFFD otherwise, and the JSON check decides)."""
+    know or a codec that is no character set, ``UnicodeError`` for a codec that refuses to
+    replace what it cannot read; bytes a charset cannot read become U+FFFD otherwise, and the
+    JSON check decides)."""
     try:
         body.decode("utf-8")
     except UnicodeDecodeError:
+        if codecs.lookup(charset).name in _NOT_CHARSETS:
+            raise LookupError(f"{charset!r} is not a character set") from None
         return body.decode(charset, errors="replace").encode("utf-8")
     return body
 

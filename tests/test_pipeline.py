@@ -206,6 +206,29 @@ async def test_a_body_that_is_not_utf8_in_an_unknown_charset_is_refused(
     assert recorder.seen == []
 
 
+@pytest.mark.parametrize("charset", ["punycode", "PunyCode", "unicode_escape"])
+async def test_a_codec_that_is_no_character_set_is_refused_before_it_decodes(
+    authority: Any, serve: Any, charset: str
+) -> None:
+    """Python decodes punycode in time quadratic in its input: a 256 KiB body labelled
+    ``charset=punycode`` (not UTF-8, so read in that charset) held the event loop 14 s, a
+    4 MiB one about an hour. A codec for host names or string literals names no charset a
+    body is written in: 415, as an unknown charset is, before anything is decoded."""
+    bot, recorder = recording_bot(authority)
+    server = await serve(bot)
+    with capture_logs() as logs:
+        response = await server.post(
+            None,
+            raw=b"\xff-" + b"a" * 65_536,  # each letter one insertion into the decoded text
+            headers={"Content-Type": f"application/json; charset={charset}"},
+        )
+    assert response.status == 415
+    assert (await response.json())["error"] == "bad_content_type"
+    [refusal] = [entry for entry in logs if entry["event"] == "callback_refused"]
+    assert charset in refusal["detail"]
+    assert recorder.seen == []
+
+
 async def test_bad_tokens_get_401_with_a_bearer_challenge(authority: Any, serve: Any) -> None:
     bot, recorder = recording_bot(authority)
     server = await serve(bot)
