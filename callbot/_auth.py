@@ -440,8 +440,10 @@ class Authenticator:
             # caller's wake-up would otherwise start another one at once.
             self._last_refetch = loop_time()
         elif self._key_waiters >= MAX_KEY_WAITERS:
-            log.warning("key_fetch_waiters_full", waiting=self._key_waiters)
-            raise KeysUnavailable("too many requests wait for the signing keys to be fetched")
+            # No line of its own: the refusal's says why, one per request a stranger sends.
+            raise KeysUnavailable(
+                f"{self._key_waiters} requests wait for the signing keys to be fetched already"
+            )
         self._key_waiters += 1
         try:
             await self._refresh()

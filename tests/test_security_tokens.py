@@ -12,6 +12,7 @@ import asyncio
 import gc
 import io
 import json
+import secrets
 import time
 import tracemalloc
 from typing import Any
@@ -23,6 +24,7 @@ from multidict import CIMultiDict
 from structlog.testing import capture_logs
 
 from callbot import Call, CallBot, MalformedNotification, OperationFailed, events
+from callbot._auth import MAX_KEY_WAITERS
 from callbot.testing import TEST_TENANT_ID, FakeGraph, TokenAuthority
 from callbot.testing import builders as b
 
@@ -219,6 +221,43 @@ async def test_tokens_living_too_long_are_refused(authority: TokenAuthority, ser
     assert await refusal(await server.post(body, token=long_lived)) == (401, "lifetime_too_long")
     assert await metric(server, "auth_failed", "lifetime_too_long") == 2
     assert (await server.post(body, token=server.token(expires_in=3000))).status == 202
+
+
+async def test_a_request_past_the_key_fetch_waiters_is_one_log_line(
+    authority: TokenAuthority, serve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past MAX_KEY_WAITERS requests waiting for a key fetch, each further token naming an
+    invented kid (no valid token needed) wrote two lines, ``key_fetch_waiters_full`` and its
+    refusal: a stranger doubled the log per request. The refusal alone says why."""
+    bot, seen = seeing_bot(authority)
+    server: BotServer = await serve(bot)
+    auth = bot.authenticator
+    fetch, release = auth._fetch, asyncio.Event()
+
+    async def slow_fetch() -> None:
+        await release.wait()
+        await fetch()
+
+    monkeypatch.setattr(auth, "_fetch", slow_fetch)
+    body = b.notifications(b.incoming_call("kid-call"))
+
+    async def invented_kid() -> ClientResponse:
+        return await server.post(body, token=server.token(kid=secrets.token_hex(8)))
+
+    waiting = [asyncio.ensure_future(invented_kid()) for _ in range(MAX_KEY_WAITERS)]
+    await until(lambda: auth._key_waiters == MAX_KEY_WAITERS)
+    with capture_logs() as logs:
+        response = await invented_kid()
+    assert response.status == 503
+    assert response.headers["Retry-After"]
+    assert (await response.json())["error"] == "keys_unavailable"
+    [line] = logs
+    assert (line["event"], line["reason"]) == ("callback_refused", "keys_unavailable")
+    assert "wait for the signing keys" in line["detail"]
+    release.set()
+    for answered in await asyncio.gather(*waiting):
+        assert await refusal(answered) == (401, "unknown_key")
+    assert seen == []
 
 
 async def test_two_authorization_headers_are_refused(authority: TokenAuthority, serve: Any) -> None:
