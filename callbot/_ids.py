@@ -18,9 +18,21 @@ def id_key(identifier: str) -> str:
     """The form two Graph ids are compared in.
 
     Graph writes one id as ``0fe0623f-d628-...`` in a response and as
-    ``0FE0623FD628...`` in a notification path, so compare without case or dashes.
+    ``0FE0623FD628...`` in a notification path, so compare without case or dashes. A GUID
+    in braces or parentheses (``{0fe0623f-...}``) is the same GUID to a .NET service such
+    as Graph, so it is the same id here too: else it would be another call to the tenant
+    check and the same one to Graph.
     """
-    return identifier.replace("-", "").lower()
+    key = identifier.replace("-", "").lower()
+    if key and key[0] in "{(" and len(key) == 34 and key[-1] == _CLOSING[key[0]]:
+        inner = key[1:-1]
+        if all(c in _HEX for c in inner):
+            return inner
+    return key
+
+
+_CLOSING = {"{": "}", "(": ")"}
+_HEX = frozenset("0123456789abcdef")
 
 
 def tenant_key(tenant_id: str) -> str:

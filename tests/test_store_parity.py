@@ -973,6 +973,28 @@ async def test_another_tenants_token(parity: Any) -> None:
     groups.check()
 
 
+async def test_another_tenants_token_on_the_call_s_id_in_braces(parity: Any) -> None:
+    """A GUID in braces (or parentheses) is the same GUID to a .NET service such as Graph:
+    another tenant's token naming ``{id}`` of a call took it for another call, past the
+    tenant check, and a handler acting on it would have reached the call itself. In every
+    store it is the same call: refused (403), and the call goes on for its own tenant."""
+    call = "57dab8b1-894c-409a-b240-bd8beae78896"
+    steps: list[Step] = [
+        post(b.call_state(call, "establishing")),
+        post(b.call_state("{" + call.upper() + "}", "established"), tenant=OTHER_TENANT),
+        post(b.call_terminated(f"({call})"), tenant=OTHER_TENANT),
+        post(b.call_state(call, "established")),
+        post(b.call_terminated(call)),
+    ]
+    groups: Parity = await parity()
+    await groups.run(steps)
+    groups.check()
+    for group in groups.groups:
+        assert group.statuses == [202, 403, 403, 202, 202], group.name
+        seen = [entry.get("state") for entry in group.seen[id_key(call)]]
+        assert seen == ["establishing", "established", "terminated"], group.name
+
+
 async def test_a_tenant_named_in_another_case_than_the_token_s(parity: Any) -> None:
     """An item may spell its tenant in another case than its token's ``tid``: every store
     gives handlers the token's spelling (Redis once gave the item's, read back)."""
