@@ -358,9 +358,14 @@ class Authenticator:
 
     def _check_lifetime(self, claims: Mapping[str, Any]) -> None:
         """Refuse tokens living longer than ``max_lifetime``: a stolen one would work for ever."""
-        expires = float(claims["exp"])
         issued = claims.get("iat")
-        if isinstance(issued, int | float) and expires - float(issued) > self._max_lifetime:
+        try:
+            expires = float(claims["exp"])
+            issued_at = float(issued) if isinstance(issued, int | float) else None
+        except OverflowError:
+            # An integer past any float (10**400): signed by a key holder, yet no date.
+            raise AuthenticationError("lifetime_too_long", "token times beyond any date") from None
+        if issued_at is not None and expires - issued_at > self._max_lifetime:
             raise AuthenticationError(
                 "lifetime_too_long", f"token lifetime exceeds {self._max_lifetime:.0f} s"
             )
