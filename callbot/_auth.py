@@ -57,6 +57,8 @@ _ENTRY_OVERHEAD = 1024
 _SEGMENT = re.compile(r"[A-Za-z0-9_-]*")
 _MIN_KEY_BITS = 2048
 _MAX_BACKOFF = 300.0
+_MAX_KEY_DOCUMENT = 1 << 20
+"""The largest OpenID configuration or key set read (bytes): they are a few KB."""
 MAX_KEY_WAITERS = 32
 """Requests that may wait at once for a key fetch they asked for (an unknown ``kid``, no
 keys yet): more are answered 503 at once, or tokens naming invented kids, no valid token
@@ -517,8 +519,15 @@ class Authenticator:
     async def _get_json(session: aiohttp.ClientSession, url: str) -> Any:
         async with session.get(url, headers={"Accept": "application/json"}) as response:
             response.raise_for_status()
-            body = await response.read()
-        return json.loads(body)
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in response.content.iter_chunked(65536):
+                size += len(chunk)
+                if size > _MAX_KEY_DOCUMENT:
+                    # The platform's documents are a few KB: a misbehaving endpoint's end here.
+                    raise ValueError(f"{url} sent more than {_MAX_KEY_DOCUMENT} bytes")
+                chunks.append(chunk)
+        return json.loads(b"".join(chunks))
 
     async def _refresh_loop(self) -> None:
         retry_base = min(1.0, self._refresh_interval)

@@ -438,3 +438,22 @@ async def test_one_handler_slot_for_many_slow_calls_keeps_every_call_in_order(
     await until(lambda: sum(map(len, seen.values())) == 60, within=15)
     assert all(v == ["incoming", "establishing", "established"] for v in seen.values())
     await assert_nothing_lost(server)
+
+
+async def test_a_key_set_past_a_megabyte_is_not_read(authority: Any, serve: Any) -> None:
+    """The platform's key set is a few KB; one endpoint sending more (misconfigured, or
+    answering for another) was read whole, however large. It is read up to 1 MiB: past
+    that the fetch fails, and the keys already loaded keep working."""
+    bot = make_bot(authority, key_refetch_cooldown=0.0)
+    server = await serve(bot)
+    assert (await server.post(b.notifications(b.incoming_call("before")))).status == 202
+    published = authority.jwks
+    authority.jwks = lambda: {**published(), "padding": "x" * (2 << 20)}
+    authority.rotate_key()
+    with capture_logs() as logs:
+        refused = await server.post(b.notifications(b.incoming_call("after")))
+    assert refused.status == 401
+    assert (await refused.json())["error"] == "unknown_key"
+    failures = [e["error"] for e in logs if e["event"] == "jwks_fetch_failed"]
+    assert failures
+    assert "more than 1048576 bytes" in failures[0]
