@@ -1266,6 +1266,38 @@ async def test_a_placed_call_is_its_tenant_s_before_graph_posts_anything_of_it_i
     assert seen == [("establishing", TEST_TENANT_ID), ("established", TEST_TENANT_ID)]
 
 
+@pytest.mark.parametrize("stores", ["memory", "redis"])
+async def test_a_call_placed_by_a_bot_naming_its_tenant_by_domain_gets_its_notifications(
+    authority: TokenAuthority, serve: Any, redis_url: str, stores: str
+) -> None:
+    """The token endpoint takes a tenant's domain name as well as its id, but Graph's tokens
+    prove the id (``tid``): a call placed by a bot whose tenant_id is a domain name is not
+    bound to that name, else each of its own notifications would be refused (403)."""
+    async with FakeGraph() as graph:
+        options: dict[str, Any] = {
+            "tenant_id": "contoso.onmicrosoft.com",
+            "graph_url": graph.graph_url,
+            "authority_url": graph.authority_url,
+            "app_secret": "fake-graph-secret",
+        }
+        if stores != "memory":
+            options["store"] = redis_url
+        bot = make_bot(authority, **options)
+        seen: list[str] = []
+
+        @bot.on(events.CallStateChanged)
+        async def record(call: Call, event: events.CallStateChanged) -> None:
+            seen.append(event.state)
+
+        server = await serve(bot)
+        placed = await bot.create_call(Target.user("user-1", "Lee Gu"))
+        for state in ("establishing", "established"):
+            item = b.call_state(placed.id, state)
+            assert (await server.post(b.notifications(item))).status == 202
+        await until(lambda: len(seen) == 2, within=SETTLE_WITHIN)
+    assert seen == ["establishing", "established"]
+
+
 @pytest.mark.parametrize("stores", ["memory", "redis-running", "redis-idle"])
 async def test_a_transfer_asked_from_another_call_s_handler_counts_where_the_call_runs(
     authority: TokenAuthority, serve: Any, redis_url: str, stores: str

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -156,10 +157,18 @@ class GraphClient:
 
     @property
     def acting_tenant(self) -> str | None:
-        """The tenant the app token acts in: the settings' ``tenant_id`` when the credential
-        is built from the settings; ``None`` for a credential given in code (its tenant is
-        its own)."""
-        return None if self._credential is not None else self.settings.tenant_id or None
+        """The id of the tenant the app token acts in: the settings' ``tenant_id`` when the
+        credential is built from the settings and that is a tenant id; ``None`` for a
+        credential given in code (its tenant is its own) or a tenant named by a domain
+        (``contoso.onmicrosoft.com``), which the token endpoint takes but Graph's tokens do
+        not carry (their ``tid`` is the id)."""
+        tenant = self.settings.tenant_id
+        if self._credential is not None or not tenant:
+            return None
+        try:
+            return str(uuid.UUID(tenant))
+        except ValueError:
+            return None
 
     @property
     def tokens(self) -> TokenCache:

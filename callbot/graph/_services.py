@@ -376,7 +376,8 @@ class CallServices:
         mine = snapshot.my_participant_id or None
         # Graph placed it in the tenant the bot's token acts in: it refuses a request naming
         # another (7505, "Request authorization tenant mismatch"). A credential given in code
-        # acts in a tenant of its own: its call is bound by its first notification then.
+        # acts in a tenant of its own, and a domain name is no tenant id a token proves: the
+        # call is bound by its first notification then.
         tenant = self.graph.acting_tenant
         if (mine or tenant) and self._note is not None:
             try:
