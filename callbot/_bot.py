@@ -486,6 +486,10 @@ class CallBot:
         """The aiohttp application: the callback route, ``/healthz``, ``/readyz``, ``/metrics``.
 
         Mount it in an existing app with ``app.add_subapp(prefix, bot.create_app())``.
+        Run as the root application, it reads every request body as sent, routes added to
+        it included (aiohttp inflates no ``Content-Encoding``); mounted, the root app's
+        ``handler_args`` decide, so give it ``{"auto_decompress": False}`` for aiohttp not
+        to inflate a compressed body the callback refuses (415) while it drains it.
         """
         app = web.Application(
             client_max_size=self._settings.max_body_bytes,
