@@ -204,7 +204,9 @@ class ContentSharingUpdated(Event):
 
 
 class UnknownNotification(Event):
-    """A notification about a call that callbot does not model, or whose data did not validate.
+    """A notification about a call that callbot does not model, or whose data does not
+    validate even with the properties that do not fit left out (a call update naming no
+    state once they are, an operation naming no status).
 
     ``resource_data`` is the item's ``resourceData`` as received (``None`` when absent).
     """
