@@ -502,6 +502,7 @@ def _first_object(data: Any) -> dict[str, Any] | None:
 
 
 _TRIMS = 3
+_NAMES_LOGGED = 16
 """Rounds of leaving out properties that do not fit, at most, before an item is unknown."""
 
 
@@ -519,11 +520,14 @@ def _typed(
     left_out: list[str] = []
     typed = [_fitting(validate, body, left_out) for body in bodies]
     if left_out:
+        names = sorted(set(left_out))
         log.warning(
             "notification_properties_left_out",
             call_id=common["call_id"],
             change_type=common["change_type"],
-            properties=sorted(set(left_out)),
+            # A line stays short however many properties a body gets wrong.
+            properties=names[:_NAMES_LOGGED],
+            count=len(names),
             detail="they do not fit callbot's model; the event's raw item has them",
         )
     return typed

@@ -636,6 +636,12 @@ def test_a_property_that_does_not_fit_is_left_out_not_the_notification() -> None
     assert isinstance(roster, events.ParticipantsUpdated)
     assert [(p.id, p.is_muted) for p in roster.participants] == [("p-1", None), ("p-2", True)]
     assert [line["properties"] for line in logs] == [["info", "isMuted"]]  # one line an item
+
+    # However many properties a body gets wrong, the line names 16 and counts them all.
+    data = {"state": "established", "targets": [{"identity": 5}] * 100}
+    with capture_logs() as logs:
+        _one({"changeType": "updated", "resourceUrl": CALL_PATH, "resourceData": data})
+    assert [(len(line["properties"]), line["count"]) for line in logs] == [(16, 100)]
     operation = _one(
         {
             "changeType": "deleted",
