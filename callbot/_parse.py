@@ -533,6 +533,16 @@ def _typed(
     return typed
 
 
+def _typed_one(
+    validate: Callable[[dict[str, Any]], _M], body: dict[str, Any], common: dict[str, Any]
+) -> _M:
+    """:func:`_typed` of one body (a call, an operation): the usual case in one call."""
+    try:
+        return validate(body)
+    except ValidationError:
+        return _typed(validate, [body], common)[0]
+
+
 def _fitting(
     validate: Callable[[dict[str, Any]], _M], body: dict[str, Any], left_out: list[str]
 ) -> _M:
@@ -593,7 +603,7 @@ def _call_event(change_type: str, data: Any, common: dict[str, Any]) -> Event:
             # The call is gone even when Graph says nothing more about it.
             return CallTerminated(**common, state="terminated", call=models.Call())
         return UnknownNotification(**common, resource_data=data)
-    (call,) = _typed(models.Call.model_validate, [body], common)
+    call = _typed_one(models.Call.model_validate, body, common)
     claimed, proven = call.tenant_id, common["tenant_id"]
     if claimed and proven and tenant_key(claimed) != tenant_key(proven):
         # However the body spelled it (in a list, as "tenant_id"): the call's tenant is one.
@@ -653,7 +663,7 @@ def _operation_event(data: Any, path_id: str | None, common: dict[str, Any]) -> 
     body = _first_object(data)
     if body is None:
         return UnknownNotification(**common, resource_data=data)
-    (operation,) = _typed(models.parse_operation, [body], common)
+    operation = _typed_one(models.parse_operation, body, common)
     operation_id = operation.id or path_id
     if operation.status is None:
         return UnknownNotification(**common, resource_data=data)
