@@ -282,7 +282,7 @@ class Dispatcher:
             self.counts["handler_errors"] += 1
             await self._report(name, call, event, exc, call_id)
         except Exception as exc:
-            if isinstance(exc, CallEnded) or (isinstance(exc, OperationFailed) and exc.call_ended):
+            if _stopped_by_the_end(exc, call):
                 # The caller hung up while the handler acted: not a bug in the handler.
                 outcome = "call_ended"
                 log.info("handler_stopped_call_ended", call_id=call_id, handler=name)
@@ -325,3 +325,12 @@ class Dispatcher:
                     error_handler_error=repr(second),
                     traceback="".join(traceback.format_exception(second)),
                 )
+
+
+def _stopped_by_the_end(exc: Exception, call: Call) -> bool:
+    """Whether ``exc`` stopped a handler because its call ended: ``CallEnded``, or an
+    operation that failed as the call ended (said so, or told just before the end, which
+    has reached the call by the time the handler lets the failure escape)."""
+    if isinstance(exc, CallEnded):
+        return True
+    return isinstance(exc, OperationFailed) and (exc.call_ended or call.ended)

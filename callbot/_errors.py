@@ -153,8 +153,8 @@ class OperationFailed(CallbotError):
     call ended first (``call_ended``; usually the caller hung up).
 
     ``operation`` is the final typed operation; ``result_info`` its resultInfo. Like
-    :class:`CallEnded`, one with ``call_ended`` set that escapes a handler stops it
-    quietly.
+    :class:`CallEnded`, one that escapes a handler stops it quietly when ``call_ended`` is
+    set or the call has ended by then (Graph may tell the failure just before the end).
     """
 
     def __init__(self, operation: Any, result_info: Any, *, call_ended: bool = False) -> None:

@@ -349,3 +349,41 @@ async def test_a_transfer_failure_posted_before_the_transfer_is_answered_is_hear
     assert (await server.post(b.notifications(ended))).status == 202
     await until(lambda: heard[-1:] == ["ended"])
     assert heard == ["failed 7000", "tone1", "failed 7000", "ended"]
+
+
+async def test_a_prompt_failing_with_the_call_s_end_in_one_request_is_no_handler_error(
+    graph: FakeGraph, authority: TokenAuthority, serve: Any
+) -> None:
+    """The caller hangs up during a prompt: Graph may tell the prompt's failure and the
+    call's end in one request, the failure first. The handler awaiting the prompt got an
+    OperationFailed that did not say the call had ended, and it counted as a handler error
+    (``handler_failed`` logged at error level) though the call had ended by the time it
+    reached the dispatcher. It counts as stopped by the call's end, as when the end comes
+    first."""
+    bot = graph_bot(graph, authority)
+    failures: list[OperationFailed] = []
+
+    @bot.on_state("established")
+    async def greet(call: Call, event: events.CallStateChanged) -> None:
+        prompt = await call.play_prompt("https://cdn.example.test/welcome.wav")
+        try:
+            await prompt.wait(timeout=10)
+        except OperationFailed as exc:
+            failures.append(exc)
+            raise
+
+    server: BotServer = await serve(bot)
+    graph.add_call("hang-up")
+    await server.post(b.notifications(b.call_state("hang-up", "establishing")))
+    await server.post(b.notifications(b.call_state("hang-up", "established")))
+    prompt_request = await graph.wait_for_request("playPrompt")
+    failed = b.operation_update(
+        "hang-up", operation_id(graph, prompt_request), status="failed", code=500, subcode=8508
+    )
+    ended = b.call_terminated("hang-up")
+    assert (await server.post(b.notifications(failed, ended))).status == 202
+    handled = bot.metrics.sources.handled
+    assert handled is not None
+    await until(lambda: handled()["call_ended"] == 1)
+    assert [exc.call_ended for exc in failures] == [False]  # the failure came first
+    assert handled()["handler_errors"] == 0
