@@ -102,6 +102,54 @@ async def test_graph_error_fields(graph: FakeGraph, services: CallServices) -> N
     assert "7505" in str(error)
 
 
+# A gateway in front of Graph answers with a page of its own (Azure Application Gateway's).
+GATEWAY_PAGE = (
+    b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
+    b"<center><h1>502 Bad Gateway</h1></center>\r\n"
+    b"<hr><center>Microsoft-Azure-Application-Gateway/v2</center>\r\n</body>\r\n</html>\r\n"
+)
+
+
+async def test_graph_errors_in_their_real_shapes_say_what_went_wrong(
+    graph: FakeGraph, services: CallServices
+) -> None:
+    """Graph's error with an empty message ({"code": "NotFound", "message": ""}, as live
+    bots have seen it) became a GraphError whose message was the whole JSON body, and a
+    gateway's HTML page one whose message was the markup: in the exception and its log line."""
+    inner = {"request-id": "7ebde706", "date": "2021-02-23T13:54:17"}
+    graph.fail_next(
+        "keepAlive", 404, body={"error": {"code": "NotFound", "message": "", "innerError": inner}}
+    )
+    graph.route(
+        "getCall",
+        lambda _: FakeResponse(status=502, raw=GATEWAY_PAGE, headers={"Content-Type": "text/html"}),
+    )
+    graph.route(
+        "answer",
+        lambda _: FakeResponse(
+            status=400, raw=b"Bad Request\r\n", headers={"Content-Type": "text/plain"}
+        ),
+    )
+    call = services.call(CALL_ID)
+    found: list[GraphError] = []
+    with capture_logs() as logs:
+        for action in (call.keep_alive, call.refresh, call.answer):
+            with pytest.raises(GraphError) as failure:
+                await action()
+            found.append(failure.value)
+    described = [(e.status, e.code, e.message) for e in found]
+    assert described == [
+        (404, "NotFound", "HTTP 404 Not Found"),
+        (502, None, "502 Bad Gateway"),
+        (400, None, "Bad Request"),
+    ]
+    assert found[0].body["error"]["innerError"] == inner  # all Graph said is kept
+    failed = [line for line in logs if line["event"] == "graph_request_failed"]
+    assert [(line["status"], line["error"]) for line in failed] == [
+        (status, message) for status, _, message in described
+    ]
+
+
 async def test_not_found_is_not_retried(graph: FakeGraph, services: CallServices) -> None:
     graph.end_call(CALL_ID)
     with pytest.raises(GraphError) as failure:

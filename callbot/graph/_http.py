@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import html as html_lib
 import json
 import random
+import re
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
+from http import HTTPStatus
 from typing import Any
 from urllib.parse import quote
 
@@ -127,7 +130,8 @@ def error_from(response: RawResponse, *, method: str, url: str) -> GraphError:
             code = error
             message = _str_or_none(payload.get("error_description")) or ""
     if not message:
-        message = response.body.decode("utf-8", "replace")[:500] or f"HTTP {response.status}"
+        # Graph's own error with an empty message ("NotFound", ""), or a gateway's page.
+        message = (None if code else _text_of(response)) or _phrase(response.status)
     return GraphError(
         response.status,
         code,
@@ -138,6 +142,36 @@ def error_from(response: RawResponse, *, method: str, url: str) -> GraphError:
         client_request_id=response.client_request_id,
         body=payload,
     )
+
+
+_TAG = re.compile(r"<[^>]*>")
+_MESSAGE_CHARS = 300
+
+
+def _text_of(response: RawResponse) -> str:
+    """What a body that is no Graph error says, on one line: an HTML page's title (or
+    its text), else the text itself; at most 300 characters."""
+    text = response.body[: 64 * 1024].decode("utf-8", "replace")
+    html = "html" in response.headers.get("Content-Type", "").lower() or text.lstrip()[:1] == "<"
+    if html:
+        text = html_lib.unescape(_TAG.sub(" ", _title(text) or text))
+    return " ".join(text.split())[:_MESSAGE_CHARS]
+
+
+def _title(page: str) -> str | None:
+    """The text of an HTML page's ``<title>`` (found by position: linear on any page)."""
+    lowered = page.lower()
+    start = lowered.find("<title")
+    opened = lowered.find(">", start) if start >= 0 else -1
+    end = lowered.find("</title", opened) if opened >= 0 else -1
+    return page[opened + 1 : end] if end >= 0 else None
+
+
+def _phrase(status: int) -> str:
+    try:
+        return f"HTTP {status} {HTTPStatus(status).phrase}"
+    except ValueError:
+        return f"HTTP {status}"
 
 
 def describe(exc: BaseException) -> str:
