@@ -562,6 +562,55 @@ async def test_a_refused_secret_is_asked_once_per_backoff_and_logged_once(
         await svc.close()
 
 
+# What the identity platform answers for a tenant id it does not know, and a scope no
+# resource of it has: the request is refused as it stands.
+NO_SUCH_TENANT = {
+    "error": "invalid_request",
+    "error_description": "AADSTS90002: Tenant 'contoso.onmicrosft.com' not found. Check to"
+    " make sure you have the correct tenant ID and are signing into the correct cloud.\r\n"
+    "Trace ID: 2b0bcb5e-2d4c-4b9e-8d9c-8b2f5f1f7a00\r\nCorrelation ID:"
+    " 1b0bcb5e-2d4c-4b9e-8d9c-8b2f5f1f7a00\r\nTimestamp: 2024-01-01 12:00:00Z",
+    "error_codes": [90002],
+    "timestamp": "2024-01-01 12:00:00Z",
+    "trace_id": "2b0bcb5e-2d4c-4b9e-8d9c-8b2f5f1f7a00",
+    "correlation_id": "1b0bcb5e-2d4c-4b9e-8d9c-8b2f5f1f7a00",
+    "error_uri": "https://login.microsoftonline.com/error?code=90002",
+}
+NO_SUCH_SCOPE = {
+    "error": "invalid_resource",
+    "error_description": "AADSTS500011: The resource principal named https://graph.example"
+    " was not found in the tenant named Contoso.",
+    "error_codes": [500011],
+}
+
+
+@pytest.mark.parametrize("body", [NO_SUCH_TENANT, NO_SUCH_SCOPE], ids=["tenant", "scope"])
+async def test_a_token_request_refused_for_its_tenant_or_scope_is_logged_as_refused(
+    graph: FakeGraph, body: dict[str, Any]
+) -> None:
+    """A tenant id the identity platform does not know (400 invalid_request, AADSTS90002)
+    was logged as graph_token_failed, a warning like an outage, not as the configuration
+    error graph_token_refused says, with what to check."""
+    graph.fail_next("token", 400, body=body)
+    svc = CallServices(graph.settings(), retry=NO_RETRY)
+    try:
+        with capture_logs() as logs, pytest.raises(GraphError) as failure:
+            await svc.call(CALL_ID).keep_alive()
+    finally:
+        await svc.close()
+    error = failure.value
+    code = str(body["error_codes"][0])
+    assert (error.status, error.code) == (400, body["error"])
+    assert error.message.startswith(f"AADSTS{code}: ")
+    assert events_named(logs, "graph_token_failed") == []
+    (refused,) = events_named(logs, "graph_token_refused")
+    assert refused["log_level"] == "error"
+    assert (refused["status"], refused["code"]) == (400, body["error"])
+    assert f"AADSTS{code}" in refused["error"]
+    assert "tenant_id" in refused["detail"]
+    assert graph.requests_for("keepAlive") == []
+
+
 @pytest.mark.parametrize("failure", ["unavailable", "unreachable"])
 async def test_a_token_endpoint_down_is_asked_once_per_backoff(
     graph: FakeGraph, clock: Clock, failure: str

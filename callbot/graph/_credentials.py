@@ -280,8 +280,8 @@ class CertificateCredential(_ClientCredentialsFlow):
 
 
 _PROOFS = frozenset({"client_secret", "client_assertion"})
-# The token endpoint's answers to credentials it will not take: configuration, not an outage.
-_REFUSALS = frozenset({"invalid_client", "unauthorized_client"})
+# Answers that are no refusal of the request itself: asking again later may succeed.
+_NOT_REFUSALS = frozenset({408, 429})
 DEFAULT_LIFETIME = 3600
 # A cached token is still sent while its refresh fails, until this long before it expires
 # (clocks differ: Graph must not see it expired).
@@ -353,8 +353,9 @@ class TokenCache:
     :class:`~callbot.GraphError` with what the token endpoint answered) without
     the credential being asked. The first caller after that fetches again; a
     success starts the count over. Each failed fetch writes one log line:
-    ``graph_token_refused`` (error) when the token endpoint refused the app's
-    credentials (``invalid_client``, ``unauthorized_client``), else
+    ``graph_token_refused`` (error) when the token endpoint refused the request with a
+    4xx (``invalid_client``, ``unauthorized_client``, ``invalid_request`` for a tenant
+    it does not know, ``invalid_scope``; not 408 or 429), else
     ``graph_token_failed`` (warning). A token due for refresh that has not
     expired is still used while the refresh runs or fails: callers never wait
     for a refresh while they hold a valid token.
@@ -477,11 +478,13 @@ class TokenCache:
         }
         if isinstance(failure, GraphError):
             fields.update(status=failure.status, code=failure.code, url=failure.url)
-            if failure.code in _REFUSALS:
+            # A 4xx is the request refused as it is (AADSTS90002, no such tenant, is a 400
+            # invalid_request): configuration, not an outage.
+            if 400 <= failure.status < 500 and failure.status not in _NOT_REFUSALS:
                 log.error(
                     "graph_token_refused",
-                    detail="the token endpoint refused the app's credentials: check app_id,"
-                    " tenant_id and app_secret or certificate_path",
+                    detail="the token endpoint refused the app's token request: check app_id,"
+                    " tenant_id, app_secret or certificate_path, and graph_url (its scope)",
                     **fields,
                 )
                 return
