@@ -150,6 +150,17 @@ async def test_graph_errors_in_their_real_shapes_say_what_went_wrong(
     ]
 
 
+async def test_an_error_code_written_as_a_number_is_the_same_code(
+    graph: FakeGraph, services: CallServices
+) -> None:
+    """Graph's error codes are strings ("8522"); one written as a JSON number was read as no
+    code at all, so a call not found (8522) about a participant was a plain 404."""
+    graph.fail_next("keepAlive", 404, body={"error": {"code": 8522, "message": "x"}})
+    with pytest.raises(GraphError) as failure:
+        await services.call(CALL_ID).keep_alive()
+    assert failure.value.code == "8522"
+
+
 async def test_not_found_is_not_retried(graph: FakeGraph, services: CallServices) -> None:
     graph.end_call(CALL_ID)
     with pytest.raises(GraphError) as failure:

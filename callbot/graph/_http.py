@@ -123,7 +123,7 @@ def error_from(response: RawResponse, *, method: str, url: str) -> GraphError:
     if isinstance(payload, Mapping):
         error = payload.get("error")
         if isinstance(error, Mapping):
-            code = _str_or_none(error.get("code"))
+            code = _code_text(error.get("code"))
             message = _str_or_none(error.get("message")) or ""
         elif isinstance(error, str):
             # the token endpoint answers {"error": "invalid_client", "error_description": ...}
@@ -198,6 +198,13 @@ async def _read_body(resp: aiohttp.ClientResponse, limit: int) -> bytes | None:
 
 def _str_or_none(value: Any) -> str | None:
     return value if isinstance(value, str) else None
+
+
+def _code_text(value: Any) -> str | None:
+    """Graph's error code as text: ``8522`` written as a number is the code ``"8522"``."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return _str_or_none(value)
 
 
 # Reserved characters, and "%" so that escapes stay: quote() leaves these as they are.
