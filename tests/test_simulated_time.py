@@ -14,6 +14,7 @@ import json
 import secrets
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 
@@ -309,3 +310,39 @@ async def test_an_early_operation_outcome_is_kept_for_its_lifetime_of_loop_time(
     await asyncio.sleep(2.0)
     registry.on_event(event_from_item(dict(item, resourceUrl=calls + "third")))
     assert [operation for _, operation in registry._recent] == ["second", "third"]
+
+
+async def test_a_recording_is_served_for_the_retention_asked_for_after_its_call_ends() -> None:
+    """Graph discards a recording shortly after its call ends; ``recording_retention`` says
+    how long the simulator keeps it (``None``: for good)."""
+    bot = answering_bot()
+    results: list[models.RecordOperation] = []
+
+    @bot.on_state("established")
+    async def record(call: Call, event: events.CallStateChanged) -> None:
+        op = await call.record_response(max_record_duration=10)
+        results.append(await op.wait(timeout=30))
+
+    async def status_of(location: str, token: str) -> int:
+        headers = {"Authorization": f"Bearer {token}"}
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(location, headers=headers) as got,
+        ):
+            return got.status
+
+    for retention, after, expected in ((30.0, 29.0, 200), (30.0, 31.0, 404), (None, 3600.0, 200)):
+        results.clear()
+        async with run_with_simulator(bot, recording_retention=retention) as sim:
+            call = await sim.incoming_call()
+            await call.wait_for_request("recordResponse")
+            await call.listen(timeout=30)
+            await call.settled()
+            await call.hangup()
+            await call.wait_until_ended()
+            await asyncio.sleep(after)
+            location = results[0].recording_location
+            token = results[0].recording_access_token
+            assert location
+            assert token
+            assert await status_of(location, token) == expected, (retention, after)

@@ -209,6 +209,35 @@ async def test_a_recording_is_served_only_with_its_access_token() -> None:
             assert response.status == 401
 
 
+async def test_a_recording_is_gone_once_its_call_ended() -> None:
+    """Graph discards a recording shortly after its call ends (call-record.md: "download the
+    recording promptly"): a bot that fetches it only after the call is over gets nothing."""
+    bot, _ = answering_bot()
+    results: list[models.RecordOperation] = []
+
+    @bot.on_tone
+    async def record(call: Call, event: events.ToneReceived) -> None:
+        op = await call.record_response(max_record_duration=10)
+        results.append(await op.wait(timeout=5))
+
+    async with run_with_simulator(bot) as sim:
+        call = await sim.incoming_call()
+        await call.press("2")
+        await until(lambda: bool(results))
+        location = results[0].recording_location
+        token = results[0].recording_access_token
+        assert location
+        assert token
+        headers = {"Authorization": f"Bearer {token}"}
+        async with aiohttp.ClientSession(headers=headers) as session:
+            async with session.get(location) as response:
+                assert response.status == 200  # while the call lasts
+            await call.hangup()
+            await call.wait_until_ended()
+            async with session.get(location) as response:
+                assert response.status == 404
+
+
 async def test_a_stop_tone_ends_a_recording_without_a_tone_subscription() -> None:
     """As Graph documents it (document 69): the key a recording's ``stopTones`` names ends
     it with ``stopToneDetected``; the bot needs no ``subscribeToTone`` for it."""

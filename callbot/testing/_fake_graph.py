@@ -230,11 +230,19 @@ class FakeCall:
     participants: dict[str, dict[str, Any]] = field(default_factory=dict)
     audio_routing_groups: dict[str, dict[str, Any]] = field(default_factory=dict)
     ended: bool = False
+    ended_at: float | None = None
+    """When the call ended, on the event loop's clock (its recordings go some time after)."""
     callback_uri: str | None = None
     """The ``callbackUri`` the bot gave for the call (placing, answering, rejecting or
     redirecting it), or the ``Location`` a bot's ``302 Found`` moved the call to: where
     Graph posts the call's notifications. A notification's own
     copy of the resource does not set it (a replay must not post to a recorded URL)."""
+
+    def end(self) -> None:
+        """The call is over: Graph answers 404 about it from now on."""
+        if not self.ended:
+            self.ended, self.ended_at = True, loop_time()
+        self.resource["state"] = "terminated"
 
 
 def _callback_uri(request: RecordedRequest) -> str | None:
@@ -285,7 +293,10 @@ class FakeGraph(LocalServer):
         self.require_auth = True
         self._secrets: dict[str, str] = {}
         self._certificates: dict[str, x509.Certificate] = {}
-        self._recordings: dict[str, tuple[bytes, str]] = {}
+        self._recordings: dict[str, tuple[bytes, str, str | None]] = {}
+        self.recording_retention: float | None = 0.0
+        """Seconds a call's recordings are still served once the call ended (``None``: kept).
+        Graph discards them "shortly after the call ends"; by default, as the call ends."""
         self._handlers: dict[str, Handler] = {}
         self._faults: list[_Fault] = []
         self._waited: dict[str, int] = {}
@@ -440,9 +451,7 @@ class FakeGraph(LocalServer):
 
     def end_call(self, call_id: str) -> None:
         """The call (a known one) is gone: later requests about it answer 404."""
-        call = self._call(call_id)
-        call.ended = True
-        call.resource["state"] = "terminated"
+        self._call(call_id).end()
 
     def add_participant(self, call_id: str, participant: Mapping[str, Any]) -> dict[str, Any]:
         """Add a participant (a ``participant`` resource) to a known call's roster."""
@@ -451,11 +460,16 @@ class FakeGraph(LocalServer):
         self._call(call_id).participants[str(item["id"])] = item
         return item
 
-    def add_recording(self, data: bytes, *, access_token: str | None = None) -> tuple[str, str]:
-        """Serve ``data`` as a recording; returns its location and its access token."""
+    def add_recording(
+        self, data: bytes, *, access_token: str | None = None, call_id: str | None = None
+    ) -> tuple[str, str]:
+        """Serve ``data`` as a recording; returns its location and its access token.
+
+        A recording of a call (``call_id``) is gone :attr:`recording_retention` seconds after
+        the call ends, as Graph discards recordings shortly after their call ends."""
         recording_id = str(uuid.uuid4())
         token = access_token or base64.urlsafe_b64encode(uuid.uuid4().bytes).decode()
-        self._recordings[recording_id] = (data, token)
+        self._recordings[recording_id] = (data, token, call_id)
         return f"{self.base_url}{RECORDINGS_ROOT}/{recording_id}", token
 
     # -- inspection ---------------------------------------------------------------
@@ -713,8 +727,7 @@ class FakeGraph(LocalServer):
         if action == "getCall":
             return FakeResponse(status=200, body=call.resource)
         if action == "deleteCall":
-            call.ended = True
-            call.resource["state"] = "terminated"
+            call.end()
             return FakeResponse(status=204)
         if action == "listParticipants":
             return FakeResponse(status=200, body={"value": list(call.participants.values())})
@@ -818,13 +831,24 @@ class FakeGraph(LocalServer):
         return FakeResponse(status=200, body=group)
 
     def _on_recording(self, request: RecordedRequest) -> FakeResponse:
-        stored = self._recordings.get(request.item_id or "")
+        recording_id = request.item_id or ""
+        stored = self._recordings.get(recording_id)
+        if stored is not None and self._discarded(stored[2]):
+            del self._recordings[recording_id]
+            stored = None
         if stored is None:
             return FakeResponse(status=404)
-        data, token = stored
+        data, token, _ = stored
         if request.bearer != token:
             return FakeResponse(status=401)
         return FakeResponse(status=200, raw=data, headers={"Content-Type": "audio/wav"})
+
+    def _discarded(self, call_id: str | None) -> bool:
+        """Whether a recording of ``call_id`` is gone: its call ended long enough ago."""
+        call = self.calls.get(id_key(call_id)) if call_id is not None else None
+        if call is None or call.ended_at is None or self.recording_retention is None:
+            return False
+        return loop_time() >= call.ended_at + self.recording_retention
 
     # -- token endpoint -------------------------------------------------------------
 

@@ -625,7 +625,7 @@ class SimulatedCall:
             if self._media.pop(operation_id, None) is None:
                 continue
             self._media_ended(operation_id)
-            location, token = self._sim.graph.add_recording(self._sim.recording)
+            location, token = self._sim.graph.add_recording(self._sim.recording, call_id=self.id)
             self._enqueue(
                 self._operation_item(
                     operation_id,
@@ -940,8 +940,7 @@ class SimulatedCall:
     def _end_on_graph(self) -> None:
         known = self._sim.graph.calls.get(self.key)
         if known is not None:
-            known.ended = True
-            known.resource["state"] = "terminated"
+            known.end()
         for task in list(self._timers):
             task.cancel()
 
@@ -1181,7 +1180,7 @@ class SimulatedCall:
                 self._stop_keys.pop(operation_id, None)
                 if self._media.pop(operation_id, None) is None:
                     return
-                location, token = sim.graph.add_recording(sim.recording)
+                location, token = sim.graph.add_recording(sim.recording, call_id=self.id)
                 self._enqueue(
                     self._operation_item(
                         operation_id,
@@ -1329,7 +1328,9 @@ class Simulator:
     ``answer_deadline`` how long an incoming call waits for the bot to answer,
     reject or redirect it before Graph ends it with 408/1106, ``keep_alive_deadline``
     how long a connected call goes without a ``keepAlive`` before Graph ends it with
-    408/8537 (all seconds, as Graph's by default, on the event loop's clock; ``None``: never).
+    408/8537 (all seconds, as Graph's by default, on the event loop's clock; ``None``: never),
+    ``recording_retention`` how long a call's recordings are still served once it ended
+    (Graph discards them shortly after; by default they go as the call ends; ``None``: kept).
     ``delivery`` posts notifications with Graph's quirks (out of order, twice,
     ``resource`` only, compact ids, late: :class:`DeliveryOptions`). With
     ``drive=False`` the simulator only answers requests and posts nothing by
@@ -1350,6 +1351,7 @@ class Simulator:
         transfer_duration: float = 0.02,
         answer_deadline: float | None = 15.0,
         keep_alive_deadline: float | None = KEEP_ALIVE_LIMIT,
+        recording_retention: float | None = 0.0,
         step_delay: float = 0.0,
         delivery: DeliveryOptions | None = None,
         drive: bool = True,
@@ -1385,6 +1387,7 @@ class Simulator:
         """What a recording made by ``recordResponse`` contains."""
         self.graph = FakeGraph(tenant_id=tenant_id, host=host)
         """The fake Graph REST API (requests, tokens, fault injection)."""
+        self.graph.recording_retention = recording_retention
         self.authority = TokenAuthority(key_file=key_file)
         """The token issuer whose keys the bot must trust (``openid_config_url``)."""
         self.traffic: list[Traffic] = []
