@@ -185,6 +185,28 @@ async def test_a_prompt_completes_once_it_would_have_played() -> None:
     assert timings[0] >= 0.3
 
 
+async def test_a_prompt_completes_with_the_prompts_it_played() -> None:
+    """As recorded from a Teams call (sb05): the completed playPromptOperation repeats the
+    prompts played, beside its completionReason."""
+    bot, _ = answering_bot()
+    results: list[models.PlayPromptOperation] = []
+
+    @bot.on_tone
+    async def play(call: Call, event: events.ToneReceived) -> None:
+        op = await call.play_prompt(["https://x.example/a.wav", "https://x.example/b.wav"])
+        results.append(await op.wait(timeout=5))
+
+    async with run_with_simulator(bot) as sim:
+        await sim.incoming_call()
+        await sim.press("5")
+        await until(lambda: bool(results))
+    assert results[0].completion_reason == "completedSuccessfully"
+    assert results[0].prompts is not None
+    played = [p for p in results[0].prompts if isinstance(p, models.MediaPrompt)]
+    uris = [p.media_info.uri if p.media_info else None for p in played]
+    assert uris == ["https://x.example/a.wav", "https://x.example/b.wav"]
+
+
 async def test_a_recording_is_served_only_with_its_access_token() -> None:
     bot, _ = answering_bot()
     downloaded: list[bytes] = []

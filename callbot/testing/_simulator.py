@@ -1163,9 +1163,9 @@ class SimulatedCall:
 
             def finished() -> None:
                 if self._media.pop(operation_id, None) is not None:
-                    # As recorded from Teams: the reason comes with the outcome.
-                    reason = {"completionReason": "completedSuccessfully"}
-                    self._enqueue(self._operation_item(operation_id, "completed", _DONE, reason))
+                    # As recorded from Teams (sb05): the outcome repeats the prompts, and why.
+                    done = {"prompts": prompts, "completionReason": "completedSuccessfully"}
+                    self._enqueue(self._operation_item(operation_id, "completed", _DONE, done))
 
             self._play_media(
                 operation_id, action, sim.prompt_duration * max(1, len(prompts)), finished
