@@ -233,7 +233,8 @@ async def test_a_recording_is_served_only_with_its_access_token() -> None:
 
 async def test_a_recording_is_gone_once_its_call_ended() -> None:
     """Graph discards a recording shortly after its call ends (call-record.md: "download the
-    recording promptly"): a bot that fetches it only after the call is over gets nothing."""
+    recording promptly"): a bot that fetches it only after the call is over gets nothing
+    (here at once; by default a minute after the call ends)."""
     bot, _ = answering_bot()
     results: list[models.RecordOperation] = []
 
@@ -242,7 +243,7 @@ async def test_a_recording_is_gone_once_its_call_ended() -> None:
         op = await call.record_response(max_record_duration=10)
         results.append(await op.wait(timeout=5))
 
-    async with run_with_simulator(bot) as sim:
+    async with run_with_simulator(bot, recording_retention=0.0) as sim:
         call = await sim.incoming_call()
         await call.press("2")
         await until(lambda: bool(results))

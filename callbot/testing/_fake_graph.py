@@ -51,6 +51,10 @@ GRAPH_ROOT = "/v1.0"
 BETA_ROOT = "/beta"
 AUTHORITY_ROOT = "/authority"
 RECORDINGS_ROOT = "/recordings"
+RECORDING_RETENTION = 60.0
+"""Seconds a call's recordings are still served once the call ended, by default: Graph
+discards them "shortly after" (how long it does not say); long enough that a download
+racing the caller's hang-up does not fail a test now and then."""
 CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 
 _CALL = r"/communications/calls/(?P<call>[^/]+)"
@@ -294,7 +298,7 @@ class FakeGraph(LocalServer):
         self._secrets: dict[str, str] = {}
         self._certificates: dict[str, x509.Certificate] = {}
         self._recordings: dict[str, tuple[bytes, str, str | None]] = {}
-        self.recording_retention: float | None = 0.0
+        self.recording_retention: float | None = RECORDING_RETENTION
         """Seconds a call's recordings are still served once the call ended (``None``: kept).
         Graph discards them "shortly after the call ends"; by default, as the call ends."""
         self._handlers: dict[str, Handler] = {}

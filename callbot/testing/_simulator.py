@@ -78,7 +78,7 @@ from ..graph import AccessToken
 from ..graph._call import on_beta
 from ..models._operations import is_settled
 from . import builders as build
-from ._fake_graph import FakeGraph, FakeResponse, RecordedRequest
+from ._fake_graph import RECORDING_RETENTION, FakeGraph, FakeResponse, RecordedRequest
 from ._tokens import TEST_TENANT_ID, TokenAuthority
 
 if TYPE_CHECKING:
@@ -1330,7 +1330,7 @@ class Simulator:
     how long a connected call goes without a ``keepAlive`` before Graph ends it with
     408/8537 (all seconds, as Graph's by default, on the event loop's clock; ``None``: never),
     ``recording_retention`` how long a call's recordings are still served once it ended
-    (Graph discards them shortly after; by default they go as the call ends; ``None``: kept).
+    (Graph discards them shortly after; by default a minute; ``None``: kept).
     ``delivery`` posts notifications with Graph's quirks (out of order, twice,
     ``resource`` only, compact ids, late: :class:`DeliveryOptions`). With
     ``drive=False`` the simulator only answers requests and posts nothing by
@@ -1351,7 +1351,7 @@ class Simulator:
         transfer_duration: float = 0.02,
         answer_deadline: float | None = 15.0,
         keep_alive_deadline: float | None = KEEP_ALIVE_LIMIT,
-        recording_retention: float | None = 0.0,
+        recording_retention: float | None = RECORDING_RETENTION,
         step_delay: float = 0.0,
         delivery: DeliveryOptions | None = None,
         drive: bool = True,
