@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import ipaddress
 import signal
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -589,7 +591,7 @@ class CallBot:
             factory = guard.protocol_factory(
                 runner.server, access_log=None, **self._connection_options()
             )
-            listener = await loop.create_server(factory, host, port, backlog=1024)
+            listener = await _listen(loop, factory, host, port)
             # The port bound, not the one asked for: with port 0 the system picks it.
             bound = listener.sockets[0].getsockname()[1]
             log.info("listening", host=host, port=bound, callback_path=self._settings.callback_path)
@@ -649,6 +651,30 @@ class CallBot:
             charset="utf-8",
             headers={"X-Content-Type-Options": "nosniff"},
         )
+
+
+async def _listen(
+    loop: asyncio.AbstractEventLoop,
+    factory: Callable[[], asyncio.Protocol],
+    host: str,
+    port: int,
+) -> asyncio.Server:
+    """Listen on ``host``; ``::`` takes IPv4 clients too, as it does in most servers."""
+    try:
+        every_ipv6_address = ipaddress.ip_address(host.strip("[]")) == ipaddress.IPv6Address("::")
+    except ValueError:
+        every_ipv6_address = False
+    if every_ipv6_address and socket.has_dualstack_ipv6():
+        # asyncio makes an IPv6 socket IPv6-only: probes and proxies on 127.0.0.1 got nothing.
+        sock = socket.create_server(
+            ("::", port), family=socket.AF_INET6, backlog=1024, dualstack_ipv6=True
+        )
+        try:
+            return await loop.create_server(factory, sock=sock, backlog=1024)
+        except BaseException:
+            sock.close()
+            raise
+    return await loop.create_server(factory, host, port, backlog=1024)
 
 
 def _default_exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:

@@ -45,7 +45,8 @@ class Settings:
     allow_insecure_public_url: bool = False
     """Accept an http public URL (for a local simulator only)."""
     host: str = "127.0.0.1"
-    """Address to listen on (``0.0.0.0`` for every interface)."""
+    """Address to listen on: ``0.0.0.0`` for every IPv4 address, ``::`` for every address,
+    IPv4 and IPv6."""
     port: int = 8080
     """Port to listen on (``0``: a free one, named in the ``listening`` log line)."""
     callback_path: str = "/api/calls"

@@ -40,8 +40,10 @@ def _run(args: argparse.Namespace) -> int:
     except OSError as exc:
         host = args.host or bot.settings.host
         port = bot.settings.port if args.port is None else args.port
+        # An IPv6 address is bracketed before its port, as in a URL: [::]:8080, not :::8080.
+        shown = f"[{host}]" if ":" in host else host
         raise CallbotError(
-            f"cannot listen on {host}:{port}: {exc.strerror or exc} "
+            f"cannot listen on {shown}:{port}: {exc.strerror or exc} "
             "(choose another with --port or CALLBOT_PORT)"
         ) from None
     return 0

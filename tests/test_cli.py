@@ -116,6 +116,28 @@ def test_a_port_in_use_after_the_bot_started(tmp_path: Path, busy_port: int) -> 
     assert "bot_started" in result.stderr
 
 
+def test_a_port_in_use_on_every_address_names_it_as_a_url_would(tmp_path: Path) -> None:
+    if not socket.has_dualstack_ipv6():
+        pytest.skip("no dual-stack sockets here")
+    # An IPv4 listener is enough to take the port from a bot on every address.
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = int(taken.getsockname()[1])
+        (tmp_path / "mybot.py").write_text(BOT_MODULE)
+        result = run_callbot(
+            "run",
+            "mybot:bot",
+            "--host",
+            "::",
+            "--port",
+            str(port),
+            cwd=tmp_path,
+            CALLBOT_APP_ID="x",
+        )
+    assert_one_clear_line(result, f"cannot listen on [::]:{port}")
+
+
 CODE_BOT_MODULE = """
 from callbot import CallBot
 

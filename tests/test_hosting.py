@@ -25,7 +25,7 @@ from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
-from callbot import Call, ConfigurationError, events
+from callbot import Call, CallBot, ConfigurationError, events
 from callbot._proxy import forwarded_client, proxy_middlewares
 from callbot._tunnel import TunnelError, devtunnel_public_url, ngrok_public_url
 from callbot.testing import TokenAuthority
@@ -778,3 +778,59 @@ async def test_deeply_nested_junk_from_the_ngrok_agent_is_a_tunnel_error() -> No
     async with plain_server(junk) as url:
         with pytest.raises(TunnelError, match="did not answer JSON"):
             await ngrok_public_url(8080, api_url=url)
+
+
+def dual_stack_loopback() -> bool:
+    """Whether this host has IPv6 loopback and sockets that take both families."""
+    if not socket.has_dualstack_ipv6():
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@contextlib.asynccontextmanager
+async def serving_on_every_address(bot: CallBot) -> AsyncIterator[int]:
+    """``bot.serve("::", port)`` until the block ends; yields the port, once [::1] answers."""
+    if not dual_stack_loopback():
+        pytest.skip("no IPv6 loopback or no dual-stack sockets here")
+    port = unused_port()
+    stop = asyncio.Event()
+    serving = asyncio.create_task(bot.serve("::", port, stop=stop))
+
+    async def answers() -> bool:
+        if serving.done():
+            serving.result()  # the bot failed to serve: say why
+        try:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(f"http://[::1]:{port}/healthz") as response,
+            ):
+                return response.status == 200
+        except aiohttp.ClientError:
+            return False
+
+    try:
+        async with asyncio.timeout(30):
+            while not await answers():  # noqa: ASYNC110 - a socket, no event to wait on
+                await asyncio.sleep(0.05)
+        yield port
+    finally:
+        stop.set()
+        await asyncio.wait_for(serving, 30)
+
+
+async def test_listening_on_every_ipv6_address_takes_ipv4_clients_too(
+    authority: TokenAuthority, logging_restored: None
+) -> None:
+    """``::`` is every address, as in other servers: a bot set to it still answers the
+    image's health check on 127.0.0.1, and a proxy that connects over IPv4."""
+    async with (
+        serving_on_every_address(make_bot(authority)) as port,
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}/healthz") as response,
+    ):
+        assert response.status == 200
