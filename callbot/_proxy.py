@@ -90,9 +90,19 @@ def _address(entry: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None
     elif text.count(":") == 1:
         text = text.split(":", 1)[0]
     try:
-        return ipaddress.ip_address(text.split("%", 1)[0])
+        address = ipaddress.ip_address(text.split("%", 1)[0])
     except ValueError:
         return None
+    # A dual-stack socket (the bot on ::) sees an IPv4 peer as ::ffff:a.b.c.d.
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    return mapped or address
+
+
+def _peer(request: web.Request) -> str | None:
+    """The connection's address, an IPv4 one as IPv4 even on a dual-stack socket."""
+    remote = request.remote
+    address = _address(remote) if remote else None
+    return remote if address is None else str(address)
 
 
 def _listed(request: web.Request, name: str) -> list[str]:
@@ -116,7 +126,7 @@ def _read_headers(request: web.Request, networks: tuple[Network, ...]) -> Forwar
         if not _within(address, networks):
             break
     if client is None:
-        return ForwardedClient(request.remote, request.scheme, request.remote)
+        return ForwardedClient(_peer(request), request.scheme, _peer(request))
     scheme = request.scheme
     protos = [p.strip().lower() for p in _listed(request, hdrs.X_FORWARDED_PROTO) if p.strip()]
     if protos:
@@ -124,7 +134,7 @@ def _read_headers(request: web.Request, networks: tuple[Network, ...]) -> Forwar
         # address; one that writes a single scheme gives it for every hop.
         proto = protos[-hops] if hops <= len(protos) else protos[0]
         scheme = proto if proto in ("http", "https") else scheme
-    return ForwardedClient(client, scheme, request.remote)
+    return ForwardedClient(client, scheme, _peer(request))
 
 
 def proxy_middlewares(trusted_proxies: Iterable[str]) -> list[Middleware]:
@@ -156,4 +166,5 @@ def forwarded_client(request: web.Request) -> ForwardedClient:
     current = _current.get()
     if current is not None and current[0] is request:
         return current[1]
-    return ForwardedClient(request.remote, request.scheme, request.remote)
+    peer = _peer(request)
+    return ForwardedClient(peer, request.scheme, peer)

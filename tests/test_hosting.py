@@ -194,6 +194,9 @@ async def refused_client(server: BotServer, headers: dict[str, str]) -> Any:
         (("127.0.0.1/32",), "203.0.113.7:443", "203.0.113.7"),
         (("127.0.0.1/32",), "[2001:db8::7]:443", "2001:db8::7"),
         (("127.0.0.1/32",), "2001:db8::7", "2001:db8::7"),
+        # A dual-stack proxy writes an IPv4 hop as ::ffff:a.b.c.d: the same address.
+        (("127.0.0.1/32", "10.0.0.0/8"), "203.0.113.7, ::ffff:10.1.2.3", "203.0.113.7"),
+        (("127.0.0.1/32",), "::ffff:203.0.113.7", "203.0.113.7"),
     ],
 )
 async def test_forwarded_for_is_believed_only_from_trusted_proxies(
@@ -834,3 +837,27 @@ async def test_listening_on_every_ipv6_address_takes_ipv4_clients_too(
         session.get(f"http://127.0.0.1:{port}/healthz") as response,
     ):
         assert response.status == 200
+
+
+async def test_a_trusted_ipv4_proxy_is_trusted_on_every_address(
+    authority: TokenAuthority, logging_restored: None
+) -> None:
+    """On ``::`` an IPv4 proxy connects as ``::ffff:127.0.0.1``: still the trusted 127.0.0.1."""
+    bot = make_bot(authority, trusted_proxies=("127.0.0.1/32",))
+    async with serving_on_every_address(bot) as port, aiohttp.ClientSession() as session:
+        logged: list[Any] = []
+        for forwarded_for in ("203.0.113.7", None):
+            headers = {"Content-Type": "application/json", "Authorization": "Bearer garbage"}
+            if forwarded_for is not None:
+                headers["X-Forwarded-For"] = forwarded_for
+            with capture_logs() as logs:
+                async with session.post(
+                    f"http://127.0.0.1:{port}/api/calls",
+                    data=json.dumps(b.notifications(b.incoming_call("v4"))),
+                    headers=headers,
+                ) as response:
+                    assert response.status == 401
+            [refusal] = [e for e in logs if e["event"] == "callback_refused"]
+            logged.append(refusal.get("client"))
+    # Without a forwarded address, the proxy itself, written as IPv4.
+    assert logged == ["203.0.113.7", "127.0.0.1"]
