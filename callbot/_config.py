@@ -140,7 +140,8 @@ class Settings:
     answered and re-runs stay flagged; while fewer replicas keep up, callbacks get 503.
     One server or Sentinel only (``redis://``, ``redis+sentinel://``)."""
     trusted_proxies: tuple[str, ...] = ()
-    """Networks whose Forwarded/X-Forwarded-* headers are believed (for logging)."""
+    """Networks whose ``X-Forwarded-For`` and ``X-Forwarded-Proto`` are believed, for log
+    lines only (the standard ``Forwarded`` header is not read: have the proxy send these)."""
     log_format: str = "auto"
     """``json``, ``console`` or ``auto`` (console on a terminal, JSON otherwise); applied
     when the bot serves itself (``callbot run``, ``bot.run()``, ``bot.serve()``)."""
