@@ -171,8 +171,9 @@ def devtunnel_public_url(
     tunnel_id = tunnel_id or os.environ.get("CALLBOT_DEVTUNNEL_ID") or None
     command = [program, "show", *([tunnel_id] if tunnel_id else []), "--json"]
     shown = " ".join(["devtunnel", *command[1:]])
+    # A dev tunnel admits only its owner by default, and Graph cannot sign in to it.
     start_hint = (
-        f"create one with `devtunnel create`, `devtunnel port create -p {port}`, "
+        f"create one with `devtunnel create --allow-anonymous`, `devtunnel port create -p {port}`, "
         "then `devtunnel host`"
     )
     try:

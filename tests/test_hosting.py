@@ -387,8 +387,12 @@ def test_devtunnel_errors_are_clear(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         devtunnel_public_url(8080)
 
     write_fake_devtunnel(tmp_path, json.dumps({"tunnel": {"ports": [{"portNumber": 9090}]}}))
-    with pytest.raises(TunnelError, match=r"has no port 8080 \(it lists ports \[9090\]\)"):
+    with pytest.raises(
+        TunnelError, match=r"has no port 8080 \(it lists ports \[9090\]\)"
+    ) as no_port:
         devtunnel_public_url(8080)
+    # The tunnel it says to create is one Graph can reach: anonymous, not private to its owner.
+    assert "`devtunnel create --allow-anonymous`" in str(no_port.value)
 
     write_fake_devtunnel(tmp_path, "", exit_code=1)
     with pytest.raises(TunnelError, match=r"failed \(fake devtunnel error\)"):
