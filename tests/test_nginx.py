@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import io
 import json
+import re
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -25,7 +26,13 @@ from callbot.testing import TokenAuthority
 from callbot.testing import builders as b
 
 from .conftest import BotServer, make_bot, until
-from .nginx_support import find_nginx, nginx_command, write_nginx_config, write_self_signed
+from .nginx_support import (
+    DEPLOY,
+    find_nginx,
+    nginx_command,
+    write_nginx_config,
+    write_self_signed,
+)
 
 pytestmark = pytest.mark.nginx
 
@@ -51,8 +58,12 @@ def require_client_source() -> None:
 
 
 @contextlib.asynccontextmanager
-async def running_nginx(prefix: Path, upstream_port: int) -> AsyncIterator[int]:
-    """nginx with the rendered deploy template, proxying to the bot; yields its TLS port."""
+async def running_nginx(
+    prefix: Path, upstream_port: int, listen: str = "127.0.0.1:{port}"
+) -> AsyncIterator[int]:
+    """nginx with the rendered deploy template, proxying to the bot; yields its TLS port.
+
+    ``listen`` is NGINX_LISTEN, with ``{port}`` for the port picked here."""
     binary = find_nginx()
     certificate, key = write_self_signed(prefix)
     # The port picked may be taken by another process before nginx binds it: try another.
@@ -62,7 +73,7 @@ async def running_nginx(prefix: Path, upstream_port: int) -> AsyncIterator[int]:
             prefix,
             {
                 "CALLBOT_UPSTREAM": f"127.0.0.1:{upstream_port}",
-                "NGINX_LISTEN": f"127.0.0.1:{port}",
+                "NGINX_LISTEN": listen.format(port=port),
                 "SERVER_NAME": "localhost",
                 "TLS_CERTIFICATE": str(certificate),
                 "TLS_CERTIFICATE_KEY": str(key),
@@ -227,3 +238,60 @@ async def test_nginx_refuses_a_body_over_the_bots_limit_before_the_bot_sees_it(
             before.get(("auth_failed", "malformed"), 0) + 1
         )
     assert handled == []
+
+
+def documented_listen_values() -> list[str]:
+    """The NGINX_LISTEN examples of deploy/README.md's placeholder table."""
+    readme = (DEPLOY / "README.md").read_text(encoding="utf-8")
+    row = re.search(r"^\| `NGINX_LISTEN` \|(.*)\|$", readme, re.MULTILINE)
+    assert row is not None, "deploy/README.md has no NGINX_LISTEN row"
+    values = re.findall(r"`([^`]+)`", row.group(1))
+    assert values, row.group(0)
+    return values
+
+
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+async def test_every_documented_listen_address_takes_callbacks_over_ipv4(
+    authority: TokenAuthority, serve: Any, tmp_path: Path
+) -> None:
+    """Graph reaches a host name with an A record over IPv4: nginx's ``[::]:443`` alone
+    listens on IPv6 only (ipv6only=on), so a value for both must say ipv6only=off."""
+    if not ipv6_loopback():
+        pytest.skip("no IPv6 loopback here")
+    bot, handled = recording_bot(authority)
+    server: BotServer = await serve(bot)
+    expected: list[str] = []
+    for number, value in enumerate(documented_listen_values()):
+        assert "443" in value, value
+        hosts = ["127.0.0.1", "[::1]"] if "[::]" in value else ["127.0.0.1"]
+        prefix = tmp_path / str(number)
+        prefix.mkdir()
+        async with (
+            running_nginx(prefix, upstream_port(server), value.replace("443", "{port}")) as port,
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=False)) as session,
+        ):
+            for host in hosts:
+                call_id = f"listen-{number}-{host}"
+                body = json.dumps(b.notifications(b.incoming_call(call_id)))
+                try:
+                    async with session.post(
+                        f"https://{host}:{port}/api/calls",
+                        data=body,
+                        headers=signed_headers(server.token()),
+                    ) as response:
+                        status = response.status
+                except aiohttp.ClientConnectionError as exc:
+                    raise AssertionError(
+                        f"NGINX_LISTEN={value!r}: nothing at {host}: {exc}"
+                    ) from None
+                assert status == 202, (value, host)
+                expected.append(call_id)
+    await until(lambda: sorted(handled) == sorted(expected))
