@@ -35,7 +35,8 @@ class Settings:
     Required to serve; checked when the bot starts, so a bot module can be
     imported (and configured by a test) before it is set."""
     tenant_id: str | None = None
-    """Tenant the bot's outbound app-only token is requested for."""
+    """Tenant the bot's outbound app-only token is requested for: its id, or a domain
+    name (``contoso.onmicrosoft.com``) the token endpoint knows it by."""
     app_secret: str | None = field(default=None, repr=False)
     """Client secret for outbound tokens (or use ``certificate_path``)."""
     certificate_path: str | None = None
