@@ -31,8 +31,9 @@ Fixtures:
   a handler raised an error that no ``@bot.on_error`` handler took (until the bot
   stopped), the bot refused a notification, or handlers still ran when the test
   ended (the bot abandoned them when it stopped). A handler stopped by
-  :class:`~callbot.CallEnded` (the caller hung up) is not a failure. Override with
-  ``False``.
+  :class:`~callbot.CallEnded` (the caller hung up), or by an
+  :class:`~callbot.OperationFailed` because the call ended, is not a failure.
+  Override with ``False``.
 * ``callbot_simulator`` and its short name ``sim`` - the running simulator. A
   recording file named by ``CALLBOT_RECORD_PATH`` (kept for real calls) is not
   written during the test; one the bot was configured with otherwise is.
