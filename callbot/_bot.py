@@ -44,6 +44,10 @@ BOT_KEY: web.AppKey[CallBot] = web.AppKey("callbot")
 P = ParamSpec("P")
 R = TypeVar("R")
 
+_REQUEST_GRACE_AT_EXIT = 1.0
+"""Seconds a request still in progress after the drain gets before it is cut (aiohttp
+gives it that long to finish, then as long again to stop once cancelled)."""
+
 
 def _signature_of(
     target: Callable[Concatenate[Any, P], R],
@@ -573,7 +577,14 @@ class CallBot:
             loop.add_signal_handler(signum, stop.set)
         # serve() owns the process, so it may tune the collector for many live calls.
         tune_for_serving()
-        runner = web.AppRunner(self.create_app(), handle_signals=False, access_log=None)
+        runner = web.AppRunner(
+            self.create_app(),
+            handle_signals=False,
+            access_log=None,
+            # After the drain only a slow request is left (Graph retries it): cut it, or it
+            # would hold the exit past the orchestrator's grace period (aiohttp waits 60 s).
+            shutdown_timeout=_REQUEST_GRACE_AT_EXIT,
+        )
         guard = ConnectionGuard(
             header_timeout=self._settings.header_timeout,
             max_connections=self._settings.max_connections,

@@ -628,6 +628,45 @@ async def test_a_handler_outliving_the_shutdown_timeout_is_logged_as_abandoned(
     assert abandoned[0]["kind"] == "IncomingCall"
 
 
+async def test_a_request_still_in_progress_after_the_drain_does_not_hold_the_exit(
+    authority: TokenAuthority, bot_processes: list[BotProcess], tmp_path: Path
+) -> None:
+    """A signed callback whose body stops halfway: after the drain it is cut (Graph retries
+    it) instead of being waited for, here for as long as its 600 s body timeout."""
+    bot = await BotProcess.start(
+        bot_env(authority, tmp_path / "handled.txt", CALLBOT_BODY_TIMEOUT="600")
+    )
+    bot_processes.append(bot)
+    async with client_session() as session:
+        await bot.wait_ready(session)
+    body = json.dumps(b.notifications(b.incoming_call("half-1"))).encode()
+    token = authority.mint(audience=APP_ID)
+    reader, writer = await asyncio.open_connection("127.0.0.1", bot.port)
+    try:
+        writer.write(
+            b"POST /api/calls HTTP/1.1\r\nHost: bot\r\nContent-Type: application/json\r\n"
+            + f"Authorization: Bearer {token}\r\nContent-Length: {len(body)}\r\n".encode()
+            + b"Expect: 100-continue\r\n\r\n"
+        )
+        await writer.drain()
+        # aiohttp says 100 Continue once the request has reached the app: it is in progress.
+        async with asyncio.timeout(20):
+            assert await reader.readline() == b"HTTP/1.1 100 Continue\r\n"
+            assert await reader.readline() == b"\r\n"
+        writer.write(body[: len(body) // 2])
+        await writer.drain()
+        bot.process.send_signal(signal.SIGTERM)
+
+        assert await bot.wait_exit() == 0, bot.output()
+        async with asyncio.timeout(20):
+            rest = await reader.read()
+        assert b"202" not in rest, rest
+    finally:
+        writer.close()
+    names = [e.get("event") for e in bot.events()]
+    assert names.index("draining") < names.index("bot_stopped"), bot.output()
+
+
 async def test_run_with_ngrok_takes_the_public_url_from_the_agent(
     authority: TokenAuthority, bot_processes: list[BotProcess], tmp_path: Path
 ) -> None:
