@@ -211,21 +211,24 @@ class _Runtime:
             keys_loaded=self.authenticator.ready,
         )
 
-    async def drain(self) -> None:
+    async def drain(self, stop_waiting: asyncio.Event | None = None) -> None:
         if self.receiver.draining:
             return
         self.receiver.draining = True
         log.info("draining", timeout=self.settings.shutdown_timeout)
         # One deadline for the whole drain, so the store's wait and the handlers' share it.
         deadline = loop_time() + self.settings.shutdown_timeout
-        await self.store.drain(self.settings.shutdown_timeout)
-        abandoned = await self.dispatcher.join(max(0.0, deadline - loop_time()))
+        await self.store.drain(self.settings.shutdown_timeout, stop_waiting)
+        abandoned = await self.dispatcher.join(max(0.0, deadline - loop_time()), stop_waiting)
+        hurried = stop_waiting is not None and stop_waiting.is_set()
         for delivery in abandoned:
             log.error(
                 "notification_abandoned",
                 call_id=delivery.life.call_id,
                 kind=type(delivery.event).__name__,
-                reason="handlers did not finish before the shutdown deadline",
+                reason="shutdown hurried by a second signal before handlers finished"
+                if hurried
+                else "handlers did not finish before the shutdown deadline",
             )
 
     async def stop(self) -> None:
@@ -563,6 +566,9 @@ class CallBot:
     ) -> None:
         """Serve until ``stop`` is set, or SIGINT/SIGTERM; then drain and close.
 
+        A SIGINT/SIGTERM during the drain (a second Ctrl-C) ends it at once: handlers
+        still running are cancelled and logged as abandoned, as at ``shutdown_timeout``.
+
         Logging follows ``log_format`` and ``log_level`` from here on, the standard
         library's ``logging`` included (a bot mounted with ``create_app()`` keeps the
         application's own logging).
@@ -572,9 +578,23 @@ class CallBot:
         host = host or self._settings.host
         port = self._settings.port if port is None else port
         stop = stop or asyncio.Event()
+        stop_waiting = asyncio.Event()
+
+        def on_signal(signum: signal.Signals) -> None:
+            if not stop.is_set():
+                stop.set()
+            elif not stop_waiting.is_set():
+                # Already stopping (a second Ctrl-C): whoever sent it will not wait it out.
+                stop_waiting.set()
+                log.warning(
+                    "shutdown_hurried",
+                    signal=signum.name,
+                    detail="handlers still running are stopped now, not at the deadline",
+                )
+
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
+            loop.add_signal_handler(signum, on_signal, signum)
         # serve() owns the process, so it may tune the collector for many live calls.
         tune_for_serving()
         runner = web.AppRunner(
@@ -609,7 +629,8 @@ class CallBot:
             await stop.wait()
             log.info("shutdown_requested")
             # Drain while still listening, so probes see readyz fail before the exit.
-            await self.drain()
+            if self._runtime is not None:
+                await self._runtime.drain(stop_waiting)
         finally:
             for signum in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(signum)

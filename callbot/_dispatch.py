@@ -22,7 +22,7 @@ import structlog
 
 from . import events
 from ._affinity import DeploymentChooser
-from ._clock import loop_time
+from ._clock import loop_time, wait_all
 from ._errors import CallEnded, OperationFailed
 from ._journal import Attempt
 from ._journal import _current as _current_attempt
@@ -195,14 +195,17 @@ class Dispatcher:
             # name costs as much as the rest of creating the task.
             self._workers[key] = asyncio.get_running_loop().create_task(self._work(key, queue))
 
-    async def join(self, timeout: float) -> list[Delivery]:
-        """Wait up to ``timeout`` for all work; cancel the rest and return it."""
+    async def join(
+        self, timeout: float, stop_waiting: asyncio.Event | None = None
+    ) -> list[Delivery]:
+        """Wait up to ``timeout`` for all work (less if ``stop_waiting`` is set meanwhile);
+        cancel the rest and return it."""
         deadline = loop_time() + timeout
-        while self._workers:
+        while self._workers and not (stop_waiting is not None and stop_waiting.is_set()):
             remaining = deadline - loop_time()
             if remaining <= 0:
                 break
-            await asyncio.wait(list(self._workers.values()), timeout=remaining)
+            await wait_all(list(self._workers.values()), remaining, stop_waiting)
         abandoned = [d for q in self._queues.values() for d, _ in q]
         self.counts["abandoned"] += len(abandoned)
         for task in list(self._workers.values()):

@@ -628,6 +628,35 @@ async def test_a_handler_outliving_the_shutdown_timeout_is_logged_as_abandoned(
     assert abandoned[0]["kind"] == "IncomingCall"
 
 
+async def test_a_second_signal_stops_the_drain_and_abandons_the_running_handler(
+    authority: TokenAuthority, bot_processes: list[BotProcess], tmp_path: Path
+) -> None:
+    """Ctrl-C twice: the first drains, the second stops waiting for the handler (which
+    would otherwise have all of a shutdown_timeout that outlasts the test)."""
+    output = tmp_path / "handled.txt"
+    env = bot_env(authority, output, HOSTING_BOT_RELEASE="1", CALLBOT_SHUTDOWN_TIMEOUT="600")
+    bot = await BotProcess.start(env)
+    bot_processes.append(bot)
+    async with client_session() as session:
+        await bot.wait_ready(session)
+        assert await post_signed(session, bot, authority, "hurry-1") == 202
+        await wait_for_line(output, "start hurry-1", bot)
+    bot.process.send_signal(signal.SIGINT)
+    await until(lambda: any(e.get("event") == "draining" for e in bot.events()), within=20)
+    bot.process.send_signal(signal.SIGINT)
+
+    assert await bot.wait_exit() == 0, bot.output()
+    assert output.read_text().splitlines() == ["start hurry-1"]
+    entries = bot.events()
+    hurried = [e for e in entries if e.get("event") == "shutdown_hurried"]
+    assert len(hurried) == 1, bot.output()
+    assert hurried[0]["signal"] == "SIGINT"
+    abandoned = [e for e in entries if e.get("event") == "notification_abandoned"]
+    assert [(e["call_id"], e["kind"]) for e in abandoned] == [("hurry-1", "IncomingCall")]
+    names = [e.get("event") for e in entries]
+    assert names.index("draining") < names.index("shutdown_hurried") < names.index("bot_stopped")
+
+
 async def test_a_request_still_in_progress_after_the_drain_does_not_hold_the_exit(
     authority: TokenAuthority, bot_processes: list[BotProcess], tmp_path: Path
 ) -> None:

@@ -52,6 +52,7 @@ from callbot.testing import builders as b
 
 from .conftest import APP_ID, BotServer, make_bot, until
 from .test_digits import MENU, pin_then_choice
+from .test_hosting import BotProcess, bot_env, post_signed, wait_for_line
 from .test_redis_bot import label, log_key
 from .test_security_tokens import OTHER_TENANT as OTHER
 from .test_security_tokens import without_tenant
@@ -2036,6 +2037,44 @@ async def test_a_handler_abandoned_at_shutdown_is_handed_over_at_once(
     await first.bot.stop()
     await until(lambda: len(runs) == 2, within=20)
     assert runs == [(0, False), (1, True)]
+
+
+async def test_a_second_signal_stops_the_drain_of_a_call_this_instance_runs(
+    authority: TokenAuthority, redis_url: str, tmp_path: Path
+) -> None:
+    """The drain waits for each call this instance runs to finish its entry: a second
+    signal stops that wait too (else all of a 600 s shutdown_timeout), and the call is
+    handed over as the instance closes."""
+    output = tmp_path / "handled.txt"
+    env = bot_env(
+        authority,
+        output,
+        CALLBOT_STORE=redis_url,
+        HOSTING_BOT_RELEASE="1",
+        CALLBOT_SHUTDOWN_TIMEOUT="600",
+    )
+    bot = await BotProcess.start(env)
+    try:
+        async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(force_close=True)
+        ) as session:
+            await bot.wait_ready(session)
+            assert await post_signed(session, bot, authority, "hurry-redis") == 202
+            await wait_for_line(output, "start hurry-redis", bot)
+        bot.process.send_signal(signal.SIGTERM)
+        await until(lambda: any(e.get("event") == "draining" for e in bot.events()), within=20)
+        bot.process.send_signal(signal.SIGTERM)
+
+        assert await bot.wait_exit() == 0, bot.output()
+    finally:
+        await bot.close()
+    assert output.read_text().splitlines() == ["start hurry-redis"]
+    entries = bot.events()
+    assert [e["signal"] for e in entries if e.get("event") == "shutdown_hurried"] == ["SIGTERM"]
+    abandoned = [e["call_id"] for e in entries if e.get("event") == "notification_abandoned"]
+    assert abandoned == ["hurry-redis"], bot.output()
+    [closed] = [e for e in entries if e.get("event") == "store_closed"]
+    assert closed["handed_over"] == 1
 
 
 async def test_entries_left_at_a_graceful_shutdown_are_not_flagged_as_re_runs(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from collections.abc import Sequence
 from typing import Protocol
@@ -74,8 +75,9 @@ class Store(Protocol):
         store), else none."""
         ...
 
-    async def drain(self, timeout: float) -> None:
-        """Stop taking on work (on shutdown), waiting at most ``timeout`` seconds.
+    async def drain(self, timeout: float, stop_waiting: asyncio.Event | None = None) -> None:
+        """Stop taking on work (on shutdown), waiting at most ``timeout`` seconds, and no
+        longer once ``stop_waiting`` is set.
 
         What is kept is left for others or released.
         """

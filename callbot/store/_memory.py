@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from collections.abc import Callable, Sequence
 
@@ -69,7 +70,7 @@ class MemoryStore:
         """None: this process is the only one."""
         return []
 
-    async def drain(self, timeout: float) -> None:
+    async def drain(self, timeout: float, stop_waiting: asyncio.Event | None = None) -> None:
         """Held events go now: on shutdown nothing waits for a window."""
         self.sequencer.release_all()
 

@@ -38,6 +38,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from .. import events
+from .._clock import wait_all
 from .._config import Settings
 from .._dispatch import Dispatcher
 from .._errors import ConfigurationError, StoreUnavailable
@@ -878,8 +879,9 @@ class RedisStore:
             # Its record still expires a day after its last notification.
             log.warning("forget_failed", call_key=call_key, error=str(exc))
 
-    async def drain(self, timeout: float) -> None:
-        """Stop claiming; let each held call finish its running entry, then hand it over."""
+    async def drain(self, timeout: float, stop_waiting: asyncio.Event | None = None) -> None:
+        """Stop claiming; let each held call finish its running entry, then hand it over
+        (what is still running when ``stop_waiting`` is set is handed over as it closes)."""
         self._draining = True
         if self._claimer is not None:
             self._claimer.cancel()
@@ -887,7 +889,7 @@ class RedisStore:
         for state in self._owned.values():
             state.changed.set()
         if owners:
-            await asyncio.wait(owners, timeout=max(timeout, 0.001))
+            await wait_all(owners, max(timeout, 0.001), stop_waiting)
         self._drained = True
 
     async def close(self) -> None:
