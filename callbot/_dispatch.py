@@ -180,7 +180,7 @@ class Dispatcher:
         once all its handlers ran (a shared store acknowledges it then)."""
         for listener in self._delivery_listeners:
             listener(delivery.event)
-        key = delivery.event.call_key
+        key = delivery.life.key  # the event's call key: the sequencer finds the life by it
         queue = self._queues.get(key)
         if queue is None:
             if done is None and not self._registry.wants(type(delivery.event)):

@@ -350,7 +350,10 @@ class Lifecycle:
         """Whether a known call (or one that ended within :data:`ENDED_MEMORY`) belongs to
         another tenant than ``tenant_id``: a token proves its tenant, not that the call named
         is that tenant's."""
-        key = id_key(call_id)
+        return self.key_belongs_elsewhere(id_key(call_id), tenant_id)
+
+    def key_belongs_elsewhere(self, key: str, tenant_id: str | None) -> bool:
+        """:meth:`belongs_elsewhere` of the call whose :func:`id_key` is ``key``."""
         life = self._lives.get(key)
         if life is not None:
             bound = life.tenant_id

@@ -537,7 +537,9 @@ class Sequencer:
 
     def accept(self, event: events.Event) -> None:
         """Take one accepted event: deliver, hold or drop it (with a log line)."""
-        key = event.call_key
+        self._accept(event, event.call_key)
+
+    def _accept(self, event: events.Event, key: str) -> None:
         record = self._records.get(key)
         if record is None:
             record = self._new_record(key, event.call_id, event.tenant_id)
@@ -616,12 +618,13 @@ class Sequencer:
         """``accept`` each event of a request but those naming a call of another tenant than
         their token's; then, if there were such, raise :func:`tenant_mismatch`."""
         refused = 0
-        belongs_elsewhere = self.lifecycle.belongs_elsewhere
+        belongs_elsewhere = self.lifecycle.key_belongs_elsewhere
         for event in batch:
-            if belongs_elsewhere(event.call_id, event.tenant_id):
+            key = event.call_key  # worked out once, for the tenant check and the ordering
+            if belongs_elsewhere(key, event.tenant_id):
                 refused += 1
             else:
-                self.accept(event)
+                self._accept(event, key)
         if refused:
             raise tenant_mismatch(refused, len(batch))
 

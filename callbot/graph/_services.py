@@ -193,9 +193,9 @@ class CallServices:
     ) -> Call:
         """A handle of a call (handles of one call compare equal, whatever the id's form);
         ``life`` is the call's, when the caller has it at hand."""
-        key = id_key(call_id)
         if life is None and self._lifecycle is not None:
             life = self._lifecycle.get(call_id)
+        key = life.key if life is not None else id_key(call_id)
         return Call(
             call_id,
             services=self,
