@@ -34,9 +34,10 @@ import json
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
+from pydantic import BaseModel
 
 from . import events
 from ._config import Settings
@@ -84,6 +85,35 @@ collection's bound): no caller presses this many keys within a window, so a floo
 goes on at once rather than be kept and sorted."""
 # Unknown properties a call's snapshot keeps across notifications (Graph's call has ~40).
 _MAX_EXTRA_PROPERTIES = 256
+
+
+_Model = TypeVar("_Model", bound=BaseModel)
+_set_attribute = object.__setattr__
+
+
+def _copied(model: _Model, update: dict[str, Any]) -> _Model:
+    """``model.model_copy(update=update)``, the same copy built directly: pydantic's goes
+    through the ``copy`` module three times, which costs more than the rest of a delivery's
+    copy (two or three per notification). As there, nothing is validated; a name the model
+    does not declare goes to its unknown properties (``model_extra``) when it keeps them."""
+    cls = type(model)
+    declared = cls.__pydantic_fields__
+    values = model.__dict__.copy()
+    extra = model.__pydantic_extra__
+    if extra is not None:
+        extra = extra.copy()
+    for name, value in update.items():
+        if extra is None or name in declared:
+            values[name] = value
+        else:
+            extra[name] = value
+    private = getattr(model, "__pydantic_private__", None)
+    copied = cls.__new__(cls)
+    _set_attribute(copied, "__dict__", values)
+    _set_attribute(copied, "__pydantic_extra__", extra)
+    _set_attribute(copied, "__pydantic_fields_set__", model.__pydantic_fields_set__ | update.keys())
+    _set_attribute(copied, "__pydantic_private__", None if private is None else private.copy())
+    return copied
 
 
 def _state(event: events.Event) -> str | None:
@@ -826,7 +856,7 @@ class Sequencer:
                 # The same state again only adds content: an update, not a transition.
                 event = _as_update(event, state, previous)
             elif isinstance(event, events.CallStateChanged):
-                event = event.model_copy(update={"previous_state": previous_state})
+                event = _copied(event, {"previous_state": previous_state})
         snapshot, life_state = record.snapshot, record.life.state
         if snapshot is not None and life_state is not None and snapshot.state != life_state:
             # The lifecycle decides the call's state: a deletion naming no state (or an old
@@ -889,7 +919,7 @@ class Sequencer:
         if sequence is not None:
             record.roster_sequence = sequence
         record.roster = new
-        return event.model_copy(update={"joined": joined, "left": left, "updated": updated})
+        return _copied(event, {"joined": joined, "left": left, "updated": updated})
 
     def _drop(self, event: events.Event, reason: str, **details: Any) -> None:
         if self._on_drop is not None:
@@ -962,4 +992,4 @@ def _merge(old: CallResource | None, new: CallResource) -> CallResource:
             # bound, only the latest notification's unknown properties are kept.
             old = old.model_copy()
             old.__pydantic_extra__ = {}
-    return old.model_copy(update=changes)
+    return _copied(old, changes)

@@ -973,3 +973,38 @@ async def test_an_incoming_call_keeps_the_bot_s_own_participant_id_it_came_with(
     ids = [d.snapshot.my_participant_id if d.snapshot else None for d in sink.deliveries]
     assert ids == ["me-in"] * 3
     seq.close()
+
+
+@pytest.mark.parametrize(
+    ("model", "update"),
+    [
+        # A frozen event without unknown properties (extra="forbid"): a transition's copy.
+        (
+            one(b.call_state("copy-1", "established")),
+            {"previous_state": "establishing"},
+        ),
+        # A call keeping unknown properties: declared fields, a new unknown one, a kept one.
+        (
+            models.Call.model_validate(
+                {"id": "copy-2", "state": "established", "brandNew": {"x": 1}}
+            ),
+            {"state": "terminated", "my_participant_id": "p-1", "brandNew": 2, "other": [3]},
+        ),
+        # Nothing changed at all.
+        (models.Call.model_validate({"id": "copy-3", "state": "established"}), {}),
+    ],
+)
+def test_a_delivery_copy_is_the_copy_pydantic_makes(model: Any, update: dict[str, Any]) -> None:
+    before = model.model_copy(deep=True)
+    ours = sequencing._copied(model, update)
+    theirs = model.model_copy(update=update)
+    assert type(ours) is type(theirs)
+    assert ours == theirs
+    assert ours.model_fields_set == theirs.model_fields_set
+    assert ours.model_extra == theirs.model_extra
+    assert ours.model_dump() == theirs.model_dump()
+    # The original is left as it was, and shares no container the copy changes.
+    assert model == before
+    assert model.model_fields_set == before.model_fields_set
+    assert ours.__dict__ is not model.__dict__
+    assert ours.model_extra is None or ours.model_extra is not model.model_extra
