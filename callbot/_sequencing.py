@@ -97,7 +97,7 @@ def _copied(model: _Model, update: dict[str, Any]) -> _Model:
     copy (two or three per notification). As there, nothing is validated; a name the model
     does not declare goes to its unknown properties (``model_extra``) when it keeps them."""
     cls = type(model)
-    declared = cls.__pydantic_fields__
+    declared = cls.model_fields  # on the class: every pydantic 2 release has it there
     values = model.__dict__.copy()
     extra = model.__pydantic_extra__
     if extra is not None:
