@@ -487,7 +487,9 @@ class BotProcess:
                 if self.process.returncode is not None:
                     await self._reader
                     raise AssertionError(f"the bot exited early:\n{self.output()}")
-                if self._port == 0 and not self._says_where():
+                if not self._says_where():
+                    # Not before the bot says it listens: another process may hold the port
+                    # picked for it and answer, and a signal sent then would find no handler.
                     await asyncio.sleep(0.05)
                     continue
                 with contextlib.suppress(aiohttp.ClientError):
