@@ -1,14 +1,15 @@
-"""Instructions per request, counted by callgrind: a figure the machine's load cannot move.
+"""Instructions per request, counted by callgrind: a figure the machine's load hardly moves.
 
 CPU time per request (``throughput.py``) moves by up to 15% from one run to the
-next on a shared machine. Instructions executed do not: each server runs under
+next on a shared machine. Instructions executed move far less: each server runs under
 ``valgrind --tool=callgrind`` with counting switched on only while the load
 generator plays whole calls to it (the same load as ``throughput.py``, over 8
 connections), so start-up and warm-up are left out, and the count over the
 requests answered is instructions per request. The warm-up outlasts
 callbot's ``termination_grace`` (30 s), so the calls ended during it are
-forgotten while counting, as in a server that has run for a while. Two runs
-of one tree agree within about 1%.
+forgotten while counting, as in a server that has run for a while. Two idle
+runs of one tree agree within about 1%; with other work on the machine the
+requests batch differently, and a count can differ by up to 1.5%.
 
 Prints, per server, instructions per request in all and by where they were
 executed (the interpreter, pydantic-core, orjson, aiohttp's C parts, the C
