@@ -19,12 +19,14 @@ from typing import Any
 
 import pytest
 
-from callbot import GraphError, events, models
+from callbot import GraphError, models
 from callbot._journal import Attempt, _current
 from callbot._sequencing import OwnFact, Placed, TransferAsked, TransferRefused
 from callbot.graph import Call, CallServices, RetryPolicy, Target, media_info, media_prompt
 from callbot.graph._credentials import AccessToken
 from callbot.testing import FakeGraph
+
+from .test_digits import _Inbox
 
 OPERATIONS = Path(__file__).parent / "fixtures" / "operations"
 CALL_ID = "57dab8b1-894c-409a-b240-bd8beae78896"
@@ -598,25 +600,6 @@ async def test_the_fake_graph_acts_only_on_someone_in_the_call(
     await act(call, PARTICIPANT_ID.upper())  # someone in the call, in any form of the id
 
 
-class _FirstRun:
-    """A shared store's journal: what a handler's first run recorded, for its re-run."""
-
-    def __init__(self) -> None:
-        self.recorded: dict[int, dict[str, Any]] = {}
-
-    async def admits(self, attempt: Attempt) -> bool:
-        return True
-
-    async def recall(self, attempt: Attempt, step: int) -> dict[str, Any] | None:
-        return self.recorded.get(step)
-
-    async def record(self, attempt: Attempt, step: int, outcome: dict[str, Any]) -> None:
-        self.recorded[step] = outcome
-
-    async def tones_after(self, attempt: Attempt) -> list[events.ToneReceived]:
-        return []
-
-
 async def test_a_transfer_is_counted_only_when_it_is_sent(
     graph: FakeGraph, services: CallServices
 ) -> None:
@@ -630,7 +613,7 @@ async def test_a_transfer_is_counted_only_when_it_is_sent(
         noted.append(fact)
 
     services.note_with(note)
-    journal = _FirstRun()
+    journal = _Inbox([])  # a shared store's journal: what the first run recorded
     agent = Target.user("agent-id", "Agent")
     for redelivered in (False, True):
         token = _current.set(Attempt("c", "1-0", 1, redelivered, journal=journal))

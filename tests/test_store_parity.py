@@ -20,7 +20,7 @@ import functools
 import itertools
 import random
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -649,17 +649,24 @@ async def test_states_moving_back_and_forth(parity: Any) -> None:
     groups.check()
 
 
+TRANSFER_DOCUMENTS = (
+    "24-call-transfer-transferring.json",
+    "27-call-transfer-transfer-failed-7000.json",
+)
+
+
+def transfer_items() -> list[dict[str, Any]]:
+    """A transfer's ``transferring`` and its failure (7000), as documents 24 and 27 tell them."""
+    return [
+        normalized_json(load_notification_text(name))["value"][0] for name in TRANSFER_DOCUMENTS
+    ]
+
+
 async def test_a_transfer_tried_again_fails_again(parity: Any) -> None:
     """Graph writes each entry into a state alike: a transfer tried again after a failure
     brings the same two notifications (documents 24 and 27). Both are news; a copy of one
     while the call is still in its state is a repeat."""
-    transferring, failed = (
-        normalized_json(load_notification_text(name))["value"][0]
-        for name in (
-            "24-call-transfer-transferring.json",
-            "27-call-transfer-transfer-failed-7000.json",
-        )
-    )
+    transferring, failed = transfer_items()
     call = call_of(transferring)
     steps = [
         post(b.call_state(call, "establishing")),
@@ -694,39 +701,45 @@ async def test_a_transfer_tried_again_fails_again(parity: Any) -> None:
         assert seen == [*moves, ("CallTerminated", "terminated", "established")], group.name
 
 
+async def transferring_groups(
+    parity: Any,
+    graph: FakeGraph,
+    call: str,
+    transfer: Callable[[Call, events.CallStateChanged], Awaitable[None]],
+) -> Parity:
+    """Every store's bots, with ``transfer`` run on each ``established`` of ``call``, after
+    the call was set up: each group asked the transfer once."""
+    graph.add_call(call)
+    groups: Parity = await parity(
+        graph_url=graph.graph_url,
+        authority_url=graph.authority_url,
+        app_secret="fake-graph-secret",
+    )
+    for group in groups.groups:
+        for bot in group.bots:
+            bot.on_state("established")(transfer)
+    await groups.run(
+        [post(b.call_state(call, "establishing")), post(b.call_state(call, "established"))]
+    )
+    assert len(graph.requests_for("transfer")) == len(groups.groups)  # each group asked
+    return groups
+
+
 async def test_a_transfer_failure_arriving_before_its_transferring(parity: Any) -> None:
     """Graph posts a transfer's ``transferring`` and its failure (documents 24 and 27) as
     requests of their own: they may arrive swapped. The failure went at once, and the
     ``transferring`` after it left the call transferring, though the transfer had failed.
     In every store the failure waits for the ``transferring`` the bot's transfer brings
     (a copy of it meanwhile is a repeat), and the call is back in ``established``."""
-    transferring, failed = (
-        normalized_json(load_notification_text(name))["value"][0]
-        for name in (
-            "24-call-transfer-transferring.json",
-            "27-call-transfer-transfer-failed-7000.json",
-        )
-    )
+    transferring, failed = transfer_items()
     call = call_of(transferring)
+
+    async def transfer(call: Call, event: events.CallStateChanged) -> None:
+        if event.previous_state == "establishing":
+            await call.transfer(Target.user("agent-id", "Agent"))
+
     async with FakeGraph() as graph:
-        graph.add_call(call)
-        groups: Parity = await parity(
-            graph_url=graph.graph_url,
-            authority_url=graph.authority_url,
-            app_secret="fake-graph-secret",
-        )
-        for group in groups.groups:
-            for bot in group.bots:
-
-                @bot.on_state("established")
-                async def transfer(call: Call, event: events.CallStateChanged) -> None:
-                    if event.previous_state == "establishing":
-                        await call.transfer(Target.user("agent-id", "Agent"))
-
-        await groups.run(
-            [post(b.call_state(call, "establishing")), post(b.call_state(call, "established"))]
-        )
-        assert len(graph.requests_for("transfer")) == len(groups.groups)  # each group asked
+        groups = await transferring_groups(parity, graph, call, transfer)
         await groups.run([post(failed), post(failed), post(transferring), post(ending_of(call))])
     groups.check()
     for group in groups.groups:
@@ -748,36 +761,18 @@ async def test_a_transfer_graph_refuses_waits_for_no_news(parity: Any) -> None:
     the request (400). No news of that transfer can come, yet it stayed counted: a copy of
     the first failure was held for the refused transfer's ``transferring``, then told as
     its failure. In every store the refusal settles the transfer: the copy is a repeat."""
-    transferring, failed = (
-        normalized_json(load_notification_text(name))["value"][0]
-        for name in (
-            "24-call-transfer-transferring.json",
-            "27-call-transfer-transfer-failed-7000.json",
-        )
-    )
+    transferring, failed = transfer_items()
     call = call_of(transferring)
     refusals: list[int] = []
+
+    async def transfer(call: Call, event: events.CallStateChanged) -> None:
+        try:
+            await call.transfer(Target.user("agent-id", "Agent"))
+        except GraphError as exc:
+            refusals.append(exc.status)
+
     async with FakeGraph() as graph:
-        graph.add_call(call)
-        groups: Parity = await parity(
-            graph_url=graph.graph_url,
-            authority_url=graph.authority_url,
-            app_secret="fake-graph-secret",
-        )
-        for group in groups.groups:
-            for bot in group.bots:
-
-                @bot.on_state("established")
-                async def transfer(call: Call, event: events.CallStateChanged) -> None:
-                    try:
-                        await call.transfer(Target.user("agent-id", "Agent"))
-                    except GraphError as exc:
-                        refusals.append(exc.status)
-
-        await groups.run(
-            [post(b.call_state(call, "establishing")), post(b.call_state(call, "established"))]
-        )
-        assert len(graph.requests_for("transfer")) == len(groups.groups)  # each group asked
+        groups = await transferring_groups(parity, graph, call, transfer)
         graph.fail_next("transfer", 400, times=len(groups.groups))
         await groups.run([post(transferring), post(failed)])
         assert refusals == [400] * len(groups.groups)  # each group asked again, refused
