@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import re
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -221,3 +222,13 @@ async def serve(
     yield start
     for client in clients:
         await client.close()
+
+
+def ipv6_loopback() -> bool:
+    """Whether this host can listen on the IPv6 loopback (``::1``)."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True

@@ -31,7 +31,7 @@ from callbot._tunnel import TunnelError, devtunnel_public_url, ngrok_public_url
 from callbot.testing import TokenAuthority
 from callbot.testing import builders as b
 
-from .conftest import APP_ID, BotServer, make_bot, plain_server, until
+from .conftest import APP_ID, BotServer, ipv6_loopback, make_bot, plain_server, until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -546,6 +546,13 @@ async def post_signed(
         return response.status
 
 
+async def signal_twice(bot: BotProcess, signum: signal.Signals) -> None:
+    """Send ``signum``, and once the bot says it drains, send it again."""
+    bot.process.send_signal(signum)
+    await until(lambda: any(e.get("event") == "draining" for e in bot.events()), within=20)
+    bot.process.send_signal(signum)
+
+
 async def wait_for_line(path: Path, line: str, bot: BotProcess, within: float = 10.0) -> None:
     def written() -> bool:
         return path.exists() and line in path.read_text().splitlines()
@@ -643,9 +650,7 @@ async def test_a_second_signal_stops_the_drain_and_abandons_the_running_handler(
         await bot.wait_ready(session)
         assert await post_signed(session, bot, authority, "hurry-1") == 202
         await wait_for_line(output, "start hurry-1", bot)
-    bot.process.send_signal(signal.SIGINT)
-    await until(lambda: any(e.get("event") == "draining" for e in bot.events()), within=20)
-    bot.process.send_signal(signal.SIGINT)
+    await signal_twice(bot, signal.SIGINT)
 
     assert await bot.wait_exit() == 0, bot.output()
     assert output.read_text().splitlines() == ["start hurry-1"]
@@ -822,20 +827,11 @@ async def test_the_bot_listens_and_obeys_stop_while_the_token_endpoint_hangs(
         stop = asyncio.Event()
         serving = asyncio.create_task(bot.serve("127.0.0.1", port, stop=stop))
 
-        async def healthy() -> bool:
-            try:
-                async with (
-                    aiohttp.ClientSession() as session,
-                    session.get(f"http://127.0.0.1:{port}/healthz") as response,
-                ):
-                    return response.status == 200
-            except aiohttp.ClientError:
-                return False
-
         try:
             await asyncio.wait_for(asked.wait(), 30)  # the token request is in flight
             async with asyncio.timeout(30):  # bounded: before the fix it never listened
-                while not await healthy():  # noqa: ASYNC110 - another process's socket
+                # A socket to poll, no event to wait on.
+                while not await healthz_answers(f"http://127.0.0.1:{port}"):  # noqa: ASYNC110
                     await asyncio.sleep(0.05)
             stop.set()
             await asyncio.wait_for(asyncio.shield(serving), 30)
@@ -857,16 +853,21 @@ async def test_deeply_nested_junk_from_the_ngrok_agent_is_a_tunnel_error() -> No
             await ngrok_public_url(8080, api_url=url)
 
 
+async def healthz_answers(base_url: str) -> bool:
+    """Whether a server at ``base_url`` answers ``/healthz`` with 200 (not at all: False)."""
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"{base_url}/healthz") as response,
+        ):
+            return response.status == 200
+    except aiohttp.ClientError:
+        return False
+
+
 def dual_stack_loopback() -> bool:
     """Whether this host has IPv6 loopback and sockets that take both families."""
-    if not socket.has_dualstack_ipv6():
-        return False
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
-            probe.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
+    return socket.has_dualstack_ipv6() and ipv6_loopback()
 
 
 @contextlib.asynccontextmanager
@@ -881,14 +882,7 @@ async def serving_on_every_address(bot: CallBot) -> AsyncIterator[int]:
     async def answers() -> bool:
         if serving.done():
             serving.result()  # the bot failed to serve: say why
-        try:
-            async with (
-                aiohttp.ClientSession() as session,
-                session.get(f"http://[::1]:{port}/healthz") as response,
-            ):
-                return response.status == 200
-        except aiohttp.ClientError:
-            return False
+        return await healthz_answers(f"http://[::1]:{port}")
 
     try:
         async with asyncio.timeout(30):

@@ -25,7 +25,7 @@ from callbot import Call, CallBot, events
 from callbot.testing import TokenAuthority
 from callbot.testing import builders as b
 
-from .conftest import BotServer, make_bot, until
+from .conftest import BotServer, ipv6_loopback, make_bot, until
 from .nginx_support import (
     DEPLOY,
     find_nginx,
@@ -248,15 +248,6 @@ def documented_listen_values() -> list[str]:
     values = re.findall(r"`([^`]+)`", row.group(1))
     assert values, row.group(0)
     return values
-
-
-def ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
-            probe.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
 
 
 async def test_every_documented_listen_address_takes_callbacks_over_ipv4(

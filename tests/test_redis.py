@@ -52,7 +52,7 @@ from callbot.testing import builders as b
 
 from .conftest import APP_ID, BotServer, make_bot, until
 from .test_digits import MENU, pin_then_choice
-from .test_hosting import BotProcess, bot_env, post_signed, wait_for_line
+from .test_hosting import BotProcess, bot_env, post_signed, signal_twice, wait_for_line
 from .test_redis_bot import label, log_key
 from .test_security_tokens import OTHER_TENANT as OTHER
 from .test_security_tokens import without_tenant
@@ -2061,9 +2061,7 @@ async def test_a_second_signal_stops_the_drain_of_a_call_this_instance_runs(
             await bot.wait_ready(session)
             assert await post_signed(session, bot, authority, "hurry-redis") == 202
             await wait_for_line(output, "start hurry-redis", bot)
-        bot.process.send_signal(signal.SIGTERM)
-        await until(lambda: any(e.get("event") == "draining" for e in bot.events()), within=20)
-        bot.process.send_signal(signal.SIGTERM)
+        await signal_twice(bot, signal.SIGTERM)
 
         assert await bot.wait_exit() == 0, bot.output()
     finally:
