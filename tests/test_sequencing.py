@@ -250,6 +250,24 @@ async def test_establishing_can_go_straight_to_terminating() -> None:
     seq.close()
 
 
+async def test_a_redirected_call_is_never_live_and_its_redirecting_goes_at_once() -> None:
+    """An incoming call the bot redirects goes to ``redirecting`` (then ``terminated``),
+    never ``establishing``: nothing holds the ``redirecting`` for it, and it does not make
+    the call established (no keep-alive, no ``wait_until_established``)."""
+    sink = Sink()
+    seq = sink.sequencer(window=5)
+    seq.accept(one(b.incoming_call("c")))
+    seq.accept(one(b.call_state("c", "redirecting")))
+    assert sink.labels == ["IncomingCall", "redirecting"]
+    life = seq.lifecycle.get("c")
+    assert life is not None
+    assert not life.established
+    seq.accept(one(b.call_state("c", "terminated")))
+    assert sink.labels == ["IncomingCall", "redirecting", "terminated"]
+    assert sink.ended == ["c"]
+    seq.close()
+
+
 async def test_previous_state_and_snapshot_follow_delivery_order() -> None:
     sink = Sink()
     seq = sink.sequencer(window=5)

@@ -100,7 +100,13 @@ async def test_on_state_incoming_runs_once_with_the_incoming_call(
 
 
 def test_the_call_states_are_one_list_in_lifecycle_order() -> None:
-    assert models.CALL_STATES[:4] == ("incoming", "establishing", "ringing", "established")
+    assert models.CALL_STATES[:5] == (
+        "incoming",
+        "redirecting",
+        "establishing",
+        "ringing",
+        "established",
+    )
     assert models.CALL_STATES[-2:] == ("terminating", "terminated")
     assert "unknownFutureValue" in models.CALL_STATES
     assert len(set(models.CALL_STATES)) == len(models.CALL_STATES)

@@ -61,7 +61,8 @@ __all__ = [
 ]
 
 CALL_LIFECYCLE: Final[tuple[tuple[str, ...], ...]] = (
-    ("incoming",),
+    # an incoming call the bot redirects never goes further for the bot: not a live call
+    ("incoming", "redirecting"),
     ("establishing",),
     ("ringing",),
     # the states a live call moves between, in any order
@@ -70,7 +71,6 @@ CALL_LIFECYCLE: Final[tuple[tuple[str, ...], ...]] = (
         "hold",
         "transferring",
         "transferAccepted",
-        "redirecting",
         "unknownFutureValue",
     ),
     ("terminating",),
