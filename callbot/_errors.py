@@ -89,6 +89,8 @@ class GraphError(CallbotError):
     ``urlNotOnGraph`` (a URL off ``graph_url``'s origin, never sent),
     ``responseTooLarge`` (a body past 16 MiB once decompressed) or
     ``tooManyPages`` (a next link repeated, or past ``GraphClient.max_pages``).
+    A 429 or 503 is retried while the wait Graph asks for fits in the retry budget
+    (``RetryPolicy.total_time``); past it, ``retry_after`` says how long Graph asked for.
     """
 
     def __init__(
@@ -102,6 +104,7 @@ class GraphError(CallbotError):
         request_id: str | None = None,
         client_request_id: str | None = None,
         body: Any = None,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(f"{method} {url} -> {status} {code or ''}: {message}".strip())
         self.status = status
@@ -112,6 +115,11 @@ class GraphError(CallbotError):
         self.request_id = request_id
         self.client_request_id = client_request_id
         self.body = body
+        self.retry_after = retry_after
+        """Seconds to wait before sending again, as the answer's ``Retry-After`` named them
+        (delta-seconds, or an HTTP date counted from when the answer came); ``None`` when
+        it named none, or one that is no wait (negative, unreadable). Back off at least this
+        long before repeating the request."""
 
 
 class CallEnded(GraphError):
@@ -140,6 +148,7 @@ class CallEnded(GraphError):
             request_id=exc.request_id,
             client_request_id=exc.client_request_id,
             body=exc.body,
+            retry_after=exc.retry_after,
         )
 
 

@@ -67,6 +67,58 @@ async def test_retry_after_beyond_the_budget_gives_up_at_once(graph: FakeGraph) 
     assert len(graph.requests_for("keepAlive")) == 1
 
 
+async def test_a_throttled_request_given_up_carries_the_wait_graph_asked_for(
+    graph: FakeGraph,
+) -> None:
+    """A 429 or 503 whose Retry-After was past the retry budget raised a GraphError that
+    did not say how long Graph asked to wait, nor did the log: no backing off as told."""
+    svc = CallServices(graph.settings(), retry=RetryPolicy(total_time=30.0, base_delay=0.001))
+    graph.fail_next("keepAlive", 429, headers={"Retry-After": "0"})
+    graph.fail_next("keepAlive", 429, headers={"Retry-After": "120"})
+    in_an_hour = format_datetime(datetime.now(UTC) + timedelta(hours=1), usegmt=True)
+    graph.fail_next("keepAlive", 503, headers={"Retry-After": in_an_hour})
+    found: list[GraphError] = []
+    try:
+        with capture_logs() as logs:
+            for _ in range(2):
+                with pytest.raises(GraphError) as failure:
+                    await svc.call(CALL_ID).keep_alive()
+                found.append(failure.value)
+    finally:
+        await svc.close()
+    assert [graph.answer_to(r).status for r in graph.requests_for("keepAlive")] == [429, 429, 503]
+    throttled, unavailable = found
+    assert (throttled.status, throttled.retry_after) == (429, 120.0)  # the last answer's
+    assert unavailable.status == 503
+    # an HTTP date: the seconds left until it when the answer came (a minute of slack)
+    assert unavailable.retry_after is not None
+    assert 3540 < unavailable.retry_after <= 3600
+    gave_up = [line for line in logs if line["event"] == "graph_request_gave_up"]
+    assert [(line["status"], line["attempt"], line["call_id"]) for line in gave_up] == [
+        (429, 2, CALL_ID),
+        (503, 1, CALL_ID),
+    ]
+    assert gave_up[0]["retry_after"] == 120.0
+    assert 3540 < gave_up[1]["retry_after"] <= 3600
+    failed = [line for line in logs if line["event"] == "graph_request_failed"]
+    assert [line["retry_after"] for line in failed] == [e.retry_after for e in found]
+
+
+@pytest.mark.parametrize("named", ["-4", "soon", "inf", "nan", ""])
+async def test_a_retry_after_that_names_no_wait_is_none_on_the_error(
+    graph: FakeGraph, named: str
+) -> None:
+    # total_time 0: the first answer is the last, whatever it names.
+    svc = CallServices(graph.settings(), retry=RetryPolicy(total_time=0.0))
+    graph.fail_next("keepAlive", 429, headers={"Retry-After": named})
+    try:
+        with pytest.raises(GraphError) as failure:
+            await svc.call(CALL_ID).keep_alive()
+    finally:
+        await svc.close()
+    assert (failure.value.status, failure.value.retry_after) == (429, None)
+
+
 async def test_budget_bounds_repeated_retries(graph: FakeGraph) -> None:
     policy = RetryPolicy(total_time=0.05, base_delay=0.01, max_delay=0.02)
     svc = CallServices(graph.settings(), retry=policy)
@@ -255,7 +307,10 @@ def test_parse_retry_after() -> None:
     now = datetime(2024, 1, 1, 12, 0, 0, tzinfo=UTC)
     assert parse_retry_after("3") == 3.0
     assert parse_retry_after("0") == 0.0
-    assert parse_retry_after("-4") == 0.0
+    assert parse_retry_after("2.5") == 2.5
+    assert parse_retry_after("-4") is None
+    assert parse_retry_after("inf") is None
+    assert parse_retry_after("nan") is None
     assert parse_retry_after("Mon, 01 Jan 2024 12:00:10 GMT", now=now) == 10.0
     assert parse_retry_after("Mon, 01 Jan 2024 11:00:00 GMT", now=now) == 0.0
     assert parse_retry_after("soon") is None

@@ -484,6 +484,7 @@ class GraphClient:
                 status=raw.status,
                 code=error.code,
                 error=error.message,
+                retry_after=error.retry_after,
                 request_id=raw.request_id,
                 client_request_id=raw.client_request_id,
                 **fields,

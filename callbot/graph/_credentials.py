@@ -312,6 +312,7 @@ def _redacted(error: GraphError, secrets: list[str]) -> GraphError:
         request_id=error.request_id,
         client_request_id=error.client_request_id,
         body=_scrub(error.body, secrets),
+        retry_after=error.retry_after,
     )
 
 

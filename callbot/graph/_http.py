@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import html as html_lib
 import json
+import math
 import random
 import re
 import uuid
@@ -45,7 +46,9 @@ class RetryPolicy:
     or a connection lost once sent, only when the request is repeatable) after
     an exponential backoff with jitter starting at ``base_delay`` and capped at
     ``max_delay``, or after ``Retry-After`` when Graph names a longer wait; no
-    retry is scheduled past ``total_time`` seconds after the first attempt.
+    retry is scheduled past ``total_time`` seconds after the first attempt (the
+    last answer's :class:`~callbot.GraphError` then carries its ``Retry-After`` as
+    ``retry_after``).
     ``request_timeout`` bounds each single attempt.
     """
 
@@ -84,6 +87,12 @@ class RawResponse:
         """Graph's ``request-id`` header, quoted by Microsoft support."""
         return self.headers.get("request-id")
 
+    @property
+    def retry_after(self) -> float | None:
+        """Seconds the server asked to wait before asking again (``Retry-After``), ``None``
+        when it named no wait or none :func:`parse_retry_after` can read."""
+        return parse_retry_after(self.headers.get("Retry-After"))
+
     def json(self) -> Any:
         """The body parsed as JSON, ``None`` when empty or not JSON."""
         if not self.body.strip():
@@ -95,16 +104,20 @@ class RawResponse:
 
 
 def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header: delta-seconds or an HTTP date."""
+    """Seconds to wait from a ``Retry-After`` header: delta-seconds or an HTTP date (0 for
+    a date already past); ``None`` when absent or unreadable (negative, NaN, infinite)."""
     if value is None:
         return None
     text = value.strip()
     if not text:
         return None
     try:
-        return max(0.0, float(text))
+        seconds = float(text)
     except ValueError:
         pass
+    else:
+        # delta-seconds is a count (RFC 9110): "-4" or "inf" names no wait at all.
+        return seconds if 0.0 <= seconds < math.inf else None
     try:
         when = parsedate_to_datetime(text)
     except (TypeError, ValueError, IndexError):
@@ -141,6 +154,7 @@ def error_from(response: RawResponse, *, method: str, url: str) -> GraphError:
         request_id=response.request_id,
         client_request_id=response.client_request_id,
         body=payload,
+        retry_after=response.retry_after,
     )
 
 
@@ -372,7 +386,7 @@ async def send(
             on_unauthorized()
             continue
         if response.status in RETRY_STATUSES and (safe or response.status not in _MAYBE_DONE):
-            named = parse_retry_after(response.headers.get("Retry-After"))
+            named = response.retry_after
             # Retry-After: 0 on every answer would have us hammer Graph until the budget ends.
             delay = max(named or 0.0, policy.backoff(attempt))
             if loop.time() + delay <= deadline:
@@ -390,4 +404,15 @@ async def send(
                 stats.retries += 1
                 await asyncio.sleep(delay)
                 continue
+            log.warning(
+                "graph_request_gave_up",
+                method=method,
+                url=url,
+                status=response.status,
+                attempt=attempt,
+                client_request_id=client_request_id,
+                request_id=response.request_id,
+                retry_after=named,
+                **fields,
+            )
         return response
