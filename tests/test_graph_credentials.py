@@ -647,6 +647,23 @@ async def test_a_token_endpoint_down_is_asked_once_per_backoff(
         await svc.close()
 
 
+async def waited_for_a_fetch(
+    cache: TokenCache, clock: Clock, forms: list[dict[str, str]], most: float
+) -> float:
+    """How long after the last failure ``cache`` asked the token endpoint again (in halves
+    of a second of the loop's clock)."""
+    waited = 0.0
+    asked = len(forms)
+    while len(forms) == asked:
+        assert waited <= most, "the credential was not asked again"
+        with contextlib.suppress(GraphError):
+            await cache.get()
+        if len(forms) == asked:
+            waited += 0.5
+            await clock.advance(0.5)
+    return waited
+
+
 async def test_the_backoff_doubles_up_to_a_cap_and_a_success_resets_it(clock: Clock) -> None:
     up = False
 
@@ -660,24 +677,10 @@ async def test_the_backoff_doubles_up_to_a_cap_and_a_success_resets_it(clock: Cl
             "tenant", APP_ID, "secret", authority_url=base, retry=NO_RETRY
         )
         cache = TokenCache(credential, "scope/.default", backoff=1.0, max_backoff=10.0)
-
-        async def waited_for_a_fetch(most: float) -> float:
-            """How long after the last failure the cache asked again (in halves of a second)."""
-            waited = 0.0
-            asked = len(forms)
-            while len(forms) == asked:
-                assert waited <= most, "the credential was not asked again"
-                with contextlib.suppress(GraphError):
-                    await cache.get()
-                if len(forms) == asked:
-                    waited += 0.5
-                    await clock.advance(0.5)
-            return waited
-
         try:
             with contextlib.suppress(GraphError):
                 await cache.get()
-            waits = [await waited_for_a_fetch(most=20.0) for _ in range(6)]
+            waits = [await waited_for_a_fetch(cache, clock, forms, most=20.0) for _ in range(6)]
             assert waits == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
             up = True
             await clock.advance(10.0)
@@ -686,9 +689,47 @@ async def test_the_backoff_doubles_up_to_a_cap_and_a_success_resets_it(clock: Cl
             cache.invalidate()
             with pytest.raises(GraphError):
                 await cache.get()  # a failure after a success waits the shortest backoff again
-            assert await waited_for_a_fetch(most=20.0) == 1.0
+            assert await waited_for_a_fetch(cache, clock, forms, most=20.0) == 1.0
         finally:
             await credential.close()
+
+
+@pytest.mark.parametrize("status", [429, 503])
+async def test_a_retry_after_from_the_token_endpoint_is_waited_up_to_max_backoff(
+    clock: Clock, status: int
+) -> None:
+    """A throttled token request was asked again after the backoff's 1, 2, 4 seconds,
+    whatever Retry-After the identity platform had sent: throttled again and again."""
+    named = ["20", "3600", "soon"]  # what each failure's Retry-After says
+
+    def answer(form: dict[str, str]) -> web.Response:
+        if not named:
+            return web.json_response({"access_token": "tok", "expires_in": 3600})
+        body = {"error": "temporarily_unavailable"}
+        return web.json_response(body, status=status, headers={"Retry-After": named.pop(0)})
+
+    async with token_endpoint(answer) as (base, forms):
+        credential = ClientSecretCredential(
+            "tenant", APP_ID, "secret", authority_url=base, retry=NO_RETRY
+        )
+        cache = TokenCache(credential, "scope/.default", backoff=1.0, max_backoff=30.0)
+        try:
+            with capture_logs() as logs:
+                with pytest.raises(GraphError) as failure:
+                    await cache.get()
+                assert failure.value.retry_after == 20.0
+                waits = [await waited_for_a_fetch(cache, clock, forms, most=60.0) for _ in range(3)]
+        finally:
+            await credential.close()
+    # 20 s as asked; 3600 bounded by max_backoff; unreadable: the third backoff, 4 s
+    assert waits == [20.0, 30.0, 4.0]
+    assert await cache.get() == "tok"
+    failed = events_named(logs, "graph_token_failed")
+    assert [(e["retry_after"], e["retry_in"]) for e in failed] == [
+        (20.0, 20.0),
+        (3600.0, 30.0),
+        (None, 4.0),
+    ]
 
 
 async def test_a_token_due_for_refresh_is_used_while_its_refresh_fails(clock: Clock) -> None:

@@ -349,7 +349,8 @@ class TokenCache:
 
     A token is used until ``refresh_margin`` seconds (at most half its lifetime)
     before it expires. A failed fetch is not asked again at once: for ``backoff``
-    seconds, doubled after each failure in a row up to ``max_backoff``, every
+    seconds, doubled after each failure in a row up to ``max_backoff`` (or for the
+    ``Retry-After`` the token endpoint sent, when longer, up to ``max_backoff``), every
     caller gets the fetch's own exception (for the built-in credentials a
     :class:`~callbot.GraphError` with what the token endpoint answered) without
     the credential being asked. The first caller after that fetches again; a
@@ -468,6 +469,10 @@ class TokenCache:
         self._failures += 1
         # the exponent is bounded: 2.0 ** n overflows long before failures stop counting
         delay = min(self._max_backoff, self._backoff * 2.0 ** min(self._failures - 1, 32))
+        named = failure.retry_after if isinstance(failure, GraphError) else None
+        if named is not None:
+            # Sooner only meets another refusal; max_backoff keeps a huge one from idling the bot.
+            delay = max(delay, min(named, self._max_backoff))
         self._failure = failure
         self._failure_tb = failure.__traceback__
         self._retry_at = loop_time() + delay
@@ -478,7 +483,9 @@ class TokenCache:
             "retry_in": delay,
         }
         if isinstance(failure, GraphError):
-            fields.update(status=failure.status, code=failure.code, url=failure.url)
+            fields.update(
+                status=failure.status, code=failure.code, url=failure.url, retry_after=named
+            )
             # A 4xx is the request refused as it is (AADSTS90002, no such tenant, is a 400
             # invalid_request): configuration, not an outage.
             if 400 <= failure.status < 500 and failure.status not in _NOT_REFUSALS:
