@@ -642,7 +642,7 @@ class CallBot:
     def _watch_connections(self, guard: ConnectionGuard) -> None:
         sources = self._running().metrics.sources
         sources.counters["callbot_connections_closed"] = (
-            "Inbound connections closed or requests refused before the app, by reason",
+            "Inbound connections closed, or requests refused before any handler ran, by reason",
             "reason",
             lambda: guard.closed,
         )

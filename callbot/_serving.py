@@ -13,7 +13,10 @@ listener (``CallBot.serve``) uses :class:`ConnectionGuard` instead:
   connection, or is itself closed when every open one is busy with a request;
 * malformed requests get a bare ``400 Bad Request`` and accept errors (no file
   descriptors left) one log line each, at most once per ``log_interval`` per
-  kind, counted in ``callbot_connections_closed_total``.
+  kind, counted in ``callbot_connections_closed_total``;
+* a request for a path the bot does not serve (aiohttp's ``404``), or with a method
+  its path does not take (``405``), is answered as aiohttp answers it and logged and
+  counted the same way, since the access log is off.
 
 The body deadline is the receiver's (``body_timeout``), since only it reads bodies.
 """
@@ -37,6 +40,8 @@ __all__ = ["ConnectionGuard"]
 log = get_logger("callbot.server")
 
 _ACCEPT_FAILED = "socket.accept() out of system resource"
+# As much of a refused request's path as a log line shows (a scanner's may be 8 KiB long).
+_PATH_SHOWN = 256
 
 
 class _RateLimitedLog:
@@ -76,6 +81,7 @@ class ConnectionGuard:
         self._log = _RateLimitedLog(log_interval)
         # One sweep for every connection's header deadline, not a timer per request.
         self._sweep: asyncio.TimerHandle | None = None
+        self._served: list[str] | None = None
 
     def check_descriptor_limit(self) -> None:
         """Warn when the connection bound cannot be reached before descriptors run out."""
@@ -184,6 +190,33 @@ class ConnectionGuard:
     def _release(self, conn: _Connection) -> None:
         self._open.pop(conn, None)
 
+    def _not_served(self, request: web.Request, refusal: web.HTTPException) -> None:
+        """The router refused ``request`` (no handler ran): count it and say why."""
+        if isinstance(refusal, web.HTTPMethodNotAllowed):
+            event, why = "method_not_allowed", "the path does not take this method"
+            fields: dict[str, Any] = {"allowed": sorted(refusal.allowed_methods)}
+        else:
+            event, why, fields = "path_not_served", "the bot serves no such path", {}
+        if self._served is None:
+            # HEAD comes with every GET route; the app's routes never change once it serves.
+            self._served = [
+                f"{route.method} {route.resource.canonical}"
+                for route in request.app.router.routes()
+                if route.method != "HEAD" and route.resource is not None
+            ]
+        self.closed[event] += 1
+        self._log.warning(
+            event,
+            status=refusal.status,
+            method=request.method,
+            # The path as sent, without its query string (which may carry anything).
+            path=request.rel_url.raw_path[:_PATH_SHOWN],
+            why=why,
+            served=self._served,
+            client=request.remote,
+            **fields,
+        )
+
     def _count(self, reason: str, why: str, **fields: Any) -> None:
         self.closed[reason] += 1
         self._log.warning(
@@ -283,5 +316,10 @@ class _Guarded:
         protocol.request_started()
         try:
             return await self._inner(request)
+        except web.HTTPException as refusal:
+            # The router's own 404 or 405: aiohttp answers it, and no access log says so.
+            if isinstance(request, web.Request) and request.match_info.http_exception is refusal:
+                protocol._guard._not_served(request, refusal)
+            raise
         finally:
             protocol.request_finished()

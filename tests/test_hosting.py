@@ -703,6 +703,65 @@ async def test_a_request_still_in_progress_after_the_drain_does_not_hold_the_exi
     assert names.index("draining") < names.index("bot_stopped"), bot.output()
 
 
+async def test_a_path_or_method_the_bot_does_not_serve_is_logged_and_counted(
+    authority: TokenAuthority, bot_processes: list[BotProcess], tmp_path: Path
+) -> None:
+    """Graph set to post to the wrong path got aiohttp's 404 and not one line (the access log
+    is off): the author saw nothing. The answers stay aiohttp's; each kind of refusal writes
+    one line a second at most, however many scanners ask."""
+    bot = await BotProcess.start(bot_env(authority, tmp_path / "handled.txt"))
+    bot_processes.append(bot)
+    secret = "query-secret-value"
+    async with client_session() as session:
+        await bot.wait_ready(session)
+        async with session.post(
+            bot.base_url + f"/api/call?code={secret}",
+            data=json.dumps(b.notifications(b.incoming_call("lost-1"))),
+            headers={
+                "Content-Type": "application/json",
+                "Authorization": f"Bearer {authority.mint(audience=APP_ID)}",
+            },
+        ) as response:
+            assert (response.status, await response.text()) == (404, "404: Not Found")
+        async with session.get(bot.base_url + "/api/calls") as response:
+            assert (response.status, response.headers["Allow"]) == (405, "POST")
+        for n in range(30):
+            async with session.get(bot.base_url + f"/wp-login-{n}.php") as response:
+                assert response.status == 404
+        async with session.get(bot.base_url + "/metrics") as response:
+            text = await response.text()
+    closed = "callbot_connections_closed_total"
+    assert sample_value(text, closed, {"reason": "path_not_served"}) == 31
+    assert sample_value(text, closed, {"reason": "method_not_allowed"}) == 1
+
+    def logged(event: str) -> list[dict[str, Any]]:
+        return [e for e in bot.events() if e.get("event") == event]
+
+    await until(lambda: bool(logged("path_not_served") and logged("method_not_allowed")), 20)
+    served = ["POST /api/calls", "GET /healthz", "GET /readyz", "GET /metrics"]
+    lost = logged("path_not_served")
+    assert {k: lost[0][k] for k in ("level", "status", "method", "path", "served")} == {
+        "level": "warning",
+        "status": 404,
+        "method": "POST",
+        "path": "/api/call",
+        "served": served,
+    }
+    # One line, then at most one a second, saying how many it left out.
+    assert 1 <= len(lost) < 31
+    assert sum(1 + e.get("suppressed", 0) for e in lost) <= 31
+    [wrong_method] = logged("method_not_allowed")
+    assert {k: wrong_method[k] for k in ("status", "method", "path", "allowed", "served")} == {
+        "status": 405,
+        "method": "GET",
+        "path": "/api/calls",
+        "allowed": ["POST"],
+        "served": served,
+    }
+    assert secret not in bot.output()
+    assert not (tmp_path / "handled.txt").exists()
+
+
 async def test_run_with_ngrok_takes_the_public_url_from_the_agent(
     authority: TokenAuthority, bot_processes: list[BotProcess], tmp_path: Path
 ) -> None:
