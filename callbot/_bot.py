@@ -568,6 +568,9 @@ class CallBot:
 
         A SIGINT/SIGTERM during the drain (a second Ctrl-C) ends it at once: handlers
         still running are cancelled and logged as abandoned, as at ``shutdown_timeout``.
+        Any other one while stopping (a third, or one while the bot closes after the
+        drain) is logged as ``shutdown_signal_ignored`` and changes nothing: the bot
+        stops as it would have.
 
         Logging follows ``log_format`` and ``log_level`` from here on, the standard
         library's ``logging`` included (a bot mounted with ``create_app()`` keeps the
@@ -579,22 +582,9 @@ class CallBot:
         port = self._settings.port if port is None else port
         stop = stop or asyncio.Event()
         stop_waiting = asyncio.Event()
-
-        def on_signal(signum: signal.Signals) -> None:
-            if not stop.is_set():
-                stop.set()
-            elif not stop_waiting.is_set():
-                # Already stopping (a second Ctrl-C): whoever sent it will not wait it out.
-                stop_waiting.set()
-                log.warning(
-                    "shutdown_hurried",
-                    signal=signum.name,
-                    detail="handlers still running are stopped now, not at the deadline",
-                )
-
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, on_signal, signum)
+        signals = _StopSignals(stop, stop_waiting)
+        signals.install()
         # serve() owns the process, so it may tune the collector for many live calls.
         tune_for_serving()
         runner = web.AppRunner(
@@ -632,12 +622,15 @@ class CallBot:
             if self._runtime is not None:
                 await self._runtime.drain(stop_waiting)
         finally:
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(signum)
-            if listener is not None:
-                listener.close()
-            await runner.cleanup()
-            loop.set_exception_handler(previous_handler)
+            # Closing the store and the sessions takes a moment too: no signal may cut it short.
+            signals.closing()
+            try:
+                if listener is not None:
+                    listener.close()
+                await runner.cleanup()
+                loop.set_exception_handler(previous_handler)
+            finally:
+                signals.restore()
 
     def _watch_connections(self, guard: ConnectionGuard) -> None:
         sources = self._running().metrics.sources
@@ -711,3 +704,79 @@ async def _listen(
 
 def _default_exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
     loop.default_exception_handler(context)
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class _StopSignals:
+    """SIGINT and SIGTERM from the start of ``serve`` to its end.
+
+    The first stops the bot, a second during the drain hurries it, and any other (a
+    third, or one while the bot closes after the drain) writes one line and changes
+    nothing: none finds Python's default handler (a ``KeyboardInterrupt`` traceback, or
+    for SIGTERM the end of the process) before ``serve`` returns. The loop handles them
+    throughout; while the bot closes, each is also noted as it arrives, so that ``serve``
+    logs at its end any that the loop had no turn to handle.
+    """
+
+    def __init__(self, stop: asyncio.Event, stop_waiting: asyncio.Event) -> None:
+        self._stop = stop
+        self._stop_waiting = stop_waiting
+        self._loop = asyncio.get_running_loop()
+        self._previous = {signum: signal.getsignal(signum) for signum in _STOP_SIGNALS}
+        self._closing = False
+        self._noted: list[signal.Signals] = []
+
+    def install(self) -> None:
+        for signum in _STOP_SIGNALS:
+            self._loop.add_signal_handler(signum, self.received, signum)
+
+    def received(self, signum: signal.Signals) -> None:
+        if self._closing:
+            if signum in self._noted:
+                self._noted.remove(signum)
+            log.info(
+                "shutdown_signal_ignored",
+                signal=signum.name,
+                detail="already closing: the bot exits once its connections, store and "
+                "Graph sessions are closed",
+            )
+        elif not self._stop.is_set():
+            self._stop.set()
+        elif not self._stop_waiting.is_set():
+            # Already stopping (a second Ctrl-C): whoever sent it will not wait it out.
+            self._stop_waiting.set()
+            log.warning(
+                "shutdown_hurried",
+                signal=signum.name,
+                detail="handlers still running are stopped now, not at the deadline",
+            )
+        else:
+            log.info(
+                "shutdown_signal_ignored",
+                signal=signum.name,
+                detail="the drain is already hurried: the bot closes once its handlers stop",
+            )
+
+    def closing(self) -> None:
+        """The drain is over: from here to :meth:`restore`, a signal is only logged."""
+        self._closing = True
+        for signum in _STOP_SIGNALS:
+            # Only Python's side of the handler changes: the loop keeps its own, no gap.
+            signal.signal(signum, self._note)
+
+    def restore(self) -> None:
+        """Give the signals back the handlers they had before ``serve``; log those noted
+        that the loop did not handle."""
+        for signum, handler in self._previous.items():
+            self._loop.remove_signal_handler(signum)
+            # None: a handler installed by C code, which Python cannot put back.
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        noted, self._noted = self._noted, []
+        for signum in noted:
+            self.received(signum)
+
+    def _note(self, signum: int, frame: object) -> None:
+        # Runs between two bytecodes of the main thread, maybe inside a log write: no I/O.
+        self._noted.append(signal.Signals(signum))

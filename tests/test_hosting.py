@@ -413,11 +413,18 @@ def free_port() -> int:
 class BotProcess:
     """``callbot run tests.hosting_bot:bot`` on 127.0.0.1, its stderr read as it comes."""
 
-    def __init__(self, process: asyncio.subprocess.Process, port: int) -> None:
+    def __init__(
+        self,
+        process: asyncio.subprocess.Process,
+        port: int,
+        log: asyncio.StreamReader | None = None,
+        log_pipe: tuple[Path, asyncio.ReadTransport] | None = None,
+    ) -> None:
         self.process = process
         self._port = port
         self.lines: list[str] = []
-        self._reader = asyncio.ensure_future(self._read())
+        self._log_pipe = log_pipe
+        self._reader = asyncio.ensure_future(self._read(log or process.stderr))
 
     @property
     def port(self) -> int:
@@ -435,35 +442,78 @@ class BotProcess:
 
     @classmethod
     async def start(
-        cls, env: Mapping[str, str], *extra: str, port: int | None = None
+        cls,
+        env: Mapping[str, str],
+        *extra: str,
+        port: int | None = None,
+        log_fifo: Path | None = None,
     ) -> BotProcess:
+        """Start the bot; with ``log_fifo``, its stderr is a named pipe made there, which
+        the test may stop reading (:meth:`hold_log`)."""
         port = 0 if port is None else port
         clean = {k: v for k, v in os.environ.items() if not k.startswith("CALLBOT_")}
         clean.update(env)
         clean.setdefault("CALLBOT_LOG_FORMAT", "json")
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "callbot",
-            "run",
-            "tests.hosting_bot:bot",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            *extra,
-            cwd=ROOT,
-            env=clean,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
+        command = [
+            *(sys.executable, "-m", "callbot", "run", "tests.hosting_bot:bot"),
+            *("--host", "127.0.0.1", "--port", str(port), *extra),
+        ]
+        options: dict[str, Any] = {
+            "cwd": ROOT,
+            "env": clean,
+            "stdin": asyncio.subprocess.DEVNULL,
+            "stdout": asyncio.subprocess.DEVNULL,
+        }
+        if log_fifo is None:
+            process = await asyncio.create_subprocess_exec(
+                *command, stderr=asyncio.subprocess.PIPE, **options
+            )
+            return cls(process, port)
+        os.mkfifo(log_fifo)
+        # Opened for reading first: a writer may then open it, and the reader sees no end
+        # of file until the last writer is gone.
+        read_end = os.open(log_fifo, os.O_RDONLY | os.O_NONBLOCK)
+        write_end = os.open(log_fifo, os.O_WRONLY)
+        log = asyncio.StreamReader()
+        pipe, _ = await asyncio.get_running_loop().connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(log), os.fdopen(read_end, "rb", buffering=0)
         )
-        return cls(process, port)
+        try:
+            process = await asyncio.create_subprocess_exec(*command, stderr=write_end, **options)
+        except BaseException:
+            pipe.close()
+            raise
+        finally:
+            os.close(write_end)
+        return cls(process, port, log, (log_fifo, pipe))
 
-    async def _read(self) -> None:
-        assert self.process.stderr is not None
-        async for raw in self.process.stderr:
-            self.lines.append(raw.decode(errors="replace").rstrip("\n"))
+    def hold_log(self) -> None:
+        """Stop reading the bot's log and fill its pipe: the bot's next line then waits, and
+        the bot with it, until :meth:`release_log`."""
+        assert self._log_pipe is not None, "start the bot with log_fifo to hold its log"
+        path, pipe = self._log_pipe
+        pipe.pause_reading()
+        # A writer of its own, not blocking: the bot's stays as it is.
+        filler = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+        try:
+            for chunk in (b"\n" * 4096, b"\n"):
+                with contextlib.suppress(BlockingIOError):
+                    while True:
+                        os.write(filler, chunk)
+        finally:
+            os.close(filler)
+
+    def release_log(self) -> None:
+        """Read the bot's log again (the empty lines :meth:`hold_log` wrote are left out)."""
+        assert self._log_pipe is not None
+        self._log_pipe[1].resume_reading()
+
+    async def _read(self, log: asyncio.StreamReader | None) -> None:
+        assert log is not None
+        async for raw in log:
+            line = raw.decode(errors="replace").rstrip("\n")
+            if line:
+                self.lines.append(line)
 
     def events(self) -> list[dict[str, Any]]:
         """The JSON log lines written so far."""
@@ -508,6 +558,8 @@ class BotProcess:
         if self.process.returncode is None:
             self.process.kill()
             await self.process.wait()
+        if self._log_pipe is not None:
+            self.release_log()  # a test that failed holding it: read on to the end
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._reader, 5)
 
@@ -760,6 +812,99 @@ async def test_a_path_or_method_the_bot_does_not_serve_is_logged_and_counted(
     }
     assert secret not in bot.output()
     assert not (tmp_path / "handled.txt").exists()
+
+
+async def idle_connection(bot: BotProcess) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection to the bot that has had its answer and is kept open, idle."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", bot.port)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: bot\r\n\r\n")
+    await writer.drain()
+    async with asyncio.timeout(20):
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            int(line.split(b":", 1)[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+        await reader.readexactly(length)
+    return reader, writer
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+async def test_a_signal_while_the_bot_closes_after_the_drain_is_one_line(
+    authority: TokenAuthority,
+    bot_processes: list[BotProcess],
+    tmp_path: Path,
+    signum: signal.Signals,
+) -> None:
+    """After the drain the bot closes its connections, store and sessions with no handler
+    for SIGINT or SIGTERM: a Ctrl-C then was a KeyboardInterrupt traceback (exit -2), a
+    SIGTERM the end of the process before it had closed (exit -15). The bot is held there
+    by its own log: the test stops reading it, so its last line waits."""
+    output = tmp_path / "handled.txt"
+    env = bot_env(authority, output, HOSTING_BOT_RELEASE="1", CALLBOT_IDLE_TIMEOUT="600")
+    bot = await BotProcess.start(env, log_fifo=tmp_path / "bot.log")
+    bot_processes.append(bot)
+    async with client_session() as session:
+        await bot.wait_ready(session)
+        assert await post_signed(session, bot, authority, "closing-1") == 202
+        await wait_for_line(output, "start closing-1", bot)
+    # Closed by the bot once the drain is over, as the first thing it closes.
+    reader, writer = await idle_connection(bot)
+    try:
+        bot.process.send_signal(signal.SIGTERM)
+        await until(lambda: any(e.get("event") == "draining" for e in bot.events()), within=20)
+        bot.hold_log()
+        bot.process.send_signal(signal.SIGUSR1)  # the handler finishes, and the drain with it
+        async with asyncio.timeout(20):
+            assert await reader.read() == b""
+        # The bot is closing, and stays there until its log is read again.
+        bot.process.send_signal(signum)
+        bot.release_log()
+        assert await bot.wait_exit() == 0, bot.output()
+    finally:
+        writer.close()
+    assert output.read_text().splitlines() == ["start closing-1", "done closing-1"]
+    assert "Traceback" not in bot.output()
+    entries = bot.events()
+    ignored = [e for e in entries if e.get("event") == "shutdown_signal_ignored"]
+    assert [(e["signal"], e["level"]) for e in ignored] == [(signum.name, "info")], bot.output()
+    assert "already closing" in ignored[0]["detail"]
+    names = [e.get("event") for e in entries]
+    assert "shutdown_hurried" not in names
+    assert names.index("draining") < names.index("bot_stopped")
+
+
+async def test_a_signal_after_the_one_that_hurried_the_drain_is_one_line(
+    authority: TokenAuthority, bot_processes: list[BotProcess], tmp_path: Path
+) -> None:
+    """A third signal said nothing (or, once the bot was closing, ended the process). The
+    second and third are sent while the bot's log is not read, so that it stops at its
+    next line, and are different signals, so that the two cannot merge into one."""
+    output = tmp_path / "handled.txt"
+    env = bot_env(authority, output, HOSTING_BOT_RELEASE="1", CALLBOT_SHUTDOWN_TIMEOUT="600")
+    bot = await BotProcess.start(env, log_fifo=tmp_path / "bot.log")
+    bot_processes.append(bot)
+    async with client_session() as session:
+        await bot.wait_ready(session)
+        assert await post_signed(session, bot, authority, "third-1") == 202
+        await wait_for_line(output, "start third-1", bot)
+    bot.process.send_signal(signal.SIGINT)
+    await until(lambda: any(e.get("event") == "draining" for e in bot.events()), within=20)
+    bot.hold_log()
+    bot.process.send_signal(signal.SIGINT)
+    bot.process.send_signal(signal.SIGTERM)
+    bot.release_log()
+
+    assert await bot.wait_exit() == 0, bot.output()
+    assert "Traceback" not in bot.output()
+    entries = bot.events()
+    said = [(e["event"], e["signal"]) for e in entries if "signal" in e]
+    # Two signals sent together arrive in either order: one hurries, the other is ignored.
+    assert [event for event, _ in said] == ["shutdown_hurried", "shutdown_signal_ignored"]
+    assert sorted(name for _, name in said) == ["SIGINT", "SIGTERM"]
+    abandoned = [e["call_id"] for e in entries if e.get("event") == "notification_abandoned"]
+    assert abandoned == ["third-1"]
 
 
 async def test_run_with_ngrok_takes_the_public_url_from_the_agent(
