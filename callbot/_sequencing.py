@@ -198,6 +198,18 @@ def _awaits_transferring(event: events.Event, record: CallRecord) -> bool:
     return record.phase == _LIVE and call is not None and call.result_info is not None
 
 
+def _held_for_transferring(record: CallRecord) -> int | None:
+    """Where the first held event waiting for a ``transferring`` is
+    (:func:`_awaits_transferring`), if any."""
+    transfers = record.life.transfers
+    if transfers <= record.transferring_told or transfers <= record.transfers_told:
+        return None  # no transfer waits for its news: nothing held does
+    for index, held in enumerate(record.held):
+        if _awaits_transferring(held, record):
+            return index
+    return None
+
+
 def _early(event: events.Event, record: CallRecord) -> bool:
     """Whether ``event`` arrived before what it follows: the state (:func:`_follows`); for a
     tone of an established call, the tone before it (:func:`tone_waits`); for a transfer's
@@ -221,6 +233,10 @@ def _unblocks(event: events.Event, record: CallRecord) -> bool:
 
 def _awaited(held: list[events.Event], reached: int) -> int:
     """The latest phase a held event waits for: states up to it overtake what is held."""
+    if reached >= _LIVE:
+        # Nothing held by a live call waits for a state (a tone waits for the tone before
+        # it, a failure for its transferring): only a stale one overtakes, to be dropped.
+        return reached - 1
     awaited = -1
     for event in held:
         follows = _follows(event, reached)
@@ -235,8 +251,8 @@ def _in_lifecycle_order(held: list[events.Event], reached: int) -> list[events.E
     """Held events (of a call that has reached phase ``reached``) sorted by phase; an event
     without a state keeps its place after the state before it, but one held until its call
     is established (a tone, a roster) goes right after the first ``established`` (or other
-    live state) held after it, with what came behind it. Tones then take the places of the
-    tones among them in Graph's ``sequenceId`` order."""
+    live state) held after it, with what came behind it. Tones then go in Graph's
+    ``sequenceId`` order, each before whatever came after a tone numbered after it."""
     next_live: list[int | None] = [None] * len(held)
     following: int | None = None
     for index in range(len(held) - 1, -1, -1):
@@ -253,22 +269,31 @@ def _in_lifecycle_order(held: list[events.Event], reached: int) -> list[events.E
             place = (phase, index, 0)
         else:
             follows = _follows(event, reached)
-            if follows is not None and place[0] < follows:
+            if follows is not None and reached < follows and place[0] < follows:
                 anchor = next_live[index]
                 place = (follows, index if anchor is None else anchor, 1)
         keyed.append((*place, index, event))
     keyed.sort(key=lambda entry: entry[:4])
     ordered = [entry[4] for entry in keyed]
-    slots = [
-        i
-        for i, e in enumerate(ordered)
-        if isinstance(e, events.ToneReceived) and e.sequence_id is not None
-    ]
-    if len(slots) > 1:
-        tones = sorted((ordered[i] for i in slots), key=_sequence_of)
-        for slot, tone in zip(slots, tones, strict=True):
-            ordered[slot] = tone
-    return ordered
+    tones = sorted(
+        (e for e in ordered if isinstance(e, events.ToneReceived) and e.sequence_id is not None),
+        key=_sequence_of,
+    )
+    if len(tones) < 2:
+        return ordered
+    # Where a tone came, every tone numbered up to it goes (it was pressed before): what
+    # came after that tone goes after them.
+    merged: list[events.Event] = []
+    placed = 0
+    for event in ordered:
+        if isinstance(event, events.ToneReceived) and event.sequence_id is not None:
+            # The tones left to place are numbered above every tone before this one.
+            while placed < len(tones) and _sequence_of(tones[placed]) <= event.sequence_id:
+                merged.append(tones[placed])
+                placed += 1
+        else:
+            merged.append(event)
+    return merged
 
 
 def _note_held(record: CallRecord, event: events.Event) -> None:
@@ -398,7 +423,13 @@ def _changes_call(record: CallRecord, event: events.Event) -> bool:
     # The phase, not ``established``: an end told early by another instance ends no state.
     if state is None or record.phase != _LIVE or phase_of_state(state) != _LIVE:
         return False
-    if state != record.state:
+    going_to = _last_held_state(record) if record.held else None
+    if going_to is not None:
+        # A state waiting behind a held event is where the call goes next: a copy of it is a
+        # repeat, a copy of the state before it the call moving back.
+        if state != going_to.state:
+            return True
+    elif state != record.state:
         return True
     call = _call_of(event)
     if call is None:
@@ -407,7 +438,16 @@ def _changes_call(record: CallRecord, event: events.Event) -> bool:
         # Graph may tell a failed transfer by this update alone: tried again, it fails alike
         # (but while that failure waits for its transferring, a copy is that one again).
         return not any(_awaits_transferring(held, record) for held in record.held)
-    return bool(_changed(record.snapshot, call))
+    known = record.snapshot if going_to is None else _merge(record.snapshot, going_to.call)
+    return bool(_changed(known, call))
+
+
+def _last_held_state(record: CallRecord) -> events.CallStateChanged | None:
+    """The last state of the live call held (behind a tone, or a transfer's failure)."""
+    for held in reversed(record.held):
+        if isinstance(held, events.CallStateChanged) and phase_of_state(held.state) == _LIVE:
+            return held
+    return None
 
 
 # Notifications telling how a part of the call stands now: the same one after another of
@@ -730,12 +770,14 @@ class Sequencer:
                 self._release_ready(record)  # else it lets none go: no walk for it
             return
         phase = phase_of(event)
-        if phase is not None and (
-            phase <= _awaited(record.held, record.phase)
-            or (record.phase == _LIVE and _state(event) == "transferring")
-        ):
-            # A predecessor of what is held overtakes it (a transfer's failure may wait for
-            # its transferring).
+        # A transferring goes right before the failure held for it, if any.
+        failure = (
+            _held_for_transferring(record)
+            if record.phase == _LIVE and _state(event) == "transferring"
+            else None
+        )
+        if phase is not None and (phase <= _awaited(record.held, record.phase) or failure == 0):
+            # A predecessor of what is held overtakes it.
             reached, waiting, told = record.phase, len(record.held), record.transferring_told
             self._admit(record, event)
             if (
@@ -748,8 +790,12 @@ class Sequencer:
                 # nothing held: no walk of the backlog.)
                 self._release_ready(record)
             return
-        record.held.append(event)
-        _note_held(record, event)
+        if failure is not None:
+            # Behind what came before that failure (a tone waiting for the one before it).
+            record.held.insert(failure, event)
+        else:
+            record.held.append(event)
+            _note_held(record, event)
         if phase is not None and phase >= _TERMINATING:
             # The call is ending: nothing is left to wait for.
             self._release(record, "call_ending")

@@ -852,9 +852,11 @@ async def test_a_hold_ending_after_the_drain_is_run_by_the_next_instance(
 async def test_a_held_tone_gets_its_predecessor_while_a_handler_of_the_call_runs(
     authority: TokenAuthority, serve: Any, redis_url: str
 ) -> None:
-    """A state overtakes a held tone and its handler runs past the window: the tone the held
-    one waits for, arriving meanwhile, still reaches the sequencer within the window (as in
-    the memory store), so handlers get the tones in order, not the held one alone first."""
+    """A state overtakes held tones (``ringing``: the tones wait for ``established``) and its
+    handler runs past the window: what the held tones wait for, arriving meanwhile (the
+    call's ``established``, then the tone before the last), still reaches the sequencer
+    within the window (as in the memory store), so handlers get the tones in order, not the
+    held ones alone first."""
     bot = make_bot(authority, store=redis_url, reorder_window=30.0)
     tones: list[int | None] = []
     running, go_on = asyncio.Event(), asyncio.Event()
@@ -863,24 +865,23 @@ async def test_a_held_tone_gets_its_predecessor_while_a_handler_of_the_call_runs
     async def tone(call: Call, event: events.ToneReceived) -> None:
         tones.append(event.sequence_id)
 
-    @bot.on_call_updated
-    async def updated(call: Call, event: events.CallUpdated) -> None:
+    @bot.on_state("ringing")
+    async def ringing(call: Call, event: events.CallStateChanged) -> None:
         running.set()
         await go_on.wait()
 
     server = await serve(bot)
-    for item in (b.call_state("k", "establishing"), b.call_state("k", "established")):
+    assert (await server.post(b.notifications(b.call_state("k", "establishing")))).status == 202
+    for sequence in (1, 3):
+        item = b.tone("k", f"tone{sequence}", sequence)
         assert (await server.post(b.notifications(item))).status == 202
-    assert (await server.post(b.notifications(b.tone("k", "tone1", 1)))).status == 202
-    await until(lambda: tones == [1])
-    assert (await server.post(b.notifications(b.tone("k", "tone3", 3)))).status == 202
     store = bot._running().store
     await until(lambda: store._holding(id_key("k")))  # type: ignore[attr-defined]
-    media = b.call_state("k", "established", media_state={"audio": "inactive"})
-    assert (await server.post(b.notifications(media))).status == 202
+    assert (await server.post(b.notifications(b.call_state("k", "ringing")))).status == 202
     await asyncio.wait_for(running.wait(), 5)
-    assert (await server.post(b.notifications(b.tone("k", "tone2", 2)))).status == 202
-    # Released by tone 2, not by the window (which a failure waits out).
+    for item in (b.call_state("k", "established"), b.tone("k", "tone2", 2)):
+        assert (await server.post(b.notifications(item))).status == 202
+    # Released by established and tone 2, not by the window (which a failure waits out).
     await until(lambda: not store._holding(id_key("k")), within=60)  # type: ignore[attr-defined]
     go_on.set()
     await until(lambda: len(tones) == 3)

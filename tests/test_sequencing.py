@@ -422,6 +422,49 @@ async def test_a_call_ending_lets_a_transfer_failure_go_first() -> None:
     seq.close()
 
 
+async def test_a_state_behind_a_waiting_transfer_failure_is_delivered_once() -> None:
+    """A state arriving while a transfer's failure waits for its ``transferring`` waits
+    behind it; Graph sending it twice meanwhile is a repeat, not the call moving again."""
+    sink = Sink()
+    seq = sink.sequencer(window=300)
+    _established(seq)
+    seq.lifecycle.transfer_asked("c")
+    seq.accept(one(_failed_transfer()))
+    seq.accept(one(b.call_state("c", "hold")))
+    seq.accept(one(b.call_state("c", "hold")))
+    seq.accept(one(b.call_state("c", "transferring")))
+    assert sink.labels[2:] == ["transferring", "established", "hold"]
+    assert seq.counts["duplicate"] == 1
+    seq.close()
+
+
+async def test_a_tone_that_came_before_a_transfer_failure_goes_before_it() -> None:
+    """A tone waiting for the one before it, then a transfer's failure waiting for its
+    ``transferring``: the ``transferring`` goes right before the failure, the tone before
+    both."""
+    sink = Sink()
+    seq = sink.sequencer(window=300)
+    _established(seq)
+    seq.accept(one(b.tone("c", "tone1", 1)))
+    seq.accept(one(b.tone("c", "tone3", 3)))
+    seq.lifecycle.transfer_asked("c")
+    seq.accept(one(_failed_transfer()))
+    seq.accept(one(b.tone("c", "tone2", 2)))
+    assert sink.labels[2:] == ["tone:tone1", "tone:tone2", "tone:tone3"]
+    seq.accept(one(b.call_state("c", "transferring")))
+    assert sink.labels[5:] == ["transferring", "established"]
+    # And with the transferring first, it waits behind the tone, before the failure.
+    seq.lifecycle.transfer_asked("c")
+    seq.accept(one(b.tone("c", "tone5", 5)))
+    seq.accept(one(_failed_transfer()))
+    seq.accept(one(b.call_state("c", "transferring")))
+    assert sink.labels[7:] == []
+    seq.accept(one(b.tone("c", "tone4", 4)))
+    assert sink.labels[7:] == ["tone:tone4", "tone:tone5", "transferring", "established"]
+    assert seq.counts["released_alone"] == 0
+    seq.close()
+
+
 async def test_a_roster_that_comes_back_after_a_change_is_not_a_duplicate() -> None:
     sink = Sink()
     seq = sink.sequencer()
@@ -680,9 +723,8 @@ def _established(seq: Sequencer, call_id: str = "c") -> None:
 
 async def test_tones_of_an_established_call_go_in_sequence_order() -> None:
     """A tone whose predecessor (its ``sequenceId`` less one) has not come waits for it, and
-    news arriving behind it (a roster) waits behind it; a state of the call does not: a
-    state of an established call is never held (its copies are told from news by the state
-    delivered)."""
+    what arrives behind it waits behind it: news (a roster) and a state of the call alike
+    (the keys were pressed before it)."""
     sink = Sink()
     seq = sink.sequencer(window=300)  # released by the tone awaited, never by the clock
     _established(seq)
@@ -691,16 +733,16 @@ async def test_tones_of_an_established_call_go_in_sequence_order() -> None:
     seq.accept(one(b.roster("c", [b.participant("alice")])))
     seq.accept(one(b.call_state("c", "established", media_state={"audio": "active"})))
     seq.accept(one(b.tone("c", "tone8", 8)))
-    assert sink.labels == ["establishing", "established", "tone:tone5", "CallUpdated"]
+    assert sink.labels == ["establishing", "established", "tone:tone5"]
     seq.accept(one(b.tone("c", "tone6", 6)))
     assert sink.labels == [
         "establishing",
         "established",
         "tone:tone5",
-        "CallUpdated",
         "tone:tone6",
         "tone:tone7",
         "ParticipantsUpdated",
+        "CallUpdated",
         "tone:tone8",
     ]
     assert seq.counts["released_alone"] == 0
@@ -748,19 +790,55 @@ async def test_a_tone_whose_predecessor_never_comes_goes_when_the_window_closes(
     seq.close()
 
 
-async def test_a_state_copy_while_a_tone_waits_is_a_repeat() -> None:
-    """A copy of a live state that came while a tone waits is judged against the state it
-    brought, not the one before it: the state went at once, so its copy is a repeat."""
+@pytest.mark.parametrize("state", ["transferring", "hold"])
+async def test_a_state_waits_behind_a_tone_that_came_before_it(state: str) -> None:
+    """A state of the live call arriving while a tone waits for the one before it is not
+    that tone's predecessor: the keys were pressed before the call moved, so it waits
+    behind them. A copy of it meanwhile is judged against it, not the state before it: a
+    repeat; the state before it once more is the call moving back."""
     sink = Sink()
-    seq = sink.sequencer(window=300)
+    seq = sink.sequencer(window=300)  # released by the tone awaited, never by the clock
     _established(seq)
     seq.accept(one(b.tone("c", "tone1", 1)))
     seq.accept(one(b.tone("c", "tone3", 3)))
-    seq.accept(one(b.call_state("c", "transferring")))
-    seq.accept(one(b.call_state("c", "transferring")))
+    seq.accept(one(b.call_state("c", state)))
+    seq.accept(one(b.call_state("c", state)))  # Graph sent it twice
+    assert sink.labels[2:] == ["tone:tone1"]
     seq.accept(one(b.tone("c", "tone2", 2)))
-    assert sink.labels[2:] == ["tone:tone1", "transferring", "tone:tone2", "tone:tone3"]
+    assert sink.labels[2:] == ["tone:tone1", "tone:tone2", "tone:tone3", state]
+    moved = sink.deliveries[-1].event
+    assert isinstance(moved, events.CallStateChanged)
+    assert moved.previous_state == "established"
+    assert sink.deliveries[-1].life.state == state
     assert seq.counts["duplicate"] == 1
+    assert seq.counts["released_alone"] == 0
+    seq.accept(one(b.tone("c", "tone5", 5)))
+    seq.accept(one(b.call_state("c", "established")))  # back, behind the waiting tone
+    seq.accept(one(b.call_state("c", state)))  # and away again: news, not a repeat
+    seq.accept(one(b.tone("c", "tone4", 4)))
+    assert sink.labels[6:] == ["tone:tone4", "tone:tone5", "established", state]
+    assert seq.counts["duplicate"] == 1
+    seq.close()
+
+
+async def test_a_state_waits_behind_every_tone_numbered_up_to_one_before_it() -> None:
+    """Tones taking their places in ``sequenceId`` order never move one that came before a
+    state behind it: a tone numbered below one that came first was pressed before too."""
+    sink = Sink()
+    seq = sink.sequencer(window=300)
+    _established(seq)
+    seq.accept(one(b.tone("c", "tone4", 4)))
+    seq.accept(one(b.tone("c", "tone7", 7)))
+    seq.accept(one(b.call_state("c", "transferring")))
+    seq.accept(one(b.tone("c", "tone6", 6)))
+    seq.accept(one(b.tone("c", "tone5", 5)))
+    assert sink.labels[2:] == [
+        "tone:tone4",
+        "tone:tone5",
+        "tone:tone6",
+        "tone:tone7",
+        "transferring",
+    ]
     seq.close()
 
 

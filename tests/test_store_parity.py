@@ -580,6 +580,32 @@ async def test_a_tone_before_its_call_is_established(parity: Any) -> None:
         assert kinds[live + 1] == ("ToneReceived", None), kinds
 
 
+async def test_a_state_behind_a_tone_waiting_for_the_one_before_it(parity: Any) -> None:
+    """A state of the live call (and a copy of it) arriving while a tone waits for the one
+    before it waits behind it in every store: the keys were pressed before the call moved."""
+    steps = [
+        post(b.call_state("keys", "establishing")),
+        post(b.call_state("keys", "established")),
+        post(b.tone("keys", "tone1", 1)),
+        post(b.tone("keys", "tone3", 3)),
+        post(b.call_state("keys", "hold")),
+        post(recased(b.call_state("keys", "hold"))),  # a repeat, written another way
+        post(b.tone("keys", "tone2", 2)),
+        post(b.call_terminated("keys")),
+    ]
+    groups: Parity = await parity()
+    await groups.run(steps)
+    groups.check()
+    (seen,) = groups.groups[0].seen.values()
+    assert [(e["type"], e.get("state") or e.get("tone")) for e in seen[2:]] == [
+        ("ToneReceived", "tone1"),
+        ("ToneReceived", "tone2"),
+        ("ToneReceived", "tone3"),
+        ("CallStateChanged", "hold"),
+        ("CallTerminated", "terminated"),
+    ]
+
+
 async def test_operation_outcomes_before_during_and_after(parity: Any) -> None:
     def outcome(op: str, status: str = "completed", **options: Any) -> dict[str, Any]:
         return b.operation_update("ops", op, status=status, **options)
