@@ -85,8 +85,8 @@ class CallLife:
     """Why the call ended, when Graph said."""
     keeping_alive: bool = False
     transfers: int = 0
-    """Transfers the bot asked Graph for on this call: a failure worded as the one before
-    it is news once another transfer was asked since."""
+    """Transfers the bot asked Graph for on this call (less those Graph refused): a failure
+    worded as the one before it is news once another transfer was asked since."""
     tenant_id: str | None = None
     """The tenant the call was first seen with (its :func:`tenant_key`): the call belongs to it."""
     key: str = field(init=False)
@@ -405,6 +405,13 @@ class Lifecycle:
         life = self._lives.get(id_key(call_id))
         if life is not None:
             life.transfers += 1
+
+    def transfer_refused(self, call_id: str) -> None:
+        """Graph refused the transfer the bot asked last: no news of it will come, so it is
+        no longer counted."""
+        life = self._lives.get(id_key(call_id))
+        if life is not None and life.transfers > 0:
+            life.transfers -= 1
 
     def bind(self, life: CallLife, tenant_id: str) -> None:
         """The call is ``tenant_id``'s from now on, if it was nobody's yet (a call first known

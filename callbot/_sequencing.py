@@ -184,12 +184,13 @@ def _follows(event: events.Event, reached: int) -> int | None:
 
 
 def _awaits_transferring(event: events.Event, record: CallRecord) -> bool:
-    """Whether ``event`` reports the failure of the transfer the bot asked last before that
-    transfer's ``transferring`` came: a state of the live call (not ``transferring``) with a
-    ``resultInfo``, while neither that ``transferring`` nor a failure came since the ask.
-    Each notification is a request of its own: Graph's two can arrive swapped."""
-    transfers = record.life.transfers
-    if transfers <= record.transferring_told or transfers <= record.transfers_told:
+    """Whether ``event`` reports the failure of a transfer before that transfer's
+    ``transferring`` came: a state of the live call (not ``transferring``) with a
+    ``resultInfo``, while a transfer asked has had no failure, and the first such has had
+    no ``transferring`` (:attr:`CallRecord.transferring_told`). Each notification is a
+    request of its own: Graph's two can arrive swapped."""
+    told = record.transfers_told
+    if record.life.transfers <= told or record.transferring_told > told:
         return False  # the usual case, first: no transfer waits for its news
     state = _state(event)
     if state is None or state == "transferring" or phase_of_state(state) != _LIVE:
@@ -201,8 +202,8 @@ def _awaits_transferring(event: events.Event, record: CallRecord) -> bool:
 def _held_for_transferring(record: CallRecord) -> int | None:
     """Where the first held event waiting for a ``transferring`` is
     (:func:`_awaits_transferring`), if any."""
-    transfers = record.life.transfers
-    if transfers <= record.transferring_told or transfers <= record.transfers_told:
+    told = record.transfers_told
+    if record.life.transfers <= told or record.transferring_told > told:
         return None  # no transfer waits for its news: nothing held does
     for index, held in enumerate(record.held):
         if _awaits_transferring(held, record):
@@ -383,11 +384,13 @@ class CallRecord:
     closed: bool = False
     """The call's termination was delivered: what comes after it is dropped."""
     transfers_told: int = 0
-    """The life's ``transfers`` when the call's last state with a ``resultInfo`` was
-    delivered: a copy of it after another transfer was asked is that transfer's failure."""
+    """How many of the life's ``transfers`` had their failure (a state with a ``resultInfo``)
+    delivered, first asked first: a copy of the last after another transfer was asked is
+    that transfer's failure."""
     transferring_told: int = 0
-    """The life's ``transfers`` when the call last entered ``transferring``: a failure of a
-    transfer asked since waits for its ``transferring`` (:func:`_awaits_transferring`)."""
+    """How many of the life's ``transfers`` had a ``transferring`` delivered, first asked
+    first (one whose failure came without it is passed over): a transfer's failure waits
+    for its own ``transferring`` (:func:`_awaits_transferring`), not that of one before."""
 
     @property
     def call_id(self) -> str:
@@ -647,11 +650,15 @@ class Sequencer:
             self.placed(fact.call_id, fact.my_participant_id, fact.tenant_id)
 
     def _transfer_refused(self, call_id: str) -> None:
+        self.lifecycle.transfer_refused(call_id)
         record = self._records.get(id_key(call_id))
         if record is None:
             return  # nothing of the call is kept here: nothing waits for the transfer
-        # Told, as if its news had come: a failure now is news only of a transfer asked later.
-        record.transfers_told = record.transferring_told = record.life.transfers
+        # No longer counted: a failure now is news only of a transfer Graph took on (one
+        # asked before it may still wait for its own).
+        transfers = record.life.transfers
+        record.transfers_told = min(record.transfers_told, transfers)
+        record.transferring_told = min(record.transferring_told, transfers)
         if record.held:
             self._release_ready(record)  # a failure held for its transferring goes now
 
@@ -891,13 +898,18 @@ class Sequencer:
         if snapshot_source is not None:
             record.snapshot = _merge(previous, snapshot_source)
             if snapshot_source.result_info is not None:
-                record.transfers_told = record.life.transfers
+                # The failure of the first transfer asked that had none (transfers are one
+                # after another): a later one asked meanwhile still waits for its own.
+                record.transfers_told = min(record.transfers_told + 1, record.life.transfers)
         state = "incoming" if isinstance(event, events.IncomingCall) else _state(event)
         if state is not None:
             info = event.result_info if isinstance(event, events.CallTerminated) else None
             moved, previous_state = self.lifecycle.enter(record.life, state, info)
-            if state == "transferring":
-                record.transferring_told = record.life.transfers
+            if moved and state == "transferring":
+                # The transferring of the first transfer asked that had neither it nor a
+                # failure: that of a transfer asked meanwhile is still to come.
+                told = max(record.transferring_told, record.transfers_told)
+                record.transferring_told = min(told + 1, record.life.transfers)
             if not moved:
                 # The same state again only adds content: an update, not a transition.
                 event = _as_update(event, state, previous)

@@ -465,6 +465,66 @@ async def test_a_tone_that_came_before_a_transfer_failure_goes_before_it() -> No
     seq.close()
 
 
+async def test_a_transfer_asked_while_the_last_one_s_failure_waits_gets_its_own_failure() -> None:
+    """The bot asks a transfer again before the first one's news came (its request failed
+    without a refusal, or it asked twice): the first ``transferring`` is the first
+    transfer's, not the second's, so the second's failure, worded as the first, waits for
+    the second ``transferring`` rather than be taken for a repeat of the first failure
+    (which left the call ``transferring`` though it is back in ``established``)."""
+    sink = Sink()
+    seq = sink.sequencer(window=300)
+    _established(seq)
+    seq.lifecycle.transfer_asked("c")
+    seq.accept(one(_failed_transfer()))  # the first transfer's failure, swapped: it waits
+    seq.lifecycle.transfer_asked("c")
+    seq.accept(one(b.call_state("c", "transferring")))
+    assert sink.labels[2:] == ["transferring", "established"]
+    seq.accept(one(_failed_transfer()))  # the second's, swapped too: it waits
+    assert sink.labels[4:] == []
+    seq.accept(one(b.call_state("c", "transferring")))
+    assert sink.labels[4:] == ["transferring", "established"]
+    assert sink.deliveries[-1].life.state == "established"
+    assert seq.counts["duplicate"] == 0
+    assert seq.counts["held"] == 2
+    seq.close()
+
+
+async def test_two_transfers_failing_without_a_transferring_each_tell_their_failure() -> None:
+    """Graph may tell a failed transfer by the update alone: asked twice, the two failures,
+    worded alike, are each news (and go when the window closes)."""
+    sink = Sink()
+    seq = sink.sequencer(window=0.02)
+    _established(seq)
+    seq.lifecycle.transfer_asked("c")
+    seq.lifecycle.transfer_asked("c")
+    seq.accept(one(_failed_transfer()))
+    await until(lambda: len(sink.deliveries) == 3)
+    seq.accept(one(_failed_transfer()))
+    await until(lambda: len(sink.deliveries) == 4)
+    assert sink.labels[2:] == ["CallUpdated", "CallUpdated"]
+    assert seq.counts["duplicate"] == 0
+    seq.close()
+
+
+async def test_a_refused_transfer_does_not_settle_the_one_asked_before_it() -> None:
+    """Graph refused the second transfer asked while the first one's failure waits for its
+    ``transferring``: that failure still waits for it."""
+    sink = Sink()
+    seq = sink.sequencer(window=300)
+    _established(seq)
+    seq.note(sequencing.TransferAsked("c"))
+    seq.accept(one(_failed_transfer()))
+    seq.note(sequencing.TransferAsked("c"))
+    seq.note(sequencing.TransferRefused("c"))
+    assert sink.labels[2:] == []
+    seq.accept(one(b.call_state("c", "transferring")))
+    assert sink.labels[2:] == ["transferring", "established"]
+    assert sink.deliveries[-1].life.state == "established"
+    seq.accept(one(_failed_transfer()))  # a copy: no transfer was asked since
+    assert seq.counts["duplicate"] == 1
+    seq.close()
+
+
 async def test_a_roster_that_comes_back_after_a_change_is_not_a_duplicate() -> None:
     sink = Sink()
     seq = sink.sequencer()

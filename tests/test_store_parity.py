@@ -732,9 +732,10 @@ async def transferring_groups(
     graph: FakeGraph,
     call: str,
     transfer: Callable[[Call, events.CallStateChanged], Awaitable[None]],
+    asked: int = 1,
 ) -> Parity:
     """Every store's bots, with ``transfer`` run on each ``established`` of ``call``, after
-    the call was set up: each group asked the transfer once."""
+    the call was set up: each group asked ``asked`` transfers."""
     graph.add_call(call)
     groups: Parity = await parity(
         graph_url=graph.graph_url,
@@ -747,7 +748,7 @@ async def transferring_groups(
     await groups.run(
         [post(b.call_state(call, "establishing")), post(b.call_state(call, "established"))]
     )
-    assert len(graph.requests_for("transfer")) == len(groups.groups)  # each group asked
+    assert len(graph.requests_for("transfer")) == asked * len(groups.groups)  # each group asked
     return groups
 
 
@@ -779,6 +780,43 @@ async def test_a_transfer_failure_arriving_before_its_transferring(parity: Any) 
             ("CallStateChanged", "transferring", "established", "transferring"),
             ("CallStateChanged", "established", "transferring", "established"),
             ("CallTerminated", "terminated", "established", "terminated"),
+        ], group.name
+
+
+async def test_a_transfer_asked_again_before_the_first_one_s_news(parity: Any) -> None:
+    """The bot asked a transfer twice before any news of the first came; each transfer's
+    failure (documents 24 and 27, worded alike) arrives before its ``transferring``. The
+    first ``transferring`` was taken for the second transfer's, so the second failure was
+    taken for a repeat of the first, and the call left ``transferring``. In every store
+    each failure waits for its own transfer's ``transferring``."""
+    transferring, failed = transfer_items()
+    call = call_of(transferring)
+
+    async def transfer(call: Call, event: events.CallStateChanged) -> None:
+        if event.previous_state == "establishing":
+            await call.transfer(Target.user("agent-id", "Agent"))
+            await call.transfer(Target.user("other-agent-id", "Other agent"))
+
+    async with FakeGraph() as graph:
+        groups = await transferring_groups(parity, graph, call, transfer, asked=2)
+        steps = [post(failed), post(transferring), post(failed), post(transferring)]
+        await groups.run([*steps, post(ending_of(call))])
+    groups.check()
+    for group in groups.groups:
+        seen = [
+            (entry["type"], entry.get("state"), entry["state_now"])
+            for entry in group.seen[id_key(call)]
+        ]
+        back = ("CallStateChanged", "established", "established")
+        away = ("CallStateChanged", "transferring", "transferring")
+        assert seen == [
+            ("CallStateChanged", "establishing", "establishing"),
+            back,
+            away,
+            back,
+            away,
+            back,
+            ("CallTerminated", "terminated", "terminated"),
         ], group.name
 
 
