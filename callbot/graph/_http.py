@@ -271,6 +271,14 @@ async def send(
     while True:
         attempt += 1
         client_request_id = str(uuid.uuid4())
+        # What every line about this attempt says.
+        attempt_fields = {
+            "method": method,
+            "url": url,
+            "attempt": attempt,
+            "client_request_id": client_request_id,
+            **fields,
+        }
         request_headers: CIMultiDict[str] = CIMultiDict({"client-request-id": client_request_id})
         request_headers["User-Agent"] = USER_AGENT
         request_headers.update(headers or {})
@@ -301,12 +309,9 @@ async def send(
                     stats.outcomes[method, "too_large"] += 1
                     log.warning(
                         "graph_response_too_large",
-                        method=method,
-                        url=url,
                         status=resp.status,
                         limit=max_body,
-                        client_request_id=client_request_id,
-                        **fields,
+                        **attempt_fields,
                     )
                     raise GraphError(
                         0,
@@ -328,15 +333,7 @@ async def send(
             reason = describe(exc)
             unsafe = not safe and not isinstance(exc, aiohttp.ClientConnectorError)
             if unsafe or loop.time() + delay > deadline:
-                log.warning(
-                    "graph_request_gave_up",
-                    method=method,
-                    url=url,
-                    attempt=attempt,
-                    client_request_id=client_request_id,
-                    error=reason,
-                    **fields,
-                )
+                log.warning("graph_request_gave_up", error=reason, **attempt_fields)
                 # Not chained: aiohttp's exceptions hold the request headers (the token).
                 raise GraphError(
                     0,
@@ -347,14 +344,7 @@ async def send(
                     client_request_id=client_request_id,
                 ) from None
             log.warning(
-                "graph_request_retry",
-                method=method,
-                url=url,
-                attempt=attempt,
-                client_request_id=client_request_id,
-                error=reason,
-                delay=round(delay, 3),
-                **fields,
+                "graph_request_retry", error=reason, delay=round(delay, 3), **attempt_fields
             )
             stats.retries += 1
             await asyncio.sleep(delay)
@@ -362,15 +352,7 @@ async def send(
         except aiohttp.ClientError as exc:
             stats.outcomes[method, "client_error"] += 1
             reason = describe(exc)
-            log.warning(
-                "graph_request_gave_up",
-                method=method,
-                url=url,
-                attempt=attempt,
-                client_request_id=client_request_id,
-                error=reason,
-                **fields,
-            )
+            log.warning("graph_request_gave_up", error=reason, **attempt_fields)
             raise GraphError(
                 0,
                 "requestFailed",
@@ -389,30 +371,13 @@ async def send(
             named = response.retry_after
             # Retry-After: 0 on every answer would have us hammer Graph until the budget ends.
             delay = max(named or 0.0, policy.backoff(attempt))
+            answer = {"status": response.status, "request_id": response.request_id}
             if loop.time() + delay <= deadline:
                 log.warning(
-                    "graph_request_retry",
-                    method=method,
-                    url=url,
-                    status=response.status,
-                    attempt=attempt,
-                    client_request_id=client_request_id,
-                    request_id=response.request_id,
-                    delay=round(delay, 3),
-                    **fields,
+                    "graph_request_retry", delay=round(delay, 3), **answer, **attempt_fields
                 )
                 stats.retries += 1
                 await asyncio.sleep(delay)
                 continue
-            log.warning(
-                "graph_request_gave_up",
-                method=method,
-                url=url,
-                status=response.status,
-                attempt=attempt,
-                client_request_id=client_request_id,
-                request_id=response.request_id,
-                retry_after=named,
-                **fields,
-            )
+            log.warning("graph_request_gave_up", retry_after=named, **answer, **attempt_fields)
         return response
