@@ -605,6 +605,27 @@ async def signal_twice(bot: BotProcess, signum: signal.Signals) -> None:
     bot.process.send_signal(signum)
 
 
+async def bot_running_a_handler(
+    authority: TokenAuthority,
+    bot_processes: list[BotProcess],
+    output: Path,
+    call_id: str,
+    *,
+    log_fifo: Path | None = None,
+    **env: str,
+) -> BotProcess:
+    """A bot (handlers held until released) whose handler for ``call_id`` has started."""
+    bot = await BotProcess.start(
+        bot_env(authority, output, HOSTING_BOT_RELEASE="1", **env), log_fifo=log_fifo
+    )
+    bot_processes.append(bot)
+    async with client_session() as session:
+        await bot.wait_ready(session)
+        assert await post_signed(session, bot, authority, call_id) == 202
+        await wait_for_line(output, f"start {call_id}", bot)
+    return bot
+
+
 async def wait_for_line(path: Path, line: str, bot: BotProcess, within: float = 10.0) -> None:
     def written() -> bool:
         return path.exists() and line in path.read_text().splitlines()
@@ -695,13 +716,9 @@ async def test_a_second_signal_stops_the_drain_and_abandons_the_running_handler(
     """Ctrl-C twice: the first drains, the second stops waiting for the handler (which
     would otherwise have all of a shutdown_timeout that outlasts the test)."""
     output = tmp_path / "handled.txt"
-    env = bot_env(authority, output, HOSTING_BOT_RELEASE="1", CALLBOT_SHUTDOWN_TIMEOUT="600")
-    bot = await BotProcess.start(env)
-    bot_processes.append(bot)
-    async with client_session() as session:
-        await bot.wait_ready(session)
-        assert await post_signed(session, bot, authority, "hurry-1") == 202
-        await wait_for_line(output, "start hurry-1", bot)
+    bot = await bot_running_a_handler(
+        authority, bot_processes, output, "hurry-1", CALLBOT_SHUTDOWN_TIMEOUT="600"
+    )
     await signal_twice(bot, signal.SIGINT)
 
     assert await bot.wait_exit() == 0, bot.output()
@@ -842,13 +859,14 @@ async def test_a_signal_while_the_bot_closes_after_the_drain_is_one_line(
     SIGTERM the end of the process before it had closed (exit -15). The bot is held there
     by its own log: the test stops reading it, so its last line waits."""
     output = tmp_path / "handled.txt"
-    env = bot_env(authority, output, HOSTING_BOT_RELEASE="1", CALLBOT_IDLE_TIMEOUT="600")
-    bot = await BotProcess.start(env, log_fifo=tmp_path / "bot.log")
-    bot_processes.append(bot)
-    async with client_session() as session:
-        await bot.wait_ready(session)
-        assert await post_signed(session, bot, authority, "closing-1") == 202
-        await wait_for_line(output, "start closing-1", bot)
+    bot = await bot_running_a_handler(
+        authority,
+        bot_processes,
+        output,
+        "closing-1",
+        log_fifo=tmp_path / "bot.log",
+        CALLBOT_IDLE_TIMEOUT="600",
+    )
     # Closed by the bot once the drain is over, as the first thing it closes.
     reader, writer = await idle_connection(bot)
     try:
@@ -882,13 +900,14 @@ async def test_a_signal_after_the_one_that_hurried_the_drain_is_one_line(
     second and third are sent while the bot's log is not read, so that it stops at its
     next line, and are different signals, so that the two cannot merge into one."""
     output = tmp_path / "handled.txt"
-    env = bot_env(authority, output, HOSTING_BOT_RELEASE="1", CALLBOT_SHUTDOWN_TIMEOUT="600")
-    bot = await BotProcess.start(env, log_fifo=tmp_path / "bot.log")
-    bot_processes.append(bot)
-    async with client_session() as session:
-        await bot.wait_ready(session)
-        assert await post_signed(session, bot, authority, "third-1") == 202
-        await wait_for_line(output, "start third-1", bot)
+    bot = await bot_running_a_handler(
+        authority,
+        bot_processes,
+        output,
+        "third-1",
+        log_fifo=tmp_path / "bot.log",
+        CALLBOT_SHUTDOWN_TIMEOUT="600",
+    )
     bot.process.send_signal(signal.SIGINT)
     await until(lambda: any(e.get("event") == "draining" for e in bot.events()), within=20)
     bot.hold_log()
