@@ -768,9 +768,14 @@ class Sequencer:
         if not record.held:
             self._admit(record, event)
             return
-        if record.waiting_tones and record.phase >= _LIVE and _unblocks(event, record):
-            # The tone a held one waits for (or a late one): it goes, then what it let go.
-            # (With no tone held, a tone waits behind what is: a transfer's failure.)
+        if (
+            record.waiting_tones
+            and record.phase >= _LIVE
+            and isinstance(record.held[0], events.ToneReceived)
+            and _unblocks(event, record)
+        ):
+            # The tone the first held one waits for (or a late one): it goes, then what it let
+            # go. (Behind a transfer's failure held first, a tone waits as any later event.)
             self._admit(record, event)
             first = record.waiting_tones[0] if record.waiting_tones else None
             if not tone_waits(first, record.tone_next):

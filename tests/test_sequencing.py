@@ -465,6 +465,35 @@ async def test_a_tone_that_came_before_a_transfer_failure_goes_before_it() -> No
     seq.close()
 
 
+async def test_tones_wait_behind_a_transfer_failure_whatever_tone_waits_with_it() -> None:
+    """A tone arriving while a transfer's failure waits for its ``transferring`` waits behind
+    it, as any later event: a tone already waiting behind that failure did not make the next
+    one go at once, ahead of the failure, of the states held with it and of that tone (the
+    call's first tones, which wait for no number, reached handlers swapped)."""
+    sink = Sink()
+    seq = sink.sequencer(window=300)
+    _established(seq)
+    seq.lifecycle.transfer_asked("c")
+    seq.accept(one(_failed_transfer()))
+    seq.accept(one(b.tone("c", "tone5", 5)))  # the call's first tone, behind the failure
+    seq.accept(one(b.tone("c", "tone6", 6)))
+    assert sink.labels[2:] == []
+    seq.accept(one(b.call_state("c", "transferring")))
+    assert sink.labels[2:] == ["transferring", "established", "tone:tone5", "tone:tone6"]
+    # With the tone before it delivered: the next key waits behind the failure and the
+    # hold that came before it, though a later key waits for it.
+    seq.lifecycle.transfer_asked("c")
+    seq.accept(one(_failed_transfer()))
+    seq.accept(one(b.call_state("c", "hold")))
+    seq.accept(one(b.tone("c", "tone8", 8)))
+    seq.accept(one(b.tone("c", "tone7", 7)))
+    assert sink.labels[6:] == []
+    seq.accept(one(b.call_state("c", "transferring")))
+    assert sink.labels[6:] == ["transferring", "established", "hold", "tone:tone7", "tone:tone8"]
+    assert seq.counts["released_alone"] == 0
+    seq.close()
+
+
 async def test_a_transfer_asked_while_the_last_one_s_failure_waits_gets_its_own_failure() -> None:
     """The bot asks a transfer again before the first one's news came (its request failed
     without a refusal, or it asked twice): the first ``transferring`` is the first
