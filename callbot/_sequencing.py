@@ -865,8 +865,9 @@ class Sequencer:
             record.hold_timer = None
 
     def _release(self, record: CallRecord, why: str) -> None:
-        # Tones of the live call waited for a number the window did not bring.
-        skipped = why == "window_closed" and record.phase >= _LIVE and bool(record.waiting_tones)
+        # Tones of the live call may wait for a number the window did not bring.
+        gaps = why == "window_closed" and record.phase >= _LIVE and bool(record.waiting_tones)
+        skipped = False
         held, record.held, record.waiting_tones = record.held, [], []
         if record.hold_timer is not None:
             record.hold_timer.cancel()
@@ -882,8 +883,12 @@ class Sequencer:
         for event in _in_lifecycle_order(held, record.phase):
             if record.closed:
                 self._drop(event, "after_end")
-            else:
-                self._admit(record, event, may_hold=False)
+                continue
+            if gaps and isinstance(event, events.ToneReceived):
+                # Given up for a number that never came, not for tones held behind a transfer's
+                # failure, each after the one before it.
+                skipped = skipped or tone_waits(event.sequence_id, record.tone_next)
+            self._admit(record, event, may_hold=False)
         if skipped and not record.closed:
             record.tone_next = TONES_UNORDERED
             self._log.info("tone_order_given_up", call_id=record.call_id, reason="number_skipped")

@@ -494,6 +494,28 @@ async def test_tones_wait_behind_a_transfer_failure_whatever_tone_waits_with_it(
     seq.close()
 
 
+async def test_tones_held_behind_a_transfer_failure_keep_their_order_after_the_window() -> None:
+    """A transfer's failure told by the update alone waits out the window, and tones behind
+    it with it; no number was skipped, so the call's later tones still go in ``sequenceId``
+    order: the window closing gave tone order up for the rest of the call."""
+    sink = Sink()
+    seq = sink.sequencer(window=0.02)
+    _established(seq)
+    seq.accept(one(b.tone("c", "tone1", 1)))
+    seq.lifecycle.transfer_asked("c")
+    seq.accept(one(_failed_transfer()))
+    seq.accept(one(b.tone("c", "tone2", 2)))
+    await until(lambda: len(sink.deliveries) == 5)
+    assert sink.labels[2:] == ["tone:tone1", "CallUpdated", "tone:tone2"]
+    record = seq.record(id_key("c"))
+    assert record is not None
+    assert record.tone_next == 3
+    seq.accept(one(b.tone("c", "tone4", 4)))
+    seq.accept(one(b.tone("c", "tone3", 3)))
+    assert sink.labels[5:] == ["tone:tone3", "tone:tone4"]
+    seq.close()
+
+
 async def test_a_transfer_asked_while_the_last_one_s_failure_waits_gets_its_own_failure() -> None:
     """The bot asks a transfer again before the first one's news came (its request failed
     without a refusal, or it asked twice): the first ``transferring`` is the first
