@@ -199,16 +199,29 @@ def _awaits_transferring(event: events.Event, record: CallRecord) -> bool:
     return record.phase == _LIVE and call is not None and call.result_info is not None
 
 
-def _held_for_transferring(record: CallRecord) -> int | None:
-    """Where the first held event waiting for a ``transferring`` is
-    (:func:`_awaits_transferring`), if any."""
-    told = record.transfers_told
-    if record.life.transfers <= told or record.transferring_told > told:
-        return None  # no transfer waits for its news: nothing held does
+def _held_for_transferring(record: CallRecord) -> tuple[int | None, int]:
+    """Where the first held event waiting for a ``transferring`` is, if any, and how many
+    transfers have had their failure once what is held before it went: each held event is
+    judged as it will be delivered, after the states held before it (a ``transferring`` held
+    behind a tone is the one of the failure held after it)."""
+    transfers, told = record.life.transfers, record.transfers_told
+    if transfers <= told:
+        return None, told  # every transfer asked had its failure: nothing held waits
+    transferring_told, state = record.transferring_told, record.state
     for index, held in enumerate(record.held):
-        if _awaits_transferring(held, record):
-            return index
-    return None
+        held_state, call = _state(held), _call_of(held)
+        if held_state is None or call is None or phase_of_state(held_state) != _LIVE:
+            continue
+        failed = call.result_info is not None
+        if failed and held_state != "transferring" and transferring_told <= told < transfers:
+            return index, told  # as _awaits_transferring will judge it
+        # Counted as _deliver will count them.
+        if failed:
+            told = min(told + 1, transfers)
+        if held_state == "transferring" and state != "transferring":
+            transferring_told = min(max(transferring_told, told) + 1, transfers)
+        state = held_state
+    return None, told
 
 
 def _early(event: events.Event, record: CallRecord) -> bool:
@@ -437,10 +450,12 @@ def _changes_call(record: CallRecord, event: events.Event) -> bool:
     call = _call_of(event)
     if call is None:
         return False
-    if call.result_info is not None and record.life.transfers != record.transfers_told:
-        # Graph may tell a failed transfer by this update alone: tried again, it fails alike
-        # (but while that failure waits for its transferring, a copy is that one again).
-        return not any(_awaits_transferring(held, record) for held in record.held)
+    if call.result_info is not None:
+        waiting, told = _held_for_transferring(record)
+        if record.life.transfers != told:
+            # Graph may tell a failed transfer by this update alone: tried again, it fails
+            # alike (but while that failure waits for its transferring, a copy is that one).
+            return waiting is None
     known = record.snapshot if going_to is None else _merge(record.snapshot, going_to.call)
     return bool(_changed(known, call))
 
@@ -784,7 +799,7 @@ class Sequencer:
         phase = phase_of(event)
         # A transferring goes right before the failure held for it, if any.
         failure = (
-            _held_for_transferring(record)
+            _held_for_transferring(record)[0]
             if record.phase == _LIVE and _state(event) == "transferring"
             else None
         )

@@ -576,6 +576,65 @@ async def test_a_refused_transfer_does_not_settle_the_one_asked_before_it() -> N
     seq.close()
 
 
+async def test_each_transfer_s_failure_is_told_behind_a_waiting_tone() -> None:
+    """Two transfers asked, each failure arriving before its ``transferring``, behind a tone
+    waiting for the one before it: the first ``transferring`` waits behind the tone, right
+    before its failure, and counts there. The second failure, worded as the first, was then
+    taken for a copy of the first (which seemed still to wait) and dropped; the second
+    ``transferring`` went before the first failure."""
+    sink = Sink()
+    seq = sink.sequencer(window=300)
+    _established(seq)
+    seq.accept(one(b.tone("c", "tone1", 1)))
+    seq.accept(one(b.tone("c", "tone3", 3)))  # waits for tone2
+    seq.lifecycle.transfer_asked("c")
+    seq.lifecycle.transfer_asked("c")
+    for _ in range(2):
+        seq.accept(one(_failed_transfer()))
+        seq.accept(one(b.call_state("c", "transferring")))
+    assert sink.labels[2:] == ["tone:tone1"]
+    seq.accept(one(b.tone("c", "tone2", 2)))
+    moves = ["transferring", "established"] * 2
+    assert sink.labels[3:] == ["tone:tone2", "tone:tone3", *moves]
+    assert sink.deliveries[-1].life.state == "established"
+    assert seq.counts["duplicate"] == 0
+    seq.close()
+
+
+async def test_a_transfer_s_transferring_goes_before_its_failure_held_behind_another() -> None:
+    """The first transfer's ``transferring`` went; its failure waits behind a tone, and the
+    second transfer's failure behind that: the second ``transferring`` goes right before the
+    second failure. It went after it, so that failure waited out the window and the call was
+    left ``transferring``."""
+    sink = Sink()
+    seq = sink.sequencer(window=300)
+    _established(seq)
+    seq.lifecycle.transfer_asked("c")
+    seq.lifecycle.transfer_asked("c")
+    seq.accept(one(b.call_state("c", "transferring")))
+    seq.accept(one(b.tone("c", "tone1", 1)))
+    seq.accept(one(b.tone("c", "tone3", 3)))  # waits for tone2
+    seq.accept(one(_failed_transfer()))
+    seq.accept(one(_failed_transfer()))  # the second transfer's
+    seq.accept(one(b.call_state("c", "transferring")))
+    seq.accept(one(b.tone("c", "tone2", 2)))
+    assert sink.labels[2:] == [
+        "transferring",
+        "tone:tone1",
+        "tone:tone2",
+        "tone:tone3",
+        "established",
+        "transferring",
+        "established",
+    ]
+    assert sink.deliveries[-1].life.state == "established"
+    record = seq.record(id_key("c"))
+    assert record is not None
+    assert not record.held
+    assert seq.counts["released_alone"] == 0
+    seq.close()
+
+
 async def test_a_roster_that_comes_back_after_a_change_is_not_a_duplicate() -> None:
     sink = Sink()
     seq = sink.sequencer()

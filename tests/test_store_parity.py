@@ -853,6 +853,40 @@ async def test_a_transfer_graph_refuses_waits_for_no_news(parity: Any) -> None:
         ], group.name
 
 
+async def test_a_transfer_asked_twice_while_a_key_waits(parity: Any) -> None:
+    """The bot asked a transfer twice before any news; a key waits for the one numbered
+    before it, and each transfer's failure (documents 24 and 27, worded alike) arrives
+    before its ``transferring``, behind that key. In every store each ``transferring``
+    waits behind the key, right before its own failure, and the second failure is not
+    taken for a copy of the first: the call is back in ``established``."""
+    transferring, failed = transfer_items()
+    call = call_of(transferring)
+
+    async def transfer(call: Call, event: events.CallStateChanged) -> None:
+        if event.previous_state == "establishing":
+            await call.transfer(Target.user("agent-id", "Agent"))
+            await call.transfer(Target.user("other-agent-id", "Other agent"))
+
+    def key(n: int) -> Post:
+        return post(b.tone(call, f"tone{n}", n))
+
+    async with FakeGraph() as graph:
+        groups = await transferring_groups(parity, graph, call, transfer, asked=2)
+        news = [post(failed), post(transferring)] * 2
+        await groups.run([key(5), key(7), *news, key(6), post(ending_of(call))])
+    groups.check()
+    for group in groups.groups:
+        seen = [
+            (entry["type"], entry.get("state") or entry.get("tone"), entry["state_now"])
+            for entry in group.seen[id_key(call)]
+        ]
+        keys = [("ToneReceived", f"tone{n}", "established") for n in (5, 6, 7)]
+        away = ("CallStateChanged", "transferring", "transferring")
+        back = ("CallStateChanged", "established", "established")
+        ending = ("CallTerminated", "terminated", "terminated")
+        assert seen[2:] == [*keys, away, back, away, back, ending], group.name
+
+
 def with_audio(item: dict[str, Any], audio: str) -> dict[str, Any]:
     data = item["resourceData"]
     return {**item, "resourceData": {**data, "mediaState": {**data["mediaState"], "audio": audio}}}
