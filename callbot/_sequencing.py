@@ -456,7 +456,12 @@ def _changes_call(record: CallRecord, event: events.Event) -> bool:
             # Graph may tell a failed transfer by this update alone: tried again, it fails
             # alike (but while that failure waits for its transferring, a copy is that one).
             return waiting is None
-    known = record.snapshot if going_to is None else _merge(record.snapshot, going_to.call)
+    known = record.snapshot
+    if going_to is not None:
+        # The call as it will be once every state held went, each in turn.
+        for held in record.held:
+            if isinstance(held, events.CallStateChanged):
+                known = _merge(known, held.call)
     return bool(_changed(known, call))
 
 

@@ -1012,6 +1012,28 @@ async def test_a_state_waits_behind_every_tone_numbered_up_to_one_before_it() ->
     seq.close()
 
 
+async def test_a_copy_of_a_state_held_behind_a_tone_is_judged_by_every_state_held() -> None:
+    """States held behind a tone waiting for the one before it, the second adding a value
+    the first did not carry: Graph sending the first again changes nothing, as it would
+    with nothing held. It was judged against the last state held alone, and reached
+    handlers a second time (an update changing nothing)."""
+    sink = Sink()
+    seq = sink.sequencer(window=300)
+    _established(seq)
+    seq.accept(one(b.tone("c", "tone1", 1)))
+    seq.accept(one(b.tone("c", "tone3", 3)))  # waits for tone2
+    seq.accept(one(b.call_state("c", "hold", subject="on hold")))
+    seq.accept(one(b.call_state("c", "hold", media_state={"audio": "inactive"})))
+    seq.accept(one(b.call_state("c", "hold", subject="on hold")))  # Graph sent it again
+    seq.accept(one(b.tone("c", "tone2", 2)))
+    assert sink.labels[2:] == ["tone:tone1", "tone:tone2", "tone:tone3", "hold", "CallUpdated"]
+    update = sink.deliveries[-1].event
+    assert isinstance(update, events.CallUpdated)
+    assert update.changed == {"media_state"}
+    assert seq.counts["duplicate"] == 1
+    seq.close()
+
+
 async def test_the_call_s_end_lets_a_waiting_tone_go_first() -> None:
     sink = Sink()
     seq = sink.sequencer(window=300)

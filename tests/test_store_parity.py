@@ -887,6 +887,34 @@ async def test_a_transfer_asked_twice_while_a_key_waits(parity: Any) -> None:
         assert seen[2:] == [*keys, away, back, away, back, ending], group.name
 
 
+async def test_a_copy_of_a_state_held_behind_a_key(parity: Any) -> None:
+    """Two updates of ``hold`` held behind a key waiting for the one numbered before it, the
+    second naming a value the first did not: the first sent again is a repeat in every
+    store, as it is with nothing held."""
+    call = "held-copy"
+    first = b.call_state(call, "hold", subject="on hold")
+    steps = [
+        post(b.tone(call, "tone1", 1)),
+        post(b.tone(call, "tone3", 3)),
+        post(first),
+        post(b.call_state(call, "hold", media_state={"audio": "inactive"})),
+        post(recased(first)),
+        post(b.tone(call, "tone2", 2)),
+    ]
+    groups: Parity = await parity()
+    await groups.run(lifecycle_of(call, *(step.body["value"][0] for step in steps)))
+    groups.check()
+    (seen,) = groups.groups[0].seen.values()
+    assert [(e["type"], e.get("state") or e.get("tone")) for e in seen[3:]] == [
+        ("ToneReceived", "tone1"),
+        ("ToneReceived", "tone2"),
+        ("ToneReceived", "tone3"),
+        ("CallStateChanged", "hold"),
+        ("CallUpdated", "hold"),
+        ("CallTerminated", "terminated"),
+    ]
+
+
 def with_audio(item: dict[str, Any], audio: str) -> dict[str, Any]:
     data = item["resourceData"]
     return {**item, "resourceData": {**data, "mediaState": {**data["mediaState"], "audio": audio}}}
