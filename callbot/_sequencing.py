@@ -838,7 +838,15 @@ class Sequencer:
 
     def _admit(self, record: CallRecord, event: events.Event, *, may_hold: bool = True) -> None:
         phase = phase_of(event)
-        if phase is not None and phase < record.phase:
+        if phase is not None and (
+            phase < record.phase
+            # A call redirected does not come back to incoming, though both share a phase.
+            or (
+                phase == _INCOMING
+                and record.state == "redirecting"
+                and _state(event) != "redirecting"
+            )
+        ):
             self._drop(event, "stale", state=_state(event), current_state=record.state)
             return
         if may_hold and _early(event, record):

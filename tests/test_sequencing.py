@@ -268,6 +268,27 @@ async def test_a_redirected_call_is_never_live_and_its_redirecting_goes_at_once(
     seq.close()
 
 
+async def test_a_redirected_call_does_not_come_back_to_incoming() -> None:
+    """``redirecting`` shares the incoming phase, but a call the bot redirected does not
+    come back: an incoming-call notification arriving after it (another one Graph sent for
+    the call, late) is stale, not the call moving back to ``incoming`` with the bot's
+    ``on_incoming_call`` run a second time."""
+    sink = Sink()
+    seq = sink.sequencer(window=5)
+    seq.accept(one(b.incoming_call("c")))
+    seq.accept(one(b.call_state("c", "redirecting")))
+    seq.accept(one(b.incoming_call("c", callback_uri="https://bot.example.test/late")))
+    seq.accept(one(b.call_state("c", "incoming")))
+    assert sink.labels == ["IncomingCall", "redirecting"]
+    assert seq.counts["stale"] == 2
+    life = seq.lifecycle.get("c")
+    assert life is not None
+    assert life.state == "redirecting"
+    seq.accept(one(b.call_state("c", "redirecting", subject="again")))  # an update of it
+    assert sink.labels == ["IncomingCall", "redirecting", "CallUpdated"]
+    seq.close()
+
+
 async def test_previous_state_and_snapshot_follow_delivery_order() -> None:
     sink = Sink()
     seq = sink.sequencer(window=5)
