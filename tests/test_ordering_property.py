@@ -25,6 +25,11 @@ Both stores are checked. Each request waits for its 202 and for the bot to have 
 everything it accepted, by condition; the reorder window is one no test reaches, so a
 held event goes only with what it waits for or the call's end: nothing depends on
 timing.
+
+Live calls are also generated (seeded): keys, moves between states and updates, transfers
+the bot asks (some twice before any news, some refused) and their news, delivered out of
+order, partly twice, the call ending at any point; on both stores, and on a sequencer alone
+whose window closes at chosen points (live_call_broken says what they must keep).
 """
 
 from __future__ import annotations
@@ -42,7 +47,10 @@ import pytest
 import redis.asyncio as aioredis
 
 from callbot import Call, CallBot, events, models
+from callbot import _sequencing as sequencing
 from callbot._ids import id_key
+from callbot._lifecycle import Lifecycle
+from callbot._parse import parse_payload
 from callbot.store import _redis
 from callbot.testing import TokenAuthority
 from callbot.testing import builders as b
@@ -53,6 +61,7 @@ from .conftest import (
     make_bot,
     normalized_json,
     notification_files,
+    until,
 )
 from .test_recorded import CALLS, ending
 from .test_redis import KEY_PREFIX, redis_server, redis_url
@@ -362,6 +371,28 @@ class Harness:
         await _wait(lambda: self._settled(key))
         return posted, self.seen.get(key, [])
 
+    async def deliver_live(self, seed: int) -> tuple[list[LiveStep], list[Seen]]:
+        """The live call ``seed`` makes (with no window closing), each step as its own
+        request (the bot's own transfers told to its store): the steps, and what handlers
+        saw."""
+        self.calls += 1
+        call_id = f"{self.calls:08x}-0000-4000-8000-0000000011fe"
+        key = id_key(call_id)
+        steps = live_call(seed, call_id, windows=False)
+        for step in steps:
+            if isinstance(step, Asked):
+                await self.runtime.store.note(sequencing.TransferAsked(call_id))
+            elif isinstance(step, Refused):
+                await self.runtime.store.note(sequencing.TransferRefused(call_id))
+            else:
+                news = _told(step)
+                assert news is not None, "the window never closes here"
+                response = await self.server.post(b.notifications(news.item))
+                assert response.status == 202, await response.text()
+            await _wait(lambda: self._idle(key))
+        await _wait(lambda: self._settled(key))
+        return steps, self.seen.get(key, [])
+
 
 async def _wait(predicate: Callable[[], Awaitable[bool]], within: float = 30.0) -> None:
     async with asyncio.timeout(within):
@@ -432,4 +463,431 @@ async def test_handlers_see_each_call_in_order_whatever_graph_does(harness: Harn
             broken += (
                 f"{name}, {label} {order}: {p}" for p in broken_promises(posted, order, seen)
             )
+    assert not broken, "\n".join(broken)
+
+
+# -- live calls: keys, states and transfers, generated --------------------------------------
+#
+# A live call's keys (tones numbered one by one), moves between established and hold and
+# updates (each different), transfers the bot asks (once, or twice before any news: its first
+# request failed without a refusal) that Graph refuses or that fail (transferring, then the
+# failure worded alike each time; or the failure alone, which waits out the window), and its
+# end. Graph's news arrives out of order (neighbours swapped: keys with anything, a transfer's
+# transferring and its failure, the end with what came before it; never two other states, and
+# never a transfer's news before the bot asked it), some of it twice, and the window closes at
+# any point. What handlers see must keep the promise (live_call_broken).
+
+TRANSFER_FAILED = models.ResultInfo(code=500, subcode=7000, message="Transfer failed.")
+LIVE_CALLS = 400
+LIVE_CALLS_SERVED = 150
+
+
+@dataclass(frozen=True)
+class News:
+    """A notification, numbered in the order Graph sent it."""
+
+    number: int
+    kind: str  # setup, tone, state, transferring, failure, end
+    item: dict[str, Any]
+    state: str | None = None
+    sequence: int | None = None
+    transfer: int | None = None
+    """The transfer whose news it is, counted from 1."""
+    copyable: bool = True
+    """False for a transfer's news while another transfer was asked: a copy of it is news
+    of that other transfer (worded alike), for the bot as for anyone reading it."""
+
+
+@dataclass(frozen=True)
+class Again:
+    """Graph sends ``news`` once more."""
+
+    news: News
+
+
+@dataclass(frozen=True)
+class Asked:
+    """The bot asks Graph for a transfer (``Store.note(TransferAsked)``)."""
+
+
+@dataclass(frozen=True)
+class Refused:
+    """Graph refused the transfer asked (``Store.note(TransferRefused)``)."""
+
+
+@dataclass(frozen=True)
+class WindowCloses:
+    """The reorder window closes on what is held."""
+
+
+LiveStep = News | Again | Asked | Refused | WindowCloses
+
+
+def live_call(seed: int, call_id: str, *, windows: bool) -> list[LiveStep]:
+    """A live call's notifications and the bot's transfers, in the order the bot gets them."""
+    rng = random.Random(seed)
+    return _arriving(rng, _as_sent(rng, call_id, windows=windows), windows=windows)
+
+
+def _as_sent(rng: random.Random, call_id: str, *, windows: bool) -> list[LiveStep]:
+    sent: list[LiveStep] = []
+
+    def send(kind: str, item: dict[str, Any], state: str | None, **known: Any) -> None:
+        sent.append(News(len(sent), kind, item, state, **known))
+
+    key = rng.choice([1, 6])  # a call's count need not start at 1
+
+    def key_pressed() -> None:
+        nonlocal key
+        send("tone", b.tone(call_id, f"tone{key % 10}", key), None, sequence=key)
+        key += 1
+
+    send("setup", b.call_state(call_id, "establishing"), "establishing")
+    send("setup", b.call_state(call_id, "established"), "established")
+    state = "established"
+    transfers = 0
+    for _ in range(rng.randint(3, 16)):
+        roll = rng.random()
+        if roll < 0.45:
+            key_pressed()
+        elif roll < 0.65 or state != "established":
+            if rng.random() < 0.7:
+                state = "hold" if state == "established" else "established"
+            n = len(sent)  # values no other state has
+            subject: dict[str, Any] = {"subject": f"s{n}"}
+            uri: dict[str, Any] = {"callback_uri": f"https://bot.example.test/{n}"}
+            values = rng.choice([subject, uri, subject | uri])
+            send("state", b.call_state(call_id, state, **values), state)
+        else:
+            asked = rng.choice([1, 1, 2])
+            sent += [Asked() for _ in range(asked)]
+            for _ in range(asked):
+                transfers += 1
+                outcome = rng.choice(["refused", "failed", "failed", *(["alone"] * windows)])
+                if outcome == "refused":
+                    sent.append(Refused())
+                    continue
+                told = {"transfer": transfers, "copyable": asked == 1}
+                if outcome == "failed":
+                    transferring = b.call_state(call_id, "transferring")
+                    send("transferring", transferring, "transferring", **told)
+                    if rng.random() < 0.4:
+                        key_pressed()
+                failure = b.call_state(call_id, "established", result_info=TRANSFER_FAILED)
+                send("failure", failure, "established", **told)
+                if outcome == "alone":
+                    sent.append(WindowCloses())  # its transferring never comes
+    if rng.random() < 0.4:
+        send("end", b.call_state(call_id, "terminating"), "terminating")
+    send("end", b.call_terminated(call_id), "terminated")
+    return sent
+
+
+def _free(step: LiveStep) -> bool:
+    """News that may cross the bot's own steps and the window: a key, a state of no transfer."""
+    return isinstance(step, News) and step.kind in ("tone", "state")
+
+
+def _may_swap(first: LiveStep, then: LiveStep) -> bool:
+    """Whether ``then`` may arrive before ``first``, its neighbour."""
+    if isinstance(first, Again) or isinstance(then, Again):
+        other = then if isinstance(first, Again) else first
+        return isinstance(other, News) and other.kind == "tone"
+    if not isinstance(first, News) or not isinstance(then, News):
+        return _free(first) or _free(then)
+    kinds = {first.kind, then.kind}
+    if kinds == {"setup"}:
+        return True  # establishing and established, swapped
+    if first.kind == "transferring" and then.kind == "failure":
+        return first.transfer == then.transfer  # one transfer's two requests, swapped
+    if "end" in kinds:
+        return "setup" not in kinds and kinds != {"end"}  # the end, at any point once live
+    return "tone" in kinds and "setup" not in kinds
+
+
+def _arriving(rng: random.Random, sent: list[LiveStep], *, windows: bool) -> list[LiveStep]:
+    steps = list(sent)
+    for news in [step for step in sent if isinstance(step, News)]:
+        if news.kind == "end" or not news.copyable or rng.random() >= 0.25:
+            continue
+        # Sent again soon after: past keys, and a state past later states too.
+        at = steps.index(news) + 1
+        while at < len(steps) and rng.random() < 0.6:
+            passed = steps[at]
+            if not isinstance(passed, News) or passed.kind not in ("tone", news.kind):
+                break
+            if passed.kind != "tone" and news.kind != "state":
+                break
+            at += 1
+        steps.insert(at, Again(news))
+    if windows:
+        for _ in range(rng.randint(0, 3)):
+            steps.insert(rng.randint(2, len(steps) - 1), WindowCloses())
+    for _ in range(rng.randint(0, 3 * len(steps))):
+        i = rng.randrange(len(steps) - 1)
+        if _may_swap(steps[i], steps[i + 1]):
+            steps[i], steps[i + 1] = steps[i + 1], steps[i]
+    return steps
+
+
+@dataclass
+class Handled:
+    """An event handlers ran, the news it tells, and when it arrived (``None`` when Graph sent
+    its news more than once: which arrival it was is not told)."""
+
+    event: events.Event
+    news: News
+    arrived: int | None
+
+
+def live_call_broken(
+    steps: list[LiveStep], handled: list[Handled], *, order_given_up: bool
+) -> list[str]:
+    """How what handlers saw of a live call delivered in ``steps`` breaks the promise:
+    nothing run twice but a state that is news again, nothing lost that came before the
+    end, states in the order sent and never backwards, each transfer's transferring and
+    failure told once, keys in ``sequenceId`` order (unless the window or the end let a key
+    go with a number missing: ``order_given_up``), nothing overtaken but by what it waited
+    for, and the call left in the state Graph left it in."""
+    problems: list[str] = []
+    news = {step.number: step for step in steps if isinstance(step, News)}
+    arrivals: dict[int, list[int]] = {}
+    for position, step in enumerate(steps):
+        if isinstance(step, News | Again):
+            brought = step if isinstance(step, News) else step.news
+            arrivals.setdefault(brought.number, []).append(position)
+    ends = [came[0] for n, came in arrivals.items() if news[n].kind == "end"]
+    end = min(ends, default=None)
+    runs: Counter[int] = Counter(h.news.number for h in handled)
+    for number, came in arrivals.items():
+        kind = news[number].kind
+        if end is not None and came[0] > end:
+            continue
+        if not runs[number] and kind != "failure" and kind != "transferring":
+            problems.append(f"#{number} ({kind}) never handled")
+        if runs[number] > 1 and kind != "state":
+            problems.append(f"#{number} ({kind}) handled {runs[number]} times")
+    for kind in ("transferring", "failure"):
+        sent = {
+            n
+            for n, came in arrivals.items()
+            if news[n].kind == kind and (end is None or came[0] < end)
+        }
+        told = {h.news.number for h in handled if h.news.kind == kind}
+        if sent != told:
+            problems.append(f"{kind} {sorted(sent)} came, {sorted(told)} told")
+    current: str | None = None
+    seen_before: set[int] = set()
+    for h in handled:
+        event = h.event
+        if isinstance(event, events.CallStateChanged):
+            if event.previous_state != current:
+                problems.append(f"#{h.news.number} from {event.previous_state}, seen {current}")
+            if _phase(event.state) < _phase(current):
+                problems.append(f"#{h.news.number}: {current} -> {event.state} goes backwards")
+            current = event.state
+        elif isinstance(event, events.CallUpdated):
+            if event.state != current:
+                problems.append(f"#{h.news.number} updates {event.state}, seen {current}")
+            if h.news.number in seen_before and not event.changed and event.result_info is None:
+                problems.append(f"#{h.news.number} handled again, changing nothing")
+        seen_before.add(h.news.number)
+    states = [h.news.number for h in handled if h.news.kind == "state"]
+    if list(dict.fromkeys(states)) != sorted(dict.fromkeys(states)):
+        problems.append(f"states handled in the order {list(dict.fromkeys(states))}")
+    keys = [h.news.sequence or 0 for h in handled if h.news.kind == "tone"]
+    # A key numbered below the first one handled is late: it goes at once.
+    keys = [key for key in keys if key >= keys[0]]
+    if not order_given_up and keys != sorted(keys):
+        problems.append(f"keys handled in the order {keys}")
+    problems += _overtaken(handled)
+    # With no window closed nor a state sent again, the call ends from the state Graph left.
+    left = news[max(n for n in news if news[n].kind not in ("end", "tone"))].state
+    moved_back = any(isinstance(s, Again) and s.news.kind == "state" for s in steps)
+    closed = any(isinstance(s, WindowCloses) for s in steps)
+    ending = next((h.event for h in handled if h.news.kind == "end"), None)
+    ended_last = end is not None and all(
+        came[0] < end for n, came in arrivals.items() if news[n].kind != "end"
+    )
+    ending_from = ending.previous_state if isinstance(ending, events.CallStateChanged) else left
+    if ended_last and not (moved_back or closed) and ending_from != left:
+        problems.append(f"the call ended from {ending_from}, Graph left it {left}")
+    return problems
+
+
+def _overtaken(handled: list[Handled]) -> list[str]:
+    """An event handled before one that arrived before it, but for what it overtakes:
+    establishing before established; a key the first held event waits for (or that goes before
+    a key numbered after it, and what came after that key); a transferring the failure
+    held for it, and what came behind that failure."""
+    problems: list[str] = []
+    for i, ahead in enumerate(handled):
+        if ahead.arrived is None or ahead.news.kind == "setup":
+            continue
+        passed = [
+            h for h in handled[i + 1 :] if h.arrived is not None and h.arrived < ahead.arrived
+        ]
+        if not passed:
+            continue
+        first = min(passed, key=lambda h: h.arrived or 0)
+        for behind in passed:
+            if ahead.news.kind == "tone" and ahead.news.sequence is not None:
+                after = [
+                    h
+                    for h in handled
+                    if h.news.kind == "tone"
+                    and (h.news.sequence or 0) > ahead.news.sequence
+                    and h.arrived is not None
+                    and h.arrived <= (behind.arrived or 0)
+                ]
+                if after or first.news.kind == "tone":
+                    continue
+            if ahead.news.kind == "transferring" and any(
+                h.news.kind == "failure" and (h.arrived or 0) <= (behind.arrived or 0)
+                for h in passed
+            ):
+                continue
+            problems.append(
+                f"#{ahead.news.number} ({ahead.news.kind}) overtook "
+                f"#{behind.news.number} ({behind.news.kind})"
+            )
+    return problems
+
+
+def _told(step: LiveStep) -> News | None:
+    """The news a step brings, if any."""
+    return step if isinstance(step, News) else step.news if isinstance(step, Again) else None
+
+
+def handled_of(steps: list[LiveStep], seen: list[Seen]) -> list[Handled]:
+    """What handlers saw, with the news each event tells and when it arrived (``None`` when
+    that cannot be told: news that arrived more than once). Each transfer's news is worded
+    as the others': the first handled is taken for the first transfer's, and so on."""
+    arrivals: dict[str, list[int]] = {}
+    news_of: dict[str, list[News]] = {}
+    for at, step in enumerate(steps):
+        news = _told(step)
+        if news is not None:
+            text = json.dumps(news.item, sort_keys=True)
+            arrivals.setdefault(text, []).append(at)
+            if isinstance(step, News):
+                news_of.setdefault(text, []).append(news)
+    handled: list[Handled] = []
+    told: Counter[str] = Counter()
+    for run in seen:
+        if handled and handled[-1].event is run.event:
+            continue  # another handler of the same delivery
+        text = json.dumps(run.event.raw, sort_keys=True)
+        alike, came = news_of[text], arrivals[text]
+        news = alike[min(told[text], len(alike) - 1)]
+        told[text] += 1
+        handled.append(Handled(run.event, news, came[0] if len(came) == 1 else None))
+    return handled
+
+
+def _key_missing(record: sequencing.CallRecord, delivered: list[sequencing.Delivery]) -> bool:
+    """Whether a key held waits for a number that has not come, after the keys
+    ``delivered`` (the window or the call's end lets it go without it: the call's keys may
+    then go as they arrive)."""
+    held = sorted(
+        e.sequence_id
+        for e in record.held
+        if isinstance(e, events.ToneReceived) and e.sequence_id is not None
+    )
+    went = [
+        d.event.sequence_id
+        for d in delivered
+        if isinstance(d.event, events.ToneReceived) and d.event.sequence_id is not None
+    ]
+    expected = max(went) + 1 if went else (held or [0])[0]
+    for sequence in held:
+        if sequence > expected:
+            return True
+        expected = max(expected, sequence + 1)
+    return False
+
+
+async def _window_closed(record: sequencing.CallRecord) -> None:
+    """Wait for the call's window to close on what it holds."""
+    await until(lambda: not record.held)
+
+
+async def on_a_sequencer(
+    steps: list[LiveStep], call_id: str
+) -> tuple[list[Handled], bool, list[str]]:
+    """What a sequencer hands on of ``steps`` (its window closing where they say), whether
+    a key went with a number missing, and how it broke its own promise: an event neither
+    handed on nor dropped, or handed on twice, or held with no window to let it go."""
+    delivered: list[sequencing.Delivery] = []
+    dropped: list[events.Event] = []
+    sequencer = sequencing.Sequencer(
+        delivered.append,
+        Lifecycle(termination_grace=60.0),
+        reorder_window=0.001,
+        on_drop=dropped.append,
+    )
+    key = id_key(call_id)
+    arrived: dict[int, tuple[int, News]] = {}
+    given_up = False
+    problems: list[str] = []
+    for at, step in enumerate(steps):
+        record = sequencer.record(key)
+        news = _told(step)
+        ending = news is not None and news.kind == "end"
+        if record is not None and (ending or isinstance(step, WindowCloses)):
+            given_up = given_up or _key_missing(record, delivered)
+        if isinstance(step, WindowCloses):
+            if record is not None and record.held:
+                await _window_closed(record)
+        elif isinstance(step, Asked):
+            sequencer.note(sequencing.TransferAsked(call_id))
+        elif isinstance(step, Refused):
+            sequencer.note(sequencing.TransferRefused(call_id))
+        elif news is not None:
+            (event,) = parse_payload(b.notifications(news.item))
+            arrived[id(event.raw)] = (at, news)
+            sequencer.accept(event)
+            record = sequencer.record(key)
+            if record is not None and record.held and record.hold_timer is None:
+                problems.append(f"#{news.number} arrived: held with no window running")
+    record = sequencer.record(key)
+    if record is not None and record.held:
+        problems.append("held after the call's end")
+    sequencer.close()
+    runs = Counter(id(d.event.raw) for d in delivered)
+    gone = {id(event.raw) for event in dropped}
+    for raw, (at, news) in arrived.items():
+        if runs[raw] > 1 or (not runs[raw] and raw not in gone):
+            problems.append(f"#{news.number} arriving {at}: handed on {runs[raw]} times")
+    handled = []
+    for delivery in delivered:
+        at, news = arrived[id(delivery.event.raw)]
+        handled.append(Handled(delivery.event, news, at))
+    return handled, given_up, problems
+
+
+async def test_live_calls_keep_the_promise_whenever_the_window_closes() -> None:
+    """The calls on a sequencer of their own, its window closing at each step that says so
+    (and only there: nothing else awaits between the steps)."""
+    broken: list[str] = []
+    for seed in range(LIVE_CALLS):
+        steps = live_call(seed, "c", windows=True)
+        handled, given_up, problems = await on_a_sequencer(steps, "c")
+        problems += live_call_broken(steps, handled, order_given_up=given_up)
+        broken += (f"seed {seed}: {problem}" for problem in problems)
+    assert not broken, "\n".join(broken)
+
+
+async def test_live_calls_keep_the_promise_in_every_store(harness: Harness) -> None:
+    """The same calls served by a bot on each store, with a window no test reaches."""
+    broken: list[str] = []
+    for seed in range(LIVE_CALLS_SERVED):
+        steps, seen = await harness.deliver_live(seed)
+        handled = handled_of(steps, seen)
+        # Only the call's end lets a key go with a number missing: a key coming after it may
+        # then go before one numbered below it.
+        kinds = [news.kind if (news := _told(step)) else None for step in steps]
+        late_key = "tone" in kinds[kinds.index("end") :]
+        problems = live_call_broken(steps, handled, order_given_up=late_key)
+        broken += (f"seed {seed}: {problem}" for problem in problems)
     assert not broken, "\n".join(broken)
