@@ -12,7 +12,6 @@ which always comes from ``public_url``) is built from them.
 
 from __future__ import annotations
 
-import contextvars
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -47,9 +46,10 @@ class ForwardedClient:
     """The address of the connection itself (the proxy, when there is one)."""
 
 
-# Set for the request being handled; the receiver reads it in the same task.
-_current: contextvars.ContextVar[tuple[web.Request, ForwardedClient] | None] = (
-    contextvars.ContextVar("callbot_forwarded_client", default=None)
+# Kept on the request, so that whoever logs it later (the receiver, the connection
+# guard after the router refused the path) reads the same answer.
+_FORWARDED: web.RequestKey[ForwardedClient] = web.RequestKey(
+    "callbot_forwarded_client", ForwardedClient
 )
 
 
@@ -149,22 +149,16 @@ def proxy_middlewares(trusted_proxies: Iterable[str]) -> list[Middleware]:
 
     @web.middleware
     async def forwarded_for(request: web.Request, handler: Handler) -> web.StreamResponse:
-        client: ForwardedClient | None = None
         if hdrs.X_FORWARDED_FOR in request.headers and _is_trusted(request.remote, networks):
-            client = _read_headers(request, networks)
-        token = _current.set(None if client is None else (request, client))
-        try:
-            return await handler(request)
-        finally:
-            _current.reset(token)
+            request[_FORWARDED] = _read_headers(request, networks)
+        return await handler(request)
 
     return [forwarded_for]
 
 
 def forwarded_client(request: web.Request) -> ForwardedClient:
     """Where ``request`` came from: forwarded by a trusted proxy, or the peer itself."""
-    current = _current.get()
-    if current is not None and current[0] is request:
-        return current[1]
+    if _FORWARDED in request:
+        return request[_FORWARDED]
     peer = _peer(request)
     return ForwardedClient(peer, request.scheme, peer)

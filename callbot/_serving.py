@@ -34,6 +34,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from ._clock import loop_time
 from ._log import get_logger
+from ._proxy import forwarded_client
 
 __all__ = ["ConnectionGuard"]
 
@@ -213,7 +214,7 @@ class ConnectionGuard:
             path=request.rel_url.raw_path[:_PATH_SHOWN],
             why=why,
             served=self._served,
-            client=request.remote,
+            client=forwarded_client(request).address,
             **fields,
         )
 

@@ -1152,3 +1152,26 @@ async def test_a_trusted_ipv4_proxy_is_trusted_on_every_address(
             logged.append(refusal.get("client"))
     # Without a forwarded address, the proxy itself, written as IPv4.
     assert logged == ["203.0.113.7", "127.0.0.1"]
+
+
+async def test_a_path_not_served_names_the_client_a_trusted_proxy_forwarded(
+    authority: TokenAuthority, logging_restored: None
+) -> None:
+    """Behind a proxy, a wrong callback path was logged with the proxy's own address (and,
+    on ``::``, in its IPv6 form), while the callback's lines name the forwarded client."""
+    bot = make_bot(authority, trusted_proxies=("127.0.0.1/32",))
+    async with serving_on_every_address(bot) as port, aiohttp.ClientSession() as session:
+        with capture_logs() as logs:
+            async with session.post(
+                f"http://127.0.0.1:{port}/api/call", headers={"X-Forwarded-For": "203.0.113.7"}
+            ) as response:
+                assert response.status == 404
+            # Another kind of refusal: each kind writes one line a second at most.
+            async with session.get(f"http://127.0.0.1:{port}/api/calls") as response:
+                assert response.status == 405
+    clients = {
+        e["event"]: e.get("client")
+        for e in logs
+        if e["event"] in ("path_not_served", "method_not_allowed")
+    }
+    assert clients == {"path_not_served": "203.0.113.7", "method_not_allowed": "127.0.0.1"}
