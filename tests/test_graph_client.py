@@ -48,10 +48,38 @@ async def test_429_and_503_are_retried_honouring_retry_after(
     op = await services.call(CALL_ID).play_prompt("https://x/beep.wav")
     attempts = graph.requests_for("playPrompt")
     assert [graph.answer_to(r).status for r in attempts] == [429, 503, 200]
-    # one operation, one clientContext, a fresh client-request-id per request
+    # one operation, one clientContext, one client-request-id for the request's attempts
     assert {r.json["clientContext"] for r in attempts} == {op.client_context}
-    assert len({r.client_request_id for r in attempts}) == 3
+    assert len({r.client_request_id for r in attempts}) == 1
     assert {r.scenario_id for r in attempts} == {services.call(CALL_ID).scenario_id}
+
+
+async def test_every_attempt_of_a_request_carries_its_client_request_id(
+    graph: FakeGraph, services: CallServices
+) -> None:
+    """Graph's SDKs send a retry as the request it repeats, numbered in ``Retry-Attempt``:
+    its ``client-request-id`` (what Microsoft support traces a request by) stays. Each
+    attempt carried a new one, so the id a GraphError or a log line gave named one attempt
+    only, and a throttled transfer's attempts could not be told apart from other requests."""
+    graph.fail_next("transfer", 503, headers={"Retry-After": "0"})
+    graph.fail_next("transfer", 401)  # a revoked token, replaced
+    graph.fail_next("transfer", 429, headers={"Retry-After": "0"})
+    graph.fail_next("transfer", 400)
+    call = services.call(CALL_ID)
+    with capture_logs() as logs, pytest.raises(GraphError) as failure:
+        await call.transfer(Target.user("agent-id"))
+    attempts = graph.requests_for("transfer")
+    assert [graph.answer_to(r).status for r in attempts] == [503, 401, 429, 400]
+    sent = {r.client_request_id for r in attempts}
+    assert len(sent) == 1
+    assert uuid.UUID(next(iter(sent)) or "").version == 4
+    assert failure.value.client_request_id in sent
+    assert [r.headers.get("Retry-Attempt") for r in attempts] == [None, "1", "2", "3"]
+    told = {e["client_request_id"] for e in logs if "client_request_id" in e}
+    assert told == sent
+    # another request has its own
+    await call.keep_alive()
+    assert graph.requests_for("keepAlive")[-1].client_request_id not in sent
 
 
 async def test_retry_after_beyond_the_budget_gives_up_at_once(graph: FakeGraph) -> None:

@@ -119,8 +119,8 @@ class GraphClient:
     of ``graph_url`` (same scheme, host and port), since every request carries the
     app token; any other raises :class:`~callbot.GraphError` (code
     ``urlNotOnGraph``) before anything is sent. Every request carries a new
-    ``client-request-id``; ``scenario_id`` ties the requests of one call flow
-    together. Error statuses raise :class:`~callbot.GraphError`.
+    ``client-request-id`` (the same on each of its retries); ``scenario_id`` ties the
+    requests of one call flow together. Error statuses raise :class:`~callbot.GraphError`.
     """
 
     def __init__(

@@ -250,6 +250,8 @@ async def send(
 
     ``url`` is sent as written: escapes and reserved characters stay as they are,
     and only what a URL cannot hold (a space, non-ASCII text) is percent-encoded.
+    Every attempt carries the same ``client-request-id``; a retry says which it is in
+    ``Retry-Attempt`` (1 for the first retry), as Graph's SDKs send them.
     Returns the first response that is not retried, whatever its status (a 504 to a
     request that is not repeatable is returned as it is); a request
     that never got a response raises :class:`GraphError` with status 0. A 401 is
@@ -268,9 +270,10 @@ async def send(
     safe = method in _IDEMPOTENT if repeatable is None else repeatable
     # yarl would decode what path_segment encoded (%3B to ;): quote the rest only.
     target = URL(quote(url, safe=_URL_CHARACTERS), encoded=True)
+    # One id for every attempt, as Graph's SDKs resend a request: support traces it by this id.
+    client_request_id = str(uuid.uuid4())
     while True:
         attempt += 1
-        client_request_id = str(uuid.uuid4())
         # What every line about this attempt says.
         attempt_fields = {
             "method": method,
@@ -281,6 +284,8 @@ async def send(
         }
         request_headers: CIMultiDict[str] = CIMultiDict({"client-request-id": client_request_id})
         request_headers["User-Agent"] = USER_AGENT
+        if attempt > 1:
+            request_headers["Retry-Attempt"] = str(attempt - 1)
         request_headers.update(headers or {})
         if authorization is not None:
             value = await authorization()
