@@ -33,6 +33,15 @@ CALL_NOT_FOUND = "8522"
 answered with 404 and ``Call not found.``, whatever part of the call was asked about."""
 
 
+def answer_may_have_acted(status: int) -> bool:
+    """Whether an answer with this status leaves open that Graph carried the request out:
+    not when Graph refused it (a 4xx, but 408, which says only that Graph stopped waiting
+    for it) or was unavailable (503: Graph's docs say to send it again later); 0 (no
+    answer) leaves it open."""
+    refused = 400 <= status < 500 and status != 408
+    return not (refused or status == 503)
+
+
 class CallbotError(Exception):
     """Base class of every error callbot raises on purpose."""
 
@@ -91,6 +100,7 @@ class GraphError(CallbotError):
     ``tooManyPages`` (a next link repeated, or past ``GraphClient.max_pages``).
     A 429 or 503 is retried while the wait Graph asks for fits in the retry budget
     (``RetryPolicy.total_time``); past it, ``retry_after`` says how long Graph asked for.
+    ``may_have_acted`` says whether Graph may have carried the request out.
     """
 
     def __init__(
@@ -105,6 +115,7 @@ class GraphError(CallbotError):
         client_request_id: str | None = None,
         body: Any = None,
         retry_after: float | None = None,
+        may_have_acted: bool | None = None,
     ) -> None:
         super().__init__(f"{method} {url} -> {status} {code or ''}: {message}".strip())
         self.status = status
@@ -120,6 +131,14 @@ class GraphError(CallbotError):
         (delta-seconds, or an HTTP date counted from when the answer came); ``None`` when
         it named none, or one that is no wait (negative, unreadable). Back off at least this
         long before repeating the request."""
+        self.may_have_acted = (
+            may_have_acted if may_have_acted is not None else answer_may_have_acted(status)
+        )
+        """Whether Graph may have carried the request out. ``False`` when it said it did not
+        (a 4xx but 408 Request Timeout, or 503) and no earlier attempt may have reached it,
+        or when the request never left (Graph could not be reached, a URL off Graph): sending
+        it again cannot do it twice. ``True`` otherwise: a 5xx but 503, a 408, an answer
+        lost (a timeout, a connection closed once the request was sent)."""
 
 
 class CallEnded(GraphError):
@@ -149,6 +168,7 @@ class CallEnded(GraphError):
             client_request_id=exc.client_request_id,
             body=exc.body,
             retry_after=exc.retry_after,
+            may_have_acted=exc.may_have_acted,
         )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -628,6 +629,56 @@ async def test_a_transfer_is_counted_only_when_it_is_sent(
     with pytest.raises(GraphError):
         await services.call(CALL_ID).transfer(agent)
     assert noted[1:] == [TransferAsked(CALL_ID), TransferRefused(CALL_ID)]
+
+
+async def test_a_transfer_graph_did_not_act_on_is_settled(
+    graph: FakeGraph, services: CallServices
+) -> None:
+    """A transfer answered 503 until the retry budget ran out, or sent nowhere (Graph could
+    not be reached), was never carried out: callbot retries a transfer on 503 because Graph
+    does not act on it. It stayed counted as asked, so a copy Graph sent again of the next
+    transfer's failure was taken for that transfer's news and reached handlers twice. One
+    Graph may have carried out (504, a connection lost once sent) stays counted."""
+    noted: list[OwnFact] = []
+
+    async def note(fact: OwnFact) -> None:
+        noted.append(fact)
+
+    agent = Target.user("agent-id", "Agent")
+    services.note_with(note)
+    graph.fail_next("transfer", 503, headers={"Retry-After": "120"})  # past the budget
+    with pytest.raises(GraphError) as unavailable:
+        await services.call(CALL_ID).transfer(agent)
+    assert unavailable.value.status == 503
+    assert unavailable.value.may_have_acted is False
+    assert noted == [TransferAsked(CALL_ID), TransferRefused(CALL_ID)]
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    nowhere = CallServices(
+        dataclasses.replace(services.settings, graph_url=f"http://127.0.0.1:{port}/v1.0"),
+        retry=RetryPolicy(total_time=0.05, base_delay=0.01, max_delay=0.02),
+    )
+    nowhere.note_with(note)
+    try:
+        with pytest.raises(GraphError) as unreachable:
+            await nowhere.call(CALL_ID).transfer(agent)
+    finally:
+        await nowhere.close()
+    assert (unreachable.value.status, unreachable.value.may_have_acted) == (0, False)
+    assert noted[2:] == [TransferAsked(CALL_ID), TransferRefused(CALL_ID)]
+
+    graph.fail_next("transfer", 504)
+    with pytest.raises(GraphError) as timed_out:
+        await services.call(CALL_ID).transfer(agent)
+    graph.drop_next("transfer")
+    with pytest.raises(GraphError) as cut_off:
+        await services.call(CALL_ID).transfer(agent)
+    assert timed_out.value.may_have_acted is True
+    assert (cut_off.value.status, cut_off.value.may_have_acted) == (0, True)
+    assert noted[4:] == [TransferAsked(CALL_ID), TransferAsked(CALL_ID)]
+    assert len(graph.requests_for("transfer")) == 3  # none of them sent twice
 
 
 class _OwnCredential:

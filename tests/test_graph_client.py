@@ -363,6 +363,29 @@ async def test_a_post_that_may_have_reached_graph_is_not_sent_again(
     assert len(graph.requests_for("playPrompt")) == 1
 
 
+async def test_an_error_says_whether_graph_may_have_acted(
+    graph: FakeGraph, services: CallServices
+) -> None:
+    """Graph does not act on a request it refuses (a 4xx but 408) or answers 503; one that
+    may have reached it otherwise (504, cut off) may have been carried out, and so may a
+    repeatable one whose earlier attempt may have reached it, whatever the last answer."""
+    call = services.call(CALL_ID)
+    for status, acted in ((400, False), (404, False), (408, True), (500, True), (502, True)):
+        graph.fail_next("playPrompt", status)
+        with pytest.raises(GraphError) as failure:
+            await call.play_prompt("https://cdn.example.test/a.wav")
+        assert (failure.value.status, failure.value.may_have_acted) == (status, acted)
+    graph.fail_next("deleteParticipant", 504)
+    graph.fail_next("deleteParticipant", 429, headers={"Retry-After": "120"})
+    graph.add_participant(CALL_ID, {"id": "p-1"})
+    with pytest.raises(GraphError) as after_a_timeout:
+        await call.participants.remove("p-1")
+    assert after_a_timeout.value.status == 429
+    assert after_a_timeout.value.may_have_acted is True  # the 504 may have removed them
+    assert GraphError(503, None, "").may_have_acted is False
+    assert GraphError(0, "connectionFailed", "").may_have_acted is True
+
+
 async def test_ids_reach_the_wire_as_path_segment_encoded_them(graph: FakeGraph) -> None:
     paths: list[str] = []
 

@@ -153,12 +153,6 @@ def scenario_of(call_id: str) -> str:
     return str(uuid.uuid5(uuid.NAMESPACE_URL, "callbot:call:" + id_key(call_id)))
 
 
-def _refused(exc: GraphError) -> bool:
-    """Whether Graph answered that it did not act on the request: a 4xx (but a 408, which
-    says only that Graph gave up waiting for it)."""
-    return 400 <= exc.status < 500 and exc.status != 408
-
-
 class Roster(Mapping[str, models.Participant]):
     """A call's participants by id: looked up by an id in any form Graph writes it
     (``participant.id`` as it came, upper case, without dashes); kept in the form the
@@ -445,8 +439,9 @@ class Call:
         as the last one is then news); with the Redis store, in the call's inbox, for
         whichever instance runs the call. When Redis cannot take it, this raises
         :class:`~callbot.StoreUnavailable` and nothing is sent: no transfer was asked.
-        When Graph refuses the request (a 4xx answer, raised as
-        :class:`~callbot.GraphError`), the transfer is settled: nothing waits for its news.
+        When Graph did not act on the request (a :class:`~callbot.GraphError` whose
+        ``may_have_acted`` is false: a 4xx answer, a 503 past the retry budget, Graph not
+        reached), the transfer is settled: nothing waits for its news.
         """
         body: dict[str, Any] = {"transferTarget": invitation_json(target)}
         if replaces_call_id is not None:
@@ -467,8 +462,8 @@ class Call:
         try:
             await self._request("POST", "/transfer", body, before_send=count)
         except GraphError as exc:
-            if asked and _refused(exc):
-                # Graph refused the request: no news of this transfer will come.
+            if asked and not exc.may_have_acted:
+                # Graph did not act on the request: no news of this transfer will come.
                 await self._services.transfer_refused(self.id)
             raise
 

@@ -282,6 +282,7 @@ class GraphClient:
                 f"the app token is only sent to graph_url's origin: {refusal}",
                 method=method,
                 url=url,
+                may_have_acted=False,
             )
         tokens = self.tokens
         # A handler run again after a takeover is served what its first run got.
@@ -364,6 +365,7 @@ class GraphClient:
                     f"@odata.nextLink {why}; pages not followed further",
                     method="GET",
                     url=next_link,
+                    may_have_acted=False,
                 )
             followed.add(next_link)
             response = await self.request(

@@ -23,15 +23,13 @@ import structlog
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from .._errors import GraphError
+from .._errors import GraphError, answer_may_have_acted
 
 __all__ = ["RawResponse", "RequestStats", "RetryPolicy", "parse_retry_after", "send"]
 
 log = structlog.get_logger("callbot.graph")
 
 RETRY_STATUSES = frozenset({429, 503, 504})
-# A gateway that timed out may have handed the request on: resent only when repeatable.
-_MAYBE_DONE = frozenset({504})
 USER_AGENT = "callbot/0.1"
 MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 """The largest response body :func:`send` reads (after decompression); a longer one raises."""
@@ -81,6 +79,9 @@ class RawResponse:
     headers: CIMultiDictProxy[str]
     body: bytes
     client_request_id: str
+    acted_before: bool = False
+    """Whether an earlier attempt of the request may have been carried out (a repeatable
+    request sent again after a 504 or a lost answer)."""
 
     @property
     def request_id(self) -> str | None:
@@ -155,6 +156,7 @@ def error_from(response: RawResponse, *, method: str, url: str) -> GraphError:
         client_request_id=response.client_request_id,
         body=payload,
         retry_after=response.retry_after,
+        may_have_acted=response.acted_before or answer_may_have_acted(response.status),
     )
 
 
@@ -268,6 +270,8 @@ async def send(
     stats = stats if stats is not None else RequestStats()
     # A POST that may have reached Graph must not be sent twice (a second call placed).
     safe = method in _IDEMPOTENT if repeatable is None else repeatable
+    # Whether an attempt so far may have been carried out: an error then says so.
+    acted = False
     # yarl would decode what path_segment encoded (%3B to ;): quote the rest only.
     target = URL(quote(url, safe=_URL_CHARACTERS), encoded=True)
     # One id for every attempt, as Graph's SDKs resend a request: support traces it by this id.
@@ -310,6 +314,7 @@ async def send(
                 **kwargs,
             ) as resp:
                 body = await _read_body(resp, max_body)
+                earlier, acted = acted, acted or answer_may_have_acted(resp.status)
                 if body is None:
                     stats.outcomes[method, "too_large"] += 1
                     log.warning(
@@ -331,13 +336,16 @@ async def send(
                     headers=resp.headers,
                     body=body,
                     client_request_id=client_request_id,
+                    acted_before=earlier,
                 )
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
             stats.outcomes[method, "connection_error"] += 1
             delay = policy.backoff(attempt)
             reason = describe(exc)
-            unsafe = not safe and not isinstance(exc, aiohttp.ClientConnectorError)
-            if unsafe or loop.time() + delay > deadline:
+            # No connection was made: Graph never had the request.
+            sent = not isinstance(exc, aiohttp.ClientConnectorError)
+            acted = acted or sent
+            if (sent and not safe) or loop.time() + delay > deadline:
                 log.warning("graph_request_gave_up", error=reason, **attempt_fields)
                 # Not chained: aiohttp's exceptions hold the request headers (the token).
                 raise GraphError(
@@ -347,6 +355,7 @@ async def send(
                     method=method,
                     url=url,
                     client_request_id=client_request_id,
+                    may_have_acted=acted,
                 ) from None
             log.warning(
                 "graph_request_retry", error=reason, delay=round(delay, 3), **attempt_fields
@@ -372,7 +381,10 @@ async def send(
             reauthenticated = True
             on_unauthorized()
             continue
-        if response.status in RETRY_STATUSES and (safe or response.status not in _MAYBE_DONE):
+        # Sent again only when repeatable, or when Graph did not act on it (429, 503).
+        if response.status in RETRY_STATUSES and (
+            safe or not answer_may_have_acted(response.status)
+        ):
             named = response.retry_after
             # Retry-After: 0 on every answer would have us hammer Graph until the budget ends.
             delay = max(named or 0.0, policy.backoff(attempt))
