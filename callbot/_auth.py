@@ -16,6 +16,7 @@ import base64
 import binascii
 import contextlib
 import json
+import math
 import random
 import re
 import time
@@ -105,11 +106,16 @@ def _check_token(
     leeway: float,
 ) -> dict[str, Any]:
     """Check signature and standard claims of one token; the one costly step."""
-    # Before PyJWT reads them: it takes "exp": "1234" and true as times (RFC 7519: a number).
-    unverified = jwt.decode(token, options={"verify_signature": False})
+    try:
+        unverified = jwt.decode(token, options={"verify_signature": False})
+    except RecursionError:
+        # PyJWT before 2.15 lets it out of its JSON reader: a 500 for anyone naming a known kid.
+        raise jwt.DecodeError("Invalid payload string: nested too deeply") from None
+    # Before PyJWT reads them: it takes "exp": "1234" and true as times (RFC 7519: a number),
+    # and before 2.14 an OverflowError escapes it for Infinity, which is no JSON number.
     for name in ("exp", "nbf", "iat"):
         value = unverified.get(name)
-        if name in unverified and (isinstance(value, bool) or not isinstance(value, int | float)):
+        if name in unverified and not _json_number(value):
             raise jwt.DecodeError(f"the {name} claim is not a number")
     claims: dict[str, Any] = jwt.decode(
         token,
@@ -124,6 +130,13 @@ def _check_token(
     if not isinstance(issuer, str) or issuer not in issuers:
         raise jwt.InvalidIssuerError("Invalid issuer")
     return claims
+
+
+def _json_number(value: Any) -> bool:
+    """Whether a decoded claim is a JSON number (Python's reader also takes NaN, Infinity)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return not isinstance(value, float) or math.isfinite(value)
 
 
 def _reason_for(exc: jwt.PyJWTError) -> tuple[str, str]:
@@ -401,7 +414,8 @@ class Authenticator:
             raise AuthenticationError("malformed", "not a JWT in unpadded canonical base64url")
         try:
             header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError as exc:
+        except (jwt.PyJWTError, RecursionError) as exc:
+            # PyJWT before 2.14 lets a RecursionError out for a header nested deep enough.
             raise AuthenticationError("malformed", f"not a JWT: {exc}") from None
         algorithm = header.get("alg")
         if not isinstance(algorithm, str) or algorithm not in ALLOWED_ALGORITHMS:

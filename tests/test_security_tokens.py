@@ -9,9 +9,11 @@ keep memory the old cache never gave back.
 from __future__ import annotations
 
 import asyncio
+import base64
 import gc
 import io
 import json
+import math
 import secrets
 import time
 import tracemalloc
@@ -316,6 +318,41 @@ async def test_times_that_are_not_json_numbers_are_refused(
     assert (
         await server.post(body, token=server.token(extra_claims={"exp": now + 300.5}))
     ).status == 202
+
+
+async def test_a_token_pyjwt_cannot_read_is_refused_not_a_500(
+    authority: TokenAuthority, serve: Any
+) -> None:
+    """PyJWT before 2.14 (the floor is 2.8) let a RecursionError out of its JSON reader for
+    a header nested deep enough, before any key is chosen, and before 2.15 for such a
+    payload; before 2.14 an OverflowError for a time of Infinity: each a 500 and a traceback,
+    the first for anyone. Each is a 401 ``malformed`` now, whatever PyJWT is installed."""
+    bot, seen = seeing_bot(authority)
+    server: BotServer = await serve(bot)
+    body = b.notifications(b.incoming_call("nested-token-call"))
+    header, payload, signature = server.token().split(".")
+
+    def segment(raw: bytes) -> str:
+        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+    # As deep as a header line aiohttp reads (8 KiB) can hold.
+    nested = b"[" * 5000
+    claims = segment(b'{"x":' + nested)
+    tokens = [
+        f"{segment(nested)}.{payload}.{signature}",
+        f"{header}.{claims}.{signature}",
+        *(
+            server.token(extra_claims={name: value})
+            for name, value in (("exp", math.inf), ("iat", math.inf), ("nbf", -math.inf))
+        ),
+    ]
+    with capture_logs() as logs:
+        for token in tokens:
+            assert await refusal(await server.post(body, token=token)) == (401, "malformed")
+    assert [line["log_level"] for line in logs] == ["warning"] * len(tokens)
+    assert await metric(server, "auth_failed", "malformed") == len(tokens)
+    assert seen == []
+    assert (await server.post(body)).status == 202
 
 
 # -- 7. memory and work one token holder can cause ------------------------------------------
