@@ -18,21 +18,104 @@ def id_key(identifier: str) -> str:
     """The form two Graph ids are compared in.
 
     Graph writes one id as ``0fe0623f-d628-...`` in a response and as
-    ``0FE0623FD628...`` in a notification path, so compare without case or dashes. A GUID
-    in braces or parentheses (``{0fe0623f-...}``) is the same GUID to a .NET service such
-    as Graph, so it is the same id here too: else it would be another call to the tenant
-    check and the same one to Graph.
+    ``0FE0623FD628...`` in a notification path, so compare without case or dashes. Any
+    spelling a .NET service such as Graph reads as a GUID is that GUID here too (braces,
+    parentheses, ``{0x0fe0623f,0xd628,...}``, white space around it, ``0x`` and ``+`` in
+    its parts): else it would be another call to the tenant check and the same one to Graph.
     """
     key = identifier.replace("-", "").lower()
+    if key.isalnum() and "x" not in key:
+        return key  # the usual GUID, or a name: no brace, 0x, + nor white space to read
     if key and key[0] in "{(" and len(key) == 34 and key[-1] == _CLOSING[key[0]]:
         inner = key[1:-1]
         if all(c in _HEX for c in inner):
             return inner
+    if identifier and all(c in _GUID_CHARACTERS or c.isspace() for c in identifier):
+        guid = _dotnet_guid(identifier)
+        if guid is not None:
+            return guid
     return key
 
 
 _CLOSING = {"{": "}", "(": ")"}
 _HEX = frozenset("0123456789abcdef")
+_ANY_CASE_HEX = frozenset("0123456789abcdefABCDEF")
+# Every character .NET's Guid.Parse takes, besides white space.
+_GUID_CHARACTERS = _ANY_CASE_HEX | frozenset("-{}(),xX+")
+
+
+def _dotnet_guid(text: str) -> str | None:
+    """The 32 hex digits of the GUID .NET's ``Guid.Parse`` reads in ``text``, or ``None``.
+
+    As .NET reads one: white space around it ignored; ``(`` and ``{`` with a dash, the GUID
+    in parentheses or braces; ``{`` without, the ``{0x..,0x..,0x..,{0x..,...}}`` form (white
+    space anywhere, each part as many digits as fit, the two 16-bit parts cut to 16 bits);
+    else 36 characters with dashes, or 32 without, each fixed-width part but the last
+    possibly starting with ``+``, ``0x`` or both, as .NET still allows.
+    """
+    text = text.strip()
+    if text[:1] == "{" and "-" not in text:
+        return _x_form("".join(c for c in text if not c.isspace()))
+    if len(text) == 38 and (text[0], text[-1]) in (("{", "}"), ("(", ")")):
+        text = text[1:-1]
+    if len(text) == 36 and "-" in text:
+        if any(text[i] != "-" for i in (8, 13, 18, 23)):
+            return None
+        parts = [text[0:8], text[9:13], text[14:18], text[19:23], text[24:28]]
+        last = text[28:36]
+        if not all(c in _ANY_CASE_HEX for c in last):
+            return None  # never took a prefix
+        values = [_hex_part(part) for part in parts]
+        if any(value is None for value in values):
+            return None
+        widths = (8, 4, 4, 4, 4)
+        return "".join(f"{v:0{w}x}" for v, w in zip(values, widths, strict=True)) + last.lower()
+    if len(text) == 32 and "-" not in text:
+        values = [_hex_part(text[i : i + 8]) for i in range(0, 32, 8)]
+        if any(value is None for value in values):
+            return None
+        return "".join(f"{v:08x}" for v in values)
+    return None
+
+
+def _hex_part(part: str) -> int | None:
+    """One part of a GUID as .NET reads it: a ``+``, then ``0x``, may come before the digits;
+    ``None`` for anything but hex digits, or more than 8 of them past leading zeros."""
+    if part.startswith("+"):
+        part = part[1:]
+    if len(part) > 1 and part[0] == "0" and part[1] in "xX":
+        part = part[2:]
+    digits = part.lstrip("0")
+    if len(digits) > 8 or not all(c in _ANY_CASE_HEX for c in digits):
+        return None
+    return int(digits or "0", 16)
+
+
+def _x_form(text: str) -> str | None:
+    """``{0xAAAAAAAA,0xBBBB,0xCCCC,{0xDD,0xEE,0xFF,0xGG,0xHH,0xII,0xJJ,0xKK}}`` (no white
+    space left) as .NET reads it."""
+    if not (text.startswith("{") and text.endswith("}}")):
+        return None
+    head, brace, tail = text[1:-2].partition(",{")
+    fields = head.split(",")
+    octets = tail.split(",")
+    if not brace or len(fields) != 3 or len(octets) != 8:
+        return None
+    values: list[int] = []
+    for field in fields + octets:
+        if field[:2] not in ("0x", "0X"):
+            return None
+        value = _hex_part(field[2:])
+        if value is None or not field[2:]:
+            return None
+        values.append(value)
+    first, second, third, *rest = values
+    if any(octet > 0xFF for octet in rest):
+        return None
+    # .NET keeps the low 16 bits of the second and third parts, whatever they held.
+    return f"{first:08x}{second & 0xFFFF:04x}{third & 0xFFFF:04x}" + "".join(
+        f"{octet:02x}" for octet in rest
+    )
 
 
 def tenant_key(tenant_id: str) -> str:

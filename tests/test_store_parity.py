@@ -1116,6 +1116,44 @@ async def test_another_tenants_token_on_the_call_s_id_in_braces(parity: Any) -> 
         assert seen == ["establishing", "established", "terminated"], group.name
 
 
+async def test_another_tenants_token_on_any_spelling_dotnet_reads_as_the_call_s_guid(
+    parity: Any,
+) -> None:
+    """.NET's ``Guid.Parse`` reads more than braces: white space around the GUID (any
+    Unicode space: ASCII ones never pass the parser), the ``{0x..,0x..,0x..,{0x..,...}}``
+    form (its 16-bit parts cut to 16 bits), ``+`` and ``0x`` before a part. Each was another
+    call to the tenant check, accepted for another tenant's token; each is the call now."""
+    call = "07dab8b1-004c-409a-b240-bd8beae78896"
+    octets = "0xb2,0x40,0xbd,0x8b,0xea,0xe7,0x88,0x96"
+    spellings = [
+        "\u00a0" + call,
+        call.upper() + "\u3000",
+        "{0x07dab8b1,0x004c,0x409a,{" + octets + "}}",
+        "{\u20030x+7dab8b1\u3000,0x1004c,0x0x409A,\u00a0{" + octets.upper() + "}}",
+        "+7dab8b1-0x4c-409a-b240-bd8beae78896",
+        "\u2003(+7dab8b1-+04c-409a-b240-bd8beae78896)",
+    ]
+    steps: list[Step] = [post(b.call_state(call, "establishing"))]
+    steps += [post(b.call_state(other, "established"), tenant=OTHER_TENANT) for other in spellings]
+    steps += [post(b.call_state(call, "established")), post(b.call_terminated(call))]
+    groups: Parity = await parity()
+    await groups.run(steps)
+    groups.check()
+    for group in groups.groups:
+        assert group.statuses == [202, *[403] * len(spellings), 202, 202], group.name
+        seen = [entry.get("state") for entry in group.seen[id_key(call)]]
+        assert seen == ["establishing", "established", "terminated"], group.name
+        assert set(group.seen) == {id_key(call)}, group.name
+    # What .NET reads as another GUID, or as none, stays another id.
+    for other in (
+        "+7dab8b1-0x4d-409a-b240-bd8beae78896",
+        "0x7dab8b1-004c-409a-b240-bd8beae78896",  # nine characters where eight go
+        "{0x07dab8b1,0x004c,0x409a,{" + octets.replace("0x96", "0x196") + "}}",
+        "{0x07dab8b1,0x004c,0x409a,{" + octets + "}",
+    ):
+        assert id_key(other) != id_key(call), other
+
+
 async def test_a_tenant_named_in_another_case_than_the_token_s(parity: Any) -> None:
     """An item may spell its tenant in another case than its token's ``tid``: every store
     gives handlers the token's spelling (Redis once gave the item's, read back)."""
