@@ -39,6 +39,8 @@ log = get_logger("callbot.receiver")
 
 # What _buffered_body returns while the body is still on its way.
 _NOT_BUFFERED = b"\0not buffered"
+# Anyone can send Graph's tracing headers, 8 KiB each: a log line keeps their start only.
+_HEADER_SHOWN = 128
 _UTF8 = frozenset({"utf-8", "utf8"})
 # Codecs of host names and string literals, not documents (punycode's decoder is quadratic).
 _NOT_CHARSETS = frozenset({"punycode", "idna", "unicode-escape", "raw-unicode-escape"})
@@ -280,10 +282,10 @@ class Receiver:
         context = {
             "client": client.address,
             "scheme": client.scheme,
-            "chain_id": request.headers.get("X-Microsoft-Skype-Chain-ID"),
-            "message_id": request.headers.get("X-Microsoft-Skype-Message-ID"),
+            "chain_id": _shown(request, "X-Microsoft-Skype-Chain-ID"),
+            "message_id": _shown(request, "X-Microsoft-Skype-Message-ID"),
             # Set on a notification Graph sends again: the message id of its first sending.
-            "original_message_id": request.headers.get("X-Microsoft-Skype-Original-Message-ID"),
+            "original_message_id": _shown(request, "X-Microsoft-Skype-Original-Message-ID"),
             "tenant_id": tenant_id,
         }
         return {k: v for k, v in context.items() if v is not None}
@@ -336,3 +338,9 @@ class Receiver:
         return web.json_response(
             {"error": reason, "detail": detail}, status=status, headers=headers
         )
+
+
+def _shown(request: web.Request, header: str) -> str | None:
+    """A header as a log line shows it: its first ``_HEADER_SHOWN`` characters."""
+    value = request.headers.get(header)
+    return None if value is None else value[:_HEADER_SHOWN]

@@ -358,6 +358,28 @@ async def test_a_token_pyjwt_cannot_read_is_refused_not_a_500(
 # -- 7. memory and work one token holder can cause ------------------------------------------
 
 
+async def test_graph_s_tracing_headers_are_cut_short_in_log_lines(
+    authority: TokenAuthority, serve: Any
+) -> None:
+    """Anyone, token or not, can send Graph's chain and message id headers, up to 8 KiB
+    each: a refusal line carried all three in full, 24 KiB of log for one request."""
+    bot, seen = seeing_bot(authority)
+    server: BotServer = await serve(bot)
+    long = "7" * 8000
+    headers = {
+        "X-Microsoft-Skype-Chain-ID": long,
+        "X-Microsoft-Skype-Message-ID": long,
+        "X-Microsoft-Skype-Original-Message-ID": long,
+    }
+    body = b.notifications(b.incoming_call("traced-call"))
+    with capture_logs() as logs:
+        assert (await server.post(body, token="garbage", headers=headers)).status == 401
+    [line] = [entry for entry in logs if entry["event"] == "callback_refused"]
+    for field in ("chain_id", "message_id", "original_message_id"):
+        assert line[field] == long[:128]
+    assert seen == []
+
+
 async def test_the_verified_token_cache_stays_within_its_byte_budget(
     authority: TokenAuthority, serve: Any
 ) -> None:
