@@ -17,7 +17,9 @@ and decides, for each, one of:
   for ``reorder_window`` seconds: later events of that call wait behind it, except its
   predecessors, which overtake it; when they have come, or the window closes, the held
   events go in lifecycle order;
-* drop it, with a log line saying why: ``duplicate``, ``stale`` or ``after_end``.
+* drop it, with a log line saying why: ``duplicate``, ``stale`` or ``after_end``
+  (an operation's progress after its outcome, or an outcome told again written
+  otherwise, is ``stale``: an operation only goes forward, and ends once).
 
 Lifecycle phases come from :data:`callbot.models.CALL_LIFECYCLE`, the one list
 of call states: incoming < establishing < ringing < established (and the
@@ -49,6 +51,7 @@ from ._log import get_logger
 from ._parse import CALL_PATH
 from .models import Call as CallResource
 from .models import Identity, Participant
+from .models._operations import is_settled
 
 __all__ = [
     "MAX_WAITING_TONES",
@@ -118,6 +121,20 @@ def _copied(model: _Model, update: dict[str, Any]) -> _Model:
 
 def _state(event: events.Event) -> str | None:
     return event.state if isinstance(event, events.CallStateChanged) else None
+
+
+# How far an operation got: notStarted, then running (or a status Graph adds later), then
+# its outcome (completed or failed), which ends it.
+_OPERATION_STEPS = {"notStarted": 0}
+_OPERATION_GOING = 1
+_OPERATION_SETTLED = 2
+
+
+def _operation_step(status: str) -> int:
+    """Where an operation ``status`` (in Graph's spelling) stands in the operation's life."""
+    if is_settled(status):
+        return _OPERATION_SETTLED
+    return _OPERATION_STEPS.get(status, _OPERATION_GOING)
 
 
 # A tuple: a union written in the call would be built again on every notification.
@@ -404,6 +421,10 @@ class CallRecord:
     """How many of the life's ``transfers`` had a ``transferring`` delivered, first asked
     first (one whose failure came without it is passed over): a transfer's failure waits
     for its own ``transferring`` (:func:`_awaits_transferring`), not that of one before."""
+    operations: dict[str, int] = field(default_factory=dict)
+    """How far each of the call's latest operations got in what was delivered
+    (:func:`_operation_step`), by operation key, the latest last: Graph posts an operation's
+    progress and its outcome as separate requests, which can arrive swapped."""
 
     @property
     def call_id(self) -> str:
@@ -926,6 +947,8 @@ class Sequencer:
     def _deliver(self, record: CallRecord, event: events.Event) -> None:
         if isinstance(event, events.ToneReceived):
             record.tone_next = tone_after(event.sequence_id, record.tone_next)
+        elif isinstance(event, events.OperationUpdated) and not self._moves_on(record, event):
+            return
         elif isinstance(event, events.ParticipantsUpdated):
             diffed = self._diff_roster(record, event)
             if diffed is None:
@@ -970,6 +993,25 @@ class Sequencer:
             stranded, record.held, record.waiting_tones = record.held, [], []
             for straggler in stranded:
                 self._drop(straggler, "after_end")
+
+    def _moves_on(self, record: CallRecord, event: events.OperationUpdated) -> bool:
+        """Whether ``event`` takes its operation further than what was delivered of it (else
+        it is dropped as stale): its progress after its outcome, or its outcome again written
+        otherwise (an exact copy is a duplicate already), is not news."""
+        key = event.operation_key
+        if key is None:
+            return True  # an outcome naming no operation: nothing to order it by
+        step = _operation_step(event.status)
+        reached = record.operations.pop(key, None)
+        if reached is not None and (step < reached or reached == _OPERATION_SETTLED):
+            record.operations[key] = reached
+            self._drop(event, "stale", operation_id=event.operation_id, status=event.status)
+            return False
+        record.operations[key] = step
+        if len(record.operations) > SEEN_DIGESTS:
+            # Bounded as the digests are: the call's oldest operation is let go.
+            del record.operations[next(iter(record.operations))]
+        return True
 
     def _diff_roster(
         self, record: CallRecord, event: events.ParticipantsUpdated

@@ -1,7 +1,8 @@
 """The ordering promise, checked on real calls delivered the ways Graph delivers them.
 
 Each recorded call (the two P2P calls, the group call, the failed P2P call, the beta
-outgoing call that rings) and each documented flow (answer and hang up, answer and
+outgoing call that rings, and two calls whose operation was reported running, then
+done) and each documented flow (answer and hang up, answer and
 transfer, reject, redirect, create a call that shares content, join a meeting) is
 delivered to a real bot, one notification per request, in every order of a bounded,
 deterministic set built from its published one:
@@ -17,9 +18,10 @@ each transition once, ``on_incoming_call`` at most once, ``on_terminated`` once 
 last, an update (``on_call_updated``) only of the state the call is in, a roster, tone,
 content sharing or operation outcome never before the state it follows in the
 published order (once the call has any state: a call known by nothing else yet holds
-nothing), nothing that came before the end lost but a stale state, and no notification
-run twice, except a copy that design.md says is news (a roster or content sharing after
-a different one, a live call's state after the call moved on).
+nothing), an operation only going forward and ending once, nothing that came before the
+end lost but a stale state or an operation's stale progress, and no notification run
+twice, except a copy that design.md says is news (a roster or content sharing after a
+different one, a live call's state after the call moved on).
 
 Both stores are checked. Each request waits for its 202 and for the bot to have run
 everything it accepted, by condition; the reorder window is one no test reaches, so a
@@ -63,7 +65,7 @@ from .conftest import (
     notification_files,
     until,
 )
-from .test_recorded import CALLS, ending
+from .test_recorded import CALLS, OPERATION_CALLS, ending
 from .test_redis import KEY_PREFIX, redis_server, redis_url
 
 __all__ = ["redis_server", "redis_url"]  # fixtures this module uses
@@ -114,7 +116,7 @@ def flows() -> dict[str, list[dict[str, Any]]]:
     """Each call's notifications in published order, a termination last."""
     out = {
         name: [item for body in call.bodies() for item in body["value"]]
-        for name, call in CALLS.items()
+        for name, call in {**CALLS, **OPERATION_CALLS}.items()
     }
     files = {name[:2]: name for name in notification_files()}
     for flow, numbers in DOCUMENTED.items():
@@ -217,6 +219,19 @@ def _kind(event: events.Event) -> str | None:
     return None
 
 
+def operation_of(item: dict[str, Any]) -> tuple[str, int] | None:
+    """The operation a notification reports (its key) and how far it got, if it reports one."""
+    (event,) = parse_payload(b.notifications(item))
+    if not isinstance(event, events.OperationUpdated) or event.operation_key is None:
+        return None
+    return event.operation_key, _STEPS.get(event.status, _STEPS["running"])
+
+
+# An operation's life: not started, running (or a status Graph adds later), its outcome.
+_STEPS = {"notStarted": 0, "running": 1, "completed": 2, "failed": 2}
+_SETTLED = _STEPS["completed"]
+
+
 @dataclass
 class Delivery:
     event: events.Event
@@ -230,6 +245,7 @@ def broken_promises(items: list[dict[str, Any]], order: list[int], seen: list[Se
     problems: list[str] = []
     index_of = {json.dumps(item, sort_keys=True): i for i, item in enumerate(items)}
     states = [state_of(item) for item in items]
+    operations = [operation_of(item) for item in items]
     deliveries: list[Delivery] = []
     for run in seen:
         if deliveries and deliveries[-1].event is run.event:
@@ -251,6 +267,7 @@ def broken_promises(items: list[dict[str, Any]], order: list[int], seen: list[Se
     current: str | None = None
     moves: list[str] = []
     last_seen: dict[int, int] = {}
+    reached: dict[str, int] = {}
     for position, delivery in enumerate(deliveries):
         event, index = delivery.event, delivery.index
         news_again = False
@@ -280,6 +297,14 @@ def broken_promises(items: list[dict[str, Any]], order: list[int], seen: list[Se
             if event.state != current:
                 said(delivery, f"an update of {event.state} while handlers saw {current}")
         else:
+            operation = operations[index]
+            if operation is not None:
+                key, step = operation
+                if reached.get(key) == _SETTLED:
+                    said(delivery, "the operation again after its outcome")
+                elif step < reached.get(key, step):
+                    said(delivery, "the operation back where it was before")
+                reached[key] = max(step, reached.get(key, step))
             follows = next((s for s in reversed(states[:index]) if s is not None), None)
             if current is not None and _phase(current) < _phase(follows):
                 said(delivery, f"(after {follows}) while handlers saw {current}")
@@ -290,9 +315,25 @@ def broken_promises(items: list[dict[str, Any]], order: list[int], seen: list[Se
     for index in sorted(first):
         if first[index] > first[len(items) - 1] or index in last_seen:
             continue
-        if not _stale(index, states, first):
+        if not _stale(index, states, first) and not _behind(index, operations, first):
             problems.append(f"#{index} ({states[index] or 'no state'}) never delivered")
     return problems
+
+
+def _behind(index: int, operations: list[tuple[str, int] | None], first: dict[int, int]) -> bool:
+    """Whether notification ``index`` reports an operation that one coming before it reported
+    further on, or ended."""
+    operation = operations[index]
+    if operation is None:
+        return False
+    key, step = operation
+    return any(
+        first[other] < first[index]
+        and (told := operations[other]) is not None
+        and told[0] == key
+        and (told[1] > step or told[1] == _SETTLED)
+        for other in first
+    )
 
 
 def _stale(index: int, states: list[str | None], first: dict[int, int]) -> bool:
@@ -433,6 +474,8 @@ def test_the_perturbations_are_the_ones_meant() -> None:
         "redirect": 2,
         "create-call-sharing": 6,
         "join-meeting": 4,
+        "transfer-2018": 5,
+        "recording-2019": 5,
     }
     kinds = Counter(
         label.split()[0] + (" after the end" if label.endswith("end") else "")
@@ -440,11 +483,11 @@ def test_the_perturbations_are_the_ones_meant() -> None:
         for label, _ in perturbations(len(items), name)
     )
     assert kinds == {
-        "as": 11,
-        "swap": 38,
-        "shuffle": 43,
-        "repeat": 101,
-        "repeat after the end": 49,
+        "as": 13,
+        "swap": 46,
+        "shuffle": 51,
+        "repeat": 121,
+        "repeat after the end": 59,
     }
     orders = list(perturbations(3, "seed"))
     assert orders[:3] == [("as published", [0, 1, 2]), ("swap 0", [1, 0, 2]), ("swap 1", [0, 2, 1])]

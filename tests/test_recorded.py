@@ -475,3 +475,75 @@ async def test_a_meeting_roster_of_a_thousand_people_fits_the_default_limits(
     assert response.status == 202
     await seen.until(lambda: len(seen.rosters) == 1)
     assert len(seen.rosters[0].joined) == 1000
+
+
+# -- operations reported running, then done ------------------------------------------------
+
+# Calls whose operation Graph reported in two requests: running, then its outcome. The
+# recording's two name the operation differently: the path's upper-case id without dashes,
+# then the body's id with them.
+OPERATION_CALLS = {
+    "transfer-2018": RecordedCall(
+        [
+            "gdh17-beta-call-answer-2018.txt",
+            "gdh18-beta-call-answer-2018.txt",
+            "gdh01-beta-call-transfer-2018.json",
+            "gdh02-beta-call-transfer-2018.json",
+            "gdh03-beta-call-transfer-2018.json",
+        ],
+        states=["establishing", "established", "terminated"],
+        updates=0,
+        operations=2,
+    ),
+    "recording-2019": RecordedCall(
+        [
+            "gdh23-beta-application-post-calls-2019.json",
+            "gdh24-beta-application-post-calls-2019.json",
+            "gdh27-beta-call-record-2019.json",
+            "../notifications/32-call-record-recordresponse-completed.json",
+        ],
+        states=["establishing", "established", "terminated"],
+        updates=0,
+        operations=2,
+    ),
+}
+
+
+def _progress_and_outcome(bodies: list[Any]) -> tuple[int, int]:
+    """Where a call's operation was reported running, and where it was reported done."""
+    statuses = [(body["value"][0].get("resourceData") or {}).get("status") for body in bodies]
+    return statuses.index("running"), statuses.index("completed")
+
+
+@pytest.mark.parametrize("name", sorted(OPERATION_CALLS))
+async def test_an_operation_reported_running_then_done(
+    authority: Any, serve: Any, name: str
+) -> None:
+    bot, seen = watching_bot(authority)
+    server: BotServer = await serve(bot)
+    await replay(server, seen, OPERATION_CALLS[name].bodies())
+    assert [(o.status, o.operation_key) for o in seen.operations] == [
+        ("running", "0fe0623fd62842edb4bd8ac290072cc5"),
+        ("completed", "0fe0623fd62842edb4bd8ac290072cc5"),
+    ]
+    assert seen.states == ["establishing", "established", "terminated"]
+
+
+@pytest.mark.parametrize("name", sorted(OPERATION_CALLS))
+async def test_an_operation_s_progress_arriving_after_its_outcome_is_stale(
+    authority: Any, serve: Any, name: str
+) -> None:
+    """Graph posts an operation's progress and its outcome as separate requests: swapped,
+    or the progress sent again after the outcome, handlers still see the operation go
+    forward only, its outcome once."""
+    bodies = OPERATION_CALLS[name].bodies()
+    running, done = _progress_and_outcome(bodies)
+    swapped = list(bodies)
+    swapped[running], swapped[done] = swapped[done], swapped[running]
+    again = [*bodies[: done + 1], bodies[running], *bodies[done + 1 :]]
+    for order, statuses in ((swapped, ["completed"]), (again, ["running", "completed"])):
+        bot, seen = watching_bot(authority)
+        server: BotServer = await serve(bot)
+        await replay(server, seen, order)
+        assert [o.status for o in seen.operations] == statuses
+        assert seen.states == ["establishing", "established", "terminated"]

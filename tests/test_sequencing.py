@@ -320,6 +320,65 @@ async def test_operation_outcomes_are_reported_at_once_even_while_held() -> None
     seq.close()
 
 
+async def test_an_operation_only_goes_forward_and_ends_once() -> None:
+    """Each status of an operation, in whatever case and with its id in whatever form Graph
+    wrote it: one that is behind what was delivered of the operation, or an outcome once
+    the operation had one, is stale; another operation, or one naming none, is not held
+    back by it."""
+    sink = Sink()
+    seq = sink.sequencer()
+    seq.accept(one(b.call_state("c", "establishing")))
+    seq.accept(one(b.call_state("c", "established")))
+
+    def status(op: str, value: str, **options: Any) -> events.Event:
+        return one(b.operation_update("c", op, status=value, code=None, **options))
+
+    op = "0fe0623f-d628-42ed-b4bd-8ac290072cc5"
+    same_op = "0FE0623FD62842EDB4BD8AC290072CC5"
+    seq.accept(status(op, "running"))
+    seq.accept(status(same_op, "NotStarted"))  # behind running
+    seq.accept(status(same_op, "Running", client_context="progress"))  # progress: news
+    seq.accept(status(same_op, "statusGraphAddsLater"))  # taken as progress: news
+    seq.accept(status(op, "completed"))
+    seq.accept(status(same_op, "Running"))  # after the outcome
+    seq.accept(status(same_op, "failed"))  # an outcome again, otherwise written
+    seq.accept(status("other-op", "completed"))
+    seq.accept(one(b.operation_update("c", "participants", status="completed", id=None)))
+    seq.accept(one(b.operation_update("c", "participants", status="running", id=None)))
+    delivered = [
+        (d.event.operation_key, d.event.status)
+        for d in sink.deliveries
+        if isinstance(d.event, events.OperationUpdated)
+    ]
+    assert delivered == [
+        ("0fe0623fd62842edb4bd8ac290072cc5", "running"),
+        ("0fe0623fd62842edb4bd8ac290072cc5", "running"),
+        ("0fe0623fd62842edb4bd8ac290072cc5", "statusGraphAddsLater"),
+        ("0fe0623fd62842edb4bd8ac290072cc5", "completed"),
+        ("otherop", "completed"),
+        (None, "completed"),
+        (None, "running"),
+    ]
+    assert seq.counts["stale"] == 3
+    seq.close()
+
+
+async def test_how_far_a_call_s_operations_got_is_bounded() -> None:
+    sink = Sink()
+    seq = sink.sequencer()
+    seq.accept(one(b.call_state("c", "establishing")))
+    seq.accept(one(b.call_state("c", "established")))
+    for n in range(sequencing.SEEN_DIGESTS + 10):
+        seq.accept(one(b.operation_update("c", f"op-{n}")))
+    record = seq.record(id_key("c"))
+    assert record is not None
+    assert len(record.operations) == sequencing.SEEN_DIGESTS
+    # The oldest are let go first.
+    assert "op0" not in record.operations
+    assert f"op{sequencing.SEEN_DIGESTS + 9}" in record.operations
+    seq.close()
+
+
 async def test_failed_transfer_established_again_is_delivered() -> None:
     sink = Sink()
     seq = sink.sequencer()

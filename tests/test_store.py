@@ -12,6 +12,7 @@ import pytest
 from callbot import Call, ConfigurationError, Settings, events, models
 from callbot._dispatch import Dispatcher, HandlerRegistry
 from callbot._errors import MalformedNotification
+from callbot._ids import id_key
 from callbot._lifecycle import CallLife, Lifecycle
 from callbot._parse import parse_payload
 from callbot._sequencing import (
@@ -367,6 +368,31 @@ async def test_a_record_written_before_tones_were_counted_lets_the_next_tone_go(
     seq.adopt(record)
     seq.accept(one(b.tone("c", "tone5", 5)))  # no count kept: nothing it could wait for
     assert [type(d.event) for d in out] == [events.ToneReceived]
+    seq.close()
+
+
+async def test_a_record_read_back_knows_how_far_its_operations_got() -> None:
+    """Another instance carrying the call on drops an operation's progress arriving after
+    the outcome this one delivered, as this one would."""
+    first: list[Delivery] = []
+    seq = Sequencer(first.append, Lifecycle(termination_grace=30), reorder_window=300)
+    seq.accept(one(b.call_state("c", "establishing")))
+    seq.accept(one(b.call_state("c", "established")))
+    seq.accept(one(b.operation_update("c", "0FE0623F-D628-42ED-B4BD-8AC290072CC5")))
+    record = seq.record(id_key("c"))
+    assert record is not None
+    stored = encode_record(record)
+    seq.close()
+    copy = decode_record(stored)
+    assert copy is not None
+    assert copy.operations == record.operations
+    out: list[Delivery] = []
+    seq = Sequencer(out.append, Lifecycle(termination_grace=30), reorder_window=300)
+    seq.adopt(copy)
+    progress = b.operation_update("c", "0fe0623fd62842edb4bd8ac290072cc5", status="running")
+    seq.accept(one(progress))
+    assert out == []
+    assert seq.counts["stale"] == 1
     seq.close()
 
 

@@ -12,7 +12,8 @@ its place among the notifications.
 A call record keeps what the sequencer needs to go on ordering the call (its
 phase, state, roster, the digests of its last notifications and of its latest
 roster, the number of the tone it expects next, whether it ended, the transfers
-asked and up to which of them a ``transferring`` or a failure came) and the
+asked and up to which of them a ``transferring`` or a failure came, how far its
+latest operations got) and the
 call's merged snapshot, which carries ``chatInfo`` and ``meetingInfo`` so a
 bot can rejoin a meeting after a restart. The roster's keys
 are made again from its participants when a record is read, so a record written
@@ -170,6 +171,7 @@ def encode_record(record: CallRecord) -> str:
         # Read by instances of the previous release during a rolling upgrade.
         "roster_digest": digest.hex() if (digest := record.latest.get("roster")) else None,
         "seen": [digest.hex() for digest in record.seen],
+        "operations": record.operations,
     }
     # Models serialize themselves (faster than going through Python dicts).
     snapshot = "null" if record.snapshot is None else _json(record.snapshot)
@@ -210,12 +212,21 @@ def decode_record(text: str) -> CallRecord | None:
         latest={kind: bytes.fromhex(digest) for kind, digest in _latest(body).items()},
     )
     record.seen.extend(bytes.fromhex(digest) for digest in body.get("seen") or ())
+    record.operations = _operations(body.get("operations"))
     return record
 
 
 def _number(value: Any) -> int | None:
     """An integer the record kept; ``None`` for one written before it was kept."""
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _operations(stored: Any) -> dict[str, int]:
+    """How far the call's latest operations got; none for a record written before it was
+    kept (an operation's progress after its outcome then goes as before)."""
+    if not isinstance(stored, dict):
+        return {}
+    return {str(key): step for key, step in stored.items() if _number(step) is not None}
 
 
 def _latest(body: dict[str, Any]) -> dict[str, str]:
