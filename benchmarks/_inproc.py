@@ -49,6 +49,9 @@ class _Request:
         self.content_length = len(body)
         self.content = _Content(body)
 
+    def __contains__(self, key: object) -> bool:
+        return False  # no middleware ran: nothing is kept on the request
+
 
 class InProcessBot:
     """A started bot with a counting no-op handler; ``post`` runs one request through it."""
