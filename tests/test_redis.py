@@ -1536,18 +1536,20 @@ async def test_a_re_run_handler_its_first_run_never_started_hears_no_key_taken_b
         assert results[1:] == [(1, "pin", True, "1*34"), (1, "star", True, "")]
 
 
+@pytest.mark.parametrize("live", ["established", "hold", "aStateGraphAddsLater"])
 async def test_a_call_placed_on_one_instance_is_awaited_established_there(
-    authority: TokenAuthority, serve: Any, redis_url: str
+    authority: TokenAuthority, serve: Any, redis_url: str, live: str
 ) -> None:
     """The instance that placed a call waits for it to be established while Graph tells
     another one (the load balancer's pick): told through Redis, the wait returns; a call
-    ending there first fails the wait with its reason."""
+    ending there first fails the wait with its reason. Any state a live call moves between
+    counts, as it does on the instance running the call (only ``established`` was told)."""
     bots = [make_bot(authority, store=redis_url) for _ in range(2)]
     servers = [await serve(bot) for bot in bots]
     waiting = asyncio.create_task(bots[0].services.call("placed").wait_until_established(30))
     declined = asyncio.create_task(bots[0].services.call("declined").wait_until_established(30))
     await until(lambda: len(bots[0]._running().lifecycle._established_waiters) == 2)
-    for state in ("establishing", "established"):
+    for state in ("establishing", live):
         item = b.call_state("placed", state)
         assert (await servers[1].post(b.notifications(item))).status == 202
     await asyncio.wait_for(waiting, 10)

@@ -44,7 +44,7 @@ from .._dispatch import Dispatcher
 from .._errors import ConfigurationError, StoreUnavailable
 from .._ids import id_key, tenant_key
 from .._journal import Attempt
-from .._lifecycle import ENDED_MEMORY, Lifecycle
+from .._lifecycle import ENDED_MEMORY, LIVE_PHASE, Lifecycle, phase_of_state
 from .._log import get_logger
 from .._sequencing import (
     SEEN_DIGESTS,
@@ -127,10 +127,11 @@ _SHARED = (events.OperationUpdated, events.CallTerminated, events.ToneReceived)
 
 def _shared(event: events.Event) -> bool:
     """Whether every instance is told of ``event``: an outcome, a tone, an end, or the call
-    established (``Call.wait_until_established`` may wait on any instance)."""
+    live (``Call.wait_until_established`` may wait on any instance, and returns for any
+    state a live call moves between, as it does where the call runs)."""
     if isinstance(event, _SHARED):
         return True
-    return isinstance(event, events.CallStateChanged) and event.state == "established"
+    return isinstance(event, events.CallStateChanged) and phase_of_state(event.state) == LIVE_PHASE
 
 
 def _text(value: bytes | str) -> str:
