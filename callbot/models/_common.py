@@ -230,9 +230,18 @@ CallTranscriptionState: TypeAlias = Annotated[
 
 MeetingRole: TypeAlias = Annotated[
     str,
-    GraphEnum("attendee", "presenter", "producer", "coorganizer", "unknownFutureValue"),
+    GraphEnum(
+        "attendee",
+        "presenter",
+        "producer",
+        "coorganizer",
+        "unknownFutureValue",
+        # Sent by Teams though in no schema: "none" for a bot or a 1:1 caller, "organizer".
+        "none",
+        "organizer",
+    ),
 ]
-"""Graph's ``onlineMeetingRole`` (Teams also sends ``none``, kept as sent)."""
+"""Graph's ``onlineMeetingRole``, with ``none`` and ``organizer``, which Teams sends."""
 
 AutoAdmittedUsers: TypeAlias = Annotated[str, GraphEnum("everyoneInCompany", "everyone")]
 """Graph's ``autoAdmittedUsersType`` (beta): who joins a meeting without the lobby."""
