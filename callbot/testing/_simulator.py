@@ -432,7 +432,8 @@ class SimulatedCall:
         self.delta_roster = False
         """Whether rosters are sent as deltas (the bot asked for ``isDeltaRosterEnabled``)."""
         self.chain_id = str(uuid.uuid4())
-        """The call's ``callChainId``, on every call notification (as Teams sends it)."""
+        """The call's ``callChainId``, on every call notification but a tone (as Teams sends
+        it)."""
         self._sim = simulator
         self._tone_sequence = delivery.first_tone_sequence - 1
         self._roster_sequence = 0
@@ -973,13 +974,15 @@ class SimulatedCall:
 
     def _as_graph_writes(self, item: Mapping[str, Any]) -> dict[str, Any]:
         """An item as live Teams traffic has it (recorded 2023), with this call's quirks:
-        ``resource`` beside ``resourceUrl``, and the call's ``callChainId`` on the call."""
+        ``resource`` beside ``resourceUrl``, and the call's ``callChainId`` on the call (but
+        on a tone: a recorded tone has none, sb04)."""
         shaped = dict(item)
         data = shaped.get("resourceData")
         if (
             isinstance(data, Mapping)
             and data.get("@odata.type") == _CALL_TYPE
             and "callChainId" not in data
+            and "toneInfo" not in data
         ):
             shaped["resourceData"] = {**data, "callChainId": self.chain_id}
         url = shaped.get("resourceUrl")

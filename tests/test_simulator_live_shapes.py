@@ -1,0 +1,68 @@
+"""What the simulator posts for each step of a call, against what a live Teams tenant posted
+for the same step (``fixtures/recorded/sb*``): nothing a live call's notification lacks, so a
+bot that passes against the simulator does not lean on a field Teams does not send."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from callbot import Call, CallBot, events
+from callbot.testing import run_with_simulator
+
+from .conftest import APP_ID, FIXTURES, until
+
+RECORDED = FIXTURES / "recorded"
+
+
+def recorded_item(name: str) -> dict[str, Any]:
+    """The one item of a notification recorded from a live Teams call."""
+    [item] = json.loads((RECORDED / name).read_text(encoding="utf-8"))["value"]
+    assert isinstance(item, dict)
+    return item
+
+
+def posted_items(traffic: list[Any]) -> list[dict[str, Any]]:
+    return [item for t in traffic if t.kind == "notification" for item in t.body["value"]]
+
+
+def keys_beyond(posted: dict[str, Any], recorded: dict[str, Any]) -> set[str]:
+    """The item's and its resource's fields that the recorded notification has not."""
+    extra = {key for key in posted if key not in recorded}
+    data, live = posted.get("resourceData"), recorded.get("resourceData")
+    if isinstance(data, dict) and isinstance(live, dict):
+        extra |= {f"resourceData.{key}" for key in data if key not in live}
+    return extra
+
+
+async def test_a_tone_carries_what_a_live_teams_tone_carries_and_no_chain_id() -> None:
+    """A tone from a live Teams call (sb04) has no ``callChainId``, unlike the call's state
+    updates: the simulator put one on every tone, so a tone handler reading
+    ``event.call.call_chain_id`` passed under test and got ``None`` from Teams."""
+    bot = CallBot(app_id=APP_ID)
+    tones: list[events.ToneReceived] = []
+
+    @bot.on_incoming_call
+    async def answer(call: Call, event: events.IncomingCall) -> None:
+        await call.answer()
+
+    @bot.on_state("established")
+    async def subscribe(call: Call, event: events.CallStateChanged) -> None:
+        await call.subscribe_to_tone()
+
+    @bot.on_tone
+    async def heard(call: Call, event: events.ToneReceived) -> None:
+        tones.append(event)
+
+    async with run_with_simulator(bot) as sim:
+        call = await sim.incoming_call()
+        await call.press("1")
+        await until(lambda: bool(tones))
+        posted = posted_items(sim.traffic)
+    [tone] = [i for i in posted if "toneInfo" in (i.get("resourceData") or {})]
+    recorded = recorded_item("sb04-p2p-simpletest-p2ptest1event4tonepress.json")
+    assert keys_beyond(tone, recorded) == set()
+    assert tones[0].call.call_chain_id is None
+    # The call's states still carry it, as recorded (sb01, sb02).
+    states = [i["resourceData"] for i in posted if "state" in (i.get("resourceData") or {})]
+    assert {d.get("callChainId") for d in states if "toneInfo" not in d} == {call.chain_id}
