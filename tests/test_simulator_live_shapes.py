@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from callbot import Call, CallBot, events
+from callbot import Call, CallBot, events, models
+from callbot.graph import Target
 from callbot.testing import run_with_simulator
 
 from .conftest import APP_ID, FIXTURES, until
@@ -66,3 +67,50 @@ async def test_a_tone_carries_what_a_live_teams_tone_carries_and_no_chain_id() -
     # The call's states still carry it, as recorded (sb01, sb02).
     states = [i["resourceData"] for i in posted if "state" in (i.get("resourceData") or {})]
     assert {d.get("callChainId") for d in states if "toneInfo" not in d} == {call.chain_id}
+
+
+async def test_a_placed_call_has_one_chain_id_in_graphs_answer_and_its_notifications() -> None:
+    """Graph names one ``callChainId`` for a call: the one in its answer to ``create_call``
+    is the one its notifications carry. The simulator answered with one and posted another,
+    so a bot matching them (to join its logs with Graph's) failed only under test."""
+    bot = CallBot(app_id=APP_ID)
+    established: list[events.CallStateChanged] = []
+
+    @bot.on_state("established")
+    async def connected(call: Call, event: events.CallStateChanged) -> None:
+        established.append(event)
+
+    async with run_with_simulator(bot) as sim:
+        placed = await bot.create_call(Target.user("user-1", "Lee Gu"))
+        call = await sim.wait_for_outgoing_call()
+        await until(lambda: bool(established))
+        fetched = await placed.refresh()
+    assert placed.snapshot is not None
+    answered = placed.snapshot.call_chain_id
+    assert answered is not None
+    assert call.chain_id == answered
+    assert established[0].call.call_chain_id == answered
+    assert fetched.call_chain_id == answered
+
+
+async def test_an_incoming_call_has_one_chain_id_in_its_notifications_and_on_graph() -> None:
+    """Graph's copy of an incoming call (``GET`` the call) has the chain id its
+    notifications carry; the simulator's had none."""
+    bot = CallBot(app_id=APP_ID)
+    incoming: list[events.IncomingCall] = []
+    fetched: list[models.Call] = []
+
+    @bot.on_incoming_call
+    async def answer(call: Call, event: events.IncomingCall) -> None:
+        incoming.append(event)
+        await call.answer()
+
+    @bot.on_state("established")
+    async def look(call: Call, event: events.CallStateChanged) -> None:
+        fetched.append(await call.refresh())
+
+    async with run_with_simulator(bot) as sim:
+        call = await sim.incoming_call()
+        await until(lambda: bool(fetched))
+    assert incoming[0].call.call_chain_id == call.chain_id
+    assert fetched[0].call_chain_id == call.chain_id

@@ -427,13 +427,15 @@ class SimulatedCall:
         self.bot_participant_id = mine if isinstance(mine, str) and mine else str(uuid.uuid4())
         """The bot's own participant id in the roster: the call's ``myParticipantId`` on
         Graph, as Graph documents it (a joined meeting's response and roster, documents 08)."""
+        chain = known.resource.get("callChainId") if known is not None else None
+        self.chain_id = chain if isinstance(chain, str) and chain else str(uuid.uuid4())
+        """The call's ``callChainId``, on every call notification but a tone (as Teams sends
+        it), and on Graph's copy of the call (the answer to ``create_call``, ``GET``)."""
         if known is not None:
             known.resource["myParticipantId"] = self.bot_participant_id
+            known.resource["callChainId"] = self.chain_id
         self.delta_roster = False
         """Whether rosters are sent as deltas (the bot asked for ``isDeltaRosterEnabled``)."""
-        self.chain_id = str(uuid.uuid4())
-        """The call's ``callChainId``, on every call notification but a tone (as Teams sends
-        it)."""
         self._sim = simulator
         self._tone_sequence = delivery.first_tone_sequence - 1
         self._roster_sequence = 0
@@ -1605,7 +1607,7 @@ class Simulator:
             # As documented incoming calls carry it: the bot's own id in the roster to come.
             my_participant_id=call.bot_participant_id,
         )
-        self.graph.add_call(call_id, **item["resourceData"])
+        self.graph.add_call(call_id, **item["resourceData"], callChainId=call.chain_id)
         await call._send(item)
         if self.answer_deadline is not None:
             call._later(self.answer_deadline, call._missed)
@@ -1623,6 +1625,7 @@ class Simulator:
             state="establishing",
             direction="outgoing",
             myParticipantId=call.bot_participant_id,
+            callChainId=call.chain_id,
         )
         self._add_attendees(call)
         await call.establish()
