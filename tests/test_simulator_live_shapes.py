@@ -7,11 +7,15 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from callbot import Call, CallBot, events, models
-from callbot.graph import Target
-from callbot.testing import run_with_simulator
+from aiohttp import web
+from multidict import CIMultiDictProxy
 
-from .conftest import APP_ID, FIXTURES, until
+from callbot import Call, CallBot, events, models
+from callbot._ids import id_key
+from callbot.graph import Target
+from callbot.testing import Simulator, builders, run_with_simulator
+
+from .conftest import APP_ID, FIXTURES, plain_server, until
 
 RECORDED = FIXTURES / "recorded"
 
@@ -114,3 +118,39 @@ async def test_an_incoming_call_has_one_chain_id_in_its_notifications_and_on_gra
         await until(lambda: bool(fetched))
     assert incoming[0].call.call_chain_id == call.chain_id
     assert fetched[0].call_chain_id == call.chain_id
+
+
+async def test_every_notification_comes_with_the_headers_graph_sends() -> None:
+    """Requests captured from Graph (``fixtures/captured/*.headers``) carry the call's chain
+    id, Graph's user agent and ``Accept``, and a notification sent again the first sending's
+    message id. The simulator sent none of these: a bot correlating its logs by chain id, or
+    telling a resent notification by it, could not be tested."""
+    received: list[CIMultiDictProxy[str]] = []
+
+    async def answering(request: web.Request) -> web.StreamResponse:
+        received.append(request.headers)
+        if len(received) == 2:  # busy once: Graph sends it again
+            return web.Response(status=503, headers={"Retry-After": "0"})
+        return web.Response(status=202)
+
+    other_call = "491f0b00-ffff-4bc9-a43e-b226498ec22a"
+    async with plain_server(answering) as base, Simulator(app_id=APP_ID) as sim:
+        sim.callback_url = f"{base}/api/calls"
+        call = await sim.incoming_call()
+        await call.notify(builders.call_state(call.id, "establishing"))
+        await sim.post(builders.notifications(builders.call_state(other_call, "established")))
+        other_chain = sim.graph.calls[id_key(other_call)].resource.get("callChainId")
+    assert len(received) == 4
+    for headers in received:
+        assert headers["User-Agent"] == "Microsoft-Skype/3.0,(Calling/1.0)"
+        assert headers["Accept"] == "application/json"
+        assert headers["Content-Type"] == "application/json"
+        assert headers["Authorization"].startswith("Bearer ")
+    assert [h["X-Microsoft-Skype-Chain-ID"] for h in received[:3]] == [call.chain_id] * 3
+    # A call the simulator does not play has a chain id too, the one Graph's copy has.
+    assert received[3]["X-Microsoft-Skype-Chain-ID"] == other_chain
+    assert other_chain is not None
+    message_ids = [h["X-Microsoft-Skype-Message-ID"] for h in received]
+    assert len(set(message_ids)) == 4
+    originals = [h.get("X-Microsoft-Skype-Original-Message-ID") for h in received]
+    assert originals == [None, None, message_ids[1], None]

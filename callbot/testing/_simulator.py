@@ -111,6 +111,9 @@ OUTGOING_OUTCOMES: dict[str, tuple[int, int, str] | None] = {
 }
 """What a callee does with a call the bot places, and the ``resultInfo`` Graph ends it with."""
 
+GRAPH_USER_AGENT = "Microsoft-Skype/3.0,(Calling/1.0)"
+"""The ``User-Agent`` of Graph's callbacks (every captured request has it)."""
+
 MAX_REDIRECTS = 5
 """How many ``302 Found`` in a row the simulator follows for one notification (a loop ends)."""
 
@@ -1847,12 +1850,21 @@ class Simulator:
                 **outcome,
             )
 
+        chain_id = self._chain_id_for(body, call_id)
+        message_id = str(uuid.uuid4())
+        first_message_id: str | None = None
         while True:
+            # What captured callbacks carry (fixtures/captured/*.headers).
             headers = {
                 "Authorization": "Bearer " + self.token(tenant_id=tenant_id or self.tenant_id),
                 "Content-Type": "application/json",
-                "X-Microsoft-Skype-Message-ID": str(uuid.uuid4()),
+                "Accept": "application/json",
+                "User-Agent": GRAPH_USER_AGENT,
+                "X-Microsoft-Skype-Chain-ID": chain_id,
+                "X-Microsoft-Skype-Message-ID": message_id,
             }
+            if first_message_id is not None:
+                headers["X-Microsoft-Skype-Original-Message-ID"] = first_message_id
             retry_after = 0.2
             location: str | None = None
             try:
@@ -1878,6 +1890,9 @@ class Simulator:
             if status not in (0, 429, 502, 503, 504) or attempt == 3 or not self._notifying:
                 break
             attempt += 1
+            # Sent again, it is a new message that names the first sending.
+            first_message_id = first_message_id or message_id
+            message_id = str(uuid.uuid4())
             await asyncio.sleep(retry_after)
         self._record(delivered(url, reason=reason))
         if self._notifying and status in (200, 202) and not self._reaches_bot(url):
@@ -1885,6 +1900,21 @@ class Simulator:
                 self._elsewhere = _BotElsewhere(self._told)
             self._elsewhere.accepted(body, tenant_id or self.tenant_id)
         return status, reason
+
+    def _chain_id_for(self, body: Any, call_id: str | None) -> str:
+        """The ``X-Microsoft-Skype-Chain-ID`` of a notification: the ``callChainId`` of the call
+        it is about, as Graph's copy of the call has it (given one when it has none)."""
+        key = id_key(call_id) if call_id is not None else None
+        if key is None:
+            with contextlib.suppress(MalformedNotification):
+                key = next((event.call_key for event in parse_payload(body)), None)
+        known = self.graph.calls.get(key) if key is not None else None
+        if known is None:
+            return str(uuid.uuid4())
+        chain = known.resource.get("callChainId")
+        if not isinstance(chain, str) or not chain:
+            chain = known.resource["callChainId"] = str(uuid.uuid4())
+        return chain
 
     def _move_calls(self, body: Any, callback_url: str) -> None:
         """A bot's 302 moved the calls ``body`` names (region affinity): Graph posts their
