@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 from aiohttp import web
 from multidict import CIMultiDictProxy
 
@@ -154,3 +155,47 @@ async def test_every_notification_comes_with_the_headers_graph_sends() -> None:
     assert len(set(message_ids)) == 4
     originals = [h.get("X-Microsoft-Skype-Original-Message-ID") for h in received]
     assert originals == [None, None, message_ids[1], None]
+
+
+MEETING_URL = (
+    "https://teams.microsoft.com/l/meetup-join/19%3ameeting_abc%40thread.v2/0"
+    "?context=%7b%22Tid%22%3a%22t-1%22%2c%22Oid%22%3a%22o-1%22%7d"
+)
+
+
+@pytest.mark.parametrize(
+    ("meeting", "recorded"),
+    [
+        (False, "sb02-p2p-simpletest-p2ptest1event2callestablished.json"),
+        (True, "sb14-groupcalls-groupcallestablished.json"),
+    ],
+    ids=["placed-call", "joined-meeting"],
+)
+async def test_a_call_the_bot_placed_is_established_as_a_live_one_with_its_direction(
+    meeting: bool, recorded: str
+) -> None:
+    """A call a bot placed (sb02, sb08) or a meeting it joined (sb14) was recorded
+    ``established`` with ``direction: outgoing``; the simulator's said no direction, so a
+    handler telling the calls it placed by it was wrong only under test."""
+    bot = CallBot(app_id=APP_ID)
+    established: list[events.CallStateChanged] = []
+
+    @bot.on_state("established")
+    async def connected(call: Call, event: events.CallStateChanged) -> None:
+        established.append(event)
+
+    async with run_with_simulator(bot) as sim:
+        if meeting:
+            await bot.join_meeting(MEETING_URL)
+        else:
+            await bot.create_call(Target.user("user-1", "Lee Gu"))
+        call = await sim.wait_for_outgoing_call()
+        await until(lambda: bool(established))
+        posted = posted_items(sim.traffic)
+    assert established[0].call.direction == "outgoing"
+    calls = [i for i in posted if isinstance(i.get("resourceData"), dict)]
+    first = next(i for i in calls if i["resourceData"].get("state") == "established")
+    live = recorded_item(recorded)
+    assert set(first["resourceData"]) == set(live["resourceData"])
+    assert set(first) == set(live)
+    assert first["resourceData"]["callChainId"] == call.chain_id

@@ -818,7 +818,16 @@ class SimulatedCall:
             if ringing
             else ["establishing", "established"]
         )
-        entries = [_Outgoing(items=[build.call_state(self.id, s)]) for s in steps]
+        # A placed call's (or joined meeting's) established says so, as recorded (sb02, sb14).
+        placed = "outgoing" if self.direction == "outgoing" else None
+        entries = [
+            _Outgoing(
+                items=[
+                    build.call_state(self.id, s, direction=placed if s == "established" else None)
+                ]
+            )
+            for s in steps
+        ]
         if self.delivery.out_of_order:
             entries[0], entries[-1] = entries[-1], entries[0]
         media = models.CallMediaState(odata_type="#microsoft.graph.callMediaState", audio="active")
