@@ -199,3 +199,34 @@ async def test_a_call_the_bot_placed_is_established_as_a_live_one_with_its_direc
     assert set(first["resourceData"]) == set(live["resourceData"])
     assert set(first) == set(live)
     assert first["resourceData"]["callChainId"] == call.chain_id
+
+
+async def test_a_rejected_call_ends_as_graph_documents_it_with_no_state() -> None:
+    """Graph tells a bot that rejected a call only that the call was deleted: no state, no
+    result (documents 17, and the 2018 page). The simulator said ``terminated``, which a
+    handler reading ``event.call.state`` would not get from Graph."""
+    bot = CallBot(app_id=APP_ID)
+    ended: list[events.CallTerminated] = []
+
+    @bot.on_incoming_call
+    async def refuse(call: Call, event: events.IncomingCall) -> None:
+        await call.reject("busy")
+
+    @bot.on_terminated
+    async def gone(call: Call, event: events.CallTerminated) -> None:
+        ended.append(event)
+
+    async with run_with_simulator(bot) as sim:
+        call = await sim.incoming_call()
+        await call.wait_until_ended()
+        await until(lambda: bool(ended))
+        posted = posted_items(sim.traffic)
+    assert call.states == ["incoming", "terminated"]
+    assert ended[0].state == "terminated"
+    assert ended[0].call.state is None
+    assert ended[0].result_info is None
+    documented = json.loads(
+        (FIXTURES / "notifications" / "17-call-reject-call-deleted.json").read_text()
+    )["value"][0]
+    assert posted[-1]["changeType"] == documented["changeType"] == "deleted"
+    assert set(posted[-1]["resourceData"]) <= {*documented["resourceData"], "callChainId"}

@@ -10,7 +10,7 @@ redirecting it), else to the bot's callback URL. A bot answering ``302 Found`` (
 and the call's later notifications go there too:
 
 * ``answer``            -> ``establishing``, ``established``, then the roster;
-* ``reject``/``redirect`` -> ``terminated``;
+* ``reject``/``redirect`` -> the call deleted (``terminated``; no state after a reject);
 * ``transfer``          -> ``transferring``, ``transferAccepted``, ``terminated`` (7015),
   or back to ``established`` with code 500 when :attr:`Simulator.transfer_outcome`
   is ``"failed"`` (a consultative one: ``terminationReason`` ``AppTransferred``, or 7700);
@@ -1046,7 +1046,12 @@ class SimulatedCall:
         elif action in ("reject", "redirect"):
             self._end_on_graph()
             # Graph says no more than that the call is gone (documents 17 and 21): no resultInfo.
-            self._enqueue(build.call_terminated(self.id, code=None))
+            ended = build.call_terminated(self.id, code=None)
+            if action == "reject":
+                # Nor, for a rejected call, any state (document 17, and its 2018 revision).
+                path = ended["resourceUrl"]
+                ended["resourceData"] = {"@odata.type": _CALL_TYPE, "@odata.id": path}
+            self._enqueue(ended)
         elif action == "deleteCall":
             self._end_on_graph()
             self._enqueue(build.call_state(self.id, "terminating"))
