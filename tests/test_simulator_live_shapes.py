@@ -196,7 +196,10 @@ async def test_a_call_the_bot_placed_is_established_as_a_live_one_with_its_direc
     calls = [i for i in posted if isinstance(i.get("resourceData"), dict)]
     first = next(i for i in calls if i["resourceData"].get("state") == "established")
     live = recorded_item(recorded)
-    assert set(first["resourceData"]) == set(live["resourceData"])
+    assert set(live["resourceData"]) <= set(first["resourceData"])
+    # A joined meeting's also names the meeting, as captured joins do (below).
+    beyond = set(first["resourceData"]) - set(live["resourceData"])
+    assert beyond == ({"chatInfo", "meetingInfo"} if meeting else set())
     assert set(first) == set(live)
     assert first["resourceData"]["callChainId"] == call.chain_id
 
@@ -230,3 +233,37 @@ async def test_a_rejected_call_ends_as_graph_documents_it_with_no_state() -> Non
     )["value"][0]
     assert posted[-1]["changeType"] == documented["changeType"] == "deleted"
     assert set(posted[-1]["resourceData"]) <= {*documented["resourceData"], "callChainId"}
+
+
+async def test_a_joined_meeting_is_establishing_and_established_with_its_chat_and_meeting() -> None:
+    """Joining a meeting, Graph's ``establishing`` (captured from a live bot, 2023 and 2019)
+    and ``established`` (documents 06, 07) carry the meeting's ``chatInfo`` and
+    ``meetingInfo``; the simulator's carried neither, so a bot reading the meeting's chat
+    thread when it got in could not be tested."""
+    bot = CallBot(app_id=APP_ID)
+    moves: list[events.CallStateChanged] = []
+
+    @bot.on_state("establishing", "established")
+    async def moved(call: Call, event: events.CallStateChanged) -> None:
+        moves.append(event)
+
+    async with run_with_simulator(bot) as sim:
+        await bot.join_meeting(MEETING_URL)
+        await sim.wait_for_outgoing_call()
+        await until(lambda: len(moves) == 2)
+        posted = posted_items(sim.traffic)
+    for event in moves:
+        assert event.call.chat_info is not None
+        assert event.call.chat_info.thread_id == "19:meeting_abc@thread.v2"
+        assert event.call.meeting_info is not None
+    captured = json.loads(
+        (FIXTURES / "captured" / "gh-comms-samples-632-2023-establishing.json").read_text()
+    )["value"][0]["resourceData"]
+    establishing = next(
+        i["resourceData"]
+        for i in posted
+        if isinstance(i.get("resourceData"), dict)
+        and i["resourceData"].get("state") == "establishing"
+    )
+    assert set(establishing) == set(captured)
+    assert establishing["meetingInfo"]["@odata.type"] == captured["meetingInfo"]["@odata.type"]

@@ -820,10 +820,16 @@ class SimulatedCall:
         )
         # A placed call's (or joined meeting's) established says so, as recorded (sb02, sb14).
         placed = "outgoing" if self.direction == "outgoing" else None
+        meeting = self._meeting_fields()
         entries = [
             _Outgoing(
                 items=[
-                    build.call_state(self.id, s, direction=placed if s == "established" else None)
+                    build.call_state(
+                        self.id,
+                        s,
+                        direction=placed if s == "established" else None,
+                        **(meeting if s != "ringing" else {}),
+                    )
                 ]
             )
             for s in steps
@@ -839,6 +845,20 @@ class SimulatedCall:
         for entry in entries:
             self._queue_entry(entry)
         self._expect_keep_alive()
+
+    def _meeting_fields(self) -> dict[str, Any]:
+        """The meeting a joined call is in, as Graph repeats it in the call's ``establishing``
+        and ``established`` (captured from live bots; documents 06, 07): the ``chatInfo`` and
+        ``meetingInfo`` the bot joined with."""
+        known = self._sim.graph.calls.get(self.key)
+        if not self.meeting or known is None:
+            return {}
+        fields = {"chat_info": "chatInfo", "meeting_info": "meetingInfo"}
+        return {
+            name: known.resource[wire]
+            for name, wire in fields.items()
+            if isinstance(known.resource.get(wire), Mapping)
+        }
 
     def _queue_entry(self, entry: _Outgoing) -> None:
         entry.delay += self._sim.step_delay + self.delivery.delay
