@@ -74,6 +74,7 @@ class HandlerRegistry:
     ) -> None:
         """Register ``handler`` for ``event_type`` and its subclasses."""
         _require_coroutine(handler)
+        _require_parameters(handler, "call, event")
         if not (isinstance(event_type, type) and issubclass(event_type, events.Event)):
             raise TypeError(f"{event_type!r} is not an event class from callbot.events")
         name = getattr(handler, "__qualname__", repr(handler))
@@ -83,6 +84,7 @@ class HandlerRegistry:
     def add_error_handler(self, handler: ErrorHandler) -> None:
         """Register a handler for exceptions raised by other handlers."""
         _require_coroutine(handler)
+        _require_parameters(handler, "call, event, exc")
         self._error_handlers.append(handler)
 
     def wants(self, event_type: type[events.Event]) -> bool:
@@ -121,6 +123,22 @@ def _require_coroutine(handler: Any) -> None:
         raise TypeError(
             f"{getattr(handler, '__qualname__', handler)!r} must be an 'async def' function"
         )
+
+
+def _require_parameters(handler: Any, parameters: str) -> None:
+    # A handler that cannot take its arguments would fail only once a call arrives.
+    try:
+        signature = inspect.signature(handler)
+    except (TypeError, ValueError):  # no signature to read (some callables): judged when run
+        return
+    try:
+        signature.bind(*parameters.split(", "))
+    except TypeError:
+        name = getattr(handler, "__name__", None) or repr(handler)
+        raise TypeError(
+            f"{getattr(handler, '__qualname__', handler)!r} must take ({parameters}), "
+            f"not {signature}: async def {name}({parameters}) -> None"
+        ) from None
 
 
 class Dispatcher:

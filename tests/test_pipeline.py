@@ -455,6 +455,36 @@ def test_registering_a_plain_function_fails_at_once(authority: Any) -> None:
         bot.on_state(established)  # type: ignore[arg-type]  # written without its states
 
 
+def test_a_handler_that_cannot_take_its_arguments_fails_when_registered(
+    authority: Any,
+) -> None:
+    bot = make_bot(authority)
+
+    async def answer(call: Call) -> None:
+        return None
+
+    async def report(call: Call, exc: BaseException) -> None:
+        return None
+
+    with pytest.raises(TypeError, match=r"'.*answer' must take \(call, event\), not \(call: "):
+        bot.on_incoming_call(answer)
+    with pytest.raises(TypeError, match=r"must take \(call, event\)"):
+        bot.on_state("established")(answer)
+    with pytest.raises(TypeError, match=r"must take \(call, event, exc\).*async def report"):
+        bot.on_error(report)  # type: ignore[arg-type]
+
+    # Defaults, *args and keyword-only parameters with defaults are fine.
+    async def flexible(call: Call, event: events.Event, extra: int = 0, *, k: int = 1) -> None:
+        return None
+
+    async def anything(*args: Any) -> None:
+        return None
+
+    bot.on_incoming_call(flexible)
+    bot.on(events.Event)(anything)
+    bot.on_error(anything)
+
+
 async def test_health_readiness_and_metrics(authority: Any, serve: Any) -> None:
     bot, recorder = recording_bot(authority)
     server = await serve(bot)
