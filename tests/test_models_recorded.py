@@ -277,6 +277,23 @@ def test_numeric_codes_stay_numbers() -> None:
     assert (named.code, named.code_text, named.subcode) == (None, "ok", 5)
 
 
+def test_a_result_info_prints_as_its_codes_and_message() -> None:
+    # What `print("ended:", event.result_info)` in the README's bot shows.
+    ended = models.ResultInfo.model_validate(
+        {
+            "@odata.type": "#microsoft.graph.resultInfo",
+            "code": 200,
+            "subcode": 5001,
+            "message": "The conversation has ended.",
+        }
+    )
+    assert str(ended) == "200/5001 The conversation has ended."
+    assert f"{models.ResultInfo.model_validate({'code': 0, 'subCode': 7015})}" == "0/7015"
+    operation = _only("gdh01")
+    assert isinstance(operation, models.CommsOperation)
+    assert str(operation.result_info) == "200/transferring"  # a named subcode
+
+
 def test_older_recording_property_names_fill_the_recording_fields() -> None:
     operation = _only("gdh22")
     assert isinstance(operation, models.RecordOperation)

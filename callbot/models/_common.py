@@ -373,6 +373,13 @@ class ResultInfo(GraphModel):
     code_text: str | None = None
     subcode_text: str | None = None
 
+    def __str__(self) -> str:
+        """``200/5001 The conversation has ended.``: what a bot prints or logs of it."""
+        # pydantic's own str lists every field, the Nones of the OData envelope included.
+        code = self.code if self.code is not None else self.code_text
+        subcode = self.subcode if self.subcode is not None else self.subcode_text
+        return f"{code}/{subcode} {self.message or ''}".strip()
+
     @model_validator(mode="before")
     @classmethod
     def _keep_names_as_text(cls, data: Any) -> Any:
