@@ -45,9 +45,19 @@ def test_a_documented_project_passes_its_tests(page: Path, tmp_path: Path) -> No
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert " passed" in result.stdout
-    # The bot module also imports on its own, as `callbot run bot:bot` would.
+    # The bot module also imports on its own, as `callbot run bot:bot` would, and so does
+    # every other module the page shows (a `main.py` run as a script, say).
+    modules = [
+        name.removesuffix(".py").replace("/", ".")
+        for name in files_in(page)
+        if not name.rpartition("/")[2].startswith(("test_", "conftest"))
+    ]
+    assert modules
+    script = "".join(f"import {module}\n" for module in modules)
+    if "bot" in modules:
+        script += "print(type(bot.bot).__name__)\n"
     imported = subprocess.run(
-        [PYTHON, "-c", "import bot; print(type(bot.bot).__name__)"],
+        [PYTHON, "-c", script],
         cwd=project,
         env=env,
         capture_output=True,
@@ -55,4 +65,6 @@ def test_a_documented_project_passes_its_tests(page: Path, tmp_path: Path) -> No
         timeout=60,
         check=False,
     )
-    assert imported.stdout.strip() == "CallBot", imported.stderr
+    assert imported.returncode == 0, imported.stderr
+    if "bot" in modules:
+        assert imported.stdout.strip() == "CallBot", imported.stderr
