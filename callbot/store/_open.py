@@ -36,8 +36,9 @@ def open_store(
         from ._redis import RedisStore
     except ImportError as exc:  # pragma: no cover - depends on the installation
         raise ConfigurationError(
-            "CALLBOT_STORE is a Redis URL but the redis package is missing: "
-            "pip install 'callbot[redis]'"
+            "CALLBOT_STORE is a Redis URL but the redis package is missing: install "
+            "callbot's redis extra ('/path/to/callbot[redis]' from a clone) or "
+            "pip install 'redis>=6.0' 'hiredis>=3.2'"
         ) from exc
     return RedisStore(
         settings.store,

@@ -38,7 +38,7 @@ Fixtures:
   recording file named by ``CALLBOT_RECORD_PATH`` (kept for real calls) is not
   written during the test; one the bot was configured with otherwise is.
 
-The async fixtures need pytest-asyncio (``pip install 'callbot[testing]'``). A
+The async fixtures need pytest-asyncio (callbot's ``testing`` extra). A
 project needs no pytest configuration of its own: an ``async def`` test that
 uses ``sim`` (or ``callbot_simulator``) runs on asyncio without a mark, and
 pytest-asyncio's default fixture loop scope is set to ``function`` when the
@@ -321,7 +321,8 @@ else:
     def callbot_simulator() -> Simulator:
         """Needs pytest-asyncio."""
         pytest.fail(
-            "callbot's simulator fixtures need pytest-asyncio: pip install 'callbot[testing]'",
+            "callbot's simulator fixtures need pytest-asyncio: install callbot's testing "
+            "extra ('/path/to/callbot[testing]' from a clone) or pip install pytest-asyncio",
             pytrace=False,
         )
 
