@@ -41,6 +41,18 @@ def keys_beyond(posted: dict[str, Any], recorded: dict[str, Any]) -> set[str]:
     return extra
 
 
+def bot_seeing_established() -> tuple[CallBot, list[events.CallStateChanged]]:
+    """A bot that places or joins calls and keeps each ``established`` it is told."""
+    bot = CallBot(app_id=APP_ID)
+    established: list[events.CallStateChanged] = []
+
+    @bot.on_state("established")
+    async def connected(call: Call, event: events.CallStateChanged) -> None:
+        established.append(event)
+
+    return bot, established
+
+
 async def test_a_tone_carries_what_a_live_teams_tone_carries_and_no_chain_id() -> None:
     """A tone from a live Teams call (sb04) has no ``callChainId``, unlike the call's state
     updates: the simulator put one on every tone, so a tone handler reading
@@ -78,13 +90,7 @@ async def test_a_placed_call_has_one_chain_id_in_graphs_answer_and_its_notificat
     """Graph names one ``callChainId`` for a call: the one in its answer to ``create_call``
     is the one its notifications carry. The simulator answered with one and posted another,
     so a bot matching them (to join its logs with Graph's) failed only under test."""
-    bot = CallBot(app_id=APP_ID)
-    established: list[events.CallStateChanged] = []
-
-    @bot.on_state("established")
-    async def connected(call: Call, event: events.CallStateChanged) -> None:
-        established.append(event)
-
+    bot, established = bot_seeing_established()
     async with run_with_simulator(bot) as sim:
         placed = await bot.create_call(Target.user("user-1", "Lee Gu"))
         call = await sim.wait_for_outgoing_call()
@@ -177,13 +183,7 @@ async def test_a_call_the_bot_placed_is_established_as_a_live_one_with_its_direc
     """A call a bot placed (sb02, sb08) or a meeting it joined (sb14) was recorded
     ``established`` with ``direction: outgoing``; the simulator's said no direction, so a
     handler telling the calls it placed by it was wrong only under test."""
-    bot = CallBot(app_id=APP_ID)
-    established: list[events.CallStateChanged] = []
-
-    @bot.on_state("established")
-    async def connected(call: Call, event: events.CallStateChanged) -> None:
-        established.append(event)
-
+    bot, established = bot_seeing_established()
     async with run_with_simulator(bot) as sim:
         if meeting:
             await bot.join_meeting(MEETING_URL)
