@@ -24,8 +24,10 @@ def id_key(identifier: str) -> str:
     its parts): else it would be another call to the tenant check and the same one to Graph.
     """
     key = identifier.replace("-", "").lower()
-    if key.isalnum() and "x" not in key:
-        return key  # the usual GUID, or a name: no brace, 0x, + nor white space to read
+    if len(key) < 32 or (key.isalnum() and "x" not in key):
+        # The usual GUID, or a name: shorter than any GUID's 32 digits, or with no brace,
+        # 0x, + nor white space to read.
+        return key
     if key and key[0] in "{(" and len(key) == 34 and key[-1] == _CLOSING[key[0]]:
         inner = key[1:-1]
         if all(c in _HEX for c in inner):
