@@ -715,3 +715,25 @@ async def test_a_placed_call_is_bound_to_the_tenant_its_token_acts_in_when_that_
         finally:
             await svc.close()
     assert placed == [settings.tenant_id, None]
+
+
+async def test_a_transfer_whose_token_could_not_be_had_is_settled(
+    graph: FakeGraph, services: CallServices
+) -> None:
+    """A transfer whose app token the token endpoint would not give never left for Graph,
+    yet its GraphError (the token endpoint's 500) said Graph may have acted on it: the
+    transfer stayed counted as asked, waiting for news that cannot come."""
+    noted: list[OwnFact] = []
+
+    async def note(fact: OwnFact) -> None:
+        noted.append(fact)
+
+    services.note_with(note)
+    graph.revoke_tokens()  # the token is fetched for this request
+    graph.fail_next("token", 500)
+    with pytest.raises(GraphError) as no_token:
+        await services.call(CALL_ID).transfer(Target.user("agent-id", "Agent"))
+    assert no_token.value.status == 500
+    assert no_token.value.may_have_acted is False
+    assert graph.requests_for("transfer") == []
+    assert noted == [TransferAsked(CALL_ID), TransferRefused(CALL_ID)]
