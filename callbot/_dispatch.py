@@ -128,7 +128,8 @@ def _require_coroutine(handler: Any) -> None:
 def _require_parameters(handler: Any, parameters: str) -> None:
     # A handler that cannot take its arguments would fail only once a call arrives.
     try:
-        signature = inspect.signature(handler)
+        # What is called, not what functools.wraps says it wraps (a decorator may add arguments).
+        signature = inspect.signature(handler, follow_wrapped=False)
     except (TypeError, ValueError):  # no signature to read (some callables): judged when run
         return
     try:

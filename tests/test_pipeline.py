@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import json
 import random
 import re
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -483,6 +485,38 @@ def test_a_handler_that_cannot_take_its_arguments_fails_when_registered(
     bot.on_incoming_call(flexible)
     bot.on(events.Event)(anything)
     bot.on_error(anything)
+
+
+def test_a_handler_is_judged_by_what_is_called_not_what_it_wraps(authority: Any) -> None:
+    """A decorator that hands the handler something more (a connection, settings) takes
+    (call, event) itself; functools.wraps gives it the handler's name and its __wrapped__,
+    and registration read the wrapped handler's parameters, refusing a working handler."""
+    bot = make_bot(authority)
+
+    def with_greeting(
+        handler: Callable[[Call, events.Event, str], Awaitable[None]],
+    ) -> Callable[[Call, events.Event], Awaitable[None]]:
+        @functools.wraps(handler)
+        async def run(call: Call, event: events.Event) -> None:
+            await handler(call, event, "welcome")
+
+        return run
+
+    @bot.on_incoming_call
+    @with_greeting
+    async def answer(call: Call, event: events.Event, greeting: str) -> None:
+        return None
+
+    # What is called is still checked.
+    def forgetting(handler: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+        @functools.wraps(handler)
+        async def run(call: Call) -> None:
+            await handler(call, None)
+
+        return run
+
+    with pytest.raises(TypeError, match=r"must take \(call, event\), not \(call: "):
+        bot.on_incoming_call(forgetting(answer))
 
 
 async def test_health_readiness_and_metrics(authority: Any, serve: Any) -> None:
