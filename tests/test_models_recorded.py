@@ -289,6 +289,10 @@ def test_a_result_info_prints_as_its_codes_and_message() -> None:
     )
     assert str(ended) == "200/5001 The conversation has ended."
     assert f"{models.ResultInfo.model_validate({'code': 0, 'subCode': 7015})}" == "0/7015"
+    # What is not there is left out, not printed as None.
+    assert str(models.ResultInfo.model_validate({"code": 408, "message": "late"})) == "408 late"
+    assert str(models.ResultInfo.model_validate({"message": "gone"})) == "gone"
+    assert str(models.ResultInfo()) == ""
     operation = _only("gdh01")
     assert isinstance(operation, models.CommsOperation)
     assert str(operation.result_info) == "200/transferring"  # a named subcode

@@ -378,7 +378,8 @@ class ResultInfo(GraphModel):
         # pydantic's own str lists every field, the Nones of the OData envelope included.
         code = self.code if self.code is not None else self.code_text
         subcode = self.subcode if self.subcode is not None else self.subcode_text
-        return f"{code}/{subcode} {self.message or ''}".strip()
+        codes = "/".join(str(part) for part in (code, subcode) if part is not None)
+        return f"{codes} {self.message or ''}".strip()
 
     @model_validator(mode="before")
     @classmethod
