@@ -13,7 +13,7 @@ CallbotError
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Self
 
 __all__ = [
     "AuthenticationError",
@@ -140,6 +140,23 @@ class GraphError(CallbotError):
         it again cannot do it twice. ``True`` otherwise: a 5xx but 503, a 408, an answer
         lost (a timeout, a connection closed once the request was sent)."""
 
+    @classmethod
+    def from_graph_error(cls, exc: GraphError, *, may_have_acted: bool | None = None) -> Self:
+        """The same answer from Graph, as this class (a :class:`CallEnded`, say), saying
+        ``may_have_acted`` anew when it is given."""
+        return cls(
+            exc.status,
+            exc.code,
+            exc.message,
+            method=exc.method,
+            url=exc.url,
+            request_id=exc.request_id,
+            client_request_id=exc.client_request_id,
+            body=exc.body,
+            retry_after=exc.retry_after,
+            may_have_acted=exc.may_have_acted if may_have_acted is None else may_have_acted,
+        )
+
 
 class CallEnded(GraphError):
     """An action on a call got 404: the call has ended (usually the caller hung up).
@@ -154,22 +171,6 @@ class CallEnded(GraphError):
     result_info: Any = None
     """Why the call ended, when Graph said (a :class:`~callbot.models.ResultInfo`): set
     when a wait for the call to be established (``Call.wait_until_established``) ends."""
-
-    @classmethod
-    def from_graph_error(cls, exc: GraphError) -> CallEnded:
-        """The same answer from Graph, as a ``CallEnded``."""
-        return cls(
-            exc.status,
-            exc.code,
-            exc.message,
-            method=exc.method,
-            url=exc.url,
-            request_id=exc.request_id,
-            client_request_id=exc.client_request_id,
-            body=exc.body,
-            retry_after=exc.retry_after,
-            may_have_acted=exc.may_have_acted,
-        )
 
 
 def _code(result_info: Any, name: str) -> Any:

@@ -129,23 +129,6 @@ def parse_retry_after(value: str | None, *, now: datetime | None = None) -> floa
     return max(0.0, (when - current).total_seconds())
 
 
-def _not_sent(exc: GraphError, *, may_have_acted: bool) -> GraphError:
-    """``exc`` (the token endpoint's, shared by every request that waited on it) saying
-    whether the request it stopped may have been carried out."""
-    return GraphError(
-        exc.status,
-        exc.code,
-        exc.message,
-        method=exc.method,
-        url=exc.url,
-        request_id=exc.request_id,
-        client_request_id=exc.client_request_id,
-        body=exc.body,
-        retry_after=exc.retry_after,
-        may_have_acted=may_have_acted,
-    )
-
-
 def error_from(response: RawResponse, *, method: str, url: str) -> GraphError:
     """A :class:`GraphError` carrying Graph's ``{"error": {"code", "message"}}``."""
     payload = response.json()
@@ -313,7 +296,8 @@ async def send(
                 value = await authorization()
             except GraphError as exc:
                 # No token, so this attempt never left: Graph acted only if an earlier one did.
-                raise _not_sent(exc, may_have_acted=acted) from None
+                # A new error: the token provider gives its own to every request that waited.
+                raise GraphError.from_graph_error(exc, may_have_acted=acted) from None
             if value is not None:
                 request_headers["Authorization"] = value
         kwargs: dict[str, Any] = {}
