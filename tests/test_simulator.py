@@ -1280,6 +1280,24 @@ async def test_waiting_for_a_request_that_never_comes_says_what_came() -> None:
             await sim.wait_for_request("transfer", timeout=0.3)
 
 
+async def test_a_wait_that_times_out_names_the_handlers_that_raised() -> None:
+    """A request the bot never sent because its handler raised first: the error says which
+    handler raised, not only what never came."""
+    bot, _ = answering_bot(subscribe=False)
+
+    @bot.on_state("established")
+    async def route(call: Call, event: events.CallStateChanged) -> None:
+        await call.transfer("+14255550101")  # a phone number needs Target.phone: ValueError
+
+    async with run_with_simulator(bot) as sim:
+        call = await sim.incoming_call()
+        await call.settled()
+        with pytest.raises(SimulatorError) as waited:
+            await call.wait_for_request("transfer", timeout=0.1)
+        assert f"handlers raised: route on CallStateChanged of call {call.id}" in str(waited.value)
+        await call.hangup()
+
+
 async def test_each_wait_returns_the_next_request() -> None:
     bot, _ = answering_bot()
     async with run_with_simulator(bot) as sim:

@@ -1442,6 +1442,7 @@ class Simulator:
         self._graph_port = graph_port
         self._keys_port = keys_port
         self._by_key: dict[str, SimulatedCall] = {}
+        self._handlers_raised: list[str] = []
         self._outgoing: list[SimulatedCall] = []
         self._outgoing_taken = 0
         self._outgoing_outcomes: list[str] = []
@@ -2088,6 +2089,9 @@ class Simulator:
         summary = f"{name.rsplit('.', 1)[-1]} ran on {type(event).__name__}"
         if outcome != "ok":
             summary += f" ({outcome})"
+        if outcome == "error":
+            on = f"{name.rsplit('.', 1)[-1]} on {type(event).__name__}"
+            self._handlers_raised.append(f"{on} of call {event.call_id}" if event.call_id else on)
         self._record(
             Traffic(kind="handler", at=self._now(), summary=summary, call_id=event.call_id)
         )
@@ -2118,6 +2122,14 @@ class Simulator:
             if refused:
                 message += "; notifications the bot refused: " + ", ".join(
                     f"{t.summary} -> {t.status or 'no answer'}" for t in refused[:5]
+                )
+            if self._handlers_raised:
+                # What the bot never did is most often what a handler that raised did not reach.
+                message += (
+                    "; handlers raised: "
+                    + ", ".join(self._handlers_raised[:5])
+                    + " (the errors are in the handler_failed log lines, or went to the bot's "
+                    "on_error handlers)"
                 )
             raise SimulatorError(message) from None
 
