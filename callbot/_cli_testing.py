@@ -136,7 +136,10 @@ def _remote_options(parser: argparse.ArgumentParser) -> None:
         "--graph-port", type=int, default=8766, help="port of the simulated Graph (default 8766)"
     )
     parser.add_argument(
-        "--wait", type=float, default=30.0, help="seconds to wait for the bot to come up"
+        "--wait",
+        type=float,
+        default=30.0,
+        help="seconds to wait for the bot to come up (default %(default)g)",
     )
 
 
@@ -175,15 +178,27 @@ def add_testing_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
         action="store_true",
         help="do not wait for the bot's Graph requests (answer, subscribeToTone)",
     )
-    simulate.add_argument("--keys", default="1", help="keys the caller presses (dtmf)")
     simulate.add_argument(
-        "--hold", type=float, default=1.0, help="seconds a call lasts before the far end hangs up"
+        "--keys", default="1", help="keys the caller presses, one by one (dtmf; default 1)"
     )
     simulate.add_argument(
-        "--timeout", type=float, default=15.0, help="seconds to wait for the bot to act"
+        "--hold",
+        type=float,
+        default=1.0,
+        help="seconds a call lasts before the far end hangs up, counted from its last key "
+        "in dtmf (default %(default)g)",
     )
     simulate.add_argument(
-        "--prompt-seconds", type=float, default=1.0, help="seconds each prompt plays"
+        "--timeout",
+        type=float,
+        default=15.0,
+        help="seconds to wait for the bot to act (default %(default)g)",
+    )
+    simulate.add_argument(
+        "--prompt-seconds",
+        type=float,
+        default=1.0,
+        help="seconds each prompt plays (default %(default)g)",
     )
     simulate.add_argument("--format", choices=FORMATS, default="auto", help=_FORMAT_HELP)
     simulate.set_defaults(func=_simulate)
@@ -201,17 +216,21 @@ def add_testing_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
         "--speed",
         type=float,
         default=1.0,
-        help="1 keeps the recorded pauses, 2 halves them, 0 posts without pausing",
+        help="1 keeps the recorded pauses, 2 halves them, 0 posts without pausing "
+        "(default %(default)g)",
     )
     replay.add_argument(
-        "--max-gap", type=float, default=5.0, help="longest pause between batches (seconds)"
+        "--max-gap",
+        type=float,
+        default=5.0,
+        help="longest pause between batches, in seconds (default %(default)g)",
     )
     replay.add_argument(
         "--settle",
         type=float,
         default=1.0,
         help="at most this many seconds to let the bot start an operation whose outcome is "
-        "next, and to let handlers finish at the end",
+        "next, and to let handlers finish at the end (default %(default)g)",
     )
     replay.add_argument("--format", choices=FORMATS, default="auto", help=_FORMAT_HELP)
     replay.add_argument(

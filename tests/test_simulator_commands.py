@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import io
 import json
@@ -456,6 +457,22 @@ def test_command_line_shapes() -> None:
         parser.parse_args(["replay", "calls.jsonl"])  # needs --bot or --url
     args = parser.parse_args(["demo", "--format", "plain", "--pace", "0"])
     assert (args.format, args.pace) == ("plain", 0.0)
+
+
+def test_every_option_with_a_default_names_it_in_its_help() -> None:
+    """``callbot COMMAND --help`` is where an option's default is looked up (how long
+    ``simulate --hold`` keeps the caller on the line, say)."""
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    silent = []
+    for name, command in commands.choices.items():
+        for action in command._actions:
+            has_a_default = action.nargs != 0 and action.default not in (None, argparse.SUPPRESS)
+            if not action.option_strings or not has_a_default:
+                continue
+            if "default" not in command._get_formatter()._expand_help(action):
+                silent.append(f"{name} {action.option_strings[0]}")
+    assert silent == []
 
 
 async def test_runs_of_the_simulator_on_one_port_sign_with_one_key(tmp_path: Path) -> None:
