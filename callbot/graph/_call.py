@@ -586,9 +586,10 @@ class Call:
 
         Subscribes to tones once per call. A key pressed during the prompt stops
         it. Collecting ends after ``max_digits`` keys, on a key in ``finish_on``
-        (not included), or ``timeout`` seconds after the prompt ended or the last
-        key. A tone that is no key (a hook ``flash``) is not collected. Raises
-        :class:`~callbot.CallEnded` when the call ends meanwhile.
+        (not included; ``None``: no key ends it), or ``timeout`` seconds after the
+        prompt ended or the last key: with no ``finish_on``, fewer than ``max_digits``
+        keys means that timeout. A tone that is no key (a hook ``flash``) is not
+        collected. Raises :class:`~callbot.CallEnded` when the call ends meanwhile.
         """
         return await _digits.collect_digits(
             self,
