@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -294,7 +295,8 @@ class Bots:
         self.session: aiohttp.ClientSession | None = None
         self.token = authority.mint(audience=APP_ID, expires_in=3600)
 
-    async def start(self, count: int, **env: str) -> None:
+    async def start(self, count: int, source: Path = REPO, /, **env: str) -> None:
+        """Start ``count`` more instances of the callbot package in ``source``."""
         base = {
             **os.environ,
             "CALLBOT_STORE": self.redis_url,
@@ -310,12 +312,13 @@ class Bots:
             "CALLBOT_LOG_LEVEL": "info",
             **env,
         }
-        for index in range(count):
+        first = len(self.processes)
+        for index in range(first, first + count):
             with (self.logs / f"bot-{index}.log").open("ab") as out:
                 process = await asyncio.create_subprocess_exec(
                     *(sys.executable, "-m", "callbot", "run", "tests.test_redis_bot:bot"),
                     *("--port", "0"),
-                    cwd=REPO,
+                    cwd=source,
                     env=base,
                     stdout=out,
                     stderr=subprocess.STDOUT,
@@ -323,10 +326,11 @@ class Bots:
             self.ports.append(0)
             self.processes.append(process)
             self.alive.append(index)
-        self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=64), timeout=aiohttp.ClientTimeout(total=10)
-        )
-        await asyncio.gather(*(self._ready(i) for i in range(count)))
+        if self.session is None:
+            self.session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=64), timeout=aiohttp.ClientTimeout(total=10)
+            )
+        await asyncio.gather(*(self._ready(i) for i in range(first, first + count)))
 
     def _listening_port(self, index: int) -> int:
         """The port bot ``index`` said it listens on, 0 before it said so."""
@@ -360,6 +364,12 @@ class Bots:
     async def kill(self, index: int) -> None:
         self.alive.remove(index)
         self.processes[index].kill()
+        await self.processes[index].wait()
+
+    async def stop(self, index: int) -> None:
+        """SIGTERM: the instance drains and hands its calls over, as in a rolling upgrade."""
+        self.alive.remove(index)
+        self.processes[index].terminate()
         await self.processes[index].wait()
 
     def pause(self, index: int) -> None:
@@ -552,6 +562,91 @@ async def test_a_killed_process_s_calls_are_taken_over_by_the_others(
         if any(e["label"] == lab and e["pid"] != victim_pid for e in logs[c])
     ]
     assert handled_by_others, "nothing the victim accepted was handled by another instance"
+
+
+OLDER_TREE = Path(__file__).parent / "fixtures" / "releases" / "callbot-43b44af.tar.gz"
+"""The callbot package of commit 43b44af (``git archive 43b44af callbot``): the tree before
+how far each operation got was kept in a call's record."""
+
+
+@pytest.fixture
+def older_tree(tmp_path: Path) -> Path:
+    """A directory running the older callbot package with the bot these tests run."""
+    root = tmp_path / "older"
+    (root / "tests").mkdir(parents=True)
+    with tarfile.open(OLDER_TREE) as archive:
+        archive.extractall(root, filter="data")
+    for name in ("__init__.py", "test_redis_bot.py"):
+        shutil.copy(REPO / "tests" / name, root / "tests" / name)
+    return root
+
+
+async def deliver_steps(bots: Bots, calls: list[str], steps: slice, rng: random.Random) -> None:
+    """The given steps of each call's lifecycle, to random live instances, some twice."""
+    running = asyncio.Semaphore(32)
+
+    async def one_call(call_id: str) -> None:
+        async with running:
+            for step in lifecycle_steps(call_id)[steps]:
+                for item in step:
+                    copies = rng.choice((1, 2))
+                    await asyncio.gather(*(bots.deliver(item, rng) for _ in range(copies)))
+
+    await asyncio.gather(*(one_call(call_id) for call_id in calls))
+
+
+@pytest.mark.parametrize("stopped", ["older", "newer"])
+async def test_two_trees_share_one_redis_and_hand_their_calls_over(
+    bots: Bots, rdb: aioredis.Redis, older_tree: Path, stopped: str
+) -> None:
+    """A rolling upgrade (the older instance stopped) and its rollback (the newer one
+    stopped): while both run, each call's notifications go to either, and then the calls
+    in progress are finished by the one left. Every call's handlers see its lifecycle in
+    order, once, whichever tree ran each step."""
+    await bots.start(1, older_tree, CALLBOT_STORE_LEASE="2")
+    await bots.start(1, CALLBOT_STORE_LEASE="2")
+    older, newer = 0, 1
+    victim, survivor = (older, newer) if stopped == "older" else (newer, older)
+    calls = [f"upgrade-{i:03d}" for i in range(60)]
+    rng = random.Random(7)
+    # Calls begun on both: the incoming call, then its established and establishing.
+    await deliver_steps(bots, calls, slice(0, 2), rng)
+    begun = {c: ["IncomingCall", "establishing", "established"] for c in calls}
+    await wait_for(
+        lambda: _have(rdb, begun),
+        within=60,
+    )
+    await bots.stop(victim)
+    # Their tones and their end, to the one left.
+    await deliver_steps(bots, calls, slice(2, None), rng)
+    logs = await wait_for_logs(rdb, calls, within=60)
+    for call_id, entries in logs.items():
+        assert first_runs(entries) == LIFECYCLE, (call_id, entries)
+        # What each tree knew of the call was read by the other: its state went on.
+        previous = {e["label"]: e["previous"] for e in entries}
+        assert previous["established"] == "establishing", call_id
+        assert previous["terminated"] == "established", call_id
+    packages = {e["pid"]: e["package"] for entries in logs.values() for e in entries}
+    assert packages == {
+        bots.pid(older): str((older_tree / "callbot").resolve()),
+        bots.pid(newer): str((REPO / "callbot").resolve()),
+    }
+    handed = [
+        c for c in calls if {e["pid"] for e in logs[c]} == {bots.pid(victim), bots.pid(survivor)}
+    ]
+    assert handed, "no call was begun by the stopped instance and finished by the other"
+    for index in (older, newer):
+        lines = (bots.logs / f"bot-{index}.log").read_text().splitlines()
+        errors = [line for line in lines if '"level": "error"' in line or "Traceback" in line]
+        assert not errors, (index, errors[:3])
+
+
+async def _have(rdb: aioredis.Redis, expected: dict[str, list[str]]) -> bool:
+    """Whether each call's handlers have seen (at least) the given labels."""
+    logs = await read_logs(rdb, list(expected))
+    return all(
+        set(labels) <= {e["label"] for e in logs[call_id]} for call_id, labels in expected.items()
+    )
 
 
 async def test_a_restarted_instance_knows_its_calls_again(

@@ -20,10 +20,12 @@ import asyncio
 import json
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 from redis.exceptions import RedisError
 
+import callbot
 from callbot import Call, CallBot, current_attempt, events
 from callbot.store._redis import connect, follow_primary
 
@@ -33,6 +35,8 @@ bot = CallBot.from_env()
 _delay = float(os.environ.get("CALLBOT_TEST_HANDLER_DELAY", "0") or 0)
 _freeze = os.environ.get("CALLBOT_TEST_FREEZE") == "1"
 _client: Any = None
+# Which callbot this process runs: two trees share one Redis in the rolling-upgrade test.
+_PACKAGE = str(Path(callbot.__file__).resolve().parent)
 
 # KEYS: the call's fence, its log, its late log, ids of lines written;
 # ARGV: epoch (0: not fenced), line, its id (a retried append is not written twice)
@@ -78,6 +82,7 @@ async def log_every_event(call: Call, event: events.Event) -> None:
         "t": time.time(),
         "redelivered": attempt is not None and attempt.redelivered,
         "epoch": attempt.epoch if attempt is not None else 0,
+        "package": _PACKAGE,
     }
     frozen = _freeze and bool(await _retry(_client.exists, f"test:freeze:{os.getpid()}"))
     line["frozen"] = frozen
