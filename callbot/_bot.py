@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import ipaddress
 import signal
 import socket
@@ -17,7 +16,14 @@ from ._affinity import DeploymentChooser, RegionAffinity
 from ._auth import Authenticator
 from ._clock import loop_time
 from ._config import Settings
-from ._dispatch import Dispatcher, ErrorHandler, HandlerRegistry, HandlerWatcher
+from ._dispatch import (
+    Dispatcher,
+    ErrorHandler,
+    HandlerRegistry,
+    HandlerWatcher,
+    calls_a_coroutine,
+    handler_name,
+)
 from ._gc import tune_for_serving
 from ._ids import id_key
 from ._lifecycle import KeepAliveResult, Lifecycle
@@ -434,15 +440,15 @@ class CallBot:
         ... def by_tenant(event: events.IncomingCall) -> str | None:
         ...     return EU if event.tenant_id in EU_TENANTS else None
         """
-        if inspect.iscoroutinefunction(chooser) or not callable(chooser):
+        if calls_a_coroutine(chooser) or not callable(chooser):
             raise TypeError(
-                f"{getattr(chooser, '__qualname__', chooser)!r} must be a plain 'def' function: "
+                f"{handler_name(chooser)!r} must be a plain 'def' function: "
                 "it runs inside the request, before Graph gets its answer"
             )
         if self._registry.deployment_chooser is not None:
             raise ValueError(
                 "the bot already has a deployment chooser "
-                f"({getattr(self._registry.deployment_chooser, '__qualname__', '?')})"
+                f"({handler_name(self._registry.deployment_chooser)})"
             )
         self._registry.deployment_chooser = chooser
         return chooser

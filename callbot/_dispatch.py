@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import time
 import traceback
@@ -32,7 +33,14 @@ from ._sequencing import Delivery
 if TYPE_CHECKING:
     from .graph import Call
 
-__all__ = ["Dispatcher", "ErrorHandler", "Handler", "HandlerRegistry"]
+__all__ = [
+    "Dispatcher",
+    "ErrorHandler",
+    "Handler",
+    "HandlerRegistry",
+    "calls_a_coroutine",
+    "handler_name",
+]
 
 log = get_logger("callbot.dispatch")
 
@@ -77,7 +85,7 @@ class HandlerRegistry:
         _require_parameters(handler, "call, event")
         if not (isinstance(event_type, type) and issubclass(event_type, events.Event)):
             raise TypeError(f"{event_type!r} is not an event class from callbot.events")
-        name = getattr(handler, "__qualname__", repr(handler))
+        name = handler_name(handler)
         self._registrations.append(_Registration(event_type, handler, matches, name))
         self._cache.clear()
 
@@ -118,27 +126,65 @@ async def _still_held(attempt: Attempt) -> bool:
     return journal is None or await journal.admits(attempt)
 
 
+def _beneath_partials(handler: object) -> object:
+    while isinstance(handler, functools.partial):
+        handler = handler.func
+    return handler
+
+
+def _is_an_object(handler: object) -> bool:
+    """Whether calling ``handler`` runs its class's ``__call__`` (functions, methods and
+    classes have a qualified name of their own)."""
+    return not isinstance(getattr(_beneath_partials(handler), "__qualname__", None), str)
+
+
+def calls_a_coroutine(handler: object) -> bool:
+    """Whether calling ``handler`` gives a coroutine: an ``async def`` function or method, an
+    object whose class defines ``async def __call__``, or a ``functools.partial`` of one."""
+    handler = _beneath_partials(handler)
+    if inspect.iscoroutinefunction(handler):
+        return True
+    # An object is called through its class's __call__ (callable() says it has one).
+    return (
+        _is_an_object(handler)
+        and callable(handler)
+        and inspect.iscoroutinefunction(type(handler).__call__)
+    )
+
+
+def handler_name(handler: object) -> str:
+    """A handler's name in logs, metrics and diagrams: its qualified name, a partial's
+    function's, an object's class's (a repr's memory address would differ in each process)."""
+    handler = _beneath_partials(handler)
+    name = getattr(handler, "__qualname__", None)
+    return name if isinstance(name, str) else type(handler).__qualname__
+
+
 def _require_coroutine(handler: Any) -> None:
-    if not inspect.iscoroutinefunction(handler):
+    if not calls_a_coroutine(handler):
+        what = repr(handler_name(handler) if callable(handler) else handler)
         raise TypeError(
-            f"{getattr(handler, '__qualname__', handler)!r} must be an 'async def' function"
+            f"{what} must be an 'async def' function, or an object whose "
+            "class defines 'async def __call__'"
         )
 
 
 def _require_parameters(handler: Any, parameters: str) -> None:
     # A handler that cannot take its arguments would fail only once a call arrives.
     try:
-        # What is called, not what functools.wraps says it wraps (a decorator may add arguments).
+        # What is called, not what functools.wraps says it wraps (a decorator may add
+        # arguments); an object's __call__ without self, a partial's parameters still open.
         signature = inspect.signature(handler, follow_wrapped=False)
     except (TypeError, ValueError):  # no signature to read (some callables): judged when run
         return
     try:
         signature.bind(*parameters.split(", "))
     except TypeError:
-        name = getattr(handler, "__name__", None) or repr(handler)
+        short = handler_name(handler).rpartition(".")[2]
+        name = "__call__(self, " if _is_an_object(handler) else f"{short}("
         raise TypeError(
-            f"{getattr(handler, '__qualname__', handler)!r} must take ({parameters}), "
-            f"not {signature}: async def {name}({parameters}) -> None"
+            f"{handler_name(handler)!r} must take ({parameters}), not {signature}: "
+            f"async def {name}{parameters}) -> None"
         ) from None
 
 

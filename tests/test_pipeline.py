@@ -17,8 +17,10 @@ from structlog.testing import capture_logs
 from callbot import Call, CallBot, events
 from callbot._parse import parse_payload
 from callbot.testing import builders as b
+from callbot.testing import run_with_simulator
 
 from .conftest import (
+    APP_ID,
     BotServer,
     load_notification_text,
     make_bot,
@@ -456,6 +458,13 @@ def test_registering_a_plain_function_fails_at_once(authority: Any) -> None:
     with pytest.raises(TypeError, match=r"@bot.on_state\('established'\)"):
         bot.on_state(established)  # type: ignore[arg-type]  # written without its states
 
+    class PlainCall:
+        def __call__(self, call: Call, event: events.Event) -> None:
+            return None
+
+    with pytest.raises(TypeError, match=r"PlainCall' must be an 'async def' function, or an"):
+        bot.on_incoming_call(PlainCall())  # type: ignore[type-var]
+
 
 def test_a_handler_that_cannot_take_its_arguments_fails_when_registered(
     authority: Any,
@@ -485,6 +494,43 @@ def test_a_handler_that_cannot_take_its_arguments_fails_when_registered(
     bot.on_incoming_call(flexible)
     bot.on(events.Event)(anything)
     bot.on_error(anything)
+
+
+def test_a_handler_object_or_partial_is_judged_by_the_parameters_it_is_called_with(
+    authority: Any,
+) -> None:
+    """An object is called through its class's ``__call__`` (less ``self``), a partial with
+    the parameters it leaves open: each must still take what callbot passes."""
+    bot = make_bot(authority)
+
+    class Forgetful:
+        async def __call__(self, call: Call) -> None:
+            return None
+
+    class Reporter:
+        async def __call__(self, call: Call, event: events.Event, exc: BaseException) -> None:
+            return None
+
+    async def greet(greeting: str, call: Call, event: events.Event) -> None:
+        return None
+
+    async def greet_last(call: Call, event: events.Event, greeting: str) -> None:
+        return None
+
+    with pytest.raises(
+        TypeError,
+        match=r"Forgetful' must take \(call, event\), not \(call: .*: "
+        r"async def __call__\(self, call, event\) -> None",
+    ):
+        bot.on_incoming_call(Forgetful())
+    with pytest.raises(TypeError, match=r"'.*greet' must take \(call, event\), not \(greeting: "):
+        bot.on_tone(functools.partial(greet))
+    with pytest.raises(TypeError, match=r"'.*Reporter' must take \(call, event\)"):
+        bot.on_terminated(Reporter())
+
+    bot.on_tone(functools.partial(greet, "welcome"))
+    bot.on_tone(functools.partial(greet_last, greeting="welcome"))
+    bot.on_error(Reporter())
 
 
 def test_a_handler_is_judged_by_what_is_called_not_what_it_wraps(authority: Any) -> None:
@@ -517,6 +563,79 @@ def test_a_handler_is_judged_by_what_is_called_not_what_it_wraps(authority: Any)
 
     with pytest.raises(TypeError, match=r"must take \(call, event\), not \(call: "):
         bot.on_incoming_call(forgetting(answer))
+
+
+class CallCounter:
+    """A handler with state of its own: answers each call and keeps its id."""
+
+    def __init__(self) -> None:
+        self.answered: list[str] = []
+
+    async def __call__(self, call: Call, event: events.IncomingCall) -> None:
+        await call.answer()
+        self.answered.append(call.id)
+
+
+class Menu:
+    """Handlers that are methods of one object sharing its state."""
+
+    def __init__(self) -> None:
+        self.pressed: list[str] = []
+
+    async def start(self, call: Call, event: events.CallStateChanged) -> None:
+        await call.subscribe_to_tone()
+
+    async def on_tone(self, call: Call, event: events.ToneReceived) -> None:
+        self.pressed.append(event.tone)
+        if event.digit == "9":
+            raise LookupError("no option 9")
+
+
+class ErrorLog:
+    def __init__(self) -> None:
+        self.errors: list[BaseException] = []
+
+    async def __call__(self, call: Call, event: events.Event, exc: BaseException) -> None:
+        self.errors.append(exc)
+
+
+async def test_a_handler_may_be_an_object_a_method_or_a_partial_and_is_awaited() -> None:
+    """An object whose class defines ``async def __call__`` (a handler keeping state) was
+    refused as not being an ``async def`` function; it is registered, run and awaited like
+    one, as are bound methods and ``functools.partial`` of an ``async def`` function, and
+    each is named by what it runs (no object's address in logs, metrics or diagrams)."""
+    bot = CallBot(app_id=APP_ID)
+    counter, menu, error_log = CallCounter(), Menu(), ErrorLog()
+    ended: list[str] = []
+
+    async def note_the_end(into: list[str], call: Call, event: events.CallTerminated) -> None:
+        into.append(call.id)
+
+    assert bot.on_incoming_call(counter) is counter
+    bot.on_state("established")(menu.start)
+    bot.on_tone(menu.on_tone)
+    bot.on_terminated(functools.partial(note_the_end, ended))
+    bot.on_error(error_log)
+    ran: list[tuple[str, str]] = []
+    bot.watch_handlers(lambda name, event, outcome: ran.append((name, outcome)))
+
+    async with run_with_simulator(bot) as sim:
+        call = await sim.incoming_call()
+        await call.wait_for_state("established")
+        await call.press("19")
+        await until(lambda: len(error_log.errors) == 1)
+        await call.hangup()
+        await until(lambda: ended == [call.id])
+    assert counter.answered == [call.id]
+    assert menu.pressed == ["tone1", "tone9"]
+    assert [str(e) for e in error_log.errors] == ["no option 9"]
+    assert ran == [
+        ("CallCounter", "ok"),
+        ("Menu.start", "ok"),
+        ("Menu.on_tone", "ok"),
+        ("Menu.on_tone", "error"),
+        (note_the_end.__qualname__, "ok"),
+    ]
 
 
 async def test_health_readiness_and_metrics(authority: Any, serve: Any) -> None:

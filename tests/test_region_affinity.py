@@ -289,6 +289,14 @@ def test_a_chooser_is_a_plain_function_and_a_bot_has_one(authority: TokenAuthori
     with pytest.raises(TypeError, match="plain 'def' function"):
         bot.choose_deployment(looks_up)  # type: ignore[type-var]
 
+    class LooksUp:
+        async def __call__(self, event: events.IncomingCall) -> str | None:
+            return None
+
+    # An object whose call is a coroutine would answer every call with one.
+    with pytest.raises(TypeError, match="LooksUp' must be a plain 'def' function"):
+        bot.choose_deployment(LooksUp())  # type: ignore[type-var]
+
     def by_tenant(event: events.IncomingCall) -> str | None:
         return None
 
