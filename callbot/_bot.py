@@ -7,7 +7,7 @@ import ipaddress
 import signal
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar, overload
 
 from aiohttp import web
 
@@ -19,6 +19,7 @@ from ._config import Settings
 from ._dispatch import (
     Dispatcher,
     ErrorHandler,
+    Handler,
     HandlerRegistry,
     HandlerWatcher,
     calls_a_coroutine,
@@ -45,6 +46,7 @@ log = get_logger("callbot")
 E = TypeVar("E", bound=events.Event)
 H = TypeVar("H", bound=Callable[..., Awaitable[None]])
 C = TypeVar("C", bound=DeploymentChooser)
+T = TypeVar("T")
 BOT_KEY: web.AppKey[CallBot] = web.AppKey("callbot")
 
 P = ParamSpec("P")
@@ -64,6 +66,18 @@ def _signature_of(
         return method
 
     return typed
+
+
+def _at_once_or_decorator(
+    handler: T | None, register: Callable[[T], object]
+) -> T | Callable[[T], T]:
+    """``@bot.on_x`` registers the handler; ``@bot.on_x()`` gives the decorator that does."""
+
+    def decorate(handler: T) -> T:
+        register(handler)
+        return handler
+
+    return decorate if handler is None else decorate(handler)
 
 
 class _Runtime:
@@ -256,6 +270,9 @@ class CallBot:
     ... async def answer(call: Call, event: events.IncomingCall) -> None:
     ...     await call.answer()
 
+    A decorator that takes nothing but the handler may be written with or without
+    parentheses: ``@bot.on_incoming_call`` and ``@bot.on_incoming_call()`` are the same.
+
     Serve it with ``callbot run module:bot`` or mount ``bot.create_app()``.
     The bot itself is a definition (settings and handlers); what runs is built
     when it starts and discarded when it stops, so it can be served again.
@@ -317,6 +334,9 @@ class CallBot:
 
     # -- registration -------------------------------------------------------------
 
+    def _adding(self, event_type: type[events.Event]) -> Callable[[Handler], None]:
+        return lambda handler: self._registry.add(event_type, handler)
+
     def on(
         self, event_type: type[E], *, matches: Callable[[E], bool] | None = None
     ) -> Callable[[H], H]:
@@ -324,6 +344,13 @@ class CallBot:
 
         ``@bot.on(events.Event)`` sees everything. ``matches`` narrows further.
         """
+        if not (isinstance(event_type, type) and issubclass(event_type, events.Event)):
+            # @bot.on written without its event class would hand over the handler itself.
+            what = repr(handler_name(event_type) if callable(event_type) else event_type)
+            raise TypeError(
+                f"on takes an event class from callbot.events, not {what}: "
+                "@bot.on(events.CallUpdated)"
+            )
 
         def register(handler: H) -> H:
             self._registry.add(event_type, handler, matches)  # type: ignore[arg-type]
@@ -331,10 +358,13 @@ class CallBot:
 
         return register
 
-    def on_incoming_call(self, handler: H) -> H:
+    @overload
+    def on_incoming_call(self, handler: H) -> H: ...
+    @overload
+    def on_incoming_call(self) -> Callable[[H], H]: ...
+    def on_incoming_call(self, handler: H | None = None) -> H | Callable[[H], H]:
         """Run for each incoming call (answer, reject or redirect it within 15 s)."""
-        self._registry.add(events.IncomingCall, handler)
-        return handler
+        return _at_once_or_decorator(handler, self._adding(events.IncomingCall))
 
     def on_state(self, *states: str) -> Callable[[H], H]:
         """Run when a call moves into one of ``states`` (``"established"``, ...).
@@ -373,31 +403,46 @@ class CallBot:
 
         return register
 
-    def on_call_updated(self, handler: H) -> H:
+    @overload
+    def on_call_updated(self, handler: H) -> H: ...
+    @overload
+    def on_call_updated(self) -> Callable[[H], H]: ...
+    def on_call_updated(self, handler: H | None = None) -> H | Callable[[H], H]:
         """Run when Graph repeats the call's state to add content (media state, chat or
         meeting info, transcription, ...); ``event.changed`` names what changed."""
-        self._registry.add(events.CallUpdated, handler)
-        return handler
+        return _at_once_or_decorator(handler, self._adding(events.CallUpdated))
 
-    def on_tone(self, handler: H) -> H:
+    @overload
+    def on_tone(self, handler: H) -> H: ...
+    @overload
+    def on_tone(self) -> Callable[[H], H]: ...
+    def on_tone(self, handler: H | None = None) -> H | Callable[[H], H]:
         """Run for each DTMF tone the caller presses (after ``call.subscribe_to_tone()``)."""
-        self._registry.add(events.ToneReceived, handler)
-        return handler
+        return _at_once_or_decorator(handler, self._adding(events.ToneReceived))
 
-    def on_participants(self, handler: H) -> H:
+    @overload
+    def on_participants(self, handler: H) -> H: ...
+    @overload
+    def on_participants(self) -> Callable[[H], H]: ...
+    def on_participants(self, handler: H | None = None) -> H | Callable[[H], H]:
         """Run when the roster changes; the event lists who joined, left or changed."""
-        self._registry.add(events.ParticipantsUpdated, handler)
-        return handler
+        return _at_once_or_decorator(handler, self._adding(events.ParticipantsUpdated))
 
-    def on_operation(self, handler: H) -> H:
+    @overload
+    def on_operation(self, handler: H) -> H: ...
+    @overload
+    def on_operation(self) -> Callable[[H], H]: ...
+    def on_operation(self, handler: H | None = None) -> H | Callable[[H], H]:
         """Run when Graph reports an operation's progress or outcome."""
-        self._registry.add(events.OperationUpdated, handler)
-        return handler
+        return _at_once_or_decorator(handler, self._adding(events.OperationUpdated))
 
-    def on_terminated(self, handler: H) -> H:
+    @overload
+    def on_terminated(self, handler: H) -> H: ...
+    @overload
+    def on_terminated(self) -> Callable[[H], H]: ...
+    def on_terminated(self, handler: H | None = None) -> H | Callable[[H], H]:
         """Run once when a call has ended; ``event.result_info`` says why."""
-        self._registry.add(events.CallTerminated, handler)
-        return handler
+        return _at_once_or_decorator(handler, self._adding(events.CallTerminated))
 
     def watch_handlers(self, watcher: HandlerWatcher) -> Callable[[], None]:
         """Call ``watcher(handler_name, event, outcome)`` after every handler run (tools
@@ -407,12 +452,21 @@ class CallBot:
         self._registry.watchers.append(watcher)
         return lambda: self._registry.watchers.remove(watcher)
 
-    def on_error(self, handler: ErrorHandler) -> ErrorHandler:
+    @overload
+    def on_error(self, handler: ErrorHandler) -> ErrorHandler: ...
+    @overload
+    def on_error(self) -> Callable[[ErrorHandler], ErrorHandler]: ...
+    def on_error(
+        self, handler: ErrorHandler | None = None
+    ) -> ErrorHandler | Callable[[ErrorHandler], ErrorHandler]:
         """Run with ``(call, event, exc)`` when a handler raises."""
-        self._registry.add_error_handler(handler)
-        return handler
+        return _at_once_or_decorator(handler, self._registry.add_error_handler)
 
-    def choose_deployment(self, chooser: C) -> C:
+    @overload
+    def choose_deployment(self, chooser: C) -> C: ...
+    @overload
+    def choose_deployment(self) -> Callable[[C], C]: ...
+    def choose_deployment(self, chooser: C | None = None) -> C | Callable[[C], C]:
         """Send a new call to the deployment of this bot that should run it (region affinity).
 
         ``chooser(event)`` gets each call's incoming-call notification (the
@@ -440,6 +494,9 @@ class CallBot:
         ... def by_tenant(event: events.IncomingCall) -> str | None:
         ...     return EU if event.tenant_id in EU_TENANTS else None
         """
+        return _at_once_or_decorator(chooser, self._set_deployment_chooser)
+
+    def _set_deployment_chooser(self, chooser: DeploymentChooser) -> None:
         if calls_a_coroutine(chooser) or not callable(chooser):
             raise TypeError(
                 f"{handler_name(chooser)!r} must be a plain 'def' function: "
@@ -451,7 +508,6 @@ class CallBot:
                 f"({handler_name(self._registry.deployment_chooser)})"
             )
         self._registry.deployment_chooser = chooser
-        return chooser
 
     # -- acting -------------------------------------------------------------------
 

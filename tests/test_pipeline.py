@@ -9,7 +9,7 @@ import json
 import random
 import re
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, assert_type
 
 import pytest
 from structlog.testing import capture_logs
@@ -457,6 +457,8 @@ def test_registering_a_plain_function_fails_at_once(authority: Any) -> None:
 
     with pytest.raises(TypeError, match=r"@bot.on_state\('established'\)"):
         bot.on_state(established)  # type: ignore[arg-type]  # written without its states
+    with pytest.raises(TypeError, match=r"@bot.on\(events.CallUpdated\)"):
+        bot.on(established)  # type: ignore[arg-type, type-var]  # written without its class
 
     class PlainCall:
         def __call__(self, call: Call, event: events.Event) -> None:
@@ -464,6 +466,9 @@ def test_registering_a_plain_function_fails_at_once(authority: Any) -> None:
 
     with pytest.raises(TypeError, match=r"PlainCall' must be an 'async def' function, or an"):
         bot.on_incoming_call(PlainCall())  # type: ignore[type-var]
+    # Written with parentheses, the decorator refuses the same, and so does mypy.
+    with pytest.raises(TypeError, match="not_async' must be an 'async def' function"):
+        bot.on_incoming_call()(not_async)  # type: ignore[type-var]
 
 
 def test_a_handler_that_cannot_take_its_arguments_fails_when_registered(
@@ -636,6 +641,70 @@ async def test_a_handler_may_be_an_object_a_method_or_a_partial_and_is_awaited()
         ("Menu.on_tone", "error"),
         (note_the_end.__qualname__, "ok"),
     ]
+
+
+async def test_a_decorator_of_the_handler_alone_may_be_written_with_parentheses() -> None:
+    """``@bot.on_incoming_call()`` raised Python's "missing 1 required positional argument";
+    each decorator that takes nothing but the handler registers it either way."""
+    bot = CallBot(app_id=APP_ID)
+    seen: list[str] = []
+    asked: list[str] = []
+
+    @bot.choose_deployment()
+    def here(event: events.IncomingCall) -> str | None:
+        asked.append(event.call_id)
+        return None
+
+    @bot.on_incoming_call()
+    async def answer(call: Call, event: events.IncomingCall) -> None:
+        seen.append("incoming")
+        await call.answer()
+
+    @bot.on_state("established")
+    async def start(call: Call, event: events.CallStateChanged) -> None:
+        await call.subscribe_to_tone()
+        await call.play_prompt("https://cdn.contoso.com/welcome.wav")
+
+    @bot.on_call_updated()
+    async def updated(call: Call, event: events.CallUpdated) -> None:
+        seen.append("updated")
+
+    @bot.on_participants()
+    async def roster(call: Call, event: events.ParticipantsUpdated) -> None:
+        seen.append("participants")
+
+    @bot.on_operation()
+    async def operation(call: Call, event: events.OperationUpdated) -> None:
+        seen.append("operation")
+
+    @bot.on_tone()
+    async def tone(call: Call, event: events.ToneReceived) -> None:
+        seen.append("tone")
+        raise LookupError(event.tone)
+
+    @bot.on_error()
+    async def report(call: Call, event: events.Event, exc: BaseException) -> None:
+        seen.append(f"error {exc}")
+
+    @bot.on_terminated()
+    async def ended(call: Call, event: events.CallTerminated) -> None:
+        seen.append("terminated")
+
+    # Either spelling hands back what it was given, typed as it was (mypy checks it).
+    other, counter = CallBot(app_id=APP_ID), CallCounter()
+    assert assert_type(other.on_incoming_call()(counter), CallCounter) is counter
+    assert assert_type(other.on_incoming_call(counter), CallCounter) is counter
+    async with run_with_simulator(bot) as sim:
+        call = await sim.incoming_call()
+        await call.wait_for_request("playPrompt")
+        await call.press("1")
+        await until(lambda: {"updated", "participants", "operation", "error tone1"} <= set(seen))
+        await call.hangup()
+        await until(lambda: "terminated" in seen)
+    assert asked == [call.id]
+    assert seen[0] == "incoming"
+    assert seen.index("tone") < seen.index("error tone1")
+    assert seen[-1] == "terminated"
 
 
 async def test_health_readiness_and_metrics(authority: Any, serve: Any) -> None:
