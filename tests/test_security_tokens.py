@@ -538,9 +538,9 @@ def test_a_large_batch_is_built_in_parts_and_refused_whole() -> None:
     with pytest.raises(MalformedNotification, match="not a usable id"):
         hand_over()
     assert handed == [32] * 4
-    # Parts are cut by the participants they build too: 12 rosters of 500 are not one part.
+    # Parts are cut by the participants they build too: 12 rosters of 300 are not one part.
     rosters = [
-        b.roster(f"call-{n}", [b.participant(f"p-{n}-{i}") for i in range(500)]) for n in range(12)
+        b.roster(f"call-{n}", [b.participant(f"p-{n}-{i}") for i in range(300)]) for n in range(12)
     ]
     body = json.dumps(b.notifications(*rosters)).encode()
     sizes = [len(part) for part in parse_body_in_parts(body, max_items=200, part_size=32)]

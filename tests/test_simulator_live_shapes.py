@@ -5,15 +5,19 @@ bot that passes against the simulator does not lean on a field Teams does not se
 from __future__ import annotations
 
 import json
+import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from aiohttp import web
 from multidict import CIMultiDictProxy
+from pydantic import BaseModel
 
 from callbot import Call, CallBot, events, models
 from callbot._ids import id_key
-from callbot.graph import Target
+from callbot._parse import parse_payload
+from callbot.graph import Target, media_prompt
 from callbot.testing import Simulator, builders, run_with_simulator
 
 from .conftest import APP_ID, FIXTURES, plain_server, until
@@ -267,3 +271,199 @@ async def test_a_joined_meeting_is_establishing_and_established_with_its_chat_an
     )
     assert set(establishing) == set(captured)
     assert establishing["meetingInfo"]["@odata.type"] == captured["meetingInfo"]["@odata.type"]
+
+
+def key_paths(value: Any, path: str = "", *, opaque: frozenset[str] = frozenset()) -> set[str]:
+    """Every key path in ``value``, each ``@odata.type`` with its value. A list's items are
+    under ``[]``, but a roster's participants under ``[who]`` (``user``, ``application``,
+    ...) and their streams under ``[mediaType]``: Teams lists other fields for a person than
+    for a bot, and other streams. Below an ``opaque`` path, nothing."""
+    paths: set[str] = set()
+    if path in opaque:
+        return paths
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            here = f"{path}.{key}" if path else key
+            if key == "@odata.type":
+                paths.add(f"{here}={inner}")
+            else:
+                paths |= {here, *key_paths(inner, here, opaque=opaque)}
+    elif isinstance(value, list):
+        for inner in value:
+            paths |= key_paths(inner, f"{path}[{_label(inner)}]", opaque=opaque)
+    return paths
+
+
+def _label(value: Any) -> str:
+    """A participant's kind of identity, or a stream's media type; else nothing."""
+    if not isinstance(value, dict):
+        return ""
+    identity = value.get("info", {}).get("identity", {})
+    return next((kind for kind in identity if not kind.startswith("@")), "") or str(
+        value.get("mediaType", "")
+    )
+
+
+def step_of(item: dict[str, Any]) -> str:
+    """Which step of a call a posted item is, as the recorded files are named."""
+    if item["resourceUrl"].endswith("/participants"):
+        return "roster"
+    data = item["resourceData"]
+    kind = str(data["@odata.type"])
+    if kind != "#microsoft.graph.call":
+        return kind.rsplit(".", 1)[-1]
+    if "toneInfo" in data:
+        return "tone"
+    if "mediaState" in data:
+        return "media flowing"
+    return "ended" if data.get("state") == "terminated" else str(data.get("state"))
+
+
+async def placed_call() -> list[Any]:
+    """A P2P call the bot places, as sb01-sb06 recorded one: connected, media flowing, the
+    roster, a prompt played, a key pressed, the callee hanging up."""
+    bot, _ = bot_seeing_established()
+    played: list[events.OperationUpdated] = []
+
+    @bot.on_state("established")
+    async def started(call: Call, event: events.CallStateChanged) -> None:
+        if event.call.media_state is None:
+            await call.subscribe_to_tone()
+            # With a resourceId, as the recorded bot played its prompt (sb05).
+            prompt = media_prompt(
+                "https://cdn.contoso.com/hello.wav", resource_id=str(uuid.uuid4())
+            )
+            await call.play_prompt(prompt)
+
+    @bot.on_operation
+    async def done(call: Call, event: events.OperationUpdated) -> None:
+        played.append(event)
+
+    async with run_with_simulator(bot) as sim:
+        await bot.create_call(Target.user(str(uuid.uuid4()), "Lee Gu"))
+        call = await sim.wait_for_outgoing_call()
+        await until(lambda: bool(played))
+        await call.press("1")
+        await call.hangup()
+        await call.wait_until_ended()
+        return [t.body for t in sim.traffic if t.kind == "notification"]
+
+
+async def declined_call() -> list[Any]:
+    """A P2P call the callee turns down (sb18, sb19): establishing, then ended."""
+    bot, _ = bot_seeing_established()
+    async with run_with_simulator(bot) as sim:
+        sim.queue_outgoing("decline")
+        await bot.create_call(Target.user(str(uuid.uuid4()), "Lee Gu"))
+        call = await sim.wait_for_outgoing_call()
+        await call.settled()  # the end posted, and kept in the traffic
+        assert call.ended
+        return [t.body for t in sim.traffic if t.kind == "notification"]
+
+
+async def joined_meeting() -> list[Any]:
+    """A meeting the bot joins first (sb15: the roster has only the bot), someone joins
+    (sb16), and it ends (sb17)."""
+    bot, _ = bot_seeing_established()
+    async with run_with_simulator(bot) as sim:
+        sim.meeting_attendees = []
+        await bot.join_meeting(MEETING_URL)
+        call = await sim.wait_for_outgoing_call()
+        await call.wait_for_state("established")
+        await call.join("Sam2")
+        await call.hangup()
+        await call.wait_until_ended()
+        return [t.body for t in sim.traffic if t.kind == "notification"]
+
+
+SCENARIOS = {"placed": placed_call, "declined": declined_call, "meeting": joined_meeting}
+
+
+# Each step the simulator posts, and the live recording of the same step: (scenario, step,
+# which of the scenario's items of that step, recorded file).
+LIVE_STEPS = [
+    ("placed", "establishing", 0, "sb01-p2p-simpletest-p2ptest1event1callestablishing.json"),
+    ("placed", "established", 0, "sb02-p2p-simpletest-p2ptest1event2callestablished.json"),
+    (
+        "placed",
+        "media flowing",
+        0,
+        "sb03-p2p-simpletest-p2ptest1event3callestablishedwithaudio.json",
+    ),
+    ("placed", "roster", 0, "sb12-p2p-callupdates-p2ptest2event6userjoin.json"),
+    ("placed", "tone", 0, "sb04-p2p-simpletest-p2ptest1event4tonepress.json"),
+    ("placed", "playPromptOperation", 0, "sb05-p2p-simpletest-p2ptest1event5playpromptfinish.json"),
+    ("placed", "ended", 0, "sb06-p2p-simpletest-p2ptest1event6hangup.json"),
+    ("declined", "establishing", 0, "sb18-failedp2p-callestablishing.json"),
+    ("declined", "ended", 0, "sb19-failedp2p-calldeleted.json"),
+    ("meeting", "roster", 0, "sb15-groupcalls-groupcallbotjoin.json"),
+    ("meeting", "roster", -1, "sb16-groupcalls-groupcalluserjoin.json"),
+    ("meeting", "ended", 0, "sb17-groupcalls-groupcallend.json"),
+]
+
+
+@pytest.mark.parametrize(
+    ("scenario", "step", "index", "recorded"),
+    LIVE_STEPS,
+    ids=[f"{scenario}-{step}-{recorded[:4]}" for scenario, step, _, recorded in LIVE_STEPS],
+)
+async def test_each_step_has_the_key_paths_a_live_teams_call_had(
+    scenario: str, step: str, index: int, recorded: str
+) -> None:
+    """Each notification the simulator posts has every key path (with its ``@odata.type``s)
+    that the same step of a live Teams call had, and none it had not. The simulator's lacked
+    the nested ``@odata.type``s of a roster and a ``resultInfo``, a roster's endpoint, client,
+    replacement link, published states, meeting role and typed streams (each ``sourceId``
+    ``1``), the empty ``meetingCapability`` and ``coOrganizers`` of a call once media flows and
+    at its end, and a meeting's ``meetingInfo`` at its end; it added an ``@odata.id`` to an
+    operation's outcome. A bot reading any of these passed under test and broke on Teams."""
+    bodies = await SCENARIOS[scenario]()
+    items = [item for body in bodies for item in body["value"]]
+    posted = [item for item in items if step_of(item) == step][index]
+    live = recorded_item(recorded)
+    # A joined meeting names the meeting it was asked to join; sb17's, a group call Teams
+    # made a meeting of, a token: both are a meetingInfo, of their own kind.
+    opaque = frozenset({"resourceData.meetingInfo"})
+    posted_paths = key_paths(posted, opaque=opaque)
+    live_paths = key_paths(live, opaque=opaque)
+    assert (sorted(live_paths - posted_paths), sorted(posted_paths - live_paths)) == ([], [])
+
+
+def untyped_fields(value: Any, path: str = "") -> Iterator[str]:
+    """The fields of a parsed event's models that no model declares (kept only as extras)."""
+    if isinstance(value, BaseModel):
+        for name in value.model_extra or {}:
+            yield f"{path}.{name}"
+        for name in type(value).model_fields:
+            if not (isinstance(value, events.Event) and name == "raw"):
+                yield from untyped_fields(getattr(value, name), f"{path}.{name}")
+    elif isinstance(value, list):
+        for n, inner in enumerate(value):
+            yield from untyped_fields(inner, f"{path}[{n}]")
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+async def test_the_bot_reads_every_field_the_simulator_posts_into_its_models(
+    scenario: str,
+) -> None:
+    """Every body the simulator posts, live-shaped, parses into typed events whose models
+    declare each field sent: nothing is left as an unknown extra or an unknown
+    notification."""
+    bodies = await SCENARIOS[scenario]()
+    parsed = [event for body in bodies for event in parse_payload(body)]
+    assert not [e for e in parsed if isinstance(e, events.UnknownNotification)]
+    assert [path for event in parsed for path in untyped_fields(event)] == []
+
+
+async def test_each_media_stream_of_a_call_has_a_source_id_of_its_own() -> None:
+    """In a live roster each stream has its own ``sourceId`` (sb12, sb16): a bot maps the
+    audio it receives to a speaker by it. Every simulated stream was source ``1``."""
+    bodies = await joined_meeting()
+    parsed = [event for body in bodies for event in parse_payload(body)]
+    rosters = [e for e in parsed if isinstance(e, events.ParticipantsUpdated)]
+    sources = [
+        stream.source_id
+        for participant in rosters[-1].participants
+        for stream in participant.media_streams or []
+    ]
+    assert len(sources) == len(set(sources)) == 5  # the bot's audio, and Sam2's four streams

@@ -534,7 +534,8 @@ class FakeGraph(LocalServer):
                     "@odata.type": "#microsoft.graph.commsNotification",
                     "changeType": "deleted",
                     "resourceUrl": path,
-                    "resourceData": {"@odata.id": path, **operation},
+                    # No @odata.id: a live Teams outcome has none (recorded sb05).
+                    "resourceData": operation,
                 }
             ],
         }

@@ -442,6 +442,7 @@ class SimulatedCall:
         self._sim = simulator
         self._tone_sequence = delivery.first_tone_sequence - 1
         self._roster_sequence = 0
+        self._next_source_id = 1  # each media stream in the call has a sourceId of its own
         self._media: dict[str, str] = {}  # prompts and recordings playing or queued: id -> kind
         self._media_waiting: deque[tuple[str, float, Callable[[], None]]] = deque()
         self._media_playing: str | None = None
@@ -685,7 +686,7 @@ class SimulatedCall:
     ) -> str:
         """Someone joins the call (a meeting): the bot gets the new roster. Returns their id."""
         participant_id = str(uuid.uuid4())
-        self.roster[participant_id] = build.participant(
+        self.roster[participant_id] = self._participant(
             participant_id,
             user_id=user_id or str(uuid.uuid5(uuid.NAMESPACE_URL, display_name)),
             display_name=display_name,
@@ -791,17 +792,37 @@ class SimulatedCall:
         key = id_key(given or "")
         return next((pid for pid in self.roster if id_key(pid) == key), None)
 
+    def _participant(
+        self, participant_id: str, *, user_id: str, display_name: str | None, kind: str
+    ) -> models.Participant:
+        """Someone in this call as a live roster has them: in the simulator's tenant, their
+        streams numbered after every stream the call has so far."""
+        made = build.participant(
+            participant_id,
+            user_id=user_id,
+            display_name=display_name,
+            kind=kind,
+            tenant_id=self._sim.tenant_id,
+            first_source_id=self._next_source_id,
+        )
+        self._next_source_id += len(made.media_streams or [])
+        return made
+
+    def _source_id(self) -> str:
+        """A new stream's ``sourceId``, unused in this call."""
+        self._next_source_id += 1
+        return str(self._next_source_id - 1)
+
     def _add_bot(self) -> None:
-        self.roster.setdefault(
+        if self.bot_participant_id in self.roster:
+            return
+        self.roster[self.bot_participant_id] = self._participant(
             self.bot_participant_id,
-            build.participant(
-                self.bot_participant_id,
-                user_id=self._sim.app_id,
-                display_name=self._sim.bot_name,
-                # As recorded: a P2P call names the bot `application` (sb12), a group call
-                # `applicationInstance` (sb15, sb16).
-                kind="applicationInstance" if self.meeting else "application",
-            ),
+            user_id=self._sim.app_id,
+            display_name=self._sim.bot_name,
+            # As recorded: a P2P call names the bot `application` (sb12), a group call
+            # `applicationInstance` (sb15, sb16).
+            kind="applicationInstance" if self.meeting else "application",
         )
 
     def _established(self, *, ringing: bool = False) -> None:
@@ -1008,17 +1029,16 @@ class SimulatedCall:
 
     def _as_graph_writes(self, item: Mapping[str, Any]) -> dict[str, Any]:
         """An item as live Teams traffic has it (recorded 2023), with this call's quirks:
-        ``resource`` beside ``resourceUrl``, and the call's ``callChainId`` on the call (but
-        on a tone: a recorded tone has none, sb04)."""
+        ``resource`` beside ``resourceUrl``, the meeting's capabilities where Teams adds them
+        (:meth:`_whole_call_fields`), and the call's ``callChainId`` on the call (but on a
+        tone: a recorded tone has none, sb04)."""
         shaped = dict(item)
         data = shaped.get("resourceData")
-        if (
-            isinstance(data, Mapping)
-            and data.get("@odata.type") == _CALL_TYPE
-            and "callChainId" not in data
-            and "toneInfo" not in data
-        ):
-            shaped["resourceData"] = {**data, "callChainId": self.chain_id}
+        if isinstance(data, Mapping) and data.get("@odata.type") == _CALL_TYPE:
+            call = {**data, **self._whole_call_fields(data)}
+            if "callChainId" not in call and "toneInfo" not in call:
+                call["callChainId"] = self.chain_id
+            shaped["resourceData"] = call
         url = shaped.get("resourceUrl")
         if not isinstance(url, str) or not url.startswith(_CALLS) or "resource" in shaped:
             return shaped  # an item a test wrote its own way is posted as written
@@ -1029,6 +1049,21 @@ class SimulatedCall:
         if not self.delivery.resource_only:
             shaped["resourceUrl"] = url
         return shaped
+
+    def _whole_call_fields(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        """What Teams adds to a call's update once media flows and to its end, P2P calls and
+        meetings alike (recorded sb03, sb06, sb09, sb17, sb19): an empty ``meetingCapability``
+        and no ``coOrganizers``; and to a meeting's end, the meeting (sb17)."""
+        ended = data.get("state") == "terminated"
+        if not (ended or "mediaState" in data):
+            return {}
+        fields: dict[str, Any] = {}
+        meeting = self._meeting_fields().get("meeting_info") if ended else None
+        if meeting is not None:
+            fields["meetingInfo"] = meeting
+        fields["meetingCapability"] = {"@odata.type": "#microsoft.graph.meetingCapability"}
+        fields["coOrganizers"] = []
+        return {key: value for key, value in fields.items() if key not in data}
 
     def _told(self, event: events.IncomingCall | events.CallStateChanged) -> None:
         """The bot's handlers were told the call moved to a state (its sequencer decided the
@@ -1087,7 +1122,10 @@ class SimulatedCall:
             self._enqueue(build.call_state(self.id, "transferring"))
             if sim.transfer_outcome == "failed":
                 failed = models.ResultInfo(
-                    code=500, subcode=7700 if consultative else 7000, message="Transfer failed."
+                    odata_type="#microsoft.graph.resultInfo",
+                    code=500,
+                    subcode=7700 if consultative else 7000,
+                    message="Transfer failed.",
                 )
                 self._enqueue(
                     build.call_state(self.id, "established", result_info=failed),
@@ -1164,10 +1202,12 @@ class SimulatedCall:
         # Documented for a sharer only; a viewer takes the stream in, the other way.
         direction = "sendOnly" if role == "sharer" else "receiveOnly"
         shared = models.MediaStream(
+            odata_type="#microsoft.graph.mediaStream",
             media_type="videoBasedScreenSharing",
             label="applicationsharing-video",
-            source_id="1",
+            source_id=self._source_id(),
             direction=direction,
+            server_muted=False,
         )
         streams = [
             stream
@@ -1269,8 +1309,8 @@ class SimulatedCall:
                     # As documented for several invitees: on operations/participants, with
                     # "id": null, only its clientContext saying which invitation it ends.
                     path = f"{_CALLS}{self.id}/operations/participants"
-                    data = {k: v for k, v in outcome["resourceData"].items() if k != "@odata.id"}
-                    outcome = {**outcome, "resourceUrl": path, "resourceData": {**data, "id": None}}
+                    data = {**outcome["resourceData"], "id": None}
+                    outcome = {**outcome, "resourceUrl": path, "resourceData": data}
                 self._enqueue(outcome)
                 if failed:
                     return  # nobody joined
@@ -1278,7 +1318,7 @@ class SimulatedCall:
                 for invitee in invitees:
                     kind, ident, name = _identity_kind_and_id(invitee)
                     participant_id = str(uuid.uuid4())
-                    self.roster[participant_id] = build.participant(
+                    self.roster[participant_id] = self._participant(
                         participant_id, user_id=ident, display_name=name, kind=kind
                     )
                     added.append(self.roster[participant_id])
@@ -1629,10 +1669,10 @@ class Simulator:
         else:
             kind, name = "user", from_user or "Adele Vance"
             caller_id = user_id or str(uuid.uuid5(uuid.NAMESPACE_URL, name))
-        remote = build.participant(
+        call = self._new_call(call_id, "incoming", None, delivery)
+        call.remote = call._participant(
             str(uuid.uuid4()), user_id=caller_id, display_name=name, kind=kind
         )
-        call = self._new_call(call_id, "incoming", remote, delivery)
         item = build.incoming_call(
             call_id,
             caller_id=caller_id,
@@ -1673,7 +1713,7 @@ class Simulator:
         call._add_bot()
         for name in self.meeting_attendees:
             participant_id = str(uuid.uuid4())
-            call.roster[participant_id] = build.participant(
+            call.roster[participant_id] = call._participant(
                 participant_id,
                 user_id=str(uuid.uuid5(uuid.NAMESPACE_URL, name)),
                 display_name=name,
@@ -2039,13 +2079,12 @@ class Simulator:
         # The beta Create call page documents ringing; the v1.0 calls recorded from Teams have none.
         rings = request.version == "beta" and not meeting
         targets = [t for t in body.get("targets", []) if isinstance(t, Mapping)]
-        remote: models.Participant | None = None
+        call = self._new_call(call_id, "outgoing", None, None, meeting=meeting)
         if targets:
             kind, ident, name = _identity_kind_and_id(targets[0])
-            remote = build.participant(
+            call.remote = call._participant(
                 str(uuid.uuid4()), user_id=ident, display_name=name, kind=kind
             )
-        call = self._new_call(call_id, "outgoing", remote, None, meeting=meeting)
         mine = created.get("myParticipantId")
         if isinstance(mine, str) and mine:
             # The id the answer gave, even one a test's own route for createCall made up.
@@ -2058,7 +2097,7 @@ class Simulator:
             for extra in targets[1:]:
                 kind, ident, name = _identity_kind_and_id(extra)
                 participant_id = str(uuid.uuid4())
-                call.roster[participant_id] = build.participant(
+                call.roster[participant_id] = call._participant(
                     participant_id, user_id=ident, display_name=name, kind=kind
                 )
             outcome = self._outgoing_outcomes.pop(0) if self._outgoing_outcomes else "answer"

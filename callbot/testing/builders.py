@@ -25,6 +25,7 @@ envelope Graph POSTs::
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -72,6 +73,45 @@ def notifications(*items: Mapping[str, Any]) -> dict[str, Any]:
 def _identity(kind: str, identity_id: str, display_name: str | None) -> models.IdentitySet:
     identity = models.Identity(id=identity_id, display_name=display_name)
     return models.IdentitySet.model_validate({kind: identity})
+
+
+_RESULT_INFO_TYPE = "#microsoft.graph.resultInfo"
+
+# Identities Entra ID issues: a roster names their tenant and provider (recorded sb12, sb16).
+_DIRECTORY_KINDS = frozenset({"user", "application", "applicationInstance"})
+_BOT_KINDS = frozenset({"application", "applicationInstance"})
+
+# A Teams client's streams as a recorded roster lists them (sb12, sb16): kind, label, direction.
+_CLIENT_STREAMS: tuple[tuple[str, str, str], ...] = (
+    ("audio", "main-audio", "sendReceive"),
+    ("video", "main-video", "receiveOnly"),
+    ("videoBasedScreenSharing", "applicationsharing-video", "receiveOnly"),
+    ("data", "data", "sendReceive"),
+)
+_AUDIO_ONLY = _CLIENT_STREAMS[:1]
+
+# What a Teams desktop client says it is in a roster (shaped as recorded, sb12).
+_TEAMS_CLIENT_VERSION = (
+    "SkypeSpaces/1415/1.0.0.2023092925/os=windows; osVer=10; deviceType=computer;"
+    " browser=chrome; browserVer=118.0/TsCallingVersion=2023.32.01.4"
+)
+
+
+def _roster_identity(
+    kind: str, identity_id: str, display_name: str | None, tenant_id: str | None
+) -> models.IdentitySet:
+    """An identity set as a live roster types it, with the tenant of directory identities."""
+    directory = tenant_id is not None and kind in _DIRECTORY_KINDS
+    identity = models.Identity(
+        odata_type="#microsoft.graph.identity",
+        id=identity_id,
+        display_name=display_name,
+        tenant_id=tenant_id if directory else None,
+        identity_provider="AAD" if directory else None,
+    )
+    return models.IdentitySet.model_validate(
+        {"@odata.type": "#microsoft.graph.identitySet", kind: identity}
+    )
 
 
 def incoming_call(
@@ -142,7 +182,13 @@ def call_terminated(
     """A ``deleted`` call in state ``terminated``, with its resultInfo (none when ``code`` is
     ``None``, as Graph ends a call the bot rejected or redirected) and its
     ``terminationReason`` when given (``AppTransferred``: a consultative transfer completed)."""
-    info = None if code is None else models.ResultInfo(code=code, subcode=subcode, message=message)
+    info = (
+        None
+        if code is None
+        else models.ResultInfo(
+            odata_type=_RESULT_INFO_TYPE, code=code, subcode=subcode, message=message
+        )
+    )
     call = models.Call(
         odata_type="#microsoft.graph.call",
         state="terminated",
@@ -173,32 +219,68 @@ def participant(
     muted: bool = False,
     in_lobby: bool = False,
     removed_reason: str | None = None,
+    tenant_id: str | None = None,
+    first_source_id: int = 1,
 ) -> models.Participant:
-    """A roster participant (use with ``roster``).
+    """A roster participant (use with ``roster``), shaped as a live Teams roster has one.
 
-    ``removed_reason`` marks one who left (as delta rosters report it).
+    ``removed_reason`` marks one who left (as delta rosters report it). ``tenant_id`` is
+    the tenant of a user's or a bot's identity. Each media stream gets a ``sourceId`` of its
+    own, numbered from ``first_source_id`` (give each participant of a call its own range:
+    a bot maps the audio it receives to a speaker by it). A person's Teams client has an
+    audio, a video, a screen-sharing and a data stream, a bot or a phone only audio.
     """
+    stream_kinds = _AUDIO_ONLY if kind in _BOT_KINDS or kind == "phone" else _CLIENT_STREAMS
+    identity_id = user_id or participant_id
+    link = _replacement_link(participant_id)
+    if kind in _BOT_KINDS:
+        client_version: str | None = f"{display_name or 'Bot'} (appid:{identity_id})"
+    else:
+        client_version = None if kind == "phone" else _TEAMS_CLIENT_VERSION
     return models.Participant(
         odata_type="#microsoft.graph.participant",
         id=participant_id,
         info=models.ParticipantInfo(
             odata_type="#microsoft.graph.participantInfo",
-            identity=_identity(kind, user_id or participant_id, display_name),
+            identity=_roster_identity(kind, identity_id, display_name, tenant_id),
+            endpoint_type="default",
+            endpoint_id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"endpoint:{participant_id}")),
+            # A person's client says its language; a bot's does not (recorded sb12).
+            language_id=None if kind in _BOT_KINDS else "en-US",
+            client_version=client_version,
+            participant_id=participant_id,
+            replacement_link=link,
         ),
         media_streams=[
             models.MediaStream(
-                media_type="audio",
-                label="main-audio",
-                source_id="1",
-                direction="sendReceive",
+                odata_type="#microsoft.graph.mediaStream",
+                media_type=media,
+                label=label,
+                source_id=str(first_source_id + n),
+                direction=direction,
                 server_muted=False,
             )
+            for n, (media, label, direction) in enumerate(stream_kinds)
         ],
         is_muted=muted,
         is_in_lobby=in_lobby,
+        published_states=[],
+        meeting_role="none",
+        replacement_link=link,
+        is_identity_anonymized=False,
         removed_state=(
             models.RemovedState(reason=removed_reason) if removed_reason is not None else None
         ),
+    )
+
+
+def _replacement_link(participant_id: str) -> str:
+    """Where Teams would take a participant's replacement: shaped as recorded, on a host
+    that resolves nowhere."""
+    compact = participant_id.replace("-", "").lower()
+    return (
+        f"https://cc.simulator.invalid/cc/v1/callParticipant/{participant_id}/replacement"
+        f"?rt={compact}"
     )
 
 
