@@ -80,7 +80,8 @@ class Settings:
     """How long a call never seen past ringing the bot (no state, or still ``incoming``) is
     kept: Graph ends an unanswered call within 15 s, so only invented ids outlive this."""
     max_pending_calls: int = 2_000
-    """Calls never seen past ringing the bot kept at once; past it the oldest is forgotten."""
+    """Calls never seen past ringing the bot kept at once; past it the tenant keeping the most
+    forgets its own oldest."""
     max_body_bytes: int = 4 * 1024 * 1024
     """Larger callback bodies are refused (413). A full roster takes about 2.2 KB per
     person (as recorded from Teams): 4 MiB holds one of about 1,900."""
