@@ -5,6 +5,7 @@ CI builds the site itself with ``mkdocs build --strict``.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import re
 
@@ -87,3 +88,36 @@ def test_every_default_in_the_settings_table_reads_back_as_that_default() -> Non
         assert getattr(settings, keyword) == fields[keyword].default, variable
         checked += 1
     assert checked > 20
+
+
+def _literal_refusals() -> set[tuple[int, str]]:
+    """(status, reason) of every refusal the receiver and the parser spell out literally."""
+    from callbot._receiver import _REFUSALS
+
+    found: set[tuple[int, str]] = set()
+    receiver = ast.parse((ROOT / "callbot/_receiver.py").read_text(encoding="utf-8"))
+    parser = ast.parse((ROOT / "callbot/_parse.py").read_text(encoding="utf-8"))
+    for node in ast.walk(receiver):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "_refuse":
+            status, _, reason = (getattr(arg, "value", None) for arg in node.args[:3])
+            if isinstance(status, int) and isinstance(reason, str):
+                found.add((status, reason))
+    for node in ast.walk(parser):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "MalformedNotification":
+            reason = getattr(node.args[0], "value", None)
+            # legacy_format is answered 204 (Graph sends it again in its own format).
+            if isinstance(reason, str) and reason != "legacy_format":
+                found.add((_REFUSALS.get(reason, (400, ""))[0], reason))
+    return found
+
+
+def test_the_refusal_table_of_the_design_page_names_every_reason_in_its_status_row() -> None:
+    rows: dict[int, set[str]] = {}
+    for line in (ROOT / "docs/design.md").read_text(encoding="utf-8").splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split(" | ")]
+        if line.startswith("| ") and len(cells) == 3 and cells[0][:3].isdigit():
+            rows[int(cells[0][:3])] = set(re.findall(r"`(\w+)`", cells[2]))
+    refusals = _literal_refusals()
+    assert len(refusals) > 10
+    missing = sorted((status, reason) for status, reason in refusals if reason not in rows[status])
+    assert missing == [], "docs/design.md's refusal table lacks these (status, error) pairs"
