@@ -131,7 +131,8 @@ class Settings:
     """On shutdown, how long running handlers may take to finish."""
     store: str = "memory"
     """``memory``, or a Redis URL shared by every instance: ``redis://``, ``rediss://``,
-    ``unix://``, ``redis+cluster://``, ``redis+sentinel://`` (see docs/scaling.md)."""
+    ``unix://``, ``redis+cluster://``, ``redis+sentinel://`` (each ``rediss+`` for TLS; see
+    docs/scaling.md)."""
     store_lease: float = 10.0
     """Redis store: how long an instance's claim on a call outlives its last renewal.
 
@@ -148,7 +149,8 @@ class Settings:
     """``json``, ``console`` or ``auto`` (console on a terminal, JSON otherwise); applied
     when the bot serves itself (``callbot run``, ``bot.run()``, ``bot.serve()``)."""
     log_level: str = "info"
-    """``debug``, ``info``, ``warning`` or ``error``; the standard library's ``logging`` too
+    """``debug``, ``info``, ``warning``, ``error`` or ``critical``; the standard library's
+    ``logging`` too
     (applied like ``log_format``)."""
     record_path: str | None = None
     """When set, accepted notifications are appended to this JSON-lines file."""

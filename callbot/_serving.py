@@ -14,9 +14,10 @@ listener (``CallBot.serve``) uses :class:`ConnectionGuard` instead:
 * malformed requests get a bare ``400 Bad Request`` and accept errors (no file
   descriptors left) one log line each, at most once per ``log_interval`` per
   kind, counted in ``callbot_connections_closed_total``;
-* a request for a path the bot does not serve (aiohttp's ``404``), or with a method
-  its path does not take (``405``), is answered as aiohttp answers it and logged and
-  counted the same way, since the access log is off.
+* a request for a path the bot does not serve (aiohttp's ``404``), with a method
+  its path does not take (``405``), or with an ``Expect`` other than ``100-continue``
+  (``417``) is answered as aiohttp answers it and logged and counted the same way,
+  since the access log is off.
 
 The body deadline is the receiver's (``body_timeout``), since only it reads bodies.
 """
@@ -193,9 +194,13 @@ class ConnectionGuard:
 
     def _not_served(self, request: web.Request, refusal: web.HTTPException) -> None:
         """The router refused ``request`` (no handler ran): count it and say why."""
+        fields: dict[str, Any]
         if isinstance(refusal, web.HTTPMethodNotAllowed):
             event, why = "method_not_allowed", "the path does not take this method"
-            fields: dict[str, Any] = {"allowed": sorted(refusal.allowed_methods)}
+            fields = {"allowed": sorted(refusal.allowed_methods)}
+        elif isinstance(refusal, web.HTTPExpectationFailed):
+            event, why = "expectation_failed", "the bot takes no Expect but 100-continue"
+            fields = {"expect": request.headers.get("Expect", "")[:_PATH_SHOWN]}
         else:
             event, why, fields = "path_not_served", "the bot serves no such path", {}
         if self._served is None:
@@ -318,8 +323,12 @@ class _Guarded:
         try:
             return await self._inner(request)
         except web.HTTPException as refusal:
-            # The router's own 404 or 405: aiohttp answers it, and no access log says so.
-            if isinstance(request, web.Request) and request.match_info.http_exception is refusal:
+            # The router's own 404 or 405, or its 417 to an Expect it does not take (before
+            # any handler): aiohttp answers it, and no access log says so.
+            if isinstance(request, web.Request) and (
+                request.match_info.http_exception is refusal
+                or isinstance(refusal, web.HTTPExpectationFailed)
+            ):
                 protocol._guard._not_served(request, refusal)
             raise
         finally:

@@ -794,6 +794,10 @@ async def test_a_path_or_method_the_bot_does_not_serve_is_logged_and_counted(
             assert (response.status, await response.text()) == (404, "404: Not Found")
         async with session.get(bot.base_url + "/api/calls") as response:
             assert (response.status, response.headers["Allow"]) == (405, "POST")
+        async with session.post(
+            bot.base_url + "/api/calls", data=b"{}", headers={"Expect": "the-moon"}
+        ) as response:
+            assert response.status == 417
         for n in range(30):
             async with session.get(bot.base_url + f"/wp-login-{n}.php") as response:
                 assert response.status == 404
@@ -802,11 +806,18 @@ async def test_a_path_or_method_the_bot_does_not_serve_is_logged_and_counted(
     closed = "callbot_connections_closed_total"
     assert sample_value(text, closed, {"reason": "path_not_served"}) == 31
     assert sample_value(text, closed, {"reason": "method_not_allowed"}) == 1
+    assert sample_value(text, closed, {"reason": "expectation_failed"}) == 1
 
     def logged(event: str) -> list[dict[str, Any]]:
         return [e for e in bot.events() if e.get("event") == event]
 
-    await until(lambda: bool(logged("path_not_served") and logged("method_not_allowed")), 20)
+    await until(
+        lambda: all(
+            logged(event)
+            for event in ("path_not_served", "method_not_allowed", "expectation_failed")
+        ),
+        20,
+    )
     served = ["POST /api/calls", "GET /healthz", "GET /readyz", "GET /metrics"]
     lost = logged("path_not_served")
     assert {k: lost[0][k] for k in ("level", "status", "method", "path", "served")} == {
@@ -826,6 +837,13 @@ async def test_a_path_or_method_the_bot_does_not_serve_is_logged_and_counted(
         "path": "/api/calls",
         "allowed": ["POST"],
         "served": served,
+    }
+    [expectation] = logged("expectation_failed")
+    assert {k: expectation[k] for k in ("status", "method", "path", "expect")} == {
+        "status": 417,
+        "method": "POST",
+        "path": "/api/calls",
+        "expect": "the-moon",
     }
     assert secret not in bot.output()
     assert not (tmp_path / "handled.txt").exists()
