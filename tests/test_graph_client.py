@@ -6,7 +6,7 @@ import gzip
 import socket
 import uuid
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
@@ -15,8 +15,8 @@ import pytest
 from aiohttp import web
 from structlog.testing import capture_logs
 
-from callbot import GraphError
-from callbot._ids import path_segment
+from callbot import CallEnded, GraphError
+from callbot._ids import id_key, path_segment
 from callbot.graph import CallServices, RetryPolicy, Target
 from callbot.graph._http import parse_retry_after, send
 from callbot.testing import FakeGraph
@@ -384,6 +384,49 @@ async def test_an_error_says_whether_graph_may_have_acted(
     assert after_a_timeout.value.may_have_acted is True  # the 504 may have removed them
     assert GraphError(503, None, "").may_have_acted is False
     assert GraphError(0, "connectionFailed", "").may_have_acted is True
+
+
+@pytest.mark.parametrize("lost", ["answered 504", "connection cut"])
+async def test_a_delete_graph_carried_out_is_done_when_its_retry_gets_404(
+    graph: FakeGraph, services: CallServices, lost: str
+) -> None:
+    """Graph removed the participant, deleted the group or ended the call, but its answer
+    was lost (a gateway's 504, a connection cut once sent): the retry's 404 raised a
+    GraphError or CallEnded, as though what the bot asked had not been done. (aiohttp also
+    resent a cut-off DELETE on its own, unseen by the retries, so its 404 said nothing of
+    the first attempt.)"""
+    call = services.call(CALL_ID)
+    graph.add_participant(CALL_ID, {"id": "p-1"})
+    group = await call.audio_routing_groups.create(sources=["p-1"], receivers=["p-2"])
+    deletes: list[tuple[str, Callable[[], Awaitable[None]]]] = [
+        ("deleteParticipant", lambda: call.participants.remove("p-1")),
+        ("deleteAudioRoutingGroup", lambda: call.audio_routing_groups.delete(group.id or "")),
+        ("deleteCall", call.hangup),
+    ]
+    for action, delete in deletes:
+        if lost == "answered 504":
+            graph.fail_next(action, 504, acted=True)
+        else:
+            graph.drop_next(action, acted=True)
+        with capture_logs() as logs:
+            await delete()
+        _first, retry = graph.requests_for(action)
+        assert retry.headers.get("Retry-Attempt") == "1"
+        assert graph.answer_to(retry).status == 404
+        done = [e for e in logs if e["event"] == "graph_request_ok"]
+        assert [(e["status"], e["deleted_by_earlier_attempt"]) for e in done] == [(404, True)]
+    fake = graph.calls[id_key(CALL_ID)]
+    assert fake.ended
+    assert not fake.participants
+    assert not fake.audio_routing_groups
+    # A 404 no attempt of which may have acted is what it always was.
+    with pytest.raises(CallEnded):
+        await call.hangup()
+    other = graph.add_call(state="established")
+    graph.fail_next("deleteParticipant", 503)  # Graph did not act on it
+    with pytest.raises(GraphError) as not_there:
+        await services.call(other.id).participants.remove("p-9")
+    assert (not_there.value.status, type(not_there.value)) == (404, GraphError)
 
 
 async def test_ids_reach_the_wire_as_path_segment_encoded_them(graph: FakeGraph) -> None:

@@ -182,6 +182,9 @@ class GraphClient:
         """The shared HTTP session (created on first use)."""
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession()
+            # aiohttp would resend an idempotent request cut off once sent, unseen by the
+            # retries here: a DELETE done by the first would then fail on the second's 404.
+            self._session._retry_connection = False
         return self._session
 
     def _build_credential(self) -> AsyncTokenCredential:
@@ -267,6 +270,8 @@ class GraphClient:
         that could have happened once Graph had it (default: the method is idempotent).
         ``before_send`` is awaited right before the request goes out: not for a request
         refused here, nor for one a re-run handler is answered from the journal.
+        A ``DELETE`` answered 404 after an earlier attempt that may have been carried out
+        (a 504, an answer lost) returns that answer: what it deletes is gone, as asked.
         """
         url = self.url(path)
         fields: dict[str, Any] = {"scenario_id": scenario_id}
@@ -476,8 +481,10 @@ class GraphClient:
     def _result(
         self, raw: RawResponse, *, method: str, url: str, fields: Mapping[str, Any]
     ) -> GraphResponse:
+        # A DELETE is idempotent: once an attempt may have done it, "not found" is done.
+        deleted_before = method == "DELETE" and raw.status == 404 and raw.acted_before
         # Redirects are not followed (they would take the token along), so they fail too.
-        if raw.status >= 300:
+        if raw.status >= 300 and not deleted_before:
             error = error_from(raw, method=method, url=url)
             log.warning(
                 "graph_request_failed",
@@ -499,6 +506,7 @@ class GraphClient:
             status=raw.status,
             request_id=raw.request_id,
             client_request_id=raw.client_request_id,
+            **({"deleted_by_earlier_attempt": True} if deleted_before else {}),
             **fields,
         )
         return GraphResponse(

@@ -223,6 +223,7 @@ class _Fault:
     remaining: int
     hang: bool = False
     drop: bool = False
+    acted: bool = False
 
 
 @dataclass(kw_only=True)
@@ -402,10 +403,13 @@ class FakeGraph(LocalServer):
         headers: Mapping[str, str] | None = None,
         body: Any = None,
         times: int = 1,
+        acted: bool = False,
     ) -> None:
         """Answer the next ``times`` matching requests with ``status`` (a Graph error body).
 
         Match by action name, or by path (starting with ``/``, relative to the Graph root).
+        ``acted``: Graph carries each out first, as a 504 from a gateway that stopped
+        waiting for it can hide.
         """
         self._faults.append(
             _Fault(
@@ -414,6 +418,7 @@ class FakeGraph(LocalServer):
                 headers=dict(headers or {}),
                 body=body,
                 remaining=times,
+                acted=acted,
             )
         )
 
@@ -425,14 +430,22 @@ class FakeGraph(LocalServer):
             )
         )
 
-    def drop_next(self, action_or_path: str, *, times: int = 1) -> None:
+    def drop_next(self, action_or_path: str, *, times: int = 1, acted: bool = False) -> None:
         """Close the connection of the next ``times`` matching requests once they are
         recorded, answering nothing: the client cannot tell whether Graph acted on them.
+        ``acted``: Graph carries each out first (a call hung up, a prompt played), and
+        only its answer is lost.
 
         Unlike :meth:`hang_next`, this does not depend on the client's timeout."""
         self._faults.append(
             _Fault(
-                match=action_or_path, status=None, headers={}, body=None, remaining=times, drop=True
+                match=action_or_path,
+                status=None,
+                headers={},
+                body=None,
+                remaining=times,
+                drop=True,
+                acted=acted,
             )
         )
 
@@ -583,11 +596,14 @@ class FakeGraph(LocalServer):
                 request.transport.close()
             return web.Response(status=answer.status)  # never written: the connection is gone
         self.answers.append((recorded, answer))
+        self._tell_listeners(recorded, answer)
+        return self._to_web(recorded, answer)
+
+    def _tell_listeners(self, request: RecordedRequest, answer: FakeResponse) -> None:
         for listener in self.listeners:
-            task = asyncio.get_running_loop().create_task(listener(recorded, answer))
+            task = asyncio.get_running_loop().create_task(listener(request, answer))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        return self._to_web(recorded, answer)
 
     def _classify(
         self, method: str, path: str, graph_path: str | None
@@ -611,6 +627,9 @@ class FakeGraph(LocalServer):
     async def _answer(self, request: RecordedRequest) -> FakeResponse:
         fault = self._take_fault(request)
         if fault is not None:
+            if fault.acted:
+                # Carried out, so what follows from it follows (a simulated call's news).
+                self._tell_listeners(request, await self._serve(request))
             if fault.drop:
                 return _DROPPED
             if fault.hang:
@@ -624,6 +643,10 @@ class FakeGraph(LocalServer):
             )
             answer.headers.update(fault.headers)
             return answer
+        return await self._serve(request)
+
+    async def _serve(self, request: RecordedRequest) -> FakeResponse:
+        """What Graph does with a request no fault is injected into, and answers."""
         if request.action == "token":
             return self._on_token(request)
         if request.action == "recording":
