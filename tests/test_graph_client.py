@@ -128,8 +128,7 @@ async def test_a_throttled_request_given_up_carries_the_wait_graph_asked_for(
     ]
     assert gave_up[0]["retry_after"] == 120.0
     assert 3540 < gave_up[1]["retry_after"] <= 3600
-    failed = [line for line in logs if line["event"] == "graph_request_failed"]
-    assert [line["retry_after"] for line in failed] == [e.retry_after for e in found]
+    assert [line["client_request_id"] for line in gave_up] == [e.client_request_id for e in found]
 
 
 @pytest.mark.parametrize("named", ["-4", "soon", "inf", "nan", ""])
@@ -429,6 +428,54 @@ async def test_a_delete_graph_carried_out_is_done_when_its_retry_gets_404(
     assert (not_there.value.status, type(not_there.value)) == (404, GraphError)
 
 
+async def test_a_failed_request_writes_one_line_saying_why(
+    graph: FakeGraph, services: CallServices
+) -> None:
+    """A throttled request given up wrote graph_request_gave_up and then graph_request_failed
+    about the same answer, and a token request given up wrote graph_request_gave_up before
+    the token cache's line: two warnings for each failure."""
+    call = services.call(CALL_ID)
+    graph.fail_next("keepAlive", 429, headers={"Retry-After": "0"})
+    graph.fail_next("keepAlive", 429, headers={"Retry-After": "120"})  # past the budget
+    graph.drop_next("playPrompt")  # a POST cut off once sent: not sent again
+    graph.fail_next("transfer", 400)  # refused: not retried
+    actions: list[Callable[[], Awaitable[object]]] = [
+        call.keep_alive,
+        lambda: call.play_prompt("https://cdn.example.test/a.wav"),
+        lambda: call.transfer(Target.user("agent-id")),
+    ]
+    found: list[GraphError] = []
+    with capture_logs() as logs:
+        for action in actions:
+            with pytest.raises(GraphError) as failure:
+                await action()
+            found.append(failure.value)
+    lines = [e for e in logs if e["log_level"] == "warning" and e["event"] != "graph_request_retry"]
+    assert [e["event"] for e in lines] == [
+        "graph_request_gave_up",
+        "graph_request_gave_up",
+        "graph_request_failed",
+    ]
+    assert [(e["event"], e["status"], e["code"], e["attempt"]) for e in lines] == [
+        ("graph_request_gave_up", 429, "TooManyRequests", 2),
+        ("graph_request_gave_up", 0, "connectionFailed", 1),
+        ("graph_request_failed", 400, "BadRequest", 1),
+    ]
+    for line, error in zip(lines, found, strict=True):
+        told = (line["error"], line["retry_after"], line["request_id"], line["client_request_id"])
+        assert told == (error.message, error.retry_after, error.request_id, error.client_request_id)
+        assert (line["method"], line["url"], line["call_id"]) == (error.method, error.url, CALL_ID)
+    assert lines[0]["retry_after"] == 120.0
+    assert lines[0]["request_id"] is not None
+    # The token endpoint throttling: the token cache's line is the only one.
+    graph.revoke_tokens()
+    graph.fail_next("token", 429, headers={"Retry-After": "120"})
+    with capture_logs() as logs, pytest.raises(GraphError):
+        await call.keep_alive()
+    warned = [(e["event"], e.get("status")) for e in logs if e["log_level"] == "warning"]
+    assert warned == [("graph_token_failed", 429)]
+
+
 async def test_ids_reach_the_wire_as_path_segment_encoded_them(graph: FakeGraph) -> None:
     paths: list[str] = []
 
@@ -497,10 +544,10 @@ async def test_a_huge_or_decompression_bomb_body_is_cut_off(encoding: str | None
         return web.Response(body=body, headers=headers)
 
     async with plain_server(bomb) as base, aiohttp.ClientSession() as session:
-        with capture_logs() as logs, pytest.raises(GraphError) as failure:
+        with pytest.raises(GraphError) as failure:
             await send(session, "GET", base + "/x", policy=FAST, max_body=limit)
     assert (failure.value.status, failure.value.code) == (0, "responseTooLarge")
-    assert [e["limit"] for e in logs if e["event"] == "graph_response_too_large"] == [limit]
+    assert f"200 answer is more than {limit} bytes" in failure.value.message
 
 
 async def test_graph_requests_are_capped_at_16_mib(
@@ -508,9 +555,11 @@ async def test_graph_requests_are_capped_at_16_mib(
 ) -> None:
     big = {"value": [], "pad": "x" * (16 * 1024 * 1024)}
     graph.route("listParticipants", lambda request: FakeResponse(status=200, body=big))
-    with pytest.raises(GraphError) as failure:
+    with capture_logs() as logs, pytest.raises(GraphError) as failure:
         await services.call(CALL_ID).participants.list()
     assert failure.value.code == "responseTooLarge"
+    warned = [(e["event"], e["code"]) for e in logs if e["log_level"] == "warning"]
+    assert warned == [("graph_request_failed", "responseTooLarge")]
 
 
 async def test_graph_answers_that_do_not_fit_raise_graph_errors(

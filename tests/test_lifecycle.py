@@ -484,7 +484,8 @@ async def test_keep_alives_reach_graph_and_a_404_ends_the_call(graph: FakeGraph)
         graph.fail_next("keepAlive", 500)
         with capture_logs() as logs:
             assert await services.keep_alive(OTHER) is KeepAliveResult.FAILED
-        assert any(e["event"] == "keep_alive_failed" and e["status"] == 500 for e in logs)
+        warned = [(e["event"], e["status"]) for e in logs if e["log_level"] == "warning"]
+        assert warned == [("graph_request_failed", 500)]
     finally:
         await services.close()
         await calls.close()

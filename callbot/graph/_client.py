@@ -300,10 +300,17 @@ class GraphClient:
         if before_send is not None:
             await before_send()
 
+        # Every attempt asks for its header first: one token here per attempt made.
         sent: list[str] = []
+        token_failed = False
 
         async def authorization() -> str:
-            token = await tokens.get()
+            nonlocal token_failed
+            try:
+                token = await tokens.get()
+            except GraphError:
+                token_failed = True
+                raise
             sent.append(token)
             return "Bearer " + token
 
@@ -314,20 +321,28 @@ class GraphClient:
         extra = dict(headers or {})
         if scenario_id is not None:
             extra["scenario-id"] = scenario_id
-        raw = await send(
-            self.session,
-            method,
-            url,
-            policy=self.retry,
-            authorization=authorization,
-            on_unauthorized=unauthorized,
-            json_body=json,
-            headers=extra,
-            log_fields=fields,
-            stats=self.stats,
-            repeatable=repeatable,
-        )
-        result = self._result(raw, method=method, url=url, fields=fields)
+        try:
+            raw = await send(
+                self.session,
+                method,
+                url,
+                policy=self.retry,
+                authorization=authorization,
+                on_unauthorized=unauthorized,
+                json_body=json,
+                headers=extra,
+                log_fields=fields,
+                stats=self.stats,
+                repeatable=repeatable,
+            )
+        except GraphError as exc:
+            # No token: the token cache said why, once per fetch rather than once per request.
+            if not token_failed:
+                # connectionFailed: sent as often as it safely could be, and no answer came.
+                gave_up = exc.code == "connectionFailed"
+                _log_failure(exc, gave_up=gave_up, attempt=len(sent), fields=fields)
+            raise
+        result = self._result(raw, method=method, url=url, fields=fields, attempt=len(sent))
         if step is not None:
             await step.record(result.status, result.location, result.body)
         return result
@@ -479,25 +494,20 @@ class GraphClient:
         return self._recording_context if self._recording_context is not None else True
 
     def _result(
-        self, raw: RawResponse, *, method: str, url: str, fields: Mapping[str, Any]
+        self,
+        raw: RawResponse,
+        *,
+        method: str,
+        url: str,
+        fields: Mapping[str, Any],
+        attempt: int = 1,
     ) -> GraphResponse:
         # A DELETE is idempotent: once an attempt may have done it, "not found" is done.
         deleted_before = method == "DELETE" and raw.status == 404 and raw.acted_before
         # Redirects are not followed (they would take the token along), so they fail too.
         if raw.status >= 300 and not deleted_before:
             error = error_from(raw, method=method, url=url)
-            log.warning(
-                "graph_request_failed",
-                method=method,
-                url=url,
-                status=raw.status,
-                code=error.code,
-                error=error.message,
-                retry_after=error.retry_after,
-                request_id=raw.request_id,
-                client_request_id=raw.client_request_id,
-                **fields,
-            )
+            _log_failure(error, gave_up=raw.gave_up, attempt=attempt, fields=fields)
             raise error
         log.info(
             "graph_request_ok",
@@ -516,6 +526,27 @@ class GraphClient:
             request_id=raw.request_id,
             client_request_id=raw.client_request_id,
         )
+
+
+def _log_failure(
+    error: GraphError, *, gave_up: bool, attempt: int, fields: Mapping[str, Any]
+) -> None:
+    """The one line a failed request writes: ``graph_request_gave_up`` when it would have
+    been sent again had the retry budget (or the chance of acting twice) allowed,
+    ``graph_request_failed`` otherwise."""
+    log.warning(
+        "graph_request_gave_up" if gave_up else "graph_request_failed",
+        method=error.method,
+        url=error.url,
+        status=error.status,
+        code=error.code,
+        error=error.message,
+        retry_after=error.retry_after,
+        request_id=error.request_id,
+        client_request_id=error.client_request_id,
+        attempt=attempt,
+        **fields,
+    )
 
 
 def _replayed(recorded: dict[str, Any]) -> GraphResponse:

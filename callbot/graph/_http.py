@@ -11,7 +11,7 @@ import re
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from http import HTTPStatus
@@ -82,6 +82,9 @@ class RawResponse:
     acted_before: bool = False
     """Whether an earlier attempt of the request may have been carried out (a repeatable
     request sent again after a 504 or a lost answer)."""
+    gave_up: bool = False
+    """Whether this answer would have been retried (a 429, a 503, a 504 to a repeatable
+    request) had the retry budget left time for the wait."""
 
     @property
     def request_id(self) -> str | None:
@@ -261,6 +264,8 @@ async def send(
     that may have reached the server is sent again only when ``repeatable``
     (default: the method is idempotent). A body longer than ``max_body`` bytes
     (once decompressed) raises :class:`GraphError` with status 0.
+    Each retry is logged here; the request's outcome is not: the caller, which knows
+    what the answer means, writes its one line.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + policy.total_time
@@ -322,16 +327,10 @@ async def send(
                 earlier, acted = acted, acted or answer_may_have_acted(resp.status)
                 if body is None:
                     stats.outcomes[method, "too_large"] += 1
-                    log.warning(
-                        "graph_response_too_large",
-                        status=resp.status,
-                        limit=max_body,
-                        **attempt_fields,
-                    )
                     raise GraphError(
                         0,
                         "responseTooLarge",
-                        f"the response body is more than {max_body} bytes",
+                        f"the body of the {resp.status} answer is more than {max_body} bytes",
                         method=method,
                         url=url,
                         client_request_id=client_request_id,
@@ -351,7 +350,6 @@ async def send(
             sent = not isinstance(exc, aiohttp.ClientConnectorError)
             acted = acted or sent
             if (sent and not safe) or loop.time() + delay > deadline:
-                log.warning("graph_request_gave_up", error=reason, **attempt_fields)
                 # Not chained: aiohttp's exceptions hold the request headers (the token).
                 raise GraphError(
                     0,
@@ -370,12 +368,10 @@ async def send(
             continue
         except aiohttp.ClientError as exc:
             stats.outcomes[method, "client_error"] += 1
-            reason = describe(exc)
-            log.warning("graph_request_gave_up", error=reason, **attempt_fields)
             raise GraphError(
                 0,
                 "requestFailed",
-                reason,
+                describe(exc),
                 method=method,
                 url=url,
                 client_request_id=client_request_id,
@@ -393,13 +389,16 @@ async def send(
             named = response.retry_after
             # Retry-After: 0 on every answer would have us hammer Graph until the budget ends.
             delay = max(named or 0.0, policy.backoff(attempt))
-            answer = {"status": response.status, "request_id": response.request_id}
-            if loop.time() + delay <= deadline:
-                log.warning(
-                    "graph_request_retry", delay=round(delay, 3), **answer, **attempt_fields
-                )
-                stats.retries += 1
-                await asyncio.sleep(delay)
-                continue
-            log.warning("graph_request_gave_up", retry_after=named, **answer, **attempt_fields)
+            if loop.time() + delay > deadline:
+                return replace(response, gave_up=True)
+            log.warning(
+                "graph_request_retry",
+                delay=round(delay, 3),
+                status=response.status,
+                request_id=response.request_id,
+                **attempt_fields,
+            )
+            stats.retries += 1
+            await asyncio.sleep(delay)
+            continue
         return response

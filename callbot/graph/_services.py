@@ -212,16 +212,8 @@ class CallServices:
         try:
             await self.call(call_id).keep_alive()
         except GraphError as exc:
-            if exc.status == 404:
-                return KeepAliveResult.GONE
-            log.warning(
-                "keep_alive_failed",
-                call_id=call_id,
-                status=exc.status,
-                code=exc.code,
-                error=exc.message,
-            )
-            return KeepAliveResult.FAILED
+            # Logged once already, as every failed request is (or as the token fetch was).
+            return KeepAliveResult.GONE if exc.status == 404 else KeepAliveResult.FAILED
         return KeepAliveResult.OK
 
     def fail_operations(self, call_key: str, result_info: models.ResultInfo | None) -> None:
