@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import socket
 import uuid
@@ -13,7 +14,9 @@ from email.utils import format_datetime
 import aiohttp
 import pytest
 from aiohttp import web
+from aiohttp.abc import AbstractResolver, ResolveResult
 from structlog.testing import capture_logs
+from yarl import URL
 
 from callbot import CallEnded, GraphError
 from callbot._ids import id_key, path_segment
@@ -474,6 +477,102 @@ async def test_a_failed_request_writes_one_line_saying_why(
         await call.keep_alive()
     warned = [(e["event"], e.get("status")) for e in logs if e["log_level"] == "warning"]
     assert warned == [("graph_token_failed", 429)]
+
+
+class _SilentResolver(AbstractResolver):
+    """Looks up every name as 127.0.0.1, once the first ``unanswered`` lookups are over:
+    those never end, as with a DNS server that does not answer."""
+
+    def __init__(self, unanswered: int) -> None:
+        self.unanswered = unanswered
+        self.lookups = 0
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        self.lookups += 1
+        if self.lookups <= self.unanswered:
+            await asyncio.Event().wait()
+        address: ResolveResult = {
+            "hostname": host,
+            "host": "127.0.0.1",
+            "port": port,
+            "family": socket.AF_INET,
+            "proto": 0,
+            "flags": 0,
+        }
+        return [address]
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_a_request_that_could_not_connect_in_time_never_reached_graph() -> None:
+    """aiohttp's connect timeout (no name looked up, no connection made or free in time)
+    was taken for an answer lost once the request was sent: a POST was not sent again, and
+    its GraphError said Graph may have acted on it. (Nor did send() bound the connecting
+    apart from the whole attempt, so aiohttp never told the two apart.)"""
+    received: list[str] = []
+
+    async def record(request: web.Request) -> web.Response:
+        received.append(request.method)
+        return web.json_response({})
+
+    policy = RetryPolicy(
+        total_time=5.0, base_delay=0.001, max_delay=0.01, request_timeout=5.0, connect_timeout=0.05
+    )
+    async with plain_server(record) as base:
+        url = f"http://graph.test:{URL(base).port}/x"
+        for unanswered in (1, 1000):
+            resolver = _SilentResolver(unanswered)
+            connector = aiohttp.TCPConnector(resolver=resolver, use_dns_cache=False)
+            async with aiohttp.ClientSession(connector=connector) as session:
+                with capture_logs() as logs:
+                    if unanswered == 1:
+                        response = await send(session, "POST", url, policy=policy, json_body={})
+                    else:
+                        # No time left for a retry: given up, and Graph never had it.
+                        with pytest.raises(GraphError) as failure:
+                            await send(
+                                session,
+                                "POST",
+                                url,
+                                policy=RetryPolicy(total_time=0.0, connect_timeout=0.05),
+                                json_body={},
+                            )
+            if unanswered == 1:
+                assert response.status == 200
+                assert not response.acted_before
+                retried = [e["error"] for e in logs if e["event"] == "graph_request_retry"]
+                assert [r.split(":")[0] for r in retried] == ["ConnectionTimeoutError"]
+                assert resolver.lookups == 2
+            else:
+                assert (failure.value.code, failure.value.may_have_acted) == (
+                    "connectionFailed",
+                    False,
+                )
+                assert failure.value.message.startswith("ConnectionTimeoutError")
+    assert received == ["POST"]
+
+
+async def test_a_post_graph_had_but_never_answered_is_not_sent_again(
+    graph: FakeGraph, clock: Clock
+) -> None:
+    # Connected, sent, and then no answer within the attempt: Graph may be acting on it.
+    policy = RetryPolicy(total_time=30.0, request_timeout=2.0, connect_timeout=1.0)
+    svc = CallServices(graph.settings(), retry=policy)
+    graph.add_call(CALL_ID, state="established")
+    graph.hang_next("playPrompt")
+    try:
+        playing = asyncio.ensure_future(svc.call(CALL_ID).play_prompt("https://x/a.wav"))
+        await graph.wait_for_request("playPrompt")
+        await clock.advance(2.0)
+        with pytest.raises(GraphError) as failure:
+            await playing
+    finally:
+        await svc.close()
+    assert (failure.value.code, failure.value.may_have_acted) == ("connectionFailed", True)
+    assert len(graph.requests_for("playPrompt")) == 1
 
 
 async def test_ids_reach_the_wire_as_path_segment_encoded_them(graph: FakeGraph) -> None:

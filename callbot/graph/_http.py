@@ -47,13 +47,17 @@ class RetryPolicy:
     retry is scheduled past ``total_time`` seconds after the first attempt (the
     last answer's :class:`~callbot.GraphError` then carries its ``Retry-After`` as
     ``retry_after``).
-    ``request_timeout`` bounds each single attempt.
+    ``request_timeout`` bounds each single attempt. ``connect_timeout`` bounds making
+    its connection (waiting for a free one, looking up the name, TCP and TLS) when it
+    is shorter than ``request_timeout``: an attempt that could not connect in time
+    never reached Graph, so it is sent again whatever the request.
     """
 
     total_time: float = 30.0
     base_delay: float = 0.5
     max_delay: float = 8.0
     request_timeout: float = 30.0
+    connect_timeout: float = 10.0
 
     def backoff(self, attempt: int) -> float:
         """The delay before retry number ``attempt`` (1-based) when the server named none."""
@@ -231,6 +235,14 @@ _URL_CHARACTERS = "%:/?#[]@!$&'()*+,;="
 
 _IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 
+# What aiohttp raises while connecting, before a byte of the request is written: no
+# connection (DNS, TCP, TLS, proxy), ClientTimeout.connect run out, a pinned certificate refused.
+_NOT_SENT = (
+    aiohttp.ClientConnectorError,
+    aiohttp.ConnectionTimeoutError,
+    aiohttp.ServerFingerprintMismatch,
+)
+
 AuthHeader = Callable[[], Awaitable[str | None]]
 """Gives the ``Authorization`` header value for one attempt (``None``: send none)."""
 
@@ -281,6 +293,9 @@ async def send(
     target = URL(quote(url, safe=_URL_CHARACTERS), encoded=True)
     # One id for every attempt, as Graph's SDKs resend a request: support traces it by this id.
     client_request_id = str(uuid.uuid4())
+    # A connect bound as long as the attempt's would race it, and lose the "not sent" answer.
+    connect = policy.connect_timeout if policy.connect_timeout < policy.request_timeout else None
+    timeout = aiohttp.ClientTimeout(total=policy.request_timeout, connect=connect)
     while True:
         attempt += 1
         # What every line about this attempt says.
@@ -318,7 +333,7 @@ async def send(
                 method,
                 target,
                 headers=request_headers,
-                timeout=aiohttp.ClientTimeout(total=policy.request_timeout),
+                timeout=timeout,
                 # A redirect would carry the bearer token to wherever Location points.
                 allow_redirects=False,
                 **kwargs,
@@ -346,8 +361,7 @@ async def send(
             stats.outcomes[method, "connection_error"] += 1
             delay = policy.backoff(attempt)
             reason = describe(exc)
-            # No connection was made: Graph never had the request.
-            sent = not isinstance(exc, aiohttp.ClientConnectorError)
+            sent = not isinstance(exc, _NOT_SENT)
             acted = acted or sent
             if (sent and not safe) or loop.time() + delay > deadline:
                 # Not chained: aiohttp's exceptions hold the request headers (the token).
