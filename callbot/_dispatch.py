@@ -144,12 +144,9 @@ def calls_a_coroutine(handler: object) -> bool:
     handler = _beneath_partials(handler)
     if inspect.iscoroutinefunction(handler):
         return True
-    # An object is called through its class's __call__ (callable() says it has one).
-    return (
-        _is_an_object(handler)
-        and callable(handler)
-        and inspect.iscoroutinefunction(type(handler).__call__)
-    )
+    # An object is called through its class's __call__ (callable() says it has one), even
+    # one that functools.update_wrapper gave the __qualname__ of the function it wraps.
+    return callable(handler) and inspect.iscoroutinefunction(type(handler).__call__)
 
 
 def handler_name(handler: object) -> str:

@@ -643,6 +643,39 @@ async def test_a_handler_may_be_an_object_a_method_or_a_partial_and_is_awaited()
     ]
 
 
+class counted:
+    """A decorator written as a class, as ``functools.update_wrapper`` makes one: its objects
+    take the handler's ``__qualname__`` and are called through ``async def __call__``."""
+
+    def __init__(self, handler: Callable[[Call, Any], Awaitable[None]]) -> None:
+        functools.update_wrapper(self, handler)
+        self.handler = handler
+        self.runs = 0
+
+    async def __call__(self, call: Call, event: events.Event) -> None:
+        self.runs += 1
+        await self.handler(call, event)
+
+
+async def test_a_handler_wrapped_by_a_class_decorator_is_registered_and_run() -> None:
+    """An object of a decorator class was refused as "not an object whose class defines
+    'async def __call__'" when the class copied the handler's ``__qualname__`` onto it."""
+    bot = CallBot(app_id=APP_ID)
+
+    @bot.on_incoming_call
+    @counted
+    async def answer(call: Call, event: events.IncomingCall) -> None:
+        await call.answer()
+
+    ran: list[tuple[str, str]] = []
+    bot.watch_handlers(lambda name, event, outcome: ran.append((name, outcome)))
+    async with run_with_simulator(bot) as sim:
+        call = await sim.incoming_call()
+        await call.wait_for_state("established")
+    assert answer.runs == 1
+    assert ran[0] == (answer.handler.__qualname__, "ok")
+
+
 async def test_a_decorator_of_the_handler_alone_may_be_written_with_parentheses() -> None:
     """``@bot.on_incoming_call()`` raised Python's "missing 1 required positional argument";
     each decorator that takes nothing but the handler registers it either way."""
