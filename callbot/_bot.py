@@ -45,6 +45,7 @@ log = get_logger("callbot")
 
 E = TypeVar("E", bound=events.Event)
 H = TypeVar("H", bound=Callable[..., Awaitable[None]])
+EH = TypeVar("EH", bound=ErrorHandler)
 C = TypeVar("C", bound=DeploymentChooser)
 T = TypeVar("T")
 BOT_KEY: web.AppKey[CallBot] = web.AppKey("callbot")
@@ -453,12 +454,10 @@ class CallBot:
         return lambda: self._registry.watchers.remove(watcher)
 
     @overload
-    def on_error(self, handler: ErrorHandler) -> ErrorHandler: ...
+    def on_error(self, handler: EH) -> EH: ...
     @overload
-    def on_error(self) -> Callable[[ErrorHandler], ErrorHandler]: ...
-    def on_error(
-        self, handler: ErrorHandler | None = None
-    ) -> ErrorHandler | Callable[[ErrorHandler], ErrorHandler]:
+    def on_error(self) -> Callable[[EH], EH]: ...
+    def on_error(self, handler: EH | None = None) -> EH | Callable[[EH], EH]:
         """Run with ``(call, event, exc)`` when a handler raises."""
         return _at_once_or_decorator(handler, self._registry.add_error_handler)
 

@@ -487,7 +487,7 @@ def test_a_handler_that_cannot_take_its_arguments_fails_when_registered(
     with pytest.raises(TypeError, match=r"must take \(call, event\)"):
         bot.on_state("established")(answer)
     with pytest.raises(TypeError, match=r"must take \(call, event, exc\).*async def report"):
-        bot.on_error(report)  # type: ignore[arg-type]
+        bot.on_error(report)  # type: ignore[type-var]
 
     # Defaults, *args and keyword-only parameters with defaults are fine.
     async def flexible(call: Call, event: events.Event, extra: int = 0, *, k: int = 1) -> None:
@@ -655,6 +655,15 @@ class counted:
     async def __call__(self, call: Call, event: events.Event) -> None:
         self.runs += 1
         await self.handler(call, event)
+
+
+def test_an_error_handler_is_handed_back_typed_as_it_was() -> None:
+    """``on_error`` typed what it handed back as any error handler, so an object's own
+    attributes (``error_log.errors``) were a mypy error; either spelling keeps its type."""
+    bot, error_log, other_log = CallBot(app_id=APP_ID), ErrorLog(), ErrorLog()
+    assert assert_type(bot.on_error(error_log), ErrorLog).errors == []
+    assert assert_type(bot.on_error()(other_log), ErrorLog) is other_log
+    assert bot._registry.error_handlers == [error_log, other_log]
 
 
 async def test_a_handler_wrapped_by_a_class_decorator_is_registered_and_run() -> None:
