@@ -160,4 +160,6 @@ class RegionAffinity:
 
 
 def _name(chooser: DeploymentChooser) -> str:
-    return getattr(chooser, "__qualname__", None) or repr(chooser)
+    from ._dispatch import handler_name  # imported here: _dispatch imports this module
+
+    return handler_name(chooser)

@@ -8,6 +8,7 @@ affinity"). ``CallBot.choose_deployment`` decides; nothing of a redirected call 
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import MutableMapping
 from typing import Any
@@ -17,7 +18,7 @@ from aiohttp import web
 from structlog.testing import capture_logs
 
 from callbot import Call, CallBot, events
-from callbot._affinity import location_problem
+from callbot._affinity import DeploymentChooser, location_problem
 from callbot.testing import TEST_TENANT_ID, Simulator, TokenAuthority, run_with_simulator
 from callbot.testing import builders as b
 
@@ -183,6 +184,41 @@ async def test_a_chooser_that_raises_is_one_log_line_and_the_call_runs_here(
     text = await metrics_text(server)
     assert 'callbot_redirects_total{outcome="chooser_failed"} 1.0' in text
     assert 'callbot_redirects_total{outcome="redirected"} 0.0' in text
+
+
+class RegionTable:
+    """A chooser that is an object: the regions it knows, by tenant."""
+
+    def __init__(self, regions: dict[str, str]) -> None:
+        self.regions = regions
+
+    def __call__(self, event: events.IncomingCall) -> str | None:
+        return self.regions[event.tenant_id or ""]
+
+
+def by_tenant(regions: dict[str, str], event: events.IncomingCall) -> str | None:
+    return regions[event.tenant_id or ""]
+
+
+@pytest.mark.parametrize(
+    ("chooser", "named"),
+    [
+        (RegionTable({OTHER_TENANT: EU}), "RegionTable"),
+        (functools.partial(by_tenant, {OTHER_TENANT: EU}), "by_tenant"),
+    ],
+)
+async def test_a_chooser_object_or_partial_that_fails_is_logged_by_its_name(
+    authority: TokenAuthority, serve: Any, chooser: DeploymentChooser, named: str
+) -> None:
+    """Its log line named it by its repr: an object's memory address, or a partial's every
+    argument (the whole table of tenants), different in each process."""
+    bot = make_bot(authority)
+    bot.choose_deployment(chooser)
+    server: BotServer = await serve(bot)
+    with capture_logs() as logs:
+        assert (await server.post(incoming("unknown-tenant"))).status == 202
+    [failed] = lines(logs, "deployment_choice_failed")
+    assert (failed["reason"], failed["chooser"]) == ("chooser_failed", named)
 
 
 async def test_a_coroutine_returned_by_a_chooser_is_a_bad_location_closed_unawaited(
