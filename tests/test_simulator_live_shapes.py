@@ -467,3 +467,31 @@ async def test_each_media_stream_of_a_call_has_a_source_id_of_its_own() -> None:
         for stream in participant.media_streams or []
     ]
     assert len(sources) == len(set(sources)) == 5  # the bot's audio, and Sam2's four streams
+
+
+async def test_someone_of_another_tenant_is_in_the_roster_with_their_own_tenant() -> None:
+    """A person called or invited with the tenant of their own (``Target.user(id, name,
+    tenant_id)``) was listed with the simulator's tenant, which Teams would not do."""
+    other, invited = str(uuid.uuid4()), str(uuid.uuid4())
+    bot, _ = bot_seeing_established()
+    rosters: list[events.ParticipantsUpdated] = []
+
+    @bot.on_participants
+    async def roster(call: Call, event: events.ParticipantsUpdated) -> None:
+        rosters.append(event)
+        if len(rosters) == 1:
+            await call.participants.invite(Target.user(invited, "Megan Bowen", other))
+
+    async with run_with_simulator(bot) as sim:
+        await bot.create_call(Target.user(str(uuid.uuid4()), "Lee Gu", other))
+        call = await sim.wait_for_outgoing_call()
+        await until(lambda: len(rosters) >= 2)
+        await call.hangup()
+        await call.wait_until_ended()
+    tenants = {
+        p.display_name: p.info.identity.user.tenant_id
+        for event in rosters
+        for p in event.participants
+        if p.info is not None and p.info.identity is not None and p.info.identity.user
+    }
+    assert tenants == {"Lee Gu": other, "Megan Bowen": other}

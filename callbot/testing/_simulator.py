@@ -278,6 +278,18 @@ def _identity_kind_and_id(info: Any) -> tuple[str, str, str | None]:
     return "user", str(uuid.uuid4()), None
 
 
+def _identity_tenant(info: Any) -> str | None:
+    """The tenant a target or an invitee names for its identity (someone of another tenant)."""
+    if isinstance(info, Mapping):
+        identity = info.get("identity", info)
+        if isinstance(identity, Mapping):
+            for key, value in identity.items():
+                if not key.startswith("@") and isinstance(value, Mapping):
+                    tenant = value.get("tenantId")
+                    return tenant if isinstance(tenant, str) and tenant else None
+    return None
+
+
 def _refusal(status: int | None, reason: str | None, summary: str, url: str | None) -> str:
     said = f"{status or 'nothing'}" + (f" ({reason})" if reason else "")
     where = f" posted to {url}" if url else ""
@@ -793,16 +805,22 @@ class SimulatedCall:
         return next((pid for pid in self.roster if id_key(pid) == key), None)
 
     def _participant(
-        self, participant_id: str, *, user_id: str, display_name: str | None, kind: str
+        self,
+        participant_id: str,
+        *,
+        user_id: str,
+        display_name: str | None,
+        kind: str,
+        tenant_id: str | None = None,
     ) -> models.Participant:
-        """Someone in this call as a live roster has them: in the simulator's tenant, their
-        streams numbered after every stream the call has so far."""
+        """Someone in this call as a live roster has them: in ``tenant_id`` (by default the
+        simulator's), their streams numbered after every stream the call has so far."""
         made = build.participant(
             participant_id,
             user_id=user_id,
             display_name=display_name,
             kind=kind,
-            tenant_id=self._sim.tenant_id,
+            tenant_id=tenant_id or self._sim.tenant_id,
             first_source_id=self._next_source_id,
         )
         self._next_source_id += len(made.media_streams or [])
@@ -1319,7 +1337,11 @@ class SimulatedCall:
                     kind, ident, name = _identity_kind_and_id(invitee)
                     participant_id = str(uuid.uuid4())
                     self.roster[participant_id] = self._participant(
-                        participant_id, user_id=ident, display_name=name, kind=kind
+                        participant_id,
+                        user_id=ident,
+                        display_name=name,
+                        kind=kind,
+                        tenant_id=_identity_tenant(invitee),
                     )
                     added.append(self.roster[participant_id])
                 self._enqueue(self._roster_item(added, "created"))
@@ -2083,7 +2105,11 @@ class Simulator:
         if targets:
             kind, ident, name = _identity_kind_and_id(targets[0])
             call.remote = call._participant(
-                str(uuid.uuid4()), user_id=ident, display_name=name, kind=kind
+                str(uuid.uuid4()),
+                user_id=ident,
+                display_name=name,
+                kind=kind,
+                tenant_id=_identity_tenant(targets[0]),
             )
         mine = created.get("myParticipantId")
         if isinstance(mine, str) and mine:
@@ -2098,7 +2124,11 @@ class Simulator:
                 kind, ident, name = _identity_kind_and_id(extra)
                 participant_id = str(uuid.uuid4())
                 call.roster[participant_id] = call._participant(
-                    participant_id, user_id=ident, display_name=name, kind=kind
+                    participant_id,
+                    user_id=ident,
+                    display_name=name,
+                    kind=kind,
+                    tenant_id=_identity_tenant(extra),
                 )
             outcome = self._outgoing_outcomes.pop(0) if self._outgoing_outcomes else "answer"
             result = OUTGOING_OUTCOMES[outcome]
