@@ -12,6 +12,9 @@ With ``CALLBOT_TEST_HANDLER_DELAY`` set, each run first sleeps that long, so tha
 process killed mid-flight has work in hand. With ``CALLBOT_TEST_FREEZE=1``, once
 the key ``test:freeze:{pid}`` exists, each run of this process appends its line and
 then never returns (until the process is killed).
+
+It also runs on the package of an earlier tree (``OLDER_TREE`` in tests/test_redis.py):
+it uses nothing that package lacks.
 """
 
 from __future__ import annotations

@@ -34,7 +34,6 @@ from callbot.store._codec import (
 )
 
 from .conftest import FIXTURES
-from .test_recorded import CALLS
 
 STORED = FIXTURES / "store"
 GENERATIONS = sorted(STORED.glob("written-by-*.json"))
@@ -73,9 +72,23 @@ FLOWS: dict[str, list[Step]] = {
         (PROMPT_DONE, "updated", {"status": "running"}),  # its progress, after its outcome
         "sb06-p2p-simpletest-p2ptest1event6hangup.json",
     ],
-    "p2p-chat-info-roster": [*CALLS["p2p-updates"].files],
-    "group-call": [*CALLS["group"].files],
+    "p2p-chat-info-roster": [
+        "sb07-p2p-callupdates-p2ptest2event1establishing.json",
+        "sb08-p2p-callupdates-p2ptest2event2established.json",
+        "sb09-p2p-callupdates-p2ptest2event3updatedwithmediastate.json",
+        "sb10-p2p-callupdates-p2ptest2event4updatedwithchatinfo.json",
+        "sb11-p2p-callupdates-p2ptest2event5updatedwithrandomshit.json",
+        "sb12-p2p-callupdates-p2ptest2event6userjoin.json",
+    ],
+    "group-call": [
+        "sb13-groupcalls-groupcallestablishing.json",
+        "sb14-groupcalls-groupcallestablished.json",
+        "sb15-groupcalls-groupcallbotjoin.json",
+        "sb16-groupcalls-groupcalluserjoin.json",
+        "sb17-groupcalls-groupcallend.json",
+    ],
 }
+"""The steps every file in ``fixtures/store`` was written from: frozen with them."""
 HOLDING = {("p2p-placed-tone-prompt-hangup", 7)}
 """Where a run stops with a notification held (tone 8, waiting for 7): not a checkpoint the
 record alone carries on from (the inbox hands the held one over again), so not cut there."""

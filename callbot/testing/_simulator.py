@@ -1504,7 +1504,8 @@ class Simulator:
         self._graph_port = graph_port
         self._keys_port = keys_port
         self._by_key: dict[str, SimulatedCall] = {}
-        self._handlers_raised: list[str] = []
+        # The latest handlers that raised, for a wait that runs out to name.
+        self._handlers_raised: deque[str] = deque(maxlen=5)
         self._outgoing: list[SimulatedCall] = []
         self._outgoing_taken = 0
         self._outgoing_outcomes: list[str] = []
@@ -2196,7 +2197,7 @@ class Simulator:
                 # What the bot never did is most often what a handler that raised did not reach.
                 message += (
                     "; handlers raised: "
-                    + ", ".join(self._handlers_raised[:5])
+                    + ", ".join(self._handlers_raised)
                     + " (the errors are in the handler_failed log lines, or went to the bot's "
                     "on_error handlers)"
                 )
