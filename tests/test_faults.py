@@ -193,8 +193,8 @@ async def test_token_endpoint_failing_reaches_on_error_and_the_call_goes_on(
         states.append(event.state)
 
     with capture_logs() as logs:
-        server = await serve(bot)  # the token prefetch fails, and says so
-        await until(lambda: any(e["event"] == "graph_token_prefetch_failed" for e in logs))
+        server = await serve(bot)  # the token prefetch fails, and the token cache says so
+        await until(lambda: any(e["event"] == "graph_token_failed" for e in logs))
     await server.post(b.notifications(b.incoming_call("no-token")))
     await server.post(b.notifications(b.call_state("no-token", "establishing")))
     await until(lambda: len(errors.seen) == 1 and states == ["establishing"])

@@ -120,6 +120,8 @@ class CallServices:
     async def _prefetch_token(self) -> None:
         try:
             await self.graph.token()
+        except GraphError:
+            pass  # the token cache wrote its one line (graph_token_failed or _refused)
         except Exception as exc:
             log.warning("graph_token_prefetch_failed", error=str(exc) or type(exc).__name__)
 
