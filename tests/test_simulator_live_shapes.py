@@ -495,3 +495,38 @@ async def test_someone_of_another_tenant_is_in_the_roster_with_their_own_tenant(
         if p.info is not None and p.info.identity is not None and p.info.identity.user
     }
     assert tenants == {"Lee Gu": other, "Megan Bowen": other}
+
+
+async def test_streams_the_simulator_adds_come_after_a_roster_the_test_posted() -> None:
+    """A roster a test posts (``call.notify``) is the call's own from then on, and so are its
+    streams' ``sourceId``s: someone joining later got the ids the test's roster used, so two
+    participants shared a source and a bot mapping audio to speakers mixed them up."""
+    bodies: list[Any] = []
+    bot = CallBot(app_id=APP_ID)
+
+    @bot.on_incoming_call
+    async def answer(call: Call, event: events.IncomingCall) -> None:
+        await call.answer()
+
+    async with run_with_simulator(bot) as sim:
+        call = await sim.incoming_call()
+        await call.wait_for_state("established")
+        await call.settled()
+        me = call.roster[call.bot_participant_id]
+        [mine] = [int(stream.source_id or 0) for stream in me.media_streams or []]
+        # Her streams numbered after the bot's, as a test gives each participant its range.
+        guest = builders.participant(
+            str(uuid.uuid4()), display_name="Megan Bowen", first_source_id=mine + 1
+        )
+        await call.notify(builders.roster(call.id, [me, guest]))
+        await call.join("Sam2")
+        await call.settled()
+        bodies = [t.body for t in sim.traffic if t.kind == "notification"]
+    parsed = [event for body in bodies for event in parse_payload(body)]
+    last = [e for e in parsed if isinstance(e, events.ParticipantsUpdated)][-1]
+    sources = [
+        stream.source_id
+        for participant in last.participants
+        for stream in participant.media_streams or []
+    ]
+    assert len(sources) == len(set(sources)) == 9  # the bot's audio; Megan's and Sam2's four

@@ -757,6 +757,10 @@ class SimulatedCall:
         if not (event.delta or self.delta_roster):
             self.roster = {}
         for participant in event.participants:
+            for stream in participant.media_streams or []:
+                if stream.source_id is not None and stream.source_id.isdigit():
+                    # The streams the simulator adds later are numbered after the test's.
+                    self._next_source_id = max(self._next_source_id, int(stream.source_id) + 1)
             if not participant.id:
                 continue  # Graph finds nobody by an id it has not given yet
             key = self._roster_id(participant.id) or participant.id
