@@ -28,6 +28,9 @@ from callbot.testing import (
 
 from .conftest import APP_ID, make_bot, plain_server, until
 
+# How Teams names the bot in a roster: by its Teams id (recorded sb12).
+BOT_IN_ROSTER = f"28:{APP_ID}"
+
 Seen = list[events.Event]
 
 
@@ -115,7 +118,7 @@ async def test_answer_brings_establishing_established_its_update_and_the_roster(
         (p.info.identity.user or p.info.identity.application).display_name or ""  # type: ignore[union-attr]
         for p in roster.participants
     )
-    assert names == ["Adele Vance", "Bot"]
+    assert names == [BOT_IN_ROSTER, "Adele Vance"]
     assert call.states == ["incoming", "establishing", "established"]
 
 
@@ -748,8 +751,8 @@ async def test_a_screen_sharing_role_change_is_told_in_the_roster() -> None:
         assert [sim.graph.answer_to(r).status for r in requests] == [202, 202]
     first, sharing, viewing = rosters(seen)
     assert _screen_sharing(first) == []
-    assert _screen_sharing(sharing) == [("Bot", "sendOnly")]
-    assert _screen_sharing(viewing) == [("Bot", "receiveOnly")]
+    assert _screen_sharing(sharing) == [(BOT_IN_ROSTER, "sendOnly")]
+    assert _screen_sharing(viewing) == [(BOT_IN_ROSTER, "receiveOnly")]
     me = call.roster[call.bot_participant_id]
     assert [s.media_type for s in me.media_streams or []] == ["audio", "videoBasedScreenSharing"]
 
@@ -970,16 +973,17 @@ async def test_joining_a_meeting_and_people_coming_and_going() -> None:
     def names(found: list[Any]) -> list[str]:
         return sorted(p.display_name or "?" for p in found)
 
-    assert names(rosters[0].joined) == ["Bot", "Megan Bowen"]
+    assert names(rosters[0].joined) == [BOT_IN_ROSTER, "Megan Bowen"]
     assert names(rosters[1].joined) == ["Alice Smith"]
     assert names(rosters[2].left) == ["Alice Smith"]
     assert names(rosters[3].left) == ["Megan Bowen"]
-    # As in the recorded Teams group call (sb15, sb16): the bot is an applicationInstance.
-    (me,) = [p for p in rosters[0].joined if p.display_name == "Bot"]
+    # Joined as the app (no application instance as its source), the bot is the
+    # `application` in the roster, as document 08 has it.
+    (me,) = [p for p in rosters[0].joined if p.display_name == BOT_IN_ROSTER]
     assert me.info is not None
     assert me.info.identity is not None
-    assert me.info.identity.application_instance is not None
-    assert me.info.identity.application is None
+    assert me.info.identity.application is not None
+    assert me.info.identity.application_instance is None
 
 
 async def test_the_bot_finds_itself_in_the_roster_by_its_my_participant_id() -> None:
@@ -1005,7 +1009,7 @@ async def test_the_bot_finds_itself_in_the_roster_by_its_my_participant_id() -> 
     assert {roster.call_key for roster in rosters} == set(mine)
     for roster in rosters:
         me = [p for p in roster.participants if p.id == mine[roster.call_key]]
-        assert [p.display_name for p in me] == ["Bot"]
+        assert [p.display_name for p in me] == [BOT_IN_ROSTER]
 
 
 async def test_a_bot_in_a_meeting_it_joined_finds_itself_in_the_roster_in_its_handlers() -> None:
@@ -1400,11 +1404,11 @@ async def test_a_bot_that_asks_for_delta_rosters_gets_them() -> None:
         names = sorted(_name(p) for p in bot.active_calls()[0].roster.values())
     first, joined, left = rosters(seen)
     assert all(r.delta for r in (first, joined, left))
-    assert sorted(_name(p) for p in first.joined) == ["Adele Vance", "Bot"]
+    assert sorted(_name(p) for p in first.joined) == [BOT_IN_ROSTER, "Adele Vance"]
     assert [_name(p) for p in joined.joined] == ["Lee Gu"]
     assert (joined.left, joined.updated) == ([], [])
     assert [_name(p) for p in left.left] == ["Adele Vance"]
-    assert names == ["Bot", "Lee Gu"]
+    assert names == [BOT_IN_ROSTER, "Lee Gu"]
 
 
 def rosters(seen: Seen) -> list[events.ParticipantsUpdated]:
@@ -1441,7 +1445,7 @@ async def test_a_participant_named_in_any_id_form_is_found_removed_and_muted() -
     left = [_name(p) for r in rosters(seen) for p in r.left]
     muted = [_name(p) for r in rosters(seen) for p in r.updated if p.is_muted]
     assert (left, muted) == (["Megan Bowen"], ["Lee Gu"])
-    assert sorted(_name(p) for p in meeting.roster.values()) == ["Bot", "Lee Gu"]
+    assert sorted(_name(p) for p in meeting.roster.values()) == [BOT_IN_ROSTER, "Lee Gu"]
 
 
 async def test_a_state_is_waited_for_in_any_case_as_on_state_takes_it() -> None:

@@ -4,6 +4,7 @@ bot that passes against the simulator does not lean on a field Teams does not se
 
 from __future__ import annotations
 
+import base64
 import json
 import uuid
 from collections.abc import Iterator
@@ -273,24 +274,22 @@ async def test_a_joined_meeting_is_establishing_and_established_with_its_chat_an
     assert establishing["meetingInfo"]["@odata.type"] == captured["meetingInfo"]["@odata.type"]
 
 
-def key_paths(value: Any, path: str = "", *, opaque: frozenset[str] = frozenset()) -> set[str]:
+def key_paths(value: Any, path: str = "") -> set[str]:
     """Every key path in ``value``, each ``@odata.type`` with its value. A list's items are
     under ``[]``, but a roster's participants under ``[who]`` (``user``, ``application``,
     ...) and their streams under ``[mediaType]``: Teams lists other fields for a person than
-    for a bot, and other streams. Below an ``opaque`` path, nothing."""
+    for a bot, and other streams."""
     paths: set[str] = set()
-    if path in opaque:
-        return paths
     if isinstance(value, dict):
         for key, inner in value.items():
             here = f"{path}.{key}" if path else key
             if key == "@odata.type":
                 paths.add(f"{here}={inner}")
             else:
-                paths |= {here, *key_paths(inner, here, opaque=opaque)}
+                paths |= {here, *key_paths(inner, here)}
     elif isinstance(value, list):
         for inner in value:
-            paths |= key_paths(inner, f"{path}[{_label(inner)}]", opaque=opaque)
+            paths |= key_paths(inner, f"{path}[{_label(inner)}]")
     return paths
 
 
@@ -361,9 +360,31 @@ async def declined_call() -> list[Any]:
         return [t.body for t in sim.traffic if t.kind == "notification"]
 
 
+# The application instance a bot places calls from (a resource account's object id).
+INSTANCE_ID = "3d913abb-aec0-4964-8fa6-3c6850c4f278"
+
+
+async def group_call() -> list[Any]:
+    """A group call the bot places from its application instance, as sb13-sb17 recorded one:
+    connected, the bot joins (sb15: the roster has only the bot), the callees (sb16), and
+    it ends (sb17)."""
+    bot, _ = bot_seeing_established()
+    async with run_with_simulator(bot) as sim:
+        await bot.create_call(
+            Target.user(str(uuid.uuid4()), "Sam2"),
+            Target.user(str(uuid.uuid4()), "Lee Gu"),
+            source=Target.application_instance(INSTANCE_ID, "CallAndRedirectBot"),
+        )
+        call = await sim.wait_for_outgoing_call()
+        await call.wait_for_state("established")
+        await call.hangup()
+        await call.wait_until_ended()
+        return [t.body for t in sim.traffic if t.kind == "notification"]
+
+
 async def joined_meeting() -> list[Any]:
-    """A meeting the bot joins first (sb15: the roster has only the bot), someone joins
-    (sb16), and it ends (sb17)."""
+    """A meeting the bot joins first (the roster has only the bot), someone joins, and it
+    ends."""
     bot, _ = bot_seeing_established()
     async with run_with_simulator(bot) as sim:
         sim.meeting_attendees = []
@@ -376,7 +397,12 @@ async def joined_meeting() -> list[Any]:
         return [t.body for t in sim.traffic if t.kind == "notification"]
 
 
-SCENARIOS = {"placed": placed_call, "declined": declined_call, "meeting": joined_meeting}
+SCENARIOS = {
+    "placed": placed_call,
+    "declined": declined_call,
+    "group": group_call,
+    "meeting": joined_meeting,
+}
 
 
 # Each step the simulator posts, and the live recording of the same step: (scenario, step,
@@ -396,9 +422,11 @@ LIVE_STEPS = [
     ("placed", "ended", 0, "sb06-p2p-simpletest-p2ptest1event6hangup.json"),
     ("declined", "establishing", 0, "sb18-failedp2p-callestablishing.json"),
     ("declined", "ended", 0, "sb19-failedp2p-calldeleted.json"),
-    ("meeting", "roster", 0, "sb15-groupcalls-groupcallbotjoin.json"),
-    ("meeting", "roster", -1, "sb16-groupcalls-groupcalluserjoin.json"),
-    ("meeting", "ended", 0, "sb17-groupcalls-groupcallend.json"),
+    ("group", "establishing", 0, "sb13-groupcalls-groupcallestablishing.json"),
+    ("group", "established", 0, "sb14-groupcalls-groupcallestablished.json"),
+    ("group", "roster", 0, "sb15-groupcalls-groupcallbotjoin.json"),
+    ("group", "roster", 1, "sb16-groupcalls-groupcalluserjoin.json"),
+    ("group", "ended", 0, "sb17-groupcalls-groupcallend.json"),
 ]
 
 
@@ -415,17 +443,16 @@ async def test_each_step_has_the_key_paths_a_live_teams_call_had(
     the nested ``@odata.type``s of a roster and a ``resultInfo``, a roster's endpoint, client,
     replacement link, published states, meeting role and typed streams (each ``sourceId``
     ``1``), the empty ``meetingCapability`` and ``coOrganizers`` of a call once media flows and
-    at its end, and a meeting's ``meetingInfo`` at its end; it added an ``@odata.id`` to an
-    operation's outcome. A bot reading any of these passed under test and broke on Teams."""
+    at its end, and a group call's ``tokenMeetingInfo`` at its end; it added an ``@odata.id``
+    to an operation's outcome; a group call placed from an application instance had the bot
+    as an ``application``, with the callees in its first roster. A bot reading any of these
+    passed under test and broke on Teams."""
     bodies = await SCENARIOS[scenario]()
     items = [item for body in bodies for item in body["value"]]
     posted = [item for item in items if step_of(item) == step][index]
     live = recorded_item(recorded)
-    # A joined meeting names the meeting it was asked to join; sb17's, a group call Teams
-    # made a meeting of, a token: both are a meetingInfo, of their own kind.
-    opaque = frozenset({"resourceData.meetingInfo"})
-    posted_paths = key_paths(posted, opaque=opaque)
-    live_paths = key_paths(live, opaque=opaque)
+    posted_paths = key_paths(posted)
+    live_paths = key_paths(live)
     assert (sorted(live_paths - posted_paths), sorted(posted_paths - live_paths)) == ([], [])
 
 
@@ -495,6 +522,136 @@ async def test_someone_of_another_tenant_is_in_the_roster_with_their_own_tenant(
         if p.info is not None and p.info.identity is not None and p.info.identity.user
     }
     assert tenants == {"Lee Gu": other, "Megan Bowen": other}
+
+
+def bot_in(roster: events.ParticipantsUpdated, my_id: str | None) -> models.Participant:
+    """The bot's own entry in a roster (the one with the call's ``myParticipantId``)."""
+    [me] = [p for p in roster.participants if p.id == my_id]
+    return me
+
+
+PLACED_FROM = {
+    "p2p": ((Target.user("user-1", "Lee Gu"),), None),
+    "p2p-from-instance": (
+        (Target.user("user-1", "Lee Gu"),),
+        Target.application_instance(INSTANCE_ID, "Contoso Line"),
+    ),
+    "group": ((Target.user("user-1", "Lee Gu"), Target.user("user-2", "Sam2")), None),
+    "group-from-instance": (
+        (Target.user("user-1", "Lee Gu"), Target.user("user-2", "Sam2")),
+        Target.application_instance(INSTANCE_ID, "Contoso Line"),
+    ),
+    "meeting": ((), None),
+}
+
+
+@pytest.mark.parametrize("placed", sorted(PLACED_FROM))
+async def test_the_bot_is_in_the_roster_as_the_identity_it_placed_the_call_from(
+    placed: str,
+) -> None:
+    """Teams names the bot in a roster by the identity the call was placed from, not by the
+    kind of call: a call placed from an application instance (the create call's ``source``)
+    has the bot as that instance, with the id and name the source gave (sb15, sb16: the
+    recorded group call's bot code named the instance so); any other has it as the
+    ``application``, named ``28:<app id>`` (sb12; document 08 has a joined meeting's bot as
+    an ``application`` too). Either way its client names the bot's app (sb12, sb15). The
+    simulator made the bot an ``applicationInstance`` in a joined meeting only, named by the
+    simulator's ``bot_name``, and its client by the instance's id."""
+    bot = CallBot(app_id=APP_ID)
+    rosters: list[events.ParticipantsUpdated] = []
+
+    @bot.on_participants
+    async def roster(call: Call, event: events.ParticipantsUpdated) -> None:
+        rosters.append(event)
+
+    targets, source = PLACED_FROM[placed]
+    async with run_with_simulator(bot, bot_name="Contoso Bot") as sim:
+        if placed == "meeting":
+            await bot.join_meeting(MEETING_URL)
+        else:
+            await bot.create_call(*targets, source=source)
+        call = await sim.wait_for_outgoing_call()
+        await until(lambda: bool(rosters))
+    me = bot_in(rosters[0], call.bot_participant_id)
+    assert me.info is not None
+    identity = me.info.identity
+    assert identity is not None
+    if source is not None:
+        assert identity.application is None
+        assert identity.application_instance is not None
+        assert identity.application_instance.id == INSTANCE_ID
+        assert identity.application_instance.display_name == "Contoso Line"
+    else:
+        assert identity.application_instance is None
+        assert identity.application is not None
+        assert identity.application.id == APP_ID
+        assert identity.application.display_name == f"28:{APP_ID}"
+    assert me.info.client_version == f"Contoso Bot (appid:{APP_ID})"
+
+
+async def test_a_p2p_call_the_bot_answered_names_the_bot_as_teams_does() -> None:
+    """A P2P call's roster names the bot ``28:<app id>`` (sb12), not by the simulator's
+    ``bot_name``, which a bot's own handler would never see from Teams."""
+    bot = CallBot(app_id=APP_ID)
+    rosters: list[events.ParticipantsUpdated] = []
+
+    @bot.on_incoming_call
+    async def answer(call: Call, event: events.IncomingCall) -> None:
+        await call.answer()
+
+    @bot.on_participants
+    async def roster(call: Call, event: events.ParticipantsUpdated) -> None:
+        rosters.append(event)
+
+    async with run_with_simulator(bot) as sim:
+        call = await sim.incoming_call()
+        await until(lambda: bool(rosters))
+    me = bot_in(rosters[0], call.bot_participant_id)
+    live = next(
+        p
+        for p in recorded_item("sb12-p2p-callupdates-p2ptest2event6userjoin.json")["resourceData"]
+        if "application" in p["info"]["identity"]
+    )
+    recorded_app = live["info"]["identity"]["application"]
+    assert recorded_app["displayName"] == f"28:{recorded_app['id']}"
+    assert me.display_name == f"28:{APP_ID}"
+
+
+@pytest.mark.parametrize("callees", [1, 2], ids=["p2p", "group"])
+async def test_a_group_call_ends_naming_the_meeting_teams_made_of_it(callees: int) -> None:
+    """A group call the bot placed ended with a ``tokenMeetingInfo`` (sb17), whose token's
+    ``activityId`` is the call's chain id; a P2P call's end has no meeting (sb06, sb19).
+    The simulator named a meeting only at the end of one the bot joined, so a bot keeping
+    the group call's meeting token when it ended got ``None`` under test."""
+    bot = CallBot(app_id=APP_ID)
+    ended: list[events.CallTerminated] = []
+
+    @bot.on_terminated
+    async def gone(call: Call, event: events.CallTerminated) -> None:
+        ended.append(event)
+
+    targets = [Target.user(str(uuid.uuid4()), name) for name in ("Sam2", "Lee Gu")[:callees]]
+    async with run_with_simulator(bot) as sim:
+        await bot.create_call(*targets)
+        call = await sim.wait_for_outgoing_call()
+        await call.wait_for_state("established")
+        await call.hangup()
+        await until(lambda: bool(ended))
+    meeting = ended[0].call.meeting_info
+    if callees == 1:
+        assert meeting is None
+        return
+    assert isinstance(meeting, models.TokenMeetingInfo)
+    assert meeting.token is not None
+    claims = meeting.token.split(".")[1]
+    decoded = json.loads(base64.urlsafe_b64decode(claims + "=" * (-len(claims) % 4)))
+    recorded = recorded_item("sb17-groupcalls-groupcallend.json")["resourceData"]
+    live_claims = recorded["meetingInfo"]["token"].split(".")[1]
+    live = json.loads(base64.urlsafe_b64decode(live_claims + "=" * (-len(live_claims) % 4)))
+    assert set(decoded) == set(live)
+    assert live["activityId"] == recorded["callChainId"]
+    assert decoded["activityId"] == call.chain_id
+    assert decoded["appId"] == APP_ID
 
 
 async def test_streams_the_simulator_adds_come_after_a_roster_the_test_posted() -> None:

@@ -79,7 +79,8 @@ class JoinMeetingIdMeetingInfo(MeetingInfo):
 
 
 class TokenMeetingInfo(MeetingInfo):
-    """A meeting named by a token (policy-based recording calls)."""
+    """A meeting named by a token: a policy-based recording call's, and the one Teams
+    makes of a group call (recorded at a group call's end, and once a P2P call grew)."""
 
     odata_type: str | None = odata_type_field("#microsoft.graph.tokenMeetingInfo")
     token: str | None = None

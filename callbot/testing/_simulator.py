@@ -43,6 +43,7 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import io
@@ -290,6 +291,33 @@ def _identity_tenant(info: Any) -> str | None:
     return None
 
 
+def _token_meeting_info(app_id: str, chain_id: str, tenant_id: str) -> dict[str, Any]:
+    """The ``tokenMeetingInfo`` Teams names a group call's meeting by (recorded sb17): a
+    signed token, for a day, with the claims the recorded one has (its ``activityId`` the
+    call's ``callChainId``); signed by nobody here, and its conversation on no real host."""
+
+    def part(value: bytes) -> str:
+        return base64.urlsafe_b64encode(value).rstrip(b"=").decode("ascii")
+
+    issued = int(time.time())  # a token's validity: the wall clock
+    claims = {
+        "appId": app_id,
+        "conversationController": f"https://conv.simulator.invalid/conv/{uuid.uuid4().hex}",
+        "activityId": chain_id,
+        "http://schemas.microsoft.com/identity/claims/tenantid": tenant_id,
+        "nbf": issued,
+        "exp": issued + 24 * 3600,
+        "iss": "https://api.botframework.com",
+        "aud": "https://api.botframework.com",
+    }
+    header = {"alg": "RS256", "typ": "JWT"}
+    token = ".".join(
+        part(piece)
+        for piece in (json.dumps(header).encode(), json.dumps(claims).encode(), uuid.uuid4().bytes)
+    )
+    return {"@odata.type": "#microsoft.graph.tokenMeetingInfo", "token": token}
+
+
 def _refusal(status: int | None, reason: str | None, summary: str, url: str | None) -> str:
     said = f"{status or 'nothing'}" + (f" ({reason})" if reason else "")
     where = f" posted to {url}" if url else ""
@@ -421,6 +449,8 @@ class SimulatedCall:
         """``incoming`` (someone called the bot) or ``outgoing`` (the bot placed it)."""
         self.meeting = meeting
         """Whether the bot joined a meeting with this call."""
+        self.group = False
+        """Whether the bot placed this call to several targets at once (a group call)."""
         self.remote = remote
         """The caller (incoming calls) or the first callee (outgoing calls)."""
         self.delivery = delivery
@@ -455,6 +485,7 @@ class SimulatedCall:
         self._tone_sequence = delivery.first_tone_sequence - 1
         self._roster_sequence = 0
         self._next_source_id = 1  # each media stream in the call has a sourceId of its own
+        self._group_meeting: dict[str, Any] | None = None  # made once, at a group call's end
         self._media: dict[str, str] = {}  # prompts and recordings playing or queued: id -> kind
         self._media_waiting: deque[tuple[str, float, Callable[[], None]]] = deque()
         self._media_playing: str | None = None
@@ -773,9 +804,14 @@ class SimulatedCall:
     # -- driven by the bot's requests ------------------------------------------------
 
     def _roster_item(
-        self, changed: Sequence[models.Participant] = (), change_type: str = "updated"
+        self,
+        changed: Sequence[models.Participant] = (),
+        change_type: str = "updated",
+        *,
+        whole: Sequence[models.Participant] | None = None,
     ) -> dict[str, Any]:
-        """The roster as Graph posts it: whole, or (delta rosters) only who ``changed``."""
+        """The roster as Graph posts it: whole (``whole``, by default everyone in the call),
+        or (delta rosters) only who ``changed``."""
         # Only delta rosters are numbered (recorded whole rosters carry no sequenceNumber).
         self._roster_sequence += 1
         self._publish_roster()
@@ -783,7 +819,7 @@ class SimulatedCall:
             return build.delta_roster(
                 self.id, changed, sequence_number=self._roster_sequence, change_type=change_type
             )
-        return build.roster(self.id, list(self.roster.values()))
+        return build.roster(self.id, list(self.roster.values()) if whole is None else whole)
 
     def _publish_roster(self) -> None:
         known = self._sim.graph.calls.get(self.key)
@@ -816,6 +852,7 @@ class SimulatedCall:
         display_name: str | None,
         kind: str,
         tenant_id: str | None = None,
+        client_version: str | None = None,
     ) -> models.Participant:
         """Someone in this call as a live roster has them: in ``tenant_id`` (by default the
         simulator's), their streams numbered after every stream the call has so far."""
@@ -826,6 +863,7 @@ class SimulatedCall:
             kind=kind,
             tenant_id=tenant_id or self._sim.tenant_id,
             first_source_id=self._next_source_id,
+            client_version=client_version,
         )
         self._next_source_id += len(made.media_streams or [])
         return made
@@ -838,14 +876,39 @@ class SimulatedCall:
     def _add_bot(self) -> None:
         if self.bot_participant_id in self.roster:
             return
+        kind, identity_id, name, tenant_id = self._bot_identity()
         self.roster[self.bot_participant_id] = self._participant(
             self.bot_participant_id,
-            user_id=self._sim.app_id,
-            display_name=self._sim.bot_name,
-            # As recorded: a P2P call names the bot `application` (sb12), a group call
-            # `applicationInstance` (sb15, sb16).
-            kind="applicationInstance" if self.meeting else "application",
+            user_id=identity_id,
+            display_name=name,
+            kind=kind,
+            tenant_id=tenant_id,
+            # The bot's app, whatever identity it has in the call (sb12, sb15: the app id).
+            client_version=f"{self._sim.bot_name} (appid:{self._sim.app_id})",
         )
+
+    def _bot_identity(self) -> tuple[str, str, str, str | None]:
+        """Who the bot is in this call's roster: its identity kind, id, name and tenant.
+
+        A call the bot placed from an application instance (its create call's ``source``
+        names one) has the bot as that instance, by the id and name the source gave (sb15,
+        sb16: the instance's object id, not the app id). Any other call (a P2P or a group
+        call placed as the app, a joined meeting, an incoming call) has it as the
+        ``application``, named by its Teams id ``28:<app id>`` (sb12).
+        """
+        known = self._sim.graph.calls.get(self.key)
+        source = known.resource.get("source") if known is not None else None
+        identity = source.get("identity") if isinstance(source, Mapping) else None
+        instance = identity.get("applicationInstance") if isinstance(identity, Mapping) else None
+        if self.direction == "outgoing" and isinstance(instance, Mapping) and instance.get("id"):
+            name, tenant = instance.get("displayName"), instance.get("tenantId")
+            return (
+                "applicationInstance",
+                str(instance["id"]),
+                name if isinstance(name, str) and name else self._sim.bot_name,
+                tenant if isinstance(tenant, str) and tenant else None,
+            )
+        return "application", self._sim.app_id, f"28:{self._sim.app_id}", None
 
     def _established(self, *, ringing: bool = False) -> None:
         """Queue what Graph posts once a call connects, as recorded from Teams (incoming and
@@ -884,7 +947,15 @@ class SimulatedCall:
         entries.append(
             _Outgoing(items=[build.call_state(self.id, "established", media_state=media)])
         )
-        entries.append(_Outgoing(items=[self._roster_item(list(self.roster.values()), "created")]))
+        everyone = list(self.roster.values())
+        if self.group:
+            # Teams lists the bot alone first, then the callees who answered (sb15, sb16).
+            me = [self.roster[self.bot_participant_id]]
+            callees = [p for p in everyone if p.id != self.bot_participant_id]
+            entries.append(_Outgoing(items=[self._roster_item(me, "created", whole=me)]))
+            entries.append(_Outgoing(items=[self._roster_item(callees, "created")]))
+        else:
+            entries.append(_Outgoing(items=[self._roster_item(everyone, "created")]))
         for entry in entries:
             self._queue_entry(entry)
         self._expect_keep_alive()
@@ -1073,14 +1144,23 @@ class SimulatedCall:
         return shaped
 
     def _whole_call_fields(self, data: Mapping[str, Any]) -> dict[str, Any]:
-        """What Teams adds to a call's update once media flows and to its end, P2P calls and
-        meetings alike (recorded sb03, sb06, sb09, sb17, sb19): an empty ``meetingCapability``
-        and no ``coOrganizers``; and to a meeting's end, the meeting (sb17)."""
+        """What Teams adds to a call's update once media flows and to its end, P2P and group
+        calls alike (recorded sb03, sb06, sb09, sb17, sb19): an empty ``meetingCapability``
+        and no ``coOrganizers``. To a group call's end, the ``tokenMeetingInfo`` of the
+        meeting Teams made of it (sb17; a P2P call's end has none, sb06, sb19); to a joined
+        meeting's, the meeting it joined (as its ``establishing`` has it; no joined meeting's
+        end was recorded)."""
         ended = data.get("state") == "terminated"
         if not (ended or "mediaState" in data):
             return {}
         fields: dict[str, Any] = {}
         meeting = self._meeting_fields().get("meeting_info") if ended else None
+        if ended and self.group:
+            if self._group_meeting is None:
+                self._group_meeting = _token_meeting_info(
+                    self._sim.app_id, self.chain_id, self._sim.tenant_id
+                )
+            meeting = self._group_meeting
         if meeting is not None:
             fields["meetingInfo"] = meeting
         fields["meetingCapability"] = {"@odata.type": "#microsoft.graph.meetingCapability"}
@@ -2107,6 +2187,7 @@ class Simulator:
         rings = request.version == "beta" and not meeting
         targets = [t for t in body.get("targets", []) if isinstance(t, Mapping)]
         call = self._new_call(call_id, "outgoing", None, None, meeting=meeting)
+        call.group = not meeting and len(targets) > 1
         if targets:
             kind, ident, name = _identity_kind_and_id(targets[0])
             call.remote = call._participant(

@@ -221,6 +221,7 @@ def participant(
     removed_reason: str | None = None,
     tenant_id: str | None = None,
     first_source_id: int = 1,
+    client_version: str | None = None,
 ) -> models.Participant:
     """A roster participant (use with ``roster``), shaped as a live Teams roster has one.
 
@@ -229,14 +230,17 @@ def participant(
     own, numbered from ``first_source_id`` (give each participant of a call its own range:
     a bot maps the audio it receives to a speaker by it). A person's Teams client has an
     audio, a video, a screen-sharing and a data stream, a bot or a phone only audio.
+    ``client_version`` is what the participant's client says it is: by default a Teams
+    desktop client's, and for a bot ``<display name> (appid:<id>)`` (a live roster names
+    the bot's app there, whatever identity the bot has in the call: give it).
     """
     stream_kinds = _AUDIO_ONLY if kind in _BOT_KINDS or kind == "phone" else _CLIENT_STREAMS
     identity_id = user_id or participant_id
     link = _replacement_link(participant_id)
-    if kind in _BOT_KINDS:
-        client_version: str | None = f"{display_name or 'Bot'} (appid:{identity_id})"
-    else:
-        client_version = None if kind == "phone" else _TEAMS_CLIENT_VERSION
+    if client_version is None and kind in _BOT_KINDS:
+        client_version = f"{display_name or 'Bot'} (appid:{identity_id})"
+    elif client_version is None and kind != "phone":
+        client_version = _TEAMS_CLIENT_VERSION
     return models.Participant(
         odata_type="#microsoft.graph.participant",
         id=participant_id,
