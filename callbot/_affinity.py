@@ -21,6 +21,7 @@ from typing import Final
 from urllib.parse import urlsplit
 
 from . import events
+from ._callables import handler_name
 from ._log import get_logger
 
 __all__ = ["REDIRECT_OUTCOMES", "DeploymentChooser", "RegionAffinity", "location_problem"]
@@ -160,6 +161,4 @@ class RegionAffinity:
 
 
 def _name(chooser: DeploymentChooser) -> str:
-    from ._dispatch import handler_name  # imported here: _dispatch imports this module
-
     return handler_name(chooser)

@@ -14,6 +14,7 @@ from aiohttp import web
 from . import events
 from ._affinity import DeploymentChooser, RegionAffinity
 from ._auth import Authenticator
+from ._callables import calls_a_coroutine, handler_name
 from ._clock import loop_time
 from ._config import Settings
 from ._dispatch import (
@@ -22,8 +23,6 @@ from ._dispatch import (
     Handler,
     HandlerRegistry,
     HandlerWatcher,
-    calls_a_coroutine,
-    handler_name,
 )
 from ._gc import tune_for_serving
 from ._ids import id_key

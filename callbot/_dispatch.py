@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import inspect
 import time
 import traceback
@@ -23,6 +22,7 @@ import structlog
 
 from . import events
 from ._affinity import DeploymentChooser
+from ._callables import calls_a_coroutine, handler_name, is_an_object
 from ._clock import loop_time, wait_all
 from ._errors import CallEnded, OperationFailed
 from ._journal import Attempt
@@ -38,8 +38,6 @@ __all__ = [
     "ErrorHandler",
     "Handler",
     "HandlerRegistry",
-    "calls_a_coroutine",
-    "handler_name",
 ]
 
 log = get_logger("callbot.dispatch")
@@ -126,37 +124,6 @@ async def _still_held(attempt: Attempt) -> bool:
     return journal is None or await journal.admits(attempt)
 
 
-def _beneath_partials(handler: object) -> object:
-    while isinstance(handler, functools.partial):
-        handler = handler.func
-    return handler
-
-
-def _is_an_object(handler: object) -> bool:
-    """Whether calling ``handler`` runs its class's ``__call__`` (functions, methods and
-    classes have a qualified name of their own)."""
-    return not isinstance(getattr(_beneath_partials(handler), "__qualname__", None), str)
-
-
-def calls_a_coroutine(handler: object) -> bool:
-    """Whether calling ``handler`` gives a coroutine: an ``async def`` function or method, an
-    object whose class defines ``async def __call__``, or a ``functools.partial`` of one."""
-    handler = _beneath_partials(handler)
-    if inspect.iscoroutinefunction(handler):
-        return True
-    # An object is called through its class's __call__ (callable() says it has one), even
-    # one that functools.update_wrapper gave the __qualname__ of the function it wraps.
-    return callable(handler) and inspect.iscoroutinefunction(type(handler).__call__)
-
-
-def handler_name(handler: object) -> str:
-    """A handler's name in logs, metrics and diagrams: its qualified name, a partial's
-    function's, an object's class's (a repr's memory address would differ in each process)."""
-    handler = _beneath_partials(handler)
-    name = getattr(handler, "__qualname__", None)
-    return name if isinstance(name, str) else type(handler).__qualname__
-
-
 def _require_coroutine(handler: Any) -> None:
     if not calls_a_coroutine(handler):
         what = repr(handler_name(handler) if callable(handler) else handler)
@@ -178,7 +145,7 @@ def _require_parameters(handler: Any, parameters: str) -> None:
         signature.bind(*parameters.split(", "))
     except TypeError:
         short = handler_name(handler).rpartition(".")[2]
-        name = "__call__(self, " if _is_an_object(handler) else f"{short}("
+        name = "__call__(self, " if is_an_object(handler) else f"{short}("
         raise TypeError(
             f"{handler_name(handler)!r} must take ({parameters}), not {signature}: "
             f"async def {name}{parameters}) -> None"
