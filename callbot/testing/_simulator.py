@@ -868,6 +868,19 @@ class SimulatedCall:
         self._next_source_id += len(made.media_streams or [])
         return made
 
+    def _named_by(self, info: Any) -> tuple[str, models.Participant]:
+        """Someone a target or an invitation names, with a new participant id, as the
+        roster lists them (in the tenant the invitation names, if any)."""
+        kind, identity_id, name = _identity_kind_and_id(info)
+        participant_id = str(uuid.uuid4())
+        return participant_id, self._participant(
+            participant_id,
+            user_id=identity_id,
+            display_name=name,
+            kind=kind,
+            tenant_id=_identity_tenant(info),
+        )
+
     def _source_id(self) -> str:
         """A new stream's ``sourceId``, unused in this call."""
         self._next_source_id += 1
@@ -1418,16 +1431,9 @@ class SimulatedCall:
                     return  # nobody joined
                 added: list[models.Participant] = []
                 for invitee in invitees:
-                    kind, ident, name = _identity_kind_and_id(invitee)
-                    participant_id = str(uuid.uuid4())
-                    self.roster[participant_id] = self._participant(
-                        participant_id,
-                        user_id=ident,
-                        display_name=name,
-                        kind=kind,
-                        tenant_id=_identity_tenant(invitee),
-                    )
-                    added.append(self.roster[participant_id])
+                    participant_id, participant = self._named_by(invitee)
+                    self.roster[participant_id] = participant
+                    added.append(participant)
                 self._enqueue(self._roster_item(added, "created"))
 
             self._later(sim.step_delay, joined)
@@ -2189,14 +2195,7 @@ class Simulator:
         call = self._new_call(call_id, "outgoing", None, None, meeting=meeting)
         call.group = not meeting and len(targets) > 1
         if targets:
-            kind, ident, name = _identity_kind_and_id(targets[0])
-            call.remote = call._participant(
-                str(uuid.uuid4()),
-                user_id=ident,
-                display_name=name,
-                kind=kind,
-                tenant_id=_identity_tenant(targets[0]),
-            )
+            _, call.remote = call._named_by(targets[0])
         mine = created.get("myParticipantId")
         if isinstance(mine, str) and mine:
             # The id the answer gave, even one a test's own route for createCall made up.
@@ -2207,15 +2206,8 @@ class Simulator:
             call._established()
         else:
             for extra in targets[1:]:
-                kind, ident, name = _identity_kind_and_id(extra)
-                participant_id = str(uuid.uuid4())
-                call.roster[participant_id] = call._participant(
-                    participant_id,
-                    user_id=ident,
-                    display_name=name,
-                    kind=kind,
-                    tenant_id=_identity_tenant(extra),
-                )
+                participant_id, participant = call._named_by(extra)
+                call.roster[participant_id] = participant
             outcome = self._outgoing_outcomes.pop(0) if self._outgoing_outcomes else "answer"
             result = OUTGOING_OUTCOMES[outcome]
             if result is None:
