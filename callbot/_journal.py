@@ -67,7 +67,9 @@ class Attempt:
     entry: str
     """The notification's id in its call's inbox ('' for the in-memory store)."""
     epoch: int
-    """The fencing epoch of the lease under which it runs (0 for the in-memory store)."""
+    """The fencing epoch of the lease under which it runs (0 for the in-memory store): a
+    later run of the call has a larger one, even after Redis lost its data (a restart
+    without persistence, a failover), as long as Redis' clock does not go back."""
     redelivered: bool
     """The notification was handed to handlers before, by a run that then lost the call:
     they may have run, entirely, in part, or (rarely) not at all."""

@@ -9,7 +9,8 @@ one slot. Keys of one call (``{p}`` is the store's prefix):
   ms, so that those of one millisecond keep their order), as many of the newest of
   the dedupe window as the sequencer recognises repeats among
 * ``lease``  string: ``{token}/{epoch}`` of the run holding the call (SET NX PX)
-* ``fence``  hash: ``n``, the epoch (incremented on every acquisition of the lease);
+* ``fence``  hash: ``n``, the epoch (raised on every acquisition of the lease, to at
+  least the server's clock in milliseconds, so that it grows even after Redis lost it);
   ``fed``, the last entry id an owner may have handed to its handlers; ``r``, the last
   epoch whose run gave the call up; ``v``, the last epoch whose lease was taken back
   after it expired
@@ -95,7 +96,14 @@ local function gave_up(lease, fence, epoch)
     and redis.call('HGET', fence, 'r') == epoch
 end
 local function acquire(inbox, lease, fence, record, token, lease_ms, batch, ttl)
-  local epoch = redis.call('HINCRBY', fence, 'n', 1)
+  -- past every earlier epoch even when Redis lost the fence (a restart without
+  -- persistence, a failover): at least the server's clock in milliseconds (below 10^14,
+  -- which Lua writes out in full: older trees concatenate the number)
+  local now = redis.call('TIME')
+  local epoch = string.format('%.0f', math.max(
+    (tonumber(redis.call('HGET', fence, 'n')) or 0) + 1,
+    tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)))
+  redis.call('HSET', fence, 'n', epoch)
   redis.call('SET', lease, token .. '/' .. epoch, 'PX', lease_ms)
   redis.call('PEXPIRE', fence, ttl)
   local fed = redis.call('HGET', fence, 'fed') or ''
