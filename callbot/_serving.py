@@ -30,7 +30,8 @@ from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp.http import HttpVersion11
 from aiohttp.web_protocol import RequestHandler
 
 from ._clock import loop_time
@@ -326,10 +327,24 @@ class _Guarded:
             # The router's own 404 or 405, or its 417 to an Expect it does not take (before
             # any handler): aiohttp answers it, and no access log says so.
             if isinstance(request, web.Request) and (
-                request.match_info.http_exception is refusal
-                or isinstance(refusal, web.HTTPExpectationFailed)
+                request.match_info.http_exception is refusal or _expect_refused(request, refusal)
             ):
                 protocol._guard._not_served(request, refusal)
             raise
         finally:
             protocol.request_finished()
+
+
+def _expect_refused(request: web.Request, refusal: web.HTTPException) -> bool:
+    """Whether ``refusal`` is aiohttp's answer to an ``Expect`` it does not take.
+
+    aiohttp checks an HTTP/1.1 request's ``Expect`` before any handler runs and answers
+    anything but ``100-continue`` with 417; a 417 a handler raised itself is its own answer.
+    """
+    expect = request.headers.get(hdrs.EXPECT, "")
+    return (
+        isinstance(refusal, web.HTTPExpectationFailed)
+        and bool(expect)
+        and request.version == HttpVersion11
+        and expect.lower() != "100-continue"
+    )

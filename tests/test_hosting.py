@@ -1116,14 +1116,23 @@ async def serving_on_every_address(bot: CallBot) -> AsyncIterator[int]:
     """``bot.serve("::", port)`` until the block ends; yields the port, once [::1] answers."""
     if not dual_stack_loopback():
         pytest.skip("no IPv6 loopback or no dual-stack sockets here")
+    async with serving_in_process(bot, "::", "[::1]") as port:
+        yield port
+
+
+@contextlib.asynccontextmanager
+async def serving_in_process(
+    bot: CallBot, host: str = "127.0.0.1", probe_host: str = "127.0.0.1"
+) -> AsyncIterator[int]:
+    """``bot.serve(host, port)`` until the block ends; yields the port, once it answers."""
     port = unused_port()
     stop = asyncio.Event()
-    serving = asyncio.create_task(bot.serve("::", port, stop=stop))
+    serving = asyncio.create_task(bot.serve(host, port, stop=stop))
 
     async def answers() -> bool:
         if serving.done():
             serving.result()  # the bot failed to serve: say why
-        return await healthz_answers(f"http://[::1]:{port}")
+        return await healthz_answers(f"http://{probe_host}:{port}")
 
     try:
         async with asyncio.timeout(30):
@@ -1133,6 +1142,44 @@ async def serving_on_every_address(bot: CallBot) -> AsyncIterator[int]:
     finally:
         stop.set()
         await asyncio.wait_for(serving, 30)
+
+
+async def test_a_417_an_authors_route_answers_itself_is_not_an_expect_refusal(
+    authority: TokenAuthority, logging_restored: None
+) -> None:
+    """Every 417 was logged and counted as ``expectation_failed``, the bot's refusal of an
+    ``Expect`` it does not take, a 417 that a route the author added answered included."""
+    reserved: list[str | None] = []
+
+    class ReservingBot(CallBot):
+        def create_app(self) -> web.Application:
+            app = super().create_app()
+
+            async def reserve(request: web.Request) -> web.Response:
+                reserved.append(request.headers.get("Expect"))
+                raise web.HTTPExpectationFailed(text="the slot is taken")
+
+            app.router.add_post("/reservations", reserve)
+            return app
+
+    bot = ReservingBot(make_bot(authority).settings)
+    async with serving_in_process(bot) as port, aiohttp.ClientSession() as session:
+        url = f"http://127.0.0.1:{port}/reservations"
+        with capture_logs() as logs:
+            async with session.post(url, data=b"{}") as response:
+                assert response.status == 417
+            async with session.post(url, data=b"{}", expect100=True) as response:
+                assert response.status == 417
+            # aiohttp's own answer to an Expect it does not take: the handler never runs.
+            async with session.post(url, data=b"{}", headers={"Expect": "the-moon"}) as response:
+                assert response.status == 417
+        async with session.get(f"http://127.0.0.1:{port}/metrics") as response:
+            text = await response.text()
+    assert reserved == [None, "100-continue"]
+    closed = "callbot_connections_closed_total"
+    assert sample_value(text, closed, {"reason": "expectation_failed"}) == 1
+    refusals = [e for e in logs if e["event"] == "expectation_failed"]
+    assert [(e["path"], e["expect"]) for e in refusals] == [("/reservations", "the-moon")]
 
 
 async def test_listening_on_every_ipv6_address_takes_ipv4_clients_too(
