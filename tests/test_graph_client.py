@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import socket
 import uuid
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
@@ -555,11 +557,83 @@ async def test_a_request_that_could_not_connect_in_time_never_reached_graph() ->
     assert received == ["POST"]
 
 
-async def test_a_post_graph_had_but_never_answered_is_not_sent_again(
-    graph: FakeGraph, clock: Clock
+@asynccontextmanager
+async def server_that_never_speaks() -> AsyncIterator[tuple[int, asyncio.Queue[None]]]:
+    """A server on 127.0.0.1 that takes connections and never writes a byte: an https
+    client's TLS handshake, and so its connecting, never ends. Yields its port and a
+    queue that gets one item per connection taken."""
+    taken: asyncio.Queue[None] = asyncio.Queue()
+    open_connections: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        open_connections[task] = writer
+        taken.put_nowait(None)
+        with contextlib.suppress(ConnectionError):
+            await reader.read()  # until the client gives up on it
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1], taken
+    finally:
+        server.close()
+        for writer in open_connections.values():
+            writer.transport.abort()
+        await asyncio.gather(*open_connections, return_exceptions=True)
+
+
+@pytest.mark.parametrize("connect_timeout", [0.2, 10.0], ids=["as_long", "longer"])
+async def test_a_post_still_connecting_when_its_attempt_ran_out_never_reached_graph(
+    graph: FakeGraph, connect_timeout: float
 ) -> None:
-    # Connected, sent, and then no answer within the attempt: Graph may be acting on it.
-    policy = RetryPolicy(total_time=30.0, request_timeout=2.0, connect_timeout=1.0)
+    """With connect_timeout not shorter than request_timeout, the attempt's own timeout
+    struck while it was still connecting and was taken for an answer lost once sent: a
+    POST that never reached Graph was not sent again, and its GraphError said Graph may
+    have acted on it."""
+    timeouts = {"request_timeout": 0.2, "connect_timeout": connect_timeout}
+    async with server_that_never_speaks() as (port, _):
+        settings = graph.settings(graph_url=f"https://127.0.0.1:{port}/v1.0")
+        # No time for a retry: given up, and Graph never had it.
+        svc = CallServices(settings, retry=RetryPolicy(total_time=0.0, **timeouts))
+        try:
+            with pytest.raises(GraphError) as failure:
+                await svc.graph.request("POST", "/communications/calls", json={})
+        finally:
+            await svc.close()
+    assert (failure.value.code, failure.value.may_have_acted) == ("connectionFailed", False)
+
+    # Time for retries: the POST is sent again once its first attempt runs out.
+    async with server_that_never_speaks() as (port, taken):
+        settings = graph.settings(graph_url=f"https://127.0.0.1:{port}/v1.0")
+        retry = RetryPolicy(total_time=60.0, base_delay=0.001, max_delay=0.01, **timeouts)
+        svc = CallServices(settings, retry=retry)
+        posting = asyncio.ensure_future(svc.graph.request("POST", "/communications/calls"))
+
+        async def next_connection() -> None:
+            connecting = asyncio.ensure_future(taken.get())
+            await asyncio.wait({connecting, posting}, return_when=asyncio.FIRST_COMPLETED)
+            if not connecting.done():
+                connecting.cancel()
+                raise AssertionError(f"not sent again: {posting.exception()!r}")
+
+        try:
+            await next_connection()
+            await next_connection()
+        finally:
+            posting.cancel()
+            await asyncio.gather(posting, return_exceptions=True)
+            await svc.close()
+
+
+@pytest.mark.parametrize("connect_timeout", [1.0, 2.0, 10.0])
+async def test_a_post_graph_had_but_never_answered_is_not_sent_again(
+    graph: FakeGraph, clock: Clock, connect_timeout: float
+) -> None:
+    # Connected, sent, and then no answer within the attempt: Graph may be acting on it,
+    # whatever the connect bound.
+    policy = RetryPolicy(total_time=30.0, request_timeout=2.0, connect_timeout=connect_timeout)
     svc = CallServices(graph.settings(), retry=policy)
     graph.add_call(CALL_ID, state="established")
     graph.hang_next("playPrompt")

@@ -26,7 +26,16 @@ from ._credentials import (
     TokenCache,
     graph_scope,
 )
-from ._http import USER_AGENT, RawResponse, RequestStats, RetryPolicy, describe, error_from, send
+from ._http import (
+    USER_AGENT,
+    RawResponse,
+    RequestStats,
+    RetryPolicy,
+    connection_trace,
+    describe,
+    error_from,
+    send,
+)
 
 __all__ = ["GraphClient", "GraphResponse", "recording_url_refusal"]
 
@@ -181,7 +190,7 @@ class GraphClient:
     def session(self) -> aiohttp.ClientSession:
         """The shared HTTP session (created on first use)."""
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession()
+            self._session = aiohttp.ClientSession(trace_configs=[connection_trace()])
             # aiohttp would resend an idempotent request cut off once sent, unseen by the
             # retries here: a DELETE done by the first would then fail on the second's 404.
             self._session._retry_connection = False

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from .._clock import loop_time
 from .._config import DEFAULT_AUTHORITY_URL
 from .._errors import ConfigurationError, GraphError
-from ._http import RetryPolicy, error_from, send
+from ._http import RetryPolicy, connection_trace, error_from, send
 
 __all__ = [
     "AccessToken",
@@ -118,7 +118,7 @@ class _ClientCredentialsFlow(abc.ABC):
     async def get_token(self, *scopes: str) -> AccessToken:
         """Request a token for ``scopes`` (default: Graph's ``.default`` scope)."""
         if self._session is None:
-            self._session = aiohttp.ClientSession()
+            self._session = aiohttp.ClientSession(trace_configs=[connection_trace()])
         form = {
             "client_id": self.client_id,
             "scope": " ".join(scopes) or DEFAULT_SCOPE,

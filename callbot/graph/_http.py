@@ -25,7 +25,14 @@ from yarl import URL
 
 from .._errors import GraphError, answer_may_have_acted
 
-__all__ = ["RawResponse", "RequestStats", "RetryPolicy", "parse_retry_after", "send"]
+__all__ = [
+    "RawResponse",
+    "RequestStats",
+    "RetryPolicy",
+    "connection_trace",
+    "parse_retry_after",
+    "send",
+]
 
 log = structlog.get_logger("callbot.graph")
 
@@ -47,10 +54,12 @@ class RetryPolicy:
     retry is scheduled past ``total_time`` seconds after the first attempt (the
     last answer's :class:`~callbot.GraphError` then carries its ``Retry-After`` as
     ``retry_after``).
-    ``request_timeout`` bounds each single attempt. ``connect_timeout`` bounds making
-    its connection (waiting for a free one, looking up the name, TCP and TLS) when it
-    is shorter than ``request_timeout``: an attempt that could not connect in time
-    never reached Graph, so it is sent again whatever the request.
+    ``request_timeout`` bounds each single attempt, its connecting included.
+    ``connect_timeout`` bounds making its connection (waiting for a free one, looking
+    up the name, TCP and TLS). An attempt that ran out of either before it had a
+    connection never reached Graph, so it is sent again whatever the request; when
+    ``connect_timeout`` is not shorter than ``request_timeout``, connecting simply
+    gets the whole attempt.
     """
 
     total_time: float = 30.0
@@ -243,6 +252,39 @@ _NOT_SENT = (
     aiohttp.ServerFingerprintMismatch,
 )
 
+
+class _Progress:
+    """How far one attempt got, as the session's :func:`connection_trace` saw it."""
+
+    __slots__ = ("connected",)
+
+    def __init__(self) -> None:
+        self.connected: bool | None = None
+        """``None`` on a session without the trace, else whether a connection was had."""
+
+
+async def _request_started(
+    session: aiohttp.ClientSession, context: Any, params: aiohttp.TraceRequestStartParams
+) -> None:
+    if isinstance(progress := context.trace_request_ctx, _Progress):
+        progress.connected = False
+
+
+async def _connected(session: aiohttp.ClientSession, context: Any, params: object) -> None:
+    if isinstance(progress := context.trace_request_ctx, _Progress):
+        progress.connected = True
+
+
+def connection_trace() -> aiohttp.TraceConfig:
+    """The tracing a session needs for :func:`send` to know whether an attempt that timed
+    out had its connection: aiohttp's timeout for the whole attempt does not say."""
+    trace = aiohttp.TraceConfig()
+    trace.on_request_start.append(_request_started)
+    trace.on_connection_create_end.append(_connected)
+    trace.on_connection_reuseconn.append(_connected)
+    return trace
+
+
 AuthHeader = Callable[[], Awaitable[str | None]]
 """Gives the ``Authorization`` header value for one attempt (``None``: send none)."""
 
@@ -274,7 +316,10 @@ async def send(
     that never got a response raises :class:`GraphError` with status 0. A 401 is
     retried once after ``on_unauthorized`` (which drops a cached token). A request
     that may have reached the server is sent again only when ``repeatable``
-    (default: the method is idempotent). A body longer than ``max_body`` bytes
+    (default: the method is idempotent). One that had no connection yet did not:
+    ``session`` needs :func:`connection_trace` to tell so when ``request_timeout``
+    runs out while connecting (without it, such an attempt counts as sent). A body
+    longer than ``max_body`` bytes
     (once decompressed) raises :class:`GraphError` with status 0.
     Each retry is logged here; the request's outcome is not: the caller, which knows
     what the answer means, writes its one line.
@@ -293,9 +338,7 @@ async def send(
     target = URL(quote(url, safe=_URL_CHARACTERS), encoded=True)
     # One id for every attempt, as Graph's SDKs resend a request: support traces it by this id.
     client_request_id = str(uuid.uuid4())
-    # A connect bound as long as the attempt's would race it, and lose the "not sent" answer.
-    connect = policy.connect_timeout if policy.connect_timeout < policy.request_timeout else None
-    timeout = aiohttp.ClientTimeout(total=policy.request_timeout, connect=connect)
+    timeout = aiohttp.ClientTimeout(total=policy.request_timeout, connect=policy.connect_timeout)
     while True:
         attempt += 1
         # What every line about this attempt says.
@@ -328,6 +371,7 @@ async def send(
         else:
             # No body (keepAlive, DELETE), no Content-Type: as Graph documents those requests.
             kwargs["skip_auto_headers"] = ("Content-Type",)
+        progress = _Progress()
         try:
             async with session.request(
                 method,
@@ -336,6 +380,7 @@ async def send(
                 timeout=timeout,
                 # A redirect would carry the bearer token to wherever Location points.
                 allow_redirects=False,
+                trace_request_ctx=progress,
                 **kwargs,
             ) as resp:
                 body = await _read_body(resp, max_body)
@@ -361,7 +406,8 @@ async def send(
             stats.outcomes[method, "connection_error"] += 1
             delay = policy.backoff(attempt)
             reason = describe(exc)
-            sent = not isinstance(exc, _NOT_SENT)
+            # The attempt's timeout may strike while still connecting: the trace tells.
+            sent = not isinstance(exc, _NOT_SENT) and progress.connected is not False
             acted = acted or sent
             if (sent and not safe) or loop.time() + delay > deadline:
                 # Not chained: aiohttp's exceptions hold the request headers (the token).
