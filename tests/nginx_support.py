@@ -12,7 +12,7 @@ import os
 import pwd
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pytest
@@ -100,10 +100,15 @@ def write_self_signed(directory: Path, host: str = "localhost") -> tuple[Path, P
     return cert_path, key_path
 
 
-def write_nginx_config(prefix: Path, values: Mapping[str, str]) -> Path:
-    """Render the template into ``prefix`` with a main config around it; return the latter."""
+def write_nginx_config(
+    prefix: Path, values: Mapping[str, str], adapt: Callable[[str], str] | None = None
+) -> Path:
+    """Render the template into ``prefix`` with a main config around it; return the latter.
+
+    ``adapt`` changes the rendered site, as an operator edits it (an upstream block added)."""
     site = prefix / "callbot.conf"
-    site.write_text(render_template(NGINX_TEMPLATE.read_text(encoding="utf-8"), values))
+    rendered = render_template(NGINX_TEMPLATE.read_text(encoding="utf-8"), values)
+    site.write_text(rendered if adapt is None else adapt(rendered))
     temp = prefix / "temp"
     for name in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (temp / name).mkdir(parents=True, exist_ok=True)

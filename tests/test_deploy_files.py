@@ -131,6 +131,9 @@ def test_compose_runs_the_bot_with_redis_and_time_to_drain() -> None:
     template = "./nginx/callbot.conf.template"
     assert any(v.startswith(template + ":/etc/nginx/templates/") for v in nginx["volumes"])
     assert set(nginx["environment"]) >= placeholders(NGINX_TEMPLATE.read_text())
+    # The bot by its service name, asked of Docker's embedded DNS while nginx runs.
+    assert nginx["environment"]["CALLBOT_UPSTREAM"] == f"bot:{DEFAULTS.port}"
+    assert nginx["environment"]["NGINX_RESOLVER"] == "127.0.0.11"
 
 
 def seconds(duration: str) -> float:
@@ -215,6 +218,7 @@ def test_nginx_template_limits_match_the_bot() -> None:
     text = NGINX_TEMPLATE.read_text()
     assert placeholders(text) == {
         "CALLBOT_UPSTREAM",
+        "NGINX_RESOLVER",
         "NGINX_LISTEN",
         "SERVER_NAME",
         "TLS_CERTIFICATE",
@@ -230,6 +234,24 @@ def test_nginx_template_limits_match_the_bot() -> None:
         assert re.search(rf"proxy_set_header\s+{header}\s+{re.escape(value)};", text), header
 
 
+def test_nginx_template_asks_for_the_bots_name_again_within_seconds() -> None:
+    """An upstream block resolves a name once, at start, and keeps a re-created bot's old
+    address: the template passes through a variable, resolved per request, keeping answers
+    a few seconds (tests/test_nginx.py shortens them to one to run quickly)."""
+    text = NGINX_TEMPLATE.read_text()
+    assert not re.search(r"^\s*upstream\s", text, re.MULTILINE)
+    assert re.findall(r"^\s*proxy_pass\s+(\S+);", text, re.MULTILINE) == ["$callbot_upstream"]
+    [resolver] = re.findall(r"^\s*resolver\s+\$\{NGINX_RESOLVER\}\s+([^;]*);", text, re.MULTILINE)
+    [valid] = re.findall(r"\bvalid=(\d+)s\b", resolver)
+    assert 1 <= int(valid) <= 10, resolver
+    # IPv4, the network the bot trusts nginx on in compose.
+    assert "ipv6=off" in resolver.split()
+    # A DNS server that does not answer fails the callback fast, like a bot that does not.
+    [timeout] = re.findall(r"^\s*resolver_timeout\s+(\d+)s;", text, re.MULTILINE)
+    [connect] = re.findall(r"^\s*proxy_connect_timeout\s+(\d+)s;", text, re.MULTILINE)
+    assert int(timeout) <= int(connect)
+
+
 @pytest.mark.nginx
 def test_nginx_accepts_the_rendered_template(tmp_path: Path) -> None:
     binary = find_nginx()
@@ -237,7 +259,8 @@ def test_nginx_accepts_the_rendered_template(tmp_path: Path) -> None:
     config = write_nginx_config(
         tmp_path,
         {
-            "CALLBOT_UPSTREAM": "127.0.0.1:8080",
+            "CALLBOT_UPSTREAM": "bot:8080",
+            "NGINX_RESOLVER": "127.0.0.11",
             "NGINX_LISTEN": "127.0.0.1:8443",
             "SERVER_NAME": "bot.example.test",
             "TLS_CERTIFICATE": str(certificate),
