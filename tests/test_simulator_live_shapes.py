@@ -21,7 +21,14 @@ from callbot._parse import parse_payload
 from callbot.graph import Target, media_prompt
 from callbot.testing import Simulator, builders, run_with_simulator
 
-from .conftest import APP_ID, FIXTURES, plain_server, until
+from .conftest import (
+    APP_ID,
+    FIXTURES,
+    load_notification_text,
+    normalized_json,
+    plain_server,
+    until,
+)
 
 RECORDED = FIXTURES / "recorded"
 
@@ -687,3 +694,109 @@ async def test_streams_the_simulator_adds_come_after_a_roster_the_test_posted() 
         for stream in participant.media_streams or []
     ]
     assert len(sources) == len(set(sources)) == 9  # the bot's audio; Megan's and Sam2's four
+
+
+async def test_a_bot_called_on_its_application_instance_is_that_instance_in_the_roster() -> None:
+    """A call to an application instance (document 22: a PSTN call to one) names it as the
+    call's target, with the bot's ``myParticipantId`` as that target's id: the bot is that
+    instance in the call, as a call placed from one has it (sb15). The simulator had the bot
+    answering it as the ``application``, ``28:<app id>``. Its roster entry has the key paths
+    of the recorded instance's (sb15), with the instance's id, name and tenant."""
+    incoming = normalized_json(
+        load_notification_text("22-call-redirect-ex3-pstn-incoming-call-created.json")
+    )
+    data = incoming["value"][0]["resourceData"]
+    [target] = data["targets"]
+    instance = target["identity"]["applicationInstance"]
+    bot = CallBot(app_id=APP_ID)
+    rosters: list[events.ParticipantsUpdated] = []
+
+    @bot.on_incoming_call
+    async def answer(call: Call, event: events.IncomingCall) -> None:
+        await call.answer()
+
+    @bot.on_participants
+    async def roster(call: Call, event: events.ParticipantsUpdated) -> None:
+        rosters.append(event)
+
+    async with run_with_simulator(bot, tenant_id=data["tenantId"]) as sim:
+        await sim.post(incoming)
+        await until(lambda: bool(rosters))
+        bodies = [t.body for t in sim.traffic if t.kind == "notification"]
+    me = bot_in(rosters[0], data["myParticipantId"])
+    assert me.id == target["id"]
+    assert me.info is not None
+    assert me.info.identity is not None
+    assert me.info.identity.application is None
+    mine = me.info.identity.application_instance
+    assert mine is not None
+    assert (mine.id, mine.display_name, mine.tenant_id) == (
+        instance["id"],
+        instance["displayName"],
+        instance["tenantId"],
+    )
+    [posted] = [
+        entry
+        for body in bodies
+        for item in body["value"]
+        if step_of(item) == "roster"
+        for entry in item["resourceData"]
+        if entry["id"] == data["myParticipantId"]
+    ]
+    [live] = recorded_item("sb15-groupcalls-groupcallbotjoin.json")["resourceData"]
+    assert key_paths(posted) == key_paths(live)
+
+
+async def test_a_bot_joining_a_meeting_as_a_guest_waits_in_the_lobby_as_that_guest() -> None:
+    """Joining a meeting as a guest (beta Create call, example 8: the create call's ``source``
+    a ``guest`` identity, as ``join_meeting(..., source=Target.guest(...))`` sends it), Graph
+    lists the bot as that guest, waiting in the lobby, and nobody else until it is let in
+    (document 65, and the note after it). The simulator had the bot as the ``application``,
+    admitted, with the meeting's attendees. Its entry has the documented key paths and, as
+    every bot's recorded entry (sb15), the client's, with one audio stream."""
+    documented = json.loads(
+        (
+            FIXTURES / "notifications" / "65-beta-application-post-calls-guest-in-lobby-roster.json"
+        ).read_text(encoding="utf-8")
+    )
+    [guest] = documented["value"][0]["resourceData"]
+    given = guest["info"]["identity"]["guest"]
+    bot = CallBot(app_id=APP_ID)
+    rosters: list[events.ParticipantsUpdated] = []
+
+    @bot.on_participants
+    async def roster(call: Call, event: events.ParticipantsUpdated) -> None:
+        rosters.append(event)
+
+    async with run_with_simulator(bot) as sim:
+        placed = await bot.join_meeting(
+            MEETING_URL, source=Target.guest(given["id"], given["displayName"])
+        )
+        call = await sim.wait_for_outgoing_call()
+        await until(lambda: bool(rosters))
+        await call.settled()
+        bodies = [t.body for t in sim.traffic if t.kind == "notification"]
+    assert placed.snapshot is not None
+    [me] = rosters[0].participants
+    assert me.id == placed.snapshot.my_participant_id == call.bot_participant_id
+    assert me.is_in_lobby is True
+    assert me.info is not None
+    assert me.info.identity is not None
+    assert me.info.identity.application is None
+    assert me.info.identity.guest is not None
+    assert (me.info.identity.guest.id, me.info.identity.guest.display_name) == (
+        given["id"],
+        given["displayName"],
+    )
+    [posted] = [
+        entry
+        for body in bodies
+        for item in body["value"]
+        if step_of(item) == "roster"
+        for entry in item["resourceData"]
+    ]
+    [live] = recorded_item("sb15-groupcalls-groupcallbotjoin.json")["resourceData"]
+    expected = key_paths(guest) | {
+        path for path in key_paths(live) if not path.startswith("info.identity.")
+    }
+    assert key_paths(posted) == expected

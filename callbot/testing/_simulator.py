@@ -853,18 +853,27 @@ class SimulatedCall:
         kind: str,
         tenant_id: str | None = None,
         client_version: str | None = None,
+        in_lobby: bool = False,
+        bot: bool = False,
     ) -> models.Participant:
         """Someone in this call as a live roster has them: in ``tenant_id`` (by default the
-        simulator's), their streams numbered after every stream the call has so far."""
+        simulator's), their streams numbered after every stream the call has so far. ``bot``:
+        the bot, with a bot's one audio stream and no client language whatever its identity
+        kind (a bot joined as a guest has only audio, document 65)."""
         made = build.participant(
             participant_id,
             user_id=user_id,
             display_name=display_name,
             kind=kind,
+            in_lobby=in_lobby,
             tenant_id=tenant_id or self._sim.tenant_id,
             first_source_id=self._next_source_id,
             client_version=client_version,
         )
+        if bot and made.info is not None:
+            audio = [s for s in made.media_streams or [] if s.media_type == "audio"]
+            info = made.info.model_copy(update={"language_id": None})
+            made = made.model_copy(update={"media_streams": audio, "info": info})
         self._next_source_id += len(made.media_streams or [])
         return made
 
@@ -898,29 +907,45 @@ class SimulatedCall:
             tenant_id=tenant_id,
             # The bot's app, whatever identity it has in the call (sb12, sb15: the app id).
             client_version=f"{self._sim.bot_name} (appid:{self._sim.app_id})",
+            # A bot joining a meeting as a guest waits in its lobby (document 65).
+            in_lobby=self.meeting and kind == "guest",
+            bot=True,
         )
 
     def _bot_identity(self) -> tuple[str, str, str, str | None]:
         """Who the bot is in this call's roster: its identity kind, id, name and tenant.
 
-        A call the bot placed from an application instance (its create call's ``source``
-        names one) has the bot as that instance, by the id and name the source gave (sb15,
-        sb16: the instance's object id, not the app id). Any other call (a P2P or a group
-        call placed as the app, a joined meeting, an incoming call) has it as the
-        ``application``, named by its Teams id ``28:<app id>`` (sb12).
+        The bot is the identity the call names it by: a call it placed, by its create call's
+        ``source``; a call it was called on, by the call's ``targets``. An application
+        instance there makes the bot that instance, by the id and name given (sb15, sb16: a
+        call placed from one has the instance's object id, not the app id; document 22: an
+        incoming call to one names it as the target whose id is the bot's
+        ``myParticipantId``). A guest ``source`` (joining a meeting as a guest) makes it
+        that guest (document 65). Any other call has it as the ``application``, named by its
+        Teams id ``28:<app id>`` (sb12).
         """
         known = self._sim.graph.calls.get(self.key)
-        source = known.resource.get("source") if known is not None else None
-        identity = source.get("identity") if isinstance(source, Mapping) else None
-        instance = identity.get("applicationInstance") if isinstance(identity, Mapping) else None
-        if self.direction == "outgoing" and isinstance(instance, Mapping) and instance.get("id"):
-            name, tenant = instance.get("displayName"), instance.get("tenantId")
-            return (
-                "applicationInstance",
-                str(instance["id"]),
-                name if isinstance(name, str) and name else self._sim.bot_name,
-                tenant if isinstance(tenant, str) and tenant else None,
-            )
+        resource = known.resource if known is not None else {}
+        kinds: tuple[str, ...]
+        if self.direction == "outgoing":
+            named, kinds = [resource.get("source")], ("applicationInstance", "guest")
+        else:
+            targets = resource.get("targets")
+            named, kinds = (targets if isinstance(targets, list) else []), ("applicationInstance",)
+        for info in named:
+            identity = info.get("identity") if isinstance(info, Mapping) else None
+            if not isinstance(identity, Mapping):
+                continue
+            for kind in kinds:
+                given = identity.get(kind)
+                if isinstance(given, Mapping) and given.get("id"):
+                    name, tenant = given.get("displayName"), given.get("tenantId")
+                    return (
+                        kind,
+                        str(given["id"]),
+                        name if isinstance(name, str) and name else self._sim.bot_name,
+                        tenant if isinstance(tenant, str) and tenant else None,
+                    )
         return "application", self._sim.app_id, f"28:{self._sim.app_id}", None
 
     def _established(self, *, ringing: bool = False) -> None:
@@ -1576,7 +1601,8 @@ class Simulator:
         """``completed`` (the invitees join the roster) or ``failed`` (the invitation's
         operation fails with the simulator's own 408, and nobody joins)."""
         self.meeting_attendees: list[str] = ["Megan Bowen"]
-        """Who is already in a meeting the bot joins."""
+        """Who is already in a meeting the bot joins (a bot joining as a guest waits in the
+        lobby, and is told of nobody else)."""
         self.recording: bytes = silent_wav()
         """What a recording made by ``recordResponse`` contains."""
         self.graph = FakeGraph(tenant_id=tenant_id, host=host)
@@ -1824,6 +1850,8 @@ class Simulator:
 
     def _add_attendees(self, call: SimulatedCall) -> None:
         call._add_bot()
+        if call.roster[call.bot_participant_id].is_in_lobby:
+            return  # Graph lists nobody else to a bot until it is let in (document 65's page)
         for name in self.meeting_attendees:
             participant_id = str(uuid.uuid4())
             call.roster[participant_id] = call._participant(
