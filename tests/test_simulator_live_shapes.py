@@ -404,11 +404,35 @@ async def joined_meeting() -> list[Any]:
         return [t.body for t in sim.traffic if t.kind == "notification"]
 
 
+async def escalated_call() -> list[Any]:
+    """A P2P call the bot places and grows by inviting someone once it is established, as the
+    bot recorded in sb07-sb12 did (its code called the first attendee and invited the rest
+    once the call was established): connected, media flowing, the meeting Teams makes of it
+    (sb10: its chat; sb11: its token too), the invitee joining, and the callee hanging up."""
+    bot = CallBot(app_id=APP_ID)
+    invited: list[Any] = []
+
+    @bot.on_state("established")
+    async def grow(call: Call, event: events.CallStateChanged) -> None:
+        operation = await call.participants.invite(Target.user(str(uuid.uuid4()), "Sam2"))
+        invited.append(await operation.wait(timeout=10))
+
+    async with run_with_simulator(bot) as sim:
+        await bot.create_call(Target.user(str(uuid.uuid4()), "Sam"))
+        call = await sim.wait_for_outgoing_call()
+        await until(lambda: bool(invited))
+        await until(lambda: len(call.roster) == 3)
+        await call.hangup()
+        await call.wait_until_ended()
+        return [t.body for t in sim.traffic if t.kind == "notification"]
+
+
 SCENARIOS = {
     "placed": placed_call,
     "declined": declined_call,
     "group": group_call,
     "meeting": joined_meeting,
+    "escalated": escalated_call,
 }
 
 
@@ -434,6 +458,27 @@ LIVE_STEPS = [
     ("group", "roster", 0, "sb15-groupcalls-groupcallbotjoin.json"),
     ("group", "roster", 1, "sb16-groupcalls-groupcalluserjoin.json"),
     ("group", "ended", 0, "sb17-groupcalls-groupcallend.json"),
+    ("escalated", "establishing", 0, "sb07-p2p-callupdates-p2ptest2event1establishing.json"),
+    ("escalated", "established", 0, "sb08-p2p-callupdates-p2ptest2event2established.json"),
+    (
+        "escalated",
+        "media flowing",
+        0,
+        "sb09-p2p-callupdates-p2ptest2event3updatedwithmediastate.json",
+    ),
+    (
+        "escalated",
+        "media flowing",
+        1,
+        "sb10-p2p-callupdates-p2ptest2event4updatedwithchatinfo.json",
+    ),
+    (
+        "escalated",
+        "media flowing",
+        2,
+        "sb11-p2p-callupdates-p2ptest2event5updatedwithrandomshit.json",
+    ),
+    ("escalated", "roster", 1, "sb12-p2p-callupdates-p2ptest2event6userjoin.json"),
 ]
 
 
@@ -452,8 +497,9 @@ async def test_each_step_has_the_key_paths_a_live_teams_call_had(
     ``1``), the empty ``meetingCapability`` and ``coOrganizers`` of a call once media flows and
     at its end, and a group call's ``tokenMeetingInfo`` at its end; it added an ``@odata.id``
     to an operation's outcome; a group call placed from an application instance had the bot
-    as an ``application``, with the callees in its first roster. A bot reading any of these
-    passed under test and broke on Teams."""
+    as an ``application``, with the callees in its first roster; a P2P call the bot invited
+    someone to never named the meeting Teams made of it (sb10, sb11). A bot reading any of
+    these passed under test and broke on Teams."""
     bodies = await SCENARIOS[scenario]()
     items = [item for body in bodies for item in body["value"]]
     posted = [item for item in items if step_of(item) == step][index]
@@ -694,6 +740,82 @@ async def test_streams_the_simulator_adds_come_after_a_roster_the_test_posted() 
         for stream in participant.media_streams or []
     ]
     assert len(sources) == len(set(sources)) == 9  # the bot's audio; Megan's and Sam2's four
+
+
+P2P_GROWN = [
+    "sb07-p2p-callupdates-p2ptest2event1establishing.json",
+    "sb08-p2p-callupdates-p2ptest2event2established.json",
+    "sb09-p2p-callupdates-p2ptest2event3updatedwithmediastate.json",
+    "sb10-p2p-callupdates-p2ptest2event4updatedwithchatinfo.json",
+    "sb11-p2p-callupdates-p2ptest2event5updatedwithrandomshit.json",
+    "sb12-p2p-callupdates-p2ptest2event6userjoin.json",
+]
+
+
+async def test_a_p2p_call_grown_by_an_invitation_names_its_meeting_as_the_live_one_did() -> None:
+    """Inviting someone to a P2P call makes Teams escalate it into a meeting: the recorded call
+    (sb07-sb12) was ``established`` again naming the meeting's chat and what the call
+    replaces (sb10), then its ``tokenMeetingInfo`` too (sb11), before the roster (sb12). The
+    simulator only added the invitee, so a bot keeping the meeting a call grew into got
+    nothing under test. Every recorded step comes, in the recorded order, with its key
+    paths; what the call replaces is the callee's ``replacementLink`` (as sb10's is the
+    callee's in sb12), and the meeting's token is the call's, named again at its end."""
+    bodies = await escalated_call()
+    posted = [item for body in bodies for item in body["value"]]
+    remaining = iter(posted)
+    found: list[dict[str, Any]] = []
+    for name in P2P_GROWN:
+        wanted = key_paths(recorded_item(name))
+        match = next((item for item in remaining if key_paths(item) == wanted), None)
+        assert match is not None, f"nothing posted after the step before is shaped as {name}"
+        found.append(match)
+    chatting, tokened = (item["resourceData"] for item in found[3:5])
+    assert chatting["chatInfo"] == tokened["chatInfo"]
+    assert chatting["replacesContext"] == tokened["replacesContext"]
+    callee = next(
+        p
+        for p in found[5]["resourceData"]
+        if p["info"]["identity"].get("user", {}).get("displayName") == "Sam"
+    )
+    assert base64.b64decode(tokened["replacesContext"]).decode() == callee["replacementLink"]
+    claims = tokened["meetingInfo"]["token"].split(".")[1]
+    decoded = json.loads(base64.urlsafe_b64decode(claims + "=" * (-len(claims) % 4)))
+    assert decoded["activityId"] == tokened["callChainId"]
+    ended = next(item["resourceData"] for item in posted if step_of(item) == "ended")
+    assert ended["meetingInfo"] == tokened["meetingInfo"]
+
+
+async def test_a_bot_told_of_the_meeting_its_p2p_call_grew_into_reads_its_chat() -> None:
+    """The bot's handlers get the escalated call's chat and meeting in ``CallUpdated``, and
+    Graph's copy of the call names them (``GET``), as reported of live escalated calls."""
+    bot = CallBot(app_id=APP_ID)
+    updates: list[events.CallUpdated] = []
+    fetched: list[models.Call] = []
+
+    @bot.on_incoming_call
+    async def answer(call: Call, event: events.IncomingCall) -> None:
+        await call.answer()
+
+    @bot.on_state("established")
+    async def grow(call: Call, event: events.CallStateChanged) -> None:
+        await (await call.participants.invite(Target.user("user-2", "Lee Gu"))).wait(timeout=10)
+        fetched.append(await call.refresh())
+
+    @bot.on_call_updated
+    async def updated(call: Call, event: events.CallUpdated) -> None:
+        updates.append(event)
+
+    async with run_with_simulator(bot) as sim:
+        call = await sim.incoming_call()
+        await until(lambda: bool(fetched))
+        await call.settled()
+    chats = [e.call.chat_info for e in updates if e.call.chat_info is not None]
+    meetings = [e.call.meeting_info for e in updates if e.call.meeting_info is not None]
+    assert len(chats) == 2
+    assert [type(m) for m in meetings] == [models.TokenMeetingInfo]
+    assert fetched[0].chat_info == chats[0]
+    assert fetched[0].meeting_info == meetings[0]
+    assert fetched[0].replaces_context is not None
 
 
 async def test_a_bot_called_on_its_application_instance_is_that_instance_in_the_roster() -> None:

@@ -485,7 +485,9 @@ class SimulatedCall:
         self._tone_sequence = delivery.first_tone_sequence - 1
         self._roster_sequence = 0
         self._next_source_id = 1  # each media stream in the call has a sourceId of its own
-        self._group_meeting: dict[str, Any] | None = None  # made once, at a group call's end
+        # The meeting Teams makes of a group call (named at its end) or of a P2P call someone
+        # is invited to (named as it is escalated): made once.
+        self._group_meeting: dict[str, Any] | None = None
         self._media: dict[str, str] = {}  # prompts and recordings playing or queued: id -> kind
         self._media_waiting: deque[tuple[str, float, Callable[[], None]]] = deque()
         self._media_playing: str | None = None
@@ -1185,19 +1187,20 @@ class SimulatedCall:
         """What Teams adds to a call's update once media flows and to its end, P2P and group
         calls alike (recorded sb03, sb06, sb09, sb17, sb19): an empty ``meetingCapability``
         and no ``coOrganizers``. To a group call's end, the ``tokenMeetingInfo`` of the
-        meeting Teams made of it (sb17; a P2P call's end has none, sb06, sb19); to a joined
-        meeting's, the meeting it joined (as its ``establishing`` has it; no joined meeting's
-        end was recorded)."""
+        meeting Teams made of it (sb17; a P2P call's end has none, sb06, sb19), and so to
+        the end of a P2P call escalated into one (no such end was recorded: the meeting of
+        its escalation, sb11); to a joined meeting's, the meeting it joined (as its
+        ``establishing`` has it; no joined meeting's end was recorded)."""
         ended = data.get("state") == "terminated"
         if not (ended or "mediaState" in data):
             return {}
         fields: dict[str, Any] = {}
         meeting = self._meeting_fields().get("meeting_info") if ended else None
-        if ended and self.group:
-            if self._group_meeting is None:
-                self._group_meeting = _token_meeting_info(
-                    self._sim.app_id, self.chain_id, self._sim.tenant_id
-                )
+        if ended and self.group and self._group_meeting is None:
+            self._group_meeting = _token_meeting_info(
+                self._sim.app_id, self.chain_id, self._sim.tenant_id
+            )
+        if ended and self._group_meeting is not None:
             meeting = self._group_meeting
         if meeting is not None:
             fields["meetingInfo"] = meeting
@@ -1325,6 +1328,50 @@ class SimulatedCall:
                 gone = self.roster.pop(participant_id)
                 self._enqueue(self._roster_item([gone], "deleted"))
 
+    def _escalate(self) -> None:
+        """A P2P call someone is invited to becomes a group call in a meeting Teams makes of
+        it. As recorded (sb10, sb11, from a bot whose code called one attendee and invited the
+        rest once the call was established; microsoft-graph-comms-samples issues 413 and 704
+        report the same of live P2P calls a bot invited someone to): ``established`` again,
+        with its media, naming the meeting's chat, its properties and what the call replaces
+        (the other party's ``replacementLink``, base64), then once more with the meeting's
+        ``tokenMeetingInfo`` too (its ``activityId`` the call's chain id, as sb11's). Graph's
+        copy of the call names them from then on (``GET`` the call: issue 704)."""
+        if self.meeting or self.group or self._group_meeting is not None:
+            return  # already a meeting or a group call: nothing is escalated
+        others = [p for pid, p in self.roster.items() if pid != self.bot_participant_id]
+        other = self.remote if self.remote is not None else next(iter(others), None)
+        link = other.replacement_link if other is not None else None
+        replaces = base64.b64encode(link.encode()).decode("ascii") if link else None
+        # Shaped as recorded (sb10): a chat thread with no host suffix, an all-zero label.
+        chat = {
+            "@odata.type": "#microsoft.graph.chatInfo",
+            "threadId": f"19:{uuid.uuid4()}",
+            "messageId": "0",
+        }
+        label = {
+            "@odata.type": "#microsoft.graph.meetingProperties",
+            "meetingLabel": str(uuid.UUID(int=0)),
+        }
+        self._group_meeting = _token_meeting_info(
+            self._sim.app_id, self.chain_id, self._sim.tenant_id
+        )
+        media = models.CallMediaState(odata_type="#microsoft.graph.callMediaState", audio="active")
+        escalated: dict[str, Any] = {
+            "media_state": media,
+            "chat_info": chat,
+            "meeting_properties": label,
+            "replaces_context": replaces,
+        }
+        self._enqueue(build.call_state(self.id, "established", **escalated))
+        self._enqueue(
+            build.call_state(self.id, "established", meeting_info=self._group_meeting, **escalated)
+        )
+        known = self._sim.graph.calls.get(self.key)
+        if known is not None:
+            named = {"chatInfo": chat, "meetingInfo": self._group_meeting}
+            known.resource.update(named, **({"replacesContext": replaces} if replaces else {}))
+
     def _update_participant(self, participant_id: str, **update: Any) -> None:
         """Change a participant's fields and post the roster, as Graph does after ``mute``."""
         current = self.roster.get(participant_id)
@@ -1437,6 +1484,7 @@ class SimulatedCall:
             )
         elif action == "invite":
             invitees = [p for p in body.get("participants", []) if isinstance(p, Mapping)]
+            self._escalate()
 
             def joined() -> None:
                 failed = sim.invite_outcome == "failed"
