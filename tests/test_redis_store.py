@@ -75,6 +75,15 @@ async def _script(
     return await client.evalsha(script.sha, len(keys), *keys, *args)
 
 
+async def _milliseconds(client: aioredis.Redis) -> int:
+    seconds, micros = await client.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+async def _milliseconds_past(client: aioredis.Redis, then: int) -> bool:
+    return await _milliseconds(client) > then
+
+
 async def test_a_call_s_duplicate_digests_stay_bounded(rdb: aioredis.Redis) -> None:
     """A flood of distinct notifications for one call keeps the newest digests of its
     dedupe window, as many as the sequencer recognises repeats among; a repeat of a recent
@@ -154,6 +163,9 @@ async def test_a_call_s_epochs_keep_growing_after_redis_lost_them(rdb: aioredis.
     await rdb.xadd(inbox, {"e": "{}"})
     before, *_ = await _script(rdb, _scripts.CLAIM, claim, "old", 5000, 64, 60_000)
     await rdb.delete(inbox, lease, fence, record, journal)  # what the restart loses
+    # A restart takes longer than the millisecond of Redis' clock the epoch is read from.
+    lost_at = await _milliseconds(rdb)
+    await wait_for(lambda: _milliseconds_past(rdb, lost_at))
     await rdb.xadd(inbox, {"e": "{}"})
     after, *_ = await _script(rdb, _scripts.CLAIM, claim, "new", 5000, 64, 60_000)
     assert int(after) > int(before)
