@@ -412,14 +412,21 @@ class Authenticator:
         if len(segments) != 3 or not all(_canonical_base64url(s) for s in segments):
             # One token has one spelling: padding or stray bits would make copies to cache.
             raise AuthenticationError("malformed", "not a JWT in unpadded canonical base64url")
+        # What the header says is the sender's choice, up to the token's length: no valid
+        # token is needed to have it in a refusal, so a refusal shows it cut short.
         try:
             header = jwt.get_unverified_header(token)
         except (jwt.PyJWTError, RecursionError) as exc:
-            # PyJWT before 2.14 lets a RecursionError out for a header nested deep enough.
-            raise AuthenticationError("malformed", f"not a JWT: {exc}") from None
+            # PyJWT before 2.14 lets a RecursionError out for a header nested deep enough;
+            # its messages quote the header ("Unsupported critical extension: ...").
+            raise AuthenticationError("malformed", f"not a JWT: {quoted(str(exc))}") from None
         algorithm = header.get("alg")
-        if not isinstance(algorithm, str) or algorithm not in ALLOWED_ALGORITHMS:
-            raise AuthenticationError("bad_algorithm", f"algorithm {algorithm!r} is not allowed")
+        if not isinstance(algorithm, str):
+            raise AuthenticationError("bad_algorithm", "the token header names no algorithm")
+        if algorithm not in ALLOWED_ALGORITHMS:
+            raise AuthenticationError(
+                "bad_algorithm", f"algorithm {quoted(algorithm)} is not allowed"
+            )
         kid = header.get("kid")
         if not isinstance(kid, str) or not kid:
             raise AuthenticationError("unknown_key", "token header has no kid")

@@ -355,6 +355,37 @@ async def test_a_token_pyjwt_cannot_read_is_refused_not_a_500(
     assert (await server.post(body)).status == 202
 
 
+async def test_what_a_token_header_chooses_is_cut_short_in_refusals(
+    authority: TokenAuthority, serve: Any
+) -> None:
+    """An ``alg`` (or a ``crit`` entry PyJWT quotes) as long as a header line holds, no valid
+    token needed, was written whole into the refusal's log line and its 401 body: 5 KB of
+    log and answer per request. The ``kid`` was cut short already; so is the rest now."""
+    bot, seen = seeing_bot(authority)
+    server: BotServer = await serve(bot)
+    body = b.notifications(b.incoming_call("chosen-header-call"))
+    _, payload, signature = server.token().split(".")
+
+    def with_header(header: dict[str, Any]) -> str:
+        raw = json.dumps(header).encode()
+        return f"{base64.urlsafe_b64encode(raw).rstrip(b'=').decode()}.{payload}.{signature}"
+
+    long = "A" * 5000
+    headers: list[tuple[dict[str, Any], str]] = [
+        ({"alg": long, "kid": authority.kid}, "bad_algorithm"),
+        ({"alg": [long], "kid": authority.kid}, "bad_algorithm"),
+        ({"alg": "RS256", "kid": authority.kid, "crit": [long]}, "malformed"),
+    ]
+    for header, reason in headers:
+        with capture_logs() as logs:
+            response = await server.post(body, token=with_header(header))
+        assert await refusal(response) == (401, reason)
+        [line] = [entry for entry in logs if entry["event"] == "callback_refused"]
+        assert len(line["detail"]) < 200, line["detail"][:100]
+        assert len(await response.text()) < 300
+    assert seen == []
+
+
 # -- 7. memory and work one token holder can cause ------------------------------------------
 
 
