@@ -98,8 +98,9 @@ _BOM_BYTES = "\ufeff".encode()
 _TOKENS = re.compile(rb'\\.|["\[\]{}]', re.DOTALL)
 # What ends, splits or escapes a URL path segment, or has no place in one: no Graph id holds
 # these. An escape ('%61' for 'a') would spell a known call's id another way: another call
-# here, the same one on a server that decodes the path.
-_SEGMENT_BREAKER = re.compile(r"[/\\?#%\x00-\x20\x7f]")
+# here, the same one on a server that decodes the path. Control characters are C0, DEL and
+# C1 (U+0080-U+009F: U+009B starts a terminal's escape sequence, U+0085 breaks a line).
+_SEGMENT_BREAKER = re.compile(r"[/\\?#%\x00-\x20\x7f-\x9f]")
 _CALL_ROOTS = frozenset({("communications", "calls"), ("app", "calls")})
 _CHANGE_TYPES = {name.lower(): name for name in ("created", "updated", "deleted")}
 _API_VERSIONS = frozenset({"v1.0", "beta"})

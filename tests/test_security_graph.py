@@ -274,6 +274,27 @@ async def test_an_id_longer_than_any_graph_gives_is_refused_and_not_echoed(
         await bot.services.call(CALL).participants.mute(too_long)
 
 
+async def test_ids_holding_c1_control_characters_are_refused(
+    authority: TokenAuthority, serve: Any, graph: FakeGraph
+) -> None:
+    """Ids may hold no control character, yet only C0 ones (below U+0020) and DEL were
+    refused: a call id holding U+009B (the one-character CSI a terminal starts an escape
+    sequence with) or U+0085 (a line break to ``str.splitlines`` and many log readers) was
+    a new call, carried into every log line and store key of the call."""
+    bot = graph_bot(graph, authority)
+    server: BotServer = await serve(bot)
+    for call_id in ("a\u009b2Jb", "a\u0085b", "\u0080" + CALL, CALL + "\u009f"):
+        response = await server.post(b.notifications(b.incoming_call(call_id)))
+        assert (response.status, (await response.json())["error"]) == (400, "bad_call_id")
+    under = {**b.call_state(CALL, "established")}
+    under["resourceUrl"] = f"/communications/calls/{CALL}/participants/a\u009bb"
+    response = await server.post(b.notifications(under))
+    assert (response.status, (await response.json())["error"]) == (400, "bad_shape")
+    # The characters just past them are no control characters: ids as before.
+    for call_id in ("a\u00a0b", "caf\u00e9"):
+        assert (await server.post(b.notifications(b.incoming_call(call_id)))).status == 202
+
+
 # -- 3. recordings come only from allowed https hosts, bounded in size ----------------------
 
 
