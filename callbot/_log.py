@@ -89,17 +89,23 @@ def _colours_wanted() -> bool:
 
 
 class _Encodable:
-    """A renderer whose lines always encode to stderr: unencodable text comes out escaped.
+    """A console renderer whose lines always encode to stderr and never hold a control
+    character of the values they show: those come out escaped.
 
     A lone surrogate (``"\\udc00"``, valid in JSON) has no UTF-8 form, and a strict
-    stream would raise in the middle of the code that logged it. JSON lines escape
-    it already; console lines print text as it is.
+    stream would raise in the middle of the code that logged it. A control character
+    (an escape sequence in a caller's name, U+009B in a header anyone may send) would
+    act on the terminal showing the line. JSON lines escape both already; console lines
+    printed text as it is.
     """
 
     def __init__(self, renderer: Callable[..., str]) -> None:
         self._renderer = renderer
 
     def __call__(self, logger: Any, method_name: str, event_dict: Any) -> str:
+        for key, value in event_dict.items():
+            if isinstance(value, str) and not value.isprintable():
+                event_dict[key] = _shown(key, value)
         line = self._renderer(logger, method_name, event_dict)
         encoding = getattr(sys.stderr, "encoding", None) or "utf-8"
         try:
@@ -109,6 +115,33 @@ class _Encodable:
         except LookupError:
             return line.encode("ascii", "backslashreplace").decode("ascii")
         return line
+
+
+# Values rendered as lines of their own (a traceback): their line breaks are the layout.
+_MULTILINE = frozenset({"exception", "stack"})
+
+
+def _shown(key: str, text: str) -> object:
+    """A string value holding characters a terminal would not print as they are (controls,
+    format characters, lone surrogates), as a console line shows it: the message and a
+    traceback with those escaped, any other value as its ``repr`` (quoted, as the console
+    renderer writes a value holding a space)."""
+    if key == "event" or key in _MULTILINE:
+        keep = "\n" if key in _MULTILINE else ""
+        return "".join(c if c.isprintable() or c == keep else repr(c)[1:-1] for c in text)
+    return _Quoted(text)
+
+
+class _Quoted:
+    """A string the console renderer writes as its ``repr``, as it writes any non-string."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return repr(self.text)
 
 
 class _CallbotHandler(logging.StreamHandler):  # type: ignore[type-arg]

@@ -8,24 +8,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
+import logging
 import os
 import signal
 import socket
 import sys
+import unicodedata
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
-from callbot import Call, CallBot, ConfigurationError, events
+from callbot import Call, CallBot, ConfigurationError, configure_logging, events
 from callbot._proxy import forwarded_client, proxy_middlewares
 from callbot._tunnel import TunnelError, devtunnel_public_url, ngrok_public_url
 from callbot.testing import TokenAuthority
@@ -1240,3 +1244,40 @@ async def test_a_path_not_served_names_the_client_a_trusted_proxy_forwarded(
         if e["event"] in ("path_not_served", "method_not_allowed")
     }
     assert clients == {"path_not_served": "203.0.113.7", "method_not_allowed": "127.0.0.1"}
+
+
+async def test_console_lines_show_control_characters_escaped(
+    authority: TokenAuthority,
+    serve: Any,
+    logging_restored: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Console lines (``callbot run`` on a terminal, as behind the quickstart's tunnel) wrote
+    a value as it came unless it held a space, a quote or a line break: U+009B, a terminal's
+    one-character CSI, in a tracing header anyone may send without a token, and an escape
+    sequence in a caller's name a handler logs, reached the terminal as escape sequences."""
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", out)
+    configure_logging("console", "info")
+    bot = make_bot(authority)
+    names: list[str] = []
+
+    @bot.on(events.IncomingCall)
+    async def greet(call: Call, event: events.IncomingCall) -> None:
+        source = event.call.source
+        name = (source.identity.display_name if source and source.identity else None) or ""
+        structlog.get_logger("mybot").info("caller_named", name=name)
+        logging.getLogger("mybot").info("caller %s joined", name)
+        names.append(name)
+
+    server: BotServer = await serve(bot)
+    body = b.notifications(b.incoming_call("console-call", caller_name="Eve\x1b]0;owned\x07"))
+    headers = {"X-Microsoft-Skype-Chain-ID": "chain\u009b2J"}
+    assert (await server.post(body, token="garbage", headers=headers)).status == 401
+    assert (await server.post(body)).status == 202
+    await until(lambda: len(names) == 1)
+    text = out.getvalue()
+    for shown in ("callback_refused", "chain\\x9b2J", "Eve\\x1b]0;owned\\x07"):
+        assert shown in text, shown
+    # Lines end with a line break: no other control character reaches the terminal.
+    assert {c for c in text if unicodedata.category(c) == "Cc"} <= {"\n"}
