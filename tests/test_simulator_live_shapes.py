@@ -869,6 +869,75 @@ async def test_a_bot_called_on_its_application_instance_is_that_instance_in_the_
     assert key_paths(posted) == key_paths(live)
 
 
+def documented_call_to_an_instance() -> dict[str, Any]:
+    """Document 22: an incoming call to an application instance, as Graph posts it."""
+    body = normalized_json(
+        load_notification_text("22-call-redirect-ex3-pstn-incoming-call-created.json")
+    )
+    assert isinstance(body, dict)
+    return body
+
+
+def identity_of(participant: models.Participant) -> models.IdentitySet:
+    assert participant.info is not None
+    assert participant.info.identity is not None
+    return participant.info.identity
+
+
+def recorded_person() -> dict[str, Any]:
+    """A person's entry in a live P2P roster (sb12)."""
+    return next(
+        p
+        for p in recorded_item("sb12-p2p-callupdates-p2ptest2event6userjoin.json")["resourceData"]
+        if "user" in p["info"]["identity"]
+    )
+
+
+async def test_the_caller_of_an_incoming_call_a_test_posted_is_in_the_roster() -> None:
+    """A test that posts an incoming call itself (``sim.post``) got, once the bot answered, a
+    roster with the bot alone: the caller the call's ``source`` names was missing, though
+    the caller of ``sim.incoming_call`` is there. Posting document 22, the caller is its
+    source's user, in the tenant it names, listed with a live roster's key paths for a person
+    (sb12) but a name, which the source does not give."""
+    incoming = documented_call_to_an_instance()
+    data = incoming["value"][0]["resourceData"]
+    user = data["source"]["identity"]["user"]
+    bot = CallBot(app_id=APP_ID)
+    rosters: list[events.ParticipantsUpdated] = []
+
+    @bot.on_incoming_call
+    async def answer(call: Call, event: events.IncomingCall) -> None:
+        await call.answer()
+
+    @bot.on_participants
+    async def roster(call: Call, event: events.ParticipantsUpdated) -> None:
+        rosters.append(event)
+
+    async with run_with_simulator(bot, tenant_id=data["tenantId"]) as sim:
+        await sim.post(incoming)
+        await until(lambda: bool(rosters))
+        played = sim.find_call(data["id"])
+        assert played is not None
+        await played.settled()
+        bodies = [t.body for t in sim.traffic if t.kind == "notification"]
+    assert {p.id for p in rosters[0].participants} == set(played.roster)
+    [caller] = [p for p in rosters[0].participants if p.id != data["myParticipantId"]]
+    called_by = identity_of(caller).user
+    assert called_by is not None
+    assert (called_by.id, called_by.tenant_id) == (user["id"], user["tenantId"])
+    [posted] = [
+        entry
+        for body in bodies
+        for item in body["value"]
+        if step_of(item) == "roster"
+        for entry in item["resourceData"]
+        if entry["id"] == caller.id
+    ]
+    # Document 22's caller has no name: the roster names them by none either.
+    assert "displayName" not in user
+    assert key_paths(posted) == key_paths(recorded_person()) - {"info.identity.user.displayName"}
+
+
 async def test_a_bot_joining_a_meeting_as_a_guest_waits_in_the_lobby_as_that_guest() -> None:
     """Joining a meeting as a guest (beta Create call, example 8: the create call's ``source``
     a ``guest`` identity, as ``join_meeting(..., source=Target.guest(...))`` sends it), Graph

@@ -892,6 +892,16 @@ class SimulatedCall:
             tenant_id=_identity_tenant(info),
         )
 
+    def _take_caller(self) -> None:
+        """The caller of an incoming call is whoever Graph's copy of the call names as its
+        ``source``: one ``incoming_call`` offered, or one a test posted itself."""
+        known = self._sim.graph.calls.get(self.key)
+        if known is None or known.resource.get("direction") != "incoming":
+            return  # a placed call's source is the bot itself
+        source = known.resource.get("source")
+        if isinstance(source, Mapping):
+            _, self.remote = self._named_by(source)
+
     def _source_id(self) -> str:
         """A new stream's ``sourceId``, unused in this call."""
         self._next_source_id += 1
@@ -1857,9 +1867,6 @@ class Simulator:
             kind, name = "user", from_user or "Adele Vance"
             caller_id = user_id or str(uuid.uuid5(uuid.NAMESPACE_URL, name))
         call = self._new_call(call_id, "incoming", None, delivery)
-        call.remote = call._participant(
-            str(uuid.uuid4()), user_id=caller_id, display_name=name, kind=kind
-        )
         item = build.incoming_call(
             call_id,
             caller_id=caller_id,
@@ -1873,6 +1880,7 @@ class Simulator:
             my_participant_id=call.bot_participant_id,
         )
         self.graph.add_call(call_id, **item["resourceData"], callChainId=call.chain_id)
+        call._take_caller()
         await call._send(item)
         if self.answer_deadline is not None:
             call._later(self.answer_deadline, call._missed)
@@ -2256,6 +2264,7 @@ class Simulator:
         if call is None:
             # A call the simulator did not start (a replayed or scripted one): adopt it.
             call = self._new_call(request.call_id, "incoming", None, None)
+            call._take_caller()
         call._on_request(request, answer)
 
     def _on_create_call(self, request: RecordedRequest, answer: FakeResponse) -> None:
