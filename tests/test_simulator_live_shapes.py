@@ -869,6 +869,10 @@ async def test_a_bot_called_on_its_application_instance_is_that_instance_in_the_
     assert key_paths(posted) == key_paths(live)
 
 
+# What document 22's target has that the simulator models for nobody: a region, and a null.
+UNMODELLED_TARGET_PATHS = {"region", "languageId"}
+
+
 def documented_call_to_an_instance() -> dict[str, Any]:
     """Document 22: an incoming call to an application instance, as Graph posts it."""
     body = normalized_json(
@@ -878,10 +882,116 @@ def documented_call_to_an_instance() -> dict[str, Any]:
     return body
 
 
+@pytest.mark.parametrize("id_given", [True, False], ids=["given-id", "made-id"])
+def test_an_incoming_call_to_an_application_instance_is_built_as_graph_documents_it(
+    id_given: bool,
+) -> None:
+    """``builders.incoming_call`` made every call to the bot's ``application``. With
+    ``bot_instance_id`` it is made to that application instance, as document 22's: the
+    target typed down to the instance's identity with its tenant, and the target's ``id`` the
+    bot's ``myParticipantId`` (one is made when none is given)."""
+    documented = documented_call_to_an_instance()["value"][0]["resourceData"]
+    [target] = documented["targets"]
+    instance = target["identity"]["applicationInstance"]
+    item = builders.incoming_call(
+        "c",
+        caller_id="+14255550100",
+        caller_name=None,
+        caller_kind="phone",
+        bot_instance_id=instance["id"],
+        bot_name=instance["displayName"],
+        tenant_id=documented["tenantId"],
+        my_participant_id=documented["myParticipantId"] if id_given else None,
+    )
+    [built] = item["resourceData"]["targets"]
+    assert key_paths(built) == key_paths(target) - UNMODELLED_TARGET_PATHS
+    assert built["identity"] == target["identity"]
+    assert built["id"] == item["resourceData"]["myParticipantId"]
+    if id_given:
+        assert built["id"] == documented["myParticipantId"]
+    (event,) = parse_payload(builders.notifications(item))
+    assert isinstance(event, events.IncomingCall)
+    [parsed] = event.call.targets or []
+    assert parsed.identity is not None
+    assert parsed.identity.application is None
+    assert parsed.identity.application_instance is not None
+    assert parsed.identity.application_instance.id == instance["id"]
+
+
 def identity_of(participant: models.Participant) -> models.IdentitySet:
     assert participant.info is not None
     assert participant.info.identity is not None
     return participant.info.identity
+
+
+@pytest.mark.parametrize("instance_id", [None, INSTANCE_ID], ids=["derived", "given"])
+async def test_a_phone_call_reaches_the_bot_through_its_application_instance(
+    instance_id: str | None,
+) -> None:
+    """A phone call reaches a bot through its application instance, the resource account with
+    the number (document 22: the call's target is the instance, and the target's id is the
+    bot's ``myParticipantId``). ``sim.incoming_call(from_phone=...)`` made the call to the
+    bot's ``application``, so a bot reading which instance was called got nothing under test.
+    The instance is the simulator's ``application_instance_id`` (by default derived from the
+    app id); the target has document 22's key paths, and the bot is the instance in the
+    roster with the key paths of a recorded instance's entry (sb15), beside the caller."""
+    documented = documented_call_to_an_instance()["value"][0]["resourceData"]
+    [documented_target] = documented["targets"]
+    bot = CallBot(app_id=APP_ID)
+    offered: list[events.IncomingCall] = []
+    rosters: list[events.ParticipantsUpdated] = []
+
+    @bot.on_incoming_call
+    async def answer(call: Call, event: events.IncomingCall) -> None:
+        offered.append(event)
+        await call.answer()
+
+    @bot.on_participants
+    async def roster(call: Call, event: events.ParticipantsUpdated) -> None:
+        rosters.append(event)
+
+    async with run_with_simulator(
+        bot, bot_name="Contoso Line", application_instance_id=instance_id
+    ) as sim:
+        call = await sim.incoming_call(from_phone="+14255550100")
+        await until(lambda: bool(rosters))
+        await call.settled()
+        bodies = [t.body for t in sim.traffic if t.kind == "notification"]
+    expected = instance_id or sim.application_instance_id
+    [target] = offered[0].call.targets or []
+    assert target.identity is not None
+    assert target.identity.application is None
+    called = target.identity.application_instance
+    assert called is not None
+    assert (called.id, called.display_name, called.tenant_id) == (
+        expected,
+        "Contoso Line",
+        sim.tenant_id,
+    )
+    assert target.id == offered[0].call.my_participant_id == call.bot_participant_id
+    if instance_id is None:
+        # Derived from the app id: the same instance whenever the bot is tested.
+        assert Simulator(app_id=APP_ID).application_instance_id == expected != APP_ID
+    [posted_target] = next(
+        item["resourceData"]["targets"] for body in bodies for item in body["value"]
+    )
+    assert key_paths(posted_target) == key_paths(documented_target) - UNMODELLED_TARGET_PATHS
+    me = identity_of(bot_in(rosters[0], call.bot_participant_id))
+    assert me.application_instance is not None
+    assert me.application_instance.id == expected
+    [caller] = [identity_of(p) for p in rosters[0].participants if p.id != call.bot_participant_id]
+    assert caller.phone is not None
+    assert caller.phone.id == "+14255550100"
+    [posted_me] = [
+        entry
+        for body in bodies
+        for item in body["value"]
+        if step_of(item) == "roster"
+        for entry in item["resourceData"]
+        if entry["id"] == call.bot_participant_id
+    ]
+    [live] = recorded_item("sb15-groupcalls-groupcallbotjoin.json")["resourceData"]
+    assert key_paths(posted_me) == key_paths(live)
 
 
 def recorded_person() -> dict[str, Any]:
@@ -936,6 +1046,43 @@ async def test_the_caller_of_an_incoming_call_a_test_posted_is_in_the_roster() -
     # Document 22's caller has no name: the roster names them by none either.
     assert "displayName" not in user
     assert key_paths(posted) == key_paths(recorded_person()) - {"info.identity.user.displayName"}
+
+
+async def test_a_phone_caller_a_test_posted_is_in_the_roster() -> None:
+    """The same for a phone call to an instance that a test builds and posts itself
+    (``builders.incoming_call(..., caller_kind="phone", bot_instance_id=...)``): the roster
+    has the bot as that instance and the phone that called."""
+    bot = CallBot(app_id=APP_ID)
+    rosters: list[events.ParticipantsUpdated] = []
+
+    @bot.on_incoming_call
+    async def answer(call: Call, event: events.IncomingCall) -> None:
+        await call.answer()
+
+    @bot.on_participants
+    async def roster(call: Call, event: events.ParticipantsUpdated) -> None:
+        rosters.append(event)
+
+    call_id = str(uuid.uuid4())
+    async with run_with_simulator(bot) as sim:
+        item = builders.incoming_call(
+            call_id,
+            caller_id="+14255550100",
+            caller_name=None,
+            caller_kind="phone",
+            bot_instance_id=INSTANCE_ID,
+            tenant_id=sim.tenant_id,
+            callback_uri=sim.callback_url,
+        )
+        await sim.post(builders.notifications(item))
+        await until(lambda: bool(rosters))
+    mine = item["resourceData"]["myParticipantId"]
+    me = identity_of(bot_in(rosters[0], mine))
+    assert me.application_instance is not None
+    assert me.application_instance.id == INSTANCE_ID
+    [caller] = [identity_of(p) for p in rosters[0].participants if p.id != mine]
+    assert caller.phone is not None
+    assert caller.phone.id == "+14255550100"
 
 
 async def test_a_bot_joining_a_meeting_as_a_guest_waits_in_the_lobby_as_that_guest() -> None:

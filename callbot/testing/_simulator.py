@@ -1614,6 +1614,9 @@ class Simulator:
     itself (for replays). ``observers`` see every :class:`Traffic`.
     ``graph_port`` and ``keys_port`` fix the ports (0: any free port), and
     ``key_file`` the signing key (see :class:`TokenAuthority`).
+    ``application_instance_id`` is the object id of the bot's application instance (the
+    resource account with its phone number), which a phone call reaches the bot through;
+    by default one derived from ``app_id``.
     """
 
     def __init__(
@@ -1637,8 +1640,14 @@ class Simulator:
         graph_port: int = 0,
         keys_port: int = 0,
         key_file: Path | None = None,
+        application_instance_id: str | None = None,
     ) -> None:
         self.app_id = app_id
+        self.application_instance_id = application_instance_id or str(
+            uuid.uuid5(uuid.NAMESPACE_URL, f"applicationInstance:{app_id}")
+        )
+        """The bot's application instance (object id) that phone calls are made to, named
+        ``bot_name`` in the call (Graph puts a phone call through to a bot only by one)."""
         self.tenant_id = tenant_id
         self.callback_url = callback_url
         """The bot's callback URL: where incoming calls are announced, and a call's
@@ -1856,8 +1865,10 @@ class Simulator:
 
         ``from_user`` is the caller's display name (default ``"Adele Vance"``;
         ``user_id`` their object id, derived from the name when not given);
-        ``from_phone`` makes it a PSTN caller with that number. The bot then
-        answers, rejects or redirects it.
+        ``from_phone`` makes it a PSTN caller with that number, calling the bot's
+        :attr:`application_instance_id` (the call's target is that ``applicationInstance``,
+        whose id is the bot's ``myParticipantId``, as Graph documents it); a user calls the
+        bot's ``application``. The bot then answers, rejects or redirects it.
         """
         call_id = call_id or str(uuid.uuid4())
         name: str | None
@@ -1878,6 +1889,8 @@ class Simulator:
             callback_uri=self.callback_url,
             # As documented incoming calls carry it: the bot's own id in the roster to come.
             my_participant_id=call.bot_participant_id,
+            # A phone reaches a bot only through its resource account (document 22).
+            bot_instance_id=self.application_instance_id if kind == "phone" else None,
         )
         self.graph.add_call(call_id, **item["resourceData"], callChainId=call.chain_id)
         call._take_caller()

@@ -126,6 +126,7 @@ def incoming_call(
     callback_uri: str | None = None,
     modalities: Iterable[str] = ("audio",),
     my_participant_id: str | None = None,
+    bot_instance_id: str | None = None,
 ) -> dict[str, Any]:
     """A ``created`` call in state ``incoming``.
 
@@ -133,7 +134,37 @@ def incoming_call(
     ``caller_id`` is the phone number). ``my_participant_id`` is the bot's own
     participant id in the call (``myParticipantId``, as Graph's documented incoming
     calls carry it).
+
+    The call is made to the bot's ``application`` (``bot_app_id``), unless
+    ``bot_instance_id`` names the application instance (the object id of the
+    resource account with the phone number) it was made to, as a phone call reaches a bot:
+    the target is then that instance, named ``bot_name``, in ``tenant_id``, and the
+    target's ``id`` is ``my_participant_id`` (a new one when not given), as Graph documents
+    such a call.
     """
+    target: models.InvitationParticipantInfo
+    if bot_instance_id is None:
+        target = models.InvitationParticipantInfo(
+            odata_type="#microsoft.graph.invitationParticipantInfo",
+            identity=_identity("application", bot_app_id, bot_name),
+        )
+    else:
+        my_participant_id = my_participant_id or str(uuid.uuid4())
+        # Typed down to the identity, with its tenant (document 22, a call to an instance).
+        instance = models.Identity(
+            odata_type="#microsoft.graph.identity",
+            id=bot_instance_id,
+            display_name=bot_name,
+            tenant_id=tenant_id,
+        )
+        target = models.InvitationParticipantInfo(
+            odata_type="#microsoft.graph.invitationParticipantInfo",
+            id=my_participant_id,
+            identity=models.IdentitySet.model_validate(
+                {"@odata.type": "#microsoft.graph.identitySet", "applicationInstance": instance}
+            ),
+            endpoint_type="default",
+        )
     call = models.Call(
         odata_type="#microsoft.graph.call",
         id=call_id,
@@ -145,12 +176,7 @@ def incoming_call(
             odata_type="#microsoft.graph.participantInfo",
             identity=_identity(caller_kind, caller_id, caller_name),
         ),
-        targets=[
-            models.InvitationParticipantInfo(
-                odata_type="#microsoft.graph.invitationParticipantInfo",
-                identity=_identity("application", bot_app_id, bot_name),
-            )
-        ],
+        targets=[target],
         requested_modalities=list(modalities),
         my_participant_id=my_participant_id,
     )
