@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from urllib.parse import quote
 
-__all__ = ["MAX_ID_LENGTH", "id_key", "path_segment", "quoted", "tenant_key", "usable_id"]
+__all__ = [
+    "MAX_ID_LENGTH",
+    "clipped",
+    "id_key",
+    "path_segment",
+    "quoted",
+    "tenant_key",
+    "usable_id",
+]
 
 # Ids a URL resolver would drop or climb instead of keeping as one segment.
 _UNUSABLE = frozenset({"", ".", ".."})
@@ -160,3 +168,11 @@ def quoted(text: str) -> str:
     if len(text) <= 64:
         return repr(text)
     return f"{text[:64]!r}... ({len(text)} characters)"
+
+
+def clipped(text: str | None) -> str | None:
+    """A value a notification sent (a state, a status) as a log line shows it: whole when it
+    is no longer than an id may be, else its first ``MAX_ID_LENGTH`` characters."""
+    if text is None or len(text) <= MAX_ID_LENGTH:
+        return text
+    return f"{text[:MAX_ID_LENGTH]}... ({len(text)} characters)"

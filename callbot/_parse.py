@@ -16,7 +16,9 @@ Errors. :class:`~callbot._errors.MalformedNotification` with a stable ``reason``
   missing or not a list, an item not an object, ``changeType`` missing or not a
   string, neither ``resourceUrl`` nor ``resource``, a path that is not under
   ``/communications/calls/{id}`` (or the older ``/app/calls/{id}``), or a segment
-  after the call id that is ``.`` or ``..`` or holds a character no Graph id has;
+  after the call id, the ``changeType``, an operation's ``id`` or a participant's ``id``
+  in ``resourceData`` that is ``.`` or ``..``, longer than an id may be or holds a
+  character no Graph id has (as a call id: ``bad_call_id``);
 * ``empty``     - ``value`` is an empty list;
 * ``too_many_items`` - more items than ``max_items``; ``too_many_participants`` -
   an item, or the items together, listing more participants (entries of their
@@ -390,6 +392,11 @@ def _event_for(index: int, item: Any, envelope: dict[str, Any], tenant_id: str |
     change_type = item.get("changeType")
     if not isinstance(change_type, str):
         raise MalformedNotification("bad_shape", f"{where}.changeType is missing or not a string")
+    if not _one_segment(change_type):
+        # It decides what the item is: held to the rule of the ids it routes with.
+        raise MalformedNotification(
+            "bad_shape", f"{where}.changeType {quoted(change_type)} is not a usable name"
+        )
     change_type = _CHANGE_TYPES.get(change_type.lower(), change_type)
     path = path_of(item)
     if path is None:
@@ -415,9 +422,15 @@ def _event_for(index: int, item: Any, envelope: dict[str, Any], tenant_id: str |
         "tenant_id": _tenant_of(data, item, envelope, tenant_id),
     }
     try:
-        return _route(rest, change_type, data, item, common)
+        event = _route(rest, change_type, data, item, common)
     except ValidationError:
         return UnknownNotification(**common, resource_data=data)
+    for named in _ids_in_body(event):
+        if not _one_segment(named):
+            raise MalformedNotification(
+                "bad_shape", f"{where} names the id {quoted(named)}, which is not a usable id"
+            )
+    return event
 
 
 def path_of(item: dict[str, Any]) -> str | None:
@@ -450,6 +463,17 @@ def _one_segment(segment: str) -> bool:
     # resource_url is a path handlers may request: it must stay one segment, naming one call,
     # however a server reads it ('#x' would be dropped, '%2e%2e' or '%2F' climb).
     return usable_id(segment) and not _SEGMENT_BREAKER.search(segment)
+
+
+def _ids_in_body(event: Event) -> Iterator[str]:
+    """The ids an event takes from its body that callbot keys a call's record by, logs and
+    hands to handlers as ids: held to the rule of the path's (:func:`_one_segment`)."""
+    if isinstance(event, OperationUpdated):
+        if event.operation_id:
+            # The body's id takes the place of the path's.
+            yield event.operation_id
+    elif isinstance(event, ParticipantsUpdated):
+        yield from (participant.id for participant in event.participants if participant.id)
 
 
 def _tenant_of(

@@ -44,7 +44,7 @@ from pydantic import BaseModel
 from . import events
 from ._config import Settings
 from ._errors import MalformedNotification
-from ._ids import id_key
+from ._ids import clipped, id_key
 from ._journal import Attempt
 from ._lifecycle import CallLife, Lifecycle, phase_of_state
 from ._log import get_logger
@@ -868,7 +868,12 @@ class Sequencer:
                 and _state(event) != "redirecting"
             )
         ):
-            self._drop(event, "stale", state=_state(event), current_state=record.state)
+            self._drop(
+                event,
+                "stale",
+                state=clipped(_state(event)),
+                current_state=clipped(record.state),
+            )
             return
         if may_hold and _early(event, record):
             record.held.append(event)
@@ -883,7 +888,7 @@ class Sequencer:
                 "notification_held",
                 call_id=record.call_id,
                 kind=type(event).__name__,
-                state=_state(event),
+                state=clipped(_state(event)),
                 window=self._window,
             )
             return
@@ -926,7 +931,7 @@ class Sequencer:
             "held_notification_released",
             call_id=record.call_id,
             kind=type(held[0]).__name__,
-            state=_state(held[0]),
+            state=clipped(_state(held[0])),
             reason=why,
         )
         for event in _in_lifecycle_order(held, record.phase):
@@ -1005,7 +1010,8 @@ class Sequencer:
         reached = record.operations.pop(key, None)
         if reached is not None and (step < reached or reached == _OPERATION_SETTLED):
             record.operations[key] = reached
-            self._drop(event, "stale", operation_id=event.operation_id, status=event.status)
+            status = clipped(event.status)
+            self._drop(event, "stale", operation_id=event.operation_id, status=status)
             return False
         record.operations[key] = step
         if len(record.operations) > SEEN_DIGESTS:

@@ -29,7 +29,7 @@ from cryptography.x509.oid import NameOID
 from structlog.testing import capture_logs
 
 from callbot import Call, CallBot, GraphError, events, models
-from callbot._ids import MAX_ID_LENGTH
+from callbot._ids import MAX_ID_LENGTH, id_key
 from callbot.graph import CallServices, RetryPolicy
 from callbot.testing import FakeGraph, RecordedRequest, TokenAuthority
 from callbot.testing import builders as b
@@ -293,6 +293,174 @@ async def test_ids_holding_c1_control_characters_are_refused(
     # The characters just past them are no control characters: ids as before.
     for call_id in ("a\u00a0b", "caf\u00e9"):
         assert (await server.post(b.notifications(b.incoming_call(call_id)))).status == 202
+
+
+async def test_an_operation_id_in_the_body_is_held_to_the_rule_of_the_path_s(
+    graph: FakeGraph, authority: TokenAuthority, serve: Any
+) -> None:
+    """An outcome's ``id`` takes the place of the operation id of its path, yet was taken at
+    any length and with any character: 50,000 characters went whole into each line about the
+    outcome and became one of the call's 128 latest operations, kept with its record (written
+    to Redis at every notification). It is held to the path's rule, and, like the path's,
+    names an operation of the path's call only."""
+    bot = graph_bot(graph, authority)
+    outcomes: list[str] = []
+
+    @bot.on_state("established")
+    async def prompt(call: Call, event: events.CallStateChanged) -> None:
+        if call.id == OTHER_CALL:
+            op = await call.play_prompt("https://cdn.example.test/welcome.wav")
+            outcomes.append((await op.wait(timeout=20)).status or "")
+
+    server: BotServer = await serve(bot)
+    await start_call(server, graph, CALL)
+    await start_call(server, graph, OTHER_CALL)
+    request = await graph.wait_for_request("playPrompt")
+    answer = graph.answer_to(request).body
+    assert isinstance(answer, dict)
+    theirs = str(answer["id"])
+
+    def outcome(body_id: str, *, spelling: str = "id", status: str = "completed") -> Any:
+        item = b.operation_update(CALL, "4c1e0000-aaaa-bbbb-cccc-ddddeeeeffff", status=status)
+        data = item["resourceData"]
+        del data["id"]
+        data[spelling] = body_id
+        return b.notifications(item)
+
+    huge = "o" * 50_000
+    unusable = ("o" * (MAX_ID_LENGTH + 1), "op#x", "a/b", "%61", "..", "a\u009bb")
+    with capture_logs() as logs:
+        for body_id in (huge, *unusable):
+            for status in ("running", "completed"):
+                response = await server.post(outcome(body_id, status=status))
+                body = await response.json()
+                assert (response.status, body["error"]) == (400, "bad_shape")
+                assert len(json.dumps(body)) < 400
+        # However the body spells the property (Teams has capitalised some).
+        response = await server.post(outcome(huge, spelling="Id"))
+        assert (response.status, (await response.json())["error"]) == (400, "bad_shape")
+    assert all(len(json.dumps(line, default=str)) < 1000 for line in logs)
+    longest = "o" * MAX_ID_LENGTH
+    assert (await server.post(outcome(longest))).status == 202
+    record = bot._running().store.known(id_key(CALL))
+    assert record is not None
+    await until(lambda: id_key(longest) in record.operations)
+    assert max(len(key) for key in record.operations) == MAX_ID_LENGTH
+
+    # Another call's operation id in the body of an outcome posted under this call settles
+    # nothing: operations are matched within the call of the path, whichever id names them.
+    assert (await server.post(outcome(theirs, status="failed"))).status == 202
+    await until(lambda: bot.services.operations.counts["dropped", "operation_of_other_call"] == 1)
+    assert outcomes == []
+    assert (await server.post(graph.operation_notification(theirs))).status == 202
+    await until(lambda: outcomes == ["completed"])
+
+
+async def test_a_participant_id_is_held_to_the_rule_of_the_path_s(
+    graph: FakeGraph, authority: TokenAuthority, serve: Any
+) -> None:
+    """A participant's ``id`` keys the call's roster, kept with its record, and handlers give
+    it to Graph (``participants.mute``), yet was taken at any length and with any character:
+    a roster keyed by 50,000-character ids was kept, and each could only make a handler's
+    request raise. It is held to the path's rule, in every shape a roster comes in."""
+    bot = graph_bot(graph, authority)
+    named: list[str | None] = []
+
+    @bot.on(events.ParticipantsUpdated)
+    async def roster(call: Call, event: events.ParticipantsUpdated) -> None:
+        named.extend(p.id for p in event.participants)
+
+    server: BotServer = await serve(bot)
+    await start_call(server, graph, CALL)
+
+    def shapes(participant_id: str) -> list[dict[str, Any]]:
+        people = [b.participant("9d1f0000-1111-2222-3333-444455556666"), b.participant("x")]
+        people[1] = people[1].model_copy(update={"id": participant_id})
+        # An invitation's invitees, as Graph posted them on operations/participants.
+        invited = b.roster(CALL, people)
+        invited["resourceUrl"] = f"/communications/calls/{CALL}/operations/participants"
+        one = b.delta_roster(CALL, people[1:], sequence_number=1)
+        one["resourceUrl"] = f"/communications/calls/{CALL}/participants/9d1f0000"
+        return [
+            b.roster(CALL, people),
+            b.delta_roster(CALL, people, sequence_number=1, change_type="created"),
+            invited,
+            one,
+        ]
+
+    huge = "p" * 50_000
+    with capture_logs() as logs:
+        for participant_id in (huge, "p" * (MAX_ID_LENGTH + 1), "p#x", "a/b", "..", "a\u0085b"):
+            for item in shapes(participant_id):
+                response = await server.post(b.notifications(item))
+                body = await response.json()
+                assert (response.status, body["error"]) == (400, "bad_shape")
+                assert len(json.dumps(body)) < 400
+    assert all(len(json.dumps(line, default=str)) < 1000 for line in logs)
+    assert named == []
+    longest = "p" * MAX_ID_LENGTH
+    assert (await server.post(b.notifications(shapes(longest)[0]))).status == 202
+    await until(lambda: longest in named)
+
+
+async def test_a_change_type_is_held_to_the_rule_of_the_path_s(
+    graph: FakeGraph, authority: TokenAuthority, serve: Any
+) -> None:
+    """``changeType`` decides what an item is (a new call, an end, a roster delta), yet any
+    string was taken as one and handed on whole: 50,000 characters in the item's event, and
+    in the line about any property the item left out. It is held to the path's rule (Graph's
+    are ``created``, ``updated`` and ``deleted``)."""
+    bot = graph_bot(graph, authority)
+    server: BotServer = await serve(bot)
+    await start_call(server, graph, CALL)
+    for change in ("u" * 50_000, "u" * (MAX_ID_LENGTH + 1), "", "updated\u009b", "up/dated"):
+        item = b.call_state(CALL, "established")
+        item["changeType"] = change
+        response = await server.post(b.notifications(item))
+        body = await response.json()
+        assert (response.status, body["error"]) == (400, "bad_shape")
+        assert len(json.dumps(body)) < 400
+    item = b.call_state(CALL, "established")
+    item["changeType"] = "Updated"
+    assert (await server.post(b.notifications(item))).status == 202
+
+
+async def test_states_and_statuses_graph_does_not_document_are_cut_short_in_log_lines(
+    graph: FakeGraph, authority: TokenAuthority, serve: Any
+) -> None:
+    """A call state or operation status Graph does not document is kept as sent (Graph adds
+    them), and was written whole into the lines about it: a 50,000-character state, sent
+    once, went into the line of each stale notification of the call after it. A log line
+    shows its first 256 characters; handlers still see all of it."""
+    bot = graph_bot(graph, authority)
+    states: list[str] = []
+
+    @bot.on(events.CallStateChanged)
+    async def seen(call: Call, event: events.CallStateChanged) -> None:
+        states.append(event.state)
+
+    server: BotServer = await serve(bot)
+    await start_call(server, graph, CALL)
+    invented = "s" * 50_000
+    with capture_logs() as logs:
+        assert (await server.post(b.notifications(b.call_state(CALL, invented)))).status == 202
+        await until(lambda: invented in states)
+        for n in range(3):
+            stale = b.notifications(b.call_state(CALL, "establishing", subject=f"stale {n}"))
+            assert (await server.post(stale)).status == 202
+        assert (await server.post(b.notifications(b.operation_update(CALL, "op-1")))).status == 202
+        later = b.operation_update(CALL, "op-1", status="r" * 50_000)
+        assert (await server.post(b.notifications(later))).status == 202
+
+        def shown() -> list[str]:
+            # What each stale notification's line says the call's state, or its status, is.
+            dropped = [line for line in logs if line["event"] == "notification_dropped"]
+            return [str(line.get("current_state") or line.get("status")) for line in dropped]
+
+        await until(lambda: len(shown()) == 4)
+    prefixes = [value[:MAX_ID_LENGTH] for value in shown()]
+    assert prefixes == ["s" * MAX_ID_LENGTH] * 3 + ["r" * MAX_ID_LENGTH]
+    assert all(len(json.dumps(line, default=str)) < 1000 for line in logs)
 
 
 # -- 3. recordings come only from allowed https hosts, bounded in size ----------------------

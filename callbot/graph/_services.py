@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from .. import models
 from .._config import Settings
 from .._errors import GraphError, StoreUnavailable
-from .._ids import id_key
+from .._ids import clipped, id_key
 from .._lifecycle import CallLife, KeepAliveResult
 from .._sequencing import OwnFact, Placed, TransferAsked, TransferRefused
 from ..events import OperationUpdated, ToneReceived
@@ -244,7 +244,7 @@ class CallServices:
                 "graph_operation_notification",
                 call_id=event.call_id,
                 operation_id=event.operation_id,
-                status=event.status,
+                status=clipped(event.status),
                 matched=matched,
             )
         except Exception:
