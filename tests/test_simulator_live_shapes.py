@@ -65,6 +65,22 @@ def bot_seeing_established() -> tuple[CallBot, list[events.CallStateChanged]]:
     return bot, established
 
 
+def bot_answering_with_rosters() -> tuple[CallBot, list[events.ParticipantsUpdated]]:
+    """A bot that answers every call and keeps each roster it is told."""
+    bot = CallBot(app_id=APP_ID)
+    rosters: list[events.ParticipantsUpdated] = []
+
+    @bot.on_incoming_call
+    async def answer(call: Call, event: events.IncomingCall) -> None:
+        await call.answer()
+
+    @bot.on_participants
+    async def roster(call: Call, event: events.ParticipantsUpdated) -> None:
+        rosters.append(event)
+
+    return bot, rosters
+
+
 async def test_a_tone_carries_what_a_live_teams_tone_carries_and_no_chain_id() -> None:
     """A tone from a live Teams call (sb04) has no ``callChainId``, unlike the call's state
     updates: the simulator put one on every tone, so a tone handler reading
@@ -645,16 +661,7 @@ async def test_the_bot_is_in_the_roster_as_the_identity_it_placed_the_call_from(
 async def test_a_p2p_call_the_bot_answered_names_the_bot_as_teams_does() -> None:
     """A P2P call's roster names the bot ``28:<app id>`` (sb12), not by the simulator's
     ``bot_name``, which a bot's own handler would never see from Teams."""
-    bot = CallBot(app_id=APP_ID)
-    rosters: list[events.ParticipantsUpdated] = []
-
-    @bot.on_incoming_call
-    async def answer(call: Call, event: events.IncomingCall) -> None:
-        await call.answer()
-
-    @bot.on_participants
-    async def roster(call: Call, event: events.ParticipantsUpdated) -> None:
-        rosters.append(event)
+    bot, rosters = bot_answering_with_rosters()
 
     async with run_with_simulator(bot) as sim:
         call = await sim.incoming_call()
@@ -830,16 +837,7 @@ async def test_a_bot_called_on_its_application_instance_is_that_instance_in_the_
     data = incoming["value"][0]["resourceData"]
     [target] = data["targets"]
     instance = target["identity"]["applicationInstance"]
-    bot = CallBot(app_id=APP_ID)
-    rosters: list[events.ParticipantsUpdated] = []
-
-    @bot.on_incoming_call
-    async def answer(call: Call, event: events.IncomingCall) -> None:
-        await call.answer()
-
-    @bot.on_participants
-    async def roster(call: Call, event: events.ParticipantsUpdated) -> None:
-        rosters.append(event)
+    bot, rosters = bot_answering_with_rosters()
 
     async with run_with_simulator(bot, tenant_id=data["tenantId"]) as sim:
         await sim.post(incoming)
@@ -1012,16 +1010,7 @@ async def test_the_caller_of_an_incoming_call_a_test_posted_is_in_the_roster() -
     incoming = documented_call_to_an_instance()
     data = incoming["value"][0]["resourceData"]
     user = data["source"]["identity"]["user"]
-    bot = CallBot(app_id=APP_ID)
-    rosters: list[events.ParticipantsUpdated] = []
-
-    @bot.on_incoming_call
-    async def answer(call: Call, event: events.IncomingCall) -> None:
-        await call.answer()
-
-    @bot.on_participants
-    async def roster(call: Call, event: events.ParticipantsUpdated) -> None:
-        rosters.append(event)
+    bot, rosters = bot_answering_with_rosters()
 
     async with run_with_simulator(bot, tenant_id=data["tenantId"]) as sim:
         await sim.post(incoming)
@@ -1052,16 +1041,7 @@ async def test_a_phone_caller_a_test_posted_is_in_the_roster() -> None:
     """The same for a phone call to an instance that a test builds and posts itself
     (``builders.incoming_call(..., caller_kind="phone", bot_instance_id=...)``): the roster
     has the bot as that instance and the phone that called."""
-    bot = CallBot(app_id=APP_ID)
-    rosters: list[events.ParticipantsUpdated] = []
-
-    @bot.on_incoming_call
-    async def answer(call: Call, event: events.IncomingCall) -> None:
-        await call.answer()
-
-    @bot.on_participants
-    async def roster(call: Call, event: events.ParticipantsUpdated) -> None:
-        rosters.append(event)
+    bot, rosters = bot_answering_with_rosters()
 
     call_id = str(uuid.uuid4())
     async with run_with_simulator(bot) as sim:
