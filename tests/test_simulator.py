@@ -1373,6 +1373,35 @@ def test_a_participant_who_left() -> None:
     assert gone.removed_state.reason == "left"
 
 
+def test_a_participant_of_an_unknown_kind_is_refused_naming_the_kinds() -> None:
+    with pytest.raises(ValueError, match=r"'bot'.*applicationInstance.*guest.*phone.*user"):
+        builders.participant("p", display_name="Notetaker", kind="bot")
+    with pytest.raises(ValueError, match="'telephone'"):
+        builders.incoming_call("c", caller_id="+14255550100", caller_kind="telephone")
+
+
+def test_a_participant_kind_may_be_written_as_its_python_attribute() -> None:
+    """``application_instance`` (the model's attribute) is the ``applicationInstance`` bot."""
+    notetaker = builders.participant("p", display_name="Notetaker", kind="application_instance")
+    assert notetaker.info is not None
+    assert notetaker.info.identity is not None
+    assert notetaker.info.identity.application_instance is not None
+    assert [s.media_type for s in notetaker.media_streams or []] == ["audio"]  # a bot's one
+
+
+async def test_someone_of_an_unknown_kind_joining_is_refused() -> None:
+    bot, _ = recording_bot()
+    async with run_with_simulator(bot) as sim:
+        await bot.join_meeting(MEETING_URL)
+        meeting = await sim.wait_for_outgoing_call()
+        await meeting.wait_for_state("established")
+        with pytest.raises(ValueError, match="'app'"):
+            await meeting.join("Notetaker", kind="app")
+        await meeting.join("Notetaker", kind="application")
+        await meeting.hangup()
+        await meeting.wait_until_ended()
+
+
 @pytest.fixture
 async def bare_simulator() -> AsyncIterator[Simulator]:
     async with Simulator() as sim:

@@ -729,7 +729,12 @@ class SimulatedCall:
     async def join(
         self, display_name: str, *, user_id: str | None = None, kind: str = "user"
     ) -> str:
-        """Someone joins the call (a meeting): the bot gets the new roster. Returns their id."""
+        """Someone joins the call (a meeting): the bot gets the new roster. Returns their id.
+
+        ``kind`` is their identity's in Graph's ``identitySet``: ``user``, ``phone``,
+        ``guest``, ``application`` or ``applicationInstance`` (another bot), ...
+        """
+        kind = build._identity_kind(kind)  # before anything happens: a typo names no one
         participant_id = str(uuid.uuid4())
         self.roster[participant_id] = self._participant(
             participant_id,
@@ -862,12 +867,14 @@ class SimulatedCall:
         simulator's), their streams numbered after every stream the call has so far. ``bot``:
         the bot, with a bot's one audio stream and no client language whatever its identity
         kind (a bot joined as a guest has only audio, document 65)."""
-        made = build.participant(
+        made = build._participant(
             participant_id,
             user_id=user_id,
             display_name=display_name,
             kind=kind,
+            muted=False,
             in_lobby=in_lobby,
+            removed_reason=None,
             tenant_id=tenant_id or self._sim.tenant_id,
             first_source_id=self._next_source_id,
             client_version=client_version,

@@ -29,6 +29,8 @@ import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from pydantic.alias_generators import to_camel
+
 from callbot import models
 
 __all__ = [
@@ -70,9 +72,29 @@ def notifications(*items: Mapping[str, Any]) -> dict[str, Any]:
     return {"@odata.type": "#microsoft.graph.commsNotifications", "value": [dict(i) for i in items]}
 
 
+# The identitySet's identity properties, by Graph's name (applicationInstance) and by the
+# model's attribute (application_instance), each to Graph's name.
+_IDENTITY_KINDS = {
+    written: to_camel(name)
+    for name, field in models.IdentitySet.model_fields.items()
+    if field.annotation == models.Identity | None
+    for written in (name, to_camel(name))
+}
+
+
+def _identity_kind(kind: str) -> str:
+    """The identitySet property ``kind`` names; another (a typo) would make a participant
+    whom no identity names, so it is refused."""
+    known = _IDENTITY_KINDS.get(kind)
+    if known is None:
+        kinds = ", ".join(sorted(set(_IDENTITY_KINDS.values())))
+        raise ValueError(f"unknown identity kind {kind!r}: one of {kinds}")
+    return known
+
+
 def _identity(kind: str, identity_id: str, display_name: str | None) -> models.IdentitySet:
     identity = models.Identity(id=identity_id, display_name=display_name)
-    return models.IdentitySet.model_validate({kind: identity})
+    return models.IdentitySet.model_validate({_identity_kind(kind): identity})
 
 
 _RESULT_INFO_TYPE = "#microsoft.graph.resultInfo"
@@ -131,9 +153,10 @@ def incoming_call(
     """A ``created`` call in state ``incoming``.
 
     ``caller_kind`` is ``"user"``, or ``"phone"`` for a PSTN caller (then
-    ``caller_id`` is the phone number). ``my_participant_id`` is the bot's own
-    participant id in the call (``myParticipantId``, as Graph's documented incoming
-    calls carry it).
+    ``caller_id`` is the phone number): an identity kind of Graph's ``identitySet``
+    (``guest``, ``applicationInstance``, ...), and no other. ``my_participant_id`` is
+    the bot's own participant id in the call (``myParticipantId``, as Graph's
+    documented incoming calls carry it).
 
     The call is made to the bot's ``application`` (``bot_app_id``), unless
     ``bot_instance_id`` names the application instance (the object id of the
@@ -258,8 +281,39 @@ def participant(
     audio, a video, a screen-sharing and a data stream, a bot or a phone only audio.
     ``client_version`` is what the participant's client says it is: by default a Teams
     desktop client's, and for a bot ``<display name> (appid:<id>)`` (a live roster names
-    the bot's app there, whatever identity the bot has in the call: give it).
+    the bot's app there, whatever identity the bot has in the call: give it). ``kind`` is
+    the identity's kind in Graph's ``identitySet`` (``user``, ``phone``, ``guest``,
+    ``application``, ``applicationInstance``, ...; ``application_instance`` too), and no
+    other.
     """
+    return _participant(
+        participant_id,
+        user_id=user_id,
+        display_name=display_name,
+        kind=_identity_kind(kind),
+        muted=muted,
+        in_lobby=in_lobby,
+        removed_reason=removed_reason,
+        tenant_id=tenant_id,
+        first_source_id=first_source_id,
+        client_version=client_version,
+    )
+
+
+def _participant(
+    participant_id: str,
+    *,
+    user_id: str | None,
+    display_name: str | None,
+    kind: str,
+    muted: bool,
+    in_lobby: bool,
+    removed_reason: str | None,
+    tenant_id: str | None,
+    first_source_id: int,
+    client_version: str | None,
+) -> models.Participant:
+    """:func:`participant` of any ``kind`` (the simulator's, for one a bot's request named)."""
     stream_kinds = _AUDIO_ONLY if kind in _BOT_KINDS or kind == "phone" else _CLIENT_STREAMS
     identity_id = user_id or participant_id
     link = _replacement_link(participant_id)
