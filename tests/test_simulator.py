@@ -986,6 +986,24 @@ async def test_joining_a_meeting_and_people_coming_and_going() -> None:
     assert me.info.identity.application_instance is None
 
 
+async def test_the_request_that_placed_a_call_is_one_of_the_call_s_requests() -> None:
+    bot, _ = recording_bot()
+    async with run_with_simulator(bot) as sim:
+        await bot.join_meeting(MEETING_URL)
+        meeting = await sim.wait_for_outgoing_call()
+        (joined,) = meeting.requests_for("createCall")
+        assert joined.json["meetingInfo"]["organizer"]["user"]["id"] == "o-1"
+        assert await meeting.wait_for_request("createCall") is joined
+        assert meeting.requests[0] is joined
+        await meeting.hangup()
+        placed = await bot.create_call(Target.user("u-1"))
+        call = await sim.wait_for_outgoing_call()
+        assert call.key == placed.key
+        (placed_it,) = call.requests_for("createCall")
+        assert placed_it.json["targets"][0]["identity"]["user"]["id"] == "u-1"
+        await call.hangup()
+
+
 async def test_the_bot_finds_itself_in_the_roster_by_its_my_participant_id() -> None:
     """Graph names the bot's own participant ``myParticipantId`` (the join's response and
     the roster of document 08 agree): the simulator's roster gives the bot that id."""

@@ -482,6 +482,7 @@ class SimulatedCall:
         self.delta_roster = False
         """Whether rosters are sent as deltas (the bot asked for ``isDeltaRosterEnabled``)."""
         self._sim = simulator
+        self._placed_by: RecordedRequest | None = None  # the bot's createCall, no call id in it
         self._tone_sequence = delivery.first_tone_sequence - 1
         self._roster_sequence = 0
         self._next_source_id = 1  # each media stream in the call has a sourceId of its own
@@ -528,8 +529,14 @@ class SimulatedCall:
 
     @property
     def requests(self) -> list[RecordedRequest]:
-        """The bot's Graph requests about this call, in order."""
-        return [r for r in self._sim.graph.requests if r.call_id and id_key(r.call_id) == self.key]
+        """The bot's Graph requests about this call, in order: the ``createCall`` that placed
+        it (or joined a meeting) first, for a call the bot placed."""
+        return [r for r in self._sim.graph.requests if self._about(r)]
+
+    def _about(self, request: RecordedRequest) -> bool:
+        if request is self._placed_by:
+            return True
+        return request.call_id is not None and id_key(request.call_id) == self.key
 
     def requests_for(self, action: str) -> list[RecordedRequest]:
         """The bot's requests about this call for one action (``playPrompt``, ...)."""
@@ -2054,7 +2061,7 @@ class Simulator:
             # Whether asked of the simulator or of the call, a request is returned once.
             found = [r for r in self.graph.requests_for(action) if id(r) not in self._returned]
             if call is not None:
-                found = [r for r in found if r.call_id and id_key(r.call_id) == call.key]
+                found = [r for r in found if call._about(r)]
             return found
 
         def explain() -> str:
@@ -2298,6 +2305,7 @@ class Simulator:
         rings = request.version == "beta" and not meeting
         targets = [t for t in body.get("targets", []) if isinstance(t, Mapping)]
         call = self._new_call(call_id, "outgoing", None, None, meeting=meeting)
+        call._placed_by = request
         call.group = not meeting and len(targets) > 1
         if targets:
             _, call.remote = call._named_by(targets[0])
