@@ -434,8 +434,11 @@ class Call:
         (a :class:`~callbot.graph.Target` with ``participant_id=``). The outcome arrives as call
         state changes (``transferring``, ``transferAccepted``, then ``terminated``,
         or back to ``established`` with a ``resultInfo`` when it failed): nothing to
-        await here. Graph transfers to a phone number (``Target.phone``) only from a bot
-        with an application instance (a resource account with a phone number).
+        await here. A failure Graph tells with no ``transferring`` before it comes as a
+        :class:`~callbot.events.CallUpdated` with ``result_info`` instead: the call never
+        left ``established``, and ``on_state("established")`` handlers do not run. Graph
+        transfers to a phone number (``Target.phone``) only from a bot with an application
+        instance (a resource account with a phone number).
 
         The transfer is counted for the call's handlers before it is sent (a failure worded
         as the last one is then news); with the Redis store, in the call's inbox, for
