@@ -770,7 +770,13 @@ class Call:
     async def update_recording_status(
         self, status: str, *, client_context: str | None = None
     ) -> Operation[models.UpdateRecordingStatusOperation]:
-        """Tell Teams the bot is recording (``recording``, ``notRecording``, ``failed``)."""
+        """Tell Teams the bot is recording (``recording``, ``notRecording``, ``failed``).
+
+        It records nothing: Graph documents it for Teams' policy-based recording, whose
+        bots receive the call's media themselves (application-hosted media, through
+        Microsoft's media platform, not callbot), and requires its success before a bot
+        keeps any of that media. :meth:`record_response` records one answer from a caller.
+        """
         return await self._operation(
             "/updateRecordingStatus",
             {"status": status},
