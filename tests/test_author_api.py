@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -57,6 +58,28 @@ async def test_a_plain_string_that_is_no_user_id_is_refused_before_graph(
         with pytest.raises(ValueError, match=hint):
             await action
     assert [r.action for r in graph.requests if r.action != "token"] == []
+
+
+@pytest.mark.parametrize(
+    ("given", "hint"),
+    [
+        ("+1 425 555 0100", "Target.phone('+14255550100')"),
+        ("+1 (425) 555-0100", "Target.phone('+14255550100')"),
+        ("(425) 555-0100", "in E.164 form: '+' and the country code first"),
+    ],
+)
+async def test_the_hint_for_a_plain_phone_number_is_a_number_graph_takes(
+    services: CallServices, given: str, hint: str
+) -> None:
+    """Graph takes a number in E.164 form: a plus, the country code, the digits."""
+    with pytest.raises(ValueError, match=re.escape(hint)):
+        await services.call(CALL_ID).transfer(given)
+
+
+def test_a_phone_number_written_with_separators_is_sent_as_its_digits() -> None:
+    assert Target.phone("+1 (425) 555-0100").id == "+14255550100"
+    assert Target.phone("+44 20.7946.0958").id == "+442079460958"
+    assert Target.phone("+14255550100").id == "+14255550100"
 
 
 async def test_an_object_id_of_digits_only_is_still_a_user(

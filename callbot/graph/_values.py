@@ -126,7 +126,10 @@ class Target:
     def phone(
         cls, number: str, display_name: str | None = None, **options: Unpack[InvitationOptions]
     ) -> Target:
-        """A PSTN number in E.164 form (``+12345678901``)."""
+        """A PSTN number in E.164 form (``+12345678901``); spaces, dashes, dots and
+        parentheses written between its digits (``+1 (234) 567-8901``) are left out."""
+        if _PHONE_NUMBER.fullmatch(number):
+            number = _PHONE_SEPARATORS.sub("", number)
         return cls.identity("phone", number, display_name, **options)
 
     @classmethod
@@ -275,6 +278,7 @@ def media_info_json(value: MediaInfoLike) -> dict[str, Any]:
 # leading '+', spaces, dashes, dots or parentheses between them).
 _OBJECT_ID = re.compile(r"[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
 _PHONE_NUMBER = re.compile(r"\+?\(?[0-9][0-9 ().-]*[0-9]")
+_PHONE_SEPARATORS = re.compile(r"[ ().-]")
 
 
 def _user(value: str) -> Target:
@@ -283,7 +287,13 @@ def _user(value: str) -> Target:
     if _OBJECT_ID.fullmatch(value):
         return Target.user(value)  # an object id, even one whose hex digits are all 0-9
     if _PHONE_NUMBER.fullmatch(value):
-        raise ValueError(f"{value!r} looks like a phone number: pass Target.phone({value!r})")
+        digits = _PHONE_SEPARATORS.sub("", value)
+        if digits.startswith("+"):
+            raise ValueError(f"{value!r} looks like a phone number: pass Target.phone({digits!r})")
+        raise ValueError(
+            f"{value!r} looks like a phone number: pass it to Target.phone() in E.164 form: "
+            "'+' and the country code first, then the number ('+12345678901')"
+        )
     if "@" in value:
         raise ValueError(
             f"{value!r} is a sign-in name: Graph names a user by its object id (Target.user(id))"
