@@ -457,7 +457,12 @@ class CallBot:
     @overload
     def on_error(self) -> Callable[[EH], EH]: ...
     def on_error(self, handler: EH | None = None) -> EH | Callable[[EH], EH]:
-        """Run with ``(call, event, exc)`` when a handler raises."""
+        """Run with ``(call, event, exc)`` when a handler raises.
+
+        ``exc`` may be an :class:`asyncio.CancelledError` a handler let escape of its own
+        (not a cancellation at shutdown), so it is a ``BaseException``: annotated
+        ``Exception``, the handler is refused by mypy.
+        """
         return _at_once_or_decorator(handler, self._registry.add_error_handler)
 
     @overload
