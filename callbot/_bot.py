@@ -37,6 +37,7 @@ from ._serving import ConnectionGuard
 from .graph import Call, CallServices
 from .models import CALL_STATES, canonical_call_state
 from .store import Store, open_store
+from .store._base import tell_waiting
 
 __all__ = ["CallBot"]
 
@@ -209,12 +210,7 @@ class _Runtime:
                 # A call whose tenant is not known here (a shared store: another instance runs
                 # it) is not acted on either: its own instance tells this one what it accepts.
                 continue
-            if isinstance(event, events.OperationUpdated):
-                self.services.on_operation(event)
-            elif isinstance(event, events.ToneReceived):
-                self.services.on_tone(event)
-            elif isinstance(event, events.CallTerminated):
-                self.lifecycle.end(event.call_id, event.result_info)
+            tell_waiting(event, self.lifecycle, self.services)
 
     async def ingest(self, batch: Sequence[events.Event]) -> None:
         await self.store.ingest(batch)

@@ -446,8 +446,9 @@ class Lifecycle:
         return True, previous
 
     def told_established(self, call_id: str, tenant_id: str | None) -> None:
-        """Another instance accepted the call's ``established``: who waits for it here goes
-        on (the instance running the call delivers it in order), now or later."""
+        """The call's ``established`` was accepted but is not delivered here (another
+        instance runs the call, or this one refused it while draining): who waits for it here
+        goes on (whoever runs the call delivers it in order), now or later."""
         key = id_key(call_id)
         life = self._lives.get(key)
         if (life is not None and life.ended) or self._ended_lately(key) is not None:

@@ -221,6 +221,38 @@ async def test_outcomes_refused_while_draining_still_resolve_running_handlers(
     assert finished == ["d"]
 
 
+async def test_a_call_established_while_draining_still_resolves_a_running_handler(
+    graph: FakeGraph, authority: TokenAuthority, serve: Any
+) -> None:
+    """A handler that placed a call waits for it to be established; the bot starts
+    draining, and the callee picks up: the ``established`` refused meanwhile (503) still
+    tells the waiting handler, as an outcome refused then does, and as any instance of a
+    shared store is told."""
+    bot = graph_bot(graph, authority, shutdown_timeout=10.0)
+    placed: list[str] = []
+    finished: list[str] = []
+
+    @bot.on_incoming_call
+    async def call_an_agent(call: Call, event: events.IncomingCall) -> None:
+        await call.answer()
+        agent = await bot.create_call(Target.user("8d1e6ab6-26c5-4e22-a1bc-06ea7343958e"))
+        placed.append(agent.id)
+        await agent.wait_until_established(timeout=10)
+        finished.append(agent.id)
+
+    server: BotServer = await serve(bot)
+    graph.add_call("caller")
+    await server.post(b.notifications(b.incoming_call("caller")))
+    await until(lambda: bool(placed))
+    draining = asyncio.create_task(bot.drain())
+    await until(lambda: not bot.ready)
+    for state in ("establishing", "established"):
+        refused = await server.post(b.notifications(b.call_state(placed[0], state)))
+        assert refused.status == 503
+    await draining
+    assert finished == placed
+
+
 async def test_a_call_graph_has_forgotten_is_let_go_when_its_keep_alive_gets_404(
     graph: FakeGraph, authority: TokenAuthority, serve: Any
 ) -> None:

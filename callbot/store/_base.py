@@ -8,9 +8,10 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from .. import events
+from .._lifecycle import LIVE_PHASE, Lifecycle, phase_of_state
 from .._sequencing import CallRecord, OwnFact, Sequencer
 
-__all__ = ["Outcomes", "Store"]
+__all__ = ["Outcomes", "Store", "tell_waiting", "waited_for"]
 
 
 class Outcomes(Protocol):
@@ -19,6 +20,32 @@ class Outcomes(Protocol):
 
     def on_operation(self, event: events.OperationUpdated) -> None: ...
     def on_tone(self, event: events.ToneReceived) -> None: ...
+
+
+_WAITED_FOR = (events.OperationUpdated, events.ToneReceived, events.CallTerminated)
+
+
+def waited_for(event: events.Event) -> bool:
+    """Whether a running handler may be waiting for ``event``: an operation's outcome
+    (``op.wait()``), a tone (``collect_digits``), the call's end, or the call live
+    (``Call.wait_until_established`` returns for any state a live call moves between)."""
+    if isinstance(event, _WAITED_FOR):
+        return True
+    return isinstance(event, events.CallStateChanged) and phase_of_state(event.state) == LIVE_PHASE
+
+
+def tell_waiting(event: events.Event, lifecycle: Lifecycle, outcomes: Outcomes) -> None:
+    """Resolve what waits on this process for ``event``, accepted but not delivered here (by
+    another instance, or refused while draining): the one list of what :func:`waited_for`
+    names and who is told of each. The caller has checked the event's tenant."""
+    if isinstance(event, events.OperationUpdated):
+        outcomes.on_operation(event)
+    elif isinstance(event, events.ToneReceived):
+        outcomes.on_tone(event)
+    elif isinstance(event, events.CallTerminated):
+        lifecycle.end(event.call_id, event.result_info)
+    elif waited_for(event):
+        lifecycle.told_established(event.call_id, event.tenant_id)
 
 
 class Store(Protocol):

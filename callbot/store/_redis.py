@@ -44,7 +44,7 @@ from .._dispatch import Dispatcher
 from .._errors import ConfigurationError, StoreUnavailable
 from .._ids import id_key, tenant_key
 from .._journal import Attempt
-from .._lifecycle import ENDED_MEMORY, LIVE_PHASE, Lifecycle, phase_of_state
+from .._lifecycle import ENDED_MEMORY, Lifecycle
 from .._log import get_logger
 from .._sequencing import (
     SEEN_DIGESTS,
@@ -57,7 +57,7 @@ from .._sequencing import (
     tenant_mismatch,
 )
 from . import _scripts
-from ._base import Outcomes
+from ._base import Outcomes, tell_waiting, waited_for
 from ._codec import (
     decode_entry,
     decode_fact,
@@ -119,19 +119,6 @@ _REPLICA_WAIT_MS = 1000
 
 class NotReplicated(RedisError):
     """The primary took the writes, but not enough replicas hold them yet."""
-
-
-_SHARED = (events.OperationUpdated, events.CallTerminated, events.ToneReceived)
-"""What every instance is told of through the events stream (waiters may be anywhere)."""
-
-
-def _shared(event: events.Event) -> bool:
-    """Whether every instance is told of ``event``: an outcome, a tone, an end, or the call
-    live (``Call.wait_until_established`` may wait on any instance, and returns for any
-    state a live call moves between, as it does where the call runs)."""
-    if isinstance(event, _SHARED):
-        return True
-    return isinstance(event, events.CallStateChanged) and phase_of_state(event.state) == LIVE_PHASE
 
 
 def _text(value: bytes | str) -> str:
@@ -763,7 +750,7 @@ class RedisStore:
             if int(answer[0]) < 0:
                 refused += 1
                 continue
-            if _shared(event):
+            if waited_for(event):
                 # in the events stream for the others; here without reading it back
                 self._tell(event)
             fresh, who, entry = int(answer[0]), int(answer[1]), _text(answer[2])
@@ -984,7 +971,7 @@ class RedisStore:
             if int(answer[0]) < 0:
                 continue  # refused: the call is another tenant's, and nobody is told of it
             # Whoever waits for these (op.wait, collect_digits, ...) may run on any instance.
-            if _shared(event):
+            if waited_for(event):
                 # Every copy goes out (waiters ignore a repeat): a copy retried after a
                 # failed first attempt is a repeat here, yet may never have gone out.
                 broadcasts.append(
@@ -1865,18 +1852,12 @@ class RedisStore:
         if self._lifecycle.belongs_elsewhere(event.call_id, event.tenant_id):
             # Told before the store refused it: what waits here is the call's own tenant's.
             return
-        if isinstance(event, events.OperationUpdated):
-            self._outcomes.on_operation(event)
-        elif isinstance(event, events.ToneReceived):
-            self._outcomes.on_tone(event)
-        elif isinstance(event, events.CallTerminated):
-            # Waits and keep-alives here end now; the owner delivers the termination in order.
-            self._lifecycle.end(event.call_id, event.result_info)
+        # An end ends waits and keep-alives here now; the owner delivers it in order.
+        tell_waiting(event, self._lifecycle, self._outcomes)
+        if isinstance(event, events.CallTerminated):
             known = self._known.get(event.call_key)
             if known is not None and event.call_key not in self._owned:
                 del self._known[event.call_key]
-        elif isinstance(event, events.CallStateChanged):
-            self._lifecycle.told_established(event.call_id, event.tenant_id)
 
     # -- plumbing -------------------------------------------------------------------
 
