@@ -12,6 +12,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+from ._ids import id_key
 from .testing._simulator import Traffic
 
 __all__ = ["SequenceDiagram", "mermaid"]
@@ -71,14 +72,25 @@ class SequenceDiagram:
             self.entries.append(entry)
 
     def calls(self) -> list[str]:
-        """Call ids in the order they first appeared."""
-        return list(dict.fromkeys(e.call_id for e in self.entries if e.call_id is not None))
+        """Call ids in the order they first appeared, each in the form it first appeared in."""
+        return list(self._by_call())
+
+    def _by_call(self) -> dict[str, list[Traffic]]:
+        """Each call's entries, by the id it first appeared with: one call whatever form a
+        later entry wrote its id in (Graph's paths write it upper case without dashes)."""
+        named: dict[str, str] = {}
+        calls: dict[str, list[Traffic]] = {}
+        for entry in self.entries:
+            if entry.call_id is None:
+                continue
+            first = named.setdefault(id_key(entry.call_id), entry.call_id)
+            calls.setdefault(first, []).append(entry)
+        return calls
 
     def markdown(self, title: str = "Calls") -> str:
         """A Markdown page: a heading and a Mermaid block per call."""
         parts = [f"# {title}\n"]
-        for number, call_id in enumerate(self.calls(), start=1):
-            entries = [e for e in self.entries if e.call_id == call_id]
+        for number, (call_id, entries) in enumerate(self._by_call().items(), start=1):
             parts.append(f"\n## Call {number}: `{call_id}`\n\n```mermaid\n{mermaid(entries)}```\n")
         return "".join(parts)
 

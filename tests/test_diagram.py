@@ -7,9 +7,10 @@ import re
 
 import pytest
 
+from callbot import Call, CallBot, events
 from callbot._demo import run_demo
 from callbot._diagram import SequenceDiagram, mermaid
-from callbot.testing import Traffic
+from callbot.testing import DeliveryOptions, Traffic, run_with_simulator
 
 
 @pytest.mark.usefixtures("logging_restored")
@@ -50,3 +51,25 @@ def test_a_refused_notification_is_marked() -> None:
         kind="notification", at=0.0, summary="call established", call_id="c", status=401
     )
     assert "Note over Bot: refused: 401" in mermaid([entry])
+
+
+async def test_one_call_is_one_diagram_whatever_form_its_id_is_written_in() -> None:
+    """Graph writes a call's id in notification paths upper case without dashes, and the
+    bot's requests carry the id as its notifications wrote it: still one call."""
+    bot = CallBot(app_id="0d3e0b07-0000-4000-8000-000000000001")
+
+    @bot.on_incoming_call
+    async def answer(call: Call, event: events.IncomingCall) -> None:
+        await call.answer()
+
+    diagram = SequenceDiagram()
+    compact = DeliveryOptions(compact_ids=True)
+    async with run_with_simulator(bot, delivery=compact, observers=[diagram]) as sim:
+        call = await sim.incoming_call(from_user="Adele Vance")
+        await call.wait_for_state("established")
+        await call.hangup()
+        await call.settled()
+    assert diagram.calls() == [call.id]
+    (block,) = re.findall(r"```mermaid\n(.*?)```", diagram.markdown(), re.S)
+    assert "Caller->>Graph: Adele Vance hangs up" in block
+    assert "Bot->>Graph: answer (202)" in block
