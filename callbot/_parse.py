@@ -392,12 +392,15 @@ def _event_for(index: int, item: Any, envelope: dict[str, Any], tenant_id: str |
     change_type = item.get("changeType")
     if not isinstance(change_type, str):
         raise MalformedNotification("bad_shape", f"{where}.changeType is missing or not a string")
-    if not _one_segment(change_type):
-        # It decides what the item is: held to the rule of the ids it routes with.
-        raise MalformedNotification(
-            "bad_shape", f"{where}.changeType {quoted(change_type)} is not a usable name"
-        )
-    change_type = _CHANGE_TYPES.get(change_type.lower(), change_type)
+    known = _CHANGE_TYPES.get(change_type.lower())
+    if known is None:
+        if not _one_segment(change_type):
+            # It decides what the item is: held to the rule of the ids it routes with.
+            raise MalformedNotification(
+                "bad_shape", f"{where}.changeType {quoted(change_type)} is not a usable name"
+            )
+        known = change_type
+    change_type = known
     path = path_of(item)
     if path is None:
         raise MalformedNotification("bad_shape", f"{where} has neither resourceUrl nor resource")
@@ -425,6 +428,8 @@ def _event_for(index: int, item: Any, envelope: dict[str, Any], tenant_id: str |
         event = _route(rest, change_type, data, item, common)
     except ValidationError:
         return UnknownNotification(**common, resource_data=data)
+    if not isinstance(event, _NAMING_IDS):
+        return event  # the usual event: its ids are the path's
     for named in _ids_in_body(event):
         if not _one_segment(named):
             raise MalformedNotification(
@@ -463,6 +468,10 @@ def _one_segment(segment: str) -> bool:
     # resource_url is a path handlers may request: it must stay one segment, naming one call,
     # however a server reads it ('#x' would be dropped, '%2e%2e' or '%2F' climb).
     return usable_id(segment) and not _SEGMENT_BREAKER.search(segment)
+
+
+_NAMING_IDS = (OperationUpdated, ParticipantsUpdated)
+"""The events that take ids from their body (:func:`_ids_in_body`)."""
 
 
 def _ids_in_body(event: Event) -> Iterator[str]:
