@@ -6,7 +6,7 @@ import asyncio
 import ipaddress
 import signal
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any, Concatenate, ParamSpec, TypeVar, overload
 
 from aiohttp import web
@@ -32,6 +32,7 @@ from ._metrics import Metrics
 from ._proxy import proxy_middlewares
 from ._receiver import Receiver
 from ._recording import NotificationRecorder
+from ._routes import checked_routes, reading_bodies_first
 from ._sequencing import Delivery, Sequencer
 from ._serving import ConnectionGuard
 from .graph import Call, CallServices
@@ -283,6 +284,7 @@ class CallBot:
         self._settings = settings if settings is not None else Settings(**options)
         self._credential = credential
         self._registry = HandlerRegistry()
+        self._routes: list[web.AbstractRouteDef] = []
         self._runtime: _Runtime | None = None
 
     @classmethod
@@ -552,8 +554,44 @@ class CallBot:
         """Running, keys loaded, and not draining."""
         return self._runtime is not None and self._runtime.ready
 
+    def add_routes(self, routes: Iterable[web.AbstractRouteDef]) -> None:
+        """Serve ``routes`` of your own beside the callback, on the bot's port: aiohttp route
+        definitions, as a ``web.RouteTableDef`` or ``web.post(path, handler)`` give them.
+
+        Every app ``create_app()`` builds has them, so ``callbot run``, ``serve()``, a
+        mounted app and the testing kit all serve them. A handler gets the request once its
+        body is read, within the callback's ``body_timeout`` and ``max_body_bytes`` (else
+        ``408``, or aiohttp's ``413``): ``await request.json()``, ``text()``, ``read()`` and
+        ``post()`` give it (``request.content`` has nothing left to stream). It reaches the
+        bot as the module's other code does (``bot``, or a closure in a function that makes
+        the bot).
+
+        These requests are not callbacks: no token is checked. The port is public (Graph
+        calls it), so a route that acts (joins a meeting, places a call) must check who asks
+        itself, with a secret of its own, say.
+
+        Raises ``ValueError`` for a route that would take requests for one of the bot's own
+        paths (the callback path, ``/healthz``, ``/readyz``, ``/metrics``), what aiohttp
+        raises for a route it refuses, and ``RuntimeError`` while the bot runs. An app
+        ``create_app()`` built before does not get routes added after.
+
+        >>> routes = web.RouteTableDef()
+        >>> @routes.post("/join")
+        ... async def join(request: web.Request) -> web.Response:
+        ...     check_secret(request)
+        ...     call = await bot.join_meeting((await request.json())["joinUrl"])
+        ...     return web.json_response({"callId": call.id})
+        >>> bot.add_routes(routes)
+        """
+        if isinstance(routes, web.AbstractRouteDef):
+            raise TypeError("add_routes takes a list of route definitions: [web.post(...)]")
+        if self._runtime is not None:
+            raise RuntimeError("add_routes() is only possible while the bot is not running")
+        self._routes = checked_routes([*self._routes, *routes], self._settings.callback_path)
+
     def create_app(self) -> web.Application:
-        """The aiohttp application: the callback route, ``/healthz``, ``/readyz``, ``/metrics``.
+        """The aiohttp application: the callback route, ``/healthz``, ``/readyz``, ``/metrics``,
+        and the routes given to :meth:`add_routes`.
 
         Mount it in an existing app with ``app.add_subapp(prefix, bot.create_app())``.
         Run as the root application, it reads every request body as sent, routes added to
@@ -561,6 +599,8 @@ class CallBot:
         ``handler_args`` decide, so give it ``{"auto_decompress": False}`` for aiohttp not
         to inflate a compressed body the callback refuses (415) while it drains it.
         """
+        # Checked again: the callback path may have changed since (configure).
+        routes = checked_routes(self._routes, self._settings.callback_path)
         app = web.Application(
             client_max_size=self._settings.max_body_bytes,
             handler_args=self._connection_options(),
@@ -572,6 +612,8 @@ class CallBot:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
+        # After the bot's own routes, which no route of the author's may match.
+        app.add_routes(reading_bodies_first(routes, lambda: self._settings.body_timeout))
         app.cleanup_ctx.append(self._lifespan)
         return app
 

@@ -19,7 +19,9 @@ listener (``CallBot.serve``) uses :class:`ConnectionGuard` instead:
   (``417``) is answered as aiohttp answers it and logged and counted the same way,
   since the access log is off.
 
-The body deadline is the receiver's (``body_timeout``), since only it reads bodies.
+The body deadline (``body_timeout``) is kept by what reads bodies: the receiver, and
+for routes of the author's (``CallBot.add_routes``) ``callbot._routes``. Those routes'
+connections are guarded as the callback's are: the guard wraps the whole server.
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@ calls, appends ``start CALL_ID`` to the file named by ``HOSTING_BOT_OUTPUT``,
 waits for SIGUSR1 when ``HOSTING_BOT_RELEASE`` is set (else sleeps
 ``HOSTING_BOT_SLEEP`` seconds), then appends ``done CALL_ID``; so a test can
 signal the process while a handler runs and see whether it finished.
+
+With ``HOSTING_BOT_OWN_ROUTES`` set, it also serves ``POST /echo`` (the JSON body
+back).
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import asyncio
 import os
 import signal
 from pathlib import Path
+
+from aiohttp import web
 
 from callbot import Call, CallBot, events
 
@@ -39,3 +44,14 @@ async def slow_handler(call: Call, event: events.IncomingCall) -> None:
     else:
         await asyncio.sleep(float(os.environ.get("HOSTING_BOT_SLEEP", "1.5")))
     _append(f"done {event.call_id}")
+
+
+if os.environ.get("HOSTING_BOT_OWN_ROUTES"):
+    routes = web.RouteTableDef()
+
+    @routes.post("/echo")
+    async def echo(request: web.Request) -> web.Response:
+        """The JSON body back, and whether the bot is ready."""
+        return web.json_response({"echo": await request.json(), "ready": bot.ready})
+
+    bot.add_routes(routes)
