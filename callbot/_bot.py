@@ -6,6 +6,7 @@ import asyncio
 import ipaddress
 import signal
 import socket
+import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any, Concatenate, ParamSpec, TypeVar, overload
 
@@ -15,7 +16,7 @@ from . import events
 from ._affinity import DeploymentChooser, RegionAffinity
 from ._auth import Authenticator
 from ._callables import calls_a_coroutine, handler_name
-from ._clock import loop_time
+from ._clock import loop_time, wait_all
 from ._config import Settings
 from ._dispatch import (
     Dispatcher,
@@ -23,6 +24,7 @@ from ._dispatch import (
     Handler,
     HandlerRegistry,
     HandlerWatcher,
+    StartedHook,
 )
 from ._gc import tune_for_serving
 from ._ids import id_key
@@ -48,8 +50,11 @@ E = TypeVar("E", bound=events.Event)
 H = TypeVar("H", bound=Callable[..., Awaitable[None]])
 EH = TypeVar("EH", bound=ErrorHandler)
 C = TypeVar("C", bound=DeploymentChooser)
+S = TypeVar("S", bound=Callable[["CallBot"], Awaitable[None]])
 T = TypeVar("T")
 BOT_KEY: web.AppKey[CallBot] = web.AppKey("callbot")
+_ON_STARTED_BY_SERVER: web.AppKey[bool] = web.AppKey("callbot_on_started_by_server", bool)
+"""Set on an app whose server runs the on_started hooks itself, once it listens."""
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -57,6 +62,10 @@ R = TypeVar("R")
 _REQUEST_GRACE_AT_EXIT = 1.0
 """Seconds a request still in progress after the drain gets before it is cut (aiohttp
 gives it that long to finish, then as long again to stop once cancelled)."""
+
+_READY_RECHECK = 0.5
+"""Seconds between two looks at the store while on_started hooks wait for the bot to be
+ready (the keys have an event to wait on; the store's reachability has none)."""
 
 
 def _signature_of(
@@ -88,6 +97,9 @@ class _Runtime:
     def __init__(self, settings: Settings, registry: HandlerRegistry, credential: Any) -> None:
         s = settings
         self.settings = settings
+        self.registry = registry
+        self.started_hooks: dict[asyncio.Task[None], str] | None = None
+        """The on_started hooks' tasks and names, once started (``None`` before)."""
         self.metrics = Metrics()
         self.lifecycle = Lifecycle(
             termination_grace=s.termination_grace,
@@ -228,6 +240,49 @@ class _Runtime:
             keys_loaded=self.authenticator.ready,
         )
 
+    def run_started_hooks(self, bot: CallBot) -> None:
+        """Start each on_started hook in a task of its own, once per run of the bot."""
+        if self.started_hooks is not None or self.receiver.draining:
+            return
+        loop = asyncio.get_running_loop()
+        self.started_hooks = {
+            loop.create_task(self._run_started(hook, bot)): handler_name(hook)
+            for hook in self.registry.started
+        }
+
+    async def until_ready(self) -> None:
+        """Return once the bot is ready: keys loaded, store reachable, not draining."""
+        while not self.ready:
+            if not self.authenticator.ready:
+                await self.authenticator.wait_ready(_READY_RECHECK)
+            else:
+                await asyncio.sleep(_READY_RECHECK)
+
+    async def _run_started(self, hook: StartedHook, bot: CallBot) -> None:
+        await self.until_ready()
+        try:
+            await hook(bot)
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the bot stops
+            # The hook let a cancellation of its own escape: an error, not a stop.
+            self._started_hook_failed(handler_name(hook), exc)
+        except Exception as exc:
+            self._started_hook_failed(handler_name(hook), exc)
+
+    def _started_hook_failed(self, name: str, exc: BaseException) -> None:
+        # No call, no event: no on_error handler can take it.
+        self.dispatcher.counts["handler_errors"] += 1
+        self.dispatcher.counts["unhandled_errors"] += 1
+        log.error(
+            "handler_failed",
+            handler=name,
+            kind="on_started",
+            error=repr(exc),
+            traceback="".join(traceback.format_exception(exc)),
+        )
+
     async def drain(self, stop_waiting: asyncio.Event | None = None) -> None:
         if self.receiver.draining:
             return
@@ -235,8 +290,23 @@ class _Runtime:
         log.info("draining", timeout=self.settings.shutdown_timeout)
         # One deadline for the whole drain, so the store's wait and the handlers' share it.
         deadline = loop_time() + self.settings.shutdown_timeout
+        # Started hooks stop at once (a hook may loop for as long as the bot runs); each has
+        # what is left of the drain to finish once cancelled.
+        hooks, self.started_hooks = self.started_hooks or {}, {}
+        for task in hooks:
+            task.cancel()
         await self.store.drain(self.settings.shutdown_timeout, stop_waiting)
         abandoned = await self.dispatcher.join(max(0.0, deadline - loop_time()), stop_waiting)
+        await wait_all(hooks, max(0.0, deadline - loop_time()), stop_waiting)
+        if not all(task.done() for task in hooks):
+            await asyncio.sleep(0)  # a hurried drain: a hook cancelled just now stops at its turn
+        for task, name in hooks.items():
+            if not task.done():
+                log.error(
+                    "started_hook_abandoned",
+                    handler=name,
+                    reason="still running when the drain ended, though cancelled as it began",
+                )
         hurried = stop_waiting is not None and stop_waiting.is_set()
         for delivery in abandoned:
             log.error(
@@ -464,6 +534,37 @@ class CallBot:
         return _at_once_or_decorator(handler, self._registry.add_error_handler)
 
     @overload
+    def on_started(self, hook: S) -> S: ...
+    @overload
+    def on_started(self) -> Callable[[S], S]: ...
+    def on_started(self, hook: S | None = None) -> S | Callable[[S], S]:
+        """Run ``hook(bot)`` once the bot serves and is ready: to join a meeting, or place a
+        call, when the bot starts.
+
+        It runs once per start, in a task of its own (it never holds the start up), when
+        the bot is ready (signing keys loaded, store reachable) and:
+
+        * served with ``serve()`` (``callbot run``, ``bot.run()``): its port accepts
+          connections;
+        * served by the testing kit (``run_with_simulator``, the ``sim`` fixture): it
+          serves the simulator, so a test can ``await sim.wait_for_outgoing_call()``;
+        * mounted, or run by another server (``create_app()``): its app has started the bot
+          (aiohttp's startup). aiohttp opens the server's port once the whole application
+          has started, so the hook may begin a moment before the port accepts connections.
+
+        A bare ``await bot.start()`` serves nothing and runs no hook. An exception is logged
+        as ``handler_failed`` (``kind`` ``on_started``; there is no call for an ``on_error``
+        handler) and the bot keeps serving. When the bot stops, a hook still running is
+        cancelled as the drain begins, and has what is left of ``shutdown_timeout`` to
+        finish. A hook registered while the bot runs waits for its next start.
+
+        >>> @bot.on_started
+        ... async def join_the_standup(bot: CallBot) -> None:
+        ...     await bot.join_meeting(STANDUP_URL)
+        """
+        return _at_once_or_decorator(hook, self._registry.add_started)
+
+    @overload
     def choose_deployment(self, chooser: C) -> C: ...
     @overload
     def choose_deployment(self) -> Callable[[C], C]: ...
@@ -617,6 +718,16 @@ class CallBot:
         app.cleanup_ctx.append(self._lifespan)
         return app
 
+    def _app_for_own_server(self) -> web.Application:
+        """``create_app()``, for a server that calls :meth:`_serving_started` once it listens."""
+        app = self.create_app()
+        app[_ON_STARTED_BY_SERVER] = True
+        return app
+
+    def _serving_started(self) -> None:
+        """The bot's server listens: run the on_started hooks (once per run)."""
+        self._running().run_started_hooks(self)
+
     def _connection_options(self) -> dict[str, Any]:
         # aiohttp's keep-alive timeout also applies to a connection that never sends a request
         # (since aiohttp 3.14.4, hence callbot's floor).
@@ -628,6 +739,9 @@ class CallBot:
 
     async def _lifespan(self, app: web.Application) -> AsyncIterator[None]:
         await self.start()
+        if not app.get(_ON_STARTED_BY_SERVER, False):
+            # Mounted, or run by a server of someone else's: no later moment is told.
+            self._serving_started()
         yield
         await self.stop()
 
@@ -691,7 +805,7 @@ class CallBot:
         # serve() owns the process, so it may tune the collector for many live calls.
         tune_for_serving()
         runner = web.AppRunner(
-            self.create_app(),
+            self._app_for_own_server(),
             handle_signals=False,
             access_log=None,
             # After the drain only a slow request is left (Graph retries it): cut it, or it
@@ -719,6 +833,7 @@ class CallBot:
             # The port bound, not the one asked for: with port 0 the system picks it.
             bound = listener.sockets[0].getsockname()[1]
             log.info("listening", host=host, port=bound, callback_path=self._settings.callback_path)
+            self._serving_started()
             await stop.wait()
             log.info("shutdown_requested")
             # Drain while still listening, so probes see readyz fail before the exit.

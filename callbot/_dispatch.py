@@ -38,6 +38,7 @@ __all__ = [
     "ErrorHandler",
     "Handler",
     "HandlerRegistry",
+    "StartedHook",
 ]
 
 log = get_logger("callbot.dispatch")
@@ -46,6 +47,8 @@ Handler = Callable[["Call", Any], Awaitable[None]]
 """``async def handler(call, event) -> None``."""
 ErrorHandler = Callable[["Call", events.Event, BaseException], Awaitable[None]]
 """``async def on_error(call, event, exc) -> None``."""
+StartedHook = Callable[[Any], Awaitable[None]]
+"""``async def hook(bot) -> None``, run once the bot serves (``CallBot.on_started``)."""
 Done = Callable[[Delivery], None]
 HandlerWatcher = Callable[[str, events.Event, str], None]
 """``watch(handler_name, event, outcome)``; outcome ``ok``, ``error`` or ``call_ended``."""
@@ -65,6 +68,8 @@ class HandlerRegistry:
     def __init__(self) -> None:
         self._registrations: list[_Registration] = []
         self._error_handlers: list[ErrorHandler] = []
+        self.started: list[StartedHook] = []
+        """Run once the bot serves, each in a task of its own (``CallBot.on_started``)."""
         self.watchers: list[HandlerWatcher] = []
         """Told of every handler run once it finished (the testing kit draws them)."""
         self.deployment_chooser: DeploymentChooser | None = None
@@ -92,6 +97,12 @@ class HandlerRegistry:
         _require_coroutine(handler)
         _require_parameters(handler, "call, event, exc")
         self._error_handlers.append(handler)
+
+    def add_started(self, hook: StartedHook) -> None:
+        """Register a hook run once the bot serves."""
+        _require_coroutine(hook)
+        _require_parameters(hook, "bot")
+        self.started.append(hook)
 
     def wants(self, event_type: type[events.Event]) -> bool:
         """Whether any handler is registered for events of ``event_type``."""

@@ -7,7 +7,7 @@ waits for SIGUSR1 when ``HOSTING_BOT_RELEASE`` is set (else sleeps
 signal the process while a handler runs and see whether it finished.
 
 With ``HOSTING_BOT_OWN_ROUTES`` set, it also serves ``POST /echo`` (the JSON body
-back).
+back) and appends ``started`` once its ``on_started`` hook runs.
 """
 
 from __future__ import annotations
@@ -55,3 +55,8 @@ if os.environ.get("HOSTING_BOT_OWN_ROUTES"):
         return web.json_response({"echo": await request.json(), "ready": bot.ready})
 
     bot.add_routes(routes)
+
+    @bot.on_started
+    async def started(started_bot: CallBot) -> None:
+        """Write down that the bot serves."""
+        _append("started")

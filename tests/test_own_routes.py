@@ -29,6 +29,7 @@ from .test_hosting import (
     bot_env,
     client_session,
     serving_in_process,
+    wait_for_line,
 )
 
 JOIN_URL = (
@@ -92,7 +93,7 @@ async def processes() -> AsyncIterator[list[BotProcess]]:
         await process.close()
 
 
-async def test_callbot_run_serves_a_route_of_ones_own(
+async def test_callbot_run_serves_a_route_of_ones_own_and_runs_on_started(
     authority: TokenAuthority, processes: list[BotProcess], tmp_path: Path
 ) -> None:
     output = tmp_path / "handled.txt"
@@ -103,6 +104,7 @@ async def test_callbot_run_serves_a_route_of_ones_own(
         async with session.post(bot.base_url + "/echo", json={"hello": "bot"}) as response:
             assert response.status == 200
             assert await response.json() == {"echo": {"hello": "bot"}, "ready": True}
+    await wait_for_line(output, "started", bot)
 
 
 async def test_the_simulator_serves_a_route_that_joins_a_meeting(

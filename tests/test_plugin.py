@@ -223,6 +223,81 @@ def test_errors_taken_by_on_error_do_not_fail_a_strict_test(pytester: pytest.Pyt
     result.assert_outcomes(passed=2)
 
 
+STARTING_BOT = """
+import os
+
+from callbot import CallBot
+
+bot = CallBot.from_env()
+tried = []
+
+
+@bot.on_started
+async def join_at_start(bot):
+    tried.append(os.environ["MEETING_URL"])
+    if os.environ["MEETING_URL"] == "none":
+        raise LookupError("no meeting to join")
+    await bot.join_meeting(os.environ["MEETING_URL"])
+"""
+
+STARTING_TESTS = """
+import asyncio
+
+import pytest
+
+from mybot import tried
+
+JOIN_URL = (
+    "https://teams.microsoft.com/l/meetup-join/19%3ameeting_abc%40thread.v2/0"
+    "?context=%7b%22Tid%22%3a%22t-1%22%2c%22Oid%22%3a%22o-1%22%7d"
+)
+
+
+@pytest.fixture
+def meeting_url(monkeypatch):
+    monkeypatch.setenv("MEETING_URL", JOIN_URL)
+
+
+@pytest.fixture
+def no_meeting(monkeypatch):
+    monkeypatch.setenv("MEETING_URL", "none")
+
+
+@pytest.mark.usefixtures("meeting_url")
+async def test_the_bot_joins_its_meeting_at_start(sim):
+    meeting = await sim.wait_for_outgoing_call()
+    created = await sim.wait_for_request("createCall")
+    assert created.json["chatInfo"]["threadId"] == "19:meeting_abc@thread.v2"
+    await meeting.wait_for_state("established")
+    await meeting.hangup()
+    await meeting.wait_until_ended()
+
+
+@pytest.mark.usefixtures("no_meeting")
+async def test_a_hook_that_raises_fails_the_test(sim):
+    while "none" not in tried:
+        await asyncio.sleep(0.01)
+"""
+
+
+def test_a_test_sees_what_the_bot_does_once_it_serves(pytester: pytest.Pytester) -> None:
+    """The ``sim`` fixture runs the bot's ``on_started`` hooks once the bot serves it: a
+    bot that joins a meeting at start is tested by waiting for the meeting call."""
+    pytester.makepyfile(mybot=STARTING_BOT)
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(test_mybot=STARTING_TESTS)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-W", "error", timeout=120)
+    # The teardown of the test whose hook raised is an error; the test body passed.
+    result.assert_outcomes(passed=2, errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*test_a_hook_that_raises_fails_the_test*",
+            "*the bot misbehaved during the test*",
+            "*1 handler run(s) raised*",
+        ]
+    )
+
+
 def test_the_readme_bot_and_tests_pass_in_a_project_without_configuration(
     pytester: pytest.Pytester,
 ) -> None:

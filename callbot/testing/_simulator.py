@@ -1834,12 +1834,14 @@ class Simulator:
 
         As for that bot, its settings (and credential) point at the simulator until the
         block ends, :attr:`traffic` shows its handlers, a call's ``states`` what its
-        handlers were told, and ``settled()`` waits for its handlers too.
+        handlers were told, and ``settled()`` waits for its handlers too; its
+        ``on_started`` hooks run as the block begins.
         """
         async with _serving(
             bot, self, shutdown_timeout=shutdown_timeout, keep_alive=False
         ) as callback_url:
             self._others[callback_url] = bot
+            bot._serving_started()
             try:
                 yield callback_url
             finally:
@@ -2429,7 +2431,11 @@ async def _serve_bot(bot: CallBot, sim: Simulator, *, keep_alive: bool = False) 
         if keep_alive:
             bot.configure(keep_alive=True)
         runner = web.AppRunner(
-            bot.create_app(), handle_signals=False, access_log=None, shutdown_timeout=1.0
+            # Its on_started hooks run once it serves the simulator (_serving's caller).
+            bot._app_for_own_server(),
+            handle_signals=False,
+            access_log=None,
+            shutdown_timeout=1.0,
         )
         await runner.setup()
     except BaseException:
@@ -2455,7 +2461,8 @@ async def run_with_simulator(
     given at most ``shutdown_timeout`` seconds to finish its handlers. It sends
     no keep-alive unless ``keep_alive`` is true: then every ``keep_alive_interval``
     (its own setting; a test shortens it) for each established call, as with Graph
-    (``sim.graph.requests_for("keepAlive")`` lists them).
+    (``sim.graph.requests_for("keepAlive")`` lists them). Its ``on_started`` hooks run
+    once it serves the simulator, as the block begins.
     """
     saved = bot.settings
     options.setdefault("app_id", saved.app_id or DEFAULT_APP_ID)
@@ -2470,6 +2477,7 @@ async def run_with_simulator(
         ) as callback_url:
             sim.callback_url = callback_url
             sim._bot = bot
+            bot._serving_started()
             try:
                 yield sim
             finally:

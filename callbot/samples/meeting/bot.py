@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 
 import structlog
 
@@ -79,26 +80,29 @@ async def left(call: Call, event: events.CallTerminated) -> None:
     left_a_meeting.set()
 
 
-async def main(join_url: str) -> None:
-    """Serve the bot, join the meeting, and stop once the bot has left it."""
+async def main(join_url: str) -> bool:
+    """Serve the bot, join the meeting once it serves, and stop once the bot has left it.
+
+    Returns whether it joined (a join Graph refused is logged as ``handler_failed``).
+    """
     stop = asyncio.Event()
-    server = asyncio.create_task(bot.serve(stop=stop))
-    try:
-        async with asyncio.timeout(30):
-            while not bot.ready:
-                if server.done():
-                    await server  # it failed to start: show why
-                await asyncio.sleep(0.1)
-        await join(join_url)
-        leaving = asyncio.ensure_future(left_a_meeting.wait())
-        await asyncio.wait({leaving, server}, return_when=asyncio.FIRST_COMPLETED)
-        leaving.cancel()
-    finally:
-        stop.set()
-        await server
+    joined = False
+
+    @bot.on_started
+    async def join_the_meeting(started: CallBot) -> None:
+        nonlocal joined
+        try:
+            await join(join_url)
+            joined = True
+            await left_a_meeting.wait()
+        finally:
+            stop.set()  # out of the meeting, or never in it
+
+    await bot.serve(stop=stop)
+    return joined
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("join_url", help="the meeting's Teams join URL")
-    asyncio.run(main(parser.parse_args().join_url))
+    sys.exit(0 if asyncio.run(main(parser.parse_args().join_url)) else 1)

@@ -118,17 +118,18 @@ async def notify(
 async def main(recipient: str, attempts: int, retry_delay: float) -> bool:
     """Serve the bot just long enough to deliver one notification."""
     stop = asyncio.Event()
-    server = asyncio.create_task(bot.serve(stop=stop))
-    try:
-        async with asyncio.timeout(30):
-            while not bot.ready:
-                if server.done():
-                    await server  # it failed to start: show why
-                await asyncio.sleep(0.1)
-        return await notify(recipient, attempts=attempts, retry_delay=retry_delay)
-    finally:
-        stop.set()
-        await server
+    delivered = False
+
+    @bot.on_started
+    async def deliver(started: CallBot) -> None:
+        nonlocal delivered
+        try:
+            delivered = await notify(recipient, attempts=attempts, retry_delay=retry_delay)
+        finally:
+            stop.set()  # delivered, given up, or failed (logged as handler_failed)
+
+    await bot.serve(stop=stop)
+    return delivered
 
 
 if __name__ == "__main__":
