@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,9 @@ from .test_hosting import (
     serving_in_process,
     wait_for_line,
 )
+from .test_security_connections import processes
+
+__all__ = ["processes"]  # the fixture this module uses
 
 JOIN_URL = (
     "https://teams.microsoft.com/l/meetup-join/19%3ameeting_abc%40thread.v2/0"
@@ -83,14 +85,6 @@ async def test_serve_serves_a_route_of_ones_own_and_its_router_refusals_name_it(
     [refusal] = [e for e in logs if e["event"] == "method_not_allowed"]
     assert refusal["allowed"] == ["POST"]
     assert "POST /status" in refusal["served"]
-
-
-@pytest.fixture
-async def processes() -> AsyncIterator[list[BotProcess]]:
-    started: list[BotProcess] = []
-    yield started
-    for process in started:
-        await process.close()
 
 
 async def test_callbot_run_serves_a_route_of_ones_own_and_runs_on_started(
