@@ -992,6 +992,113 @@ async def test_a_phone_call_reaches_the_bot_through_its_application_instance(
     assert key_paths(posted_me) == key_paths(live)
 
 
+async def test_a_user_calling_the_bots_application_instance_reaches_it_as_graph_documents() -> None:
+    """A Teams user calling a bot's resource account (document 22: a user's call whose target
+    is the application instance, as a receptionist bot behind one receives it):
+    ``sim.incoming_call(to_instance=True)`` makes the call to the simulator's
+    ``application_instance_id``, with document 22's key paths and the bot's
+    ``myParticipantId`` as the target's id; the bot is that instance in the roster, with
+    the key paths of a recorded instance's entry (sb15), beside the user who called.
+    Without it a user's call could only reach the bot's ``application``."""
+    documented = documented_call_to_an_instance()["value"][0]["resourceData"]
+    [documented_target] = documented["targets"]
+    bot = CallBot(app_id=APP_ID)
+    offered: list[events.IncomingCall] = []
+    rosters: list[events.ParticipantsUpdated] = []
+
+    @bot.on_incoming_call
+    async def answer(call: Call, event: events.IncomingCall) -> None:
+        offered.append(event)
+        await call.answer()
+
+    @bot.on_participants
+    async def roster(call: Call, event: events.ParticipantsUpdated) -> None:
+        rosters.append(event)
+
+    async with run_with_simulator(
+        bot, bot_name="Reception", application_instance_id=INSTANCE_ID
+    ) as sim:
+        call = await sim.incoming_call("Lee Gu", to_instance=True)
+        await until(lambda: bool(rosters))
+        await call.settled()
+        bodies = [t.body for t in sim.traffic if t.kind == "notification"]
+    [target] = offered[0].call.targets or []
+    assert target.identity is not None
+    assert target.identity.application is None
+    called = target.identity.application_instance
+    assert called is not None
+    assert (called.id, called.display_name, called.tenant_id) == (
+        INSTANCE_ID,
+        "Reception",
+        sim.tenant_id,
+    )
+    assert target.id == offered[0].call.my_participant_id == call.bot_participant_id
+    source = offered[0].call.source
+    assert source is not None
+    assert source.identity is not None
+    assert source.identity.user is not None
+    assert source.identity.user.display_name == "Lee Gu"
+    posted_call = next(item["resourceData"] for body in bodies for item in body["value"])
+    [posted_target] = posted_call["targets"]
+    assert key_paths(posted_target) == key_paths(documented_target) - UNMODELLED_TARGET_PATHS
+    # The caller is a user, as document 22's is.
+    assert {k for k in posted_call["source"]["identity"] if not k.startswith("@")} == {"user"}
+    assert "user" in documented["source"]["identity"]
+    me = identity_of(bot_in(rosters[0], call.bot_participant_id))
+    assert me.application is None
+    assert me.application_instance is not None
+    assert me.application_instance.id == INSTANCE_ID
+    [caller] = [identity_of(p) for p in rosters[0].participants if p.id != call.bot_participant_id]
+    assert caller.user is not None
+    assert caller.user.display_name == "Lee Gu"
+    [posted_me] = [
+        entry
+        for body in bodies
+        for item in body["value"]
+        if step_of(item) == "roster"
+        for entry in item["resourceData"]
+        if entry["id"] == call.bot_participant_id
+    ]
+    [live] = recorded_item("sb15-groupcalls-groupcallbotjoin.json")["resourceData"]
+    assert key_paths(posted_me) == key_paths(live)
+
+
+@pytest.mark.parametrize(
+    ("from_phone", "to_instance", "called"),
+    [
+        (None, None, "application"),
+        (None, False, "application"),
+        ("+14255550100", None, "applicationInstance"),
+        ("+14255550100", True, "applicationInstance"),
+        (None, True, "applicationInstance"),
+    ],
+    ids=["user", "user-to-app", "phone", "phone-to-instance", "user-to-instance"],
+)
+async def test_to_instance_picks_whom_an_incoming_call_is_made_to(
+    from_phone: str | None, to_instance: bool | None, called: str
+) -> None:
+    """``to_instance`` says whether a call is made to the bot's application instance or its
+    ``application``; by default a phone caller calls the instance and a user the
+    application. The target and the bot's own roster entry name the same identity."""
+    bot, rosters = bot_answering_with_rosters()
+
+    async with run_with_simulator(bot) as sim:
+        call = await sim.incoming_call(from_phone=from_phone, to_instance=to_instance)
+        await until(lambda: bool(rosters))
+        await call.settled()
+        posted = next(
+            item["resourceData"]
+            for t in sim.traffic
+            if t.kind == "notification"
+            for item in t.body["value"]
+        )
+    [target] = posted["targets"]
+    assert [k for k in target["identity"] if not k.startswith("@")] == [called]
+    me = identity_of(bot_in(rosters[0], call.bot_participant_id))
+    assert (me.application_instance is not None) == (called == "applicationInstance")
+    assert (me.application is not None) == (called == "application")
+
+
 def recorded_person() -> dict[str, Any]:
     """A person's entry in a live P2P roster (sb12)."""
     return next(

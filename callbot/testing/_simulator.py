@@ -1660,8 +1660,9 @@ class Simulator:
         self.application_instance_id = application_instance_id or str(
             uuid.uuid5(uuid.NAMESPACE_URL, f"applicationInstance:{app_id}")
         )
-        """The bot's application instance (object id) that phone calls are made to, named
-        ``bot_name`` in the call (Graph puts a phone call through to a bot only by one)."""
+        """The bot's application instance (object id) that phone calls (and any call
+        ``incoming_call(..., to_instance=True)`` makes) are made to, named ``bot_name`` in
+        the call (Graph puts a phone call through to a bot only by one)."""
         self.tenant_id = tenant_id
         self.callback_url = callback_url
         """The bot's callback URL: where incoming calls are announced, and a call's
@@ -1876,15 +1877,20 @@ class Simulator:
         from_phone: str | None = None,
         call_id: str | None = None,
         delivery: DeliveryOptions | None = None,
+        to_instance: bool | None = None,
     ) -> SimulatedCall:
         """Someone calls the bot: post the ``incoming`` call and return the call.
 
         ``from_user`` is the caller's display name (default ``"Adele Vance"``;
         ``user_id`` their object id, derived from the name when not given);
-        ``from_phone`` makes it a PSTN caller with that number, calling the bot's
-        :attr:`application_instance_id` (the call's target is that ``applicationInstance``,
-        whose id is the bot's ``myParticipantId``, as Graph documents it); a user calls the
-        bot's ``application``. The bot then answers, rejects or redirects it.
+        ``from_phone`` makes it a PSTN caller with that number. The call is made to the
+        bot's :attr:`application_instance_id` (the call's target is that
+        ``applicationInstance``, whose id is the bot's ``myParticipantId``, and the bot is
+        that instance in the roster, as Graph documents it) when ``to_instance`` is true,
+        or to the bot's ``application`` when it is false; by default a phone caller calls
+        the instance and a user the application (``to_instance=True``: a user calling a
+        resource account's bot, such as a receptionist). The bot then answers, rejects or
+        redirects it.
         """
         call_id = call_id or str(uuid.uuid4())
         name: str | None
@@ -1893,6 +1899,9 @@ class Simulator:
         else:
             kind, name = "user", from_user or "Adele Vance"
             caller_id = user_id or str(uuid.uuid5(uuid.NAMESPACE_URL, name))
+        if to_instance is None:
+            # A phone reaches a bot only through its resource account (document 22).
+            to_instance = kind == "phone"
         call = self._new_call(call_id, "incoming", None, delivery)
         item = build.incoming_call(
             call_id,
@@ -1905,8 +1914,7 @@ class Simulator:
             callback_uri=self.callback_url,
             # As documented incoming calls carry it: the bot's own id in the roster to come.
             my_participant_id=call.bot_participant_id,
-            # A phone reaches a bot only through its resource account (document 22).
-            bot_instance_id=self.application_instance_id if kind == "phone" else None,
+            bot_instance_id=self.application_instance_id if to_instance else None,
         )
         self.graph.add_call(call_id, **item["resourceData"], callChainId=call.chain_id)
         call._take_caller()
