@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import sys
 
@@ -56,9 +57,15 @@ def _simulate(args: argparse.Namespace) -> int:
 
     remote = _remote(args, args.url)
     assert isinstance(remote, RemoteBot)
+    remote = dataclasses.replace(remote, application_instance_id=args.application_instance_id)
     _log_to_stderr()
     options = ScenarioOptions(
-        blind=args.blind, timeout=args.timeout, hold=args.hold, keys=args.keys
+        blind=args.blind,
+        timeout=args.timeout,
+        hold=args.hold,
+        keys=args.keys,
+        # Given an instance, the caller calls it, as a user calls a resource account's bot.
+        to_instance=True if args.application_instance_id else None,
     )
     printer = TrafficPrinter(sys.stdout, fmt=args.format)
     return asyncio.run(
@@ -199,6 +206,13 @@ def add_testing_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
         type=float,
         default=1.0,
         help="seconds each prompt plays (default %(default)g)",
+    )
+    simulate.add_argument(
+        "--application-instance-id",
+        default=None,
+        metavar="ID",
+        help="the bot's application instance (the resource account's object id): the "
+        "caller calls it instead of the bot's app",
     )
     simulate.add_argument("--format", choices=FORMATS, default="auto", help=_FORMAT_HELP)
     simulate.set_defaults(func=_simulate)

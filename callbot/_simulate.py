@@ -49,6 +49,9 @@ class RemoteBot:
     graph_port: int = 8766
     wait: float = 30.0
     """Seconds to wait for the bot to answer on ``/readyz``."""
+    application_instance_id: str | None = None
+    """The bot's application instance (resource account) calls are made to, when a
+    scenario's caller calls it; by default one derived from the app id."""
 
     @property
     def key_file(self) -> Path | None:
@@ -132,6 +135,7 @@ async def simulate(
         transfer_duration=prompt_seconds / 2,
         step_delay=0.05,
         observers=[printer],
+        application_instance_id=bot.application_instance_id,
     )
     await sim.start()
     try:

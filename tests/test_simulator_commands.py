@@ -447,6 +447,58 @@ async def test_simulate_in_json_writes_only_json_lines_to_stdout() -> None:
     assert "simulator_post_failed" in [line["event"] for line in logged]
 
 
+INSTANCE_ID = "7629bdce-046c-4903-86b4-a8f718277e1a"
+
+
+@pytest.mark.parametrize("scenario", ["incoming-call", "dtmf", "out-of-order"])
+async def test_a_scenario_with_to_instance_calls_the_application_instance(scenario: str) -> None:
+    """With ``ScenarioOptions(to_instance=True)`` a scenario's caller calls the simulator's
+    application instance, as a Teams user calls a bot behind a resource account (Graph's
+    PSTN-incoming-call document: a user's call whose target is the instance)."""
+    bot = CallBot(app_id=APP_ID)
+    offered: list[events.IncomingCall] = []
+
+    @bot.on_incoming_call
+    async def offer(call: Call, event: events.IncomingCall) -> None:
+        offered.append(event)
+
+    # Blind: the scenario plays the call through without waiting for the bot to answer.
+    options = ScenarioOptions(to_instance=True, hold=0.0, timeout=5.0, blind=True)
+    async with run_with_simulator(bot, application_instance_id=INSTANCE_ID) as sim:
+        await SCENARIOS[scenario](sim, options)
+    [target] = offered[0].call.targets or []
+    assert target.identity is not None
+    assert target.identity.application is None
+    assert target.identity.application_instance is not None
+    assert target.identity.application_instance.id == INSTANCE_ID
+    assert offered[0].call.source is not None
+    assert offered[0].call.source.identity is not None
+    assert offered[0].call.source.identity.user is not None
+
+
+def test_simulate_with_an_application_instance_has_the_caller_call_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``callbot simulate ... --application-instance-id ID`` plays the scenario on a simulator
+    with that instance, its caller calling it; without the option, on one with none given,
+    its caller calling the bot's app."""
+    played: list[tuple[RemoteBot, ScenarioOptions]] = []
+
+    async def playing(
+        remote: RemoteBot, scenario: str, *, options: ScenarioOptions, **_: Any
+    ) -> int:
+        played.append((remote, options))
+        return 0
+
+    monkeypatch.setattr("callbot._simulate.simulate", playing)
+    command = ["simulate", "http://127.0.0.1:9/api/calls", "dtmf", "--app-id", APP_ID]
+    assert main([*command, "--application-instance-id", INSTANCE_ID]) == 0
+    assert main(command) == 0
+    [(given, told), (default, untold)] = played
+    assert (given.application_instance_id, told.to_instance) == (INSTANCE_ID, True)
+    assert (default.application_instance_id, untold.to_instance) == (None, None)
+
+
 def test_command_line_shapes() -> None:
     parser = build_parser()
     args: Any = parser.parse_args(["simulate", "http://127.0.0.1:8080/api/calls", "out-of-order"])

@@ -23,12 +23,14 @@ __all__ = ["SCENARIOS", "Scenario", "ScenarioOptions"]
 class ScenarioOptions:
     """How a scenario plays: ``blind`` (do not wait for the bot), how long it
     waits for the bot (``timeout``), how long calls last (``hold``), which
-    keys the caller presses (``keys``)."""
+    keys the caller presses (``keys``), and whether the caller calls the bot's
+    application instance (``to_instance``, as :meth:`Simulator.incoming_call` takes it)."""
 
     blind: bool = False
     timeout: float = 15.0
     hold: float = 1.0
     keys: str = "1"
+    to_instance: bool | None = None
 
 
 Scenario = Callable[[Simulator, ScenarioOptions], Awaitable[None]]
@@ -61,7 +63,7 @@ async def _end(call: SimulatedCall) -> None:
 
 async def incoming_call(sim: Simulator, options: ScenarioOptions) -> None:
     """A caller calls, the bot answers (establishing, established, roster), the caller hangs up."""
-    call = await sim.incoming_call(from_user="Adele Vance")
+    call = await sim.incoming_call(from_user="Adele Vance", to_instance=options.to_instance)
     if await _connect(call, options):
         await asyncio.sleep(options.hold)
         await _end(call)
@@ -69,7 +71,7 @@ async def incoming_call(sim: Simulator, options: ScenarioOptions) -> None:
 
 async def dtmf(sim: Simulator, options: ScenarioOptions) -> None:
     """A caller calls and presses ``options.keys`` one by one (once the bot subscribed)."""
-    call = await sim.incoming_call(from_user="Adele Vance")
+    call = await sim.incoming_call(from_user="Adele Vance", to_instance=options.to_instance)
     if not await _connect(call, options):
         return
     for key in options.keys:
@@ -116,7 +118,11 @@ async def outgoing_call(sim: Simulator, options: ScenarioOptions) -> None:
 async def out_of_order(sim: Simulator, options: ScenarioOptions) -> None:
     """Graph at its worst: every quirk of :meth:`DeliveryOptions.realistic`, a stale state,
     a straggler after the end."""
-    call = await sim.incoming_call(from_user="Adele Vance", delivery=DeliveryOptions.realistic())
+    call = await sim.incoming_call(
+        from_user="Adele Vance",
+        delivery=DeliveryOptions.realistic(),
+        to_instance=options.to_instance,
+    )
     if not await _connect(call, options):
         return
     await call.notify(build.call_state(call.id, "establishing"))
