@@ -420,6 +420,10 @@ class Authenticator:
             # PyJWT before 2.14 lets a RecursionError out for a header nested deep enough;
             # its messages quote the header ("Unsupported critical extension: ...").
             raise AuthenticationError("malformed", f"not a JWT: {quoted(str(exc))}") from None
+        if "crit" in header:
+            # Extensions a recipient must understand (RFC 7515): callbot understands none, and
+            # refuses them itself, whichever PyJWT release checks them.
+            raise AuthenticationError("malformed", "the token header names critical extensions")
         algorithm = header.get("alg")
         if not isinstance(algorithm, str):
             raise AuthenticationError("bad_algorithm", "the token header names no algorithm")
