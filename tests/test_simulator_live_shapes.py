@@ -67,18 +67,28 @@ def bot_seeing_established() -> tuple[CallBot, list[events.CallStateChanged]]:
 
 def bot_answering_with_rosters() -> tuple[CallBot, list[events.ParticipantsUpdated]]:
     """A bot that answers every call and keeps each roster it is told."""
+    bot, _, rosters = bot_answering_with_offers()
+    return bot, rosters
+
+
+def bot_answering_with_offers() -> tuple[
+    CallBot, list[events.IncomingCall], list[events.ParticipantsUpdated]
+]:
+    """The same, keeping each incoming call it was offered too."""
     bot = CallBot(app_id=APP_ID)
+    offered: list[events.IncomingCall] = []
     rosters: list[events.ParticipantsUpdated] = []
 
     @bot.on_incoming_call
     async def answer(call: Call, event: events.IncomingCall) -> None:
+        offered.append(event)
         await call.answer()
 
     @bot.on_participants
     async def roster(call: Call, event: events.ParticipantsUpdated) -> None:
         rosters.append(event)
 
-    return bot, rosters
+    return bot, offered, rosters
 
 
 async def test_a_tone_carries_what_a_live_teams_tone_carries_and_no_chain_id() -> None:
@@ -935,18 +945,7 @@ async def test_a_phone_call_reaches_the_bot_through_its_application_instance(
     roster with the key paths of a recorded instance's entry (sb15), beside the caller."""
     documented = documented_call_to_an_instance()["value"][0]["resourceData"]
     [documented_target] = documented["targets"]
-    bot = CallBot(app_id=APP_ID)
-    offered: list[events.IncomingCall] = []
-    rosters: list[events.ParticipantsUpdated] = []
-
-    @bot.on_incoming_call
-    async def answer(call: Call, event: events.IncomingCall) -> None:
-        offered.append(event)
-        await call.answer()
-
-    @bot.on_participants
-    async def roster(call: Call, event: events.ParticipantsUpdated) -> None:
-        rosters.append(event)
+    bot, offered, rosters = bot_answering_with_offers()
 
     async with run_with_simulator(
         bot, bot_name="Contoso Line", application_instance_id=instance_id
@@ -1002,18 +1001,7 @@ async def test_a_user_calling_the_bots_application_instance_reaches_it_as_graph_
     Without it a user's call could only reach the bot's ``application``."""
     documented = documented_call_to_an_instance()["value"][0]["resourceData"]
     [documented_target] = documented["targets"]
-    bot = CallBot(app_id=APP_ID)
-    offered: list[events.IncomingCall] = []
-    rosters: list[events.ParticipantsUpdated] = []
-
-    @bot.on_incoming_call
-    async def answer(call: Call, event: events.IncomingCall) -> None:
-        offered.append(event)
-        await call.answer()
-
-    @bot.on_participants
-    async def roster(call: Call, event: events.ParticipantsUpdated) -> None:
-        rosters.append(event)
+    bot, offered, rosters = bot_answering_with_offers()
 
     async with run_with_simulator(
         bot, bot_name="Reception", application_instance_id=INSTANCE_ID
