@@ -8,7 +8,7 @@ import signal
 import socket
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from typing import Any, Concatenate, ParamSpec, TypeVar, overload
+from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, cast, overload
 
 from aiohttp import web
 
@@ -46,11 +46,28 @@ __all__ = ["CallBot"]
 
 log = get_logger("callbot")
 
+# A decorator hands its handler back typed as it was (an object keeps its attributes), and
+# mypy refuses a handler that cannot take the events the decorator delivers.
+EventHandler = TypeVar("EventHandler", bound=Handler[events.Event])
+IncomingCallHandler = TypeVar("IncomingCallHandler", bound=Handler[events.IncomingCall])
+CallStateChangedHandler = TypeVar("CallStateChangedHandler", bound=Handler[events.CallStateChanged])
+CallTerminatedHandler = TypeVar("CallTerminatedHandler", bound=Handler[events.CallTerminated])
+CallUpdatedHandler = TypeVar("CallUpdatedHandler", bound=Handler[events.CallUpdated])
+ToneReceivedHandler = TypeVar("ToneReceivedHandler", bound=Handler[events.ToneReceived])
+ParticipantsUpdatedHandler = TypeVar(
+    "ParticipantsUpdatedHandler", bound=Handler[events.ParticipantsUpdated]
+)
+OperationUpdatedHandler = TypeVar("OperationUpdatedHandler", bound=Handler[events.OperationUpdated])
+ContentSharingUpdatedHandler = TypeVar(
+    "ContentSharingUpdatedHandler", bound=Handler[events.ContentSharingUpdated]
+)
+UnknownNotificationHandler = TypeVar(
+    "UnknownNotificationHandler", bound=Handler[events.UnknownNotification]
+)
 E = TypeVar("E", bound=events.Event)
-H = TypeVar("H", bound=Callable[..., Awaitable[None]])
-EH = TypeVar("EH", bound=ErrorHandler)
-C = TypeVar("C", bound=DeploymentChooser)
-S = TypeVar("S", bound=Callable[["CallBot"], Awaitable[None]])
+ErrorHandlerT = TypeVar("ErrorHandlerT", bound=ErrorHandler)
+DeploymentChooserT = TypeVar("DeploymentChooserT", bound=DeploymentChooser)
+StartedHookT = TypeVar("StartedHookT", bound=Callable[["CallBot"], Awaitable[None]])
 T = TypeVar("T")
 BOT_KEY: web.AppKey[CallBot] = web.AppKey("callbot")
 _ON_STARTED_BY_SERVER: web.AppKey[bool] = web.AppKey("callbot_on_started_by_server", bool)
@@ -89,6 +106,57 @@ def _at_once_or_decorator(
         return handler
 
     return decorate if handler is None else decorate(handler)
+
+
+class HandlerDecorator(Generic[E]):
+    """What ``bot.on(event_type)`` gives: it registers a handler and hands it back typed as
+    it was; mypy refuses a handler whose event parameter cannot take an ``event_type``."""
+
+    def __init__(self, register: Callable[[Handler[Any]], None]) -> None:
+        self._register = register
+
+    # One overload per event class: an event class without one here is refused by mypy.
+    @overload
+    def __call__(self: HandlerDecorator[events.Event], handler: EventHandler) -> EventHandler: ...
+    @overload
+    def __call__(
+        self: HandlerDecorator[events.IncomingCall], handler: IncomingCallHandler
+    ) -> IncomingCallHandler: ...
+    @overload
+    def __call__(
+        self: HandlerDecorator[events.CallStateChanged], handler: CallStateChangedHandler
+    ) -> CallStateChangedHandler: ...
+    @overload
+    def __call__(
+        self: HandlerDecorator[events.CallTerminated], handler: CallTerminatedHandler
+    ) -> CallTerminatedHandler: ...
+    @overload
+    def __call__(
+        self: HandlerDecorator[events.CallUpdated], handler: CallUpdatedHandler
+    ) -> CallUpdatedHandler: ...
+    @overload
+    def __call__(
+        self: HandlerDecorator[events.ToneReceived], handler: ToneReceivedHandler
+    ) -> ToneReceivedHandler: ...
+    @overload
+    def __call__(
+        self: HandlerDecorator[events.ParticipantsUpdated], handler: ParticipantsUpdatedHandler
+    ) -> ParticipantsUpdatedHandler: ...
+    @overload
+    def __call__(
+        self: HandlerDecorator[events.OperationUpdated], handler: OperationUpdatedHandler
+    ) -> OperationUpdatedHandler: ...
+    @overload
+    def __call__(
+        self: HandlerDecorator[events.ContentSharingUpdated], handler: ContentSharingUpdatedHandler
+    ) -> ContentSharingUpdatedHandler: ...
+    @overload
+    def __call__(
+        self: HandlerDecorator[events.UnknownNotification], handler: UnknownNotificationHandler
+    ) -> UnknownNotificationHandler: ...
+    def __call__(self, handler: Handler[Any]) -> Handler[Any]:
+        self._register(handler)
+        return handler
 
 
 class _Runtime:
@@ -402,15 +470,16 @@ class CallBot:
 
     # -- registration -------------------------------------------------------------
 
-    def _adding(self, event_type: type[events.Event]) -> Callable[[Handler], None]:
+    def _adding(self, event_type: type[events.Event]) -> Callable[[Handler[Any]], None]:
         return lambda handler: self._registry.add(event_type, handler)
 
     def on(
         self, event_type: type[E], *, matches: Callable[[E], bool] | None = None
-    ) -> Callable[[H], H]:
+    ) -> HandlerDecorator[E]:
         """Run the decorated handler for every event of ``event_type`` (or a subclass).
 
-        ``@bot.on(events.Event)`` sees everything. ``matches`` narrows further.
+        ``@bot.on(events.Event)`` sees everything. ``matches`` narrows further. The handler's
+        ``event`` parameter takes ``event_type`` or a base class of it (mypy checks it).
         """
         if not (isinstance(event_type, type) and issubclass(event_type, events.Event)):
             # @bot.on written without its event class would hand over the handler itself.
@@ -419,22 +488,21 @@ class CallBot:
                 f"on takes an event class from callbot.events, not {what}: "
                 "@bot.on(events.CallUpdated)"
             )
-
-        def register(handler: H) -> H:
-            self._registry.add(event_type, handler, matches)  # type: ignore[arg-type]
-            return handler
-
-        return register
+        # The registry hands ``matches`` only events of ``event_type``.
+        filtered = cast("Callable[[events.Event], bool] | None", matches)
+        return HandlerDecorator(lambda handler: self._registry.add(event_type, handler, filtered))
 
     @overload
-    def on_incoming_call(self, handler: H) -> H: ...
+    def on_incoming_call(self, handler: IncomingCallHandler) -> IncomingCallHandler: ...
     @overload
-    def on_incoming_call(self) -> Callable[[H], H]: ...
-    def on_incoming_call(self, handler: H | None = None) -> H | Callable[[H], H]:
+    def on_incoming_call(self) -> Callable[[IncomingCallHandler], IncomingCallHandler]: ...
+    def on_incoming_call(self, handler: Handler[Any] | None = None) -> object:
         """Run for each incoming call (answer, reject or redirect it within 15 s)."""
         return _at_once_or_decorator(handler, self._adding(events.IncomingCall))
 
-    def on_state(self, *states: str) -> Callable[[H], H]:
+    def on_state(
+        self, *states: str
+    ) -> Callable[[CallStateChangedHandler], CallStateChangedHandler]:
         """Run when a call moves into one of ``states`` (``"established"``, ...).
 
         Runs on the transition, once: a notification that repeats the state the
@@ -446,7 +514,8 @@ class CallBot:
         ``on(events.CallStateChanged)``.
         A call enters ``incoming`` as an :class:`~callbot.events.IncomingCall` (with
         ``state`` ``"incoming"`` and ``previous_state`` ``None``, as a move would have):
-        ``on_state("incoming")`` runs with that event.
+        ``on_state("incoming")`` runs with that event (annotate the handler's ``event``
+        ``events.CallStateChanged | events.IncomingCall`` for mypy to check both).
         """
         if not states:
             raise TypeError("on_state needs at least one state, e.g. on_state('established')")
@@ -458,7 +527,7 @@ class CallBot:
         if unknown:
             raise ValueError(f"unknown call state(s) {unknown}; known: {list(CALL_STATES)}")
 
-        def register(handler: H) -> H:
+        def register(handler: CallStateChangedHandler) -> CallStateChangedHandler:
             self._registry.add(
                 events.CallStateChanged,
                 handler,
@@ -472,43 +541,47 @@ class CallBot:
         return register
 
     @overload
-    def on_call_updated(self, handler: H) -> H: ...
+    def on_call_updated(self, handler: CallUpdatedHandler) -> CallUpdatedHandler: ...
     @overload
-    def on_call_updated(self) -> Callable[[H], H]: ...
-    def on_call_updated(self, handler: H | None = None) -> H | Callable[[H], H]:
+    def on_call_updated(self) -> Callable[[CallUpdatedHandler], CallUpdatedHandler]: ...
+    def on_call_updated(self, handler: Handler[Any] | None = None) -> object:
         """Run when Graph repeats the call's state to add content (media state, chat or
         meeting info, transcription, ...); ``event.changed`` names what changed."""
         return _at_once_or_decorator(handler, self._adding(events.CallUpdated))
 
     @overload
-    def on_tone(self, handler: H) -> H: ...
+    def on_tone(self, handler: ToneReceivedHandler) -> ToneReceivedHandler: ...
     @overload
-    def on_tone(self) -> Callable[[H], H]: ...
-    def on_tone(self, handler: H | None = None) -> H | Callable[[H], H]:
+    def on_tone(self) -> Callable[[ToneReceivedHandler], ToneReceivedHandler]: ...
+    def on_tone(self, handler: Handler[Any] | None = None) -> object:
         """Run for each DTMF tone the caller presses (after ``call.subscribe_to_tone()``)."""
         return _at_once_or_decorator(handler, self._adding(events.ToneReceived))
 
     @overload
-    def on_participants(self, handler: H) -> H: ...
+    def on_participants(
+        self, handler: ParticipantsUpdatedHandler
+    ) -> ParticipantsUpdatedHandler: ...
     @overload
-    def on_participants(self) -> Callable[[H], H]: ...
-    def on_participants(self, handler: H | None = None) -> H | Callable[[H], H]:
+    def on_participants(
+        self,
+    ) -> Callable[[ParticipantsUpdatedHandler], ParticipantsUpdatedHandler]: ...
+    def on_participants(self, handler: Handler[Any] | None = None) -> object:
         """Run when the roster changes; the event lists who joined, left or changed."""
         return _at_once_or_decorator(handler, self._adding(events.ParticipantsUpdated))
 
     @overload
-    def on_operation(self, handler: H) -> H: ...
+    def on_operation(self, handler: OperationUpdatedHandler) -> OperationUpdatedHandler: ...
     @overload
-    def on_operation(self) -> Callable[[H], H]: ...
-    def on_operation(self, handler: H | None = None) -> H | Callable[[H], H]:
+    def on_operation(self) -> Callable[[OperationUpdatedHandler], OperationUpdatedHandler]: ...
+    def on_operation(self, handler: Handler[Any] | None = None) -> object:
         """Run when Graph reports an operation's progress or outcome."""
         return _at_once_or_decorator(handler, self._adding(events.OperationUpdated))
 
     @overload
-    def on_terminated(self, handler: H) -> H: ...
+    def on_terminated(self, handler: CallTerminatedHandler) -> CallTerminatedHandler: ...
     @overload
-    def on_terminated(self) -> Callable[[H], H]: ...
-    def on_terminated(self, handler: H | None = None) -> H | Callable[[H], H]:
+    def on_terminated(self) -> Callable[[CallTerminatedHandler], CallTerminatedHandler]: ...
+    def on_terminated(self, handler: Handler[Any] | None = None) -> object:
         """Run once when a call has ended; ``event.result_info`` says why."""
         return _at_once_or_decorator(handler, self._adding(events.CallTerminated))
 
@@ -521,10 +594,12 @@ class CallBot:
         return lambda: self._registry.watchers.remove(watcher)
 
     @overload
-    def on_error(self, handler: EH) -> EH: ...
+    def on_error(self, handler: ErrorHandlerT) -> ErrorHandlerT: ...
     @overload
-    def on_error(self) -> Callable[[EH], EH]: ...
-    def on_error(self, handler: EH | None = None) -> EH | Callable[[EH], EH]:
+    def on_error(self) -> Callable[[ErrorHandlerT], ErrorHandlerT]: ...
+    def on_error(
+        self, handler: ErrorHandlerT | None = None
+    ) -> ErrorHandlerT | Callable[[ErrorHandlerT], ErrorHandlerT]:
         """Run with ``(call, event, exc)`` when a handler raises.
 
         ``exc`` may be an :class:`asyncio.CancelledError` a handler let escape of its own
@@ -534,10 +609,12 @@ class CallBot:
         return _at_once_or_decorator(handler, self._registry.add_error_handler)
 
     @overload
-    def on_started(self, hook: S) -> S: ...
+    def on_started(self, hook: StartedHookT) -> StartedHookT: ...
     @overload
-    def on_started(self) -> Callable[[S], S]: ...
-    def on_started(self, hook: S | None = None) -> S | Callable[[S], S]:
+    def on_started(self) -> Callable[[StartedHookT], StartedHookT]: ...
+    def on_started(
+        self, hook: StartedHookT | None = None
+    ) -> StartedHookT | Callable[[StartedHookT], StartedHookT]:
         """Run ``hook(bot)`` once the bot serves and is ready: to join a meeting, or place a
         call, when the bot starts.
 
@@ -565,10 +642,12 @@ class CallBot:
         return _at_once_or_decorator(hook, self._registry.add_started)
 
     @overload
-    def choose_deployment(self, chooser: C) -> C: ...
+    def choose_deployment(self, chooser: DeploymentChooserT) -> DeploymentChooserT: ...
     @overload
-    def choose_deployment(self) -> Callable[[C], C]: ...
-    def choose_deployment(self, chooser: C | None = None) -> C | Callable[[C], C]:
+    def choose_deployment(self) -> Callable[[DeploymentChooserT], DeploymentChooserT]: ...
+    def choose_deployment(
+        self, chooser: DeploymentChooserT | None = None
+    ) -> DeploymentChooserT | Callable[[DeploymentChooserT], DeploymentChooserT]:
         """Send a new call to the deployment of this bot that should run it (region affinity).
 
         ``chooser(event)`` gets each call's incoming-call notification (the

@@ -16,7 +16,7 @@ import traceback
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 
@@ -43,8 +43,9 @@ __all__ = [
 
 log = get_logger("callbot.dispatch")
 
-Handler = Callable[["Call", Any], Awaitable[None]]
-"""``async def handler(call, event) -> None``."""
+E = TypeVar("E", bound=events.Event)
+Handler = Callable[["Call", E], Awaitable[None]]
+"""``async def handler(call, event) -> None``: ``Handler[events.ToneReceived]`` takes a tone."""
 ErrorHandler = Callable[["Call", events.Event, BaseException], Awaitable[None]]
 """``async def on_error(call, event, exc) -> None``."""
 StartedHook = Callable[[Any], Awaitable[None]]
@@ -57,7 +58,7 @@ HandlerWatcher = Callable[[str, events.Event, str], None]
 @dataclass(frozen=True, slots=True)
 class _Registration:
     event_type: type[events.Event]
-    handler: Handler
+    handler: Handler[Any]
     matches: Callable[[events.Event], bool] | None
     name: str
 
@@ -80,7 +81,7 @@ class HandlerRegistry:
     def add(
         self,
         event_type: type[events.Event],
-        handler: Handler,
+        handler: Handler[Any],
         matches: Callable[[events.Event], bool] | None = None,
     ) -> None:
         """Register ``handler`` for ``event_type`` and its subclasses."""
@@ -309,7 +310,7 @@ class Dispatcher:
         self.counts["handled"] += 1
 
     async def _run_one(
-        self, name: str, handler: Handler, call: Call, event: events.Event, call_id: str
+        self, name: str, handler: Handler[Any], call: Call, event: events.Event, call_id: str
     ) -> None:
         started = time.perf_counter()  # the handler's real seconds, for the metrics
         outcome = "ok"

@@ -483,9 +483,9 @@ def test_a_handler_that_cannot_take_its_arguments_fails_when_registered(
         return None
 
     with pytest.raises(TypeError, match=r"'.*answer' must take \(call, event\), not \(call: "):
-        bot.on_incoming_call(answer)
+        bot.on_incoming_call(answer)  # type: ignore[type-var]  # as mypy refuses it
     with pytest.raises(TypeError, match=r"must take \(call, event\)"):
-        bot.on_state("established")(answer)
+        bot.on_state("established")(answer)  # type: ignore[type-var]
     with pytest.raises(TypeError, match=r"must take \(call, event, exc\).*async def report"):
         bot.on_error(report)  # type: ignore[type-var]
 
@@ -527,11 +527,11 @@ def test_a_handler_object_or_partial_is_judged_by_the_parameters_it_is_called_wi
         match=r"Forgetful' must take \(call, event\), not \(call: .*: "
         r"async def __call__\(self, call, event\) -> None",
     ):
-        bot.on_incoming_call(Forgetful())
+        bot.on_incoming_call(Forgetful())  # type: ignore[type-var]  # as mypy refuses it
     with pytest.raises(TypeError, match=r"'.*greet' must take \(call, event\), not \(greeting: "):
         bot.on_tone(functools.partial(greet))
     with pytest.raises(TypeError, match=r"'.*Reporter' must take \(call, event\)"):
-        bot.on_terminated(Reporter())
+        bot.on_terminated(Reporter())  # type: ignore[type-var]
 
     bot.on_tone(functools.partial(greet, "welcome"))
     bot.on_tone(functools.partial(greet_last, greeting="welcome"))

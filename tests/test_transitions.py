@@ -86,7 +86,7 @@ async def test_on_state_incoming_runs_once_with_the_incoming_call(
     moves: list[tuple[str, str | None, str, models.ResultInfo | None]] = []
 
     @bot.on_state("Incoming", "established")
-    async def moved(call: Call, event: events.CallStateChanged) -> None:
+    async def moved(call: Call, event: events.CallStateChanged | events.IncomingCall) -> None:
         moves.append((type(event).__name__, event.previous_state, event.state, event.result_info))
 
     server: BotServer = await serve(bot)
