@@ -54,6 +54,9 @@ CallStateChangedHandler = TypeVar("CallStateChangedHandler", bound=Handler[event
 CallTerminatedHandler = TypeVar("CallTerminatedHandler", bound=Handler[events.CallTerminated])
 CallUpdatedHandler = TypeVar("CallUpdatedHandler", bound=Handler[events.CallUpdated])
 ToneReceivedHandler = TypeVar("ToneReceivedHandler", bound=Handler[events.ToneReceived])
+TransferFailedHandler = TypeVar(
+    "TransferFailedHandler", bound=Handler[events.CallStateChanged | events.CallUpdated]
+)
 ParticipantsUpdatedHandler = TypeVar(
     "ParticipantsUpdatedHandler", bound=Handler[events.ParticipantsUpdated]
 )
@@ -106,6 +109,14 @@ def _at_once_or_decorator(
         return handler
 
     return decorate if handler is None else decorate(handler)
+
+
+_TRANSFER_NEWS = (events.CallStateChanged, events.CallUpdated)
+
+
+def _is_transfer_failure(event: events.Event) -> bool:
+    # Decided by the sequencer, which counts the transfers asked: only read here.
+    return isinstance(event, _TRANSFER_NEWS) and event.transfer_failed
 
 
 class HandlerDecorator(Generic[E]):
@@ -548,6 +559,36 @@ class CallBot:
         """Run when Graph repeats the call's state to add content (media state, chat or
         meeting info, transcription, ...); ``event.changed`` names what changed."""
         return _at_once_or_decorator(handler, self._adding(events.CallUpdated))
+
+    @overload
+    def on_transfer_failed(self, handler: TransferFailedHandler) -> TransferFailedHandler: ...
+    @overload
+    def on_transfer_failed(self) -> Callable[[TransferFailedHandler], TransferFailedHandler]: ...
+    def on_transfer_failed(self, handler: Handler[Any] | None = None) -> object:
+        """Run once for each transfer the bot asked for (``call.transfer``) that failed,
+        however Graph told it; ``event.result_info`` says why.
+
+        Graph tells a failure by bringing the call back to ``established`` after
+        ``transferring`` (the event is a :class:`~callbot.events.CallStateChanged`, and
+        ``on_state("established")`` handlers run with it too), or by an update alone, with
+        no ``transferring`` first (a :class:`~callbot.events.CallUpdated`, after
+        ``reorder_window``). Either way the event's ``transfer_failed`` is set: callbot
+        counts the transfers asked, so a copy of a failure is no second one, and a transfer
+        Graph refused outright (``call.transfer`` raised a :class:`~callbot.GraphError`) or
+        completed (the call ends: ``on_terminated``) has none.
+
+        >>> @bot.on_transfer_failed
+        ... async def try_voicemail(
+        ...     call: Call, event: events.CallStateChanged | events.CallUpdated
+        ... ) -> None:
+        ...     await call.transfer(VOICEMAIL)
+        """
+
+        def register(handler: Handler[Any]) -> None:
+            for event_type in _TRANSFER_NEWS:
+                self._registry.add(event_type, handler, _is_transfer_failure)
+
+        return _at_once_or_decorator(handler, register)
 
     @overload
     def on_tone(self, handler: ToneReceivedHandler) -> ToneReceivedHandler: ...

@@ -8,7 +8,8 @@ and decides, for each, one of:
 * deliver it now, computing what only order can tell: whether a state
   notification is a *transition* (:class:`~callbot.events.CallStateChanged`, with
   ``previous_state``) or an *update* of the state the call is already in
-  (:class:`~callbot.events.CallUpdated`, with what changed), who joined or left
+  (:class:`~callbot.events.CallUpdated`, with what changed), whether it is the news
+  that a transfer the bot asked for failed (``transfer_failed``), who joined or left
   the roster, and the call's merged snapshot;
 * hold it, when it arrives before the state it follows (a state past ``establishing``
   before the call was seen establishing, a tone before the call was seen established,
@@ -200,20 +201,34 @@ def _follows(event: events.Event, reached: int) -> int | None:
     return None
 
 
+# A transfer's own progress: never the news that it failed.
+_TRANSFER_GOING = frozenset(("transferring", "transferAccepted"))
+
+
+def _tells_failure(state: str | None, call: CallResource | None) -> bool:
+    """Whether a notification of ``state`` carrying ``call`` is how Graph tells a transfer
+    failed: a state of the live call other than the transfer's own progress, with a
+    ``resultInfo`` saying why (``established`` again, documents 27, 29 and 30). Which
+    transfer's failure it is, if any, is counted (:attr:`CallRecord.transfers_told`): the
+    one rule the sequencer holds, repeats and tells such news by."""
+    return (
+        call is not None
+        and call.result_info is not None
+        and state is not None
+        and state not in _TRANSFER_GOING
+        and phase_of_state(state) == _LIVE
+    )
+
+
 def _awaits_transferring(event: events.Event, record: CallRecord) -> bool:
-    """Whether ``event`` reports the failure of a transfer before that transfer's
-    ``transferring`` came: a state of the live call (not ``transferring``) with a
-    ``resultInfo``, while a transfer asked has had no failure, and the first such has had
-    no ``transferring`` (:attr:`CallRecord.transferring_told`). Each notification is a
-    request of its own: Graph's two can arrive swapped."""
+    """Whether ``event`` reports the failure of a transfer (:func:`_tells_failure`) before
+    that transfer's ``transferring`` came: while a transfer asked has had no failure, and
+    the first such has had no ``transferring`` (:attr:`CallRecord.transferring_told`).
+    Each notification is a request of its own: Graph's two can arrive swapped."""
     told = record.transfers_told
     if record.life.transfers <= told or record.transferring_told > told:
         return False  # the usual case, first: no transfer waits for its news
-    state = _state(event)
-    if state is None or state == "transferring" or phase_of_state(state) != _LIVE:
-        return False
-    call = _call_of(event)
-    return record.phase == _LIVE and call is not None and call.result_info is not None
+    return record.phase == _LIVE and _tells_failure(_state(event), _call_of(event))
 
 
 def _held_for_transferring(record: CallRecord) -> tuple[int | None, int]:
@@ -229,8 +244,8 @@ def _held_for_transferring(record: CallRecord) -> tuple[int | None, int]:
         held_state, call = _state(held), _call_of(held)
         if held_state is None or call is None or phase_of_state(held_state) != _LIVE:
             continue
-        failed = call.result_info is not None
-        if failed and held_state != "transferring" and transferring_told <= told < transfers:
+        failed = _tells_failure(held_state, call)
+        if failed and transferring_told <= told < transfers:
             return index, told  # as _awaits_transferring will judge it
         # Counted as _deliver will count them.
         if failed:
@@ -414,9 +429,9 @@ class CallRecord:
     closed: bool = False
     """The call's termination was delivered: what comes after it is dropped."""
     transfers_told: int = 0
-    """How many of the life's ``transfers`` had their failure (a state with a ``resultInfo``)
-    delivered, first asked first: a copy of the last after another transfer was asked is
-    that transfer's failure."""
+    """How many of the life's ``transfers`` had their failure (:func:`_tells_failure`)
+    delivered, first asked first, each flagged ``transfer_failed`` for handlers: a copy of
+    the last after another transfer was asked is that transfer's failure."""
     transferring_told: int = 0
     """How many of the life's ``transfers`` had a ``transferring`` delivered, first asked
     first (one whose failure came without it is passed over): a transfer's failure waits
@@ -471,7 +486,7 @@ def _changes_call(record: CallRecord, event: events.Event) -> bool:
     call = _call_of(event)
     if call is None:
         return False
-    if call.result_info is not None:
+    if _tells_failure(state, call):
         waiting, told = _held_for_transferring(record)
         if record.life.transfers != told:
             # Graph may tell a failed transfer by this update alone: tried again, it fails
@@ -961,12 +976,19 @@ class Sequencer:
             event = diffed
         previous = record.snapshot
         snapshot_source = _call_of(event)
+        # Whether this is the news of a transfer's failure: told to handlers, decided here only.
+        failed = False
         if snapshot_source is not None:
             record.snapshot = _merge(previous, snapshot_source)
-            if snapshot_source.result_info is not None:
+            if (
+                snapshot_source.result_info is not None
+                and record.transfers_told < record.life.transfers
+                and _tells_failure(_state(event), snapshot_source)
+            ):
                 # The failure of the first transfer asked that had none (transfers are one
                 # after another): a later one asked meanwhile still waits for its own.
-                record.transfers_told = min(record.transfers_told + 1, record.life.transfers)
+                record.transfers_told += 1
+                failed = True
         state = "incoming" if isinstance(event, events.IncomingCall) else _state(event)
         if state is not None:
             info = event.result_info if isinstance(event, events.CallTerminated) else None
@@ -978,9 +1000,12 @@ class Sequencer:
                 record.transferring_told = min(told + 1, record.life.transfers)
             if not moved:
                 # The same state again only adds content: an update, not a transition.
-                event = _as_update(event, state, previous)
+                event = _as_update(event, state, previous, failed)
             elif isinstance(event, events.CallStateChanged):
-                event = _copied(event, {"previous_state": previous_state})
+                changes: dict[str, Any] = {"previous_state": previous_state}
+                if failed:
+                    changes["transfer_failed"] = True
+                event = _copied(event, changes)
         snapshot, life_state = record.snapshot, record.life.state
         if snapshot is not None and life_state is not None and snapshot.state != life_state:
             # The lifecycle decides the call's state: a deletion naming no state (or an old
@@ -1088,7 +1113,9 @@ def tenant_mismatch(refused: int, items: int) -> MalformedNotification:
     )
 
 
-def _as_update(event: events.Event, state: str, before: CallResource | None) -> events.CallUpdated:
+def _as_update(
+    event: events.Event, state: str, before: CallResource | None, failed: bool
+) -> events.CallUpdated:
     call = _call_of(event)
     assert call is not None  # every state-carrying event carries the call
     # Built from values validated already, without validating them again: validation would
@@ -1103,6 +1130,7 @@ def _as_update(event: events.Event, state: str, before: CallResource | None) -> 
         call=call,
         changed=_changed(before, call),
         result_info=call.result_info,
+        transfer_failed=failed,
     )
 
 

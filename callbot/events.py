@@ -99,13 +99,18 @@ class CallStateChanged(Event):
     fills in from the call's history. A notification that repeats the state the call
     is already in becomes a :class:`CallUpdated` instead. ``result_info`` explains the
     change when Graph gives a reason (for example a failed transfer: ``state`` back
-    to ``established`` from ``transferring`` with code 500).
+    to ``established`` from ``transferring`` with code 500, and ``transfer_failed``).
     """
 
     state: str
     previous_state: str | None = None
     call: models.Call
     result_info: models.ResultInfo | None = None
+    transfer_failed: bool = False
+    """Whether this is the news that a transfer the bot asked for (``call.transfer``)
+    failed, set by callbot once per such transfer, whichever way Graph told it
+    (``on_transfer_failed`` handlers run with it); ``result_info`` then says why.
+    Never set on a :class:`CallTerminated`: a call that ends has ended."""
 
 
 class CallTerminated(CallStateChanged):
@@ -120,13 +125,17 @@ class CallUpdated(Event):
     the properties (snake_case, as on :class:`callbot.models.Call`) whose value
     differs from what callbot knew of the call before this notification.
     ``result_info`` is set when Graph gives a reason (a transfer that failed
-    without the call leaving ``established``).
+    without the call leaving ``established``: ``transfer_failed`` says so).
     """
 
     state: str
     call: models.Call
     changed: frozenset[str] = frozenset()
     result_info: models.ResultInfo | None = None
+    transfer_failed: bool = False
+    """Whether this is the news that a transfer the bot asked for (``call.transfer``)
+    failed, told by this update alone (no ``transferring`` came first), set by callbot
+    once per such transfer (``on_transfer_failed`` handlers run with it)."""
 
 
 class ToneReceived(Event):

@@ -39,6 +39,9 @@ async def on_key(call: Call, event: events.ToneReceived) -> None: ...
 async def on_roster(call: Call, event: events.ParticipantsUpdated) -> None: ...
 async def on_outcome(call: Call, event: events.OperationUpdated) -> None: ...
 async def on_anything(call: Call, event: events.Event) -> None: ...
+async def on_transfer_news(
+    call: Call, event: events.CallStateChanged | events.CallUpdated
+) -> None: ...
 async def on_move_or_incoming(
     call: Call, event: events.CallStateChanged | events.IncomingCall
 ) -> None: ...
@@ -82,6 +85,8 @@ bot.on_operation(on_outcome)
 bot.on_operation()(on_outcome)
 bot.on_terminated(on_end)
 bot.on_terminated()(on_move)
+bot.on_transfer_failed(on_transfer_news)
+bot.on_transfer_failed()(on_anything)
 bot.on(events.CallStateChanged)(on_move)
 bot.on(events.CallTerminated)(on_move)
 bot.on(events.Event)(on_anything)
@@ -118,6 +123,10 @@ async def pressed_or_moved(call: Call, event: events.CallStateChanged) -> None: 
 
 @bot.on(events.ToneReceived)  # refused: ToneReceivedHandler
 async def updated(call: Call, event: events.CallUpdated) -> None: ...
+
+
+@bot.on_transfer_failed  # refused: TransferFailedHandler
+async def moved_back(call: Call, event: events.CallStateChanged) -> None: ...
 
 
 bot.on_incoming_call(on_move)  # refused: IncomingCallHandler
@@ -184,7 +193,7 @@ def test_mypy_refuses_a_handler_of_other_events_and_accepts_every_handler_callbo
         errors.setdefault(int(found[1]), []).append(found[2])
 
     refused = _refused(source)
-    assert len(refused) == 15
+    assert len(refused) == 16
     unexpected = {n: errors[n] for n in sorted(errors.keys() - refused.keys())}
     assert not unexpected, f"mypy refused a handler callbot runs: {unexpected}"
     for number, wanted in refused.items():

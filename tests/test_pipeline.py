@@ -469,6 +469,10 @@ def test_registering_a_plain_function_fails_at_once(authority: Any) -> None:
     # Written with parentheses, the decorator refuses the same, and so does mypy.
     with pytest.raises(TypeError, match="not_async' must be an 'async def' function"):
         bot.on_incoming_call()(not_async)  # type: ignore[type-var]
+    with pytest.raises(TypeError, match="not_async' must be an 'async def' function"):
+        bot.on_transfer_failed(not_async)  # type: ignore[type-var]
+    with pytest.raises(TypeError, match="not_async' must be an 'async def' function"):
+        bot.on_transfer_failed()(not_async)  # type: ignore[type-var]
 
 
 def test_a_handler_that_cannot_take_its_arguments_fails_when_registered(
@@ -486,6 +490,8 @@ def test_a_handler_that_cannot_take_its_arguments_fails_when_registered(
         bot.on_incoming_call(answer)  # type: ignore[type-var]  # as mypy refuses it
     with pytest.raises(TypeError, match=r"must take \(call, event\)"):
         bot.on_state("established")(answer)  # type: ignore[type-var]
+    with pytest.raises(TypeError, match=r"must take \(call, event\)"):
+        bot.on_transfer_failed(answer)  # type: ignore[type-var]
     with pytest.raises(TypeError, match=r"must take \(call, event, exc\).*async def report"):
         bot.on_error(report)  # type: ignore[type-var]
 

@@ -944,6 +944,68 @@ async def test_a_hold_ending_after_the_drain_is_run_by_the_next_instance(
     assert all(again for i, s, again in runs if i == 1 and s == 1)
 
 
+@pytest.mark.parametrize("told", ["after-transferring", "alone"])
+async def test_a_transfer_s_failure_is_told_once_by_the_instance_that_takes_the_call_over(
+    authority: TokenAuthority, serve: Any, redis_url: str, told: str
+) -> None:
+    """The instance running a call asked a transfer (and, for one, was told its
+    ``transferring``), then stopped: the next instance is told the failure, back from
+    ``transferring`` or by the update alone. It knows from the call's record that a transfer
+    waits for its news, so ``on_transfer_failed`` runs there once; Graph sending the failure
+    again runs nothing."""
+    heard: list[tuple[int, str, str | None]] = []
+    ran: list[int] = []
+    async with FakeGraph() as graph:
+        graph.add_call("xfer")
+        servers: list[BotServer] = []
+        for index in range(2):
+            bot = graph_instance(authority, redis_url, graph, shutdown_timeout=2.0)
+
+            @bot.on_state("established", "transferring")
+            async def state(call: Call, event: events.CallStateChanged, index: int = index) -> None:
+                if event.previous_state == "establishing":
+                    await call.transfer(Target.user("agent-id", "Agent"))
+                ran.append(index)
+
+            @bot.on_transfer_failed
+            async def failed(
+                call: Call,
+                event: events.CallStateChanged | events.CallUpdated,
+                index: int = index,
+            ) -> None:
+                heard.append((index, type(event).__name__, getattr(event, "previous_state", None)))
+
+            @bot.on_terminated
+            async def ended(call: Call, event: events.CallTerminated, index: int = index) -> None:
+                heard.append((index, "ended", None))
+
+            servers.append(await serve(bot))
+        steps = [b.call_state("xfer", "establishing"), b.call_state("xfer", "established")]
+        if told == "after-transferring":
+            steps.append(b.call_state("xfer", "transferring"))
+        for item in steps:
+            assert (await servers[0].post(b.notifications(item))).status == 202
+        await until(lambda: len(ran) == len(steps) - 1, within=10)
+        assert len(graph.requests_for("transfer")) == 1
+        runner = ran[0]
+        assert set(ran) == {runner}
+        await servers[runner].bot.stop()  # hands the call over, with the transfer counted
+        other = servers[1 - runner]
+        why = models.ResultInfo(code=500, subcode=7000, message="Transfer failed.")
+        failure = b.notifications(b.call_state("xfer", "established", result_info=why))
+        assert (await other.post(failure)).status == 202
+        await until(lambda: len(heard) == 1, within=10)
+        assert (await other.post(failure)).status == 202  # Graph sent it twice
+        assert (await other.post(b.notifications(b.call_terminated("xfer")))).status == 202
+        await until(lambda: heard[-1:] == [(1 - runner, "ended", None)], within=10)
+    news = (
+        ("CallStateChanged", "transferring")
+        if told == "after-transferring"
+        else ("CallUpdated", None)
+    )
+    assert heard == [(1 - runner, *news), (1 - runner, "ended", None)]
+
+
 async def test_a_held_tone_gets_its_predecessor_while_a_handler_of_the_call_runs(
     authority: TokenAuthority, serve: Any, redis_url: str
 ) -> None:

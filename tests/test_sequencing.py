@@ -715,6 +715,91 @@ async def test_a_transfer_s_transferring_goes_before_its_failure_held_behind_ano
     seq.close()
 
 
+def _told_failed(sink: Sink) -> list[tuple[str, str | None]]:
+    """Each delivery flagged as a transfer's failure: its kind and the state it came from."""
+    return [
+        (type(d.event).__name__, getattr(d.event, "previous_state", None))
+        for d in sink.deliveries
+        if isinstance(d.event, events.CallStateChanged | events.CallUpdated)
+        and d.event.transfer_failed
+    ]
+
+
+async def test_each_transfer_s_failure_is_flagged_once_whichever_way_graph_tells_it() -> None:
+    """The sequencer counts the transfers asked and which had their failure: a delivery that
+    is such news says so (``transfer_failed``), once per transfer, back from
+    ``transferring`` (a transition) or told by the update alone (an update, once the window
+    closed). A copy, or a ``resultInfo`` with no transfer asked, is none."""
+    sink = Sink()
+    seq = sink.sequencer(window=0.02)
+    _established(seq)
+    seq.accept(one(_failed_transfer()))  # no transfer asked: a reason, not a failure
+    seq.note(sequencing.TransferAsked("c"))
+    seq.accept(one(b.call_state("c", "transferring")))
+    seq.accept(one(_failed_transfer()))
+    seq.accept(one(_failed_transfer()))  # Graph sent it twice
+    assert _told_failed(sink) == [("CallStateChanged", "transferring")]
+    back = sink.deliveries[-1].event
+    assert isinstance(back, events.CallStateChanged)
+    assert back.result_info == TRANSFER_FAILED
+    seq.note(sequencing.TransferAsked("c"))  # tried again: told by the update alone
+    seq.accept(one(_failed_transfer()))
+    await until(lambda: len(_told_failed(sink)) == 2)
+    seq.accept(one(_failed_transfer()))  # Graph sent it twice
+    assert _told_failed(sink) == [("CallStateChanged", "transferring"), ("CallUpdated", None)]
+    assert sink.labels[2:] == ["CallUpdated", "transferring", "established", "CallUpdated"]
+    assert seq.counts["duplicate"] == 2
+    seq.close()
+
+
+async def test_two_transfers_asked_at_once_have_their_failures_flagged_each() -> None:
+    """Two transfers asked before any news: each failure, worded alike, is flagged, the first
+    waiting for its ``transferring`` and the second told by the update alone."""
+    sink = Sink()
+    seq = sink.sequencer(window=0.02)
+    _established(seq)
+    seq.note(sequencing.TransferAsked("c"))
+    seq.note(sequencing.TransferAsked("c"))
+    seq.accept(one(_failed_transfer()))  # before its transferring: it waits
+    seq.accept(one(b.call_state("c", "transferring")))
+    seq.accept(one(_failed_transfer()))
+    await until(lambda: len(sink.deliveries) == 5)
+    assert _told_failed(sink) == [("CallStateChanged", "transferring"), ("CallUpdated", None)]
+    seq.close()
+
+
+async def test_a_transfer_refused_or_completed_has_no_failure_flagged() -> None:
+    """A transfer Graph refused (a 4xx: ``TransferRefused``) brings no news, so a copy of the
+    last failure is a repeat; a transfer that completes ends the call, its ``terminated``
+    carrying a ``resultInfo`` too, and a ``transferAccepted`` naming one is progress: no
+    failure is flagged."""
+    sink = Sink()
+    seq = sink.sequencer(window=300)
+    _established(seq)
+    seq.note(sequencing.TransferAsked("c"))
+    seq.accept(one(b.call_state("c", "transferring")))
+    seq.accept(one(_failed_transfer()))
+    seq.note(sequencing.TransferAsked("c"))
+    seq.note(sequencing.TransferRefused("c"))
+    seq.accept(one(_failed_transfer()))  # a copy: the refused transfer brings no news
+    assert seq.counts["duplicate"] == 1
+    seq.note(sequencing.TransferAsked("c"))
+    seq.accept(one(b.call_state("c", "transferring")))
+    going = models.ResultInfo(code=200, message="transferAccepted")
+    seq.accept(one(b.call_state("c", "transferAccepted", result_info=going)))
+    seq.accept(one(b.call_terminated("c", code=0, subcode=7015, message="transferred")))
+    assert sink.labels[2:] == [
+        "transferring",
+        "established",
+        "transferring",
+        "transferAccepted",
+        "terminated",
+    ]
+    assert _told_failed(sink) == [("CallStateChanged", "transferring")]
+    assert seq.counts["held"] == 0
+    seq.close()
+
+
 async def test_a_roster_that_comes_back_after_a_change_is_not_a_duplicate() -> None:
     sink = Sink()
     seq = sink.sequencer()

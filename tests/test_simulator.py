@@ -555,6 +555,132 @@ async def test_a_transfer_tried_again_after_a_failure_is_heard_failing_again() -
     assert moves[-4:] == [("transferring", "established"), ("established", "transferring")] * 2
 
 
+TransferNews = events.CallStateChanged | events.CallUpdated
+
+
+def transferring_bot(*targets: str) -> tuple[CallBot, Seen, list[TransferNews], list[int]]:
+    """A bot transferring the call to ``targets[0]`` when the caller presses a key, and to
+    the next target each time ``on_transfer_failed`` runs, while one is left; with what
+    every handler saw, what ``on_transfer_failed`` handlers saw, and Graph's refusals."""
+    bot, seen = answering_bot()
+    failures: list[TransferNews] = []
+    refusals: list[int] = []
+
+    async def transfer(call: Call, target: str) -> None:
+        try:
+            await call.transfer(Target.user(target, "Agent"))
+        except GraphError as exc:
+            refusals.append(exc.status)
+
+    @bot.on_tone
+    async def pressed(call: Call, event: events.ToneReceived) -> None:
+        await transfer(call, targets[0])
+
+    @bot.on_transfer_failed
+    async def failed(call: Call, event: TransferNews) -> None:
+        failures.append(event)
+        if len(failures) < len(targets):
+            await transfer(call, targets[len(failures)])
+
+    return bot, seen, failures, refusals
+
+
+def transfer_targets(sim: Simulator) -> list[str]:
+    return [
+        r.json["transferTarget"]["identity"]["user"]["id"] for r in sim.requests_for("transfer")
+    ]
+
+
+@pytest.mark.parametrize("duplicate", [False, True], ids=["posted-once", "posted-twice"])
+@pytest.mark.parametrize("outcome", ["failed", "failed_in_place"])
+async def test_on_transfer_failed_runs_once_whichever_way_graph_tells_the_failure(
+    outcome: str, duplicate: bool
+) -> None:
+    """Graph tells a failed transfer by bringing the call back from ``transferring``, or by
+    the update alone: a bot acting on every failure handled a transition and an update,
+    keeping its own set of calls with a transfer on its way. ``on_transfer_failed`` runs
+    once for either, a copy Graph sends being none; the other handlers get the very same
+    delivery as before."""
+    bot, seen, failures, _ = transferring_bot("agent-id")
+    async with run_with_simulator(bot) as sim:
+        sim.transfer_outcome = outcome
+        call = await sim.incoming_call(delivery=DeliveryOptions(duplicate=duplicate))
+        await call.press("0")
+        await until(lambda: len(failures) == 1)
+        await call.hangup()
+        await call.wait_until_ended()
+        await call.settled()
+    (failure,) = failures
+    assert failure.transfer_failed
+    assert failure.result_info is not None
+    assert (failure.result_info.code, failure.result_info.subcode) == (500, 7000)
+    if outcome == "failed":
+        assert isinstance(failure, events.CallStateChanged)
+        assert (failure.state, failure.previous_state) == ("established", "transferring")
+    else:
+        assert isinstance(failure, events.CallUpdated)
+        assert failure.state == "established"
+    assert any(event is failure for event in seen)  # on(events.Event) got that delivery
+    assert labels(seen)[-1] == "terminated"
+    others = [e for e in seen if e is not failure and isinstance(e, TransferNews)]
+    assert not any(e.transfer_failed for e in others)
+
+
+@pytest.mark.parametrize("outcome", ["failed", "failed_in_place"])
+async def test_on_transfer_failed_runs_for_each_transfer_that_failed(outcome: str) -> None:
+    """A bot trying a second agent when the first transfer failed hears that one fail too:
+    Graph words both failures alike, and each is a failure of its own."""
+    bot, _, failures, _ = transferring_bot("agent-id", "other-agent-id")
+    async with run_with_simulator(bot) as sim:
+        sim.transfer_outcome = outcome
+        call = await sim.incoming_call()
+        await call.press("0")
+        await until(lambda: len(failures) == 2)
+        await call.hangup()
+        await call.wait_until_ended()
+        await call.settled()
+        assert transfer_targets(sim) == ["agent-id", "other-agent-id"]
+    assert len(failures) == 2
+    kind = events.CallStateChanged if outcome == "failed" else events.CallUpdated
+    assert all(type(failure) is kind for failure in failures)
+
+
+async def test_on_transfer_failed_runs_for_no_transfer_refused_or_completed() -> None:
+    """A transfer Graph refused (a 4xx: ``call.transfer`` raised) brings no news, so Graph
+    sending the last failure again is a repeat, not that transfer failing; a transfer
+    that goes through ends the call, its ``terminated`` naming a ``resultInfo`` too."""
+    bot, seen, failures, refusals = transferring_bot("agent-id")
+    async with run_with_simulator(bot) as sim:
+        sim.transfer_outcome = "failed"
+        call = await sim.incoming_call()
+        await call.press("0")
+        await until(lambda: len(failures) == 1)
+        sim.graph.fail_next("transfer", 403)
+        await call.press("0")
+        await until(lambda: refusals == [403])
+        why = models.ResultInfo(
+            odata_type="#microsoft.graph.resultInfo",
+            code=500,
+            subcode=7000,
+            message="Transfer failed.",
+        )
+        copy = builders.call_state(call.id, "established", result_info=why)
+        assert await call.notify(copy) == 202
+        sim.transfer_outcome = "completed"
+        await call.press("0")
+        await call.wait_until_ended()
+        await call.settled()
+        assert len(sim.requests_for("transfer")) == 3
+    assert len(failures) == 1
+    after = labels(seen)[[e is failures[0] for e in seen].index(True) + 1 :]
+    # The copy reached no handler: a repeat.
+    assert after == ["tone:tone0", "tone:tone0", "transferring", "transferAccepted", "terminated"]
+    ended = seen[-1]
+    assert isinstance(ended, events.CallTerminated)
+    assert ended.result_info is not None
+    assert not ended.transfer_failed
+
+
 @pytest.mark.parametrize("action", ["reject", "redirect"])
 async def test_reject_and_redirect_end_the_call(action: str) -> None:
     bot, seen = recording_bot()

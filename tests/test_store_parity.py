@@ -220,6 +220,7 @@ def observe(call: Call, event: events.Event) -> dict[str, Any]:
     if isinstance(event, events.CallStateChanged | events.CallUpdated):
         info = event.result_info
         seen["result"] = None if info is None else info.model_dump(mode="json", exclude_unset=True)
+        seen["transfer_failed"] = event.transfer_failed
     if isinstance(event, events.ToneReceived):
         seen |= {"tone": event.tone, "digit": event.digit, "sequence": event.sequence_id}
     if isinstance(event, events.ParticipantsUpdated):
@@ -885,6 +886,73 @@ async def test_a_transfer_asked_twice_while_a_key_waits(parity: Any) -> None:
         back = ("CallStateChanged", "established", "established")
         ending = ("CallTerminated", "terminated", "terminated")
         assert seen[2:] == [*keys, away, back, away, back, ending], group.name
+
+
+async def test_each_failed_transfer_is_told_once_in_every_store(parity: Any) -> None:
+    """A bot trying another agent when a transfer fails: Graph tells the first failure after
+    ``transferring``, the second by the update alone (worded alike, documents 24 and 27),
+    then refuses the third transfer (400) and sends the last failure again; a fourth
+    transfer goes through (7015). In every store ``on_transfer_failed`` runs once for each
+    of the two failures, and for nothing else."""
+    transferring, failed = transfer_items()
+    call = call_of(transferring)
+    told: dict[str, list[tuple[str, str | None]]] = {}
+    refusals: list[int] = []
+
+    async def transfer(handle: Call, target: str) -> None:
+        try:
+            await handle.transfer(Target.user(target, "Agent"))
+        except GraphError as exc:
+            refusals.append(exc.status)
+
+    async with FakeGraph() as graph:
+        graph.add_call(call)
+        groups: Parity = await parity(
+            graph_url=graph.graph_url,
+            authority_url=graph.authority_url,
+            app_secret="fake-graph-secret",
+            reorder_window=0.2,  # the failure told alone waits for no transferring longer
+        )
+        for group in groups.groups:
+            heard = told.setdefault(group.name, [])
+            for bot in group.bots:
+
+                @bot.on_state("established")
+                async def established(handle: Call, event: events.CallStateChanged) -> None:
+                    if event.previous_state == "establishing":
+                        await transfer(handle, "agent-id")
+
+                @bot.on_transfer_failed
+                async def next_agent(
+                    handle: Call,
+                    event: events.CallStateChanged | events.CallUpdated,
+                    heard: list[tuple[str, str | None]] = heard,
+                ) -> None:
+                    heard.append((type(event).__name__, getattr(event, "previous_state", None)))
+                    await transfer(handle, f"agent-{len(heard) + 1}")
+
+        await groups.run(
+            [post(b.call_state(call, "establishing")), post(b.call_state(call, "established"))]
+        )
+        await groups.run([post(transferring), post(failed)])  # back from transferring
+        graph.fail_next("transfer", 400, times=len(groups.groups))
+        await groups.run([post(failed)])  # told alone, once the window closed
+        assert refusals == [400] * len(groups.groups)  # each group's third transfer
+        await groups.run([post(failed)])  # a copy: the refused transfer brings no news
+        for group in groups.groups:
+            await transfer(group.bots[0].services.call(call), "last-agent-id")
+        completed = b.call_terminated(call, code=0, subcode=7015, message="transferred")
+        going = [transferring, b.call_state(call, "transferAccepted"), completed]
+        await groups.run(post(item) for item in going)
+        assert len(graph.requests_for("transfer")) == 4 * len(groups.groups)
+    groups.check()
+    for group in groups.groups:
+        assert told[group.name] == [
+            ("CallStateChanged", "transferring"),
+            ("CallUpdated", None),
+        ], group.name
+        flagged = [entry for entry in group.seen[id_key(call)] if entry.get("transfer_failed")]
+        assert len(flagged) == 2, group.name
 
 
 async def test_a_copy_of_a_state_held_behind_a_key(parity: Any) -> None:

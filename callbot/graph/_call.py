@@ -436,7 +436,8 @@ class Call:
         or back to ``established`` with a ``resultInfo`` when it failed): nothing to
         await here. A failure Graph tells with no ``transferring`` before it comes as a
         :class:`~callbot.events.CallUpdated` with ``result_info`` instead: the call never
-        left ``established``, and ``on_state("established")`` handlers do not run. Graph
+        left ``established``, and ``on_state("established")`` handlers do not run.
+        ``on_transfer_failed`` handlers run for either, once per transfer asked. Graph
         transfers to a phone number (``Target.phone``) only from a bot with an application
         instance (a resource account with a phone number).
 

@@ -13,7 +13,9 @@ and the call's later notifications go there too:
 * ``reject``/``redirect`` -> the call deleted (``terminated``; no state after a reject);
 * ``transfer``          -> ``transferring``, ``transferAccepted``, ``terminated`` (7015),
   or back to ``established`` with code 500 when :attr:`Simulator.transfer_outcome`
-  is ``"failed"`` (a consultative one: ``terminationReason`` ``AppTransferred``, or 7700);
+  is ``"failed"`` (a consultative one: ``terminationReason`` ``AppTransferred``, or 7700),
+  or that ``established`` alone, no ``transferring`` first, when it is
+  ``"failed_in_place"``;
 * ``playPrompt``        -> the operation's ``completed`` once the prompts would have played;
 * ``recordResponse``    -> ``completed`` with a ``recordingLocation`` the simulator
   serves (only with the ``recordingAccessToken``);
@@ -1286,8 +1288,9 @@ class SimulatedCall:
             target = body.get("transferTarget")
             # Graph documents a consultative transfer ending otherwise (AppTransferred, 7700).
             consultative = isinstance(target, Mapping) and bool(target.get("replacesCallId"))
-            self._enqueue(build.call_state(self.id, "transferring"))
-            if sim.transfer_outcome == "failed":
+            if sim.transfer_outcome != "failed_in_place":
+                self._enqueue(build.call_state(self.id, "transferring"))
+            if sim.transfer_outcome in ("failed", "failed_in_place"):
                 failed = models.ResultInfo(
                     odata_type="#microsoft.graph.resultInfo",
                     code=500,
@@ -1678,7 +1681,9 @@ class Simulator:
         """How notifications arrive, for calls that do not say otherwise."""
         self.drive = drive
         self.transfer_outcome = "completed"
-        """``completed`` (the target picks up: 7015) or ``failed`` (back to established, 500)."""
+        """``completed`` (the target picks up: 7015), ``failed`` (back to established, 500)
+        or ``failed_in_place`` (the failure told by that update alone: no ``transferring``
+        first, as Graph may tell it)."""
         self.invite_outcome = "completed"
         """``completed`` (the invitees join the roster) or ``failed`` (the invitation's
         operation fails with the simulator's own 408, and nobody joins)."""
