@@ -51,11 +51,9 @@ async def answer(call: Call, event: events.IncomingCall) -> None:
 
 @bot.on_state("established")
 async def main_menu(call: Call, event: events.CallStateChanged) -> None:
-    """Play the menu once connected; a transfer that failed lands here again."""
-    if event.previous_state == "transferring":
-        log.info("transfer_failed", call_id=call.id, result=event.result_info)
-        await take_voicemail(call, greeting=AGENT_UNAVAILABLE)
-        return
+    """Play the menu once connected (not when back from a failed transfer)."""
+    if event.transfer_failed:
+        return  # agent_unavailable takes the caller
     choice = await call.menu(
         WELCOME,
         {"1": "agent", "2": "voicemail"},
@@ -70,6 +68,15 @@ async def main_menu(call: Call, event: events.CallStateChanged) -> None:
         await take_voicemail(call, greeting=LEAVE_A_MESSAGE)
     else:
         await say_goodbye(call)
+
+
+@bot.on_transfer_failed
+async def agent_unavailable(
+    call: Call, event: events.CallStateChanged | events.CallUpdated
+) -> None:
+    """The agent did not pick up, however Graph told it: the caller goes to the voicemail."""
+    log.info("transfer_failed", call_id=call.id, result=event.result_info)
+    await take_voicemail(call, greeting=AGENT_UNAVAILABLE)
 
 
 async def take_voicemail(call: Call, *, greeting: str) -> None:

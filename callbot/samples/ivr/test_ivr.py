@@ -83,14 +83,19 @@ async def test_a_caller_hanging_up_during_the_menu_is_no_error(sim: Simulator) -
     assert not call.requests_for("transfer")
 
 
-async def test_a_failed_transfer_falls_back_to_voicemail(sim: Simulator) -> None:
-    sim.transfer_outcome = "failed"
+@pytest.mark.parametrize("outcome", ["failed", "failed_in_place"])
+async def test_a_failed_transfer_falls_back_to_voicemail(sim: Simulator, outcome: str) -> None:
+    """Back from ``transferring``, or told by an update alone: the caller goes to the
+    voicemail, once."""
+    sim.transfer_outcome = outcome
     call = await sim.incoming_call()
     await call.press("1")
     await call.wait_for_request("transfer")
     record = await call.wait_for_request("recordResponse")
     assert record.json["prompts"][0]["mediaInfo"]["uri"] == ivr.AGENT_UNAVAILABLE
     await call.wait_until_ended()
+    assert len(call.requests_for("recordResponse")) == 1
+    assert _uris(call).count(ivr.WELCOME) == 1  # the menu did not start over
 
 
 async def test_survives_notifications_out_of_order_and_twice(sim: Simulator) -> None:
