@@ -85,7 +85,14 @@ from .events import (
     UnknownNotification,
 )
 
-__all__ = ["CALL_PATH", "DEFAULT_MAX_DEPTH", "parse_body", "parse_body_in_parts", "parse_payload"]
+__all__ = [
+    "CALL_PATH",
+    "DEFAULT_MAX_DEPTH",
+    "parse_body",
+    "parse_body_in_parts",
+    "parse_payload",
+    "roster_entries",
+]
 
 log = structlog.get_logger("callbot.parse")
 
@@ -674,14 +681,11 @@ def _participants_event(
     delta = partial or common["change_type"] in ("created", "deleted")
     # Only the notification's number orders rosters: participants' highest falls as one leaves.
     sequence = _as_int(item.get("sequenceNumber"))
-    if isinstance(data, dict) and (
-        models.type_name(data) == "deltaparticipants" or isinstance(data.get("participants"), list)
-    ):
+    if _delta_shaped(data):
         delta = True
         if sequence is None:
             sequence = _as_int(data.get("sequenceNumber"))
-        data = data.get("participants")
-    entries = data if isinstance(data, list) else [data] if isinstance(data, dict) else None
+    entries = roster_entries(data)
     if entries is None or not all(isinstance(entry, dict) for entry in entries):
         return UnknownNotification(**common, resource_data=item.get("resourceData"))
     participants = _typed(models.Participant.model_validate, entries, common)
@@ -691,6 +695,22 @@ def _participants_event(
         sequence_number=sequence,
         delta=delta,
     )
+
+
+def _delta_shaped(data: Any) -> bool:
+    """Whether a roster's ``resourceData`` is a ``deltaParticipants`` object (or any object
+    listing ``participants``): only who changed."""
+    return isinstance(data, dict) and (
+        models.type_name(data) == "deltaparticipants" or isinstance(data.get("participants"), list)
+    )
+
+
+def roster_entries(data: Any) -> list[Any] | None:
+    """The entries a roster notification's ``resourceData`` lists, in the order of its
+    event's ``participants`` (one participant each); ``None`` when it lists none."""
+    if _delta_shaped(data):
+        data = data.get("participants")
+    return data if isinstance(data, list) else [data] if isinstance(data, dict) else None
 
 
 def _operation_event(data: Any, path_id: str | None, common: dict[str, Any]) -> Event:

@@ -35,7 +35,7 @@ import bisect
 import hashlib
 import json
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -49,13 +49,15 @@ from ._ids import clipped, id_key
 from ._journal import Attempt
 from ._lifecycle import CallLife, Lifecycle, phase_of_state
 from ._log import get_logger
-from ._parse import CALL_PATH
+from ._parse import CALL_PATH, roster_entries
 from .models import Call as CallResource
 from .models import Identity, Participant
 from .models._operations import is_settled
 
 __all__ = [
+    "MAX_SNAPSHOT_BYTES",
     "MAX_WAITING_TONES",
+    "ROSTER_BYTES_PER_PARTICIPANT",
     "SEEN_DIGESTS",
     "TONES_UNORDERED",
     "CallRecord",
@@ -66,6 +68,8 @@ __all__ = [
     "TransferAsked",
     "TransferRefused",
     "digest_decides",
+    "entry_size",
+    "json_size",
     "notification_digest",
     "phase_of",
     "roster_key",
@@ -89,6 +93,16 @@ collection's bound): no caller presses this many keys within a window, so a floo
 goes on at once rather than be kept and sorted."""
 # Unknown properties a call's snapshot keeps across notifications (Graph's call has ~40).
 _MAX_EXTRA_PROPERTIES = 256
+ROSTER_BYTES_PER_PARTICIPANT = 4096
+"""What a call's roster keeps at most, in bytes of JSON (each participant's key and the
+participant as Graph sent it), for each participant its roster may hold (``max_roster_size``):
+a Teams participant takes about 2.2 KB (recorded). Past that, a roster change that would grow
+it is delivered as sent, but the call keeps its roster as it was (``call_record_full``)."""
+MAX_SNAPSHOT_BYTES = 256 * 1024
+"""What a call's merged snapshot keeps at most, in bytes of JSON (a recorded Teams call's,
+with ``chatInfo``, ``meetingInfo`` and its meeting token, takes 2 to 3 KB). Past that, a
+notification that would grow it is delivered as sent, but the call keeps its snapshot as it
+was (its state moves all the same)."""
 
 
 _Model = TypeVar("_Model", bound=BaseModel)
@@ -440,6 +454,15 @@ class CallRecord:
     """How far each of the call's latest operations got in what was delivered
     (:func:`_operation_step`), by operation key, the latest last: Graph posts an operation's
     progress and its outcome as separate requests, which can arrive swapped."""
+    roster_sizes: dict[str, int] = field(default_factory=dict)
+    """What each participant of ``roster`` takes, by key (:func:`entry_size`)."""
+    roster_bytes: int = 0
+    """What ``roster`` takes in all (the sum of ``roster_sizes``)."""
+    snapshot_bytes: int = 0
+    """At least what ``snapshot`` takes, in bytes of JSON: the notifications merged into it
+    are counted whole until it could be past :data:`MAX_SNAPSHOT_BYTES`, then it is measured."""
+    told_full: bool = False
+    """A change the call's record could not keep was logged (``call_record_full``, once)."""
 
     @property
     def call_id(self) -> str:
@@ -534,26 +557,55 @@ def notification_digest(event: events.Event) -> bytes:
     key), the path under it, the change and the resource data. ``resource`` or
     ``resourceUrl``, ``v1.0``/``beta`` or absolute, the id's case and dashes, and the order
     of keys do not count."""
-    return _digest_of(event, event.call_key)
+    return _digest_of(event, event.call_key)[0]
 
 
-def _digest_of(event: events.Event, call_key: str) -> bytes:
-    """:func:`notification_digest`, for a caller that has the event's ``call_key`` at hand."""
+def _digest_of(event: events.Event, call_key: str) -> tuple[bytes, int]:
+    """:func:`notification_digest`, for a caller that has the event's ``call_key`` at hand,
+    and how many bytes were digested: at least what the notification's data takes as JSON."""
     prefix, url = CALL_PATH + event.call_id, event.resource_url
     under_call = (url[len(prefix) :] if url.startswith(prefix) else url).lower()
-    return _digest([call_key, under_call, event.change_type, event.raw.get("resourceData")])
+    canonical = _canonical_bytes(
+        [call_key, under_call, event.change_type, event.raw.get("resourceData")]
+    )
+    return hashlib.blake2b(canonical, digest_size=16).digest(), len(canonical)
 
 
-def _digest(value: Any) -> bytes:
+def _canonical_bytes(value: Any) -> bytes:
     try:
         # orjson's sorted compact form is canonical too, at a tenth of json.dumps's cost.
-        canonical = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
     except TypeError:
         # Integers beyond 64 bits and lone surrogates, which orjson refuses, take the slower
         # road; ASCII escapes keep a lone surrogate encodable.
         text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-        canonical = text.encode()
-    return hashlib.blake2b(canonical, digest_size=16).digest()
+        return text.encode()
+
+
+def json_size(value: Any) -> int:
+    """How many bytes ``value`` (decoded JSON) takes written as compact JSON."""
+    try:
+        return len(orjson.dumps(value))
+    except TypeError:  # integers beyond 64 bits and lone surrogates, which orjson refuses
+        return len(json.dumps(value, separators=(",", ":"), ensure_ascii=True))
+
+
+def entry_size(key: str, participant: Any) -> int:
+    """What one participant takes of its call's roster: its key, and the participant as
+    sent (decoded JSON)."""
+    return len(key) + json_size(participant)
+
+
+def _model_size(model: BaseModel) -> int:
+    """What a model takes as a call's record writes it (what Graph sent of it, as JSON)."""
+    try:
+        return len(model.__pydantic_serializer__.to_json(model, by_alias=True, exclude_unset=True))
+    except ValueError:  # a lone surrogate, which UTF-8 cannot hold
+        return json_size(model.model_dump(mode="json", by_alias=True, exclude_unset=True))
+
+
+# The property names and punctuation of ``{"id":...,"myParticipantId":...}``.
+_PLACED_OVERHEAD = 32
 
 
 def _participant_key(participant: Participant, index: int) -> str:
@@ -611,7 +663,7 @@ def _canonical(value: dict[str, str]) -> str:
 
 
 def _known_without_id(
-    roster: dict[str, Participant], incoming: dict[str, Participant], participant: Participant
+    roster: dict[str, Participant], incoming: Container[str], participant: Participant
 ) -> str | None:
     """The key of the roster's entry for ``participant`` from before Graph gave it an id
     (an invitee is sent with ``"id": null`` until it is added), or ``None``."""
@@ -628,7 +680,9 @@ class Sequencer:
     request is still open, so everything it accepts is queued before the 202.
     Each state a delivered event moves the call into is told to ``lifecycle``,
     which decides whether it is new and when the call has ended; a roster change that
-    would grow a roster past ``max_roster`` participants is dropped (``roster_full``);
+    would grow a roster past ``max_roster`` participants is dropped (``roster_full``), one
+    that would grow it past ``max_roster`` times :data:`ROSTER_BYTES_PER_PARTICIPANT` bytes,
+    or a snapshot past :data:`MAX_SNAPSHOT_BYTES`, is delivered but not kept;
     ``on_operation`` is told at once when an operation notification is accepted
     (to resolve waits even while the call's handler runs), ``on_tone`` at once
     when a tone is accepted (for a handler collecting digits), ``on_drop`` of every
@@ -653,14 +707,19 @@ class Sequencer:
         """The owner of the calls' lives this sequencer reports to."""
         self._window = reorder_window
         self._max_roster = max_roster
+        self._max_roster_bytes = max_roster * ROSTER_BYTES_PER_PARTICIPANT
         self._on_operation = on_operation
         self._on_tone = on_tone
         self._on_drop = on_drop
         self._records: dict[str, CallRecord] = {}
+        # The item accepted last, and the bytes its digest took: what its delivery adds to
+        # its call's snapshot, if it is delivered as it arrives (the usual case).
+        self._arriving: tuple[dict[str, Any] | None, int] = (None, 0)
         lifecycle.when_forgotten(self._forgotten)
         self.counts: Counter[str] = Counter()
         """Outcomes so far: delivered, held, duplicate, stale, after_end, roster_full,
-        call_forgotten (held when its call was let go), released_alone."""
+        call_forgotten (held when its call was let go), released_alone, not_kept (delivered,
+        but what it would add was past the call's bytes: ``call_record_full``)."""
 
     # -- public -----------------------------------------------------------------
 
@@ -674,7 +733,7 @@ class Sequencer:
             record = self._new_record(key, event.call_id, event.tenant_id)
         if record.life.tenant_id is None and event.tenant_id is not None:
             self.lifecycle.bind(record.life, event.tenant_id)
-        digest = _digest_of(event, key)
+        digest, written = _digest_of(event, key)
         whole = _WHOLE.get(type(event))
         if whole is not None:
             # A repeat only of the latest of its kind: one that came before is a change back.
@@ -692,6 +751,7 @@ class Sequencer:
         elif isinstance(event, events.ToneReceived) and self._on_tone is not None:
             # A handler collecting digits is still running: tones reach it now, not queued.
             self._on_tone(event)
+        self._arriving = event.raw, written
         self._route(record, event)
 
     def note(self, fact: OwnFact) -> None:
@@ -739,6 +799,8 @@ class Sequencer:
             # Nothing delivered yet: what comes first (a roster, even) is merged into it.
             snapshot = CallResource(id=call_id)
         record.snapshot = snapshot.model_copy(update={"my_participant_id": my_participant_id})
+        # Graph's own answer, not a notification: counted, never refused.
+        record.snapshot_bytes += len(call_id) + len(my_participant_id) + _PLACED_OVERHEAD
 
     def _new_record(self, key: str, call_id: str, tenant_id: str | None) -> CallRecord:
         life = self.lifecycle.life(call_id, tenant_id)
@@ -979,7 +1041,17 @@ class Sequencer:
         # Whether this is the news of a transfer's failure: told to handlers, decided here only.
         failed = False
         if snapshot_source is not None:
-            record.snapshot = _merge(previous, snapshot_source)
+            merged = _merge(previous, snapshot_source)
+            arrived, written = self._arriving
+            if arrived is not event.raw:
+                # Delivered later than it arrived (it was held): its data counted again.
+                written = json_size(event.raw.get("resourceData"))
+            # At least what the snapshot takes: measured only once it could be past its bound.
+            bound = record.snapshot_bytes + written
+            if bound > MAX_SNAPSHOT_BYTES:
+                record.snapshot, record.snapshot_bytes = self._measured(record, merged)
+            else:
+                record.snapshot, record.snapshot_bytes = merged, bound
             if (
                 snapshot_source.result_info is not None
                 and record.transfers_told < record.life.transfers
@@ -1011,6 +1083,7 @@ class Sequencer:
             # The lifecycle decides the call's state: a deletion naming no state (or an old
             # one), or a tone repeating "established", must not leave the snapshot behind.
             record.snapshot = snapshot.model_copy(update={"state": life_state})
+            record.snapshot_bytes += len(life_state)
         self.counts["delivered"] += 1
         # The roster dict is replaced, never changed in place, so it can be shared.
         self._deliver_fn(Delivery(event, record.snapshot, record.roster, record.life))
@@ -1018,11 +1091,44 @@ class Sequencer:
             record.closed = True
             # Nothing reads an ended call's state but its last delivery, which has it: the
             # record lingers only to drop stragglers, and the collector need not walk the rest.
-            record.snapshot = None
-            record.roster = {}
+            record.snapshot, record.snapshot_bytes = None, 0
+            record.roster, record.roster_sizes, record.roster_bytes = {}, {}, 0
             stranded, record.held, record.waiting_tones = record.held, [], []
             for straggler in stranded:
                 self._drop(straggler, "after_end")
+
+    def _measured(
+        self, record: CallRecord, merged: CallResource
+    ) -> tuple[CallResource | None, int]:
+        """The snapshot the call keeps, and its size, once a notification merged into it
+        could take it past :data:`MAX_SNAPSHOT_BYTES`: ``merged``, unless it is past it and
+        larger than the snapshot before (then that one)."""
+        size = _model_size(merged)
+        if size <= MAX_SNAPSHOT_BYTES:
+            return merged, size
+        previous = record.snapshot
+        before = 0 if previous is None else _model_size(previous)
+        if size <= before:
+            return merged, size  # past its bound already (kept by a release without one)
+        self._not_kept(record, "snapshot", size, MAX_SNAPSHOT_BYTES)
+        return previous, before
+
+    def _not_kept(self, record: CallRecord, part: str, size: int, limit: int) -> None:
+        """A delivered notification would take the call's ``part`` past ``limit`` bytes:
+        counted each time, logged once per call."""
+        self.counts["not_kept"] += 1
+        if record.told_full:
+            return
+        record.told_full = True
+        self._log.warning(
+            "call_record_full",
+            call_id=record.call_id,
+            part=part,
+            size=size,
+            limit=limit,
+            detail=f"handlers get each notification as sent, but the call keeps its {part} as"
+            " it was when a change would take it past the limit (logged once per call)",
+        )
 
     def _moves_on(self, record: CallRecord, event: events.OperationUpdated) -> bool:
         """Whether ``event`` takes its operation further than what was delivered of it (else
@@ -1053,32 +1159,48 @@ class Sequencer:
         ):
             self._drop(event, "stale", roster_sequence=sequence)
             return None
-        old = record.roster
-        incoming = {_participant_key(p, i): p for i, p in enumerate(event.participants)}
+        old, sizes = record.roster, record.roster_sizes
+        participants = event.participants
+        # Each participant's key, and where it is listed (the last place, if listed twice).
+        incoming = {_participant_key(p, i): i for i, p in enumerate(participants)}
         options = record.snapshot.call_options if record.snapshot is not None else None
         delta = event.delta or bool(options is not None and options.is_delta_roster_enabled)
         removed = delta and event.change_type == "deleted"
         joined: list[Participant] = []
         left: list[Participant] = []
         updated: list[Participant] = []
-        new = dict(old) if delta else {}
+        new, new_sizes = (dict(old), dict(sizes)) if delta else ({}, {})
         renamed: set[str] = set()
-        for key, participant in incoming.items():
+        entries: list[Any] | None = None
+        for key, index in incoming.items():
+            participant = participants[index]
             was = key if key in old else _known_without_id(old, incoming, participant)
             if was is not None and was != key:
                 renamed.add(was)
                 new.pop(was, None)
+                new_sizes.pop(was, None)
             if removed or participant.removed_state is not None:
                 # Only someone in the roster can leave it: a repeated removal is no news.
                 if was is not None:
                     left.append(participant)
                 new.pop(key, None)
+                new_sizes.pop(key, None)
                 continue
             new[key] = participant
             if was is None:
                 joined.append(participant)
             elif was != key or old[was] != participant:
                 updated.append(participant)
+            elif was in sizes:
+                new_sizes[key] = sizes[was]  # the same participant: the same size
+                continue
+            if entries is None:
+                # As Graph sent them (a model may have left out what did not fit).
+                entries = roster_entries(event.raw.get("resourceData")) or []
+            if len(entries) == len(participants):
+                new_sizes[key] = entry_size(key, entries[index])
+            else:  # an event built otherwise than from Graph's item
+                new_sizes[key] = len(key) + _model_size(participant)
         if len(new) > self._max_roster and len(new) > len(old):
             # Deltas naming new ids each time would grow the call's record for ever.
             self._drop(event, "roster_full", participants=len(new), limit=self._max_roster)
@@ -1087,7 +1209,12 @@ class Sequencer:
             left.extend(p for key, p in old.items() if key not in incoming and key not in renamed)
         if sequence is not None:
             record.roster_sequence = sequence
-        record.roster = new
+        size = sum(new_sizes.values())
+        if size > self._max_roster_bytes and size > record.roster_bytes:
+            # Names or properties megabytes long in each delta would grow it for ever too.
+            self._not_kept(record, "roster", size, self._max_roster_bytes)
+        else:
+            record.roster, record.roster_sizes, record.roster_bytes = new, new_sizes, size
         return _copied(event, {"joined": joined, "left": left, "updated": updated})
 
     def _drop(self, event: events.Event, reason: str, **details: Any) -> None:

@@ -27,6 +27,9 @@ from structlog.testing import capture_logs
 
 from callbot import Call, CallBot, MalformedNotification, OperationFailed, events
 from callbot._auth import MAX_KEY_WAITERS
+from callbot._ids import id_key
+from callbot._sequencing import MAX_SNAPSHOT_BYTES, ROSTER_BYTES_PER_PARTICIPANT
+from callbot.store._codec import encode_record
 from callbot.testing import TEST_TENANT_ID, FakeGraph, TokenAuthority
 from callbot.testing import builders as b
 
@@ -632,6 +635,90 @@ async def test_a_call_s_roster_and_snapshot_stay_bounded(
     await until(lambda: len(extras) == 6)
     assert max(extras) <= 256
     assert extras[:2] == [100, 200]
+
+
+FLOOD_TEXT = 64 * 1024
+FLOOD_ROUNDS = 16
+# A record's head: its phase, state, digests and operations besides its roster and snapshot.
+RECORD_HEAD = 64 * 1024
+
+
+def flooding(call_id: str, round_: int) -> list[dict[str, Any]]:
+    """A delta naming a new participant whose name is ``FLOOD_TEXT`` long, and a state
+    update with a message and an invented property as long."""
+    person = b.participant(f"p-{round_}", display_name=f"{round_ % 10}" * FLOOD_TEXT)
+    joining = b.delta_roster(call_id, [person], sequence_number=round_, change_type="created")
+    update = b.call_state(call_id, "established")
+    update["resourceData"]["resultInfo"] = {
+        "@odata.type": "#microsoft.graph.resultInfo",
+        "code": 500,
+        "subcode": round_,
+        "message": "m" * FLOOD_TEXT,
+    }
+    update["resourceData"][f"invented{round_}"] = "x" * FLOOD_TEXT
+    return [joining, update]
+
+
+def record_bound(max_roster_size: int) -> int:
+    """What a call's record may take at most, as documented: its roster's bytes, its
+    snapshot's, and its head."""
+    return max_roster_size * ROSTER_BYTES_PER_PARTICIPANT + MAX_SNAPSHOT_BYTES + RECORD_HEAD
+
+
+async def test_a_call_flooded_with_long_names_and_messages_keeps_a_bounded_record(
+    authority: TokenAuthority, serve: Any
+) -> None:
+    """Each body is bounded, but a call kept what each brought: deltas naming a participant
+    with a name 64 KiB long, states with a message and an invented property as long, grew
+    one call's record by 128 KiB a round (2.2 MB after 16; with 4 MiB bodies, 4 MiB a
+    request) for as long as the call lived. Handlers still get each notification as sent;
+    the record stops growing at its bytes, with one line for the call."""
+    bot = make_bot(authority, max_roster_size=100)
+    names: list[int] = []
+    messages: list[int] = []
+    rosters: list[list[str]] = []
+
+    @bot.on(events.ParticipantsUpdated)
+    async def roster(call: Call, event: events.ParticipantsUpdated) -> None:
+        for person in event.joined:
+            assert person.info is not None
+            assert person.info.identity is not None
+            assert person.info.identity.user is not None
+            names.append(len(person.info.identity.user.display_name or ""))
+        rosters.append(sorted(call.roster))
+
+    @bot.on(events.CallUpdated)
+    async def updated(call: Call, event: events.CallUpdated) -> None:
+        assert event.result_info is not None
+        messages.append(len(event.result_info.message or ""))
+
+    server: BotServer = await serve(bot)
+    call_id = "flooded-call"
+    for state in ("establishing", "established"):
+        assert (await server.post(b.notifications(b.call_state(call_id, state)))).status == 202
+    with capture_logs() as logs:
+        for round_ in range(1, FLOOD_ROUNDS + 1):
+            for item in flooding(call_id, round_):
+                assert (await server.post(b.notifications(item))).status == 202
+        await until(lambda: len(names) == len(messages) == FLOOD_ROUNDS)
+    # Every handler got its notification's text whole.
+    assert names == messages == [FLOOD_TEXT] * FLOOD_ROUNDS
+    record = bot._running().store.known(id_key(call_id))
+    assert record is not None
+    assert len(encode_record(record).encode()) < record_bound(100)
+    # The roster kept the participants that fit (six of these), then stopped growing.
+    kept = len(record.roster)
+    assert 0 < kept < FLOOD_ROUNDS
+    assert [len(people) for people in rosters] == [
+        *range(1, kept + 1),
+        *[kept] * (FLOOD_ROUNDS - kept),
+    ]
+    full = [line for line in logs if line["event"] == "call_record_full"]
+    assert [(line["call_id"], line["log_level"]) for line in full] == [(call_id, "warning")]
+    # A roster of the usual size is kept again: the call goes on.
+    usual = b.roster(call_id, [b.participant("usual", display_name="Usual Name")])
+    assert (await server.post(b.notifications(usual))).status == 202
+    await until(lambda: rosters[-1] == ["usual"])
 
 
 async def test_a_request_holds_at_most_a_full_roster_s_worth_of_objects(

@@ -21,6 +21,7 @@ from callbot._sequencing import Delivery, Sequencer
 from callbot.testing import builders as b
 
 from .conftest import FIXTURES, until
+from .test_recorded import CALLS
 
 
 def one(item: dict[str, Any]) -> events.Event:
@@ -1461,3 +1462,31 @@ def test_a_delivery_copy_is_the_copy_pydantic_makes(model: Any, update: dict[str
     assert model.model_fields_set == before.model_fields_set
     assert ours.__dict__ is not model.__dict__
     assert ours.model_extra is None or ours.model_extra is not model.model_extra
+
+
+def _written(model: models.GraphModel) -> int:
+    """What a call's record writes of a model."""
+    return len(model.model_dump_json(by_alias=True, exclude_unset=True).encode())
+
+
+@pytest.mark.parametrize("name", sorted(CALLS))
+async def test_a_recorded_call_keeps_all_it_brought_and_counts_no_less_than_it_takes(
+    name: str,
+) -> None:
+    """A call's bytes are counted without measuring its snapshot at each notification: the
+    count is never below what its record writes, and a recorded call is far from its bounds
+    (nothing it brought is left out)."""
+    sink = Sink()
+    seq = sink.sequencer(window=5)
+    for body in CALLS[name].bodies():
+        for event in parse_payload(body):
+            seq.accept(event)
+            record = seq.record(event.call_key)
+            assert record is not None
+            snapshot = record.snapshot
+            assert record.snapshot_bytes >= (0 if snapshot is None else _written(snapshot))
+            sizes = {key: len(key) + _written(p) for key, p in record.roster.items()}
+            assert record.roster_sizes == sizes
+            assert record.roster_bytes == sum(sizes.values())
+    assert seq.counts["not_kept"] == 0
+    seq.close()

@@ -135,6 +135,33 @@ def test_a_record_survives_the_round_trip() -> None:
     assert decode_record('{"version": 999}') is None
 
 
+async def test_a_record_read_back_counts_its_bytes_as_the_sequencer_did() -> None:
+    """Whichever instance carries a call on counts its roster's bytes alike: from the record
+    as stored, as its sequencer counted them from the notifications."""
+    seq = Sequencer(lambda delivery: None, Lifecycle(termination_grace=1.0))
+    seq.accept(one(b.call_state("c", "establishing")))
+    seq.accept(one(b.call_state("c", "established")))
+    people = [b.participant("alice", display_name="Alice"), b.participant("bob", muted=True)]
+    seq.accept(one(b.roster("c", people)))
+    record = seq.record("c")
+    assert record is not None
+    assert record.roster_bytes > 0
+    copy = decode_record(encode_record(record))
+    assert copy is not None
+    assert copy.roster_sizes == record.roster_sizes
+    assert copy.roster_bytes == record.roster_bytes
+    assert record.snapshot is not None
+    written = record.snapshot.model_dump_json(exclude_unset=True, by_alias=True)
+    assert copy.snapshot_bytes == len(written)
+    # The call's call_record_full line, once written, is not written again by another.
+    assert "told_full" not in json.loads(encode_record(record))
+    record.told_full = True
+    again = decode_record(encode_record(record))
+    assert again is not None
+    assert again.told_full
+    seq.close()
+
+
 def test_an_entry_is_the_notification_as_received() -> None:
     event = one(b.operation_update("c", "op-1", client_context="ctx"), tenant="t-1")
     again = decode_entry(encode_entry(event))

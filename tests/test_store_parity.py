@@ -32,6 +32,7 @@ from callbot._ids import id_key
 from callbot._lifecycle import ENDED_MEMORY
 from callbot._sequencing import roster_key
 from callbot.store import _redis
+from callbot.store._codec import encode_record
 from callbot.testing import TEST_TENANT_ID, FakeGraph, FakeResponse, TokenAuthority
 from callbot.testing import builders as b
 
@@ -45,7 +46,13 @@ from .conftest import (
 )
 from .test_recorded import CALLS, EXPECTED, recorded_body
 from .test_redis import KEY_PREFIX, RedisServer, redis_server, redis_url
-from .test_security_tokens import OTHER_TENANT, without_tenant
+from .test_security_tokens import (
+    FLOOD_ROUNDS,
+    OTHER_TENANT,
+    flooding,
+    record_bound,
+    without_tenant,
+)
 from .test_simulator import MEETING_URL
 
 __all__ = ["redis_server", "redis_url"]  # fixtures this module uses
@@ -1070,6 +1077,29 @@ async def test_updates_with_properties_the_models_do_not_know(parity: Any) -> No
     )
     groups: Parity = await parity()
     await groups.run(steps)
+    groups.check()
+
+
+async def test_a_call_flooded_with_long_names_and_messages(parity: Any) -> None:
+    """Each store keeps a flooded call's record within its bytes (in memory, and as written
+    to Redis), and handlers see the same in all: each notification as sent, and the call as
+    it kept it."""
+    call = "flooded"
+    flood = [item for n in range(1, FLOOD_ROUNDS + 1) for item in flooding(call, n)]
+    # Not ended: its record keeps its roster and snapshot.
+    steps = lifecycle_of(call, *flood)[:-1]
+    groups: Parity = await parity(max_roster_size=100)
+    await groups.run(steps)
+    memory, *shared = groups.groups
+    record = memory.bots[0]._running().store.known(id_key(call))
+    assert record is not None
+    sizes = [len(encode_record(record).encode())]
+    for group in shared:
+        assert group.client is not None
+        stored = await group.client.get(_redis._Keys(KEY_PREFIX).record(id_key(call)))
+        assert isinstance(stored, str)
+        sizes.append(len(stored.encode()))
+    assert max(sizes) < record_bound(100), sizes
     groups.check()
 
 

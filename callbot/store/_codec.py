@@ -17,7 +17,9 @@ latest operations got) and the
 call's merged snapshot, which carries ``chatInfo`` and ``meetingInfo`` so a
 bot can rejoin a meeting after a restart. The roster's keys
 are made again from its participants when a record is read, so a record written
-by a version that keyed participants otherwise is diffed as if written by this one.
+by a version that keyed participants otherwise is diffed as if written by this one;
+what the roster and snapshot take of the call's bytes is counted again from the record
+as stored, as the sequencer counted it from the notifications.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from .._sequencing import (
     Placed,
     TransferAsked,
     TransferRefused,
+    entry_size,
+    json_size,
     notification_digest,
     roster_key,
 )
@@ -173,6 +177,8 @@ def encode_record(record: CallRecord) -> str:
         "seen": [digest.hex() for digest in record.seen],
         "operations": record.operations,
     }
+    if record.told_full:
+        head["told_full"] = True  # the call's call_record_full line is not written again
     # Models serialize themselves (faster than going through Python dicts).
     snapshot = "null" if record.snapshot is None else _json(record.snapshot)
     roster = ",".join(f"{json.dumps(key)}:{_json(p)}" for key, p in record.roster.items())
@@ -194,6 +200,7 @@ def decode_record(text: str) -> CallRecord | None:
     transfers = _number(body.get("transfers")) or 0
     # Written without it: the transfers asked are taken as seen, so no failure waits.
     transferring_told = _number(body.get("transferring_told"))
+    roster = _roster(body.get("roster") or {})
     record = CallRecord(
         CallLife(
             str(body["call_id"]),
@@ -204,7 +211,11 @@ def decode_record(text: str) -> CallRecord | None:
         ),
         closed=bool(body.get("ended")),
         snapshot=None if snapshot is None else CallResource.model_validate(snapshot),
-        roster=_roster(body.get("roster") or {}),
+        roster={key: participant for key, (participant, _) in roster.items()},
+        roster_sizes={key: size for key, (_, size) in roster.items()},
+        roster_bytes=sum(size for _, size in roster.values()),
+        snapshot_bytes=0 if snapshot is None else json_size(snapshot),
+        told_full=bool(body.get("told_full")),
         roster_sequence=body.get("roster_sequence"),
         tone_next=_number(body.get("tone_next")),
         transfers_told=_number(body.get("transfers_told")) or 0,
@@ -239,11 +250,13 @@ def _latest(body: dict[str, Any]) -> dict[str, str]:
     return {"roster": roster} if roster else {}
 
 
-def _roster(stored: dict[str, Any]) -> dict[str, Participant]:
-    """A stored roster keyed again as the sequencer keys it now, whatever form wrote it."""
-    roster: dict[str, Participant] = {}
+def _roster(stored: dict[str, Any]) -> dict[str, tuple[Participant, int]]:
+    """A stored roster keyed again as the sequencer keys it now, whatever form wrote it,
+    with what each participant takes of the call's bytes."""
+    roster: dict[str, tuple[Participant, int]] = {}
     for key, value in stored.items():
         participant = Participant.model_validate(value)
         # One named by nothing keeps its stored key: its place in the roster it came in.
-        roster[roster_key(participant) or str(key)] = participant
+        kept = roster_key(participant) or str(key)
+        roster[kept] = participant, entry_size(kept, value)
     return roster
