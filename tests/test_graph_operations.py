@@ -17,7 +17,7 @@ from callbot import OperationFailed, models
 from callbot._parse import parse_payload
 from callbot.events import OperationUpdated
 from callbot.graph import CallServices, Operation, RetryPolicy
-from callbot.graph._operations import OperationRegistry
+from callbot.graph._operations import RECENT_OUTCOME_BYTES, OperationRegistry
 from callbot.testing import FakeGraph, FakeResponse, RecordedRequest
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -405,6 +405,35 @@ async def test_unmatched_completions_are_kept_only_briefly_and_bounded() -> None
     expiring.on_event(event_from_item(moved, clientContext="second"))
     key = CALL_ID.replace("-", "")
     assert sorted(expiring._recent) == [(key, "x")]
+
+
+async def test_unmatched_failures_with_long_messages_are_kept_within_their_bytes() -> None:
+    """Outcomes no operation matches yet were bounded by count only: 512 failures each
+    carrying a message of up to a body's 4 MiB kept 2 GiB for two minutes. They are kept
+    within ``RECENT_OUTCOME_BYTES``, the newest whatever its size, and still settle the
+    operation whose response names them."""
+    registry = OperationRegistry()
+    item = json.loads(
+        (FIXTURES / "notifications" / "31-call-playprompt-operation-completed.json").read_text()
+    )["value"][0]
+    long = RECENT_OUTCOME_BYTES // 2
+    for n in range(8):
+        failed = dict(item, resourceUrl=f"/communications/calls/{CALL_ID}/operations/op{n}")
+        data = dict(item["resourceData"], status="failed", clientContext=f"ctx{n}")
+        data["resultInfo"] = {"code": 500, "subcode": n, "message": f"{n}" * long}
+        registry.on_event(event_from_item(dict(failed, resourceData=data)))
+    kept = [outcome.result_info for outcome in registry._recent.values()]
+    held = sum(len(info.message or "") for info in kept if info is not None)
+    assert 0 < held <= RECENT_OUTCOME_BYTES
+    op = Operation(
+        call_id=CALL_ID, action="playPrompt", client_context="ctx7", kind=models.PlayPromptOperation
+    )
+    registry.start(op)
+    registry.accepted(op, {"@odata.type": "#microsoft.graph.playPromptOperation", "id": "op7"})
+    with pytest.raises(OperationFailed) as failure:
+        await op.wait()
+    # The operation's handler gets the failure as Graph sent it.
+    assert failure.value.result_info.message == "7" * long
 
 
 async def test_an_early_outcome_is_kept_under_its_own_call_and_id_only() -> None:

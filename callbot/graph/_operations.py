@@ -25,15 +25,21 @@ from .. import models
 from .._clock import loop_time
 from .._errors import OperationFailed
 from .._ids import id_key
+from .._sequencing import json_size
 from ..events import OperationUpdated
 from ..models._common import canonical_operation_status
 from ..models._operations import is_settled
 
-__all__ = ["Operation", "OperationRegistry"]
+__all__ = ["RECENT_OUTCOME_BYTES", "Operation", "OperationRegistry"]
 
 log = structlog.get_logger("callbot.graph")
 
 OpT = TypeVar("OpT", bound=models.CommsOperation)
+
+RECENT_OUTCOME_BYTES = 1024 * 1024
+"""What the outcomes kept while no operation matches them take at most, in bytes of JSON
+as Graph sent them (the newest is kept whatever its size): Graph's take well under 1 KB, so
+the count (``recent_limit``) bounds them first; a message megabytes long does not."""
 
 
 class Operation(Generic[OpT]):
@@ -168,6 +174,8 @@ class _Outcome:
     at: float
     operation_id: str | None
     """The operation id the notification named, if any."""
+    size: int = 0
+    """What the notification took, in bytes of JSON (counted while kept in ``_recent``)."""
 
 
 class OperationRegistry:
@@ -178,11 +186,17 @@ class OperationRegistry:
     kept, and settles the operation only if the response then names the same id;
     ``clientContext`` alone matches only an operation whose id Graph never named, or, for
     an outcome that names no id, one whose context callbot generated (no one else knows it).
-    ``recent_limit``/``recent_ttl`` bound the outcomes kept while no operation
-    matches them yet.
+    ``recent_limit``/``recent_ttl``/``recent_bytes`` bound the outcomes kept while no
+    operation matches them yet.
     """
 
-    def __init__(self, *, recent_limit: int = 512, recent_ttl: float = 120.0) -> None:
+    def __init__(
+        self,
+        *,
+        recent_limit: int = 512,
+        recent_ttl: float = 120.0,
+        recent_bytes: int = RECENT_OUTCOME_BYTES,
+    ) -> None:
         # Operation ids are only unique per call: operation id key -> call key -> operation.
         self._by_id: dict[str, dict[str, Operation[Any]]] = {}
         self._by_context: dict[tuple[str, str], Operation[Any]] = {}
@@ -192,6 +206,8 @@ class OperationRegistry:
         self._recent: OrderedDict[tuple[str, str], _Outcome] = OrderedDict()
         self._recent_limit = recent_limit
         self._recent_ttl = recent_ttl
+        self._recent_bytes = recent_bytes
+        self._recent_size = 0
         self.counts: Counter[tuple[str, str]] = Counter()
         """(outcome, reason) -> count of operation notifications ignored, for metrics."""
 
@@ -254,6 +270,8 @@ class OperationRegistry:
         early = early_by_context
         if op_id is not None:
             early = self._recent.pop(_id_key(op.call_key, op_id), None)
+            if early is not None:
+                self._recent_size -= early.size
             if early is None and early_by_context is not None:
                 if early_by_context.operation_id:
                     # Kept with the operation too: other calls' outcomes push it out of _recent.
@@ -393,19 +411,31 @@ class OperationRegistry:
         self._early_by_context.pop(op, None)
 
     @staticmethod
-    def _outcome(event: OperationUpdated, status: str) -> _Outcome:
-        return _Outcome(event.operation, status, event.result_info, loop_time(), event.operation_id)
+    def _outcome(event: OperationUpdated, status: str, size: int = 0) -> _Outcome:
+        return _Outcome(
+            event.operation, status, event.result_info, loop_time(), event.operation_id, size
+        )
 
     def _remember(self, event: OperationUpdated, status: str) -> None:
         if not event.operation_id:
             return  # only the id can pair it with a response still to come
+        key = _id_key(event.call_key, event.operation_id)
+        replaced = self._recent.pop(key, None)
+        if replaced is not None:
+            self._recent_size -= replaced.size
+        size = json_size(event.raw)
         now = loop_time()
         while self._recent:
             oldest = next(iter(self._recent.values()))
-            if now - oldest.at <= self._recent_ttl and len(self._recent) < self._recent_limit:
+            if (
+                now - oldest.at <= self._recent_ttl
+                and len(self._recent) < self._recent_limit
+                and self._recent_size + size <= self._recent_bytes
+            ):
                 break
-            self._recent.popitem(last=False)
-        self._recent[_id_key(event.call_key, event.operation_id)] = self._outcome(event, status)
+            self._recent_size -= self._recent.popitem(last=False)[1].size
+        self._recent[key] = self._outcome(event, status, size)
+        self._recent_size += size
 
 
 def _id_key(call_key: str, operation_id: str) -> tuple[str, str]:
