@@ -622,3 +622,65 @@ async def test_nginx_says_when_nothing_listens_at_the_bots_address(tmp_path: Pat
         assert r.status == 502
         assert r.content_type == "text/plain"
         assert "the bot could not be reached" in await r.text()
+
+
+def with_the_address_in_proxy_pass(address: str) -> Callable[[str], str]:
+    """The rendered site passing to a fixed ``address`` instead of through the variable, as
+    an operator may write it for an address that needs no DNS."""
+
+    def adapt(site: str) -> str:
+        fixed, count = re.subn(
+            r"proxy_pass \$callbot_upstream;", f"proxy_pass http://{address};", site
+        )
+        assert count == 1, "the template no longer passes through $callbot_upstream"
+        return fixed
+
+    return adapt
+
+
+@pytest.mark.parametrize("proxy_pass", ["variable", "address"])
+async def test_the_location_of_the_bots_redirect_reaches_graph_as_the_bot_wrote_it(
+    authority: TokenAuthority, serve: Any, tmp_path: Path, proxy_pass: str
+) -> None:
+    """A call sent to another deployment: Graph must post it to the very URL the chooser
+    gave. nginx's default proxy_redirect (in force when proxy_pass names an address) would
+    turn a Location that begins with the bot's own address into one on this proxy, Graph
+    then posting the call back here, to a path the bot does not serve."""
+    bot, handled = recording_bot(authority)
+
+    async def moved(request: web.Request) -> web.Response:
+        raise web.HTTPFound("/status")
+
+    # A route of the author's own that redirects: a relative Location stays relative.
+    bot.add_routes([web.get("/moved", moved)])
+    server: BotServer = await serve(bot)
+    address = bot_address(server)
+    # Another deployment on the internet, and one on this host (plain http only on loopback).
+    elsewhere = {
+        "to-eu": "https://bot-eu.example.test/api/calls",
+        "to-local": f"http://{address}/eu/api/calls",
+    }
+
+    @bot.choose_deployment
+    def choose(event: events.IncomingCall) -> str | None:
+        return elsewhere[event.call_id]
+
+    adapt = with_the_address_in_proxy_pass(address) if proxy_pass == "address" else None
+    async with (
+        running_nginx(tmp_path, address, adapt=adapt) as port,
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=False)) as session,
+    ):
+        for call_id, location in elsewhere.items():
+            body = json.dumps(b.notifications(b.incoming_call(call_id)))
+            async with session.post(
+                f"https://127.0.0.1:{port}/api/calls",
+                data=body,
+                headers=signed_headers(server.token()),
+                allow_redirects=False,
+            ) as response:
+                assert (response.status, response.headers.get("Location")) == (302, location)
+        async with session.get(
+            f"https://127.0.0.1:{port}/moved", allow_redirects=False
+        ) as response:
+            assert (response.status, response.headers.get("Location")) == (302, "/status")
+    assert handled == []
