@@ -8,10 +8,11 @@ import gzip
 import socket
 import uuid
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
+from typing import Any
 
 import aiohttp
 import pytest
@@ -23,7 +24,7 @@ from yarl import URL
 from callbot import CallEnded, GraphError
 from callbot._ids import id_key, path_segment
 from callbot.graph import CallServices, RetryPolicy, Target
-from callbot.graph._http import parse_retry_after, send
+from callbot.graph._http import connection_trace, parse_retry_after, send
 from callbot.testing import FakeGraph
 from callbot.testing._fake_graph import FakeResponse
 
@@ -671,6 +672,148 @@ async def test_a_post_graph_had_but_never_answered_is_not_sent_again(
         await svc.close()
     assert (failure.value.code, failure.value.may_have_acted) == ("connectionFailed", True)
     assert len(graph.requests_for("playPrompt")) == 1
+
+
+def _lines(logs: list[MutableMapping[str, Any]], *events: str) -> list[MutableMapping[str, Any]]:
+    return [entry for entry in logs if entry["event"] in events]
+
+
+async def test_a_request_that_ran_out_of_time_says_which_bound_and_how_long_it_was(
+    graph: FakeGraph, clock: Clock
+) -> None:
+    """An attempt with no answer within request_timeout was logged, and raised, as a bare
+    ``TimeoutError``: not which bound ran out, after how long, or how far it got."""
+    policy = RetryPolicy(
+        total_time=30.0, base_delay=0.001, max_delay=0.01, request_timeout=2.0, connect_timeout=1.0
+    )
+    svc = CallServices(graph.settings(), retry=policy)
+    graph.add_call(CALL_ID, state="established")
+    call = svc.call(CALL_ID)
+    no_answer = "TimeoutError: no answer within request_timeout (2 s)"
+    try:
+        with capture_logs() as logs:
+            # A POST sent and never answered: not sent again, one line says why.
+            graph.hang_next("playPrompt")
+            playing = asyncio.ensure_future(call.play_prompt("https://cdn.example.test/a.wav"))
+            await graph.wait_for_request("playPrompt")
+            await clock.advance(2.0)
+            with pytest.raises(GraphError) as failure:
+                await playing
+            # A request sent again: its retry line says why the attempt before failed.
+            graph.hang_next("keepAlive")
+            keeping = asyncio.ensure_future(call.keep_alive())
+            await graph.wait_for_request("keepAlive")
+            await clock.advance(2.0)
+            await _turns_until(lambda: bool(_lines(logs, "graph_request_retry")))
+            await clock.advance(0.01)  # the back-off
+            await keeping
+    finally:
+        await svc.close()
+    error = failure.value
+    assert error.message == no_answer
+    path = f"/communications/calls/{path_segment(CALL_ID)}/playPrompt"
+    assert error.method == "POST"
+    assert error.url.endswith(path)
+    assert str(error) == f"POST {error.url} -> 0 connectionFailed: {no_answer}"
+    [failed] = _lines(logs, "graph_request_failed", "graph_request_gave_up")
+    assert (failed["event"], failed["error"], failed["method"], failed["url"]) == (
+        "graph_request_gave_up",
+        no_answer,
+        "POST",
+        error.url,
+    )
+    [retry] = _lines(logs, "graph_request_retry")
+    assert retry["error"] == no_answer
+    assert str(retry["url"]).endswith(f"/communications/calls/{path_segment(CALL_ID)}/keepAlive")
+    # Nothing of the request's headers: the token stays out of the line.
+    assert "Bearer" not in repr(logs)
+
+
+async def test_an_answer_cut_short_by_request_timeout_says_so(clock: Clock) -> None:
+    """The status and headers came and the body did not: the attempt got that far."""
+    released = asyncio.Event()
+    answered: list[str] = []
+
+    async def body_never_ends_once(request: web.Request) -> web.StreamResponse:
+        answered.append(request.method)
+        if len(answered) > 1:
+            return web.json_response({"value": []})
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.content_length = 100
+        await response.prepare(request)
+        await response.write(b'{"value": [')
+        # Until the test is done: the server's shutdown would wait on the stopped clock.
+        await released.wait()
+        return response
+
+    headers_came = asyncio.Event()
+
+    async def on_headers(session: object, context: object, params: object) -> None:
+        headers_came.set()
+
+    seen = aiohttp.TraceConfig()
+    seen.on_request_end.append(on_headers)
+    policy = RetryPolicy(
+        total_time=30.0, base_delay=0.001, max_delay=0.01, request_timeout=2.0, connect_timeout=1.0
+    )
+    async with (
+        plain_server(body_never_ends_once) as base,
+        aiohttp.ClientSession(trace_configs=[connection_trace(), seen]) as session,
+    ):
+        url = base + "/v1.0/communications/calls"
+        try:
+            with capture_logs() as logs:
+                getting = asyncio.ensure_future(send(session, "GET", url, policy=policy))
+                await headers_came.wait()
+                await clock.advance(2.0)
+                await _turns_until(lambda: bool(_lines(logs, "graph_request_retry")))
+                await clock.advance(0.01)  # the back-off
+                response = await getting
+        finally:
+            released.set()
+    assert response.status == 200
+    [retry] = _lines(logs, "graph_request_retry")
+    cut_short = "TimeoutError: the answer did not come in full within request_timeout (2 s)"
+    assert (retry["error"], retry["method"], retry["url"]) == (cut_short, "GET", url)
+
+
+@pytest.mark.parametrize(
+    ("connect_timeout", "ran_out", "said"),
+    [
+        (1.0, 1.0, "ConnectionTimeoutError: no connection within connect_timeout (1 s)"),
+        (10.0, 2.0, "TimeoutError: no connection within request_timeout (2 s)"),
+    ],
+    ids=["connect_timeout", "request_timeout"],
+)
+async def test_a_request_that_could_not_connect_in_time_says_which_bound_ran_out(
+    graph: FakeGraph, clock: Clock, connect_timeout: float, ran_out: float, said: str
+) -> None:
+    """Connecting (here a TLS handshake never answered) bounded by connect_timeout, or by
+    request_timeout when that is shorter: the error named neither (aiohttp's "Connection
+    timeout to host ...", or a bare TimeoutError)."""
+    policy = RetryPolicy(total_time=0.0, request_timeout=2.0, connect_timeout=connect_timeout)
+    async with server_that_never_speaks() as (port, taken):
+        settings = graph.settings(graph_url=f"https://127.0.0.1:{port}/v1.0")
+        svc = CallServices(settings, retry=policy)
+        try:
+            with capture_logs() as logs:
+                posting = asyncio.ensure_future(
+                    svc.graph.request("POST", "/communications/calls", json={})
+                )
+                await taken.get()
+                await clock.advance(ran_out)
+                with pytest.raises(GraphError) as failure:
+                    await posting
+        finally:
+            await svc.close()
+    error = failure.value
+    assert (error.message, error.may_have_acted) == (said, False)
+    assert (
+        str(error)
+        == f"POST https://127.0.0.1:{port}/v1.0/communications/calls -> 0 connectionFailed: {said}"
+    )
+    [line] = _lines(logs, "graph_request_failed", "graph_request_gave_up")
+    assert (line["error"], line["method"], line["url"]) == (said, "POST", error.url)
 
 
 async def test_ids_reach_the_wire_as_path_segment_encoded_them(graph: FakeGraph) -> None:

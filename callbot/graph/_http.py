@@ -254,13 +254,34 @@ _NOT_SENT = (
 
 
 class _Progress:
-    """How far one attempt got, as the session's :func:`connection_trace` saw it."""
+    """How far one attempt got: its connection as the session's :func:`connection_trace`
+    saw it, its answer as :func:`send` did."""
 
-    __slots__ = ("connected",)
+    __slots__ = ("answered", "connected")
 
     def __init__(self) -> None:
         self.connected: bool | None = None
         """``None`` on a session without the trace, else whether a connection was had."""
+        self.answered = False
+        """Whether the answer's status and headers came."""
+
+
+def _attempt_failure(exc: BaseException, policy: RetryPolicy, progress: _Progress) -> str:
+    """What went wrong with an attempt: a timeout says which bound ran out, after how long,
+    and how far the attempt got (aiohttp's own timeout for the whole attempt says nothing)."""
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        what = f"no connection within connect_timeout ({policy.connect_timeout:g} s)"
+    elif isinstance(exc, TimeoutError) and not isinstance(exc, aiohttp.ClientError):
+        if progress.answered:
+            what = "the answer did not come in full"
+        elif progress.connected is False:
+            what = "no connection"
+        else:
+            what = "no answer"
+        what += f" within request_timeout ({policy.request_timeout:g} s)"
+    else:
+        return describe(exc)
+    return f"{type(exc).__name__}: {what}"
 
 
 async def _request_started(
@@ -383,6 +404,7 @@ async def send(
                 trace_request_ctx=progress,
                 **kwargs,
             ) as resp:
+                progress.answered = True
                 body = await _read_body(resp, max_body)
                 earlier, acted = acted, acted or answer_may_have_acted(resp.status)
                 if body is None:
@@ -405,7 +427,7 @@ async def send(
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
             stats.outcomes[method, "connection_error"] += 1
             delay = policy.backoff(attempt)
-            reason = describe(exc)
+            reason = _attempt_failure(exc, policy, progress)
             # The attempt's timeout may strike while still connecting: the trace tells.
             sent = not isinstance(exc, _NOT_SENT) and progress.connected is not False
             acted = acted or sent
