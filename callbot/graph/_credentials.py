@@ -169,7 +169,13 @@ class ClientSecretCredential(_ClientCredentialsFlow):
     """App-only tokens with the app's client secret.
 
     ``session`` is an aiohttp session to share (the credential makes and closes its
-    own when none is given).
+    own when none is given). A session given is used as it is: aiohttp takes tracing
+    only when a session is made, so when ``retry`` lets connecting take the whole
+    attempt (its ``connect_timeout`` not shorter than ``request_timeout``), a token
+    request that ran out of time still connecting cannot be told from one left without
+    an answer. It is sent again all the same (asking twice only mints a second token),
+    but its error says ``no answer``, and ``may_have_acted``, where it could have said
+    ``no connection``.
     """
 
     def __init__(
@@ -202,7 +208,8 @@ class CertificateCredential(_ClientCredentialsFlow):
     The PEM (``certificate_path`` or ``certificate_data``) holds the private key
     and the certificate. The assertion carries the certificate's SHA-256
     (``x5t#S256``) and SHA-1 (``x5t``) thumbprints; RSA keys sign with ``PS256``
-    (or ``RS256`` when asked), EC keys with ``ES256``.
+    (or ``RS256`` when asked), EC keys with ``ES256``. ``session`` is shared as
+    :class:`ClientSecretCredential`'s is.
     """
 
     def __init__(
