@@ -11,14 +11,16 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 from redis.crc import key_slot
+from structlog.testing import capture_logs
 
 from benchmarks._inproc import InProcessBot
 from benchmarks.bench_store import measure
 from callbot import events
+from callbot._lifecycle import Lifecycle
 from callbot._parse import parse_payload
-from callbot._sequencing import SEEN_DIGESTS
+from callbot._sequencing import SEEN_DIGESTS, Sequencer
 from callbot.store import _redis, _scripts
-from callbot.store._codec import decode_entry, encode_entry
+from callbot.store._codec import decode_entry, decode_record, encode_entry, encode_record
 from callbot.testing import builders as b
 
 from .test_redis import KEY_PREFIX, rdb, redis_server, redis_url, wait_for
@@ -52,6 +54,45 @@ def test_an_entry_reads_back_exactly_whatever_json_it_holds() -> None:
     plain["resourceData"]["note"] = "éà"
     (event,) = parse_payload(b.notifications(plain))
     assert decode_entry(encode_entry(event)).raw == event.raw
+
+
+# A caller whose display name Teams cut in the middle of an emoji: half of a UTF-16
+# surrogate pair, valid JSON ("\ud83d") with no UTF-8 form.
+CUT_NAME = "Ana \ud83d"
+
+
+async def test_a_record_whose_call_and_roster_hold_a_lone_surrogate_reads_back() -> None:
+    incoming = b.incoming_call("cut", caller_name=CUT_NAME)
+    roster = b.roster("cut", [b.participant("p1", display_name=CUT_NAME)])
+    sequencer = Sequencer(lambda delivery: None, Lifecycle(termination_grace=60.0))
+    for item in (incoming, roster):
+        (event,) = parse_payload(b.notifications(item))
+        sequencer.accept(event)
+    record = sequencer.record("cut")
+    assert record is not None
+    again = decode_record(encode_record(record))
+    assert again is not None
+    assert again.snapshot == record.snapshot
+    assert list(again.roster.values()) == list(record.roster.values())
+    sequencer.close()
+
+
+async def test_a_call_whose_caller_name_holds_a_lone_surrogate_runs_on(redis_url: str) -> None:
+    """The call's record is written after its first notification: written so, the rest of
+    the call followed."""
+    seen: list[str] = []
+
+    async def note(call: Any, event: events.Event) -> None:
+        seen.append(type(event).__name__)
+
+    with capture_logs() as logs:
+        async with InProcessBot(on_event=note, store=redis_url, keep_alive=False) as bot:
+            incoming = b.incoming_call("cut-name", caller_name=CUT_NAME)
+            assert await bot.post(json.dumps(b.notifications(incoming)).encode()) == 202
+            establishing = b.call_state("cut-name", "establishing")
+            assert await bot.post(json.dumps(b.notifications(establishing)).encode()) == 202
+            await _until(lambda: seen == ["IncomingCall", "CallStateChanged"])
+    assert [line for line in logs if line.get("log_level") == "error"] == []
 
 
 def test_every_key_of_a_call_is_in_one_slot_and_no_two_calls_share_one() -> None:

@@ -28,6 +28,7 @@ import json
 from typing import Any
 
 import orjson
+from pydantic_core import PydanticSerializationError
 
 from .. import events
 from .._lifecycle import CallLife
@@ -154,7 +155,12 @@ def _text_or_none(value: Any) -> str | None:
 
 def _json(model: Any) -> str:
     # exclude_unset keeps what Graph sent, nothing the models filled in by default.
-    text: str = model.model_dump_json(by_alias=True, exclude_unset=True)
+    try:
+        text: str = model.model_dump_json(by_alias=True, exclude_unset=True)
+    except PydanticSerializationError:
+        # A lone surrogate (valid JSON, no UTF-8 form) in a property: ASCII escapes keep it.
+        plain = model.model_dump(mode="json", by_alias=True, exclude_unset=True)
+        text = json.dumps(plain, separators=(",", ":"), ensure_ascii=True)
     return text
 
 
