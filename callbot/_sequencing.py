@@ -70,6 +70,7 @@ __all__ = [
     "digest_decides",
     "entry_size",
     "json_size",
+    "model_json",
     "notification_digest",
     "phase_of",
     "roster_key",
@@ -596,12 +597,20 @@ def entry_size(key: str, participant: Any) -> int:
     return len(key) + json_size(participant)
 
 
-def _model_size(model: BaseModel) -> int:
-    """What a model takes as a call's record writes it (what Graph sent of it, as JSON)."""
+def model_json(model: BaseModel) -> str:
+    """A model as a call's record writes it: what Graph sent of it, as compact JSON. A lone
+    surrogate (valid JSON, with no UTF-8 form) is kept as an ASCII escape."""
     try:
-        return len(model.__pydantic_serializer__.to_json(model, by_alias=True, exclude_unset=True))
-    except ValueError:  # a lone surrogate, which UTF-8 cannot hold
-        return json_size(model.model_dump(mode="json", by_alias=True, exclude_unset=True))
+        text: str = model.model_dump_json(by_alias=True, exclude_unset=True)
+    except ValueError:  # pydantic's serialization error, for a lone surrogate
+        plain = model.model_dump(mode="json", by_alias=True, exclude_unset=True)
+        text = json.dumps(plain, separators=(",", ":"), ensure_ascii=True)
+    return text
+
+
+def _model_size(model: BaseModel) -> int:
+    """What a model takes of a call's record, in bytes."""
+    return len(model_json(model).encode("utf-8", "surrogatepass"))
 
 
 # The property names and punctuation of ``{"id":...,"myParticipantId":...}``.

@@ -28,7 +28,6 @@ import json
 from typing import Any
 
 import orjson
-from pydantic_core import PydanticSerializationError
 
 from .. import events
 from .._lifecycle import CallLife
@@ -41,6 +40,7 @@ from .._sequencing import (
     TransferRefused,
     entry_size,
     json_size,
+    model_json,
     notification_digest,
     roster_key,
 )
@@ -153,17 +153,6 @@ def _text_or_none(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
-def _json(model: Any) -> str:
-    # exclude_unset keeps what Graph sent, nothing the models filled in by default.
-    try:
-        text: str = model.model_dump_json(by_alias=True, exclude_unset=True)
-    except PydanticSerializationError:
-        # A lone surrogate (valid JSON, no UTF-8 form) in a property: ASCII escapes keep it.
-        plain = model.model_dump(mode="json", by_alias=True, exclude_unset=True)
-        text = json.dumps(plain, separators=(",", ":"), ensure_ascii=True)
-    return text
-
-
 def encode_record(record: CallRecord) -> str:
     """A call record as JSON (what is held or backlogged is not kept: the inbox has it)."""
     head = {
@@ -186,8 +175,8 @@ def encode_record(record: CallRecord) -> str:
     if record.told_full:
         head["told_full"] = True  # the call's call_record_full line is not written again
     # Models serialize themselves (faster than going through Python dicts).
-    snapshot = "null" if record.snapshot is None else _json(record.snapshot)
-    roster = ",".join(f"{json.dumps(key)}:{_json(p)}" for key, p in record.roster.items())
+    snapshot = "null" if record.snapshot is None else model_json(record.snapshot)
+    roster = ",".join(f"{json.dumps(key)}:{model_json(p)}" for key, p in record.roster.items())
     try:
         # no floats in the head: orjson's null is always None here
         opened = orjson.dumps(head).decode()
