@@ -20,7 +20,8 @@ and decides, for each, one of:
   events go in lifecycle order;
 * drop it, with a log line saying why: ``duplicate``, ``stale`` or ``after_end``
   (an operation's progress after its outcome, or an outcome told again written
-  otherwise, is ``stale``: an operation only goes forward, and ends once).
+  otherwise, is ``stale``: an operation only goes forward, and ends once; so is a
+  ``transferring`` once every transfer asked had its ``transferring`` or its failure).
 
 Lifecycle phases come from :data:`callbot.models.CALL_LIFECYCLE`, the one list
 of call states: incoming < establishing < ringing < established (and the
@@ -246,6 +247,18 @@ def _awaits_transferring(event: events.Event, record: CallRecord) -> bool:
     return record.phase == _LIVE and _tells_failure(_state(event), _call_of(event))
 
 
+def _transferring_counted(transfers: int, told: int, transferring_told: int) -> int | None:
+    """:attr:`CallRecord.transferring_told` once a ``transferring`` moved the live call: it is
+    the one of the first transfer asked that had neither it nor a failure. ``None`` when
+    every transfer asked had one or the other: it is a late one of a transfer already told,
+    stale (a transfer only goes forward), unless no transfer was asked (then whose is not
+    known, and it goes)."""
+    passed = max(transferring_told, told)
+    if transfers == 0 or passed < transfers:
+        return min(passed + 1, transfers)
+    return None
+
+
 def _held_for_transferring(record: CallRecord) -> tuple[int | None, int]:
     """Where the first held event waiting for a ``transferring`` is, if any, and how many
     transfers have had their failure once what is held before it went: each held event is
@@ -266,7 +279,10 @@ def _held_for_transferring(record: CallRecord) -> tuple[int | None, int]:
         if failed:
             told = min(told + 1, transfers)
         if held_state == "transferring" and state != "transferring":
-            transferring_told = min(max(transferring_told, told) + 1, transfers)
+            counted = _transferring_counted(transfers, told, transferring_told)
+            if counted is None:
+                continue  # dropped as stale: the call stays where it is
+            transferring_told = counted
         state = held_state
     return None, told
 
@@ -1040,6 +1056,19 @@ class Sequencer:
             record.tone_next = tone_after(event.sequence_id, record.tone_next)
         elif isinstance(event, events.OperationUpdated) and not self._moves_on(record, event):
             return
+        elif _state(event) == "transferring" and record.state != "transferring":
+            counted = _transferring_counted(
+                record.life.transfers, record.transfers_told, record.transferring_told
+            )
+            if counted is None:
+                # Its transfer's failure was told already (the window closed before it came):
+                # left to go, it would put the call back in transferring, and after the news
+                # that the transfer failed.
+                self._drop(
+                    event, "stale", state="transferring", current_state=clipped(record.state)
+                )
+                return
+            record.transferring_told = counted
         elif isinstance(event, events.ParticipantsUpdated):
             diffed = self._diff_roster(record, event)
             if diffed is None:
@@ -1074,11 +1103,6 @@ class Sequencer:
         if state is not None:
             info = event.result_info if isinstance(event, events.CallTerminated) else None
             moved, previous_state = self.lifecycle.enter(record.life, state, info)
-            if moved and state == "transferring":
-                # The transferring of the first transfer asked that had neither it nor a
-                # failure: that of a transfer asked meanwhile is still to come.
-                told = max(record.transferring_told, record.transfers_told)
-                record.transferring_told = min(told + 1, record.life.transfers)
             if not moved:
                 # The same state again only adds content: an update, not a transition.
                 event = _as_update(event, state, previous, failed)

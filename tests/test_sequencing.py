@@ -801,6 +801,36 @@ async def test_a_transfer_refused_or_completed_has_no_failure_flagged() -> None:
     seq.close()
 
 
+async def test_a_transferring_after_its_transfer_s_outcome_is_stale() -> None:
+    """A transfer's failure waits the window for its ``transferring``, then goes alone; that
+    ``transferring`` coming later is of a transfer already told, and is dropped as stale. It
+    went: the call seemed transferring after its handlers were told the transfer failed, and
+    the next transfer's failure, told by the update alone, came as a move back to
+    ``established``. Likewise a copy of ``transferring`` after ``transferAccepted``."""
+    sink = Sink()
+    seq = sink.sequencer(window=0.02)
+    _established(seq)
+    seq.note(sequencing.TransferAsked("c"))
+    seq.accept(one(_failed_transfer()))
+    await until(lambda: len(sink.deliveries) == 3)
+    seq.accept(one(b.call_state("c", "transferring")))  # the first transfer's, too late
+    assert sink.labels[2:] == ["CallUpdated"]
+    assert sink.deliveries[-1].life.state == "established"
+    assert seq.counts["stale"] == 1
+    seq.note(sequencing.TransferAsked("c"))  # tried again: told by the update alone
+    seq.accept(one(_failed_transfer()))
+    await until(lambda: len(sink.deliveries) == 4)
+    assert _told_failed(sink) == [("CallUpdated", None), ("CallUpdated", None)]
+    seq.note(sequencing.TransferAsked("c"))  # a third, which completes
+    seq.accept(one(b.call_state("c", "transferring")))
+    seq.accept(one(b.call_state("c", "transferAccepted")))
+    seq.accept(one(b.call_state("c", "transferring")))  # Graph retried it, late
+    seq.accept(one(b.call_terminated("c", code=0, subcode=7015, message="transferred")))
+    assert sink.labels[4:] == ["transferring", "transferAccepted", "terminated"]
+    assert seq.counts["stale"] == 2
+    seq.close()
+
+
 async def test_a_roster_that_comes_back_after_a_change_is_not_a_duplicate() -> None:
     sink = Sink()
     seq = sink.sequencer()
