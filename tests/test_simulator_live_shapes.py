@@ -1160,6 +1160,53 @@ async def test_a_phone_caller_a_test_posted_is_in_the_roster() -> None:
     assert caller.phone.id == "+14255550100"
 
 
+def documented_phone_participant() -> dict[str, Any]:
+    """Document 54: the one roster entry for a phone Graph documents (no live roster has one)."""
+    body = normalized_json(
+        load_notification_text("54-participant-invite-ex4-pstn-roster-added.json")
+    )
+    [phone] = body["value"][0]["resourceData"]
+    assert isinstance(phone, dict)
+    return phone
+
+
+async def test_a_phone_in_the_roster_has_the_fields_graph_documents_for_one() -> None:
+    """A phone in the roster (the caller of a phone call, and one the bot invited, as document
+    54's) had a Teams client's fields: an endpoint and participant id, a language, replacement
+    links, published states, a meeting role, a labelled stream. Graph documents a phone's entry
+    with its typed identity, its endpoint type and one audio stream only, and no recorded
+    roster has a phone: a bot reading a client's field of a phone passed here and broke live."""
+    documented = documented_phone_participant()
+    bot, rosters = bot_answering_with_rosters()
+    invited: list[Any] = []
+
+    @bot.on_state("established")
+    async def invite_a_phone(call: Call, event: events.CallStateChanged) -> None:
+        if event.call.media_state is None:
+            operation = await call.participants.invite(Target.phone("+12345678901"))
+            invited.append(await operation.wait(timeout=10))
+
+    async with run_with_simulator(bot) as sim:
+        call = await sim.incoming_call(from_phone="+14255550100")
+        await until(lambda: bool(invited))
+        await until(lambda: len(call.roster) == 3)
+        await call.settled()
+        bodies = [t.body for t in sim.traffic if t.kind == "notification"]
+    phones = {
+        entry["info"]["identity"]["phone"]["id"]: entry
+        for body in bodies
+        for item in body["value"]
+        if step_of(item) == "roster"
+        for entry in item["resourceData"]
+        if "phone" in entry["info"]["identity"]
+    }
+    assert sorted(phones) == ["+12345678901", "+14255550100"]
+    for entry in phones.values():
+        assert key_paths(entry) == key_paths(documented)
+    told = [identity_of(p).phone for p in rosters[-1].participants]
+    assert sorted(phone.id or "" for phone in told if phone is not None) == sorted(phones)
+
+
 async def test_a_bot_joining_a_meeting_as_a_guest_waits_in_the_lobby_as_that_guest() -> None:
     """Joining a meeting as a guest (beta Create call, example 8: the create call's ``source``
     a ``guest`` identity, as ``join_meeting(..., source=Target.guest(...))`` sends it), Graph

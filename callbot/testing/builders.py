@@ -278,10 +278,13 @@ def participant(
     the tenant of a user's or a bot's identity. Each media stream gets a ``sourceId`` of its
     own, numbered from ``first_source_id`` (give each participant of a call its own range:
     a bot maps the audio it receives to a speaker by it). A person's Teams client has an
-    audio, a video, a screen-sharing and a data stream, a bot or a phone only audio.
+    audio, a video, a screen-sharing and a data stream, a bot only audio. A phone is listed
+    as Graph documents one (document 54; no live roster has one): its identity, its endpoint
+    type and one audio stream, none of a Teams client's fields.
     ``client_version`` is what the participant's client says it is: by default a Teams
-    desktop client's, and for a bot ``<display name> (appid:<id>)`` (a live roster names
-    the bot's app there, whatever identity the bot has in the call: give it). ``kind`` is
+    desktop client's (a phone's: none), and for a bot ``<display name> (appid:<id>)`` (a
+    live roster names the bot's app there, whatever identity the bot has in the call: give
+    it). ``kind`` is
     the identity's kind in Graph's ``identitySet`` (``user``, ``phone``, ``guest``,
     ``application``, ``applicationInstance``, ...; ``application_instance`` too), and no
     other.
@@ -314,12 +317,39 @@ def _participant(
     client_version: str | None,
 ) -> models.Participant:
     """:func:`participant` of any ``kind`` (the simulator's, for one a bot's request named)."""
-    stream_kinds = _AUDIO_ONLY if kind in _BOT_KINDS or kind == "phone" else _CLIENT_STREAMS
     identity_id = user_id or participant_id
+    removed_state = (
+        models.RemovedState(reason=removed_reason) if removed_reason is not None else None
+    )
+    if kind == "phone":
+        # No live roster has a phone: Graph documents one (document 54) with no client's fields.
+        return models.Participant(
+            odata_type="#microsoft.graph.participant",
+            id=participant_id,
+            info=models.ParticipantInfo(
+                odata_type="#microsoft.graph.participantInfo",
+                identity=_roster_identity(kind, identity_id, display_name, None),
+                endpoint_type="default",
+                client_version=client_version,
+            ),
+            media_streams=[
+                models.MediaStream(
+                    odata_type="#microsoft.graph.mediaStream",
+                    media_type="audio",
+                    source_id=str(first_source_id),
+                    direction="sendReceive",
+                    server_muted=False,
+                )
+            ],
+            is_muted=muted,
+            is_in_lobby=in_lobby,
+            removed_state=removed_state,
+        )
+    stream_kinds = _AUDIO_ONLY if kind in _BOT_KINDS else _CLIENT_STREAMS
     link = _replacement_link(participant_id)
     if client_version is None and kind in _BOT_KINDS:
         client_version = f"{display_name or 'Bot'} (appid:{identity_id})"
-    elif client_version is None and kind != "phone":
+    elif client_version is None:
         client_version = _TEAMS_CLIENT_VERSION
     return models.Participant(
         odata_type="#microsoft.graph.participant",
@@ -352,9 +382,7 @@ def _participant(
         meeting_role="none",
         replacement_link=link,
         is_identity_anonymized=False,
-        removed_state=(
-            models.RemovedState(reason=removed_reason) if removed_reason is not None else None
-        ),
+        removed_state=removed_state,
     )
 
 
