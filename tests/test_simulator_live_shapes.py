@@ -1051,6 +1051,44 @@ async def test_a_user_calling_the_bots_application_instance_reaches_it_as_graph_
     assert key_paths(posted_me) == key_paths(live)
 
 
+def odata_types(value: Any) -> set[str]:
+    """The ``@odata.type`` key paths in ``value``, each with its type."""
+    return {path for path in key_paths(value) if "@odata.type=" in path}
+
+
+@pytest.mark.parametrize(
+    ("from_phone", "to_instance"),
+    [(None, False), (None, True), ("+14255550100", True)],
+    ids=["user-to-app", "user-to-instance", "phone"],
+)
+async def test_the_caller_of_an_incoming_call_is_typed_down_to_its_identity(
+    from_phone: str | None, to_instance: bool
+) -> None:
+    """Graph types an incoming call's ``source`` down to the caller's identity (document 22:
+    the identity set and the identity each with an ``@odata.type``; so do documents 18 and
+    20). The simulator typed the ``participantInfo`` only."""
+    documented = documented_call_to_an_instance()["value"][0]["resourceData"]["source"]
+    bot, offered, _ = bot_answering_with_offers()
+
+    async with run_with_simulator(bot) as sim:
+        call = await sim.incoming_call("Lee Gu", from_phone=from_phone, to_instance=to_instance)
+        await call.wait_for_state("established")
+        await call.hangup()
+        posted = next(
+            item["resourceData"]
+            for t in sim.traffic
+            if t.kind == "notification"
+            for item in t.body["value"]
+        )
+    kind = "phone" if from_phone else "user"
+    expected = {path.replace(".user.", f".{kind}.") for path in odata_types(documented)}
+    assert odata_types(posted["source"]) == expected
+    source = offered[0].call.source
+    assert source is not None
+    assert source.identity is not None
+    assert source.identity.display_name == "Lee Gu"
+
+
 @pytest.mark.parametrize(
     ("from_phone", "to_instance", "called"),
     [

@@ -119,10 +119,11 @@ _TEAMS_CLIENT_VERSION = (
 )
 
 
-def _roster_identity(
+def _typed_identity(
     kind: str, identity_id: str, display_name: str | None, tenant_id: str | None
 ) -> models.IdentitySet:
-    """An identity set as a live roster types it, with the tenant of directory identities."""
+    """An identity set typed down to the identity, as a live roster and Graph's documented
+    incoming calls write one (sb12, document 22), with the tenant of directory identities."""
     directory = tenant_id is not None and kind in _DIRECTORY_KINDS
     identity = models.Identity(
         odata_type="#microsoft.graph.identity",
@@ -197,7 +198,7 @@ def incoming_call(
         tenant_id=tenant_id,
         source=models.ParticipantInfo(
             odata_type="#microsoft.graph.participantInfo",
-            identity=_identity(caller_kind, caller_id, caller_name),
+            identity=_typed_identity(_identity_kind(caller_kind), caller_id, caller_name, None),
         ),
         targets=[target],
         requested_modalities=list(modalities),
@@ -328,7 +329,7 @@ def _participant(
             id=participant_id,
             info=models.ParticipantInfo(
                 odata_type="#microsoft.graph.participantInfo",
-                identity=_roster_identity(kind, identity_id, display_name, None),
+                identity=_typed_identity(kind, identity_id, display_name, None),
                 endpoint_type="default",
                 client_version=client_version,
             ),
@@ -356,7 +357,7 @@ def _participant(
         id=participant_id,
         info=models.ParticipantInfo(
             odata_type="#microsoft.graph.participantInfo",
-            identity=_roster_identity(kind, identity_id, display_name, tenant_id),
+            identity=_typed_identity(kind, identity_id, display_name, tenant_id),
             endpoint_type="default",
             endpoint_id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"endpoint:{participant_id}")),
             # A person's client says its language; a bot's does not (recorded sb12).
