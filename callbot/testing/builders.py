@@ -150,6 +150,7 @@ def incoming_call(
     modalities: Iterable[str] = ("audio",),
     my_participant_id: str | None = None,
     bot_instance_id: str | None = None,
+    region: str | None = "amer",
 ) -> dict[str, Any]:
     """A ``created`` call in state ``incoming``.
 
@@ -165,6 +166,9 @@ def incoming_call(
     the target is then that instance, named ``bot_name``, in ``tenant_id``, and the
     target's ``id`` is ``my_participant_id`` (a new one when not given), as Graph documents
     such a call.
+
+    ``region`` is where the caller is (``amer``, as Graph's current documented incoming
+    calls name it; ``None``: not named), and, on a call to an instance, the target too.
     """
     target: models.InvitationParticipantInfo
     if bot_instance_id is None:
@@ -188,6 +192,7 @@ def incoming_call(
                 {"@odata.type": "#microsoft.graph.identitySet", "applicationInstance": instance}
             ),
             endpoint_type="default",
+            region=region,
         )
     call = models.Call(
         odata_type="#microsoft.graph.call",
@@ -199,6 +204,7 @@ def incoming_call(
         source=models.ParticipantInfo(
             odata_type="#microsoft.graph.participantInfo",
             identity=_typed_identity(_identity_kind(caller_kind), caller_id, caller_name, None),
+            region=region,
         ),
         targets=[target],
         requested_modalities=list(modalities),
