@@ -1158,6 +1158,21 @@ async def test_to_instance_picks_whom_an_incoming_call_is_made_to(
     assert (me.application is not None) == (called == "application")
 
 
+async def test_a_phone_call_to_the_bots_application_is_refused_naming_the_fix() -> None:
+    """Graph puts a phone call through to a bot only by its application instance (document
+    22); ``incoming_call(from_phone=..., to_instance=False)`` made one to the bot's
+    ``application``, a call no bot gets. It is refused before anything is posted."""
+    bot, offered, _ = bot_answering_with_offers()
+
+    async with run_with_simulator(bot) as sim:
+        with pytest.raises(ValueError, match=r"application instance.*to_instance=True") as raised:
+            await sim.incoming_call(from_phone="+14255550100", to_instance=False)
+        assert not sim.calls
+        assert not [t for t in sim.traffic if t.kind == "notification"]
+    assert "from_user" in str(raised.value)
+    assert not offered
+
+
 def recorded_person() -> dict[str, Any]:
     """A person's entry in a live P2P roster (sb12)."""
     return next(

@@ -1894,8 +1894,9 @@ class Simulator:
         that instance in the roster, as Graph documents it) when ``to_instance`` is true,
         or to the bot's ``application`` when it is false; by default a phone caller calls
         the instance and a user the application (``to_instance=True``: a user calling a
-        resource account's bot, such as a receptionist). The bot then answers, rejects or
-        redirects it.
+        resource account's bot, such as a receptionist). A phone call to the application
+        (``to_instance=False``) raises ``ValueError``: Graph makes none. The bot then
+        answers, rejects or redirects it.
         """
         call_id = call_id or str(uuid.uuid4())
         name: str | None
@@ -1907,6 +1908,13 @@ class Simulator:
         if to_instance is None:
             # A phone reaches a bot only through its resource account (document 22).
             to_instance = kind == "phone"
+        elif kind == "phone" and not to_instance:
+            raise ValueError(
+                "a phone call reaches a bot only through its application instance (the "
+                "resource account with the number), never its application: leave out "
+                "to_instance (or give to_instance=True) for a phone caller, or call from a "
+                "user (from_user=...) to reach the bot's application"
+            )
         call = self._new_call(call_id, "incoming", None, delivery)
         item = build.incoming_call(
             call_id,
