@@ -15,7 +15,7 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 from pydantic import BaseModel
 
-from callbot import Call, CallBot, events, models
+from callbot import Call, CallBot, OperationFailed, events, models
 from callbot._ids import id_key
 from callbot._parse import parse_payload
 from callbot.graph import Target, media_prompt
@@ -833,6 +833,51 @@ async def test_a_bot_told_of_the_meeting_its_p2p_call_grew_into_reads_its_chat()
     assert fetched[0].chat_info == chats[0]
     assert fetched[0].meeting_info == meetings[0]
     assert fetched[0].replaces_context is not None
+
+
+async def test_a_p2p_call_whose_invitation_failed_is_not_grown_into_a_meeting() -> None:
+    """A P2P call grows into a meeting when someone joins it (sb10-sb12: the meeting named,
+    then the invitee in the roster). With ``sim.invite_outcome = "failed"`` nobody joins, yet
+    the simulator named a meeting all the same: ``established`` again with its chat, its
+    properties and what the call replaces, Graph's copy of the call naming them, and the
+    call's end its token. A bot keeping the meeting a call grew into kept one from nothing."""
+    bot = CallBot(app_id=APP_ID)
+    updates: list[events.CallUpdated] = []
+    failed: list[OperationFailed] = []
+    fetched: list[models.Call] = []
+
+    @bot.on_incoming_call
+    async def answer(call: Call, event: events.IncomingCall) -> None:
+        await call.answer()
+
+    @bot.on_state("established")
+    async def grow(call: Call, event: events.CallStateChanged) -> None:
+        operation = await call.participants.invite(Target.user("user-2", "Lee Gu"))
+        try:
+            await operation.wait(timeout=10)
+        except OperationFailed as exc:
+            failed.append(exc)
+        fetched.append(await call.refresh())
+
+    @bot.on_call_updated
+    async def updated(call: Call, event: events.CallUpdated) -> None:
+        updates.append(event)
+
+    async with run_with_simulator(bot) as sim:
+        sim.invite_outcome = "failed"
+        call = await sim.incoming_call()
+        await until(lambda: bool(fetched))
+        await call.hangup()
+        await call.wait_until_ended()
+        await call.settled()
+        posted = posted_items(sim.traffic)
+    assert len(failed) == 1
+    assert len(call.roster) == 2  # the caller and the bot: nobody joined
+    grown = {"chatInfo", "meetingProperties", "replacesContext", "meetingInfo"}
+    calls = [item["resourceData"] for item in posted if step_of(item) != "roster"]
+    assert [data for data in calls if isinstance(data, dict) and grown & set(data)] == []
+    assert [e for e in updates if e.call.chat_info is not None] == []
+    assert (fetched[0].chat_info, fetched[0].meeting_info) == (None, None)
 
 
 async def test_a_bot_called_on_its_application_instance_is_that_instance_in_the_roster() -> None:

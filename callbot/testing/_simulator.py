@@ -1356,9 +1356,10 @@ class SimulatedCall:
                 self._enqueue(self._roster_item([gone], "deleted"))
 
     def _escalate(self) -> None:
-        """A P2P call someone is invited to becomes a group call in a meeting Teams makes of
-        it. As recorded (sb10, sb11, from a bot whose code called one attendee and invited the
-        rest once the call was established; microsoft-graph-comms-samples issues 413 and 704
+        """A P2P call someone joins by invitation becomes a group call in a meeting Teams
+        makes of it (a failed invitation leaves it as it was). As recorded (sb10, sb11, from
+        a bot whose code called one attendee and invited the rest once the call was
+        established; microsoft-graph-comms-samples issues 413 and 704
         report the same of live P2P calls a bot invited someone to): ``established`` again,
         with its media, naming the meeting's chat, its properties and what the call replaces
         (the other party's ``replacementLink``, base64), then once more with the meeting's
@@ -1511,10 +1512,11 @@ class SimulatedCall:
             )
         elif action == "invite":
             invitees = [p for p in body.get("participants", []) if isinstance(p, Mapping)]
-            self._escalate()
 
             def joined() -> None:
                 failed = sim.invite_outcome == "failed"
+                if not failed:
+                    self._escalate()  # someone joins: only then does a P2P call grow
                 outcome = (
                     self._operation_item(operation_id, "failed", _INVITE_FAILED)
                     if failed
