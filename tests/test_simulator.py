@@ -1699,7 +1699,8 @@ async def test_an_incoming_call_not_taken_in_time_is_ended_by_graph() -> None:
 async def test_inviting_several_people_ends_as_graph_documents_it() -> None:
     """Graph posts the end of an invitation of several participants on
     ``operations/participants`` with ``"id": null``: the simulator does too, and the
-    operation still ends for the bot that sent it (by the context callbot generated)."""
+    operation still ends for the bot that sent it (by the context callbot generated). As
+    Graph documents it, to a group call (the bot placed one to two people)."""
     bot, _seen = answering_bot(subscribe=False)
     done: list[Any] = []
 
@@ -1711,9 +1712,10 @@ async def test_inviting_several_people_ends_as_graph_documents_it() -> None:
         done.append((op.id, await op.wait(timeout=10)))
 
     async with run_with_simulator(bot) as sim:
-        call = await sim.incoming_call()
+        await bot.create_call(Target.user("user-4", "Sam"), Target.user("user-5", "Alex"))
+        call = await sim.wait_for_outgoing_call()
         await until(lambda: bool(done))
-        await until(lambda: len(call.roster) == 4)
+        await until(lambda: len(call.roster) == 5)
         posted = [item for t in sim.traffic if t.kind == "notification" for item in t.body["value"]]
     ((operation_id, final),) = done
     assert final.status == "completed"
@@ -1722,6 +1724,41 @@ async def test_inviting_several_people_ends_as_graph_documents_it() -> None:
         item for item in posted if item["resourceUrl"].endswith("/operations/participants")
     )
     assert outcome["resourceData"]["id"] is None
+
+
+async def test_inviting_several_people_at_once_to_a_p2p_call_is_refused() -> None:
+    """Graph supports inviting several participants in one request only in a group call (its
+    participant-invite page; each documented invitation of several is to a group call), and
+    documents no error for it: the simulator refuses one to a P2P call with its own 400,
+    posting nothing, where it used to bring everyone in. Once the call grew into a meeting
+    (someone invited alone joined), several at once are invited."""
+    bot, _seen = answering_bot(subscribe=False)
+    refused: list[GraphError] = []
+    done: list[Any] = []
+
+    @bot.on_state("established")
+    async def invite(call: Call, event: events.CallStateChanged) -> None:
+        two = (Target.user("user-2", "Lee Gu"), Target.user("user-3", "Megan Bowen"))
+        try:
+            await call.participants.invite(*two)
+        except GraphError as exc:
+            refused.append(exc)
+        await (await call.participants.invite(Target.user("user-4", "Alex"))).wait(timeout=10)
+        done.append(await (await call.participants.invite(*two)).wait(timeout=10))
+
+    async with run_with_simulator(bot) as sim:
+        call = await sim.incoming_call()
+        await until(lambda: bool(done))
+        await until(lambda: len(call.roster) == 5)
+        await call.hangup()
+        await call.settled()
+    [exc] = refused
+    assert exc.status == 400
+    assert "group call" in str(exc)
+    first, alone, both = sim.graph.requests_for("invite")
+    assert [sim.graph.answer_to(r).status for r in (first, alone, both)] == [400, 200, 200]
+    assert len(sim.graph.operations) == 2  # none for the refused invitation
+    assert done[0].status == "completed"
 
 
 async def test_a_bot_naming_its_own_endpoint_by_another_loopback_name_is_told_each_move_once() -> (

@@ -16,7 +16,8 @@ Example::
         assert request.json["prompts"][0]["mediaInfo"]["uri"].endswith("beep.wav")
 
 It is built to be extended into a call simulator: :meth:`FakeGraph.route`
-replaces the answer to an action, and :attr:`FakeGraph.listeners` are run
+replaces the answer to an action, :attr:`FakeGraph.checks` refuse a request Graph would
+refuse of the call it is about, and :attr:`FakeGraph.listeners` are run
 (as tasks) after each answered request, e.g. to post notifications back to a bot.
 """
 
@@ -212,6 +213,7 @@ _DROPPED = FakeResponse(status=502)
 
 Handler = Callable[[RecordedRequest], "FakeResponse | Awaitable[FakeResponse]"]
 Listener = Callable[[RecordedRequest, FakeResponse], Coroutine[Any, Any, None]]
+Check = Callable[[RecordedRequest], "tuple[int, str, str] | None"]
 
 
 @dataclass(kw_only=True)
@@ -295,6 +297,10 @@ class FakeGraph(LocalServer):
         """The status an action's operation starts in (change it to simulate Graph)."""
         self.listeners: list[Listener] = []
         """Coroutines run as tasks after each answered request (for simulators)."""
+        self.checks: list[Check] = []
+        """Run on each request about a call Graph has, before it is carried out: one that
+        returns ``(status, code, message)`` refuses it with Graph's error body (for
+        simulators, which know what kind of call it is)."""
         self.require_auth = True
         self._secrets: dict[str, str] = {}
         self._certificates: dict[str, x509.Certificate] = {}
@@ -672,6 +678,10 @@ class FakeGraph(LocalServer):
             ):
                 # Graph acts only on someone in the call: its roster, or one added by a test.
                 return self._error(request, 404, "NotFound", "Participant not found.")
+            for check in self.checks:
+                refusal = check(request)
+                if refusal is not None:
+                    return self._error(request, *refusal)
         handler = self._handlers.get(request.action)
         if handler is not None:
             result = handler(request)

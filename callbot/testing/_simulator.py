@@ -1355,6 +1355,29 @@ class SimulatedCall:
                 gone = self.roster.pop(participant_id)
                 self._enqueue(self._roster_item([gone], "deleted"))
 
+    @property
+    def _peer_to_peer(self) -> bool:
+        """Whether the call is P2P: neither a meeting joined, nor a group call placed, nor one
+        grown into a meeting by an invitation."""
+        return not (self.meeting or self.group or self._group_meeting is not None)
+
+    def _refuses(self, request: RecordedRequest) -> tuple[int, str, str] | None:
+        """What Graph refuses of a request about this call, as ``(status, code, message)``:
+        several invitees at once to a P2P call (Graph supports that only in group calls, and
+        documents no error for it: the 400 is the simulator's own)."""
+        body = request.json if isinstance(request.json, Mapping) else {}
+        invitees = body.get("participants")
+        several = isinstance(invitees, list) and len(invitees) > 1
+        if request.action != "invite" or not several or not self._peer_to_peer:
+            return None
+        return (
+            400,
+            "BadRequest",
+            "Inviting several participants in one request is supported only in a group "
+            "call, and this call is peer-to-peer: invite one (the call then grows into a "
+            "meeting), then the others (the simulator's own error: Graph documents none)",
+        )
+
     def _escalate(self) -> None:
         """A P2P call someone joins by invitation becomes a group call in a meeting Teams
         makes of it (a failed invitation leaves it as it was). As recorded (sb10, sb11, from
@@ -1365,7 +1388,7 @@ class SimulatedCall:
         (the other party's ``replacementLink``, base64), then once more with the meeting's
         ``tokenMeetingInfo`` too (its ``activityId`` the call's chain id, as sb11's). Graph's
         copy of the call names them from then on (``GET`` the call: issue 704)."""
-        if self.meeting or self.group or self._group_meeting is not None:
+        if not self._peer_to_peer:
             return  # already a meeting or a group call: nothing is escalated
         others = [p for pid, p in self.roster.items() if pid != self.bot_participant_id]
         other = self.remote if self.remote is not None else next(iter(others), None)
@@ -1728,6 +1751,7 @@ class Simulator:
         # Calls notified about (key -> id), a test's own posts too: settled() waits for each.
         self._notified: dict[str, str] = {}
         self.graph.listeners.append(self._on_request)
+        self.graph.checks.append(self._refuses)
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -2318,6 +2342,14 @@ class Simulator:
             call = self._new_call(request.call_id, "incoming", None, None)
             call._take_caller()
         call._on_request(request, answer)
+
+    def _refuses(self, request: RecordedRequest) -> tuple[int, str, str] | None:
+        """What Graph refuses of a request about a call the simulator plays (see
+        :meth:`SimulatedCall._refuses`); nothing when it does not drive calls (a replay)."""
+        call = self.find_call(request.call_id) if request.call_id is not None else None
+        if not self.drive or call is None:
+            return None
+        return call._refuses(request)
 
     def _on_create_call(self, request: RecordedRequest, answer: FakeResponse) -> None:
         created = answer.body if isinstance(answer.body, Mapping) else {}
