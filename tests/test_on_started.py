@@ -117,6 +117,36 @@ async def test_the_simulator_runs_the_hook_so_a_test_sees_the_meeting_joined_at_
     assert len(sim.requests_for("createCall")) == 1
 
 
+async def test_the_attendees_of_a_meeting_joined_at_start_are_given_before_the_bot_starts(
+    authority: TokenAuthority,
+) -> None:
+    """A hook joining a meeting as the bot starts may join before the test's body runs:
+    ``sim.meeting_attendees`` set there came too late for it, now and then. Given to the
+    simulator (``run_with_simulator``'s, or the plugin's ``callbot_simulator_options``),
+    they are in the meeting before the bot serves, whenever its hook joins."""
+    bot = make_bot(authority)
+    rosters: list[events.ParticipantsUpdated] = []
+
+    @bot.on_started
+    async def join_the_meeting(started: CallBot) -> None:
+        await started.join_meeting(JOIN_URL)
+
+    @bot.on_participants
+    async def roster(call: Call, event: events.ParticipantsUpdated) -> None:
+        rosters.append(event)
+
+    attendees = ["Lee Gu", "Alex Wilber"]
+    async with run_with_simulator(bot, meeting_attendees=attendees) as sim:
+        attendees.append("Megan Bowen")  # the simulator keeps its own copy
+        meeting = await sim.wait_for_outgoing_call()
+        await until(lambda: bool(rosters))
+        await meeting.hangup()
+        await meeting.wait_until_ended()
+    people = [p.info.identity.user for p in rosters[0].participants if p.info and p.info.identity]
+    assert sorted(user.display_name or "" for user in people if user) == ["Alex Wilber", "Lee Gu"]
+    assert sim.meeting_attendees == ["Lee Gu", "Alex Wilber"]
+
+
 async def test_a_failing_hook_is_logged_and_the_bot_keeps_serving(
     authority: TokenAuthority,
 ) -> None:

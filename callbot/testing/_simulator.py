@@ -1658,7 +1658,9 @@ class Simulator:
     ``key_file`` the signing key (see :class:`TokenAuthority`).
     ``application_instance_id`` is the object id of the bot's application instance (the
     resource account with its phone number), which a phone call reaches the bot through;
-    by default one derived from ``app_id``.
+    by default one derived from ``app_id``. ``meeting_attendees`` are already in a meeting
+    the bot joins (by default Megan Bowen): given here, they are there for a meeting the bot
+    joins as it starts (see :attr:`meeting_attendees`).
     """
 
     def __init__(
@@ -1683,6 +1685,7 @@ class Simulator:
         keys_port: int = 0,
         key_file: Path | None = None,
         application_instance_id: str | None = None,
+        meeting_attendees: Sequence[str] = ("Megan Bowen",),
     ) -> None:
         self.app_id = app_id
         self.application_instance_id = application_instance_id or str(
@@ -1712,9 +1715,11 @@ class Simulator:
         self.invite_outcome = "completed"
         """``completed`` (the invitees join the roster) or ``failed`` (the invitation's
         operation fails with the simulator's own 408, and nobody joins)."""
-        self.meeting_attendees: list[str] = ["Megan Bowen"]
+        self.meeting_attendees: list[str] = list(meeting_attendees)
         """Who is already in a meeting the bot joins (a bot joining as a guest waits in the
-        lobby, and is told of nobody else)."""
+        lobby, and is told of nobody else), as the bot asks to join it. A bot that joins one
+        as it starts (``on_started``) may ask before a test's body runs: give them to the
+        simulator (``meeting_attendees=``) rather than set them there."""
         self.recording: bytes = silent_wav()
         """What a recording made by ``recordResponse`` contains."""
         self.graph = FakeGraph(tenant_id=tenant_id, host=host)
