@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import re
 import sys
@@ -26,6 +27,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from ._bot import CallBot
+from ._config import Settings
 from ._display import TrafficPrinter
 from ._ids import id_key
 from ._parse import path_of
@@ -36,6 +38,7 @@ from .testing._simulator import Simulator, SimulatorError, Traffic, run_with_sim
 __all__ = ["RemoteBot", "replay", "simulate"]
 
 _CALL_ID = re.compile(r"/calls/([^/?]+)", re.IGNORECASE)
+_DEFAULT_PORT = next(f.default for f in dataclasses.fields(Settings) if f.name == "port")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,10 +68,15 @@ class RemoteBot:
 
 def _show_setup(sim: Simulator, bot: RemoteBot, stream: TextIO) -> None:
     origin = _origin(bot.url)
+    environment = sim.bot_environment(public_url=origin)
+    port = urlsplit(bot.url).port
+    if port is not None and port != _DEFAULT_PORT:
+        # A URL naming no port is a proxy's: the bot behind it listens where the proxy says.
+        environment["CALLBOT_PORT"] = str(port)
     lines = [
         "callbot simulator: start (or restart) your bot with these settings:",
         "",
-        *(f"  export {k}={v}" for k, v in sim.bot_environment(public_url=origin).items()),
+        *(f"  export {k}={v}" for k, v in environment.items()),
         "",
         f"(A bot using Graph's beta: CALLBOT_GRAPH_URL={sim.graph.beta_url}, served too.)",
         f"Notifications go to {bot.url}.",

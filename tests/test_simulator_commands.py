@@ -23,7 +23,7 @@ from callbot import Call, CallBot, CallbotError, Settings, events
 from callbot._auth import Authenticator
 from callbot._display import TrafficPrinter
 from callbot._recording import REMOVED, read_recording, scrub
-from callbot._simulate import RemoteBot, replay, simulate
+from callbot._simulate import RemoteBot, _show_setup, replay, simulate
 from callbot.cli import build_parser, main
 from callbot.graph import Target
 from callbot.testing import (
@@ -358,7 +358,9 @@ async def test_simulate_plays_a_scenario_against_a_bot_running_elsewhere(scenari
     )
     beta = environ["CALLBOT_GRAPH_URL"].removesuffix("/v1.0") + "/beta"
     assert f"CALLBOT_GRAPH_URL={beta}, served too" in info.getvalue()  # for a bot on beta
-    bot, seen = scenario_bot(Settings.from_env(environ, port=bot_port))
+    settings = Settings.from_env(environ)
+    assert settings.port == bot_port  # CALLBOT_PORT printed: the URL's is not the default
+    bot, seen = scenario_bot(settings)
     runner = web.AppRunner(bot.create_app(), access_log=None)
     await runner.setup()
     try:
@@ -384,6 +386,35 @@ async def test_simulate_plays_a_scenario_against_a_bot_running_elsewhere(scenari
         assert events.CallTerminated in kinds
     if scenario == "dtmf":
         assert [e.tone for e in seen if isinstance(e, events.ToneReceived)] == ["tone1", "tone2"]
+
+
+@pytest.mark.parametrize(
+    ("url", "port"),
+    [
+        ("http://127.0.0.1:9123/api/calls", 9123),
+        ("http://127.0.0.1:8080/api/calls", None),
+        ("https://bot.contoso.com/api/calls", None),
+    ],
+    ids=["another-port", "default-port", "no-port"],
+)
+async def test_simulate_names_the_port_of_a_bot_not_on_the_default_one(
+    url: str, port: int | None
+) -> None:
+    """The variables ``callbot simulate`` prints set up a bot listening on 8080 (callbot's
+    default): one at another port given in the bot's URL was told nothing of it, and
+    listened where no notification came. Its ``CALLBOT_PORT`` is printed with the rest; a
+    URL on 8080, or naming no port (a proxy's), needs none."""
+    remote = RemoteBot(url=url, app_id=APP_ID, tenant_id="t", keys_port=0, graph_port=0)
+    info = io.StringIO()
+    async with Simulator(app_id=APP_ID, keys_port=0, graph_port=0) as sim:
+        _show_setup(sim, remote, info)
+    environ = dict(
+        line.strip().removeprefix("export ").split("=", 1)
+        for line in info.getvalue().splitlines()
+        if line.strip().startswith("export ")
+    )
+    assert environ.get("CALLBOT_PORT") == (str(port) if port else None)
+    assert Settings.from_env(environ).port == (port or 8080)
 
 
 async def test_an_outgoing_call_cannot_be_played_blind() -> None:
