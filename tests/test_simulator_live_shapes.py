@@ -118,6 +118,8 @@ async def test_a_tone_carries_what_a_live_teams_tone_carries_and_no_chain_id() -
     [tone] = [i for i in posted if "toneInfo" in (i.get("resourceData") or {})]
     recorded = recorded_item("sb04-p2p-simpletest-p2ptest1event4tonepress.json")
     assert keys_beyond(tone, recorded) == set()
+    # The first key numbered as the recorded call's (6), not as Graph's docs show one (1).
+    assert tone["resourceData"]["toneInfo"] == recorded["resourceData"]["toneInfo"]
     assert tones[0].call.call_chain_id is None
     # The call's states still carry it, as recorded (sb01, sb02).
     states = [i["resourceData"] for i in posted if "state" in (i.get("resourceData") or {})]

@@ -19,7 +19,7 @@ QUIRKS = [
     pytest.param(DeliveryOptions(duplicate=True), id="duplicate"),
     pytest.param(DeliveryOptions(resource_only=True), id="resource_only"),
     pytest.param(DeliveryOptions(compact_ids=True), id="compact_ids"),
-    pytest.param(DeliveryOptions(first_tone_sequence=6), id="first_tone_sequence"),
+    pytest.param(DeliveryOptions(first_tone_sequence=1), id="first_tone_sequence"),
     pytest.param(DeliveryOptions.realistic(), id="realistic"),
 ]
 

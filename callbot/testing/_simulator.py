@@ -145,8 +145,9 @@ class DeliveryOptions:
     resource only the older way (``resource``: ``/app/calls/...``, no
     ``resourceUrl``); ``compact_ids`` writes the ids in resource paths upper
     case without dashes (as Graph writes some, unlike its responses);
-    ``first_tone_sequence`` is the ``sequenceId`` of a call's first tone (the
-    first key pressed in a recorded Teams call carried 6, not 1); ``delay``
+    ``first_tone_sequence`` is the ``sequenceId`` of a call's first tone: 6, as the
+    first key pressed in a recorded Teams call carried (sb04), by default; 1 numbers
+    them as Graph's docs show one (document 33); ``delay``
     waits that many seconds before each notification. :meth:`realistic` turns
     every quirk on.
     """
@@ -155,13 +156,13 @@ class DeliveryOptions:
     duplicate: bool = False
     resource_only: bool = False
     compact_ids: bool = False
-    first_tone_sequence: int = 1
+    first_tone_sequence: int = 6
     delay: float = 0.0
 
     @classmethod
     def realistic(cls, *, delay: float = 0.0) -> DeliveryOptions:
-        """Every quirk at once: swapped, repeated, ``resource`` only, compact ids, tones
-        numbered from 6."""
+        """Every quirk at once: swapped, repeated, ``resource`` only, compact ids; tones
+        numbered from 6, as recorded."""
         return cls(
             out_of_order=True,
             duplicate=True,
