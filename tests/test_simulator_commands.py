@@ -6,17 +6,14 @@ import argparse
 import asyncio
 import io
 import json
-import logging
 import os
 import socket
 import stat
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 from aiohttp import web
 
 from callbot import Call, CallBot, CallbotError, Settings, events
@@ -226,20 +223,7 @@ def replay_bot_module(directory: Path) -> None:
     )
 
 
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    """The command configures logging to this test's captured stderr: undo that after."""
-    saved = structlog.get_config()
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    structlog.configure(**saved)
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    logging.captureWarnings(False)
-
-
-@pytest.mark.usefixtures("restore_logging")
+@pytest.mark.usefixtures("logging_restored")
 def test_replay_command_posts_a_recording_into_a_bot(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -507,6 +491,7 @@ async def test_a_scenario_with_to_instance_calls_the_application_instance(scenar
     assert offered[0].call.source.identity.user is not None
 
 
+@pytest.mark.usefixtures("logging_restored")
 def test_simulate_with_an_application_instance_has_the_caller_call_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
