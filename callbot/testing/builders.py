@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic.alias_generators import to_camel
@@ -111,6 +112,8 @@ _CLIENT_STREAMS: tuple[tuple[str, str, str], ...] = (
     ("data", "data", "sendReceive"),
 )
 _AUDIO_ONLY = _CLIENT_STREAMS[:1]
+# A phone's one stream, unlabelled, as Graph documents it (document 54).
+_PHONE_STREAMS: tuple[tuple[str, str | None, str], ...] = (("audio", None, "sendReceive"),)
 
 # What a Teams desktop client says it is in a roster (shaped as recorded, sb12).
 _TEAMS_CLIENT_VERSION = (
@@ -328,36 +331,12 @@ def _participant(
     removed_state = (
         models.RemovedState(reason=removed_reason) if removed_reason is not None else None
     )
-    if kind == "phone":
+    client = (
         # No live roster has a phone: Graph documents one (document 54) with no client's fields.
-        return models.Participant(
-            odata_type="#microsoft.graph.participant",
-            id=participant_id,
-            info=models.ParticipantInfo(
-                odata_type="#microsoft.graph.participantInfo",
-                identity=_typed_identity(kind, identity_id, display_name, None),
-                endpoint_type="default",
-                client_version=client_version,
-            ),
-            media_streams=[
-                models.MediaStream(
-                    odata_type="#microsoft.graph.mediaStream",
-                    media_type="audio",
-                    source_id=str(first_source_id),
-                    direction="sendReceive",
-                    server_muted=False,
-                )
-            ],
-            is_muted=muted,
-            is_in_lobby=in_lobby,
-            removed_state=removed_state,
-        )
-    stream_kinds = _AUDIO_ONLY if kind in _BOT_KINDS else _CLIENT_STREAMS
-    link = _replacement_link(participant_id)
-    if client_version is None and kind in _BOT_KINDS:
-        client_version = f"{display_name or 'Bot'} (appid:{identity_id})"
-    elif client_version is None:
-        client_version = _TEAMS_CLIENT_VERSION
+        _Client(streams=_PHONE_STREAMS, client_version=client_version)
+        if kind == "phone"
+        else _teams_client(participant_id, identity_id, display_name, kind, client_version)
+    )
     return models.Participant(
         odata_type="#microsoft.graph.participant",
         id=participant_id,
@@ -365,12 +344,11 @@ def _participant(
             odata_type="#microsoft.graph.participantInfo",
             identity=_typed_identity(kind, identity_id, display_name, tenant_id),
             endpoint_type="default",
-            endpoint_id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"endpoint:{participant_id}")),
-            # A person's client says its language; a bot's does not (recorded sb12).
-            language_id=None if kind in _BOT_KINDS else "en-US",
-            client_version=client_version,
-            participant_id=participant_id,
-            replacement_link=link,
+            endpoint_id=client.endpoint_id,
+            language_id=client.language_id,
+            client_version=client.client_version,
+            participant_id=client.participant_id,
+            replacement_link=client.replacement_link,
         ),
         media_streams=[
             models.MediaStream(
@@ -381,15 +359,58 @@ def _participant(
                 direction=direction,
                 server_muted=False,
             )
-            for n, (media, label, direction) in enumerate(stream_kinds)
+            for n, (media, label, direction) in enumerate(client.streams)
         ],
         is_muted=muted,
         is_in_lobby=in_lobby,
+        published_states=client.published_states,
+        meeting_role=client.meeting_role,
+        replacement_link=client.replacement_link,
+        is_identity_anonymized=client.is_identity_anonymized,
+        removed_state=removed_state,
+    )
+
+
+@dataclass(frozen=True)
+class _Client:
+    """What a participant's client adds to a roster entry's identity: its media streams
+    (kind, label, direction) and the fields it reports (``None``: not sent)."""
+
+    streams: tuple[tuple[str, str | None, str], ...]
+    client_version: str | None
+    endpoint_id: str | None = None
+    language_id: str | None = None
+    participant_id: str | None = None
+    replacement_link: str | None = None
+    published_states: list[Any] | None = None
+    meeting_role: str | None = None
+    is_identity_anonymized: bool | None = None
+
+
+def _teams_client(
+    participant_id: str,
+    identity_id: str,
+    display_name: str | None,
+    kind: str,
+    client_version: str | None,
+) -> _Client:
+    """A person's Teams client or a bot, as a live roster lists them (sb12, sb15)."""
+    bot = kind in _BOT_KINDS
+    if client_version is None:
+        client_version = (
+            f"{display_name or 'Bot'} (appid:{identity_id})" if bot else _TEAMS_CLIENT_VERSION
+        )
+    return _Client(
+        streams=_AUDIO_ONLY if bot else _CLIENT_STREAMS,
+        client_version=client_version,
+        endpoint_id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"endpoint:{participant_id}")),
+        # A person's client says its language; a bot's does not (recorded sb12).
+        language_id=None if bot else "en-US",
+        participant_id=participant_id,
+        replacement_link=_replacement_link(participant_id),
         published_states=[],
         meeting_role="none",
-        replacement_link=link,
         is_identity_anonymized=False,
-        removed_state=removed_state,
     )
 
 
