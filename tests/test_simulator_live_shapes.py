@@ -19,7 +19,7 @@ from callbot import Call, CallBot, OperationFailed, events, models
 from callbot._ids import id_key
 from callbot._parse import parse_payload
 from callbot.graph import Target, media_prompt
-from callbot.testing import Simulator, builders, run_with_simulator
+from callbot.testing import TEST_TENANT_ID, Simulator, builders, run_with_simulator
 
 from .conftest import (
     APP_ID,
@@ -971,6 +971,129 @@ def test_an_incoming_call_to_an_application_instance_is_built_as_graph_documents
     assert parsed.identity.application is None
     assert parsed.identity.application_instance is not None
     assert parsed.identity.application_instance.id == instance["id"]
+
+
+def documented_call_to_the_application() -> dict[str, Any]:
+    """Document 18: an incoming call to the bot's application, as Graph posts it."""
+    body = normalized_json(
+        load_notification_text("18-call-redirect-ex1-incoming-call-created.json")
+    )
+    assert isinstance(body, dict)
+    data = body["value"][0]["resourceData"]
+    assert isinstance(data, dict)
+    return data
+
+
+def test_a_call_to_the_bots_application_is_built_as_graph_documents_it() -> None:
+    """Document 18 names the application a call is made to as a ``participantInfo`` target
+    typed down to the identity; ``builders.incoming_call`` made an
+    ``invitationParticipantInfo`` whose identity set and identity were untyped."""
+    documented = documented_call_to_the_application()
+    [target] = documented["targets"]
+    application = target["identity"]["application"]
+    item = builders.incoming_call(
+        "c", bot_app_id=application["id"], bot_name=application["displayName"]
+    )
+    [built] = item["resourceData"]["targets"]
+    assert built == target
+
+
+async def test_a_call_to_the_bots_application_names_it_as_graph_documents() -> None:
+    """The simulator's call to the bot's application has document 18's target, typed down
+    to the application's identity, and the bot reads it so: every field in a model, each
+    ``@odata.type`` kept. So does document 18 itself."""
+    [documented] = documented_call_to_the_application()["targets"]
+    bot, offered, _ = bot_answering_with_offers()
+
+    async with run_with_simulator(bot, bot_name="test bot") as sim:
+        call = await sim.incoming_call("Lee Gu")
+        await call.wait_for_state("established")
+        await call.hangup()
+        await call.wait_until_ended()
+        posted = next(item["resourceData"] for item in posted_items(sim.traffic))
+    [target] = posted["targets"]
+    assert key_paths(target) == key_paths(documented)
+    assert target["identity"]["application"] == {
+        "@odata.type": "#microsoft.graph.identity",
+        "id": sim.app_id,
+        "displayName": "test bot",
+    }
+    [told] = offered[0].call.targets or []
+    assert told.odata_type == "#microsoft.graph.participantInfo"
+    assert told.identity is not None
+    assert told.identity.odata_type == "#microsoft.graph.identitySet"
+    application = told.identity.application
+    assert application is not None
+    assert application.odata_type == "#microsoft.graph.identity"
+    assert (application.id, application.display_name) == (sim.app_id, "test bot")
+    assert list(untyped_fields(offered[0])) == []
+    (event,) = parse_payload(
+        normalized_json(load_notification_text("18-call-redirect-ex1-incoming-call-created.json"))
+    )
+    assert isinstance(event, events.IncomingCall)
+    assert list(untyped_fields(event)) == []
+    [parsed] = event.call.targets or []
+    assert parsed.identity is not None
+    assert parsed.identity.application is not None
+    assert parsed.identity.application.display_name == "test bot"
+
+
+@pytest.mark.parametrize(
+    ("to_instance", "documented"),
+    [
+        (True, documented_call_to_an_instance()["value"][0]["resourceData"]),
+        (False, documented_call_to_the_application()),
+    ],
+    ids=["to-instance-document-22", "to-app-document-18"],
+)
+def test_a_caller_is_in_the_tenant_where_graph_documents_it(
+    to_instance: bool, documented: dict[str, Any]
+) -> None:
+    """Document 22's caller (a user calling an application instance) is in the call's
+    tenant: its identity has ``tenantId``, which ``builders.incoming_call`` left out.
+    Document 18's (a user calling the bot's application) names none, nor does any other
+    documented call to an application. The built caller has each one's key paths."""
+    [target] = documented["targets"]
+    instance = target["identity"].get("applicationInstance")
+    user = documented["source"]["identity"]["user"]
+    item = builders.incoming_call(
+        "c",
+        caller_id=user["id"],
+        caller_name=None,
+        tenant_id=TEST_TENANT_ID,
+        bot_instance_id=instance["id"] if to_instance else None,
+    )
+    source = item["resourceData"]["source"]
+    assert key_paths(source) == key_paths(documented["source"])
+    assert source["identity"]["user"].get("tenantId") == (TEST_TENANT_ID if to_instance else None)
+
+
+async def test_a_user_calling_the_bots_application_instance_is_in_the_tenant_as_documented() -> (
+    None
+):
+    """The simulator's user calling the bot's application instance is in the simulator's
+    tenant, as document 22's caller is in the call's: the bot reads the caller's tenant. A
+    phone has no tenant (Graph documents none for a phone, document 54)."""
+    bot, offered, _ = bot_answering_with_offers()
+
+    async with run_with_simulator(bot) as sim:
+        for caller in (
+            {"from_user": "Lee Gu", "to_instance": True},
+            {"from_phone": "+14255550100"},
+        ):
+            call = await sim.incoming_call(**caller)
+            await call.wait_for_state("established")
+            await call.hangup()
+            await call.wait_until_ended()
+        posted = [
+            item["resourceData"]["source"]["identity"]
+            for item in posted_items(sim.traffic)
+            if item["changeType"] == "created"
+        ]
+    assert [identity["user"]["tenantId"] for identity in posted[:1]] == [sim.tenant_id]
+    assert "tenantId" not in posted[1]["phone"]
+    callers = [event.call.source.identity for event in offered if event.call.source]
+    assert [c.user.tenant_id if c and c.user else None for c in callers] == [sim.tenant_id, None]
 
 
 def identity_of(participant: models.Participant) -> models.IdentitySet:

@@ -93,11 +93,6 @@ def _identity_kind(kind: str) -> str:
     return known
 
 
-def _identity(kind: str, identity_id: str, display_name: str | None) -> models.IdentitySet:
-    identity = models.Identity(id=identity_id, display_name=display_name)
-    return models.IdentitySet.model_validate({_identity_kind(kind): identity})
-
-
 _RESULT_INFO_TYPE = "#microsoft.graph.resultInfo"
 
 # Identities Entra ID issues: a roster names their tenant and provider (recorded sb12, sb16).
@@ -123,17 +118,24 @@ _TEAMS_CLIENT_VERSION = (
 
 
 def _typed_identity(
-    kind: str, identity_id: str, display_name: str | None, tenant_id: str | None
+    kind: str,
+    identity_id: str,
+    display_name: str | None,
+    tenant_id: str | None,
+    *,
+    provider: bool = True,
 ) -> models.IdentitySet:
     """An identity set typed down to the identity, as a live roster and Graph's documented
-    incoming calls write one (sb12, document 22), with the tenant of directory identities."""
+    incoming calls write one (sb12, documents 18 and 22), with the tenant of directory
+    identities and, unless ``provider`` is false, their provider (a roster names it, sb12; an
+    incoming call does not, document 22)."""
     directory = tenant_id is not None and kind in _DIRECTORY_KINDS
     identity = models.Identity(
         odata_type="#microsoft.graph.identity",
         id=identity_id,
         display_name=display_name,
         tenant_id=tenant_id if directory else None,
-        identity_provider="AAD" if directory else None,
+        identity_provider="AAD" if directory and provider else None,
     )
     return models.IdentitySet.model_validate(
         {"@odata.type": "#microsoft.graph.identitySet", kind: identity}
@@ -168,35 +170,35 @@ def incoming_call(
     resource account with the phone number) it was made to, as a phone call reaches a bot:
     the target is then that instance, named ``bot_name``, in ``tenant_id``, and the
     target's ``id`` is ``my_participant_id`` (a new one when not given), as Graph documents
-    such a call.
+    such a call; a caller with a directory identity (a user) is in ``tenant_id`` too. A
+    call to the ``application`` names it as Graph documents one (a ``participantInfo``
+    target) and no caller's tenant.
 
     ``region`` is where the caller is (``amer``, as Graph's current documented incoming
     calls name it; ``None``: not named), and, on a call to an instance, the target too.
     """
     target: models.InvitationParticipantInfo
     if bot_instance_id is None:
+        # Typed down to the identity, as a participantInfo (document 18, a call to the app).
         target = models.InvitationParticipantInfo(
-            odata_type="#microsoft.graph.invitationParticipantInfo",
-            identity=_identity("application", bot_app_id, bot_name),
+            odata_type="#microsoft.graph.participantInfo",
+            identity=_typed_identity("application", bot_app_id, bot_name, None),
         )
     else:
         my_participant_id = my_participant_id or str(uuid.uuid4())
         # Typed down to the identity, with its tenant (document 22, a call to an instance).
-        instance = models.Identity(
-            odata_type="#microsoft.graph.identity",
-            id=bot_instance_id,
-            display_name=bot_name,
-            tenant_id=tenant_id,
-        )
         target = models.InvitationParticipantInfo(
             odata_type="#microsoft.graph.invitationParticipantInfo",
             id=my_participant_id,
-            identity=models.IdentitySet.model_validate(
-                {"@odata.type": "#microsoft.graph.identitySet", "applicationInstance": instance}
+            identity=_typed_identity(
+                "applicationInstance", bot_instance_id, bot_name, tenant_id, provider=False
             ),
             endpoint_type="default",
             region=region,
         )
+    # Document 22's caller, calling an instance, is in the call's tenant; document 18's,
+    # calling the app, names none (nor does the call).
+    caller_tenant = tenant_id if bot_instance_id is not None else None
     call = models.Call(
         odata_type="#microsoft.graph.call",
         id=call_id,
@@ -206,7 +208,9 @@ def incoming_call(
         tenant_id=tenant_id,
         source=models.ParticipantInfo(
             odata_type="#microsoft.graph.participantInfo",
-            identity=_typed_identity(_identity_kind(caller_kind), caller_id, caller_name, None),
+            identity=_typed_identity(
+                _identity_kind(caller_kind), caller_id, caller_name, caller_tenant, provider=False
+            ),
             region=region,
         ),
         targets=[target],
