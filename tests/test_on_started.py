@@ -19,11 +19,13 @@ from aiohttp.test_utils import TestClient, TestServer
 from structlog.testing import capture_logs
 
 from callbot import Call, CallBot, events
-from callbot.testing import TokenAuthority, run_with_simulator
+from callbot.graph import Target
+from callbot.testing import Simulator, TokenAuthority, run_with_simulator
 
 from .conftest import make_bot, until
 from .test_hosting import serving_in_process, unused_port
 
+CALLEE_ID = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"
 JOIN_URL = (
     "https://teams.microsoft.com/l/meetup-join/19%3ameeting_abc%40thread.v2/0"
     "?context=%7b%22Tid%22%3a%22t-1%22%2c%22Oid%22%3a%22o-1%22%7d"
@@ -145,6 +147,45 @@ async def test_the_attendees_of_a_meeting_joined_at_start_are_given_before_the_b
     people = [p.info.identity.user for p in rosters[0].participants if p.info and p.info.identity]
     assert sorted(user.display_name or "" for user in people if user) == ["Alex Wilber", "Lee Gu"]
     assert sim.meeting_attendees == ["Lee Gu", "Alex Wilber"]
+
+
+async def test_what_the_callees_of_a_call_placed_at_start_do_is_given_before_the_bot_starts(
+    authority: TokenAuthority,
+) -> None:
+    """A hook placing a call as the bot starts may place it before the test's body runs:
+    ``sim.queue_outgoing(...)`` there came too late for it, and the callee answered.
+    Given to the simulator (``outgoing_outcomes=``, through ``run_with_simulator`` or the
+    plugin's ``callbot_simulator_options``), the outcome is queued before the bot serves;
+    ``queue_outgoing`` adds to it for the calls after."""
+    bot = make_bot(authority)
+    ended: list[events.CallTerminated] = []
+
+    @bot.on_started
+    async def call_at_start(started: CallBot) -> None:
+        await started.create_call(Target.user(CALLEE_ID))
+
+    @bot.on_terminated
+    async def note(call: Call, event: events.CallTerminated) -> None:
+        ended.append(event)
+
+    outcomes = ["busy"]
+    async with run_with_simulator(bot, outgoing_outcomes=outcomes) as sim:
+        outcomes.append("answer")  # the simulator keeps its own copy
+        first = await sim.wait_for_outgoing_call()
+        await first.wait_until_ended()
+        sim.queue_outgoing("decline")
+        await bot.create_call(Target.user(CALLEE_ID))
+        second = await sim.wait_for_outgoing_call()
+        await second.wait_until_ended()
+        await until(lambda: len(ended) == 2)
+    assert [c.states for c in (first, second)] == [["establishing", "terminated"]] * 2
+    codes = [e.result_info.code if e.result_info else None for e in ended]
+    assert codes == [486, 603]
+
+
+def test_outcomes_given_to_the_simulator_are_checked_as_queued_ones() -> None:
+    with pytest.raises(ValueError, match="unknown outcome 'hang_up'"):
+        Simulator(outgoing_outcomes=["answer", "hang_up"])
 
 
 async def test_a_failing_hook_is_logged_and_the_bot_keeps_serving(

@@ -1660,8 +1660,9 @@ class Simulator:
     ``application_instance_id`` is the object id of the bot's application instance (the
     resource account with its phone number), which a phone call reaches the bot through;
     by default one derived from ``app_id``. ``meeting_attendees`` are already in a meeting
-    the bot joins (by default Megan Bowen): given here, they are there for a meeting the bot
-    joins as it starts (see :attr:`meeting_attendees`).
+    the bot joins (by default Megan Bowen), and ``outgoing_outcomes`` are what the callees of
+    the bot's first calls do (see :meth:`queue_outgoing`): given here, they are in place for
+    a meeting the bot joins, or a call it places, as it starts (``on_started``).
     """
 
     def __init__(
@@ -1687,6 +1688,7 @@ class Simulator:
         key_file: Path | None = None,
         application_instance_id: str | None = None,
         meeting_attendees: Sequence[str] = ("Megan Bowen",),
+        outgoing_outcomes: Sequence[str] = (),
     ) -> None:
         self.app_id = app_id
         self.application_instance_id = application_instance_id or str(
@@ -1743,6 +1745,7 @@ class Simulator:
         self._outgoing: list[SimulatedCall] = []
         self._outgoing_taken = 0
         self._outgoing_outcomes: list[str] = []
+        self.queue_outgoing(*outgoing_outcomes)
         # id() of each request a wait returned (graph.requests keeps them alive)
         self._returned: set[int] = set()
         self._signal = asyncio.Event()
@@ -2002,7 +2005,10 @@ class Simulator:
     def queue_outgoing(self, *outcomes: str) -> None:
         """What the next callees do, in order: ``answer``, ``no_answer``, ``busy``, ``decline``.
 
-        Calls the bot places after the queue is empty are answered.
+        Calls the bot places after the queue is empty are answered. A bot that places a call
+        as it starts (``on_started``) may place it before a test's body runs: give its
+        callees' outcomes to the simulator (``outgoing_outcomes=``) rather than queue them
+        there.
         """
         for outcome in outcomes:
             if outcome not in OUTGOING_OUTCOMES:
