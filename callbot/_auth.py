@@ -95,6 +95,15 @@ class _Key:
     algorithm: str | None
     """The JWK's ``alg`` when published: then the only algorithm the key verifies."""
 
+    def same_as(self, other: _Key | None) -> bool:
+        """Whether ``other`` verifies exactly what this key verifies (same numbers, same
+        ``alg``): a key published again under its kid with other numbers is another key."""
+        return (
+            other is not None
+            and other.algorithm == self.algorithm
+            and other.public.public_numbers() == self.public.public_numbers()
+        )
+
 
 def _check_token(
     token: str,
@@ -529,12 +538,18 @@ class Authenticator:
         issuers = self._static_issuers
         if isinstance(issuer, str) and issuer:
             issuers = issuers | {issuer}
-        removed = self._keys.keys() - keys.keys()
+        # Withdrawn: gone from the set, or published again under its kid as another key (other
+        # numbers, another alg). A cached verdict rests on the key and issuer it was made with.
+        withdrawn = {kid for kid, key in self._keys.items() if not key.same_as(keys.get(kid))}
+        issuer_dropped = not self._issuers <= issuers
         self._keys = keys
         self._issuers = issuers
-        if removed:
-            # A withdrawn key no longer vouches for the tokens it signed.
-            for token in [t for t, e in self._cache.items() if e.kid in removed]:
+        if withdrawn or issuer_dropped:
+            for token in [
+                t
+                for t, e in self._cache.items()
+                if e.kid in withdrawn or e.token.issuer not in issuers
+            ]:
                 self._forget(token)
         if not self._loaded.is_set():
             log.info("jwks_loaded", keys=len(keys), kids=sorted(keys))

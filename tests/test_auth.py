@@ -295,6 +295,43 @@ async def test_withdrawn_key_refused(auth: Authenticator, authority: TokenAuthor
     assert await reason_of(auth, bearer(old_token)) == "unknown_key"
 
 
+async def test_a_key_replaced_under_its_kid_withdraws_the_tokens_it_verified(
+    auth: Authenticator, authority: TokenAuthority
+) -> None:
+    """A cached verdict was dropped only when its kid left the key set: a key published
+    again under the same kid with other numbers (a compromised key replaced) still let
+    every token it had verified through, for as long as they lived (up to 24 h)."""
+    old_token = authority.mint(audience=APP_ID)
+    await auth.verify(bearer(old_token))
+    authority.rotate_key(kid=authority.kid, keep_old=False)
+    fetches = auth.key_fetches
+    # A kid nobody publishes makes the verifier fetch the keys again at once.
+    assert await reason_of(auth, bearer(authority.mint(audience=APP_ID, kid="none"))) == (
+        "unknown_key"
+    )
+    assert auth.key_fetches == fetches + 1
+    assert await reason_of(auth, bearer(old_token)) == "bad_signature"
+    # The new key under that kid verifies its own tokens.
+    await auth.verify(bearer(authority.mint(audience=APP_ID)))
+
+
+async def test_an_issuer_no_longer_accepted_withdraws_the_tokens_it_issued(
+    make_auth: MakeAuth, authority: TokenAuthority
+) -> None:
+    """The configuration's issuer changed: its old issuer's tokens, verified before, stayed
+    accepted from the cache while the same token, unseen, was refused."""
+    authority.issuer = "https://sts.example.test/first/"
+    auth = await make_auth()
+    token = authority.mint(audience=APP_ID)
+    await auth.verify(bearer(token))
+    authority.issuer = "https://sts.example.test/second/"
+    assert await reason_of(auth, bearer(authority.mint(audience=APP_ID, kid="none"))) == (
+        "unknown_key"
+    )
+    assert await reason_of(auth, bearer(token)) == "bad_issuer"
+    await auth.verify(bearer(authority.mint(audience=APP_ID)))
+
+
 async def test_unknown_kid_flood_is_coalesced(
     auth: Authenticator, authority: TokenAuthority
 ) -> None:

@@ -160,13 +160,16 @@ class TokenAuthority(LocalServer):
         """The current signing key."""
         return self._keys[self._kid]
 
-    def rotate_key(self, *, keep_old: bool = True) -> str:
+    def rotate_key(self, *, keep_old: bool = True, kid: str | None = None) -> str:
         """Make a new key the signing key and publish it; return its ``kid``.
 
         With ``keep_old=False`` the previous keys are withdrawn from the JWKS
         document, so tokens they signed stop verifying once a verifier refreshes.
+        ``kid`` publishes the new key under that kid, in place of the key published
+        under it (the current one's: a key replaced under its kid).
         """
-        kid, key = _new_key()
+        new_kid, key = _new_key()
+        kid = new_kid if kid is None else kid
         if not keep_old:
             self._keys.clear()
         self._keys[kid] = key
