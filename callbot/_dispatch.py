@@ -27,7 +27,7 @@ from ._clock import loop_time, wait_all
 from ._errors import CallEnded, OperationFailed
 from ._journal import Attempt
 from ._journal import _current as _current_attempt
-from ._log import get_logger
+from ._log import RateLimitedLog, get_logger
 from ._sequencing import Delivery
 
 if TYPE_CHECKING:
@@ -183,6 +183,8 @@ class Dispatcher:
         self._observe = observe
         self._idle_listeners: list[Callable[[str], None]] = []
         self._delivery_listeners: list[Callable[[events.Event], None]] = []
+        # A line per handler a call's end stopped: a sender inventing calls decides how many.
+        self._lines = RateLimitedLog(log)
         self.counts: Counter[str] = Counter()
         """handled (deliveries run), handler_errors, unhandled_errors (no on_error took them),
         call_ended (handlers stopped by :class:`~callbot.CallEnded`), superseded (deliveries
@@ -329,7 +331,7 @@ class Dispatcher:
             if _stopped_by_the_end(exc, call):
                 # The caller hung up while the handler acted: not a bug in the handler.
                 outcome = "call_ended"
-                log.info("handler_stopped_call_ended", call_id=call_id, handler=name)
+                self._lines.info("handler_stopped_call_ended", call_id=call_id, handler=name)
                 self.counts["call_ended"] += 1
             else:
                 outcome = "error"

@@ -25,7 +25,7 @@ from typing import Final
 from ._clock import loop_time
 from ._errors import CallEnded
 from ._ids import id_key, tenant_key
-from ._log import get_logger
+from ._log import RateLimitedLog, get_logger
 from .models import CALL_LIFECYCLE, ResultInfo
 
 __all__ = [
@@ -303,6 +303,8 @@ class Lifecycle:
         self._established_elsewhere = _ByTenant(_MAX_ENDED)
         self._forgotten_listeners: list[Callable[[str, str], None]] = []
         self._delivering: Callable[[str], bool] = lambda call_key: False
+        # Lines of each call: a sender inventing 200 calls a request decides how many.
+        self._lines = RateLimitedLog(log)
 
     # -- who is told -------------------------------------------------------------------
 
@@ -587,7 +589,7 @@ class Lifecycle:
             # Its end, if told, is still to be delivered: a new life of it must take it.
             self._remember(self._bound, key, life.tenant_id)
         if why != "grace_over":
-            log.info("call_forgotten", call_id=life.call_id, reason=why)
+            self._lines.info("call_forgotten", call_id=life.call_id, reason=why)
         for listener in self._forgotten_listeners:
             try:
                 listener(key, why)
@@ -678,7 +680,7 @@ class Lifecycle:
                 self._forget(life.key, "never_established")
         elif kind == _WARN:
             if life.state == "incoming" and not life.ended:
-                log.warning(
+                self._lines.warning(
                     "incoming_call_not_answered",
                     call_id=life.call_id,
                     waited=self._warn_after,
@@ -697,12 +699,12 @@ class Lifecycle:
         try:
             result = await self._send_keep_alive(life.call_id)
         except Exception as exc:
-            log.warning("keep_alive_failed", call_id=life.call_id, error=repr(exc))
+            self._lines.warning("keep_alive_failed", call_id=life.call_id, error=repr(exc))
             result = KeepAliveResult.FAILED
         if self._lives.get(life.key) is not life or life.ended or not life.keeping_alive:
             return
         if result is KeepAliveResult.GONE:
-            log.info("keep_alive_call_gone", call_id=life.call_id)
+            self._lines.info("keep_alive_call_gone", call_id=life.call_id)
             self.gone(life.call_id)
         else:
             self._start_keep_alive(life, after_failure=result is KeepAliveResult.FAILED)

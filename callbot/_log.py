@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
 import structlog
 from structlog._config import _CONFIG
 
-__all__ = ["configure_logging", "get_logger", "is_enabled"]
+from ._clock import loop_time
+
+__all__ = ["LINES_PER_SECOND", "RateLimitedLog", "configure_logging", "get_logger", "is_enabled"]
 
 
 def get_logger(name: str) -> Any:
@@ -25,6 +30,78 @@ _FILTERING: dict[Any, int] = {
     structlog.make_filtering_bound_logger(level): level
     for level in (0, logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR, logging.CRITICAL)
 }
+
+
+LINES_PER_SECOND = 10
+"""How many lines of one kind a second a sender may make callbot write, per notification item
+or call it sends (a drop, a call forgotten, a property left out): past them, they are counted."""
+
+_Kind = tuple[str, object]
+
+
+class RateLimitedLog:
+    """Lines whose number a sender decides (one per connection it opens, per notification item
+    it posts, per call it invents): at most ``lines`` of each kind (its event and ``reason``)
+    per ``interval`` seconds. Those left out are counted: the next line of the kind says how
+    many (``suppressed``), or, when none comes within the interval, the last one left out is
+    written as it ends, saying how many others were. A request of 200 items would otherwise
+    write 200 lines."""
+
+    def __init__(self, logger: Any, *, lines: int = LINES_PER_SECOND, interval: float = 1.0):
+        self._logger = logger
+        self._lines = lines
+        self._interval = interval
+        # kind -> (when its interval started, lines written in it)
+        self._windows: dict[_Kind, tuple[float, int]] = {}
+        # kind -> (lines left out, the last of them: how to write it, its event, its fields)
+        self._left_out: dict[_Kind, tuple[int, Callable[..., Any], str, dict[str, Any]]] = {}
+
+    def info(self, event: str, **fields: Any) -> None:
+        """``logger.info(event, **fields)``, unless past the kind's lines for now."""
+        self._write(self._logger.info, event, fields)
+
+    def warning(self, event: str, **fields: Any) -> None:
+        """``logger.warning(event, **fields)``, unless past the kind's lines for now."""
+        self._write(self._logger.warning, event, fields)
+
+    def _write(self, method: Callable[..., Any], event: str, fields: dict[str, Any]) -> None:
+        kind = (event, fields.get("reason"))
+        now = _now()
+        started, written = self._windows.get(kind, (float("-inf"), 0))
+        if now - started >= self._interval:
+            started, written = now, 0
+        if written >= self._lines:
+            count = self._left_out.get(kind, (0,))[0]
+            self._left_out[kind] = (count + 1, method, event, fields)
+            if count == 0:
+                self._say_left_out_at(started + self._interval, kind)
+            return
+        self._windows[kind] = (started, written + 1)
+        left_out = self._left_out.pop(kind, None)
+        method(event, **fields, **({"suppressed": left_out[0]} if left_out else {}))
+
+    def _say_left_out_at(self, when: float, kind: _Kind) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop runs (a script parsing bodies): the next line says it
+            return
+        # In a context of its own: not the one of the line that happened to be left out first.
+        loop.call_at(when, self._say_left_out, kind, context=contextvars.Context())
+
+    def _say_left_out(self, kind: _Kind) -> None:
+        left_out = self._left_out.pop(kind, None)
+        if left_out is None:
+            return  # a line of the kind said it already
+        count, method, event, fields = left_out
+        self._windows[kind] = (_now(), 1)
+        method(event, **fields, **({"suppressed": count - 1} if count > 1 else {}))
+
+
+def _now() -> float:
+    try:
+        return loop_time()
+    except RuntimeError:  # no loop runs (a script parsing bodies): the same clock's source
+        return time.monotonic()
 
 
 def is_enabled(level: int) -> bool:

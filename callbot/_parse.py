@@ -158,6 +158,7 @@ def parse_body_in_parts(
     max_participants: int | None = None,
     tenant_id: str | None = None,
     part_size: int = 32,
+    lines: Any = None,
 ) -> Iterator[list[Event]]:
     """:func:`parse_body` in parts of at most ``part_size`` events (fewer when they list
     many participants), so a caller can let the event loop run between them; an error
@@ -171,7 +172,9 @@ def parse_body_in_parts(
 
     Raises :class:`MalformedNotification` (``not_json``, ``too_deep``, ``bad_shape``,
     ``empty``, ``too_many_items``, ``too_many_participants``, ``too_many_values``, ``bad_call_id``,
-    ``tenant_mismatch`` or ``legacy_format``); never raises a pydantic error.
+    ``tenant_mismatch`` or ``legacy_format``); never raises a pydantic error. ``lines``
+    takes the lines about properties left out (the module's logger by default; a server's
+    is a :class:`~callbot._log.RateLimitedLog`: a body decides how many items it holds).
     """
     if body.startswith(_BOM_BYTES):
         body = body[len(_BOM_BYTES) :]
@@ -198,7 +201,9 @@ def parse_body_in_parts(
         sizes = [_size(item) for item in items]
         if max_participants is not None:
             _check_item_sizes(items, sizes)
-    yield from _events_in_parts(payload, tenant_id, part_size, max_participants, sizes)
+    yield from _events_in_parts(
+        payload, tenant_id, part_size, max_participants, sizes, log if lines is None else lines
+    )
 
 
 def parse_payload(
@@ -336,6 +341,7 @@ def _events_in_parts(
     size: int,
     max_entries: int | None = None,
     sizes: list[int] | None = None,
+    lines: Any = log,
 ) -> Iterator[list[Event]]:
     """Events in parts of at most ``size`` items and about ``_PART_CONTAINERS`` objects and
     arrays (``sizes``: each item's, when the body is large enough to need them)."""
@@ -370,7 +376,7 @@ def _events_in_parts(
     part: list[Event] = []
     weight = 0
     for index, item in enumerate(items):
-        part.append(_event_for(index, item, payload, tenant_id))
+        part.append(_event_for(index, item, payload, tenant_id, lines))
         weight += sizes[index] if sizes is not None else 0
         if len(part) >= size or weight >= _PART_CONTAINERS:
             yield part
@@ -392,7 +398,9 @@ def _entries_in(item: Any) -> int:
     return len(_listed(item) or ())
 
 
-def _event_for(index: int, item: Any, envelope: dict[str, Any], tenant_id: str | None) -> Event:
+def _event_for(
+    index: int, item: Any, envelope: dict[str, Any], tenant_id: str | None, lines: Any
+) -> Event:
     where = f"value[{index}]"
     if not isinstance(item, dict):
         raise MalformedNotification("bad_shape", f"{where} is not an object")
@@ -432,7 +440,7 @@ def _event_for(index: int, item: Any, envelope: dict[str, Any], tenant_id: str |
         "tenant_id": _tenant_of(data, item, envelope, tenant_id),
     }
     try:
-        event = _route(rest, change_type, data, item, common)
+        event = _route(rest, change_type, data, item, common, lines)
     except ValidationError:
         return UnknownNotification(**common, resource_data=data)
     if not isinstance(event, _NAMING_IDS):
@@ -513,24 +521,30 @@ def _tenant_of(
 
 
 def _route(
-    rest: list[str], change_type: str, data: Any, item: dict[str, Any], common: dict[str, Any]
+    rest: list[str],
+    change_type: str,
+    data: Any,
+    item: dict[str, Any],
+    common: dict[str, Any],
+    lines: Any,
 ) -> Event:
     if not rest:
-        return _call_event(change_type, data, common)
+        return _call_event(change_type, data, common, lines)
     kind = rest[0].lower()
     if len(rest) <= 2:
         if kind == "participants":
             # A path naming one participant is about that one, never the whole roster.
-            return _participants_event(data, item, common, partial=len(rest) == 2)
+            return _participants_event(data, item, common, lines, partial=len(rest) == 2)
         if kind == "operations":
             if _is_roster(data):
                 # The invitation's participants, not the call's roster: the others stay.
-                return _participants_event(data, item, common, partial=True)
+                return _participants_event(data, item, common, lines, partial=True)
             # ``operations/participants`` names an invitation's invitees, not an operation.
             named = len(rest) == 2 and rest[1].lower() != "participants"
-            return _operation_event(data, rest[1] if named else None, common)
+            return _operation_event(data, rest[1] if named else None, common, lines)
         if kind == "contentsharingsessions":
-            return _content_sharing_event(data, rest[1] if len(rest) == 2 else None, common)
+            path_id = rest[1] if len(rest) == 2 else None
+            return _content_sharing_event(data, path_id, common, lines)
     return UnknownNotification(**common, resource_data=data)
 
 
@@ -548,7 +562,10 @@ _NAMES_LOGGED = 16
 
 
 def _typed(
-    validate: Callable[[dict[str, Any]], _M], bodies: list[dict[str, Any]], common: dict[str, Any]
+    validate: Callable[[dict[str, Any]], _M],
+    bodies: list[dict[str, Any]],
+    common: dict[str, Any],
+    lines: Any,
 ) -> list[_M]:
     """``validate`` each body; a property that does not fit its model is left out of the
     typed result (it stays in the event's ``raw``), with one log line for the item, rather
@@ -562,7 +579,7 @@ def _typed(
     typed = [_fitting(validate, body, left_out) for body in bodies]
     if left_out:
         names = sorted(set(left_out))
-        log.warning(
+        lines.warning(
             "notification_properties_left_out",
             call_id=common["call_id"],
             change_type=common["change_type"],
@@ -575,13 +592,16 @@ def _typed(
 
 
 def _typed_one(
-    validate: Callable[[dict[str, Any]], _M], body: dict[str, Any], common: dict[str, Any]
+    validate: Callable[[dict[str, Any]], _M],
+    body: dict[str, Any],
+    common: dict[str, Any],
+    lines: Any,
 ) -> _M:
     """:func:`_typed` of one body (a call, an operation): the usual case in one call."""
     try:
         return validate(body)
     except ValidationError:
-        return _typed(validate, [body], common)[0]
+        return _typed(validate, [body], common, lines)[0]
 
 
 def _fitting(
@@ -637,14 +657,14 @@ def _drop(body: dict[str, Any], where: tuple[int | str, ...]) -> str | None:
     return ".".join(path[:named])
 
 
-def _call_event(change_type: str, data: Any, common: dict[str, Any]) -> Event:
+def _call_event(change_type: str, data: Any, common: dict[str, Any], lines: Any) -> Event:
     body = _first_object(data)
     if body is None:
         if change_type == "deleted":
             # The call is gone even when Graph says nothing more about it.
             return CallTerminated(**common, state="terminated", call=models.Call())
         return UnknownNotification(**common, resource_data=data)
-    call = _typed_one(models.Call.model_validate, body, common)
+    call = _typed_one(models.Call.model_validate, body, common, lines)
     claimed, proven = call.tenant_id, common["tenant_id"]
     if claimed and proven and tenant_key(claimed) != tenant_key(proven):
         # However the body spelled it (in a list, as "tenant_id"): the call's tenant is one.
@@ -674,7 +694,7 @@ def _is_roster(data: Any) -> bool:
 
 
 def _participants_event(
-    data: Any, item: dict[str, Any], common: dict[str, Any], *, partial: bool = False
+    data: Any, item: dict[str, Any], common: dict[str, Any], lines: Any, *, partial: bool = False
 ) -> Event:
     # A full roster is updated with everyone; a delta roster names who was added or removed.
     # ``partial``: the path names some participants only (one, or an invitation's invitees).
@@ -688,7 +708,7 @@ def _participants_event(
     entries = roster_entries(data)
     if entries is None or not all(isinstance(entry, dict) for entry in entries):
         return UnknownNotification(**common, resource_data=item.get("resourceData"))
-    participants = _typed(models.Participant.model_validate, entries, common)
+    participants = _typed(models.Participant.model_validate, entries, common, lines)
     return ParticipantsUpdated(
         **common,
         participants=participants,
@@ -713,11 +733,11 @@ def roster_entries(data: Any) -> list[Any] | None:
     return data if isinstance(data, list) else [data] if isinstance(data, dict) else None
 
 
-def _operation_event(data: Any, path_id: str | None, common: dict[str, Any]) -> Event:
+def _operation_event(data: Any, path_id: str | None, common: dict[str, Any], lines: Any) -> Event:
     body = _first_object(data)
     if body is None:
         return UnknownNotification(**common, resource_data=data)
-    operation = _typed_one(models.parse_operation, body, common)
+    operation = _typed_one(models.parse_operation, body, common, lines)
     operation_id = operation.id or path_id
     if operation.status is None:
         return UnknownNotification(**common, resource_data=data)
@@ -731,7 +751,9 @@ def _operation_event(data: Any, path_id: str | None, common: dict[str, Any]) -> 
     )
 
 
-def _content_sharing_event(data: Any, path_id: str | None, common: dict[str, Any]) -> Event:
+def _content_sharing_event(
+    data: Any, path_id: str | None, common: dict[str, Any], lines: Any
+) -> Event:
     entries: list[Any]
     if data is None:
         entries = []
@@ -743,7 +765,7 @@ def _content_sharing_event(data: Any, path_id: str | None, common: dict[str, Any
         return UnknownNotification(**common, resource_data=data)
     if not all(isinstance(entry, dict) for entry in entries):
         return UnknownNotification(**common, resource_data=data)
-    sessions = _typed(models.ContentSharingSession.model_validate, entries, common)
+    sessions = _typed(models.ContentSharingSession.model_validate, entries, common, lines)
     session_id = path_id or (sessions[0].id if len(sessions) == 1 else None)
     return ContentSharingUpdated(**common, sessions=sessions, session_id=session_id)
 

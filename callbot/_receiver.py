@@ -21,7 +21,7 @@ from aiohttp import hdrs, web
 from . import events
 from ._auth import Authenticator
 from ._errors import AuthenticationError, KeysUnavailable, MalformedNotification, StoreUnavailable
-from ._log import get_logger, is_enabled
+from ._log import RateLimitedLog, get_logger, is_enabled
 from ._parse import parse_body_in_parts
 from ._proxy import forwarded_client
 
@@ -93,6 +93,8 @@ class Receiver:
         self._observe_ack = observe_ack
         self._while_draining = while_draining
         self._redirect = redirect
+        # Lines of each item (a property left out): a body decides how many items it holds.
+        self._item_lines = RateLimitedLog(get_logger("callbot.parse"))
         self.draining = False
         """While true, callbacks get 503 so that Graph retries against another instance."""
         self.counts: Counter[tuple[str, str]] = Counter()
@@ -200,6 +202,7 @@ class Receiver:
                 max_items=self._max_items,
                 max_participants=self._max_participants,
                 tenant_id=tenant_id,
+                lines=self._item_lines,
             ):
                 if batch:
                     # A large batch is built in parts: health checks and other calls go between.

@@ -49,7 +49,7 @@ from ._errors import MalformedNotification
 from ._ids import clipped, id_key
 from ._journal import Attempt
 from ._lifecycle import CallLife, Lifecycle, phase_of_state
-from ._log import get_logger
+from ._log import RateLimitedLog, get_logger
 from ._parse import CALL_PATH, roster_entries
 from .models import Call as CallResource
 from .models import Identity, Participant
@@ -728,6 +728,9 @@ class Sequencer:
     ) -> None:
         self._deliver_fn = deliver
         self._log = logger if logger is not None else log
+        # Lines of each notification or call: a sender posting 200 items a request decides
+        # how many, so they are bounded in time.
+        self._lines = RateLimitedLog(self._log)
         self.lifecycle = lifecycle
         """The owner of the calls' lives this sequencer reports to."""
         self._window = reorder_window
@@ -1029,7 +1032,7 @@ class Sequencer:
             record.hold_timer.cancel()
             record.hold_timer = None
         self.counts["released_alone"] += 1
-        self._log.info(
+        self._lines.info(
             "held_notification_released",
             call_id=record.call_id,
             kind=type(held[0]).__name__,
@@ -1047,7 +1050,7 @@ class Sequencer:
             self._admit(record, event, may_hold=False)
         if skipped and not record.closed:
             record.tone_next = TONES_UNORDERED
-            self._log.info("tone_order_given_up", call_id=record.call_id, reason="number_skipped")
+            self._lines.info("tone_order_given_up", call_id=record.call_id, reason="number_skipped")
 
     # -- delivery ---------------------------------------------------------------
 
@@ -1153,7 +1156,7 @@ class Sequencer:
         if record.told_full:
             return
         record.told_full = True
-        self._log.warning(
+        self._lines.warning(
             "call_record_full",
             call_id=record.call_id,
             part=part,
@@ -1254,7 +1257,7 @@ class Sequencer:
         if self._on_drop is not None:
             self._on_drop(event)
         self.counts[reason] += 1
-        self._log.info(
+        self._lines.info(
             "notification_dropped",
             call_id=self.lifecycle.named(event.call_id),
             reason=reason,

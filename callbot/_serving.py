@@ -37,7 +37,7 @@ from aiohttp.http import HttpVersion11
 from aiohttp.web_protocol import RequestHandler
 
 from ._clock import loop_time
-from ._log import get_logger
+from ._log import RateLimitedLog, get_logger
 from ._proxy import forwarded_client
 
 __all__ = ["ConnectionGuard"]
@@ -47,24 +47,6 @@ log = get_logger("callbot.server")
 _ACCEPT_FAILED = "socket.accept() out of system resource"
 # As much of a refused request's path as a log line shows (a scanner's may be 8 KiB long).
 _PATH_SHOWN = 256
-
-
-class _RateLimitedLog:
-    """One warning per event name per interval; the next one says how many were skipped."""
-
-    def __init__(self, interval: float) -> None:
-        self._interval = interval
-        self._last: dict[str, float] = {}
-        self._skipped: Counter[str] = Counter()
-
-    def warning(self, event: str, **fields: Any) -> None:
-        now = loop_time()
-        if now - self._last.get(event, float("-inf")) < self._interval:
-            self._skipped[event] += 1
-            return
-        self._last[event] = now
-        skipped = self._skipped.pop(event, 0)
-        log.warning(event, **fields, **({"suppressed": skipped} if skipped else {}))
 
 
 class ConnectionGuard:
@@ -83,7 +65,7 @@ class ConnectionGuard:
         """reason -> connections closed or requests refused by the guard (for metrics)."""
         # Insertion order is the order of last activity: the first idle one is the oldest.
         self._open: dict[_Connection, None] = {}
-        self._log = _RateLimitedLog(log_interval)
+        self._log = RateLimitedLog(log, lines=1, interval=log_interval)
         # One sweep for every connection's header deadline, not a timer per request.
         self._sweep: asyncio.TimerHandle | None = None
         self._served: list[str] | None = None

@@ -113,6 +113,15 @@ async def clock() -> AsyncIterator[Clock]:
     loop.time = real  # type: ignore[method-assign]
 
 
+async def spin(predicate: Callable[[], bool], turns: int = 200_000) -> None:
+    """Wait until ``predicate()`` holds, with the loop's clock stopped (no timer runs)."""
+    for _ in range(turns):
+        if predicate():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("the condition never held")
+
+
 async def until(predicate: Callable[[], bool], within: float = 5.0) -> None:
     """Wait until ``predicate()`` holds; fail after ``within`` seconds."""
     async with asyncio.timeout(within):

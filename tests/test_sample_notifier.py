@@ -3,23 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 
 from callbot.samples.notifier import bot as notifier
 from callbot.testing import Simulator, run_with_simulator
 
-from .conftest import Clock
+from .conftest import Clock, spin
 
 USER_ID = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"
-
-
-async def spin(predicate: Callable[[], bool], turns: int = 200_000) -> None:
-    """Wait until ``predicate()`` holds, with the loop's clock stopped (no timer runs)."""
-    for _ in range(turns):
-        if predicate():
-            return
-        await asyncio.sleep(0)
-    raise AssertionError("the condition never held")
 
 
 async def test_a_message_heard_is_delivered_even_when_the_hang_up_after_it_fails() -> None:

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import ssl
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -30,12 +31,13 @@ from structlog.testing import capture_logs
 
 from callbot import Call, CallBot, GraphError, events, models
 from callbot._ids import MAX_ID_LENGTH, id_key
+from callbot._log import LINES_PER_SECOND
 from callbot.graph import CallServices, RetryPolicy
 from callbot.testing import FakeGraph, RecordedRequest, TokenAuthority
 from callbot.testing import builders as b
 from callbot.testing._fake_graph import FakeResponse
 
-from .conftest import BotServer, plain_server, until
+from .conftest import BotServer, Clock, plain_server, spin, until
 
 CALL = "4a1f0000-1111-2222-3333-444455556666"
 OTHER_CALL = "5b2e0000-1111-2222-3333-444455556666"
@@ -1011,3 +1013,30 @@ async def test_a_recording_trickled_past_the_download_deadline_raises(
     # The sender saw the bot hang up, long before its own 60 s were over.
     async with asyncio.timeout(30):
         await hosts.trickle_done.wait()
+
+
+async def test_calls_a_sender_invents_write_a_bounded_number_of_lines(
+    authority: TokenAuthority, graph: FakeGraph, serve: Any, clock: Clock
+) -> None:
+    """Each invented call a handler answered wrote two lines: Graph refused the answer
+    (``graph_request_failed``: no such call) and the handler was stopped by the call's end
+    (``handler_stopped_call_ended``). One valid token's request of 200 calls: 400 lines."""
+    bot = graph_bot(graph, authority)
+
+    @bot.on_incoming_call
+    async def answer(call: Call, event: events.IncomingCall) -> None:
+        await call.answer()
+
+    server: BotServer = await serve(bot)
+    invented = [b.incoming_call(f"invented-{n}") for n in range(200)]
+    dispatcher = bot._running().dispatcher
+    with capture_logs() as logs:
+        assert (await server.post(b.notifications(*invented))).status == 202
+        await spin(lambda: dispatcher.counts["call_ended"] == 200)
+        written = Counter(entry["event"] for entry in logs)
+        await clock.advance(1.0)  # the second ends: its last line left out says the rest
+    assert len(graph.requests_for("answer")) == 200
+    for event in ("graph_request_failed", "handler_stopped_call_ended"):
+        assert written[event] == LINES_PER_SECOND
+        lines = [entry for entry in logs if entry["event"] == event]
+        assert sum(1 + entry.get("suppressed", 0) for entry in lines) == 200

@@ -17,6 +17,7 @@ import math
 import secrets
 import time
 import tracemalloc
+from collections import Counter
 from typing import Any
 
 import aiohttp
@@ -28,12 +29,13 @@ from structlog.testing import capture_logs
 from callbot import Call, CallBot, MalformedNotification, OperationFailed, events
 from callbot._auth import MAX_KEY_WAITERS
 from callbot._ids import id_key
+from callbot._log import LINES_PER_SECOND
 from callbot._sequencing import MAX_SNAPSHOT_BYTES, ROSTER_BYTES_PER_PARTICIPANT
 from callbot.store._codec import encode_record
 from callbot.testing import TEST_TENANT_ID, FakeGraph, TokenAuthority
 from callbot.testing import builders as b
 
-from .conftest import BotServer, make_bot, until
+from .conftest import BotServer, Clock, make_bot, until
 
 OTHER_TENANT = "0b1f4c5e-7a2d-4e3b-9c8d-112233445566"
 
@@ -412,6 +414,46 @@ async def test_graph_s_tracing_headers_are_cut_short_in_log_lines(
     for field in ("chain_id", "message_id", "original_message_id"):
         assert line[field] == long[:128]
     assert seen == []
+
+
+async def test_one_request_writes_a_bounded_number_of_lines_of_each_kind(
+    authority: TokenAuthority, serve: Any, clock: Clock
+) -> None:
+    """A line per item: one valid token's request of 200 items wrote 200 lines of a kind
+    (an ended call's tones dropped; invented ringing calls let go past max_pending_calls; a
+    property that does not fit the models, each dropped too): 790 lines for 600 items."""
+    bot = make_bot(authority, max_pending_calls=10)
+    server: BotServer = await serve(bot)
+    for item in (b.incoming_call("ended-call"), b.call_terminated("ended-call")):
+        assert (await server.post(b.notifications(item))).status == 202
+    unfit = []
+    for n in range(200):
+        state = b.call_state("ended-call", "established")
+        state["resourceData"]["direction"] = {"not a direction": n}
+        unfit.append(state)
+    flood = [
+        [b.tone("ended-call", "tone1", n) for n in range(200)],
+        [b.incoming_call(f"invented-{n}") for n in range(200)],
+        unfit,
+    ]
+    with capture_logs() as logs:
+        for items in flood:
+            assert (await server.post(b.notifications(*items))).status == 202
+        written = Counter(entry["event"] for entry in logs)
+        # The second ends: the last line left out of each kind says how many others were.
+        await clock.advance(1.0)
+    occurrences = {
+        "notification_dropped": 400,
+        "call_forgotten": 190,
+        "notification_properties_left_out": 200,
+    }
+    for event, occurred in occurrences.items():
+        assert written[event] == LINES_PER_SECOND
+        lines = [entry for entry in logs if entry["event"] == event]
+        assert len(lines) == LINES_PER_SECOND + 1
+        assert sum(1 + entry.get("suppressed", 0) for entry in lines) == occurred
+    # Every drop is counted in the metrics too.
+    assert await metric(server, "dropped", "after_end") == 400
 
 
 async def test_the_verified_token_cache_stays_within_its_byte_budget(

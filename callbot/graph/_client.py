@@ -19,6 +19,7 @@ from yarl import URL
 from .. import _journal
 from .._config import Settings
 from .._errors import ConfigurationError, GraphError
+from .._log import RateLimitedLog
 from ._credentials import (
     AsyncTokenCredential,
     CertificateCredential,
@@ -156,6 +157,8 @@ class GraphClient:
         self._recording_context: ssl.SSLContext | None = None
         self._graph_origin = _origin(URL(settings.graph_url))
         self.max_pages = MAX_PAGES
+        # Failures' lines: a sender inventing calls decides how many actions fail at Graph.
+        self._lines = RateLimitedLog(log)
         """How many pages :meth:`pages` follows before raising ``GraphError``."""
 
     @property
@@ -349,7 +352,7 @@ class GraphClient:
             if not token_failed:
                 # connectionFailed: sent as often as it safely could be, and no answer came.
                 gave_up = exc.code == "connectionFailed"
-                _log_failure(exc, gave_up=gave_up, attempt=len(sent), fields=fields)
+                _log_failure(self._lines, exc, gave_up=gave_up, attempt=len(sent), fields=fields)
             raise
         result = self._result(raw, method=method, url=url, fields=fields, attempt=len(sent))
         if step is not None:
@@ -516,7 +519,7 @@ class GraphClient:
         # Redirects are not followed (they would take the token along), so they fail too.
         if raw.status >= 300 and not deleted_before:
             error = error_from(raw, method=method, url=url)
-            _log_failure(error, gave_up=raw.gave_up, attempt=attempt, fields=fields)
+            _log_failure(self._lines, error, gave_up=raw.gave_up, attempt=attempt, fields=fields)
             raise error
         log.info(
             "graph_request_ok",
@@ -538,12 +541,17 @@ class GraphClient:
 
 
 def _log_failure(
-    error: GraphError, *, gave_up: bool, attempt: int, fields: Mapping[str, Any]
+    lines: RateLimitedLog,
+    error: GraphError,
+    *,
+    gave_up: bool,
+    attempt: int,
+    fields: Mapping[str, Any],
 ) -> None:
     """The one line a failed request writes: ``graph_request_gave_up`` when it would have
     been sent again had the retry budget (or the chance of acting twice) allowed,
     ``graph_request_failed`` otherwise."""
-    log.warning(
+    lines.warning(
         "graph_request_gave_up" if gave_up else "graph_request_failed",
         method=error.method,
         url=error.url,

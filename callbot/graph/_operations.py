@@ -25,6 +25,7 @@ from .. import models
 from .._clock import loop_time
 from .._errors import OperationFailed
 from .._ids import id_key
+from .._log import RateLimitedLog
 from .._sequencing import json_size
 from ..events import OperationUpdated
 from ..models._common import canonical_operation_status
@@ -197,6 +198,8 @@ class OperationRegistry:
         recent_ttl: float = 120.0,
         recent_bytes: int = RECENT_OUTCOME_BYTES,
     ) -> None:
+        # Lines of outcomes that settle nothing: a sender posting 200 a request decides how many.
+        self._lines = RateLimitedLog(log)
         # Operation ids are only unique per call: operation id key -> call key -> operation.
         self._by_id: dict[str, dict[str, Operation[Any]]] = {}
         self._by_context: dict[tuple[str, str], Operation[Any]] = {}
@@ -338,7 +341,7 @@ class OperationRegistry:
             if calls:
                 # Operation ids are only unique per call: another call's outcome is not ours.
                 self.counts["dropped", "operation_of_other_call"] += 1
-                log.warning(
+                self._lines.warning(
                     "graph_operation_other_call",
                     call_id=event.call_id,
                     operation_id=event.operation_id,
@@ -363,7 +366,7 @@ class OperationRegistry:
         if id_key(event.operation_id) == id_key(op.id):
             return op
         self.counts["dropped", "operation_id_mismatch"] += 1
-        log.warning(
+        self._lines.warning(
             "graph_operation_id_mismatch",
             call_id=event.call_id,
             operation_id=event.operation_id,
@@ -375,7 +378,7 @@ class OperationRegistry:
 
     def _unproven(self, op: Operation[Any], context: str) -> None:
         self.counts["dropped", "operation_unproven"] += 1
-        log.warning(
+        self._lines.warning(
             "graph_operation_unproven",
             call_id=op.call_id,
             expected_operation_id=op.id,

@@ -45,7 +45,7 @@ from .._errors import ConfigurationError, StoreUnavailable
 from .._ids import id_key, tenant_key
 from .._journal import Attempt
 from .._lifecycle import ENDED_MEMORY, Lifecycle
-from .._log import get_logger
+from .._log import RateLimitedLog, get_logger
 from .._sequencing import (
     SEEN_DIGESTS,
     CallRecord,
@@ -643,6 +643,8 @@ class RedisStore:
         self._indexed: set[str] = set()
         """Calls this instance put in the ``active`` index."""
         self._own_counts: Counter[str] = Counter()
+        # A repeat's line: a sender posting 200 copies a request decides how many.
+        self._lines = RateLimitedLog(log)
         self._parsed: dict[tuple[str, str], events.Event] = {}
         """Events this instance accepted for calls it runs, by call and inbox entry id."""
         self._resting: dict[str, tuple[str, CallRecord]] = {}
@@ -756,7 +758,7 @@ class RedisStore:
             fresh, who, entry = int(answer[0]), int(answer[1]), _text(answer[2])
             if not fresh:
                 self._own_counts["duplicate"] += 1
-                log.info(
+                self._lines.info(
                     "notification_dropped",
                     call_id=self._lifecycle.named(event.call_id),
                     reason="duplicate",
