@@ -83,7 +83,9 @@ class CallLife:
     ended: bool = False
     result_info: ResultInfo | None = None
     """Why the call ended, when Graph said."""
-    keeping_alive: bool = False
+    keep_alive_loop: int = 0
+    """The keep-alive loop that may send for the call (0: none); its end stops it, so a timer
+    or an answer of an earlier loop sends and starts nothing."""
     transfers: int = 0
     """Transfers the bot asked Graph for on this call (less those Graph refused): a failure
     worded as the one before it is news once another transfer was asked since."""
@@ -94,6 +96,11 @@ class CallLife:
 
     def __post_init__(self) -> None:
         self.key = id_key(self.call_id)
+
+    @property
+    def keeping_alive(self) -> bool:
+        """Whether keep-alives are sent for the call."""
+        return self.keep_alive_loop != 0
 
     @property
     def established(self) -> bool:
@@ -291,7 +298,7 @@ class Lifecycle:
         self._bound = _ByTenant(_MAX_ENDED)
         self._heap: list[tuple[float, int, int, CallLife]] = []
         self._heap_kept = 0  # timers left by the last sweep of forgotten calls' timers
-        self._order = itertools.count()
+        self._order = itertools.count(1)  # 0 is no timer's: a call kept alive by none
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -505,7 +512,7 @@ class Lifecycle:
             return
         life.ended = True
         life.result_info = result_info if result_info is not None else life.result_info
-        life.keeping_alive = False
+        life.keep_alive_loop = 0
         self._pending.pop(life.key)
         self._established_elsewhere.pop(life.key)
         if self._established_waiters:
@@ -544,7 +551,7 @@ class Lifecycle:
             # Keep-alives follow the calls: the instance that kept this one may be gone.
             self._start_keep_alive(life)
         elif not life.established:
-            life.keeping_alive = False
+            life.keep_alive_loop = 0
         if self._established_waiters and life.established:
             self._wake(life.key, None)
         return life
@@ -573,7 +580,7 @@ class Lifecycle:
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         for life in self._lives.values():
-            life.keeping_alive = False
+            life.keep_alive_loop = 0
 
     # -- internals ------------------------------------------------------------------------
 
@@ -582,7 +589,7 @@ class Lifecycle:
         self._pending.pop(key)
         if life is None:
             return
-        life.keeping_alive = False
+        life.keep_alive_loop = 0
         if life.terminated:
             self._remember(self._ended, key, life.tenant_id)
         elif life.tenant_id is not None:
@@ -620,19 +627,22 @@ class Lifecycle:
         return self._recall(self._ended, key)
 
     def _start_keep_alive(self, life: CallLife, *, after_failure: bool = False) -> None:
-        if self._keep_alive_interval is None:
-            return
-        life.keeping_alive = True
+        """The one way a keep-alive is scheduled: entering a live state, a takeover, and
+        the answer to the last one all come here."""
+        if self._keep_alive_interval is None or life.ended:
+            return  # an ended call is never kept alive, whatever delivered a state late
         interval = self._keep_alive_interval
         # Graph ends a call with no keep-alive for 45 minutes: a failed one is tried again
         # soon, not a whole interval later (two failures at 15 minutes would reach it).
         delay = min(interval, KEEP_ALIVE_RETRY) if after_failure else interval
-        self._schedule(delay, _KEEP_ALIVE, life)
+        life.keep_alive_loop = self._schedule(delay, _KEEP_ALIVE, life)
 
-    def _schedule(self, delay: float, kind: int, life: CallLife) -> None:
+    def _schedule(self, delay: float, kind: int, life: CallLife) -> int:
+        """Run ``kind`` for ``life`` in ``delay`` seconds; return the timer's number."""
         loop = asyncio.get_running_loop()
         due = loop.time() + delay
-        heapq.heappush(self._heap, (due, next(self._order), kind, life))
+        number = next(self._order)
+        heapq.heappush(self._heap, (due, number, kind, life))
         if len(self._heap) > 2 * self._heap_kept + 1024:
             # Timers of forgotten calls would keep them in memory until due: drop them, once
             # the heap has doubled since the last time, so that a timer costs O(1) on average.
@@ -645,22 +655,23 @@ class Lifecycle:
                 self._timer.cancel()
             self._timer_at = due
             self._timer = loop.call_at(due, self._run_due)
+        return number
 
     def _run_due(self) -> None:
         self._timer = None
         loop = asyncio.get_running_loop()
         now = loop.time()
         while self._heap and self._heap[0][0] <= now:
-            _, _, kind, life = heapq.heappop(self._heap)
+            _, number, kind, life = heapq.heappop(self._heap)
             try:
-                self._due(kind, life)
+                self._due(kind, life, number)
             except Exception:
                 log.exception("call_timer_failed", call_id=life.call_id)
         if self._heap and self._timer is None:
             self._timer_at = self._heap[0][0]
             self._timer = loop.call_at(self._timer_at, self._run_due)
 
-    def _due(self, kind: int, life: CallLife) -> None:
+    def _due(self, kind: int, life: CallLife, number: int) -> None:
         # A timer whose call was forgotten, or has moved on, does nothing.
         if self._lives.get(life.key) is not life:
             return
@@ -687,22 +698,22 @@ class Lifecycle:
                     deadline=_ANSWER_DEADLINE,
                     detail="answer, reject or redirect within 15 seconds or Graph drops the call",
                 )
-        elif kind == _KEEP_ALIVE and life.keeping_alive and not life.ended:
+        elif kind == _KEEP_ALIVE and life.keep_alive_loop == number:
             task = asyncio.get_running_loop().create_task(
-                self._keep_alive(life), name=f"callbot-keepalive-{life.key}"
+                self._keep_alive(life, number), name=f"callbot-keepalive-{life.key}"
             )
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _keep_alive(self, life: CallLife) -> None:
+    async def _keep_alive(self, life: CallLife, number: int) -> None:
         assert self._send_keep_alive is not None
         try:
             result = await self._send_keep_alive(life.call_id)
         except Exception as exc:
             self._lines.warning("keep_alive_failed", call_id=life.call_id, error=repr(exc))
             result = KeepAliveResult.FAILED
-        if self._lives.get(life.key) is not life or life.ended or not life.keeping_alive:
-            return
+        if self._lives.get(life.key) is not life or life.keep_alive_loop != number:
+            return  # the call ended (or was taken back since, with a loop of its own)
         if result is KeepAliveResult.GONE:
             self._lines.info("keep_alive_call_gone", call_id=life.call_id)
             self.gone(life.call_id)

@@ -385,6 +385,81 @@ async def test_a_call_graph_forgot_is_ended_and_forgotten_at_once(clock: Clock) 
     assert send.sent == [CALL_ID]
 
 
+async def test_a_call_whose_end_was_told_first_is_not_kept_alive(clock: Clock) -> None:
+    """Another instance took the call's termination (or this one refused it while draining)
+    before this one delivered ``established``: the call has ended, and no keep-alive loop
+    starts for it, now or once its life is taken back from its end by a shared store."""
+    send = KeepAlives()
+    # Remembered past a keep-alive interval: still delivering what came before the end.
+    calls = lifecycle(send, keep_alive_interval=60.0, termination_grace=600.0)
+    life = calls.life(CALL_ID)
+    calls.enter(life, "establishing")
+    calls.end(CALL_ID, None)
+    assert calls.enter(life, "established") == (True, "establishing")
+    assert not life.keeping_alive
+    await clock.advance(61.0)
+    assert send.sent == []
+    # A store's checkpoint, from before the end: the call runs again, kept alive by one loop.
+    assert calls.adopt(CALL_ID, phase=LIVE_PHASE, state="established", ended=False) is life
+    assert life.keeping_alive
+    await clock.advance(61.0)
+    assert send.sent == [CALL_ID]
+
+
+async def test_a_call_taken_back_from_its_end_has_one_keep_alive_loop(clock: Clock) -> None:
+    """A call kept alive ends, then a shared store gives it back from a checkpoint before its
+    end: the timer set before the end must not send (and start a second loop) beside the one
+    the takeover starts."""
+    send = KeepAlives()
+    calls = lifecycle(send, keep_alive_interval=60.0)
+    life = calls.life(CALL_ID)
+    calls.enter(life, "established")
+    await clock.advance(10.0)
+    calls.end(CALL_ID, None)
+    calls.adopt(CALL_ID, phase=LIVE_PHASE, state="established", ended=False)
+    for _ in range(3):
+        await clock.advance(60.0)
+    # One loop: the takeover's, at 70, 130 and 190 s; not the old one at 60, 120 and 180.
+    assert send.sent == [CALL_ID] * 3
+
+
+async def test_a_keep_alive_answered_after_the_end_starts_no_loop(clock: Clock) -> None:
+    """A keep-alive is on its way when the call ends: its answer starts nothing, also when a
+    shared store has given the call back meanwhile (its own loop keeps it alive)."""
+    held: list[asyncio.Future[KeepAliveResult]] = []
+    sent: list[str] = []
+
+    async def send(call_id: str) -> KeepAliveResult:
+        sent.append(call_id)
+        if len(held) < 2:  # the first keep-alive of each call waits for the test to answer
+            held.append(asyncio.get_running_loop().create_future())
+            return await held[-1]
+        return KeepAliveResult.OK
+
+    calls = lifecycle(send, keep_alive_interval=60.0)
+    life = calls.life(CALL_ID)
+    calls.enter(life, "established")
+    await clock.advance(61.0)
+    assert sent == [CALL_ID]
+    calls.end(CALL_ID, None)
+    held[0].set_result(KeepAliveResult.OK)
+    await clock.advance(0.0)
+    assert not life.keeping_alive
+    await clock.advance(120.0)
+    assert sent == [CALL_ID]
+
+    other = calls.life(OTHER)
+    calls.enter(other, "established")
+    await clock.advance(61.0)
+    assert sent == [CALL_ID, OTHER]
+    calls.end(OTHER, None)
+    calls.adopt(OTHER, phase=LIVE_PHASE, state="established", ended=False)  # a new loop
+    held[1].set_result(KeepAliveResult.OK)  # the old loop's answer
+    for _ in range(3):
+        await clock.advance(60.0)
+    assert sent == [CALL_ID] + [OTHER] * 4
+
+
 async def test_no_keep_alive_without_a_sender(clock: Clock) -> None:
     calls = lifecycle(None)
     life = calls.life(CALL_ID)
