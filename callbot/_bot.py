@@ -907,7 +907,10 @@ class CallBot:
         still running are cancelled and logged as abandoned, as at ``shutdown_timeout``.
         Any other one while stopping (a third, or one while the bot closes after the
         drain) is logged as ``shutdown_signal_ignored`` and changes nothing: the bot
-        stops as it would have.
+        stops as it would have. Once ``serve`` returns, SIGINT and SIGTERM go to the
+        handlers the process had before it again: the application's own (set with
+        ``signal.signal`` or added to the loop), ``asyncio.run``'s for Ctrl-C, or Python's
+        defaults.
 
         Logging follows ``log_format`` and ``log_level`` from here on, the standard
         library's ``logging`` included (a bot mounted with ``create_app()`` keeps the
@@ -1055,7 +1058,9 @@ class _StopSignals:
     nothing: none finds Python's default handler (a ``KeyboardInterrupt`` traceback, or
     for SIGTERM the end of the process) before ``serve`` returns. The loop handles them
     throughout; while the bot closes, each is also noted as it arrives, so that ``serve``
-    logs at its end any that the loop had no turn to handle.
+    logs at its end any that the loop had no turn to handle. Then the handlers the
+    process had before ``serve`` get them again, those the application added to the
+    event loop (``loop.add_signal_handler``) included.
     """
 
     def __init__(self, stop: asyncio.Event, stop_waiting: asyncio.Event) -> None:
@@ -1063,6 +1068,12 @@ class _StopSignals:
         self._stop_waiting = stop_waiting
         self._loop = asyncio.get_running_loop()
         self._previous = {signum: signal.getsignal(signum) for signum in _STOP_SIGNALS}
+        # Adding the bot's handlers to the loop replaces any the application added there.
+        self._previous_on_loop = {
+            signum: handle
+            for signum in _STOP_SIGNALS
+            if (handle := _loop_signal_handler(self._loop, signum)) is not None
+        }
         self._closing = False
         self._noted: list[signal.Signals] = []
 
@@ -1108,6 +1119,12 @@ class _StopSignals:
         """Give the signals back the handlers they had before ``serve``; log those noted
         that the loop did not handle."""
         for signum, handler in self._previous.items():
+            on_loop = self._previous_on_loop.get(signum)
+            if on_loop is not None:
+                # Replaces the bot's in one step (no moment without one); the handle runs its
+                # callback as the loop ran it, with its arguments, in its context.
+                self._loop.add_signal_handler(signum, on_loop._run)
+                continue
             self._loop.remove_signal_handler(signum)
             # None: a handler installed by C code, which Python cannot put back.
             signal.signal(signum, signal.SIG_DFL if handler is None else handler)
@@ -1118,3 +1135,12 @@ class _StopSignals:
     def _note(self, signum: int, frame: object) -> None:
         # Runs between two bytecodes of the main thread, maybe inside a log write: no I/O.
         self._noted.append(signal.Signals(signum))
+
+
+def _loop_signal_handler(loop: asyncio.AbstractEventLoop, signum: int) -> asyncio.Handle | None:
+    """The handler added to ``loop`` for ``signum``, if any. asyncio gives no public way to
+    read it: its own loops keep them in ``_signal_handlers`` (another loop's are not found,
+    and are lost as before)."""
+    handlers = getattr(loop, "_signal_handlers", None)
+    handle = handlers.get(signum) if isinstance(handlers, dict) else None
+    return handle if isinstance(handle, asyncio.Handle) and not handle.cancelled() else None

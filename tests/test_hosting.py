@@ -948,6 +948,56 @@ async def test_a_signal_after_the_one_that_hurried_the_drain_is_one_line(
     assert abandoned == ["third-1"]
 
 
+@pytest.mark.parametrize("handlers", ["loop", "signal", "none"])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+async def test_once_serve_returns_the_application_s_own_signal_handlers_are_back(
+    authority: TokenAuthority, tmp_path: Path, handlers: str, signum: signal.Signals
+) -> None:
+    """An application serving the bot in its own event loop had handlers for SIGINT and
+    SIGTERM before ``serve``: the bot's replace them while it serves, and once ``serve``
+    returns the application's get the signals again. Those added to the loop
+    (``loop.add_signal_handler``) were lost: a SIGTERM then did nothing at all."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CALLBOT_")}
+    env.update(bot_env(authority, tmp_path / "handled.txt"), EMBEDDED_BOT_HANDLERS=handlers)
+    env["CALLBOT_LOG_FORMAT"] = "json"
+    log = tmp_path / "bot.log"
+    with log.open("wb") as log_file:
+        process = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "tests.embedded_bot"),
+            cwd=ROOT,
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=log_file,
+        )
+    assert process.stdout is not None
+
+    async def next_line() -> str:
+        async with asyncio.timeout(30):
+            line = await process.stdout.readline()  # type: ignore[union-attr]
+        assert line, f"no more output; the bot's log:\n{log.read_text()}"
+        return line.decode().rstrip("\n")
+
+    try:
+        assert await next_line() == "serving"
+        process.send_signal(signal.SIGTERM)  # the bot's: it stops, not the application
+        assert await next_line() == "serve returned"
+        process.send_signal(signum)
+        if handlers != "none":
+            assert await next_line() == f"own handler {signum.name}"
+        elif signum is signal.SIGINT:
+            assert await next_line() == "KeyboardInterrupt"  # asyncio.run's own, as before
+        async with asyncio.timeout(30):
+            code = await process.wait()
+        # Python's default for SIGTERM ends the process.
+        assert code == (-signal.SIGTERM if (handlers, signum) == ("none", signal.SIGTERM) else 0)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert "Traceback" not in log.read_text()
+
+
 async def test_run_with_ngrok_takes_the_public_url_from_the_agent(
     authority: TokenAuthority, bot_processes: list[BotProcess], tmp_path: Path
 ) -> None:
