@@ -83,6 +83,9 @@ class CallLife:
     ended: bool = False
     result_info: ResultInfo | None = None
     """Why the call ended, when Graph said."""
+    graph_forgot: bool = False
+    """Graph answered a keep-alive 404: the call ended there, and its termination may still
+    be on its way."""
     keep_alive_loop: int = 0
     """The keep-alive loop that may send for the call (0: none); its end stops it, so a timer
     or an answer of an earlier loop sends and starts nothing."""
@@ -525,11 +528,12 @@ class Lifecycle:
         self._schedule(self._grace, _FORGET, life)
 
     def gone(self, call_id: str) -> None:
-        """Graph no longer knows the call (no termination will come): end and forget it now."""
+        """Graph no longer knows the call: it has ended. Graph says so as soon as the call
+        ends, so its termination may still be on its way: delivered if it comes within the
+        grace, after which none will, and the call is forgotten as ``gone``."""
         life = self.life(call_id)
-        life.state = "terminated"  # as good as delivered: nothing is to come after it
+        life.graph_forgot = True
         self.end(call_id, None)
-        self._forget(id_key(call_id), "gone")
 
     def adopt(self, call_id: str, *, phase: int, state: str | None, ended: bool) -> CallLife:
         """Continue a call from the state a shared store holds (after a restart, a takeover,
@@ -547,6 +551,7 @@ class Lifecycle:
             # The run goes through the call's end again, and the end is told again then.
             life.ended = False
             life.result_info = None
+            life.graph_forgot = False
         if life.established and not life.keeping_alive:
             # Keep-alives follow the calls: the instance that kept this one may be gone.
             self._start_keep_alive(life)
@@ -681,6 +686,9 @@ class Lifecycle:
             if not life.terminated and self._delivering(life.key):
                 # Its end was told, and the states before it are still being delivered here.
                 self._schedule(self._grace, _FORGET, life)
+            elif life.graph_forgot and not life.terminated:
+                life.state = "terminated"  # as good as delivered: none came, none will
+                self._forget(life.key, "gone")
             else:
                 self._forget(life.key, "grace_over")
         elif kind == _FORGET_PENDING:

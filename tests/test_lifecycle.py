@@ -368,7 +368,9 @@ async def test_a_failed_keep_alive_is_tried_again_within_a_minute(clock: Clock) 
     calls.enter(life, "terminated")
 
 
-async def test_a_call_graph_forgot_is_ended_and_forgotten_at_once(clock: Clock) -> None:
+async def test_a_call_graph_forgot_is_ended_at_once_and_forgotten_after_the_grace(
+    clock: Clock,
+) -> None:
     send = KeepAlives()
     send.answer = KeepAliveResult.GONE
     calls = lifecycle(send, keep_alive_interval=60.0)
@@ -379,10 +381,44 @@ async def test_a_call_graph_forgot_is_ended_and_forgotten_at_once(clock: Clock) 
     with capture_logs() as logs:
         await clock.advance(61.0)
     assert life.ended
-    assert forgotten == ["gone"]
+    assert not life.keeping_alive
     assert any(e["event"] == "keep_alive_call_gone" for e in logs)
+    await clock.advance(29.0)
+    assert forgotten == []
+    await clock.advance(2.0)
+    assert forgotten == ["gone"]
     await clock.advance(600.0)
     assert send.sent == [CALL_ID]
+
+
+async def test_a_termination_coming_after_the_keep_alive_s_404_is_delivered(
+    clock: Clock,
+) -> None:
+    """Graph answers a keep-alive 404 as soon as the call has ended, while the termination
+    it posts is still on its way: that termination reaches the handlers (it was dropped as
+    coming after the end). One that never comes leaves the call forgotten as ``gone``."""
+    send = KeepAlives()
+    send.answer = KeepAliveResult.GONE
+    calls = lifecycle(send, keep_alive_interval=60.0)
+    forgotten: list[str] = []
+    calls.when_forgotten(lambda key, why: forgotten.append(why))
+    delivered: list[str] = []
+    sequencer = Sequencer(lambda d: delivered.append(type(d.event).__name__), calls)
+    for call_id in (CALL_ID, OTHER):
+        sequencer.accept(_event(b.call_state(call_id, "establishing")))
+        sequencer.accept(_event(b.call_state(call_id, "established")))
+    await clock.advance(61.0)
+    assert send.sent == [CALL_ID, OTHER]
+    sequencer.accept(_event(b.call_terminated(CALL_ID)))
+    assert delivered == ["CallStateChanged"] * 4 + ["CallTerminated"]
+    await clock.advance(31.0)
+    assert forgotten == ["grace_over", "gone"]
+    with capture_logs() as logs:  # both ended, and remembered so: Graph sends one again
+        sequencer.accept(_event(b.call_terminated(CALL_ID)))
+        sequencer.accept(_event(b.call_terminated(OTHER)))
+    assert len(delivered) == 5
+    assert [e["reason"] for e in logs if e["event"] == "notification_dropped"] == ["after_end"] * 2
+    sequencer.close()
 
 
 async def test_a_call_whose_end_was_told_first_is_not_kept_alive(clock: Clock) -> None:
