@@ -386,7 +386,7 @@ import pytest
 
 @pytest.fixture
 def callbot_simulator_options():
-    return {"prompt_duration": 2.0, "keep_alive": True}
+    return {"prompt_duration": 2.0}
 
 
 @pytest.mark.looptime

@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from structlog.testing import capture_logs
 
 from callbot import AuthenticationError, Call, CallBot, CallEnded, events, models
 from callbot._auth import Authenticator
@@ -73,10 +74,11 @@ async def test_an_incoming_call_nobody_takes_ends_after_15_seconds() -> None:
 
 
 async def test_keep_alives_keep_a_call_up_for_two_hours() -> None:
-    """A bot sending keep-alives (every 15 minutes, its default) keeps its call: eight in two
-    hours, 15 minutes apart on the loop's clock, and Graph never ends the call."""
+    """A bot sends keep-alives (every 15 minutes, its default) to the simulator as to Graph,
+    and keeps its call: eight in two hours, 15 minutes apart on the loop's clock, and Graph
+    never ends the call. The kit turned them off: Graph ended the call at 45 minutes."""
     bot = answering_bot()
-    async with run_with_simulator(bot, keep_alive=True) as sim:
+    async with run_with_simulator(bot) as sim:
         call = await sim.incoming_call()
         await call.wait_for_state("established")
         await asyncio.sleep(2 * 60 * 60 + 60)
@@ -89,10 +91,11 @@ async def test_keep_alives_keep_a_call_up_for_two_hours() -> None:
         await call.wait_until_ended()
 
 
-async def test_a_call_without_keep_alives_ends_after_45_minutes() -> None:
+@pytest.mark.parametrize("turned_off", ["by the bot", "by the test"])
+async def test_a_call_without_keep_alives_ends_after_45_minutes(turned_off: str) -> None:
     """Graph ends a call that had no keep-alive for 45 minutes (408/8537); the simulator kept
-    such a call up for ever."""
-    bot = answering_bot()
+    such a call up for ever. A bot with keep-alives off, or served with them off, sees it."""
+    bot = answering_bot(keep_alive=turned_off != "by the bot")
     seen: list[events.Event] = []
 
     @bot.on(events.CallTerminated)
@@ -100,15 +103,19 @@ async def test_a_call_without_keep_alives_ends_after_45_minutes() -> None:
         seen.append(event)
 
     loop = asyncio.get_running_loop()
-    async with run_with_simulator(bot) as sim:  # served with keep-alives off
-        call = await sim.incoming_call()
-        await call.wait_for_state("established")
-        established = loop.time()
-        await call.wait_until_ended(timeout=2 * 60 * 60)
-        assert loop.time() - established == pytest.approx(45 * 60.0)
-        await call.settled()
-        assert sim.graph.requests_for("keepAlive") == []
+    off = {"keep_alive": False} if turned_off == "by the test" else {}
+    with capture_logs() as logs:
+        async with run_with_simulator(bot, **off) as sim:
+            call = await sim.incoming_call()
+            await call.wait_for_state("established")
+            established = loop.time()
+            await call.wait_until_ended(timeout=2 * 60 * 60)
+            assert loop.time() - established == pytest.approx(45 * 60.0)
+            await call.settled()
+            assert sim.graph.requests_for("keepAlive") == []
     assert ended_with(seen) == (408, 8537)
+    [ended_here] = [e for e in logs if e["event"] == "simulator_call_not_kept_alive"]
+    assert "keep_alive=False" in ended_here["hint"]
 
 
 async def test_the_keep_alive_deadline_can_be_turned_off() -> None:

@@ -123,18 +123,18 @@ async def test_answer_brings_establishing_established_its_update_and_the_roster(
 
 
 async def test_keep_alives_can_be_tested_with_a_short_interval() -> None:
-    """A bot served by the simulator sends no keep-alive unless asked to: with
-    ``keep_alive=True`` it sends them for each established call every interval it was
-    configured with, and a test sees them as Graph requests."""
+    """A bot served by the simulator sends keep-alives as it is configured to, for each
+    established call every interval it was configured with, and a test sees them as Graph
+    requests; ``keep_alive=False`` turns them off for a test."""
     bot, _seen = answering_bot()
     bot.configure(keep_alive_interval=0.05)
-    async with run_with_simulator(bot) as sim:
+    async with run_with_simulator(bot, keep_alive=False) as sim:
         call = await sim.incoming_call()
         await call.wait_for_state("established")
         await call.hangup()
         await call.wait_until_ended()
         assert sim.graph.requests_for("keepAlive") == []
-    async with run_with_simulator(bot, keep_alive=True) as sim:
+    async with run_with_simulator(bot) as sim:
         call = await sim.incoming_call()
         await call.wait_for_state("established")
         await until(lambda: len(sim.graph.requests_for("keepAlive")) >= 2)

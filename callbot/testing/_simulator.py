@@ -1136,7 +1136,10 @@ class SimulatedCall:
             call_id=self.id,
             waited=self._sim.keep_alive_deadline,
             **(
-                {"hint": "served with keep-alives off: run_with_simulator(bot, keep_alive=True)"}
+                {
+                    "hint": "the bot's keep-alives are off (its keep_alive setting, or "
+                    "run_with_simulator(bot, keep_alive=False)): Graph ends its calls so too"
+                }
                 if bot is not None and not bot.settings.keep_alive
                 else {}
             ),
@@ -1832,7 +1835,6 @@ class Simulator:
             "graph_url": self.graph.beta_url if beta else self.graph_url,
             "authority_url": self.authority_url,
             "openid_config_url": self.openid_config_url,
-            "keep_alive": False,
         }
         if public_url is not None:
             values["public_url"] = public_url
@@ -1851,7 +1853,6 @@ class Simulator:
             "CALLBOT_GRAPH_URL": self.graph.beta_url if beta else self.graph_url,
             "CALLBOT_AUTHORITY_URL": self.authority_url,
             "CALLBOT_OPENID_CONFIG_URL": self.openid_config_url,
-            "CALLBOT_KEEP_ALIVE": "0",
         }
         if public_url is not None:
             env["CALLBOT_PUBLIC_URL"] = public_url
@@ -1879,7 +1880,7 @@ class Simulator:
         ``on_started`` hooks run as the block begins.
         """
         async with _serving(
-            bot, self, shutdown_timeout=shutdown_timeout, keep_alive=False
+            bot, self, shutdown_timeout=shutdown_timeout, keep_alive=None
         ) as callback_url:
             self._others[callback_url] = bot
             bot._serving_started()
@@ -2486,7 +2487,9 @@ def _retry_after(value: str | None, default: float) -> float:
         return default
 
 
-async def _serve_bot(bot: CallBot, sim: Simulator, *, keep_alive: bool = False) -> web.AppRunner:
+async def _serve_bot(
+    bot: CallBot, sim: Simulator, *, keep_alive: bool | None = None
+) -> web.AppRunner:
     # Bind first so the bot's public URL (its callbackUri) names the real port.
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
@@ -2495,8 +2498,8 @@ async def _serve_bot(bot: CallBot, sim: Simulator, *, keep_alive: bool = False) 
         # A bot written for Graph's beta (playPrompt's loop, ringing) stays on beta.
         beta = on_beta(bot.settings.graph_url)
         bot.configure(**sim.bot_settings(public_url=f"http://127.0.0.1:{port}", beta=beta))
-        if keep_alive:
-            bot.configure(keep_alive=True)
+        if keep_alive is not None:  # else as the bot is configured, as with Graph
+            bot.configure(keep_alive=keep_alive)
         runner = web.AppRunner(
             # Its on_started hooks run once it serves the simulator (_serving's caller).
             bot._app_for_own_server(),
@@ -2519,17 +2522,23 @@ async def _serve_bot(bot: CallBot, sim: Simulator, *, keep_alive: bool = False) 
 
 @asynccontextmanager
 async def run_with_simulator(
-    bot: CallBot, *, shutdown_timeout: float = 2.0, keep_alive: bool = False, **options: Any
+    bot: CallBot,
+    *,
+    shutdown_timeout: float = 2.0,
+    keep_alive: bool | None = None,
+    **options: Any,
 ) -> AsyncIterator[Simulator]:
     """Start a :class:`Simulator`, point ``bot`` at it, serve the bot on 127.0.0.1.
 
     ``options`` are :class:`Simulator` keyword arguments. The bot's own
     settings (and credential) are restored when the block ends; the bot is
-    given at most ``shutdown_timeout`` seconds to finish its handlers. It sends
-    no keep-alive unless ``keep_alive`` is true: then every ``keep_alive_interval``
-    (its own setting; a test shortens it) for each established call, as with Graph
-    (``sim.graph.requests_for("keepAlive")`` lists them). Its ``on_started`` hooks run
-    once it serves the simulator, as the block begins.
+    given at most ``shutdown_timeout`` seconds to finish its handlers. It keeps its
+    calls alive as it is configured to, as with Graph: unless it turned them off, a
+    ``keepAlive`` every ``keep_alive_interval`` (15 minutes) for each established call
+    (``sim.graph.requests_for("keepAlive")`` lists them), without which the simulator
+    ends a call after 45 minutes, as Graph does; ``keep_alive`` true or false turns them
+    on or off for the block. Its ``on_started`` hooks run once it serves the simulator, as
+    the block begins.
     """
     saved = bot.settings
     options.setdefault("app_id", saved.app_id or DEFAULT_APP_ID)
@@ -2556,7 +2565,7 @@ async def run_with_simulator(
 
 @asynccontextmanager
 async def _serving(
-    bot: CallBot, sim: Simulator, *, shutdown_timeout: float, keep_alive: bool
+    bot: CallBot, sim: Simulator, *, shutdown_timeout: float, keep_alive: bool | None
 ) -> AsyncIterator[str]:
     """Serve ``bot`` on 127.0.0.1, pointed at ``sim``, which watches its handlers; yields its
     callback URL once it is ready. Its settings (and credential) are restored after."""
