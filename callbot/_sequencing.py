@@ -56,6 +56,7 @@ from .models import Identity, Participant
 from .models._operations import is_settled
 
 __all__ = [
+    "MAX_HELD_BYTES",
     "MAX_SNAPSHOT_BYTES",
     "MAX_WAITING_TONES",
     "ROSTER_BYTES_PER_PARTICIPANT",
@@ -89,6 +90,12 @@ _LIVE = phase_of_state("established")
 SEEN_DIGESTS = 128
 """How many of a call's latest notifications a repeat is recognised among (every store)."""
 _MAX_BACKLOG = 1000
+MAX_HELD_BYTES = 32 * 1024 * 1024
+"""What the events a call holds in its reorder window take at most, in bytes of JSON (their
+data as Graph sent it, counted as it is digested), from the first held until none is: a real
+call's window holds a few notifications (recorded Teams bodies take 2 to 10 KB; a meeting's
+whole roster, at most ``max_body_bytes``, 4 MiB). Past that, what is held goes at once, as
+past 1,000 events (``backlog_full``): nothing accepted is lost."""
 MAX_WAITING_TONES = 128
 """How many tones of a call may wait for their predecessors (the sequencer's and digit
 collection's bound): no caller presses this many keys within a window, so a flood beyond
@@ -451,6 +458,9 @@ class CallRecord:
     held: list[events.Event] = field(default_factory=list)
     """Events waiting for the window: one that came before the state it follows (a state
     past ``establishing``, a tone, a roster of a call being set up), then later ones."""
+    held_bytes: int = 0
+    """What the events held since ``held`` was last empty take, in bytes of JSON (those let go
+    meanwhile included: at least what ``held`` takes), bounded by :data:`MAX_HELD_BYTES`."""
     hold_timer: asyncio.TimerHandle | None = None
     tone_next: int | None = None
     """The ``sequenceId`` after the call's last tone delivered (:func:`tone_waits`)."""
@@ -954,10 +964,11 @@ class Sequencer:
         else:
             record.held.append(event)
             _note_held(record, event)
+        record.held_bytes += self._arriving_size(event)
         if phase is not None and phase >= _TERMINATING:
             # The call is ending: nothing is left to wait for.
             self._release(record, "call_ending")
-        elif len(record.held) > _MAX_BACKLOG:
+        elif len(record.held) > _MAX_BACKLOG or record.held_bytes > MAX_HELD_BYTES:
             self._release(record, "backlog_full")
         elif record.phase >= _LIVE and len(record.waiting_tones) > MAX_WAITING_TONES:
             self._release(record, "too_many_waiting")
@@ -983,6 +994,7 @@ class Sequencer:
         if may_hold and _early(event, record):
             record.held.append(event)
             _note_held(record, event)
+            record.held_bytes += self._arriving_size(event)
             if record.hold_timer is None:
                 # One window from the first hold: a predecessor held behind it waits no longer.
                 record.hold_timer = asyncio.get_running_loop().call_later(
@@ -996,6 +1008,9 @@ class Sequencer:
                 state=clipped(_state(event)),
                 window=self._window,
             )
+            if record.held_bytes > MAX_HELD_BYTES:
+                # Held first, or a predecessor that waits too: bounded as one held behind.
+                self._release(record, "backlog_full")
             return
         self._deliver(record, event)
 
@@ -1019,6 +1034,7 @@ class Sequencer:
                 ]
                 return
             self._admit(record, event, may_hold=False)
+        record.held_bytes = 0
         if record.hold_timer is not None:
             record.hold_timer.cancel()
             record.hold_timer = None
@@ -1028,6 +1044,7 @@ class Sequencer:
         gaps = why == "window_closed" and record.phase >= _LIVE and bool(record.waiting_tones)
         skipped = False
         held, record.held, record.waiting_tones = record.held, [], []
+        record.held_bytes = 0
         if record.hold_timer is not None:
             record.hold_timer.cancel()
             record.hold_timer = None
@@ -1130,8 +1147,16 @@ class Sequencer:
             record.snapshot, record.snapshot_bytes = None, 0
             record.roster, record.roster_sizes, record.roster_bytes = {}, {}, 0
             stranded, record.held, record.waiting_tones = record.held, [], []
+            record.held_bytes = 0
             for straggler in stranded:
                 self._drop(straggler, "after_end")
+
+    def _arriving_size(self, event: events.Event) -> int:
+        """What ``event``, the one being accepted, takes in bytes of JSON, as counted when it
+        was digested: only an arriving event is ever held (a release holds none)."""
+        arrived, written = self._arriving
+        assert arrived is event.raw
+        return written
 
     def _measured(
         self, record: CallRecord, merged: CallResource

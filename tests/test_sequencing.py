@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import gc
 import json
 import sys
+import tracemalloc
 from collections import Counter
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from callbot import _sequencing as sequencing
 from callbot import events, models
@@ -17,7 +20,7 @@ from callbot._errors import MalformedNotification
 from callbot._ids import id_key
 from callbot._lifecycle import Lifecycle
 from callbot._parse import parse_payload
-from callbot._sequencing import Delivery, Sequencer
+from callbot._sequencing import MAX_HELD_BYTES, Delivery, Sequencer
 from callbot.testing import builders as b
 
 from .conftest import FIXTURES, until
@@ -1301,6 +1304,81 @@ async def test_tones_waiting_for_predecessors_are_bounded_per_call() -> None:
     record = seq.record(id_key("c"))
     assert record is not None
     assert len(record.held) == 200 - 129  # what came next waits again, for one window
+    seq.close()
+
+
+FLOOD_ITEM_BYTES = 1_000_000  # a body under 1 MiB: aiohttp warns of larger ones it sends
+
+
+def flood_item(call_id: str, n: int) -> dict[str, Any]:
+    """News of a call that callbot does not model, its data ``FLOOD_ITEM_BYTES`` long: one of
+    the bodies a token holder may post (up to ``max_body_bytes``, 4 MiB by default)."""
+    data = {"n": n, "text": "x" * FLOOD_ITEM_BYTES}
+    return b.unknown(call_id, f"/someFutureResource{n}", resource_data=data)
+
+
+async def test_what_a_call_holds_in_its_window_stays_within_its_bytes() -> None:
+    """Behind a held tone, a call kept each body a token holder posted, whole, until 1,000
+    waited: up to 4 GiB for one call with 4 MiB bodies (1 GiB measured for 999 bodies of
+    1 MiB). What it holds stops at ``MAX_HELD_BYTES``, counted as each was digested."""
+    names: list[str] = []  # what was delivered, not the events: only the sequencer keeps them
+    seq = Sequencer(
+        lambda delivery: names.append(type(delivery.event).__name__),
+        Lifecycle(termination_grace=0.05),
+        reorder_window=300,  # the window never closes in this test
+    )
+    _established(seq)
+    seq.accept(one(b.tone("c", "tone1", 1)))
+    seq.accept(one(b.tone("c", "tone3", 3)))  # waits for tone 2, which never comes
+    flood = 3 * MAX_HELD_BYTES // FLOOD_ITEM_BYTES
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for n in range(flood):
+            seq.accept(one(flood_item("c", n)))
+            record = seq.record(id_key("c"))
+            assert record is not None
+            # Each flood item held counts at least its text; all of them at most the bound.
+            waiting = sum(isinstance(e, events.UnknownNotification) for e in record.held)
+            assert waiting * FLOOD_ITEM_BYTES <= record.held_bytes <= MAX_HELD_BYTES
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    assert names.count("UnknownNotification") > flood - MAX_HELD_BYTES // FLOOD_ITEM_BYTES
+    # Kept whole, the flood took three times the bound; within it, about the bound.
+    assert peak < 2 * MAX_HELD_BYTES, peak
+    seq.close()
+
+
+async def test_a_window_past_its_bytes_goes_at_once_in_arrival_order() -> None:
+    """What a call holds goes as it does past 1,000 events once its bytes would pass
+    ``MAX_HELD_BYTES``: every event delivered once, in the order it came, with one line."""
+    sink = Sink()
+    seq = sink.sequencer(window=300)
+    _established(seq)
+    seq.accept(one(b.tone("c", "tone1", 1)))
+    seq.accept(one(b.tone("c", "tone3", 3)))
+    flood = MAX_HELD_BYTES // FLOOD_ITEM_BYTES + 8
+    with capture_logs() as logs:
+        for n in range(flood):
+            seq.accept(one(flood_item("c", n)))
+    delivered = [
+        d.event.resource_data["n"]
+        for d in sink.deliveries
+        if isinstance(d.event, events.UnknownNotification)
+    ]
+    assert delivered == list(range(flood))
+    # The tone held goes first, before what came behind it.
+    assert sink.labels[:4] == ["establishing", "established", "tone:tone1", "tone:tone3"]
+    released = [line for line in logs if line["event"] == "held_notification_released"]
+    assert [(line["reason"], line["kind"]) for line in released] == [
+        ("backlog_full", "ToneReceived")
+    ]
+    assert seq.counts["released_alone"] == 1
+    record = seq.record(id_key("c"))
+    assert record is not None
+    assert (record.held, record.held_bytes) == ([], 0)
     seq.close()
 
 

@@ -26,11 +26,12 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from structlog.testing import capture_logs
 
 from callbot import Call, CallBot, GraphError, Target, current_attempt, events, models
 from callbot._ids import id_key
 from callbot._lifecycle import ENDED_MEMORY
-from callbot._sequencing import roster_key
+from callbot._sequencing import MAX_HELD_BYTES, roster_key
 from callbot.store import _redis
 from callbot.store._codec import encode_record
 from callbot.testing import TEST_TENANT_ID, FakeGraph, FakeResponse, TokenAuthority
@@ -53,6 +54,7 @@ from .test_security_tokens import (
     record_bound,
     without_tenant,
 )
+from .test_sequencing import FLOOD_ITEM_BYTES, flood_item
 from .test_simulator import MEETING_URL
 
 __all__ = ["redis_server", "redis_url"]  # fixtures this module uses
@@ -1101,6 +1103,30 @@ async def test_a_call_flooded_with_long_names_and_messages(parity: Any) -> None:
         sizes.append(len(stored.encode()))
     assert max(sizes) < record_bound(100), sizes
     groups.check()
+
+
+async def test_a_window_flooded_past_its_bytes(parity: Any) -> None:
+    """Each store holds a call's events in its process through the same sequencer: behind a
+    tone waiting for its predecessor, bodies a token holder posts (1 MiB each here) go on
+    once they would take the window past ``MAX_HELD_BYTES``, in the order they came, with
+    one line; the late tone after them."""
+    call = "held-flood"
+    flood = [flood_item(call, n) for n in range(MAX_HELD_BYTES // FLOOD_ITEM_BYTES + 4)]
+    waiting = [b.tone(call, "tone1", 1), b.tone(call, "tone3", 3), *flood]
+    steps = lifecycle_of(call, *waiting, b.tone(call, "tone2", 2))
+    groups: Parity = await parity()
+    with capture_logs() as logs:
+        await groups.run(steps)
+    groups.check()
+    for group in groups.groups:
+        seen = group.seen[id_key(call)]
+        tones = [entry["sequence"] for entry in seen if entry["type"] == "ToneReceived"]
+        assert tones == [1, 3, 2], group.name  # the flood did not wait for tone 2
+        news = [entry["resource_url"] for entry in seen if entry["type"] == "UnknownNotification"]
+        assert news == [item["resourceUrl"] for item in flood], group.name
+    released = [line for line in logs if line["event"] == "held_notification_released"]
+    # One line per group: the memory bot's, and the Redis instance's that ran the call.
+    assert [line["reason"] for line in released] == ["backlog_full"] * len(groups.groups)
 
 
 async def test_terminations_repeated_and_stragglers_within_the_grace(parity: Any) -> None:
