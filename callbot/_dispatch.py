@@ -28,7 +28,7 @@ from ._errors import CallEnded, OperationFailed
 from ._journal import Attempt
 from ._journal import _current as _current_attempt
 from ._log import RateLimitedLog, get_logger
-from ._sequencing import Delivery
+from ._sequencing import Delivery, backlog_full
 
 if TYPE_CHECKING:
     from .graph import Call
@@ -179,6 +179,8 @@ class Dispatcher:
         self._handle = handle
         self._slots = asyncio.Semaphore(max_concurrent)
         self._queues: dict[str, deque[tuple[Delivery, Done | None]]] = {}
+        self._queued_bytes: dict[str, int] = {}
+        """What each call's queued deliveries take (``Delivery.size``), while it has any."""
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._observe = observe
         self._idle_listeners: list[Callable[[str], None]] = []
@@ -208,6 +210,16 @@ class Dispatcher:
         self._delivery_listeners.append(listener)
         return lambda: self._delivery_listeners.remove(listener)
 
+    def backlog(self, call_key: str) -> tuple[int, int]:
+        """How many deliveries of the call wait or run, and what they take in bytes."""
+        queue = self._queues.get(call_key)
+        return (0, 0) if queue is None else (len(queue), self._queued_bytes[call_key])
+
+    def full(self, call_key: str) -> bool:
+        """Whether the call's backlog refuses its next notification (:func:`backlog_full`)."""
+        queue = self._queues.get(call_key)
+        return queue is not None and backlog_full(len(queue), self._queued_bytes[call_key])
+
     @property
     def queued(self) -> int:
         """Deliveries waiting or running."""
@@ -232,7 +244,9 @@ class Dispatcher:
                 self.counts["handled"] += 1
                 return
             queue = self._queues[key] = deque()
+            self._queued_bytes[key] = 0
         queue.append((delivery, done))
+        self._queued_bytes[key] += delivery.size
         if key not in self._workers:
             # Keep a reference: an unreferenced task can be collected mid-flight. Unnamed: a
             # name costs as much as the rest of creating the task.
@@ -263,11 +277,13 @@ class Dispatcher:
                 delivery, done = queue[0]
                 await self._run(delivery)
                 queue.popleft()
+                self._queued_bytes[key] -= delivery.size
                 if done is not None:
                     done(delivery)
         finally:
             if not queue:
                 self._queues.pop(key, None)
+                self._queued_bytes.pop(key, None)
             del self._workers[key]
             if not queue:
                 for listener in self._idle_listeners:

@@ -33,7 +33,10 @@ _REFUSALS = {
     "too_many_participants": (413, "malformed"),
     "too_many_values": (413, "malformed"),
     "tenant_mismatch": (403, "auth_failed"),
+    "call_backlog_full": (503, "unavailable"),
 }
+# Refusals Graph should send again, after this many seconds.
+_RETRY_AFTER = {"call_backlog_full": "1"}
 
 log = get_logger("callbot.receiver")
 
@@ -253,9 +256,15 @@ class Receiver:
             await self._ingest(batch)
         except MalformedNotification as exc:
             status, outcome = _REFUSALS.get(exc.reason, (400, "malformed"))
-            self.counts["accepted", ""] += exc.kept  # the request's items of its own tenant
+            self.counts["accepted", ""] += exc.kept  # the request's items the store kept
+            retry = _RETRY_AFTER.get(exc.reason)
             return self._refuse(
-                status, outcome, exc.reason, str(exc), self._context(request, tenant_id)
+                status,
+                outcome,
+                exc.reason,
+                str(exc),
+                self._context(request, tenant_id),
+                headers=None if retry is None else {"Retry-After": retry},
             )
         except StoreUnavailable as exc:
             return self._refuse(

@@ -56,6 +56,8 @@ from .models import Identity, Participant
 from .models._operations import is_settled
 
 __all__ = [
+    "MAX_BACKLOG_BYTES",
+    "MAX_BACKLOG_ENTRIES",
     "MAX_HELD_BYTES",
     "MAX_SNAPSHOT_BYTES",
     "MAX_WAITING_TONES",
@@ -69,12 +71,14 @@ __all__ = [
     "Sequencer",
     "TransferAsked",
     "TransferRefused",
+    "backlog_full",
     "digest_decides",
     "entry_size",
     "json_size",
     "model_json",
     "notification_digest",
     "phase_of",
+    "refused_items",
     "roster_key",
     "tenant_mismatch",
     "tone_after",
@@ -96,6 +100,16 @@ data as Graph sent it, counted as it is digested), from the first held until non
 call's window holds a few notifications (recorded Teams bodies take 2 to 10 KB; a meeting's
 whole roster, at most ``max_body_bytes``, 4 MiB). Past that, what is held goes at once, as
 past 1,000 events (``backlog_full``): nothing accepted is lost."""
+MAX_BACKLOG_BYTES = 32 * 1024 * 1024
+"""What a call may have accepted and not yet had its handlers finish, in bytes of JSON (its
+notifications' data, as counted when digested; a shared store counts its inbox's entries):
+Graph posts a call's notifications one at a time, 2 to 10 KB each (recorded), so a handler
+waiting seconds for a prompt leaves a few behind it, never this much. Past it (or past
+:data:`MAX_BACKLOG_ENTRIES`), the call's further notifications are refused before they are
+accepted (503 with Retry-After, ``call_backlog_full``): Graph sends them again later."""
+MAX_BACKLOG_ENTRIES = 1000
+"""How many notifications a call may have accepted and not yet had its handlers finish (a
+backstop to :data:`MAX_BACKLOG_BYTES` for a flood of small ones)."""
 MAX_WAITING_TONES = 128
 """How many tones of a call may wait for their predecessors (the sequencer's and digit
 collection's bound): no caller presses this many keys within a window, so a flood beyond
@@ -442,6 +456,9 @@ class Delivery:
     """The call's life (read only): whether it has ended, its state now."""
     attempt: Attempt | None = None
     """Set by a shared store: which run of the event's handlers this is."""
+    size: int = 0
+    """What its notification takes in bytes of JSON, as the sequencer counted it: what the
+    call's backlog is relieved of once its handlers finish (:func:`backlog_full`)."""
 
 
 @dataclass(slots=True)
@@ -847,19 +864,26 @@ class Sequencer:
         record = self._records[key] = CallRecord(life, closed=life.terminated)
         return record
 
-    def accept_batch(self, batch: Sequence[events.Event]) -> None:
+    def accept_batch(
+        self,
+        batch: Sequence[events.Event],
+        full: Callable[[events.Event, str], bool] | None = None,
+    ) -> None:
         """``accept`` each event of a request but those naming a call of another tenant than
-        their token's; then, if there were such, raise :func:`tenant_mismatch`."""
-        refused = 0
+        their token's, and those ``full(event, call_key)`` refuses (its call's backlog is
+        full); then, if there were such, raise :func:`refused_items`'s refusal."""
+        elsewhere = backlog = 0
         belongs_elsewhere = self.lifecycle.key_belongs_elsewhere
         for event in batch:
-            key = event.call_key  # worked out once, for the tenant check and the ordering
+            key = event.call_key  # worked out once, for the checks and the ordering
             if belongs_elsewhere(key, event.tenant_id):
-                refused += 1
+                elsewhere += 1
+            elif full is not None and full(event, key):
+                backlog += 1
             else:
                 self._accept(event, key)
-        if refused:
-            raise tenant_mismatch(refused, len(batch))
+        if elsewhere or backlog:
+            raise refused_items(len(batch), elsewhere=elsewhere, backlog=backlog)
 
     def record(self, call_key: str) -> CallRecord | None:
         """The record of a call, if it is known."""
@@ -1096,14 +1120,14 @@ class Sequencer:
             event = diffed
         previous = record.snapshot
         snapshot_source = _call_of(event)
+        arrived, written = self._arriving
+        if arrived is not event.raw:
+            # Delivered later than it arrived (it was held): its data counted again.
+            written = json_size(event.raw.get("resourceData"))
         # Whether this is the news of a transfer's failure: told to handlers, decided here only.
         failed = False
         if snapshot_source is not None:
             merged = _merge(previous, snapshot_source)
-            arrived, written = self._arriving
-            if arrived is not event.raw:
-                # Delivered later than it arrived (it was held): its data counted again.
-                written = json_size(event.raw.get("resourceData"))
             # At least what the snapshot takes: measured only once it could be past its bound.
             bound = record.snapshot_bytes + written
             if bound > MAX_SNAPSHOT_BYTES:
@@ -1139,7 +1163,9 @@ class Sequencer:
             record.snapshot_bytes += len(life_state)
         self.counts["delivered"] += 1
         # The roster dict is replaced, never changed in place, so it can be shared.
-        self._deliver_fn(Delivery(event, record.snapshot, record.roster, record.life))
+        self._deliver_fn(
+            Delivery(event, record.snapshot, record.roster, record.life, None, written)
+        )
         if isinstance(event, events.CallTerminated):
             record.closed = True
             # Nothing reads an ended call's state but its last delivery, which has it: the
@@ -1289,6 +1315,29 @@ class Sequencer:
             kind=type(event).__name__,
             **details,
         )
+
+
+def backlog_full(entries: int, size: int) -> bool:
+    """Whether a call with ``entries`` notifications taking ``size`` bytes accepted and not
+    yet done refuses the next one (the memory store's rule; the Redis store's ingest script
+    applies the same bounds to the call's inbox)."""
+    return entries >= MAX_BACKLOG_ENTRIES or size >= MAX_BACKLOG_BYTES
+
+
+def refused_items(items: int, *, elsewhere: int, backlog: int) -> MalformedNotification:
+    """The refusal of a request of ``items`` notifications of which ``elsewhere`` name a call
+    of another tenant and ``backlog`` a call whose backlog is full (some were): every store
+    keeps the request's other notifications. A full backlog wins (503: Graph sends the
+    request again, and a call of another tenant is refused then)."""
+    if backlog:
+        return MalformedNotification(
+            "call_backlog_full",
+            f"{backlog} notification(s) name a call whose handlers have not caught up yet "
+            f"(more than {MAX_BACKLOG_ENTRIES} notifications or {MAX_BACKLOG_BYTES} bytes "
+            "waiting); send them again later",
+            kept=items - backlog - elsewhere,
+        )
+    return tenant_mismatch(elsewhere, items)
 
 
 def tenant_mismatch(refused: int, items: int) -> MalformedNotification:

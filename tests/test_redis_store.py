@@ -151,6 +151,49 @@ async def test_a_call_s_duplicate_digests_stay_bounded(rdb: aioredis.Redis) -> N
     assert await ingest(f"d{1199 - SEEN_DIGESTS}") == 1  # forgotten: before the newest
 
 
+async def test_a_call_s_inbox_is_bounded_in_entries_and_bytes(rdb: aioredis.Redis) -> None:
+    """The ingest script refuses a new entry (-2) once the call's inbox holds as many entries
+    or bytes as it may (a repeat is still recognised, a fact of the bot's own still kept);
+    an acknowledgement takes its entries' bytes off, and an inbox that expired counts none."""
+    for script in _scripts.ALL:
+        await rdb.script_load(script.source)
+    keys = _redis._Keys("t:")
+    inbox, seen, lease, fence, record, tenant, journal = keys.of(
+        "full", "inbox", "seen", "lease", "fence", "call", "tenant", "journal"
+    )
+    entry = "x" * 40
+
+    async def ingest(digest: str, *, bounded: bool = True) -> int:
+        bounds = (10, 100) if bounded else ("", "")
+        args = (digest, entry, 600_000, "me", "", 64, 600_000, "", SEEN_DIGESTS, "", *bounds)
+        answer = await _script(
+            rdb, _scripts.INGEST, [inbox, seen, lease, fence, record, tenant], *args
+        )
+        return int(answer[0])
+
+    assert [await ingest(f"d{n}") for n in range(4)] == [1, 1, 1, -2]  # 120 bytes >= 100
+    assert await rdb.hget(fence, "b") == "120"
+    assert await ingest("d0") == 0  # a repeat: nothing more to keep
+    assert await ingest("", bounded=False) == 1  # a fact of the bot's own
+    assert await rdb.xlen(inbox) == 4
+    epoch, _, entries, _ = await _script(
+        rdb, _scripts.CLAIM, [inbox, lease, fence, record], "me", 5000, 64, 60_000
+    )
+    acked = entries[1][0]
+    checkpoint = [
+        *(f"me/{epoch}", epoch, _redis._after(acked), "", "0", 1000, 5000, 60_000),
+        *("0", 64, "", "0"),  # no read, nothing about to be fed, keep the call
+    ]
+    keys5 = [inbox, lease, fence, record, journal]
+    assert await _script(rdb, _scripts.CHECKPOINT, keys5, *checkpoint) == [1]
+    assert await rdb.hget(fence, "b") == "80"  # two entries of 40 acknowledged
+    assert await ingest("d4") == 1
+    assert await ingest("d5") == -2
+    await rdb.delete(inbox)  # expired, its count left behind
+    assert await ingest("d6") == 1
+    assert await rdb.hget(fence, "b") == "40"
+
+
 async def test_a_run_that_gave_its_call_up_cannot_renew_it_back(rdb: aioredis.Redis) -> None:
     """A renewal sent before a release may reach Redis after it: refused, the lease stays
     gone. The release itself, sent again (its answer lost), answers the same."""

@@ -31,7 +31,7 @@ from structlog.testing import capture_logs
 from callbot import Call, CallBot, GraphError, Target, current_attempt, events, models
 from callbot._ids import id_key
 from callbot._lifecycle import ENDED_MEMORY
-from callbot._sequencing import MAX_HELD_BYTES, roster_key
+from callbot._sequencing import MAX_BACKLOG_BYTES, MAX_HELD_BYTES, roster_key
 from callbot.store import _redis
 from callbot.store._codec import encode_record
 from callbot.testing import TEST_TENANT_ID, FakeGraph, FakeResponse, TokenAuthority
@@ -265,6 +265,7 @@ class Group:
     servers: list[BotServer] = field(default_factory=list)
     seen: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     statuses: list[int] = field(default_factory=list)
+    retry_after: list[str | None] = field(default_factory=list)
     reruns: list[str] = field(default_factory=list)
     unattempted: list[str] = field(default_factory=list)
     """Events a shared store ran without their run's attempt (no journal, no fencing)."""
@@ -290,6 +291,7 @@ class Group:
         token = server.token(tenant_id=tenant) if tenant else server.token()
         response = await server.post(step.body, token=token)
         self.statuses.append(response.status)
+        self.retry_after.append(response.headers.get("Retry-After"))
 
     def _idle_here(self) -> bool:
         for bot in self.bots:
@@ -317,6 +319,10 @@ class Group:
             if key.endswith(":inbox") and int(await client.xlen(key)):
                 return False
         return self._idle_here()
+
+    async def saw(self, call_id: str) -> bool:
+        """A handler here was given an event of the call."""
+        return id_key(call_id) in self.seen
 
     async def forgotten(self, call_id: str) -> bool:
         """The ended call's grace is over here: no process knows it but as ended lately,
@@ -1127,6 +1133,121 @@ async def test_a_window_flooded_past_its_bytes(parity: Any) -> None:
     released = [line for line in logs if line["event"] == "held_notification_released"]
     # One line per group: the memory bot's, and the Redis instance's that ran the call.
     assert [line["reason"] for line in released] == ["backlog_full"] * len(groups.groups)
+
+
+async def backlog_bytes(group: Group, call: str) -> int:
+    """What the call's accepted notifications not yet done take, as its store counts them."""
+    if group.client is None:
+        return group.bots[0]._running().dispatcher.backlog(id_key(call))[1]
+    fence = _redis._Keys(KEY_PREFIX).of(id_key(call), "fence")[0]
+    return int(await group.client.hget(fence, "b") or 0)
+
+
+async def test_a_call_whose_handler_is_blocked_refuses_past_its_backlog(parity: Any) -> None:
+    """While a call's handler waits (for a prompt, say), what a token holder posts for the
+    call queued behind it without end: 999 bodies of 1 MiB held 1 GiB in memory, 2 GiB on a
+    Redis store's owner. Every store keeps what the call accepted and its handlers have not
+    finished under ``MAX_BACKLOG_BYTES``: past it the call's notifications get 503 with
+    Retry-After and one line each, other calls of the same request are kept, and once the
+    handler goes on everything accepted is delivered in order and the retries are taken."""
+    call, bystander = "backlogged", "bystander"
+    flood = [flood_item(call, n) for n in range(MAX_BACKLOG_BYTES // FLOOD_ITEM_BYTES + 3)]
+    groups: Parity = await parity()
+    await groups.run(lifecycle_of(call)[:3])
+    release = asyncio.Event()
+    for group in groups.groups:
+        for bot in group.bots:
+
+            @bot.on(events.UnknownNotification)
+            async def wait_for_the_prompt(call: Call, event: events.UnknownNotification) -> None:
+                await release.wait()
+
+    steps = [post(item) for item in flood[:-1]]
+    # The last request also names another call: that call's item is kept all the same.
+    steps.append(post(flood[-1], b.incoming_call(bystander)))
+    with capture_logs() as logs:
+        for step in steps:
+            await asyncio.gather(*(group.post(step) for group in groups.groups))
+    for group in groups.groups:
+        await wait_until(functools.partial(group.saw, bystander))
+    reference = groups.groups[0]
+    accepted = reference.statuses.count(202) - 3
+    assert 0 < accepted < len(flood), reference.statuses
+    assert reference.statuses[3:] == [202] * accepted + [503] * (len(flood) - accepted)
+    refused = [line for line in logs if line.get("reason") == "call_backlog_full"]
+    assert len(refused) == (len(flood) - accepted) * len(groups.groups), refused
+    assert {line["event"] for line in refused} == {"callback_refused"}
+    for group in groups.groups:
+        assert group.statuses == reference.statuses, group.name
+        assert group.retry_after[3 + accepted :] == ["1"] * (len(flood) - accepted)
+        taken = await backlog_bytes(group, call)
+        assert accepted * FLOOD_ITEM_BYTES <= taken < MAX_BACKLOG_BYTES + FLOOD_ITEM_BYTES * 1.01
+        receivers = [bot._running().receiver.counts for bot in group.bots]
+        assert (
+            sum(c["unavailable", "call_backlog_full"] for c in receivers) == len(flood) - accepted
+        )
+        for bot in group.bots:
+            store = bot._running().store
+            if isinstance(store, _redis.RedisStore):
+                # Its owner holds a read's worth at most in the process: the rest waits in Redis.
+                buffered = sum(len(state.buffer) for state in store._owned.values())
+                assert buffered <= _redis._READ_BATCH
+                assert len(store._parsed) <= _redis._READ_BATCH
+
+    release.set()
+    await groups.settle()
+    for group in groups.groups:
+        assert await backlog_bytes(group, call) == 0, group.name
+    await groups.run(steps[accepted:])  # Graph sends the refused requests again
+    await groups.run([*lifecycle_of(call)[-1:], post(b.call_terminated(bystander))])
+    groups.check()
+    for group in groups.groups:
+        assert group.statuses[-(len(flood) - accepted) - 2 :] == [202] * (len(flood) - accepted + 2)
+        seen = group.seen[id_key(call)]
+        news = [entry["resource_url"] for entry in seen if entry["type"] == "UnknownNotification"]
+        assert news == [item["resourceUrl"] for item in flood], group.name
+        kinds = [entry["type"] for entry in group.seen[id_key(bystander)]]
+        assert kinds == ["IncomingCall", "CallTerminated"], group.name
+
+
+async def test_what_a_blocked_handler_waits_for_reaches_it_though_refused(parity: Any) -> None:
+    """The handler holding a call's backlog up may be waiting for a notification of its own
+    call (a prompt's outcome, the call established): refused with the backlog full, it is
+    told to the handler all the same, as while draining, so the call goes on rather than
+    wait for Graph's retries in vain; the retries are then taken and delivered."""
+    call = "waits"
+    flood = [flood_item(call, n) for n in range(MAX_BACKLOG_BYTES // FLOOD_ITEM_BYTES + 2)]
+    groups: Parity = await parity()
+    await groups.run(lifecycle_of(call)[:2])  # incoming, establishing
+    went_on: list[str] = []
+    for group in groups.groups:
+        for bot in group.bots:
+
+            @bot.on(
+                events.UnknownNotification,
+                matches=lambda e: e.resource_url == flood[0]["resourceUrl"],
+            )
+            async def wait_to_be_established(call: Call, event: events.UnknownNotification) -> None:
+                await call.wait_until_established()
+                went_on.append(call.key)
+
+    steps = [*(post(item) for item in flood), post(b.call_state(call, "established"))]
+    for step in steps:
+        await asyncio.gather(*(group.post(step) for group in groups.groups))
+    await groups.settle()  # the handler went on: its queue was worked off
+    assert len(went_on) == len(groups.groups)
+    answers = zip(steps, groups.groups[0].statuses[2:], strict=True)
+    refused = [step for step, status in answers if status == 503]
+    assert refused[-1] == steps[-1]
+    await groups.run([*refused, *lifecycle_of(call)[-1:]])
+    groups.check()
+    for group in groups.groups:
+        seen = group.seen[id_key(call)]
+        news = [entry["resource_url"] for entry in seen if entry["type"] == "UnknownNotification"]
+        assert news == [item["resourceUrl"] for item in flood], group.name
+        states = [entry.get("state") for entry in seen if entry["type"] == "CallStateChanged"]
+        assert states == ["establishing", "established"], group.name
+        assert seen[-1]["type"] == "CallTerminated", group.name
 
 
 async def test_terminations_repeated_and_stragglers_within_the_grace(parity: Any) -> None:

@@ -10,7 +10,7 @@ from .. import events
 from .._config import Settings
 from .._lifecycle import Lifecycle
 from .._sequencing import CallRecord, Delivery, OwnFact, Sequencer
-from ._base import Outcomes
+from ._base import Outcomes, tell_waiting
 
 __all__ = ["MemoryStore"]
 
@@ -29,7 +29,12 @@ class MemoryStore:
         settings: Settings,
         lifecycle: Lifecycle,
         outcomes: Outcomes,
+        full: Callable[[str], bool] | None = None,
     ) -> None:
+        # Whether a call's deliveries not yet done refuse more (the dispatcher's backlog).
+        self._full = full
+        self._lifecycle = lifecycle
+        self._outcomes = outcomes
         self.sequencer = Sequencer(
             deliver,
             lifecycle,
@@ -54,9 +59,19 @@ class MemoryStore:
 
     async def ingest(self, batch: Sequence[events.Event]) -> None:
         """Hand each event to the sequencer (deliver, hold or drop it); then raise
-        ``MalformedNotification`` if some named a call of another tenant (those only are
-        refused, as in a shared store)."""
-        self.sequencer.accept_batch(batch)
+        ``MalformedNotification`` if some named a call of another tenant, or a call whose
+        backlog is full (those only are refused, as in a shared store)."""
+        self.sequencer.accept_batch(batch, None if self._full is None else self._refuses)
+
+    def _refuses(self, event: events.Event, call_key: str) -> bool:
+        """Whether the call's backlog is full; if so, what a running handler of it may wait
+        for in ``event`` (the outcome of its prompt) is told all the same, as while draining:
+        the handler holding the backlog up goes on. (Its tenant was checked.)"""
+        assert self._full is not None
+        if not self._full(call_key):
+            return False
+        tell_waiting(event, self._lifecycle, self._outcomes)
+        return True
 
     async def note(self, fact: OwnFact) -> None:
         """The sequencer takes it in at once, in line with what was accepted so far."""

@@ -30,7 +30,11 @@ def open_store(
     """
     if settings.store == "memory":
         return MemoryStore(
-            dispatcher.submit, settings=settings, lifecycle=lifecycle, outcomes=outcomes
+            dispatcher.submit,
+            settings=settings,
+            lifecycle=lifecycle,
+            outcomes=outcomes,
+            full=dispatcher.full,
         )
     try:
         from ._redis import RedisStore

@@ -47,6 +47,8 @@ from .._journal import Attempt
 from .._lifecycle import ENDED_MEMORY, Lifecycle
 from .._log import RateLimitedLog, get_logger
 from .._sequencing import (
+    MAX_BACKLOG_BYTES,
+    MAX_BACKLOG_ENTRIES,
     SEEN_DIGESTS,
     CallRecord,
     Delivery,
@@ -54,7 +56,7 @@ from .._sequencing import (
     Placed,
     Sequencer,
     digest_decides,
-    tenant_mismatch,
+    refused_items,
 )
 from . import _scripts
 from ._base import Outcomes, tell_waiting, waited_for
@@ -747,15 +749,20 @@ class RedisStore:
             # repeat here) sends these again.
             failure = exc
         self._mark(failure is None, failure)
-        refused = 0
+        elsewhere = backlog = 0
         for event, (answer, text, call) in zip(batch, answers, strict=True):
-            if int(answer[0]) < 0:
-                refused += 1
+            fresh = int(answer[0])
+            if fresh == -1:
+                elsewhere += 1  # the call is another tenant's
                 continue
             if waited_for(event):
-                # in the events stream for the others; here without reading it back
+                # in the events stream for the others; here without reading it back (refused
+                # with its call's backlog full too, for a handler waiting for it: see _append)
                 self._tell(event)
-            fresh, who, entry = int(answer[0]), int(answer[1]), _text(answer[2])
+            if fresh == -2:
+                backlog += 1
+                continue
+            who, entry = int(answer[1]), _text(answer[2])
             if not fresh:
                 self._own_counts["duplicate"] += 1
                 self._lines.info(
@@ -766,10 +773,10 @@ class RedisStore:
                 )
             if who not in (1, 2):
                 continue
-            if fresh:
-                # This instance runs the call: it need not parse the entry again.
-                self._parsed[call, entry] = event
             if who == 2:
+                if fresh:
+                    # This instance runs the call: it need not parse the entry again.
+                    self._parsed[call, entry] = event
                 self._begin_taken(call, started, answer)
             else:
                 lease = _text(answer[4])
@@ -787,9 +794,15 @@ class RedisStore:
                     state.marked = max(state.marked, _stream_id(entry))  # the script noted it
                     if _stream_id(entry) <= state.tail:
                         continue  # the run read it from the inbox while this awaited Redis
-                if before is not None and (not before or _stream_id(before) <= state.tail):
+                if (
+                    before is not None
+                    and (not before or _stream_id(before) <= state.tail)
+                    and len(state.buffer) < _READ_BATCH
+                ):
                     # Nothing came between what the run knows and this entry: it need not
-                    # read the inbox to see it.
+                    # read the inbox to see it. (Past a read's worth buffered, the entry
+                    # waits in the inbox: a blocked handler's call holds no more here.)
+                    self._parsed[call, entry] = event  # need not be parsed again
                     if self._may_hand(state):
                         self._hand(state, entry, text)
                         continue
@@ -801,8 +814,8 @@ class RedisStore:
             raise StoreUnavailable(
                 f"the Redis store cannot take notifications now: {failure}"
             ) from failure
-        if refused:
-            raise tenant_mismatch(refused, len(batch))
+        if elsewhere or backlog:
+            raise refused_items(len(batch), elsewhere=elsewhere, backlog=backlog)
 
     def elsewhere(self) -> list[CallRecord]:
         """The calls of every instance that reached a state and have not ended (refreshed
@@ -834,6 +847,7 @@ class RedisStore:
             SEEN_DIGESTS,
             # The call is the tenant's it was placed in, unless a notification bound it first.
             tenant_key(fact.tenant_id) if isinstance(fact, Placed) and fact.tenant_id else "",
+            *("", ""),  # what the bot itself knows of a call is never refused
         )
         self._taking += take
         try:
@@ -949,6 +963,8 @@ class RedisStore:
                     tenant_key(event.tenant_id or ""),
                     SEEN_DIGESTS,
                     "",  # only the fact of a placed call names the tenant it was placed in
+                    MAX_BACKLOG_ENTRIES,
+                    MAX_BACKLOG_BYTES,
                 )
             )
         # The pending index, where the reaper finds a call whose owner is lost: written
@@ -970,7 +986,7 @@ class RedisStore:
         late: dict[str, None] = {}
         broadcasts: list[tuple[Any, ...]] = []
         for event, call, entry, answer in zip(batch, calls, texts, scripts, strict=True):
-            if int(answer[0]) < 0:
+            if int(answer[0]) == -1:
                 continue  # refused: the call is another tenant's, and nobody is told of it
             # Whoever waits for these (op.wait, collect_digits, ...) may run on any instance.
             if waited_for(event):
@@ -982,6 +998,10 @@ class RedisStore:
                         *("e", entry, "o", self.token),
                     )
                 )
+            if int(answer[0]) < 0:
+                # Refused, its call's backlog full: what a running handler of the call waits
+                # for in it (its prompt's outcome) is told all the same, as while draining.
+                continue
             who = int(answer[1])
             if who == 3:
                 # Nobody runs the call and this instance has no room: the oldest entry waits.
@@ -1352,7 +1372,12 @@ class RedisStore:
         if kept is not None:
             # built directly: dataclasses.replace looks the fields up at every call
             delivery = Delivery(
-                delivery.event, delivery.snapshot, delivery.roster, delivery.life, kept[1]
+                delivery.event,
+                delivery.snapshot,
+                delivery.roster,
+                delivery.life,
+                kept[1],
+                delivery.size,
             )
         state = self._running.get(delivery.event.call_key)
         if state is not None:

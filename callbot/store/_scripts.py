@@ -13,7 +13,7 @@ one slot. Keys of one call (``{p}`` is the store's prefix):
   least the server's clock in milliseconds, so that it grows even after Redis lost it);
   ``fed``, the last entry id an owner may have handed to its handlers; ``r``, the last
   epoch whose run gave the call up; ``v``, the last epoch whose lease was taken back
-  after it expired
+  after it expired; ``b``, what the inbox's entries take in bytes (the call's backlog)
 * ``call``   string: the call's record (JSON, see ``_codec``)
 * ``journal`` hash: outcomes of Graph actions of handler runs, by entry and step
   (see ``callbot._journal``)
@@ -121,7 +121,9 @@ INGEST = Script(
 -- ARGV: digest ('' leaves repeats to the sequencer), entry, dedupe window (ms),
 --       token, lease (ms) or '' to leave the call to others, read batch, lifetime (ms),
 --       the tenant the request's token proves (its tenant_key) or '', digests kept,
---       the tenant a call the bot placed was placed in (its tenant_key) or ''
+--       the tenant a call the bot placed was placed in (its tenant_key) or '',
+--       the most entries and bytes the inbox may hold before one more is refused
+--       ('' '': no bound, for a fact of the bot's own)
 local inbox, seen, lease, fence = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local digest, token = ARGV[1], ARGV[4]
 local fresh, id, before = 1, '', ''
@@ -138,11 +140,21 @@ end
 if digest ~= '' and redis.call('ZSCORE', seen, digest) then
   fresh = 0
 else
+  local waiting = redis.call('XLEN', inbox)
+  -- an empty inbox holds no bytes, whatever an expired one left counted
+  local size = waiting > 0 and tonumber(redis.call('HGET', fence, 'b')) or 0
+  local most, most_bytes = tonumber(ARGV[11] or ''), tonumber(ARGV[12] or '')
+  if most and (waiting >= most or size >= most_bytes) then
+    -- the call's backlog is full: refused before anything of it is kept
+    return {-2}
+  end
   local last = redis.call('XREVRANGE', inbox, '+', '-', 'COUNT', 1)
   if #last > 0 then before = last[1][1] end
   -- appended first: a repeat is only ever recognised once its first copy is kept
   id = redis.call('XADD', inbox, '*', 'e', ARGV[2])
   redis.call('PEXPIRE', inbox, ARGV[7])
+  redis.call('HSET', fence, 'b', size + #ARGV[2])
+  redis.call('PEXPIRE', fence, ARGV[7])
   if digest ~= '' then
     -- scored in the order appended, within a millisecond too (exact below 2^53): the
     -- newest are kept, not those whose digests sort last
@@ -180,7 +192,9 @@ return {fresh, 3, id, first[1][1]}
 )
 """Accept one notification: refuse it (``-1``) if its call was first seen with another
 tenant (a call the bot placed: the tenant it was placed in, when the fact of its placing
-came before any notification of it), else append it unless it repeats one kept in the
+came before any notification of it), or (``-2``) if it is new and the call's inbox holds
+as many entries or bytes as it may (``callbot._sequencing.MAX_BACKLOG_ENTRIES``,
+``MAX_BACKLOG_BYTES``), else append it unless it repeats one kept in the
 dedupe window (``fresh`` 1 or 0, and its entry id), and say who runs the call:
 another instance (0),
 this one already (1, with the id of the entry before it, if any, the lease, and 1 if
@@ -222,7 +236,15 @@ end
 if not holds(lease, fence, ARGV[1], ARGV[2], ARGV[7]) then
   return {0}
 end
+-- what the acknowledged entries took leaves the call's backlog with them
+local gone = 0
+for _, entry in ipairs(redis.call('XRANGE', inbox, '-', '(' .. ARGV[3])) do
+  gone = gone + #entry[2][2]
+end
 redis.call('XTRIM', inbox, 'MINID', ARGV[3])
+if gone > 0 and redis.call('HINCRBY', fence, 'b', -gone) < 0 then
+  redis.call('HSET', fence, 'b', 0)  -- entries kept before the count began
+end
 local life = ARGV[8]
 if ARGV[5] == '1' then
   life = ARGV[6]
