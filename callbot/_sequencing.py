@@ -100,14 +100,16 @@ data as Graph sent it, counted as it is digested), from the first held until non
 call's window holds a few notifications (recorded Teams bodies take 2 to 10 KB; a meeting's
 whole roster, at most ``max_body_bytes``, 4 MiB). Past that, what is held goes at once, as
 past 1,000 events (``backlog_full``): nothing accepted is lost."""
-MAX_BACKLOG_BYTES = 32 * 1024 * 1024
+# A call's backlog bounds are twice its window's: a shared store's inbox counts what the window
+# holds too, so a window past its bounds goes on before the call refuses, with either store.
+MAX_BACKLOG_BYTES = 2 * MAX_HELD_BYTES
 """What a call may have accepted and not yet had its handlers finish, in bytes of JSON (its
 notifications' data, as counted when digested; a shared store counts its inbox's entries):
 Graph posts a call's notifications one at a time, 2 to 10 KB each (recorded), so a handler
 waiting seconds for a prompt leaves a few behind it, never this much. Past it (or past
 :data:`MAX_BACKLOG_ENTRIES`), the call's further notifications are refused before they are
 accepted (503 with Retry-After, ``call_backlog_full``): Graph sends them again later."""
-MAX_BACKLOG_ENTRIES = 1000
+MAX_BACKLOG_ENTRIES = 2 * _MAX_BACKLOG
 """How many notifications a call may have accepted and not yet had its handlers finish (a
 backstop to :data:`MAX_BACKLOG_BYTES` for a flood of small ones)."""
 MAX_WAITING_TONES = 128
