@@ -52,6 +52,8 @@ DEFAULT_ISSUERS: tuple[str, ...] = ("https://api.botframework.com", "https://gra
 
 # Far larger than any real callback token; refuses absurd headers before parsing them.
 _MAX_TOKEN_LENGTH = 16 * 1024
+# How Graph writes the header; any other spelling of the scheme is read by _bearer_token.
+_BEARER = "Bearer "
 _CACHE_SIZE = 10_000
 # What one cached token costs beyond its characters: the entry, its claims dict, the key.
 _ENTRY_OVERHEAD = 1024
@@ -320,9 +322,15 @@ class Authenticator:
         token is refused, or :class:`~callbot.KeysUnavailable` when no signing
         key could be loaded yet.
         """
-        token = self._bearer_token(authorization)
-
-        cached = self._cache.get(token)
+        cached = None
+        if authorization is not None and authorization.startswith(_BEARER):
+            # The usual header: its token looked up as written, without splitting a kilobyte
+            # on white space. Only tokens _bearer_token split out are cached, so a hit is one.
+            token = authorization[len(_BEARER) :]
+            cached = self._cache.get(token)
+        if cached is None:
+            token = self._bearer_token(authorization)
+            cached = self._cache.get(token)
         if cached is not None:
             # Same rule as an uncached check: valid until exp plus leeway.
             if time.time() < cached.token.expires_at + self._leeway:

@@ -469,6 +469,54 @@ async def test_reused_token_checked_once(
     assert len(check_calls) == 1
 
 
+async def test_a_cached_token_is_found_without_reading_its_header_again(
+    auth: Authenticator, authority: TokenAuthority, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every request of a call carries the same kilobyte-long header: split on white space
+    # once, when its token is first verified.
+    read: list[str | None] = []
+    real = Authenticator._bearer_token
+
+    def reading(authorization: str | None) -> str:
+        read.append(authorization)
+        return real(authorization)
+
+    monkeypatch.setattr(Authenticator, "_bearer_token", staticmethod(reading))
+    header = bearer(authority.mint(audience=APP_ID))
+    first = await auth.verify(header)
+    assert await auth.verify(header) == first
+    assert await auth.verify(header) == first
+    assert read == [header]
+
+
+@pytest.mark.parametrize(
+    ("spelling", "refused"),
+    [
+        ("bearer {}", None),
+        ("BEARER {}", None),
+        ("Bearer  {}", None),
+        ("Bearer\t{}", None),
+        (" Bearer {} ", None),
+        ("Bearer {} ", None),
+        ("Bearer {}\u00a0", None),
+        ("Bearer {} x", "bad_scheme"),
+        ("Bearer {}\u00a0x", "bad_scheme"),
+        ("Bearer x {}", "bad_scheme"),
+        ("Bearer {}{}", "malformed"),
+    ],
+)
+async def test_a_cached_token_in_another_spelling_of_the_header_reads_as_it_did(
+    auth: Authenticator, authority: TokenAuthority, spelling: str, refused: str | None
+) -> None:
+    token = authority.mint(audience=APP_ID)
+    verified = await auth.verify(bearer(token))
+    header = spelling.format(token, token)
+    if refused is None:
+        assert await auth.verify(header) == verified
+    else:
+        assert await reason_of(auth, header) == refused
+
+
 async def test_refused_token_not_cached(
     auth: Authenticator, authority: TokenAuthority, check_calls: list[str]
 ) -> None:
