@@ -178,8 +178,9 @@ def parse_body_in_parts(
     """
     if body.startswith(_BOM_BYTES):
         body = body[len(_BOM_BYTES) :]
+    scanned = body.translate(_SCANNED)
     # Objects and arrays, and brackets in strings: an upper bound that skips the scans below.
-    openers = body.count(b"[") + body.count(b"{")
+    openers = scanned.count(b"[")
     if openers > max_depth and _too_deep(body, max_depth):
         raise MalformedNotification("too_deep", f"JSON nested deeper than {max_depth} levels")
     if max_participants is not None:
@@ -188,7 +189,7 @@ def parse_body_in_parts(
             raise MalformedNotification(
                 "too_many_values", f"more than {limit} JSON objects and arrays in one request"
             )
-    payload = _decode(body)
+    payload = _decode(body, scanned)
     items = payload.get("value") if isinstance(payload, dict) else None
     if max_items is not None and isinstance(items, list) and len(items) > max_items:
         # Counted before any event is built: building them is the costly part.
@@ -225,13 +226,15 @@ def _reject_constant(name: str) -> Any:
 # The stdlib decoder, for what orjson refuses (lone surrogates) or reads inexactly.
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 # orjson reads an integer outside 64 bits as a float: 19 digits in a row go to the stdlib.
-# (Found by mapping every digit to "0": a tenth of a regular expression's cost.)
-_DIGITS_AS_ZERO = bytes.maketrans(b"0123456789", b"0000000000")
+# (Found in a body with every digit mapped to "0": a tenth of a regular expression's cost.
+# The same pass maps "{" to "[", so one count of "[" counts objects and arrays.)
+_SCANNED = bytes.maketrans(b"0123456789{", b"0000000000[")
 _LONG_NUMBER = b"0" * 19
 
 
-def _decode(body: bytes) -> Any:
-    if body.translate(_DIGITS_AS_ZERO).find(_LONG_NUMBER) == -1:
+def _decode(body: bytes, scanned: bytes) -> Any:
+    """``body`` decoded; ``scanned`` is ``body.translate(_SCANNED)``."""
+    if scanned.find(_LONG_NUMBER) == -1:
         try:
             # orjson is strict JSON in UTF-8 at a fraction of the stdlib's cost.
             return orjson.loads(body)
@@ -401,41 +404,49 @@ def _entries_in(item: Any) -> int:
 def _event_for(
     index: int, item: Any, envelope: dict[str, Any], tenant_id: str | None, lines: Any
 ) -> Event:
-    where = f"value[{index}]"
     if not isinstance(item, dict):
-        raise MalformedNotification("bad_shape", f"{where} is not an object")
+        raise MalformedNotification("bad_shape", f"value[{index}] is not an object")
     change_type = item.get("changeType")
     if not isinstance(change_type, str):
-        raise MalformedNotification("bad_shape", f"{where}.changeType is missing or not a string")
+        raise MalformedNotification(
+            "bad_shape", f"value[{index}].changeType is missing or not a string"
+        )
     known = _CHANGE_TYPES.get(change_type.lower())
     if known is None:
         if not _one_segment(change_type):
             # It decides what the item is: held to the rule of the ids it routes with.
             raise MalformedNotification(
-                "bad_shape", f"{where}.changeType {quoted(change_type)} is not a usable name"
+                "bad_shape",
+                f"value[{index}].changeType {quoted(change_type)} is not a usable name",
             )
         known = change_type
     change_type = known
     path = path_of(item)
     if path is None:
-        raise MalformedNotification("bad_shape", f"{where} has neither resourceUrl nor resource")
+        raise MalformedNotification(
+            "bad_shape", f"value[{index}] has neither resourceUrl nor resource"
+        )
     split = _split_call_path(path)
     if split is None:
-        raise MalformedNotification("bad_shape", f"{where} path {quoted(path)} is not a call path")
-    call_id, rest = split
+        raise MalformedNotification(
+            "bad_shape", f"value[{index}] path {quoted(path)} is not a call path"
+        )
+    call_id, rest, resource_url = split
     if not _one_segment(call_id):
         raise MalformedNotification(
-            "bad_call_id", f"{where} call id {quoted(call_id)} is not a usable id"
+            "bad_call_id", f"value[{index}] call id {quoted(call_id)} is not a usable id"
         )
-    if not all(_one_segment(segment) for segment in rest):
-        raise MalformedNotification(
-            "bad_shape", f"{where} path {quoted(path)} has a segment that is not a usable id"
-        )
+    for segment in rest:
+        if not _one_segment(segment):
+            raise MalformedNotification(
+                "bad_shape",
+                f"value[{index}] path {quoted(path)} has a segment that is not a usable id",
+            )
     data = item.get("resourceData")
     common: dict[str, Any] = {
         "call_id": call_id,
         "change_type": change_type,
-        "resource_url": CALL_PATH + "/".join([call_id, *rest]),
+        "resource_url": resource_url,
         "raw": item,
         "tenant_id": _tenant_of(data, item, envelope, tenant_id),
     }
@@ -448,7 +459,8 @@ def _event_for(
     for named in _ids_in_body(event):
         if not _one_segment(named):
             raise MalformedNotification(
-                "bad_shape", f"{where} names the id {quoted(named)}, which is not a usable id"
+                "bad_shape",
+                f"value[{index}] names the id {quoted(named)}, which is not a usable id",
             )
     return event
 
@@ -458,13 +470,21 @@ def path_of(item: dict[str, Any]) -> str | None:
     (``/app/calls/...``, the older one)."""
     for key in ("resourceUrl", "resource"):
         value = item.get(key)
-        if isinstance(value, str) and value.strip():
-            return value.strip()
+        if isinstance(value, str):
+            value = value.strip()
+            if value:
+                return value
     return None
 
 
-def _split_call_path(path: str) -> tuple[str, list[str]] | None:
-    """``(call_id, segments after it)``, or ``None`` when ``path`` is not under a call."""
+def _split_call_path(path: str) -> tuple[str, list[str], str] | None:
+    """``(call_id, segments after it, the path as resource_url writes it)``, or ``None`` when
+    ``path`` is not under a call."""
+    if path.startswith(CALL_PATH) and "?" not in path:
+        # The path as Graph writes it: no version, host, query nor empty segment to take out.
+        segments = path[len(CALL_PATH) :].split("/")
+        if "" not in segments:
+            return segments[0], segments[1:], path
     if "://" in path:
         try:
             path = urlsplit(path).path
@@ -476,7 +496,7 @@ def _split_call_path(path: str) -> tuple[str, list[str]] | None:
         segments = segments[1:]
     if len(segments) < 3 or (segments[0].lower(), segments[1].lower()) not in _CALL_ROOTS:
         return None
-    return segments[2], segments[3:]
+    return segments[2], segments[3:], CALL_PATH + "/".join(segments[2:])
 
 
 def _one_segment(segment: str) -> bool:
@@ -505,11 +525,15 @@ def _tenant_of(
 ) -> str | None:
     """The tenant the token proves (``proven``), else the first the notification names."""
     named: str | None = None
-    for source in (data, item, envelope):
-        tenant = source.get("tenantId") if isinstance(source, dict) else None
-        if not isinstance(tenant, str) or not tenant:
+    proven_key = tenant_key(proven) if proven is not None else None
+    for tenant in (
+        data.get("tenantId") if isinstance(data, dict) else None,
+        item.get("tenantId"),
+        envelope.get("tenantId"),
+    ):
+        if not tenant or not isinstance(tenant, str):
             continue
-        if proven is not None and tenant_key(tenant) != tenant_key(proven):
+        if proven_key is not None and tenant_key(tenant) != proven_key:
             raise MalformedNotification(
                 "tenant_mismatch", "a notification names another tenant than its token"
             )
