@@ -63,12 +63,12 @@ import copy
 import json
 import re
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
 import orjson
 import structlog
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from . import models
 from ._errors import MalformedNotification
@@ -97,6 +97,8 @@ __all__ = [
 log = structlog.get_logger("callbot.parse")
 
 _M = TypeVar("_M")
+_E = TypeVar("_E", bound=Event)
+_Model = TypeVar("_Model", bound=BaseModel)
 
 DEFAULT_MAX_DEPTH = 64
 CALL_PATH = "/communications/calls/"
@@ -453,7 +455,7 @@ def _event_for(
     try:
         event = _route(rest, change_type, data, item, common, lines)
     except ValidationError:
-        return UnknownNotification(**common, resource_data=data)
+        return _new(UnknownNotification, common, resource_data=data)
     if not isinstance(event, _NAMING_IDS):
         return event  # the usual event: its ids are the path's
     for named in _ids_in_body(event):
@@ -569,7 +571,7 @@ def _route(
         if kind == "contentsharingsessions":
             path_id = rest[1] if len(rest) == 2 else None
             return _content_sharing_event(data, path_id, common, lines)
-    return UnknownNotification(**common, resource_data=data)
+    return _new(UnknownNotification, common, resource_data=data)
 
 
 def _first_object(data: Any) -> dict[str, Any] | None:
@@ -681,14 +683,28 @@ def _drop(body: dict[str, Any], where: tuple[int | str, ...]) -> str | None:
     return ".".join(path[:named])
 
 
+# pydantic-core validates; pydantic's __init__ and model_validate are frames of Python around it,
+# as costly as the validation of an event: the parser calls pydantic-core itself.
+
+
+def _new(cls: type[_E], common: dict[str, Any], **fields: Any) -> _E:
+    """``cls(**common, **fields)``, validated alike."""
+    return cast("_E", cls.__pydantic_validator__.validate_python({**common, **fields}))
+
+
+def _validator(model: type[_Model]) -> Callable[[dict[str, Any]], _Model]:
+    """``model.model_validate``, validating alike."""
+    return model.__pydantic_validator__.validate_python
+
+
 def _call_event(change_type: str, data: Any, common: dict[str, Any], lines: Any) -> Event:
     body = _first_object(data)
     if body is None:
         if change_type == "deleted":
             # The call is gone even when Graph says nothing more about it.
-            return CallTerminated(**common, state="terminated", call=models.Call())
-        return UnknownNotification(**common, resource_data=data)
-    call = _typed_one(models.Call.model_validate, body, common, lines)
+            return _new(CallTerminated, common, state="terminated", call=models.Call())
+        return _new(UnknownNotification, common, resource_data=data)
+    call = _typed_one(_validator(models.Call), body, common, lines)
     claimed, proven = call.tenant_id, common["tenant_id"]
     if claimed and proven and tenant_key(claimed) != tenant_key(proven):
         # However the body spelled it (in a list, as "tenant_id"): the call's tenant is one.
@@ -697,16 +713,22 @@ def _call_event(change_type: str, data: Any, common: dict[str, Any], lines: Any)
         )
     state = call.state
     if change_type == "created" and state in (None, "incoming"):
-        return IncomingCall(**common, call=call)
+        return _new(IncomingCall, common, call=call)
     if change_type == "deleted" or state == "terminated":
-        return CallTerminated(**common, state="terminated", call=call, result_info=call.result_info)
+        return _new(
+            CallTerminated, common, state="terminated", call=call, result_info=call.result_info
+        )
     if call.tone_info is not None and call.tone_info.tone is not None:
-        return ToneReceived(
-            **common, tone=call.tone_info.tone, sequence_id=call.tone_info.sequence_id, call=call
+        return _new(
+            ToneReceived,
+            common,
+            tone=call.tone_info.tone,
+            sequence_id=call.tone_info.sequence_id,
+            call=call,
         )
     if call.state is None:
-        return UnknownNotification(**common, resource_data=data)
-    return CallStateChanged(**common, state=call.state, call=call, result_info=call.result_info)
+        return _new(UnknownNotification, common, resource_data=data)
+    return _new(CallStateChanged, common, state=call.state, call=call, result_info=call.result_info)
 
 
 def _is_roster(data: Any) -> bool:
@@ -731,10 +753,11 @@ def _participants_event(
             sequence = _as_int(data.get("sequenceNumber"))
     entries = roster_entries(data)
     if entries is None or not all(isinstance(entry, dict) for entry in entries):
-        return UnknownNotification(**common, resource_data=item.get("resourceData"))
-    participants = _typed(models.Participant.model_validate, entries, common, lines)
-    return ParticipantsUpdated(
-        **common,
+        return _new(UnknownNotification, common, resource_data=item.get("resourceData"))
+    participants = _typed(_validator(models.Participant), entries, common, lines)
+    return _new(
+        ParticipantsUpdated,
+        common,
         participants=participants,
         sequence_number=sequence,
         delta=delta,
@@ -760,13 +783,14 @@ def roster_entries(data: Any) -> list[Any] | None:
 def _operation_event(data: Any, path_id: str | None, common: dict[str, Any], lines: Any) -> Event:
     body = _first_object(data)
     if body is None:
-        return UnknownNotification(**common, resource_data=data)
+        return _new(UnknownNotification, common, resource_data=data)
     operation = _typed_one(models.parse_operation, body, common, lines)
     operation_id = operation.id or path_id
     if operation.status is None:
-        return UnknownNotification(**common, resource_data=data)
-    return OperationUpdated(
-        **common,
+        return _new(UnknownNotification, common, resource_data=data)
+    return _new(
+        OperationUpdated,
+        common,
         operation=operation,
         operation_id=operation_id,
         status=operation.status,
@@ -786,12 +810,12 @@ def _content_sharing_event(
     elif isinstance(data, dict):
         entries = [data]
     else:
-        return UnknownNotification(**common, resource_data=data)
+        return _new(UnknownNotification, common, resource_data=data)
     if not all(isinstance(entry, dict) for entry in entries):
-        return UnknownNotification(**common, resource_data=data)
-    sessions = _typed(models.ContentSharingSession.model_validate, entries, common, lines)
+        return _new(UnknownNotification, common, resource_data=data)
+    sessions = _typed(_validator(models.ContentSharingSession), entries, common, lines)
     session_id = path_id or (sessions[0].id if len(sessions) == 1 else None)
-    return ContentSharingUpdated(**common, sessions=sessions, session_id=session_id)
+    return _new(ContentSharingUpdated, common, sessions=sessions, session_id=session_id)
 
 
 def _as_int(value: Any) -> int | None:
