@@ -139,24 +139,31 @@ def _copied(model: _Model, update: dict[str, Any]) -> _Model:
     through the ``copy`` module three times, which costs more than the rest of a delivery's
     copy (two or three per notification). As there, nothing is validated; a name the model
     does not declare goes to its unknown properties (``model_extra``) when it keeps them."""
-    cls = type(model)
-    declared = cls.model_fields  # on the class: every pydantic 2 release has it there
-    values = model.__dict__.copy()
+    values = model.__dict__.copy()  # every declared field, and only those
     extra = model.__pydantic_extra__
     if extra is not None:
         extra = extra.copy()
     for name, value in update.items():
-        if extra is None or name in declared:
+        if extra is None or name in values:
             values[name] = value
         else:
             extra[name] = value
+    return _built(model, values, extra, model.__pydantic_fields_set__ | update.keys())
+
+
+def _built(
+    model: _Model, values: dict[str, Any], extra: dict[str, Any] | None, fields_set: set[str]
+) -> _Model:
+    """A model of ``model``'s class (and private values) holding ``values``, its unknown
+    properties ``extra``, with ``fields_set`` set: built as pydantic's copies are, unvalidated."""
+    cls = type(model)
     private = getattr(model, "__pydantic_private__", None)
-    copied = cls.__new__(cls)
-    _set_attribute(copied, "__dict__", values)
-    _set_attribute(copied, "__pydantic_extra__", extra)
-    _set_attribute(copied, "__pydantic_fields_set__", model.__pydantic_fields_set__ | update.keys())
-    _set_attribute(copied, "__pydantic_private__", None if private is None else private.copy())
-    return copied
+    built = cls.__new__(cls)
+    _set_attribute(built, "__dict__", values)
+    _set_attribute(built, "__pydantic_extra__", extra)
+    _set_attribute(built, "__pydantic_fields_set__", fields_set)
+    _set_attribute(built, "__pydantic_private__", None if private is None else private.copy())
+    return built
 
 
 def _state(event: events.Event) -> str | None:
@@ -1391,16 +1398,23 @@ def _merge(old: CallResource | None, new: CallResource) -> CallResource:
     does not take it away."""
     if old is None:
         return new
-    changes: dict[str, Any] = {name: getattr(new, name) for name in new.model_fields_set}
+    carried = new.__dict__
+    # The declared fields it carries (its unknown properties are set too: they are extra).
+    named = new.__pydantic_fields_set__ & carried.keys()
     if old.my_participant_id is not None:
-        changes.pop("my_participant_id", None)
-    extra = new.model_extra
+        named.discard("my_participant_id")
+    values = old.__dict__.copy()
+    for name in named:
+        values[name] = carried[name]
+    kept = old.__pydantic_extra__
+    extra = new.__pydantic_extra__
     if extra:
-        changes.update(extra)
-        kept = old.model_extra
+        named |= extra.keys()
         if kept and len(kept) + len(extra) > _MAX_EXTRA_PROPERTIES:
             # Invented properties each time would grow the call's record for ever: past the
             # bound, only the latest notification's unknown properties are kept.
-            old = old.model_copy()
-            old.__pydantic_extra__ = {}
-    return _copied(old, changes)
+            kept = None
+        extra = {**kept, **extra} if kept else extra.copy()
+    else:
+        extra = None if kept is None else kept.copy()
+    return _built(old, values, extra, old.__pydantic_fields_set__ | named)

@@ -1572,6 +1572,58 @@ def test_a_delivery_copy_is_the_copy_pydantic_makes(model: Any, update: dict[str
     assert ours.model_extra is None or ours.model_extra is not model.model_extra
 
 
+def _merged_plainly(old: models.Call, new: models.Call) -> models.Call:
+    """_merge's rule written with pydantic's own copy."""
+    changes = {name: getattr(new, name) for name in new.model_fields_set}
+    if old.my_participant_id is not None:
+        changes.pop("my_participant_id", None)
+    kept, extra = old.model_extra or {}, new.model_extra or {}
+    if extra and kept and len(kept) + len(extra) > sequencing._MAX_EXTRA_PROPERTIES:
+        old = old.model_copy()
+        old.__pydantic_extra__ = {}
+    return old.model_copy(update=changes)
+
+
+_MANY = {f"invented{n}": n for n in range(200)}
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        # Declared fields replaced and added, an unknown property replaced and one added.
+        (
+            {"id": "m-1", "state": "establishing", "kept": 1, "same": {"a": 1}},
+            {"state": "established", "callbackUri": "https://x", "kept": 2, "fresh": [1]},
+        ),
+        # The bot's own participant id stays as first named; a notification may name it first.
+        ({"id": "m-2", "myParticipantId": "me"}, {"myParticipantId": "other", "state": "x"}),
+        ({"id": "m-3"}, {"myParticipantId": "me", "@odata.type": "#microsoft.graph.call"}),
+        # Nothing carried; nothing unknown on either side.
+        ({"id": "m-4", "state": "established", "extra": True}, {}),
+        ({"id": "m-5"}, {"state": "established"}),
+        # Past the bound of unknown properties: only the latest notification's are kept.
+        ({"id": "m-6", **_MANY}, {f"more{n}": n for n in range(100)}),
+        ({"id": "m-7", **_MANY}, {"state": "established"}),
+    ],
+)
+def test_a_merged_snapshot_is_the_copy_pydantic_makes(
+    old: dict[str, Any], new: dict[str, Any]
+) -> None:
+    before, after = models.Call.model_validate(old), models.Call.model_validate(new)
+    kept = before.model_copy(deep=True)
+    ours = sequencing._merge(before, after)
+    theirs = _merged_plainly(before, after)
+    assert type(ours) is type(theirs)
+    assert ours == theirs
+    assert ours.model_fields_set == theirs.model_fields_set
+    assert ours.model_extra == theirs.model_extra
+    assert ours.model_dump() == theirs.model_dump()
+    assert before == kept
+    assert before.model_fields_set == kept.model_fields_set
+    assert ours.model_extra is not before.model_extra
+    assert ours.model_extra is not after.model_extra
+
+
 def _written(model: models.GraphModel) -> int:
     """What a call's record writes of a model."""
     return len(model.model_dump_json(by_alias=True, exclude_unset=True).encode())
