@@ -451,12 +451,14 @@ line with the call's notifications (:meth:`Sequencer.note`), so that it counts f
 accepted after it, on whichever process runs the call."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Delivery:
     """An event released for its handlers, with the call as it stands after it.
 
     ``event.raw`` is the very item the sequencer accepted (never a copy), however the event
-    was rewritten: a shared store finds the delivery's attempt by it."""
+    was rewritten: a shared store finds the delivery's attempt by it. Never changed once
+    built (a new one is built instead); not frozen, as a frozen dataclass sets each field
+    through ``object.__setattr__``, a cost on every notification."""
 
     event: events.Event
     snapshot: CallResource | None
@@ -1105,11 +1107,12 @@ class Sequencer:
     # -- delivery ---------------------------------------------------------------
 
     def _deliver(self, record: CallRecord, event: events.Event) -> None:
+        state = _state(event)  # None for a roster: the event it becomes has none either
         if isinstance(event, events.ToneReceived):
             record.tone_next = tone_after(event.sequence_id, record.tone_next)
         elif isinstance(event, events.OperationUpdated) and not self._moves_on(record, event):
             return
-        elif _state(event) == "transferring" and record.state != "transferring":
+        elif state == "transferring" and record.state != "transferring":
             counted = _transferring_counted(
                 record.life.transfers, record.transfers_told, record.transferring_told
             )
@@ -1146,13 +1149,14 @@ class Sequencer:
             if (
                 snapshot_source.result_info is not None
                 and record.transfers_told < record.life.transfers
-                and _tells_failure(_state(event), snapshot_source)
+                and _tells_failure(state, snapshot_source)
             ):
                 # The failure of the first transfer asked that had none (transfers are one
                 # after another): a later one asked meanwhile still waits for its own.
                 record.transfers_told += 1
                 failed = True
-        state = "incoming" if isinstance(event, events.IncomingCall) else _state(event)
+        if isinstance(event, events.IncomingCall):
+            state = "incoming"
         if state is not None:
             info = event.result_info if isinstance(event, events.CallTerminated) else None
             moved, previous_state = self.lifecycle.enter(record.life, state, info)
