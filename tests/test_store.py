@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from callbot import Call, ConfigurationError, Settings, events, models
-from callbot._dispatch import Dispatcher, HandlerRegistry
+from callbot._dispatch import Dispatcher, HandlerRegistry, _Slots
 from callbot._errors import MalformedNotification
 from callbot._ids import id_key
 from callbot._lifecycle import CallLife, Lifecycle
@@ -36,6 +36,8 @@ from callbot.store._codec import (
 )
 from callbot.store._redis import _after
 from callbot.testing import builders as b
+
+from .conftest import until
 
 
 def one(item: dict[str, Any], tenant: str | None = None) -> events.Event:
@@ -536,6 +538,66 @@ async def test_a_failing_matches_is_a_handler_error_outside_the_request() -> Non
     assert dispatcher.counts["handler_errors"] == 1
     seq.close()
     await services.close()
+
+
+async def test_a_handler_slot_is_given_back_however_its_run_ends() -> None:
+    registry = HandlerRegistry()
+    gates = {call: asyncio.Event() for call in ("a", "b", "d")}
+    started: list[str] = []
+
+    async def on_state(call: Any, event: events.CallStateChanged) -> None:
+        started.append(call.id)
+        await gates[call.id].wait()
+        if call.id == "a":
+            raise RuntimeError("the handler's own bug")
+
+    async def on_incoming(call: Any, event: events.IncomingCall) -> None:
+        started.append(call.id)
+
+    registry.add(events.CallStateChanged, on_state)
+    registry.add(events.IncomingCall, on_incoming)
+    services = CallServices(Settings(app_id="a"))
+    dispatcher = Dispatcher(registry, handle_for(services), max_concurrent=1)
+    seq = Sequencer(dispatcher.submit, Lifecycle(termination_grace=30))
+    for call in ("a", "b", "d"):
+        seq.accept(one(b.call_state(call, "establishing")))
+    await until(lambda: started == ["a"])
+    # An incoming call never waits for a slot, even with every one taken.
+    seq.accept(one(b.incoming_call("c")))
+    await until(lambda: started == ["a", "c"])
+    gates["a"].set()  # a fails: its slot goes to b
+    await until(lambda: started == ["a", "c", "b"])
+    dispatcher._workers[id_key("b")].cancel()  # b is stopped: its slot goes to d
+    await until(lambda: started == ["a", "c", "b", "d"])
+    gates["d"].set()
+    await dispatcher.join(5)
+    assert dispatcher.counts["handler_errors"] == 1
+    seq.close()
+    await services.close()
+
+
+async def test_handler_slots_go_in_turn_and_a_cancelled_run_keeps_none() -> None:
+    slots = _Slots(1)
+    slots.free -= 1  # one run holds the only slot
+    order: list[str] = []
+
+    async def run(name: str) -> None:
+        await slots.wait()
+        order.append(name)
+
+    first, second, third = (asyncio.create_task(run(n)) for n in ("first", "second", "third"))
+    await until(lambda: len(slots.waiting) == 3)
+    second.cancel()  # gave up while waiting: never holds a slot
+    await until(lambda: second.done())
+    assert len(slots.waiting) == 2
+    slots.give_back()
+    await first
+    assert order == ["first"]
+    slots.give_back()  # handed to third, which is cancelled before it runs: passed on
+    third.cancel()
+    await asyncio.gather(third, return_exceptions=True)
+    assert order == ["first"]
+    assert (slots.free, len(slots.waiting)) == (1, 0)
 
 
 def handle_for(services: CallServices) -> Callable[[Delivery], Call]:
