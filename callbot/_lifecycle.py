@@ -373,7 +373,12 @@ class Lifecycle:
             # Forgotten, but still its tenant's (as long as a shared store would know).
             forgotten = self._recall(self._ended, key) or self._recall(self._bound, key)
             bound = forgotten[1] if forgotten is not None else None
-        return bound is not None and tenant_id is not None and bound != tenant_key(tenant_id)
+        return (
+            bound is not None
+            and tenant_id is not None
+            and bound != tenant_id  # the usual token writes its tenant as the key is
+            and bound != tenant_key(tenant_id)
+        )
 
     def active(self) -> Iterator[CallLife]:
         """The calls that reached a state and have not ended."""

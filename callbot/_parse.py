@@ -363,20 +363,22 @@ def _events_in_parts(
         raise MalformedNotification("bad_shape", "'value' is missing or not a list")
     if not items:
         raise MalformedNotification("empty", "'value' is an empty list")
-    # Counted before any event is built: building participants is the costly part.
-    entries = [_entries_in(item) for item in items]
     if max_entries is not None:
-        for index, count in enumerate(entries):
+        # Counted before any event is built: building participants is the costly part.
+        entries = 0
+        for index, item in enumerate(items):
+            count = len(_listed(item) or ())
             if count > max_entries:
                 raise MalformedNotification(
                     "too_many_participants",
                     f"value[{index}] lists {count} participants, at most {max_entries}",
                 )
-        if sum(entries) > max_entries:
+            entries += count
+        if entries > max_entries:
             # Items of empty participants ({}: 3 bytes each) would build a million per body.
             raise MalformedNotification(
                 "too_many_participants",
-                f"the request lists {sum(entries)} participants, at most {max_entries} in all",
+                f"the request lists {entries} participants, at most {max_entries} in all",
             )
     part: list[Event] = []
     weight = 0
@@ -396,11 +398,6 @@ def _listed(item: Any) -> list[Any] | None:
     if isinstance(data, dict):
         data = data.get("participants")
     return data if isinstance(data, list) else None
-
-
-def _entries_in(item: Any) -> int:
-    """How many participants (or other entries) an item's ``resourceData`` lists."""
-    return len(_listed(item) or ())
 
 
 def _event_for(
@@ -533,8 +530,8 @@ def _tenant_of(
         item.get("tenantId"),
         envelope.get("tenantId"),
     ):
-        if not tenant or not isinstance(tenant, str):
-            continue
+        if not tenant or not isinstance(tenant, str) or tenant == proven:
+            continue  # none, or the token's as the token writes it: the usual notification
         if proven_key is not None and tenant_key(tenant) != proven_key:
             raise MalformedNotification(
                 "tenant_mismatch", "a notification names another tenant than its token"
@@ -706,7 +703,7 @@ def _call_event(change_type: str, data: Any, common: dict[str, Any], lines: Any)
         return _new(UnknownNotification, common, resource_data=data)
     call = _typed_one(_validator(models.Call), body, common, lines)
     claimed, proven = call.tenant_id, common["tenant_id"]
-    if claimed and proven and tenant_key(claimed) != tenant_key(proven):
+    if claimed and proven and claimed != proven and tenant_key(claimed) != tenant_key(proven):
         # However the body spelled it (in a list, as "tenant_id"): the call's tenant is one.
         raise MalformedNotification(
             "tenant_mismatch", "a notification names another tenant than its token"

@@ -741,6 +741,34 @@ def test_tenant_id_from_the_item_or_envelope() -> None:
     assert _one(item, tenantId="t-top").tenant_id == "t-top"
 
 
+@pytest.mark.parametrize("where", ["resourceData", "tenant_id", "item", "envelope"])
+@pytest.mark.parametrize(
+    ("named", "refused"),
+    [("T-1", False), ("t-1", False), ("T-1 ", True), ("T-2", True), ("", False)],
+)
+def test_a_tenant_named_in_any_case_is_the_token_s(where: str, named: str, refused: bool) -> None:
+    item: dict[str, Any] = {
+        "changeType": "updated",
+        "resourceUrl": CALL_PATH,
+        "resourceData": {"state": "established"},
+    }
+    envelope: dict[str, Any] = {}
+    if where == "item":
+        item["tenantId"] = named
+    elif where == "envelope":
+        envelope["tenantId"] = named
+    else:
+        item["resourceData"]["tenantId" if where == "resourceData" else where] = named
+    body = _notification(item, **envelope)
+    if refused:
+        with pytest.raises(MalformedNotification) as info:
+            parse_body(body, tenant_id="T-1")
+        assert info.value.reason == "tenant_mismatch"
+    else:
+        (event,) = parse_body(body, tenant_id="T-1")
+        assert event.tenant_id == "T-1"
+
+
 def test_full_url_and_api_version_paths() -> None:
     event = _one(
         {

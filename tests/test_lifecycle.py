@@ -58,6 +58,17 @@ def lifecycle(
     return Lifecycle(**settings)
 
 
+async def test_a_call_belongs_to_its_tenant_however_a_token_spells_it() -> None:
+    lifecycle = Lifecycle(termination_grace=30)
+    lifecycle.life("C-1", "Tenant-A")
+    for spelling in ("Tenant-A", "tenant-a", "TENANT-A"):
+        assert not lifecycle.belongs_elsewhere("c1", spelling)
+    assert lifecycle.belongs_elsewhere("C-1", "Tenant-B")
+    assert lifecycle.belongs_elsewhere("C-1", "Tenant-A ")
+    assert not lifecycle.belongs_elsewhere("C-1", None)
+    assert not lifecycle.belongs_elsewhere("other", "Tenant-B")
+
+
 async def test_a_state_is_new_once(clock: Clock) -> None:
     calls = lifecycle()
     life = calls.life(CALL_ID)
