@@ -155,6 +155,7 @@ async def test_disorderly_delivery_still_reaches_handlers_once_and_in_order() ->
         await call.press("1")
         await call.hangup()
         await until(lambda: "terminated" in labels(seen))
+        await sim.settled()
         posted = [t.summary for t in sim.traffic if t.kind == "notification"]
     assert posted.index("call established") < posted.index("call establishing")
     assert posted.count("call established") == 2
@@ -1660,6 +1661,7 @@ async def test_the_simulator_posts_what_a_recorded_teams_call_posted() -> None:
         await call.hangup()
         await call.wait_until_ended()
         await until(lambda: "terminated" in labels(seen, call.id))
+        await sim.settled()
         posted = [item for t in sim.traffic if t.kind == "notification" for item in t.body["value"]]
     ended = next(e for e in seen if isinstance(e, events.CallTerminated))
     assert ended.result_info is not None
@@ -1716,6 +1718,7 @@ async def test_inviting_several_people_ends_as_graph_documents_it() -> None:
         call = await sim.wait_for_outgoing_call()
         await until(lambda: bool(done))
         await until(lambda: len(call.roster) == 5)
+        await sim.settled()
         posted = [item for t in sim.traffic if t.kind == "notification" for item in t.body["value"]]
     ((operation_id, final),) = done
     assert final.status == "completed"

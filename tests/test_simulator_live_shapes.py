@@ -114,6 +114,7 @@ async def test_a_tone_carries_what_a_live_teams_tone_carries_and_no_chain_id() -
         call = await sim.incoming_call()
         await call.press("1")
         await until(lambda: bool(tones))
+        await call.settled()
         posted = posted_items(sim.traffic)
     [tone] = [i for i in posted if "toneInfo" in (i.get("resourceData") or {})]
     recorded = recorded_item("sb04-p2p-simpletest-p2ptest1event4tonepress.json")
@@ -231,6 +232,7 @@ async def test_a_call_the_bot_placed_is_established_as_a_live_one_with_its_direc
             await bot.create_call(Target.user("user-1", "Lee Gu"))
         call = await sim.wait_for_outgoing_call()
         await until(lambda: bool(established))
+        await call.settled()
         posted = posted_items(sim.traffic)
     assert established[0].call.direction == "outgoing"
     calls = [i for i in posted if isinstance(i.get("resourceData"), dict)]
@@ -263,6 +265,7 @@ async def test_a_rejected_call_ends_as_graph_documents_it_with_no_state() -> Non
         call = await sim.incoming_call()
         await call.wait_until_ended()
         await until(lambda: bool(ended))
+        await call.settled()
         posted = posted_items(sim.traffic)
     assert call.states == ["incoming", "terminated"]
     assert ended[0].state == "terminated"
@@ -289,8 +292,9 @@ async def test_a_joined_meeting_is_establishing_and_established_with_its_chat_an
 
     async with run_with_simulator(bot) as sim:
         await bot.join_meeting(MEETING_URL)
-        await sim.wait_for_outgoing_call()
+        call = await sim.wait_for_outgoing_call()
         await until(lambda: len(moves) == 2)
+        await call.settled()
         posted = posted_items(sim.traffic)
     for event in moves:
         assert event.call.chat_info is not None
@@ -899,6 +903,7 @@ async def test_a_bot_called_on_its_application_instance_is_that_instance_in_the_
     async with run_with_simulator(bot, tenant_id=data["tenantId"]) as sim:
         await sim.post(incoming)
         await until(lambda: bool(rosters))
+        await sim.settled()
         bodies = [t.body for t in sim.traffic if t.kind == "notification"]
     me = bot_in(rosters[0], data["myParticipantId"])
     assert me.id == target["id"]

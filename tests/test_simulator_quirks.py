@@ -73,6 +73,7 @@ async def answered_call_with_a_prompt(delivery: DeliveryOptions) -> tuple[list[s
         await until(lambda: bool(outcomes))
         await call.hangup()
         await until(lambda: "established->terminated" in seen)
+        await sim.settled()
         posted = [t.body for t in sim.traffic if t.kind == "notification"]
     return [*seen, *outcomes], posted
 
@@ -91,6 +92,7 @@ async def placed_call_into_a_meeting(delivery: DeliveryOptions) -> tuple[list[st
         await placed.hangup()
         await call.wait_until_ended()
         await until(lambda: "terminating->terminated" in seen)
+        await sim.settled()
         posted = [t.body for t in sim.traffic if t.kind == "notification"]
     return seen, posted
 
@@ -177,6 +179,7 @@ async def digits_collected(delivery: DeliveryOptions) -> tuple[list[str], list[i
         await call.press("9")
         await until(lambda: len(collected) == 2)
         await call.hangup()
+        await sim.settled()
         posted = [t.body for t in sim.traffic if t.kind == "notification"]
     sequence = [
         item["resourceData"]["toneInfo"].get("sequenceId")

@@ -1734,7 +1734,9 @@ class Simulator:
         self.authority = TokenAuthority(key_file=key_file)
         """The token issuer whose keys the bot must trust (``openid_config_url``)."""
         self.traffic: list[Traffic] = []
-        """Everything that happened, in order."""
+        """Everything that happened, in order. A notification is kept once the bot has
+        answered its POST, so its handlers may have run before it is here: ``await
+        sim.settled()`` first to read all that was posted."""
         self.observers: list[Callable[[Traffic], None]] = list(observers)
         """Called with each :class:`Traffic` as it happens (the demo prints them)."""
         self.calls: list[SimulatedCall] = []
