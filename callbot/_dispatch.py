@@ -27,7 +27,7 @@ from ._errors import CallEnded, OperationFailed
 from ._journal import Attempt
 from ._journal import _current as _current_attempt
 from ._log import RateLimitedLog, get_logger
-from ._sequencing import Delivery, backlog_full
+from ._sequencing import Delivery
 
 if TYPE_CHECKING:
     from .graph import Call
@@ -216,8 +216,6 @@ class Dispatcher:
         self._handle = handle
         self._slots = _Slots(max_concurrent)
         self._queues: dict[str, deque[tuple[Delivery, Done | None]]] = {}
-        self._queued_bytes: dict[str, int] = {}
-        """What each call's queued deliveries take (``Delivery.size``), while it has any."""
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._observe = observe
         self._idle_listeners: list[Callable[[str], None]] = []
@@ -247,16 +245,6 @@ class Dispatcher:
         self._delivery_listeners.append(listener)
         return lambda: self._delivery_listeners.remove(listener)
 
-    def backlog(self, call_key: str) -> tuple[int, int]:
-        """How many deliveries of the call wait or run, and what they take in bytes."""
-        queue = self._queues.get(call_key)
-        return (0, 0) if queue is None else (len(queue), self._queued_bytes[call_key])
-
-    def full(self, call_key: str) -> bool:
-        """Whether the call's backlog refuses its next notification (:func:`backlog_full`)."""
-        queue = self._queues.get(call_key)
-        return queue is not None and backlog_full(len(queue), self._queued_bytes[call_key])
-
     @property
     def queued(self) -> int:
         """Deliveries waiting or running."""
@@ -268,22 +256,23 @@ class Dispatcher:
         return len(self._workers)
 
     def submit(self, delivery: Delivery, done: Done | None = None) -> None:
-        """Queue a delivery behind its call's earlier ones; ``done(delivery)`` is told
-        once all its handlers ran (a shared store acknowledges it then)."""
+        """Queue a delivery behind its call's earlier ones; ``done(delivery)`` is told once
+        all its handlers ran, at once if none would (its store acknowledges it then, and no
+        longer counts it in the call's backlog)."""
         for listener in self._delivery_listeners:
             listener(delivery.event)
         key = delivery.life.key  # the event's call key: the sequencer finds the life by it
         queue = self._queues.get(key)
         if queue is None:
-            if done is None and not self._registry.wants(type(delivery.event)):
+            if not self._registry.wants(type(delivery.event)):
                 # No handler and nothing queued before it: no task, no call handle. (Only the
                 # type is looked at: a handler's ``matches`` never runs inside the request.)
                 self.counts["handled"] += 1
+                if done is not None:
+                    done(delivery)
                 return
             queue = self._queues[key] = deque()
-            self._queued_bytes[key] = 0
         queue.append((delivery, done))
-        self._queued_bytes[key] += delivery.size
         if key not in self._workers:
             # Keep a reference: an unreferenced task can be collected mid-flight. Unnamed: a
             # name costs as much as the rest of creating the task.
@@ -314,13 +303,11 @@ class Dispatcher:
                 delivery, done = queue[0]
                 await self._run(delivery)
                 queue.popleft()
-                self._queued_bytes[key] -= delivery.size
                 if done is not None:
                     done(delivery)
         finally:
             if not queue:
                 self._queues.pop(key, None)
-                self._queued_bytes.pop(key, None)
             del self._workers[key]
             if not queue:
                 for listener in self._idle_listeners:

@@ -510,6 +510,89 @@ async def test_an_event_no_handler_wants_costs_no_task_and_no_handle() -> None:
     await services.close()
 
 
+def blocked_memory_bot(
+    tone_fails: str,
+) -> tuple[MemoryStore, Dispatcher, Lifecycle, asyncio.Event, list[str], CallServices]:
+    """A memory store whose tone handler waits for the returned event, then raises for
+    ``tone_fails``; a window no test waits out."""
+    settings = Settings(app_id="a", reorder_window=60)
+    services = CallServices(settings)
+    lifecycle = Lifecycle(termination_grace=settings.termination_grace)
+    registry = HandlerRegistry()
+    gate = asyncio.Event()
+    ran: list[str] = []
+
+    async def on_tone(call: Call, event: events.ToneReceived) -> None:
+        await gate.wait()
+        ran.append(event.tone)
+        if event.tone == tone_fails:
+            raise RuntimeError("a bug of the handler's")
+
+    registry.add(events.ToneReceived, on_tone)
+    dispatcher = Dispatcher(registry, handle_for(services))
+    store = open_store(settings, dispatcher=dispatcher, lifecycle=lifecycle, outcomes=services)
+    assert isinstance(store, MemoryStore)
+    return store, dispatcher, lifecycle, gate, ran, services
+
+
+async def established_with_tones(store: MemoryStore, call: str) -> None:
+    """Tones 1 and 2 of an established call handed on, tone 4 held for tone 3."""
+    states = [b.call_state(call, "establishing"), b.call_state(call, "established")]
+    await store.ingest([one(b.incoming_call(call)), *(one(item) for item in states)])
+    # No handler wants them: done as they were handed on.
+    assert store.backlog(id_key(call)) == (0, 0)
+    await store.ingest([one(b.tone(call, f"tone{n}", n)) for n in (1, 2, 4)])
+    await store.ingest([one(b.tone(call, "tone1", 1))])  # a repeat: dropped, never counted
+    record = store.known(id_key(call))
+    assert record is not None
+    assert len(record.held) == 1
+    entries, size = store.backlog(id_key(call))
+    assert entries == 2
+    assert size > 0
+
+
+async def test_a_calls_backlog_counts_deliveries_until_their_handlers_finish() -> None:
+    """The memory store counts what it hands a call's handlers until they finished, a handler
+    that raised included: what is dropped or held is not counted, and the count goes back to
+    nothing once the handlers caught up."""
+    store, dispatcher, _, gate, ran, services = blocked_memory_bot("tone2")
+    key = id_key("c")
+    await established_with_tones(store, "c")
+    await store.ingest([one(b.tone("c", "tone3", 3))])  # lets tone 4 out of the window
+    assert store.backlog(key)[0] == 4
+    gate.set()
+    await until(lambda: not dispatcher.busy_with(key))
+    assert ran == ["tone1", "tone2", "tone3", "tone4"]
+    assert dispatcher.counts["handler_errors"] == 1
+    assert store.backlog(key) == (0, 0)
+    await store.close()
+    await services.close()
+
+
+async def test_a_calls_backlog_is_let_go_when_it_is_forgotten_or_the_bot_stops() -> None:
+    """Deliveries of a call forgotten while they run are counted until they finish (what it
+    held is dropped uncounted); what a shutdown abandons is let go with the store."""
+    store, dispatcher, lifecycle, gate, _, services = blocked_memory_bot("tone1")
+    forgotten, stopped = id_key("forgotten"), id_key("stopped")
+    await established_with_tones(store, "forgotten")
+    await established_with_tones(store, "stopped")
+    lifecycle._forget(forgotten, "gone")
+    assert store.known(forgotten) is None
+    assert store.backlog(forgotten)[0] == 2
+    await store.drain(1.0)  # the held tone 4 of the call still known goes now
+    assert store.backlog(stopped)[0] == 3
+    gate.set()
+    await until(lambda: not dispatcher.busy_with(forgotten) and not dispatcher.busy_with(stopped))
+    assert store.backlog(forgotten) == store.backlog(stopped) == (0, 0)
+    gate.clear()
+    await store.ingest([one(b.tone("stopped", "tone5", 5))])
+    assert len(await dispatcher.join(0)) == 1
+    assert store.backlog(stopped)[0] == 1
+    await store.close()
+    assert store.backlog(stopped) == (0, 0)
+    await services.close()
+
+
 async def test_a_failing_matches_is_a_handler_error_outside_the_request() -> None:
     registry = HandlerRegistry()
     ran: list[str] = []

@@ -32,7 +32,7 @@ from callbot import Call, CallBot, GraphError, Target, current_attempt, events, 
 from callbot._ids import id_key
 from callbot._lifecycle import ENDED_MEMORY
 from callbot._sequencing import MAX_BACKLOG_BYTES, MAX_HELD_BYTES, roster_key
-from callbot.store import _redis
+from callbot.store import MemoryStore, _redis
 from callbot.store._codec import encode_record
 from callbot.testing import TEST_TENANT_ID, FakeGraph, FakeResponse, TokenAuthority
 from callbot.testing import builders as b
@@ -1133,12 +1133,17 @@ async def test_a_window_flooded_past_its_bytes(parity: Any) -> None:
     released = [line for line in logs if line["event"] == "held_notification_released"]
     # One line per group: the memory bot's, and the Redis instance's that ran the call.
     assert [line["reason"] for line in released] == ["backlog_full"] * len(groups.groups)
+    for group in groups.groups:
+        # What the window let go was counted in the call's backlog until its handlers ran.
+        assert await backlog_bytes(group, call) == 0, group.name
 
 
 async def backlog_bytes(group: Group, call: str) -> int:
     """What the call's accepted notifications not yet done take, as its store counts them."""
     if group.client is None:
-        return group.bots[0]._running().dispatcher.backlog(id_key(call))[1]
+        store = group.bots[0]._running().store
+        assert isinstance(store, MemoryStore)
+        return store.backlog(id_key(call))[1]
     fence = _redis._Keys(KEY_PREFIX).of(id_key(call), "fence")[0]
     return int(await group.client.hget(fence, "b") or 0)
 

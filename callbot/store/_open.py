@@ -34,7 +34,6 @@ def open_store(
             settings=settings,
             lifecycle=lifecycle,
             outcomes=outcomes,
-            full=dispatcher.full,
         )
     try:
         from ._redis import RedisStore
