@@ -96,8 +96,8 @@ SEEN_DIGESTS = 128
 _MAX_BACKLOG = 1000
 MAX_HELD_BYTES = 32 * 1024 * 1024
 """What the events a call holds in its reorder window take at most, in bytes of JSON (their
-data as Graph sent it, counted as it is digested), from the first held until none is: a real
-call's window holds a few notifications (recorded Teams bodies take 2 to 10 KB; a meeting's
+data as Graph sent it, counted as it is digested; what leaves the window no longer counts): a
+real call's window holds a few notifications (recorded Teams bodies take 2 to 10 KB; a meeting's
 whole roster, at most ``max_body_bytes``, 4 MiB). Past that, what is held goes at once, as
 past 1,000 events (``backlog_full``): nothing accepted is lost."""
 # A call's backlog bounds are twice its window's: a shared store's inbox counts what the window
@@ -487,8 +487,10 @@ class CallRecord:
     """Events waiting for the window: one that came before the state it follows (a state
     past ``establishing``, a tone, a roster of a call being set up), then later ones."""
     held_bytes: int = 0
-    """What the events held since ``held`` was last empty take, in bytes of JSON (those let go
-    meanwhile included: at least what ``held`` takes), bounded by :data:`MAX_HELD_BYTES`."""
+    """What the events in ``held`` take, in bytes of JSON (each as counted when it was digested),
+    bounded by :data:`MAX_HELD_BYTES`."""
+    held_sizes: dict[int, int] = field(default_factory=dict)
+    """What each event in ``held`` takes, by its ``id``: subtracted as it leaves the hold."""
     hold_timer: asyncio.TimerHandle | None = None
     tone_next: int | None = None
     """The ``sequenceId`` after the call's last tone delivered (:func:`tone_waits`)."""
@@ -999,7 +1001,7 @@ class Sequencer:
         else:
             record.held.append(event)
             _note_held(record, event)
-        record.held_bytes += self._arriving_size(event)
+        self._count_held(record, event)
         if phase is not None and phase >= _TERMINATING:
             # The call is ending: nothing is left to wait for.
             self._release(record, "call_ending")
@@ -1029,7 +1031,7 @@ class Sequencer:
         if may_hold and _early(event, record):
             record.held.append(event)
             _note_held(record, event)
-            record.held_bytes += self._arriving_size(event)
+            self._count_held(record, event)
             if record.hold_timer is None:
                 # One window from the first hold: a predecessor held behind it waits no longer.
                 record.hold_timer = asyncio.get_running_loop().call_later(
@@ -1058,6 +1060,7 @@ class Sequencer:
         the first still early on, they wait on (within the same window)."""
         ordered, record.held = _in_lifecycle_order(record.held, record.phase), []
         record.waiting_tones = []
+        sizes = record.held_sizes
         for index, event in enumerate(ordered):
             if _early(event, record):
                 record.held = ordered[index:]
@@ -1068,8 +1071,8 @@ class Sequencer:
                     if isinstance(e, events.ToneReceived) and e.sequence_id is not None
                 ]
                 return
+            record.held_bytes -= sizes.pop(id(event))
             self._admit(record, event, may_hold=False)
-        record.held_bytes = 0
         if record.hold_timer is not None:
             record.hold_timer.cancel()
             record.hold_timer = None
@@ -1080,6 +1083,7 @@ class Sequencer:
         skipped = False
         held, record.held, record.waiting_tones = record.held, [], []
         record.held_bytes = 0
+        record.held_sizes.clear()
         if record.hold_timer is not None:
             record.hold_timer.cancel()
             record.hold_timer = None
@@ -1186,16 +1190,17 @@ class Sequencer:
             record.snapshot, record.snapshot_bytes = None, 0
             record.roster, record.roster_sizes, record.roster_bytes = {}, {}, 0
             stranded, record.held, record.waiting_tones = record.held, [], []
-            record.held_bytes = 0
             for straggler in stranded:
+                record.held_bytes -= record.held_sizes.pop(id(straggler))
                 self._drop(straggler, "after_end")
 
-    def _arriving_size(self, event: events.Event) -> int:
-        """What ``event``, the one being accepted, takes in bytes of JSON, as counted when it
-        was digested: only an arriving event is ever held (a release holds none)."""
+    def _count_held(self, record: CallRecord, event: events.Event) -> None:
+        """Count ``event``, held just now, in what the call holds: what it takes in bytes of
+        JSON, as counted when it was digested (only an arriving event is ever held)."""
         arrived, written = self._arriving
         assert arrived is event.raw
-        return written
+        record.held_sizes[id(event)] = written
+        record.held_bytes += written
 
     def _measured(
         self, record: CallRecord, merged: CallResource

@@ -1351,6 +1351,35 @@ async def test_what_a_call_holds_in_its_window_stays_within_its_bytes() -> None:
     seq.close()
 
 
+async def test_what_leaves_a_calls_window_no_longer_counts_against_its_bytes() -> None:
+    """A tone's predecessor lets part of what a call holds go: what went no longer counts in
+    the window's bytes, so what still waits is released for ``MAX_HELD_BYTES`` only once it
+    alone would take the window past them."""
+    sink = Sink()
+    seq = sink.sequencer(window=300)  # the window never closes in this test
+    _established(seq)
+    seq.accept(one(b.tone("c", "tone1", 1)))
+    seq.accept(one(b.tone("c", "tone3", 3)))  # waits for tone 2
+    half = MAX_HELD_BYTES // FLOOD_ITEM_BYTES // 2
+    for n in range(half):
+        seq.accept(one(flood_item("c", n)))
+    record = seq.record(id_key("c"))
+    assert record is not None
+    before = record.held_bytes
+    seq.accept(one(b.tone("c", "tone5", 5)))  # waits for tone 4, and what came behind it too
+    for n in range(half, 2 * half):
+        seq.accept(one(flood_item("c", n)))
+    behind = record.held_bytes - before
+    seq.accept(one(b.tone("c", "tone2", 2)))  # tone 3 goes, and what it held up
+    assert len(record.held) == 1 + half
+    assert record.held_bytes == behind
+    for n in range(2 * half, 2 * half + half // 2):
+        seq.accept(one(flood_item("c", n)))
+    assert seq.counts["released_alone"] == 0  # what waits is within the bound by itself
+    assert len(record.held) == 1 + half + half // 2
+    seq.close()
+
+
 async def test_a_window_past_its_bytes_goes_at_once_in_arrival_order() -> None:
     """What a call holds goes as it does past 1,000 events once its bytes would pass
     ``MAX_HELD_BYTES``: every event delivered once, in the order it came, with one line."""
