@@ -17,8 +17,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import structlog
-
 from . import events
 from ._affinity import DeploymentChooser
 from ._callables import calls_a_coroutine, handler_name, is_an_object
@@ -26,7 +24,7 @@ from ._clock import loop_time, wait_all
 from ._errors import CallEnded, OperationFailed
 from ._journal import Attempt
 from ._journal import _current as _current_attempt
-from ._log import RateLimitedLog, get_logger
+from ._log import RateLimitedLog, context_variable, get_logger
 from ._sequencing import Delivery
 
 if TYPE_CHECKING:
@@ -41,6 +39,8 @@ __all__ = [
 ]
 
 log = get_logger("callbot.dispatch")
+# The call_id every line of a handler run carries.
+_LOGGED_CALL_ID = context_variable("call_id")
 
 E = TypeVar("E", bound=events.Event)
 Handler = Callable[["Call", E], Awaitable[None]]
@@ -319,7 +319,7 @@ class Dispatcher:
         # The worker task's context is its own: set per delivery, never reset.
         # The form the call was first seen in: every line of the call carries the same id.
         call_id = delivery.life.call_id
-        structlog.contextvars.bind_contextvars(call_id=call_id)
+        _LOGGED_CALL_ID.set(call_id)
         _current_attempt.set(delivery.attempt)
         try:
             registrations = self._registry.matching(event)

@@ -16,12 +16,29 @@ from structlog._config import _CONFIG
 
 from ._clock import loop_time
 
-__all__ = ["LINES_PER_SECOND", "RateLimitedLog", "configure_logging", "get_logger", "is_enabled"]
+__all__ = [
+    "LINES_PER_SECOND",
+    "RateLimitedLog",
+    "configure_logging",
+    "context_variable",
+    "get_logger",
+    "is_enabled",
+]
 
 
 def get_logger(name: str) -> Any:
     """A structlog logger; lines carry whatever ``call_id`` is bound in context."""
     return structlog.get_logger(name)
+
+
+def context_variable(key: str) -> contextvars.ContextVar[Any]:
+    """The context variable ``structlog.contextvars`` keeps ``key`` in: setting it binds
+    ``key`` for every line written in the context, as ``bind_contextvars(key=...)`` does,
+    without that function's loop and dict of tokens (a hot path binds once per delivery)."""
+    # Bound and reset at once: the variable is made, and nothing is left bound.
+    tokens = structlog.contextvars.bind_contextvars(**{key: None})
+    structlog.contextvars.reset_contextvars(**tokens)
+    return tokens[key].var
 
 
 # Each level filter make_filtering_bound_logger builds (one class per level, created once),

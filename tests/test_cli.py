@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import io
 import json
 import logging
@@ -17,7 +18,7 @@ import pytest
 import structlog
 
 import callbot
-from callbot._log import configure_logging
+from callbot._log import configure_logging, context_variable
 
 BOT_MODULE = """
 import logging
@@ -313,6 +314,29 @@ def test_stdlib_lines_carry_the_bound_call_id_and_honour_the_level(
     assert lines[0]["event"] == "pressed 1"
     assert lines[0]["call_id"] == "call-1"
     assert lines[0]["level"] == "debug"
+
+
+@pytest.mark.usefixtures("logging_restored")
+def test_a_context_variable_set_binds_its_key_for_lines_of_that_context(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    configure_logging("json", "info")
+    variable = context_variable("call_id")
+    assert structlog.contextvars.get_contextvars() == {}  # made, nothing left bound
+    log = structlog.get_logger("handlers")
+
+    def in_a_run() -> None:
+        variable.set("call-2")
+        log.info("answered")
+
+    contextvars.copy_context().run(in_a_run)
+    log.info("outside")
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert [(line["event"], line.get("call_id")) for line in lines] == [
+        ("answered", "call-2"),
+        ("outside", None),
+    ]
+    assert context_variable("call_id") is variable  # one variable per key, as structlog keeps
 
 
 @pytest.mark.usefixtures("logging_restored")

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, assert_type
 
 import pytest
+import structlog
 from structlog.testing import capture_logs
 
 from callbot import Call, CallBot, events
@@ -354,6 +355,23 @@ async def test_handler_errors_go_to_on_error_and_affect_nothing_else(
     await until(lambda: len(after) >= 2)
     assert errors == [("bad", "IncomingCall", "boom")]
     assert sorted(after) == ["bad", "good"]
+
+
+async def test_each_handler_run_has_its_own_call_id_bound_for_its_lines(
+    authority: Any, serve: Any
+) -> None:
+    bot = make_bot(authority)
+    seen: list[tuple[str, Any]] = []
+
+    @bot.on_incoming_call
+    async def answer(call: Call, event: events.IncomingCall) -> None:
+        seen.append((call.id, structlog.contextvars.get_contextvars().get("call_id")))
+
+    server = await serve(bot)
+    await server.post(b.notifications(b.incoming_call("c-one"), b.incoming_call("C-Two")))
+    await until(lambda: len(seen) >= 2)
+    assert sorted(seen) == [("C-Two", "C-Two"), ("c-one", "c-one")]
+    assert "call_id" not in structlog.contextvars.get_contextvars()  # the request's is untouched
 
 
 async def test_handler_error_without_on_error_is_logged_with_call_id(
