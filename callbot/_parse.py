@@ -524,7 +524,6 @@ def _tenant_of(
 ) -> str | None:
     """The tenant the token proves (``proven``), else the first the notification names."""
     named: str | None = None
-    proven_key = tenant_key(proven) if proven is not None else None
     for tenant in (
         data.get("tenantId") if isinstance(data, dict) else None,
         item.get("tenantId"),
@@ -532,7 +531,8 @@ def _tenant_of(
     ):
         if not tenant or not isinstance(tenant, str) or tenant == proven:
             continue  # none, or the token's as the token writes it: the usual notification
-        if proven_key is not None and tenant_key(tenant) != proven_key:
+        # Lowered only here, for a tenant spelled otherwise than the token's (rare).
+        if proven is not None and tenant_key(tenant) != tenant_key(proven):
             raise MalformedNotification(
                 "tenant_mismatch", "a notification names another tenant than its token"
             )
