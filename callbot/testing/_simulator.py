@@ -30,6 +30,11 @@ and the call's later notifications go there too:
   :meth:`Simulator.queue_outgoing`); a call placed through Graph's beta ``ringing``
   after ``establishing``.
 
+An action the call's state does not take is refused (``409``, the simulator's own status:
+Graph documents none): ``answer``, ``reject`` or ``redirect`` of a call no longer
+``incoming``, and an action on a call in progress (``playPrompt``, ``mute``, ``transfer``,
+...) before it is ``established``.
+
 A scripted caller (:class:`SimulatedCall`) calls in, presses keys, joins and
 leaves a meeting's roster, and hangs up. Every notification and every request
 is kept in :attr:`Simulator.traffic` and shown to :attr:`Simulator.observers`.
@@ -121,6 +126,31 @@ MAX_REDIRECTS = 5
 """How many ``302 Found`` in a row the simulator follows for one notification (a loop ends)."""
 
 _MEDIA_ACTIONS = frozenset({"playPrompt", "recordResponse"})
+# Graph's pages: answer, reject ("doesn't end existing calls that have already been
+# answered") and redirect ("an incoming call that hasn't been answered or rejected yet").
+_ON_AN_INCOMING_CALL = frozenset({"answer", "reject", "redirect"})
+# Actions on a call in progress ("transfer an active call", "invite ... to the active call"):
+# none before the call is established.
+_ON_A_CONNECTED_CALL = frozenset(
+    {
+        "playPrompt",
+        "recordResponse",
+        "cancelMediaProcessing",
+        "subscribeToTone",
+        "sendDtmfTones",
+        "mute",
+        "unmute",
+        "transfer",
+        "updateRecordingStatus",
+        "changeScreenSharingRole",
+        "addLargeGalleryView",
+        "invite",
+        "muteParticipant",
+        "startHoldMusic",
+        "stopHoldMusic",
+    }
+)
+_NOT_CONNECTED_YET = frozenset({"incoming", "establishing", "ringing"})
 _OK = 200
 _CANCELED = {"code": 400, "subcode": 8508, "message": "Action failed, the operation was cancelled."}
 _DONE = {"code": 200, "subcode": 0, "message": "Action completed successfully."}
@@ -1367,8 +1397,12 @@ class SimulatedCall:
 
     def _refuses(self, request: RecordedRequest) -> tuple[int, str, str] | None:
         """What Graph refuses of a request about this call, as ``(status, code, message)``:
-        several invitees at once to a P2P call (Graph supports that only in group calls, and
+        an action the call's state does not allow (see :meth:`_out_of_state`), and several
+        invitees at once to a P2P call (Graph supports that only in group calls, and
         documents no error for it: the 400 is the simulator's own)."""
+        refusal = self._out_of_state(request.action)
+        if refusal is not None:
+            return refusal
         body = request.json if isinstance(request.json, Mapping) else {}
         invitees = body.get("participants")
         several = isinstance(invitees, list) and len(invitees) > 1
@@ -1380,6 +1414,31 @@ class SimulatedCall:
             "Inviting several participants in one request is supported only in a group "
             "call, and this call is peer-to-peer: invite one (the call then grows into a "
             "meeting), then the others (the simulator's own error: Graph documents none)",
+        )
+
+    def _out_of_state(self, action: str) -> tuple[int, str, str] | None:
+        """A refusal of ``action`` in the state the call is in on Graph's side: ``answer``,
+        ``reject`` and ``redirect`` only while it is ``incoming`` (once), and what acts on a
+        call in progress (prompts, recordings, tones, mute, transfer, invitations, ...) not
+        before it is ``established``. Graph's pages say so, but not how Graph answers: the
+        ``409 Conflict`` (Graph's documented status for a request its resource's current
+        state conflicts with) is the simulator's own."""
+        known = self._sim.graph.calls.get(self.key)
+        state = known.resource.get("state") if known is not None else None
+        if not isinstance(state, str):
+            return None
+        state = models.canonical_call_state(state)
+        if action in _ON_AN_INCOMING_CALL and state != "incoming":
+            needs = "an incoming call not yet answered, rejected or redirected"
+        elif action in _ON_A_CONNECTED_CALL and state in _NOT_CONNECTED_YET:
+            needs = "an established call"
+        else:
+            return None
+        return (
+            409,
+            "Conflict",
+            f"The call is {state}: {action} needs {needs} (the simulator's own error: "
+            "Graph documents no error for an action in the wrong state)",
         )
 
     def _escalate(self) -> None:
