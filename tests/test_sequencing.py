@@ -1566,6 +1566,15 @@ async def test_an_incoming_call_keeps_the_bot_s_own_participant_id_it_came_with(
     seq.close()
 
 
+def assert_same_model(ours: Any, theirs: Any) -> None:
+    """``ours`` is the model pydantic's own copy gives: type, values, fields set, extras."""
+    assert type(ours) is type(theirs)
+    assert ours == theirs
+    assert ours.model_fields_set == theirs.model_fields_set
+    assert ours.model_extra == theirs.model_extra
+    assert ours.model_dump() == theirs.model_dump()
+
+
 @pytest.mark.parametrize(
     ("model", "update"),
     [
@@ -1588,12 +1597,7 @@ async def test_an_incoming_call_keeps_the_bot_s_own_participant_id_it_came_with(
 def test_a_delivery_copy_is_the_copy_pydantic_makes(model: Any, update: dict[str, Any]) -> None:
     before = model.model_copy(deep=True)
     ours = sequencing._copied(model, update)
-    theirs = model.model_copy(update=update)
-    assert type(ours) is type(theirs)
-    assert ours == theirs
-    assert ours.model_fields_set == theirs.model_fields_set
-    assert ours.model_extra == theirs.model_extra
-    assert ours.model_dump() == theirs.model_dump()
+    assert_same_model(ours, model.model_copy(update=update))
     # The original is left as it was, and shares no container the copy changes.
     assert model == before
     assert model.model_fields_set == before.model_fields_set
@@ -1641,12 +1645,7 @@ def test_a_merged_snapshot_is_the_copy_pydantic_makes(
     before, after = models.Call.model_validate(old), models.Call.model_validate(new)
     kept = before.model_copy(deep=True)
     ours = sequencing._merge(before, after)
-    theirs = _merged_plainly(before, after)
-    assert type(ours) is type(theirs)
-    assert ours == theirs
-    assert ours.model_fields_set == theirs.model_fields_set
-    assert ours.model_extra == theirs.model_extra
-    assert ours.model_dump() == theirs.model_dump()
+    assert_same_model(ours, _merged_plainly(before, after))
     assert before == kept
     assert before.model_fields_set == kept.model_fields_set
     assert ours.model_extra is not before.model_extra

@@ -36,6 +36,15 @@ ON_A_CONNECTED_CALL: dict[str, Action] = {
 }
 
 
+async def refusal(action: Awaitable[Any]) -> BaseException | None:
+    """The GraphError ``action`` raised, if any."""
+    try:
+        await action
+    except GraphError as exc:
+        return exc
+    return None
+
+
 def assert_refused(error: BaseException | None, action: str, state: str) -> None:
     assert isinstance(error, GraphError), error
     assert (error.status, error.code) == (409, "Conflict")
@@ -51,12 +60,7 @@ async def test_an_action_on_an_incoming_call_not_yet_answered_is_refused(action:
 
     @bot.on_incoming_call
     async def too_early(call: Call, event: events.IncomingCall) -> None:
-        try:
-            await ON_A_CONNECTED_CALL[action](call)
-        except GraphError as exc:
-            refused.append(exc)
-        else:
-            refused.append(None)
+        refused.append(await refusal(ON_A_CONNECTED_CALL[action](call)))
         await call.answer()
 
     async with run_with_simulator(bot) as sim:
@@ -84,12 +88,7 @@ async def test_an_answered_call_cannot_be_answered_rejected_or_redirected(second
     @bot.on_incoming_call
     async def twice(call: Call, event: events.IncomingCall) -> None:
         await call.answer()
-        try:
-            await again[second](call)
-        except GraphError as exc:
-            refused.append(exc)
-        else:
-            refused.append(None)
+        refused.append(await refusal(again[second](call)))
 
     async with run_with_simulator(bot) as sim:
         call = await sim.incoming_call()
@@ -135,14 +134,6 @@ async def services_on(
             yield sim, services
         finally:
             await services.close()
-
-
-async def refusal(action: Awaitable[Any]) -> BaseException | None:
-    try:
-        await action
-    except GraphError as exc:
-        return exc
-    return None
 
 
 async def test_an_action_on_an_answered_call_still_establishing_is_refused(
