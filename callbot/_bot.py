@@ -566,22 +566,29 @@ class CallBot:
     def on_transfer_failed(self) -> Callable[[TransferFailedHandler], TransferFailedHandler]: ...
     def on_transfer_failed(self, handler: Handler[Any] | None = None) -> object:
         """Run once for each transfer the bot asked for (``call.transfer``) that failed,
-        however Graph told it; ``event.result_info`` says why.
+        however Graph told it; ``event.result_info`` says why, and
+        ``event.transfer_target`` names the target of the transfer that failed, as the bot
+        asked it (an :class:`~callbot.models.InvitationParticipantInfo`).
 
         Graph tells a failure by bringing the call back to ``established`` after
         ``transferring`` (the event is a :class:`~callbot.events.CallStateChanged`, and
         ``on_state("established")`` handlers run with it too), or by an update alone, with
         no ``transferring`` first (a :class:`~callbot.events.CallUpdated`, after
         ``reorder_window``). Either way the event's ``transfer_failed`` is set: callbot
-        counts the transfers asked, so a copy of a failure is no second one, and a transfer
+        keeps the transfers asked, so a copy of a failure is no second one, and a transfer
         Graph refused outright (``call.transfer`` raised a :class:`~callbot.GraphError`) or
-        completed (the call ends: ``on_terminated``) has none.
+        completed (the call ends: ``on_terminated``) has none. Transfers fail first asked
+        first, each naming its own target: a bot trying one target after another needs no
+        list of its own.
 
         >>> @bot.on_transfer_failed
         ... async def try_voicemail(
         ...     call: Call, event: events.CallStateChanged | events.CallUpdated
         ... ) -> None:
-        ...     await call.transfer(VOICEMAIL)
+        ...     target = event.transfer_target  # whom the transfer that failed went to
+        ...     identity = target.identity if target is not None else None
+        ...     if identity is None or identity.user is None or identity.user.id != VOICEMAIL:
+        ...         await call.transfer(VOICEMAIL)
         """
 
         def register(handler: Handler[Any]) -> None:

@@ -26,7 +26,7 @@ from ._clock import loop_time
 from ._errors import CallEnded
 from ._ids import id_key, tenant_key
 from ._log import RateLimitedLog, get_logger
-from .models import CALL_LIFECYCLE, ResultInfo
+from .models import CALL_LIFECYCLE, InvitationParticipantInfo, ResultInfo
 
 __all__ = [
     "LIVE_PHASE",
@@ -89,9 +89,13 @@ class CallLife:
     keep_alive_loop: int = 0
     """The keep-alive loop that may send for the call (0: none); its end stops it, so a timer
     or an answer of an earlier loop sends and starts nothing."""
-    transfers: int = 0
-    """Transfers the bot asked Graph for on this call (less those Graph refused): a failure
-    worded as the one before it is news once another transfer was asked since."""
+    transfer_targets: list[InvitationParticipantInfo | None] = field(default_factory=list)
+    """The target of each transfer the bot asked Graph for on this call, first asked first
+    (less those Graph refused): a failure worded as the one before it is news once another
+    transfer was asked since, and names the target of the first whose failure was not told.
+    ``None`` for one asked by a release that did not keep targets, and in place of one whose
+    failure was told (it is named once; what a call keeps stays small however often it
+    transfers)."""
     tenant_id: str | None = None
     """The tenant the call was first seen with (its :func:`tenant_key`): the call belongs to it."""
     key: str = field(init=False)
@@ -99,6 +103,11 @@ class CallLife:
 
     def __post_init__(self) -> None:
         self.key = id_key(self.call_id)
+
+    @property
+    def transfers(self) -> int:
+        """How many transfers the bot asked on this call (less those Graph refused)."""
+        return len(self.transfer_targets)
 
     @property
     def keeping_alive(self) -> bool:
@@ -416,19 +425,26 @@ class Lifecycle:
                 self._forget(let_go, "too_many_pending_calls")
         return life
 
-    def transfer_asked(self, call_id: str) -> None:
-        """The bot asked Graph to transfer the call (its outcome, even worded as the last
-        one, is news)."""
+    def transfer_asked(self, call_id: str, target: InvitationParticipantInfo | None = None) -> None:
+        """The bot asked Graph to transfer the call to ``target`` (its outcome, even worded
+        as the last one, is news)."""
         life = self._lives.get(id_key(call_id))
         if life is not None:
-            life.transfers += 1
+            life.transfer_targets.append(target)
 
     def transfer_refused(self, call_id: str) -> None:
         """Graph refused the transfer the bot asked last: no news of it will come, so it is
-        no longer counted."""
+        no longer counted, nor its target named."""
         life = self._lives.get(id_key(call_id))
-        if life is not None and life.transfers > 0:
-            life.transfers -= 1
+        if life is not None and life.transfer_targets:
+            life.transfer_targets.pop()
+
+    @staticmethod
+    def transfer_failed(life: CallLife, index: int) -> InvitationParticipantInfo | None:
+        """The target of the call's ``index``-th transfer (from 0), whose failure is told
+        now: named this once, then no longer kept (still counted)."""
+        target, life.transfer_targets[index] = life.transfer_targets[index], None
+        return target
 
     def bind(self, life: CallLife, tenant_id: str) -> None:
         """The call is ``tenant_id``'s from now on, if it was nobody's yet (a call first known

@@ -52,7 +52,7 @@ from ._lifecycle import CallLife, Lifecycle, phase_of_state
 from ._log import RateLimitedLog, get_logger
 from ._parse import CALL_PATH, roster_entries
 from .models import Call as CallResource
-from .models import Identity, Participant
+from .models import Identity, InvitationParticipantInfo, Participant
 from .models._operations import is_settled
 
 __all__ = [
@@ -431,10 +431,12 @@ class Placed:
 
 @dataclass(frozen=True, slots=True)
 class TransferAsked:
-    """The bot is about to ask Graph to transfer the call: its outcome, even worded as the
-    last one, is news."""
+    """The bot is about to ask Graph to transfer the call to ``target`` (the
+    ``transferTarget`` it sends): its outcome, even worded as the last one, is news, and its
+    failure names it."""
 
     call_id: str
+    target: InvitationParticipantInfo | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -826,8 +828,8 @@ class Sequencer:
         """Take in what the bot itself knows of a call (:data:`OwnFact`), in its place among
         the call's notifications: what is accepted after it is ordered knowing it."""
         if isinstance(fact, TransferAsked):
-            # The call's life keeps the count; the call's record stores it for the next run.
-            self.lifecycle.transfer_asked(fact.call_id)
+            # The call's life keeps the targets; the call's record stores them for the next run.
+            self.lifecycle.transfer_asked(fact.call_id, fact.target)
         elif isinstance(fact, TransferRefused):
             self._transfer_refused(fact.call_id)
         else:
@@ -912,7 +914,7 @@ class Sequencer:
         )
         # The record counts the transfers fed up to its checkpoint, and the inbox holds those
         # asked since: a count this process kept from an earlier run would count them twice.
-        record.life.transfers = stored.transfers
+        record.life.transfer_targets = stored.transfer_targets
         self._records[key] = record
 
     def start_over(self, call_key: str) -> None:
@@ -1142,6 +1144,7 @@ class Sequencer:
             written = json_size(event.raw.get("resourceData"))
         # Whether this is the news of a transfer's failure: told to handlers, decided here only.
         failed = False
+        target: InvitationParticipantInfo | None = None
         if snapshot_source is not None:
             merged = _merge(previous, snapshot_source)
             # At least what the snapshot takes: measured only once it could be past its bound.
@@ -1157,6 +1160,7 @@ class Sequencer:
             ):
                 # The failure of the first transfer asked that had none (transfers are one
                 # after another): a later one asked meanwhile still waits for its own.
+                target = self.lifecycle.transfer_failed(record.life, record.transfers_told)
                 record.transfers_told += 1
                 failed = True
         if isinstance(event, events.IncomingCall):
@@ -1166,11 +1170,12 @@ class Sequencer:
             moved, previous_state = self.lifecycle.enter(record.life, state, info)
             if not moved:
                 # The same state again only adds content: an update, not a transition.
-                event = _as_update(event, state, previous, failed)
+                event = _as_update(event, state, previous, failed, target)
             elif isinstance(event, events.CallStateChanged):
                 changes: dict[str, Any] = {"previous_state": previous_state}
                 if failed:
                     changes["transfer_failed"] = True
+                    changes["transfer_target"] = target
                 event = _copied(event, changes)
         snapshot, life_state = record.snapshot, record.life.state
         if snapshot is not None and life_state is not None and snapshot.state != life_state:
@@ -1369,7 +1374,11 @@ def tenant_mismatch(refused: int, items: int) -> MalformedNotification:
 
 
 def _as_update(
-    event: events.Event, state: str, before: CallResource | None, failed: bool
+    event: events.Event,
+    state: str,
+    before: CallResource | None,
+    failed: bool,
+    target: InvitationParticipantInfo | None,
 ) -> events.CallUpdated:
     call = _call_of(event)
     assert call is not None  # every state-carrying event carries the call
@@ -1386,6 +1395,7 @@ def _as_update(
         changed=_changed(before, call),
         result_info=call.result_info,
         transfer_failed=failed,
+        transfer_target=target,
     )
 
 

@@ -111,6 +111,10 @@ class CallStateChanged(Event):
     failed, set by callbot once per such transfer, whichever way Graph told it
     (``on_transfer_failed`` handlers run with it); ``result_info`` then says why.
     Never set on a :class:`CallTerminated`: a call that ends has ended."""
+    transfer_target: models.InvitationParticipantInfo | None = None
+    """The target of the transfer that failed, as the bot asked it (the ``transferTarget``
+    ``call.transfer`` sent), when ``transfer_failed`` is set; ``None`` otherwise. Transfers
+    asked one after another fail first asked first, each naming its own target."""
 
 
 class CallTerminated(CallStateChanged):
@@ -136,6 +140,9 @@ class CallUpdated(Event):
     """Whether this is the news that a transfer the bot asked for (``call.transfer``)
     failed, told by this update alone (no ``transferring`` came first), set by callbot
     once per such transfer (``on_transfer_failed`` handlers run with it)."""
+    transfer_target: models.InvitationParticipantInfo | None = None
+    """The target of the transfer that failed, as the bot asked it (the ``transferTarget``
+    ``call.transfer`` sent), when ``transfer_failed`` is set; ``None`` otherwise."""
 
 
 class ToneReceived(Event):

@@ -601,6 +601,40 @@ async def test_the_fake_graph_acts_only_on_someone_in_the_call(
     await act(call, PARTICIPANT_ID.upper())  # someone in the call, in any form of the id
 
 
+def asked_to(target: Target) -> TransferAsked:
+    """The fact a transfer to ``target`` is noted as: its target as sent."""
+    return TransferAsked(
+        CALL_ID, models.InvitationParticipantInfo.model_validate(target.invitation_json())
+    )
+
+
+async def test_a_transfer_is_noted_with_its_target_as_sent(
+    graph: FakeGraph, services: CallServices
+) -> None:
+    """The fact a transfer is noted as names its target as the request sent it (the
+    ``transferTarget``, with ``replacesCallId`` for a consultative one): its failure names
+    it to handlers."""
+    noted: list[OwnFact] = []
+
+    async def note(fact: OwnFact) -> None:
+        noted.append(fact)
+
+    services.note_with(note)
+    await services.call(CALL_ID).transfer(Target.phone("+15551234567"))
+    await services.call(CALL_ID).transfer(Target.user("agent-id"), replaces_call_id="other-call")
+    sent = [
+        json.loads(request.body)["transferTarget"] for request in graph.requests_for("transfer")
+    ]
+    named = [
+        fact.target.model_dump(mode="json", by_alias=True, exclude_unset=True)
+        for fact in noted
+        if isinstance(fact, TransferAsked) and fact.target is not None
+    ]
+    assert len(noted) == 2
+    assert named == sent
+    assert sent[1]["replacesCallId"] == "other-call"
+
+
 async def test_a_transfer_is_counted_only_when_it_is_sent(
     graph: FakeGraph, services: CallServices
 ) -> None:
@@ -623,12 +657,12 @@ async def test_a_transfer_is_counted_only_when_it_is_sent(
         finally:
             _current.reset(token)
     assert len(graph.requests_for("transfer")) == 1  # the re-run is answered from the journal
-    assert noted == [TransferAsked(CALL_ID)]
+    assert noted == [asked_to(agent)]
 
     graph.fail_next("transfer", 400)
     with pytest.raises(GraphError):
         await services.call(CALL_ID).transfer(agent)
-    assert noted[1:] == [TransferAsked(CALL_ID), TransferRefused(CALL_ID)]
+    assert noted[1:] == [asked_to(agent), TransferRefused(CALL_ID)]
 
 
 async def test_a_transfer_graph_did_not_act_on_is_settled(
@@ -651,7 +685,7 @@ async def test_a_transfer_graph_did_not_act_on_is_settled(
         await services.call(CALL_ID).transfer(agent)
     assert unavailable.value.status == 503
     assert unavailable.value.may_have_acted is False
-    assert noted == [TransferAsked(CALL_ID), TransferRefused(CALL_ID)]
+    assert noted == [asked_to(agent), TransferRefused(CALL_ID)]
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -667,7 +701,7 @@ async def test_a_transfer_graph_did_not_act_on_is_settled(
     finally:
         await nowhere.close()
     assert (unreachable.value.status, unreachable.value.may_have_acted) == (0, False)
-    assert noted[2:] == [TransferAsked(CALL_ID), TransferRefused(CALL_ID)]
+    assert noted[2:] == [asked_to(agent), TransferRefused(CALL_ID)]
 
     graph.fail_next("transfer", 504)
     with pytest.raises(GraphError) as timed_out:
@@ -677,7 +711,7 @@ async def test_a_transfer_graph_did_not_act_on_is_settled(
         await services.call(CALL_ID).transfer(agent)
     assert timed_out.value.may_have_acted is True
     assert (cut_off.value.status, cut_off.value.may_have_acted) == (0, True)
-    assert noted[4:] == [TransferAsked(CALL_ID), TransferAsked(CALL_ID)]
+    assert noted[4:] == [asked_to(agent), asked_to(agent)]
     assert len(graph.requests_for("transfer")) == 3  # none of them sent twice
 
 
@@ -731,9 +765,10 @@ async def test_a_transfer_whose_token_could_not_be_had_is_settled(
     services.note_with(note)
     graph.revoke_tokens()  # the token is fetched for this request
     graph.fail_next("token", 500)
+    agent = Target.user("agent-id", "Agent")
     with pytest.raises(GraphError) as no_token:
-        await services.call(CALL_ID).transfer(Target.user("agent-id", "Agent"))
+        await services.call(CALL_ID).transfer(agent)
     assert no_token.value.status == 500
     assert no_token.value.may_have_acted is False
     assert graph.requests_for("transfer") == []
-    assert noted == [TransferAsked(CALL_ID), TransferRefused(CALL_ID)]
+    assert noted == [asked_to(agent), TransferRefused(CALL_ID)]

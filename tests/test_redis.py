@@ -951,9 +951,10 @@ async def test_a_transfer_s_failure_is_told_once_by_the_instance_that_takes_the_
     """The instance running a call asked a transfer (and, for one, was told its
     ``transferring``), then stopped: the next instance is told the failure, back from
     ``transferring`` or by the update alone. It knows from the call's record that a transfer
-    waits for its news, so ``on_transfer_failed`` runs there once; Graph sending the failure
-    again runs nothing."""
+    waits for its news, so ``on_transfer_failed`` runs there once, naming the transfer's
+    target; Graph sending the failure again runs nothing."""
     heard: list[tuple[int, str, str | None]] = []
+    named: list[models.InvitationParticipantInfo | None] = []
     ran: list[int] = []
     async with FakeGraph() as graph:
         graph.add_call("xfer")
@@ -974,6 +975,7 @@ async def test_a_transfer_s_failure_is_told_once_by_the_instance_that_takes_the_
                 index: int = index,
             ) -> None:
                 heard.append((index, type(event).__name__, getattr(event, "previous_state", None)))
+                named.append(event.transfer_target)
 
             @bot.on_terminated
             async def ended(call: Call, event: events.CallTerminated, index: int = index) -> None:
@@ -1004,6 +1006,8 @@ async def test_a_transfer_s_failure_is_told_once_by_the_instance_that_takes_the_
         else ("CallUpdated", None)
     )
     assert heard == [(1 - runner, *news), (1 - runner, "ended", None)]
+    agent = Target.user("agent-id", "Agent").invitation_json()
+    assert named == [models.InvitationParticipantInfo.model_validate(agent)]
 
 
 async def test_a_held_tone_gets_its_predecessor_while_a_handler_of_the_call_runs(

@@ -644,6 +644,13 @@ async def test_on_transfer_failed_runs_for_each_transfer_that_failed(outcome: st
     assert len(failures) == 2
     kind = events.CallStateChanged if outcome == "failed" else events.CallUpdated
     assert all(type(failure) is kind for failure in failures)
+    # Each names its own transfer's target, as the bot asked it.
+    named = [failure.transfer_target for failure in failures]
+    users = [t.identity.user for t in named if t is not None and t.identity is not None]
+    assert [(user.id, user.display_name) for user in users if user is not None] == [
+        ("agent-id", "Agent"),
+        ("other-agent-id", "Agent"),
+    ]
 
 
 async def test_on_transfer_failed_runs_for_no_transfer_refused_or_completed() -> None:

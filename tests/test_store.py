@@ -253,10 +253,23 @@ async def test_a_restored_record_orders_the_next_events() -> None:
     other.close()
 
 
+def agent(user_id: str) -> models.InvitationParticipantInfo:
+    """A transfer's target: the user ``user_id``."""
+    return models.InvitationParticipantInfo.model_validate({"identity": {"user": {"id": user_id}}})
+
+
+def target_of(delivery: Delivery) -> models.InvitationParticipantInfo | None:
+    """The target the delivered event names as its failed transfer's."""
+    event = delivery.event
+    assert isinstance(event, events.CallStateChanged | events.CallUpdated)
+    return event.transfer_target
+
+
 async def test_a_restored_record_knows_the_transfer_its_last_run_asked() -> None:
     """A handler hearing a transfer fail tries another target; that transfer fails as the
     first did (an update alone). The instance taking the call over next did not know the
-    transfer was asked (the count was not stored): it dropped the failure as a repeat."""
+    transfer was asked (the count was not stored): it dropped the failure as a repeat. Each
+    failure names its own target, the second after the takeover too."""
     first: list[Delivery] = []
     calls = Lifecycle(termination_grace=30)
     seq = Sequencer(first.append, calls, reorder_window=5)
@@ -264,17 +277,58 @@ async def test_a_restored_record_knows_the_transfer_its_last_run_asked() -> None
     failure = b.call_state("c", "established", result_info=why)
     for item in (b.call_state("c", "establishing"), b.call_state("c", "established")):
         seq.accept(one(item))
-    calls.transfer_asked("c")
+    calls.transfer_asked("c", agent("a"))
     seq.accept(one(b.call_state("c", "transferring")))
     seq.accept(one(failure))
-    calls.transfer_asked("c")  # its handler tries another target
+    assert [target_of(d) for d in first[2:]] == [None, agent("a")]
+    calls.transfer_asked("c", agent("b"))  # its handler tries another target
     other, later = taken_over(seq, "c")
     other.accept(one(failure))  # the second transfer's failure, by the update alone
     other.accept(one(failure))  # Graph sent it twice
     other.release_all()  # its transferring never came within the window
     assert [type(d.event) for d in later] == [events.CallUpdated]
+    assert [target_of(d) for d in later] == [agent("b")]
     assert other.counts["duplicate"] == 1
     other.close()
+
+
+async def test_a_record_keeps_the_targets_of_transfers_whose_failure_waits_only() -> None:
+    """The record keeps the target of each transfer asked until its failure is told (named
+    once, no longer kept after: a call transferring again and again keeps a small record),
+    and still counts every one. A record written before targets were kept counts its
+    transfers: their failures are told, and name no target."""
+    seq = Sequencer(lambda delivery: None, Lifecycle(termination_grace=30), reorder_window=300)
+    why = models.ResultInfo(code=500, subcode=7000, message="Transfer failed.")
+    for item in (b.call_state("c", "establishing"), b.call_state("c", "established")):
+        seq.accept(one(item))
+    seq.note(TransferAsked("c", agent("a")))
+    seq.note(TransferAsked("c", agent("b")))
+    seq.accept(one(b.call_state("c", "transferring")))
+    seq.accept(one(b.call_state("c", "established", result_info=why)))  # a's failure
+    record = seq.record("c")
+    assert record is not None
+    stored = json.loads(encode_record(record))
+    assert stored["transfers"] == 2  # as the previous release reads it
+    assert stored["transfer_targets"] == [
+        None,
+        agent("b").model_dump(mode="json", by_alias=True, exclude_unset=True),
+    ]
+    older = {key: value for key, value in stored.items() if key != "transfer_targets"}
+    for text, named in ((json.dumps(stored), agent("b")), (json.dumps(older), None)):
+        later: list[Delivery] = []
+        other = Sequencer(later.append, Lifecycle(termination_grace=30), reorder_window=300)
+        restored = decode_record(text)
+        assert restored is not None
+        other.adopt(restored)
+        assert restored.life.transfers == 2
+        other.accept(one(b.call_state("c", "transferring")))
+        other.accept(one(b.call_state("c", "established", result_info=why)))  # b's failure
+        assert [target_of(d) for d in later] == [None, named]
+        back = later[-1].event
+        assert isinstance(back, events.CallStateChanged)
+        assert back.transfer_failed
+        other.close()
+    seq.close()
 
 
 async def test_a_restored_record_knows_the_transferring_its_last_run_saw() -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
+import json
 import random
 import re
 from collections.abc import Awaitable, Callable, Iterable
@@ -34,7 +35,13 @@ from callbot._lifecycle import ENDED_MEMORY
 from callbot._sequencing import MAX_BACKLOG_BYTES, MAX_HELD_BYTES, roster_key
 from callbot.store import MemoryStore, _redis
 from callbot.store._codec import encode_record
-from callbot.testing import TEST_TENANT_ID, FakeGraph, FakeResponse, TokenAuthority
+from callbot.testing import (
+    TEST_TENANT_ID,
+    FakeGraph,
+    FakeResponse,
+    RecordedRequest,
+    TokenAuthority,
+)
 from callbot.testing import builders as b
 
 from .conftest import (
@@ -230,6 +237,8 @@ def observe(call: Call, event: events.Event) -> dict[str, Any]:
         info = event.result_info
         seen["result"] = None if info is None else info.model_dump(mode="json", exclude_unset=True)
         seen["transfer_failed"] = event.transfer_failed
+        target = event.transfer_target
+        seen["transfer_target"] = None if target is None else target.model_dump(mode="json")
     if isinstance(event, events.ToneReceived):
         seen |= {"tone": event.tone, "digit": event.digit, "sequence": event.sequence_id}
     if isinstance(event, events.ParticipantsUpdated):
@@ -968,6 +977,76 @@ async def test_each_failed_transfer_is_told_once_in_every_store(parity: Any) -> 
         ], group.name
         flagged = [entry for entry in group.seen[id_key(call)] if entry.get("transfer_failed")]
         assert len(flagged) == 2, group.name
+
+
+def agent_of(request: RecordedRequest) -> str:
+    """The user a transfer request asked for."""
+    return str(json.loads(request.body)["transferTarget"]["identity"]["user"]["id"])
+
+
+async def test_each_failed_transfer_names_its_own_target_in_every_store(parity: Any) -> None:
+    """A bot trying agent A, then B, then C: it asks the three before any news, Graph refuses
+    B (400), and A's and C's failures arrive (documents 24 and 27, worded alike, each before
+    its ``transferring``). In every store each failure names its own transfer's target, A
+    then C: the refused one shifts nothing."""
+    transferring, failed = transfer_items()
+    call = call_of(transferring)
+    refused: list[str] = []
+    told: dict[str, list[str | None]] = {}
+
+    def answer(request: RecordedRequest) -> FakeResponse:
+        if agent_of(request) == "agent-b":
+            error = {"error": {"code": "BadRequest", "message": "Refused."}}
+            return FakeResponse(status=400, body=error)
+        return FakeResponse(status=202)
+
+    async def transfer(handle: Call, event: events.CallStateChanged) -> None:
+        if event.previous_state != "establishing":
+            return
+        for agent in ("agent-a", "agent-b", "agent-c"):
+            try:
+                await handle.transfer(Target.user(agent, "Agent"))
+            except GraphError:
+                refused.append(agent)
+
+    async with FakeGraph() as graph:
+        graph.route("transfer", answer)
+        graph.add_call(call)
+        groups: Parity = await parity(
+            graph_url=graph.graph_url,
+            authority_url=graph.authority_url,
+            app_secret="fake-graph-secret",
+        )
+        for group in groups.groups:
+            heard = told.setdefault(group.name, [])
+            for bot in group.bots:
+                bot.on_state("established")(transfer)
+
+                @bot.on_transfer_failed
+                async def named(
+                    handle: Call,
+                    event: events.CallStateChanged | events.CallUpdated,
+                    heard: list[str | None] = heard,
+                ) -> None:
+                    target = event.transfer_target
+                    user = (
+                        None if target is None or target.identity is None else target.identity.user
+                    )
+                    heard.append(None if user is None else user.id)
+
+        await groups.run(
+            [post(b.call_state(call, "establishing")), post(b.call_state(call, "established"))]
+        )
+        assert refused == ["agent-b"] * len(groups.groups)
+        steps = [post(failed), post(transferring), post(failed), post(transferring)]
+        await groups.run([*steps, post(ending_of(call))])
+    groups.check()
+    for group in groups.groups:
+        assert told[group.name] == ["agent-a", "agent-c"], group.name
+        flagged = [e["transfer_target"] for e in group.seen[id_key(call)] if e["transfer_failed"]]
+        assert [target["identity"]["user"]["id"] for target in flagged] == told[group.name]
+        unflagged = [e for e in group.seen[id_key(call)] if not e.get("transfer_failed")]
+        assert all(e.get("transfer_target") is None for e in unflagged), group.name
 
 
 async def test_a_copy_of_a_state_held_behind_a_key(parity: Any) -> None:

@@ -56,7 +56,9 @@ class CallServices(Protocol):
     def operations(self) -> OperationRegistry: ...
     @property
     def tones(self) -> _digits.ToneRouter: ...
-    async def transfer_asked(self, call_id: str) -> None: ...
+    async def transfer_asked(
+        self, call_id: str, target: models.InvitationParticipantInfo | None = None
+    ) -> None: ...
     async def transfer_refused(self, call_id: str) -> None: ...
     async def until_established(self, call_id: str, timeout: float | None) -> None: ...
 
@@ -456,13 +458,15 @@ class Call:
             body["transferee"] = participant_info_json(transferee)
         if client_context is not None:
             body["clientContext"] = client_context
+        # Named by the failure of this transfer, as sent (with its replacesCallId).
+        asked_target = models.InvitationParticipantInfo.model_validate(body["transferTarget"])
         asked = False
 
         async def count() -> None:
             # Counted before it is sent: Graph may post its failure before answering it. Not
             # when a re-run handler is answered from the journal: its first run counted it.
             nonlocal asked
-            await self._services.transfer_asked(self.id)
+            await self._services.transfer_asked(self.id, asked_target)
             asked = True
 
         try:

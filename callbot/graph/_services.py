@@ -158,13 +158,16 @@ class CallServices:
         notifications, for whichever instance runs the call)."""
         self._note = note
 
-    async def transfer_asked(self, call_id: str) -> None:
-        """The bot is about to ask Graph to transfer the call: counted for the call's run
-        (through the store, else by the lifecycle), or ``StoreUnavailable`` is raised."""
+    async def transfer_asked(
+        self, call_id: str, target: models.InvitationParticipantInfo | None = None
+    ) -> None:
+        """The bot is about to ask Graph to transfer the call to ``target``: counted for the
+        call's run (through the store, else by the lifecycle), its failure to name
+        ``target``, or ``StoreUnavailable`` is raised."""
         if self._note is not None:
-            await self._note(TransferAsked(call_id))
+            await self._note(TransferAsked(call_id, target))
         elif self._lifecycle is not None:
-            self._lifecycle.transfer_asked(call_id)
+            self._lifecycle.transfer_asked(call_id, target)
 
     async def transfer_refused(self, call_id: str) -> None:
         """Graph refused the transfer just asked: no news of it will come, so the call's run

@@ -6,14 +6,14 @@ parser stays the one authority on what an item means, and instances of
 different callbot versions read each other's entries. Beside them, the inbox
 holds what the bot itself knows of the call (that it placed the call, in which
 tenant, and the bot's own participant id Graph's answer named; a transfer it
-asked), each as one tagged object (``{"fact": kind, "callId": ...}``), fed in
-its place among the notifications.
+asked, and its target), each as one tagged object (``{"fact": kind, "callId":
+...}``), fed in its place among the notifications.
 
 A call record keeps what the sequencer needs to go on ordering the call (its
 phase, state, roster, the digests of its last notifications and of its latest
 roster, the number of the tone it expects next, whether it ended, the transfers
-asked and up to which of them a ``transferring`` or a failure came, how far its
-latest operations got) and the
+asked (each one's target, until its failure is told) and up to which of them a
+``transferring`` or a failure came, how far its latest operations got) and the
 call's merged snapshot, which carries ``chatInfo`` and ``meetingInfo`` so a
 bot can rejoin a meeting after a restart. The roster's keys
 are made again from its participants when a record is read, so a record written
@@ -45,7 +45,7 @@ from .._sequencing import (
     roster_key,
 )
 from ..models import Call as CallResource
-from ..models import Participant
+from ..models import InvitationParticipantInfo, Participant
 
 __all__ = [
     "RECORD_VERSION",
@@ -120,6 +120,8 @@ def encode_fact(fact: OwnFact) -> str:
             body["tenantId"] = fact.tenant_id
     elif isinstance(fact, TransferAsked):
         body = {"fact": "transferAsked", "callId": fact.call_id}
+        if fact.target is not None:
+            body["target"] = _target_json(fact.target)
     else:
         body = {"fact": "transferRefused", "callId": fact.call_id}
     return _dumps(body)
@@ -138,7 +140,7 @@ def decode_fact(text: str) -> OwnFact | None:
                 _text_or_none(body.get("tenantId")),
             )
         if kind == "transferAsked":
-            return TransferAsked(call_id)
+            return TransferAsked(call_id, _target(body.get("target")))
         if kind == "transferRefused":
             return TransferRefused(call_id)
         raise ValueError(f"an inbox fact of a kind this version does not know: {kind!r}")
@@ -146,6 +148,17 @@ def decode_fact(text: str) -> OwnFact | None:
         placed = json.loads(text)["placed"]
         return Placed(str(placed["callId"]), str(placed["myParticipantId"]))
     return None
+
+
+def _target_json(target: InvitationParticipantInfo) -> Any:
+    """A transfer's target as kept: its wire form (``transferTarget``)."""
+    return target.model_dump(mode="json", by_alias=True, exclude_unset=True)
+
+
+def _target(stored: Any) -> InvitationParticipantInfo | None:
+    """A transfer's target as kept; ``None`` when it was written without one (a release
+    that did not keep targets, or one whose failure was told already)."""
+    return None if stored is None else InvitationParticipantInfo.model_validate(stored)
 
 
 def _text_or_none(value: Any) -> str | None:
@@ -163,7 +176,12 @@ def encode_record(record: CallRecord) -> str:
         "ended": record.closed,
         "roster_sequence": record.roster_sequence,
         "tone_next": record.tone_next,
+        # Read by instances of the previous release during a rolling upgrade.
         "transfers": record.life.transfers,
+        "transfer_targets": [
+            None if target is None else _target_json(target)
+            for target in record.life.transfer_targets
+        ],
         "transfers_told": record.transfers_told,
         "transferring_told": record.transferring_told,
         "latest": {kind: digest.hex() for kind, digest in record.latest.items()},
@@ -192,7 +210,8 @@ def decode_record(text: str) -> CallRecord | None:
     if not isinstance(body, dict) or body.get("version") != RECORD_VERSION:
         return None
     snapshot = body.get("snapshot")
-    transfers = _number(body.get("transfers")) or 0
+    targets = _targets(body)
+    transfers = len(targets)
     # Written without it: the transfers asked are taken as seen, so no failure waits.
     transferring_told = _number(body.get("transferring_told"))
     roster = _roster(body.get("roster") or {})
@@ -202,7 +221,7 @@ def decode_record(text: str) -> CallRecord | None:
             phase=int(body["phase"]),
             state=body.get("state"),
             ended=bool(body.get("ended")),
-            transfers=transfers,
+            transfer_targets=targets,
         ),
         closed=bool(body.get("ended")),
         snapshot=None if snapshot is None else CallResource.model_validate(snapshot),
@@ -220,6 +239,15 @@ def decode_record(text: str) -> CallRecord | None:
     record.seen.extend(bytes.fromhex(digest) for digest in body.get("seen") or ())
     record.operations = _operations(body.get("operations"))
     return record
+
+
+def _targets(body: dict[str, Any]) -> list[InvitationParticipantInfo | None]:
+    """The target of each transfer asked on the call; a record written before targets were
+    kept counts its transfers only, and their failures name none."""
+    stored = body.get("transfer_targets")
+    if isinstance(stored, list):
+        return [_target(target) for target in stored]
+    return [None] * (_number(body.get("transfers")) or 0)
 
 
 def _number(value: Any) -> int | None:
