@@ -1011,16 +1011,11 @@ async def test_each_failed_transfer_names_its_own_target_in_every_store(parity: 
 
     async with FakeGraph() as graph:
         graph.route("transfer", answer)
-        graph.add_call(call)
-        groups: Parity = await parity(
-            graph_url=graph.graph_url,
-            authority_url=graph.authority_url,
-            app_secret="fake-graph-secret",
-        )
+        groups = await transferring_groups(parity, graph, call, transfer, asked=3)
+        assert refused == ["agent-b"] * len(groups.groups)
         for group in groups.groups:
             heard = told.setdefault(group.name, [])
             for bot in group.bots:
-                bot.on_state("established")(transfer)
 
                 @bot.on_transfer_failed
                 async def named(
@@ -1034,10 +1029,6 @@ async def test_each_failed_transfer_names_its_own_target_in_every_store(parity: 
                     )
                     heard.append(None if user is None else user.id)
 
-        await groups.run(
-            [post(b.call_state(call, "establishing")), post(b.call_state(call, "established"))]
-        )
-        assert refused == ["agent-b"] * len(groups.groups)
         steps = [post(failed), post(transferring), post(failed), post(transferring)]
         await groups.run([*steps, post(ending_of(call))])
     groups.check()
