@@ -5,8 +5,10 @@ reports: the memory kept after TOKENS distinct valid tokens (7 KB each) were
 each used once; what a 10,000-item body costs; how long the largest accepted
 body (``max_body_bytes`` of roster items, 4 MiB by default) takes to parse in one
 loop turn, and the longest the loop waits between its parts when the bot serves it;
-what remembering an ended call costs once the memory store's bound is reached, with
-the bound shared by 500 tenants against kept by one.
+what a bot holds once 999 bodies of 1 MB were posted to one call while its handler
+waits, with the memory store and on the Redis store's owner (a redis-server started
+here, as ``bench_store`` does); what remembering an ended call costs once the memory
+store's bound is reached, with the bound shared by 500 tenants against kept by one.
 """
 
 from __future__ import annotations
@@ -17,11 +19,14 @@ import json
 import sys
 import time
 import tracemalloc
+from typing import Any
 
 import aiohttp
 from aiohttp.test_utils import TestServer
 
-from callbot import CallBot, Settings, models
+from benchmarks._inproc import InProcessBot
+from benchmarks.bench_store import redis_server
+from callbot import Call, CallBot, Settings, events, models
 from callbot._lifecycle import _MAX_ENDED, Lifecycle, _ByTenant
 from callbot._log import configure_logging
 from callbot._parse import parse_body, parse_body_in_parts
@@ -154,6 +159,51 @@ def many_tenants_at_the_bound(rounds: int = 5, adds: int = 20_000) -> str:
     )
 
 
+async def held_behind_a_blocked_handler(bodies: int, size: int, **settings: Any) -> tuple[int, int]:
+    """Of ``bodies`` notifications (each ``size`` characters of data) posted to one call while
+    its handler waits, how many the bot accepted, and the bytes it then held (traced)."""
+    call = "blocked"
+    release, waiting = asyncio.Event(), asyncio.Event()
+
+    async def wait_for_the_prompt(_: Call, event: events.Event) -> None:
+        if isinstance(event, events.UnknownNotification):
+            waiting.set()
+            await release.wait()
+
+    async with InProcessBot(on_event=wait_for_the_prompt, keep_alive=False, **settings) as bot:
+        answered = [b.call_state(call, state) for state in ("establishing", "established")]
+        for setup in (b.incoming_call(call), *answered):
+            assert await bot.post(json.dumps(b.notifications(setup)).encode()) == 202
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            accepted = 0
+            for n in range(bodies):
+                data = {"n": n, "text": "x" * size}
+                item = b.unknown(call, f"/someFutureResource{n}", resource_data=data)
+                accepted += await bot.post(json.dumps(b.notifications(item)).encode()) == 202
+            del data, item
+            await waiting.wait()
+            gc.collect()
+            held = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+            release.set()
+    return accepted, held
+
+
+async def blocked_handler_backlog(bodies: int = 999, size: int = 1_000_000) -> str:
+    accepted, memory = await held_behind_a_blocked_handler(bodies, size)
+    with redis_server() as url:
+        _, owner = await held_behind_a_blocked_handler(bodies, size, store=url)
+    return (
+        f"{bodies} bodies of {size:,} characters to a call whose handler waits: {accepted}"
+        f" accepted; {memory / 2**20:.0f} MiB held (memory store),"
+        f" {owner / 2**20:.0f} MiB (Redis store's owner), traced"
+    )
+
+
 async def main(count: int) -> None:
     # create_app() leaves logging to its host: here, this script.
     configure_logging("json", "error")
@@ -174,6 +224,7 @@ async def main(count: int) -> None:
         print(await token_memory(url, authority, count))
         print(await many_items(url, authority))
         print(largest_body())
+        print(await blocked_handler_backlog())
         print(many_tenants_at_the_bound())
     finally:
         await server.close()
