@@ -15,6 +15,7 @@ from structlog.testing import capture_logs
 
 from benchmarks._inproc import InProcessBot
 from benchmarks.bench_store import measure
+from benchmarks.security_figures import held_behind_a_blocked_handler
 from callbot import events
 from callbot._lifecycle import Lifecycle
 from callbot._parse import parse_payload
@@ -379,9 +380,9 @@ async def test_an_entry_the_run_read_while_its_request_awaited_redis_is_fed_once
         second_trip_held = asyncio.Event()
         let_it_go = asyncio.Event()
 
-        def feeding(state: Any, entry_id: str, text: str) -> None:
+        def feeding(state: Any, entry_id: str, item: str | events.Event) -> None:
             fed.append(entry_id)
-            feed(state, entry_id, text)
+            feed(state, entry_id, item)
 
         async def slow_broadcast(commands: Any, *, then: Any = None) -> Any:
             if any(command[0] == "XADD" for command in commands) and not let_it_go.is_set():
@@ -405,6 +406,17 @@ async def test_an_entry_the_run_read_while_its_request_awaited_redis_is_fed_once
         await _until(lambda: handled == ["IncomingCall", "ToneReceived"])
         assert len(fed) == len(set(fed)) == 2
         assert store.counts["duplicate"] == 0
+
+
+async def test_a_blocked_call_s_owner_holds_what_it_read_ahead_once(redis_url: str) -> None:
+    """While a call's handler waits, its owner reads a read's worth of the call's inbox ahead
+    (the rest waits in Redis). Each entry it accepted itself was kept both as its text and
+    as parsed: 125 MiB traced once 68 bodies of 1 MB were accepted. Each is held once now."""
+    size, bodies = 200_000, _redis._READ_BATCH + 16
+    accepted, held = await held_behind_a_blocked_handler(bodies, size, store=redis_url)
+    assert accepted == bodies  # within the call's backlog: none refused
+    # the handler's event and a read's worth of the inbox, each once (twice was 2 * 65)
+    assert held < 1.5 * (_redis._READ_BATCH + 1) * size, held
 
 
 async def _until(predicate: Any) -> None:

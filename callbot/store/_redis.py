@@ -507,8 +507,10 @@ class _Owned:
     """Entries this instance appended while the run held the call."""
     looked: int = 0
     """``signals`` when the run last read the inbox."""
-    buffer: deque[tuple[str, str]] = field(default_factory=deque)
-    """Entries read (or appended by this instance) and not fed yet, in order."""
+    buffer: deque[tuple[str, str | events.Event]] = field(default_factory=deque)
+    """Entries read (or appended by this instance) and not fed yet, in order: each as the
+    event this instance parsed, else as read (never both, so a blocked call's read ahead
+    holds one copy)."""
     tail: tuple[int, int] = (0, 0)
     """The last entry id the run knows of (fed or in ``buffer``)."""
     saved: tuple[str, CallRecord] | None = None
@@ -648,7 +650,8 @@ class RedisStore:
         # A repeat's line: a sender posting 200 copies a request decides how many.
         self._lines = RateLimitedLog(log)
         self._parsed: dict[tuple[str, str], events.Event] = {}
-        """Events this instance accepted for calls it runs, by call and inbox entry id."""
+        """Events this instance accepted for calls it runs, by call and inbox entry id, until
+        the call's run buffers them in place of their text."""
         self._resting: dict[str, tuple[str, CallRecord]] = {}
         """Records of calls this instance gave up, as stored, in case it takes them again."""
         self._running: dict[str, _Owned] = {}
@@ -735,7 +738,7 @@ class RedisStore:
     async def _accepted(
         self,
         batch: Sequence[events.Event],
-        answers: list[tuple[Any, str, str]],
+        answers: list[tuple[Any, str]],
         follow_up: list[tuple[Any, ...]],
         started: float,
     ) -> None:
@@ -750,7 +753,7 @@ class RedisStore:
             failure = exc
         self._mark(failure is None, failure)
         elsewhere = backlog = 0
-        for event, (answer, text, call) in zip(batch, answers, strict=True):
+        for event, (answer, call) in zip(batch, answers, strict=True):
             fresh = int(answer[0])
             if fresh == -1:
                 elsewhere += 1  # the call is another tenant's
@@ -802,11 +805,11 @@ class RedisStore:
                     # Nothing came between what the run knows and this entry: it need not
                     # read the inbox to see it. (Past a read's worth buffered, the entry
                     # waits in the inbox: a blocked handler's call holds no more here.)
-                    self._parsed[call, entry] = event  # need not be parsed again
+                    # fed as parsed here: the entry's text need not be kept nor parsed again
                     if self._may_hand(state):
-                        self._hand(state, entry, text)
+                        self._hand(state, entry, event)
                         continue
-                    self._take(state, [(entry, text)])
+                    self._take(state, [(entry, event)])
                 else:
                     state.signals += 1
                 state.changed.set()  # a held or idle call need not wait for its next look
@@ -928,8 +931,8 @@ class RedisStore:
 
     async def _append(
         self, batch: Sequence[events.Event]
-    ) -> tuple[list[tuple[Any, str, str]], list[tuple[Any, ...]], int]:
-        """The batch's scripts in one round trip: their answers (with each entry and call),
+    ) -> tuple[list[tuple[Any, str]], list[tuple[Any, ...]], int]:
+        """The batch's scripts in one round trip: their answers (with each one's call),
         what to send next, before they are acted on (calls to make runnable or index
         again, accepted outcomes, tones and ends for the other instances), and how many
         calls it asked to take on (counted in ``_taking`` until the caller lets them go)."""
@@ -1014,7 +1017,7 @@ class RedisStore:
             follow_up.append(("ZADD", keys.runnable, "NX", *flat))
         # Sent once the scripts decided: a refused notification must not reach the others.
         follow_up += broadcasts
-        return list(zip(scripts, texts, calls, strict=True)), follow_up, len(taking)
+        return list(zip(scripts, calls, strict=True)), follow_up, len(taking)
 
     def _taken(self, count: int) -> None:
         """``count`` calls asked for are owned now, or were not taken: they no longer count
@@ -1227,7 +1230,7 @@ class RedisStore:
                 await self._release(state, handover=True, ran=_last_handed(state))
                 return
             if buffer:
-                entry_id, text = buffer[0]
+                entry_id, item = buffer[0]
                 unnoted = _stream_id(entry_id) > state.marked
                 # Noted before its handlers run, so a takeover knows it is a re-run; and
                 # nothing new is fed on a lease that may have run out without a renewal.
@@ -1236,7 +1239,7 @@ class RedisStore:
                 ):
                     return
                 buffer.popleft()
-                self._feed(state, entry_id, text)
+                self._feed(state, entry_id, item)
                 continue
             if holding:
                 # Wait for the window to close or for the missing predecessor to arrive.
@@ -1289,12 +1292,14 @@ class RedisStore:
             state.looked = state.signals
             self._take(state, await self._steady(self._read, key, fed))
 
-    def _take(self, state: _Owned, entries: list[tuple[str, str]]) -> None:
-        """Buffer entries the run does not know yet (a read may repeat what it has)."""
-        for entry_id, text in entries:
+    def _take(self, state: _Owned, entries: Sequence[tuple[str, str | events.Event]]) -> None:
+        """Buffer entries the run does not know yet (a read may repeat what it has), each as
+        the event this instance parsed when it has one, else as read."""
+        for entry_id, item in entries:
             number = _stream_id(entry_id)
             if number > state.tail:
-                state.buffer.append((entry_id, text))
+                parsed = self._parsed.pop((state.key, entry_id), None)
+                state.buffer.append((entry_id, item if parsed is None else parsed))
                 state.tail = number
 
     async def _load_call(self, key: str) -> tuple[str, list[tuple[str, str]]]:
@@ -1329,31 +1334,32 @@ class RedisStore:
             and not self._holding(state.key)
         )
 
-    def _hand(self, state: _Owned, entry_id: str, text: str) -> None:
+    def _hand(self, state: _Owned, entry_id: str, event: events.Event) -> None:
         """Feed an entry as the run would, without waking it: the ingest noted it as fed."""
         state.tail = max(state.tail, _stream_id(entry_id))
-        self._feed(state, entry_id, text)
+        self._feed(state, entry_id, event)
         record = self._sequencer.record(state.key)
         if state.owed >= _ACK_EVERY or record is None or record.closed or record.holding:
             state.changed.set()  # the run acknowledges, gives the call up or waits out a hold
 
-    def _feed(self, state: _Owned, entry_id: str, text: str) -> None:
+    def _feed(self, state: _Owned, entry_id: str, item: str | events.Event) -> None:
         key = state.key
         state.fed = entry_id
         state.owed += 1
-        event = self._parsed.pop((key, entry_id), None)
-        if event is None:
+        if isinstance(item, str):
             try:
-                fact = decode_fact(text)
+                fact = decode_fact(item)
                 if fact is not None:
                     # No handler runs for it: acknowledged with the next checkpoint.
                     self._sequencer.note(fact)
                     return
-                event = decode_entry(text)
+                event = decode_entry(item)
             except Exception as exc:
                 # Acknowledged with the next checkpoint: it can never be read.
                 log.error("inbox_entry_unreadable", call_key=key, entry=entry_id, error=repr(exc))
                 return
+        else:
+            event = item
         redelivered = state.fed_before is not None and _stream_id(entry_id) <= state.fed_before
         if redelivered:
             log.info("notification_redelivered", call_key=key, entry=entry_id, epoch=state.epoch)
