@@ -151,7 +151,7 @@ async def test_a_call_belongs_to_the_tenant_it_was_first_seen_with(
     # The call's own tenant goes on; had the refused ones been taken, they would come first.
     tone = without_tenant(b.tone(call_id, "tone2", 2))
     assert (await server.post(b.notifications(tone), token=theirs)).status == 202
-    await until(lambda: len(seen) == 3)
+    await until(lambda: len(seen) == 3, within=10)
     assert [type(e).__name__ for e in seen] == [
         "CallStateChanged",
         "CallStateChanged",
@@ -542,6 +542,58 @@ async def test_invented_call_ids_are_bounded_and_let_go(
         assert (await server.post(b.notifications(item))).status == 202
     await until(lambda: len(seen) == 2402, within=30)
     assert any(call.id == established for call in bot.active_calls())
+
+
+async def known_calls(server: BotServer) -> float:
+    metrics = await (await server.client.get("/metrics")).text()
+    return next(
+        float(line.split()[-1])
+        for line in metrics.splitlines()
+        if line.startswith("callbot_known_calls ")
+    )
+
+
+async def test_invented_established_calls_are_bounded_as_pending_ones(
+    graph: FakeGraph, authority: TokenAuthority, serve: Any
+) -> None:
+    """A call first seen past ringing is kept as a live call only once Graph accepted the
+    bot's own request on it (its answer here): ids a token holder invents straight into
+    ``established`` stay pending, bounded and let go as ringing ones are."""
+    bot = CallBot(
+        graph.settings(
+            openid_config_url=authority.openid_config_url, max_pending_calls=50, reorder_window=0.2
+        )
+    )
+    seen: list[events.Event] = []
+
+    @bot.on(events.Event)
+    async def record(call: Call, event: events.Event) -> None:
+        if isinstance(event, events.IncomingCall):
+            await call.answer()
+        seen.append(event)
+
+    server: BotServer = await serve(bot)
+    graph.add_call("real-call")
+    assert (await server.post(b.notifications(b.incoming_call("real-call")))).status == 202
+    await graph.wait_for_request("answer")
+    for state in ("establishing", "established"):
+        item = b.call_state("real-call", state)
+        assert (await server.post(b.notifications(item))).status == 202
+    await until(lambda: len(seen) == 3, within=10)
+    with capture_logs() as logs:
+        for batch in range(12):
+            states = ("established", "establishing", "ringing", "hold")  # each its first
+            items = [
+                b.call_state(f"invented-{batch:02d}-{n:02d}", states[n % 4]) for n in range(50)
+            ]
+            assert (await server.post(b.notifications(*items))).status == 202
+            # Each batch delivered (past its reorder window) before the next comes.
+            await until(lambda: len(seen) == 3 + 50 * (batch + 1), within=10)  # noqa: B023
+    assert await known_calls(server) <= 50 + 1
+    assert len(bot.active_calls()) <= 50 + 1
+    assert any(call.id == "real-call" for call in bot.active_calls())
+    forgotten = [e for e in logs if e["event"] == "call_forgotten"]
+    assert forgotten and {e["reason"] for e in forgotten} == {"too_many_pending_calls"}
 
 
 async def test_another_tenant_s_invented_calls_push_out_only_its_own(
