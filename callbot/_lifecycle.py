@@ -98,6 +98,10 @@ class CallLife:
     transfers)."""
     tenant_id: str | None = None
     """The tenant the call was first seen with (its :func:`tenant_key`): the call belongs to it."""
+    proven: bool = False
+    """Graph accepted a request of the bot's own on the call (its answer, the request placing
+    it, a keep-alive, any action): the call is real, not an id a sender invented. Until then it
+    is pending, whatever state its notifications claim."""
     key: str = field(init=False)
     """The call id in the form ids are compared in."""
 
@@ -118,6 +122,12 @@ class CallLife:
     def established(self) -> bool:
         """Established (or in a state a live call moves between), and not ended."""
         return self.phase == LIVE_PHASE and not self.ended
+
+    @property
+    def pending(self) -> bool:
+        """Not known to be a real call past ringing: no state past ringing yet, or none of the
+        bot's own requests on it accepted by Graph (an id a sender may have invented)."""
+        return self.phase < _ESTABLISHING or not self.proven
 
     @property
     def terminated(self) -> bool:
@@ -280,9 +290,12 @@ class Lifecycle:
 
     ``send_keep_alive`` is called with a call id when its keep-alive is due
     (``None``: no keep-alives). Times are seconds; ``pending_ttl`` and
-    ``max_pending`` bound *pending* calls, never seen past ringing the bot (no
-    state, or still ``incoming``: ids a sender
-    invented), which are forgotten after that long, oldest first past the bound.
+    ``max_pending`` bound *pending* calls (:attr:`CallLife.pending`: never seen past
+    ringing the bot, or never proven real by Graph accepting a request of the bot's own on
+    it: ids a sender may have invented), which are forgotten after that long, oldest first
+    past the bound. A call that reached ``established`` unproven (after a restart of a bot
+    without a shared store) is sent a keep-alive when its time is up instead: accepted, it
+    is proven and kept.
     """
 
     def __init__(
@@ -334,7 +347,8 @@ class Lifecycle:
     def when_forgotten(self, listener: Callable[[str, str], None]) -> None:
         """Call ``listener(call_key, reason)`` when a call is forgotten: ``grace_over``
         (it ended a while ago), ``gone`` (Graph no longer knows it),
-        ``never_established`` or ``too_many_pending_calls``."""
+        ``never_established``, ``unproven`` (past ringing, but no request of the bot's own on
+        it was ever accepted) or ``too_many_pending_calls``."""
         self._forgotten_listeners.append(listener)
 
     def keep_while(self, delivering: Callable[[str], bool]) -> None:
@@ -425,6 +439,16 @@ class Lifecycle:
                 self._forget(let_go, "too_many_pending_calls")
         return life
 
+    def prove(self, call_id: str) -> None:
+        """Graph accepted a request of the bot's own on the call: it is real, and no longer
+        pending once past ringing (see :attr:`CallLife.proven`)."""
+        life = self._lives.get(id_key(call_id))
+        if life is None or life.proven:
+            return
+        life.proven = True
+        if not life.pending:
+            self._pending.pop(life.key)
+
     def transfer_asked(self, call_id: str, target: InvitationParticipantInfo | None = None) -> None:
         """The bot asked Graph to transfer the call to ``target`` (its outcome, even worded
         as the last one, is news)."""
@@ -466,7 +490,7 @@ class Lifecycle:
             return False, previous
         life.phase = max(life.phase, phase_of_state(state))
         life.state = state
-        if life.phase >= _ESTABLISHING:
+        if not life.pending:
             self._pending.pop(life.key)
         if state == "incoming" and self._warn_after > 0:
             self._schedule(self._warn_after, _WARN, life)
@@ -556,15 +580,19 @@ class Lifecycle:
         life.graph_forgot = True
         self.end(call_id, None)
 
-    def adopt(self, call_id: str, *, phase: int, state: str | None, ended: bool) -> CallLife:
+    def adopt(
+        self, call_id: str, *, phase: int, state: str | None, ended: bool, proven: bool = False
+    ) -> CallLife:
         """Continue a call from the state a shared store holds (after a restart, a takeover,
         or a failover that lost later checkpoints): that state, not what this process saw
-        before, is where the call's next run starts, even when it is an earlier one."""
+        before, is where the call's next run starts, even when it is an earlier one. A proof
+        known here or stored (``proven``) stays: Graph's acceptance is never taken back."""
         life = self.life(call_id)
-        if phase >= _ESTABLISHING:
-            self._pending.pop(life.key)
         life.phase = phase
         life.state = state
+        life.proven = life.proven or proven
+        if not life.pending:
+            self._pending.pop(life.key)
         if ended:
             self.end(call_id, None)
             return life
@@ -716,8 +744,16 @@ class Lifecycle:
             if life.key in self._established_elsewhere:
                 # Established where another instance runs it: kept until told its end.
                 self._pending.pop(life.key)
-            elif life.phase < _ESTABLISHING and not life.ended:
+            elif life.ended or not life.pending:
+                pass
+            elif life.phase < _ESTABLISHING:
                 self._forget(life.key, "never_established")
+            elif life.established and life.keeping_alive:
+                # Established unproven (the bot restarted mid-call, or an invented id): a
+                # keep-alive now proves it (accepted) or ends it (404); it stays pending till.
+                life.keep_alive_loop = self._schedule(0.0, _KEEP_ALIVE, life)
+            else:
+                self._forget(life.key, "unproven")
         elif kind == _WARN:
             if life.state == "incoming" and not life.ended:
                 self._lines.warning(

@@ -862,6 +862,7 @@ class Sequencer:
         if record.life.tenant_id is None and tenant_id is not None:
             # Bound now, not by its first notification: another tenant's token cannot claim it.
             self.lifecycle.bind(record.life, tenant_id)
+        self.lifecycle.prove(call_id)  # Graph made the call at the bot's request: it is real
         if record.closed or my_participant_id is None:
             return
         snapshot = record.snapshot
@@ -910,7 +911,11 @@ class Sequencer:
         self._drop_record(key)
         stored = record.life
         record.life = self.lifecycle.adopt(
-            stored.call_id, phase=stored.phase, state=stored.state, ended=record.closed
+            stored.call_id,
+            phase=stored.phase,
+            state=stored.state,
+            ended=record.closed,
+            proven=stored.proven,
         )
         # The record counts the transfers fed up to its checkpoint, and the inbox holds those
         # asked since: a count this process kept from an earlier run would count them twice.

@@ -542,6 +542,7 @@ async def test_calls_never_established_are_bounded(clock: Clock) -> None:
     forgotten: list[tuple[str, str]] = []
     calls.when_forgotten(lambda key, why: forgotten.append((key, why)))
     kept = calls.life("kept")
+    calls.prove("kept")  # Graph accepted the bot's answer
     calls.enter(kept, "establishing")
     for n in range(5):
         life = calls.life(f"invented-{n}")
@@ -554,6 +555,66 @@ async def test_calls_never_established_are_bounded(clock: Clock) -> None:
     assert len(calls) == 1
     assert calls.get("kept") is kept
     assert {why for _, why in forgotten[2:]} == {"never_established"}
+
+
+async def test_a_call_past_ringing_stays_pending_until_proven(clock: Clock) -> None:
+    """Whatever state its notifications claim, a call counts against the bound (and is let
+    go after the ttl) until Graph accepted a request of the bot's own on it."""
+    calls = lifecycle(pending_ttl=60.0, max_pending=2)
+    forgotten: list[tuple[str, str]] = []
+    calls.when_forgotten(lambda key, why: forgotten.append((key, why)))
+    answered = calls.life("answered")
+    calls.enter(answered, "incoming")
+    calls.prove("answered")
+    assert answered.pending, "proven, but still ringing"
+    calls.enter(answered, "established")
+    assert not answered.pending
+    for n in range(4):
+        calls.enter(calls.life(f"invented-{n}"), ("established", "establishing")[n % 2])
+    assert [why for _, why in forgotten] == ["too_many_pending_calls"] * 2
+    assert {life.call_id for life in calls.active()} == {"answered", "invented-2", "invented-3"}
+    calls.prove("invented-3")  # a request of the bot's own on it was accepted after all
+    await clock.advance(61.0)
+    assert forgotten[2:] == [("invented2", "unproven")]
+    assert {life.call_id for life in calls.active()} == {"answered", "invented-3"}
+
+
+async def test_an_established_call_unproven_when_its_time_is_up_is_sent_a_keep_alive(
+    clock: Clock,
+) -> None:
+    """A call a bot that restarted is told established (or an invented one): a keep-alive
+    sent when its pending time is up proves it (accepted) or ends it (404)."""
+    calls: Lifecycle
+
+    async def send(call_id: str) -> KeepAliveResult:
+        sent.append(call_id)
+        if call_id == "real":
+            calls.prove(call_id)  # as CallServices does for every request Graph accepts
+            return KeepAliveResult.OK
+        return KeepAliveResult.GONE
+
+    sent: list[str] = []
+    calls = lifecycle(send, keep_alive_interval=900.0, pending_ttl=60.0, termination_grace=30.0)
+    forgotten: list[tuple[str, str]] = []
+    calls.when_forgotten(lambda key, why: forgotten.append((key, why)))
+    for call_id in ("real", "invented"):
+        calls.enter(calls.life(call_id), "established")
+    await clock.advance(59.0)
+    assert sent == []
+    await clock.advance(2.0)
+    await until(lambda: len(sent) == 2)
+    invented = calls.get("invented")
+    assert invented is not None
+    await until(lambda: invented.ended)
+    real = calls.get("real")
+    assert real is not None
+    assert not real.pending
+    assert real.keeping_alive
+    await clock.advance(31.0)
+    assert forgotten == [("invented", "gone")]
+    assert calls.get("real") is real
+    await clock.advance(900.0)
+    await until(lambda: sent.count("real") == 2)  # then kept alive as any live call
 
 
 async def test_an_adopted_call_keeps_being_kept_alive(clock: Clock) -> None:

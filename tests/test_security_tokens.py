@@ -533,15 +533,7 @@ async def test_invented_call_ids_are_bounded_and_let_go(
     )
     assert known <= 300
     assert len(bot.active_calls()) <= 300
-    # A call that got past ringing is never counted against the bound.
-    established = "real-call"
-    for state in ("establishing", "established"):
-        assert (await server.post(b.notifications(b.call_state(established, state)))).status == 202
-    for n in range(400):
-        item = b.incoming_call(f"more-{n}")
-        assert (await server.post(b.notifications(item))).status == 202
-    await until(lambda: len(seen) == 2402, within=30)
-    assert any(call.id == established for call in bot.active_calls())
+    # (A call the bot answered is never counted against the bound: see the next test.)
 
 
 async def known_calls(server: BotServer) -> float:
@@ -593,7 +585,8 @@ async def test_invented_established_calls_are_bounded_as_pending_ones(
     assert len(bot.active_calls()) <= 50 + 1
     assert any(call.id == "real-call" for call in bot.active_calls())
     forgotten = [e for e in logs if e["event"] == "call_forgotten"]
-    assert forgotten and {e["reason"] for e in forgotten} == {"too_many_pending_calls"}
+    assert forgotten
+    assert {e["reason"] for e in forgotten} == {"too_many_pending_calls"}
 
 
 async def test_another_tenant_s_invented_calls_push_out_only_its_own(

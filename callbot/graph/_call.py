@@ -60,6 +60,7 @@ class CallServices(Protocol):
         self, call_id: str, target: models.InvitationParticipantInfo | None = None
     ) -> None: ...
     async def transfer_refused(self, call_id: str) -> None: ...
+    def accepted(self, call_id: str) -> None: ...
     async def until_established(self, call_id: str, timeout: float | None) -> None: ...
 
 
@@ -288,7 +289,7 @@ class Call:
         """``item``: ``subpath`` names one participant, operation or group of the call;
         ``before_send``: see :meth:`GraphClient.request`."""
         try:
-            return await self._services.graph.request(
+            response = await self._services.graph.request(
                 method,
                 self.path + subpath,
                 json=json,
@@ -305,6 +306,9 @@ class Call:
             if exc.status == 404 and not isinstance(exc, CallEnded) and gone:
                 raise CallEnded.from_graph_error(exc) from None
             raise
+        # Graph knows the call as one of this app's: it is real, whatever state it is in.
+        self._services.accepted(self.id)
+        return response
 
     async def _operation(
         self,

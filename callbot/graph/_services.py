@@ -180,6 +180,12 @@ class CallServices:
         except StoreUnavailable as exc:
             log.warning("transfer_refusal_not_kept", call_id=call_id, error=str(exc))
 
+    def accepted(self, call_id: str) -> None:
+        """Graph accepted a request of the bot's own on the call: the call is real, no id a
+        sender invented (the lifecycle keeps it as a live call once past ringing)."""
+        if self._lifecycle is not None:
+            self._lifecycle.prove(call_id)
+
     async def until_established(self, call_id: str, timeout: float | None) -> None:
         """See :meth:`Call.wait_until_established` (the lifecycle knows the call's states)."""
         if self._lifecycle is None:
@@ -370,13 +376,15 @@ class CallServices:
         # Known to the lifecycle from now on (its tenant bound by the fact noted below), so
         # the handle returned sees the call end, as handlers' handles do.
         life = self._lifecycle.life(call_id) if self._lifecycle is not None else None
+        self.accepted(call_id)
         mine = snapshot.my_participant_id or None
         # Graph placed it in the tenant the bot's token acts in: it refuses a request naming
         # another (7505, "Request authorization tenant mismatch"). A credential given in code
         # acts in a tenant of its own, and a domain name is no tenant id a token proves: the
         # call is bound by its first notification then.
         tenant = self.graph.acting_tenant
-        if (mine or tenant) and self._note is not None:
+        if self._note is not None:
+            # Noted even with neither: whichever instance runs the call learns it is real.
             try:
                 await self._note(Placed(call_id, mine, tenant))
             except StoreUnavailable as exc:

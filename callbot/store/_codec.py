@@ -174,6 +174,7 @@ def encode_record(record: CallRecord) -> str:
         "phase": record.phase,
         "state": record.state,
         "ended": record.closed,
+        "proven": record.life.proven,
         "roster_sequence": record.roster_sequence,
         "tone_next": record.tone_next,
         # Read by instances of the previous release during a rolling upgrade.
@@ -222,6 +223,8 @@ def decode_record(text: str) -> CallRecord | None:
             state=body.get("state"),
             ended=bool(body.get("ended")),
             transfer_targets=targets,
+            # Written before calls were proven: it was kept as a live call, and still is.
+            proven=bool(body.get("proven", True)),
         ),
         closed=bool(body.get("ended")),
         snapshot=None if snapshot is None else CallResource.model_validate(snapshot),

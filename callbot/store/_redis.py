@@ -1808,7 +1808,11 @@ class RedisStore:
                 continue
             self._known[call] = record
             life = self._lifecycle.adopt(
-                record.call_id, phase=record.phase, state=record.state, ended=False
+                record.call_id,
+                phase=record.phase,
+                state=record.state,
+                ended=False,
+                proven=record.life.proven,
             )
             resumed += life.keeping_alive
         self._rehydrated = True
