@@ -19,9 +19,10 @@ from benchmarks.security_figures import held_behind_a_blocked_handler
 from callbot import events
 from callbot._lifecycle import Lifecycle
 from callbot._parse import parse_payload
-from callbot._sequencing import SEEN_DIGESTS, Sequencer
+from callbot._sequencing import SEEN_DIGESTS, CallRecord, Sequencer
 from callbot.store import _redis, _scripts
 from callbot.store._codec import decode_entry, decode_record, encode_entry, encode_record
+from callbot.testing import FakeGraph
 from callbot.testing import builders as b
 
 from .test_redis import KEY_PREFIX, rdb, redis_server, redis_url, wait_for
@@ -743,3 +744,55 @@ async def _ended(
     rdb: aioredis.Redis, inbox: str, lease: str, seen: list[Any], runs: int = 1
 ) -> bool:
     return len(seen) >= 3 * runs and await rdb.xlen(inbox) == 0 and not await rdb.exists(lease)
+
+
+async def test_whether_graph_accepted_the_bot_s_answer_is_in_the_call_s_record(
+    redis_url: str, rdb: aioredis.Redis, graph: FakeGraph
+) -> None:
+    """The proof that a call is real is kept where every instance reads it: an instance
+    taking the call the bot answered over keeps it as a live call, while an id posted
+    straight into ``established`` is stored unproven (pending wherever it runs)."""
+
+    async def on_event(call: Any, event: Any) -> None:
+        if isinstance(event, events.IncomingCall):
+            await call.answer()
+
+    graph.add_call("answered-1")
+    async with InProcessBot(
+        store=redis_url,
+        keep_alive=False,
+        reorder_window=0.2,
+        on_event=on_event,
+        tenant_id=graph.tenant_id,
+        app_secret="fake-graph-secret",
+        graph_url=graph.graph_url,
+        authority_url=graph.authority_url,
+    ) as bot:
+        store = _store(bot)
+        assert await bot.post(_body(b.incoming_call("answered-1"))) == 202
+        await graph.wait_for_request("answer")
+        for state in ("establishing", "established"):
+            assert await bot.post(_body(b.call_state("answered-1", state))) == 202
+        assert await bot.post(_body(b.call_state("invented-1", "established"))) == 202
+
+        async def stored(call: str) -> CallRecord | None:
+            text = await rdb.get(store._keys.record(call))
+            return None if text is None else decode_record(str(text))
+
+        async def both_established() -> bool:
+            records = [await stored(call) for call in ("answered1", "invented1")]
+            return all(r is not None and r.state == "established" for r in records)
+
+        await wait_for(both_established)
+        answered, invented = await stored("answered1"), await stored("invented1")
+        assert answered is not None
+        assert invented is not None
+        assert answered.life.proven
+        assert not invented.life.proven
+        # Another instance taking the calls over reads them so.
+        other = Sequencer(lambda delivery: None, Lifecycle(termination_grace=30))
+        other.adopt(answered)
+        other.adopt(invented)
+        assert not other.lifecycle.life("answered-1").pending
+        assert other.lifecycle.life("invented-1").pending
+        other.close()
