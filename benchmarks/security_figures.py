@@ -8,7 +8,9 @@ loop turn, and the longest the loop waits between its parts when the bot serves 
 what a bot holds once 999 bodies of 1 MB were posted to one call while its handler
 waits, with the memory store and on the Redis store's owner (a redis-server started
 here, as ``bench_store`` does); what remembering an ended call costs once the memory
-store's bound is reached, with the bound shared by 500 tenants against kept by one.
+store's bound is reached, with the bound shared by 500 tenants against kept by one; what
+the bot keeps of call ids one token invents straight past ringing (``invented-established
+N`` measures that alone).
 """
 
 from __future__ import annotations
@@ -74,6 +76,41 @@ async def many_items(url: str, authority: TokenAuthority) -> str:
             status = response.status
         took = time.perf_counter() - started
     return f"10,000 items ({len(body)} bytes): {status} in {took * 1000:.0f} ms"
+
+
+async def invented_established(
+    url: str, authority: TokenAuthority, bot: CallBot, count: int
+) -> str:
+    """``count`` call ids one valid token invents past ringing (200 items per request: each
+    call ``establishing``, then ``established``, as Graph tells a call the bot answered): the
+    calls the bot keeps, and their memory, once every reorder window passed."""
+    token = authority.mint(audience=APP_ID, expires_in=3600)
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    lifecycle = bot._running().lifecycle
+    async with aiohttp.ClientSession() as session:
+        gc.collect()
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        for start in range(0, count, 100):
+            items = [
+                b.call_state(f"invented-{n}", state)
+                for n in range(start, start + 100)
+                for state in ("establishing", "established")
+            ]
+            body = json.dumps(b.notifications(*items)).encode()
+            async with session.post(url, data=body, headers=headers) as response:
+                assert response.status == 202, response.status
+        # What a window holds is delivered (or let go) once it passed.
+        await asyncio.sleep(3 * bot.settings.reorder_window + 1.0)
+        kept_calls = len(lifecycle)
+        active = sum(1 for _ in lifecycle.active())
+        gc.collect()
+        kept = tracemalloc.get_traced_memory()[0] - before
+        tracemalloc.stop()
+    return (
+        f"{count:,} invented established calls: {kept_calls:,} kept ({active:,} active),"
+        f" {kept / 2**20:.1f} MiB traced"
+    )
 
 
 def _compact_participant(participant_id: str) -> models.Participant:
@@ -204,7 +241,7 @@ async def blocked_handler_backlog(bodies: int = 999, size: int = 1_000_000) -> s
     )
 
 
-async def main(count: int) -> None:
+async def main(count: int, invented: int | None = None) -> None:
     # create_app() leaves logging to its host: here, this script.
     configure_logging("json", "error")
     authority = TokenAuthority()
@@ -221,6 +258,9 @@ async def main(count: int) -> None:
     await server.start_server()
     url = str(server.make_url("/api/calls"))
     try:
+        if invented is not None:
+            print(await invented_established(url, authority, bot, invented))
+            return
         print(await token_memory(url, authority, count))
         print(await many_items(url, authority))
         print(largest_body())
@@ -232,4 +272,7 @@ async def main(count: int) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(int(sys.argv[1]) if len(sys.argv) > 1 else 3000))
+    if sys.argv[1:2] == ["invented-established"]:
+        asyncio.run(main(0, int(sys.argv[2]) if len(sys.argv) > 2 else 20_000))
+    else:
+        asyncio.run(main(int(sys.argv[1]) if len(sys.argv) > 1 else 3000))
