@@ -77,11 +77,15 @@ class Settings:
     """How long a terminated call's state is kept; that it ended is kept for 10 minutes more,
     so stragglers are dropped."""
     pending_call_ttl: float = 300.0
-    """How long a call never seen past ringing the bot (no state, or still ``incoming``) is
-    kept: Graph ends an unanswered call within 15 s, so only invented ids outlive this."""
+    """How long a *pending* call is kept: one never seen past ringing the bot (no state, or
+    still ``incoming``), or one Graph never accepted a request of the bot's own on (its
+    answer, the request placing it, a keep-alive or any action), whatever state its
+    notifications claim. Graph ends an unanswered call within 15 s, so only invented ids
+    outlive this; an established call still unproven then (the bot restarted without a
+    shared store) is sent a keep-alive instead, which proves it or ends it."""
     max_pending_calls: int = 2_000
-    """Calls never seen past ringing the bot kept at once; past it the tenant keeping the most
-    forgets its own oldest."""
+    """Pending calls (see ``pending_call_ttl``) kept at once; past it the tenant keeping the
+    most forgets its own oldest."""
     max_body_bytes: int = 4 * 1024 * 1024
     """Larger callback bodies are refused (413). A full roster takes about 2.2 KB per
     person (as recorded from Teams): 4 MiB holds one of about 1,900."""
