@@ -510,8 +510,8 @@ class Lifecycle:
         life = self._lives.get(key)
         if (life is not None and life.ended) or self._ended_lately(key) is not None:
             return  # a copy sent late: the call's end was told first
-        if life is not None:
-            self._pending.pop(key)  # past ringing, wherever it runs
+        if life is not None and life.proven:
+            self._pending.pop(key)  # past ringing, wherever it runs (unproven: still pending)
         tenant = tenant_key(tenant_id) if tenant_id is not None else None
         self._established_elsewhere.add(key, loop_time(), tenant)
         while (let_go := self._established_elsewhere.over(tenant)) is not None:
@@ -741,7 +741,7 @@ class Lifecycle:
             else:
                 self._forget(life.key, "grace_over")
         elif kind == _FORGET_PENDING:
-            if life.key in self._established_elsewhere:
+            if life.key in self._established_elsewhere and life.proven:
                 # Established where another instance runs it: kept until told its end.
                 self._pending.pop(life.key)
             elif life.ended or not life.pending:

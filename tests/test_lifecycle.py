@@ -579,6 +579,26 @@ async def test_a_call_past_ringing_stays_pending_until_proven(clock: Clock) -> N
     assert {life.call_id for life in calls.active()} == {"answered", "invented-3"}
 
 
+async def test_a_call_told_established_elsewhere_stays_pending_until_proven(clock: Clock) -> None:
+    """With a shared store every instance is told what another accepted: being told an
+    invented call is established (a copy posted to another instance) proves nothing, and
+    does not keep it here past the bound or the ttl; a proven one is kept until its end."""
+    calls = lifecycle(pending_ttl=60.0, max_pending=10)
+    forgotten: list[tuple[str, str]] = []
+    calls.when_forgotten(lambda key, why: forgotten.append((key, why)))
+    invented = calls.life("invented")
+    calls.enter(invented, "established")
+    placed = calls.life("placed")
+    calls.prove("placed")  # placed by this instance, run by another
+    for call_id in ("invented", "placed"):
+        calls.told_established(call_id, None)
+    assert invented.key in calls._pending  # still counted against the bound
+    assert placed.key not in calls._pending
+    await clock.advance(61.0)
+    assert forgotten == [("invented", "unproven")]
+    assert calls.get("placed") is placed
+
+
 async def test_an_established_call_unproven_when_its_time_is_up_is_sent_a_keep_alive(
     clock: Clock,
 ) -> None:
@@ -801,10 +821,12 @@ async def test_a_placed_call_another_instance_runs_is_kept_until_its_end(clock: 
     calls = lifecycle(pending_ttl=60.0)
     forgotten: list[str] = []
     calls.when_forgotten(lambda key, why: forgotten.append(why))
-    placed = calls.life(CALL_ID)  # as create_call knows it
+    placed = calls.life(CALL_ID)  # as create_call knows it, proven by Graph's answer
+    calls.prove(CALL_ID)
     calls.told_established(CALL_ID, "tenant-a")
     calls.told_established(OTHER, "tenant-a")  # told before Graph's answer to placing it
     answered_late = calls.life(OTHER)
+    calls.prove(OTHER)
     await clock.advance(61.0)
     assert forgotten == []
     assert (calls.get(CALL_ID), calls.get(OTHER)) == (placed, answered_late)
