@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from callbot import CallEnded, OperationFailed, events, models
+from callbot import CallEnded, OperationFailed, Target, events, models
 from callbot import _lifecycle as lifecycle_module
 from callbot._ids import id_key
 from callbot._lifecycle import ENDED_MEMORY, LIVE_PHASE, KeepAliveResult, Lifecycle
@@ -689,6 +689,33 @@ async def test_keep_alives_reach_graph_and_a_404_ends_the_call(graph: FakeGraph)
             assert await services.keep_alive(OTHER) is KeepAliveResult.FAILED
         warned = [(e["event"], e["status"]) for e in logs if e["log_level"] == "warning"]
         assert warned == [("graph_request_failed", 500)]
+    finally:
+        await services.close()
+        await calls.close()
+
+
+async def test_a_request_graph_accepts_proves_its_call_and_one_it_refuses_does_not(
+    graph: FakeGraph,
+) -> None:
+    """Whatever the request (a keep-alive here, placing a call), Graph's acceptance is what
+    takes a call past ringing off the pending bound; a 404 proves nothing."""
+    calls = Lifecycle(termination_grace=30.0)
+    services = CallServices(
+        graph.settings(), retry=RetryPolicy(total_time=1.0, base_delay=0.001), lifecycle=calls
+    )
+    graph.add_call(CALL_ID, state="established")
+    try:
+        real, invented = calls.life(CALL_ID), calls.life(OTHER)
+        for life in (real, invented):
+            calls.enter(life, "established")
+        assert await services.keep_alive(OTHER) is KeepAliveResult.GONE
+        assert await services.keep_alive(CALL_ID) is KeepAliveResult.OK
+        assert (real.pending, invented.pending) == (False, True)
+        assert [key for key in (real.key, invented.key) if key in calls._pending] == [invented.key]
+        placed = await services.create_call(Target.user("callee-id"))
+        placed_life = calls.get(placed.id)
+        assert placed_life is not None
+        assert placed_life.proven
     finally:
         await services.close()
         await calls.close()
