@@ -89,6 +89,14 @@ class GraphModel(BaseModel):
     """The resource's version tag, as sent."""
 
 
+class _Spelling(dict[str, str]):
+    """Each known member under its own spelling and in lower case; any other value is looked
+    up in lower case, and is itself when no member has that lower case."""
+
+    def __missing__(self, value: str) -> str:
+        return self.get(value.lower(), value)
+
+
 class GraphEnum:
     """``Annotated`` metadata of a ``str`` property whose Graph type is an enum.
 
@@ -101,16 +109,20 @@ class GraphEnum:
 
     def __init__(self, *members: str) -> None:
         self.members: tuple[str, ...] = members
-        self._spelling: dict[str, str] = {member.lower(): member for member in members}
+        self._spelling = _Spelling({member.lower(): member for member in members})
+        self._spelling.update((member, member) for member in members)
 
     def canonical(self, value: str) -> str:
         """``value`` in Graph's spelling when it is a known member, else as given."""
-        return self._spelling.get(value.lower(), value)
+        return self._spelling[value]
 
     def __get_pydantic_core_schema__(
         self, source: Any, handler: GetCoreSchemaHandler
     ) -> CoreSchema:
-        return core_schema.no_info_after_validator_function(self.canonical, handler(source))
+        # The dict's own lookup: a value sent in Graph's spelling (nearly all) runs no Python.
+        return core_schema.no_info_after_validator_function(
+            self._spelling.__getitem__, handler(source)
+        )
 
     def __repr__(self) -> str:
         return f"GraphEnum{self.members!r}"
