@@ -274,7 +274,7 @@ def _awaits_transferring(event: events.Event, record: CallRecord) -> bool:
     told = record.transfers_told
     if record.life.transfers <= told or record.transferring_told > told:
         return False  # the usual case, first: no transfer waits for its news
-    return record.phase == _LIVE and _tells_failure(_state(event), _call_of(event))
+    return record.life.phase == _LIVE and _tells_failure(_state(event), _call_of(event))
 
 
 def _transferring_counted(transfers: int, told: int, transferring_told: int) -> int | None:
@@ -297,7 +297,7 @@ def _held_for_transferring(record: CallRecord) -> tuple[int | None, int]:
     transfers, told = record.life.transfers, record.transfers_told
     if transfers <= told:
         return None, told  # every transfer asked had its failure: nothing held waits
-    transferring_told, state = record.transferring_told, record.state
+    transferring_told, state = record.transferring_told, record.life.state
     for index, held in enumerate(record.held):
         held_state, call = _state(held), _call_of(held)
         if held_state is None or call is None or phase_of_state(held_state) != _LIVE:
@@ -321,13 +321,13 @@ def _early(event: events.Event, record: CallRecord) -> bool:
     """Whether ``event`` arrived before what it follows: the state (:func:`_follows`); for a
     tone of an established call, the tone before it (:func:`tone_waits`); for a transfer's
     failure, that transfer's ``transferring`` (:func:`_awaits_transferring`)."""
-    if record.phase >= _LIVE:
+    if record.life.phase >= _LIVE:
         # The usual case, first: nothing follows a later phase than established.
         if not isinstance(event, events.ToneReceived):
             return _awaits_transferring(event, record)
         return tone_waits(event.sequence_id, record.tone_next)
-    follows = _follows(event, record.phase)
-    return follows is not None and record.phase < follows
+    follows = _follows(event, record.life.phase)
+    return follows is not None and record.life.phase < follows
 
 
 def _unblocks(event: events.Event, record: CallRecord) -> bool:
@@ -529,10 +529,13 @@ class CallRecord:
 
     @property
     def phase(self) -> int:
+        """The life's phase. (The sequencer reads ``life.phase`` itself: a property is a call
+        of Python on every notification.)"""
         return self.life.phase
 
     @property
     def state(self) -> str | None:
+        """The life's state (read as ``life.state`` by the sequencer, as ``phase``)."""
         return self.life.state
 
     @property
@@ -555,7 +558,7 @@ def _changes_call(record: CallRecord, event: events.Event) -> bool:
     repeat."""
     state = _state(event)
     # The phase, not ``established``: an end told early by another instance ends no state.
-    if state is None or record.phase != _LIVE or phase_of_state(state) != _LIVE:
+    if state is None or record.life.phase != _LIVE or phase_of_state(state) != _LIVE:
         return False
     going_to = _last_held_state(record) if record.held else None
     if going_to is not None:
@@ -563,7 +566,7 @@ def _changes_call(record: CallRecord, event: events.Event) -> bool:
         # repeat, a copy of the state before it the call moving back.
         if state != going_to.state:
             return True
-    elif state != record.state:
+    elif state != record.life.state:
         return True
     call = _call_of(event)
     if call is None:
@@ -970,7 +973,7 @@ class Sequencer:
             return
         if (
             record.waiting_tones
-            and record.phase >= _LIVE
+            and record.life.phase >= _LIVE
             and isinstance(record.held[0], events.ToneReceived)
             and _unblocks(event, record)
         ):
@@ -985,15 +988,17 @@ class Sequencer:
         # A transferring goes right before the failure held for it, if any.
         failure = (
             _held_for_transferring(record)[0]
-            if record.phase == _LIVE and _state(event) == "transferring"
+            if record.life.phase == _LIVE and _state(event) == "transferring"
             else None
         )
-        if phase is not None and (phase <= _awaited(record.held, record.phase) or failure == 0):
+        if phase is not None and (
+            phase <= _awaited(record.held, record.life.phase) or failure == 0
+        ):
             # A predecessor of what is held overtakes it.
-            reached, waiting, told = record.phase, len(record.held), record.transferring_told
+            reached, waiting, told = record.life.phase, len(record.held), record.transferring_told
             self._admit(record, event)
             if (
-                record.phase != reached
+                record.life.phase != reached
                 or len(record.held) != waiting
                 or record.transferring_told != told
             ):
@@ -1014,17 +1019,17 @@ class Sequencer:
             self._release(record, "call_ending")
         elif len(record.held) > _MAX_BACKLOG or record.held_bytes > MAX_HELD_BYTES:
             self._release(record, "backlog_full")
-        elif record.phase >= _LIVE and len(record.waiting_tones) > MAX_WAITING_TONES:
+        elif record.life.phase >= _LIVE and len(record.waiting_tones) > MAX_WAITING_TONES:
             self._release(record, "too_many_waiting")
 
     def _admit(self, record: CallRecord, event: events.Event, *, may_hold: bool = True) -> None:
         phase = phase_of(event)
         if phase is not None and (
-            phase < record.phase
+            phase < record.life.phase
             # A call redirected does not come back to incoming, though both share a phase.
             or (
                 phase == _INCOMING
-                and record.state == "redirecting"
+                and record.life.state == "redirecting"
                 and _state(event) != "redirecting"
             )
         ):
@@ -1032,7 +1037,7 @@ class Sequencer:
                 event,
                 "stale",
                 state=clipped(_state(event)),
-                current_state=clipped(record.state),
+                current_state=clipped(record.life.state),
             )
             return
         if may_hold and _early(event, record):
@@ -1065,7 +1070,7 @@ class Sequencer:
     def _release_ready(self, record: CallRecord) -> None:
         """Deliver, in lifecycle order, the held events whose predecessors have come; from
         the first still early on, they wait on (within the same window)."""
-        ordered, record.held = _in_lifecycle_order(record.held, record.phase), []
+        ordered, record.held = _in_lifecycle_order(record.held, record.life.phase), []
         record.waiting_tones = []
         sizes = record.held_sizes
         for index, event in enumerate(ordered):
@@ -1086,7 +1091,7 @@ class Sequencer:
 
     def _release(self, record: CallRecord, why: str) -> None:
         # Tones of the live call may wait for a number the window did not bring.
-        gaps = why == "window_closed" and record.phase >= _LIVE and bool(record.waiting_tones)
+        gaps = why == "window_closed" and record.life.phase >= _LIVE and bool(record.waiting_tones)
         skipped = False
         held, record.held, record.waiting_tones = record.held, [], []
         record.held_bytes = 0
@@ -1102,7 +1107,7 @@ class Sequencer:
             state=clipped(_state(held[0])),
             reason=why,
         )
-        for event in _in_lifecycle_order(held, record.phase):
+        for event in _in_lifecycle_order(held, record.life.phase):
             if record.closed:
                 self._drop(event, "after_end")
                 continue
@@ -1123,7 +1128,7 @@ class Sequencer:
             record.tone_next = tone_after(event.sequence_id, record.tone_next)
         elif isinstance(event, events.OperationUpdated) and not self._moves_on(record, event):
             return
-        elif state == "transferring" and record.state != "transferring":
+        elif state == "transferring" and record.life.state != "transferring":
             counted = _transferring_counted(
                 record.life.transfers, record.transfers_told, record.transferring_told
             )
@@ -1132,7 +1137,7 @@ class Sequencer:
                 # left to go, it would put the call back in transferring, and after the news
                 # that the transfer failed.
                 self._drop(
-                    event, "stale", state="transferring", current_state=clipped(record.state)
+                    event, "stale", state="transferring", current_state=clipped(record.life.state)
                 )
                 return
             record.transferring_told = counted
