@@ -21,6 +21,7 @@ from . import events
 from ._affinity import DeploymentChooser
 from ._callables import calls_a_coroutine, handler_name, is_an_object
 from ._clock import loop_time, wait_all
+from ._counts import Counts
 from ._errors import CallEnded, OperationFailed
 from ._journal import Attempt
 from ._journal import _current as _current_attempt
@@ -222,7 +223,7 @@ class Dispatcher:
         self._delivery_listeners: list[Callable[[events.Event], None]] = []
         # A line per handler a call's end stopped: a sender inventing calls decides how many.
         self._lines = RateLimitedLog(log)
-        self.counts: Counter[str] = Counter()
+        self.counts: Counter[str] = Counts()
         """handled (deliveries run), handler_errors, unhandled_errors (no on_error took them),
         call_ended (handlers stopped by :class:`~callbot.CallEnded`), superseded (deliveries
         not started because their run lost its call to another instance), abandoned (still

@@ -20,6 +20,7 @@ from aiohttp import hdrs, web
 
 from . import events
 from ._auth import Authenticator
+from ._counts import Counts
 from ._errors import AuthenticationError, KeysUnavailable, MalformedNotification, StoreUnavailable
 from ._log import RateLimitedLog, get_logger, is_enabled
 from ._parse import parse_body_in_parts
@@ -100,7 +101,7 @@ class Receiver:
         self._item_lines = RateLimitedLog(get_logger("callbot.parse"))
         self.draining = False
         """While true, callbacks get 503 so that Graph retries against another instance."""
-        self.counts: Counter[tuple[str, str]] = Counter()
+        self.counts: Counter[tuple[str, str]] = Counts()
         """(outcome, reason) -> count: accepted items, and refused requests by reason."""
 
     async def handle(self, request: web.Request) -> web.StreamResponse:

@@ -45,6 +45,7 @@ from pydantic import BaseModel
 
 from . import events
 from ._config import Settings
+from ._counts import Counts
 from ._errors import MalformedNotification
 from ._ids import clipped, id_key
 from ._journal import Attempt
@@ -789,7 +790,7 @@ class Sequencer:
         # its call's snapshot, if it is delivered as it arrives (the usual case).
         self._arriving: tuple[dict[str, Any] | None, int] = (None, 0)
         lifecycle.when_forgotten(self._forgotten)
-        self.counts: Counter[str] = Counter()
+        self.counts: Counter[str] = Counts()
         """Outcomes so far: delivered, held, duplicate, stale, after_end, roster_full,
         call_forgotten (held when its call was let go), released_alone, not_kept (delivered,
         but what it would add was past the call's bytes: ``call_record_full``)."""
