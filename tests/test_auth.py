@@ -295,6 +295,20 @@ async def test_withdrawn_key_refused(auth: Authenticator, authority: TokenAuthor
     assert await reason_of(auth, bearer(old_token)) == "unknown_key"
 
 
+async def test_a_withdrawn_key_refuses_the_token_last_accepted_from_the_cache(
+    auth: Authenticator, authority: TokenAuthority
+) -> None:
+    """The header of the last cache hit is answered without a lookup: that shortcut goes with
+    the verdict it points to, so the very header accepted last is judged again."""
+    old_token = authority.mint(audience=APP_ID)
+    header = bearer(old_token)
+    await auth.verify(header)
+    await auth.verify(header)  # from the cache: now the last hit
+    authority.rotate_key(keep_old=False)
+    await auth.verify(bearer(authority.mint(audience=APP_ID)))
+    assert await reason_of(auth, header) == "unknown_key"
+
+
 async def test_a_key_replaced_under_its_kid_withdraws_the_tokens_it_verified(
     auth: Authenticator, authority: TokenAuthority
 ) -> None:
