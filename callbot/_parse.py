@@ -453,8 +453,10 @@ def _event_for(
         event = _route(rest, change_type, data, item, common, lines)
     except ValidationError:
         return _new(UnknownNotification, common, resource_data=data)
-    if not isinstance(event, _NAMING_IDS):
-        return event  # the usual event: its ids are the path's
+    if type(event) not in _NAMING_IDS:
+        # The usual event: its ids are the path's. (Built above: its class is exactly one of
+        # the parser's; isinstance would call pydantic's metaclass, twice.)
+        return event
     for named in _ids_in_body(event):
         if not _one_segment(named):
             raise MalformedNotification(

@@ -229,7 +229,8 @@ class Receiver:
                 400, "malformed", "unparseable", repr(exc), self._context(request, tenant_id)
             )
         # Only a new call's incoming call may be sent elsewhere: the usual request asks nothing.
-        if self._redirect is not None and isinstance(batch[0], events.IncomingCall):
+        # (Its exact class, as the sequencer tells events apart: isinstance costs more.)
+        if self._redirect is not None and type(batch[0]) is events.IncomingCall:
             # After authentication: a stranger never learns where the other deployments are.
             location = self._redirect(batch)
             if location is not None:

@@ -167,8 +167,18 @@ def _built(
     return built
 
 
+# An event is told apart by its exact class, not isinstance: callbot builds every event itself,
+# and of its classes only CallTerminated derives from another (CallStateChanged). isinstance
+# against a pydantic class calls the metaclass's __instancecheck__, several times the cost, a
+# dozen times a notification (test_events_are_told_apart_by_their_exact_class keeps it true).
+
+
 def _state(event: events.Event) -> str | None:
-    return event.state if isinstance(event, events.CallStateChanged) else None
+    return (
+        event.state
+        if (type(event) is events.CallStateChanged or type(event) is events.CallTerminated)
+        else None
+    )
 
 
 # How far an operation got: notStarted, then running (or a status Graph adds later), then
@@ -185,24 +195,30 @@ def _operation_step(status: str) -> int:
     return _OPERATION_STEPS.get(status, _OPERATION_GOING)
 
 
-# A tuple: a union written in the call would be built again on every notification.
-_CALL_EVENTS = (
-    events.IncomingCall,
-    events.CallStateChanged,
-    events.CallUpdated,
-    events.ToneReceived,
+# The events that carry the call, by class.
+_CALL_EVENTS = frozenset(
+    (
+        events.IncomingCall,
+        events.CallStateChanged,
+        events.CallTerminated,
+        events.CallUpdated,
+        events.ToneReceived,
+    )
 )
 
 
 def _call_of(event: events.Event) -> CallResource | None:
-    return event.call if isinstance(event, _CALL_EVENTS) else None
+    call: CallResource | None = (
+        getattr(event, "call", None) if type(event) in _CALL_EVENTS else None
+    )
+    return call
 
 
 def phase_of(event: events.Event) -> int | None:
     """Where an event stands in the call lifecycle; ``None`` for events without a state."""
-    if isinstance(event, events.IncomingCall):
+    if type(event) is events.IncomingCall:
         return _INCOMING
-    if isinstance(event, events.CallStateChanged):
+    if type(event) is events.CallStateChanged or type(event) is events.CallTerminated:
         return phase_of_state(event.state)
     return None
 
@@ -238,7 +254,7 @@ def _follows(event: events.Event, reached: int) -> int | None:
     call); so does news without a state (a roster, content sharing) of a call seen being
     set up, which Graph may deliver before ``established`` as it may ``established``
     before ``establishing``."""
-    if isinstance(event, events.ToneReceived):
+    if type(event) is events.ToneReceived:
         return _LIVE
     phase = phase_of(event)
     if phase is None:
@@ -324,7 +340,7 @@ def _early(event: events.Event, record: CallRecord) -> bool:
     failure, that transfer's ``transferring`` (:func:`_awaits_transferring`)."""
     if record.life.phase >= _LIVE:
         # The usual case, first: nothing follows a later phase than established.
-        if not isinstance(event, events.ToneReceived):
+        if type(event) is not events.ToneReceived:
             return _awaits_transferring(event, record)
         return tone_waits(event.sequence_id, record.tone_next)
     follows = _follows(event, record.life.phase)
@@ -334,7 +350,7 @@ def _early(event: events.Event, record: CallRecord) -> bool:
 def _unblocks(event: events.Event, record: CallRecord) -> bool:
     """Whether ``event`` is a numbered tone that need not wait: the one a held tone of the
     established call waits for, or one later than that already went."""
-    if not isinstance(event, events.ToneReceived) or event.sequence_id is None:
+    if type(event) is not events.ToneReceived or event.sequence_id is None:
         return False
     return not tone_waits(event.sequence_id, record.tone_next)
 
@@ -384,7 +400,7 @@ def _in_lifecycle_order(held: list[events.Event], reached: int) -> list[events.E
     keyed.sort(key=lambda entry: entry[:4])
     ordered = [entry[4] for entry in keyed]
     tones = sorted(
-        (e for e in ordered if isinstance(e, events.ToneReceived) and e.sequence_id is not None),
+        (e for e in ordered if type(e) is events.ToneReceived and e.sequence_id is not None),
         key=_sequence_of,
     )
     if len(tones) < 2:
@@ -394,7 +410,7 @@ def _in_lifecycle_order(held: list[events.Event], reached: int) -> list[events.E
     merged: list[events.Event] = []
     placed = 0
     for event in ordered:
-        if isinstance(event, events.ToneReceived) and event.sequence_id is not None:
+        if type(event) is events.ToneReceived and event.sequence_id is not None:
             # The tones left to place are numbered above every tone before this one.
             while placed < len(tones) and _sequence_of(tones[placed]) <= event.sequence_id:
                 merged.append(tones[placed])
@@ -406,14 +422,14 @@ def _in_lifecycle_order(held: list[events.Event], reached: int) -> list[events.E
 
 def _note_held(record: CallRecord, event: events.Event) -> None:
     """Keep the number of a tone being held (:attr:`CallRecord.waiting_tones`)."""
-    if isinstance(event, events.ToneReceived) and event.sequence_id is not None:
+    if type(event) is events.ToneReceived and event.sequence_id is not None:
         bisect.insort(record.waiting_tones, event.sequence_id)
 
 
 def _sequence_of(event: events.Event) -> int:
     return (
         event.sequence_id
-        if isinstance(event, events.ToneReceived) and event.sequence_id is not None
+        if type(event) is events.ToneReceived and event.sequence_id is not None
         else -1
     )
 
@@ -582,7 +598,7 @@ def _changes_call(record: CallRecord, event: events.Event) -> bool:
     if going_to is not None:
         # The call as it will be once every state held went, each in turn.
         for held in record.held:
-            if isinstance(held, events.CallStateChanged):
+            if type(held) is events.CallStateChanged or type(held) is events.CallTerminated:
                 known = _merge(known, held.call)
     return bool(_changed(known, call))
 
@@ -590,7 +606,9 @@ def _changes_call(record: CallRecord, event: events.Event) -> bool:
 def _last_held_state(record: CallRecord) -> events.CallStateChanged | None:
     """The last state of the live call held (behind a tone, or a transfer's failure)."""
     for held in reversed(record.held):
-        if isinstance(held, events.CallStateChanged) and phase_of_state(held.state) == _LIVE:
+        if (
+            type(held) is events.CallStateChanged or type(held) is events.CallTerminated
+        ) and phase_of_state(held.state) == _LIVE:
             return held
     return None
 
@@ -820,9 +838,9 @@ class Sequencer:
         elif not _changes_call(record, event):
             self._drop(event, "duplicate")
             return
-        if isinstance(event, events.OperationUpdated) and self._on_operation is not None:
+        if type(event) is events.OperationUpdated and self._on_operation is not None:
             self._on_operation(event)
-        elif isinstance(event, events.ToneReceived) and self._on_tone is not None:
+        elif type(event) is events.ToneReceived and self._on_tone is not None:
             # A handler collecting digits is still running: tones reach it now, not queued.
             self._on_tone(event)
         self._arriving = event.raw, written
@@ -975,7 +993,7 @@ class Sequencer:
         if (
             record.waiting_tones
             and record.life.phase >= _LIVE
-            and isinstance(record.held[0], events.ToneReceived)
+            and type(record.held[0]) is events.ToneReceived
             and _unblocks(event, record)
         ):
             # The tone the first held one waits for (or a late one): it goes, then what it let
@@ -1081,7 +1099,7 @@ class Sequencer:
                 record.waiting_tones = [
                     e.sequence_id
                     for e in record.held
-                    if isinstance(e, events.ToneReceived) and e.sequence_id is not None
+                    if type(e) is events.ToneReceived and e.sequence_id is not None
                 ]
                 return
             record.held_bytes -= sizes.pop(id(event))
@@ -1112,7 +1130,7 @@ class Sequencer:
             if record.closed:
                 self._drop(event, "after_end")
                 continue
-            if gaps and isinstance(event, events.ToneReceived):
+            if gaps and type(event) is events.ToneReceived:
                 # Given up for a number that never came, not for tones held behind a transfer's
                 # failure, each after the one before it.
                 skipped = skipped or tone_waits(event.sequence_id, record.tone_next)
@@ -1125,9 +1143,9 @@ class Sequencer:
 
     def _deliver(self, record: CallRecord, event: events.Event) -> None:
         state = _state(event)  # None for a roster: the event it becomes has none either
-        if isinstance(event, events.ToneReceived):
+        if type(event) is events.ToneReceived:
             record.tone_next = tone_after(event.sequence_id, record.tone_next)
-        elif isinstance(event, events.OperationUpdated) and not self._moves_on(record, event):
+        elif type(event) is events.OperationUpdated and not self._moves_on(record, event):
             return
         elif state == "transferring" and record.life.state != "transferring":
             counted = _transferring_counted(
@@ -1142,7 +1160,7 @@ class Sequencer:
                 )
                 return
             record.transferring_told = counted
-        elif isinstance(event, events.ParticipantsUpdated):
+        elif type(event) is events.ParticipantsUpdated:
             diffed = self._diff_roster(record, event)
             if diffed is None:
                 return
@@ -1174,15 +1192,15 @@ class Sequencer:
                 target = self.lifecycle.transfer_failed(record.life, record.transfers_told)
                 record.transfers_told += 1
                 failed = True
-        if isinstance(event, events.IncomingCall):
+        if type(event) is events.IncomingCall:
             state = "incoming"
         if state is not None:
-            info = event.result_info if isinstance(event, events.CallTerminated) else None
+            info = event.result_info if type(event) is events.CallTerminated else None
             moved, previous_state = self.lifecycle.enter(record.life, state, info)
             if not moved:
                 # The same state again only adds content: an update, not a transition.
                 event = _as_update(event, state, previous, failed, target)
-            elif isinstance(event, events.CallStateChanged):
+            elif type(event) is events.CallStateChanged or type(event) is events.CallTerminated:
                 changes: dict[str, Any] = {"previous_state": previous_state}
                 if failed:
                     changes["transfer_failed"] = True
@@ -1199,7 +1217,7 @@ class Sequencer:
         self._deliver_fn(
             Delivery(event, record.snapshot, record.roster, record.life, None, written)
         )
-        if isinstance(event, events.CallTerminated):
+        if type(event) is events.CallTerminated:
             record.closed = True
             # Nothing reads an ended call's state but its last delivery, which has it: the
             # record lingers only to drop stragglers, and the collector need not walk the rest.

@@ -1678,3 +1678,21 @@ async def test_a_recorded_call_keeps_all_it_brought_and_counts_no_less_than_it_t
             assert record.roster_bytes == sum(sizes.values())
     assert seq.counts["not_kept"] == 0
     seq.close()
+
+
+def test_events_are_told_apart_by_their_exact_class() -> None:
+    """The sequencer, the parser and the dispatcher compare an event's class instead of
+    isinstance (which pydantic's classes answer through their metaclass): true only while
+    no event class derives from another but CallTerminated from CallStateChanged."""
+    classes = [
+        value
+        for value in vars(events).values()
+        if isinstance(value, type) and issubclass(value, events.Event)
+    ]
+    derived = {
+        cls.__name__: base.__name__
+        for cls in classes
+        for base in cls.__bases__
+        if base is not events.Event and issubclass(base, events.Event)
+    }
+    assert derived == {"CallTerminated": "CallStateChanged"}
