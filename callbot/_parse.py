@@ -63,7 +63,7 @@ import copy
 import json
 import re
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import orjson
@@ -688,12 +688,21 @@ def _drop(body: dict[str, Any], where: tuple[int | str, ...]) -> str | None:
 
 def _new(cls: type[_E], common: dict[str, Any], **fields: Any) -> _E:
     """``cls(**common, **fields)``, validated alike."""
-    return cast("_E", cls.__pydantic_validator__.validate_python({**common, **fields}))
+    return _validator(cls)({**common, **fields})
+
+
+# Each model's validator, read once: a pydantic class's attribute is read through its
+# metaclass's __getattr__ hook (several hundred instructions, twice a notification). The
+# models are complete when imported: pydantic never builds them another validator.
+_VALIDATORS: dict[type[BaseModel], Callable[[dict[str, Any]], Any]] = {}
 
 
 def _validator(model: type[_Model]) -> Callable[[dict[str, Any]], _Model]:
     """``model.model_validate``, validating alike."""
-    return model.__pydantic_validator__.validate_python
+    validate = _VALIDATORS.get(model)
+    if validate is None:
+        validate = _VALIDATORS[model] = model.__pydantic_validator__.validate_python
+    return validate
 
 
 def _call_event(change_type: str, data: Any, common: dict[str, Any], lines: Any) -> Event:

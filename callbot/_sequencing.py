@@ -159,7 +159,9 @@ def _built(
     properties ``extra``, with ``fields_set`` set: built as pydantic's copies are, unvalidated."""
     cls = type(model)
     private = getattr(model, "__pydantic_private__", None)
-    built = cls.__new__(cls)
+    # object's own: pydantic's models keep it, and cls.__new__ is read through the metaclass's
+    # __getattr__ hook (several hundred instructions, a copy or two a notification).
+    built = object.__new__(cls)
     _set_attribute(built, "__dict__", values)
     _set_attribute(built, "__pydantic_extra__", extra)
     _set_attribute(built, "__pydantic_fields_set__", fields_set)
