@@ -328,7 +328,9 @@ class Authenticator:
         last = self._last_hit
         if last is not None and authorization == last[0]:
             # The header of the last cached hit again (a sender's token serves it for an
-            # hour): compared, where a lookup would copy and hash a kilobyte of token.
+            # hour): compared, where a lookup would copy and hash a kilobyte of token. (A
+            # mismatch's timing tells at most a block of a header it did not match, whose
+            # secret part is the signature's random bytes: nothing to guess a byte at a time.)
             token, cached = last[1], last[2]
         elif authorization is not None and authorization.startswith(_BEARER):
             # The usual header: its token looked up as written, without splitting a kilobyte
