@@ -38,7 +38,7 @@ import json
 from collections import Counter, deque
 from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeGuard, TypeVar
 
 import orjson
 from pydantic import BaseModel
@@ -175,12 +175,16 @@ def _built(
 # dozen times a notification (test_events_are_told_apart_by_their_exact_class keeps it true).
 
 
+_STATE_CHANGES = frozenset((events.CallStateChanged, events.CallTerminated))
+
+
+def _changes_state(event: events.Event) -> TypeGuard[events.CallStateChanged]:
+    """Whether ``event`` moves its call to a state (an ending does too): the one test of it."""
+    return type(event) in _STATE_CHANGES
+
+
 def _state(event: events.Event) -> str | None:
-    return (
-        event.state
-        if (type(event) is events.CallStateChanged or type(event) is events.CallTerminated)
-        else None
-    )
+    return event.state if _changes_state(event) else None
 
 
 # How far an operation got: notStarted, then running (or a status Graph adds later), then
@@ -220,7 +224,7 @@ def phase_of(event: events.Event) -> int | None:
     """Where an event stands in the call lifecycle; ``None`` for events without a state."""
     if type(event) is events.IncomingCall:
         return _INCOMING
-    if type(event) is events.CallStateChanged or type(event) is events.CallTerminated:
+    if _changes_state(event):
         return phase_of_state(event.state)
     return None
 
@@ -1202,7 +1206,7 @@ class Sequencer:
             if not moved:
                 # The same state again only adds content: an update, not a transition.
                 event = _as_update(event, state, previous, failed, target)
-            elif type(event) is events.CallStateChanged or type(event) is events.CallTerminated:
+            elif _changes_state(event):
                 changes: dict[str, Any] = {"previous_state": previous_state}
                 if failed:
                     changes["transfer_failed"] = True

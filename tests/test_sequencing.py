@@ -1696,3 +1696,6 @@ def test_events_are_told_apart_by_their_exact_class() -> None:
         if base is not events.Event and issubclass(base, events.Event)
     }
     assert derived == {"CallTerminated": "CallStateChanged"}
+    # The one test of a state change names every class that is one.
+    changes = {cls for cls in classes if issubclass(cls, events.CallStateChanged)}
+    assert changes == sequencing._STATE_CHANGES
