@@ -10,7 +10,9 @@ waits, with the memory store and on the Redis store's owner (a redis-server star
 here, as ``bench_store`` does); what remembering an ended call costs once the memory
 store's bound is reached, with the bound shared by 500 tenants against kept by one; what
 the bot keeps of call ids one token invents straight past ringing (``invented-established
-N`` measures that alone).
+N`` measures that alone;
+``invented-established-redis N`` measures it on the Redis store, with what an instance
+started afterwards takes up).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import json
 import sys
 import time
 import tracemalloc
+from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
@@ -32,6 +35,7 @@ from callbot import Call, CallBot, Settings, events, models
 from callbot._lifecycle import _MAX_ENDED, Lifecycle, _ByTenant
 from callbot._log import configure_logging
 from callbot._parse import parse_body, parse_body_in_parts
+from callbot.store._redis import RedisStore
 from callbot.testing import TEST_TENANT_ID, TokenAuthority
 from callbot.testing import builders as b
 
@@ -78,6 +82,18 @@ async def many_items(url: str, authority: TokenAuthority) -> str:
     return f"10,000 items ({len(body)} bytes): {status} in {took * 1000:.0f} ms"
 
 
+def _invented_bodies(count: int) -> Iterator[bytes]:
+    """Bodies naming ``count`` invented call ids, 100 a body, each ``establishing`` then
+    ``established``."""
+    for start in range(0, count, 100):
+        items = [
+            b.call_state(f"invented-{n}", state)
+            for n in range(start, start + 100)
+            for state in ("establishing", "established")
+        ]
+        yield json.dumps(b.notifications(*items)).encode()
+
+
 async def invented_established(
     url: str, authority: TokenAuthority, bot: CallBot, count: int
 ) -> str:
@@ -91,13 +107,7 @@ async def invented_established(
         gc.collect()
         tracemalloc.start()
         before = tracemalloc.get_traced_memory()[0]
-        for start in range(0, count, 100):
-            items = [
-                b.call_state(f"invented-{n}", state)
-                for n in range(start, start + 100)
-                for state in ("establishing", "established")
-            ]
-            body = json.dumps(b.notifications(*items)).encode()
+        for body in _invented_bodies(count):
             async with session.post(url, data=body, headers=headers) as response:
                 assert response.status == 202, response.status
         # What a window holds is delivered (or let go) once it passed.
@@ -110,6 +120,54 @@ async def invented_established(
     return (
         f"{count:,} invented established calls: {kept_calls:,} kept ({active:,} active),"
         f" {kept / 2**20:.1f} MiB traced"
+    )
+
+
+async def invented_established_redis(count: int, pending_ttl: float = 5.0) -> str:
+    """The same on the Redis store (a redis-server started here), with ``pending_call_ttl``
+    shortened to ``pending_ttl``: what the instance that ran the calls keeps (its lifecycle,
+    its list of the cluster's calls), the ``active`` index, and what an instance started
+    afterwards takes up, once the pending time and a refresh of that list passed."""
+    with redis_server() as url:
+        settings: dict[str, Any] = {
+            "store": url,
+            "keep_alive": False,
+            "pending_call_ttl": pending_ttl,
+            "tenant_id": TEST_TENANT_ID,
+        }
+        async with InProcessBot(**settings) as owner:
+            assert owner.bot is not None
+            runtime = owner.bot._running()
+            store = runtime.store
+            assert isinstance(store, RedisStore)
+            active = store._keys.active
+            gc.collect()
+            tracemalloc.start()
+            before = tracemalloc.get_traced_memory()[0]
+            for body in _invented_bodies(count):
+                assert await owner.post(body) == 202
+            # Every call run, then its pending time and a refresh of the list of calls passed.
+            runnable = store._keys.runnable
+            while store._owned or await store._batch.run("ZCARD", runnable):  # noqa: ASYNC110 - in Redis
+                await asyncio.sleep(0.5)
+            await asyncio.sleep(pending_ttl + 3 * owner.bot.settings.reorder_window + 5.0)
+            kept_calls, known = len(runtime.lifecycle), len(store._known)
+            indexed = int(await store._batch.run("SCARD", active))
+            gc.collect()
+            kept = tracemalloc.get_traced_memory()[0] - before
+            tracemalloc.stop()
+        async with InProcessBot(**settings) as restarted:
+            assert restarted.bot is not None
+            later = restarted.bot._running()
+            assert isinstance(later.store, RedisStore)
+            while not later.store._rehydrated:  # noqa: ASYNC110 - the store has no event for it
+                await asyncio.sleep(0.1)
+            adopted, relisted = len(later.lifecycle), len(later.store._known)
+    return (
+        f"{count:,} invented established calls, Redis store, pending_call_ttl={pending_ttl:g}:"
+        f" {kept_calls:,} kept in the lifecycle, {known:,} listed, {indexed:,} in the active"
+        f" index, {kept / 2**20:.1f} MiB traced; an instance started then: {adopted:,} adopted,"
+        f" {relisted:,} listed"
     )
 
 
@@ -272,7 +330,11 @@ async def main(count: int, invented: int | None = None) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["invented-established"]:
+    if sys.argv[1:2] == ["invented-established-redis"]:
+        configure_logging("json", "error")
+        calls = int(sys.argv[2]) if len(sys.argv) > 2 else 20_000
+        print(asyncio.run(invented_established_redis(calls)))
+    elif sys.argv[1:2] == ["invented-established"]:
         asyncio.run(main(0, int(sys.argv[2]) if len(sys.argv) > 2 else 20_000))
     else:
         asyncio.run(main(int(sys.argv[1]) if len(sys.argv) > 1 else 3000))
