@@ -30,6 +30,7 @@ from .models import CALL_LIFECYCLE, InvitationParticipantInfo, ResultInfo
 
 __all__ = [
     "LIVE_PHASE",
+    "PENDING_LET_GO",
     "CallLife",
     "KeepAliveResult",
     "Lifecycle",
@@ -48,6 +49,8 @@ _ANSWER_DEADLINE = 15.0
 # dedupe as long).
 ENDED_MEMORY: Final = 600.0
 _MAX_ENDED: Final = 50_000
+PENDING_LET_GO: Final = frozenset({"never_established", "unproven", "too_many_pending_calls"})
+"""The reasons :meth:`Lifecycle.when_forgotten` gives for a call let go while pending."""
 KEEP_ALIVE_LIMIT: Final = 45 * 60.0
 """Graph ends a call it had no keep-alive for within this long (408/8537)."""
 KEEP_ALIVE_RETRY: Final = 60.0

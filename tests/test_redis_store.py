@@ -17,7 +17,7 @@ from benchmarks._inproc import InProcessBot
 from benchmarks.bench_store import measure
 from benchmarks.security_figures import held_behind_a_blocked_handler
 from callbot import events
-from callbot._lifecycle import Lifecycle
+from callbot._lifecycle import LIVE_PHASE, CallLife, Lifecycle
 from callbot._parse import parse_payload
 from callbot._sequencing import SEEN_DIGESTS, CallRecord, Sequencer
 from callbot.store import _redis, _scripts
@@ -679,8 +679,8 @@ async def test_the_events_loop_reads_on_after_redis_py_breaks_with_an_odd_error(
         assert not relay.done()
 
 
-def _body(item: dict[str, Any]) -> bytes:
-    return json.dumps(b.notifications(item)).encode()
+def _body(*items: dict[str, Any]) -> bytes:
+    return json.dumps(b.notifications(*items)).encode()
 
 
 @pytest.mark.parametrize("stored", ["first entry", "nothing"])
@@ -796,3 +796,103 @@ async def test_whether_graph_accepted_the_bot_s_answer_is_in_the_call_s_record(
         assert not other.lifecycle.life("answered-1").pending
         assert other.lifecycle.life("invented-1").pending
         other.close()
+
+
+async def test_an_invented_call_its_owner_lets_go_leaves_the_list_of_calls(
+    redis_url: str, rdb: aioredis.Redis, graph: FakeGraph
+) -> None:
+    """An id posted straight into ``established``, let go as pending by the instance that ran
+    it, is no longer listed: not in the ``active`` index, nor in the instance's list, nor
+    taken up by an instance started after; the call the bot answered stays listed."""
+
+    async def on_event(call: Any, event: Any) -> None:
+        if isinstance(event, events.IncomingCall):
+            await call.answer()
+
+    graph.add_call("answered-1")
+    settings: dict[str, Any] = {
+        "store": redis_url,
+        "keep_alive": False,
+        # one pending call kept at once: a second one lets the first go, with no timer
+        "max_pending_calls": 1,
+        "tenant_id": graph.tenant_id,
+        "app_secret": "fake-graph-secret",
+        "graph_url": graph.graph_url,
+        "authority_url": graph.authority_url,
+    }
+    active = KEY_PREFIX + "active"
+    async with InProcessBot(on_event=on_event, **settings) as bot:
+        store = _store(bot)
+        assert await bot.post(_body(b.incoming_call("answered-1"))) == 202
+        await graph.wait_for_request("answer")
+        for state in ("establishing", "established"):
+            assert await bot.post(_body(b.call_state("answered-1", state))) == 202
+
+        async def listed(call: str) -> bool:
+            return bool(await rdb.sismember(active, call)) and call in store._known
+
+        async def answered_and_proven() -> bool:
+            text = await rdb.get(store._keys.record("answered1"))
+            record = None if text is None else decode_record(str(text))
+            return record is not None and record.life.proven and await listed("answered1")
+
+        await wait_for(answered_and_proven)
+        invented = [b.call_state("invented-1", s) for s in ("establishing", "established")]
+        assert await bot.post(_body(*invented)) == 202
+        await wait_for(lambda: listed("invented1"))
+        invented = [b.call_state("invented-2", s) for s in ("establishing", "established")]
+        assert await bot.post(_body(*invented)) == 202
+
+        async def let_go() -> bool:
+            return (
+                bot.bot is not None
+                and bot.bot._running().lifecycle.get("invented-1") is None
+                and "invented1" not in store._known
+                and not await rdb.sismember(active, "invented1")
+            )
+
+        await wait_for(let_go)
+        assert await listed("answered1")
+    async with InProcessBot(**settings) as restarted:
+        later = _store(restarted)
+        await wait_for(lambda: _true(later._rehydrated))
+        assert restarted.bot is not None
+        assert restarted.bot._running().lifecycle.get("invented-1") is None
+        assert "invented1" not in later._known
+        assert "answered1" in later._known
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_a_call_let_go_unproven_stays_listed_if_real_or_run_elsewhere(
+    redis_url: str, rdb: aioredis.Redis
+) -> None:
+    """The instance that let a call go as pending may know it from an older run: a call
+    stored proven, or held by another instance's run, stays in the ``active`` index; one
+    proven after it was indexed unproven is indexed again."""
+    async with InProcessBot(store=redis_url, keep_alive=False) as bot:
+        store = _store(bot)
+        await wait_for(lambda: _true(store._rehydrated))
+        _quiet(store)
+        active = KEY_PREFIX + "active"
+
+        def record(call_id: str, *, proven: bool) -> CallRecord:
+            life = CallLife(call_id, phase=LIVE_PHASE, state="established", proven=proven)
+            return CallRecord(life)
+
+        for call_id, proven in (("real-1", True), ("held-1", False), ("idle-1", False)):
+            call = call_id.replace("-", "")
+            await rdb.set(store._keys.record(call), encode_record(record(call_id, proven=proven)))
+            await rdb.sadd(active, call)
+            store._indexed[call] = False  # indexed by an older run of this instance
+            store._forgotten(call, "unproven")
+        await rdb.set(store._keys.of("held1", "lease")[0], "elsewhere:1:0/7")
+        await store._let_go_pending()
+        assert await rdb.smembers(active) == {"real1", "held1"}
+        # Proven after its first checkpoint here: listed again, though indexed before.
+        store._indexed["idle1"] = False
+        store._index("idle1", record("idle-1", proven=True))
+        await store._flush_indexes()
+        assert await rdb.sismember(active, "idle1")

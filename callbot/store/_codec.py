@@ -56,6 +56,7 @@ __all__ = [
     "encode_entry",
     "encode_fact",
     "encode_record",
+    "stored_proven",
 ]
 
 RECORD_VERSION = 1
@@ -223,8 +224,7 @@ def decode_record(text: str) -> CallRecord | None:
             state=body.get("state"),
             ended=bool(body.get("ended")),
             transfer_targets=targets,
-            # Written before calls were proven: it was kept as a live call, and still is.
-            proven=bool(body.get("proven", True)),
+            proven=_proven(body),
         ),
         closed=bool(body.get("ended")),
         snapshot=None if snapshot is None else CallResource.model_validate(snapshot),
@@ -242,6 +242,21 @@ def decode_record(text: str) -> CallRecord | None:
     record.seen.extend(bytes.fromhex(digest) for digest in body.get("seen") or ())
     record.operations = _operations(body.get("operations"))
     return record
+
+
+def stored_proven(text: str) -> bool:
+    """Whether the record ``encode_record`` wrote holds its call proven (only that read: an
+    unreadable record counts as proven, so a real call's is never taken for invented)."""
+    try:
+        body = json.loads(text)
+    except ValueError:
+        return True
+    return not isinstance(body, dict) or _proven(body)
+
+
+def _proven(body: dict[str, Any]) -> bool:
+    # Written before calls were proven: it was kept as a live call, and still is.
+    return bool(body.get("proven", True))
 
 
 def _targets(body: dict[str, Any]) -> list[InvitationParticipantInfo | None]:

@@ -44,7 +44,7 @@ from .._dispatch import Dispatcher
 from .._errors import ConfigurationError, StoreUnavailable
 from .._ids import id_key, tenant_key
 from .._journal import Attempt
-from .._lifecycle import ENDED_MEMORY, Lifecycle
+from .._lifecycle import ENDED_MEMORY, PENDING_LET_GO, Lifecycle
 from .._log import RateLimitedLog, get_logger
 from .._sequencing import (
     MAX_BACKLOG_BYTES,
@@ -68,6 +68,7 @@ from ._codec import (
     encode_entry,
     encode_fact,
     encode_record,
+    stored_proven,
 )
 
 __all__ = ["RedisStore", "connect", "disconnect", "follow_primary"]
@@ -644,8 +645,12 @@ class RedisStore:
         lifecycle.keep_while(lambda call_key: call_key in self._owned)
         self._owned: dict[str, _Owned] = {}
         self._known: dict[str, CallRecord] = {}
-        self._indexed: set[str] = set()
-        """Calls this instance put in the ``active`` index."""
+        self._indexed: dict[str, bool] = {}
+        """Calls this instance put in the ``active`` index, each with whether it was proven
+        then."""
+        self._letting_go: set[str] = set()
+        """Calls this instance ran and let go while pending, to take off the ``active``
+        index."""
         self._own_counts: Counter[str] = Counter()
         # A repeat's line: a sender posting 200 copies a request decides how many.
         self._lines = RateLimitedLog(log)
@@ -879,7 +884,7 @@ class RedisStore:
     async def forget(self, call_key: str) -> None:
         """Take the call off the active set, so no instance rehydrates it again."""
         self._known.pop(call_key, None)
-        self._indexed.discard(call_key)
+        self._indexed.pop(call_key, None)
         try:
             await self._batch.run("SREM", self._keys.active, call_key)
         except (RedisError, OSError) as exc:
@@ -914,6 +919,7 @@ class RedisStore:
         # over go to the others when their leases run out, as a crashed instance's do.
         try:
             await self._flush_indexes()
+            await self._let_go_pending()
             for state in left:
                 # Their entries were not acknowledged; another instance runs them again.
                 await self._release(state, handover=True)
@@ -1511,15 +1517,45 @@ class RedisStore:
         Written with the next upkeep round, many calls in one command: the index only
         serves listing calls and taking them up again after a restart.
         """
+        self._letting_go.discard(key)
         if record.closed:
             self._known.pop(key, None)
-            self._indexed.discard(key)
+            self._indexed.pop(key, None)
             self._index_changes[key] = False
         else:
             self._known[key] = record
-            if key not in self._indexed:
-                self._indexed.add(key)
+            indexed, proven = self._indexed.get(key), record.life.proven
+            # Again once proven: an instance that let it go unproven may have taken it off.
+            if indexed is None or (proven and not indexed):
+                self._indexed[key] = proven
                 self._index_changes[key] = True
+
+    async def _let_go_pending(self) -> None:
+        """Take the calls let go while pending off the ``active`` index, then look at each
+        again: one stored proven, or held by another instance's run, goes back (a proof
+        stored later indexes it again too: see ``_index``)."""
+        if not self._letting_go:
+            return
+        calls, self._letting_go = list(self._letting_go), set()
+        keys = self._keys
+        try:
+            await self._batch.run("SREM", keys.active, *calls)
+            looks = await self._run_all(
+                [("GET", name) for call in calls for name in keys.of(call, "lease", "call")]
+            )
+            mine = self.token + "/"
+            kept = [
+                call
+                for call, lease, stored in zip(calls, looks[::2], looks[1::2], strict=True)
+                if (lease and not _text(lease).startswith(mine))
+                or (stored and stored_proven(_text(stored)))
+            ]
+            if kept:
+                await self._batch.run("SADD", keys.active, *kept)
+        except RedisError:
+            # Taken off and looked at again with the next round.
+            self._letting_go.update(call for call in calls if call not in self._indexed)
+            raise
 
     async def _expire_indexes(self) -> None:
         """The shared indexes expire a day after the last instance that touched them."""
@@ -1677,6 +1713,7 @@ class RedisStore:
                 await self._follow_primary()
                 await self._renew()  # first: once Redis is back, owners keep their calls
                 await self._flush_indexes()
+                await self._let_go_pending()
                 await self._reap()
                 if time.monotonic() - last_sync >= _SYNC_SECONDS:
                     await self._sync_known()
@@ -1793,6 +1830,14 @@ class RedisStore:
             # Graph no longer knows the call: no instance should count or rehydrate it.
             task = asyncio.get_running_loop().create_task(self.forget(call_key))
             self._tasks.append(task)
+        elif reason in PENDING_LET_GO and self._indexed.pop(call_key, None) is not None:
+            # Let go where it ran (elsewhere it is known only from the index, and let go
+            # here alone): no instance lists or rehydrates it, unless it is real after all
+            # (see _let_go_pending).
+            self._known.pop(call_key, None)
+            self._resting.pop(call_key, None)
+            self._index_changes.pop(call_key, None)
+            self._letting_go.add(call_key)
 
     async def _rehydrate(self) -> None:
         """Know the calls that are going on again, with their snapshots; resume keep-alives."""
