@@ -10,8 +10,9 @@ import pytest
 from benchmarks._common import call_script
 from benchmarks.instructions import by_place, instructions_by_object
 from benchmarks.loadgen import _content_length, bodies
+from benchmarks.scaling import _one
 from benchmarks.stages import sampled_table
-from callbot import events
+from callbot import Settings, events
 from callbot._metrics import Latencies, Metrics
 from callbot._parse import parse_body
 
@@ -130,3 +131,10 @@ def test_instructions_are_counted_where_they_were_executed(tmp_path: Path) -> No
     places = by_place(totals)
     assert (places["interpreter"], places["pydantic-core"], places["C library"]) == (105, 40, 7)
     assert places["the rest"] == 0
+
+
+def test_the_scaling_benchmark_s_calls_all_stay_active_past_the_pending_bound() -> None:
+    """Its calls are answered, as a bot's own are: more of them than ``max_pending_calls``
+    (2,000 by default) all stay active, so the memory per call is a real call's."""
+    assert Settings().max_pending_calls < 2_100
+    assert _one(2_100, 16)["active"] == 2_100
