@@ -896,3 +896,39 @@ async def test_a_call_let_go_unproven_stays_listed_if_real_or_run_elsewhere(
         store._index("idle1", record("idle-1", proven=True))
         await store._flush_indexes()
         assert await rdb.sismember(active, "idle1")
+
+
+async def test_a_call_graph_no_longer_knows_leaves_the_list_of_calls(
+    redis_url: str, rdb: aioredis.Redis, graph: FakeGraph
+) -> None:
+    """An id posted straight into ``established``, whose keep-alive Graph answers 404 once
+    its pending time is up, is gone: off the ``active`` index and the instance's list, with
+    the upkeep round that takes ended calls off (no task left behind per call)."""
+    async with InProcessBot(
+        store=redis_url,
+        pending_call_ttl=0.2,
+        reorder_window=0.2,
+        termination_grace=0.2,
+        tenant_id=graph.tenant_id,
+        app_secret="fake-graph-secret",
+        graph_url=graph.graph_url,
+        authority_url=graph.authority_url,
+    ) as bot:
+        store = _store(bot)
+        await wait_for(lambda: _true(store._rehydrated))
+        tasks = len(store._tasks)
+        active = KEY_PREFIX + "active"
+        invented = [b.call_state("invented-1", s) for s in ("establishing", "established")]
+        assert await bot.post(_body(*invented)) == 202
+        await graph.wait_for_request("keepAlive")
+
+        async def gone() -> bool:
+            return (
+                bot.bot is not None
+                and bot.bot._running().lifecycle.get("invented-1") is None
+                and "invented1" not in store._known
+                and not await rdb.sismember(active, "invented1")
+            )
+
+        await wait_for(gone)
+        assert len(store._tasks) == tasks

@@ -881,16 +881,6 @@ class RedisStore:
                 state.signals += 1
                 state.changed.set()
 
-    async def forget(self, call_key: str) -> None:
-        """Take the call off the active set, so no instance rehydrates it again."""
-        self._known.pop(call_key, None)
-        self._indexed.pop(call_key, None)
-        try:
-            await self._batch.run("SREM", self._keys.active, call_key)
-        except (RedisError, OSError) as exc:
-            # Its record still expires a day after its last notification.
-            log.warning("forget_failed", call_key=call_key, error=str(exc))
-
     async def drain(self, timeout: float, stop_waiting: asyncio.Event | None = None) -> None:
         """Stop claiming; let each held call finish its running entry, then hand it over
         (what is still running when ``stop_waiting`` is set is handed over as it closes)."""
@@ -1827,9 +1817,12 @@ class RedisStore:
 
     def _forgotten(self, call_key: str, reason: str) -> None:
         if reason == "gone":
-            # Graph no longer knows the call: no instance should count or rehydrate it.
-            task = asyncio.get_running_loop().create_task(self.forget(call_key))
-            self._tasks.append(task)
+            # Graph no longer knows the call: no instance should count or rehydrate it
+            # (taken off the index with the next upkeep round, as an ended call is).
+            self._known.pop(call_key, None)
+            self._indexed.pop(call_key, None)
+            self._letting_go.discard(call_key)
+            self._index_changes[call_key] = False
         elif reason in PENDING_LET_GO and self._indexed.pop(call_key, None) is not None:
             # Let go where it ran (elsewhere it is known only from the index, and let go
             # here alone): no instance lists or rehydrates it, unless it is real after all
