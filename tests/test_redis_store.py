@@ -763,10 +763,7 @@ async def test_whether_graph_accepted_the_bot_s_answer_is_in_the_call_s_record(
         keep_alive=False,
         reorder_window=0.2,
         on_event=on_event,
-        tenant_id=graph.tenant_id,
-        app_secret="fake-graph-secret",
-        graph_url=graph.graph_url,
-        authority_url=graph.authority_url,
+        **_on_graph(graph),
     ) as bot:
         store = _store(bot)
         assert await bot.post(_body(b.incoming_call("answered-1"))) == 202
@@ -815,10 +812,7 @@ async def test_an_invented_call_its_owner_lets_go_leaves_the_list_of_calls(
         "keep_alive": False,
         # one pending call kept at once: a second one lets the first go, with no timer
         "max_pending_calls": 1,
-        "tenant_id": graph.tenant_id,
-        "app_secret": "fake-graph-secret",
-        "graph_url": graph.graph_url,
-        "authority_url": graph.authority_url,
+        **_on_graph(graph),
     }
     active = KEY_PREFIX + "active"
     async with InProcessBot(on_event=on_event, **settings) as bot:
@@ -842,16 +836,7 @@ async def test_an_invented_call_its_owner_lets_go_leaves_the_list_of_calls(
         await wait_for(lambda: listed("invented1"))
         invented = [b.call_state("invented-2", s) for s in ("establishing", "established")]
         assert await bot.post(_body(*invented)) == 202
-
-        async def let_go() -> bool:
-            return (
-                bot.bot is not None
-                and bot.bot._running().lifecycle.get("invented-1") is None
-                and "invented1" not in store._known
-                and not await rdb.sismember(active, "invented1")
-            )
-
-        await wait_for(let_go)
+        await wait_for(lambda: _unlisted(bot, store, rdb, "invented-1"))
         assert await listed("answered1")
     async with InProcessBot(**settings) as restarted:
         later = _store(restarted)
@@ -862,8 +847,32 @@ async def test_an_invented_call_its_owner_lets_go_leaves_the_list_of_calls(
         assert "answered1" in later._known
 
 
+def _on_graph(graph: FakeGraph) -> dict[str, Any]:
+    """The settings of a bot that acts on the call through ``graph``."""
+    return {
+        "tenant_id": graph.tenant_id,
+        "app_secret": "fake-graph-secret",
+        "graph_url": graph.graph_url,
+        "authority_url": graph.authority_url,
+    }
+
+
 async def _true(value: bool) -> bool:
     return value
+
+
+async def _unlisted(
+    bot: InProcessBot, store: _redis.RedisStore, rdb: aioredis.Redis, call_id: str
+) -> bool:
+    """Whether the call is out of the bot's lifecycle, the instance's list of calls and the
+    cluster's ``active`` index."""
+    key = call_id.replace("-", "")
+    return (
+        bot.bot is not None
+        and bot.bot._running().lifecycle.get(call_id) is None
+        and key not in store._known
+        and not await rdb.sismember(KEY_PREFIX + "active", key)
+    )
 
 
 async def test_a_call_let_go_unproven_stays_listed_if_real_or_run_elsewhere(
@@ -909,26 +918,13 @@ async def test_a_call_graph_no_longer_knows_leaves_the_list_of_calls(
         pending_call_ttl=0.2,
         reorder_window=0.2,
         termination_grace=0.2,
-        tenant_id=graph.tenant_id,
-        app_secret="fake-graph-secret",
-        graph_url=graph.graph_url,
-        authority_url=graph.authority_url,
+        **_on_graph(graph),
     ) as bot:
         store = _store(bot)
         await wait_for(lambda: _true(store._rehydrated))
         tasks = len(store._tasks)
-        active = KEY_PREFIX + "active"
         invented = [b.call_state("invented-1", s) for s in ("establishing", "established")]
         assert await bot.post(_body(*invented)) == 202
         await graph.wait_for_request("keepAlive")
-
-        async def gone() -> bool:
-            return (
-                bot.bot is not None
-                and bot.bot._running().lifecycle.get("invented-1") is None
-                and "invented1" not in store._known
-                and not await rdb.sismember(active, "invented1")
-            )
-
-        await wait_for(gone)
+        await wait_for(lambda: _unlisted(bot, store, rdb, "invented-1"))
         assert len(store._tasks) == tasks
