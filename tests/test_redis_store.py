@@ -847,6 +847,53 @@ async def test_an_invented_call_its_owner_lets_go_leaves_the_list_of_calls(
         assert "answered1" in later._known
 
 
+async def test_a_pending_call_taken_up_after_a_restart_and_let_go_leaves_the_list_of_calls(
+    redis_url: str, rdb: aioredis.Redis, graph: FakeGraph
+) -> None:
+    """The instance that ran an invented call restarts before the call's pending time is up:
+    taken up again, then let go when that time is up, the call leaves the ``active`` index
+    and the instance's list, and no instance started later takes it up; the call the bot
+    answered stays listed."""
+
+    async def on_event(call: Any, event: Any) -> None:
+        if isinstance(event, events.IncomingCall):
+            await call.answer()
+
+    graph.add_call("answered-1")
+    settings: dict[str, Any] = {"store": redis_url, "keep_alive": False, **_on_graph(graph)}
+    async with InProcessBot(on_event=on_event, **settings) as bot:
+        store = _store(bot)
+        assert await bot.post(_body(b.incoming_call("answered-1"))) == 202
+        await graph.wait_for_request("answer")
+        for state in ("establishing", "established"):
+            assert await bot.post(_body(b.call_state("answered-1", state))) == 202
+        assert await bot.post(_body(b.call_state("invented-1", "establishing"))) == 202
+
+        async def indexed(call: str) -> bool:
+            return bool(await rdb.sismember(KEY_PREFIX + "active", call))
+
+        async def both_indexed() -> bool:
+            text = await rdb.get(store._keys.record("answered1"))
+            record = None if text is None else decode_record(str(text))
+            proven = record is not None and record.life.proven
+            return proven and await indexed("answered1") and await indexed("invented1")
+
+        await wait_for(both_indexed)
+    async with InProcessBot(pending_call_ttl=0.2, **settings) as restarted:
+        later = _store(restarted)
+        await wait_for(lambda: _true(later._rehydrated))
+        await wait_for(lambda: _unlisted(restarted, later, rdb, "invented-1"))
+        assert "answered1" in later._known
+        assert await indexed("answered1")
+    async with InProcessBot(**settings) as third:
+        last = _store(third)
+        await wait_for(lambda: _true(last._rehydrated))
+        assert third.bot is not None
+        assert third.bot._running().lifecycle.get("invented-1") is None
+        assert "invented1" not in last._known
+        assert "answered1" in last._known
+
+
 def _on_graph(graph: FakeGraph) -> dict[str, Any]:
     """The settings of a bot that acts on the call through ``graph``."""
     return {

@@ -646,11 +646,11 @@ class RedisStore:
         self._owned: dict[str, _Owned] = {}
         self._known: dict[str, CallRecord] = {}
         self._indexed: dict[str, bool] = {}
-        """Calls this instance put in the ``active`` index, each with whether it was proven
-        then."""
+        """Calls this instance put in the ``active`` index, or took up from it unproven
+        after a start, each with whether it was proven then."""
         self._letting_go: set[str] = set()
-        """Calls this instance ran and let go while pending, to take off the ``active``
-        index."""
+        """Calls this instance ran, or took up, and let go while pending, to take off the
+        ``active`` index."""
         self._own_counts: Counter[str] = Counter()
         # A repeat's line: a sender posting 200 copies a request decides how many.
         self._lines = RateLimitedLog(log)
@@ -1824,13 +1824,16 @@ class RedisStore:
             self._letting_go.discard(call_key)
             self._index_changes[call_key] = False
         elif reason in PENDING_LET_GO and self._indexed.pop(call_key, None) is not None:
-            # Let go where it ran (elsewhere it is known only from the index, and let go
-            # here alone): no instance lists or rehydrates it, unless it is real after all
-            # (see _let_go_pending).
+            # Let go where it ran or was taken up (elsewhere it is known only from the
+            # index, and let go here alone): no instance lists or rehydrates it, unless it
+            # is real after all (see _let_go_pending).
             self._known.pop(call_key, None)
             self._resting.pop(call_key, None)
             self._index_changes.pop(call_key, None)
             self._letting_go.add(call_key)
+        elif call_key not in self._owned:
+            # Ended where another instance ran it: that instance takes it off the index.
+            self._indexed.pop(call_key, None)
 
     async def _rehydrate(self) -> None:
         """Know the calls that are going on again, with their snapshots; resume keep-alives."""
@@ -1845,6 +1848,10 @@ class RedisStore:
             if record is None or record.closed:
                 continue
             self._known[call] = record
+            if not record.life.proven:
+                # Taken up pending: when its time is up here, this instance takes it off the
+                # index (its instance may have restarted before letting it go).
+                self._indexed[call] = False
             life = self._lifecycle.adopt(
                 record.call_id,
                 phase=record.phase,
