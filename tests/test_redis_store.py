@@ -505,7 +505,7 @@ async def test_an_owner_that_takes_its_lapsed_lease_back_indexes_what_it_accepts
             await go_on.wait()
 
     async with InProcessBot(
-        store=redis_url, keep_alive=False, store_lease=30, on_event=on_event
+        store=redis_url, keep_alive=False, store_lease=30, on_event=_answer
     ) as bot:
         try:
             store = await _owner_waiting(bot, rdb, "strand-1")
@@ -702,7 +702,7 @@ async def test_a_run_after_a_lost_burst_starts_again_from_the_stored_state(
             seen.append((type(event).__name__, event.state))
 
     async with InProcessBot(
-        store=redis_url, keep_alive=False, store_lease=30, on_event=on_event
+        store=redis_url, keep_alive=False, store_lease=30, on_event=_answer
     ) as bot:
         store = _store(bot)
         call = "rerun1"
@@ -753,23 +753,16 @@ async def test_whether_graph_accepted_the_bot_s_answer_is_in_the_call_s_record(
     taking the call the bot answered over keeps it as a live call, while an id posted
     straight into ``established`` is stored unproven (pending wherever it runs)."""
 
-    async def on_event(call: Any, event: Any) -> None:
-        if isinstance(event, events.IncomingCall):
-            await call.answer()
-
     graph.add_call("answered-1")
     async with InProcessBot(
         store=redis_url,
         keep_alive=False,
         reorder_window=0.2,
-        on_event=on_event,
+        on_event=_answer,
         **_on_graph(graph),
     ) as bot:
         store = _store(bot)
-        assert await bot.post(_body(b.incoming_call("answered-1"))) == 202
-        await graph.wait_for_request("answer")
-        for state in ("establishing", "established"):
-            assert await bot.post(_body(b.call_state("answered-1", state))) == 202
+        await _play_the_answered_call(bot, graph)
         assert await bot.post(_body(b.call_state("invented-1", "established"))) == 202
 
         async def stored(call: str) -> CallRecord | None:
@@ -802,10 +795,6 @@ async def test_an_invented_call_its_owner_lets_go_leaves_the_list_of_calls(
     it, is no longer listed: not in the ``active`` index, nor in the instance's list, nor
     taken up by an instance started after; the call the bot answered stays listed."""
 
-    async def on_event(call: Any, event: Any) -> None:
-        if isinstance(event, events.IncomingCall):
-            await call.answer()
-
     graph.add_call("answered-1")
     settings: dict[str, Any] = {
         "store": redis_url,
@@ -815,12 +804,9 @@ async def test_an_invented_call_its_owner_lets_go_leaves_the_list_of_calls(
         **_on_graph(graph),
     }
     active = KEY_PREFIX + "active"
-    async with InProcessBot(on_event=on_event, **settings) as bot:
+    async with InProcessBot(on_event=_answer, **settings) as bot:
         store = _store(bot)
-        assert await bot.post(_body(b.incoming_call("answered-1"))) == 202
-        await graph.wait_for_request("answer")
-        for state in ("establishing", "established"):
-            assert await bot.post(_body(b.call_state("answered-1", state))) == 202
+        await _play_the_answered_call(bot, graph)
 
         async def listed(call: str) -> bool:
             return bool(await rdb.sismember(active, call)) and call in store._known
@@ -838,13 +824,7 @@ async def test_an_invented_call_its_owner_lets_go_leaves_the_list_of_calls(
         assert await bot.post(_body(*invented)) == 202
         await wait_for(lambda: _unlisted(bot, store, rdb, "invented-1"))
         assert await listed("answered1")
-    async with InProcessBot(**settings) as restarted:
-        later = _store(restarted)
-        await wait_for(lambda: _true(later._rehydrated))
-        assert restarted.bot is not None
-        assert restarted.bot._running().lifecycle.get("invented-1") is None
-        assert "invented1" not in later._known
-        assert "answered1" in later._known
+    await _started_takes_up_the_answered_call_only(settings)
 
 
 async def test_a_pending_call_taken_up_after_a_restart_and_let_go_leaves_the_list_of_calls(
@@ -855,18 +835,11 @@ async def test_a_pending_call_taken_up_after_a_restart_and_let_go_leaves_the_lis
     and the instance's list, and no instance started later takes it up; the call the bot
     answered stays listed."""
 
-    async def on_event(call: Any, event: Any) -> None:
-        if isinstance(event, events.IncomingCall):
-            await call.answer()
-
     graph.add_call("answered-1")
     settings: dict[str, Any] = {"store": redis_url, "keep_alive": False, **_on_graph(graph)}
-    async with InProcessBot(on_event=on_event, **settings) as bot:
+    async with InProcessBot(on_event=_answer, **settings) as bot:
         store = _store(bot)
-        assert await bot.post(_body(b.incoming_call("answered-1"))) == 202
-        await graph.wait_for_request("answer")
-        for state in ("establishing", "established"):
-            assert await bot.post(_body(b.call_state("answered-1", state))) == 202
+        await _play_the_answered_call(bot, graph)
         assert await bot.post(_body(b.call_state("invented-1", "establishing"))) == 202
 
         async def indexed(call: str) -> bool:
@@ -885,13 +858,31 @@ async def test_a_pending_call_taken_up_after_a_restart_and_let_go_leaves_the_lis
         await wait_for(lambda: _unlisted(restarted, later, rdb, "invented-1"))
         assert "answered1" in later._known
         assert await indexed("answered1")
-    async with InProcessBot(**settings) as third:
-        last = _store(third)
-        await wait_for(lambda: _true(last._rehydrated))
-        assert third.bot is not None
-        assert third.bot._running().lifecycle.get("invented-1") is None
-        assert "invented1" not in last._known
-        assert "answered1" in last._known
+    await _started_takes_up_the_answered_call_only(settings)
+
+
+async def _answer(call: Any, event: Any) -> None:
+    if isinstance(event, events.IncomingCall):
+        await call.answer()
+
+
+async def _play_the_answered_call(bot: InProcessBot, graph: FakeGraph) -> None:
+    """``answered-1`` rings, the bot answers it (``_answer``), and it is established."""
+    assert await bot.post(_body(b.incoming_call("answered-1"))) == 202
+    await graph.wait_for_request("answer")
+    for state in ("establishing", "established"):
+        assert await bot.post(_body(b.call_state("answered-1", state))) == 202
+
+
+async def _started_takes_up_the_answered_call_only(settings: dict[str, Any]) -> None:
+    """An instance started now takes ``answered-1`` up, and not ``invented-1``."""
+    async with InProcessBot(**settings) as started:
+        store = _store(started)
+        await wait_for(lambda: _true(store._rehydrated))
+        assert started.bot is not None
+        assert started.bot._running().lifecycle.get("invented-1") is None
+        assert "invented1" not in store._known
+        assert "answered1" in store._known
 
 
 def _on_graph(graph: FakeGraph) -> dict[str, Any]:
