@@ -1,20 +1,38 @@
-"""The documentation site's sources: every setting documented, every page reachable.
+"""The documentation site's sources: every setting documented, every page reachable, every
+fragment of code, variable and command a page shows real.
 
 CI builds the site itself with ``mkdocs build --strict``.
 """
 
 from __future__ import annotations
 
+import argparse
 import ast
 import dataclasses
+import os
 import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
+import pytest
 import yaml
 
+import callbot
+import callbot.testing
 from callbot import Settings
 from callbot._settings_doc import settings_descriptions, settings_table
+from callbot.cli import build_parser
 
-from .support.snippets import ROOT
+from .support.snippets import (
+    ROOT,
+    callbot_commands,
+    files_in,
+    fragments_in,
+    pages,
+    pages_with_files,
+)
 
 
 def _nav_pages(nav: object) -> list[str]:
@@ -121,3 +139,202 @@ def test_the_refusal_table_of_the_design_page_names_every_reason_in_its_status_r
     assert len(refusals) > 10
     missing = sorted((status, reason) for status, reason in refusals if reason not in rows[status])
     assert missing == [], "docs/design.md's refusal table lacks these (status, error) pairs"
+
+
+# What a fragment takes from the code around it: a name in capitals is a prompt's URL or
+# an id (a str); the others are declared or imported thus.
+_AROUND_A_FRAGMENT = {
+    "bot": "bot: CallBot",
+    "call": "call: Call",
+    "log": "log: logging.Logger",
+    "DIRECTORY": "DIRECTORY: dict[str, str]",
+    "check_key": "check_key: Callable[[web.Request], None]",
+    "meeting": "meeting: SimulatedCall",
+    "attendance": "attendance: set[str]",
+    "sim": "sim: Simulator",
+    "ivr": "from callbot.samples.ivr import bot as ivr",
+    "notifier": "from callbot.samples.notifier import bot as notifier",
+}
+
+
+def _fragment_module(source: str) -> str:
+    """A module mypy can check: the fragment is the body of an ``async def``, so that it may
+    await and return, with what it takes from the code around it declared first."""
+    body = textwrap.indent(source, "    ")
+    tree = ast.parse(f"async def _fragment():\n{body}")
+    used = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+    assigned = {
+        node.id
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store)
+    }
+    around = [
+        _AROUND_A_FRAGMENT.get(name, f"{name}: str")
+        for name in sorted(used - assigned)
+        if name in _AROUND_A_FRAGMENT or name.isupper()
+    ]
+    imports = ["import logging", "from collections.abc import Callable", "from aiohttp import web"]
+    imports += ["from callbot import *", "from callbot.testing import SimulatedCall, Simulator"]
+    return "\n".join([*imports, *around, "async def _fragment() -> None:", body])
+
+
+def _mypy(directory: Path, cache: Path) -> list[str]:
+    """mypy's error lines for the modules in ``directory``, against this tree's callbot."""
+    env = {**os.environ, "MYPYPATH": str(ROOT)}
+    options = ["--check-untyped-defs", "--no-error-summary", "--cache-dir", str(cache)]
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy", *options, "--config-file", "", "."],
+        cwd=directory,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode in (0, 1), result.stdout + result.stderr
+    return [line for line in result.stdout.splitlines() if ": error: " in line]
+
+
+@pytest.fixture(scope="module")
+def mypy_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("mypy-cache")
+
+
+@pytest.mark.parametrize(
+    "page",
+    [page for page in pages() if fragments_in(page)],
+    ids=lambda p: str(p.relative_to(ROOT)),
+)
+def test_every_fragment_of_a_bot_type_checks(page: Path, tmp_path: Path, mypy_cache: Path) -> None:
+    """A fragment no test runs is checked by mypy against the API; a line ending in
+    ``# error: MESSAGE ...`` shows a mistake, and mypy must find it there."""
+    expected: dict[str, str] = {}
+    for line, source in fragments_in(page):
+        name = f"fragment_{line}.py"
+        (tmp_path / name).write_text(_fragment_module(source), encoding="utf-8")
+        for number, text in enumerate(_fragment_module(source).splitlines(), 1):
+            if "  # error: " in text:
+                expected[f"{name}:{number}"] = text.split("  # error: ")[1].removesuffix(" ...")
+    errors = _mypy(tmp_path, mypy_cache)
+    shown = {error.split(": error: ")[0]: error.split(": error: ")[1] for error in errors}
+    for where, message in expected.items():
+        assert shown.pop(where, "").startswith(message), f"{where}: mypy does not say {message}"
+    assert not shown, f"{page.relative_to(ROOT)}, fragment_LINE.py:\n" + "\n".join(errors)
+
+
+@pytest.mark.parametrize("page", pages_with_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_file_a_page_shows_type_checks(page: Path, tmp_path: Path, mypy_cache: Path) -> None:
+    """The files test_documented_projects runs, checked by mypy too: a branch their tests do
+    not take, or an annotation, is as wrong for a reader who copies it."""
+    for name, source in files_in(page).items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(source, encoding="utf-8")
+    assert _mypy(tmp_path, mypy_cache) == []
+
+
+def _options(parser: argparse.ArgumentParser) -> tuple[set[str], dict[str, set[str]]]:
+    commands: dict[str, set[str]] = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, command in action.choices.items():
+                commands[name] = set(command._option_string_actions)
+    return set(parser._option_string_actions), commands
+
+
+def test_every_callbot_command_a_page_shows_exists_with_its_options() -> None:
+    top, commands = _options(build_parser())
+    checked = 0
+    for page in pages():
+        for command in callbot_commands(page):
+            words = command.split()
+            first = words[0].rstrip(",")
+            if first.startswith("-"):
+                known = top
+            elif first.isupper():  # `callbot COMMAND --help`: any command
+                known = set.intersection(*commands.values())
+            else:
+                assert first in commands, f"{page.relative_to(ROOT)}: callbot {command}"
+                known = commands[first]
+            flags = re.findall(r"(?<![\w-])--?[a-z][\w-]*", command)
+            unknown = [flag for flag in flags if flag not in known]
+            assert unknown == [], f"{page.relative_to(ROOT)}: callbot {command}"
+            checked += 1
+    assert checked > 40
+
+
+# CALLBOT_* variables that are not settings: read by the tunnel discovery and the nginx site.
+_OTHER_VARIABLES = {"CALLBOT_NGROK_API", "CALLBOT_DEVTUNNEL_ID", "CALLBOT_UPSTREAM"}
+
+
+def test_every_callbot_variable_a_page_names_is_read() -> None:
+    settings = {f"CALLBOT_{field.name.upper()}" for field in dataclasses.fields(Settings)}
+    for name in _OTHER_VARIABLES:
+        assert any(name in path.read_text(encoding="utf-8") for path in _readers()), name
+    for page in pages():
+        named = set(re.findall(r"CALLBOT_[A-Z0-9_]*[A-Z0-9]", page.read_text(encoding="utf-8")))
+        unknown = named - settings - _OTHER_VARIABLES
+        assert unknown == set(), f"{page.relative_to(ROOT)} names variables nothing reads"
+
+
+def _readers() -> list[Path]:
+    return [*(ROOT / "callbot").rglob("*.py"), *(ROOT / "deploy").rglob("*.template")]
+
+
+def test_the_api_reference_shows_every_public_class_and_function() -> None:
+    shown = set(re.findall(r"^::: (\S+)", (ROOT / "docs/reference/api.md").read_text(), re.M))
+    missing = [
+        f"{module.__name__}.{name}"
+        for module in (callbot, callbot.testing)
+        for name in module.__all__
+        if isinstance(getattr(module, name), type) or callable(getattr(module, name))
+        if f"{module.__name__}.{name}" not in shown
+    ]
+    assert missing == [], "docs/reference/api.md lacks these"
+
+
+def test_the_readme_configuration_table_shows_each_default_as_its_variable_takes_it() -> None:
+    fields = {field.name: field for field in dataclasses.fields(Settings)}
+    checked = 0
+    for row in (ROOT / "README.md").read_text(encoding="utf-8").splitlines():
+        if not row.startswith("| `CALLBOT_"):
+            continue
+        cells = [cell.strip() for cell in row.strip("|").split(" | ")]
+        variables = re.findall(r"`CALLBOT_(\w+)`", cells[0])
+        defaults = re.findall(r"`([^`]*)`", cells[-1])
+        assert all(name.lower() in fields for name in variables), row
+        if len(defaults) != len(variables):  # "required", or no default
+            continue
+        for name, shown in zip(variables, defaults, strict=True):
+            settings = Settings.from_env({"CALLBOT_APP_ID": "app", f"CALLBOT_{name}": shown})
+            assert getattr(settings, name.lower()) == fields[name.lower()].default, row
+            checked += 1
+    assert checked >= 6
+
+
+def _anchors(page: Path) -> set[str]:
+    """The anchors GitHub gives a page's headings: lower case, punctuation dropped, spaces
+    to hyphens."""
+    headings = re.findall(r"^#+ (.+)$", page.read_text(encoding="utf-8"), re.M)
+    return {
+        re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-") for heading in headings
+    }
+
+
+def test_every_relative_link_outside_the_site_resolves() -> None:
+    """mkdocs checks the links of docs/; README.md, SECURITY.md and the READMEs of deploy/
+    and the samples are read on GitHub and in a written-out sample, where nothing does."""
+    broken = []
+    for page in pages():
+        if page.is_relative_to(ROOT / "docs"):
+            continue
+        prose = re.sub(r"^```.*?^```$", "", page.read_text(encoding="utf-8"), flags=re.M | re.S)
+        for link in re.findall(r"\]\(([^)\s]+)\)", prose):
+            if re.match(r"[a-z]+:", link):
+                continue
+            path, _, anchor = link.partition("#")
+            target = (page.parent / path).resolve() if path else page
+            if not target.exists() or (
+                anchor and target.suffix == ".md" and anchor not in _anchors(target)
+            ):
+                broken.append(f"{page.relative_to(ROOT)}: {link}")
+    assert broken == []
