@@ -338,3 +338,19 @@ def test_every_relative_link_outside_the_site_resolves() -> None:
             ):
                 broken.append(f"{page.relative_to(ROOT)}: {link}")
     assert broken == []
+
+
+def test_every_test_a_page_cites_exists() -> None:
+    """A page that gives a test as evidence (SECURITY.md, scaling.md) names one that runs."""
+    sources = [*(ROOT / "tests").rglob("*.py"), *(ROOT / "callbot/samples").rglob("test_*.py")]
+    defined = {name for path in sources for name in re.findall(r"def (test_\w+)", path.read_text())}
+    defined |= {path.stem for path in sources}
+    for page in pages():
+        text = page.read_text(encoding="utf-8")
+        # A test the page itself shows in a file of its own.
+        shown = {
+            name for found in re.findall(r"def (test_\w+)|# (test_\w+)\.py", text) for name in found
+        }
+        cited = set(re.findall(r"`(test_\w+)(?:\.py)?`", text))
+        missing = sorted(cited - defined - shown)
+        assert missing == [], f"{page.relative_to(ROOT)} cites tests that do not exist"
