@@ -354,3 +354,16 @@ def test_every_test_a_page_cites_exists() -> None:
         cited = set(re.findall(r"`(test_\w+)(?:\.py)?`", text))
         missing = sorted(cited - defined - shown)
         assert missing == [], f"{page.relative_to(ROOT)} cites tests that do not exist"
+
+
+def test_every_variable_callbot_reads_is_on_the_site() -> None:
+    """A variable that is no setting (so not in the generated table) is named on a page."""
+    read = {
+        name
+        for path in (ROOT / "callbot").rglob("*.py")
+        for name in re.findall(r"(?:get\(|\[)\"(CALLBOT_\w+)\"", path.read_text(encoding="utf-8"))
+    }
+    settings = {f"CALLBOT_{field.name.upper()}" for field in dataclasses.fields(Settings)}
+    site = "".join(page.read_text(encoding="utf-8") for page in (ROOT / "docs").rglob("*.md"))
+    assert read - settings, "found no variable beside the settings: is the pattern stale?"
+    assert sorted(name for name in read - settings if name not in site) == []
