@@ -367,3 +367,21 @@ def test_every_variable_callbot_reads_is_on_the_site() -> None:
     site = "".join(page.read_text(encoding="utf-8") for page in (ROOT / "docs").rglob("*.md"))
     assert read - settings, "found no variable beside the settings: is the pattern stale?"
     assert sorted(name for name in read - settings if name not in site) == []
+
+
+def test_the_handler_table_names_attributes_its_events_have() -> None:
+    from callbot import events
+
+    checked = 0
+    for row in (ROOT / "README.md").read_text(encoding="utf-8").splitlines():
+        if not row.startswith("| `@bot."):
+            continue
+        cell = row.strip("|").split(" | ")[1]
+        classes = [getattr(events, name) for name in re.findall(r"`events\.(\w+)`", cell)]
+        attributes = re.findall(r"`(\w+)`", "".join(re.findall(r"\(([^)]*)\)", cell)))
+        for cls in classes:
+            missing = [name for name in attributes if not hasattr(cls, name)]
+            missing = [name for name in missing if name not in cls.model_fields]
+            assert missing == [], f"{cls.__name__} has no {missing}"
+            checked += len(attributes)
+    assert checked > 15
