@@ -505,7 +505,7 @@ async def test_an_owner_that_takes_its_lapsed_lease_back_indexes_what_it_accepts
             await go_on.wait()
 
     async with InProcessBot(
-        store=redis_url, keep_alive=False, store_lease=30, on_event=_answer
+        store=redis_url, keep_alive=False, store_lease=30, on_event=on_event
     ) as bot:
         try:
             store = await _owner_waiting(bot, rdb, "strand-1")
@@ -702,7 +702,7 @@ async def test_a_run_after_a_lost_burst_starts_again_from_the_stored_state(
             seen.append((type(event).__name__, event.state))
 
     async with InProcessBot(
-        store=redis_url, keep_alive=False, store_lease=30, on_event=_answer
+        store=redis_url, keep_alive=False, store_lease=30, on_event=on_event
     ) as bot:
         store = _store(bot)
         call = "rerun1"
