@@ -321,7 +321,8 @@ class Dispatcher:
         # The form the call was first seen in: every line of the call carries the same id.
         call_id = delivery.life.call_id
         _LOGGED_CALL_ID.set(call_id)
-        _current_attempt.set(delivery.attempt)
+        attempt = delivery.attempt
+        _current_attempt.set(attempt if attempt is not None else delivery.life.key)
         try:
             registrations = self._registry.matching(event)
         except Exception as exc:
@@ -330,7 +331,6 @@ class Dispatcher:
             self.counts["handler_errors"] += 1
             await self._report("matches", call, event, exc, call_id)
             registrations = []
-        attempt = delivery.attempt
         # An incoming call must be answered within 15 s: its handlers never wait for a slot
         # that handlers waiting inside their own calls (a prompt, digits) may hold for minutes.
         # (Pending incoming calls are bounded by max_pending_calls.)

@@ -81,12 +81,18 @@ class Attempt:
     """How many digit collections the handlers opened so far (journaled apart from actions)."""
 
 
-_current: ContextVar[Attempt | None] = ContextVar("callbot_attempt", default=None)
+_current: ContextVar[Attempt | str | None] = ContextVar("callbot_attempt", default=None)
+"""The run of the handlers executing now, or, with the in-memory store, its call's key (its
+first run is built only when a handler asks: most never do)."""
 
 
 def current_attempt() -> Attempt | None:
-    """The run whose handlers are executing now; ``None`` outside handlers."""
-    return _current.get()
+    """The run whose handlers are executing now (with the in-memory store, always a first
+    run: epoch 0, not redelivered); ``None`` outside handlers."""
+    running = _current.get()
+    if isinstance(running, str):
+        return Attempt(running, "", 0, False)
+    return running
 
 
 class RunSuperseded(CallbotError):

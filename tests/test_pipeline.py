@@ -15,6 +15,7 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
+import callbot
 from callbot import Call, CallBot, events
 from callbot._parse import parse_payload
 from callbot.testing import builders as b
@@ -830,3 +831,29 @@ async def test_odd_but_valid_json_values_never_give_a_5xx(authority: Any, serve:
     assert (await server.post(b.notifications(odd_roster))).status == 202
     await recorder.wait_for(2)
     assert [label(e) for e in recorder.seen] == ["IncomingCall", "ParticipantsUpdated"]
+
+
+async def test_a_handler_of_the_memory_store_reads_its_run_as_a_first_one() -> None:
+    """``callbot.current_attempt()`` is a run inside every handler, as its documentation
+    says, not only with a shared store: with the in-memory store a first run (epoch 0, not
+    redelivered), so ``current_attempt().redelivered`` reads in every bot; ``None`` outside
+    handlers."""
+    bot = CallBot(app_id=APP_ID)
+    seen: list[callbot.Attempt | None] = []
+
+    @bot.on_incoming_call
+    async def answer(call: Call, event: events.IncomingCall) -> None:
+        seen.append(callbot.current_attempt())
+        await call.answer()
+
+    @bot.on_state("established")
+    async def established(call: Call, event: events.CallStateChanged) -> None:
+        seen.append(callbot.current_attempt())
+
+    async with run_with_simulator(bot) as sim:
+        call = await sim.incoming_call()
+        await call.wait_for_state("established")
+        await until(lambda: len(seen) == 2)
+    assert callbot.current_attempt() is None
+    key = call.id.replace("-", "").lower()
+    assert seen == [callbot.Attempt(key, "", 0, False)] * 2
