@@ -945,6 +945,27 @@ async def test_a_call_let_go_unproven_stays_listed_if_real_or_run_elsewhere(
         assert await rdb.sismember(active, "idle1")
 
 
+async def test_a_call_that_ended_where_another_instance_ran_it_is_no_longer_indexed_here(
+    redis_url: str,
+) -> None:
+    """An instance that indexed a call, or took it up when it started, and then heard of its
+    end from the instance that ran it last keeps nothing of it once it forgets the call
+    (calls move between instances behind a load balancer: nothing may stay per call)."""
+    async with InProcessBot(store=redis_url, keep_alive=False, termination_grace=0.1) as bot:
+        store = _store(bot)
+        await wait_for(lambda: _true(store._rehydrated))
+        assert bot.bot is not None
+        lifecycle = bot.bot._running().lifecycle
+        for call_id, proven in (("moved-1", True), ("moved-2", False)):
+            lifecycle.adopt(call_id, phase=LIVE_PHASE, state="established", ended=False)
+            store._indexed[call_id.replace("-", "")] = proven  # indexed here, or taken up
+            lifecycle.end(call_id, None)  # as the end told by the other instance is
+        await wait_for(lambda: _true(lifecycle.get("moved-2") is None))
+        assert lifecycle.get("moved-1") is None
+        assert "moved1" not in store._indexed
+        assert "moved2" not in store._indexed
+
+
 async def test_a_call_graph_no_longer_knows_leaves_the_list_of_calls(
     redis_url: str, rdb: aioredis.Redis, graph: FakeGraph
 ) -> None:
