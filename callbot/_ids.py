@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from urllib.parse import quote
 
 __all__ = [
@@ -16,6 +17,11 @@ __all__ = [
 
 # Ids a URL resolver would drop or climb instead of keeping as one segment.
 _UNUSABLE = frozenset({"", ".", ".."})
+# What ends, splits or escapes a URL path segment, or has no place in one: no Graph id holds
+# these. Encoded, '%2F' and '%5C' are still split by a server that decodes them, and an escape
+# ('%61' for 'a') spells another id the same to such a server. Control characters are C0, DEL
+# and C1 (U+0080-U+009F: U+009B starts a terminal's escape sequence, U+0085 breaks a line).
+_SEGMENT_BREAKER = re.compile(r"[/\\?#%\x00-\x20\x7f-\x9f]")
 
 MAX_ID_LENGTH = 256
 """The longest id callbot takes: Graph's are GUIDs (36 characters). A longer one would be
@@ -137,23 +143,31 @@ def tenant_key(tenant_id: str) -> str:
 def path_segment(identifier: str) -> str:
     """``identifier`` as exactly one URL path segment, for every Graph path built from an id.
 
-    Everything outside the unreserved characters is percent-encoded (``/`` too), and
-    the empty id, ``.`` and ``..`` raise ``ValueError``: a URL resolver would drop or
-    climb them, so ``participants.remove("..")`` would address the call itself.
+    Everything outside the unreserved characters is percent-encoded, and an id
+    :func:`usable_id` refuses raises ``ValueError``: a URL resolver would drop or climb
+    ``.`` and ``..`` (``participants.remove("..")`` would address the call itself), and a
+    server decoding ``%2F`` would split ``../../{other call}``.
     """
     if not isinstance(identifier, str):
         raise ValueError(f"an id must be a string, got {type(identifier).__name__}")
     if not usable_id(identifier):
         raise ValueError(
             f"{quoted(identifier)} is not a usable id: empty, '.', '..', longer than"
-            f" {MAX_ID_LENGTH} characters or not UTF-8, it would not stay one path segment"
+            f" {MAX_ID_LENGTH} characters, not UTF-8, or holding '/', '\\', '?', '#', '%',"
+            " a space or a control character, it would not stay one path segment"
         )
     return quote(identifier, safe="")
 
 
 def usable_id(identifier: str) -> bool:
-    """Whether :func:`path_segment` accepts ``identifier`` (checked without percent-encoding)."""
-    if identifier in _UNUSABLE or len(identifier) > MAX_ID_LENGTH:
+    """Whether ``identifier`` stays one URL path segment naming one thing however a server
+    reads it: the one rule for every id, in a notification (``callbot._parse``) or placed in a
+    Graph path (:func:`path_segment`)."""
+    if (
+        identifier in _UNUSABLE
+        or len(identifier) > MAX_ID_LENGTH
+        or _SEGMENT_BREAKER.search(identifier)
+    ):
         return False
     try:
         identifier.encode()

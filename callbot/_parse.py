@@ -107,11 +107,6 @@ CALL_PATH = "/communications/calls/"
 _BOM_BYTES = "\ufeff".encode()
 # Escapes are matched as pairs so an escaped quote never toggles the string state.
 _TOKENS = re.compile(rb'\\.|["\[\]{}]', re.DOTALL)
-# What ends, splits or escapes a URL path segment, or has no place in one: no Graph id holds
-# these. An escape ('%61' for 'a') would spell a known call's id another way: another call
-# here, the same one on a server that decodes the path. Control characters are C0, DEL and
-# C1 (U+0080-U+009F: U+009B starts a terminal's escape sequence, U+0085 breaks a line).
-_SEGMENT_BREAKER = re.compile(r"[/\\?#%\x00-\x20\x7f-\x9f]")
 _CALL_ROOTS = frozenset({("communications", "calls"), ("app", "calls")})
 _CHANGE_TYPES = {name.lower(): name for name in ("created", "updated", "deleted")}
 _API_VERSIONS = frozenset({"v1.0", "beta"})
@@ -412,7 +407,7 @@ def _event_for(
         )
     known = _CHANGE_TYPES.get(change_type.lower())
     if known is None:
-        if not _one_segment(change_type):
+        if not usable_id(change_type):
             # It decides what the item is: held to the rule of the ids it routes with.
             raise MalformedNotification(
                 "bad_shape",
@@ -431,12 +426,14 @@ def _event_for(
             "bad_shape", f"value[{index}] path {quoted(path)} is not a call path"
         )
     call_id, rest, resource_url = split
-    if not _one_segment(call_id):
+    # resource_url is a path handlers may request: each id in it stays one segment, naming one
+    # call, however a server reads it ('#x' would be dropped, '%2e%2e' or '%2F' climb).
+    if not usable_id(call_id):
         raise MalformedNotification(
             "bad_call_id", f"value[{index}] call id {quoted(call_id)} is not a usable id"
         )
     for segment in rest:
-        if not _one_segment(segment):
+        if not usable_id(segment):
             raise MalformedNotification(
                 "bad_shape",
                 f"value[{index}] path {quoted(path)} has a segment that is not a usable id",
@@ -458,7 +455,7 @@ def _event_for(
         # the parser's; isinstance would call pydantic's metaclass, twice.)
         return event
     for named in _ids_in_body(event):
-        if not _one_segment(named):
+        if not usable_id(named):
             raise MalformedNotification(
                 "bad_shape",
                 f"value[{index}] names the id {quoted(named)}, which is not a usable id",
@@ -500,19 +497,13 @@ def _split_call_path(path: str) -> tuple[str, list[str], str] | None:
     return segments[2], segments[3:], CALL_PATH + "/".join(segments[2:])
 
 
-def _one_segment(segment: str) -> bool:
-    # resource_url is a path handlers may request: it must stay one segment, naming one call,
-    # however a server reads it ('#x' would be dropped, '%2e%2e' or '%2F' climb).
-    return usable_id(segment) and not _SEGMENT_BREAKER.search(segment)
-
-
 _NAMING_IDS = (OperationUpdated, ParticipantsUpdated)
 """The events that take ids from their body (:func:`_ids_in_body`)."""
 
 
 def _ids_in_body(event: Event) -> Iterator[str]:
     """The ids an event takes from its body that callbot keys a call's record by, logs and
-    hands to handlers as ids: held to the rule of the path's (:func:`_one_segment`)."""
+    hands to handlers as ids: held to the rule of the path's (:func:`~callbot._ids.usable_id`)."""
     if isinstance(event, OperationUpdated):
         if event.operation_id:
             # The body's id takes the place of the path's.

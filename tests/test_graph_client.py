@@ -824,7 +824,7 @@ async def test_ids_reach_the_wire_as_path_segment_encoded_them(graph: FakeGraph)
         return web.json_response({})
 
     # Every sub-delimiter, and characters yarl would otherwise decode or re-quote.
-    ids = ["a;b=c", "x:y@z", "a,b", "a+b", "a$b", "a!b", "a'b", "a(b)", "a&b", "a*b", "%41", "é"]
+    ids = ["a;b=c", "x:y@z", "a,b", "a+b", "a$b", "a!b", "a'b", "a(b)", "a&b", "a*b", "é"]
     async with plain_server(record) as base:
         services = CallServices(graph.settings(graph_url=base + "/v1.0"), retry=FAST)
         try:

@@ -1040,3 +1040,48 @@ async def test_calls_a_sender_invents_write_a_bounded_number_of_lines(
         assert written[event] == LINES_PER_SECOND
         lines = [entry for entry in logs if entry["event"] == event]
         assert sum(1 + entry.get("suppressed", 0) for entry in lines) == 200
+
+
+async def test_an_id_a_notification_carries_as_data_stays_in_its_path(
+    graph: FakeGraph, authority: TokenAuthority, serve: Any
+) -> None:
+    """Ids a notification carries as data (an incoming call's ``incomingContext``, a session's
+    id) are not held to the rule of the ids callbot routes by, and reached Graph paths
+    percent-encoded: ``../../{victim}`` went out as ``..%2F..%2F{victim}``, which a server
+    decoding ``%2F`` (FakeGraph's aiohttp does) reads as two segments climbing to another
+    call. One rule holds every id, in a notification or in a path: nothing is sent."""
+    bot = graph_bot(graph, authority)
+    victim = "5b2f0000-1111-2222-3333-444455556666"
+    climbing = f"../../{victim}"
+    refused: list[str] = []
+
+    @bot.on_incoming_call
+    async def act(call: Call, event: events.IncomingCall) -> None:
+        context = event.call.incoming_context
+        assert context is not None
+        assert context.observed_participant_id is not None
+        attempts = [
+            call.participants.remove(context.observed_participant_id),
+            call.participants.get("a\\..\\b"),
+            call.participants.mute("x?y"),
+            call.get_operation("x#y"),
+            call.audio_routing_groups.get("%2e%2e"),
+            call.audio_routing_groups.delete("a b"),
+            bot.services.call(f"{CALL}/participants").keep_alive(),
+        ]
+        for attempt in attempts:
+            try:
+                await attempt
+            except (ValueError, GraphError) as exc:
+                refused.append(f"{type(exc).__name__}: {exc}")
+
+    server: BotServer = await serve(bot)
+    graph.add_call(CALL)
+    item = b.incoming_call(CALL)
+    # Data, not an id callbot routes by: the notification is accepted as Graph sent it.
+    item["resourceData"]["incomingContext"] = {"observedParticipantId": climbing}
+    assert (await server.post(b.notifications(item))).status == 202
+    await until(lambda: len(refused) == 7)
+    assert [r.path for r in graph.requests if r.action != "token"] == []
+    assert all(reason.startswith("ValueError: ") for reason in refused)
+    assert all("not a usable id" in reason for reason in refused)
