@@ -46,21 +46,28 @@ _NOT_BUFFERED = b"\0not buffered"
 # Anyone can send Graph's tracing headers, 8 KiB each: a log line keeps their start only.
 _HEADER_SHOWN = 128
 _UTF8 = frozenset({"utf-8", "utf8"})
+# The codecs every other spelling of UTF-8 names (a BOM is the parser's to skip).
+_UTF8_CODECS = frozenset({"utf-8", "utf-8-sig"})
 # Codecs of host names and string literals, not documents (punycode's decoder is quadratic).
 _NOT_CHARSETS = frozenset({"punycode", "idna", "unicode-escape", "raw-unicode-escape"})
 
 
 def as_utf8(body: bytes, charset: str) -> bytes:
     """``body`` in UTF-8: as it is when it is UTF-8 already (a mislabelled body, or plain
-    ASCII), else decoded as ``charset`` says (``LookupError`` for a charset Python does not
+    ASCII) or labelled UTF-8 in any spelling (the parser holds it to strict UTF-8), else
+    decoded as ``charset`` says (``LookupError`` for a charset Python does not
     know or a codec that is no character set, ``UnicodeError`` for a codec that refuses to
     replace what it cannot read; bytes a charset cannot read become U+FFFD otherwise, and the
     JSON check decides)."""
     try:
         body.decode("utf-8")
     except UnicodeDecodeError:
-        if codecs.lookup(charset).name in _NOT_CHARSETS:
+        name = codecs.lookup(charset).name
+        if name in _NOT_CHARSETS:
             raise LookupError(f"{charset!r} is not a character set") from None
+        if name in _UTF8_CODECS:
+            # UTF-8 however the label spells it ("u8", "UTF_8"): strict, so the parser refuses.
+            return body
         return body.decode(charset, errors="replace").encode("utf-8")
     return body
 

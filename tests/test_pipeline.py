@@ -212,6 +212,30 @@ async def test_a_body_that_is_not_utf8_in_an_unknown_charset_is_refused(
     assert recorder.seen == []
 
 
+@pytest.mark.parametrize("charset", ["utf-8", "UTF_8", "u8", "cp65001", "utf-8-sig"])
+async def test_a_body_labelled_utf8_in_any_spelling_is_held_to_strict_utf8(
+    authority: Any, serve: Any, charset: str
+) -> None:
+    """Only ``utf-8`` and ``utf8`` were read strictly: a body labelled ``UTF_8``, ``u8`` or
+    ``cp65001`` (names Python gives UTF-8 too) that is not UTF-8 was decoded with its bad
+    bytes replaced, and accepted, where the same body labelled ``utf-8`` is refused. UTF-8
+    however the label spells it: refused as not JSON, one line, nothing accepted."""
+    bot, recorder = recording_bot(authority)
+    server = await serve(bot)
+    body = json.dumps(b.notifications(b.incoming_call("x", caller_name="José")), ensure_ascii=False)
+    with capture_logs() as logs:
+        response = await server.post(
+            None,
+            raw=body.encode("cp1252"),  # é as one byte: no UTF-8
+            headers={"Content-Type": f"application/json; charset={charset}"},
+        )
+    assert (response.status, (await response.json())["error"]) == (400, "not_json")
+    assert [entry["reason"] for entry in logs if entry["event"] == "callback_refused"] == [
+        "not_json"
+    ]
+    assert recorder.seen == []
+
+
 @pytest.mark.parametrize("charset", ["punycode", "PunyCode", "unicode_escape"])
 async def test_a_codec_that_is_no_character_set_is_refused_before_it_decodes(
     authority: Any, serve: Any, charset: str
