@@ -116,12 +116,21 @@ class HandlerRegistry:
             cached = self._cache[event_type] = (by_type, any(r.matches for r in by_type))
         return cached
 
-    def matching(self, event: events.Event) -> list[_Registration]:
-        """The registrations that apply to ``event``, in registration order."""
+    def matching(self, event: events.Event) -> list[tuple[_Registration, Exception | None]]:
+        """The registrations that apply to ``event``, in registration order, each with what
+        its ``matches`` raised (``None`` when it matched): a failing filter is its own
+        handler's error, and the event's other handlers still run."""
         by_type, filtered = self._by_type(type(event))
         if not filtered:
-            return list(by_type)
-        return [r for r in by_type if r.matches is None or r.matches(event)]
+            return [(r, None) for r in by_type]
+        found: list[tuple[_Registration, Exception | None]] = []
+        for registration in by_type:
+            try:
+                if registration.matches is None or registration.matches(event):
+                    found.append((registration, None))
+            except Exception as exc:
+                found.append((registration, exc))
+        return found
 
     @property
     def error_handlers(self) -> list[ErrorHandler]:
@@ -323,14 +332,7 @@ class Dispatcher:
         _LOGGED_CALL_ID.set(call_id)
         attempt = delivery.attempt
         _current_attempt.set(attempt if attempt is not None else delivery.life.key)
-        try:
-            registrations = self._registry.matching(event)
-        except Exception as exc:
-            # A handler's ``matches`` failed: an error of that bot's, not the end of the call's
-            # worker (later deliveries of the call still run).
-            self.counts["handler_errors"] += 1
-            await self._report("matches", call, event, exc, call_id)
-            registrations = []
+        registrations = self._registry.matching(event)
         # An incoming call must be answered within 15 s: its handlers never wait for a slot
         # that handlers waiting inside their own calls (a prompt, digits) may hold for minutes.
         # (Pending incoming calls are bounded by max_pending_calls.)
@@ -342,7 +344,7 @@ class Dispatcher:
             else:
                 await slots.wait()
         try:
-            for registration in registrations:
+            for registration, filter_failed in registrations:
                 if attempt is not None and not await _still_held(attempt):
                     # Another instance took the call over: it runs this delivery again.
                     self.counts["superseded"] += 1
@@ -355,6 +357,11 @@ class Dispatcher:
                         detail="the call is run by another instance now; not started here",
                     )
                     break
+                if filter_failed is not None:
+                    # Its ``matches`` raised: that handler's error, reported in its turn.
+                    self.counts["handler_errors"] += 1
+                    await self._report(registration.name, call, event, filter_failed, call_id)
+                    continue
                 await self._run_one(registration.name, registration.handler, call, event, call_id)
         finally:
             if slots is not None:

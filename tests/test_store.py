@@ -677,6 +677,40 @@ async def test_a_failing_matches_is_a_handler_error_outside_the_request() -> Non
     await services.close()
 
 
+async def test_a_failing_matches_stops_its_own_handler_alone() -> None:
+    # "Every handler whose registration matches an event runs": one filter's bug is its
+    # handler's error, not the silence of the event's other handlers.
+    registry = HandlerRegistry()
+    ran: list[str] = []
+    reported: list[tuple[str, str]] = []
+
+    def broken(event: events.Event) -> bool:
+        raise AttributeError("identity")
+
+    async def picky(call: Any, event: events.IncomingCall) -> None:
+        ran.append("picky")
+
+    async def answer(call: Any, event: events.IncomingCall) -> None:
+        ran.append("answer")
+
+    async def on_error(call: Any, event: events.Event, exc: BaseException) -> None:
+        reported.append((type(event).__name__, repr(exc)))
+
+    registry.add(events.IncomingCall, picky, matches=broken)
+    registry.add(events.IncomingCall, answer)
+    registry.add_error_handler(on_error)
+    services = CallServices(Settings(app_id="a"))
+    dispatcher = Dispatcher(registry, handle_for(services))
+    seq = Sequencer(dispatcher.submit, Lifecycle(termination_grace=30))
+    seq.accept(one(b.incoming_call("x")))
+    await dispatcher.join(5)
+    assert ran == ["answer"]
+    assert reported == [("IncomingCall", "AttributeError('identity')")]
+    assert dispatcher.counts["handler_errors"] == 1
+    seq.close()
+    await services.close()
+
+
 async def test_a_handler_slot_is_given_back_however_its_run_ends() -> None:
     registry = HandlerRegistry()
     gates = {call: asyncio.Event() for call in ("a", "b", "d")}
