@@ -570,6 +570,43 @@ async def test_a_menu_option_no_caller_can_press_is_refused() -> None:
     assert "'x'" in str(errors[0])
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        # No key at all: the caller's silence would pick it, not give None.
+        ({"": "silence", "1": "yes"}, "no key"),
+        ({" ": "silence", "1": "yes"}, "no key"),
+        # Two options read as the same keys: one of them could never be picked.
+        ({"a": "first", "A": "second"}, "'A'"),
+        ({"1": "first", " 1": "second"}, "'1'"),
+        # "#" ends keys longer than one: an option with it, beside a longer one, never comes.
+        ({"#": "operator", "12": "sales"}, "'#'"),
+        ({"1#": "one", "2": "two"}, "'1#'"),
+    ],
+)
+async def test_a_menu_option_no_caller_can_choose_is_refused(
+    options: dict[str, str], message: str
+) -> None:
+    bot = CallBot(app_id=APP_ID)
+    errors: list[BaseException] = []
+
+    @bot.on_incoming_call
+    async def ask(call: Call, event: events.IncomingCall) -> None:
+        try:
+            await call.menu(MENU, options, retries=0, timeout=0.05)
+        except ValueError as exc:
+            errors.append(exc)
+        else:
+            errors.append(AssertionError("the menu ran"))
+
+    async with run_with_simulator(bot) as sim:
+        call = await sim.incoming_call()
+        await until(lambda: bool(errors))
+        assert not call.requests_for("playPrompt")
+    assert isinstance(errors[0], ValueError), errors
+    assert message in str(errors[0])
+
+
 async def test_a_tone_told_after_the_call_ended_reaches_no_collection_and_is_not_kept() -> None:
     """A tone right behind the call's termination (in the same request, or overtaken by
     it) is dropped by the sequencer as after the end, but the router is told at acceptance:

@@ -626,8 +626,9 @@ class Call:
         A key not in ``options``, or none within ``timeout``, plays
         ``invalid_prompt`` (when given) and the menu again, up to ``retries``
         more times; then ``None``. Keys longer than one digit end with ``#``. Option
-        keys are read as pressed keys are (``"a"`` is key ``A``); one that is no key
-        raises ``ValueError``.
+        keys are read as pressed keys are (``"a"`` is key ``A``); one no caller can choose
+        raises ``ValueError``: a character that is no key, no key at all, the same keys as
+        another option, or ``#`` when options are longer than one digit.
         """
         return await _digits.menu(
             self,

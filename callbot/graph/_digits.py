@@ -522,6 +522,24 @@ async def collect_digits(
         return digits
 
 
+def _choices(options: Mapping[str, T]) -> dict[str, T]:
+    """The options by the keys that pick them, read as pressed keys are ("a" is key A); an
+    option that no caller can pick (no key, or the same keys as another) raises."""
+    choices: dict[str, T] = {}
+    for written, value in options.items():
+        try:
+            keys = keys_of(written)
+        except ValueError as exc:
+            raise ValueError(f"a menu option: {exc}") from None
+        if not keys:
+            # The caller's silence (no key within the timeout) would pick it.
+            raise ValueError(f"a menu option: {written!r} has no key")
+        if keys in choices:
+            raise ValueError(f"menu options: two of them are the keys {keys!r}")
+        choices[keys] = value
+    return choices
+
+
 async def menu(
     call: DigitCall,
     router: ToneRouter,
@@ -540,14 +558,16 @@ async def menu(
     wrong = [keys for keys in options if not isinstance(keys, str)]
     if wrong:
         raise TypeError(f"menu options are keys as strings, e.g. {{'1': ...}}; got {wrong[0]!r}")
-    try:
-        # Options are read as the keys pressed are: "a" is key A.
-        choices = {keys_of(keys): value for keys, value in options.items()}
-    except ValueError as exc:
-        raise ValueError(f"a menu option: {exc}") from None
+    choices = _choices(options)
     longest = max(len(key) for key in choices)
     # One-key menus answer on the first key; longer keys end with "#" or the timeout.
     finish_on = "#" if longest > 1 else None
+    for keys in choices:
+        if finish_on is not None and finish_on in keys:
+            raise ValueError(
+                f"a menu option: {keys!r} can never be chosen: '#' ends keys in a menu with"
+                " options longer than one key"
+            )
     finish = _check(longest, finish_on, timeout)
     if call.ended:
         raise _call_ended(call.key)
