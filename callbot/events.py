@@ -70,7 +70,8 @@ class IncomingCall(Event):
 
     It is the call's move into its first state, and reads as a :class:`CallStateChanged`
     does (``state`` ``"incoming"``, ``previous_state`` ``None``, ``result_info`` the
-    call's), so ``on_state("incoming")`` handlers run with it too.
+    call's, ``transfer_failed`` false, ``transfer_target`` ``None``), so
+    ``on_state("incoming")`` handlers run with it too.
     """
 
     call: models.Call
@@ -89,6 +90,16 @@ class IncomingCall(Event):
     def result_info(self) -> models.ResultInfo | None:
         """The call's ``resultInfo``, as on a state change (Graph sends none with a new call)."""
         return self.call.result_info
+
+    @property
+    def transfer_failed(self) -> bool:
+        """``False``: a call coming in is no transfer's failure."""
+        return False
+
+    @property
+    def transfer_target(self) -> None:
+        """``None``: no transfer failed (see :attr:`transfer_failed`)."""
+        return None
 
 
 class CallStateChanged(Event):

@@ -461,6 +461,16 @@ def test_incoming_call_details() -> None:
     assert call.call_chain_id == "05f2f70f-3a9c-47c1-80a9-cc79e91d8cec"
 
 
+def test_an_incoming_call_reads_as_a_state_change_does() -> None:
+    """on_state("incoming", "established") runs with both: what a handler reads on the move
+    into established (``transfer_failed``, as the guides advise) reads on the incoming call."""
+    event = _single("15", events.IncomingCall)
+    missing = [name for name in events.CallStateChanged.model_fields if not hasattr(event, name)]
+    assert missing == []
+    assert event.transfer_failed is False
+    assert event.transfer_target is None
+
+
 def test_incoming_call_routes() -> None:
     event = _single("66", events.IncomingCall)
     assert event.call.call_routes is not None
