@@ -643,7 +643,10 @@ class Call:
     async def cancel_media_processing(
         self, *, client_context: str | None = None
     ) -> Operation[models.CancelMediaProcessingOperation]:
-        """Stop the prompt or recording in progress (its operation then fails as canceled)."""
+        """Stop the prompt or recording in progress. Its operation then ends as Graph tells:
+        ``failed`` (a recording: 400/8508, so ``wait()`` raises :class:`~callbot.OperationFailed`)
+        or ``completed`` with ``completion_reason`` ``mediaOperationCanceled`` (Graph's reason
+        for a prompt or tones cut short, so ``wait()`` returns)."""
         return await self._operation(
             "/cancelMediaProcessing",
             {},
