@@ -13,7 +13,7 @@ import inspect
 import time
 import traceback
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -63,6 +63,10 @@ class _Registration:
     name: str
 
 
+_Matched = tuple[_Registration, Exception | None]
+"""A registration that applies to an event, with what its ``matches`` raised, if it did."""
+
+
 class HandlerRegistry:
     """Handlers by event type, kept in registration order."""
 
@@ -76,7 +80,7 @@ class HandlerRegistry:
         self.deployment_chooser: DeploymentChooser | None = None
         """Where a new call should run (``CallBot.choose_deployment``); ``None``: here."""
         # Per event type: its registrations, and whether any of them has a ``matches`` filter.
-        self._cache: dict[type[events.Event], tuple[list[_Registration], bool]] = {}
+        self._cache: dict[type[events.Event], tuple[list[_Matched], bool]] = {}
 
     def add(
         self,
@@ -109,22 +113,23 @@ class HandlerRegistry:
         """Whether any handler is registered for events of ``event_type``."""
         return bool(self._by_type(event_type)[0])
 
-    def _by_type(self, event_type: type[events.Event]) -> tuple[list[_Registration], bool]:
+    def _by_type(self, event_type: type[events.Event]) -> tuple[list[_Matched], bool]:
         cached = self._cache.get(event_type)
         if cached is None:
             by_type = [r for r in self._registrations if issubclass(event_type, r.event_type)]
-            cached = self._cache[event_type] = (by_type, any(r.matches for r in by_type))
+            matched: list[_Matched] = [(r, None) for r in by_type]
+            cached = self._cache[event_type] = (matched, any(r.matches for r in by_type))
         return cached
 
-    def matching(self, event: events.Event) -> list[tuple[_Registration, Exception | None]]:
+    def matching(self, event: events.Event) -> Sequence[_Matched]:
         """The registrations that apply to ``event``, in registration order, each with what
         its ``matches`` raised (``None`` when it matched): a failing filter is its own
         handler's error, and the event's other handlers still run."""
         by_type, filtered = self._by_type(type(event))
         if not filtered:
-            return [(r, None) for r in by_type]
-        found: list[tuple[_Registration, Exception | None]] = []
-        for registration in by_type:
+            return by_type  # the cached list itself: nothing to build per delivery
+        found: list[_Matched] = []
+        for registration, _ in by_type:
             try:
                 if registration.matches is None or registration.matches(event):
                     found.append((registration, None))
