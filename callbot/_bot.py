@@ -637,7 +637,9 @@ class CallBot:
         """Call ``watcher(handler_name, event, outcome)`` after every handler run (tools
         such as the simulator's diagrams use it); returns a function that stops it. The
         outcome (also the label of ``callbot_handler_seconds``) is ``ok``, ``error``,
-        ``call_ended`` (it stopped on the call's end) or ``abandoned`` (stopped at shutdown)."""
+        ``call_ended`` (it stopped on the call's end), ``superseded`` (it stopped as its run
+        lost the call to another instance: ``RunSuperseded``) or ``abandoned`` (stopped at
+        shutdown)."""
         self._registry.watchers.append(watcher)
         return lambda: self._registry.watchers.remove(watcher)
 

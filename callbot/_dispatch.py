@@ -23,7 +23,7 @@ from ._callables import calls_a_coroutine, handler_name, is_an_object
 from ._clock import loop_time, wait_all
 from ._counts import Counts
 from ._errors import CallEnded, OperationFailed
-from ._journal import Attempt
+from ._journal import Attempt, RunSuperseded
 from ._journal import _current as _current_attempt
 from ._log import RateLimitedLog, context_variable, get_logger
 from ._sequencing import Delivery
@@ -52,7 +52,7 @@ StartedHook = Callable[[Any], Awaitable[None]]
 """``async def hook(bot) -> None``, run once the bot serves (``CallBot.on_started``)."""
 Done = Callable[[Delivery], None]
 HandlerWatcher = Callable[[str, events.Event, str], None]
-"""``watch(handler_name, event, outcome)``; outcome ``ok``, ``error`` or ``call_ended``."""
+"""``watch(handler_name, event, outcome)``: see :meth:`callbot.CallBot.watch_handlers`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,8 +240,9 @@ class Dispatcher:
         self.counts: Counter[str] = Counts()
         """handled (deliveries run), handler_errors, unhandled_errors (no on_error took them),
         call_ended (handlers stopped by :class:`~callbot.CallEnded`), superseded (deliveries
-        not started because their run lost its call to another instance), abandoned (still
-        queued or running when the bot stopped)."""
+        not started, or handlers stopped by :class:`~callbot.RunSuperseded`, because their run
+        lost its call to another instance), abandoned (still queued or running when the bot
+        stopped)."""
 
     def busy_with(self, call_key: str) -> bool:
         """Whether deliveries of the call wait or run."""
@@ -395,6 +396,16 @@ class Dispatcher:
                 outcome = "call_ended"
                 self._lines.info("handler_stopped_call_ended", call_id=call_id, handler=name)
                 self.counts["call_ended"] += 1
+            elif isinstance(exc, RunSuperseded):
+                # Its run lost the call to another instance, which runs this delivery again.
+                outcome = "superseded"
+                self._lines.info(
+                    "handler_stopped_superseded",
+                    call_id=call_id,
+                    handler=name,
+                    detail="the call is run by another instance now; its actions are sent there",
+                )
+                self.counts["superseded"] += 1
             else:
                 outcome = "error"
                 self.counts["handler_errors"] += 1

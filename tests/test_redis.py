@@ -1317,6 +1317,47 @@ async def test_a_run_that_lost_its_call_sends_no_further_graph_action(
         assert graph.requests_for("playPrompt") == []
 
 
+async def test_a_handler_stopped_because_its_run_lost_the_call_is_no_error(
+    authority: TokenAuthority, serve: Any, redis_url: str, rdb: aioredis.Redis
+) -> None:
+    """A handler that lets ``RunSuperseded`` escape (its run lost the call to another
+    instance, which runs the delivery again) stops quietly, as one stopped by the call's end
+    does: no ``on_error``, no ``handler_failed`` traceback, the outcome ``superseded``."""
+    async with FakeGraph() as graph:
+        started, go = asyncio.Event(), asyncio.Event()
+        errors: list[BaseException] = []
+        outcomes: list[str] = []
+        bot = graph_instance(authority, redis_url, graph, store_lease=5.0)
+
+        @bot.on_state("established")
+        async def play(call: Call, event: events.CallStateChanged) -> None:
+            started.set()
+            await go.wait()
+            await call.play_prompt("https://cdn.example.test/hello.wav")
+
+        @bot.on_error
+        async def report(call: Call, event: events.Event, exc: BaseException) -> None:
+            errors.append(exc)
+
+        bot.watch_handlers(lambda name, event, outcome: outcomes.append(outcome))
+        server: BotServer = await serve(bot)
+        for state in ("establishing", "established"):
+            item = b.call_state("fenced-call", state)
+            assert (await server.post(b.notifications(item))).status == 202
+        await asyncio.wait_for(started.wait(), 10)
+        await _taken_over(bot, rdb, "fenced-call")
+        with capture_logs() as logs:
+            go.set()
+            await until(lambda: bool(outcomes), within=10)
+        assert outcomes == ["superseded"]
+        assert errors == []
+        assert [line["event"] for line in logs if line["event"].startswith("handler_")] == [
+            "handler_stopped_superseded"
+        ]
+        assert bot._running().dispatcher.counts["superseded"] == 1
+        assert graph.requests_for("playPrompt") == []
+
+
 async def _taken_over(bot: CallBot, rdb: aioredis.Redis, call_id: str) -> Any:
     """Another instance takes the call over while this one's run is paused past its lease
     (its lease and epoch moved on in Redis, its own deadline gone); the run is returned."""
