@@ -642,3 +642,29 @@ async def test_tones_waiting_for_predecessors_are_bounded_per_call() -> None:
         assert taken == ["2"] * 129  # passed on once 129 waited
         router.on_tone(tone_event("tone3", 1000))
         assert not listener.pending()  # what comes next waits again, for one window
+
+
+async def test_tones_the_bot_subscribed_to_itself_are_not_asked_for_again() -> None:
+    """The guide's promise, "subscribed once per call", holds when the bot asked for the
+    call's tones itself first: a collection then sends no second ``subscribeToTone``."""
+    bot = CallBot(app_id=APP_ID)
+    results: list[str] = []
+
+    @bot.on_incoming_call
+    async def answer(call: Call, event: events.IncomingCall) -> None:
+        await call.answer()
+
+    @bot.on_state("established")
+    async def collect(call: Call, event: events.CallStateChanged) -> None:
+        await call.subscribe_to_tone()
+        results.append(await call.collect_digits(max_digits=2, timeout=5))
+        results.append(await call.collect_digits(max_digits=1, timeout=5))
+
+    async with run_with_simulator(bot) as sim:
+        call = await sim.incoming_call()
+        await call.wait_for_request("subscribeToTone")
+        await call.press("123")
+        await until(lambda: len(results) == 2)
+        assert results == ["12", "3"]
+        assert len(call.requests_for("subscribeToTone")) == 1
+        await call.hangup()

@@ -659,13 +659,15 @@ class Call:
         self, *, client_context: str | None = None
     ) -> Operation[models.SubscribeToToneOperation]:
         """Receive the caller's DTMF tones (as ``ToneReceived`` events)."""
-        return await self._operation(
+        operation = await self._operation(
             "/subscribeToTone",
             {},
             action="subscribeToTone",
             kind=models.SubscribeToToneOperation,
             client_context=client_context,
         )
+        self._services.tones.subscribed(self.key)  # a digit collection need not ask again
+        return operation
 
     async def send_dtmf_tones(
         self,

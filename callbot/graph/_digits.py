@@ -388,6 +388,10 @@ class ToneRouter:
         if not order.waiting:
             order.stop()
 
+    def subscribed(self, call_key: str) -> None:
+        """Graph sends the call's tones from now on (asked by the bot, or for a collection)."""
+        self._subscribed.add(call_key)
+
     async def ensure_subscribed(self, call: DigitCall) -> None:
         """Ask Graph for the call's tones once (later calls return at once)."""
         if call.key in self._subscribed:
