@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
@@ -220,8 +221,17 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite(text: str) -> float:
+    # As orjson reads numbers: one past a double's range is refused, not made an infinity
+    # (which a digest or a store would then write as null).
+    number = float(text)
+    if math.isinf(number):
+        raise ValueError(f"the number {text[:32]} is out of range")
+    return number
+
+
 # The stdlib decoder, for what orjson refuses (lone surrogates) or reads inexactly.
-_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite)
 # orjson reads an integer outside 64 bits as a float: 19 digits in a row go to the stdlib.
 # (Found in a body with every digit mapped to "0": a tenth of a regular expression's cost.
 # The same pass maps "{" to "[", so one count of "[" counts objects and arrays.)
