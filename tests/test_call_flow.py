@@ -419,3 +419,29 @@ async def test_a_prompt_failing_with_the_call_s_end_in_one_request_is_no_handler
     await until(lambda: handled()["call_ended"] == 1)
     assert [exc.call_ended for exc in failures] == [False]  # the failure came first
     assert handled()["handler_errors"] == 0
+
+
+async def test_a_call_ending_while_its_tones_are_asked_for_leaves_no_subscription(
+    graph: FakeGraph, authority: TokenAuthority, serve: Any
+) -> None:
+    """The call's end, told while ``subscribeToTone`` waits for its answer, forgets the call's
+    subscription: the answer coming after it marked the call subscribed again, for the life
+    of the process (and a tone told later was kept for it)."""
+    bot = graph_bot(graph, authority)
+    server: BotServer = await serve(bot)
+    graph.add_call("tone-call")
+    for state in ("establishing", "established"):
+        assert (await server.post(b.notifications(b.call_state("tone-call", state)))).status == 202
+    call = bot.services.call("tone-call")
+    tones = bot.services.tones
+
+    async def ends_before_answering(request: RecordedRequest) -> FakeResponse:
+        ended = b.notifications(b.call_terminated("tone-call"))
+        assert (await server.post(ended)).status == 202
+        await until(lambda: call.ended)
+        body = {"@odata.type": "#microsoft.graph.subscribeToToneOperation", "id": "op-tones"}
+        return FakeResponse(status=200, body={**body, "status": "completed"})
+
+    graph.route("subscribeToTone", ends_before_answering)
+    await call.subscribe_to_tone()
+    assert call.key not in tones._subscribed

@@ -659,15 +659,15 @@ class Call:
         self, *, client_context: str | None = None
     ) -> Operation[models.SubscribeToToneOperation]:
         """Receive the caller's DTMF tones (as ``ToneReceived`` events)."""
-        operation = await self._operation(
-            "/subscribeToTone",
-            {},
-            action="subscribeToTone",
-            kind=models.SubscribeToToneOperation,
-            client_context=client_context,
-        )
-        self._services.tones.subscribed(self.key)  # a digit collection need not ask again
-        return operation
+        # A digit collection need not ask again.
+        with self._services.tones.subscribing(self.key):
+            return await self._operation(
+                "/subscribeToTone",
+                {},
+                action="subscribeToTone",
+                kind=models.SubscribeToToneOperation,
+                client_context=client_context,
+            )
 
     async def send_dtmf_tones(
         self,

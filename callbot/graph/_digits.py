@@ -388,20 +388,26 @@ class ToneRouter:
         if not order.waiting:
             order.stop()
 
-    def subscribed(self, call_key: str) -> None:
-        """Graph sends the call's tones from now on (asked by the bot, or for a collection)."""
+    @contextlib.contextmanager
+    def subscribing(self, call_key: str) -> Iterator[None]:
+        """While the call's tones are asked for (by the bot, or for a collection): the call is
+        subscribed from the start, so that its end, told before Graph answers, forgets it for
+        good; not if asking fails."""
+        asked_before = call_key in self._subscribed
         self._subscribed.add(call_key)
+        try:
+            yield
+        except BaseException:
+            if not asked_before:
+                self._subscribed.discard(call_key)
+            raise
 
     async def ensure_subscribed(self, call: DigitCall) -> None:
         """Ask Graph for the call's tones once (later calls return at once)."""
         if call.key in self._subscribed:
             return
-        self._subscribed.add(call.key)
-        try:
+        with self.subscribing(call.key):
             await call.subscribe_to_tone()
-        except BaseException:
-            self._subscribed.discard(call.key)
-            raise
 
 
 _COLLECTION = "digits"
