@@ -80,7 +80,7 @@ class HandlerRegistry:
         self.deployment_chooser: DeploymentChooser | None = None
         """Where a new call should run (``CallBot.choose_deployment``); ``None``: here."""
         # Per event type: its registrations, and whether any of them has a ``matches`` filter.
-        self._cache: dict[type[events.Event], tuple[list[_Matched], bool]] = {}
+        self._cache: dict[type[events.Event], tuple[tuple[_Matched, ...], bool]] = {}
 
     def add(
         self,
@@ -113,11 +113,11 @@ class HandlerRegistry:
         """Whether any handler is registered for events of ``event_type``."""
         return bool(self._by_type(event_type)[0])
 
-    def _by_type(self, event_type: type[events.Event]) -> tuple[list[_Matched], bool]:
+    def _by_type(self, event_type: type[events.Event]) -> tuple[tuple[_Matched, ...], bool]:
         cached = self._cache.get(event_type)
         if cached is None:
             by_type = [r for r in self._registrations if issubclass(event_type, r.event_type)]
-            matched: list[_Matched] = [(r, None) for r in by_type]
+            matched = tuple((r, None) for r in by_type)
             cached = self._cache[event_type] = (matched, any(r.matches for r in by_type))
         return cached
 
@@ -240,9 +240,9 @@ class Dispatcher:
         self.counts: Counter[str] = Counts()
         """handled (deliveries run), handler_errors, unhandled_errors (no on_error took them),
         call_ended (handlers stopped by :class:`~callbot.CallEnded`), superseded (deliveries
-        not started, or handlers stopped by :class:`~callbot.RunSuperseded`, because their run
-        lost its call to another instance), abandoned (still queued or running when the bot
-        stopped)."""
+        whose run lost its call to another instance: not started, or their handlers stopped
+        by :class:`~callbot.RunSuperseded`; once each), abandoned (still queued or running when
+        the bot stopped)."""
 
     def busy_with(self, call_key: str) -> bool:
         """Whether deliveries of the call wait or run."""
@@ -368,7 +368,11 @@ class Dispatcher:
                     self.counts["handler_errors"] += 1
                     await self._report(registration.name, call, event, filter_failed, call_id)
                     continue
-                await self._run_one(registration.name, registration.handler, call, event, call_id)
+                outcome = await self._run_one(
+                    registration.name, registration.handler, call, event, call_id
+                )
+                if outcome == "superseded":
+                    break  # the run lost its call: the new owner runs this delivery again
         finally:
             if slots is not None:
                 slots.give_back()
@@ -376,7 +380,8 @@ class Dispatcher:
 
     async def _run_one(
         self, name: str, handler: Handler[Any], call: Call, event: events.Event, call_id: str
-    ) -> None:
+    ) -> str:
+        """Run one handler; its outcome (see ``CallBot.watch_handlers``)."""
         started = time.perf_counter()  # the handler's real seconds, for the metrics
         outcome = "ok"
         try:
@@ -415,6 +420,7 @@ class Dispatcher:
                 self._observe(name, outcome, time.perf_counter() - started)
             for watch in self._registry.watchers:
                 watch(name, event, outcome)
+        return outcome
 
     async def _report(
         self, name: str, call: Call, event: events.Event, exc: BaseException, call_id: str

@@ -56,7 +56,15 @@ from ._errors import CallbotError
 if TYPE_CHECKING:
     from .events import ToneReceived
 
-__all__ = ["ActionJournal", "Attempt", "RunSuperseded", "Step", "current_attempt", "step_for"]
+__all__ = [
+    "ActionJournal",
+    "Attempt",
+    "RunSuperseded",
+    "Step",
+    "current_attempt",
+    "journaled_attempt",
+    "step_for",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +101,15 @@ def current_attempt() -> Attempt | None:
     if isinstance(running, str):
         return Attempt(running, "", 0, False)
     return running
+
+
+def journaled_attempt() -> Attempt | None:
+    """The run executing now when a store journals its actions (``None`` otherwise): what
+    the Graph client and digit collections look at before each action."""
+    running = _current.get()
+    if isinstance(running, Attempt) and running.journal is not None:
+        return running
+    return None
 
 
 class RunSuperseded(CallbotError):
@@ -151,7 +168,7 @@ async def step_for(method: str, path: str) -> Step | None:
     """
     if method != "POST":
         return None
-    attempt = current_attempt()
+    attempt = journaled_attempt()
     if attempt is None or attempt.journal is None:
         return None
     if not await attempt.journal.admits(attempt):

@@ -1322,7 +1322,8 @@ async def test_a_handler_stopped_because_its_run_lost_the_call_is_no_error(
 ) -> None:
     """A handler that lets ``RunSuperseded`` escape (its run lost the call to another
     instance, which runs the delivery again) stops quietly, as one stopped by the call's end
-    does: no ``on_error``, no ``handler_failed`` traceback, the outcome ``superseded``."""
+    does: no ``on_error``, no ``handler_failed`` traceback, the outcome ``superseded``; the
+    delivery's next handler does not start there, and the delivery counts once."""
     async with FakeGraph() as graph:
         started, go = asyncio.Event(), asyncio.Event()
         errors: list[BaseException] = []
@@ -1334,6 +1335,10 @@ async def test_a_handler_stopped_because_its_run_lost_the_call_is_no_error(
             started.set()
             await go.wait()
             await call.play_prompt("https://cdn.example.test/hello.wav")
+
+        @bot.on_state("established")
+        async def after(call: Call, event: events.CallStateChanged) -> None:
+            outcomes.append("the next handler started")  # the new owner runs it, not this run
 
         @bot.on_error
         async def report(call: Call, event: events.Event, exc: BaseException) -> None:
@@ -1349,6 +1354,7 @@ async def test_a_handler_stopped_because_its_run_lost_the_call_is_no_error(
         with capture_logs() as logs:
             go.set()
             await until(lambda: bool(outcomes), within=10)
+        await until(lambda: bot._running().dispatcher.counts["handled"] >= 2, within=10)
         assert outcomes == ["superseded"]
         assert errors == []
         assert [line["event"] for line in logs if line["event"].startswith("handler_")] == [

@@ -26,7 +26,7 @@ import structlog
 from .. import events, models
 from .._dtmf import digit_of, key_of, keys_of
 from .._errors import CallEnded, OperationFailed
-from .._journal import ActionJournal, Attempt, current_attempt
+from .._journal import ActionJournal, Attempt, journaled_attempt
 from .._sequencing import (
     MAX_WAITING_TONES,
     SEEN_DIGESTS,
@@ -302,7 +302,7 @@ class ToneRouter:
         """A collection of the call opened (its listener just added) in a handler run with a
         journal: its place there. A first run notes which tone came last before it opened;
         a re-run finds what the first run's collection noted, or returned."""
-        attempt = current_attempt()
+        attempt = journaled_attempt()
         if attempt is None or attempt.journal is None or attempt.call_key != call_key:
             return None
         journal = attempt.journal
