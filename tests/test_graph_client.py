@@ -21,7 +21,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from structlog.testing import capture_logs
 from yarl import URL
 
-from callbot import CallEnded, GraphError
+from callbot import CallEnded, GraphError, Operation
 from callbot._ids import id_key, path_segment
 from callbot.graph import CallServices, RetryPolicy, Target
 from callbot.graph._http import connection_trace, parse_retry_after, send
@@ -964,3 +964,45 @@ async def test_an_access_token_no_header_may_carry_is_refused_not_kept(
     assert refused.value.code == "invalid_response"
     await clock.advance(1.0)  # the token endpoint is not asked again before then
     assert (await services.call(CALL_ID).refresh()).id == CALL_ID  # the next token is good
+
+
+@pytest.mark.parametrize("lost", ["answered 504", "connection cut"])
+async def test_an_action_that_only_sets_a_state_is_sent_again_when_its_answer_is_lost(
+    graph: FakeGraph, services: CallServices, lost: str
+) -> None:
+    """Subscribing to tones, muting, unmuting, the recording status, the screen sharing
+    role and an audio routing group's update set a state: Graph carrying one out twice
+    leaves the call as once. Only keepAlive
+    was sent again after a lost answer, so a 504 or a cut connection failed the subscribe a
+    digit collection needs, or a mute, with a GraphError, when asking again would have
+    done it."""
+    call = services.call(CALL_ID)
+    graph.add_participant(CALL_ID, {"id": "p-1"})
+    group = await call.audio_routing_groups.create(sources=["p-1"], receivers=["p-2"])
+    actions: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
+        ("subscribeToTone", call.subscribe_to_tone),
+        ("mute", call.mute),
+        ("unmute", call.unmute),
+        ("muteParticipant", lambda: call.participants.mute("p-1")),
+        ("updateRecordingStatus", lambda: call.update_recording_status("recording")),
+        ("changeScreenSharingRole", lambda: call.change_screen_sharing_role("viewer")),
+        (
+            "updateAudioRoutingGroup",
+            lambda: call.audio_routing_groups.update(group.id or "", receivers=["p-3"]),
+        ),
+    ]
+    for action, send_it in actions:
+        if lost == "answered 504":
+            graph.fail_next(action, 504, acted=True)
+        else:
+            graph.drop_next(action, acted=True)
+        done = await send_it()
+        assert not isinstance(done, Operation) or done.status == "completed"
+        first, retry = graph.requests_for(action)
+        assert retry.headers.get("Retry-Attempt") == "1"
+        assert retry.json == first.json  # the same request, its clientContext included
+    # An action whose second run would do it twice is still not sent again.
+    graph.drop_next("playPrompt", acted=True)
+    with pytest.raises(GraphError):
+        await call.play_prompt("https://cdn.example.test/a.wav")
+    assert len(graph.requests_for("playPrompt")) == 1

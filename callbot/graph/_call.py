@@ -77,6 +77,21 @@ log = structlog.get_logger("callbot.graph")
 OpT = TypeVar("OpT", bound=models.CommsOperation)
 T = TypeVar("T")
 
+SETS_A_STATE = frozenset(
+    {
+        "keepAlive",
+        "subscribeToTone",
+        "mute",
+        "unmute",
+        "muteParticipant",
+        "updateRecordingStatus",
+        "changeScreenSharingRole",
+        "updateAudioRoutingGroup",
+    }
+)
+"""The requests that set a state of the call (Graph doing one twice leaves it as once): one
+whose answer was lost (a 504, a connection cut once sent) is sent again."""
+
 MediaConfigLike = models.MediaConfig | Mapping[str, Any]
 CallOptionsLike = models.CallOptions | Mapping[str, Any]
 
@@ -333,7 +348,9 @@ class Call:
         # tracked before sending: Graph's outcome can arrive before its response does
         registry.start(op)
         try:
-            response = await self._request("POST", subpath, body, item=item)
+            response = await self._request(
+                "POST", subpath, body, item=item, repeatable=action in SETS_A_STATE
+            )
         except BaseException:
             registry.abandon(op)
             raise
@@ -498,8 +515,7 @@ class Call:
 
     async def keep_alive(self) -> None:
         """Tell Graph the bot still holds the call (else it ends after 45 minutes)."""
-        # Saying it twice does no harm, so a lost answer is retried.
-        await self._request("POST", "/keepAlive", repeatable=True)
+        await self._request("POST", "/keepAlive", repeatable="keepAlive" in SETS_A_STATE)
 
     async def refresh(self) -> models.Call:
         """Fetch the call from Graph; the result also becomes :attr:`snapshot`."""
@@ -780,7 +796,12 @@ class Call:
 
     async def change_screen_sharing_role(self, role: str) -> None:
         """Start (``sharer``) or stop (``viewer``) sharing the bot's screen."""
-        await self._request("POST", "/changeScreenSharingRole", {"role": role})
+        await self._request(
+            "POST",
+            "/changeScreenSharingRole",
+            {"role": role},
+            repeatable="changeScreenSharingRole" in SETS_A_STATE,
+        )
 
     async def update_recording_status(
         self, status: str, *, client_context: str | None = None
@@ -972,7 +993,13 @@ class AudioRoutingGroups:
             body["sources"] = list(sources)
         if receivers is not None:
             body["receivers"] = list(receivers)
-        response = await self._call._request("PATCH", self._path(group_id), body, item=True)
+        response = await self._call._request(
+            "PATCH",
+            self._path(group_id),
+            body,
+            item=True,
+            repeatable="updateAudioRoutingGroup" in SETS_A_STATE,
+        )
         return response.model(models.AudioRoutingGroup)
 
     async def delete(self, group_id: str) -> None:
