@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import gc
 import json
 import time
+import warnings
 from collections.abc import AsyncIterator, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -784,3 +786,21 @@ async def test_nobody_waits_for_the_refresh_of_a_token_still_valid() -> None:
     await until(lambda: cache.cached)
     assert await cache.get() == "t2"
     assert cache.fetches == 2
+
+
+async def test_services_started_again_after_close_leave_no_session_open(graph: FakeGraph) -> None:
+    """The credential built from the settings sends through the client's session; close()
+    closed that session and left the credential without one, so its next token request
+    (a CallServices started again) made a session of its own that nothing closed."""
+    services = CallServices(graph.settings(), retry=FAST)
+    for _ in range(2):
+        await services.start()
+        graph.revoke_tokens()  # each round's request fetches a token, as a restart's may
+        await services.call(CALL_ID).keep_alive()
+        await services.close()
+    assert len(graph.token_requests) >= 2
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        del services
+        gc.collect()
+    assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []

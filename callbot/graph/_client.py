@@ -235,9 +235,13 @@ class GraphClient:
         return await self.tokens.get()
 
     async def close(self) -> None:
-        """Close the shared session."""
+        """Close the shared session, and the credential built from the settings (a later
+        request builds both anew)."""
         if self._owned_credential is not None:
             await self._owned_credential.close()
+            # It sends through the session closed here: a later use builds it on the next one.
+            self._owned_credential = None
+            self._tokens = None
         if self._session is not None:
             await self._session.close()
             self._session = None
