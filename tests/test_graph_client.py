@@ -1006,3 +1006,45 @@ async def test_an_action_that_only_sets_a_state_is_sent_again_when_its_answer_is
     with pytest.raises(GraphError):
         await call.play_prompt("https://cdn.example.test/a.wav")
     assert len(graph.requests_for("playPrompt")) == 1
+
+
+async def test_a_refusal_whose_body_is_cut_off_is_still_a_refusal() -> None:
+    """A 429, a 503 or a 4xx says Graph did not act on the request, even when the
+    connection is cut before its body is in. Such an answer counted as no answer at all:
+    a throttled POST was not sent again and its GraphError said Graph may have acted (a
+    transfer then waited for news that would never come)."""
+    answers: list[tuple[int, dict[str, str]]] = [
+        (429, {"Retry-After": "0"}),
+        (503, {}),
+        (200, {}),
+        (400, {}),
+    ]
+    seen: list[str] = []
+
+    async def cut_after_the_status(request: web.Request) -> web.StreamResponse:
+        seen.append(request.headers["client-request-id"])
+        status, headers = answers[len(seen) - 1]
+        if status == 200:
+            return web.json_response({"id": "op-1", "status": "running"})
+        response = web.StreamResponse(status=status, headers=headers)
+        response.content_length = 100
+        await response.prepare(request)
+        await response.write(b'{"error": {"code": "')
+        assert request.transport is not None
+        request.transport.close()
+        return response
+
+    async with (
+        plain_server(cut_after_the_status) as base,
+        aiohttp.ClientSession(trace_configs=[connection_trace()]) as session,
+    ):
+        url = base + "/v1.0/communications/calls/c-1/playPrompt"
+        played = await send(session, "POST", url, policy=FAST, json_body={})
+        assert (played.status, played.json(), len(seen)) == (
+            200,
+            {"id": "op-1", "status": "running"},
+            3,
+        )
+        refused = await send(session, "POST", url, policy=FAST, json_body={})
+    assert (refused.status, refused.body, refused.acted_before) == (400, b"", False)
+    assert len(seen) == 4

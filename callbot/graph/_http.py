@@ -257,13 +257,30 @@ class _Progress:
     """How far one attempt got: its connection as the session's :func:`connection_trace`
     saw it, its answer as :func:`send` did."""
 
-    __slots__ = ("answered", "connected")
+    __slots__ = ("answered", "connected", "headers", "status")
 
     def __init__(self) -> None:
         self.connected: bool | None = None
         """``None`` on a session without the trace, else whether a connection was had."""
         self.answered = False
         """Whether the answer's status and headers came."""
+        self.status: int | None = None
+        """The answer's status, once it came."""
+        self.headers: CIMultiDictProxy[str] | None = None
+        """The answer's headers, once they came."""
+
+    def refusal(self, client_request_id: str, *, acted_before: bool) -> RawResponse | None:
+        """The answer without its body, when its status says Graph did not act on the
+        request (429, 503, a 4xx but 408); else ``None``."""
+        if self.status is None or self.headers is None or answer_may_have_acted(self.status):
+            return None
+        return RawResponse(
+            status=self.status,
+            headers=self.headers,
+            body=b"",
+            client_request_id=client_request_id,
+            acted_before=acted_before,
+        )
 
 
 def _attempt_failure(exc: BaseException, policy: RetryPolicy, progress: _Progress) -> str:
@@ -334,7 +351,9 @@ async def send(
     ``Retry-Attempt`` (1 for the first retry), as Graph's SDKs send them.
     Returns the first response that is not retried, whatever its status (a 504 to a
     request that is not repeatable is returned as it is); a request
-    that never got a response raises :class:`GraphError` with status 0. A 401 is
+    that never got a response raises :class:`GraphError` with status 0; one whose
+    status says Graph did not act (429, 503, a 4xx but 408) is that answer even when its
+    body was cut off (then empty). A 401 is
     retried once after ``on_unauthorized`` (which drops a cached token). A request
     that may have reached the server is sent again only when ``repeatable``
     (default: the method is idempotent). One that had no connection yet did not:
@@ -405,6 +424,7 @@ async def send(
                 **kwargs,
             ) as resp:
                 progress.answered = True
+                progress.status, progress.headers = resp.status, resp.headers
                 body = await _read_body(resp, max_body)
                 earlier, acted = acted, acted or answer_may_have_acted(resp.status)
                 if body is None:
@@ -425,29 +445,33 @@ async def send(
                     acted_before=earlier,
                 )
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
-            stats.outcomes[method, "connection_error"] += 1
-            delay = policy.backoff(attempt)
-            reason = _attempt_failure(exc, policy, progress)
-            # The attempt's timeout may strike while still connecting: the trace tells.
-            sent = not isinstance(exc, _NOT_SENT) and progress.connected is not False
-            acted = acted or sent
-            if (sent and not safe) or loop.time() + delay > deadline:
-                # Not chained: aiohttp's exceptions hold the request headers (the token).
-                raise GraphError(
-                    0,
-                    "connectionFailed",
-                    reason,
-                    method=method,
-                    url=url,
-                    client_request_id=client_request_id,
-                    may_have_acted=acted,
-                ) from None
-            log.warning(
-                "graph_request_retry", error=reason, delay=round(delay, 3), **attempt_fields
-            )
-            stats.retries += 1
-            await asyncio.sleep(delay)
-            continue
+            # A status saying Graph did not act (429, 503, a 4xx) is that answer, body or not.
+            refusal = progress.refusal(client_request_id, acted_before=acted)
+            if refusal is None:
+                stats.outcomes[method, "connection_error"] += 1
+                delay = policy.backoff(attempt)
+                reason = _attempt_failure(exc, policy, progress)
+                # The attempt's timeout may strike while still connecting: the trace tells.
+                sent = not isinstance(exc, _NOT_SENT) and progress.connected is not False
+                acted = acted or sent
+                if (sent and not safe) or loop.time() + delay > deadline:
+                    # Not chained: aiohttp's exceptions hold the request headers (the token).
+                    raise GraphError(
+                        0,
+                        "connectionFailed",
+                        reason,
+                        method=method,
+                        url=url,
+                        client_request_id=client_request_id,
+                        may_have_acted=acted,
+                    ) from None
+                log.warning(
+                    "graph_request_retry", error=reason, delay=round(delay, 3), **attempt_fields
+                )
+                stats.retries += 1
+                await asyncio.sleep(delay)
+                continue
+            response = refusal
         except aiohttp.ClientError as exc:
             stats.outcomes[method, "client_error"] += 1
             raise GraphError(
