@@ -22,16 +22,23 @@ MENU = "https://contoso.example/menu.wav"
 AGAIN = "https://contoso.example/again.wav"
 
 
-def collecting_bot(
-    *, settings: Settings | None = None, **options: Any
-) -> tuple[CallBot, list[Any]]:
-    """A bot that answers, collects digits once connected and keeps what it got."""
+def answering_bot(settings: Settings | None = None) -> CallBot:
+    """A bot that answers every call."""
     bot = CallBot(settings or Settings(app_id=APP_ID))
-    results: list[Any] = []
 
     @bot.on_incoming_call
     async def answer(call: Call, event: events.IncomingCall) -> None:
         await call.answer()
+
+    return bot
+
+
+def collecting_bot(
+    *, settings: Settings | None = None, **options: Any
+) -> tuple[CallBot, list[Any]]:
+    """A bot that answers, collects digits once connected and keeps what it got."""
+    bot = answering_bot(settings)
+    results: list[Any] = []
 
     @bot.on_state("established")
     async def collect(call: Call, event: events.CallStateChanged) -> None:
@@ -116,12 +123,8 @@ async def test_tones_still_reach_on_tone_handlers() -> None:
 
 
 def menu_bot(**options: Any) -> tuple[CallBot, list[Any]]:
-    bot = CallBot(app_id=APP_ID)
+    bot = answering_bot()
     chosen: list[Any] = []
-
-    @bot.on_incoming_call
-    async def answer(call: Call, event: events.IncomingCall) -> None:
-        await call.answer()
 
     @bot.on_state("established")
     async def main_menu(call: Call, event: events.CallStateChanged) -> None:
@@ -647,12 +650,8 @@ async def test_tones_waiting_for_predecessors_are_bounded_per_call() -> None:
 async def test_tones_the_bot_subscribed_to_itself_are_not_asked_for_again() -> None:
     """The guide's promise, "subscribed once per call", holds when the bot asked for the
     call's tones itself first: a collection then sends no second ``subscribeToTone``."""
-    bot = CallBot(app_id=APP_ID)
+    bot = answering_bot()
     results: list[str] = []
-
-    @bot.on_incoming_call
-    async def answer(call: Call, event: events.IncomingCall) -> None:
-        await call.answer()
 
     @bot.on_state("established")
     async def collect(call: Call, event: events.CallStateChanged) -> None:

@@ -192,12 +192,9 @@ async def test_a_body_in_the_charset_its_content_type_names_reads_as_written(
     assert event.call.source.identity.display_name == "José Müller"
 
 
-@pytest.mark.parametrize("charset", ["x-no-such-charset", "idna"])
-async def test_a_body_that_is_not_utf8_in_an_unknown_charset_is_refused(
-    authority: Any, serve: Any, charset: str
-) -> None:
-    bot, recorder = recording_bot(authority)
-    server = await serve(bot)
+async def _posted_in_cp1252(server: Any, charset: str) -> tuple[Any, list[Any]]:
+    """An incoming call from José posted in cp1252 (é as one byte: no UTF-8), labelled
+    ``charset``: the response, and the log lines written meanwhile."""
     body = json.dumps(b.notifications(b.incoming_call("x", caller_name="José")), ensure_ascii=False)
     with capture_logs() as logs:
         response = await server.post(
@@ -205,6 +202,15 @@ async def test_a_body_that_is_not_utf8_in_an_unknown_charset_is_refused(
             raw=body.encode("cp1252"),
             headers={"Content-Type": f"application/json; charset={charset}"},
         )
+    return response, logs
+
+
+@pytest.mark.parametrize("charset", ["x-no-such-charset", "idna"])
+async def test_a_body_that_is_not_utf8_in_an_unknown_charset_is_refused(
+    authority: Any, serve: Any, charset: str
+) -> None:
+    bot, recorder = recording_bot(authority)
+    response, logs = await _posted_in_cp1252(await serve(bot), charset)
     assert response.status == 415
     assert (await response.json())["error"] == "bad_content_type"
     [refusal] = [entry for entry in logs if entry["event"] == "callback_refused"]
@@ -221,14 +227,7 @@ async def test_a_body_labelled_utf8_in_any_spelling_is_held_to_strict_utf8(
     bytes replaced, and accepted, where the same body labelled ``utf-8`` is refused. UTF-8
     however the label spells it: refused as not JSON, one line, nothing accepted."""
     bot, recorder = recording_bot(authority)
-    server = await serve(bot)
-    body = json.dumps(b.notifications(b.incoming_call("x", caller_name="José")), ensure_ascii=False)
-    with capture_logs() as logs:
-        response = await server.post(
-            None,
-            raw=body.encode("cp1252"),  # é as one byte: no UTF-8
-            headers={"Content-Type": f"application/json; charset={charset}"},
-        )
+    response, logs = await _posted_in_cp1252(await serve(bot), charset)
     assert (response.status, (await response.json())["error"]) == (400, "not_json")
     assert [entry["reason"] for entry in logs if entry["event"] == "callback_refused"] == [
         "not_json"
