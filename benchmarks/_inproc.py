@@ -9,8 +9,8 @@ production while the HTTP stack (the same for every bot) stays out of the figure
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from types import TracebackType
+from collections.abc import Awaitable, Callable, Mapping
+from types import MappingProxyType, TracebackType
 from typing import Any, cast
 
 from aiohttp import web
@@ -49,8 +49,7 @@ class _Request:
         self.content_length = len(body)
         self.content = _Content(body)
 
-    def __contains__(self, key: object) -> bool:
-        return False  # no middleware ran: nothing is kept on the request
+    app: Mapping[object, object] = MappingProxyType({})  # trusts no proxy
 
 
 class InProcessBot:

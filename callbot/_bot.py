@@ -31,7 +31,7 @@ from ._ids import id_key
 from ._lifecycle import KeepAliveResult, Lifecycle
 from ._log import configure_logging, get_logger
 from ._metrics import Metrics
-from ._proxy import proxy_middlewares
+from ._proxy import trust_proxies
 from ._receiver import Receiver
 from ._recording import NotificationRecorder
 from ._routes import checked_routes, reading_bodies_first
@@ -837,7 +837,7 @@ class CallBot:
         )
         app[BOT_KEY] = self
         # Forwarded headers are read only from trusted proxies, and only for logging.
-        app.middlewares.extend(proxy_middlewares(self._settings.trusted_proxies))
+        trust_proxies(app, self._settings.trusted_proxies)
         app.router.add_post(self._settings.callback_path, self._callback)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)

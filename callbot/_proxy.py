@@ -7,7 +7,9 @@ comes from a network listed in ``trusted_proxies`` (``CALLBOT_TRUSTED_PROXIES``)
 because anyone else can write them. They are read here, from the right, and
 only for log lines: the request itself is not rewritten, a header that cannot
 be read never fails a callback, and nothing (least of all ``callbackUri``,
-which always comes from ``public_url``) is built from them.
+which always comes from ``public_url``) is built from them. They are read when a
+line asks who sent a request, not by a middleware: aiohttp refuses some
+requests (an ``Expect`` it does not take) before any middleware runs.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from aiohttp import hdrs, web
-from aiohttp.typedefs import Handler, Middleware
 
 from ._errors import ConfigurationError
 from ._log import get_logger
@@ -26,7 +27,8 @@ __all__ = [
     "ForwardedClient",
     "forwarded_client",
     "parse_networks",
-    "proxy_middlewares",
+    "peer_address",
+    "trust_proxies",
 ]
 
 log = get_logger("callbot.proxy")
@@ -46,11 +48,8 @@ class ForwardedClient:
     """The address of the connection itself (the proxy, when there is one)."""
 
 
-# Kept on the request, so that whoever logs it later (the receiver, the connection
-# guard after the router refused the path) reads the same answer.
-_FORWARDED: web.RequestKey[ForwardedClient] = web.RequestKey(
-    "callbot_forwarded_client", ForwardedClient
-)
+# The networks whose forwarded headers are believed, kept on the app they serve.
+_TRUSTED: web.AppKey[tuple[Network, ...]] = web.AppKey("callbot_trusted_proxies", tuple)
 
 
 def parse_networks(entries: Iterable[str]) -> tuple[Network, ...]:
@@ -98,19 +97,12 @@ def _address(entry: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None
     return mapped or address
 
 
-def _peer(request: web.Request) -> str | None:
-    """The connection's address, an IPv4 one as IPv4 even on a dual-stack socket."""
-    remote = request.remote
-    address = _address(remote) if remote else None
-    return remote if address is None else str(address)
-
-
-def _listed(request: web.Request, name: str) -> list[str]:
+def _listed(request: web.BaseRequest, name: str) -> list[str]:
     """A header's entries, its lines joined: two lines of a header are one list."""
     return ",".join(request.headers.getall(name, [])).split(",")
 
 
-def _read_headers(request: web.Request, networks: tuple[Network, ...]) -> ForwardedClient:
+def _read_headers(request: web.BaseRequest, networks: tuple[Network, ...]) -> ForwardedClient:
     """The right-most ``X-Forwarded-For`` entry outside ``networks``, read from the right:
     entries left of it were written by the client, so nothing there (junk included)
     changes the answer. The first unreadable entry ends the reading."""
@@ -126,7 +118,7 @@ def _read_headers(request: web.Request, networks: tuple[Network, ...]) -> Forwar
         if not _within(address, networks):
             break
     if client is None:
-        return ForwardedClient(_peer(request), request.scheme, _peer(request))
+        return ForwardedClient(peer_address(request), request.scheme, peer_address(request))
     scheme = request.scheme
     protos = [p.strip().lower() for p in _listed(request, hdrs.X_FORWARDED_PROTO) if p.strip()]
     if protos:
@@ -134,31 +126,33 @@ def _read_headers(request: web.Request, networks: tuple[Network, ...]) -> Forwar
         # address; one that writes a single scheme gives it for every hop.
         proto = protos[-hops] if hops <= len(protos) else protos[0]
         scheme = proto if proto in ("http", "https") else scheme
-    return ForwardedClient(client, scheme, _peer(request))
+    return ForwardedClient(client, scheme, peer_address(request))
 
 
-def proxy_middlewares(trusted_proxies: Iterable[str]) -> list[Middleware]:
-    """The middleware that reads forwarded headers from trusted proxies (none if none).
+def trust_proxies(app: web.Application, trusted_proxies: Iterable[str]) -> None:
+    """Believe the forwarded headers of requests to ``app`` from ``trusted_proxies``.
 
     Raises :class:`~callbot.ConfigurationError` for an entry that is not an
     address or network.
     """
-    networks = parse_networks(trusted_proxies)
-    if not networks:
-        return []
-
-    @web.middleware
-    async def forwarded_for(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if hdrs.X_FORWARDED_FOR in request.headers and _is_trusted(request.remote, networks):
-            request[_FORWARDED] = _read_headers(request, networks)
-        return await handler(request)
-
-    return [forwarded_for]
+    app[_TRUSTED] = parse_networks(trusted_proxies)
 
 
 def forwarded_client(request: web.Request) -> ForwardedClient:
-    """Where ``request`` came from: forwarded by a trusted proxy, or the peer itself."""
-    if _FORWARDED in request:
-        return request[_FORWARDED]
-    peer = _peer(request)
-    return ForwardedClient(peer, request.scheme, peer)
+    """Where ``request`` (routed, if only to aiohttp's refusal) came from: forwarded by a
+    trusted proxy, or the peer itself."""
+    networks = request.app.get(_TRUSTED, ())
+    if (
+        networks
+        and hdrs.X_FORWARDED_FOR in request.headers
+        and _is_trusted(request.remote, networks)
+    ):
+        return _read_headers(request, networks)
+    return ForwardedClient(peer_address(request), request.scheme, peer_address(request))
+
+
+def peer_address(request: web.BaseRequest) -> str | None:
+    """The connection's address, an IPv4 one as IPv4 even on a dual-stack socket."""
+    remote = request.remote
+    address = _address(remote) if remote else None
+    return remote if address is None else str(address)

@@ -38,7 +38,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from ._clock import loop_time
 from ._log import RateLimitedLog, get_logger
-from ._proxy import forwarded_client
+from ._proxy import forwarded_client, peer_address
 
 __all__ = ["ConnectionGuard"]
 
@@ -282,7 +282,8 @@ class _Connection(RequestHandler):
             "the request could not be parsed as HTTP",
             status=status,
             error=type(exc).__name__ if exc is not None else None,
-            client=request.remote,
+            # Headers of a request that could not be parsed are not believed, a proxy's neither.
+            client=peer_address(request),
         )
         response = web.Response(status=status, text=f"{status} {phrase}".strip() + "\n")
         response.force_close()

@@ -30,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
 from callbot import Call, CallBot, ConfigurationError, configure_logging, events
-from callbot._proxy import forwarded_client, proxy_middlewares
+from callbot._proxy import forwarded_client, trust_proxies
 from callbot._tunnel import TunnelError, devtunnel_public_url, ngrok_public_url
 from callbot.testing import TokenAuthority
 from callbot.testing import builders as b
@@ -248,7 +248,8 @@ async def test_forwarded_scheme_and_address_without_rewriting_the_request() -> N
         seen.append((client.address, client.scheme, client.peer, request.remote, request.scheme))
         return web.Response()
 
-    app = web.Application(middlewares=proxy_middlewares(["127.0.0.0/8"]))
+    app = web.Application()
+    trust_proxies(app, ["127.0.0.0/8"])
     app.router.add_get("/", handler)
     async with TestClient(TestServer(app, host="127.0.0.1")) as client:
         await client.get(
@@ -1294,6 +1295,34 @@ async def test_a_path_not_served_names_the_client_a_trusted_proxy_forwarded(
         if e["event"] in ("path_not_served", "method_not_allowed")
     }
     assert clients == {"path_not_served": "203.0.113.7", "method_not_allowed": "127.0.0.1"}
+
+
+async def test_an_expect_refusal_and_a_malformed_request_name_the_client_as_every_line_does(
+    authority: TokenAuthority, logging_restored: None
+) -> None:
+    """aiohttp refuses an ``Expect`` before any middleware runs: its line named the trusted
+    proxy, not the client it forwarded; and a malformed request's line named an IPv4 peer
+    of a dual-stack socket in its IPv6 form (``::ffff:127.0.0.1``)."""
+    bot = make_bot(authority, trusted_proxies=("127.0.0.1/32",))
+    async with serving_on_every_address(bot) as port, aiohttp.ClientSession() as session:
+        with capture_logs() as logs:
+            async with session.post(
+                f"http://127.0.0.1:{port}/api/calls",
+                data=b"{}",
+                headers={"Expect": "the-moon", "X-Forwarded-For": "203.0.113.7"},
+            ) as response:
+                assert response.status == 417
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"NOT HTTP\r\n\r\n")
+            answer = await reader.read()  # until the bot closes the connection
+            writer.close()
+    assert answer.split(b"\r\n", 1)[0].endswith(b"400 Bad Request")
+    clients = {
+        e.get("reason", e["event"]): e.get("client")
+        for e in logs
+        if e["event"] in ("expectation_failed", "connection_closed")
+    }
+    assert clients == {"expectation_failed": "203.0.113.7", "bad_request": "127.0.0.1"}
 
 
 async def test_console_lines_show_control_characters_escaped(
