@@ -51,7 +51,9 @@ class Settings:
     port: int = 8080
     """Port to listen on (``0``: a free one, named in the ``listening`` log line)."""
     callback_path: str = "/api/calls"
-    """Path of the callback route Graph posts notifications to."""
+    """Path of the callback route Graph posts notifications to: ``/`` and segments of
+    their own (no ``//``, ``.`` or ``..``), without ``?``, ``#``, ``%``, ``{``, ``}`` or
+    spaces."""
     graph_url: str = DEFAULT_GRAPH_URL
     """Root of the Graph API the bot calls (the simulator replaces it in tests)."""
     authority_url: str = DEFAULT_AUTHORITY_URL
@@ -161,8 +163,12 @@ class Settings:
     """When set, accepted notifications are appended to this JSON-lines file."""
 
     def __post_init__(self) -> None:
-        if not self.callback_path.startswith("/"):
-            raise ConfigurationError("callback_path must start with '/' (CALLBOT_CALLBACK_PATH)")
+        problem = _callback_path_problem(self.callback_path)
+        if problem is not None:
+            raise ConfigurationError(
+                f"callback_path {self.callback_path!r} {problem}: it is the path Graph posts "
+                "to, after public_url (CALLBOT_CALLBACK_PATH)"
+            )
         if self.public_url is not None:
             parts = urlsplit(self.public_url)
             if parts.scheme not in ("https", "http") or not parts.netloc:
@@ -304,6 +310,20 @@ class Settings:
             values[f.name] = _convert(f.name, str(f.type), raw)
         values.update(overrides)
         return cls(**values)
+
+
+def _callback_path_problem(path: str) -> str | None:
+    """Why ``path`` cannot be the callback route's: what the route would take literally
+    (``%``, a query, a fragment), as a variable (``{name}``), or what a client would rewrite
+    (``.`` and ``..`` segments) is never the path Graph posts to."""
+    if not path.startswith("/"):
+        return "must start with '/'"
+    if any(c.isspace() or not c.isprintable() or c in "?#%{}" for c in path):
+        return "has a space, a control character, or one of ? # % { }"
+    segments = path[1:].removesuffix("/").split("/")
+    if path != "/" and any(segment in ("", ".", "..") for segment in segments):
+        return "has an empty, '.' or '..' segment"
+    return None
 
 
 def _convert(name: str, type_name: str, raw: str) -> Any:

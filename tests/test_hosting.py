@@ -28,6 +28,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
+from yarl import URL
 
 from callbot import Call, CallBot, ConfigurationError, configure_logging, events
 from callbot._proxy import forwarded_client, trust_proxies
@@ -265,6 +266,45 @@ async def test_forwarded_scheme_and_address_without_rewriting_the_request() -> N
 def test_trusted_proxies_must_be_networks(authority: TokenAuthority) -> None:
     with pytest.raises(ConfigurationError, match="CALLBOT_TRUSTED_PROXIES"):
         make_bot(authority, trusted_proxies=("10.0.0.300/8",)).create_app()
+
+
+@pytest.mark.parametrize(
+    "callback_path",
+    [
+        "/api/calls",
+        "/api/calls/",
+        "/",
+        "/bot/graph-callback",
+        "/api/calls?tenant=contoso",
+        "/api/calls#here",
+        "/api/{tenant}/calls",
+        "/api/my%20calls",
+        "/api/my calls",
+        "//api/calls",
+        "/api/./calls",
+        "/api/../calls",
+    ],
+)
+async def test_a_callback_path_the_bot_accepts_is_one_graph_s_posts_reach(
+    authority: TokenAuthority, serve: Any, callback_path: str
+) -> None:
+    """A callback path with a query, a fragment, a ``%`` escape, an aiohttp variable or a
+    dot segment was accepted, then every callback posted to ``callbackUri`` got 404: the
+    route took it literally, or a client rewrote it. Each is refused, or reached."""
+    try:
+        bot = make_bot(authority, callback_path=callback_path)
+    except ConfigurationError as exc:
+        refusal: str | None = str(exc)
+    else:
+        refusal = None
+    if refusal is not None:
+        assert "CALLBOT_CALLBACK_PATH" in refusal
+        return
+    server: BotServer = await serve(bot)
+    # Where Graph posts: callbackUri, as an HTTP client sends it (the path encoded).
+    posted = URL(bot.settings.callback_url)
+    response = await server.client.post(URL(posted.raw_path_qs, encoded=True), data=b"{}")
+    assert response.status == 401  # the callback's answer to no token: it was reached
 
 
 # -- tunnels ------------------------------------------------------------------------
