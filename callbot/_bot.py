@@ -17,7 +17,7 @@ from ._affinity import DeploymentChooser, RegionAffinity
 from ._auth import Authenticator
 from ._callables import calls_a_coroutine, handler_name
 from ._clock import loop_time, wait_all
-from ._config import Settings
+from ._config import Settings, listen_address
 from ._dispatch import (
     Dispatcher,
     ErrorHandler,
@@ -927,7 +927,8 @@ class CallBot:
         """
         # serve() owns the process, so the bot's settings decide how it logs.
         configure_logging(self._settings.log_format, self._settings.log_level)
-        host = host or self._settings.host
+        # [::1], as a URL writes it, is the address ::1 to a socket.
+        host = listen_address(host or self._settings.host)
         port = self._settings.port if port is None else port
         stop = stop or asyncio.Event()
         stop_waiting = asyncio.Event()
@@ -1036,7 +1037,7 @@ async def _listen(
 ) -> asyncio.Server:
     """Listen on ``host``; ``::`` takes IPv4 clients too, as it does in most servers."""
     try:
-        every_ipv6_address = ipaddress.ip_address(host.strip("[]")) == ipaddress.IPv6Address("::")
+        every_ipv6_address = ipaddress.ip_address(host) == ipaddress.IPv6Address("::")
     except ValueError:
         every_ipv6_address = False
     if every_ipv6_address and socket.has_dualstack_ipv6():

@@ -47,7 +47,7 @@ class Settings:
     """Accept an http public URL (for a local simulator only)."""
     host: str = "127.0.0.1"
     """Address to listen on: ``0.0.0.0`` for every IPv4 address, ``::`` for every address,
-    IPv4 and IPv6."""
+    IPv4 and IPv6 (an IPv6 address with or without brackets: ``[::1]`` is ``::1``)."""
     port: int = 8080
     """Port to listen on (``0``: a free one, named in the ``listening`` log line)."""
     callback_path: str = "/api/calls"
@@ -310,6 +310,11 @@ class Settings:
             values[f.name] = _convert(f.name, str(f.type), raw)
         values.update(overrides)
         return cls(**values)
+
+
+def listen_address(host: str) -> str:
+    """``host`` as sockets take it: an IPv6 address without the brackets a URL writes."""
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
 
 
 def _callback_path_problem(path: str) -> str | None:

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from ._config import listen_address
 from ._errors import ConfigurationError
 from ._log import get_logger
 
@@ -71,7 +72,15 @@ def _is_local(host: str, listen_host: str | None) -> bool:
         address = ipaddress.ip_address(host)
     except ValueError:
         return False
-    return address.is_loopback or address.is_unspecified
+    return address.is_loopback or address.is_unspecified or address == _address(listen_host)
+
+
+def _address(host: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address ``host`` names, however it is written ([2001:db8::5], 2001:0db8::5)."""
+    try:
+        return ipaddress.ip_address(listen_address(host)) if host else None
+    except ValueError:
+        return None
 
 
 async def ngrok_public_url(

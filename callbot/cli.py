@@ -12,7 +12,7 @@ from typing import Any
 
 from . import __version__
 from ._cli_testing import add_testing_commands
-from ._config import _convert
+from ._config import _convert, listen_address
 from ._errors import CallbotError
 from ._loading import load_bot
 from ._log import configure_logging
@@ -38,7 +38,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         bot.run(args.host, args.port)
     except OSError as exc:
-        host = args.host or bot.settings.host
+        host = listen_address(args.host or bot.settings.host)
         port = bot.settings.port if args.port is None else args.port
         # An IPv6 address is bracketed before its port, as in a URL: [::]:8080, not :::8080.
         shown = f"[{host}]" if ":" in host else host

@@ -353,6 +353,26 @@ async def test_ngrok_tunnel_to_the_bots_port_is_found(addr: str) -> None:
         assert await ngrok_public_url(8080, api_url=api) == "https://bot.ngrok.example"
 
 
+@pytest.mark.parametrize(
+    ("listen_host", "addr"),
+    [
+        ("192.0.2.5", "192.0.2.5:8080"),
+        ("2001:db8::5", "[2001:db8::5]:8080"),
+        ("[2001:db8::5]", "[2001:db8::5]:8080"),
+        ("[2001:db8::5]", "https://[2001:db8:0::5]:8080"),
+    ],
+)
+async def test_ngrok_tunnel_to_the_address_the_bot_listens_on_is_found(
+    listen_host: str, addr: str
+) -> None:
+    """The bot's own address, in brackets as ``--host [2001:db8::5]`` takes it or spelled
+    otherwise, was not the same address as the tunnel's: no tunnel was found."""
+    document = {"tunnels": [ngrok_tunnel("https://bot.ngrok.example", addr)]}
+    async with fake_ngrok_agent(document) as api:
+        found = await ngrok_public_url(8080, api_url=api, listen_host=listen_host)
+    assert found == "https://bot.ngrok.example"
+
+
 async def test_ngrok_without_tunnels_says_how_to_start_one() -> None:
     async with fake_ngrok_agent({"tunnels": [], "uri": "/api/tunnels"}) as api:
         with pytest.raises(
@@ -1288,6 +1308,18 @@ async def test_listening_on_every_ipv6_address_takes_ipv4_clients_too(
         session.get(f"http://127.0.0.1:{port}/healthz") as response,
     ):
         assert response.status == 200
+
+
+async def test_an_ipv6_address_in_brackets_is_listened_on(
+    authority: TokenAuthority, logging_restored: None
+) -> None:
+    """``CALLBOT_HOST=[::1]``, as URLs and the bot's own messages write an IPv6 address, failed
+    to listen (``Name or service not known``), while ``[::]`` worked."""
+    if not ipv6_loopback():
+        pytest.skip("no IPv6 loopback here")
+    bot = make_bot(authority, host="[::1]")
+    async with serving_in_process(bot, bot.settings.host, "[::1]") as port:
+        assert await healthz_answers(f"http://[::1]:{port}")
 
 
 async def test_a_trusted_ipv4_proxy_is_trusted_on_every_address(
