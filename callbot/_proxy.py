@@ -35,6 +35,8 @@ log = get_logger("callbot.proxy")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
+_IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
 
 @dataclass(frozen=True, slots=True)
 class ForwardedClient:
@@ -60,13 +62,23 @@ def parse_networks(entries: Iterable[str]) -> tuple[Network, ...]:
         if not text:
             continue
         try:
-            networks.append(ipaddress.ip_network(text, strict=False))
+            network = ipaddress.ip_network(text, strict=False)
         except ValueError:
             raise ConfigurationError(
                 f"trusted_proxies: {text!r} is not an IP address or network "
                 "(CALLBOT_TRUSTED_PROXIES takes comma-separated CIDRs, e.g. 10.0.0.0/8)"
             ) from None
+        networks.append(_unmapped(network))
     return tuple(networks)
+
+
+def _unmapped(network: Network) -> Network:
+    """``::ffff:10.0.0.0/104`` as ``10.0.0.0/8``: addresses are compared as IPv4 (``_address``)."""
+    if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(_IPV4_MAPPED):
+        first = network.network_address.ipv4_mapped
+        assert first is not None  # within ::ffff:0:0/96
+        return ipaddress.IPv4Network((first, network.prefixlen - 96))
+    return network
 
 
 def _is_trusted(peer: str | None, networks: tuple[Network, ...]) -> bool:

@@ -202,6 +202,9 @@ async def refused_client(server: BotServer, headers: dict[str, str]) -> Any:
         # A dual-stack proxy writes an IPv4 hop as ::ffff:a.b.c.d: the same address.
         (("127.0.0.1/32", "10.0.0.0/8"), "203.0.113.7, ::ffff:10.1.2.3", "203.0.113.7"),
         (("127.0.0.1/32",), "::ffff:203.0.113.7", "203.0.113.7"),
+        # Trusted networks written in that form are the same networks.
+        (("::ffff:127.0.0.1",), "203.0.113.7", "203.0.113.7"),
+        (("::ffff:127.0.0.0/104", "::ffff:10.0.0.0/104"), "203.0.113.7, 10.1.2.3", "203.0.113.7"),
     ],
 )
 async def test_forwarded_for_is_believed_only_from_trusted_proxies(
