@@ -181,9 +181,8 @@ class Settings:
             except ValueError:
                 bad = True
             else:
-                bad = any(c.isspace() for c in self.public_url) or bool(
-                    parts.query or parts.fragment or not parts.hostname
-                )
+                # An empty query or fragment too: callback_path after it would not be a path.
+                bad = any(c.isspace() or c in "?#" for c in self.public_url) or not parts.hostname
             if bad:
                 raise ConfigurationError(
                     f"public_url must be scheme://host[:port][/path], with no spaces, query or "

@@ -130,6 +130,9 @@ def test_a_value_ending_in_a_newline_is_read_without_it() -> None:
         "https://bot.example.test /",
         "https://bot.example.test?x=1",
         "https://bot.example.test/#top",
+        # Empty, but a callbackUri after them is a query or a fragment, not a path.
+        "https://bot.example.test/?",
+        "https://bot.example.test/bot#",
         "https://bot.example.test:99999",
         "https:///api",
     ],
