@@ -53,7 +53,7 @@ class Settings:
     callback_path: str = "/api/calls"
     """Path of the callback route Graph posts notifications to: ``/`` and segments of
     their own (no ``//``, ``.`` or ``..``), without ``?``, ``#``, ``%``, ``{``, ``}`` or
-    spaces."""
+    spaces, and none of ``/healthz``, ``/readyz``, ``/metrics``."""
     graph_url: str = DEFAULT_GRAPH_URL
     """Root of the Graph API the bot calls (the simulator replaces it in tests)."""
     authority_url: str = DEFAULT_AUTHORITY_URL
@@ -311,6 +311,10 @@ class Settings:
         return cls(**values)
 
 
+BOT_PATHS = ("/healthz", "/readyz", "/metrics")
+"""The paths the bot answers beside its callback path."""
+
+
 def listen_address(host: str) -> str:
     """``host`` as sockets take it: an IPv6 address without the brackets a URL writes."""
     return host[1:-1] if host.startswith("[") and host.endswith("]") else host
@@ -327,6 +331,9 @@ def _callback_path_problem(path: str) -> str | None:
     segments = path[1:].removesuffix("/").split("/")
     if path != "/" and any(segment in ("", ".", "..") for segment in segments):
         return "has an empty, '.' or '..' segment"
+    if path in BOT_PATHS:
+        # Proxies keep these from the internet (deploy/): Graph's callbacks would be refused.
+        return f"is one of the bot's own paths {', '.join(BOT_PATHS)}"
     return None
 
 

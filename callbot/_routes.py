@@ -18,6 +18,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractView
 from aiohttp.typedefs import Handler
 
+from ._config import BOT_PATHS
 from ._log import get_logger
 from ._proxy import forwarded_client
 
@@ -25,8 +26,6 @@ __all__ = ["BOT_PATHS", "checked_routes", "reading_bodies_first"]
 
 log = get_logger("callbot.routes")
 
-BOT_PATHS = ("/healthz", "/readyz", "/metrics")
-"""The paths the bot answers beside its callback path."""
 RouteHandler = Handler | type[AbstractView]
 """What a route definition runs: an ``async def`` function, or a class-based view."""
 # As much of a request's path as a log line shows (anyone may send a long one).

@@ -26,7 +26,7 @@ from aiohttp import web
 from structlog.testing import capture_logs
 from yarl import URL
 
-from callbot import Call, CallBot, events
+from callbot import Call, CallBot, ConfigurationError, events
 from callbot.testing import TokenAuthority
 from callbot.testing import builders as b
 
@@ -233,6 +233,36 @@ async def test_callbacks_through_nginx_reach_handlers_and_log_the_real_client(
             async with session.get(f"https://127.0.0.1:{port}{path}") as response:
                 assert response.status == 404, path
     assert handled == ["via-nginx"]
+
+
+@pytest.mark.parametrize(
+    "callback_path", ["/api/calls", "/graph/callback/", "/metrics", "/readyz", "/healthz"]
+)
+async def test_every_callback_path_the_bot_accepts_passes_through_nginx(
+    authority: TokenAuthority, serve: Any, tmp_path: Path, callback_path: str
+) -> None:
+    """The bot took ``/metrics``, ``/readyz`` or ``/healthz`` as its callback path, which the
+    template keeps from the internet: every callback got nginx's 404, never the bot."""
+    try:
+        bot = make_bot(authority, callback_path=callback_path)
+    except ConfigurationError as exc:
+        refusal: str | None = str(exc)
+    else:
+        refusal = None
+    if refusal is not None:
+        assert "CALLBOT_CALLBACK_PATH" in refusal
+        return
+    server: BotServer = await serve(bot)
+    async with (
+        running_nginx(tmp_path, bot_address(server)) as port,
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=False)) as session,
+    ):
+        posted = URL(bot.settings.callback_url).with_scheme("https").with_port(port)
+        body = json.dumps(b.notifications(b.incoming_call("path")))
+        async with session.post(
+            posted.with_host("127.0.0.1"), data=body, headers=signed_headers("bad")
+        ) as response:
+            assert response.status == 401  # the bot's answer to a bad token: it was reached
 
 
 async def test_nginx_refuses_a_body_over_the_bots_limit_before_the_bot_sees_it(
