@@ -17,7 +17,7 @@ import structlog
 from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient, TestServer
 
-from callbot import CallBot
+from callbot import CallBot, ConfigurationError
 from callbot.testing import TEST_TENANT_ID, FakeGraph, TokenAuthority
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -213,6 +213,17 @@ def make_bot(authority: TokenAuthority, **options: Any) -> CallBot:
     }
     settings.update(options)
     return CallBot(**settings)
+
+
+def bot_on_path(authority: TokenAuthority, callback_path: str) -> CallBot | None:
+    """A bot whose callback path is ``callback_path``, or ``None`` when the settings refuse
+    it (the refusal naming ``CALLBOT_CALLBACK_PATH``)."""
+    try:
+        return make_bot(authority, callback_path=callback_path)
+    except ConfigurationError as exc:
+        refusal = str(exc)
+    assert "CALLBOT_CALLBACK_PATH" in refusal
+    return None
 
 
 @pytest.fixture
