@@ -36,6 +36,7 @@ from callbot import (
     Call,
     CallBot,
     CallEnded,
+    ConfigurationError,
     RunSuperseded,
     StoreUnavailable,
     Target,
@@ -1082,6 +1083,122 @@ async def test_redis_down_means_503_then_recovery_by_itself(
         assert response.status == 202
         await until(lambda: handled == ["IncomingCall", "establishing"], within=10)
         assert (await server.client.get("/readyz")).status == 200
+    finally:
+        server_process.stop()
+
+
+async def test_a_server_that_may_evict_the_stores_keys_is_named_at_start(
+    authority: TokenAuthority, serve: Any, tmp_path: Path
+) -> None:
+    """Managed Redis often defaults to ``volatile-lru``, which takes any key with an expiry,
+    every key of a call's included: the start says so, with the setting to change."""
+    args = ("--maxmemory", "64mb", "--maxmemory-policy", "volatile-lru")
+    server_process = RedisServer(_redis_binary(), tmp_path, args=args)
+    await asyncio.to_thread(server_process.start)
+    try:
+        with capture_logs() as logs:
+            await serve(make_bot(authority, store=server_process.url))
+        [line] = [e for e in logs if e["event"] == "store_may_lose_calls"]
+        assert line["log_level"] == "warning"
+        assert line["maxmemory_policy"] == "volatile-lru"
+        assert "noeviction" in line["hint"]
+    finally:
+        server_process.stop()
+
+
+async def test_a_server_that_keeps_every_key_is_not_warned_about(
+    authority: TokenAuthority, serve: Any, redis_url: str
+) -> None:
+    with capture_logs() as logs:
+        await serve(make_bot(authority, store=redis_url))
+    assert "store_started" in [e["event"] for e in logs]
+    assert [e for e in logs if e["event"] == "store_may_lose_calls"] == []
+
+
+async def test_a_user_not_allowed_info_still_runs_calls(
+    authority: TokenAuthority, serve: Any, tmp_path: Path
+) -> None:
+    """The server check is a courtesy: an ACL user without ``INFO`` runs calls all the same."""
+    args = ("--user", "bot", "on", ">s3cret", "~*", "&*", "+@all", "-info")
+    server_process = RedisServer(_redis_binary(), tmp_path, args=args)
+    await asyncio.to_thread(server_process.start)
+    try:
+        handled: list[str] = []
+        bot = make_bot(authority, store=f"redis://bot:s3cret@127.0.0.1:{server_process.port}/0")
+
+        @bot.on(events.Event)
+        async def record(call: Call, event: events.Event) -> None:
+            handled.append(label(event))
+
+        with capture_logs() as logs:
+            server: BotServer = await serve(bot)
+        assert "store_server_unchecked" in [e["event"] for e in logs]
+        assert (await server.post(b.notifications(b.incoming_call("acl-call")))).status == 202
+        await until(lambda: handled == ["IncomingCall"], within=10)
+    finally:
+        server_process.stop()
+
+
+@pytest.mark.parametrize(
+    "info",
+    [
+        {"redis_version": "6.0.16", "maxmemory_policy": "noeviction"},
+        # a Cluster: INFO answers by node
+        {
+            "127.0.0.1:7000": {"redis_version": "7.2.4", "maxmemory_policy": "noeviction"},
+            "127.0.0.1:7001": {"redis_version": "6.0.9", "maxmemory_policy": "noeviction"},
+        },
+    ],
+)
+def test_a_server_older_than_the_scripts_need_is_refused(info: dict[str, Any]) -> None:
+    """Redis 6.0 (still offered by managed services) runs no ``XTRIM MINID``: every ingest
+    would fail; the start says so instead."""
+    with pytest.raises(ConfigurationError, match=r"needs Redis 6\.2 or later, the server is 6\.0"):
+        _redis.server_fitness(info)
+
+
+def test_every_evicting_node_of_a_cluster_is_named() -> None:
+    nodes = {
+        f"127.0.0.1:{port}": {"redis_version": "7.0.15", "maxmemory_policy": policy}
+        for port, policy in ((7000, "allkeys-lru"), (7001, "noeviction"), (7002, "volatile-ttl"))
+    }
+    warning = _redis.server_fitness(nodes)
+    assert warning is not None
+    assert warning["maxmemory_policy"] == "allkeys-lru, volatile-ttl"
+    assert (
+        _redis.server_fitness({"redis_version": "6.2.0", "maxmemory_policy": "noeviction"}) is None
+    )
+
+
+async def test_a_full_server_that_keeps_every_key_refuses_then_takes_the_retry(
+    authority: TokenAuthority, serve: Any, tmp_path: Path
+) -> None:
+    """What ``noeviction`` gives when Redis is full: 503 (Graph sends again), unready, and
+    nothing accepted is lost; once there is room, the retry is taken and run once."""
+    server_process = RedisServer(_redis_binary(), tmp_path)
+    await asyncio.to_thread(server_process.start)
+    try:
+        handled: list[str] = []
+        bot = make_bot(authority, store=server_process.url, store_lease=1.0)
+
+        @bot.on(events.Event)
+        async def record(call: Call, event: events.Event) -> None:
+            handled.append(label(event))
+
+        server: BotServer = await serve(bot)
+        assert (await server.post(b.notifications(b.incoming_call("full-call")))).status == 202
+        await until(lambda: handled == ["IncomingCall"], within=10)
+        async with aioredis.Redis(port=server_process.port) as admin:
+            await admin.config_set("maxmemory", "1")  # every write now refused: OOM
+            retried = b.notifications(b.call_state("full-call", "establishing"))
+            response = await server.post(retried)
+            assert response.status == 503
+            assert (await response.json())["error"] == "store_unavailable"
+            assert (await server.client.get("/readyz")).status == 503
+            await admin.config_set("maxmemory", "0")
+        await until(lambda: bot.ready, within=10)
+        assert (await server.post(retried)).status == 202
+        await until(lambda: handled == ["IncomingCall", "establishing"], within=10)
     finally:
         server_process.stop()
 

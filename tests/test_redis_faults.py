@@ -326,6 +326,21 @@ async def test_a_call_id_with_braces_stays_in_its_own_slot_of_a_cluster(tmp_path
         assert sorted(seen) == sorted(["plain", *hostile])
 
 
+async def test_a_cluster_node_that_may_evict_the_stores_keys_is_named_at_start(
+    tmp_path: Path,
+) -> None:
+    """INFO answers node by node on a Cluster: one node's evicting policy is named."""
+    async with _cluster(tmp_path) as url:
+        port = int(url.rpartition(":")[2])
+        with redis.Redis(port=port, socket_timeout=1) as node:
+            node.config_set("maxmemory-policy", "allkeys-lru")
+        with capture_logs() as logs:
+            async with InProcessBot(store=url):
+                pass
+    [line] = [e for e in logs if e["event"] == "store_may_lose_calls"]
+    assert line["maxmemory_policy"] == "allkeys-lru"
+
+
 @contextlib.asynccontextmanager
 async def _cluster(tmp_path: Path) -> AsyncIterator[str]:
     """A 3-master Redis Cluster on 127.0.0.1; its ``redis+cluster://`` URL."""

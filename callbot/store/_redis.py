@@ -24,7 +24,7 @@ import socket
 import time
 import weakref
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -71,7 +71,7 @@ from ._codec import (
     stored_proven,
 )
 
-__all__ = ["RedisStore", "connect", "disconnect", "follow_primary"]
+__all__ = ["MIN_VERSION", "RedisStore", "connect", "disconnect", "follow_primary", "server_fitness"]
 
 log = get_logger("callbot.store")
 
@@ -589,6 +589,47 @@ def _cmd(script: _scripts.Script, keys: Sequence[str], *args: Any) -> tuple[Any,
     return ("EVALSHA", script.sha, len(keys), *keys, *args)
 
 
+MIN_VERSION = (6, 2)
+"""The oldest Redis the scripts run on (``XTRIM MINID``, exclusive ``XRANGE`` bounds)."""
+
+
+def server_fitness(info: Mapping[str, Any]) -> dict[str, str] | None:
+    """What ``INFO`` says of the servers holding the store: :class:`ConfigurationError` if
+    one is older than :data:`MIN_VERSION`; the fields of a warning if one may evict keys
+    under memory pressure (any ``maxmemory-policy`` but ``noeviction``: every key of a
+    call expires, so even a ``volatile-*`` policy takes them), else None.
+
+    ``info`` is one server's, or a Cluster's: each node's, by node.
+    """
+    servers = (
+        [info] if "redis_version" in info else [v for v in info.values() if isinstance(v, Mapping)]
+    )
+    for server in servers:
+        version = str(server.get("redis_version", ""))
+        parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+        if len(parts) == 2 and parts < MIN_VERSION:
+            raise ConfigurationError(
+                f"the store needs Redis {MIN_VERSION[0]}.{MIN_VERSION[1]} or later, the server "
+                f"is {version}: upgrade it (managed Redis: choose version 7)"
+            )
+    evicting = sorted(
+        {
+            str(s["maxmemory_policy"])
+            for s in servers
+            if s.get("maxmemory_policy", "noeviction") != "noeviction"
+        }
+    )
+    if not evicting:
+        return None
+    return {
+        "maxmemory_policy": ", ".join(evicting),
+        "why": "under memory pressure Redis may drop a call's keys (its lease, fence, record "
+        "or waiting notifications): handlers could run twice, notifications be lost",
+        "hint": "set maxmemory-policy noeviction (a full Redis then refuses writes: the bot "
+        "answers 503 and Graph sends again)",
+    }
+
+
 class RedisStore:
     """Keeps calls and their accepted notifications in Redis, shared by every instance.
 
@@ -671,6 +712,8 @@ class RedisStore:
         self._slot_freed = asyncio.Event()
         self._reachable = False
         self._rehydrated = False
+        self._server_checked = False
+        self._said_unfit = False
         self._draining = False
         self._drained = False
         """The drain's wait is over: nothing more of any call is handed to handlers here."""
@@ -705,10 +748,10 @@ class RedisStore:
         return self._sequencer.counts + self._own_counts
 
     async def start(self) -> None:
-        """Load the scripts and the calls still going on; start claiming calls."""
+        """Check the server, load the scripts and the calls still going on; start claiming
+        calls. A server that cannot hold the store raises :class:`ConfigurationError`."""
         try:
-            await self._load_scripts()
-            await self._rehydrate()
+            await self._prepare()
             self._mark(True)
         except RedisError as exc:
             # Serve anyway: /readyz fails and callbacks get 503 until Redis is back.
@@ -1698,8 +1741,7 @@ class RedisStore:
         while True:
             try:
                 if not self._rehydrated:
-                    await self._load_scripts()
-                    await self._rehydrate()
+                    await self._prepare()
                 await self._follow_primary()
                 await self._renew()  # first: once Redis is back, owners keep their calls
                 await self._flush_indexes()
@@ -1710,6 +1752,12 @@ class RedisStore:
                     last_sync = time.monotonic()
                 self._mark(True)
             except RedisError as exc:
+                self._mark(False, exc)
+            except ConfigurationError as exc:
+                # Reached only now, and unfit: unready (503s) until a fit server answers.
+                if self._reachable or not self._said_unfit:
+                    log.error("store_unusable", store="redis", error=str(exc))
+                    self._said_unfit = True
                 self._mark(False, exc)
             except Exception:
                 log.exception("store_upkeep_failed")
@@ -1942,6 +1990,22 @@ class RedisStore:
                 del self._known[event.call_key]
 
     # -- plumbing -------------------------------------------------------------------
+
+    async def _prepare(self) -> None:
+        """What a first answer from Redis allows: check the server (once it passed, not
+        again), load the scripts, take up the calls still going on."""
+        if not self._server_checked:
+            try:
+                info = await self._redis.info()
+            except ResponseError as exc:  # INFO is not this ACL user's, or was renamed away
+                log.info("store_server_unchecked", store="redis", error=str(exc))
+                info = {}
+            warning = server_fitness(info)
+            self._server_checked = True
+            if warning is not None:
+                log.warning("store_may_lose_calls", store="redis", **warning)
+        await self._load_scripts()
+        await self._rehydrate()
 
     async def _load_scripts(self) -> None:
         for script in _scripts.ALL:
