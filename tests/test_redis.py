@@ -1157,6 +1157,43 @@ def test_a_server_older_than_the_scripts_need_is_refused(info: dict[str, Any]) -
         _redis.server_fitness(info)
 
 
+async def test_a_server_too_old_stops_the_start_and_leaves_nothing_open(
+    authority: TokenAuthority, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real server, taken for too old (the oldest version allowed raised past it)."""
+    monkeypatch.setattr(_redis, "MIN_VERSION", (99, 0))
+    bot = make_bot(authority, store=redis_url)
+    with pytest.raises(ConfigurationError, match=r"needs Redis 99\.0 or later"):
+        await bot.start()
+    assert bot._runtime is None
+    assert [t for t in asyncio.all_tasks() if t.get_name().startswith("callbot-store")] == []
+
+
+async def test_a_server_too_old_reached_after_the_start_keeps_the_bot_unready(
+    authority: TokenAuthority, serve: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis down at start, then up but unfit: one ``store_unusable`` line, and unready."""
+    monkeypatch.setattr(_redis, "MIN_VERSION", (99, 0))
+    server_process = RedisServer(_redis_binary(), tmp_path)
+    await asyncio.to_thread(server_process.start)
+    server_process.stop()
+    try:
+        with capture_logs() as logs:
+            server: BotServer = await serve(make_bot(authority, store=server_process.url))
+            await asyncio.to_thread(server_process.start)  # same port
+            await until(lambda: any(e["event"] == "store_unusable" for e in logs), within=10)
+            # What else Redis runs meanwhile (here this test's server runs the scripts) does
+            # not make the bot ready.
+            await server.post(b.notifications(b.incoming_call("unfit-call")))
+            assert not server.bot.ready
+            assert (await server.client.get("/readyz")).status == 503
+        unusable = [e for e in logs if e["event"] == "store_unusable"]
+        assert len(unusable) == 1
+        assert "needs Redis 99.0 or later" in unusable[0]["error"]
+    finally:
+        server_process.stop()
+
+
 def test_every_evicting_node_of_a_cluster_is_named() -> None:
     nodes = {
         f"127.0.0.1:{port}": {"redis_version": "7.0.15", "maxmemory_policy": policy}

@@ -713,7 +713,8 @@ class RedisStore:
         self._reachable = False
         self._rehydrated = False
         self._server_checked = False
-        self._said_unfit = False
+        self._unfit: ConfigurationError | None = None
+        """Why the server answering cannot hold the store: unready, whatever else succeeds."""
         self._draining = False
         self._drained = False
         """The drain's wait is over: nothing more of any call is handed to handlers here."""
@@ -1754,11 +1755,11 @@ class RedisStore:
             except RedisError as exc:
                 self._mark(False, exc)
             except ConfigurationError as exc:
-                # Reached only now, and unfit: unready (503s) until a fit server answers.
-                if self._reachable or not self._said_unfit:
+                # Reached only now, and unfit: unready until a fit server answers.
+                if self._unfit is None:
                     log.error("store_unusable", store="redis", error=str(exc))
-                    self._said_unfit = True
                 self._mark(False, exc)
+                self._unfit = exc
             except Exception:
                 log.exception("store_upkeep_failed")
             await asyncio.sleep(self._tick if self._reachable else _STEADY_PAUSE)
@@ -2001,7 +2002,7 @@ class RedisStore:
                 log.info("store_server_unchecked", store="redis", error=str(exc))
                 info = {}
             warning = server_fitness(info)
-            self._server_checked = True
+            self._server_checked, self._unfit = True, None
             if warning is not None:
                 log.warning("store_may_lose_calls", store="redis", **warning)
         await self._load_scripts()
@@ -2083,7 +2084,7 @@ class RedisStore:
         return min(pause * 2, _STEADY_PAUSE * 5)
 
     def _mark(self, reachable: bool, error: BaseException | None = None) -> None:
-        if reachable == self._reachable:
+        if reachable == self._reachable or (reachable and self._unfit is not None):
             return
         self._reachable = reachable
         if reachable:
