@@ -1051,18 +1051,27 @@ async def test_a_held_tone_gets_its_predecessor_while_a_handler_of_the_call_runs
     assert store.counts["released_alone"] == 0
 
 
+def _labelling_bot(
+    authority: TokenAuthority, store: str, **options: Any
+) -> tuple[CallBot, list[str]]:
+    """A bot on ``store`` and the list its handler adds each event's label to."""
+    handled: list[str] = []
+    bot = make_bot(authority, store=store, **options)
+
+    @bot.on(events.Event)
+    async def record(call: Call, event: events.Event) -> None:
+        handled.append(label(event))
+
+    return bot, handled
+
+
 async def test_redis_down_means_503_then_recovery_by_itself(
     authority: TokenAuthority, serve: Any, tmp_path: Path
 ) -> None:
     server_process = RedisServer(_redis_binary(), tmp_path)
     server_process.start()
     try:
-        handled: list[str] = []
-        bot = make_bot(authority, store=server_process.url, store_lease=1.0)
-
-        @bot.on(events.Event)
-        async def record(call: Call, event: events.Event) -> None:
-            handled.append(label(event))
+        bot, handled = _labelling_bot(authority, server_process.url, store_lease=1.0)
 
         server: BotServer = await serve(bot)
         assert (await server.post(b.notifications(b.incoming_call("r1")))).status == 202
@@ -1123,12 +1132,9 @@ async def test_a_user_not_allowed_info_still_runs_calls(
     server_process = RedisServer(_redis_binary(), tmp_path, args=args)
     await asyncio.to_thread(server_process.start)
     try:
-        handled: list[str] = []
-        bot = make_bot(authority, store=f"redis://bot:s3cret@127.0.0.1:{server_process.port}/0")
-
-        @bot.on(events.Event)
-        async def record(call: Call, event: events.Event) -> None:
-            handled.append(label(event))
+        bot, handled = _labelling_bot(
+            authority, f"redis://bot:s3cret@127.0.0.1:{server_process.port}/0"
+        )
 
         with capture_logs() as logs:
             server: BotServer = await serve(bot)
@@ -1215,12 +1221,7 @@ async def test_a_full_server_that_keeps_every_key_refuses_then_takes_the_retry(
     server_process = RedisServer(_redis_binary(), tmp_path)
     await asyncio.to_thread(server_process.start)
     try:
-        handled: list[str] = []
-        bot = make_bot(authority, store=server_process.url, store_lease=1.0)
-
-        @bot.on(events.Event)
-        async def record(call: Call, event: events.Event) -> None:
-            handled.append(label(event))
+        bot, handled = _labelling_bot(authority, server_process.url, store_lease=1.0)
 
         server: BotServer = await serve(bot)
         assert (await server.post(b.notifications(b.incoming_call("full-call")))).status == 202
