@@ -1379,7 +1379,7 @@ def _certificates(directory: Path) -> tuple[Path, Path, Path]:
     return ca, cert, key
 
 
-@pytest.mark.parametrize("kind", ["tls", "acl"])
+@pytest.mark.parametrize("kind", ["tls", "acl", "acl-not-dangerous"])
 async def test_tls_and_acl_users(
     authority: TokenAuthority, serve: Any, tmp_path: Path, kind: str
 ) -> None:
@@ -1401,7 +1401,9 @@ async def test_tls_and_acl_users(
         await asyncio.to_thread(server.start)
         url = f"rediss://127.0.0.1:{server.port + 1}/0?ssl_cert_reqs=required&ssl_ca_certs={ca}"
     else:
-        args = ("--user", "bot", "on", ">s3cret", "~*", "&*", "+@all")
+        # "acl-not-dangerous": as managed Redis's usual data role (INFO, CONFIG, KEYS... denied)
+        grants = ("+@all", "-@dangerous") if kind == "acl-not-dangerous" else ("+@all",)
+        args = ("--user", "bot", "on", ">s3cret", "~*", "&*", *grants)
         server = RedisServer(_redis_binary(), tmp_path, args=args)
         await asyncio.to_thread(server.start)
         url = f"redis://bot:s3cret@127.0.0.1:{server.port}/0"
