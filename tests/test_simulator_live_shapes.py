@@ -15,7 +15,7 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 from pydantic import BaseModel
 
-from callbot import Call, CallBot, OperationFailed, events, models
+from callbot import Call, CallBot, Operation, OperationFailed, events, models
 from callbot._ids import id_key
 from callbot._parse import parse_payload
 from callbot.graph import Target, media_prompt
@@ -276,6 +276,76 @@ async def test_a_rejected_call_ends_as_graph_documents_it_with_no_state() -> Non
     )["value"][0]
     assert posted[-1]["changeType"] == documented["changeType"] == "deleted"
     assert set(posted[-1]["resourceData"]) <= {*documented["resourceData"], "callChainId"}
+
+
+# Each operation's documented outcome: a playPrompt's has a resultInfo (as the live one,
+# sb05), the others none (a recording ended by a stop tone: Graph's beta page, 2018 and now).
+DOCUMENTED_OUTCOMES = {
+    "playPromptOperation": "31-call-playprompt-operation-completed.json",
+    "sendDtmfTonesOperation": "34-call-senddtmftones-operation-completed-success.json",
+    "inviteParticipantsOperation": "47-participant-invite-ex1-operation-completed.json",
+    "startHoldMusicOperation": "43-participant-startholdmusic-operation-completed.json",
+    "stopHoldMusicOperation": "44-participant-stopholdmusic-operation-completed.json",
+    "addLargeGalleryViewOperation": "45-call-addlargegalleryview-operation-completed.json",
+    "recordOperation": "69-beta-call-record-recordresponse-completed-stoptonedetected.json",
+}
+
+
+async def test_an_operation_ends_with_a_result_info_only_where_graph_documents_one() -> None:
+    """Graph documents the end of ``sendDtmfTones``, an invitation, hold music, the large
+    gallery view and a recording ended by a stop tone with no ``resultInfo`` (documents 34-36,
+    43-45, 47-55, 69); the simulator gave each a 200/0 one, so a bot reading
+    ``result.result_info.code`` passed under test and raised on Graph."""
+    bot = CallBot(app_id=APP_ID)
+    results: dict[str, models.CommsOperation] = {}
+    recording: list[Any] = []
+
+    @bot.on_incoming_call
+    async def answer(call: Call, event: events.IncomingCall) -> None:
+        await call.answer()
+
+    @bot.on_state("established")
+    async def operate(call: Call, event: events.CallStateChanged) -> None:
+        # The caller, a user (the bot is an application).
+        roster = await call.participants.list()
+        [caller] = [p.id for p in roster if p.info and p.info.identity and p.info.identity.user]
+        assert caller is not None
+        ops: list[Operation[Any]] = [
+            await call.play_prompt("https://cdn.contoso.com/hello.wav"),
+            await call.send_dtmf_tones("1"),
+            await call.participants.invite(Target.user(str(uuid.uuid4()), "Lee Gu")),
+            await call.participants.start_hold_music(caller),
+            await call.participants.stop_hold_music(caller),
+            await call.add_large_gallery_view(),
+        ]
+        for op in ops:
+            result = await op.wait(timeout=5)
+            results[type(result).__name__] = result
+        recording.append(await call.record_response(stop_tones=["#"]))
+        result = await recording[0].wait(timeout=5)
+        results[type(result).__name__] = result
+
+    # A recording longer than the test: only the stop tone ends it.
+    async with run_with_simulator(bot, record_duration=600) as sim:
+        call = await sim.incoming_call()
+        await until(lambda: bool(recording))
+        await call.press("#")
+        await until(lambda: len(results) == len(DOCUMENTED_OUTCOMES))
+        await call.settled()
+        posted = posted_items(sim.traffic)
+    outcomes = {
+        item["resourceData"]["@odata.type"].rsplit(".", 1)[-1]: item["resourceData"]
+        for item in posted
+        if "/operations/" in item["resourceUrl"]
+    }
+    assert set(outcomes) == set(DOCUMENTED_OUTCOMES)
+    for kind, name in DOCUMENTED_OUTCOMES.items():
+        documented = normalized_json(load_notification_text(name))["value"][0]["resourceData"]
+        assert ("resultInfo" in outcomes[kind], kind) == ("resultInfo" in documented, kind)
+    assert {kind for kind, result in results.items() if result.result_info is not None} == {
+        "PlayPromptOperation"
+    }
+    assert {result.status for result in results.values()} == {"completed"}
 
 
 async def test_a_joined_meeting_is_establishing_and_established_with_its_chat_and_meeting() -> None:

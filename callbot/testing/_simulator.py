@@ -722,7 +722,7 @@ class SimulatedCall:
                 self._operation_item(
                     operation_id,
                     "completed",
-                    _DONE,
+                    None,
                     {
                         "recordingLocation": location,
                         "recordingAccessToken": token,
@@ -1521,13 +1521,18 @@ class SimulatedCall:
         self,
         operation_id: str,
         status: str,
-        result_info: Mapping[str, Any],
+        result_info: Mapping[str, Any] | None,
         fields: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
+        """An operation's outcome; with no ``resultInfo`` when ``result_info`` is ``None``, as
+        Graph documents the end of ``sendDtmfTones``, an invitation, hold music, the large
+        gallery view and a recording a stop tone ended (documents 34-36, 43-55, 69)."""
         body = self._sim.graph.operation_notification(
             operation_id, status=status, result_info=result_info, **dict(fields or {})
         )
         item: dict[str, Any] = body["value"][0]
+        if result_info is None:
+            del item["resourceData"]["resultInfo"]
         return item
 
     def _on_operation(
@@ -1591,7 +1596,7 @@ class SimulatedCall:
                     self._operation_item(
                         operation_id,
                         "completed",
-                        _DONE,
+                        None,
                         {"completionReason": "completedSuccessfully"},
                     )
                 ),
@@ -1606,7 +1611,7 @@ class SimulatedCall:
                 outcome = (
                     self._operation_item(operation_id, "failed", _INVITE_FAILED)
                     if failed
-                    else self._operation_item(operation_id, "completed", _DONE)
+                    else self._operation_item(operation_id, "completed", None)
                 )
                 if len(invitees) > 1:
                     # As documented for several invitees: on operations/participants, with
@@ -1628,7 +1633,7 @@ class SimulatedCall:
         else:
             self._later(
                 sim.step_delay,
-                lambda: self._enqueue(self._operation_item(operation_id, "completed", _DONE)),
+                lambda: self._enqueue(self._operation_item(operation_id, "completed", None)),
             )
 
 
