@@ -278,6 +278,50 @@ async def test_a_rejected_call_ends_as_graph_documents_it_with_no_state() -> Non
     assert set(posted[-1]["resourceData"]) <= {*documented["resourceData"], "callChainId"}
 
 
+@pytest.mark.parametrize(
+    "documented",
+    [
+        "19-call-redirect-ex1-call-terminated-deleted.json",
+        "21-call-redirect-ex2-call-terminated-deleted.json",
+    ],
+)
+async def test_a_redirected_call_ends_naming_the_call_as_graph_documents_it(
+    documented: str,
+) -> None:
+    """Graph ends a call the bot redirected with the call itself: its direction, caller,
+    targets, ``myParticipantId``, id and ``callbackUri`` beside ``terminated`` (documents 19,
+    21, 23). The simulator posted the state alone, so a bot reading who was redirected in its
+    ``on_terminated`` handler failed under test and worked on Graph."""
+    bot = CallBot(app_id=APP_ID)
+    ended: list[events.CallTerminated] = []
+
+    @bot.on_incoming_call
+    async def forward(call: Call, event: events.IncomingCall) -> None:
+        await call.redirect(Target.user(str(uuid.uuid4()), "Lee Gu"))
+
+    @bot.on_terminated
+    async def gone(call: Call, event: events.CallTerminated) -> None:
+        ended.append(event)
+
+    async with run_with_simulator(bot) as sim:
+        call = await sim.incoming_call(from_user="Adele Vance")
+        await call.wait_until_ended()
+        await until(lambda: bool(ended))
+        await call.settled()
+        posted = posted_items(sim.traffic)
+    data = normalized_json(load_notification_text(documented))["value"][0]["resourceData"]
+    assert set(data) <= set(posted[-1]["resourceData"])
+    told = ended[0].call
+    assert (told.state, told.direction, told.id) == ("terminated", "incoming", call.id)
+    assert told.source is not None
+    assert told.source.identity is not None
+    assert told.source.identity.user is not None
+    assert told.source.identity.user.display_name == "Adele Vance"
+    assert told.my_participant_id == call.bot_participant_id
+    assert told.callback_uri == call.callback_url
+    assert ended[0].result_info is None
+
+
 # Each operation's documented outcome: a playPrompt's has a resultInfo (as the live one,
 # sb05), the others none (a recording ended by a stop tone: Graph's beta page, 2018 and now).
 DOCUMENTED_OUTCOMES = {

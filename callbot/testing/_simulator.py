@@ -1309,6 +1309,9 @@ class SimulatedCall:
                 # Nor, for a rejected call, any state (document 17, and its 2018 revision).
                 path = ended["resourceUrl"]
                 ended["resourceData"] = {"@odata.type": _CALL_TYPE, "@odata.id": path}
+            else:
+                # A redirected one ends naming the call it was (documents 19, 21, 23).
+                ended["resourceData"].update(self._redirected())
             self._enqueue(ended)
         elif action == "deleteCall":
             self._end_on_graph()
@@ -1388,6 +1391,15 @@ class SimulatedCall:
             if participant_id is not None:
                 gone = self.roster.pop(participant_id)
                 self._enqueue(self._roster_item([gone], "deleted"))
+
+    def _redirected(self) -> dict[str, Any]:
+        """What Graph's end of a redirected call says of it beside ``terminated`` (documents
+        19, 21, 23): its direction, caller, targets, ``myParticipantId``, id and
+        ``callbackUri``, as Graph's copy of the call has them."""
+        known = self._sim.graph.calls.get(self.key)
+        resource = known.resource if known is not None else {}
+        named = ("direction", "callbackUri", "source", "targets", "myParticipantId", "id")
+        return {key: resource[key] for key in named if resource.get(key) is not None}
 
     @property
     def _peer_to_peer(self) -> bool:
