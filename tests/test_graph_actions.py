@@ -310,7 +310,11 @@ async def test_documented_request(
         assert conform(sent.json, doc["request"]) == doc["request"]
         assert sent.headers["Content-Type"].startswith("application/json")
     # FakeGraph answers with the documented status, and so callbot accepts it
-    assert graph.answer_to(sent).status == doc["response_status"]
+    answer = graph.answer_to(sent)
+    assert answer.status == doc["response_status"]
+    # and names the operation in a Location where Graph does (not for an invitation)
+    documented_location = any(h.startswith("Location:") for h in doc["response_headers"])
+    assert ("Location" in answer.headers) == documented_location
 
     assert sent.bearer in graph.tokens
     assert uuid.UUID(sent.client_request_id or "").version == 4

@@ -828,14 +828,13 @@ class FakeGraph(LocalServer):
             operation["participants"] = payload.get("participants", [])
         self.operations[operation_id] = dict(operation)
         self.operation_calls[operation_id] = call.id
-        return FakeResponse(
-            status=status_code,
-            body=operation,
-            headers={
-                "Location": f"{self._root_of(request)}/communications/calls/{call.id}/operations/"
-                f"{operation_id}"
-            },
-        )
+        headers: dict[str, str] = {}
+        # Graph names the operation in a Location, but an invitation's only in its body.
+        if request.action != "invite":
+            headers["Location"] = (
+                f"{self._root_of(request)}/communications/calls/{call.id}/operations/{operation_id}"
+            )
+        return FakeResponse(status=status_code, body=operation, headers=headers)
 
     def _root_of(self, request: RecordedRequest) -> str:
         """The version root the request named: Graph answers in the version it was asked."""
