@@ -124,7 +124,7 @@ async def test_a_replayed_bot_gets_the_recorded_outcomes_of_its_own_operations(
         @bot.on_tone
         async def voicemail(call: Call, event: events.ToneReceived) -> None:
             done = await (await call.record_response(max_record_duration=5)).wait(timeout=5)
-            reasons.append(str(done.completion_reason))
+            reasons.append(str(done.result_info and done.result_info.message))
             await call.hangup()
 
         return bot, seen, reasons
@@ -139,7 +139,7 @@ async def test_a_replayed_bot_gets_the_recorded_outcomes_of_its_own_operations(
     printer = quiet_printer()
     status = await replay(path, printer=printer, bot=again, speed=0, settle=10.0)
     assert status == 0
-    assert reasons_again == reasons == ["maxRecordDurationReached"]
+    assert reasons_again == reasons == ["Action completed, max record duration reached."]
     assert labels(seen_again) == labels(seen)
     assert "matched no operation" not in printer_text(printer)
 

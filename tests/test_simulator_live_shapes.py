@@ -322,6 +322,42 @@ async def test_a_redirected_call_ends_naming_the_call_as_graph_documents_it(
     assert ended[0].result_info is None
 
 
+@pytest.mark.parametrize("beta", [False, True], ids=["v1.0", "beta"])
+async def test_a_recording_that_ran_its_full_length_ends_as_graph_documents_it(
+    beta: bool,
+) -> None:
+    """Graph's v1.0 documents the end of a recording that reached its maximum duration with
+    ``resultInfo`` 200/8515 and no ``completionReason`` (document 32; the reason is in the
+    beta schema only): the simulator named ``maxRecordDurationReached`` on v1.0 too, so a
+    bot reading ``completion_reason`` passed under test and read ``None`` on Graph."""
+    bot = CallBot(app_id=APP_ID)
+    if beta:  # a bot written for Graph's beta stays on the simulator's beta
+        bot.configure(graph_url="https://graph.microsoft.com/beta")
+    results: list[models.RecordOperation] = []
+
+    @bot.on_incoming_call
+    async def answer(call: Call, event: events.IncomingCall) -> None:
+        await call.answer()
+
+    @bot.on_state("established")
+    async def record(call: Call, event: events.CallStateChanged) -> None:
+        results.append(await (await call.record_response(max_record_duration=5)).wait(timeout=5))
+
+    async with run_with_simulator(bot) as sim:
+        call = await sim.incoming_call()
+        await until(lambda: bool(results))
+        await call.settled()
+        posted = posted_items(sim.traffic)
+    [outcome] = [i["resourceData"] for i in posted if "/operations/" in i["resourceUrl"]]
+    name = "32-call-record-recordresponse-completed.json"
+    documented = normalized_json(load_notification_text(name))["value"][0]["resourceData"]
+    beyond = set(outcome) - (set(documented) - {"@odata.id", "@odata.etag"})
+    assert beyond == ({"completionReason"} if beta else set())
+    assert results[0].result_info is not None
+    assert (results[0].result_info.code, results[0].result_info.subcode) == (200, 8515)
+    assert results[0].completion_reason == ("maxRecordDurationReached" if beta else None)
+
+
 # Each operation's documented outcome: a playPrompt's has a resultInfo (as the live one,
 # sb05), the others none (a recording ended by a stop tone: Graph's beta page, 2018 and now).
 DOCUMENTED_OUTCOMES = {

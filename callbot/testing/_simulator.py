@@ -1581,6 +1581,10 @@ class SimulatedCall:
                 if self._media.pop(operation_id, None) is None:
                     return
                 location, token = sim.graph.add_recording(sim.recording, call_id=self.id)
+                fields = {"recordingLocation": location, "recordingAccessToken": token}
+                if request.version == "beta":
+                    # The reason is beta's: v1.0 tells it by the 8515 alone (document 32).
+                    fields["completionReason"] = "maxRecordDurationReached"
                 self._enqueue(
                     self._operation_item(
                         operation_id,
@@ -1590,11 +1594,7 @@ class SimulatedCall:
                             "subcode": 8515,
                             "message": "Action completed, max record duration reached.",
                         },
-                        {
-                            "recordingLocation": location,
-                            "recordingAccessToken": token,
-                            "completionReason": "maxRecordDurationReached",
-                        },
+                        fields,
                     )
                 )
 
