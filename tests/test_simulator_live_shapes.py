@@ -880,6 +880,47 @@ async def test_a_group_call_ends_naming_the_meeting_teams_made_of_it(callees: in
     assert decoded["appId"] == APP_ID
 
 
+@pytest.mark.parametrize("removed", [False, True], ids=["they-leave", "the-bot-removes-them"])
+async def test_a_group_call_ends_once_only_the_bot_is_left_in_it(removed: bool) -> None:
+    """Teams ended a group call the bot placed when only one participant was left in it
+    (sb17: 200/5010, "only one participant was remaining"). In the simulator such a call went
+    on after everyone else had left, so a bot saying goodbye to an empty call (a prompt, a
+    hang-up) passed under test and got 404 from Graph, and one waiting for its end hung."""
+    bot = CallBot(app_id=APP_ID)
+    ended: list[events.CallTerminated] = []
+
+    @bot.on_terminated
+    async def gone(call: Call, event: events.CallTerminated) -> None:
+        ended.append(event)
+
+    async with run_with_simulator(bot) as sim:
+        placed = await bot.create_call(
+            Target.user(str(uuid.uuid4()), "Sam2"), Target.user(str(uuid.uuid4()), "Lee Gu")
+        )
+        call = await sim.wait_for_outgoing_call()
+        await call.wait_for_state("established")
+        others = [pid for pid in call.roster if pid != call.bot_participant_id]
+        assert len(others) == 2
+        for n, participant_id in enumerate(others):
+            if removed:
+                await placed.participants.remove(participant_id)
+            else:
+                await call.leave(participant_id)
+            await call.settled()
+            assert call.ended == (n == 1)  # the bot and someone else: the call goes on
+        await call.wait_until_ended()
+        await until(lambda: bool(ended))
+    live = recorded_item("sb17-groupcalls-groupcallend.json")["resourceData"]["resultInfo"]
+    info = ended[0].result_info
+    assert info is not None
+    assert (info.code, info.subcode, info.message) == (
+        live["code"],
+        live["subcode"],
+        live["message"],
+    )
+    assert isinstance(ended[0].call.meeting_info, models.TokenMeetingInfo)
+
+
 async def test_streams_the_simulator_adds_come_after_a_roster_the_test_posted() -> None:
     """A roster a test posts (``call.notify``) is the call's own from then on, and so are its
     streams' ``sourceId``s: someone joining later got the ids the test's roster used, so two

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from . import builders as build
-from ._simulator import DeliveryOptions, SimulatedCall, Simulator, SimulatorError
+from ._simulator import ONLY_ONE_LEFT, DeliveryOptions, SimulatedCall, Simulator, SimulatorError
 
 __all__ = ["SCENARIOS", "Scenario", "ScenarioOptions"]
 
@@ -48,12 +48,6 @@ async def _connect(call: SimulatedCall, options: ScenarioOptions) -> bool:
         return False
     await call.wait_for_state("established", options.timeout)
     return True
-
-
-_ONLY_ONE_LEFT = (
-    "This conversation has ended as only one participant was remaining in the conversation.. "
-    "DiagCode: 0#5010.@"
-)
 
 
 async def _end(call: SimulatedCall) -> None:
@@ -100,7 +94,7 @@ async def meeting_roster(sim: Simulator, options: ScenarioOptions) -> None:
         await call.wait_until_ended(max(options.hold, 2.0))
     except SimulatorError:
         if not call.ended:
-            await call.hangup(subcode=5010, message=_ONLY_ONE_LEFT)
+            await call.hangup(subcode=5010, message=ONLY_ONE_LEFT)
 
 
 async def outgoing_call(sim: Simulator, options: ScenarioOptions) -> None:

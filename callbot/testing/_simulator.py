@@ -122,6 +122,12 @@ OUTGOING_OUTCOMES: dict[str, tuple[int, int, str] | None] = {
 GRAPH_USER_AGENT = "Microsoft-Skype/3.0,(Calling/1.0)"
 """The ``User-Agent`` of Graph's callbacks (every captured request has it)."""
 
+ONLY_ONE_LEFT = (
+    "This conversation has ended as only one participant was remaining in the conversation.. "
+    "DiagCode: 0#5010.@"
+)
+"""How Teams ended a group call once only one participant was left in it (200/5010, sb17)."""
+
 MAX_REDIRECTS = 5
 """How many ``302 Found`` in a row the simulator follows for one notification (a loop ends)."""
 
@@ -794,7 +800,9 @@ class SimulatedCall:
         return participant_id
 
     async def leave(self, who: str) -> None:
-        """Someone (a participant id or display name) leaves: the bot gets the new roster."""
+        """Someone (a participant id or display name) leaves: the bot gets the new roster.
+        The last one but the bot to leave a group call the bot placed ends it, as Teams does
+        (200/5010)."""
         participant_id = self._find(who)
         gone = self.roster.pop(participant_id)
         name = _participant_name(gone)
@@ -802,6 +810,9 @@ class SimulatedCall:
             Traffic(kind="caller", at=self._sim._now(), call_id=self.id, summary=f"{name} leaves")
         )
         await self._send(self._roster_item([gone], "deleted"))
+        ending = self._ended_if_alone()
+        if ending is not None:
+            await ending
 
     async def establish(self) -> None:
         """Post ``establishing``, ``established`` and the roster as if the bot had answered.
@@ -1391,6 +1402,7 @@ class SimulatedCall:
             if participant_id is not None:
                 gone = self.roster.pop(participant_id)
                 self._enqueue(self._roster_item([gone], "deleted"))
+                self._ended_if_alone()
 
     def _redirected(self) -> dict[str, Any]:
         """What Graph's end of a redirected call says of it beside ``terminated`` (documents
@@ -1400,6 +1412,16 @@ class SimulatedCall:
         resource = known.resource if known is not None else {}
         named = ("direction", "callbackUri", "source", "targets", "myParticipantId", "id")
         return {key: resource[key] for key in named if resource.get(key) is not None}
+
+    def _ended_if_alone(self) -> asyncio.Future[tuple[int, str | None]] | None:
+        """Teams ends a group call once only the bot is left in it (sb17: 200/5010): its end,
+        queued, when it is so."""
+        if not self.group or self._ended_on_graph or set(self.roster) - {self.bot_participant_id}:
+            return None
+        self._end_on_graph()
+        return self._enqueue(
+            build.call_terminated(self.id, code=200, subcode=5010, message=ONLY_ONE_LEFT)
+        )
 
     @property
     def _peer_to_peer(self) -> bool:
