@@ -358,6 +358,66 @@ async def test_a_recording_that_ran_its_full_length_ends_as_graph_documents_it(
     assert results[0].completion_reason == ("maxRecordDurationReached" if beta else None)
 
 
+@pytest.mark.parametrize(
+    ("how", "documented"),
+    [
+        ("failed_transfer", "27-call-transfer-transfer-failed-7000.json"),
+        (
+            "failed_consultative_transfer",
+            "29-call-transfer-ex2-consultative-failed-7700-replacescontext.json",
+        ),
+        ("hang_up", "41-call-delete-call-terminated-5001.json"),
+    ],
+)
+async def test_a_result_info_is_written_as_graph_documents_it(how: str, documented: str) -> None:
+    """Graph writes a failed transfer's ``subCode`` so cased (documents 27, 29, 30, 58) and
+    the codes of a call the bot hung up as strings (documents 41, 57); the simulator wrote
+    ``subcode`` and numbers, so a bot reading an event's ``raw`` body passed under test and
+    missed them on Graph. What the bot's models read is the same either way."""
+    bot = CallBot(app_id=APP_ID)
+    told: list[models.ResultInfo] = []
+
+    @bot.on_incoming_call
+    async def answer(call: Call, event: events.IncomingCall) -> None:
+        await call.answer()
+
+    @bot.on_state("established")
+    async def act(call: Call, event: events.CallStateChanged) -> None:
+        if event.result_info is not None:
+            told.append(event.result_info)
+        elif how == "hang_up":
+            await call.hangup()
+        elif event.previous_state != "transferring":
+            consultative = how == "failed_consultative_transfer"
+            await call.transfer(
+                Target.user(str(uuid.uuid4()), "Agent"),
+                replaces_call_id=str(uuid.uuid4()) if consultative else None,
+            )
+
+    @bot.on_terminated
+    async def gone(call: Call, event: events.CallTerminated) -> None:
+        if event.result_info is not None:
+            told.append(event.result_info)
+
+    async with run_with_simulator(bot) as sim:
+        sim.transfer_outcome = "failed"
+        call = await sim.incoming_call()
+        await until(lambda: bool(told))
+        await call.settled()
+        posted = posted_items(sim.traffic)
+    [info] = [
+        i["resourceData"]["resultInfo"]
+        for i in posted
+        if isinstance(i.get("resourceData"), dict) and "resultInfo" in i["resourceData"]
+    ]
+    expected = normalized_json(load_notification_text(documented))["value"][0]["resourceData"]
+    assert {key: type(value) for key, value in info.items()} == {
+        key: type(value) for key, value in expected["resultInfo"].items()
+    }
+    wanted = models.ResultInfo.model_validate(expected["resultInfo"])
+    assert (told[0].code, told[0].subcode) == (wanted.code, wanted.subcode)
+
+
 # Each operation's documented outcome: a playPrompt's has a resultInfo (as the live one,
 # sb05), the others none (a recording ended by a stop tone: Graph's beta page, 2018 and now).
 DOCUMENTED_OUTCOMES = {

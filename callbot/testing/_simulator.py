@@ -1327,11 +1327,12 @@ class SimulatedCall:
         elif action == "deleteCall":
             self._end_on_graph()
             self._enqueue(build.call_state(self.id, "terminating"))
-            self._enqueue(
-                build.call_terminated(
-                    self.id, code=200, subcode=5001, message="The conversation has ended."
-                ),
+            ended = build.call_terminated(
+                self.id, code=200, subcode=5001, message="The conversation has ended."
             )
+            # Graph writes these codes as strings (documents 41, 57).
+            ended["resourceData"]["resultInfo"].update(code="200", subcode="5001")
+            self._enqueue(ended)
         elif action == "transfer":
             target = body.get("transferTarget")
             # Graph documents a consultative transfer ending otherwise (AppTransferred, 7700).
@@ -1345,10 +1346,11 @@ class SimulatedCall:
                     subcode=7700 if consultative else 7000,
                     message="Transfer failed.",
                 )
-                self._enqueue(
-                    build.call_state(self.id, "established", result_info=failed),
-                    delay=sim.transfer_duration,
-                )
+                back = build.call_state(self.id, "established", result_info=failed)
+                # Graph writes a failed transfer's subcode as subCode (documents 27, 29, 30, 58).
+                written = back["resourceData"]["resultInfo"]
+                written["subCode"] = written.pop("subcode")
+                self._enqueue(back, delay=sim.transfer_duration)
             else:
                 self._enqueue(
                     build.call_state(self.id, "transferAccepted"),
