@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -309,6 +309,17 @@ class Settings:
             values[f.name] = _convert(f.name, str(f.type), raw)
         values.update(overrides)
         return cls(**values)
+
+
+def host_listed(host: str, patterns: Iterable[str]) -> bool:
+    """Whether ``host`` is one of ``patterns`` (``*.example.com`` matches its subdomains),
+    compared without case or a trailing dot."""
+    host = host.lower().rstrip(".")
+    for allowed in patterns:
+        pattern = allowed.lower()
+        if host == pattern or (pattern.startswith("*.") and host.endswith(pattern[1:])):
+            return True
+    return False
 
 
 BOT_PATHS = ("/healthz", "/readyz", "/metrics")

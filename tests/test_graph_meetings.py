@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -419,3 +420,67 @@ def test_meeting_needs_a_name() -> None:
     assert Meeting.thread("19:x@thread.v2", organizer="o1", tenant_id="t1").organizer == (
         Target.user("o1", tenant_id="t1")
     )
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        DOCS_JOIN_URL.replace("teams.microsoft.com", "teams.evil.example"),
+        DOCS_JOIN_URL.replace("teams.microsoft.com", "teams.microsoft.com.evil.example"),
+        DOCS_JOIN_URL.replace("teams.microsoft.com", "teams.microsoft.com@evil.example"),
+        DOCS_JOIN_URL.replace("https://", "http://"),
+        "https://evil.example/meet/2487612934?p=Xk3hQ9",
+        "https://nam06.safelinks.protection.outlook.com/?url="
+        + quote("https://evil.example/meet/2487612934", safe=""),
+        "teams.microsoft.com/meet/2487612934",
+    ],
+)
+def test_a_join_url_off_teams_is_refused_naming_its_host(url: str) -> None:
+    # A join URL pasted into a chat names its meeting by the path: another host is no Teams link.
+    with pytest.raises(ValueError, match=r"not a Teams join URL: (host|scheme) "):
+        parse_join_url(url)
+    with pytest.raises(ValueError, match="not a Teams join URL"):
+        Meeting.from_url(url)
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "teams.microsoft.com",
+        "TEAMS.Microsoft.com.",
+        "teams.cloud.microsoft",
+        "teams.live.com",
+        "gov.teams.microsoft.us",
+        "dod.teams.microsoft.us",
+        "teams.microsoftonline.cn",
+    ],
+)
+def test_join_urls_of_every_teams_cloud_are_read(host: str) -> None:
+    url = DOCS_JOIN_URL.replace("teams.microsoft.com", host)
+    assert parse_join_url(url) == parse_join_url(DOCS_JOIN_URL)
+    short = parse_join_url(f"https://{host}/meet/2487612934?p=Xk3hQ9")
+    assert (short.join_meeting_id, short.passcode) == ("2487612934", "Xk3hQ9")
+
+
+def test_a_join_url_of_another_host_is_read_when_its_host_is_listed() -> None:
+    url = DOCS_JOIN_URL.replace("teams.microsoft.com", "teams.contoso.example")
+    with pytest.raises(ValueError, match=re.escape("'teams.contoso.example'")):
+        parse_join_url(url)
+    for hosts in ({"teams.contoso.example"}, {"*.contoso.example"}):
+        assert parse_join_url(url, hosts=hosts) == parse_join_url(DOCS_JOIN_URL)
+        assert Meeting.from_url(url, hosts=hosts) == parse_join_url(DOCS_JOIN_URL)
+    # The list replaces Teams' own hosts; "*." matches subdomains, not the domain itself.
+    with pytest.raises(ValueError, match=re.escape("'teams.microsoft.com'")):
+        parse_join_url(DOCS_JOIN_URL, hosts={"teams.contoso.example"})
+    with pytest.raises(ValueError, match=re.escape("'contoso.example'")):
+        parse_join_url(url.replace("teams.contoso", "contoso"), hosts={"*.contoso.example"})
+
+
+async def test_join_meeting_refuses_a_join_url_off_teams_before_sending(
+    graph: FakeGraph, services: CallServices
+) -> None:
+    with pytest.raises(ValueError, match=re.escape("'teams.evil.example'")):
+        await services.join_meeting(
+            DOCS_JOIN_URL.replace("teams.microsoft.com", "teams.evil.example")
+        )
+    assert graph.requests_for("createCall") == []

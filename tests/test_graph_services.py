@@ -41,6 +41,7 @@ async def make_services(graph: FakeGraph) -> AsyncIterator[Callable[..., CallSer
 
 def test_public_names() -> None:
     assert set(callbot.graph.__all__) == {
+        "TEAMS_HOSTS",
         "AccessToken",
         "AsyncTokenCredential",
         "AudioRoutingGroups",

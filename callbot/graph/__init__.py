@@ -18,12 +18,13 @@ from ._credentials import (
     TokenCache,
 )
 from ._http import RetryPolicy
-from ._meetings import Meeting, parse_join_url
+from ._meetings import TEAMS_HOSTS, Meeting, parse_join_url
 from ._operations import Operation
 from ._services import CallServices
 from ._values import InvitationOptions, Target, media_info, media_prompt
 
 __all__ = [
+    "TEAMS_HOSTS",
     "AccessToken",
     "AsyncTokenCredential",
     "AudioRoutingGroups",

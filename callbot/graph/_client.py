@@ -17,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 from yarl import URL
 
 from .. import _journal
-from .._config import Settings
+from .._config import Settings, host_listed
 from .._errors import ConfigurationError, GraphError
 from .._log import RateLimitedLog
 from ._credentials import (
@@ -71,10 +71,8 @@ def recording_url_refusal(url: str, settings: Settings) -> str | None:
     if parts.scheme != "https":
         return f"scheme {parts.scheme or 'none'!r} is not https"
     host = (parts.hostname or "").lower().rstrip(".")
-    for allowed in settings.recording_hosts:
-        pattern = allowed.lower()
-        if host == pattern or (pattern.startswith("*.") and host.endswith(pattern[1:])):
-            return None
+    if host_listed(host, settings.recording_hosts):
+        return None
     return f"host {host!r} is not in recording_hosts (CALLBOT_RECORDING_HOSTS)"
 
 

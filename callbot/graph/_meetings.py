@@ -3,13 +3,28 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from .._config import host_listed
 from ._values import Target
 
-__all__ = ["Meeting", "parse_join_url"]
+__all__ = ["TEAMS_HOSTS", "Meeting", "parse_join_url"]
+
+TEAMS_HOSTS: frozenset[str] = frozenset(
+    {
+        "teams.microsoft.com",
+        "teams.cloud.microsoft",
+        "teams.live.com",
+        "gov.teams.microsoft.us",
+        "dod.teams.microsoft.us",
+        "teams.microsoftonline.cn",
+    }
+)
+"""The hosts Teams writes join URLs on: worldwide, its newer domain, personal Teams, the US
+government clouds (GCC High, DoD) and Teams operated by 21Vianet."""
 
 CHAT_INFO = "#microsoft.graph.chatInfo"
 ORGANIZER_MEETING_INFO = "#microsoft.graph.organizerMeetingInfo"
@@ -79,9 +94,9 @@ class Meeting:
         return cls(token=token, tenant_id=tenant_id)
 
     @classmethod
-    def from_url(cls, url: str) -> Meeting:
+    def from_url(cls, url: str, *, hosts: Collection[str] = TEAMS_HOSTS) -> Meeting:
         """The meeting a Teams join URL points to (see :func:`parse_join_url`)."""
-        return parse_join_url(url)
+        return parse_join_url(url, hosts=hosts)
 
     def chat_info_json(self) -> dict[str, Any] | None:
         """The call's ``chatInfo`` (``None`` for meetings named by id or token)."""
@@ -117,7 +132,7 @@ class Meeting:
         return body
 
 
-def parse_join_url(url: str) -> Meeting:
+def parse_join_url(url: str, *, hosts: Collection[str] = TEAMS_HOSTS) -> Meeting:
     """Turn a Teams meeting join URL into the :class:`Meeting` it names.
 
     ``https://teams.microsoft.com/l/meetup-join/{thread id}/{message id}?context={json}``
@@ -126,13 +141,24 @@ def parse_join_url(url: str) -> Meeting:
     reply chain's ``MessageId``. ``https://teams.microsoft.com/meet/{id}?p={passcode}``
     gives a join meeting id and passcode. Safe Links wrapping is removed.
 
-    Raises ``ValueError`` when the URL is neither form or lacks the tenant or organizer.
+    The URL must be ``https`` on one of ``hosts``: Teams' own (:data:`TEAMS_HOSTS`) unless
+    given (``*.example.com`` matches its subdomains), so that a link to another site, in a
+    chat message say, is not taken for a meeting.
+
+    Raises ``ValueError`` when the URL is neither form, is on another host, or lacks the
+    tenant or organizer.
     """
     parts = urlsplit(url.strip())
     query = parse_qs(parts.query)
     host = (parts.hostname or "").lower()
     if host.endswith("safelinks.protection.outlook.com") and query.get("url"):
-        return parse_join_url(query["url"][0])
+        return parse_join_url(query["url"][0], hosts=hosts)
+    # The meeting is named by the path alone: the host is what says the link is Teams'.
+    if parts.scheme.lower() != "https":
+        raise ValueError(f"not a Teams join URL: scheme {parts.scheme!r} is not https: {url!r}")
+    if not host_listed(host, hosts):
+        listed = ", ".join(sorted(hosts))
+        raise ValueError(f"not a Teams join URL: host {host!r} is not one of {listed}: {url!r}")
     segments = [s for s in parts.path.split("/") if s]
     lowered = [s.lower() for s in segments]
     if "meetup-join" in lowered:
