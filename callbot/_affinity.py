@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 from . import events
 from ._callables import handler_name
+from ._config import https_problem
 from ._log import get_logger
 
 __all__ = ["REDIRECT_OUTCOMES", "DeploymentChooser", "RegionAffinity", "location_problem"]
@@ -37,13 +38,11 @@ REDIRECT_OUTCOMES: Final = ("redirected", "bad_location", "chooser_failed")
 a 302, or run here because its answer was not a usable URL or it raised."""
 
 MAX_LOCATION_LENGTH: Final = 2048
-# Plain http reaches only this machine: for tests and the local demo, never across a network.
-_LOOPBACK_HOSTS: Final = frozenset({"127.0.0.1", "localhost"})
 
 
 def location_problem(value: object) -> str | None:
     """Why ``value`` cannot be sent as a 302's ``Location``, or ``None`` when it can: an
-    absolute ``https`` URL (``http`` only for 127.0.0.1 or localhost), printable ASCII
+    absolute ``https`` URL (``http`` only for 127.0.0.1, localhost or ::1), printable ASCII
     only (no CR, LF or space that would end or split the header), no credentials, no
     fragment."""
     if not isinstance(value, str):
@@ -65,10 +64,7 @@ def location_problem(value: object) -> str | None:
         return "carries credentials"
     if "#" in value:
         return "has a fragment"
-    scheme = parts.scheme.lower()
-    if scheme == "https" or (scheme == "http" and parts.hostname in _LOOPBACK_HOSTS):
-        return None
-    return "not https (plain http only for 127.0.0.1 or localhost)"
+    return https_problem(value)
 
 
 def _endpoint(url: str) -> tuple[str, str, int | None, str, str]:

@@ -716,7 +716,7 @@ class CallBot:
         any other request (a later notification, or one carrying something else beside the
         incoming call) is accepted here, as is a call this deployment already knows. This
         bot's own callback URL means here. A URL that is not absolute ``https`` (plain
-        ``http`` only for 127.0.0.1 or localhost) or has a control character, and an
+        ``http`` only for 127.0.0.1, localhost or ::1) or has a control character, and an
         exception from ``chooser``, are logged (``deployment_choice_failed``) and the call
         runs here. ``callbot_redirects_total{outcome}`` counts them.
 

@@ -55,11 +55,15 @@ class Settings:
     their own (no ``//``, ``.`` or ``..``), without ``?``, ``#``, ``%``, ``{``, ``}`` or
     spaces, and none of ``/healthz``, ``/readyz``, ``/metrics``."""
     graph_url: str = DEFAULT_GRAPH_URL
-    """Root of the Graph API the bot calls (the simulator replaces it in tests)."""
+    """Root of the Graph API the bot calls (the simulator replaces it in tests): https, as the
+    app token goes with each request (plain http only to 127.0.0.1, localhost or ::1)."""
     authority_url: str = DEFAULT_AUTHORITY_URL
-    """Token authority; outbound tokens come from ``{authority}/{tenant}/oauth2/v2.0/token``."""
+    """Token authority; outbound tokens come from ``{authority}/{tenant}/oauth2/v2.0/token``:
+    https, as the client secret goes there (plain http only to 127.0.0.1, localhost or ::1)."""
     openid_config_url: str = DEFAULT_OPENID_CONFIG_URL
-    """The calling platform's OpenID configuration, where inbound tokens' signing keys are."""
+    """The calling platform's OpenID configuration, where inbound tokens' signing keys are:
+    https, as its keys decide which tokens are believed (plain http only to 127.0.0.1,
+    localhost or ::1)."""
     allowed_tenants: frozenset[str] = frozenset()
     """When not empty, only tokens whose ``tid`` is listed are accepted."""
     token_leeway: float = 60.0
@@ -193,6 +197,13 @@ class Settings:
                     "public_url must use https: Graph only calls back over TLS "
                     "(set CALLBOT_ALLOW_INSECURE_PUBLIC_URL=1 for a local simulator)"
                 )
+        # The app token, the client secret, and which tokens are believed travel to these.
+        for name in ("graph_url", "authority_url", "openid_config_url"):
+            problem = https_problem(getattr(self, name))
+            if problem is not None:
+                raise ConfigurationError(
+                    f"{name} {getattr(self, name)!r} {problem} (CALLBOT_{name.upper()})"
+                )
         for setting in dataclasses.fields(self):
             value = getattr(self, setting.name)
             # NaN passes every comparison below: a NaN leeway accepted any expired token.
@@ -309,6 +320,26 @@ class Settings:
             values[f.name] = _convert(f.name, str(f.type), raw)
         values.update(overrides)
         return cls(**values)
+
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+"""The hosts plain http may reach: this machine only, for tests and the local demo."""
+
+
+def https_problem(url: str) -> str | None:
+    """Why ``url`` is no absolute ``https`` URL (plain ``http`` only for :data:`LOOPBACK_HOSTS`),
+    or ``None`` when it is one."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError as exc:
+        return f"is not a URL ({exc})"
+    if not host:
+        return "is not an absolute URL (scheme://host/path)"
+    scheme = parts.scheme.lower()
+    if scheme == "https" or (scheme == "http" and host in LOOPBACK_HOSTS):
+        return None
+    return "is not https (plain http only for 127.0.0.1, localhost or ::1)"
 
 
 def host_listed(host: str, patterns: Iterable[str]) -> bool:

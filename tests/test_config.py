@@ -160,3 +160,30 @@ def test_a_keep_alive_interval_graph_would_not_wait_for_is_refused() -> None:
     with pytest.raises(ConfigurationError, match="45 minutes"):
         Settings(keep_alive_interval=45 * 60.0)
     assert Settings(keep_alive_interval=40 * 60.0).keep_alive_interval == 2400.0
+
+
+@pytest.mark.parametrize("name", ["graph_url", "authority_url", "openid_config_url"])
+def test_the_urls_tokens_and_keys_travel_to_must_be_https(name: str) -> None:
+    # Graph's gets the app token, the authority's the client secret, the OpenID
+    # configuration's decides which tokens are believed: over plain http, anyone's on the way.
+    env = "CALLBOT_" + name.upper()
+    for bad in (
+        "http://graph.microsoft.com/v1.0",
+        "HTTP://login.microsoftonline.com",
+        "http://127.0.0.2:8080",
+        "graph.microsoft.com/v1.0",
+        "ftp://graph.microsoft.com",
+        "https://",
+    ):
+        with pytest.raises(ConfigurationError, match=f"{name} .*{env}"):
+            Settings().replace(**{name: bad})
+        with pytest.raises(ConfigurationError, match=env):
+            Settings.from_env({env: bad})
+    for good in (
+        "https://graph.microsoft.us/v1.0",
+        "https://127.0.0.2:8443",
+        "http://127.0.0.1:8080/v1.0",
+        "http://localhost:8080",
+        "http://[::1]:8080",
+    ):
+        assert getattr(Settings().replace(**{name: good}), name) == good

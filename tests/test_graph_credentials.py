@@ -197,6 +197,14 @@ def test_certificate_file_problems_are_configuration_errors(tmp_path: Path) -> N
         ClientSecretCredential("", APP_ID, "s")
 
 
+def test_the_client_secret_never_travels_over_plain_http_off_this_machine() -> None:
+    # 127.0.0.2 stands for a host across a network: the form would be anyone's on the way.
+    for authority in ("http://127.0.0.2:8080", "http://login.microsoftonline.com", "login"):
+        with pytest.raises(ConfigurationError, match=r"authority_url .* not"):
+            ClientSecretCredential("t", APP_ID, "secret", authority_url=authority)
+    assert ClientSecretCredential("t", APP_ID, "s", authority_url="http://127.0.0.1:1").token_url
+
+
 @dataclass
 class _Token:
     token: str

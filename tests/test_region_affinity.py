@@ -478,6 +478,7 @@ def test_a_location_carries_nothing_but_the_url() -> None:
     """The checks that keep a header from being split, whatever the chooser returned."""
     assert location_problem(EU) is None
     assert location_problem("http://127.0.0.1/api/calls") is None
+    assert location_problem("http://[::1]:8080/api/calls") is None  # this machine too
     for control in ("\r", "\n", "\0", "\t", "\x7f", " "):
         assert location_problem(EU + control + "x") is not None, repr(control)
     assert location_problem(json.dumps(EU)) is not None  # quotes: not a URL

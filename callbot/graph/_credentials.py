@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from .._clock import loop_time
-from .._config import DEFAULT_AUTHORITY_URL
+from .._config import DEFAULT_AUTHORITY_URL, https_problem
 from .._errors import ConfigurationError, GraphError
 from ._http import RetryPolicy, connection_trace, error_from, send
 
@@ -104,6 +104,10 @@ class _ClientCredentialsFlow(abc.ABC):
             raise ConfigurationError("tenant_id is required for an app-only token")
         if not client_id:
             raise ConfigurationError("client_id (the app id) is required for an app-only token")
+        # The client secret or assertion travels to it.
+        problem = https_problem(authority_url)
+        if problem is not None:
+            raise ConfigurationError(f"authority_url {authority_url!r} {problem}")
         self.tenant_id = tenant_id
         self.client_id = client_id
         self.token_url = f"{authority_url.rstrip('/')}/{tenant_id}/oauth2/v2.0/token"
