@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey, RSAPubl
 from jwt.algorithms import RSAAlgorithm
 
 from ._clock import loop_time
+from ._config import https_problem
 from ._errors import AuthenticationError, KeysUnavailable
 from ._ids import quoted, tenant_key
 
@@ -577,7 +578,16 @@ class Authenticator:
 
     @staticmethod
     async def _get_json(session: aiohttp.ClientSession, url: str) -> Any:
+        # Keys over plain http are whoever's on the way: so is the jwks_uri a document names,
+        # and each redirect followed to the answer.
+        problem = https_problem(url)
+        if problem is not None:
+            raise ValueError(f"{url} {problem}")
         async with session.get(url, headers={"Accept": "application/json"}) as response:
+            for hop in (*response.history, response):
+                problem = https_problem(str(hop.url))
+                if problem is not None:
+                    raise ValueError(f"{url} was redirected to {hop.url}, which {problem}")
             response.raise_for_status()
             chunks: list[bytes] = []
             size = 0

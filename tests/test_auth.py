@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
+from aiohttp import web
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
@@ -22,6 +23,8 @@ from callbot import _auth
 from callbot._auth import MAX_KEY_WAITERS, Authenticator
 from callbot._errors import AuthenticationError, KeysUnavailable
 from callbot.testing import TEST_TENANT_ID, TokenAuthority
+
+from .conftest import plain_server
 
 APP_ID = "2c9d7e31-58a4-4f0b-b6e2-7a1c3d5f9e08"
 OTHER_TENANT = "9a8b7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d"
@@ -552,3 +555,39 @@ async def test_cached_token_past_exp_is_expired(
     monkeypatch.setattr(_auth, "time", later)
     assert await reason_of(auth, bearer(token)) == "expired"
     assert len(check_calls) == 1
+
+
+async def test_keys_are_taken_over_https_or_from_this_machine_only(
+    make_auth: MakeAuth, authority: TokenAuthority
+) -> None:
+    # 127.0.0.2 stands for a host across a network: what it answers over plain http,
+    # anyone on the way could have answered, and it decides which tokens are believed.
+    remote = TokenAuthority()
+    await remote.start(host="127.0.0.2")
+    remote_keys = remote.base_url + "/v1/keys"
+
+    async def naming_remote_keys(request: web.Request) -> web.Response:
+        return web.json_response({"issuer": remote.issuer, "jwks_uri": remote_keys})
+
+    async def redirected(request: web.Request) -> web.Response:
+        if request.path.endswith("config"):  # keys on this machine, at first sight
+            return web.json_response({"jwks_uri": f"{request.url.origin()}{request.path}-keys"})
+        if request.path.startswith("/local"):
+            raise web.HTTPFound(authority.base_url + "/v1/keys")
+        raise web.HTTPFound(remote_keys)
+
+    try:
+        async with plain_server(naming_remote_keys) as naming, plain_server(redirected) as hops:
+            for url in (remote.openid_config_url, naming + "/config", hops + "/config"):
+                # Refused before asking it, but for the redirect (its answer not believed).
+                assert remote.jwks_fetches == 0
+                auth = await make_auth(openid_config_url=url)
+                assert not auth.ready, url
+                with pytest.raises(KeysUnavailable):
+                    await auth.verify(bearer(remote.mint(audience=APP_ID)))
+                await auth.close()
+            # A redirect that stays on https, or on this machine, is followed.
+            auth = await make_auth(openid_config_url=hops + "/local-config")
+            assert (await auth.verify(bearer(authority.mint(audience=APP_ID)))).tenant_id
+    finally:
+        await remote.close()
