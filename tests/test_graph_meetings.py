@@ -484,3 +484,20 @@ async def test_join_meeting_refuses_a_join_url_off_teams_before_sending(
             DOCS_JOIN_URL.replace("teams.microsoft.com", "teams.evil.example")
         )
     assert graph.requests_for("createCall") == []
+
+
+def test_a_join_url_wrapped_in_safe_links_again_and_again_is_refused() -> None:
+    wrapped = DOCS_JOIN_URL
+    for _ in range(4):  # as many as are unwrapped
+        wrapped = "https://nam06.safelinks.protection.outlook.com/?url=" + quote(wrapped, safe="")
+    assert parse_join_url(wrapped) == parse_join_url(DOCS_JOIN_URL)
+    wrapped = "https://nam06.safelinks.protection.outlook.com/?url=" + quote(wrapped, safe="")
+    with pytest.raises(ValueError, match="wrapped in Safe Links more than 4 times"):
+        parse_join_url(wrapped)
+    # 1,000 wrappings left unescaped fit in 48 KB: unwrapped one call deeper each, the
+    # stack ran out (RecursionError, not the ValueError a caller catches).
+    unescaped = "https://teams.microsoft.com/meet/2487612934"
+    for _ in range(1000):
+        unescaped = "https://a.safelinks.protection.outlook.com/?url=" + unescaped
+    with pytest.raises(ValueError, match="wrapped in Safe Links"):
+        parse_join_url(unescaped)

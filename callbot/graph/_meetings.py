@@ -26,6 +26,10 @@ TEAMS_HOSTS: frozenset[str] = frozenset(
 """The hosts Teams writes join URLs on: worldwide, its newer domain, personal Teams, the US
 government clouds (GCC High, DoD) and Teams operated by 21Vianet."""
 
+MAX_SAFE_LINKS_WRAPPINGS = 4
+"""Safe Links wrappings a join URL may be in (a mail forwarded on is wrapped again): one in
+more is refused, not unwrapped until the stack runs out."""
+
 CHAT_INFO = "#microsoft.graph.chatInfo"
 ORGANIZER_MEETING_INFO = "#microsoft.graph.organizerMeetingInfo"
 JOIN_MEETING_ID_MEETING_INFO = "#microsoft.graph.joinMeetingIdMeetingInfo"
@@ -148,11 +152,19 @@ def parse_join_url(url: str, *, hosts: Collection[str] = TEAMS_HOSTS) -> Meeting
     Raises ``ValueError`` when the URL is neither form, is on another host, or lacks the
     tenant or organizer.
     """
-    parts = urlsplit(url.strip())
-    query = parse_qs(parts.query)
-    host = (parts.hostname or "").lower()
-    if host.endswith("safelinks.protection.outlook.com") and query.get("url"):
-        return parse_join_url(query["url"][0], hosts=hosts)
+    link = url
+    for _ in range(MAX_SAFE_LINKS_WRAPPINGS + 1):
+        parts = urlsplit(link.strip())
+        query = parse_qs(parts.query)
+        host = (parts.hostname or "").lower()
+        if not (host.endswith("safelinks.protection.outlook.com") and query.get("url")):
+            break
+        link = query["url"][0]
+    else:
+        raise ValueError(
+            f"not a Teams join URL: wrapped in Safe Links more than {MAX_SAFE_LINKS_WRAPPINGS} "
+            f"times: {url[:200]!r}"
+        )
     # The meeting is named by the path alone: the host is what says the link is Teams'.
     if parts.scheme.lower() != "https":
         raise ValueError(f"not a Teams join URL: scheme {parts.scheme!r} is not https: {url!r}")
