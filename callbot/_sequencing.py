@@ -36,7 +36,7 @@ import bisect
 import hashlib
 import json
 from collections import Counter, deque
-from collections.abc import Callable, Container, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeGuard, TypeVar
 
@@ -47,7 +47,7 @@ from . import events
 from ._config import Settings
 from ._counts import Counts
 from ._errors import MalformedNotification
-from ._ids import clipped, id_key
+from ._ids import MAX_ID_LENGTH, clipped, id_key
 from ._journal import Attempt
 from ._lifecycle import CallLife, Lifecycle, phase_of_state
 from ._log import RateLimitedLog, get_logger
@@ -505,6 +505,10 @@ class CallRecord:
     snapshot: CallResource | None = None
     roster: dict[str, Participant] = field(default_factory=dict)
     roster_sequence: int | None = None
+    roster_changed: dict[str, int] = field(default_factory=dict)
+    """The ``sequenceNumber`` of the latest delta roster that changed each participant, by key,
+    the latest last (those who left too, at most :data:`SEEN_DIGESTS` of them): a delta that
+    arrives after a later one still tells its news of whoever has not changed since."""
     seen: deque[bytes] = field(default_factory=lambda: deque(maxlen=SEEN_DIGESTS))
     latest: dict[str, bytes] = field(default_factory=dict)
     """The digest of the call's latest roster and latest content-sharing notification."""
@@ -1229,6 +1233,7 @@ class Sequencer:
             # record lingers only to drop stragglers, and the collector need not walk the rest.
             record.snapshot, record.snapshot_bytes = None, 0
             record.roster, record.roster_sizes, record.roster_bytes = {}, {}, 0
+            record.roster_changed = {}
             stranded, record.held, record.waiting_tones = record.held, [], []
             for straggler in stranded:
                 record.held_bytes -= record.held_sizes.pop(id(straggler))
@@ -1299,17 +1304,24 @@ class Sequencer:
         self, record: CallRecord, event: events.ParticipantsUpdated
     ) -> events.ParticipantsUpdated | None:
         sequence = event.sequence_number
-        if sequence is not None and (
+        options = record.snapshot.call_options if record.snapshot is not None else None
+        delta = event.delta or bool(options is not None and options.is_delta_roster_enabled)
+        late = sequence is not None and (
             record.roster_sequence is not None and sequence <= record.roster_sequence
-        ):
+        )
+        if late and not delta:
             self._drop(event, "stale", roster_sequence=sequence)
             return None
         old, sizes = record.roster, record.roster_sizes
         participants = event.participants
         # Each participant's key, and where it is listed (the last place, if listed twice).
         incoming = {_participant_key(p, i): i for i, p in enumerate(participants)}
-        options = record.snapshot.call_options if record.snapshot is not None else None
-        delta = event.delta or bool(options is not None and options.is_delta_roster_enabled)
+        changed = record.roster_changed
+        if sequence is not None and delta and changed:
+            # A delta names only who changed: a later one told nothing of the others.
+            incoming = {
+                k: i for k, i in incoming.items() if changed.get(k, sequence - 1) < sequence
+            }
         removed = delta and event.change_type == "deleted"
         joined: list[Participant] = []
         left: list[Participant] = []
@@ -1346,13 +1358,16 @@ class Sequencer:
                 new_sizes[key] = entry_size(key, entries[index])
             else:  # an event built otherwise than from Graph's item
                 new_sizes[key] = len(key) + _model_size(participant)
+        if late and not (joined or left or updated):
+            self._drop(event, "stale", roster_sequence=sequence)
+            return None
         if len(new) > self._max_roster and len(new) > len(old):
             # Deltas naming new ids each time would grow the call's record for ever.
             self._drop(event, "roster_full", participants=len(new), limit=self._max_roster)
             return None
         if not delta:
             left.extend(p for key, p in old.items() if key not in incoming and key not in renamed)
-        if sequence is not None:
+        if sequence is not None and not late:
             record.roster_sequence = sequence
         size = sum(new_sizes.values())
         if size > self._max_roster_bytes and size > record.roster_bytes:
@@ -1360,6 +1375,8 @@ class Sequencer:
             self._not_kept(record, "roster", size, self._max_roster_bytes)
         else:
             record.roster, record.roster_sizes, record.roster_bytes = new, new_sizes, size
+            if delta and sequence is not None:
+                _note_changed(changed, incoming, sequence, len(new))
         return _copied(event, {"joined": joined, "left": left, "updated": updated})
 
     def _drop(self, event: events.Event, reason: str, **details: Any) -> None:
@@ -1373,6 +1390,20 @@ class Sequencer:
             kind=type(event).__name__,
             **details,
         )
+
+
+def _note_changed(
+    changed: dict[str, int], keys: Iterable[str], sequence: int, members: int
+) -> None:
+    """Note that the delta numbered ``sequence`` changed the participants keyed ``keys``, in a
+    roster now of ``members``: at most :data:`SEEN_DIGESTS` more are kept (who left, or
+    changed longest ago, goes first), and no key longer than an id may be."""
+    for key in keys:
+        if len(key) <= MAX_ID_LENGTH:
+            changed.pop(key, None)
+            changed[key] = sequence
+    while len(changed) > members + SEEN_DIGESTS:
+        del changed[next(iter(changed))]
 
 
 def backlog_full(entries: int, size: int) -> bool:

@@ -972,6 +972,52 @@ async def test_only_someone_in_the_roster_can_leave_it() -> None:
     seq.close()
 
 
+async def test_a_delta_that_comes_after_a_later_one_still_tells_who_it_names() -> None:
+    # Each delta names only who changed: a later one does not carry an earlier one's news.
+    sink = Sink()
+    seq = sink.sequencer()
+    ann, bob, cat = (b.participant(n, display_name=n.title()) for n in ("ann", "bob", "cat"))
+    for item in (
+        b.delta_roster("c", [ann], sequence_number=1, change_type="created"),
+        b.delta_roster("c", [cat], sequence_number=3, change_type="created"),
+        b.delta_roster("c", [bob], sequence_number=2, change_type="created"),  # late: bob joined
+        b.delta_roster("c", [bob], sequence_number=5, change_type="deleted"),
+        b.delta_roster("c", [cat], sequence_number=4, change_type="deleted"),  # late: cat left
+    ):
+        seq.accept(one(item))
+    assert [(names(r.joined), names(r.left)) for r in rosters(sink)] == [
+        (["Ann"], []),
+        (["Cat"], []),
+        (["Bob"], []),
+        ([], ["Bob"]),
+        ([], ["Cat"]),
+    ]
+    assert sorted(sink.deliveries[-1].roster) == ["ann"]
+    assert seq.counts["stale"] == 0
+    seq.close()
+
+
+async def test_a_late_delta_does_not_undo_a_later_change_of_whom_it_names() -> None:
+    sink = Sink()
+    seq = sink.sequencer()
+    ann = b.participant("ann", display_name="Ann")
+    for item in (
+        b.delta_roster("c", [ann], sequence_number=1, change_type="created"),
+        b.delta_roster("c", [ann], sequence_number=3, change_type="deleted"),
+        # Older news of ann, and a copy of the first: she has left since.
+        b.delta_roster("c", [b.participant("ann", muted=True)], sequence_number=2),
+        b.delta_roster("c", [ann], sequence_number=1, change_type="created"),
+    ):
+        seq.accept(one(item))
+    assert [(names(r.joined), names(r.left)) for r in rosters(sink)] == [
+        (["Ann"], []),
+        ([], ["Ann"]),
+    ]
+    assert sink.deliveries[-1].roster == {}
+    assert seq.counts["stale"] == 2
+    seq.close()
+
+
 async def test_a_notification_about_one_participant_is_not_the_whole_roster() -> None:
     sink = Sink()
     seq = sink.sequencer()

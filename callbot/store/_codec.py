@@ -192,6 +192,8 @@ def encode_record(record: CallRecord) -> str:
         "seen": [digest.hex() for digest in record.seen],
         "operations": record.operations,
     }
+    if record.roster_changed:
+        head["roster_changed"] = record.roster_changed  # only a call with delta rosters has it
     if record.told_full:
         head["told_full"] = True  # the call's call_record_full line is not written again
     # Models serialize themselves (faster than going through Python dicts).
@@ -240,7 +242,8 @@ def decode_record(text: str) -> CallRecord | None:
         latest={kind: bytes.fromhex(digest) for kind, digest in _latest(body).items()},
     )
     record.seen.extend(bytes.fromhex(digest) for digest in body.get("seen") or ())
-    record.operations = _operations(body.get("operations"))
+    record.operations = _numbers_by_key(body.get("operations"))
+    record.roster_changed = _numbers_by_key(body.get("roster_changed"))
     return record
 
 
@@ -273,9 +276,10 @@ def _number(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _operations(stored: Any) -> dict[str, int]:
-    """How far the call's latest operations got; none for a record written before it was
-    kept (an operation's progress after its outcome then goes as before)."""
+def _numbers_by_key(stored: Any) -> dict[str, int]:
+    """A number by key, in the order kept (how far each operation got, the delta roster that
+    last changed each participant); none for a record written before it was kept (an
+    operation's progress after its outcome, or a late delta, then goes as before)."""
     if not isinstance(stored, dict):
         return {}
     return {str(key): step for key, step in stored.items() if _number(step) is not None}
