@@ -19,6 +19,8 @@ bot = CallBot.from_env()
 
 attendance: dict[str, list[tuple[str, str]]] = {}
 """Per call (by ``call.key``): ``("joined" | "left", name)`` in the order it happened."""
+inside: dict[str, set[str]] = {}
+"""Per call (by ``call.key``): the participant ids of the people logged as joined."""
 left_a_meeting = asyncio.Event()
 """Set when the bot is out of a meeting (``main`` stops then)."""
 
@@ -51,19 +53,28 @@ def name_of(participant: models.Participant) -> str:
     return participant.id or "someone"
 
 
+def is_in(participant: models.Participant) -> bool:
+    """Whether a participant is a person in the meeting: no bot, nor waiting in its lobby."""
+    return not is_bot(participant) and not participant.is_in_lobby
+
+
 @bot.on_participants
 async def roster_changed(call: Call, event: events.ParticipantsUpdated) -> None:
     """Log joins and departures; hang up once the last person has left."""
     record = attendance.setdefault(call.key, [])
-    for participant in event.joined:
-        if not is_bot(participant):
+    here = inside.setdefault(call.key, set())
+    # Someone let in from the lobby keeps their participant id: an update, not a join.
+    for participant in [*event.joined, *event.updated]:
+        if is_in(participant) and participant.id and participant.id not in here:
+            here.add(participant.id)
             record.append(("joined", name_of(participant)))
             log.info("participant_joined", call_id=call.id, name=name_of(participant))
     for participant in event.left:
-        if not is_bot(participant):
+        if participant.id in here:
+            here.discard(participant.id)
             record.append(("left", name_of(participant)))
             log.info("participant_left", call_id=call.id, name=name_of(participant))
-    people = [p for p in call.roster.values() if not is_bot(p)]
+    people = [p for p in call.roster.values() if is_in(p)]
     if event.left and not people and not call.ended:
         log.info("leaving_empty_meeting", call_id=call.id)
         try:

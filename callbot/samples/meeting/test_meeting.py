@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from callbot import CallBot
-from callbot.testing import Simulator
+from callbot.testing import Simulator, builders
 
 from . import bot as meeting
 
@@ -57,3 +57,42 @@ async def test_stays_while_someone_is_there(sim: Simulator) -> None:
     assert ("left", "Lee Gu") in meeting.attendance[call.key]
     await in_meeting.hangup(message="The meeting ended.")
     assert not sim.requests_for("deleteCall")
+
+
+async def test_someone_waiting_in_the_lobby_is_not_in_the_meeting(sim: Simulator) -> None:
+    call = await meeting.join(JOIN_URL)
+    in_meeting = await sim.wait_for_outgoing_call()
+    await in_meeting.wait_for_state("established")
+    waiting = builders.participant("guest-1", display_name="Kim Guest", kind="guest", in_lobby=True)
+    await in_meeting.notify(builders.roster(in_meeting.id, [*in_meeting.roster.values(), waiting]))
+    await in_meeting.settled()
+    assert ("joined", "Kim Guest") not in meeting.attendance[call.key]
+    # Only the organizer or a presenter lets someone in: with the last person gone, so is the bot.
+    await in_meeting.leave("Megan Bowen")
+    assert await sim.wait_for_request("deleteCall")
+    assert meeting.attendance[call.key] == [("joined", "Megan Bowen"), ("left", "Megan Bowen")]
+
+
+async def test_someone_let_in_from_the_lobby_joins_then(sim: Simulator) -> None:
+    call = await meeting.join(JOIN_URL)
+    in_meeting = await sim.wait_for_outgoing_call()
+    await in_meeting.wait_for_state("established")
+    waiting = builders.participant("guest-1", display_name="Kim Guest", kind="guest", in_lobby=True)
+    await in_meeting.notify(builders.roster(in_meeting.id, [*in_meeting.roster.values(), waiting]))
+    await in_meeting.join("Lee Gu")
+    others = [p for p in in_meeting.roster.values() if p.id != waiting.id]
+    let_in = waiting.model_copy(update={"is_in_lobby": False})
+    await in_meeting.notify(builders.roster(in_meeting.id, [*others, let_in]))
+    muted = let_in.model_copy(update={"is_muted": True})  # a change, not a second join
+    await in_meeting.notify(builders.roster(in_meeting.id, [*others, muted]))
+    await in_meeting.leave("Megan Bowen")
+    await in_meeting.leave("Lee Gu")
+    await in_meeting.settled()
+    assert not sim.requests_for("deleteCall")  # Kim is in
+    assert meeting.attendance[call.key] == [
+        ("joined", "Megan Bowen"),
+        ("joined", "Lee Gu"),
+        ("joined", "Kim Guest"),
+        ("left", "Megan Bowen"),
+        ("left", "Lee Gu"),
+    ]
