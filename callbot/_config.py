@@ -101,9 +101,10 @@ class Settings:
     """Notification items one callback may carry; more is refused (413) before parsing them."""
     max_roster_size: int = 5_000
     """Participants a call's roster holds at most: a request listing more (in one item or
-    in all) is refused (413) before parsing them, and a change that would grow a roster
-    past it is dropped. A roster keeps at most 4 KiB of JSON per participant it may hold
-    (a Teams participant takes about 2.2 KB): a change past that is delivered, not kept."""
+    in all) is refused (413) before parsing them, and who would join a roster past it is
+    left out of it (and of ``joined``; who left or changed is still told). A roster keeps at
+    most 4 KiB of JSON per participant it may hold (a Teams participant takes about 2.2 KB):
+    a change past that is delivered, not kept."""
     header_timeout: float = 10.0
     """How long a request's headers may take to arrive, from their first byte."""
     body_timeout: float = 30.0

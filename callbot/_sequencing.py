@@ -778,8 +778,8 @@ class Sequencer:
     ``accept`` is synchronous and never waits: the receiver calls it while the
     request is still open, so everything it accepts is queued before the 202.
     Each state a delivered event moves the call into is told to ``lifecycle``,
-    which decides whether it is new and when the call has ended; a roster change that
-    would grow a roster past ``max_roster`` participants is dropped (``roster_full``), one
+    which decides whether it is new and when the call has ended; who would join a roster
+    past ``max_roster`` participants is left out of it (``roster_full``), a roster change
     that would grow it past ``max_roster`` times :data:`ROSTER_BYTES_PER_PARTICIPANT` bytes,
     or a snapshot past :data:`MAX_SNAPSHOT_BYTES`, is delivered but not kept;
     ``on_operation`` is told at once when an operation notification is accepted
@@ -1324,6 +1324,7 @@ class Sequencer:
             }
         removed = delta and event.change_type == "deleted"
         joined: list[Participant] = []
+        joined_keys: list[str] = []
         left: list[Participant] = []
         updated: list[Participant] = []
         new, new_sizes = (dict(old), dict(sizes)) if delta else ({}, {})
@@ -1346,6 +1347,7 @@ class Sequencer:
             new[key] = participant
             if was is None:
                 joined.append(participant)
+                joined_keys.append(key)
             elif was != key or old[was] != participant:
                 updated.append(participant)
             elif was in sizes:
@@ -1362,9 +1364,27 @@ class Sequencer:
             self._drop(event, "stale", roster_sequence=sequence)
             return None
         if len(new) > self._max_roster and len(new) > len(old):
-            # Deltas naming new ids each time would grow the call's record for ever.
-            self._drop(event, "roster_full", participants=len(new), limit=self._max_roster)
-            return None
+            # Deltas naming new ids each time would grow the call's record for ever: who joins
+            # past the bound is left out, but who left or changed is news all the same.
+            out = len(new) - max(self._max_roster, len(old))
+            for key in joined_keys[len(joined_keys) - out :]:
+                del new[key]
+                new_sizes.pop(key, None)
+                incoming.pop(key, None)
+            del joined[len(joined) - out :]
+            if not (joined or left or updated):
+                self._drop(
+                    event, "roster_full", participants=len(new) + out, limit=self._max_roster
+                )
+                return None
+            self.counts["roster_full"] += 1
+            self._lines.info(
+                "roster_participants_left_out",
+                call_id=self.lifecycle.named(event.call_id),
+                reason="roster_full",
+                left_out=out,
+                limit=self._max_roster,
+            )
         if not delta:
             left.extend(p for key, p in old.items() if key not in incoming and key not in renamed)
         if sequence is not None and not late:

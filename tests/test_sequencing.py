@@ -1018,6 +1018,28 @@ async def test_a_late_delta_does_not_undo_a_later_change_of_whom_it_names() -> N
     seq.close()
 
 
+async def test_a_delta_past_the_roster_s_bound_still_tells_who_left_and_changed() -> None:
+    sink = Sink()
+    seq = Sequencer(sink.deliveries.append, Lifecycle(termination_grace=0.05), max_roster=2)
+    ann, bob, cat, dan = (
+        b.participant(n, display_name=n.title()) for n in ("ann", "bob", "cat", "dan")
+    )
+    seq.accept(one(b.delta_roster("c", [ann, bob], sequence_number=1, change_type="created")))
+    gone = b.participant("ann", display_name="Ann", removed_reason="left")
+    muted = b.participant("bob", display_name="Bob", muted=True)
+    # Ann leaves, Bob mutes, Cat and Dan join: only one of them fits.
+    seq.accept(one(b.delta_roster("c", [gone, muted, cat, dan], sequence_number=2)))
+    seq.accept(one(b.delta_roster("c", [bob, cat], sequence_number=3, change_type="deleted")))
+    assert [(names(r.joined), names(r.left), names(r.updated)) for r in rosters(sink)] == [
+        (["Ann", "Bob"], [], []),
+        (["Cat"], ["Ann"], ["Bob"]),
+        ([], ["Bob", "Cat"], []),
+    ]
+    assert sink.deliveries[-1].roster == {}
+    assert seq.counts["roster_full"] == 1
+    seq.close()
+
+
 async def test_a_notification_about_one_participant_is_not_the_whole_roster() -> None:
     sink = Sink()
     seq = sink.sequencer()
