@@ -398,6 +398,22 @@ def test_parse_other_url_shapes() -> None:
     }
 
 
+def test_parse_the_addresses_the_teams_web_client_shows() -> None:
+    # Opening a join link in a browser goes through the launcher page, whose ``url`` names the
+    # web client's address of the link, which has it after the ``#`` (Microsoft's samples
+    # take either).
+    link = DOCS_JOIN_URL.removeprefix("https://teams.microsoft.com")
+    web = "https://teams.microsoft.com/_#" + link + "&anon=true"
+    launcher = (
+        "https://teams.microsoft.com/dl/launcher/launcher.html?url="
+        + quote("/_#" + link + "&anon=true", safe="")
+        + "&type=meetup-join&deeplinkId=d1&directDl=true&msLaunch=true&enableMobilePage=true"
+    )
+    new_client = "https://teams.microsoft.com/v2/?meetingjoin=true#" + link
+    for url in (web, launcher, new_client):
+        assert parse_join_url(url) == parse_join_url(DOCS_JOIN_URL), url
+
+
 @pytest.mark.parametrize(
     "url",
     [
@@ -486,18 +502,33 @@ async def test_join_meeting_refuses_a_join_url_off_teams_before_sending(
     assert graph.requests_for("createCall") == []
 
 
+def test_a_browser_s_address_of_a_join_link_is_held_to_teams_hosts() -> None:
+    """The launcher page and the web client name the meeting in their query or fragment:
+    the page's own host is what is checked, and a launcher sending elsewhere is refused."""
+    page = "https://teams.evil.example/dl/launcher/launcher.html?url=" + quote(
+        "/_#/l/meetup-join/19%3ameeting_x%40thread.v2/0", safe=""
+    )
+    with pytest.raises(ValueError, match=re.escape("'teams.evil.example'")):
+        parse_join_url(page)
+    away = "https://teams.microsoft.com/dl/launcher/launcher.html?url=" + quote(
+        DOCS_JOIN_URL.replace("teams.microsoft.com", "teams.evil.example"), safe=""
+    )
+    with pytest.raises(ValueError, match=re.escape("'teams.evil.example'")):
+        parse_join_url(away)
+
+
 def test_a_join_url_wrapped_in_safe_links_again_and_again_is_refused() -> None:
     wrapped = DOCS_JOIN_URL
     for _ in range(4):  # as many as are unwrapped
         wrapped = "https://nam06.safelinks.protection.outlook.com/?url=" + quote(wrapped, safe="")
     assert parse_join_url(wrapped) == parse_join_url(DOCS_JOIN_URL)
     wrapped = "https://nam06.safelinks.protection.outlook.com/?url=" + quote(wrapped, safe="")
-    with pytest.raises(ValueError, match="wrapped in Safe Links more than 4 times"):
+    with pytest.raises(ValueError, match="wrapped more than 4 times"):
         parse_join_url(wrapped)
     # 1,000 wrappings left unescaped fit in 48 KB: unwrapped one call deeper each, the
     # stack ran out (RecursionError, not the ValueError a caller catches).
     unescaped = "https://teams.microsoft.com/meet/2487612934"
     for _ in range(1000):
         unescaped = "https://a.safelinks.protection.outlook.com/?url=" + unescaped
-    with pytest.raises(ValueError, match="wrapped in Safe Links"):
+    with pytest.raises(ValueError, match="wrapped more than 4 times"):
         parse_join_url(unescaped)

@@ -6,7 +6,7 @@ import json
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urljoin, urlsplit
 
 from .._config import host_listed
 from ._values import Target
@@ -27,8 +27,8 @@ TEAMS_HOSTS: frozenset[str] = frozenset(
 government clouds (GCC High, DoD) and Teams operated by 21Vianet."""
 
 MAX_SAFE_LINKS_WRAPPINGS = 4
-"""Safe Links wrappings a join URL may be in (a mail forwarded on is wrapped again): one in
-more is refused, not unwrapped until the stack runs out."""
+"""Wrappings a join URL may be in (Safe Links, again for a mail forwarded on; the launcher
+page; the web client's address): one in more is refused, not unwrapped without end."""
 
 CHAT_INFO = "#microsoft.graph.chatInfo"
 ORGANIZER_MEETING_INFO = "#microsoft.graph.organizerMeetingInfo"
@@ -143,7 +143,8 @@ def parse_join_url(url: str, *, hosts: Collection[str] = TEAMS_HOSTS) -> Meeting
     gives the chat thread, the message id, and from the URL-encoded JSON context
     the tenant (``Tid``), the organizer (``Oid``) and, for channel meetings, the
     reply chain's ``MessageId``. ``https://teams.microsoft.com/meet/{id}?p={passcode}``
-    gives a join meeting id and passcode. Safe Links wrapping is removed.
+    gives a join meeting id and passcode. Safe Links wrapping is removed, and so is what
+    a browser shows of a join link (the launcher page's ``url``, the web client's ``#``).
 
     The URL must be ``https`` on one of ``hosts``: Teams' own (:data:`TEAMS_HOSTS`) unless
     given (``*.example.com`` matches its subdomains), so that a link to another site, in a
@@ -157,13 +158,20 @@ def parse_join_url(url: str, *, hosts: Collection[str] = TEAMS_HOSTS) -> Meeting
         parts = urlsplit(link.strip())
         query = parse_qs(parts.query)
         host = (parts.hostname or "").lower()
-        if not (host.endswith("safelinks.protection.outlook.com") and query.get("url")):
+        if host.endswith("safelinks.protection.outlook.com") and query.get("url"):
+            link = query["url"][0]
+        elif "meetup-join" in parts.fragment.lower():
+            # The web client's address of a join link has it after the ``#``.
+            link = f"{parts.scheme}://{parts.netloc}/{parts.fragment.lstrip('/')}"
+        elif parts.path.lower().endswith("/launcher.html") and query.get("url"):
+            # A join link opened in a browser goes through this page, which names it in ``url``.
+            link = urljoin(f"{parts.scheme}://{parts.netloc}/", query["url"][0])
+        else:
             break
-        link = query["url"][0]
     else:
         raise ValueError(
-            f"not a Teams join URL: wrapped in Safe Links more than {MAX_SAFE_LINKS_WRAPPINGS} "
-            f"times: {url[:200]!r}"
+            f"not a Teams join URL: wrapped more than {MAX_SAFE_LINKS_WRAPPINGS} times "
+            f"(Safe Links, the launcher page, the web client): {url[:200]!r}"
         )
     # The meeting is named by the path alone: the host is what says the link is Teams'.
     if parts.scheme.lower() != "https":
