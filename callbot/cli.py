@@ -137,3 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CallbotError as exc:
         print(f"callbot: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C where no bot serves (run's bot handles its own): the shell's status for it.
+        print("callbot: interrupted", file=sys.stderr)
+        return 130

@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -31,7 +32,7 @@ bot = CallBot.from_env()
 """
 
 
-def run_callbot(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+def callbot_environment(**env: str) -> dict[str, str]:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("CALLBOT_")}
     environ.update(
         {
@@ -41,13 +42,17 @@ def run_callbot(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProces
             **env,
         }
     )
+    return environ
+
+
+def run_callbot(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "callbot", *args],
         capture_output=True,
         text=True,
         timeout=60,
         cwd=cwd,
-        env=environ,
+        env=callbot_environment(**env),
         check=False,
     )
 
@@ -144,6 +149,42 @@ from callbot import CallBot
 
 bot = CallBot(app_id="x", host="0.0.0.0", port={port})
 """
+
+
+@pytest.fixture
+def closed_port() -> Iterator[int]:
+    """A port that refuses connections: bound, never listening."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        yield int(held.getsockname()[1])
+
+
+def test_ctrl_c_while_simulate_waits_for_the_bot_is_one_line(
+    tmp_path: Path, closed_port: int
+) -> None:
+    """Ctrl-C in a command that does not serve a bot (simulate, replay, demo, a bot module
+    still importing) was a KeyboardInterrupt traceback."""
+    url = f"http://127.0.0.1:{closed_port}/api/calls"
+    ports = ["--keys-port", "0", "--graph-port", "0"]
+    with subprocess.Popen(
+        [sys.executable, "-m", "callbot", "simulate", url, "dtmf", "--app-id", "x", *ports],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        env=callbot_environment(),
+    ) as process:
+        assert process.stderr is not None
+        said = [process.stderr.readline()]
+        while said[-1] and not said[-1].startswith("Waiting for the bot"):
+            said.append(process.stderr.readline())
+        assert said[-1], said
+        process.send_signal(signal.SIGINT)
+        rest = process.stderr.read()
+        status = process.wait(timeout=60)
+    assert status == 130
+    assert "Traceback" not in rest
+    assert rest.strip().splitlines()[-1] == "callbot: interrupted"
 
 
 def test_callbot_run_listens_where_the_environment_says_for_a_bot_built_in_code(
