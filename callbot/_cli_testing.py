@@ -8,6 +8,7 @@ import dataclasses
 import os
 import sys
 
+from ._arguments import port, seconds
 from ._diagram import SequenceDiagram
 from ._display import FORMATS, TrafficPrinter
 from ._errors import CallbotError
@@ -137,14 +138,14 @@ def _remote_options(parser: argparse.ArgumentParser) -> None:
         "--tenant-id", default=None, help="tenant of the tokens (CALLBOT_TENANT_ID)"
     )
     parser.add_argument(
-        "--keys-port", type=int, default=8765, help="port of the signing keys (default 8765)"
+        "--keys-port", type=port, default=8765, help="port of the signing keys (default 8765)"
     )
     parser.add_argument(
-        "--graph-port", type=int, default=8766, help="port of the simulated Graph (default 8766)"
+        "--graph-port", type=port, default=8766, help="port of the simulated Graph (default 8766)"
     )
     parser.add_argument(
         "--wait",
-        type=float,
+        type=seconds,
         default=30.0,
         help="seconds to wait for the bot to come up (default %(default)g)",
     )
@@ -163,7 +164,7 @@ def add_testing_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
         help=_FORMAT_HELP,
     )
     demo.add_argument(
-        "--pace", type=float, default=0.3, help="seconds each prompt plays (default 0.3)"
+        "--pace", type=seconds, default=0.3, help="seconds each prompt plays (default 0.3)"
     )
     demo.add_argument("--verbose", action="store_true", help="also show the bot's log on stderr")
     demo.add_argument(
@@ -190,20 +191,20 @@ def add_testing_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
     )
     simulate.add_argument(
         "--hold",
-        type=float,
+        type=seconds,
         default=1.0,
         help="seconds a call lasts before the far end hangs up, counted from its last key "
         "in dtmf (default %(default)g)",
     )
     simulate.add_argument(
         "--timeout",
-        type=float,
+        type=seconds,
         default=15.0,
         help="seconds to wait for the bot to act (default %(default)g)",
     )
     simulate.add_argument(
         "--prompt-seconds",
-        type=float,
+        type=seconds,
         default=1.0,
         help="seconds each prompt plays (default %(default)g)",
     )
@@ -228,20 +229,20 @@ def add_testing_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
     _remote_options(replay)
     replay.add_argument(
         "--speed",
-        type=float,
+        type=seconds,
         default=1.0,
         help="1 keeps the recorded pauses, 2 halves them, 0 posts without pausing "
         "(default %(default)g)",
     )
     replay.add_argument(
         "--max-gap",
-        type=float,
+        type=seconds,
         default=5.0,
         help="longest pause between batches, in seconds (default %(default)g)",
     )
     replay.add_argument(
         "--settle",
-        type=float,
+        type=seconds,
         default=1.0,
         help="at most this many seconds to let the bot start an operation whose outcome is "
         "next, and to let handlers finish at the end (default %(default)g)",

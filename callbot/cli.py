@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from ._arguments import port
 from ._cli_testing import add_testing_commands
 from ._config import _convert, listen_address
 from ._errors import CallbotError
@@ -110,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("target", help="MODULE:ATTR naming a CallBot (or a function returning one)")
     run.add_argument("--host", default=None, help="address to listen on (CALLBOT_HOST)")
     run.add_argument(
-        "--port", type=int, default=None, help="port to listen on, 0 for a free one (CALLBOT_PORT)"
+        "--port", type=port, default=None, help="port to listen on, 0 for a free one (CALLBOT_PORT)"
     )
     run.add_argument(
         "--tunnel",

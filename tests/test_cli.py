@@ -20,6 +20,7 @@ import structlog
 
 import callbot
 from callbot._log import configure_logging, context_variable
+from callbot.cli import build_parser
 
 BOT_MODULE = """
 import logging
@@ -440,3 +441,37 @@ def test_a_malformed_store_url_is_one_clear_line(tmp_path: Path, url: str) -> No
         "run", "mybot:bot", "--port", "0", cwd=tmp_path, CALLBOT_APP_ID="x", CALLBOT_STORE=url
     )
     assert_one_clear_line(result, "CALLBOT_STORE")
+
+
+URL = "http://127.0.0.1:8080/api/calls"
+
+
+@pytest.mark.parametrize(
+    ("command", "option", "value"),
+    [
+        (["run", "mybot:bot"], "--port", "-1"),
+        (["run", "mybot:bot"], "--port", "70000"),
+        (["simulate", URL, "dtmf"], "--keys-port", "65536"),
+        (["replay", "calls.jsonl", "--url", URL], "--graph-port", "-8766"),
+        (["demo"], "--pace", "-1"),
+        (["demo"], "--pace", "inf"),
+        (["simulate", URL, "dtmf"], "--wait", "nan"),
+        (["simulate", URL, "dtmf"], "--hold", "-1"),
+        (["simulate", URL, "dtmf"], "--timeout", "nan"),
+        (["simulate", URL, "dtmf"], "--prompt-seconds", "-0.5"),
+        (["replay", "calls.jsonl", "--bot", "mybot:bot"], "--speed", "-2"),
+        (["replay", "calls.jsonl", "--bot", "mybot:bot"], "--max-gap", "nan"),
+        (["replay", "calls.jsonl", "--bot", "mybot:bot"], "--settle", "-inf"),
+    ],
+)
+def test_a_port_or_a_duration_out_of_range_is_a_usage_error(
+    command: list[str], option: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A port past 65535 was an OverflowError traceback once the bot or the simulator
+    started; a negative or NaN number of seconds waited for ever, or not at all."""
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args([*command, f"{option}={value}"])
+    assert exited.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"argument {option}: " in last
+    assert value in last

@@ -1,0 +1,26 @@
+"""Types of the ``callbot`` command's options: a value out of range is a usage error
+naming the option, before anything starts."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+__all__ = ["port", "seconds"]
+
+
+def port(text: str) -> int:
+    """A TCP port to listen on, 0 (a free one) to 65535."""
+    value = int(text)  # argparse names the option: "invalid port value: 'x'"
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0 to 65535, got {text}")
+    return value
+
+
+def seconds(text: str) -> float:
+    """A duration: a finite number of seconds, 0 or more."""
+    value = float(text)
+    # NaN passes every comparison: a wait for NaN seconds never ends.
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"seconds are a number from 0 up, got {text}")
+    return value
