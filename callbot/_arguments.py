@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import argparse
 import math
+from urllib.parse import urlsplit
 
-__all__ = ["port", "seconds"]
+__all__ = ["callback_url", "port", "seconds"]
 
 
 def port(text: str) -> int:
@@ -24,3 +25,19 @@ def seconds(text: str) -> float:
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"seconds are a number from 0 up, got {text}")
     return value
+
+
+def callback_url(text: str) -> str:
+    """A bot's callback URL: http or https, a host, and a port if any that is one."""
+    parts = urlsplit(text)
+    try:
+        parts.port  # noqa: B018 - raises for a port that is not a number 0-65535
+    except ValueError:
+        fits = False
+    else:
+        fits = parts.scheme in ("http", "https") and bool(parts.hostname)
+    if not fits:
+        raise argparse.ArgumentTypeError(
+            f"expected the bot's callback URL, e.g. http://127.0.0.1:8080/api/calls, got {text!r}"
+        )
+    return text

@@ -8,7 +8,7 @@ import dataclasses
 import os
 import sys
 
-from ._arguments import port, seconds
+from ._arguments import callback_url, port, seconds
 from ._diagram import SequenceDiagram
 from ._display import FORMATS, TrafficPrinter
 from ._errors import CallbotError
@@ -177,7 +177,9 @@ def add_testing_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
         help="play a scripted call against a bot running elsewhere: callbot simulate URL SCENARIO",
     )
     simulate.add_argument(
-        "url", help="the bot's callback URL, e.g. http://127.0.0.1:8080/api/calls"
+        "url",
+        type=callback_url,
+        help="the bot's callback URL, e.g. http://127.0.0.1:8080/api/calls",
     )
     simulate.add_argument("scenario", choices=sorted(SCENARIOS), help="what happens in the call")
     _remote_options(simulate)
@@ -225,7 +227,7 @@ def add_testing_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
     replay.add_argument("file", help="a JSON-lines recording")
     target = replay.add_mutually_exclusive_group(required=True)
     target.add_argument("--bot", help="MODULE:ATTR of a bot to load and serve here")
-    target.add_argument("--url", help="callback URL of a bot running elsewhere")
+    target.add_argument("--url", type=callback_url, help="callback URL of a bot running elsewhere")
     _remote_options(replay)
     replay.add_argument(
         "--speed",

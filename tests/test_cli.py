@@ -475,3 +475,21 @@ def test_a_port_or_a_duration_out_of_range_is_a_usage_error(
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert f"argument {option}: " in last
     assert value in last
+
+
+@pytest.mark.parametrize(
+    "url", ["notaurl", "ftp://127.0.0.1/api/calls", "http:///api/calls", "http://127.0.0.1:99999/x"]
+)
+@pytest.mark.parametrize("before", [["simulate"], ["replay", "calls.jsonl", "--url"]])
+def test_a_callback_url_that_is_not_one_is_a_usage_error(
+    url: str, before: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A URL with no http(s) scheme or no host waited for a bot at ``:///readyz``; one with a
+    bad port was a ValueError traceback."""
+    after = ["dtmf"] if before == ["simulate"] else []
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args([*before, url, *after, "--app-id", "x"])
+    assert exited.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "http://127.0.0.1:8080/api/calls" in last  # what one looks like
+    assert repr(url) in last
