@@ -29,6 +29,7 @@ import aiohttp
 from ._bot import CallBot
 from ._config import Settings
 from ._display import TrafficPrinter
+from ._errors import CallbotError
 from ._ids import id_key
 from ._parse import path_of
 from ._recording import RecordedBatch, read_recording
@@ -64,6 +65,17 @@ class RemoteBot:
         # Named for its user too: in a shared temporary directory, others keep their own.
         owner = f"{os.getuid()}-" if hasattr(os, "getuid") else ""
         return Path(tempfile.gettempdir()) / f"callbot-simulator-{owner}{self.keys_port}.pem"
+
+
+async def _start(sim: Simulator, bot: RemoteBot) -> None:
+    """Start the simulator on its fixed ports: one already taken is the user's to change."""
+    try:
+        await sim.start()
+    except OSError as exc:
+        raise CallbotError(
+            f"the simulator cannot listen: {exc.strerror or exc} (choose free ports with "
+            f"--keys-port and --graph-port, now {bot.keys_port} and {bot.graph_port})"
+        ) from None
 
 
 def _show_setup(sim: Simulator, bot: RemoteBot, stream: TextIO) -> None:
@@ -145,7 +157,7 @@ async def simulate(
         observers=[printer],
         application_instance_id=bot.application_instance_id,
     )
-    await sim.start()
+    await _start(sim, bot)
     try:
         _show_setup(sim, bot, info)
         if not await _wait_for_bot(bot, info):
@@ -350,7 +362,7 @@ async def replay(
         drive=False,
         observers=[printer, *observers],
     )
-    await sim.start()
+    await _start(sim, remote)
     try:
         _show_setup(sim, remote, info)
         if not await _wait_for_bot(remote, info):

@@ -493,3 +493,17 @@ def test_a_callback_url_that_is_not_one_is_a_usage_error(
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert "http://127.0.0.1:8080/api/calls" in last  # what one looks like
     assert repr(url) in last
+
+
+@pytest.mark.parametrize("taken", ["--keys-port", "--graph-port"])
+def test_a_simulator_port_in_use_is_one_clear_line(
+    tmp_path: Path, busy_port: int, closed_port: int, taken: str
+) -> None:
+    ports = {"--keys-port": "0", "--graph-port": "0", taken: str(busy_port)}
+    url = f"http://127.0.0.1:{closed_port}/api/calls"
+    for command in (["simulate", url, "dtmf"], ["replay", "calls.jsonl", "--url", url]):
+        (tmp_path / "calls.jsonl").write_text('{"value": []}\n', encoding="utf-8")
+        options = [word for pair in ports.items() for word in pair]
+        result = run_callbot(*command, "--app-id", "x", *options, "--wait", "0", cwd=tmp_path)
+        assert_one_clear_line(result, f"{busy_port}): address already in use")
+        assert taken in result.stderr.strip().splitlines()[-1]
