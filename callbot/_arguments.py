@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from urllib.parse import urlsplit
 
-__all__ = ["callback_url", "port", "seconds"]
+__all__ = ["callback_url", "new_file", "port", "seconds"]
 
 
 def port(text: str) -> int:
@@ -40,4 +41,15 @@ def callback_url(text: str) -> str:
         raise argparse.ArgumentTypeError(
             f"expected the bot's callback URL, e.g. http://127.0.0.1:8080/api/calls, got {text!r}"
         )
+    return text
+
+
+def new_file(text: str) -> str:
+    """A file to write at the end of a run: checked first, so that no run is played for
+    nothing."""
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"cannot write {text}: it is a directory")
+    folder = os.path.dirname(text) or "."
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"cannot write {text}: no directory {folder}")
     return text

@@ -8,7 +8,7 @@ import dataclasses
 import os
 import sys
 
-from ._arguments import callback_url, port, seconds
+from ._arguments import callback_url, new_file, port, seconds
 from ._diagram import SequenceDiagram
 from ._display import FORMATS, TrafficPrinter
 from ._errors import CallbotError
@@ -25,8 +25,15 @@ def _demo(args: argparse.Namespace) -> int:
     diagram = SequenceDiagram() if args.diagram else None
     status = main(fmt=args.format, pace=args.pace, verbose=args.verbose, diagram=diagram)
     if diagram is not None:
-        diagram.write(args.diagram, "callbot demo")
+        _write(diagram, args.diagram, "callbot demo")
     return status
+
+
+def _write(diagram: SequenceDiagram, path: str, title: str) -> None:
+    try:
+        diagram.write(path, title)
+    except OSError as exc:
+        raise CallbotError(f"cannot write the diagram to {path}: {exc.strerror or exc}") from None
 
 
 def _log_to_stderr() -> None:
@@ -87,7 +94,7 @@ def _replay(args: argparse.Namespace) -> int:
     diagram = SequenceDiagram()
     status = _replay_into(args, printer, diagram)
     if args.diagram:
-        diagram.write(args.diagram, f"callbot replay {os.path.basename(args.file)}")
+        _write(diagram, args.diagram, f"callbot replay {os.path.basename(args.file)}")
     return status
 
 
@@ -168,7 +175,10 @@ def add_testing_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
     )
     demo.add_argument("--verbose", action="store_true", help="also show the bot's log on stderr")
     demo.add_argument(
-        "--diagram", metavar="FILE.md", help="also write the calls as Mermaid sequence diagrams"
+        "--diagram",
+        type=new_file,
+        metavar="FILE.md",
+        help="also write the calls as Mermaid sequence diagrams",
     )
     demo.set_defaults(func=_demo)
 
@@ -251,6 +261,9 @@ def add_testing_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
     )
     replay.add_argument("--format", choices=FORMATS, default="auto", help=_FORMAT_HELP)
     replay.add_argument(
-        "--diagram", metavar="FILE.md", help="also write the calls as Mermaid sequence diagrams"
+        "--diagram",
+        type=new_file,
+        metavar="FILE.md",
+        help="also write the calls as Mermaid sequence diagrams",
     )
     replay.set_defaults(func=_replay)

@@ -507,3 +507,26 @@ def test_a_simulator_port_in_use_is_one_clear_line(
         result = run_callbot(*command, "--app-id", "x", *options, "--wait", "0", cwd=tmp_path)
         assert_one_clear_line(result, f"{busy_port}): address already in use")
         assert taken in result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("command", [["demo"], ["replay", "calls.jsonl", "--bot", "mybot:bot"]])
+@pytest.mark.parametrize("where", [".", "no/such/folder/calls.md"])
+def test_a_diagram_that_cannot_be_written_there_is_refused_before_the_run(
+    command: list[str], where: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A folder, or a file in a folder that does not exist, was an IsADirectoryError or
+    FileNotFoundError traceback once every call had been played."""
+    target = str(tmp_path / where)
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args([*command, "--diagram", target])
+    assert exited.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"argument --diagram: cannot write {target}" in last
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full here")
+def test_a_diagram_that_fails_to_be_written_is_one_clear_line(tmp_path: Path) -> None:
+    result = run_callbot(
+        "demo", "--pace", "0", "--format", "json", "--diagram", "/dev/full", cwd=tmp_path
+    )
+    assert_one_clear_line(result, "cannot write the diagram to /dev/full: No space left on device")
