@@ -74,8 +74,19 @@ def write_sample(name: str, directory: str) -> list[Path]:
     if name not in SAMPLES:
         raise CallbotError(f"no sample {name!r}; samples: {', '.join(SAMPLES)}")
     target = Path(directory)
+    if target.exists() and not target.is_dir():
+        raise CallbotError(f"{directory} is a file: choose a new directory")
     if target.exists() and any(target.iterdir()):
         raise CallbotError(f"{directory} exists and is not empty: choose a new directory")
+    try:
+        return _copy_sample(name, target)
+    except OSError as exc:  # a parent that is a file, a read-only place
+        raise CallbotError(
+            f"cannot write the sample to {directory}: {exc.strerror or exc}"
+        ) from None
+
+
+def _copy_sample(name: str, target: Path) -> list[Path]:
     source = resources.files("callbot.samples").joinpath(name)
     target.mkdir(parents=True, exist_ok=True)
     written = []

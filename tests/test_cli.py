@@ -329,6 +329,22 @@ def test_sample_writes_a_sample_that_passes_its_tests(tmp_path: Path) -> None:
     assert_one_clear_line(again, "not empty")
 
 
+@pytest.mark.parametrize(
+    ("directory", "expected"),
+    [
+        ("notes.txt", "notes.txt is a file: choose a new directory"),
+        ("notes.txt/ivr", "Not a directory"),
+    ],
+)
+def test_sample_where_no_directory_can_be_is_one_clear_line(
+    tmp_path: Path, directory: str, expected: str
+) -> None:
+    (tmp_path / "notes.txt").write_text("mine\n", encoding="utf-8")
+    result = run_callbot("sample", "ivr", directory, cwd=tmp_path)
+    assert_one_clear_line(result, expected)
+    assert (tmp_path / "notes.txt").read_text(encoding="utf-8") == "mine\n"
+
+
 @pytest.mark.parametrize("name", ["ivr", "meeting", "notifier"])
 def test_sample_next_steps_name_the_command_its_readme_gives(tmp_path: Path, name: str) -> None:
     result = run_callbot("sample", name, "mine", cwd=tmp_path)
