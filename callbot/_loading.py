@@ -18,6 +18,13 @@ def load_bot(target: str) -> CallBot:
     module_name, _, attribute = target.partition(":")
     if not module_name:
         raise CallbotError(f"expected MODULE:ATTRIBUTE, got {target!r}")
+    if module_name.startswith(".") or module_name.endswith(".py") or "/" in module_name:
+        # A file's path, or a relative name, which importlib refuses with a TypeError.
+        name = module_name.rsplit("/", 1)[-1].removesuffix(".py").lstrip(".") or "bot"
+        raise CallbotError(
+            f"expected MODULE:ATTRIBUTE, got {target!r}: name the module as Python imports it, "
+            f"e.g. {name}:{attribute or 'bot'}, run from the folder holding {name}.py"
+        )
     if os.getcwd() not in sys.path:
         # A bot module next to where the command runs should import like a script.
         sys.path.insert(0, os.getcwd())

@@ -86,6 +86,17 @@ def test_a_handler_named_instead_of_the_bot(tmp_path: Path) -> None:
     assert_one_clear_line(result, "mybot:answer is an async function (a handler?)")
 
 
+@pytest.mark.parametrize(
+    "target", ["mybot.py:bot", "./mybot.py:bot", ".mybot:bot", "bots/mybot.py"]
+)
+def test_a_file_named_instead_of_a_module_says_which_module(tmp_path: Path, target: str) -> None:
+    """A relative name (``./mybot.py``, ``.mybot``) was a TypeError traceback from importlib."""
+    (tmp_path / "mybot.py").write_text(BOT_MODULE)
+    result = run_callbot("run", target, cwd=tmp_path, CALLBOT_APP_ID="x")
+    assert_one_clear_line(result, f"got {target!r}: name the module as Python imports it")
+    assert "mybot:bot" in result.stderr
+
+
 def test_a_missing_dependency_inside_the_bot_is_not_hidden(tmp_path: Path) -> None:
     (tmp_path / "brokenbot.py").write_text("import nosuchdependency\n")
     result = run_callbot("run", "brokenbot:bot", cwd=tmp_path, CALLBOT_APP_ID="x")
