@@ -252,6 +252,7 @@ class Settings:
             if getattr(self, name) <= 0:
                 raise ConfigurationError(f"{name} must be positive (CALLBOT_{name.upper()})")
         for name in (
+            "max_body_bytes",
             "max_items_per_request",
             "max_connections",
             "max_recording_bytes",
