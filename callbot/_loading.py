@@ -6,6 +6,7 @@ import importlib
 import inspect
 import os
 import sys
+from collections.abc import Callable
 
 from ._bot import CallBot
 from ._errors import CallbotError
@@ -48,7 +49,26 @@ def load_bot(target: str) -> CallBot:
             f"returning one: name the bot, e.g. {module_name}:bot"
         )
     if not isinstance(obj, CallBot) and callable(obj):
+        _check_takes_no_arguments(obj, target)
         obj = obj()
     if not isinstance(obj, CallBot):
         raise CallbotError(f"{target} is not a CallBot (got {type(obj).__name__})")
     return obj
+
+
+def _check_takes_no_arguments(factory: Callable[..., object], target: str) -> None:
+    """The command calls a factory with nothing: one that needs more is the user's mistake."""
+    try:
+        parameters = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (some builtins): just call it
+        return
+    required = [
+        p.name
+        for p in parameters
+        if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
+    if required:
+        raise CallbotError(
+            f"{target} takes arguments ({', '.join(required)}): name a CallBot, or a function "
+            "that returns one and takes none"
+        )

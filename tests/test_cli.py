@@ -97,6 +97,13 @@ def test_a_file_named_instead_of_a_module_says_which_module(tmp_path: Path, targ
     assert "mybot:bot" in result.stderr
 
 
+def test_a_function_that_needs_arguments_named_as_the_bot_is_one_clear_line(tmp_path: Path) -> None:
+    """It was a TypeError traceback from inside callbot, as if callbot had a bug."""
+    (tmp_path / "mybot.py").write_text(BOT_MODULE + "\n\ndef make(settings):\n    return bot\n")
+    result = run_callbot("run", "mybot:make", cwd=tmp_path, CALLBOT_APP_ID="x")
+    assert_one_clear_line(result, "mybot:make takes arguments (settings)")
+
+
 def test_a_missing_dependency_inside_the_bot_is_not_hidden(tmp_path: Path) -> None:
     (tmp_path / "brokenbot.py").write_text("import nosuchdependency\n")
     result = run_callbot("run", "brokenbot:bot", cwd=tmp_path, CALLBOT_APP_ID="x")
