@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import socket
 import sys
 from collections.abc import Mapping, Sequence
 from importlib import resources
@@ -43,9 +45,11 @@ def _run(args: argparse.Namespace) -> int:
         port = bot.settings.port if args.port is None else args.port
         # An IPv6 address is bracketed before its port, as in a URL: [::]:8080, not :::8080.
         shown = f"[{host}]" if ":" in host else host
+        # A name that does not resolve, or an address not this machine's: another port fails too.
+        bad_host = isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL
+        option = "--host or CALLBOT_HOST" if bad_host else "--port or CALLBOT_PORT"
         raise CallbotError(
-            f"cannot listen on {shown}:{port}: {exc.strerror or exc} "
-            "(choose another with --port or CALLBOT_PORT)"
+            f"cannot listen on {shown}:{port}: {exc.strerror or exc} (choose another with {option})"
         ) from None
     return 0
 

@@ -163,6 +163,16 @@ def test_a_port_in_use_on_every_address_names_it_as_a_url_would(tmp_path: Path) 
     assert_one_clear_line(result, f"cannot listen on [::]:{port}")
 
 
+def test_an_address_not_this_machines_names_the_host_option(tmp_path: Path) -> None:
+    """The hint said to choose another port, which would fail the same way."""
+    (tmp_path / "mybot.py").write_text(BOT_MODULE)
+    result = run_callbot(
+        "run", "mybot:bot", "--host", "192.0.2.1", cwd=tmp_path, CALLBOT_APP_ID="x"
+    )
+    assert_one_clear_line(result, "cannot listen on 192.0.2.1:8080: ")
+    assert result.stderr.strip().endswith("(choose another with --host or CALLBOT_HOST)")
+
+
 CODE_BOT_MODULE = """
 from callbot import CallBot
 
