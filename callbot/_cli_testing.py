@@ -88,6 +88,8 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _replay(args: argparse.Namespace) -> int:
+    if os.path.isdir(args.file):
+        raise CallbotError(f"cannot replay {args.file!r}: it is a directory, not a recording")
     if not os.path.isfile(args.file):
         raise CallbotError(f"cannot replay {args.file!r}: no such file")
     printer = TrafficPrinter(sys.stdout, fmt=args.format)

@@ -322,13 +322,14 @@ async def replay(
 ) -> int:
     """Post a recording's batches to a bot (loaded here, or served elsewhere); exit status.
 
-    ``observers`` see the traffic too (a :class:`~callbot._diagram.SequenceDiagram`).
+    ``observers`` see the traffic too (a :class:`~callbot._diagram.SequenceDiagram`). A
+    recording with a line that is not a notification, or none at all, raises CallbotError.
     """
     info = info or sys.stderr
     batches = list(read_recording(path))
     if not batches:
-        info.write(f"callbot: {path} holds no notifications\n")
-        return 1
+        # The wrong file, as a line that is not a notification is (read_recording raises).
+        raise CallbotError(f"{path} holds no notifications")
     printer.note(f"replaying {len(batches)} batch(es) from {path}")
     if bot is not None:
         watchers = [printer, *observers]

@@ -118,6 +118,25 @@ def test_a_recording_that_does_not_exist(tmp_path: Path) -> None:
     assert_one_clear_line(result, "cannot replay 'missing.jsonl': no such file")
 
 
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (lambda path: path.mkdir(), "cannot replay 'calls.jsonl': it is a directory"),
+        (lambda path: path.write_bytes(b""), "calls.jsonl holds no notifications"),
+        (lambda path: path.write_bytes(b"\n \n"), "calls.jsonl holds no notifications"),
+    ],
+    ids=["directory", "empty", "blank"],
+)
+def test_a_recording_that_is_no_recording_is_one_clear_line(
+    tmp_path: Path, make: Any, expected: str
+) -> None:
+    """A directory was said not to exist; an empty file exited 1, as a replay that failed."""
+    (tmp_path / "mybot.py").write_text(BOT_MODULE)
+    make(tmp_path / "calls.jsonl")
+    result = run_callbot("replay", "calls.jsonl", "--bot", "mybot:bot", cwd=tmp_path)
+    assert_one_clear_line(result, expected)
+
+
 @pytest.fixture
 def busy_port() -> Iterator[int]:
     with socket.socket() as taken:
