@@ -8,7 +8,9 @@ import math
 import os
 from urllib.parse import urlsplit
 
-__all__ = ["callback_url", "new_file", "port", "seconds"]
+from ._dtmf import keys_of
+
+__all__ = ["callback_url", "keys", "new_file", "port", "seconds"]
 
 
 def port(text: str) -> int:
@@ -53,3 +55,11 @@ def new_file(text: str) -> str:
     if not os.path.isdir(folder):
         raise argparse.ArgumentTypeError(f"cannot write {text}: no directory {folder}")
     return text
+
+
+def keys(text: str) -> str:
+    """Keypad keys (``12#``; spaces between them ignored), as :func:`keys_of` reads them."""
+    try:
+        return keys_of(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None

@@ -8,7 +8,7 @@ import dataclasses
 import os
 import sys
 
-from ._arguments import callback_url, new_file, port, seconds
+from ._arguments import callback_url, keys, new_file, port, seconds
 from ._diagram import SequenceDiagram
 from ._display import FORMATS, TrafficPrinter
 from ._errors import CallbotError
@@ -201,7 +201,10 @@ def add_testing_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
         help="do not wait for the bot's Graph requests (answer, subscribeToTone)",
     )
     simulate.add_argument(
-        "--keys", default="1", help="keys the caller presses, one by one (dtmf; default 1)"
+        "--keys",
+        type=keys,
+        default="1",
+        help="keys the caller presses, one by one (dtmf; default 1)",
     )
     simulate.add_argument(
         "--hold",

@@ -593,3 +593,14 @@ def test_a_diagram_that_fails_to_be_written_is_one_clear_line(tmp_path: Path) ->
         "demo", "--pace", "0", "--format", "json", "--diagram", "/dev/full", cwd=tmp_path
     )
     assert_one_clear_line(result, "cannot write the diagram to /dev/full: No space left on device")
+
+
+def test_keys_no_keypad_has_are_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """They were a ValueError traceback once the call was set up and the first key due."""
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["simulate", URL, "dtmf", "--keys", "1x"])
+    assert exited.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.endswith("argument --keys: not a DTMF key: 'x' (use 0-9, *, #, A-D)")
+    args = build_parser().parse_args(["simulate", URL, "dtmf", "--keys", "1 2#"])
+    assert args.keys == "12#"
