@@ -310,6 +310,8 @@ class _Runtime:
             self.recorder.write(batch)
 
     async def start(self) -> None:
+        if self.recorder is not None:
+            self.recorder.open()
         await self.authenticator.start()
         await self.services.start()
         await self.store.start()

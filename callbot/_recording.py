@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from . import events
-from ._errors import CallbotError
+from ._errors import CallbotError, ConfigurationError
 from ._log import get_logger
 
 __all__ = ["REMOVED", "NotificationRecorder", "RecordedBatch", "read_recording", "scrub"]
@@ -51,7 +51,7 @@ def scrub(value: Any) -> Any:
 
 
 class NotificationRecorder:
-    """Appends each accepted batch to a JSON-lines file (opened on first write)."""
+    """Appends each accepted batch to a JSON-lines file (opened as the bot starts)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -69,15 +69,28 @@ class NotificationRecorder:
             "value": [scrub(event.raw) for event in batch],
         }
         try:
-            if self._file is None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._file = self.path.open("a", encoding="utf-8")
+            file = self._open()
             # A small synchronous append: recording is a debugging aid, not a hot path.
-            self._file.write(json.dumps(line, separators=(",", ":")) + "\n")
-            self._file.flush()
+            file.write(json.dumps(line, separators=(",", ":")) + "\n")
+            file.flush()
         except (OSError, ValueError) as exc:
             self._failed = True
             log.error("recording_failed", path=str(self.path), error=str(exc))
+
+    def open(self) -> None:
+        """Open the file now: a path that cannot be written stops the bot as it starts."""
+        try:
+            self._open()
+        except OSError as exc:
+            raise ConfigurationError(
+                f"cannot write record_path {self.path}: {exc.strerror or exc} (CALLBOT_RECORD_PATH)"
+            ) from None
+
+    def _open(self) -> IO[str]:
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self.path.open("a", encoding="utf-8")
+        return self._file
 
     def close(self) -> None:
         """Close the file."""

@@ -277,6 +277,24 @@ def test_a_bot_that_cannot_act_says_so_loudly(tmp_path: Path, busy_port: int) ->
     assert "CALLBOT_TENANT_ID" in warning["missing"]
 
 
+def test_a_record_path_that_cannot_be_written_stops_the_bot_at_start(
+    tmp_path: Path, busy_port: int
+) -> None:
+    """It was logged once at the first call (``recording_failed``), and nothing recorded."""
+    (tmp_path / "mybot.py").write_text(BOT_MODULE)
+    result = run_callbot(
+        "run",
+        "mybot:bot",
+        "--port",
+        str(busy_port),
+        cwd=tmp_path,
+        CALLBOT_APP_ID="x",
+        CALLBOT_RECORD_PATH=str(tmp_path),
+    )
+    assert_one_clear_line(result, f"cannot write record_path {tmp_path}: Is a directory")
+    assert "(CALLBOT_RECORD_PATH)" in result.stderr
+
+
 def test_stdlib_logging_shows_under_callbot_run(tmp_path: Path, busy_port: int) -> None:
     (tmp_path / "mybot.py").write_text(BOT_MODULE)
     result = run_callbot(
