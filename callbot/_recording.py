@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -25,7 +26,14 @@ from . import events
 from ._errors import CallbotError, ConfigurationError
 from ._log import get_logger
 
-__all__ = ["REMOVED", "NotificationRecorder", "RecordedBatch", "read_recording", "scrub"]
+__all__ = [
+    "REMOVED",
+    "NotificationRecorder",
+    "RecordedBatch",
+    "read_recording",
+    "records_real_calls",
+    "scrub",
+]
 
 log = get_logger("callbot.recording")
 
@@ -48,6 +56,13 @@ def scrub(value: Any) -> Any:
     if isinstance(value, list):
         return [scrub(v) for v in value]
     return value
+
+
+def records_real_calls(record_path: str | None) -> bool:
+    """Whether ``record_path`` is the file ``CALLBOT_RECORD_PATH`` names: the developer's
+    record of real calls, which simulated ones (a test's, a replay's) never join."""
+    named = os.environ.get("CALLBOT_RECORD_PATH", "").strip()
+    return record_path is not None and record_path == named
 
 
 class NotificationRecorder:

@@ -32,7 +32,7 @@ from ._display import TrafficPrinter
 from ._errors import CallbotError
 from ._ids import id_key
 from ._parse import path_of
-from ._recording import RecordedBatch, read_recording
+from ._recording import RecordedBatch, read_recording, records_real_calls
 from .testing._scenarios import SCENARIOS, ScenarioOptions
 from .testing._simulator import Simulator, SimulatorError, Traffic, run_with_simulator
 
@@ -333,19 +333,26 @@ async def replay(
     printer.note(f"replaying {len(batches)} batch(es) from {path}")
     if bot is not None:
         watchers = [printer, *observers]
-        async with run_with_simulator(bot, drive=False, observers=watchers) as sim:
-            outcomes = _Outcomes(sim)
-            refused = await _post_all(
-                sim, batches, speed=speed, max_gap=max_gap, outcomes=outcomes, settle=settle
-            )
-            # The bot's handlers act on the last notifications before it stops (at most
-            # ``settle`` seconds: a handler waiting for what the recording never sends).
-            with contextlib.suppress(SimulatorError):
-                await sim._until(
-                    lambda: not bot._running().dispatcher.queued, settle, lambda: "busy"
+        recording = bot.settings.record_path
+        if records_real_calls(recording):
+            bot.configure(record_path=None)
+        try:
+            async with run_with_simulator(bot, drive=False, observers=watchers) as sim:
+                outcomes = _Outcomes(sim)
+                refused = await _post_all(
+                    sim, batches, speed=speed, max_gap=max_gap, outcomes=outcomes, settle=settle
                 )
-            counts = bot.metrics.sources.handled() if bot.metrics.sources.handled else None
-            errors = int(counts["handler_errors"]) if counts is not None else 0
+                # The bot's handlers act on the last notifications before it stops (at most
+                # ``settle`` seconds: a handler waiting for what the recording never sends).
+                with contextlib.suppress(SimulatorError):
+                    await sim._until(
+                        lambda: not bot._running().dispatcher.queued, settle, lambda: "busy"
+                    )
+                counts = bot.metrics.sources.handled() if bot.metrics.sources.handled else None
+                errors = int(counts["handler_errors"]) if counts is not None else 0
+        finally:
+            if recording != bot.settings.record_path:
+                bot.configure(record_path=recording)
         printer.note(
             f"replay finished: {len(batches) - refused} accepted, {refused} refused, "
             f"{errors} handler error(s){_unmatched_note(outcomes)}"

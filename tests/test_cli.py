@@ -137,6 +137,33 @@ def test_a_recording_that_is_no_recording_is_one_clear_line(
     assert_one_clear_line(result, expected)
 
 
+def test_a_replay_leaves_the_recording_the_environment_names_alone(tmp_path: Path) -> None:
+    """With CALLBOT_RECORD_PATH still set from recording, as the guides do it, each replay of
+    the file appended what it replayed to it: twice as long every time."""
+    (tmp_path / "mybot.py").write_text(BOT_MODULE)
+    recording = tmp_path / "calls.jsonl"
+    incoming = {
+        "changeType": "created",
+        "resourceUrl": "/communications/calls/c1",
+        "resourceData": {"@odata.type": "#microsoft.graph.call", "state": "incoming"},
+    }
+    recording.write_text(json.dumps({"value": [incoming]}) + "\n", encoding="utf-8")
+    before = recording.read_bytes()
+    result = run_callbot(
+        "replay",
+        "calls.jsonl",
+        "--bot",
+        "mybot:bot",
+        "--speed",
+        "0",
+        cwd=tmp_path,
+        CALLBOT_APP_ID="x",
+        CALLBOT_RECORD_PATH="calls.jsonl",
+    )
+    assert result.returncode == 0, result.stderr
+    assert recording.read_bytes() == before
+
+
 @pytest.fixture
 def busy_port() -> Iterator[int]:
     with socket.socket() as taken:

@@ -55,7 +55,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import os
 import warnings
 from collections import Counter
 from collections.abc import AsyncIterator, Generator, Iterator
@@ -65,6 +64,7 @@ from typing import Any
 import pytest
 
 from .._bot import CallBot
+from .._recording import records_real_calls
 from ._simulator import Simulator, run_with_simulator
 
 __all__ = [
@@ -290,7 +290,7 @@ if HAVE_PYTEST_ASYNCIO:
         # The recording file the environment names is the developer's record of real calls:
         # simulated ones are not appended to it (one a test configures itself is written).
         recording = callbot_bot.settings.record_path
-        kept_out = recording is not None and recording == os.environ.get("CALLBOT_RECORD_PATH")
+        kept_out = records_real_calls(recording)
         if kept_out:
             callbot_bot.configure(record_path=None)
         clock = _SimulatedTime(asyncio.get_running_loop(), request.node)
