@@ -9,6 +9,7 @@ import os
 import sys
 
 from ._arguments import callback_url, keys, new_file, port, seconds
+from ._config import Settings
 from ._diagram import SequenceDiagram
 from ._display import FORMATS, TrafficPrinter
 from ._errors import CallbotError
@@ -39,9 +40,10 @@ def _write(diagram: SequenceDiagram, path: str, title: str) -> None:
 def _log_to_stderr() -> None:
     """Log lines (the simulator's failed posts) to stderr: stdout is the traffic, which
     ``--format json`` promises as JSON lines only."""
-    configure_logging(
-        os.environ.get("CALLBOT_LOG_FORMAT", "auto"), os.environ.get("CALLBOT_LOG_LEVEL", "info")
-    )
+    # Read as a bot reads them: a value no bot takes is refused here too.
+    names = ("CALLBOT_LOG_FORMAT", "CALLBOT_LOG_LEVEL")
+    settings = Settings.from_env({name: os.environ[name] for name in names if name in os.environ})
+    configure_logging(settings.log_format, settings.log_level)
 
 
 def _remote(args: argparse.Namespace, url: str) -> object:

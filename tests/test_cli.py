@@ -649,3 +649,18 @@ def test_keys_no_keypad_has_are_a_usage_error(capsys: pytest.CaptureFixture[str]
     assert last.endswith("argument --keys: not a DTMF key: 'x' (use 0-9, *, #, A-D)")
     args = build_parser().parse_args(["simulate", URL, "dtmf", "--keys", "1 2#"])
     assert args.keys == "12#"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"), [("CALLBOT_LOG_LEVEL", "loud"), ("CALLBOT_LOG_FORMAT", "xml")]
+)
+def test_simulate_refuses_a_log_setting_no_bot_takes(
+    tmp_path: Path, closed_port: int, variable: str, value: str
+) -> None:
+    """It logged as if the variable were unset, where ``callbot run`` refuses it."""
+    url = f"http://127.0.0.1:{closed_port}/api/calls"
+    ports = ["--keys-port", "0", "--graph-port", "0", "--wait", "0"]
+    result = run_callbot(
+        "simulate", url, "dtmf", "--app-id", "x", *ports, cwd=tmp_path, **{variable: value}
+    )
+    assert_one_clear_line(result, f"got {value!r} ({variable})")
