@@ -122,7 +122,8 @@ class Settings:
 
     The origin of ``graph_url`` is always allowed too (a simulator or a test Graph)."""
     recording_ca_file: str | None = None
-    """PEM file of extra CAs trusted for recording downloads (default: the system's)."""
+    """PEM file of extra CAs trusted for recording downloads (default: the system's); read
+    as the bot starts."""
     max_recording_bytes: int = 64 * 1024 * 1024
     """Largest recording ``download_recording`` accepts; a longer answer raises."""
     recording_download_timeout: float = 600.0

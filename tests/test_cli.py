@@ -322,6 +322,25 @@ def test_a_record_path_that_cannot_be_written_stops_the_bot_at_start(
     assert "(CALLBOT_RECORD_PATH)" in result.stderr
 
 
+@pytest.mark.parametrize("ca_file", ["missing.pem", ".", "mybot.py"])
+def test_a_recording_ca_file_that_cannot_be_read_stops_the_bot_at_start(
+    tmp_path: Path, busy_port: int, ca_file: str
+) -> None:
+    """It was read at the first recording download: the handler raised, mid-call."""
+    (tmp_path / "mybot.py").write_text(BOT_MODULE)
+    result = run_callbot(
+        "run",
+        "mybot:bot",
+        "--port",
+        str(busy_port),
+        cwd=tmp_path,
+        CALLBOT_APP_ID="x",
+        CALLBOT_RECORDING_CA_FILE=ca_file,
+    )
+    assert_one_clear_line(result, f"cannot read recording_ca_file {ca_file}: ")
+    assert result.stderr.strip().endswith("(CALLBOT_RECORDING_CA_FILE)")
+
+
 def test_stdlib_logging_shows_under_callbot_run(tmp_path: Path, busy_port: int) -> None:
     (tmp_path / "mybot.py").write_text(BOT_MODULE)
     result = run_callbot(

@@ -502,10 +502,23 @@ class GraphClient:
 
     def _recording_ssl(self) -> ssl.SSLContext | bool:
         if self._recording_context is None and self.settings.recording_ca_file:
-            context = ssl.create_default_context()
-            context.load_verify_locations(cafile=self.settings.recording_ca_file)
-            self._recording_context = context
+            self.load_recording_ca()
         return self._recording_context if self._recording_context is not None else True
+
+    def load_recording_ca(self) -> None:
+        """Read ``recording_ca_file`` (when set); one that cannot be read is a setting's error."""
+        path = self.settings.recording_ca_file
+        if path is None or self._recording_context is not None:
+            return
+        context = ssl.create_default_context()
+        try:
+            context.load_verify_locations(cafile=path)
+        except OSError as exc:  # missing, a directory, no PEM certificate (ssl.SSLError)
+            raise ConfigurationError(
+                f"cannot read recording_ca_file {path}: {exc.strerror or exc} "
+                "(CALLBOT_RECORDING_CA_FILE)"
+            ) from None
+        self._recording_context = context
 
     def _result(
         self,

@@ -99,6 +99,8 @@ class CallServices:
             return
         self._started = True
         _ = self.graph.session
+        # Now, not at the first recording download: mid-call, in a handler.
+        self.graph.load_recording_ca()
         missing = _missing_for_acting(self.settings, self.graph.has_credentials)
         if missing:
             # Loud: such a bot accepts callbacks but cannot answer or act on any call.
