@@ -341,6 +341,28 @@ def test_a_recording_ca_file_that_cannot_be_read_stops_the_bot_at_start(
     assert result.stderr.strip().endswith("(CALLBOT_RECORDING_CA_FILE)")
 
 
+def test_a_public_url_that_ends_in_the_callback_path_is_warned_about(
+    tmp_path: Path, busy_port: int
+) -> None:
+    """Graph was told to post to .../api/calls/api/calls, and only a 404 line said so, once
+    the first call came."""
+    (tmp_path / "mybot.py").write_text(BOT_MODULE)
+    result = run_callbot(
+        "run",
+        "mybot:bot",
+        "--port",
+        str(busy_port),
+        cwd=tmp_path,
+        CALLBOT_APP_ID="x",
+        CALLBOT_LOG_FORMAT="json",
+        CALLBOT_PUBLIC_URL="https://bot.example.com/api/calls/",
+    )
+    lines = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    [warning] = [line for line in lines if line["event"] == "public_url_ends_in_callback_path"]
+    assert warning["level"] == "warning"
+    assert warning["callback_url"] == "https://bot.example.com/api/calls/api/calls"
+
+
 def test_stdlib_logging_shows_under_callbot_run(tmp_path: Path, busy_port: int) -> None:
     (tmp_path / "mybot.py").write_text(BOT_MODULE)
     result = run_callbot(

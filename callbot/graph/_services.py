@@ -12,6 +12,7 @@ import contextlib
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import structlog
 from pydantic import BaseModel
@@ -101,6 +102,14 @@ class CallServices:
         _ = self.graph.session
         # Now, not at the first recording download: mid-call, in a handler.
         self.graph.load_recording_ca()
+        if _repeats_callback_path(self.settings):
+            # A common slip: the webhook's whole URL where its base belongs.
+            log.warning(
+                "public_url_ends_in_callback_path",
+                callback_url=self.settings.callback_url,
+                detail="public_url is the base URL callback_path is added to "
+                "(CALLBOT_PUBLIC_URL, CALLBOT_CALLBACK_PATH)",
+            )
         missing = _missing_for_acting(self.settings, self.graph.has_credentials)
         if missing:
             # Loud: such a bot accepts callbacks but cannot answer or act on any call.
@@ -493,6 +502,15 @@ class CallServices:
             "/communications/calls/logTeleconferenceDeviceQuality",
             json={"quality": body},
         )
+
+
+def _repeats_callback_path(settings: Settings) -> bool:
+    """Whether ``public_url``'s path already ends in ``callback_path``, which Graph's
+    callbackUri then names twice."""
+    path = settings.callback_path.rstrip("/")
+    if not settings.public_url or not path:
+        return False
+    return urlsplit(settings.public_url).path.rstrip("/").endswith(path)
 
 
 def _missing_for_acting(settings: Settings, has_credentials: bool) -> list[str]:
