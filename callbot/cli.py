@@ -109,7 +109,8 @@ def _copy_sample(name: str, target: Path) -> list[Path]:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    directory = args.directory or args.name
+    # "my_ivr/" as a shell completes it: the steps below add their own slashes.
+    directory = os.path.normpath(args.directory or args.name)
     written = write_sample(args.name, directory)
     print(f"wrote the {args.name} sample to {directory}/ ({len(written)} files). Next:")
     print(f"  python -m pytest {directory}          # its tests, against the simulator")

@@ -478,6 +478,13 @@ def test_sample_where_no_directory_can_be_is_one_clear_line(
     assert (tmp_path / "notes.txt").read_text(encoding="utf-8") == "mine\n"
 
 
+def test_sample_next_steps_name_a_directory_given_with_a_slash_once(tmp_path: Path) -> None:
+    result = run_callbot("sample", "ivr", "my_ivr/", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "//" not in result.stdout
+    assert "for real: my_ivr/README.md" in result.stdout
+
+
 @pytest.mark.parametrize("name", ["ivr", "meeting", "notifier"])
 def test_sample_next_steps_name_the_command_its_readme_gives(tmp_path: Path, name: str) -> None:
     result = run_callbot("sample", name, "mine", cwd=tmp_path)
