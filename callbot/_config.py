@@ -19,6 +19,10 @@ __all__ = ["Settings"]
 DEFAULT_GRAPH_URL = "https://graph.microsoft.com/v1.0"
 DEFAULT_AUTHORITY_URL = "https://login.microsoftonline.com"
 DEFAULT_OPENID_CONFIG_URL = "https://api.aps.skype.com/v1/.well-known/OpenIdConfiguration"
+MAX_TOKEN_LEEWAY = 300.0
+"""The most clock skew a token's times may be read with (five minutes, the usual bound)."""
+MAX_STORE_LEASE = 3600.0
+"""The longest Redis lease: a dead instance's calls wait that long for another."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,7 +71,7 @@ class Settings:
     allowed_tenants: frozenset[str] = frozenset()
     """When not empty, only tokens whose ``tid`` is listed are accepted."""
     token_leeway: float = 60.0
-    """Clock skew tolerated on ``exp``/``nbf``/``iat``."""
+    """Clock skew tolerated on ``exp``/``nbf``/``iat``: at most 300 s."""
     key_refresh_interval: float = 3600.0
     """How often the signing keys are fetched again."""
     key_refetch_cooldown: float = 5.0
@@ -149,7 +153,7 @@ class Settings:
     store_lease: float = 10.0
     """Redis store: how long an instance's claim on a call outlives its last renewal.
 
-    A crashed instance's calls move to the others after this long."""
+    A crashed instance's calls move to the others after this long (at most 3600 s)."""
     store_replicas: int = 0
     """Redis store: how many replicas must hold each write before callbot relies on it
     (answers 202, runs a handler). With ``1`` under Sentinel, a failover loses nothing
@@ -235,6 +239,19 @@ class Settings:
                 f"keep_alive_interval must be under 45 minutes (2700 s), got "
                 f"{self.keep_alive_interval!r}: Graph ends a call with no keep-alive for that "
                 "long (CALLBOT_KEEP_ALIVE_INTERVAL)"
+            )
+        if self.token_leeway > MAX_TOKEN_LEEWAY:
+            # A leeway of hours would accept a token long expired: the expiry check in name only.
+            raise ConfigurationError(
+                f"token_leeway must be at most {MAX_TOKEN_LEEWAY:g} s, the clock skew tokens are "
+                f"usually allowed, got {self.token_leeway!r} (CALLBOT_TOKEN_LEEWAY)"
+            )
+        if self.store_lease > MAX_STORE_LEASE:
+            # Redis takes no lease of 1e300 ms (every callback got 503), and a dead instance's
+            # calls wait a lease before another takes them.
+            raise ConfigurationError(
+                f"store_lease must be at most {MAX_STORE_LEASE:g} s, got {self.store_lease!r} "
+                "(CALLBOT_STORE_LEASE)"
             )
         if not 0 <= self.port <= 65535:
             raise ConfigurationError(f"port must be 0 to 65535, got {self.port} (CALLBOT_PORT)")

@@ -107,11 +107,13 @@ def test_configure_changes_settings_before_start() -> None:
         ("CALLBOT_MAX_JSON_DEPTH", "0"),
         # Every callback refused (413), while routes of the author's took bodies of any size.
         ("CALLBOT_MAX_BODY_BYTES", "0"),
+        # A leeway of hours accepted tokens expired hours ago.
+        ("CALLBOT_TOKEN_LEEWAY", "86400"),
+        # Redis took no such lease: the bot started, then answered every callback 503.
+        ("CALLBOT_STORE_LEASE", "1e300"),
     ],
 )
-def test_durations_sizes_and_counts_are_never_negative_and_some_never_zero(
-    variable: str, value: str
-) -> None:
+def test_durations_sizes_and_counts_out_of_range_are_refused(variable: str, value: str) -> None:
     with pytest.raises(ConfigurationError, match=variable):
         Settings.from_env({"CALLBOT_APP_ID": "a", variable: value})
 
@@ -156,6 +158,11 @@ def test_an_unknown_log_setting_is_refused(name: str, value: str) -> None:
 @pytest.mark.parametrize("level", ["debug", "INFO", "Warning", "warn", "error", "critical"])
 def test_every_level_logging_knows_is_taken(level: str) -> None:
     assert Settings(log_level=level).log_level == level
+
+
+def test_the_longest_leeway_and_lease_are_taken() -> None:
+    settings = Settings(token_leeway=300.0, store_lease=3600.0)
+    assert (settings.token_leeway, settings.store_lease) == (300.0, 3600.0)
 
 
 def test_a_keep_alive_interval_graph_would_not_wait_for_is_refused() -> None:
