@@ -413,10 +413,14 @@ def _convert(name: str, type_name: str, raw: str) -> Any:
             return int(raw)
         if type_name == "float":
             return float(raw)
-        if type_name.startswith("frozenset"):
-            return frozenset(item.strip() for item in raw.split(",") if item.strip())
-        if type_name.startswith("tuple"):
-            return tuple(item.strip() for item in raw.split(",") if item.strip())
+        if type_name.startswith(("frozenset", "tuple")):
+            items = [item.strip() for item in raw.split(",") if item.strip()]
+            if not items:
+                # Set, yet naming nothing: CALLBOT_ALLOWED_TENANTS=" , " allowed every tenant.
+                raise ConfigurationError(
+                    f"{env_name}: {raw!r} lists nothing (unset it for the default)"
+                )
+            return frozenset(items) if type_name.startswith("frozenset") else tuple(items)
     except ValueError:
         raise ConfigurationError(f"{env_name}: cannot read {raw!r} as {type_name}") from None
     return raw

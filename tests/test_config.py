@@ -160,6 +160,15 @@ def test_every_level_logging_knows_is_taken(level: str) -> None:
     assert Settings(log_level=level).log_level == level
 
 
+@pytest.mark.parametrize("value", [",", " , ", ",,,"])
+def test_a_list_setting_that_names_nothing_is_refused(value: str) -> None:
+    """Set to commas only, the tenant allow-list was empty: every tenant was allowed."""
+    with pytest.raises(ConfigurationError, match=r"CALLBOT_ALLOWED_TENANTS.*lists nothing"):
+        Settings.from_env({"CALLBOT_APP_ID": "a", "CALLBOT_ALLOWED_TENANTS": value})
+    allowed = Settings.from_env({"CALLBOT_APP_ID": "a", "CALLBOT_ALLOWED_TENANTS": " t1, ,t2 "})
+    assert allowed.allowed_tenants == frozenset({"t1", "t2"})
+
+
 def test_the_longest_leeway_and_lease_are_taken() -> None:
     settings = Settings(token_leeway=300.0, store_lease=3600.0)
     assert (settings.token_leeway, settings.store_lease) == (300.0, 3600.0)
