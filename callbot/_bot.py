@@ -25,6 +25,7 @@ from ._dispatch import (
     HandlerRegistry,
     HandlerWatcher,
     StartedHook,
+    is_handler_error,
 )
 from ._gc import tune_for_serving
 from ._ids import id_key
@@ -343,13 +344,10 @@ class _Runtime:
         await self.until_ready()
         try:
             await hook(bot)
-        except asyncio.CancelledError as exc:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
+        except BaseException as exc:
+            if not is_handler_error(exc):
                 raise  # the bot stops
-            # The hook let a cancellation of its own escape: an error, not a stop.
-            self._started_hook_failed(handler_name(hook), exc)
-        except Exception as exc:
+            # A cancellation (or other BaseException) of the hook's own: an error, not a stop.
             self._started_hook_failed(handler_name(hook), exc)
 
     def _started_hook_failed(self, name: str, exc: BaseException) -> None:
@@ -655,8 +653,10 @@ class CallBot:
         """Run with ``(call, event, exc)`` when a handler raises.
 
         ``exc`` may be an :class:`asyncio.CancelledError` a handler let escape of its own
-        (not a cancellation at shutdown), so it is a ``BaseException``: annotated
-        ``Exception``, the handler is refused by mypy.
+        (not a cancellation at shutdown), or another ``BaseException`` of its own, so it is
+        a ``BaseException``: annotated ``Exception``, the handler is refused by mypy. Only
+        ``KeyboardInterrupt`` and ``SystemExit`` are no handler's error: they stop the
+        process, as asyncio lets them.
         """
         return _at_once_or_decorator(handler, self._registry.add_error_handler)
 

@@ -37,6 +37,7 @@ __all__ = [
     "Handler",
     "HandlerRegistry",
     "StartedHook",
+    "is_handler_error",
 ]
 
 log = get_logger("callbot.dispatch")
@@ -63,7 +64,7 @@ class _Registration:
     name: str
 
 
-_Matched = tuple[_Registration, Exception | None]
+_Matched = tuple[_Registration, BaseException | None]
 """A registration that applies to an event, with what its ``matches`` raised, if it did."""
 
 
@@ -133,7 +134,9 @@ class HandlerRegistry:
             try:
                 if registration.matches is None or registration.matches(event):
                     found.append((registration, None))
-            except Exception as exc:
+            except BaseException as exc:
+                if not is_handler_error(exc):
+                    raise
                 found.append((registration, exc))
         return found
 
@@ -148,6 +151,19 @@ async def _still_held(attempt: Attempt) -> bool:
     paused or its loop blocked past the lease) starts nothing more."""
     journal = attempt.journal
     return journal is None or await journal.admits(attempt)
+
+
+def is_handler_error(exc: BaseException) -> bool:
+    """Whether ``exc``, escaping a handler (or its filter, an error handler, a started
+    hook), is that handler's error: anything but KeyboardInterrupt and SystemExit (the
+    process stops, as asyncio lets them through) and the cancellation of its run when the
+    bot stops. A BaseException of the handler's own would otherwise kill its call's worker."""
+    if isinstance(exc, KeyboardInterrupt | SystemExit):
+        return False
+    if isinstance(exc, asyncio.CancelledError):
+        task = asyncio.current_task()
+        return task is None or not task.cancelling()
+    return True
 
 
 def _require_coroutine(handler: Any) -> None:
@@ -386,15 +402,6 @@ class Dispatcher:
         outcome = "ok"
         try:
             await handler(call, event)
-        except asyncio.CancelledError as exc:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                outcome = "abandoned"  # stopped at shutdown: neither finished nor failed
-                raise
-            # The handler let a cancellation of its own escape: an error, not a stop.
-            outcome = "error"
-            self.counts["handler_errors"] += 1
-            await self._report(name, call, event, exc, call_id)
         except Exception as exc:
             if _stopped_by_the_end(exc, call):
                 # The caller hung up while the handler acted: not a bug in the handler.
@@ -415,6 +422,14 @@ class Dispatcher:
                 outcome = "error"
                 self.counts["handler_errors"] += 1
                 await self._report(name, call, event, exc, call_id)
+        except BaseException as exc:
+            if not is_handler_error(exc):
+                outcome = "abandoned"  # stopped at shutdown: neither finished nor failed
+                raise
+            # A cancellation (or other BaseException) of the handler's own: an error, not a stop.
+            outcome = "error"
+            self.counts["handler_errors"] += 1
+            await self._report(name, call, event, exc, call_id)
         finally:
             if self._observe is not None:
                 self._observe(name, outcome, time.perf_counter() - started)
@@ -440,7 +455,9 @@ class Dispatcher:
         for on_error in handlers:
             try:
                 await on_error(call, event, exc)
-            except Exception as second:
+            except BaseException as second:
+                if not is_handler_error(second):
+                    raise
                 self.counts["unhandled_errors"] += 1
                 log.error(
                     "error_handler_failed",

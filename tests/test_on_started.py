@@ -188,15 +188,20 @@ def test_outcomes_given_to_the_simulator_are_checked_as_queued_ones() -> None:
         Simulator(outgoing_outcomes=["answer", "hang_up"])
 
 
+class NoMeeting(BaseException):
+    """A BaseException of the bot's own: the hook's error, as an Exception is."""
+
+
+@pytest.mark.parametrize("error", [LookupError, NoMeeting])
 async def test_a_failing_hook_is_logged_and_the_bot_keeps_serving(
-    authority: TokenAuthority,
+    authority: TokenAuthority, error: type[BaseException]
 ) -> None:
     bot = make_bot(authority)
     others: list[str] = []
 
     @bot.on_started
     async def fails(started: CallBot) -> None:
-        raise LookupError("no meeting configured")
+        raise error("no meeting configured")
 
     @bot.on_started
     async def works(started: CallBot) -> None:
@@ -217,7 +222,7 @@ async def test_a_failing_hook_is_logged_and_the_bot_keeps_serving(
     [failure] = [e for e in logs if e["event"] == "handler_failed"]
     assert failure["handler"].endswith("fails")
     assert failure["kind"] == "on_started"
-    assert "LookupError: no meeting configured" in failure["traceback"]
+    assert f"{error.__name__}: no meeting configured" in failure["traceback"]
     assert counts["handler_errors"] == 1
 
 

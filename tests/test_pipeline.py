@@ -843,6 +843,51 @@ async def test_a_handler_raising_cancelled_error_does_not_strand_its_call(
     assert errors == ["CancelledError"]
 
 
+class Hangup(BaseException):
+    """What a bot might raise to leave a handler at once (a ``BaseException``, as
+    ``asyncio.CancelledError`` is, so that ``except Exception`` lets it through)."""
+
+
+async def test_a_handler_raising_a_base_exception_of_its_own_does_not_strand_its_call(
+    authority: Any, serve: Any
+) -> None:
+    """A handler (or its ``matches``, or an on_error handler) letting a BaseException other
+    than KeyboardInterrupt or SystemExit escape killed its call's worker: the delivery stayed
+    first in the call's queue, ran again with each later notification, and no later handler
+    of the call ever ran."""
+    bot = make_bot(authority)
+    seen: list[str] = []
+    errors: list[str] = []
+
+    def picky(event: events.CallStateChanged) -> bool:
+        if event.state == "establishing":
+            raise Hangup("from a filter")
+        return False
+
+    @bot.on(events.CallStateChanged, matches=picky)
+    async def never(call: Call, event: events.CallStateChanged) -> None:
+        return None
+
+    @bot.on_state("establishing", "established")
+    async def state(call: Call, event: events.CallStateChanged) -> None:
+        seen.append(event.state)
+        if event.state == "establishing":
+            raise Hangup("from a handler")
+
+    @bot.on_error
+    async def report(call: Call, event: events.Event, exc: BaseException) -> None:
+        errors.append(str(exc))
+        raise Hangup("from an error handler")
+
+    server = await serve(bot)
+    await server.post(b.notifications(b.call_state("c", "establishing")))
+    await server.post(b.notifications(b.call_state("c", "established")))
+    await until(lambda: seen == ["establishing", "established"])
+    assert errors == ["from a filter", "from a handler"]
+    counts = bot._running().dispatcher.counts
+    assert (counts["handler_errors"], counts["unhandled_errors"]) == (2, 2)
+
+
 async def test_odd_but_valid_json_values_never_give_a_5xx(authority: Any, serve: Any) -> None:
     bot, recorder = recording_bot(authority)
     server = await serve(bot)
