@@ -26,6 +26,7 @@ from ._dispatch import (
     HandlerWatcher,
     StartedHook,
     is_handler_error,
+    require_parameters,
 )
 from ._gc import tune_for_serving
 from ._ids import id_key
@@ -735,6 +736,7 @@ class CallBot:
                 f"{handler_name(chooser)!r} must be a plain 'def' function: "
                 "it runs inside the request, before Graph gets its answer"
             )
+        require_parameters(chooser, "event", define="def", returns="str | None")
         if self._registry.deployment_chooser is not None:
             raise ValueError(
                 "the bot already has a deployment chooser "

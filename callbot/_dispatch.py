@@ -38,6 +38,7 @@ __all__ = [
     "HandlerRegistry",
     "StartedHook",
     "is_handler_error",
+    "require_parameters",
 ]
 
 log = get_logger("callbot.dispatch")
@@ -91,7 +92,9 @@ class HandlerRegistry:
     ) -> None:
         """Register ``handler`` for ``event_type`` and its subclasses."""
         _require_coroutine(handler)
-        _require_parameters(handler, "call, event")
+        require_parameters(handler, "call, event")
+        if matches is not None:
+            _require_filter(matches)
         if not (isinstance(event_type, type) and issubclass(event_type, events.Event)):
             raise TypeError(f"{event_type!r} is not an event class from callbot.events")
         name = handler_name(handler)
@@ -101,13 +104,13 @@ class HandlerRegistry:
     def add_error_handler(self, handler: ErrorHandler) -> None:
         """Register a handler for exceptions raised by other handlers."""
         _require_coroutine(handler)
-        _require_parameters(handler, "call, event, exc")
+        require_parameters(handler, "call, event, exc")
         self._error_handlers.append(handler)
 
     def add_started(self, hook: StartedHook) -> None:
         """Register a hook run once the bot serves."""
         _require_coroutine(hook)
-        _require_parameters(hook, "bot")
+        require_parameters(hook, "bot")
         self.started.append(hook)
 
     def wants(self, event_type: type[events.Event]) -> bool:
@@ -175,7 +178,22 @@ def _require_coroutine(handler: Any) -> None:
         )
 
 
-def _require_parameters(handler: Any, parameters: str) -> None:
+def _require_filter(matches: Any) -> None:
+    # Called in the run with the event alone: an async one's coroutine would always be true.
+    if not callable(matches) or calls_a_coroutine(matches):
+        what = repr(handler_name(matches) if callable(matches) else matches)
+        raise TypeError(
+            f"matches: {what} must be a plain 'def' function deciding from the event: "
+            "matches=lambda event: event.tone == 'tone1'"
+        )
+    require_parameters(matches, "event", define="def", returns="bool")
+
+
+def require_parameters(
+    handler: Any, parameters: str, *, define: str = "async def", returns: str = "None"
+) -> None:
+    """Refuse ``handler`` unless it can be called with ``parameters``; the error shows the
+    definition it needs (``define name(parameters) -> returns``)."""
     # A handler that cannot take its arguments would fail only once a call arrives.
     try:
         # What is called, not what functools.wraps says it wraps (a decorator may add
@@ -190,7 +208,7 @@ def _require_parameters(handler: Any, parameters: str) -> None:
         name = "__call__(self, " if is_an_object(handler) else f"{short}("
         raise TypeError(
             f"{handler_name(handler)!r} must take ({parameters}), not {signature}: "
-            f"async def {name}{parameters}) -> None"
+            f"{define} {name}{parameters}) -> {returns}"
         ) from None
 
 

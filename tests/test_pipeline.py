@@ -549,6 +549,50 @@ def test_a_handler_that_cannot_take_its_arguments_fails_when_registered(
     bot.on_error(anything)
 
 
+def test_a_matches_filter_that_cannot_decide_fails_when_registered(authority: Any) -> None:
+    """A filter is called inside the run with the event alone and must answer at once: an
+    ``async def`` one answered with a coroutine, which is true, so its handler ran for every
+    event; one that is not callable, or takes other arguments, failed with each event."""
+    bot = make_bot(authority)
+
+    async def on_key(call: Call, event: events.ToneReceived) -> None:
+        return None
+
+    async def is_one(event: events.ToneReceived) -> bool:
+        return event.tone == "tone1"
+
+    def is_one_of_the_call(call: Call, event: events.ToneReceived) -> bool:
+        return event.tone == "tone1"
+
+    with pytest.raises(TypeError, match=r"matches: '.*is_one' must be a plain 'def' function"):
+        bot.on(events.ToneReceived, matches=is_one)(on_key)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"matches: 'tone1' must be a plain 'def' function"):
+        bot.on(events.ToneReceived, matches="tone1")(on_key)  # type: ignore[arg-type]
+    with pytest.raises(
+        TypeError,
+        match=r"'.*is_one_of_the_call' must take \(event\), not \(call: .*: "
+        r"def is_one_of_the_call\(event\) -> bool",
+    ):
+        bot.on(events.ToneReceived, matches=is_one_of_the_call)(on_key)  # type: ignore[arg-type]
+    bot.on(events.ToneReceived, matches=lambda event: event.tone == "tone1")(on_key)
+
+
+def test_a_deployment_chooser_that_cannot_take_the_event_fails_when_registered(
+    authority: Any,
+) -> None:
+    bot = make_bot(authority)
+
+    def by_tenant(tenant_id: str, event: events.IncomingCall) -> str | None:
+        return None
+
+    with pytest.raises(
+        TypeError,
+        match=r"'.*by_tenant' must take \(event\), not \(tenant_id: .*: "
+        r"def by_tenant\(event\) -> str \| None",
+    ):
+        bot.choose_deployment(by_tenant)  # type: ignore[type-var]
+
+
 def test_a_handler_object_or_partial_is_judged_by_the_parameters_it_is_called_with(
     authority: Any,
 ) -> None:
