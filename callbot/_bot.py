@@ -26,6 +26,7 @@ from ._dispatch import (
     HandlerWatcher,
     StartedHook,
     is_handler_error,
+    refuse_coroutine_returned,
     require_parameters,
 )
 from ._gc import tune_for_serving
@@ -343,8 +344,11 @@ class _Runtime:
 
     async def _run_started(self, hook: StartedHook, bot: CallBot) -> None:
         await self.until_ready()
+        run: Callable[[CallBot], Awaitable[object]] = hook  # what it returns is looked at
         try:
-            await hook(bot)
+            returned = await run(bot)
+            if returned is not None:
+                refuse_coroutine_returned(handler_name(hook), returned)
         except BaseException as exc:
             if not is_handler_error(exc):
                 raise  # the bot stops

@@ -38,6 +38,7 @@ __all__ = [
     "HandlerRegistry",
     "StartedHook",
     "is_handler_error",
+    "refuse_coroutine_returned",
     "require_parameters",
 ]
 
@@ -167,6 +168,17 @@ def is_handler_error(exc: BaseException) -> bool:
         task = asyncio.current_task()
         return task is None or not task.cancelling()
     return True
+
+
+def refuse_coroutine_returned(name: str, returned: object) -> None:
+    """Raise if a handler returned a coroutine: an action whose ``await`` was forgotten
+    (``return call.hangup()``) would never be sent, and say so only when collected."""
+    if inspect.iscoroutine(returned):
+        returned.close()
+        raise TypeError(
+            f"{name!r} returned {returned!r} without awaiting it, so it never ran: "
+            "await it in the handler (await call.hangup())"
+        )
 
 
 def _require_coroutine(handler: Any) -> None:
@@ -413,13 +425,20 @@ class Dispatcher:
         self.counts["handled"] += 1
 
     async def _run_one(
-        self, name: str, handler: Handler[Any], call: Call, event: events.Event, call_id: str
+        self,
+        name: str,
+        handler: Callable[[Call, events.Event], Awaitable[object]],
+        call: Call,
+        event: events.Event,
+        call_id: str,
     ) -> str:
         """Run one handler; its outcome (see ``CallBot.watch_handlers``)."""
         started = time.perf_counter()  # the handler's real seconds, for the metrics
         outcome = "ok"
         try:
-            await handler(call, event)
+            returned = await handler(call, event)
+            if returned is not None:
+                refuse_coroutine_returned(name, returned)
         except Exception as exc:
             if _stopped_by_the_end(exc, call):
                 # The caller hung up while the handler acted: not a bug in the handler.

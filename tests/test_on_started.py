@@ -226,6 +226,26 @@ async def test_a_failing_hook_is_logged_and_the_bot_keeps_serving(
     assert counts["handler_errors"] == 1
 
 
+async def test_a_hook_returning_an_action_it_did_not_await_is_a_failure(
+    authority: TokenAuthority,
+) -> None:
+    """``return bot.join_meeting(url)``, the ``await`` forgotten: nothing was joined, and
+    nothing but a RuntimeWarning at garbage collection said so."""
+    bot = make_bot(authority)
+
+    @bot.on_started
+    async def join(started: CallBot) -> Any:
+        return started.join_meeting(JOIN_URL)
+
+    with capture_logs() as logs:
+        async with run_with_simulator(bot):
+            counts = bot._running().dispatcher.counts
+            await until(lambda: counts["unhandled_errors"] == 1)
+    [failure] = [e for e in logs if e["event"] == "handler_failed"]
+    assert failure["kind"] == "on_started"
+    assert "returned <coroutine object CallBot.join_meeting" in failure["error"]
+
+
 async def test_a_hook_still_running_is_cancelled_as_the_drain_begins_and_awaited(
     authority: TokenAuthority, logging_restored: None
 ) -> None:

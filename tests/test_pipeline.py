@@ -887,6 +887,36 @@ async def test_a_handler_raising_cancelled_error_does_not_strand_its_call(
     assert errors == ["CancelledError"]
 
 
+async def test_a_handler_returning_an_action_it_did_not_await_is_an_error(
+    authority: Any,
+) -> None:
+    """``return call.play_prompt(...)``, the ``await`` forgotten: the prompt was never sent,
+    and nothing but a RuntimeWarning at garbage collection said so."""
+    bot = make_bot(authority)
+    errors: list[BaseException] = []
+
+    @bot.on_incoming_call
+    async def answer(call: Call, event: events.IncomingCall) -> None:
+        await call.answer()
+
+    @bot.on_state("established")
+    async def welcome(call: Call, event: events.CallStateChanged) -> Any:
+        return call.play_prompt("https://cdn.contoso.com/welcome.wav")
+
+    @bot.on_error
+    async def report(call: Call, event: events.Event, exc: BaseException) -> None:
+        errors.append(exc)
+
+    async with run_with_simulator(bot) as sim:
+        call = await sim.incoming_call()
+        await until(lambda: len(errors) == 1)
+        await call.hangup()
+    [error] = errors
+    assert isinstance(error, TypeError)
+    assert re.search(r"welcome' returned <coroutine object Call.play_prompt .*> witho", str(error))
+    assert "await it in the handler" in str(error)
+
+
 class Hangup(BaseException):
     """What a bot might raise to leave a handler at once (a ``BaseException``, as
     ``asyncio.CancelledError`` is, so that ``except Exception`` lets it through)."""
