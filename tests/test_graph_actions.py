@@ -407,6 +407,43 @@ async def test_a_looping_prompt_needs_graph_beta(graph: FakeGraph, services: Cal
     assert sent.json["loop"] is True
 
 
+ONE_STRING_FOR_A_LIST: dict[str, tuple[str, Callable[[CallServices], Awaitable[Any]]]] = {
+    "answer": ("modalities", lambda s: s.call(CALL_ID).answer(modalities="audio")),
+    "create_call": (
+        "modalities",
+        lambda s: s.create_call(Target.user(PARTICIPANT_ID), modalities="audio"),
+    ),
+    "redirect": (
+        "routing_policies",
+        lambda s: s.call(CALL_ID).redirect(
+            Target.user(PARTICIPANT_ID), routing_policies="disableForwarding"
+        ),
+    ),
+    "audio_routing_groups.create": (
+        "sources",
+        lambda s: s.call(CALL_ID).audio_routing_groups.create(
+            sources=PARTICIPANT_ID, receivers=[PARTICIPANT_ID]
+        ),
+    ),
+    "audio_routing_groups.update": (
+        "receivers",
+        lambda s: s.call(CALL_ID).audio_routing_groups.update("g1", receivers=PARTICIPANT_ID),
+    ),
+}
+
+
+@pytest.mark.parametrize("action", sorted(ONE_STRING_FOR_A_LIST))
+async def test_one_string_where_a_list_is_wanted_is_refused_before_graph(
+    graph: FakeGraph, services: CallServices, action: str
+) -> None:
+    """A string is a sequence of strings to Python and to mypy: ``modalities="audio"`` was
+    sent as ``["a", "u", "d", "i", "o"]``, and the simulator took it."""
+    name, act = ONE_STRING_FOR_A_LIST[action]
+    with pytest.raises(TypeError, match=rf"{name} takes a list of strings, not one: {name}=\["):
+        await act(services)
+    assert [r.action for r in graph.requests if r.action != "token"] == []
+
+
 async def test_raw_dicts_are_accepted_everywhere(graph: FakeGraph, services: CallServices) -> None:
     call = services.call(CALL_ID)
     raw_target = {"identity": {"user": {"id": "u1"}}, "endpointType": "default"}

@@ -36,6 +36,7 @@ from ._values import (
     participant_info_json,
     prompt_json,
     prompts_json,
+    string_list,
 )
 
 if TYPE_CHECKING:
@@ -392,7 +393,7 @@ class Call:
         """
         body: dict[str, Any] = {
             "callbackUri": self._callback(callback_uri),
-            "acceptedModalities": list(modalities),
+            "acceptedModalities": string_list(modalities, "modalities"),
             "mediaConfig": media_config_json(
                 media_config=media_config, app_hosted_media=app_hosted_media, prefetch=prefetch
             ),
@@ -434,7 +435,7 @@ class Call:
         if timeout is not None:
             body["timeout"] = timeout
         if routing_policies is not None:
-            body["routingPolicies"] = list(routing_policies)
+            body["routingPolicies"] = string_list(routing_policies, "routing_policies")
         if callback_uri is not None:
             body["callbackUri"] = callback_uri
         elif self._services.settings.public_url is not None:
@@ -964,8 +965,8 @@ class AudioRoutingGroups:
         """Create a group routing ``sources``' audio to ``receivers``."""
         body: dict[str, Any] = {
             "routingMode": routing_mode,
-            "sources": list(sources),
-            "receivers": list(receivers),
+            "sources": string_list(sources, "sources"),
+            "receivers": string_list(receivers, "receivers"),
         }
         if id is not None:
             body = {"id": id, **body}
@@ -990,9 +991,9 @@ class AudioRoutingGroups:
         if routing_mode is not None:
             body["routingMode"] = routing_mode
         if sources is not None:
-            body["sources"] = list(sources)
+            body["sources"] = string_list(sources, "sources")
         if receivers is not None:
-            body["receivers"] = list(receivers)
+            body["receivers"] = string_list(receivers, "receivers")
         response = await self._call._request(
             "PATCH",
             self._path(group_id),

@@ -37,7 +37,14 @@ from ._digits import ToneRouter
 from ._http import RetryPolicy
 from ._meetings import Meeting, parse_join_url
 from ._operations import OperationRegistry
-from ._values import MediaInfoLike, TargetLike, dump, invitation_json, participant_info_json
+from ._values import (
+    MediaInfoLike,
+    TargetLike,
+    dump,
+    invitation_json,
+    participant_info_json,
+    string_list,
+)
 
 if TYPE_CHECKING:
     from .._lifecycle import Lifecycle
@@ -321,7 +328,7 @@ class CallServices:
             body["targets"] = [invitation_json(t) for t in targets]
         if subject is not None:
             body["subject"] = subject
-        body["requestedModalities"] = list(modalities)
+        body["requestedModalities"] = string_list(modalities, "modalities")
         body["mediaConfig"] = media_config_json(
             media_config=media_config,
             app_hosted_media=app_hosted_media,

@@ -31,6 +31,7 @@ __all__ = [
     "participant_info_json",
     "prompt_json",
     "prompts_json",
+    "string_list",
 ]
 
 IDENTITY = "#microsoft.graph.identity"
@@ -247,6 +248,14 @@ def media_prompt(uri: str, *, resource_id: str | None = None) -> models.MediaPro
 def media_info(uri: str, *, resource_id: str | None = None) -> models.MediaInfo:
     """A media file for Graph to pre-fetch when the call starts."""
     return models.MediaInfo(uri=uri, resource_id=resource_id)
+
+
+def string_list(values: Sequence[str], name: str) -> list[str]:
+    """``values`` as a list. A lone string is a sequence of strings to Python and to mypy:
+    sent, it would be its characters (``modalities="audio"``), so it is refused."""
+    if isinstance(values, str):
+        raise TypeError(f"{name} takes a list of strings, not one: {name}=[{values!r}]")
+    return list(values)
 
 
 def prompt_json(prompt: PromptLike) -> dict[str, Any]:
