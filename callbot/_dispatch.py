@@ -216,12 +216,30 @@ def require_parameters(
     try:
         signature.bind(*parameters.split(", "))
     except TypeError:
-        short = handler_name(handler).rpartition(".")[2]
+        owner, _, short = handler_name(handler).rpartition(".")
+        if _a_method_in_its_class_body(handler, signature, owner):
+            # A decorator in the class body gets the function: its object's method is wanted.
+            raise TypeError(
+                f"{handler_name(handler)!r} is a method: register the method of an object of "
+                f"its class, once made ({owner.rpartition('.')[2]}().{short}), not the "
+                "function in the class's body"
+            ) from None
         name = "__call__(self, " if is_an_object(handler) else f"{short}("
         raise TypeError(
             f"{handler_name(handler)!r} must take ({parameters}), not {signature}: "
             f"{define} {name}{parameters}) -> {returns}"
         ) from None
+
+
+def _a_method_in_its_class_body(handler: Any, signature: inspect.Signature, owner: str) -> bool:
+    """Whether ``handler`` is a function defined in a class, taking ``self`` first."""
+    first = next(iter(signature.parameters), None)
+    return (
+        first == "self"
+        and inspect.isfunction(handler)
+        and bool(owner)
+        and not owner.endswith("<locals>")
+    )
 
 
 class _Slots:

@@ -549,6 +549,26 @@ def test_a_handler_that_cannot_take_its_arguments_fails_when_registered(
     bot.on_error(anything)
 
 
+def test_a_method_registered_in_its_class_body_is_told_to_register_its_objects(
+    authority: Any,
+) -> None:
+    """A decorator in the class body gets the function, which takes ``self`` first: the
+    error said to write ``async def on_key(call, event)``, dropping ``self``, where the
+    method of an object is what to register."""
+    bot = make_bot(authority)
+
+    with pytest.raises(
+        TypeError,
+        match=r"'.*Menu.on_key' is a method: register the method of an object of its class, "
+        r"once made \(Menu\(\).on_key\), not the function in the class's body",
+    ):
+
+        class Menu:
+            @bot.on_tone  # type: ignore[type-var]  # as mypy refuses it
+            async def on_key(self, call: Call, event: events.ToneReceived) -> None:
+                return None
+
+
 def test_a_matches_filter_that_cannot_decide_fails_when_registered(authority: Any) -> None:
     """A filter is called inside the run with the event alone and must answer at once: an
     ``async def`` one answered with a coroutine, which is true, so its handler ran for every
