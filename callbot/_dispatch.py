@@ -184,6 +184,10 @@ def refuse_coroutine_returned(name: str, returned: object) -> None:
 def _require_coroutine(handler: Any) -> None:
     if not calls_a_coroutine(handler):
         what = repr(handler_name(handler) if callable(handler) else handler)
+        if isinstance(handler, type) and calls_a_coroutine(handler.__call__):
+            # The class of a handler object: calling it would make an object, not run it.
+            short = handler.__qualname__.rpartition(".")[2]
+            raise TypeError(f"{what} is a class: register an object of it ({short}())")
         raise TypeError(
             f"{what} must be an 'async def' function, or an object whose "
             "class defines 'async def __call__'"

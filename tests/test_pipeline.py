@@ -569,6 +569,22 @@ def test_a_method_registered_in_its_class_body_is_told_to_register_its_objects(
                 return None
 
 
+def test_a_handler_class_registered_for_its_object_is_told_to_make_one(authority: Any) -> None:
+    """The class of a handler object, not an object of it: the error said it must define
+    ``async def __call__``, which it does."""
+    bot = make_bot(authority)
+
+    class KeyCounter:
+        async def __call__(self, call: Call, event: events.ToneReceived) -> None:
+            return None
+
+    with pytest.raises(
+        TypeError, match=r"'.*KeyCounter' is a class: register an object of it \(KeyCounter\(\)\)"
+    ):
+        bot.on_tone(KeyCounter)  # type: ignore[type-var]  # as mypy refuses it
+    bot.on_tone(KeyCounter())
+
+
 def test_a_matches_filter_that_cannot_decide_fails_when_registered(authority: Any) -> None:
     """A filter is called inside the run with the event alone and must answer at once: an
     ``async def`` one answered with a coroutine, which is true, so its handler ran for every
