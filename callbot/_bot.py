@@ -41,7 +41,7 @@ from ._routes import checked_routes, reading_bodies_first
 from ._sequencing import Delivery, Sequencer
 from ._serving import ConnectionGuard
 from .graph import Call, CallServices
-from .models import CALL_STATES, canonical_call_state
+from .models._common import known_call_state
 from .store import Store, open_store
 from .store._base import tell_waiting
 
@@ -538,10 +538,7 @@ class CallBot:
         if not all(isinstance(state, str) for state in states):
             # @bot.on_state written without its states hands over the handler itself.
             raise TypeError("on_state takes the states to run on: @bot.on_state('established')")
-        wanted = frozenset(canonical_call_state(s) for s in states)
-        unknown = sorted(wanted - set(CALL_STATES))
-        if unknown:
-            raise ValueError(f"unknown call state(s) {unknown}; known: {list(CALL_STATES)}")
+        wanted = frozenset(known_call_state(s) for s in states)
 
         def register(handler: CallStateChangedHandler) -> CallStateChangedHandler:
             self._registry.add(

@@ -122,6 +122,30 @@ async def test_answer_brings_establishing_established_its_update_and_the_roster(
     assert call.states == ["incoming", "establishing", "established"]
 
 
+async def test_a_misspelt_action_or_state_is_refused_at_once() -> None:
+    """A name FakeGraph has no request for matched none: ``assert not
+    call.requests_for("transfer_call")`` passed whatever the bot did, ``fail_next`` failed
+    nothing, and ``wait_for_request`` or ``wait_for_state`` failed only after its timeout."""
+    bot, _ = answering_bot()
+    async with run_with_simulator(bot) as sim:
+        call = await sim.incoming_call()
+        await call.wait_for_state("established")
+        with pytest.raises(ValueError, match="no request 'play_prompt': did you mean 'playPrompt'"):
+            call.requests_for("play_prompt")
+        with pytest.raises(ValueError, match="no request 'Transfer': did you mean 'transfer'"):
+            sim.requests_for("Transfer")
+        with pytest.raises(ValueError, match="no request 'hangup'"):
+            await call.wait_for_request("hangup", timeout=60)
+        with pytest.raises(ValueError, match="no request 'playprompt': did you mean 'playPrompt'"):
+            sim.graph.fail_next("playprompt", 500)
+        with pytest.raises(ValueError, match="unknown call state 'establised'"):
+            await call.wait_for_state("establised", timeout=60)
+        assert call.requests_for("transfer") == []
+        sim.graph.fail_next("/communications/calls/x/playPrompt", 500)  # a path, as it is
+        await call.wait_for_state("Established")  # in any case, as on_state takes it
+        await call.hangup()
+
+
 async def test_keep_alives_can_be_tested_with_a_short_interval() -> None:
     """A bot served by the simulator sends keep-alives as it is configured to, for each
     established call every interval it was configured with, and a test sees them as Graph

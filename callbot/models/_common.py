@@ -97,6 +97,15 @@ def canonical_call_state(value: str) -> str:
     return _CALL_STATE.canonical(value)
 
 
+def known_call_state(value: str) -> str:
+    """``value`` in Graph's spelling, when it is one of :data:`CALL_STATES` (in any case);
+    any other raises ``ValueError``: a state asked for by name is misspelt, not new."""
+    state = canonical_call_state(value)
+    if state not in CALL_STATES:
+        raise ValueError(f"unknown call state {value!r}; known: {list(CALL_STATES)}")
+    return state
+
+
 CallState: TypeAlias = Annotated[str, _CALL_STATE]
 """One of :data:`CALL_STATES` in Graph's spelling, or a state Graph added later (as sent)."""
 

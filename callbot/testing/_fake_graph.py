@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import difflib
 import re
 import time
 import uuid
@@ -100,6 +101,33 @@ _ROUTES: tuple[tuple[str, str, str], ...] = (
     ("DELETE", _CALL + r"/audioRoutingGroups/(?P<item>[^/]+)", "deleteAudioRoutingGroup"),
     ("GET", _CALL + r"/operations/(?P<item>[^/]+)", "getOperation"),
 )
+
+ACTIONS: frozenset[str] = frozenset(
+    [
+        *_CALL_ACTIONS.split("|"),
+        *(action for _, _, action in _ROUTES if action),
+        "token",
+        "recording",
+        "unknown",
+    ]
+)
+"""The name of every request FakeGraph records (:attr:`RecordedRequest.action`)."""
+
+
+def known_action(action: str) -> str:
+    """``action`` when FakeGraph names requests so; any other raises ``ValueError`` (a
+    misspelt name matches no request: a test asserting that none was sent would pass)."""
+    if action in ACTIONS:
+        return action
+    by_letters = {name.lower(): name for name in ACTIONS}
+    close = by_letters.get(action.replace("_", "").lower())
+    close = close or next(iter(difflib.get_close_matches(action, ACTIONS, n=1)), None)
+    hint = f": did you mean {close!r}?" if close else ""
+    raise ValueError(
+        f"FakeGraph records no request {action!r}{hint} (it names them: "
+        f"{', '.join(sorted(ACTIONS))})"
+    )
+
 
 # action -> (operation type, response status, initial operation status), as documented
 OPERATIONS: dict[str, tuple[str, int, str]] = {
@@ -226,6 +254,10 @@ class _Fault:
     hang: bool = False
     drop: bool = False
     acted: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.match.startswith("/"):
+            known_action(self.match)  # a path is taken as it is
 
 
 @dataclass(kw_only=True)
@@ -399,7 +431,7 @@ class FakeGraph(LocalServer):
 
     def route(self, action: str, handler: Handler) -> None:
         """Answer ``action`` with ``handler(request) -> FakeResponse`` instead of the default."""
-        self._handlers[action] = handler
+        self._handlers[known_action(action)] = handler
 
     def fail_next(
         self,
@@ -499,6 +531,7 @@ class FakeGraph(LocalServer):
 
     def requests_for(self, action: str) -> list[RecordedRequest]:
         """The recorded requests for one action, in order."""
+        action = known_action(action)
         return [r for r in self.requests if r.action == action]
 
     def answer_to(self, request: RecordedRequest) -> FakeResponse:

@@ -84,9 +84,16 @@ from .._parse import parse_payload
 from .._sequencing import Sequencer
 from ..graph import AccessToken
 from ..graph._call import on_beta
+from ..models._common import known_call_state
 from ..models._operations import is_settled
 from . import builders as build
-from ._fake_graph import RECORDING_RETENTION, FakeGraph, FakeResponse, RecordedRequest
+from ._fake_graph import (
+    RECORDING_RETENTION,
+    FakeGraph,
+    FakeResponse,
+    RecordedRequest,
+    known_action,
+)
 from ._tokens import TEST_TENANT_ID, TokenAuthority
 
 if TYPE_CHECKING:
@@ -579,6 +586,7 @@ class SimulatedCall:
 
     def requests_for(self, action: str) -> list[RecordedRequest]:
         """The bot's requests about this call for one action (``playPrompt``, ...)."""
+        action = known_action(action)
         return [r for r in self.requests if r.action == action]
 
     async def wait_for_request(self, action: str, timeout: float = 5.0) -> RecordedRequest:
@@ -588,7 +596,7 @@ class SimulatedCall:
     async def wait_for_state(self, state: str, timeout: float = 5.0) -> None:
         """Wait until the bot has acknowledged the call reaching ``state`` (in any case, as
         ``on_state`` takes it)."""
-        state = models.canonical_call_state(state)
+        state = known_call_state(state)
         await self._sim._until(
             lambda: state in self.states,
             timeout,
