@@ -517,6 +517,15 @@ class Dispatcher:
             except BaseException as second:
                 if not is_handler_error(second):
                     raise
+                if isinstance(second, Exception) and _stopped_by_the_end(second, call):
+                    # The caller hung up while it acted: as for any handler, not a failure.
+                    self._lines.info(
+                        "handler_stopped_call_ended",
+                        call_id=call_id,
+                        handler=handler_name(on_error),
+                    )
+                    self.counts["call_ended"] += 1
+                    continue
                 self.counts["unhandled_errors"] += 1
                 log.error(
                     "error_handler_failed",

@@ -953,6 +953,37 @@ async def test_a_handler_returning_an_action_it_did_not_await_is_an_error(
     assert "await it in the handler" in str(error)
 
 
+async def test_an_error_handler_stopped_by_the_call_s_end_stops_quietly(authority: Any) -> None:
+    """An on_error handler apologising to a caller who has hung up got CallEnded, which a
+    handler may let escape: it was logged as error_handler_failed and counted unhandled
+    (a strict test failed), where any other handler stops quietly."""
+    bot = make_bot(authority)
+    reported: list[str] = []
+
+    @bot.on_incoming_call
+    async def answer(call: Call, event: events.IncomingCall) -> None:
+        await call.answer()
+
+    @bot.on_terminated
+    async def bill(call: Call, event: events.CallTerminated) -> None:
+        raise LookupError("no tariff")
+
+    @bot.on_error
+    async def apologise(call: Call, event: events.Event, exc: BaseException) -> None:
+        reported.append(str(exc))
+        await call.play_prompt("https://cdn.contoso.com/sorry.wav")
+
+    async with run_with_simulator(bot) as sim:
+        call = await sim.incoming_call()
+        await call.wait_for_state("established")
+        await call.hangup()
+        await call.settled()
+        counts = bot._running().dispatcher.counts
+    assert reported == ["no tariff"]
+    assert (counts["handler_errors"], counts["unhandled_errors"]) == (1, 0)
+    assert counts["call_ended"] == 1
+
+
 class Hangup(BaseException):
     """What a bot might raise to leave a handler at once (a ``BaseException``, as
     ``asyncio.CancelledError`` is, so that ``except Exception`` lets it through)."""
