@@ -547,8 +547,9 @@ class CallBot:
                 lambda e: isinstance(e, events.CallStateChanged) and e.state in wanted,
             )
             if "incoming" in wanted:
-                # The move into "incoming" is the IncomingCall, not a CallStateChanged.
-                self._registry.add(events.IncomingCall, handler)
+                # The move into "incoming" is the IncomingCall, not a CallStateChanged (which
+                # it reads as, so its handler may be annotated for either, as for mypy).
+                self._registry.add(events.IncomingCall, handler, annotation_judged=False)
             return handler
 
         return register

@@ -12,6 +12,8 @@ import asyncio
 import inspect
 import time
 import traceback
+import types
+import typing
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -90,14 +92,20 @@ class HandlerRegistry:
         event_type: type[events.Event],
         handler: Handler[Any],
         matches: Callable[[events.Event], bool] | None = None,
+        *,
+        annotation_judged: bool = True,
     ) -> None:
-        """Register ``handler`` for ``event_type`` and its subclasses."""
+        """Register ``handler`` for ``event_type`` and its subclasses. ``annotation_judged``:
+        refuse a handler whose ``event`` is annotated with classes ``event_type`` is none of
+        (as mypy does)."""
         _require_coroutine(handler)
         require_parameters(handler, "call, event")
         if matches is not None:
             _require_filter(matches)
         if not (isinstance(event_type, type) and issubclass(event_type, events.Event)):
             raise TypeError(f"{event_type!r} is not an event class from callbot.events")
+        if annotation_judged:
+            _require_event_annotation(handler, event_type)
         name = handler_name(handler)
         self._registrations.append(_Registration(event_type, handler, matches, name))
         self._cache.clear()
@@ -192,6 +200,37 @@ def _require_coroutine(handler: Any) -> None:
             f"{what} must be an 'async def' function, or an object whose "
             "class defines 'async def __call__'"
         )
+
+
+def _require_event_annotation(handler: Any, event_type: type[events.Event]) -> None:
+    # What mypy refuses, for a bot it does not check: the handler would fail on the first
+    # attribute it read. An annotation that cannot be read here (a name defined later) is
+    # judged by nobody but mypy.
+    try:
+        signature = inspect.signature(handler, follow_wrapped=False, eval_str=True)
+    except Exception:
+        return
+    positional = [
+        p
+        for p in signature.parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    if len(positional) < 2 or positional[1].annotation is inspect.Parameter.empty:
+        return
+    annotation = positional[1].annotation
+    union = isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union
+    accepted = typing.get_args(annotation) if union else (annotation,)
+    try:
+        if not all(isinstance(a, type) for a in accepted) or issubclass(event_type, accepted):
+            return
+    except TypeError:  # a class no class can be checked against (a Protocol)
+        return
+    taken = " | ".join(a.__name__ for a in accepted)
+    raise TypeError(
+        f"{handler_name(handler)!r} takes an event of {taken}, and is registered for "
+        f"{event_type.__name__}: annotate event: events.{event_type.__name__} "
+        "(or a base class)"
+    )
 
 
 def _require_filter(matches: Any) -> None:

@@ -9,7 +9,7 @@ import json
 import random
 import re
 from collections.abc import Awaitable, Callable
-from typing import Any, assert_type
+from typing import Any, Protocol, assert_type
 
 import pytest
 import structlog
@@ -547,6 +547,71 @@ def test_a_handler_that_cannot_take_its_arguments_fails_when_registered(
     bot.on_incoming_call(flexible)
     bot.on(events.Event)(anything)
     bot.on_error(anything)
+
+
+async def on_key(call: Call, event: events.ToneReceived) -> None:
+    return None
+
+
+async def on_move(call: Call, event: events.CallStateChanged) -> None:
+    return None
+
+
+async def swapped(event: events.ToneReceived, call: Call) -> None:
+    return None
+
+
+async def on_news(call: Call, event: events.CallStateChanged | events.CallUpdated) -> None:
+    return None
+
+
+def test_a_handler_annotated_for_other_events_fails_when_registered(authority: Any) -> None:
+    """What mypy refuses, for a bot not checked with it: a handler whose ``event`` is
+    annotated with a class its registration never gives ran, and failed on the first
+    attribute it read (or, its arguments swapped, on the call's)."""
+    bot = make_bot(authority)
+
+    with pytest.raises(
+        TypeError,
+        match=r"'on_key' takes an event of ToneReceived, and is registered for "
+        r"CallStateChanged: annotate event: events.CallStateChanged \(or a base class\)",
+    ):
+        bot.on_state("established")(on_key)  # type: ignore[type-var]
+    with pytest.raises(TypeError, match=r"'swapped' takes an event of Call, and is registered"):
+        bot.on_tone(swapped)  # type: ignore[type-var]
+    with pytest.raises(
+        TypeError,
+        match=r"'on_move' takes an event of CallStateChanged, and is registered for CallUpdated",
+    ):
+        bot.on_transfer_failed(on_move)  # type: ignore[type-var]  # also a CallUpdated
+    with pytest.raises(
+        TypeError, match=r"'on_key' takes an event of ToneReceived, and is registered for Event"
+    ):
+        bot.on(events.Event)(on_key)  # type: ignore[type-var]
+
+    # Base classes, unions and unreadable annotations are fine, as for mypy.
+    bot.on_terminated(on_move)
+    bot.on_transfer_failed(on_news)
+    bot.on_state("incoming", "established")(on_move)  # the IncomingCall reads the same
+    bot.on(events.ToneReceived)(functools.partial(on_key))
+
+    async def later(call: Call, event: NotYetDefined) -> None:  # type: ignore[name-defined]  # noqa: F821
+        return None
+
+    bot.on_tone(later)
+
+    async def unannotated(call, event):  # type: ignore[no-untyped-def]
+        return None
+
+    bot.on_tone(unannotated)
+
+    class HasTone(Protocol):
+        tone: str
+
+    async def structural(call: Call, event: HasTone) -> None:
+        return None
+
+    bot.on(events.ToneReceived)(structural)
 
 
 def test_a_method_registered_in_its_class_body_is_told_to_register_its_objects(
