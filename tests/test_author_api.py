@@ -76,6 +76,28 @@ async def test_the_hint_for_a_plain_phone_number_is_a_number_graph_takes(
         await services.call(CALL_ID).transfer(given)
 
 
+LISTED_TARGETS: dict[str, Callable[[CallServices], Awaitable[Any]]] = {
+    "create_call": lambda s: s.create_call([Target.user(USER_ID)]),  # type: ignore[arg-type]
+    "redirect": lambda s: s.call(CALL_ID).redirect([USER_ID]),  # type: ignore[arg-type]
+    "invite": lambda s: s.call(CALL_ID).participants.invite([USER_ID]),  # type: ignore[arg-type]
+}
+
+
+@pytest.mark.parametrize("action", sorted(LISTED_TARGETS))
+async def test_targets_given_as_a_list_are_refused_with_the_way_to_give_them(
+    graph: FakeGraph, services: CallServices, action: str
+) -> None:
+    """Targets go one by one (``create_call(a, b)``): a list of them was read as a dict,
+    and refused with "dictionary update sequence element #0 has length 36"."""
+    with pytest.raises(
+        TypeError, match=r"targets are given one by one: \(a, b\), not \(\[a, b\]\)"
+    ):
+        await LISTED_TARGETS[action](services)
+    with pytest.raises(TypeError, match=r"a target is a Target, a user's id, a model or a dict"):
+        await services.call(CALL_ID).transfer(42)  # type: ignore[arg-type]
+    assert [r.action for r in graph.requests if r.action != "token"] == []
+
+
 def test_a_phone_number_written_with_separators_is_sent_as_its_digits() -> None:
     assert Target.phone("+1 (425) 555-0100").id == "+14255550100"
     assert Target.phone("+44 20.7946.0958").id == "+442079460958"

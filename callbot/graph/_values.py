@@ -331,7 +331,7 @@ def invitation_json(value: TargetLike) -> dict[str, Any]:
         value = _user(value)
     if isinstance(value, Target):
         return value.invitation_json()
-    return dump(value)
+    return dump(_a_target(value))
 
 
 def participant_info_json(value: TargetLike) -> dict[str, Any]:
@@ -340,4 +340,19 @@ def participant_info_json(value: TargetLike) -> dict[str, Any]:
         value = _user(value)
     if isinstance(value, Target):
         return value.participant_info_json()
-    return dump(value)
+    return dump(_a_target(value))
+
+
+def _a_target(value: object) -> BaseModel | Mapping[str, Any]:
+    """A target given as a model or a raw dict; anything else raises (``dict()`` would read
+    a list of targets as pairs, or refuse it with a message about sequences)."""
+    if isinstance(value, BaseModel | Mapping):
+        return value
+    if isinstance(value, list | tuple | set):
+        raise TypeError(
+            f"targets are given one by one: (a, b), not ([a, b]); got a {type(value).__name__}"
+        )
+    raise TypeError(
+        f"a target is a Target, a user's id, a model or a dict, not {type(value).__name__}: "
+        f"{value!r}"
+    )
