@@ -27,6 +27,7 @@ from ._dispatch import (
     StartedHook,
     is_handler_error,
     refuse_coroutine_returned,
+    require_delivered,
     require_parameters,
 )
 from ._gc import tune_for_serving
@@ -504,6 +505,7 @@ class CallBot:
                 f"on takes an event class from callbot.events, not {what}: "
                 "@bot.on(events.CallUpdated)"
             )
+        require_delivered(event_type)
         # The registry hands ``matches`` only events of ``event_type``.
         filtered = cast("Callable[[events.Event], bool] | None", matches)
         return HandlerDecorator(lambda handler: self._registry.add(event_type, handler, filtered))

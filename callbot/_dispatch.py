@@ -41,6 +41,7 @@ __all__ = [
     "StartedHook",
     "is_handler_error",
     "refuse_coroutine_returned",
+    "require_delivered",
     "require_parameters",
 ]
 
@@ -104,6 +105,7 @@ class HandlerRegistry:
             _require_filter(matches)
         if not (isinstance(event_type, type) and issubclass(event_type, events.Event)):
             raise TypeError(f"{event_type!r} is not an event class from callbot.events")
+        require_delivered(event_type)
         if annotation_judged:
             _require_event_annotation(handler, event_type)
         name = handler_name(handler)
@@ -163,6 +165,21 @@ async def _still_held(attempt: Attempt) -> bool:
     paused or its loop blocked past the lease) starts nothing more."""
     journal = attempt.journal
     return journal is None or await journal.admits(attempt)
+
+
+_DELIVERED: frozenset[type[events.Event]] = frozenset(
+    getattr(events, name) for name in events.__all__
+)
+"""The event classes callbot delivers (a subclass of one that a bot defines is never made)."""
+
+
+def require_delivered(event_type: type[events.Event]) -> None:
+    """Refuse an event class callbot never delivers: its handlers would never run."""
+    if event_type not in _DELIVERED:
+        raise TypeError(
+            f"{event_type.__name__!r} is no event callbot delivers: register for one of "
+            f"callbot.events ({', '.join(events.__all__)}), narrowed with matches="
+        )
 
 
 def is_handler_error(exc: BaseException) -> bool:

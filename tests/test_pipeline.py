@@ -614,6 +614,23 @@ def test_a_handler_annotated_for_other_events_fails_when_registered(authority: A
     bot.on(events.ToneReceived)(structural)
 
 
+def test_an_event_class_of_the_bot_s_own_is_refused_as_never_delivered(authority: Any) -> None:
+    """callbot delivers only its own event classes: a handler of a subclass a bot defined
+    was registered, and never ran."""
+    bot = make_bot(authority)
+
+    class Pressed(events.ToneReceived):
+        pass
+
+    async def on_pressed(call: Call, event: Pressed) -> None:
+        return None
+
+    with pytest.raises(TypeError, match=r"'Pressed' is no event callbot delivers: .*ToneReceived"):
+        bot.on(Pressed)(on_pressed)  # type: ignore[misc, type-var]  # as mypy refuses it
+    with pytest.raises(TypeError, match=r"'Pressed' is no event callbot delivers"):
+        bot.on(Pressed, matches=lambda event: True)
+
+
 def test_a_method_registered_in_its_class_body_is_told_to_register_its_objects(
     authority: Any,
 ) -> None:
