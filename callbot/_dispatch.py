@@ -568,8 +568,12 @@ class Dispatcher:
             )
             return
         for on_error in handlers:
+            # What it returns is looked at: an action whose await was forgotten.
+            run: Callable[[Call, events.Event, BaseException], Awaitable[object]] = on_error
             try:
-                await on_error(call, event, exc)
+                returned = await run(call, event, exc)
+                if returned is not None:
+                    refuse_coroutine_returned(handler_name(on_error), returned)
             except BaseException as second:
                 if not is_handler_error(second):
                     raise

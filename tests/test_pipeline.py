@@ -1035,6 +1035,31 @@ async def test_a_handler_returning_an_action_it_did_not_await_is_an_error(
     assert "await it in the handler" in str(error)
 
 
+async def test_an_error_handler_returning_an_action_it_did_not_await_fails(
+    authority: Any,
+) -> None:
+    """``return call.play_prompt(SORRY)`` in an on_error handler: the apology was never
+    played, and nothing but a RuntimeWarning at garbage collection said so."""
+    bot = make_bot(authority)
+
+    @bot.on_incoming_call
+    async def answer(call: Call, event: events.IncomingCall) -> None:
+        raise LookupError("no route")
+
+    @bot.on_error
+    async def apologise(call: Call, event: events.Event, exc: BaseException) -> Any:
+        return call.play_prompt("https://cdn.contoso.com/sorry.wav")
+
+    with capture_logs() as logs:
+        async with run_with_simulator(bot) as sim:
+            call = await sim.incoming_call()
+            counts = bot._running().dispatcher.counts
+            await until(lambda: counts["unhandled_errors"] == 1)
+            await call.hangup()
+    [failure] = [e for e in logs if e["event"] == "error_handler_failed"]
+    assert "returned <coroutine object Call.play_prompt" in failure["error_handler_error"]
+
+
 async def test_an_error_handler_stopped_by_the_call_s_end_stops_quietly(authority: Any) -> None:
     """An on_error handler apologising to a caller who has hung up got CallEnded, which a
     handler may let escape: it was logged as error_handler_failed and counted unhandled
