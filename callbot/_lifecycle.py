@@ -5,7 +5,8 @@ The sequencer tells it, in delivery order, each state a call moves into
 (:meth:`Lifecycle.enter`); everything else asks it. Nothing else decides that
 a call has ended or may be forgotten: those who keep something per call
 (operation waits, the sequencer's record, a shared store) subscribe with
-:meth:`Lifecycle.when_ended` and :meth:`Lifecycle.when_forgotten`.
+:meth:`Lifecycle.when_ended` and :meth:`Lifecycle.when_forgotten`, and a shared store
+keeps a call's keys while Graph accepts its keep-alives (:meth:`Lifecycle.when_kept_alive`).
 
 A call's timers live in one heap under one event-loop timer, so a call costs
 no task and no timer of its own while it waits.
@@ -337,6 +338,7 @@ class Lifecycle:
         # a wait started after that returns at once, as for a call established here.
         self._established_elsewhere = _ByTenant(_MAX_ENDED)
         self._forgotten_listeners: list[Callable[[str, str], None]] = []
+        self._kept_alive_listeners: list[Callable[[str], None]] = []
         self._delivering: Callable[[str], bool] = lambda call_key: False
         # Lines of each call: a sender inventing 200 calls a request decides how many.
         self._lines = RateLimitedLog(log)
@@ -353,6 +355,11 @@ class Lifecycle:
         ``never_established``, ``unproven`` (past ringing, but no request of the bot's own on
         it was ever accepted) or ``too_many_pending_calls``."""
         self._forgotten_listeners.append(listener)
+
+    def when_kept_alive(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(call_key)`` each time Graph accepts a keep-alive of a call: it goes
+        on, however long since its last notification."""
+        self._kept_alive_listeners.append(listener)
 
     def keep_while(self, delivering: Callable[[str], bool]) -> None:
         """A call whose end another instance told is not forgotten while
@@ -785,8 +792,14 @@ class Lifecycle:
         if result is KeepAliveResult.GONE:
             self._lines.info("keep_alive_call_gone", call_id=life.call_id)
             self.gone(life.call_id)
-        else:
-            self._start_keep_alive(life, after_failure=result is KeepAliveResult.FAILED)
+            return
+        if result is KeepAliveResult.OK:
+            for listener in self._kept_alive_listeners:
+                try:
+                    listener(life.key)
+                except Exception:
+                    log.exception("call_keep_alive_listener_failed", call_id=life.call_id)
+        self._start_keep_alive(life, after_failure=result is KeepAliveResult.FAILED)
 
 
 def _never_established(call_id: str, result_info: ResultInfo | None) -> CallEnded:

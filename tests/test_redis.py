@@ -2793,3 +2793,46 @@ async def test_a_lone_instance_at_capacity_runs_the_call_it_left_once_a_slot_fre
         assert ran == ["busy", "late"]
     finally:
         release.set()
+
+
+async def test_a_call_kept_alive_keeps_its_keys_however_long_it_goes_without_news(
+    authority: TokenAuthority, serve: Any, redis_url: str, rdb: aioredis.Redis
+) -> None:
+    """Graph keeps a call the bot keeps alive for as long as it goes on, notifications or not
+    (a meeting nobody joins or leaves for a day): each keep-alive Graph accepts renews the
+    call's keys. They expired a day after its last notification, while its keep-alives went
+    on: the next notification (or a restart) found nothing kept, started the call over from
+    no state, and its keep-alives stopped (Graph then ended it: 408/8537)."""
+    async with FakeGraph() as graph:
+        graph.add_call("all-day")
+        bot = make_bot(
+            authority,
+            store=redis_url,
+            graph_url=graph.graph_url,
+            authority_url=graph.authority_url,
+            app_secret="fake-graph-secret",
+            keep_alive=True,
+            keep_alive_interval=0.2,
+        )
+        server = await serve(bot)
+        for state in ("establishing", "established"):
+            item = b.call_state("all-day", state)
+            assert (await server.post(b.notifications(item))).status == 202
+        await wait_for(lambda: settled(rdb))
+        keys = [f"{KEY_PREFIX}{{{call_key('all-day')}}}:{name}" for name in _KEPT]
+        assert await rdb.exists(*keys) == len(keys)
+        # Nearly a day since the last notification.
+        for key in keys:
+            await rdb.pexpire(key, 60_000)
+        kept_alive = len(graph.requests_for("keepAlive"))
+
+        async def renewed() -> bool:
+            lifetimes = [await rdb.pttl(key) for key in keys]
+            return min(lifetimes) > 60_000
+
+        await wait_for(renewed, within=10)
+        assert len(graph.requests_for("keepAlive")) > kept_alive
+
+
+_KEPT = ("inbox", "fence", "call", "tenant")
+"""The keys a call that goes on keeps (its ``seen`` and ``lease`` are kept for a while only)."""

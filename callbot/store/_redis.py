@@ -97,7 +97,8 @@ _SOCKET_TIMEOUT = 3.0
 _EVENTS_MAXLEN = 10_000
 """Roughly how many operation outcomes, tones and call ends the shared events stream keeps."""
 _LIFETIME_MS = 24 * 3600 * 1000
-"""Keys of a call that never ended, and the shared indexes, expire after a day unused."""
+"""Keys of a call that never ended, and the shared indexes, expire after a day unused (a
+call's by its notifications, or by Graph accepting its keep-alive)."""
 _MIN_DEDUPE_MS = 10 * 60 * 1000
 """Exact repeats are dropped at least this long after the first copy (Graph's retries)."""
 _SYNC_SECONDS = 2.0
@@ -682,6 +683,7 @@ class RedisStore:
             on_drop=self._dropped,
         )
         lifecycle.when_forgotten(self._forgotten)
+        lifecycle.when_kept_alive(lambda call_key: self._kept_alive.add(call_key))
         # A call whose end was told stays while this instance runs it (its end is yet to come).
         lifecycle.keep_while(lambda call_key: call_key in self._owned)
         self._owned: dict[str, _Owned] = {}
@@ -724,6 +726,8 @@ class RedisStore:
         """Calls to add to (True) or take off (False) the ``active`` index."""
         self._ended_pending: set[str] = set()
         """Ended calls given up, to take off the ``pending`` index."""
+        self._kept_alive: set[str] = set()
+        """Calls Graph accepted a keep-alive of, whose keys are to last another day."""
         self._lingering = 0
         """Held calls with nothing to do, waiting a moment for their next notification."""
         self._taking = 0
@@ -1617,6 +1621,24 @@ class RedisStore:
             self._ended_pending |= ended
             raise
 
+    async def _prolong(self) -> None:
+        """Renew the keys of the calls kept alive since the last round: a call goes on while
+        Graph accepts its keep-alives, though no notification of it came for a day."""
+        calls, self._kept_alive = self._kept_alive, set()
+        lives = [self._lifecycle.get(call) for call in calls]
+        going = [life.key for life in lives if life is not None and not life.ended]
+        try:
+            await self._run_all(
+                [
+                    ("PEXPIRE", key, _LIFETIME_MS)
+                    for call in going
+                    for key in self._keys.of(call, "inbox", "fence", "call", "tenant")
+                ]
+            )
+        except RedisError:
+            self._kept_alive.update(going)  # renewed with the next round
+            raise
+
     async def _unpend(self, key: str, *, ended: bool = False) -> None:
         """Take a call whose inbox was empty off the pending index, unless work came back."""
         if ended:
@@ -1746,6 +1768,7 @@ class RedisStore:
                 await self._follow_primary()
                 await self._renew()  # first: once Redis is back, owners keep their calls
                 await self._flush_indexes()
+                await self._prolong()
                 await self._let_go_pending()
                 await self._reap()
                 if time.monotonic() - last_sync >= _SYNC_SECONDS:
