@@ -67,6 +67,7 @@ __all__ = [
     "TONES_UNORDERED",
     "CallRecord",
     "Delivery",
+    "KeeperLeft",
     "OwnFact",
     "Placed",
     "Sequencer",
@@ -470,7 +471,15 @@ class TransferRefused:
     call_id: str
 
 
-OwnFact = Placed | TransferAsked | TransferRefused
+@dataclass(frozen=True, slots=True)
+class KeeperLeft:
+    """The instance keeping the call alive stopped: whoever runs the call next keeps it alive
+    (a quiet call may bring no notification for hours, and Graph ends a call not kept alive)."""
+
+    call_id: str
+
+
+OwnFact = Placed | TransferAsked | TransferRefused | KeeperLeft
 """What the bot itself knows of a call and no notification of it says. A store puts it in
 line with the call's notifications (:meth:`Sequencer.note`), so that it counts for what is
 accepted after it, on whichever process runs the call."""
@@ -864,6 +873,8 @@ class Sequencer:
             self.lifecycle.transfer_asked(fact.call_id, fact.target)
         elif isinstance(fact, TransferRefused):
             self._transfer_refused(fact.call_id)
+        elif isinstance(fact, KeeperLeft):
+            return  # nothing to order by: the run feeding it took the call up, keep-alive and all
         else:
             self.placed(fact.call_id, fact.my_participant_id, fact.tenant_id)
 

@@ -2858,3 +2858,33 @@ async def test_a_call_kept_alive_keeps_its_keys_however_long_it_goes_without_new
 
 _KEPT = ("inbox", "fence", "call", "tenant")
 """The keys a call that goes on keeps (its ``seen`` and ``lease`` are kept for a while only)."""
+
+
+async def test_an_instance_stopping_hands_its_quiet_calls_keep_alives_over(
+    authority: TokenAuthority, serve: Any, redis_url: str, rdb: aioredis.Redis
+) -> None:
+    """A call no notification came for since an instance ran it (a meeting the bot sits in)
+    is kept alive by that instance alone: stopping (scaled down), it hands the keep-alive
+    over to another instance, which runs the call at once and keeps it alive from then on.
+    The keep-alives stopped with it, and Graph ended the call 45 minutes later."""
+    async with FakeGraph() as graph:
+        graph.add_call("quiet")
+        options: dict[str, Any] = {
+            "store": redis_url,
+            "graph_url": graph.graph_url,
+            "authority_url": graph.authority_url,
+            "app_secret": "fake-graph-secret",
+            "keep_alive": True,
+            "keep_alive_interval": 0.2,
+        }
+        first, second = (make_bot(authority, **options) for _ in range(2))
+        server = await serve(first)
+        await serve(second)
+        for state in ("establishing", "established"):
+            item = b.call_state("quiet", state)
+            assert (await server.post(b.notifications(item))).status == 202
+        await wait_for(lambda: settled(rdb))
+        await until(lambda: bool(graph.requests_for("keepAlive")))
+        await first.stop()
+        stopped = len(graph.requests_for("keepAlive"))
+        await until(lambda: len(graph.requests_for("keepAlive")) > stopped + 1, within=10)

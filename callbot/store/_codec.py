@@ -6,8 +6,9 @@ parser stays the one authority on what an item means, and instances of
 different callbot versions read each other's entries. Beside them, the inbox
 holds what the bot itself knows of the call (that it placed the call, in which
 tenant, and the bot's own participant id Graph's answer named; a transfer it
-asked, and its target), each as one tagged object (``{"fact": kind, "callId":
-...}``), fed in its place among the notifications.
+asked, and its target; that the instance keeping it alive stopped), each as one
+tagged object (``{"fact": kind, "callId": ...}``), fed in its place among the
+notifications.
 
 A call record keeps what the sequencer needs to go on ordering the call (its
 phase, state, roster, the digests of its last notifications and of its latest
@@ -34,6 +35,7 @@ from .._lifecycle import CallLife
 from .._parse import parse_payload
 from .._sequencing import (
     CallRecord,
+    KeeperLeft,
     OwnFact,
     Placed,
     TransferAsked,
@@ -123,8 +125,10 @@ def encode_fact(fact: OwnFact) -> str:
         body = {"fact": "transferAsked", "callId": fact.call_id}
         if fact.target is not None:
             body["target"] = _target_json(fact.target)
-    else:
+    elif isinstance(fact, TransferRefused):
         body = {"fact": "transferRefused", "callId": fact.call_id}
+    else:
+        body = {"fact": "keeperLeft", "callId": fact.call_id}
     return _dumps(body)
 
 
@@ -144,6 +148,8 @@ def decode_fact(text: str) -> OwnFact | None:
             return TransferAsked(call_id, _target(body.get("target")))
         if kind == "transferRefused":
             return TransferRefused(call_id)
+        if kind == "keeperLeft":
+            return KeeperLeft(call_id)
         raise ValueError(f"an inbox fact of a kind this version does not know: {kind!r}")
     if text.startswith(_PLACED_UNTAGGED):
         placed = json.loads(text)["placed"]

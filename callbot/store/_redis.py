@@ -52,6 +52,7 @@ from .._sequencing import (
     SEEN_DIGESTS,
     CallRecord,
     Delivery,
+    KeeperLeft,
     OwnFact,
     Placed,
     Sequencer,
@@ -892,22 +893,7 @@ class RedisStore:
         call = id_key(fact.call_id)
         started = time.monotonic()
         take = self._free_slots() > 0 and call not in self._owned
-        command = _cmd(
-            _scripts.INGEST,
-            keys.of(call, "inbox", "seen", "lease", "fence", "call", "tenant"),
-            "",  # never a repeat
-            encode_fact(fact),
-            self._dedupe_ms,
-            self.token,
-            self._lease_ms if take else "",
-            _READ_BATCH,
-            _LIFETIME_MS,
-            "",  # a fact is no notification: no token proves a tenant
-            SEEN_DIGESTS,
-            # The call is the tenant's it was placed in, unless a notification bound it first.
-            tenant_key(fact.tenant_id) if isinstance(fact, Placed) and fact.tenant_id else "",
-            *("", ""),  # what the bot itself knows of a call is never refused
-        )
+        command = self._fact_command(fact, take=take)
         self._taking += take
         try:
             # Indexed as pending after the entry, as an ingest does: the reaper finds it.
@@ -931,6 +917,49 @@ class RedisStore:
                 # Its run reads the inbox on its next look rather than linger first.
                 state.signals += 1
                 state.changed.set()
+
+    def _fact_command(self, fact: OwnFact, *, take: bool) -> tuple[Any, ...]:
+        """The script appending ``fact`` to its call's inbox (taking the call on if ``take``)."""
+        return _cmd(
+            _scripts.INGEST,
+            self._keys.of(
+                id_key(fact.call_id), "inbox", "seen", "lease", "fence", "call", "tenant"
+            ),
+            "",  # never a repeat
+            encode_fact(fact),
+            self._dedupe_ms,
+            self.token,
+            self._lease_ms if take else "",
+            _READ_BATCH,
+            _LIFETIME_MS,
+            "",  # a fact is no notification: no token proves a tenant
+            SEEN_DIGESTS,
+            # The call is the tenant's it was placed in, unless a notification bound it first.
+            tenant_key(fact.tenant_id) if isinstance(fact, Placed) and fact.tenant_id else "",
+            *("", ""),  # what the bot itself knows of a call is never refused
+        )
+
+    async def _hand_keep_alives_over(self) -> None:
+        """Give the calls this instance keeps alive to the others: the next run of each (on
+        another instance, at once) keeps it alive from then on. A quiet call brings no
+        notification that would, and Graph ends a call not kept alive for 45 minutes."""
+        lives = [life for life in self._lifecycle.active() if life.keeping_alive]
+        if not lives:
+            return
+        keys = self._keys
+        calls = [life.key for life in lives]
+        answers = await self._run_all(
+            [self._fact_command(KeeperLeft(life.call_id), take=False) for life in lives],
+            then=("SADD", keys.pending, *calls),  # as a note: the reaper finds them
+        )
+        waiting = [
+            part
+            for call, answer in zip(calls, answers, strict=True)
+            if int(answer[1]) == 3
+            for part in (_stream_id(_text(answer[3]))[0], call)
+        ]
+        if waiting:
+            await self._batch.run("ZADD", keys.runnable, "NX", *waiting)
 
     async def drain(self, timeout: float, stop_waiting: asyncio.Event | None = None) -> None:
         """Stop claiming; let each held call finish its running entry, then hand it over
@@ -964,6 +993,7 @@ class RedisStore:
             for state in left:
                 # Their entries were not acknowledged; another instance runs them again.
                 await self._release(state, handover=True)
+            await self._hand_keep_alives_over()
             # This may be the last instance, stopping before its reaper ever ran.
             await self._expire_indexes()
         except (RedisError, OSError) as exc:
