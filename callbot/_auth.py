@@ -360,6 +360,11 @@ class Authenticator:
         if key is None:
             await self._refetch_on_demand()
             key = self._keys.get(kid)
+            if key is None and not self._last_ok:
+                # A key rotated in while the keys cannot be fetched: asked again later (503).
+                raise KeysUnavailable(
+                    f"no signing key with kid {quoted(kid)}, and the keys could not be fetched"
+                )
             if key is None:
                 # Cut short: an unauthenticated request chooses it, up to the token's length.
                 raise AuthenticationError("unknown_key", f"no signing key with kid {quoted(kid)}")

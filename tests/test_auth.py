@@ -289,6 +289,22 @@ async def test_rotated_key_accepted_on_first_use(
     assert authority.jwks_fetches == served + 1
 
 
+async def test_a_key_rotated_in_while_the_keys_cannot_be_fetched_is_asked_for_again(
+    make_auth: MakeAuth, authority: TokenAuthority
+) -> None:
+    """A call lasting hours outlives Graph's signing key. Met while the key endpoint does not
+    answer, tokens of the new key were refused as invalid (``unknown_key``, a 401), and the
+    call's notifications with them; now they get ``keys_unavailable`` (a 503 asking Graph to
+    send them again), and are taken once the keys can be fetched."""
+    auth = await make_auth(refetch_cooldown=0.0)
+    authority.rotate_key()
+    authority.available = False
+    token = bearer(authority.mint(audience=APP_ID))
+    assert await reason_of(auth, token) == "keys_unavailable"
+    authority.available = True
+    assert (await auth.verify(token)).tenant_id == TEST_TENANT_ID
+
+
 async def test_withdrawn_key_refused(auth: Authenticator, authority: TokenAuthority) -> None:
     old_token = authority.mint(audience=APP_ID)
     await auth.verify(bearer(old_token))

@@ -116,7 +116,8 @@ async def test_keys_down_at_start_means_503_with_retry_after_until_they_load(
 async def test_keys_down_later_keeps_verifying_with_the_keys_already_loaded(
     authority: Any, serve: Any
 ) -> None:
-    """Loaded keys keep working; only a token signed by a key never seen is refused (401)."""
+    """Loaded keys keep working; a token signed by a key never seen is answered 503 while
+    the keys cannot be fetched (Graph sends it again), and taken once they can."""
     bot = make_bot(authority, key_refetch_cooldown=0.0)
     handled: list[str] = []
 
@@ -134,8 +135,8 @@ async def test_keys_down_later_keeps_verifying_with_the_keys_already_loaded(
     body = b.notifications(b.incoming_call("new-key"))
     with capture_logs() as logs:
         refused = await server.post(body, token=new_token)
-    assert refused.status == 401
-    assert (await refused.json())["error"] == "unknown_key"
+    assert refused.status == 503
+    assert (await refused.json())["error"] == "keys_unavailable"
     assert any(e["event"] == "jwks_fetch_failed" for e in logs)
     assert (
         await server.post(b.notifications(b.incoming_call("old-key")), token=old_token)
@@ -443,7 +444,8 @@ async def test_one_handler_slot_for_many_slow_calls_keeps_every_call_in_order(
 async def test_a_key_set_past_a_megabyte_is_not_read(authority: Any, serve: Any) -> None:
     """The platform's key set is a few KB; one endpoint sending more (misconfigured, or
     answering for another) was read whole, however large. It is read up to 1 MiB: past
-    that the fetch fails, and the keys already loaded keep working."""
+    that the fetch fails, and the keys already loaded keep working (a token of a key not
+    among them is answered 503: the keys could not be fetched)."""
     bot = make_bot(authority, key_refetch_cooldown=0.0)
     server = await serve(bot)
     assert (await server.post(b.notifications(b.incoming_call("before")))).status == 202
@@ -452,8 +454,8 @@ async def test_a_key_set_past_a_megabyte_is_not_read(authority: Any, serve: Any)
     authority.rotate_key()
     with capture_logs() as logs:
         refused = await server.post(b.notifications(b.incoming_call("after")))
-    assert refused.status == 401
-    assert (await refused.json())["error"] == "unknown_key"
+    assert refused.status == 503
+    assert (await refused.json())["error"] == "keys_unavailable"
     failures = [e["error"] for e in logs if e["event"] == "jwks_fetch_failed"]
     assert failures
     assert "more than 1048576 bytes" in failures[0]
