@@ -145,6 +145,45 @@ async def test_a_placed_call_has_one_chain_id_in_graphs_answer_and_its_notificat
     assert fetched.call_chain_id == answered
 
 
+def documented_operation(name: str) -> dict[str, Any]:
+    """A documented request and Graph's answer to it (``fixtures/operations``)."""
+    documented = json.loads((FIXTURES / "operations" / name).read_text(encoding="utf-8"))
+    assert isinstance(documented, dict)
+    return documented
+
+
+def without_nulls(value: Any) -> Any:
+    """``value`` without the keys Graph writes ``null``: nothing it knows to send."""
+    if isinstance(value, dict):
+        return {k: without_nulls(v) for k, v in value.items() if v is not None}
+    return [without_nulls(v) for v in value] if isinstance(value, list) else value
+
+
+async def test_a_placed_call_is_answered_naming_the_bots_application_as_its_source() -> None:
+    """Graph's answer to Create call names the application that placed the call as its
+    ``source``, though the request named none (the documented create-call answer). FakeGraph
+    answered with no ``source``, so a bot reading ``placed.snapshot.source`` passed under
+    test with ``None`` and read the application on Graph."""
+    documented = documented_operation("create-call.json")
+    assert "source" not in documented["request"]
+    bot, established = bot_seeing_established()
+    async with run_with_simulator(bot) as sim:
+        placed = await bot.create_call(Target.user("user-1", "Lee Gu"))
+        await sim.wait_for_outgoing_call()
+        await until(lambda: bool(established))
+        [(request, answer)] = [(r, a) for r, a in sim.graph.answers if r.action == "createCall"]
+    assert "source" not in request.json
+    assert placed.snapshot is not None
+    assert placed.snapshot.source is not None
+    assert placed.snapshot.source.identity is not None
+    application = placed.snapshot.source.identity.application
+    assert application is not None
+    assert (application.id, application.display_name) == (APP_ID, sim.bot_name)
+    assert key_paths(answer.body["source"]) == key_paths(
+        without_nulls(documented["response"]["source"])
+    )
+
+
 async def test_an_incoming_call_has_one_chain_id_in_its_notifications_and_on_graph() -> None:
     """Graph's copy of an incoming call (``GET`` the call) has the chain id its
     notifications carry; the simulator's had none."""

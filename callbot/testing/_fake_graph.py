@@ -325,6 +325,11 @@ class FakeGraph(LocalServer):
         """The call id of every operation started, by operation id."""
         self.tokens: dict[str, float] = {}
         """Issued access tokens and when they expire (epoch seconds)."""
+        self.token_clients: dict[str, str] = {}
+        """The application (client) id each issued token was issued to."""
+        self.application_names: dict[str, str] = {}
+        """Each application's registered name, by client id: Graph names the application
+        that placed a call by it (the call's ``source``)."""
         self.operation_status: dict[str, str] = {k: v[2] for k, v in OPERATIONS.items()}
         """The status an action's operation starts in (change it to simulate Graph)."""
         self.listeners: list[Listener] = []
@@ -834,6 +839,10 @@ class FakeGraph(LocalServer):
             "myParticipantId": str(uuid.uuid4()),
         }
         resource.setdefault("targets", [])
+        app_id = self.token_clients.get(request.bearer or "")
+        if "source" not in body and app_id is not None:
+            # Graph's answer names the application that placed it when the request named no one.
+            resource["source"] = _application_source(app_id, self.application_names.get(app_id))
         self.calls[id_key(call_id)] = FakeCall(
             id=call_id, resource=resource, callback_uri=_callback_uri(request)
         )
@@ -934,6 +943,8 @@ class FakeGraph(LocalServer):
             return problem
         token = "fake-graph-" + base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         self.tokens[token] = time.time() + self.token_lifetime
+        if client_id:
+            self.token_clients[token] = client_id
         return FakeResponse(
             status=200,
             body={
@@ -975,6 +986,18 @@ def _find(items: Mapping[str, Any], item_id: str | None) -> str | None:
     takes an id as callbot compares ids."""
     key = id_key(item_id or "")
     return next((found for found in items if id_key(found) == key), None)
+
+
+def _application_source(app_id: str, name: str | None) -> dict[str, Any]:
+    """The ``source`` Graph gives a call an application placed naming no one (its Create call
+    answer: the ``application`` by its id and registered name)."""
+    application: dict[str, Any] = {"@odata.type": "#microsoft.graph.identity", "id": app_id}
+    if name:
+        application["displayName"] = name
+    return {
+        "@odata.type": "#microsoft.graph.participantInfo",
+        "identity": {"@odata.type": "#microsoft.graph.identitySet", "application": application},
+    }
 
 
 def _oauth_error(status: int, error: str, description: str) -> FakeResponse:

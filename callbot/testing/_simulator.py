@@ -1737,13 +1737,15 @@ class _BotElsewhere:
 class _SimulatorCredential:
     """Outbound tokens the simulated Graph accepts, for bots built with their own credential."""
 
-    def __init__(self, graph: FakeGraph) -> None:
+    def __init__(self, graph: FakeGraph, app_id: str) -> None:
         self._graph = graph
+        self._app_id = app_id
 
     async def get_token(self, *scopes: str) -> AccessToken:
         token = "simulator-" + uuid.uuid4().hex
         expires = time.time() + self._graph.token_lifetime  # a token's expiry: the wall clock
         self._graph.tokens[token] = expires
+        self._graph.token_clients[token] = self._app_id
         return AccessToken(token, int(expires))
 
 
@@ -1839,6 +1841,7 @@ class Simulator:
         self.graph = FakeGraph(tenant_id=tenant_id, host=host)
         """The fake Graph REST API (requests, tokens, fault injection)."""
         self.graph.recording_retention = recording_retention
+        self.graph.application_names[app_id] = bot_name
         self.authority = TokenAuthority(key_file=key_file)
         """The token issuer whose keys the bot must trust (``openid_config_url``)."""
         self.traffic: list[Traffic] = []
@@ -1971,7 +1974,7 @@ class Simulator:
 
     def credential(self) -> _SimulatorCredential:
         """An outbound credential whose tokens the simulated Graph accepts."""
-        return _SimulatorCredential(self.graph)
+        return _SimulatorCredential(self.graph, self.app_id)
 
     def token(self, **claims: Any) -> str:
         """A callback token for the bot, signed with the published key."""
