@@ -359,6 +359,45 @@ async def test_a_redirected_call_ends_naming_the_call_as_graph_documents_it(
     assert told.my_participant_id == call.bot_participant_id
     assert told.callback_uri == call.callback_url
     assert ended[0].result_info is None
+    # Only the end of a redirect to a phone number is documented naming who answered (23).
+    assert "answeredBy" not in data
+    assert told.answered_by is None
+
+
+async def test_a_call_redirected_to_a_phone_ends_naming_who_answered_as_graph_documents() -> None:
+    """Graph ends a call the bot redirected to a phone number naming who answered it, by an
+    ``encrypted`` identity (document 23, and the redirect it follows asks for a phone). The
+    simulator named no one, so a bot reading ``event.call.answered_by`` in its
+    ``on_terminated`` handler passed under test with ``None``."""
+    documented = normalized_json(
+        load_notification_text("23-call-redirect-ex3-pstn-call-terminated-answeredby.json")
+    )["value"][0]["resourceData"]
+    [asked] = documented_operation("redirect-pstn.json")["request"]["targets"]
+    assert "phone" in asked["identity"]
+    bot = CallBot(app_id=APP_ID)
+    ended: list[events.CallTerminated] = []
+
+    @bot.on_incoming_call
+    async def forward(call: Call, event: events.IncomingCall) -> None:
+        await call.redirect(Target.phone(asked["identity"]["phone"]["id"]))
+
+    @bot.on_terminated
+    async def gone(call: Call, event: events.CallTerminated) -> None:
+        ended.append(event)
+
+    async with run_with_simulator(bot) as sim:
+        call = await sim.incoming_call(from_phone="+14255550100")
+        await call.wait_until_ended()
+        await until(lambda: bool(ended))
+        await call.settled()
+        posted = posted_items(sim.traffic)
+    answered = posted[-1]["resourceData"]["answeredBy"]
+    assert key_paths(answered) == key_paths(documented["answeredBy"])
+    told = ended[0].call.answered_by
+    assert told is not None
+    assert told.identity is not None
+    assert told.identity.encrypted is not None
+    assert told.identity.encrypted.id == answered["identity"]["encrypted"]["id"]
 
 
 @pytest.mark.parametrize("beta", [False, True], ids=["v1.0", "beta"])

@@ -1330,7 +1330,7 @@ class SimulatedCall:
                 ended["resourceData"] = {"@odata.type": _CALL_TYPE, "@odata.id": path}
             else:
                 # A redirected one ends naming the call it was (documents 19, 21, 23).
-                ended["resourceData"].update(self._redirected())
+                ended["resourceData"].update(self._redirected(body))
             self._enqueue(ended)
         elif action == "deleteCall":
             self._end_on_graph()
@@ -1414,14 +1414,32 @@ class SimulatedCall:
                 self._enqueue(self._roster_item([gone], "deleted"))
                 self._ended_if_alone()
 
-    def _redirected(self) -> dict[str, Any]:
+    def _redirected(self, redirect: Mapping[str, Any]) -> dict[str, Any]:
         """What Graph's end of a redirected call says of it beside ``terminated`` (documents
         19, 21, 23): its direction, caller, targets, ``myParticipantId``, id and
-        ``callbackUri``, as Graph's copy of the call has them."""
+        ``callbackUri``, as Graph's copy of the call has them; and, when the ``redirect``
+        asked for a phone number, who answered (``answeredBy``) by an ``encrypted``
+        identity, as only a redirect to a phone is documented ending (document 23)."""
         known = self._sim.graph.calls.get(self.key)
         resource = known.resource if known is not None else {}
         named = ("direction", "callbackUri", "source", "targets", "myParticipantId", "id")
-        return {key: resource[key] for key in named if resource.get(key) is not None}
+        ended = {key: resource[key] for key in named if resource.get(key) is not None}
+        targets = redirect.get("targets")
+        if isinstance(targets, list) and any(
+            _identity_kind_and_id(target)[0] == "phone" for target in targets
+        ):
+            ended["answeredBy"] = {
+                "@odata.type": "#microsoft.graph.participantInfo",
+                "identity": {
+                    "@odata.type": "#microsoft.graph.identitySet",
+                    "encrypted": {
+                        "@odata.type": "#microsoft.graph.identity",
+                        "id": uuid.uuid4().hex,
+                    },
+                },
+                "endpointType": "default",
+            }
+        return ended
 
     def _ended_if_alone(self) -> asyncio.Future[tuple[int, str | None]] | None:
         """Teams ends a group call once only the bot is left in it (sb17: 200/5010): its end,
