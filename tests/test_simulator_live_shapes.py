@@ -496,6 +496,52 @@ async def test_a_result_info_is_written_as_graph_documents_it(how: str, document
     assert (told[0].code, told[0].subcode) == (wanted.code, wanted.subcode)
 
 
+@pytest.mark.parametrize(
+    ("to_phone", "documented"),
+    [
+        (False, "29-call-transfer-ex2-consultative-failed-7700-replacescontext.json"),
+        (True, "30-call-transfer-ex4-consultative-pstn-failed-7700.json"),
+    ],
+    ids=["to-a-user", "to-a-phone"],
+)
+async def test_a_failed_consultative_transfer_names_what_it_replaces_as_graph_documents(
+    to_phone: bool, documented: str
+) -> None:
+    """Graph tells a bot that a consultative transfer to a user failed naming the call's
+    ``replacesContext`` beside the 500/7700 (document 29); one to a phone, without it
+    (document 30). The simulator named it for neither, so a bot resuming the call by it
+    passed under test with ``None``."""
+    expected = normalized_json(load_notification_text(documented))["value"][0]["resourceData"]
+    bot = CallBot(app_id=APP_ID)
+    failed: list[events.CallStateChanged] = []
+
+    @bot.on_incoming_call
+    async def answer(call: Call, event: events.IncomingCall) -> None:
+        await call.answer()
+
+    @bot.on_state("established")
+    async def transfer(call: Call, event: events.CallStateChanged) -> None:
+        if event.result_info is not None:
+            failed.append(event)
+        elif event.previous_state != "transferring":
+            target = Target.phone("+12345678901") if to_phone else Target.user("u-1", "Agent")
+            await call.transfer(target, replaces_call_id=str(uuid.uuid4()))
+
+    async with run_with_simulator(bot) as sim:
+        sim.transfer_outcome = "failed"
+        call = await sim.incoming_call()
+        await until(lambda: bool(failed))
+        await call.settled()
+        posted = posted_items(sim.traffic)
+    [data] = [
+        i["resourceData"]
+        for i in posted
+        if isinstance(i.get("resourceData"), dict) and "resultInfo" in i["resourceData"]
+    ]
+    assert ("replacesContext" in data) == ("replacesContext" in expected) == (not to_phone)
+    assert failed[0].call.replaces_context == data.get("replacesContext")
+
+
 # Each operation's documented outcome: a playPrompt's has a resultInfo (as the live one,
 # sb05), the others none (a recording ended by a stop tone: Graph's beta page, 2018 and now).
 DOCUMENTED_OUTCOMES = {

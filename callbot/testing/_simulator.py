@@ -1354,7 +1354,12 @@ class SimulatedCall:
                     subcode=7700 if consultative else 7000,
                     message="Transfer failed.",
                 )
-                back = build.call_state(self.id, "established", result_info=failed)
+                # A consultative one to a user names the call it replaces (29); to a phone not (30).
+                to_a_user = consultative and _identity_kind_and_id(target)[0] != "phone"
+                replaces = self._replaces_context() if to_a_user else None
+                back = build.call_state(
+                    self.id, "established", result_info=failed, replaces_context=replaces
+                )
                 # Graph writes a failed transfer's subcode as subCode (documents 27, 29, 30, 58).
                 written = back["resourceData"]["resultInfo"]
                 written["subCode"] = written.pop("subcode")
@@ -1515,10 +1520,7 @@ class SimulatedCall:
         copy of the call names them from then on (``GET`` the call: issue 704)."""
         if not self._peer_to_peer:
             return  # already a meeting or a group call: nothing is escalated
-        others = [p for pid, p in self.roster.items() if pid != self.bot_participant_id]
-        other = self.remote if self.remote is not None else next(iter(others), None)
-        link = other.replacement_link if other is not None else None
-        replaces = base64.b64encode(link.encode()).decode("ascii") if link else None
+        replaces = self._replaces_context()
         # Shaped as recorded (sb10): a chat thread with no host suffix, an all-zero label.
         chat = {
             "@odata.type": "#microsoft.graph.chatInfo",
@@ -1547,6 +1549,14 @@ class SimulatedCall:
         if known is not None:
             named = {"chatInfo": chat, "meetingInfo": self._group_meeting}
             known.resource.update(named, **({"replacesContext": replaces} if replaces else {}))
+
+    def _replaces_context(self) -> str | None:
+        """The call's ``replacesContext``: the other party's ``replacementLink``, base64 (as
+        recorded, sb10); ``None`` when they have none."""
+        others = [p for pid, p in self.roster.items() if pid != self.bot_participant_id]
+        other = self.remote if self.remote is not None else next(iter(others), None)
+        link = other.replacement_link if other is not None else None
+        return base64.b64encode(link.encode()).decode("ascii") if link else None
 
     def _update_participant(self, participant_id: str, **update: Any) -> None:
         """Change a participant's fields and post the roster, as Graph does after ``mute``."""
