@@ -19,7 +19,13 @@ from callbot import Call, CallBot, Operation, OperationFailed, events, models
 from callbot._ids import id_key
 from callbot._parse import parse_payload
 from callbot.graph import Target, media_prompt
-from callbot.testing import TEST_TENANT_ID, Simulator, builders, run_with_simulator
+from callbot.testing import (
+    TEST_TENANT_ID,
+    Simulator,
+    SimulatorError,
+    builders,
+    run_with_simulator,
+)
 
 from .conftest import (
     APP_ID,
@@ -494,6 +500,42 @@ async def test_a_result_info_is_written_as_graph_documents_it(how: str, document
     }
     wanted = models.ResultInfo.model_validate(expected["resultInfo"])
     assert (told[0].code, told[0].subcode) == (wanted.code, wanted.subcode)
+
+
+@pytest.mark.looptime
+async def test_a_looping_prompt_on_beta_plays_until_cancelled_and_never_completes() -> None:
+    """Graph's beta plays a prompt asked with ``loop: true`` "infinitely", and then posts no
+    ``completed`` (its playPrompt page, whose outcome is document 68); callbot's
+    ``play_prompt`` says it repeats until ``cancel_media_processing``. The simulator played
+    it once and completed it, so a bot holding a caller on looping music saw it end under
+    test. On simulated time: an hour of it passes with the prompt still playing."""
+    bot = CallBot(app_id=APP_ID)
+    bot.configure(graph_url="https://graph.microsoft.com/beta")
+    held: list[tuple[Call, Operation[models.PlayPromptOperation]]] = []
+
+    @bot.on_incoming_call
+    async def answer(call: Call, event: events.IncomingCall) -> None:
+        await call.answer()
+
+    @bot.on_state("established")
+    async def hold(call: Call, event: events.CallStateChanged) -> None:
+        held.append((call, await call.play_prompt("https://cdn.contoso.com/hold.wav", loop=True)))
+
+    async with run_with_simulator(bot) as sim:
+        call = await sim.incoming_call()
+        await until(lambda: bool(held))
+        with pytest.raises(SimulatorError, match="still plays media"):
+            await call.listen(timeout=3600)
+        on_call, looping = held[0]
+        await on_call.cancel_media_processing()
+        with pytest.raises(OperationFailed) as failed:
+            await looping.wait(timeout=5)
+        await call.settled()
+        posted = posted_items(sim.traffic)
+    assert failed.value.result_info is not None
+    assert (failed.value.result_info.code, failed.value.result_info.subcode) == (400, 8508)
+    outcomes = [i["resourceData"] for i in posted if "/operations/" in i["resourceUrl"]]
+    assert [o["status"] for o in outcomes if o["id"] == looping.id] == ["failed"]
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,8 @@ and the call's later notifications go there too:
   is ``"failed"`` (a consultative one: ``terminationReason`` ``AppTransferred``, or 7700),
   or that ``established`` alone, no ``transferring`` first, when it is
   ``"failed_in_place"``;
-* ``playPrompt``        -> the operation's ``completed`` once the prompts would have played;
+* ``playPrompt``        -> the operation's ``completed`` once the prompts would have played
+  (on beta, with ``loop: true``, never: it plays until ``cancelMediaProcessing``);
 * ``recordResponse``    -> ``completed`` with a ``recordingLocation`` the simulator
   serves (only with the ``recordingAccessToken``);
 * ``cancelMediaProcessing`` -> the running prompt or recording ``failed`` (8508);
@@ -536,7 +537,7 @@ class SimulatedCall:
         # is invited to (named as it is escalated): made once.
         self._group_meeting: dict[str, Any] | None = None
         self._media: dict[str, str] = {}  # prompts and recordings playing or queued: id -> kind
-        self._media_waiting: deque[tuple[str, float, Callable[[], None]]] = deque()
+        self._media_waiting: deque[tuple[str, float | None, Callable[[], None]]] = deque()
         self._media_playing: str | None = None
         # Running recordings that a key ends (recordResponse's stopTones): id -> the keys.
         self._stop_keys: dict[str, frozenset[str]] = {}
@@ -1112,10 +1113,11 @@ class SimulatedCall:
         return status
 
     def _play_media(
-        self, operation_id: str, kind: str, duration: float, done: Callable[[], None]
+        self, operation_id: str, kind: str, duration: float | None, done: Callable[[], None]
     ) -> None:
         """Graph plays a call's prompts and recordings one after another, in the order they
-        were asked for ("queued to process in order"); ``done`` ends one that played."""
+        were asked for ("queued to process in order"); ``done`` ends one that played. One
+        whose ``duration`` is ``None`` (a looping prompt) plays until it is cancelled."""
         self._media[operation_id] = kind
         self._media_waiting.append((operation_id, duration, done))
         if self._media_playing is None:
@@ -1135,7 +1137,8 @@ class SimulatedCall:
                     self._play_next_media()
 
             self._media_playing = operation_id
-            self._later(duration, played)
+            if duration is not None:
+                self._later(duration, played)
             return
 
     def _media_ended(self, operation_id: str) -> None:
@@ -1627,9 +1630,10 @@ class SimulatedCall:
                     done = {"prompts": prompts, "completionReason": "completedSuccessfully"}
                     self._enqueue(self._operation_item(operation_id, "completed", _DONE, done))
 
-            self._play_media(
-                operation_id, action, sim.prompt_duration * max(1, len(prompts)), finished
-            )
+            # Beta's loop plays the prompts until cancelled, and never completes (its page).
+            looping = request.version == "beta" and body.get("loop") is True
+            duration = None if looping else sim.prompt_duration * max(1, len(prompts))
+            self._play_media(operation_id, action, duration, finished)
         elif action == "recordResponse":
             stop = body.get("stopTones")
             if isinstance(stop, list) and stop:
