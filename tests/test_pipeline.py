@@ -613,6 +613,16 @@ def test_a_handler_annotated_for_other_events_fails_when_registered(authority: A
 
     bot.on(events.ToneReceived)(structural)
 
+    # Any takes every event, as for mypy (a class since Python 3.11, and subclassed by none).
+    async def untyped(call: Call, event: Any) -> None:
+        return None
+
+    async def some_or_any(call: Call, event: events.ToneReceived | Any) -> None:
+        return None
+
+    bot.on_state("established")(untyped)
+    bot.on(events.Event)(some_or_any)
+
 
 def test_an_event_class_of_the_bot_s_own_is_refused_as_never_delivered(authority: Any) -> None:
     """callbot delivers only its own event classes: a handler of a subclass a bot defined
