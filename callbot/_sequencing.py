@@ -514,6 +514,9 @@ class CallRecord:
     snapshot: CallResource | None = None
     roster: dict[str, Participant] = field(default_factory=dict)
     roster_sequence: int | None = None
+    roster_floor: int | None = None
+    """The ``sequenceNumber`` of the latest whole (not delta) roster: it tells everyone as of
+    then, so a delta numbered at or below it is stale, whoever it names."""
     roster_changed: dict[str, int] = field(default_factory=dict)
     """The ``sequenceNumber`` of the latest delta roster that changed each participant, by key,
     the latest last (those who left too, at most :data:`SEEN_DIGESTS` of them): a delta that
@@ -1320,7 +1323,10 @@ class Sequencer:
         late = sequence is not None and (
             record.roster_sequence is not None and sequence <= record.roster_sequence
         )
-        if late and not delta:
+        floor = record.roster_floor
+        if late and (
+            not delta or (sequence is not None and floor is not None and sequence <= floor)
+        ):
             self._drop(event, "stale", roster_sequence=sequence)
             return None
         old, sizes = record.roster, record.roster_sizes
@@ -1400,6 +1406,9 @@ class Sequencer:
             left.extend(p for key, p in old.items() if key not in incoming and key not in renamed)
         if sequence is not None and not late:
             record.roster_sequence = sequence
+            if not delta:
+                # Everyone as of this number: what a delta numbered before it says is older.
+                record.roster_floor, record.roster_changed = sequence, {}
         size = sum(new_sizes.values())
         if size > self._max_roster_bytes and size > record.roster_bytes:
             # Names or properties megabytes long in each delta would grow it for ever too.

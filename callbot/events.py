@@ -189,10 +189,10 @@ class ParticipantsUpdated(Event):
     sequence_number: int | None = None
     """The notification's ``sequenceNumber`` (the item's, else the ``deltaParticipants``
     one): a roster numbered at or below the last one of its call is dropped as stale, but
-    for a delta naming someone no later delta changed (``joined``, ``left`` and ``updated``
-    then name only them). ``None`` when Graph sent none; participants'
-    ``roster_sequence_number`` never counts, as it only says when that participant last
-    changed."""
+    for a delta naming someone no later delta changed, numbered after the latest whole
+    roster (``joined``, ``left`` and ``updated`` then name only them). ``None`` when Graph
+    sent none; participants' ``roster_sequence_number`` never counts, as it only says when
+    that participant last changed."""
     delta: bool = False
     """Whether Graph sent only the participants that changed (a delta roster)."""
 

@@ -1040,6 +1040,25 @@ async def test_a_delta_past_the_roster_s_bound_still_tells_who_left_and_changed(
     seq.close()
 
 
+async def test_a_delta_older_than_a_whole_roster_is_stale_for_everyone() -> None:
+    # The whole roster numbered 5 tells everyone as of then: Dan left at 3 and was back by 5.
+    sink = Sink()
+    seq = sink.sequencer()
+    ann, dan = b.participant("ann", display_name="Ann"), b.participant("dan", display_name="Dan")
+    whole = b.roster("c", [ann, dan])
+    whole["sequenceNumber"] = 5
+    for item in (
+        whole,
+        b.delta_roster("c", [dan], sequence_number=3, change_type="deleted"),
+        b.delta_roster("c", [b.participant("zed")], sequence_number=4, change_type="created"),
+    ):
+        seq.accept(one(item))
+    assert [(names(r.joined), names(r.left)) for r in rosters(sink)] == [(["Ann", "Dan"], [])]
+    assert sorted(sink.deliveries[-1].roster) == ["ann", "dan"]
+    assert seq.counts["stale"] == 2
+    seq.close()
+
+
 async def test_a_notification_about_one_participant_is_not_the_whole_roster() -> None:
     sink = Sink()
     seq = sink.sequencer()

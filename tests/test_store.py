@@ -110,6 +110,7 @@ def test_a_record_survives_the_round_trip() -> None:
     record.roster = {"alice": b.participant("alice", muted=True)}
     record.roster_sequence = 4
     record.roster_changed = {"alice": 4, "bob": 2}
+    record.roster_floor = 3
     record.tone_next = 8
     record.seen.extend([b"\x01" * 16, b"\x02" * 16])
     record.latest = {"roster": b"\x03" * 16, "sharing": b"\x04" * 16}
@@ -130,6 +131,7 @@ def test_a_record_survives_the_round_trip() -> None:
     assert copy.roster == record.roster
     assert copy.roster_sequence == 4
     assert list(copy.roster_changed.items()) == [("alice", 4), ("bob", 2)]
+    assert copy.roster_floor == 3
     assert copy.tone_next == 8
     assert list(copy.seen) == list(record.seen)
     assert copy.latest == record.latest

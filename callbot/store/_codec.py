@@ -198,6 +198,8 @@ def encode_record(record: CallRecord) -> str:
         "seen": [digest.hex() for digest in record.seen],
         "operations": record.operations,
     }
+    if record.roster_floor is not None:
+        head["roster_floor"] = record.roster_floor  # only a call with numbered whole rosters
     if record.roster_changed:
         head["roster_changed"] = record.roster_changed  # only a call with delta rosters has it
     if record.told_full:
@@ -242,6 +244,7 @@ def decode_record(text: str) -> CallRecord | None:
         snapshot_bytes=0 if snapshot is None else json_size(snapshot),
         told_full=bool(body.get("told_full")),
         roster_sequence=body.get("roster_sequence"),
+        roster_floor=_number(body.get("roster_floor")),
         tone_next=_number(body.get("tone_next")),
         transfers_told=_number(body.get("transfers_told")) or 0,
         transferring_told=transfers if transferring_told is None else transferring_told,
