@@ -1323,9 +1323,11 @@ class Sequencer:
         late = sequence is not None and (
             record.roster_sequence is not None and sequence <= record.roster_sequence
         )
-        floor = record.roster_floor
+        floor, changed = record.roster_floor, record.roster_changed
         if late and (
-            not delta or (sequence is not None and floor is not None and sequence <= floor)
+            not delta
+            or not changed  # nothing says who changed since (the previous release's record)
+            or (sequence is not None and floor is not None and sequence <= floor)
         ):
             self._drop(event, "stale", roster_sequence=sequence)
             return None
@@ -1333,7 +1335,6 @@ class Sequencer:
         participants = event.participants
         # Each participant's key, and where it is listed (the last place, if listed twice).
         incoming = {_participant_key(p, i): i for i, p in enumerate(participants)}
-        changed = record.roster_changed
         if sequence is not None and delta and changed:
             # A delta names only who changed: a later one told nothing of the others.
             incoming = {

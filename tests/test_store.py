@@ -444,6 +444,32 @@ async def test_a_record_written_with_older_roster_keys_diffs_as_before() -> None
     seq.close()
 
 
+async def test_a_record_written_before_deltas_were_tracked_drops_a_late_delta_as_before() -> None:
+    # It does not say who changed since: a late delta could bring back who left.
+    seq = Sequencer(lambda delivery: None, Lifecycle(termination_grace=30), reorder_window=5)
+    ann, bob = (b.participant(n, display_name=n.title()) for n in ("ann", "bob"))
+    for item in (
+        b.delta_roster("c", [ann], sequence_number=1, change_type="created"),
+        b.delta_roster("c", [bob], sequence_number=2, change_type="created"),
+        b.delta_roster("c", [bob], sequence_number=5, change_type="deleted"),
+    ):
+        seq.accept(one(item))
+    record = seq.record("c")
+    assert record is not None
+    stored = json.loads(encode_record(record))
+    del stored["roster_changed"]  # as the release before wrote it
+    seq.close()
+    out: list[Delivery] = []
+    other = Sequencer(out.append, Lifecycle(termination_grace=30), reorder_window=5)
+    restored = decode_record(json.dumps(stored))
+    assert restored is not None
+    other.adopt(restored)
+    other.accept(one(b.delta_roster("c", [b.participant("bob", muted=True)], sequence_number=4)))
+    assert out == []
+    assert other.counts["stale"] == 1
+    other.close()
+
+
 async def test_a_record_written_before_tones_were_counted_lets_the_next_tone_go() -> None:
     stored = json.loads(encode_record(CallRecord(CallLife("c", phase=3, state="established"))))
     del stored["tone_next"]
