@@ -1980,28 +1980,6 @@ async def test_every_instance_lists_the_calls_of_every_instance(
     await until(lambda: listed_everywhere([]), 10)
 
 
-async def test_every_instance_lists_a_call_as_it_stands_now(
-    authority: TokenAuthority, serve: Any, redis_url: str
-) -> None:
-    """A call another instance runs is listed as it is now, however long ago it was first
-    listed: it stayed as its record was then (still ``establishing`` hours into the call,
-    without the participants who joined since)."""
-    bots = [make_bot(authority, store=redis_url) for _ in range(2)]
-    servers: list[BotServer] = [await serve(bot) for bot in bots]
-    item = b.call_state("long-call", "establishing")
-    assert (await servers[0].post(b.notifications(item))).status == 202
-    await until(lambda: [c.state for c in bots[1].active_calls()] == ["establishing"], 10)
-    joined = b.roster("long-call", [b.participant("p-1", display_name="Lee Gu")])
-    for item in (b.call_state("long-call", "established"), joined):
-        assert (await servers[0].post(b.notifications(item))).status == 202
-
-    def listed_now() -> bool:
-        listed = bots[1].active_calls()
-        return [(c.state, list(c.roster)) for c in listed] == [("established", ["p1"])]
-
-    await until(listed_now, 10)
-
-
 async def test_a_placed_call_is_listed_once_graph_tells_a_state_of_it(
     authority: TokenAuthority, serve: Any, redis_url: str
 ) -> None:

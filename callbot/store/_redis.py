@@ -689,9 +689,6 @@ class RedisStore:
         lifecycle.keep_while(lambda call_key: call_key in self._owned)
         self._owned: dict[str, _Owned] = {}
         self._known: dict[str, CallRecord] = {}
-        self._read_as: dict[str, str | None] = {}
-        """For calls in ``_known`` read from Redis: how many times their record had been written
-        then (the fence's ``w``), to read it again once another instance wrote it since."""
         self._indexed: dict[str, bool] = {}
         """Calls this instance put in the ``active`` index, or took up from it unproven
         after a start, each with whether it was proven then."""
@@ -1973,24 +1970,11 @@ class RedisStore:
         for call in list(self._known):
             if call not in members and call not in self._owned:
                 del self._known[call]
-        # A call run elsewhere goes on: its record is read again once written since (its
-        # state, snapshot and roster as they are now, not as when it was first listed).
-        others = [call for call in members if call not in self._owned]
-        written = await self._run_all(
-            [("HGET", self._keys.of(call, "fence")[0], "w") for call in others]
-        )
-        now = {call: w if w is None else _text(w) for call, w in zip(others, written, strict=True)}
-        self._read_as = {call: w for call, w in self._read_as.items() if call in now}
-        changed = [
-            call
-            for call, w in now.items()
-            if call not in self._known or call not in self._read_as or self._read_as[call] != w
-        ]
-        if changed:
-            for call, record in (await self._load_records(changed)).items():
-                if record is not None and (call in self._known or not record.closed):
+        new = [call for call in members if call not in self._known]
+        if new:
+            for call, record in (await self._load_records(new)).items():
+                if record is not None and not record.closed:
                     self._known[call] = record
-                    self._read_as[call] = now[call]
 
     # -- operation outcomes, tones and call ends, from every instance ---------------
 

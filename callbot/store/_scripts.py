@@ -13,8 +13,7 @@ one slot. Keys of one call (``{p}`` is the store's prefix):
   least the server's clock in milliseconds, so that it grows even after Redis lost it);
   ``fed``, the last entry id an owner may have handed to its handlers; ``r``, the last
   epoch whose run gave the call up; ``v``, the last epoch whose lease was taken back
-  after it expired; ``b``, what the inbox's entries take in bytes (the call's backlog);
-  ``w``, how many times the record was written (instances listing the call read it again)
+  after it expired; ``b``, what the inbox's entries take in bytes (the call's backlog)
 * ``call``   string: the call's record (JSON, see ``_codec``)
 * ``journal`` hash: outcomes of Graph actions of handler runs, by entry and step
   (see ``callbot._journal``)
@@ -252,7 +251,6 @@ if ARGV[5] == '1' then
 end
 if ARGV[4] ~= '' then
   redis.call('SET', record, ARGV[4], 'PX', life)
-  redis.call('HINCRBY', fence, 'w', 1)
 end
 redis.call('PEXPIRE', inbox, life)
 redis.call('PEXPIRE', fence, life)
