@@ -1801,7 +1801,9 @@ class Simulator:
     ``drive=False`` the simulator only answers requests and posts nothing by
     itself (for replays). ``observers`` see every :class:`Traffic`.
     ``graph_port`` and ``keys_port`` fix the ports (0: any free port), and
-    ``key_file`` the signing key (see :class:`TokenAuthority`).
+    ``key_file`` the signing key (see :class:`TokenAuthority`). ``host`` is the address
+    they listen on; a bot takes plain-http Graph and OpenID URLs only on its own machine
+    (127.0.0.1, localhost, ::1), so a bot on another host cannot use the simulator.
     ``application_instance_id`` is the object id of the bot's application instance (the
     resource account with its phone number), which a phone call reaches the bot through;
     by default one derived from ``app_id``. ``meeting_attendees`` are already in a meeting
