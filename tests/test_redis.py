@@ -1200,9 +1200,19 @@ async def test_a_server_too_old_reached_after_the_start_keeps_the_bot_unready(
         server_process.stop()
 
 
+def test_an_evicting_policy_with_no_memory_limit_is_not_warned_about() -> None:
+    """``maxmemory 0`` (self-hosted Redis's default): nothing is ever evicted."""
+    info = {"redis_version": "7.0.15", "maxmemory": 0, "maxmemory_policy": "allkeys-lru"}
+    assert _redis.server_fitness(info) is None
+
+
 def test_every_evicting_node_of_a_cluster_is_named() -> None:
     nodes = {
-        f"127.0.0.1:{port}": {"redis_version": "7.0.15", "maxmemory_policy": policy}
+        f"127.0.0.1:{port}": {
+            "redis_version": "7.0.15",
+            "maxmemory": 1 << 30,
+            "maxmemory_policy": policy,
+        }
         for port, policy in ((7000, "allkeys-lru"), (7001, "noeviction"), (7002, "volatile-ttl"))
     }
     warning = _redis.server_fitness(nodes)

@@ -334,6 +334,7 @@ async def test_a_cluster_node_that_may_evict_the_stores_keys_is_named_at_start(
         port = int(url.rpartition(":")[2])
         with redis.Redis(port=port, socket_timeout=1) as node:
             node.config_set("maxmemory-policy", "allkeys-lru")
+            node.config_set("maxmemory", "1gb")
         with capture_logs() as logs:
             async with InProcessBot(store=url):
                 pass

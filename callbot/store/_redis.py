@@ -598,8 +598,9 @@ MIN_VERSION = (6, 2)
 def server_fitness(info: Mapping[str, Any]) -> dict[str, str] | None:
     """What ``INFO`` says of the servers holding the store: :class:`ConfigurationError` if
     one is older than :data:`MIN_VERSION`; the fields of a warning if one may evict keys
-    under memory pressure (any ``maxmemory-policy`` but ``noeviction``: every key of a
-    call expires, so even a ``volatile-*`` policy takes them), else None.
+    under memory pressure (a ``maxmemory`` limit with any ``maxmemory-policy`` but
+    ``noeviction``: every key of a call expires, so even a ``volatile-*`` policy takes
+    them), else None.
 
     ``info`` is one server's, or a Cluster's: each node's, by node.
     """
@@ -618,7 +619,9 @@ def server_fitness(info: Mapping[str, Any]) -> dict[str, str] | None:
         {
             str(s["maxmemory_policy"])
             for s in servers
+            # With no memory limit (0, self-hosted Redis's default) nothing is evicted.
             if s.get("maxmemory_policy", "noeviction") != "noeviction"
+            and int(s.get("maxmemory", 1) or 0) > 0
         }
     )
     if not evicting:
