@@ -787,10 +787,12 @@ class Lifecycle:
         except Exception as exc:
             self._lines.warning("keep_alive_failed", call_id=life.call_id, error=repr(exc))
             result = KeepAliveResult.FAILED
+        if result is KeepAliveResult.GONE:
+            # Said even when the request has ended the call already (Graph no longer has it).
+            self._lines.info("keep_alive_call_gone", call_id=life.call_id)
         if self._lives.get(life.key) is not life or life.keep_alive_loop != number:
             return  # the call ended (or was taken back since, with a loop of its own)
         if result is KeepAliveResult.GONE:
-            self._lines.info("keep_alive_call_gone", call_id=life.call_id)
             self.gone(life.call_id)
             return
         if result is KeepAliveResult.OK:

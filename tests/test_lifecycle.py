@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from callbot import CallEnded, OperationFailed, Target, events, models
+from callbot import CallEnded, GraphError, OperationFailed, Target, events, models
 from callbot import _lifecycle as lifecycle_module
 from callbot._ids import id_key
 from callbot._lifecycle import ENDED_MEMORY, LIVE_PHASE, KeepAliveResult, Lifecycle
@@ -27,7 +27,7 @@ from callbot.graph import CallServices, RetryPolicy
 from callbot.testing import FakeGraph
 from callbot.testing import builders as b
 
-from .conftest import Clock, until
+from .conftest import Clock, spin, until
 
 CALL_ID = "57dab8b1-894c-409a-b240-bd8beae78896"
 OTHER = "2f1a1100-b174-40a0-aba7-0b405e01ed92"
@@ -738,6 +738,77 @@ async def test_an_end_fails_the_operations_awaited_on_the_call(graph: FakeGraph)
         assert failure.value.result_info is not None
         assert failure.value.result_info.subcode == 5002
         await until(lambda: services.pending_operations == 0)
+    finally:
+        await services.close()
+        await calls.close()
+
+
+async def test_graph_saying_a_call_it_accepted_is_not_found_ends_it(graph: FakeGraph) -> None:
+    """The caller hangs up while a handler plays a prompt, and Graph answers the bot's next
+    action 404 ``Call not found.`` (8522) before its notification of the end has come (or
+    when it never comes). The call went on here until that notification or a keep-alive's
+    404, up to 15 minutes later: a wait on the prompt went on, keep-alives were sent, and
+    ``call.ended`` read false. A 404 about a participant is no end of the call, nor one about
+    a call Graph never accepted a request on (an id a sender invented: it stays pending)."""
+    calls = Lifecycle(termination_grace=30.0)
+    services = CallServices(
+        graph.settings(), retry=RetryPolicy(total_time=1.0, base_delay=0.001), lifecycle=calls
+    )
+    graph.add_call(CALL_ID, state="established")
+    try:
+        life, invented = calls.life(CALL_ID), calls.life(OTHER)
+        for each in (life, invented):
+            calls.enter(each, "establishing")
+            calls.enter(each, "established")
+        call = services.call(CALL_ID)
+        prompt = await call.play_prompt("https://cdn.contoso.com/hold.wav")
+        with pytest.raises(GraphError) as participant_gone:
+            await call.participants.remove("who-just-left")
+        assert not isinstance(participant_gone.value, CallEnded)
+        assert not call.ended
+        graph.end_call(CALL_ID)  # the caller hung up: its notification is still on its way
+        with pytest.raises(CallEnded):
+            await call.transfer(Target.user("agent-id"))
+        assert call.ended
+        assert life.graph_forgot
+        assert prompt.done, "the prompt's wait ends with the call"
+        with pytest.raises(OperationFailed) as cut_short:
+            await prompt.wait()
+        assert cut_short.value.call_ended
+        with pytest.raises(CallEnded):
+            await services.call(OTHER).play_prompt("https://cdn.contoso.com/hold.wav")
+        assert (invented.ended, invented.pending) == (False, True)
+    finally:
+        await services.close()
+        await calls.close()
+
+
+async def test_a_keep_alive_graph_answers_404_is_logged_when_its_request_ends_the_call(
+    graph: FakeGraph, clock: Clock
+) -> None:
+    """A keep-alive of a call Graph accepted requests on is answered 404 ``Call not found.``:
+    the request itself ends the call, and the keep-alive's line still says why."""
+
+    async def send(call_id: str) -> KeepAliveResult:
+        return await services.keep_alive(call_id)  # as the bot sends them
+
+    calls = lifecycle(send, keep_alive_interval=60.0)
+    services = CallServices(
+        graph.settings(), retry=RetryPolicy(total_time=1.0, base_delay=0.001), lifecycle=calls
+    )
+    graph.add_call(CALL_ID, state="established")
+    try:
+        life = calls.life(CALL_ID)
+        calls.enter(life, "established")
+        calls.prove(CALL_ID)
+        graph.end_call(CALL_ID)
+        with capture_logs() as logs:
+            await clock.advance(61.0)
+            await spin(lambda: life.ended)
+        assert life.graph_forgot
+        assert [e["event"] for e in logs if e["event"] == "keep_alive_call_gone"] == [
+            "keep_alive_call_gone"
+        ]
     finally:
         await services.close()
         await calls.close()

@@ -62,6 +62,7 @@ class CallServices(Protocol):
     ) -> None: ...
     async def transfer_refused(self, call_id: str) -> None: ...
     def accepted(self, call_id: str) -> None: ...
+    def gone(self, call_id: str) -> None: ...
     async def until_established(self, call_id: str, timeout: float | None) -> None: ...
 
 
@@ -318,9 +319,12 @@ class Call:
             # Graph no longer knows the call: it ended (usually the caller hung up). About one
             # item, a 404 says only that it is gone (a participant who has just left).
             # Unless its code says the call is not found: a call the bot is in ended, untold yet.
-            gone = self.ended or not item or (self._life is not None and exc.code == CALL_NOT_FOUND)
-            if exc.status == 404 and not isinstance(exc, CallEnded) and gone:
-                raise CallEnded.from_graph_error(exc) from None
+            said_gone = self._life is not None and exc.code == CALL_NOT_FOUND
+            if exc.status == 404 and not isinstance(exc, CallEnded):
+                if said_gone and not self.ended:
+                    self._services.gone(self.id)  # its termination may still be on its way
+                if self.ended or not item or said_gone:
+                    raise CallEnded.from_graph_error(exc) from None
             raise
         # Graph knows the call as one of this app's: it is real, whatever state it is in.
         self._services.accepted(self.id)

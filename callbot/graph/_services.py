@@ -204,6 +204,15 @@ class CallServices:
         if self._lifecycle is not None:
             self._lifecycle.prove(call_id)
 
+    def gone(self, call_id: str) -> None:
+        """Graph answered a request on the call that it does not have the call (``8522``):
+        the lifecycle ends it, as for a keep-alive answered 404."""
+        life = self._lifecycle.get(call_id) if self._lifecycle is not None else None
+        # Only a call Graph accepted a request on: an id a sender invented stays pending,
+        # within the bound on pending calls.
+        if self._lifecycle is not None and life is not None and life.proven and not life.ended:
+            self._lifecycle.gone(call_id)
+
     async def until_established(self, call_id: str, timeout: float | None) -> None:
         """See :meth:`Call.wait_until_established` (the lifecycle knows the call's states)."""
         if self._lifecycle is None:
