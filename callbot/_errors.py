@@ -166,6 +166,7 @@ class CallEnded(GraphError):
     about one participant, operation or group of a call not known to have ended
     is a plain :class:`GraphError`: only that one is gone; unless Graph's error
     says the call is not found (code ``8522``) and the bot is in that call.
+    ``Call.hangup`` raises none: a call that is gone is left already.
     """
 
     result_info: Any = None

@@ -201,7 +201,6 @@ CALL_ACTIONS: dict[str, Callable[[Call], Awaitable[Any]]] = {
     "mute": lambda call: call.mute(),
     "keep_alive": lambda call: call.keep_alive(),
     "refresh": lambda call: call.refresh(),
-    "hangup": lambda call: call.hangup(),
     "participants.list": lambda call: call.participants.list(),
     "participants.invite": lambda call: call.participants.invite(Target.user(USER_ID)),
     "audio_routing_groups.list": lambda call: call.audio_routing_groups.list(),
@@ -228,6 +227,26 @@ async def test_fake_graph_answers_about_a_call_it_does_not_have_as_graph_does(
     assert inner["client-request-id"] == error.client_request_id
     assert {"date", "request-id"} <= inner.keys()
     assert graph.calls.get(NEVER_OFFERED.replace("-", "")) is None, "nothing became known"
+
+
+@pytest.mark.parametrize("gone", ["never offered", "ended"])
+async def test_hanging_up_a_call_graph_no_longer_has_is_done(
+    graph: FakeGraph, services: CallServices, gone: str
+) -> None:
+    """The caller hangs up as the bot does (the last person leaves a meeting as it ends):
+    Graph answers the bot's ``DELETE`` 404 ``Call not found.``. hangup() raised CallEnded,
+    which a handler with more to do after hanging up caught by hand; the bot is out of the
+    call, as it asked. Any other error is still raised."""
+    call_id = NEVER_OFFERED
+    if gone == "ended":
+        call_id = graph.add_call(state="established").id
+        graph.end_call(call_id)
+    await services.call(call_id).hangup()  # raised CallEnded
+    assert [r.action for r in graph.requests if r.action != "token"] == ["deleteCall"]
+    graph.fail_next("deleteCall", 403)
+    with pytest.raises(GraphError) as refused:
+        await services.call(call_id).hangup()
+    assert refused.value.status == 403
 
 
 @pytest.mark.parametrize("action", sorted(ITEM_ACTIONS))

@@ -12,7 +12,7 @@ import sys
 
 import structlog
 
-from callbot import Call, CallBot, GraphError, events, models
+from callbot import Call, CallBot, events, models
 
 log = structlog.get_logger("meeting")
 bot = CallBot.from_env()
@@ -77,11 +77,7 @@ async def roster_changed(call: Call, event: events.ParticipantsUpdated) -> None:
     people = [p for p in call.roster.values() if is_in(p)]
     if event.left and not people and not call.ended:
         log.info("leaving_empty_meeting", call_id=call.id)
-        try:
-            await call.hangup()
-        except GraphError as exc:
-            if exc.status != 404:  # 404: the meeting already ended
-                raise
+        await call.hangup()  # returns as well when the meeting ended meanwhile
 
 
 @bot.on_terminated

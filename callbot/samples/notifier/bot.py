@@ -14,7 +14,7 @@ import sys
 
 import structlog
 
-from callbot import Call, CallBot, GraphError, OperationFailed, events
+from callbot import Call, CallBot, OperationFailed, events
 from callbot.graph import Target
 
 MESSAGE_URL = os.environ.get(
@@ -60,11 +60,7 @@ async def play_message(call: Call, event: events.CallStateChanged) -> None:
         _heard[call.key] = "interrupted"  # they hung up during the message
         return
     _heard[call.key] = "delivered"
-    try:
-        await call.hangup()
-    except GraphError as exc:
-        if exc.status != 404:  # 404: they hung up first
-            raise
+    await call.hangup()  # returns as well when they hung up first
 
 
 @bot.on_terminated
