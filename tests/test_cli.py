@@ -287,7 +287,9 @@ def test_a_port_in_the_environment_that_is_not_a_number_is_one_clear_line(tmp_pa
     assert_one_clear_line(result, "CALLBOT_PORT: cannot read 'eighty' as int")
 
 
-def test_a_bot_that_cannot_act_says_so_loudly(tmp_path: Path, busy_port: int) -> None:
+def _logged_by_run(tmp_path: Path, busy_port: int, **env: str) -> list[dict[str, Any]]:
+    """The JSON log lines of ``callbot run`` serving a bot module on a port already taken
+    (it logs its start, then stops at once)."""
     (tmp_path / "mybot.py").write_text(BOT_MODULE)
     result = run_callbot(
         "run",
@@ -297,8 +299,13 @@ def test_a_bot_that_cannot_act_says_so_loudly(tmp_path: Path, busy_port: int) ->
         cwd=tmp_path,
         CALLBOT_APP_ID="x",
         CALLBOT_LOG_FORMAT="json",
+        **env,
     )
-    lines = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    return [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+
+
+def test_a_bot_that_cannot_act_says_so_loudly(tmp_path: Path, busy_port: int) -> None:
+    lines = _logged_by_run(tmp_path, busy_port)
     warning = next(line for line in lines if line["event"] == "bot_cannot_act")
     assert warning["level"] == "warning"
     assert "CALLBOT_TENANT_ID" in warning["missing"]
@@ -346,36 +353,16 @@ def test_a_public_url_that_ends_in_the_callback_path_is_warned_about(
 ) -> None:
     """Graph was told to post to .../api/calls/api/calls, and only a 404 line said so, once
     the first call came."""
-    (tmp_path / "mybot.py").write_text(BOT_MODULE)
-    result = run_callbot(
-        "run",
-        "mybot:bot",
-        "--port",
-        str(busy_port),
-        cwd=tmp_path,
-        CALLBOT_APP_ID="x",
-        CALLBOT_LOG_FORMAT="json",
-        CALLBOT_PUBLIC_URL="https://bot.example.com/api/calls/",
+    lines = _logged_by_run(
+        tmp_path, busy_port, CALLBOT_PUBLIC_URL="https://bot.example.com/api/calls/"
     )
-    lines = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
     [warning] = [line for line in lines if line["event"] == "public_url_ends_in_callback_path"]
     assert warning["level"] == "warning"
     assert warning["callback_url"] == "https://bot.example.com/api/calls/api/calls"
 
 
 def test_stdlib_logging_shows_under_callbot_run(tmp_path: Path, busy_port: int) -> None:
-    (tmp_path / "mybot.py").write_text(BOT_MODULE)
-    result = run_callbot(
-        "run",
-        "mybot:bot",
-        "--port",
-        str(busy_port),
-        cwd=tmp_path,
-        CALLBOT_APP_ID="x",
-        CALLBOT_LOG_FORMAT="json",
-        CALLBOT_LOG_LEVEL="info",
-    )
-    lines = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    lines = _logged_by_run(tmp_path, busy_port, CALLBOT_LOG_LEVEL="info")
     loaded = [line for line in lines if line["event"] == "mybot loaded"]
     assert loaded
     assert loaded[0]["level"] == "info"
