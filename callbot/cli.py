@@ -18,10 +18,12 @@ from ._cli_testing import add_testing_commands
 from ._config import _convert, listen_address
 from ._errors import CallbotError
 from ._loading import load_bot
-from ._log import configure_logging
+from ._log import configure_logging, get_logger
 from ._tunnel import TUNNEL_KINDS, discover_public_url
 
 __all__ = ["build_parser", "load_bot", "main", "write_sample"]
+
+log = get_logger("callbot.cli")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -37,7 +39,12 @@ def _run(args: argparse.Namespace) -> int:
         if port == 0:
             raise CallbotError("a tunnel forwards to a fixed port: give --port a number, not 0")
         listen_host = args.host or bot.settings.host
-        bot.configure(public_url=discover_public_url(args.tunnel, port, listen_host=listen_host))
+        found = discover_public_url(args.tunnel, port, listen_host=listen_host)
+        was = bot.settings.public_url
+        if was and was.rstrip("/") != found.rstrip("/"):
+            # Said, not silent: the variable set may be what the author thinks Graph is given.
+            log.warning("public_url_replaced_by_tunnel", was=was, now=found, tunnel=args.tunnel)
+        bot.configure(public_url=found)
     try:
         bot.run(args.host, args.port)
     except OSError as exc:

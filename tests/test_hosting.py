@@ -1056,11 +1056,16 @@ async def test_once_serve_returns_the_application_s_own_signal_handlers_are_back
     assert "Traceback" not in log.read_text()
 
 
+@pytest.mark.parametrize("public_url_set", [False, True])
 async def test_run_with_ngrok_takes_the_public_url_from_the_agent(
-    authority: TokenAuthority, bot_processes: list[BotProcess], tmp_path: Path
+    authority: TokenAuthority, bot_processes: list[BotProcess], tmp_path: Path, public_url_set: bool
 ) -> None:
+    """A ``CALLBOT_PUBLIC_URL`` set all the same is replaced, and a warning says so (it was
+    replaced silently)."""
     env = bot_env(authority, tmp_path / "handled.txt")
-    del env["CALLBOT_PUBLIC_URL"]
+    set_before = env.pop("CALLBOT_PUBLIC_URL")
+    if public_url_set:
+        env["CALLBOT_PUBLIC_URL"] = set_before
     # The fake agent needs the bot's port before the bot starts: pick it here.
     port = free_port()
     document = {
@@ -1077,6 +1082,9 @@ async def test_run_with_ngrok_takes_the_public_url_from_the_agent(
     assert [(e["kind"], e["public_url"]) for e in found] == [
         ("ngrok", "https://dev-bot.ngrok.example")
     ]
+    replaced = [e for e in bot.events() if e.get("event") == "public_url_replaced_by_tunnel"]
+    expected = [(set_before, "https://dev-bot.ngrok.example")] if public_url_set else []
+    assert [(e["was"], e["now"]) for e in replaced] == expected
 
 
 async def test_run_with_ngrok_but_no_agent_stops_with_a_message(
