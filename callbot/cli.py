@@ -53,7 +53,12 @@ def _run(args: argparse.Namespace) -> int:
         # An IPv6 address is bracketed before its port, as in a URL: [::]:8080, not :::8080.
         shown = f"[{host}]" if ":" in host else host
         # A name that does not resolve, or an address not this machine's: another port fails too.
-        bad_host = isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL
+        # (Python 3.13 says so with no errno: "could not bind on any address out of ...".)
+        bad_host = (
+            isinstance(exc, socket.gaierror)
+            or exc.errno == errno.EADDRNOTAVAIL
+            or (exc.errno is None and "could not bind" in str(exc))
+        )
         option = "--host or CALLBOT_HOST" if bad_host else "--port or CALLBOT_PORT"
         raise CallbotError(
             f"cannot listen on {shown}:{port}: {exc.strerror or exc} (choose another with {option})"
