@@ -287,20 +287,18 @@ def test_a_port_in_the_environment_that_is_not_a_number_is_one_clear_line(tmp_pa
     assert_one_clear_line(result, "CALLBOT_PORT: cannot read 'eighty' as int")
 
 
-def _logged_by_run(tmp_path: Path, busy_port: int, **env: str) -> list[dict[str, Any]]:
-    """The JSON log lines of ``callbot run`` serving a bot module on a port already taken
-    (it logs its start, then stops at once)."""
+def _run_bot_module(tmp_path: Path, busy_port: int, **env: str) -> subprocess.CompletedProcess[str]:
+    """``callbot run`` of a bot module on a port already taken: it checks its settings,
+    logs its start, then stops at once."""
     (tmp_path / "mybot.py").write_text(BOT_MODULE)
-    result = run_callbot(
-        "run",
-        "mybot:bot",
-        "--port",
-        str(busy_port),
-        cwd=tmp_path,
-        CALLBOT_APP_ID="x",
-        CALLBOT_LOG_FORMAT="json",
-        **env,
+    return run_callbot(
+        "run", "mybot:bot", "--port", str(busy_port), cwd=tmp_path, CALLBOT_APP_ID="x", **env
     )
+
+
+def _logged_by_run(tmp_path: Path, busy_port: int, **env: str) -> list[dict[str, Any]]:
+    """The JSON log lines of :func:`_run_bot_module`."""
+    result = _run_bot_module(tmp_path, busy_port, CALLBOT_LOG_FORMAT="json", **env)
     return [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
 
 
@@ -315,16 +313,7 @@ def test_a_record_path_that_cannot_be_written_stops_the_bot_at_start(
     tmp_path: Path, busy_port: int
 ) -> None:
     """It was logged once at the first call (``recording_failed``), and nothing recorded."""
-    (tmp_path / "mybot.py").write_text(BOT_MODULE)
-    result = run_callbot(
-        "run",
-        "mybot:bot",
-        "--port",
-        str(busy_port),
-        cwd=tmp_path,
-        CALLBOT_APP_ID="x",
-        CALLBOT_RECORD_PATH=str(tmp_path),
-    )
+    result = _run_bot_module(tmp_path, busy_port, CALLBOT_RECORD_PATH=str(tmp_path))
     assert_one_clear_line(result, f"cannot write record_path {tmp_path}: Is a directory")
     assert "(CALLBOT_RECORD_PATH)" in result.stderr
 
@@ -334,16 +323,7 @@ def test_a_recording_ca_file_that_cannot_be_read_stops_the_bot_at_start(
     tmp_path: Path, busy_port: int, ca_file: str
 ) -> None:
     """It was read at the first recording download: the handler raised, mid-call."""
-    (tmp_path / "mybot.py").write_text(BOT_MODULE)
-    result = run_callbot(
-        "run",
-        "mybot:bot",
-        "--port",
-        str(busy_port),
-        cwd=tmp_path,
-        CALLBOT_APP_ID="x",
-        CALLBOT_RECORDING_CA_FILE=ca_file,
-    )
+    result = _run_bot_module(tmp_path, busy_port, CALLBOT_RECORDING_CA_FILE=ca_file)
     assert_one_clear_line(result, f"cannot read recording_ca_file {ca_file}: ")
     assert result.stderr.strip().endswith("(CALLBOT_RECORDING_CA_FILE)")
 
