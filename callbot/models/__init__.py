@@ -13,6 +13,7 @@ from ._base import (
     GraphEnum,
     GraphModel,
     enum_members,
+    graph_value,
     type_name,
 )
 from ._call import (
@@ -219,6 +220,7 @@ __all__ = [
     "VideoDisabledReason",
     "canonical_call_state",
     "enum_members",
+    "graph_value",
     "parse_operation",
     "type_name",
 ]

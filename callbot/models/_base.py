@@ -20,6 +20,7 @@ __all__ = [
     "GraphEnum",
     "GraphModel",
     "enum_members",
+    "graph_value",
     "odata_discriminator",
     "odata_type_field",
     "type_name",
@@ -102,19 +103,30 @@ class GraphEnum:
 
     A known member is read in Graph's spelling whatever its case (``Established``
     -> ``established``), so code compares with ``==``; any other value is kept as
-    sent, because Graph adds members. ``members`` lists the known ones.
+    sent, because Graph adds members. ``members`` lists the known ones; ``beta`` those
+    of them that Graph's beta has and v1.0 does not (listed after the others).
     """
 
-    __slots__ = ("_spelling", "members")
+    __slots__ = ("_spelling", "beta", "members")
 
-    def __init__(self, *members: str) -> None:
-        self.members: tuple[str, ...] = members
-        self._spelling = _Spelling({member.lower(): member for member in members})
-        self._spelling.update((member, member) for member in members)
+    def __init__(self, *members: str, beta: tuple[str, ...] = ()) -> None:
+        self.members: tuple[str, ...] = members + beta
+        self.beta: frozenset[str] = frozenset(beta)
+        self._spelling = _Spelling({member.lower(): member for member in self.members})
+        self._spelling.update((member, member) for member in self.members)
 
     def canonical(self, value: str) -> str:
         """``value`` in Graph's spelling when it is a known member, else as given."""
         return self._spelling[value]
+
+    def sendable(self, *, beta: bool) -> tuple[str, ...]:
+        """The members a request may carry on Graph's beta (``beta``) or v1.0: never
+        ``unknownFutureValue``, which only says Graph has a member the reader does not know."""
+        return tuple(
+            member
+            for member in self.members
+            if member != _UNKNOWN_FUTURE_VALUE and (beta or member not in self.beta)
+        )
 
     def __get_pydantic_core_schema__(
         self, source: Any, handler: GetCoreSchemaHandler
@@ -128,12 +140,41 @@ class GraphEnum:
         return f"GraphEnum{self.members!r}"
 
 
-def enum_members(alias: Any) -> tuple[str, ...]:
-    """The known members of an enum alias such as ``models.Tone`` (``()`` for other types)."""
+_UNKNOWN_FUTURE_VALUE = "unknownFutureValue"
+
+
+def _enum_of(alias: Any) -> GraphEnum | None:
     for meta in get_args(alias)[1:]:
         if isinstance(meta, GraphEnum):
-            return meta.members
-    return ()
+            return meta
+    return None
+
+
+def enum_members(alias: Any) -> tuple[str, ...]:
+    """The known members of an enum alias such as ``models.Tone`` (``()`` for other types)."""
+    enum = _enum_of(alias)
+    return enum.members if enum is not None else ()
+
+
+def graph_value(alias: Any, value: object, name: str, *, beta: bool) -> str:
+    """``value``, the argument ``name`` of a request, in Graph's spelling, when it is a member
+    of the enum ``alias`` (``models.RejectReason``, ...) that Graph's beta (``beta``) or v1.0
+    takes; any case is read, as notifications are (``"Busy"`` -> ``"busy"``). Anything else
+    raises ``ValueError`` naming the argument, the value and the members taken: Graph would
+    refuse a misspelt value, or read it as another."""
+    enum = _enum_of(alias)
+    if enum is None:
+        raise TypeError(f"{alias!r} is no Graph enum alias")
+    allowed = enum.sendable(beta=beta)
+    spelt = enum.canonical(value) if isinstance(value, str) else value
+    if spelt in allowed:
+        return str(spelt)
+    if spelt in enum.beta:
+        raise ValueError(
+            f"{name}={value!r} is Graph beta's only; v1.0 takes {', '.join(map(repr, allowed))}."
+            " Set graph_url (CALLBOT_GRAPH_URL) to https://graph.microsoft.com/beta to send it"
+        )
+    raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, allowed))}")
 
 
 def type_name(value: Any) -> str | None:

@@ -3,7 +3,8 @@
 Every property whose Graph type is an enum is a ``str`` read through
 :class:`GraphEnum`: a known member arrives in Graph's spelling whatever case was
 sent, and a member Graph adds later is kept as sent. The members listed are those
-of Graph's schema, beta and v1.0 together.
+of Graph's schema, beta and v1.0 together; those only beta has are marked ``beta``
+where a request may send them (:func:`graph_value` refuses them on v1.0).
 """
 
 from __future__ import annotations
@@ -117,7 +118,9 @@ ChangeType: TypeAlias = Annotated[str, GraphEnum("created", "updated", "deleted"
 
 Modality: TypeAlias = Annotated[
     str,
-    GraphEnum("unknown", "audio", "video", "videoBasedScreenSharing", "data", "unknownFutureValue"),
+    GraphEnum(
+        "audio", "video", "videoBasedScreenSharing", "data", "unknownFutureValue", beta=("unknown",)
+    ),
 ]
 """Graph's ``modality``."""
 
