@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from . import models
+
 __all__ = ["DIGIT_OF_TONE", "TONE_OF_DIGIT", "digit_of", "key_of", "keys_of", "tones_of"]
 
 TONE_OF_DIGIT: dict[str, str] = {
@@ -53,8 +55,9 @@ def keys_of(keys: str) -> str:
     return found
 
 
-def tones_of(keys: str | Sequence[str]) -> list[str]:
-    """Graph tone names for keys such as ``"12#"``; a list is tone names, sent as given."""
+def tones_of(keys: str | Sequence[str], *, beta: bool) -> list[str]:
+    """Graph tone names for keys such as ``"12#"``; a list is tone names, each checked and
+    spelt as :func:`callbot.models.graph_value` does on Graph's beta (``beta``) or v1.0."""
     if not isinstance(keys, str):
-        return list(keys)
+        return [models.graph_value(models.Tone, tone, "tones", beta=beta) for tone in keys]
     return [TONE_OF_DIGIT[key] for key in keys_of(keys)]

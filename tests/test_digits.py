@@ -197,6 +197,20 @@ async def test_a_hook_flash_is_no_digit() -> None:
         await call.hangup()
 
 
+async def test_the_caller_presses_only_tones_graph_names() -> None:
+    """The simulated caller's tone names are checked as ``send_dtmf_tones`` checks them: one
+    Graph has not (``tone11``) raises, one in another case is sent in Graph's spelling."""
+    bot, results = collecting_bot(max_digits=1, timeout=5)
+    async with run_with_simulator(bot) as sim:
+        call = await sim.incoming_call()
+        with pytest.raises(ValueError, match=r"^tones='tone11' is not one of 'tone0', 'tone1'"):
+            await call.press(["tone11"])  # type: ignore[list-item]
+        await call.press(["Tone7"])  # type: ignore[list-item]
+        await until(lambda: bool(results))
+        assert results == ["7"]
+        await call.hangup()
+
+
 async def test_a_menu_without_an_answer_gives_none_after_its_retries() -> None:
     bot, chosen = menu_bot(retries=2, timeout=0.05)
     async with run_with_simulator(bot, prompt_duration=0.01) as sim:

@@ -10,20 +10,38 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from itertools import zip_longest
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 
 from callbot import GraphError, models
+from callbot._ids import id_key
 from callbot._journal import Attempt, _current
 from callbot._sequencing import OwnFact, Placed, TransferAsked, TransferRefused
-from callbot.graph import Call, CallServices, RetryPolicy, Target, media_info, media_prompt
+from callbot.graph import (
+    Call,
+    CallServices,
+    EndpointType,
+    Meeting,
+    Modality,
+    RecordingStatus,
+    RejectReason,
+    RetryPolicy,
+    RoutingMode,
+    RoutingPolicy,
+    ScreenSharingRole,
+    Target,
+    ToneName,
+    media_info,
+    media_prompt,
+)
 from callbot.graph._credentials import AccessToken
 from callbot.testing import FakeGraph
 
@@ -260,9 +278,7 @@ CASES: list[tuple[str, Action]] = [
     ),
     (
         "updateRecordingStatus",
-        lambda c: c.update_recording_status(
-            "notRecording | recording | failed", client_context="clientContext-value"
-        ),
+        lambda c: c.update_recording_status("recording", client_context="clientContext-value"),
     ),
     ("keepAlive", lambda c: c.keep_alive()),
     ("changeScreenSharingRole", lambda c: c.change_screen_sharing_role("viewer")),
@@ -289,6 +305,11 @@ CASES: list[tuple[str, Action]] = [
 ]
 
 
+# A documented body that lists the choices where a value goes ("notRecording | recording |
+# failed"): the case sends one of them, and that one is compared.
+CHOSEN: dict[str, dict[str, Any]] = {"updateRecordingStatus": {"status": "recording"}}
+
+
 @pytest.mark.parametrize(("name", "action"), CASES, ids=[name for name, _ in CASES])
 async def test_documented_request(
     graph: FakeGraph, services: CallServices, name: str, action: Action
@@ -307,7 +328,8 @@ async def test_documented_request(
         assert sent.body == b""
         assert "Content-Type" not in sent.headers  # documented with no headers
     else:
-        assert conform(sent.json, doc["request"]) == doc["request"]
+        request = {**doc["request"], **CHOSEN.get(name, {})}
+        assert conform(sent.json, request) == request
         assert sent.headers["Content-Type"].startswith("application/json")
     # FakeGraph answers with the documented status, and so callbot accepts it
     answer = graph.answer_to(sent)
@@ -408,15 +430,16 @@ async def test_a_looping_prompt_needs_graph_beta(graph: FakeGraph, services: Cal
 
 
 ONE_STRING_FOR_A_LIST: dict[str, tuple[str, Callable[[CallServices], Awaitable[Any]]]] = {
-    "answer": ("modalities", lambda s: s.call(CALL_ID).answer(modalities="audio")),
+    "answer": ("modalities", lambda s: s.call(CALL_ID).answer(modalities="audio")),  # type: ignore[arg-type]
     "create_call": (
         "modalities",
-        lambda s: s.create_call(Target.user(PARTICIPANT_ID), modalities="audio"),
+        lambda s: s.create_call(Target.user(PARTICIPANT_ID), modalities="audio"),  # type: ignore[arg-type]
     ),
     "redirect": (
         "routing_policies",
         lambda s: s.call(CALL_ID).redirect(
-            Target.user(PARTICIPANT_ID), routing_policies="disableForwarding"
+            Target.user(PARTICIPANT_ID),
+            routing_policies="disableForwarding",  # type: ignore[arg-type]
         ),
     ),
     "audio_routing_groups.create": (
@@ -813,3 +836,172 @@ async def test_a_transfer_whose_token_could_not_be_had_is_settled(
     assert no_token.value.may_have_acted is False
     assert graph.requests_for("transfer") == []
     assert noted == [asked_to(agent), TransferRefused(CALL_ID)]
+
+
+@dataclasses.dataclass(frozen=True)
+class EnumArgument:
+    """An action argument whose Graph type is an enum: how to send a value, and where the
+    request carries it."""
+
+    kind: Any  # the callbot.models alias reading Graph's enum
+    takes: Any  # the Literal the action is typed with
+    act: Callable[[CallServices, Any], Awaitable[Any]]
+    action: str
+    sent: Callable[[Any], Any]
+
+
+ENUM_ARGUMENTS: dict[str, EnumArgument] = {
+    "answer(modalities)": EnumArgument(
+        models.Modality,
+        Modality,
+        lambda s, v: s.call(CALL_ID).answer(modalities=[v]),
+        "answer",
+        lambda body: body["acceptedModalities"][0],
+    ),
+    "create_call(modalities)": EnumArgument(
+        models.Modality,
+        Modality,
+        lambda s, v: s.create_call(Target.user(PARTICIPANT_ID), modalities=[v]),
+        "createCall",
+        lambda body: body["requestedModalities"][0],
+    ),
+    "join_meeting(modalities)": EnumArgument(
+        models.Modality,
+        Modality,
+        lambda s, v: s.join_meeting(Meeting.join_id("1234567890", "pass"), modalities=[v]),
+        "createCall",
+        lambda body: body["requestedModalities"][0],
+    ),
+    "reject(reason)": EnumArgument(
+        models.RejectReason,
+        RejectReason,
+        lambda s, v: s.call(CALL_ID).reject(v),
+        "reject",
+        lambda body: body["reason"],
+    ),
+    "redirect(routing_policies)": EnumArgument(
+        models.RoutingPolicy,
+        RoutingPolicy,
+        lambda s, v: s.call(CALL_ID).redirect(Target.user(PARTICIPANT_ID), routing_policies=[v]),
+        "redirect",
+        lambda body: body["routingPolicies"][0],
+    ),
+    "Target(endpoint_type)": EnumArgument(
+        models.EndpointType,
+        EndpointType,
+        lambda s, v: s.call(CALL_ID).redirect(Target.user(PARTICIPANT_ID, endpoint_type=v)),
+        "redirect",
+        lambda body: body["targets"][0]["endpointType"],
+    ),
+    "send_dtmf_tones(tones)": EnumArgument(
+        models.Tone,
+        ToneName,
+        lambda s, v: s.call(CALL_ID).send_dtmf_tones([v]),
+        "sendDtmfTones",
+        lambda body: body["tones"][0],
+    ),
+    "change_screen_sharing_role(role)": EnumArgument(
+        models.ScreenSharingRole,
+        ScreenSharingRole,
+        lambda s, v: s.call(CALL_ID).change_screen_sharing_role(v),
+        "changeScreenSharingRole",
+        lambda body: body["role"],
+    ),
+    "update_recording_status(status)": EnumArgument(
+        models.RecordingStatus,
+        RecordingStatus,
+        lambda s, v: s.call(CALL_ID).update_recording_status(v),
+        "updateRecordingStatus",
+        lambda body: body["status"],
+    ),
+    "audio_routing_groups.create(routing_mode)": EnumArgument(
+        models.RoutingMode,
+        RoutingMode,
+        lambda s, v: s.call(CALL_ID).audio_routing_groups.create(
+            sources=[PARTICIPANT_ID], receivers=[PARTICIPANT_ID], routing_mode=v
+        ),
+        "createAudioRoutingGroup",
+        lambda body: body["routingMode"],
+    ),
+    "audio_routing_groups.update(routing_mode)": EnumArgument(
+        models.RoutingMode,
+        RoutingMode,
+        lambda s, v: s.call(CALL_ID).audio_routing_groups.update("g1", routing_mode=v),
+        "updateAudioRoutingGroup",
+        lambda body: body["routingMode"],
+    ),
+}
+
+
+def _members(kind: Any, *, beta: bool) -> tuple[str, ...]:
+    enum = next(meta for meta in get_args(kind) if isinstance(meta, models.GraphEnum))
+    return enum.sendable(beta=beta)
+
+
+async def _sent_as(
+    graph: FakeGraph, services: CallServices, argument: EnumArgument, value: str
+) -> Any:
+    graph.calls[id_key(CALL_ID)].audio_routing_groups["g1"] = {"id": "g1"}
+    await argument.act(services, value)
+    return argument.sent((await graph.wait_for_request(argument.action)).json)
+
+
+def _refused_before_graph(graph: FakeGraph, argument: str, value: str) -> str:
+    """What a refusal of ``value`` must say: the argument's name and the value; and nothing
+    was sent."""
+    assert [r.action for r in graph.requests if r.action != "token"] == []
+    name = argument.split("(")[1].rstrip(")")
+    return rf"^{name}={value!r}"
+
+
+@pytest.mark.parametrize(
+    ("argument", "value"),
+    [
+        (argument, value)
+        for argument, arg in ENUM_ARGUMENTS.items()
+        for value in (
+            *_members(arg.kind, beta=False),
+            "unknownFutureValue",
+            _members(arg.kind, beta=False)[0] + "x",
+            _members(arg.kind, beta=False)[-1].upper(),
+        )
+    ],
+)
+async def test_every_enum_argument_goes_out_as_graph_spells_it_or_is_refused_before_graph(
+    graph: FakeGraph, services: CallServices, argument: str, value: str
+) -> None:
+    """A misspelt member (``reject("declined")``) was sent as given: Graph answers 400, or
+    reads it as another. One in any case goes out in Graph's spelling, as callbot reads them."""
+    arg = ENUM_ARGUMENTS[argument]
+    members = _members(arg.kind, beta=False)
+    spelt = next((m for m in members if m.lower() == value.lower()), None)
+    if spelt is None:
+        with pytest.raises(ValueError, match=r" is not one of ") as refused:
+            await arg.act(services, value)
+        assert re.search(_refused_before_graph(graph, argument, value), str(refused.value))
+        assert all(repr(member) in str(refused.value) for member in members)
+        return
+    assert await _sent_as(graph, services, arg, value) == spelt
+
+
+@pytest.mark.parametrize("argument", sorted(ENUM_ARGUMENTS))
+async def test_a_member_only_beta_has_is_sent_on_beta_and_refused_on_v1(
+    graph: FakeGraph, services: CallServices, argument: str
+) -> None:
+    arg = ENUM_ARGUMENTS[argument]
+    # what the action is typed to take is what Graph's beta takes
+    assert set(get_args(arg.takes)) == set(_members(arg.kind, beta=True))
+    beta_only = sorted(set(_members(arg.kind, beta=True)) - set(_members(arg.kind, beta=False)))
+    for value in beta_only:
+        with pytest.raises(ValueError, match=r"is Graph beta's only") as refused:
+            await arg.act(services, value)
+        assert re.search(_refused_before_graph(graph, argument, value), str(refused.value))
+        beta = CallServices(
+            dataclasses.replace(services.settings, graph_url=graph.beta_url),
+            retry=RetryPolicy(total_time=0.5, base_delay=0.01),
+        )
+        await beta.start()
+        try:
+            assert await _sent_as(graph, beta, arg, value) == value
+        finally:
+            await beta.close()

@@ -2,6 +2,8 @@
 
 ``Call`` is the handle a handler receives; its methods send Graph's call
 actions. Actions that start a Graph operation return an ``Operation`` to await.
+An argument whose Graph type is an enum is typed with the members it takes
+(``RejectReason``, ``Modality``, ...) and checked before anything is sent.
 ``CallServices`` owns the Graph client, the handles and the operation
 bookkeeping; ``CallBot`` creates one.
 """
@@ -21,7 +23,20 @@ from ._http import RetryPolicy
 from ._meetings import TEAMS_HOSTS, Meeting, parse_join_url
 from ._operations import Operation
 from ._services import CallServices
-from ._values import InvitationOptions, Target, media_info, media_prompt
+from ._values import (
+    EndpointType,
+    InvitationOptions,
+    Modality,
+    RecordingStatus,
+    RejectReason,
+    RoutingMode,
+    RoutingPolicy,
+    ScreenSharingRole,
+    Target,
+    ToneName,
+    media_info,
+    media_prompt,
+)
 
 __all__ = [
     "TEAMS_HOSTS",
@@ -32,16 +47,24 @@ __all__ = [
     "CallServices",
     "CertificateCredential",
     "ClientSecretCredential",
+    "EndpointType",
     "GraphClient",
     "GraphResponse",
     "InvitationOptions",
     "Meeting",
+    "Modality",
     "Operation",
     "Participants",
+    "RecordingStatus",
+    "RejectReason",
     "RetryPolicy",
     "Roster",
+    "RoutingMode",
+    "RoutingPolicy",
+    "ScreenSharingRole",
     "Target",
     "TokenCache",
+    "ToneName",
     "media_info",
     "media_prompt",
     "parse_join_url",

@@ -28,9 +28,17 @@ from ._client import GraphResponse
 from ._operations import Operation
 from ._values import (
     MediaInfoLike,
+    Modality,
     PromptLike,
+    RecordingStatus,
+    RejectReason,
+    RoutingMode,
+    RoutingPolicy,
+    ScreenSharingRole,
     TargetLike,
+    ToneName,
     dump,
+    graph_values,
     invitation_json,
     media_info_json,
     participant_info_json,
@@ -373,12 +381,17 @@ class Call:
     def _callback(self, callback_uri: str | None) -> str:
         return callback_uri or self._services.settings.callback_url
 
+    @property
+    def _beta(self) -> bool:
+        """Whether requests go to Graph's beta (which takes enum members v1.0 lacks)."""
+        return on_beta(self._services.settings.graph_url)
+
     # -- answering ----------------------------------------------------------------
 
     async def answer(
         self,
         *,
-        modalities: Sequence[str] = ("audio",),
+        modalities: Sequence[Modality] = ("audio",),
         prefetch: Sequence[MediaInfoLike] = (),
         app_hosted_media: str | None = None,
         media_config: MediaConfigLike | None = None,
@@ -392,12 +405,15 @@ class Call:
 
         Media is service-hosted unless ``app_hosted_media`` (the media platform's
         session blob) or a raw ``media_config`` is given; ``prefetch`` lists media
-        Graph caches before the first prompt. ``callback_uri`` defaults to the
-        bot's ``settings.callback_url``.
+        Graph caches before the first prompt. ``modalities``: ``audio``, ``video``,
+        ``videoBasedScreenSharing``, ``data`` (``unknown`` on Graph's beta). ``callback_uri``
+        defaults to the bot's ``settings.callback_url``.
         """
         body: dict[str, Any] = {
             "callbackUri": self._callback(callback_uri),
-            "acceptedModalities": string_list(modalities, "modalities"),
+            "acceptedModalities": graph_values(
+                models.Modality, modalities, "modalities", beta=self._beta
+            ),
             "mediaConfig": media_config_json(
                 media_config=media_config, app_hosted_media=app_hosted_media, prefetch=prefetch
             ),
@@ -414,9 +430,13 @@ class Call:
             body["participantCapacity"] = participant_capacity
         await self._request("POST", "/answer", body)
 
-    async def reject(self, reason: str = "none", *, callback_uri: str | None = None) -> None:
+    async def reject(
+        self, reason: RejectReason = "none", *, callback_uri: str | None = None
+    ) -> None:
         """Reject an incoming call (``reason``: ``none``, ``busy`` or ``forbidden``)."""
-        body: dict[str, Any] = {"reason": reason}
+        body: dict[str, Any] = {
+            "reason": models.graph_value(models.RejectReason, reason, "reason", beta=self._beta)
+        }
         if callback_uri is not None:
             body["callbackUri"] = callback_uri
         await self._request("POST", "/reject", body)
@@ -425,13 +445,14 @@ class Call:
         self,
         *targets: TargetLike,
         timeout: int | None = None,
-        routing_policies: Sequence[str] | None = None,
+        routing_policies: Sequence[RoutingPolicy] | None = None,
         callback_uri: str | None = None,
     ) -> None:
         """Forward an incoming call; several targets ring simultaneously.
 
-        ``timeout`` is how long (seconds) to ring; ``routing_policies`` e.g.
-        ``["disableForwarding"]``.
+        ``timeout`` is how long (seconds) to ring; ``routing_policies`` any of ``none``,
+        ``noMissedCall``, ``disableForwardingExceptPhone``, ``disableForwarding``,
+        ``preferSkypeForBusiness`` (e.g. ``["disableForwarding"]``).
         """
         if not targets:
             raise ValueError("redirect needs at least one target")
@@ -439,7 +460,9 @@ class Call:
         if timeout is not None:
             body["timeout"] = timeout
         if routing_policies is not None:
-            body["routingPolicies"] = string_list(routing_policies, "routing_policies")
+            body["routingPolicies"] = graph_values(
+                models.RoutingPolicy, routing_policies, "routing_policies", beta=self._beta
+            )
         if callback_uri is not None:
             body["callbackUri"] = callback_uri
         elif self._services.settings.public_url is not None:
@@ -696,13 +719,14 @@ class Call:
 
     async def send_dtmf_tones(
         self,
-        tones: str | Sequence[str],
+        tones: str | Sequence[ToneName],
         *,
         delay_between_tones_ms: int | None = None,
         client_context: str | None = None,
     ) -> Operation[models.SendDtmfTonesOperation]:
-        """Send DTMF tones: a string of keys (``"123#"``) or Graph tone names (``tone1``)."""
-        body: dict[str, Any] = {"tones": tones_of(tones)}
+        """Send DTMF tones: a string of keys (``"123#"``) or a list of Graph tone names
+        (``["tone1", "pound"]``); a key or name Graph has not raises ``ValueError``."""
+        body: dict[str, Any] = {"tones": tones_of(tones, beta=self._beta)}
         if delay_between_tones_ms is not None:
             body["delayBetweenTonesMs"] = delay_between_tones_ms
         return await self._operation(
@@ -803,19 +827,20 @@ class Call:
             client_context=client_context,
         )
 
-    async def change_screen_sharing_role(self, role: str) -> None:
+    async def change_screen_sharing_role(self, role: ScreenSharingRole) -> None:
         """Start (``sharer``) or stop (``viewer``) sharing the bot's screen."""
         await self._request(
             "POST",
             "/changeScreenSharingRole",
-            {"role": role},
+            {"role": models.graph_value(models.ScreenSharingRole, role, "role", beta=self._beta)},
             repeatable="changeScreenSharingRole" in SETS_A_STATE,
         )
 
     async def update_recording_status(
-        self, status: str, *, client_context: str | None = None
+        self, status: RecordingStatus, *, client_context: str | None = None
     ) -> Operation[models.UpdateRecordingStatusOperation]:
-        """Tell Teams the bot is recording (``recording``, ``notRecording``, ``failed``).
+        """Tell Teams the bot is recording (``recording``, ``notRecording``, ``failed``,
+        ``unknown``).
 
         It records nothing: Graph documents it for Teams' policy-based recording, whose
         bots receive the call's media themselves (application-hosted media, through
@@ -824,7 +849,11 @@ class Call:
         """
         return await self._operation(
             "/updateRecordingStatus",
-            {"status": status},
+            {
+                "status": models.graph_value(
+                    models.RecordingStatus, status, "status", beta=self._beta
+                )
+            },
             action="updateRecordingStatus",
             kind=models.UpdateRecordingStatusOperation,
             client_context=client_context,
@@ -956,6 +985,11 @@ class AudioRoutingGroups:
     def __init__(self, call: Call) -> None:
         self._call = call
 
+    def _routing_mode(self, routing_mode: str) -> str:
+        return models.graph_value(
+            models.RoutingMode, routing_mode, "routing_mode", beta=self._call._beta
+        )
+
     def _path(self, group_id: str | None = None) -> str:
         path = "/audioRoutingGroups"
         if group_id is not None:
@@ -967,12 +1001,13 @@ class AudioRoutingGroups:
         *,
         sources: Sequence[str],
         receivers: Sequence[str],
-        routing_mode: str = "oneToOne",
+        routing_mode: RoutingMode = "oneToOne",
         id: str | None = None,
     ) -> models.AudioRoutingGroup:
-        """Create a group routing ``sources``' audio to ``receivers``."""
+        """Create a group routing ``sources``' audio to ``receivers`` (``routing_mode``:
+        ``oneToOne`` or ``multicast``)."""
         body: dict[str, Any] = {
-            "routingMode": routing_mode,
+            "routingMode": self._routing_mode(routing_mode),
             "sources": string_list(sources, "sources"),
             "receivers": string_list(receivers, "receivers"),
         }
@@ -992,12 +1027,12 @@ class AudioRoutingGroups:
         *,
         sources: Sequence[str] | None = None,
         receivers: Sequence[str] | None = None,
-        routing_mode: str | None = None,
+        routing_mode: RoutingMode | None = None,
     ) -> models.AudioRoutingGroup:
         """Change a group's sources, receivers or routing mode."""
         body: dict[str, Any] = {}
         if routing_mode is not None:
-            body["routingMode"] = routing_mode
+            body["routingMode"] = self._routing_mode(routing_mode)
         if sources is not None:
             body["sources"] = string_list(sources, "sources")
         if receivers is not None:

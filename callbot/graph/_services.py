@@ -30,6 +30,7 @@ from ._call import (
     MediaConfigLike,
     call_options_json,
     media_config_json,
+    on_beta,
 )
 from ._client import GraphClient
 from ._credentials import AsyncTokenCredential
@@ -39,11 +40,12 @@ from ._meetings import Meeting, parse_join_url
 from ._operations import OperationRegistry
 from ._values import (
     MediaInfoLike,
+    Modality,
     TargetLike,
     dump,
+    graph_values,
     invitation_json,
     participant_info_json,
-    string_list,
 )
 
 if TYPE_CHECKING:
@@ -297,7 +299,7 @@ class CallServices:
         meeting_info: MeetingInfoLike | None = None,
         tenant_id: str | None = None,
         subject: str | None = None,
-        modalities: Sequence[str] = ("audio",),
+        modalities: Sequence[Modality] = ("audio",),
         prefetch: Sequence[MediaInfoLike] = (),
         app_hosted_media: str | None = None,
         media_config: MediaConfigLike | None = None,
@@ -320,7 +322,8 @@ class CallServices:
 
         Media is service-hosted (``prefetch`` media to cache) unless
         ``app_hosted_media`` (the media platform's blob) or ``media_config`` is
-        given. ``extra`` adds raw ``call`` properties. Returns the call's handle,
+        given; ``modalities`` as :meth:`Call.answer <callbot.Call.answer>` takes them. ``extra``
+        adds raw ``call`` properties. Returns the call's handle,
         with the created call as its snapshot. The bot's own participant id that Graph's
         answer names (``my_participant_id``, which the call's notifications never carry)
         is in the snapshot of the call's handlers too, from the next notification on. From
@@ -337,7 +340,9 @@ class CallServices:
             body["targets"] = [invitation_json(t) for t in targets]
         if subject is not None:
             body["subject"] = subject
-        body["requestedModalities"] = string_list(modalities, "modalities")
+        body["requestedModalities"] = graph_values(
+            models.Modality, modalities, "modalities", beta=on_beta(self.settings.graph_url)
+        )
         body["mediaConfig"] = media_config_json(
             media_config=media_config,
             app_hosted_media=app_hosted_media,
@@ -441,7 +446,7 @@ class CallServices:
         source: TargetLike | None = None,
         tenant_id: str | None = None,
         subject: str | None = None,
-        modalities: Sequence[str] = ("audio",),
+        modalities: Sequence[Modality] = ("audio",),
         prefetch: Sequence[MediaInfoLike] = (),
         app_hosted_media: str | None = None,
         media_config: MediaConfigLike | None = None,

@@ -10,19 +10,28 @@ import dataclasses
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeAlias, TypedDict, Unpack
+from typing import Any, Literal, TypeAlias, TypedDict, Unpack
 
 from pydantic import BaseModel
 
 from .. import models
 
 __all__ = [
+    "EndpointType",
     "InvitationOptions",
     "MediaInfoLike",
+    "Modality",
     "PromptLike",
+    "RecordingStatus",
+    "RejectReason",
+    "RoutingMode",
+    "RoutingPolicy",
+    "ScreenSharingRole",
     "Target",
     "TargetLike",
+    "ToneName",
     "dump",
+    "graph_values",
     "identity_set_json",
     "invitation_json",
     "media_info",
@@ -41,6 +50,52 @@ PARTICIPANT_INFO = "#microsoft.graph.participantInfo"
 MEDIA_PROMPT = "#microsoft.graph.mediaPrompt"
 MEDIA_INFO = "#microsoft.graph.mediaInfo"
 
+# What call actions take for each Graph enum, in Graph's spelling (the members of the
+# alias of callbot.models that reads it, but unknownFutureValue), so mypy sees a misspelt
+# one; at run time models.graph_value checks them, and reads any case.
+Modality: TypeAlias = Literal["audio", "video", "videoBasedScreenSharing", "data", "unknown"]
+"""A modality to answer or place a call with (``unknown`` on Graph's beta only)."""
+RejectReason: TypeAlias = Literal["none", "busy", "forbidden"]
+"""Why the bot rejects a call."""
+RecordingStatus: TypeAlias = Literal["unknown", "notRecording", "recording", "failed"]
+"""What the bot tells Teams of its recording."""
+ScreenSharingRole: TypeAlias = Literal["viewer", "sharer"]
+"""The bot's screen-sharing role."""
+RoutingMode: TypeAlias = Literal["oneToOne", "multicast"]
+"""How an audio routing group routes its sources to its receivers."""
+RoutingPolicy: TypeAlias = Literal[
+    "none",
+    "noMissedCall",
+    "disableForwardingExceptPhone",
+    "disableForwarding",
+    "preferSkypeForBusiness",
+]
+"""How a redirected call may be routed further."""
+EndpointType: TypeAlias = Literal[
+    "default", "voicemail", "skypeForBusiness", "skypeForBusinessVoipPhone"
+]
+"""Which endpoint of a target is invited."""
+ToneName: TypeAlias = Literal[
+    "tone0",
+    "tone1",
+    "tone2",
+    "tone3",
+    "tone4",
+    "tone5",
+    "tone6",
+    "tone7",
+    "tone8",
+    "tone9",
+    "star",
+    "pound",
+    "a",
+    "b",
+    "c",
+    "d",
+    "flash",
+]
+"""A DTMF tone as Graph names it."""
+
 
 class InvitationOptions(TypedDict, total=False):
     """How a target is invited (``invitationParticipantInfo`` properties besides identity)."""
@@ -49,8 +104,9 @@ class InvitationOptions(TypedDict, total=False):
     """Consultative transfer / invite: the call this one replaces."""
     participant_id: str
     """Move an existing participant (from another meeting), or name the transferee."""
-    endpoint_type: str
-    """``default``, ``voicemail``, ``skypeForBusiness``, ``skypeForBusinessVoipPhone``."""
+    endpoint_type: EndpointType
+    """``default``, ``voicemail``, ``skypeForBusiness``, ``skypeForBusinessVoipPhone``
+    (another raises ``ValueError``)."""
     language_id: str
     region: str
     hidden: bool
@@ -79,11 +135,19 @@ class Target:
     identity_provider: str | None = None
     replaces_call_id: str | None = None
     participant_id: str | None = None
-    endpoint_type: str | None = None
+    endpoint_type: EndpointType | None = None
     language_id: str | None = None
     region: str | None = None
     hidden: bool | None = None
     remove_from_default_audio_routing_group: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.endpoint_type is not None:
+            # Made before any client is known: endpointType has no member only beta has.
+            spelt = models.graph_value(
+                models.EndpointType, self.endpoint_type, "endpoint_type", beta=True
+            )
+            object.__setattr__(self, "endpoint_type", spelt)
 
     @classmethod
     def identity(
@@ -256,6 +320,12 @@ def string_list(values: Sequence[str], name: str) -> list[str]:
     if isinstance(values, str):
         raise TypeError(f"{name} takes a list of strings, not one: {name}=[{values!r}]")
     return list(values)
+
+
+def graph_values(kind: Any, values: Sequence[str], name: str, *, beta: bool) -> list[str]:
+    """``values`` as a list of members of the Graph enum ``kind`` (a :mod:`callbot.models`
+    alias), each as :func:`callbot.models.graph_value` checks and spells it."""
+    return [models.graph_value(kind, v, name, beta=beta) for v in string_list(values, name)]
 
 
 def prompt_json(prompt: PromptLike) -> dict[str, Any]:

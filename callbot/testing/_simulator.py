@@ -85,6 +85,7 @@ from .._parse import parse_payload
 from .._sequencing import Sequencer
 from ..graph import AccessToken
 from ..graph._call import on_beta
+from ..graph._values import ToneName
 from ..models._common import known_call_state
 from ..models._operations import is_settled
 from . import builders as build
@@ -671,8 +672,9 @@ class SimulatedCall:
 
     # -- what the far end does -------------------------------------------------------
 
-    async def press(self, keys: str | Sequence[str], *, timeout: float = 5.0) -> None:
-        """Press keypad keys (``"1"``, ``"123#"``) or send Graph tone names (``["tone1"]``).
+    async def press(self, keys: str | Sequence[ToneName], *, timeout: float = 5.0) -> None:
+        """Press keypad keys (``"1"``, ``"123#"``) or send Graph tone names (``["tone1"]``); a
+        key or tone name Graph has not raises ``ValueError``.
 
         Waits (up to ``timeout``) until the call is established and the bot has
         subscribed to tones, because Graph sends no tone before that; then posts
@@ -681,7 +683,7 @@ class SimulatedCall:
         subscription needed. Keys left when the call ends meanwhile (the bot hung up
         after the keys it wanted) go nowhere; pressing on a call that has ended raises.
         """
-        tones = tones_of(keys)
+        tones = tones_of(keys, beta=True)  # the far end presses what either version names
         await self._sim._until(
             lambda: (
                 self.ended
@@ -2196,7 +2198,7 @@ class Simulator:
 
     # -- shortcuts on the most recent call -----------------------------------------------
 
-    async def press(self, keys: str | Sequence[str], *, timeout: float = 5.0) -> None:
+    async def press(self, keys: str | Sequence[ToneName], *, timeout: float = 5.0) -> None:
         """The latest call's far end presses keys (see :meth:`SimulatedCall.press`)."""
         await self.call.press(keys, timeout=timeout)
 
