@@ -22,15 +22,17 @@ from structlog.testing import capture_logs
 from callbot import AuthenticationError, Call, CallBot, CallEnded, events, models
 from callbot._auth import Authenticator
 from callbot._serving import ConnectionGuard
+from callbot.graph._digits import MAX_PROMPT_WAIT
 from callbot.graph._operations import OperationRegistry
 from callbot.testing import TokenAuthority, builders, run_with_simulator
 
-from .conftest import APP_ID, FIXTURES
+from .conftest import APP_ID, FIXTURES, until
 from .test_graph_operations import event_from_item
 
 pytestmark = pytest.mark.looptime
 
 MENU = "https://cdn.contoso.com/menu.wav"
+AGAIN = "https://cdn.contoso.com/again.wav"
 
 
 def answering_bot(**options: Any) -> CallBot:
@@ -196,6 +198,55 @@ async def test_collect_digits_raises_call_ended_when_the_caller_hangs_up_in_sile
     [(raised, started, stopped)] = collected
     assert isinstance(raised, CallEnded)
     assert stopped - started == pytest.approx(6.0)
+
+
+NEVER = 24 * 60 * 60.0
+"""A prompt this long never ends within a test: to the bot, as if Graph's outcome was lost."""
+
+
+async def test_collect_digits_times_out_when_its_prompt_s_outcome_never_comes() -> None:
+    """A ``playPrompt`` whose outcome is never told (lost, or a prompt playing for hours)
+    holds the timeout back at most ``MAX_PROMPT_WAIT`` seconds: a caller who presses nothing
+    gets ``""`` then, not when the call ends."""
+    collected: Collected = []
+    bot = digit_bot(collected, max_digits=4, timeout=10)
+    async with run_with_simulator(bot, prompt_duration=NEVER) as sim:
+        call = await sim.incoming_call()
+        await call.wait_for_request("playPrompt")
+        await until(lambda: bool(collected), within=MAX_PROMPT_WAIT + 60)
+        [(digits, started, stopped)] = collected
+        assert digits == ""
+        assert stopped - started == pytest.approx(MAX_PROMPT_WAIT + 10.0, abs=1.0)
+        await call.hangup()
+        await call.settled()
+
+
+async def test_a_menu_waits_no_longer_for_an_invalid_choice_prompt_never_told_over() -> None:
+    """The invalid-choice prompt is bounded alike: after a wrong key, the menu plays again
+    ``MAX_PROMPT_WAIT`` seconds after it started at the latest."""
+    bot = answering_bot()
+    chosen: list[Any] = []
+
+    @bot.on_state("established")
+    async def main_menu(call: Call, event: events.CallStateChanged) -> None:
+        options = {"1": "sales", "2": "support"}
+        chosen.append(await call.menu(MENU, options, retries=1, invalid_prompt=AGAIN))
+
+    loop = asyncio.get_running_loop()
+    async with run_with_simulator(bot, prompt_duration=NEVER) as sim:
+        call = await sim.incoming_call()
+        await call.wait_for_request("playPrompt")
+        await call.press("7")  # stops the menu; the invalid-choice prompt then never ends
+        sorry = await call.wait_for_request("playPrompt")
+        assert sorry.json["prompts"][0]["mediaInfo"]["uri"] == AGAIN
+        started = loop.time()
+        await call.wait_for_request("playPrompt", timeout=MAX_PROMPT_WAIT + 60)
+        assert loop.time() - started == pytest.approx(MAX_PROMPT_WAIT, abs=1.0)
+        await call.press("2")
+        await until(lambda: bool(chosen))
+        assert chosen == ["support"]
+        await call.hangup()
+        await call.settled()
 
 
 async def test_a_state_held_for_its_predecessor_is_released_when_the_window_closes() -> None:

@@ -648,8 +648,10 @@ class Call:
         it. Collecting ends after ``max_digits`` keys, on a key in ``finish_on``
         (not included; ``None``: no key ends it), or ``timeout`` seconds after the
         prompt ended or the last key: with no ``finish_on``, fewer than ``max_digits``
-        keys means that timeout. A tone that is no key (a hook ``flash``) is not
-        collected. Raises :class:`~callbot.CallEnded` when the call ends meanwhile.
+        keys means that timeout. Should Graph not tell the prompt's end within 5 minutes
+        (its outcome lost), the timeout starts then anyway. A tone that is no key (a hook
+        ``flash``) is not collected. Raises :class:`~callbot.CallEnded` when the call ends
+        meanwhile.
         """
         return await _digits.collect_digits(
             self,
@@ -676,7 +678,9 @@ class Call:
         more times; then ``None``. Keys longer than one digit end with ``#``. Option
         keys are read as pressed keys are (``"a"`` is key ``A``); one no caller can choose
         raises ``ValueError``: a character that is no key, no key at all, the same keys as
-        another option, or ``#`` when options are longer than one digit.
+        another option, or ``#`` when options are longer than one digit. As in
+        :meth:`collect_digits`, a prompt (the menu or ``invalid_prompt``) whose end Graph
+        does not tell within 5 minutes is waited for no longer.
         """
         return await _digits.menu(
             self,

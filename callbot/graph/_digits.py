@@ -55,11 +55,16 @@ class DigitCall(Protocol):
     ) -> Operation[models.PlayPromptOperation]: ...
 
 
-__all__ = ["ToneListener", "ToneRouter", "collect_digits", "menu"]
+__all__ = ["MAX_PROMPT_WAIT", "ToneListener", "ToneRouter", "collect_digits", "menu"]
 
 log = structlog.get_logger("callbot.graph")
 
 T = TypeVar("T")
+
+MAX_PROMPT_WAIT = 300.0
+"""How long a collection waits for Graph to report its prompt finished before its
+``timeout`` starts anyway, in seconds: a lost ``playPrompt`` outcome must not leave a caller
+who presses nothing waiting until the call ends. A longer prompt still plays (a key stops it)."""
 
 
 class ToneListener:
@@ -449,15 +454,25 @@ async def _stop_prompt(call: DigitCall, prompt: Operation[Any] | None) -> None:
 
 
 async def _first_key(listener: ToneListener, prompt: Operation[Any]) -> None:
-    """Wait until the prompt ends or a key is pressed, whichever comes first."""
+    """Wait until the prompt ends or a key is pressed, whichever comes first, or at most
+    :data:`MAX_PROMPT_WAIT` seconds (its outcome may be lost)."""
     played = asyncio.ensure_future(prompt.wait())
     pressed = asyncio.ensure_future(listener.changed())
     try:
-        await asyncio.wait({played, pressed}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(
+            {played, pressed}, timeout=MAX_PROMPT_WAIT, return_when=asyncio.FIRST_COMPLETED
+        )
     finally:
         for task in (played, pressed):
             task.cancel()
         results = await asyncio.gather(played, pressed, return_exceptions=True)
+    if not done:
+        log.warning(
+            "prompt_outcome_not_told_collecting_anyway",
+            call_key=listener.call_key,
+            operation_id=prompt.id,
+            waited=MAX_PROMPT_WAIT,
+        )
     failure = results[0]
     if isinstance(failure, OperationFailed) and not listener.ended:
         log.info("prompt_failed_collecting_anyway", call_key=listener.call_key, error=str(failure))
