@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import gzip
 import socket
 import uuid
+import warnings
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
@@ -21,14 +23,14 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from structlog.testing import capture_logs
 from yarl import URL
 
-from callbot import GraphError, Operation
+from callbot import Call, CallBot, GraphError, Operation, events
 from callbot._ids import id_key, path_segment
 from callbot.graph import CallServices, RetryPolicy, Target
 from callbot.graph._http import connection_trace, parse_retry_after, send
-from callbot.testing import FakeGraph
+from callbot.testing import FakeGraph, run_with_simulator
 from callbot.testing._fake_graph import FakeResponse
 
-from .conftest import Clock, plain_server
+from .conftest import APP_ID, Clock, plain_server
 
 CALL_ID = "57dab8b1-894c-409a-b240-bd8beae78896"
 FAST = RetryPolicy(total_time=5.0, base_delay=0.001, max_delay=0.01, request_timeout=5.0)
@@ -1048,3 +1050,31 @@ async def test_a_refusal_whose_body_is_cut_off_is_still_a_refusal() -> None:
         refused = await send(session, "POST", url, policy=FAST, json_body={})
     assert (refused.status, refused.body, refused.acted_before) == (400, b"", False)
     assert len(seen) == 4
+
+
+async def test_a_call_handle_used_after_the_bot_stopped_raises_and_opens_no_session() -> None:
+    """A handle kept past the bot's stop (a task left running, a handle stored away) acted
+    through a session built anew for it, which nothing closed ("Unclosed client session"):
+    now it says the bot has stopped, and builds none."""
+    bot = CallBot(app_id=APP_ID)
+    kept: list[Call] = []
+
+    @bot.on_incoming_call
+    async def answer(call: Call, event: events.IncomingCall) -> None:
+        await call.answer()
+        kept.append(call)
+
+    async with run_with_simulator(bot) as sim:
+        call = await sim.incoming_call()
+        await call.wait_for_state("established")
+    [handle] = kept
+    graph = handle._services.graph
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(RuntimeError, match="the bot has stopped"):
+            await handle.play_prompt("https://x/beep.wav")
+        with pytest.raises(RuntimeError, match="the bot has stopped"):
+            await handle.keep_alive()
+        assert graph._session is None
+        gc.collect()
+    assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []

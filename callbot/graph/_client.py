@@ -152,6 +152,7 @@ class GraphClient:
             TokenCache(credential, self.scope) if credential is not None else None
         )
         self._session: aiohttp.ClientSession | None = None
+        self._closed = False
         self._recording_context: ssl.SSLContext | None = None
         self._graph_origin = _origin(URL(settings.graph_url))
         self.max_pages = MAX_PAGES
@@ -189,7 +190,9 @@ class GraphClient:
 
     @property
     def session(self) -> aiohttp.ClientSession:
-        """The shared HTTP session (created on first use)."""
+        """The shared HTTP session (created on first use). Once :meth:`close` closed it,
+        ``RuntimeError`` until :meth:`open`: a session built then would be closed by no one."""
+        self._check_open()
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(trace_configs=[connection_trace()])
             # aiohttp would resend an idempotent request cut off once sent, unseen by the
@@ -232,9 +235,22 @@ class GraphClient:
         """A valid app token (cached)."""
         return await self.tokens.get()
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(
+                "the Graph client is closed: the bot has stopped, so its calls cannot be acted on"
+                " (start the bot again first)"
+            )
+
+    def open(self) -> None:
+        """Open the shared session (again, after :meth:`close`)."""
+        self._closed = False
+        _ = self.session
+
     async def close(self) -> None:
-        """Close the shared session, and the credential built from the settings (a later
-        request builds both anew)."""
+        """Close the shared session, and the credential built from the settings; requests
+        then raise ``RuntimeError`` until :meth:`open` (which builds both anew)."""
+        self._closed = True
         if self._owned_credential is not None:
             await self._owned_credential.close()
             # It sends through the session closed here: a later use builds it on the next one.
@@ -287,6 +303,7 @@ class GraphClient:
         A ``DELETE`` answered 404 after an earlier attempt that may have been carried out
         (a 504, an answer lost) returns that answer: what it deletes is gone, as asked.
         """
+        self._check_open()  # before a transfer is noted, or a step journaled, for nothing
         url = self.url(path)
         fields: dict[str, Any] = {"scenario_id": scenario_id}
         if call_id is not None:
@@ -429,6 +446,7 @@ class GraphClient:
         raises ``ValueError``, an HTTP failure or a download not finished within
         ``recording_download_timeout`` :class:`~callbot.GraphError`.
         """
+        self._check_open()
         fields = {"call_id": call_id} if call_id is not None else {}
         deadline = self.settings.recording_download_timeout
         try:

@@ -108,7 +108,7 @@ class CallServices:
         if self._started:
             return
         self._started = True
-        _ = self.graph.session
+        self.graph.open()
         # Now, not at the first recording download: mid-call, in a handler.
         self.graph.load_recording_ca()
         if _repeats_callback_path(self.settings):
@@ -146,7 +146,8 @@ class CallServices:
             log.warning("graph_token_prefetch_failed", error=str(exc) or type(exc).__name__)
 
     async def close(self) -> None:
-        """Fail pending waits, close the session."""
+        """Fail pending waits, close the session: call handles then raise ``RuntimeError``
+        until :meth:`start` (a session they built would be closed by no one)."""
         prefetch, self._prefetch = self._prefetch, None
         if prefetch is not None and not prefetch.done():
             prefetch.cancel()
