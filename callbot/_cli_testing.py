@@ -14,7 +14,7 @@ from ._diagram import SequenceDiagram
 from ._display import FORMATS, TrafficPrinter
 from ._errors import CallbotError
 from ._log import configure_logging
-from .testing._scenarios import SCENARIOS, ScenarioOptions
+from .testing._scenarios import SCENARIOS, TAKES, ScenarioOptions
 from .testing._tokens import TEST_TENANT_ID
 
 __all__ = ["add_testing_commands"]
@@ -62,9 +62,24 @@ def _remote(args: argparse.Namespace, url: str) -> object:
     )
 
 
+def _refuse_options_not_taken(args: argparse.Namespace) -> None:
+    """An option the scenario does not play by (:data:`~callbot.testing._scenarios.TAKES`) is
+    a usage error, before anything starts: it would be ignored, or fail the run once set up."""
+    given = {
+        ("blind", "--blind"): args.blind,
+        ("keys", "--keys"): args.keys is not None,
+        ("to_instance", "--application-instance-id"): args.application_instance_id is not None,
+    }
+    for (name, option), is_given in given.items():
+        if is_given and name not in TAKES[args.scenario]:
+            takers = ", ".join(sorted(s for s, taken in TAKES.items() if name in taken))
+            raise CallbotError(f"{args.scenario} takes no {option} (only {takers} do)")
+
+
 def _simulate(args: argparse.Namespace) -> int:
     from ._simulate import RemoteBot, simulate
 
+    _refuse_options_not_taken(args)
     remote = _remote(args, args.url)
     assert isinstance(remote, RemoteBot)
     remote = dataclasses.replace(remote, application_instance_id=args.application_instance_id)
@@ -73,7 +88,7 @@ def _simulate(args: argparse.Namespace) -> int:
         blind=args.blind,
         timeout=args.timeout,
         hold=args.hold,
-        keys=args.keys,
+        keys=ScenarioOptions.keys if args.keys is None else args.keys,
         # Given an instance, the caller calls it, as a user calls a resource account's bot.
         to_instance=True if args.application_instance_id else None,
     )
@@ -200,13 +215,14 @@ def add_testing_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
     simulate.add_argument(
         "--blind",
         action="store_true",
-        help="do not wait for the bot's Graph requests (answer, subscribeToTone)",
+        help="do not wait for the bot's Graph requests (answer, subscribeToTone); not for "
+        "meeting-roster or outgoing-call",
     )
     simulate.add_argument(
         "--keys",
         type=keys,
-        default="1",
-        help="keys the caller presses, one by one (dtmf; default 1)",
+        default=None,  # given or not: a scenario that presses none refuses it
+        help="keys the caller presses, one by one (dtmf, out-of-order; by default 1)",
     )
     simulate.add_argument(
         "--hold",

@@ -658,6 +658,27 @@ def test_a_diagram_that_fails_to_be_written_is_one_clear_line(tmp_path: Path) ->
     assert_one_clear_line(result, "cannot write the diagram to /dev/full: No space left on device")
 
 
+@pytest.mark.parametrize(
+    ("scenario", "option"),
+    [
+        ("outgoing-call", ["--blind"]),
+        ("meeting-roster", ["--blind"]),
+        ("incoming-call", ["--keys", "12"]),
+        ("outgoing-call", ["--application-instance-id", "3e1d6b4c-0f7a-4c5e-8d2b-9a6f1c2e7b40"]),
+    ],
+)
+def test_an_option_the_scenario_does_not_play_by_is_a_usage_error(
+    tmp_path: Path, closed_port: int, scenario: str, option: list[str]
+) -> None:
+    """``outgoing-call --blind`` set the simulator up and then failed the run (status 1: only
+    the bot's createCall names the call); ``--keys`` or an instance went ignored unsaid."""
+    url = f"http://127.0.0.1:{closed_port}/api/calls"
+    ports = ["--keys-port", "0", "--graph-port", "0", "--wait", "0"]
+    result = run_callbot("simulate", url, scenario, *option, "--app-id", "x", *ports, cwd=tmp_path)
+    assert_one_clear_line(result, f"{scenario} takes no {option[0]} (only ")
+    assert result.stdout == ""  # nothing was played
+
+
 def test_keys_no_keypad_has_are_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     """They were a ValueError traceback once the call was set up and the first key due."""
     with pytest.raises(SystemExit) as exited:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from . import builders as build
 from ._simulator import ONLY_ONE_LEFT, DeliveryOptions, SimulatedCall, Simulator, SimulatorError
 
-__all__ = ["SCENARIOS", "Scenario", "ScenarioOptions"]
+__all__ = ["SCENARIOS", "TAKES", "Scenario", "ScenarioOptions"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -138,4 +138,15 @@ SCENARIOS: dict[str, Scenario] = {
     "outgoing-call": outgoing_call,
     "out-of-order": out_of_order,
 }
+
+TAKES: dict[str, frozenset[str]] = {
+    "incoming-call": frozenset({"blind", "to_instance"}),
+    "dtmf": frozenset({"blind", "keys", "to_instance"}),
+    "meeting-roster": frozenset(),
+    # Only the bot's createCall names the call: nothing to play blind, no caller to direct.
+    "outgoing-call": frozenset(),
+    "out-of-order": frozenset({"blind", "keys", "to_instance"}),
+}
+"""The :class:`ScenarioOptions` each scenario plays by, beside ``timeout`` and ``hold``
+(which every one takes): another one given to it is refused before it plays."""
 """Scenario name -> scenario, as ``callbot simulate`` names them."""
