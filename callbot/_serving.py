@@ -6,7 +6,8 @@ listener (``CallBot.serve``) uses :class:`ConnectionGuard` instead:
 
 * request headers must arrive within ``header_timeout`` of their first byte (one
   sweep checks every connection four times per timeout, so a late one closes
-  within 1.25 times it);
+  within 1.25 times it), and take at most :data:`MAX_HEADER_BYTES` (else a bare
+  ``431`` and the connection closes);
 * an idle connection (fresh, or between requests) closes after ``idle_timeout``
   (aiohttp's keep-alive timeout, set by ``CallBot.create_app``);
 * at most ``max_connections`` are open: a new one closes the longest-idle
@@ -40,13 +41,23 @@ from ._clock import loop_time
 from ._log import RateLimitedLog, get_logger
 from ._proxy import forwarded_client, peer_address
 
-__all__ = ["ConnectionGuard"]
+__all__ = ["MAX_HEADER_BYTES", "ConnectionGuard"]
 
 log = get_logger("callbot.server")
 
 _ACCEPT_FAILED = "socket.accept() out of system resource"
 # As much of a refused request's path as a log line shows (a scanner's may be 8 KiB long).
 _PATH_SHOWN = 256
+MAX_HEADER_BYTES = 64 * 1024
+"""The most a request's line and headers may take, in bytes. Graph's take 2 to 4 KB (its
+token about 1.5); aiohttp alone takes 128 headers of 8 KiB each, which a sender without a
+token held in the bot's memory on each connection (2 MB of it, 2 GB on 1,000)."""
+# What ends a request's headers: an empty line (aiohttp's parser takes no bare LF).
+_HEADERS_END = b"\r\n\r\n"
+_TOO_LARGE = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: text/plain\r\n"
+    b"Content-Length: 36\r\nConnection: close\r\n\r\n431 Request Header Fields Too Large\n"
+)
 
 
 class ConnectionGuard:
@@ -228,6 +239,10 @@ class _Connection(RequestHandler):
         self.busy = False
         self.headers_since: float | None = None
         """When the first byte of a request whose headers are not complete arrived."""
+        self.header_bytes: int | None = None
+        """How many bytes of a request's headers have arrived while they are not complete
+        (``None`` once they are, or while a request is answered)."""
+        self._header_tail = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -240,19 +255,52 @@ class _Connection(RequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if not self.busy and self.headers_since is None:
-            # The first byte of a request starts its header deadline.
-            self.headers_since = loop_time()
-            self._guard._watch_headers()
+        if not self.busy:
+            if self.headers_since is None:
+                # The first byte of a request starts its header deadline and its byte count.
+                self.headers_since = loop_time()
+                self._guard._watch_headers()
+                self.header_bytes = 0
+            if self.header_bytes is not None and not self._headers_fit(data):
+                self.headers_too_large()
+                return
         super().data_received(data)
+
+    def _headers_fit(self, data: bytes) -> bool:
+        """Count ``data`` as the request's headers up to their end: whether they still fit."""
+        seen = self.header_bytes or 0
+        if not seen:
+            # Empty lines before a request line are skipped (RFC 9112), the end's bytes too.
+            data = data.lstrip(b"\r\n")
+            window = data
+        else:
+            window = self._header_tail + data
+        if window.find(_HEADERS_END) != -1:
+            self.header_bytes = None  # what follows is the body: the handler's to bound
+            return True
+        seen += len(data)
+        self.header_bytes = seen
+        self._header_tail = window[-3:]
+        return seen <= MAX_HEADER_BYTES
 
     def request_started(self) -> None:
         self.busy = True
         self.headers_since = None
+        self.header_bytes = None
 
     def request_finished(self) -> None:
         self.busy = False
         self._guard._touch(self)
+
+    def headers_too_large(self) -> None:
+        """The headers outgrew :data:`MAX_HEADER_BYTES`: say so, count it, close."""
+        self.headers_since = self.header_bytes = None
+        self._guard._count(
+            "headers_too_large", f"request headers longer than {MAX_HEADER_BYTES} bytes"
+        )
+        if self.transport is not None:
+            self.transport.write(_TOO_LARGE)  # closing sends what is written first
+        self._guard._drop(self)
 
     def headers_late(self) -> None:
         """The header deadline passed: count it and close the connection."""

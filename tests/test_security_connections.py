@@ -69,6 +69,19 @@ async def closed_by_peer(reader: asyncio.StreamReader) -> bool:
     return True
 
 
+async def status_line_of(bot: BotProcess, request: bytes) -> bytes:
+    """Send ``request`` on a connection of its own: the answer's status line, once the bot
+    has closed the connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", bot.port)
+    writer.write(request)
+    await writer.drain()
+    async with asyncio.timeout(20):
+        status_line = await reader.readline()
+        await closed_by_peer(reader)
+    writer.close()
+    return status_line
+
+
 async def metric(session: aiohttp.ClientSession, bot: BotProcess, line_start: str) -> float:
     async with session.get(bot.base_url + "/metrics") as response:
         text = await response.text()
@@ -125,17 +138,12 @@ async def test_a_body_that_never_completes_gets_408(
 ) -> None:
     bot = await start_bot(authority, tmp_path, processes, session, CALLBOT_BODY_TIMEOUT="0.5")
     token = authority.mint(audience=APP_ID)
-    reader, writer = await asyncio.open_connection("127.0.0.1", bot.port)
-    writer.write(
+    status_line = await status_line_of(
+        bot,
         b"POST /api/calls HTTP/1.1\r\nHost: bot\r\nContent-Type: application/json\r\n"
         + f"Authorization: Bearer {token}\r\nContent-Length: 1000\r\n\r\n".encode()
-        + b'{"value": ['
+        + b'{"value": [',
     )
-    await writer.drain()
-    async with asyncio.timeout(20):
-        status_line = await reader.readline()
-        await closed_by_peer(reader)
-    writer.close()
     assert status_line.startswith(b"HTTP/1.1 408"), status_line
     await metric_reaches(
         session, bot, 'callbot_notifications_total{outcome="malformed",reason="body_timeout"}', 1
@@ -205,6 +213,47 @@ async def test_malformed_requests_get_a_bare_400_and_one_counted_line(
     assert 1 <= len(lines) < 30
     assert sum(1 + e.get("suppressed", 0) for e in lines) <= 30
     assert all(e["reason"] == "bad_request" and e["status"] == 400 for e in lines)
+
+
+async def test_headers_past_their_bound_get_431_while_a_large_body_is_read_whole(
+    authority: TokenAuthority,
+    tmp_path: Path,
+    processes: list[BotProcess],
+    session: aiohttp.ClientSession,
+) -> None:
+    """aiohttp takes 128 headers of 8 KiB each: a sender without a token, sending them
+    slower than the header deadline on each of 1,000 connections, held 2 MB of the bot's
+    memory on each (2 GB). A request's line and headers take at most ``MAX_HEADER_BYTES``
+    (64 KiB; Graph's take a few KB), however they arrive; the body is not counted."""
+    # The deadline far away: only the bound can close these connections within the test.
+    bot = await start_bot(authority, tmp_path, processes, session, CALLBOT_HEADER_TIMEOUT="300")
+    padding = "x" * 8000
+    for leading in (b"", b"\r\n" * 20_000):
+        reader, writer = await asyncio.open_connection("127.0.0.1", bot.port)
+        writer.write(leading + b"POST /api/calls HTTP/1.1\r\nHost: bot\r\n")
+        for n in range(9):  # 72 KB, one header at a time, never ended
+            writer.write(f"X-Padding-{n}: {padding}\r\n".encode())
+            await writer.drain()
+        async with asyncio.timeout(20):
+            answer = await reader.read()
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 431 "), answer[:80]
+    await metric_reaches(session, bot, closed_total("headers_too_large"), 2)
+
+    # Headers near the bound, then a body many times it, sent at once: read whole.
+    item = b.incoming_call("large-body-call")
+    item["resourceData"]["padding"] = "p" * 1_000_000
+    body = json.dumps(b.notifications(item)).encode()
+    token = authority.mint(audience=APP_ID)
+    head = (
+        "POST /api/calls HTTP/1.1\r\nHost: bot\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {token}\r\nContent-Length: {len(body)}\r\n"
+        + "".join(f"X-Padding-{n}: {padding}\r\n" for n in range(7))
+        + "Connection: close\r\n\r\n"
+    ).encode()
+    status_line = await status_line_of(bot, head + body)
+    assert status_line.startswith(b"HTTP/1.1 202"), status_line
+    assert await metric(session, bot, closed_total("headers_too_large")) == 2
 
 
 async def test_running_out_of_file_descriptors_is_one_counted_line(
