@@ -340,6 +340,7 @@ class Lifecycle:
         self._forgotten_listeners: list[Callable[[str, str], None]] = []
         self._kept_alive_listeners: list[Callable[[str], None]] = []
         self._delivering: Callable[[str], bool] = lambda call_key: False
+        self._kept_here: Callable[[str], bool] = lambda call_key: True
         # Lines of each call: a sender inventing 200 calls a request decides how many.
         self._lines = RateLimitedLog(log)
 
@@ -365,6 +366,24 @@ class Lifecycle:
         """A call whose end another instance told is not forgotten while
         ``delivering(call_key)``: this process still delivers what came before the end."""
         self._delivering = delivering
+
+    def keep_alive_where(self, kept_here: Callable[[str], bool]) -> None:
+        """Send a call's keep-alives only while ``kept_here(call_key)``: a shared store has one
+        instance keep each call alive (by default, every established call is kept alive here).
+        Tell :meth:`keeper_changed` when the answer for a call changes."""
+        self._kept_here = kept_here
+
+    def keeper_changed(self, call_key: str) -> None:
+        """Whether this process keeps the call alive changed (see :meth:`keep_alive_where`).
+        Kept here from now on, an established call is sent a keep-alive at once: the last
+        keeper's may be an interval old, and it may have stopped before sending the next."""
+        life = self._lives.get(call_key)
+        if life is None:
+            return
+        if not self._kept_here(call_key):
+            life.keep_alive_loop = 0
+        elif life.established and self._keep_alive_interval is not None:
+            life.keep_alive_loop = self._schedule(0.0, _KEEP_ALIVE, life)
 
     # -- reading ------------------------------------------------------------------------
 
@@ -612,8 +631,7 @@ class Lifecycle:
             life.result_info = None
             life.graph_forgot = False
         if life.established and not life.keeping_alive:
-            # Keep-alives follow the calls: the instance that kept this one may be gone.
-            self._start_keep_alive(life)
+            self._start_keep_alive(life)  # unless another instance keeps it alive
         elif not life.established:
             life.keep_alive_loop = 0
         if self._established_waiters and life.established:
@@ -695,6 +713,9 @@ class Lifecycle:
         the answer to the last one all come here."""
         if self._keep_alive_interval is None or life.ended:
             return  # an ended call is never kept alive, whatever delivered a state late
+        if not self._kept_here(life.key):
+            life.keep_alive_loop = 0  # another instance keeps it alive
+            return
         interval = self._keep_alive_interval
         # Graph ends a call with no keep-alive for 45 minutes: a failed one is tried again
         # soon, not a whole interval later (two failures at 15 minutes would reach it).
@@ -758,9 +779,11 @@ class Lifecycle:
                 pass
             elif life.phase < _ESTABLISHING:
                 self._forget(life.key, "never_established")
-            elif life.established and life.keeping_alive:
+            elif life.established and self._keep_alive_interval is not None:
                 # Established unproven (the bot restarted mid-call, or an invented id): a
                 # keep-alive now proves it (accepted) or ends it (404); it stays pending till.
+                # Sent wherever the call is known, kept alive here or not: each instance
+                # decides for itself whether to let it go.
                 life.keep_alive_loop = self._schedule(0.0, _KEEP_ALIVE, life)
             else:
                 self._forget(life.key, "unproven")

@@ -934,3 +934,33 @@ async def test_a_placed_call_another_instance_runs_is_kept_until_its_end(clock: 
     await clock.advance(31.0)  # past the grace
     assert forgotten == ["grace_over"]
     await calls.close()
+
+
+async def test_a_call_kept_alive_elsewhere_is_sent_keep_alives_once_kept_here(
+    clock: Clock,
+) -> None:
+    """With a shared store, the instance the store names keeps a call alive: the others send
+    nothing. Taken up here, the call is sent one at once (the last keeper's may be an interval
+    old), then one per interval; given up, none more."""
+    send = KeepAlives()
+    calls = lifecycle(send, keep_alive_interval=60.0)
+    kept: set[str] = set()
+    calls.keep_alive_where(lambda key: key in kept)
+    life = calls.life(CALL_ID)
+    calls.prove(CALL_ID)  # the bot answered it
+    calls.enter(life, "establishing")
+    calls.enter(life, "established")
+    assert not life.keeping_alive
+    await clock.advance(121.0)
+    assert send.sent == []
+    kept.add(life.key)
+    calls.keeper_changed(life.key)
+    await clock.advance(0.0)
+    assert send.sent == [CALL_ID]
+    await clock.advance(61.0)
+    assert send.sent == [CALL_ID] * 2
+    kept.clear()
+    calls.keeper_changed(life.key)
+    assert not life.keeping_alive
+    await clock.advance(121.0)
+    assert send.sent == [CALL_ID] * 2
