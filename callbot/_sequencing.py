@@ -473,8 +473,10 @@ class TransferRefused:
 
 @dataclass(frozen=True, slots=True)
 class KeeperLeft:
-    """The instance keeping the call alive stopped: whoever runs the call next keeps it alive
-    (a quiet call may bring no notification for hours, and Graph ends a call not kept alive)."""
+    """The instance keeping the call alive stopped. This release keeps calls alive by the
+    store's keeper lease, which that instance gave up, and orders nothing by the fact; an
+    earlier release that runs the call next keeps it alive from then on (a quiet call may
+    bring no notification for hours, and Graph ends a call not kept alive)."""
 
     call_id: str
 
@@ -877,7 +879,7 @@ class Sequencer:
         elif isinstance(fact, TransferRefused):
             self._transfer_refused(fact.call_id)
         elif isinstance(fact, KeeperLeft):
-            return  # nothing to order by: the run feeding it took the call up, keep-alive and all
+            return  # nothing to order by: the keeper lease says who keeps the call alive
         else:
             self.placed(fact.call_id, fact.my_participant_id, fact.tenant_id)
 

@@ -2848,31 +2848,104 @@ _KEPT = ("inbox", "fence", "call", "tenant")
 """The keys a call that goes on keeps (its ``seen`` and ``lease`` are kept for a while only)."""
 
 
+@contextlib.asynccontextmanager
+async def keeping_instances(
+    authority: TokenAuthority, serve: Any, redis_url: str, rdb: aioredis.Redis
+) -> AsyncIterator[tuple[list[CallBot], list[FakeGraph], list[BotServer]]]:
+    """Two instances keeping calls alive, each sending to a Graph of its own (so that a
+    keep-alive tells which instance sent it), with an established call ``quiet`` that no
+    notification comes for after the first instance ran it."""
+    async with FakeGraph() as first_graph, FakeGraph() as second_graph:
+        graphs = [first_graph, second_graph]
+        bots: list[CallBot] = []
+        for graph in graphs:
+            graph.add_call("quiet")
+            bots.append(
+                make_bot(
+                    authority,
+                    store=redis_url,
+                    # keeper looks every second, a keeper lease of 3: a busy test machine
+                    # pausing the instances' loop for a moment moves no keeper
+                    store_lease=3.0,
+                    graph_url=graph.graph_url,
+                    authority_url=graph.authority_url,
+                    app_secret="fake-graph-secret",
+                    keep_alive=True,
+                    keep_alive_interval=0.2,
+                )
+            )
+        servers = [await serve(bot) for bot in bots]
+        for state in ("establishing", "established"):
+            item = b.call_state("quiet", state)
+            assert (await servers[0].post(b.notifications(item))).status == 202
+        await wait_for(lambda: settled(rdb))
+        yield bots, graphs, servers
+
+
+def kept_alive(graph: FakeGraph) -> int:
+    return len(graph.requests_for("keepAlive"))
+
+
+async def the_keeper(graphs: list[FakeGraph]) -> int:
+    """Which instance keeps the call alive (the one whose Graph hears from it)."""
+    await until(lambda: any(kept_alive(graph) for graph in graphs), within=10)
+    return next(n for n, graph in enumerate(graphs) if kept_alive(graph))
+
+
+async def crash(bot: CallBot) -> None:
+    """Stop an instance as a killed process stops: no upkeep, no keep-alive, nothing handed
+    over (its leases run out in Redis)."""
+    runtime = bot._running()
+    store: Any = runtime.store
+    runs = [state.task for state in store._owned.values() if state.task is not None]
+    await _redis._cancelled([*store._tasks, *runs])
+    await runtime.lifecycle.close()
+
+
 async def test_an_instance_stopping_hands_its_quiet_calls_keep_alives_over(
     authority: TokenAuthority, serve: Any, redis_url: str, rdb: aioredis.Redis
 ) -> None:
     """A call no notification came for since an instance ran it (a meeting the bot sits in)
-    is kept alive by that instance alone: stopping (scaled down), it hands the keep-alive
-    over to another instance, which runs the call at once and keeps it alive from then on.
-    The keep-alives stopped with it, and Graph ended the call 45 minutes later."""
-    async with FakeGraph() as graph:
-        graph.add_call("quiet")
-        options: dict[str, Any] = {
-            "store": redis_url,
-            "graph_url": graph.graph_url,
-            "authority_url": graph.authority_url,
-            "app_secret": "fake-graph-secret",
-            "keep_alive": True,
-            "keep_alive_interval": 0.2,
-        }
-        first, second = (make_bot(authority, **options) for _ in range(2))
-        server = await serve(first)
-        await serve(second)
-        for state in ("establishing", "established"):
-            item = b.call_state("quiet", state)
-            assert (await server.post(b.notifications(item))).status == 202
+    is kept alive by one instance: stopping (scaled down), it hands the keep-alive over to
+    another instance, which keeps it alive from then on. The keep-alives stopped with it,
+    and Graph ended the call 45 minutes later."""
+    async with keeping_instances(authority, serve, redis_url, rdb) as (bots, graphs, _):
+        keeper = await the_keeper(graphs)
+        other = graphs[1 - keeper]
+        await bots[keeper].stop()
+        before = kept_alive(other)
+        await until(lambda: kept_alive(other) > before + 1, within=10)
+
+
+async def test_a_quiet_call_whose_keeper_crashed_is_kept_alive_by_another_instance(
+    authority: TokenAuthority, serve: Any, redis_url: str, rdb: aioredis.Redis
+) -> None:
+    """The instance keeping a quiet call alive is killed (no hand-over): another instance
+    takes the call's keep-alives up once the keeper's lease runs out, though it never ran
+    the call. Nobody kept it alive until its next notification, and Graph ended a quiet
+    meeting 45 minutes after the crash."""
+    async with keeping_instances(authority, serve, redis_url, rdb) as (bots, graphs, _):
+        keeper = await the_keeper(graphs)
+        other = graphs[1 - keeper]
+        await crash(bots[keeper])
+        before = kept_alive(other)
+        await until(lambda: kept_alive(other) > before + 1, within=20)
+
+
+async def test_a_call_that_ran_on_two_instances_is_kept_alive_by_one(
+    authority: TokenAuthority, serve: Any, redis_url: str, rdb: aioredis.Redis
+) -> None:
+    """A call each instance ran while established gets its keep-alives from one of them:
+    every instance that had run a call kept it alive, one request per interval each."""
+    async with keeping_instances(authority, serve, redis_url, rdb) as (bots, graphs, servers):
+        roster = b.roster("quiet", [b.participant("someone", display_name="Someone")])
+        assert (await servers[1].post(b.notifications(roster))).status == 202
         await wait_for(lambda: settled(rdb))
-        await until(lambda: bool(graph.requests_for("keepAlive")))
-        await first.stop()
-        stopped = len(graph.requests_for("keepAlive"))
-        await until(lambda: len(graph.requests_for("keepAlive")) > stopped + 1, within=10)
+        for bot in bots:
+            life = bot._running().lifecycle.get("quiet")
+            assert life is not None
+            assert life.established
+        before = [kept_alive(graph) for graph in graphs]
+        await until(lambda: sum(map(kept_alive, graphs)) >= sum(before) + 6, within=20)
+        sent = [kept_alive(graph) - already for graph, already in zip(graphs, before, strict=True)]
+        assert min(sent) == 0, sent

@@ -234,6 +234,43 @@ async def test_a_run_that_gave_its_call_up_cannot_renew_it_back(rdb: aioredis.Re
     assert await _script(rdb, _scripts.RENEW, [lease, fence], f"me/{again[0]}", again[0], 5000) == 1
 
 
+async def test_a_keeper_lease_is_held_by_one_instance_and_given_up_only_by_it(
+    rdb: aioredis.Redis,
+) -> None:
+    """One instance holds a call's keeper lease: it renews it, another is refused until it
+    runs out or is given up, and only its holder gives it up."""
+    for script in _scripts.ALL:
+        await rdb.script_load(script.source)
+    (keeper,) = _redis._Keys("t:").of("c", "keeper")
+    assert await _script(rdb, _scripts.KEEP, [keeper], "a", 5000) == 1
+    assert await _script(rdb, _scripts.KEEP, [keeper], "b", 5000) == 0
+    assert await _script(rdb, _scripts.KEEP, [keeper], "a", 9000) == 1
+    assert 5000 < await rdb.pttl(keeper) <= 9000
+    assert await _script(rdb, _scripts.KEEP, [keeper], "b", "") == 0
+    assert await rdb.get(keeper) == "a"
+    assert await _script(rdb, _scripts.KEEP, [keeper], "a", "") == 0
+    assert not await rdb.exists(keeper)
+    assert await _script(rdb, _scripts.KEEP, [keeper], "b", 5000) == 1
+
+
+@pytest.mark.parametrize("interval", [1.0, 60.0, 900.0, 1800.0, 2640.0, 2699.0])
+def test_a_lost_keeper_s_calls_get_a_keep_alive_well_within_graph_s_limit(
+    interval: float,
+) -> None:
+    """The longest gap between two keep-alives of a call whose keeper is lost: an interval,
+    then the keeper lease running out, then the next look of another instance. It stays
+    within half of what Graph leaves after an interval (45 minutes), and a look comes at
+    least three times an interval."""
+    every, lease_ms = _redis.keeper_timing(interval, tick=1.0)
+    limit = 45 * 60.0
+    worst = interval + lease_ms / 1000 + every
+    assert worst <= interval + (limit - interval) / 2 or every == 1.0
+    assert every <= max(interval / 3, 1.0)
+    assert lease_ms == int(every * 3000)
+    if interval == 900.0:
+        assert (every, lease_ms) == (60.0, 180_000)  # the default: 19 minutes at worst
+
+
 async def test_a_call_s_epochs_keep_growing_after_redis_lost_them(rdb: aioredis.Redis) -> None:
     """Redis restarted without persistence (or a failover that lost the last writes) has
     forgotten a call's fence while its owner's run still goes on. The next acquisition is

@@ -44,7 +44,7 @@ from .._dispatch import Dispatcher
 from .._errors import ConfigurationError, StoreUnavailable
 from .._ids import id_key, tenant_key
 from .._journal import Attempt
-from .._lifecycle import ENDED_MEMORY, PENDING_LET_GO, Lifecycle
+from .._lifecycle import ENDED_MEMORY, KEEP_ALIVE_LIMIT, LIVE_PHASE, PENDING_LET_GO, Lifecycle
 from .._log import RateLimitedLog, get_logger
 from .._sequencing import (
     MAX_BACKLOG_BYTES,
@@ -115,6 +115,25 @@ _MAX_PIPELINE = 512
 """Commands sent in one round trip at most."""
 _SENDERS = 4
 """Round trips in flight at once."""
+
+
+_KEEPER_CHECK_MAX = 60.0
+"""How long, at most, between two looks of an instance at the keeper leases (see _keep)."""
+
+
+def keeper_timing(keep_alive_interval: float, tick: float) -> tuple[float, int]:
+    """How often an instance renews the keeper leases it holds and looks for established
+    calls nobody keeps alive, and how long (ms) a keeper lease outlives its last renewal.
+
+    A keeper lost right before a keep-alive was due leaves its call without one for that
+    interval, then until its lease runs out (3 looks) and another instance's next look
+    (one more) sends one: 4 looks, kept within half of what Graph leaves after an interval
+    (45 minutes). A look comes at most every store tick, at least every minute, and at least
+    three times an interval, so that a call's keeper is found before its first keep-alive
+    is due."""
+    spare = KEEP_ALIVE_LIMIT - keep_alive_interval
+    every = max(tick, min(keep_alive_interval / 3, spare / 8, _KEEPER_CHECK_MAX))
+    return every, int(every * 3 * 1000)
 
 
 _REPLICA_WAIT_MS = 1000
@@ -672,6 +691,8 @@ class RedisStore:
         # after the grace period is dropped, not taken for a new call.
         self._ended_ms = grace_ms + int(ENDED_MEMORY * 1000)
         self._tick = min(settings.store_lease / 3, 1.0)
+        self._keep_every, self._keeper_ms = keeper_timing(settings.keep_alive_interval, self._tick)
+        self._next_keep = 0.0
         self._hold_poll = min(0.02, max(settings.reorder_window / 10, 0.002))
         self._linger = min(self._tick, 0.2)
         self._capacity = settings.max_concurrent_handlers
@@ -690,6 +711,8 @@ class RedisStore:
         lifecycle.when_kept_alive(lambda call_key: self._kept_alive.add(call_key))
         # A call whose end was told stays while this instance runs it (its end is yet to come).
         lifecycle.keep_while(lambda call_key: call_key in self._owned)
+        # One instance keeps each call alive: the one holding its keeper lease (see _keep).
+        lifecycle.keep_alive_where(lambda call_key: call_key in self._keeping)
         self._owned: dict[str, _Owned] = {}
         self._known: dict[str, CallRecord] = {}
         self._indexed: dict[str, bool] = {}
@@ -732,6 +755,8 @@ class RedisStore:
         """Ended calls given up, to take off the ``pending`` index."""
         self._kept_alive: set[str] = set()
         """Calls Graph accepted a keep-alive of, whose keys are to last another day."""
+        self._keeping: set[str] = set()
+        """Calls whose keeper lease this instance holds: it sends their keep-alives."""
         self._lingering = 0
         """Held calls with nothing to do, waiting a moment for their next notification."""
         self._taking = 0
@@ -940,23 +965,30 @@ class RedisStore:
         )
 
     async def _hand_keep_alives_over(self) -> None:
-        """Give the calls this instance keeps alive to the others: the next run of each (on
-        another instance, at once) keeps it alive from then on. A quiet call brings no
-        notification that would, and Graph ends a call not kept alive for 45 minutes."""
-        lives = [life for life in self._lifecycle.active() if life.keeping_alive]
-        if not lives:
+        """Give up the keeper leases of the calls this instance keeps alive: another instance
+        takes each up with its next look (see ``_keep``). Each call also gets a
+        ``keeperLeft`` fact and is made runnable, for an instance of an earlier release, which
+        knows no keeper lease: it runs the call at once and keeps it alive from then on (a
+        quiet call brings no notification that would)."""
+        calls, self._keeping = sorted(self._keeping), set()
+        if not calls:
             return
         keys = self._keys
-        calls = [life.key for life in lives]
+        lives = [self._lifecycle.get(call) for call in calls]
+        going = [life for life in lives if life is not None and life.established]
         answers = await self._run_all(
-            [self._fact_command(KeeperLeft(life.call_id), take=False) for life in lives],
-            then=("SADD", keys.pending, *calls),  # as a note: the reaper finds them
+            [
+                *(_cmd(_scripts.KEEP, keys.of(call, "keeper"), self.token, "") for call in calls),
+                *(self._fact_command(KeeperLeft(life.call_id), take=False) for life in going),
+            ],
+            # as a note: the reaper finds them
+            then=("SADD", keys.pending, *(life.key for life in going)) if going else None,
         )
         waiting = [
             part
-            for call, answer in zip(calls, answers, strict=True)
+            for life, answer in zip(going, answers[len(calls) :], strict=True)
             if int(answer[1]) == 3
-            for part in (_stream_id(_text(answer[3]))[0], call)
+            for part in (_stream_id(_text(answer[3]))[0], life.key)
         ]
         if waiting:
             await self._batch.run("ZADD", keys.runnable, "NX", *waiting)
@@ -1672,6 +1704,84 @@ class RedisStore:
             self._kept_alive.update(going)  # renewed with the next round
             raise
 
+    async def _keep(self) -> None:
+        """Renew the keeper lease of each call this instance keeps alive, and take that of
+        each established call nobody keeps alive (its keeper stopped, crashed, or lost its
+        lease to a pause): one live instance sends each call's keep-alives. Whether the call
+        goes on is the lifecycle's to say; the lease only says who sends.
+
+        Every ``_keep_every`` seconds (see :func:`keeper_timing`), never on a notification's
+        way."""
+        now = time.monotonic()
+        if not self._settings.keep_alive or now < self._next_keep:
+            return
+        # half a tick early: a round woken a little before its time does not wait another
+        self._next_keep = now + self._keep_every - self._tick / 2
+        lifecycle = self._lifecycle
+        held: list[str] = []
+        going: list[str] = []
+        for call in self._keeping:
+            life = lifecycle.get(call)
+            (held if life is not None and life.established else going).append(call)
+        # Calls to take up, with the record they are known from when this instance has no
+        # established life of them (another instance ran them): none while draining.
+        wanted: dict[str, CallRecord | None] = {}
+        if not self._draining:
+            for life in lifecycle.active():
+                if life.established and life.key not in self._keeping:
+                    wanted[life.key] = None
+            for call, known in self._known.items():
+                if call in self._keeping or call in wanted:
+                    continue
+                if known.phase != LIVE_PHASE or known.closed:
+                    continue
+                life = lifecycle.get(call)
+                # One that ended here, or that this instance let go, is left to the others.
+                if not (life.ended if life is not None else lifecycle.knows(call)):
+                    wanted[call] = known
+        keys = self._keys
+        asked = [*held, *wanted]
+        answers = await self._run_all(
+            [
+                *(
+                    _cmd(_scripts.KEEP, keys.of(c, "keeper"), self.token, self._keeper_ms)
+                    for c in asked
+                ),
+                *(_cmd(_scripts.KEEP, keys.of(c, "keeper"), self.token, "") for c in going),
+            ]
+        )
+        self._keeping.difference_update(going)
+        taken = 0
+        for call, holds in zip(asked, answers[: len(asked)], strict=True):
+            if not int(holds):
+                if call in self._keeping:
+                    # Another instance took it (this one was cut off past the lease).
+                    self._keeping.discard(call)
+                    lifecycle.keeper_changed(call)
+                    self._lines.info("keep_alive_moved", call_key=call)
+                continue
+            if call in self._keeping:
+                continue
+            record, life = wanted[call], lifecycle.get(call)
+            if (
+                record is not None
+                and call not in self._owned
+                and (life is None or not (life.ended or life.established))
+            ):
+                # Known from the shared index only: taken up as on a start (see _rehydrate).
+                lifecycle.adopt(
+                    record.call_id,
+                    phase=record.phase,
+                    state=record.state,
+                    ended=False,
+                    proven=record.life.proven,
+                )
+            self._keeping.add(call)
+            lifecycle.keeper_changed(call)
+            taken += 1
+        if taken:
+            log.info("keep_alives_taken", count=taken)
+
     async def _unpend(self, key: str, *, ended: bool = False) -> None:
         """Take a call whose inbox was empty off the pending index, unless work came back."""
         if ended:
@@ -1802,6 +1912,7 @@ class RedisStore:
                 await self._renew()  # first: once Redis is back, owners keep their calls
                 await self._flush_indexes()
                 await self._prolong()
+                await self._keep()
                 await self._let_go_pending()
                 await self._reap()
                 if time.monotonic() - last_sync >= _SYNC_SECONDS:
@@ -1948,7 +2059,7 @@ class RedisStore:
         gone = [call for call, record in records.items() if record is None]
         if gone:
             await self._batch.run("SREM", self._keys.active, *gone)
-        resumed = 0
+        established = 0
         for call, record in records.items():
             if record is None or record.closed:
                 continue
@@ -1957,6 +2068,7 @@ class RedisStore:
                 # Taken up pending: when its time is up here, this instance takes it off the
                 # index (its instance may have restarted before letting it go).
                 self._indexed[call] = False
+            # Kept alive by whichever instance holds its keeper lease, or takes it (_keep).
             life = self._lifecycle.adopt(
                 record.call_id,
                 phase=record.phase,
@@ -1964,20 +2076,29 @@ class RedisStore:
                 ended=False,
                 proven=record.life.proven,
             )
-            resumed += life.keeping_alive
+            established += life.established
         self._rehydrated = True
-        log.info("calls_rehydrated", count=len(self._known), keep_alives=resumed)
+        log.info("calls_rehydrated", count=len(self._known), established=established)
 
     async def _sync_known(self) -> None:
         members = {_text(call) for call in await self._batch.run("SMEMBERS", self._keys.active)}
         for call in list(self._known):
             if call not in members and call not in self._owned:
                 del self._known[call]
-        new = [call for call in members if call not in self._known]
-        if new:
-            for call, record in (await self._load_records(new)).items():
+        # New calls, and those not established when last read: once they are, an instance
+        # that never runs them may be the one to keep them alive (see _keep).
+        stale = [
+            call
+            for call in members
+            if call not in self._owned
+            and ((known := self._known.get(call)) is None or known.phase < LIVE_PHASE)
+        ]
+        if stale:
+            for call, record in (await self._load_records(stale)).items():
                 if record is not None and not record.closed:
                     self._known[call] = record
+                elif call not in self._owned:
+                    self._known.pop(call, None)
 
     # -- operation outcomes, tones and call ends, from every instance ---------------
 

@@ -17,6 +17,8 @@ one slot. Keys of one call (``{p}`` is the store's prefix):
 * ``call``   string: the call's record (JSON, see ``_codec``)
 * ``journal`` hash: outcomes of Graph actions of handler runs, by entry and step
   (see ``callbot._journal``)
+* ``keeper`` string: the token of the instance that keeps the call alive (SET PX, see
+  ``KEEP``); unlike ``lease``, held for as long as the call goes on, quiet or not
 
 Each of them has a TTL. Indexes shared by every call live in slots of their own and
 are written by the store next to the scripts of a call, never inside them (see
@@ -38,8 +40,8 @@ import hashlib
 from dataclasses import dataclass, field
 
 __all__ = [
-    *("ALL", "CHECKPOINT", "CLAIM", "INGEST", "MARK", "PROBE", "RECORD", "RELEASE", "RENEW"),
-    *("SETTLE", "UNPEND"),
+    *("ALL", "CHECKPOINT", "CLAIM", "INGEST", "KEEP", "MARK", "PROBE", "RECORD", "RELEASE"),
+    *("RENEW", "SETTLE", "UNPEND"),
     "Script",
 ]
 
@@ -397,4 +399,21 @@ return 0
 """Calls looked at again after they were taken off the pending index: indexed again
 when work came back (``back``); out of ``unpending`` unless taken off again since."""
 
-ALL = (INGEST, CLAIM, CHECKPOINT, MARK, RELEASE, RENEW, PROBE, RECORD, UNPEND, SETTLE)
+KEEP = Script(
+    "keep",
+    """
+-- KEYS: keeper;  ARGV: this instance's token, lease (ms; '' gives the lease up)
+local holder = redis.call('GET', KEYS[1])
+if ARGV[2] == '' then
+  if holder == ARGV[1] then redis.call('DEL', KEYS[1]) end
+  return 0
+end
+if holder ~= false and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+""",
+)
+"""Take or renew the lease on keeping a call alive: 1 while this instance holds it, 0 when
+another does (or, giving it up, always)."""
+
+ALL = (INGEST, CLAIM, CHECKPOINT, MARK, RELEASE, RENEW, PROBE, RECORD, UNPEND, SETTLE, KEEP)
