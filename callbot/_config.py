@@ -23,6 +23,14 @@ MAX_TOKEN_LEEWAY = 300.0
 """The most clock skew a token's times may be read with (five minutes, the usual bound)."""
 MAX_STORE_LEASE = 3600.0
 """The longest Redis lease: a dead instance's calls wait that long for another."""
+MINIMUM_DURATIONS: dict[str, tuple[float, str]] = {
+    "key_refresh_interval": (60.0, "each refresh fetches the platform's signing keys"),
+    "keep_alive_interval": (1.0, "each interval sends every established call's keep-alive"),
+    "store_lease": (1.0, "a lease is renewed in Redis every third of it"),
+}
+"""The shortest value of each setting that repeats work for as long as the bot runs, in
+seconds, and the work it repeats: a tiny one would have the bot hammer the key endpoint,
+Graph or Redis. Every other duration may be short (a test's, say)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,9 +81,11 @@ class Settings:
     token_leeway: float = 60.0
     """Clock skew tolerated on ``exp``/``nbf``/``iat``: at most 300 s."""
     key_refresh_interval: float = 3600.0
-    """How often the signing keys are fetched again."""
+    """How often the signing keys are fetched again: at least 60 s (a token signed by a key
+    not yet fetched has them fetched at once)."""
     key_refetch_cooldown: float = 5.0
-    """After a refetch for an unknown ``kid``, no other refetch for this long."""
+    """After a refetch for an unknown ``kid``, no other refetch for this long (``0``: one
+    for each such token, one at a time)."""
     reorder_window: float = 1.0
     """How long a notification that came before the one it follows waits for it: a state
     before its predecessor, a tone before its call was established, or (for digit
@@ -142,8 +152,8 @@ class Settings:
     keep_alive: bool = True
     """Tell Graph the bot still holds each established call (else it ends after 45 minutes)."""
     keep_alive_interval: float = 15 * 60.0
-    """How often a call's keep-alive is sent (Graph ends a call with none for 45 minutes;
-    one that failed is tried again a minute later)."""
+    """How often a call's keep-alive is sent: at least 1 s, under 45 minutes (Graph ends a
+    call with none for 45 minutes; one that failed is tried again a minute later)."""
     shutdown_timeout: float = 25.0
     """On shutdown, how long running handlers may take to finish."""
     store: str = "memory"
@@ -153,7 +163,8 @@ class Settings:
     store_lease: float = 10.0
     """Redis store: how long an instance's claim on a call outlives its last renewal.
 
-    A crashed instance's calls move to the others after this long (at most 3600 s)."""
+    A crashed instance's calls move to the others after this long (1 s to 3600 s; it is
+    renewed every third of it)."""
     store_replicas: int = 0
     """Redis store: how many replicas must hold each write before callbot relies on it
     (answers 202, runs a handler). With ``1`` under Sentinel, a failover loses nothing
@@ -246,6 +257,13 @@ class Settings:
                 f"token_leeway must be at most {MAX_TOKEN_LEEWAY:g} s, the clock skew tokens are "
                 f"usually allowed, got {self.token_leeway!r} (CALLBOT_TOKEN_LEEWAY)"
             )
+        for name, (minimum, why) in MINIMUM_DURATIONS.items():
+            value = getattr(self, name)
+            if value < minimum:
+                raise ConfigurationError(
+                    f"{name} must be at least {minimum:g} s, got {value!r}: {why} "
+                    f"(CALLBOT_{name.upper()})"
+                )
         if self.store_lease > MAX_STORE_LEASE:
             # Redis takes no lease of 1e300 ms (every callback got 503), and a dead instance's
             # calls wait a lease before another takes them.
@@ -262,9 +280,6 @@ class Settings:
             "max_token_lifetime",
             "pending_call_ttl",
             "recording_download_timeout",
-            # Zero would make them due at once, again and again.
-            "keep_alive_interval",
-            "key_refresh_interval",
             "graph_request_timeout",
         ):
             if getattr(self, name) <= 0:
@@ -282,8 +297,6 @@ class Settings:
                 raise ConfigurationError(f"{name} must be at least 1 (CALLBOT_{name.upper()})")
         if self.max_concurrent_handlers < 1:
             raise ConfigurationError("max_concurrent_handlers must be at least 1")
-        if self.store_lease <= 0:
-            raise ConfigurationError("store_lease must be positive (CALLBOT_STORE_LEASE)")
         redis_schemes = (
             *("redis://", "rediss://", "unix://"),
             *("redis+cluster://", "rediss+cluster://", "redis+sentinel://", "rediss+sentinel://"),

@@ -256,7 +256,7 @@ async def test_a_call_established_while_draining_still_resolves_a_running_handle
 async def test_a_call_graph_has_forgotten_is_let_go_when_its_keep_alive_gets_404(
     graph: FakeGraph, authority: TokenAuthority, serve: Any
 ) -> None:
-    bot = graph_bot(graph, authority, keep_alive=True, keep_alive_interval=0.02)
+    bot = graph_bot(graph, authority, keep_alive=True, keep_alive_interval=1.0)
     server: BotServer = await serve(bot)
     graph.add_call("lost")
     await server.post(b.notifications(b.call_state("lost", "establishing")))

@@ -180,6 +180,47 @@ def test_a_keep_alive_interval_graph_would_not_wait_for_is_refused() -> None:
     assert Settings(keep_alive_interval=40 * 60.0).keep_alive_interval == 2400.0
 
 
+@pytest.mark.parametrize(
+    ("name", "tiny", "shortest"),
+    [
+        ("key_refresh_interval", 1e-9, 60.0),
+        ("keep_alive_interval", 0.001, 1.0),
+        ("store_lease", 0.01, 1.0),
+    ],
+)
+def test_a_duration_that_repeats_work_all_the_time_is_refused_below_its_minimum(
+    name: str, tiny: float, shortest: float
+) -> None:
+    """Each of these repeats work for as long as the bot runs (fetching the signing keys, a
+    keep-alive per call, a lease renewal in Redis): a tiny value was taken, and the bot
+    hammered the key endpoint, Graph or Redis."""
+    with pytest.raises(ConfigurationError) as refused:
+        Settings().replace(**{name: tiny})
+    message = str(refused.value)
+    assert message.startswith(f"{name} must be at least {shortest:g} s, got {tiny!r}: ")
+    assert message.endswith(f"(CALLBOT_{name.upper()})")
+    with pytest.raises(ConfigurationError, match=f"{name} must be at least"):
+        Settings.from_env({f"CALLBOT_{name.upper()}": str(tiny)})
+    assert getattr(Settings().replace(**{name: shortest}), name) == shortest
+
+
+def test_durations_a_test_shortens_stay_free_of_a_minimum() -> None:
+    """Waits and windows repeat nothing on their own: short ones are a test's to choose."""
+    short: dict[str, Any] = {
+        "key_refetch_cooldown": 0.0,
+        "reorder_window": 0.001,
+        "termination_grace": 0.05,
+        "pending_call_ttl": 0.2,
+        "header_timeout": 0.1,
+        "graph_retry_time": 0.0,
+        "graph_request_timeout": 0.1,
+        "answer_warning_after": 0.0,
+        "shutdown_timeout": 0.0,
+    }
+    settings = Settings(**short)
+    assert {name: getattr(settings, name) for name in short} == short
+
+
 @pytest.mark.parametrize("name", ["graph_url", "authority_url", "openid_config_url"])
 def test_the_urls_tokens_and_keys_travel_to_must_be_https(name: str) -> None:
     # Graph's gets the app token, the authority's the client secret, the OpenID

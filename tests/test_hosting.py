@@ -129,7 +129,7 @@ async def test_readyz_needs_keys_and_fails_while_draining(
     authority: TokenAuthority, serve: Any
 ) -> None:
     authority.available = False
-    bot = make_bot(authority, key_refresh_interval=0.2)
+    bot = make_bot(authority)
     server: BotServer = await serve(bot)
 
     health = await server.client.get("/healthz")

@@ -73,7 +73,7 @@ async def test_the_hook_waits_for_the_signing_keys(
     """Serving, but not ready (no signing keys yet: callbacks would be refused): the hook
     runs once the keys are in."""
     authority.available = False
-    bot = make_bot(authority, key_refresh_interval=0.2)
+    bot = make_bot(authority)
     ready_then: list[bool] = []
     ran = asyncio.Event()
 
