@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import keyword
 import os
 import socket
 import sys
@@ -94,6 +95,13 @@ def write_sample(name: str, directory: str) -> list[Path]:
         raise CallbotError(f"{directory} is a file: choose a new directory")
     if target.exists() and any(target.iterdir()):
         raise CallbotError(f"{directory} exists and is not empty: choose a new directory")
+    # Its tests import the bot as `from . import bot`: pytest imports the folder as a package.
+    package = target.resolve().name
+    if not package.isidentifier() or keyword.iskeyword(package):
+        raise CallbotError(
+            f"{directory}: {package!r} is not a Python package name, which the sample's tests"
+            " need (letters, digits and _, not starting with a digit: my_ivr, not my-ivr)"
+        )
     try:
         return _copy_sample(name, target)
     except OSError as exc:  # a parent that is a file, a read-only place

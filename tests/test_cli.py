@@ -445,6 +445,24 @@ def test_sample_where_no_directory_can_be_is_one_clear_line(
     assert (tmp_path / "notes.txt").read_text(encoding="utf-8") == "mine\n"
 
 
+@pytest.mark.parametrize("directory", ["my-ivr", "2024_ivr", "class", "ivr/my-ivr"])
+def test_sample_refuses_a_directory_its_tests_cannot_import(tmp_path: Path, directory: str) -> None:
+    """The tests import the bot from their own folder (``from . import bot``): pytest names
+    the folder as a package, so a name that is no Python identifier would fail them all."""
+    result = run_callbot("sample", "ivr", directory, cwd=tmp_path)
+    assert_one_clear_line(result, "not a Python package name")
+    assert not (tmp_path / directory).exists()
+
+
+def test_sample_written_into_the_current_directory_is_named_by_it(tmp_path: Path) -> None:
+    (tmp_path / "my-ivr").mkdir()
+    refused = run_callbot("sample", "ivr", ".", cwd=tmp_path / "my-ivr")
+    assert_one_clear_line(refused, "not a Python package name")
+    (tmp_path / "my_ivr").mkdir()
+    written = run_callbot("sample", "ivr", ".", cwd=tmp_path / "my_ivr")
+    assert written.returncode == 0, written.stderr
+
+
 def test_sample_next_steps_name_a_directory_given_with_a_slash_once(tmp_path: Path) -> None:
     result = run_callbot("sample", "ivr", "my_ivr/", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
