@@ -385,3 +385,16 @@ def test_the_handler_table_names_attributes_its_events_have() -> None:
             assert missing == [], f"{cls.__name__} has no {missing}"
             checked += len(attributes)
     assert checked > 15
+
+
+def test_every_page_that_registers_a_bot_says_how_teams_users_reach_it() -> None:
+    """An Azure Bot with calling on is not enough for a Teams user to call it: the bot must
+    be in a Teams app whose manifest says it takes calls."""
+    registering = [page for page in pages() if "Azure Bot" in page.read_text(encoding="utf-8")]
+    assert len(registering) >= 2
+    missing = [
+        str(page.relative_to(ROOT))
+        for page in registering
+        if '"supportsCalling": true' not in page.read_text(encoding="utf-8")
+    ]
+    assert missing == []
