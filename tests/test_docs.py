@@ -398,3 +398,17 @@ def test_every_page_that_registers_a_bot_says_how_teams_users_reach_it() -> None
         if '"supportsCalling": true' not in page.read_text(encoding="utf-8")
     ]
     assert missing == []
+
+
+def test_the_hosting_page_gives_every_tunnel_command_callbot_asks_for() -> None:
+    """`callbot run --tunnel devtunnel` names the commands that make a tunnel it can use;
+    the page a newcomer starts a tunnel from gives them all, in the order they run."""
+    source = (ROOT / "callbot/_tunnel.py").read_text(encoding="utf-8")
+    asked = re.findall(r"`(devtunnel (?!show)[^`]+)`", source)
+    asked = [command.replace("{port}", "8080") for command in asked]
+    assert len(asked) >= 3
+    page = (ROOT / "docs/guides/hosting.md").read_text(encoding="utf-8")
+    console = "\n".join(re.findall(r"^```console\n(.*?)^```$", page, re.M | re.S))
+    missing = [command for command in dict.fromkeys(asked) if command not in console]
+    assert missing == []
+    assert sorted(dict.fromkeys(asked), key=console.index) == list(dict.fromkeys(asked))
