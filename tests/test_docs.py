@@ -11,6 +11,8 @@ import ast
 import dataclasses
 import os
 import re
+import runpy
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -412,3 +414,45 @@ def test_the_hosting_page_gives_every_tunnel_command_callbot_asks_for() -> None:
     missing = [command for command in dict.fromkeys(asked) if command not in console]
     assert missing == []
     assert sorted(dict.fromkeys(asked), key=console.index) == list(dict.fromkeys(asked))
+
+
+def _sample_commands() -> list[tuple[Path, list[str]]]:
+    """(sample folder, arguments) of every `python bot.py ...` a sample's README runs."""
+    found = []
+    for readme in sorted((ROOT / "callbot/samples").glob("*/README.md")):
+        text = readme.read_text(encoding="utf-8")
+        for block in re.findall(r"^```console\n(.*?)^```$", text, re.M | re.S):
+            for line in block.splitlines():
+                if line.startswith("python bot.py "):
+                    arguments = shlex.split(line.removeprefix("python bot.py "), comments=True)
+                    found.append((readme.parent, arguments))
+    return found
+
+
+@pytest.mark.parametrize(
+    ("sample", "arguments"), _sample_commands(), ids=lambda value: getattr(value, "name", "")
+)
+def test_every_sample_command_a_readme_gives_takes_those_arguments(
+    sample: Path, arguments: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sample's own parser reads the command line, and the bot is not served."""
+    parsed: list[argparse.Namespace] = []
+    parse_args = argparse.ArgumentParser.parse_args
+
+    def parse_only(
+        parser: argparse.ArgumentParser, args: None = None, namespace: None = None
+    ) -> argparse.Namespace:
+        parsed.append(parse_args(parser, args, namespace))  # exits 2 on what it does not take
+        raise SystemExit(0)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_only)
+    monkeypatch.setattr(sys, "argv", ["bot.py", *arguments])
+    monkeypatch.delenv("CALLBOT_APP_ID", raising=False)
+    with pytest.raises(SystemExit) as exit:
+        runpy.run_path(str(sample / "bot.py"), run_name="__main__")
+    assert exit.value.code == 0
+    assert len(parsed) == 1
+
+
+def test_the_sample_commands_are_found() -> None:
+    assert {sample.name for sample, _ in _sample_commands()} == {"meeting", "notifier"}
