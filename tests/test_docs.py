@@ -16,6 +16,7 @@ import shlex
 import subprocess
 import sys
 import textwrap
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -456,3 +457,17 @@ def test_every_sample_command_a_readme_gives_takes_those_arguments(
 
 def test_the_sample_commands_are_found() -> None:
     assert {sample.name for sample, _ in _sample_commands()} == {"meeting", "notifier"}
+
+
+def test_every_extra_a_pip_command_names_is_declared() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    declared = set(project["optional-dependencies"])
+    named = {
+        (page.relative_to(ROOT), extra.strip())
+        for page in pages()
+        for command in re.findall(r"pip install [^`\n]*", page.read_text(encoding="utf-8"))
+        for extras in re.findall(r"\[([\w,\s-]+)\]", command)
+        for extra in extras.split(",")
+    }
+    assert len(named) > 5
+    assert sorted(f"{page}: [{extra}]" for page, extra in named if extra not in declared) == []
