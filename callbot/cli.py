@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import importlib.util
 import keyword
 import os
 import socket
@@ -102,12 +103,30 @@ def write_sample(name: str, directory: str) -> list[Path]:
             f"{directory}: {package!r} is not a Python package name, which the sample's tests"
             " need (letters, digits and _, not starting with a digit: my_ivr, not my-ivr)"
         )
+    if _another_module(package, target):
+        raise CallbotError(
+            f"{directory}: {package!r} is the name of a module Python already has, which the"
+            " sample's tests would import instead of the sample: choose another (my_ivr)"
+        )
     try:
         return _copy_sample(name, target)
     except OSError as exc:  # a parent that is a file, a read-only place
         raise CallbotError(
             f"cannot write the sample to {directory}: {exc.strerror or exc}"
         ) from None
+
+
+def _another_module(package: str, target: Path) -> bool:
+    """Whether ``package`` imports something other than ``target`` (an installed module)."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):  # a module that fails as it is looked for: taken too
+        return True
+    if spec is None:
+        return False
+    places = [*(spec.submodule_search_locations or []), spec.origin or ""]
+    # `python -m callbot` has the current directory on the path: the sample's own is no other.
+    return not any(place and Path(place).resolve() == target.resolve() for place in places)
 
 
 def _copy_sample(name: str, target: Path) -> list[Path]:

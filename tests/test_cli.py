@@ -454,6 +454,17 @@ def test_sample_refuses_a_directory_its_tests_cannot_import(tmp_path: Path, dire
     assert not (tmp_path / directory).exists()
 
 
+@pytest.mark.parametrize("directory", ["callbot", "json", "aiohttp"])
+def test_sample_refuses_a_directory_named_as_a_module_python_has(
+    tmp_path: Path, directory: str
+) -> None:
+    """pytest imports the folder's tests as DIRECTORY.test_ivr: a module of that name already
+    imported (callbot itself, the standard library's) leaves them nothing to import."""
+    result = run_callbot("sample", "ivr", directory, cwd=tmp_path)
+    assert_one_clear_line(result, f"'{directory}' is the name of a module Python already has")
+    assert not (tmp_path / directory).exists()
+
+
 def test_sample_written_into_the_current_directory_is_named_by_it(tmp_path: Path) -> None:
     (tmp_path / "my-ivr").mkdir()
     refused = run_callbot("sample", "ivr", ".", cwd=tmp_path / "my-ivr")
