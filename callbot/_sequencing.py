@@ -68,6 +68,7 @@ __all__ = [
     "CallRecord",
     "Delivery",
     "KeeperLeft",
+    "KeptOfRefused",
     "OwnFact",
     "Placed",
     "Sequencer",
@@ -77,6 +78,7 @@ __all__ = [
     "digest_decides",
     "entry_size",
     "json_size",
+    "kept_of_refused",
     "model_json",
     "notification_digest",
     "phase_of",
@@ -481,7 +483,18 @@ class KeeperLeft:
     call_id: str
 
 
-OwnFact = Placed | TransferAsked | TransferRefused | KeeperLeft
+@dataclass(frozen=True, slots=True)
+class KeptOfRefused:
+    """A request was refused in part (503: a call's backlog full, the store failing midway)
+    and these of the call's notifications in it were kept (the digests of those a copy of
+    is news otherwise: :func:`digest_decides`). Graph sends the whole request again: the
+    copies of these in it are repeats, each once."""
+
+    call_id: str
+    digests: tuple[bytes, ...]
+
+
+OwnFact = Placed | TransferAsked | TransferRefused | KeeperLeft | KeptOfRefused
 """What the bot itself knows of a call and no notification of it says. A store puts it in
 line with the call's notifications (:meth:`Sequencer.note`), so that it counts for what is
 accepted after it, on whichever process runs the call."""
@@ -563,6 +576,9 @@ class CallRecord:
     are counted whole until it could be past :data:`MAX_SNAPSHOT_BYTES`, then it is measured."""
     told_full: bool = False
     """A change the call's record could not keep was logged (``call_record_full``, once)."""
+    resent: dict[bytes, int] = field(default_factory=dict)
+    """How many copies of each notification kept of a request refused in part are still to
+    come (:class:`KeptOfRefused`), the latest last: each such copy is a repeat."""
 
     @property
     def call_id(self) -> str:
@@ -850,6 +866,9 @@ class Sequencer:
         if record.life.tenant_id is None and event.tenant_id is not None:
             self.lifecycle.bind(record.life, event.tenant_id)
         digest, written = _digest_of(event, key)
+        if record.resent and _sent_again(record.resent, digest):
+            self._drop(event, "duplicate")
+            return
         whole = _WHOLE.get(type(event))
         if whole is not None:
             # A repeat only of the latest of its kind: one that came before is a change back.
@@ -880,8 +899,22 @@ class Sequencer:
             self._transfer_refused(fact.call_id)
         elif isinstance(fact, KeeperLeft):
             return  # nothing to order by: the keeper lease says who keeps the call alive
+        elif isinstance(fact, KeptOfRefused):
+            self._kept_of_refused(fact)
         else:
             self.placed(fact.call_id, fact.my_participant_id, fact.tenant_id)
+
+    def _kept_of_refused(self, fact: KeptOfRefused) -> None:
+        record = self._records.get(id_key(fact.call_id))
+        if record is None or record.closed:
+            return  # nothing of the call is kept: its copies are stragglers, or news
+        resent = record.resent
+        for digest in fact.digests:
+            # At most as many copies as a call's digests: a request can hold more, not Graph's.
+            resent[digest] = min(resent.pop(digest, 0) + 1, SEEN_DIGESTS)
+        while len(resent) > SEEN_DIGESTS:
+            # Bounded as the digests are: a request Graph gave up sending is let go first.
+            del resent[next(iter(resent))]
 
     def _transfer_refused(self, call_id: str) -> None:
         self.lifecycle.transfer_refused(call_id)
@@ -936,18 +969,24 @@ class Sequencer:
         """``accept`` each event of a request but those naming a call of another tenant than
         their token's, and those ``full(event, call_key)`` refuses (its call's backlog is
         full); then, if there were such, raise :func:`refused_items`'s refusal."""
-        elsewhere = backlog = 0
         belongs_elsewhere = self.lifecycle.key_belongs_elsewhere
+        elsewhere: list[events.Event] = []
+        backlogged: list[events.Event] = []
         for event in batch:
             key = event.call_key  # worked out once, for the checks and the ordering
             if belongs_elsewhere(key, event.tenant_id):
-                elsewhere += 1
+                elsewhere.append(event)
             elif full is not None and full(event, key):
-                backlog += 1
+                backlogged.append(event)
             else:
                 self._accept(event, key)
-        if elsewhere or backlog:
-            raise refused_items(len(batch), elsewhere=elsewhere, backlog=backlog)
+        if backlogged:
+            # Graph sends the whole request again (503): what was kept of it is a repeat then.
+            refused = {id(event) for event in (*elsewhere, *backlogged)}
+            for fact in kept_of_refused(e for e in batch if id(e) not in refused):
+                self.note(fact)
+        if elsewhere or backlogged:
+            raise refused_items(len(batch), elsewhere=len(elsewhere), backlog=len(backlogged))
 
     def record(self, call_key: str) -> CallRecord | None:
         """The record of a call, if it is known."""
@@ -1447,6 +1486,31 @@ def _note_changed(
             changed[key] = sequence
     while len(changed) > members + SEEN_DIGESTS:
         del changed[next(iter(changed))]
+
+
+def _sent_again(resent: dict[bytes, int], digest: bytes) -> bool:
+    """Whether ``digest`` is of a copy still to come of a notification kept of a request
+    refused in part (:attr:`CallRecord.resent`): counted off if so."""
+    left = resent.get(digest)
+    if left is None:
+        return False
+    if left == 1:
+        del resent[digest]
+    else:
+        resent[digest] = left - 1
+    return True
+
+
+def kept_of_refused(kept: Iterable[events.Event]) -> list[KeptOfRefused]:
+    """What a store notes, per call, of the notifications ``kept`` of a request refused in
+    part, Graph sending it again whole: those a copy of is otherwise news
+    (:func:`digest_decides`). Worked out only when a request is refused: a rare path."""
+    digests: dict[str, tuple[str, list[bytes]]] = {}
+    for event in kept:
+        if not digest_decides(event):
+            key = event.call_key
+            digests.setdefault(key, (event.call_id, []))[1].append(_digest_of(event, key)[0])
+    return [KeptOfRefused(call_id, tuple(found)) for call_id, found in digests.values()]
 
 
 def backlog_full(entries: int, size: int) -> bool:

@@ -2310,6 +2310,21 @@ async def test_every_key_expires_when_the_last_instance_stops_mid_handler(
     assert all(ttl > 0 for ttl in left.values()), left
 
 
+def fail_once_after_the_scripts(store: _redis.RedisStore) -> None:
+    """Make the round trip after an ingest's scripts (the one telling the other instances of
+    a tone) fail, once."""
+    real = store._run_all
+    failed: list[tuple[Any, ...]] = []
+
+    async def failing_once(commands: Any, *, then: Any = None) -> Any:
+        if not failed and any(command[0] == "XADD" for command in commands):
+            failed.extend(commands)
+            raise redis.exceptions.ConnectionError("connection reset between the round trips")
+        return await real(commands, then=then)
+
+    store._run_all = failing_once  # type: ignore[method-assign]
+
+
 async def test_a_failure_after_the_scripts_leaves_no_call_unrun(
     authority: TokenAuthority, serve: Any, redis_url: str
 ) -> None:
@@ -2326,22 +2341,44 @@ async def test_a_failure_after_the_scripts_leaves_no_call_unrun(
     server: BotServer = await serve(bot)
     store = bot._running().store
     assert isinstance(store, _redis.RedisStore)
-    real = store._run_all
-    failed: list[tuple[Any, ...]] = []
-
-    async def failing_once(commands: Any, *, then: Any = None) -> Any:
-        if not failed and any(command[0] == "XADD" for command in commands):
-            failed.extend(commands)
-            raise redis.exceptions.ConnectionError("connection reset between the round trips")
-        return await real(commands, then=then)
-
-    store._run_all = failing_once  # type: ignore[method-assign]
+    fail_once_after_the_scripts(store)
     body = b.notifications(b.incoming_call("trip-call"), b.tone("trip-call", "tone1", 1))
     assert (await server.post(body)).status == 503
     await until(lambda: seen == ["IncomingCall", "tone:tone1"])  # not after the 300-s lease
     assert (await server.post(body)).status == 202  # the retry: both items are repeats
     assert (await server.post(b.notifications(b.call_terminated("trip-call")))).status == 202
     await until(lambda: seen == ["IncomingCall", "tone:tone1", "terminated"])
+
+
+async def test_rosters_kept_before_a_failure_are_repeats_in_graph_s_retry(
+    authority: TokenAuthority, serve: Any, redis_url: str
+) -> None:
+    """Redis fails on the round trip after the ingest scripts: the request gets 503 though
+    its notifications were kept, and Graph sends it again whole. Its rosters are repeats
+    then, though a roster coming back after another is news otherwise: handlers see each
+    once, not the first one again as a change back."""
+    seen: list[str] = []
+    bot = make_bot(authority, store=redis_url, store_lease=300.0)
+
+    @bot.on(events.ParticipantsUpdated)
+    async def record(call: Call, event: events.ParticipantsUpdated) -> None:
+        seen.append(",".join(p.id or "" for p in event.participants))
+
+    server: BotServer = await serve(bot)
+    for state in ("establishing", "established"):
+        assert (await server.post(b.notifications(b.call_state("retried", state)))).status == 202
+    store = bot._running().store
+    assert isinstance(store, _redis.RedisStore)
+    fail_once_after_the_scripts(store)
+    alice, bob = b.participant("alice"), b.participant("bob")
+    rosters = [b.roster("retried", people) for people in ([alice], [alice, bob])]
+    body = b.notifications(*rosters, b.tone("retried", "tone1", 1))
+    assert (await server.post(body)).status == 503
+    assert (await server.post(body)).status == 202  # the retry: every item a repeat
+    closing = b.roster("retried", [bob])
+    assert (await server.post(b.notifications(closing, b.call_terminated("retried")))).status == 202
+    await until(lambda: seen[-1:] == ["bob"])
+    assert seen == ["alice", "alice,bob", "bob"]
 
 
 async def test_an_ended_call_stays_ended_after_its_grace_on_any_instance(

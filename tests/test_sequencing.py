@@ -1786,3 +1786,32 @@ def test_events_are_told_apart_by_their_exact_class() -> None:
     # The one test of a state change names every class that is one.
     changes = {cls for cls in classes if issubclass(cls, events.CallStateChanged)}
     assert changes == sequencing._STATE_CHANGES
+
+
+async def test_what_was_kept_of_a_request_refused_in_part_is_a_repeat_when_sent_again() -> None:
+    """A request refused in part (503: a call's backlog full) comes again whole, as often as
+    it is refused: the states and rosters kept of it are repeats in each copy, each as often
+    as the request holds it, though the same state once the call left it is news otherwise.
+    Once the copies came, it is news again."""
+    sink = Sink()
+    seq = sink.sequencer(window=5)
+    for state in ("establishing", "established"):
+        seq.accept(one(b.call_state("c", state)))
+    moves = [b.call_state("c", state) for state in ("hold", "established", "hold")]
+    request = [*moves, b.roster("c", [b.participant("alice")])]
+    refusing = {"roster": True}
+
+    def full(event: events.Event, call_key: str) -> bool:
+        return refusing["roster"] and isinstance(event, events.ParticipantsUpdated)
+
+    for _ in range(2):
+        with pytest.raises(MalformedNotification) as refused:
+            seq.accept_batch(parse_payload(b.notifications(*request)), full)
+        assert (refused.value.reason, refused.value.kept) == ("call_backlog_full", 3)
+    refusing["roster"] = False
+    seq.accept_batch(parse_payload(b.notifications(*request)), full)
+    assert sink.labels[2:] == ["hold", "established", "hold", "ParticipantsUpdated"]
+    assert seq.counts["duplicate"] == 6
+    seq.accept(one(b.call_state("c", "established")))  # the call moving back: news
+    assert sink.labels[-1] == "established"
+    seq.close()

@@ -18,6 +18,7 @@ from callbot._parse import parse_payload
 from callbot._sequencing import (
     CallRecord,
     Delivery,
+    KeptOfRefused,
     Placed,
     Sequencer,
     TransferAsked,
@@ -114,6 +115,8 @@ def test_a_record_survives_the_round_trip() -> None:
     record.tone_next = 8
     record.seen.extend([b"\x01" * 16, b"\x02" * 16])
     record.latest = {"roster": b"\x03" * 16, "sharing": b"\x04" * 16}
+    assert "resent" not in json.loads(encode_record(record))  # only while copies are to come
+    record.resent = {b"\x05" * 16: 2, b"\x06" * 16: 1}
     copy = decode_record(encode_record(record))
     assert copy is not None
     assert (copy.call_id, copy.phase, copy.state, copy.closed) == (
@@ -135,6 +138,7 @@ def test_a_record_survives_the_round_trip() -> None:
     assert copy.tone_next == 8
     assert list(copy.seen) == list(record.seen)
     assert copy.latest == record.latest
+    assert list(copy.resent.items()) == list(record.resent.items())
     # An instance of the previous release reads the roster's under its old name.
     assert json.loads(encode_record(record))["roster_digest"] == (b"\x03" * 16).hex()
     assert copy.seen.maxlen == record.seen.maxlen
@@ -186,10 +190,12 @@ def test_what_the_bot_knows_of_a_call_is_kept_apart_from_notifications() -> None
         Placed("c-1", None, "t-1"),
         TransferAsked("c-1"),
         TransferRefused("c-1"),
+        KeptOfRefused("c-1", (b"\x01" * 16, b"\x02" * 16)),
     )
+    kinds = ("placed", "transferAsked", "transferRefused", "keptOfRefused")
     for fact in facts:
         text = encode_fact(fact)
-        assert json.loads(text)["fact"] in ("placed", "transferAsked", "transferRefused")
+        assert json.loads(text)["fact"] in kinds
         assert decode_fact(text) == fact
         with pytest.raises(MalformedNotification):
             decode_entry(text)

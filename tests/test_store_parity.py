@@ -29,7 +29,7 @@ import pytest
 import redis.asyncio as aioredis
 from structlog.testing import capture_logs
 
-from callbot import Call, CallBot, GraphError, Target, current_attempt, events, models
+from callbot import Call, CallBot, GraphError, Target, _sequencing, current_attempt, events, models
 from callbot._ids import id_key
 from callbot._lifecycle import ENDED_MEMORY
 from callbot._sequencing import MAX_BACKLOG_BYTES, MAX_HELD_BYTES, roster_key
@@ -1218,6 +1218,20 @@ async def backlog_bytes(group: Group, call: str) -> int:
     return int(await group.client.hget(fence, "b") or 0)
 
 
+def waiting_for_a_prompt(groups: Parity) -> asyncio.Event:
+    """Make each bot's handler of news callbot does not model wait (as for a prompt) until
+    the event returned is set."""
+    release = asyncio.Event()
+    for group in groups.groups:
+        for bot in group.bots:
+
+            @bot.on(events.UnknownNotification)
+            async def wait_for_the_prompt(call: Call, event: events.UnknownNotification) -> None:
+                await release.wait()
+
+    return release
+
+
 async def test_a_call_whose_handler_is_blocked_refuses_past_its_backlog(parity: Any) -> None:
     """While a call's handler waits (for a prompt, say), what a token holder posts for the
     call queued behind it without end: 999 bodies of 1 MiB held 1 GiB in memory, 2 GiB on a
@@ -1229,13 +1243,7 @@ async def test_a_call_whose_handler_is_blocked_refuses_past_its_backlog(parity: 
     flood = [flood_item(call, n) for n in range(MAX_BACKLOG_BYTES // FLOOD_ITEM_BYTES + 3)]
     groups: Parity = await parity()
     await groups.run(lifecycle_of(call)[:3])
-    release = asyncio.Event()
-    for group in groups.groups:
-        for bot in group.bots:
-
-            @bot.on(events.UnknownNotification)
-            async def wait_for_the_prompt(call: Call, event: events.UnknownNotification) -> None:
-                await release.wait()
+    release = waiting_for_a_prompt(groups)
 
     steps = [post(item) for item in flood[:-1]]
     # The last request also names another call: that call's item is kept all the same.
@@ -1877,3 +1885,35 @@ async def test_a_transfer_asked_from_another_call_s_handler_counts_where_the_cal
         assert asked == [(1, False, True)] * 2  # asked on the instance not running the call
     elif stores == "redis-idle":
         assert asked == [(1, False, False)] * 2  # asked while no instance ran it
+
+
+async def test_a_request_sent_again_after_part_of_it_was_refused(
+    parity: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Graph sends a request again whole when part of it was refused (a call's backlog full):
+    what was kept of it the first time is a repeat, though a roster (or a live state) coming
+    back after another is news otherwise. Rosters A and B kept, C refused: the request sent
+    again delivers C only, a change from B, in every store."""
+    monkeypatch.setattr(_sequencing, "MAX_BACKLOG_ENTRIES", 3)
+    monkeypatch.setattr(_redis, "MAX_BACKLOG_ENTRIES", 3)
+    call = "resent"
+    alice, bob, carol = (b.participant(name) for name in ("alice", "bob", "carol"))
+    rosters = [b.roster(call, people) for people in ([alice], [alice, bob], [bob, carol])]
+    groups: Parity = await parity()
+    for step in lifecycle_of(call)[:3]:
+        await groups.run([step])  # one at a time: the call's backlog holds three
+    release = waiting_for_a_prompt(groups)
+
+    prompt = post(b.unknown(call, "/someFutureResource"))
+    refused = post(*rosters)
+    for step in (prompt, refused):  # A and B wait behind the prompt, C is refused
+        await asyncio.gather(*(group.post(step) for group in groups.groups))
+    release.set()
+    await groups.settle()
+    await groups.run([refused, *lifecycle_of(call)[-1:]])  # Graph sends it again
+    groups.check()
+    for group in groups.groups:
+        assert group.statuses[-4:] == [202, 503, 202, 202], group.name
+        seen = group.seen[id_key(call)]
+        told = [entry["participants"] for entry in seen if entry["type"] == "ParticipantsUpdated"]
+        assert told == [["alice"], ["alice", "bob"], ["bob", "carol"]], group.name

@@ -36,6 +36,7 @@ from .._parse import parse_payload
 from .._sequencing import (
     CallRecord,
     KeeperLeft,
+    KeptOfRefused,
     OwnFact,
     Placed,
     TransferAsked,
@@ -127,6 +128,9 @@ def encode_fact(fact: OwnFact) -> str:
             body["target"] = _target_json(fact.target)
     elif isinstance(fact, TransferRefused):
         body = {"fact": "transferRefused", "callId": fact.call_id}
+    elif isinstance(fact, KeptOfRefused):
+        body = {"fact": "keptOfRefused", "callId": fact.call_id}
+        body["digests"] = [digest.hex() for digest in fact.digests]
     else:
         body = {"fact": "keeperLeft", "callId": fact.call_id}
     return _dumps(body)
@@ -150,6 +154,8 @@ def decode_fact(text: str) -> OwnFact | None:
             return TransferRefused(call_id)
         if kind == "keeperLeft":
             return KeeperLeft(call_id)
+        if kind == "keptOfRefused":
+            return KeptOfRefused(call_id, tuple(bytes.fromhex(d) for d in body["digests"]))
         raise ValueError(f"an inbox fact of a kind this version does not know: {kind!r}")
     if text.startswith(_PLACED_UNTAGGED):
         placed = json.loads(text)["placed"]
@@ -204,6 +210,9 @@ def encode_record(record: CallRecord) -> str:
         head["roster_changed"] = record.roster_changed  # only a call with delta rosters has it
     if record.told_full:
         head["told_full"] = True  # the call's call_record_full line is not written again
+    if record.resent:
+        # only a call with a request refused in part, until Graph sent it again
+        head["resent"] = [[digest.hex(), left] for digest, left in record.resent.items()]
     # Models serialize themselves (faster than going through Python dicts).
     snapshot = "null" if record.snapshot is None else model_json(record.snapshot)
     roster = ",".join(f"{json.dumps(key)}:{model_json(p)}" for key, p in record.roster.items())
@@ -253,6 +262,7 @@ def decode_record(text: str) -> CallRecord | None:
     record.seen.extend(bytes.fromhex(digest) for digest in body.get("seen") or ())
     record.operations = _numbers_by_key(body.get("operations"))
     record.roster_changed = _numbers_by_key(body.get("roster_changed"))
+    record.resent = {bytes.fromhex(digest): int(left) for digest, left in body.get("resent") or ()}
     return record
 
 

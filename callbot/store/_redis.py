@@ -57,6 +57,7 @@ from .._sequencing import (
     Placed,
     Sequencer,
     digest_decides,
+    kept_of_refused,
     refused_items,
 )
 from . import _scripts
@@ -895,12 +896,28 @@ class RedisStore:
                 else:
                     state.signals += 1
                 state.changed.set()  # a held or idle call need not wait for its next look
+        if failure is not None or backlog:
+            # Graph sends the whole request again: what was kept of it is a repeat then.
+            await self._note_kept(batch, answers)
         if failure is not None:
             raise StoreUnavailable(
                 f"the Redis store cannot take notifications now: {failure}"
             ) from failure
         if elsewhere or backlog:
             raise refused_items(len(batch), elsewhere=elsewhere, backlog=backlog)
+
+    async def _note_kept(
+        self, batch: Sequence[events.Event], answers: list[tuple[Any, str]]
+    ) -> None:
+        """Note, for each call, the notifications of a request refused in part that were
+        kept (:class:`~callbot._sequencing.KeptOfRefused`), in line after them."""
+        kept = [
+            event for event, (answer, _) in zip(batch, answers, strict=True) if int(answer[0]) >= 0
+        ]
+        for fact in kept_of_refused(kept):
+            with contextlib.suppress(StoreUnavailable):
+                # Else the request's copies are news, as if nothing had been noted.
+                await self.note(fact)
 
     def elsewhere(self) -> list[CallRecord]:
         """The calls of every instance that reached a state and have not ended (refreshed
