@@ -275,9 +275,11 @@ class _Connection(RequestHandler):
             window = data
         else:
             window = self._header_tail + data
-        if window.find(_HEADERS_END) != -1:
+        end = window.find(_HEADERS_END)
+        if end != -1:
             self.header_bytes = None  # what follows is the body: the handler's to bound
-            return True
+            # Ended within this read, they are counted up to their end all the same.
+            return seen + end - (len(window) - len(data)) <= MAX_HEADER_BYTES
         seen += len(data)
         self.header_bytes = seen
         self._header_tail = window[-3:]
