@@ -713,8 +713,10 @@ class Lifecycle:
         the answer to the last one all come here."""
         if self._keep_alive_interval is None or life.ended:
             return  # an ended call is never kept alive, whatever delivered a state late
-        if not self._kept_here(life.key):
-            life.keep_alive_loop = 0  # another instance keeps it alive
+        # Another instance keeps it alive; the one proving or ending it, if it failed, is
+        # tried again wherever it was sent (see _FORGET_PENDING).
+        if not self._kept_here(life.key) and not (after_failure and life.pending):
+            life.keep_alive_loop = 0
             return
         interval = self._keep_alive_interval
         # Graph ends a call with no keep-alive for 45 minutes: a failed one is tried again

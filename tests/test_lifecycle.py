@@ -964,3 +964,27 @@ async def test_a_call_kept_alive_elsewhere_is_sent_keep_alives_once_kept_here(
     assert not life.keeping_alive
     await clock.advance(121.0)
     assert send.sent == [CALL_ID] * 2
+
+
+async def test_an_unproven_call_kept_alive_elsewhere_is_tried_again_after_a_failure(
+    clock: Clock,
+) -> None:
+    """The keep-alive that proves or ends an established call unproven when its time is up is
+    sent wherever the call is known: failed (Graph unreachable), it is tried again here too, as
+    on the instance keeping the call alive. Else the call stayed pending here, never proven nor
+    let go, counted against its tenant's bound."""
+    send = KeepAlives()
+    calls = lifecycle(send, keep_alive_interval=900.0, pending_ttl=60.0)
+    calls.keep_alive_where(lambda key: False)  # another instance keeps it alive
+    life = calls.life(CALL_ID)
+    calls.enter(life, "establishing")
+    calls.enter(life, "established")
+    send.answer = KeepAliveResult.FAILED
+    await clock.advance(61.0)
+    assert send.sent == [CALL_ID]
+    send.answer = KeepAliveResult.GONE
+    await clock.advance(61.0)
+    assert send.sent == [CALL_ID] * 2
+    assert life.ended
+    await clock.advance(900.0)
+    assert send.sent == [CALL_ID] * 2
