@@ -2885,6 +2885,21 @@ _KEPT = ("inbox", "fence", "call", "tenant")
 """The keys a call that goes on keeps (its ``seen`` and ``lease`` are kept for a while only)."""
 
 
+def keeping_bot(authority: TokenAuthority, graph: FakeGraph, redis_url: str) -> CallBot:
+    """An instance keeping calls alive, sending to ``graph``: keeper looks every second, a
+    keeper lease of 3 (a busy test machine pausing its loop for a moment moves no keeper)."""
+    return make_bot(
+        authority,
+        store=redis_url,
+        store_lease=3.0,
+        graph_url=graph.graph_url,
+        authority_url=graph.authority_url,
+        app_secret="fake-graph-secret",
+        keep_alive=True,
+        keep_alive_interval=1.0,
+    )
+
+
 @contextlib.asynccontextmanager
 async def keeping_instances(
     authority: TokenAuthority, serve: Any, redis_url: str, rdb: aioredis.Redis
@@ -2897,20 +2912,7 @@ async def keeping_instances(
         bots: list[CallBot] = []
         for graph in graphs:
             graph.add_call("quiet")
-            bots.append(
-                make_bot(
-                    authority,
-                    store=redis_url,
-                    # keeper looks every second, a keeper lease of 3: a busy test machine
-                    # pausing the instances' loop for a moment moves no keeper
-                    store_lease=3.0,
-                    graph_url=graph.graph_url,
-                    authority_url=graph.authority_url,
-                    app_secret="fake-graph-secret",
-                    keep_alive=True,
-                    keep_alive_interval=1.0,
-                )
-            )
+            bots.append(keeping_bot(authority, graph, redis_url))
         servers = [await serve(bot) for bot in bots]
         for state in ("establishing", "established"):
             item = b.call_state("quiet", state)
@@ -2967,6 +2969,42 @@ async def test_a_quiet_call_whose_keeper_crashed_is_kept_alive_by_another_instan
         await crash(bots[keeper])
         before = kept_alive(other)
         await until(lambda: kept_alive(other) > before + 1, within=20)
+
+
+async def test_an_instance_stopping_during_a_keeper_look_gives_up_the_leases_it_took(
+    authority: TokenAuthority, serve: Any, redis_url: str, rdb: aioredis.Redis
+) -> None:
+    """An instance stops while the answer to a keeper look is on its way: the leases that
+    look took are given up with the others. Held by nobody's keep-alives, they kept the call
+    from every other instance until they ran out, as a crashed instance's do."""
+    async with FakeGraph() as graph:
+        graph.add_call("quiet")
+        bot = keeping_bot(authority, graph, redis_url)
+        server = await serve(bot)
+        store: Any = bot._running().store
+        (keeper,) = store._keys.of("quiet", "keeper")
+        run_all = store._run_all
+        taken = asyncio.Event()
+
+        async def answered_late(commands: Any, **options: Any) -> Any:
+            answers = await run_all(commands, **options)
+            if (
+                any(c[1] == _scripts.KEEP.sha and keeper in c for c in commands)
+                and not taken.is_set()
+            ):
+                taken.set()
+                await asyncio.Event().wait()  # the answer is still on its way at the stop
+            return answers
+
+        store._run_all = answered_late
+        for state in ("establishing", "established"):
+            item = b.call_state("quiet", state)
+            assert (await server.post(b.notifications(item))).status == 202
+        async with asyncio.timeout(30):
+            await taken.wait()
+        assert await rdb.get(keeper) == store.token
+        await bot.stop()
+        assert not await rdb.exists(keeper)
 
 
 async def test_a_call_that_ran_on_two_instances_is_kept_alive_by_one(

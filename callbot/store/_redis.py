@@ -758,6 +758,8 @@ class RedisStore:
         """Calls Graph accepted a keep-alive of, whose keys are to last another day."""
         self._keeping: set[str] = set()
         """Calls whose keeper lease this instance holds: it sends their keep-alives."""
+        self._asking: set[str] = set()
+        """Calls a keeper look asked the lease of, until its answer is read: it may hold them."""
         self._lingering = 0
         """Held calls with nothing to do, waiting a moment for their next notification."""
         self._taking = 0
@@ -988,14 +990,20 @@ class RedisStore:
         knows no keeper lease: it runs the call at once and keeps it alive from then on (a
         quiet call brings no notification that would)."""
         calls, self._keeping = sorted(self._keeping), set()
-        if not calls:
+        # A look stopped before its answer came may have taken these: given up as well.
+        asked, self._asking = sorted(self._asking.difference(calls)), set()
+        if not calls and not asked:
             return
         keys = self._keys
         lives = [self._lifecycle.get(call) for call in calls]
         going = [life for life in lives if life is not None and life.established]
+        given_up = [*calls, *asked]
         answers = await self._run_all(
             [
-                *(_cmd(_scripts.KEEP, keys.of(call, "keeper"), self.token, "") for call in calls),
+                *(
+                    _cmd(_scripts.KEEP, keys.of(call, "keeper"), self.token, "")
+                    for call in given_up
+                ),
                 *(self._fact_command(KeeperLeft(life.call_id), take=False) for life in going),
             ],
             # as a note: the reaper finds them
@@ -1003,7 +1011,7 @@ class RedisStore:
         )
         waiting = [
             part
-            for life, answer in zip(going, answers[len(calls) :], strict=True)
+            for life, answer in zip(going, answers[len(given_up) :], strict=True)
             if int(answer[1]) == 3
             for part in (_stream_id(_text(answer[3]))[0], life.key)
         ]
@@ -1758,6 +1766,7 @@ class RedisStore:
                     wanted[call] = known
         keys = self._keys
         asked = [*held, *wanted]
+        self._asking.update(wanted)
         answers = await self._run_all(
             [
                 *(
@@ -1768,6 +1777,7 @@ class RedisStore:
             ]
         )
         self._keeping.difference_update(going)
+        self._asking.clear()
         taken = 0
         for call, holds in zip(asked, answers[: len(asked)], strict=True):
             if not int(holds):
