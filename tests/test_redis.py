@@ -3007,6 +3007,48 @@ async def test_an_instance_stopping_during_a_keeper_look_gives_up_the_leases_it_
         assert not await rdb.exists(keeper)
 
 
+async def test_a_call_not_established_elsewhere_is_read_again_once_a_keeper_look(
+    authority: TokenAuthority, serve: Any, redis_url: str, rdb: aioredis.Redis
+) -> None:
+    """An instance that never ran a call reads its record again, to learn that it became
+    established, when it looks at the keeper leases (a minute apart by default), not every
+    two seconds: every instance read the record of every call not yet established that
+    often, those a sender invented included (up to the pending bound, for five minutes)."""
+    async with FakeGraph() as graph:
+        graph.add_call("ringing")
+        options: dict[str, Any] = {
+            "store": redis_url,
+            "graph_url": graph.graph_url,
+            "authority_url": graph.authority_url,
+            "app_secret": "fake-graph-secret",
+            "keep_alive": True,
+        }
+        first, second = make_bot(authority, **options), make_bot(authority, **options)
+        server = await serve(first)
+        await serve(second)
+        store: Any = second._running().store
+        load_records, sync_known = store._load_records, store._sync_known
+        reads: list[str] = []
+        syncs = 0
+
+        async def counted_loads(calls: Any) -> Any:
+            reads.extend(calls)
+            return await load_records(calls)
+
+        async def counted_syncs() -> None:
+            nonlocal syncs
+            await sync_known()
+            syncs += 1
+
+        store._load_records, store._sync_known = counted_loads, counted_syncs
+        item = b.call_state("ringing", "establishing")
+        assert (await server.post(b.notifications(item))).status == 202
+        await until(lambda: store.known("ringing") is not None, within=30)
+        known_at = syncs
+        await until(lambda: syncs >= known_at + 3, within=30)
+        assert reads.count("ringing") == 1, reads
+
+
 async def test_a_call_that_ran_on_two_instances_is_kept_alive_by_one(
     authority: TokenAuthority, serve: Any, redis_url: str, rdb: aioredis.Redis
 ) -> None:

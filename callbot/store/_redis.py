@@ -1742,6 +1742,10 @@ class RedisStore:
             return
         # half a tick early: a round woken a little before its time does not wait another
         self._next_keep = now + self._keep_every - self._tick / 2
+        if not self._draining:
+            # Calls known not established when last read may be now: read once a look, not
+            # with every sync (a sender inventing calls would decide how many reads that is).
+            await self._read_known([c for c, k in self._known.items() if k.phase < LIVE_PHASE])
         lifecycle = self._lifecycle
         held: list[str] = []
         going: list[str] = []
@@ -2112,16 +2116,13 @@ class RedisStore:
         for call in list(self._known):
             if call not in members and call not in self._owned:
                 del self._known[call]
-        # New calls, and those not established when last read: once they are, an instance
-        # that never runs them may be the one to keep them alive (see _keep).
-        stale = [
-            call
-            for call in members
-            if call not in self._owned
-            and ((known := self._known.get(call)) is None or known.phase < LIVE_PHASE)
-        ]
-        if stale:
-            for call, record in (await self._load_records(stale)).items():
+        await self._read_known([call for call in members if call not in self._known])
+
+    async def _read_known(self, calls: Sequence[str]) -> None:
+        """Read the records of calls this instance does not run, and know them as they are."""
+        calls = [call for call in calls if call not in self._owned]
+        if calls:
+            for call, record in (await self._load_records(calls)).items():
                 if record is not None and not record.closed:
                     self._known[call] = record
                 elif call not in self._owned:
