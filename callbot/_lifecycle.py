@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import random
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -341,6 +342,7 @@ class Lifecycle:
         self._kept_alive_listeners: list[Callable[[str], None]] = []
         self._delivering: Callable[[str], bool] = lambda call_key: False
         self._kept_here: Callable[[str], bool] = lambda call_key: True
+        self._keeper_spread = 0.0
         # Lines of each call: a sender inventing 200 calls a request decides how many.
         self._lines = RateLimitedLog(log)
 
@@ -367,23 +369,28 @@ class Lifecycle:
         ``delivering(call_key)``: this process still delivers what came before the end."""
         self._delivering = delivering
 
-    def keep_alive_where(self, kept_here: Callable[[str], bool]) -> None:
+    def keep_alive_where(self, kept_here: Callable[[str], bool], *, spread: float = 0.0) -> None:
         """Send a call's keep-alives only while ``kept_here(call_key)``: a shared store has one
         instance keep each call alive (by default, every established call is kept alive here).
-        Tell :meth:`keeper_changed` when the answer for a call changes."""
+        Tell :meth:`keeper_changed` when the answer for a call changes; a call taken up is sent
+        its first keep-alive at a random moment within ``spread`` seconds."""
         self._kept_here = kept_here
+        self._keeper_spread = spread
 
     def keeper_changed(self, call_key: str) -> None:
         """Whether this process keeps the call alive changed (see :meth:`keep_alive_where`).
-        Kept here from now on, an established call is sent a keep-alive at once: the last
-        keeper's may be an interval old, and it may have stopped before sending the next."""
+        Kept here from now on, an established call is sent a keep-alive soon, not an interval
+        later: the last keeper's may be an interval old, and it may have stopped before sending
+        the next. Soon is spread out: an instance taking up the calls of one that stopped would
+        send thousands at once."""
         life = self._lives.get(call_key)
         if life is None:
             return
         if not self._kept_here(call_key):
             life.keep_alive_loop = 0
         elif life.established and self._keep_alive_interval is not None:
-            life.keep_alive_loop = self._schedule(0.0, _KEEP_ALIVE, life)
+            delay = self._keeper_spread * random.random()
+            life.keep_alive_loop = self._schedule(delay, _KEEP_ALIVE, life)
 
     # -- reading ------------------------------------------------------------------------
 

@@ -966,6 +966,30 @@ async def test_a_call_kept_alive_elsewhere_is_sent_keep_alives_once_kept_here(
     assert send.sent == [CALL_ID] * 2
 
 
+async def test_calls_taken_up_at_once_are_sent_their_first_keep_alives_spread_out(
+    clock: Clock,
+) -> None:
+    """An instance taking up the calls of one that stopped sends each its first keep-alive
+    within the spread it was given, at a moment of its own: thousands taken up in one look
+    went to Graph in one burst."""
+    send = KeepAlives()
+    calls = lifecycle(send, keep_alive_interval=900.0)
+    kept: set[str] = set()
+    calls.keep_alive_where(lambda key: key in kept, spread=60.0)
+    lives = [calls.life(f"call-{n}") for n in range(50)]
+    for life in lives:
+        calls.prove(life.call_id)
+        calls.enter(life, "establishing")
+        calls.enter(life, "established")
+    kept.update(life.key for life in lives)
+    for life in lives:
+        calls.keeper_changed(life.key)
+    await clock.advance(30.0)
+    assert 0 < len(send.sent) < len(lives)  # some now, the rest later in the look
+    await clock.advance(30.0)
+    assert sorted(send.sent) == sorted(life.call_id for life in lives)
+
+
 async def test_an_unproven_call_kept_alive_elsewhere_is_tried_again_after_a_failure(
     clock: Clock,
 ) -> None:

@@ -127,13 +127,14 @@ def keeper_timing(keep_alive_interval: float, tick: float) -> tuple[float, int]:
     calls nobody keeps alive, and how long (ms) a keeper lease outlives its last renewal.
 
     A keeper lost right before a keep-alive was due leaves its call without one for that
-    interval, then until its lease runs out (3 looks) and another instance's next look
-    (one more) sends one: 4 looks, kept within half of what Graph leaves after an interval
-    (45 minutes). A look comes at most every store tick, at least every minute, and at least
-    three times an interval, so that a call's keeper is found before its first keep-alive
-    is due."""
+    interval, then until its lease runs out (3 looks), another instance's next look (one
+    more) takes it up, and its first keep-alive comes within one more (spread over a look:
+    an instance may take up thousands at once): 5 looks, kept within half of what Graph
+    leaves after an interval (45 minutes). A look comes at most every store tick, at least
+    every minute, and at least three times an interval, so that a call's keeper is found
+    before its first keep-alive is due."""
     spare = KEEP_ALIVE_LIMIT - keep_alive_interval
-    every = max(tick, min(keep_alive_interval / 3, spare / 8, _KEEPER_CHECK_MAX))
+    every = max(tick, min(keep_alive_interval / 3, spare / 10, _KEEPER_CHECK_MAX))
     return every, int(every * 3 * 1000)
 
 
@@ -713,7 +714,9 @@ class RedisStore:
         # A call whose end was told stays while this instance runs it (its end is yet to come).
         lifecycle.keep_while(lambda call_key: call_key in self._owned)
         # One instance keeps each call alive: the one holding its keeper lease (see _keep).
-        lifecycle.keep_alive_where(lambda call_key: call_key in self._keeping)
+        lifecycle.keep_alive_where(
+            lambda call_key: call_key in self._keeping, spread=self._keep_every
+        )
         self._owned: dict[str, _Owned] = {}
         self._known: dict[str, CallRecord] = {}
         self._indexed: dict[str, bool] = {}
