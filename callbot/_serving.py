@@ -49,11 +49,10 @@ _ACCEPT_FAILED = "socket.accept() out of system resource"
 # As much of a refused request's path as a log line shows (a scanner's may be 8 KiB long).
 _PATH_SHOWN = 256
 MAX_HEADER_BYTES = 64 * 1024
-"""The most a request's line and headers may take, in bytes. Graph's take 2 to 4 KB (its
-token about 1.5); aiohttp alone takes 128 headers of 8 KiB each, which a sender without a
-token held in the bot's memory on each connection (2 MB of it, 2 GB on 1,000)."""
-# What ends a request's headers: an empty line (aiohttp's parser takes no bare LF).
-_HEADERS_END = b"\r\n\r\n"
+"""The most a request's line and headers may take while they are still arriving, in bytes.
+Graph's take 2 to 4 KB (its token about 1.5); aiohttp alone takes 128 headers of 8 KiB each,
+which a sender without a token held in the bot's memory on each connection (2 MB of it, 2 GB
+on 1,000). Headers that end within a read are aiohttp's to bound: they are not held."""
 _TOO_LARGE = (
     b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: text/plain\r\n"
     b"Content-Length: 36\r\nConnection: close\r\n\r\n431 Request Header Fields Too Large\n"
@@ -242,7 +241,6 @@ class _Connection(RequestHandler):
         self.header_bytes: int | None = None
         """How many bytes of a request's headers have arrived while they are not complete
         (``None`` once they are, or while a request is answered)."""
-        self._header_tail = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -255,35 +253,24 @@ class _Connection(RequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if not self.busy:
-            if self.headers_since is None:
-                # The first byte of a request starts its header deadline and its byte count.
-                self.headers_since = loop_time()
-                self._guard._watch_headers()
-                self.header_bytes = 0
-            if self.header_bytes is not None and not self._headers_fit(data):
-                self.headers_too_large()
-                return
+        if self.busy:
+            super().data_received(data)
+            return
+        if self.headers_since is None:
+            # The first byte of a request starts its header deadline and its byte count.
+            self.headers_since = loop_time()
+            self._guard._watch_headers()
+            self.header_bytes = 0
+        parsed = self._request_count
         super().data_received(data)
-
-    def _headers_fit(self, data: bytes) -> bool:
-        """Count ``data`` as the request's headers up to their end: whether they still fit."""
-        seen = self.header_bytes or 0
-        if not seen:
-            # Empty lines before a request line are skipped (RFC 9112), the end's bytes too.
-            data = data.lstrip(b"\r\n")
-            window = data
+        if self.header_bytes is None:
+            return  # its headers ended in an earlier read: the rest is the handler's to bound
+        if self._request_count != parsed:
+            self.header_bytes = None  # they ended in this one: no scan of ours needed
+        elif (seen := self.header_bytes + len(data)) > MAX_HEADER_BYTES:
+            self.headers_too_large()
         else:
-            window = self._header_tail + data
-        end = window.find(_HEADERS_END)
-        if end != -1:
-            self.header_bytes = None  # what follows is the body: the handler's to bound
-            # Ended within this read, they are counted up to their end all the same.
-            return seen + end - (len(window) - len(data)) <= MAX_HEADER_BYTES
-        seen += len(data)
-        self.header_bytes = seen
-        self._header_tail = window[-3:]
-        return seen <= MAX_HEADER_BYTES
+            self.header_bytes = seen
 
     def request_started(self) -> None:
         self.busy = True
