@@ -10,6 +10,7 @@ and no network. Every notification and Graph request is printed as it happens.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 from typing import Any, TextIO
 
@@ -96,6 +97,15 @@ async def _script(printer: TrafficPrinter, sim: Simulator, wait: float) -> None:
     await call.settled(timeout=wait)
 
 
+async def _hang_up(sim: Simulator, within: float) -> None:
+    """The callers of the calls still up hang up, and the bot's handlers end with them, for at
+    most ``within`` seconds; a handler still running after is abandoned as the bot stops."""
+    with contextlib.suppress(TimeoutError, SimulatorError):
+        async with asyncio.timeout(within):
+            await asyncio.gather(*(call.hangup() for call in sim.calls))
+            await sim.settled(within)
+
+
 async def run_demo(
     stream: TextIO | None = None,
     *,
@@ -131,6 +141,11 @@ async def run_demo(
         except SimulatorError as exc:
             printer.note(f"demo failed: {exc}")
             return 1
+        except asyncio.CancelledError:
+            # Ctrl-C: the calls in progress end before the bot stops, so no handler is cut off.
+            printer.note("interrupted: the callers hang up, then the bot stops")
+            await _hang_up(sim, bot.settings.shutdown_timeout)
+            raise
         refused = sim.failed_deliveries
         errors = bot.metrics.sources.handled() if bot.metrics.sources.handled else None
         handler_errors = int(errors["handler_errors"]) if errors is not None else 0

@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import os
 import pty
+import signal
 import subprocess
 import sys
 import time
 from typing import Any
+
+import pytest
 
 
 def demo_environment() -> dict[str, str]:
@@ -140,6 +143,44 @@ def test_demo_on_a_terminal_is_for_people() -> None:
     assert "Graph -> bot" in shown
     assert "demo finished" in shown
     assert '{"kind"' not in shown
+
+
+@pytest.mark.parametrize(
+    "moment",
+    ["Adele Vance presses 7", "+14255550100 presses 2"],
+    ids=["in-the-menu", "recording-a-voicemail"],
+)
+def test_ctrl_c_hangs_up_the_calls_and_ends_without_errors(moment: str) -> None:
+    # A newcomer's Ctrl-C: the callers hang up, the bot's handlers end, nothing is abandoned.
+    process = subprocess.Popen(
+        [sys.executable, "-m", "callbot", "demo", "--pace", "0.05"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=demo_environment(),
+    )
+    assert process.stdout is not None
+    shown: list[dict[str, Any]] = []
+    for line in process.stdout:  # the demo ends by itself (its waits are bounded) if never seen
+        shown.append(json.loads(line))
+        if shown[-1]["summary"] == moment:
+            process.send_signal(signal.SIGINT)
+            break
+    else:
+        raise AssertionError(f"the demo never showed {moment!r}")
+    rest, errors = process.communicate(timeout=60)
+    shown += [json.loads(line) for line in rest.splitlines()]
+    assert process.returncode == 130
+    assert errors == "callbot: interrupted\n"
+    summaries = [line["summary"] for line in shown]
+    assert not [s for s in summaries if "abandoned" in s], summaries
+    assert "demo finished" not in " ".join(summaries)
+    assert "interrupted: the callers hang up, then the bot stops" in summaries
+    # Whatever the calls were doing when the signal came, each one started has ended.
+    started = {line["call_id"] for line in shown if line["summary"].startswith("incoming call")}
+    ended = {line["call_id"] for line in shown if line["summary"].startswith("call terminated")}
+    assert started, summaries
+    assert started == ended, summaries
 
 
 def test_the_commands_are_listed_in_the_help() -> None:
