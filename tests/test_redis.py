@@ -2381,6 +2381,57 @@ async def test_rosters_kept_before_a_failure_are_repeats_in_graph_s_retry(
     assert seen == ["alice", "alice,bob", "bob"]
 
 
+async def test_a_script_failing_in_an_ingest_round_trip_refuses_only_its_notification(
+    authority: TokenAuthority, serve: Any, redis_url: str, rdb: aioredis.Redis
+) -> None:
+    """One ingest script of a request fails (here its call's inbox is a key of another
+    kind) after the others kept their notifications: the request gets 503, and what was
+    kept is acted on. The call whose lease the round trip took runs now, not after its
+    lease; Graph's retry delivers no roster twice."""
+    seen: list[str] = []
+    bot = make_bot(authority, store=redis_url, store_lease=300.0)
+
+    @bot.on(events.ParticipantsUpdated)
+    async def roster(call: Call, event: events.ParticipantsUpdated) -> None:
+        seen.append(",".join(p.id or "" for p in event.participants))
+
+    @bot.on(events.IncomingCall)
+    async def incoming(call: Call, event: events.IncomingCall) -> None:
+        seen.append(f"incoming:{event.call_id}")
+
+    server: BotServer = await serve(bot)
+    for state in ("establishing", "established"):
+        assert (await server.post(b.notifications(b.call_state("retried", state)))).status == 202
+    store = bot._running().store
+    assert isinstance(store, _redis.RedisStore)
+    (inbox,) = store._keys.of(id_key("broken"), "inbox")
+    await rdb.set(inbox, "not a stream")
+    alice, bob = b.participant("alice"), b.participant("bob")
+    rosters = [b.roster("retried", people) for people in ([alice], [alice, bob])]
+    body = b.notifications(
+        *rosters, b.incoming_call("newcomer"), b.call_state("broken", "establishing")
+    )
+    with capture_logs() as logs:
+        response = await server.post(body)
+    assert response.status == 503
+    assert (await response.json())["error"] == "store_unavailable"
+    (line,) = [line for line in logs if line["event"] == "notifications_not_kept"]
+    assert (line["refused"], line["kept"]) == (1, 3)
+    assert "WRONGTYPE" in line["error"]
+    await until(lambda: "incoming:newcomer" in seen)  # not after its 300-s lease
+    await rdb.delete(inbox)
+    assert (await server.post(body)).status == 202  # the retry: the rosters are repeats
+    closing = b.roster("retried", [bob])
+    assert (await server.post(b.notifications(closing, b.call_terminated("retried")))).status == 202
+    await until(lambda: seen[-1:] == ["bob"])
+    assert [label for label in seen if not label.startswith("incoming")] == [
+        "alice",
+        "alice,bob",
+        "bob",
+    ]
+    assert seen.count("incoming:newcomer") == 1
+
+
 async def test_an_ended_call_stays_ended_after_its_grace_on_any_instance(
     authority: TokenAuthority, serve: Any, redis_url: str, rdb: aioredis.Redis
 ) -> None:
@@ -2736,16 +2787,16 @@ async def second_full(
 def paused_before(store: Any, script: Any, go: asyncio.Event, reached: asyncio.Event) -> None:
     """Hold ``store``'s next round trip running ``script`` until ``go`` is set (``reached``
     is set when it is held), as a slow Redis would."""
-    real = store._run_all
+    real = store._answers
 
     async def paused(commands: Any, **options: Any) -> Any:
         if commands and commands[0][:2] == ("EVALSHA", script.sha):
-            store._run_all = real
+            store._answers = real
             reached.set()
             await go.wait()
         return await real(commands, **options)
 
-    store._run_all = paused
+    store._answers = paused
 
 
 async def test_an_instance_waiting_for_room_looks_again_once_a_round_trip_took_nothing(

@@ -611,18 +611,18 @@ async def test_an_ingest_overtaken_by_its_own_run_s_release_indexes_its_call(
         inbox = store._keys.of(call, "inbox")[0]
         pending, runnable = KEY_PREFIX + "pending", KEY_PREFIX + "runnable"
         state = store._owned[call]
-        real = store._run_all
+        real = store._answers
 
         async def release_first(commands: Any, **options: Any) -> Any:
             if commands and commands[0][:2] == ("EVALSHA", _scripts.INGEST.sha):
-                store._run_all = real  # type: ignore[method-assign]
+                store._answers = real  # type: ignore[method-assign]
                 assert await store._release(state, handover=False) == 1
                 await store._unpend(call)
                 assert not await rdb.sismember(pending, call)
             return await real(commands, **options)
 
         store._capacity = 0  # the instance takes nothing on: the call is made runnable
-        store._run_all = release_first  # type: ignore[method-assign]
+        store._answers = release_first  # type: ignore[method-assign]
         assert await bot.post(_body(b.tone("strand-4", "tone1", 1))) == 202
         assert await rdb.xlen(inbox) == 1
         assert await rdb.sismember(pending, call)

@@ -814,12 +814,12 @@ class RedisStore:
         """
         started = time.monotonic()
         try:
-            answers, follow_up, asked = await self._append(batch)
+            kept, answers, follow_up, asked, failure = await self._append(batch)
         except RedisError as exc:
             self._mark(False, exc)
             raise StoreUnavailable(f"the Redis store cannot take notifications now: {exc}") from exc
         try:
-            await self._accepted(batch, answers, follow_up, started)
+            await self._accepted(kept, answers, follow_up, started, failure)
         finally:
             self._taken(asked)  # each call taken is owned by now
 
@@ -829,16 +829,18 @@ class RedisStore:
         answers: list[tuple[Any, str]],
         follow_up: list[tuple[Any, ...]],
         started: float,
+        failure: Exception | None,
     ) -> None:
-        """Send what follows the scripts, then act on their answers: runs begun or told."""
-        failure: RedisError | None = None
+        """Send what follows the scripts, then act on their answers: runs begun or told.
+        ``batch`` is what the scripts took up (``failure``: why the others failed)."""
         try:
             await self._run_all(follow_up)
         except RedisError as exc:
             # The scripts' answers are acted on all the same (a call they gave this instance
             # runs now, not after its lease); the request gets 503, and Graph's retry (a
             # repeat here) sends these again.
-            failure = exc
+            if failure is None:  # the scripts' own failure says more
+                failure = exc
         self._mark(failure is None, failure)
         elsewhere = backlog = 0
         for event, (answer, call) in zip(batch, answers, strict=True):
@@ -1068,11 +1070,18 @@ class RedisStore:
 
     async def _append(
         self, batch: Sequence[events.Event]
-    ) -> tuple[list[tuple[Any, str]], list[tuple[Any, ...]], int]:
-        """The batch's scripts in one round trip: their answers (with each one's call),
-        what to send next, before they are acted on (calls to make runnable or index
-        again, accepted outcomes, tones and ends for the other instances), and how many
-        calls it asked to take on (counted in ``_taking`` until the caller lets them go)."""
+    ) -> tuple[
+        Sequence[events.Event],
+        list[tuple[Any, str]],
+        list[tuple[Any, ...]],
+        int,
+        Exception | None,
+    ]:
+        """The batch's scripts in one round trip: the events whose scripts answered and
+        their answers (with each one's call), what to send next, before they are acted on
+        (calls to make runnable or index again, accepted outcomes, tones and ends for the
+        other instances), how many calls it asked to take on (counted in ``_taking`` until
+        the caller lets them go), and the first error a script or the index answered."""
         keys = self._keys
         room = self._free_slots()
         taking: set[str] = set()
@@ -1118,12 +1127,36 @@ class RedisStore:
         index = ("SADD", keys.pending, *unsure) if unsure else None
         self._taking += len(taking)
         try:
-            scripts = await self._run_all(commands, then=index)
+            scripts = await self._answers(commands, then=index)
         except BaseException:
             self._taken(len(taking))
             raise
-        runnable: dict[str, int] = {}
         late: dict[str, None] = {}
+        failure: Exception | None = None
+        if index is not None:
+            indexed = scripts.pop()
+            if isinstance(indexed, Exception):
+                failure = indexed
+                late = dict.fromkeys(unsure)  # indexed again after the answers
+        failed = [n for n, answer in enumerate(scripts) if isinstance(answer, Exception)]
+        if failed:
+            # What the other scripts kept stands (and a call one took runs here): the
+            # failed ones are refused, sent again with the request after its 503.
+            failure = scripts[failed[0]]
+            log.warning(
+                "notifications_not_kept",
+                store="redis",
+                refused=len(failed),
+                kept=len(batch) - len(failed),
+                error=str(failure),
+            )
+            refused = set(failed)
+            answered = [n for n in range(len(batch)) if n not in refused]
+            batch = [batch[n] for n in answered]
+            calls = [calls[n] for n in answered]
+            texts = [texts[n] for n in answered]
+            scripts = [scripts[n] for n in answered]
+        runnable: dict[str, int] = {}
         broadcasts: list[tuple[Any, ...]] = []
         for event, call, entry, answer in zip(batch, calls, texts, scripts, strict=True):
             if int(answer[0]) == -1:
@@ -1154,7 +1187,7 @@ class RedisStore:
             follow_up.append(("ZADD", keys.runnable, "NX", *flat))
         # Sent once the scripts decided: a refused notification must not reach the others.
         follow_up += broadcasts
-        return list(zip(scripts, calls, strict=True)), follow_up, len(taking)
+        return batch, list(zip(scripts, calls, strict=True)), follow_up, len(taking), failure
 
     def _taken(self, count: int) -> None:
         """``count`` calls asked for are owned now, or were not taken: they no longer count
@@ -2227,26 +2260,42 @@ class RedisStore:
     async def _run_all(
         self, commands: Sequence[tuple[Any, ...]], *, then: tuple[Any, ...] | None = None
     ) -> list[Any]:
-        """The answers of commands sent together; the first error is raised.
+        """The answers of commands sent together (see :meth:`_answers`); the first error
+        is raised. ``then``'s answer is not returned."""
+        answers = await self._answers(commands, then=then)
+        for answer in answers:
+            if isinstance(answer, Exception):
+                raise answer
+        return answers[: len(commands)]
+
+    async def _answers(
+        self, commands: Sequence[tuple[Any, ...]], *, then: tuple[Any, ...] | None = None
+    ) -> list[Any]:
+        """The answers of commands sent together, then ``then``'s if given: an error Redis
+        answers is one of them (a round trip that failed raises, nothing being known).
 
         Scripts missing from the server (it restarted or failed over) are loaded and
         those commands sent again. ``then`` takes effect after every one of ``commands``
-        has, those sent again included (its answer is not returned).
+        has, those sent again included.
         """
         if not commands:
-            if then is not None:
-                await self._batch.run(*then)
-            return []
+            if then is None:
+                return []
+            (answer,) = await self._batch.submit((then,))
+            return [answer]
         if then is not None and not self._batch.ordered:
             # A Cluster's nodes run a pipeline in no common order: ``then`` goes after the
             # answers, also after a failure (what landed is covered all the same).
             try:
-                answers = await self._run_all(commands)
+                answers = await self._answers(commands)
             except RedisError:
                 with contextlib.suppress(RedisError):  # the first failure is the one raised
                     await self._batch.run(*then)
                 raise
-            await self._batch.run(*then)
+            try:
+                answers.append(await self._batch.run(*then))
+            except RedisError as exc:
+                answers.append(exc)  # the commands' answers are known all the same
             return answers
         last = [then] if then is not None else []
         answers = await self._batch.submit([*commands, *last])
@@ -2261,10 +2310,7 @@ class RedisStore:
             for n, answer in zip(missing, again, strict=False):
                 answers[n] = answer
             answers[len(commands) :] = again[len(missing) :]
-        for answer in answers:
-            if isinstance(answer, Exception):
-                raise answer
-        return answers[: len(commands)]
+        return answers
 
     async def _steady(self, step: Any, *args: Any) -> Any:
         """``step(*args)``, retried while Redis fails (the lease may still hold; scripts
