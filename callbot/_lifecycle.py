@@ -382,13 +382,14 @@ class Lifecycle:
         Kept here from now on, an established call is sent a keep-alive soon, not an interval
         later: the last keeper's may be an interval old, and it may have stopped before sending
         the next. Soon is spread out: an instance taking up the calls of one that stopped would
-        send thousands at once."""
+        send thousands at once. A call kept alive here already keeps its loop (told again, or
+        its proving keep-alive on its way): it is sent no other."""
         life = self._lives.get(call_key)
         if life is None:
             return
         if not self._kept_here(call_key):
             life.keep_alive_loop = 0
-        elif life.established and self._keep_alive_interval is not None:
+        elif life.established and not life.keeping_alive and self._keep_alive_interval is not None:
             delay = self._keeper_spread * random.random()
             life.keep_alive_loop = self._schedule(delay, _KEEP_ALIVE, life)
 

@@ -1012,3 +1012,72 @@ async def test_an_unproven_call_kept_alive_elsewhere_is_tried_again_after_a_fail
     assert life.ended
     await clock.advance(900.0)
     assert send.sent == [CALL_ID] * 2
+
+
+async def test_a_call_already_kept_alive_here_keeps_its_loop_when_told_again(
+    clock: Clock,
+) -> None:
+    """Told its keeper changed while it is kept alive here already (a look taking the lease
+    while the keep-alive proving the call is on its way, or confirming it), a call keeps its
+    loop: it got an extra keep-alive within the look each time, and a timer more."""
+    send = KeepAlives()
+    calls = lifecycle(send, keep_alive_interval=900.0)
+    kept: set[str] = set()
+    calls.keep_alive_where(lambda key: key in kept, spread=60.0)
+    life = calls.life(CALL_ID)
+    calls.prove(CALL_ID)
+    calls.enter(life, "establishing")
+    calls.enter(life, "established")
+    kept.add(life.key)
+    calls.keeper_changed(life.key)  # taken up: its first keep-alive within the look
+    await clock.advance(60.0)
+    assert send.sent == [CALL_ID]
+    loop = life.keep_alive_loop
+    for _ in range(3):
+        calls.keeper_changed(life.key)  # nothing changed
+    assert life.keep_alive_loop == loop
+    await clock.advance(899.0)
+    assert send.sent == [CALL_ID]
+    await clock.advance(1.0)  # an interval after the first, as before
+    assert send.sent == [CALL_ID] * 2
+    kept.clear()
+    calls.keeper_changed(life.key)
+    kept.add(life.key)
+    calls.keeper_changed(life.key)  # given up and taken again: a real change
+    await clock.advance(60.0)
+    assert send.sent == [CALL_ID] * 3
+    await calls.close()
+
+
+async def test_a_call_taken_up_while_its_proving_keep_alive_is_on_its_way_is_sent_no_other(
+    clock: Clock,
+) -> None:
+    """The keep-alive proving an established call unproven when its time is up is on its way
+    when this instance takes the call's keeper lease: that keep-alive is the call's, and the
+    next comes an interval after it, not a second one within the look."""
+    answered: asyncio.Future[KeepAliveResult] = asyncio.get_running_loop().create_future()
+    sent: list[str] = []
+
+    async def send(call_id: str) -> KeepAliveResult:
+        sent.append(call_id)
+        return await answered
+
+    calls = lifecycle(send, keep_alive_interval=900.0, pending_ttl=60.0)
+    kept: set[str] = set()
+    calls.keep_alive_where(lambda key: key in kept, spread=60.0)
+    life = calls.life(CALL_ID)
+    calls.enter(life, "establishing")
+    calls.enter(life, "established")
+    await clock.advance(61.0)
+    assert sent == [CALL_ID]  # the proving keep-alive, sent wherever the call is known
+    kept.add(life.key)
+    calls.keeper_changed(life.key)  # taken up while it is on its way
+    answered.set_result(KeepAliveResult.OK)
+    await clock.advance(0.0)
+    await clock.advance(60.0)
+    assert sent == [CALL_ID]
+    await clock.advance(839.0)
+    assert sent == [CALL_ID]
+    await clock.advance(1.0)  # an interval after the one that proved it
+    assert sent == [CALL_ID] * 2
+    await calls.close()
