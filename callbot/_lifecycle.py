@@ -410,7 +410,8 @@ class Lifecycle:
 
     def knows(self, call_id: str) -> bool:
         """Whether the call is known here: going on, pending, or forgotten within
-        :data:`ENDED_MEMORY` (ended, or let go while still its tenant's)."""
+        :data:`ENDED_MEMORY` (ended, let go while pending, or let go while still its
+        tenant's)."""
         key = id_key(call_id)
         return (
             key in self._lives
@@ -450,6 +451,10 @@ class Lifecycle:
         """The life of a call, known from now on if it was not (a call with no state yet,
         or, if it ended within :data:`ENDED_MEMORY`, an ended one again); a new call is
         ``tenant_id``'s, unless a forgotten one of that id is still bound to its tenant."""
+        return self._life(call_id, tenant_id, pending=True)
+
+    def _life(self, call_id: str, tenant_id: str | None, *, pending: bool) -> CallLife:
+        """:meth:`life`; a new call counts against the pending bound only if ``pending``."""
         key = id_key(call_id)
         life = self._lives.get(key)
         ended = self._ended_lately(key) if life is None else None
@@ -465,15 +470,16 @@ class Lifecycle:
             self._schedule(self._grace, _FORGET, life)
         elif life is None:
             bound = self._bound.pop(key)
-            if bound is not None:
+            if bound is not None and bound[1] is not None:
                 tenant_id = bound[1]
             elif tenant_id is not None:
                 tenant_id = tenant_key(tenant_id)
             life = self._lives[key] = CallLife(call_id, tenant_id=tenant_id)
-            self._pending.add(key, loop_time(), tenant_id)
-            self._schedule(self._pending_ttl, _FORGET_PENDING, life)
-            while (let_go := self._pending.over(tenant_id)) is not None:
-                self._forget(let_go, "too_many_pending_calls")
+            if pending:
+                self._pending.add(key, loop_time(), tenant_id)
+                self._schedule(self._pending_ttl, _FORGET_PENDING, life)
+                while (let_go := self._pending.over(tenant_id)) is not None:
+                    self._forget(let_go, "too_many_pending_calls")
         return life
 
     def prove(self, call_id: str) -> None:
@@ -624,7 +630,8 @@ class Lifecycle:
         or a failover that lost later checkpoints): that state, not what this process saw
         before, is where the call's next run starts, even when it is an earlier one. A proof
         known here or stored (``proven``) stays: Graph's acceptance is never taken back."""
-        life = self.life(call_id)
+        # One stored proven past ringing is real: never counted against the pending bound.
+        life = self._life(call_id, None, pending=phase < _ESTABLISHING or not proven)
         life.phase = phase
         life.state = state
         life.proven = life.proven or proven
@@ -682,8 +689,9 @@ class Lifecycle:
         life.keep_alive_loop = 0
         if life.terminated:
             self._remember(self._ended, key, life.tenant_id)
-        elif life.tenant_id is not None:
-            # Its end, if told, is still to be delivered: a new life of it must take it.
+        elif life.tenant_id is not None or why in PENDING_LET_GO:
+            # Its end, if told, is still to be delivered: a new life of it must take it. Let
+            # go while pending, it is known as let go here, whosever it is (see knows).
             self._remember(self._bound, key, life.tenant_id)
         if why != "grace_over":
             self._lines.info("call_forgotten", call_id=life.call_id, reason=why)

@@ -1081,3 +1081,36 @@ async def test_a_call_taken_up_while_its_proving_keep_alive_is_on_its_way_is_sen
     await clock.advance(1.0)  # an interval after the one that proved it
     assert sent == [CALL_ID] * 2
     await calls.close()
+
+
+async def test_a_call_taken_up_proven_and_established_is_not_counted_as_pending(
+    clock: Clock,
+) -> None:
+    """A call a shared store holds proven and established is taken up past the pending bound:
+    it was counted as pending until taken up, and could be let go at once in its place (or
+    push out a call pending here), though it is real."""
+    calls = lifecycle(KeepAlives(), max_pending=1)
+    forgotten: list[tuple[str, str]] = []
+    calls.when_forgotten(lambda key, why: forgotten.append((key, why)))
+    calls.life(OTHER, "tenant-a")  # pending here
+    life = calls.adopt(CALL_ID, phase=LIVE_PHASE, state="established", ended=False, proven=True)
+    assert forgotten == []
+    assert calls.get(CALL_ID) is life
+    assert calls.get(OTHER) is not None
+    await calls.close()
+
+
+async def test_a_call_taken_up_unproven_and_let_go_is_known_to_have_been_let_go(
+    clock: Clock,
+) -> None:
+    """A call taken up unproven from a shared store (known with no tenant) and let go past the
+    pending bound is known here as let go, as one with a tenant is: a store that took it up
+    leaves it to the others rather than take it up again at once."""
+    calls = lifecycle(KeepAlives(), max_pending=1)
+    calls.adopt(CALL_ID, phase=LIVE_PHASE, state="established", ended=False)
+    calls.adopt(OTHER, phase=LIVE_PHASE, state="established", ended=False)
+    assert calls.get(CALL_ID) is None  # the oldest pending, let go
+    assert calls.knows(CALL_ID)
+    await clock.advance(ENDED_MEMORY + 1.0)
+    assert not calls.knows(CALL_ID)
+    await calls.close()

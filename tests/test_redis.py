@@ -2936,7 +2936,9 @@ _KEPT = ("inbox", "fence", "call", "tenant")
 """The keys a call that goes on keeps (its ``seen`` and ``lease`` are kept for a while only)."""
 
 
-def keeping_bot(authority: TokenAuthority, graph: FakeGraph, redis_url: str) -> CallBot:
+def keeping_bot(
+    authority: TokenAuthority, graph: FakeGraph, redis_url: str, **options: Any
+) -> CallBot:
     """An instance keeping calls alive, sending to ``graph``: keeper looks every second, a
     keeper lease of 3 (a busy test machine pausing its loop for a moment moves no keeper)."""
     return make_bot(
@@ -2948,6 +2950,7 @@ def keeping_bot(authority: TokenAuthority, graph: FakeGraph, redis_url: str) -> 
         app_secret="fake-graph-secret",
         keep_alive=True,
         keep_alive_interval=1.0,
+        **options,
     )
 
 
@@ -3098,6 +3101,49 @@ async def test_a_call_not_established_elsewhere_is_read_again_once_a_keeper_look
         known_at = syncs
         await until(lambda: syncs >= known_at + 3, within=30)
         assert reads.count("ringing") == 1, reads
+
+
+async def test_a_call_taken_up_unproven_and_let_go_past_the_pending_bound_stays_let_go(
+    authority: TokenAuthority, serve: Any, redis_url: str, rdb: aioredis.Redis
+) -> None:
+    """An instance takes up two established calls it knows from the shared index only, neither
+    proven yet, past its bound of pending calls: the oldest is let go. It is left to the
+    others: its stale record had it taken up again with the next look but one, which let the
+    other go, and so on, each time with a keeper lease given up and taken and a keep-alive."""
+    async with FakeGraph() as graph:
+        graph.hang_next("keepAlive", times=1_000)  # nothing proves the calls here
+        keeper = keeping_bot(authority, graph, redis_url, max_pending_calls=1)
+        await serve(keeper)  # up before the calls: it knows them from the index only
+        server = await serve(make_bot(authority, store=redis_url))
+        lifecycle: Any = keeper._running().lifecycle
+        store: Any = keeper._running().store
+        adopt, keep = lifecycle.adopt, store._keep
+        adopted: list[str] = []
+        let_go: list[str] = []
+        looks = 0
+
+        def counted_adopt(call_id: str, **options: Any) -> Any:
+            adopted.append(id_key(call_id))
+            return adopt(call_id, **options)
+
+        async def counted_keep() -> None:
+            nonlocal looks
+            before = store._next_keep
+            await keep()
+            looks += store._next_keep != before
+
+        lifecycle.adopt, store._keep = counted_adopt, counted_keep
+        lifecycle.when_forgotten(
+            lambda key, why: let_go.append(key) if why == "too_many_pending_calls" else None
+        )
+        for call in ("first", "second"):
+            for state in ("establishing", "established"):
+                item = b.call_state(call, state)
+                assert (await server.post(b.notifications(item))).status == 202
+        await until(lambda: bool(let_go), within=30)
+        after = looks
+        await until(lambda: looks >= after + 4, within=30)
+        assert adopted.count(let_go[0]) == 1, adopted
 
 
 async def test_a_call_that_ran_on_two_instances_is_kept_alive_by_one(
