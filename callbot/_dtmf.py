@@ -10,7 +10,15 @@ from collections.abc import Sequence
 
 from . import models
 
-__all__ = ["DIGIT_OF_TONE", "TONE_OF_DIGIT", "digit_of", "key_of", "keys_of", "tones_of"]
+__all__ = [
+    "DIGIT_OF_TONE",
+    "TONE_OF_DIGIT",
+    "digit_of",
+    "key_list",
+    "key_of",
+    "keys_of",
+    "tones_of",
+]
 
 TONE_OF_DIGIT: dict[str, str] = {
     **{str(d): f"tone{d}" for d in range(10)},
@@ -61,3 +69,26 @@ def tones_of(keys: str | Sequence[str], *, beta: bool) -> list[str]:
     if not isinstance(keys, str):
         return [models.graph_value(models.Tone, tone, "tones", beta=beta) for tone in keys]
     return [TONE_OF_DIGIT[key] for key in keys_of(keys)]
+
+
+def key_list(keys: str | Sequence[str], name: str) -> list[str]:
+    """Keys as Graph takes them where it names keys, not tones (``recordResponse``'s
+    ``stopTones``: ``["#", "1"]``): a string of keys, or a list of one key each.
+
+    Raises ``ValueError`` naming ``name`` and what is no key.
+    """
+    if isinstance(keys, str):
+        try:
+            return list(keys_of(keys))
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+    found: list[str] = []
+    for key in keys:
+        try:
+            one = keys_of(key) if isinstance(key, str) else ""
+        except ValueError:
+            one = ""
+        if len(one) != 1:
+            raise ValueError(f"{name}: {key!r} is not one DTMF key (use 0-9, *, #, A-D)")
+        found.append(one)
+    return found

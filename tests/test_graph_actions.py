@@ -523,6 +523,23 @@ async def test_dtmf_keys_and_tone_names(graph: FakeGraph, services: CallServices
         await call.send_dtmf_tones("12x")
 
 
+async def test_record_response_stop_tones_are_keys(
+    graph: FakeGraph, services: CallServices
+) -> None:
+    """Graph names the keys that end a recording as keys (``["#", "1"]``), not as tone
+    names: a string of keys or a list of keys is sent as a list of keys, anything else is
+    refused before Graph hears of it."""
+    call = services.call(CALL_ID)
+    await call.record_response(stop_tones="#a")
+    assert (await graph.wait_for_request("recordResponse")).json["stopTones"] == ["#", "A"]
+    await call.record_response(stop_tones=["*", "1"])
+    assert (await graph.wait_for_request("recordResponse")).json["stopTones"] == ["*", "1"]
+    for wrong in (["pound"], ["#1"], [""], "12x"):
+        with pytest.raises(ValueError, match=r"^stop_tones: "):
+            await call.record_response(stop_tones=wrong)
+    assert len(graph.requests_for("recordResponse")) == 2
+
+
 async def test_participants_list_get_and_refresh(graph: FakeGraph, services: CallServices) -> None:
     graph.add_call(CALL_ID, state="established", myParticipantId="p-bot")
     added = graph.add_participant(

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import structlog
 
 from .. import models
-from .._dtmf import tones_of
+from .._dtmf import key_list, tones_of
 from .._errors import CALL_NOT_FOUND, CallEnded, GraphError
 from .._ids import id_key, path_segment
 from . import _digits
@@ -603,10 +603,13 @@ class Call:
         max_silence_timeout: int | None = None,
         max_record_duration: int | None = None,
         play_beep: bool | None = None,
-        stop_tones: Sequence[str] | None = None,
+        stop_tones: str | Sequence[str] | None = None,
         client_context: str | None = None,
     ) -> Operation[models.RecordOperation]:
         """Record a short answer from the caller (durations in seconds).
+
+        ``stop_tones`` are the keys that end the recording, as a string (``"#*"``) or a
+        list of keys (``["#", "*"]``); anything that is no key raises ``ValueError``.
 
         The completed :class:`~callbot.models.RecordOperation` has
         ``recording_location``; fetch it with :meth:`download_recording`.
@@ -625,7 +628,7 @@ class Call:
             if value is not None:
                 body[key] = value
         if stop_tones is not None:
-            body["stopTones"] = list(stop_tones)
+            body["stopTones"] = key_list(stop_tones, "stop_tones")
         return await self._operation(
             "/recordResponse",
             body,
