@@ -245,15 +245,35 @@ async def read_logs(rdb: Any, calls: list[str]) -> dict[str, list[dict[str, Any]
     return {c: [json.loads(x) for x in found] for c, found in zip(calls, lines, strict=True)}
 
 
-async def settled(rdb: Any) -> bool:
-    """Nothing runs and nothing waits: no call is leased, none is runnable.
+async def settled(rdb: Any, calls: list[str] | None = None) -> bool:
+    """Nothing runs and nothing waits: no call is leased, none is runnable, and no inbox
+    (of ``calls``, or of any call) holds an entry: entries are acknowledged once their
+    handlers finished.
 
-    A run holds its call's lease until the call's inbox is empty and its handlers
-    finished, so once no lease is left, no handler will run again.
+    Without the inboxes, a call looked settled while work of it waited unleased: popped
+    off ``runnable`` and not claimed yet, or left by an owner whose lease ran out, until
+    the reaper's next round put it back. (Inboxes of other calls may keep an entry for
+    good where a failover lost writes, as without ``store_replicas``.)
     """
     # Read to the end: an async iterator left midway keeps its connection.
-    leases = [key async for key in rdb.scan_iter(match=KEY_PREFIX + "*:lease", count=1000)]
-    return not leases and int(await rdb.zcard(KEY_PREFIX + "runnable")) == 0
+    keys = [key async for key in rdb.scan_iter(match=KEY_PREFIX + "*", count=1000)]
+    if any(key.endswith(":lease") for key in keys):
+        return False
+    if int(await rdb.zcard(KEY_PREFIX + "runnable")):
+        return False
+    if calls is None:
+        inboxes = [key for key in keys if key.endswith(":inbox")]
+    else:
+        inboxes = [inbox_key(call_key(call)) for call in calls]
+    pipe = rdb.pipeline(transaction=False)
+    for inbox in inboxes:
+        pipe.xlen(inbox)
+    return not any(int(length) for length in await pipe.execute()) if inboxes else True
+
+
+def inbox_key(call: str) -> str:
+    (inbox,) = _redis._Keys(KEY_PREFIX).of(call, "inbox")
+    return inbox
 
 
 def whole(entries: list[dict[str, Any]]) -> bool:
@@ -272,7 +292,7 @@ async def wait_for_logs(
         # no other label (the reaper may start a call's last entry after a look that saw
         # the store settled).
         short = {c: [e["label"] for e in v] for c, v in logs.items() if not whole(v)}
-        if not short and await settled(rdb):
+        if not short and await settled(rdb, calls):
             return await read_logs(rdb, calls)
         if time.monotonic() > deadline:
             example = next(iter(short), None)
@@ -283,7 +303,7 @@ async def wait_for_logs(
             )
             raise AssertionError(
                 f"{len(short)} calls not finished, e.g. {list(short.items())[:3]}; "
-                f"late lines of {example}: {late}; settled: {await settled(rdb)}"
+                f"late lines of {example}: {late}; settled: {await settled(rdb, calls)}"
             )
         await asyncio.sleep(0.1)
 
@@ -312,7 +332,9 @@ class Bots:
             "CALLBOT_APP_ID": APP_ID,
             "CALLBOT_OPENID_CONFIG_URL": self.authority.openid_config_url,
             "CALLBOT_PUBLIC_URL": "https://bot.example.test",
-            "CALLBOT_REORDER_WINDOW": "2.0",
+            # A held `established` waits for its `establishing`, which a loaded machine may
+            # deliver more than a few seconds later: closed sooner, `establishing` is stale.
+            "CALLBOT_REORDER_WINDOW": "30",
             "CALLBOT_KEEP_ALIVE": "0",
             "CALLBOT_ANSWER_WARNING_AFTER": "3600",
             "CALLBOT_SHUTDOWN_TIMEOUT": "2",
@@ -441,7 +463,7 @@ async def spray(bots: Bots, calls: list[str], rng: random.Random) -> dict[tuple[
     Returns which instance accepted each (call, label) first.
     """
     accepted: dict[tuple[str, str], int] = {}
-    # Bounded, so that one call's next notification follows its last within the window.
+    # Bounded: 32 calls under way at a time, not hundreds posting at once.
     running = asyncio.Semaphore(32)
 
     async def lifecycle(call_id: str) -> None:
@@ -501,6 +523,20 @@ async def lines_of(rdb: Any, calls: list[str], pid: int) -> list[dict[str, Any]]
 
 
 # -- the tests ---------------------------------------------------------------------
+
+
+async def test_a_call_with_an_entry_waiting_unleased_is_not_settled(rdb: aioredis.Redis) -> None:
+    """The waits of these tests hold out for work nobody holds a lease on: an entry left in a
+    call's inbox by an owner whose lease ran out (or popped off ``runnable`` and not claimed
+    yet) runs later, once the reaper's next round puts the call back."""
+    inbox = inbox_key("left")
+    assert await settled(rdb)
+    entry = await rdb.xadd(inbox, {"e": "{}"})
+    assert not await settled(rdb)
+    assert not await settled(rdb, ["left"])
+    assert await settled(rdb, ["other"])  # only the calls waited for count
+    await rdb.xdel(inbox, entry)  # acknowledged: run and done
+    assert await settled(rdb)
 
 
 async def test_three_processes_run_each_call_in_order_exactly_once(
@@ -793,7 +829,7 @@ async def test_an_operation_resolves_when_its_outcome_lands_on_another_instance(
         other = servers[1 - owner]
         response = await other.post(graph.operation_notification(operation_id))
         assert response.status == 202
-        await until(lambda: bool(outcomes), within=5)
+        await until(lambda: bool(outcomes), within=20)
         assert outcomes == [(owner, "completed")]
 
 
@@ -844,7 +880,7 @@ async def test_a_held_state_survives_its_owner_stopping(
     await first.bot.stop()  # hands the call over: the held entry is not acknowledged
     item = b.call_state("held", "establishing")
     assert (await second.post(b.notifications(item))).status == 202
-    await until(lambda: len(seen) == 2, within=5)
+    await until(lambda: len(seen) == 2, within=20)
     assert seen == [("establishing", None, 1), ("established", "establishing", 1)]
 
 
@@ -1671,7 +1707,7 @@ async def test_keys_posted_to_another_instance_reach_a_handler_collecting_digits
         for sequence, tone in enumerate(("tone4", "tone2", "pound"), start=1):
             response = await other.post(b.notifications(b.tone("pin-call", tone, sequence)))
             assert response.status == 202
-        await until(lambda: bool(bots.collected), within=5)
+        await until(lambda: bool(bots.collected), within=20)
         assert bots.collected == [(owner, "42")]
 
 
@@ -2174,7 +2210,7 @@ async def test_a_call_is_its_tenants_on_every_instance(
         # Told after the forged end: the handler would have seen that first.
         response = await other.post(b.notifications(b.tone("tenant-call", "tone2", 1)))
         assert response.status == 202
-        await until(lambda: bool(bots.collected), within=5)
+        await until(lambda: bool(bots.collected), within=20)
         assert bots.collected == [(owner, "2")]
 
 
