@@ -48,6 +48,7 @@ from .test_redis import (  # the fixtures redis_server and redis_url too
     RedisServer,
     _free_port,
     _redis_binary,
+    call_key,
     first_runs,
     lines_of,
     read_logs,
@@ -75,6 +76,35 @@ def check(logs: dict[str, list[dict[str, Any]]]) -> int:
     again = sum(1 for entries in logs.values() for e in entries if e["redelivered"])
     print(f"{len(logs)} calls, {again} flagged re-runs")  # shown with pytest -s
     return again
+
+
+def lost_leases(bots: Bots) -> set[str]:
+    """The calls whose lease an instance said it lost (``call_lease_lost``)."""
+    lost: set[str] = set()
+    for log in bots.logs.glob("bot-*.log"):
+        for line in log.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                entry = json.loads(line)
+                if isinstance(entry, dict) and entry.get("event") == "call_lease_lost":
+                    lost.add(str(entry["call_key"]))
+    return lost
+
+
+async def rerun_only_after_a_lost_lease(bots: Bots, logs: dict[str, list[dict[str, Any]]]) -> None:
+    """Nothing ran twice but the calls whose owner lost its lease. With no fault injected,
+    a loaded machine may still stall an instance past its short lease: the call is taken
+    over and its unacknowledged entry run again, flagged, as a fault's would be. The owner
+    says so once it runs again, which may be after the re-run: waited for, bounded."""
+    again = {call_key(c) for c, entries in logs.items() if any(e["redelivered"] for e in entries)}
+
+    async def explained() -> bool:
+        return again <= lost_leases(bots)
+
+    try:
+        await wait_for(explained, within=30)
+    except TimeoutError:
+        unexplained = sorted(again - lost_leases(bots))
+        raise AssertionError(f"run again with no lease lost: {unexplained}") from None
 
 
 @contextlib.asynccontextmanager
@@ -133,7 +163,9 @@ async def test_an_instance_paused_past_its_lease_loses_its_calls_cleanly(
         # it serves again: calls sent now are run, some of them by it
         more = calls_named("after-stop", 30)
         await spray(bots, more, random.Random(4))
-        assert check(await wait_for_logs(rdb, more, within=60)) == 0
+        logs = await wait_for_logs(rdb, more, within=60)
+        check(logs)
+        await rerun_only_after_a_lost_lease(bots, logs)
 
 
 @pytest.mark.parametrize("how", ["shutdown", "kill"])
@@ -178,13 +210,17 @@ async def test_redis_restarted_without_persistence_recovers_by_itself(
             async with client_for(server.url) as rdb:
                 before = calls_named("before", 20)
                 await spray(bots, before, random.Random(8))
-                assert check(await wait_for_logs(rdb, before, within=60)) == 0
+                logs = await wait_for_logs(rdb, before, within=60)
+                check(logs)
+                await rerun_only_after_a_lost_lease(bots, logs)
             await asyncio.to_thread(server.stop)
             await asyncio.to_thread(server.start)
             async with client_for(server.url) as rdb:
                 after = calls_named("after", 40)
                 await spray(bots, after, random.Random(9))
-                assert check(await wait_for_logs(rdb, after, within=60)) == 0
+                logs = await wait_for_logs(rdb, after, within=60)
+                check(logs)
+                await rerun_only_after_a_lost_lease(bots, logs)
     finally:
         server.stop()
 
@@ -294,9 +330,12 @@ async def test_a_three_master_cluster(authority: TokenAuthority, tmp_path: Path)
         calls = calls_named("slot", 80)
         await spray(bots, calls, random.Random(13))
         logs = await wait_for_logs(rdb, calls, within=60)
-        assert check(logs) == 0
-        for entries in logs.values():
-            assert [e["label"] for e in entries] == LIFECYCLE
+        check(logs)
+        await rerun_only_after_a_lost_lease(bots, logs)
+        lost = lost_leases(bots)
+        for call_id, entries in logs.items():
+            if call_key(call_id) not in lost:
+                assert [e["label"] for e in entries] == LIFECYCLE, (call_id, entries)
 
 
 async def test_a_call_id_with_braces_stays_in_its_own_slot_of_a_cluster(tmp_path: Path) -> None:
