@@ -214,15 +214,20 @@ class _Token:
 class CountingCredential:
     """An azure-identity style credential: ``async get_token(*scopes)``."""
 
-    def __init__(self, lifetime: int = 3600, delay: float = 0.0) -> None:
+    def __init__(
+        self, lifetime: int = 3600, delay: float = 0.0, gate: asyncio.Event | None = None
+    ) -> None:
         self.lifetime = lifetime
         self.delay = delay
+        self.gate = gate  # when given, each request waits for it: under way as long as a test needs
         self.calls: list[tuple[str, ...]] = []
         self.fail_next = False
 
     async def get_token(self, *scopes: str) -> _Token:
         self.calls.append(scopes)
         await asyncio.sleep(self.delay)
+        if self.gate is not None:
+            await self.gate.wait()
         if self.fail_next:
             self.fail_next = False
             raise RuntimeError("identity platform unavailable")
@@ -284,12 +289,15 @@ async def test_a_failure_is_answered_until_the_backoff_ends(clock: Clock) -> Non
 
 
 async def test_a_cancelled_caller_does_not_cancel_the_refresh() -> None:
-    credential = CountingCredential(delay=0.05)
+    gate = asyncio.Event()
+    credential = CountingCredential(gate=gate)
     cache = TokenCache(credential, "scope/.default")
     first = asyncio.ensure_future(cache.get())
     second = asyncio.ensure_future(cache.get())
-    await asyncio.sleep(0.01)
+    await until(lambda: bool(credential.calls))  # the refresh is under way, and stays so
     first.cancel()
+    await until(first.done)
+    gate.set()
     assert await second == "custom-1"
     assert len(credential.calls) == 1
 

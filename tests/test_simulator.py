@@ -1420,7 +1420,7 @@ async def test_mute_and_invite_change_the_roster() -> None:
         await until(
             lambda: len(call.roster) == 3 and labels(seen).count("ParticipantsUpdated") >= 3
         )
-        await asyncio.sleep(0.05)
+        await call.settled()  # the invitation's outcome handled, and its handler returned
     bot_participant = call.roster[call.bot_participant_id]
     assert bot_participant.is_muted is True
     last = [e for e in seen if isinstance(e, events.ParticipantsUpdated)][-1]

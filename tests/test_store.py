@@ -38,7 +38,7 @@ from callbot.store._codec import (
 from callbot.store._redis import _after
 from callbot.testing import builders as b
 
-from .conftest import until
+from .conftest import Clock, until
 
 
 def one(item: dict[str, Any], tenant: str | None = None) -> events.Event:
@@ -533,12 +533,12 @@ async def test_a_record_written_with_a_roster_digest_still_knows_its_latest_rost
     seq.close()
 
 
-async def test_evicting_a_held_call_cancels_its_window() -> None:
+async def test_evicting_a_held_call_cancels_its_window(clock: Clock) -> None:
     out: list[Delivery] = []
     seq = Sequencer(out.append, Lifecycle(termination_grace=30), reorder_window=0.01)
     seq.accept(one(b.call_state("c", "established")))
     seq.evict("c")
-    await asyncio.sleep(0.05)
+    await clock.advance(1.0)  # well past the window: its timer, were it left, has fired
     assert out == []
     seq.close()
 
