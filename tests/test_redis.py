@@ -375,7 +375,8 @@ class Bots:
 
     async def _ready(self, index: int) -> None:
         assert self.session is not None
-        deadline = time.monotonic() + 30
+        # Several Python processes importing at once on a loaded machine: 30 s was seen short.
+        deadline = time.monotonic() + 60
         while True:
             if self.ports[index] == 0:
                 self.ports[index] = self._listening_port(index)
