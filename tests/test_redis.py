@@ -597,7 +597,10 @@ async def test_a_killed_process_s_calls_are_taken_over_by_the_others(
         # frozen in the victim's hands: run again by the others, flagged
         frozen = [e for e in by_key[call] if e["frozen"]]
         assert len(frozen) == 1
-        again = [e for e in by_key[call] if e["label"] == frozen[0]["label"] and not e["frozen"]]
+        # Runs after the frozen one: it may itself be a re-run, where a loaded machine stalled
+        # the call's first owner past its 1-s lease.
+        since = by_key[call][by_key[call].index(frozen[0]) + 1 :]
+        again = [e for e in since if e["label"] == frozen[0]["label"]]
         assert again, call
         assert again[0]["redelivered"], again
         assert again[0]["pid"] != victim_pid
