@@ -251,9 +251,12 @@ async def test_a_sentinel_failover(
     """Sentinel failover (``redis+sentinel://``): the instances follow the new primary,
     nothing stays 503. Kept, order, flagged for calls after the failover. For those
     around it: with ``store_replicas=1``, kept, order, flagged too (nothing is relied on
-    before the replica holds it); without, order only (replication is asynchronous: what
-    the old primary took after the promotion, until the instances left it, is lost, as
-    docs/scaling.md says)."""
+    before the replica holds it). Without, nothing is checked of them: replication is
+    asynchronous, and what the old primary took after the promotion, until the instances
+    left it, is lost (docs/scaling.md), the bot's own log lines with it. A call whose
+    acknowledgements were lost runs those entries again, unflagged, after its later ones
+    ran (``terminated`` logged, then ``tone1`` again): its log read back from the new
+    primary is neither whole nor in order, and tells no first run from a re-run."""
     binary = _redis_binary()
     primary = RedisServer(binary, tmp_path / "primary", persistent=True)
     replica = RedisServer(binary, tmp_path / "replica", persistent=True)
@@ -303,14 +306,6 @@ async def test_a_sentinel_failover(
                 check(await wait_for_logs(rdb, after, within=60))
                 if replicas:
                     check(await wait_for_logs(rdb, around, within=60))
-                for entries in (await read_logs(rdb, around)).values():
-                    # Without a replica holding each write, a run's note may be lost with the
-                    # old primary: a re-run unflagged, as docs/scaling.md says; order holds.
-                    if replicas:
-                        labels = first_runs(entries)
-                    else:
-                        labels = list(dict.fromkeys(entry["label"] for entry in entries))
-                    assert labels == [step for step in LIFECYCLE if step in labels]
     finally:
         sentinel.kill()
         sentinel.wait()
