@@ -1910,7 +1910,10 @@ async def test_a_request_sent_again_after_part_of_it_was_refused(
         await asyncio.gather(*(group.post(step) for group in groups.groups))
     release.set()
     await groups.settle()
-    await groups.run([refused, *lifecycle_of(call)[-1:]])  # Graph sends it again
+    await groups.run([refused])  # Graph sends it again
+    # Its end once what it kept has run: sent at once, it may find the call's backlog of
+    # three still full where handlers run on another instance.
+    await groups.run(lifecycle_of(call)[-1:])
     groups.check()
     for group in groups.groups:
         assert group.statuses[-4:] == [202, 503, 202, 202], group.name
