@@ -54,6 +54,7 @@ from .conftest import (
 )
 from .test_recorded import CALLS, EXPECTED, recorded_body
 from .test_redis import KEY_PREFIX, RedisServer, redis_server, redis_url
+from .test_redis import settled as redis_settled
 from .test_security_tokens import (
     FLOOD_ROUNDS,
     OTHER_TENANT,
@@ -318,16 +319,7 @@ class Group:
             return False
         if self.client is None:
             return True
-        client = self.client
-        keys = [key async for key in client.scan_iter(match=KEY_PREFIX + "*", count=1000)]
-        if any(key.endswith(":lease") for key in keys):
-            return False
-        if int(await client.zcard(KEY_PREFIX + "runnable")):
-            return False
-        for key in keys:
-            if key.endswith(":inbox") and int(await client.xlen(key)):
-                return False
-        return self._idle_here()
+        return await redis_settled(self.client) and self._idle_here()
 
     async def saw(self, call_id: str) -> bool:
         """A handler here was given an event of the call."""
