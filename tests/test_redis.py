@@ -207,6 +207,22 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 
 
 @pytest.fixture
+def own_redis() -> Iterator[Callable[..., RedisServer]]:
+    """``own_redis(directory, ...)``: a RedisServer of the test's own (not started yet),
+    stopped when the test ends. Asked for before ``serve``, it stops after the test's bots:
+    a bot stopping with its Redis gone spends its drain trying to hand its calls over."""
+    servers: list[RedisServer] = []
+
+    def make(directory: Path, **options: Any) -> RedisServer:
+        servers.append(RedisServer(_redis_binary(), directory, **options))
+        return servers[-1]
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
 def redis_url(redis_server: RedisServer) -> str:
     with redis.Redis(port=redis_server.port) as client:
         client.flushall()
@@ -1114,53 +1130,47 @@ def _labelling_bot(
 
 
 async def test_redis_down_means_503_then_recovery_by_itself(
-    authority: TokenAuthority, serve: Any, tmp_path: Path
+    own_redis: Callable[..., RedisServer], authority: TokenAuthority, serve: Any, tmp_path: Path
 ) -> None:
-    server_process = RedisServer(_redis_binary(), tmp_path)
+    server_process = own_redis(tmp_path)
     server_process.start()
-    try:
-        bot, handled = _labelling_bot(authority, server_process.url, store_lease=1.0)
+    bot, handled = _labelling_bot(authority, server_process.url, store_lease=1.0)
 
-        server: BotServer = await serve(bot)
-        assert (await server.post(b.notifications(b.incoming_call("r1")))).status == 202
-        await until(lambda: handled == ["IncomingCall"])
-        assert (await server.client.get("/readyz")).status == 200
+    server: BotServer = await serve(bot)
+    assert (await server.post(b.notifications(b.incoming_call("r1")))).status == 202
+    await until(lambda: handled == ["IncomingCall"])
+    assert (await server.client.get("/readyz")).status == 200
 
-        server_process.stop()
-        response = await server.post(b.notifications(b.call_state("r1", "establishing")))
-        assert response.status == 503
-        assert (await response.json())["error"] == "store_unavailable"
-        ready = await server.client.get("/readyz")
-        assert ready.status == 503
-        assert (await ready.json())["store_reachable"] is False
+    server_process.stop()
+    response = await server.post(b.notifications(b.call_state("r1", "establishing")))
+    assert response.status == 503
+    assert (await response.json())["error"] == "store_unavailable"
+    ready = await server.client.get("/readyz")
+    assert ready.status == 503
+    assert (await ready.json())["store_reachable"] is False
 
-        server_process.start()  # same port, empty: what was stored is gone with the server
-        await until(lambda: bot.ready, within=10)
-        response = await server.post(b.notifications(b.call_state("r2", "establishing")))
-        assert response.status == 202
-        await until(lambda: handled == ["IncomingCall", "establishing"], within=10)
-        assert (await server.client.get("/readyz")).status == 200
-    finally:
-        server_process.stop()
+    server_process.start()  # same port, empty: what was stored is gone with the server
+    await until(lambda: bot.ready, within=10)
+    response = await server.post(b.notifications(b.call_state("r2", "establishing")))
+    assert response.status == 202
+    await until(lambda: handled == ["IncomingCall", "establishing"], within=10)
+    assert (await server.client.get("/readyz")).status == 200
 
 
 async def test_a_server_that_may_evict_the_stores_keys_is_named_at_start(
-    authority: TokenAuthority, serve: Any, tmp_path: Path
+    own_redis: Callable[..., RedisServer], authority: TokenAuthority, serve: Any, tmp_path: Path
 ) -> None:
     """Managed Redis often defaults to ``volatile-lru``, which takes any key with an expiry,
     every key of a call's included: the start says so, with the setting to change."""
     args = ("--maxmemory", "64mb", "--maxmemory-policy", "volatile-lru")
-    server_process = RedisServer(_redis_binary(), tmp_path, args=args)
+    server_process = own_redis(tmp_path, args=args)
     await asyncio.to_thread(server_process.start)
-    try:
-        with capture_logs() as logs:
-            await serve(make_bot(authority, store=server_process.url))
-        [line] = [e for e in logs if e["event"] == "store_may_lose_calls"]
-        assert line["log_level"] == "warning"
-        assert line["maxmemory_policy"] == "volatile-lru"
-        assert "noeviction" in line["hint"]
-    finally:
-        server_process.stop()
+    with capture_logs() as logs:
+        await serve(make_bot(authority, store=server_process.url))
+    [line] = [e for e in logs if e["event"] == "store_may_lose_calls"]
+    assert line["log_level"] == "warning"
+    assert line["maxmemory_policy"] == "volatile-lru"
+    assert "noeviction" in line["hint"]
 
 
 async def test_a_server_that_keeps_every_key_is_not_warned_about(
@@ -1173,24 +1183,21 @@ async def test_a_server_that_keeps_every_key_is_not_warned_about(
 
 
 async def test_a_user_not_allowed_info_still_runs_calls(
-    authority: TokenAuthority, serve: Any, tmp_path: Path
+    own_redis: Callable[..., RedisServer], authority: TokenAuthority, serve: Any, tmp_path: Path
 ) -> None:
     """The server check is a courtesy: an ACL user without ``INFO`` runs calls all the same."""
     args = ("--user", "bot", "on", ">s3cret", "~*", "&*", "+@all", "-info")
-    server_process = RedisServer(_redis_binary(), tmp_path, args=args)
+    server_process = own_redis(tmp_path, args=args)
     await asyncio.to_thread(server_process.start)
-    try:
-        bot, handled = _labelling_bot(
-            authority, f"redis://bot:s3cret@127.0.0.1:{server_process.port}/0"
-        )
+    bot, handled = _labelling_bot(
+        authority, f"redis://bot:s3cret@127.0.0.1:{server_process.port}/0"
+    )
 
-        with capture_logs() as logs:
-            server: BotServer = await serve(bot)
-        assert "store_server_unchecked" in [e["event"] for e in logs]
-        assert (await server.post(b.notifications(b.incoming_call("acl-call")))).status == 202
-        await until(lambda: handled == ["IncomingCall"], within=10)
-    finally:
-        server_process.stop()
+    with capture_logs() as logs:
+        server: BotServer = await serve(bot)
+    assert "store_server_unchecked" in [e["event"] for e in logs]
+    assert (await server.post(b.notifications(b.incoming_call("acl-call")))).status == 202
+    await until(lambda: handled == ["IncomingCall"], within=10)
 
 
 @pytest.mark.parametrize(
@@ -1224,28 +1231,29 @@ async def test_a_server_too_old_stops_the_start_and_leaves_nothing_open(
 
 
 async def test_a_server_too_old_reached_after_the_start_keeps_the_bot_unready(
-    authority: TokenAuthority, serve: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    own_redis: Callable[..., RedisServer],
+    authority: TokenAuthority,
+    serve: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Redis down at start, then up but unfit: one ``store_unusable`` line, and unready."""
     monkeypatch.setattr(_redis, "MIN_VERSION", (99, 0))
-    server_process = RedisServer(_redis_binary(), tmp_path)
+    server_process = own_redis(tmp_path)
     await asyncio.to_thread(server_process.start)
     server_process.stop()
-    try:
-        with capture_logs() as logs:
-            server: BotServer = await serve(make_bot(authority, store=server_process.url))
-            await asyncio.to_thread(server_process.start)  # same port
-            await until(lambda: any(e["event"] == "store_unusable" for e in logs), within=10)
-            # What else Redis runs meanwhile (here this test's server runs the scripts) does
-            # not make the bot ready.
-            await server.post(b.notifications(b.incoming_call("unfit-call")))
-            assert not server.bot.ready
-            assert (await server.client.get("/readyz")).status == 503
-        unusable = [e for e in logs if e["event"] == "store_unusable"]
-        assert len(unusable) == 1
-        assert "needs Redis 99.0 or later" in unusable[0]["error"]
-    finally:
-        server_process.stop()
+    with capture_logs() as logs:
+        server: BotServer = await serve(make_bot(authority, store=server_process.url))
+        await asyncio.to_thread(server_process.start)  # same port
+        await until(lambda: any(e["event"] == "store_unusable" for e in logs), within=10)
+        # What else Redis runs meanwhile (here this test's server runs the scripts) does
+        # not make the bot ready.
+        await server.post(b.notifications(b.incoming_call("unfit-call")))
+        assert not server.bot.ready
+        assert (await server.client.get("/readyz")).status == 503
+    unusable = [e for e in logs if e["event"] == "store_unusable"]
+    assert len(unusable) == 1
+    assert "needs Redis 99.0 or later" in unusable[0]["error"]
 
 
 def test_an_evicting_policy_with_no_memory_limit_is_not_warned_about() -> None:
@@ -1272,74 +1280,66 @@ def test_every_evicting_node_of_a_cluster_is_named() -> None:
 
 
 async def test_a_full_server_that_keeps_every_key_refuses_then_takes_the_retry(
-    authority: TokenAuthority, serve: Any, tmp_path: Path
+    own_redis: Callable[..., RedisServer], authority: TokenAuthority, serve: Any, tmp_path: Path
 ) -> None:
     """What ``noeviction`` gives when Redis is full: 503 (Graph sends again), unready, and
     nothing accepted is lost; once there is room, the retry is taken and run once."""
-    server_process = RedisServer(_redis_binary(), tmp_path)
+    server_process = own_redis(tmp_path)
     await asyncio.to_thread(server_process.start)
-    try:
-        bot, handled = _labelling_bot(authority, server_process.url, store_lease=1.0)
+    bot, handled = _labelling_bot(authority, server_process.url, store_lease=1.0)
 
-        server: BotServer = await serve(bot)
-        assert (await server.post(b.notifications(b.incoming_call("full-call")))).status == 202
-        await until(lambda: handled == ["IncomingCall"], within=10)
-        async with aioredis.Redis(port=server_process.port) as admin:
-            await admin.config_set("maxmemory", "1")  # every write now refused: OOM
-            retried = b.notifications(b.call_state("full-call", "establishing"))
-            response = await server.post(retried)
-            assert response.status == 503
-            assert (await response.json())["error"] == "store_unavailable"
-            assert (await server.client.get("/readyz")).status == 503
-            await admin.config_set("maxmemory", "0")
-        await until(lambda: bot.ready, within=10)
-        assert (await server.post(retried)).status == 202
-        await until(lambda: handled == ["IncomingCall", "establishing"], within=10)
-    finally:
-        server_process.stop()
+    server: BotServer = await serve(bot)
+    assert (await server.post(b.notifications(b.incoming_call("full-call")))).status == 202
+    await until(lambda: handled == ["IncomingCall"], within=10)
+    async with aioredis.Redis(port=server_process.port) as admin:
+        await admin.config_set("maxmemory", "1")  # every write now refused: OOM
+        retried = b.notifications(b.call_state("full-call", "establishing"))
+        response = await server.post(retried)
+        assert response.status == 503
+        assert (await response.json())["error"] == "store_unavailable"
+        assert (await server.client.get("/readyz")).status == 503
+        await admin.config_set("maxmemory", "0")
+    await until(lambda: bot.ready, within=10)
+    assert (await server.post(retried)).status == 202
+    await until(lambda: handled == ["IncomingCall", "establishing"], within=10)
 
 
 async def test_with_store_replicas_nothing_is_relied_on_before_a_replica_holds_it(
-    authority: TokenAuthority, serve: Any, tmp_path: Path
+    own_redis: Callable[..., RedisServer], authority: TokenAuthority, serve: Any, tmp_path: Path
 ) -> None:
     """``store_replicas=1``: while the primary has no replica, callbacks get 503 (Graph
     retries them) and /readyz fails; once a replica holds the writes again, 202."""
-    binary = _redis_binary()
-    primary = RedisServer(binary, tmp_path / "primary")
-    replica = RedisServer(binary, tmp_path / "replica")
+    primary = own_redis(tmp_path / "primary")
+    replica = own_redis(tmp_path / "replica")
     for node in (primary, replica):
         node.directory.mkdir()
     primary.start()
     replica.args = ("--replicaof", "127.0.0.1", str(primary.port))
     replica.start()
-    try:
-        handled: list[str] = []
-        bot = make_bot(authority, store=primary.url, store_lease=1.0, store_replicas=1)
+    handled: list[str] = []
+    bot = make_bot(authority, store=primary.url, store_lease=1.0, store_replicas=1)
 
-        @bot.on(events.Event)
-        async def record(call: Call, event: events.Event) -> None:
-            handled.append(label(event))
+    @bot.on(events.Event)
+    async def record(call: Call, event: events.Event) -> None:
+        handled.append(label(event))
 
-        server: BotServer = await serve(bot)
-        await until(lambda: bot.ready, within=10)  # once the replica is in sync
-        assert (await server.post(b.notifications(b.incoming_call("w1")))).status == 202
-        await until(lambda: handled == ["IncomingCall"])
+    server: BotServer = await serve(bot)
+    await until(lambda: bot.ready, within=10)  # once the replica is in sync
+    assert (await server.post(b.notifications(b.incoming_call("w1")))).status == 202
+    await until(lambda: handled == ["IncomingCall"])
 
-        replica.stop()
-        response = await server.post(b.notifications(b.call_state("w1", "establishing")))
-        assert response.status == 503
-        assert (await response.json())["error"] == "store_unavailable"
-        assert (await server.client.get("/readyz")).status == 503
-        assert handled == ["IncomingCall"]
+    replica.stop()
+    response = await server.post(b.notifications(b.call_state("w1", "establishing")))
+    assert response.status == 503
+    assert (await response.json())["error"] == "store_unavailable"
+    assert (await server.client.get("/readyz")).status == 503
+    assert handled == ["IncomingCall"]
 
-        replica.start()
-        await until(lambda: bot.ready, within=10)
-        response = await server.post(b.notifications(b.call_state("w1", "establishing")))
-        assert response.status == 202
-        await until(lambda: handled == ["IncomingCall", "establishing"], within=10)
-    finally:
-        replica.stop()
-        primary.stop()
+    replica.start()
+    await until(lambda: bot.ready, within=10)
+    response = await server.post(b.notifications(b.call_state("w1", "establishing")))
+    assert response.status == 202
+    await until(lambda: handled == ["IncomingCall", "establishing"], within=10)
 
 
 async def _two_players(
@@ -1439,14 +1439,17 @@ def _certificates(directory: Path) -> tuple[Path, Path, Path]:
 
 @pytest.mark.parametrize("kind", ["tls", "acl", "acl-not-dangerous"])
 async def test_tls_and_acl_users(
-    authority: TokenAuthority, serve: Any, tmp_path: Path, kind: str
+    own_redis: Callable[..., RedisServer],
+    authority: TokenAuthority,
+    serve: Any,
+    tmp_path: Path,
+    kind: str,
 ) -> None:
     """The store over TLS (``rediss://``, the server's certificate checked against a CA)
     and as an ACL user (``redis://user:password@``)."""
     if kind == "tls":
         ca, cert, key = await asyncio.to_thread(_certificates, tmp_path)
-        server = RedisServer(
-            _redis_binary(),
+        server = own_redis(
             tmp_path,
             # the TLS port right above the plain one, both picked again if either is taken
             args=lambda port: (
@@ -1462,26 +1465,23 @@ async def test_tls_and_acl_users(
         # "acl-not-dangerous": as managed Redis's usual data role (INFO, CONFIG, KEYS... denied)
         grants = ("+@all", "-@dangerous") if kind == "acl-not-dangerous" else ("+@all",)
         args = ("--user", "bot", "on", ">s3cret", "~*", "&*", *grants)
-        server = RedisServer(_redis_binary(), tmp_path, args=args)
+        server = own_redis(tmp_path, args=args)
         await asyncio.to_thread(server.start)
         url = f"redis://bot:s3cret@127.0.0.1:{server.port}/0"
-    try:
-        handled: list[tuple[str, bool]] = []
-        bot = make_bot(authority, store=url, store_lease=1.0)
+    handled: list[tuple[str, bool]] = []
+    bot = make_bot(authority, store=url, store_lease=1.0)
 
-        @bot.on(events.Event)
-        async def record(call: Call, event: events.Event) -> None:
-            attempt = current_attempt()
-            handled.append((label(event), attempt is not None and attempt.redelivered))
+    @bot.on(events.Event)
+    async def record(call: Call, event: events.Event) -> None:
+        attempt = current_attempt()
+        handled.append((label(event), attempt is not None and attempt.redelivered))
 
-        served: BotServer = await serve(bot)
-        for item in lifecycle_steps("secure-call"):
-            for notification in item:
-                assert (await served.post(b.notifications(notification))).status == 202
-        await until(lambda: len(handled) == len(LIFECYCLE), within=10)
-        assert handled == [(step, False) for step in LIFECYCLE]
-    finally:
-        server.stop()
+    served: BotServer = await serve(bot)
+    for item in lifecycle_steps("secure-call"):
+        for notification in item:
+            assert (await served.post(b.notifications(notification))).status == 202
+    await until(lambda: len(handled) == len(LIFECYCLE), within=10)
+    assert handled == [(step, False) for step in LIFECYCLE]
 
 
 @pytest.mark.parametrize("kind", [events.CallStateChanged, events.CallUpdated])
