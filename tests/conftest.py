@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import re
+import signal
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -22,6 +23,13 @@ from callbot.testing import TEST_TENANT_ID, FakeGraph, TokenAuthority
 
 FIXTURES = Path(__file__).parent / "fixtures"
 APP_ID = "6c4a7c4e-2b1a-4d7e-9a53-7a1bfb4c0d11"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A suite started as a background job of a script inherits SIGINT ignored, and so would
+    # the processes its Ctrl-C tests interrupt: they get it as from a terminal instead.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def load_notification_text(name: str) -> str:
