@@ -1283,7 +1283,10 @@ async def test_a_full_server_that_keeps_every_key_refuses_then_takes_the_retry(
     own_redis: Callable[..., RedisServer], authority: TokenAuthority, serve: Any, tmp_path: Path
 ) -> None:
     """What ``noeviction`` gives when Redis is full: 503 (Graph sends again), unready, and
-    nothing accepted is lost; once there is room, the retry is taken and run once."""
+    nothing accepted is lost; once there is room, the retry is taken and run once.
+
+    Unready until Redis takes a write again: what it still answered meanwhile (a run
+    letting its call go) made the bot ready while every write was refused."""
     server_process = own_redis(tmp_path)
     await asyncio.to_thread(server_process.start)
     bot, handled = _labelling_bot(authority, server_process.url, store_lease=1.0)
@@ -1291,17 +1294,49 @@ async def test_a_full_server_that_keeps_every_key_refuses_then_takes_the_retry(
     server: BotServer = await serve(bot)
     assert (await server.post(b.notifications(b.incoming_call("full-call")))).status == 202
     await until(lambda: handled == ["IncomingCall"], within=10)
-    async with aioredis.Redis(port=server_process.port) as admin:
+    async with aioredis.Redis(port=server_process.port, decode_responses=True) as admin:
         await admin.config_set("maxmemory", "1")  # every write now refused: OOM
         retried = b.notifications(b.call_state("full-call", "establishing"))
         response = await server.post(retried)
         assert response.status == 503
         assert (await response.json())["error"] == "store_unavailable"
         assert (await server.client.get("/readyz")).status == 503
+        # The call's run let it go meanwhile (Redis takes that, as it needs no memory).
+        await wait_for(lambda: settled(admin, ["full-call"]))
+        assert (await server.client.get("/readyz")).status == 503
         await admin.config_set("maxmemory", "0")
     await until(lambda: bot.ready, within=10)
     assert (await server.post(retried)).status == 202
     await until(lambda: handled == ["IncomingCall", "establishing"], within=10)
+
+
+@pytest.mark.parametrize(
+    ("error", "refuses"),
+    [
+        (
+            redis.exceptions.OutOfMemoryError(
+                "command not allowed when used memory > 'maxmemory'."
+            ),
+            True,
+        ),
+        (redis.exceptions.ReadOnlyError("You can't write against a read only replica."), True),
+        # Redis 6 names a script's failing command's error after a dash
+        (
+            redis.ResponseError(
+                "Error running script (call to f_0be3): @user_script:71: "
+                "-OOM command not allowed when used memory > 'maxmemory'."
+            ),
+            True,
+        ),
+        (redis.ResponseError("MISCONF Redis is configured to save RDB snapshots, but ..."), True),
+        (redis.ResponseError("NOREPLICAS Not enough good replicas to write."), True),
+        (redis.ResponseError("WRONGTYPE Operation against a key holding the wrong kind"), False),
+        (redis.ConnectionError("Connection closed by server."), False),
+    ],
+)
+def test_what_refuses_writes_while_reads_go_on(error: Exception, refuses: bool) -> None:
+    """After these, only a write Redis takes makes the store reachable again."""
+    assert _redis._refuses_writes(error) is refuses
 
 
 async def test_with_store_replicas_nothing_is_relied_on_before_a_replica_holds_it(

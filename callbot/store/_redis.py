@@ -19,6 +19,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import secrets
 import socket
 import time
@@ -35,7 +36,13 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import (
+    NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+)
 
 from .. import events
 from .._clock import wait_all
@@ -748,6 +755,10 @@ class RedisStore:
         self._server_checked = False
         self._unfit: ConfigurationError | None = None
         """Why the server answering cannot hold the store: unready, whatever else succeeds."""
+        self._writes_refused = False
+        """Redis last refused a write while it may answer the rest (full, read-only, unable
+        to persist): unreachable until an upkeep round's writes are taken, whatever else
+        succeeds meanwhile (reads, a script that needs no memory)."""
         self._draining = False
         self._drained = False
         """The drain's wait is over: nothing more of any call is handed to handlers here."""
@@ -1985,7 +1996,7 @@ class RedisStore:
                 if time.monotonic() - last_sync >= _SYNC_SECONDS:
                     await self._sync_known()
                     last_sync = time.monotonic()
-                self._mark(True)
+                self._mark(True, wrote=True)  # the reaper's SET, at least, was taken
             except RedisError as exc:
                 self._mark(False, exc)
             except ConfigurationError as exc:
@@ -2337,8 +2348,18 @@ class RedisStore:
         await asyncio.sleep(pause)
         return min(pause * 2, _STEADY_PAUSE * 5)
 
-    def _mark(self, reachable: bool, error: BaseException | None = None) -> None:
-        if reachable == self._reachable or (reachable and self._unfit is not None):
+    def _mark(
+        self, reachable: bool, error: BaseException | None = None, *, wrote: bool = False
+    ) -> None:
+        """What a round trip says of Redis: answered (``wrote``: a write of it was taken) or
+        failed with ``error``."""
+        if error is not None and _refuses_writes(error):
+            self._writes_refused = True
+        elif wrote:
+            self._writes_refused = False
+        if reachable == self._reachable or (
+            reachable and (self._unfit is not None or self._writes_refused)
+        ):
             return
         self._reachable = reachable
         if reachable:
@@ -2423,6 +2444,18 @@ class _Journal:
                 break
             after = entries[-1][0]
         return tones
+
+
+_WRITE_REFUSAL = re.compile(r"(?:^|-)(?:OOM|READONLY|MISCONF|NOREPLICAS) ")
+"""The codes of Redis's refusals of writes (a script's error names its command's code
+after a dash on Redis 6; redis-py strips the code of the classes it maps)."""
+
+
+def _refuses_writes(error: BaseException) -> bool:
+    """Whether Redis refused a write for a state of its own that reads do not share."""
+    if isinstance(error, OutOfMemoryError | ReadOnlyError):
+        return True
+    return isinstance(error, ResponseError) and _WRITE_REFUSAL.search(str(error)) is not None
 
 
 async def _until(event: asyncio.Event, seconds: float) -> None:
