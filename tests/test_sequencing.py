@@ -382,6 +382,46 @@ async def test_how_far_a_call_s_operations_got_is_bounded() -> None:
     seq.close()
 
 
+def test_a_call_s_digests_keep_the_latest_in_order() -> None:
+    seen = sequencing.RecentDigests()
+    assert seen.last() is None
+    assert seen.add(b"first")
+    assert not seen.add(b"first")  # a repeat is known
+    for n in range(sequencing.SEEN_DIGESTS):
+        assert seen.add(b"%d" % n)
+    assert len(seen) == sequencing.SEEN_DIGESTS
+    assert b"first" not in seen  # the oldest let go first
+    assert b"0" in seen
+    assert not seen.add(b"0")  # known: keeps its place, the oldest
+    assert seen.add(b"new")
+    assert b"0" not in seen
+    assert seen.last() == b"new"
+
+
+async def test_a_digest_past_the_latest_ones_is_news_again() -> None:
+    sink = Sink()
+    seq = sink.sequencer()
+    seq.accept(one(b.call_state("c", "establishing")))
+    seq.accept(one(b.call_state("c", "established")))
+    first = b.operation_update("c", "op-first", status="running")
+    seq.accept(one(first))
+    seq.accept(one(first))  # a repeat: dropped
+    assert seq.counts["duplicate"] == 1
+    for n in range(sequencing.SEEN_DIGESTS - 1):
+        seq.accept(one(b.operation_update("c", f"op-{n}", status="running")))
+    seq.accept(one(first))  # still among the latest: a repeat
+    assert seq.counts["duplicate"] == 2
+    seq.accept(one(b.operation_update("c", "op-last", status="running")))
+    record = seq.record(id_key("c"))
+    assert record is not None
+    assert len(record.seen) == sequencing.SEEN_DIGESTS
+    delivered = len(sink.deliveries)
+    seq.accept(one(first))  # past the latest ones: news again, as documented
+    assert seq.counts["duplicate"] == 2
+    assert len(sink.deliveries) == delivered + 1
+    seq.close()
+
+
 async def test_failed_transfer_established_again_is_delivered() -> None:
     sink = Sink()
     seq = sink.sequencer()

@@ -29,8 +29,8 @@ from .._errors import CallEnded, OperationFailed
 from .._journal import ActionJournal, Attempt, journaled_attempt
 from .._sequencing import (
     MAX_WAITING_TONES,
-    SEEN_DIGESTS,
     TONES_UNORDERED,
+    RecentDigests,
     notification_digest,
     tone_after,
     tone_waits,
@@ -218,7 +218,7 @@ class ToneRouter:
         self._finishing: dict[str, tuple[int, frozenset[str]]] = {}
         # Per call collecting digits: the tones told so far. A shared store tells every
         # copy of a tone, and one told before a collection opened must not reach it.
-        self._told: dict[str, deque[bytes]] = {}
+        self._told: dict[str, RecentDigests] = {}
         self._order: dict[str, _ToneOrder] = {}
 
     def on_tone(self, event: events.ToneReceived) -> None:
@@ -234,11 +234,9 @@ class ToneRouter:
         told = self._told.get(key)
         if told is None:
             # As many as the sequencer recognises a copy among.
-            told = self._told[key] = deque(maxlen=SEEN_DIGESTS)
-        digest = notification_digest(event)
-        if digest in told:
+            told = self._told[key] = RecentDigests()
+        if not told.add(notification_digest(event)):
             return
-        told.append(digest)
         order = self._order.get(key)
         if order is None:
             order = self._order[key] = _ToneOrder()
@@ -312,7 +310,8 @@ class ToneRouter:
             return None
         journal = attempt.journal
         told = self._told.get(call_key)
-        after = told[-1].hex() if told else ""
+        last = told.last() if told else None
+        after = last.hex() if last else ""
         attempt.collections[0] += 1
         # Numbered apart (-1, -2, ...): the actions' steps stay those a run without it numbered.
         collection = _Collection(attempt, journal, -attempt.collections[0], after)
@@ -367,7 +366,7 @@ class ToneRouter:
         start = digests.index(marker) + 1 if marker in digests else 0
         # Told live since the listener opened (accepted after the takeover): not twice.
         live = {notification_digest(tone) for tone in listener.untaken()}
-        told = self._told.setdefault(call_key, deque(maxlen=SEEN_DIGESTS))
+        told = self._told.setdefault(call_key, RecentDigests())
         expected, keys = self._finishing.get(call_key, (None, frozenset[str]()))
         earlier: list[events.ToneReceived] = []
         seen: set[bytes] = set()
@@ -375,8 +374,7 @@ class ToneRouter:
             if digest in seen:
                 continue  # a copy, in the inbox twice
             seen.add(digest)
-            if digest not in told:
-                told.append(digest)  # a copy told later is not news
+            told.add(digest)  # a copy told later is not news
             finishes = tone.sequence_id == expected and digit_of(tone.tone) in keys
             if number >= start and digest not in live and not finishes:
                 earlier.append(tone)

@@ -259,7 +259,8 @@ def decode_record(text: str) -> CallRecord | None:
         transferring_told=transfers if transferring_told is None else transferring_told,
         latest={kind: bytes.fromhex(digest) for kind, digest in _latest(body).items()},
     )
-    record.seen.extend(bytes.fromhex(digest) for digest in body.get("seen") or ())
+    for digest in body.get("seen") or ():
+        record.seen.add(bytes.fromhex(digest))
     record.operations = _numbers_by_key(body.get("operations"))
     record.roster_changed = _numbers_by_key(body.get("roster_changed"))
     record.resent = {bytes.fromhex(digest): int(left) for digest, left in body.get("resent") or ()}
