@@ -851,7 +851,13 @@ class CallBot:
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
         # After the bot's own routes, which no route of the author's may match.
-        app.add_routes(reading_bodies_first(routes, lambda: self._settings.body_timeout))
+        app.add_routes(
+            reading_bodies_first(
+                routes,
+                lambda: self._settings.body_timeout,
+                lambda: self._settings.max_body_bytes,
+            )
+        )
         app.cleanup_ctx.append(self._lifespan)
         return app
 

@@ -7,6 +7,13 @@ would split a path between the bot and the author. Each handler gets the request
 with its body already read, within the callback's deadline (``body_timeout``) and
 size limit (``max_body_bytes``): an unauthenticated sender that trickles a body
 must not hold a connection (and a place under ``max_connections``) for ever.
+
+Nothing of such a sender is proven while its body arrives, so neither may it hold
+what Graph's callbacks need: its connection may be closed for a new one as an idle
+one is (:func:`callbot._serving.displaceable`), and the bodies being read or
+handled hold at most :data:`BODIES_AT_ONCE` times ``max_body_bytes`` in all (a
+body of unknown length counted as ``max_body_bytes``); past that a request gets
+``503`` at once, its body unread.
 """
 
 from __future__ import annotations
@@ -21,8 +28,9 @@ from aiohttp.typedefs import Handler
 from ._config import BOT_PATHS
 from ._log import get_logger
 from ._proxy import forwarded_client
+from ._serving import displaceable
 
-__all__ = ["BOT_PATHS", "checked_routes", "reading_bodies_first"]
+__all__ = ["BODIES_AT_ONCE", "BOT_PATHS", "checked_routes", "reading_bodies_first"]
 
 log = get_logger("callbot.routes")
 
@@ -30,6 +38,9 @@ RouteHandler = Handler | type[AbstractView]
 """What a route definition runs: an ``async def`` function, or a class-based view."""
 # As much of a request's path as a log line shows (anyone may send a long one).
 _PATH_SHOWN = 256
+BODIES_AT_ONCE = 4
+"""How many bodies of ``max_body_bytes`` the author's routes hold at most, all requests
+together, while they are read and handled."""
 
 
 def checked_routes(
@@ -78,13 +89,19 @@ def _serves(resource: web.AbstractResource, path: str) -> bool:
 
 
 def reading_bodies_first(
-    routes: Iterable[web.AbstractRouteDef], body_timeout: Callable[[], float]
+    routes: Iterable[web.AbstractRouteDef],
+    body_timeout: Callable[[], float],
+    max_body_bytes: Callable[[], int],
 ) -> list[web.AbstractRouteDef]:
     """``routes``, each handler given its request once the body is read (static files as
-    they are)."""
+    they are). Their bodies share one bound (:data:`BODIES_AT_ONCE`)."""
+    held = _Held()
     return [
         web.RouteDef(
-            route.method, route.path, _body_first(route.handler, body_timeout), route.kwargs
+            route.method,
+            route.path,
+            _body_first(route.handler, body_timeout, max_body_bytes, held),
+            route.kwargs,
         )
         if isinstance(route, web.RouteDef)
         else route
@@ -92,29 +109,78 @@ def reading_bodies_first(
     ]
 
 
-def _body_first(handler: RouteHandler, body_timeout: Callable[[], float]) -> Handler:
+class _Held:
+    """What the bodies of the author's routes hold now, in bytes (as declared, or at most)."""
+
+    __slots__ = ("bytes",)
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+
+def _body_first(
+    handler: RouteHandler,
+    body_timeout: Callable[[], float],
+    max_body_bytes: Callable[[], int],
+    held: _Held,
+) -> Handler:
     async def read_then_handle(request: web.Request) -> web.StreamResponse:
-        if request.body_exists:
+        if not request.body_exists:
+            return await handler(request)
+        largest = max_body_bytes()
+        declared = request.content_length
+        if declared is not None and declared > largest:
+            return _refused(
+                request, 413, "body_too_large", f"a body of {declared} bytes; at most {largest}"
+            )
+        claimed = largest if declared is None else declared  # chunked: as much as may come
+        if held.bytes + claimed > BODIES_AT_ONCE * largest:
+            return _refused(
+                request,
+                503,
+                "bodies_busy",
+                f"the routes' bodies hold {held.bytes} bytes; at most "
+                f"{BODIES_AT_ONCE * largest} at once",
+            )
+        held.bytes += claimed
+        try:
             timeout = body_timeout()
             try:
-                async with asyncio.timeout(timeout):
-                    # aiohttp keeps it: the handler's read(), text(), json() and post() get it.
-                    # Larger than client_max_size (max_body_bytes): aiohttp's 413.
-                    await request.read()
+                with displaceable(request):
+                    async with asyncio.timeout(timeout):
+                        # aiohttp keeps it: the handler's read(), text(), json() and post()
+                        # get it. Past client_max_size (max_body_bytes): aiohttp's 413.
+                        await request.read()
             except TimeoutError:
-                detail = f"body not received within {timeout} s"
-                log.warning(
-                    "route_body_timeout",
-                    method=request.method,
-                    path=request.rel_url.raw_path[:_PATH_SHOWN],
-                    detail=detail,
-                    client=forwarded_client(request).address,
+                return _refused(
+                    request, 408, "body_timeout", f"body not received within {timeout} s"
                 )
-                response = web.json_response(
-                    {"error": "body_timeout", "detail": detail}, status=408
-                )
+            except ConnectionResetError:
+                # Gone before its body was: closed by its sender, or for a new connection
+                # (the guard said so). Nobody reads an answer.
+                response = web.Response(status=400)
                 response.force_close()
                 return response
-        return await handler(request)
+            return await handler(request)
+        finally:
+            held.bytes -= claimed
 
     return read_then_handle
+
+
+def _refused(request: web.Request, status: int, error: str, detail: str) -> web.Response:
+    """A request refused before its handler, its body not (wholly) read: one line says why,
+    and the connection closes (what is left of the body is not read)."""
+    log.warning(
+        "route_" + error,
+        status=status,
+        method=request.method,
+        path=request.rel_url.raw_path[:_PATH_SHOWN],
+        detail=detail,
+        client=forwarded_client(request).address,
+    )
+    response = web.json_response({"error": error, "detail": detail}, status=status)
+    if status == 503:
+        response.headers["Retry-After"] = "1"
+    response.force_close()
+    return response

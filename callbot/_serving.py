@@ -11,7 +11,9 @@ listener (``CallBot.serve``) uses :class:`ConnectionGuard` instead:
 * an idle connection (fresh, or between requests) closes after ``idle_timeout``
   (aiohttp's keep-alive timeout, set by ``CallBot.create_app``);
 * at most ``max_connections`` are open: a new one closes the longest-idle
-  connection, or is itself closed when every open one is busy with a request;
+  connection (one still sending the body of a request for a route of the author's
+  counts as idle: nothing of its sender is proven), or is itself closed when every
+  open one is busy with a request;
 * malformed requests get a bare ``400 Bad Request`` and accept errors (no file
   descriptors left) one log line each, at most once per ``log_interval`` per
   kind, counted in ``callbot_connections_closed_total``;
@@ -28,8 +30,9 @@ connections are guarded as the callback's are: the guard wraps the whole server.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from http import HTTPStatus
 from typing import Any
 
@@ -41,7 +44,7 @@ from ._clock import loop_time
 from ._log import RateLimitedLog, get_logger
 from ._proxy import forwarded_client, peer_address
 
-__all__ = ["MAX_HEADER_BYTES", "ConnectionGuard"]
+__all__ = ["MAX_HEADER_BYTES", "ConnectionGuard", "displaceable"]
 
 log = get_logger("callbot.server")
 
@@ -144,11 +147,16 @@ class ConnectionGuard:
 
     def _admit(self, conn: _Connection) -> bool:
         if len(self._open) >= self.max_connections:
-            oldest_idle = next((c for c in self._open if not c.busy), None)
+            oldest_idle = next((c for c in self._open if not c.busy or c.displaceable), None)
             if oldest_idle is None:
                 self._count("refused", "every open connection is busy")
                 return False
-            self._count("evicted", "the connection bound was reached; oldest idle one closed")
+            why = "the connection bound was reached; "
+            if oldest_idle.busy:
+                why += "the oldest still sending a route's body closed"
+            else:
+                why += "the oldest idle one closed"
+            self._count("evicted", why)
             self._drop(oldest_idle)
         self._open[conn] = None
         return True
@@ -236,6 +244,9 @@ class _Connection(RequestHandler):
         super().__init__(manager, **options)
         self._guard = guard
         self.busy = False
+        self.displaceable = False
+        """Busy receiving a body nothing proves yet (:func:`displaceable`): closed for a new
+        connection as an idle one would be."""
         self.headers_since: float | None = None
         """When the first byte of a request whose headers are not complete arrived."""
         self.header_bytes: int | None = None
@@ -325,6 +336,22 @@ class _Connection(RequestHandler):
         response = web.Response(status=status, text=f"{status} {phrase}".strip() + "\n")
         response.force_close()
         return response
+
+
+@contextlib.contextmanager
+def displaceable(request: web.BaseRequest) -> Iterator[None]:
+    """While inside, ``request``'s connection may be closed to admit a new one, as an idle
+    one is: its sender proved nothing yet (a body for a route of the author's, which callbot
+    cannot authenticate), so trickling it must not keep Graph's callbacks out."""
+    protocol = request.protocol
+    if not isinstance(protocol, _Connection):
+        yield  # another server's (an app served by the author's own runner)
+        return
+    protocol.displaceable = True
+    try:
+        yield
+    finally:
+        protocol.displaceable = False
 
 
 RequestHandlerFunction = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]

@@ -21,6 +21,7 @@ from structlog.testing import capture_logs
 
 from callbot import CallBot
 from callbot.testing import Simulator, TokenAuthority, run_with_simulator
+from callbot.testing import builders as b
 
 from .conftest import make_bot
 from .test_hosting import (
@@ -258,3 +259,92 @@ async def test_routes_cannot_be_added_while_the_bot_runs(authority: TokenAuthori
         ):
             assert response.status == 404
     bot.add_routes([web.post("/join", nothing)])
+
+
+async def test_strangers_sending_route_bodies_keep_no_callback_out_nor_much_memory(
+    authority: TokenAuthority, logging_restored: None
+) -> None:
+    """A route of the author's read each body before its handler, its connection busy: with
+    ``max_connections`` of them trickling bodies, Graph's callbacks were refused, and at 4 MiB
+    a body a stranger held ``max_connections`` times 4 MiB of the bot's memory."""
+    bot = make_bot(authority, max_connections=5, max_body_bytes=1024, body_timeout=60)
+    routes = web.RouteTableDef()
+    waiting, release = asyncio.Event(), asyncio.Event()
+
+    @routes.post("/upload")
+    async def upload(request: web.Request) -> web.Response:
+        return web.Response(text=str(len(await request.read())))
+
+    @routes.get("/slow")
+    async def slow(request: web.Request) -> web.Response:
+        waiting.set()
+        await release.wait()
+        return web.Response()
+
+    bot.add_routes(routes)
+    body = json.dumps(b.notifications(b.incoming_call("call-1"))).encode()
+    async with serving_in_process(bot) as port:
+        strangers = []
+        for _ in range(4):
+            # Bodies of the most a route takes: the bodies of routes hold no more at once.
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(
+                b"POST /upload HTTP/1.1\r\nHost: bot\r\nContent-Length: 1024\r\n\r\n" + b"x"
+            )
+            await writer.drain()
+            strangers.append((reader, writer))
+        url = f"http://127.0.0.1:{port}"
+        with capture_logs() as logs:
+            async with asyncio.timeout(20):
+                while True:  # until the four bodies are being read
+                    async with (
+                        aiohttp.ClientSession() as session,
+                        session.post(f"{url}/upload", data=b"y" * 1024) as answer,
+                    ):
+                        if answer.status == 503:
+                            assert answer.headers["Retry-After"] == "1"
+                            break
+                        assert answer.status == 200
+        [busy] = [e for e in logs if e["event"] == "route_bodies_busy"]
+        assert (busy["status"], busy["path"]) == (503, "/upload")
+        # The fifth connection busy in a handler: every open connection is busy now.
+        async with aiohttp.ClientSession() as session:
+            slowly = asyncio.create_task(session.get(f"{url}/slow"))
+            await waiting.wait()
+            with capture_logs() as logs:
+                async with aiohttp.ClientSession() as graph:
+                    token = authority.mint(audience=bot.settings.app_id)
+                    async with graph.post(
+                        url + bot.settings.callback_path,
+                        data=body,
+                        headers={
+                            "Authorization": f"Bearer {token}",
+                            "Content-Type": "application/json",
+                        },
+                    ) as answer:
+                        assert answer.status == 202
+            [evicted] = [e for e in logs if e["event"] == "connection_closed"]
+            assert evicted["reason"] == "evicted"
+            assert "still sending a route's body" in evicted["why"]
+            async with asyncio.timeout(20):
+                assert await strangers[0][0].read() == b""  # the oldest stranger's, closed
+            release.set()
+            async with await slowly as answer:
+                assert answer.status == 200
+        for _, writer in strangers:
+            writer.close()
+        # What the strangers' bodies held is free again once their connections are gone.
+        async with asyncio.timeout(20), aiohttp.ClientSession() as session:
+            while True:
+                async with session.post(f"{url}/upload", data=b"z" * 1024) as answer:
+                    if answer.status == 200:
+                        assert await answer.text() == "1024"
+                        break
+                    assert answer.status == 503
+        # A body declared larger than max_body_bytes is refused before any of it is read.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /upload HTTP/1.1\r\nHost: bot\r\nContent-Length: 5000\r\n\r\n")
+        await writer.drain()
+        async with asyncio.timeout(20):
+            assert (await reader.readline()).startswith(b"HTTP/1.1 413")
+        writer.close()
