@@ -9,6 +9,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import base64
+import json
 import re
 import time
 import uuid
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol, runtime_checkable
-from urllib.parse import urlsplit
+from urllib.parse import quote, quote_plus, urlsplit
 
 import aiohttp
 import jwt
@@ -312,8 +313,9 @@ def _lifetime(value: Any) -> int:
     return min(seconds, MAX_LIFETIME) if seconds > 0 else DEFAULT_LIFETIME
 
 
-def _redacted(error: GraphError, secrets: list[str]) -> GraphError:
-    """``error`` with every occurrence of ``secrets`` in its message and body replaced."""
+def _redacted(error: GraphError, proofs: list[str]) -> GraphError:
+    """``error`` with every spelling of ``proofs`` in its message and body replaced."""
+    secrets = sorted({s for proof in proofs for s in _spellings(proof)}, key=len, reverse=True)
     return GraphError(
         error.status,
         error.code,
@@ -325,6 +327,14 @@ def _redacted(error: GraphError, secrets: list[str]) -> GraphError:
         body=_scrub(error.body, secrets),
         retry_after=error.retry_after,
     )
+
+
+def _spellings(secret: str) -> set[str]:
+    """``secret`` as an echo may spell it: as written, as the form sent it (URL-encoded either
+    way, its escapes in either case) and as a JSON string writes it."""
+    encoded = {way(secret, safe=safe) for way in (quote, quote_plus) for safe in ("", "/")}
+    encoded |= {re.sub(r"%[0-9A-F]{2}", lambda m: m[0].lower(), e) for e in encoded}
+    return {secret, json.dumps(secret)[1:-1], *encoded} - {""}
 
 
 def _scrub(value: Any, secrets: list[str]) -> Any:
