@@ -571,7 +571,8 @@ class CallBot:
     def on_transfer_failed(self) -> Callable[[TransferFailedHandler], TransferFailedHandler]: ...
     def on_transfer_failed(self, handler: Handler[Any] | None = None) -> object:
         """Run once for each transfer the bot asked for (``call.transfer``) that failed,
-        however Graph told it; ``event.result_info`` says why, and
+        however Graph told it; ``event.result_info`` says why (``None`` in Graph's 2019
+        shape, which brings the call back from ``transferring`` without one), and
         ``event.transfer_target`` names the target of the transfer that failed, as the bot
         asked it (an :class:`~callbot.models.InvitationParticipantInfo`).
 

@@ -307,13 +307,22 @@ def _tells_failure(state: str | None, call: CallResource | None) -> bool:
     ``resultInfo`` saying why (``established`` again, documents 27, 29 and 30). Which
     transfer's failure it is, if any, is counted (:attr:`CallRecord.transfers_told`): the
     one rule the sequencer holds, repeats and tells such news by."""
-    return (
-        call is not None
-        and call.result_info is not None
-        and state is not None
-        and state not in _TRANSFER_GOING
-        and phase_of_state(state) == _LIVE
-    )
+    return call is not None and call.result_info is not None and _live_past_transfer(state)
+
+
+def _fails_transfer(record: CallRecord, state: str | None, call: CallResource) -> bool:
+    """Whether ``call`` in ``state``, delivered now, is the news that a transfer failed: as
+    :func:`_tells_failure` says, or the live call back from ``transferring`` with no
+    ``resultInfo`` (Graph's 2019 shape, recorded gdh28 and gdh29): a transfer that went
+    through ends the call, never brings it back."""
+    if record.life.state == "transferring" and _live_past_transfer(state):
+        return True
+    return _tells_failure(state, call)
+
+
+def _live_past_transfer(state: str | None) -> bool:
+    """A state of the live call other than a transfer's own progress."""
+    return state is not None and state not in _TRANSFER_GOING and phase_of_state(state) == _LIVE
 
 
 def _awaits_transferring(event: events.Event, record: CallRecord) -> bool:
@@ -1269,10 +1278,8 @@ class Sequencer:
                 record.snapshot, record.snapshot_bytes = self._measured(record, merged)
             else:
                 record.snapshot, record.snapshot_bytes = merged, bound
-            if (
-                snapshot_source.result_info is not None
-                and record.transfers_told < record.life.transfers
-                and _tells_failure(state, snapshot_source)
+            if record.transfers_told < record.life.transfers and _fails_transfer(
+                record, state, snapshot_source
             ):
                 # The failure of the first transfer asked that had none (transfers are one
                 # after another): a later one asked meanwhile still waits for its own.

@@ -440,6 +440,40 @@ async def test_failed_transfer_established_again_is_delivered() -> None:
     seq.close()
 
 
+def _agent(user_id: str) -> models.InvitationParticipantInfo:
+    return models.InvitationParticipantInfo(
+        identity=models.IdentitySet(user=models.Identity(id=user_id))
+    )
+
+
+async def test_a_call_back_from_transferring_without_a_result_is_that_transfer_s_failure() -> None:
+    """Graph's 2019 shape (recorded gdh28, gdh29) tells a failed transfer by the call going
+    back to ``established`` with no ``resultInfo``. It was not counted: the failure went
+    untold, and the next transfer's failure was told as this one's, naming its target."""
+    sink = Sink()
+    seq = sink.sequencer()
+    _established(seq)
+    seq.lifecycle.transfer_asked("c", _agent("first"))
+    seq.accept(one(b.call_state("c", "transferring")))
+    seq.accept(one(b.call_state("c", "established")))  # no resultInfo
+    back = sink.deliveries[-1].event
+    assert isinstance(back, events.CallStateChanged)
+    assert (back.state, back.previous_state, back.transfer_failed) == (
+        "established",
+        "transferring",
+        True,
+    )
+    assert back.transfer_target == _agent("first")
+    seq.lifecycle.transfer_asked("c", _agent("second"))
+    seq.accept(one(b.call_state("c", "transferring")))
+    seq.accept(one(_failed_transfer()))  # the v1.0 shape
+    second = sink.deliveries[-1].event
+    assert isinstance(second, events.CallStateChanged)
+    assert second.transfer_failed
+    assert second.transfer_target == _agent("second")
+    seq.close()
+
+
 TRANSFER_FAILED = models.ResultInfo(code=500, subcode=7000, message="Transfer failed.")
 
 
