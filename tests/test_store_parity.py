@@ -971,6 +971,51 @@ async def test_each_failed_transfer_is_told_once_in_every_store(parity: Any) -> 
         assert len(flagged) == 2, group.name
 
 
+async def test_a_transfer_failure_in_graph_s_2019_shape_is_told_in_every_store(
+    parity: Any,
+) -> None:
+    """Graph's 2019 shape (recorded gdh28 and gdh29): the call back to ``established`` after
+    ``transferring``, with no ``resultInfo``. Not counted as the transfer's failure, it ran
+    no ``on_transfer_failed``, and the guide's bot (its ``established`` handler transferring
+    unless told of a failure) transferred again."""
+    (transferring,) = recorded_body("gdh28-beta-call-transfer-2019.json")["value"]
+    (back,) = recorded_body("gdh29-beta-call-transfer-2019.json")["value"]
+    call = call_of(transferring)
+    told: dict[str, list[tuple[str | None, models.ResultInfo | None]]] = {}
+    async with FakeGraph() as graph:
+        graph.add_call(call)
+        groups: Parity = await parity(
+            graph_url=graph.graph_url,
+            authority_url=graph.authority_url,
+            app_secret="fake-graph-secret",
+        )
+        for group in groups.groups:
+            heard = told.setdefault(group.name, [])
+            for bot in group.bots:
+
+                @bot.on_state("established")
+                async def route(handle: Call, event: events.CallStateChanged) -> None:
+                    if not event.transfer_failed:
+                        await handle.transfer(Target.user("agent-id", "Agent"))
+
+                @bot.on_transfer_failed
+                async def nobody_answered(
+                    handle: Call,
+                    event: events.CallStateChanged | events.CallUpdated,
+                    heard: list[tuple[str | None, models.ResultInfo | None]] = heard,
+                ) -> None:
+                    heard.append((getattr(event, "previous_state", None), event.result_info))
+
+        await groups.run(
+            [post(b.call_state(call, "establishing")), post(b.call_state(call, "established"))]
+        )
+        await groups.run([post(transferring), post(back)])
+        assert len(graph.requests_for("transfer")) == len(groups.groups)  # not again
+    groups.check()
+    for group in groups.groups:
+        assert told[group.name] == [("transferring", None)], group.name
+
+
 def agent_of(request: RecordedRequest) -> str:
     """The user a transfer request asked for."""
     return str(json.loads(request.body)["transferTarget"]["identity"]["user"]["id"])
