@@ -124,6 +124,42 @@ async def test_record_response_completion_carries_the_recording(
     assert await call.download_recording(op) == b"caller said yes"
 
 
+@pytest.mark.parametrize("overtaken", [True, False])
+async def test_a_call_ending_before_the_answer_keeps_an_outcome_that_came_first(
+    graph: FakeGraph, services: CallServices, overtaken: bool
+) -> None:
+    """A caller hangs up as their recording completes: Graph's completion, then the call's
+    end, both before Graph answered ``recordResponse``. The end failed the operation as it
+    waited for its answer, and the completion accepted before it was lost with the
+    recording's location. With no outcome before the end, the operation fails as before."""
+    location = "https://media.example.test/recording/1"
+    reason = models.ResultInfo(code=0, subcode=5001, message="Call ended.")
+
+    def late(request: RecordedRequest) -> FakeResponse:
+        if overtaken:
+            services.on_operation(
+                operation_event(
+                    "32-call-record-recordresponse-completed.json", recordingLocation=location
+                )
+            )
+        services.fail_operations(CALL_ID, reason)  # the caller hung up
+        return answer_documented("recordResponse")
+
+    graph.route("recordResponse", late)
+    op = await services.call(CALL_ID).record_response(client_context=CONTEXT)
+    assert op.done
+    if overtaken:
+        final = await op.wait(timeout=0)
+        assert isinstance(final, models.RecordOperation)
+        assert final.recording_location == location
+    else:
+        with pytest.raises(OperationFailed) as failure:
+            await op.wait(timeout=0)
+        assert failure.value.call_ended
+        assert failure.value.result_info is reason
+    assert services.pending_operations == 0
+
+
 async def test_failed_operation_raises_with_result_info(
     graph: FakeGraph, services: CallServices
 ) -> None:

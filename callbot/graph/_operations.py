@@ -206,6 +206,9 @@ class OperationRegistry:
         self._by_call: dict[str, set[Operation[Any]]] = {}
         self._unanswered: set[Operation[Any]] = set()
         self._early_by_context: dict[Operation[Any], _Outcome] = {}
+        # Operations of ended calls whose action Graph had not answered: failed once it has,
+        # unless an outcome that overtook the answer settles them (see fail_call).
+        self._ended: dict[Operation[Any], Any] = {}
         self._recent: OrderedDict[tuple[str, str], _Outcome] = OrderedDict()
         self._recent_limit = recent_limit
         self._recent_ttl = recent_ttl
@@ -233,8 +236,10 @@ class OperationRegistry:
         """Record the action's response (the operation as it stands) and index it by id."""
         self._unanswered.discard(op)
         early_by_context = self._early_by_context.pop(op, None)
+        ended = op in self._ended
+        ended_why = self._ended.pop(op, None)
         if op.done:
-            # the call ended while the action was on its way
+            # closed while the action was on its way
             self._forget(op)
             return
         operation: models.CommsOperation | None = None
@@ -286,6 +291,10 @@ class OperationRegistry:
                     self._unproven(op, op.client_context)
         if early is not None:
             self._settle(op, early)
+        elif ended:
+            # The call ended while the action was on its way, and no outcome came before.
+            self._forget(op)
+            op._abort(ended_why, call_ended=True)
 
     def on_event(self, event: OperationUpdated) -> bool:
         """Apply an operation notification; ``True`` when it matched a tracked operation."""
@@ -317,9 +326,16 @@ class OperationRegistry:
         return True
 
     def fail_call(self, call_key: str, result_info: Any, *, call_ended: bool = True) -> int:
-        """Fail every pending operation of a call that ended; returns how many."""
+        """Fail every pending operation of a call that ended; returns how many.
+
+        One whose action Graph has not answered yet fails once it has, unless an outcome
+        accepted before the end (it overtook the answer) settles it: a recording that
+        completed just before the caller hung up keeps its location."""
         ops = self._by_call.pop(call_key, set())
         for op in ops:
+            if call_ended and op in self._unanswered:
+                self._ended[op] = result_info  # still indexed: accepted() decides
+                continue
             self._unindex(op)
             op._abort(result_info, call_ended=call_ended)
         return len(ops)
@@ -412,6 +428,7 @@ class OperationRegistry:
             del self._by_context[key]
         self._unanswered.discard(op)
         self._early_by_context.pop(op, None)
+        self._ended.pop(op, None)
 
     @staticmethod
     def _outcome(event: OperationUpdated, status: str, size: int = 0) -> _Outcome:
