@@ -23,7 +23,7 @@ import random
 import re
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import redis.asyncio as aioredis
@@ -769,6 +769,29 @@ async def transferring_groups(
     return groups
 
 
+T = TypeVar("T")
+
+
+def failures_told(
+    groups: Parity, note: Callable[[events.CallStateChanged | events.CallUpdated], T]
+) -> dict[str, list[T]]:
+    """By group, what ``note`` says of each event its bots' ``on_transfer_failed`` ran for."""
+    told: dict[str, list[T]] = {}
+    for group in groups.groups:
+        heard = told.setdefault(group.name, [])
+        for bot in group.bots:
+
+            @bot.on_transfer_failed
+            async def noted(
+                handle: Call,
+                event: events.CallStateChanged | events.CallUpdated,
+                heard: list[T] = heard,
+            ) -> None:
+                heard.append(note(event))
+
+    return told
+
+
 async def test_a_transfer_failure_arriving_before_its_transferring(parity: Any) -> None:
     """Graph posts a transfer's ``transferring`` and its failure (documents 24 and 27) as
     requests of their own: they may arrive swapped. The failure went at once, and the
@@ -981,39 +1004,28 @@ async def test_a_transfer_failure_in_graph_s_2019_shape_is_told_in_every_store(
     (transferring,) = recorded_body("gdh28-beta-call-transfer-2019.json")["value"]
     (back,) = recorded_body("gdh29-beta-call-transfer-2019.json")["value"]
     call = call_of(transferring)
-    told: dict[str, list[tuple[str | None, models.ResultInfo | None]]] = {}
+
+    async def route(handle: Call, event: events.CallStateChanged) -> None:
+        if not event.transfer_failed:
+            await handle.transfer(Target.user("agent-id", "Agent"))
+
     async with FakeGraph() as graph:
-        graph.add_call(call)
-        groups: Parity = await parity(
-            graph_url=graph.graph_url,
-            authority_url=graph.authority_url,
-            app_secret="fake-graph-secret",
-        )
-        for group in groups.groups:
-            heard = told.setdefault(group.name, [])
-            for bot in group.bots:
-
-                @bot.on_state("established")
-                async def route(handle: Call, event: events.CallStateChanged) -> None:
-                    if not event.transfer_failed:
-                        await handle.transfer(Target.user("agent-id", "Agent"))
-
-                @bot.on_transfer_failed
-                async def nobody_answered(
-                    handle: Call,
-                    event: events.CallStateChanged | events.CallUpdated,
-                    heard: list[tuple[str | None, models.ResultInfo | None]] = heard,
-                ) -> None:
-                    heard.append((getattr(event, "previous_state", None), event.result_info))
-
-        await groups.run(
-            [post(b.call_state(call, "establishing")), post(b.call_state(call, "established"))]
+        groups = await transferring_groups(parity, graph, call, route)
+        told = failures_told(
+            groups, lambda event: (getattr(event, "previous_state", None), event.result_info)
         )
         await groups.run([post(transferring), post(back)])
         assert len(graph.requests_for("transfer")) == len(groups.groups)  # not again
     groups.check()
     for group in groups.groups:
         assert told[group.name] == [("transferring", None)], group.name
+
+
+def user_of(event: events.CallStateChanged | events.CallUpdated) -> str | None:
+    """The user id of the target a failed transfer went to, if it named one."""
+    target = event.transfer_target
+    user = None if target is None or target.identity is None else target.identity.user
+    return None if user is None else user.id
 
 
 def agent_of(request: RecordedRequest) -> str:
@@ -1029,7 +1041,6 @@ async def test_each_failed_transfer_names_its_own_target_in_every_store(parity: 
     transferring, failed = transfer_items()
     call = call_of(transferring)
     refused: list[str] = []
-    told: dict[str, list[str | None]] = {}
 
     def answer(request: RecordedRequest) -> FakeResponse:
         if agent_of(request) == "agent-b":
@@ -1050,21 +1061,7 @@ async def test_each_failed_transfer_names_its_own_target_in_every_store(parity: 
         graph.route("transfer", answer)
         groups = await transferring_groups(parity, graph, call, transfer, asked=3)
         assert refused == ["agent-b"] * len(groups.groups)
-        for group in groups.groups:
-            heard = told.setdefault(group.name, [])
-            for bot in group.bots:
-
-                @bot.on_transfer_failed
-                async def named(
-                    handle: Call,
-                    event: events.CallStateChanged | events.CallUpdated,
-                    heard: list[str | None] = heard,
-                ) -> None:
-                    target = event.transfer_target
-                    user = (
-                        None if target is None or target.identity is None else target.identity.user
-                    )
-                    heard.append(None if user is None else user.id)
+        told = failures_told(groups, user_of)
 
         steps = [post(failed), post(transferring), post(failed), post(transferring)]
         await groups.run([*steps, post(ending_of(call))])
