@@ -124,39 +124,41 @@ async def test_record_response_completion_carries_the_recording(
     assert await call.download_recording(op) == b"caller said yes"
 
 
-@pytest.mark.parametrize("overtaken", [True, False])
-async def test_a_call_ending_before_the_answer_keeps_an_outcome_that_came_first(
-    graph: FakeGraph, services: CallServices, overtaken: bool
+@pytest.mark.parametrize("outcome", ["before the end", "after the end", "none"])
+async def test_a_call_ending_before_the_answer_keeps_an_outcome_within_the_window(
+    graph: FakeGraph, services: CallServices, outcome: str
 ) -> None:
-    """A caller hangs up as their recording completes: Graph's completion, then the call's
-    end, both before Graph answered ``recordResponse``. The end failed the operation as it
-    waited for its answer, and the completion accepted before it was lost with the
-    recording's location. With no outcome before the end, the operation fails as before."""
+    """A caller hangs up as their recording completes: Graph posts the completion and the
+    call's end as requests of their own, in either order, before or after its answer to
+    ``recordResponse``. The end failed the operation at once, and the completion was lost
+    with the recording's location. An outcome within ``reorder_window`` of the end settles
+    it now; with none, the operation fails as before, once the window has passed."""
     location = "https://media.example.test/recording/1"
     reason = models.ResultInfo(code=0, subcode=5001, message="Call ended.")
+    completed = operation_event(
+        "32-call-record-recordresponse-completed.json", recordingLocation=location
+    )
 
     def late(request: RecordedRequest) -> FakeResponse:
-        if overtaken:
-            services.on_operation(
-                operation_event(
-                    "32-call-record-recordresponse-completed.json", recordingLocation=location
-                )
-            )
+        if outcome == "before the end":
+            services.on_operation(completed)  # overtakes the answer, and the end
         services.fail_operations(CALL_ID, reason)  # the caller hung up
         return answer_documented("recordResponse")
 
     graph.route("recordResponse", late)
     op = await services.call(CALL_ID).record_response(client_context=CONTEXT)
-    assert op.done
-    if overtaken:
+    if outcome == "after the end":
+        services.on_operation(completed)
+    if outcome == "none":
+        with pytest.raises(OperationFailed) as failure:
+            await op.wait(timeout=30)
+        assert failure.value.call_ended
+        assert failure.value.result_info is reason
+    else:
+        assert op.done
         final = await op.wait(timeout=0)
         assert isinstance(final, models.RecordOperation)
         assert final.recording_location == location
-    else:
-        with pytest.raises(OperationFailed) as failure:
-            await op.wait(timeout=0)
-        assert failure.value.call_ended
-        assert failure.value.result_info is reason
     assert services.pending_operations == 0
 
 

@@ -179,6 +179,14 @@ class _Outcome:
     """What the notification took, in bytes of JSON (counted while kept in ``_recent``)."""
 
 
+@dataclass(slots=True)
+class _Ending:
+    """Why a call with operations still awaited ended, and whether their grace has passed."""
+
+    why: Any
+    over: bool = False
+
+
 class OperationRegistry:
     """Pending operations, matched to their notifications.
 
@@ -188,7 +196,8 @@ class OperationRegistry:
     ``clientContext`` alone matches only an operation whose id Graph never named, or, for
     an outcome that names no id, one whose context callbot generated (no one else knows it).
     ``recent_limit``/``recent_ttl``/``recent_bytes`` bound the outcomes kept while no
-    operation matches them yet.
+    operation matches them yet. An operation of a call that ended fails ``end_grace``
+    seconds later, once Graph answered its action, unless its outcome came meanwhile.
     """
 
     def __init__(
@@ -197,6 +206,7 @@ class OperationRegistry:
         recent_limit: int = 512,
         recent_ttl: float = 120.0,
         recent_bytes: int = RECENT_OUTCOME_BYTES,
+        end_grace: float = 0.0,
     ) -> None:
         # Lines of outcomes that settle nothing: a sender posting 200 a request decides how many.
         self._lines = RateLimitedLog(log)
@@ -206,9 +216,9 @@ class OperationRegistry:
         self._by_call: dict[str, set[Operation[Any]]] = {}
         self._unanswered: set[Operation[Any]] = set()
         self._early_by_context: dict[Operation[Any], _Outcome] = {}
-        # Operations of ended calls whose action Graph had not answered: failed once it has,
-        # unless an outcome that overtook the answer settles them (see fail_call).
-        self._ended: dict[Operation[Any], Any] = {}
+        # Operations of ended calls, until their outcome or their grace's end (see fail_call).
+        self._ended: dict[Operation[Any], _Ending] = {}
+        self._end_grace = end_grace
         self._recent: OrderedDict[tuple[str, str], _Outcome] = OrderedDict()
         self._recent_limit = recent_limit
         self._recent_ttl = recent_ttl
@@ -220,7 +230,7 @@ class OperationRegistry:
     @property
     def pending(self) -> int:
         """How many operations are awaiting their outcome."""
-        return sum(len(ops) for ops in self._by_call.values())
+        return sum(len(ops) for ops in self._by_call.values()) + len(self._ended)
 
     def start(self, op: Operation[Any]) -> None:
         """Track ``op`` before its action is sent, so an outcome overtaking the response is kept."""
@@ -236,8 +246,7 @@ class OperationRegistry:
         """Record the action's response (the operation as it stands) and index it by id."""
         self._unanswered.discard(op)
         early_by_context = self._early_by_context.pop(op, None)
-        ended = op in self._ended
-        ended_why = self._ended.pop(op, None)
+        ending = self._ended.get(op)
         if op.done:
             # closed while the action was on its way
             self._forget(op)
@@ -291,10 +300,8 @@ class OperationRegistry:
                     self._unproven(op, op.client_context)
         if early is not None:
             self._settle(op, early)
-        elif ended:
-            # The call ended while the action was on its way, and no outcome came before.
-            self._forget(op)
-            op._abort(ended_why, call_ended=True)
+        elif ending is not None and ending.over:
+            self._fail_ended(op, ending)  # its call's grace passed while the action was on its way
 
     def on_event(self, event: OperationUpdated) -> bool:
         """Apply an operation notification; ``True`` when it matched a tracked operation."""
@@ -328,23 +335,44 @@ class OperationRegistry:
     def fail_call(self, call_key: str, result_info: Any, *, call_ended: bool = True) -> int:
         """Fail every pending operation of a call that ended; returns how many.
 
-        One whose action Graph has not answered yet fails once it has, unless an outcome
-        accepted before the end (it overtook the answer) settles it: a recording that
-        completed just before the caller hung up keeps its location."""
+        Each fails ``end_grace`` seconds after the end, and not before Graph answered its
+        action, unless its outcome is accepted first: Graph posts an outcome and the call's
+        end as requests of their own, which may arrive swapped, so a recording that
+        completed as the caller hung up keeps its location."""
         ops = self._by_call.pop(call_key, set())
+        if not call_ended:
+            for op in ops:
+                self._unindex(op)
+                op._abort(result_info, call_ended=False)
+            return len(ops)
+        ending = _Ending(result_info)
         for op in ops:
-            if call_ended and op in self._unanswered:
-                self._ended[op] = result_info  # still indexed: accepted() decides
-                continue
-            self._unindex(op)
-            op._abort(result_info, call_ended=call_ended)
+            self._ended[op] = ending  # still indexed: an outcome finds it
+        if self._end_grace > 0:
+            asyncio.get_running_loop().call_later(self._end_grace, self._grace_over, ending)
+        else:
+            self._grace_over(ending)
         return len(ops)
 
     def fail_all(self, result_info: Any = None) -> int:
-        """Fail every pending operation (shutdown: their calls go on)."""
-        return sum(
+        """Fail every pending operation (shutdown: their calls go on; those of calls that
+        ended fail as ended, their grace cut short)."""
+        ended = list(self._ended.items())
+        for op, ending in ended:
+            self._fail_ended(op, ending)
+        return len(ended) + sum(
             self.fail_call(key, result_info, call_ended=False) for key in list(self._by_call)
         )
+
+    def _grace_over(self, ending: _Ending) -> None:
+        ending.over = True
+        for op, of in list(self._ended.items()):
+            if of is ending and op not in self._unanswered:
+                self._fail_ended(op, ending)
+
+    def _fail_ended(self, op: Operation[Any], ending: _Ending) -> None:
+        self._forget(op)
+        op._abort(ending.why, call_ended=True)
 
     # -- internals --------------------------------------------------------------
 

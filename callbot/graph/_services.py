@@ -84,7 +84,8 @@ class CallServices:
         self.settings = settings
         self.graph = GraphClient(settings, credential=credential, retry=retry, scope=scope)
         """The Graph client, also for requests callbot does not model."""
-        self.operations = OperationRegistry()
+        # An outcome and the call's end may arrive swapped: one window apart at most.
+        self.operations = OperationRegistry(end_grace=settings.reorder_window)
         """Operations awaiting their outcome."""
         self.tones = ToneRouter(settings.reorder_window)
         """Tones for handlers collecting digits (``call.collect_digits``)."""
