@@ -1310,6 +1310,52 @@ async def test_a_full_server_that_keeps_every_key_refuses_then_takes_the_retry(
     await until(lambda: handled == ["IncomingCall", "establishing"], within=10)
 
 
+async def test_an_upkeep_round_redis_filled_up_during_proves_nothing(
+    own_redis: Callable[..., RedisServer], authority: TokenAuthority, serve: Any, tmp_path: Path
+) -> None:
+    """An upkeep round whose writes were taken before Redis filled up, ending after a callback
+    got 503 for it, made the bot ready while every write was refused."""
+    server_process = own_redis(tmp_path)
+    await asyncio.to_thread(server_process.start)
+    bot, _ = _labelling_bot(authority, server_process.url)
+    server: BotServer = await serve(bot)
+    await until(lambda: bot.ready, within=10)
+    store = bot._running().store
+    assert isinstance(store, _redis.RedisStore)
+    reaped, go_on, ended = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    reap, mark = store._reap, store._mark
+
+    async def reap_then_wait() -> None:
+        await reap()  # its SET taken
+        reaped.set()
+        await go_on.wait()
+
+    def marked(reachable: bool, error: BaseException | None = None, *, wrote: bool = False) -> None:
+        mark(reachable, error, wrote=wrote)
+        if go_on.is_set() and reachable:
+            ended.set()  # the held round's end
+
+    store._reap = reap_then_wait  # type: ignore[method-assign]
+    store._mark = marked  # type: ignore[method-assign]
+    try:
+        async with aioredis.Redis(port=server_process.port, decode_responses=True) as admin:
+            await reaped.wait()
+            await admin.config_set("maxmemory", "1")  # every write now refused: OOM
+            response = await server.post(b.notifications(b.incoming_call("filled-call")))
+            assert response.status == 503
+            store._reap = reap  # type: ignore[method-assign]
+            go_on.set()
+            await ended.wait()
+            assert not bot.ready
+            assert (await server.client.get("/readyz")).status == 503
+            await admin.config_set("maxmemory", "0")
+    finally:
+        go_on.set()
+        store._reap, store._mark = reap, mark  # type: ignore[method-assign]
+    await until(lambda: bot.ready, within=10)
+    assert (await server.post(b.notifications(b.incoming_call("filled-call")))).status == 202
+
+
 @pytest.mark.parametrize(
     ("error", "refuses"),
     [

@@ -759,6 +759,9 @@ class RedisStore:
         """Redis last refused a write while it may answer the rest (full, read-only, unable
         to persist): unreachable until an upkeep round's writes are taken, whatever else
         succeeds meanwhile (reads, a script that needs no memory)."""
+        self._refusals = 0
+        """How many write refusals were seen: an upkeep round during which one came proves
+        nothing (its writes may all have gone before it)."""
         self._draining = False
         self._drained = False
         """The drain's wait is over: nothing more of any call is handed to handlers here."""
@@ -1983,6 +1986,7 @@ class RedisStore:
     async def _maintain_loop(self) -> None:
         last_sync = time.monotonic()
         while True:
+            refusals = self._refusals
             try:
                 if not self._rehydrated:
                     await self._prepare()
@@ -1996,7 +2000,9 @@ class RedisStore:
                 if time.monotonic() - last_sync >= _SYNC_SECONDS:
                     await self._sync_known()
                     last_sync = time.monotonic()
-                self._mark(True, wrote=True)  # the reaper's SET, at least, was taken
+                # The reaper's SET, at least, was taken: after any refusal, unless one came
+                # while this round ran (its writes may have gone before Redis filled up).
+                self._mark(True, wrote=self._refusals == refusals)
             except RedisError as exc:
                 self._mark(False, exc)
             except ConfigurationError as exc:
@@ -2355,6 +2361,7 @@ class RedisStore:
         failed with ``error``."""
         if error is not None and _refuses_writes(error):
             self._writes_refused = True
+            self._refusals += 1
         elif wrote:
             self._writes_refused = False
         if reachable == self._reachable or (
