@@ -1310,6 +1310,34 @@ async def test_a_full_server_that_keeps_every_key_refuses_then_takes_the_retry(
     await until(lambda: handled == ["IncomingCall", "establishing"], within=10)
 
 
+async def test_a_new_incoming_call_is_taken_whatever_the_room(
+    redis_url: str, authority: TokenAuthority, serve: Any
+) -> None:
+    """With ``max_concurrent_handlers`` calls' handlers waiting (a menu waiting for keys), a
+    new incoming call waited in ``runnable`` for room: unanswered, Graph drops it at 15 s.
+    Its handlers wait for no slot (design.md), and it waits for no room either."""
+    release = asyncio.Event()
+    bot, handled = _labelling_bot(authority, redis_url, max_concurrent_handlers=2)
+
+    @bot.on_state("established")
+    async def menu(call: Call, event: events.CallStateChanged) -> None:
+        await release.wait()  # the caller's keys, say
+
+    server: BotServer = await serve(bot)
+    try:
+        for call in ("busy-0", "busy-1"):
+            for state in ("establishing", "established"):
+                assert (await server.post(b.notifications(b.call_state(call, state)))).status == 202
+        store = bot._running().store
+        assert isinstance(store, _redis.RedisStore)
+        # Both runs stop lingering for their next notification: no room is left.
+        await until(lambda: store._free_slots() <= 0, within=10)
+        assert (await server.post(b.notifications(b.incoming_call("new-call")))).status == 202
+        await until(lambda: "IncomingCall" in handled, within=10)
+    finally:
+        release.set()
+
+
 async def test_an_upkeep_round_redis_filled_up_during_proves_nothing(
     own_redis: Callable[..., RedisServer], authority: TokenAuthority, serve: Any, tmp_path: Path
 ) -> None:

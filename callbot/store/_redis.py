@@ -1104,8 +1104,13 @@ class RedisStore:
         commands: list[tuple[Any, ...]] = []
         for event, call in zip(batch, calls, strict=True):
             # Only the first item of a call in this batch may take it on, and only as many
-            # calls as there is room for.
-            take = len(taking) < room and call not in self._owned and call not in taking
+            # calls as there is room for; a new incoming call whatever the room (unless
+            # draining): it must be answered within 15 s, and its handlers wait for no slot.
+            take = (
+                (len(taking) < room or (type(event) is events.IncomingCall and not self._draining))
+                and call not in self._owned
+                and call not in taking
+            )
             if take:
                 taking.add(call)
             entry = encode_entry(event)
