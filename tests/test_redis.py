@@ -1157,6 +1157,37 @@ async def test_redis_down_means_503_then_recovery_by_itself(
     assert (await server.client.get("/readyz")).status == 200
 
 
+async def test_calls_going_on_are_indexed_again_once_redis_lost_its_data(
+    own_redis: Callable[..., RedisServer], authority: TokenAuthority, serve: Any, tmp_path: Path
+) -> None:
+    """Redis restarted without persistence mid-call: the instance that had indexed the call
+    remembered it had, so the call never went back into the ``active`` index, and no other
+    instance (one started later, one taking up keep-alives) knew of it."""
+    server_process = own_redis(tmp_path)
+    server_process.start()
+    bot, _ = _labelling_bot(authority, server_process.url, store_lease=1.0)
+    server: BotServer = await serve(bot)
+    active = KEY_PREFIX + "active"
+    for item in (
+        b.call_state("going-call", "establishing"),
+        b.call_state("going-call", "established"),
+    ):
+        assert (await server.post(b.notifications(item))).status == 202
+
+    async def indexed() -> bool:
+        async with aioredis.Redis(port=server_process.port, decode_responses=True) as admin:
+            return bool(await admin.sismember(active, "goingcall"))
+
+    await wait_for(indexed, within=10)
+    server_process.stop()
+    server_process.start()  # same port, empty
+    await until(lambda: bot.ready, within=10)
+    assert not await indexed()
+    update = b.call_state("going-call", "established", mediaState={"audio": "active"})
+    assert (await server.post(b.notifications(update))).status == 202  # the call goes on
+    await wait_for(indexed, within=10)
+
+
 async def test_a_server_that_may_evict_the_stores_keys_is_named_at_start(
     own_redis: Callable[..., RedisServer], authority: TokenAuthority, serve: Any, tmp_path: Path
 ) -> None:

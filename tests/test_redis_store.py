@@ -496,7 +496,7 @@ def _quiet(store: _redis.RedisStore) -> None:
 
 def _bystander(bot: InProcessBot) -> _redis.RedisStore:
     """The store of a bot whose loops the test plays, and which takes no call on: what it
-    accepts is made runnable for others."""
+    accepts is made runnable for others (but a new incoming call, taken whatever the room)."""
     store = _store(bot)
     _quiet(store)
     store._capacity = 0
@@ -587,7 +587,7 @@ async def test_an_ingest_sent_again_after_a_restart_indexes_its_call_after_its_e
             assert not await rdb.sismember(pending, call)
 
         store._load_scripts = load_then_unpend  # type: ignore[method-assign]
-        assert await bot.post(_body(b.incoming_call("strand-2"))) == 202
+        assert await bot.post(_body(b.call_state("strand-2", "establishing"))) == 202
         store._load_scripts = real  # type: ignore[method-assign]
         assert await rdb.xlen(inbox) == 1
         assert await rdb.sismember(pending, call)
@@ -665,7 +665,7 @@ async def test_a_call_whose_second_look_never_came_is_looked_at_by_the_reaper(
         store = _bystander(bot)
         call = "strand3"
         pending, runnable = KEY_PREFIX + "pending", KEY_PREFIX + "runnable"
-        assert await bot.post(_body(b.incoming_call("strand-3"))) == 202
+        assert await bot.post(_body(b.call_state("strand-3", "establishing"))) == 202
         assert await rdb.sismember(pending, call)
         real = store._run_all
 

@@ -1383,6 +1383,7 @@ class RedisStore:
         else:
             # Nothing stored (a failover lost it): the run starts from no state.
             self._sequencer.start_over(key)
+            self._index_again([key])
         # A call with no record stored gets one at its first entry: an instance taking it
         # over then starts from its snapshot, not from nothing.
         unsaved = not stored
@@ -1710,6 +1711,16 @@ class RedisStore:
             indexed, proven = self._indexed.get(key), record.life.proven
             # Again once proven: an instance that let it go unproven may have taken it off.
             if indexed is None or (proven and not indexed):
+                self._indexed[key] = proven
+                self._index_changes[key] = True
+
+    def _index_again(self, calls: Sequence[str]) -> None:
+        """Redis may have lost what the ``active`` index held of ``calls``: each still
+        going goes into it again with the next upkeep round (the first checkpoint does
+        not: it writes only what changed since the call was last indexed)."""
+        for key in calls:
+            proven = self._indexed.pop(key, None)
+            if proven is not None and key not in self._index_changes:
                 self._indexed[key] = proven
                 self._index_changes[key] = True
 
@@ -2327,6 +2338,8 @@ class RedisStore:
             if isinstance(answer, NoScriptError)
         ]
         if missing:
+            # Redis lost its scripts (it restarted or failed over): its indexes too, maybe.
+            self._index_again(list(self._indexed))
             await self._load_scripts()
             again = await self._batch.submit([*(commands[n] for n in missing), *last])
             for n, answer in zip(missing, again, strict=False):
