@@ -853,6 +853,47 @@ async def test_an_operation_resolves_when_its_outcome_lands_on_another_instance(
         assert outcomes == [(owner, "completed")]
 
 
+async def test_a_handler_run_again_gets_the_outcome_its_first_run_saw(
+    authority: TokenAuthority, serve: Any, redis_url: str
+) -> None:
+    """A handler played a prompt and saw it complete, then its instance went while it still
+    ran (collecting digits, say). Run again on an instance started since, its journal
+    replayed the prompt (nothing sent to Graph) and its wait never ended: the outcome sat
+    in the call's inbox behind the handler waiting for it."""
+    runs: list[tuple[int, bool, str]] = []
+    async with FakeGraph() as graph:
+
+        async def instance(index: int) -> BotServer:
+            bot = graph_instance(authority, redis_url, graph, store_lease=1.0)
+
+            @bot.on_state("established")
+            async def greet(call: Call, event: events.CallStateChanged) -> None:
+                attempt = current_attempt()
+                op = await call.play_prompt("https://cdn.example.test/greeting.wav")
+                done = await op.wait(timeout=60)
+                runs.append((index, attempt is not None and attempt.redelivered, done.status or ""))
+                if index == 0:
+                    await asyncio.Event().wait()  # still running when its instance goes
+
+            server: BotServer = await serve(bot)
+            return server
+
+        first = await instance(0)
+        graph.add_call("rerun-call", state="establishing")
+        for state in ("establishing", "established"):
+            item = b.call_state("rerun-call", state)
+            assert (await first.post(b.notifications(item))).status == 202
+        await graph.wait_for_request("playPrompt")
+        (operation_id,) = graph.operations
+        assert (await first.post(graph.operation_notification(operation_id))).status == 202
+        await until(lambda: len(runs) == 1, within=20)
+        await first.bot.stop()  # the handler abandoned: the call handed over
+        await instance(1)  # a replacement takes the call over
+        await until(lambda: len(runs) == 2, within=30)
+    assert runs == [(0, False, "completed"), (1, True, "completed")]
+    assert len(graph.requests_for("playPrompt")) == 1
+
+
 async def test_rosters_are_diffed_against_the_stored_roster_on_any_instance(
     authority: TokenAuthority, serve: Any, redis_url: str
 ) -> None:

@@ -1489,8 +1489,26 @@ class RedisStore:
             number = _stream_id(entry_id)
             if number > state.tail:
                 parsed = self._parsed.pop((state.key, entry_id), None)
+                if parsed is None and state.fed_before is not None and number <= state.fed_before:
+                    parsed = self._read_again(item)
                 state.buffer.append((entry_id, item if parsed is None else parsed))
                 state.tail = number
+
+    def _read_again(self, item: str | events.Event) -> events.Event | None:
+        """An entry a run before this one fed, parsed as it is taken: an operation's outcome
+        in it is told at once, as when it was accepted. A handler run again waits for it
+        anew (its journal replays the action), and entries wait behind the handler."""
+        if not isinstance(item, str):
+            return item
+        try:
+            if decode_fact(item) is not None:
+                return None
+            event = decode_entry(item)
+        except Exception:
+            return None  # fed as read: _feed says why it cannot be
+        if type(event) is events.OperationUpdated:
+            self._tell(event)
+        return event
 
     async def _load_call(self, key: str) -> tuple[str, list[tuple[str, str]]]:
         inbox = self._keys.of(key, "inbox")[0]
