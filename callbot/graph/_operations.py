@@ -345,6 +345,8 @@ class OperationRegistry:
                 self._unindex(op)
                 op._abort(result_info, call_ended=False)
             return len(ops)
+        if not ops:
+            return 0  # the usual end: nothing awaited, no timer
         ending = _Ending(result_info)
         for op in ops:
             self._ended[op] = ending  # still indexed: an outcome finds it
