@@ -101,6 +101,12 @@ class CallLife:
     ``None`` for one asked by a release that did not keep targets, and in place of one whose
     failure was told (it is named once; what a call keeps stays small however often it
     transfers)."""
+    last_ask: str | None = None
+    """What names the transfer asked last while it is counted (``TransferAsked.ask``): a
+    refusal naming another ask does not withdraw it."""
+    withdrawn: str | None = None
+    """An ask withdrawn before it was counted (the store's answer to it was lost, and the
+    refusal overtook it): counted never, should it come still."""
     tenant_id: str | None = None
     """The tenant the call was first seen with (its :func:`tenant_key`): the call belongs to it."""
     proven: bool = False
@@ -492,19 +498,35 @@ class Lifecycle:
         if not life.pending:
             self._pending.pop(life.key)
 
-    def transfer_asked(self, call_id: str, target: InvitationParticipantInfo | None = None) -> None:
+    def transfer_asked(
+        self,
+        call_id: str,
+        target: InvitationParticipantInfo | None = None,
+        ask: str | None = None,
+    ) -> None:
         """The bot asked Graph to transfer the call to ``target`` (its outcome, even worded
-        as the last one, is news)."""
+        as the last one, is news); ``ask`` names the ask."""
         life = self._lives.get(id_key(call_id))
-        if life is not None:
+        if life is not None and (ask is None or ask != life.withdrawn):
             life.transfer_targets.append(target)
+            life.last_ask = ask
 
-    def transfer_refused(self, call_id: str) -> None:
-        """Graph refused the transfer the bot asked last: no news of it will come, so it is
-        no longer counted, nor its target named."""
+    def transfer_refused(self, call_id: str, ask: str | None = None) -> bool:
+        """Graph refused the transfer the bot asked last, or the bot withdrew it unsent (the
+        ask ``ask``, when named): no news of it will come, so it is no longer counted, nor
+        its target named. ``False`` when no count changed: none counted, or the last is
+        another ask (``ask`` is then never counted: a store may take it after the refusal)."""
         life = self._lives.get(id_key(call_id))
-        if life is not None and life.transfer_targets:
-            life.transfer_targets.pop()
+        if life is None:
+            return False
+        if ask is not None and ask != life.last_ask:
+            life.withdrawn = ask
+            return False
+        if not life.transfer_targets:
+            return False
+        life.transfer_targets.pop()
+        life.last_ask = None  # a refusal follows its own ask: the one before is not refused
+        return True
 
     @staticmethod
     def transfer_failed(life: CallLife, index: int) -> InvitationParticipantInfo | None:

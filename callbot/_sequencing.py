@@ -492,18 +492,22 @@ class Placed:
 class TransferAsked:
     """The bot is about to ask Graph to transfer the call to ``target`` (the
     ``transferTarget`` it sends): its outcome, even worded as the last one, is news, and its
-    failure names it."""
+    failure names it. ``ask`` names this ask, for a :class:`TransferRefused` of it."""
 
     call_id: str
     target: InvitationParticipantInfo | None = None
+    ask: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class TransferRefused:
-    """Graph refused the transfer the bot asked last (a 4xx answer): no news of it will
-    come, and a copy of the call's last failure is not that transfer's."""
+    """Graph refused the transfer the bot asked last (a 4xx answer), or the bot withdrew it
+    unsent: no news of it will come, and a copy of the call's last failure is not that
+    transfer's. With ``ask``, only if the ask counted last is that one: a withdrawn ask the
+    store never took withdraws nothing."""
 
     call_id: str
+    ask: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -925,9 +929,9 @@ class Sequencer:
         the call's notifications: what is accepted after it is ordered knowing it."""
         if isinstance(fact, TransferAsked):
             # The call's life keeps the targets; the call's record stores them for the next run.
-            self.lifecycle.transfer_asked(fact.call_id, fact.target)
+            self.lifecycle.transfer_asked(fact.call_id, fact.target, fact.ask)
         elif isinstance(fact, TransferRefused):
-            self._transfer_refused(fact.call_id)
+            self._transfer_refused(fact.call_id, fact.ask)
         elif isinstance(fact, KeeperLeft):
             return  # nothing to order by: the keeper lease says who keeps the call alive
         elif isinstance(fact, KeptOfRefused):
@@ -947,8 +951,9 @@ class Sequencer:
             # Bounded as the digests are: a request Graph gave up sending is let go first.
             del resent[next(iter(resent))]
 
-    def _transfer_refused(self, call_id: str) -> None:
-        self.lifecycle.transfer_refused(call_id)
+    def _transfer_refused(self, call_id: str, ask: str | None) -> None:
+        if not self.lifecycle.transfer_refused(call_id, ask):
+            return  # not the ask counted last: nothing changes
         record = self._records.get(id_key(call_id))
         if record is None:
             return  # nothing of the call is kept here: nothing waits for the transfer
@@ -1038,6 +1043,7 @@ class Sequencer:
         # The record counts the transfers fed up to its checkpoint, and the inbox holds those
         # asked since: a count this process kept from an earlier run would count them twice.
         record.life.transfer_targets = stored.transfer_targets
+        record.life.last_ask, record.life.withdrawn = stored.last_ask, stored.withdrawn
         self._records[key] = record
 
     def start_over(self, call_key: str) -> None:

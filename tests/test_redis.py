@@ -2355,6 +2355,67 @@ async def test_a_transfer_redis_cannot_count_is_not_asked(
         await until(lambda: heard == [7000, 7000])
 
 
+@pytest.mark.parametrize("fault", ["answer-lost", "refusal-first", "never-kept"])
+async def test_a_transfer_whose_count_redis_did_not_answer_is_withdrawn(
+    authority: TokenAuthority, serve: Any, redis_url: str, fault: str
+) -> None:
+    """Redis may keep a transfer's ask and its answer be lost (a timeout, a dropped
+    connection): ``transfer`` raises StoreUnavailable and sends nothing, and withdraws the
+    ask by name. A failure of the call then is no transfer's; whichever of the ask and its
+    withdrawal Redis takes first; and withdrawing an ask Redis never kept leaves the
+    transfer asked before it counted, its failure naming that one's target."""
+    async with FakeGraph() as graph:
+        bot = graph_instance(authority, redis_url, graph)
+        heard: list[tuple[bool, str | None]] = []
+
+        @bot.on_call_updated
+        async def updated(call: Call, event: events.CallUpdated) -> None:
+            if event.result_info is not None:
+                target = event.transfer_target
+                identity = None if target is None else target.identity
+                user = None if identity is None else identity.user
+                heard.append((event.transfer_failed, None if user is None else user.id))
+
+        server = await serve(bot)
+        graph.add_call("xfer-call")
+        for state in ("establishing", "established"):
+            item = b.notifications(b.call_state("xfer-call", state))
+            assert (await server.post(item)).status == 202
+        store = bot._running().store
+        assert isinstance(store, _redis.RedisStore)
+        call = bot.services.call("xfer-call")
+        if fault == "never-kept":
+            await call.transfer(Target.user("agent-1", "Agent"))  # Graph took it on
+        real = store._run_all
+        held: list[Any] = []
+
+        async def losing_the_answer(commands: Any, *, then: Any = None) -> Any:
+            if not any('"transferAsked"' in str(part) for command in commands for part in command):
+                answers = await real(commands, then=then)
+                for late in held:  # the ask Redis got late, after its withdrawal
+                    await real(late, then=then)
+                held.clear()
+                return answers
+            if fault == "answer-lost":
+                await real(commands, then=then)
+            elif fault == "refusal-first":
+                held.append(commands)
+            raise redis.exceptions.ConnectionError("connection reset")
+
+        store._run_all = losing_the_answer  # type: ignore[method-assign]
+        with pytest.raises(StoreUnavailable):
+            await call.transfer(Target.user("agent-2", "Agent"))
+        store._run_all = real  # type: ignore[method-assign]
+        assert held == []
+        assert len(graph.requests_for("transfer")) == (fault == "never-kept")
+        why = models.ResultInfo(code=500, subcode=7000, message="Transfer failed.")
+        failure = b.notifications(b.call_state("xfer-call", "established", result_info=why))
+        assert (await server.post(failure)).status == 202
+        await until(lambda: len(heard) == 1)
+        named_first = fault == "never-kept"
+        assert heard == ([(True, "agent-1")] if named_first else [(False, None)])
+
+
 async def test_an_inbox_fact_of_a_later_kind_is_logged_and_skipped(
     authority: TokenAuthority, serve: Any, redis_url: str, rdb: aioredis.Redis
 ) -> None:

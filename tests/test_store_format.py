@@ -38,7 +38,7 @@ from .conftest import FIXTURES
 
 STORED = FIXTURES / "store"
 GENERATIONS = sorted(STORED.glob("written-by-*.json"))
-NEWEST = STORED / "written-by-f694cbf.json"
+NEWEST = STORED / "written-by-pending.json"
 """The form this release writes."""
 
 TENANT = "72f988bf-86f1-41af-91ab-2d7cd011db47"
@@ -55,6 +55,8 @@ TRANSFER_TARGET = InvitationParticipantInfo.model_validate(
     }
 )
 """Whom that transfer was asked to."""
+TRANSFER_ASK = "ask-1"
+"""What names that ask (for a refusal of it)."""
 
 TONE = "sb04-p2p-simpletest-p2ptest1event4tonepress.json"
 ESTABLISHED_WITH_AUDIO = "sb03-p2p-simpletest-p2ptest1event3callestablishedwithaudio.json"
@@ -117,6 +119,8 @@ FACTS = (
     TransferAsked("c-1"),
     TransferRefused("c-1"),
     TransferAsked("c-1", TRANSFER_TARGET),
+    TransferAsked("c-1", TRANSFER_TARGET, TRANSFER_ASK),
+    TransferRefused("c-1", TRANSFER_ASK),
 )
 
 
@@ -133,7 +137,7 @@ def run_step(seq: Sequencer, flow: str, step: int, event: events.Event) -> None:
         seq.placed(event.call_id, PLACED_AS, TENANT)
     seq.accept(event)
     if placed and step == TRANSFER_ASKED_AFTER:
-        seq.lifecycle.transfer_asked(event.call_id, TRANSFER_TARGET)
+        seq.lifecycle.transfer_asked(event.call_id, TRANSFER_TARGET, TRANSFER_ASK)
 
 
 def write_generation() -> dict[str, Any]:

@@ -66,9 +66,9 @@ class CallServices(Protocol):
     @property
     def tones(self) -> _digits.ToneRouter: ...
     async def transfer_asked(
-        self, call_id: str, target: models.InvitationParticipantInfo | None = None
+        self, call_id: str, target: models.InvitationParticipantInfo | None, ask: str
     ) -> None: ...
-    async def transfer_refused(self, call_id: str) -> None: ...
+    async def transfer_refused(self, call_id: str, ask: str) -> None: ...
     def accepted(self, call_id: str) -> None: ...
     def gone(self, call_id: str) -> None: ...
     async def until_established(self, call_id: str, timeout: float | None) -> None: ...
@@ -495,7 +495,8 @@ class Call:
         The transfer is counted for the call's handlers before it is sent (a failure worded
         as the last one is then news); with the Redis store, in the call's inbox, for
         whichever instance runs the call. When Redis cannot take it, this raises
-        :class:`~callbot.StoreUnavailable` and nothing is sent: no transfer was asked.
+        :class:`~callbot.StoreUnavailable` and nothing is sent: no transfer was asked (an
+        ask Redis kept though its answer was lost is withdrawn).
         When Graph did not act on the request (a :class:`~callbot.GraphError` whose
         ``may_have_acted`` is false: a 4xx answer, a 503 past the retry budget, Graph not
         reached), the transfer is settled: nothing waits for its news.
@@ -509,13 +510,14 @@ class Call:
             body["clientContext"] = client_context
         # Named by the failure of this transfer, as sent (with its replacesCallId).
         asked_target = models.InvitationParticipantInfo.model_validate(body["transferTarget"])
+        ask = uuid.uuid4().hex  # what names this ask for its refusal
         asked = False
 
         async def count() -> None:
             # Counted before it is sent: Graph may post its failure before answering it. Not
             # when a re-run handler is answered from the journal: its first run counted it.
             nonlocal asked
-            await self._services.transfer_asked(self.id, asked_target)
+            await self._services.transfer_asked(self.id, asked_target, ask)
             asked = True
 
         try:
@@ -523,7 +525,7 @@ class Call:
         except GraphError as exc:
             if asked and not exc.may_have_acted:
                 # Graph did not act on the request: no news of this transfer will come.
-                await self._services.transfer_refused(self.id)
+                await self._services.transfer_refused(self.id, ask)
             raise
 
     async def hangup(self) -> None:

@@ -181,24 +181,36 @@ class CallServices:
         self._note = note
 
     async def transfer_asked(
-        self, call_id: str, target: models.InvitationParticipantInfo | None = None
+        self,
+        call_id: str,
+        target: models.InvitationParticipantInfo | None = None,
+        ask: str | None = None,
     ) -> None:
-        """The bot is about to ask Graph to transfer the call to ``target``: counted for the
-        call's run (through the store, else by the lifecycle), its failure to name
-        ``target``, or ``StoreUnavailable`` is raised."""
-        if self._note is not None:
-            await self._note(TransferAsked(call_id, target))
-        elif self._lifecycle is not None:
-            self._lifecycle.transfer_asked(call_id, target)
+        """The bot is about to ask Graph to transfer the call to ``target`` (the ask named
+        ``ask``): counted for the call's run (through the store, else by the lifecycle), its
+        failure to name ``target``, or ``StoreUnavailable`` is raised, the ask withdrawn."""
+        if self._note is None:
+            if self._lifecycle is not None:
+                self._lifecycle.transfer_asked(call_id, target, ask)
+            return
+        try:
+            await self._note(TransferAsked(call_id, target, ask))
+        except StoreUnavailable:
+            if ask is not None:
+                # The store may have kept it though its answer was lost: not sent, so no
+                # news of it will come, nor may a later transfer's failure name it.
+                await self.transfer_refused(call_id, ask)
+            raise
 
-    async def transfer_refused(self, call_id: str) -> None:
-        """Graph refused the transfer just asked: no news of it will come, so the call's run
-        stops waiting for it (a failure of the call now is not that transfer's). Logged, not
-        raised, when the store cannot take it: then its wait ends with the window."""
+    async def transfer_refused(self, call_id: str, ask: str | None = None) -> None:
+        """Graph refused the transfer just asked (``ask``), or it was not sent: no news of it
+        will come, so the call's run stops waiting for it (a failure of the call now is not
+        that transfer's). Logged, not raised, when the store cannot take it: then its wait
+        ends with the window."""
         if self._note is None:
             return  # no run of the call waits for its news: nothing to settle
         try:
-            await self._note(TransferRefused(call_id))
+            await self._note(TransferRefused(call_id, ask))
         except StoreUnavailable as exc:
             log.warning("transfer_refusal_not_kept", call_id=call_id, error=str(exc))
 

@@ -126,8 +126,12 @@ def encode_fact(fact: OwnFact) -> str:
         body = {"fact": "transferAsked", "callId": fact.call_id}
         if fact.target is not None:
             body["target"] = _target_json(fact.target)
+        if fact.ask is not None:
+            body["ask"] = fact.ask
     elif isinstance(fact, TransferRefused):
         body = {"fact": "transferRefused", "callId": fact.call_id}
+        if fact.ask is not None:
+            body["ask"] = fact.ask
     elif isinstance(fact, KeptOfRefused):
         body = {"fact": "keptOfRefused", "callId": fact.call_id}
         body["digests"] = [digest.hex() for digest in fact.digests]
@@ -149,9 +153,11 @@ def decode_fact(text: str) -> OwnFact | None:
                 _text_or_none(body.get("tenantId")),
             )
         if kind == "transferAsked":
-            return TransferAsked(call_id, _target(body.get("target")))
+            return TransferAsked(
+                call_id, _target(body.get("target")), _text_or_none(body.get("ask"))
+            )
         if kind == "transferRefused":
-            return TransferRefused(call_id)
+            return TransferRefused(call_id, _text_or_none(body.get("ask")))
         if kind == "keeperLeft":
             return KeeperLeft(call_id)
         if kind == "keptOfRefused":
@@ -208,6 +214,10 @@ def encode_record(record: CallRecord) -> str:
         head["roster_floor"] = record.roster_floor  # only a call with numbered whole rosters
     if record.roster_changed:
         head["roster_changed"] = record.roster_changed  # only a call with delta rosters has it
+    if record.life.last_ask is not None:
+        head["last_ask"] = record.life.last_ask  # only while a transfer asked is counted
+    if record.life.withdrawn is not None:
+        head["withdrawn"] = record.life.withdrawn  # only a call a transfer was withdrawn on
     if record.told_full:
         head["told_full"] = True  # the call's call_record_full line is not written again
     if record.resent:
@@ -243,6 +253,8 @@ def decode_record(text: str) -> CallRecord | None:
             state=body.get("state"),
             ended=bool(body.get("ended")),
             transfer_targets=targets,
+            last_ask=_text_or_none(body.get("last_ask")),
+            withdrawn=_text_or_none(body.get("withdrawn")),
             proven=_proven(body),
         ),
         closed=bool(body.get("ended")),
