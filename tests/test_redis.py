@@ -37,6 +37,7 @@ from callbot import (
     CallBot,
     CallEnded,
     ConfigurationError,
+    OperationFailed,
     RunSuperseded,
     StoreUnavailable,
     Target,
@@ -853,14 +854,18 @@ async def test_an_operation_resolves_when_its_outcome_lands_on_another_instance(
         assert outcomes == [(owner, "completed")]
 
 
+@pytest.mark.parametrize("told", ["to-the-owner", "elsewhere", "the-call-ended"])
 async def test_a_handler_run_again_gets_the_outcome_its_first_run_saw(
-    authority: TokenAuthority, serve: Any, redis_url: str
+    authority: TokenAuthority, serve: Any, redis_url: str, told: str
 ) -> None:
-    """A handler played a prompt and saw it complete, then its instance went while it still
-    ran (collecting digits, say). Run again on an instance started since, its journal
-    replayed the prompt (nothing sent to Graph) and its wait never ended: the outcome sat
-    in the call's inbox behind the handler waiting for it."""
+    """A handler played a prompt and saw it complete (its outcome accepted by the instance
+    running the call, or by another one), or fail as the caller hung up, then its instance
+    went while it still ran (collecting digits, writing a summary). Run again on an
+    instance started since, its journal replays the prompt (nothing sent to Graph), and its
+    wait ends as the first run's did: what it waits for sits in the call's inbox behind the
+    handler itself."""
     runs: list[tuple[int, bool, str]] = []
+    ended: list[int] = []
     async with FakeGraph() as graph:
 
         async def instance(index: int) -> BotServer:
@@ -870,28 +875,45 @@ async def test_a_handler_run_again_gets_the_outcome_its_first_run_saw(
             async def greet(call: Call, event: events.CallStateChanged) -> None:
                 attempt = current_attempt()
                 op = await call.play_prompt("https://cdn.example.test/greeting.wav")
-                done = await op.wait(timeout=60)
-                runs.append((index, attempt is not None and attempt.redelivered, done.status or ""))
+                try:
+                    status = (await op.wait(timeout=60)).status or ""
+                except OperationFailed as exc:
+                    status = "call ended" if exc.call_ended else "failed"
+                runs.append((index, attempt is not None and attempt.redelivered, status))
                 if index == 0:
                     await asyncio.Event().wait()  # still running when its instance goes
+
+            @bot.on_terminated
+            async def gone(call: Call, event: events.CallTerminated) -> None:
+                ended.append(index)
 
             server: BotServer = await serve(bot)
             return server
 
         first = await instance(0)
+        other = await instance(1) if told == "elsewhere" else first
         graph.add_call("rerun-call", state="establishing")
         for state in ("establishing", "established"):
             item = b.call_state("rerun-call", state)
             assert (await first.post(b.notifications(item))).status == 202
         await graph.wait_for_request("playPrompt")
         (operation_id,) = graph.operations
-        assert (await first.post(graph.operation_notification(operation_id))).status == 202
+        if told == "the-call-ended":
+            news = b.notifications(b.call_terminated("rerun-call"))
+        else:
+            news = graph.operation_notification(operation_id)
+        assert (await other.post(news)).status == 202  # to the other: its relay tells the wait
         await until(lambda: len(runs) == 1, within=20)
+        if other is not first:
+            await other.bot.stop()
         await first.bot.stop()  # the handler abandoned: the call handed over
-        await instance(1)  # a replacement takes the call over
+        await instance(2)  # a replacement takes the call over
         await until(lambda: len(runs) == 2, within=30)
-    assert runs == [(0, False, "completed"), (1, True, "completed")]
-    assert len(graph.requests_for("playPrompt")) == 1
+        status = "call ended" if told == "the-call-ended" else "completed"
+        assert runs == [(0, False, status), (2, True, status)]
+        assert len(graph.requests_for("playPrompt")) == 1
+        if told == "the-call-ended":
+            await until(lambda: ended == [2])  # its end goes to handlers after the re-run
 
 
 async def test_rosters_are_diffed_against_the_stored_roster_on_any_instance(

@@ -1484,20 +1484,22 @@ class RedisStore:
 
     def _take(self, state: _Owned, entries: Sequence[tuple[str, str | events.Event]]) -> None:
         """Buffer entries the run does not know yet (a read may repeat what it has), each as
-        the event this instance parsed when it has one, else as read."""
+        the event this instance parsed when it has one, else parsed as it is taken."""
         for entry_id, item in entries:
             number = _stream_id(entry_id)
             if number > state.tail:
                 parsed = self._parsed.pop((state.key, entry_id), None)
-                if parsed is None and state.fed_before is not None and number <= state.fed_before:
-                    parsed = self._read_again(item)
+                if parsed is None:
+                    parsed = self._read_elsewhere(item)
                 state.buffer.append((entry_id, item if parsed is None else parsed))
                 state.tail = number
 
-    def _read_again(self, item: str | events.Event) -> events.Event | None:
-        """An entry a run before this one fed, parsed as it is taken: an operation's outcome
-        in it is told at once, as when it was accepted. A handler run again waits for it
-        anew (its journal replays the action), and entries wait behind the handler."""
+    def _read_elsewhere(self, item: str | events.Event) -> events.Event | None:
+        """An entry this instance did not accept (or no longer keeps parsed), parsed as it is
+        taken: what a handler may wait for in it (an operation's outcome, the call's end) is
+        told at once. Its relay may not have reached this instance (it started later, or let
+        an outcome go unmatched), and a handler waiting here (one run again after a takeover,
+        its journal replaying the action) holds the entries behind it."""
         if not isinstance(item, str):
             return item
         try:
@@ -1506,8 +1508,8 @@ class RedisStore:
             event = decode_entry(item)
         except Exception:
             return None  # fed as read: _feed says why it cannot be
-        if type(event) is events.OperationUpdated:
-            self._tell(event)
+        if waited_for(event):
+            self._tell(event)  # told twice when relayed too: what waits is resolved once
         return event
 
     async def _load_call(self, key: str) -> tuple[str, list[tuple[str, str]]]:
