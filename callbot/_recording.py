@@ -7,7 +7,9 @@ line::
 
 ``value`` holds the notification items as received, except that every value
 under a key naming a token or a secret (``recordingAccessToken``, ``token``,
-...) is replaced by ``"[removed]"``. The bearer token of the request is never
+a meeting's ``passcode``, ...) is replaced by ``"[removed]"``, and so is the
+passcode of a Teams meeting link (``https://teams.microsoft.com/meet/...?p=``):
+with the meeting id, it lets anyone join. The bearer token of the request is never
 seen here. ``callbot replay FILE`` posts the batches again, in order.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -38,12 +41,15 @@ __all__ = [
 log = get_logger("callbot.recording")
 
 REMOVED = "[removed]"
-_SECRET_NAMES = frozenset({"authorization", "password", "secret", "clientsecret"})
+_SECRET_ENDINGS = ("token", "passcode", "password", "secret")
+_SECRET_NAMES = frozenset({"authorization"})
+# A Teams meeting link's passcode: /meet/{join meeting id}?p={passcode}.
+_MEETING_PASSCODE = re.compile(r"(/meet/[^?#]*\?(?:[^#]*&)?p=)[^&#]*", re.IGNORECASE)
 
 
 def _is_secret(key: str) -> bool:
     lowered = key.lower().replace("_", "")
-    return lowered.endswith("token") or lowered in _SECRET_NAMES
+    return lowered.endswith(_SECRET_ENDINGS) or lowered in _SECRET_NAMES
 
 
 def scrub(value: Any) -> Any:
@@ -55,6 +61,8 @@ def scrub(value: Any) -> Any:
         }
     if isinstance(value, list):
         return [scrub(v) for v in value]
+    if isinstance(value, str) and "/meet/" in value.lower():
+        return _MEETING_PASSCODE.sub(lambda m: m.group(1) + REMOVED, value)
     return value
 
 

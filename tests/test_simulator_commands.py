@@ -22,7 +22,7 @@ from callbot._display import TrafficPrinter
 from callbot._recording import REMOVED, read_recording, scrub
 from callbot._simulate import RemoteBot, _show_setup, replay, simulate
 from callbot.cli import build_parser, main
-from callbot.graph import Target
+from callbot.graph import Meeting, Target
 from callbot.testing import (
     Simulator,
     SimulatorError,
@@ -55,6 +55,9 @@ def test_scrub_removes_tokens_and_secrets_only() -> None:
             "meetingInfo": {"@odata.type": "#microsoft.graph.tokenMeetingInfo", "token": "t"},
             "list": [{"access_token": "a"}, {"id": "keep"}],
             "emptyToken": "",
+            "joined": {"joinMeetingId": "2487612934", "passcode": "Xk3hQ9"},
+            "link": "https://teams.microsoft.com/meet/2487612934?lang=en&p=Xk3hQ9#top",
+            "other": "https://example.com/meet/room?q=p=1",
         }
     }
     assert scrub(item) == {
@@ -64,8 +67,41 @@ def test_scrub_removes_tokens_and_secrets_only() -> None:
             "meetingInfo": {"@odata.type": "#microsoft.graph.tokenMeetingInfo", "token": REMOVED},
             "list": [{"access_token": REMOVED}, {"id": "keep"}],
             "emptyToken": "",
+            "joined": {"joinMeetingId": "2487612934", "passcode": REMOVED},
+            "link": f"https://teams.microsoft.com/meet/2487612934?lang=en&p={REMOVED}#top",
+            "other": "https://example.com/meet/room?q=p=1",
         }
     }
+
+
+@pytest.mark.parametrize(
+    "meeting",
+    [
+        Meeting.join_id("2487612934", "Xk3hQ9secret"),
+        "https://teams.microsoft.com/meet/2487612934?p=Xk3hQ9secret",  # a chat's short link
+    ],
+    ids=["join-id", "short-link"],
+)
+async def test_a_joined_meeting_s_passcode_is_not_recorded(
+    tmp_path: Path, meeting: Meeting | str
+) -> None:
+    """Graph repeats the meeting a bot joined in the call's ``meetingInfo``: its passcode,
+    which with the meeting id lets anyone join, is removed from the recording as a token
+    is."""
+    path = tmp_path / "calls.jsonl"
+    bot = CallBot(app_id=APP_ID, record_path=str(path))
+
+    def recorded_meeting() -> bool:
+        return path.exists() and '"meetingInfo"' in path.read_text(encoding="utf-8")
+
+    async with run_with_simulator(bot) as sim:
+        await bot.join_meeting(meeting)
+        joined = await sim.wait_for_outgoing_call()
+        await joined.wait_for_state("established")
+        await until(recorded_meeting)
+    text = path.read_text(encoding="utf-8")
+    assert "Xk3hQ9secret" not in text
+    assert '"passcode":"[removed]"' in text
 
 
 async def test_accepted_notifications_are_recorded_without_tokens_then_replayed(
