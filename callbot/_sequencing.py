@@ -314,7 +314,8 @@ def _fails_transfer(record: CallRecord, state: str | None, call: CallResource) -
     """Whether ``call`` in ``state``, delivered now, is the news that a transfer failed: as
     :func:`_tells_failure` says, or the live call back from ``transferring`` with no
     ``resultInfo`` (Graph's 2019 shape, recorded gdh28 and gdh29): a transfer that went
-    through ends the call, never brings it back."""
+    through ends the call, never brings it back (an update sent before the transfer began
+    was dropped first: :meth:`Sequencer._sent_before_transfer`)."""
     if record.life.state == "transferring" and _live_past_transfer(state):
         return True
     return _tells_failure(state, call)
@@ -600,6 +601,10 @@ class CallRecord:
     """How many of the life's ``transfers`` had a ``transferring`` delivered, first asked
     first (one whose failure came without it is passed over): a transfer's failure waits
     for its own ``transferring`` (:func:`_awaits_transferring`), not that of one before."""
+    transferring_at: float | None = None
+    """When this process delivered the call's latest ``transferring`` (loop time): what
+    comes within ``reorder_window`` of it may be an update Graph sent before it
+    (:meth:`Sequencer._sent_before_transfer`). ``None``: not delivered here."""
     operations: dict[str, int] = field(default_factory=dict)
     """How far each of the call's latest operations got in what was delivered
     (:func:`_operation_step`), by operation key, the latest last: Graph posts an operation's
@@ -1243,6 +1248,21 @@ class Sequencer:
 
     # -- delivery ---------------------------------------------------------------
 
+    def _sent_before_transfer(self, record: CallRecord, event: events.Event) -> bool:
+        """Whether ``event``, coming while a transfer the bot asked goes (``transferring``,
+        then ``transferAccepted``), is an update of the live call Graph sent before the transfer
+        began: a live state with no ``resultInfo`` (Teams repeats ``established`` two to
+        four times as a call starts, each a request of its own) once the transfer was
+        accepted, or within ``reorder_window`` of its ``transferring``. Later, while
+        ``transferring``, the same is the transfer's failure in Graph's 2019 shape."""
+        call = _call_of(event)
+        if not _live_past_transfer(_state(event)) or call is None or call.result_info is not None:
+            return False
+        if record.life.state != "transferring":
+            return True
+        at = record.transferring_at
+        return at is not None and asyncio.get_running_loop().time() - at < self._window
+
     def _deliver(self, record: CallRecord, event: events.Event) -> None:
         state = _state(event)  # None for a roster: the event it becomes has none either
         if type(event) is events.ToneReceived:
@@ -1262,6 +1282,15 @@ class Sequencer:
                 )
                 return
             record.transferring_told = counted
+            record.transferring_at = asyncio.get_running_loop().time()
+        elif (
+            record.life.state in _TRANSFER_GOING
+            and record.transfers_told < record.life.transfers
+            and self._sent_before_transfer(record, event)
+        ):
+            # Left to go, it would move the call back, and read as the transfer's failure.
+            self._drop(event, "stale", state=clipped(state), current_state=record.life.state)
+            return
         elif type(event) is events.ParticipantsUpdated:
             diffed = self._diff_roster(record, event)
             if diffed is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import gc
 import json
@@ -446,15 +447,18 @@ def _agent(user_id: str) -> models.InvitationParticipantInfo:
     )
 
 
+@pytest.mark.looptime
 async def test_a_call_back_from_transferring_without_a_result_is_that_transfer_s_failure() -> None:
     """Graph's 2019 shape (recorded gdh28, gdh29) tells a failed transfer by the call going
-    back to ``established`` with no ``resultInfo``. It was not counted: the failure went
-    untold, and the next transfer's failure was told as this one's, naming its target."""
+    back to ``established`` with no ``resultInfo``, past the reorder window (the target did
+    not answer). It was not counted: the failure went untold, and the next transfer's
+    failure was told as this one's, naming its target."""
     sink = Sink()
-    seq = sink.sequencer()
+    seq = sink.sequencer(window=1)
     _established(seq)
     seq.lifecycle.transfer_asked("c", _agent("first"))
     seq.accept(one(b.call_state("c", "transferring")))
+    await asyncio.sleep(1)  # the target rings
     seq.accept(one(b.call_state("c", "established")))  # no resultInfo
     back = sink.deliveries[-1].event
     assert isinstance(back, events.CallStateChanged)
@@ -471,6 +475,44 @@ async def test_a_call_back_from_transferring_without_a_result_is_that_transfer_s
     assert isinstance(second, events.CallStateChanged)
     assert second.transfer_failed
     assert second.transfer_target == _agent("second")
+    seq.close()
+
+
+@pytest.mark.parametrize("after", ["transferring", "transferAccepted"])
+async def test_an_update_sent_before_a_transfer_began_is_stale_behind_it(after: str) -> None:
+    """Teams repeats ``established`` as a call starts (recorded sb02, sb03), each a request of
+    its own: a bot transferring at once may get one behind the ``transferring``, or its
+    ``transferAccepted``. With no ``resultInfo``, within the reorder window of the
+    ``transferring`` (or once the transfer was accepted), it is that earlier update: dropped
+    as stale, not the transfer's failure, and the call does not move back to
+    ``established``; the transfer's end goes on as Graph tells it."""
+    sink = Sink()
+    seq = sink.sequencer(window=300)
+    _established(seq)
+    seq.lifecycle.transfer_asked("c", _agent("first"))
+    seq.accept(one(b.call_state("c", "transferring")))
+    if after == "transferAccepted":
+        seq.accept(one(b.call_state("c", "transferAccepted")))
+    late = b.call_state("c", "established")
+    late["resourceData"]["mediaState"] = {"audio": "active"}
+    seq.accept(one(late))
+    assert seq.counts["stale"] == 1
+    assert seq.lifecycle.get("c").state == after  # type: ignore[union-attr]
+    if after == "transferring":
+        seq.accept(one(b.call_state("c", "transferAccepted")))
+    seq.accept(one(b.call_terminated("c")))
+    assert sink.labels[-3:] == ["transferring", "transferAccepted", "terminated"]
+    assert not any(getattr(d.event, "transfer_failed", False) for d in sink.deliveries)
+    # A failure told with its resultInfo is the failure, however soon it comes.
+    sink = Sink()
+    seq = sink.sequencer(window=300)
+    _established(seq)
+    seq.lifecycle.transfer_asked("c", _agent("first"))
+    seq.accept(one(b.call_state("c", "transferring")))
+    seq.accept(one(_failed_transfer()))
+    failed = sink.deliveries[-1].event
+    assert isinstance(failed, events.CallStateChanged)
+    assert failed.transfer_failed
     seq.close()
 
 
