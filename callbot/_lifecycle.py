@@ -567,6 +567,19 @@ class Lifecycle:
             self._wake(life.key, None)
         return True, previous
 
+    def live_by_tone(self, life: CallLife) -> None:
+        """The call, of which no state was delivered here, is live: Graph sends tones only on
+        an established call (a process started after the call did knows it by them alone).
+        It is kept alive, and no longer pending once proven; its state stays unknown, so a
+        state delivered later is a transition still."""
+        if life.ended or life.phase >= LIVE_PHASE:
+            return
+        life.phase = LIVE_PHASE
+        if not life.pending:
+            self._pending.pop(life.key)
+        if not life.keeping_alive:
+            self._start_keep_alive(life)
+
     def told_established(self, call_id: str, tenant_id: str | None) -> None:
         """The call's ``established`` was accepted but is not delivered here (another
         instance runs the call, or this one refused it while draining): who waits for it here

@@ -1248,6 +1248,15 @@ class Sequencer:
 
     # -- delivery ---------------------------------------------------------------
 
+    def _live_by_tone(self, record: CallRecord, tone: events.ToneReceived) -> None:
+        """A call known by its tones alone (this process started after the call did: its
+        first tone waited the window for a state in vain) is live, as the state they carry
+        says (Graph sends tones with ``established``): its next tones wait for nothing, and
+        it is kept alive, no longer pending once proven (:meth:`Lifecycle.live_by_tone`)."""
+        state = tone.call.state if tone.call is not None else None
+        if state is not None and phase_of_state(state) == _LIVE:
+            self.lifecycle.live_by_tone(record.life)
+
     def _sent_before_transfer(self, record: CallRecord, event: events.Event) -> bool:
         """Whether ``event``, coming while a transfer the bot asked goes (``transferring``,
         then ``transferAccepted``), is an update of the live call Graph sent before the transfer
@@ -1267,6 +1276,8 @@ class Sequencer:
         state = _state(event)  # None for a roster: the event it becomes has none either
         if type(event) is events.ToneReceived:
             record.tone_next = tone_after(event.sequence_id, record.tone_next)
+            if record.life.state is None:
+                self._live_by_tone(record, event)
         elif type(event) is events.OperationUpdated and not self._moves_on(record, event):
             return
         elif state == "transferring" and record.life.state != "transferring":

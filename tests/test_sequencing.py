@@ -18,7 +18,7 @@ from callbot import _sequencing as sequencing
 from callbot import events, models
 from callbot._errors import MalformedNotification
 from callbot._ids import id_key
-from callbot._lifecycle import Lifecycle
+from callbot._lifecycle import KeepAliveResult, Lifecycle
 from callbot._parse import parse_payload
 from callbot._sequencing import MAX_HELD_BYTES, Delivery, Sequencer
 from callbot.testing import builders as b
@@ -1253,6 +1253,49 @@ async def test_a_tone_before_its_call_is_established_waits_for_it(arrivals: list
         seq.accept(one(recorded_item(name)))
     assert sink.labels == ["establishing", "established", "tone:tone1"]
     assert seq.counts["released_alone"] == 0
+    seq.close()
+
+
+@pytest.mark.looptime
+async def test_a_call_known_by_its_tones_alone_is_live() -> None:
+    """A process started after the call did (no shared store) knows it by its tones alone
+    (recorded sb04: ``established`` with ``toneInfo``). The first waits the window for a
+    state in vain; then the call is live: the next tones wait for nothing, it is kept alive,
+    and once a request of the bot's own is accepted it is no longer pending, so not
+    forgotten as ``never_established`` with a tone held."""
+    sent: list[str] = []
+
+    async def keep_alive(call_id: str) -> KeepAliveResult:
+        sent.append(call_id)
+        return KeepAliveResult.OK
+
+    sink = Sink()
+    lifecycle = Lifecycle(
+        termination_grace=5, keep_alive_interval=60, send_keep_alive=keep_alive, pending_ttl=30
+    )
+    forgotten: list[str] = []
+    lifecycle.when_forgotten(lambda key, why: forgotten.append(why))
+    seq = Sequencer(sink.deliveries.append, lifecycle, reorder_window=1)
+    first = recorded_item(TONE)
+    seq.accept(one(first))
+    assert sink.labels == []  # a state may still come first
+    await asyncio.sleep(1)
+    assert sink.labels == ["tone:tone1"]
+    life = lifecycle.get(first["resourceUrl"].rsplit("/", 1)[-1])
+    assert life is not None
+    assert life.state is None  # no state was delivered: one that comes is a transition
+    assert life.keeping_alive
+    lifecycle.prove(life.call_id)  # the handler's prompt was accepted
+    assert not life.pending
+    for number in (7, 8):
+        again = copy.deepcopy(first)
+        again["resourceData"]["toneInfo"]["sequenceId"] = number
+        again["resourceData"]["toneInfo"]["tone"] = f"tone{number - 5}"
+        seq.accept(one(again))
+    assert sink.labels == ["tone:tone1", "tone:tone2", "tone:tone3"]  # at once
+    await asyncio.sleep(61)
+    assert sent == [life.call_id]
+    assert forgotten == []
     seq.close()
 
 
