@@ -18,12 +18,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from itertools import zip_longest
 from pathlib import Path
 from typing import Any, get_args
+from xml.etree import ElementTree
 
 import pytest
 
-from callbot import GraphError, models
+from callbot import GraphError, events, models
 from callbot._ids import id_key
 from callbot._journal import Attempt, _current
+from callbot._parse import parse_body
 from callbot._sequencing import OwnFact, Placed, TransferAsked, TransferRefused
 from callbot.graph import (
     Call,
@@ -388,6 +390,226 @@ async def test_transfer_from_group_call_names_the_transferee(
     assert "Heidi Steen" in documented("transfer-from-group-call")["request_raw"]
 
 
+# -- participant models as targets and sources ------------------------------------------
+
+NOTIFICATIONS = Path(__file__).parent / "fixtures" / "notifications"
+SCHEMA = Path(__file__).parent / "fixtures" / "schema" / "communications-v1.0.csdl.xml"
+INVITATION = "#microsoft.graph.invitationParticipantInfo"
+PARTICIPANT_INFO = "#microsoft.graph.participantInfo"
+
+
+def schema_properties(type_name: str) -> set[str]:
+    """The properties Graph's v1.0 schema gives the complex type ``type_name``."""
+    edm = "{http://docs.oasis-open.org/odata/ns/edm}"
+    root = ElementTree.parse(SCHEMA).getroot()
+    (complex_type,) = [t for t in root.iter(f"{edm}ComplexType") if t.attrib["Name"] == type_name]
+    return {p.attrib["Name"] for p in complex_type.iter(f"{edm}Property")}
+
+
+def incoming(name: str) -> models.Call:
+    """The call of a documented incoming call notification, as handlers get it."""
+    (event,) = parse_body((NOTIFICATIONS / name).read_bytes())
+    assert isinstance(event, events.IncomingCall)
+    return event.call
+
+
+def as_held(invitation: dict[str, Any]) -> models.ParticipantInfo:
+    """Whom a documented invitation names, as a handler holds them: a participant's ``info``
+    in a roster (document 46: its participant id, Teams' endpointId), with the endpoint type,
+    language and region of the leg it was read from (document 12's source)."""
+    return models.ParticipantInfo.model_validate(
+        {
+            "@odata.type": PARTICIPANT_INFO,
+            "identity": invitation["identity"],
+            "participantId": invitation.get(
+                "participantId", "23aeb644-6227-4f4a-b5c9-4d61c1f196d3"
+            ),
+            "endpointType": "default",
+            "endpointId": "40213cfb-0934-4dce-9b3a-57c09adf6967",
+            "languageId": "en-US",
+            "region": "westus",
+            "countryCode": "US",
+        }
+    )
+
+
+HeldAction = Callable[[CallServices, models.ParticipantInfo], Awaitable[Any]]
+
+# Each documented request whose invitation the case gives as a participant's info instead.
+HELD_CASES: dict[str, tuple[str, HeldAction]] = {
+    "create-call": (
+        "createCall",
+        lambda s, held: s.create_call(
+            held,
+            content_sharing_notifications=True,
+            callback_uri="https://bot.contoso.com/callback",
+        ),
+    ),
+    "invite-participants-pstn": (
+        "invite",
+        lambda s, held: s.call(CALL_ID).participants.invite(
+            held, client_context="f2fa86af-3c51-4bc2-8fc0-475452d9764f"
+        ),
+    ),
+    "invite-participants-move-from-other-meeting": (
+        "invite",
+        lambda s, held: s.call(CALL_ID).participants.invite(
+            held,
+            replaces_call_id="a7ebfb2d-871e-419c-87af-27290b22e8db",
+            client_context="f2fa86af-3c51-4bc2-8fc0-475452d9764f",
+        ),
+    ),
+    "redirect": (
+        "redirect",
+        lambda s, held: s.call(CALL_ID).redirect(
+            held,
+            callback_uri="https://bot.contoso.com/api/calls/24701998-1a73-4d42-8085-bf46ed0ae039",
+        ),
+    ),
+    "redirect-pstn": (
+        "redirect",
+        lambda s, held: s.call(CALL_ID).redirect(
+            held,
+            callback_uri="https://bot.contoso.com/api/calls/24701998-1a73-4d42-8085-bf46ed0ae039",
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HELD_CASES))
+async def test_a_participant_info_goes_as_the_invitation_graph_documents(
+    graph: FakeGraph, services: CallServices, name: str
+) -> None:
+    """A participant's ``info`` (a participantInfo) given where Graph takes an
+    invitationParticipantInfo went as itself: typed participantInfo, an unrelated type, with
+    the leg's endpoint type, language, region and Teams' own properties. It goes as the
+    documented invitation: its identity, and its participantId only where the invitation
+    replaces a call (moving that participant out of it: document 55's request)."""
+    action, act = HELD_CASES[name]
+    doc = documented(name)["request"]
+    (invitation,) = doc.get("targets") or doc["participants"]
+    await act(services, as_held(invitation))
+    sent = await graph.wait_for_request(action)
+    assert sent.json == doc
+
+
+async def test_a_caller_is_called_invited_redirected_and_transferred_to_as_an_invitation(
+    graph: FakeGraph, services: CallServices
+) -> None:
+    """An incoming call's ``source`` (document 12: typed participantInfo, with the caller's
+    region and language) is whom a bot calls back, invites or transfers to: each request
+    names them in an invitationParticipantInfo, with no property that type lacks."""
+    caller = incoming("12-call-answer-ex2-incoming-call-created-typed.json").source
+    assert caller is not None
+    assert caller.odata_type == PARTICIPANT_INFO
+    await services.create_call(caller)
+    call = services.call(CALL_ID)
+    await call.participants.invite(caller)
+    await call.redirect(caller)
+    await call.transfer(caller)
+    await call.transfer(caller, replaces_call_id="e5d39592-99bd-4db8-bca8-30fb894ec51d")
+    sent = [
+        (await graph.wait_for_request("createCall")).json["targets"][0],
+        (await graph.wait_for_request("invite")).json["participants"][0],
+        (await graph.wait_for_request("redirect")).json["targets"][0],
+        *(json.loads(r.body)["transferTarget"] for r in graph.requests_for("transfer")),
+    ]
+    named = {
+        "@odata.type": INVITATION,
+        "identity": {
+            "user": {"displayName": "Test User", "id": "8A34A46B-3D17-4ADC-8DCE-DC4E7D572698"}
+        },
+    }
+    assert sent == [named] * 4 + [
+        {**named, "replacesCallId": "e5d39592-99bd-4db8-bca8-30fb894ec51d"}
+    ]
+    invitation = schema_properties("invitationParticipantInfo")
+    assert all(set(field) - {"@odata.type"} <= invitation for field in sent)
+
+
+async def test_the_bots_own_identity_is_a_calls_source_as_a_participant_info(
+    graph: FakeGraph, services: CallServices
+) -> None:
+    """The bot's own identity in an incoming call (``targets[0]``, document 12: typed
+    invitationParticipantInfo) went as itself as a call's ``source``, where Graph takes a
+    participantInfo (application-post-calls example 9). It goes as one, with its identity."""
+    (me,) = incoming("12-call-answer-ex2-incoming-call-created-typed.json").targets or []
+    assert me.odata_type == INVITATION
+    await services.create_call(Target.phone("+12345678901"), source=me)
+    sent = (await graph.wait_for_request("createCall")).json
+    assert sent["source"] == {
+        "@odata.type": PARTICIPANT_INFO,
+        "identity": {
+            "application": {"displayName": "Test BOT", "id": "8A34A46B-3D17-4ADC-8DCE-DC4E7D572698"}
+        },
+    }
+
+
+async def test_a_transferee_goes_as_a_participant_info_with_only_its_properties(
+    graph: FakeGraph, services: CallServices
+) -> None:
+    """From a group call the transferee is a participantInfo (call-transfer example 5): an
+    invitationParticipantInfo given as one goes so, its invitation's own asks
+    (``replacesCallId``, ``hidden``, ...) left out; a participant's ``info`` from a roster
+    goes without what Teams adds to it (``endpointId``, ``clientVersion``), which
+    participantInfo, no open type, has not."""
+    target = Target.user(
+        "550fae72-d251-43ec-868c-373732c2704f", "Heidi Steen", endpoint_type="default"
+    )
+    identity = {
+        "user": {
+            "id": "751f6800-3180-414d-bd94-333364659951",
+            "tenantId": "72f988bf-86f1-41af-91ab-2d7cd011db47",
+        }
+    }
+    intended = {  # the documented body's transferee (its braces unbalanced in the docs)
+        "identity": identity,
+        "participantId": "909c6581-5130-43e9-88f3-fcb3582cde37",
+    }
+    invited = models.InvitationParticipantInfo.model_validate(
+        {
+            **intended,
+            "@odata.type": INVITATION,
+            "replacesCallId": "e5d39592-99bd-4db8-bca8-30fb894ec51d",
+            "hidden": True,
+            "removeFromDefaultAudioRoutingGroup": True,
+        }
+    )
+    in_roster = models.ParticipantInfo.model_validate(
+        {
+            **intended,
+            "endpointId": "40213cfb-0934-4dce-9b3a-57c09adf6967",
+            "clientVersion": "Teams/1.0",
+            "nonAnonymizedIdentity": identity,
+        }
+    )
+    call = services.call(CALL_ID)
+    await call.transfer(target, transferee=invited)
+    await call.transfer(target, transferee=in_roster)
+    sent = [json.loads(r.body)["transferee"] for r in graph.requests_for("transfer")]
+    assert sent == [{"@odata.type": PARTICIPANT_INFO, **intended}] * 2
+    assert (
+        "909c6581-5130-43e9-88f3-fcb3582cde37"
+        in documented("transfer-from-group-call")["request_raw"]
+    )
+
+
+async def test_a_roster_participant_is_no_target_and_says_what_is(
+    graph: FakeGraph, services: CallServices
+) -> None:
+    """Any model but the two participant types went as itself: a roster's participant as a
+    participant resource (media streams and all) where Graph takes an invitation. It is
+    refused before Graph hears of it, naming the participant's ``info``."""
+    participant = models.Participant.model_validate(
+        {"id": PARTICIPANT_ID, "info": {"identity": {"user": {"id": "u1"}}}}
+    )
+    with pytest.raises(TypeError, match=r"a participant's is its \.info\), not Participant"):
+        await services.call(CALL_ID).transfer(participant)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="not IdentitySet"):
+        await services.call(CALL_ID).participants.invite(participant.info.identity)  # type: ignore[arg-type, union-attr]
+    assert [r.action for r in graph.requests if r.action != "token"] == []
+
+
 async def test_generated_client_context_is_a_uuid4(
     graph: FakeGraph, services: CallServices
 ) -> None:
@@ -484,7 +706,12 @@ async def test_raw_dicts_are_accepted_everywhere(graph: FakeGraph, services: Cal
     )
     await call.participants.invite(model_target)
     sent = await graph.wait_for_request("invite")
-    assert sent.json["participants"] == [{"identity": {"phone": {"id": "+15550100"}}}]
+    assert sent.json["participants"] == [  # a model goes typed as Graph declares it there
+        {
+            "@odata.type": "#microsoft.graph.invitationParticipantInfo",
+            "identity": {"phone": {"id": "+15550100"}},
+        }
+    ]
 
     await call.answer(
         media_config={"@odata.type": "#microsoft.graph.appHostedMediaConfig", "blob": "b"},
@@ -513,6 +740,28 @@ async def test_answer_defaults_to_service_hosted_audio(
         "acceptedModalities": ["audio"],
         "mediaConfig": {"@odata.type": "#microsoft.graph.serviceHostedMediaConfig"},
     }
+
+
+async def test_answer_adds_the_prefetch_given_with_a_media_config_to_it(
+    graph: FakeGraph, services: CallServices
+) -> None:
+    """``prefetch=`` given with ``media_config=`` was dropped: the documented answer with
+    service-hosted media, its config given as a model and its media as ``prefetch``."""
+    await services.call(CALL_ID).answer(
+        media_config=models.ServiceHostedMediaConfig(),
+        prefetch=[
+            media_info(
+                "https://cdn.contoso.com/beep.wav",
+                resource_id="1D6DE2D4-CD51-4309-8DAA-70768651088E",
+            ),
+            media_info(
+                "https://cdn.contoso.com/cool.wav",
+                resource_id="1D6DE2D4-CD51-4309-8DAA-70768651088F",
+            ),
+        ],
+    )
+    sent = await graph.wait_for_request("answer")
+    assert sent.json == documented("answer-service-hosted-media")["request"]
 
 
 async def test_dtmf_keys_and_tone_names(graph: FakeGraph, services: CallServices) -> None:

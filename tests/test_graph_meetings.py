@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import pytest
 
+from callbot import models
 from callbot.graph import CallServices, Meeting, RetryPolicy, Target, media_info, parse_join_url
 from callbot.testing import FakeGraph
 
@@ -224,6 +225,96 @@ async def test_peer_to_peer_app_hosted(graph: FakeGraph, services: CallServices)
     assert sent.json["source"]["identity"]["application"]["id"] == (
         "2891555a-92ff-42e6-80fa-6e1300c6b5c6"
     )
+
+
+async def test_a_media_config_takes_the_prefetch_given_with_it(
+    graph: FakeGraph, services: CallServices
+) -> None:
+    """``prefetch=`` given with ``media_config=`` was dropped: the config went as given. A
+    service-hosted config pre-fetches its own media, then those given: the documented join
+    of a scheduled meeting, its media given so."""
+    tenant = "86dc81db-c112-4228-9222-63f3esaa1edb"
+    await services.join_meeting(
+        Meeting.thread(
+            "19:meeting_Win6Ydo4wsMijFjZS00ZGVjLTk5MGUtOTRjNWY2NmNkYTFm@thread.v2",
+            organizer=Target.user("5810cede-f3cc-42eb-b2c1-e9bd5d53ec96", "Bob", tenant),
+            tenant_id=tenant,
+            allow_conversation_without_host=True,
+        ),
+        media_config=models.ServiceHostedMediaConfig(pre_fetch_media=[BEEP]),
+        prefetch=[COOL],
+    )
+    sent = await graph.wait_for_request("createCall")
+    assert sent.json == documented_request("create-call-join-scheduled-meeting")
+
+
+async def test_remove_from_default_audio_group_is_set_over_a_media_config(
+    graph: FakeGraph, services: CallServices
+) -> None:
+    """``remove_from_default_audio_group=`` given with ``media_config=`` was dropped. It is
+    set over the config, whatever its type, as ``call_options``' flags are set over
+    ``call_options``: over the config's own value too."""
+    app_hosted = {
+        "@odata.type": "#microsoft.graph.appHostedMediaConfig",
+        "blob": "<Media Session Configuration>",
+        "removeFromDefaultAudioGroup": False,
+    }
+    await services.create_call(
+        Target.user("u1"), media_config=app_hosted, remove_from_default_audio_group=True
+    )
+    await services.create_call(
+        Target.user("u1"),
+        media_config=models.ServiceHostedMediaConfig(pre_fetch_media=[BEEP]),
+        remove_from_default_audio_group=False,
+    )
+    sent = [json.loads(r.body)["mediaConfig"] for r in graph.requests_for("createCall")]
+    assert sent == [
+        {**app_hosted, "removeFromDefaultAudioGroup": True},
+        {
+            "@odata.type": "#microsoft.graph.serviceHostedMediaConfig",
+            "preFetchMedia": PREFETCHED[:1],
+            "removeFromDefaultAudioGroup": False,
+        },
+    ]
+    assert app_hosted["removeFromDefaultAudioGroup"] is False  # the caller's dict is its own
+
+
+REFUSED_WITH_A_MEDIA_CONFIG: dict[str, tuple[str, Callable[[CallServices], Awaitable[Any]]]] = {
+    "prefetch with app-hosted media": (
+        r"prefetch= is for service-hosted media: media_config= is "
+        r"#microsoft\.graph\.appHostedMediaConfig",
+        lambda s: s.create_call(
+            Target.user("u1"),
+            media_config=models.AppHostedMediaConfig(blob="<blob>"),
+            prefetch=[BEEP],
+        ),
+    ),
+    "prefetch with an untyped config": (
+        r"prefetch= is for service-hosted media: media_config= is untyped",
+        lambda s: s.join_meeting(DOCS_JOIN_URL, media_config={"blob": "<blob>"}, prefetch=[COOL]),
+    ),
+    "app_hosted_media with a config": (
+        r"app_hosted_media= and media_config= are two media configs",
+        lambda s: s.create_call(
+            Target.user("u1"),
+            app_hosted_media="<blob>",
+            media_config=models.ServiceHostedMediaConfig(),
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED_WITH_A_MEDIA_CONFIG))
+async def test_a_media_argument_that_does_not_apply_to_the_media_config_is_refused(
+    graph: FakeGraph, services: CallServices, case: str
+) -> None:
+    """``prefetch=`` with a config that is not service-hosted, or ``app_hosted_media=`` with
+    any (two configs), would be dropped as the config goes: refused before Graph hears of
+    it, naming both arguments."""
+    message, act = REFUSED_WITH_A_MEDIA_CONFIG[case]
+    with pytest.raises(ValueError, match=message):
+        await act(services)
+    assert graph.requests_for("createCall") == []
 
 
 @pytest.mark.parametrize("passcode", ["psw123", None])

@@ -114,11 +114,34 @@ def media_config_json(
     prefetch: Sequence[MediaInfoLike],
     remove_from_default_audio_group: bool | None = None,
 ) -> dict[str, Any]:
-    """The ``mediaConfig``: raw when given, app-hosted with a blob, else service-hosted."""
-    if media_config is not None:
-        return dump(media_config)
+    """The ``mediaConfig``: app-hosted with a blob, else service-hosted; or the raw
+    ``media_config``, with the keyword arguments that apply to it merged over it, as
+    :func:`call_options_json` merges its flags.
+
+    With ``media_config``, ``remove_from_default_audio_group`` is set over the config's own
+    ``removeFromDefaultAudioGroup`` (every media config has it), and ``prefetch`` is added
+    after the media the config pre-fetches already, when it is a
+    ``serviceHostedMediaConfig``. ``prefetch`` with any other config, or ``app_hosted_media``
+    with a ``media_config`` (two configs), raises ``ValueError`` naming both arguments: either
+    would be dropped.
+    """
     body: dict[str, Any]
-    if app_hosted_media is not None:
+    if media_config is not None:
+        if app_hosted_media is not None:
+            raise ValueError(
+                "app_hosted_media= and media_config= are two media configs: give one "
+                "(an appHostedMediaConfig's blob goes in media_config's blob)"
+            )
+        body = dump(media_config)
+        if prefetch:
+            if models.type_name(body) != "servicehostedmediaconfig":
+                raise ValueError(
+                    "prefetch= is for service-hosted media: media_config= is "
+                    f"{body.get('@odata.type', 'untyped')!s}, not a serviceHostedMediaConfig"
+                )
+            given = body.get("preFetchMedia") or []
+            body["preFetchMedia"] = [*given, *(media_info_json(p) for p in prefetch)]
+    elif app_hosted_media is not None:
         if prefetch:
             raise ValueError("prefetch is for service-hosted media; app-hosted media has a blob")
         body = {"@odata.type": "#microsoft.graph.appHostedMediaConfig", "blob": app_hosted_media}
@@ -410,7 +433,8 @@ class Call:
 
         Media is service-hosted unless ``app_hosted_media`` (the media platform's
         session blob) or a raw ``media_config`` is given; ``prefetch`` lists media
-        Graph caches before the first prompt. ``modalities``: ``audio``, ``video``,
+        Graph caches before the first prompt (added to a service-hosted ``media_config``'s;
+        with any other config it raises ``ValueError``). ``modalities``: ``audio``, ``video``,
         ``videoBasedScreenSharing``, ``data`` (``unknown`` on Graph's beta). ``callback_uri``
         defaults to the bot's ``settings.callback_url``.
         """
@@ -486,8 +510,11 @@ class Call:
     ) -> None:
         """Transfer the call (blind; consultative with ``replaces_call_id``).
 
-        From a group call, ``transferee`` names the participant to transfer
-        (a :class:`~callbot.graph.Target` with ``participant_id=``). The outcome arrives as call
+        ``target`` may be a caller's ``source`` or a participant's ``info`` as handlers hold
+        them: it is sent as the ``invitationParticipantInfo`` Graph takes, its identity (and
+        its ``participantId`` with ``replaces_call_id``). From a group call, ``transferee``
+        names the participant to transfer (a :class:`~callbot.graph.Target` with
+        ``participant_id=``). The outcome arrives as call
         state changes (``transferring``, ``transferAccepted``, then ``terminated``,
         or back to ``established`` with a ``resultInfo`` when it failed): nothing to
         await here. A failure Graph tells with no ``transferring`` before it comes as a
@@ -506,9 +533,11 @@ class Call:
         ``may_have_acted`` is false: a 4xx answer, a 503 past the retry budget, Graph not
         reached), the transfer is settled: nothing waits for its news.
         """
-        body: dict[str, Any] = {"transferTarget": invitation_json(target)}
+        body: dict[str, Any] = {
+            "transferTarget": invitation_json(target, replaces_call_id=replaces_call_id)
+        }
         if replaces_call_id is not None:
-            body["transferTarget"]["replacesCallId"] = replaces_call_id
+            body["transferTarget"]["replacesCallId"] = replaces_call_id  # over the target's own
         if transferee is not None:
             body["transferee"] = participant_info_json(transferee)
         if client_context is not None:
@@ -912,16 +941,14 @@ class Participants:
         """Invite one or more people (or bots, or phone numbers) into the call.
 
         ``replaces_call_id`` (for every target that does not name its own) moves
-        a peer-to-peer call the bot holds with that person into this one.
+        a peer-to-peer call the bot holds with that person into this one. A participant's
+        ``info`` (a ``participantInfo``) is invited by its identity; with
+        ``replaces_call_id``, its ``participantId`` names whom to move out of that call (a
+        participant of another meeting the bot is in).
         """
         if not targets:
             raise ValueError("invite needs at least one target")
-        participants = []
-        for target in targets:
-            item = invitation_json(target)
-            if replaces_call_id is not None:
-                item.setdefault("replacesCallId", replaces_call_id)
-            participants.append(item)
+        participants = [invitation_json(t, replaces_call_id=replaces_call_id) for t in targets]
         return await self._call._operation(
             self._path(action="/invite"),
             {"participants": participants},

@@ -334,15 +334,21 @@ class CallServices:
           bot's application instance must have a phone number);
         * a group call: several targets; a meeting: see :meth:`join_meeting`.
 
-        Media is service-hosted (``prefetch`` media to cache) unless
-        ``app_hosted_media`` (the media platform's blob) or ``media_config`` is
-        given; ``modalities`` as :meth:`Call.answer <callbot.Call.answer>` takes them. ``extra``
-        adds raw ``call`` properties. Returns the call's handle,
-        with the created call as its snapshot. The bot's own participant id that Graph's
-        answer names (``my_participant_id``, which the call's notifications never carry)
-        is in the snapshot of the call's handlers too, from the next notification on. From
-        that answer on, the call is the bot's ``tenant_id``'s: a notification naming it under
-        another tenant's token is refused, though Graph has posted nothing of it yet.
+        Media is service-hosted (``prefetch`` media to cache) unless ``app_hosted_media``
+        (the media platform's blob) or ``media_config`` is given;
+        ``remove_from_default_audio_group`` and ``prefetch`` are merged into a
+        ``media_config`` they apply to (``prefetch`` into a service-hosted one; with another
+        it raises ``ValueError``, as ``app_hosted_media`` with ``media_config`` does). A
+        target or the ``source`` may be a model a handler holds (an incoming call's
+        ``source``, a participant's ``info``, the bot's own identity in an incoming call's
+        ``targets[0]``): each is sent as the type Graph declares there. ``modalities`` as
+        :meth:`Call.answer <callbot.Call.answer>` takes them. ``extra`` adds raw ``call``
+        properties. Returns the call's handle, with the created call as its snapshot. The
+        bot's own participant id that Graph's answer names (``my_participant_id``, which the
+        call's notifications never carry) is in the snapshot of the call's handlers too,
+        from the next notification on. From that answer on, the call is the bot's
+        ``tenant_id``'s: a notification naming it under another tenant's token is refused,
+        though Graph has posted nothing of it yet.
         """
         body: dict[str, Any] = {
             "@odata.type": "#microsoft.graph.call",

@@ -47,6 +47,17 @@ IDENTITY = "#microsoft.graph.identity"
 IDENTITY_SET = "#microsoft.graph.identitySet"
 INVITATION = "#microsoft.graph.invitationParticipantInfo"
 PARTICIPANT_INFO = "#microsoft.graph.participantInfo"
+# The properties of Graph's participantInfo (v1.0 schema), in the order they are written: a
+# model sent where Graph declares one keeps these and no others (participantInfo is no open
+# type; rosters add Teams' own, endpointId, clientVersion, ..., to what Graph sends).
+PARTICIPANT_INFO_PROPERTIES = (
+    "identity",
+    "participantId",
+    "endpointType",
+    "languageId",
+    "region",
+    "countryCode",
+)
 MEDIA_PROMPT = "#microsoft.graph.mediaPrompt"
 MEDIA_INFO = "#microsoft.graph.mediaInfo"
 
@@ -280,7 +291,13 @@ class Target:
 TargetLike: TypeAlias = (
     Target | str | models.InvitationParticipantInfo | models.ParticipantInfo | Mapping[str, Any]
 )
-"""A :class:`Target`, a Teams user's id (``Target.user(id)``), a model, or the raw Graph dict."""
+"""A :class:`Target`, a Teams user's id (``Target.user(id)``), a model, or the raw Graph dict.
+
+A model is sent as the type Graph declares where it goes, whichever of the two it is: an
+incoming call's ``source`` or a participant's ``info`` (a ``participantInfo``) can be called,
+invited or transferred to, and the bot's own identity (an incoming call's ``targets[0]``, an
+``invitationParticipantInfo``) be a call's ``source``; see :func:`invitation_json` and
+:func:`participant_info_json`. A raw dict is sent as given."""
 
 
 PromptLike: TypeAlias = str | models.Prompt | Mapping[str, Any]
@@ -395,29 +412,83 @@ def identity_set_json(value: TargetLike | models.IdentitySet) -> dict[str, Any]:
     return dict(value)
 
 
-def invitation_json(value: TargetLike) -> dict[str, Any]:
-    """The ``invitationParticipantInfo`` wire form of a target."""
+def invitation_json(value: TargetLike, *, replaces_call_id: str | None = None) -> dict[str, Any]:
+    """The ``invitationParticipantInfo`` wire form of a target (a call's targets, invitees,
+    a transfer's or a redirect's targets), replacing the call ``replaces_call_id`` unless the
+    target names the call it replaces itself.
+
+    A :class:`callbot.models.InvitationParticipantInfo` is sent with what it holds (Graph's
+    type is open), typed ``invitationParticipantInfo``. A
+    :class:`callbot.models.ParticipantInfo` (an incoming call's ``source``, a participant's
+    ``info``) becomes one: ``identity``, the one property of the two types that names whom to
+    invite, and ``participantId`` when the invitation replaces a call, where it names the
+    participant to move out of that call (Graph's "move a participant from another meeting"):
+    without one, it would name a participant of a call the request does not name. Its
+    ``endpointType``, ``languageId``, ``region`` and ``countryCode`` tell of the leg it was
+    read from, not how to invite anyone: invitationParticipantInfo has none of them (give them
+    as :class:`Target` options to send them)."""
     if isinstance(value, str):
         value = _user(value)
+    body: dict[str, Any]
     if isinstance(value, Target):
-        return value.invitation_json()
-    return dump(_a_target(value))
+        body = value.invitation_json()
+    elif isinstance(value, models.ParticipantInfo):
+        body = {"@odata.type": INVITATION}
+        if value.identity is not None:
+            body["identity"] = dump(value.identity)
+        if value.participant_id is not None and replaces_call_id is not None:
+            body["participantId"] = value.participant_id
+    elif isinstance(value, models.InvitationParticipantInfo):
+        body = {"@odata.type": INVITATION, **_without_type(dump(value))}
+    else:
+        body = dump(_a_target(value))
+    if replaces_call_id is not None:
+        body.setdefault("replacesCallId", replaces_call_id)
+    return body
 
 
 def participant_info_json(value: TargetLike) -> dict[str, Any]:
-    """The ``participantInfo`` wire form of a target."""
+    """The ``participantInfo`` wire form of a target (a call's source, a transfer's
+    transferee).
+
+    A :class:`callbot.models.ParticipantInfo` or a
+    :class:`callbot.models.InvitationParticipantInfo` (the bot's own identity, an incoming
+    call's ``targets[0]``) is sent typed ``participantInfo``, with those of its properties
+    participantInfo has (``identity``, ``participantId``, ``endpointType``, ``languageId``,
+    ``region``, ``countryCode``): an invitation's ``replacesCallId``, ``hidden`` and
+    ``removeFromDefaultAudioRoutingGroup`` ask something of an invitation, and what Teams adds
+    to a roster's (``endpointId``, ``clientVersion``, ...) is no property of the type."""
     if isinstance(value, str):
         value = _user(value)
     if isinstance(value, Target):
         return value.participant_info_json()
+    if isinstance(value, models.ParticipantInfo | models.InvitationParticipantInfo):
+        held = dump(value)
+        return {
+            "@odata.type": PARTICIPANT_INFO,
+            **{name: held[name] for name in PARTICIPANT_INFO_PROPERTIES if name in held},
+        }
     return dump(_a_target(value))
 
 
-def _a_target(value: object) -> BaseModel | Mapping[str, Any]:
-    """A target given as a model or a raw dict; anything else raises (``dict()`` would read
-    a list of targets as pairs, or refuse it with a message about sequences)."""
-    if isinstance(value, BaseModel | Mapping):
+def _without_type(body: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in body.items() if key != "@odata.type"}
+
+
+def _a_target(value: object) -> Mapping[str, Any]:
+    """A target given as a raw dict (the two participant models are converted before); anything
+    else raises (``dict()`` would read a list of targets as pairs, or refuse it with a message
+    about sequences; a model sent as itself would be some other Graph type)."""
+    if isinstance(value, Mapping):
         return value
+    if isinstance(value, BaseModel):
+        # Any other model would go as itself: a roster's participant as a participant
+        # resource, its media streams and all, where Graph takes a participant's info.
+        hint = " (a participant's is its .info)" if isinstance(value, models.Participant) else ""
+        raise TypeError(
+            "a target model is a models.InvitationParticipantInfo or a models.ParticipantInfo"
+            f"{hint}, not {type(value).__name__}"
+        )
     if isinstance(value, list | tuple | set):
         raise TypeError(
             f"targets are given one by one: (a, b), not ([a, b]); got a {type(value).__name__}"
