@@ -1293,10 +1293,6 @@ class Sequencer:
                 )
                 return
             record.transferring_told = counted
-            if record.life.state == "transferAccepted":
-                # Overtaken by its transfer's acceptance: counted, but the call does not go back.
-                self._drop(event, "stale", state="transferring", current_state="transferAccepted")
-                return
             record.transferring_at = asyncio.get_running_loop().time()
         elif (
             record.life.state in _TRANSFER_GOING

@@ -516,23 +516,6 @@ async def test_an_update_sent_before_a_transfer_began_is_stale_behind_it(after: 
     seq.close()
 
 
-async def test_a_transferring_overtaken_by_its_acceptance_is_stale() -> None:
-    """A transfer goes ``transferring``, then ``transferAccepted``; each is a request of its
-    own, and the acceptance may come first. The ``transferring`` behind it is stale: the call
-    does not go back, and no failure is told."""
-    sink = Sink()
-    seq = sink.sequencer(window=300)
-    _established(seq)
-    seq.lifecycle.transfer_asked("c", _agent("first"))
-    seq.accept(one(b.call_state("c", "transferAccepted")))
-    seq.accept(one(b.call_state("c", "transferring")))
-    assert seq.counts["stale"] == 1
-    seq.accept(one(b.call_terminated("c")))
-    assert sink.labels[-2:] == ["transferAccepted", "terminated"]
-    assert not any(getattr(d.event, "transfer_failed", False) for d in sink.deliveries)
-    seq.close()
-
-
 TRANSFER_FAILED = models.ResultInfo(code=500, subcode=7000, message="Transfer failed.")
 
 
