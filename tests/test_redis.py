@@ -1298,6 +1298,7 @@ async def test_a_user_not_allowed_info_still_runs_calls(
     "info",
     [
         {"redis_version": "6.0.16", "maxmemory_policy": "noeviction"},
+        {"redis_version": "6.2.14", "maxmemory_policy": "noeviction"},
         # a Cluster: INFO answers by node
         {
             "127.0.0.1:7000": {"redis_version": "7.2.4", "maxmemory_policy": "noeviction"},
@@ -1306,9 +1307,10 @@ async def test_a_user_not_allowed_info_still_runs_calls(
     ],
 )
 def test_a_server_older_than_the_scripts_need_is_refused(info: dict[str, Any]) -> None:
-    """Redis 6.0 (still offered by managed services) runs no ``XTRIM MINID``: every ingest
-    would fail; the start says so instead."""
-    with pytest.raises(ConfigurationError, match=r"needs Redis 6\.2 or later, the server is 6\.0"):
+    """Redis 6.0 (still offered by managed services) runs no ``XTRIM MINID``, and 6.2 no
+    script flags (``#!lua flags=allow-oom``): the scripts would fail, or not load at all;
+    the start says so instead."""
+    with pytest.raises(ConfigurationError, match=r"needs Redis 7\.0 or later, the server is 6\."):
         _redis.server_fitness(info)
 
 
@@ -1369,7 +1371,7 @@ def test_every_evicting_node_of_a_cluster_is_named() -> None:
     assert warning is not None
     assert warning["maxmemory_policy"] == "allkeys-lru, volatile-ttl"
     assert (
-        _redis.server_fitness({"redis_version": "6.2.0", "maxmemory_policy": "noeviction"}) is None
+        _redis.server_fitness({"redis_version": "7.0.0", "maxmemory_policy": "noeviction"}) is None
     )
 
 
@@ -1395,13 +1397,54 @@ async def test_a_full_server_that_keeps_every_key_refuses_then_takes_the_retry(
         assert response.status == 503
         assert (await response.json())["error"] == "store_unavailable"
         assert (await server.client.get("/readyz")).status == 503
-        # The call's run let it go meanwhile (Redis takes that, as it needs no memory).
+        # The call's run let it go meanwhile (Redis runs that when full: it frees memory).
         await wait_for(lambda: settled(admin, ["full-call"]))
         assert (await server.client.get("/readyz")).status == 503
         await admin.config_set("maxmemory", "0")
     await until(lambda: bot.ready, within=10)
     assert (await server.post(retried)).status == 202
     await until(lambda: handled == ["IncomingCall", "establishing"], within=10)
+
+
+async def test_a_full_server_still_runs_what_it_accepted(
+    own_redis: Callable[..., RedisServer], authority: TokenAuthority, serve: Any, tmp_path: Path
+) -> None:
+    """Notifications accepted before Redis filled up reach their handlers while it is full,
+    and are acknowledged (their inbox trimmed): running them is what frees memory. Only new
+    notifications get 503.
+
+    The owner notes an entry as fed before its handlers run, a write Redis refused while
+    full and the owner retried for ever: the caller's keys, accepted by another instance
+    while a handler waited, never ran, and held their memory until Redis had room."""
+    server_process = own_redis(tmp_path)
+    await asyncio.to_thread(server_process.start)
+    first, handled = _labelling_bot(authority, server_process.url, store_lease=2.0)
+    other, handled_there = _labelling_bot(authority, server_process.url, store_lease=2.0)
+    answered = asyncio.Event()
+
+    @first.on_state("established")
+    async def menu(call: Call, event: events.CallStateChanged) -> None:
+        await answered.wait()  # the menu is read out, say
+
+    owner: BotServer = await serve(first)
+    second: BotServer = await serve(other)
+    for state in ("establishing", "established"):
+        assert (await owner.post(b.notifications(b.call_state("full-call", state)))).status == 202
+    await until(lambda: handled == ["establishing", "established"], within=10)
+    keys = [b.tone("full-call", tone, n) for n, tone in enumerate(("tone1", "tone2"), start=1)]
+    for key in keys:
+        assert (await second.post(b.notifications(key))).status == 202
+    async with aioredis.Redis(port=server_process.port, decode_responses=True) as admin:
+        await admin.config_set("maxmemory", "1")  # every write now refused: OOM
+        answered.set()
+        await until(lambda: handled[2:] == ["tone:tone1", "tone:tone2"], within=10)
+        await wait_for(lambda: settled(admin, ["full-call"]), within=10)
+        late = b.notifications(b.tone("full-call", "tone3", 3))
+        assert (await second.post(late)).status == 503  # new work is still refused
+        await admin.config_set("maxmemory", "0")
+    await until(lambda: second.bot.ready, within=10)
+    assert (await second.post(late)).status == 202  # Graph's retry
+    await until(lambda: [*handled[4:], *handled_there] == ["tone:tone3"], within=10)
 
 
 async def test_a_new_incoming_call_is_taken_whatever_the_room(

@@ -9,6 +9,7 @@ import math
 from typing import Any
 
 import pytest
+import redis
 import redis.asyncio as aioredis
 from redis.crc import key_slot
 from structlog.testing import capture_logs
@@ -251,6 +252,66 @@ async def test_a_keeper_lease_is_held_by_one_instance_and_given_up_only_by_it(
     assert await _script(rdb, _scripts.KEEP, [keeper], "a", "") == 0
     assert not await rdb.exists(keeper)
     assert await _script(rdb, _scripts.KEEP, [keeper], "b", 5000) == 1
+
+
+async def test_a_full_redis_refuses_the_ingest_and_runs_every_other_script(
+    rdb: aioredis.Redis,
+) -> None:
+    """At ``maxmemory`` Redis refuses a new notification (the callback gets 503, Graph sends
+    it again) and runs every other script, each where its first write may add memory (a
+    lease taken back after it ran out, a new key): they only carry on with what Redis
+    holds, and running accepted entries is what frees memory (their acknowledgement trims
+    the inbox)."""
+    assert [s.name for s in _scripts.ALL if not s.runs_when_full] == ["ingest", "probe"]
+    for script in _scripts.ALL:
+        await rdb.script_load(script.source)
+    keys = _redis._Keys("t:")
+    inbox, seen, lease, fence, record, tenant, journal, keeper = keys.of(
+        "c", "inbox", "seen", "lease", "fence", "call", "tenant", "journal", "keeper"
+    )
+    first, second = [str(await rdb.xadd(inbox, {"e": "{}"})) for _ in range(2)]
+    await rdb.sadd(keys.pending, "c")
+    ingest_keys = [inbox, seen, lease, fence, record, tenant]
+    ingest = ("d", "{}", 600_000, "me", "", 64, 600_000, "", SEEN_DIGESTS, "", 10, 1000)
+    await rdb.config_set("maxmemory", "1")  # every write that may add memory refused
+    try:
+        with pytest.raises(redis.exceptions.OutOfMemoryError):
+            await _script(rdb, _scripts.INGEST, ingest_keys, *ingest)
+        epoch, _, entries, _ = await _script(
+            rdb, _scripts.CLAIM, [inbox, lease, fence, record], "me", 5000, 64, 60_000
+        )
+        assert [e[0] for e in entries] == [first, second]
+        mine = f"me/{epoch}"
+        await rdb.delete(lease)  # run out: each step takes it back
+        assert await _script(rdb, _scripts.MARK, [lease, fence], mine, epoch, 5000, second) == 1
+        await rdb.delete(lease)
+        assert await _script(rdb, _scripts.RENEW, [lease, fence], mine, epoch, 5000) == 1
+        step = f"{first}/1"
+        assert await _script(rdb, _scripts.RECORD, [fence, journal], epoch, step, "{}", 60_000) == 1
+        await rdb.delete(lease)
+        checkpoint = [
+            *(mine, epoch, _redis._after(first), '{"r":1}', "0", 1000, 5000, 60_000),
+            *("1", 64, "", "0", step),  # read on, keep the call, the entry's journal done
+        ]
+        keys5 = [inbox, lease, fence, record, journal]
+        answer = await _script(rdb, _scripts.CHECKPOINT, keys5, *checkpoint)
+        assert [answer[0], [e[0] for e in answer[1]]] == [1, [second]]
+        assert await rdb.xlen(inbox) == 1
+        await rdb.delete(lease)
+        released = await _script(
+            rdb, _scripts.RELEASE, [inbox, lease, fence], mine, epoch, 5000, "1", first
+        )
+        assert released == [2, second]
+        assert await _script(rdb, _scripts.PROBE, [inbox, lease]) == [1, second]
+        assert await _script(rdb, _scripts.KEEP, [keeper], "me", 5000) == 1
+        pending = [keys.pending, keys.unpending]
+        assert await _script(rdb, _scripts.UNPEND, pending, "c", "g") == 1
+        assert await _script(rdb, _scripts.SETTLE, pending, "c", "g", "1") == 0
+    finally:
+        await rdb.config_set("maxmemory", "0")
+    assert (await rdb.hget(fence, "fed"), await rdb.get(record)) == (first, '{"r":1}')
+    assert await rdb.smembers(keys.pending) == {"c"}
+    assert not await rdb.exists(keys.unpending)
 
 
 @pytest.mark.parametrize("interval", [1.0, 60.0, 900.0, 1800.0, 2640.0, 2699.0])

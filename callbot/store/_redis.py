@@ -619,8 +619,9 @@ def _cmd(script: _scripts.Script, keys: Sequence[str], *args: Any) -> tuple[Any,
     return ("EVALSHA", script.sha, len(keys), *keys, *args)
 
 
-MIN_VERSION = (6, 2)
-"""The oldest Redis the scripts run on (``XTRIM MINID``, exclusive ``XRANGE`` bounds)."""
+MIN_VERSION = (7, 0)
+"""The oldest Redis the scripts run on (script flags: those that run accepted work run
+while Redis is full; ``XTRIM MINID``, exclusive ``XRANGE`` bounds)."""
 
 
 def server_fitness(info: Mapping[str, Any]) -> dict[str, str] | None:
@@ -658,8 +659,8 @@ def server_fitness(info: Mapping[str, Any]) -> dict[str, str] | None:
         "maxmemory_policy": ", ".join(evicting),
         "why": "under memory pressure Redis may drop a call's keys (its lease, fence, record "
         "or waiting notifications): handlers could run twice, notifications be lost",
-        "hint": "set maxmemory-policy noeviction (a full Redis then refuses writes: the bot "
-        "answers 503 and Graph sends again)",
+        "hint": "set maxmemory-policy noeviction (a full Redis then refuses new notifications: "
+        "the bot answers 503 and Graph sends them again)",
     }
 
 

@@ -28,6 +28,19 @@ hash: calls taken off ``pending`` and not looked at again yet, with a generation
 
 Time comes from the server (``TIME``, stream ids), so instances' clocks never matter.
 
+Memory: at ``maxmemory`` (``noeviction``) Redis refuses a script's first write that may
+add memory. That is how a full Redis turns new work away: INGEST, which keeps a
+notification, is refused, the callback gets 503 and Graph sends it again. Every other
+script that writes starts with ``#!lua flags=allow-oom`` (:data:`WHEN_FULL`, Redis 7) and
+runs whatever the memory: it runs work already accepted (CLAIM, MARK, CHECKPOINT,
+RECORD), keeps a run or a call going (RENEW, KEEP) or lets a call go (RELEASE, UNPEND,
+SETTLE). What it adds is small and bounded by what is stored already (a lease, a mark,
+the outcome of an action a handler sent), and running the accepted entries is what frees
+memory: their checkpoint trims the inbox. Refused, they would keep the backlog stored
+exactly when Redis needs room. PROBE writes nothing: it runs anyway. (A script with the
+flag may touch keys of one Cluster slot only: those of one call, or ``pending`` and
+``unpending``, are.)
+
 Fencing: a run holds the lease value ``{token}/{epoch}``; a checkpoint, renewal or
 release is accepted only while the lease is that value, or while nobody holds the
 lease and the epoch is still the run's (nobody acquired the call since: the lease
@@ -42,6 +55,7 @@ from dataclasses import dataclass, field
 __all__ = [
     *("ALL", "CHECKPOINT", "CLAIM", "INGEST", "KEEP", "MARK", "PROBE", "RECORD", "RELEASE"),
     *("RENEW", "SETTLE", "UNPEND"),
+    "WHEN_FULL",
     "Script",
 ]
 
@@ -56,6 +70,16 @@ class Script:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
+
+    @property
+    def runs_when_full(self) -> bool:
+        """Whether Redis runs it at ``maxmemory`` (see :data:`WHEN_FULL`)."""
+        return self.source.startswith(WHEN_FULL)
+
+
+WHEN_FULL = "#!lua flags=allow-oom\n"
+"""The first line of a script Redis runs at ``maxmemory``, its writes that may add memory
+included: one that only carries on with what is stored (see the module's docstring)."""
 
 
 _HELPERS = """
@@ -208,7 +232,8 @@ nobody (3, with the oldest entry id: the store makes the call runnable)."""
 
 CLAIM = Script(
     "claim",
-    _HELPERS
+    WHEN_FULL
+    + _HELPERS
     + """
 -- KEYS: inbox, lease, fence, record
 -- ARGV: token, lease (ms), read batch, lifetime (ms)
@@ -223,7 +248,8 @@ previous ``fed`` mark; ``{}`` when someone holds it or nothing waits."""
 
 CHECKPOINT = Script(
     "checkpoint",
-    _HELPERS
+    WHEN_FULL
+    + _HELPERS
     + """
 -- KEYS: inbox, lease, fence, record, journal
 -- ARGV: lease value, epoch, first id to keep, record ('' keeps the stored one),
@@ -280,7 +306,8 @@ nothing waits ({2}). Fenced: a run that lost its lease acknowledges nothing ({0}
 
 MARK = Script(
     "mark",
-    _HELPERS
+    WHEN_FULL
+    + _HELPERS
     + """
 -- KEYS: lease, fence;  ARGV: lease value, epoch, lease (ms), entry id
 if not holds(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3]) then
@@ -294,7 +321,8 @@ return 1
 
 RELEASE = Script(
     "release",
-    _HELPERS
+    WHEN_FULL
+    + _HELPERS
     + """
 -- KEYS: inbox, lease, fence;  ARGV: lease value, epoch, lease (ms), hand over (0/1),
 --       the last entry handed to handlers, to note as fed instead ('' or none: kept)
@@ -324,7 +352,8 @@ handlers, so that the ``fed`` mark no longer covers entries it was told of and n
 
 RENEW = Script(
     "renew",
-    _HELPERS
+    WHEN_FULL
+    + _HELPERS
     + """
 -- KEYS: lease, fence;  ARGV: lease value, epoch, lease (ms)
 if holds(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3]) then
@@ -355,7 +384,8 @@ id), or idle (0)."""
 
 RECORD = Script(
     "record",
-    """
+    WHEN_FULL
+    + """
 -- KEYS: fence, journal;  ARGV: epoch, field, outcome, lifetime (ms)
 if redis.call('HGET', KEYS[1], 'n') ~= ARGV[1] then
   return 0
@@ -369,7 +399,8 @@ return 1
 
 UNPEND = Script(
     "unpend",
-    """
+    WHEN_FULL
+    + """
 -- KEYS: pending, unpending;  ARGV: call, generation (never used before)
 if redis.call('SREM', KEYS[1], ARGV[1]) == 1 then
   redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
@@ -383,7 +414,8 @@ move) until it is looked at again; 0 when it was not indexed."""
 
 SETTLE = Script(
     "settle",
-    """
+    WHEN_FULL
+    + """
 -- KEYS: pending, unpending;  ARGV: call, generation, back (0/1), call, generation, ...
 for i = 1, #ARGV, 3 do
   if ARGV[i + 2] == '1' then
@@ -401,7 +433,8 @@ when work came back (``back``); out of ``unpending`` unless taken off again sinc
 
 KEEP = Script(
     "keep",
-    """
+    WHEN_FULL
+    + """
 -- KEYS: keeper;  ARGV: this instance's token, lease (ms; '' gives the lease up)
 local holder = redis.call('GET', KEYS[1])
 if ARGV[2] == '' then
