@@ -2376,6 +2376,17 @@ async def test_a_call_placed_while_redis_cannot_take_its_fact_is_placed_all_the_
     assert seen == [("establishing", None), ("established", None)]
 
 
+async def established(server: BotServer, graph: FakeGraph, call_id: str) -> _redis.RedisStore:
+    """``call_id`` established on ``server`` (and known to ``graph``); the bot's store."""
+    graph.add_call(call_id)
+    for state in ("establishing", "established"):
+        item = b.notifications(b.call_state(call_id, state))
+        assert (await server.post(item)).status == 202
+    store = server.bot._running().store
+    assert isinstance(store, _redis.RedisStore)
+    return store
+
+
 async def test_a_transfer_redis_cannot_count_is_not_asked(
     authority: TokenAuthority, serve: Any, redis_url: str
 ) -> None:
@@ -2392,12 +2403,7 @@ async def test_a_transfer_redis_cannot_count_is_not_asked(
                 heard.append(event.result_info.subcode or 0)
 
         server = await serve(bot)
-        graph.add_call("xfer-call")
-        for state in ("establishing", "established"):
-            item = b.notifications(b.call_state("xfer-call", state))
-            assert (await server.post(item)).status == 202
-        store = bot._running().store
-        assert isinstance(store, _redis.RedisStore)
+        store = await established(server, graph, "xfer-call")
         real = store._run_all
 
         async def refusing_facts(commands: Any, *, then: Any = None) -> Any:
@@ -2442,12 +2448,7 @@ async def test_a_transfer_whose_count_redis_did_not_answer_is_withdrawn(
                 heard.append((event.transfer_failed, None if user is None else user.id))
 
         server = await serve(bot)
-        graph.add_call("xfer-call")
-        for state in ("establishing", "established"):
-            item = b.notifications(b.call_state("xfer-call", state))
-            assert (await server.post(item)).status == 202
-        store = bot._running().store
-        assert isinstance(store, _redis.RedisStore)
+        store = await established(server, graph, "xfer-call")
         call = bot.services.call("xfer-call")
         if fault == "never-kept":
             await call.transfer(Target.user("agent-1", "Agent"))  # Graph took it on
