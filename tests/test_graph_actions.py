@@ -86,6 +86,17 @@ async def services(graph: FakeGraph) -> AsyncIterator[CallServices]:
 
 Action = Callable[[Call], Awaitable[Any]]
 
+
+DOCUMENTED_PREFETCH = [
+    media_info(
+        "https://cdn.contoso.com/beep.wav", resource_id="1D6DE2D4-CD51-4309-8DAA-70768651088E"
+    ),
+    media_info(
+        "https://cdn.contoso.com/cool.wav", resource_id="1D6DE2D4-CD51-4309-8DAA-70768651088F"
+    ),
+]
+"""The media the documented answer with service-hosted media pre-fetches."""
+
 CASES: list[tuple[str, Action]] = [
     (
         "answer",
@@ -98,18 +109,7 @@ CASES: list[tuple[str, Action]] = [
     ),
     (
         "answer-service-hosted-media",
-        lambda c: c.answer(
-            prefetch=[
-                media_info(
-                    "https://cdn.contoso.com/beep.wav",
-                    resource_id="1D6DE2D4-CD51-4309-8DAA-70768651088E",
-                ),
-                media_info(
-                    "https://cdn.contoso.com/cool.wav",
-                    resource_id="1D6DE2D4-CD51-4309-8DAA-70768651088F",
-                ),
-            ]
-        ),
+        lambda c: c.answer(prefetch=DOCUMENTED_PREFETCH),
     ),
     (
         "answer-app-hosted-media",
@@ -749,16 +749,7 @@ async def test_answer_adds_the_prefetch_given_with_a_media_config_to_it(
     service-hosted media, its config given as a model and its media as ``prefetch``."""
     await services.call(CALL_ID).answer(
         media_config=models.ServiceHostedMediaConfig(),
-        prefetch=[
-            media_info(
-                "https://cdn.contoso.com/beep.wav",
-                resource_id="1D6DE2D4-CD51-4309-8DAA-70768651088E",
-            ),
-            media_info(
-                "https://cdn.contoso.com/cool.wav",
-                resource_id="1D6DE2D4-CD51-4309-8DAA-70768651088F",
-            ),
-        ],
+        prefetch=DOCUMENTED_PREFETCH,
     )
     sent = await graph.wait_for_request("answer")
     assert sent.json == documented("answer-service-hosted-media")["request"]

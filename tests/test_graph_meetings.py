@@ -78,15 +78,19 @@ async def test_documented_peer_to_peer_call(graph: FakeGraph, services: CallServ
     assert sent.scenario_id == call.scenario_id
 
 
+SCHEDULED_TENANT = "86dc81db-c112-4228-9222-63f3esaa1edb"
+SCHEDULED_MEETING = Meeting.thread(
+    "19:meeting_Win6Ydo4wsMijFjZS00ZGVjLTk5MGUtOTRjNWY2NmNkYTFm@thread.v2",
+    organizer=Target.user("5810cede-f3cc-42eb-b2c1-e9bd5d53ec96", "Bob", SCHEDULED_TENANT),
+    tenant_id=SCHEDULED_TENANT,
+    allow_conversation_without_host=True,
+)
+"""The documented scheduled meeting a bot joins."""
+
+
 async def test_documented_scheduled_meeting_join(graph: FakeGraph, services: CallServices) -> None:
-    tenant = "86dc81db-c112-4228-9222-63f3esaa1edb"
     await services.join_meeting(
-        Meeting.thread(
-            "19:meeting_Win6Ydo4wsMijFjZS00ZGVjLTk5MGUtOTRjNWY2NmNkYTFm@thread.v2",
-            organizer=Target.user("5810cede-f3cc-42eb-b2c1-e9bd5d53ec96", "Bob", tenant),
-            tenant_id=tenant,
-            allow_conversation_without_host=True,
-        ),
+        SCHEDULED_MEETING,
         prefetch=[BEEP, COOL],
     )
     sent = await graph.wait_for_request("createCall")
@@ -233,14 +237,8 @@ async def test_a_media_config_takes_the_prefetch_given_with_it(
     """``prefetch=`` given with ``media_config=`` was dropped: the config went as given. A
     service-hosted config pre-fetches its own media, then those given: the documented join
     of a scheduled meeting, its media given so."""
-    tenant = "86dc81db-c112-4228-9222-63f3esaa1edb"
     await services.join_meeting(
-        Meeting.thread(
-            "19:meeting_Win6Ydo4wsMijFjZS00ZGVjLTk5MGUtOTRjNWY2NmNkYTFm@thread.v2",
-            organizer=Target.user("5810cede-f3cc-42eb-b2c1-e9bd5d53ec96", "Bob", tenant),
-            tenant_id=tenant,
-            allow_conversation_without_host=True,
-        ),
+        SCHEDULED_MEETING,
         media_config=models.ServiceHostedMediaConfig(pre_fetch_media=[BEEP]),
         prefetch=[COOL],
     )
