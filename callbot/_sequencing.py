@@ -315,7 +315,7 @@ def _fails_transfer(record: CallRecord, state: str | None, call: CallResource) -
     :func:`_tells_failure` says, or the live call back from ``transferring`` with no
     ``resultInfo`` (Graph's 2019 shape, recorded gdh28 and gdh29): a transfer that went
     through ends the call, never brings it back (an update sent before the transfer began
-    was dropped first: :meth:`Sequencer._sent_before_transfer`)."""
+    was dropped first: :func:`_sent_before_transfer`)."""
     if record.life.state == "transferring" and _live_past_transfer(state):
         return True
     return _tells_failure(state, call)
@@ -337,16 +337,60 @@ def _awaits_transferring(event: events.Event, record: CallRecord) -> bool:
     return record.life.phase == _LIVE and _tells_failure(_state(event), _call_of(event))
 
 
-def _transferring_counted(transfers: int, told: int, transferring_told: int) -> int | None:
-    """:attr:`CallRecord.transferring_told` once a ``transferring`` moved the live call: it is
-    the one of the first transfer asked that had neither it nor a failure. ``None`` when
-    every transfer asked had one or the other: it is a late one of a transfer already told,
-    stale (a transfer only goes forward), unless no transfer was asked (then whose is not
-    known, and it goes)."""
+def _progress_counted(
+    state: str, current: str | None, transfers: int, told: int, transferring_told: int
+) -> int | None:
+    """:attr:`CallRecord.transferring_told` once ``state``, a transfer's own progress other
+    than ``current``, is delivered to the live call in ``current`` (``transfers`` asked,
+    ``told`` of them had their failure). A transfer's first progress (``transferring``, or
+    ``transferAccepted`` that overtook it) is that of the first transfer asked that had
+    neither progress nor a failure; ``transferAccepted`` after ``transferring`` is counted
+    already. ``None`` when it is stale (a transfer only goes forward): a ``transferring``
+    behind its ``transferAccepted`` (each is a request of its own), or a transfer's first
+    progress once every transfer asked had progress or a failure, unless no transfer was
+    asked (then whose is not known, and it goes). The one rule delivery and the hold count by."""
+    if current in _TRANSFER_GOING:
+        return None if state == "transferring" else transferring_told
     passed = max(transferring_told, told)
     if transfers == 0 or passed < transfers:
         return min(passed + 1, transfers)
     return None
+
+
+def _sent_before_transfer(record: CallRecord, event: events.Event, window: float) -> bool:
+    """Whether ``event``, coming while a transfer the bot asked goes (``transferring``,
+    then ``transferAccepted``), is an update of the live call Graph sent before the transfer
+    began: a live state with no ``resultInfo`` (Teams repeats ``established`` two to
+    four times as a call starts, each a request of its own) once the transfer was
+    accepted, or within ``window`` (``reorder_window``) of its ``transferring``. Later,
+    while ``transferring``, the same is the transfer's failure in Graph's 2019 shape."""
+    if record.life.state not in _TRANSFER_GOING or record.transfers_told >= record.life.transfers:
+        return False
+    call = _call_of(event)
+    if not _live_past_transfer(_state(event)) or call is None or call.result_info is not None:
+        return False
+    if record.life.state != "transferring":
+        return True
+    at = record.transferring_at
+    return at is not None and asyncio.get_running_loop().time() - at < window
+
+
+def _stale_by_transfer(record: CallRecord, event: events.Event, window: float) -> bool:
+    """Whether ``event``, a state of the live call delivered now, is stale for a transfer:
+    progress the transfer is past (:func:`_progress_counted`), or an update sent before the
+    transfer began (:func:`_sent_before_transfer`). Dropped on delivery; a copy of it is a
+    repeat (:func:`_changes_call`)."""
+    state, current = _state(event), record.life.state
+    if state in _TRANSFER_GOING:
+        life = record.life
+        return (
+            state != current
+            and _progress_counted(
+                state, current, life.transfers, record.transfers_told, record.transferring_told
+            )
+            is None
+        )
+    return _sent_before_transfer(record, event, window)
 
 
 def _held_for_transferring(record: CallRecord) -> tuple[int | None, int]:
@@ -368,8 +412,8 @@ def _held_for_transferring(record: CallRecord) -> tuple[int | None, int]:
         # Counted as _deliver will count them.
         if failed:
             told = min(told + 1, transfers)
-        if held_state == "transferring" and state != "transferring":
-            counted = _transferring_counted(transfers, told, transferring_told)
+        if held_state in _TRANSFER_GOING and held_state != state:
+            counted = _progress_counted(held_state, state, transfers, told, transferring_told)
             if counted is None:
                 continue  # dropped as stale: the call stays where it is
             transferring_told = counted
@@ -598,13 +642,14 @@ class CallRecord:
     delivered, first asked first, each flagged ``transfer_failed`` for handlers: a copy of
     the last after another transfer was asked is that transfer's failure."""
     transferring_told: int = 0
-    """How many of the life's ``transfers`` had a ``transferring`` delivered, first asked
-    first (one whose failure came without it is passed over): a transfer's failure waits
-    for its own ``transferring`` (:func:`_awaits_transferring`), not that of one before."""
+    """How many of the life's ``transfers`` had their progress delivered (``transferring``, or
+    ``transferAccepted`` that overtook it), first asked first (one whose failure came without
+    it is passed over): a transfer's failure waits for its own progress
+    (:func:`_awaits_transferring`), not that of one before (:func:`_progress_counted`)."""
     transferring_at: float | None = None
     """When this process delivered the call's latest ``transferring`` (loop time): what
     comes within ``reorder_window`` of it may be an update Graph sent before it
-    (:meth:`Sequencer._sent_before_transfer`). ``None``: not delivered here."""
+    (:func:`_sent_before_transfer`). ``None``: not delivered here."""
     operations: dict[str, int] = field(default_factory=dict)
     """How far each of the call's latest operations got in what was delivered
     (:func:`_operation_step`), by operation key, the latest last: Graph posts an operation's
@@ -648,13 +693,13 @@ class CallRecord:
         return self.life.established
 
 
-def _changes_call(record: CallRecord, event: events.Event) -> bool:
+def _changes_call(record: CallRecord, event: events.Event, window: float) -> bool:
     """Whether ``event``, a copy of a notification the call had before, would change the call
     as known now: a copy of a state a live call moves between is news when the call has left
     that state (a transfer tried again fails with the very notification the first failure
     had) or no longer has the values it carries (audio ``active``, ``inactive``, then
     ``active`` again: Teams writes each update alike). A copy that changes nothing is a
-    repeat."""
+    repeat, and so is one that would be dropped as stale now (:func:`_stale_by_transfer`)."""
     state = _state(event)
     # The phase, not ``established``: an end told early by another instance ends no state.
     if state is None or record.life.phase != _LIVE or phase_of_state(state) != _LIVE:
@@ -666,7 +711,8 @@ def _changes_call(record: CallRecord, event: events.Event) -> bool:
         if state != going_to.state:
             return True
     elif state != record.life.state:
-        return True
+        # Unless delivered now it would be dropped as stale: then it changes nothing.
+        return not _stale_by_transfer(record, event, window)
     call = _call_of(event)
     if call is None:
         return False
@@ -918,7 +964,7 @@ class Sequencer:
                 self._drop(event, "duplicate")
                 return
             record.latest[whole] = digest
-        elif not record.seen.add(digest) and not _changes_call(record, event):
+        elif not record.seen.add(digest) and not _changes_call(record, event, self._window):
             self._drop(event, "duplicate")
             return
         if type(event) is events.OperationUpdated and self._on_operation is not None:
@@ -1111,10 +1157,10 @@ class Sequencer:
                 self._release_ready(record)  # else it lets none go: no walk for it
             return
         phase = phase_of(event)
-        # A transferring goes right before the failure held for it, if any.
+        # A transfer's progress goes right before the failure held for it, if any.
         failure = (
             _held_for_transferring(record)[0]
-            if record.life.phase == _LIVE and _state(event) == "transferring"
+            if record.life.phase == _LIVE and _state(event) in _TRANSFER_GOING
             else None
         )
         if phase is not None and (
@@ -1257,21 +1303,6 @@ class Sequencer:
         if state is not None and phase_of_state(state) == _LIVE:
             self.lifecycle.live_by_tone(record.life)
 
-    def _sent_before_transfer(self, record: CallRecord, event: events.Event) -> bool:
-        """Whether ``event``, coming while a transfer the bot asked goes (``transferring``,
-        then ``transferAccepted``), is an update of the live call Graph sent before the transfer
-        began: a live state with no ``resultInfo`` (Teams repeats ``established`` two to
-        four times as a call starts, each a request of its own) once the transfer was
-        accepted, or within ``reorder_window`` of its ``transferring``. Later, while
-        ``transferring``, the same is the transfer's failure in Graph's 2019 shape."""
-        call = _call_of(event)
-        if not _live_past_transfer(_state(event)) or call is None or call.result_info is not None:
-            return False
-        if record.life.state != "transferring":
-            return True
-        at = record.transferring_at
-        return at is not None and asyncio.get_running_loop().time() - at < self._window
-
     def _deliver(self, record: CallRecord, event: events.Event) -> None:
         state = _state(event)  # None for a roster: the event it becomes has none either
         if type(event) is events.ToneReceived:
@@ -1280,24 +1311,25 @@ class Sequencer:
                 self._live_by_tone(record, event)
         elif type(event) is events.OperationUpdated and not self._moves_on(record, event):
             return
-        elif state == "transferring" and record.life.state != "transferring":
-            counted = _transferring_counted(
-                record.life.transfers, record.transfers_told, record.transferring_told
+        elif state in _TRANSFER_GOING and state != record.life.state:
+            current = record.life.state
+            counted = _progress_counted(
+                state,
+                current,
+                record.life.transfers,
+                record.transfers_told,
+                record.transferring_told,
             )
             if counted is None:
-                # Its transfer's failure was told already (the window closed before it came):
-                # left to go, it would put the call back in transferring, and after the news
-                # that the transfer failed.
-                self._drop(
-                    event, "stale", state="transferring", current_state=clipped(record.life.state)
-                )
+                # Left to go, it would put the call back (in transferring, or after the news
+                # that the transfer failed): a transfer only goes forward.
+                self._drop(event, "stale", state=state, current_state=clipped(current))
                 return
             record.transferring_told = counted
-            record.transferring_at = asyncio.get_running_loop().time()
-        elif (
-            record.life.state in _TRANSFER_GOING
-            and record.transfers_told < record.life.transfers
-            and self._sent_before_transfer(record, event)
+            if state == "transferring":
+                record.transferring_at = asyncio.get_running_loop().time()
+        elif record.life.state in _TRANSFER_GOING and _sent_before_transfer(
+            record, event, self._window
         ):
             # Left to go, it would move the call back, and read as the transfer's failure.
             self._drop(event, "stale", state=clipped(state), current_state=record.life.state)

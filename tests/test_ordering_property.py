@@ -79,6 +79,8 @@ _PHASE = {state: n for n, states in enumerate(models.CALL_LIFECYCLE) for state i
 _LIVE = _PHASE["established"]
 _ESTABLISHING = _PHASE["establishing"]
 _TERMINATING = _PHASE["terminating"]
+# Within the live phase, a transfer goes forward: accepted, it is never transferring again.
+_TRANSFER_BACK = ("transferAccepted", "transferring")
 
 # Documented flows: the numbers of their examples in fixtures/notifications.
 DOCUMENTED = {
@@ -286,7 +288,7 @@ def broken_promises(items: list[dict[str, Any]], order: list[int], seen: list[Se
                 said(delivery, "a move no on_state or on_incoming_call handler saw")
             if state in moves and not news_again:
                 said(delivery, f"a second move into {state}")
-            if _phase(state) < _phase(current):
+            if _phase(state) < _phase(current) or (current, state) == _TRANSFER_BACK:
                 said(delivery, f"{current} -> {state} goes backwards")
             previous = getattr(event, "previous_state", None)
             if previous != current:
@@ -343,6 +345,9 @@ def _stale(index: int, states: list[str | None], first: dict[int, int]) -> bool:
     state = states[index]
     if state is None:
         return False
+    accepted, back = _TRANSFER_BACK
+    if state == back and any(first[j] < first[index] and states[j] == accepted for j in first):
+        return True  # a transfer only goes forward (these flows have one transfer each)
     for later in (j for j in first if first[j] < first[index]):
         phase = _phase(states[later])
         if phase <= _phase(state):

@@ -496,7 +496,8 @@ async def test_an_update_sent_before_a_transfer_began_is_stale_behind_it(after: 
     late = b.call_state("c", "established")
     late["resourceData"]["mediaState"] = {"audio": "active"}
     seq.accept(one(late))
-    assert seq.counts["stale"] == 1
+    seq.accept(one(late))  # Graph sent it twice: a repeat
+    assert (seq.counts["stale"], seq.counts["duplicate"]) == (1, 1)
     assert seq.lifecycle.get("c").state == after  # type: ignore[union-attr]
     if after == "transferring":
         seq.accept(one(b.call_state("c", "transferAccepted")))
@@ -924,7 +925,8 @@ async def test_a_transferring_after_its_transfer_s_outcome_is_stale() -> None:
     ``transferring`` coming later is of a transfer already told, and is dropped as stale. It
     went: the call seemed transferring after its handlers were told the transfer failed, and
     the next transfer's failure, told by the update alone, came as a move back to
-    ``established``. Likewise a copy of ``transferring`` after ``transferAccepted``."""
+    ``established``. A copy of ``transferring`` Graph sends after ``transferAccepted`` is a
+    repeat."""
     sink = Sink()
     seq = sink.sequencer(window=0.02)
     _established(seq)
@@ -945,7 +947,49 @@ async def test_a_transferring_after_its_transfer_s_outcome_is_stale() -> None:
     seq.accept(one(b.call_state("c", "transferring")))  # Graph retried it, late
     seq.accept(one(b.call_terminated("c", code=0, subcode=7015, message="transferred")))
     assert sink.labels[4:] == ["transferring", "transferAccepted", "terminated"]
-    assert seq.counts["stale"] == 2
+    assert (seq.counts["stale"], seq.counts["duplicate"]) == (1, 1)
+    seq.close()
+
+
+async def test_a_transferring_overtaken_by_its_acceptance_is_stale() -> None:
+    """A transfer goes ``transferring``, then ``transferAccepted``; each is a request of its
+    own, and the acceptance may come first. The ``transferring`` behind it is stale: the call
+    does not go back, no failure is told, and a copy of it is a repeat."""
+    sink = Sink()
+    seq = sink.sequencer(window=300)
+    _established(seq)
+    seq.lifecycle.transfer_asked("c", _agent("first"))
+    seq.accept(one(b.call_state("c", "transferAccepted")))
+    seq.accept(one(b.call_state("c", "transferring")))
+    seq.accept(one(b.call_state("c", "transferring")))  # Graph sent it twice
+    assert (seq.counts["stale"], seq.counts["duplicate"]) == (1, 1)
+    assert seq.lifecycle.get("c").state == "transferAccepted"  # type: ignore[union-attr]
+    seq.accept(one(b.call_terminated("c", code=0, subcode=7015, message="transferred")))
+    assert sink.labels[-2:] == ["transferAccepted", "terminated"]
+    assert not any(getattr(d.event, "transfer_failed", False) for d in sink.deliveries)
+    seq.close()
+
+
+async def test_a_transfer_s_acceptance_lets_its_failure_go_without_its_transferring() -> None:
+    """A transfer accepted, then failed, with its ``transferring`` late or lost: the failure
+    (``established`` with a ``resultInfo``) came first and waits for the transfer's progress;
+    ``transferAccepted`` is that progress, so both go at once, in order, without waiting for
+    the window, and the late ``transferring`` is stale."""
+    sink = Sink()
+    seq = sink.sequencer(window=300)
+    _established(seq)
+    seq.lifecycle.transfer_asked("c", _agent("first"))
+    seq.accept(one(_failed_transfer()))
+    assert sink.labels == ["establishing", "established"]
+    seq.accept(one(b.call_state("c", "transferAccepted")))
+    assert sink.labels[2:] == ["transferAccepted", "established"]
+    back = sink.deliveries[-1].event
+    assert isinstance(back, events.CallStateChanged)
+    assert back.transfer_failed
+    assert back.transfer_target == _agent("first")
+    seq.accept(one(b.call_state("c", "transferring")))
+    assert seq.counts["stale"] == 1
+    assert seq.lifecycle.get("c").state == "established"  # type: ignore[union-attr]
     seq.close()
 
 
