@@ -970,6 +970,23 @@ async def test_a_transferring_overtaken_by_its_acceptance_is_stale() -> None:
     seq.close()
 
 
+async def test_a_transfer_s_acceptance_after_its_failure_is_stale() -> None:
+    """Graph tells a transfer ``transferring``, ``transferAccepted``, then its failure; the
+    acceptance arriving after the failure is of a transfer already told: the call stays
+    ``established`` and its handlers are not told it is being transferred again."""
+    sink = Sink()
+    seq = sink.sequencer(window=300)
+    _established(seq)
+    seq.lifecycle.transfer_asked("c", _agent("first"))
+    seq.accept(one(b.call_state("c", "transferring")))
+    seq.accept(one(_failed_transfer()))
+    seq.accept(one(b.call_state("c", "transferAccepted")))
+    assert sink.labels[2:] == ["transferring", "established"]
+    assert seq.counts["stale"] == 1
+    assert seq.lifecycle.get("c").state == "established"  # type: ignore[union-attr]
+    seq.close()
+
+
 async def test_a_transfer_s_acceptance_lets_its_failure_go_without_its_transferring() -> None:
     """A transfer accepted, then failed, with its ``transferring`` late or lost: the failure
     (``established`` with a ``resultInfo``) came first and waits for the transfer's progress;
