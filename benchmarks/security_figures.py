@@ -4,7 +4,8 @@
 reports: the memory kept after TOKENS distinct valid tokens (7 KB each) were
 each used once; what a 10,000-item body costs; how long the largest accepted
 body (``max_body_bytes`` of roster items, 4 MiB by default) takes to parse in one
-loop turn, and the longest the loop waits between its parts when the bot serves it;
+loop turn, and the longest the loop waits between its parts when the bot serves it; what
+leaving out properties that do not fit the model costs against the same body fitting;
 what a bot holds once 999 bodies of 1 MB were posted to one call while its handler
 waits, with the memory store and on the Redis store's owner (a redis-server started
 here, as ``bench_store`` does); what remembering an ended call costs once the memory
@@ -225,6 +226,41 @@ def largest_body() -> str:
     )
 
 
+def _one_participant_streams(count: int, fitting: bool) -> bytes:
+    """One roster: a participant listing ``count`` media streams, whose ``mediaType`` fits the
+    model or not, beside empty participants buying the room (16 objects each)."""
+    stream = {"mediaType": "audio" if fitting else 1}
+    participants = [{"id": "p0", "mediaStreams": [dict(stream) for _ in range(count)]}]
+    participants += [{} for _ in range(-(-count // 15))]
+    item = {
+        "changeType": "updated",
+        "resourceUrl": "/communications/calls/misfits/participants",
+        "resourceData": participants,
+    }
+    return json.dumps({"value": [item]}).encode()
+
+
+def misfit_streams() -> str:
+    """What properties that do not fit the model cost to leave out, against the same body
+    fitting: one participant's streams, as many as a body may carry (each left out, up to
+    ``_MISFITS``; past it the item is unknown at once)."""
+    lines = []
+    for count in (5_000, 74_000):
+        took = {}
+        for fitting in (True, False):
+            body = _one_participant_streams(count, fitting)
+            parts = parse_body_in_parts(body, max_participants=Settings.max_roster_size)
+            started = time.perf_counter()
+            kinds = [type(event).__name__ for part in parts for event in part]
+            took[fitting] = time.perf_counter() - started, kinds[0], len(body)
+        (fit, _, _), (misfit, kind, size) = took[True], took[False]
+        lines.append(
+            f"{count} streams not fitting ({size} bytes): {misfit * 1000:.0f} ms, a {kind};"
+            f" misfit/fitting: {misfit / fit:.2f}"
+        )
+    return "\n".join(lines)
+
+
 def remembered_past_the_bound(tenants: int, adds: int) -> float:
     """CPU seconds per ended call remembered once ``tenants`` tenants keep the bound of
     ended calls between them, each call ended by the next tenant in turn (so each is at the
@@ -322,6 +358,7 @@ async def main(count: int, invented: int | None = None) -> None:
         print(await token_memory(url, authority, count))
         print(await many_items(url, authority))
         print(largest_body())
+        print(misfit_streams())
         print(await blocked_handler_backlog())
         print(many_tenants_at_the_bound())
     finally:

@@ -583,8 +583,12 @@ def _first_object(data: Any) -> dict[str, Any] | None:
 
 
 _TRIMS = 3
-_NAMES_LOGGED = 16
 """Rounds of leaving out properties that do not fit, at most, before an item is unknown."""
+_NAMES_LOGGED = 16
+_MISFITS = 10_000
+"""Properties not fitting in one item, at most, that are left out one by one; past it the
+item is unknown at once (it stays whole in ``raw``): a hostile body must not buy a long turn
+of the event loop, and one Graph changed that much is not callbot's model any more."""
 
 
 def _typed(
@@ -637,19 +641,22 @@ def _fitting(
         return validate(body)
     except ValidationError as exc:
         failure = exc
+    if failure.error_count() > _MISFITS:
+        raise failure
     body = copy.deepcopy(body)  # the item itself is the event's raw: never changed
     for _ in range(_TRIMS):
+        # Where each error is in the data, found before anything is left out.
+        found = {at for error in failure.errors() if (at := _located(body, error["loc"]))}
         removed: list[str] = []
-        gone: list[tuple[int | str, ...]] = []
-        for error in failure.errors():
-            where = error["loc"]
-            if any(where[: len(done)] == done for done in gone):
+        gone: set[tuple[int | str, ...]] = set()
+        for at in sorted(found, key=len):
+            # Outermost first, each prefix looked up once: linear in the errors.
+            if any(at[:depth] in gone for depth in range(1, len(at))):
                 continue  # inside what was left out already
-            name = _drop(body, where)
-            if name is not None:
-                removed.append(name)
-                gone.append(where)
-        if not removed:
+            _drop(body, at)
+            gone.add(at)
+            removed.append(".".join(map(str, at)))
+        if not removed or failure.error_count() > _MISFITS:
             break
         left_out += removed
         try:
@@ -659,28 +666,30 @@ def _fitting(
     raise failure
 
 
-def _drop(body: dict[str, Any], where: tuple[int | str, ...]) -> str | None:
-    """Delete from ``body`` the object property an error's location leads to (the last one
-    on the way, when the location goes on into a list); its dotted path, or ``None`` when
-    the location names none."""
+def _located(body: dict[str, Any], where: tuple[int | str, ...]) -> tuple[int | str, ...] | None:
+    """Where in ``body`` the object property an error's location leads to is (the last one on
+    the way, when the location goes on into a list), or ``None`` when it names none."""
     node: Any = body
-    owner: dict[str, Any] | None = None
-    key = ""
-    path: list[str] = []
+    path: list[int | str] = []
     named = 0
     for part in where:
         if isinstance(node, dict) and isinstance(part, str) and part in node:
-            owner, key, node = node, part, node[part]
+            node = node[part]
             path.append(part)
             named = len(path)
         elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
             node = node[part]
-            path.append(str(part))
+            path.append(part)
         # Else a union member's or a validator's name: not in the data.
-    if owner is None:
-        return None
-    del owner[key]
-    return ".".join(path[:named])
+    return tuple(path[:named]) if named else None
+
+
+def _drop(body: dict[str, Any], at: tuple[int | str, ...]) -> None:
+    """Delete the property at ``at`` (as :func:`_located` found it) from ``body``."""
+    node: Any = body
+    for part in at[:-1]:
+        node = node[part]
+    del node[at[-1]]
 
 
 # pydantic-core validates; pydantic's __init__ and model_validate are frames of Python around it,
