@@ -8,6 +8,7 @@ request the bot sent to Graph with Graph's answer, and how each operation ended.
 
 from __future__ import annotations
 
+import html
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -91,7 +92,11 @@ class SequenceDiagram:
         """A Markdown page: a heading and a Mermaid block per call."""
         parts = [f"# {title}\n"]
         for number, (call_id, entries) in enumerate(self._by_call().items(), start=1):
-            parts.append(f"\n## Call {number}: `{call_id}`\n\n```mermaid\n{mermaid(entries)}```\n")
+            # Any character an id takes stays text: a backtick would end a code span.
+            shown = html.escape(call_id).replace("`", "&#96;")
+            parts.append(
+                f"\n## Call {number}: <code>{shown}</code>\n\n```mermaid\n{mermaid(entries)}```\n"
+            )
         return "".join(parts)
 
     def write(self, path: str | Path, title: str = "Calls") -> None:

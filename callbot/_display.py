@@ -9,6 +9,7 @@ import sys
 from typing import Any, TextIO
 
 from ._ids import id_key
+from ._log import printable
 from .testing._simulator import Traffic
 
 __all__ = ["FORMATS", "TrafficPrinter", "choose_format"]
@@ -87,6 +88,8 @@ class TrafficPrinter:
             return
         who = _WHO.get(entry.kind, entry.kind)
         status = _status(entry)
+        # A caller's name or Graph's message is theirs: never a sequence the terminal runs.
+        summary = printable(entry.summary)
         if self._console is not None:
             from rich.text import Text
 
@@ -94,23 +97,25 @@ class TrafficPrinter:
             line.append(f"{entry.at:7.3f}  ", style="dim")
             line.append(f"{who:<13}", style=_STYLE.get(entry.kind, ""))
             line.append(f" {_short(entry.call_id):<9}", style="dim")
-            line.append(f" {entry.summary}")
+            line.append(f" {summary}")
             if status:
                 failed = entry.status is not None and not 200 <= entry.status < 300
                 failed = failed and entry.redirected_to is None
                 line.append(f" {status}", style="bold red" if failed else "green")
             self._print(line)
             return
-        text = f"{entry.at:7.3f}  {who:<13} {_short(entry.call_id):<9} {entry.summary}"
+        text = f"{entry.at:7.3f}  {who:<13} {_short(entry.call_id):<9} {summary}"
         self._plain(f"{text} {status}".rstrip())
 
     def note(self, text: str) -> None:
         """A line of narration (a heading in the human formats)."""
         if self.format == "json":
             self._json({"kind": "note", "summary": text})
-        elif self._console is not None:
+            return
+        text = printable(text)
+        if self._console is not None:
             self._print("")
-            self._print(f"[bold]{text}[/bold]")
+            self._print(text, style="bold", markup=False)
         else:
             self._plain("")
             self._plain(f"== {text}")
@@ -119,6 +124,7 @@ class TrafficPrinter:
         """A secondary line (settings, hints); left out of JSON output."""
         if self.format == "json":
             return
+        text = printable(text)
         if self._console is not None:
             self._print(text, style="dim", markup=False)
         else:

@@ -221,9 +221,17 @@ def _shown(key: str, text: str) -> object:
     traceback with those escaped, any other value as its ``repr`` (quoted, as the console
     renderer writes a value holding a space)."""
     if key == "event" or key in _MULTILINE:
-        keep = "\n" if key in _MULTILINE else ""
-        return "".join(c if c.isprintable() or c == keep else repr(c)[1:-1] for c in text)
+        return printable(text, keep="\n" if key in _MULTILINE else "")
     return _Quoted(text)
+
+
+def printable(text: str, *, keep: str = "") -> str:
+    """``text`` with each character a terminal would not print as it is (a control, such as
+    the escape that starts a terminal sequence, a format character, a lone surrogate)
+    written as its Python escape; ``keep`` is left as it is (a line break)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c == keep else repr(c)[1:-1] for c in text)
 
 
 class _Quoted:

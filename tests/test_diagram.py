@@ -73,3 +73,34 @@ async def test_one_call_is_one_diagram_whatever_form_its_id_is_written_in() -> N
     (block,) = re.findall(r"```mermaid\n(.*?)```", diagram.markdown(), re.S)
     assert "Caller->>Graph: Adele Vance hangs up" in block
     assert "Bot->>Graph: answer (202)" in block
+
+
+@pytest.mark.parametrize("fmt", ["plain", "rich"])
+def test_what_a_caller_or_graph_wrote_reaches_the_terminal_as_text(fmt: str) -> None:
+    """A caller's display name or Graph's ``resultInfo`` message is in a notification's
+    summary: replayed from a recording, its escape sequences reached the terminal as they
+    were (a title set, the screen cleared). They are shown escaped, in notes and details too."""
+    from callbot._display import TrafficPrinter
+
+    out = io.StringIO()
+    printer = TrafficPrinter(out, fmt=fmt)
+    hostile = "Mallory\x1b]0;PWNED\x07\x1b[2J [bold]x[/bold]"
+    printer(Traffic(kind="notification", at=0.0, summary=f"incoming call from {hostile}"))
+    printer.note(f"Call 1: {hostile} calls")
+    printer.detail(hostile)
+    text = out.getvalue()
+    assert "\x1b" not in text
+    assert "\x07" not in text
+    assert text.count("Mallory\\x1b]0;PWNED\\x07\\x1b[2J [bold]x[/bold]") == 3
+
+
+def test_a_call_id_stays_text_in_its_diagram_s_heading() -> None:
+    """Any character but ``/ \\ ? # %``, a space and controls is taken in a call id: a backtick
+    ended the heading's code span, and what followed was the page's markup."""
+    call_id = "x`<img src=x onerror=alert(1)>`"
+    diagram = SequenceDiagram()
+    diagram(Traffic(kind="caller", at=0.0, summary="calls", call_id=call_id))
+    heading = diagram.markdown().split("```mermaid")[0]
+    assert "<img" not in heading
+    assert "`" not in heading
+    assert "<code>x&#96;&lt;img src=x onerror=alert(1)&gt;&#96;</code>" in heading
