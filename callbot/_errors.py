@@ -97,7 +97,8 @@ class GraphError(CallbotError):
     reached Graph is not sent again), ``requestFailed`` (another client error),
     ``urlNotOnGraph`` (a URL off ``graph_url``'s origin, never sent),
     ``responseTooLarge`` (a body past 16 MiB once decompressed) or
-    ``tooManyPages`` (a next link repeated, or past ``GraphClient.max_pages``).
+    ``tooManyPages`` (a next link repeated, past ``GraphClient.max_pages``, or
+    once ``GraphClient.max_listing_bytes`` were read).
     A 429 or 503 is retried while the wait Graph asks for fits in the retry budget
     (``RetryPolicy.total_time``); past it, ``retry_after`` says how long Graph asked for.
     ``may_have_acted`` says whether Graph may have carried the request out.

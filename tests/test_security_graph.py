@@ -955,6 +955,30 @@ async def test_participant_pages_are_followed_on_graph_and_bounded(graph: FakeGr
             await services.call(CALL).participants.list()
         assert endless.value.code == "tooManyPages"
         assert [r.action for r in graph.requests[before:]] == ["listParticipants"] * 5
+
+        # Pages held whole: the listing stops once max_listing_bytes were read (a hostile
+        # Graph's 1,000 pages of 16 MiB were all kept), with the page past it not fetched.
+        services.graph.max_pages = 1000
+        name = "x" * 20_000
+
+        def paged_large(request: RecordedRequest) -> FakeResponse:
+            page = int(request.query.get("$skiptoken", "1"))
+            item = {
+                "id": f"p{page}",
+                "info": {"identity": {"user": {"id": "u", "displayName": name}}},
+            }
+            return FakeResponse(
+                status=200,
+                body={"value": [item], "@odata.nextLink": f"{pages_url}?$skiptoken={page + 1}"},
+            )
+
+        graph.route("listParticipants", paged_large)
+        services.graph.max_listing_bytes = 50_000
+        before = len(graph.requests)
+        with pytest.raises(GraphError, match="past 50000 bytes") as large:
+            await services.call(CALL).participants.list()
+        assert large.value.code == "tooManyPages"
+        assert [r.action for r in graph.requests[before:]] == ["listParticipants"] * 3
     finally:
         await services.close()
 

@@ -46,6 +46,9 @@ _MAX_REDIRECTS = 3
 _CHUNK = 64 * 1024
 MAX_PAGES = 1000
 """How many pages :meth:`GraphClient.pages` follows before giving up (a chain that never ends)."""
+MAX_LISTING_BYTES = 64 * 1024 * 1024
+"""How many bytes of pages :meth:`GraphClient.pages` reads before giving up: what a listing
+holds is bounded, whatever each page holds (a 5,000-participant meeting is about 20 MB)."""
 
 
 def _origin(url: URL) -> tuple[str, str, int | None]:
@@ -90,6 +93,8 @@ class GraphResponse:
     body: Any
     request_id: str | None
     client_request_id: str
+    size: int = 0
+    """The body's length in bytes, as Graph sent it."""
 
     @property
     def location(self) -> str | None:
@@ -156,6 +161,7 @@ class GraphClient:
         self._recording_context: ssl.SSLContext | None = None
         self._graph_origin = _origin(URL(settings.graph_url))
         self.max_pages = MAX_PAGES
+        self.max_listing_bytes = MAX_LISTING_BYTES
         # Failures' lines: a sender inventing calls decides how many actions fail at Graph.
         self._lines = RateLimitedLog(log)
         """How many pages :meth:`pages` follows before raising ``GraphError``."""
@@ -390,11 +396,14 @@ class GraphClient:
         each read as ``kind`` (an item that does not fit is the error of its own page).
 
         A next link is fetched like any request (so only from Graph's origin); a link
-        seen before, or more than :attr:`max_pages` pages, raises ``GraphError``.
+        seen before, more than :attr:`max_pages` pages, or a next page once
+        :attr:`max_listing_bytes` were read, raises ``GraphError``.
         """
         response = first
         followed: set[str] = set()
+        read = 0
         while True:
+            read += response.size
             body = response.body if isinstance(response.body, Mapping) else {}
             items = body.get("value")
             for item in items if isinstance(items, list) else []:
@@ -408,6 +417,8 @@ class GraphClient:
                 why = "repeats a page"
             elif len(followed) + 1 >= self.max_pages:
                 why = f"leads past {self.max_pages} pages"
+            elif read >= self.max_listing_bytes:
+                why = f"leads past {self.max_listing_bytes} bytes"
             if why is not None:
                 log.warning("graph_pages_refused", url=next_link, reason=why, call_id=call_id)
                 raise GraphError(
@@ -570,6 +581,7 @@ class GraphClient:
             body=raw.json(),
             request_id=raw.request_id,
             client_request_id=raw.client_request_id,
+            size=len(raw.body),
         )
 
 
