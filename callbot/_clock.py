@@ -10,15 +10,28 @@ leases Redis expires in real time) each say why, where they are.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Collection
 from typing import Any
 
-__all__ = ["loop_time", "wait_all"]
+__all__ = ["from_wall_ms", "loop_time", "wait_all", "wall_ms"]
 
 
 def loop_time() -> float:
     """The running event loop's time in seconds (``asyncio.get_running_loop().time()``)."""
     return asyncio.get_running_loop().time()
+
+
+def wall_ms(at: float) -> int:
+    """Loop time ``at`` (in the past) as milliseconds of the wall clock: the one form another
+    process (an instance sharing a store) reads a moment in, its own loop's clock being its own."""
+    return round((time.time() - (loop_time() - at)) * 1000)
+
+
+def from_wall_ms(ms: int) -> float:
+    """The loop time of the wall-clock moment ``ms`` (:func:`wall_ms`), as near as the two
+    processes' clocks agree."""
+    return loop_time() - (time.time() - ms / 1000)
 
 
 async def wait_all(

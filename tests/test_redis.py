@@ -1138,6 +1138,62 @@ async def test_a_transfer_s_failure_is_told_once_by_the_instance_that_takes_the_
     assert named == [models.InvitationParticipantInfo.model_validate(agent)]
 
 
+async def test_an_update_sent_before_a_transfer_is_stale_on_the_instance_that_takes_over(
+    authority: TokenAuthority, serve: Any, redis_url: str
+) -> None:
+    """Teams repeats ``established`` as a call starts (recorded sb08, sb09), each a request of
+    its own: one sent before the transfer began may come after its ``transferring``, within
+    ``reorder_window`` of it, and is dropped as stale. When another instance took the call
+    over meanwhile, it did not know when ``transferring`` came (the record kept no time), and
+    took that update for the transfer's failure: ``on_transfer_failed`` ran, and the call
+    moved back to ``established`` while the transfer went on."""
+    heard: list[tuple[int, str]] = []
+    ran: list[int] = []
+    async with FakeGraph() as graph:
+        graph.add_call("xfer")
+        servers: list[BotServer] = []
+        for index in range(2):
+            # A window no step outlasts, however loaded the machine.
+            bot = graph_instance(
+                authority, redis_url, graph, shutdown_timeout=2.0, reorder_window=300.0
+            )
+
+            @bot.on_state("established", "transferring")
+            async def state(call: Call, event: events.CallStateChanged, index: int = index) -> None:
+                if event.previous_state == "establishing":
+                    await call.transfer(Target.user("agent-id", "Agent"))
+                ran.append(index)
+                heard.append((index, event.state))
+
+            @bot.on_transfer_failed
+            async def failed(call: Call, event: events.Event, index: int = index) -> None:
+                heard.append((index, "transfer failed"))
+
+            @bot.on_terminated
+            async def ended(call: Call, event: events.CallTerminated, index: int = index) -> None:
+                heard.append((index, "ended"))
+
+            servers.append(await serve(bot))
+        steps = [
+            b.call_state("xfer", "establishing"),
+            b.call_state("xfer", "established"),
+            b.call_state("xfer", "transferring"),
+        ]
+        for item in steps:
+            assert (await servers[0].post(b.notifications(item))).status == 202
+        await until(lambda: len(ran) == 2, within=10)
+        runner = ran[0]
+        await servers[runner].bot.stop()  # hands the call over, transferring
+        other = servers[1 - runner]
+        earlier = b.call_state("xfer", "established")
+        earlier["resourceData"]["mediaState"] = {"audio": "active"}
+        assert (await other.post(b.notifications(earlier))).status == 202
+        done = b.call_terminated("xfer", code=0, subcode=7015, message="transferred")
+        assert (await other.post(b.notifications(done))).status == 202
+        await until(lambda: heard[-1:] == [(1 - runner, "ended")], within=10)
+    assert heard == [(runner, "established"), (runner, "transferring"), (1 - runner, "ended")]
+
+
 async def test_a_held_tone_gets_its_predecessor_while_a_handler_of_the_call_runs(
     authority: TokenAuthority, serve: Any, redis_url: str
 ) -> None:

@@ -31,6 +31,7 @@ from typing import Any
 import orjson
 
 from .. import events
+from .._clock import from_wall_ms, wall_ms
 from .._lifecycle import CallLife
 from .._parse import parse_payload
 from .._sequencing import (
@@ -218,6 +219,9 @@ def encode_record(record: CallRecord) -> str:
         head["last_ask"] = record.life.last_ask  # only while a transfer asked is counted
     if record.life.withdrawn is not None:
         head["withdrawn"] = record.life.withdrawn  # only a call a transfer was withdrawn on
+    if record.transferring_at is not None and record.life.state == "transferring":
+        # Whether an update came within reorder_window of it, judged by whoever runs the call next.
+        head["transferring_at"] = wall_ms(record.transferring_at)
     if record.told_full:
         head["told_full"] = True  # the call's call_record_full line is not written again
     if record.resent:
@@ -276,6 +280,9 @@ def decode_record(text: str) -> CallRecord | None:
     record.operations = _numbers_by_key(body.get("operations"))
     record.roster_changed = _numbers_by_key(body.get("roster_changed"))
     record.resent = {bytes.fromhex(digest): int(left) for digest, left in body.get("resent") or ()}
+    transferring_at = _number(body.get("transferring_at"))
+    if transferring_at is not None:
+        record.transferring_at = from_wall_ms(transferring_at)
     return record
 
 
