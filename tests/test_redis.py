@@ -1503,6 +1503,72 @@ async def test_a_full_server_still_runs_what_it_accepted(
     await until(lambda: [*handled[4:], *handled_there] == ["tone:tone3"], within=10)
 
 
+@pytest.mark.parametrize("stop", ["drained", "abandoned", "crashed"])
+async def test_a_call_whose_instance_stops_while_redis_is_full_goes_on_elsewhere(
+    own_redis: Callable[..., RedisServer],
+    authority: TokenAuthority,
+    serve: Any,
+    tmp_path: Path,
+    stop: str,
+) -> None:
+    """An instance stops while Redis is full (it drains, its handler is abandoned at the
+    deadline, or it crashes): its call, with a notification waiting, runs on another
+    instance all the same, and is acknowledged. The call was put back in ``runnable`` by a
+    plain ZADD, and the reaper's round began with a plain SET (and, before it, the index
+    writes of the round): writes Redis refuses when full. The call waited for room."""
+    server_process = own_redis(tmp_path)
+    await asyncio.to_thread(server_process.start)
+    go_on = asyncio.Event()
+    first = make_bot(
+        authority,
+        store=server_process.url,
+        store_lease=1.0 if stop == "crashed" else 60.0,
+        shutdown_timeout=0.5 if stop == "abandoned" else 30.0,
+    )
+    ringing: list[str] = []
+
+    @first.on_incoming_call
+    async def ring(call: Call, event: events.IncomingCall) -> None:
+        ringing.append(call.key)
+        await go_on.wait()  # the greeting is played, say
+
+    other, handled = _labelling_bot(authority, server_process.url)
+    owner: BotServer = await serve(first)
+    await serve(other)
+    assert (await owner.post(b.notifications(b.incoming_call("full-call")))).status == 202
+    await until(lambda: ringing == ["fullcall"], within=10)
+    # Accepted by the call's owner while its handler runs: it waits in the inbox.
+    waiting = b.notifications(b.call_state("full-call", "establishing"))
+    assert (await owner.post(waiting)).status == 202
+    other_store: Any = other._running().store
+    async with aioredis.Redis(port=server_process.port, decode_responses=True) as admin:
+        if stop != "crashed":
+            # The reaper's round is another instance's, which never comes: the hand-over
+            # alone must wake the call.
+            await admin.set(KEY_PREFIX + "reaper", "elsewhere", px=600_000)
+        await admin.config_set("maxmemory", "1")  # every write now refused: OOM
+        try:
+            if stop == "drained":
+                receiver = first._running().receiver
+                stopping = asyncio.create_task(first.stop())
+                await until(lambda: receiver.draining)
+                go_on.set()  # the running handler finishes within the drain
+                await stopping
+            elif stop == "abandoned":
+                await first.stop()
+            else:
+                # A call of its own awaits its place in the active index meanwhile: a
+                # write refused too, which comes before the reaper's in an upkeep round.
+                other_store._index_changes["listedcall"] = True
+                await crash(first)
+            expected = ["establishing"] if stop == "drained" else ["IncomingCall", "establishing"]
+            await until(lambda: handled == expected, within=20)
+            await wait_for(lambda: settled(admin, ["full-call"]), within=10)
+        finally:
+            go_on.set()
+            await admin.config_set("maxmemory", "0")
+
+
 async def test_a_new_incoming_call_is_taken_whatever_the_room(
     redis_url: str, authority: TokenAuthority, serve: Any
 ) -> None:

@@ -303,6 +303,10 @@ async def test_a_full_redis_refuses_the_ingest_and_runs_every_other_script(
         )
         assert released == [2, second]
         assert await _script(rdb, _scripts.PROBE, [inbox, lease]) == [1, second]
+        # handed over: runnable for the others, and the reaper's round taken
+        assert await _script(rdb, _scripts.WAKE, [keys.runnable], 7, "c") == 1
+        assert await _script(rdb, _scripts.TURN, [keys.reaper], "me", 5000) == 1
+        assert await _script(rdb, _scripts.TURN, [keys.reaper], "other", 5000) == 0
         assert await _script(rdb, _scripts.KEEP, [keeper], "me", 5000) == 1
         pending = [keys.pending, keys.unpending]
         assert await _script(rdb, _scripts.UNPEND, pending, "c", "g") == 1
@@ -312,6 +316,7 @@ async def test_a_full_redis_refuses_the_ingest_and_runs_every_other_script(
     assert (await rdb.hget(fence, "fed"), await rdb.get(record)) == (first, '{"r":1}')
     assert await rdb.smembers(keys.pending) == {"c"}
     assert not await rdb.exists(keys.unpending)
+    assert await rdb.zrange(keys.runnable, 0, -1, withscores=True) == [("c", 7.0)]
 
 
 @pytest.mark.parametrize("interval", [1.0, 60.0, 900.0, 1800.0, 2640.0, 2699.0])

@@ -25,7 +25,7 @@ import socket
 import time
 import weakref
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -972,7 +972,7 @@ class RedisStore:
         if who == 3:
             score = _stream_id(_text(answer[3]))[0]
             with contextlib.suppress(RedisError):  # else the reaper wakes it
-                await self._batch.run("ZADD", keys.runnable, "NX", score, call)
+                await self._script_run(self._wake([(call, score)]))
         elif who == 2:
             self._begin_taken(call, started, answer)
         elif who == 1:
@@ -1030,13 +1030,12 @@ class RedisStore:
             then=("SADD", keys.pending, *(life.key for life in going)) if going else None,
         )
         waiting = [
-            part
+            (life.key, _stream_id(_text(answer[3]))[0])
             for life, answer in zip(going, answers[len(given_up) :], strict=True)
             if int(answer[1]) == 3
-            for part in (_stream_id(_text(answer[3]))[0], life.key)
         ]
         if waiting:
-            await self._batch.run("ZADD", keys.runnable, "NX", *waiting)
+            await self._script_run(self._wake(waiting))
 
     async def drain(self, timeout: float, stop_waiting: asyncio.Event | None = None) -> None:
         """Stop claiming; let each held call finish its running entry, then hand it over
@@ -1065,8 +1064,8 @@ class RedisStore:
         # call would take a timeout per call, past any grace period. The calls not handed
         # over go to the others when their leases run out, as a crashed instance's do.
         try:
-            await self._flush_indexes()
-            await self._let_go_pending()
+            await self._index_step(self._flush_indexes)
+            await self._index_step(self._let_go_pending)
             for state in left:
                 # Their entries were not acknowledged; another instance runs them again.
                 await self._release(state, handover=True)
@@ -1203,8 +1202,7 @@ class RedisStore:
                 late[call] = None
         follow_up: list[tuple[Any, ...]] = [("SADD", keys.pending, *late)] if late else []
         if runnable:
-            flat = [part for call, score in runnable.items() for part in (score, call)]
-            follow_up.append(("ZADD", keys.runnable, "NX", *flat))
+            follow_up.append(self._wake(list(runnable.items())))
         # Sent once the scripts decided: a refused notification must not reach the others.
         follow_up += broadcasts
         return batch, list(zip(scripts, calls, strict=True)), follow_up, len(taking), failure
@@ -1248,7 +1246,7 @@ class RedisStore:
                 # it, and a call taken now would wait for a slot while another instance has one.
                 free = self._free_slots()
                 if free <= 0:
-                    await self._batch.run("ZADD", keys.runnable, "NX", popped[2], popped[1])
+                    await self._script_run(self._wake([(_text(popped[1]), popped[2])]))
                     continue
                 # Counted against the room until owned, as an ingest's are: none taken twice.
                 reserved = min(free, _CLAIM_BATCH)
@@ -1941,18 +1939,27 @@ class RedisStore:
         probes = await self._run_all(
             [_cmd(_scripts.PROBE, keys.of(call, "inbox", "lease")) for call, _ in calls]
         )
-        waiting: list[Any] = []
+        waiting: list[tuple[str, float]] = []
         settled: list[Any] = []
         for (call, generation), probe in zip(calls, probes, strict=True):
             if int(probe[0]) == 1:
-                waiting += [_stream_id(_text(probe[1]))[0], call]
+                waiting.append((call, _stream_id(_text(probe[1]))[0]))
             settled += [call, generation, "1" if int(probe[0]) else "0"]
         # A call with work goes back into ``pending`` in the step that takes it out of
         # ``unpending``: stopped at any point, the reaper still finds it.
-        commands = [("ZADD", keys.runnable, "NX", *waiting)] if waiting else []
+        commands = [self._wake(waiting)] if waiting else []
         commands.append(_cmd(_scripts.SETTLE, (keys.pending, keys.unpending), *settled))
         answers = await self._run_all(commands)
         return int(answers[0]) if waiting else 0
+
+    def _wake(self, waiting: Sequence[tuple[str, float]]) -> tuple[Any, ...]:
+        """The script making calls runnable, each scored by its oldest waiting entry (ms):
+        a script that runs when Redis is full, since handing a call over frees memory."""
+        return _cmd(
+            _scripts.WAKE,
+            (self._keys.runnable,),
+            *[part for call, score in waiting for part in (score, call)],
+        )
 
     def _resting_record(self, key: str, stored: str) -> CallRecord | None:
         resting = self._resting.pop(key, None)
@@ -1988,7 +1995,7 @@ class RedisStore:
         elif outcome == 2:
             score = _stream_id(_text(answer[1]))[0]
             with contextlib.suppress(RedisError):  # else the reaper wakes it
-                await self._batch.run("ZADD", self._keys.runnable, "NX", score, state.key)
+                await self._script_run(self._wake([(state.key, score)]))
         return outcome
 
     def _rest(self, state: _Owned) -> None:
@@ -2029,16 +2036,16 @@ class RedisStore:
                     await self._prepare()
                 await self._follow_primary()
                 await self._renew()  # first: once Redis is back, owners keep their calls
-                await self._flush_indexes()
+                await self._index_step(self._flush_indexes)
                 await self._prolong()
                 await self._keep()
-                await self._let_go_pending()
+                await self._index_step(self._let_go_pending)
                 await self._reap()
                 if time.monotonic() - last_sync >= _SYNC_SECONDS:
                     await self._sync_known()
                     last_sync = time.monotonic()
-                # The reaper's SET, at least, was taken: after any refusal, unless one came
-                # while this round ran (its writes may have gone before Redis filled up).
+                # The reaper's SET, at least, was taken, unless a refusal came while this
+                # round ran (its writes may have gone before Redis filled up).
                 self._mark(True, wrote=self._refusals == refusals)
             except RedisError as exc:
                 self._mark(False, exc)
@@ -2051,6 +2058,17 @@ class RedisStore:
             except Exception:
                 log.exception("store_upkeep_failed")
             await asyncio.sleep(self._tick if self._reachable else _STEADY_PAUSE)
+
+    async def _index_step(self, step: Callable[[], Awaitable[None]]) -> None:
+        """Run a step writing the ``active`` or ``pending`` index. A write Redis refuses
+        (full, read-only) is noted, not raised: the step's writes are tried again with the
+        next round, and what follows (handing calls over, waking them) runs all the same."""
+        try:
+            await step()
+        except RedisError as exc:
+            if not _refuses_writes(exc):
+                raise
+            self._mark(False, exc)
 
     async def _follow_primary(self) -> None:
         for client in (self._redis, self._blocking):
@@ -2100,25 +2118,32 @@ class RedisStore:
     async def _reap(self) -> None:
         keys = self._keys
         # One instance reaps per round; the others would only repeat its work.
-        mine = await self._batch.run(
-            "SET", keys.reaper, self.token, "NX", "PX", max(int(self._tick * 1000), 10)
-        )
-        if not mine:
+        turn = max(int(self._tick * 1000), 10)
+        try:
+            mine = await self._batch.run("SET", keys.reaper, self.token, "NX", "PX", turn)
+        except RedisError as exc:
+            if not _refuses_writes(exc):
+                raise
+            # Full: noted (the SET is the round's proof that Redis takes writes), and the
+            # calls of an instance lost meanwhile are woken all the same.
+            self._mark(False, exc)
+            mine = await self._script_run(_cmd(_scripts.TURN, (keys.reaper,), self.token, turn))
+        if not mine:  # "OK", or the script's 1
             return
         woken = 0
         async for calls in self._scan("SSCAN", keys.pending):
             probes = await self._run_all(
                 [_cmd(_scripts.PROBE, keys.of(call, "inbox", "lease")) for call in calls]
             )
-            waiting: list[Any] = []
+            waiting: list[tuple[str, float]] = []
             idle: list[str] = []
             for call, probe in zip(calls, probes, strict=True):
                 if int(probe[0]) == 1:
-                    waiting += [_stream_id(_text(probe[1]))[0], call]
+                    waiting.append((call, _stream_id(_text(probe[1]))[0]))
                 elif int(probe[0]) == 0:
                     idle.append(call)
             if waiting:
-                woken += int(await self._batch.run("ZADD", keys.runnable, "NX", *waiting))
+                woken += int(await self._script_run(self._wake(waiting)))
             if idle:
                 woken += await self._take_off(idle)
         # Calls an instance took off the index and stopped before looking at them again.

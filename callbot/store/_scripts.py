@@ -25,6 +25,8 @@ are written by the store next to the scripts of a call, never inside them (see
 ``_redis``). Two of them share a slot, and two scripts of their own: ``pending`` (a
 set: calls whose inbox may hold entries, where the reaper looks) and ``unpending`` (a
 hash: calls taken off ``pending`` and not looked at again yet, with a generation).
+``runnable`` (a sorted set: calls waiting with nobody on them) is written by WAKE, and
+the ``reaper`` (a string: which instance reaps this round) by TURN when Redis is full.
 
 Time comes from the server (``TIME``, stream ids), so instances' clocks never matter.
 
@@ -33,13 +35,14 @@ add memory. That is how a full Redis turns new work away: INGEST, which keeps a
 notification, is refused, the callback gets 503 and Graph sends it again. Every other
 script that writes starts with ``#!lua flags=allow-oom`` (:data:`WHEN_FULL`, Redis 7) and
 runs whatever the memory: it runs work already accepted (CLAIM, MARK, CHECKPOINT,
-RECORD), keeps a run or a call going (RENEW, KEEP) or lets a call go (RELEASE, UNPEND,
-SETTLE). What it adds is small and bounded by what is stored already (a lease, a mark,
-the outcome of an action a handler sent), and running the accepted entries is what frees
-memory: their checkpoint trims the inbox. Refused, they would keep the backlog stored
-exactly when Redis needs room. PROBE writes nothing: it runs anyway. (A script with the
-flag may touch keys of one Cluster slot only: those of one call, or ``pending`` and
-``unpending``, are.)
+RECORD), keeps a run or a call going (RENEW, KEEP), lets a call go (RELEASE, UNPEND,
+SETTLE) or hands it to another instance (WAKE, and TURN for the reaper that wakes the
+calls of an instance lost). What it adds is small and bounded by what is stored already
+(a lease, a mark, the outcome of an action a handler sent, a call made runnable), and
+running the accepted entries is what frees memory: their checkpoint trims the inbox.
+Refused, they would keep the backlog stored exactly when Redis needs room. PROBE writes
+nothing: it runs anyway. (A script with the flag may touch keys of one Cluster slot only:
+those of one call, or ``pending`` and ``unpending``, or ``runnable``, or ``reaper``, are.)
 
 Fencing: a run holds the lease value ``{token}/{epoch}``; a checkpoint, renewal or
 release is accepted only while the lease is that value, or while nobody holds the
@@ -54,7 +57,7 @@ from dataclasses import dataclass, field
 
 __all__ = [
     *("ALL", "CHECKPOINT", "CLAIM", "INGEST", "KEEP", "MARK", "PROBE", "RECORD", "RELEASE"),
-    *("RENEW", "SETTLE", "UNPEND"),
+    *("RENEW", "SETTLE", "TURN", "UNPEND", "WAKE"),
     "WHEN_FULL",
     "Script",
 ]
@@ -449,4 +452,34 @@ return 1
 """Take or renew the lease on keeping a call alive: 1 while this instance holds it, 0 when
 another does (or, giving it up, always)."""
 
-ALL = (INGEST, CLAIM, CHECKPOINT, MARK, RELEASE, RENEW, PROBE, RECORD, UNPEND, SETTLE, KEEP)
+WAKE = Script(
+    "wake",
+    WHEN_FULL
+    + """
+-- KEYS: runnable;  ARGV: score (the oldest waiting entry's ms), call, score, call, ...
+local woken = 0
+for i = 1, #ARGV, 2 do
+  woken = woken + redis.call('ZADD', KEYS[1], 'NX', ARGV[i], ARGV[i + 1])
+end
+return woken
+""",
+)
+"""Make calls runnable for whichever instance takes them (a call there already keeps its
+place); how many were not there. Runs when Redis is full: a call handed over by an
+instance that stopped, or found by the reaper, waits for no room."""
+
+TURN = Script(
+    "turn",
+    WHEN_FULL
+    + """
+-- KEYS: reaper;  ARGV: this instance's token, how long the turn lasts (ms)
+return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) and 1 or 0
+""",
+)
+"""Take the reaper's turn for a round (1), unless another instance has it (0): the plain
+``SET`` the store takes it by otherwise, which Redis refuses when full."""
+
+ALL = (
+    *(INGEST, CLAIM, CHECKPOINT, MARK, RELEASE, RENEW, PROBE, RECORD, UNPEND, SETTLE, KEEP),
+    *(WAKE, TURN),
+)
