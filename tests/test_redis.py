@@ -1597,6 +1597,56 @@ async def test_a_new_incoming_call_is_taken_whatever_the_room(
         release.set()
 
 
+@pytest.mark.parametrize("left", ["draining", "crashed"])
+async def test_an_incoming_call_its_instance_left_is_taken_by_a_full_instance(
+    authority: TokenAuthority, serve: Any, redis_url: str, left: str
+) -> None:
+    """A new incoming call taken on by an instance that began to drain before its ingest's
+    answer came (so it hands the call over at once), or that crashed with the call's
+    handler running, waited in ``runnable`` while every other instance was full: none looks
+    there without a free slot, and Graph drops a call not answered within 15 s. It is taken
+    whatever the room, as the ingest takes it."""
+    release, stuck = asyncio.Event(), asyncio.Event()
+    full, handled = _labelling_bot(authority, redis_url, max_concurrent_handlers=1)
+    leaving, handled_there = _labelling_bot(authority, redis_url, store_lease=1.0)
+
+    @full.on_state("establishing")
+    async def work(call: Call, event: events.CallStateChanged) -> None:
+        await release.wait()  # holds the instance's one slot
+
+    @leaving.on_incoming_call
+    async def ring(call: Call, event: events.IncomingCall) -> None:
+        await stuck.wait()  # never set: the call's entry is never acknowledged there
+
+    busy_server: BotServer = await serve(full)
+    leaving_server: BotServer = await serve(leaving)
+    try:
+        busy = b.notifications(b.call_state("busy", "establishing"))
+        assert (await busy_server.post(busy)).status == 202
+        store: Any = full._running().store
+        await until(lambda: "establishing" in handled and store._free_slots() <= 0, within=10)
+        incoming = b.notifications(b.incoming_call("ringing"))
+        if left == "draining":
+            leaving_store: Any = leaving._running().store
+            go, held = asyncio.Event(), asyncio.Event()
+            paused_before(leaving_store, _scripts.INGEST, go, held)
+            post = asyncio.ensure_future(leaving_server.post(incoming))
+            await until(held.is_set, within=10)  # taken on: the ingest asked for the lease
+            draining = asyncio.ensure_future(leaving._running().drain())
+            await until(lambda: leaving_store._draining, within=10)
+            go.set()
+            assert (await post).status == 202
+            await draining
+        else:
+            assert (await leaving_server.post(incoming)).status == 202
+            await until(lambda: handled_there == ["IncomingCall"], within=10)
+            await crash(leaving)
+        # taken past the room (the busy call still holds the one slot)
+        await until(lambda: "IncomingCall" in handled, within=20)
+    finally:
+        release.set()
+
+
 async def test_an_upkeep_round_redis_filled_up_during_proves_nothing(
     own_redis: Callable[..., RedisServer], authority: TokenAuthority, serve: Any, tmp_path: Path
 ) -> None:

@@ -197,6 +197,54 @@ async def test_a_call_s_inbox_is_bounded_in_entries_and_bytes(rdb: aioredis.Redi
     assert await rdb.hget(fence, "b") == "40"
 
 
+async def test_a_call_rings_while_its_incoming_call_waits_unacknowledged(
+    rdb: aioredis.Redis,
+) -> None:
+    """The ingest notes a new incoming call's entry; while it waits in the inbox, the
+    scripts that leave the call to others (the ingest of an instance not taking it, the
+    release handing it over, the reaper's probe) say it waits to be answered, and a claim
+    asked to take only such a call takes it. Once acknowledged, it no longer rings."""
+    for script in _scripts.ALL:
+        await rdb.script_load(script.source)
+    keys = _redis._Keys("t:")
+    inbox, seen, lease, fence, record, tenant, journal = keys.of(
+        "c", "inbox", "seen", "lease", "fence", "call", "tenant", "journal"
+    )
+
+    async def ingest(digest: str, incoming: bool) -> list[Any]:
+        args = (digest, "{}", 600_000, "me", "", 64, 600_000, "", SEEN_DIGESTS, "", 10, 1000)
+        keys6 = [inbox, seen, lease, fence, record, tenant]
+        answer: list[Any] = await _script(
+            rdb, _scripts.INGEST, keys6, *args, "1" if incoming else ""
+        )
+        return answer
+
+    _, who, ringing_entry, oldest, ringing = await ingest("ring", incoming=True)
+    assert (who, oldest, ringing) == (3, ringing_entry, 1)
+    assert (await ingest("ring", incoming=True))[4] == 1  # a repeat: noted once
+    _, who, after, _, ringing = await ingest("establishing", incoming=False)
+    assert (who, ringing) == (3, 1)
+    assert await _script(rdb, _scripts.PROBE, [inbox, lease, fence]) == [1, ringing_entry, 1]
+    claim = [inbox, lease, fence, record]
+    epoch, _, entries, _ = await _script(rdb, _scripts.CLAIM, claim, "me", 5000, 64, 60_000, "1")
+    assert [e[0] for e in entries] == [ringing_entry, after]
+    mine = f"me/{epoch}"
+    released = await _script(rdb, _scripts.RELEASE, claim[:3], mine, epoch, 5000, "1")
+    assert released == [2, ringing_entry, 1]
+    epoch, *_ = await _script(rdb, _scripts.CLAIM, claim, "me", 5000, 64, 60_000, "1")
+    checkpoint = [
+        *(f"me/{epoch}", epoch, _redis._after(ringing_entry), "", "0", 1000, 5000, 60_000),
+        *("0", 64, "", "0"),  # the incoming call acknowledged, the call kept
+    ]
+    keys5 = [inbox, lease, fence, record, journal]
+    assert await _script(rdb, _scripts.CHECKPOINT, keys5, *checkpoint) == [1]
+    released = await _script(rdb, _scripts.RELEASE, claim[:3], f"me/{epoch}", epoch, 5000, "1")
+    assert released == [2, after, 0]
+    assert await _script(rdb, _scripts.PROBE, [inbox, lease, fence]) == [1, after, 0]
+    assert await _script(rdb, _scripts.CLAIM, claim, "me", 5000, 64, 60_000, "1") == []
+    assert await _script(rdb, _scripts.CLAIM, claim, "me", 5000, 64, 60_000)  # with room
+
+
 async def test_a_run_that_gave_its_call_up_cannot_renew_it_back(rdb: aioredis.Redis) -> None:
     """A renewal sent before a release may reach Redis after it: refused, the lease stays
     gone. The release itself, sent again (its answer lost), answers the same."""
@@ -301,10 +349,11 @@ async def test_a_full_redis_refuses_the_ingest_and_runs_every_other_script(
         released = await _script(
             rdb, _scripts.RELEASE, [inbox, lease, fence], mine, epoch, 5000, "1", first
         )
-        assert released == [2, second]
-        assert await _script(rdb, _scripts.PROBE, [inbox, lease]) == [1, second]
-        # handed over: runnable for the others, and the reaper's round taken
-        assert await _script(rdb, _scripts.WAKE, [keys.runnable], 7, "c") == 1
+        assert released == [2, second, 0]
+        assert await _script(rdb, _scripts.PROBE, [inbox, lease, fence]) == [1, second, 0]
+        # handed over: runnable for the others (ringing too), and the reaper's round taken
+        wake = [keys.runnable, keys.ringing]
+        assert await _script(rdb, _scripts.WAKE, wake, 7, "c", "1") == 1
         assert await _script(rdb, _scripts.TURN, [keys.reaper], "me", 5000) == 1
         assert await _script(rdb, _scripts.TURN, [keys.reaper], "other", 5000) == 0
         assert await _script(rdb, _scripts.KEEP, [keeper], "me", 5000) == 1
@@ -317,6 +366,7 @@ async def test_a_full_redis_refuses_the_ingest_and_runs_every_other_script(
     assert await rdb.smembers(keys.pending) == {"c"}
     assert not await rdb.exists(keys.unpending)
     assert await rdb.zrange(keys.runnable, 0, -1, withscores=True) == [("c", 7.0)]
+    assert await rdb.zrange(keys.ringing, 0, -1, withscores=True) == [("c", 7.0)]
 
 
 @pytest.mark.parametrize("interval", [1.0, 60.0, 900.0, 1800.0, 2640.0, 2699.0])
@@ -556,7 +606,11 @@ def _store(bot: InProcessBot) -> _redis.RedisStore:
 def _quiet(store: _redis.RedisStore) -> None:
     """Stop the store's claim and upkeep loops: the test plays their steps itself."""
     for task in store._tasks:
-        if task.get_name() in ("callbot-store-claim", "callbot-store-maintain"):
+        if task.get_name() in (
+            "callbot-store-claim",
+            "callbot-store-answer",
+            "callbot-store-maintain",
+        ):
             task.cancel()
 
 

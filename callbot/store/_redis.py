@@ -590,6 +590,9 @@ class _Keys:
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
         self.runnable = prefix + "runnable"
+        # Calls of ``runnable`` whose incoming call waits to be answered: in its slot, so
+        # that one script writes both.
+        self.ringing = f"{{{self.runnable}}}:ringing"
         self.pending = prefix + "pending"
         # Where a call taken off ``pending`` waits for its second look: in the same slot,
         # so that one script moves it (a key without braces hashes as a whole, as its
@@ -749,7 +752,8 @@ class RedisStore:
         """The attempt of each event fed and not yet delivered or dropped, by the id of its
         raw item (which the sequencer's copies of an event share)."""
         self._tasks: list[asyncio.Task[None]] = []
-        self._claimer: asyncio.Task[None] | None = None
+        self._claimers: list[asyncio.Task[None]] = []
+        """The loops taking calls that wait with nobody on them (stopped by a drain)."""
         self._slot_freed = asyncio.Event()
         self._reachable = False
         self._rehydrated = False
@@ -814,9 +818,12 @@ class RedisStore:
             log.warning("store_unreachable", store="redis", error=str(exc))
             self._mark(False, exc)
         loop = asyncio.get_running_loop()
-        self._claimer = loop.create_task(self._claim_loop(), name="callbot-store-claim")
+        self._claimers = [
+            loop.create_task(self._claim_loop(), name="callbot-store-claim"),
+            loop.create_task(self._answer_loop(), name="callbot-store-answer"),
+        ]
         self._tasks = [
-            self._claimer,
+            *self._claimers,
             loop.create_task(self._maintain_loop(), name="callbot-store-maintain"),
             loop.create_task(self._events_loop(), name="callbot-store-events"),
         ]
@@ -972,7 +979,7 @@ class RedisStore:
         if who == 3:
             score = _stream_id(_text(answer[3]))[0]
             with contextlib.suppress(RedisError):  # else the reaper wakes it
-                await self._script_run(self._wake([(call, score)]))
+                await self._script_run(self._wake([(call, score, bool(int(answer[4])))]))
         elif who == 2:
             self._begin_taken(call, started, answer)
         elif who == 1:
@@ -1001,6 +1008,7 @@ class RedisStore:
             # The call is the tenant's it was placed in, unless a notification bound it first.
             tenant_key(fact.tenant_id) if isinstance(fact, Placed) and fact.tenant_id else "",
             *("", ""),  # what the bot itself knows of a call is never refused
+            "",  # nor a new incoming call
         )
 
     async def _hand_keep_alives_over(self) -> None:
@@ -1030,7 +1038,7 @@ class RedisStore:
             then=("SADD", keys.pending, *(life.key for life in going)) if going else None,
         )
         waiting = [
-            (life.key, _stream_id(_text(answer[3]))[0])
+            (life.key, _stream_id(_text(answer[3]))[0], bool(int(answer[4])))
             for life, answer in zip(going, answers[len(given_up) :], strict=True)
             if int(answer[1]) == 3
         ]
@@ -1041,8 +1049,8 @@ class RedisStore:
         """Stop claiming; let each held call finish its running entry, then hand it over
         (what is still running when ``stop_waiting`` is set is handed over as it closes)."""
         self._draining = True
-        if self._claimer is not None:
-            self._claimer.cancel()
+        for claimer in self._claimers:
+            claimer.cancel()
         owners = [state.task for state in self._owned.values() if state.task is not None]
         for state in self._owned.values():
             state.changed.set()
@@ -1103,11 +1111,12 @@ class RedisStore:
         calls = [event.call_key for event in batch]
         commands: list[tuple[Any, ...]] = []
         for event, call in zip(batch, calls, strict=True):
+            incoming = type(event) is events.IncomingCall
             # Only the first item of a call in this batch may take it on, and only as many
             # calls as there is room for; a new incoming call whatever the room (unless
             # draining): it must be answered within 15 s, and its handlers wait for no slot.
             take = (
-                (len(taking) < room or (type(event) is events.IncomingCall and not self._draining))
+                (len(taking) < room or (incoming and not self._draining))
                 and call not in self._owned
                 and call not in taking
             )
@@ -1133,6 +1142,7 @@ class RedisStore:
                     "",  # only the fact of a placed call names the tenant it was placed in
                     MAX_BACKLOG_ENTRIES,
                     MAX_BACKLOG_BYTES,
+                    "1" if incoming else "",  # left to others, it is taken whatever the room
                 )
             )
         # The pending index, where the reaper finds a call whose owner is lost: written
@@ -1175,7 +1185,7 @@ class RedisStore:
             calls = [calls[n] for n in answered]
             texts = [texts[n] for n in answered]
             scripts = [scripts[n] for n in answered]
-        runnable: dict[str, int] = {}
+        runnable: dict[str, tuple[int, bool]] = {}
         broadcasts: list[tuple[Any, ...]] = []
         for event, call, entry, answer in zip(batch, calls, texts, scripts, strict=True):
             if int(answer[0]) == -1:
@@ -1197,12 +1207,13 @@ class RedisStore:
             who = int(answer[1])
             if who == 3:
                 # Nobody runs the call and this instance has no room: the oldest entry waits.
-                runnable.setdefault(call, _stream_id(_text(answer[3]))[0])
+                score, ringing = runnable.get(call, (_stream_id(_text(answer[3]))[0], False))
+                runnable[call] = (score, ringing or bool(int(answer[4])))
             if call in held and (who != 1 or int(answer[5])):
                 late[call] = None
         follow_up: list[tuple[Any, ...]] = [("SADD", keys.pending, *late)] if late else []
         if runnable:
-            follow_up.append(self._wake(list(runnable.items())))
+            follow_up.append(self._wake([(c, *waiting) for c, waiting in runnable.items()]))
         # Sent once the scripts decided: a refused notification must not reach the others.
         follow_up += broadcasts
         return batch, list(zip(scripts, calls, strict=True)), follow_up, len(taking), failure
@@ -1246,7 +1257,8 @@ class RedisStore:
                 # it, and a call taken now would wait for a slot while another instance has one.
                 free = self._free_slots()
                 if free <= 0:
-                    await self._script_run(self._wake([(_text(popped[1]), popped[2])]))
+                    # (in ``ringing`` still, if its incoming call waits to be answered)
+                    await self._script_run(self._wake([(_text(popped[1]), popped[2], False)]))
                     continue
                 # Counted against the room until owned, as an ingest's are: none taken twice.
                 reserved = min(free, _CLAIM_BATCH)
@@ -1255,19 +1267,7 @@ class RedisStore:
                 if reserved > 1:
                     more = await self._batch.run("ZPOPMIN", keys.runnable, reserved - 1)
                     calls += _members(more)
-                answers = await self._run_all(
-                    [
-                        _cmd(
-                            _scripts.CLAIM,
-                            keys.of(call, "inbox", "lease", "fence", "call"),
-                            self.token,
-                            self._lease_ms,
-                            _READ_BATCH,
-                            _LIFETIME_MS,
-                        )
-                        for call in calls
-                    ]
-                )
+                answers = await self._run_all([self._claim(call) for call in calls])
             except RedisError as exc:
                 # A popped call is not lost: the reaper finds it again in the pending index.
                 self._mark(False, exc)
@@ -1285,14 +1285,66 @@ class RedisStore:
             self._mark(True)
             for call, answer in zip(calls, answers, strict=True):
                 if answer:
-                    self._begin(
-                        call,
-                        started,
-                        epoch=int(answer[0]),
-                        stored=_text(answer[1]),
-                        entries=_entries(answer[2]),
-                        fed=_text(answer[3]),
-                    )
+                    self._begin_claimed(call, started, answer)
+
+    async def _answer_loop(self) -> None:
+        """Take each call whose new incoming call waits to be answered with nobody on it,
+        whatever this instance's room, as its ingest would have: Graph drops a call not
+        answered within 15 s, and its handlers wait for no slot (``_claim_loop`` looks at
+        ``runnable`` only with room). One call at a time: the instances waiting take turns."""
+        keys = self._keys
+        pause = _RETRY_PAUSE
+        while not self._draining:
+            try:
+                popped = await self._blocking.bzpopmin(keys.ringing, timeout=_BLOCK_SECONDS)
+                if not popped:
+                    continue
+                started = time.monotonic()
+                call = _text(popped[1])
+                self._taking += 1  # counted against the room until owned, as any claim
+                try:
+                    answer = await self._script_run(self._claim(call, ringing=True))
+                finally:
+                    self._taken(1)  # nothing awaits between this and the run begun below
+            except RedisError as exc:
+                # Popped and not taken: in ``runnable`` still, and the reaper wakes it again.
+                self._mark(False, exc)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 1.0)
+                continue
+            except Exception:
+                log.exception("store_claim_failed")
+                await asyncio.sleep(_RETRY_PAUSE)
+                continue
+            pause = _RETRY_PAUSE
+            self._mark(True)
+            if answer:
+                self._begin_claimed(call, started, answer)
+
+    def _claim(self, call: str, *, ringing: bool = False) -> tuple[Any, ...]:
+        """The script taking a call that waits with nobody on it (``ringing``: only while its
+        incoming call waits to be answered)."""
+        return _cmd(
+            _scripts.CLAIM,
+            self._keys.of(call, "inbox", "lease", "fence", "call"),
+            self.token,
+            self._lease_ms,
+            _READ_BATCH,
+            _LIFETIME_MS,
+            "1" if ringing else "",
+        )
+
+    def _begin_claimed(self, call: str, started: float, answer: Any) -> None:
+        """Run a call a CLAIM script gave this instance (its answer: what the acquisition
+        read)."""
+        self._begin(
+            call,
+            started,
+            epoch=int(answer[0]),
+            stored=_text(answer[1]),
+            entries=_entries(answer[2]),
+            fed=_text(answer[3]),
+        )
 
     def _begin_taken(self, call: str, started: float, answer: Any) -> None:
         """Run a call the INGEST script gave this instance (its answer: fresh, who, entry,
@@ -1773,8 +1825,10 @@ class RedisStore:
     async def _expire_indexes(self) -> None:
         """The shared indexes expire a day after the last instance that touched them."""
         keys = self._keys
-        shared = (keys.pending, keys.unpending, keys.active, keys.events, keys.runnable)
-        await self._run_all([("PEXPIRE", key, _LIFETIME_MS) for key in shared])
+        shared = [keys.pending, keys.unpending, keys.active, keys.events]
+        await self._run_all(
+            [("PEXPIRE", key, _LIFETIME_MS) for key in (*shared, keys.runnable, keys.ringing)]
+        )
 
     async def _flush_indexes(self) -> None:
         changes, self._index_changes = self._index_changes, {}
@@ -1937,13 +1991,13 @@ class RedisStore:
         after it indexed the call again itself. How many calls it made runnable."""
         keys = self._keys
         probes = await self._run_all(
-            [_cmd(_scripts.PROBE, keys.of(call, "inbox", "lease")) for call, _ in calls]
+            [_cmd(_scripts.PROBE, keys.of(call, "inbox", "lease", "fence")) for call, _ in calls]
         )
-        waiting: list[tuple[str, float]] = []
+        waiting: list[tuple[str, float, bool]] = []
         settled: list[Any] = []
         for (call, generation), probe in zip(calls, probes, strict=True):
             if int(probe[0]) == 1:
-                waiting.append((call, _stream_id(_text(probe[1]))[0]))
+                waiting.append((call, _stream_id(_text(probe[1]))[0], bool(int(probe[2]))))
             settled += [call, generation, "1" if int(probe[0]) else "0"]
         # A call with work goes back into ``pending`` in the step that takes it out of
         # ``unpending``: stopped at any point, the reaper still finds it.
@@ -1952,13 +2006,18 @@ class RedisStore:
         answers = await self._run_all(commands)
         return int(answers[0]) if waiting else 0
 
-    def _wake(self, waiting: Sequence[tuple[str, float]]) -> tuple[Any, ...]:
-        """The script making calls runnable, each scored by its oldest waiting entry (ms):
-        a script that runs when Redis is full, since handing a call over frees memory."""
+    def _wake(self, waiting: Sequence[tuple[str, float, bool]]) -> tuple[Any, ...]:
+        """The script making calls runnable, each scored by its oldest waiting entry (ms),
+        and ringing too if its incoming call waits to be answered: a script that runs when
+        Redis is full, since handing a call over frees memory."""
         return _cmd(
             _scripts.WAKE,
-            (self._keys.runnable,),
-            *[part for call, score in waiting for part in (score, call)],
+            (self._keys.runnable, self._keys.ringing),
+            *[
+                part
+                for call, score, ringing in waiting
+                for part in (score, call, "1" if ringing else "0")
+            ],
         )
 
     def _resting_record(self, key: str, stored: str) -> CallRecord | None:
@@ -1993,9 +2052,9 @@ class RedisStore:
         elif outcome == 1:
             self._rest(state)
         elif outcome == 2:
-            score = _stream_id(_text(answer[1]))[0]
+            waiting = (state.key, _stream_id(_text(answer[1]))[0], bool(int(answer[2])))
             with contextlib.suppress(RedisError):  # else the reaper wakes it
-                await self._script_run(self._wake([(state.key, score)]))
+                await self._script_run(self._wake([waiting]))
         return outcome
 
     def _rest(self, state: _Owned) -> None:
@@ -2133,13 +2192,13 @@ class RedisStore:
         woken = 0
         async for calls in self._scan("SSCAN", keys.pending):
             probes = await self._run_all(
-                [_cmd(_scripts.PROBE, keys.of(call, "inbox", "lease")) for call in calls]
+                [_cmd(_scripts.PROBE, keys.of(call, "inbox", "lease", "fence")) for call in calls]
             )
-            waiting: list[tuple[str, float]] = []
+            waiting: list[tuple[str, float, bool]] = []
             idle: list[str] = []
             for call, probe in zip(calls, probes, strict=True):
                 if int(probe[0]) == 1:
-                    waiting.append((call, _stream_id(_text(probe[1]))[0]))
+                    waiting.append((call, _stream_id(_text(probe[1]))[0], bool(int(probe[2]))))
                 elif int(probe[0]) == 0:
                     idle.append(call)
             if waiting:

@@ -13,7 +13,9 @@ one slot. Keys of one call (``{p}`` is the store's prefix):
   least the server's clock in milliseconds, so that it grows even after Redis lost it);
   ``fed``, the last entry id an owner may have handed to its handlers; ``r``, the last
   epoch whose run gave the call up; ``v``, the last epoch whose lease was taken back
-  after it expired; ``b``, what the inbox's entries take in bytes (the call's backlog)
+  after it expired; ``b``, what the inbox's entries take in bytes (the call's backlog);
+  ``i``, the entry of the call's new incoming call (it waits to be answered while that
+  entry is in the inbox, unacknowledged)
 * ``call``   string: the call's record (JSON, see ``_codec``)
 * ``journal`` hash: outcomes of Graph actions of handler runs, by entry and step
   (see ``callbot._journal``)
@@ -25,8 +27,10 @@ are written by the store next to the scripts of a call, never inside them (see
 ``_redis``). Two of them share a slot, and two scripts of their own: ``pending`` (a
 set: calls whose inbox may hold entries, where the reaper looks) and ``unpending`` (a
 hash: calls taken off ``pending`` and not looked at again yet, with a generation).
-``runnable`` (a sorted set: calls waiting with nobody on them) is written by WAKE, and
-the ``reaper`` (a string: which instance reaps this round) by TURN when Redis is full.
+``runnable`` (a sorted set: calls waiting with nobody on them) and ``ringing`` (the same,
+for those of them whose incoming call waits to be answered, in the same slot) are written
+by WAKE, and the ``reaper`` (a string: which instance reaps this round) by TURN when Redis
+is full.
 
 Time comes from the server (``TIME``, stream ids), so instances' clocks never matter.
 
@@ -42,7 +46,8 @@ calls of an instance lost). What it adds is small and bounded by what is stored 
 running the accepted entries is what frees memory: their checkpoint trims the inbox.
 Refused, they would keep the backlog stored exactly when Redis needs room. PROBE writes
 nothing: it runs anyway. (A script with the flag may touch keys of one Cluster slot only:
-those of one call, or ``pending`` and ``unpending``, or ``runnable``, or ``reaper``, are.)
+those of one call, or ``pending`` and ``unpending``, or ``runnable`` and ``ringing``, or
+``reaper``, are.)
 
 Fencing: a run holds the lease value ``{token}/{epoch}``; a checkpoint, renewal or
 release is accepted only while the lease is that value, or while nobody holds the
@@ -115,6 +120,13 @@ local function holds(lease, fence, mine, epoch, lease_ms)
   end
   return false
 end
+local function ringing(inbox, fence)
+  -- 1 while the call's new incoming call waits, unacknowledged: Graph drops it unanswered
+  -- after 15 s, so any instance takes the call whatever its room, as the ingest does
+  local id = redis.call('HGET', fence, 'i')
+  if id and #redis.call('XRANGE', inbox, id, id) > 0 then return 1 end
+  return 0
+end
 local function give_up(lease, fence, epoch)
   redis.call('DEL', lease)
   redis.call('HSET', fence, 'r', epoch)
@@ -152,7 +164,7 @@ INGEST = Script(
 --       the tenant the request's token proves (its tenant_key) or '', digests kept,
 --       the tenant a call the bot placed was placed in (its tenant_key) or '',
 --       the most entries and bytes the inbox may hold before one more is refused
---       ('' '': no bound, for a fact of the bot's own)
+--       ('' '': no bound, for a fact of the bot's own), 1 if it is a new incoming call
 local inbox, seen, lease, fence = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local digest, token = ARGV[1], ARGV[4]
 local fresh, id, before = 1, '', ''
@@ -183,6 +195,9 @@ else
   id = redis.call('XADD', inbox, '*', 'e', ARGV[2])
   redis.call('PEXPIRE', inbox, ARGV[7])
   redis.call('HSET', fence, 'b', size + #ARGV[2])
+  if ARGV[13] == '1' then
+    redis.call('HSET', fence, 'i', id)  -- to be answered: see ringing()
+  end
   redis.call('PEXPIRE', fence, ARGV[7])
   if digest ~= '' then
     -- scored in the order appended, within a millisecond too (exact below 2^53): the
@@ -216,7 +231,7 @@ if ARGV[5] ~= '' then
   local taken = acquire(inbox, lease, fence, KEYS[5], token, ARGV[5], ARGV[6], ARGV[7])
   return {fresh, 2, id, taken[1], taken[2], taken[3], taken[4]}
 end
-return {fresh, 3, id, first[1][1]}
+return {fresh, 3, id, first[1][1], ringing(inbox, fence)}
 """,
 )
 """Accept one notification: refuse it (``-1``) if its call was first seen with another
@@ -231,7 +246,9 @@ that lease was taken back after it expired; the entry is noted as fed, since the
 holding that lease is handed it with the answer),
 this one from now on
 (2, with the epoch, the record, the first entries and the previous ``fed`` mark), or
-nobody (3, with the oldest entry id: the store makes the call runnable)."""
+nobody (3, with the oldest entry id and whether the call's incoming call waits to be
+answered: the store makes the call runnable). A new incoming call's entry is noted in
+``fence.i``."""
 
 CLAIM = Script(
     "claim",
@@ -239,15 +256,20 @@ CLAIM = Script(
     + _HELPERS
     + """
 -- KEYS: inbox, lease, fence, record
--- ARGV: token, lease (ms), read batch, lifetime (ms)
+-- ARGV: token, lease (ms), read batch, lifetime (ms), 1 to take it only while its
+--       incoming call waits to be answered
 if redis.call('EXISTS', KEYS[2]) == 1 or redis.call('XLEN', KEYS[1]) == 0 then
+  return {}
+end
+if ARGV[5] == '1' and ringing(KEYS[1], KEYS[3]) == 0 then
   return {}
 end
 return acquire(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
 """,
 )
 """Take a runnable call: a new epoch and lease, the record, the first entries and the
-previous ``fed`` mark; ``{}`` when someone holds it or nothing waits."""
+previous ``fed`` mark; ``{}`` when someone holds it or nothing waits (or, asked so, when
+its incoming call no longer waits to be answered)."""
 
 CHECKPOINT = Script(
     "checkpoint",
@@ -343,13 +365,14 @@ if ARGV[5] and ARGV[5] ~= '' then
 end
 give_up(KEYS[2], KEYS[3], ARGV[2])
 if #first > 0 then
-  return {2, first[1][1]}
+  return {2, first[1][1], ringing(KEYS[1], KEYS[3])}
 end
 return {1}
 """,
 )
 """Give a call up: only when its inbox is empty ({1}; {0}: entries arrived, go on; {-1}:
-not ours), or, handing it over, always ({2, oldest id}: the store makes it runnable).
+not ours), or, handing it over, always ({2, oldest id, 1 if its incoming call waits to be
+answered}: the store makes it runnable).
 A run that stops with nothing of the call running names the last entry handed to
 handlers, so that the ``fed`` mark no longer covers entries it was told of and never ran."""
 
@@ -370,20 +393,21 @@ return 0
 
 PROBE = Script(
     "probe",
-    """
--- KEYS: inbox, lease
+    _HELPERS
+    + """
+-- KEYS: inbox, lease, fence
 if redis.call('EXISTS', KEYS[2]) == 1 then
   return {2}
 end
 local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
 if #first > 0 then
-  return {1, first[1][1]}
+  return {1, first[1][1], ringing(KEYS[1], KEYS[3])}
 end
 return {0}
 """,
 )
 """What the reaper needs of a call: leased (2), waiting with nobody on it (1, oldest
-id), or idle (0)."""
+id, 1 if its incoming call waits to be answered), or idle (0)."""
 
 RECORD = Script(
     "record",
@@ -456,17 +480,25 @@ WAKE = Script(
     "wake",
     WHEN_FULL
     + """
--- KEYS: runnable;  ARGV: score (the oldest waiting entry's ms), call, score, call, ...
+-- KEYS: runnable, ringing
+-- ARGV: score (the oldest waiting entry's ms), call, 1 if its incoming call waits to be
+--       answered, score, call, ...
 local woken = 0
-for i = 1, #ARGV, 2 do
+for i = 1, #ARGV, 3 do
   woken = woken + redis.call('ZADD', KEYS[1], 'NX', ARGV[i], ARGV[i + 1])
+  if ARGV[i + 2] == '1' then
+    redis.call('ZADD', KEYS[2], 'NX', ARGV[i], ARGV[i + 1])
+  end
 end
 return woken
 """,
 )
 """Make calls runnable for whichever instance takes them (a call there already keeps its
-place); how many were not there. Runs when Redis is full: a call handed over by an
-instance that stopped, or found by the reaper, waits for no room."""
+place); how many were not there. A call whose incoming call waits to be answered is also
+put in ``ringing``, which every instance not draining takes from whatever its room (an
+earlier release, which knows only ``runnable``, finds it there). Runs when Redis is full:
+a call handed over by an instance that stopped, or found by the reaper, waits for no
+room."""
 
 TURN = Script(
     "turn",
