@@ -36,7 +36,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from http import HTTPStatus
 from typing import Any
 
-from aiohttp import hdrs, web
+from aiohttp import StreamReader, hdrs, web
 from aiohttp.http import HttpVersion11
 from aiohttp.web_protocol import RequestHandler
 
@@ -252,6 +252,9 @@ class _Connection(RequestHandler):
         self.header_bytes: int | None = None
         """How many bytes of a request's headers have arrived while they are not complete
         (``None`` once they are, or while a request is answered)."""
+        self.payload: StreamReader | None = None
+        """The body of the request last answered while aiohttp may still be reading it (it
+        reads the rest of a body its handler left, for ``lingering_time``)."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -267,6 +270,12 @@ class _Connection(RequestHandler):
         if self.busy:
             super().data_received(data)
             return
+        if self.payload is not None:
+            if not self.payload.is_eof():
+                # The rest of an answered request's body, which aiohttp reads: no headers.
+                super().data_received(data)
+                return
+            self.payload = None
         if self.headers_since is None:
             # The first byte of a request starts its header deadline and its byte count.
             self.headers_since = loop_time()
@@ -283,13 +292,16 @@ class _Connection(RequestHandler):
         else:
             self.header_bytes = seen
 
-    def request_started(self) -> None:
+    def request_started(self, payload: StreamReader) -> None:
         self.busy = True
         self.headers_since = None
         self.header_bytes = None
+        self.payload = payload
 
     def request_finished(self) -> None:
         self.busy = False
+        if self.payload is not None and self.payload.is_eof():
+            self.payload = None  # all of it arrived: nothing left to read, nor to keep
         self._guard._touch(self)
 
     def headers_too_large(self) -> None:
@@ -369,7 +381,7 @@ class _Guarded:
         protocol = request.protocol
         if not isinstance(protocol, _Connection):
             return await self._inner(request)
-        protocol.request_started()
+        protocol.request_started(request.content)
         try:
             return await self._inner(request)
         except web.HTTPException as refusal:

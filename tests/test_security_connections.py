@@ -25,6 +25,7 @@ import aiohttp
 import pytest
 
 from callbot import Settings
+from callbot._serving import MAX_HEADER_BYTES
 from callbot.testing import TokenAuthority
 from callbot.testing import builders as b
 
@@ -257,6 +258,42 @@ async def test_headers_past_their_bound_get_431_while_a_large_body_is_read_whole
     status_line = await status_line_of(bot, head + body)
     assert status_line.startswith(b"HTTP/1.1 202"), status_line
     assert await metric(session, bot, closed_total("headers_too_large")) == 2
+
+
+async def test_the_rest_of_a_refused_body_is_no_next_request_s_headers(
+    authority: TokenAuthority,
+    tmp_path: Path,
+    processes: list[BotProcess],
+    session: aiohttp.ClientSession,
+) -> None:
+    """A request is answered once its headers are in, and aiohttp reads the rest of its body
+    after the answer: those bytes were counted as the next request's headers, so past 64 KiB
+    of them the bot wrote a bare 431 after its answer, closed the connection, and logged and
+    counted ``headers_too_large`` for a request that had none."""
+    bot = await start_bot(authority, tmp_path, processes, session)
+    reader, writer = await asyncio.open_connection("127.0.0.1", bot.port)
+    size = 4 * MAX_HEADER_BYTES
+    writer.write(
+        b"POST /api/calls HTTP/1.1\r\nHost: bot\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {size}\r\n\r\n".encode()
+    )
+    await writer.drain()
+    async with asyncio.timeout(20):
+        # No token: refused before any of the body is sent.
+        answer = await reader.readuntil(b"\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 401 "), answer
+        length = int(answer.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)
+        # The body, then another request on the same connection.
+        writer.write(b" " * size + b"GET /healthz HTTP/1.1\r\nHost: bot\r\n\r\n")
+        await writer.drain()
+        after = await reader.readuntil(b"\r\n\r\n")
+    writer.close()
+    assert after.startswith(b"HTTP/1.1 200 "), after
+    assert await metric(session, bot, closed_total("headers_too_large")) == 0
+    refusals = [e for e in bot.events() if e.get("event") == "callback_refused"]
+    assert [e["reason"] for e in refusals] == ["missing"]
+    assert not [e for e in bot.events() if e.get("event") == "connection_closed"]
 
 
 async def test_running_out_of_file_descriptors_is_one_counted_line(
