@@ -13,17 +13,22 @@ store's bound is reached, with the bound shared by 500 tenants against kept by o
 the bot keeps of call ids one token invents straight past ringing (``invented-established
 N`` measures that alone;
 ``invented-established-redis N`` measures it on the Redis store, with what an instance
-started afterwards takes up).
+started afterwards takes up). ``slow-bodies N`` serves a bot with ``bot.serve()`` and
+``max_connections`` N, and reports what N callback bodies of 4 MiB held, sent with another
+tenant's token one byte short of their end, and whether Graph's callback then got in.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
+import socket
 import sys
 import time
 import tracemalloc
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -335,6 +340,107 @@ async def blocked_handler_backlog(bodies: int = 999, size: int = 1_000_000) -> s
     )
 
 
+async def _settled_traced_memory() -> int:
+    """The traced bytes once they stopped growing for half a second (what the bot reads off
+    its sockets arrives at its own pace)."""
+    last = -1
+    while (now := tracemalloc.get_traced_memory()[0]) != last:
+        last = now
+        await asyncio.sleep(0.5)
+        gc.collect()
+    return last
+
+
+async def slow_bodies(count: int) -> str:
+    """What ``count`` callback bodies of ``max_body_bytes`` (4 MiB) hold, each sent with a
+    valid token of another tenant but its last byte, on every connection ``max_connections``
+    allows; then how Graph's own callback fares."""
+    authority = TokenAuthority()
+    await authority.start()
+    bot = CallBot(
+        app_id=APP_ID,
+        tenant_id=TEST_TENANT_ID,
+        openid_config_url=authority.openid_config_url,
+        public_url="https://bot.example.test",
+        keep_alive=False,
+        log_level="critical",
+        max_connections=count,
+    )
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    stop = asyncio.Event()
+    serving = asyncio.create_task(bot.serve("127.0.0.1", port, stop=stop))
+    size = bot.settings.max_body_bytes
+    url = f"http://127.0.0.1:{port}/api/calls"
+    stranger = authority.mint(audience=APP_ID, tenant_id="0b1f4c5e-7a2d-4e3b-9c8d-112233445566")
+    connections: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def send_all_but_the_last_byte() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        connections.append((reader, writer))
+        writer.write(
+            f"POST /api/calls HTTP/1.1\r\nHost: bot\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer {stranger}\r\nContent-Length: {size}\r\n\r\n".encode()
+        )
+        with contextlib.suppress(ConnectionError):  # refused and closed, if the bot does so
+            for start in range(0, size - 1, 65536):
+                writer.write(b" " * min(65536, size - 1 - start))
+                await writer.drain()
+
+    async def answer(reader: asyncio.StreamReader) -> str:
+        try:
+            line = await asyncio.wait_for(reader.readline(), 0.1)
+        except TimeoutError:
+            return "none yet"
+        except ConnectionError:
+            return "reset"
+        return line.decode().split(" ", 2)[1] if line else "closed"
+
+    try:
+        async with aiohttp.ClientSession() as session:
+            while True:  # until it listens
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with session.get(f"http://127.0.0.1:{port}/readyz") as response:
+                        if response.status == 200:
+                            break
+                await asyncio.sleep(0.05)
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            await asyncio.gather(*(send_all_but_the_last_byte() for _ in range(count)))
+            held = await _settled_traced_memory() - before
+        finally:
+            tracemalloc.stop()
+        answers = Counter([await answer(reader) for reader, _ in connections])
+        body = json.dumps(b.notifications(b.incoming_call("genuine-call"))).encode()
+        headers = {
+            "Authorization": f"Bearer {authority.mint(audience=APP_ID)}",
+            "Content-Type": "application/json",
+        }
+        try:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.post(url, data=body, headers=headers) as response,
+            ):
+                genuine = f"HTTP {response.status}"
+        except aiohttp.ClientError as exc:
+            genuine = type(exc).__name__
+    finally:
+        for _, writer in connections:
+            writer.close()
+        stop.set()
+        await serving
+        await authority.close()
+    shown = ", ".join(f"{n} {what}" for what, n in sorted(answers.items()))
+    return (
+        f"{count} callback bodies of {size:,} bytes but one, another tenant's token, at"
+        f" max_connections={count}: {held / 2**20:.0f} MiB traced; answers: {shown};"
+        f" Graph's callback then: {genuine}"
+    )
+
+
 async def main(count: int, invented: int | None = None) -> None:
     # create_app() leaves logging to its host: here, this script.
     configure_logging("json", "error")
@@ -367,7 +473,9 @@ async def main(count: int, invented: int | None = None) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["invented-established-redis"]:
+    if sys.argv[1:2] == ["slow-bodies"]:
+        print(asyncio.run(slow_bodies(int(sys.argv[2]) if len(sys.argv) > 2 else 40)))
+    elif sys.argv[1:2] == ["invented-established-redis"]:
         configure_logging("json", "error")
         calls = int(sys.argv[2]) if len(sys.argv) > 2 else 20_000
         print(asyncio.run(invented_established_redis(calls)))

@@ -25,8 +25,9 @@ from ._errors import AuthenticationError, KeysUnavailable, MalformedNotification
 from ._log import RateLimitedLog, get_logger, is_enabled
 from ._parse import parse_body_in_parts
 from ._proxy import forwarded_client
+from ._serving import BodyBudget, displaceable
 
-__all__ = ["Receiver"]
+__all__ = ["CALLBACK_BODIES_AT_ONCE", "TENANT_BODIES_AT_ONCE", "Receiver"]
 
 # How a malformed body is answered, when not 400: too many items, or another tenant's.
 _REFUSALS = {
@@ -40,6 +41,14 @@ _REFUSALS = {
 _RETRY_AFTER = {"call_backlog_full": "1"}
 
 log = get_logger("callbot.receiver")
+
+CALLBACK_BODIES_AT_ONCE = 16
+"""How many bodies of ``max_body_bytes`` callbacks hold at most, all tenants together, from
+before a body is read until its request is answered: 64 MiB by default. A body that came
+whole with its headers (as Graph's usually do) is not counted: refusing it frees nothing."""
+TENANT_BODIES_AT_ONCE = 8
+"""How many of those the callbacks of one tenant hold at most: a token of any tenant passes
+while ``allowed_tenants`` is empty, and one tenant's must not take what the others' need."""
 
 # What _buffered_body returns while the body is still on its way.
 _NOT_BUFFERED = b"\0not buffered"
@@ -110,6 +119,13 @@ class Receiver:
         """While true, callbacks get 503 so that Graph retries against another instance."""
         self.counts: Counter[tuple[str, str]] = Counts()
         """(outcome, reason) -> count: accepted items, and refused requests by reason."""
+        self.bodies = BodyBudget(
+            lambda: max_body_bytes,
+            bodies=CALLBACK_BODIES_AT_ONCE,
+            what="callback bodies",
+            per_sender=(TENANT_BODIES_AT_ONCE, "tenant"),
+        )
+        """What the bodies of callbacks being read (or handled once read) hold, by tenant."""
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Answer one callback POST."""
@@ -167,22 +183,53 @@ class Receiver:
                     f"Content-Encoding {coding[:64]!r} is not accepted: send the body as it is",
                     self._context(request, tenant_id),
                 )
-        try:
-            body = self._buffered_body(request)
-            if body is _NOT_BUFFERED:
-                async with asyncio.timeout(self._body_timeout):
-                    body = await self._read_limited(request)
-        except TimeoutError:
-            # A sender that trickles its body would otherwise hold the connection open.
+        body = self._buffered_body(request)
+        if body is not _NOT_BUFFERED:
+            return await self._handle_body(request, body, tenant_id, started)
+        # Still on its way: held within the callbacks' budget, and the tenant's share of it.
+        claimed = self.bodies.size_of(request)
+        refusal = self.bodies.claim(claimed, tenant_id)
+        if refusal is not None:
             response = self._refuse(
-                408,
-                "malformed",
-                "body_timeout",
-                f"body not received within {self._body_timeout} s",
+                503,
+                "unavailable",
+                "bodies_busy",
+                refusal,
                 self._context(request, tenant_id),
+                headers={"Retry-After": "1"},
             )
-            response.force_close()
+            response.force_close()  # its body is not read
             return response
+        try:
+            try:
+                with displaceable(request, "a callback's body"):
+                    async with asyncio.timeout(self._body_timeout):
+                        body = await self._read_limited(request)
+            except TimeoutError:
+                # A sender that trickles its body would otherwise hold the connection open.
+                response = self._refuse(
+                    408,
+                    "malformed",
+                    "body_timeout",
+                    f"body not received within {self._body_timeout} s",
+                    self._context(request, tenant_id),
+                )
+                response.force_close()
+                return response
+            except ConnectionResetError:
+                # Gone before its body was: closed by its sender, or for a new connection (the
+                # guard said so). Nobody reads an answer.
+                response = web.Response(status=400)
+                response.force_close()
+                return response
+            return await self._handle_body(request, body, tenant_id, started)
+        finally:
+            self.bodies.release(claimed, tenant_id)
+
+    async def _handle_body(
+        self, request: web.Request, body: bytes | None, tenant_id: str, started: float
+    ) -> web.StreamResponse:
+        """Answer a callback whose token passed, once its body is read (``None``: too large)."""
         if body is None:
             return self._refuse(
                 413,
@@ -203,6 +250,15 @@ class Receiver:
                     "malformed",
                     "bad_content_type",
                     f"unknown charset {charset[:64]!r}",
+                    self._context(request, tenant_id),
+                )
+            if len(body) > self._max_body:
+                # Decoded, it grew: a byte of Windows-1252 may be three of UTF-8.
+                return self._refuse(
+                    413,
+                    "malformed",
+                    "too_large",
+                    f"body larger than {self._max_body} bytes read as {charset[:64]!r}",
                     self._context(request, tenant_id),
                 )
         try:

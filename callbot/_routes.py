@@ -28,7 +28,7 @@ from aiohttp.typedefs import Handler
 from ._config import BOT_PATHS
 from ._log import get_logger
 from ._proxy import forwarded_client
-from ._serving import displaceable
+from ._serving import BodyBudget, displaceable
 
 __all__ = ["BODIES_AT_ONCE", "BOT_PATHS", "checked_routes", "reading_bodies_first"]
 
@@ -95,7 +95,7 @@ def reading_bodies_first(
 ) -> list[web.AbstractRouteDef]:
     """``routes``, each handler given its request once the body is read (static files as
     they are). Their bodies share one bound (:data:`BODIES_AT_ONCE`)."""
-    held = _Held()
+    held = BodyBudget(max_body_bytes, bodies=BODIES_AT_ONCE, what="the routes' bodies")
     return [
         web.RouteDef(
             route.method,
@@ -109,20 +109,11 @@ def reading_bodies_first(
     ]
 
 
-class _Held:
-    """What the bodies of the author's routes hold now, in bytes (as declared, or at most)."""
-
-    __slots__ = ("bytes",)
-
-    def __init__(self) -> None:
-        self.bytes = 0
-
-
 def _body_first(
     handler: RouteHandler,
     body_timeout: Callable[[], float],
     max_body_bytes: Callable[[], int],
-    held: _Held,
+    held: BodyBudget,
 ) -> Handler:
     async def read_then_handle(request: web.Request) -> web.StreamResponse:
         if not request.body_exists:
@@ -133,20 +124,14 @@ def _body_first(
             return _refused(
                 request, 413, "body_too_large", f"a body of {declared} bytes; at most {largest}"
             )
-        claimed = largest if declared is None else declared  # chunked: as much as may come
-        if held.bytes + claimed > BODIES_AT_ONCE * largest:
-            return _refused(
-                request,
-                503,
-                "bodies_busy",
-                f"the routes' bodies hold {held.bytes} bytes; at most "
-                f"{BODIES_AT_ONCE * largest} at once",
-            )
-        held.bytes += claimed
+        claimed = held.size_of(request)
+        refusal = held.claim(claimed)
+        if refusal is not None:
+            return _refused(request, 503, "bodies_busy", refusal)
         try:
             timeout = body_timeout()
             try:
-                with displaceable(request):
+                with displaceable(request, "a route's body"):
                     async with asyncio.timeout(timeout):
                         # aiohttp keeps it: the handler's read(), text(), json() and post()
                         # get it. Past client_max_size (max_body_bytes): aiohttp's 413.
@@ -163,7 +148,7 @@ def _body_first(
                 return response
             return await handler(request)
         finally:
-            held.bytes -= claimed
+            held.release(claimed)
 
     return read_then_handle
 

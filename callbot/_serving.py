@@ -11,9 +11,10 @@ listener (``CallBot.serve``) uses :class:`ConnectionGuard` instead:
 * an idle connection (fresh, or between requests) closes after ``idle_timeout``
   (aiohttp's keep-alive timeout, set by ``CallBot.create_app``);
 * at most ``max_connections`` are open: a new one closes the longest-idle
-  connection (one still sending the body of a request for a route of the author's
-  counts as idle: nothing of its sender is proven), or is itself closed when every
-  open one is busy with a request;
+  connection, or is itself closed when every open one is busy with a request. One
+  still sending a body, for a route of the author's or a callback, counts as idle from
+  when its body began (:func:`displaceable`): a sender proves nothing by sending, and a
+  callback's token may be any tenant's, so trickled bodies cannot keep Graph's callbacks out;
 * malformed requests get a bare ``400 Bad Request`` and accept errors (no file
   descriptors left) one log line each, at most once per ``log_interval`` per
   kind, counted in ``callbot_connections_closed_total``;
@@ -23,7 +24,8 @@ listener (``CallBot.serve``) uses :class:`ConnectionGuard` instead:
   since the access log is off.
 
 The body deadline (``body_timeout``) is kept by what reads bodies: the receiver, and
-for routes of the author's (``CallBot.add_routes``) ``callbot._routes``. Those routes'
+for routes of the author's (``CallBot.add_routes``) ``callbot._routes``; so is the bound
+on the bytes their bodies hold at once (:class:`BodyBudget`, one for each). Those routes'
 connections are guarded as the callback's are: the guard wraps the whole server.
 """
 
@@ -44,7 +46,7 @@ from ._clock import loop_time
 from ._log import RateLimitedLog, get_logger
 from ._proxy import forwarded_client, peer_address
 
-__all__ = ["MAX_HEADER_BYTES", "ConnectionGuard", "displaceable"]
+__all__ = ["MAX_HEADER_BYTES", "BodyBudget", "ConnectionGuard", "displaceable"]
 
 log = get_logger("callbot.server")
 
@@ -147,13 +149,13 @@ class ConnectionGuard:
 
     def _admit(self, conn: _Connection) -> bool:
         if len(self._open) >= self.max_connections:
-            oldest_idle = next((c for c in self._open if not c.busy or c.displaceable), None)
+            oldest_idle = next((c for c in self._open if not c.busy or c.sending is not None), None)
             if oldest_idle is None:
                 self._count("refused", "every open connection is busy")
                 return False
             why = "the connection bound was reached; "
             if oldest_idle.busy:
-                why += "the oldest still sending a route's body closed"
+                why += f"the oldest still sending {oldest_idle.sending} closed"
             else:
                 why += "the oldest idle one closed"
             self._count("evicted", why)
@@ -244,9 +246,9 @@ class _Connection(RequestHandler):
         super().__init__(manager, **options)
         self._guard = guard
         self.busy = False
-        self.displaceable = False
-        """Busy receiving a body nothing proves yet (:func:`displaceable`): closed for a new
-        connection as an idle one would be."""
+        self.sending: str | None = None
+        """What body it is busy receiving, while that makes it displaceable (:func:`displaceable`):
+        closed for a new connection as an idle one would be."""
         self.headers_since: float | None = None
         """When the first byte of a request whose headers are not complete arrived."""
         self.header_bytes: int | None = None
@@ -351,19 +353,87 @@ class _Connection(RequestHandler):
 
 
 @contextlib.contextmanager
-def displaceable(request: web.BaseRequest) -> Iterator[None]:
-    """While inside, ``request``'s connection may be closed to admit a new one, as an idle
-    one is: its sender proved nothing yet (a body for a route of the author's, which callbot
-    cannot authenticate), so trickling it must not keep Graph's callbacks out."""
+def displaceable(request: web.BaseRequest, sending: str) -> Iterator[None]:
+    """While inside, ``request``'s connection (receiving ``sending``, "a route's body") may
+    be closed to admit a new one, as an idle one is, and was last active when its body
+    began: the one sending longest goes first. Its sender proved nothing that entitles it to a place
+    (a route's body comes from anyone, a callback's with a token of any tenant), so trickling
+    bodies must not keep Graph's callbacks out. Closed, its body's reads raise
+    ``ConnectionResetError``."""
     protocol = request.protocol
     if not isinstance(protocol, _Connection):
         yield  # another server's (an app served by the author's own runner)
         return
-    protocol.displaceable = True
+    protocol.sending = sending
+    protocol._guard._touch(protocol)
     try:
         yield
     finally:
-        protocol.displaceable = False
+        protocol.sending = None
+
+
+class BodyBudget:
+    """The bytes bodies of one kind (the callback's, the author's routes') hold while they are
+    read and handled: at most ``bodies`` times ``max_body_bytes`` in all, and with
+    ``per_sender``, at most that many times it for one sender (a tenant). A body counts as
+    its ``Content-Length``, or as ``max_body_bytes`` without one (chunked: as much as may
+    come), from before it is read until its request is answered."""
+
+    __slots__ = ("_by_sender", "_largest", "bodies", "held", "per_sender", "what")
+
+    def __init__(
+        self,
+        max_body_bytes: Callable[[], int],
+        *,
+        bodies: int,
+        what: str,
+        per_sender: tuple[int, str] | None = None,
+    ) -> None:
+        self._largest = max_body_bytes
+        self.bodies = bodies
+        self.what = what
+        """What the bodies are, for a refusal's detail ("the routes' bodies")."""
+        self.per_sender = per_sender
+        """How many bodies of ``max_body_bytes`` one sender holds at most, and what a sender
+        is ("tenant"), or ``None`` when senders are not told apart."""
+        self.held = 0
+        """The bytes held now, by every sender."""
+        self._by_sender: dict[str, int] = {}
+
+    def size_of(self, request: web.BaseRequest) -> int:
+        """What ``request``'s body counts as."""
+        declared = request.content_length
+        return self._largest() if declared is None else declared
+
+    def held_by(self, sender: str) -> int:
+        """The bytes ``sender``'s bodies hold now."""
+        return self._by_sender.get(sender, 0)
+
+    def claim(self, size: int, sender: str = "") -> str | None:
+        """Hold ``size`` bytes for ``sender``: ``None`` once they are held (give them back
+        with :meth:`release`), else why not (nothing held)."""
+        largest = self._largest()
+        if self.per_sender is not None:
+            bodies, kind = self.per_sender
+            mine, share = self._by_sender.get(sender, 0), bodies * largest
+            if mine + size > share:
+                return f"{self.what} of this {kind} hold {mine} bytes; at most {share} at once"
+        limit = self.bodies * largest
+        if self.held + size > limit:
+            every = "" if self.per_sender is None else f" of every {self.per_sender[1]}"
+            return f"{self.what}{every} hold {self.held} bytes; at most {limit} at once"
+        self.held += size
+        if self.per_sender is not None:
+            self._by_sender[sender] = self._by_sender.get(sender, 0) + size
+        return None
+
+    def release(self, size: int, sender: str = "") -> None:
+        """Give back what :meth:`claim` held."""
+        self.held -= size
+        if self.per_sender is not None:
+            left = self._by_sender.pop(sender) - size
+            if left:
+                self._by_sender[sender] = left  # no sender is kept once it holds nothing
 
 
 RequestHandlerFunction = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]

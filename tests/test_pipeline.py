@@ -259,6 +259,28 @@ async def test_a_codec_that_is_no_character_set_is_refused_before_it_decodes(
     assert recorder.seen == []
 
 
+async def test_a_body_read_in_its_charset_is_held_to_max_body_bytes_once_decoded(
+    authority: Any, serve: Any
+) -> None:
+    """Read in the charset it names, a body grows: a Windows-1252 ``€`` (one byte) is three
+    in UTF-8, as is each byte a charset cannot read (U+FFFD). Its size was checked before it
+    was decoded only, so a 4 MiB body reached the parser as up to 12 MiB."""
+    bot, recorder = recording_bot(authority, max_body_bytes=1024)
+    server = await serve(bot)
+    item = b.incoming_call("euros", caller_name="€" * 100)
+    body = json.dumps(b.notifications(item), ensure_ascii=False).encode("cp1252")
+    assert len(body) <= 1024 < len(body.decode("cp1252").encode())
+    with capture_logs() as logs:
+        response = await server.post(
+            None, raw=body, headers={"Content-Type": "application/json; charset=windows-1252"}
+        )
+    assert response.status == 413
+    assert (await response.json())["error"] == "too_large"
+    [refusal] = [entry for entry in logs if entry["event"] == "callback_refused"]
+    assert "windows-1252" in refusal["detail"]
+    assert recorder.seen == []
+
+
 async def test_bad_tokens_get_401_with_a_bearer_challenge(authority: Any, serve: Any) -> None:
     bot, recorder = recording_bot(authority)
     server = await serve(bot)
