@@ -16,6 +16,8 @@ N`` measures that alone;
 started afterwards takes up). ``slow-bodies N`` serves a bot with ``bot.serve()`` and
 ``max_connections`` N, and reports what N callback bodies of 4 MiB held, sent with another
 tenant's token one byte short of their end, and whether Graph's callback then got in.
+``charsets N`` reports what the bot keeps after N bodies that are not UTF-8, each labelled
+with a charset of a name no codec has, of 8,000 characters and each another.
 """
 
 from __future__ import annotations
@@ -340,6 +342,44 @@ async def blocked_handler_backlog(bodies: int = 999, size: int = 1_000_000) -> s
     )
 
 
+async def unknown_charsets(url: str, authority: TokenAuthority, count: int) -> str:
+    """What ``count`` bodies that are not UTF-8 leave behind, each naming a charset no codec
+    has (8,000 characters, each name another), once aiohttp's caches of the last
+    ``Content-Type`` headers it parsed are full."""
+    body = b'{"value": [], "name": "Jos\xe9"}'
+    names = [f"x-{n}-" + "a" * 8000 for n in range(100 + count)]
+    token = authority.mint(audience=APP_ID, tenant_id="0b1f4c5e-7a2d-4e3b-9c8d-112233445566")
+    statuses: Counter[int] = Counter()
+    async with aiohttp.ClientSession() as session:
+
+        async def post(name: str) -> None:
+            headers = {
+                "Authorization": f"Bearer {token}",
+                "Content-Type": f"application/json; charset={name}",
+            }
+            async with session.post(url, data=body, headers=headers) as response:
+                statuses[response.status] += 1
+
+        gc.collect()
+        tracemalloc.start()
+        try:
+            for name in names[:100]:
+                await post(name)
+            gc.collect()
+            before = tracemalloc.get_traced_memory()[0]
+            for name in names[100:]:
+                await post(name)
+            gc.collect()
+            kept = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+    answers = ", ".join(f"{n} x {status}" for status, n in sorted(statuses.items()))
+    return (
+        f"{count} bodies naming a charset no codec has, 8,000 characters each another: "
+        f"{kept / 2**20:.1f} MiB kept ({kept / count / 1024:.1f} KiB each); answers {answers}"
+    )
+
+
 async def _settled_traced_memory() -> int:
     """The traced bytes once they stopped growing for half a second (what the bot reads off
     its sockets arrives at its own pace)."""
@@ -441,7 +481,7 @@ async def slow_bodies(count: int) -> str:
     )
 
 
-async def main(count: int, invented: int | None = None) -> None:
+async def main(count: int, invented: int | None = None, charsets: int | None = None) -> None:
     # create_app() leaves logging to its host: here, this script.
     configure_logging("json", "error")
     authority = TokenAuthority()
@@ -461,6 +501,9 @@ async def main(count: int, invented: int | None = None) -> None:
         if invented is not None:
             print(await invented_established(url, authority, bot, invented))
             return
+        if charsets is not None:
+            print(await unknown_charsets(url, authority, charsets))
+            return
         print(await token_memory(url, authority, count))
         print(await many_items(url, authority))
         print(largest_body())
@@ -473,7 +516,9 @@ async def main(count: int, invented: int | None = None) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["slow-bodies"]:
+    if sys.argv[1:2] == ["charsets"]:
+        asyncio.run(main(0, charsets=int(sys.argv[2]) if len(sys.argv) > 2 else 3000))
+    elif sys.argv[1:2] == ["slow-bodies"]:
         print(asyncio.run(slow_bodies(int(sys.argv[2]) if len(sys.argv) > 2 else 40)))
     elif sys.argv[1:2] == ["invented-established-redis"]:
         configure_logging("json", "error")

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import encodings
+import encodings.aliases
 import logging
+import pkgutil
+import re
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -59,25 +63,51 @@ _UTF8 = frozenset({"utf-8", "utf8"})
 _UTF8_CODECS = frozenset({"utf-8", "utf-8-sig"})
 # Codecs of host names and string literals, not documents (punycode's decoder is quadratic).
 _NOT_CHARSETS = frozenset({"punycode", "idna", "unicode-escape", "raw-unicode-escape"})
+_NOT_IN_A_CODEC_NAME = re.compile(r"[^a-z0-9.]+")
+
+
+def _codec_key(name: str) -> str:
+    """``name`` as codec names are compared: in lower case, each run of characters other
+    than ASCII letters, digits and dots one ``_``, none at either end ("Windows-1252" is
+    "windows_1252"), as Python's codec lookup spells them."""
+    return _NOT_IN_A_CODEC_NAME.sub("_", name.lower()).strip("_")
+
+
+_CODEC_NAMES = frozenset(
+    _codec_key(name)
+    for name in (
+        *encodings.aliases.aliases,
+        *encodings.aliases.aliases.values(),
+        *(module.name for module in pkgutil.iter_modules(encodings.__path__)),
+    )
+)
+"""Every name of a codec the standard library ships (its modules and their aliases), as
+:func:`_codec_key` spells it: a charset is looked up only by one of these. The lookup keeps
+each name it does not find for good, so any other name a body's charset gives is refused
+unlooked-up, and what it does keep (a miss of ``aliases``, say) is one of these few."""
 
 
 def as_utf8(body: bytes, charset: str) -> bytes:
     """``body`` in UTF-8: as it is when it is UTF-8 already (a mislabelled body, or plain
     ASCII) or labelled UTF-8 in any spelling (the parser holds it to strict UTF-8), else
-    decoded as ``charset`` says (``LookupError`` for a charset Python does not
-    know or a codec that is no character set, ``UnicodeError`` for a codec that refuses to
-    replace what it cannot read; bytes a charset cannot read become U+FFFD otherwise, and the
-    JSON check decides)."""
+    decoded as ``charset`` says (``LookupError`` for a charset no codec of the standard
+    library is named, or a codec that is no character set, ``UnicodeError`` for a codec that
+    refuses to replace what it cannot read; bytes a charset cannot read become U+FFFD
+    otherwise, and the JSON check decides)."""
     try:
         body.decode("utf-8")
     except UnicodeDecodeError:
-        name = codecs.lookup(charset).name
+        key = _codec_key(charset)
+        if key not in _CODEC_NAMES:
+            raise LookupError(f"no codec is named {charset[:64]!r}") from None
+        name = codecs.lookup(key).name
         if name in _NOT_CHARSETS:
-            raise LookupError(f"{charset!r} is not a character set") from None
+            raise LookupError(f"{charset[:64]!r} is not a character set") from None
         if name in _UTF8_CODECS:
             # UTF-8 however the label spells it ("u8", "UTF_8"): strict, so the parser refuses.
             return body
-        return body.decode(charset, errors="replace").encode("utf-8")
+        # A codec for bytes, not text (base64, zlib), raises LookupError here.
+        return body.decode(name, errors="replace").encode("utf-8")
     return body
 
 
