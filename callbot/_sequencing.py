@@ -14,14 +14,16 @@ and decides, for each, one of:
 * hold it, when it arrives before the state it follows (a state past ``establishing``
   before the call was seen establishing, a tone before the call was seen established,
   a roster or other news without a state of a call seen being set up but not yet
-  established, a transfer's failure before that transfer's ``transferring``),
+  established, a transfer's failure or its ``transferAccepted`` before that transfer's
+  ``transferring``),
   for ``reorder_window`` seconds: later events of that call wait behind it, except its
   predecessors, which overtake it; when they have come, or the window closes, the held
   events go in lifecycle order;
 * drop it, with a log line saying why: ``duplicate``, ``stale`` or ``after_end``
   (an operation's progress after its outcome, or an outcome told again written
   otherwise, is ``stale``: an operation only goes forward, and ends once; so is a
-  ``transferring`` once every transfer asked had its ``transferring`` or its failure).
+  transfer's progress it is past: a ``transferring`` once every transfer asked had its
+  progress or its failure, or behind its ``transferAccepted`` the window let go).
 
 Lifecycle phases come from :data:`callbot.models.CALL_LIFECYCLE`, the one list
 of call states: incoming < establishing < ringing < established (and the
@@ -36,9 +38,9 @@ import bisect
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Callable, Container, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeGuard, TypeVar
+from typing import Any, NamedTuple, TypeGuard, TypeVar
 
 import orjson
 from pydantic import BaseModel
@@ -310,13 +312,13 @@ def _tells_failure(state: str | None, call: CallResource | None) -> bool:
     return call is not None and call.result_info is not None and _live_past_transfer(state)
 
 
-def _fails_transfer(record: CallRecord, state: str | None, call: CallResource) -> bool:
-    """Whether ``call`` in ``state``, delivered now, is the news that a transfer failed: as
-    :func:`_tells_failure` says, or the live call back from ``transferring`` with no
-    ``resultInfo`` (Graph's 2019 shape, recorded gdh28 and gdh29): a transfer that went
-    through ends the call, never brings it back (an update sent before the transfer began
-    was dropped first: :func:`_sent_before_transfer`)."""
-    if record.life.state == "transferring" and _live_past_transfer(state):
+def _fails_transfer(current: str | None, state: str | None, call: CallResource | None) -> bool:
+    """Whether ``call`` in ``state``, delivered to the call in ``current``, is the news that a
+    transfer failed: as :func:`_tells_failure` says, or the live call back from
+    ``transferring`` with no ``resultInfo`` (Graph's 2019 shape, recorded gdh28 and gdh29): a
+    transfer that went through ends the call, never brings it back (an update sent before the
+    transfer began is stale first: :func:`_sent_before_transfer`)."""
+    if current == "transferring" and _live_past_transfer(state):
         return True
     return _tells_failure(state, call)
 
@@ -326,15 +328,38 @@ def _live_past_transfer(state: str | None) -> bool:
     return state is not None and state not in _TRANSFER_GOING and phase_of_state(state) == _LIVE
 
 
+def _awaits_progress(
+    state: str | None,
+    call: CallResource | None,
+    current: str | None,
+    transfers: int,
+    told: int,
+    progressed: int,
+) -> bool:
+    """Whether a notification of ``state`` carrying ``call``, coming to the live call in
+    ``current`` (``transfers`` asked, ``told`` of them had their failure, ``progressed`` their
+    progress), arrived before its transfer's ``transferring``: while a transfer asked has had
+    no failure and the first such no progress, its failure (:func:`_tells_failure`), and its
+    ``transferAccepted`` unless the call is in a transfer's progress already. Each
+    notification is a request of its own: Graph's can arrive swapped. The one rule the hold
+    (:func:`_awaits_transferring`) and its walks (:func:`_held_states`) wait by."""
+    if transfers <= told or progressed > told:
+        return False
+    if state == "transferAccepted":
+        return current not in _TRANSFER_GOING
+    return _tells_failure(state, call)
+
+
 def _awaits_transferring(event: events.Event, record: CallRecord) -> bool:
-    """Whether ``event`` reports the failure of a transfer (:func:`_tells_failure`) before
-    that transfer's ``transferring`` came: while a transfer asked has had no failure, and
-    the first such has had no ``transferring`` (:attr:`CallRecord.transferring_told`).
-    Each notification is a request of its own: Graph's two can arrive swapped."""
+    """Whether ``event``, coming to the call now, waits for its transfer's ``transferring``
+    (:func:`_awaits_progress`)."""
     told = record.transfers_told
     if record.life.transfers <= told or record.transferring_told > told:
         return False  # the usual case, first: no transfer waits for its news
-    return record.life.phase == _LIVE and _tells_failure(_state(event), _call_of(event))
+    life = record.life
+    return life.phase == _LIVE and _awaits_progress(
+        _state(event), _call_of(event), life.state, life.transfers, told, record.transferring_told
+    )
 
 
 def _progress_counted(
@@ -343,12 +368,12 @@ def _progress_counted(
     """:attr:`CallRecord.transferring_told` once ``state``, a transfer's own progress other
     than ``current``, is delivered to the live call in ``current`` (``transfers`` asked,
     ``told`` of them had their failure). A transfer's first progress (``transferring``, or
-    ``transferAccepted`` that overtook it) is that of the first transfer asked that had
-    neither progress nor a failure; ``transferAccepted`` after ``transferring`` is counted
-    already. ``None`` when it is stale (a transfer only goes forward): a ``transferring``
-    behind its ``transferAccepted`` (each is a request of its own), or a transfer's first
+    ``transferAccepted`` that the window let go without it) is that of the first transfer
+    asked that had neither progress nor a failure; ``transferAccepted`` after
+    ``transferring`` is counted already. ``None`` when it is stale (a transfer only goes
+    forward): a ``transferring`` behind its ``transferAccepted``, or a transfer's first
     progress once every transfer asked had progress or a failure, unless no transfer was
-    asked (then whose is not known, and it goes). The one rule delivery and the hold count by."""
+    asked (then whose is not known, and it goes)."""
     if current in _TRANSFER_GOING:
         return None if state == "transferring" else transferring_told
     passed = max(transferring_told, told)
@@ -357,74 +382,182 @@ def _progress_counted(
     return None
 
 
-def _sent_before_transfer(record: CallRecord, event: events.Event, window: float) -> bool:
-    """Whether ``event``, coming while a transfer the bot asked goes (``transferring``,
-    then ``transferAccepted``), is an update of the live call Graph sent before the transfer
-    began: a live state with no ``resultInfo`` (Teams repeats ``established`` two to
-    four times as a call starts, each a request of its own) once the transfer was
-    accepted, or within ``window`` (``reorder_window``) of its ``transferring``. Later,
+def _sent_before_transfer(
+    state: str | None,
+    call: CallResource | None,
+    current: str | None,
+    transferring_at: float | None,
+    window: float,
+) -> bool:
+    """Whether a notification of ``state`` carrying ``call``, coming while a transfer the bot
+    asked goes (``current`` is ``transferring``, then ``transferAccepted``) and has had no
+    failure, is an update of the live call Graph sent before the transfer began: a live state
+    with no ``resultInfo`` (Teams repeats ``established`` two to four times as a call starts,
+    each a request of its own) once the transfer was accepted, or within ``window``
+    (``reorder_window``) of its ``transferring`` (delivered at ``transferring_at``). Later,
     while ``transferring``, the same is the transfer's failure in Graph's 2019 shape."""
-    if record.life.state not in _TRANSFER_GOING or record.transfers_told >= record.life.transfers:
+    if not _live_past_transfer(state) or call is None or call.result_info is not None:
         return False
-    call = _call_of(event)
-    if not _live_past_transfer(_state(event)) or call is None or call.result_info is not None:
-        return False
-    if record.life.state != "transferring":
+    if current != "transferring":
         return True
-    at = record.transferring_at
+    at = transferring_at
     return at is not None and asyncio.get_running_loop().time() - at < window
 
 
-def _stale_by_transfer(record: CallRecord, event: events.Event, window: float) -> bool:
-    """Whether ``event``, a state of the live call delivered now, is stale for a transfer:
-    progress the transfer is past (:func:`_progress_counted`), or an update sent before the
-    transfer began (:func:`_sent_before_transfer`). Dropped on delivery; a copy of it is a
-    repeat (:func:`_changes_call`)."""
-    state, current = _state(event), record.life.state
+_TransferCounts = tuple[int, int, float | None]
+"""How many transfers asked had their failure (:attr:`CallRecord.transfers_told`), their
+progress (:attr:`CallRecord.transferring_told`), and when the latest ``transferring`` went
+(:attr:`CallRecord.transferring_at`)."""
+
+
+def _transfer_counts(
+    state: str,
+    call: CallResource | None,
+    current: str | None,
+    transfers: int,
+    counts: _TransferCounts,
+    window: float,
+) -> _TransferCounts | None:
+    """``counts`` once a notification of ``state`` carrying ``call`` is delivered to the call
+    in ``current`` (``transfers`` asked): a transfer's progress counted
+    (:func:`_progress_counted`), its failure (:func:`_fails_transfer`). ``None`` when it is
+    stale for a transfer, and dropped: progress the transfer is past, or an update sent
+    before the transfer began (:func:`_sent_before_transfer`). The one judgement delivery
+    makes, the copy rule asks (:func:`_stale_by_transfer`) and the hold's walks simulate
+    (:func:`_held_states`)."""
+    told, progressed, at = counts
     if state in _TRANSFER_GOING:
-        life = record.life
-        return (
-            state != current
-            and _progress_counted(
-                state, current, life.transfers, record.transfers_told, record.transferring_told
-            )
-            is None
-        )
-    return _sent_before_transfer(record, event, window)
+        if state == current:
+            return counts  # an update of the progress the call is in
+        counted = _progress_counted(state, current, transfers, told, progressed)
+        if counted is None:
+            return None
+        if state == "transferring":
+            # What comes within the window of it may be an update sent before it.
+            at = asyncio.get_running_loop().time()
+        return told, counted, at
+    if told >= transfers:
+        return counts  # no transfer asked waits for its failure
+    if current in _TRANSFER_GOING and _sent_before_transfer(state, call, current, at, window):
+        return None
+    if _fails_transfer(current, state, call):
+        # The failure of the first transfer asked that had none: transfers are one after another.
+        return told + 1, progressed, at
+    return counts
 
 
-def _held_for_transferring(record: CallRecord) -> tuple[int | None, int]:
-    """Where the first held event waiting for a ``transferring`` is, if any, and how many
-    transfers have had their failure once what is held before it went: each held event is
-    judged as it will be delivered, after the states held before it (a ``transferring`` held
-    behind a tone is the one of the failure held after it)."""
+def _stale_by_transfer(record: CallRecord, event: events.Event, window: float) -> bool:
+    """Whether ``event``, a state of the live call delivered now, would be dropped as stale
+    for a transfer (:func:`_transfer_counts`): a copy of it is a repeat
+    (:func:`_changes_call`)."""
+    state = _state(event)
+    if state is None:
+        return False
+    counts = (record.transfers_told, record.transferring_told, record.transferring_at)
+    life = record.life
+    judged = _transfer_counts(state, _call_of(event), life.state, life.transfers, counts, window)
+    return judged is None
+
+
+class _HeldState(NamedTuple):
+    """A state held by a live call, judged as delivery will judge it (:func:`_held_states`)."""
+
+    at: int
+    """Its place among what is held."""
+    event: events.Event
+    call: CallResource | None
+    before: str | None
+    """The call's state once what is held before it went."""
+    counts: _TransferCounts
+    """The transfers' counts once what is held before it went."""
+    after: _TransferCounts | None
+    """The counts once it went (:func:`_transfer_counts`); ``None``: stale, dropped."""
+    waits: bool
+    """Whether it waits for its transfer's ``transferring`` (:func:`_awaits_progress`)."""
+
+
+def _held_states(record: CallRecord, window: float) -> Iterator[_HeldState]:
+    """Each state of the live call held, judged by the functions delivery judges by, after
+    the states held before it: all the hold's walks know of what is held, so that they differ
+    from delivery only by the time between them (a ``transferring`` held behind a tone is the
+    one of the failure held after it; an update sent before the transfer began, or a
+    transfer's progress it is past, is stale, and moves nothing). One that waits for its
+    transfer's progress is taken to go once that came."""
+    life = record.life
+    transfers, state = life.transfers, life.state
+    counts: _TransferCounts = (
+        record.transfers_told,
+        record.transferring_told,
+        record.transferring_at,
+    )
+    for index, held in enumerate(record.held):
+        held_state = _state(held)
+        if held_state is None or phase_of_state(held_state) != _LIVE:
+            continue
+        call = _call_of(held)
+        waits = _awaits_progress(held_state, call, state, transfers, counts[0], counts[1])
+        after = _transfer_counts(held_state, call, state, transfers, counts, window)
+        yield _HeldState(index, held, call, state, counts, after, waits)
+        if after is not None:
+            counts, state = after, held_state
+
+
+def _held_for_transferring(
+    record: CallRecord, window: float, progress: str | None = None
+) -> tuple[int | None, int]:
+    """Where the first held event waiting for its transfer's ``transferring`` is, if any
+    (:func:`_awaits_progress`), and how many transfers have had their failure once what is
+    held before it went (:func:`_held_states`). With ``progress``, a transfer's progress
+    arriving: also where a held state is that would leave it stale (its transfer's failure
+    held behind a tone, arrived before its ``transferAccepted``), so that it goes first."""
     transfers, told = record.life.transfers, record.transfers_told
     if transfers <= told:
         return None, told  # every transfer asked had its failure: nothing held waits
-    transferring_told, state = record.transferring_told, record.life.state
-    for index, held in enumerate(record.held):
-        held_state, call = _state(held), _call_of(held)
-        if held_state is None or call is None or phase_of_state(held_state) != _LIVE:
-            continue
-        failed = _tells_failure(held_state, call)
-        if failed and transferring_told <= told < transfers:
-            return index, told  # as _awaits_transferring will judge it
-        # Counted as _deliver will count them.
-        if failed:
-            told = min(told + 1, transfers)
-        if held_state in _TRANSFER_GOING and held_state != state:
-            counted = _progress_counted(held_state, state, transfers, told, transferring_told)
-            if counted is None:
-                continue  # dropped as stale: the call stays where it is
-            transferring_told = counted
-        state = held_state
+    for held in _held_states(record, window):
+        if held.waits:
+            return held.at, held.counts[0]
+        if held.after is None:
+            continue  # dropped as stale: the call stays where it is
+        if progress is not None and _goes_before(progress, held, transfers, window):
+            return held.at, held.counts[0]
+        told = held.after[0]
     return None, told
+
+
+def _goes_before(progress: str, held: _HeldState, transfers: int, window: float) -> bool:
+    """Whether a transfer's ``progress`` arriving moves the call where ``held`` will find it,
+    and would be stale once ``held`` went: then it goes before it."""
+    if progress == held.before or held.after is None:
+        return False
+    now = _transfer_counts(progress, None, held.before, transfers, held.counts, window)
+    state = _state(held.event)
+    return (
+        now is not None
+        and _transfer_counts(progress, None, state, transfers, held.after, window) is None
+    )
+
+
+def _pull_progress(ordered: list[events.Event], index: int, record: CallRecord) -> bool:
+    """Move the first transfer's progress held after ``ordered[index]`` right before it, if
+    that waits for it (:func:`_awaits_transferring`): whether one moved. A failure waits for
+    ``transferring`` or ``transferAccepted``, ``transferAccepted`` for ``transferring`` (which
+    waits for nothing): a transfer's progress goes before its failure, whatever came first."""
+    event = ordered[index]
+    if type(event) is events.ToneReceived or not _awaits_transferring(event, record):
+        return False
+    wanted = ("transferring",) if _state(event) == "transferAccepted" else _TRANSFER_GOING
+    for later in range(index + 1, len(ordered)):
+        if _state(ordered[later]) in wanted:
+            ordered.insert(index, ordered.pop(later))
+            return True
+    return False
 
 
 def _early(event: events.Event, record: CallRecord) -> bool:
     """Whether ``event`` arrived before what it follows: the state (:func:`_follows`); for a
     tone of an established call, the tone before it (:func:`tone_waits`); for a transfer's
-    failure, that transfer's ``transferring`` (:func:`_awaits_transferring`)."""
+    failure or its ``transferAccepted``, that transfer's ``transferring``
+    (:func:`_awaits_transferring`)."""
     if record.life.phase >= _LIVE:
         # The usual case, first: nothing follows a later phase than established.
         if type(event) is not events.ToneReceived:
@@ -643,8 +776,8 @@ class CallRecord:
     the last after another transfer was asked is that transfer's failure."""
     transferring_told: int = 0
     """How many of the life's ``transfers`` had their progress delivered (``transferring``, or
-    ``transferAccepted`` that overtook it), first asked first (one whose failure came without
-    it is passed over): a transfer's failure waits for its own progress
+    ``transferAccepted`` that the window let go without it), first asked first (one whose
+    failure came without it is passed over): a transfer's failure waits for its own progress
     (:func:`_awaits_transferring`), not that of one before (:func:`_progress_counted`)."""
     transferring_at: float | None = None
     """When this process delivered the call's latest ``transferring`` (loop time): what
@@ -704,11 +837,13 @@ def _changes_call(record: CallRecord, event: events.Event, window: float) -> boo
     # The phase, not ``established``: an end told early by another instance ends no state.
     if state is None or record.life.phase != _LIVE or phase_of_state(state) != _LIVE:
         return False
-    going_to = _last_held_state(record) if record.held else None
-    if going_to is not None:
+    # The states held that will go (a stale one moves nothing): the last is where the call
+    # goes next.
+    going = [h for h in _held_states(record, window) if h.after is not None] if record.held else []
+    if going:
         # A state waiting behind a held event is where the call goes next: a copy of it is a
         # repeat, a copy of the state before it the call moving back.
-        if state != going_to.state:
+        if state != _state(going[-1].event):
             return True
     elif state != record.life.state:
         # Unless delivered now it would be dropped as stale: then it changes nothing.
@@ -717,28 +852,17 @@ def _changes_call(record: CallRecord, event: events.Event, window: float) -> boo
     if call is None:
         return False
     if _tells_failure(state, call):
-        waiting, told = _held_for_transferring(record)
+        waiting, told = _held_for_transferring(record, window)
         if record.life.transfers != told:
             # Graph may tell a failed transfer by this update alone: tried again, it fails
             # alike (but while that failure waits for its transferring, a copy is that one).
             return waiting is None
     known = record.snapshot
-    if going_to is not None:
+    for held in going:
         # The call as it will be once every state held went, each in turn.
-        for held in record.held:
-            if type(held) is events.CallStateChanged or type(held) is events.CallTerminated:
-                known = _merge(known, held.call)
+        if held.call is not None:
+            known = _merge(known, held.call)
     return bool(_changed(known, call))
-
-
-def _last_held_state(record: CallRecord) -> events.CallStateChanged | None:
-    """The last state of the live call held (behind a tone, or a transfer's failure)."""
-    for held in reversed(record.held):
-        if (
-            type(held) is events.CallStateChanged or type(held) is events.CallTerminated
-        ) and phase_of_state(held.state) == _LIVE:
-            return held
-    return None
 
 
 # Notifications telling how a part of the call stands now: the same one after another of
@@ -1157,14 +1281,17 @@ class Sequencer:
                 self._release_ready(record)  # else it lets none go: no walk for it
             return
         phase = phase_of(event)
-        # A transfer's progress goes right before the failure held for it, if any.
+        # A transfer's progress goes right before what is held for it, if any (its failure, or
+        # its transferAccepted): it overtakes it, or waits right before it.
         failure = (
-            _held_for_transferring(record)[0]
+            _held_for_transferring(record, self._window, _state(event))[0]
             if record.life.phase == _LIVE and _state(event) in _TRANSFER_GOING
             else None
         )
         if phase is not None and (
-            phase <= _awaited(record.held, record.life.phase) or failure == 0
+            phase <= _awaited(record.held, record.life.phase)
+            # A transferAccepted waiting for transferring too waits before its failure.
+            or (failure == 0 and not _early(event, record))
         ):
             # A predecessor of what is held overtakes it.
             reached, waiting, told = record.life.phase, len(record.held), record.transferring_told
@@ -1245,8 +1372,12 @@ class Sequencer:
         ordered, record.held = _in_lifecycle_order(record.held, record.life.phase), []
         record.waiting_tones = []
         sizes = record.held_sizes
-        for index, event in enumerate(ordered):
+        index = 0
+        while index < len(ordered):
+            event = ordered[index]
             if _early(event, record):
+                if _pull_progress(ordered, index, record):
+                    continue  # its transfer's progress, held behind it, goes first
                 record.held = ordered[index:]
                 # Numbered tones are in sequenceId order among what is held.
                 record.waiting_tones = [
@@ -1257,6 +1388,7 @@ class Sequencer:
                 return
             record.held_bytes -= sizes.pop(id(event))
             self._admit(record, event, may_hold=False)
+            index += 1
         if record.hold_timer is not None:
             record.hold_timer.cancel()
             record.hold_timer = None
@@ -1279,7 +1411,13 @@ class Sequencer:
             state=clipped(_state(held[0])),
             reason=why,
         )
-        for event in _in_lifecycle_order(held, record.life.phase):
+        ordered = _in_lifecycle_order(held, record.life.phase)
+        index = 0
+        while index < len(ordered):
+            if not record.closed and _pull_progress(ordered, index, record):
+                continue  # its transfer's progress, held behind it, goes first
+            event = ordered[index]
+            index += 1
             if record.closed:
                 self._drop(event, "after_end")
                 continue
@@ -1305,35 +1443,34 @@ class Sequencer:
 
     def _deliver(self, record: CallRecord, event: events.Event) -> None:
         state = _state(event)  # None for a roster: the event it becomes has none either
+        # Whether this is the news of a transfer's failure: told to handlers, decided here only.
+        failed = False
         if type(event) is events.ToneReceived:
             record.tone_next = tone_after(event.sequence_id, record.tone_next)
             if record.life.state is None:
                 self._live_by_tone(record, event)
         elif type(event) is events.OperationUpdated and not self._moves_on(record, event):
             return
-        elif state in _TRANSFER_GOING and state != record.life.state:
+        elif state is not None and (
+            state in _TRANSFER_GOING or record.transfers_told < record.life.transfers
+        ):
             current = record.life.state
-            counted = _progress_counted(
+            told = record.transfers_told
+            counts = _transfer_counts(
                 state,
+                _call_of(event),
                 current,
                 record.life.transfers,
-                record.transfers_told,
-                record.transferring_told,
+                (told, record.transferring_told, record.transferring_at),
+                self._window,
             )
-            if counted is None:
-                # Left to go, it would put the call back (in transferring, or after the news
-                # that the transfer failed): a transfer only goes forward.
-                self._drop(event, "stale", state=state, current_state=clipped(current))
+            if counts is None:
+                # Left to go, it would put the call back (in a transfer's progress it is past,
+                # or out of the transfer, read as its failure): a transfer only goes forward.
+                self._drop(event, "stale", state=clipped(state), current_state=clipped(current))
                 return
-            record.transferring_told = counted
-            if state == "transferring":
-                record.transferring_at = asyncio.get_running_loop().time()
-        elif record.life.state in _TRANSFER_GOING and _sent_before_transfer(
-            record, event, self._window
-        ):
-            # Left to go, it would move the call back, and read as the transfer's failure.
-            self._drop(event, "stale", state=clipped(state), current_state=record.life.state)
-            return
+            failed = counts[0] > told
+            _, record.transferring_told, record.transferring_at = counts
         elif type(event) is events.ParticipantsUpdated:
             diffed = self._diff_roster(record, event)
             if diffed is None:
@@ -1345,8 +1482,6 @@ class Sequencer:
         if arrived is not event.raw:
             # Delivered later than it arrived (it was held): its data counted again.
             written = json_size(event.raw.get("resourceData"))
-        # Whether this is the news of a transfer's failure: told to handlers, decided here only.
-        failed = False
         target: InvitationParticipantInfo | None = None
         if snapshot_source is not None:
             merged = _merge(previous, snapshot_source)
@@ -1356,14 +1491,10 @@ class Sequencer:
                 record.snapshot, record.snapshot_bytes = self._measured(record, merged)
             else:
                 record.snapshot, record.snapshot_bytes = merged, bound
-            if record.transfers_told < record.life.transfers and _fails_transfer(
-                record, state, snapshot_source
-            ):
-                # The failure of the first transfer asked that had none (transfers are one
-                # after another): a later one asked meanwhile still waits for its own.
+            if failed:
+                # The first transfer asked that had none: one asked later still waits for its own.
                 target = self.lifecycle.transfer_failed(record.life, record.transfers_told)
                 record.transfers_told += 1
-                failed = True
         if type(event) is events.IncomingCall:
             state = "incoming"
         if state is not None:

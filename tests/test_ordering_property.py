@@ -347,7 +347,9 @@ def _stale(index: int, states: list[str | None], first: dict[int, int]) -> bool:
         return False
     accepted, back = _TRANSFER_BACK
     if state == back and any(first[j] < first[index] and states[j] == accepted for j in first):
-        return True  # a transfer only goes forward (these flows have one transfer each)
+        # A transfer only goes forward: in these flows the bot asks none, so nothing holds
+        # transferAccepted for its transferring (each flow has one transfer).
+        return True
     for later in (j for j in first if first[j] < first[index]):
         phase = _phase(states[later])
         if phase <= _phase(state):
@@ -518,12 +520,13 @@ async def test_handlers_see_each_call_in_order_whatever_graph_does(harness: Harn
 #
 # A live call's keys (tones numbered one by one), moves between established and hold and
 # updates (each different), transfers the bot asks (once, or twice before any news: its first
-# request failed without a refusal) that Graph refuses or that fail (transferring, then the
-# failure worded alike each time; or the failure alone, which waits out the window), and its
-# end. Graph's news arrives out of order (neighbours swapped: keys with anything, a transfer's
-# transferring and its failure, the end with what came before it; never two other states, and
-# never a transfer's news before the bot asked it), some of it twice, and the window closes at
-# any point. What handlers see must keep the promise (live_call_broken).
+# request failed without a refusal) that Graph refuses or that fail (transferring, at times
+# transferAccepted, then the failure, worded alike each time; or the failure alone, at times
+# after transferAccepted, which waits out the window), and its end. Graph's news arrives out of
+# order (neighbours swapped: keys with anything, a transfer's own news, the end with what came
+# before it; never two other states, and never a transfer's news before the bot asked it),
+# some of it twice, and the window closes at any point. What handlers see must keep the
+# promise (live_call_broken).
 
 TRANSFER_FAILED = models.ResultInfo(code=500, subcode=7000, message="Transfer failed.")
 LIVE_CALLS = 400
@@ -535,7 +538,7 @@ class News:
     """A notification, numbered in the order Graph sent it."""
 
     number: int
-    kind: str  # setup, tone, state, transferring, failure, end
+    kind: str  # setup, tone, state, transferring, accepted, failure, end
     item: dict[str, Any]
     state: str | None = None
     sequence: int | None = None
@@ -621,6 +624,10 @@ def _as_sent(rng: random.Random, call_id: str, *, windows: bool) -> list[LiveSte
                     send("transferring", transferring, "transferring", **told)
                     if rng.random() < 0.4:
                         key_pressed()
+                # Not when two were asked at once: whose a late one is, no one can tell.
+                if asked == 1 and rng.random() < 0.4:
+                    accepted = b.call_state(call_id, "transferAccepted")
+                    send("accepted", accepted, "transferAccepted", **told)
                 failure = b.call_state(call_id, "established", result_info=TRANSFER_FAILED)
                 send("failure", failure, "established", **told)
                 if outcome == "alone":
@@ -629,6 +636,12 @@ def _as_sent(rng: random.Random, call_id: str, *, windows: bool) -> list[LiveSte
         send("end", b.call_state(call_id, "terminating"), "terminating")
     send("end", b.call_terminated(call_id), "terminated")
     return sent
+
+
+# A transfer's news in the order Graph sends it.
+_TRANSFER_NEWS = {"transferring": 0, "accepted": 1, "failure": 2}
+# What of its transfer's news held a transfer's progress overtakes (with what came behind).
+_OVERTAKES = {"transferring": ("accepted", "failure"), "accepted": ("failure",)}
 
 
 def _free(step: LiveStep) -> bool:
@@ -646,8 +659,10 @@ def _may_swap(first: LiveStep, then: LiveStep) -> bool:
     kinds = {first.kind, then.kind}
     if kinds == {"setup"}:
         return True  # establishing and established, swapped
-    if first.kind == "transferring" and then.kind == "failure":
-        return first.transfer == then.transfer  # one transfer's two requests, swapped
+    if first.kind in _TRANSFER_NEWS and then.kind in _TRANSFER_NEWS:
+        # One transfer's requests, swapped.
+        ranks = _TRANSFER_NEWS[first.kind], _TRANSFER_NEWS[then.kind]
+        return first.transfer == then.transfer and ranks[0] < ranks[1]
     if "end" in kinds:
         return "setup" not in kinds and kinds != {"end"}  # the end, at any point once live
     return "tone" in kinds and "setup" not in kinds
@@ -694,9 +709,10 @@ def live_call_broken(
     """How what handlers saw of a live call delivered in ``steps`` breaks the promise:
     nothing run twice but a state that is news again, nothing lost that came before the
     end, states in the order sent and never backwards, each transfer's transferring and
-    failure told once, keys in ``sequenceId`` order (unless the window or the end let a key
-    go with a number missing: ``order_given_up``), nothing overtaken but by what it waited
-    for, and the call left in the state Graph left it in."""
+    failure told once (and its transferAccepted, unless it came after both), keys in
+    ``sequenceId`` order (unless the window or the end let a key go with a number missing:
+    ``order_given_up``), nothing overtaken but by what it waited for, and the call left in
+    the state Graph left it in."""
     problems: list[str] = []
     news = {step.number: step for step in steps if isinstance(step, News)}
     arrivals: dict[int, list[int]] = {}
@@ -711,7 +727,7 @@ def live_call_broken(
         kind = news[number].kind
         if end is not None and came[0] > end:
             continue
-        if not runs[number] and kind != "failure" and kind != "transferring":
+        if not runs[number] and kind not in _TRANSFER_NEWS:
             problems.append(f"#{number} ({kind}) never handled")
         if runs[number] > 1 and kind != "state":
             problems.append(f"#{number} ({kind}) handled {runs[number]} times")
@@ -724,6 +740,18 @@ def live_call_broken(
         told = {h.news.number for h in handled if h.news.kind == kind}
         if sent != told:
             problems.append(f"{kind} {sorted(sent)} came, {sorted(told)} told")
+    # A transferAccepted is told unless its transfer's transferring and failure came before
+    # it (then it is stale once the failure went: a transfer only goes forward). Each
+    # transfer's is worded alike: how many were told is what can be checked.
+    accepted = [
+        n
+        for n, came in arrivals.items()
+        if news[n].kind == "accepted" and (end is None or came[0] < end)
+    ]
+    late = [n for n in accepted if _after_its_transfer(n, news, arrivals)]
+    told_accepted = len({h.news.number for h in handled if h.news.kind == "accepted"})
+    if not len(accepted) - len(late) <= told_accepted <= len(accepted):
+        problems.append(f"accepted {accepted} came ({late} late), {told_accepted} told")
     current: str | None = None
     seen_before: set[int] = set()
     for h in handled:
@@ -731,7 +759,7 @@ def live_call_broken(
         if isinstance(event, events.CallStateChanged):
             if event.previous_state != current:
                 problems.append(f"#{h.news.number} from {event.previous_state}, seen {current}")
-            if _phase(event.state) < _phase(current):
+            if _phase(event.state) < _phase(current) or (current, event.state) == _TRANSFER_BACK:
                 problems.append(f"#{h.news.number}: {current} -> {event.state} goes backwards")
             current = event.state
         elif isinstance(event, events.CallUpdated):
@@ -763,11 +791,23 @@ def live_call_broken(
     return problems
 
 
+def _after_its_transfer(number: int, news: dict[int, News], arrivals: dict[int, list[int]]) -> bool:
+    """Whether news ``number`` first came after its transfer's transferring and failure."""
+    came, transfer = arrivals[number][0], news[number].transfer
+    before = {
+        other.kind
+        for n, other in news.items()
+        if other.transfer == transfer and n in arrivals and arrivals[n][0] < came
+    }
+    return {"transferring", "failure"} <= before
+
+
 def _overtaken(handled: list[Handled]) -> list[str]:
     """An event handled before one that arrived before it, but for what it overtakes:
     establishing before established; a key the first held event waits for (or that goes before
-    a key numbered after it, and what came after that key); a transferring the failure
-    held for it, and what came behind that failure."""
+    a key numbered after it, and what came after that key); a transfer's progress the news of
+    its transfer held for it (or that it goes before: a transferring overtakes
+    transferAccepted and the failure, transferAccepted the failure), and what came behind."""
     problems: list[str] = []
     for i, ahead in enumerate(handled):
         if ahead.arrived is None or ahead.news.kind == "setup":
@@ -790,8 +830,9 @@ def _overtaken(handled: list[Handled]) -> list[str]:
                 ]
                 if after or first.news.kind == "tone":
                     continue
-            if ahead.news.kind == "transferring" and any(
-                h.news.kind == "failure" and (h.arrived or 0) <= (behind.arrived or 0)
+            overtakes = _OVERTAKES.get(ahead.news.kind, ())
+            if any(
+                h.news.kind in overtakes and (h.arrived or 0) <= (behind.arrived or 0)
                 for h in passed
             ):
                 continue

@@ -951,22 +951,57 @@ async def test_a_transferring_after_its_transfer_s_outcome_is_stale() -> None:
     seq.close()
 
 
-async def test_a_transferring_overtaken_by_its_acceptance_is_stale() -> None:
+async def test_a_transfer_s_acceptance_before_its_transferring_waits_for_it() -> None:
     """A transfer goes ``transferring``, then ``transferAccepted``; each is a request of its
-    own, and the acceptance may come first. The ``transferring`` behind it is stale: the call
-    does not go back, no failure is told, and a copy of it is a repeat."""
+    own, and the acceptance may come first. It waits for ``transferring``, which goes before
+    it, as ``establishing`` goes before ``established``: it was dropped as stale, and
+    ``on_state("transferring")`` never ran. A copy of ``transferring`` is a repeat."""
     sink = Sink()
     seq = sink.sequencer(window=300)
     _established(seq)
     seq.lifecycle.transfer_asked("c", _agent("first"))
     seq.accept(one(b.call_state("c", "transferAccepted")))
+    assert sink.labels[2:] == []
     seq.accept(one(b.call_state("c", "transferring")))
+    assert sink.labels[2:] == ["transferring", "transferAccepted"]
+    accepted = sink.deliveries[-1].event
+    assert isinstance(accepted, events.CallStateChanged)
+    assert accepted.previous_state == "transferring"
+    seq.accept(one(b.call_state("c", "transferring")))  # Graph sent it twice
+    assert (seq.counts["stale"], seq.counts["duplicate"], seq.counts["held"]) == (0, 1, 1)
+    seq.accept(one(b.call_terminated("c", code=0, subcode=7015, message="transferred")))
+    assert sink.labels[2:] == ["transferring", "transferAccepted", "terminated"]
+    assert not any(getattr(d.event, "transfer_failed", False) for d in sink.deliveries)
+    assert seq.counts["released_alone"] == 0
+    seq.close()
+
+
+async def test_a_transfer_s_acceptance_whose_transferring_never_comes_goes_with_the_window() -> (
+    None
+):
+    """``transferAccepted`` waits the window for its ``transferring``, then goes alone, counted
+    as the transfer's progress: a ``transferring`` after it is stale (a transfer only goes
+    forward), and a copy of that a repeat. The call's end lets one waiting go first."""
+    sink = Sink()
+    seq = sink.sequencer(window=0.02)
+    _established(seq)
+    seq.lifecycle.transfer_asked("c", _agent("first"))
+    seq.accept(one(b.call_state("c", "transferAccepted")))
+    assert sink.labels[2:] == []  # held: nothing awaited since it came
+    await until(lambda: len(sink.deliveries) == 3)
+    assert sink.labels[2:] == ["transferAccepted"]
+    seq.accept(one(b.call_state("c", "transferring")))  # too late
     seq.accept(one(b.call_state("c", "transferring")))  # Graph sent it twice
     assert (seq.counts["stale"], seq.counts["duplicate"]) == (1, 1)
     assert seq.lifecycle.get("c").state == "transferAccepted"  # type: ignore[union-attr]
+    seq.close()
+    sink = Sink()
+    seq = sink.sequencer(window=300)
+    _established(seq)
+    seq.lifecycle.transfer_asked("c", _agent("first"))
+    seq.accept(one(b.call_state("c", "transferAccepted")))
     seq.accept(one(b.call_terminated("c", code=0, subcode=7015, message="transferred")))
-    assert sink.labels[-2:] == ["transferAccepted", "terminated"]
-    assert not any(getattr(d.event, "transfer_failed", False) for d in sink.deliveries)
+    assert sink.labels[2:] == ["transferAccepted", "terminated"]
     seq.close()
 
 
@@ -987,26 +1022,238 @@ async def test_a_transfer_s_acceptance_after_its_failure_is_stale() -> None:
     seq.close()
 
 
-async def test_a_transfer_s_acceptance_lets_its_failure_go_without_its_transferring() -> None:
-    """A transfer accepted, then failed, with its ``transferring`` late or lost: the failure
-    (``established`` with a ``resultInfo``) came first and waits for the transfer's progress;
-    ``transferAccepted`` is that progress, so both go at once, in order, without waiting for
-    the window, and the late ``transferring`` is stale."""
+@pytest.mark.parametrize("first", ["failure", "acceptance"])
+async def test_a_transfer_s_acceptance_and_failure_wait_for_its_transferring(first: str) -> None:
+    """A transfer accepted, then failed, with its ``transferring`` late: the failure
+    (``established`` with a ``resultInfo``) and ``transferAccepted``, whichever came first,
+    wait for it, and go after it, the acceptance before the failure (a transfer's progress
+    before its end). The acceptance let the failure go at once, and the ``transferring``
+    behind them was stale."""
     sink = Sink()
     seq = sink.sequencer(window=300)
     _established(seq)
     seq.lifecycle.transfer_asked("c", _agent("first"))
-    seq.accept(one(_failed_transfer()))
-    assert sink.labels == ["establishing", "established"]
-    seq.accept(one(b.call_state("c", "transferAccepted")))
+    accepted = one(b.call_state("c", "transferAccepted"))
+    failed = one(_failed_transfer())
+    for event in (failed, accepted) if first == "failure" else (accepted, failed):
+        seq.accept(event)
+    assert sink.labels[2:] == []
+    seq.accept(one(b.call_state("c", "transferring")))
+    assert sink.labels[2:] == ["transferring", "transferAccepted", "established"]
+    back = sink.deliveries[-1].event
+    assert isinstance(back, events.CallStateChanged)
+    assert back.previous_state == "transferAccepted"
+    assert back.transfer_failed
+    assert back.transfer_target == _agent("first")
+    assert (seq.counts["stale"], seq.counts["released_alone"]) == (0, 0)
+    assert seq.lifecycle.get("c").state == "established"  # type: ignore[union-attr]
+    seq.close()
+
+
+@pytest.mark.parametrize("first", ["failure", "acceptance"])
+async def test_a_transfer_s_acceptance_goes_before_its_failure_when_the_window_closes(
+    first: str,
+) -> None:
+    """With its ``transferring`` lost, a transfer's ``transferAccepted`` and failure go when
+    the window closes, the acceptance first (counted as the transfer's progress), whichever
+    came first: the failure is told as the call back from ``transferAccepted``, and the
+    ``transferring`` coming after them is stale."""
+    sink = Sink()
+    seq = sink.sequencer(window=0.02)
+    _established(seq)
+    seq.lifecycle.transfer_asked("c", _agent("first"))
+    accepted = one(b.call_state("c", "transferAccepted"))
+    failed = one(_failed_transfer())
+    for event in (failed, accepted) if first == "failure" else (accepted, failed):
+        seq.accept(event)
+    assert sink.labels[2:] == []  # held: nothing awaited since they came
+    await until(lambda: len(sink.deliveries) == 4)
     assert sink.labels[2:] == ["transferAccepted", "established"]
     back = sink.deliveries[-1].event
     assert isinstance(back, events.CallStateChanged)
+    assert back.previous_state == "transferAccepted"
     assert back.transfer_failed
     assert back.transfer_target == _agent("first")
     seq.accept(one(b.call_state("c", "transferring")))
     assert seq.counts["stale"] == 1
     assert seq.lifecycle.get("c").state == "established"  # type: ignore[union-attr]
+    seq.close()
+
+
+async def test_a_transfer_s_acceptance_goes_before_its_failure_held_behind_a_tone() -> None:
+    """A transfer's failure waits behind a tone waiting for the one before it, and its
+    ``transferAccepted`` comes after it: the acceptance goes right before the failure (a
+    transfer's progress before its end). It went after it, and was stale then."""
+    sink = Sink()
+    seq = sink.sequencer(window=300)
+    _established(seq)
+    seq.accept(one(b.tone("c", "tone1", 1)))
+    seq.lifecycle.transfer_asked("c", _agent("first"))
+    seq.accept(one(b.call_state("c", "transferring")))
+    seq.accept(one(b.tone("c", "tone3", 3)))  # waits for tone2
+    seq.accept(one(_failed_transfer()))
+    seq.accept(one(b.call_state("c", "transferAccepted")))
+    assert sink.labels[2:] == ["tone:tone1", "transferring"]
+    seq.accept(one(b.tone("c", "tone2", 2)))
+    assert sink.labels[4:] == ["tone:tone2", "tone:tone3", "transferAccepted", "established"]
+    assert _told_failed(sink) == [("CallStateChanged", "transferAccepted")]
+    assert seq.counts["stale"] == 0
+    seq.close()
+
+
+async def test_a_copy_of_a_failure_behind_a_stale_acceptance_held_is_a_repeat() -> None:
+    """A transfer's failure went; its ``transferAccepted``, later, waits behind a tone
+    waiting for the one before it, and will be stale. Graph sending the failure again
+    meanwhile is a repeat: the acceptance was taken for where the call goes next, so the
+    copy for the call moving back, and it reached handlers as an update."""
+    sink = Sink()
+    seq = sink.sequencer(window=300)
+    _established(seq)
+    seq.accept(one(b.tone("c", "tone1", 1)))
+    seq.lifecycle.transfer_asked("c", _agent("first"))
+    seq.accept(one(b.call_state("c", "transferring")))
+    seq.accept(one(_failed_transfer()))
+    seq.accept(one(b.tone("c", "tone3", 3)))  # waits for tone2
+    seq.accept(one(b.call_state("c", "transferAccepted")))
+    seq.accept(one(_failed_transfer()))  # Graph sent it twice
+    seq.accept(one(b.tone("c", "tone2", 2)))
+    assert sink.labels[2:] == [
+        "tone:tone1",
+        "transferring",
+        "established",
+        "tone:tone2",
+        "tone:tone3",
+    ]
+    assert (seq.counts["stale"], seq.counts["duplicate"]) == (1, 1)
+    seq.close()
+
+
+async def test_an_update_sent_before_a_transfer_counts_nothing_for_the_news_held() -> None:
+    """Two transfers asked before any news; behind a tone waiting for the one before it, an
+    update sent before the first transfer began (stale once delivered), the first transfer's
+    acceptance and failure, the second's failure and its ``transferring``. What is held was
+    judged as if that update moved the call: the acceptance was counted as the second
+    transfer's progress, so its ``transferring`` went behind its failure; the failure waited
+    out the window (told as an update) and the ``transferring`` was stale. Each is judged as
+    delivery will judge it, and a transfer's progress held behind its failure goes before it:
+    all go once the tone comes."""
+    sink = Sink()
+    seq = sink.sequencer(window=300)
+    _established(seq)
+    seq.accept(one(b.tone("c", "tone1", 1)))
+    seq.lifecycle.transfer_asked("c", _agent("first"))
+    seq.lifecycle.transfer_asked("c", _agent("second"))
+    seq.accept(one(b.call_state("c", "transferring")))
+    seq.accept(one(b.tone("c", "tone3", 3)))  # waits for tone2
+    before = b.call_state("c", "established")
+    before["resourceData"]["mediaState"] = {"audio": "active"}
+    seq.accept(one(before))
+    seq.accept(one(b.call_state("c", "transferAccepted")))
+    seq.accept(one(_failed_transfer()))
+    seq.accept(one(_failed_transfer()))  # the second transfer's, worded as the first's
+    seq.accept(one(b.call_state("c", "transferring")))  # the second transfer's
+    seq.accept(one(b.tone("c", "tone2", 2)))
+    assert sink.labels[2:] == [
+        "tone:tone1",
+        "transferring",
+        "tone:tone2",
+        "tone:tone3",
+        "transferAccepted",
+        "established",
+        "transferring",
+        "established",
+    ]
+    assert _told_failed(sink) == [
+        ("CallStateChanged", "transferAccepted"),
+        ("CallStateChanged", "transferring"),
+    ]
+    assert [getattr(d.event, "transfer_target", None) for d in sink.deliveries[-3::2]] == [
+        _agent("first"),
+        _agent("second"),
+    ]
+    record = seq.record(id_key("c"))
+    assert record is not None
+    assert not record.held
+    assert (seq.counts["stale"], seq.counts["released_alone"]) == (1, 0)
+    seq.close()
+
+
+@pytest.mark.looptime
+async def test_a_transfer_s_transferring_held_behind_its_failure_goes_before_it() -> None:
+    """What is held is judged when it comes, and delivered later: the call back in
+    ``established`` without a ``resultInfo``, coming within the window of the first
+    transfer's ``transferring``, is an update sent before it (stale), but delivered past
+    that window, behind a tone, it is that transfer's failure (Graph's 2019 shape). The
+    failure after it is then the second transfer's, and waits for its ``transferring``,
+    held behind it: that goes first. The failure waited out the window (told as an update)
+    and the ``transferring`` was stale."""
+    sink = Sink()
+    seq = sink.sequencer(window=1)
+    _established(seq)
+    seq.accept(one(b.tone("c", "tone1", 1)))
+    seq.lifecycle.transfer_asked("c", _agent("first"))
+    seq.lifecycle.transfer_asked("c", _agent("second"))
+    seq.accept(one(b.call_state("c", "transferring")))
+    await asyncio.sleep(0.9)
+    seq.accept(one(b.tone("c", "tone3", 3)))  # waits for tone2
+    seq.accept(one(b.call_state("c", "established", subject="back")))  # no resultInfo
+    seq.accept(one(_failed_transfer()))
+    seq.accept(one(b.call_state("c", "transferring")))
+    await asyncio.sleep(0.6)  # past the first transferring's window, within the tone's
+    seq.accept(one(b.tone("c", "tone2", 2)))
+    assert sink.labels[2:] == [
+        "tone:tone1",
+        "transferring",
+        "tone:tone2",
+        "tone:tone3",
+        "established",
+        "transferring",
+        "established",
+    ]
+    assert _told_failed(sink) == [
+        ("CallStateChanged", "transferring"),
+        ("CallStateChanged", "transferring"),
+    ]
+    assert (seq.counts["stale"], seq.counts["released_alone"]) == (0, 0)
+    seq.close()
+
+
+@pytest.mark.looptime
+async def test_a_copy_of_a_failure_held_behind_a_transfer_s_2019_failure_is_a_repeat() -> None:
+    """Two transfers asked; past the window of the first one's ``transferring``, behind a
+    tone waiting for the one before it, the call back in ``established`` without a
+    ``resultInfo`` (that transfer's failure in Graph's 2019 shape), then the second
+    transfer's failure, twice, before its ``transferring``. The second failure waits for
+    that, and its copy meanwhile is a repeat: what is held was judged without counting the
+    2019 failure, so the copy was taken for news and reached handlers as an update."""
+    sink = Sink()
+    seq = sink.sequencer(window=1)
+    _established(seq)
+    seq.accept(one(b.tone("c", "tone1", 1)))
+    seq.lifecycle.transfer_asked("c", _agent("first"))
+    seq.lifecycle.transfer_asked("c", _agent("second"))
+    seq.accept(one(b.call_state("c", "transferring")))
+    await asyncio.sleep(2)  # the target rings
+    seq.accept(one(b.tone("c", "tone3", 3)))  # waits for tone2
+    seq.accept(one(b.call_state("c", "established", subject="back")))  # no resultInfo
+    seq.accept(one(_failed_transfer()))
+    seq.accept(one(_failed_transfer()))  # Graph sent it twice
+    seq.accept(one(b.call_state("c", "transferring")))
+    seq.accept(one(b.tone("c", "tone2", 2)))
+    assert sink.labels[2:] == [
+        "tone:tone1",
+        "transferring",
+        "tone:tone2",
+        "tone:tone3",
+        "established",
+        "transferring",
+        "established",
+    ]
+    assert _told_failed(sink) == [
+        ("CallStateChanged", "transferring"),
+        ("CallStateChanged", "transferring"),
+    ]
+    assert (seq.counts["duplicate"], seq.counts["released_alone"]) == (1, 0)
     seq.close()
 
 
