@@ -1178,15 +1178,9 @@ async def test_an_update_sent_before_a_transfer_counts_nothing_for_the_news_held
     seq.close()
 
 
-@pytest.mark.looptime
-async def test_a_transfer_s_transferring_held_behind_its_failure_goes_before_it() -> None:
-    """What is held is judged when it comes, and delivered later: the call back in
-    ``established`` without a ``resultInfo``, coming within the window of the first
-    transfer's ``transferring``, is an update sent before it (stale), but delivered past
-    that window, behind a tone, it is that transfer's failure (Graph's 2019 shape). The
-    failure after it is then the second transfer's, and waits for its ``transferring``,
-    held behind it: that goes first. The failure waited out the window (told as an update)
-    and the ``transferring`` was stale."""
+def _two_transfers_asked_after_a_tone() -> tuple[Sink, Sequencer]:
+    """An established call, its first tone, two transfers asked, and the first one's
+    ``transferring``."""
     sink = Sink()
     seq = sink.sequencer(window=1)
     _established(seq)
@@ -1194,13 +1188,12 @@ async def test_a_transfer_s_transferring_held_behind_its_failure_goes_before_it(
     seq.lifecycle.transfer_asked("c", _agent("first"))
     seq.lifecycle.transfer_asked("c", _agent("second"))
     seq.accept(one(b.call_state("c", "transferring")))
-    await asyncio.sleep(0.9)
-    seq.accept(one(b.tone("c", "tone3", 3)))  # waits for tone2
-    seq.accept(one(b.call_state("c", "established", subject="back")))  # no resultInfo
-    seq.accept(one(_failed_transfer()))
-    seq.accept(one(b.call_state("c", "transferring")))
-    await asyncio.sleep(0.6)  # past the first transferring's window, within the tone's
-    seq.accept(one(b.tone("c", "tone2", 2)))
+    return sink, seq
+
+
+def _assert_each_transfer_failed_after_the_tones(sink: Sink) -> None:
+    """Tones 2 and 3 went behind the first ``transferring``, then each transfer's failure
+    after its own ``transferring``."""
     assert sink.labels[2:] == [
         "tone:tone1",
         "transferring",
@@ -1214,6 +1207,26 @@ async def test_a_transfer_s_transferring_held_behind_its_failure_goes_before_it(
         ("CallStateChanged", "transferring"),
         ("CallStateChanged", "transferring"),
     ]
+
+
+@pytest.mark.looptime
+async def test_a_transfer_s_transferring_held_behind_its_failure_goes_before_it() -> None:
+    """What is held is judged when it comes, and delivered later: the call back in
+    ``established`` without a ``resultInfo``, coming within the window of the first
+    transfer's ``transferring``, is an update sent before it (stale), but delivered past
+    that window, behind a tone, it is that transfer's failure (Graph's 2019 shape). The
+    failure after it is then the second transfer's, and waits for its ``transferring``,
+    held behind it: that goes first. The failure waited out the window (told as an update)
+    and the ``transferring`` was stale."""
+    sink, seq = _two_transfers_asked_after_a_tone()
+    await asyncio.sleep(0.9)
+    seq.accept(one(b.tone("c", "tone3", 3)))  # waits for tone2
+    seq.accept(one(b.call_state("c", "established", subject="back")))  # no resultInfo
+    seq.accept(one(_failed_transfer()))
+    seq.accept(one(b.call_state("c", "transferring")))
+    await asyncio.sleep(0.6)  # past the first transferring's window, within the tone's
+    seq.accept(one(b.tone("c", "tone2", 2)))
+    _assert_each_transfer_failed_after_the_tones(sink)
     assert (seq.counts["stale"], seq.counts["released_alone"]) == (0, 0)
     seq.close()
 
@@ -1226,13 +1239,7 @@ async def test_a_copy_of_a_failure_held_behind_a_transfer_s_2019_failure_is_a_re
     transfer's failure, twice, before its ``transferring``. The second failure waits for
     that, and its copy meanwhile is a repeat: what is held was judged without counting the
     2019 failure, so the copy was taken for news and reached handlers as an update."""
-    sink = Sink()
-    seq = sink.sequencer(window=1)
-    _established(seq)
-    seq.accept(one(b.tone("c", "tone1", 1)))
-    seq.lifecycle.transfer_asked("c", _agent("first"))
-    seq.lifecycle.transfer_asked("c", _agent("second"))
-    seq.accept(one(b.call_state("c", "transferring")))
+    sink, seq = _two_transfers_asked_after_a_tone()
     await asyncio.sleep(2)  # the target rings
     seq.accept(one(b.tone("c", "tone3", 3)))  # waits for tone2
     seq.accept(one(b.call_state("c", "established", subject="back")))  # no resultInfo
@@ -1240,19 +1247,7 @@ async def test_a_copy_of_a_failure_held_behind_a_transfer_s_2019_failure_is_a_re
     seq.accept(one(_failed_transfer()))  # Graph sent it twice
     seq.accept(one(b.call_state("c", "transferring")))
     seq.accept(one(b.tone("c", "tone2", 2)))
-    assert sink.labels[2:] == [
-        "tone:tone1",
-        "transferring",
-        "tone:tone2",
-        "tone:tone3",
-        "established",
-        "transferring",
-        "established",
-    ]
-    assert _told_failed(sink) == [
-        ("CallStateChanged", "transferring"),
-        ("CallStateChanged", "transferring"),
-    ]
+    _assert_each_transfer_failed_after_the_tones(sink)
     assert (seq.counts["duplicate"], seq.counts["released_alone"]) == (1, 0)
     seq.close()
 
