@@ -1023,43 +1023,19 @@ async def test_a_transfer_s_acceptance_after_its_failure_is_stale() -> None:
 
 
 @pytest.mark.parametrize("first", ["failure", "acceptance"])
-async def test_a_transfer_s_acceptance_and_failure_wait_for_its_transferring(first: str) -> None:
+@pytest.mark.parametrize("then", ["transferring", "window-closes"])
+async def test_a_transfer_s_acceptance_and_failure_wait_for_its_transferring(
+    first: str, then: str
+) -> None:
     """A transfer accepted, then failed, with its ``transferring`` late: the failure
     (``established`` with a ``resultInfo``) and ``transferAccepted``, whichever came first,
     wait for it, and go after it, the acceptance before the failure (a transfer's progress
     before its end). The acceptance let the failure go at once, and the ``transferring``
-    behind them was stale."""
+    behind them was stale. With the ``transferring`` lost, both go when the window closes,
+    the acceptance first (counted as the transfer's progress), and a ``transferring`` coming
+    after them is stale."""
     sink = Sink()
-    seq = sink.sequencer(window=300)
-    _established(seq)
-    seq.lifecycle.transfer_asked("c", _agent("first"))
-    accepted = one(b.call_state("c", "transferAccepted"))
-    failed = one(_failed_transfer())
-    for event in (failed, accepted) if first == "failure" else (accepted, failed):
-        seq.accept(event)
-    assert sink.labels[2:] == []
-    seq.accept(one(b.call_state("c", "transferring")))
-    assert sink.labels[2:] == ["transferring", "transferAccepted", "established"]
-    back = sink.deliveries[-1].event
-    assert isinstance(back, events.CallStateChanged)
-    assert back.previous_state == "transferAccepted"
-    assert back.transfer_failed
-    assert back.transfer_target == _agent("first")
-    assert (seq.counts["stale"], seq.counts["released_alone"]) == (0, 0)
-    assert seq.lifecycle.get("c").state == "established"  # type: ignore[union-attr]
-    seq.close()
-
-
-@pytest.mark.parametrize("first", ["failure", "acceptance"])
-async def test_a_transfer_s_acceptance_goes_before_its_failure_when_the_window_closes(
-    first: str,
-) -> None:
-    """With its ``transferring`` lost, a transfer's ``transferAccepted`` and failure go when
-    the window closes, the acceptance first (counted as the transfer's progress), whichever
-    came first: the failure is told as the call back from ``transferAccepted``, and the
-    ``transferring`` coming after them is stale."""
-    sink = Sink()
-    seq = sink.sequencer(window=0.02)
+    seq = sink.sequencer(window=300 if then == "transferring" else 0.02)
     _established(seq)
     seq.lifecycle.transfer_asked("c", _agent("first"))
     accepted = one(b.call_state("c", "transferAccepted"))
@@ -1067,15 +1043,21 @@ async def test_a_transfer_s_acceptance_goes_before_its_failure_when_the_window_c
     for event in (failed, accepted) if first == "failure" else (accepted, failed):
         seq.accept(event)
     assert sink.labels[2:] == []  # held: nothing awaited since they came
-    await until(lambda: len(sink.deliveries) == 4)
-    assert sink.labels[2:] == ["transferAccepted", "established"]
+    if then == "transferring":
+        seq.accept(one(b.call_state("c", "transferring")))
+        assert sink.labels[2:] == ["transferring", "transferAccepted", "established"]
+    else:
+        await until(lambda: len(sink.deliveries) == 4)
+        assert sink.labels[2:] == ["transferAccepted", "established"]
     back = sink.deliveries[-1].event
     assert isinstance(back, events.CallStateChanged)
     assert back.previous_state == "transferAccepted"
     assert back.transfer_failed
     assert back.transfer_target == _agent("first")
-    seq.accept(one(b.call_state("c", "transferring")))
-    assert seq.counts["stale"] == 1
+    late = then == "window-closes"
+    if late:
+        seq.accept(one(b.call_state("c", "transferring")))
+    assert (seq.counts["stale"], seq.counts["released_alone"]) == (int(late), int(late))
     assert seq.lifecycle.get("c").state == "established"  # type: ignore[union-attr]
     seq.close()
 
