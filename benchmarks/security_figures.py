@@ -391,21 +391,25 @@ async def _settled_traced_memory() -> int:
     return last
 
 
+def _bot(authority: TokenAuthority, **settings: Any) -> CallBot:
+    """The bot measured: trusting ``authority``'s tokens, sending no keep-alives."""
+    return CallBot(
+        app_id=APP_ID,
+        tenant_id=TEST_TENANT_ID,
+        openid_config_url=authority.openid_config_url,
+        public_url="https://bot.example.test",
+        keep_alive=False,
+        **settings,
+    )
+
+
 async def slow_bodies(count: int) -> str:
     """What ``count`` callback bodies of ``max_body_bytes`` (4 MiB) hold, each sent with a
     valid token of another tenant but its last byte, on every connection ``max_connections``
     allows; then how Graph's own callback fares."""
     authority = TokenAuthority()
     await authority.start()
-    bot = CallBot(
-        app_id=APP_ID,
-        tenant_id=TEST_TENANT_ID,
-        openid_config_url=authority.openid_config_url,
-        public_url="https://bot.example.test",
-        keep_alive=False,
-        log_level="critical",
-        max_connections=count,
-    )
+    bot = _bot(authority, log_level="critical", max_connections=count)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = int(probe.getsockname()[1])
@@ -486,14 +490,7 @@ async def main(count: int, invented: int | None = None, charsets: int | None = N
     configure_logging("json", "error")
     authority = TokenAuthority()
     await authority.start()
-    bot = CallBot(
-        app_id=APP_ID,
-        tenant_id=TEST_TENANT_ID,
-        openid_config_url=authority.openid_config_url,
-        public_url="https://bot.example.test",
-        keep_alive=False,
-        log_level="error",
-    )
+    bot = _bot(authority, log_level="error")
     server = TestServer(bot.create_app(), host="127.0.0.1")
     await server.start_server()
     url = str(server.make_url("/api/calls"))
