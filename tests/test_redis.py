@@ -1647,6 +1647,117 @@ async def test_an_incoming_call_its_instance_left_is_taken_by_a_full_instance(
         release.set()
 
 
+def claim_answer_held(
+    store: Any, reached: asyncio.Event, go: asyncio.Event, *, lose: bool = False
+) -> list[int]:
+    """Hold the answer of ``store``'s next round trip running CLAIM, which Redis ran, until
+    ``go`` is set (``reached`` is set once it is held), then hand it over or, ``lose``, fail
+    as a connection closing before its reply does. The epochs it took are filled in."""
+    real = store._answers
+    epochs: list[int] = []
+
+    async def held(commands: Any, **options: Any) -> Any:
+        if commands and commands[0][:2] == ("EVALSHA", _scripts.CLAIM.sha):
+            store._answers = real
+            answers = await real(commands, **options)
+            epochs.extend(int(answer[0]) for answer in answers if answer)
+            reached.set()
+            await go.wait()
+            if lose:
+                raise redis.ConnectionError("Connection closed by server.")
+            return answers
+        return await real(commands, **options)
+
+    store._answers = held
+    return epochs
+
+
+def _attempt_bot(
+    authority: TokenAuthority, store: str
+) -> tuple[CallBot, list[tuple[str, int, bool]]]:
+    """A bot on ``store`` and the list its handler adds each event's label, epoch and
+    whether it is a re-run to."""
+    handled: list[tuple[str, int, bool]] = []
+    bot = make_bot(authority, store=store)
+
+    @bot.on(events.Event)
+    async def record(call: Call, event: events.Event) -> None:
+        attempt = current_attempt()
+        assert attempt is not None
+        handled.append((label(event), attempt.epoch, attempt.redelivered))
+
+    return bot, handled
+
+
+def _left_waiting(kind: str, call_id: str) -> dict[str, Any]:
+    """A notification an instance that drains leaves to the others: a new incoming call
+    (ringing) or a later state (runnable only)."""
+    if kind == "ringing":
+        return b.notifications(b.incoming_call(call_id))
+    return b.notifications(b.call_state(call_id, "establishing"))
+
+
+@pytest.mark.parametrize("kind", ["ringing", "runnable"])
+async def test_a_call_claimed_as_its_instance_drains_is_handed_over_at_once(
+    authority: TokenAuthority, serve: Any, redis_url: str, rdb: aioredis.Redis, kind: str
+) -> None:
+    """A drain that began while a CLAIM was on its way (Redis ran it, its answer not read
+    yet) cancelled the claim loop: the lease it took was held by nobody until it ran out
+    (``store_lease``, 10 s), past what Graph waits for a call to be answered. The claim ends
+    and the call is handed straight over at that epoch, ringing still; its first run is
+    no re-run."""
+    leaving, _ = _attempt_bot(authority, redis_url)
+    taker, taker_handled = _attempt_bot(authority, redis_url)
+    other, handled = _attempt_bot(authority, redis_url)
+    leaving_server: BotServer = await serve(leaving)
+    await serve(taker)
+    taker_store: Any = taker._running().store
+    reached, go = asyncio.Event(), asyncio.Event()
+    epochs = claim_answer_held(taker_store, reached, go)
+    await leaving._running().store.drain(0.1)  # it leaves the call to the others
+    assert (await leaving_server.post(_left_waiting(kind, "left-1"))).status == 202
+    await until(reached.is_set, within=10)  # the taker's CLAIM took the lease
+    (epoch,) = epochs
+    lease, fence = taker_store._keys.of(id_key("left-1"), "lease", "fence")
+    assert await rdb.get(lease) == f"{taker_store.token}/{epoch}"
+    await serve(other)
+    stopping = asyncio.ensure_future(taker.stop())
+    await until(lambda: taker_store._draining, within=10)
+    go.set()
+    await stopping
+    # handed over at the claim's epoch, not left to run out
+    assert await rdb.hget(fence, "r") == str(epoch)
+    first = "IncomingCall" if kind == "ringing" else "establishing"
+    await until(lambda: [h[0] for h in handled] == [first], within=10)
+    assert taker_handled == []
+    assert handled[0][1] > epoch
+    assert handled[0][2] is False  # nothing of it ran before
+
+
+@pytest.mark.parametrize("kind", ["ringing", "runnable"])
+async def test_a_claim_whose_answer_was_lost_runs_the_call_at_the_lease_it_took(
+    authority: TokenAuthority, serve: Any, redis_url: str, kind: str
+) -> None:
+    """A CLAIM Redis ran whose answer was lost with the connection left the call leased by
+    its instance, which did not run it, until the lease ran out (10 s): the claim loop took
+    the call for waiting in ``runnable`` still. It is asked again, and answered as it was
+    while its lease holds: the call runs at the epoch that CLAIM took, as a first run."""
+    leaving, _ = _attempt_bot(authority, redis_url)
+    taker, handled = _attempt_bot(authority, redis_url)
+    leaving_server: BotServer = await serve(leaving)
+    await serve(taker)
+    reached, go = asyncio.Event(), asyncio.Event()
+    epochs = claim_answer_held(taker._running().store, reached, go, lose=True)
+    await leaving._running().store.drain(0.1)
+    assert (await leaving_server.post(_left_waiting(kind, "left-2"))).status == 202
+    await until(reached.is_set, within=10)
+    (epoch,) = epochs
+    go.set()
+    first = "IncomingCall" if kind == "ringing" else "establishing"
+    await until(lambda: len(handled) == 1, within=20)
+    assert handled == [(first, epoch, False)]
+
+
 async def test_an_upkeep_round_redis_filled_up_during_proves_nothing(
     own_redis: Callable[..., RedisServer], authority: TokenAuthority, serve: Any, tmp_path: Path
 ) -> None:

@@ -25,7 +25,7 @@ import socket
 import time
 import weakref
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -754,6 +754,9 @@ class RedisStore:
         self._tasks: list[asyncio.Task[None]] = []
         self._claimers: list[asyncio.Task[None]] = []
         """The loops taking calls that wait with nobody on them (stopped by a drain)."""
+        self._claiming: set[asyncio.Task[Any]] = set()
+        """Those of them between a popped call and its run or hand-over (left to end by a
+        drain)."""
         self._slot_freed = asyncio.Event()
         self._reachable = False
         self._rehydrated = False
@@ -1049,13 +1052,18 @@ class RedisStore:
         """Stop claiming; let each held call finish its running entry, then hand it over
         (what is still running when ``stop_waiting`` is set is handed over as it closes)."""
         self._draining = True
+        began = time.monotonic()
         for claimer in self._claimers:
-            claimer.cancel()
+            # Waiting for a call; one whose claim is under way hands over what it takes.
+            if claimer not in self._claiming:
+                claimer.cancel()
+        await wait_all(self._claimers, max(timeout, 0.001), stop_waiting)
         owners = [state.task for state in self._owned.values() if state.task is not None]
         for state in self._owned.values():
             state.changed.set()
         if owners:
-            await wait_all(owners, max(timeout, 0.001), stop_waiting)
+            left = timeout - (time.monotonic() - began)
+            await wait_all(owners, max(left, 0.001), stop_waiting)
         self._drained = True
 
     async def close(self) -> None:
@@ -1246,46 +1254,45 @@ class RedisStore:
                 self._slot_freed.clear()
                 await self._slot_freed.wait()
                 continue
-            reserved = 0
             try:
                 # Returns at once while calls wait; then take more of them in the same step.
                 popped = await self._blocking.bzpopmin(keys.runnable, timeout=_BLOCK_SECONDS)
-                if not popped:
-                    continue
-                started = time.monotonic()
-                # Counted again: calls this instance accepted during the wait may have filled
-                # it, and a call taken now would wait for a slot while another instance has one.
-                free = self._free_slots()
-                if free <= 0:
-                    # (in ``ringing`` still, if its incoming call waits to be answered)
-                    await self._script_run(self._wake([(_text(popped[1]), popped[2], False)]))
-                    continue
-                # Counted against the room until owned, as an ingest's are: none taken twice.
-                reserved = min(free, _CLAIM_BATCH)
-                self._taking += reserved
-                calls = [_text(popped[1])]
-                if reserved > 1:
-                    more = await self._batch.run("ZPOPMIN", keys.runnable, reserved - 1)
-                    calls += _members(more)
-                answers = await self._run_all([self._claim(call) for call in calls])
             except RedisError as exc:
-                # A popped call is not lost: the reaper finds it again in the pending index.
                 self._mark(False, exc)
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 1.0)
                 continue
-            except Exception:
-                log.exception("store_claim_failed")
-                await asyncio.sleep(_RETRY_PAUSE)
-                continue
-            finally:
-                # Nothing awaits between this and the runs begun below.
-                self._taken(reserved)
             pause = _RETRY_PAUSE
-            self._mark(True)
-            for call, answer in zip(calls, answers, strict=True):
-                if answer:
-                    self._begin_claimed(call, started, answer)
+            if popped:
+                with self._claiming_now():
+                    await self._claim_step(self._claim_popped(_text(popped[1]), popped[2]))
+
+    async def _claim_popped(self, first: str, score: float) -> None:
+        """Claim a call popped off ``runnable``, and as many more as there is room for."""
+        started = time.monotonic()
+        # Counted again: calls this instance accepted during the wait may have filled it,
+        # and a call taken now would wait for a slot while another instance has one.
+        free = self._free_slots()
+        if free <= 0:
+            # (in ``ringing`` still, if its incoming call waits to be answered)
+            with contextlib.suppress(RedisError):  # else the reaper wakes it
+                await self._script_run(self._wake([(first, score, False)]))
+            return
+        # Counted against the room until owned, as an ingest's are: none taken twice.
+        reserved = min(free, _CLAIM_BATCH)
+        self._taking += reserved
+        calls = [first]
+        try:
+            if reserved > 1:
+                with contextlib.suppress(RedisError):  # those popped the reaper wakes again
+                    calls += _members(
+                        await self._batch.run("ZPOPMIN", self._keys.runnable, reserved - 1)
+                    )
+            answers = await self._claimed(calls, ringing=False)
+        finally:
+            # Nothing awaits between this and the runs begun below.
+            self._taken(reserved)
+        await self._run_claimed(calls, answers, started)
 
     async def _answer_loop(self) -> None:
         """Take each call whose new incoming call waits to be answered with nobody on it,
@@ -1297,33 +1304,103 @@ class RedisStore:
         while not self._draining:
             try:
                 popped = await self._blocking.bzpopmin(keys.ringing, timeout=_BLOCK_SECONDS)
-                if not popped:
-                    continue
-                started = time.monotonic()
-                call = _text(popped[1])
-                self._taking += 1  # counted against the room until owned, as any claim
-                try:
-                    answer = await self._script_run(self._claim(call, ringing=True))
-                finally:
-                    self._taken(1)  # nothing awaits between this and the run begun below
             except RedisError as exc:
-                # Popped and not taken: in ``runnable`` still, and the reaper wakes it again.
+                # Popped perhaps: in ``runnable`` still, and the reaper rings it again.
                 self._mark(False, exc)
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 1.0)
                 continue
-            except Exception:
-                log.exception("store_claim_failed")
-                await asyncio.sleep(_RETRY_PAUSE)
-                continue
             pause = _RETRY_PAUSE
-            self._mark(True)
-            if answer:
-                self._begin_claimed(call, started, answer)
+            if not popped:
+                continue
+            with self._claiming_now():
+                await self._claim_step(self._answer_popped(_text(popped[1])))
 
-    def _claim(self, call: str, *, ringing: bool = False) -> tuple[Any, ...]:
+    async def _answer_popped(self, call: str) -> None:
+        """Claim a call popped off ``ringing`` while its incoming call waits to be answered."""
+        started = time.monotonic()
+        self._taking += 1  # counted against the room until owned, as any claim
+        try:
+            answers = await self._claimed([call], ringing=True)
+        finally:
+            self._taken(1)  # nothing awaits between this and the run begun below
+        await self._run_claimed([call], answers, started)
+
+    async def _claim_step(self, step: Awaitable[None]) -> None:
+        """A claim loop's step; a failure is logged, and the loop goes on."""
+        try:
+            await step
+        except RedisError as exc:
+            # Only closing: asked again until then (a popped call not taken: the reaper wakes
+            # it again from the pending index).
+            self._mark(False, exc)
+        except Exception:
+            log.exception("store_claim_failed")
+            await asyncio.sleep(_RETRY_PAUSE)
+
+    @contextlib.contextmanager
+    def _claiming_now(self) -> Iterator[None]:
+        """A claim loop's step from a popped call to its run or hand-over: a drain lets it
+        end (cancelled, a CLAIM run by Redis would leave a lease nobody uses)."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._claiming.add(task)
+        try:
+            yield
+        finally:
+            self._claiming.discard(task)
+
+    async def _claimed(self, calls: Sequence[str], *, ringing: bool) -> list[Any]:
+        """The CLAIM answers for ``calls``, asked again until they come: a CLAIM whose answer
+        was lost may have taken a lease, which the ask again answers (only closing stops it)."""
+        again = False
+        pause = _STEADY_PAUSE
+        while True:
+            try:
+                answers = await self._run_all(
+                    [self._claim(call, ringing=ringing, again=again) for call in calls]
+                )
+            except RedisError as exc:
+                again = True
+                pause = await self._wait_after(exc, pause)
+                continue
+            self._mark(True)
+            return answers
+
+    async def _run_claimed(
+        self, calls: Sequence[str], answers: Sequence[Any], started: float
+    ) -> None:
+        """Run the calls CLAIM gave this instance; draining, hand them straight over (ringing
+        still, if their incoming call waits to be answered)."""
+        back: list[_Owned] = []
+        for call, answer in zip(calls, answers, strict=True):
+            if not answer:
+                continue
+            epoch = int(answer[0])
+            owned = self._owned.get(call)
+            if owned is not None and owned.epoch == epoch:
+                continue  # the other claim loop asked again for it too, and runs it
+            if self._draining:
+                fed = _text(answer[3])
+                back.append(
+                    _Owned(
+                        call,
+                        epoch=epoch,
+                        lease=f"{self.token}/{epoch}",
+                        deadline=started + self._lease_ms / 1000,
+                        fed_before=_stream_id(fed) if fed else None,
+                    )
+                )
+            else:
+                self._begin_claimed(call, started, answer)
+        for state in back:
+            # Nothing of it ran here: the fed mark goes back to where the claim found it.
+            with contextlib.suppress(RedisError):  # only closing: its lease runs out
+                await self._release(state, handover=True, ran=_last_handed(state))
+
+    def _claim(self, call: str, *, ringing: bool = False, again: bool = False) -> tuple[Any, ...]:
         """The script taking a call that waits with nobody on it (``ringing``: only while its
-        incoming call waits to be answered)."""
+        incoming call waits to be answered; ``again``: the last ask's answer was lost)."""
         return _cmd(
             _scripts.CLAIM,
             self._keys.of(call, "inbox", "lease", "fence", "call"),
@@ -1332,6 +1409,7 @@ class RedisStore:
             _READ_BATCH,
             _LIFETIME_MS,
             "1" if ringing else "",
+            "1" if again else "",
         )
 
     def _begin_claimed(self, call: str, started: float, answer: Any) -> None:

@@ -15,7 +15,8 @@ one slot. Keys of one call (``{p}`` is the store's prefix):
   epoch whose run gave the call up; ``v``, the last epoch whose lease was taken back
   after it expired; ``b``, what the inbox's entries take in bytes (the call's backlog);
   ``i``, the entry of the call's new incoming call (it waits to be answered while that
-  entry is in the inbox, unacknowledged)
+  entry is in the inbox, unacknowledged); ``c``, ``{epoch}/{fed}`` of the last CLAIM (its epoch
+  and the ``fed`` mark before it: answered again to a claimer whose answer was lost)
 * ``call``   string: the call's record (JSON, see ``_codec``)
 * ``journal`` hash: outcomes of Graph actions of handler runs, by entry and step
   (see ``callbot._journal``)
@@ -257,19 +258,34 @@ CLAIM = Script(
     + """
 -- KEYS: inbox, lease, fence, record
 -- ARGV: token, lease (ms), read batch, lifetime (ms), 1 to take it only while its
---       incoming call waits to be answered
+--       incoming call waits to be answered, 1 if asked again (the answer was lost)
+if ARGV[6] == '1' then
+  -- the lease an earlier ask took is this instance's: answered again, as it was
+  local claimed = redis.call('HGET', KEYS[3], 'c')
+  if claimed and redis.call('GET', KEYS[2]) == ARGV[1] .. '/' .. string.match(claimed, '^%d+') then
+    local entries = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', ARGV[3])
+    return {string.match(claimed, '^%d+'), redis.call('GET', KEYS[4]) or '', entries,
+      string.match(claimed, '^%d+/(.*)$')}
+  end
+end
 if redis.call('EXISTS', KEYS[2]) == 1 or redis.call('XLEN', KEYS[1]) == 0 then
   return {}
 end
 if ARGV[5] == '1' and ringing(KEYS[1], KEYS[3]) == 0 then
   return {}
 end
-return acquire(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
+local taken = acquire(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
+-- the epoch and the fed mark before it: what an ask whose answer was lost is answered
+redis.call('HSET', KEYS[3], 'c', taken[1] .. '/' .. taken[4])
+return taken
 """,
 )
 """Take a runnable call: a new epoch and lease, the record, the first entries and the
 previous ``fed`` mark; ``{}`` when someone holds it or nothing waits (or, asked so, when
-its incoming call no longer waits to be answered)."""
+its incoming call no longer waits to be answered). Asked again after its answer was lost
+(``ARGV[6]``), the same answer while the lease that ask took holds (entries as they are
+now), else taken as the first time: the epoch and previous ``fed`` mark of the last
+claim are kept in ``fence.c``."""
 
 CHECKPOINT = Script(
     "checkpoint",
