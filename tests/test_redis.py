@@ -1647,6 +1647,51 @@ async def test_an_incoming_call_its_instance_left_is_taken_by_a_full_instance(
         release.set()
 
 
+async def test_a_full_instance_leaves_ringing_calls_to_an_instance_with_room(
+    authority: TokenAuthority, serve: Any, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every instance waited on ``ringing`` whatever its room, and Redis serves its blocked
+    clients in turn: 40 calls left ringing were split 20/20 between an idle instance and
+    one at ``max_concurrent_handlers`` (1), which then ran 21 calls. A full instance takes
+    only a call no instance with room took within the grace (made a minute here, so that
+    the idle one has all it needs)."""
+    monkeypatch.setattr(_redis, "_RING_GRACE_MS", 60_000, raising=False)
+    release = asyncio.Event()
+    took: dict[str, list[str]] = {"idle": [], "full": []}
+    bots: dict[str, CallBot] = {}
+    for name, cap in (("idle", 256), ("full", 1)):
+        bot = make_bot(authority, store=redis_url, max_concurrent_handlers=cap)
+
+        @bot.on_incoming_call
+        async def ring(call: Call, event: events.IncomingCall, name: str = name) -> None:
+            took[name].append(event.call_id)
+
+        bots[name] = bot
+
+    @bots["full"].on_state("establishing")
+    async def work(call: Call, event: events.CallStateChanged) -> None:
+        await release.wait()  # holds the full instance's one slot
+
+    full_server: BotServer = await serve(bots["full"])
+    await serve(bots["idle"])
+    leaving = make_bot(authority, store=redis_url)
+    leaving_server: BotServer = await serve(leaving)
+    full_store: Any = bots["full"]._running().store
+    try:
+        busy = b.notifications(b.call_state("busy", "establishing"))
+        assert (await full_server.post(busy)).status == 202
+        await until(lambda: full_store._free_slots() <= 0, within=10)
+        await leaving._running().store.drain(0.1)  # what it receives rings for the others
+        for n in range(40):
+            ringing = b.notifications(b.incoming_call(f"share-{n}"))
+            assert (await leaving_server.post(ringing)).status == 202
+        await until(lambda: len(took["idle"]) + len(took["full"]) == 40, within=30)
+        assert took["full"] == []
+        assert sorted(took["idle"]) == sorted(f"share-{n}" for n in range(40))
+    finally:
+        release.set()
+
+
 def claim_answer_held(
     store: Any, reached: asyncio.Event, go: asyncio.Event, *, lose: bool = False
 ) -> list[int]:

@@ -102,6 +102,11 @@ _RESTING_LIMIT = 10_000
 """Bounds of the caches that spare parsing an entry or decoding a record again."""
 _BLOCK_SECONDS = 1.0
 """How long a blocking read waits; below the socket timeout, so a wait is never an error."""
+_RING_GRACE_MS = 1000
+"""How long a call rings (from its oldest waiting entry, by the server's clock) before an
+instance with no room takes it: one with room takes it at once."""
+_RING_POLL = 0.25
+"""How often an instance with no room looks for calls rung past that grace."""
 _SOCKET_TIMEOUT = 3.0
 _EVENTS_MAXLEN = 10_000
 """Roughly how many operation outcomes, tones and call ends the shared events stream keeps."""
@@ -1298,10 +1303,18 @@ class RedisStore:
         """Take each call whose new incoming call waits to be answered with nobody on it,
         whatever this instance's room, as its ingest would have: Graph drops a call not
         answered within 15 s, and its handlers wait for no slot (``_claim_loop`` looks at
-        ``runnable`` only with room). One call at a time: the instances waiting take turns."""
+        ``runnable`` only with room). One call at a time: the instances waiting take turns.
+        An instance with room takes one at once; a full one only a call that rang past
+        ``_RING_GRACE_MS`` (an instance with room goes first, and the call is answered)."""
         keys = self._keys
         pause = _RETRY_PAUSE
         while not self._draining:
+            if self._free_slots() <= 0:
+                await asyncio.sleep(_RING_POLL)
+                if self._free_slots() <= 0 and not self._draining:
+                    with self._claiming_now():
+                        await self._claim_step(self._take_overdue())
+                continue
             try:
                 popped = await self._blocking.bzpopmin(keys.ringing, timeout=_BLOCK_SECONDS)
             except RedisError as exc:
@@ -1314,7 +1327,21 @@ class RedisStore:
             if not popped:
                 continue
             with self._claiming_now():
-                await self._claim_step(self._answer_popped(_text(popped[1])))
+                if self._free_slots() > 0 or self._draining:
+                    await self._claim_step(self._answer_popped(_text(popped[1])))
+                else:
+                    # Filled meanwhile: rung again for an instance with room (or for this
+                    # one, past the grace).
+                    wake = self._wake([(_text(popped[1]), popped[2], True)])
+                    await self._claim_step(self._script_run(wake))
+
+    async def _take_overdue(self) -> None:
+        """Take, with no room, a call that rang past the grace: no instance with room took
+        it."""
+        overdue = _cmd(_scripts.OVERDUE, (self._keys.ringing,), _RING_GRACE_MS)
+        call = await self._script_run(overdue)
+        if call is not None:
+            await self._answer_popped(_text(call))
 
     async def _answer_popped(self, call: str) -> None:
         """Claim a call popped off ``ringing`` while its incoming call waits to be answered."""
@@ -1326,13 +1353,13 @@ class RedisStore:
             self._taken(1)  # nothing awaits between this and the run begun below
         await self._run_claimed([call], answers, started)
 
-    async def _claim_step(self, step: Awaitable[None]) -> None:
+    async def _claim_step(self, step: Awaitable[Any]) -> None:
         """A claim loop's step; a failure is logged, and the loop goes on."""
         try:
             await step
         except RedisError as exc:
-            # Only closing: asked again until then (a popped call not taken: the reaper wakes
-            # it again from the pending index).
+            # A claim is asked again until closing; a call popped and not claimed, the reaper
+            # wakes again from the pending index.
             self._mark(False, exc)
         except Exception:
             log.exception("store_claim_failed")

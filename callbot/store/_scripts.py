@@ -30,8 +30,8 @@ set: calls whose inbox may hold entries, where the reaper looks) and ``unpending
 hash: calls taken off ``pending`` and not looked at again yet, with a generation).
 ``runnable`` (a sorted set: calls waiting with nobody on them) and ``ringing`` (the same,
 for those of them whose incoming call waits to be answered, in the same slot) are written
-by WAKE, and the ``reaper`` (a string: which instance reaps this round) by TURN when Redis
-is full.
+by WAKE (a full instance takes from ``ringing`` by OVERDUE), and the ``reaper`` (a string:
+which instance reaps this round) by TURN when Redis is full.
 
 Time comes from the server (``TIME``, stream ids), so instances' clocks never matter.
 
@@ -41,8 +41,8 @@ notification, is refused, the callback gets 503 and Graph sends it again. Every 
 script that writes starts with ``#!lua flags=allow-oom`` (:data:`WHEN_FULL`, Redis 7) and
 runs whatever the memory: it runs work already accepted (CLAIM, MARK, CHECKPOINT,
 RECORD), keeps a run or a call going (RENEW, KEEP), lets a call go (RELEASE, UNPEND,
-SETTLE) or hands it to another instance (WAKE, and TURN for the reaper that wakes the
-calls of an instance lost). What it adds is small and bounded by what is stored already
+SETTLE) or hands it to another instance (WAKE, OVERDUE, and TURN for the reaper that wakes
+the calls of an instance lost). What it adds is small and bounded by what is stored already
 (a lease, a mark, the outcome of an action a handler sent, a call made runnable), and
 running the accepted entries is what frees memory: their checkpoint trims the inbox.
 Refused, they would keep the backlog stored exactly when Redis needs room. PROBE writes
@@ -63,7 +63,7 @@ from dataclasses import dataclass, field
 
 __all__ = [
     *("ALL", "CHECKPOINT", "CLAIM", "INGEST", "KEEP", "MARK", "PROBE", "RECORD", "RELEASE"),
-    *("RENEW", "SETTLE", "TURN", "UNPEND", "WAKE"),
+    *("OVERDUE", "RENEW", "SETTLE", "TURN", "UNPEND", "WAKE"),
     "WHEN_FULL",
     "Script",
 ]
@@ -516,6 +516,26 @@ earlier release, which knows only ``runnable``, finds it there). Runs when Redis
 a call handed over by an instance that stopped, or found by the reaper, waits for no
 room."""
 
+OVERDUE = Script(
+    "overdue",
+    WHEN_FULL
+    + """
+-- KEYS: ringing;  ARGV: how long a call rings before it is given to any instance (ms)
+local now = redis.call('TIME')
+local due = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - tonumber(ARGV[1])
+local first = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', string.format('%.0f', due),
+  'LIMIT', 0, 1)
+if #first == 0 then
+  return false
+end
+redis.call('ZREM', KEYS[1], first[1])
+return first[1]
+""",
+)
+"""Take the call ringing longest off ``ringing`` if its score (its oldest waiting entry, by
+the server's clock) is older than the grace given; nil if none is. For an instance with no
+room: one with room waits in ``BZPOPMIN ringing`` and goes first."""
+
 TURN = Script(
     "turn",
     WHEN_FULL
@@ -529,5 +549,5 @@ return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) and 1 or 0
 
 ALL = (
     *(INGEST, CLAIM, CHECKPOINT, MARK, RELEASE, RENEW, PROBE, RECORD, UNPEND, SETTLE, KEEP),
-    *(WAKE, TURN),
+    *(WAKE, OVERDUE, TURN),
 )
