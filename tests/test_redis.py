@@ -1692,6 +1692,36 @@ async def test_a_full_instance_leaves_ringing_calls_to_an_instance_with_room(
         release.set()
 
 
+async def test_a_call_no_longer_rings_once_a_later_state_comes(
+    authority: TokenAuthority, serve: Any, redis_url: str, rdb: aioredis.Redis
+) -> None:
+    """A call rang while its incoming call's entry was unacknowledged: one whose
+    ``on_incoming_call`` handler answered and ran on rang still once ``established``
+    came, and after a crash was taken by any instance, whatever its room. A later state
+    (answered, redirected, ended) ends its ringing."""
+    stuck = asyncio.Event()
+    bot = make_bot(authority, store=redis_url)
+    ringing: list[str] = []
+
+    @bot.on_incoming_call
+    async def ring(call: Call, event: events.IncomingCall) -> None:
+        ringing.append(event.call_id)
+        await stuck.wait()  # answered, and running on
+
+    server: BotServer = await serve(bot)
+    store: Any = bot._running().store
+    (fence,) = store._keys.of(id_key("answered"), "fence")
+    try:
+        assert (await server.post(b.notifications(b.incoming_call("answered")))).status == 202
+        await until(lambda: ringing == ["answered"], within=10)
+        assert await rdb.hget(fence, "i") is not None
+        established = b.notifications(b.call_state("answered", "established"))
+        assert (await server.post(established)).status == 202
+        assert await rdb.hget(fence, "i") is None
+    finally:
+        stuck.set()
+
+
 def claim_answer_held(
     store: Any, reached: asyncio.Event, go: asyncio.Event, *, lose: bool = False
 ) -> list[int]:

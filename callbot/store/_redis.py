@@ -1155,7 +1155,7 @@ class RedisStore:
                     "",  # only the fact of a placed call names the tenant it was placed in
                     MAX_BACKLOG_ENTRIES,
                     MAX_BACKLOG_BYTES,
-                    "1" if incoming else "",  # left to others, it is taken whatever the room
+                    _ringing_arg(event),
                 )
             )
         # The pending index, where the reaper finds a call whose owner is lost: written
@@ -2717,6 +2717,17 @@ async def _cancelled(tasks: Sequence[asyncio.Task[Any]]) -> None:
             if not task.cancelled():
                 task.exception()  # retrieved: a task that failed on the way out says nothing
     log.warning("store_tasks_left_running", tasks=len(pending))
+
+
+def _ringing_arg(event: events.Event) -> str:
+    """What the ingest notes of a call's ringing: ``1`` for a new incoming call (left to
+    others, it is taken whatever the room), ``0`` for a later state (answered, redirected
+    or ended, it is taken as any call: its handler may run on long after)."""
+    if type(event) is events.IncomingCall:
+        return "1"
+    if isinstance(event, events.CallStateChanged) and event.state != "incoming":
+        return "0"
+    return ""
 
 
 def _members(popped: Any) -> list[str]:

@@ -166,6 +166,7 @@ INGEST = Script(
 --       the tenant a call the bot placed was placed in (its tenant_key) or '',
 --       the most entries and bytes the inbox may hold before one more is refused
 --       ('' '': no bound, for a fact of the bot's own), 1 if it is a new incoming call
+--       (0 if a state past it: the call no longer waits to be answered)
 local inbox, seen, lease, fence = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local digest, token = ARGV[1], ARGV[4]
 local fresh, id, before = 1, '', ''
@@ -198,6 +199,8 @@ else
   redis.call('HSET', fence, 'b', size + #ARGV[2])
   if ARGV[13] == '1' then
     redis.call('HSET', fence, 'i', id)  -- to be answered: see ringing()
+  elseif ARGV[13] == '0' then
+    redis.call('HDEL', fence, 'i')  -- answered, or over: it no longer rings
   end
   redis.call('PEXPIRE', fence, ARGV[7])
   if digest ~= '' then
@@ -249,7 +252,7 @@ this one from now on
 (2, with the epoch, the record, the first entries and the previous ``fed`` mark), or
 nobody (3, with the oldest entry id and whether the call's incoming call waits to be
 answered: the store makes the call runnable). A new incoming call's entry is noted in
-``fence.i``."""
+``fence.i``, and forgotten with a later state of the call (answered, redirected, ended)."""
 
 CLAIM = Script(
     "claim",
