@@ -13,9 +13,9 @@ and decides, for each, one of:
   the roster, and the call's merged snapshot;
 * hold it, when it arrives before the state it follows (a state past ``establishing``
   before the call was seen establishing, a tone before the call was seen established,
-  a roster or other news without a state of a call seen being set up but not yet
-  established, a transfer's failure or its ``transferAccepted`` before that transfer's
-  ``transferring``),
+  a roster or other news without a state of a call seen being set up (or placed by the
+  bot) but not yet established, a transfer's failure or its ``transferAccepted`` before
+  that transfer's ``transferring``),
   for ``reorder_window`` seconds: later events of that call wait behind it, except its
   predecessors, which overtake it; when they have come, or the window closes, the held
   events go in lifecycle order;
@@ -287,8 +287,8 @@ def _follows(event: events.Event, reached: int) -> int | None:
     delivered, if any: a state past ``establishing`` (not an ending) follows
     ``establishing``; a tone follows ``established`` (Graph sends it on an established
     call); so does news without a state (a roster, content sharing) of a call seen being
-    set up, which Graph may deliver before ``established`` as it may ``established``
-    before ``establishing``."""
+    set up or placed by the bot (``reached`` is :func:`_reached`), which Graph may deliver
+    before ``established`` as it may ``established`` before ``establishing``."""
     if type(event) is events.ToneReceived:
         return _LIVE
     phase = phase_of(event)
@@ -553,6 +553,14 @@ def _pull_progress(ordered: list[events.Event], index: int, record: CallRecord) 
     return False
 
 
+def _reached(record: CallRecord) -> int:
+    """The phase a call's news is ordered from (:func:`_follows`): its life's, or
+    ``incoming`` for a call the bot placed (:attr:`CallRecord.placed`) not seen in a state
+    yet: it is being set up as a call the bot answered is. The one rule of it."""
+    phase = record.life.phase
+    return _INCOMING if phase < _INCOMING and record.placed else phase
+
+
 def _early(event: events.Event, record: CallRecord) -> bool:
     """Whether ``event`` arrived before what it follows: the state (:func:`_follows`); for a
     tone of an established call, the tone before it (:func:`tone_waits`); for a transfer's
@@ -563,8 +571,9 @@ def _early(event: events.Event, record: CallRecord) -> bool:
         if type(event) is not events.ToneReceived:
             return _awaits_transferring(event, record)
         return tone_waits(event.sequence_id, record.tone_next)
-    follows = _follows(event, record.life.phase)
-    return follows is not None and record.life.phase < follows
+    reached = _reached(record)
+    follows = _follows(event, reached)
+    return follows is not None and reached < follows
 
 
 def _unblocks(event: events.Event, record: CallRecord) -> bool:
@@ -796,6 +805,10 @@ class CallRecord:
     are counted whole until it could be past :data:`MAX_SNAPSHOT_BYTES`, then it is measured."""
     told_full: bool = False
     """A change the call's record could not keep was logged (``call_record_full``, once)."""
+    placed: bool = False
+    """The bot placed the call (:class:`Placed`): until a state of it comes, it is being set
+    up, and its news without a state waits for ``established`` as an answered call's does
+    (:func:`_reached`)."""
     resent: dict[bytes, int] = field(default_factory=dict)
     """How many copies of each notification kept of a request refused in part are still to
     come (:class:`KeptOfRefused`), the latest last: each such copy is a repeat."""
@@ -1155,6 +1168,7 @@ class Sequencer:
             # Bound now, not by its first notification: another tenant's token cannot claim it.
             self.lifecycle.bind(record.life, tenant_id)
         self.lifecycle.prove(call_id)  # Graph made the call at the bot's request: it is real
+        record.placed = True
         if record.closed or my_participant_id is None:
             return
         snapshot = record.snapshot
@@ -1289,7 +1303,7 @@ class Sequencer:
             else None
         )
         if phase is not None and (
-            phase <= _awaited(record.held, record.life.phase)
+            phase <= _awaited(record.held, _reached(record))
             # A transferAccepted waiting for transferring too waits before its failure.
             or (failure == 0 and not _early(event, record))
         ):
@@ -1369,7 +1383,7 @@ class Sequencer:
     def _release_ready(self, record: CallRecord) -> None:
         """Deliver, in lifecycle order, the held events whose predecessors have come; from
         the first still early on, they wait on (within the same window)."""
-        ordered, record.held = _in_lifecycle_order(record.held, record.life.phase), []
+        ordered, record.held = _in_lifecycle_order(record.held, _reached(record)), []
         record.waiting_tones = []
         sizes = record.held_sizes
         index = 0
@@ -1411,7 +1425,7 @@ class Sequencer:
             state=clipped(_state(held[0])),
             reason=why,
         )
-        ordered = _in_lifecycle_order(held, record.life.phase)
+        ordered = _in_lifecycle_order(held, _reached(record))
         index = 0
         while index < len(ordered):
             if not record.closed and _pull_progress(ordered, index, record):

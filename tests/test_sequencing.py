@@ -26,6 +26,9 @@ from callbot.testing import builders as b
 from .conftest import FIXTURES, until
 from .test_recorded import CALLS
 
+NEVER = 300.0
+"""A reorder window no test waits out: what is held goes when its predecessor comes."""
+
 
 def one(item: dict[str, Any]) -> events.Event:
     (event,) = parse_payload(b.notifications(item))
@@ -127,6 +130,94 @@ async def test_what_waits_for_established(arrivals: list[str], delivered: list[s
         seq.accept(one(item))
     labels = ["incoming" if label == "IncomingCall" else label for label in sink.labels]
     assert labels == delivered
+    seq.close()
+
+
+def recorded_item(name: str) -> dict[str, Any]:
+    item: dict[str, Any] = json.loads((FIXTURES / "recorded" / name).read_text())["value"][0]
+    return item
+
+
+def documented_item(name: str, call_id: str = "c") -> dict[str, Any]:
+    """Graph's documented notification ``name`` (tests/fixtures/notifications), about
+    ``call_id`` (the path under the call kept)."""
+    path = FIXTURES / "notifications" / name
+    (item,) = json.loads(path.read_text())["value"]
+    assert isinstance(item, dict)
+    key = "resourceUrl" if "resourceUrl" in item else "resource"
+    head, calls, rest = item[key].partition("/calls/")
+    item[key] = f"{head}{calls}{call_id}{rest[rest.find('/') :] if '/' in rest else ''}"
+    return item
+
+
+@pytest.mark.parametrize(
+    ("news", "establishing", "established", "kind"),
+    [
+        # the bot joins a meeting: Graph's documented roster of it overtakes its states
+        (
+            documented_item("08-application-post-calls-ex5-join-meeting-roster.json"),
+            documented_item("06-application-post-calls-ex5-join-meeting-establishing.json"),
+            documented_item("07-application-post-calls-ex5-join-meeting-established.json"),
+            "ParticipantsUpdated",
+        ),
+        # a recorded group call: the roster the bot joined overtakes its states
+        (
+            recorded_item("sb15-groupcalls-groupcallbotjoin.json"),
+            recorded_item("sb13-groupcalls-groupcallestablishing.json"),
+            recorded_item("sb14-groupcalls-groupcallestablished.json"),
+            "ParticipantsUpdated",
+        ),
+        # a call the bot created: content sharing overtakes its states
+        (
+            documented_item("03-application-post-calls-ex1-contentsharing-created.json"),
+            documented_item("01-application-post-calls-ex1-p2p-call-establishing.json"),
+            documented_item("02-application-post-calls-ex1-p2p-call-established.json"),
+            "ContentSharingUpdated",
+        ),
+    ],
+    ids=["joined-meeting-roster", "recorded-group-call-roster", "created-call-sharing"],
+)
+@pytest.mark.parametrize("told", ["placed", "noted"])
+async def test_news_of_a_call_the_bot_placed_waits_for_established(
+    news: dict[str, Any],
+    establishing: dict[str, Any],
+    established: dict[str, Any],
+    kind: str,
+    told: str,
+) -> None:
+    """A call the bot placed is being set up once Graph answered (the ``Placed`` fact): news
+    without a state arriving before its ``establishing`` waits for ``established``, as for a
+    call the bot answered, and its handlers see the call in a state."""
+    sink = Sink()
+    seq = sink.sequencer(window=NEVER)
+    call_id = one(news).call_id
+    if told == "placed":
+        seq.placed(call_id, "bot-participant", None)
+    else:
+        seq.note(sequencing.Placed(call_id, None, None))
+    seq.accept(one(news))
+    assert sink.labels == []
+    seq.accept(one(establishing))
+    seq.accept(one(established))
+    assert sink.labels == ["establishing", "established", kind]
+    states = [d.snapshot.state if d.snapshot else None for d in sink.deliveries]
+    assert states == ["establishing", "established", "established"]
+    seq.close()
+
+
+async def test_a_placed_call_s_news_waits_for_established_until_the_window_closes() -> None:
+    """As an answered call's: with no ``established`` within the window, the news goes alone."""
+    sink = Sink()
+    seq = sink.sequencer(window=0.02)
+    seq.placed("c", "me-1", None)
+    seq.accept(one(b.roster("c", [b.participant("me-1")])))
+    await until(lambda: len(sink.deliveries) == 1)
+    assert sink.labels == ["ParticipantsUpdated"]
+    assert seq.counts["released_alone"] == 1
+    # Delivered before any state, it has the bot's own participant id all the same.
+    snapshot = sink.deliveries[0].snapshot
+    assert snapshot is not None
+    assert snapshot.my_participant_id == "me-1"
     seq.close()
 
 
@@ -1257,11 +1348,6 @@ def names(people: list[models.Participant]) -> list[str | None]:
     return [p.display_name or p.id for p in people]
 
 
-def recorded_item(name: str) -> dict[str, Any]:
-    item: dict[str, Any] = json.loads((FIXTURES / "recorded" / name).read_text())["value"][0]
-    return item
-
-
 async def test_a_leave_is_seen_when_the_participant_who_changed_last_leaves() -> None:
     # rosterSequenceNumber is when each participant last changed: bob joined last, at 2.
     sink = Sink()
@@ -2010,8 +2096,9 @@ def naming_me(item: dict[str, Any], participant_id: str | None) -> dict[str, Any
 
 async def test_a_placed_call_s_snapshot_has_the_bot_s_own_participant_id_from_the_answer() -> None:
     """Graph names the bot's participant in its answer to the request placing a call, never
-    in the call's notifications: each delivery's snapshot has it, a roster delivered before
-    any state too, and a notification naming another or none leaves it as Graph answered."""
+    in the call's notifications: each delivery's snapshot has it, a roster that came before
+    any state (and waited for ``established``) too, and a notification naming another or none
+    leaves it as Graph answered."""
     sink = Sink()
     seq = sink.sequencer(window=5)
     seq.placed("placed-call", "me-1")
@@ -2021,9 +2108,9 @@ async def test_a_placed_call_s_snapshot_has_the_bot_s_own_participant_id_from_th
     seq.accept(one(naming_me(b.call_state("placed-call", "established", subject="x"), None)))
     seq.accept(one(b.call_terminated("placed-call")))
     assert sink.labels == [
-        "ParticipantsUpdated",
         "establishing",
         "established",
+        "ParticipantsUpdated",
         "CallUpdated",
         "terminated",
     ]

@@ -331,3 +331,39 @@ def _timeless(text: str) -> dict[str, Any]:
         assert isinstance(at, int)
         record["transferring_at"] = "a time"
     return record
+
+
+async def test_a_placed_call_stored_before_any_state_holds_its_news_on_the_next_run() -> None:
+    """A call the bot placed, stored before Graph posted any state of it (the instance that
+    placed it stopped, or gave the call up once the answer was noted), is still being set up
+    for whoever runs it next: a roster arriving before its states waits for ``established``
+    there too."""
+    establishing, established, roster, *_ = FLOWS["group-call"]
+    steps = [
+        parse_payload(body_of(step), tenant_id=TENANT)[0]
+        for step in (roster, establishing, established)
+    ]
+    call_id = steps[0].call_id
+    first = sequencer([])
+    first.placed(call_id, PLACED_AS, TENANT)
+    record = first.record(id_key(call_id))
+    assert record is not None
+    stored = encode_record(record)
+    first.close()
+    assert json.loads(stored)["placed"] is True
+    out: list[Delivery] = []
+    seq = sequencer(out)
+    adopted = decode_record(stored)
+    assert adopted is not None
+    seq.adopt(adopted)
+    for event in steps:
+        seq.accept(event)
+    seq.close()
+    seen = [(type(d.event).__name__, d.snapshot.state if d.snapshot else None) for d in out]
+    assert seen == [
+        ("CallStateChanged", "establishing"),
+        ("CallStateChanged", "established"),
+        ("ParticipantsUpdated", "established"),
+    ]
+    # Once a state came, its phase says the call is being set up: nothing more is written.
+    assert "placed" not in json.loads(encode_record(adopted))

@@ -62,7 +62,7 @@ from .test_security_tokens import (
     record_bound,
     without_tenant,
 )
-from .test_sequencing import FLOOD_ITEM_BYTES, flood_item
+from .test_sequencing import FLOOD_ITEM_BYTES, documented_item, flood_item
 from .test_simulator import MEETING_URL
 
 __all__ = ["redis_server", "redis_url"]  # fixtures this module uses
@@ -1731,6 +1731,55 @@ async def test_handlers_of_a_placed_call_find_the_bot_in_the_roster_in_every_sto
     assert [mine_then for _, mine_then, _ in seen] == [mine] * len(items)
     rosters = [others for kind, _, others in seen if kind == "ParticipantsUpdated"]
     assert rosters == [["alice"], []]
+
+
+@pytest.mark.parametrize("stores", ["memory", "redis", "redis-pair", "redis-placer-stopped"])
+async def test_a_placed_call_s_roster_waits_for_established_in_every_store(
+    authority: TokenAuthority, serve: Any, redis_url: str, stores: str
+) -> None:
+    """The bot joins a meeting, and Graph's documented roster of it (each notification a
+    request of its own) arrives before the call's ``establishing`` and ``established``: the
+    call is being set up from Graph's answer on, so the roster waits for ``established`` as
+    an answered call's does, on whichever instance runs the call (the one that placed it
+    being gone too: the answer is in the call's record then), and its handler sees the call
+    established."""
+    async with FakeGraph() as graph:
+        options: dict[str, Any] = {
+            "graph_url": graph.graph_url,
+            "authority_url": graph.authority_url,
+            "app_secret": "fake-graph-secret",
+            "reorder_window": NEVER,
+        }
+        if stores != "memory":
+            options["store"] = redis_url
+        count = 2 if stores in ("redis-pair", "redis-placer-stopped") else 1
+        bots = [make_bot(authority, **options) for _ in range(count)]
+        seen: list[tuple[str, str | None]] = []
+        for bot in bots:
+
+            @bot.on(events.Event)
+            async def record(call: Call, event: events.Event) -> None:
+                label = event.state if isinstance(event, events.CallStateChanged) else None
+                seen.append((label or type(event).__name__, call.state))
+
+        servers = [await serve(bot) for bot in bots]
+        placed = await bots[0].join_meeting(MEETING_URL)
+        if stores == "redis-placer-stopped":
+            await bots[0].stop()
+        names = (
+            "08-application-post-calls-ex5-join-meeting-roster.json",
+            "06-application-post-calls-ex5-join-meeting-establishing.json",
+            "07-application-post-calls-ex5-join-meeting-established.json",
+        )
+        for name in names:
+            item = documented_item(name, placed.id)
+            assert (await servers[-1].post(b.notifications(item))).status == 202
+        await until(lambda: len(seen) == len(names), within=SETTLE_WITHIN)
+    assert seen == [
+        ("establishing", "establishing"),
+        ("established", "established"),
+        ("ParticipantsUpdated", "established"),
+    ]
 
 
 @pytest.mark.parametrize("stores", ["memory", "redis"])

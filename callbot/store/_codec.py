@@ -12,9 +12,10 @@ notifications.
 
 A call record keeps what the sequencer needs to go on ordering the call (its
 phase, state, roster, the digests of its last notifications and of its latest
-roster, the number of the tone it expects next, whether it ended, the transfers
-asked (each one's target, until its failure is told) and up to which of them a
-``transferring`` or a failure came, how far its latest operations got) and the
+roster, the number of the tone it expects next, whether it ended, whether the bot
+placed it (until a state of it came), the transfers asked (each one's target, until
+its failure is told) and up to which of them a ``transferring`` or a failure came,
+how far its latest operations got) and the
 call's merged snapshot, which carries ``chatInfo`` and ``meetingInfo`` so a
 bot can rejoin a meeting after a restart. The roster's keys
 are made again from its participants when a record is read, so a record written
@@ -222,6 +223,9 @@ def encode_record(record: CallRecord) -> str:
     if record.transferring_at is not None and record.life.state == "transferring":
         # Whether an update came within reorder_window of it, judged by whoever runs the call next.
         head["transferring_at"] = wall_ms(record.transferring_at)
+    if record.placed and record.life.state is None:
+        # Only until a state comes (then its phase says it): the next run holds its news.
+        head["placed"] = True
     if record.told_full:
         head["told_full"] = True  # the call's call_record_full line is not written again
     if record.resent:
@@ -268,6 +272,7 @@ def decode_record(text: str) -> CallRecord | None:
         roster_bytes=sum(size for _, size in roster.values()),
         snapshot_bytes=0 if snapshot is None else json_size(snapshot),
         told_full=bool(body.get("told_full")),
+        placed=body.get("placed") is True,
         roster_sequence=body.get("roster_sequence"),
         roster_floor=_number(body.get("roster_floor")),
         tone_next=_number(body.get("tone_next")),
