@@ -350,16 +350,46 @@ def _awaits_progress(
     return _tells_failure(state, call)
 
 
-def _awaits_transferring(event: events.Event, record: CallRecord) -> bool:
-    """Whether ``event``, coming to the call now, waits for its transfer's ``transferring``
-    (:func:`_awaits_progress`)."""
+def _awaits_transferring(event: events.Event, record: CallRecord, window: float) -> bool:
+    """Whether ``event``, coming to the call now (or held since it came), waits for its
+    transfer's ``transferring`` (:func:`_awaits_progress`), or for the transfer's outcome
+    (:func:`_awaits_outcome`)."""
     told = record.transfers_told
-    if record.life.transfers <= told or record.transferring_told > told:
-        return False  # the usual case, first: no transfer waits for its news
     life = record.life
-    return life.phase == _LIVE and _awaits_progress(
-        _state(event), _call_of(event), life.state, life.transfers, told, record.transferring_told
+    if life.transfers <= told or life.phase != _LIVE:
+        return False  # the usual case, first: no transfer waits for its news
+    state, call, progressed = _state(event), _call_of(event), record.transferring_told
+    if progressed <= told:
+        return _awaits_progress(state, call, life.state, life.transfers, told, progressed)
+    counts = (told, progressed, record.transferring_at)
+    arrived = _arrived(record, event)
+    return _awaits_outcome(state, call, life.state, life.transfers, counts, window, arrived)
+
+
+def _awaits_outcome(
+    state: str | None,
+    call: CallResource | None,
+    current: str | None,
+    transfers: int,
+    counts: _TransferCounts,
+    window: float,
+    arrived: float | None,
+) -> bool:
+    """Whether a state of the live call other than a transfer's progress would be dropped as
+    an update sent before the transfer began (:func:`_transfer_counts`): it waits for the
+    transfer's outcome instead, at most ``reorder_window``. Its failure coming meanwhile
+    shows the update was sent after it (it goes after it); the call's end drops it
+    (``after_end``); the window closing with the transfer still going, as stale."""
+    return (
+        state is not None
+        and state not in _TRANSFER_GOING
+        and _transfer_counts(state, call, current, transfers, counts, window, arrived) is None
     )
+
+
+def _arrived(record: CallRecord, event: events.Event) -> float | None:
+    """When ``event`` came, if it is held (:attr:`CallRecord.held_at`); ``None``: now."""
+    return record.held_at.get(id(event)) if record.held_at else None
 
 
 def _progress_counted(
@@ -388,20 +418,26 @@ def _sent_before_transfer(
     current: str | None,
     transferring_at: float | None,
     window: float,
+    arrived: float | None,
 ) -> bool:
     """Whether a notification of ``state`` carrying ``call``, coming while a transfer the bot
     asked goes (``current`` is ``transferring``, then ``transferAccepted``) and has had no
     failure, is an update of the live call Graph sent before the transfer began: a live state
     with no ``resultInfo`` (Teams repeats ``established`` two to four times as a call starts,
     each a request of its own) once the transfer was accepted, or within ``window``
-    (``reorder_window``) of its ``transferring`` (delivered at ``transferring_at``). Later,
-    while ``transferring``, the same is the transfer's failure in Graph's 2019 shape."""
+    (``reorder_window``) of its ``transferring`` (delivered at ``transferring_at``), judged
+    when it ``arrived`` (``None``: now; a held one, when it was held). Later, while
+    ``transferring``, the same is the transfer's failure in Graph's 2019 shape."""
     if not _live_past_transfer(state) or call is None or call.result_info is not None:
         return False
     if current != "transferring":
         return True
     at = transferring_at
-    return at is not None and asyncio.get_running_loop().time() - at < window
+    if at is None:
+        return False
+    if arrived is None:
+        arrived = asyncio.get_running_loop().time()
+    return arrived - at < window
 
 
 _TransferCounts = tuple[int, int, float | None]
@@ -417,9 +453,11 @@ def _transfer_counts(
     transfers: int,
     counts: _TransferCounts,
     window: float,
+    arrived: float | None = None,
 ) -> _TransferCounts | None:
-    """``counts`` once a notification of ``state`` carrying ``call`` is delivered to the call
-    in ``current`` (``transfers`` asked): a transfer's progress counted
+    """``counts`` once a notification of ``state`` carrying ``call`` (which ``arrived`` then:
+    :func:`_sent_before_transfer`) is delivered to the call in ``current`` (``transfers``
+    asked): a transfer's progress counted
     (:func:`_progress_counted`), its failure (:func:`_fails_transfer`). ``None`` when it is
     stale for a transfer, and dropped: progress the transfer is past, or an update sent
     before the transfer began (:func:`_sent_before_transfer`). The one judgement delivery
@@ -438,7 +476,9 @@ def _transfer_counts(
         return told, counted, at
     if told >= transfers:
         return counts  # no transfer asked waits for its failure
-    if current in _TRANSFER_GOING and _sent_before_transfer(state, call, current, at, window):
+    if current in _TRANSFER_GOING and _sent_before_transfer(
+        state, call, current, at, window, arrived
+    ):
         return None
     if _fails_transfer(current, state, call):
         # The failure of the first transfer asked that had none: transfers are one after another.
@@ -474,6 +514,8 @@ class _HeldState(NamedTuple):
     """The counts once it went (:func:`_transfer_counts`); ``None``: stale, dropped."""
     waits: bool
     """Whether it waits for its transfer's ``transferring`` (:func:`_awaits_progress`)."""
+    outcome: bool
+    """Whether it waits for its transfer's outcome (:func:`_awaits_outcome`)."""
 
 
 def _held_states(record: CallRecord, window: float) -> Iterator[_HeldState]:
@@ -496,8 +538,10 @@ def _held_states(record: CallRecord, window: float) -> Iterator[_HeldState]:
             continue
         call = _call_of(held)
         waits = _awaits_progress(held_state, call, state, transfers, counts[0], counts[1])
-        after = _transfer_counts(held_state, call, state, transfers, counts, window)
-        yield _HeldState(index, held, call, state, counts, after, waits)
+        arrived = _arrived(record, held)
+        after = _transfer_counts(held_state, call, state, transfers, counts, window, arrived)
+        outcome = after is None and held_state not in _TRANSFER_GOING
+        yield _HeldState(index, held, call, state, counts, after, waits, outcome)
         if after is not None:
             counts, state = after, held_state
 
@@ -524,6 +568,44 @@ def _held_for_transferring(
     return None, told
 
 
+def _ends_wait(
+    state: str | None,
+    call: CallResource | None,
+    current: str | None,
+    transfers: int,
+    counts: _TransferCounts,
+    window: float,
+    arrived: float | None = None,
+) -> bool:
+    """Whether a notification of ``state`` carrying ``call``, delivered to the call in
+    ``current`` (``counts`` as they stand), is news an update held for its transfer's outcome
+    (:func:`_awaits_outcome`) goes after: the transfer going on (its ``transferAccepted``),
+    its failure (as delivery counts it: :func:`_transfer_counts`), or the call's end. The one
+    rule of what goes before such an update, arriving (:func:`_held_for_outcome`) or held
+    behind it (:func:`_pull_progress`)."""
+    if state is None or state == current:
+        return False
+    if phase_of_state(state) >= _TERMINATING:
+        return True
+    after = _transfer_counts(state, call, current, transfers, counts, window, arrived)
+    return after is not None and (state in _TRANSFER_GOING or after[0] > counts[0])
+
+
+def _held_for_outcome(record: CallRecord, event: events.Event, window: float) -> int | None:
+    """Where the first update held for its transfer's outcome is (:func:`_awaits_outcome`),
+    if ``event``, arriving, is news it goes after there (:func:`_ends_wait`): ``event`` goes
+    right before it."""
+    state = _state(event)
+    if state is None:
+        return None
+    transfers = record.life.transfers
+    for held in _held_states(record, window):
+        if held.outcome:
+            ends = _ends_wait(state, _call_of(event), held.before, transfers, held.counts, window)
+            return held.at if ends else None
+    return None
+
+
 def _goes_before(progress: str, held: _HeldState, transfers: int, window: float) -> bool:
     """Whether a transfer's ``progress`` arriving moves the call where ``held`` will find it,
     and would be stale once ``held`` went: then it goes before it."""
@@ -537,13 +619,29 @@ def _goes_before(progress: str, held: _HeldState, transfers: int, window: float)
     )
 
 
-def _pull_progress(ordered: list[events.Event], index: int, record: CallRecord) -> bool:
+def _pull_progress(
+    ordered: list[events.Event], index: int, record: CallRecord, window: float
+) -> bool:
     """Move the first transfer's progress held after ``ordered[index]`` right before it, if
     that waits for it (:func:`_awaits_transferring`): whether one moved. A failure waits for
     ``transferring`` or ``transferAccepted``, ``transferAccepted`` for ``transferring`` (which
-    waits for nothing): a transfer's progress goes before its failure, whatever came first."""
+    waits for nothing): a transfer's progress goes before its failure, whatever came first.
+    An update held for its transfer's outcome has that outcome moved instead
+    (:func:`_ends_wait`)."""
     event = ordered[index]
-    if type(event) is events.ToneReceived or not _awaits_transferring(event, record):
+    if type(event) is events.ToneReceived or not _awaits_transferring(event, record, window):
+        return False
+    life = record.life
+    told, progressed = record.transfers_told, record.transferring_told
+    if progressed > told:
+        # An update held for its transfer's outcome (:func:`_awaits_outcome`): that goes first.
+        counts = (told, progressed, record.transferring_at)
+        for later in range(index + 1, len(ordered)):
+            news = ordered[later]
+            state, call, arrived = _state(news), _call_of(news), _arrived(record, news)
+            if _ends_wait(state, call, life.state, life.transfers, counts, window, arrived):
+                ordered.insert(index, ordered.pop(later))
+                return True
         return False
     wanted = ("transferring",) if _state(event) == "transferAccepted" else _TRANSFER_GOING
     for later in range(index + 1, len(ordered)):
@@ -561,7 +659,7 @@ def _reached(record: CallRecord) -> int:
     return _INCOMING if phase < _INCOMING and record.placed else phase
 
 
-def _early(event: events.Event, record: CallRecord) -> bool:
+def _early(event: events.Event, record: CallRecord, window: float) -> bool:
     """Whether ``event`` arrived before what it follows: the state (:func:`_follows`); for a
     tone of an established call, the tone before it (:func:`tone_waits`); for a transfer's
     failure or its ``transferAccepted``, that transfer's ``transferring``
@@ -569,7 +667,7 @@ def _early(event: events.Event, record: CallRecord) -> bool:
     if record.life.phase >= _LIVE:
         # The usual case, first: nothing follows a later phase than established.
         if type(event) is not events.ToneReceived:
-            return _awaits_transferring(event, record)
+            return _awaits_transferring(event, record, window)
         return tone_waits(event.sequence_id, record.tone_next)
     reached = _reached(record)
     follows = _follows(event, reached)
@@ -771,6 +869,9 @@ class CallRecord:
     bounded by :data:`MAX_HELD_BYTES`."""
     held_sizes: dict[int, int] = field(default_factory=dict)
     """What each event in ``held`` takes, by its ``id``: subtracted as it leaves the hold."""
+    held_at: dict[int, float] = field(default_factory=dict)
+    """When each event in ``held`` came (loop time), by its ``id``: an update is judged as of
+    then (:func:`_sent_before_transfer`), however long it waited."""
     hold_timer: asyncio.TimerHandle | None = None
     tone_next: int | None = None
     """The ``sequenceId`` after the call's last tone delivered (:func:`tone_waits`)."""
@@ -1296,24 +1397,31 @@ class Sequencer:
             return
         phase = phase_of(event)
         # A transfer's progress goes right before what is held for it, if any (its failure, or
-        # its transferAccepted): it overtakes it, or waits right before it.
-        failure = (
-            _held_for_transferring(record, self._window, _state(event))[0]
-            if record.life.phase == _LIVE and _state(event) in _TRANSFER_GOING
-            else None
-        )
+        # its transferAccepted, or an update held for its outcome): it overtakes it, or waits
+        # right before it; so does its outcome (its failure, the call's end) before the update.
+        failure: int | None = None
+        state = _state(event)
+        if record.life.phase == _LIVE and state is not None:
+            if state in _TRANSFER_GOING:
+                failure = _held_for_transferring(record, self._window, state)[0]
+            if record.transfers_told < record.life.transfers:
+                outcome = _held_for_outcome(record, event, self._window)
+                if outcome is not None and (failure is None or outcome < failure):
+                    failure = outcome
         if phase is not None and (
             phase <= _awaited(record.held, _reached(record))
             # A transferAccepted waiting for transferring too waits before its failure.
-            or (failure == 0 and not _early(event, record))
+            or (failure == 0 and not _early(event, record, self._window))
         ):
             # A predecessor of what is held overtakes it.
-            reached, waiting, told = record.life.phase, len(record.held), record.transferring_told
+            reached, waiting = record.life.phase, len(record.held)
+            told, failed = record.transferring_told, record.transfers_told
             self._admit(record, event)
             if (
                 record.life.phase != reached
                 or len(record.held) != waiting
                 or record.transferring_told != told
+                or record.transfers_told != failed
             ):
                 # The call moved on, the predecessor waits too, or a transfer's failure may
                 # follow it now: what may go now goes. (An update or a stale copy changes
@@ -1353,7 +1461,7 @@ class Sequencer:
                 current_state=clipped(record.life.state),
             )
             return
-        if may_hold and _early(event, record):
+        if may_hold and _early(event, record, self._window):
             record.held.append(event)
             _note_held(record, event)
             self._count_held(record, event)
@@ -1389,8 +1497,8 @@ class Sequencer:
         index = 0
         while index < len(ordered):
             event = ordered[index]
-            if _early(event, record):
-                if _pull_progress(ordered, index, record):
+            if _early(event, record, self._window):
+                if _pull_progress(ordered, index, record, self._window):
                     continue  # its transfer's progress, held behind it, goes first
                 record.held = ordered[index:]
                 # Numbered tones are in sequenceId order among what is held.
@@ -1402,6 +1510,7 @@ class Sequencer:
                 return
             record.held_bytes -= sizes.pop(id(event))
             self._admit(record, event, may_hold=False)
+            record.held_at.pop(id(event), None)  # judged as of when it came: then let go
             index += 1
         if record.hold_timer is not None:
             record.hold_timer.cancel()
@@ -1428,7 +1537,7 @@ class Sequencer:
         ordered = _in_lifecycle_order(held, _reached(record))
         index = 0
         while index < len(ordered):
-            if not record.closed and _pull_progress(ordered, index, record):
+            if not record.closed and _pull_progress(ordered, index, record, self._window):
                 continue  # its transfer's progress, held behind it, goes first
             event = ordered[index]
             index += 1
@@ -1440,6 +1549,7 @@ class Sequencer:
                 # failure, each after the one before it.
                 skipped = skipped or tone_waits(event.sequence_id, record.tone_next)
             self._admit(record, event, may_hold=False)
+        record.held_at.clear()  # kept until each was judged as of when it came
         if skipped and not record.closed:
             record.tone_next = TONES_UNORDERED
             self._lines.info("tone_order_given_up", call_id=record.call_id, reason="number_skipped")
@@ -1477,6 +1587,7 @@ class Sequencer:
                 record.life.transfers,
                 (told, record.transferring_told, record.transferring_at),
                 self._window,
+                _arrived(record, event),
             )
             if counts is None:
                 # Left to go, it would put the call back (in a transfer's progress it is past,
@@ -1544,6 +1655,7 @@ class Sequencer:
             stranded, record.held, record.waiting_tones = record.held, [], []
             for straggler in stranded:
                 record.held_bytes -= record.held_sizes.pop(id(straggler))
+                record.held_at.pop(id(straggler), None)
                 self._drop(straggler, "after_end")
 
     def _count_held(self, record: CallRecord, event: events.Event) -> None:
@@ -1553,6 +1665,7 @@ class Sequencer:
         assert arrived is event.raw
         record.held_sizes[id(event)] = written
         record.held_bytes += written
+        record.held_at[id(event)] = asyncio.get_running_loop().time()
 
     def _measured(
         self, record: CallRecord, merged: CallResource

@@ -1143,7 +1143,8 @@ async def test_an_update_sent_before_a_transfer_is_stale_on_the_instance_that_ta
 ) -> None:
     """Teams repeats ``established`` as a call starts (recorded sb08, sb09), each a request of
     its own: one sent before the transfer began may come after its ``transferring``, within
-    ``reorder_window`` of it, and is dropped as stale. When another instance took the call
+    ``reorder_window`` of it, and is no failure (it waits for the transfer's failure, and the
+    call's end drops it). When another instance took the call
     over meanwhile, it did not know when ``transferring`` came (the record kept no time), and
     took that update for the transfer's failure: ``on_transfer_failed`` ran, and the call
     moved back to ``established`` while the transfer went on."""

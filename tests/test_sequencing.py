@@ -574,9 +574,11 @@ async def test_an_update_sent_before_a_transfer_began_is_stale_behind_it(after: 
     """Teams repeats ``established`` as a call starts (recorded sb02, sb03), each a request of
     its own: a bot transferring at once may get one behind the ``transferring``, or its
     ``transferAccepted``. With no ``resultInfo``, within the reorder window of the
-    ``transferring`` (or once the transfer was accepted), it is that earlier update: dropped
-    as stale, not the transfer's failure, and the call does not move back to
-    ``established``; the transfer's end goes on as Graph tells it."""
+    ``transferring`` (or once the transfer was accepted), it is that earlier update, or one
+    sent after the transfer's failure: it waits for that failure (at most the window), not
+    taken for it, and the call does not move back to ``established``; the transfer's
+    progress goes before it, and the call's end drops it (``after_end``), as Graph tells them.
+    (The window closing first drops it as stale: the test after this one.)"""
     sink = Sink()
     seq = sink.sequencer(window=300)
     _established(seq)
@@ -588,13 +590,15 @@ async def test_an_update_sent_before_a_transfer_began_is_stale_behind_it(after: 
     late["resourceData"]["mediaState"] = {"audio": "active"}
     seq.accept(one(late))
     seq.accept(one(late))  # Graph sent it twice: a repeat
-    assert (seq.counts["stale"], seq.counts["duplicate"]) == (1, 1)
+    assert (seq.counts["held"], seq.counts["duplicate"]) == (1, 1)
     assert seq.lifecycle.get("c").state == after  # type: ignore[union-attr]
     if after == "transferring":
-        seq.accept(one(b.call_state("c", "transferAccepted")))
+        seq.accept(one(b.call_state("c", "transferAccepted")))  # goes before the update
+        assert sink.labels[-1] == "transferAccepted"
     seq.accept(one(b.call_terminated("c")))
     assert sink.labels[-3:] == ["transferring", "transferAccepted", "terminated"]
     assert not any(getattr(d.event, "transfer_failed", False) for d in sink.deliveries)
+    assert (seq.counts["after_end"], seq.counts["stale"]) == (1, 0)
     # A failure told with its resultInfo is the failure, however soon it comes.
     sink = Sink()
     seq = sink.sequencer(window=300)
@@ -605,6 +609,97 @@ async def test_an_update_sent_before_a_transfer_began_is_stale_behind_it(after: 
     failed = sink.deliveries[-1].event
     assert isinstance(failed, events.CallStateChanged)
     assert failed.transfer_failed
+    seq.close()
+
+
+@pytest.mark.looptime
+@pytest.mark.parametrize("after", ["transferring", "transferAccepted"])
+async def test_an_update_held_for_a_transfer_s_outcome_is_stale_once_the_window_closes(
+    after: str,
+) -> None:
+    """An update that may have been sent before the transfer began waits for the transfer's
+    failure at most ``reorder_window``: with the transfer still going then, it was sent
+    before it, and is dropped as stale (not the transfer's failure in Graph's 2019 shape,
+    though it is delivered past the window of the ``transferring``: it is judged as of when
+    it came)."""
+    sink = Sink()
+    seq = sink.sequencer(window=1)
+    _established(seq)
+    seq.lifecycle.transfer_asked("c", _agent("first"))
+    seq.accept(one(b.call_state("c", "transferring")))
+    if after == "transferAccepted":
+        seq.accept(one(b.call_state("c", "transferAccepted")))
+    await asyncio.sleep(0.5)  # the loop's clock: within the window of the transferring
+    late = b.call_state("c", "established")
+    late["resourceData"]["mediaState"] = {"audio": "active"}
+    seq.accept(one(late))
+    assert seq.counts["held"] == 1
+    await until(lambda: seq.counts["stale"] == 1)
+    progress = ["transferring", "transferAccepted"] if after == "transferAccepted" else [after]
+    assert sink.labels[2:] == progress
+    assert seq.lifecycle.get("c").state == after  # type: ignore[union-attr]
+    assert not any(getattr(d.event, "transfer_failed", False) for d in sink.deliveries)
+    record = seq.record(id_key("c"))
+    assert record is not None
+    assert (record.held, record.held_at) == ([], {})
+    seq.close()
+
+
+def _recorded_update_after_failure() -> dict[str, Any]:
+    """Teams' update of the recorded call (sb09: ``established``, audio and no
+    ``resultInfo``), sent once the call was back from a failed transfer: audio active."""
+    item = recorded_item("sb09-p2p-callupdates-p2ptest2event3updatedwithmediastate.json")
+    item["resourceData"]["mediaState"] = {"audio": "active"}
+    item["resourceData"]["subject"] = "back from the transfer"  # not a copy of sb09
+    return item
+
+
+def _recorded_call_item(name: str) -> dict[str, Any]:
+    """A documented or recorded notification, about the recorded call sb07 to sb09 is."""
+    call_id = one(recorded_item("sb07-p2p-callupdates-p2ptest2event1establishing.json")).call_id
+    if name.startswith("gdh"):
+        item = recorded_item(name)
+        for key in ("resource", "resourceUrl"):
+            if key in item:
+                item[key] = f"/communications/calls/{call_id}"
+        return item
+    return documented_item(name, call_id)
+
+
+@pytest.mark.parametrize("accepted", [True, False], ids=["accepted", "failing-at-once"])
+async def test_an_update_sent_after_a_transfer_s_failure_goes_after_it(accepted: bool) -> None:
+    """A transfer of the recorded call (sb07 to sb09) is asked; Graph posts ``transferring``
+    with audio inactive (gdh28), then (if the target rings) ``transferAccepted`` (document
+    25), then the failure (document 27) and an update with audio active again, each a
+    request of its own: the update arrives first. It waits for the failure, then goes after
+    it: handlers see the failure, then the update, and the call ends with audio active (it
+    was dropped as stale, the call left with audio inactive)."""
+    sink = Sink()
+    seq = sink.sequencer(window=NEVER)
+    for name in (
+        "sb07-p2p-callupdates-p2ptest2event1establishing.json",
+        "sb08-p2p-callupdates-p2ptest2event2established.json",
+        "sb09-p2p-callupdates-p2ptest2event3updatedwithmediastate.json",
+    ):
+        seq.accept(one(recorded_item(name)))
+    call_id = sink.deliveries[0].event.call_id
+    seq.lifecycle.transfer_asked(call_id, _agent("agent"))
+    seq.accept(one(_recorded_call_item("gdh28-beta-call-transfer-2019.json")))
+    if accepted:
+        seq.accept(one(_recorded_call_item("25-call-transfer-transfer-accepted.json")))
+    seq.accept(one(_recorded_update_after_failure()))
+    seq.accept(one(_recorded_call_item("27-call-transfer-transfer-failed-7000.json")))
+    progress = ["transferring", "transferAccepted"] if accepted else ["transferring"]
+    assert sink.labels[3:] == [*progress, "established", "CallUpdated"]
+    assert _told_failed(sink) == [("CallStateChanged", progress[-1])]
+    last = sink.deliveries[-1]
+    assert isinstance(last.event, events.CallUpdated)
+    assert not last.event.transfer_failed
+    assert "media_state" in last.event.changed
+    assert last.snapshot is not None
+    assert last.snapshot.media_state is not None
+    assert last.snapshot.media_state.audio == "active"
+    assert (seq.counts["stale"], seq.counts["duplicate"]) == (0, 0)
     seq.close()
 
 
@@ -1203,13 +1298,14 @@ async def test_a_copy_of_a_failure_behind_a_stale_acceptance_held_is_a_repeat() 
 
 async def test_an_update_sent_before_a_transfer_counts_nothing_for_the_news_held() -> None:
     """Two transfers asked before any news; behind a tone waiting for the one before it, an
-    update sent before the first transfer began (stale once delivered), the first transfer's
-    acceptance and failure, the second's failure and its ``transferring``. What is held was
-    judged as if that update moved the call: the acceptance was counted as the second
-    transfer's progress, so its ``transferring`` went behind its failure; the failure waited
-    out the window (told as an update) and the ``transferring`` was stale. Each is judged as
-    delivery will judge it, and a transfer's progress held behind its failure goes before it:
-    all go once the tone comes."""
+    update that may have been sent before the first transfer began (it waits for that
+    transfer's outcome), the first transfer's acceptance and failure, the second's failure
+    and its ``transferring``. What is held was judged as if that update moved the call: the
+    acceptance was counted as the second transfer's progress, so its ``transferring`` went
+    behind its failure; the failure waited out the window (told as an update) and the
+    ``transferring`` was stale. Each is judged as delivery will judge it, and a transfer's
+    progress held behind its failure goes before it: all go once the tone comes, the update
+    right after the first transfer's failure (which came meanwhile: it was sent after it)."""
     sink = Sink()
     seq = sink.sequencer(window=300)
     _established(seq)
@@ -1233,6 +1329,7 @@ async def test_an_update_sent_before_a_transfer_counts_nothing_for_the_news_held
         "tone:tone3",
         "transferAccepted",
         "established",
+        "CallUpdated",
         "transferring",
         "established",
     ]
@@ -1240,14 +1337,18 @@ async def test_an_update_sent_before_a_transfer_counts_nothing_for_the_news_held
         ("CallStateChanged", "transferAccepted"),
         ("CallStateChanged", "transferring"),
     ]
-    assert [getattr(d.event, "transfer_target", None) for d in sink.deliveries[-3::2]] == [
+    failed = [d.event for d in sink.deliveries if getattr(d.event, "transfer_failed", False)]
+    assert [getattr(e, "transfer_target", None) for e in failed] == [
         _agent("first"),
         _agent("second"),
     ]
+    update = sink.deliveries[-3].event
+    assert isinstance(update, events.CallUpdated)
+    assert update.changed == {"media_state"}
     record = seq.record(id_key("c"))
     assert record is not None
     assert not record.held
-    assert (seq.counts["stale"], seq.counts["released_alone"]) == (1, 0)
+    assert (seq.counts["stale"], seq.counts["released_alone"]) == (0, 0)
     seq.close()
 
 
@@ -1283,14 +1384,14 @@ def _assert_each_transfer_failed_after_the_tones(sink: Sink) -> None:
 
 
 @pytest.mark.looptime
-async def test_a_transfer_s_transferring_held_behind_its_failure_goes_before_it() -> None:
-    """What is held is judged when it comes, and delivered later: the call back in
-    ``established`` without a ``resultInfo``, coming within the window of the first
-    transfer's ``transferring``, is an update sent before it (stale), but delivered past
-    that window, behind a tone, it is that transfer's failure (Graph's 2019 shape). The
-    failure after it is then the second transfer's, and waits for its ``transferring``,
-    held behind it: that goes first. The failure waited out the window (told as an update)
-    and the ``transferring`` was stale."""
+async def test_what_is_held_is_judged_as_of_when_it_came() -> None:
+    """What is held is judged as of when it came, however late it is delivered: the call
+    back in ``established`` without a ``resultInfo``, coming within the window of the first
+    transfer's ``transferring``, waits for that transfer's outcome, and is not taken for its
+    failure in Graph's 2019 shape when delivered past that window, behind a tone (the walk
+    of what is held judged it one way, delivery the other). The failure after it is the
+    first transfer's: it goes before the update, then the second transfer's
+    ``transferring``."""
     sink, seq = _two_transfers_asked_after_a_tone()
     await asyncio.sleep(0.9)
     seq.accept(one(b.tone("c", "tone3", 3)))  # waits for tone2
@@ -1299,7 +1400,19 @@ async def test_a_transfer_s_transferring_held_behind_its_failure_goes_before_it(
     seq.accept(one(b.call_state("c", "transferring")))
     await asyncio.sleep(0.6)  # past the first transferring's window, within the tone's
     seq.accept(one(b.tone("c", "tone2", 2)))
-    _assert_each_transfer_failed_after_the_tones(sink)
+    assert sink.labels[2:] == [
+        "tone:tone1",
+        "transferring",
+        "tone:tone2",
+        "tone:tone3",
+        "established",
+        "CallUpdated",
+        "transferring",
+    ]
+    assert _told_failed(sink) == [("CallStateChanged", "transferring")]
+    failure = sink.deliveries[-3].event
+    assert isinstance(failure, events.CallStateChanged)
+    assert failure.transfer_target == _agent("first")
     assert (seq.counts["stale"], seq.counts["released_alone"]) == (0, 0)
     seq.close()
 

@@ -1063,6 +1063,46 @@ async def test_an_update_sent_before_a_transfer_began_is_no_failure_in_every_sto
         assert told[group.name] == [], group.name
 
 
+@pytest.mark.parametrize("accepted", [True, False], ids=["accepted", "failing-at-once"])
+async def test_an_update_sent_after_a_transfer_s_failure_goes_after_it_in_every_store(
+    parity: Any, accepted: bool
+) -> None:
+    """A transfer goes (document 24, audio inactive; then document 25 if the target rings)
+    and fails (document 27); Teams then updates the call back in ``established`` with audio
+    active (no ``resultInfo``), each a request of its own, and the update arrives first. It
+    was dropped as sent before the transfer began, and the call kept audio inactive: in
+    every store it waits for the failure, and goes after it."""
+    transferring, failed = transfer_items()
+    transferring["resourceData"]["mediaState"] = {"audio": "inactive"}
+    call = call_of(transferring)
+    accepting = normalized_json(load_notification_text("25-call-transfer-transfer-accepted.json"))
+    update = b.call_state(call, "established")
+    update["resourceData"]["mediaState"] = {"audio": "active"}
+
+    async def transfer(handle: Call, event: events.CallStateChanged) -> None:
+        if event.previous_state == "establishing":
+            await handle.transfer(Target.user("agent-id", "Agent"))
+
+    async with FakeGraph() as graph:
+        groups = await transferring_groups(parity, graph, call, transfer)
+        told = failures_told(groups, lambda event: event.state)
+        news = [transferring, *([accepting["value"][0]] if accepted else []), update, failed]
+        await groups.run([post(item) for item in news])
+    groups.check()
+    progress = ["transferring", "transferAccepted"] if accepted else ["transferring"]
+    for group in groups.groups:
+        seen = [(e["type"], e.get("state")) for e in group.seen[id_key(call)][2:]]
+        assert seen == [
+            *(("CallStateChanged", state) for state in progress),
+            ("CallStateChanged", "established"),
+            ("CallUpdated", "established"),
+        ], group.name
+        last = group.seen[id_key(call)][-1]
+        assert last["changed"] == ["media_state"], group.name
+        assert last["snapshot"]["mediaState"]["audio"] == "active", group.name
+        assert told[group.name] == ["established"], group.name
+
+
 def user_of(event: events.CallStateChanged | events.CallUpdated) -> str | None:
     """The user id of the target a failed transfer went to, if it named one."""
     target = event.transfer_target
