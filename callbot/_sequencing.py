@@ -869,9 +869,10 @@ class CallRecord:
     bounded by :data:`MAX_HELD_BYTES`."""
     held_sizes: dict[int, int] = field(default_factory=dict)
     """What each event in ``held`` takes, by its ``id``: subtracted as it leaves the hold."""
-    held_at: dict[int, float] = field(default_factory=dict)
+    held_at: dict[int, float] | None = None
     """When each event in ``held`` came (loop time), by its ``id``: an update is judged as of
-    then (:func:`_sent_before_transfer`), however long it waited."""
+    then (:func:`_sent_before_transfer`), however long it waited. Made when the call first
+    holds: most calls never do, and an empty dict is 64 bytes of each."""
     hold_timer: asyncio.TimerHandle | None = None
     tone_next: int | None = None
     """The ``sequenceId`` after the call's last tone delivered (:func:`tone_waits`)."""
@@ -1510,7 +1511,8 @@ class Sequencer:
                 return
             record.held_bytes -= sizes.pop(id(event))
             self._admit(record, event, may_hold=False)
-            record.held_at.pop(id(event), None)  # judged as of when it came: then let go
+            if record.held_at:
+                record.held_at.pop(id(event), None)  # judged as of when it came: then let go
             index += 1
         if record.hold_timer is not None:
             record.hold_timer.cancel()
@@ -1549,7 +1551,7 @@ class Sequencer:
                 # failure, each after the one before it.
                 skipped = skipped or tone_waits(event.sequence_id, record.tone_next)
             self._admit(record, event, may_hold=False)
-        record.held_at.clear()  # kept until each was judged as of when it came
+        record.held_at = None  # kept until each was judged as of when it came
         if skipped and not record.closed:
             record.tone_next = TONES_UNORDERED
             self._lines.info("tone_order_given_up", call_id=record.call_id, reason="number_skipped")
@@ -1655,7 +1657,8 @@ class Sequencer:
             stranded, record.held, record.waiting_tones = record.held, [], []
             for straggler in stranded:
                 record.held_bytes -= record.held_sizes.pop(id(straggler))
-                record.held_at.pop(id(straggler), None)
+                if record.held_at:
+                    record.held_at.pop(id(straggler), None)
                 self._drop(straggler, "after_end")
 
     def _count_held(self, record: CallRecord, event: events.Event) -> None:
@@ -1665,6 +1668,8 @@ class Sequencer:
         assert arrived is event.raw
         record.held_sizes[id(event)] = written
         record.held_bytes += written
+        if record.held_at is None:
+            record.held_at = {}
         record.held_at[id(event)] = asyncio.get_running_loop().time()
 
     def _measured(
