@@ -569,6 +569,24 @@ async def test_a_call_back_from_transferring_without_a_result_is_that_transfer_s
     seq.close()
 
 
+def _transfer_going(seq: Sequencer, after: str) -> None:
+    """An established call whose transfer the bot asked is in ``after``: ``transferring``, or
+    ``transferAccepted`` after it."""
+    _established(seq)
+    seq.lifecycle.transfer_asked("c", _agent("first"))
+    seq.accept(one(b.call_state("c", "transferring")))
+    if after == "transferAccepted":
+        seq.accept(one(b.call_state("c", "transferAccepted")))
+
+
+def _established_update() -> dict[str, Any]:
+    """One of the ``established`` updates Teams repeats as a call starts (recorded sb09: audio
+    active, no ``resultInfo``)."""
+    late = b.call_state("c", "established")
+    late["resourceData"]["mediaState"] = {"audio": "active"}
+    return late
+
+
 @pytest.mark.parametrize("after", ["transferring", "transferAccepted"])
 async def test_an_update_sent_before_a_transfer_began_is_stale_behind_it(after: str) -> None:
     """Teams repeats ``established`` as a call starts (recorded sb02, sb03), each a request of
@@ -581,13 +599,8 @@ async def test_an_update_sent_before_a_transfer_began_is_stale_behind_it(after: 
     (The window closing first drops it as stale: the test after this one.)"""
     sink = Sink()
     seq = sink.sequencer(window=300)
-    _established(seq)
-    seq.lifecycle.transfer_asked("c", _agent("first"))
-    seq.accept(one(b.call_state("c", "transferring")))
-    if after == "transferAccepted":
-        seq.accept(one(b.call_state("c", "transferAccepted")))
-    late = b.call_state("c", "established")
-    late["resourceData"]["mediaState"] = {"audio": "active"}
+    _transfer_going(seq, after)
+    late = _established_update()
     seq.accept(one(late))
     seq.accept(one(late))  # Graph sent it twice: a repeat
     assert (seq.counts["held"], seq.counts["duplicate"]) == (1, 1)
@@ -624,14 +637,9 @@ async def test_an_update_held_for_a_transfer_s_outcome_is_stale_once_the_window_
     it came)."""
     sink = Sink()
     seq = sink.sequencer(window=1)
-    _established(seq)
-    seq.lifecycle.transfer_asked("c", _agent("first"))
-    seq.accept(one(b.call_state("c", "transferring")))
-    if after == "transferAccepted":
-        seq.accept(one(b.call_state("c", "transferAccepted")))
+    _transfer_going(seq, after)
     await asyncio.sleep(0.5)  # the loop's clock: within the window of the transferring
-    late = b.call_state("c", "established")
-    late["resourceData"]["mediaState"] = {"audio": "active"}
+    late = _established_update()
     seq.accept(one(late))
     assert seq.counts["held"] == 1
     await until(lambda: seq.counts["stale"] == 1)
