@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any
 
-__all__ = ["from_wall_ms", "loop_time", "wait_all", "wall_ms"]
+__all__ = ["from_wall_ms", "loop_time", "timer_at", "wait_all", "wall_ms"]
 
 
 def loop_time() -> float:
@@ -32,6 +32,19 @@ def from_wall_ms(ms: int) -> float:
     """The loop time of the wall-clock moment ``ms`` (:func:`wall_ms`), as near as the two
     processes' clocks agree."""
     return loop_time() - (time.time() - ms / 1000)
+
+
+def timer_at(
+    timer: asyncio.TimerHandle | None, when: float, callback: Callable[..., object], *args: Any
+) -> asyncio.TimerHandle:
+    """A timer calling ``callback(*args)`` at loop time ``when``: ``timer`` if it is set for
+    then already, else a new one, ``timer`` cancelled (a wait that moves as what it waits
+    for changes: the first of several windows to close)."""
+    if timer is not None:
+        if timer.when() == when:
+            return timer
+        timer.cancel()
+    return asyncio.get_running_loop().call_at(when, callback, *args)
 
 
 async def wait_all(

@@ -87,9 +87,9 @@ class Settings:
     """After a refetch for an unknown ``kid``, no other refetch for this long (``0``: one
     for each such token, one at a time)."""
     reorder_window: float = 1.0
-    """How long a notification that came before the one it follows waits for it: a state
-    before its predecessor, a tone before its call was established, or (for digit
-    collection) before the tone numbered just ahead of it."""
+    """How long a notification that came before the one it follows waits for it, from when
+    it came: a state before its predecessor, a tone before its call was established, or
+    before the tone numbered just ahead of it."""
     max_concurrent_handlers: int = 256
     """How many calls' handlers may run at once (a handler waiting inside its call counts);
     handlers of an incoming call never wait for one, so that it is answered in time."""

@@ -16,9 +16,10 @@ and decides, for each, one of:
   a roster or other news without a state of a call seen being set up (or placed by the
   bot) but not yet established, a transfer's failure or its ``transferAccepted`` before
   that transfer's ``transferring``),
-  for ``reorder_window`` seconds: later events of that call wait behind it, except its
-  predecessors, which overtake it; when they have come, or the window closes, the held
-  events go in lifecycle order;
+  for ``reorder_window`` seconds from when it came: later events of that call wait behind
+  it, except its predecessors, which overtake it; when they have come, the held events go in
+  lifecycle order; when its window closes, it goes alone, with what goes before it, and what
+  came after it and still waits for its own predecessor waits on for its own window;
 * drop it, with a log line saying why: ``duplicate``, ``stale`` or ``after_end``
   (an operation's progress after its outcome, or an outcome told again written
   otherwise, is ``stale``: an operation only goes forward, and ends once; so is a
@@ -37,6 +38,7 @@ import asyncio
 import bisect
 import hashlib
 import json
+import math
 from collections import Counter
 from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +48,7 @@ import orjson
 from pydantic import BaseModel
 
 from . import events
+from ._clock import timer_at
 from ._config import Settings
 from ._counts import Counts
 from ._errors import MalformedNotification
@@ -1467,10 +1470,7 @@ class Sequencer:
             _note_held(record, event)
             self._count_held(record, event)
             if record.hold_timer is None:
-                # One window from the first hold: a predecessor held behind it waits no longer.
-                record.hold_timer = asyncio.get_running_loop().call_later(
-                    self._window, self._release_on_timer, record
-                )
+                self._arm(record)
             self.counts["held"] += 1
             self._log.debug(
                 "notification_held",
@@ -1485,76 +1485,93 @@ class Sequencer:
             return
         self._deliver(record, event)
 
-    def _release_on_timer(self, record: CallRecord) -> None:
+    def _release_on_timer(self, record: CallRecord, deadline: float) -> None:
+        record.hold_timer = None
         if record.held:
-            self._release(record, "window_closed")
+            self._let_go(record, deadline - self._window, "window_closed")
 
     def _release_ready(self, record: CallRecord) -> None:
         """Deliver, in lifecycle order, the held events whose predecessors have come; from
-        the first still early on, they wait on (within the same window)."""
-        ordered, record.held = _in_lifecycle_order(record.held, _reached(record)), []
-        record.waiting_tones = []
+        the first still early on, they wait on, each for its own window."""
+        self._let_go(record, -math.inf, None)
+
+    def _release(self, record: CallRecord, why: str) -> None:
+        """Deliver every held event now, in lifecycle order: nothing is left to wait for."""
+        self._let_go(record, math.inf, why)
+
+    def _let_go(self, record: CallRecord, came_by: float, why: str | None) -> None:
+        """Deliver the held events in lifecycle order: each whose predecessors have come, and,
+        alone, each that came by ``came_by`` (loop time: its window closed; ``inf``: all of
+        them) with whatever goes before it. From the first still early with none of those
+        behind it, they wait on, the timer set for the first window to close: each event
+        waits ``reorder_window`` from when it came, however long another waited before it."""
+        held, came = record.held, record.held_at or {}
+        # Tones of the live call may wait for a number the window did not bring.
+        gaps = why == "window_closed" and record.life.phase >= _LIVE and bool(record.waiting_tones)
+        ordered = _in_lifecycle_order(held, _reached(record))
+        record.held, record.waiting_tones = [], []
+        due = 0 if why is None else sum(1 for event in held if came[id(event)] <= came_by)
+        if why is not None:
+            self.counts["released_alone"] += 1
+            self._lines.info(
+                "held_notification_released",
+                call_id=record.call_id,
+                kind=type(held[0]).__name__,
+                state=clipped(_state(held[0])),
+                reason=why,
+            )
         sizes = record.held_sizes
         index = 0
         while index < len(ordered):
             event = ordered[index]
-            if _early(event, record, self._window):
+            if not record.closed and _early(event, record, self._window):
                 if _pull_progress(ordered, index, record, self._window):
                     continue  # its transfer's progress, held behind it, goes first
-                record.held = ordered[index:]
-                # Numbered tones are in sequenceId order among what is held.
-                record.waiting_tones = [
-                    e.sequence_id
-                    for e in record.held
-                    if type(e) is events.ToneReceived and e.sequence_id is not None
-                ]
-                return
+                if not due:
+                    record.held = ordered[index:]
+                    # Numbered tones are in sequenceId order among what is held.
+                    record.waiting_tones = [
+                        e.sequence_id
+                        for e in record.held
+                        if type(e) is events.ToneReceived and e.sequence_id is not None
+                    ]
+                    break
+                if (
+                    gaps
+                    and type(event) is events.ToneReceived
+                    and tone_waits(event.sequence_id, record.tone_next)
+                ):
+                    # A number that never came within a window: the tones after it go on
+                    # unordered (not tones held behind a transfer's failure, each in turn).
+                    gaps = False
+                    record.tone_next = TONES_UNORDERED
+                    self._lines.info(
+                        "tone_order_given_up", call_id=record.call_id, reason="number_skipped"
+                    )
+            index += 1
             record.held_bytes -= sizes.pop(id(event))
-            self._admit(record, event, may_hold=False)
-            if record.held_at:
-                record.held_at.pop(id(event), None)  # judged as of when it came: then let go
-            index += 1
-        if record.hold_timer is not None:
-            record.hold_timer.cancel()
-            record.hold_timer = None
-
-    def _release(self, record: CallRecord, why: str) -> None:
-        # Tones of the live call may wait for a number the window did not bring.
-        gaps = why == "window_closed" and record.life.phase >= _LIVE and bool(record.waiting_tones)
-        skipped = False
-        held, record.held, record.waiting_tones = record.held, [], []
-        record.held_bytes = 0
-        record.held_sizes.clear()
-        if record.hold_timer is not None:
-            record.hold_timer.cancel()
-            record.hold_timer = None
-        self.counts["released_alone"] += 1
-        self._lines.info(
-            "held_notification_released",
-            call_id=record.call_id,
-            kind=type(held[0]).__name__,
-            state=clipped(_state(held[0])),
-            reason=why,
-        )
-        ordered = _in_lifecycle_order(held, _reached(record))
-        index = 0
-        while index < len(ordered):
-            if not record.closed and _pull_progress(ordered, index, record, self._window):
-                continue  # its transfer's progress, held behind it, goes first
-            event = ordered[index]
-            index += 1
             if record.closed:
                 self._drop(event, "after_end")
-                continue
-            if gaps and type(event) is events.ToneReceived:
-                # Given up for a number that never came, not for tones held behind a transfer's
-                # failure, each after the one before it.
-                skipped = skipped or tone_waits(event.sequence_id, record.tone_next)
-            self._admit(record, event, may_hold=False)
-        record.held_at = None  # kept until each was judged as of when it came
-        if skipped and not record.closed:
-            record.tone_next = TONES_UNORDERED
-            self._lines.info("tone_order_given_up", call_id=record.call_id, reason="number_skipped")
+            else:
+                self._admit(record, event, may_hold=False)
+            # Judged as of when it came (:func:`_arrived`): then let go.
+            if came.pop(id(event)) <= came_by:
+                due -= 1
+        if record.held:
+            self._arm(record)
+        else:
+            record.held_at = None  # kept until each was judged as of when it came
+            if record.hold_timer is not None:
+                record.hold_timer.cancel()
+                record.hold_timer = None
+
+    def _arm(self, record: CallRecord) -> None:
+        """Set the call's timer for the first window of what it holds to close."""
+        assert record.held_at
+        deadline = min(record.held_at.values()) + self._window
+        record.hold_timer = timer_at(
+            record.hold_timer, deadline, self._release_on_timer, record, deadline
+        )
 
     # -- delivery ---------------------------------------------------------------
 

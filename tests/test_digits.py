@@ -482,6 +482,28 @@ async def test_a_key_whose_predecessor_never_comes_is_taken_when_the_window_clos
         assert await listener.next(timeout=0) == "7"
 
 
+@pytest.mark.looptime
+async def test_a_key_waits_its_own_window_not_that_of_the_first_key_held() -> None:
+    """Each key waits ``reorder_window`` from when it came: one that began to wait a tenth of
+    a window before the first held key's window would have closed still waits for its
+    predecessor, which comes within its own window, and the keys stay in order."""
+    router = ToneRouter(reorder_window=1)
+    with router.listen("c") as listener:
+        router.on_tone(tone_event("tone1", 6))
+        router.on_tone(tone_event("tone3", 8))  # waits for 7
+        await asyncio.sleep(0.9)
+        router.on_tone(tone_event("tone5", 10))  # waits for 9, from now
+        await asyncio.sleep(0.05)
+        router.on_tone(tone_event("tone2", 7))  # 7 and 8 go; 10 waits on
+        assert [await listener.next(timeout=0) for _ in range(3)] == ["1", "2", "3"]
+        await asyncio.sleep(0.5)  # past the window of 8, within that of 10
+        assert not listener.pending()
+        router.on_tone(tone_event("tone4", 9))
+        assert [await listener.next(timeout=0) for _ in range(2)] == ["4", "5"]
+        router.on_tone(tone_event("tone7", 12))  # still in order: 12 waits for 11
+        assert not listener.pending()
+
+
 async def test_keys_waiting_for_their_predecessor_are_taken_before_the_call_ends() -> None:
     router = ToneRouter(reorder_window=300)
     with router.listen("c") as listener:

@@ -1897,6 +1897,55 @@ async def test_a_tone_whose_predecessor_never_comes_goes_when_the_window_closes(
     seq.close()
 
 
+@pytest.mark.looptime
+async def test_a_tone_waits_its_own_window_not_the_first_held_one_s() -> None:
+    """Each held event waits ``reorder_window`` from when it came: a tone that began to wait
+    a tenth of a window before the call's first hold would have closed still waits for its
+    predecessor, which comes within its own window, and the call's tones stay in order."""
+    sink = Sink()
+    seq = sink.sequencer(window=1)
+    _established(seq)
+    seq.accept(one(b.tone("c", "tone1", 1)))
+    seq.accept(one(b.tone("c", "tone3", 3)))  # waits for 2
+    await asyncio.sleep(0.9)
+    seq.accept(one(b.tone("c", "tone5", 5)))  # waits for 4, from now
+    await asyncio.sleep(0.05)
+    seq.accept(one(b.tone("c", "tone2", 2)))  # 2 and 3 go; 5 waits on
+    assert sink.labels[2:] == ["tone:tone1", "tone:tone2", "tone:tone3"]
+    await asyncio.sleep(0.5)  # past the window of 3, within that of 5
+    assert sink.labels[-1] == "tone:tone3"
+    seq.accept(one(b.tone("c", "tone4", 4)))
+    assert sink.labels[-2:] == ["tone:tone4", "tone:tone5"]
+    assert seq.counts["released_alone"] == 0
+    record = seq.record(id_key("c"))
+    assert record is not None
+    assert (record.tone_next, record.hold_timer, record.held_at) == (6, None, None)
+    seq.close()
+
+
+@pytest.mark.looptime
+async def test_what_waits_behind_an_event_let_go_alone_waits_its_own_window() -> None:
+    """A transfer's ``transferAccepted`` arriving before its ``transferring``, while a tone
+    waits for one that never comes: the tone's window closes first, and it goes alone; the
+    acceptance waits on for its ``transferring`` within its own window, and goes after it (it
+    went alone with the tone, and the ``transferring`` that came next was dropped as stale)."""
+    sink = Sink()
+    seq = sink.sequencer(window=1)
+    _established(seq)
+    seq.lifecycle.transfer_asked("c", _agent("first"))
+    seq.accept(one(b.tone("c", "tone1", 1)))
+    seq.accept(one(b.tone("c", "tone3", 3)))  # 2 never comes
+    await asyncio.sleep(0.9)
+    seq.accept(one(b.call_state("c", "transferAccepted")))
+    await asyncio.sleep(0.2)
+    assert sink.labels[-1] == "tone:tone3"
+    assert seq.lifecycle.get("c").state == "established"  # type: ignore[union-attr]
+    seq.accept(one(b.call_state("c", "transferring")))
+    assert sink.labels[-3:] == ["tone:tone3", "transferring", "transferAccepted"]
+    assert (seq.counts["stale"], seq.counts["released_alone"]) == (0, 1)
+    seq.close()
+
+
 @pytest.mark.parametrize("state", ["transferring", "hold"])
 async def test_a_state_waits_behind_a_tone_that_came_before_it(state: str) -> None:
     """A state of the live call arriving while a tone waits for the one before it is not

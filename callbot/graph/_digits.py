@@ -24,6 +24,7 @@ from typing import Any, Protocol, TypeVar
 import structlog
 
 from .. import events, models
+from .._clock import timer_at
 from .._dtmf import digit_of, key_of, keys_of
 from .._errors import CallEnded, OperationFailed
 from .._journal import ActionJournal, Attempt, journaled_attempt
@@ -156,14 +157,16 @@ class ToneListener:
 class _ToneOrder:
     """One call's tones in Graph's ``sequenceId`` order, by the sequencer's rule
     (:func:`~callbot._sequencing.tone_waits`): a tone whose predecessor has not come waits
-    for it, for at most the reorder window. The router keeps its own count because it is
-    told each tone when it is accepted, by any instance, before the sequencer orders it."""
+    for it, each for at most the reorder window from when it came. The router keeps its own
+    count because it is told each tone when it is accepted, by any instance, before the
+    sequencer orders it."""
 
     def __init__(self) -> None:
         self.expected: int | None = None
         """The ``sequenceId`` after the last tone passed on."""
-        self.waiting: list[tuple[int, int, events.ToneReceived]] = []
-        """Tones waiting for a predecessor: (``sequenceId``, arrival, tone), sorted."""
+        self.waiting: list[tuple[int, int, float, events.ToneReceived]] = []
+        """Tones waiting for a predecessor: (``sequenceId``, arrival, when it came in loop
+        time, tone), sorted."""
         self.timer: asyncio.TimerHandle | None = None
         self._arrivals = itertools.count()
 
@@ -171,7 +174,8 @@ class _ToneOrder:
         """The tones that may go now that ``event`` came, in order."""
         sequence = event.sequence_id
         if sequence is not None and tone_waits(sequence, self.expected):
-            bisect.insort(self.waiting, (sequence, next(self._arrivals), event))
+            came = asyncio.get_running_loop().time()
+            bisect.insort(self.waiting, (sequence, next(self._arrivals), came, event))
             return []
         return [event, *self.passed(sequence)]
 
@@ -181,7 +185,7 @@ class _ToneOrder:
         self.expected = tone_after(sequence, self.expected)
         ready = []
         while self.waiting and not tone_waits(self.waiting[0][0], self.expected):
-            waited, _, tone = self.waiting.pop(0)
+            waited, _, _, tone = self.waiting.pop(0)
             self.expected = tone_after(waited, self.expected)
             ready.append(tone)
         return ready
@@ -196,7 +200,7 @@ class _ToneOrder:
             if skipped:
                 self.expected = TONES_UNORDERED
         self.stop()
-        return [tone for _, _, tone in waiting]
+        return [tone for _, _, _, tone in waiting]
 
     def stop(self) -> None:
         if self.timer is not None:
@@ -242,15 +246,20 @@ class ToneRouter:
             order = self._order[key] = _ToneOrder()
         for tone in order.arrive(event):
             self._pass_on(key, tone)
-        if not order.waiting:
-            order.stop()
-        elif len(order.waiting) > MAX_WAITING_TONES:
+        if len(order.waiting) > MAX_WAITING_TONES:
             # No caller presses this many keys within a window: a flood waits for nothing.
             self._release(key, "too_many_waiting")
-        elif order.timer is None:
-            order.timer = asyncio.get_running_loop().call_later(
-                self._window, self._release, key, "window_closed"
-            )
+        else:
+            self._keep_time(key, order)
+
+    def _keep_time(self, call_key: str, order: _ToneOrder) -> None:
+        """Set the call's timer for the first waiting tone's window to close (none waiting:
+        no timer). A tone released then skips a number, and the rest go with it, unordered."""
+        if not order.waiting:
+            order.stop()
+            return
+        deadline = min(came for _, _, came, _ in order.waiting) + self._window
+        order.timer = timer_at(order.timer, deadline, self._release, call_key, "window_closed")
 
     def _release(self, call_key: str, why: str) -> None:
         order = self._order.get(call_key)
@@ -388,8 +397,7 @@ class ToneRouter:
         numbers = [tone.sequence_id for tone in earlier if tone.sequence_id is not None]
         for tone in order.passed(max(numbers)) if numbers else ():
             self._pass_on(call_key, tone)  # a live tone that waited for one of them
-        if not order.waiting:
-            order.stop()
+        self._keep_time(call_key, order)
 
     @contextlib.contextmanager
     def subscribing(self, call_key: str) -> Iterator[None]:
