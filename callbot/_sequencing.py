@@ -1488,7 +1488,7 @@ class Sequencer:
     def _release_on_timer(self, record: CallRecord, deadline: float) -> None:
         record.hold_timer = None
         if record.held:
-            self._let_go(record, deadline - self._window, "window_closed")
+            self._let_go(record, deadline, "window_closed")
 
     def _release_ready(self, record: CallRecord) -> None:
         """Deliver, in lifecycle order, the held events whose predecessors have come; from
@@ -1499,10 +1499,10 @@ class Sequencer:
         """Deliver every held event now, in lifecycle order: nothing is left to wait for."""
         self._let_go(record, math.inf, why)
 
-    def _let_go(self, record: CallRecord, came_by: float, why: str | None) -> None:
+    def _let_go(self, record: CallRecord, closed_by: float, why: str | None) -> None:
         """Deliver the held events in lifecycle order: each whose predecessors have come, and,
-        alone, each that came by ``came_by`` (loop time: its window closed; ``inf``: all of
-        them) with whatever goes before it. From the first still early with none of those
+        alone, each whose window closed by ``closed_by`` (loop time; ``inf``: all of them)
+        with whatever goes before it. From the first still early with none of those
         behind it, they wait on, the timer set for the first window to close: each event
         waits ``reorder_window`` from when it came, however long another waited before it."""
         held, came = record.held, record.held_at or {}
@@ -1510,7 +1510,9 @@ class Sequencer:
         gaps = why == "window_closed" and record.life.phase >= _LIVE and bool(record.waiting_tones)
         ordered = _in_lifecycle_order(held, _reached(record))
         record.held, record.waiting_tones = [], []
-        due = 0 if why is None else sum(1 for event in held if came[id(event)] <= came_by)
+        window = self._window
+        # Added as _arm adds it: the event the timer was set for is due, to the last bit.
+        due = 0 if why is None else sum(1 for e in held if came[id(e)] + window <= closed_by)
         if why is not None:
             self.counts["released_alone"] += 1
             self._lines.info(
@@ -1555,7 +1557,7 @@ class Sequencer:
             else:
                 self._admit(record, event, may_hold=False)
             # Judged as of when it came (:func:`_arrived`): then let go.
-            if came.pop(id(event)) <= came_by:
+            if came.pop(id(event)) + window <= closed_by:
                 due -= 1
         if record.held:
             self._arm(record)

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
@@ -332,6 +333,29 @@ def test_in_order_arrivals_are_all_delivered_whatever_the_repeats_and_gaps(
     assert outcome.counts["stale"] == outcome.counts["after_end"] == 0
     for call_id, seen in outcome.by_call():
         assert [e.raw for e in seen] == scenario.lifecycles[call_id]
+
+
+@pytest.mark.parametrize("held_at", [0.2, 0.4, 0.9])
+def test_a_held_event_goes_when_its_window_closes_whatever_the_clock_read(
+    held_at: float,
+) -> None:
+    """A window closes at the time it was set for, where the clock reads in floating point:
+    0.2 + 1.0 - 1.0 is below 0.2, and an event held at 0.2 was not taken for due when its
+    window's timer fired, so it stayed held with no timer left."""
+
+    async def held_then_closed() -> tuple[list[str | None], int]:
+        run = Run()
+        await run.advance(held_at)
+        incoming, _, established, *_ = _answered("c", 0)
+        run.sequencer.accept(one(incoming))
+        run.sequencer.accept(one(established))  # before its establishing: held
+        await run.advance(WINDOW)
+        states = [getattr(d.event, "state", None) for d in run.deliveries]
+        held = run.sequencer.counts["held"]
+        run.sequencer.close()
+        return states, held
+
+    assert asyncio.run(held_then_closed()) == (["incoming", "established"], 1)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
