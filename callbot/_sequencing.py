@@ -1488,7 +1488,9 @@ class Sequencer:
     def _release_on_timer(self, record: CallRecord, deadline: float) -> None:
         record.hold_timer = None
         if record.held:
-            self._let_go(record, deadline, "window_closed")
+            # Each window closed by now goes at once, not one timer after another.
+            now = asyncio.get_running_loop().time()
+            self._let_go(record, max(deadline, now), "window_closed")
 
     def _release_ready(self, record: CallRecord) -> None:
         """Deliver, in lifecycle order, the held events whose predecessors have come; from

@@ -67,6 +67,7 @@ from .conftest import (
 )
 from .test_recorded import CALLS, OPERATION_CALLS, ending
 from .test_redis import KEY_PREFIX, redis_server, redis_url
+from .test_robustness_sequencer import WINDOW, Run
 
 __all__ = ["redis_server", "redis_url"]  # fixtures this module uses
 
@@ -965,6 +966,58 @@ async def test_live_calls_keep_the_promise_whenever_the_window_closes() -> None:
         problems += live_call_broken(steps, handled, order_given_up=given_up)
         broken += (f"seed {seed}: {problem}" for problem in problems)
     assert not broken, "\n".join(broken)
+
+
+def test_live_calls_hold_nothing_past_its_own_window_whenever_the_steps_come() -> None:
+    """The calls on a sequencer whose clock is virtual, from 0 as a simulated clock's, each
+    step coming a number of hundredths of a second after the one before (sums a float rounds)
+    and each window closing wherever it falls: nothing is held past its own window, the
+    call's timer is set for the first window to close, and every event is handed on or
+    dropped once."""
+
+    async def played(seed: int) -> list[str]:
+        run = Run()
+        rng = random.Random(seed)
+        key = id_key("c")
+        arrived: list[events.Event] = []
+        problems: list[str] = []
+        for at, step in enumerate(live_call(seed, "c", windows=True)):
+            news = _told(step)
+            if isinstance(step, WindowCloses):
+                await run.advance(rng.choice([0.3, 0.7, 1.1]) * WINDOW)
+            elif isinstance(step, Asked):
+                run.sequencer.note(sequencing.TransferAsked("c"))
+            elif isinstance(step, Refused):
+                run.sequencer.note(sequencing.TransferRefused("c"))
+            elif news is not None:
+                (event,) = parse_payload(b.notifications(news.item))
+                arrived.append(event)
+                run.sequencer.accept(event)
+            await run.advance(0.01 * rng.randint(0, 50))
+            record = run.sequencer.record(key)
+            if record is None or not record.held:
+                if record is not None and (record.hold_timer or record.held_at):
+                    problems.append(f"step {at}: a timer or arrivals kept, nothing held")
+                continue
+            came = record.held_at or {}
+            if any(run.now - came[id(held)] >= WINDOW for held in record.held):
+                problems.append(f"step {at}: held past its window at {run.now}")
+            timer = record.hold_timer
+            if timer is None or timer.when() != min(came.values()) + WINDOW:
+                problems.append(f"step {at}: no timer for the first window to close")
+        await run.advance(2 * WINDOW)
+        run.sequencer.close()
+        handled = Counter(id(d.event.raw) for d in run.deliveries)
+        handled.update(id(event.raw) for event in run.dropped)
+        problems += (
+            f"{type(event).__name__} handed on or dropped {handled[id(event.raw)]} times"
+            for event in arrived
+            if handled[id(event.raw)] != 1
+        )
+        return [f"seed {seed}: {problem}" for problem in problems]
+
+    broken = [problem for seed in range(LIVE_CALLS) for problem in asyncio.run(played(seed))]
+    assert not broken, "\n".join(broken[:20])
 
 
 async def test_live_calls_keep_the_promise_in_every_store(harness: Harness) -> None:
