@@ -1723,20 +1723,34 @@ async def test_a_call_no_longer_rings_once_a_later_state_comes(
         stuck.set()
 
 
-def claim_answer_held(
-    store: Any, reached: asyncio.Event, go: asyncio.Event, *, lose: bool = False
+def _epoch_taken(script: _scripts.Script, answer: Any) -> int | None:
+    """The epoch of the lease an answer of ``script`` (CLAIM or INGEST) took, if it took one."""
+    if not isinstance(answer, list) or not answer:
+        return None
+    if script is _scripts.INGEST:
+        return int(answer[3]) if len(answer) > 3 and int(answer[1]) == 2 else None
+    return int(answer[0])
+
+
+def answer_held(
+    store: Any,
+    reached: asyncio.Event,
+    go: asyncio.Event,
+    *,
+    lose: bool = False,
+    script: _scripts.Script = _scripts.CLAIM,
 ) -> list[int]:
-    """Hold the answer of ``store``'s next round trip running CLAIM that took a call, which
-    Redis ran, until ``go`` is set (``reached`` is set once it is held), then hand it over
-    or, ``lose``, fail as a connection closing before its reply does. The epochs it took are
-    filled in."""
+    """Hold the answer of ``store``'s next round trip running ``script`` (CLAIM, or INGEST)
+    that took a call, which Redis ran, until ``go`` is set (``reached`` is set once it is
+    held), then hand it over or, ``lose``, fail as a connection closing before its reply
+    does. The epochs it took are filled in."""
     real = store._answers
     epochs: list[int] = []
 
     async def held(commands: Any, **options: Any) -> Any:
-        if commands and commands[0][:2] == ("EVALSHA", _scripts.CLAIM.sha):
+        if commands and commands[0][:2] == ("EVALSHA", script.sha):
             answers = await real(commands, **options)
-            took = [int(answer[0]) for answer in answers if answer]
+            took = [e for e in (_epoch_taken(script, a) for a in answers) if e is not None]
             if not took:
                 # The instance's other loop took the call first (a ringing call waits in both).
                 return answers
@@ -1794,7 +1808,7 @@ async def test_a_call_claimed_as_its_instance_drains_is_handed_over_at_once(
     await serve(taker)
     taker_store: Any = taker._running().store
     reached, go = asyncio.Event(), asyncio.Event()
-    epochs = claim_answer_held(taker_store, reached, go)
+    epochs = answer_held(taker_store, reached, go)
     await leaving._running().store.drain(0.1)  # it leaves the call to the others
     assert (await leaving_server.post(_left_waiting(kind, "left-1"))).status == 202
     await until(reached.is_set, within=10)  # the taker's CLAIM took the lease
@@ -1828,7 +1842,7 @@ async def test_a_claim_whose_answer_was_lost_runs_the_call_at_the_lease_it_took(
     leaving_server: BotServer = await serve(leaving)
     await serve(taker)
     reached, go = asyncio.Event(), asyncio.Event()
-    epochs = claim_answer_held(taker._running().store, reached, go, lose=True)
+    epochs = answer_held(taker._running().store, reached, go, lose=True)
     await leaving._running().store.drain(0.1)
     assert (await leaving_server.post(_left_waiting(kind, "left-2"))).status == 202
     await until(reached.is_set, within=10)
@@ -1837,6 +1851,75 @@ async def test_a_claim_whose_answer_was_lost_runs_the_call_at_the_lease_it_took(
     first = "IncomingCall" if kind == "ringing" else "establishing"
     await until(lambda: len(handled) == 1, within=20)
     assert handled == [(first, epoch, False)]
+
+
+async def test_an_ingest_whose_answer_was_lost_runs_the_call_it_took_at_that_lease(
+    authority: TokenAuthority, serve: Any, redis_url: str, rdb: aioredis.Redis
+) -> None:
+    """An ingest whose INGEST took a new incoming call, its answer lost with the connection,
+    got 503 and left the call leased by its instance, which did not run it, until the lease
+    ran out (``store_lease``, 10 s): Graph's retry was told the instance ran it already. The
+    call is asked for again as a claim whose answer was lost is: its handlers run here at
+    the epoch INGEST took, once, as a first run, Graph's retry coming first or not."""
+    bot, handled = _attempt_bot(authority, redis_url)
+    server: BotServer = await serve(bot)
+    store: Any = bot._running().store
+    reached, go = asyncio.Event(), asyncio.Event()
+    epochs = answer_held(store, reached, go, lose=True, script=_scripts.INGEST)
+    incoming = b.notifications(b.incoming_call("lost-1"))
+    posting = asyncio.ensure_future(server.post(incoming))
+    await until(reached.is_set, within=10)  # Redis ran it: the lease is this instance's
+    (epoch,) = epochs
+    (lease,) = store._keys.of(id_key("lost-1"), "lease")
+    assert await rdb.get(lease) == f"{store.token}/{epoch}"
+    asked, answer = asyncio.Event(), asyncio.Event()
+    asked_epochs = answer_held(store, asked, answer)  # the CLAIM asked again, held
+    go.set()
+    assert (await posting).status == 503
+    await until(asked.is_set, within=10)
+    assert asked_epochs == [epoch]  # answered the lease INGEST took
+    # Graph's retry meanwhile: the instance holds the lease, and the ask again runs the call
+    assert (await server.post(incoming)).status == 202
+    answer.set()
+    await until(lambda: len(handled) == 1, within=10)
+    assert handled == [("IncomingCall", epoch, False)]
+    established = b.notifications(b.call_state("lost-1", "established"))
+    assert (await server.post(established)).status == 202
+    await until(lambda: len(handled) == 2, within=10)
+    assert [h[0] for h in handled] == ["IncomingCall", "established"]  # none ran twice
+
+
+async def test_an_ingest_whose_answer_was_lost_as_its_instance_drains_hands_the_call_over(
+    authority: TokenAuthority, serve: Any, redis_url: str, rdb: aioredis.Redis
+) -> None:
+    """The same while the instance drains: the lease INGEST took was held by nobody until it
+    ran out (10 s), past what Graph waits for a call to be answered. The drain waits for the
+    ask again, which hands the call straight over at that epoch, ringing still: another
+    instance runs it as a first run."""
+    taker, taker_handled = _attempt_bot(authority, redis_url)
+    other, handled = _attempt_bot(authority, redis_url)
+    taker_server: BotServer = await serve(taker)
+    await serve(other)
+    taker_store: Any = taker._running().store
+    reached, go = asyncio.Event(), asyncio.Event()
+    epochs = answer_held(taker_store, reached, go, lose=True, script=_scripts.INGEST)
+    posting = asyncio.ensure_future(taker_server.post(b.notifications(b.incoming_call("lost-2"))))
+    await until(reached.is_set, within=10)
+    (epoch,) = epochs
+    lease, fence = taker_store._keys.of(id_key("lost-2"), "lease", "fence")
+    assert await rdb.get(lease) == f"{taker_store.token}/{epoch}"
+    stopping = asyncio.ensure_future(taker.stop())
+    await until(lambda: taker_store._draining, within=10)
+    go.set()
+    assert (await posting).status == 503
+    await stopping
+    # handed over at the epoch INGEST took, not left to run out
+    assert await rdb.hget(fence, "r") == str(epoch)
+    await until(lambda: len(handled) == 1, within=10)
+    assert taker_handled == []
+    assert handled[0][0] == "IncomingCall"
+    assert handled[0][1] > epoch
+    assert handled[0][2] is False  # nothing of it ran before
 
 
 async def test_an_upkeep_round_redis_filled_up_during_proves_nothing(

@@ -245,6 +245,28 @@ async def test_a_call_rings_while_its_incoming_call_waits_unacknowledged(
     assert await _script(rdb, _scripts.CLAIM, claim, "me", 5000, 64, 60_000)  # with room
 
 
+async def test_a_claim_asked_again_answers_the_lease_an_ingest_took(rdb: aioredis.Redis) -> None:
+    """An ingest that took a call keeps its epoch and the fed mark it found in ``fence.c``,
+    as a claim does: a CLAIM asked again by that instance (the ingest's answer lost) is
+    answered as the ingest was while that lease holds, and takes nothing anew; another
+    instance's takes nothing."""
+    for script in _scripts.ALL:
+        await rdb.script_load(script.source)
+    keys = _redis._Keys("t:")
+    inbox, seen, lease, fence, record, tenant = keys.of(
+        "taken", "inbox", "seen", "lease", "fence", "call", "tenant"
+    )
+    args = ("d", "{}", 600_000, "me", 5000, 64, 600_000, "", SEEN_DIGESTS, "", 10, 1000, "1")
+    keys6 = [inbox, seen, lease, fence, record, tenant]
+    _, who, _, epoch, stored, entries, fed = await _script(rdb, _scripts.INGEST, keys6, *args)
+    assert who == 2
+    claim = [inbox, lease, fence, record]
+    assert await _script(rdb, _scripts.CLAIM, claim, "other", 5000, 64, 60_000, "", "1") == []
+    again = await _script(rdb, _scripts.CLAIM, claim, "me", 5000, 64, 60_000, "", "1")
+    assert again == [epoch, stored, entries, fed]
+    assert await rdb.get(lease) == f"me/{epoch}"
+
+
 async def test_a_run_that_gave_its_call_up_cannot_renew_it_back(rdb: aioredis.Redis) -> None:
     """A renewal sent before a release may reach Redis after it: refused, the lease stays
     gone. The release itself, sent again (its answer lost), answers the same."""

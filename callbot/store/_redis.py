@@ -762,6 +762,9 @@ class RedisStore:
         self._claiming: set[asyncio.Task[Any]] = set()
         """Those of them between a popped call and its run or hand-over (left to end by a
         drain)."""
+        self._asked_again: set[asyncio.Task[None]] = set()
+        """The tasks asking again for calls an ingest asked to take, its answer lost, until
+        they run or are handed over (left to end by a drain, as a claim under way)."""
         self._slot_freed = asyncio.Event()
         self._reachable = False
         self._rehydrated = False
@@ -844,7 +847,7 @@ class RedisStore:
         """
         started = time.monotonic()
         try:
-            kept, answers, follow_up, asked, failure = await self._append(batch)
+            kept, answers, follow_up, asked, failure = await self._append(batch, started)
         except RedisError as exc:
             self._mark(False, exc)
             raise StoreUnavailable(f"the Redis store cannot take notifications now: {exc}") from exc
@@ -906,7 +909,8 @@ class RedisStore:
                 state = self._running.get(call)
                 if state is None or state.lease != lease:
                     # A run about to start (perhaps after an older one, still winding down):
-                    # it reads the inbox rather than linger first.
+                    # it reads the inbox rather than linger first. None here yet: the take
+                    # that leased it begins it, once answered or asked again (_ask_again).
                     state = self._owned.get(call)
                     if state is not None and state.lease == lease:
                         state.signals += 1
@@ -1054,15 +1058,19 @@ class RedisStore:
             await self._script_run(self._wake(waiting))
 
     async def drain(self, timeout: float, stop_waiting: asyncio.Event | None = None) -> None:
-        """Stop claiming; let each held call finish its running entry, then hand it over
-        (what is still running when ``stop_waiting`` is set is handed over as it closes)."""
+        """Stop claiming (a take under way ends, what it takes handed straight over); let each
+        held call finish its running entry, then hand it over (what is still running when
+        ``stop_waiting`` is set is handed over as it closes)."""
         self._draining = True
         began = time.monotonic()
         for claimer in self._claimers:
             # Waiting for a call; one whose claim is under way hands over what it takes.
             if claimer not in self._claiming:
                 claimer.cancel()
-        await wait_all(self._claimers, max(timeout, 0.001), stop_waiting)
+        # So do ingests taking calls and asks again: the runs they begin now hand calls over.
+        takes = asyncio.ensure_future(self._takes_end())
+        await wait_all([*self._claimers, takes], max(timeout, 0.001), stop_waiting)
+        takes.cancel()
         owners = [state.task for state in self._owned.values() if state.task is not None]
         for state in self._owned.values():
             state.changed.set()
@@ -1078,7 +1086,7 @@ class RedisStore:
         # Taken before the runs are cancelled: each removes its call from _owned as it ends.
         left = list(self._owned.values())
         owners = [state.task for state in left if state.task is not None]
-        tasks = [*self._tasks, *owners]
+        tasks = [*self._tasks, *self._asked_again, *owners]
         await _cancelled(tasks)
         self._owned.clear()
         # One failure (a socket timeout when Redis hangs) ends the hand-over: trying each
@@ -1104,7 +1112,7 @@ class RedisStore:
     # -- accepting ----------------------------------------------------------------
 
     async def _append(
-        self, batch: Sequence[events.Event]
+        self, batch: Sequence[events.Event], started: float
     ) -> tuple[
         Sequence[events.Event],
         list[tuple[Any, str]],
@@ -1116,7 +1124,9 @@ class RedisStore:
         their answers (with each one's call), what to send next, before they are acted on
         (calls to make runnable or index again, accepted outcomes, tones and ends for the
         other instances), how many calls it asked to take on (counted in ``_taking`` until
-        the caller lets them go), and the first error a script or the index answered."""
+        the caller lets them go), and the first error a script or the index answered.
+        Should the round trip fail, the calls it asked to take are asked for again in the
+        background (sent at ``started``)."""
         keys = self._keys
         room = self._free_slots()
         taking: set[str] = set()
@@ -1170,8 +1180,12 @@ class RedisStore:
         self._taking += len(taking)
         try:
             scripts = await self._answers(commands, then=index)
-        except BaseException:
-            self._taken(len(taking))
+        except BaseException as exc:
+            if taking and isinstance(exc, RedisError):
+                # Redis may have given them to this instance: else none runs until its lease ends
+                self._ask_again(list(taking), started)
+            else:
+                self._taken(len(taking))
             raise
         late: dict[str, None] = {}
         failure: Exception | None = None
@@ -1353,6 +1367,34 @@ class RedisStore:
             self._taken(1)  # nothing awaits between this and the run begun below
         await self._run_claimed([call], answers, started)
 
+    def _ask_again(self, calls: list[str], started: float) -> None:
+        """Ask CLAIM again, in the background, for the calls an ingest sent at ``started``
+        asked to take, its answer lost: the lease INGEST may have taken is answered as CLAIM
+        answers its own (see ``_claimed``). Counted against the room until answered."""
+        task = asyncio.get_running_loop().create_task(
+            self._claim_step(self._claim_again(calls, started)), name="callbot-store-ask-again"
+        )
+        self._asked_again.add(task)
+        task.add_done_callback(self._asked_again.discard)
+
+    async def _claim_again(self, calls: list[str], started: float) -> None:
+        """Run, or while draining hand over, what CLAIM asked again gives this instance."""
+        try:
+            answers = await self._claimed(calls, ringing=False, again=True)
+        finally:
+            self._taken(len(calls))  # nothing awaits between this and the runs begun below
+        await self._run_claimed(calls, answers, started)
+
+    async def _takes_end(self) -> None:
+        """Wait until no round trip asking for calls is under way (a drain starts none), nor
+        an ask again for them."""
+        while self._taking > 0:
+            self._slot_freed.clear()
+            await self._slot_freed.wait()
+        # Each began while its ingest's count stood: none begins from here on.
+        if self._asked_again:
+            await asyncio.wait(self._asked_again)
+
     async def _claim_step(self, step: Awaitable[Any]) -> None:
         """A claim loop's step; a failure is logged, and the loop goes on."""
         try:
@@ -1377,10 +1419,12 @@ class RedisStore:
         finally:
             self._claiming.discard(task)
 
-    async def _claimed(self, calls: Sequence[str], *, ringing: bool) -> list[Any]:
+    async def _claimed(
+        self, calls: Sequence[str], *, ringing: bool, again: bool = False
+    ) -> list[Any]:
         """The CLAIM answers for ``calls``, asked again until they come: a CLAIM whose answer
-        was lost may have taken a lease, which the ask again answers (only closing stops it)."""
-        again = False
+        was lost may have taken a lease, which the ask again answers (only closing stops it).
+        ``again``: the first ask is one again already (an ingest's answer was lost)."""
         pause = _STEADY_PAUSE
         while True:
             try:
@@ -1406,7 +1450,7 @@ class RedisStore:
             epoch = int(answer[0])
             owned = self._owned.get(call)
             if owned is not None and owned.epoch == epoch:
-                continue  # the other claim loop asked again for it too, and runs it
+                continue  # another take of this instance got the same lease, and runs it
             if self._draining:
                 fed = _text(answer[3])
                 back.append(
@@ -1473,6 +1517,9 @@ class RedisStore:
         entries: list[tuple[str, str]],
         fed: str,
     ) -> None:
+        previous = self._owned.get(call)
+        if previous is not None and previous.epoch == epoch:
+            return  # begun already: a CLAIM asked again was answered the lease an ingest took
         state = _Owned(
             call,
             epoch=epoch,
@@ -1482,7 +1529,6 @@ class RedisStore:
         )
         if entries:
             state.marked = _stream_id(entries[0][0])  # the acquisition noted the first one
-        previous = self._owned.get(call)
         if previous is not None:
             # The old run lost its lease and is still winding down: let it, then go on.
             runner = self._own_after(previous, state)

@@ -15,8 +15,9 @@ one slot. Keys of one call (``{p}`` is the store's prefix):
   epoch whose run gave the call up; ``v``, the last epoch whose lease was taken back
   after it expired; ``b``, what the inbox's entries take in bytes (the call's backlog);
   ``i``, the entry of the call's new incoming call (it waits to be answered while that
-  entry is in the inbox, unacknowledged); ``c``, ``{epoch}/{fed}`` of the last CLAIM (its epoch
-  and the ``fed`` mark before it: answered again to a claimer whose answer was lost)
+  entry is in the inbox, unacknowledged); ``c``, ``{epoch}/{fed}`` of the last acquisition,
+  by INGEST or CLAIM (its epoch and the ``fed`` mark before it: answered again to a CLAIM
+  asked again by an instance whose ingest's or claim's answer was lost)
 * ``call``   string: the call's record (JSON, see ``_codec``)
 * ``journal`` hash: outcomes of Graph actions of handler runs, by entry and step
   (see ``callbot._journal``)
@@ -149,6 +150,8 @@ local function acquire(inbox, lease, fence, record, token, lease_ms, batch, ttl)
   redis.call('SET', lease, token .. '/' .. epoch, 'PX', lease_ms)
   redis.call('PEXPIRE', fence, ttl)
   local fed = redis.call('HGET', fence, 'fed') or ''
+  -- what an ask whose answer was lost is answered again (see CLAIM)
+  redis.call('HSET', fence, 'c', epoch .. '/' .. fed)
   local entries = redis.call('XRANGE', inbox, '-', '+', 'COUNT', batch)
   if #entries > 0 then mark(fence, entries[1][1]) end
   return {epoch, redis.call('GET', record) or '', entries, fed}
@@ -249,7 +252,8 @@ this one already (1, with the id of the entry before it, if any, the lease, and 
 that lease was taken back after it expired; the entry is noted as fed, since the run
 holding that lease is handed it with the answer),
 this one from now on
-(2, with the epoch, the record, the first entries and the previous ``fed`` mark), or
+(2, with the epoch, the record, the first entries and the previous ``fed`` mark, kept in
+``fence.c`` for a CLAIM asked again should this answer be lost), or
 nobody (3, with the oldest entry id and whether the call's incoming call waits to be
 answered: the store makes the call runnable). A new incoming call's entry is noted in
 ``fence.i``, and forgotten with a later state of the call (answered, redirected, ended)."""
@@ -263,7 +267,8 @@ CLAIM = Script(
 -- ARGV: token, lease (ms), read batch, lifetime (ms), 1 to take it only while its
 --       incoming call waits to be answered, 1 if asked again (the answer was lost)
 if ARGV[6] == '1' then
-  -- the lease an earlier ask took is this instance's: answered again, as it was
+  -- the lease an earlier ask took (this one's, or an ingest's) is this instance's:
+  -- answered again, as it was
   local claimed = redis.call('HGET', KEYS[3], 'c')
   if claimed and redis.call('GET', KEYS[2]) == ARGV[1] .. '/' .. string.match(claimed, '^%d+') then
     local entries = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', ARGV[3])
@@ -277,18 +282,16 @@ end
 if ARGV[5] == '1' and ringing(KEYS[1], KEYS[3]) == 0 then
   return {}
 end
-local taken = acquire(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
--- the epoch and the fed mark before it: what an ask whose answer was lost is answered
-redis.call('HSET', KEYS[3], 'c', taken[1] .. '/' .. taken[4])
-return taken
+return acquire(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
 """,
 )
 """Take a runnable call: a new epoch and lease, the record, the first entries and the
 previous ``fed`` mark; ``{}`` when someone holds it or nothing waits (or, asked so, when
 its incoming call no longer waits to be answered). Asked again after its answer was lost
 (``ARGV[6]``), the same answer while the lease that ask took holds (entries as they are
-now), else taken as the first time: the epoch and previous ``fed`` mark of the last
-claim are kept in ``fence.c``."""
+now), else taken as the first time: the epoch and previous ``fed`` mark of the call's last
+acquisition are kept in ``fence.c``. An ingest whose answer was lost asks so too: the
+lease INGEST took for this instance is answered the same way."""
 
 CHECKPOINT = Script(
     "checkpoint",
