@@ -48,6 +48,7 @@ from callbot import (
 from callbot._ids import id_key
 from callbot._journal import Attempt
 from callbot._lifecycle import ENDED_MEMORY, Lifecycle
+from callbot._sequencing import Placed
 from callbot.store import _codec, _redis, _scripts
 from callbot.store._redis import follow_primary
 from callbot.testing import DeliveryOptions, FakeGraph, TokenAuthority
@@ -1920,6 +1921,33 @@ async def test_an_ingest_whose_answer_was_lost_as_its_instance_drains_hands_the_
     assert handled[0][0] == "IncomingCall"
     assert handled[0][1] > epoch
     assert handled[0][2] is False  # nothing of it ran before
+
+
+async def test_a_fact_whose_answer_was_lost_runs_the_call_it_took_at_that_lease(
+    authority: TokenAuthority, serve: Any, redis_url: str
+) -> None:
+    """A fact of the bot's own (Graph placed the call the bot asked for) appended by an INGEST
+    that took the call, its answer lost: the store raised, and the call stayed leased by its
+    instance, which did not run it, until the lease ran out (10 s). It is asked for again as
+    an ingest's is: the call runs here at the epoch INGEST took, and its first notification
+    is handled at once, as a first run."""
+    bot, handled = _attempt_bot(authority, redis_url)
+    server: BotServer = await serve(bot)
+    store: Any = bot._running().store
+    reached, go = asyncio.Event(), asyncio.Event()
+    epochs = answer_held(store, reached, go, lose=True, script=_scripts.INGEST)
+    noting = asyncio.ensure_future(store.note(Placed("placed-1")))
+    await until(reached.is_set, within=10)
+    (epoch,) = epochs
+    go.set()
+    with pytest.raises(StoreUnavailable):
+        await noting
+    key = id_key("placed-1")
+    await until(lambda: key in store._owned and store._owned[key].epoch == epoch, within=10)
+    established = b.notifications(b.call_state("placed-1", "established"))
+    assert (await server.post(established)).status == 202
+    await until(lambda: len(handled) == 1, within=10)
+    assert handled == [("established", epoch, False)]
 
 
 async def test_an_upkeep_round_redis_filled_up_during_proves_nothing(

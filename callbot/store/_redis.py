@@ -983,6 +983,8 @@ class RedisStore:
             (answer,) = await self._run_all([command], then=("SADD", keys.pending, call))
         except RedisError as exc:
             self._mark(False, exc)
+            if take:
+                self._ask_again([call], started)  # as an ingest's: Redis may have given it here
             raise StoreUnavailable(f"the Redis store cannot keep a call's fact: {exc}") from exc
         finally:
             self._taken(take)  # owned, if taken, once the answer below is acted on
@@ -1184,8 +1186,7 @@ class RedisStore:
             if taking and isinstance(exc, RedisError):
                 # Redis may have given them to this instance: else none runs until its lease ends
                 self._ask_again(list(taking), started)
-            else:
-                self._taken(len(taking))
+            self._taken(len(taking))
             raise
         late: dict[str, None] = {}
         failure: Exception | None = None
@@ -1368,9 +1369,11 @@ class RedisStore:
         await self._run_claimed([call], answers, started)
 
     def _ask_again(self, calls: list[str], started: float) -> None:
-        """Ask CLAIM again, in the background, for the calls an ingest sent at ``started``
-        asked to take, its answer lost: the lease INGEST may have taken is answered as CLAIM
-        answers its own (see ``_claimed``). Counted against the room until answered."""
+        """Ask CLAIM again, in the background, for the calls an INGEST sent at ``started``
+        (a notification's, or a fact's) asked to take, its answer lost: the lease it may have
+        taken is answered as CLAIM answers its own (see ``_claimed``). Counted against the
+        room until answered."""
+        self._taking += len(calls)
         task = asyncio.get_running_loop().create_task(
             self._claim_step(self._claim_again(calls, started)), name="callbot-store-ask-again"
         )
