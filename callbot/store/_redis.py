@@ -1371,17 +1371,23 @@ class RedisStore:
     def _ask_again(self, calls: list[str], started: float) -> None:
         """Ask CLAIM again, in the background, for the calls an INGEST sent at ``started``
         (a notification's, or a fact's) asked to take, its answer lost: the lease it may have
-        taken is answered as CLAIM answers its own (see ``_claimed``). Counted against the
-        room until answered."""
-        self._taking += len(calls)
+        taken is answered as CLAIM answers its own (see ``_claimed``). Closing, none is asked:
+        such a call goes to another instance when its lease runs out, as a crashed one's."""
+        if self._closing:
+            return
         task = asyncio.get_running_loop().create_task(
-            self._claim_step(self._claim_again(calls, started)), name="callbot-store-ask-again"
+            self._claim_again(calls, started), name="callbot-store-ask-again"
         )
         self._asked_again.add(task)
         task.add_done_callback(self._asked_again.discard)
 
     async def _claim_again(self, calls: list[str], started: float) -> None:
+        # Its step made here, not by _ask_again: cancelled before it began, nothing is left.
+        await self._claim_step(self._run_asked_again(calls, started))
+
+    async def _run_asked_again(self, calls: list[str], started: float) -> None:
         """Run, or while draining hand over, what CLAIM asked again gives this instance."""
+        self._taking += len(calls)  # counted against the room until answered
         try:
             answers = await self._claimed(calls, ringing=False, again=True)
         finally:
@@ -1394,7 +1400,7 @@ class RedisStore:
         while self._taking > 0:
             self._slot_freed.clear()
             await self._slot_freed.wait()
-        # Each began while its ingest's count stood: none begins from here on.
+        # Each was made while its ingest's count stood: none is made from here on.
         if self._asked_again:
             await asyncio.wait(self._asked_again)
 
@@ -1488,7 +1494,7 @@ class RedisStore:
 
     def _begin_claimed(self, call: str, started: float, answer: Any) -> None:
         """Run a call a CLAIM script gave this instance (its answer: what the acquisition
-        read)."""
+        read; a fifth value when it was answered again, taking nothing)."""
         self._begin(
             call,
             started,
@@ -1496,6 +1502,7 @@ class RedisStore:
             stored=_text(answer[1]),
             entries=_entries(answer[2]),
             fed=_text(answer[3]),
+            taken_now=len(answer) < 5,
         )
 
     def _begin_taken(self, call: str, started: float, answer: Any) -> None:
@@ -1519,6 +1526,7 @@ class RedisStore:
         stored: str,
         entries: list[tuple[str, str]],
         fed: str,
+        taken_now: bool = True,
     ) -> None:
         previous = self._owned.get(call)
         if previous is not None and previous.epoch == epoch:
@@ -1530,8 +1538,10 @@ class RedisStore:
             deadline=started + self._lease_ms / 1000,
             fed_before=_stream_id(fed) if fed else None,
         )
-        if entries:
+        if entries and taken_now:
             state.marked = _stream_id(entries[0][0])  # the acquisition noted the first one
+        # Else the first is noted before it is fed, held to the lease: a run of this instance
+        # may have given that lease up after Redis answered, and its handlers must not run again.
         if previous is not None:
             # The old run lost its lease and is still winding down: let it, then go on.
             runner = self._own_after(previous, state)

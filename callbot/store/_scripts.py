@@ -273,7 +273,7 @@ if ARGV[6] == '1' then
   if claimed and redis.call('GET', KEYS[2]) == ARGV[1] .. '/' .. string.match(claimed, '^%d+') then
     local entries = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', ARGV[3])
     return {string.match(claimed, '^%d+'), redis.call('GET', KEYS[4]) or '', entries,
-      string.match(claimed, '^%d+/(.*)$')}
+      string.match(claimed, '^%d+/(.*)$'), 1}
   end
 end
 if redis.call('EXISTS', KEYS[2]) == 1 or redis.call('XLEN', KEYS[1]) == 0 then
@@ -289,9 +289,10 @@ return acquire(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], AR
 previous ``fed`` mark; ``{}`` when someone holds it or nothing waits (or, asked so, when
 its incoming call no longer waits to be answered). Asked again after its answer was lost
 (``ARGV[6]``), the same answer while the lease that ask took holds (entries as they are
-now), else taken as the first time: the epoch and previous ``fed`` mark of the call's last
-acquisition are kept in ``fence.c``. An ingest whose answer was lost asks so too: the
-lease INGEST took for this instance is answered the same way."""
+now, and a fifth value, 1: nothing was taken by this answer, and the lease it names may be
+given up by the time it is read), else taken as the first time: the epoch and previous
+``fed`` mark of the call's last acquisition are kept in ``fence.c``. An ingest whose answer
+was lost asks so too: the lease INGEST took for this instance is answered the same way."""
 
 CHECKPOINT = Script(
     "checkpoint",
