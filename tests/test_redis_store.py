@@ -248,8 +248,8 @@ async def test_a_call_rings_while_its_incoming_call_waits_unacknowledged(
 async def test_a_claim_asked_again_answers_the_lease_an_ingest_took(rdb: aioredis.Redis) -> None:
     """An ingest that took a call keeps its epoch and the fed mark it found in ``fence.c``,
     as a claim does: a CLAIM asked again by that instance (the ingest's answer lost) is
-    answered as the ingest was while that lease holds, and takes nothing anew; another
-    instance's takes nothing."""
+    answered as the ingest was while that lease holds (saying it took nothing anew: a fifth
+    value), and takes nothing anew; another instance's takes nothing."""
     for script in _scripts.ALL:
         await rdb.script_load(script.source)
     keys = _redis._Keys("t:")
@@ -263,7 +263,7 @@ async def test_a_claim_asked_again_answers_the_lease_an_ingest_took(rdb: aioredi
     claim = [inbox, lease, fence, record]
     assert await _script(rdb, _scripts.CLAIM, claim, "other", 5000, 64, 60_000, "", "1") == []
     again = await _script(rdb, _scripts.CLAIM, claim, "me", 5000, 64, 60_000, "", "1")
-    assert again == [epoch, stored, entries, fed]
+    assert again == [epoch, stored, entries, fed, 1]
     assert await rdb.get(lease) == f"me/{epoch}"
 
 
