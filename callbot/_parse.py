@@ -16,8 +16,9 @@ Errors. :class:`~callbot._errors.MalformedNotification` with a stable ``reason``
   missing or not a list, an item not an object, ``changeType`` missing or not a
   string, neither ``resourceUrl`` nor ``resource``, a path that is not under
   ``/communications/calls/{id}`` (or the older ``/app/calls/{id}``), or a segment
-  after the call id, the ``changeType``, an operation's ``id`` or a participant's ``id``
-  in ``resourceData`` that is ``.`` or ``..``, longer than an id may be or holds a
+  after the call id, the ``changeType``, or an id in ``resourceData`` (an operation's
+  ``id``, a participant's ``id`` or the id ending its ``@odata.id``, a content-sharing
+  session's ``id``) that is ``.`` or ``..``, longer than an id may be or holds a
   character no Graph id has (as a call id: ``bad_call_id``);
 * ``empty``     - ``value`` is an empty list;
 * ``too_many_items`` - more items than ``max_items``; ``too_many_participants`` -
@@ -507,19 +508,24 @@ def _split_call_path(path: str) -> tuple[str, list[str], str] | None:
     return segments[2], segments[3:], CALL_PATH + "/".join(segments[2:])
 
 
-_NAMING_IDS = (OperationUpdated, ParticipantsUpdated)
+_NAMING_IDS = (OperationUpdated, ParticipantsUpdated, ContentSharingUpdated)
 """The events that take ids from their body (:func:`_ids_in_body`)."""
 
 
 def _ids_in_body(event: Event) -> Iterator[str]:
     """The ids an event takes from its body that callbot keys a call's record by, logs and
-    hands to handlers as ids: held to the rule of the path's (:func:`~callbot._ids.usable_id`)."""
+    hands to handlers as ids, however the body spells them: held to the rule of the path's
+    (:func:`~callbot._ids.usable_id`)."""
     if isinstance(event, OperationUpdated):
         if event.operation_id:
             # The body's id takes the place of the path's.
             yield event.operation_id
     elif isinstance(event, ParticipantsUpdated):
+        # Each one's ``id``, or the id ending its ``@odata.id`` (the model reads it so).
         yield from (participant.id for participant in event.participants if participant.id)
+    elif isinstance(event, ContentSharingUpdated):
+        # The only session's id takes the place of the path's when the path names none.
+        yield from (session.id for session in event.sessions if session.id)
 
 
 def _tenant_of(

@@ -1073,19 +1073,11 @@ def _participant_key(participant: Participant, index: int) -> str:
 
 
 def roster_key(participant: Participant) -> str | None:
-    """The key of a participant in a roster, or ``None`` when nothing names it."""
+    """The key of a participant in a roster (its id, which the model reads from its
+    ``@odata.id`` when Graph names it by that alone), or ``None`` when nothing names it."""
     if participant.id:
         return id_key(participant.id)
-    path_id = _path_id(participant.odata_id) if participant.odata_id else None
-    if path_id:
-        return id_key(path_id)
     return _identity_key(participant)
-
-
-def _path_id(odata_id: str) -> str | None:
-    """The id ending ``/app/calls/{call}/participants/{id}`` (or ``/communications/...``)."""
-    head, _, last = odata_id.rstrip("/").rpartition("/")
-    return last if head.rpartition("/")[2].lower() == "participants" else None
 
 
 def _identity_key(participant: Participant) -> str | None:

@@ -225,7 +225,8 @@ class ContentSharingUpdated(Event):
     """Screen sharing started (created), changed (updated) or ended (deleted).
 
     ``session_id`` comes from the resource path when it names one session, else
-    from the only session sent; Graph sometimes sends no session data at all.
+    from the only session sent; Graph sometimes sends no session data at all. Each
+    session's ``id`` is held to the rule of the path's ids, as a participant's is.
     """
 
     sessions: list[models.ContentSharingSession] = Field(default_factory=list)

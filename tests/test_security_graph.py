@@ -405,6 +405,97 @@ async def test_a_participant_id_is_held_to_the_rule_of_the_path_s(
     await until(lambda: longest in named)
 
 
+async def test_a_participant_id_spelt_as_its_odata_id_is_held_to_the_rule_of_the_path_s(
+    graph: FakeGraph, authority: TokenAuthority, serve: Any
+) -> None:
+    """Graph's 2018 rosters name a participant by its ``@odata.id`` alone (recorded gdh10:
+    ``/app/calls/{call}/participants/{id}``, no ``id``); the id ending that path keys the
+    call's roster, yet was not held to the rule a participant's ``id`` is: ``a b``, 300
+    characters or ``a%2F..%2Fb`` keyed ``call.roster``. It is refused alike, and a handler
+    reads the path's id as the participant's ``id`` (it read ``None``)."""
+    bot = graph_bot(graph, authority)
+    seen: list[tuple[list[str | None], list[str]]] = []
+
+    @bot.on(events.ParticipantsUpdated)
+    async def roster(call: Call, event: events.ParticipantsUpdated) -> None:
+        seen.append(([p.id for p in event.participants], list(call.roster)))
+
+    server: BotServer = await serve(bot)
+    await start_call(server, graph, CALL)
+    recorded = Path(__file__).parent / "fixtures" / "recorded"
+    gdh10 = (recorded / "gdh10-beta-participant-invite-2018.json").read_text()
+    gdh10 = gdh10.replace("57DAB8B1894C409AB240BD8BEAE78896", CALL)
+
+    def named(participant_id: str) -> Any:
+        body = json.loads(gdh10)
+        first = body["value"][0]["resourceData"][0]
+        assert "id" not in first
+        first["@odata.id"] = f"/app/calls/{CALL}/participants/{participant_id}"
+        return body
+
+    huge = "p" * 50_000
+    unusable = ("p" * (MAX_ID_LENGTH + 1), "a b", "a%2F..%2Fb", "p#x", "..", "a\u0085b")
+    with capture_logs() as logs:
+        for participant_id in (huge, *unusable):
+            response = await server.post(named(participant_id))
+            assert response.status == 400, f"accepted {participant_id[:40]!r}"
+            body = await response.json()
+            assert (response.status, body["error"]) == (400, "bad_shape")
+            assert len(json.dumps(body)) < 400
+    assert all(len(json.dumps(line, default=str)) < 1000 for line in logs)
+    assert seen == []
+    longest = "P" * MAX_ID_LENGTH
+    assert (await server.post(named(longest))).status == 202
+    await until(lambda: bool(seen))
+    ((ids, keys),) = seen
+    assert ids == [longest, "123456W77E24E4D85F80597083CB830"]
+    assert sorted(keys) == sorted(id_key(i) for i in ids if i is not None)
+
+
+async def test_a_content_sharing_session_id_in_the_body_is_held_to_the_rule_of_the_path_s(
+    graph: FakeGraph, authority: TokenAuthority, serve: Any
+) -> None:
+    """A content-sharing notification on ``.../contentsharingsessions`` (documented 03) names
+    its session in the body, whose ``id`` becomes the event's ``session_id`` as the path's
+    would (documented 13), yet only the path's was held to the rule of ids: ``a b`` or 300
+    characters reached handlers as the session's id. Every session's id is held to it, as
+    every participant's is."""
+    bot = graph_bot(graph, authority)
+    sessions: list[str | None] = []
+
+    @bot.on(events.ContentSharingUpdated)
+    async def sharing(call: Call, event: events.ContentSharingUpdated) -> None:
+        sessions.append(event.session_id)
+
+    server: BotServer = await serve(bot)
+    await start_call(server, graph, CALL)
+    good = "F7D9EF30FF0A9BD3F64B274387FB8FF8E96B6CFBA8F87F8305A74DE99AF007BC"
+
+    def shapes(session_id: str) -> list[dict[str, Any]]:
+        in_body = b.content_sharing(CALL, [session_id])
+        also_in_path = b.content_sharing(CALL, [session_id], change_type="updated")
+        also_in_path["resourceUrl"] += f"/{good}"
+        return [in_body, also_in_path]
+
+    huge = "s" * 50_000
+    unusable = ("s" * (MAX_ID_LENGTH + 1), "a b", "..", "x#y", "a%2F..%2Fb", "a\u009bb")
+    with capture_logs() as logs:
+        for session_id in (huge, *unusable):
+            for item in shapes(session_id):
+                response = await server.post(b.notifications(item))
+                assert response.status == 400, f"accepted {session_id[:40]!r}"
+                body = await response.json()
+                assert (response.status, body["error"]) == (400, "bad_shape")
+                assert len(json.dumps(body)) < 400
+    assert all(len(json.dumps(line, default=str)) < 1000 for line in logs)
+    assert sessions == []
+    longest = "s" * MAX_ID_LENGTH
+    assert (await server.post(b.notifications(shapes(longest)[0]))).status == 202
+    assert (await server.post(b.notifications(shapes(longest)[1]))).status == 202
+    await until(lambda: len(sessions) == 2)
+    assert sessions == [longest, good]
+
+
 async def test_a_change_type_is_held_to_the_rule_of_the_path_s(
     graph: FakeGraph, authority: TokenAuthority, serve: Any
 ) -> None:

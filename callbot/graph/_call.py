@@ -270,8 +270,8 @@ class Call:
         self.roster = Roster(roster if roster is not None else {})
         """The participants last seen in a roster notification, by participant id (found
         by ``participant.id`` in any case, with or without dashes; listed lower case,
-        without dashes), or the id ending its ``@odata.id`` path; one Graph sent with
-        neither (an invitee being added) is keyed by who it is."""
+        without dashes; one Graph names by its ``@odata.id`` path alone has the id ending
+        it); one Graph sent with neither (an invitee being added) is keyed by who it is."""
         self._services = services
         self._life = life
         # Made on first use: most handlers of a notification never act through them.

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import model_validator
+
 from ._base import GraphModel, odata_type_field
 from ._call import Call
 from ._common import (
@@ -67,7 +69,9 @@ class OnlineMeetingRestricted(GraphModel):
 class Participant(GraphModel):
     """A participant in a call, as sent in roster notifications.
 
-    ``id`` can be ``null`` in roster updates for a participant still being added.
+    ``id`` can be ``null`` in roster updates for a participant still being added. A
+    participant Graph names only by its ``@odata.id`` (``/app/calls/{call}/participants/{id}``,
+    its 2018 rosters) has the id ending that path.
     ``meeting_role``, ``replacement_link`` and ``published_states`` are sent by
     Teams though in no schema (``published_states`` has only been seen empty, so
     its entries are kept as sent); ``is_identity_anonymized`` and
@@ -90,6 +94,15 @@ class Participant(GraphModel):
     replacement_link: str | None = None
     published_states: list[Any] | None = None
 
+    @model_validator(mode="after")
+    def _id_from_path(self) -> Participant:
+        # Graph's 2018 rosters name participants by their path only: the id is that path's.
+        if not self.id and self.odata_id:
+            named = _id_in_path(self.odata_id)
+            if named:
+                self.id = named
+        return self
+
     @property
     def display_name(self) -> str | None:
         """The name to show: ``preferred_display_name``, else the identity's display name."""
@@ -97,6 +110,13 @@ class Participant(GraphModel):
             return self.preferred_display_name
         identity = self.info.identity if self.info is not None else None
         return identity.display_name if identity is not None else None
+
+
+def _id_in_path(odata_id: str) -> str | None:
+    """The id ending ``/app/calls/{call}/participants/{id}`` (or ``/communications/...``),
+    or ``None`` when ``odata_id`` names no participant."""
+    head, _, last = odata_id.rstrip("/").rpartition("/")
+    return last if head.rpartition("/")[2].lower() == "participants" else None
 
 
 class ParticipantJoiningNotification(GraphModel):
