@@ -45,6 +45,7 @@ from callbot.graph import (
     media_prompt,
 )
 from callbot.graph._credentials import AccessToken
+from callbot.graph._values import dump
 from callbot.testing import FakeGraph
 
 from .test_digits import _Inbox
@@ -592,6 +593,49 @@ async def test_a_transferee_goes_as_a_participant_info_with_only_its_properties(
         "909c6581-5130-43e9-88f3-fcb3582cde37"
         in documented("transfer-from-group-call")["request_raw"]
     )
+
+
+async def test_a_model_read_from_graph_goes_back_without_unknown_future_value(
+    graph: FakeGraph, services: CallServices
+) -> None:
+    """Graph writes ``unknownFutureValue`` for an enum member the reader's schema lacks, and
+    takes it in no request. A model a handler holds went back as it was read: the bot's own
+    identity in an incoming call as a call's ``source``, an invitee or a transferee sent
+    ``"endpointType": "unknownFutureValue"``. Wherever a model sent holds it, the property is
+    left out (and the value left out of a list); a dict goes as its author wrote it."""
+    body = json.loads(
+        (NOTIFICATIONS / "12-call-answer-ex2-incoming-call-created-typed.json").read_text()
+    )
+    read = body["value"][0]["resourceData"]
+    read["targets"][0]["endpointType"] = "unknownFutureValue"
+    read["source"]["endpointType"] = "unknownFutureValue"
+    (event,) = parse_body(json.dumps(body).encode())
+    assert isinstance(event, events.IncomingCall)
+    (me,) = event.call.targets or []
+    caller = event.call.source
+    assert caller is not None
+    assert (me.endpoint_type, caller.endpoint_type) == ("unknownFutureValue",) * 2
+    voicemail = me.model_copy(update={"endpoint_type": "voicemail"})
+
+    await services.create_call(Target.phone("+12345678901"), source=me)
+    call = services.call(CALL_ID)
+    await call.participants.invite(me, voicemail)
+    await call.transfer(Target.user(PARTICIPANT_ID), transferee=caller)
+    raw = {"@odata.type": INVITATION, "identity": read["targets"][0]["identity"]}
+    await call.redirect({**raw, "endpointType": "unknownFutureValue"})
+
+    source = (await graph.wait_for_request("createCall")).json["source"]
+    invited = (await graph.wait_for_request("invite")).json["participants"]
+    (transferee,) = [json.loads(r.body)["transferee"] for r in graph.requests_for("transfer")]
+    (redirected,) = (await graph.wait_for_request("redirect")).json["targets"]
+    assert "endpointType" not in source
+    assert [i.get("endpointType") for i in invited] == [None, "voicemail"]
+    assert "endpointType" not in transferee
+    assert redirected["endpointType"] == "unknownFutureValue"  # the author's own dict
+    assert source["identity"] == invited[0]["identity"] == raw["identity"]
+    # In a list of enum values, the value alone is left out.
+    modalities = models.Call(requested_modalities=["audio", "unknownFutureValue", "video"])
+    assert dump(modalities) == {"requestedModalities": ["audio", "video"]}
 
 
 async def test_a_roster_participant_is_no_target_and_says_what_is(
@@ -1215,6 +1259,23 @@ def _members(kind: Any, *, beta: bool) -> tuple[str, ...]:
     return enum.sendable(beta=beta)
 
 
+def _documented_statuses() -> set[str]:
+    """The statuses the documented ``updateRecordingStatus`` takes (``a | b | c``)."""
+    return {s.strip() for s in documented("updateRecordingStatus")["request"]["status"].split("|")}
+
+
+# The requests documenting fewer members than their enum has: the enum is read from
+# notifications too (a participant's recordingStatus may be ``unknown``).
+FEWER: dict[str, set[str]] = {"updateRecordingStatus": _documented_statuses()}
+
+
+def _taken(arg: EnumArgument, *, beta: bool) -> tuple[str, ...]:
+    """The members of its enum an argument's request takes."""
+    documented = FEWER.get(arg.action)
+    members = _members(arg.kind, beta=beta)
+    return members if documented is None else tuple(m for m in members if m in documented)
+
+
 async def _sent_as(
     graph: FakeGraph, services: CallServices, argument: EnumArgument, value: str
 ) -> Any:
@@ -1250,7 +1311,7 @@ async def test_every_enum_argument_goes_out_as_graph_spells_it_or_is_refused_bef
     """A misspelt member (``reject("declined")``) was sent as given: Graph answers 400, or
     reads it as another. One in any case goes out in Graph's spelling, as callbot reads them."""
     arg = ENUM_ARGUMENTS[argument]
-    members = _members(arg.kind, beta=False)
+    members = _taken(arg, beta=False)
     spelt = next((m for m in members if m.lower() == value.lower()), None)
     if spelt is None:
         with pytest.raises(ValueError, match=r" is not one of ") as refused:
@@ -1267,8 +1328,8 @@ async def test_a_member_only_beta_has_is_sent_on_beta_and_refused_on_v1(
 ) -> None:
     arg = ENUM_ARGUMENTS[argument]
     # what the action is typed to take is what Graph's beta takes
-    assert set(get_args(arg.takes)) == set(_members(arg.kind, beta=True))
-    beta_only = sorted(set(_members(arg.kind, beta=True)) - set(_members(arg.kind, beta=False)))
+    assert set(get_args(arg.takes)) == set(_taken(arg, beta=True))
+    beta_only = sorted(set(_taken(arg, beta=True)) - set(_taken(arg, beta=False)))
     for value in beta_only:
         with pytest.raises(ValueError, match=r"is Graph beta's only") as refused:
             await arg.act(services, value)
@@ -1282,3 +1343,34 @@ async def test_a_member_only_beta_has_is_sent_on_beta_and_refused_on_v1(
             assert await _sent_as(graph, beta, arg, value) == value
         finally:
             await beta.close()
+
+
+@pytest.mark.parametrize("beta", [False, True])
+async def test_update_recording_status_takes_only_the_statuses_its_request_documents(
+    graph: FakeGraph, services: CallServices, beta: bool
+) -> None:
+    """``updateRecordingStatus`` documents ``notRecording | recording | failed``, yet the whole
+    ``recordingStatus`` enum was taken: ``update_recording_status("unknown")`` went to Graph.
+    It is refused before anything is sent, on v1.0 and beta alike, as a misspelt status is."""
+    assert _documented_statuses() == {"notRecording", "recording", "failed"}
+    if beta:
+        services = CallServices(
+            dataclasses.replace(services.settings, graph_url=graph.beta_url),
+            retry=RetryPolicy(total_time=0.5, base_delay=0.01),
+        )
+        await services.start()
+    try:
+        for value in ("unknown", "Unknown", "unknownFutureValue"):
+            with pytest.raises(ValueError, match=r"^status=") as refused:
+                await services.call(CALL_ID).update_recording_status(value)  # type: ignore[arg-type]
+            taken = str(refused.value).partition(" is not one of ")[2]
+            assert taken == "'notRecording', 'recording', 'failed'"
+        assert [r.action for r in graph.requests if r.action != "token"] == []
+        for status in sorted(_documented_statuses()):
+            await services.call(CALL_ID).update_recording_status(status)  # type: ignore[arg-type]
+            request = await graph.wait_for_request("updateRecordingStatus")
+            assert request.json["status"] == status
+    finally:
+        if beta:
+            await services.close()
+    assert set(get_args(RecordingStatus)) == _documented_statuses()  # what mypy checks

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from os import PathLike
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, get_args, overload
 from urllib.parse import urlsplit
 
 import structlog
@@ -882,8 +882,8 @@ class Call:
     async def update_recording_status(
         self, status: RecordingStatus, *, client_context: str | None = None
     ) -> Operation[models.UpdateRecordingStatusOperation]:
-        """Tell Teams the bot is recording (``recording``, ``notRecording``, ``failed``,
-        ``unknown``).
+        """Tell Teams the bot is recording (``recording``, ``notRecording`` or ``failed``,
+        the statuses the request documents; another raises ``ValueError``).
 
         It records nothing: Graph documents it for Teams' policy-based recording, whose
         bots receive the call's media themselves (application-hosted media, through
@@ -894,7 +894,11 @@ class Call:
             "/updateRecordingStatus",
             {
                 "status": models.graph_value(
-                    models.RecordingStatus, status, "status", beta=self._beta
+                    models.RecordingStatus,
+                    status,
+                    "status",
+                    beta=self._beta,
+                    only=get_args(RecordingStatus),
                 )
             },
             action="updateRecordingStatus",

@@ -15,6 +15,7 @@ from typing import Any, Literal, TypeAlias, TypedDict, Unpack
 from pydantic import BaseModel
 
 from .. import models
+from ..models._base import UNKNOWN_FUTURE_VALUE
 
 __all__ = [
     "EndpointType",
@@ -62,14 +63,16 @@ MEDIA_PROMPT = "#microsoft.graph.mediaPrompt"
 MEDIA_INFO = "#microsoft.graph.mediaInfo"
 
 # What call actions take for each Graph enum, in Graph's spelling (the members of the
-# alias of callbot.models that reads it, but unknownFutureValue), so mypy sees a misspelt
-# one; at run time models.graph_value checks them, and reads any case.
+# alias of callbot.models that reads it, but unknownFutureValue, or those the request
+# documents when it takes fewer), so mypy sees a misspelt one; at run time
+# models.graph_value checks them, and reads any case.
 Modality: TypeAlias = Literal["audio", "video", "videoBasedScreenSharing", "data", "unknown"]
 """A modality to answer or place a call with (``unknown`` on Graph's beta only)."""
 RejectReason: TypeAlias = Literal["none", "busy", "forbidden"]
 """Why the bot rejects a call."""
-RecordingStatus: TypeAlias = Literal["unknown", "notRecording", "recording", "failed"]
-"""What the bot tells Teams of its recording."""
+RecordingStatus: TypeAlias = Literal["notRecording", "recording", "failed"]
+"""What the bot tells Teams of its recording (``updateRecordingStatus`` documents no
+``unknown``, which Graph writes of a participant's recording)."""
 ScreenSharingRole: TypeAlias = Literal["viewer", "sharer"]
 """The bot's screen-sharing role."""
 RoutingMode: TypeAlias = Literal["oneToOne", "multicast"]
@@ -308,11 +311,27 @@ MediaInfoLike: TypeAlias = str | models.MediaInfo | models.MediaPrompt | Mapping
 
 
 def dump(value: BaseModel | Mapping[str, Any]) -> dict[str, Any]:
-    """The wire form of a model (camelCase, ``@odata.type``, no nulls) or a copy of a dict."""
+    """The wire form of a model (camelCase, ``@odata.type``, no nulls) or a copy of a dict.
+
+    A model is what Graph sent (an incoming call's ``targets[0]``, a participant's ``info``)
+    or was built from it: wherever it holds ``unknownFutureValue``, the member Graph writes
+    for one the reader's schema lacks, the property is left out, and the value left out of a
+    list, since Graph takes it in no request. A dict is sent as its author wrote it."""
     if isinstance(value, BaseModel):
-        dumped: dict[str, Any] = value.model_dump(mode="json", by_alias=True, exclude_none=True)
+        dumped: dict[str, Any] = _sendable(
+            value.model_dump(mode="json", by_alias=True, exclude_none=True)
+        )
         return dumped
     return dict(value)
+
+
+def _sendable(node: Any) -> Any:
+    """``node`` (a model's JSON) without ``unknownFutureValue`` wherever it sits."""
+    if isinstance(node, dict):
+        return {k: _sendable(v) for k, v in node.items() if v != UNKNOWN_FUTURE_VALUE}
+    if isinstance(node, list):
+        return [_sendable(v) for v in node if v != UNKNOWN_FUTURE_VALUE]
+    return node
 
 
 def media_prompt(uri: str, *, resource_id: str | None = None) -> models.MediaPrompt:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, get_args
 
 from pydantic import (
@@ -17,6 +17,7 @@ from pydantic.alias_generators import to_camel
 from pydantic_core import CoreSchema, core_schema
 
 __all__ = [
+    "UNKNOWN_FUTURE_VALUE",
     "GraphEnum",
     "GraphModel",
     "enum_members",
@@ -125,7 +126,7 @@ class GraphEnum:
         return tuple(
             member
             for member in self.members
-            if member != _UNKNOWN_FUTURE_VALUE and (beta or member not in self.beta)
+            if member != UNKNOWN_FUTURE_VALUE and (beta or member not in self.beta)
         )
 
     def __get_pydantic_core_schema__(
@@ -140,7 +141,8 @@ class GraphEnum:
         return f"GraphEnum{self.members!r}"
 
 
-_UNKNOWN_FUTURE_VALUE = "unknownFutureValue"
+UNKNOWN_FUTURE_VALUE = "unknownFutureValue"
+"""What Graph writes for an enum member the reader's schema lacks: never a value to send."""
 
 
 def _enum_of(alias: Any) -> GraphEnum | None:
@@ -156,20 +158,31 @@ def enum_members(alias: Any) -> tuple[str, ...]:
     return enum.members if enum is not None else ()
 
 
-def graph_value(alias: Any, value: object, name: str, *, beta: bool) -> str:
+def graph_value(
+    alias: Any,
+    value: object,
+    name: str,
+    *,
+    beta: bool,
+    only: Collection[str] | None = None,
+) -> str:
     """``value``, the argument ``name`` of a request, in Graph's spelling, when it is a member
     of the enum ``alias`` (``models.RejectReason``, ...) that Graph's beta (``beta``) or v1.0
-    takes; any case is read, as notifications are (``"Busy"`` -> ``"busy"``). Anything else
-    raises ``ValueError`` naming the argument, the value and the members taken: Graph would
-    refuse a misspelt value, or read it as another."""
+    takes; any case is read, as notifications are (``"Busy"`` -> ``"busy"``). ``only`` names
+    the members the request takes, when it documents fewer than the enum has
+    (``updateRecordingStatus`` takes no ``unknown``). Anything else raises ``ValueError``
+    naming the argument, the value and the members taken: Graph would refuse a misspelt
+    value, or read it as another."""
     enum = _enum_of(alias)
     if enum is None:
         raise TypeError(f"{alias!r} is no Graph enum alias")
     allowed = enum.sendable(beta=beta)
+    if only is not None:
+        allowed = tuple(member for member in allowed if member in only)
     spelt = enum.canonical(value) if isinstance(value, str) else value
     if spelt in allowed:
         return str(spelt)
-    if spelt in enum.beta:
+    if spelt in enum.beta and (only is None or spelt in only):
         raise ValueError(
             f"{name}={value!r} is Graph beta's only; v1.0 takes {', '.join(map(repr, allowed))}."
             " Set graph_url (CALLBOT_GRAPH_URL) to https://graph.microsoft.com/beta to send it"
