@@ -1833,6 +1833,51 @@ async def test_a_call_claimed_as_its_instance_drains_is_handed_over_at_once(
 
 
 @pytest.mark.parametrize("kind", ["ringing", "runnable"])
+async def test_a_call_popped_as_its_instance_drains_is_handed_over_at_once(
+    authority: TokenAuthority, serve: Any, redis_url: str, rdb: aioredis.Redis, kind: str
+) -> None:
+    """A drain that began while a claim loop's pop was on its way (Redis popped the call,
+    its answer not read yet) cancelled the loop: the call was in no index until a reaper's
+    round found it. The loop is woken instead, reads what Redis popped and hands it over:
+    another instance runs it with no reaper's round (none may reap here)."""
+    leaving, _ = _attempt_bot(authority, redis_url)
+    taker, taker_handled = _attempt_bot(authority, redis_url)
+    other, handled = _attempt_bot(authority, redis_url)
+    leaving_server: BotServer = await serve(leaving)
+    await serve(taker)
+    taker_store: Any = taker._running().store
+    await rdb.set(taker_store._keys.reaper, "nobody", px=120_000)
+    call = id_key("popped-1")
+    reached, go = asyncio.Event(), asyncio.Event()
+    real = taker_store._blocking.bzpopmin
+
+    popping: set[str] = set()
+
+    async def held(keys: Any, timeout: float = 0) -> Any:
+        popping.add(str(keys))  # each loop's pops, from the claim and the answer loop
+        popped = await real(keys, timeout=timeout)
+        if popped and popped[1] in (call, call.encode()):
+            reached.set()
+            await go.wait()
+        return popped
+
+    taker_store._blocking.bzpopmin = held
+    await leaving._running().store.drain(0.1)  # it leaves the call to the others
+    await until(lambda: len(popping) == 2, within=10)  # no pop begun before is on its way
+    assert (await leaving_server.post(_left_waiting(kind, "popped-1"))).status == 202
+    await until(reached.is_set, within=10)  # popped by the taker, its answer held
+    await serve(other)
+    stopping = asyncio.ensure_future(taker.stop())
+    await until(lambda: taker_store._draining, within=10)
+    go.set()
+    await stopping
+    first = "IncomingCall" if kind == "ringing" else "establishing"
+    await until(lambda: [h[0] for h in handled] == [first], within=10)
+    assert taker_handled == []
+    assert handled[0][2] is False  # nothing of it ran before
+
+
+@pytest.mark.parametrize("kind", ["ringing", "runnable"])
 async def test_a_claim_whose_answer_was_lost_runs_the_call_at_the_lease_it_took(
     authority: TokenAuthority, serve: Any, redis_url: str, kind: str
 ) -> None:

@@ -702,6 +702,9 @@ class RedisStore:
         self._keys = _Keys(prefix)
         self.token = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         """This instance's name in the leases it holds (followed by ``/{epoch}``)."""
+        self._woken = f"{{{self._keys.runnable}}}:wake:{self.token}"
+        """Where a drain wakes this instance's loops from their pops (in the slot of the
+        sets they pop: one command pops both)."""
         self._lease_ms = max(int(settings.store_lease * 1000), 100)
         grace_ms = max(int(settings.termination_grace * 1000), 1000)
         self._dedupe_ms = max(_MIN_DEDUPE_MS, grace_ms)
@@ -762,6 +765,8 @@ class RedisStore:
         self._claiming: set[asyncio.Task[Any]] = set()
         """Those of them between a popped call and its run or hand-over (left to end by a
         drain)."""
+        self._popping: set[asyncio.Task[Any]] = set()
+        """Those of them waiting on a pop (woken by a drain, not cancelled)."""
         self._asked_again: set[asyncio.Task[None]] = set()
         """The tasks asking again for calls an ingest asked to take, its answer lost, until
         they run or are handed over (left to end by a drain, as a claim under way)."""
@@ -1065,9 +1070,13 @@ class RedisStore:
         ``stop_waiting`` is set is handed over as it closes)."""
         self._draining = True
         began = time.monotonic()
+        # A loop cancelled in a pop would lose a call Redis popped as the answer went out
+        # (in no index until a reaper's round): woken, it reads the call and hands it over.
+        popping = [claimer for claimer in self._claimers if claimer in self._popping]
+        woken = await self._wake_popping(len(popping))
         for claimer in self._claimers:
             # Waiting for a call; one whose claim is under way hands over what it takes.
-            if claimer not in self._claiming:
+            if claimer not in self._claiming and not (woken and claimer in popping):
                 claimer.cancel()
         # So do ingests taking calls and asks again: the runs they begin now hand calls over.
         takes = asyncio.ensure_future(self._takes_end())
@@ -1080,6 +1089,31 @@ class RedisStore:
             left = timeout - (time.monotonic() - began)
             await wait_all(owners, max(left, 0.001), stop_waiting)
         self._drained = True
+
+    async def _wake_popping(self, count: int) -> bool:
+        """End ``count`` pops under way, each with a member of this instance's wake key;
+        ``False`` if Redis did not take them."""
+        if not count:
+            return True
+        members = [part for n in range(count) for part in (0, f"drain-{n}")]
+        try:
+            await self._batch.run("ZADD", self._woken, *members)
+            await self._batch.run("PEXPIRE", self._woken, self._lease_ms)
+        except RedisError:
+            return False
+        return True
+
+    async def _pop(self, key: str) -> Any:
+        """``key``'s first call, waited for up to ``_BLOCK_SECONDS``, or ``None`` (none came,
+        or a drain woke the pop)."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._popping.add(task)
+        try:
+            popped = await self._blocking.bzpopmin([self._woken, key], timeout=_BLOCK_SECONDS)
+        finally:
+            self._popping.discard(task)
+        return None if popped and _text(popped[0]) == self._woken else popped
 
     async def close(self) -> None:
         """Stop every task, hand the calls still held over to the others, disconnect."""
@@ -1103,6 +1137,7 @@ class RedisStore:
             await self._hand_keep_alives_over()
             # This may be the last instance, stopping before its reaper ever ran.
             await self._expire_indexes()
+            await self._batch.run("DEL", self._woken)  # what a loop ended elsewhere left
         except (RedisError, OSError) as exc:
             log.warning("store_handover_incomplete", store="redis", error=str(exc))
         self._sequencer.close()
@@ -1276,7 +1311,7 @@ class RedisStore:
                 continue
             try:
                 # Returns at once while calls wait; then take more of them in the same step.
-                popped = await self._blocking.bzpopmin(keys.runnable, timeout=_BLOCK_SECONDS)
+                popped = await self._pop(keys.runnable)
             except RedisError as exc:
                 self._mark(False, exc)
                 await asyncio.sleep(pause)
@@ -1331,7 +1366,7 @@ class RedisStore:
                         await self._claim_step(self._take_overdue())
                 continue
             try:
-                popped = await self._blocking.bzpopmin(keys.ringing, timeout=_BLOCK_SECONDS)
+                popped = await self._pop(keys.ringing)
             except RedisError as exc:
                 # Popped perhaps: in ``runnable`` still, and the reaper rings it again.
                 self._mark(False, exc)
